@@ -1,0 +1,484 @@
+#!/usr/bin/env bash
+# filepipe side-by-side benchmark against standard tools.
+#
+# usage: bench/compare.sh [--quick] [FILEPIPE_BIN]
+#
+#   FILEPIPE_BIN  filepipe binary (default: <repo>/target/release/filepipe)
+#   --quick       tiny corpora and 2 runs: a smoke test of the harness
+#                 (well under a minute); its numbers mean nothing.
+#
+# Environment:
+#   BENCH_DIR     where corpora, outputs and results live
+#                 (default /tmp/filepipe-bench; needs ~4 GB free for the full run)
+#   RUNS          timed runs per command (default 5; --quick: 2)
+#   FP_ARGS       extra arguments appended to every filepipe invocation
+#                 (e.g. FP_ARGS="--jobs 2")
+#   STRICT=1      exit 1 if any target FAILs (default: only harness errors
+#                 make the exit status non-zero)
+#
+# See bench/README.md for what is measured and how to read the report.
+set -euo pipefail
+
+die() { echo "compare.sh: $*" >&2; exit 2; }
+log() { printf '\n==> %s\n' "$*" >&2; }
+
+usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(dirname "$SCRIPT_DIR")
+
+QUICK=0
+BIN=""
+while (($#)); do
+    case $1 in
+        --quick) QUICK=1 ;;
+        -h | --help) usage; exit 0 ;;
+        -*) die "unknown option: $1 (see --help)" ;;
+        *) [[ -z $BIN ]] || die "only one FILEPIPE_BIN may be given"; BIN=$1 ;;
+    esac
+    shift
+done
+BIN=${BIN:-$REPO_ROOT/target/release/filepipe}
+[[ -x $BIN && -f $BIN ]] || die "filepipe binary not found or not executable: $BIN (build it with 'cargo build --release' or pass its path)"
+BIN=$(realpath -- "$BIN")
+
+BENCH_DIR=${BENCH_DIR:-/tmp/filepipe-bench}
+if ((QUICK)); then
+    BASE=$BENCH_DIR/quick
+    RUNS=${RUNS:-2}
+else
+    BASE=$BENCH_DIR/full
+    RUNS=${RUNS:-5}
+fi
+CORPUS=$BASE/corpus    # read-only inputs (gen_corpus.py output)
+WORK=$BASE/work        # outputs, manifests, the peer's copy of text/
+RES=$BASE/results      # hyperfine JSON, time -v output, summary.md
+read -r -a FP_EXTRA <<<"${FP_ARGS:-}"
+FP_EXTRA_STR=${FP_ARGS:+ ${FP_ARGS}}
+
+# ---------------------------------------------------------------------------
+# 1. Peers
+# ---------------------------------------------------------------------------
+install_missing() {
+    local pkgs=()
+    command -v rhash >/dev/null || pkgs+=(rhash)
+    command -v pigz >/dev/null || pkgs+=(pigz)
+    command -v hyperfine >/dev/null || pkgs+=(hyperfine)
+    [[ -x /usr/bin/time ]] || pkgs+=(time)
+    command -v python3 >/dev/null || pkgs+=(python3)
+    command -v gzip >/dev/null || pkgs+=(gzip)
+    ((${#pkgs[@]})) || return 0
+    local sudo=()
+    if ((EUID != 0)); then
+        command -v sudo >/dev/null || die "need root or sudo to install: ${pkgs[*]}"
+        sudo=(sudo)
+    fi
+    command -v apt-get >/dev/null || die "apt-get not available; install manually: ${pkgs[*]}"
+    log "installing missing tools: ${pkgs[*]}"
+    if ! compgen -G '/var/lib/apt/lists/*_Packages' >/dev/null; then
+        "${sudo[@]}" apt-get update -qq
+    fi
+    if ! "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}"; then
+        "${sudo[@]}" apt-get update -qq
+        "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}"
+    fi
+}
+install_missing
+
+mkdir -p "$CORPUS" "$WORK" "$RES"
+rm -f "$RES"/*.json "$RES"/*.tsv "$RES"/fails.txt "$RES"/*.time "$RES"/summary.md
+
+# ---------------------------------------------------------------------------
+# 2. Corpora (skipped when already generated), cache warm-up
+# ---------------------------------------------------------------------------
+log "generating corpora in $CORPUS"
+gen_args=("$CORPUS")
+((QUICK)) && gen_args+=(--quick)
+python3 "$SCRIPT_DIR/gen_corpus.py" "${gen_args[@]}"
+
+need_kb=$(du -sk "$CORPUS" | cut -f1)
+mem_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
+if ((need_kb * 2 > mem_kb)); then
+    echo "warning: corpora ($((need_kb / 1024)) MiB) + outputs may not fit in page cache ($((mem_kb / 1024)) MiB available); timings will include disk I/O" >&2
+fi
+
+# The peer gzip writes next to its inputs, so it gets its own copy of text/.
+rm -rf "$WORK/text-peer" "$WORK"/fp-* "$WORK"/*.gz "$WORK"/*.manifest
+cp -a "$CORPUS/text" "$WORK/text-peer"
+
+log "warming the page cache"
+for d in "$CORPUS"/{small,large,text,one,huge} "$WORK/text-peer"; do
+    find "$d" -type f -print0 | xargs -0 -n 4096 cat >/dev/null
+done
+
+cd "$CORPUS"
+NFILES_TEXT=$(find text -type f | wc -l)
+
+# ---------------------------------------------------------------------------
+# 3. Helpers
+# ---------------------------------------------------------------------------
+SPEC=$RES/spec.tsv     # scenario \t title \t index \t name \t target
+FACTS=$RES/facts.tsv   # key \t value
+HARNESS_ERRORS=0
+: >"$SPEC"
+: >"$FACTS"
+fact() { printf '%s\t%s\n' "$1" "$2" >>"$FACTS"; }
+
+# bench ID TITLE [-p PREPARE]... -- NAME TARGET CMD [NAME TARGET CMD]...
+#   The first command is always filepipe (the baseline). TARGET is the
+#   minimum peer/filepipe ratio, "base" for filepipe and "ref" for
+#   reference-only rows. NAME is what the report (and hyperfine) shows.
+#   If the run fails (e.g. filepipe exits non-zero), the peers are still
+#   measured on their own (ID.peers.json) so their timings are not lost.
+bench() {
+    local id=$1 title=$2
+    shift 2
+    local common=(--warmup 1 --runs "$RUNS" --style basic)
+    local prepares=() names=() cmds=()
+    while [[ $1 != -- ]]; do
+        [[ $1 == -p ]] || die "bench: bad args"
+        prepares+=("$2")
+        shift 2
+    done
+    shift
+    local i=0
+    while (($#)); do
+        printf '%s\t%s\t%d\t%s\t%s\n' "$id" "$title" "$i" "$1" "$2" >>"$SPEC"
+        names+=("$1")
+        cmds+=("$3")
+        shift 3
+        i=$((i + 1))
+    done
+    # hf FIRST JSON: run commands FIRST.. (with their prepares)
+    hf() {
+        local first=$1 json=$2 k
+        local args=("${common[@]}" --export-json "$json")
+        if ((${#prepares[@]} == 1)); then
+            args+=(--prepare "${prepares[0]}")
+        elif ((${#prepares[@]} > 1)); then
+            for ((k = first; k < ${#cmds[@]}; k++)); do args+=(--prepare "${prepares[k]}"); done
+        fi
+        for ((k = first; k < ${#cmds[@]}; k++)); do args+=(-n "${names[k]}" "${cmds[k]}"); done
+        hyperfine "${args[@]}"
+    }
+    log "$title"
+    if hf 0 "$RES/$id.json"; then
+        return 0
+    fi
+    echo "compare.sh: hyperfine failed for scenario '$id'; measuring the peers alone" >&2
+    rm -f "$RES/$id.json"
+    HARNESS_ERRORS=$((HARNESS_ERRORS + 1))
+    hf 1 "$RES/$id.peers.json" || rm -f "$RES/$id.peers.json"
+    return 1
+}
+
+gz_bytes() {  # total size of the .gz files under DIR (0 if DIR is missing)
+    [[ -d $1 ]] || { echo 0; return; }
+    find "$1" -type f -name '*.gz' -printf '%s\n' | awk '{s += $1} END {print s + 0}'
+}
+
+# check_manifest MANIFEST DIR: filepipe's manifest must hold exactly the
+# sha256 of every file under DIR (hashes compared as a multiset; paths are
+# not compared because their prefix is filepipe's choice).
+check_manifest() {
+    local manifest=$1 dir=$2 want got
+    want=$(find "$dir" -type f -print0 | xargs -0 sha256sum | awk '{print $1}' | sort | sha256sum)
+    got=$(sed 's/^\\//' "$manifest" | awk '{print $1}' | sort | sha256sum)
+    if [[ $want == "$got" ]]; then
+        echo "OK ($(wc -l <"$manifest") entries)"
+    else
+        echo "MISMATCH (manifest has $(wc -l <"$manifest") lines, tree has $(find "$dir" -type f | wc -l) files)"
+    fi
+}
+
+# check_gz SRCDIR OUTDIR: every SRCDIR/f must have OUTDIR/f.gz that decompresses
+# to the same bytes (also accepts OUTDIR/<basename SRCDIR>/f.gz).
+check_gz() {
+    python3 - "$1" "$2" <<'PY'
+import gzip, os, sys
+src, out = sys.argv[1:3]
+alt = os.path.join(out, os.path.basename(os.path.normpath(src)))
+n = bad = missing = 0
+for root, _, files in os.walk(src):
+    for name in files:
+        rel = os.path.relpath(os.path.join(root, name), src)
+        n += 1
+        for base in (out, alt):
+            p = os.path.join(base, rel + ".gz")
+            if os.path.exists(p):
+                break
+        else:
+            missing += 1
+            continue
+        with open(os.path.join(src, rel), "rb") as f, gzip.open(p, "rb") as g:
+            if f.read() != g.read():
+                bad += 1
+print("OK (%d files)" % n if not (bad or missing)
+      else "FAILED (%d files: %d missing, %d differ)" % (n, missing, bad))
+PY
+}
+
+ratio() { python3 -c 'import sys; a, b = map(float, sys.argv[1:]); print("%.3f" % (a / b) if a and b else "n/a")' "$1" "$2"; }
+
+FPN="filepipe"  # display name prefix
+W=$WORK
+
+# ---------------------------------------------------------------------------
+# 4. Scenarios
+# ---------------------------------------------------------------------------
+# 4a. SHA-256, many small files
+bench sha_small "SHA-256, small-file tree" -- \
+    "$FPN batch small --op sha256 --manifest \$W/small.manifest --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch small --op sha256 --manifest $W/small.manifest --quiet$FP_EXTRA_STR" \
+    "rhash --sha256 -r small > /dev/null" 1.8 \
+    "rhash --sha256 -r small > /dev/null" \
+    "find small -type f -print0 | xargs -0 -P2 sha256sum > /dev/null" 3.5 \
+    "find small -type f -print0 | xargs -0 -P2 sha256sum > /dev/null" || true
+if [[ -s $W/small.manifest ]]; then
+    fact "check: sha256 small manifest" "$(check_manifest "$W/small.manifest" small)"
+fi
+
+# 4b. SHA-256, a few large files
+bench sha_large "SHA-256, large files" -- \
+    "$FPN batch large --op sha256 --manifest \$W/large.manifest --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch large --op sha256 --manifest $W/large.manifest --quiet$FP_EXTRA_STR" \
+    "rhash --sha256 -r large > /dev/null" 1.8 \
+    "rhash --sha256 -r large > /dev/null" || true
+if [[ -s $W/large.manifest ]]; then
+    fact "check: sha256 large manifest" "$(check_manifest "$W/large.manifest" large)"
+fi
+
+# 4c. gzip -6, text tree. One prepare per command: filepipe's output dir is
+# removed before each of its runs, the peer's .gz files before each of its.
+# The peer runs on its own copy (text-peer) because it writes next to inputs.
+bench gzip_text "gzip -6, text tree" \
+    -p "rm -rf $W/fp-text" \
+    -p "find $W/text-peer -name '*.gz' -delete" -- \
+    "$FPN batch text --op gzip --level 6 --out \$W/fp-text --force --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch text --op gzip --level 6 --out $W/fp-text --force --quiet$FP_EXTRA_STR" \
+    "find text -type f -print0 | xargs -0 -P2 -n64 gzip -6 -k -f" 2.5 \
+    "cd $W && find text-peer -type f -print0 | xargs -0 -P2 -n64 gzip -6 -k -f" || true
+fp_text=$(gz_bytes "$W/fp-text")
+peer_text=$(gz_bytes "$W/text-peer")
+fact "size: text filepipe .gz bytes" "$fp_text"
+fact "size: text gzip -6 .gz bytes" "$peer_text"
+fact "size: text input bytes" "$(du -sb text | cut -f1)"
+fact "size: text gz files (filepipe / gzip / inputs)" "$(find "$W/fp-text" -name '*.gz' 2>/dev/null | wc -l) / $(find "$W/text-peer" -name '*.gz' | wc -l) / $NFILES_TEXT"
+fact "ratio: text size" "$(ratio "$fp_text" "$peer_text")"
+if [[ -d $W/fp-text ]]; then
+    fact "check: gzip text round-trip" "$(check_gz text "$W/fp-text")"
+fi
+
+# 4d. gzip -6, one large file. Peers write with -c to a file in the work dir
+# (same work as -k -f, without touching the corpus).
+BIG=$(find one -type f | head -n1)
+bench gzip_one "gzip -6, one large file" -- \
+    "$FPN batch one --op gzip --level 6 --out \$W/fp-one --force --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch one --op gzip --level 6 --out $W/fp-one --force --quiet$FP_EXTRA_STR" \
+    "pigz -p2 -6 -c $BIG > \$W/pigz.gz" 2.0 \
+    "pigz -p2 -6 -c $BIG > $W/pigz.gz" \
+    "gzip -6 -c $BIG > \$W/gzip.gz" ref \
+    "gzip -6 -c $BIG > $W/gzip.gz" || true
+fp_one=$(gz_bytes "$W/fp-one")
+pigz_one=$(stat -c %s "$W/pigz.gz" 2>/dev/null || echo 0)
+gzip_one=$(stat -c %s "$W/gzip.gz" 2>/dev/null || echo 0)
+fact "size: one input bytes" "$(stat -c %s "$BIG")"
+fact "size: one filepipe .gz bytes" "$fp_one"
+fact "size: one pigz -6 bytes" "$pigz_one"
+fact "size: one gzip -6 bytes" "$gzip_one"
+fact "ratio: one size vs pigz" "$(ratio "$fp_one" "$pigz_one")"
+fact "ratio: one size vs gzip" "$(ratio "$fp_one" "$gzip_one")"
+if [[ -d $W/fp-one ]]; then
+    fact "check: gzip one round-trip" "$(check_gz one "$W/fp-one")"
+fi
+
+# 4e. Peak RSS on many tiny files (cache is warm: huge/ was read above).
+log "peak memory: filepipe batch huge --op sha256 (and rhash for reference)"
+NFILES_HUGE=$(find huge -type f | wc -l)
+fact "rss: files" "$NFILES_HUGE"
+rss_run() {  # rss_run KEY CMD... ; records max RSS (KiB) and wall time
+    local key=$1
+    shift
+    if /usr/bin/time -v -o "$RES/$key.time" "$@" >/dev/null; then
+        fact "rss: $key kib" "$(awk -F': ' '/Maximum resident set size/ {print $2}' "$RES/$key.time")"
+        fact "rss: $key wall" "$(awk -F': ' '/Elapsed \(wall clock\)/ {print $2}' "$RES/$key.time")"
+    else
+        echo "compare.sh: '$*' failed (see $RES/$key.time)" >&2
+        fact "rss: $key kib" "ERROR"
+        HARNESS_ERRORS=$((HARNESS_ERRORS + 1))
+    fi
+}
+rss_run filepipe "$BIN" batch huge --op sha256 --manifest "$W/huge.manifest" --quiet "${FP_EXTRA[@]}"
+rss_run rhash rhash --sha256 -r huge
+if [[ -s $W/huge.manifest ]]; then
+    fact "check: sha256 huge manifest" "$(check_manifest "$W/huge.manifest" huge)"
+fi
+
+# ---------------------------------------------------------------------------
+# 5. Machine and report
+# ---------------------------------------------------------------------------
+ver() { "$@" 2>&1 | head -n1 || true; }
+fact "machine: nproc" "$(nproc)"
+fact "machine: cpu" "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"
+fact "machine: sha_ni" "$(grep -qw sha_ni /proc/cpuinfo && echo yes || echo no)"
+fact "machine: kernel" "$(uname -sr)"
+fact "machine: memory" "$(awk '/^MemTotal:/ {printf "%.1f GiB", $2 / 1048576}' /proc/meminfo)"
+fact "machine: fs" "$(df -T "$BASE" | awk 'NR == 2 {print $2}') ($BASE)"
+fact "version: filepipe" "$(ver "$BIN" --version) ($BIN)"
+fact "version: hyperfine" "$(ver hyperfine --version)"
+fact "version: rhash" "$(ver rhash --version)"
+fact "version: pigz" "$(ver pigz --version)"
+fact "version: gzip" "$(ver gzip --version)"
+fact "version: sha256sum" "$(ver sha256sum --version)"
+fact "mode" "$( ((QUICK)) && echo "quick (tiny corpora; targets NOT meaningful)" || echo full), runs=$RUNS, warmup=1"
+
+python3 - "$RES" >"$RES/summary.md" <<'PY'
+import json, os, sys
+
+res = sys.argv[1]
+facts = {}
+for line in open(os.path.join(res, "facts.tsv")):
+    k, _, v = line.rstrip("\n").partition("\t")
+    facts[k] = v
+spec = []
+for line in open(os.path.join(res, "spec.tsv")):
+    sid, title, idx, name, target = line.rstrip("\n").split("\t")
+    spec.append((sid, title, int(idx), name, target))
+
+fails = []
+out = []
+w = out.append
+w("# filepipe benchmark (%s)" % facts.get("mode", "?"))
+w("")
+w("| scenario | command | median s | min–max s | ratio (peer / filepipe) | target | result |")
+w("|---|---|---:|---:|---:|---|---|")
+medians = {}
+for sid, title, idx, name, target in spec:
+    path = os.path.join(res, sid + ".json")
+    ppath = os.path.join(res, sid + ".peers.json")
+    results = []
+    if os.path.exists(path):
+        results = json.load(open(path))["results"]
+    elif os.path.exists(ppath):  # filepipe failed; peers measured alone
+        results = [None] + json.load(open(ppath))["results"]
+    r = results[idx] if idx < len(results) else None
+    tgt = {"base": "", "ref": "reference"}.get(target, "≥ %sx" % target)
+    if r is None:
+        w("| %s | `%s` | ERROR | | | %s | ERROR |" % (title, name, tgt))
+        if target not in ("base", "ref"):
+            fails.append("%s: %s (no result)" % (title, name))
+        continue
+    med = r["median"]
+    medians[(sid, idx)] = med
+    mm = "%.3f–%.3f" % (r["min"], r["max"])
+    if target == "base":
+        w("| %s | `%s` | %.3f | %s | 1.00 (baseline) | | |" % (title, name, med, mm))
+        continue
+    base = medians.get((sid, 0))
+    if base is None:
+        w("| %s | `%s` | %.3f | %s | n/a | %s | %s |"
+          % (title, name, med, mm, tgt, "" if target == "ref" else "ERROR (no filepipe result)"))
+        if target != "ref":
+            fails.append("%s vs %s: no filepipe result" % (title, name))
+        continue
+    ratio = med / base if base else float("inf")
+    if target == "ref":
+        w("| %s | `%s` | %.3f | %s | %.2fx | reference | |" % (title, name, med, mm, ratio))
+        continue
+    ok = ratio >= float(target)
+    if not ok:
+        fails.append("%s vs %s: %.2fx < %sx" % (title, name, ratio, target))
+    w("| %s | `%s` | %.3f | %s | %.2fx | ≥ %sx | %s |"
+      % (title, name, med, mm, ratio, target, "PASS" if ok else "FAIL"))
+
+w("")
+w("| metric | value | target | result |")
+w("|---|---:|---|---|")
+
+def num(key):
+    try:
+        return float(facts[key])
+    except (KeyError, ValueError):
+        return None
+
+def mib(n):
+    return "%.1f MiB" % (n / 1048576.0)
+
+tr = num("ratio: text size")
+if tr is not None and num("size: text filepipe .gz bytes"):
+    ok = tr <= 1.04
+    if not ok:
+        fails.append("text output size ratio %.3f > 1.04" % tr)
+    w("| gzip text tree: total output, filepipe / gzip -6 (%s / %s) | %.3f | ≤ 1.04 | %s |"
+      % (mib(num("size: text filepipe .gz bytes")), mib(num("size: text gzip -6 .gz bytes")),
+         tr, "PASS" if ok else "FAIL"))
+else:
+    fails.append("text output size: no filepipe output")
+    w("| gzip text tree: total output, filepipe / gzip -6 | n/a | ≤ 1.04 | ERROR |")
+tin, tgz = num("size: text input bytes"), num("size: text gzip -6 .gz bytes")
+if tin and tgz:
+    w("| gzip text tree: gzip -6 compression ratio (input / output) | %.2fx | (corpus property) | |" % (tin / tgz))
+w("| gzip text tree: .gz files (filepipe / gzip / inputs) | %s | | |"
+  % facts.get("size: text gz files (filepipe / gzip / inputs)", "?"))
+for key, label in (("ratio: one size vs pigz", "pigz -p2 -6"), ("ratio: one size vs gzip", "gzip -6")):
+    v = num(key)
+    w("| gzip one file: output, filepipe / %s | %s | (info) | |" % (label, "%.3f" % v if v is not None else "n/a"))
+if num("size: one input bytes"):
+    w("| gzip one file: sizes (input / filepipe / pigz / gzip) | %s / %s / %s / %s | | |"
+      % tuple(mib(num(k) or 0) for k in ("size: one input bytes", "size: one filepipe .gz bytes",
+                                          "size: one pigz -6 bytes", "size: one gzip -6 bytes")))
+rss = num("rss: filepipe kib")
+nf = facts.get("rss: files", "?")
+if rss is not None:
+    ok = rss / 1024 < 64
+    if not ok:
+        fails.append("peak RSS %.1f MiB >= 64 MiB" % (rss / 1024))
+    w("| peak RSS, filepipe sha256 over %s files (wall %s) | %.1f MiB | < 64 MiB | %s |"
+      % (nf, facts.get("rss: filepipe wall", "?"), rss / 1024, "PASS" if ok else "FAIL"))
+else:
+    fails.append("peak RSS: no measurement")
+    w("| peak RSS, filepipe sha256 over %s files | ERROR | < 64 MiB | ERROR |" % nf)
+r2 = num("rss: rhash kib")
+if r2 is not None:
+    w("| peak RSS, rhash --sha256 -r over %s files (wall %s) | %.1f MiB | (reference) | |"
+      % (nf, facts.get("rss: rhash wall", "?"), r2 / 1024))
+
+checks = [(k[len("check: "):], v) for k, v in facts.items() if k.startswith("check: ")]
+if checks:
+    w("")
+    w("Correctness checks (untimed): " + "; ".join("%s: %s" % c for c in checks))
+    for name, v in checks:
+        if not v.startswith("OK"):
+            fails.append("check %s: %s" % (name, v))
+
+w("")
+w("Machine: %s CPUs, %s (sha_ni: %s), %s, %s RAM, fs %s"
+  % (facts.get("machine: nproc"), facts.get("machine: cpu"), facts.get("machine: sha_ni"),
+     facts.get("machine: kernel"), facts.get("machine: memory"), facts.get("machine: fs")))
+w("")
+w("Tools: " + "; ".join(v for k, v in facts.items() if k.startswith("version: ")))
+w("")
+w("Commands ran in the corpus dir; `$W` is the work dir. Ratio = peer median / filepipe median (higher is better for filepipe).")
+w("")
+if fails:
+    w("**%d target(s) not met:** %s" % (len(fails), "; ".join(fails)))
+else:
+    w("**All targets met.**")
+print("\n".join(out))
+with open(os.path.join(res, "fails.txt"), "w") as f:
+    f.write("\n".join(fails) + ("\n" if fails else ""))
+PY
+
+log "summary ($RES/summary.md)"
+cat "$RES/summary.md"
+echo
+echo "hyperfine JSON, time -v output and summary.md are in $RES"
+
+if ((HARNESS_ERRORS)); then
+    echo "compare.sh: $HARNESS_ERRORS scenario(s) failed to run" >&2
+    exit 2
+fi
+if [[ ${STRICT:-0} == 1 && -s $RES/fails.txt ]]; then
+    exit 1
+fi
+exit 0

@@ -1,0 +1,97 @@
+//! Command-line syntax, parsed once by clap.
+//!
+//! Nothing here is validated beyond what clap checks; `config::Config::from_batch` turns these
+//! raw arguments into the resolved configuration the pipeline runs on.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// filepipe: gzip or SHA-256 a directory tree in parallel, every file accounted for.
+#[derive(Debug, Parser)]
+#[command(name = "filepipe", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// More log output on stderr (-v: info, -vv: debug). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// No progress bars and no summary; only errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Process every file under a directory once, then exit.
+    Batch(BatchArgs),
+    /// Check a sha256sum-format manifest, or test every .gz file under a directory.
+    Verify(VerifyArgs),
+}
+
+/// The operation applied to each file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OpKind {
+    /// Compress each file to `name.gz` (a standard gzip stream).
+    Gzip,
+    /// Hash each file with SHA-256 and write a `sha256sum` manifest.
+    Sha256,
+}
+
+/// Arguments of `filepipe batch`.
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// The directory tree to process.
+    pub dir: PathBuf,
+    /// The operation to apply to each file.
+    #[arg(long, value_enum)]
+    pub op: OpKind,
+    /// Worker threads [default: number of CPUs].
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
+    /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// sha256: write the manifest to FILE (atomically) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Write one JSON line per failed or skipped file to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub failure_log: Option<PathBuf>,
+    /// gzip: compression level.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub level: u32,
+    /// Only process files matching GLOB (repeatable). A glob without '/' matches the file
+    /// name, one with '/' the path relative to DIR.
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Skip files and directories matching GLOB (repeatable; same matching as --include).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Follow symlinks that stay inside DIR (links leading outside are still refused).
+    #[arg(long)]
+    pub follow_symlinks: bool,
+    /// gzip: redo up-to-date outputs and replace existing different ones.
+    #[arg(long)]
+    pub force: bool,
+    /// gzip: delete each input once its output is synced and verified (never a hard-linked one).
+    #[arg(long)]
+    pub remove_source: bool,
+    /// Print the final summary as one JSON object (on stdout, or stderr if the manifest goes to
+    /// stdout).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `filepipe verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// A sha256sum-format manifest (names resolve against the current directory, as with
+    /// `sha256sum -c`), or a directory whose .gz files are all tested.
+    pub target: PathBuf,
+    /// Worker threads [default: number of CPUs].
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
+}

@@ -1,0 +1,221 @@
+//! The resolved configuration: parsed once from the CLI, then passed around as `&Config`.
+//!
+//! Everything that can be wrong with the invocation as a whole (missing directory, a flag that
+//! makes no sense for the operation, a bad glob) is rejected here, before any file is touched,
+//! so that the pipeline only ever meets per-file errors.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::cli::{BatchArgs, OpKind};
+
+/// Everything a batch run needs to know, resolved and validated.
+#[derive(Debug)]
+pub struct Config {
+    /// The input root, canonicalized: every walked path starts with it.
+    pub root: PathBuf,
+    /// The operation applied to each file.
+    pub op: OpKind,
+    /// Number of worker threads (and of Shutdown sentinels).
+    pub jobs: usize,
+    /// gzip: the output root (canonicalized, created if missing); `None` = next to inputs.
+    pub out: Option<PathBuf>,
+    /// sha256: where the manifest goes; `None` = stdout.
+    pub manifest: Option<PathBuf>,
+    /// Where failed/skipped records go as JSON lines.
+    pub failure_log: Option<PathBuf>,
+    /// gzip compression level, 1-9.
+    pub level: u32,
+    /// Include/exclude globs.
+    pub filter: Filter,
+    /// Follow symlinks that stay inside the root.
+    pub follow_symlinks: bool,
+    /// Redo up-to-date outputs and replace different ones.
+    pub force: bool,
+    /// Delete inputs after their output is synced and verified.
+    pub remove_source: bool,
+    /// Print the summary as JSON.
+    pub json: bool,
+    /// No progress and no human summary.
+    pub quiet: bool,
+    /// Show progress bars (stderr is a terminal and not quiet).
+    pub progress: bool,
+    /// Paths inside the root that filepipe writes itself and must never read as inputs.
+    pub own_files: Vec<PathBuf>,
+}
+
+impl Config {
+    /// Resolves and validates the `batch` arguments.
+    pub fn from_batch(args: &BatchArgs, quiet: bool) -> Result<Config> {
+        let root = fs::canonicalize(&args.dir)
+            .with_context(|| format!("cannot open input directory {}", args.dir.display()))?;
+        if !root.is_dir() {
+            bail!("{} is not a directory", args.dir.display());
+        }
+        let gzip_only = [
+            ("--out", args.out.is_some()),
+            ("--force", args.force),
+            ("--remove-source", args.remove_source),
+        ];
+        if args.op == OpKind::Sha256 {
+            if let Some((flag, _)) = gzip_only.iter().find(|(_, set)| *set) {
+                bail!("{flag} only applies to --op gzip");
+            }
+        } else if args.manifest.is_some() {
+            bail!("--manifest only applies to --op sha256");
+        }
+        let out = match &args.out {
+            Some(out) => {
+                fs::create_dir_all(out)
+                    .with_context(|| format!("cannot create output directory {}", out.display()))?;
+                Some(
+                    fs::canonicalize(out).with_context(|| {
+                        format!("cannot open output directory {}", out.display())
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let manifest = args.manifest.as_deref().map(absolute_file).transpose()?;
+        let failure_log = args.failure_log.as_deref().map(absolute_file).transpose()?;
+        let own_files = manifest.iter().chain(&failure_log).cloned().collect();
+        let jobs = match args.jobs {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        Ok(Config {
+            root,
+            op: args.op,
+            jobs,
+            out,
+            manifest,
+            failure_log,
+            level: args.level,
+            filter: Filter::new(&args.include, &args.exclude)?,
+            follow_symlinks: args.follow_symlinks,
+            force: args.force,
+            remove_source: args.remove_source,
+            json: args.json,
+            quiet,
+            progress: !quiet && std::io::stderr().is_terminal(),
+            own_files,
+        })
+    }
+
+    /// The directory outputs for `rel` (a path relative to the root) are written under.
+    pub fn out_root(&self) -> &Path {
+        self.out.as_deref().unwrap_or(&self.root)
+    }
+}
+
+/// Makes a file path absolute through its (existing) parent, so it can be compared with walked
+/// paths even when the file itself does not exist yet.
+fn absolute_file(path: &Path) -> Result<PathBuf> {
+    let name = path
+        .file_name()
+        .with_context(|| format!("{} is not a file name", path.display()))?;
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let parent = fs::canonicalize(parent)
+        .with_context(|| format!("cannot open directory {}", parent.display()))?;
+    Ok(parent.join(name))
+}
+
+/// Include/exclude globs. A pattern without '/' matches the file name anywhere in the tree
+/// (like fd and .gitignore); one with '/' matches the whole path relative to the root.
+#[derive(Debug, Default)]
+pub struct Filter {
+    include_name: GlobSet,
+    include_path: GlobSet,
+    exclude_name: GlobSet,
+    exclude_path: GlobSet,
+    has_include: bool,
+}
+
+impl Filter {
+    /// Compiles the globs; a malformed one is a usage error.
+    pub fn new(include: &[String], exclude: &[String]) -> Result<Filter> {
+        let (include_name, include_path) = compile(include)?;
+        let (exclude_name, exclude_path) = compile(exclude)?;
+        Ok(Filter {
+            include_name,
+            include_path,
+            exclude_name,
+            exclude_path,
+            has_include: !include.is_empty(),
+        })
+    }
+
+    /// True if a file or directory at `rel` is excluded (directories are then not descended).
+    pub fn excluded(&self, rel: &Path) -> bool {
+        matches(&self.exclude_name, &self.exclude_path, rel)
+    }
+
+    /// True if a file at `rel` passes the include globs (all files do when there are none).
+    pub fn included(&self, rel: &Path) -> bool {
+        !self.has_include || matches(&self.include_name, &self.include_path, rel)
+    }
+}
+
+fn matches(by_name: &GlobSet, by_path: &GlobSet, rel: &Path) -> bool {
+    let name = rel.file_name().unwrap_or(OsStr::new(""));
+    by_name.is_match(name) || by_path.is_match(rel)
+}
+
+fn compile(globs: &[String]) -> Result<(GlobSet, GlobSet)> {
+    let mut by_name = GlobSetBuilder::new();
+    let mut by_path = GlobSetBuilder::new();
+    for g in globs {
+        let glob: Glob = GlobBuilder::new(g)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .with_context(|| format!("invalid glob {g:?}"))?;
+        if OsStr::new(g).as_bytes().contains(&b'/') {
+            by_path.add(glob);
+        } else {
+            by_name.add(glob);
+        }
+    }
+    Ok((by_name.build()?, by_path.build()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(inc: &[&str], exc: &[&str]) -> Filter {
+        let s = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        Filter::new(&s(inc), &s(exc)).unwrap()
+    }
+
+    #[test]
+    fn name_globs_match_at_any_depth_path_globs_from_root() {
+        let f = filter(&["*.log"], &["tmp", "a/skip/*"]);
+        assert!(f.included(Path::new("x/y/z.log")));
+        assert!(!f.included(Path::new("x/y/z.txt")));
+        assert!(f.excluded(Path::new("deep/tmp")));
+        assert!(f.excluded(Path::new("a/skip/f.log")));
+        assert!(!f.excluded(Path::new("b/a/skip/f.log")));
+    }
+
+    #[test]
+    fn no_include_means_everything() {
+        let f = filter(&[], &[]);
+        assert!(f.included(Path::new("anything")));
+        assert!(!f.excluded(Path::new("anything")));
+    }
+
+    #[test]
+    fn bad_glob_is_an_error() {
+        assert!(Filter::new(&["a[".to_string()], &[]).is_err());
+    }
+}

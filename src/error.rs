@@ -1,0 +1,152 @@
+//! Per-file errors as data.
+//!
+//! A `FileError` describes why one file was skipped or failed; it travels to the reporter inside
+//! an `Outcome` and never aborts the run. Fatal, run-wide problems use `anyhow` instead.
+
+use std::fmt;
+use std::io;
+
+/// Why a file could not be processed, or was deliberately left alone. The kebab-case name is
+/// what the failure log's `error` field carries, so scripts can match on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// The file disappeared between the walk and the open (ENOENT).
+    Vanished,
+    /// EACCES / EPERM on the input or the output.
+    PermissionDenied,
+    /// Size, mtime or ctime changed while the file was read: the result would be torn.
+    Changed,
+    /// FIFO, socket or device: never opened, so no worker can block on it.
+    SpecialFile,
+    /// A symlink (broken, looping, leading outside the root, or simply not followed).
+    Symlink,
+    /// An output with other content already exists and `--force` was not given.
+    OutputExists,
+    /// The output exists and is up to date (same mtime as the input).
+    UpToDate,
+    /// The input already ends in `.gz`.
+    AlreadyCompressed,
+    /// The output name would exceed NAME_MAX (ENAMETOOLONG).
+    NameTooLong,
+    /// ENOSPC or EDQUOT while writing the output.
+    NoSpace,
+    /// EFBIG: RLIMIT_FSIZE or the file system's maximum file size.
+    FileTooLarge,
+    /// A component of the output path is a symlink or not a directory: refused so that nothing
+    /// is ever written outside the output root.
+    UnsafeOutputPath,
+    /// Not started because a shutdown signal arrived first.
+    Interrupted,
+    /// `--remove-source` refused: the input has more than one hard link.
+    HardLinked,
+    /// A corrupt gzip stream or a digest mismatch found by `verify`.
+    Corrupt,
+    /// Any other I/O error.
+    Io,
+    /// A bug: an operation panicked on this file. The run goes on.
+    Internal,
+}
+
+impl Kind {
+    /// The stable name used in logs and the failure log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Vanished => "vanished",
+            Kind::PermissionDenied => "permission-denied",
+            Kind::Changed => "changed-while-read",
+            Kind::SpecialFile => "special-file",
+            Kind::Symlink => "symlink",
+            Kind::OutputExists => "output-exists",
+            Kind::UpToDate => "up-to-date",
+            Kind::AlreadyCompressed => "already-compressed",
+            Kind::NameTooLong => "name-too-long",
+            Kind::NoSpace => "no-space",
+            Kind::FileTooLarge => "file-too-large",
+            Kind::UnsafeOutputPath => "unsafe-output-path",
+            Kind::Interrupted => "interrupted",
+            Kind::HardLinked => "hard-linked",
+            Kind::Corrupt => "corrupt",
+            Kind::Io => "io",
+            Kind::Internal => "internal",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One file's error: a kind to match on, the errno when the kernel gave one, and a message for
+/// humans.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileError {
+    /// What went wrong, as a stable category.
+    pub kind: Kind,
+    /// The OS error number, when the error came from a system call.
+    pub errno: Option<i32>,
+    /// A human-readable explanation, including the failing step.
+    pub message: String,
+}
+
+impl FileError {
+    /// An error with no errno.
+    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+        FileError {
+            kind,
+            errno: None,
+            message: message.into(),
+        }
+    }
+
+    /// Classifies an I/O error that happened while doing `what` (e.g. "opening input").
+    pub fn io(what: &str, err: &io::Error) -> Self {
+        let errno = err.raw_os_error();
+        let kind = match errno {
+            Some(libc::ENOENT) => Kind::Vanished,
+            Some(libc::EACCES) | Some(libc::EPERM) => Kind::PermissionDenied,
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Kind::NoSpace,
+            Some(libc::EFBIG) => Kind::FileTooLarge,
+            Some(libc::ENAMETOOLONG) => Kind::NameTooLong,
+            Some(libc::EEXIST) => Kind::OutputExists,
+            Some(libc::ELOOP) => Kind::Symlink,
+            _ => Kind::Io,
+        };
+        FileError {
+            kind,
+            errno,
+            message: format!("{what}: {err}"),
+        }
+    }
+
+    /// Same as [`FileError::io`] for rustix's errno type.
+    pub fn errno(what: &str, err: rustix::io::Errno) -> Self {
+        Self::io(what, &io::Error::from(err))
+    }
+}
+
+impl fmt::Display for FileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.kind)
+    }
+}
+
+impl std::error::Error for FileError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_maps_to_kind() {
+        let e = FileError::io("writing", &io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(e.kind, Kind::NoSpace);
+        assert_eq!(e.errno, Some(libc::ENOSPC));
+        assert!(e.message.starts_with("writing: "));
+        let e = FileError::io("opening", &io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(e.kind, Kind::Vanished);
+        let e = FileError::io("x", &io::Error::other("odd"));
+        assert_eq!((e.kind, e.errno), (Kind::Io, None));
+    }
+}

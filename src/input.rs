@@ -1,0 +1,196 @@
+//! Opening and reading inputs without blocking and without ever trusting a torn read.
+//!
+//! Inputs are opened read-only with `O_NONBLOCK` (a FIFO swapped in after the walk cannot block
+//! a worker) and `O_NOFOLLOW` unless symlinks are followed, then checked with `fstat` to be
+//! regular files. `finish` compares a second `fstat` and the byte count with the first: any
+//! difference means the file changed while it was read, and the result must be discarded.
+
+use std::fs::File;
+use std::io::{self, Read, Seek};
+use std::path::Path;
+
+use rustix::fs::{self as rfs, FileType, Mode, OFlags, Stat};
+
+use crate::error::{FileError, Kind};
+
+/// An open regular input file and the `fstat` it was opened with.
+#[derive(Debug)]
+pub struct InputFile {
+    file: File,
+    /// The stat taken right after opening (refreshed by `restart`).
+    pub stat: Stat,
+    read: u64,
+}
+
+/// Why an input could not be opened as a regular file.
+#[derive(Debug)]
+pub enum OpenError {
+    /// Not a regular file (anymore): skip it, with this description.
+    NotRegular(&'static str),
+    /// A real error.
+    Failed(FileError),
+}
+
+impl InputFile {
+    /// Opens `path` for reading, refusing anything but a regular file.
+    pub fn open(path: &Path, follow_symlinks: bool) -> Result<InputFile, OpenError> {
+        let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
+        if !follow_symlinks {
+            flags |= OFlags::NOFOLLOW;
+        }
+        let fd = rfs::open(path, flags, Mode::empty()).map_err(|e| match e {
+            rustix::io::Errno::LOOP if !follow_symlinks => OpenError::NotRegular("symlink"),
+            e => OpenError::Failed(FileError::errno("opening input", e)),
+        })?;
+        let stat =
+            rfs::fstat(&fd).map_err(|e| OpenError::Failed(FileError::errno("stat of input", e)))?;
+        let ft = FileType::from_raw_mode(stat.st_mode);
+        if ft != FileType::RegularFile {
+            return Err(OpenError::NotRegular(describe(ft)));
+        }
+        Ok(InputFile {
+            file: File::from(fd),
+            stat,
+            read: 0,
+        })
+    }
+
+    /// The input's size when it was opened.
+    pub fn size(&self) -> u64 {
+        self.stat.st_size as u64
+    }
+
+    /// Rewinds for another attempt after a change was detected, taking a fresh stat.
+    pub fn restart(&mut self) -> Result<(), FileError> {
+        self.file
+            .rewind()
+            .map_err(|e| FileError::io("rewinding input", &e))?;
+        self.stat = rfs::fstat(&self.file).map_err(|e| FileError::errno("stat of input", e))?;
+        self.read = 0;
+        Ok(())
+    }
+
+    /// Checks that the file is exactly as it was when opened and that all of it was read.
+    pub fn finish(&self) -> Result<(), FileError> {
+        let now = rfs::fstat(&self.file).map_err(|e| FileError::errno("stat of input", e))?;
+        let before = &self.stat;
+        let same = now.st_size == before.st_size
+            && now.st_mtime == before.st_mtime
+            && now.st_mtime_nsec == before.st_mtime_nsec
+            && now.st_ctime == before.st_ctime
+            && now.st_ctime_nsec == before.st_ctime_nsec
+            && self.read == before.st_size as u64;
+        if same {
+            Ok(())
+        } else {
+            Err(FileError::new(
+                Kind::Changed,
+                format!(
+                    "file changed while being read (size {} -> {}, {} bytes read)",
+                    before.st_size, now.st_size, self.read
+                ),
+            ))
+        }
+    }
+
+    /// Reads until `buf` is full or the file ends; returns the bytes read.
+    pub fn fill(&mut self, buf: &mut [u8]) -> Result<usize, FileError> {
+        let mut n = 0;
+        while n < buf.len() {
+            match self.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FileError::io("reading input", &e)),
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Read for InputFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
+/// A human name for a non-regular file type.
+pub fn describe(ft: FileType) -> &'static str {
+    match ft {
+        FileType::RegularFile => "regular file",
+        FileType::Directory => "directory",
+        FileType::Symlink => "symlink",
+        FileType::Fifo => "FIFO",
+        FileType::Socket => "socket",
+        FileType::CharacterDevice => "character device",
+        FileType::BlockDevice => "block device",
+        FileType::Unknown => "unknown file type",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn fifo_is_refused_without_blocking() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("p");
+        rfs::mknodat(
+            rfs::CWD,
+            &fifo,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        assert!(matches!(
+            InputFile::open(&fifo, false),
+            Err(OpenError::NotRegular("FIFO"))
+        ));
+    }
+
+    #[test]
+    fn vanished_file_is_a_vanished_error() {
+        let tmp = tempfile::tempdir().unwrap();
+        match InputFile::open(&tmp.path().join("gone"), false) {
+            Err(OpenError::Failed(e)) => assert_eq!(e.kind, Kind::Vanished),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn append_during_read_is_detected() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        std::fs::write(&path, vec![b'a'; 1000]).unwrap();
+        let mut input = InputFile::open(&path, false).unwrap();
+        let mut buf = vec![0; 4096];
+        input.fill(&mut buf).unwrap();
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        assert_eq!(input.finish().unwrap_err().kind, Kind::Changed);
+        input.restart().unwrap();
+        assert_eq!(input.fill(&mut buf).unwrap(), 1004);
+        input.finish().unwrap();
+    }
+
+    #[test]
+    fn symlink_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("t"), b"x").unwrap();
+        std::os::unix::fs::symlink("t", tmp.path().join("l")).unwrap();
+        assert!(matches!(
+            InputFile::open(&tmp.path().join("l"), false),
+            Err(OpenError::NotRegular("symlink"))
+        ));
+        assert!(InputFile::open(&tmp.path().join("l"), true).is_ok());
+    }
+}

@@ -1,0 +1,20 @@
+//! filepipe: a parallel file-processing pipeline.
+//!
+//! Data flows `cli` → `config` → a source (`walk`) → `pipeline` (bounded channel, workers,
+//! sentinels) → `ops` (gzip, sha256) via `input`/`output` → `report` (progress, manifest,
+//! failure log, summary). `verify` checks results; `signals` and `logging` serve them all.
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod exit;
+pub mod input;
+pub mod logging;
+pub mod manifest;
+pub mod ops;
+pub mod output;
+pub mod pipeline;
+pub mod report;
+pub mod signals;
+pub mod verify;
+pub mod walk;

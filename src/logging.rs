@@ -1,0 +1,63 @@
+//! tracing setup: human lines on stderr, and the JSON-lines failure log.
+//!
+//! Every skipped or failed file is one tracing event with target `filepipe::failures` and the
+//! fields `status`, `path` (lossy UTF-8), `path_hex` (exact bytes, only for non-UTF-8 paths),
+//! `op`, `error` (the kind), `errno` (when there is one) and the message. The stderr layer shows
+//! them filtered by `-v`/`-q`/`RUST_LOG`; the failure-log layer records all of them, whatever
+//! the stderr verbosity.
+
+use std::fs::File;
+use std::io::IsTerminal;
+use std::path::Path;
+use std::sync::Mutex;
+
+use anyhow::{Context, Result};
+use tracing_subscriber::filter::{filter_fn, EnvFilter, LevelFilter};
+use tracing_subscriber::prelude::*;
+
+/// The target of per-file records.
+pub const FAILURES: &str = "filepipe::failures";
+
+/// Installs the global subscriber. `verbosity`: -1 quiet, 0 default, 1+ verbose.
+pub fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
+    let default = match verbosity {
+        i8::MIN..=-1 => LevelFilter::ERROR,
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    let env = EnvFilter::builder()
+        .with_default_directive(default.into())
+        .from_env_lossy();
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .without_time()
+        .with_target(false)
+        .with_filter(env);
+    let failures = match failure_log {
+        Some(path) => {
+            let file = File::create(path)
+                .with_context(|| format!("cannot create failure log {}", path.display()))?;
+            // Each event is formatted whole, then written with one write(2) to an unbuffered
+            // file: lines never tear, and nothing is left in a buffer if the process dies.
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false)
+                    .with_span_list(false)
+                    .with_target(false)
+                    .with_writer(Mutex::new(file))
+                    .with_filter(filter_fn(|m| m.target() == FAILURES)),
+            )
+        }
+        None => None,
+    };
+    tracing_subscriber::registry()
+        .with(stderr)
+        .with(failures)
+        .try_init()
+        .context("installing the logger")
+}

@@ -1,0 +1,69 @@
+//! The operations a worker applies to one file, behind one small trait.
+//!
+//! The worker (`pipeline::process`) owns the common protocol: open the input safely, let the op
+//! decide whether to skip it, let it stream the input into a pending result, check the input did
+//! not change while read (retrying if it did), and only then let the op publish. An op never
+//! publishes anything derived from a torn read.
+
+pub mod gzip;
+pub mod gzstream;
+pub mod sha256;
+
+use crate::error::FileError;
+use crate::input::InputFile;
+use crate::pipeline::Job;
+
+/// What a successful file leaves behind, for the reporter.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Done {
+    /// Bytes read from the input.
+    pub bytes_in: u64,
+    /// Bytes written (the .gz size; 0 for sha256).
+    pub bytes_out: u64,
+    /// The SHA-256 digest, for the manifest.
+    pub digest: Option<[u8; 32]>,
+    /// Something worth reporting about an otherwise successful file (e.g. a hard-linked input
+    /// kept despite `--remove-source`).
+    pub note: Option<FileError>,
+}
+
+/// One file operation (gzip, sha256, ...). Adding an operation means implementing this.
+pub trait Op: Sync {
+    /// Per-worker reusable state: buffers, directory caches.
+    type Scratch;
+    /// A result computed from the input but not yet published (e.g. a temp file).
+    type Pending;
+
+    /// The name used in logs and the failure log.
+    fn name(&self) -> &'static str;
+
+    /// Fresh per-worker state.
+    fn scratch(&self) -> Self::Scratch;
+
+    /// Decides, before reading, whether this file is skipped (`Ok(Some(reason))`), fails, or
+    /// is processed (`Ok(None)`). Called with the input already opened and stat'ed.
+    fn check(
+        &self,
+        job: &Job,
+        input: &InputFile,
+        scratch: &mut Self::Scratch,
+    ) -> Result<Option<FileError>, FileError>;
+
+    /// Streams the input into a pending result. The caller verifies the input did not change
+    /// before calling `publish`; a dropped `Pending` must leave no trace.
+    fn read(
+        &self,
+        job: &Job,
+        input: &mut InputFile,
+        scratch: &mut Self::Scratch,
+    ) -> Result<Self::Pending, FileError>;
+
+    /// Makes a verified result visible.
+    fn publish(
+        &self,
+        job: &Job,
+        input: &InputFile,
+        pending: Self::Pending,
+        scratch: &mut Self::Scratch,
+    ) -> Result<Done, FileError>;
+}

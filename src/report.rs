@@ -1,0 +1,337 @@
+//! The reporter: the one thread that owns the progress bars, the manifest, the per-file records
+//! and the counts.
+//!
+//! Invariants: every `Outcome` is counted exactly once as done, skipped or failed, so the totals
+//! always add up to the files the source found; nothing else writes progress or the manifest,
+//! so lines never tear; the manifest is sorted by raw path bytes and written atomically once
+//! the workers are finished (including after an interrupt, for the files that were done).
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde::Serialize;
+
+use crate::cli::OpKind;
+use crate::config::Config;
+use crate::error::FileError;
+use crate::logging::FAILURES;
+use crate::manifest;
+use crate::output::{Dir, TempOutput};
+use crate::pipeline::{Event, Outcome};
+use crate::walk::Stats;
+
+/// The final account of a run.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    /// The operation.
+    pub op: &'static str,
+    /// Files accounted for (done + skipped + failed).
+    pub files: u64,
+    /// Files processed and published.
+    pub done: u64,
+    /// Files deliberately left alone.
+    pub skipped: u64,
+    /// Files that could not be processed.
+    pub failed: u64,
+    /// Skipped files by reason.
+    pub skipped_by_reason: BTreeMap<&'static str, u64>,
+    /// Failed files by error kind.
+    pub failed_by_reason: BTreeMap<&'static str, u64>,
+    /// Done files that carry a warning (e.g. a hard-linked input kept).
+    pub warnings: u64,
+    /// Bytes read from done files.
+    pub bytes_in: u64,
+    /// Bytes written (gzip).
+    pub bytes_out: u64,
+    /// bytes_out / bytes_in (gzip).
+    pub ratio: Option<f64>,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// bytes_in per second.
+    pub bytes_per_second: f64,
+    /// Temp files of crashed earlier runs that were removed.
+    pub stale_temps_removed: u64,
+    /// The signal that interrupted the run, if any.
+    pub interrupted_by: Option<i32>,
+}
+
+impl Summary {
+    /// Prints the summary: JSON on stdout with `--json` (stderr if the manifest is on stdout),
+    /// else a human line on stderr unless quiet.
+    pub fn print(&self, cfg: &Config) -> io::Result<()> {
+        if cfg.json {
+            let json = serde_json::to_string(self).map_err(io::Error::other)?;
+            if cfg.op == OpKind::Sha256 && cfg.manifest.is_none() {
+                eprintln!("{json}");
+            } else {
+                writeln!(io::stdout().lock(), "{json}")?;
+            }
+            return Ok(());
+        }
+        if cfg.quiet {
+            return Ok(());
+        }
+        let mut line = format!(
+            "filepipe {}: {} files: {} done, {} skipped, {} failed",
+            self.op, self.files, self.done, self.skipped, self.failed
+        );
+        let reasons = |m: &BTreeMap<&str, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if self.skipped > 0 {
+            line += &format!(" (skipped: {})", reasons(&self.skipped_by_reason));
+        }
+        if self.failed > 0 {
+            line += &format!(" (failed: {})", reasons(&self.failed_by_reason));
+        }
+        eprintln!("{line}");
+        let mut line = format!("  read {}", HumanBytes(self.bytes_in));
+        if let Some(r) = self.ratio {
+            line += &format!(", wrote {} (ratio {r:.3})", HumanBytes(self.bytes_out));
+        }
+        line += &format!(
+            " in {:.2} s, {}/s",
+            self.seconds,
+            HumanBytes(self.bytes_per_second as u64)
+        );
+        if self.stale_temps_removed > 0 {
+            line += &format!("; removed {} stale temp files", self.stale_temps_removed);
+        }
+        eprintln!("{line}");
+        if let Some(sig) = self.interrupted_by {
+            eprintln!("  interrupted by signal {sig}: results cover the files done before it");
+        }
+        Ok(())
+    }
+}
+
+/// Progress display: one overall bar and one line per worker, or nothing.
+struct Progress {
+    multi: MultiProgress,
+    overall: ProgressBar,
+    workers: Vec<ProgressBar>,
+    bytes_done: u64,
+    started: Instant,
+}
+
+impl Progress {
+    fn new(cfg: &Config) -> Self {
+        let multi = MultiProgress::with_draw_target(if cfg.progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        });
+        let overall = multi.add(ProgressBar::new(0));
+        overall.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} files {msg} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        let workers = if cfg.progress {
+            (0..cfg.jobs)
+                .map(|_| {
+                    let b = multi.add(ProgressBar::new_spinner());
+                    b.set_style(ProgressStyle::with_template("  {msg}").expect("valid template"));
+                    b
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Progress {
+            multi,
+            overall,
+            workers,
+            bytes_done: 0,
+            started: Instant::now(),
+        }
+    }
+
+    fn refresh(&self, stats: &Stats) {
+        let total = stats.files.load(Ordering::Relaxed) + stats.reported.load(Ordering::Relaxed);
+        self.overall.set_length(total);
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        self.overall.set_message(format!(
+            "{}/{} {}/s",
+            HumanBytes(self.bytes_done),
+            HumanBytes(stats.bytes.load(Ordering::Relaxed)),
+            HumanBytes((self.bytes_done as f64 / secs) as u64)
+        ));
+    }
+}
+
+/// Receives events until every sender is gone, then writes the manifest and returns the counts.
+pub fn run(
+    cfg: &Config,
+    op: &'static str,
+    events: Receiver<Event>,
+    stats: &Stats,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let mut progress = Progress::new(cfg);
+    let mut summary = Summary {
+        op,
+        ..Summary::default()
+    };
+    let mut digests: Vec<(Box<Path>, [u8; 32])> = Vec::new();
+    loop {
+        let event = match events.recv_timeout(Duration::from_millis(200)) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => {
+                progress.refresh(stats);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        match event {
+            Event::Started { worker, rel } => {
+                if let Some(bar) = progress.workers.get(worker) {
+                    bar.set_message(rel.display().to_string());
+                }
+            }
+            Event::Finished(outcome) => {
+                summary.files += 1;
+                progress.overall.inc(1);
+                match outcome {
+                    Outcome::Done { rel, done } => {
+                        summary.done += 1;
+                        summary.bytes_in += done.bytes_in;
+                        summary.bytes_out += done.bytes_out;
+                        progress.bytes_done += done.bytes_in;
+                        if let Some(note) = &done.note {
+                            summary.warnings += 1;
+                            progress.multi.suspend(|| record("kept", op, &rel, note));
+                        }
+                        if let Some(d) = done.digest {
+                            digests.push((rel.into_boxed_path(), d));
+                        }
+                    }
+                    Outcome::Skipped { rel, reason } => {
+                        summary.skipped += 1;
+                        *summary
+                            .skipped_by_reason
+                            .entry(reason.kind.as_str())
+                            .or_default() += 1;
+                        progress
+                            .multi
+                            .suspend(|| record("skipped", op, &rel, &reason));
+                    }
+                    Outcome::Failed { rel, error } => {
+                        summary.failed += 1;
+                        *summary
+                            .failed_by_reason
+                            .entry(error.kind.as_str())
+                            .or_default() += 1;
+                        progress
+                            .multi
+                            .suspend(|| record("failed", op, &rel, &error));
+                    }
+                }
+                progress.refresh(stats);
+            }
+        }
+    }
+    for b in progress.workers.drain(..) {
+        b.finish_and_clear();
+    }
+    progress.overall.finish_and_clear();
+    if cfg.op == OpKind::Sha256 {
+        write_manifest(cfg, &mut digests)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    summary.seconds = secs;
+    summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
+    if cfg.op == OpKind::Gzip && summary.bytes_in > 0 {
+        summary.ratio = Some(summary.bytes_out as f64 / summary.bytes_in as f64);
+    }
+    summary.stale_temps_removed = stats.stale_temps_removed.load(Ordering::Relaxed);
+    Ok(summary)
+}
+
+/// Emits one per-file record: a human line on stderr (by verbosity) and a failure-log line.
+fn record(status: &'static str, op: &'static str, rel: &Path, e: &FileError) {
+    let bytes = rel.as_os_str().as_bytes();
+    let path = rel.to_string_lossy();
+    // The lossy form replaces invalid bytes; the hex form lets scripts recover the exact name.
+    let path_hex = std::str::from_utf8(bytes)
+        .is_err()
+        .then(|| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let error = e.kind.as_str();
+    let errno = e.errno;
+    let path_hex = path_hex.as_deref();
+    match status {
+        "skipped" => {
+            tracing::info!(target: FAILURES, status, path = %path, path_hex, op, error, errno, "{}", e.message)
+        }
+        _ => {
+            tracing::warn!(target: FAILURES, status, path = %path, path_hex, op, error, errno, "{}", e.message)
+        }
+    }
+}
+
+/// Sorts the digests and writes them to the manifest file (atomically) or stdout.
+fn write_manifest(cfg: &Config, digests: &mut [(Box<Path>, [u8; 32])]) -> Result<()> {
+    digests.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+    let write_all = |w: &mut dyn Write| -> io::Result<()> {
+        let mut w = BufWriter::with_capacity(256 * 1024, w);
+        for (rel, d) in digests.iter() {
+            manifest::write_line(&mut w, d, rel.as_os_str().as_bytes())?;
+        }
+        w.flush()
+    };
+    let Some(path) = &cfg.manifest else {
+        return match write_all(&mut io::stdout().lock()) {
+            // A closed pipe (`| head`) is the reader's choice, not our failure.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("writing the manifest to stdout"),
+        };
+    };
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let fd = rustix::fs::open(
+        parent,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .with_context(|| format!("opening {}", parent.display()))?;
+    let dir = Arc::new(Dir {
+        fd,
+        path: parent.to_path_buf(),
+    });
+    let mut temp = TempOutput::create(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    write_all(temp.file()).with_context(|| format!("writing {}", path.display()))?;
+    // A manifest is meant to be read by others: the usual 0644, less what the umask removes.
+    let mode = 0o644 & !umask();
+    let attrs = None;
+    rustix::fs::fchmod(&*temp.file(), rustix::fs::Mode::from_raw_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
+    temp.publish(name, attrs, true)
+        .map_err(|e| anyhow::anyhow!("publishing {}: {e}", path.display()))
+}
+
+/// The process umask, read from /proc: calling umask(2) to read it would change it, for an
+/// instant, under the workers' feet.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}

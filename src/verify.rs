@@ -1,0 +1,200 @@
+//! `filepipe verify`: check a manifest like `sha256sum -c`, or test .gz files like `gzip -t`.
+//!
+//! Both check files in parallel and print one result line per file in a stable order (manifest
+//! order, or sorted paths). A missing, unreadable, corrupt or truncated file, and a malformed
+//! manifest line, is a clear per-file error: never a panic, never the end of the run.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use flate2::read::MultiGzDecoder;
+use rayon::prelude::*;
+use rayon::ThreadPool;
+use walkdir::WalkDir;
+
+use crate::input::{InputFile, OpenError};
+use crate::manifest::{self, Entry};
+use crate::ops::sha256::{hash_reader, BUF_SIZE};
+
+/// The result of a verification run.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Files that checked out.
+    pub ok: u64,
+    /// Files with a wrong digest or a corrupt stream.
+    pub failed: u64,
+    /// Files that could not be opened or read.
+    pub unreadable: u64,
+    /// Manifest lines that could not be parsed.
+    pub malformed: u64,
+}
+
+impl Report {
+    /// True when everything checked out.
+    pub fn success(&self) -> bool {
+        self.failed == 0 && self.unreadable == 0 && self.malformed == 0
+    }
+}
+
+/// Verifies `target`: a directory's .gz files, or a manifest's entries. Result lines go to
+/// `out`, warnings to stderr.
+pub fn run(target: &Path, jobs: usize, quiet: bool, out: &mut impl Write) -> Result<Report> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(jobs)
+        .build()
+        .context("starting the verify pool")?;
+    let meta =
+        std::fs::metadata(target).with_context(|| format!("cannot open {}", target.display()))?;
+    let report = if meta.is_dir() {
+        verify_gz_tree(target, &pool, out)?
+    } else {
+        verify_manifest(target, &pool, out)?
+    };
+    if !quiet {
+        if report.malformed > 0 {
+            eprintln!(
+                "filepipe: WARNING: {} lines are improperly formatted",
+                report.malformed
+            );
+        }
+        if report.unreadable > 0 {
+            eprintln!(
+                "filepipe: WARNING: {} listed files could not be read",
+                report.unreadable
+            );
+        }
+        if report.failed > 0 {
+            eprintln!("filepipe: WARNING: {} files did not verify", report.failed);
+        }
+    }
+    Ok(report)
+}
+
+/// One file's verdict.
+pub enum Check {
+    /// Verified.
+    Ok,
+    /// Wrong digest or corrupt stream, with why.
+    Failed(String),
+    /// Could not be opened or read, with why.
+    Unreadable(String),
+}
+
+fn verify_manifest(path: &Path, pool: &ThreadPool, out: &mut impl Write) -> Result<Report> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut lines: Vec<Option<Entry>> = Vec::new();
+    for line in BufReader::new(file).split(b'\n') {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if line.is_empty() {
+            continue;
+        }
+        lines.push(manifest::parse_line(&line));
+    }
+    let results: Vec<Option<Check>> = pool.install(|| {
+        lines
+            .par_iter()
+            .map_init(
+                || vec![0u8; BUF_SIZE],
+                |buf, e| e.as_ref().map(|e| check_digest(e, buf)),
+            )
+            .collect()
+    });
+    let mut report = Report::default();
+    for (entry, result) in lines.iter().zip(results) {
+        let (Some(entry), Some(result)) = (entry, result) else {
+            report.malformed += 1;
+            continue;
+        };
+        let status = tally(&mut report, &result);
+        out.write_all(&entry.shown)?;
+        writeln!(out, ": {status}")?;
+    }
+    Ok(report)
+}
+
+fn check_digest(entry: &Entry, buf: &mut [u8]) -> Check {
+    let path = Path::new(OsStr::from_bytes(&entry.name));
+    let mut input = match InputFile::open(path, true) {
+        Ok(f) => f,
+        Err(OpenError::NotRegular(what)) => {
+            return Check::Unreadable(format!("not a regular file ({what})"))
+        }
+        Err(OpenError::Failed(e)) => return Check::Unreadable(e.message),
+    };
+    match hash_reader(&mut input, buf) {
+        Ok(d) if d == entry.digest => Check::Ok,
+        Ok(_) => Check::Failed("checksum mismatch".into()),
+        Err(e) => Check::Unreadable(format!("reading: {e}")),
+    }
+}
+
+fn tally(report: &mut Report, result: &Check) -> String {
+    match result {
+        Check::Ok => {
+            report.ok += 1;
+            "OK".into()
+        }
+        Check::Failed(why) => {
+            report.failed += 1;
+            format!("FAILED ({why})")
+        }
+        Check::Unreadable(why) => {
+            report.unreadable += 1;
+            format!("FAILED open or read ({why})")
+        }
+    }
+}
+
+fn verify_gz_tree(root: &Path, pool: &ThreadPool, out: &mut impl Write) -> Result<Report> {
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for entry in WalkDir::new(root).min_depth(1) {
+        let Ok(entry) = entry else { continue };
+        if entry.file_type().is_file() && entry.file_name().as_bytes().ends_with(b".gz") {
+            paths.push(entry.into_path());
+        }
+    }
+    paths.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    let results: Vec<Check> = pool.install(|| {
+        paths
+            .par_iter()
+            .map_init(|| vec![0u8; BUF_SIZE], |buf, p| test_gz(p, buf))
+            .collect()
+    });
+    let mut report = Report::default();
+    for (path, result) in paths.iter().zip(results) {
+        let status = tally(&mut report, &result);
+        out.write_all(path.as_os_str().as_bytes())?;
+        writeln!(out, ": {status}")?;
+    }
+    Ok(report)
+}
+
+/// Decompresses a whole .gz file, checking every member's CRC-32 and length like `gzip -t`.
+pub fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
+    let input = match InputFile::open(path, false) {
+        Ok(f) => f,
+        Err(OpenError::NotRegular(what)) => {
+            return Check::Unreadable(format!("not a regular file ({what})"))
+        }
+        Err(OpenError::Failed(e)) => return Check::Unreadable(e.message),
+    };
+    if input.size() == 0 {
+        return Check::Failed("empty file: unexpected end of file".into());
+    }
+    let mut dec = MultiGzDecoder::new(BufReader::with_capacity(BUF_SIZE, input));
+    loop {
+        match dec.read(buf) {
+            Ok(0) => return Check::Ok,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Check::Failed("truncated: unexpected end of file".into())
+            }
+            Err(e) => return Check::Failed(e.to_string()),
+        }
+    }
+}

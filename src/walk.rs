@@ -1,0 +1,204 @@
+//! The batch source: a streaming walk of the input root.
+//!
+//! Invariants: directory entries are classified from their `d_type`, so FIFOs, sockets and
+//! devices are reported as skipped without ever being opened or even stat'ed; symlinks are not
+//! followed by default, and with `--follow-symlinks` never out of the root; filepipe's own
+//! files (temps, manifest, failure log, a nested output root) are never treated as inputs.
+//! Nothing is collected: each file goes to the bounded job channel as it is found.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_channel::Sender;
+use walkdir::{DirEntry, WalkDir};
+
+use crate::config::Config;
+use crate::error::{FileError, Kind};
+use crate::input::describe;
+use crate::output;
+use crate::pipeline::{Event, Job, Msg, Outcome};
+use crate::signals::Shutdown;
+
+/// Counters the walker raises and the reporter reads for progress totals.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Regular files sent to the workers so far.
+    pub files: AtomicU64,
+    /// Their sizes (only counted when progress is shown: it costs a stat per file).
+    pub bytes: AtomicU64,
+    /// Entries reported without being sent (skipped or failed by the walker itself).
+    pub reported: AtomicU64,
+    /// Stale temp files of crashed runs removed.
+    pub stale_temps_removed: AtomicU64,
+}
+
+/// Walks `cfg.root`, sending a `Job` per regular file and an outcome for everything it skips,
+/// until the tree is exhausted or a shutdown is requested.
+pub fn walk(
+    cfg: &Config,
+    jobs: &Sender<Msg>,
+    events: &Sender<Event>,
+    stats: &Stats,
+    shutdown: &Shutdown,
+) {
+    if let Some(out) = &cfg.out {
+        if !out.starts_with(&cfg.root) {
+            remove_stale_temps(out, stats);
+        }
+    }
+    let report = |outcome: Outcome| {
+        stats.reported.fetch_add(1, Ordering::Relaxed);
+        let _ = events.send(Event::Finished(outcome));
+    };
+    let mut it = WalkDir::new(&cfg.root)
+        .follow_links(cfg.follow_symlinks)
+        .min_depth(1)
+        .into_iter();
+    while let Some(entry) = it.next() {
+        if shutdown.requested() {
+            return;
+        }
+        let entry = match entry {
+            Ok(e) => e,
+            Err(err) => {
+                let path = err.path().unwrap_or(&cfg.root);
+                let rel = relative(cfg, path);
+                if err.loop_ancestor().is_some() || path.is_symlink() {
+                    // With --follow-symlinks, walkdir reports broken and looping links as errors.
+                    let reason = symlink_reason(cfg, path);
+                    report(Outcome::Skipped { rel, reason });
+                } else {
+                    let io = err
+                        .io_error()
+                        .map(|e| FileError::io("reading directory", e))
+                        .unwrap_or_else(|| FileError::new(Kind::Io, err.to_string()));
+                    report(Outcome::Failed { rel, error: io });
+                }
+                continue;
+            }
+        };
+        let path = entry.path();
+        let rel = relative(cfg, path);
+        if cfg.filter.excluded(&rel) || is_own(cfg, path) {
+            if entry.file_type().is_dir() {
+                it.skip_current_dir();
+            }
+            continue;
+        }
+        if entry.path_is_symlink() {
+            // Only reached with --follow-symlinks for links that resolved; check the target.
+            if !cfg.follow_symlinks || !inside_root(cfg, path) {
+                if entry.file_type().is_dir() {
+                    it.skip_current_dir();
+                }
+                report(Outcome::Skipped {
+                    rel,
+                    reason: symlink_reason(cfg, path),
+                });
+                continue;
+            }
+        }
+        let ft = entry.file_type();
+        if ft.is_dir() {
+            continue;
+        }
+        if ft.is_symlink() {
+            // Not followed (default), or broken / looping with --follow-symlinks.
+            report(Outcome::Skipped {
+                rel,
+                reason: symlink_reason(cfg, path),
+            });
+            continue;
+        }
+        if !ft.is_file() {
+            let what = describe(rustix::fs::FileType::from_raw_mode(file_type_mode(&entry)));
+            report(Outcome::Skipped {
+                rel,
+                reason: FileError::new(
+                    Kind::SpecialFile,
+                    format!("not a regular file ({what}); not opened"),
+                ),
+            });
+            continue;
+        }
+        if output::is_temp_name(entry.file_name()) {
+            if output::is_stale_temp(entry.file_name()) && std::fs::remove_file(path).is_ok() {
+                stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+            }
+            continue;
+        }
+        if !cfg.filter.included(&rel) {
+            continue;
+        }
+        if cfg.progress {
+            if let Ok(m) = entry.metadata() {
+                stats.bytes.fetch_add(m.len(), Ordering::Relaxed);
+            }
+        }
+        stats.files.fetch_add(1, Ordering::Relaxed);
+        let job = Job {
+            abs: path.to_path_buf(),
+            rel,
+        };
+        if jobs.send(Msg::Job(job)).is_err() {
+            return;
+        }
+    }
+}
+
+fn relative(cfg: &Config, path: &Path) -> PathBuf {
+    path.strip_prefix(&cfg.root).unwrap_or(path).to_path_buf()
+}
+
+/// The manifest, the failure log and an output root nested in the input root are filepipe's.
+fn is_own(cfg: &Config, path: &Path) -> bool {
+    cfg.own_files.iter().any(|f| f == path) || cfg.out.as_deref().is_some_and(|o| o == path)
+}
+
+fn inside_root(cfg: &Config, path: &Path) -> bool {
+    std::fs::canonicalize(path).is_ok_and(|p| p.starts_with(&cfg.root))
+}
+
+/// Explains why a symlink is not followed, looking at its target without opening it.
+fn symlink_reason(cfg: &Config, path: &Path) -> FileError {
+    let msg = match std::fs::metadata(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => "symlink loop; not followed".into(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "broken symlink; not followed".into(),
+        Err(e) => format!("symlink whose target cannot be examined ({e}); not followed"),
+        Ok(_) if !inside_root(cfg, path) => "symlink leading outside the root; not followed".into(),
+        Ok(m) if m.is_dir() => {
+            "symlink to a directory; not followed (see --follow-symlinks)".into()
+        }
+        Ok(_) => "symlink; not followed (see --follow-symlinks)".into(),
+    };
+    FileError::new(Kind::Symlink, msg)
+}
+
+/// The file type bits of an entry, from `d_type` (no syscall).
+fn file_type_mode(entry: &DirEntry) -> u32 {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = entry.file_type();
+    if ft.is_fifo() {
+        libc::S_IFIFO
+    } else if ft.is_socket() {
+        libc::S_IFSOCK
+    } else if ft.is_char_device() {
+        libc::S_IFCHR
+    } else if ft.is_block_device() {
+        libc::S_IFBLK
+    } else {
+        0
+    }
+}
+
+/// Removes temp files a crashed run left under a separate output root.
+fn remove_stale_temps(out: &Path, stats: &Stats) {
+    for entry in WalkDir::new(out).into_iter().filter_map(Result::ok) {
+        if entry.file_type().is_file()
+            && output::is_stale_temp(entry.file_name())
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
