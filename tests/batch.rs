@@ -1,0 +1,980 @@
+//! `filepipe batch` end to end: the real binary over temp trees, checked with the real gzip,
+//! gunzip and sha256sum (RELIABILITY.md cases 1-12, 15-17).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+fn p(x: &std::path::Path) -> &OsStr {
+    x.as_os_str()
+}
+
+const LONG_NAME: [u8; 253] = [b'n'; 253];
+
+fn awkward_tree() -> TestTree {
+    TestTree::new()
+        .file("plain.txt", b"hello\n")
+        .file("nested/deeper/deepest/file.log", &text_bytes(50_000, 1))
+        .file("nested/empty", b"")
+        .dir("empty-dir/inner")
+        .file("with space.txt", b"space")
+        .file("new\nline", b"newline")
+        .file("back\\slash", b"backslash")
+        .file("carriage\rreturn", b"cr")
+        .file("-leading-dash", b"dash")
+        .file(b"non-utf8-\xff\xfe", b"bytes")
+        .file(LONG_NAME, b"long")
+}
+
+#[test]
+fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
+    let t = awkward_tree();
+    let manifest = t.side("SHA256SUMS");
+    let log = t.side("failures.jsonl");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--manifest"),
+        p(&manifest),
+        s("--failure-log"),
+        p(&log),
+    ]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let check = tool(
+        "sha256sum",
+        &[s("-c"), s("--strict"), p(&manifest)],
+        &t.root(),
+    );
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+    let text = fs::read(&manifest).unwrap();
+    // One line per file (escaped newlines do not count), sorted.
+    assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 10);
+    assert!(failure_log(&log).is_empty());
+    // Verify agrees.
+    let v = run({
+        let mut c = filepipe(&[s("verify"), p(&manifest)]);
+        c.current_dir(t.root());
+        c
+    });
+    assert_eq!(
+        v.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&v.stdout)
+    );
+}
+
+#[test]
+fn sha256_manifest_on_stdout_matches_file_manifest() {
+    let t = awkward_tree();
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("-q"),
+    ]));
+    assert!(out.status.success());
+    let m = t.side("stdout.sha");
+    fs::write(&m, &out.stdout).unwrap();
+    assert!(tool("sha256sum", &[s("-c"), p(&m)], &t.root())
+        .status
+        .success());
+    assert!(
+        out.stderr.is_empty(),
+        "quiet run printed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn gzip_outputs_pass_gzip_t_and_gunzip_to_identical_bytes() {
+    let t = awkward_tree().file("big/multi-block.log", &text_bytes(6_000_000, 2));
+    fs::set_permissions(t.path("plain.txt"), fs::Permissions::from_mode(0o600)).unwrap();
+    let log = t.side("failures.jsonl");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--failure-log"),
+        p(&log),
+    ]));
+    // The 253-byte name cannot take ".gz": one clean per-file failure, exit 1.
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = failure_log(&log);
+    let too_long = records_of(&log, "name-too-long");
+    assert_eq!(too_long.len(), 1, "{log:?}");
+    assert_eq!(too_long[0]["errno"], 36);
+    assert_eq!(log.len(), 1, "{log:?}");
+    let mut checked = 0;
+    for e in walkdir::WalkDir::new(t.root()) {
+        let e = e.unwrap();
+        let name = e.file_name().as_bytes();
+        if !e.file_type().is_file() || name.ends_with(b".gz") || name == LONG_NAME {
+            continue;
+        }
+        let mut gz = e.path().as_os_str().to_os_string();
+        gz.push(".gz");
+        let gz = std::path::PathBuf::from(gz);
+        assert!(
+            tool("gzip", &[s("-t"), p(&gz)], &t.root()).status.success(),
+            "{gz:?}"
+        );
+        let back = tool("gunzip", &[s("-c"), p(&gz)], &t.root());
+        assert_eq!(back.stdout, fs::read(e.path()).unwrap(), "{gz:?}");
+        let (im, om) = (e.metadata().unwrap(), fs::metadata(&gz).unwrap());
+        assert_eq!(om.mode() & 0o7777, im.mode() & 0o777, "{gz:?}");
+        assert_eq!(
+            (om.mtime(), om.mtime_nsec()),
+            (im.mtime(), im.mtime_nsec()),
+            "{gz:?}"
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 10);
+    assert_eq!(
+        fs::metadata(t.path("plain.txt.gz")).unwrap().mode() & 0o777,
+        0o600
+    );
+    assert!(temps_under(t.dir.path()).is_empty());
+}
+
+#[test]
+fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
+    let t = TestTree::new()
+        .file("a/b/big.log", &text_bytes(12_000_000, 3))
+        .file("a/small.txt", &text_bytes(3_000, 4))
+        .file("c/noise.bin", &noise_bytes(700_000, 5));
+    let out_dir = t.side("out");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        p(&out_dir),
+        s("--jobs"),
+        s("2"),
+        s("--json"),
+    ]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["files"].as_u64(), summary["done"].as_u64()),
+        (Some(3), Some(3))
+    );
+    for rel in ["a/b/big.log", "a/small.txt", "c/noise.bin"] {
+        let gz = out_dir.join(format!("{rel}.gz"));
+        let back = tool("gunzip", &[s("-c"), p(&gz)], t.dir.path());
+        assert!(back.status.success());
+        assert_eq!(back.stdout, fs::read(t.path(rel)).unwrap(), "{rel}");
+        assert!(!t.path(format!("{rel}.gz")).exists(), "wrote next to input");
+    }
+    // Ratio against the real gzip -6 on the multi-block file.
+    let reference = tool(
+        "gzip",
+        &[s("-6"), s("-c"), p(&t.path("a/b/big.log"))],
+        t.dir.path(),
+    );
+    let ours = fs::metadata(out_dir.join("a/b/big.log.gz")).unwrap().len();
+    let ratio = ours as f64 / reference.stdout.len() as f64;
+    assert!(
+        ratio <= 1.04,
+        "output {ours} vs gzip -6 {}: {ratio}",
+        reference.stdout.len()
+    );
+}
+
+#[test]
+fn special_files_are_skipped_without_opening() {
+    let t = TestTree::new().file("regular", b"data");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &t.path("fifo"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let _sock = std::os::unix::net::UnixListener::bind(t.path("socket")).unwrap();
+    let mut expected = 2;
+    if is_root() {
+        // /dev/null's numbers: reading it would not block, but opening a device at all is wrong.
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &t.path("chardev"),
+            rustix::fs::FileType::CharacterDevice,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            rustix::fs::makedev(1, 3),
+        )
+        .unwrap();
+        expected += 1;
+    }
+    let log = t.side("f.jsonl");
+    for op in ["gzip", "sha256"] {
+        let out = run(filepipe(
+            &[
+                s("batch"),
+                p(&t.root()),
+                s("--op"),
+                s(op),
+                s("--failure-log"),
+                p(&log),
+                s("--force"),
+            ][..if op == "gzip" { 7 } else { 6 }],
+        ));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let log = failure_log(&log);
+        assert_eq!(records_of(&log, "special-file").len(), expected, "{log:?}");
+    }
+    assert!(t.path("regular.gz").exists());
+    assert!(!t.path("fifo.gz").exists());
+}
+
+#[test]
+fn symlinks_are_reported_and_never_followed_by_default() {
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("secret"), b"outside data").unwrap();
+    let t = TestTree::new()
+        .file("real/file", b"inside")
+        .symlink("does-not-exist", "broken")
+        .symlink("loop-b", "loop-a")
+        .symlink("loop-a", "loop-b")
+        .symlink(outside.path().join("secret"), "to-outside")
+        .symlink(outside.path(), "to-outside-dir")
+        .symlink("real", "to-dir")
+        .symlink("real/file", "to-file");
+    let log = t.side("f.jsonl");
+    let manifest = t.side("m");
+    let args = |follow: bool| {
+        let mut v = vec![
+            s("batch").to_os_string(),
+            t.root().into_os_string(),
+            "--op".into(),
+            "sha256".into(),
+            "--manifest".into(),
+            manifest.clone().into_os_string(),
+            "--failure-log".into(),
+            log.clone().into_os_string(),
+        ];
+        if follow {
+            v.push("--follow-symlinks".into());
+        }
+        v
+    };
+    let run_with = |follow| {
+        let a = args(follow);
+        run(filepipe(
+            &a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>(),
+        ))
+    };
+    let out = run_with(false);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = failure_log(&log);
+    assert_eq!(records_of(&records, "symlink").len(), 7, "{records:?}");
+    let m = fs::read_to_string(&manifest).unwrap();
+    assert_eq!(m.lines().count(), 1, "{m}");
+
+    // Followed: links inside the root are processed, links leading out still refused.
+    let out = run_with(true);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = fs::read_to_string(&manifest).unwrap();
+    let names: Vec<&str> = m.lines().map(|l| &l[66..]).collect();
+    assert_eq!(names, ["real/file", "to-dir/file", "to-file"], "{m}");
+    let records = failure_log(&log);
+    assert_eq!(records_of(&records, "symlink").len(), 5, "{records:?}");
+    assert!(!m.contains("secret"));
+}
+
+#[test]
+fn unreadable_file_and_directory_fail_per_file_and_run_continues() {
+    let t = TestTree::new()
+        .file("ok.txt", b"fine")
+        .file("locked.txt", b"secret")
+        .file("locked-dir/inner.txt", b"hidden");
+    t.open_to_all();
+    fs::set_permissions(t.path("locked.txt"), fs::Permissions::from_mode(0o000)).unwrap();
+    fs::set_permissions(t.path("locked-dir"), fs::Permissions::from_mode(0o000)).unwrap();
+    let log = t.side("f.jsonl");
+    let manifest = t.side("m");
+    // As root every permission check passes, so drop to nobody; otherwise run as we are.
+    let mut cmd = if is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
+        c
+    } else {
+        std::process::Command::new(bin())
+    };
+    cmd.args([s("batch"), p(&t.root()), s("--op"), s("sha256")])
+        .args([s("--manifest"), p(&manifest), s("--failure-log"), p(&log)]);
+    let out = run(cmd);
+    fs::set_permissions(t.path("locked-dir"), fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = failure_log(&log);
+    let denied = records_of(&records, "permission-denied");
+    assert_eq!(denied.len(), 2, "{records:?}");
+    assert!(denied
+        .iter()
+        .all(|r| r["errno"] == 13 && r["status"] == "failed"));
+    let mut paths: Vec<&str> = denied.iter().map(|r| r["path"].as_str().unwrap()).collect();
+    paths.sort();
+    assert_eq!(paths, ["locked-dir", "locked.txt"]);
+    assert!(fs::read_to_string(&manifest)
+        .unwrap()
+        .contains("  ok.txt\n"));
+}
+
+#[test]
+fn existing_different_output_is_kept_unless_force() {
+    let t = TestTree::new()
+        .file("x", &text_bytes(10_000, 9))
+        .file("x.gz", b"not mine");
+    let log = t.side("f.jsonl");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--failure-log"),
+        p(&log),
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(fs::read(t.path("x.gz")).unwrap(), b"not mine");
+    let records = failure_log(&log);
+    assert_eq!(
+        records_of(&records, "output-exists").len(),
+        1,
+        "{records:?}"
+    );
+    assert_eq!(
+        records_of(&records, "already-compressed").len(),
+        1,
+        "{records:?}"
+    );
+
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--force"),
+    ]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let back = tool("gunzip", &[s("-c"), p(&t.path("x.gz"))], t.dir.path());
+    assert_eq!(back.stdout, fs::read(t.path("x")).unwrap());
+}
+
+#[test]
+fn rerun_skips_up_to_date_outputs_and_never_makes_gz_gz() {
+    let t = TestTree::new()
+        .file("a.txt", b"aaaa")
+        .file("d/b.txt", b"bbbb");
+    let json = |out: &std::process::Output| -> serde_json::Value {
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--json"),
+    ]));
+    assert_eq!(json(&first)["done"], 2);
+    let second = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--json"),
+    ]));
+    assert_eq!(second.status.code(), Some(0));
+    let sum = json(&second);
+    assert_eq!(sum["done"], 0);
+    assert_eq!(sum["skipped_by_reason"]["up-to-date"], 2);
+    assert_eq!(sum["skipped_by_reason"]["already-compressed"], 2);
+    assert!(!t.path("a.txt.gz.gz").exists());
+    // --force redoes them.
+    let forced = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--json"),
+        s("--force"),
+    ]));
+    assert_eq!(json(&forced)["done"], 2);
+}
+
+#[test]
+fn remove_source_deletes_verified_inputs_but_keeps_hard_linked_ones() {
+    let t = TestTree::new()
+        .file("single", &text_bytes(300_000, 4))
+        .file("linked", b"two names");
+    fs::hard_link(t.path("linked"), t.side("other-name")).unwrap();
+    let original = fs::read(t.path("single")).unwrap();
+    let log = t.side("f.jsonl");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--remove-source"),
+        s("--failure-log"),
+        p(&log),
+    ]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!t.path("single").exists());
+    let back = tool("gunzip", &[s("-c"), p(&t.path("single.gz"))], t.dir.path());
+    assert_eq!(back.stdout, original);
+    assert!(t.path("linked").exists() && t.path("linked.gz").exists());
+    let records = failure_log(&log);
+    let kept = records_of(&records, "hard-linked");
+    assert_eq!(kept.len(), 1, "{records:?}");
+    assert_eq!(kept[0]["status"], "kept");
+}
+
+#[test]
+fn planted_symlink_in_output_tree_is_refused() {
+    let outside = tempfile::tempdir().unwrap();
+    let t = TestTree::new()
+        .file("a/f.txt", b"data")
+        .file("b/g.txt", b"more");
+    let out_dir = t.side("out");
+    fs::create_dir(&out_dir).unwrap();
+    std::os::unix::fs::symlink(outside.path(), out_dir.join("a")).unwrap();
+    let log = t.side("f.jsonl");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        p(&out_dir),
+        s("--failure-log"),
+        p(&log),
+    ]));
+    assert_eq!(out.status.code(), Some(1));
+    let records = failure_log(&log);
+    assert_eq!(
+        records_of(&records, "unsafe-output-path").len(),
+        1,
+        "{records:?}"
+    );
+    assert_eq!(
+        fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "wrote outside the output root"
+    );
+    assert!(out_dir.join("b/g.txt.gz").exists(), "the run must go on");
+}
+
+#[test]
+fn rlimit_fsize_is_a_per_file_efbig_and_later_files_still_done() {
+    let t = TestTree::new()
+        .file("big.bin", &noise_bytes(2_000_000, 7))
+        .file("small1", b"tiny")
+        .file("small2", b"tiny too");
+    let log = t.side("f.jsonl");
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--fsize=500000", "--", bin()]).args([
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--jobs"),
+        s("1"),
+        s("--failure-log"),
+        p(&log),
+    ]);
+    let out = run(cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = failure_log(&log);
+    let efbig = records_of(&records, "file-too-large");
+    assert_eq!(efbig.len(), 1, "{records:?}");
+    assert_eq!(efbig[0]["errno"], 27);
+    assert!(t.path("big.bin").exists() && !t.path("big.bin.gz").exists());
+    assert!(t.path("small1.gz").exists() && t.path("small2.gz").exists());
+    assert!(temps_under(t.dir.path()).is_empty());
+}
+
+#[test]
+fn disk_full_is_a_per_file_enospc_with_temp_removed() {
+    // A 256 KiB tmpfs as the output root, mounted in a private user+mount namespace.
+    let t = TestTree::new()
+        .file("a-big.bin", &noise_bytes(1_000_000, 8))
+        .file("b-small", b"fits")
+        .file("c-small", b"fits too");
+    let out_dir = t.side("out");
+    fs::create_dir(&out_dir).unwrap();
+    let log = t.side("f.jsonl");
+    let script = r#"mount -t tmpfs -o size=256k none "$1" || exit 99
+"$2" batch "$3" --op gzip --jobs 1 --out "$1" --failure-log "$4"; code=$?
+echo "temps=$(find "$1" -name '.filepipe.*' | wc -l) small=$(ls "$1" | grep -c small)"
+exit $code"#;
+    let out = run({
+        let mut c = std::process::Command::new("unshare");
+        c.args([
+            s("-rm"),
+            s("sh"),
+            s("-c"),
+            s(script),
+            s("sh"),
+            p(&out_dir),
+            s(bin()),
+            p(&t.root()),
+            p(&log),
+        ]);
+        c
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_ne!(
+        out.status.code(),
+        Some(99),
+        "could not mount a tmpfs: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("temps=0 small=2"), "{stdout}");
+    let records = failure_log(&log);
+    let full = records_of(&records, "no-space");
+    assert_eq!(full.len(), 1, "{records:?}");
+    assert_eq!(full[0]["errno"], 28);
+    assert!(t.path("a-big.bin").exists());
+}
+
+#[test]
+fn file_appended_while_read_is_never_published() {
+    let t = TestTree::new()
+        .file("growing.log", &text_bytes(8_000_000, 6))
+        .file("stable", b"ok");
+    let path = t.path("growing.log");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                f.write_all(b"appended line\n").unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let log = t.side("f.jsonl");
+    let manifest = t.side("m");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--manifest"),
+        p(&manifest),
+        s("--failure-log"),
+        p(&log),
+    ]));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = failure_log(&log);
+    assert_eq!(
+        records_of(&records, "changed-while-read").len(),
+        1,
+        "{records:?}"
+    );
+    let m = fs::read_to_string(&manifest).unwrap();
+    assert!(!m.contains("growing.log") && m.contains("stable"), "{m}");
+}
+
+/// True once the child has a handler for signal `sig` (its SigCgt mask in /proc).
+fn catches(child: &std::process::Child, sig: u32) -> bool {
+    let status = fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (sig - 1)) != 0)
+}
+
+fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_child(child);
+    rustix::process::kill_process(pid, sig).unwrap();
+}
+
+#[test]
+fn sigint_drains_in_flight_files_and_leaves_valid_outputs() {
+    let mut t = TestTree::new();
+    for i in 0..60 {
+        t = t.file(format!("f{i:03}.log"), &text_bytes(1_500_000, i));
+    }
+    let log = t.side("f.jsonl");
+    let child = filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--level"),
+        s("9"),
+        s("--jobs"),
+        s("1"),
+        s("--failure-log"),
+        p(&log),
+        s("--json"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // Mid-run: at least one output published.
+    wait_until(Duration::from_secs(60), "a first output", || {
+        fs::read_dir(t.root())
+            .unwrap()
+            .any(|e| e.unwrap().file_name().as_bytes().ends_with(b".gz"))
+    });
+    signal(&child, rustix::process::Signal::INT);
+    let out = wait_output(child, Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["interrupted_by"], 2);
+    let done = summary["done"].as_u64().unwrap();
+    assert!(done >= 1 && done < 60, "{summary}");
+    // Every published output is whole; nothing is left half-written.
+    let gz: Vec<_> = fs::read_dir(t.root())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension() == Some(s("gz")))
+        .collect();
+    assert_eq!(gz.len() as u64, done);
+    for g in &gz {
+        assert!(
+            tool("gzip", &[s("-t"), p(g)], t.dir.path())
+                .status
+                .success(),
+            "{g:?}"
+        );
+    }
+    assert!(temps_under(t.dir.path()).is_empty());
+    // Files queued but not started are accounted for as interrupted.
+    let records = failure_log(&log);
+    assert!(
+        records.iter().all(|r| r["error"] == "interrupted"),
+        "{records:?}"
+    );
+    assert_eq!(
+        done + records.len() as u64 + 60 - summary["files"].as_u64().unwrap(),
+        60
+    );
+}
+
+#[test]
+fn sigterm_leaves_a_valid_manifest_for_the_files_done() {
+    let mut t = TestTree::new();
+    for i in 0..3000 {
+        t = t.file(format!("d{}/f{i}", i % 10), &text_bytes(2000, i));
+    }
+    let manifest = t.side("m");
+    let child = filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--jobs"),
+        s("1"),
+        s("--manifest"),
+        p(&manifest),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // As soon as its handler is in place, freeze it, so the signal certainly lands mid-run.
+    wait_until(Duration::from_secs(30), "the SIGTERM handler", || {
+        catches(&child, 15)
+    });
+    signal(&child, rustix::process::Signal::STOP);
+    signal(&child, rustix::process::Signal::TERM);
+    signal(&child, rustix::process::Signal::CONT);
+    let out = wait_output(child, Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = fs::read_to_string(&manifest).unwrap();
+    assert!(m.lines().count() < 3000, "the run was not interrupted");
+    if !m.is_empty() {
+        let check = tool(
+            "sha256sum",
+            &[s("-c"), s("--strict"), p(&manifest)],
+            &t.root(),
+        );
+        assert!(check.status.success());
+    }
+    assert!(temps_under(t.dir.path()).is_empty());
+}
+
+#[test]
+fn second_signal_exits_at_once_without_partial_output() {
+    let t = TestTree::new().file("huge.log", &text_bytes(80_000_000, 11));
+    let child = filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--level"),
+        s("9"),
+        s("--jobs"),
+        s("1"),
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until(Duration::from_secs(60), "the temp file", || {
+        !temps_under(&t.root()).is_empty()
+    });
+    signal(&child, rustix::process::Signal::INT);
+    std::thread::sleep(Duration::from_millis(50));
+    signal(&child, rustix::process::Signal::INT);
+    let out = wait_output(child, Duration::from_secs(60));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Had the second signal been ignored, the drain would have published huge.log.gz.
+    assert!(!t.path("huge.log.gz").exists());
+    assert!(temps_under(t.dir.path()).is_empty());
+}
+
+#[test]
+fn sigkill_at_random_points_then_rerun_finishes_without_corruption() {
+    let mut t = TestTree::new();
+    for i in 0..40 {
+        t = t.file(
+            format!("d{}/f{i}.log", i % 4),
+            &text_bytes(400_000 + i as usize * 10_000, i),
+        );
+    }
+    let out_dir = t.side("out");
+    let root = t.root();
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--jobs"),
+        s("2"),
+        s("--out"),
+        p(&out_dir),
+        s("--json"),
+    ];
+    let count_outputs = || {
+        walkdir::WalkDir::new(&out_dir)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().as_bytes().ends_with(b".gz"))
+            .count()
+    };
+    for round in 0..3 {
+        let before = count_outputs();
+        let child = filepipe(&args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(60), "progress", || {
+            count_outputs() > before || round == 2 && !temps_under(&out_dir).is_empty()
+        });
+        std::thread::sleep(Duration::from_millis(7 * round));
+        signal(&child, rustix::process::Signal::KILL);
+        wait_output(child, Duration::from_secs(10));
+        // Whatever exists under a final name is a complete gzip file.
+        for e in walkdir::WalkDir::new(&out_dir)
+            .into_iter()
+            .filter_map(Result::ok)
+        {
+            if e.file_name().as_bytes().ends_with(b".gz") {
+                assert!(tool("gzip", &[s("-t"), p(e.path())], t.dir.path())
+                    .status
+                    .success());
+            }
+        }
+    }
+    let done_before = count_outputs();
+    let out = run(filepipe(&args));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        summary["skipped_by_reason"]["up-to-date"].as_u64(),
+        Some(done_before as u64)
+    );
+    assert_eq!(summary["done"].as_u64(), Some(40 - done_before as u64));
+    assert!(
+        temps_under(t.dir.path()).is_empty(),
+        "stale temps must be cleaned up"
+    );
+    assert_eq!(count_outputs(), 40);
+    for i in 0..40 {
+        let rel = format!("d{}/f{i}.log", i % 4);
+        let back = tool(
+            "gunzip",
+            &[s("-c"), p(&out_dir.join(format!("{rel}.gz")))],
+            t.dir.path(),
+        );
+        assert_eq!(back.stdout, fs::read(t.path(&rel)).unwrap());
+    }
+}
+
+#[test]
+fn include_and_exclude_globs_select_files() {
+    let t = TestTree::new()
+        .file("a.log", b"1")
+        .file("b.txt", b"2")
+        .file("skip/c.log", b"3")
+        .file("keep/d.log", b"4");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--include"),
+        s("*.log"),
+        s("--exclude"),
+        s("skip"),
+    ]));
+    assert!(out.status.success());
+    let m = String::from_utf8(out.stdout).unwrap();
+    let names: Vec<&str> = m.lines().map(|l| &l[66..]).collect();
+    assert_eq!(names, ["a.log", "keep/d.log"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let t = TestTree::new();
+    for args in [
+        vec![s("batch"), p(&t.side("missing")), s("--op"), s("gzip")],
+        vec![
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s("sha256"),
+            s("--out"),
+            s("/tmp"),
+        ],
+        vec![
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s("gzip"),
+            s("--level"),
+            s("10"),
+        ],
+        vec![s("batch"), p(&t.root()), s("--op"), s("zip")],
+        vec![
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s("gzip"),
+            s("--include"),
+            s("a["),
+        ],
+    ] {
+        let out = run(filepipe(&args));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -1,0 +1,140 @@
+//! `filepipe verify` on good, corrupt, truncated and garbage inputs (RELIABILITY.md case 29).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+
+use common::*;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+#[test]
+fn gz_tree_reports_each_bad_file_without_panicking() {
+    let t = TestTree::new()
+        .file("good.txt", &text_bytes(200_000, 1))
+        .file("bad/truncated.txt", &text_bytes(200_000, 2))
+        .file("bad/corrupt.txt", &text_bytes(200_000, 3));
+    let out = run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+    ]));
+    assert!(out.status.success());
+    let trunc = t.path("bad/truncated.txt.gz");
+    let bytes = fs::read(&trunc).unwrap();
+    fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
+    let corrupt = t.path("bad/corrupt.txt.gz");
+    let mut bytes = fs::read(&corrupt).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    bytes[mid + 1] ^= 0x55;
+    fs::write(&corrupt, &bytes).unwrap();
+    fs::write(t.path("bad/garbage.gz"), b"this is not gzip at all").unwrap();
+    fs::write(t.path("bad/empty.gz"), b"").unwrap();
+    // Real gzip agrees on which are bad.
+    for f in [
+        "bad/truncated.txt.gz",
+        "bad/corrupt.txt.gz",
+        "bad/garbage.gz",
+        "bad/empty.gz",
+    ] {
+        assert!(!tool("gzip", &[s("-t"), t.path(f).as_os_str()], &t.root())
+            .status
+            .success());
+    }
+    let out = run(filepipe(&[s("verify"), t.root().as_os_str()]));
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(
+        lines.iter().filter(|l| l.ends_with(": OK")).count() == 1,
+        "{text}"
+    );
+    assert!(text.contains("good.txt.gz: OK"));
+    for f in [
+        "truncated.txt.gz",
+        "corrupt.txt.gz",
+        "garbage.gz",
+        "empty.gz",
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains(f) && l.contains("FAILED")),
+            "{f}: {text}"
+        );
+    }
+}
+
+#[test]
+fn manifest_reports_mismatch_missing_and_malformed_lines() {
+    let t = TestTree::new()
+        .file("a", b"alpha")
+        .file("b", b"beta")
+        .file("c", b"gamma");
+    let manifest = t.side("m");
+    let out = run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("sha256"),
+        s("--manifest"),
+        manifest.as_os_str(),
+    ]));
+    assert!(out.status.success());
+    let verify = || {
+        let mut c = filepipe(&[s("verify"), manifest.as_os_str()]);
+        c.current_dir(t.root());
+        run(c)
+    };
+    let ok = verify();
+    assert_eq!(ok.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&ok.stdout), "a: OK\nb: OK\nc: OK\n");
+    fs::write(t.path("b"), b"changed").unwrap();
+    fs::remove_file(t.path("c")).unwrap();
+    let mut m = fs::read(&manifest).unwrap();
+    m.extend_from_slice(b"not a manifest line\n\xff\xfe garbage\n");
+    fs::write(&manifest, m).unwrap();
+    let bad = verify();
+    assert_eq!(bad.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&bad.stdout);
+    assert!(text.starts_with("a: OK\nb: FAILED"), "{text}");
+    assert!(text.contains("c: FAILED open or read"), "{text}");
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("2 lines are improperly formatted"));
+    // Pure garbage and a binary file as a manifest: errors, no panic.
+    fs::write(
+        &manifest,
+        (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let garbage = verify();
+    assert_eq!(garbage.status.code(), Some(1));
+    assert!(!String::from_utf8_lossy(&garbage.stderr).contains("panicked"));
+}
+
+#[test]
+fn verify_accepts_a_real_sha256sum_manifest() {
+    let t = TestTree::new()
+        .file("x y", b"1")
+        .file("back\\slash", b"2")
+        .file("nl\nname", b"3");
+    let m = tool(
+        "sha256sum",
+        &[s("x y"), s("back\\slash"), s("nl\nname")],
+        &t.root(),
+    );
+    assert!(m.status.success());
+    fs::write(t.side("m"), &m.stdout).unwrap();
+    let mut c = filepipe(&[s("verify"), t.side("m").as_os_str()]);
+    c.current_dir(t.root());
+    let out = run(c);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
