@@ -1,10 +1,16 @@
 //! The pipeline: a source feeds a bounded channel, a pool of workers drains it, one reporter
 //! takes every outcome.
 //!
-//! Invariants: the job channel holds at most `2 × jobs` messages, so memory is bounded whatever
-//! the tree size; when the source ends (or a shutdown is requested) it sends exactly one
-//! `Msg::Shutdown` per worker, and a worker returns on its sentinel, so the pool drains without
-//! a shared "done" flag; every job produces exactly one `Outcome`, so counts always add up.
+//! Invariants: the job channel holds at most `2 × jobs` messages of at most `BATCH_FILES` jobs,
+//! so memory is bounded whatever the tree size; when the source ends (or a shutdown is
+//! requested) it sends exactly one `Msg::Shutdown` per worker, and a worker returns on its
+//! sentinel, so the pool drains without a shared "done" flag; every job produces exactly one
+//! `Outcome`, so counts always add up.
+//!
+//! Jobs and outcomes travel in small batches: with one message per file, channel hand-offs
+//! (futex wake-ups and crossbeam's yielding back-off) cost more CPU than hashing 16 KiB files.
+//! A batch is capped in files and bytes, and a large file travels alone, so workers stay
+//! evenly loaded to the end of the run.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -33,11 +39,16 @@ pub struct Job {
     pub rel: PathBuf,
 }
 
+/// Most jobs in one message.
+pub const BATCH_FILES: usize = 64;
+/// Most input bytes in one message; a larger file is sent on its own.
+pub const BATCH_BYTES: u64 = 4 << 20;
+
 /// What travels from a source to the workers.
 #[derive(Debug)]
 pub enum Msg {
-    /// Process this file.
-    Job(Job),
+    /// Process these files, in order.
+    Jobs(Vec<Job>),
     /// Sentinel: the receiving worker stops. Exactly one is sent per worker.
     Shutdown,
 }
@@ -78,8 +89,8 @@ pub enum Event {
         /// The file.
         rel: PathBuf,
     },
-    /// A file is finished, one way or another.
-    Finished(Outcome),
+    /// Files are finished, one way or another.
+    Finished(Vec<Outcome>),
 }
 
 /// How many times a file that changed while being read is attempted in all.
@@ -151,8 +162,28 @@ fn worker_loop<O: Op>(
     shutdown: &Shutdown,
 ) {
     let mut scratch = op.scratch();
-    while let Ok(Msg::Job(job)) = jobs.recv() {
-        let outcome = if shutdown.requested() {
+    while let Ok(Msg::Jobs(batch)) = jobs.recv() {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in batch {
+            outcomes.push(run_job(index, cfg, op, job, events, shutdown, &mut scratch));
+        }
+        if events.send(Event::Finished(outcomes)).is_err() {
+            return;
+        }
+    }
+}
+
+fn run_job<O: Op>(
+    index: usize,
+    cfg: &Config,
+    op: &O,
+    job: Job,
+    events: &Sender<Event>,
+    shutdown: &Shutdown,
+    scratch: &mut O::Scratch,
+) -> Outcome {
+    {
+        if shutdown.requested() {
             // Queued but not started: account for it, but do not start new work.
             Outcome::Skipped {
                 rel: job.rel,
@@ -166,7 +197,7 @@ fn worker_loop<O: Op>(
                 });
             }
             // A bug in an op must cost one file, not the run.
-            panic::catch_unwind(AssertUnwindSafe(|| process(cfg, op, &job, &mut scratch)))
+            panic::catch_unwind(AssertUnwindSafe(|| process(cfg, op, &job, scratch)))
                 .unwrap_or_else(|p| {
                     let msg = p
                         .downcast_ref::<&str>()
@@ -178,9 +209,6 @@ fn worker_loop<O: Op>(
                         error: FileError::new(Kind::Internal, format!("panic: {msg}")),
                     }
                 })
-        };
-        if events.send(Event::Finished(outcome)).is_err() {
-            return;
         }
     }
 }

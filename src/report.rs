@@ -117,6 +117,55 @@ impl Summary {
     }
 }
 
+impl Summary {
+    /// Accounts for one outcome: counts, progress, the per-file record, the manifest entry.
+    fn count(
+        &mut self,
+        outcome: Outcome,
+        progress: &mut Progress,
+        digests: &mut Vec<(Box<Path>, [u8; 32])>,
+    ) {
+        let op = self.op;
+        self.files += 1;
+        progress.overall.inc(1);
+        match outcome {
+            Outcome::Done { rel, done } => {
+                self.done += 1;
+                self.bytes_in += done.bytes_in;
+                self.bytes_out += done.bytes_out;
+                progress.bytes_done += done.bytes_in;
+                if let Some(note) = &done.note {
+                    self.warnings += 1;
+                    progress.multi.suspend(|| record("kept", op, &rel, note));
+                }
+                if let Some(d) = done.digest {
+                    digests.push((rel.into_boxed_path(), d));
+                }
+            }
+            Outcome::Skipped { rel, reason } => {
+                self.skipped += 1;
+                *self
+                    .skipped_by_reason
+                    .entry(reason.kind.as_str())
+                    .or_default() += 1;
+                progress
+                    .multi
+                    .suspend(|| record("skipped", op, &rel, &reason));
+            }
+            Outcome::Failed { rel, error } => {
+                self.failed += 1;
+                *self
+                    .failed_by_reason
+                    .entry(error.kind.as_str())
+                    .or_default() += 1;
+                progress
+                    .multi
+                    .suspend(|| record("failed", op, &rel, &error));
+            }
+        }
+    }
+}
+
 /// Progress display: one overall bar and one line per worker, or nothing.
 struct Progress {
     multi: MultiProgress,
@@ -203,43 +252,9 @@ pub fn run(
                     bar.set_message(rel.display().to_string());
                 }
             }
-            Event::Finished(outcome) => {
-                summary.files += 1;
-                progress.overall.inc(1);
-                match outcome {
-                    Outcome::Done { rel, done } => {
-                        summary.done += 1;
-                        summary.bytes_in += done.bytes_in;
-                        summary.bytes_out += done.bytes_out;
-                        progress.bytes_done += done.bytes_in;
-                        if let Some(note) = &done.note {
-                            summary.warnings += 1;
-                            progress.multi.suspend(|| record("kept", op, &rel, note));
-                        }
-                        if let Some(d) = done.digest {
-                            digests.push((rel.into_boxed_path(), d));
-                        }
-                    }
-                    Outcome::Skipped { rel, reason } => {
-                        summary.skipped += 1;
-                        *summary
-                            .skipped_by_reason
-                            .entry(reason.kind.as_str())
-                            .or_default() += 1;
-                        progress
-                            .multi
-                            .suspend(|| record("skipped", op, &rel, &reason));
-                    }
-                    Outcome::Failed { rel, error } => {
-                        summary.failed += 1;
-                        *summary
-                            .failed_by_reason
-                            .entry(error.kind.as_str())
-                            .or_default() += 1;
-                        progress
-                            .multi
-                            .suspend(|| record("failed", op, &rel, &error));
-                    }
+            Event::Finished(outcomes) => {
+                for outcome in outcomes {
+                    summary.count(outcome, &mut progress, &mut digests);
                 }
                 progress.refresh(stats);
             }

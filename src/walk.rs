@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::input::describe;
 use crate::output;
-use crate::pipeline::{Event, Job, Msg, Outcome};
+use crate::pipeline::{Event, Job, Msg, Outcome, BATCH_BYTES, BATCH_FILES};
 use crate::signals::Shutdown;
 
 /// Counters the walker raises and the reporter reads for progress totals.
@@ -48,8 +48,9 @@ pub fn walk(
     }
     let report = |outcome: Outcome| {
         stats.reported.fetch_add(1, Ordering::Relaxed);
-        let _ = events.send(Event::Finished(outcome));
+        let _ = events.send(Event::Finished(vec![outcome]));
     };
+    let mut batch = Batch::default();
     let mut it = WalkDir::new(&cfg.root)
         .follow_links(cfg.follow_symlinks)
         .min_depth(1)
@@ -130,19 +131,49 @@ pub fn walk(
         if !cfg.filter.included(&rel) {
             continue;
         }
-        if cfg.progress {
-            if let Ok(m) = entry.metadata() {
-                stats.bytes.fetch_add(m.len(), Ordering::Relaxed);
-            }
-        }
+        // One lstat per file, on this thread: the size balances batches and feeds progress.
+        let size = entry.metadata().map_or(0, |m| m.len());
+        stats.bytes.fetch_add(size, Ordering::Relaxed);
         stats.files.fetch_add(1, Ordering::Relaxed);
         let job = Job {
             abs: path.to_path_buf(),
             rel,
         };
-        if jobs.send(Msg::Job(job)).is_err() {
+        if !batch.add(job, size, jobs) {
             return;
         }
+    }
+    batch.flush(jobs);
+}
+
+/// Jobs waiting to be sent together.
+#[derive(Default)]
+struct Batch {
+    jobs: Vec<Job>,
+    bytes: u64,
+}
+
+impl Batch {
+    /// Adds a job, sending the batch when it is full. False if the workers are gone.
+    fn add(&mut self, job: Job, size: u64, tx: &Sender<Msg>) -> bool {
+        if size >= BATCH_BYTES {
+            // A large file goes alone, so no worker is left holding several of them at the end.
+            return tx.send(Msg::Jobs(vec![job])).is_ok();
+        }
+        self.jobs.push(job);
+        self.bytes += size;
+        if self.jobs.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES {
+            return self.flush(tx);
+        }
+        true
+    }
+
+    fn flush(&mut self, tx: &Sender<Msg>) -> bool {
+        self.bytes = 0;
+        if self.jobs.is_empty() {
+            return true;
+        }
+        tx.send(Msg::Jobs(std::mem::take(&mut self.jobs))).is_ok()
     }
 }
 

@@ -223,7 +223,7 @@ fn special_files_are_skipped_without_opening() {
     let t = TestTree::new().file("regular", b"data");
     rustix::fs::mknodat(
         rustix::fs::CWD,
-        &t.path("fifo"),
+        t.path("fifo"),
         rustix::fs::FileType::Fifo,
         rustix::fs::Mode::from_raw_mode(0o644),
         0,
@@ -235,7 +235,7 @@ fn special_files_are_skipped_without_opening() {
         // /dev/null's numbers: reading it would not block, but opening a device at all is wrong.
         rustix::fs::mknodat(
             rustix::fs::CWD,
-            &t.path("chardev"),
+            t.path("chardev"),
             rustix::fs::FileType::CharacterDevice,
             rustix::fs::Mode::from_raw_mode(0o644),
             rustix::fs::makedev(1, 3),
@@ -719,7 +719,7 @@ fn sigint_drains_in_flight_files_and_leaves_valid_outputs() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["interrupted_by"], 2);
     let done = summary["done"].as_u64().unwrap();
-    assert!(done >= 1 && done < 60, "{summary}");
+    assert!((1..60).contains(&done), "{summary}");
     // Every published output is whole; nothing is left half-written.
     let gz: Vec<_> = fs::read_dir(t.root())
         .unwrap()

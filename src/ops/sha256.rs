@@ -46,7 +46,10 @@ impl Op for Sha256Op {
         input: &mut InputFile,
         buf: &mut Vec<u8>,
     ) -> Result<[u8; 32], FileError> {
-        hash_reader(input, buf).map_err(|e| FileError::io("reading input", &e))
+        // Read exactly the size fstat gave: no extra read(2) to see EOF on every small file.
+        // Growth or shrinkage is caught by the caller's second fstat.
+        let size = input.size();
+        hash_reader(&mut input.take(size), buf).map_err(|e| FileError::io("reading input", &e))
     }
 
     fn publish(
@@ -79,7 +82,13 @@ pub fn hash_reader(r: &mut impl Read, buf: &mut [u8]) -> io::Result<[u8; 32]> {
 
 /// Lower-case hex, as `sha256sum` prints it.
 pub fn to_hex(digest: &[u8; 32]) -> String {
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 #[cfg(test)]
