@@ -576,7 +576,7 @@ fn disk_full_is_a_per_file_enospc_with_temp_removed() {
     fs::create_dir(&out_dir).unwrap();
     let log = t.side("f.jsonl");
     let script = r#"mount -t tmpfs -o size=256k none "$1" || exit 99
-"$2" batch "$3" --op gzip --jobs 1 --out "$1" --failure-log "$4"; code=$?
+"$2" batch "$3" --op gzip --jobs 2 --out "$1" --failure-log "$4"; code=$?
 echo "temps=$(find "$1" -name '.filepipe.*' | wc -l) small=$(ls "$1" | grep -c small)"
 exit $code"#;
     let out = run({

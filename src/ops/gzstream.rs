@@ -4,14 +4,14 @@
 //! 32 KiB of input before it as a preset dictionary (so the ratio stays within a fraction of a
 //! percent of a single stream), and ended with a sync flush so the pieces concatenate into one
 //! valid deflate stream; the last block ends the stream. Per-block CRC-32s are combined in
-//! order. Blocks are read in batches, so memory per file is bounded by the batch size whatever
+//! order. At most a small window of blocks is in flight, so memory per file is bounded whatever
 //! the file size. A file of one block never leaves the calling thread.
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 use flate2::{Compress, Compression, FlushCompress, Status};
-use rayon::prelude::*;
 use rayon::ThreadPool;
 
 use crate::error::{FileError, Kind};
@@ -20,13 +20,9 @@ use crate::error::{FileError, Kind};
 pub const BLOCK: usize = 128 * 1024;
 /// The deflate window: the dictionary each block is primed with.
 const DICT: usize = 32 * 1024;
-/// Blocks read per batch: enough to keep two cores busy with little idle time at batch ends,
-/// small enough that each worker holds at most a few MiB.
-const BATCH_BLOCKS: usize = 32;
-const BATCH: usize = BLOCK * BATCH_BLOCKS;
 
-/// Bytes a worker's reusable buffer needs.
-pub const BUF_SIZE: usize = DICT + BATCH;
+/// Bytes a worker's reusable buffer needs (for the single-threaded path).
+pub const BUF_SIZE: usize = DICT + BLOCK;
 
 /// What goes into the gzip header.
 #[derive(Debug, Clone)]
@@ -50,9 +46,28 @@ pub struct Totals {
     pub bytes_out: u64,
 }
 
+/// Running totals of the deflate body.
+struct Body {
+    crc: crc32fast::Hasher,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Body {
+    fn append(&mut self, out: &mut impl Write, block: Deflated) -> Result<(), FileError> {
+        let (bytes, crc) = block?;
+        out.write_all(&bytes)
+            .map_err(|e| FileError::io("writing output", &e))?;
+        self.bytes_out += bytes.len() as u64;
+        self.crc.combine(&crc);
+        Ok(())
+    }
+}
+
 /// Compresses `expected` bytes of `input` into `out` as one gzip member. `buf` must hold at
 /// least `BUF_SIZE` bytes. A shorter input ends the stream early (the caller's stat check
-/// rejects it); bytes past `expected` are not read.
+/// rejects it); bytes past `expected` are not read. With a `pool` and more than one block of
+/// input, blocks are compressed on the pool while this thread reads and writes.
 pub fn compress(
     input: &mut impl Read,
     expected: u64,
@@ -61,65 +76,125 @@ pub fn compress(
     pool: Option<&ThreadPool>,
     buf: &mut [u8],
 ) -> Result<Totals, FileError> {
-    let write_err = |e: std::io::Error| FileError::io("writing output", &e);
     let head = header_bytes(header);
-    out.write_all(&head).map_err(write_err)?;
-    let mut crc = crc32fast::Hasher::new();
-    let mut bytes_in = 0u64;
-    let mut bytes_out = head.len() as u64;
-    let mut dict_len = 0;
-    loop {
-        let want = (expected - bytes_in).min(BATCH as u64) as usize;
-        let n = fill(input, &mut buf[dict_len..dict_len + want])
-            .map_err(|e| FileError::io("reading input", &e))?;
-        bytes_in += n as u64;
-        let last = n < want || bytes_in == expected;
-        let data = &buf[..dict_len + n];
-        let starts: Vec<usize> = if n == 0 {
-            vec![dict_len]
-        } else {
-            (dict_len..dict_len + n).step_by(BLOCK).collect()
-        };
-        let block = |i: usize| {
-            let start = starts[i];
-            let end = (start + BLOCK).min(data.len());
-            let final_block = last && i + 1 == starts.len();
-            deflate_block(
-                header.level,
-                &data[start.saturating_sub(DICT)..start],
-                &data[start..end],
-                final_block,
-            )
-        };
-        let blocks: Vec<_> = match pool {
-            Some(pool) if starts.len() > 1 => {
-                pool.install(|| (0..starts.len()).into_par_iter().map(block).collect())
-            }
-            _ => (0..starts.len()).map(block).collect(),
-        };
-        for b in blocks {
-            let (bytes, block_crc) = b?;
-            out.write_all(&bytes).map_err(write_err)?;
-            bytes_out += bytes.len() as u64;
-            crc.combine(&block_crc);
+    out.write_all(&head)
+        .map_err(|e| FileError::io("writing output", &e))?;
+    let mut body = Body {
+        crc: crc32fast::Hasher::new(),
+        bytes_in: 0,
+        bytes_out: head.len() as u64,
+    };
+    match pool {
+        Some(pool) if expected > BLOCK as u64 => {
+            compress_parallel(input, expected, out, header.level, pool, &mut body)?
         }
-        if last {
-            break;
-        }
-        let keep = DICT.min(data.len());
-        let from = data.len() - keep;
-        buf.copy_within(from..from + keep, 0);
-        dict_len = keep;
+        _ => compress_serial(input, expected, out, header.level, buf, &mut body)?,
     }
-    let crc = crc.finalize();
+    let crc = body.crc.finalize();
     let mut trailer = [0u8; 8];
     trailer[..4].copy_from_slice(&crc.to_le_bytes());
-    trailer[4..].copy_from_slice(&(bytes_in as u32).to_le_bytes());
-    out.write_all(&trailer).map_err(write_err)?;
+    trailer[4..].copy_from_slice(&(body.bytes_in as u32).to_le_bytes());
+    out.write_all(&trailer)
+        .map_err(|e| FileError::io("writing output", &e))?;
     Ok(Totals {
         crc,
-        bytes_in,
-        bytes_out: bytes_out + 8,
+        bytes_in: body.bytes_in,
+        bytes_out: body.bytes_out + 8,
+    })
+}
+
+/// Reads the next block of at most `BLOCK` bytes after the `dict_len` bytes already at the start
+/// of `block`. Returns whether it is the last one.
+fn read_block(
+    input: &mut impl Read,
+    expected: u64,
+    block: &mut Vec<u8>,
+    dict_len: usize,
+    body: &mut Body,
+) -> Result<bool, FileError> {
+    let want = (expected - body.bytes_in).min(BLOCK as u64) as usize;
+    block.resize(dict_len + want, 0);
+    let n = fill(input, &mut block[dict_len..]).map_err(|e| FileError::io("reading input", &e))?;
+    block.truncate(dict_len + n);
+    body.bytes_in += n as u64;
+    Ok(n < want || body.bytes_in == expected)
+}
+
+/// One block after another on this thread, each primed with the previous 32 KiB.
+fn compress_serial(
+    input: &mut impl Read,
+    expected: u64,
+    out: &mut impl Write,
+    level: u32,
+    buf: &mut [u8],
+    body: &mut Body,
+) -> Result<(), FileError> {
+    let mut block = Vec::with_capacity(buf.len());
+    let mut dict_len = 0;
+    loop {
+        let last = read_block(input, expected, &mut block, dict_len, body)?;
+        let (dict, data) = block.split_at(dict_len);
+        body.append(out, deflate_block(level, dict, data, last))?;
+        if last {
+            return Ok(());
+        }
+        let keep = DICT.min(block.len());
+        block.drain(..block.len() - keep);
+        dict_len = keep;
+    }
+}
+
+/// Blocks compressed on `pool` through a sliding window: this thread reads ahead and writes
+/// finished blocks in order, so the pool never waits for a whole batch to drain.
+fn compress_parallel(
+    input: &mut impl Read,
+    expected: u64,
+    out: &mut impl Write,
+    level: u32,
+    pool: &ThreadPool,
+    body: &mut Body,
+) -> Result<(), FileError> {
+    // Enough blocks in flight to keep every pool thread busy while one waits to be written;
+    // memory stays at a few hundred KiB per block.
+    let window = 2 * pool.current_num_threads() + 2;
+    let (tx, rx) = crossbeam_channel::unbounded::<(usize, Deflated, Vec<u8>)>();
+    pool.in_place_scope(|scope| {
+        let mut spare: Vec<Vec<u8>> = Vec::new();
+        let mut finished: BTreeMap<usize, Deflated> = BTreeMap::new();
+        let mut tail: Vec<u8> = Vec::with_capacity(DICT);
+        let (mut sent, mut written, mut eof) = (0usize, 0usize, false);
+        loop {
+            while !eof && sent - written < window {
+                let mut block = spare.pop().unwrap_or_else(|| Vec::with_capacity(BUF_SIZE));
+                block.clear();
+                block.extend_from_slice(&tail);
+                let dict_len = block.len();
+                let last = read_block(input, expected, &mut block, dict_len, body)?;
+                tail.clear();
+                tail.extend_from_slice(&block[block.len() - DICT.min(block.len())..]);
+                let tx = tx.clone();
+                let index = sent;
+                scope.spawn(move |_| {
+                    let (dict, data) = block.split_at(dict_len);
+                    let result = deflate_block(level, dict, data, last);
+                    let _ = tx.send((index, result, block));
+                });
+                sent += 1;
+                eof = last;
+            }
+            if written == sent {
+                return Ok(());
+            }
+            let (index, result, block) = rx
+                .recv()
+                .map_err(|_| FileError::new(Kind::Internal, "a compression task was lost"))?;
+            spare.push(block);
+            finished.insert(index, result);
+            while let Some(result) = finished.remove(&written) {
+                body.append(out, result)?;
+                written += 1;
+            }
+        }
     })
 }
 
@@ -144,6 +219,9 @@ fn header_bytes(h: &Header<'_>) -> Vec<u8> {
     v
 }
 
+/// A compressed block and the CRC-32 of its input.
+type Deflated = Result<(Vec<u8>, crc32fast::Hasher), FileError>;
+
 thread_local! {
     /// One deflate state per thread, reset between blocks: creating one costs far more than a
     /// small file takes to compress.
@@ -152,12 +230,7 @@ thread_local! {
 
 /// Raw-deflates one block primed with `dict`, ending with a sync flush, or with the end of the
 /// stream if `last`. Returns the bytes and the block's CRC-32.
-fn deflate_block(
-    level: u32,
-    dict: &[u8],
-    data: &[u8],
-    last: bool,
-) -> Result<(Vec<u8>, crc32fast::Hasher), FileError> {
+fn deflate_block(level: u32, dict: &[u8], data: &[u8], last: bool) -> Deflated {
     let internal =
         |e: &dyn std::fmt::Display| FileError::new(Kind::Internal, format!("deflate: {e}"));
     let mut crc = crc32fast::Hasher::new();
@@ -265,7 +338,15 @@ mod tests {
     #[test]
     fn empty_and_exact_block_multiples() {
         let p = pool();
-        for len in [0, 1, BLOCK - 1, BLOCK, BLOCK + 1, BATCH, BATCH + BLOCK + 5] {
+        for len in [
+            0,
+            1,
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + 1,
+            20 * BLOCK,
+            33 * BLOCK + 5,
+        ] {
             let data: Vec<u8> = (0..len)
                 .map(|i| (i % 251) as u8 ^ (i / 7000) as u8)
                 .collect();
