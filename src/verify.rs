@@ -182,10 +182,17 @@ pub fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
         }
         Err(OpenError::Failed(e)) => return Check::Unreadable(e.message),
     };
-    if input.size() == 0 {
-        return Check::Failed("empty file: unexpected end of file".into());
+    test_gz_stream(BufReader::with_capacity(BUF_SIZE, input), buf)
+}
+
+/// Tests a gzip stream read from `r`. Any byte sequence gives a verdict, never a panic.
+pub fn test_gz_stream(mut r: impl BufRead, buf: &mut [u8]) -> Check {
+    match r.fill_buf() {
+        Ok([]) => return Check::Failed("empty file: unexpected end of file".into()),
+        Ok(_) => {}
+        Err(e) => return Check::Unreadable(format!("reading: {e}")),
     }
-    let mut dec = MultiGzDecoder::new(BufReader::with_capacity(BUF_SIZE, input));
+    let mut dec = MultiGzDecoder::new(r);
     loop {
         match dec.read(buf) {
             Ok(0) => return Check::Ok,
@@ -195,6 +202,72 @@ pub fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
                 return Check::Failed("truncated: unexpected end of file".into())
             }
             Err(e) => return Check::Failed(e.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::io::Write;
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn verdict(bytes: &[u8]) -> Check {
+        test_gz_stream(&bytes[..], &mut [0; 4096])
+    }
+
+    #[test]
+    fn good_concatenated_and_bad_streams() {
+        let mut two = gz(b"first member ");
+        two.extend(gz(b"second member"));
+        assert!(matches!(verdict(&two), Check::Ok));
+        assert!(matches!(verdict(b""), Check::Failed(_)));
+        let good = gz(&[7; 10_000]);
+        assert!(matches!(verdict(&good[..good.len() - 3]), Check::Failed(_)));
+        let mut bad_crc = good.clone();
+        let n = bad_crc.len();
+        bad_crc[n - 6] ^= 1;
+        assert!(matches!(verdict(&bad_crc), Check::Failed(_)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Garbage never panics and is never accepted.
+        #[test]
+        fn garbage_gives_a_verdict(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let accepted = matches!(verdict(&bytes), Check::Ok);
+            prop_assert!(!accepted || bytes.starts_with(&[0x1f, 0x8b]));
+        }
+
+        /// A valid stream with bytes flipped, cut or appended: a verdict, never a panic; a flip
+        /// in the deflate data or trailer is caught (the CRC-32 sees every data change).
+        #[test]
+        fn mutated_streams_give_a_verdict(
+            data in prop::collection::vec(any::<u8>(), 1..20_000),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let good = gz(&data);
+            let mut bad = good.clone();
+            for (i, x) in &flips {
+                let i = 10 + i.index(bad.len() - 10);
+                bad[i] ^= x;
+            }
+            let _ = verdict(&bad);
+            let cut = cut.index(good.len());
+            prop_assert!(!matches!(verdict(&good[..cut]), Check::Ok));
+        }
+
+        /// Manifest lines of any bytes parse or are rejected, never panic.
+        #[test]
+        fn manifest_lines_never_panic(line in prop::collection::vec(any::<u8>(), 0..200)) {
+            let _ = crate::manifest::parse_line(&line);
         }
     }
 }
