@@ -41,10 +41,13 @@ pub fn walk(
     stats: &Stats,
     shutdown: &Shutdown,
 ) {
+    // The walk below skips a nested output root and never sees a manifest directory outside
+    // the root: clean the temps a crashed run may have left there first.
     if let Some(out) = &cfg.out {
-        if !out.starts_with(&cfg.root) {
-            remove_stale_temps(out, stats);
-        }
+        remove_stale_temps(out, usize::MAX, stats);
+    }
+    if let Some(dir) = cfg.manifest.as_deref().and_then(Path::parent) {
+        remove_stale_temps(dir, 1, stats);
     }
     let report = |outcome: Outcome| {
         stats.reported.fetch_add(1, Ordering::Relaxed);
@@ -222,9 +225,10 @@ fn file_type_mode(entry: &DirEntry) -> u32 {
     }
 }
 
-/// Removes temp files a crashed run left under a separate output root.
-fn remove_stale_temps(out: &Path, stats: &Stats) {
-    for entry in WalkDir::new(out).into_iter().filter_map(Result::ok) {
+/// Removes temp files that crashed runs left under `dir` (down to `depth`).
+fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
+    let entries = WalkDir::new(dir).max_depth(depth).into_iter();
+    for entry in entries.filter_map(Result::ok) {
         if entry.file_type().is_file()
             && output::is_stale_temp(entry.file_name())
             && std::fs::remove_file(entry.path()).is_ok()

@@ -978,3 +978,46 @@ fn usage_errors_exit_2() {
         );
     }
 }
+
+#[test]
+fn stale_temps_of_dead_processes_are_removed_live_ones_kept() {
+    // pid 2^22+ cannot exist (pid_max is at most 4194304); our own pid is alive.
+    let dead = ".filepipe.4194305.0.tmp";
+    let live = format!(".filepipe.{}.0.tmp", std::process::id());
+    let t = TestTree::new()
+        .file("a.txt", b"a")
+        .file(format!("sub/{dead}"), b"torn")
+        .file(&live, b"another run's work in progress");
+    let out_dir = t.root().join("archive");
+    fs::create_dir_all(out_dir.join("sub")).unwrap();
+    fs::write(out_dir.join("sub").join(dead), b"torn").unwrap();
+    fs::write(t.side(dead), b"torn manifest").unwrap();
+    let gz = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        p(&out_dir),
+        s("--json"),
+    ]));
+    assert_eq!(
+        gz.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&gz.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&gz.stdout).unwrap();
+    assert_eq!(summary["stale_temps_removed"], 2);
+    assert_eq!(summary["files"], 1, "temps are never inputs: {summary}");
+    let sha = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--manifest"),
+        p(&t.side("SUMS")),
+    ]));
+    assert_eq!(sha.status.code(), Some(0));
+    assert_eq!(temps_under(t.dir.path()), [t.path(&live)]);
+}
