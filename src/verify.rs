@@ -219,7 +219,7 @@ mod tests {
     }
 
     fn verdict(bytes: &[u8]) -> Check {
-        test_gz_stream(&bytes[..], &mut [0; 4096])
+        test_gz_stream(bytes, &mut [0; 4096])
     }
 
     #[test]
