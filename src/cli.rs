@@ -29,6 +29,9 @@ pub enum Command {
     Batch(BatchArgs),
     /// Check a sha256sum-format manifest, or test every .gz file under a directory.
     Verify(VerifyArgs),
+    /// Run a concurrency demo (`filepipe demo --list` lists them).
+    #[cfg(feature = "demos")]
+    Demo(crate::demo::DemoArgs),
 }
 
 /// The operation applied to each file.

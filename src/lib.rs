@@ -3,9 +3,12 @@
 //! Data flows `cli` → `config` → a source (`walk`) → `pipeline` (bounded channel, workers,
 //! sentinels) → `ops` (gzip, sha256) via `input`/`output` → `report` (progress, manifest,
 //! failure log, summary). `verify` checks results; `signals` and `logging` serve them all.
+//! `demo` (feature `demos`) holds the runnable concurrency lessons, apart from the pipeline.
 
 pub mod cli;
 pub mod config;
+#[cfg(feature = "demos")]
+pub mod demo;
 pub mod error;
 pub mod exit;
 pub mod input;

@@ -61,6 +61,11 @@ fn main() -> ExitCode {
                 (Ok(_), _) => ExitCode::from(exit::FAILURES),
             }
         }
+        #[cfg(feature = "demos")]
+        Command::Demo(args) => match filepipe::demo::run(&args) {
+            Ok(code) => code,
+            Err(e) => fail(exit::FAILURES, &e),
+        },
     }
 }
 
