@@ -7,13 +7,16 @@
 //! sentinel, so the pool drains without a shared "done" flag; every job produces exactly one
 //! `Outcome`, so counts always add up.
 //!
+//! Ops whose publish waits on the disk (gzip's fsyncs) hand verified results to a few publisher
+//! threads, so workers keep the CPUs busy while outputs are made durable.
+//!
 //! Jobs and outcomes travel in small batches: with one message per file, channel hand-offs
 //! (futex wake-ups and crossbeam's yielding back-off) cost more CPU than hashing 16 KiB files.
 //! A batch is capped in files and bytes, and a large file travels alone, so workers stay
 //! evenly loaded to the end of the run.
 
 use std::panic::{self, AssertUnwindSafe};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -140,84 +143,187 @@ fn run<O: Op>(cfg: &Config, op: &O, shutdown: &Shutdown) -> Result<Summary> {
                 })
                 .context("starting the walker")?
         };
+        // Publishers block in fsync, not on the CPU: several per core let the disk work while
+        // the workers compress, and lets concurrent fsyncs share journal commits.
+        let (ready_tx, ready_rx) = bounded::<Ready<O::Pending>>(4 * cfg.jobs);
+        let publishers = if O::DEFER_PUBLISH {
+            (0..4 * cfg.jobs)
+                .map(|i| {
+                    let (ready_rx, events) = (ready_rx.clone(), event_tx.clone());
+                    std::thread::Builder::new()
+                        .name(format!("filepipe-publish-{i}"))
+                        .spawn_scoped(s, move || publisher_loop(op, &ready_rx, &events))
+                        .context("starting a publisher")
+                })
+                .collect::<Result<Vec<_>>>()?
+        } else {
+            Vec::new()
+        };
+        drop(ready_rx);
+        let stage = Stage {
+            publishers: O::DEFER_PUBLISH.then_some(&ready_tx),
+            events: &event_tx,
+        };
         // One long-lived loop per pool thread, each stopping at its own sentinel.
-        workers.broadcast(|ctx| worker_loop(ctx.index(), cfg, op, &job_rx, &event_tx, shutdown));
+        workers.broadcast(|ctx| worker_loop(ctx.index(), cfg, op, &job_rx, &stage, shutdown));
+        // Every worker is done: publishers drain what is left, then see the channel close.
+        drop(ready_tx);
+        let published = publishers.into_iter().map(|p| p.join()).all(|r| r.is_ok());
         drop(event_tx);
         let walked = walker.join();
         let summary = reporter.join();
-        if walked.is_err() {
-            anyhow::bail!("the walker thread panicked");
+        if walked.is_err() || !published {
+            anyhow::bail!("the walker or a publisher thread panicked");
         }
         summary.map_err(|_| anyhow::anyhow!("the reporter thread panicked"))?
     })
 }
 
-/// A worker: takes jobs until its sentinel, sends one outcome per job.
+/// Where a worker's verified results go.
+struct Stage<'a, P> {
+    /// Publisher threads (ops whose publish waits on the disk), or `None` to publish inline.
+    publishers: Option<&'a Sender<Ready<P>>>,
+    events: &'a Sender<Event>,
+}
+
+/// A worker: takes jobs until its sentinel, sends one outcome per job (or hands the job to a
+/// publisher, which sends it).
 fn worker_loop<O: Op>(
     index: usize,
     cfg: &Config,
     op: &O,
     jobs: &Receiver<Msg>,
-    events: &Sender<Event>,
+    stage: &Stage<'_, O::Pending>,
     shutdown: &Shutdown,
 ) {
     let mut scratch = op.scratch();
     while let Ok(Msg::Jobs(batch)) = jobs.recv() {
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
-            outcomes.push(run_job(index, cfg, op, job, events, shutdown, &mut scratch));
+            if let Some(outcome) = run_job(index, cfg, op, job, stage, shutdown, &mut scratch) {
+                outcomes.push(outcome);
+            }
         }
-        if events.send(Event::Finished(outcomes)).is_err() {
+        if !outcomes.is_empty() && stage.events.send(Event::Finished(outcomes)).is_err() {
             return;
         }
     }
 }
 
+/// Runs one job; `None` when it was handed to a publisher, which reports it.
 fn run_job<O: Op>(
     index: usize,
     cfg: &Config,
     op: &O,
     job: Job,
-    events: &Sender<Event>,
+    stage: &Stage<'_, O::Pending>,
     shutdown: &Shutdown,
     scratch: &mut O::Scratch,
-) -> Outcome {
-    {
-        if shutdown.requested() {
-            // Queued but not started: account for it, but do not start new work.
-            Outcome::Skipped {
-                rel: job.rel,
-                reason: FileError::new(Kind::Interrupted, "not started: shutting down"),
-            }
-        } else {
-            if cfg.progress {
-                let _ = events.send(Event::Started {
-                    worker: index,
-                    rel: job.rel.clone(),
-                });
-            }
-            // A bug in an op must cost one file, not the run.
-            panic::catch_unwind(AssertUnwindSafe(|| process(cfg, op, &job, scratch)))
-                .unwrap_or_else(|p| {
-                    let msg = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    Outcome::Failed {
-                        rel: job.rel.clone(),
-                        error: FileError::new(Kind::Internal, format!("panic: {msg}")),
-                    }
-                })
+) -> Option<Outcome> {
+    if shutdown.requested() {
+        // Queued but not started: account for it, but do not start new work.
+        return Some(Outcome::Skipped {
+            rel: job.rel,
+            reason: FileError::new(Kind::Interrupted, "not started: shutting down"),
+        });
+    }
+    if cfg.progress {
+        let _ = stage.events.send(Event::Started {
+            worker: index,
+            rel: job.rel.clone(),
+        });
+    }
+    let rel = job.rel.clone();
+    // A bug in an op must cost one file, not the run.
+    let prepared = guarded(&rel, || prepare(cfg, op, job, scratch));
+    match (prepared, stage.publishers) {
+        (Err(outcome), _) => Some(outcome),
+        (Ok(ready), None) => Some(publish_guarded(op, ready)),
+        (Ok(ready), Some(tx)) => match tx.send(ready) {
+            Ok(()) => None,
+            Err(_) => Some(Outcome::Failed {
+                rel,
+                error: FileError::new(Kind::Internal, "the publisher threads are gone"),
+            }),
+        },
+    }
+}
+
+/// Runs `f`, turning a panic into a failed outcome for `rel`.
+fn guarded<T>(rel: &Path, f: impl FnOnce() -> Result<T, Outcome>) -> Result<T, Outcome> {
+    panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(Outcome::Failed {
+            rel: rel.to_path_buf(),
+            error: FileError::new(Kind::Internal, format!("panic: {msg}")),
+        })
+    })
+}
+
+/// `publish`, with a panic costing only this file.
+fn publish_guarded<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
+    let rel = ready.job.rel.clone();
+    guarded(&rel, || Ok(publish(op, ready))).unwrap_or_else(|failed| failed)
+}
+
+/// A publisher: makes verified results durable and visible until the workers are all gone.
+fn publisher_loop<O: Op>(op: &O, ready: &Receiver<Ready<O::Pending>>, events: &Sender<Event>) {
+    while let Ok(r) = ready.recv() {
+        let outcome = publish_guarded(op, r);
+        if events.send(Event::Finished(vec![outcome])).is_err() {
+            return;
         }
     }
 }
 
-/// The per-file protocol: open safely, check, read, verify the input did not change, publish.
+/// A verified result waiting to be published: the input has been read whole and unchanged.
+pub struct Ready<P> {
+    /// The file.
+    pub job: Job,
+    /// The open input (its stat gives the output's attributes).
+    pub input: InputFile,
+    /// The op's pending result.
+    pub pending: P,
+}
+
+/// The per-file protocol, inline: prepare, then publish.
 pub fn process<O: Op>(cfg: &Config, op: &O, job: &Job, scratch: &mut O::Scratch) -> Outcome {
-    let rel = job.rel.clone();
-    let failed = |error| Outcome::Failed {
-        rel: job.rel.clone(),
+    match prepare(cfg, op, job.clone(), scratch) {
+        Ok(ready) => publish(op, ready),
+        Err(outcome) => outcome,
+    }
+}
+
+/// Publishes a verified result and says how the file ended.
+pub fn publish<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
+    let Ready {
+        job,
+        input,
+        pending,
+    } = ready;
+    match op.publish(&job, &input, pending) {
+        Ok(done) => Outcome::Done { rel: job.rel, done },
+        Err(error) => Outcome::Failed {
+            rel: job.rel,
+            error,
+        },
+    }
+}
+
+/// Opens safely, checks, reads, and verifies the input did not change while read (retrying if
+/// it did). `Err` is a final outcome (skipped or failed); `Ok` is ready to publish.
+pub fn prepare<O: Op>(
+    cfg: &Config,
+    op: &O,
+    job: Job,
+    scratch: &mut O::Scratch,
+) -> Result<Ready<O::Pending>, Outcome> {
+    let failed = |job: Job, error| Outcome::Failed {
+        rel: job.rel,
         error,
     };
     let mut input = match InputFile::open(&job.abs, cfg.follow_symlinks) {
@@ -228,34 +334,40 @@ pub fn process<O: Op>(cfg: &Config, op: &O, job: &Job, scratch: &mut O::Scratch)
             } else {
                 Kind::SpecialFile
             };
-            return Outcome::Skipped {
-                rel,
+            return Err(Outcome::Skipped {
+                rel: job.rel,
                 reason: FileError::new(kind, format!("not a regular file ({what})")),
-            };
+            });
         }
-        Err(OpenError::Failed(e)) => return failed(e),
+        Err(OpenError::Failed(e)) => return Err(failed(job, e)),
     };
-    match op.check(job, &input, scratch) {
+    match op.check(&job, &input, scratch) {
         Ok(None) => {}
-        Ok(Some(reason)) => return Outcome::Skipped { rel, reason },
-        Err(e) => return failed(e),
+        Ok(Some(reason)) => {
+            return Err(Outcome::Skipped {
+                rel: job.rel,
+                reason,
+            })
+        }
+        Err(e) => return Err(failed(job, e)),
     }
     let mut attempt = 1;
     loop {
-        let pending = match op.read(job, &mut input, scratch) {
+        let pending = match op.read(&job, &mut input, scratch) {
             Ok(p) => p,
-            Err(e) => return failed(e),
+            Err(e) => return Err(failed(job, e)),
         };
         match input.finish() {
             Ok(()) => {
-                return match op.publish(job, &input, pending, scratch) {
-                    Ok(done) => Outcome::Done { rel, done },
-                    Err(e) => failed(e),
-                }
+                return Ok(Ready {
+                    job,
+                    input,
+                    pending,
+                })
             }
             Err(mut e) if attempt >= ATTEMPTS => {
                 e.message = format!("{} (gave up after {ATTEMPTS} attempts)", e.message);
-                return failed(e);
+                return Err(failed(job, e));
             }
             Err(_) => {
                 drop(pending);
@@ -263,7 +375,7 @@ pub fn process<O: Op>(cfg: &Config, op: &O, job: &Job, scratch: &mut O::Scratch)
                 std::thread::sleep(Duration::from_millis(100 << attempt));
                 attempt += 1;
                 if let Err(e) = input.restart() {
-                    return failed(e);
+                    return Err(failed(job, e));
                 }
             }
         }

@@ -187,6 +187,7 @@ impl GzipOp {
 impl Op for GzipOp {
     type Scratch = Scratch;
     type Pending = Pending;
+    const DEFER_PUBLISH: bool = true;
 
     fn name(&self) -> &'static str {
         "gzip"
@@ -268,13 +269,7 @@ impl Op for GzipOp {
         Ok(Pending { temp, dir, totals })
     }
 
-    fn publish(
-        &self,
-        job: &Job,
-        input: &InputFile,
-        pending: Pending,
-        _: &mut Scratch,
-    ) -> Result<Done, FileError> {
+    fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
         let name = Self::out_name(job)?;
         let attrs = Attrs::from_stat(&input.stat);
         pending.temp.publish(&name, Some(&attrs), self.force)?;

@@ -32,7 +32,11 @@ pub trait Op: Sync {
     /// Per-worker reusable state: buffers, directory caches.
     type Scratch;
     /// A result computed from the input but not yet published (e.g. a temp file).
-    type Pending;
+    type Pending: Send;
+
+    /// True when `publish` waits on the disk (fsync): the pipeline then runs it on publisher
+    /// threads, so workers keep computing while outputs are made durable.
+    const DEFER_PUBLISH: bool = false;
 
     /// The name used in logs and the failure log.
     fn name(&self) -> &'static str;
@@ -58,12 +62,11 @@ pub trait Op: Sync {
         scratch: &mut Self::Scratch,
     ) -> Result<Self::Pending, FileError>;
 
-    /// Makes a verified result visible.
+    /// Makes a verified result visible. May run on another thread than `read` did.
     fn publish(
         &self,
         job: &Job,
         input: &InputFile,
         pending: Self::Pending,
-        scratch: &mut Self::Scratch,
     ) -> Result<Done, FileError>;
 }

@@ -52,13 +52,7 @@ impl Op for Sha256Op {
         hash_reader(&mut input.take(size), buf).map_err(|e| FileError::io("reading input", &e))
     }
 
-    fn publish(
-        &self,
-        _: &Job,
-        input: &InputFile,
-        digest: [u8; 32],
-        _: &mut Vec<u8>,
-    ) -> Result<Done, FileError> {
+    fn publish(&self, _: &Job, input: &InputFile, digest: [u8; 32]) -> Result<Done, FileError> {
         Ok(Done {
             bytes_in: input.size(),
             digest: Some(digest),
