@@ -207,8 +207,8 @@ impl TempOutput {
         self.file.as_mut().expect("temp file is open until publish")
     }
 
-    /// Syncs the data, applies `attrs`, renames the temp to `final_name` (refusing to replace
-    /// an existing file unless `replace`), and syncs the directory.
+    /// Applies `attrs`, syncs data and attributes, renames the temp to `final_name` (refusing
+    /// to replace an existing file unless `replace`), and syncs the directory.
     pub fn publish(
         mut self,
         final_name: &OsStr,
@@ -217,8 +217,6 @@ impl TempOutput {
     ) -> Result<(), FileError> {
         let file = self.file.take().expect("published once");
         let ctx = |what: &str| format!("{what} {}", self.dir.path.join(final_name).display());
-        file.sync_all()
-            .map_err(|e| FileError::io(&ctx("syncing"), &e))?;
         if let Some(a) = attrs {
             // chown first: it may clear mode bits, and it only succeeds with privilege.
             let _ = rfs::fchown(
@@ -231,6 +229,10 @@ impl TempOutput {
             rfs::futimens(&file, &a.times)
                 .map_err(|e| FileError::errno(&ctx("setting times of"), e))?;
         }
+        // One fsync after the attributes: data, mode and times are all durable before the
+        // name appears, so a crash never leaves an output a rerun would not recognise.
+        file.sync_all()
+            .map_err(|e| FileError::io(&ctx("syncing"), &e))?;
         drop(file);
         let flags = if replace {
             RenameFlags::empty()
