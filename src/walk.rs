@@ -32,6 +32,14 @@ pub struct Stats {
     pub stale_temps_removed: AtomicU64,
 }
 
+/// What a scan finds.
+pub enum Found {
+    /// A regular file to process, with its size from the walk.
+    File(Job, u64),
+    /// An entry reported without processing (skipped or failed by the walk itself).
+    Report(Outcome),
+}
+
 /// Walks `cfg.root`, sending a `Job` per regular file and an outcome for everything it skips,
 /// until the tree is exhausted or a shutdown is requested.
 pub fn walk(
@@ -41,20 +49,39 @@ pub fn walk(
     stats: &Stats,
     shutdown: &Shutdown,
 ) {
-    // The walk below skips a nested output root and never sees a manifest directory outside
-    // the root: clean the temps a crashed run may have left there first.
+    clean_own_dirs(cfg, stats);
+    let mut batch = Batch::default();
+    scan(cfg, &cfg.root, stats, shutdown, &mut |found| match found {
+        Found::File(job, size) => batch.add(job, size, jobs),
+        Found::Report(outcome) => {
+            stats.reported.fetch_add(1, Ordering::Relaxed);
+            events.send(Event::Finished(vec![outcome])).is_ok()
+        }
+    });
+    batch.flush(jobs);
+}
+
+/// Removes stale temps under a separate output root and in the manifest's directory: the walk
+/// skips a nested output root and never sees a manifest directory outside the root.
+pub fn clean_own_dirs(cfg: &Config, stats: &Stats) {
     if let Some(out) = &cfg.out {
         remove_stale_temps(out, usize::MAX, stats);
     }
     if let Some(dir) = cfg.manifest.as_deref().and_then(Path::parent) {
         remove_stale_temps(dir, 1, stats);
     }
-    let report = |outcome: Outcome| {
-        stats.reported.fetch_add(1, Ordering::Relaxed);
-        let _ = events.send(Event::Finished(vec![outcome]));
-    };
-    let mut batch = Batch::default();
-    let mut it = WalkDir::new(&cfg.root)
+}
+
+/// Walks `dir` (the root or a directory under it), classifying every entry and handing it to
+/// `visit`, until done, a shutdown, or `visit` returns false.
+pub fn scan(
+    cfg: &Config,
+    dir: &Path,
+    stats: &Stats,
+    shutdown: &Shutdown,
+    visit: &mut dyn FnMut(Found) -> bool,
+) {
+    let mut it = WalkDir::new(dir)
         .follow_links(cfg.follow_symlinks)
         .min_depth(1)
         .into_iter();
@@ -62,103 +89,102 @@ pub fn walk(
         if shutdown.requested() {
             return;
         }
-        let entry = match entry {
-            Ok(e) => e,
-            Err(err) => {
-                let path = err.path().unwrap_or(&cfg.root);
-                let rel = relative(cfg, path);
-                if err.loop_ancestor().is_some() || path.is_symlink() {
-                    // With --follow-symlinks, walkdir reports broken and looping links as errors.
-                    let reason = symlink_reason(cfg, path);
-                    report(Outcome::Skipped { rel, reason });
-                } else {
-                    let io = err
-                        .io_error()
-                        .map(|e| FileError::io("reading directory", e))
-                        .unwrap_or_else(|| FileError::new(Kind::Io, err.to_string()));
-                    report(Outcome::Failed { rel, error: io });
-                }
-                continue;
+        let (found, skip_dir) = classify(cfg, entry, stats);
+        if skip_dir {
+            it.skip_current_dir();
+        }
+        if let Some(found) = found {
+            if !visit(found) {
+                return;
             }
-        };
-        let path = entry.path();
-        let rel = relative(cfg, path);
-        if cfg.filter.excluded(&rel) || is_own(cfg, path) {
-            if entry.file_type().is_dir() {
-                it.skip_current_dir();
-            }
-            continue;
-        }
-        if entry.path_is_symlink() {
-            // Only reached with --follow-symlinks for links that resolved; check the target.
-            if !cfg.follow_symlinks || !inside_root(cfg, path) {
-                if entry.file_type().is_dir() {
-                    it.skip_current_dir();
-                }
-                report(Outcome::Skipped {
-                    rel,
-                    reason: symlink_reason(cfg, path),
-                });
-                continue;
-            }
-        }
-        let ft = entry.file_type();
-        if ft.is_dir() {
-            continue;
-        }
-        if ft.is_symlink() {
-            // Not followed (default), or broken / looping with --follow-symlinks.
-            report(Outcome::Skipped {
-                rel,
-                reason: symlink_reason(cfg, path),
-            });
-            continue;
-        }
-        if !ft.is_file() {
-            let what = describe(rustix::fs::FileType::from_raw_mode(file_type_mode(&entry)));
-            report(Outcome::Skipped {
-                rel,
-                reason: FileError::new(
-                    Kind::SpecialFile,
-                    format!("not a regular file ({what}); not opened"),
-                ),
-            });
-            continue;
-        }
-        if output::is_temp_name(entry.file_name()) {
-            if output::is_stale_temp(entry.file_name()) && std::fs::remove_file(path).is_ok() {
-                stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
-            }
-            continue;
-        }
-        if !cfg.filter.included(&rel) {
-            continue;
-        }
-        // One lstat per file, on this thread: the size balances batches and feeds progress.
-        let size = entry.metadata().map_or(0, |m| m.len());
-        stats.bytes.fetch_add(size, Ordering::Relaxed);
-        stats.files.fetch_add(1, Ordering::Relaxed);
-        let job = Job {
-            abs: path.to_path_buf(),
-            rel,
-        };
-        if !batch.add(job, size, jobs) {
-            return;
         }
     }
-    batch.flush(jobs);
+}
+
+/// Classifies one walk entry: what to hand on, and whether to stay out of it (a directory).
+fn classify(
+    cfg: &Config,
+    entry: walkdir::Result<DirEntry>,
+    stats: &Stats,
+) -> (Option<Found>, bool) {
+    let report = |o| (Some(Found::Report(o)), false);
+    let entry = match entry {
+        Ok(e) => e,
+        Err(err) => {
+            let path = err.path().unwrap_or(&cfg.root);
+            let rel = relative(cfg, path);
+            if err.loop_ancestor().is_some() || path.is_symlink() {
+                // With --follow-symlinks, walkdir reports broken and looping links as errors.
+                let reason = symlink_reason(cfg, path);
+                return report(Outcome::Skipped { rel, reason });
+            }
+            let error = err
+                .io_error()
+                .map(|e| FileError::io("reading directory", e))
+                .unwrap_or_else(|| FileError::new(Kind::Io, err.to_string()));
+            return report(Outcome::Failed { rel, error });
+        }
+    };
+    let path = entry.path();
+    let rel = relative(cfg, path);
+    let ft = entry.file_type();
+    if cfg.filter.excluded(&rel) || is_own(cfg, path) {
+        return (None, ft.is_dir());
+    }
+    if entry.path_is_symlink() && (!cfg.follow_symlinks || !inside_root(cfg, path)) {
+        // Only reached with --follow-symlinks for links that resolved; check the target.
+        let reason = symlink_reason(cfg, path);
+        return (
+            Some(Found::Report(Outcome::Skipped { rel, reason })),
+            ft.is_dir(),
+        );
+    }
+    if ft.is_dir() {
+        return (None, false);
+    }
+    if ft.is_symlink() {
+        // Not followed (default), or broken / looping with --follow-symlinks.
+        let reason = symlink_reason(cfg, path);
+        return report(Outcome::Skipped { rel, reason });
+    }
+    if !ft.is_file() {
+        let what = describe(rustix::fs::FileType::from_raw_mode(file_type_mode(&entry)));
+        let reason = FileError::new(
+            Kind::SpecialFile,
+            format!("not a regular file ({what}); not opened"),
+        );
+        return report(Outcome::Skipped { rel, reason });
+    }
+    if output::is_temp_name(entry.file_name()) {
+        if output::is_stale_temp(entry.file_name()) && std::fs::remove_file(path).is_ok() {
+            stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+        }
+        return (None, false);
+    }
+    if !cfg.filter.included(&rel) {
+        return (None, false);
+    }
+    // One lstat per file, on this thread: the size balances batches and feeds progress.
+    let size = entry.metadata().map_or(0, |m| m.len());
+    stats.bytes.fetch_add(size, Ordering::Relaxed);
+    stats.files.fetch_add(1, Ordering::Relaxed);
+    let job = Job {
+        abs: path.to_path_buf(),
+        rel,
+    };
+    (Some(Found::File(job, size)), false)
 }
 
 /// Jobs waiting to be sent together.
 #[derive(Default)]
-struct Batch {
+pub struct Batch {
     jobs: Vec<Job>,
     bytes: u64,
 }
 
 impl Batch {
     /// Adds a job, sending the batch when it is full. False if the workers are gone.
-    fn add(&mut self, job: Job, size: u64, tx: &Sender<Msg>) -> bool {
+    pub fn add(&mut self, job: Job, size: u64, tx: &Sender<Msg>) -> bool {
         if size >= BATCH_BYTES {
             // A large file goes alone, so no worker is left holding several of them at the end.
             return tx.send(Msg::Jobs(vec![job])).is_ok();
@@ -171,7 +197,8 @@ impl Batch {
         true
     }
 
-    fn flush(&mut self, tx: &Sender<Msg>) -> bool {
+    /// Sends what is waiting. False if the workers are gone.
+    pub fn flush(&mut self, tx: &Sender<Msg>) -> bool {
         self.bytes = 0;
         if self.jobs.is_empty() {
             return true;
@@ -180,7 +207,8 @@ impl Batch {
     }
 }
 
-fn relative(cfg: &Config, path: &Path) -> PathBuf {
+/// `path` relative to the root (the path itself if outside it).
+pub fn relative(cfg: &Config, path: &Path) -> PathBuf {
     path.strip_prefix(&cfg.root).unwrap_or(path).to_path_buf()
 }
 
