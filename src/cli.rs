@@ -29,6 +29,11 @@ pub enum Command {
     Batch(BatchArgs),
     /// Check a sha256sum-format manifest, or test every .gz file under a directory.
     Verify(VerifyArgs),
+    /// Process what is new or changed under a directory, then every file completed there
+    /// until SIGINT/SIGTERM.
+    Watch(WatchArgs),
+    /// Show what watch mode's state knows: counts per root, and failed files.
+    Status(StatusArgs),
     /// Run a concurrency demo (`filepipe demo --list` lists them).
     #[cfg(feature = "demos")]
     Demo(crate::demo::DemoArgs),
@@ -86,6 +91,58 @@ pub struct BatchArgs {
     /// stdout).
     #[arg(long)]
     pub json: bool,
+}
+
+/// Arguments of `filepipe watch`.
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    /// The directory tree to watch.
+    pub dir: PathBuf,
+    /// The operation to apply to each file.
+    #[arg(long, value_enum)]
+    pub op: OpKind,
+    /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// sha256: keep a manifest of every done file at FILE (rewritten atomically after changes).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: Option<PathBuf>,
+    /// Where the state database lives [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/filepipe,
+    /// else ~/.local/state/filepipe].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Milliseconds a closed file's size and mtime must stay unchanged before it is taken.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pub settle: u64,
+    /// Worker threads [default: number of CPUs].
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub jobs: Option<u16>,
+    /// gzip: compression level.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=9))]
+    pub level: u32,
+    /// Only process files matching GLOB (repeatable; as for batch).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Skip files and directories matching GLOB (repeatable; as for batch).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Write one JSON line per failed or skipped file to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub failure_log: Option<PathBuf>,
+    /// Print the summary of this run as one JSON object on exit.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `filepipe status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The state directory [default: as for watch].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// List every failed file with its error and attempts.
+    #[arg(long)]
+    pub failed: bool,
 }
 
 /// Arguments of `filepipe verify`.

@@ -9,11 +9,12 @@ use std::fs;
 use std::io::IsTerminal;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
-use crate::cli::{BatchArgs, OpKind};
+use crate::cli::{BatchArgs, OpKind, WatchArgs};
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
@@ -48,6 +49,17 @@ pub struct Config {
     pub progress: bool,
     /// Paths inside the root that filepipe writes itself and must never read as inputs.
     pub own_files: Vec<PathBuf>,
+    /// Watch mode settings; `None` for a one-shot batch.
+    pub watch: Option<WatchSettings>,
+}
+
+/// What only watch mode needs.
+#[derive(Debug, Clone)]
+pub struct WatchSettings {
+    /// How long a closed file's size and mtime must stay unchanged before it is taken.
+    pub settle: Duration,
+    /// Where the SQLite state lives.
+    pub state_dir: PathBuf,
 }
 
 impl Config {
@@ -105,7 +117,39 @@ impl Config {
             quiet,
             progress: !quiet && std::io::stderr().is_terminal(),
             own_files,
+            watch: None,
         })
+    }
+
+    /// Resolves and validates the `watch` arguments.
+    pub fn from_watch(args: &WatchArgs, quiet: bool) -> Result<Config> {
+        let batch = BatchArgs {
+            dir: args.dir.clone(),
+            op: args.op,
+            jobs: args.jobs,
+            out: args.out.clone(),
+            manifest: args.manifest.clone(),
+            failure_log: args.failure_log.clone(),
+            level: args.level,
+            include: args.include.clone(),
+            exclude: args.exclude.clone(),
+            follow_symlinks: false,
+            force: false,
+            remove_source: false,
+            json: args.json,
+        };
+        let mut cfg = Config::from_batch(&batch, quiet)?;
+        let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+        let state_dir = fs::canonicalize(&state_dir)?;
+        // A state directory inside the watched tree must not be watched itself.
+        cfg.own_files.push(state_dir.clone());
+        cfg.watch = Some(WatchSettings {
+            settle: Duration::from_millis(args.settle),
+            state_dir,
+        });
+        Ok(cfg)
     }
 
     /// The directory outputs for `rel` (a path relative to the root) are written under.

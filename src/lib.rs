@@ -2,7 +2,8 @@
 //!
 //! Data flows `cli` → `config` → a source (`walk`) → `pipeline` (bounded channel, workers,
 //! sentinels) → `ops` (gzip, sha256) via `input`/`output` → `report` (progress, manifest,
-//! failure log, summary). `verify` checks results; `signals` and `logging` serve them all.
+//! failure log, summary). `watch` is the long-running source, with `state` its SQLite memory.
+//! `verify` checks results; `signals` and `logging` serve them all.
 //! `demo` (feature `demos`) holds the runnable concurrency lessons, apart from the pipeline.
 
 pub mod cli;
@@ -19,5 +20,8 @@ pub mod output;
 pub mod pipeline;
 pub mod report;
 pub mod signals;
+pub mod state;
+pub mod status;
 pub mod verify;
 pub mod walk;
+pub mod watch;

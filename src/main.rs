@@ -6,7 +6,7 @@ use clap::Parser;
 
 use filepipe::cli::{Cli, Command};
 use filepipe::config::Config;
-use filepipe::{exit, logging, pipeline, signals, verify};
+use filepipe::{exit, logging, pipeline, signals, state, status, verify, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,32 +16,13 @@ fn main() -> ExitCode {
         cli.verbose.min(3) as i8
     };
     match cli.command {
-        Command::Batch(args) => {
-            let cfg = match Config::from_batch(&args, cli.quiet) {
-                Ok(cfg) => cfg,
-                Err(e) => return fail(exit::USAGE, &e),
-            };
-            if let Err(e) = logging::init(verbosity, cfg.failure_log.as_deref()) {
-                return fail(exit::USAGE, &e);
-            }
-            let shutdown = match signals::install() {
-                Ok(s) => s,
-                Err(e) => return fail(exit::FAILURES, &e),
-            };
-            let mut summary = match pipeline::run_batch(&cfg, &shutdown) {
-                Ok(s) => s,
-                Err(e) => return fail(exit::FAILURES, &e),
-            };
-            summary.interrupted_by = shutdown.signal();
-            if let Err(e) = summary.print(&cfg) {
-                if e.kind() != std::io::ErrorKind::BrokenPipe {
-                    return fail(exit::FAILURES, &e.into());
-                }
-            }
-            match shutdown.signal() {
-                Some(sig) => exit::interrupted(sig),
-                None if summary.failed > 0 => ExitCode::from(exit::FAILURES),
-                None => ExitCode::from(exit::SUCCESS),
+        Command::Batch(args) => run(Config::from_batch(&args, cli.quiet), verbosity, false),
+        Command::Watch(args) => run(Config::from_watch(&args, cli.quiet), verbosity, true),
+        Command::Status(args) => {
+            let dir = args.state.unwrap_or_else(state::default_dir);
+            match status::print(&dir, args.failed, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::from(exit::SUCCESS),
+                Err(e) => fail(exit::USAGE, &e),
             }
         }
         Command::Verify(args) => {
@@ -66,6 +47,43 @@ fn main() -> ExitCode {
             Ok(code) => code,
             Err(e) => fail(exit::FAILURES, &e),
         },
+    }
+}
+
+/// Batch and watch: the same pipeline, a different source and lifetime.
+fn run(cfg: anyhow::Result<Config>, verbosity: i8, watching: bool) -> ExitCode {
+    let cfg = match cfg {
+        Ok(cfg) => cfg,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    if let Err(e) = logging::init(verbosity, cfg.failure_log.as_deref()) {
+        return fail(exit::USAGE, &e);
+    }
+    let shutdown = match signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURES, &e),
+    };
+    let result = if watching {
+        watch::run(&cfg, &shutdown)
+    } else {
+        pipeline::run_batch(&cfg, &shutdown)
+    };
+    let mut summary = match result {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURES, &e),
+    };
+    summary.interrupted_by = shutdown.signal();
+    if let Err(e) = summary.print(&cfg) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return fail(exit::FAILURES, &e.into());
+        }
+    }
+    match shutdown.signal() {
+        // A daemon asked to stop that drained cleanly has done its job.
+        Some(_) if watching => ExitCode::from(exit::SUCCESS),
+        Some(sig) => exit::interrupted(sig),
+        None if summary.failed > 0 => ExitCode::from(exit::FAILURES),
+        None => ExitCode::from(exit::SUCCESS),
     }
 }
 

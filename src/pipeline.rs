@@ -29,8 +29,9 @@ use crate::input::{InputFile, OpenError};
 use crate::ops::gzip::GzipOp;
 use crate::ops::sha256::Sha256Op;
 use crate::ops::{Done, Op};
-use crate::report::{self, Summary};
+use crate::report::{self, ManifestSink, Sink, Summary};
 use crate::signals::Shutdown;
+use crate::state::Stamp;
 use crate::walk;
 
 /// One file to process.
@@ -63,8 +64,8 @@ pub enum Outcome {
     Done {
         /// The file, relative to the root.
         rel: PathBuf,
-        /// What was produced.
-        done: Done,
+        /// What was produced (boxed: it is the largest variant by far).
+        done: Box<Done>,
     },
     /// Deliberately left alone, with the reason.
     Skipped {
@@ -94,20 +95,47 @@ pub enum Event {
     },
     /// Files are finished, one way or another.
     Finished(Vec<Outcome>),
+    /// A file was deleted or moved out of the tree (watch mode).
+    Removed(PathBuf),
 }
 
 /// How many times a file that changed while being read is attempted in all.
 const ATTEMPTS: u32 = 3;
 
+/// A source of jobs: the batch walker or the watcher. It sends jobs (and outcomes of what it
+/// skips itself) until it is exhausted or a shutdown is requested; the pipeline then sends the
+/// sentinels. An error ends the run after the drain.
+pub type Source<'a> = dyn Fn(&Sender<Msg>, &Sender<Event>, &walk::Stats) -> Result<()> + Sync + 'a;
+
 /// Runs a batch over `cfg.root` and returns the summary once every file is accounted for.
 pub fn run_batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
+    let walker = |jobs: &Sender<Msg>, events: &Sender<Event>, stats: &walk::Stats| {
+        walk::walk(cfg, jobs, events, stats, shutdown);
+        Ok(())
+    };
+    run_op(cfg, shutdown, &walker, &mut ManifestSink::new(cfg))
+}
+
+/// Runs the pipeline with `cfg`'s operation between `source` and `sink`.
+pub fn run_op(
+    cfg: &Config,
+    shutdown: &Shutdown,
+    source: &Source<'_>,
+    sink: &mut (dyn Sink + Send),
+) -> Result<Summary> {
     match cfg.op {
-        OpKind::Gzip => run(cfg, &GzipOp::new(cfg)?, shutdown),
-        OpKind::Sha256 => run(cfg, &Sha256Op, shutdown),
+        OpKind::Gzip => run(cfg, &GzipOp::new(cfg)?, shutdown, source, sink),
+        OpKind::Sha256 => run(cfg, &Sha256Op, shutdown, source, sink),
     }
 }
 
-fn run<O: Op>(cfg: &Config, op: &O, shutdown: &Shutdown) -> Result<Summary> {
+fn run<O: Op>(
+    cfg: &Config,
+    op: &O,
+    shutdown: &Shutdown,
+    source: &Source<'_>,
+    sink: &mut (dyn Sink + Send),
+) -> Result<Summary> {
     // Twice the workers: enough that no worker waits on the walker, few enough that an
     // interrupt has little queued work to account for.
     let (job_tx, job_rx) = bounded::<Msg>(2 * cfg.jobs);
@@ -121,27 +149,24 @@ fn run<O: Op>(cfg: &Config, op: &O, shutdown: &Shutdown) -> Result<Summary> {
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
-            .spawn_scoped(s, || report::run(cfg, op.name(), event_rx, &stats))
+            .spawn_scoped(s, || report::run(cfg, op.name(), event_rx, &stats, sink))
             .context("starting the reporter")?;
         let walker = {
             let events = event_tx.clone();
             let stats = &stats;
             std::thread::Builder::new()
-                .name("filepipe-walker".into())
+                .name("filepipe-source".into())
                 .spawn_scoped(s, move || {
-                    let walked = panic::catch_unwind(AssertUnwindSafe(|| {
-                        walk::walk(cfg, &job_tx, &events, stats, shutdown)
-                    }));
+                    let walked =
+                        panic::catch_unwind(AssertUnwindSafe(|| source(&job_tx, &events, stats)));
                     // Sentinels go out even if the walk panicked, or the workers would wait
                     // forever. Sending cannot fail: workers hold the receiver until their own.
                     for _ in 0..cfg.jobs {
                         let _ = job_tx.send(Msg::Shutdown);
                     }
-                    if let Err(p) = walked {
-                        panic::resume_unwind(p);
-                    }
+                    walked.unwrap_or_else(|p| panic::resume_unwind(p))
                 })
-                .context("starting the walker")?
+                .context("starting the source")?
         };
         // Publishers block in fsync, not on the CPU: several per core let the disk work while
         // the workers compress, and lets concurrent fsyncs share journal commits.
@@ -172,10 +197,12 @@ fn run<O: Op>(cfg: &Config, op: &O, shutdown: &Shutdown) -> Result<Summary> {
         drop(event_tx);
         let walked = walker.join();
         let summary = reporter.join();
-        if walked.is_err() || !published {
-            anyhow::bail!("the walker or a publisher thread panicked");
-        }
-        summary.map_err(|_| anyhow::anyhow!("the reporter thread panicked"))?
+        let (Ok(walked), true) = (walked, published) else {
+            anyhow::bail!("the source or a publisher thread panicked");
+        };
+        let summary = summary.map_err(|_| anyhow::anyhow!("the reporter thread panicked"))??;
+        walked?;
+        Ok(summary)
     })
 }
 
@@ -306,7 +333,13 @@ pub fn publish<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
         pending,
     } = ready;
     match op.publish(&job, &input, pending) {
-        Ok(done) => Outcome::Done { rel: job.rel, done },
+        Ok(mut done) => {
+            done.stamp = Some(Stamp::from_stat(&input.stat));
+            Outcome::Done {
+                rel: job.rel,
+                done: Box::new(done),
+            }
+        }
         Err(error) => Outcome::Failed {
             rel: job.rel,
             error,

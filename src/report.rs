@@ -119,12 +119,7 @@ impl Summary {
 
 impl Summary {
     /// Accounts for one outcome: counts, progress, the per-file record, the manifest entry.
-    fn count(
-        &mut self,
-        outcome: Outcome,
-        progress: &mut Progress,
-        digests: &mut Vec<(Box<Path>, [u8; 32])>,
-    ) {
+    fn count(&mut self, outcome: Outcome, progress: &mut Progress) {
         let op = self.op;
         self.files += 1;
         progress.overall.inc(1);
@@ -137,9 +132,6 @@ impl Summary {
                 if let Some(note) = &done.note {
                     self.warnings += 1;
                     progress.multi.suspend(|| record("kept", op, &rel, note));
-                }
-                if let Some(d) = done.digest {
-                    digests.push((rel.into_boxed_path(), d));
                 }
             }
             Outcome::Skipped { rel, reason } => {
@@ -173,6 +165,7 @@ struct Progress {
     workers: Vec<ProgressBar>,
     bytes_done: u64,
     started: Instant,
+    watching: bool,
 }
 
 impl Progress {
@@ -183,13 +176,20 @@ impl Progress {
             ProgressDrawTarget::hidden()
         });
         let overall = multi.add(ProgressBar::new(0));
-        overall.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} files {msg} ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
+        if cfg.watch.is_some() {
+            overall.set_style(
+                ProgressStyle::with_template("{spinner} watching: {msg}").expect("valid template"),
+            );
+            overall.enable_steady_tick(Duration::from_millis(200));
+        } else {
+            overall.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {elapsed_precise} [{bar:30}] {pos}/{len} files {msg} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+        }
         let workers = if cfg.progress {
             (0..cfg.jobs)
                 .map(|_| {
@@ -207,13 +207,26 @@ impl Progress {
             workers,
             bytes_done: 0,
             started: Instant::now(),
+            watching: cfg.watch.is_some(),
         }
     }
 
-    fn refresh(&self, stats: &Stats) {
+    fn refresh(&self, stats: &Stats, summary: &Summary) {
+        let secs = self.started.elapsed().as_secs_f64().max(0.001);
+        if self.watching {
+            self.overall.set_message(format!(
+                "queued {}, in flight {}, done {}, skipped {}, failed {}, {:.1} files/s",
+                stats.queued.load(Ordering::Relaxed),
+                stats.in_flight.load(Ordering::Relaxed),
+                summary.done,
+                summary.skipped,
+                summary.failed,
+                summary.files as f64 / secs
+            ));
+            return;
+        }
         let total = stats.files.load(Ordering::Relaxed) + stats.reported.load(Ordering::Relaxed);
         self.overall.set_length(total);
-        let secs = self.started.elapsed().as_secs_f64().max(0.001);
         self.overall.set_message(format!(
             "{}/{} {}/s",
             HumanBytes(self.bytes_done),
@@ -229,6 +242,7 @@ pub fn run(
     op: &'static str,
     events: Receiver<Event>,
     stats: &Stats,
+    sink: &mut dyn Sink,
 ) -> Result<Summary> {
     let started = Instant::now();
     let mut progress = Progress::new(cfg);
@@ -236,12 +250,12 @@ pub fn run(
         op,
         ..Summary::default()
     };
-    let mut digests: Vec<(Box<Path>, [u8; 32])> = Vec::new();
     loop {
         let event = match events.recv_timeout(Duration::from_millis(200)) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => {
-                progress.refresh(stats);
+                progress.refresh(stats, &summary);
+                sink.tick()?;
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -254,9 +268,15 @@ pub fn run(
             }
             Event::Finished(outcomes) => {
                 for outcome in outcomes {
-                    summary.count(outcome, &mut progress, &mut digests);
+                    sink.outcome(&outcome)?;
+                    summary.count(outcome, &mut progress);
                 }
-                progress.refresh(stats);
+                sink.flush()?;
+                progress.refresh(stats, &summary);
+            }
+            Event::Removed(rel) => {
+                sink.removed(&rel)?;
+                sink.flush()?;
             }
         }
     }
@@ -264,9 +284,7 @@ pub fn run(
         b.finish_and_clear();
     }
     progress.overall.finish_and_clear();
-    if cfg.op == OpKind::Sha256 {
-        write_manifest(cfg, &mut digests)?;
-    }
+    sink.finish()?;
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
     summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
@@ -275,6 +293,67 @@ pub fn run(
     }
     summary.stale_temps_removed = stats.stale_temps_removed.load(Ordering::Relaxed);
     Ok(summary)
+}
+
+/// What the reporter does with outcomes beyond counting them: the batch manifest, or watch
+/// mode's durable state. Called only from the reporter thread.
+pub trait Sink {
+    /// One outcome, before it is counted.
+    fn outcome(&mut self, outcome: &Outcome) -> Result<()>;
+    /// A file was deleted or moved out of the tree (watch mode).
+    fn removed(&mut self, _rel: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// The end of one message's outcomes: a good moment to commit.
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called when idle, a few times a second.
+    fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Every source and worker is done.
+    fn finish(&mut self) -> Result<()>;
+}
+
+/// Batch mode: collect (path, digest) pairs, write the sorted manifest at the end.
+pub struct ManifestSink<'a> {
+    cfg: &'a Config,
+    digests: Vec<(Box<Path>, [u8; 32])>,
+}
+
+impl<'a> ManifestSink<'a> {
+    /// A sink writing `cfg`'s manifest (sha256) or nothing (gzip).
+    pub fn new(cfg: &'a Config) -> Self {
+        ManifestSink {
+            cfg,
+            digests: Vec::new(),
+        }
+    }
+}
+
+impl Sink for ManifestSink<'_> {
+    fn outcome(&mut self, outcome: &Outcome) -> Result<()> {
+        if let Outcome::Done { rel, done } = outcome {
+            if let Some(d) = done.digest {
+                self.digests.push((rel.clone().into_boxed_path(), d));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.cfg.op != OpKind::Sha256 {
+            return Ok(());
+        }
+        self.digests
+            .sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+        let lines = self
+            .digests
+            .iter()
+            .map(|(rel, d)| (rel.as_os_str().as_bytes(), d));
+        write_manifest(self.cfg, lines)
+    }
 }
 
 /// Emits one per-file record: a human line on stderr (by verbosity) and a failure-log line.
@@ -298,13 +377,15 @@ fn record(status: &'static str, op: &'static str, rel: &Path, e: &FileError) {
     }
 }
 
-/// Sorts the digests and writes them to the manifest file (atomically) or stdout.
-fn write_manifest(cfg: &Config, digests: &mut [(Box<Path>, [u8; 32])]) -> Result<()> {
-    digests.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+/// Writes manifest lines, already sorted, to the manifest file (atomically) or stdout.
+pub fn write_manifest<'d>(
+    cfg: &Config,
+    lines: impl Iterator<Item = (&'d [u8], &'d [u8; 32])> + Clone,
+) -> Result<()> {
     let write_all = |w: &mut dyn Write| -> io::Result<()> {
         let mut w = BufWriter::with_capacity(256 * 1024, w);
-        for (rel, d) in digests.iter() {
-            manifest::write_line(&mut w, d, rel.as_os_str().as_bytes())?;
+        for (rel, d) in lines.clone() {
+            manifest::write_line(&mut w, d, rel)?;
         }
         w.flush()
     };

@@ -30,6 +30,10 @@ pub struct Stats {
     pub reported: AtomicU64,
     /// Stale temp files of crashed runs removed.
     pub stale_temps_removed: AtomicU64,
+    /// Watch mode: files waiting to settle or to be sent to a worker.
+    pub queued: AtomicU64,
+    /// Watch mode: files sent to the workers and not yet finished.
+    pub in_flight: AtomicU64,
 }
 
 /// What a scan finds.

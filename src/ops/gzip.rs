@@ -283,6 +283,7 @@ impl Op for GzipOp {
             bytes_out: pending.totals.bytes_out,
             digest: None,
             note,
+            stamp: None,
         })
     }
 }

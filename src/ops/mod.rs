@@ -25,6 +25,8 @@ pub struct Done {
     /// Something worth reporting about an otherwise successful file (e.g. a hard-linked input
     /// kept despite `--remove-source`).
     pub note: Option<FileError>,
+    /// The input's identity when it was read (set by the pipeline), for watch mode's state.
+    pub stamp: Option<crate::state::Stamp>,
 }
 
 /// One file operation (gzip, sha256, ...). Adding an operation means implementing this.

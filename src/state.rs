@@ -1,0 +1,453 @@
+//! Durable per-file state for watch mode, in SQLite (rusqlite, bundled).
+//!
+//! One row per (root, op, path), path stored as raw bytes so non-UTF-8 names survive. The
+//! reporter thread is the only writer; the watcher reads through its own connection (WAL lets
+//! readers and the writer proceed together). A file is "done" for a given size, mtime and inode:
+//! any change makes it a candidate again, so after a crash or restart exactly the files that
+//! appeared or changed are processed. Commits happen once per outcome batch with
+//! `synchronous=NORMAL`: a SIGKILL loses nothing committed; a power cut may lose the last
+//! batches, which are then redone (gzip outputs are skipped as up to date).
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+
+use crate::error::{FileError, Kind};
+
+/// The file name of the database inside the state directory.
+pub const DB_NAME: &str = "filepipe.sqlite";
+
+/// How many attempts a transient failure gets before it is kept as failed.
+pub const MAX_ATTEMPTS: u32 = 5;
+
+/// Identity of a file's content as far as the file system tells: any change means redo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Inode number (a file replaced by rename gets a new one).
+    pub inode: u64,
+}
+
+impl Stamp {
+    /// The stamp of a stat result.
+    pub fn from_stat(st: &rustix::fs::Stat) -> Stamp {
+        Stamp {
+            size: st.st_size as u64,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            inode: st.st_ino,
+        }
+    }
+
+    /// The stamp of `path`, not following a final symlink.
+    pub fn of(path: &Path) -> Option<Stamp> {
+        rustix::fs::lstat(path).ok().map(|st| Stamp::from_stat(&st))
+    }
+}
+
+/// What the state knows about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Known {
+    /// "done", "failed" or "skipped".
+    pub status: String,
+    /// The stamp it had when it got that status (absent for some skips and failures).
+    pub stamp: Option<Stamp>,
+    /// Attempts so far (failures).
+    pub attempts: u32,
+    /// The error kind, for failures and skips.
+    pub error: Option<String>,
+}
+
+impl Known {
+    /// True if `now` needs no processing: done (or deliberately skipped) with the same stamp,
+    /// or failed for good with the same stamp.
+    pub fn settled(&self, now: Option<Stamp>) -> bool {
+        match self.status.as_str() {
+            "done" => self.stamp.is_some() && self.stamp == now,
+            "skipped" => self.stamp == now,
+            "failed" => self.stamp.is_some() && self.stamp == now && self.attempts >= MAX_ATTEMPTS,
+            _ => false,
+        }
+    }
+}
+
+/// The writer side, owned by the reporter.
+pub struct State {
+    conn: Connection,
+    root: Vec<u8>,
+    op: &'static str,
+}
+
+/// A read-only view for the watcher's lookups.
+pub struct Reader {
+    conn: Connection,
+    root: Vec<u8>,
+    op: &'static str,
+}
+
+fn db_path(dir: &Path) -> PathBuf {
+    dir.join(DB_NAME)
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64
+}
+
+impl State {
+    /// Opens (creating if needed) the database in `dir` for one watch root and operation.
+    pub fn open(dir: &Path, root: &Path, op: &'static str) -> Result<State> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+        let path = db_path(dir);
+        let conn = Connection::open(&path)
+            .with_context(|| format!("cannot open state database {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             PRAGMA synchronous=NORMAL;
+             CREATE TABLE IF NOT EXISTS files (
+                 root     BLOB    NOT NULL,
+                 op       TEXT    NOT NULL,
+                 path     BLOB    NOT NULL,
+                 size     INTEGER,
+                 mtime_ns INTEGER,
+                 inode    INTEGER,
+                 output   BLOB,
+                 digest   BLOB,
+                 status   TEXT    NOT NULL,
+                 error    TEXT,
+                 errno    INTEGER,
+                 message  TEXT,
+                 attempts INTEGER NOT NULL DEFAULT 0,
+                 updated  INTEGER NOT NULL,
+                 PRIMARY KEY (root, op, path)
+             ) WITHOUT ROWID;",
+        )
+        .with_context(|| format!("cannot initialise state database {}", path.display()))?;
+        Ok(State {
+            conn,
+            root: root.as_os_str().as_bytes().to_vec(),
+            op,
+        })
+    }
+
+    /// A second, read-only connection for lookups from another thread.
+    pub fn reader(dir: &Path, root: &Path, op: &'static str) -> Result<Reader> {
+        let path = db_path(dir);
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .with_context(|| format!("cannot open state database {}", path.display()))?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        Ok(Reader {
+            conn,
+            root: root.as_os_str().as_bytes().to_vec(),
+            op,
+        })
+    }
+
+    /// Starts a transaction; `commit` ends it. Batching rows per transaction keeps the cost
+    /// of durability to one WAL append per batch.
+    pub fn begin(&mut self) -> Result<()> {
+        self.conn.execute_batch("BEGIN IMMEDIATE")?;
+        Ok(())
+    }
+
+    /// Commits the open transaction.
+    pub fn commit(&mut self) -> Result<()> {
+        self.conn.execute_batch("COMMIT")?;
+        Ok(())
+    }
+
+    /// Records a file as done.
+    pub fn done(
+        &mut self,
+        rel: &Path,
+        stamp: Option<Stamp>,
+        output: Option<&Path>,
+        digest: Option<&[u8; 32]>,
+    ) -> Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO files
+               (root, op, path, size, mtime_ns, inode, output, digest, status, attempts, updated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9)",
+        )?;
+        stmt.execute(params![
+            self.root,
+            self.op,
+            rel.as_os_str().as_bytes(),
+            stamp.map(|s| s.size as i64),
+            stamp.map(|s| s.mtime_ns),
+            stamp.map(|s| s.inode as i64),
+            output.map(|o| o.as_os_str().as_bytes().to_vec()),
+            digest.map(|d| d.to_vec()),
+            now_secs(),
+        ])?;
+        Ok(())
+    }
+
+    /// Records a failure or a skip; failures count attempts (reset when the file changed).
+    /// Returns the number of attempts so far.
+    pub fn not_done(
+        &mut self,
+        rel: &Path,
+        status: &str,
+        stamp: Option<Stamp>,
+        e: &FileError,
+    ) -> Result<u32> {
+        let path = rel.as_os_str().as_bytes();
+        let previous: Option<(u32, Option<i64>, Option<i64>)> = self
+            .conn
+            .prepare_cached(
+                "SELECT attempts, size, mtime_ns FROM files WHERE root=?1 AND op=?2 AND path=?3",
+            )?
+            .query_row(params![self.root, self.op, path], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let same_file = previous.is_some_and(|(_, size, mtime)| {
+            stamp.is_some_and(|s| Some(s.size as i64) == size && Some(s.mtime_ns) == mtime)
+        });
+        let attempts = match previous {
+            Some((a, _, _)) if same_file || stamp.is_none() => a + 1,
+            _ => 1,
+        };
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT OR REPLACE INTO files
+               (root, op, path, size, mtime_ns, inode, status, error, errno, message, attempts, updated)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )?;
+        stmt.execute(params![
+            self.root,
+            self.op,
+            path,
+            stamp.map(|s| s.size as i64),
+            stamp.map(|s| s.mtime_ns),
+            stamp.map(|s| s.inode as i64),
+            status,
+            e.kind.as_str(),
+            e.errno,
+            e.message,
+            attempts,
+            now_secs(),
+        ])?;
+        Ok(attempts)
+    }
+
+    /// Forgets a file that was deleted or moved away.
+    pub fn remove(&mut self, rel: &Path) -> Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM files WHERE root=?1 AND op=?2 AND path=?3")?
+            .execute(params![self.root, self.op, rel.as_os_str().as_bytes()])?;
+        Ok(())
+    }
+
+    /// All digests of done files, sorted by path bytes, for the manifest.
+    pub fn digests(&self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT path, digest FROM files
+             WHERE root=?1 AND op=?2 AND status='done' AND digest IS NOT NULL ORDER BY path",
+        )?;
+        let rows = stmt.query_map(params![self.root, self.op], |r| {
+            let path: Vec<u8> = r.get(0)?;
+            let digest: Vec<u8> = r.get(1)?;
+            Ok((path, digest))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (path, digest) = row?;
+            if let Ok(d) = <[u8; 32]>::try_from(digest.as_slice()) {
+                out.push((path, d));
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Reader {
+    /// What the state knows about `rel`, if anything.
+    pub fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT status, size, mtime_ns, inode, attempts, error FROM files
+             WHERE root=?1 AND op=?2 AND path=?3",
+        )?;
+        let known = stmt
+            .query_row(
+                params![self.root, self.op, rel.as_os_str().as_bytes()],
+                |r| {
+                    let size: Option<i64> = r.get(1)?;
+                    let mtime: Option<i64> = r.get(2)?;
+                    let inode: Option<i64> = r.get(3)?;
+                    let stamp = match (size, mtime, inode) {
+                        (Some(size), Some(mtime_ns), Some(inode)) => Some(Stamp {
+                            size: size as u64,
+                            mtime_ns,
+                            inode: inode as u64,
+                        }),
+                        _ => None,
+                    };
+                    Ok(Known {
+                        status: r.get(0)?,
+                        stamp,
+                        attempts: r.get(4)?,
+                        error: r.get(5)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(known)
+    }
+}
+
+/// True for failures worth retrying later: the file was busy or the disk was full.
+pub fn transient(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Changed | Kind::NoSpace | Kind::FileTooLarge | Kind::Io | Kind::Interrupted
+    )
+}
+
+/// One row for `filepipe status`.
+#[derive(Debug)]
+pub struct Row {
+    /// The watch root.
+    pub root: PathBuf,
+    /// The operation.
+    pub op: String,
+    /// The file, relative to the root.
+    pub path: PathBuf,
+    /// Its status.
+    pub status: String,
+    /// The error kind, if any.
+    pub error: Option<String>,
+    /// The error message, if any.
+    pub message: Option<String>,
+    /// Attempts so far.
+    pub attempts: u32,
+}
+
+/// Counts per (root, op, status), for `filepipe status`.
+pub fn counts(dir: &Path) -> Result<Vec<(PathBuf, String, String, u64)>> {
+    let conn = open_read_only(dir)?;
+    let mut stmt = conn.prepare(
+        "SELECT root, op, status, COUNT(*) FROM files GROUP BY root, op, status ORDER BY 1, 2, 3",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let root: Vec<u8> = r.get(0)?;
+        Ok((
+            bytes_path(root),
+            r.get(1)?,
+            r.get(2)?,
+            r.get::<_, i64>(3)? as u64,
+        ))
+    })?;
+    rows.map(|r| r.map_err(Into::into)).collect()
+}
+
+/// Every failed file, for `filepipe status --failed`.
+pub fn failed(dir: &Path) -> Result<Vec<Row>> {
+    let conn = open_read_only(dir)?;
+    let mut stmt = conn.prepare(
+        "SELECT root, op, path, status, error, message, attempts FROM files
+         WHERE status='failed' ORDER BY root, op, path",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Row {
+            root: bytes_path(r.get(0)?),
+            op: r.get(1)?,
+            path: bytes_path(r.get(2)?),
+            status: r.get(3)?,
+            error: r.get(4)?,
+            message: r.get(5)?,
+            attempts: r.get(6)?,
+        })
+    })?;
+    rows.map(|r| r.map_err(Into::into)).collect()
+}
+
+fn open_read_only(dir: &Path) -> Result<Connection> {
+    let path = db_path(dir);
+    if !path.exists() {
+        anyhow::bail!(
+            "no state database at {} (has filepipe watch run with this --state?)",
+            path.display()
+        );
+    }
+    Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("cannot open state database {}", path.display()))
+}
+
+fn bytes_path(b: Vec<u8>) -> PathBuf {
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(b))
+}
+
+/// The default state directory: `$STATE_DIRECTORY` under systemd, else the XDG state dir.
+pub fn default_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
+        // systemd may pass several, colon-separated: the first is ours.
+        let first = d.as_bytes().split(|&b| b == b':').next().unwrap_or(b"");
+        if !first.is_empty() {
+            return PathBuf::from(std::ffi::OsStr::from_bytes(first));
+        }
+    }
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("filepipe");
+    }
+    match std::env::var_os("HOME") {
+        Some(h) => PathBuf::from(h).join(".local/state/filepipe"),
+        None => PathBuf::from("/var/lib/filepipe"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_then_changed_then_failed_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new("/data");
+        let mut st = State::open(dir.path(), root, "sha256").unwrap();
+        let reader = State::reader(dir.path(), root, "sha256").unwrap();
+        let rel = Path::new("a/\u{e9}t\u{e9}");
+        let s1 = Stamp {
+            size: 3,
+            mtime_ns: 10,
+            inode: 7,
+        };
+        st.begin().unwrap();
+        st.done(rel, Some(s1), None, Some(&[1; 32])).unwrap();
+        st.commit().unwrap();
+        let k = reader.lookup(rel).unwrap().unwrap();
+        assert!(k.settled(Some(s1)));
+        assert!(!k.settled(Some(Stamp { size: 4, ..s1 })));
+        assert_eq!(
+            st.digests().unwrap(),
+            vec![(rel.as_os_str().as_bytes().to_vec(), [1; 32])]
+        );
+        let e = FileError::new(Kind::Changed, "busy");
+        assert_eq!(st.not_done(rel, "failed", Some(s1), &e).unwrap(), 1);
+        assert_eq!(st.not_done(rel, "failed", Some(s1), &e).unwrap(), 2);
+        let s2 = Stamp { size: 9, ..s1 };
+        assert_eq!(
+            st.not_done(rel, "failed", Some(s2), &e).unwrap(),
+            1,
+            "a changed file starts over"
+        );
+        assert_eq!(failed(dir.path()).unwrap().len(), 1);
+        st.remove(rel).unwrap();
+        assert!(reader.lookup(rel).unwrap().is_none());
+        // Another root or op does not see these rows.
+        let other = State::reader(dir.path(), root, "gzip").unwrap();
+        assert!(other.lookup(rel).unwrap().is_none());
+    }
+}

@@ -1,0 +1,532 @@
+//! Watch mode: the long-running source, and the sink that makes its results durable.
+//!
+//! Invariants: a file is taken only after it was closed after writing (or renamed into the tree,
+//! or found by a scan) and its size and mtime then stayed unchanged for the settle time; a new
+//! directory is scanned after its watch exists, so files created before are not lost; a queue
+//! overflow triggers a full rescan reconciled against the state, so nothing is lost and nothing
+//! done is redone; paths are coalesced while they wait, so a burst costs memory per distinct
+//! path, never per event, and the job channel stays bounded; a path is never in flight twice.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use crossbeam_channel::{select, Receiver, Sender, TrySendError};
+use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
+use notify::{RecursiveMode, Watcher as _};
+
+use crate::cli::OpKind;
+use crate::config::Config;
+use crate::error::Kind;
+use crate::pipeline::{self, Event, Job, Msg, Outcome, BATCH_FILES};
+use crate::report::{self, Sink, Summary};
+use crate::signals::Shutdown;
+use crate::state::{self, Reader, Stamp, State};
+use crate::walk::{self, Found, Stats};
+
+/// What the sink tells the watcher once a file's outcome is committed to the state.
+#[derive(Debug)]
+pub struct Finished {
+    /// The file, relative to the root.
+    pub rel: PathBuf,
+    /// Try again after this long (a transient failure with attempts left).
+    pub retry_after: Option<Duration>,
+}
+
+/// Runs watch mode until a shutdown signal (Ok) or a fatal watcher error (Err).
+pub fn run(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
+    let settings = cfg.watch.as_ref().context("watch settings missing")?;
+    let op = match cfg.op {
+        OpKind::Gzip => "gzip",
+        OpKind::Sha256 => "sha256",
+    };
+    let state = State::open(&settings.state_dir, &cfg.root, op)?;
+    let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
+    let (feedback_tx, feedback_rx) = crossbeam_channel::unbounded();
+    let (notify_tx, notify_rx) = crossbeam_channel::unbounded();
+    // Watches first, then the initial scan (in the source): a file created in between is seen
+    // by both, and coalesced, rather than by neither.
+    let mut watcher = notify::RecommendedWatcher::new(notify_tx, notify::Config::default())
+        .context("starting the file system watcher")?;
+    watcher
+        .watch(&cfg.root, RecursiveMode::Recursive)
+        .map_err(|e| watch_error(&cfg.root, e))?;
+    let parts = Mutex::new(Some((reader, notify_rx, feedback_rx)));
+    let source = |jobs: &Sender<Msg>, events: &Sender<Event>, stats: &Stats| {
+        let taken = parts.lock().ok().and_then(|mut p| p.take());
+        let (reader, notify_rx, feedback_rx) = taken.context("the watch source runs once")?;
+        let mut w = Watch {
+            cfg,
+            settle: settings.settle,
+            stats,
+            shutdown,
+            reader,
+            jobs,
+            events,
+            pending: HashMap::new(),
+            ready: VecDeque::new(),
+            ready_set: HashSet::new(),
+            in_flight: HashSet::new(),
+            redo: HashSet::new(),
+            retries: Vec::new(),
+        };
+        w.run(&notify_rx, &feedback_rx)
+    };
+    let mut sink = StateSink {
+        cfg,
+        state,
+        feedback: feedback_tx,
+        finished: Vec::new(),
+        in_transaction: false,
+        manifest_dirty: true,
+        manifest_written: None,
+    };
+    let summary = pipeline::run_op(cfg, shutdown, &source, &mut sink);
+    drop(watcher);
+    summary
+}
+
+/// A clear, actionable message for watch failures.
+fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
+    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+        let now = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "?".into());
+        return anyhow::anyhow!(
+            "cannot watch every directory under {}: the inotify watch limit \
+             (fs.inotify.max_user_watches = {now}) is exhausted; raise it, e.g. \
+             'sysctl fs.inotify.max_user_watches=1048576' (and in /etc/sysctl.d/ to keep it)",
+            root.display()
+        );
+    }
+    anyhow::anyhow!("cannot watch {}: {e}", root.display())
+}
+
+/// A path waiting for its writer to finish.
+#[derive(Debug)]
+struct Pending {
+    /// The last event (or check) that reset the settle clock.
+    since: Instant,
+    /// Size/mtime/inode at that moment: it must be the same after the settle time.
+    stamp: Option<Stamp>,
+    /// Closed after writing, renamed in or found by a scan: only such files are taken.
+    complete: bool,
+}
+
+struct Watch<'a> {
+    cfg: &'a Config,
+    settle: Duration,
+    stats: &'a Stats,
+    shutdown: &'a Shutdown,
+    reader: Reader,
+    jobs: &'a Sender<Msg>,
+    events: &'a Sender<Event>,
+    pending: HashMap<PathBuf, Pending>,
+    ready: VecDeque<PathBuf>,
+    /// The paths in `ready`, so a burst is coalesced in O(1) per path.
+    ready_set: HashSet<PathBuf>,
+    in_flight: HashSet<PathBuf>,
+    /// Paths that changed again while in flight: look again when they come back.
+    redo: HashSet<PathBuf>,
+    retries: Vec<(Instant, PathBuf)>,
+}
+
+impl Watch<'_> {
+    fn run(
+        &mut self,
+        notify_rx: &Receiver<notify::Result<notify::Event>>,
+        feedback: &Receiver<Finished>,
+    ) -> Result<()> {
+        walk::clean_own_dirs(self.cfg, self.stats);
+        self.scan(&self.cfg.root.clone())?;
+        let tick = (self.settle / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
+        let mut last_root_check = Instant::now();
+        loop {
+            if self.shutdown.requested() {
+                return Ok(());
+            }
+            select! {
+                recv(notify_rx) -> ev => match ev {
+                    Ok(Ok(event)) => self.on_event(event)?,
+                    Ok(Err(e)) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                        return Err(watch_error(&self.cfg.root, e));
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "file system watcher error"),
+                    Err(_) => bail!("the file system watcher stopped"),
+                },
+                recv(feedback) -> fb => {
+                    if let Ok(fb) = fb {
+                        self.on_finished(fb);
+                    }
+                }
+                default(tick) => {}
+            }
+            self.promote()?;
+            self.dispatch();
+            if last_root_check.elapsed() > Duration::from_secs(1) {
+                last_root_check = Instant::now();
+                if !self.cfg.root.is_dir() {
+                    bail!(
+                        "the watched directory {} was deleted or moved",
+                        self.cfg.root.display()
+                    );
+                }
+            }
+            self.stats.queued.store(
+                (self.pending.len() + self.ready.len()) as u64,
+                Ordering::Relaxed,
+            );
+            self.stats
+                .in_flight
+                .store(self.in_flight.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Scans `dir`: files not already settled in the state wait to be taken.
+    fn scan(&mut self, dir: &Path) -> Result<()> {
+        let mut found = Vec::new();
+        walk::scan(self.cfg, dir, self.stats, self.shutdown, &mut |f| {
+            found.push(f);
+            true
+        });
+        for f in found {
+            match f {
+                Found::File(job, _) => {
+                    if self.ignored(&job.rel) {
+                        continue;
+                    }
+                    let stamp = Stamp::of(&job.abs);
+                    if self.settled(&job.rel, stamp)? {
+                        continue;
+                    }
+                    self.touch(job.rel, true, stamp);
+                }
+                Found::Report(outcome) => {
+                    let rel = match &outcome {
+                        Outcome::Skipped { rel, .. } | Outcome::Failed { rel, .. } => rel.clone(),
+                        Outcome::Done { rel, .. } => rel.clone(),
+                    };
+                    // Report a symlink or special file once, not at every rescan.
+                    if matches!(outcome, Outcome::Skipped { .. }) && self.settled(&rel, None)? {
+                        continue;
+                    }
+                    self.stats.reported.fetch_add(1, Ordering::Relaxed);
+                    let _ = self.events.send(Event::Finished(vec![outcome]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool> {
+        Ok(self.reader.lookup(rel)?.is_some_and(|k| k.settled(stamp)))
+    }
+
+    fn on_event(&mut self, event: notify::Event) -> Result<()> {
+        if event.need_rescan() {
+            tracing::warn!("the kernel's event queue overflowed: rescanning the whole tree");
+            return self.scan(&self.cfg.root.clone());
+        }
+        for path in &event.paths {
+            if path == &self.cfg.root {
+                if matches!(
+                    event.kind,
+                    EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+                ) && !path.is_dir()
+                {
+                    bail!(
+                        "the watched directory {} was deleted or moved",
+                        path.display()
+                    );
+                }
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(&self.cfg.root) else {
+                continue;
+            };
+            let rel = rel.to_path_buf();
+            if self.ignored(&rel) {
+                continue;
+            }
+            match event.kind {
+                EventKind::Create(CreateKind::Folder) => self.scan(path)?,
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)) if path.is_dir() => {
+                    self.scan(path)?
+                }
+                // Renamed into place: complete by convention (write to .part, then rename).
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                    self.touch(rel, true, Stamp::of(path))
+                }
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                    self.touch(rel, true, Stamp::of(path))
+                }
+                EventKind::Create(_)
+                | EventKind::Modify(
+                    ModifyKind::Data(_)
+                    | ModifyKind::Any
+                    | ModifyKind::Metadata(_)
+                    | ModifyKind::Other,
+                ) => self.touch(rel, false, None),
+                EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => {
+                    self.forget(rel)
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Records activity on `rel`; `complete` if it was closed after writing or renamed in.
+    fn touch(&mut self, rel: PathBuf, complete: bool, stamp: Option<Stamp>) {
+        let p = self.pending.entry(rel).or_insert(Pending {
+            since: Instant::now(),
+            stamp: None,
+            complete: false,
+        });
+        p.since = Instant::now();
+        // A new write after a close makes it incomplete again until the next close.
+        p.complete = complete;
+        p.stamp = stamp;
+    }
+
+    fn forget(&mut self, rel: PathBuf) {
+        self.pending.remove(&rel);
+        if self.ready_set.remove(&rel) {
+            self.ready.retain(|r| r != &rel);
+        }
+        let _ = self.events.send(Event::Removed(rel));
+    }
+
+    /// Moves settled, complete files to the ready queue.
+    fn promote(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let due: Vec<PathBuf> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.complete && now.duration_since(p.since) >= self.settle)
+            .map(|(rel, _)| rel.clone())
+            .collect();
+        for rel in due {
+            let stamp = Stamp::of(&self.cfg.root.join(&rel));
+            let Some(p) = self.pending.get_mut(&rel) else {
+                continue;
+            };
+            if stamp.is_none() {
+                self.pending.remove(&rel);
+            } else if stamp != p.stamp {
+                // Still changing: start the settle clock again.
+                p.stamp = stamp;
+                p.since = now;
+            } else {
+                self.pending.remove(&rel);
+                if !self.settled(&rel, stamp)? && self.ready_set.insert(rel.clone()) {
+                    self.ready.push_back(rel);
+                }
+            }
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.retries = later;
+        for (_, rel) in due {
+            let stamp = Stamp::of(&self.cfg.root.join(&rel));
+            if stamp.is_some() {
+                self.touch(rel, true, stamp);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends ready files to the workers without ever blocking: a full channel just means they
+    /// wait here, coalesced, while events keep being read.
+    fn dispatch(&mut self) {
+        while !self.ready.is_empty() {
+            let mut batch = Vec::new();
+            let mut deferred = Vec::new();
+            while batch.len() < BATCH_FILES {
+                let Some(rel) = self.ready.pop_front() else {
+                    break;
+                };
+                self.ready_set.remove(&rel);
+                if self.in_flight.contains(&rel) {
+                    deferred.push(rel);
+                    continue;
+                }
+                batch.push(Job {
+                    abs: self.cfg.root.join(&rel),
+                    rel,
+                });
+            }
+            for rel in deferred {
+                self.redo.insert(rel);
+            }
+            if batch.is_empty() {
+                return;
+            }
+            let rels: Vec<PathBuf> = batch.iter().map(|j| j.rel.clone()).collect();
+            match self.jobs.try_send(Msg::Jobs(batch)) {
+                Ok(()) => {
+                    self.stats
+                        .files
+                        .fetch_add(rels.len() as u64, Ordering::Relaxed);
+                    self.in_flight.extend(rels);
+                }
+                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                    for rel in rels.into_iter().rev() {
+                        self.ready_set.insert(rel.clone());
+                        self.ready.push_front(rel);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_finished(&mut self, fb: Finished) {
+        self.in_flight.remove(&fb.rel);
+        if let Some(after) = fb.retry_after {
+            self.retries.push((Instant::now() + after, fb.rel.clone()));
+        }
+        if self.redo.remove(&fb.rel) {
+            let stamp = Stamp::of(&self.cfg.root.join(&fb.rel));
+            self.touch(fb.rel, true, stamp);
+        }
+    }
+
+    /// Names never taken: writers' temp files, filepipe's own files and outputs.
+    fn ignored(&self, rel: &Path) -> bool {
+        let name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
+        let temp_like = [&b".part"[..], b".tmp", b".crdownload", b"~"]
+            .iter()
+            .any(|s| name.ends_with(s))
+            || name.starts_with(b".#");
+        let output = self.cfg.op == OpKind::Gzip && name.ends_with(b".gz");
+        let abs = self.cfg.root.join(rel);
+        let own = self.cfg.own_files.iter().any(|f| abs.starts_with(f))
+            || self.cfg.out.as_deref().is_some_and(|o| abs.starts_with(o));
+        temp_like
+            || output
+            || own
+            || self.cfg.filter.excluded(rel)
+            || !self.cfg.filter.included(rel) && !abs.is_dir()
+    }
+}
+
+/// Records outcomes in the state, tells the watcher, and keeps the manifest current.
+struct StateSink<'a> {
+    cfg: &'a Config,
+    state: State,
+    feedback: Sender<Finished>,
+    finished: Vec<Finished>,
+    in_transaction: bool,
+    manifest_dirty: bool,
+    manifest_written: Option<Instant>,
+}
+
+/// How often the manifest is rewritten at most: often enough to be current, rarely enough that
+/// a burst of thousands of files costs a handful of rewrites.
+const MANIFEST_INTERVAL: Duration = Duration::from_secs(1);
+
+impl StateSink<'_> {
+    fn begin(&mut self) -> Result<()> {
+        if !self.in_transaction {
+            self.state.begin()?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    fn write_manifest(&mut self) -> Result<()> {
+        if self.cfg.manifest.is_none() || self.cfg.op != OpKind::Sha256 {
+            return Ok(());
+        }
+        let digests = self.state.digests()?;
+        report::write_manifest(self.cfg, digests.iter().map(|(p, d)| (p.as_slice(), d)))?;
+        self.manifest_dirty = false;
+        self.manifest_written = Some(Instant::now());
+        Ok(())
+    }
+}
+
+impl Sink for StateSink<'_> {
+    fn outcome(&mut self, outcome: &Outcome) -> Result<()> {
+        self.begin()?;
+        let (rel, retry_after) = match outcome {
+            Outcome::Done { rel, done } => {
+                let output = (self.cfg.op == OpKind::Gzip).then(|| {
+                    let mut o = rel.as_os_str().to_os_string();
+                    o.push(".gz");
+                    PathBuf::from(o)
+                });
+                self.state
+                    .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
+                self.manifest_dirty |= done.digest.is_some();
+                (rel, None)
+            }
+            // Not started because of a shutdown: left for the next start, nothing to record.
+            Outcome::Skipped { rel, reason } if reason.kind == Kind::Interrupted => (rel, None),
+            Outcome::Skipped { rel, reason } => {
+                self.state.not_done(rel, "skipped", None, reason)?;
+                (rel, None)
+            }
+            Outcome::Failed { rel, error } => {
+                let stamp = Stamp::of(&self.cfg.root.join(rel));
+                let attempts = self.state.not_done(rel, "failed", stamp, error)?;
+                let retry = state::transient(error.kind) && attempts < state::MAX_ATTEMPTS;
+                // 1 s, 2 s, 4 s ... between attempts.
+                (
+                    rel,
+                    retry.then(|| Duration::from_secs(1 << (attempts - 1).min(6))),
+                )
+            }
+        };
+        self.finished.push(Finished {
+            rel: rel.clone(),
+            retry_after,
+        });
+        Ok(())
+    }
+
+    fn removed(&mut self, rel: &Path) -> Result<()> {
+        self.begin()?;
+        self.state.remove(rel)?;
+        self.manifest_dirty = true;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.in_transaction {
+            self.state.commit()?;
+            self.in_transaction = false;
+        }
+        // Only after the commit: the watcher then never sees a file as finished that a crash
+        // right now would make the state forget.
+        for f in self.finished.drain(..) {
+            let _ = self.feedback.send(f);
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        let due = self
+            .manifest_written
+            .is_none_or(|t| t.elapsed() >= MANIFEST_INTERVAL);
+        if self.manifest_dirty && due {
+            self.write_manifest()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        if self.manifest_dirty {
+            self.write_manifest()?;
+        }
+        Ok(())
+    }
+}

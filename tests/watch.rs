@@ -1,0 +1,273 @@
+//! `filepipe watch` end to end (RELIABILITY.md cases 18-24): the real binary watching temp
+//! trees, outputs checked with the real gzip and sha256sum.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+/// A running `filepipe watch`; killed if the test ends without stopping it.
+struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start(t: &TestTree, extra: &[&str]) -> Daemon {
+        let mut cmd = filepipe(&[OsStr::new("watch"), t.root().as_os_str()]);
+        cmd.args(["--state"])
+            .arg(t.side("state"))
+            .args(["--settle", "150", "--json"]);
+        cmd.args(extra);
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Daemon { child: Some(child) }
+    }
+
+    fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(self.child.as_ref().unwrap());
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// SIGTERM, then the exit status, stdout and stderr.
+    fn stop(mut self) -> Output {
+        self.signal(rustix::process::Signal::TERM);
+        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
+    }
+
+    fn kill(mut self) {
+        self.signal(rustix::process::Signal::KILL);
+        wait_output(self.child.take().unwrap(), Duration::from_secs(10));
+    }
+
+    fn wait(mut self) -> Output {
+        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn summary(out: &Output) -> serde_json::Value {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn manifest_lines(path: &Path) -> usize {
+    fs::read(path).map_or(0, |m| m.iter().filter(|&&b| b == b'\n').count())
+}
+
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_until(Duration::from_secs(90), what, cond);
+}
+
+fn gz_of(p: &Path) -> PathBuf {
+    let mut s = p.as_os_str().to_os_string();
+    s.push(".gz");
+    PathBuf::from(s)
+}
+
+#[test]
+fn every_file_once_when_complete_pre_existing_renamed_nested_and_slow() {
+    let t = TestTree::new().file("pre-existing.txt", &text_bytes(50_000, 1));
+    let d = Daemon::start(&t, &["--op", "gzip"]);
+    wait_for("the pre-existing file", || {
+        gz_of(&t.path("pre-existing.txt")).exists()
+    });
+
+    // Write to name.part, then rename: processed once, as name.
+    fs::write(t.path("report.part"), text_bytes(20_000, 2)).unwrap();
+    fs::rename(t.path("report.part"), t.path("report")).unwrap();
+    // A whole nested directory in one burst: the file lands before the new watches exist.
+    fs::create_dir_all(t.path("a/b/c")).unwrap();
+    fs::write(t.path("a/b/c/f"), b"x\n").unwrap();
+    // A slow writer: chunks 200 ms apart, one open file. Never taken before it is closed.
+    let slow: Vec<u8> = text_bytes(60_000, 3);
+    {
+        let mut f = fs::File::create(t.path("slow.log")).unwrap();
+        for chunk in slow.chunks(10_000) {
+            f.write_all(chunk).unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(Duration::from_millis(200));
+            assert!(
+                !gz_of(&t.path("slow.log")).exists(),
+                "taken while still being written"
+            );
+        }
+    }
+    for f in ["report", "a/b/c/f", "slow.log"] {
+        wait_for(f, || gz_of(&t.path(f)).exists());
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    let out = d.stop();
+    let s = summary(&out);
+    assert_eq!(s["done"], 4, "each file exactly once: {s}");
+    assert_eq!(s["failed"], 0, "{s}");
+    assert!(!t.path("report.part.gz").exists());
+    assert!(
+        !t.path("pre-existing.txt.gz.gz").exists(),
+        "outputs must not trigger themselves"
+    );
+    for f in ["pre-existing.txt", "report", "a/b/c/f", "slow.log"] {
+        let gz = gz_of(&t.path(f));
+        assert!(
+            tool("gzip", &[OsStr::new("-t"), gz.as_os_str()], t.dir.path())
+                .status
+                .success()
+        );
+        let back = tool("gunzip", &[OsStr::new("-c"), gz.as_os_str()], t.dir.path());
+        assert_eq!(back.stdout, fs::read(t.path(f)).unwrap(), "{f}");
+    }
+    assert_eq!(fs::read(t.path("slow.log")).unwrap(), slow);
+}
+
+#[test]
+fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
+    let t = TestTree::new().file("marker", b"ready");
+    let manifest = t.side("SHA256SUMS");
+    let d = Daemon::start(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    wait_for("the initial scan", || manifest_lines(&manifest) == 1);
+    // The directories first, while it runs, so they are watched before the burst.
+    for d in 0..20 {
+        fs::create_dir_all(t.path(format!("burst/d{d}"))).unwrap();
+    }
+    fs::write(t.path("burst/d19/sentinel"), b"watched").unwrap();
+    wait_for("the burst directories to be watched", || {
+        manifest_lines(&manifest) == 2
+    });
+    // Frozen, it cannot read events: 20,000 files (three events each) in watched directories
+    // overflow the kernel's queue of max_queued_events (16,384 by default).
+    d.signal(rustix::process::Signal::STOP);
+    for i in 0..20_000 {
+        fs::write(t.path(format!("burst/d{}/f{i}", i % 20)), format!("{i}\n")).unwrap();
+    }
+    d.signal(rustix::process::Signal::CONT);
+    wait_for("every burst file in the manifest", || {
+        manifest_lines(&manifest) == 20_002
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = d.stop();
+    let s = summary(&out);
+    assert_eq!(s["done"], 20_002, "exactly once: {s}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("overflowed"),
+        "the burst did not overflow the queue, so this test proved nothing"
+    );
+    let check = tool(
+        "sha256sum",
+        &[
+            OsStr::new("-c"),
+            OsStr::new("--quiet"),
+            manifest.as_os_str(),
+        ],
+        &t.root(),
+    );
+    assert!(check.status.success());
+}
+
+#[test]
+fn restart_after_sigkill_processes_only_new_and_changed_files() {
+    let mut t = TestTree::new();
+    for i in 0..10 {
+        t = t.file(format!("old/{i}"), format!("old {i}\n").as_bytes());
+    }
+    let manifest = t.side("SHA256SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    let d = Daemon::start(&t, &args);
+    wait_for("the first ten", || manifest_lines(&manifest) == 10);
+    std::thread::sleep(Duration::from_millis(300));
+    d.kill();
+    // While it is down: five new files and one changed.
+    fs::create_dir_all(t.path("new")).unwrap();
+    for i in 0..5 {
+        fs::write(t.path(format!("new/{i}")), format!("new {i}\n")).unwrap();
+    }
+    fs::write(t.path("old/3"), b"changed while down\n").unwrap();
+    let d = Daemon::start(&t, &args);
+    wait_for("the new files", || manifest_lines(&manifest) == 15);
+    wait_for("the changed file", || {
+        tool(
+            "sha256sum",
+            &[
+                OsStr::new("-c"),
+                OsStr::new("--quiet"),
+                manifest.as_os_str(),
+            ],
+            &t.root(),
+        )
+        .status
+        .success()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], 6, "only the new and the changed: {s}");
+}
+
+#[test]
+fn deleted_root_is_reported_and_exits_nonzero() {
+    let t = TestTree::new().file("f", b"x");
+    let d = Daemon::start(&t, &["--op", "sha256"]);
+    std::thread::sleep(Duration::from_millis(500));
+    fs::remove_dir_all(t.root()).unwrap();
+    let out = d.wait();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deleted or moved"));
+}
+
+#[test]
+fn status_lists_failed_files_from_the_state() {
+    let long = "n".repeat(253);
+    let t = TestTree::new()
+        .file(&long, b"cannot take .gz")
+        .file("ok", b"fine");
+    let d = Daemon::start(&t, &["--op", "gzip"]);
+    wait_for("the good file", || t.path("ok.gz").exists());
+    std::thread::sleep(Duration::from_millis(500));
+    let s = summary(&d.stop());
+    assert_eq!(
+        (s["done"].as_u64(), s["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    let out = run(filepipe(&[
+        OsStr::new("status"),
+        OsStr::new("--state"),
+        t.side("state").as_os_str(),
+        OsStr::new("--failed"),
+    ]));
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("\tgzip\tdone\t1"), "{text}");
+    let failed: Vec<&str> = text.lines().filter(|l| l.starts_with("FAILED")).collect();
+    assert_eq!(failed.len(), 1, "{text}");
+    assert!(
+        failed[0].contains("name-too-long")
+            && failed[0]
+                .as_bytes()
+                .windows(253)
+                .any(|w| w == long.as_bytes())
+    );
+}
