@@ -48,9 +48,9 @@ pub enum OpKind {
     Sha256,
 }
 
-/// Arguments of `filepipe batch`.
+/// Options shared by `batch` and `watch`: what to process, how, and where results go.
 #[derive(Debug, Args)]
-pub struct BatchArgs {
+pub struct PipelineArgs {
     /// The directory tree to process.
     pub dir: PathBuf,
     /// The operation to apply to each file.
@@ -62,7 +62,8 @@ pub struct BatchArgs {
     /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
     #[arg(long, value_name = "DIR")]
     pub out: Option<PathBuf>,
-    /// sha256: write the manifest to FILE (atomically) instead of stdout.
+    /// sha256: write the manifest to FILE, atomically (batch: stdout if absent; watch: kept
+    /// current from the state).
     #[arg(long, value_name = "FILE")]
     pub manifest: Option<PathBuf>,
     /// Write one JSON line per failed or skipped file to FILE.
@@ -78,6 +79,18 @@ pub struct BatchArgs {
     /// Skip files and directories matching GLOB (repeatable; same matching as --include).
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
+    /// Print the final summary as one JSON object (on stdout, or stderr if the manifest goes to
+    /// stdout).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `filepipe batch`.
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// What to process and how.
+    #[command(flatten)]
+    pub common: PipelineArgs,
     /// Follow symlinks that stay inside DIR (links leading outside are still refused).
     #[arg(long)]
     pub follow_symlinks: bool,
@@ -87,26 +100,14 @@ pub struct BatchArgs {
     /// gzip: delete each input once its output is synced and verified (never a hard-linked one).
     #[arg(long)]
     pub remove_source: bool,
-    /// Print the final summary as one JSON object (on stdout, or stderr if the manifest goes to
-    /// stdout).
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Arguments of `filepipe watch`.
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// The directory tree to watch.
-    pub dir: PathBuf,
-    /// The operation to apply to each file.
-    #[arg(long, value_enum)]
-    pub op: OpKind,
-    /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
-    #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
-    /// sha256: keep a manifest of every done file at FILE (rewritten atomically after changes).
-    #[arg(long, value_name = "FILE")]
-    pub manifest: Option<PathBuf>,
+    /// What to process and how.
+    #[command(flatten)]
+    pub common: PipelineArgs,
     /// Where the state database lives [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/filepipe,
     /// else ~/.local/state/filepipe].
     #[arg(long, value_name = "DIR")]
@@ -114,24 +115,6 @@ pub struct WatchArgs {
     /// Milliseconds a closed file's size and mtime must stay unchanged before it is taken.
     #[arg(long, value_name = "MS", default_value_t = 300)]
     pub settle: u64,
-    /// Worker threads [default: number of CPUs].
-    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
-    pub jobs: Option<u16>,
-    /// gzip: compression level.
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=9))]
-    pub level: u32,
-    /// Only process files matching GLOB (repeatable; as for batch).
-    #[arg(long, value_name = "GLOB")]
-    pub include: Vec<String>,
-    /// Skip files and directories matching GLOB (repeatable; as for batch).
-    #[arg(long, value_name = "GLOB")]
-    pub exclude: Vec<String>,
-    /// Write one JSON line per failed or skipped file to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub failure_log: Option<PathBuf>,
-    /// Print the summary of this run as one JSON object on exit.
-    #[arg(long)]
-    pub json: bool,
 }
 
 /// Arguments of `filepipe status`.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
-use crate::cli::{BatchArgs, OpKind, WatchArgs};
+use crate::cli::{BatchArgs, OpKind, PipelineArgs, WatchArgs};
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
@@ -65,21 +65,32 @@ pub struct WatchSettings {
 impl Config {
     /// Resolves and validates the `batch` arguments.
     pub fn from_batch(args: &BatchArgs, quiet: bool) -> Result<Config> {
+        let gzip_only = [
+            ("--force", args.force),
+            ("--remove-source", args.remove_source),
+        ];
+        if args.common.op == OpKind::Sha256 {
+            if let Some((flag, _)) = gzip_only.iter().find(|(_, set)| *set) {
+                bail!("{flag} only applies to --op gzip");
+            }
+        }
+        let mut cfg = Config::from_common(&args.common, quiet)?;
+        cfg.follow_symlinks = args.follow_symlinks;
+        cfg.force = args.force;
+        cfg.remove_source = args.remove_source;
+        Ok(cfg)
+    }
+
+    /// Resolves the options batch and watch share.
+    fn from_common(args: &PipelineArgs, quiet: bool) -> Result<Config> {
         let root = fs::canonicalize(&args.dir)
             .with_context(|| format!("cannot open input directory {}", args.dir.display()))?;
         if !root.is_dir() {
             bail!("{} is not a directory", args.dir.display());
         }
-        let gzip_only = [
-            ("--out", args.out.is_some()),
-            ("--force", args.force),
-            ("--remove-source", args.remove_source),
-        ];
-        if args.op == OpKind::Sha256 {
-            if let Some((flag, _)) = gzip_only.iter().find(|(_, set)| *set) {
-                bail!("{flag} only applies to --op gzip");
-            }
-        } else if args.manifest.is_some() {
+        if args.op == OpKind::Sha256 && args.out.is_some() {
+            bail!("--out only applies to --op gzip");
+        } else if args.op == OpKind::Gzip && args.manifest.is_some() {
             bail!("--manifest only applies to --op sha256");
         }
         let out = match &args.out {
@@ -110,9 +121,9 @@ impl Config {
             failure_log,
             level: args.level,
             filter: Filter::new(&args.include, &args.exclude)?,
-            follow_symlinks: args.follow_symlinks,
-            force: args.force,
-            remove_source: args.remove_source,
+            follow_symlinks: false,
+            force: false,
+            remove_source: false,
             json: args.json,
             quiet,
             progress: !quiet && std::io::stderr().is_terminal(),
@@ -123,22 +134,7 @@ impl Config {
 
     /// Resolves and validates the `watch` arguments.
     pub fn from_watch(args: &WatchArgs, quiet: bool) -> Result<Config> {
-        let batch = BatchArgs {
-            dir: args.dir.clone(),
-            op: args.op,
-            jobs: args.jobs,
-            out: args.out.clone(),
-            manifest: args.manifest.clone(),
-            failure_log: args.failure_log.clone(),
-            level: args.level,
-            include: args.include.clone(),
-            exclude: args.exclude.clone(),
-            follow_symlinks: false,
-            force: false,
-            remove_source: false,
-            json: args.json,
-        };
-        let mut cfg = Config::from_batch(&batch, quiet)?;
+        let mut cfg = Config::from_common(&args.common, quiet)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
