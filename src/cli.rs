@@ -34,13 +34,16 @@ pub enum Command {
     Watch(WatchArgs),
     /// Show what watch mode's state knows: counts per root, and failed files.
     Status(StatusArgs),
+    /// Validate a watch config file without running it (exit 0 if valid, 2 if not).
+    CheckConfig(CheckConfigArgs),
     /// Run a concurrency demo (`filepipe demo --list` lists them).
     #[cfg(feature = "demos")]
     Demo(crate::demo::DemoArgs),
 }
 
 /// The operation applied to each file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OpKind {
     /// Compress each file to `name.gz` (a standard gzip stream).
     Gzip,
@@ -51,11 +54,6 @@ pub enum OpKind {
 /// Options shared by `batch` and `watch`: what to process, how, and where results go.
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
-    /// The directory tree to process.
-    pub dir: PathBuf,
-    /// The operation to apply to each file.
-    #[arg(long, value_enum)]
-    pub op: OpKind,
     /// Worker threads [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
     pub jobs: Option<u16>,
@@ -88,6 +86,11 @@ pub struct PipelineArgs {
 /// Arguments of `filepipe batch`.
 #[derive(Debug, Args)]
 pub struct BatchArgs {
+    /// The directory tree to process.
+    pub dir: PathBuf,
+    /// The operation to apply to each file.
+    #[arg(long, value_enum)]
+    pub op: OpKind,
     /// What to process and how.
     #[command(flatten)]
     pub common: PipelineArgs,
@@ -105,6 +108,21 @@ pub struct BatchArgs {
 /// Arguments of `filepipe watch`.
 #[derive(Debug, Args)]
 pub struct WatchArgs {
+    /// The directory tree to watch (or give --config).
+    #[arg(required_unless_present = "config", conflicts_with = "config")]
+    pub dir: Option<PathBuf>,
+    /// The operation to apply to each file (or give --config).
+    #[arg(
+        long,
+        value_enum,
+        required_unless_present = "config",
+        conflicts_with = "config"
+    )]
+    pub op: Option<OpKind>,
+    /// Run the pipelines described by this TOML file (see systemd/filepipe.toml). Flags given
+    /// as well override the file's global settings and every pipeline's level and globs.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// What to process and how.
     #[command(flatten)]
     pub common: PipelineArgs,
@@ -112,9 +130,17 @@ pub struct WatchArgs {
     /// else ~/.local/state/filepipe].
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
-    /// Milliseconds a closed file's size and mtime must stay unchanged before it is taken.
-    #[arg(long, value_name = "MS", default_value_t = 300)]
-    pub settle: u64,
+    /// Milliseconds a closed file's size and mtime must stay unchanged before it is taken
+    /// [default: 300].
+    #[arg(long, value_name = "MS")]
+    pub settle: Option<u64>,
+}
+
+/// Arguments of `filepipe check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The TOML config file.
+    pub file: PathBuf,
 }
 
 /// Arguments of `filepipe status`.

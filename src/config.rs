@@ -53,6 +53,9 @@ pub struct Config {
     pub watch: Option<WatchSettings>,
 }
 
+/// The settle time when none is given.
+pub const DEFAULT_SETTLE_MS: u64 = 300;
+
 /// What only watch mode needs.
 #[derive(Debug, Clone)]
 pub struct WatchSettings {
@@ -69,28 +72,28 @@ impl Config {
             ("--force", args.force),
             ("--remove-source", args.remove_source),
         ];
-        if args.common.op == OpKind::Sha256 {
+        if args.op == OpKind::Sha256 {
             if let Some((flag, _)) = gzip_only.iter().find(|(_, set)| *set) {
                 bail!("{flag} only applies to --op gzip");
             }
         }
-        let mut cfg = Config::from_common(&args.common, quiet)?;
+        let mut cfg = Config::from_common(&args.dir, args.op, &args.common, quiet)?;
         cfg.follow_symlinks = args.follow_symlinks;
         cfg.force = args.force;
         cfg.remove_source = args.remove_source;
         Ok(cfg)
     }
 
-    /// Resolves the options batch and watch share.
-    fn from_common(args: &PipelineArgs, quiet: bool) -> Result<Config> {
-        let root = fs::canonicalize(&args.dir)
-            .with_context(|| format!("cannot open input directory {}", args.dir.display()))?;
+    /// Resolves the options batch and watch share, for the tree `dir` and operation `op`.
+    pub fn from_common(dir: &Path, op: OpKind, args: &PipelineArgs, quiet: bool) -> Result<Config> {
+        let root = fs::canonicalize(dir)
+            .with_context(|| format!("cannot open input directory {}", dir.display()))?;
         if !root.is_dir() {
-            bail!("{} is not a directory", args.dir.display());
+            bail!("{} is not a directory", dir.display());
         }
-        if args.op == OpKind::Sha256 && args.out.is_some() {
+        if op == OpKind::Sha256 && args.out.is_some() {
             bail!("--out only applies to --op gzip");
-        } else if args.op == OpKind::Gzip && args.manifest.is_some() {
+        } else if op == OpKind::Gzip && args.manifest.is_some() {
             bail!("--manifest only applies to --op sha256");
         }
         let out = match &args.out {
@@ -114,7 +117,7 @@ impl Config {
         };
         Ok(Config {
             root,
-            op: args.op,
+            op,
             jobs,
             out,
             manifest,
@@ -132,20 +135,28 @@ impl Config {
         })
     }
 
-    /// Resolves and validates the `watch` arguments.
+    /// Resolves and validates the `watch` arguments for one tree (not `--config`).
     pub fn from_watch(args: &WatchArgs, quiet: bool) -> Result<Config> {
-        let mut cfg = Config::from_common(&args.common, quiet)?;
+        let (Some(dir), Some(op)) = (&args.dir, args.op) else {
+            bail!("watch needs DIR and --op, or --config FILE");
+        };
+        let cfg = Config::from_common(dir, op, &args.common, quiet)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
+        cfg.watching(
+            state_dir,
+            Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS)),
+        )
+    }
+
+    /// Turns a resolved config into a watch config with its state directory and settle time.
+    pub fn watching(mut self, state_dir: PathBuf, settle: Duration) -> Result<Config> {
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
         let state_dir = fs::canonicalize(&state_dir)?;
         // A state directory inside the watched tree must not be watched itself.
-        cfg.own_files.push(state_dir.clone());
-        cfg.watch = Some(WatchSettings {
-            settle: Duration::from_millis(args.settle),
-            state_dir,
-        });
-        Ok(cfg)
+        self.own_files.push(state_dir.clone());
+        self.watch = Some(WatchSettings { settle, state_dir });
+        Ok(self)
     }
 
     /// The directory outputs for `rel` (a path relative to the root) are written under.

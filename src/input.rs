@@ -8,6 +8,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, FileType, Mode, OFlags, Stat};
 
@@ -108,10 +109,15 @@ impl InputFile {
     }
 }
 
+/// Bytes read from inputs by the whole process: the service watchdog's sign that workers are
+/// making progress even inside one long file.
+pub static BYTES_READ: AtomicU64 = AtomicU64::new(0);
+
 impl Read for InputFile {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.file.read(buf)?;
         self.read += n as u64;
+        BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
     }
 }

@@ -19,6 +19,7 @@ pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod report;
+pub mod service;
 pub mod signals;
 pub mod state;
 pub mod status;

@@ -6,7 +6,7 @@ use clap::Parser;
 
 use filepipe::cli::{Cli, Command};
 use filepipe::config::Config;
-use filepipe::{exit, logging, pipeline, signals, state, status, verify, watch};
+use filepipe::{exit, logging, pipeline, service, signals, state, status, verify, watch};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -17,7 +17,21 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Batch(args) => run(Config::from_batch(&args, cli.quiet), verbosity, false),
+        Command::Watch(args) if args.config.is_some() => run_service(&args, cli.quiet, verbosity),
         Command::Watch(args) => run(Config::from_watch(&args, cli.quiet), verbosity, true),
+        Command::CheckConfig(args) => {
+            match service::load(&args.file, &service::Overrides::default(), true) {
+                Ok(s) => {
+                    println!(
+                        "{}: ok, {} pipelines",
+                        args.file.display(),
+                        s.pipelines.len()
+                    );
+                    ExitCode::from(exit::SUCCESS)
+                }
+                Err(e) => fail(exit::USAGE, &e),
+            }
+        }
         Command::Status(args) => {
             let dir = args.state.unwrap_or_else(state::default_dir);
             match status::print(&dir, args.failed, &mut std::io::stdout().lock()) {
@@ -64,7 +78,7 @@ fn run(cfg: anyhow::Result<Config>, verbosity: i8, watching: bool) -> ExitCode {
         Err(e) => return fail(exit::FAILURES, &e),
     };
     let result = if watching {
-        watch::run(&cfg, &shutdown)
+        watch::run(&cfg, &shutdown, &filepipe::walk::Stats::default())
     } else {
         pipeline::run_batch(&cfg, &shutdown)
     };
@@ -84,6 +98,36 @@ fn run(cfg: anyhow::Result<Config>, verbosity: i8, watching: bool) -> ExitCode {
         Some(sig) => exit::interrupted(sig),
         None if summary.failed > 0 => ExitCode::from(exit::FAILURES),
         None => ExitCode::from(exit::SUCCESS),
+    }
+}
+
+/// `watch --config`: several pipelines under the service supervisor.
+fn run_service(args: &filepipe::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCode {
+    let Some(path) = args.config.as_deref() else {
+        return ExitCode::from(exit::USAGE);
+    };
+    let loaded = service::Overrides::from_args(args)
+        .and_then(|o| service::load(path, &o, quiet).map(|s| (o, s)));
+    let (overrides, svc) = match loaded {
+        Ok(x) => x,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    if let Err(e) = logging::init(verbosity, svc.failure_log.as_deref()) {
+        return fail(exit::USAGE, &e);
+    }
+    let shutdown = match signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURES, &e),
+    };
+    match service::run(path, &overrides, svc, &shutdown, quiet) {
+        Ok(summaries) => {
+            for (cfg, mut summary) in summaries {
+                summary.interrupted_by = shutdown.signal();
+                let _ = summary.print(&cfg);
+            }
+            ExitCode::from(exit::SUCCESS)
+        }
+        Err(e) => fail(exit::FAILURES, &e),
     }
 }
 

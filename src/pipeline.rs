@@ -113,7 +113,8 @@ pub fn run_batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
         walk::walk(cfg, jobs, events, stats, shutdown);
         Ok(())
     };
-    run_op(cfg, shutdown, &walker, &mut ManifestSink::new(cfg))
+    let stats = walk::Stats::default();
+    run_op(cfg, shutdown, &walker, &mut ManifestSink::new(cfg), &stats)
 }
 
 /// Runs the pipeline with `cfg`'s operation between `source` and `sink`.
@@ -122,10 +123,11 @@ pub fn run_op(
     shutdown: &Shutdown,
     source: &Source<'_>,
     sink: &mut (dyn Sink + Send),
+    stats: &walk::Stats,
 ) -> Result<Summary> {
     match cfg.op {
-        OpKind::Gzip => run(cfg, &GzipOp::new(cfg)?, shutdown, source, sink),
-        OpKind::Sha256 => run(cfg, &Sha256Op, shutdown, source, sink),
+        OpKind::Gzip => run(cfg, &GzipOp::new(cfg)?, shutdown, source, sink, stats),
+        OpKind::Sha256 => run(cfg, &Sha256Op, shutdown, source, sink, stats),
     }
 }
 
@@ -135,12 +137,12 @@ fn run<O: Op>(
     shutdown: &Shutdown,
     source: &Source<'_>,
     sink: &mut (dyn Sink + Send),
+    stats: &walk::Stats,
 ) -> Result<Summary> {
     // Twice the workers: enough that no worker waits on the walker, few enough that an
     // interrupt has little queued work to account for.
     let (job_tx, job_rx) = bounded::<Msg>(2 * cfg.jobs);
     let (event_tx, event_rx) = bounded::<Event>(1024);
-    let stats = walk::Stats::default();
     let workers = rayon::ThreadPoolBuilder::new()
         .num_threads(cfg.jobs)
         .thread_name(|i| format!("filepipe-worker-{i}"))
@@ -149,11 +151,10 @@ fn run<O: Op>(
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
-            .spawn_scoped(s, || report::run(cfg, op.name(), event_rx, &stats, sink))
+            .spawn_scoped(s, || report::run(cfg, op.name(), event_rx, stats, sink))
             .context("starting the reporter")?;
         let walker = {
             let events = event_tx.clone();
-            let stats = &stats;
             std::thread::Builder::new()
                 .name("filepipe-source".into())
                 .spawn_scoped(s, move || {

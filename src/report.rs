@@ -272,6 +272,9 @@ pub fn run(
                     summary.count(outcome, &mut progress);
                 }
                 sink.flush()?;
+                stats.done.store(summary.done, Ordering::Relaxed);
+                stats.skipped.store(summary.skipped, Ordering::Relaxed);
+                stats.failed.store(summary.failed, Ordering::Relaxed);
                 progress.refresh(stats, &summary);
             }
             Event::Removed(rel) => {

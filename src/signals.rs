@@ -1,4 +1,4 @@
-//! SIGINT/SIGTERM handling and the registry of in-flight temp files.
+//! SIGINT/SIGTERM/SIGHUP handling and the registry of in-flight temp files.
 //!
 //! The first signal only raises a flag: sources stop, workers get their sentinels and drain.
 //! A second signal exits at once, after unlinking every registered temp file, so even an
@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGXFSZ};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
 use signal_hook::iterator::Signals;
 
 /// Shared shutdown state, raised by the first SIGINT/SIGTERM.
@@ -19,6 +19,7 @@ use signal_hook::iterator::Signals;
 pub struct Shutdown {
     requested: AtomicBool,
     signal: AtomicI32,
+    reload: AtomicBool,
 }
 
 impl Shutdown {
@@ -38,6 +39,11 @@ impl Shutdown {
         self.requested()
             .then(|| self.signal.load(Ordering::Relaxed))
     }
+
+    /// True once per SIGHUP: the caller should reload its configuration.
+    pub fn take_reload(&self) -> bool {
+        self.reload.swap(false, Ordering::Relaxed)
+    }
 }
 
 /// Installs the handlers: returns the flag the pipeline polls.
@@ -46,12 +52,18 @@ pub fn install() -> Result<Arc<Shutdown>> {
     // Any handler turns SIGXFSZ's default "terminate" into "write fails with EFBIG".
     signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)))
         .context("installing the SIGXFSZ handler")?;
-    let mut signals = Signals::new([SIGINT, SIGTERM]).context("installing signal handlers")?;
+    let mut signals =
+        Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
     let flag = Arc::clone(&shutdown);
     std::thread::Builder::new()
         .name("filepipe-signals".into())
         .spawn(move || {
             for sig in signals.forever() {
+                if sig == SIGHUP {
+                    // Reload, not stop: only a service that reads a config acts on it.
+                    flag.reload.store(true, Ordering::Relaxed);
+                    continue;
+                }
                 if flag.requested() {
                     remove_all_temps();
                     std::process::exit(128 + sig);

@@ -34,6 +34,16 @@ pub struct Stats {
     pub queued: AtomicU64,
     /// Watch mode: files sent to the workers and not yet finished.
     pub in_flight: AtomicU64,
+    /// Outcomes the reporter has counted: done, skipped, failed (for status lines).
+    pub done: AtomicU64,
+    /// See `done`.
+    pub skipped: AtomicU64,
+    /// See `done`.
+    pub failed: AtomicU64,
+    /// Watch mode: iterations of the watcher's loop, a liveness sign for the watchdog.
+    pub loop_ticks: AtomicU64,
+    /// Watch mode: the initial scan is queued and the watches are in place.
+    pub ready: std::sync::atomic::AtomicBool,
 }
 
 /// What a scan finds.

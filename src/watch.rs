@@ -38,8 +38,10 @@ pub struct Finished {
     pub retry_after: Option<Duration>,
 }
 
-/// Runs watch mode until a shutdown signal (Ok) or a fatal watcher error (Err).
-pub fn run(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
+/// Runs watch mode until a shutdown signal (Ok) or a fatal watcher error (Err). `stats` is
+/// shared with whoever reports on the daemon (the service supervisor); `stats.ready` is raised
+/// once the watches are in place and the initial scan is queued.
+pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> {
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
     let op = match cfg.op {
         OpKind::Gzip => "gzip",
@@ -86,7 +88,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
         manifest_dirty: true,
         manifest_written: None,
     };
-    let summary = pipeline::run_op(cfg, shutdown, &source, &mut sink);
+    let summary = pipeline::run_op(cfg, shutdown, &source, &mut sink, stats);
     drop(watcher);
     summary
 }
@@ -144,12 +146,14 @@ impl Watch<'_> {
     ) -> Result<()> {
         walk::clean_own_dirs(self.cfg, self.stats);
         self.scan(&self.cfg.root.clone())?;
+        self.stats.ready.store(true, Ordering::Relaxed);
         let tick = (self.settle / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
         let mut last_root_check = Instant::now();
         loop {
             if self.shutdown.requested() {
                 return Ok(());
             }
+            self.stats.loop_ticks.fetch_add(1, Ordering::Relaxed);
             select! {
                 recv(notify_rx) -> ev => match ev {
                     Ok(Ok(event)) => self.on_event(event)?,

@@ -1,0 +1,263 @@
+//! Running as a service (RELIABILITY.md cases 25 and 27): sd_notify against a fake
+//! NOTIFY_SOCKET, reload on SIGHUP, and config validation.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Datagrams received on a fake notify socket, with their arrival times.
+struct Notifications {
+    got: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Notifications {
+    fn listen(path: &Path) -> Notifications {
+        let sock = UnixDatagram::bind(path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let got: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+        let sink = Arc::clone(&got);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    sink.lock().unwrap().push((Instant::now(), msg));
+                }
+                if Arc::strong_count(&sink) == 1 {
+                    return;
+                }
+            }
+        });
+        Notifications { got }
+    }
+
+    /// Every line received so far ("READY=1", "STATUS=...").
+    fn lines(&self) -> Vec<(Instant, String)> {
+        let got = self.got.lock().unwrap();
+        got.iter()
+            .flat_map(|(t, m)| m.lines().map(move |l| (*t, l.to_string())))
+            .collect()
+    }
+
+    fn has(&self, prefix: &str) -> bool {
+        self.lines().iter().any(|(_, l)| l.starts_with(prefix))
+    }
+
+    fn count(&self, prefix: &str) -> usize {
+        self.lines()
+            .iter()
+            .filter(|(_, l)| l.starts_with(prefix))
+            .count()
+    }
+}
+
+fn write_config(path: &Path, body: &str) {
+    fs::write(path, body).unwrap();
+}
+
+fn start(t: &TestTree, config: &Path, env: &[(&str, String)]) -> Child {
+    let mut cmd = filepipe(&[
+        OsStr::new("watch"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.env_remove("WATCHDOG_PID");
+    cmd.current_dir(t.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn signal(child: &Child, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_child(child), sig).unwrap();
+}
+
+fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+    wait_until(Duration::from_secs(60), what, cond);
+}
+
+#[test]
+fn notify_protocol_ready_after_scan_status_watchdog_and_stopping() {
+    let t = TestTree::new().file("pre.log", &text_bytes(10_000, 1));
+    let config = t.side("filepipe.toml");
+    write_config(
+        &config,
+        &format!(
+            "state_dir = {:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+            t.side("state"),
+            t.root()
+        ),
+    );
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket.to_str().unwrap().to_string()),
+            ("WATCHDOG_USEC", "1000000".to_string()),
+        ],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    // READY means watching: a file created now is processed.
+    fs::write(t.path("after-ready.log"), b"new\n").unwrap();
+    wait_for("the new file", || t.path("after-ready.log.gz").exists());
+    wait_for("STATUS=", || n.has("STATUS="));
+    // WATCHDOG_USEC = 1 s: pings every 0.5 s, so a few in two seconds.
+    let pings_before = n.count("WATCHDOG=1");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(n.count("WATCHDOG=1") >= pings_before + 2, "{:?}", n.lines());
+    assert!(t.path("pre.log.gz").exists(), "the initial scan ran");
+    signal(&child, rustix::process::Signal::TERM);
+    let out = wait_output(child, Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(n.has("STOPPING=1"), "{:?}", n.lines());
+    let lines = n.lines();
+    let ready = lines.iter().position(|(_, l)| l == "READY=1").unwrap();
+    let stopping = lines.iter().position(|(_, l)| l == "STOPPING=1").unwrap();
+    assert!(ready < stopping);
+    // STATUS lines carry counts.
+    assert!(lines
+        .iter()
+        .any(|(_, l)| l.starts_with("STATUS=1 pipelines:") && l.contains("done")));
+}
+
+#[test]
+fn sighup_keeps_old_config_when_broken_and_applies_a_good_one() {
+    let second = tempfile::tempdir().unwrap();
+    let t = TestTree::new();
+    let config = t.side("filepipe.toml");
+    let state = t.side("state");
+    let one = format!(
+        "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+        t.root()
+    );
+    write_config(&config, &one);
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+
+    // A broken config: logged, old one kept.
+    write_config(&config, "[[watch]]\npath = 42\n");
+    signal(&child, rustix::process::Signal::HUP);
+    wait_for("RELOADING=1", || n.has("RELOADING=1"));
+    fs::write(t.path("still-watched.txt"), b"old config still runs\n").unwrap();
+    wait_for("the old root still processed", || {
+        t.path("still-watched.txt.gz").exists()
+    });
+
+    // A good config adding a second root: it starts being processed, the first goes on.
+    fs::write(
+        second.path().join("queued-before-reload.txt"),
+        b"in the new root\n",
+    )
+    .unwrap();
+    write_config(
+        &config,
+        &format!(
+            "{one}[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+            second.path()
+        ),
+    );
+    signal(&child, rustix::process::Signal::HUP);
+    wait_for("the new root processed", || {
+        second.path().join("queued-before-reload.txt.gz").exists()
+    });
+    fs::write(t.path("after-reload.txt"), b"first root still watched\n").unwrap();
+    wait_for("the first root after reload", || {
+        t.path("after-reload.txt.gz").exists()
+    });
+    assert!(
+        n.count("READY=1") >= 2,
+        "READY=1 again after the reload: {:?}",
+        n.lines()
+    );
+
+    signal(&child, rustix::process::Signal::TERM);
+    let out = wait_output(child, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("reload failed, keeping the running configuration"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("filepipe.toml"),
+        "the error names the file: {stderr}"
+    );
+}
+
+#[test]
+fn check_config_names_file_line_and_key() {
+    let t = TestTree::new().dir("a").dir("b");
+    let cases = [
+        ("unknown key", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\ncolour = \"blue\"\n", "line 4"),
+        ("wrong type", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nlevel = \"high\"\n", "line 4"),
+        ("missing path", "[[watch]]\npath = \"in/nope\"\nop = \"sha256\"\n", ":2: watch[0].path"),
+        (
+            "overlapping roots",
+            "[[watch]]\npath = \"in\"\nop = \"gzip\"\n[[watch]]\npath = \"in/a\"\nop = \"sha256\"\n",
+            ":5: watch[1].path",
+        ),
+        (
+            "output inside its input",
+            "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nout = \"in/a/archive\"\n",
+            ":4: watch[0].out",
+        ),
+        ("manifest with gzip", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nmanifest = \"m\"\n", ":4: watch[0].manifest"),
+        ("no pipelines", "jobs = 2\n", "no [[watch]]"),
+    ];
+    for (what, body, expect) in cases {
+        let file = t.side("c.toml");
+        write_config(&file, body);
+        let mut cmd = filepipe(&[OsStr::new("check-config"), file.as_os_str()]);
+        cmd.current_dir(t.dir.path());
+        let out = run(cmd);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        assert!(
+            stderr.contains("c.toml") && stderr.contains(expect),
+            "{what}: {stderr}"
+        );
+    }
+    let good = t.side("good.toml");
+    write_config(
+        &good,
+        &format!(
+            "state_dir = {:?}\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nout = \"archive\"\n[[watch]]\npath = \"in/b\"\nop = \"sha256\"\nmanifest = \"in/b/SUMS\"\n",
+            t.side("state")
+        ),
+    );
+    let mut cmd = filepipe(&[OsStr::new("check-config"), good.as_os_str()]);
+    cmd.current_dir(t.dir.path());
+    let out = run(cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
