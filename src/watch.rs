@@ -96,13 +96,19 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
 /// A clear, actionable message for watch failures.
 fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
     if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
-        let now = std::fs::read_to_string("/proc/sys/fs/inotify/max_user_watches")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "?".into());
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "?".into())
+        };
+        // Since Linux 5.11 the user namespace's own limit applies too, whichever is lower.
+        let global = read("/proc/sys/fs/inotify/max_user_watches");
+        let userns = read("/proc/sys/user/max_inotify_watches");
         return anyhow::anyhow!(
-            "cannot watch every directory under {}: the inotify watch limit \
-             (fs.inotify.max_user_watches = {now}) is exhausted; raise it, e.g. \
-             'sysctl fs.inotify.max_user_watches=1048576' (and in /etc/sysctl.d/ to keep it)",
+            "cannot watch every directory under {}: the inotify watch limit is exhausted \
+             (fs.inotify.max_user_watches = {global}, user.max_inotify_watches = {userns}); \
+             raise it, e.g. 'sysctl fs.inotify.max_user_watches=1048576' (and in /etc/sysctl.d/ \
+             to keep it)",
             root.display()
         );
     }

@@ -271,3 +271,32 @@ fn status_lists_failed_files_from_the_state() {
                 .any(|w| w == long.as_bytes())
     );
 }
+
+#[test]
+fn exhausted_inotify_watch_limit_is_a_clear_error() {
+    // Lower this user namespace's own limit (Linux 5.11+) instead of the machine's.
+    let t = TestTree::new().dir("a").dir("b").dir("c").dir("d").dir("e");
+    let script = r#"echo 3 > /proc/sys/user/max_inotify_watches || exit 99
+exec "$@""#;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-r", "sh", "-c", script, "sh", common::bin(), "watch"])
+        .arg(t.root())
+        .args(["--op", "sha256", "--state"])
+        .arg(t.side("state"));
+    let out = run(cmd);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(
+        out.status.code(),
+        Some(99),
+        "cannot lower the limit here: {stderr}"
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("inotify watch limit is exhausted"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("max_user_watches"),
+        "names the sysctl: {stderr}"
+    );
+}
