@@ -77,7 +77,7 @@ impl Config {
                 bail!("{flag} only applies to --op gzip");
             }
         }
-        let mut cfg = Config::from_common(&args.dir, args.op, &args.common, quiet)?;
+        let mut cfg = Config::from_common(&args.dir, args.op, &args.common, quiet, true)?;
         cfg.follow_symlinks = args.follow_symlinks;
         cfg.force = args.force;
         cfg.remove_source = args.remove_source;
@@ -85,7 +85,14 @@ impl Config {
     }
 
     /// Resolves the options batch and watch share, for the tree `dir` and operation `op`.
-    pub fn from_common(dir: &Path, op: OpKind, args: &PipelineArgs, quiet: bool) -> Result<Config> {
+    /// With `create`, a missing `--out` directory is made; without, nothing is written.
+    pub fn from_common(
+        dir: &Path,
+        op: OpKind,
+        args: &PipelineArgs,
+        quiet: bool,
+        create: bool,
+    ) -> Result<Config> {
         let root = fs::canonicalize(dir)
             .with_context(|| format!("cannot open input directory {}", dir.display()))?;
         if !root.is_dir() {
@@ -97,6 +104,7 @@ impl Config {
             bail!("--manifest only applies to --op sha256");
         }
         let out = match &args.out {
+            Some(out) if !create => Some(absolute(out)),
             Some(out) => {
                 fs::create_dir_all(out)
                     .with_context(|| format!("cannot create output directory {}", out.display()))?;
@@ -140,19 +148,27 @@ impl Config {
         let (Some(dir), Some(op)) = (&args.dir, args.op) else {
             bail!("watch needs DIR and --op, or --config FILE");
         };
-        let cfg = Config::from_common(dir, op, &args.common, quiet)?;
+        let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
-        cfg.watching(
-            state_dir,
-            Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS)),
-        )
+        let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
+        cfg.watching(state_dir, settle, true)
     }
 
     /// Turns a resolved config into a watch config with its state directory and settle time.
-    pub fn watching(mut self, state_dir: PathBuf, settle: Duration) -> Result<Config> {
-        std::fs::create_dir_all(&state_dir)
-            .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
-        let state_dir = fs::canonicalize(&state_dir)?;
+    pub fn watching(
+        mut self,
+        state_dir: PathBuf,
+        settle: Duration,
+        create: bool,
+    ) -> Result<Config> {
+        let state_dir = if create {
+            std::fs::create_dir_all(&state_dir).with_context(|| {
+                format!("cannot create state directory {}", state_dir.display())
+            })?;
+            fs::canonicalize(&state_dir)?
+        } else {
+            absolute(&state_dir)
+        };
         // A state directory inside the watched tree must not be watched itself.
         self.own_files.push(state_dir.clone());
         self.watch = Some(WatchSettings { settle, state_dir });
@@ -162,6 +178,29 @@ impl Config {
     /// The directory outputs for `rel` (a path relative to the root) are written under.
     pub fn out_root(&self) -> &Path {
         self.out.as_deref().unwrap_or(&self.root)
+    }
+}
+
+/// `path` made absolute through its deepest existing ancestor, for containment checks on
+/// directories that do not exist yet.
+pub fn absolute(path: &Path) -> PathBuf {
+    let mut missing = Vec::new();
+    let mut p = path.to_path_buf();
+    loop {
+        if let Ok(c) = std::fs::canonicalize(&p) {
+            return missing.iter().rev().fold(c, |acc, m: &PathBuf| acc.join(m));
+        }
+        match (p.file_name().map(PathBuf::from), p.parent()) {
+            (Some(name), Some(parent)) => {
+                missing.push(name);
+                p = if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                };
+            }
+            _ => return path.to_path_buf(),
+        }
     }
 }
 

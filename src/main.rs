@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Command::Watch(args) if args.config.is_some() => run_service(&args, cli.quiet, verbosity),
         Command::Watch(args) => run(Config::from_watch(&args, cli.quiet), verbosity, true),
         Command::CheckConfig(args) => {
-            match service::load(&args.file, &service::Overrides::default(), true) {
+            match service::load(&args.file, &service::Overrides::default(), true, false) {
                 Ok(s) => {
                     println!(
                         "{}: ok, {} pipelines",
@@ -86,7 +86,9 @@ fn run(cfg: anyhow::Result<Config>, verbosity: i8, watching: bool) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURES, &e),
     };
-    summary.interrupted_by = shutdown.signal();
+    if !watching {
+        summary.interrupted_by = shutdown.signal();
+    }
     if let Err(e) = summary.print(&cfg) {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             return fail(exit::FAILURES, &e.into());
@@ -107,7 +109,7 @@ fn run_service(args: &filepipe::cli::WatchArgs, quiet: bool, verbosity: i8) -> E
         return ExitCode::from(exit::USAGE);
     };
     let loaded = service::Overrides::from_args(args)
-        .and_then(|o| service::load(path, &o, quiet).map(|s| (o, s)));
+        .and_then(|o| service::load(path, &o, quiet, true).map(|s| (o, s)));
     let (overrides, svc) = match loaded {
         Ok(x) => x,
         Err(e) => return fail(exit::USAGE, &e),
@@ -121,8 +123,8 @@ fn run_service(args: &filepipe::cli::WatchArgs, quiet: bool, verbosity: i8) -> E
     };
     match service::run(path, &overrides, svc, &shutdown, quiet) {
         Ok(summaries) => {
-            for (cfg, mut summary) in summaries {
-                summary.interrupted_by = shutdown.signal();
+            // A signal is how a daemon is meant to stop: no "interrupted" note in the journal.
+            for (cfg, summary) in summaries {
                 let _ = summary.print(&cfg);
             }
             ExitCode::from(exit::SUCCESS)

@@ -24,7 +24,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::cli::{OpKind, PipelineArgs, WatchArgs};
-use crate::config::{Config, DEFAULT_SETTLE_MS};
+use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::input::BYTES_READ;
 use crate::report::Summary;
 use crate::signals::Shutdown;
@@ -99,8 +99,9 @@ impl Overrides {
     }
 }
 
-/// Reads and validates a config file. Errors name the file, the line and the key.
-pub fn load(path: &Path, overrides: &Overrides, quiet: bool) -> Result<Service> {
+/// Reads and validates a config file. Errors name the file, the line and the key. With
+/// `create`, missing output and state directories are made; without, nothing is written.
+pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Result<Service> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     let file: FileConfig = toml::from_str(&text)
@@ -214,8 +215,8 @@ pub fn load(path: &Path, overrides: &Overrides, quiet: bool) -> Result<Service> 
             .or(w.settle_ms)
             .or(file.settle_ms)
             .unwrap_or(DEFAULT_SETTLE_MS);
-        let cfg = Config::from_common(&root, w.op, &args, quiet)
-            .and_then(|c| c.watching(state_dir.clone(), Duration::from_millis(settle)))
+        let cfg = Config::from_common(&root, w.op, &args, quiet, create)
+            .and_then(|c| c.watching(state_dir.clone(), Duration::from_millis(settle), create))
             .map_err(|e| at(w.path.span(), &format!("watch[{i}]"), format!("{e:#}")))?;
         pipelines.push(cfg);
     }
@@ -242,29 +243,6 @@ fn op_name(op: OpKind) -> &'static str {
     match op {
         OpKind::Gzip => "gzip",
         OpKind::Sha256 => "sha256",
-    }
-}
-
-/// `path` made absolute through its deepest existing ancestor, for containment checks on
-/// directories that do not exist yet.
-fn absolute(path: &Path) -> PathBuf {
-    let mut missing = Vec::new();
-    let mut p = path.to_path_buf();
-    loop {
-        if let Ok(c) = std::fs::canonicalize(&p) {
-            return missing.iter().rev().fold(c, |acc, m: &PathBuf| acc.join(m));
-        }
-        match (p.file_name().map(PathBuf::from), p.parent()) {
-            (Some(name), Some(parent)) => {
-                missing.push(name);
-                p = if parent.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    parent.to_path_buf()
-                };
-            }
-            _ => return path.to_path_buf(),
-        }
     }
 }
 
@@ -393,7 +371,7 @@ pub fn run(
             let mut states = vec![NotifyState::Reloading];
             states.extend(now);
             notify(&states);
-            match load(path, overrides, quiet) {
+            match load(path, overrides, quiet, true) {
                 Err(e) => {
                     tracing::error!("reload failed, keeping the running configuration: {e:#}");
                     notify(&[

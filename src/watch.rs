@@ -99,7 +99,7 @@ fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
         let read = |p: &str| {
             std::fs::read_to_string(p)
                 .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "?".into())
+                .unwrap_or_else(|_| "unreadable here".into())
         };
         // Since Linux 5.11 the user namespace's own limit applies too, whichever is lower.
         let global = read("/proc/sys/fs/inotify/max_user_watches");

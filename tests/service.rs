@@ -260,4 +260,6 @@ fn check_config_names_file_line_and_key() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Validating writes nothing: no output root, no state directory.
+    assert!(!t.side("archive").exists() && !t.side("state").exists());
 }
