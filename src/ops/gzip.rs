@@ -261,7 +261,7 @@ impl Op for GzipOp {
         let totals = gzstream::compress(
             input,
             expected,
-            temp.file(),
+            &mut output::WriteBehind::new(temp.file()),
             &header,
             self.blocks.as_ref(),
             &mut scratch.buf,
