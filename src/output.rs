@@ -202,6 +202,11 @@ impl TempOutput {
         }
     }
 
+    /// The temp file's name in its directory.
+    pub fn name(&self) -> &OsStr {
+        &self.name
+    }
+
     /// The open temp file, for writing.
     pub fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("temp file is open until publish")

@@ -41,6 +41,9 @@ pub struct Job {
     pub abs: PathBuf,
     /// Path relative to the root: what the manifest and logs show.
     pub rel: PathBuf,
+    /// An existing output for this file was made by filepipe (watch mode's state says so) and
+    /// may be replaced when the file changed; anyone else's output never is without --force.
+    pub replace: bool,
 }
 
 /// Most jobs in one message.
@@ -151,7 +154,9 @@ fn run<O: Op>(
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
-            .spawn_scoped(s, || report::run(cfg, op.name(), event_rx, stats, sink))
+            .spawn_scoped(s, || {
+                report::run(cfg, op.name(), event_rx, stats, sink, shutdown)
+            })
             .context("starting the reporter")?;
         let walker = {
             let events = event_tx.clone();

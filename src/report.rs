@@ -27,6 +27,7 @@ use crate::logging::FAILURES;
 use crate::manifest;
 use crate::output::{Dir, TempOutput};
 use crate::pipeline::{Event, Outcome};
+use crate::signals::Shutdown;
 use crate::walk::Stats;
 
 /// The final account of a run.
@@ -243,6 +244,7 @@ pub fn run(
     events: Receiver<Event>,
     stats: &Stats,
     sink: &mut dyn Sink,
+    shutdown: &Shutdown,
 ) -> Result<Summary> {
     let started = Instant::now();
     let mut progress = Progress::new(cfg);
@@ -250,12 +252,25 @@ pub fn run(
         op,
         ..Summary::default()
     };
+    // The first sink failure (a manifest or state write): from then on the run is being shut
+    // down, but events are still drained, so no worker or sentinel ever blocks on a full
+    // channel and every outcome is still counted.
+    let mut failure: Option<anyhow::Error> = None;
+    let mut guard = |r: Result<()>| {
+        if let Err(e) = r {
+            if failure.is_none() {
+                tracing::error!("stopping: {e:#}");
+                shutdown.request(0);
+                failure = Some(e);
+            }
+        }
+    };
     loop {
         let event = match events.recv_timeout(Duration::from_millis(200)) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => {
                 progress.refresh(stats, &summary);
-                sink.tick()?;
+                guard(sink.tick());
                 continue;
             }
             Err(RecvTimeoutError::Disconnected) => break,
@@ -268,26 +283,31 @@ pub fn run(
             }
             Event::Finished(outcomes) => {
                 for outcome in outcomes {
-                    sink.outcome(&outcome)?;
+                    guard(sink.outcome(&outcome));
                     summary.count(outcome, &mut progress);
                 }
-                sink.flush()?;
+                guard(sink.flush());
                 stats.done.store(summary.done, Ordering::Relaxed);
                 stats.skipped.store(summary.skipped, Ordering::Relaxed);
                 stats.failed.store(summary.failed, Ordering::Relaxed);
                 progress.refresh(stats, &summary);
             }
             Event::Removed(rel) => {
-                sink.removed(&rel)?;
-                sink.flush()?;
+                guard(sink.removed(&rel));
+                guard(sink.flush());
             }
         }
+        // Also while events keep coming: a steady stream must not starve periodic work.
+        guard(sink.tick());
     }
     for b in progress.workers.drain(..) {
         b.finish_and_clear();
     }
     progress.overall.finish_and_clear();
-    sink.finish()?;
+    guard(sink.finish());
+    if let Some(e) = failure {
+        return Err(e);
+    }
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
     summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
@@ -405,7 +425,13 @@ pub fn write_manifest<'d>(
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
         rustix::fs::Mode::empty(),
     )
-    .with_context(|| format!("opening {}", parent.display()))?;
+    .with_context(|| {
+        format!(
+            "writing the manifest {}: cannot open its directory {}",
+            path.display(),
+            parent.display()
+        )
+    })?;
     let dir = Arc::new(Dir {
         fd,
         path: parent.to_path_buf(),

@@ -383,17 +383,32 @@ pub fn run(
                     let keep: HashSet<String> = new.pipelines.iter().map(identity).collect();
                     let (kept, gone): (Vec<_>, Vec<_>) =
                         running.drain(..).partition(|r| keep.contains(&r.identity));
+                    running = kept;
+                    let mut failed = None;
                     for r in gone {
                         tracing::info!(root = %r.cfg.root.display(), "pipeline removed by reload");
-                        done.push(stop(r, libc::SIGHUP)?);
+                        match stop(r, libc::SIGHUP) {
+                            Ok(s) => done.push(s),
+                            Err(e) => failed = failed.or(Some(e)),
+                        }
                     }
-                    running = kept;
                     let have: HashSet<String> =
                         running.iter().map(|r| r.identity.clone()).collect();
                     for cfg in new.pipelines {
-                        if !have.contains(&identity(&cfg)) {
-                            running.push(start(cfg)?);
+                        if failed.is_none() && !have.contains(&identity(&cfg)) {
+                            match start(cfg) {
+                                Ok(r) => running.push(r),
+                                Err(e) => failed = Some(e),
+                            }
                         }
+                    }
+                    // Whatever went wrong, the pipelines still running drain before the exit.
+                    if let Some(e) = failed {
+                        notify(&[NotifyState::Stopping]);
+                        for r in running.drain(..) {
+                            let _ = stop(r, libc::SIGTERM);
+                        }
+                        return Err(e);
                     }
                     set_watched(&running);
                     if service.failure_log != new.failure_log {

@@ -39,7 +39,11 @@ impl Stamp {
     pub fn from_stat(st: &rustix::fs::Stat) -> Stamp {
         Stamp {
             size: st.st_size as u64,
-            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec as i64,
+            // Saturating: a file dated past 2262 must not overflow (or panic in debug builds).
+            mtime_ns: st
+                .st_mtime
+                .saturating_mul(1_000_000_000)
+                .saturating_add(st.st_mtime_nsec as i64),
             inode: st.st_ino,
         }
     }
@@ -243,11 +247,20 @@ impl State {
         Ok(attempts)
     }
 
-    /// Forgets a file that was deleted or moved away.
+    /// Forgets a file that was deleted or moved away, or a whole directory of them (a moved
+    /// directory is one event).
     pub fn remove(&mut self, rel: &Path) -> Result<()> {
+        let path = rel.as_os_str().as_bytes();
+        // Rows under "rel/": byte strings from "rel/" up to (not including) "rel0", since '0'
+        // follows '/' in ASCII.
+        let lo = [path, b"/"].concat();
+        let hi = [path, b"0"].concat();
         self.conn
-            .prepare_cached("DELETE FROM files WHERE root=?1 AND op=?2 AND path=?3")?
-            .execute(params![self.root, self.op, rel.as_os_str().as_bytes()])?;
+            .prepare_cached(
+                "DELETE FROM files WHERE root=?1 AND op=?2
+                 AND (path=?3 OR (path >= ?4 AND path < ?5))",
+            )?
+            .execute(params![self.root, self.op, path, lo, hi])?;
         Ok(())
     }
 
@@ -274,6 +287,22 @@ impl State {
 }
 
 impl Reader {
+    /// Every path the state knows under `dir` (relative to the root; "" for all).
+    pub fn paths_under(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT path FROM files WHERE root=?1 AND op=?2")?;
+        let rows = stmt.query_map(params![self.root, self.op], |r| r.get::<_, Vec<u8>>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let p = bytes_path(row?);
+            if p.starts_with(dir) {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
     /// What the state knows about `rel`, if anything.
     pub fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(

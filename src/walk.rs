@@ -185,6 +185,7 @@ fn classify(
     let job = Job {
         abs: path.to_path_buf(),
         rel,
+        replace: false,
     };
     (Some(Found::File(job, size)), false)
 }

@@ -15,9 +15,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{select, Receiver, Sender, TrySendError};
-use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RenameMode};
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher as _};
 
 use crate::cli::OpKind;
@@ -50,24 +50,25 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
     let state = State::open(&settings.state_dir, &cfg.root, op)?;
     let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
     let (feedback_tx, feedback_rx) = crossbeam_channel::unbounded();
-    let (notify_tx, notify_rx) = crossbeam_channel::unbounded();
-    // Watches first, then the initial scan (in the source): a file created in between is seen
-    // by both, and coalesced, rather than by neither.
-    let mut watcher = notify::RecommendedWatcher::new(notify_tx, notify::Config::default())
-        .context("starting the file system watcher")?;
-    watcher
-        .watch(&cfg.root, RecursiveMode::Recursive)
-        .map_err(|e| watch_error(&cfg.root, e))?;
-    let parts = Mutex::new(Some((reader, notify_rx, feedback_rx)));
+    let parts = Mutex::new(Some((reader, feedback_rx)));
     let source = |jobs: &Sender<Msg>, events: &Sender<Event>, stats: &Stats| {
         let taken = parts.lock().ok().and_then(|mut p| p.take());
-        let (reader, notify_rx, feedback_rx) = taken.context("the watch source runs once")?;
+        let (reader, feedback_rx) = taken.context("the watch source runs once")?;
+        let (notify_tx, notify_rx) = crossbeam_channel::unbounded();
+        // Watches first, then the initial scan: a file created in between is seen by both,
+        // and coalesced, rather than by neither.
+        let mut watcher = notify::RecommendedWatcher::new(notify_tx, notify::Config::default())
+            .context("starting the file system watcher")?;
+        watcher
+            .watch(&cfg.root, RecursiveMode::Recursive)
+            .map_err(|e| watch_error(&cfg.root, e))?;
         let mut w = Watch {
             cfg,
             settle: settings.settle,
             stats,
             shutdown,
             reader,
+            watcher,
             jobs,
             events,
             pending: HashMap::new(),
@@ -88,9 +89,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
         manifest_dirty: true,
         manifest_written: None,
     };
-    let summary = pipeline::run_op(cfg, shutdown, &source, &mut sink, stats);
-    drop(watcher);
-    summary
+    pipeline::run_op(cfg, shutdown, &source, &mut sink, stats)
 }
 
 /// A clear, actionable message for watch failures.
@@ -132,6 +131,8 @@ struct Watch<'a> {
     stats: &'a Stats,
     shutdown: &'a Shutdown,
     reader: Reader,
+    /// Owned here so new directories can be watched before they are scanned.
+    watcher: notify::RecommendedWatcher,
     jobs: &'a Sender<Msg>,
     events: &'a Sender<Event>,
     pending: HashMap<PathBuf, Pending>,
@@ -177,7 +178,7 @@ impl Watch<'_> {
                 default(tick) => {}
             }
             self.promote()?;
-            self.dispatch();
+            self.dispatch()?;
             if last_root_check.elapsed() > Duration::from_secs(1) {
                 last_root_check = Instant::now();
                 if !self.cfg.root.is_dir() {
@@ -187,47 +188,80 @@ impl Watch<'_> {
                     );
                 }
             }
-            self.stats.queued.store(
-                (self.pending.len() + self.ready.len()) as u64,
-                Ordering::Relaxed,
-            );
+            let queued = self.pending.len() + self.ready.len();
+            self.stats.queued.store(queued as u64, Ordering::Relaxed);
             self.stats
                 .in_flight
                 .store(self.in_flight.len() as u64, Ordering::Relaxed);
         }
     }
 
-    /// Scans `dir`: files not already settled in the state wait to be taken.
+    fn send(&self, event: Event) -> Result<()> {
+        self.events
+            .send(event)
+            .map_err(|_| anyhow!("the reporter has stopped"))
+    }
+
+    /// Watches `dir` (and everything below it) now; harmless if it already is watched.
+    fn watch(&mut self, dir: &Path) -> Result<()> {
+        match self.watcher.watch(dir, RecursiveMode::Recursive) {
+            Ok(()) => Ok(()),
+            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                Err(watch_error(&self.cfg.root, e))
+            }
+            // Gone again already: its removal event follows.
+            Err(e) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
+                Ok(())
+            }
+        }
+    }
+
+    /// Scans `dir`: files not already settled in the state wait to be taken, and files the
+    /// state knows under `dir` that no longer exist are forgotten (their deletion may have
+    /// happened while filepipe was down, or been lost in an overflow).
     fn scan(&mut self, dir: &Path) -> Result<()> {
         let mut found = Vec::new();
         walk::scan(self.cfg, dir, self.stats, self.shutdown, &mut |f| {
             found.push(f);
             true
         });
+        let mut seen = HashSet::new();
         for f in found {
             match f {
                 Found::File(job, _) => {
                     if self.ignored(&job.rel) {
                         continue;
                     }
+                    seen.insert(job.rel.clone());
                     let stamp = Stamp::of(&job.abs);
                     if self.settled(&job.rel, stamp)? {
                         continue;
                     }
-                    self.touch(job.rel, true, stamp);
+                    self.found(job.rel, stamp);
                 }
                 Found::Report(outcome) => {
                     let rel = match &outcome {
-                        Outcome::Skipped { rel, .. } | Outcome::Failed { rel, .. } => rel.clone(),
-                        Outcome::Done { rel, .. } => rel.clone(),
+                        Outcome::Skipped { rel, .. }
+                        | Outcome::Failed { rel, .. }
+                        | Outcome::Done { rel, .. } => rel.clone(),
                     };
+                    seen.insert(rel.clone());
                     // Report a symlink or special file once, not at every rescan.
-                    if matches!(outcome, Outcome::Skipped { .. }) && self.settled(&rel, None)? {
+                    let stamp = Stamp::of(&self.cfg.root.join(&rel));
+                    if matches!(outcome, Outcome::Skipped { .. }) && self.settled(&rel, stamp)? {
                         continue;
                     }
                     self.stats.reported.fetch_add(1, Ordering::Relaxed);
-                    let _ = self.events.send(Event::Finished(vec![outcome]));
+                    self.send(Event::Finished(vec![outcome]))?;
                 }
+            }
+        }
+        let under = dir.strip_prefix(&self.cfg.root).unwrap_or(Path::new(""));
+        for rel in self.reader.paths_under(under)? {
+            let abs = self.cfg.root.join(&rel);
+            if !seen.contains(&rel) && std::fs::symlink_metadata(&abs).is_err() {
+                self.forget(rel)?;
             }
         }
         Ok(())
@@ -240,15 +274,19 @@ impl Watch<'_> {
     fn on_event(&mut self, event: notify::Event) -> Result<()> {
         if event.need_rescan() {
             tracing::warn!("the kernel's event queue overflowed: rescanning the whole tree");
-            return self.scan(&self.cfg.root.clone());
+            // Directories created during the overflow lost their IN_CREATE, so notify never
+            // watched them: watch the whole tree again first.
+            let root = self.cfg.root.clone();
+            self.watch(&root)?;
+            return self.scan(&root);
         }
         for path in &event.paths {
             if path == &self.cfg.root {
-                if matches!(
+                let gone = matches!(
                     event.kind,
                     EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
-                ) && !path.is_dir()
-                {
+                );
+                if gone && !path.is_dir() {
                     bail!(
                         "the watched directory {} was deleted or moved",
                         path.display()
@@ -264,26 +302,27 @@ impl Watch<'_> {
                 continue;
             }
             match event.kind {
-                EventKind::Create(CreateKind::Folder) => self.scan(path)?,
-                EventKind::Modify(ModifyKind::Name(RenameMode::To)) if path.is_dir() => {
+                // A new directory: watch it, then scan it, so files created in it before its
+                // watch existed are not lost.
+                EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To))
+                    if path.is_dir() =>
+                {
+                    self.watch(path)?;
                     self.scan(path)?
                 }
                 // Renamed into place: complete by convention (write to .part, then rename).
-                EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
+                EventKind::Modify(ModifyKind::Name(RenameMode::To))
+                | EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
                     self.touch(rel, true, Stamp::of(path))
                 }
-                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
-                    self.touch(rel, true, Stamp::of(path))
-                }
+                // chmod, touch, chown: the writer may be done (install, curl -R), or not.
+                EventKind::Modify(ModifyKind::Metadata(_)) => self.touched_metadata(rel, path),
                 EventKind::Create(_)
-                | EventKind::Modify(
-                    ModifyKind::Data(_)
-                    | ModifyKind::Any
-                    | ModifyKind::Metadata(_)
-                    | ModifyKind::Other,
-                ) => self.touch(rel, false, None),
+                | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+                    self.touch(rel, false, None)
+                }
                 EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => {
-                    self.forget(rel)
+                    self.forget(rel)?
                 }
                 _ => {}
             }
@@ -304,12 +343,28 @@ impl Watch<'_> {
         p.stamp = stamp;
     }
 
-    fn forget(&mut self, rel: PathBuf) {
+    /// A metadata change restarts the settle clock but says nothing about whether the writer is
+    /// done: a waiting file keeps its state; any other file is looked at again (the state
+    /// tells whether it really changed).
+    fn touched_metadata(&mut self, rel: PathBuf, path: &Path) {
+        let stamp = Stamp::of(path);
+        let complete = self.pending.get(&rel).is_none_or(|p| p.complete);
+        self.touch(rel, complete, stamp);
+    }
+
+    /// A file found by a scan: complete unless events already say it is being written.
+    fn found(&mut self, rel: PathBuf, stamp: Option<Stamp>) {
+        if !self.pending.contains_key(&rel) {
+            self.touch(rel, true, stamp);
+        }
+    }
+
+    fn forget(&mut self, rel: PathBuf) -> Result<()> {
         self.pending.remove(&rel);
         if self.ready_set.remove(&rel) {
             self.ready.retain(|r| r != &rel);
         }
-        let _ = self.events.send(Event::Removed(rel));
+        self.send(Event::Removed(rel))
     }
 
     /// Moves settled, complete files to the ready queue.
@@ -354,7 +409,7 @@ impl Watch<'_> {
 
     /// Sends ready files to the workers without ever blocking: a full channel just means they
     /// wait here, coalesced, while events keep being read.
-    fn dispatch(&mut self) {
+    fn dispatch(&mut self) -> Result<()> {
         while !self.ready.is_empty() {
             let mut batch = Vec::new();
             let mut deferred = Vec::new();
@@ -367,16 +422,23 @@ impl Watch<'_> {
                     deferred.push(rel);
                     continue;
                 }
+                // An output filepipe itself made for this file may be replaced when the file
+                // changes; anyone else's never is.
+                let replace = self
+                    .reader
+                    .lookup(&rel)?
+                    .is_some_and(|k| k.status == "done");
                 batch.push(Job {
                     abs: self.cfg.root.join(&rel),
                     rel,
+                    replace,
                 });
             }
             for rel in deferred {
                 self.redo.insert(rel);
             }
             if batch.is_empty() {
-                return;
+                return Ok(());
             }
             let rels: Vec<PathBuf> = batch.iter().map(|j| j.rel.clone()).collect();
             match self.jobs.try_send(Msg::Jobs(batch)) {
@@ -386,15 +448,17 @@ impl Watch<'_> {
                         .fetch_add(rels.len() as u64, Ordering::Relaxed);
                     self.in_flight.extend(rels);
                 }
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                Err(TrySendError::Full(_)) => {
                     for rel in rels.into_iter().rev() {
                         self.ready_set.insert(rel.clone());
                         self.ready.push_front(rel);
                     }
-                    return;
+                    return Ok(());
                 }
+                Err(TrySendError::Disconnected(_)) => bail!("the workers have stopped"),
             }
         }
+        Ok(())
     }
 
     fn on_finished(&mut self, fb: Finished) {
@@ -467,6 +531,13 @@ impl Sink for StateSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<()> {
         self.begin()?;
         let (rel, retry_after) = match outcome {
+            // Deleted while it was processed: recording it would bring back a file that is gone
+            // (and put it in the manifest).
+            Outcome::Done { rel, .. } if Stamp::of(&self.cfg.root.join(rel)).is_none() => {
+                self.state.remove(rel)?;
+                self.manifest_dirty = true;
+                (rel, None)
+            }
             Outcome::Done { rel, done } => {
                 let output = (self.cfg.op == OpKind::Gzip).then(|| {
                     let mut o = rel.as_os_str().to_os_string();
@@ -481,7 +552,9 @@ impl Sink for StateSink<'_> {
             // Not started because of a shutdown: left for the next start, nothing to record.
             Outcome::Skipped { rel, reason } if reason.kind == Kind::Interrupted => (rel, None),
             Outcome::Skipped { rel, reason } => {
-                self.state.not_done(rel, "skipped", None, reason)?;
+                // With its stamp, so the next scan knows it is settled unless it changes.
+                let stamp = Stamp::of(&self.cfg.root.join(rel));
+                self.state.not_done(rel, "skipped", stamp, reason)?;
                 (rel, None)
             }
             Outcome::Failed { rel, error } => {

@@ -1021,3 +1021,31 @@ fn stale_temps_of_dead_processes_are_removed_live_ones_kept() {
     assert_eq!(sha.status.code(), Some(0));
     assert_eq!(temps_under(t.dir.path()), [t.path(&live)]);
 }
+
+#[test]
+fn far_future_mtime_is_handled() {
+    let t = TestTree::new().file("future", b"from 2300\n");
+    let out = tool(
+        "touch",
+        &[s("-d"), s("2300-01-01"), p(&t.path("future"))],
+        t.dir.path(),
+    );
+    assert!(out.status.success());
+    for op in ["sha256", "gzip"] {
+        let out = run(filepipe(&[
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s(op),
+            s("-q"),
+        ]));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{op}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let back = tool("gunzip", &[s("-c"), p(&t.path("future.gz"))], t.dir.path());
+    assert_eq!(back.stdout, b"from 2300\n");
+}

@@ -164,14 +164,22 @@ fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
     for i in 0..20_000 {
         fs::write(t.path(format!("burst/d{}/f{i}", i % 20)), format!("{i}\n")).unwrap();
     }
+    // A directory created while events are being lost: it must still get watched.
+    fs::create_dir(t.path("made-during-overflow")).unwrap();
     d.signal(rustix::process::Signal::CONT);
     wait_for("every burst file in the manifest", || {
         manifest_lines(&manifest) == 20_002
     });
+    fs::write(
+        t.path("made-during-overflow/late"),
+        b"written after the rescan\n",
+    )
+    .unwrap();
+    wait_for("the late file", || manifest_lines(&manifest) == 20_003);
     std::thread::sleep(Duration::from_millis(1500));
     let out = d.stop();
     let s = summary(&out);
-    assert_eq!(s["done"], 20_002, "exactly once: {s}");
+    assert_eq!(s["done"], 20_003, "exactly once: {s}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("overflowed"),
         "the burst did not overflow the queue, so this test proved nothing"
@@ -298,5 +306,165 @@ exec "$@""#;
     assert!(
         stderr.contains("max_user_watches"),
         "names the sysctl: {stderr}"
+    );
+}
+
+#[test]
+fn chmod_after_close_does_not_leave_a_file_waiting() {
+    let t = TestTree::new();
+    let d = Daemon::start(&t, &["--op", "gzip"]);
+    std::thread::sleep(Duration::from_millis(300));
+    // Like install(1) or curl -R: write, close, then set the mode and times.
+    fs::write(t.path("installed"), b"done writing\n").unwrap();
+    let mut perms = fs::metadata(t.path("installed")).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o640);
+    fs::set_permissions(t.path("installed"), perms).unwrap();
+    wait_for("the chmod'ed file", || t.path("installed.gz").exists());
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], 1, "{s}");
+}
+
+#[test]
+fn files_in_new_directories_are_never_lost() {
+    let t = TestTree::new();
+    let manifest = t.side("SUMS");
+    let d = Daemon::start(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // The race: a file created right after its directory, before any watch can exist on it.
+    for n in 0..150 {
+        fs::create_dir_all(t.path(format!("d{n}/b/c"))).unwrap();
+        fs::write(t.path(format!("d{n}/b/c/f")), format!("{n}\n")).unwrap();
+        fs::create_dir(t.path(format!("e{n}"))).unwrap();
+        fs::write(t.path(format!("e{n}/g")), format!("{n}\n")).unwrap();
+    }
+    wait_for("all 300 files", || manifest_lines(&manifest) == 300);
+    std::thread::sleep(Duration::from_millis(1200));
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], 300, "{s}");
+}
+
+#[test]
+fn deletions_leave_the_manifest_while_running_and_across_restarts() {
+    let t = TestTree::new()
+        .file("keep", b"k\n")
+        .file("gone-while-down", b"g\n")
+        .file("sub/a", b"a\n")
+        .file("sub/b", b"b\n");
+    let manifest = t.side("SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    let outside = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&t, &args);
+    wait_for("four files", || manifest_lines(&manifest) == 4);
+    // A directory moved out of the tree is one event for all its files.
+    fs::rename(t.path("sub"), outside.path().join("sub")).unwrap();
+    wait_for("the moved directory's files to leave", || {
+        manifest_lines(&manifest) == 2
+    });
+    summary(&d.stop());
+    // Deleted while the daemon was down: the start-up scan reconciles.
+    fs::remove_file(t.path("gone-while-down")).unwrap();
+    let d = Daemon::start(&t, &args);
+    wait_for("the deleted file to leave", || {
+        manifest_lines(&manifest) == 1
+    });
+    summary(&d.stop());
+    let check = tool(
+        "sha256sum",
+        &[OsStr::new("-c"), manifest.as_os_str()],
+        &t.root(),
+    );
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stdout)
+    );
+}
+
+#[test]
+fn manifest_is_kept_current_during_a_steady_stream() {
+    let t = TestTree::new();
+    let manifest = t.side("SUMS");
+    let d = Daemon::start(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // One file every 100 ms for 4 s: the reporter is never idle for 200 ms.
+    let mut grew_while_streaming = false;
+    for i in 0..40 {
+        fs::write(t.path(format!("f{i}")), format!("{i}\n")).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        grew_while_streaming |= manifest_lines(&manifest) > 0;
+    }
+    assert!(
+        grew_while_streaming,
+        "the manifest was not rewritten during the stream"
+    );
+    wait_for("all 40", || manifest_lines(&manifest) == 40);
+    summary(&d.stop());
+}
+
+#[test]
+fn a_changed_input_replaces_its_own_output_but_never_a_foreign_one() {
+    let t = TestTree::new()
+        .file("foreign.gz", b"someone else's")
+        .file("foreign", b"x\n");
+    let d = Daemon::start(&t, &["--op", "gzip"]);
+    fs::write(t.path("f"), b"one\n").unwrap();
+    wait_for("the first version", || t.path("f.gz").exists());
+    std::thread::sleep(Duration::from_millis(400));
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(t.path("f"))
+        .unwrap();
+    f.write_all(b"two\n").unwrap();
+    drop(f);
+    wait_for("the second version", || {
+        tool(
+            "gunzip",
+            &[OsStr::new("-c"), t.path("f.gz").as_os_str()],
+            t.dir.path(),
+        )
+        .stdout
+            == b"one\ntwo\n"
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], 2, "{s}");
+    assert_eq!(s["failed"], 1, "the foreign output is refused: {s}");
+    assert_eq!(fs::read(t.path("foreign.gz")).unwrap(), b"someone else's");
+}
+
+#[test]
+fn a_state_or_manifest_write_failure_stops_the_daemon_instead_of_hanging() {
+    let t = TestTree::new();
+    let mdir = t.side("mdir");
+    fs::create_dir(&mdir).unwrap();
+    let manifest = mdir.join("SUMS");
+    let d = Daemon::start(
+        &t,
+        &[
+            "--op",
+            "sha256",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--jobs",
+            "1",
+        ],
+    );
+    wait_for("the first manifest", || manifest.exists());
+    fs::remove_dir_all(&mdir).unwrap();
+    for i in 0..8 {
+        fs::write(t.path(format!("f{i}")), b"x\n").unwrap();
+    }
+    let out = d.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("SUMS"),
+        "the error names the manifest: {stderr}"
     );
 }

@@ -154,6 +154,12 @@ impl GzipOp {
         }
         // The name must still lead to the very file that was compressed.
         let now = rfs::lstat(&job.abs).map_err(|e| FileError::errno("stat of input", e))?;
+        if now.st_nlink > 1 {
+            return Ok(Some(FileError::new(
+                Kind::HardLinked,
+                format!("input kept: it now has {} hard links", now.st_nlink),
+            )));
+        }
         let same = now.st_dev == st.st_dev
             && now.st_ino == st.st_ino
             && now.st_size == st.st_size
@@ -228,6 +234,9 @@ impl Op for GzipOp {
                     && out.st_mtime_nsec == st.st_mtime_nsec
                 {
                     Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
+                } else if job.replace && regular {
+                    // Our own output of an earlier version of this file: redo it.
+                    Ok(None)
                 } else {
                     Err(FileError {
                         kind: Kind::OutputExists,
@@ -272,10 +281,16 @@ impl Op for GzipOp {
     fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
         let name = Self::out_name(job)?;
         let attrs = Attrs::from_stat(&input.stat);
-        pending.temp.publish(&name, Some(&attrs), self.force)?;
+        // Checked while still a temp: an output that does not decompress back to the input
+        // never gets a final name, so a rerun cannot mistake it for an up-to-date one.
+        if self.remove_source {
+            self.verify_output(&pending.dir, pending.temp.name(), &pending.totals)?;
+        }
+        pending
+            .temp
+            .publish(&name, Some(&attrs), self.force || job.replace)?;
         let mut note = None;
         if self.remove_source {
-            self.verify_output(&pending.dir, &name, &pending.totals)?;
             note = self.remove_source(job, input)?;
         }
         Ok(Done {
