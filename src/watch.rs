@@ -7,7 +7,8 @@
 //! done is redone; paths are coalesced while they wait, so a burst costs memory per distinct
 //! path, never per event, and the job channel stays bounded; a path is never in flight twice.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,9 @@ use crate::report::{self, Sink, Summary};
 use crate::signals::Shutdown;
 use crate::state::{self, Reader, Stamp, State};
 use crate::walk::{self, Found, Stats};
+
+/// The longest the watcher sleeps: bounds how late it notices a shutdown or a vanished root.
+const MAX_WAIT: Duration = Duration::from_millis(50);
 
 /// What the sink tells the watcher once a file's outcome is committed to the state.
 #[derive(Debug)]
@@ -77,6 +81,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
             in_flight: HashSet::new(),
             redo: HashSet::new(),
             retries: Vec::new(),
+            deadlines: BinaryHeap::new(),
         };
         w.run(&notify_rx, &feedback_rx)
     };
@@ -114,6 +119,15 @@ fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
     anyhow::anyhow!("cannot watch {}: {e}", root.display())
 }
 
+/// Whether a scan follows lost events (a queue overflow), which changes what it may assume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lost {
+    /// Events are complete: a pending file is still being written.
+    Nothing,
+    /// The kernel dropped events: any pending file may have been closed since.
+    Events,
+}
+
 /// A path waiting for its writer to finish.
 #[derive(Debug)]
 struct Pending {
@@ -143,39 +157,53 @@ struct Watch<'a> {
     /// Paths that changed again while in flight: look again when they come back.
     redo: HashSet<PathBuf>,
     retries: Vec<(Instant, PathBuf)>,
+    /// When complete pending files are due, earliest first, so a wake-up looks only at those
+    /// (not at every waiting path: that made a 100,000-file burst quadratic). Entries go stale
+    /// when a file is touched again; `promote` skips those.
+    deadlines: BinaryHeap<Reverse<(Instant, PathBuf)>>,
 }
 
 impl Watch<'_> {
     fn run(
         &mut self,
         notify_rx: &Receiver<notify::Result<notify::Event>>,
-        feedback: &Receiver<Finished>,
+        feedback: &Receiver<Vec<Finished>>,
     ) -> Result<()> {
         walk::clean_own_dirs(self.cfg, self.stats);
-        self.scan(&self.cfg.root.clone())?;
+        self.scan(&self.cfg.root.clone(), Lost::Nothing)?;
         self.stats.ready.store(true, Ordering::Relaxed);
-        let tick = (self.settle / 4).clamp(Duration::from_millis(5), Duration::from_millis(50));
         let mut last_root_check = Instant::now();
         loop {
             if self.shutdown.requested() {
                 return Ok(());
             }
             self.stats.loop_ticks.fetch_add(1, Ordering::Relaxed);
+            // Sleep until the next file is due (bounded, for shutdown and the root check).
+            let now = Instant::now();
+            let wait = self
+                .deadlines
+                .peek()
+                .map_or(MAX_WAIT, |Reverse((at, _))| {
+                    at.saturating_duration_since(now)
+                })
+                .clamp(Duration::from_millis(1), MAX_WAIT);
             select! {
-                recv(notify_rx) -> ev => match ev {
-                    Ok(Ok(event)) => self.on_event(event)?,
-                    Ok(Err(e)) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                        return Err(watch_error(&self.cfg.root, e));
-                    }
-                    Ok(Err(e)) => tracing::warn!(error = %e, "file system watcher error"),
-                    Err(_) => bail!("the file system watcher stopped"),
-                },
-                recv(feedback) -> fb => {
-                    if let Ok(fb) = fb {
-                        self.on_finished(fb);
+                recv(notify_rx) -> ev => {
+                    self.on_notify(ev)?;
+                    // Take what else is queued before promoting: one pass per burst.
+                    for ev in notify_rx.try_iter().take(4096) {
+                        self.on_notify(Ok(ev))?;
                     }
                 }
-                default(tick) => {}
+                recv(feedback) -> fb => {
+                    for f in fb.into_iter().flatten() {
+                        self.on_finished(f);
+                    }
+                }
+                default(wait) => {}
+            }
+            for f in feedback.try_iter().flatten() {
+                self.on_finished(f);
             }
             self.promote()?;
             self.dispatch()?;
@@ -193,6 +221,23 @@ impl Watch<'_> {
             self.stats
                 .in_flight
                 .store(self.in_flight.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn on_notify(
+        &mut self,
+        ev: Result<notify::Result<notify::Event>, crossbeam_channel::RecvError>,
+    ) -> Result<()> {
+        match ev {
+            Ok(Ok(event)) => self.on_event(event),
+            Ok(Err(e)) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                Err(watch_error(&self.cfg.root, e))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "file system watcher error");
+                Ok(())
+            }
+            Err(_) => bail!("the file system watcher stopped"),
         }
     }
 
@@ -220,7 +265,7 @@ impl Watch<'_> {
     /// Scans `dir`: files not already settled in the state wait to be taken, and files the
     /// state knows under `dir` that no longer exist are forgotten (their deletion may have
     /// happened while filepipe was down, or been lost in an overflow).
-    fn scan(&mut self, dir: &Path) -> Result<()> {
+    fn scan(&mut self, dir: &Path, lost: Lost) -> Result<()> {
         let mut found = Vec::new();
         walk::scan(self.cfg, dir, self.stats, self.shutdown, &mut |f| {
             found.push(f);
@@ -238,7 +283,7 @@ impl Watch<'_> {
                     if self.settled(&job.rel, stamp)? {
                         continue;
                     }
-                    self.found(job.rel, stamp);
+                    self.found(job.rel, stamp, lost);
                 }
                 Found::Report(outcome) => {
                     let rel = match &outcome {
@@ -278,7 +323,7 @@ impl Watch<'_> {
             // watched them: watch the whole tree again first.
             let root = self.cfg.root.clone();
             self.watch(&root)?;
-            return self.scan(&root);
+            return self.scan(&root, Lost::Events);
         }
         for path in &event.paths {
             if path == &self.cfg.root {
@@ -308,7 +353,7 @@ impl Watch<'_> {
                     if path.is_dir() =>
                 {
                     self.watch(path)?;
-                    self.scan(path)?
+                    self.scan(path, Lost::Nothing)?
                 }
                 // Renamed into place: complete by convention (write to .part, then rename).
                 EventKind::Modify(ModifyKind::Name(RenameMode::To))
@@ -332,12 +377,17 @@ impl Watch<'_> {
 
     /// Records activity on `rel`; `complete` if it was closed after writing or renamed in.
     fn touch(&mut self, rel: PathBuf, complete: bool, stamp: Option<Stamp>) {
+        let now = Instant::now();
+        if complete {
+            self.deadlines
+                .push(Reverse((now + self.settle, rel.clone())));
+        }
         let p = self.pending.entry(rel).or_insert(Pending {
-            since: Instant::now(),
+            since: now,
             stamp: None,
             complete: false,
         });
-        p.since = Instant::now();
+        p.since = now;
         // A new write after a close makes it incomplete again until the next close.
         p.complete = complete;
         p.stamp = stamp;
@@ -352,9 +402,11 @@ impl Watch<'_> {
         self.touch(rel, complete, stamp);
     }
 
-    /// A file found by a scan: complete unless events already say it is being written.
-    fn found(&mut self, rel: PathBuf, stamp: Option<Stamp>) {
-        if !self.pending.contains_key(&rel) {
+    /// A file found by a scan: complete unless events say it is still being written. After an
+    /// overflow, events cannot say so (the close may be what was lost), so the scan is trusted
+    /// and the settle time alone guards against a writer still at work.
+    fn found(&mut self, rel: PathBuf, stamp: Option<Stamp>, lost: Lost) {
+        if lost == Lost::Events || !self.pending.contains_key(&rel) {
             self.touch(rel, true, stamp);
         }
     }
@@ -370,23 +422,29 @@ impl Watch<'_> {
     /// Moves settled, complete files to the ready queue.
     fn promote(&mut self) -> Result<()> {
         let now = Instant::now();
-        let due: Vec<PathBuf> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.complete && now.duration_since(p.since) >= self.settle)
-            .map(|(rel, _)| rel.clone())
-            .collect();
-        for rel in due {
-            let stamp = Stamp::of(&self.cfg.root.join(&rel));
+        while self
+            .deadlines
+            .peek()
+            .is_some_and(|Reverse((at, _))| *at <= now)
+        {
+            let Some(Reverse((at, rel))) = self.deadlines.pop() else {
+                break;
+            };
             let Some(p) = self.pending.get_mut(&rel) else {
                 continue;
             };
+            // Touched again since this entry was queued (a newer one stands), or reopened.
+            if !p.complete || p.since + self.settle != at {
+                continue;
+            }
+            let stamp = Stamp::of(&self.cfg.root.join(&rel));
             if stamp.is_none() {
                 self.pending.remove(&rel);
             } else if stamp != p.stamp {
                 // Still changing: start the settle clock again.
                 p.stamp = stamp;
                 p.since = now;
+                self.deadlines.push(Reverse((now + self.settle, rel)));
             } else {
                 self.pending.remove(&rel);
                 if !self.settled(&rel, stamp)? && self.ready_set.insert(rel.clone()) {
@@ -495,7 +553,7 @@ impl Watch<'_> {
 struct StateSink<'a> {
     cfg: &'a Config,
     state: State,
-    feedback: Sender<Finished>,
+    feedback: Sender<Vec<Finished>>,
     finished: Vec<Finished>,
     in_transaction: bool,
     manifest_dirty: bool,
@@ -589,8 +647,9 @@ impl Sink for StateSink<'_> {
         }
         // Only after the commit: the watcher then never sees a file as finished that a crash
         // right now would make the state forget.
-        for f in self.finished.drain(..) {
-            let _ = self.feedback.send(f);
+        if !self.finished.is_empty() {
+            // One message per committed batch: a burst must not wake the watcher per file.
+            let _ = self.feedback.send(std::mem::take(&mut self.finished));
         }
         Ok(())
     }
