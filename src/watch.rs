@@ -137,6 +137,8 @@ struct Pending {
     stamp: Option<Stamp>,
     /// Closed after writing, renamed in or found by a scan: only such files are taken.
     complete: bool,
+    /// The state was already consulted for exactly `stamp` (by a scan): no second lookup.
+    checked: bool,
 }
 
 struct Watch<'a> {
@@ -386,11 +388,13 @@ impl Watch<'_> {
             since: now,
             stamp: None,
             complete: false,
+            checked: false,
         });
         p.since = now;
         // A new write after a close makes it incomplete again until the next close.
         p.complete = complete;
         p.stamp = stamp;
+        p.checked = false;
     }
 
     /// A metadata change restarts the settle clock but says nothing about whether the writer is
@@ -407,7 +411,11 @@ impl Watch<'_> {
     /// and the settle time alone guards against a writer still at work.
     fn found(&mut self, rel: PathBuf, stamp: Option<Stamp>, lost: Lost) {
         if lost == Lost::Events || !self.pending.contains_key(&rel) {
-            self.touch(rel, true, stamp);
+            self.touch(rel.clone(), true, stamp);
+            // The scan just found it unsettled for this stamp.
+            if let Some(p) = self.pending.get_mut(&rel) {
+                p.checked = true;
+            }
         }
     }
 
@@ -446,8 +454,10 @@ impl Watch<'_> {
                 p.since = now;
                 self.deadlines.push(Reverse((now + self.settle, rel)));
             } else {
+                let checked = p.checked;
                 self.pending.remove(&rel);
-                if !self.settled(&rel, stamp)? && self.ready_set.insert(rel.clone()) {
+                let unsettled = checked || !self.settled(&rel, stamp)?;
+                if unsettled && self.ready_set.insert(rel.clone()) {
                     self.ready.push_back(rel);
                 }
             }
@@ -482,10 +492,11 @@ impl Watch<'_> {
                 }
                 // An output filepipe itself made for this file may be replaced when the file
                 // changes; anyone else's never is.
-                let replace = self
-                    .reader
-                    .lookup(&rel)?
-                    .is_some_and(|k| k.status == "done");
+                let replace = self.cfg.op == OpKind::Gzip
+                    && self
+                        .reader
+                        .lookup(&rel)?
+                        .is_some_and(|k| k.status == "done");
                 batch.push(Job {
                     abs: self.cfg.root.join(&rel),
                     rel,
