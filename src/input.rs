@@ -93,20 +93,20 @@ impl InputFile {
             ))
         }
     }
+}
 
-    /// Reads until `buf` is full or the file ends; returns the bytes read.
-    pub fn fill(&mut self, buf: &mut [u8]) -> Result<usize, FileError> {
-        let mut n = 0;
-        while n < buf.len() {
-            match self.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(FileError::io("reading input", &e)),
-            }
+/// Reads until `buf` is full or the input ends; returns the bytes read.
+pub fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
         }
-        Ok(n)
     }
+    Ok(n)
 }
 
 /// Bytes read from inputs by the whole process: the service watchdog's sign that workers are
@@ -175,7 +175,7 @@ mod tests {
         std::fs::write(&path, vec![b'a'; 1000]).unwrap();
         let mut input = InputFile::open(&path, false).unwrap();
         let mut buf = vec![0; 4096];
-        input.fill(&mut buf).unwrap();
+        fill(&mut input, &mut buf).unwrap();
         std::fs::OpenOptions::new()
             .append(true)
             .open(&path)
@@ -184,7 +184,7 @@ mod tests {
             .unwrap();
         assert_eq!(input.finish().unwrap_err().kind, Kind::Changed);
         input.restart().unwrap();
-        assert_eq!(input.fill(&mut buf).unwrap(), 1004);
+        assert_eq!(fill(&mut input, &mut buf).unwrap(), 1004);
         input.finish().unwrap();
     }
 

@@ -323,14 +323,6 @@ pub struct Ready<P> {
     pub pending: P,
 }
 
-/// The per-file protocol, inline: prepare, then publish.
-pub fn process<O: Op>(cfg: &Config, op: &O, job: &Job, scratch: &mut O::Scratch) -> Outcome {
-    match prepare(cfg, op, job.clone(), scratch) {
-        Ok(ready) => publish(op, ready),
-        Err(outcome) => outcome,
-    }
-}
-
 /// Publishes a verified result and says how the file ended.
 pub fn publish<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
     let Ready {

@@ -63,8 +63,6 @@ pub struct Known {
     pub stamp: Option<Stamp>,
     /// Attempts so far (failures).
     pub attempts: u32,
-    /// The error kind, for failures and skips.
-    pub error: Option<String>,
 }
 
 impl Known {
@@ -306,7 +304,7 @@ impl Reader {
     /// What the state knows about `rel`, if anything.
     pub fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT status, size, mtime_ns, inode, attempts, error FROM files
+            "SELECT status, size, mtime_ns, inode, attempts FROM files
              WHERE root=?1 AND op=?2 AND path=?3",
         )?;
         let known = stmt
@@ -328,7 +326,6 @@ impl Reader {
                         status: r.get(0)?,
                         stamp,
                         attempts: r.get(4)?,
-                        error: r.get(5)?,
                     })
                 },
             )

@@ -227,9 +227,11 @@ pub fn relative(cfg: &Config, path: &Path) -> PathBuf {
     path.strip_prefix(&cfg.root).unwrap_or(path).to_path_buf()
 }
 
-/// The manifest, the failure log and an output root nested in the input root are filepipe's.
-fn is_own(cfg: &Config, path: &Path) -> bool {
-    cfg.own_files.iter().any(|f| f == path) || cfg.out.as_deref().is_some_and(|o| o == path)
+/// The manifest, the failure log, the state directory and an output root nested in the input
+/// root (and everything under them) are filepipe's.
+pub fn is_own(cfg: &Config, path: &Path) -> bool {
+    cfg.own_files.iter().any(|f| path.starts_with(f))
+        || cfg.out.as_deref().is_some_and(|o| path.starts_with(o))
 }
 
 fn inside_root(cfg: &Config, path: &Path) -> bool {

@@ -550,8 +550,7 @@ impl Watch<'_> {
             || name.starts_with(b".#");
         let output = self.cfg.op == OpKind::Gzip && name.ends_with(b".gz");
         let abs = self.cfg.root.join(rel);
-        let own = self.cfg.own_files.iter().any(|f| abs.starts_with(f))
-            || self.cfg.out.as_deref().is_some_and(|o| abs.starts_with(o));
+        let own = walk::is_own(self.cfg, &abs);
         temp_like
             || output
             || own

@@ -15,6 +15,7 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 use rayon::ThreadPool;
 
 use crate::error::{FileError, Kind};
+use crate::input::fill;
 
 /// Bytes of input per independently compressed block (pigz's default).
 pub const BLOCK: usize = 128 * 1024;
@@ -279,20 +280,6 @@ fn deflate_block(level: u32, dict: &[u8], data: &[u8], last: bool) -> Deflated {
         }
         Ok((out, crc))
     })
-}
-
-/// Reads until `buf` is full or the input ends.
-fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The operations a worker applies to one file, behind one small trait.
 //!
-//! The worker (`pipeline::process`) owns the common protocol: open the input safely, let the op
+//! The pipeline (`pipeline::prepare`, then `pipeline::publish`) owns the common protocol: open the input safely, let the op
 //! decide whether to skip it, let it stream the input into a pending result, check the input did
 //! not change while read (retrying if it did), and only then let the op publish. An op never
 //! publishes anything derived from a torn read.
