@@ -1049,3 +1049,31 @@ fn far_future_mtime_is_handled() {
     let back = tool("gunzip", &[s("-c"), p(&t.path("future.gz"))], t.dir.path());
     assert_eq!(back.stdout, b"from 2300\n");
 }
+
+#[test]
+fn created_output_directories_are_no_more_open_than_their_inputs() {
+    let t = TestTree::new()
+        .file("private/f", b"secret\n")
+        .file("shared/g", b"open\n");
+    fs::set_permissions(t.path("private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(t.path("shared"), fs::Permissions::from_mode(0o755)).unwrap();
+    let out_dir = t.side("out");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        p(&out_dir),
+    ]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |d: &str| fs::metadata(out_dir.join(d)).unwrap().mode() & 0o777;
+    assert_eq!(mode("private"), 0o700);
+    // Never more open than the input; the umask may only narrow it.
+    assert_eq!(mode("shared") & !0o755, 0);
+}
