@@ -44,6 +44,10 @@ pub struct Job {
     /// An existing output for this file was made by filepipe (watch mode's state says so) and
     /// may be replaced when the file changed; anyone else's output never is without --force.
     pub replace: bool,
+    /// Watch mode: the size, mtime and inode the file had when it settled. The worker's first
+    /// fstat must match, so a change the watcher was not told about is caught without a second
+    /// stat on the watcher's thread.
+    pub expect: Option<Stamp>,
 }
 
 /// Most jobs in one message.
@@ -372,6 +376,16 @@ pub fn prepare<O: Op>(
         }
         Err(OpenError::Failed(e)) => return Err(failed(job, e)),
     };
+    if job
+        .expect
+        .is_some_and(|e| e != Stamp::from_stat(&input.stat))
+    {
+        let e = FileError::new(
+            Kind::Changed,
+            "changed after it settled, with no event telling of it (a write through mmap?)",
+        );
+        return Err(failed(job, e));
+    }
     match op.check(&job, &input, scratch) {
         Ok(None) => {}
         Ok(Some(reason)) => {

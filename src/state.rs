@@ -8,6 +8,7 @@
 //! `synchronous=NORMAL`: a SIGKILL loses nothing committed; a power cut may lose the last
 //! batches, which are then redone (gzip outputs are skipped as up to date).
 
+use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +46,19 @@ impl Stamp {
                 .saturating_mul(1_000_000_000)
                 .saturating_add(st.st_mtime_nsec as i64),
             inode: st.st_ino,
+        }
+    }
+
+    /// The stamp of std's metadata (an lstat, from a walk).
+    pub fn from_metadata(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            size: m.size(),
+            mtime_ns: m
+                .mtime()
+                .saturating_mul(1_000_000_000)
+                .saturating_add(m.mtime_nsec()),
+            inode: m.ino(),
         }
     }
 
@@ -285,18 +299,32 @@ impl State {
 }
 
 impl Reader {
-    /// Every path the state knows under `dir` (relative to the root; "" for all).
-    pub fn paths_under(&self, dir: &Path) -> Result<Vec<PathBuf>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT path FROM files WHERE root=?1 AND op=?2")?;
-        let rows = stmt.query_map(params![self.root, self.op], |r| r.get::<_, Vec<u8>>(0))?;
-        let mut out = Vec::new();
+    /// Everything the state knows under `dir` (relative to the root; "" for the whole tree),
+    /// in one query: a scan checks each file it finds against this map instead of asking
+    /// SQLite per file, and what is left in it afterwards was not found.
+    pub fn known_under(&self, dir: &Path) -> Result<KnownMap> {
+        const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts FROM files
+             WHERE root=?1 AND op=?2";
+        let d = dir.as_os_str().as_bytes();
+        let map = |r: &rusqlite::Row<'_>| Ok((bytes_path(r.get(0)?), known_from_row(r, 1)?));
+        // Rows under "dir/": byte strings from "dir/" up to (not including) "dir0", since '0'
+        // follows '/' in ASCII; the primary key makes this a range scan.
+        let (lo, hi) = ([d, b"/"].concat(), [d, b"0"].concat());
+        let mut stmt = if d.is_empty() {
+            self.conn.prepare_cached(COLUMNS)?
+        } else {
+            self.conn
+                .prepare_cached(&format!("{COLUMNS} AND path >= ?3 AND path < ?4"))?
+        };
+        let rows = if d.is_empty() {
+            stmt.query_map(params![self.root, self.op], map)?
+        } else {
+            stmt.query_map(params![self.root, self.op, lo, hi], map)?
+        };
+        let mut out = KnownMap::default();
         for row in rows {
-            let p = bytes_path(row?);
-            if p.starts_with(dir) {
-                out.push(p);
-            }
+            let (path, known) = row?;
+            out.insert(path, known);
         }
         Ok(out)
     }
@@ -310,28 +338,34 @@ impl Reader {
         let known = stmt
             .query_row(
                 params![self.root, self.op, rel.as_os_str().as_bytes()],
-                |r| {
-                    let size: Option<i64> = r.get(1)?;
-                    let mtime: Option<i64> = r.get(2)?;
-                    let inode: Option<i64> = r.get(3)?;
-                    let stamp = match (size, mtime, inode) {
-                        (Some(size), Some(mtime_ns), Some(inode)) => Some(Stamp {
-                            size: size as u64,
-                            mtime_ns,
-                            inode: inode as u64,
-                        }),
-                        _ => None,
-                    };
-                    Ok(Known {
-                        status: r.get(0)?,
-                        stamp,
-                        attempts: r.get(4)?,
-                    })
-                },
+                |r| known_from_row(r, 0),
             )
             .optional()?;
         Ok(known)
     }
+}
+
+/// What the state knows, by path relative to the root.
+pub type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
+
+/// A `Known` from the columns status, size, mtime_ns, inode, attempts starting at `first`.
+fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known> {
+    let size: Option<i64> = r.get(first + 1)?;
+    let mtime: Option<i64> = r.get(first + 2)?;
+    let inode: Option<i64> = r.get(first + 3)?;
+    let stamp = match (size, mtime, inode) {
+        (Some(size), Some(mtime_ns), Some(inode)) => Some(Stamp {
+            size: size as u64,
+            mtime_ns,
+            inode: inode as u64,
+        }),
+        _ => None,
+    };
+    Ok(Known {
+        status: r.get(first)?,
+        stamp,
+        attempts: r.get(first + 4)?,
+    })
 }
 
 /// True for failures worth retrying later: the file was busy or the disk was full.

@@ -18,6 +18,7 @@ use crate::input::describe;
 use crate::output;
 use crate::pipeline::{Event, Job, Msg, Outcome, BATCH_BYTES, BATCH_FILES};
 use crate::signals::Shutdown;
+use crate::state::Stamp;
 
 /// Counters the walker raises and the reporter reads for progress totals.
 #[derive(Debug, Default)]
@@ -48,8 +49,12 @@ pub struct Stats {
 
 /// What a scan finds.
 pub enum Found {
-    /// A regular file to process, with its size from the walk.
-    File(Job, u64),
+    /// A regular file to process, with its size, mtime and inode from the walk's lstat (absent
+    /// if it vanished in between).
+    File(Job, Option<Stamp>),
+    /// A directory, handed on after it was opened and before it is listed: a watcher that
+    /// watches it here sees every entry either in the listing or as an event.
+    Dir(PathBuf),
     /// An entry reported without processing (skipped or failed by the walk itself).
     Report(Outcome),
 }
@@ -66,7 +71,8 @@ pub fn walk(
     clean_own_dirs(cfg, stats);
     let mut batch = Batch::default();
     scan(cfg, &cfg.root, stats, shutdown, &mut |found| match found {
-        Found::File(job, size) => batch.add(job, size, jobs),
+        Found::File(job, stamp) => batch.add(job, stamp.map_or(0, |s| s.size), jobs),
+        Found::Dir(_) => true,
         Found::Report(outcome) => {
             stats.reported.fetch_add(1, Ordering::Relaxed);
             events.send(Event::Finished(vec![outcome])).is_ok()
@@ -154,7 +160,8 @@ fn classify(
         );
     }
     if ft.is_dir() {
-        return (None, false);
+        // walkdir opens a directory before it yields it and reads it only after.
+        return (Some(Found::Dir(path.to_path_buf())), false);
     }
     if ft.is_symlink() {
         // Not followed (default), or broken / looping with --follow-symlinks.
@@ -178,16 +185,20 @@ fn classify(
     if !cfg.filter.included(&rel) {
         return (None, false);
     }
-    // One lstat per file, on this thread: the size balances batches and feeds progress.
-    let size = entry.metadata().map_or(0, |m| m.len());
-    stats.bytes.fetch_add(size, Ordering::Relaxed);
+    // One lstat per file, on this thread: the size balances batches and feeds progress, and
+    // watch mode compares the stamp with its state.
+    let stamp = entry.metadata().ok().map(|m| Stamp::from_metadata(&m));
+    stats
+        .bytes
+        .fetch_add(stamp.map_or(0, |s| s.size), Ordering::Relaxed);
     stats.files.fetch_add(1, Ordering::Relaxed);
     let job = Job {
         abs: path.to_path_buf(),
         rel,
         replace: false,
+        expect: None,
     };
-    (Some(Found::File(job, size)), false)
+    (Some(Found::File(job, stamp)), false)
 }
 
 /// Jobs waiting to be sent together.

@@ -30,6 +30,11 @@ use crate::signals::Shutdown;
 use crate::state::{self, Reader, Stamp, State};
 use crate::walk::{self, Found, Stats};
 
+/// Path-keyed maps: foldhash is several times faster than std's SipHash on paths, and its
+/// per-process random seed still keeps crafted file names from forcing collisions.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type Set<K> = HashSet<K, foldhash::fast::RandomState>;
+
 /// The longest the watcher sleeps: bounds how late it notices a shutdown or a vanished root.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
@@ -60,11 +65,13 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
         let (reader, feedback_rx) = taken.context("the watch source runs once")?;
         let (notify_tx, notify_rx) = crossbeam_channel::unbounded();
         // Watches first, then the initial scan: a file created in between is seen by both,
-        // and coalesced, rather than by neither.
+        // and coalesced, rather than by neither. One watch per directory, each added by the
+        // scan just before it lists that directory: notify's recursive mode would walk (and
+        // stat every file of) each new subtree itself, on top of our own scan.
         let mut watcher = notify::RecommendedWatcher::new(notify_tx, notify::Config::default())
             .context("starting the file system watcher")?;
         watcher
-            .watch(&cfg.root, RecursiveMode::Recursive)
+            .watch(&cfg.root, RecursiveMode::NonRecursive)
             .map_err(|e| watch_error(&cfg.root, e))?;
         let mut w = Watch {
             cfg,
@@ -75,12 +82,13 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
             watcher,
             jobs,
             events,
-            pending: HashMap::new(),
+            pending: Map::default(),
             ready: VecDeque::new(),
-            ready_set: HashSet::new(),
-            in_flight: HashSet::new(),
-            redo: HashSet::new(),
+            ready_set: Map::default(),
+            in_flight: Set::default(),
+            redo: Set::default(),
             retries: Vec::new(),
+            removals: Vec::new(),
             deadlines: BinaryHeap::new(),
         };
         w.run(&notify_rx, &feedback_rx)
@@ -151,14 +159,17 @@ struct Watch<'a> {
     watcher: notify::RecommendedWatcher,
     jobs: &'a Sender<Msg>,
     events: &'a Sender<Event>,
-    pending: HashMap<PathBuf, Pending>,
+    pending: Map<PathBuf, Pending>,
     ready: VecDeque<PathBuf>,
-    /// The paths in `ready`, so a burst is coalesced in O(1) per path.
-    ready_set: HashSet<PathBuf>,
-    in_flight: HashSet<PathBuf>,
+    /// The paths in `ready`, so a burst is coalesced in O(1) per path, with the stamp each
+    /// settled with (the worker checks it).
+    ready_set: Map<PathBuf, Option<Stamp>>,
+    in_flight: Set<PathBuf>,
     /// Paths that changed again while in flight: look again when they come back.
-    redo: HashSet<PathBuf>,
+    redo: Set<PathBuf>,
     retries: Vec<(Instant, PathBuf)>,
+    /// Deletions waiting for files under them that are in flight (see `forget`).
+    removals: Vec<PathBuf>,
     /// When complete pending files are due, earliest first, so a wake-up looks only at those
     /// (not at every waiting path: that made a 100,000-file burst quadratic). Entries go stale
     /// when a file is touched again; `promote` skips those.
@@ -207,6 +218,9 @@ impl Watch<'_> {
             for f in feedback.try_iter().flatten() {
                 self.on_finished(f);
             }
+            if !self.removals.is_empty() {
+                self.send_removals()?;
+            }
             self.promote()?;
             self.dispatch()?;
             if last_root_check.elapsed() > Duration::from_secs(1) {
@@ -249,40 +263,44 @@ impl Watch<'_> {
             .map_err(|_| anyhow!("the reporter has stopped"))
     }
 
-    /// Watches `dir` (and everything below it) now; harmless if it already is watched.
+    /// Watches `dir` (not its subdirectories: a scan of it watches those); harmless if it
+    /// already is watched.
     fn watch(&mut self, dir: &Path) -> Result<()> {
-        match self.watcher.watch(dir, RecursiveMode::Recursive) {
-            Ok(()) => Ok(()),
-            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                Err(watch_error(&self.cfg.root, e))
-            }
-            // Gone again already: its removal event follows.
-            Err(e) => {
-                tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
-                Ok(())
-            }
-        }
+        watch_dir(&mut self.watcher, &self.cfg.root, dir)
     }
 
-    /// Scans `dir`: files not already settled in the state wait to be taken, and files the
+    /// Scans `dir` (already watched by the caller), watching each directory under it before
+    /// listing it: files not already settled in the state wait to be taken, and files the
     /// state knows under `dir` that no longer exist are forgotten (their deletion may have
     /// happened while filepipe was down, or been lost in an overflow).
     fn scan(&mut self, dir: &Path, lost: Lost) -> Result<()> {
+        let under = dir.strip_prefix(&self.cfg.root).unwrap_or(Path::new(""));
+        // One query for the subtree; each file found is taken out, so what is left was not.
+        let mut known = self.reader.known_under(under)?;
+        let (cfg, stats, shutdown) = (self.cfg, self.stats, self.shutdown);
+        let watcher = &mut self.watcher;
         let mut found = Vec::new();
-        walk::scan(self.cfg, dir, self.stats, self.shutdown, &mut |f| {
-            found.push(f);
+        let mut watch_failed = None;
+        walk::scan(cfg, dir, stats, shutdown, &mut |f| {
+            if let Found::Dir(d) = &f {
+                if let Err(e) = watch_dir(watcher, &cfg.root, d) {
+                    watch_failed = Some(e);
+                    return false;
+                }
+            } else {
+                found.push(f);
+            }
             true
         });
-        let mut seen = HashSet::new();
+        if let Some(e) = watch_failed {
+            return Err(e);
+        }
         for f in found {
             match f {
-                Found::File(job, _) => {
-                    if self.ignored(&job.rel) {
-                        continue;
-                    }
-                    seen.insert(job.rel.clone());
-                    let stamp = Stamp::of(&job.abs);
-                    if self.settled(&job.rel, stamp)? {
+                Found::File(job, stamp) => {
+                    let was = known.remove(&job.rel);
+                    // The walk applied the filters and skipped filepipe's own files.
+                    if ignored_name(cfg, &job.rel) || was.is_some_and(|k| k.settled(stamp)) {
                         continue;
                     }
                     self.found(job.rel, stamp, lost);
@@ -293,21 +311,33 @@ impl Watch<'_> {
                         | Outcome::Failed { rel, .. }
                         | Outcome::Done { rel, .. } => rel.clone(),
                     };
-                    seen.insert(rel.clone());
+                    let was = known.remove(&rel);
                     // Report a symlink or special file once, not at every rescan.
                     let stamp = Stamp::of(&self.cfg.root.join(&rel));
-                    if matches!(outcome, Outcome::Skipped { .. }) && self.settled(&rel, stamp)? {
+                    if matches!(outcome, Outcome::Skipped { .. })
+                        && was.is_some_and(|k| k.settled(stamp))
+                    {
                         continue;
                     }
                     self.stats.reported.fetch_add(1, Ordering::Relaxed);
                     self.send(Event::Finished(vec![outcome]))?;
                 }
+                Found::Dir(_) => {}
             }
         }
-        let under = dir.strip_prefix(&self.cfg.root).unwrap_or(Path::new(""));
-        for rel in self.reader.paths_under(under)? {
-            let abs = self.cfg.root.join(&rel);
-            if !seen.contains(&rel) && std::fs::symlink_metadata(&abs).is_err() {
+        let mut gone: Vec<PathBuf> = known.into_keys().collect();
+        if lost == Lost::Events {
+            // A file in flight is not in the state yet, and its deletion may be among the lost
+            // events.
+            gone.extend(
+                self.in_flight
+                    .iter()
+                    .filter(|p| p.starts_with(under))
+                    .cloned(),
+            );
+        }
+        for rel in gone {
+            if std::fs::symlink_metadata(self.cfg.root.join(&rel)).is_err() {
                 self.forget(rel)?;
             }
         }
@@ -345,7 +375,7 @@ impl Watch<'_> {
                 continue;
             };
             let rel = rel.to_path_buf();
-            if self.ignored(&rel) {
+            if self.ignored(&rel, path) {
                 continue;
             }
             match event.kind {
@@ -419,10 +449,16 @@ impl Watch<'_> {
         }
     }
 
+    /// `rel` (a file, or a directory and everything under it) is gone: it leaves the queues,
+    /// the state and the manifest. While a file under it is in flight, the removal waits for
+    /// that file's outcome to be committed, or the outcome would bring the file back.
     fn forget(&mut self, rel: PathBuf) -> Result<()> {
         self.pending.remove(&rel);
-        if self.ready_set.remove(&rel) {
-            self.ready.retain(|r| r != &rel);
+        // Its entry in `ready` is skipped once it is out of the set.
+        self.ready_set.remove(&rel);
+        if self.in_flight.iter().any(|p| p.starts_with(&rel)) {
+            self.removals.push(rel);
+            return Ok(());
         }
         self.send(Event::Removed(rel))
     }
@@ -445,19 +481,19 @@ impl Watch<'_> {
             if !p.complete || p.since + self.settle != at {
                 continue;
             }
-            let stamp = Stamp::of(&self.cfg.root.join(&rel));
-            if stamp.is_none() {
-                self.pending.remove(&rel);
-            } else if stamp != p.stamp {
-                // Still changing: start the settle clock again.
-                p.stamp = stamp;
-                p.since = now;
-                self.deadlines.push(Reverse((now + self.settle, rel)));
-            } else {
-                let checked = p.checked;
-                self.pending.remove(&rel);
-                let unsettled = checked || !self.settled(&rel, stamp)?;
-                if unsettled && self.ready_set.insert(rel.clone()) {
+            // No event for the whole settle time: unchanged since `p.stamp` was taken (the
+            // worker's first fstat checks that against `expect`).
+            let Some(p) = self.pending.remove(&rel) else {
+                continue;
+            };
+            if p.stamp.is_none() {
+                // Vanished before its stamp was taken: its removal event follows.
+                continue;
+            }
+            let unsettled = p.checked || !self.settled(&rel, p.stamp)?;
+            if unsettled {
+                // Already waiting: only its stamp is newer.
+                if self.ready_set.insert(rel.clone(), p.stamp).is_none() {
                     self.ready.push_back(rel);
                 }
             }
@@ -480,14 +516,20 @@ impl Watch<'_> {
     fn dispatch(&mut self) -> Result<()> {
         while !self.ready.is_empty() {
             let mut batch = Vec::new();
-            let mut deferred = Vec::new();
             while batch.len() < BATCH_FILES {
                 let Some(rel) = self.ready.pop_front() else {
                     break;
                 };
-                self.ready_set.remove(&rel);
+                // Not in the set: forgotten (deleted) while it waited here.
+                let Some(expect) = self.ready_set.remove(&rel) else {
+                    continue;
+                };
+                // Written to again since it settled: it waits for a new settle time.
+                if self.pending.contains_key(&rel) {
+                    continue;
+                }
                 if self.in_flight.contains(&rel) {
-                    deferred.push(rel);
+                    self.redo.insert(rel);
                     continue;
                 }
                 // An output filepipe itself made for this file may be replaced when the file
@@ -497,34 +539,44 @@ impl Watch<'_> {
                         .reader
                         .lookup(&rel)?
                         .is_some_and(|k| k.status == "done");
+                self.in_flight.insert(rel.clone());
                 batch.push(Job {
                     abs: self.cfg.root.join(&rel),
                     rel,
                     replace,
+                    expect,
                 });
-            }
-            for rel in deferred {
-                self.redo.insert(rel);
             }
             if batch.is_empty() {
                 return Ok(());
             }
-            let rels: Vec<PathBuf> = batch.iter().map(|j| j.rel.clone()).collect();
+            let n = batch.len() as u64;
             match self.jobs.try_send(Msg::Jobs(batch)) {
                 Ok(()) => {
-                    self.stats
-                        .files
-                        .fetch_add(rels.len() as u64, Ordering::Relaxed);
-                    self.in_flight.extend(rels);
+                    self.stats.files.fetch_add(n, Ordering::Relaxed);
                 }
-                Err(TrySendError::Full(_)) => {
-                    for rel in rels.into_iter().rev() {
-                        self.ready_set.insert(rel.clone());
-                        self.ready.push_front(rel);
+                Err(TrySendError::Full(Msg::Jobs(batch))) => {
+                    for job in batch.into_iter().rev() {
+                        self.in_flight.remove(&job.rel);
+                        self.ready_set.insert(job.rel.clone(), job.expect);
+                        self.ready.push_front(job.rel);
                     }
                     return Ok(());
                 }
+                Err(TrySendError::Full(Msg::Shutdown)) => bail!("a sentinel was sent early"),
                 Err(TrySendError::Disconnected(_)) => bail!("the workers have stopped"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the removals that waited for files now committed.
+    fn send_removals(&mut self) -> Result<()> {
+        for rel in std::mem::take(&mut self.removals) {
+            if self.in_flight.iter().any(|p| p.starts_with(&rel)) {
+                self.removals.push(rel);
+            } else {
+                self.send(Event::Removed(rel))?;
             }
         }
         Ok(())
@@ -541,22 +593,37 @@ impl Watch<'_> {
         }
     }
 
-    /// Names never taken: writers' temp files, filepipe's own files and outputs.
-    fn ignored(&self, rel: &Path) -> bool {
-        let name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
-        let temp_like = [&b".part"[..], b".tmp", b".crdownload", b"~"]
-            .iter()
-            .any(|s| name.ends_with(s))
-            || name.starts_with(b".#");
-        let output = self.cfg.op == OpKind::Gzip && name.ends_with(b".gz");
-        let abs = self.cfg.root.join(rel);
-        let own = walk::is_own(self.cfg, &abs);
-        temp_like
-            || output
-            || own
+    /// Paths never taken: writers' temp files, filepipe's own files and outputs, and what the
+    /// filters leave out. `abs` is `rel` under the root.
+    fn ignored(&self, rel: &Path, abs: &Path) -> bool {
+        ignored_name(self.cfg, rel)
+            || walk::is_own(self.cfg, abs)
             || self.cfg.filter.excluded(rel)
             || !self.cfg.filter.included(rel) && !abs.is_dir()
     }
+}
+
+/// Watches `dir` alone (a scan watches its subdirectories); harmless if it already is watched.
+fn watch_dir(watcher: &mut notify::RecommendedWatcher, root: &Path, dir: &Path) -> Result<()> {
+    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => Err(watch_error(root, e)),
+        // Gone again already: its removal event follows.
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
+            Ok(())
+        }
+    }
+}
+
+/// Names never taken whatever the filters say: writers' temp files and (gzip) outputs.
+fn ignored_name(cfg: &Config, rel: &Path) -> bool {
+    let name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
+    let temp_like = [&b".part"[..], b".tmp", b".crdownload", b"~"]
+        .iter()
+        .any(|s| name.ends_with(s))
+        || name.starts_with(b".#");
+    temp_like || cfg.op == OpKind::Gzip && name.ends_with(b".gz")
 }
 
 /// Records outcomes in the state, tells the watcher, and keeps the manifest current.
@@ -599,9 +666,10 @@ impl Sink for StateSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<()> {
         self.begin()?;
         let (rel, retry_after) = match outcome {
-            // Deleted while it was processed: recording it would bring back a file that is gone
-            // (and put it in the manifest).
-            Outcome::Done { rel, .. } if Stamp::of(&self.cfg.root.join(rel)).is_none() => {
+            // Deleted before it could be read: gone, like a deletion seen as an event (a file
+            // deleted while in flight is recorded, then removed: the watcher holds its removal
+            // back until this outcome is committed).
+            Outcome::Failed { rel, error } if error.kind == Kind::Vanished => {
                 self.state.remove(rel)?;
                 self.manifest_dirty = true;
                 (rel, None)
