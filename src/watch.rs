@@ -17,7 +17,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use crossbeam_channel::{select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError, TrySendError};
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::{RecursiveMode, Watcher as _};
 
@@ -89,6 +89,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
             redo: Set::default(),
             retries: Vec::new(),
             removals: Vec::new(),
+            scans: 0,
             deadlines: BinaryHeap::new(),
         };
         w.run(&notify_rx, &feedback_rx)
@@ -170,6 +171,8 @@ struct Watch<'a> {
     retries: Vec<(Instant, PathBuf)>,
     /// Deletions waiting for files under them that are in flight (see `forget`).
     removals: Vec<PathBuf>,
+    /// Scans so far.
+    scans: u64,
     /// When complete pending files are due, earliest first, so a wake-up looks only at those
     /// (not at every waiting path: that made a 100,000-file burst quadratic). Entries go stale
     /// when a file is touched again; `promote` skips those.
@@ -200,20 +203,35 @@ impl Watch<'_> {
                     at.saturating_duration_since(now)
                 })
                 .clamp(Duration::from_millis(1), MAX_WAIT);
-            select! {
-                recv(notify_rx) -> ev => {
-                    self.on_notify(ev)?;
-                    // Take what else is queued before promoting: one pass per burst.
-                    for ev in notify_rx.try_iter().take(4096) {
-                        self.on_notify(Ok(ev))?;
+            // Wake for an event, a commit, or room in the job channel while files are ready:
+            // the workers then never wait on the watcher's other work for their next batch.
+            let woke = {
+                let mut sel = Select::new();
+                let on_event = sel.recv(notify_rx);
+                sel.recv(feedback);
+                if !self.ready.is_empty() {
+                    sel.send(self.jobs);
+                }
+                sel.ready_timeout(wait).ok() == Some(on_event)
+            };
+            if woke {
+                match notify_rx.try_recv() {
+                    Ok(ev) => self.on_notify(Ok(ev))?,
+                    Err(TryRecvError::Disconnected) => {
+                        self.on_notify(Err(crossbeam_channel::RecvError))?
+                    }
+                    Err(TryRecvError::Empty) => {}
+                }
+                // Take what else is queued before promoting: one pass per burst, except that
+                // files already due go out between the scans of a burst of new directories.
+                for ev in notify_rx.try_iter().take(4096) {
+                    let scans = self.scans;
+                    self.on_notify(Ok(ev))?;
+                    if self.scans != scans {
+                        self.promote()?;
+                        self.dispatch()?;
                     }
                 }
-                recv(feedback) -> fb => {
-                    for f in fb.into_iter().flatten() {
-                        self.on_finished(f);
-                    }
-                }
-                default(wait) => {}
             }
             for f in feedback.try_iter().flatten() {
                 self.on_finished(f);
@@ -274,6 +292,7 @@ impl Watch<'_> {
     /// state knows under `dir` that no longer exist are forgotten (their deletion may have
     /// happened while filepipe was down, or been lost in an overflow).
     fn scan(&mut self, dir: &Path, lost: Lost) -> Result<()> {
+        self.scans += 1;
         let under = dir.strip_prefix(&self.cfg.root).unwrap_or(Path::new(""));
         // One query for the subtree; each file found is taken out, so what is left was not.
         let mut known = self.reader.known_under(under)?;
@@ -356,6 +375,14 @@ impl Watch<'_> {
             let root = self.cfg.root.clone();
             self.watch(&root)?;
             return self.scan(&root, Lost::Events);
+        }
+        // Opens (every read, the workers' own included) and reads say nothing about a writer.
+        if matches!(
+            event.kind,
+            EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Any)
+                | EventKind::Access(AccessKind::Close(AccessMode::Read))
+        ) {
+            return Ok(());
         }
         for path in &event.paths {
             if path == &self.cfg.root {
