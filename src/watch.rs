@@ -68,7 +68,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
         // and coalesced, rather than by neither. One watch per directory, each added by the
         // scan just before it lists that directory: notify's recursive mode would walk (and
         // stat every file of) each new subtree itself, on top of our own scan.
-        let mut watcher = notify::RecommendedWatcher::new(notify_tx, notify::Config::default())
+        let mut watcher = notify::RecommendedWatcher::new(notify_tx, watcher_config())
             .context("starting the file system watcher")?;
         watcher
             .watch(&cfg.root, RecursiveMode::NonRecursive)
@@ -104,6 +104,15 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
         manifest_written: None,
     };
     pipeline::run_op(cfg, shutdown, &source, &mut sink, stats)
+}
+
+/// The events watch mode acts on. Not opens and reads: every read, the workers' own included,
+/// would otherwise cost an event, and they fill the same kernel queue whose overflow forces a
+/// rescan.
+fn watcher_config() -> notify::Config {
+    use notify::EventKindMask as K;
+    notify::Config::default()
+        .with_event_kinds(K::CREATE | K::REMOVE | K::ALL_MODIFY | K::ACCESS_CLOSE)
 }
 
 /// A clear, actionable message for watch failures.
@@ -376,7 +385,8 @@ impl Watch<'_> {
             self.watch(&root)?;
             return self.scan(&root, Lost::Events);
         }
-        // Opens (every read, the workers' own included) and reads say nothing about a writer.
+        // Opens and reads say nothing about a writer (and are not asked for: see
+        // `watcher_config`).
         if matches!(
             event.kind,
             EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Any)
