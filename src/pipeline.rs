@@ -374,6 +374,14 @@ pub fn prepare<O: Op>(
                 reason: FileError::new(kind, format!("not a regular file ({what})")),
             });
         }
+        // Watch mode: deleted after it settled, which is no failure (its removal event says
+        // the same).
+        Err(OpenError::Failed(e)) if e.kind == Kind::Vanished && job.expect.is_some() => {
+            return Err(Outcome::Skipped {
+                rel: job.rel,
+                reason: FileError::new(Kind::Vanished, "deleted before it was processed"),
+            });
+        }
         Err(OpenError::Failed(e)) => return Err(failed(job, e)),
     };
     if job

@@ -91,6 +91,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
             removals: Vec::new(),
             scans: 0,
             deadlines: BinaryHeap::new(),
+            scanned: VecDeque::new(),
         };
         w.run(&notify_rx, &feedback_rx)
     };
@@ -153,10 +154,8 @@ struct Pending {
     since: Instant,
     /// Size/mtime/inode at that moment: it must be the same after the settle time.
     stamp: Option<Stamp>,
-    /// Closed after writing, renamed in or found by a scan: only such files are taken.
+    /// Closed after writing or renamed in: only such files are taken.
     complete: bool,
-    /// The state was already consulted for exactly `stamp` (by a scan): no second lookup.
-    checked: bool,
 }
 
 struct Watch<'a> {
@@ -186,6 +185,8 @@ struct Watch<'a> {
     /// (not at every waiting path: that made a 100,000-file burst quadratic). Entries go stale
     /// when a file is touched again; `promote` skips those.
     deadlines: BinaryHeap<Reverse<(Instant, PathBuf)>>,
+    /// Files found by scans, due in the order found, with the stamp the scan saw.
+    scanned: VecDeque<(Instant, PathBuf, Option<Stamp>)>,
 }
 
 impl Watch<'_> {
@@ -205,12 +206,15 @@ impl Watch<'_> {
             self.stats.loop_ticks.fetch_add(1, Ordering::Relaxed);
             // Sleep until the next file is due (bounded, for shutdown and the root check).
             let now = Instant::now();
-            let wait = self
-                .deadlines
-                .peek()
-                .map_or(MAX_WAIT, |Reverse((at, _))| {
-                    at.saturating_duration_since(now)
-                })
+            let next = [
+                self.deadlines.peek().map(|Reverse((at, _))| *at),
+                self.scanned.front().map(|(at, _, _)| *at),
+            ];
+            let wait = next
+                .into_iter()
+                .flatten()
+                .min()
+                .map_or(MAX_WAIT, |at| at.saturating_duration_since(now))
                 .clamp(Duration::from_millis(1), MAX_WAIT);
             // Wake for an event, a commit, or room in the job channel while files are ready:
             // the workers then never wait on the watcher's other work for their next batch.
@@ -259,7 +263,7 @@ impl Watch<'_> {
                     );
                 }
             }
-            let queued = self.pending.len() + self.ready.len();
+            let queued = self.pending.len() + self.scanned.len() + self.ready.len();
             self.stats.queued.store(queued as u64, Ordering::Relaxed);
             self.stats
                 .in_flight
@@ -455,13 +459,11 @@ impl Watch<'_> {
             since: now,
             stamp: None,
             complete: false,
-            checked: false,
         });
         p.since = now;
         // A new write after a close makes it incomplete again until the next close.
         p.complete = complete;
         p.stamp = stamp;
-        p.checked = false;
     }
 
     /// A metadata change restarts the settle clock but says nothing about whether the writer is
@@ -477,13 +479,19 @@ impl Watch<'_> {
     /// overflow, events cannot say so (the close may be what was lost), so the scan is trusted
     /// and the settle time alone guards against a writer still at work.
     fn found(&mut self, rel: PathBuf, stamp: Option<Stamp>, lost: Lost) {
-        if lost == Lost::Events || !self.pending.contains_key(&rel) {
-            self.touch(rel.clone(), true, stamp);
-            // The scan just found it unsettled for this stamp.
-            if let Some(p) = self.pending.get_mut(&rel) {
-                p.checked = true;
-            }
+        if stamp.is_none() {
+            // Vanished since the listing: its removal event follows.
+            return;
         }
+        if lost == Lost::Events {
+            self.pending.remove(&rel);
+        } else if self.pending.contains_key(&rel) {
+            return;
+        }
+        // A queue of its own, not `pending`: scanned files settle in the order found, so a
+        // 100,000-file scan costs a push and a pop each rather than map and heap updates.
+        self.scanned
+            .push_back((Instant::now() + self.settle, rel, stamp));
     }
 
     /// `rel` (a file, or a directory and everything under it) is gone: it leaves the queues,
@@ -503,6 +511,19 @@ impl Watch<'_> {
     /// Moves settled, complete files to the ready queue.
     fn promote(&mut self) -> Result<()> {
         let now = Instant::now();
+        while self.scanned.front().is_some_and(|(at, _, _)| *at <= now) {
+            let Some((_, rel, stamp)) = self.scanned.pop_front() else {
+                break;
+            };
+            // An event since the scan put it in `pending`, which now decides; otherwise it was
+            // not touched for the whole settle time (and the worker checks `stamp`). The scan
+            // already found it unsettled in the state.
+            if !self.pending.contains_key(&rel)
+                && self.ready_set.insert(rel.clone(), stamp).is_none()
+            {
+                self.ready.push_back(rel);
+            }
+        }
         while self
             .deadlines
             .peek()
@@ -527,8 +548,7 @@ impl Watch<'_> {
                 // Vanished before its stamp was taken: its removal event follows.
                 continue;
             }
-            let unsettled = p.checked || !self.settled(&rel, p.stamp)?;
-            if unsettled {
+            if !self.settled(&rel, p.stamp)? {
                 // Already waiting: only its stamp is newer.
                 if self.ready_set.insert(rel.clone(), p.stamp).is_none() {
                     self.ready.push_back(rel);
@@ -706,7 +726,9 @@ impl Sink for StateSink<'_> {
             // Deleted before it could be read: gone, like a deletion seen as an event (a file
             // deleted while in flight is recorded, then removed: the watcher holds its removal
             // back until this outcome is committed).
-            Outcome::Failed { rel, error } if error.kind == Kind::Vanished => {
+            Outcome::Failed { rel, error: e } | Outcome::Skipped { rel, reason: e }
+                if e.kind == Kind::Vanished =>
+            {
                 self.state.remove(rel)?;
                 self.manifest_dirty = true;
                 (rel, None)
