@@ -11,6 +11,7 @@ use std::process::{Child, Output, Stdio};
 use std::time::Duration;
 
 use common::*;
+use sha2::Digest as _;
 
 /// A running `filepipe watch`; killed if the test ends without stopping it.
 struct Daemon {
@@ -20,9 +21,10 @@ struct Daemon {
 impl Daemon {
     fn start(t: &TestTree, extra: &[&str]) -> Daemon {
         let mut cmd = filepipe(&[OsStr::new("watch"), t.root().as_os_str()]);
-        cmd.args(["--state"])
-            .arg(t.side("state"))
-            .args(["--settle", "150", "--json"]);
+        cmd.args(["--state"]).arg(t.side("state")).arg("--json");
+        if !extra.contains(&"--settle") {
+            cmd.args(["--settle", "150"]);
+        }
         cmd.args(extra);
         let child = cmd
             .stdout(Stdio::piped())
@@ -467,4 +469,82 @@ fn a_state_or_manifest_write_failure_stops_the_daemon_instead_of_hanging() {
         stderr.contains("SUMS"),
         "the error names the manifest: {stderr}"
     );
+}
+
+/// A change no event reports (a write through a shared mapping) after the close, within the
+/// settle time: the worker's first fstat no longer matches the stamp the file settled with, so
+/// the file is retried and only its final content is ever listed.
+#[test]
+fn a_change_no_event_reports_is_caught_by_the_settled_stamp() {
+    let t = TestTree::new();
+    let manifest = t.side("SHA256SUMS");
+    let log = t.side("failures.jsonl");
+    let d = Daemon::start(
+        &t,
+        &[
+            "--op",
+            "sha256",
+            "--settle",
+            "1500",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    wait_for("the daemon's first manifest", || manifest.exists());
+    let path = t.path("mapped.bin");
+    let len = 8192;
+    fs::write(&path, vec![b'a'; len]).unwrap(); // closed: settles from here
+                                                // A shared mapping keeps the file open after its descriptor is closed, so its close
+                                                // event waits for munmap: the write below is seen by no event at all.
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: a fresh shared mapping of `len` bytes of a file this test owns, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    drop(f);
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: within the mapping made above.
+    unsafe { std::ptr::write_bytes(map.cast::<u8>(), b'b', 100) };
+    wait_for("the change to be caught", || {
+        failure_log(&log).iter().any(|r| {
+            r["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("changed after it settled"))
+        })
+    });
+    // SAFETY: the mapping made above, not used after this.
+    assert_eq!(unsafe { libc::munmap(map, len) }, 0);
+    let mut want = vec![b'b'; 100];
+    want.resize(len, b'a');
+    let hex: String = sha2::Sha256::digest(&want)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let line = format!("{hex}  mapped.bin");
+    wait_for("the final content in the manifest", || {
+        fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&line))
+    });
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], 1, "{s}");
+    let out = tool(
+        "sha256sum",
+        &[OsStr::new("-c"), manifest.as_os_str()],
+        &t.root(),
+    );
+    assert!(out.status.success(), "{out:?}");
 }
