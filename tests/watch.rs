@@ -548,3 +548,40 @@ fn a_change_no_event_reports_is_caught_by_the_settled_stamp() {
     );
     assert!(out.status.success(), "{out:?}");
 }
+
+/// A directory renamed inside the tree keeps being watched under its new name, down to its
+/// subdirectories (one watch per directory, moved by the rename), and its files leave the
+/// manifest under the old names and come back under the new ones.
+#[test]
+fn a_directory_renamed_inside_the_tree_is_watched_under_its_new_name() {
+    let t = TestTree::new().file("old/deep/a", b"a\n");
+    let manifest = t.side("SUMS");
+    let d = Daemon::start(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    let listed = |name: &str| {
+        fs::read_to_string(&manifest).is_ok_and(|m| m.lines().any(|l| l.ends_with(name)))
+    };
+    wait_for("old/deep/a", || listed("  old/deep/a"));
+    fs::rename(t.path("old"), t.path("new")).unwrap();
+    wait_for("new/deep/a, and old/deep/a gone", || {
+        listed("  new/deep/a") && !listed("  old/deep/a")
+    });
+    // Written after the rename, two levels down: seen through the moved directory's watches.
+    fs::write(t.path("new/deep/b"), b"b\n").unwrap();
+    fs::create_dir(t.path("new/deep/more")).unwrap();
+    fs::write(t.path("new/deep/more/c"), b"c\n").unwrap();
+    wait_for("new/deep/b and new/deep/more/c", || {
+        listed("  new/deep/b") && listed("  new/deep/more/c")
+    });
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], 4, "{s}");
+    assert_eq!(manifest_lines(&manifest), 3);
+    let check = tool(
+        "sha256sum",
+        &[OsStr::new("-c"), manifest.as_os_str()],
+        &t.root(),
+    );
+    assert!(check.status.success(), "{check:?}");
+}
