@@ -44,7 +44,7 @@ pub struct GzipOp {
 #[derive(Debug)]
 pub struct Scratch {
     out_dirs: DirCache,
-    buf: Vec<u8>,
+    bufs: gzstream::Buffers,
 }
 
 /// A compressed temp file waiting for the input check.
@@ -202,7 +202,7 @@ impl Op for GzipOp {
     fn scratch(&self) -> Scratch {
         Scratch {
             out_dirs: DirCache::new(&self.out_root, self.mirrored),
-            buf: vec![0; gzstream::BUF_SIZE],
+            bufs: gzstream::Buffers::new(),
         }
     }
 
@@ -273,7 +273,7 @@ impl Op for GzipOp {
             &mut output::WriteBehind::new(temp.file()),
             &header,
             self.blocks.as_ref(),
-            &mut scratch.buf,
+            &mut scratch.bufs,
         )?;
         Ok(Pending { temp, dir, totals })
     }
