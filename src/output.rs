@@ -2,10 +2,14 @@
 //!
 //! Invariants: an output directory is reached from its root one component at a time with
 //! `O_NOFOLLOW`, so a planted symlink can never lead a write outside the output root; an output
-//! is written to a mode-0600 temp file in its final directory, synced, given the input's owner,
-//! mode and times, and only then renamed into place (`RENAME_NOREPLACE` unless `--force`), and
-//! the directory is synced. A temp file that is not published is unlinked when dropped.
+//! is written to a mode-0600 temp file in its final directory, given the input's owner, mode and
+//! times, synced, and only then renamed into place (`RENAME_NOREPLACE` unless `--force`), and
+//! the directory is synced. The steps are separate (`set_attrs`, `sync` into a `SyncedTemp`,
+//! `rename`, `sync_dirs`) so a caller can take each for a group of files before the next; the
+//! types only allow a rename after the sync. A temp file that is not published is unlinked when
+//! dropped.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
@@ -220,31 +224,73 @@ impl TempOutput {
         attrs: Option<&Attrs>,
         replace: bool,
     ) -> Result<(), FileError> {
-        let file = self.file.take().expect("published once");
-        let ctx = |what: &str| format!("{what} {}", self.dir.path.join(final_name).display());
         if let Some(a) = attrs {
-            // chown first: it may clear mode bits, and it only succeeds with privilege.
-            let _ = rfs::fchown(
-                &file,
-                Some(rustix::fs::Uid::from_raw(a.uid)),
-                Some(rustix::fs::Gid::from_raw(a.gid)),
-            );
-            rfs::fchmod(&file, Mode::from_raw_mode(a.mode))
-                .map_err(|e| FileError::errno(&ctx("setting mode of"), e))?;
-            rfs::futimens(&file, &a.times)
-                .map_err(|e| FileError::errno(&ctx("setting times of"), e))?;
+            self.set_attrs(final_name, a)?;
         }
-        // One fsync after the attributes: data, mode and times are all durable before the
-        // name appears, so a crash never leaves an output a rerun would not recognise.
-        file.sync_all()
-            .map_err(|e| FileError::io(&ctx("syncing"), &e))?;
-        drop(file);
+        let dir = self.sync(final_name)?.rename(final_name, replace)?;
+        sync_dir(&dir)
+    }
+
+    /// Gives the temp the input's owner, mode and times. Done before the fsync, so they are
+    /// durable with the data; `final_name` is for messages.
+    pub fn set_attrs(&mut self, final_name: &OsStr, a: &Attrs) -> Result<(), FileError> {
+        let ctx = |what: &str| format!("{what} {}", self.dir.path.join(final_name).display());
+        let file = self.file.as_ref().expect("temp file is open until synced");
+        // chown first: it may clear mode bits, and it only succeeds with privilege.
+        let _ = rfs::fchown(
+            file,
+            Some(rustix::fs::Uid::from_raw(a.uid)),
+            Some(rustix::fs::Gid::from_raw(a.gid)),
+        );
+        rfs::fchmod(file, Mode::from_raw_mode(a.mode))
+            .map_err(|e| FileError::errno(&ctx("setting mode of"), e))?;
+        rfs::futimens(file, &a.times).map_err(|e| FileError::errno(&ctx("setting times of"), e))
+    }
+
+    /// Starts the kernel's write-back of everything written, without waiting. Only a hint:
+    /// durability comes from `sync`, which then mostly waits for I/O already under way.
+    pub fn start_writeback(&self) {
+        if let Some(file) = &self.file {
+            start_writeback(file);
+        }
+    }
+
+    /// fsyncs the temp and closes it: data, mode and times are all durable before the name can
+    /// appear, so a crash never leaves an output a rerun would not recognise. `final_name` is
+    /// for messages.
+    pub fn sync(mut self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
+        let file = self.file.take().expect("synced once");
+        file.sync_all().map_err(|e| {
+            let path = self.dir.path.join(final_name);
+            FileError::io(&format!("syncing {}", path.display()), &e)
+        })?;
+        Ok(SyncedTemp(self))
+    }
+}
+
+/// A temp output whose data and attributes are durable, ready for its final name. Dropping it
+/// without `rename` unlinks it.
+#[derive(Debug)]
+pub struct SyncedTemp(TempOutput);
+
+impl SyncedTemp {
+    /// The temp file's name in its directory.
+    pub fn name(&self) -> &OsStr {
+        &self.0.name
+    }
+
+    /// Renames the temp to `final_name` (refusing to replace an existing file unless
+    /// `replace`) and returns the directory, which the caller must sync before reporting the
+    /// output as published: until then the new name may not survive a crash.
+    pub fn rename(mut self, final_name: &OsStr, replace: bool) -> Result<Arc<Dir>, FileError> {
+        let temp = &mut self.0;
+        let ctx = |what: &str| format!("{what} {}", temp.dir.path.join(final_name).display());
         let flags = if replace {
             RenameFlags::empty()
         } else {
             RenameFlags::NOREPLACE
         };
-        let renamed = rfs::renameat_with(&self.dir.fd, &self.name, &self.dir.fd, final_name, flags);
+        let renamed = rfs::renameat_with(&temp.dir.fd, &temp.name, &temp.dir.fd, final_name, flags);
         if let Err(e) = renamed {
             return Err(match e {
                 Errno::EXIST => FileError {
@@ -255,10 +301,10 @@ impl TempOutput {
                 e => FileError::errno(&ctx("publishing"), e),
             });
         }
-        signals::unregister_temp(self.registry_id);
+        signals::unregister_temp(temp.registry_id);
         // Published: nothing left for Drop to remove.
-        self.name.clear();
-        sync_dir(&self.dir)
+        temp.name.clear();
+        Ok(Arc::clone(&temp.dir))
     }
 }
 
@@ -295,17 +341,7 @@ impl std::io::Write for WriteBehind<'_> {
         self.pending += n as u64;
         if self.pending >= Self::CHUNK {
             self.pending = 0;
-            // Only a hint to start writing back (SYNC_FILE_RANGE_WRITE does not wait and
-            // promises nothing): durability still comes from the fsync in `publish`.
-            // SAFETY: a valid open fd; the call reads no memory of ours.
-            unsafe {
-                libc::sync_file_range(
-                    std::os::fd::AsRawFd::as_raw_fd(&*self.file),
-                    0,
-                    0,
-                    libc::SYNC_FILE_RANGE_WRITE,
-                );
-            }
+            start_writeback(self.file);
         }
         Ok(n)
     }
@@ -315,10 +351,41 @@ impl std::io::Write for WriteBehind<'_> {
     }
 }
 
+/// Asks the kernel to start writing `file`'s dirty pages back. Only a hint
+/// (SYNC_FILE_RANGE_WRITE does not wait and promises nothing): durability still comes from an
+/// fsync. Errors are ignored for the same reason; the fsync reports them.
+fn start_writeback(file: &File) {
+    // SAFETY: a valid open fd; the call reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            std::os::fd::AsRawFd::as_raw_fd(file),
+            0,
+            0,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
 /// fsyncs a directory so a rename or unlink in it survives a crash.
 pub fn sync_dir(dir: &Dir) -> Result<(), FileError> {
     rfs::fsync(dir.fd.as_fd())
         .map_err(|e| FileError::errno(&format!("syncing directory {}", dir.path.display()), e))
+}
+
+/// fsyncs each distinct directory among `dirs` once (the same directory may come through
+/// several handles) and returns, for each of `dirs` in order, its directory's result.
+pub fn sync_dirs(dirs: &[&Arc<Dir>]) -> Vec<Result<(), FileError>> {
+    let mut done: HashMap<(u64, u64), Result<(), FileError>> = HashMap::new();
+    dirs.iter()
+        .map(|dir| match rfs::fstat(&dir.fd) {
+            Ok(st) => done
+                .entry((st.st_dev, st.st_ino))
+                .or_insert_with(|| sync_dir(dir))
+                .clone(),
+            // Cannot tell it apart from the others: sync it on its own.
+            Err(_) => sync_dir(dir),
+        })
+        .collect()
 }
 
 /// True for names of filepipe's own temp files: they are never inputs.
@@ -392,6 +459,39 @@ mod tests {
             std::fs::read_dir(tmp.path().join("a/b")).unwrap().count(),
             1
         );
+    }
+
+    #[test]
+    fn synced_temp_is_removed_unless_renamed_and_dirs_sync_once_per_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |_: &Path| Mode::from_raw_mode(0o755);
+        let a = DirCache::new(tmp.path(), true)
+            .open(Path::new("a"), &mode)
+            .unwrap();
+        let a_again = DirCache::new(tmp.path(), true)
+            .open(Path::new("a"), &mode)
+            .unwrap();
+        let b = DirCache::new(tmp.path(), true)
+            .open(Path::new("b"), &mode)
+            .unwrap();
+        {
+            let mut t = TempOutput::create(Arc::clone(&a)).unwrap();
+            std::io::Write::write_all(t.file(), b"synced, never renamed").unwrap();
+            t.start_writeback();
+            let _synced = t.sync(OsStr::new("x")).unwrap();
+        }
+        assert_eq!(std::fs::read_dir(tmp.path().join("a")).unwrap().count(), 0);
+        let mut t = TempOutput::create(Arc::clone(&b)).unwrap();
+        std::io::Write::write_all(t.file(), b"data").unwrap();
+        let dir = t
+            .sync(OsStr::new("y"))
+            .unwrap()
+            .rename(OsStr::new("y"), false)
+            .unwrap();
+        assert!(Arc::ptr_eq(&dir, &b));
+        assert_eq!(std::fs::read(tmp.path().join("b/y")).unwrap(), b"data");
+        let results = sync_dirs(&[&a, &b, &a_again, &b]);
+        assert_eq!(results, vec![Ok(()), Ok(()), Ok(()), Ok(())]);
     }
 
     #[test]

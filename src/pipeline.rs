@@ -8,7 +8,9 @@
 //! `Outcome`, so counts always add up.
 //!
 //! Ops whose publish waits on the disk (gzip's fsyncs) hand verified results to a few publisher
-//! threads, so workers keep the CPUs busy while outputs are made durable.
+//! threads, so workers keep the CPUs busy while outputs are made durable. A publisher takes
+//! every result that is ready (up to `GROUP_MAX`) and publishes them as one group, so they share
+//! the disk's flushes; each file of a group is reported only once it is durable.
 //!
 //! Jobs and outcomes travel in small batches: with one message per file, channel hand-offs
 //! (futex wake-ups and crossbeam's yielding back-off) cost more CPU than hashing 16 KiB files.
@@ -106,6 +108,16 @@ pub enum Event {
     Removed(PathBuf),
 }
 
+/// Most results a publisher makes durable together. A group holds two descriptors per file
+/// (input and temp) until it is published, so this and the ready channel's bound keep the
+/// process far below the usual limit of 1024 open files.
+const GROUP_MAX: usize = 64;
+
+/// Publisher threads for ops with `DEFER_PUBLISH`. Two: while one waits for the disk, the
+/// other gathers what the workers finished meanwhile into the next group. More would split
+/// the ready results into smaller groups, each paying its own commits.
+const PUBLISHERS: usize = 2;
+
 /// How many times a file that changed while being read is attempted in all.
 const ATTEMPTS: u32 = 3;
 
@@ -178,11 +190,11 @@ fn run<O: Op>(
                 })
                 .context("starting the source")?
         };
-        // Publishers block in fsync, not on the CPU: several per core let the disk work while
-        // the workers compress, and lets concurrent fsyncs share journal commits.
-        let (ready_tx, ready_rx) = bounded::<Ready<O::Pending>>(4 * cfg.jobs);
+        // Publishers block in fsync, not on the CPU, and workers must not wait for them: the
+        // channel holds a full group, what workers finish during one group's commits.
+        let (ready_tx, ready_rx) = bounded::<Ready<O::Pending>>(GROUP_MAX);
         let publishers = if O::DEFER_PUBLISH {
-            (0..4 * cfg.jobs)
+            (0..PUBLISHERS)
                 .map(|i| {
                     let (ready_rx, events) = (ready_rx.clone(), event_tx.clone());
                     std::thread::Builder::new()
@@ -289,16 +301,21 @@ fn run_job<O: Op>(
 /// Runs `f`, turning a panic into a failed outcome for `rel`.
 fn guarded<T>(rel: &Path, f: impl FnOnce() -> Result<T, Outcome>) -> Result<T, Outcome> {
     panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
-        let msg = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
         Err(Outcome::Failed {
             rel: rel.to_path_buf(),
-            error: FileError::new(Kind::Internal, format!("panic: {msg}")),
+            error: panic_error(p.as_ref()),
         })
     })
+}
+
+/// The failure a caught panic stands for.
+fn panic_error(p: &(dyn std::any::Any + Send)) -> FileError {
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    FileError::new(Kind::Internal, format!("panic: {msg}"))
 }
 
 /// `publish`, with a panic costing only this file.
@@ -309,12 +326,38 @@ fn publish_guarded<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
 
 /// A publisher: makes verified results durable and visible until the workers are all gone.
 fn publisher_loop<O: Op>(op: &O, ready: &Receiver<Ready<O::Pending>>, events: &Sender<Event>) {
-    while let Ok(r) = ready.recv() {
-        let outcome = publish_guarded(op, r);
-        if events.send(Event::Finished(vec![outcome])).is_err() {
+    while let Ok(first) = ready.recv() {
+        // Whatever else is ready joins without waiting: under load a group grows to what the
+        // workers finished during the last one; a lone file is published at once.
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match ready.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        if events
+            .send(Event::Finished(publish_group_guarded(op, group)))
+            .is_err()
+        {
             return;
         }
     }
+}
+
+/// `publish_group`, with a panic failing the group's files but not the run. Some of them may
+/// have been published by then: reporting them failed errs on the side of redoing them.
+fn publish_group_guarded<O: Op>(op: &O, group: Vec<Ready<O::Pending>>) -> Vec<Outcome> {
+    let rels: Vec<PathBuf> = group.iter().map(|r| r.job.rel.clone()).collect();
+    panic::catch_unwind(AssertUnwindSafe(|| publish_group(op, group))).unwrap_or_else(|p| {
+        let error = panic_error(p.as_ref());
+        rels.into_iter()
+            .map(|rel| Outcome::Failed {
+                rel,
+                error: error.clone(),
+            })
+            .collect()
+    })
 }
 
 /// A verified result waiting to be published: the input has been read whole and unchanged.
@@ -334,7 +377,39 @@ pub fn publish<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
         input,
         pending,
     } = ready;
-    match op.publish(&job, &input, pending) {
+    let result = op.publish(&job, &input, pending);
+    outcome(job, &input, result)
+}
+
+/// Publishes verified results as one group and says how each file ended, in order.
+pub fn publish_group<O: Op>(op: &O, group: Vec<Ready<O::Pending>>) -> Vec<Outcome> {
+    let (heads, pendings): (Vec<_>, Vec<_>) = group
+        .into_iter()
+        .map(|r| ((r.job, r.input), r.pending))
+        .unzip();
+    let items = heads
+        .iter()
+        .zip(pendings)
+        .map(|((job, input), pending)| (job, input, pending))
+        .collect();
+    let mut results = op.publish_group(items).into_iter();
+    heads
+        .into_iter()
+        .map(|(job, input)| {
+            let result = results.next().unwrap_or_else(|| {
+                Err(FileError::new(
+                    Kind::Internal,
+                    "the op lost a file of its group",
+                ))
+            });
+            outcome(job, &input, result)
+        })
+        .collect()
+}
+
+/// The outcome of a publish.
+fn outcome(job: Job, input: &InputFile, result: Result<Done, FileError>) -> Outcome {
+    match result {
         Ok(mut done) => {
             done.stamp = Some(Stamp::from_stat(&input.stat));
             Outcome::Done {

@@ -71,4 +71,18 @@ pub trait Op: Sync {
         input: &InputFile,
         pending: Self::Pending,
     ) -> Result<Done, FileError>;
+
+    /// Makes several verified results visible together, so an op can share the disk's flushes
+    /// among them. Returns one result per item, in order; one item's failure must not fail the
+    /// others, and an item is `Ok` only once it is as durable as `publish` would have made it.
+    /// The default publishes them one by one.
+    fn publish_group(
+        &self,
+        group: Vec<(&Job, &InputFile, Self::Pending)>,
+    ) -> Vec<Result<Done, FileError>> {
+        group
+            .into_iter()
+            .map(|(job, input, pending)| self.publish(job, input, pending))
+            .collect()
+    }
 }
