@@ -92,6 +92,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
             scans: 0,
             deadlines: BinaryHeap::new(),
             scanned: VecDeque::new(),
+            scanned_set: Set::default(),
         };
         w.run(&notify_rx, &feedback_rx)
     };
@@ -187,6 +188,8 @@ struct Watch<'a> {
     deadlines: BinaryHeap<Reverse<(Instant, PathBuf)>>,
     /// Files found by scans, due in the order found, with the stamp the scan saw.
     scanned: VecDeque<(Instant, PathBuf, Option<Stamp>)>,
+    /// The paths in `scanned`: a file two overlapping scans find is queued once.
+    scanned_set: Set<PathBuf>,
 }
 
 impl Watch<'_> {
@@ -483,9 +486,25 @@ impl Watch<'_> {
             // Vanished since the listing: its removal event follows.
             return;
         }
+        // Already on its way (a scan of an enclosing directory raced this one, or an overflow
+        // rescan): the state does not know it yet, so only these sets can tell.
+        if self.in_flight.contains(&rel) {
+            if lost == Lost::Events {
+                // It may have changed unseen: look again once it is back.
+                self.redo.insert(rel);
+            }
+            return;
+        }
+        if let Some(waiting) = self.ready_set.get_mut(&rel) {
+            *waiting = stamp;
+            return;
+        }
         if lost == Lost::Events {
             self.pending.remove(&rel);
         } else if self.pending.contains_key(&rel) {
+            return;
+        }
+        if !self.scanned_set.insert(rel.clone()) {
             return;
         }
         // A queue of its own, not `pending`: scanned files settle in the order found, so a
@@ -499,8 +518,9 @@ impl Watch<'_> {
     /// that file's outcome to be committed, or the outcome would bring the file back.
     fn forget(&mut self, rel: PathBuf) -> Result<()> {
         self.pending.remove(&rel);
-        // Its entry in `ready` is skipped once it is out of the set.
+        // Its entries in `ready` and `scanned` are skipped once it is out of their sets.
         self.ready_set.remove(&rel);
+        self.scanned_set.remove(&rel);
         if self.in_flight.iter().any(|p| p.starts_with(&rel)) {
             self.removals.push(rel);
             return Ok(());
@@ -517,10 +537,11 @@ impl Watch<'_> {
             };
             // An event since the scan put it in `pending`, which now decides; otherwise it was
             // not touched for the whole settle time (and the worker checks `stamp`). The scan
-            // already found it unsettled in the state.
-            if !self.pending.contains_key(&rel)
-                && self.ready_set.insert(rel.clone(), stamp).is_none()
-            {
+            // already found it unsettled in the state. Out of the set: forgotten since.
+            if !self.scanned_set.remove(&rel) || self.pending.contains_key(&rel) {
+                continue;
+            }
+            if self.ready_set.insert(rel.clone(), stamp).is_none() {
                 self.ready.push_back(rel);
             }
         }
