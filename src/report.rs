@@ -30,8 +30,10 @@ use crate::pipeline::{Event, Outcome};
 use crate::signals::Shutdown;
 use crate::walk::Stats;
 
-/// The longest outcomes wait for the sink's flush (a state commit in watch mode).
+/// The longest outcomes wait for the sink's flush (a state commit in watch mode) in a burst.
 const FLUSH_WITHIN: Duration = Duration::from_millis(50);
+/// Outcomes waiting that make a burst: fewer, with nothing else queued, are flushed at once.
+const BURST: usize = 64;
 
 /// The final account of a run.
 #[derive(Debug, Default, Serialize)]
@@ -268,12 +270,20 @@ pub fn run(
             }
         }
     };
-    // Since when outcomes have waited for a flush.
+    // Since when, and how many, outcomes have waited for a flush.
     let mut unflushed: Option<Instant> = None;
+    let mut waiting = 0usize;
     loop {
-        let event = match events.recv_timeout(Duration::from_millis(200)) {
+        let wait = unflushed.map_or(Duration::from_millis(200), |t| {
+            FLUSH_WITHIN.saturating_sub(t.elapsed())
+        });
+        let event = match events.recv_timeout(wait) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => {
+                if unflushed.take().is_some() {
+                    waiting = 0;
+                    guard(sink.flush());
+                }
                 progress.refresh(stats, &summary);
                 guard(sink.tick());
                 continue;
@@ -288,16 +298,19 @@ pub fn run(
             }
             Event::Finished(outcomes) => {
                 unflushed.get_or_insert_with(Instant::now);
+                waiting += outcomes.len();
                 for outcome in outcomes {
                     guard(sink.outcome(&outcome));
                     summary.count(outcome, &mut progress);
                 }
-                // One commit per burst rather than per worker batch: each commit rewrites the
-                // state's touched pages, so fewer, larger ones cost a fraction. Bounded in time,
-                // so outcomes are durable (and the watcher told) within FLUSH_WITHIN.
-                if events.is_empty() || unflushed.is_some_and(|t| t.elapsed() >= FLUSH_WITHIN) {
+                // A trickle is flushed at once; a burst once per FLUSH_WITHIN. Each commit
+                // rewrites every state page it touched, and a burst's rows land all over the
+                // table, so committing per worker batch wrote ~one page per row.
+                let trickle = waiting < BURST && events.is_empty();
+                if trickle || unflushed.is_some_and(|t| t.elapsed() >= FLUSH_WITHIN) {
                     guard(sink.flush());
                     unflushed = None;
+                    waiting = 0;
                 }
                 stats.done.store(summary.done, Ordering::Relaxed);
                 stats.skipped.store(summary.skipped, Ordering::Relaxed);
@@ -308,6 +321,7 @@ pub fn run(
                 guard(sink.removed(&rel));
                 guard(sink.flush());
                 unflushed = None;
+                waiting = 0;
             }
         }
         // Also while events keep coming: a steady stream must not starve periodic work.
