@@ -30,10 +30,9 @@ use crate::pipeline::{Event, Outcome};
 use crate::signals::Shutdown;
 use crate::walk::Stats;
 
-/// The longest outcomes wait for the sink's flush (a state commit in watch mode) in a burst.
+/// The shortest time between two flushes of the sink (state commits in watch mode), and so the
+/// longest an outcome waits for one.
 const FLUSH_WITHIN: Duration = Duration::from_millis(50);
-/// Outcomes waiting that make a burst: fewer, with nothing else queued, are flushed at once.
-const BURST: usize = 64;
 
 /// The final account of a run.
 #[derive(Debug, Default, Serialize)]
@@ -270,19 +269,25 @@ pub fn run(
             }
         }
     };
-    // Since when, and how many, outcomes have waited for a flush.
-    let mut unflushed: Option<Instant> = None;
-    let mut waiting = 0usize;
+    // Outcomes wait for a flush (a state commit) at most FLUSH_WITHIN after the last one: a
+    // lone file after a quiet spell is committed at once, a stream or a burst 20 times a
+    // second. Each commit rewrites every state page it touched, and a burst's rows land all
+    // over the table: committing per worker batch wrote about one page per row.
+    let mut last_flush: Option<Instant> = None;
+    let mut unflushed = false;
+    let flush_due = |last: Option<Instant>| last.is_none_or(|t| t.elapsed() >= FLUSH_WITHIN);
     loop {
-        let wait = unflushed.map_or(Duration::from_millis(200), |t| {
-            FLUSH_WITHIN.saturating_sub(t.elapsed())
-        });
+        let wait = match (unflushed, last_flush) {
+            (true, Some(t)) => FLUSH_WITHIN.saturating_sub(t.elapsed()),
+            _ => Duration::from_millis(200),
+        };
         let event = match events.recv_timeout(wait) {
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => {
-                if unflushed.take().is_some() {
-                    waiting = 0;
+                if unflushed {
                     guard(sink.flush());
+                    last_flush = Some(Instant::now());
+                    unflushed = false;
                 }
                 progress.refresh(stats, &summary);
                 guard(sink.tick());
@@ -297,21 +302,11 @@ pub fn run(
                 }
             }
             Event::Finished(outcomes) => {
-                unflushed.get_or_insert_with(Instant::now);
-                waiting += outcomes.len();
                 for outcome in outcomes {
                     guard(sink.outcome(&outcome));
                     summary.count(outcome, &mut progress);
                 }
-                // A trickle is flushed at once; a burst once per FLUSH_WITHIN. Each commit
-                // rewrites every state page it touched, and a burst's rows land all over the
-                // table, so committing per worker batch wrote ~one page per row.
-                let trickle = waiting < BURST && events.is_empty();
-                if trickle || unflushed.is_some_and(|t| t.elapsed() >= FLUSH_WITHIN) {
-                    guard(sink.flush());
-                    unflushed = None;
-                    waiting = 0;
-                }
+                unflushed = true;
                 stats.done.store(summary.done, Ordering::Relaxed);
                 stats.skipped.store(summary.skipped, Ordering::Relaxed);
                 stats.failed.store(summary.failed, Ordering::Relaxed);
@@ -319,10 +314,13 @@ pub fn run(
             }
             Event::Removed(rel) => {
                 guard(sink.removed(&rel));
-                guard(sink.flush());
-                unflushed = None;
-                waiting = 0;
+                unflushed = true;
             }
+        }
+        if unflushed && flush_due(last_flush) {
+            guard(sink.flush());
+            last_flush = Some(Instant::now());
+            unflushed = false;
         }
         // Also while events keep coming: a steady stream must not starve periodic work.
         guard(sink.tick());

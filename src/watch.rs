@@ -30,6 +30,9 @@ use crate::signals::Shutdown;
 use crate::state::{self, Reader, Stamp, State};
 use crate::walk::{self, Found, Stats};
 
+/// After taking events, how long the watcher lets the next ones gather (see `Watch::run`).
+const COALESCE: Duration = Duration::from_millis(1);
+
 /// Path-keyed maps: foldhash is several times faster than std's SipHash on paths, and its
 /// per-process random seed still keeps crafted file names from forcing collisions.
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -90,6 +93,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
             retries: Vec::new(),
             removals: Vec::new(),
             scans: 0,
+            quiet_until: Instant::now(),
             deadlines: BinaryHeap::new(),
             scanned: VecDeque::new(),
             scanned_set: Set::default(),
@@ -182,6 +186,8 @@ struct Watch<'a> {
     removals: Vec<PathBuf>,
     /// Scans so far.
     scans: u64,
+    /// Events are not waited for before this (see `COALESCE`).
+    quiet_until: Instant,
     /// When complete pending files are due, earliest first, so a wake-up looks only at those
     /// (not at every waiting path: that made a 100,000-file burst quadratic). Entries go stale
     /// when a file is touched again; `promote` skips those.
@@ -221,32 +227,45 @@ impl Watch<'_> {
                 .clamp(Duration::from_millis(1), MAX_WAIT);
             // Wake for an event, a commit, or room in the job channel while files are ready:
             // the workers then never wait on the watcher's other work for their next batch.
-            let woke = {
+            // Right after taking events, not for the next ones for COALESCE: a writer's stream
+            // of events then costs a wake-up per batch, not one per event on both threads.
+            let listen = now >= self.quiet_until;
+            let wait = if listen {
+                wait
+            } else {
+                wait.min(self.quiet_until - now)
+            };
+            {
                 let mut sel = Select::new();
-                let on_event = sel.recv(notify_rx);
+                if listen {
+                    sel.recv(notify_rx);
+                }
                 sel.recv(feedback);
                 if !self.ready.is_empty() {
                     sel.send(self.jobs);
                 }
-                sel.ready_timeout(wait).ok() == Some(on_event)
-            };
-            if woke {
-                match notify_rx.try_recv() {
-                    Ok(ev) => self.on_notify(Ok(ev))?,
-                    Err(TryRecvError::Disconnected) => {
-                        self.on_notify(Err(crossbeam_channel::RecvError))?
-                    }
-                    Err(TryRecvError::Empty) => {}
-                }
-                // Take what else is queued before promoting: one pass per burst, except that
-                // files already due go out between the scans of a burst of new directories.
-                for ev in notify_rx.try_iter().take(4096) {
+                let _ = sel.ready_timeout(wait);
+            }
+            if Instant::now() >= self.quiet_until {
+                // One pass per burst before promoting, except that files already due go out
+                // between the scans of a burst of new directories.
+                let mut taken = 0;
+                while taken < 4096 {
+                    let ev = match notify_rx.try_recv() {
+                        Ok(ev) => Ok(ev),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => Err(crossbeam_channel::RecvError),
+                    };
+                    taken += 1;
                     let scans = self.scans;
-                    self.on_notify(Ok(ev))?;
+                    self.on_notify(ev)?;
                     if self.scans != scans {
                         self.promote()?;
                         self.dispatch()?;
                     }
+                }
+                if taken > 0 {
+                    self.quiet_until = Instant::now() + COALESCE;
                 }
             }
             for f in feedback.try_iter().flatten() {
