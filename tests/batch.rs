@@ -1077,3 +1077,43 @@ fn created_output_directories_are_no_more_open_than_their_inputs() {
     // Never more open than the input; the umask may only narrow it.
     assert_eq!(mode("shared") & !0o755, 0);
 }
+
+/// Reading a file to hash or compress it leaves its atime alone (O_NOATIME): cleanups that go
+/// by atime must not see every processed file as just used.
+#[test]
+fn inputs_keep_their_access_time() {
+    let t = TestTree::new()
+        .file("hashed", b"h\n")
+        .file("control", b"c\n");
+    // An atime older than the mtime: relatime updates it on the next plain read.
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    for f in ["hashed", "control"] {
+        let file = fs::File::options().write(true).open(t.path(f)).unwrap();
+        file.set_times(fs::FileTimes::new().set_accessed(old))
+            .unwrap();
+    }
+    let atime = |f: &str| fs::metadata(t.path(f)).unwrap().atime();
+    let before = atime("control");
+    fs::read(t.path("control")).unwrap();
+    if atime("control") == before {
+        eprintln!("this file system does not update atime on reads (noatime?): nothing to test");
+        return;
+    }
+    let before = atime("hashed");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--include"),
+        s("hashed"),
+        s("-q"),
+    ]));
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hashed"));
+    assert_eq!(
+        atime("hashed"),
+        before,
+        "reading the input changed its atime"
+    );
+}
