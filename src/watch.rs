@@ -411,15 +411,6 @@ impl Watch<'_> {
             self.watch(&root)?;
             return self.scan(&root, Lost::Events);
         }
-        // Opens and reads say nothing about a writer (and are not asked for: see
-        // `watcher_config`).
-        if matches!(
-            event.kind,
-            EventKind::Access(AccessKind::Open(_) | AccessKind::Read | AccessKind::Any)
-                | EventKind::Access(AccessKind::Close(AccessMode::Read))
-        ) {
-            return Ok(());
-        }
         for path in &event.paths {
             if path == &self.cfg.root {
                 let gone = matches!(
