@@ -22,6 +22,14 @@ fn p(x: &std::path::Path) -> &OsStr {
 
 const LONG_NAME: [u8; 253] = [b'n'; 253];
 
+/// Runs `filepipe batch <t's root> args...`.
+fn batch(t: &TestTree, args: &[&OsStr]) -> std::process::Output {
+    let root = t.root();
+    let mut cmd = filepipe(&[s("batch"), root.as_os_str()]);
+    cmd.args(args);
+    run(cmd)
+}
+
 fn awkward_tree() -> TestTree {
     TestTree::new()
         .file("plain.txt", b"hello\n")
@@ -42,16 +50,17 @@ fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
     let t = awkward_tree();
     let manifest = t.side("SHA256SUMS");
     let log = t.side("failures.jsonl");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("sha256"),
-        s("--manifest"),
-        p(&manifest),
-        s("--failure-log"),
-        p(&log),
-    ]));
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("sha256"),
+            s("--manifest"),
+            p(&manifest),
+            s("--failure-log"),
+            p(&log),
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -89,13 +98,7 @@ fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
 #[test]
 fn sha256_manifest_on_stdout_matches_file_manifest() {
     let t = awkward_tree();
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("sha256"),
-        s("-q"),
-    ]));
+    let out = batch(&t, &[s("--op"), s("sha256"), s("-q")]);
     assert!(out.status.success());
     let m = t.side("stdout.sha");
     fs::write(&m, &out.stdout).unwrap();
@@ -114,14 +117,7 @@ fn gzip_outputs_pass_gzip_t_and_gunzip_to_identical_bytes() {
     let t = awkward_tree().file("big/multi-block.log", &text_bytes(6_000_000, 2));
     fs::set_permissions(t.path("plain.txt"), fs::Permissions::from_mode(0o600)).unwrap();
     let log = t.side("failures.jsonl");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--failure-log"),
-        p(&log),
-    ]));
+    let out = batch(&t, &[s("--op"), s("gzip"), s("--failure-log"), p(&log)]);
     // The 253-byte name cannot take ".gz": one clean per-file failure, exit 1.
     assert_eq!(
         out.status.code(),
@@ -174,17 +170,18 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
         .file("a/small.txt", &text_bytes(3_000, 4))
         .file("c/noise.bin", &noise_bytes(700_000, 5));
     let out_dir = t.side("out");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--out"),
-        p(&out_dir),
-        s("--jobs"),
-        s("2"),
-        s("--json"),
-    ]));
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out_dir),
+            s("--jobs"),
+            s("2"),
+            s("--json"),
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -383,14 +380,7 @@ fn existing_different_output_is_kept_unless_force() {
         .file("x", &text_bytes(10_000, 9))
         .file("x.gz", b"not mine");
     let log = t.side("f.jsonl");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--failure-log"),
-        p(&log),
-    ]));
+    let out = batch(&t, &[s("--op"), s("gzip"), s("--failure-log"), p(&log)]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(fs::read(t.path("x.gz")).unwrap(), b"not mine");
     let records = failure_log(&log);
@@ -405,13 +395,7 @@ fn existing_different_output_is_kept_unless_force() {
         "{records:?}"
     );
 
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--force"),
-    ]));
+    let out = batch(&t, &[s("--op"), s("gzip"), s("--force")]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -430,21 +414,9 @@ fn rerun_skips_up_to_date_outputs_and_never_makes_gz_gz() {
     let json = |out: &std::process::Output| -> serde_json::Value {
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let first = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--json"),
-    ]));
+    let first = batch(&t, &[s("--op"), s("gzip"), s("--json")]);
     assert_eq!(json(&first)["done"], 2);
-    let second = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--json"),
-    ]));
+    let second = batch(&t, &[s("--op"), s("gzip"), s("--json")]);
     assert_eq!(second.status.code(), Some(0));
     let sum = json(&second);
     assert_eq!(sum["done"], 0);
@@ -452,14 +424,7 @@ fn rerun_skips_up_to_date_outputs_and_never_makes_gz_gz() {
     assert_eq!(sum["skipped_by_reason"]["already-compressed"], 2);
     assert!(!t.path("a.txt.gz.gz").exists());
     // --force redoes them.
-    let forced = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--json"),
-        s("--force"),
-    ]));
+    let forced = batch(&t, &[s("--op"), s("gzip"), s("--json"), s("--force")]);
     assert_eq!(json(&forced)["done"], 2);
 }
 
@@ -471,15 +436,16 @@ fn remove_source_deletes_verified_inputs_but_keeps_hard_linked_ones() {
     fs::hard_link(t.path("linked"), t.side("other-name")).unwrap();
     let original = fs::read(t.path("single")).unwrap();
     let log = t.side("f.jsonl");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--remove-source"),
-        s("--failure-log"),
-        p(&log),
-    ]));
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--remove-source"),
+            s("--failure-log"),
+            p(&log),
+        ],
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -506,16 +472,17 @@ fn planted_symlink_in_output_tree_is_refused() {
     fs::create_dir(&out_dir).unwrap();
     std::os::unix::fs::symlink(outside.path(), out_dir.join("a")).unwrap();
     let log = t.side("f.jsonl");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--out"),
-        p(&out_dir),
-        s("--failure-log"),
-        p(&log),
-    ]));
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out_dir),
+            s("--failure-log"),
+            p(&log),
+        ],
+    );
     assert_eq!(out.status.code(), Some(1));
     let records = failure_log(&log);
     assert_eq!(
@@ -635,16 +602,17 @@ fn file_appended_while_read_is_never_published() {
     };
     let log = t.side("f.jsonl");
     let manifest = t.side("m");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("sha256"),
-        s("--manifest"),
-        p(&manifest),
-        s("--failure-log"),
-        p(&log),
-    ]));
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("sha256"),
+            s("--manifest"),
+            p(&manifest),
+            s("--failure-log"),
+            p(&log),
+        ],
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     assert_eq!(
@@ -922,16 +890,17 @@ fn include_and_exclude_globs_select_files() {
         .file("b.txt", b"2")
         .file("skip/c.log", b"3")
         .file("keep/d.log", b"4");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("sha256"),
-        s("--include"),
-        s("*.log"),
-        s("--exclude"),
-        s("skip"),
-    ]));
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("sha256"),
+            s("--include"),
+            s("*.log"),
+            s("--exclude"),
+            s("skip"),
+        ],
+    );
     assert!(out.status.success());
     let m = String::from_utf8(out.stdout).unwrap();
     let names: Vec<&str> = m.lines().map(|l| &l[66..]).collect();
@@ -992,15 +961,10 @@ fn stale_temps_of_dead_processes_are_removed_live_ones_kept() {
     fs::create_dir_all(out_dir.join("sub")).unwrap();
     fs::write(out_dir.join("sub").join(dead), b"torn").unwrap();
     fs::write(t.side(dead), b"torn manifest").unwrap();
-    let gz = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--out"),
-        p(&out_dir),
-        s("--json"),
-    ]));
+    let gz = batch(
+        &t,
+        &[s("--op"), s("gzip"), s("--out"), p(&out_dir), s("--json")],
+    );
     assert_eq!(
         gz.status.code(),
         Some(0),
@@ -1010,14 +974,10 @@ fn stale_temps_of_dead_processes_are_removed_live_ones_kept() {
     let summary: serde_json::Value = serde_json::from_slice(&gz.stdout).unwrap();
     assert_eq!(summary["stale_temps_removed"], 2);
     assert_eq!(summary["files"], 1, "temps are never inputs: {summary}");
-    let sha = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("sha256"),
-        s("--manifest"),
-        p(&t.side("SUMS")),
-    ]));
+    let sha = batch(
+        &t,
+        &[s("--op"), s("sha256"), s("--manifest"), p(&t.side("SUMS"))],
+    );
     assert_eq!(sha.status.code(), Some(0));
     assert_eq!(temps_under(t.dir.path()), [t.path(&live)]);
 }
@@ -1032,13 +992,7 @@ fn far_future_mtime_is_handled() {
     );
     assert!(out.status.success());
     for op in ["sha256", "gzip"] {
-        let out = run(filepipe(&[
-            s("batch"),
-            p(&t.root()),
-            s("--op"),
-            s(op),
-            s("-q"),
-        ]));
+        let out = batch(&t, &[s("--op"), s(op), s("-q")]);
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -1058,14 +1012,7 @@ fn created_output_directories_are_no_more_open_than_their_inputs() {
     fs::set_permissions(t.path("private"), fs::Permissions::from_mode(0o700)).unwrap();
     fs::set_permissions(t.path("shared"), fs::Permissions::from_mode(0o755)).unwrap();
     let out_dir = t.side("out");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("gzip"),
-        s("--out"),
-        p(&out_dir),
-    ]));
+    let out = batch(&t, &[s("--op"), s("gzip"), s("--out"), p(&out_dir)]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -1100,15 +1047,10 @@ fn inputs_keep_their_access_time() {
         return;
     }
     let before = atime("hashed");
-    let out = run(filepipe(&[
-        s("batch"),
-        p(&t.root()),
-        s("--op"),
-        s("sha256"),
-        s("--include"),
-        s("hashed"),
-        s("-q"),
-    ]));
+    let out = batch(
+        &t,
+        &[s("--op"), s("sha256"), s("--include"), s("hashed"), s("-q")],
+    );
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("hashed"));
     assert_eq!(
