@@ -75,6 +75,12 @@ fn summary(out: &Output) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// The real `sha256sum -c MANIFEST`, run in `dir`, must pass.
+fn assert_sha256sum_c(manifest: &Path, dir: &Path) {
+    let check = tool("sha256sum", &[OsStr::new("-c"), manifest.as_os_str()], dir);
+    assert!(check.status.success(), "{check:?}");
+}
+
 fn manifest_lines(path: &Path) -> usize {
     fs::read(path).map_or(0, |m| m.iter().filter(|&&b| b == b'\n').count())
 }
@@ -186,16 +192,7 @@ fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
         String::from_utf8_lossy(&out.stderr).contains("overflowed"),
         "the burst did not overflow the queue, so this test proved nothing"
     );
-    let check = tool(
-        "sha256sum",
-        &[
-            OsStr::new("-c"),
-            OsStr::new("--quiet"),
-            manifest.as_os_str(),
-        ],
-        &t.root(),
-    );
-    assert!(check.status.success());
+    assert_sha256sum_c(&manifest, &t.root());
 }
 
 #[test]
@@ -373,16 +370,7 @@ fn deletions_leave_the_manifest_while_running_and_across_restarts() {
         manifest_lines(&manifest) == 1
     });
     summary(&d.stop());
-    let check = tool(
-        "sha256sum",
-        &[OsStr::new("-c"), manifest.as_os_str()],
-        &t.root(),
-    );
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stdout)
-    );
+    assert_sha256sum_c(&manifest, &t.root());
 }
 
 #[test]
@@ -541,12 +529,7 @@ fn a_change_no_event_reports_is_caught_by_the_settled_stamp() {
     });
     let s = summary(&d.stop());
     assert_eq!(s["done"], 1, "{s}");
-    let out = tool(
-        "sha256sum",
-        &[OsStr::new("-c"), manifest.as_os_str()],
-        &t.root(),
-    );
-    assert!(out.status.success(), "{out:?}");
+    assert_sha256sum_c(&manifest, &t.root());
 }
 
 /// A directory renamed inside the tree keeps being watched under its new name, down to its
@@ -578,10 +561,5 @@ fn a_directory_renamed_inside_the_tree_is_watched_under_its_new_name() {
     let s = summary(&d.stop());
     assert_eq!(s["done"], 4, "{s}");
     assert_eq!(manifest_lines(&manifest), 3);
-    let check = tool(
-        "sha256sum",
-        &[OsStr::new("-c"), manifest.as_os_str()],
-        &t.root(),
-    );
-    assert!(check.status.success(), "{check:?}");
+    assert_sha256sum_c(&manifest, &t.root());
 }
