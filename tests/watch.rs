@@ -563,3 +563,46 @@ fn a_directory_renamed_inside_the_tree_is_watched_under_its_new_name() {
     assert_eq!(manifest_lines(&manifest), 3);
     assert_sha256sum_c(&manifest, &t.root());
 }
+
+#[test]
+fn a_tree_deeper_than_the_walks_open_directories_is_scanned_whole_and_not_redone() {
+    // The scan stats files by name relative to their directory, holding at most 16 directories
+    // open; deeper levels, and the levels above them once left, fall back to stat by path. A
+    // file whose stat went wrong either way would never be taken (or be redone at the restart).
+    let mut t = TestTree::new();
+    let mut dir = String::new();
+    let mut files = 0;
+    for level in 0..24 {
+        t = t
+            .file(
+                format!("{dir}f{level}"),
+                format!("level {level}\n").as_bytes(),
+            )
+            .file(
+                format!("{dir}side{level}/g"),
+                format!("side {level}\n").as_bytes(),
+            )
+            .file(
+                format!("{dir}z{level}"),
+                format!("after {level}\n").as_bytes(),
+            );
+        files += 3;
+        dir.push_str("d/");
+    }
+    let manifest = t.side("SHA256SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    let d = Daemon::start(&t, &args);
+    wait_for("every file of the deep tree", || {
+        manifest_lines(&manifest) == files
+    });
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], files, "{s}");
+    assert_eq!(s["failed"], 0, "{s}");
+    assert_sha256sum_c(&manifest, &t.root());
+    // The stamps the scan takes must equal those the workers recorded: nothing is redone.
+    let d = Daemon::start(&t, &args);
+    std::thread::sleep(Duration::from_millis(1500));
+    let s = summary(&d.stop());
+    assert_eq!(s["done"], 0, "a restart redid files: {s}");
+    assert_eq!(manifest_lines(&manifest), files);
+}
