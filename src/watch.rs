@@ -548,7 +548,9 @@ impl Watch<'_> {
             // An event since the scan put it in `pending`, which now decides; otherwise it was
             // not touched for the whole settle time (and the worker checks `stamp`). The scan
             // already found it unsettled in the state. Out of the set: forgotten since.
-            if !self.scanned_set.remove(&rel) || self.pending.contains_key(&rel) {
+            if !self.scanned_set.remove(&rel)
+                || !self.pending.is_empty() && self.pending.contains_key(&rel)
+            {
                 continue;
             }
             if self.ready_set.insert(rel.clone(), stamp).is_none() {
@@ -602,7 +604,9 @@ impl Watch<'_> {
     /// Sends ready files to the workers without ever blocking: a full channel just means they
     /// wait here, coalesced, while events keep being read.
     fn dispatch(&mut self) -> Result<()> {
-        while !self.ready.is_empty() {
+        // The watcher is the only sender, so a channel with room now still has it at the send:
+        // a batch is never built only to be taken apart again.
+        while !self.ready.is_empty() && !self.jobs.is_full() {
             let mut batch = Vec::new();
             while batch.len() < BATCH_FILES {
                 let Some(rel) = self.ready.pop_front() else {
@@ -613,7 +617,7 @@ impl Watch<'_> {
                     continue;
                 };
                 // Written to again since it settled: it waits for a new settle time.
-                if self.pending.contains_key(&rel) {
+                if !self.pending.is_empty() && self.pending.contains_key(&rel) {
                     continue;
                 }
                 if self.in_flight.contains(&rel) {
@@ -675,7 +679,7 @@ impl Watch<'_> {
         if let Some(after) = fb.retry_after {
             self.retries.push((Instant::now() + after, fb.rel.clone()));
         }
-        if self.redo.remove(&fb.rel) {
+        if !self.redo.is_empty() && self.redo.remove(&fb.rel) {
             let stamp = Stamp::of(&self.cfg.root.join(&fb.rel));
             self.touch(fb.rel, true, stamp);
         }
