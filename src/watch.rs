@@ -106,8 +106,10 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
         feedback: feedback_tx,
         finished: Vec::new(),
         in_transaction: false,
-        manifest_dirty: true,
+        dirty_since: Some(Instant::now()),
         manifest_written: None,
+        manifest_cost: Duration::ZERO,
+        last_outcome: None,
     };
     pipeline::run_op(cfg, shutdown, &source, &mut sink, stats)
 }
@@ -725,13 +727,24 @@ struct StateSink<'a> {
     feedback: Sender<Vec<Finished>>,
     finished: Vec<Finished>,
     in_transaction: bool,
-    manifest_dirty: bool,
+    /// When the manifest first differed from the state since it was last written.
+    dirty_since: Option<Instant>,
     manifest_written: Option<Instant>,
+    /// How long the last rewrite took (it grows with the state, not with the change).
+    manifest_cost: Duration,
+    last_outcome: Option<Instant>,
 }
 
-/// How often the manifest is rewritten at most: often enough to be current, rarely enough that
-/// a burst of thousands of files costs a handful of rewrites.
+/// The manifest is rewritten whole (from the state) once outcomes pause for `MANIFEST_QUIET`,
+/// at most every `MANIFEST_INTERVAL`: a burst costs one rewrite at its end instead of one a
+/// second in the middle of it, competing with the workers. A steady stream never pauses, so a
+/// change waits at most `MANIFEST_STALE`, or ten times the last rewrite's duration if longer:
+/// rewriting a manifest of millions of files then takes at most a tenth of the reporter's time.
 const MANIFEST_INTERVAL: Duration = Duration::from_secs(1);
+/// See `MANIFEST_INTERVAL`.
+const MANIFEST_QUIET: Duration = Duration::from_millis(200);
+/// See `MANIFEST_INTERVAL`.
+const MANIFEST_STALE: Duration = Duration::from_secs(2);
 
 impl StateSink<'_> {
     fn begin(&mut self) -> Result<()> {
@@ -742,14 +755,21 @@ impl StateSink<'_> {
         Ok(())
     }
 
+    /// The manifest no longer matches the state.
+    fn changed(&mut self) {
+        self.dirty_since.get_or_insert_with(Instant::now);
+    }
+
     fn write_manifest(&mut self) -> Result<()> {
         if self.cfg.manifest.is_none() || self.cfg.op != OpKind::Sha256 {
             return Ok(());
         }
+        let started = Instant::now();
         let digests = self.state.digests()?;
         report::write_manifest(self.cfg, digests.iter().map(|(p, d)| (p.as_slice(), d)))?;
-        self.manifest_dirty = false;
+        self.dirty_since = None;
         self.manifest_written = Some(Instant::now());
+        self.manifest_cost = started.elapsed();
         Ok(())
     }
 }
@@ -757,6 +777,7 @@ impl StateSink<'_> {
 impl Sink for StateSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<()> {
         self.begin()?;
+        self.last_outcome = Some(Instant::now());
         let (rel, retry_after) = match outcome {
             // Deleted before it could be read: gone, like a deletion seen as an event (a file
             // deleted while in flight is recorded, then removed: the watcher holds its removal
@@ -765,7 +786,7 @@ impl Sink for StateSink<'_> {
                 if e.kind == Kind::Vanished =>
             {
                 self.state.remove(rel)?;
-                self.manifest_dirty = true;
+                self.changed();
                 (rel, None)
             }
             Outcome::Done { rel, done } => {
@@ -776,7 +797,9 @@ impl Sink for StateSink<'_> {
                 });
                 self.state
                     .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
-                self.manifest_dirty |= done.digest.is_some();
+                if done.digest.is_some() {
+                    self.changed();
+                }
                 (rel, None)
             }
             // Not started because of a shutdown: left for the next start, nothing to record.
@@ -808,7 +831,7 @@ impl Sink for StateSink<'_> {
     fn removed(&mut self, rel: &Path) -> Result<()> {
         self.begin()?;
         self.state.remove(rel)?;
-        self.manifest_dirty = true;
+        self.changed();
         Ok(())
     }
 
@@ -827,10 +850,17 @@ impl Sink for StateSink<'_> {
     }
 
     fn tick(&mut self) -> Result<()> {
-        let due = self
+        let Some(dirty_since) = self.dirty_since else {
+            return Ok(());
+        };
+        let rested = self
             .manifest_written
             .is_none_or(|t| t.elapsed() >= MANIFEST_INTERVAL);
-        if self.manifest_dirty && due {
+        let quiet = self
+            .last_outcome
+            .is_none_or(|t| t.elapsed() >= MANIFEST_QUIET);
+        let overdue = dirty_since.elapsed() >= MANIFEST_STALE.max(self.manifest_cost * 10);
+        if rested && (quiet || overdue) {
             self.write_manifest()?;
         }
         Ok(())
@@ -838,7 +868,7 @@ impl Sink for StateSink<'_> {
 
     fn finish(&mut self) -> Result<()> {
         self.flush()?;
-        if self.manifest_dirty {
+        if self.dirty_since.is_some() {
             self.write_manifest()?;
         }
         Ok(())
