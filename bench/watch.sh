@@ -54,11 +54,11 @@ BASE=$BENCH_DIR/watch
 if ((QUICK)); then
     WORK=$BASE/quick
     LOAD_WAIT=${LOAD_WAIT:-0}
-    LAT_FILES=60 BURST_FILES=5000 BURST_DIRS=10 STOP_FILES=2000 IDLE_FILES=1000 IDLE_SECS=3 BATCH_RUNS=1
+    LAT_FILES=60 BURST_FILES=5000 BURST_DIRS=10 STOP_FILES=2000 IDLE_FILES=1000 IDLE_SECS=3 BATCH_RUNS=1 DROP_RUNS=1
 else
     WORK=$BASE/full
     LOAD_WAIT=${LOAD_WAIT:-180}
-    LAT_FILES=300 BURST_FILES=100000 BURST_DIRS=100 STOP_FILES=20000 IDLE_FILES=10000 IDLE_SECS=10 BATCH_RUNS=3
+    LAT_FILES=300 BURST_FILES=100000 BURST_DIRS=100 STOP_FILES=20000 IDLE_FILES=10000 IDLE_SECS=10 BATCH_RUNS=5 DROP_RUNS=5
 fi
 LOAD_MAX=${LOAD_MAX:-0.7}
 SCENARIOS=${SCENARIOS:-latency,burst,sigstop,idle}
@@ -91,7 +91,7 @@ run() {
 
 run latency-100 latency --files "$LAT_FILES" --rate 50 --size 16384 --settle 100
 run latency-300 latency --files "$LAT_FILES" --rate 50 --size 16384 --settle 300
-run burst burst --files "$BURST_FILES" --dirs "$BURST_DIRS" --batch-runs "$BATCH_RUNS"
+run burst burst --files "$BURST_FILES" --dirs "$BURST_DIRS" --batch-runs "$BATCH_RUNS" --drop-runs "$DROP_RUNS"
 run sigstop sigstop --files "$STOP_FILES" --dirs 20
 run idle idle --files "$IDLE_FILES" --seconds "$IDLE_SECS"
 
