@@ -112,7 +112,8 @@ pub fn scan(
     // The directories from `dir` down to the entry at hand, each opened `O_PATH`: files are
     // stat'ed by name relative to their directory, which spares the kernel a lookup of every
     // component of the full path (half of what the walk costs in a tree of small files).
-    let mut parents = vec![open_dir(cfg, dir)];
+    // The root is followed if it is a link, as walkdir does (and a stat by full path did).
+    let mut parents = vec![open_dir(dir, true)];
     while let Some(entry) = it.next() {
         if shutdown.requested() {
             return;
@@ -120,7 +121,7 @@ pub fn scan(
         if let Ok(e) = &entry {
             if e.file_type().is_dir() {
                 parents.truncate(e.depth());
-                parents.push(open_dir(cfg, e.path()));
+                parents.push(open_dir(e.path(), follows(cfg, e)));
                 // Descriptors are a shared budget (workers and outputs need theirs): in a deep
                 // tree, the levels above the last few fall back to stat by full path.
                 if let Some(above) = parents.len().checked_sub(DIR_FDS + 1) {
@@ -212,7 +213,7 @@ fn classify(
     // One lstat per file, on this thread: the size balances batches and feeds progress, and
     // watch mode compares the stamp with its state.
     let stamp = match parent {
-        Some(dir) => rustix::fs::statat(dir, entry.file_name(), stat_flags(cfg))
+        Some(dir) => rustix::fs::statat(dir, entry.file_name(), stat_flags(cfg, &entry))
             .ok()
             .map(|st| Stamp::from_stat(&st)),
         None => entry.metadata().ok().map(|m| Stamp::from_metadata(&m)),
@@ -234,18 +235,25 @@ fn classify(
 /// if that fails, and its entries are then stat'ed by full path. Opened by path after walkdir
 /// opened it: if the path changed in between, this is what the path now leads to, the same
 /// file the worker's open will find.
-fn open_dir(cfg: &Config, dir: &Path) -> Option<OwnedFd> {
+fn open_dir(dir: &Path, follow: bool) -> Option<OwnedFd> {
     use rustix::fs::{Mode, OFlags};
     let mut flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    if !cfg.follow_symlinks {
+    if !follow {
         flags |= OFlags::NOFOLLOW;
     }
     rustix::fs::open(dir, flags, Mode::empty()).ok()
 }
 
-/// How the walk's stat treats a symlink: as itself, unless links are followed.
-fn stat_flags(cfg: &Config) -> rustix::fs::AtFlags {
-    if cfg.follow_symlinks {
+/// Whether the walk follows this entry: only a symlink, and only with `--follow-symlinks`
+/// (walkdir's own rule, and what `DirEntry::metadata` does). Anything else is lstat'ed, so a
+/// file swapped for a link after the listing is not taken for the link's target.
+fn follows(cfg: &Config, entry: &DirEntry) -> bool {
+    cfg.follow_symlinks && entry.path_is_symlink()
+}
+
+/// How the walk's stat of `entry` treats a symlink (see `follows`).
+fn stat_flags(cfg: &Config, entry: &DirEntry) -> rustix::fs::AtFlags {
+    if follows(cfg, entry) {
         rustix::fs::AtFlags::empty()
     } else {
         rustix::fs::AtFlags::SYMLINK_NOFOLLOW
@@ -341,6 +349,146 @@ fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
             && std::fs::remove_file(entry.path()).is_ok()
         {
             stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser as _;
+    use std::os::unix::fs::symlink;
+
+    fn config(root: &Path, extra: &[&str]) -> Config {
+        let mut args = vec![
+            "filepipe",
+            "batch",
+            root.to_str().unwrap(),
+            "--op",
+            "sha256",
+        ];
+        args.extend_from_slice(extra);
+        match Cli::parse_from(args).command {
+            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    /// Every stamp the walk hands on, by path relative to the root.
+    fn stamps(cfg: &Config) -> Vec<(PathBuf, Option<Stamp>)> {
+        let mut out = Vec::new();
+        let (stats, shutdown) = (Stats::default(), Shutdown::default());
+        scan(cfg, &cfg.root, &stats, &shutdown, &mut |f| {
+            if let Found::File(job, stamp) = f {
+                out.push((job.rel, stamp));
+            }
+            true
+        });
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    #[test]
+    fn stamps_are_the_lstat_of_each_file_at_every_depth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dir = tmp.path().to_path_buf();
+        let mut want = Vec::new();
+        // Deeper than DIR_FDS, with files before and after each subdirectory in any order.
+        for level in 0..(DIR_FDS + 6) {
+            for name in ["a", "z"] {
+                let f = dir.join(format!("{name}{level}"));
+                std::fs::write(&f, vec![b'x'; level * 3 + name.len()]).unwrap();
+                want.push(f);
+            }
+            dir.push("d");
+            std::fs::create_dir(&dir).unwrap();
+        }
+        let cfg = config(tmp.path(), &[]);
+        let got = stamps(&cfg);
+        assert_eq!(got.len(), want.len());
+        for (rel, stamp) in got {
+            let meta = std::fs::symlink_metadata(cfg.root.join(&rel)).unwrap();
+            assert_eq!(
+                stamp,
+                Some(Stamp::from_metadata(&meta)),
+                "{}",
+                rel.display()
+            );
+        }
+    }
+
+    #[test]
+    fn with_follow_symlinks_only_links_are_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        std::fs::write(root.join("target"), b"twelve bytes").unwrap();
+        symlink("target", root.join("link")).unwrap();
+        std::fs::create_dir(root.join("real")).unwrap();
+        std::fs::write(root.join("real/inner"), b"inner").unwrap();
+        symlink("real", root.join("dirlink")).unwrap();
+        let cfg = config(root, &["--follow-symlinks"]);
+        let got = stamps(&cfg);
+        let names: Vec<_> = got.iter().map(|(r, _)| r.to_str().unwrap()).collect();
+        assert_eq!(names, ["dirlink/inner", "link", "real/inner", "target"]);
+        for (rel, stamp) in got {
+            // The link is stat'ed through to its target, exactly as walkdir's metadata().
+            let meta = std::fs::metadata(cfg.root.join(&rel)).unwrap();
+            assert_eq!(
+                stamp,
+                Some(Stamp::from_metadata(&meta)),
+                "{}",
+                rel.display()
+            );
+        }
+        // Without the option, the link is never stat'ed as a file at all.
+        let cfg = config(root, &[]);
+        let names: Vec<_> = stamps(&cfg).into_iter().map(|(r, _)| r).collect();
+        assert_eq!(
+            names,
+            [PathBuf::from("real/inner"), PathBuf::from("target")]
+        );
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_link_after_the_listing_is_not_stated_as_its_target() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(&outside, vec![b'o'; 5000]).unwrap();
+        for i in 0..10 {
+            std::fs::write(root.join(format!("f{i}")), b"listed as a regular file").unwrap();
+        }
+        let cfg = config(&root, &["--follow-symlinks"]);
+        let (stats, shutdown) = (Stats::default(), Shutdown::default());
+        let mut seen = Vec::new();
+        scan(&cfg, &cfg.root, &stats, &shutdown, &mut |f| {
+            if let Found::File(job, stamp) = f {
+                if seen.is_empty() {
+                    // The directory is listed already: swap every other file for a link.
+                    for i in 0..10 {
+                        let p = cfg.root.join(format!("f{i}"));
+                        if p != job.abs {
+                            std::fs::remove_file(&p).unwrap();
+                            symlink(&outside, &p).unwrap();
+                        }
+                    }
+                }
+                seen.push((job.abs, stamp));
+            }
+            true
+        });
+        assert_eq!(seen.len(), 10);
+        for (abs, stamp) in &seen[1..] {
+            // The link's own lstat (which the worker's fstat of the target will not match),
+            // never the outside file's stat.
+            let link = std::fs::symlink_metadata(abs).unwrap();
+            assert_eq!(
+                *stamp,
+                Some(Stamp::from_metadata(&link)),
+                "{}",
+                abs.display()
+            );
         }
     }
 }
