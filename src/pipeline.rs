@@ -155,8 +155,9 @@ fn queue_depth(cfg: &Config) -> usize {
     if cfg.watch.is_some() {
         // The watcher also tends to events and commits, and when the workers and the reporter
         // hold every core it can wait a scheduler slice or two for one: 16 batches per worker
-        // (about 10 ms of small files) keep the workers fed meanwhile. With 2, the workers
-        // waited for jobs 30% of a 100,000-file burst on two cores; with 16, 3%.
+        // (about 10 ms of small files; batches hold at most BATCH_BYTES or one larger file)
+        // keep the workers fed meanwhile. With 2, the workers waited for jobs 30% of a
+        // 100,000-file burst on two cores; with 16, 3%.
         16 * cfg.jobs
     } else {
         // Twice the workers: enough that no worker waits on the walker, few enough that an

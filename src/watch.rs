@@ -24,7 +24,7 @@ use notify::{RecursiveMode, Watcher as _};
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::Kind;
-use crate::pipeline::{self, Event, Job, Msg, Outcome, BATCH_FILES};
+use crate::pipeline::{self, Event, Job, Msg, Outcome, BATCH_BYTES, BATCH_FILES};
 use crate::report::{self, Sink, Summary};
 use crate::signals::Shutdown;
 use crate::state::{self, Reader, Stamp, State};
@@ -106,7 +106,8 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
         feedback: feedback_tx,
         finished: Vec::new(),
         in_transaction: false,
-        dirty_since: Some(Instant::now()),
+        // Written at start, so it exists (and is current) before the first change.
+        dirty_since: (cfg.manifest.is_some() && cfg.op == OpKind::Sha256).then(Instant::now),
         manifest_written: None,
         manifest_cost: Duration::ZERO,
         last_outcome: None,
@@ -609,8 +610,23 @@ impl Watch<'_> {
         // The watcher is the only sender, so a channel with room now still has it at the send:
         // a batch is never built only to be taken apart again.
         while !self.ready.is_empty() && !self.jobs.is_full() {
+            // Batches as in batch mode: at most BATCH_FILES files and BATCH_BYTES bytes, a
+            // larger file alone, so the deeper queue never holds much more than small files.
             let mut batch = Vec::new();
-            while batch.len() < BATCH_FILES {
+            let mut bytes = 0;
+            while batch.len() < BATCH_FILES && bytes < BATCH_BYTES {
+                let Some(front) = self.ready.front() else {
+                    break;
+                };
+                let size = self
+                    .ready_set
+                    .get(front)
+                    .copied()
+                    .flatten()
+                    .map_or(0, |s| s.size);
+                if size >= BATCH_BYTES && !batch.is_empty() {
+                    break;
+                }
                 let Some(rel) = self.ready.pop_front() else {
                     break;
                 };
@@ -634,6 +650,7 @@ impl Watch<'_> {
                         .lookup(&rel)?
                         .is_some_and(|k| k.status == "done");
                 self.in_flight.insert(rel.clone());
+                bytes += size;
                 batch.push(Job {
                     abs: self.cfg.root.join(&rel),
                     rel,
@@ -757,7 +774,9 @@ impl StateSink<'_> {
 
     /// The manifest no longer matches the state.
     fn changed(&mut self) {
-        self.dirty_since.get_or_insert_with(Instant::now);
+        if self.cfg.manifest.is_some() && self.cfg.op == OpKind::Sha256 {
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
     }
 
     fn write_manifest(&mut self) -> Result<()> {
@@ -808,11 +827,14 @@ impl Sink for StateSink<'_> {
                 // With its stamp, so the next scan knows it is settled unless it changes.
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
                 self.state.not_done(rel, "skipped", stamp, reason)?;
+                // It may have been done before: its line leaves the manifest.
+                self.changed();
                 (rel, None)
             }
             Outcome::Failed { rel, error } => {
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
                 let attempts = self.state.not_done(rel, "failed", stamp, error)?;
+                self.changed();
                 let retry = state::transient(error.kind) && attempts < state::MAX_ATTEMPTS;
                 // 1 s, 2 s, 4 s ... between attempts.
                 (
@@ -830,6 +852,8 @@ impl Sink for StateSink<'_> {
 
     fn removed(&mut self, rel: &Path) -> Result<()> {
         self.begin()?;
+        // A deletion burst (rm -r) is a burst too: the rewrite waits for its end.
+        self.last_outcome = Some(Instant::now());
         self.state.remove(rel)?;
         self.changed();
         Ok(())

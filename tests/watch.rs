@@ -567,7 +567,7 @@ fn a_directory_renamed_inside_the_tree_is_watched_under_its_new_name() {
 #[test]
 fn a_tree_deeper_than_the_walks_open_directories_is_scanned_whole_and_not_redone() {
     // The scan stats files by name relative to their directory, holding at most 16 directories
-    // open; deeper levels, and the levels above them once left, fall back to stat by path. A
+    // open; the levels above the 16 deepest fall back to stat by path. A
     // file whose stat went wrong either way would never be taken (or be redone at the restart).
     let mut t = TestTree::new();
     let mut dir = String::new();
@@ -603,6 +603,7 @@ fn a_tree_deeper_than_the_walks_open_directories_is_scanned_whole_and_not_redone
     let d = Daemon::start(&t, &args);
     std::thread::sleep(Duration::from_millis(1500));
     let s = summary(&d.stop());
-    assert_eq!(s["done"], 0, "a restart redid files: {s}");
+    // Every outcome counts in "files": a file redone, or queued to be and interrupted.
+    assert_eq!(s["files"], 0, "a restart looked at files again: {s}");
     assert_eq!(manifest_lines(&manifest), files);
 }
