@@ -375,6 +375,11 @@ mod tests {
         }
     }
 
+    fn assert_stamp(path: &Path, stamp: Option<Stamp>, meta: std::io::Result<std::fs::Metadata>) {
+        let want = Stamp::from_metadata(&meta.unwrap());
+        assert_eq!(stamp, Some(want), "{}", path.display());
+    }
+
     /// Every stamp the walk hands on, by path relative to the root.
     fn stamps(cfg: &Config) -> Vec<(PathBuf, Option<Stamp>)> {
         let mut out = Vec::new();
@@ -408,13 +413,8 @@ mod tests {
         let got = stamps(&cfg);
         assert_eq!(got.len(), want.len());
         for (rel, stamp) in got {
-            let meta = std::fs::symlink_metadata(cfg.root.join(&rel)).unwrap();
-            assert_eq!(
-                stamp,
-                Some(Stamp::from_metadata(&meta)),
-                "{}",
-                rel.display()
-            );
+            let path = cfg.root.join(&rel);
+            assert_stamp(&path, stamp, std::fs::symlink_metadata(&path));
         }
     }
 
@@ -433,13 +433,8 @@ mod tests {
         assert_eq!(names, ["dirlink/inner", "link", "real/inner", "target"]);
         for (rel, stamp) in got {
             // The link is stat'ed through to its target, exactly as walkdir's metadata().
-            let meta = std::fs::metadata(cfg.root.join(&rel)).unwrap();
-            assert_eq!(
-                stamp,
-                Some(Stamp::from_metadata(&meta)),
-                "{}",
-                rel.display()
-            );
+            let path = cfg.root.join(&rel);
+            assert_stamp(&path, stamp, std::fs::metadata(&path));
         }
         // Without the option, the link is never stat'ed as a file at all.
         let cfg = config(root, &[]);
@@ -482,13 +477,7 @@ mod tests {
         for (abs, stamp) in &seen[1..] {
             // The link's own lstat (which the worker's fstat of the target will not match),
             // never the outside file's stat.
-            let link = std::fs::symlink_metadata(abs).unwrap();
-            assert_eq!(
-                *stamp,
-                Some(Stamp::from_metadata(&link)),
-                "{}",
-                abs.display()
-            );
+            assert_stamp(abs, *stamp, std::fs::symlink_metadata(abs));
         }
     }
 }
