@@ -107,7 +107,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
         finished: Vec::new(),
         in_transaction: false,
         // Written at start, so it exists (and is current) before the first change.
-        dirty_since: (cfg.manifest.is_some() && cfg.op == OpKind::Sha256).then(Instant::now),
+        dirty_since: keeps_manifest(cfg).then(Instant::now),
         manifest_written: None,
         manifest_cost: Duration::ZERO,
         last_outcome: None,
@@ -551,9 +551,7 @@ impl Watch<'_> {
             // An event since the scan put it in `pending`, which now decides; otherwise it was
             // not touched for the whole settle time (and the worker checks `stamp`). The scan
             // already found it unsettled in the state. Out of the set: forgotten since.
-            if !self.scanned_set.remove(&rel)
-                || !self.pending.is_empty() && self.pending.contains_key(&rel)
-            {
+            if !self.scanned_set.remove(&rel) || self.pending.contains_key(&rel) {
                 continue;
             }
             if self.ready_set.insert(rel.clone(), stamp).is_none() {
@@ -635,7 +633,7 @@ impl Watch<'_> {
                     continue;
                 };
                 // Written to again since it settled: it waits for a new settle time.
-                if !self.pending.is_empty() && self.pending.contains_key(&rel) {
+                if self.pending.contains_key(&rel) {
                     continue;
                 }
                 if self.in_flight.contains(&rel) {
@@ -737,6 +735,11 @@ fn ignored_name(cfg: &Config, rel: &Path) -> bool {
     temp_like || cfg.op == OpKind::Gzip && name.ends_with(b".gz")
 }
 
+/// Whether the sink keeps a manifest: sha256 with `--manifest`.
+fn keeps_manifest(cfg: &Config) -> bool {
+    cfg.manifest.is_some() && cfg.op == OpKind::Sha256
+}
+
 /// Records outcomes in the state, tells the watcher, and keeps the manifest current.
 struct StateSink<'a> {
     cfg: &'a Config,
@@ -774,13 +777,13 @@ impl StateSink<'_> {
 
     /// The manifest no longer matches the state.
     fn changed(&mut self) {
-        if self.cfg.manifest.is_some() && self.cfg.op == OpKind::Sha256 {
+        if keeps_manifest(self.cfg) {
             self.dirty_since.get_or_insert_with(Instant::now);
         }
     }
 
     fn write_manifest(&mut self) -> Result<()> {
-        if self.cfg.manifest.is_none() || self.cfg.op != OpKind::Sha256 {
+        if !keeps_manifest(self.cfg) {
             return Ok(());
         }
         let started = Instant::now();
