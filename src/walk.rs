@@ -123,7 +123,7 @@ pub fn scan(
                 parents.truncate(e.depth());
                 parents.push(open_dir(e.path(), follows(cfg, e)));
                 // Descriptors are a shared budget (workers and outputs need theirs): in a deep
-                // tree, the levels above the last few fall back to stat by full path.
+                // tree, the levels above the DIR_FDS deepest fall back to stat by full path.
                 if let Some(above) = parents.len().checked_sub(DIR_FDS + 1) {
                     parents[above] = None;
                 }
