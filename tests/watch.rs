@@ -607,3 +607,34 @@ fn a_tree_deeper_than_the_walks_open_directories_is_scanned_whole_and_not_redone
     assert_eq!(s["files"], 0, "a restart looked at files again: {s}");
     assert_eq!(manifest_lines(&manifest), files);
 }
+
+#[test]
+fn a_done_file_replaced_by_one_that_is_skipped_leaves_the_manifest() {
+    let t = TestTree::new()
+        .file("kept", b"kept\n")
+        .file("swapped", b"first\n");
+    let manifest = t.side("SHA256SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    let d = Daemon::start(&t, &args);
+    wait_for("both files", || manifest_lines(&manifest) == 2);
+    // A FIFO from outside the tree renamed over a done file: no deletion event, only the rename
+    // in, and the worker then skips it without opening it. Its old line must go, with nothing
+    // else changing in the state.
+    let fifo = t.side("new-fifo");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        &fifo,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    fs::rename(&fifo, t.path("swapped")).unwrap();
+    wait_for("the skipped file's line to leave the manifest", || {
+        manifest_lines(&manifest) == 1
+    });
+    let s = summary(&d.stop());
+    assert_eq!(s["skipped"], 1, "{s}");
+    assert!(fs::read_to_string(&manifest).unwrap().ends_with("  kept\n"));
+    assert_sha256sum_c(&manifest, &t.root());
+}
