@@ -30,6 +30,25 @@ fn batch(t: &TestTree, args: &[&OsStr]) -> std::process::Output {
     run(cmd)
 }
 
+/// `filepipe batch --op sha256` with a manifest and a failure log.
+fn sha256_batch(
+    t: &TestTree,
+    manifest: &std::path::Path,
+    log: &std::path::Path,
+) -> std::process::Output {
+    batch(
+        t,
+        &[
+            s("--op"),
+            s("sha256"),
+            s("--manifest"),
+            p(manifest),
+            s("--failure-log"),
+            p(log),
+        ],
+    )
+}
+
 fn awkward_tree() -> TestTree {
     TestTree::new()
         .file("plain.txt", b"hello\n")
@@ -50,17 +69,7 @@ fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
     let t = awkward_tree();
     let manifest = t.side("SHA256SUMS");
     let log = t.side("failures.jsonl");
-    let out = batch(
-        &t,
-        &[
-            s("--op"),
-            s("sha256"),
-            s("--manifest"),
-            p(&manifest),
-            s("--failure-log"),
-            p(&log),
-        ],
-    );
+    let out = sha256_batch(&t, &manifest, &log);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -602,17 +611,7 @@ fn file_appended_while_read_is_never_published() {
     };
     let log = t.side("f.jsonl");
     let manifest = t.side("m");
-    let out = batch(
-        &t,
-        &[
-            s("--op"),
-            s("sha256"),
-            s("--manifest"),
-            p(&manifest),
-            s("--failure-log"),
-            p(&log),
-        ],
-    );
+    let out = sha256_batch(&t, &manifest, &log);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     assert_eq!(
