@@ -97,7 +97,27 @@ pub struct State {
     conn: Connection,
     root: Vec<u8>,
     op: &'static str,
+    /// Done rows not yet handed to SQLite, written (in path order) before the commit and before
+    /// any other statement touches the table: see `write_done`.
+    done: Vec<DoneRow>,
 }
+
+/// A done file's row, waiting in `State::done`.
+struct DoneRow {
+    path: Vec<u8>,
+    stamp: Option<Stamp>,
+    output: Option<Vec<u8>>,
+    digest: Option<[u8; 32]>,
+    updated: i64,
+}
+
+/// Done rows held back at most (the reporter commits at least every 50 ms, far fewer files).
+const DONE_ROWS: usize = 4096;
+
+/// A done file's row, bound by `DoneRow::bind`.
+const INSERT_DONE: &str = "INSERT OR REPLACE INTO files
+       (root, op, path, size, mtime_ns, inode, output, digest, status, attempts, updated)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9)";
 
 /// A read-only view for the watcher's lookups.
 pub struct Reader {
@@ -152,6 +172,7 @@ impl State {
             conn,
             root: root.as_os_str().as_bytes().to_vec(),
             op,
+            done: Vec::new(),
         })
     }
 
@@ -180,11 +201,14 @@ impl State {
 
     /// Commits the open transaction.
     pub fn commit(&mut self) -> Result<()> {
+        self.write_done()?;
         self.conn.execute_batch("COMMIT")?;
         Ok(())
     }
 
-    /// Records a file as done.
+    /// Records a file as done, in the transaction `begin` opened. The row reaches SQLite before the
+    /// commit and before any other statement of this `State`, so every read and write of the
+    /// table sees the rows in the order they were recorded.
     pub fn done(
         &mut self,
         rel: &Path,
@@ -192,22 +216,37 @@ impl State {
         output: Option<&Path>,
         digest: Option<&[u8; 32]>,
     ) -> Result<()> {
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO files
-               (root, op, path, size, mtime_ns, inode, output, digest, status, attempts, updated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9)",
-        )?;
-        stmt.execute(params![
-            self.root,
-            self.op,
-            rel.as_os_str().as_bytes(),
-            stamp.map(|s| s.size as i64),
-            stamp.map(|s| s.mtime_ns),
-            stamp.map(|s| s.inode as i64),
-            output.map(|o| o.as_os_str().as_bytes().to_vec()),
-            digest.map(|d| d.to_vec()),
-            now_secs(),
-        ])?;
+        self.done.push(DoneRow {
+            path: rel.as_os_str().as_bytes().to_vec(),
+            stamp,
+            output: output.map(|o| o.as_os_str().as_bytes().to_vec()),
+            digest: digest.copied(),
+            updated: now_secs(),
+        });
+        if self.done.len() >= DONE_ROWS {
+            self.write_done()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the waiting done rows in path order, one statement each: consecutive inserts
+    /// then land on the same or neighbouring B-tree pages, where the order the workers finish
+    /// in scatters them over the tree. The sort is stable, so a later row for the same path
+    /// still replaces an earlier one.
+    fn write_done(&mut self) -> Result<()> {
+        if self.done.is_empty() {
+            return Ok(());
+        }
+        let mut rows = std::mem::take(&mut self.done);
+        rows.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut stmt = self.conn.prepare_cached(INSERT_DONE)?;
+        for row in &rows {
+            row.bind(&mut stmt, &self.root, self.op)?;
+            stmt.raw_execute()?;
+        }
+        // The buffer is kept for the next rows.
+        self.done = rows;
+        self.done.clear();
         Ok(())
     }
 
@@ -220,6 +259,7 @@ impl State {
         stamp: Option<Stamp>,
         e: &FileError,
     ) -> Result<u32> {
+        self.write_done()?;
         let path = rel.as_os_str().as_bytes();
         let previous: Option<(u32, Option<i64>, Option<i64>)> = self
             .conn
@@ -262,6 +302,7 @@ impl State {
     /// Forgets a file that was deleted or moved away, or a whole directory of them (a moved
     /// directory is one event).
     pub fn remove(&mut self, rel: &Path) -> Result<()> {
+        self.write_done()?;
         let path = rel.as_os_str().as_bytes();
         // Rows under "rel/": byte strings from "rel/" up to (not including) "rel0", since '0'
         // follows '/' in ASCII.
@@ -277,7 +318,8 @@ impl State {
     }
 
     /// All digests of done files, sorted by path bytes, for the manifest.
-    pub fn digests(&self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {
+    pub fn digests(&mut self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {
+        self.write_done()?;
         let mut stmt = self.conn.prepare_cached(
             "SELECT path, digest FROM files
              WHERE root=?1 AND op=?2 AND status='done' AND digest IS NOT NULL ORDER BY path",
@@ -342,6 +384,26 @@ impl Reader {
             )
             .optional()?;
         Ok(known)
+    }
+}
+
+impl DoneRow {
+    /// Binds this row to `INSERT_DONE`.
+    fn bind(
+        &self,
+        stmt: &mut rusqlite::CachedStatement<'_>,
+        root: &[u8],
+        op: &str,
+    ) -> rusqlite::Result<()> {
+        stmt.raw_bind_parameter(1, root)?;
+        stmt.raw_bind_parameter(2, op)?;
+        stmt.raw_bind_parameter(3, self.path.as_slice())?;
+        stmt.raw_bind_parameter(4, self.stamp.map(|s| s.size as i64))?;
+        stmt.raw_bind_parameter(5, self.stamp.map(|s| s.mtime_ns))?;
+        stmt.raw_bind_parameter(6, self.stamp.map(|s| s.inode as i64))?;
+        stmt.raw_bind_parameter(7, self.output.as_deref())?;
+        stmt.raw_bind_parameter(8, self.digest.as_ref().map(|d| &d[..]))?;
+        stmt.raw_bind_parameter(9, self.updated)
     }
 }
 
@@ -471,6 +533,7 @@ pub fn default_dir() -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::ffi::OsStringExt;
 
     #[test]
     fn done_then_changed_then_failed_attempts() {
@@ -509,5 +572,70 @@ mod tests {
         // Another root or op does not see these rows.
         let other = State::reader(dir.path(), root, "gzip").unwrap();
         assert!(other.lookup(rel).unwrap().is_none());
+    }
+
+    #[test]
+    fn buffered_done_rows_keep_their_order_with_other_statements() {
+        // Done rows wait to be written, sorted, at the commit or after DONE_ROWS of them;
+        // whatever comes next must still see them, and a later row for the same path must win.
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new("/data");
+        let mut st = State::open(dir.path(), root, "sha256").unwrap();
+        let reader = State::reader(dir.path(), root, "sha256").unwrap();
+        let stamp = |size| {
+            Some(Stamp {
+                size,
+                mtime_ns: 1,
+                inode: 2,
+            })
+        };
+        let n = 2 * DONE_ROWS as u64 + 5;
+        let name = |i: u64| PathBuf::from(format!("d/f{i:05}"));
+        st.begin().unwrap();
+        for i in 0..n {
+            st.done(&name(i), stamp(i), None, Some(&[i as u8; 32]))
+                .unwrap();
+        }
+        // Redone with new content while the first row may still wait, then removed, failed.
+        st.done(&name(n - 1), stamp(100), None, Some(&[0xee; 32]))
+            .unwrap();
+        st.done(&name(n - 2), stamp(0), None, Some(&[0; 32]))
+            .unwrap();
+        st.remove(&name(n - 2)).unwrap();
+        st.done(&name(n - 3), stamp(0), None, Some(&[0; 32]))
+            .unwrap();
+        let e = FileError::new(Kind::Changed, "busy");
+        assert_eq!(
+            st.not_done(&name(n - 3), "failed", stamp(0), &e).unwrap(),
+            1
+        );
+        st.done(&name(n), stamp(7), None, Some(&[7; 32])).unwrap();
+        // The manifest's view inside the transaction already has them all.
+        let digests = st.digests().unwrap();
+        assert_eq!(digests.len() as u64, n - 1);
+        assert_eq!(digests.last().unwrap().1, [7; 32]);
+        // Nothing is visible to the watcher before the commit, everything after it.
+        assert!(reader.lookup(&name(0)).unwrap().is_none());
+        st.commit().unwrap();
+        for i in 0..n - 3 {
+            let k = reader.lookup(&name(i)).unwrap().unwrap();
+            assert!(k.settled(stamp(i)), "{i}");
+        }
+        assert!(reader
+            .lookup(&name(n - 1))
+            .unwrap()
+            .unwrap()
+            .settled(stamp(100)));
+        assert!(reader.lookup(&name(n - 2)).unwrap().is_none());
+        assert_eq!(
+            reader.lookup(&name(n - 3)).unwrap().unwrap().status,
+            "failed"
+        );
+        assert!(reader.lookup(&name(n)).unwrap().unwrap().settled(stamp(7)));
+        let all = st.digests().unwrap();
+        let redone = name(n - 1).into_os_string().into_vec();
+        let rows: Vec<_> = all.iter().filter(|(p, _)| *p == redone).collect();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].1, [0xee; 32], "the later row wins");
     }
 }

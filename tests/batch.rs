@@ -1070,9 +1070,15 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
     let mut source = Vec::new();
     for dir in ["src", "src/ops", "tests"] {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir);
-        let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        let mut names: Vec<_> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
         names.sort();
-        for name in names.iter().filter(|n| n.extension() == Some(OsStr::new("rs"))) {
+        for name in names
+            .iter()
+            .filter(|n| n.extension() == Some(OsStr::new("rs")))
+        {
             source.extend(fs::read(name).unwrap());
         }
     }
