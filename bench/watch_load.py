@@ -557,9 +557,11 @@ def watched_burst(args, w, tag, root, names, action, res):
             if t_all_done is None and t_created is not None:
                 if t_last_done is None and db.done(last):
                     t_last_done = now()
-                # Counted only once the last file is done (a count scans every row), and
-                # confirmed as done rows below ("exactly_once" checks the daemon's summary too).
-                if t_last_done is not None and db.count_finished() >= n_total:
+                # Counted only once the last file is done (a count scans every row); rows
+                # of any status first, then, once there are enough, that they are all done
+                # (a transient failure waiting for its retry is a row too).
+                if (t_last_done is not None and db.count_finished() >= n_total
+                        and db.count_done() >= n_total):
                     t_all_done = now()
             if man.refresh() >= n_total:
                 t_manifest = now()
@@ -786,9 +788,13 @@ def scenario_sigstop(args):
         stopped = False
         t_db = t_man = None
         deadline = time.monotonic() + args.timeout
+        last = names[-1]
         while time.monotonic() < deadline:
             daemon.check_alive()
-            if t_db is None and db.count_done() >= n_total:
+            # As in the burst: the last file by its key, then counts, so the polling does not
+            # take the daemon's CPU.
+            if (t_db is None and db.done(last) and db.count_finished() >= n_total
+                    and db.count_done() >= n_total):
                 t_db = now()
             if man.refresh() >= n_total:
                 t_man = now()

@@ -216,6 +216,10 @@ impl State {
         output: Option<&Path>,
         digest: Option<&[u8; 32]>,
     ) -> Result<()> {
+        debug_assert!(
+            !self.conn.is_autocommit(),
+            "State::done outside a transaction"
+        );
         self.done.push(DoneRow {
             path: rel.as_os_str().as_bytes().to_vec(),
             stamp,
@@ -239,15 +243,21 @@ impl State {
         }
         let mut rows = std::mem::take(&mut self.done);
         rows.sort_by(|a, b| a.path.cmp(&b.path));
-        let mut stmt = self.conn.prepare_cached(INSERT_DONE)?;
-        for row in &rows {
-            row.bind(&mut stmt, &self.root, self.op)?;
-            stmt.raw_execute()?;
+        let written = (|| -> Result<()> {
+            let mut stmt = self.conn.prepare_cached(INSERT_DONE)?;
+            for row in &rows {
+                row.bind(&mut stmt, &self.root, self.op)?;
+                stmt.raw_execute()?;
+            }
+            Ok(())
+        })();
+        // On failure every row stays for the next attempt (rewriting one is harmless), so a
+        // commit can never succeed without them; otherwise the buffer is kept for the next rows.
+        if written.is_ok() {
+            rows.clear();
         }
-        // The buffer is kept for the next rows.
         self.done = rows;
-        self.done.clear();
-        Ok(())
+        written
     }
 
     /// Records a failure or a skip; failures count attempts (reset when the file changed).
@@ -572,6 +582,36 @@ mod tests {
         // Another root or op does not see these rows.
         let other = State::reader(dir.path(), root, "gzip").unwrap();
         assert!(other.lookup(rel).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_done_rows_for_the_next_attempt() {
+        // A commit must never succeed without rows that were recorded before it.
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new("/data");
+        let mut st = State::open(dir.path(), root, "sha256").unwrap();
+        let reader = State::reader(dir.path(), root, "sha256").unwrap();
+        let s = Some(Stamp {
+            size: 1,
+            mtime_ns: 2,
+            inode: 3,
+        });
+        st.begin().unwrap();
+        st.done(Path::new("a"), s, None, Some(&[1; 32])).unwrap();
+        st.done(Path::new("b"), s, None, Some(&[2; 32])).unwrap();
+        // The table is out of reach for a moment: writing the rows fails.
+        st.conn
+            .execute_batch("ALTER TABLE files RENAME TO elsewhere")
+            .unwrap();
+        assert!(st.commit().is_err());
+        st.conn
+            .execute_batch("ALTER TABLE elsewhere RENAME TO files")
+            .unwrap();
+        st.commit().unwrap();
+        for name in ["a", "b"] {
+            let k = reader.lookup(Path::new(name)).unwrap().unwrap();
+            assert!(k.settled(s), "{name}");
+        }
     }
 
     #[test]
