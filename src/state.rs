@@ -545,12 +545,18 @@ mod tests {
     use super::*;
     use std::os::unix::ffi::OsStringExt;
 
-    #[test]
-    fn done_then_changed_then_failed_attempts() {
+    /// A new state (root /data, op sha256) in a temp dir, and a reader on it.
+    fn open_state() -> (tempfile::TempDir, State, Reader) {
         let dir = tempfile::tempdir().unwrap();
         let root = Path::new("/data");
-        let mut st = State::open(dir.path(), root, "sha256").unwrap();
+        let st = State::open(dir.path(), root, "sha256").unwrap();
         let reader = State::reader(dir.path(), root, "sha256").unwrap();
+        (dir, st, reader)
+    }
+
+    #[test]
+    fn done_then_changed_then_failed_attempts() {
+        let (dir, mut st, reader) = open_state();
         let rel = Path::new("a/\u{e9}t\u{e9}");
         let s1 = Stamp {
             size: 3,
@@ -580,17 +586,14 @@ mod tests {
         st.remove(rel).unwrap();
         assert!(reader.lookup(rel).unwrap().is_none());
         // Another root or op does not see these rows.
-        let other = State::reader(dir.path(), root, "gzip").unwrap();
+        let other = State::reader(dir.path(), Path::new("/data"), "gzip").unwrap();
         assert!(other.lookup(rel).unwrap().is_none());
     }
 
     #[test]
     fn a_failed_write_keeps_the_done_rows_for_the_next_attempt() {
         // A commit must never succeed without rows that were recorded before it.
-        let dir = tempfile::tempdir().unwrap();
-        let root = Path::new("/data");
-        let mut st = State::open(dir.path(), root, "sha256").unwrap();
-        let reader = State::reader(dir.path(), root, "sha256").unwrap();
+        let (_dir, mut st, reader) = open_state();
         let s = Some(Stamp {
             size: 1,
             mtime_ns: 2,
@@ -618,10 +621,7 @@ mod tests {
     fn buffered_done_rows_keep_their_order_with_other_statements() {
         // Done rows wait to be written, sorted, at the commit or after DONE_ROWS of them;
         // whatever comes next must still see them, and a later row for the same path must win.
-        let dir = tempfile::tempdir().unwrap();
-        let root = Path::new("/data");
-        let mut st = State::open(dir.path(), root, "sha256").unwrap();
-        let reader = State::reader(dir.path(), root, "sha256").unwrap();
+        let (_dir, mut st, reader) = open_state();
         let stamp = |size| {
             Some(Stamp {
                 size,
