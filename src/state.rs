@@ -4,7 +4,9 @@
 //! reporter thread is the only writer; the watcher reads through its own connection (WAL lets
 //! readers and the writer proceed together). A file is "done" for a given size, mtime and inode:
 //! any change makes it a candidate again, so after a crash or restart exactly the files that
-//! appeared or changed are processed. Commits happen once per outcome batch with
+//! appeared or changed are processed. Done rows wait in the writer until the commit (or its
+//! next other statement) and go in sorted by path, which keeps a burst's inserts together in
+//! the B-tree. Commits happen once per outcome batch with
 //! `synchronous=NORMAL`: a SIGKILL loses nothing committed; a power cut may lose the last
 //! batches, which are then redone (gzip outputs are skipped as up to date).
 
