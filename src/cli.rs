@@ -67,7 +67,8 @@ pub struct PipelineArgs {
     /// Write one JSON line per failed or skipped file to FILE.
     #[arg(long, value_name = "FILE")]
     pub failure_log: Option<PathBuf>,
-    /// gzip: compression level.
+    /// gzip: compression level, 1 (fastest) to 9 (smallest), as gzip's -1 to -9: the output is
+    /// about the size gzip -N writes.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=9))]
     pub level: u32,
     /// Only process files matching GLOB (repeatable). A glob without '/' matches the file
