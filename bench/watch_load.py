@@ -311,6 +311,12 @@ class StateDb:
             return 0
         return c.execute("SELECT count(*) FROM files").fetchone()[0]
 
+    def all_done(self, n):
+        """Whether `n` files are done. Call it only once the last file is (a count scans every
+        row): rows of any status first, then, once there are enough, that all are done (a
+        transient failure waiting for its retry is a row too)."""
+        return self.count_finished() >= n and self.count_done() >= n
+
     def close(self):
         if self.conn is not None:
             self.conn.close()
@@ -557,11 +563,7 @@ def watched_burst(args, w, tag, root, names, action, res):
             if t_all_done is None and t_created is not None:
                 if t_last_done is None and db.done(last):
                     t_last_done = now()
-                # Counted only once the last file is done (a count scans every row); rows
-                # of any status first, then, once there are enough, that they are all done
-                # (a transient failure waiting for its retry is a row too).
-                if (t_last_done is not None and db.count_finished() >= n_total
-                        and db.count_done() >= n_total):
+                if t_last_done is not None and db.all_done(n_total):
                     t_all_done = now()
             if man.refresh() >= n_total:
                 t_manifest = now()
@@ -791,10 +793,9 @@ def scenario_sigstop(args):
         last = names[-1]
         while time.monotonic() < deadline:
             daemon.check_alive()
-            # As in the burst: the last file by its key, then counts, so the polling does not
-            # take the daemon's CPU.
-            if (t_db is None and db.done(last) and db.count_finished() >= n_total
-                    and db.count_done() >= n_total):
+            # As in the burst: the last file by its key first, so the polling does not take
+            # the daemon's CPU.
+            if t_db is None and db.done(last) and db.all_done(n_total):
                 t_db = now()
             if man.refresh() >= n_total:
                 t_man = now()
