@@ -654,6 +654,7 @@ impl Watch<'_> {
                     rel,
                     replace,
                     expect,
+                    dir: None,
                 });
             }
             if batch.is_empty() {
