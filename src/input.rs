@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek};
-use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,14 +34,8 @@ pub enum OpenError {
 }
 
 impl InputFile {
-    /// Opens `path` for reading, refusing anything but a regular file. With `dir` (the
-    /// directory `path` is in, already open), by its file name relative to `dir`: no component
-    /// of the path is looked up again.
-    pub fn open(
-        dir: Option<BorrowedFd<'_>>,
-        path: &Path,
-        follow_symlinks: bool,
-    ) -> Result<InputFile, OpenError> {
+    /// Opens `path` for reading, refusing anything but a regular file.
+    pub fn open(path: &Path, follow_symlinks: bool) -> Result<InputFile, OpenError> {
         let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
         if !follow_symlinks {
             flags |= OFlags::NOFOLLOW;
@@ -51,12 +44,8 @@ impl InputFile {
         // cleanups go by atime), and not dirtying every inode saves work on a first pass. The
         // kernel allows it only to the file's owner (or CAP_FOWNER): anyone else's file is
         // opened again without it.
-        let open = |flags| match (dir, path.file_name()) {
-            (Some(dir), Some(name)) => rfs::openat(dir, name, flags, Mode::empty()),
-            _ => rfs::open(path, flags, Mode::empty()),
-        };
-        let opened = match open(flags | OFlags::NOATIME) {
-            Err(rustix::io::Errno::PERM) => open(flags),
+        let opened = match rfs::open(path, flags | OFlags::NOATIME, Mode::empty()) {
+            Err(rustix::io::Errno::PERM) => rfs::open(path, flags, Mode::empty()),
             r => r,
         };
         let fd = opened.map_err(|e| match e {
@@ -174,7 +163,7 @@ mod tests {
         )
         .unwrap();
         assert!(matches!(
-            InputFile::open(None, &fifo, false),
+            InputFile::open(&fifo, false),
             Err(OpenError::NotRegular("FIFO"))
         ));
     }
@@ -182,7 +171,7 @@ mod tests {
     #[test]
     fn vanished_file_is_a_vanished_error() {
         let tmp = tempfile::tempdir().unwrap();
-        match InputFile::open(None, &tmp.path().join("gone"), false) {
+        match InputFile::open(&tmp.path().join("gone"), false) {
             Err(OpenError::Failed(e)) => assert_eq!(e.kind, Kind::Vanished),
             other => panic!("unexpected {other:?}"),
         }
@@ -193,7 +182,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("f");
         std::fs::write(&path, vec![b'a'; 1000]).unwrap();
-        let mut input = InputFile::open(None, &path, false).unwrap();
+        let mut input = InputFile::open(&path, false).unwrap();
         let mut buf = vec![0; 4096];
         fill(&mut input, &mut buf).unwrap();
         std::fs::OpenOptions::new()
@@ -214,9 +203,9 @@ mod tests {
         std::fs::write(tmp.path().join("t"), b"x").unwrap();
         std::os::unix::fs::symlink("t", tmp.path().join("l")).unwrap();
         assert!(matches!(
-            InputFile::open(None, &tmp.path().join("l"), false),
+            InputFile::open(&tmp.path().join("l"), false),
             Err(OpenError::NotRegular("symlink"))
         ));
-        assert!(InputFile::open(None, &tmp.path().join("l"), true).is_ok());
+        assert!(InputFile::open(&tmp.path().join("l"), true).is_ok());
     }
 }

@@ -17,10 +17,8 @@
 //! A batch is capped in files and bytes, and a large file travels alone, so workers stay
 //! evenly loaded to the end of the run.
 
-use std::os::fd::AsFd;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -52,9 +50,6 @@ pub struct Job {
     /// fstat must match, so a change the watcher was not told about is caught without a second
     /// stat on the watcher's thread.
     pub expect: Option<Stamp>,
-    /// Batch mode: the directory the walk found the file in. The worker opens the file by name
-    /// relative to it, not by `abs` (see `walk`); `None` means by `abs`.
-    pub dir: Option<Arc<walk::DirFd>>,
 }
 
 /// Most jobs in one message.
@@ -455,11 +450,7 @@ pub fn prepare<O: Op>(
         rel: job.rel,
         error,
     };
-    let mut input = match InputFile::open(
-        job.dir.as_deref().map(AsFd::as_fd),
-        &job.abs,
-        cfg.follow_symlinks,
-    ) {
+    let mut input = match InputFile::open(&job.abs, cfg.follow_symlinks) {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
             let kind = if what == "symlink" {

@@ -118,7 +118,7 @@ fn verify_manifest(path: &Path, pool: &ThreadPool, out: &mut impl Write) -> Resu
 
 fn check_digest(entry: &Entry, buf: &mut [u8]) -> Check {
     let path = Path::new(OsStr::from_bytes(&entry.name));
-    let mut input = match InputFile::open(None, path, true) {
+    let mut input = match InputFile::open(path, true) {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
             return Check::Unreadable(format!("not a regular file ({what})"))
@@ -175,7 +175,7 @@ fn verify_gz_tree(root: &Path, pool: &ThreadPool, out: &mut impl Write) -> Resul
 
 /// Decompresses a whole .gz file, checking every member's CRC-32 and length like `gzip -t`.
 pub fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
-    let input = match InputFile::open(None, path, false) {
+    let input = match InputFile::open(path, false) {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
             return Check::Unreadable(format!("not a regular file ({what})"))

@@ -5,18 +5,10 @@
 //! followed by default, and with `--follow-symlinks` never out of the root; filepipe's own
 //! files (temps, manifest, failure log, a nested output root) are never treated as inputs.
 //! Nothing is collected: each file goes to the bounded job channel as it is found.
-//!
-//! Directories are opened `O_PATH`, each by name relative to its parent's descriptor: files are
-//! stat'ed here, and in batch mode opened by the workers, by name relative to the directory the
-//! walk listed. No path is resolved again from the root, which spares the kernel a lookup of
-//! every component, and a directory swapped for a symlink after it was opened is not followed.
-//! At most `SHARED_DIRS` such descriptors are open at once (a job holds its directory's until
-//! it is done); past that, files are reached by full path as before.
 
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_channel::Sender;
 use walkdir::{DirEntry, WalkDir};
@@ -29,33 +21,8 @@ use crate::pipeline::{Event, Job, Msg, Outcome, BATCH_BYTES, BATCH_FILES};
 use crate::signals::Shutdown;
 use crate::state::Stamp;
 
-/// At most this many directories are held open by a walk for its own stats (see `scan`).
+/// At most this many directories are held open by a walk (see `scan`).
 const DIR_FDS: usize = 16;
-
-/// At most this many directory descriptors are open at once, the walk's and those queued jobs
-/// hold: descriptors are a shared budget (under systemd the soft limit is 1024), and the job
-/// queue can hold a few hundred files, each in a different directory.
-const SHARED_DIRS: usize = 256;
-
-/// Directory descriptors open now (see `SHARED_DIRS`).
-static OPEN_DIRS: AtomicUsize = AtomicUsize::new(0);
-
-/// A directory the walk opened `O_PATH`: its entries are stat'ed and opened by name relative
-/// to it. Counted against `SHARED_DIRS` while open.
-#[derive(Debug)]
-pub struct DirFd(OwnedFd);
-
-impl AsFd for DirFd {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        self.0.as_fd()
-    }
-}
-
-impl Drop for DirFd {
-    fn drop(&mut self) {
-        OPEN_DIRS.fetch_sub(1, Ordering::Relaxed);
-    }
-}
 
 /// Counters the walker raises and the reporter reads for progress totals.
 #[derive(Debug, Default)]
@@ -142,9 +109,11 @@ pub fn scan(
         .follow_links(cfg.follow_symlinks)
         .min_depth(1)
         .into_iter();
-    // The directories from `dir` down to the entry at hand (see the module doc). The root is
-    // followed if it is a link, as walkdir does (and a stat by full path did).
-    let mut parents = vec![open_dir(None, dir, true)];
+    // The directories from `dir` down to the entry at hand, each opened `O_PATH`: files are
+    // stat'ed by name relative to their directory, which spares the kernel a lookup of every
+    // component of the full path (half of what the walk costs in a tree of small files).
+    // The root is followed if it is a link, as walkdir does (and a stat by full path did).
+    let mut parents = vec![open_dir(dir, true)];
     while let Some(entry) = it.next() {
         if shutdown.requested() {
             return;
@@ -152,9 +121,7 @@ pub fn scan(
         if let Ok(e) = &entry {
             if e.file_type().is_dir() {
                 parents.truncate(e.depth());
-                let parent = parents.last().and_then(Option::as_deref);
-                let opened = open_dir(parent, e.path(), follows(cfg, e));
-                parents.push(opened);
+                parents.push(open_dir(e.path(), follows(cfg, e)));
                 // Descriptors are a shared budget (workers and outputs need theirs): in a deep
                 // tree, the levels above the DIR_FDS deepest fall back to stat by full path.
                 if let Some(above) = parents.len().checked_sub(DIR_FDS + 1) {
@@ -182,7 +149,7 @@ pub fn scan(
 fn classify(
     cfg: &Config,
     entry: walkdir::Result<DirEntry>,
-    parent: Option<&Arc<DirFd>>,
+    parent: Option<&OwnedFd>,
     stats: &Stats,
 ) -> (Option<Found>, bool) {
     let report = |o| (Some(Found::Report(o)), false);
@@ -246,7 +213,7 @@ fn classify(
     // One lstat per file, on this thread: the size balances batches and feeds progress, and
     // watch mode compares the stamp with its state.
     let stamp = match parent {
-        Some(dir) => rustix::fs::statat(&**dir, entry.file_name(), stat_flags(cfg, &entry))
+        Some(dir) => rustix::fs::statat(dir, entry.file_name(), stat_flags(cfg, &entry))
             .ok()
             .map(|st| Stamp::from_stat(&st)),
         None => entry.metadata().ok().map(|m| Stamp::from_metadata(&m)),
@@ -260,38 +227,21 @@ fn classify(
         rel,
         replace: false,
         expect: None,
-        // Watch mode builds its own jobs, later and by path, from what a scan found.
-        dir: parent.filter(|_| cfg.watch.is_none()).cloned(),
     };
     (Some(Found::File(job, stamp)), false)
 }
 
-/// `dir` opened `O_PATH` (no read permission needed) for reaching its entries by name: by its
-/// name relative to `parent` when there is one, else by path. `None` if that fails or
-/// `SHARED_DIRS` descriptors are open already; its entries are then reached by full path.
-/// Opened after walkdir opened it: if the directory was replaced in between, this is the new
-/// one, whose entries are the ones the stats and the workers' opens will find.
-fn open_dir(parent: Option<&DirFd>, dir: &Path, follow: bool) -> Option<Arc<DirFd>> {
+/// `dir` opened `O_PATH` (no read permission needed) for stat'ing its entries by name; `None`
+/// if that fails, and its entries are then stat'ed by full path. Opened by path after walkdir
+/// opened it: if the path changed in between, this is what the path now leads to, the same
+/// file the worker's open will find.
+fn open_dir(dir: &Path, follow: bool) -> Option<OwnedFd> {
     use rustix::fs::{Mode, OFlags};
     let mut flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
     if !follow {
         flags |= OFlags::NOFOLLOW;
     }
-    if OPEN_DIRS.fetch_add(1, Ordering::Relaxed) >= SHARED_DIRS {
-        OPEN_DIRS.fetch_sub(1, Ordering::Relaxed);
-        return None;
-    }
-    let opened = match (parent, dir.file_name()) {
-        (Some(parent), Some(name)) => rustix::fs::openat(parent, name, flags, Mode::empty()),
-        _ => rustix::fs::open(dir, flags, Mode::empty()),
-    };
-    match opened {
-        Ok(fd) => Some(Arc::new(DirFd(fd))),
-        Err(_) => {
-            OPEN_DIRS.fetch_sub(1, Ordering::Relaxed);
-            None
-        }
-    }
+    rustix::fs::open(dir, flags, Mode::empty()).ok()
 }
 
 /// Whether the walk follows this entry: only a symlink, and only with `--follow-symlinks`
@@ -529,86 +479,5 @@ mod tests {
             // never the outside file's stat.
             assert_stamp(abs, *stamp, std::fs::symlink_metadata(abs));
         }
-    }
-
-    /// The tests that need the descriptor budget to themselves (it is process-wide).
-    static BUDGET: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-    fn jobs(cfg: &Config) -> Vec<Job> {
-        let (stats, shutdown) = (Stats::default(), Shutdown::default());
-        let mut out = Vec::new();
-        scan(cfg, &cfg.root, &stats, &shutdown, &mut |f| {
-            if let Found::File(job, _) = f {
-                out.push(job);
-            }
-            true
-        });
-        out
-    }
-
-    fn read_job(job: &Job) -> Vec<u8> {
-        use std::io::Read;
-        let dir = job.dir.as_deref().map(AsFd::as_fd);
-        let mut input = crate::input::InputFile::open(dir, &job.abs, false).unwrap();
-        let mut got = Vec::new();
-        input.read_to_end(&mut got).unwrap();
-        got
-    }
-
-    #[test]
-    fn a_directory_swapped_for_a_link_after_the_walk_is_not_followed_by_the_worker() {
-        let _budget = BUDGET.lock().unwrap_or_else(|e| e.into_inner());
-        let tmp = tempfile::tempdir().unwrap();
-        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
-        std::fs::create_dir_all(root.join("d")).unwrap();
-        std::fs::create_dir(&outside).unwrap();
-        std::fs::write(root.join("d/f"), b"listed in the tree").unwrap();
-        std::fs::write(outside.join("f"), b"outside the tree").unwrap();
-        let found = jobs(&config(&root, &[]));
-        assert_eq!(found.len(), 1);
-        // Queued, not yet opened: the directory's path now leads outside the tree.
-        std::fs::rename(root.join("d"), root.join("moved")).unwrap();
-        symlink(&outside, root.join("d")).unwrap();
-        assert_eq!(read_job(&found[0]), b"listed in the tree");
-    }
-
-    #[test]
-    fn shared_directories_stay_within_the_budget_and_the_rest_go_by_path() {
-        let _budget = BUDGET.lock().unwrap_or_else(|e| e.into_inner());
-        let tmp = tempfile::tempdir().unwrap();
-        let dirs = SHARED_DIRS + 40;
-        for i in 0..dirs {
-            let d = tmp.path().join(format!("d{i:03}"));
-            std::fs::create_dir(&d).unwrap();
-            std::fs::write(d.join("f"), format!("file {i}")).unwrap();
-        }
-        // Every job held at once, as a full queue would.
-        let found = jobs(&config(tmp.path(), &[]));
-        assert_eq!(found.len(), dirs);
-        let shared = found.iter().filter(|j| j.dir.is_some()).count();
-        assert!(shared <= SHARED_DIRS, "{shared} directories held open");
-        assert!(shared < dirs, "no job went by path");
-        assert!(OPEN_DIRS.load(Ordering::Relaxed) <= SHARED_DIRS);
-        for job in &found {
-            let i: usize = job.rel.to_str().unwrap()[1..4].parse().unwrap();
-            assert_eq!(read_job(job), format!("file {i}").as_bytes());
-        }
-        drop(found);
-        // Released with their jobs: a later walk shares directories again.
-        let again = jobs(&config(tmp.path(), &[]));
-        assert!(again.iter().filter(|j| j.dir.is_some()).count() >= SHARED_DIRS - DIR_FDS);
-    }
-
-    #[test]
-    fn watch_scans_hold_no_directory() {
-        let tmp = tempfile::tempdir().unwrap();
-        std::fs::create_dir(tmp.path().join("d")).unwrap();
-        std::fs::write(tmp.path().join("d/f"), b"x").unwrap();
-        let mut cfg = config(tmp.path(), &[]);
-        cfg.watch = Some(crate::config::WatchSettings {
-            settle: std::time::Duration::ZERO,
-            state_dir: tmp.path().join("state"),
-        });
-        assert!(jobs(&cfg).iter().all(|j| j.dir.is_none()));
     }
 }

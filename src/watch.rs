@@ -654,7 +654,6 @@ impl Watch<'_> {
                     rel,
                     replace,
                     expect,
-                    dir: None,
                 });
             }
             if batch.is_empty() {

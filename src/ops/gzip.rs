@@ -428,9 +428,8 @@ mod tests {
                 rel: PathBuf::from(rel),
                 replace: false,
                 expect: None,
-                dir: None,
             };
-            let mut input = InputFile::open(None, &job.abs, false).unwrap();
+            let mut input = InputFile::open(&job.abs, false).unwrap();
             assert_eq!(op.check(&job, &input, &mut scratch).unwrap(), None);
             pendings.push(op.read(&job, &mut input, &mut scratch).unwrap());
             input.finish().unwrap();
