@@ -17,6 +17,7 @@
 //! A batch is capped in files and bytes, and a large file travels alone, so workers stay
 //! evenly loaded to the end of the run.
 
+use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -27,7 +28,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
-use crate::input::{InputFile, OpenError};
+use crate::input::{self, InputFile, OpenError};
 use crate::ops::gzip::GzipOp;
 use crate::ops::sha256::Sha256Op;
 use crate::ops::{Done, Op};
@@ -260,10 +261,15 @@ fn worker_loop<O: Op>(
     shutdown: &Shutdown,
 ) {
     let mut scratch = op.scratch();
+    let root = input::open_root(&cfg.root);
+    let me = Worker {
+        index,
+        root: root.as_ref().map(AsFd::as_fd),
+    };
     while let Ok(Msg::Jobs(batch)) = jobs.recv() {
         let mut outcomes = Vec::with_capacity(batch.len());
         for job in batch {
-            if let Some(outcome) = run_job(index, cfg, op, job, stage, shutdown, &mut scratch) {
+            if let Some(outcome) = run_job(cfg, op, me, job, stage, shutdown, &mut scratch) {
                 outcomes.push(outcome);
             }
         }
@@ -273,11 +279,20 @@ fn worker_loop<O: Op>(
     }
 }
 
+/// A worker, as a job sees it.
+#[derive(Clone, Copy)]
+struct Worker<'a> {
+    /// Its index, for its progress line.
+    index: usize,
+    /// Its descriptor of the input root, for `InputFile::open_beneath`.
+    root: Option<BorrowedFd<'a>>,
+}
+
 /// Runs one job; `None` when it was handed to a publisher, which reports it.
 fn run_job<O: Op>(
-    index: usize,
     cfg: &Config,
     op: &O,
+    me: Worker<'_>,
     job: Job,
     stage: &Stage<'_, O::Pending>,
     shutdown: &Shutdown,
@@ -292,13 +307,13 @@ fn run_job<O: Op>(
     }
     if cfg.progress {
         let _ = stage.events.send(Event::Started {
-            worker: index,
+            worker: me.index,
             rel: job.rel.clone(),
         });
     }
     let rel = job.rel.clone();
     // A bug in an op must cost one file, not the run.
-    let prepared = guarded(&rel, || prepare(cfg, op, job, scratch));
+    let prepared = guarded(&rel, || prepare(cfg, op, job, me.root, scratch));
     match (prepared, stage.publishers) {
         (Err(outcome), _) => Some(outcome),
         (Ok(ready), None) => Some(publish_guarded(op, ready)),
@@ -438,29 +453,34 @@ fn outcome(job: Job, input: &InputFile, result: Result<Done, FileError>) -> Outc
     }
 }
 
-/// Opens safely, checks, reads, and verifies the input did not change while read (retrying if
-/// it did). `Err` is a final outcome (skipped or failed); `Ok` is ready to publish.
+/// Opens safely (beneath `root`, see `input::open_root`), checks, reads, and verifies the input
+/// did not change while read (retrying if it did). `Err` is a final outcome (skipped or
+/// failed); `Ok` is ready to publish.
 pub fn prepare<O: Op>(
     cfg: &Config,
     op: &O,
     job: Job,
+    root: Option<BorrowedFd<'_>>,
     scratch: &mut O::Scratch,
 ) -> Result<Ready<O::Pending>, Outcome> {
     let failed = |job: Job, error| Outcome::Failed {
         rel: job.rel,
         error,
     };
-    let mut input = match InputFile::open(&job.abs, cfg.follow_symlinks) {
+    let opened = InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks);
+    let mut input = match opened {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
-            let kind = if what == "symlink" {
-                Kind::Symlink
-            } else {
-                Kind::SpecialFile
+            let reason = match what {
+                "symlink" => FileError::new(Kind::Symlink, "not a regular file (symlink)"),
+                input::SYMLINK_ON_PATH => {
+                    FileError::new(Kind::Symlink, format!("{what}; not followed"))
+                }
+                _ => FileError::new(Kind::SpecialFile, format!("not a regular file ({what})")),
             };
             return Err(Outcome::Skipped {
                 rel: job.rel,
-                reason: FileError::new(kind, format!("not a regular file ({what})")),
+                reason,
             });
         }
         // Watch mode: deleted after it settled, which is no failure (its removal event says
@@ -520,6 +540,61 @@ pub fn prepare<O: Op>(
                     return Err(failed(job, e));
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::ops::sha256::Sha256Op;
+    use clap::Parser as _;
+
+    fn config(root: &Path) -> Config {
+        let args = [
+            "filepipe",
+            "batch",
+            root.to_str().unwrap(),
+            "--op",
+            "sha256",
+        ];
+        match Cli::parse_from(args).command {
+            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_link_after_the_walk_is_not_read_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("d")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(root.join("d/f"), b"listed in the tree").unwrap();
+        std::fs::write(outside.join("f"), b"outside the tree").unwrap();
+        let cfg = config(&root);
+        let job = || Job {
+            abs: cfg.root.join("d/f"),
+            rel: PathBuf::from("d/f"),
+            replace: false,
+            expect: None,
+        };
+        let root_fd = input::open_root(&cfg.root).expect("openat2 (Linux 5.6+)");
+        let root_fd = Some(root_fd.as_fd());
+        let mut scratch = Sha256Op.scratch();
+        assert!(prepare(&cfg, &Sha256Op, job(), root_fd, &mut scratch).is_ok());
+        // Listed, queued, and then the directory's name leads outside the tree.
+        std::fs::rename(root.join("d"), root.join("moved")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
+        match prepare(&cfg, &Sha256Op, job(), root_fd, &mut scratch) {
+            Err(Outcome::Skipped { rel, reason }) => {
+                assert_eq!(rel, Path::new("d/f"));
+                assert_eq!(reason.kind, Kind::Symlink);
+                assert!(reason.message.contains("on its path"), "{}", reason.message);
+            }
+            Err(other) => panic!("unexpected {other:?}"),
+            Ok(_) => panic!("read the file outside the tree"),
         }
     }
 }

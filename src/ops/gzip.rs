@@ -10,6 +10,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -17,7 +18,7 @@ use std::sync::Arc;
 
 use flate2::read::MultiGzDecoder;
 use rayon::ThreadPool;
-use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
 use crate::config::Config;
@@ -40,6 +41,10 @@ pub struct GzipOp {
     /// Compresses the blocks of large files in parallel. Separate from the worker pool on
     /// purpose: the workers block on the job channel, so they could never steal these tasks.
     blocks: Option<ThreadPool>,
+    /// The input root, for `--remove-source` to reach an input's directory beneath it without
+    /// following symlinks (see `input::open_root`); `None` with `--follow-symlinks`, or
+    /// without `openat2`, and the directory is then reached by path.
+    root_fd: Option<OwnedFd>,
 }
 
 /// Per-worker state.
@@ -79,6 +84,11 @@ impl GzipOp {
             out_root: cfg.out_root().to_path_buf(),
             mirrored: cfg.out.is_some(),
             blocks,
+            root_fd: if cfg.remove_source && !cfg.follow_symlinks {
+                crate::input::open_root(&cfg.root)
+            } else {
+                None
+            },
         })
     }
 
@@ -154,8 +164,25 @@ impl GzipOp {
                 format!("input kept: it has {} hard links", st.st_nlink),
             )));
         }
+        // The input's directory, opened for writing its entry and syncing it. Beneath the root
+        // without following any symlink: a directory swapped for a link to elsewhere after the
+        // input was read fails here, and nothing outside the tree is ever unlinked.
+        let parent = job.abs.parent().unwrap_or(Path::new("/"));
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let dir_fd = match &self.root_fd {
+            Some(root) => {
+                let rel_dir = job.rel.parent().filter(|p| !p.as_os_str().is_empty());
+                let rel_dir = rel_dir.unwrap_or(Path::new("."));
+                let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
+                rfs::openat2(root, rel_dir, flags, Mode::empty(), resolve)
+            }
+            None => rfs::open(parent, flags, Mode::empty()),
+        }
+        .map_err(|e| FileError::errno("opening input directory", e))?;
+        let name = job.abs.file_name().unwrap_or(OsStr::new(""));
         // The name must still lead to the very file that was compressed.
-        let now = rfs::lstat(&job.abs).map_err(|e| FileError::errno("stat of input", e))?;
+        let now = rfs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| FileError::errno("stat of input", e))?;
         if now.st_nlink > 1 {
             return Ok(Some(FileError::new(
                 Kind::HardLinked,
@@ -173,14 +200,6 @@ impl GzipOp {
                 "input kept: it changed after it was compressed",
             )));
         }
-        let parent = job.abs.parent().unwrap_or(Path::new("/"));
-        let dir_fd = rfs::open(
-            parent,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| FileError::errno("opening input directory", e))?;
-        let name = job.abs.file_name().unwrap_or(OsStr::new(""));
         rfs::unlinkat(&dir_fd, name, AtFlags::empty())
             .map_err(|e| FileError::errno("removing input", e))?;
         let dir = Dir {
@@ -419,6 +438,7 @@ mod tests {
             out_root,
             mirrored: true,
             blocks: None,
+            root_fd: remove_source.then(|| crate::input::open_root(&root).unwrap()),
         };
         let mut scratch = op.scratch();
         let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
