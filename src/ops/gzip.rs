@@ -17,14 +17,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use flate2::read::MultiGzDecoder;
-use rayon::ThreadPool;
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 
 use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::input::InputFile;
-use crate::ops::gzstream::{self, Header, Totals};
+use crate::ops::gzstream::{self, BlockPool, Header, Totals};
 use crate::ops::{Done, Op};
 use crate::output::{self, Attrs, Dir, DirCache, TempOutput};
 use crate::pipeline::Job;
@@ -40,7 +39,7 @@ pub struct GzipOp {
     mirrored: bool,
     /// Compresses the blocks of large files in parallel. Separate from the worker pool on
     /// purpose: the workers block on the job channel, so they could never steal these tasks.
-    blocks: Option<ThreadPool>,
+    blocks: Option<BlockPool>,
     /// The input root, for `--remove-source` to reach an input's directory beneath it without
     /// following symlinks (see `input::open_root`); `None` with `--follow-symlinks`, or
     /// without `openat2`, and the directory is then reached by path.
@@ -67,12 +66,7 @@ impl GzipOp {
     /// one job.
     pub fn new(cfg: &Config) -> anyhow::Result<Self> {
         let blocks = if cfg.jobs > 1 {
-            Some(
-                rayon::ThreadPoolBuilder::new()
-                    .num_threads(cfg.jobs)
-                    .thread_name(|i| format!("filepipe-block-{i}"))
-                    .build()?,
-            )
+            Some(BlockPool::new(cfg.jobs)?)
         } else {
             None
         };
