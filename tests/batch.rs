@@ -137,7 +137,14 @@ fn gzip_outputs_pass_gzip_t_and_gunzip_to_identical_bytes() {
     let log = failure_log(&log);
     let too_long = records_of(&log, "name-too-long");
     assert_eq!(too_long.len(), 1, "{log:?}");
-    assert_eq!(too_long[0]["errno"], 36);
+    let r = too_long[0];
+    assert_eq!(r["errno"], 36);
+    assert_eq!(r["op"], "gzip");
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["path"].as_str().unwrap().as_bytes(), LONG_NAME);
+    assert!(r.get("path_hex").is_none(), "UTF-8 names carry no hex: {r}");
+    let message = r["message"].as_str().unwrap();
+    assert!(message.contains("255-byte limit"), "{message}");
     assert_eq!(log.len(), 1, "{log:?}");
     let mut checked = 0;
     for e in walkdir::WalkDir::new(t.root()) {
@@ -202,7 +209,61 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
         (summary["files"].as_u64(), summary["done"].as_u64()),
         (Some(3), Some(3))
     );
-    for rel in ["a/b/big.log", "a/small.txt", "c/noise.bin"] {
+    assert_eq!(summary["op"], "gzip");
+    assert_eq!(
+        (summary["skipped"].as_u64(), summary["failed"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let rels = ["a/b/big.log", "a/small.txt", "c/noise.bin"];
+    let size = |p: std::path::PathBuf| fs::metadata(p).unwrap().len();
+    let bytes_in: u64 = rels.iter().map(|r| size(t.path(r))).sum();
+    let bytes_out: u64 = rels
+        .iter()
+        .map(|r| size(out_dir.join(format!("{r}.gz"))))
+        .sum();
+    assert_eq!(summary["bytes_in"].as_u64(), Some(bytes_in), "{summary}");
+    assert_eq!(summary["bytes_out"].as_u64(), Some(bytes_out), "{summary}");
+    let ratio = summary["ratio"].as_f64().unwrap();
+    assert!(
+        (ratio - bytes_out as f64 / bytes_in as f64).abs() < 1e-6,
+        "{summary}"
+    );
+    let seconds = summary["seconds"].as_f64().unwrap();
+    let rate = summary["bytes_per_second"].as_f64().unwrap();
+    assert!(seconds > 0.0 && seconds < 120.0, "{summary}");
+    assert!(
+        (rate * seconds / bytes_in as f64 - 1.0).abs() < 0.01,
+        "{summary}"
+    );
+    // The default level is 6: the same bytes as asking for it.
+    let six = t.side("out6");
+    let again = batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&six),
+            s("--level"),
+            s("6"),
+        ],
+    );
+    assert_eq!(again.status.code(), Some(0));
+    for rel in rels {
+        let gz = format!("{rel}.gz");
+        let (a, b) = (
+            fs::read(out_dir.join(&gz)).unwrap(),
+            fs::read(six.join(&gz)).unwrap(),
+        );
+        let first = a.iter().zip(&b).position(|(x, y)| x != y);
+        assert!(
+            a == b,
+            "{gz}: {} vs {} bytes, first difference at {first:?}",
+            a.len(),
+            b.len()
+        );
+    }
+    for rel in rels {
         let gz = out_dir.join(format!("{rel}.gz"));
         let back = tool("gunzip", &[s("-c"), p(&gz)], t.dir.path());
         assert!(back.status.success());
@@ -235,8 +296,18 @@ fn special_files_are_skipped_without_opening() {
         0,
     )
     .unwrap();
+    // A name that is not UTF-8: the failure log must still give its exact bytes back.
+    let odd: &[u8] = b"fifo-\xff\xfe\n";
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        t.path(odd),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
     let _sock = std::os::unix::net::UnixListener::bind(t.path("socket")).unwrap();
-    let mut expected = 2;
+    let mut expected = 3;
     if is_root() {
         // /dev/null's numbers: reading it would not block, but opening a device at all is wrong.
         rustix::fs::mknodat(
@@ -269,7 +340,21 @@ fn special_files_are_skipped_without_opening() {
             String::from_utf8_lossy(&out.stderr)
         );
         let log = failure_log(&log);
-        assert_eq!(records_of(&log, "special-file").len(), expected, "{log:?}");
+        let special = records_of(&log, "special-file");
+        assert_eq!(special.len(), expected, "{log:?}");
+        assert!(special
+            .iter()
+            .all(|r| r["op"] == op && r["status"] == "skipped"));
+        let hex: Vec<_> = special
+            .iter()
+            .filter_map(|r| r["path_hex"].as_str())
+            .collect();
+        assert_eq!(hex.len(), 1, "{log:?}");
+        let bytes: Vec<u8> = (0..hex[0].len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[0][i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(bytes, odd);
     }
     assert!(t.path("regular.gz").exists());
     assert!(!t.path("fifo.gz").exists());
@@ -703,10 +788,13 @@ fn sigint_drains_in_flight_files_and_leaves_valid_outputs() {
         );
     }
     assert!(temps_under(t.dir.path()).is_empty());
-    // Files queued but not started are accounted for as interrupted.
+    // Files queued but not started are accounted for as interrupted; the ones in flight when
+    // the signal came finished and were published (a file cut short would say otherwise).
     let records = failure_log(&log);
     assert!(
-        records.iter().all(|r| r["error"] == "interrupted"),
+        records
+            .iter()
+            .all(|r| r["error"] == "interrupted" && r["message"] == "not started: shutting down"),
         "{records:?}"
     );
     assert_eq!(
@@ -783,6 +871,11 @@ fn second_signal_exits_at_once_without_partial_output() {
     wait_until(Duration::from_secs(60), "the temp file", || {
         !temps_under(&t.root()).is_empty()
     });
+    // Private from the start: the input's mode is only given at publish time.
+    for temp in temps_under(&t.root()) {
+        let mode = fs::metadata(&temp).unwrap().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "{temp:?}");
+    }
     signal(&child, rustix::process::Signal::INT);
     std::thread::sleep(Duration::from_millis(50));
     signal(&child, rustix::process::Signal::INT);
