@@ -289,18 +289,24 @@ bench gzip_one "gzip -6, one large text file" -- \
     "pigz -p2 -6 -c $BIG > $W/pigz.gz" \
     "gzip -6 -c $BIG > \$W/gzip.gz" ref \
     "gzip -6 -c $BIG > $W/gzip.gz" || true
-fp_one=$(gz_bytes "$W/fp-one")
-pigz_one=$(stat -c %s "$W/pigz.gz" 2>/dev/null || echo 0)
-gzip_one=$(stat -c %s "$W/gzip.gz" 2>/dev/null || echo 0)
-fact "size: one input bytes" "$(stat -c %s "$BIG")"
-fact "size: one filepipe .gz bytes" "$fp_one"
-fact "size: one pigz -6 bytes" "$pigz_one"
-fact "size: one gzip -6 bytes" "$gzip_one"
-fact "ratio: one size vs pigz" "$(ratio "$fp_one" "$pigz_one")"
-fact "ratio: one size vs gzip" "$(ratio "$fp_one" "$gzip_one")"
-if [[ -d $W/fp-one ]]; then
-    fact "check: gzip one round-trip" "$(check_gz one "$W/fp-one")"
-fi
+# one_file_facts CORPUS INPUT PIGZ_GZ GZIP_GZ: sizes, ratios and the round-trip check of a
+# one-file scenario (filepipe's output is under $W/fp-CORPUS).
+one_file_facts() {
+    local c=$1 input=$2 fp pigz gz
+    fp=$(gz_bytes "$W/fp-$c")
+    pigz=$(stat -c %s "$3" 2>/dev/null || echo 0)
+    gz=$(stat -c %s "$4" 2>/dev/null || echo 0)
+    fact "size: $c input bytes" "$(stat -c %s "$input")"
+    fact "size: $c filepipe .gz bytes" "$fp"
+    fact "size: $c pigz -6 bytes" "$pigz"
+    fact "size: $c gzip -6 bytes" "$gz"
+    fact "ratio: $c size vs pigz" "$(ratio "$fp" "$pigz")"
+    fact "ratio: $c size vs gzip" "$(ratio "$fp" "$gz")"
+    if [[ -d $W/fp-$c ]]; then
+        fact "check: gzip $c round-trip" "$(check_gz "$c" "$W/fp-$c")"
+    fi
+}
+one_file_facts one "$BIG" "$W/pigz.gz" "$W/gzip.gz"
 
 # 4d'. The same on one large file of machine code (onebin/: the machine's own ELF files), the
 # kind of data the issue's per-core figures were measured on ("a 200 MB binary"). gzip -6 is
@@ -312,18 +318,7 @@ bench gzip_onebin "gzip -6, one large binary file" -- \
     "pigz -p2 -6 -c $BIGBIN > \$W/pigz-bin.gz" 2.0 \
     "pigz -p2 -6 -c $BIGBIN > $W/pigz-bin.gz" || true
 gzip -6 -c "$BIGBIN" >"$W/gzip-bin.gz"
-fp_onebin=$(gz_bytes "$W/fp-onebin")
-pigz_onebin=$(stat -c %s "$W/pigz-bin.gz" 2>/dev/null || echo 0)
-gzip_onebin=$(stat -c %s "$W/gzip-bin.gz")
-fact "size: onebin input bytes" "$(stat -c %s "$BIGBIN")"
-fact "size: onebin filepipe .gz bytes" "$fp_onebin"
-fact "size: onebin pigz -6 bytes" "$pigz_onebin"
-fact "size: onebin gzip -6 bytes" "$gzip_onebin"
-fact "ratio: onebin size vs pigz" "$(ratio "$fp_onebin" "$pigz_onebin")"
-fact "ratio: onebin size vs gzip" "$(ratio "$fp_onebin" "$gzip_onebin")"
-if [[ -d $W/fp-onebin ]]; then
-    fact "check: gzip onebin round-trip" "$(check_gz onebin "$W/fp-onebin")"
-fi
+one_file_facts onebin "$BIGBIN" "$W/pigz-bin.gz" "$W/gzip-bin.gz"
 
 # 4e. Peak RSS on many tiny files (cache is warm: huge/ was read above).
 log "peak memory: filepipe batch huge --op sha256 (and rhash for reference)"
