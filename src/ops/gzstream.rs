@@ -12,9 +12,11 @@
 //!
 //! Invariants: the output depends only on the input and the level, never on the number of
 //! threads or on what they compressed before (a deflate stream reused after a reset chooses
-//! matches by stale window bytes, so each block gets a fresh one); and at most
-//! `BlockPool::in_flight` blocks exist at once in the whole process, so memory is bounded by the
-//! number of cores, not by file sizes or the number of workers.
+//! matches by stale window bytes, so each block gets a fresh one); at most `2 x threads + 2`
+//! blocks of a `BlockPool` are in flight at once, whatever the number of files being compressed
+//! on it, and one file holds at most `threads + 2` of them, so memory is bounded by the number
+//! of cores (plus one spare buffer per file), and one stalled file cannot hold up the others;
+//! every block task reports back, even if it panics, so a file never waits forever.
 //!
 //! `--level N` asks for gzip -N's compression, not for level N of a library whose levels are
 //! numbered differently: `LIBDEFLATE_LEVEL` and `ZLIB_LEVEL` say which level of each library
@@ -132,6 +134,9 @@ pub struct BlockPool {
     /// Blocks that may still be taken (each holds about 2 MiB: its input and its output).
     free: Mutex<usize>,
     freed: Condvar,
+    /// Most blocks one file may hold: enough to keep every thread busy while its oldest block
+    /// waits to be written, with some of the budget left for other files.
+    per_file: usize,
 }
 
 impl BlockPool {
@@ -146,6 +151,7 @@ impl BlockPool {
             pool,
             free: Mutex::new(Self::budget(threads)),
             freed: Condvar::new(),
+            per_file: threads + 2,
         })
     }
 
@@ -348,17 +354,19 @@ fn compress_parallel(
     // Declared before the scope: given back after every block of the scope has finished.
     let mut held = Held { blocks, n: 0 };
     blocks.pool.in_place_scope(|scope| {
-        let mut spare: Vec<Vec<u8>> = Vec::new();
+        // One buffer kept for the next block; the others are freed as their blocks are written,
+        // so a file holds no more memory than its share of the budget.
+        let mut spare: Option<Vec<u8>> = None;
         let mut finished: BTreeMap<usize, Deflated> = BTreeMap::new();
         let mut tail: Vec<u8> = Vec::with_capacity(DICT);
         let (mut sent, mut written, mut eof) = (0usize, 0usize, false);
         loop {
             // With blocks of its own in flight, this file waits for those rather than for the
             // budget; with none, for the budget (other files give blocks back as they write).
-            while !eof && blocks.take(sent == written) {
+            while !eof && held.n < blocks.per_file && blocks.take(sent == written) {
                 held.n += 1;
                 let mut block = spare
-                    .pop()
+                    .take()
                     .unwrap_or_else(|| Vec::with_capacity(DICT + body.block));
                 block.clear();
                 block.extend_from_slice(&tail);
@@ -370,7 +378,7 @@ fn compress_parallel(
                 let index = sent;
                 scope.spawn(move |_| {
                     let (dict, data) = block.split_at(dict_len);
-                    let result = deflate_block(level, dict, data, last);
+                    let result = answered(|| deflate_block(level, dict, data, last));
                     let _ = tx.send((index, result, block));
                 });
                 sent += 1;
@@ -382,7 +390,7 @@ fn compress_parallel(
             let (index, result, block) = rx
                 .recv()
                 .map_err(|_| FileError::new(Kind::Internal, "a compression task was lost"))?;
-            spare.push(block);
+            spare.get_or_insert(block);
             finished.insert(index, result);
             while let Some(result) = finished.remove(&written) {
                 body.append(out, result)?;
@@ -391,6 +399,17 @@ fn compress_parallel(
                 blocks.give(1);
             }
         }
+    })
+}
+
+/// Runs a block task so that it always has an answer: one that panicked without sending any
+/// would leave its file waiting forever, holding its share of the budget.
+fn answered(task: impl FnOnce() -> Deflated) -> Deflated {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)).unwrap_or_else(|_| {
+        Err(FileError::new(
+            Kind::Internal,
+            "deflate: a block task panicked",
+        ))
     })
 }
 
@@ -580,6 +599,13 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_block_task_that_panics_still_answers() {
+        let e = answered(|| panic!("a bug")).unwrap_err();
+        assert_eq!(e.kind, Kind::Internal);
+        assert!(answered(|| deflate_block(6, b"", b"data", true)).is_ok());
     }
 
     #[test]
