@@ -11,11 +11,12 @@
 
 use std::fs::File;
 use std::io::{self, Read, Seek};
-use std::os::fd::{BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
+use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
 
@@ -43,15 +44,14 @@ impl InputFile {
         Self::open_beneath(None, path, path, follow_symlinks)
     }
 
-    /// Opens the input `rel` of the tree whose root directory is `root` (`abs` is the same file
-    /// by full path), refusing anything but a regular file. Without `follow_symlinks`, `rel` is
-    /// resolved beneath `root` with no symlink anywhere on it (`openat2` with
-    /// `RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`): a directory swapped for a symlink after the walk
-    /// listed it cannot lead the read out of the tree, and only `rel`'s components are looked
-    /// up, not the root's. With `--follow-symlinks`, or without a `root` (see `open_root`), by
-    /// full path.
+    /// Opens the input `rel` of the tree under `root` (`abs` is the same file by full path),
+    /// refusing anything but a regular file. Without `follow_symlinks`, `rel` is resolved
+    /// beneath `root` with no symlink anywhere on it (see `Root`): a directory swapped for a
+    /// symlink after the walk listed it cannot lead the read out of the tree, and only `rel`'s
+    /// components are looked up, not the root's. With `--follow-symlinks`, or without a
+    /// `root`, by full path.
     pub fn open_beneath(
-        root: Option<BorrowedFd<'_>>,
+        root: Option<&Root>,
         rel: &Path,
         abs: &Path,
         follow_symlinks: bool,
@@ -62,7 +62,7 @@ impl InputFile {
         }
         let beneath = root.filter(|_| !follow_symlinks);
         let open = |flags| match beneath {
-            Some(root) => rfs::openat2(root, rel, flags, Mode::empty(), no_symlinks()),
+            Some(root) => root.open(rel, flags),
             None => rfs::open(abs, flags, Mode::empty()),
         };
         // O_NOATIME: reading a file to hash or compress it is not a use of it (tmpwatch-style
@@ -70,20 +70,16 @@ impl InputFile {
         // kernel allows it only to the file's owner (or CAP_FOWNER): anyone else's file is
         // opened again without it.
         let opened = match open(flags | OFlags::NOATIME) {
-            Err(rustix::io::Errno::PERM) => open(flags),
+            Err(Errno::PERM) => open(flags),
             r => r,
         };
         let fd = opened.map_err(|e| match (e, beneath) {
-            // The file itself, or (resolving beneath the root) a directory on its path.
-            (rustix::io::Errno::LOOP, Some(root)) => {
-                match rfs::statat(root, rel, AtFlags::SYMLINK_NOFOLLOW) {
-                    Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
-                        OpenError::NotRegular("symlink")
-                    }
-                    _ => OpenError::NotRegular(SYMLINK_ON_PATH),
-                }
-            }
-            (rustix::io::Errno::LOOP, None) if !follow_symlinks => OpenError::NotRegular("symlink"),
+            // The file itself, or (beneath the root) a directory on its path.
+            (Errno::LOOP | Errno::NOTDIR, Some(root)) => match root.symlink_in(rel) {
+                Some(what) => OpenError::NotRegular(what),
+                None => OpenError::Failed(FileError::errno("opening input", e)),
+            },
+            (Errno::LOOP, None) if !follow_symlinks => OpenError::NotRegular("symlink"),
             (e, _) => OpenError::Failed(FileError::errno("opening input", e)),
         })?;
         let stat =
@@ -141,19 +137,101 @@ impl InputFile {
 /// What `OpenError::NotRegular` says of a file reached through a symlinked directory.
 pub const SYMLINK_ON_PATH: &str = "a directory on its path is a symlink";
 
-/// How inputs are resolved beneath the root: no symlink on the way, no `..` out of it.
-fn no_symlinks() -> ResolveFlags {
-    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS
+/// The root of a tree, open, for reaching paths beneath it without following any symlink and
+/// without `..` leading out: with one `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the
+/// kernel has it, else one component at a time with `O_NOFOLLOW` (Linux before 5.6, and
+/// seccomp filters that refuse `openat2`, among them systemd's `RestrictSUIDSGID=`, which the
+/// shipped units set).
+#[derive(Debug)]
+pub struct Root {
+    fd: OwnedFd,
+    openat2: bool,
 }
 
-/// The root directory `root`, opened `O_PATH` for `InputFile::open_beneath`; `None` where
-/// `openat2` is missing (Linux before 5.6, or a seccomp filter that refuses it), and inputs are
-/// then opened by full path.
-pub fn open_root(root: &Path) -> Option<OwnedFd> {
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let fd = rfs::open(root, flags, Mode::empty()).ok()?;
-    rfs::openat2(&fd, ".", flags, Mode::empty(), no_symlinks()).ok()?;
-    Some(fd)
+impl Root {
+    /// Opens `root` (`O_PATH`) and finds out whether `openat2` works here.
+    pub fn new(root: &Path) -> rustix::io::Result<Root> {
+        let fd = rfs::open(root, Self::DIR, Mode::empty())?;
+        let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
+        Ok(Root { fd, openat2 })
+    }
+
+    const DIR: OFlags = OFlags::PATH
+        .union(OFlags::DIRECTORY)
+        .union(OFlags::CLOEXEC)
+        .union(OFlags::NOFOLLOW);
+    const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
+
+    /// Opens `rel` with `flags` (which must hold `O_NOFOLLOW`).
+    pub fn open(&self, rel: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+        if self.openat2 {
+            return rfs::openat2(&self.fd, rel, flags, Mode::empty(), Self::RESOLVE);
+        }
+        let name = rel.file_name().ok_or(Errno::INVAL)?;
+        let dir = self.dir(rel.parent().unwrap_or(Path::new("")))?;
+        rfs::openat(dir.as_ref().unwrap_or(&self.fd), name, flags, Mode::empty())
+    }
+
+    /// Opens the directory `rel_dir` for reading (and syncing): `""` is the root itself.
+    pub fn open_dir(&self, rel_dir: &Path) -> rustix::io::Result<OwnedFd> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let rel_dir = if rel_dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel_dir
+        };
+        if self.openat2 {
+            return rfs::openat2(&self.fd, rel_dir, flags, Mode::empty(), Self::RESOLVE);
+        }
+        let dir = self.dir(rel_dir)?;
+        rfs::openat(dir.as_ref().unwrap_or(&self.fd), ".", flags, Mode::empty())
+    }
+
+    /// `rel_dir` opened `O_PATH`, one component at a time (`None`: the root itself).
+    fn dir(&self, rel_dir: &Path) -> rustix::io::Result<Option<OwnedFd>> {
+        let mut dir: Option<OwnedFd> = None;
+        for c in rel_dir.components() {
+            let name = match c {
+                Component::Normal(name) => name,
+                Component::CurDir => continue,
+                // Never in a path relative to the root; refused rather than followed.
+                _ => return Err(Errno::XDEV),
+            };
+            let at = dir.as_ref().unwrap_or(&self.fd);
+            dir = Some(rfs::openat(at, name, Self::DIR, Mode::empty())?);
+        }
+        Ok(dir)
+    }
+
+    /// After a refused open of `rel`: which symlink refused it, `rel` itself (`"symlink"`) or a
+    /// directory on its path; `None` if neither (not a directory, or it changed meanwhile).
+    /// Looks at one component at a time, never through a link.
+    fn symlink_in(&self, rel: &Path) -> Option<&'static str> {
+        let is_link = |at: &OwnedFd, name: &std::ffi::OsStr| {
+            rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
+        };
+        let mut dir: Option<OwnedFd> = None;
+        let mut components = rel.components().peekable();
+        while let Some(Component::Normal(name)) = components.next() {
+            let at = dir.as_ref().unwrap_or(&self.fd);
+            if components.peek().is_none() {
+                return is_link(at, name).then_some("symlink");
+            }
+            match rfs::openat(at, name, Self::DIR, Mode::empty()) {
+                Ok(next) => dir = Some(next),
+                Err(_) => return is_link(at, name).then_some(SYMLINK_ON_PATH),
+            }
+        }
+        None
+    }
+
+    /// A root that resolves one component at a time, as where `openat2` is refused.
+    #[cfg(test)]
+    pub fn without_openat2(mut self) -> Root {
+        self.openat2 = false;
+        self
+    }
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
@@ -201,7 +279,6 @@ pub fn describe(ft: FileType) -> &'static str {
 mod tests {
     use super::*;
     use std::io::Write;
-    use std::os::fd::AsFd;
 
     #[test]
     fn fifo_is_refused_without_blocking() {
@@ -275,29 +352,44 @@ mod tests {
         std::fs::create_dir_all(root.join("d/e")).unwrap();
         std::fs::create_dir(&outside).unwrap();
         std::fs::write(root.join("d/e/f"), b"inside").unwrap();
+        std::fs::write(root.join("plain"), b"not a directory").unwrap();
         std::fs::write(outside.join("f"), b"outside").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
         std::os::unix::fs::symlink(root.join("d/e/f"), root.join("d/l")).unwrap();
-        let fd = open_root(&root).expect("openat2 (Linux 5.6+)");
-        let open = |rel: &str, follow| {
-            let (rel, abs) = (Path::new(rel), root.join(rel));
-            InputFile::open_beneath(Some(fd.as_fd()), rel, &abs, follow)
-        };
-        assert_eq!(read_all(open("d/e/f", false).unwrap()), b"inside");
-        assert!(matches!(
-            open("link/f", false),
-            Err(OpenError::NotRegular(SYMLINK_ON_PATH))
-        ));
-        assert!(matches!(
-            open("d/l", false),
-            Err(OpenError::NotRegular("symlink"))
-        ));
-        // Vanished files are still told apart from links.
-        match open("d/gone", false) {
-            Err(OpenError::Failed(e)) => assert_eq!(e.kind, Kind::Vanished),
-            other => panic!("unexpected {other:?}"),
+        let with_openat2 = Root::new(&root).unwrap();
+        assert!(with_openat2.openat2, "openat2 (Linux 5.6+) expected here");
+        // Both ways of resolving: openat2, and one component at a time.
+        for r in [with_openat2, Root::new(&root).unwrap().without_openat2()] {
+            let open = |rel: &str, follow| {
+                let (rel, abs) = (Path::new(rel), root.join(rel));
+                InputFile::open_beneath(Some(&r), rel, &abs, follow)
+            };
+            assert_eq!(read_all(open("d/e/f", false).unwrap()), b"inside", "{r:?}");
+            assert_eq!(read_all(open("plain", false).unwrap()), b"not a directory");
+            assert!(
+                matches!(
+                    open("link/f", false),
+                    Err(OpenError::NotRegular(SYMLINK_ON_PATH))
+                ),
+                "{r:?}"
+            );
+            assert!(
+                matches!(open("d/l", false), Err(OpenError::NotRegular("symlink"))),
+                "{r:?}"
+            );
+            // Vanished files and files used as directories are failures, not links.
+            for (rel, kind) in [("d/gone", Kind::Vanished), ("plain/x", Kind::Io)] {
+                match open(rel, false) {
+                    Err(OpenError::Failed(e)) => assert_eq!(e.kind, kind, "{rel} {r:?}"),
+                    other => panic!("{rel}: unexpected {other:?}"),
+                }
+            }
+            // --follow-symlinks follows them, by path.
+            assert_eq!(read_all(open("link/f", true).unwrap()), b"outside");
+            // The directory of an input, for --remove-source: never through a link either.
+            assert!(r.open_dir(Path::new("d/e")).is_ok());
+            assert!(r.open_dir(Path::new("")).is_ok());
+            assert!(r.open_dir(Path::new("link")).is_err(), "{r:?}");
         }
-        // --follow-symlinks follows them, by path.
-        assert_eq!(read_all(open("link/f", true).unwrap()), b"outside");
     }
 }

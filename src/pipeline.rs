@@ -17,7 +17,6 @@
 //! A batch is capped in files and bytes, and a large file travels alone, so workers stay
 //! evenly loaded to the end of the run.
 
-use std::os::fd::{AsFd, BorrowedFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -261,10 +260,14 @@ fn worker_loop<O: Op>(
     shutdown: &Shutdown,
 ) {
     let mut scratch = op.scratch();
-    let root = input::open_root(&cfg.root);
+    // Inputs are opened beneath the root; by full path only if the root cannot be opened now
+    // (the walk found it a moment ago).
+    let root = input::Root::new(&cfg.root)
+        .map_err(|e| tracing::warn!("opening the root: {e}; inputs are opened by full path"))
+        .ok();
     let me = Worker {
         index,
-        root: root.as_ref().map(AsFd::as_fd),
+        root: root.as_ref(),
     };
     while let Ok(Msg::Jobs(batch)) = jobs.recv() {
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -284,8 +287,8 @@ fn worker_loop<O: Op>(
 struct Worker<'a> {
     /// Its index, for its progress line.
     index: usize,
-    /// Its descriptor of the input root, for `InputFile::open_beneath`.
-    root: Option<BorrowedFd<'a>>,
+    /// The input root, for `InputFile::open_beneath`.
+    root: Option<&'a input::Root>,
 }
 
 /// Runs one job; `None` when it was handed to a publisher, which reports it.
@@ -453,14 +456,14 @@ fn outcome(job: Job, input: &InputFile, result: Result<Done, FileError>) -> Outc
     }
 }
 
-/// Opens safely (beneath `root`, see `input::open_root`), checks, reads, and verifies the input
+/// Opens safely (beneath `root`, see `input::Root`), checks, reads, and verifies the input
 /// did not change while read (retrying if it did). `Err` is a final outcome (skipped or
 /// failed); `Ok` is ready to publish.
 pub fn prepare<O: Op>(
     cfg: &Config,
     op: &O,
     job: Job,
-    root: Option<BorrowedFd<'_>>,
+    root: Option<&input::Root>,
     scratch: &mut O::Scratch,
 ) -> Result<Ready<O::Pending>, Outcome> {
     let failed = |job: Job, error| Outcome::Failed {
@@ -580,21 +583,27 @@ mod tests {
             replace: false,
             expect: None,
         };
-        let root_fd = input::open_root(&cfg.root).expect("openat2 (Linux 5.6+)");
-        let root_fd = Some(root_fd.as_fd());
         let mut scratch = Sha256Op.scratch();
-        assert!(prepare(&cfg, &Sha256Op, job(), root_fd, &mut scratch).is_ok());
+        let roots = || {
+            let root = input::Root::new(&cfg.root).unwrap();
+            [root, input::Root::new(&cfg.root).unwrap().without_openat2()]
+        };
+        for root in roots() {
+            assert!(prepare(&cfg, &Sha256Op, job(), Some(&root), &mut scratch).is_ok());
+        }
         // Listed, queued, and then the directory's name leads outside the tree.
         std::fs::rename(root.join("d"), root.join("moved")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
-        match prepare(&cfg, &Sha256Op, job(), root_fd, &mut scratch) {
-            Err(Outcome::Skipped { rel, reason }) => {
-                assert_eq!(rel, Path::new("d/f"));
-                assert_eq!(reason.kind, Kind::Symlink);
-                assert!(reason.message.contains("on its path"), "{}", reason.message);
+        for root in roots() {
+            match prepare(&cfg, &Sha256Op, job(), Some(&root), &mut scratch) {
+                Err(Outcome::Skipped { rel, reason }) => {
+                    assert_eq!(rel, Path::new("d/f"));
+                    assert_eq!(reason.kind, Kind::Symlink);
+                    assert!(reason.message.contains("on its path"), "{}", reason.message);
+                }
+                Err(other) => panic!("unexpected {other:?} ({root:?})"),
+                Ok(_) => panic!("read the file outside the tree ({root:?})"),
             }
-            Err(other) => panic!("unexpected {other:?}"),
-            Ok(_) => panic!("read the file outside the tree"),
         }
     }
 }

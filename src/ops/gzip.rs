@@ -10,19 +10,19 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use flate2::read::MultiGzDecoder;
-use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::config::Config;
 use crate::error::{FileError, Kind};
-use crate::input::InputFile;
+use crate::input::{InputFile, Root};
 use crate::ops::gzstream::{self, BlockPool, Header, Totals};
 use crate::ops::{Done, Op};
 use crate::output::{self, Attrs, Dir, DirCache, TempOutput};
@@ -41,9 +41,9 @@ pub struct GzipOp {
     /// purpose: the workers block on the job channel, so they could never steal these tasks.
     blocks: Option<BlockPool>,
     /// The input root, for `--remove-source` to reach an input's directory beneath it without
-    /// following symlinks (see `input::open_root`); `None` with `--follow-symlinks`, or
-    /// without `openat2`, and the directory is then reached by path.
-    root_fd: Option<OwnedFd>,
+    /// following symlinks (see `input::Root`); `None` with `--follow-symlinks` (the directory
+    /// is then reached by path).
+    root_fd: Option<Root>,
 }
 
 /// Per-worker state.
@@ -79,7 +79,7 @@ impl GzipOp {
             mirrored: cfg.out.is_some(),
             blocks,
             root_fd: if cfg.remove_source && !cfg.follow_symlinks {
-                crate::input::open_root(&cfg.root)
+                Some(Root::new(&cfg.root).context("opening the input root")?)
             } else {
                 None
             },
@@ -164,12 +164,7 @@ impl GzipOp {
         let parent = job.abs.parent().unwrap_or(Path::new("/"));
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let dir_fd = match &self.root_fd {
-            Some(root) => {
-                let rel_dir = job.rel.parent().filter(|p| !p.as_os_str().is_empty());
-                let rel_dir = rel_dir.unwrap_or(Path::new("."));
-                let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS;
-                rfs::openat2(root, rel_dir, flags, Mode::empty(), resolve)
-            }
+            Some(root) => root.open_dir(job.rel.parent().unwrap_or(Path::new(""))),
             None => rfs::open(parent, flags, Mode::empty()),
         }
         .map_err(|e| FileError::errno("opening input directory", e))?;
@@ -183,11 +178,15 @@ impl GzipOp {
                 format!("input kept: it now has {} hard links", now.st_nlink),
             )));
         }
+        // ctime too: a rewrite of the same size that puts the mtime back (cp -p, touch -r)
+        // still moves it.
         let same = now.st_dev == st.st_dev
             && now.st_ino == st.st_ino
             && now.st_size == st.st_size
             && now.st_mtime == st.st_mtime
-            && now.st_mtime_nsec == st.st_mtime_nsec;
+            && now.st_mtime_nsec == st.st_mtime_nsec
+            && now.st_ctime == st.st_ctime
+            && now.st_ctime_nsec == st.st_ctime_nsec;
         if !same {
             return Ok(Some(FileError::new(
                 Kind::Changed,
@@ -432,7 +431,7 @@ mod tests {
             out_root,
             mirrored: true,
             blocks: None,
-            root_fd: remove_source.then(|| crate::input::open_root(&root).unwrap()),
+            root_fd: remove_source.then(|| Root::new(&root).unwrap()),
         };
         let mut scratch = op.scratch();
         let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
