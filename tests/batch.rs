@@ -1231,3 +1231,71 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
         }
     }
 }
+
+#[test]
+fn progress_is_drawn_on_a_terminal_and_hidden_with_quiet() {
+    let mut t = TestTree::new();
+    for i in 0..24 {
+        t = t.file(format!("d{}/f{i:02}.log", i % 3), &text_bytes(1_000_000, i));
+    }
+    // `script` gives the run a terminal for stderr, as an administrator's shell would.
+    let under_a_terminal = |extra: &str| {
+        let cmd = format!(
+            "{} batch {} --op gzip --level 9 --force --jobs 2 {extra}",
+            bin(),
+            t.root().display()
+        );
+        let out = tool(
+            "script",
+            &[s("-qfec"), s(&cmd), s("/dev/null")],
+            t.dir.path(),
+        );
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let shown = under_a_terminal("");
+    // The overall bar (files of the total found so far, bytes, ETA) and a line per worker.
+    assert!(
+        shown.contains(" files ") && shown.contains("ETA"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(".log"),
+        "no worker line naming a file: {shown}"
+    );
+    let quiet = under_a_terminal("--quiet");
+    assert!(!quiet.contains("ETA"), "{quiet}");
+    // Not a terminal: no bar either.
+    let piped = batch(&t, &[s("--op"), s("gzip"), s("--force")]);
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("ETA"));
+}
+
+#[test]
+fn verbosity_selects_which_per_file_lines_reach_stderr() {
+    let t = TestTree::new().file("regular", b"data");
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        t.path("pipe"),
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+    let stderr = |args: &[&OsStr], rust_log: Option<&str>| {
+        let mut cmd = filepipe(&[s("batch"), p(&t.root()), s("--op"), s("sha256")]);
+        cmd.args(args);
+        if let Some(v) = rust_log {
+            cmd.env("RUST_LOG", v);
+        }
+        let out = run(cmd);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A skip is an info line: shown with -v or RUST_LOG=info, not by default.
+    let line = "not a regular file (FIFO)";
+    assert!(!stderr(&[], None).contains(line));
+    assert!(stderr(&[s("-v")], None).contains(line));
+    assert!(stderr(&[], Some("info")).contains(line));
+    // -q: nothing at all on stderr for a run without failures.
+    assert!(stderr(&[s("-q")], None).is_empty());
+}
