@@ -288,24 +288,10 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
 #[test]
 fn special_files_are_skipped_without_opening() {
     let t = TestTree::new().file("regular", b"data");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        t.path("fifo"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
+    mkfifo(&t.path("fifo"));
     // A name that is not UTF-8: the failure log must still give its exact bytes back.
     let odd: &[u8] = b"fifo-\xff\xfe\n";
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        t.path(odd),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
+    mkfifo(&t.path(odd));
     let _sock = std::os::unix::net::UnixListener::bind(t.path("socket")).unwrap();
     let mut expected = 3;
     if is_root() {
@@ -1273,14 +1259,7 @@ fn progress_is_drawn_on_a_terminal_and_hidden_with_quiet() {
 #[test]
 fn verbosity_selects_which_per_file_lines_reach_stderr() {
     let t = TestTree::new().file("regular", b"data");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        t.path("pipe"),
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
+    mkfifo(&t.path("pipe"));
     let stderr = |args: &[&OsStr], rust_log: Option<&str>| {
         let mut cmd = filepipe(&[s("batch"), p(&t.root()), s("--op"), s("sha256")]);
         cmd.args(args);

@@ -621,14 +621,7 @@ fn a_done_file_replaced_by_one_that_is_skipped_leaves_the_manifest() {
     // in, and the worker then skips it without opening it. Its old line must go, with nothing
     // else changing in the state.
     let fifo = t.side("new-fifo");
-    rustix::fs::mknodat(
-        rustix::fs::CWD,
-        &fifo,
-        rustix::fs::FileType::Fifo,
-        rustix::fs::Mode::from_raw_mode(0o644),
-        0,
-    )
-    .unwrap();
+    mkfifo(&fifo);
     fs::rename(&fifo, t.path("swapped")).unwrap();
     wait_for("the skipped file's line to leave the manifest", || {
         manifest_lines(&manifest) == 1

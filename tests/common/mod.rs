@@ -189,6 +189,18 @@ pub fn noise_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Makes a FIFO at `path`.
+pub fn mkfifo(path: &Path) {
+    rustix::fs::mknodat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::FileType::Fifo,
+        rustix::fs::Mode::from_raw_mode(0o644),
+        0,
+    )
+    .unwrap();
+}
+
 /// Waits until `cond` holds, polling; panics after `limit`.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
