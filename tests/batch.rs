@@ -1196,7 +1196,9 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
                 // zlib-rs's level 1 wrote 38% more than gzip -1 on this text before it was mapped to 2.
                 "blocks/code.bin" if level == 1 => 1.04,
                 // zlib-rs hashes 4 bytes below level 9, so it misses the 3-byte matches machine
-                // code is full of: 2-5% more than gzip, which its level 9 (a 3-byte hash) meets.
+                // code is full of: up to 5.8% more than gzip on this debug binary (2-3% on the
+                // system binaries of the calibration, ZLIB_LEVEL), which its level 9 (a 3-byte
+                // hash) meets.
                 "blocks/code.bin" => 1.07,
                 // libdeflate's own level 1 writes up to 5% more than gzip -1 on machine code.
                 _ => 1.05,

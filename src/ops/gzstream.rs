@@ -48,12 +48,17 @@ const DICT: usize = 32 * 1024;
 /// level 4 2% more than gzip -5 on logs, so 2 and 5 keep their own.
 const LIBDEFLATE_LEVEL: [i32; 10] = [0, 1, 2, 2, 3, 5, 5, 6, 7, 8];
 
-/// zlib-rs's level for `--level N` (index N, used for blocks of large files): its own level,
-/// except 1. zlib-rs's level 1 is zlib-ng's "quick" strategy, which writes 18-24% more than
-/// gzip -1 on the calibration corpora; its level 2 writes no more than gzip -1 on either.
-/// Below level 9 it hashes 4 bytes and misses the 3-byte matches of machine code: 2-5% more
-/// than gzip there at its own levels, so none goes lower.
-const ZLIB_LEVEL: [u32; 10] = [0, 2, 2, 3, 4, 5, 6, 7, 8, 9];
+/// zlib-rs's level for `--level N` (index N, used for blocks of large files). Like libdeflate's
+/// table, its level N-1 serves N where that is cheaper and, on each calibration corpus (a 256 MiB
+/// log, 229 MiB of system binaries, source text; BENCHMARKS.md has the table), writes at most 3%
+/// more than gzip -N: levels 4 and 6-8, for 15-51% less CPU (15% at the default, 6, which then
+/// writes 0.999x gzip -6 on the log and 1.026x on binaries instead of 0.994x and 1.023x). The
+/// margin is wider than libdeflate's 1.5% because zlib-rs already writes up to 2.3% more than
+/// gzip at its own levels: below level 9 it hashes 4 bytes and misses the 3-byte matches machine
+/// code is full of. Level 5's 4 writes 3.02% more on binaries; 9 keeps its own, since zlib-rs's
+/// level 8 costs more than its 9. Level 1 is zlib-ng's "quick" strategy, which writes 18-24% more
+/// than gzip -1, so 1 uses level 2, which writes no more than gzip -1 on text.
+const ZLIB_LEVEL: [u32; 10] = [0, 2, 2, 3, 3, 5, 5, 6, 7, 9];
 
 /// Largest input compressed whole by libdeflate. Above it the block path takes over: it streams
 /// (memory stays bounded) and spreads one file over all cores. Below it a tree keeps the cores
