@@ -206,7 +206,7 @@ impl Root {
     /// After a refused open of `rel`: which symlink refused it, `rel` itself (`"symlink"`) or a
     /// directory on its path; `None` if neither (not a directory, or it changed meanwhile).
     /// Looks at one component at a time, never through a link.
-    fn symlink_in(&self, rel: &Path) -> Option<&'static str> {
+    pub fn symlink_in(&self, rel: &Path) -> Option<&'static str> {
         let is_link = |at: &OwnedFd, name: &std::ffi::OsStr| {
             rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)

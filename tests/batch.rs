@@ -543,6 +543,76 @@ fn remove_source_deletes_verified_inputs_but_keeps_hard_linked_ones() {
 }
 
 #[test]
+fn remove_source_keeps_an_input_it_may_not_unlink_and_says_why() {
+    // The inputs' directories are read-only: the outputs are written under --out and are
+    // durable, but the inputs cannot be removed. That is a kept input with its reason, not a
+    // failed file (the work is done, and a rerun would find the output up to date).
+    let t = TestTree::new()
+        .file("a.log", &text_bytes(50_000, 1))
+        .file("sub/b.log", &text_bytes(70_000, 2));
+    let out_dir = t.side("out");
+    fs::create_dir(&out_dir).unwrap();
+    t.open_to_all();
+    for dir in [t.root(), t.path("sub")] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o555)).unwrap();
+    }
+    let log = t.side("f.jsonl");
+    // As root every permission check passes, so drop to nobody; otherwise run as we are.
+    let mut cmd = if is_root() {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
+        c
+    } else {
+        std::process::Command::new(bin())
+    };
+    cmd.args([s("batch"), p(&t.root()), s("--op"), s("gzip"), s("--json")])
+        .args([s("--remove-source"), s("--out"), p(&out_dir)])
+        .args([s("--failure-log"), p(&log)]);
+    let out = run(cmd);
+    for dir in [t.root(), t.path("sub")] {
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (summary["done"].as_u64(), summary["failed"].as_u64()),
+        (Some(2), Some(0))
+    );
+    assert_eq!(summary["warnings"], 2, "{summary}");
+    for rel in ["a.log", "sub/b.log"] {
+        let back = tool(
+            "gunzip",
+            &[s("-c"), p(&out_dir.join(format!("{rel}.gz")))],
+            t.dir.path(),
+        );
+        assert_eq!(
+            back.stdout,
+            fs::read(t.path(rel)).unwrap(),
+            "{rel} kept whole"
+        );
+    }
+    let records = failure_log(&log);
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        assert_eq!(r["status"], "kept", "{r}");
+        assert_eq!(r["error"], "permission-denied", "{r}");
+        assert_eq!(r["errno"], 13, "{r}");
+        assert!(
+            r["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("input not removed: "),
+            "{r}"
+        );
+    }
+}
+
+#[test]
 fn planted_symlink_in_output_tree_is_refused() {
     let outside = tempfile::tempdir().unwrap();
     let t = TestTree::new()

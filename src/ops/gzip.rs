@@ -149,8 +149,17 @@ impl GzipOp {
         Ok(())
     }
 
-    /// Unlinks the input after a verified publish, unless that would lose data.
+    /// Unlinks the input after a verified publish, unless that would lose data. Called only
+    /// once the output is durable, so whatever stops the removal leaves the file done with its
+    /// input kept and the reason as a note (`"status":"kept"` in the failure log): an input
+    /// directory that can no longer be reached beneath the root, an input that changed or
+    /// gained a link, or an unlink the file system refuses. Only a failed sync of the directory
+    /// after the unlink is an error: the input is gone, but its removal may not survive a crash.
     fn remove_source(&self, job: &Job, input: &InputFile) -> Result<Option<FileError>, FileError> {
+        let kept = |e: FileError| FileError {
+            message: format!("input not removed: {}", e.message),
+            ..e
+        };
         let st = &input.stat;
         if st.st_nlink > 1 {
             return Ok(Some(FileError::new(
@@ -163,15 +172,31 @@ impl GzipOp {
         // input was read fails here, and nothing outside the tree is ever unlinked.
         let parent = job.abs.parent().unwrap_or(Path::new("/"));
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let dir_fd = match &self.root_fd {
+        let dir_fd = match match &self.root_fd {
             Some(root) => root.open_dir(job.rel.parent().unwrap_or(Path::new(""))),
             None => rfs::open(parent, flags, Mode::empty()),
-        }
-        .map_err(|e| FileError::errno("opening input directory", e))?;
+        } {
+            Ok(fd) => fd,
+            Err(e) => {
+                let link = match (e, &self.root_fd) {
+                    (Errno::LOOP | Errno::NOTDIR, Some(root)) => root.symlink_in(&job.rel),
+                    _ => None,
+                };
+                return Ok(Some(match link {
+                    Some(what) => {
+                        let message = format!("input not removed: {what} (not followed)");
+                        FileError::new(Kind::Symlink, message)
+                    }
+                    None => kept(FileError::errno("opening its directory", e)),
+                }));
+            }
+        };
         let name = job.abs.file_name().unwrap_or(OsStr::new(""));
         // The name must still lead to the very file that was compressed.
-        let now = rfs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map_err(|e| FileError::errno("stat of input", e))?;
+        let now = match rfs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) => now,
+            Err(e) => return Ok(Some(kept(FileError::errno("stat of input", e)))),
+        };
         if now.st_nlink > 1 {
             return Ok(Some(FileError::new(
                 Kind::HardLinked,
@@ -193,8 +218,9 @@ impl GzipOp {
                 "input kept: it changed after it was compressed",
             )));
         }
-        rfs::unlinkat(&dir_fd, name, AtFlags::empty())
-            .map_err(|e| FileError::errno("removing input", e))?;
+        if let Err(e) = rfs::unlinkat(&dir_fd, name, AtFlags::empty()) {
+            return Ok(Some(kept(FileError::errno("removing it", e))));
+        }
         let dir = Dir {
             fd: dir_fd,
             path: parent.to_path_buf(),
@@ -565,6 +591,40 @@ mod tests {
                 assert_eq!(result.as_ref().unwrap().note, None, "{rel}");
                 assert!(!input.exists(), "{rel} must be removed");
                 assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_input_that_cannot_be_reached_after_the_publish_is_kept_not_failed() {
+        for openat2 in [true, false] {
+            kept_when_unreachable(openat2);
+        }
+    }
+
+    fn kept_when_unreachable(openat2: bool) {
+        let files = files();
+        let mut g = group(&files, true, &[]);
+        let inp = g.tmp.path().join("in");
+        if !openat2 {
+            g.op.root_fd = Some(Root::new(&inp).unwrap().without_openat2());
+        }
+        // After the read, `x` becomes a link to where its files went: the outputs are good, but
+        // the inputs can no longer be reached beneath the root without following a symlink.
+        std::fs::rename(inp.join("x"), inp.join("moved")).unwrap();
+        std::os::unix::fs::symlink("moved", inp.join("x")).unwrap();
+        let results = g.publish();
+        for ((rel, data), result) in files.iter().zip(&results) {
+            let done = result.as_ref().unwrap_or_else(|e| panic!("{rel}: {e:?}"));
+            assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            if let Some(moved) = rel.strip_prefix("x/") {
+                let note = done.note.as_ref().expect("kept with a reason");
+                assert_eq!(note.kind, Kind::Symlink, "{rel}: {note:?}");
+                assert!(note.message.starts_with("input not removed: "), "{note:?}");
+                assert!(inp.join("moved").join(moved).exists(), "{rel} must be kept");
+            } else {
+                assert_eq!(done.note, None, "{rel}");
+                assert!(!inp.join(rel).exists(), "{rel} must be removed");
             }
         }
     }
