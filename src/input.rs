@@ -226,6 +226,12 @@ impl Root {
         None
     }
 
+    /// Whether this root resolves with `openat2`.
+    #[cfg(test)]
+    pub fn uses_openat2(&self) -> bool {
+        self.openat2
+    }
+
     /// A root that resolves one component at a time, as where `openat2` is refused.
     #[cfg(test)]
     pub fn without_openat2(mut self) -> Root {

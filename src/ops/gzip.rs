@@ -160,6 +160,14 @@ impl GzipOp {
             message: format!("input not removed: {}", e.message),
             ..e
         };
+        // Renamed or deleted by someone else after it was read: nothing left to remove under
+        // this name, and a renamed file is not looked for.
+        let moved_away = || {
+            FileError::new(
+                Kind::Vanished,
+                "input not removed: it was moved or deleted after it was compressed",
+            )
+        };
         let st = &input.stat;
         if st.st_nlink > 1 {
             return Ok(Some(FileError::new(
@@ -195,6 +203,7 @@ impl GzipOp {
         // The name must still lead to the very file that was compressed.
         let now = match rfs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(now) => now,
+            Err(Errno::NOENT) => return Ok(Some(moved_away())),
             Err(e) => return Ok(Some(kept(FileError::errno("stat of input", e)))),
         };
         if now.st_nlink > 1 {
@@ -218,8 +227,10 @@ impl GzipOp {
                 "input kept: it changed after it was compressed",
             )));
         }
-        if let Err(e) = rfs::unlinkat(&dir_fd, name, AtFlags::empty()) {
-            return Ok(Some(kept(FileError::errno("removing it", e))));
+        match rfs::unlinkat(&dir_fd, name, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => return Ok(Some(moved_away())),
+            Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
         }
         let dir = Dir {
             fd: dir_fd,
@@ -606,18 +617,27 @@ mod tests {
         let files = files();
         let mut g = group(&files, true, &[]);
         let inp = g.tmp.path().join("in");
-        if !openat2 {
-            g.op.root_fd = Some(Root::new(&inp).unwrap().without_openat2());
-        }
+        let root = Root::new(&inp).unwrap();
+        assert!(root.uses_openat2(), "openat2 (Linux 5.6+) expected here");
+        g.op.root_fd = Some(if openat2 {
+            root
+        } else {
+            root.without_openat2()
+        });
         // After the read, `x` becomes a link to where its files went: the outputs are good, but
         // the inputs can no longer be reached beneath the root without following a symlink.
         std::fs::rename(inp.join("x"), inp.join("moved")).unwrap();
         std::os::unix::fs::symlink("moved", inp.join("x")).unwrap();
+        // And `y/c.log` is deleted by someone else: nothing is left to remove.
+        std::fs::remove_file(inp.join("y/c.log")).unwrap();
         let results = g.publish();
         for ((rel, data), result) in files.iter().zip(&results) {
             let done = result.as_ref().unwrap_or_else(|e| panic!("{rel}: {e:?}"));
             assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
-            if let Some(moved) = rel.strip_prefix("x/") {
+            if *rel == "y/c.log" {
+                let note = done.note.as_ref().expect("a note");
+                assert_eq!(note.kind, Kind::Vanished, "{note:?}");
+            } else if let Some(moved) = rel.strip_prefix("x/") {
                 let note = done.note.as_ref().expect("kept with a reason");
                 assert_eq!(note.kind, Kind::Symlink, "{rel}: {note:?}");
                 assert!(note.message.starts_with("input not removed: "), "{note:?}");

@@ -55,9 +55,10 @@ const LIBDEFLATE_LEVEL: [i32; 10] = [0, 1, 2, 2, 3, 5, 5, 6, 7, 8];
 /// writes 0.999x gzip -6 on the log and 1.026x on binaries instead of 0.994x and 1.023x). The
 /// margin is wider than libdeflate's 1.5% because zlib-rs already writes up to 2.3% more than
 /// gzip at its own levels: below level 9 it hashes 4 bytes and misses the 3-byte matches machine
-/// code is full of. Level 5's 4 writes 3.02% more on binaries; 9 keeps its own, since zlib-rs's
-/// level 8 costs more than its 9. Level 1 is zlib-ng's "quick" strategy, which writes 18-24% more
-/// than gzip -1, so 1 uses level 2, which writes no more than gzip -1 on text.
+/// code is full of. The others keep their own level: level 3's 2 writes 4.4% more on binaries,
+/// level 5's 4 3.0%, and zlib-rs's level 8 costs more than its 9. Level 1 is zlib-ng's "quick"
+/// strategy, which writes 20-25% more than gzip -1, so levels 1 and 2 both use level 2, which
+/// writes less than gzip -1 on each corpus.
 const ZLIB_LEVEL: [u32; 10] = [0, 2, 2, 3, 3, 5, 5, 6, 7, 9];
 
 /// Largest input compressed whole by libdeflate. Above it the block path takes over: it streams
