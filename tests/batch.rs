@@ -198,13 +198,7 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
             s("--json"),
         ],
     );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = summary_of(&out, 0);
     assert_eq!(
         (summary["files"].as_u64(), summary["done"].as_u64()),
         (Some(3), Some(3))
@@ -422,14 +416,7 @@ fn unreadable_file_and_directory_fail_per_file_and_run_continues() {
     fs::set_permissions(t.path("locked-dir"), fs::Permissions::from_mode(0o000)).unwrap();
     let log = t.side("f.jsonl");
     let manifest = t.side("m");
-    // As root every permission check passes, so drop to nobody; otherwise run as we are.
-    let mut cmd = if is_root() {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
-        c
-    } else {
-        std::process::Command::new(bin())
-    };
+    let mut cmd = unprivileged();
     cmd.args([s("batch"), p(&t.root()), s("--op"), s("sha256")])
         .args([s("--manifest"), p(&manifest), s("--failure-log"), p(&log)]);
     let out = run(cmd);
@@ -491,21 +478,17 @@ fn rerun_skips_up_to_date_outputs_and_never_makes_gz_gz() {
     let t = TestTree::new()
         .file("a.txt", b"aaaa")
         .file("d/b.txt", b"bbbb");
-    let json = |out: &std::process::Output| -> serde_json::Value {
-        serde_json::from_slice(&out.stdout).unwrap()
-    };
     let first = batch(&t, &[s("--op"), s("gzip"), s("--json")]);
-    assert_eq!(json(&first)["done"], 2);
+    assert_eq!(summary_of(&first, 0)["done"], 2);
     let second = batch(&t, &[s("--op"), s("gzip"), s("--json")]);
-    assert_eq!(second.status.code(), Some(0));
-    let sum = json(&second);
+    let sum = summary_of(&second, 0);
     assert_eq!(sum["done"], 0);
     assert_eq!(sum["skipped_by_reason"]["up-to-date"], 2);
     assert_eq!(sum["skipped_by_reason"]["already-compressed"], 2);
     assert!(!t.path("a.txt.gz.gz").exists());
     // --force redoes them.
     let forced = batch(&t, &[s("--op"), s("gzip"), s("--json"), s("--force")]);
-    assert_eq!(json(&forced)["done"], 2);
+    assert_eq!(summary_of(&forced, 0)["done"], 2);
 }
 
 #[test]
@@ -557,14 +540,7 @@ fn remove_source_keeps_an_input_it_may_not_unlink_and_says_why() {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o555)).unwrap();
     }
     let log = t.side("f.jsonl");
-    // As root every permission check passes, so drop to nobody; otherwise run as we are.
-    let mut cmd = if is_root() {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
-        c
-    } else {
-        std::process::Command::new(bin())
-    };
+    let mut cmd = unprivileged();
     cmd.args([s("batch"), p(&t.root()), s("--op"), s("gzip"), s("--json")])
         .args([s("--remove-source"), s("--out"), p(&out_dir)])
         .args([s("--failure-log"), p(&log)]);
@@ -572,13 +548,7 @@ fn remove_source_keeps_an_input_it_may_not_unlink_and_says_why() {
     for dir in [t.root(), t.path("sub")] {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
     }
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = summary_of(&out, 0);
     assert_eq!(
         (summary["done"].as_u64(), summary["failed"].as_u64()),
         (Some(2), Some(0))
@@ -818,13 +788,7 @@ fn sigint_drains_in_flight_files_and_leaves_valid_outputs() {
     });
     signal(&child, rustix::process::Signal::INT);
     let out = wait_output(child, Duration::from_secs(60));
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = summary_of(&out, 130);
     assert_eq!(summary["interrupted_by"], 2);
     let done = summary["done"].as_u64().unwrap();
     assert!((1..60).contains(&done), "{summary}");
@@ -1003,13 +967,7 @@ fn sigkill_at_random_points_then_rerun_finishes_without_corruption() {
     }
     let done_before = count_outputs();
     let out = run(filepipe(&args));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = summary_of(&out, 0);
     assert_eq!(
         summary["skipped_by_reason"]["up-to-date"].as_u64(),
         Some(done_before as u64)

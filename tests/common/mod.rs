@@ -81,6 +81,29 @@ pub fn filepipe(args: &[&OsStr]) -> Command {
     c
 }
 
+/// The binary as `nobody` when the tests run as root (as CI does), where every permission
+/// check would pass; as the current user otherwise.
+pub fn unprivileged() -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
+        c
+    } else {
+        Command::new(bin())
+    }
+}
+
+/// The `--json` summary of a run that exited with `code` (stderr shown if it did not).
+pub fn summary_of(out: &Output, code: i32) -> serde_json::Value {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON summary on stdout")
+}
+
 /// Runs to completion, with a generous timeout (a hang is a test failure, not a stuck CI).
 pub fn run(mut cmd: Command) -> Output {
     cmd.stdin(Stdio::null())
