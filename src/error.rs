@@ -124,6 +124,22 @@ impl FileError {
     pub fn errno(what: &str, err: rustix::io::Errno) -> Self {
         Self::io(what, &io::Error::from(err))
     }
+
+    /// The failure a caught panic stands for (a bug: the run goes on without this file).
+    pub fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        FileError::new(Kind::Internal, format!("panic: {msg}"))
+    }
+
+    /// Runs one file's step so that a panic in it fails that file alone.
+    pub fn guard<T>(step: impl FnOnce() -> Result<T, FileError>) -> Result<T, FileError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(step))
+            .unwrap_or_else(|p| Err(FileError::panicked(p.as_ref())))
+    }
 }
 
 impl fmt::Display for FileError {

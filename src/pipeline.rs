@@ -335,19 +335,9 @@ fn guarded<T>(rel: &Path, f: impl FnOnce() -> Result<T, Outcome>) -> Result<T, O
     panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|p| {
         Err(Outcome::Failed {
             rel: rel.to_path_buf(),
-            error: panic_error(p.as_ref()),
+            error: FileError::panicked(p.as_ref()),
         })
     })
-}
-
-/// The failure a caught panic stands for.
-fn panic_error(p: &(dyn std::any::Any + Send)) -> FileError {
-    let msg = p
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
-    FileError::new(Kind::Internal, format!("panic: {msg}"))
 }
 
 /// `publish`, with a panic costing only this file.
@@ -377,12 +367,14 @@ fn publisher_loop<O: Op>(op: &O, ready: &Receiver<Ready<O::Pending>>, events: &S
     }
 }
 
-/// `publish_group`, with a panic failing the group's files but not the run. Some of them may
-/// have been published by then: reporting them failed errs on the side of redoing them.
+/// `publish_group`, with a panic failing the group's files but not the run. An op's own steps
+/// for one file are guarded per file (`FileError::guard`); this is for a panic in a step the
+/// group shares. Some files may have been published by then: reporting them failed errs on the
+/// side of redoing them.
 fn publish_group_guarded<O: Op>(op: &O, group: Vec<Ready<O::Pending>>) -> Vec<Outcome> {
     let rels: Vec<PathBuf> = group.iter().map(|r| r.job.rel.clone()).collect();
     panic::catch_unwind(AssertUnwindSafe(|| publish_group(op, group))).unwrap_or_else(|p| {
-        let error = panic_error(p.as_ref());
+        let error = FileError::panicked(p.as_ref());
         rels.into_iter()
             .map(|rel| Outcome::Failed {
                 rel,

@@ -44,6 +44,9 @@ pub struct GzipOp {
     /// following symlinks (see `input::Root`); `None` with `--follow-symlinks` (the directory
     /// is then reached by path).
     root_fd: Option<Root>,
+    /// Tests: the file whose publish panics, as a bug would.
+    #[cfg(test)]
+    panic_on: Option<PathBuf>,
 }
 
 /// Per-worker state.
@@ -83,6 +86,8 @@ impl GzipOp {
             } else {
                 None
             },
+            #[cfg(test)]
+            panic_on: None,
         })
     }
 
@@ -252,6 +257,10 @@ impl GzipOp {
         pending: Pending,
     ) -> Result<(OsString, TempOutput, Totals), FileError> {
         let name = Self::out_name(job)?;
+        #[cfg(test)]
+        if self.panic_on.as_deref() == Some(job.rel.as_path()) {
+            panic!("planted in {}", job.rel.display());
+        }
         // Checked while still a temp: an output that does not decompress back to the input
         // never gets a final name, so a rerun cannot mistake it for an up-to-date one.
         if self.remove_source {
@@ -364,7 +373,8 @@ impl Op for GzipOp {
     /// the benchmark machine) each fsync writes its own inode, and the gain is one directory
     /// write per directory and group instead of one per file, and data I/O in flight together. Each file keeps its own result at every step: a failed one drops out
     /// (its temp removed) and the others go on. A file is `Ok` only after its data, attributes
-    /// and directory entry are durable, and only then may its input be removed.
+    /// and directory entry are durable, and only then may its input be removed. A panic in one
+    /// file's step fails that file alone (its temp is removed as the panic unwinds).
     fn publish_group(
         &self,
         group: Vec<(&Job, &InputFile, Pending)>,
@@ -379,7 +389,7 @@ impl Op for GzipOp {
         let staged: Vec<_> = heads
             .iter()
             .zip(pendings)
-            .map(|(&(job, input), pending)| self.stage(job, input, pending))
+            .map(|(&(job, input), pending)| FileError::guard(|| self.stage(job, input, pending)))
             .collect();
         // 2. fsync each temp, in turn. The first fsync commits the transaction holding every
         //    temp's metadata; the later ones find it committed and only wait for their own data
@@ -390,7 +400,11 @@ impl Op for GzipOp {
         //    a per-file fsync returns each file's own error.
         let synced: Vec<_> = staged
             .into_iter()
-            .map(|r| r.and_then(|(name, temp, totals)| Ok((temp.sync(&name)?, name, totals))))
+            .map(|r| {
+                r.and_then(|(name, temp, totals)| {
+                    FileError::guard(|| Ok((temp.sync(&name)?, name, totals)))
+                })
+            })
             .collect();
         // 3. Rename each into place, no-clobber unless replacing is allowed.
         let renamed: Vec<_> = synced
@@ -398,7 +412,9 @@ impl Op for GzipOp {
             .zip(&heads)
             .map(|(r, (job, _))| {
                 r.and_then(|(temp, name, totals)| {
-                    Ok((temp.rename(&name, self.force || job.replace)?, totals))
+                    FileError::guard(|| {
+                        Ok((temp.rename(&name, self.force || job.replace)?, totals))
+                    })
                 })
             })
             .collect();
@@ -418,7 +434,7 @@ impl Op for GzipOp {
                     Err(FileError::new(Kind::Internal, "a directory sync was lost"))
                 })?;
                 let note = if self.remove_source {
-                    self.remove_source(job, input)?
+                    FileError::guard(|| self.remove_source(job, input))?
                 } else {
                     None
                 };
@@ -469,6 +485,7 @@ mod tests {
             mirrored: true,
             blocks: None,
             root_fd: remove_source.then(|| Root::new(&root).unwrap()),
+            panic_on: None,
         };
         let mut scratch = op.scratch();
         let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
@@ -647,6 +664,32 @@ mod tests {
                 assert!(!inp.join(rel).exists(), "{rel} must be removed");
             }
         }
+    }
+
+    #[test]
+    fn a_panic_in_one_files_publish_fails_that_file_alone() {
+        let files = files();
+        let mut g = group(&files, true, &[]);
+        g.op.panic_on = Some(PathBuf::from("x/b.log"));
+        let results = g.publish();
+        for ((rel, data), result) in files.iter().zip(&results) {
+            let input = g.tmp.path().join("in").join(rel);
+            if *rel == "x/b.log" {
+                let e = result.as_ref().unwrap_err();
+                assert_eq!(e.kind, Kind::Internal, "{e:?}");
+                assert!(e.message.contains("planted"), "{e:?}");
+                assert!(input.exists(), "{rel} must be kept");
+            } else {
+                assert_eq!(result.as_ref().unwrap().note, None, "{rel}");
+                assert!(!input.exists(), "{rel} must be removed");
+                assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            }
+        }
+        // No output and no temp for the file that panicked.
+        assert_eq!(
+            g.out_names(),
+            ["e.log.gz", "x/a.log.gz", "x/d.log.gz", "y/c.log.gz"]
+        );
     }
 
     #[test]
