@@ -84,30 +84,33 @@ fn temps() -> &'static Mutex<HashMap<u64, PathBuf>> {
     TEMPS.get_or_init(Default::default)
 }
 
+/// The registry, even after a panic elsewhere poisoned its lock: a map insert or removal cannot
+/// leave it half-changed, and a registry that silently stopped recording would leave temps
+/// behind on an abrupt exit.
+fn lock_temps() -> std::sync::MutexGuard<'static, HashMap<u64, PathBuf>> {
+    temps()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Records a temp file that must be removed on an abrupt exit. Returns its registry key.
 pub fn register_temp(path: PathBuf) -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
-    if let Ok(mut t) = temps().lock() {
-        t.insert(id, path);
-    }
+    lock_temps().insert(id, path);
     id
 }
 
 /// Forgets a temp file that was published or removed.
 pub fn unregister_temp(id: u64) {
-    if let Ok(mut t) = temps().lock() {
-        t.remove(&id);
-    }
+    lock_temps().remove(&id);
 }
 
 fn remove_all_temps() {
     // Keep the lock: no worker may publish (and unregister) a temp we are about to unlink.
-    let lock = temps().lock();
-    if let Ok(t) = lock.as_ref() {
-        for path in t.values() {
-            let _ = std::fs::remove_file(path);
-        }
+    let lock = lock_temps();
+    for path in lock.values() {
+        let _ = std::fs::remove_file(path);
     }
     std::mem::forget(lock);
 }

@@ -1071,13 +1071,7 @@ fn stale_temps_of_dead_processes_are_removed_live_ones_kept() {
         &t,
         &[s("--op"), s("gzip"), s("--out"), p(&out_dir), s("--json")],
     );
-    assert_eq!(
-        gz.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&gz.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&gz.stdout).unwrap();
+    let summary = summary_of(&gz, 0);
     assert_eq!(summary["stale_temps_removed"], 2);
     assert_eq!(summary["files"], 1, "temps are never inputs: {summary}");
     let sha = batch(

@@ -374,7 +374,9 @@ impl Op for GzipOp {
     /// write per directory and group instead of one per file, and data I/O in flight together. Each file keeps its own result at every step: a failed one drops out
     /// (its temp removed) and the others go on. A file is `Ok` only after its data, attributes
     /// and directory entry are durable, and only then may its input be removed. A panic in one
-    /// file's step fails that file alone (its temp is removed as the panic unwinds).
+    /// file's step fails that file alone: before the rename its temp is removed as the panic
+    /// unwinds; after it (rename or `--remove-source`) the output stays published, perhaps its
+    /// input removed, yet the file is reported failed, which errs on the side of redoing it.
     fn publish_group(
         &self,
         group: Vec<(&Job, &InputFile, Pending)>,
