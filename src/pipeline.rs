@@ -57,6 +57,39 @@ pub const BATCH_FILES: usize = 64;
 /// Most input bytes in one message; a larger file is sent on its own.
 pub const BATCH_BYTES: u64 = 4 << 20;
 
+/// How much a batch being filled holds, and the rule both sources fill batches by: at most
+/// `BATCH_FILES` files and `BATCH_BYTES` bytes, and a file of `BATCH_BYTES` or more alone, so
+/// a worker never ends a run holding several large files while the others have nothing.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct BatchFill {
+    files: usize,
+    bytes: u64,
+}
+
+impl BatchFill {
+    /// Whether a file of `size` bytes goes in its own batch.
+    pub fn alone(size: u64) -> bool {
+        size >= BATCH_BYTES
+    }
+
+    /// Whether a file of `size` bytes may join: an empty batch takes anything, a full one
+    /// nothing, and a large file only an empty one.
+    pub fn takes(&self, size: u64) -> bool {
+        self.files == 0 || !self.full() && !Self::alone(size)
+    }
+
+    /// Counts a file that joined.
+    pub fn add(&mut self, size: u64) {
+        self.files += 1;
+        self.bytes += size;
+    }
+
+    /// Whether nothing more may join.
+    pub fn full(&self) -> bool {
+        self.files >= BATCH_FILES || self.bytes >= BATCH_BYTES
+    }
+}
+
 /// What travels from a source to the workers.
 #[derive(Debug)]
 pub enum Msg {
@@ -542,6 +575,28 @@ pub fn prepare<O: Op>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_hold_64_files_or_4_mib_and_a_large_file_alone() {
+        let fill = |sizes: &[u64]| {
+            let mut f = BatchFill::default();
+            for &size in sizes {
+                assert!(f.takes(size), "{size} into {f:?}");
+                f.add(size);
+            }
+            f
+        };
+        let small = fill(&[1000; 63]);
+        assert!(!small.full() && small.takes(1000));
+        assert!(fill(&[1000; 64]).full());
+        // Bytes: four 1 MiB files fill it.
+        let mb = 1 << 20;
+        assert!(!fill(&[mb; 3]).full() && fill(&[mb; 4]).full());
+        // A file of 4 MiB or more: only into an empty batch, which it then fills.
+        assert!(!small.takes(BATCH_BYTES) && small.takes(BATCH_BYTES - 1));
+        assert!(fill(&[BATCH_BYTES * 10]).full());
+        assert!(BatchFill::alone(BATCH_BYTES) && !BatchFill::alone(BATCH_BYTES - 1));
+    }
     use crate::cli::{Cli, Command};
     use crate::ops::sha256::Sha256Op;
     use clap::Parser as _;

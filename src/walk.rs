@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::input::describe;
 use crate::output;
-use crate::pipeline::{Event, Job, Msg, Outcome, BATCH_BYTES, BATCH_FILES};
+use crate::pipeline::{BatchFill, Event, Job, Msg, Outcome};
 use crate::signals::Shutdown;
 use crate::state::Stamp;
 
@@ -260,23 +260,23 @@ fn stat_flags(cfg: &Config, entry: &DirEntry) -> rustix::fs::AtFlags {
     }
 }
 
-/// Jobs waiting to be sent together.
+/// Jobs waiting to be sent together (filled by `BatchFill`'s rule).
 #[derive(Default)]
 pub struct Batch {
     jobs: Vec<Job>,
-    bytes: u64,
+    fill: BatchFill,
 }
 
 impl Batch {
     /// Adds a job, sending the batch when it is full. False if the workers are gone.
     pub fn add(&mut self, job: Job, size: u64, tx: &Sender<Msg>) -> bool {
-        if size >= BATCH_BYTES {
+        if BatchFill::alone(size) {
             // A large file goes alone, so no worker is left holding several of them at the end.
             return tx.send(Msg::Jobs(vec![job])).is_ok();
         }
         self.jobs.push(job);
-        self.bytes += size;
-        if self.jobs.len() >= BATCH_FILES || self.bytes >= BATCH_BYTES {
+        self.fill.add(size);
+        if self.fill.full() {
             return self.flush(tx);
         }
         true
@@ -284,7 +284,7 @@ impl Batch {
 
     /// Sends what is waiting. False if the workers are gone.
     pub fn flush(&mut self, tx: &Sender<Msg>) -> bool {
-        self.bytes = 0;
+        self.fill = BatchFill::default();
         if self.jobs.is_empty() {
             return true;
         }

@@ -24,7 +24,7 @@ use notify::{RecursiveMode, Watcher as _};
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::Kind;
-use crate::pipeline::{self, Event, Job, Msg, Outcome, BATCH_BYTES, BATCH_FILES};
+use crate::pipeline::{self, BatchFill, Event, Job, Msg, Outcome};
 use crate::report::{self, Sink, Summary};
 use crate::signals::Shutdown;
 use crate::state::{self, Reader, Stamp, State};
@@ -608,11 +608,11 @@ impl Watch<'_> {
         // The watcher is the only sender, so a channel with room now still has it at the send:
         // a batch is never built only to be taken apart again.
         while !self.ready.is_empty() && !self.jobs.is_full() {
-            // Batches as in batch mode: at most BATCH_FILES files and BATCH_BYTES bytes, a
-            // larger file alone, so the deeper queue never holds much more than small files.
+            // Batches as in batch mode (`BatchFill`), so the deeper queue never holds much
+            // more than small files.
             let mut batch = Vec::new();
-            let mut bytes = 0;
-            while batch.len() < BATCH_FILES && bytes < BATCH_BYTES {
+            let mut fill = BatchFill::default();
+            while !fill.full() {
                 let Some(front) = self.ready.front() else {
                     break;
                 };
@@ -622,7 +622,7 @@ impl Watch<'_> {
                     .copied()
                     .flatten()
                     .map_or(0, |s| s.size);
-                if size >= BATCH_BYTES && !batch.is_empty() {
+                if !fill.takes(size) {
                     break;
                 }
                 let Some(rel) = self.ready.pop_front() else {
@@ -648,7 +648,7 @@ impl Watch<'_> {
                         .lookup(&rel)?
                         .is_some_and(|k| k.status == "done");
                 self.in_flight.insert(rel.clone());
-                bytes += size;
+                fill.add(size);
                 batch.push(Job {
                     abs: self.cfg.root.join(&rel),
                     rel,
