@@ -185,24 +185,23 @@ impl GzipOp {
         // input was read fails here, and nothing outside the tree is ever unlinked.
         let parent = job.abs.parent().unwrap_or(Path::new("/"));
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let dir_fd = match match &self.root_fd {
+        let opened = match &self.root_fd {
             Some(root) => root.open_dir(job.rel.parent().unwrap_or(Path::new(""))),
             None => rfs::open(parent, flags, Mode::empty()),
-        } {
-            Ok(fd) => fd,
-            Err(e) => {
-                let link = match (e, &self.root_fd) {
-                    (Errno::LOOP | Errno::NOTDIR, Some(root)) => root.symlink_in(&job.rel),
-                    _ => None,
-                };
-                return Ok(Some(match link {
-                    Some(what) => {
-                        let message = format!("input not removed: {what} (not followed)");
-                        FileError::new(Kind::Symlink, message)
-                    }
+        };
+        let dir_fd = match (opened, &self.root_fd) {
+            (Ok(fd), _) => fd,
+            // Refused beneath the root: say so if a symlink on the way is why.
+            (Err(e @ (Errno::LOOP | Errno::NOTDIR)), Some(root)) => {
+                return Ok(Some(match root.symlink_in(&job.rel) {
+                    Some(what) => FileError::new(
+                        Kind::Symlink,
+                        format!("input not removed: {what} (not followed)"),
+                    ),
                     None => kept(FileError::errno("opening its directory", e)),
                 }));
             }
+            (Err(e), _) => return Ok(Some(kept(FileError::errno("opening its directory", e)))),
         };
         let name = job.abs.file_name().unwrap_or(OsStr::new(""));
         // The name must still lead to the very file that was compressed.

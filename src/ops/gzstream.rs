@@ -384,7 +384,9 @@ fn compress_parallel(
                 let index = sent;
                 scope.spawn(move |_| {
                     let (dict, data) = block.split_at(dict_len);
-                    let result = answered(|| deflate_block(level, dict, data, last));
+                    // Always an answer: a task that panicked without sending one would leave
+                    // its file waiting forever, holding its share of the budget.
+                    let result = FileError::guard(|| deflate_block(level, dict, data, last));
                     let _ = tx.send((index, result, block));
                 });
                 sent += 1;
@@ -405,17 +407,6 @@ fn compress_parallel(
                 blocks.give(1);
             }
         }
-    })
-}
-
-/// Runs a block task so that it always has an answer: one that panicked without sending any
-/// would leave its file waiting forever, holding its share of the budget.
-fn answered(task: impl FnOnce() -> Deflated) -> Deflated {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)).unwrap_or_else(|_| {
-        Err(FileError::new(
-            Kind::Internal,
-            "deflate: a block task panicked",
-        ))
     })
 }
 
@@ -609,9 +600,9 @@ mod tests {
 
     #[test]
     fn a_block_task_that_panics_still_answers() {
-        let e = answered(|| panic!("a bug")).unwrap_err();
+        let e = FileError::guard(|| -> Deflated { panic!("a bug") }).unwrap_err();
         assert_eq!(e.kind, Kind::Internal);
-        assert!(answered(|| deflate_block(6, b"", b"data", true)).is_ok());
+        assert!(FileError::guard(|| deflate_block(6, b"", b"data", true)).is_ok());
     }
 
     #[test]
