@@ -1,7 +1,8 @@
 //! SHA-256 of each file, for the `sha256sum`-format manifest.
 //!
 //! sha2 picks the SHA-NI code path at run time where the CPU has it. The read buffer is large
-//! enough that per-call overhead vanishes and small enough to stay in L2.
+//! enough that per-call overhead vanishes and small enough that the kernel's copy into it, and
+//! the hashing after, stay in the core's own caches.
 
 use std::io::{self, Read};
 
@@ -12,8 +13,10 @@ use crate::input::InputFile;
 use crate::ops::{Done, Op};
 use crate::pipeline::Job;
 
-/// Size of the per-worker read buffer.
-pub const BUF_SIZE: usize = 256 * 1024;
+/// Size of the per-worker read buffer. Measured on 4 x 256 MiB (hyperfine, 15 runs): 64 KiB
+/// took 373 ms, 32 KiB 378 ms, 256 KiB and 1 MiB 387-389 ms (the copy out of the page cache
+/// costs a fifth more system time into a buffer that spills from L2).
+pub const BUF_SIZE: usize = 64 * 1024;
 
 /// The SHA-256 operation. It writes nothing next to inputs: digests go to the reporter.
 #[derive(Debug, Default)]
