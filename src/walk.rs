@@ -121,7 +121,18 @@ pub fn scan(
         if let Ok(e) = &entry {
             if e.file_type().is_dir() {
                 parents.truncate(e.depth());
-                parents.push(open_dir(e.path(), follows(cfg, e)));
+                let fd = open_dir(e.path(), follows(cfg, e));
+                if fd.is_none() && !follows(cfg, e) && e.path().is_symlink() {
+                    // Swapped for a symlink since its parent was listed: walkdir opened it by
+                    // path, through the link. Not one name from behind it is taken or watched.
+                    it.skip_current_dir();
+                    let (rel, reason) = (relative(cfg, e.path()), symlink_reason(cfg, e.path()));
+                    if !visit(Found::Report(Outcome::Skipped { rel, reason })) {
+                        return;
+                    }
+                    continue;
+                }
+                parents.push(fd);
                 // Descriptors are a shared budget (workers and outputs need theirs): in a deep
                 // tree, the levels above the DIR_FDS deepest fall back to stat by full path.
                 if let Some(above) = parents.len().checked_sub(DIR_FDS + 1) {
@@ -443,6 +454,66 @@ mod tests {
             names,
             [PathBuf::from("real/inner"), PathBuf::from("target")]
         );
+    }
+
+    #[test]
+    fn a_directory_swapped_for_a_link_after_the_listing_is_not_walked_through() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"not the tree's").unwrap();
+        for i in 0..10 {
+            std::fs::write(root_file(&root, &format!("f{i}")), b"a file").unwrap();
+            std::fs::write(root_file(&root, &format!("d{i}/inner")), b"in a directory").unwrap();
+        }
+        let cfg = config(&root, &[]);
+        let (stats, shutdown) = (Stats::default(), Shutdown::default());
+        let (mut dirs_seen, mut swapped) = (Vec::new(), Vec::new());
+        let (mut files, mut skipped) = (Vec::new(), Vec::new());
+        scan(&cfg, &cfg.root, &stats, &shutdown, &mut |f| {
+            match f {
+                Found::Dir(d) => dirs_seen.push(d),
+                Found::File(job, _) => {
+                    if files.is_empty() {
+                        // The root is listed already: every directory not walked yet becomes
+                        // a link to a directory outside the tree.
+                        for i in 0..10 {
+                            let d = cfg.root.join(format!("d{i}"));
+                            if !dirs_seen.contains(&d) {
+                                std::fs::rename(&d, tmp.path().join(format!("moved{i}"))).unwrap();
+                                symlink(&outside, &d).unwrap();
+                                swapped.push(PathBuf::from(format!("d{i}")));
+                            }
+                        }
+                    }
+                    files.push(job.rel);
+                }
+                Found::Report(Outcome::Skipped { rel, reason }) => {
+                    assert_eq!(reason.kind, Kind::Symlink, "{rel:?}: {reason:?}");
+                    skipped.push(rel);
+                }
+                Found::Report(other) => panic!("unexpected {other:?}"),
+            }
+            true
+        });
+        assert!(
+            !swapped.is_empty(),
+            "the first file came after every directory"
+        );
+        assert!(
+            !files.iter().any(|f| f.ends_with("secret")),
+            "walked through a link: {files:?}"
+        );
+        skipped.sort();
+        swapped.sort();
+        assert_eq!(skipped, swapped);
+        assert_eq!(files.len(), 10 + 10 - swapped.len(), "{files:?}");
+    }
+
+    fn root_file(root: &Path, rel: &str) -> PathBuf {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        p
     }
 
     #[test]
