@@ -1211,6 +1211,10 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
             "blocks/code.bin",
         ] {
             let limit = match rel {
+                // The default, 6, uses libdeflate's level 4 (LIBDEFLATE_LEVEL): at most 3.6%
+                // more than gzip -6 on the calibration corpora, within the 4% the speed targets
+                // allow.
+                _ if rel.starts_with("whole/") && level == 6 => 1.04,
                 // Where libdeflate serves N with its level N-1 (LIBDEFLATE_LEVEL): at most 1.5%
                 // more than gzip -N on the calibration corpora (the margin allows for this
                 // source and binary changing).
