@@ -239,6 +239,9 @@ pub fn compress(
     bufs: &mut Buffers,
 ) -> Result<Totals, FileError> {
     let head = header_bytes(header);
+    if expected <= bufs.whole_max {
+        return compress_whole(input, expected, out, &head, header.level, bufs);
+    }
     out.write_all(&head)
         .map_err(|e| FileError::io("writing output", &e))?;
     let mut body = Body {
@@ -248,9 +251,6 @@ pub fn compress(
         bytes_out: head.len() as u64,
     };
     match pool {
-        _ if expected <= bufs.whole_max => {
-            compress_whole(input, expected, out, header.level, bufs, &mut body)?
-        }
         Some(pool) => compress_parallel(input, expected, out, header.level, pool, &mut body)?,
         None => compress_serial(
             input,
@@ -262,16 +262,21 @@ pub fn compress(
         )?,
     }
     let crc = body.crc.finalize();
-    let mut trailer = [0u8; 8];
-    trailer[..4].copy_from_slice(&crc.to_le_bytes());
-    trailer[4..].copy_from_slice(&(body.bytes_in as u32).to_le_bytes());
-    out.write_all(&trailer)
+    out.write_all(&trailer(crc, body.bytes_in))
         .map_err(|e| FileError::io("writing output", &e))?;
     Ok(Totals {
         crc,
         bytes_in: body.bytes_in,
         bytes_out: body.bytes_out + 8,
     })
+}
+
+/// The gzip trailer: CRC-32 and length modulo 2^32 of the input, little-endian.
+fn trailer(crc: u32, bytes_in: u64) -> [u8; 8] {
+    let mut t = [0u8; 8];
+    t[..4].copy_from_slice(&crc.to_le_bytes());
+    t[4..].copy_from_slice(&(bytes_in as u32).to_le_bytes());
+    t
 }
 
 /// Reads the next block of at most `body.block` bytes after the `dict_len` bytes already at the start
@@ -291,23 +296,26 @@ fn read_block(
     Ok(n < want || body.bytes_in == expected)
 }
 
-/// The whole input in one libdeflate call. `expected` is at most `WHOLE_MAX`, so the buffers
-/// stay small.
+/// The whole input in one libdeflate call, and the whole member (`head`, the deflated body, the
+/// trailer) in one write: most outputs of a tree are small, and three writes cost each of them
+/// two more trips through the file system's write path. `expected` is at most `WHOLE_MAX`, so
+/// the buffers stay small.
 fn compress_whole(
     input: &mut impl Read,
     expected: u64,
     out: &mut impl Write,
+    head: &[u8],
     level: u32,
     bufs: &mut Buffers,
-    body: &mut Body,
-) -> Result<(), FileError> {
+) -> Result<Totals, FileError> {
     let internal = |what: &str| FileError::new(Kind::Internal, format!("libdeflate: {what}"));
     let want = usize::try_from(expected).map_err(|_| internal("input too large"))?;
     bufs.input.resize(want, 0);
     let n = fill(input, &mut bufs.input).map_err(|e| FileError::io("reading input", &e))?;
     let data = &bufs.input[..n];
-    body.bytes_in += n as u64;
-    body.crc.update(data);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(data);
+    let crc = crc.finalize();
     let compressor = match &mut bufs.whole {
         Some((l, c)) if *l == level => c,
         slot => {
@@ -318,15 +326,22 @@ fn compress_whole(
             &mut slot.insert((level, libdeflater::Compressor::new(lvl))).1
         }
     };
-    bufs.output.resize(compressor.deflate_compress_bound(n), 0);
+    let h = head.len();
+    bufs.output
+        .resize(h + compressor.deflate_compress_bound(n) + 8, 0);
+    bufs.output[..h].copy_from_slice(head);
     let len = compressor
-        .deflate_compress(data, &mut bufs.output)
+        .deflate_compress(data, &mut bufs.output[h..])
         .map_err(|e| internal(&e.to_string()))?;
-    let deflated = &bufs.output[..len];
-    out.write_all(deflated)
+    let end = h + len + 8;
+    bufs.output[h + len..end].copy_from_slice(&trailer(crc, n as u64));
+    out.write_all(&bufs.output[..end])
         .map_err(|e| FileError::io("writing output", &e))?;
-    body.bytes_out += len as u64;
-    Ok(())
+    Ok(Totals {
+        crc,
+        bytes_in: n as u64,
+        bytes_out: end as u64,
+    })
 }
 
 /// One block after another on this thread, each primed with the previous 32 KiB.
@@ -743,6 +758,41 @@ mod tests {
         };
         let out = gz(b"x", None, &h, true);
         assert_eq!(out[..10], [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3]);
+    }
+
+    #[test]
+    fn a_whole_file_is_written_in_one_call() {
+        // Header, body and trailer of a small file leave in one write (see `compress_whole`).
+        struct Counting(Vec<u8>, usize);
+        impl Write for Counting {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.1 += 1;
+                self.0.extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let data = log_text(2000);
+        let h = Header {
+            level: 6,
+            mtime: 7,
+            name: Some(b"x.log"),
+        };
+        let mut out = Counting(Vec::new(), 0);
+        let t = compress(
+            &mut &data[..],
+            data.len() as u64,
+            &mut out,
+            &h,
+            None,
+            &mut Buffers::new(),
+        )
+        .unwrap();
+        assert_eq!(out.1, 1);
+        assert_eq!(t.bytes_out, out.0.len() as u64);
+        assert_eq!(gunzip(&out.0), data);
     }
 
     #[test]
