@@ -704,22 +704,30 @@ exit $code"#;
 
 #[test]
 fn file_appended_while_read_is_never_published() {
+    // Each of the ATTEMPTS reads must overlap an append, or the file is hashed (and rightly
+    // so) and the test fails. So the file takes tens of ms to read, and the writer never
+    // sleeps: a sleeping writer on a loaded CI machine missed a whole 7 ms read once.
+    const SIZE: usize = 48 << 20;
     let t = TestTree::new()
-        .file("growing.log", &text_bytes(8_000_000, 6))
+        .file("growing.log", &text_bytes(SIZE, 6))
         .file("stable", b"ok");
     let path = t.path("growing.log");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = {
         let stop = stop.clone();
+        let path = path.clone();
         std::thread::spawn(move || {
             use std::io::Write;
             let mut f = fs::OpenOptions::new().append(true).open(path).unwrap();
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 f.write_all(b"appended line\n").unwrap();
-                std::thread::sleep(Duration::from_micros(200));
             }
         })
     };
+    // Start only once the writer is writing.
+    while fs::metadata(&path).unwrap().len() == SIZE as u64 {
+        std::thread::yield_now();
+    }
     let log = t.side("f.jsonl");
     let manifest = t.side("m");
     let out = sha256_batch(&t, &manifest, &log);
