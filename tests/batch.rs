@@ -1221,7 +1221,10 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
             let limit = match rel {
                 // The default, 6, uses libdeflate's level 4 (LIBDEFLATE_LEVEL): at most 3.6%
                 // more than gzip -6 on the calibration corpora, within the 4% the speed targets
-                // allow.
+                // allow. Source code is its worst case, and this source (1.036x) changes with
+                // every commit: half a point more keeps ordinary edits from tripping the test,
+                // while libdeflate's level 3 (1.052x here) still fails it.
+                "whole/source.txt" if level == 6 => 1.045,
                 _ if rel.starts_with("whole/") && level == 6 => 1.04,
                 // Where libdeflate serves N with its level N-1 (LIBDEFLATE_LEVEL): at most 1.5%
                 // more than gzip -N on the calibration corpora (the margin allows for this
