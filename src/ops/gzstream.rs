@@ -48,11 +48,11 @@ const DICT: usize = 32 * 1024;
 /// on logs, so 2 and 5 keep their own.
 ///
 /// The default, 6, is the exception: it uses level 4, libdeflate's greedy parser, two below.
-/// That writes up to 3.6% more than gzip -6 (3.1-3.6% on source code, 3.4% on text logs, 1.4% on binaries) for 16%
-/// less wall time on a tree of text than level 5, which writes 1% less than gzip -6. The issue
-/// that set the speed targets allows 4% over gzip -6 at the default, and the default is what
-/// runs over whole trees; `--level 7` (level 6, 0.99x gzip -6) is there for anyone who wants
-/// gzip -6's size or less.
+/// That writes up to 3.6% more than gzip -6 (2.4-3.6% on source code, 3.5% on text logs, 1.4%
+/// on binaries) for 16% less wall time on a tree of text than level 5, which writes about what
+/// gzip -6 does (0.99-1.01x). The issue that set the speed targets allows 4% over gzip -6 at the
+/// default, and the default is what runs over whole trees; `--level 7` (level 6: 0.98-1.004x
+/// gzip -6) is there for anyone who wants gzip -6's size.
 const LIBDEFLATE_LEVEL: [i32; 10] = [0, 1, 2, 2, 3, 5, 4, 6, 7, 8];
 
 /// zlib-rs's level for `--level N` (index N, used for blocks of large files). Like libdeflate's
@@ -82,7 +82,7 @@ pub struct Buffers {
     block: usize,
     /// The input (whole-file path) or the current block after its dictionary (block path).
     input: Vec<u8>,
-    /// libdeflate's output.
+    /// The whole-file gzip member: header, libdeflate's output, trailer (written in one call).
     output: Vec<u8>,
     /// The compressor and its level.
     whole: Option<(u32, libdeflater::Compressor)>,
