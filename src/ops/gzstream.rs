@@ -780,19 +780,27 @@ mod tests {
             mtime: 7,
             name: Some(b"x.log"),
         };
-        let mut out = Counting(Vec::new(), 0);
-        let t = compress(
-            &mut &data[..],
-            data.len() as u64,
-            &mut out,
-            &h,
-            None,
-            &mut Buffers::new(),
-        )
-        .unwrap();
-        assert_eq!(out.1, 1);
-        assert_eq!(t.bytes_out, out.0.len() as u64);
-        assert_eq!(gunzip(&out.0), data);
+        // The size the stat gave, then a stat that promised more than the read found (a file
+        // truncated meanwhile): the member still describes exactly the bytes read.
+        for expected in [data.len() as u64, data.len() as u64 + 5000] {
+            let mut out = Counting(Vec::new(), 0);
+            let t = compress(
+                &mut &data[..],
+                expected,
+                &mut out,
+                &h,
+                None,
+                &mut Buffers::new(),
+            )
+            .unwrap();
+            assert_eq!(out.1, 1, "expected {expected}");
+            assert_eq!(t.bytes_in, data.len() as u64);
+            assert_eq!(t.bytes_out, out.0.len() as u64);
+            let tail = &out.0[out.0.len() - 8..];
+            assert_eq!(tail[..4], crc32fast::hash(&data).to_le_bytes());
+            assert_eq!(tail[4..], (data.len() as u32).to_le_bytes());
+            assert_eq!(gunzip(&out.0), data);
+        }
     }
 
     #[test]
