@@ -63,6 +63,8 @@ pub struct WatchSettings {
     pub settle: Duration,
     /// Where the SQLite state lives.
     pub state_dir: PathBuf,
+    /// The state directory, held for this process (`None` when only validating a config).
+    pub lock: Option<std::sync::Arc<crate::state::DirLock>>,
 }
 
 impl Config {
@@ -104,15 +106,22 @@ impl Config {
             bail!("--manifest only applies to --op sha256");
         }
         let out = match &args.out {
-            Some(out) if !create => Some(absolute(out)),
             Some(out) => {
-                fs::create_dir_all(out)
-                    .with_context(|| format!("cannot create output directory {}", out.display()))?;
-                Some(
-                    fs::canonicalize(out).with_context(|| {
+                // Checked before anything is created: a refused --out leaves no directory.
+                check_out(&root, out, &absolute(out))?;
+                if !create {
+                    Some(absolute(out))
+                } else {
+                    fs::create_dir_all(out).with_context(|| {
+                        format!("cannot create output directory {}", out.display())
+                    })?;
+                    let made = fs::canonicalize(out).with_context(|| {
                         format!("cannot open output directory {}", out.display())
-                    })?,
-                )
+                    })?;
+                    // Again, resolved now that it exists (a symlink may have appeared).
+                    check_out(&root, out, &made)?;
+                    Some(made)
+                }
             }
             None => None,
         };
@@ -161,17 +170,23 @@ impl Config {
         settle: Duration,
         create: bool,
     ) -> Result<Config> {
-        let state_dir = if create {
+        let (state_dir, lock) = if create {
             std::fs::create_dir_all(&state_dir).with_context(|| {
                 format!("cannot create state directory {}", state_dir.display())
             })?;
-            fs::canonicalize(&state_dir)?
+            let dir = fs::canonicalize(&state_dir)?;
+            let lock = crate::state::lock_dir(&dir)?;
+            (dir, Some(lock))
         } else {
-            absolute(&state_dir)
+            (absolute(&state_dir), None)
         };
         // A state directory inside the watched tree must not be watched itself.
         self.own_files.push(state_dir.clone());
-        self.watch = Some(WatchSettings { settle, state_dir });
+        self.watch = Some(WatchSettings {
+            settle,
+            state_dir,
+            lock,
+        });
         Ok(self)
     }
 
@@ -179,6 +194,28 @@ impl Config {
     pub fn out_root(&self) -> &Path {
         self.out.as_deref().unwrap_or(&self.root)
     }
+}
+
+/// Refuses an output root (`given`, resolved to `out`) that is the input root, encloses it or
+/// lies inside it: outputs would then be written among the inputs, and read back as inputs or
+/// hidden from the walk. Symlinks are resolved first, so no spelling of the same directory
+/// slips through.
+pub fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
+    let what = if out == root {
+        "is the input directory"
+    } else if root.starts_with(out) {
+        "encloses the input directory"
+    } else if out.starts_with(root) {
+        "is inside the input directory"
+    } else {
+        return Ok(());
+    };
+    bail!(
+        "--out {} {what} {}: outputs would be mixed with the inputs; choose a directory \
+         outside it, or leave --out out to write each output next to its input",
+        given.display(),
+        root.display()
+    )
 }
 
 /// `path` made absolute through its deepest existing ancestor, for containment checks on

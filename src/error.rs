@@ -45,6 +45,13 @@ pub enum Kind {
     Io,
     /// A bug: an operation panicked on this file. The run goes on.
     Internal,
+    /// A temp file another running filepipe is writing: not an input.
+    TempInUse,
+    /// A temp file a stopped filepipe left, in a tree this run does not write to.
+    StaleTemp,
+    /// Named like a filepipe temp file, but nothing proves filepipe made it: neither read nor
+    /// removed.
+    TempName,
 }
 
 impl Kind {
@@ -68,6 +75,9 @@ impl Kind {
             Kind::Corrupt => "corrupt",
             Kind::Io => "io",
             Kind::Internal => "internal",
+            Kind::TempInUse => "temp-in-use",
+            Kind::StaleTemp => "stale-temp",
+            Kind::TempName => "temp-name",
         }
     }
 }

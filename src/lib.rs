@@ -12,6 +12,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod exit;
+mod fslock;
 pub mod input;
 pub mod logging;
 pub mod manifest;

@@ -8,6 +8,13 @@
 //! `rename`, `sync_dirs`) so a caller can take each for a group of files before the next; the
 //! types only allow a rename after the sync. A temp file that is not published is unlinked when
 //! dropped.
+//!
+//! A temp proves it is filepipe's: it carries the `user.filepipe.temp` extended attribute from
+//! just after its creation until just after its rename, and its writer holds an open file
+//! description lock on it for as long as it lives. `examine_temp` removes a file named like a
+//! temp only with that mark and without a live lock, so no input that merely looks like a temp,
+//! and no temp of a running filepipe (in another PID namespace, or on another host sharing the
+//! file system), is ever deleted.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -15,19 +22,25 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags, Timestamps};
 use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
+use crate::fslock::{self, LockKind};
 use crate::signals;
 
-/// Prefix and suffix of filepipe's temp names: `.filepipe.<pid>.<n>.tmp`. Short on purpose, so a
-/// temp name fits even when the final name is close to NAME_MAX.
+/// Prefix and suffix of filepipe's temp names: `.filepipe.<pid>-<salt>.<n>.tmp`. Short on
+/// purpose, so a temp name fits even when the final name is close to NAME_MAX.
 const TEMP_PREFIX: &str = ".filepipe.";
 const TEMP_SUFFIX: &str = ".tmp";
+
+/// The extended attribute that marks a temp as filepipe's (see the module comment).
+const TEMP_MARK: &str = "user.filepipe.temp";
+/// Its value: the version of the temp protocol.
+const TEMP_MARK_VALUE: &[u8] = b"1";
 
 /// Longest file name Linux file systems accept.
 pub const NAME_MAX: usize = 255;
@@ -164,37 +177,57 @@ impl Attrs {
     }
 }
 
-/// An output being written: a 0600 temp file in the final directory. Dropping it without
-/// `publish` unlinks it.
+/// An output being written: a 0600 temp file in the final directory, marked and locked as
+/// filepipe's. Dropping it without `publish` unlinks it.
 #[derive(Debug)]
 pub struct TempOutput {
     dir: Arc<Dir>,
     name: OsString,
     file: Option<File>,
     registry_id: u64,
+    /// The mark could be set (the file system keeps user extended attributes).
+    marked: bool,
+}
+
+/// This process's temp names start with this: `.filepipe.<pid>-<salt>.`. The salt tells this
+/// process's temps from those of another process with the same pid (in another PID namespace,
+/// or on another host sharing the file system).
+fn own_prefix() -> &'static str {
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    PREFIX.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS's random source: no other process draws this.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let salt = h.finish() as u32;
+        format!("{TEMP_PREFIX}{}-{salt:08x}.", std::process::id())
+    })
 }
 
 impl TempOutput {
-    /// Creates a fresh temp file in `dir`.
+    /// Creates a fresh temp file in `dir`, locked and marked as this process's.
     pub fn create(dir: Arc<Dir>) -> Result<Self, FileError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let pid = std::process::id();
         loop {
             let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let name = OsString::from(format!("{TEMP_PREFIX}{pid}.{n}{TEMP_SUFFIX}"));
-            let flags =
-                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            match rfs::openat(&dir.fd, &name, flags, Mode::from_raw_mode(0o600)) {
-                Ok(fd) => {
+            let name = OsString::from(format!("{}{n}{TEMP_SUFFIX}", own_prefix()));
+            let created = match create_claimed(&dir, &name) {
+                Some(r) => r,
+                None => create_then_claim(&dir, &name),
+            };
+            match created {
+                Ok((fd, marked)) => {
                     let registry_id = signals::register_temp(dir.path.join(&name));
                     return Ok(TempOutput {
                         dir,
                         name,
                         file: Some(File::from(fd)),
                         registry_id,
+                        marked,
                     });
                 }
-                // Left by an earlier process with our pid: take the next number.
+                // Left by another process with our name (the salt makes that all but
+                // impossible): take the next number.
                 Err(Errno::EXIST) => continue,
                 Err(e) => {
                     return Err(FileError::errno(
@@ -255,16 +288,83 @@ impl TempOutput {
         }
     }
 
-    /// fsyncs the temp and closes it: data, mode and times are all durable before the name can
-    /// appear, so a crash never leaves an output a rerun would not recognise. `final_name` is
-    /// for messages.
-    pub fn sync(mut self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
-        let file = self.file.take().expect("synced once");
+    /// fsyncs the temp: data, mode and times are all durable before the name can appear, so a
+    /// crash never leaves an output a rerun would not recognise. The file stays open (and
+    /// locked) until the rename. `final_name` is for messages.
+    pub fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
+        let file = self.file.as_ref().expect("synced once");
         file.sync_all().map_err(|e| {
             let path = self.dir.path.join(final_name);
             FileError::io(&format!("syncing {}", path.display()), &e)
         })?;
         Ok(SyncedTemp(self))
+    }
+}
+
+/// Whether temps can be made anonymous first (`O_TMPFILE`, then linked under their name):
+/// cleared for good at the first file system or sandbox that refuses it.
+static ANONYMOUS_FIRST: AtomicBool = AtomicBool::new(true);
+
+/// Makes the temp `name` in `dir` appear already locked and marked: an anonymous file
+/// (`O_TMPFILE`) is locked and marked first, then linked under the name, so no crash can leave
+/// the name on a file without the mark. `None` where that cannot be done here (a file system
+/// without `O_TMPFILE`, no `/proc`): the caller then creates the name directly.
+fn create_claimed(dir: &Dir, name: &OsStr) -> Option<Result<(OwnedFd, bool), Errno>> {
+    use std::os::fd::AsRawFd;
+    if !ANONYMOUS_FIRST.load(Ordering::Relaxed) {
+        return None;
+    }
+    let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+    let fd = match rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600)) {
+        Ok(fd) => fd,
+        // Not supported by this file system (or kernel): its temps are created by name.
+        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => return None,
+        Err(e) => return Some(Err(e)),
+    };
+    // Nobody else can see the file yet: the lock cannot be contended.
+    if let Err(e) = fslock::lock(&fd, LockKind::Write, false) {
+        return Some(Err(e));
+    }
+    let marked = mark(&fd, &dir.path);
+    // Linking an anonymous file by descriptor needs CAP_DAC_READ_SEARCH; through its /proc
+    // link it needs only /proc.
+    let proc_link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    match rfs::linkat(rfs::CWD, &proc_link, &dir.fd, name, AtFlags::SYMLINK_FOLLOW) {
+        Ok(()) => Some(Ok((fd, marked))),
+        Err(Errno::EXIST) => Some(Err(Errno::EXIST)),
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot link anonymous temps: creating them by name");
+            ANONYMOUS_FIRST.store(false, Ordering::Relaxed);
+            None
+        }
+    }
+}
+
+/// Creates the temp `name` in `dir` by name, then locks and marks it (where `O_TMPFILE` is
+/// not available). A crash between the creation and the mark leaves an unmarked temp, which
+/// no sweep removes: it is reported instead. The lock waits: a sweeper examining the file in
+/// the instant after its creation holds a read lock for microseconds.
+fn create_then_claim(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rfs::openat(&dir.fd, name, flags, Mode::from_raw_mode(0o600))?;
+    if let Err(e) = fslock::lock(&fd, LockKind::Write, true) {
+        let _ = rfs::unlinkat(&dir.fd, name, AtFlags::empty());
+        return Err(e);
+    }
+    let marked = mark(&fd, &dir.path);
+    Ok((fd, marked))
+}
+
+/// Sets filepipe's mark on a new temp; false where the file system keeps no user extended
+/// attributes (NFSv3, some FUSE ones): the temp is still locked and removed on failure, but a
+/// crash leaves it for the user.
+fn mark(fd: &OwnedFd, dir: &Path) -> bool {
+    match rfs::fsetxattr(fd, TEMP_MARK, TEMP_MARK_VALUE, rfs::XattrFlags::empty()) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "temp not marked");
+            false
+        }
     }
 }
 
@@ -279,10 +379,23 @@ impl SyncedTemp {
         &self.0.name
     }
 
+    /// The directory the temp is in.
+    pub fn dir(&self) -> &Arc<Dir> {
+        &self.0.dir
+    }
+
+    /// The open temp file, for reading it back.
+    pub fn file(&self) -> &File {
+        self.0.file.as_ref().expect("open until renamed")
+    }
+
     /// Renames the temp to `final_name` (refusing to replace an existing file unless
     /// `replace`) and returns the directory, which the caller must sync before reporting the
-    /// output as published: until then the new name may not survive a crash.
-    pub fn rename(mut self, final_name: &OsStr, replace: bool) -> Result<Arc<Dir>, FileError> {
+    /// output as published: until then the new name may not survive a crash. The mark comes
+    /// off once the name is final (a crash in between leaves it on an output, where it means
+    /// nothing), and the lock with the close. On failure the temp is still there, to be
+    /// looked at, until this is dropped.
+    pub fn rename(&mut self, final_name: &OsStr, replace: bool) -> Result<Arc<Dir>, FileError> {
         let temp = &mut self.0;
         let ctx = |what: &str| format!("{what} {}", temp.dir.path.join(final_name).display());
         let flags = if replace {
@@ -304,6 +417,11 @@ impl SyncedTemp {
         signals::unregister_temp(temp.registry_id);
         // Published: nothing left for Drop to remove.
         temp.name.clear();
+        if let Some(file) = temp.file.take() {
+            if temp.marked {
+                let _ = rfs::fremovexattr(&file, TEMP_MARK);
+            }
+        }
         Ok(Arc::clone(&temp.dir))
     }
 }
@@ -311,10 +429,91 @@ impl SyncedTemp {
 impl Drop for TempOutput {
     fn drop(&mut self) {
         if !self.name.is_empty() {
-            drop(self.file.take());
+            // Unlinked while still locked: no sweeper can see it unlocked under its name.
             let _ = rfs::unlinkat(&self.dir.fd, &self.name, AtFlags::empty());
+            drop(self.file.take());
             signals::unregister_temp(self.registry_id);
         }
+    }
+}
+
+/// What a file named like a filepipe temp turned out to be (see `examine_temp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TempFound {
+    /// This process's own temp, or gone by now: nothing to say about it.
+    Ignore,
+    /// The temp of a running filepipe (it holds the lock): left alone.
+    InUse,
+    /// Left by a filepipe that stopped (marked, unlocked), and removed.
+    Removed,
+    /// Left by a filepipe that stopped, and kept: the caller does not own this tree.
+    Stale,
+    /// Named like a temp but without the mark, or not examinable (the errno): neither read nor
+    /// removed, since nothing proves filepipe made it.
+    Unmarked(Option<Errno>),
+}
+
+/// Looks at `name` in `dir` (a temp-like name): removes it, with `remove`, only if it carries
+/// filepipe's mark and no live process holds its lock, and only the very file it examined.
+pub fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempFound {
+    if name.as_bytes().starts_with(own_prefix().as_bytes()) {
+        return TempFound::Ignore;
+    }
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let fd = match rfs::openat(dir, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT) => return TempFound::Ignore,
+        Err(e) => return TempFound::Unmarked(Some(e)),
+    };
+    let Ok(st) = rfs::fstat(&fd) else {
+        return TempFound::Unmarked(None);
+    };
+    // The verdict stands only if the name still leads to the file examined: a temp published
+    // (renamed) meanwhile is no longer there to speak of.
+    let still_there = |found: TempFound| match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(now) if now.st_dev == st.st_dev && now.st_ino == st.st_ino => found,
+        _ => TempFound::Ignore,
+    };
+    if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+        return still_there(TempFound::Unmarked(None));
+    }
+    // Locked by its writer: alive, wherever it runs. Held from here to the unlink, so no
+    // writer can take it up meanwhile.
+    match fslock::lock(&fd, LockKind::Read, false) {
+        Ok(()) => {}
+        Err(Errno::AGAIN | Errno::ACCESS) => return still_there(TempFound::InUse),
+        Err(e) => return still_there(TempFound::Unmarked(Some(e))),
+    }
+    let mut value = [0u8; 8];
+    let marked = matches!(
+        rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]),
+        Ok(n) if value[..n] == *TEMP_MARK_VALUE
+    );
+    if !marked {
+        return still_there(TempFound::Unmarked(None));
+    }
+    if !remove {
+        return still_there(TempFound::Stale);
+    }
+    match still_there(TempFound::Removed) {
+        TempFound::Removed => match rfs::unlinkat(dir, name, AtFlags::empty()) {
+            Ok(()) => TempFound::Removed,
+            Err(Errno::NOENT) => TempFound::Ignore,
+            Err(e) => TempFound::Unmarked(Some(e)),
+        },
+        other => other,
+    }
+}
+
+/// `examine_temp` for a path, through its parent directory.
+pub fn examine_temp_path(path: &Path, remove: bool) -> TempFound {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return TempFound::Ignore;
+    };
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    match rfs::open(parent, flags, Mode::empty()) {
+        Ok(dir) => examine_temp(&dir, name, remove),
+        Err(e) => TempFound::Unmarked(Some(e)),
     }
 }
 
@@ -394,29 +593,6 @@ pub fn is_temp_name(name: &OsStr) -> bool {
     b.starts_with(TEMP_PREFIX.as_bytes()) && b.ends_with(TEMP_SUFFIX.as_bytes())
 }
 
-/// True if a temp name was left by a process that no longer runs (a crash or SIGKILL), so it
-/// is safe to delete. Temps of live processes (another filepipe on the same tree) are kept.
-pub fn is_stale_temp(name: &OsStr) -> bool {
-    if !is_temp_name(name) {
-        return false;
-    }
-    let b = name.as_bytes();
-    let middle = &b[TEMP_PREFIX.len()..b.len() - TEMP_SUFFIX.len()];
-    let pid = middle
-        .split(|&c| c == b'.')
-        .next()
-        .and_then(|p| std::str::from_utf8(p).ok())
-        .and_then(|p| p.parse::<i32>().ok());
-    match pid {
-        Some(pid) if pid as u32 == std::process::id() => false,
-        Some(pid) => match rustix::process::Pid::from_raw(pid) {
-            Some(p) => rustix::process::test_kill_process(p) == Err(Errno::SRCH),
-            None => true,
-        },
-        None => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -426,12 +602,112 @@ mod tests {
         let pid = std::process::id();
         assert!(is_temp_name(OsStr::new(&format!(".filepipe.{pid}.7.tmp"))));
         assert!(!is_temp_name(OsStr::new("filepipe.1.tmp")));
-        // Our own temps are never stale; those of a pid that cannot exist are.
-        assert!(!is_stale_temp(OsStr::new(&format!(
-            ".filepipe.{pid}.7.tmp"
+        assert!(own_prefix().len() < 40, "{}", own_prefix());
+        assert!(is_temp_name(OsStr::new(&format!(
+            "{}0{TEMP_SUFFIX}",
+            own_prefix()
         ))));
-        assert!(is_stale_temp(OsStr::new(".filepipe.2147483600.1.tmp")));
-        assert!(!is_stale_temp(OsStr::new(".filepipe.x.1.tmp")));
+    }
+
+    /// A file named like another process's temp, marked and/or locked as `how` says; the
+    /// returned descriptor holds the lock.
+    fn foreign_temp(dir: &Path, name: &str, mark: bool, lock: bool) -> File {
+        let path = dir.join(name);
+        std::fs::write(&path, b"content").unwrap();
+        let file = File::options().write(true).open(&path).unwrap();
+        if mark {
+            rfs::fsetxattr(&file, TEMP_MARK, TEMP_MARK_VALUE, rfs::XattrFlags::empty()).unwrap();
+        }
+        if lock {
+            fslock::lock(&file, LockKind::Write, false).unwrap();
+        }
+        file
+    }
+
+    #[test]
+    fn only_a_marked_unlocked_temp_is_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = rfs::open(tmp.path(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let examine = |name: &str, remove| examine_temp(&dir, OsStr::new(name), remove);
+        // Named like a temp, but nothing says filepipe made it: never removed.
+        let _plain = foreign_temp(tmp.path(), ".filepipe.4000000.0.tmp", false, false);
+        assert_eq!(
+            examine(".filepipe.4000000.0.tmp", true),
+            TempFound::Unmarked(None)
+        );
+        // Marked, and locked by a live writer (another description counts as another owner,
+        // as a process in another PID namespace or on another host would).
+        let live = foreign_temp(tmp.path(), ".filepipe.1.0.tmp", true, true);
+        assert_eq!(examine(".filepipe.1.0.tmp", true), TempFound::InUse);
+        // Its writer died: stale, removed only when asked.
+        drop(live);
+        assert_eq!(examine(".filepipe.1.0.tmp", false), TempFound::Stale);
+        assert!(tmp.path().join(".filepipe.1.0.tmp").exists());
+        assert_eq!(examine(".filepipe.1.0.tmp", true), TempFound::Removed);
+        assert!(!tmp.path().join(".filepipe.1.0.tmp").exists());
+        assert!(tmp.path().join(".filepipe.4000000.0.tmp").exists());
+        // Gone, or this process's own: nothing to say.
+        assert_eq!(examine(".filepipe.9.9.tmp", true), TempFound::Ignore);
+        let mut cache = DirCache::new(tmp.path(), false);
+        let out = cache.open(Path::new(""), &|_| Mode::empty()).unwrap();
+        let mine = TempOutput::create(out).unwrap();
+        assert_eq!(
+            examine(mine.name().to_str().unwrap(), true),
+            TempFound::Ignore
+        );
+    }
+
+    #[test]
+    fn both_ways_of_creating_a_temp_leave_it_marked_and_locked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DirCache::new(tmp.path(), false)
+            .open(Path::new(""), &|_| Mode::empty())
+            .unwrap();
+        let anonymous = create_claimed(&dir, OsStr::new(".filepipe.t.1.tmp"))
+            .expect("O_TMPFILE and /proc here");
+        let named = create_then_claim(&dir, OsStr::new(".filepipe.t.2.tmp"));
+        for (fd, name) in [(anonymous, "1"), (named, "2")] {
+            let (fd, marked) = fd.unwrap();
+            assert!(marked, "{name}");
+            let name = format!(".filepipe.t.{name}.tmp");
+            assert_eq!(
+                examine_temp(&dir.fd, OsStr::new(&name), true),
+                TempFound::InUse
+            );
+            drop(fd);
+            assert_eq!(
+                examine_temp(&dir.fd, OsStr::new(&name), true),
+                TempFound::Removed
+            );
+        }
+    }
+
+    #[test]
+    fn a_live_temp_is_marked_and_locked_and_its_output_keeps_neither() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut cache = DirCache::new(tmp.path(), false);
+        let out = cache.open(Path::new(""), &|_| Mode::empty()).unwrap();
+        let mut temp = TempOutput::create(out).unwrap();
+        std::io::Write::write_all(temp.file(), b"data").unwrap();
+        let path = tmp.path().join(temp.name());
+        let mut value = [0u8; 8];
+        let n = rfs::getxattr(&path, TEMP_MARK, &mut value[..]).unwrap();
+        assert_eq!(&value[..n], TEMP_MARK_VALUE);
+        // Another description cannot lock it: its writer is alive.
+        let other = File::open(&path).unwrap();
+        assert_eq!(
+            fslock::lock(&other, LockKind::Read, false),
+            Err(Errno::AGAIN)
+        );
+        drop(other);
+        temp.publish(OsStr::new("out"), None, false).unwrap();
+        let out = tmp.path().join("out");
+        assert_eq!(std::fs::read(&out).unwrap(), b"data");
+        assert_eq!(
+            rfs::getxattr(&out, TEMP_MARK, &mut value[..]),
+            Err(Errno::NODATA)
+        );
+        fslock::lock(&File::open(&out).unwrap(), LockKind::Read, false).unwrap();
     }
 
     #[test]

@@ -474,6 +474,11 @@ fn outcome(job: Job, input: &InputFile, result: Result<Done, FileError>) -> Outc
                 done: Box::new(done),
             }
         }
+        // Found up to date only at the publish (an identical output appeared meanwhile).
+        Err(reason) if reason.kind == Kind::UpToDate => Outcome::Skipped {
+            rel: job.rel,
+            reason,
+        },
         Err(error) => Outcome::Failed {
             rel: job.rel,
             error,

@@ -15,13 +15,95 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Arc, Mutex, Weak};
+
+use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
+use crate::fslock::{self, LockKind};
 
 /// The file name of the database inside the state directory.
 pub const DB_NAME: &str = "filepipe.sqlite";
+
+/// The file in the state directory that its owner holds locked (see `lock_dir`).
+pub const LOCK_NAME: &str = "filepipe.lock";
+
+/// A state directory owned by this process. Two daemons writing one state would each process
+/// files the other already did (and fail on the other's outputs), so the directory belongs to
+/// the one process that holds `LOCK_NAME` locked; the file also says who that is. The pipelines
+/// of one process (a service's) share it; the lock goes when the last of them drops it.
+#[derive(Debug)]
+pub struct DirLock {
+    _file: std::fs::File,
+    dir: PathBuf,
+}
+
+/// Takes the state directory `dir` (an existing, canonical path) for this process, or says
+/// which process holds it.
+pub fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
+    use std::io::{Read, Seek, Write};
+    static HELD: Mutex<Vec<Weak<DirLock>>> = Mutex::new(Vec::new());
+    let mut held = HELD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    held.retain(|w| w.strong_count() > 0);
+    if let Some(mine) = held.iter().filter_map(Weak::upgrade).find(|l| l.dir == dir) {
+        return Ok(mine);
+    }
+    let path = dir.join(LOCK_NAME);
+    let mut file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .mode(0o644)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match fslock::lock(&file, LockKind::Write, false) {
+        Ok(()) => {}
+        Err(Errno::AGAIN) => {
+            let mut holder = String::new();
+            let _ = (&file).take(4096).read_to_string(&mut holder);
+            let holder = holder.trim();
+            bail!(
+                "the state directory {} is in use by {}: one state belongs to one daemon; stop \
+                 that one first, or give this one its own --state (state_dir)",
+                dir.display(),
+                if holder.is_empty() {
+                    "another filepipe"
+                } else {
+                    holder
+                }
+            );
+        }
+        Err(e) => {
+            return Err(anyhow::Error::from(std::io::Error::from(e)))
+                .with_context(|| format!("cannot lock {}", path.display()))
+        }
+    }
+    // Who holds it, for the message a second daemon prints.
+    let host = rustix::system::uname();
+    let who = format!(
+        "filepipe pid {} on {} (started {})\n",
+        std::process::id(),
+        host.nodename().to_string_lossy(),
+        crate::logging::utc_now()
+    );
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(who.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    let lock = Arc::new(DirLock {
+        _file: file,
+        dir: dir.to_path_buf(),
+    });
+    held.push(Arc::downgrade(&lock));
+    Ok(lock)
+}
 
 /// How many attempts a transient failure gets before it is kept as failed.
 pub const MAX_ATTEMPTS: u32 = 5;
@@ -554,6 +636,27 @@ mod tests {
         let st = State::open(dir.path(), root, "sha256").unwrap();
         let reader = State::reader(dir.path(), root, "sha256").unwrap();
         (dir, st, reader)
+    }
+
+    #[test]
+    fn a_state_directory_is_held_once_per_process_and_says_by_whom() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = lock_dir(dir.path()).unwrap();
+        let b = lock_dir(dir.path()).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "the pipelines of one process share it");
+        let holder = std::fs::read_to_string(dir.path().join(LOCK_NAME)).unwrap();
+        assert!(
+            holder.contains(&format!("pid {}", std::process::id())),
+            "{holder}"
+        );
+        // Any other description (another process's) finds it taken.
+        let other = std::fs::File::open(dir.path().join(LOCK_NAME)).unwrap();
+        assert_eq!(
+            fslock::lock(&other, LockKind::Read, false),
+            Err(Errno::AGAIN)
+        );
+        drop((a, b));
+        fslock::lock(&other, LockKind::Read, false).unwrap();
     }
 
     #[test]

@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_channel::Sender;
 use walkdir::{DirEntry, WalkDir};
 
+use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::input::describe;
-use crate::output;
+use crate::output::{self, TempFound};
 use crate::pipeline::{BatchFill, Event, Job, Msg, Outcome};
 use crate::signals::Shutdown;
 use crate::state::Stamp;
@@ -213,10 +214,10 @@ fn classify(
         return report(Outcome::Skipped { rel, reason });
     }
     if output::is_temp_name(entry.file_name()) {
-        if output::is_stale_temp(entry.file_name()) && std::fs::remove_file(path).is_ok() {
-            stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
-        }
-        return (None, false);
+        return match temp_reason(cfg, &entry, parent, &rel, stats) {
+            Some(reason) => report(Outcome::Skipped { rel, reason }),
+            None => (None, false),
+        };
     }
     if !cfg.filter.included(&rel) {
         return (None, false);
@@ -308,11 +309,10 @@ pub fn relative(cfg: &Config, path: &Path) -> PathBuf {
     path.strip_prefix(&cfg.root).unwrap_or(path).to_path_buf()
 }
 
-/// The manifest, the failure log, the state directory and an output root nested in the input
-/// root (and everything under them) are filepipe's.
+/// The manifest, the failure log and the state directory (and everything under them) are
+/// filepipe's. (An output root is never inside the input root: `config::check_out`.)
 pub fn is_own(cfg: &Config, path: &Path) -> bool {
     cfg.own_files.iter().any(|f| path.starts_with(f))
-        || cfg.out.as_deref().is_some_and(|o| path.starts_with(o))
 }
 
 fn inside_root(cfg: &Config, path: &Path) -> bool {
@@ -351,17 +351,67 @@ fn file_type_mode(entry: &DirEntry) -> u32 {
     }
 }
 
-/// Removes temp files that crashed runs left under `dir` (down to `depth`).
+/// Removes the temp files that stopped filepipes left under `dir` (down to `depth`): only
+/// those that carry filepipe's mark and no live writer's lock (see `output::examine_temp`).
 fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
     let entries = WalkDir::new(dir).max_depth(depth).into_iter();
     for entry in entries.filter_map(Result::ok) {
         if entry.file_type().is_file()
-            && output::is_stale_temp(entry.file_name())
-            && std::fs::remove_file(entry.path()).is_ok()
+            && output::is_temp_name(entry.file_name())
+            && output::examine_temp_path(entry.path(), true) == TempFound::Removed
         {
             stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// A file in the input tree named like a filepipe temp: removed if it is provably a stale
+/// temp and this run writes its outputs in the input tree (gzip next to its inputs), ignored if
+/// it is this process's own or a running filepipe's, and otherwise reported, never read: it is
+/// either filepipe's leftover or someone's file that must not be taken for one. `None` when
+/// there is nothing to report.
+fn temp_reason(
+    cfg: &Config,
+    entry: &DirEntry,
+    parent: Option<&OwnedFd>,
+    rel: &Path,
+    stats: &Stats,
+) -> Option<FileError> {
+    let remove = cfg.op == OpKind::Gzip && cfg.out.is_none();
+    let found = match parent {
+        Some(dir) => output::examine_temp(dir, entry.file_name(), remove),
+        None => output::examine_temp_path(entry.path(), remove),
+    };
+    let reason = match found {
+        TempFound::Ignore => return None,
+        TempFound::Removed => {
+            stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        _ if !cfg.filter.included(rel) => return None,
+        TempFound::InUse => FileError::new(
+            Kind::TempInUse,
+            "a temp file another running filepipe is writing; left alone",
+        ),
+        TempFound::Stale => FileError::new(
+            Kind::StaleTemp,
+            "a temp file a stopped filepipe left; not an input, and not removed: this run \
+             writes no outputs in this tree",
+        ),
+        TempFound::Unmarked(errno) => FileError {
+            kind: Kind::TempName,
+            errno: errno.map(|e| e.raw_os_error()),
+            message: format!(
+                "named like a filepipe temp file but {}: neither read nor removed (rename it to \
+                 have it processed)",
+                match errno {
+                    Some(e) => format!("cannot be examined ({e})"),
+                    None => "not marked as one".into(),
+                }
+            ),
+        },
+    };
+    Some(reason)
 }
 
 #[cfg(test)]

@@ -369,6 +369,10 @@ impl Watch<'_> {
                         | Outcome::Done { rel, .. } => rel.clone(),
                     };
                     let was = known.remove(&rel);
+                    // Temp-like names (filepipe's own among them) are never taken here.
+                    if ignored_name(cfg, &rel) {
+                        continue;
+                    }
                     // Report a symlink or special file once, not at every rescan.
                     let stamp = Stamp::of(&self.cfg.root.join(&rel));
                     if matches!(outcome, Outcome::Skipped { .. })

@@ -7,6 +7,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -626,7 +627,7 @@ fn rlimit_fsize_is_a_per_file_efbig_and_later_files_still_done() {
         .file("small2", b"tiny too");
     let log = t.side("f.jsonl");
     let mut cmd = std::process::Command::new("prlimit");
-    cmd.args(["--fsize=500000", "--", bin()]).args([
+    cmd.args(["--fsize=500000", "--"]).arg(bin()).args([
         s("batch"),
         p(&t.root()),
         s("--op"),
@@ -675,7 +676,7 @@ exit $code"#;
             s(script),
             s("sh"),
             p(&out_dir),
-            s(bin()),
+            s(&bin()),
             p(&t.root()),
             p(&log),
         ]);
@@ -981,10 +982,8 @@ fn sigkill_at_random_points_then_rerun_finishes_without_corruption() {
         Some(done_before as u64)
     );
     assert_eq!(summary["done"].as_u64(), Some(40 - done_before as u64));
-    assert!(
-        temps_under(t.dir.path()).is_empty(),
-        "stale temps must be cleaned up"
-    );
+    let left = temps_under(t.dir.path());
+    assert!(left.is_empty(), "stale temps must be cleaned up: {left:?}");
     assert_eq!(count_outputs(), 40);
     for i in 0..40 {
         let rel = format!("d{}/f{i}.log", i % 4);
@@ -1063,31 +1062,44 @@ fn usage_errors_exit_2() {
 }
 
 #[test]
-fn stale_temps_of_dead_processes_are_removed_live_ones_kept() {
-    // pid 2^22+ cannot exist (pid_max is at most 4194304); our own pid is alive.
-    let dead = ".filepipe.4194305.0.tmp";
-    let live = format!(".filepipe.{}.0.tmp", std::process::id());
-    let t = TestTree::new()
-        .file("a.txt", b"a")
-        .file(format!("sub/{dead}"), b"torn")
-        .file(&live, b"another run's work in progress");
-    let out_dir = t.root().join("archive");
+fn stale_temps_are_removed_from_the_output_tree_and_the_manifest_directory() {
+    // Temps a stopped filepipe left carry its mark (and nobody's lock); a file that only looks
+    // like one does not, and stays.
+    let mark = |path: &Path| {
+        rustix::fs::setxattr(
+            path,
+            "user.filepipe.temp",
+            b"1",
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap()
+    };
+    let stale = ".filepipe.4194305-0.0.tmp";
+    let lookalike = ".filepipe.4194305.9.tmp";
+    let t = TestTree::new().file("a.txt", b"a");
+    let out_dir = t.side("archive");
     fs::create_dir_all(out_dir.join("sub")).unwrap();
-    fs::write(out_dir.join("sub").join(dead), b"torn").unwrap();
-    fs::write(t.side(dead), b"torn manifest").unwrap();
+    for (dir, name) in [
+        (out_dir.join("sub"), stale),
+        (t.dir.path().to_path_buf(), stale),
+    ] {
+        fs::write(dir.join(name), b"torn").unwrap();
+        mark(&dir.join(name));
+    }
+    fs::write(out_dir.join(lookalike), b"someone's file").unwrap();
     let gz = batch(
         &t,
         &[s("--op"), s("gzip"), s("--out"), p(&out_dir), s("--json")],
     );
     let summary = summary_of(&gz, 0);
-    assert_eq!(summary["stale_temps_removed"], 2);
-    assert_eq!(summary["files"], 1, "temps are never inputs: {summary}");
+    assert_eq!(summary["stale_temps_removed"], 1, "{summary}");
+    assert_eq!(summary["files"], 1, "{summary}");
     let sha = batch(
         &t,
         &[s("--op"), s("sha256"), s("--manifest"), p(&t.side("SUMS"))],
     );
     assert_eq!(sha.status.code(), Some(0));
-    assert_eq!(temps_under(t.dir.path()), [t.path(&live)]);
+    assert_eq!(temps_under(t.dir.path()), [out_dir.join(lookalike)]);
 }
 
 #[test]

@@ -7,62 +7,11 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 use sha2::Digest as _;
-
-/// A running `filepipe watch`; killed if the test ends without stopping it.
-struct Daemon {
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start(t: &TestTree, extra: &[&str]) -> Daemon {
-        let mut cmd = filepipe(&[OsStr::new("watch"), t.root().as_os_str()]);
-        cmd.args(["--state"]).arg(t.side("state")).arg("--json");
-        if !extra.contains(&"--settle") {
-            cmd.args(["--settle", "150"]);
-        }
-        cmd.args(extra);
-        let child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Daemon { child: Some(child) }
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_child(self.child.as_ref().unwrap());
-        rustix::process::kill_process(pid, sig).unwrap();
-    }
-
-    /// SIGTERM, then the exit status, stdout and stderr.
-    fn stop(mut self) -> Output {
-        self.signal(rustix::process::Signal::TERM);
-        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
-    }
-
-    fn kill(mut self) {
-        self.signal(rustix::process::Signal::KILL);
-        wait_output(self.child.take().unwrap(), Duration::from_secs(10));
-    }
-
-    fn wait(mut self) -> Output {
-        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn summary(out: &Output) -> serde_json::Value {
     assert_eq!(
@@ -286,7 +235,9 @@ fn exhausted_inotify_watch_limit_is_a_clear_error() {
     let script = r#"echo 3 > /proc/sys/user/max_inotify_watches || exit 99
 exec "$@""#;
     let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["-r", "sh", "-c", script, "sh", common::bin(), "watch"])
+    cmd.args(["-r", "sh", "-c", script, "sh"])
+        .arg(common::bin())
+        .arg("watch")
         .arg(t.root())
         .args(["--op", "sha256", "--state"])
         .arg(t.side("state"));

@@ -56,12 +56,39 @@ pub struct Scratch {
     bufs: gzstream::Buffers,
 }
 
-/// A compressed temp file waiting for the input check.
+/// A file read, waiting for the input check and the publish.
 #[derive(Debug)]
 pub struct Pending {
-    temp: TempOutput,
+    /// The compressed temp file; `None` when the output is already in place (see `adopt`).
+    temp: Option<TempOutput>,
     dir: Arc<Dir>,
     totals: Totals,
+}
+
+/// What the output's name already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    /// Nothing.
+    Nothing,
+    /// A regular file with the input's mtime (which filepipe gives its outputs), of this size.
+    UpToDate(u64),
+    /// A regular file with another mtime.
+    Stale,
+    /// Something that is not a regular file.
+    Other,
+}
+
+/// Where one file of a group stands, step after step of `publish_group`.
+enum Step {
+    /// A fresh output, still a temp.
+    Temp(TempOutput),
+    /// A fresh output, synced.
+    Synced(output::SyncedTemp),
+    /// A fresh output under its final name.
+    Renamed,
+    /// The output already under its final name is this input's (an up-to-date output being
+    /// adopted, or one published meanwhile with the very bytes of ours), open to sync it.
+    InPlace(File),
 }
 
 impl GzipOp {
@@ -246,29 +273,159 @@ impl GzipOp {
 }
 
 impl GzipOp {
-    /// The first step of publishing: checks the output (with `--remove-source`), gives it the
-    /// input's attributes and starts its write-back. Returns the final name, the temp and the
-    /// totals.
-    fn stage(
-        &self,
-        job: &Job,
-        input: &InputFile,
-        pending: Pending,
-    ) -> Result<(OsString, TempOutput, Totals), FileError> {
+    /// What `name` in `dir` holds, against `input`.
+    fn existing(dir: &Dir, name: &OsStr, input: &InputFile) -> Result<Existing, FileError> {
+        match rfs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok(Existing::Nothing),
+            Err(e) => Err(FileError::errno("stat of output", e)),
+            Ok(out) if rfs::FileType::from_raw_mode(out.st_mode) != rfs::FileType::RegularFile => {
+                Ok(Existing::Other)
+            }
+            Ok(out) => {
+                let st = &input.stat;
+                if out.st_size > 0
+                    && out.st_mtime == st.st_mtime
+                    && out.st_mtime_nsec == st.st_mtime_nsec
+                {
+                    Ok(Existing::UpToDate(out.st_size as u64))
+                } else {
+                    Ok(Existing::Stale)
+                }
+            }
+        }
+    }
+
+    /// The first step of publishing a fresh output: checks it (with `--remove-source`), gives
+    /// it the input's attributes and starts its write-back. An output already in place (see
+    /// `adopt`) is checked against the input instead, and opened to be synced.
+    fn stage(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Step, FileError> {
         let name = Self::out_name(job)?;
         #[cfg(test)]
         if self.panic_on.as_deref() == Some(job.rel.as_path()) {
             panic!("planted in {}", job.rel.display());
         }
+        let Some(mut temp) = pending.temp else {
+            // Only --remove-source adopts an output; it must decompress to this very input.
+            self.verify_output(&pending.dir, &name, &pending.totals)
+                .map_err(|e| FileError {
+                    kind: Kind::OutputExists,
+                    errno: None,
+                    message: format!(
+                        "{} is dated as this file's output but {}; input kept (use --force to \
+                         redo it)",
+                        pending.dir.path.join(&name).display(),
+                        e.message.trim_start_matches("published output ")
+                    ),
+                })?;
+            return Ok(Step::InPlace(open_output(&pending.dir, &name)?));
+        };
         // Checked while still a temp: an output that does not decompress back to the input
         // never gets a final name, so a rerun cannot mistake it for an up-to-date one.
         if self.remove_source {
-            self.verify_output(&pending.dir, pending.temp.name(), &pending.totals)?;
+            self.verify_output(&pending.dir, temp.name(), &pending.totals)?;
         }
-        let mut temp = pending.temp;
         temp.set_attrs(&name, &Attrs::from_stat(&input.stat))?;
         temp.start_writeback();
-        Ok((name, temp, pending.totals))
+        Ok(Step::Temp(temp))
+    }
+
+    /// Renames a synced temp into place. When the name was taken meanwhile by a file with the
+    /// very bytes of ours (another filepipe, or a rerun, compressing the same input), that one
+    /// stands for ours: the file is up to date, not a failure.
+    fn rename(&self, job: &Job, mut synced: output::SyncedTemp) -> Result<Step, FileError> {
+        let name = Self::out_name(job)?;
+        match synced.rename(&name, self.force || job.replace) {
+            Ok(_) => Ok(Step::Renamed),
+            Err(e) if e.kind == Kind::OutputExists => {
+                match same_content(synced.dir(), synced.name(), &name) {
+                    Ok(Some(file)) => Ok(Step::InPlace(file)),
+                    Ok(None) => Err(e),
+                    Err(why) => Err(FileError {
+                        message: format!("{} (and comparing it failed: {})", e.message, why),
+                        ..e
+                    }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+        // The synced temp, if the rename failed, is unlinked as it drops here.
+    }
+
+    /// Reads the input for the length and CRC an up-to-date output must decompress to, before
+    /// `--remove-source` may take the input away.
+    fn adopt(
+        &self,
+        input: &mut InputFile,
+        dir: Arc<Dir>,
+        out_size: u64,
+        scratch: &mut Scratch,
+    ) -> Result<Pending, FileError> {
+        let size = input.size();
+        let buf = scratch.bufs.scratch(256 * 1024);
+        let mut crc = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        let mut taken = (&mut *input).take(size);
+        loop {
+            match taken.read(buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    crc.update(&buf[..n]);
+                    len += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(FileError::io("reading input", &e)),
+            }
+        }
+        Ok(Pending {
+            temp: None,
+            dir,
+            totals: Totals {
+                crc: crc.finalize(),
+                bytes_in: len,
+                bytes_out: out_size,
+            },
+        })
+    }
+}
+
+/// Opens an output by name in its directory (never through a symlink), to read or sync it.
+fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let fd = rfs::openat(&dir.fd, name, flags, Mode::empty())
+        .map_err(|e| FileError::errno("opening the existing output", e))?;
+    let file = File::from(fd);
+    let st = rfs::fstat(&file).map_err(|e| FileError::errno("stat of the existing output", e))?;
+    if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+        return Err(FileError::new(
+            Kind::OutputExists,
+            format!("{} is not a regular file", dir.path.join(name).display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Whether `theirs` holds exactly the bytes of `ours` (both in `dir`): then it is returned,
+/// open, so the caller can make it durable before relying on it.
+fn same_content(dir: &Dir, ours: &OsStr, theirs: &OsStr) -> Result<Option<File>, FileError> {
+    let mut a = open_output(dir, ours)?;
+    let mut b = open_output(dir, theirs)?;
+    let (sa, sb) = (
+        a.metadata().map_err(|e| FileError::io("stat", &e))?,
+        b.metadata().map_err(|e| FileError::io("stat", &e))?,
+    );
+    if sa.len() != sb.len() {
+        return Ok(None);
+    }
+    let (mut x, mut y) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    loop {
+        let n = crate::input::fill(&mut a, &mut x).map_err(|e| FileError::io("reading", &e))?;
+        let m = crate::input::fill(&mut b, &mut y).map_err(|e| FileError::io("reading", &e))?;
+        if x[..n] != y[..m] {
+            return Ok(None);
+        }
+        if n == 0 {
+            return Ok(Some(b));
+        }
     }
 }
 
@@ -302,34 +459,25 @@ impl Op for GzipOp {
         }
         let name = Self::out_name(job)?;
         let dir = self.out_dir(job, scratch)?;
-        match rfs::statat(&dir.fd, &name, AtFlags::SYMLINK_NOFOLLOW) {
-            Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(FileError::errno("stat of output", e)),
-            Ok(_) if self.force => Ok(None),
-            Ok(out) => {
-                let st = &input.stat;
-                let regular =
-                    rfs::FileType::from_raw_mode(out.st_mode) == rfs::FileType::RegularFile;
-                if regular
-                    && out.st_size > 0
-                    && out.st_mtime == st.st_mtime
-                    && out.st_mtime_nsec == st.st_mtime_nsec
-                {
-                    Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
-                } else if job.replace && regular {
-                    // Our own output of an earlier version of this file: redo it.
-                    Ok(None)
-                } else {
-                    Err(FileError {
-                        kind: Kind::OutputExists,
-                        errno: Some(libc::EEXIST),
-                        message: format!(
-                            "{} exists and is not this file's output; not overwritten (use --force)",
-                            dir.path.join(&name).display()
-                        ),
-                    })
-                }
+        match Self::existing(&dir, &name, input)? {
+            Existing::Nothing => Ok(None),
+            _ if self.force => Ok(None),
+            // With --remove-source an up-to-date output is checked and the input removed, as
+            // for a fresh one: a run stopped between the publish and the unlink is finished.
+            Existing::UpToDate(_) if self.remove_source => Ok(None),
+            Existing::UpToDate(_) => {
+                Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
             }
+            // Our own output of an earlier version of this file: redo it.
+            Existing::Stale if job.replace => Ok(None),
+            Existing::Stale | Existing::Other => Err(FileError {
+                kind: Kind::OutputExists,
+                errno: Some(libc::EEXIST),
+                message: format!(
+                    "{} exists and is not this file's output; not overwritten (use --force)",
+                    dir.path.join(&name).display()
+                ),
+            }),
         }
     }
 
@@ -340,6 +488,11 @@ impl Op for GzipOp {
         scratch: &mut Scratch,
     ) -> Result<Pending, FileError> {
         let dir = self.out_dir(job, scratch)?;
+        if self.remove_source && !self.force {
+            if let Existing::UpToDate(size) = Self::existing(&dir, &Self::out_name(job)?, input)? {
+                return self.adopt(input, dir, size, scratch);
+            }
+        }
         let mut temp = TempOutput::create(Arc::clone(&dir))?;
         let mtime = u32::try_from(input.stat.st_mtime).unwrap_or(0);
         let name = job.rel.file_name().map(|n| n.as_bytes());
@@ -357,7 +510,11 @@ impl Op for GzipOp {
             self.blocks.as_ref(),
             &mut scratch.bufs,
         )?;
-        Ok(Pending { temp, dir, totals })
+        Ok(Pending {
+            temp: Some(temp),
+            dir,
+            totals,
+        })
     }
 
     fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
@@ -382,15 +539,16 @@ impl Op for GzipOp {
     ) -> Vec<Result<Done, FileError>> {
         let (heads, pendings): (Vec<_>, Vec<_>) = group
             .into_iter()
-            .map(|(job, input, pending)| ((job, input), pending))
+            .map(|(job, input, pending)| ((job, input, Arc::clone(&pending.dir)), pending))
             .unzip();
+        let totals: Vec<Totals> = pendings.iter().map(|p| p.totals).collect();
         // 1. Verify, set attributes, and start write-back of every temp. Block allocation
         //    happens as write-back starts, so all of the group's metadata lands in one journal
         //    transaction, and its data I/O is in flight together.
         let staged: Vec<_> = heads
             .iter()
             .zip(pendings)
-            .map(|(&(job, input), pending)| FileError::guard(|| self.stage(job, input, pending)))
+            .map(|(&(job, input, _), pending)| FileError::guard(|| self.stage(job, input, pending)))
             .collect();
         // 2. fsync each temp, in turn. The first fsync commits the transaction holding every
         //    temp's metadata; the later ones find it committed and only wait for their own data
@@ -398,12 +556,22 @@ impl Op for GzipOp {
         //    Not syncfs: it would also wait for unrelated dirty data on the same file system
         //    (other programs', other outputs still being written), and it reports a write-back
         //    error for the whole file system, so no single file could be failed for it, where
-        //    a per-file fsync returns each file's own error.
+        //    a per-file fsync returns each file's own error. An output adopted in place is
+        //    synced too: whoever wrote it, the input goes only once it is durable.
         let synced: Vec<_> = staged
             .into_iter()
-            .map(|r| {
-                r.and_then(|(name, temp, totals)| {
-                    FileError::guard(|| Ok((temp.sync(&name)?, name, totals)))
+            .zip(&heads)
+            .map(|(r, (job, _, _))| {
+                r.and_then(|step| {
+                    FileError::guard(|| match step {
+                        Step::Temp(temp) => Ok(Step::Synced(temp.sync(&Self::out_name(job)?)?)),
+                        Step::InPlace(file) => {
+                            file.sync_all()
+                                .map_err(|e| FileError::io("syncing the existing output", &e))?;
+                            Ok(Step::InPlace(file))
+                        }
+                        other => Ok(other),
+                    })
                 })
             })
             .collect();
@@ -411,10 +579,20 @@ impl Op for GzipOp {
         let renamed: Vec<_> = synced
             .into_iter()
             .zip(&heads)
-            .map(|(r, (job, _))| {
-                r.and_then(|(temp, name, totals)| {
-                    FileError::guard(|| {
-                        Ok((temp.rename(&name, self.force || job.replace)?, totals))
+            .map(|(r, (job, _, _))| {
+                r.and_then(|step| {
+                    FileError::guard(|| match step {
+                        Step::Synced(temp) => match self.rename(job, temp)? {
+                            Step::InPlace(file) => {
+                                // Published by someone else, perhaps not durable yet.
+                                file.sync_all().map_err(|e| {
+                                    FileError::io("syncing the existing output", &e)
+                                })?;
+                                Ok(Step::InPlace(file))
+                            }
+                            other => Ok(other),
+                        },
+                        other => Ok(other),
                     })
                 })
             })
@@ -422,18 +600,26 @@ impl Op for GzipOp {
         // 4. fsync each distinct directory once: one commit makes every new name durable.
         let dirs: Vec<&Arc<Dir>> = renamed
             .iter()
-            .filter_map(|r| r.as_ref().ok().map(|(dir, _)| dir))
+            .zip(&heads)
+            .filter_map(|(r, (_, _, dir))| r.as_ref().ok().map(|_| dir))
             .collect();
         let mut dirs_synced = output::sync_dirs(&dirs).into_iter();
         // 5. Only now is each file published; only now may its input go.
         renamed
             .into_iter()
             .zip(heads)
-            .map(|(r, (job, input))| {
-                let (_, totals) = r?;
+            .zip(totals)
+            .map(|((r, (job, input, _)), totals)| {
+                let step = r?;
                 dirs_synced.next().unwrap_or_else(|| {
                     Err(FileError::new(Kind::Internal, "a directory sync was lost"))
                 })?;
+                if matches!(step, Step::InPlace(_)) && !self.remove_source {
+                    return Err(FileError::new(
+                        Kind::UpToDate,
+                        "an identical output was published meanwhile (by another filepipe?)",
+                    ));
+                }
                 let note = if self.remove_source {
                     FileError::guard(|| self.remove_source(job, input))?
                 } else {
@@ -477,33 +663,8 @@ mod tests {
             std::fs::write(&p, data).unwrap();
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
         }
-        let op = GzipOp {
-            level: 6,
-            force: false,
-            remove_source,
-            root: root.clone(),
-            out_root,
-            mirrored: true,
-            blocks: None,
-            root_fd: remove_source.then(|| Root::new(&root).unwrap()),
-            panic_on: None,
-        };
-        let mut scratch = op.scratch();
-        let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
-        for (rel, _) in files {
-            let job = Job {
-                abs: root.join(rel),
-                rel: PathBuf::from(rel),
-                replace: false,
-                expect: None,
-            };
-            let mut input = InputFile::open(&job.abs, false).unwrap();
-            assert_eq!(op.check(&job, &input, &mut scratch).unwrap(), None);
-            pendings.push(op.read(&job, &mut input, &mut scratch).unwrap());
-            input.finish().unwrap();
-            jobs.push(job);
-            inputs.push(input);
-        }
+        let op = op_for(&tmp, remove_source);
+        let (jobs, inputs, pendings) = read_all(&op, files);
         // Someone else's file appears after the check, before the publish: only the no-clobber
         // rename stands in its way.
         for rel in planted {
@@ -518,16 +679,65 @@ mod tests {
         }
     }
 
+    /// The op over `tmp`'s `in/`, mirroring it to `out/`.
+    fn op_for(tmp: &tempfile::TempDir, remove_source: bool) -> GzipOp {
+        let root = tmp.path().join("in");
+        GzipOp {
+            level: 6,
+            force: false,
+            remove_source,
+            root: root.clone(),
+            out_root: tmp.path().join("out"),
+            mirrored: true,
+            blocks: None,
+            root_fd: remove_source.then(|| Root::new(&root).unwrap()),
+            panic_on: None,
+        }
+    }
+
+    /// Each file checked and read into a pending result exactly as a worker would.
+    fn read_all(
+        op: &GzipOp,
+        files: &[(&str, Vec<u8>)],
+    ) -> (Vec<Job>, Vec<InputFile>, Vec<Pending>) {
+        let mut scratch = op.scratch();
+        let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
+        for (rel, _) in files {
+            let job = Job {
+                abs: op.root.join(rel),
+                rel: PathBuf::from(rel),
+                replace: false,
+                expect: None,
+            };
+            let mut input = InputFile::open(&job.abs, false).unwrap();
+            assert_eq!(op.check(&job, &input, &mut scratch).unwrap(), None);
+            pendings.push(op.read(&job, &mut input, &mut scratch).unwrap());
+            input.finish().unwrap();
+            jobs.push(job);
+            inputs.push(input);
+        }
+        (jobs, inputs, pendings)
+    }
+
+    fn publish_all(
+        op: &GzipOp,
+        jobs: &[Job],
+        inputs: &[InputFile],
+        pendings: Vec<Pending>,
+    ) -> Vec<Result<Done, FileError>> {
+        let items = jobs
+            .iter()
+            .zip(inputs)
+            .zip(pendings)
+            .map(|((job, input), pending)| (job, input, pending))
+            .collect();
+        op.publish_group(items)
+    }
+
     impl Group {
         fn publish(&mut self) -> Vec<Result<Done, FileError>> {
-            let items = self
-                .jobs
-                .iter()
-                .zip(&self.inputs)
-                .zip(self.pendings.drain(..))
-                .map(|((job, input), pending)| (job, input, pending))
-                .collect();
-            self.op.publish_group(items)
+            let pendings = self.pendings.drain(..).collect();
+            publish_all(&self.op, &self.jobs, &self.inputs, pendings)
         }
 
         /// Every name in the output tree, relative to it: outputs only, no temps.
@@ -691,6 +901,78 @@ mod tests {
             g.out_names(),
             ["e.log.gz", "x/a.log.gz", "x/d.log.gz", "y/c.log.gz"]
         );
+    }
+
+    #[test]
+    fn an_identical_output_published_meanwhile_is_up_to_date_not_a_failure() {
+        // Two runs compress the same inputs at once; the second finds each name taken.
+        let files = files();
+        let mut first = group(&files, false, &[]);
+        let second = op_for(&first.tmp, false);
+        let (jobs, inputs, pendings) = read_all(&second, &files);
+        // A third, with --remove-source, at once too.
+        let third = op_for(&first.tmp, true);
+        let (jobs3, inputs3, pendings3) = read_all(&third, &files);
+        for result in first.publish() {
+            assert_eq!(result.unwrap().note, None);
+        }
+        for ((rel, _), result) in files
+            .iter()
+            .zip(publish_all(&second, &jobs, &inputs, pendings))
+        {
+            let e = result.unwrap_err();
+            assert_eq!(e.kind, Kind::UpToDate, "{rel}: {e:?}");
+        }
+        // The third finds them too: identical to what it verified, so the inputs may go.
+        let results = publish_all(&third, &jobs3, &inputs3, pendings3);
+        for ((rel, data), result) in files.iter().zip(results) {
+            assert_eq!(result.unwrap().note, None, "{rel}");
+            assert!(!first.tmp.path().join("in").join(rel).exists(), "{rel}");
+            assert_eq!(&first.gunzip(&format!("{rel}.gz")), data, "{rel}");
+        }
+        assert!(first.out_names().iter().all(|n| n.ends_with(".gz")));
+    }
+
+    #[test]
+    fn remove_source_finishes_what_a_stopped_run_published() {
+        // A run published every output and was stopped before removing the inputs.
+        let files = files();
+        let mut first = group(&files, false, &[]);
+        for result in first.publish() {
+            result.unwrap();
+        }
+        // One output was since damaged, though it keeps its date.
+        let damaged = first.tmp.path().join("out/x/b.log.gz");
+        let mtime = std::fs::metadata(&damaged).unwrap().modified().unwrap();
+        std::fs::write(&damaged, b"\x1f\x8bnot gzip at all").unwrap();
+        File::options()
+            .write(true)
+            .open(&damaged)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let again = op_for(&first.tmp, true);
+        let (jobs, inputs, pendings) = read_all(&again, &files);
+        assert!(
+            pendings.iter().all(|p| p.temp.is_none()),
+            "nothing recompressed"
+        );
+        let results = publish_all(&again, &jobs, &inputs, pendings);
+        for ((rel, data), result) in files.iter().zip(results) {
+            let input = first.tmp.path().join("in").join(rel);
+            if *rel == "x/b.log" {
+                let e = result.unwrap_err();
+                assert_eq!(e.kind, Kind::OutputExists, "{e:?}");
+                assert!(e.message.contains("input kept"), "{e:?}");
+                assert!(input.exists(), "{rel} must be kept");
+            } else {
+                let done = result.unwrap_or_else(|e| panic!("{rel}: {e:?}"));
+                assert_eq!(done.note, None, "{rel}");
+                assert_eq!(done.bytes_in, data.len() as u64);
+                assert!(!input.exists(), "{rel} must be removed");
+                assert_eq!(&first.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            }
+        }
     }
 
     #[test]

@@ -101,6 +101,16 @@ impl Buffers {
     }
 }
 
+impl Buffers {
+    /// The input buffer, at least `len` bytes, for a caller that only needs to read through it.
+    pub fn scratch(&mut self, len: usize) -> &mut [u8] {
+        if self.input.len() < len {
+            self.input.resize(len, 0);
+        }
+        &mut self.input[..len]
+    }
+}
+
 impl Default for Buffers {
     fn default() -> Self {
         Self::new()

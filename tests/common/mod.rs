@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The binary under test.
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_filepipe")
+/// The binary under test: the one cargo built, or `FILEPIPE_TEST_BIN` (to show that a
+/// regression test fails against an older build).
+pub fn bin() -> String {
+    std::env::var("FILEPIPE_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_filepipe").into())
 }
 
 /// A temp directory with an input tree under `in/` and room for outputs beside it.
@@ -86,7 +87,8 @@ pub fn filepipe(args: &[&OsStr]) -> Command {
 pub fn unprivileged() -> Command {
     if is_root() {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", bin()]);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(bin());
         c
     } else {
         Command::new(bin())
@@ -113,21 +115,24 @@ pub fn run(mut cmd: Command) -> Output {
     wait_output(child, Duration::from_secs(120))
 }
 
-pub fn wait_output(mut child: Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    loop {
-        if child.try_wait().unwrap().is_some() {
-            return child.wait_with_output().unwrap();
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
+/// Waits for `child` to exit, reading its output meanwhile (a child blocked on a full pipe
+/// would never exit); kills it and panics after `limit`.
+pub fn wait_output(child: Child, limit: Duration) -> Output {
+    let pid = rustix::process::Pid::from_child(&child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.unwrap(),
+        Err(_) => {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            let out = rx.recv().unwrap().unwrap();
             panic!(
                 "timed out; stderr: {}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -230,5 +235,64 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     while !cond() {
         assert!(start.elapsed() < limit, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A running `filepipe watch`; killed if the test ends without stopping it.
+pub struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    pub fn start(t: &TestTree, extra: &[&str]) -> Daemon {
+        let mut cmd = filepipe(&[OsStr::new("watch"), t.root().as_os_str()]);
+        if !extra.contains(&"--state") {
+            cmd.args(["--state"]).arg(t.side("state"));
+        }
+        cmd.arg("--json");
+        if !extra.contains(&"--settle") {
+            cmd.args(["--settle", "150"]);
+        }
+        cmd.args(extra);
+        let child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Daemon { child: Some(child) }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    pub fn signal(&self, sig: rustix::process::Signal) {
+        let pid = rustix::process::Pid::from_child(self.child.as_ref().unwrap());
+        rustix::process::kill_process(pid, sig).unwrap();
+    }
+
+    /// SIGTERM, then the exit status, stdout and stderr.
+    pub fn stop(mut self) -> Output {
+        self.signal(rustix::process::Signal::TERM);
+        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
+    }
+
+    pub fn kill(mut self) {
+        self.signal(rustix::process::Signal::KILL);
+        wait_output(self.child.take().unwrap(), Duration::from_secs(10));
+    }
+
+    pub fn wait(mut self) -> Output {
+        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

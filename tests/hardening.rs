@@ -1,0 +1,391 @@
+//! Regression tests for the promises a hostile, unlucky user broke (issue 15), one or more per
+//! numbered case, named after it. Each failed against the build before its fix.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+fn p(x: &Path) -> &OsStr {
+    x.as_os_str()
+}
+
+/// `filepipe batch ROOT ARGS`.
+fn batch(t: &TestTree, args: &[&OsStr]) -> std::process::Output {
+    let root = t.root();
+    let mut all = vec![s("batch"), p(&root)];
+    all.extend_from_slice(args);
+    run(filepipe(&all))
+}
+
+fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Marks `path` as filepipe marks its temps.
+fn mark_as_temp(path: &Path) {
+    rustix::fs::setxattr(
+        path,
+        "user.filepipe.temp",
+        b"1",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 1: the stale-temp sweep deleted inputs.
+
+#[test]
+fn case_1_files_named_like_temps_are_never_deleted_and_always_reported() {
+    let names = [
+        ".filepipe.4000000.0.tmp",
+        "sub/.filepipe.123456.1.tmp",
+        ".filepipe.x.tmp",
+    ];
+    let mut t = TestTree::new().file("plain.txt", b"an ordinary input\n");
+    for n in names {
+        t = t.file(n, b"precious\n");
+    }
+    let log = t.side("failures.jsonl");
+    for op in ["sha256", "gzip"] {
+        let out = batch(
+            &t,
+            &[
+                s("--op"),
+                s(op),
+                s("--json"),
+                s("--failure-log"),
+                p(&log),
+                s("--manifest"),
+                p(&t.side("SUMS")),
+            ][..if op == "gzip" { 5 } else { 7 }],
+        );
+        let summary = summary_of(&out, 0);
+        assert_eq!(
+            summary["files"], 4,
+            "{op}: every file accounted for: {summary}"
+        );
+        assert_eq!(summary["done"], 1, "{op}: {summary}");
+        assert_eq!(
+            summary["skipped_by_reason"]["temp-name"], 3,
+            "{op}: {summary}"
+        );
+        assert_eq!(summary["stale_temps_removed"], 0, "{op}: {summary}");
+        for n in names {
+            assert_eq!(fs::read(t.path(n)).unwrap(), b"precious\n", "{op} lost {n}");
+            assert!(!t.path(format!("{n}.gz")).exists(), "{op} compressed {n}");
+        }
+        let records = failure_log(&log);
+        let reported: Vec<_> = records_of(&records, "temp-name")
+            .iter()
+            .map(|r| r["path"].as_str().unwrap().to_string())
+            .collect();
+        for n in names {
+            assert!(
+                reported.iter().any(|r| r == n),
+                "{op}: {n} not in {reported:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn case_1_a_stale_temp_is_removed_only_in_the_tree_a_writing_run_owns() {
+    // A temp a stopped filepipe left (marked, and no live writer holds its lock).
+    let t = TestTree::new()
+        .file("a.txt", b"a\n")
+        .file(".filepipe.77.0.tmp", b"torn output");
+    mark_as_temp(&t.path(".filepipe.77.0.tmp"));
+    // Hashing writes nothing in the tree: the leftover is reported, never read nor removed.
+    let out = batch(&t, &[s("--op"), s("sha256"), s("--json")]);
+    let json: serde_json::Value = serde_json::from_slice(&out.stderr).expect("summary on stderr");
+    assert_eq!(json["skipped_by_reason"]["stale-temp"], 1, "{json}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains(".filepipe"));
+    assert!(t.path(".filepipe.77.0.tmp").exists());
+    // gzip writing next to its inputs owns this tree: it removes the leftover.
+    let summary = summary_of(&batch(&t, &[s("--op"), s("gzip"), s("--json")]), 0);
+    assert_eq!(summary["stale_temps_removed"], 1, "{summary}");
+    assert_eq!(summary["files"], 1, "{summary}");
+    assert!(!t.path(".filepipe.77.0.tmp").exists());
+}
+
+#[test]
+fn case_1_watch_gzip_never_deletes_a_file_named_like_a_temp() {
+    let t = TestTree::new()
+        .file(".filepipe.4000000.0.tmp", b"precious\n")
+        .file("sub/.filepipe.123456.1.tmp", b"precious\n")
+        .file("first.txt", b"x\n");
+    let d = Daemon::start(&t, &["--op", "gzip"]);
+    wait_until(Duration::from_secs(60), "the first output", || {
+        t.path("first.txt.gz").exists()
+    });
+    let out = d.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    for n in [".filepipe.4000000.0.tmp", "sub/.filepipe.123456.1.tmp"] {
+        assert_eq!(fs::read(t.path(n)).unwrap(), b"precious\n", "lost {n}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 2: a live temp of an instance in another PID namespace was swept.
+
+#[test]
+fn case_2_a_live_temp_of_an_instance_in_another_pid_namespace_is_kept() {
+    if !is_root() {
+        eprintln!("SKIPPED: a PID namespace needs root here");
+        return;
+    }
+    let t = TestTree::new().file("big.bin", &noise_bytes(96 << 20, 5));
+    let other = tempfile::tempdir().unwrap();
+    fs::write(other.path().join("small.txt"), b"small\n").unwrap();
+    let out_dir = t.side("out");
+    // The first instance runs in its own PID namespace with a pid (1000000) that no process
+    // of this one has: by pid alone its temp looks abandoned from here.
+    let script = r#"echo 999999 > /proc/sys/kernel/ns_last_pid || exit 99; "$0" "$@""#;
+    let mut first = Command::new("unshare");
+    first
+        .args(["-pf", "--mount-proc", "sh", "-c", script])
+        .arg(bin())
+        .args(["batch"])
+        .arg(t.root())
+        .args(["--op", "gzip", "--jobs", "1", "--out"])
+        .arg(&out_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut first, 0);
+    let first = first.spawn().unwrap();
+    let group = rustix::process::Pid::from_child(&first);
+    wait_until(Duration::from_secs(60), "the first instance's temp", || {
+        !temps_under(&out_dir).is_empty() || first_exited(&first)
+    });
+    rustix::process::kill_process_group(group, rustix::process::Signal::STOP).unwrap();
+    let temps = temps_under(&out_dir);
+    assert_eq!(temps.len(), 1, "caught mid-write: {temps:?}");
+    let name = temps[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with(".filepipe.1000000"), "{name}");
+    // A second instance on the same --out, meanwhile.
+    let second = run(filepipe(&[
+        s("batch"),
+        p(other.path()),
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        p(&out_dir),
+        s("--json"),
+    ]));
+    let summary = summary_of(&second, 0);
+    assert_eq!(summary["stale_temps_removed"], 0, "{summary}");
+    assert_eq!(temps_under(&out_dir), temps, "the live temp was removed");
+    rustix::process::kill_process_group(group, rustix::process::Signal::CONT).unwrap();
+    let first = wait_output(first, Duration::from_secs(120));
+    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    let check = tool(
+        "gzip",
+        &[s("-t"), p(&out_dir.join("big.bin.gz"))],
+        t.dir.path(),
+    );
+    assert!(check.status.success(), "{check:?}");
+}
+
+fn first_exited(child: &std::process::Child) -> bool {
+    let pid = rustix::process::Pid::from_child(child);
+    rustix::process::test_kill_process(pid).is_err()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 3: --out equal to DIR, enclosing it or inside it silently processed nothing.
+
+#[test]
+fn case_3_out_that_is_encloses_or_lies_inside_dir_is_a_usage_error() {
+    let t = TestTree::new()
+        .file("a.txt", b"a\n")
+        .file("sub/b.txt", b"b\n");
+    std::os::unix::fs::symlink(t.root(), t.side("link-to-in")).unwrap();
+    let root = t.root();
+    let dotted = format!("{}/./", root.display());
+    let (link, sub, new) = (t.side("link-to-in"), t.path("sub"), t.path("new/archive"));
+    let cases: Vec<(&Path, &OsStr)> = vec![
+        (&root, p(&root)),
+        (&root, s(&dotted)),
+        (&root, p(&link)),
+        (&root, p(&sub)),
+        (&root, p(&new)),
+        (&sub, p(&root)),
+    ];
+    let state = t.side("state");
+    for (dir, out_dir) in cases {
+        for cmd in ["batch", "watch"] {
+            let mut args = vec![s(cmd), p(dir), s("--op"), s("gzip"), s("--out"), out_dir];
+            if cmd == "watch" {
+                args.extend([s("--state"), p(&state)]);
+            }
+            let out = wait_output(
+                filepipe(&args)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap(),
+                Duration::from_secs(20),
+            );
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+            assert!(stderr(&out).contains("--out"), "{args:?}: {}", stderr(&out));
+        }
+    }
+    assert!(!t.path("new").exists(), "a refused --out was created");
+    assert!(!t.path("a.txt.gz").exists() && !t.path("sub/b.txt.gz").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 4: --remove-source never finished after a run stopped between publish and unlink.
+
+#[test]
+fn case_4_remove_source_finishes_what_an_earlier_run_published() {
+    let t = TestTree::new()
+        .file("a.log", &text_bytes(20_000, 1))
+        .file("sub/b.log", &text_bytes(300_000, 2))
+        .file("linked.log", b"two names\n")
+        .file("damaged.log", &text_bytes(5_000, 3));
+    fs::hard_link(t.path("linked.log"), t.side("other-name")).unwrap();
+    let first = summary_of(&batch(&t, &[s("--op"), s("gzip"), s("--json")]), 0);
+    assert_eq!(first["done"], 4, "{first}");
+    // One output is damaged afterwards, keeping its date: it must not stand for its input.
+    let damaged = t.path("damaged.log.gz");
+    let mtime = fs::metadata(&damaged).unwrap().modified().unwrap();
+    fs::write(&damaged, b"not gzip").unwrap();
+    let f = fs::File::options().write(true).open(&damaged).unwrap();
+    f.set_modified(mtime).unwrap();
+    drop(f);
+    let log = t.side("failures.jsonl");
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--remove-source"),
+            s("--json"),
+            s("--failure-log"),
+            p(&log),
+        ],
+    );
+    let summary = summary_of(&out, 1);
+    assert_eq!(summary["done"], 3, "{summary}");
+    assert_eq!(summary["failed_by_reason"]["output-exists"], 1, "{summary}");
+    assert_eq!(
+        summary["skipped_by_reason"]["up-to-date"],
+        serde_json::Value::Null,
+        "{summary}"
+    );
+    for (gone, len, seed) in [("a.log", 20_000, 1), ("sub/b.log", 300_000, 2)] {
+        assert!(!t.path(gone).exists(), "{gone} was not removed");
+        let gz = t.path(format!("{gone}.gz"));
+        let back = tool("gunzip", &[s("-c"), p(&gz)], t.dir.path());
+        assert_eq!(back.stdout, text_bytes(len, seed), "{gone}");
+    }
+    assert!(
+        t.path("damaged.log").exists(),
+        "kept: its output is damaged"
+    );
+    assert!(t.path("linked.log").exists(), "kept: it has two links");
+    let records = failure_log(&log);
+    let kept = records_of(&records, "hard-linked");
+    assert_eq!(kept.len(), 1, "{records:?}");
+    assert_eq!(kept[0]["status"], "kept");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 5: overlapping instances reported identical outputs as failures; two daemons shared a
+// state.
+
+#[test]
+fn case_5_overlapping_batch_runs_find_identical_outputs_up_to_date() {
+    let mut t = TestTree::new();
+    for i in 0..1500 {
+        t = t.file(
+            format!("d{}/f{i}.txt", i % 10),
+            &text_bytes(2_000 + i * 7, i as u64),
+        );
+    }
+    let out_dir = t.side("out");
+    let start = || {
+        filepipe(&[
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out_dir),
+            s("--json"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (a, b) = (start(), start());
+    let (a, b) = (
+        wait_output(a, Duration::from_secs(120)),
+        wait_output(b, Duration::from_secs(120)),
+    );
+    let mut done = 0;
+    for out in [&a, &b] {
+        let summary = summary_of(out, 0);
+        assert_eq!(summary["failed"], 0, "{summary}");
+        assert_eq!(summary["files"], 1500, "{summary}");
+        done += summary["done"].as_u64().unwrap();
+    }
+    assert!(done >= 1500, "every file done by one of them");
+    let check = tool("gzip", &[s("-tr"), p(&out_dir)], t.dir.path());
+    assert!(check.status.success(), "{check:?}");
+    assert!(temps_under(&out_dir).is_empty());
+}
+
+#[test]
+fn case_5_a_second_daemon_on_one_state_exits_2_naming_the_holder() {
+    let t = TestTree::new().file("a.txt", b"a\n");
+    let other = TestTree::new();
+    let first = Daemon::start(&t, &["--op", "sha256"]);
+    let state = t.side("state");
+    wait_until(Duration::from_secs(30), "the first daemon's lock", || {
+        fs::read_to_string(state.join("filepipe.lock")).is_ok_and(|s| s.contains("pid"))
+    });
+    let second = filepipe(&[
+        s("watch"),
+        p(&other.root()),
+        s("--op"),
+        s("sha256"),
+        s("--state"),
+        p(&state),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let out = wait_output(second, Duration::from_secs(20));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("in use by filepipe pid"), "{err}");
+    assert!(
+        err.contains(&first.pid().to_string()),
+        "names the holder: {err}"
+    );
+    let out = first.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    // Once the first is gone, the state is free again.
+    let again = Daemon::start(
+        &other,
+        &["--op", "sha256", "--state", state.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let out = again.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
