@@ -363,9 +363,16 @@ mod tests {
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
         std::os::unix::fs::symlink(root.join("d/e/f"), root.join("d/l")).unwrap();
         let with_openat2 = Root::new(&root).unwrap();
-        assert!(with_openat2.openat2, "openat2 (Linux 5.6+) expected here");
-        // Both ways of resolving: openat2, and one component at a time.
-        for r in [with_openat2, Root::new(&root).unwrap().without_openat2()] {
+        // Both ways of resolving: openat2, and one component at a time (the fallback, tested
+        // everywhere; where openat2 is refused, as under the shipped units' seccomp filter,
+        // only the fallback can be).
+        let mut roots = vec![Root::new(&root).unwrap().without_openat2()];
+        if with_openat2.openat2 {
+            roots.push(with_openat2);
+        } else {
+            eprintln!("SKIPPED (openat2 half): openat2 is refused here; the fallback is tested");
+        }
+        for r in roots {
             let open = |rel: &str, follow| {
                 let (rel, abs) = (Path::new(rel), root.join(rel));
                 InputFile::open_beneath(Some(&r), rel, &abs, follow)

@@ -6,7 +6,7 @@ use clap::Parser;
 
 use filepipe::cli::{Cli, Command};
 use filepipe::config::Config;
-use filepipe::{exit, logging, pipeline, service, signals, state, status, verify, watch};
+use filepipe::{exit, logging, pipeline, service, signals, state, status, verify};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,9 +16,8 @@ fn main() -> ExitCode {
         cli.verbose.min(3) as i8
     };
     match cli.command {
-        Command::Batch(args) => run(Config::from_batch(&args, cli.quiet), verbosity, false),
-        Command::Watch(args) if args.config.is_some() => run_service(&args, cli.quiet, verbosity),
-        Command::Watch(args) => run(Config::from_watch(&args, cli.quiet), verbosity, true),
+        Command::Batch(args) => run_batch(Config::from_batch(&args, cli.quiet), verbosity),
+        Command::Watch(args) => run_watch(&args, cli.quiet, verbosity),
         Command::CheckConfig(args) => {
             match service::load(&args.file, &service::Overrides::default(), true, false) {
                 Ok(s) => {
@@ -64,8 +63,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Batch and watch: the same pipeline, a different source and lifetime.
-fn run(cfg: anyhow::Result<Config>, verbosity: i8, watching: bool) -> ExitCode {
+/// A one-shot batch over one tree.
+fn run_batch(cfg: anyhow::Result<Config>, verbosity: i8) -> ExitCode {
     let cfg = match cfg {
         Ok(cfg) => cfg,
         Err(e) => return fail(exit::USAGE, &e),
@@ -77,39 +76,38 @@ fn run(cfg: anyhow::Result<Config>, verbosity: i8, watching: bool) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURES, &e),
     };
-    let result = if watching {
-        watch::run(&cfg, &shutdown, &filepipe::walk::Stats::default())
-    } else {
-        pipeline::run_batch(&cfg, &shutdown)
-    };
-    let mut summary = match result {
+    let mut summary = match pipeline::run_batch(&cfg, &shutdown) {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURES, &e),
     };
-    if !watching {
-        summary.interrupted_by = shutdown.signal();
-    }
+    summary.interrupted_by = shutdown.signal();
     if let Err(e) = summary.print(&cfg) {
         if e.kind() != std::io::ErrorKind::BrokenPipe {
             return fail(exit::FAILURES, &e.into());
         }
     }
     match shutdown.signal() {
-        // A daemon asked to stop that drained cleanly has done its job.
-        Some(_) if watching => ExitCode::from(exit::SUCCESS),
         Some(sig) => exit::interrupted(sig),
         None if summary.failed > 0 => ExitCode::from(exit::FAILURES),
         None => ExitCode::from(exit::SUCCESS),
     }
 }
 
-/// `watch --config`: several pipelines under the service supervisor.
-fn run_service(args: &filepipe::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCode {
-    let Some(path) = args.config.as_deref() else {
-        return ExitCode::from(exit::USAGE);
+/// `watch DIR` (one pipeline from the command line) or `watch --config FILE` (one per
+/// `[[watch]]` table): both under the service supervisor, so both speak sd_notify.
+fn run_watch(args: &filepipe::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCode {
+    let loaded = match args.config.as_deref() {
+        Some(path) => service::Overrides::from_args(args)
+            .and_then(|o| service::load(path, &o, quiet, true).map(|s| (o, s))),
+        None => Config::from_watch(args, quiet).map(|cfg| {
+            let failure_log = cfg.failure_log.clone();
+            let svc = service::Service {
+                pipelines: vec![cfg],
+                failure_log,
+            };
+            (service::Overrides::default(), svc)
+        }),
     };
-    let loaded = service::Overrides::from_args(args)
-        .and_then(|o| service::load(path, &o, quiet, true).map(|s| (o, s)));
     let (overrides, svc) = match loaded {
         Ok(x) => x,
         Err(e) => return fail(exit::USAGE, &e),
@@ -121,12 +119,16 @@ fn run_service(args: &filepipe::cli::WatchArgs, quiet: bool, verbosity: i8) -> E
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURES, &e),
     };
-    match service::run(path, &overrides, svc, &shutdown, quiet) {
+    match service::run(args.config.as_deref(), &overrides, svc, &shutdown, quiet) {
         Ok(summaries) => {
-            // A signal is how a daemon is meant to stop: no "interrupted" note in the journal.
             for (cfg, summary) in summaries {
-                let _ = summary.print(&cfg);
+                if let Err(e) = summary.print(&cfg) {
+                    if e.kind() != std::io::ErrorKind::BrokenPipe {
+                        return fail(exit::FAILURES, &e.into());
+                    }
+                }
             }
+            // A signal is how a daemon is meant to stop: a clean drain is success.
             ExitCode::from(exit::SUCCESS)
         }
         Err(e) => fail(exit::FAILURES, &e),

@@ -308,13 +308,16 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
-/// How often STATUS= is sent.
+/// How often STATUS= is sent when nothing changes.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
+/// How often STATUS= is sent at most while counts change.
+const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Runs the service until SIGINT/SIGTERM (Ok, with each pipeline's summary) or until a
-/// pipeline fails (Err).
+/// pipeline fails (Err). `path` is the config file SIGHUP re-reads; `None` for `watch DIR`,
+/// one pipeline from the command line under the same supervisor (so it speaks sd_notify too).
 pub fn run(
-    path: &Path,
+    path: Option<&Path>,
     overrides: &Overrides,
     service: Service,
     signals: &Shutdown,
@@ -336,6 +339,7 @@ pub fn run(
     }
     let mut ready_sent = false;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
+    let mut last_line = String::new();
     let mut done = Vec::new();
     loop {
         std::thread::sleep(Duration::from_millis(50));
@@ -366,7 +370,11 @@ pub fn run(
             }
             return Err(err);
         }
-        if signals.take_reload() {
+        let reload = signals.take_reload();
+        if reload && path.is_none() {
+            tracing::info!("SIGHUP: nothing to reload (no --config)");
+        }
+        if let (true, Some(path)) = (reload, path) {
             let now = NotifyState::monotonic_usec_now().ok();
             let mut states = vec![NotifyState::Reloading];
             states.extend(now);
@@ -427,24 +435,34 @@ pub fn run(
             ready_sent = true;
             tracing::info!(pipelines = running.len(), "ready");
         }
-        if last_status.elapsed() >= STATUS_INTERVAL {
+        // At every change (a few times a second at most), and every STATUS_INTERVAL: a
+        // STATUS with nothing queued, in flight or waiting to retry says the daemon is idle.
+        let status = status_line(&running);
+        let since = last_status.elapsed();
+        if since >= STATUS_INTERVAL || status != last_line && since >= STATUS_MIN_INTERVAL {
             last_status = Instant::now();
-            let status = status_line(&running);
             notify(&[NotifyState::Status(&status)]);
+            last_line = status;
         }
     }
 }
 
-/// "2 pipelines: queued 0, in flight 0, done 12, skipped 0, failed 1".
+/// "2 pipelines: queued 0, in flight 0, retrying 0, done 12, skipped 0, failed 1".
 fn status_line(running: &[Running]) -> String {
     let sum = |f: fn(&Stats) -> u64| running.iter().map(|r| f(&r.stats)).sum::<u64>();
     let mut s = String::new();
     let _ = write!(
         s,
-        "{} pipelines: queued {}, in flight {}, done {}, skipped {}, failed {}",
+        "{} {}: queued {}, in flight {}, retrying {}, done {}, skipped {}, failed {}",
         running.len(),
+        if running.len() == 1 {
+            "pipeline"
+        } else {
+            "pipelines"
+        },
         sum(|s| s.queued.load(Ordering::Relaxed)),
         sum(|s| s.in_flight.load(Ordering::Relaxed)),
+        sum(|s| s.retrying.load(Ordering::Relaxed)),
         sum(|s| s.done.load(Ordering::Relaxed)),
         sum(|s| s.skipped.load(Ordering::Relaxed)),
         sum(|s| s.failed.load(Ordering::Relaxed)),

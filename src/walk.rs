@@ -40,6 +40,8 @@ pub struct Stats {
     pub queued: AtomicU64,
     /// Watch mode: files sent to the workers and not yet finished.
     pub in_flight: AtomicU64,
+    /// Watch mode: files waiting to be tried again after a transient failure.
+    pub retrying: AtomicU64,
     /// Outcomes the reporter has counted: done, skipped, failed (for status lines).
     pub done: AtomicU64,
     /// See `done`.

@@ -164,6 +164,12 @@ struct Pending {
     stamp: Option<Stamp>,
     /// Closed after writing or renamed in: only such files are taken.
     complete: bool,
+    /// Appeared with no write through its name since (`IN_CREATE` alone): linked in whole
+    /// (`ln`, `cp -l`, an `O_TMPFILE` linked by its writer), which no close event reports, or
+    /// created by a writer that has not written yet. Taken once it has content (or other
+    /// names) that stays unchanged for the settle time; any write makes it an ordinary
+    /// incomplete file, waiting for its close.
+    linked: bool,
 }
 
 struct Watch<'a> {
@@ -293,6 +299,9 @@ impl Watch<'_> {
             self.stats
                 .in_flight
                 .store(self.in_flight.len() as u64, Ordering::Relaxed);
+            self.stats
+                .retrying
+                .store(self.retries.len() as u64, Ordering::Relaxed);
         }
     }
 
@@ -455,8 +464,8 @@ impl Watch<'_> {
                 }
                 // chmod, touch, chown: the writer may be done (install, curl -R), or not.
                 EventKind::Modify(ModifyKind::Metadata(_)) => self.touched_metadata(rel, path),
-                EventKind::Create(_)
-                | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+                EventKind::Create(_) => self.appeared(rel),
+                EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
                     self.touch(rel, false, None)
                 }
                 EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => {
@@ -479,11 +488,31 @@ impl Watch<'_> {
             since: now,
             stamp: None,
             complete: false,
+            linked: false,
         });
         p.since = now;
         // A new write after a close makes it incomplete again until the next close.
         p.complete = complete;
         p.stamp = stamp;
+        p.linked = false;
+    }
+
+    /// A new name in the tree (`IN_CREATE`): a writer starting, or a file linked in whole. It
+    /// waits as `linked` until a write says which (see `Pending::linked`); nothing is stat'ed
+    /// here, so a burst of created files costs no more than before.
+    fn appeared(&mut self, rel: PathBuf) {
+        let now = Instant::now();
+        self.deadlines
+            .push(Reverse((now + self.settle, rel.clone())));
+        self.pending.insert(
+            rel,
+            Pending {
+                since: now,
+                stamp: None,
+                complete: false,
+                linked: true,
+            },
+        );
     }
 
     /// A metadata change restarts the settle clock but says nothing about whether the writer is
@@ -491,8 +520,18 @@ impl Watch<'_> {
     /// tells whether it really changed).
     fn touched_metadata(&mut self, rel: PathBuf, path: &Path) {
         let stamp = Stamp::of(path);
-        let complete = self.pending.get(&rel).is_none_or(|p| p.complete);
-        self.touch(rel, complete, stamp);
+        match self.pending.get_mut(&rel) {
+            Some(p) if p.linked => {
+                // Still nothing written: settle again from now.
+                p.since = Instant::now();
+                p.stamp = None;
+                self.deadlines.push(Reverse((p.since + self.settle, rel)));
+            }
+            waiting => {
+                let complete = waiting.is_none_or(|p| p.complete);
+                self.touch(rel, complete, stamp);
+            }
+        }
     }
 
     /// A file found by a scan: complete unless events say it is still being written. After an
@@ -574,8 +613,38 @@ impl Watch<'_> {
                 continue;
             };
             // Touched again since this entry was queued (a newer one stands), or reopened.
-            if !p.complete || p.since + self.settle != at {
+            if !(p.complete || p.linked) || p.since + self.settle != at {
                 continue;
+            }
+            if p.linked && !p.complete {
+                // No write through its name for a whole settle time. Linked in whole if it
+                // has content (or other names); then it must stay exactly so for one more
+                // settle time, as a closed file must.
+                let now_stamp = rustix::fs::lstat(self.cfg.root.join(&rel))
+                    .ok()
+                    .filter(|st| {
+                        rustix::fs::FileType::from_raw_mode(st.st_mode)
+                            == rustix::fs::FileType::RegularFile
+                            && (st.st_size > 0 || st.st_nlink > 1)
+                    });
+                let now_stamp = now_stamp.map(|st| Stamp::from_stat(&st));
+                match (p.stamp, now_stamp) {
+                    // Unchanged across the settle time: as good as closed.
+                    (Some(then), Some(now)) if then == now => p.complete = true,
+                    // First look, or changed by something no event reported: look again.
+                    (_, Some(now)) => {
+                        p.stamp = Some(now);
+                        p.since = Instant::now();
+                        self.deadlines.push(Reverse((p.since + self.settle, rel)));
+                        continue;
+                    }
+                    // Empty with one name (a writer that has not written yet) or gone:
+                    // events decide from here.
+                    (_, None) => {
+                        p.linked = false;
+                        continue;
+                    }
+                }
             }
             // No event for the whole settle time: unchanged since `p.stamp` was taken (the
             // worker's first fstat checks that against `expect`).
@@ -713,6 +782,7 @@ impl Watch<'_> {
             || walk::is_own(self.cfg, abs)
             || self.cfg.filter.excluded(rel)
             || !self.cfg.filter.included(rel) && !abs.is_dir()
+            || anonymous(abs)
     }
 }
 
@@ -737,6 +807,17 @@ fn ignored_name(cfg: &Config, rel: &Path) -> bool {
         .any(|s| name.ends_with(s))
         || name.starts_with(b".#");
     temp_like || cfg.op == OpKind::Gzip && name.ends_with(b".gz")
+}
+
+/// Whether an event's path is an anonymous file's (`O_TMPFILE`, filepipe's own temps among
+/// them): the kernel reports writes to one, and its close, under a made-up name `#<inode>`
+/// that no directory holds. Such a file is seen when it is linked in (`IN_CREATE`).
+fn anonymous(abs: &Path) -> bool {
+    let name = abs.file_name().unwrap_or(OsStr::new("")).as_bytes();
+    name.len() > 1
+        && name[0] == b'#'
+        && name[1..].iter().all(u8::is_ascii_digit)
+        && std::fs::symlink_metadata(abs).is_err()
 }
 
 /// Whether the sink keeps a manifest: sha256 with `--manifest`.
@@ -769,6 +850,22 @@ const MANIFEST_INTERVAL: Duration = Duration::from_secs(1);
 const MANIFEST_QUIET: Duration = Duration::from_millis(200);
 /// See `MANIFEST_INTERVAL`.
 const MANIFEST_STALE: Duration = Duration::from_secs(2);
+
+/// Whether a manifest that has differed from the state since `dirty_since` is rewritten at
+/// `now` (see `MANIFEST_INTERVAL`): `written` is the last rewrite, `last_outcome` the last
+/// change, `cost` how long the last rewrite took.
+fn manifest_due(
+    now: Instant,
+    dirty_since: Instant,
+    written: Option<Instant>,
+    last_outcome: Option<Instant>,
+    cost: Duration,
+) -> bool {
+    let rested = written.is_none_or(|t| now - t >= MANIFEST_INTERVAL);
+    let quiet = last_outcome.is_none_or(|t| now - t >= MANIFEST_QUIET);
+    let overdue = now - dirty_since >= MANIFEST_STALE.max(cost * 10);
+    rested && (quiet || overdue)
+}
 
 impl StateSink<'_> {
     fn begin(&mut self) -> Result<()> {
@@ -884,14 +981,14 @@ impl Sink for StateSink<'_> {
         let Some(dirty_since) = self.dirty_since else {
             return Ok(());
         };
-        let rested = self
-            .manifest_written
-            .is_none_or(|t| t.elapsed() >= MANIFEST_INTERVAL);
-        let quiet = self
-            .last_outcome
-            .is_none_or(|t| t.elapsed() >= MANIFEST_QUIET);
-        let overdue = dirty_since.elapsed() >= MANIFEST_STALE.max(self.manifest_cost * 10);
-        if rested && (quiet || overdue) {
+        let now = Instant::now();
+        if manifest_due(
+            now,
+            dirty_since,
+            self.manifest_written,
+            self.last_outcome,
+            self.manifest_cost,
+        ) {
             self.write_manifest()?;
         }
         Ok(())
@@ -903,5 +1000,55 @@ impl Sink for StateSink<'_> {
             self.write_manifest()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_waits_for_a_pause_but_never_longer_than_it_may_go_stale() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let cheap = Duration::from_millis(5);
+        // A lone change: rewritten once outcomes pause for MANIFEST_QUIET.
+        assert!(!manifest_due(ms(100), ms(0), None, Some(ms(0)), cheap));
+        assert!(manifest_due(ms(200), ms(0), None, Some(ms(0)), cheap));
+        // A steady stream (an outcome every 100 ms) never pauses: rewritten once the change
+        // is MANIFEST_STALE old, not before.
+        assert!(!manifest_due(ms(1900), ms(0), None, Some(ms(1850)), cheap));
+        assert!(manifest_due(ms(2000), ms(0), None, Some(ms(1950)), cheap));
+        // Never twice within MANIFEST_INTERVAL, however quiet.
+        assert!(!manifest_due(
+            ms(2500),
+            ms(2100),
+            Some(ms(2000)),
+            Some(ms(2100)),
+            cheap
+        ));
+        assert!(manifest_due(
+            ms(3000),
+            ms(2100),
+            Some(ms(2000)),
+            Some(ms(2100)),
+            cheap
+        ));
+        // A manifest that takes 0.5 s to rewrite goes stale for up to ten times that.
+        let dear = Duration::from_millis(500);
+        assert!(!manifest_due(
+            ms(4900),
+            ms(0),
+            Some(ms(0)),
+            Some(ms(4850)),
+            dear
+        ));
+        assert!(manifest_due(
+            ms(5000),
+            ms(0),
+            Some(ms(0)),
+            Some(ms(4950)),
+            dear
+        ));
     }
 }

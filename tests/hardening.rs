@@ -125,10 +125,8 @@ fn case_1_watch_gzip_never_deletes_a_file_named_like_a_temp() {
         .file(".filepipe.4000000.0.tmp", b"precious\n")
         .file("sub/.filepipe.123456.1.tmp", b"precious\n")
         .file("first.txt", b"x\n");
-    let d = Daemon::start(&t, &["--op", "gzip"]);
-    wait_until(Duration::from_secs(60), "the first output", || {
-        t.path("first.txt.gz").exists()
-    });
+    let d = Daemon::ready(&t, &["--op", "gzip"]);
+    d.wait_idle(1);
     let out = d.stop();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     for n in [".filepipe.4000000.0.tmp", "sub/.filepipe.123456.1.tmp"] {
@@ -353,11 +351,8 @@ fn case_5_overlapping_batch_runs_find_identical_outputs_up_to_date() {
 fn case_5_a_second_daemon_on_one_state_exits_2_naming_the_holder() {
     let t = TestTree::new().file("a.txt", b"a\n");
     let other = TestTree::new();
-    let first = Daemon::start(&t, &["--op", "sha256"]);
+    let first = Daemon::ready(&t, &["--op", "sha256"]);
     let state = t.side("state");
-    wait_until(Duration::from_secs(30), "the first daemon's lock", || {
-        fs::read_to_string(state.join("filepipe.lock")).is_ok_and(|s| s.contains("pid"))
-    });
     let second = filepipe(&[
         s("watch"),
         p(&other.root()),
@@ -387,5 +382,82 @@ fn case_5_a_second_daemon_on_one_state_exits_2_naming_the_holder() {
     );
     std::thread::sleep(Duration::from_millis(100));
     let out = again.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 6: watch mode never processed a file linked into the tree.
+
+#[test]
+fn case_6_files_linked_into_the_watched_tree_are_processed() {
+    use std::io::Write;
+    let t = TestTree::new();
+    let outside = t.side("outside");
+    fs::create_dir(&outside).unwrap();
+    let content = |name: &str| text_bytes(30_000, name.len() as u64);
+    for name in ["a.txt", "b.txt"] {
+        fs::write(outside.join(name), content(name)).unwrap();
+    }
+    let d = Daemon::ready(&t, &["--op", "gzip"]);
+    // ln, and cp -l: a new name for a finished file, with no close event to tell of it.
+    fs::hard_link(outside.join("a.txt"), t.path("a.txt")).unwrap();
+    let cp = tool(
+        "cp",
+        &[s("-l"), p(&outside.join("b.txt")), p(&t.path("b.txt"))],
+        t.dir.path(),
+    );
+    assert!(cp.status.success(), "{cp:?}");
+    // A writer that writes an anonymous file and links it in whole (O_TMPFILE + linkat), and
+    // keeps its descriptor open: its close, if any, names no file of the tree.
+    let anon = rustix::fs::openat(
+        rustix::fs::CWD,
+        t.root(),
+        rustix::fs::OFlags::TMPFILE | rustix::fs::OFlags::WRONLY,
+        rustix::fs::Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    let mut anon = fs::File::from(anon);
+    anon.write_all(&content("c.txt")).unwrap();
+    let link = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&anon));
+    rustix::fs::linkat(
+        rustix::fs::CWD,
+        link.as_str(),
+        rustix::fs::CWD,
+        t.path("c.txt"),
+        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+    )
+    .unwrap();
+    // A writer that creates its file and writes nothing for longer than the settle time: it
+    // is not taken while empty, and is taken once, whole, after its close.
+    let mut slow = fs::File::create(t.path("slow.txt")).unwrap();
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        wait_until(Duration::from_secs(30), name, || {
+            t.path(format!("{name}.gz")).exists()
+        });
+        let back = tool(
+            "gunzip",
+            &[s("-c"), p(&t.path(format!("{name}.gz")))],
+            t.dir.path(),
+        );
+        assert_eq!(back.stdout, content(name), "{name}");
+    }
+    assert!(
+        !t.path("slow.txt.gz").exists(),
+        "taken while its writer had written nothing"
+    );
+    slow.write_all(b"first part\n").unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    slow.write_all(b"second part\n").unwrap();
+    drop(slow);
+    let idle = d.wait_idle(4);
+    assert_eq!(idle.failed, 0, "{idle:?}");
+    let back = tool(
+        "gunzip",
+        &[s("-c"), p(&t.path("slow.txt.gz"))],
+        t.dir.path(),
+    );
+    assert_eq!(back.stdout, b"first part\nsecond part\n");
+    drop(anon);
+    let out = d.stop();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }

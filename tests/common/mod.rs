@@ -5,8 +5,10 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The binary under test: the one cargo built, or `FILEPIPE_TEST_BIN` (to show that a
@@ -238,13 +240,22 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A running `filepipe watch`; killed if the test ends without stopping it.
+/// A running `filepipe watch`, listening to its sd_notify messages; killed if the test ends
+/// without stopping it.
 pub struct Daemon {
     child: Option<Child>,
+    /// What it said on its notify socket (READY=1, STATUS=...).
+    pub notes: Notifications,
 }
 
 impl Daemon {
+    /// `filepipe watch ROOT --json --settle 150 EXTRA` with `--state` beside the tree (unless
+    /// EXTRA has one), not yet ready: see `ready`.
     pub fn start(t: &TestTree, extra: &[&str]) -> Daemon {
+        static SOCKETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SOCKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = t.side(&format!("notify-{n}.sock"));
+        let notes = Notifications::listen(&socket);
         let mut cmd = filepipe(&[OsStr::new("watch"), t.root().as_os_str()]);
         if !extra.contains(&"--state") {
             cmd.args(["--state"]).arg(t.side("state"));
@@ -253,13 +264,60 @@ impl Daemon {
         if !extra.contains(&"--settle") {
             cmd.args(["--settle", "150"]);
         }
-        cmd.args(extra);
+        cmd.args(extra)
+            .env("NOTIFY_SOCKET", &socket)
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID");
         let child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        Daemon { child: Some(child) }
+        Daemon {
+            child: Some(child),
+            notes,
+        }
+    }
+
+    /// Starts the daemon and waits until it is ready: its watches are in place and its
+    /// initial scan is queued (READY=1), so whatever the test does next is seen.
+    pub fn ready(t: &TestTree, extra: &[&str]) -> Daemon {
+        let mut d = Daemon::start(t, extra);
+        d.wait_ready();
+        d
+    }
+
+    /// Waits for READY=1 (or for the daemon to exit, which fails the test).
+    pub fn wait_ready(&mut self) {
+        let limit = Instant::now() + Duration::from_secs(60);
+        while !self.notes.has("READY=1") {
+            assert!(self.running(), "the daemon exited before READY=1");
+            assert!(Instant::now() < limit, "timed out waiting for READY=1");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Waits until the daemon says it is idle (nothing queued, in flight or waiting to retry)
+    /// with `done` files done, and returns that STATUS line's counts.
+    pub fn wait_idle(&self, done: u64) -> Status {
+        let limit = Instant::now() + Duration::from_secs(90);
+        loop {
+            let last = self.notes.last_status();
+            if let Some(s) = last.filter(|s| s.idle() && s.done == done) {
+                return s;
+            }
+            assert!(
+                Instant::now() < limit,
+                "timed out waiting for an idle STATUS with {done} done; last: {last:?}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
     }
 
     /// The daemon's process id.
@@ -294,5 +352,95 @@ impl Drop for Daemon {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Datagrams received on a fake notify socket, with their arrival times.
+pub struct Notifications {
+    got: Arc<Mutex<Vec<(Instant, String)>>>,
+}
+
+impl Notifications {
+    pub fn listen(path: &Path) -> Notifications {
+        let sock = UnixDatagram::bind(path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let got: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
+        let sink = Arc::clone(&got);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                if let Ok(n) = sock.recv(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    sink.lock().unwrap().push((Instant::now(), msg));
+                }
+                if Arc::strong_count(&sink) == 1 {
+                    return;
+                }
+            }
+        });
+        Notifications { got }
+    }
+
+    /// Every line received so far ("READY=1", "STATUS=...").
+    pub fn lines(&self) -> Vec<(Instant, String)> {
+        let got = self.got.lock().unwrap();
+        got.iter()
+            .flat_map(|(t, m)| m.lines().map(move |l| (*t, l.to_string())))
+            .collect()
+    }
+
+    pub fn has(&self, prefix: &str) -> bool {
+        self.lines().iter().any(|(_, l)| l.starts_with(prefix))
+    }
+
+    /// The counts of the last STATUS= line.
+    pub fn last_status(&self) -> Option<Status> {
+        self.lines()
+            .iter()
+            .rev()
+            .find_map(|(_, l)| l.strip_prefix("STATUS=").and_then(Status::parse))
+    }
+
+    pub fn count(&self, prefix: &str) -> usize {
+        self.lines()
+            .iter()
+            .filter(|(_, l)| l.starts_with(prefix))
+            .count()
+    }
+}
+
+/// The counts of a STATUS= line: "1 pipeline: queued 0, in flight 0, retrying 0, done 3, ...".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Status {
+    pub queued: u64,
+    pub in_flight: u64,
+    pub retrying: u64,
+    pub done: u64,
+    pub skipped: u64,
+    pub failed: u64,
+}
+
+impl Status {
+    fn parse(line: &str) -> Option<Status> {
+        let (_, counts) = line.split_once(": ")?;
+        let get = |name: &str| -> Option<u64> {
+            counts
+                .split(", ")
+                .find_map(|c| c.strip_prefix(name)?.trim().parse().ok())
+        };
+        Some(Status {
+            queued: get("queued ")?,
+            in_flight: get("in flight ")?,
+            retrying: get("retrying ")?,
+            done: get("done ")?,
+            skipped: get("skipped ")?,
+            failed: get("failed ")?,
+        })
+    }
+
+    /// Nothing queued, in flight or waiting to be retried.
+    pub fn idle(&self) -> bool {
+        self.queued == 0 && self.in_flight == 0 && self.retrying == 0
     }
 }
