@@ -35,7 +35,8 @@ pub enum Kind {
     /// A component of the output path is a symlink or not a directory: refused so that nothing
     /// is ever written outside the output root.
     UnsafeOutputPath,
-    /// Not started because a shutdown signal arrived first.
+    /// Not started because a shutdown signal arrived first, or abandoned mid-way by a second
+    /// one (nothing was published).
     Interrupted,
     /// `--remove-source` refused: the input has more than one hard link.
     HardLinked,
@@ -112,6 +113,12 @@ impl FileError {
 
     /// Classifies an I/O error that happened while doing `what` (e.g. "opening input").
     pub fn io(what: &str, err: &io::Error) -> Self {
+        if err
+            .get_ref()
+            .is_some_and(|e| e.is::<crate::input::Abandoned>())
+        {
+            return FileError::new(Kind::Interrupted, err.to_string());
+        }
         let errno = err.raw_os_error();
         let kind = match errno {
             Some(libc::ENOENT) => Kind::Vanished,

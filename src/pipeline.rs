@@ -32,7 +32,7 @@ use crate::ops::gzip::GzipOp;
 use crate::ops::sha256::Sha256Op;
 use crate::ops::{Done, Op};
 use crate::report::{self, ManifestSink, Sink, Summary};
-use crate::signals::Shutdown;
+use crate::signals::{self, Shutdown};
 use crate::state::Stamp;
 use crate::walk;
 
@@ -375,6 +375,9 @@ fn guarded<T>(rel: &Path, f: impl FnOnce() -> Result<T, Outcome>) -> Result<T, O
 
 /// `publish`, with a panic costing only this file.
 fn publish_guarded<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
+    if signals::aborted() {
+        return abandon(vec![ready]).remove(0);
+    }
     let rel = ready.job.rel.clone();
     guarded(&rel, || Ok(publish(op, ready))).unwrap_or_else(|failed| failed)
 }
@@ -400,11 +403,29 @@ fn publisher_loop<O: Op>(op: &O, ready: &Receiver<Ready<O::Pending>>, events: &S
     }
 }
 
+/// A group's files, abandoned unpublished after a second signal: their temps go as their
+/// pending results drop.
+fn abandon<P>(group: Vec<Ready<P>>) -> Vec<Outcome> {
+    group
+        .into_iter()
+        .map(|r| Outcome::Skipped {
+            rel: r.job.rel,
+            reason: FileError::new(
+                Kind::Interrupted,
+                "not published: stopped by a second signal",
+            ),
+        })
+        .collect()
+}
+
 /// `publish_group`, with a panic failing the group's files but not the run. An op's own steps
 /// for one file are guarded per file (`FileError::guard`); this is for a panic in a step the
 /// group shares. Some files may have been published by then: reporting them failed errs on the
 /// side of redoing them.
 fn publish_group_guarded<O: Op>(op: &O, group: Vec<Ready<O::Pending>>) -> Vec<Outcome> {
+    if signals::aborted() {
+        return abandon(group);
+    }
     let rels: Vec<PathBuf> = group.iter().map(|r| r.job.rel.clone()).collect();
     panic::catch_unwind(AssertUnwindSafe(|| publish_group(op, group))).unwrap_or_else(|p| {
         let error = FileError::panicked(p.as_ref());
@@ -474,15 +495,17 @@ fn outcome(job: Job, input: &InputFile, result: Result<Done, FileError>) -> Outc
                 done: Box::new(done),
             }
         }
-        // Found up to date only at the publish (an identical output appeared meanwhile).
-        Err(reason) if reason.kind == Kind::UpToDate => Outcome::Skipped {
-            rel: job.rel,
-            reason,
-        },
-        Err(error) => Outcome::Failed {
-            rel: job.rel,
-            error,
-        },
+        Err(e) => not_done(job.rel, e),
+    }
+}
+
+/// How a file that was not done ended: skipped when nothing was wrong with it (found up to
+/// date only at the publish, as when an identical output appeared meanwhile; or abandoned by a
+/// second signal, to be done by the next run), failed otherwise.
+fn not_done(rel: PathBuf, e: FileError) -> Outcome {
+    match e.kind {
+        Kind::UpToDate | Kind::Interrupted => Outcome::Skipped { rel, reason: e },
+        _ => Outcome::Failed { rel, error: e },
     }
 }
 
@@ -496,10 +519,7 @@ pub fn prepare<O: Op>(
     root: Option<&input::Root>,
     scratch: &mut O::Scratch,
 ) -> Result<Ready<O::Pending>, Outcome> {
-    let failed = |job: Job, error| Outcome::Failed {
-        rel: job.rel,
-        error,
-    };
+    let failed = |job: Job, error| not_done(job.rel, error);
     let opened = InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks);
     let mut input = match opened {
         Ok(f) => f,

@@ -70,12 +70,13 @@ pub struct Summary {
 }
 
 impl Summary {
-    /// Prints the summary: JSON on stdout with `--json` (stderr if the manifest is on stdout),
+    /// Prints the summary: JSON on stdout with `--json` (stderr if a batch manifest is on stdout),
     /// else a human line on stderr unless quiet.
     pub fn print(&self, cfg: &Config) -> io::Result<()> {
         if cfg.json {
             let json = serde_json::to_string(self).map_err(io::Error::other)?;
-            if cfg.op == OpKind::Sha256 && cfg.manifest.is_none() {
+            // Batch sha256 without --manifest prints the manifest on stdout.
+            if cfg.op == OpKind::Sha256 && cfg.manifest.is_none() && cfg.watch.is_none() {
                 eprintln!("{json}");
             } else {
                 writeln!(io::stdout().lock(), "{json}")?;

@@ -1,14 +1,20 @@
 //! SIGINT/SIGTERM/SIGHUP handling and the registry of in-flight temp files.
 //!
 //! The first signal only raises a flag: sources stop, workers get their sentinels and drain.
-//! A second signal exits at once, after unlinking every registered temp file, so even an
-//! impatient user is left with no partial output under any name. SIGXFSZ is caught so that
-//! exceeding RLIMIT_FSIZE surfaces as a per-file EFBIG instead of killing the process.
+//! The same signal again within `REPEAT` counts once (timeout(1) and service managers signal
+//! the process and then its group, so one request can arrive twice within microseconds).
+//! A second request aborts: reads in progress stop at their next buffer, results not yet
+//! published are dropped (their temps removed), and the run then ends as after a drain, so the
+//! manifest, the failure log and the summary still cover every file published. Only a third
+//! exits at once, after unlinking every registered temp file, for a disk that hangs the abort:
+//! even then no partial output is left under any name. SIGXFSZ is caught so that exceeding
+//! RLIMIT_FSIZE surfaces as a per-file EFBIG instead of killing the process.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGXFSZ};
@@ -40,6 +46,11 @@ impl Shutdown {
             .then(|| self.signal.load(Ordering::Relaxed))
     }
 
+    /// True once a second shutdown request asked to stop without finishing files in progress.
+    pub fn aborted(&self) -> bool {
+        aborted()
+    }
+
     /// True once per SIGHUP: the caller should reload its configuration.
     pub fn take_reload(&self) -> bool {
         self.reload.swap(false, Ordering::Relaxed)
@@ -58,25 +69,92 @@ pub fn install() -> Result<Arc<Shutdown>> {
     std::thread::Builder::new()
         .name("filepipe-signals".into())
         .spawn(move || {
+            let mut requests = Requests::default();
             for sig in signals.forever() {
                 if sig == SIGHUP {
                     // Reload, not stop: only a service that reads a config acts on it.
                     flag.reload.store(true, Ordering::Relaxed);
                     continue;
                 }
-                if flag.requested() {
-                    remove_all_temps();
-                    std::process::exit(128 + sig);
+                match requests.count(sig, Instant::now()) {
+                    Request::Repeat => {
+                        tracing::debug!(signal = sig, "the same signal again at once: counted once")
+                    }
+                    Request::Drain => {
+                        flag.request(sig);
+                        tracing::warn!(
+                            signal = sig,
+                            "shutting down: finishing files in progress (signal again to stop \
+                             them)"
+                        );
+                    }
+                    Request::Abort => {
+                        ABORTED.store(true, Ordering::Relaxed);
+                        tracing::warn!(
+                            signal = sig,
+                            "stopping now: files in progress are abandoned, results so far \
+                             written (signal again to exit at once)"
+                        );
+                    }
+                    Request::Exit => {
+                        remove_all_temps();
+                        std::process::exit(128 + sig);
+                    }
                 }
-                flag.request(sig);
-                tracing::warn!(
-                    signal = sig,
-                    "shutting down: finishing files in progress (signal again to exit at once)"
-                );
             }
         })
         .context("starting the signal thread")?;
     Ok(shutdown)
+}
+
+/// A signal repeated within this long counts once.
+const REPEAT: Duration = Duration::from_secs(1);
+
+/// What a shutdown signal asks for, given the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Request {
+    /// The same signal as the last one, within `REPEAT` of it: nothing new.
+    Repeat,
+    /// The first: finish files in progress.
+    Drain,
+    /// The second: stop files in progress, write what was done.
+    Abort,
+    /// The third: exit now.
+    Exit,
+}
+
+/// The shutdown signals so far.
+#[derive(Debug, Default)]
+struct Requests {
+    counted: u32,
+    last: Option<(i32, Instant)>,
+}
+
+impl Requests {
+    fn count(&mut self, sig: i32, now: Instant) -> Request {
+        let repeat = self
+            .last
+            .is_some_and(|(s, at)| s == sig && now.saturating_duration_since(at) < REPEAT);
+        self.last = Some((sig, now));
+        if repeat {
+            return Request::Repeat;
+        }
+        self.counted += 1;
+        match self.counted {
+            1 => Request::Drain,
+            2 => Request::Abort,
+            _ => Request::Exit,
+        }
+    }
+}
+
+/// Raised by the second shutdown request (see the module comment).
+static ABORTED: AtomicBool = AtomicBool::new(false);
+
+/// True once a second shutdown request asked to stop files in progress: reads stop at their
+/// next buffer, and results not yet published are dropped.
+pub fn aborted() -> bool {
+    ABORTED.load(Ordering::Relaxed)
 }
 
 fn temps() -> &'static Mutex<HashMap<u64, PathBuf>> {
@@ -113,4 +191,26 @@ fn remove_all_temps() {
         let _ = std::fs::remove_file(path);
     }
     std::mem::forget(lock);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_repeated_at_once_counts_once_and_the_third_request_exits() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut r = Requests::default();
+        assert_eq!(r.count(SIGTERM, at(0)), Request::Drain);
+        // timeout(1): the child, then its process group, microseconds apart.
+        assert_eq!(r.count(SIGTERM, at(0)), Request::Repeat);
+        assert_eq!(r.count(SIGTERM, at(900)), Request::Repeat);
+        // A second request, a while later or by another signal, aborts; a third exits.
+        assert_eq!(r.count(SIGTERM, at(2500)), Request::Abort);
+        assert_eq!(r.count(SIGINT, at(2600)), Request::Exit);
+        let mut r = Requests::default();
+        assert_eq!(r.count(SIGINT, at(0)), Request::Drain);
+        assert_eq!(r.count(SIGTERM, at(10)), Request::Abort);
+    }
 }

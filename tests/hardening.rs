@@ -461,3 +461,155 @@ fn case_6_files_linked_into_the_watched_tree_are_processed() {
     let out = d.stop();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
+
+// ---------------------------------------------------------------------------------------------
+// Case 7: a repeated SIGTERM lost the work.
+
+/// Sends `sig` to `child`.
+fn signal(child: &std::process::Child, sig: rustix::process::Signal) {
+    rustix::process::kill_process(rustix::process::Pid::from_child(child), sig).unwrap();
+}
+
+/// Bytes `pid` has read so far (/proc/PID/io), a sign of progress that needs no output.
+fn bytes_read(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("rchar:"))
+                .and_then(|n| n.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn case_7_the_same_signal_twice_at_once_counts_once_and_drains() {
+    // As timeout(1) does: the child, then its process group, microseconds apart.
+    let mut t = TestTree::new();
+    for i in 0..6 {
+        t = t.file(format!("f{i}.log"), &text_bytes(12_000_000, i));
+    }
+    let child = filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--level"),
+        s("9"),
+        s("--jobs"),
+        s("1"),
+        s("--json"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    wait_until(Duration::from_secs(60), "a file in progress", || {
+        !temps_under(&t.root()).is_empty()
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    signal(&child, rustix::process::Signal::TERM);
+    let out = wait_output(child, Duration::from_secs(120));
+    let summary = summary_of(&out, 143);
+    assert_eq!(summary["interrupted_by"], 15, "{summary}");
+    // The file in progress was finished and published: a drain, not an abort.
+    assert!(summary["done"].as_u64() >= Some(1), "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    // Files the walk had not reached are not counted; every file it found is.
+    assert_eq!(
+        summary["files"].as_u64(),
+        summary["done"]
+            .as_u64()
+            .zip(summary["skipped_by_reason"]["interrupted"].as_u64())
+            .map(|(d, i)| d + i),
+        "{summary}"
+    );
+    assert!(temps_under(t.dir.path()).is_empty());
+    let check = tool("gzip", &[s("-tr"), p(&t.root())], t.dir.path());
+    assert!(check.status.success(), "{check:?}");
+}
+
+#[test]
+fn case_7_a_real_second_signal_still_writes_the_manifest_log_and_summary() {
+    // Sparse files: 1.5 GiB each to read, none of it on the disk, so a file takes long enough
+    // to be caught in progress.
+    let t = TestTree::new();
+    const SIZE: u64 = 3 << 29;
+    for i in 0..4 {
+        fs::File::create(t.path(format!("f{i}.bin")))
+            .unwrap()
+            .set_len(SIZE)
+            .unwrap();
+    }
+    let manifest = t.side("SHA256SUMS");
+    let log = t.side("failures.jsonl");
+    let child = filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--jobs"),
+        s("1"),
+        s("--manifest"),
+        p(&manifest),
+        s("--failure-log"),
+        p(&log),
+        s("--json"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    // One file and a bit read: one done, one in progress.
+    let pid = child.id();
+    wait_until(Duration::from_secs(120), "a file and a bit read", || {
+        bytes_read(pid) > SIZE + (64 << 20)
+    });
+    signal(&child, rustix::process::Signal::INT);
+    std::thread::sleep(Duration::from_millis(20));
+    signal(&child, rustix::process::Signal::TERM);
+    let out = wait_output(child, Duration::from_secs(60));
+    let summary = summary_of(&out, 130);
+    let done = summary["done"].as_u64().unwrap();
+    assert!(done >= 1, "{summary}");
+    assert!(done < 4, "the file in progress was abandoned: {summary}");
+    let interrupted = summary["skipped_by_reason"]["interrupted"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(
+        summary["files"].as_u64(),
+        Some(done + interrupted),
+        "{summary}"
+    );
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let listed = fs::read_to_string(&manifest).unwrap();
+    assert_eq!(listed.lines().count() as u64, done, "{listed}");
+    let check = tool("sha256sum", &[s("-c"), p(&manifest)], &t.root());
+    assert!(check.status.success(), "{check:?}");
+    let records = failure_log(&log);
+    assert_eq!(
+        records_of(&records, "interrupted").len() as u64,
+        interrupted
+    );
+}
+
+#[test]
+fn case_7_watch_under_timeout_preserve_status_drains_and_prints_its_summary() {
+    let t = TestTree::new().file("a.txt", b"a\n");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--preserve-status", "-s", "TERM", "1"])
+        .arg(bin())
+        .arg("watch")
+        .arg(t.root())
+        .args(["--op", "sha256", "--json", "--state"])
+        .arg(t.side("state"));
+    for _ in 0..3 {
+        let out = run({
+            let mut c = Command::new("timeout");
+            c.args(cmd.get_args());
+            c
+        });
+        let summary = summary_of(&out, 0);
+        assert_eq!(summary["op"], "sha256", "{summary}");
+    }
+}
