@@ -2,9 +2,11 @@
 //!
 //! Every skipped or failed file is one tracing event with target `filepipe::failures` and the
 //! fields `status`, `path` (lossy UTF-8), `path_hex` (exact bytes, only for non-UTF-8 paths),
-//! `op`, `error` (the kind), `errno` (when there is one) and the message. The stderr layer shows
-//! them filtered by `-v`/`-q`/`RUST_LOG`; the failure-log layer records all of them, whatever
-//! the stderr verbosity.
+//! `op`, `error` (the kind), `errno` (when there is one), `run` and the message. The stderr
+//! layer shows them filtered by `-v`/`-q`/`RUST_LOG`; the failure-log layer records all of them,
+//! whatever the stderr verbosity. The failure log is appended to, never truncated (a service
+//! restarted by systemd keeps its record), and each run starts with a `"status":"start"`
+//! record; `run` tells the runs apart.
 
 use std::fs::File;
 use std::io::IsTerminal;
@@ -38,8 +40,13 @@ pub fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
         .with_filter(env);
     let failures = match failure_log {
         Some(path) => {
-            let file = File::create(path)
-                .with_context(|| format!("cannot create failure log {}", path.display()))?;
+            // O_APPEND: whole lines land at the end whoever else writes the file, even another
+            // filepipe sharing it.
+            let file = File::options()
+                .append(true)
+                .create(true)
+                .open(path)
+                .with_context(|| format!("cannot open failure log {}", path.display()))?;
             // Each event is formatted whole, then written with one write(2) to an unbuffered
             // file: lines never tear, and nothing is left in a buffer if the process dies.
             Some(
@@ -59,7 +66,34 @@ pub fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
         .with(stderr)
         .with(failures)
         .try_init()
-        .context("installing the logger")
+        .context("installing the logger")?;
+    let command = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info!(
+        target: FAILURES,
+        status = "start",
+        run = run_id(),
+        pid = std::process::id(),
+        version = env!("CARGO_PKG_VERSION"),
+        command,
+        "run started"
+    );
+    Ok(())
+}
+
+/// This run's identity in the failure log: its start time and process id, as
+/// `20261202T195500Z-4242`.
+pub fn run_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let compact: String = utc_now()
+            .chars()
+            .filter(|c| *c != '-' && *c != ':')
+            .collect();
+        format!("{compact}-{}", std::process::id())
+    })
 }
 
 /// The current time in UTC, as RFC 3339 to the second (`2026-12-02T19:55:00Z`).

@@ -1,5 +1,6 @@
 //! The `filepipe` binary: parse, configure, run, map the result to an exit code.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -21,21 +22,31 @@ fn main() -> ExitCode {
         Command::CheckConfig(args) => {
             match service::load(&args.file, &service::Overrides::default(), true, false) {
                 Ok(s) => {
-                    println!(
-                        "{}: ok, {} pipelines",
+                    let line = format!(
+                        "{}: ok, {} pipelines\n",
                         args.file.display(),
                         s.pipelines.len()
                     );
-                    ExitCode::from(exit::SUCCESS)
+                    written(
+                        std::io::stdout().lock().write_all(line.as_bytes()),
+                        exit::SUCCESS,
+                    )
                 }
                 Err(e) => fail(exit::USAGE, &e),
             }
         }
         Command::Status(args) => {
             let dir = args.state.unwrap_or_else(state::default_dir);
-            match status::print(&dir, args.failed, &mut std::io::stdout().lock()) {
-                Ok(()) => ExitCode::from(exit::SUCCESS),
-                Err(e) => fail(exit::USAGE, &e),
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match status::print(&dir, args.failed, &mut out) {
+                Ok(()) => written(out.flush(), exit::SUCCESS),
+                Err(e) => match e.root_cause().downcast_ref::<std::io::Error>() {
+                    Some(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                        ExitCode::from(exit::SUCCESS)
+                    }
+                    Some(_) => fail(exit::FAILURES, &e),
+                    None => fail(exit::USAGE, &e),
+                },
             }
         }
         Command::Verify(args) => {
@@ -47,12 +58,11 @@ fn main() -> ExitCode {
                 usize::from,
             );
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let report = verify::run(&args.target, jobs, cli.quiet, &mut out);
-            let flushed = std::io::Write::flush(&mut out);
-            match (report, flushed) {
-                (Err(e), _) => fail(exit::USAGE, &e),
-                (Ok(r), _) if r.success() => ExitCode::from(exit::SUCCESS),
-                (Ok(_), _) => ExitCode::from(exit::FAILURES),
+            match verify::run(&args.target, jobs, cli.quiet, &mut out) {
+                Err(e @ verify::Error::Setup(_)) => fail(exit::USAGE, &e.into()),
+                Err(e @ verify::Error::Output(_)) => fail(exit::FAILURES, &e.into()),
+                Ok(r) if r.success() => ExitCode::from(exit::SUCCESS),
+                Ok(_) => ExitCode::from(exit::FAILURES),
             }
         }
         #[cfg(feature = "demos")]
@@ -132,6 +142,18 @@ fn run_watch(args: &filepipe::cli::WatchArgs, quiet: bool, verbosity: i8) -> Exi
             ExitCode::from(exit::SUCCESS)
         }
         Err(e) => fail(exit::FAILURES, &e),
+    }
+}
+
+/// `code`, unless writing the output failed: a closed pipe (`| head`) is the reader's choice,
+/// any other failure (a full disk) means nobody saw the result.
+fn written(result: std::io::Result<()>, code: u8) -> ExitCode {
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(
+            exit::FAILURES,
+            &anyhow::Error::new(e).context("writing to stdout"),
+        ),
+        _ => ExitCode::from(code),
     }
 }
 

@@ -416,12 +416,13 @@ fn record(status: &'static str, op: &'static str, rel: &Path, e: &FileError) {
     let error = e.kind.as_str();
     let errno = e.errno;
     let path_hex = path_hex.as_deref();
+    let run = crate::logging::run_id();
     match status {
         "skipped" => {
-            tracing::info!(target: FAILURES, status, path = %path, path_hex, op, error, errno, "{}", e.message)
+            tracing::info!(target: FAILURES, status, path = %path, path_hex, op, error, errno, run, "{}", e.message)
         }
         _ => {
-            tracing::warn!(target: FAILURES, status, path = %path, path_hex, op, error, errno, "{}", e.message)
+            tracing::warn!(target: FAILURES, status, path = %path, path_hex, op, error, errno, run, "{}", e.message)
         }
     }
 }

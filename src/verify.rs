@@ -2,7 +2,11 @@
 //!
 //! Both check files in parallel and print one result line per file in a stable order (manifest
 //! order, or sorted paths). A missing, unreadable, corrupt or truncated file, and a malformed
-//! manifest line, is a clear per-file error: never a panic, never the end of the run.
+//! manifest line, is a clear per-file error: never a panic, never the end of the run. Nothing
+//! is passed over in silence: a directory that cannot be read, and a `.gz` name that is not a
+//! regular file (a symlink, a FIFO, a directory), is a line of its own and fails the run. A
+//! reader that closes the pipe early (`| head`) is not an error; any other failure to write
+//! the results is.
 
 use std::ffi::OsStr;
 use std::fs::File;
@@ -40,20 +44,45 @@ impl Report {
     }
 }
 
+/// Why `verify` could not give its verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The target could not be opened or read, or the pool not started: nothing was checked.
+    #[error("{0:#}")]
+    Setup(anyhow::Error),
+    /// The results could not be written (a full disk, a closed descriptor): the run fails,
+    /// whatever the files' verdicts, since nobody saw them.
+    #[error("writing the results: {0}")]
+    Output(#[source] io::Error),
+}
+
 /// Verifies `target`: a directory's .gz files, or a manifest's entries. Result lines go to
 /// `out`, warnings to stderr.
-pub fn run(target: &Path, jobs: usize, quiet: bool, out: &mut impl Write) -> Result<Report> {
+pub fn run(
+    target: &Path,
+    jobs: usize,
+    quiet: bool,
+    out: &mut impl Write,
+) -> std::result::Result<Report, Error> {
+    let setup = |e: anyhow::Error| Error::Setup(e);
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(jobs)
         .build()
-        .context("starting the verify pool")?;
-    let meta =
-        std::fs::metadata(target).with_context(|| format!("cannot open {}", target.display()))?;
-    let report = if meta.is_dir() {
-        verify_gz_tree(target, &pool, out)?
+        .context("starting the verify pool")
+        .map_err(setup)?;
+    let meta = std::fs::metadata(target)
+        .with_context(|| format!("cannot open {}", target.display()))
+        .map_err(setup)?;
+    let (report, lines) = if meta.is_dir() {
+        verify_gz_tree(target, &pool)
     } else {
-        verify_manifest(target, &pool, out)?
+        verify_manifest(target, &pool).map_err(setup)?
     };
+    match print(&lines, out) {
+        // A reader that stopped reading (`| head`) has what it wanted.
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+        r => r.map_err(Error::Output)?,
+    }
     if !quiet {
         if report.malformed > 0 {
             eprintln!(
@@ -63,7 +92,7 @@ pub fn run(target: &Path, jobs: usize, quiet: bool, out: &mut impl Write) -> Res
         }
         if report.unreadable > 0 {
             eprintln!(
-                "filepipe: WARNING: {} listed files could not be read",
+                "filepipe: WARNING: {} files could not be read or checked",
                 report.unreadable
             );
         }
@@ -84,7 +113,19 @@ pub enum Check {
     Unreadable(String),
 }
 
-fn verify_manifest(path: &Path, pool: &ThreadPool, out: &mut impl Write) -> Result<Report> {
+/// Result lines: a name as shown, and its verdict.
+type Lines = Vec<(Vec<u8>, String)>;
+
+/// Writes `name: verdict` lines and flushes them.
+fn print(lines: &Lines, out: &mut impl Write) -> io::Result<()> {
+    for (name, status) in lines {
+        out.write_all(name)?;
+        writeln!(out, ": {status}")?;
+    }
+    out.flush()
+}
+
+fn verify_manifest(path: &Path, pool: &ThreadPool) -> Result<(Report, Lines)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut lines: Vec<Option<Entry>> = Vec::new();
     for line in BufReader::new(file).split(b'\n') {
@@ -104,16 +145,16 @@ fn verify_manifest(path: &Path, pool: &ThreadPool, out: &mut impl Write) -> Resu
             .collect()
     });
     let mut report = Report::default();
+    let mut shown = Vec::with_capacity(lines.len());
     for (entry, result) in lines.iter().zip(results) {
         let (Some(entry), Some(result)) = (entry, result) else {
             report.malformed += 1;
             continue;
         };
         let status = tally(&mut report, &result);
-        out.write_all(&entry.shown)?;
-        writeln!(out, ": {status}")?;
+        shown.push((entry.shown.clone(), status));
     }
-    Ok(report)
+    Ok((report, shown))
 }
 
 fn check_digest(entry: &Entry, buf: &mut [u8]) -> Check {
@@ -149,28 +190,68 @@ fn tally(report: &mut Report, result: &Check) -> String {
     }
 }
 
-fn verify_gz_tree(root: &Path, pool: &ThreadPool, out: &mut impl Write) -> Result<Report> {
-    let mut paths: Vec<PathBuf> = Vec::new();
+/// What the walk of a tree found to verify.
+enum Found {
+    /// A regular `.gz` file: tested.
+    Gz,
+    /// Something that could not be checked, and why: a fails-the-run verdict of its own.
+    NotChecked(String),
+}
+
+fn verify_gz_tree(root: &Path, pool: &ThreadPool) -> (Report, Lines) {
+    let mut found: Vec<(PathBuf, Found)> = Vec::new();
     for entry in WalkDir::new(root).min_depth(1) {
-        let Ok(entry) = entry else { continue };
-        if entry.file_type().is_file() && entry.file_name().as_bytes().ends_with(b".gz") {
-            paths.push(entry.into_path());
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                // A directory (or entry) the walk could not read: its .gz files went unchecked.
+                let path = e.path().unwrap_or(root).to_path_buf();
+                let why = match e.io_error() {
+                    Some(io) => format!("cannot read this directory: {io}"),
+                    None => e.to_string(),
+                };
+                found.push((path, Found::NotChecked(why)));
+                continue;
+            }
+        };
+        if !entry.file_name().as_bytes().ends_with(b".gz") {
+            continue;
         }
+        let ft = entry.file_type();
+        let found_here = if ft.is_file() {
+            Found::Gz
+        } else {
+            let what = if ft.is_symlink() {
+                "a symlink"
+            } else if ft.is_dir() {
+                "a directory"
+            } else {
+                "a special file"
+            };
+            Found::NotChecked(format!("{what}, not a regular file: not checked"))
+        };
+        found.push((entry.into_path(), found_here));
     }
-    paths.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    found.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
     let results: Vec<Check> = pool.install(|| {
-        paths
+        found
             .par_iter()
-            .map_init(|| vec![0u8; BUF_SIZE], |buf, p| test_gz(p, buf))
+            .map_init(
+                || vec![0u8; BUF_SIZE],
+                |buf, (p, f)| match f {
+                    Found::Gz => test_gz(p, buf),
+                    Found::NotChecked(why) => Check::Unreadable(why.clone()),
+                },
+            )
             .collect()
     });
     let mut report = Report::default();
-    for (path, result) in paths.iter().zip(results) {
+    let mut lines = Vec::with_capacity(found.len());
+    for ((path, _), result) in found.iter().zip(results) {
         let status = tally(&mut report, &result);
-        out.write_all(path.as_os_str().as_bytes())?;
-        writeln!(out, ": {status}")?;
+        lines.push((path.as_os_str().as_bytes().to_vec(), status));
     }
-    Ok(report)
+    (report, lines)
 }
 
 /// Decompresses a whole .gz file, checking every member's CRC-32 and length like `gzip -t`.

@@ -303,6 +303,8 @@ fn special_files_are_skipped_without_opening() {
     }
     let log = t.side("f.jsonl");
     for op in ["gzip", "sha256"] {
+        // The log is appended to: each run's records on their own.
+        let _ = fs::remove_file(&log);
         let out = run(filepipe(
             &[
                 s("batch"),
@@ -391,6 +393,7 @@ fn symlinks_are_reported_and_never_followed_by_default() {
     assert_eq!(m.lines().count(), 1, "{m}");
 
     // Followed: links inside the root are processed, links leading out still refused.
+    fs::remove_file(&log).unwrap();
     let out = run_with(true);
     assert_eq!(
         out.status.code(),

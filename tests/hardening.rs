@@ -5,6 +5,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -612,4 +613,144 @@ fn case_7_watch_under_timeout_preserve_status_drains_and_prints_its_summary() {
         let summary = summary_of(&out, 0);
         assert_eq!(summary["op"], "sha256", "{summary}");
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 8: verify said OK when it could not check.
+
+/// A gzip file of `data`, made by the real gzip.
+fn gzip_bytes(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = Command::new("gzip")
+        .arg("-c")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    child.wait_with_output().unwrap().stdout
+}
+
+#[test]
+fn case_8_verify_fails_for_what_it_could_not_check() {
+    let t = TestTree::new()
+        .file("good.gz", &gzip_bytes(b"good\n"))
+        .file("locked/corrupt.gz", b"\x1f\x8bnot really")
+        .dir("a-directory.gz");
+    std::os::unix::fs::symlink("good.gz", t.path("link.gz")).unwrap();
+    mkfifo(&t.path("fifo.gz"));
+    t.open_to_all();
+    fs::set_permissions(t.path("locked"), fs::Permissions::from_mode(0o000)).unwrap();
+    let out = run({
+        let mut c = unprivileged();
+        c.args([s("verify"), p(&t.root())]);
+        c
+    });
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", stderr(&out));
+    let line = |name: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{}: ", t.path(name).display())))
+            .unwrap_or_else(|| panic!("no line for {name}: {stdout}"))
+            .to_string()
+    };
+    assert!(line("good.gz").ends_with(": OK"));
+    assert!(
+        line("locked").contains("cannot read this directory"),
+        "{stdout}"
+    );
+    assert!(line("link.gz").contains("a symlink"), "{stdout}");
+    assert!(line("fifo.gz").contains("special file"), "{stdout}");
+    assert!(line("a-directory.gz").contains("a directory"), "{stdout}");
+    fs::set_permissions(t.path("locked"), fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn case_8_a_result_that_cannot_be_written_fails_a_closed_pipe_does_not() {
+    let t = TestTree::new().file("good.gz", &gzip_bytes(b"good\n"));
+    // /dev/full: every write fails with ENOSPC.
+    let full = fs::File::options().write(true).open("/dev/full").unwrap();
+    let out = filepipe(&[s("verify"), p(&t.root())])
+        .stdout(full)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("No space left"), "{}", stderr(&out));
+    // A reader that went away (`| head`): no error, the verdict's exit code.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = filepipe(&[s("verify"), p(&t.root())])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stderr(&out), "");
+    // The same for status.
+    let d = Daemon::ready(&t, &["--op", "sha256"]);
+    d.wait_idle(1);
+    drop(d);
+    for args in [&["status"][..], &["status", "--failed"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let state = t.side("state");
+        let out = filepipe(&[s(args[0])])
+            .args(&args[1..])
+            .arg("--state")
+            .arg(&state)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
+        assert_eq!(stderr(&out), "", "{args:?}");
+        let full = fs::File::options().write(true).open("/dev/full").unwrap();
+        let out = filepipe(&[s(args[0])])
+            .args(&args[1..])
+            .arg("--state")
+            .arg(&state)
+            .stdout(full)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 9: the failure log was truncated at every start.
+
+#[test]
+fn case_9_the_failure_log_keeps_every_run_and_tells_them_apart() {
+    let t = TestTree::new().file("ok.txt", b"ok\n");
+    let long = "n".repeat(253);
+    let t = t.file(&long, b"its output name is too long\n");
+    let log = t.side("failures.jsonl");
+    for _ in 0..2 {
+        let out = batch(
+            &t,
+            &[
+                s("--op"),
+                s("gzip"),
+                s("--failure-log"),
+                p(&log),
+                s("--force"),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    }
+    let all = failure_log_all(&log);
+    let starts: Vec<_> = all.iter().filter(|r| r["status"] == "start").collect();
+    assert_eq!(starts.len(), 2, "{all:?}");
+    assert_ne!(starts[0]["run"], starts[1]["run"]);
+    let failed = records_of(&all, "name-too-long");
+    assert_eq!(failed.len(), 2, "both runs' records: {all:?}");
+    assert_eq!(failed[0]["run"], starts[0]["run"]);
+    assert_eq!(failed[1]["run"], starts[1]["run"]);
+    assert!(starts[0]["command"]
+        .as_str()
+        .unwrap()
+        .contains("--failure-log"));
 }

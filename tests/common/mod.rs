@@ -147,8 +147,16 @@ pub fn tool(cmd: &str, args: &[&OsStr], cwd: &Path) -> Output {
         .unwrap_or_else(|e| panic!("running {cmd}: {e}"))
 }
 
-/// The failure log as parsed JSON records.
+/// The failure log's per-file records, parsed (not the records that mark each run's start).
 pub fn failure_log(path: &Path) -> Vec<serde_json::Value> {
+    failure_log_all(path)
+        .into_iter()
+        .filter(|r| r["status"] != "start")
+        .collect()
+}
+
+/// Every record of the failure log, parsed.
+pub fn failure_log_all(path: &Path) -> Vec<serde_json::Value> {
     fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
