@@ -48,6 +48,9 @@ pub enum Kind {
     Internal,
     /// A temp file another running filepipe is writing: not an input.
     TempInUse,
+    /// Watch mode: another process still has the file open for writing (a shared writable
+    /// mapping counts), so it may still change without an event: tried again until it is not.
+    InUse,
     /// A temp file a stopped filepipe left, in a tree this run does not write to.
     StaleTemp,
     /// Named like a filepipe temp file, but nothing proves filepipe made it: neither read nor
@@ -77,6 +80,7 @@ impl Kind {
             Kind::Io => "io",
             Kind::Internal => "internal",
             Kind::TempInUse => "temp-in-use",
+            Kind::InUse => "in-use",
             Kind::StaleTemp => "stale-temp",
             Kind::TempName => "temp-name",
         }

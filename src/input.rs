@@ -110,6 +110,29 @@ impl InputFile {
         Ok(())
     }
 
+    /// Whether some process has this file open for writing, a shared writable mapping
+    /// included (it keeps the file so after its descriptor is closed, and writes through it
+    /// change the mtime only at the first write to each clean page, so no stat can tell).
+    /// `None` where the kernel will not say: the probe is a read lease, which needs the file's
+    /// owner or CAP_LEASE, and a file system that has leases (not NFS).
+    pub fn open_for_writing(&self) -> Option<bool> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this struct owns; F_SETLEASE takes an int argument.
+        // The lease is dropped at once: a writer opening the file meanwhile waits microseconds
+        // (its break signal, SIGIO, is ignored: see `signals::install`).
+        let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_RDLCK) };
+        if r == 0 {
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd, libc::F_SETLEASE, libc::F_UNLCK) };
+            return Some(false);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EBUSY) => Some(true),
+            _ => None,
+        }
+    }
+
     /// Checks that the file is exactly as it was when opened and that all of it was read.
     pub fn finish(&self) -> Result<(), FileError> {
         let now = rfs::fstat(&self.file).map_err(|e| FileError::errno("stat of input", e))?;

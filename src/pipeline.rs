@@ -556,6 +556,12 @@ pub fn prepare<O: Op>(
         );
         return Err(failed(job, e));
     }
+    // Watch mode takes files that may still be written without an event to say so (through a
+    // shared mapping): one still open for writing when its read starts or ends is not taken.
+    let watched = job.expect.is_some();
+    if watched && input.open_for_writing() == Some(true) {
+        return Err(failed(job, still_open()));
+    }
     match op.check(&job, &input, scratch) {
         Ok(None) => {}
         Ok(Some(reason)) => {
@@ -573,6 +579,9 @@ pub fn prepare<O: Op>(
             Err(e) => return Err(failed(job, e)),
         };
         match input.finish() {
+            Ok(()) if watched && input.open_for_writing() == Some(true) => {
+                return Err(failed(job, still_open()))
+            }
             Ok(()) => {
                 return Ok(Ready {
                     job,
@@ -595,6 +604,15 @@ pub fn prepare<O: Op>(
             }
         }
     }
+}
+
+/// Why a watched file that another process still has open for writing is not taken (yet).
+fn still_open() -> FileError {
+    FileError::new(
+        Kind::InUse,
+        "still open for writing by another process (a shared writable mapping keeps it so after \
+         its descriptor is closed): not taken yet",
+    )
 }
 
 #[cfg(test)]

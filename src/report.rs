@@ -67,6 +67,13 @@ pub struct Summary {
     pub stale_temps_removed: u64,
     /// The signal that interrupted the run, if any.
     pub interrupted_by: Option<i32>,
+    /// Watch mode: failed attempts that were tried again (each file counts once, by how it
+    /// ended).
+    pub retries: u64,
+    /// Files waiting to be tried again, with the reason of their last failure: counted as
+    /// failed (for that reason) if the run ends first.
+    #[serde(skip)]
+    waiting: std::collections::HashMap<std::path::PathBuf, &'static str>,
 }
 
 impl Summary {
@@ -124,9 +131,26 @@ impl Summary {
 }
 
 impl Summary {
-    /// Accounts for one outcome: counts, progress, the per-file record, the manifest entry.
-    fn count(&mut self, outcome: Outcome, progress: &mut Progress) {
+    /// Accounts for one outcome: counts, progress, the per-file record. A failure the sink
+    /// will try again is an attempt, not a file: it is logged, and counted when the file ends.
+    fn count(&mut self, outcome: Outcome, disposition: Disposition, progress: &mut Progress) {
         let op = self.op;
+        if let (Disposition::Retry, Outcome::Failed { rel, error }) = (&disposition, &outcome) {
+            self.retries += 1;
+            self.waiting.insert(rel.clone(), error.kind.as_str());
+            progress
+                .multi
+                .suspend(|| record("retrying", op, rel, error));
+            return;
+        }
+        let rel = match &outcome {
+            Outcome::Done { rel, .. }
+            | Outcome::Skipped { rel, .. }
+            | Outcome::Failed { rel, .. } => rel,
+        };
+        if !self.waiting.is_empty() {
+            self.waiting.remove(rel);
+        }
         self.files += 1;
         progress.overall.inc(1);
         match outcome {
@@ -304,8 +328,12 @@ pub fn run(
             }
             Event::Finished(outcomes) => {
                 for outcome in outcomes {
-                    guard(sink.outcome(&outcome));
-                    summary.count(outcome, &mut progress);
+                    let disposition = sink.outcome(&outcome);
+                    let disposition = disposition.unwrap_or_else(|e| {
+                        guard(Err(e));
+                        Disposition::Final
+                    });
+                    summary.count(outcome, disposition, &mut progress);
                 }
                 unflushed = true;
                 stats.done.store(summary.done, Ordering::Relaxed);
@@ -341,14 +369,29 @@ pub fn run(
         summary.ratio = Some(summary.bytes_out as f64 / summary.bytes_in as f64);
     }
     summary.stale_temps_removed = stats.stale_temps_removed.load(Ordering::Relaxed);
+    // Files still waiting for another attempt end as their last attempt did.
+    for (_, kind) in std::mem::take(&mut summary.waiting) {
+        summary.files += 1;
+        summary.failed += 1;
+        *summary.failed_by_reason.entry(kind).or_default() += 1;
+    }
     Ok(summary)
+}
+
+/// Whether an outcome ends its file, or is an attempt that will be made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The file ends so.
+    Final,
+    /// A transient failure: the file will be tried again.
+    Retry,
 }
 
 /// What the reporter does with outcomes beyond counting them: the batch manifest, or watch
 /// mode's durable state. Called only from the reporter thread.
 pub trait Sink {
-    /// One outcome, before it is counted.
-    fn outcome(&mut self, outcome: &Outcome) -> Result<()>;
+    /// One outcome, before it is counted; says whether it ends its file.
+    fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition>;
     /// A file was deleted or moved out of the tree (watch mode).
     fn removed(&mut self, _rel: &Path) -> Result<()> {
         Ok(())
@@ -382,13 +425,13 @@ impl<'a> ManifestSink<'a> {
 }
 
 impl Sink for ManifestSink<'_> {
-    fn outcome(&mut self, outcome: &Outcome) -> Result<()> {
+    fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
         if let Outcome::Done { rel, done } = outcome {
             if let Some(d) = done.digest {
                 self.digests.push((rel.clone().into_boxed_path(), d));
             }
         }
-        Ok(())
+        Ok(Disposition::Final)
     }
 
     fn finish(&mut self) -> Result<()> {
@@ -418,7 +461,7 @@ fn record(status: &'static str, op: &'static str, rel: &Path, e: &FileError) {
     let path_hex = path_hex.as_deref();
     let run = crate::logging::run_id();
     match status {
-        "skipped" => {
+        "skipped" | "retrying" => {
             tracing::info!(target: FAILURES, status, path = %path, path_hex, op, error, errno, run, "{}", e.message)
         }
         _ => {

@@ -63,6 +63,10 @@ pub fn install() -> Result<Arc<Shutdown>> {
     // Any handler turns SIGXFSZ's default "terminate" into "write fails with EFBIG".
     signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)))
         .context("installing the SIGXFSZ handler")?;
+    // A lease break (a writer opening a file during `InputFile::open_for_writing`'s probe)
+    // signals SIGIO, whose default is to terminate: nothing here needs to hear of it.
+    signal_hook::flag::register(libc::SIGIO, Arc::new(AtomicBool::new(false)))
+        .context("installing the SIGIO handler")?;
     let mut signals =
         Signals::new([SIGINT, SIGTERM, SIGHUP]).context("installing signal handlers")?;
     let flag = Arc::clone(&shutdown);

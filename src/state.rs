@@ -115,8 +115,21 @@ pub struct Stamp {
     pub size: u64,
     /// Modification time in nanoseconds since the epoch.
     pub mtime_ns: i64,
+    /// Status change time in nanoseconds since the epoch: unlike the mtime, no one can set it,
+    /// so a rewrite that puts the size and mtime back (`cp -p`, `touch -r`) still moves it.
+    /// `CTIME_UNKNOWN` in rows written before filepipe recorded it.
+    pub ctime_ns: i64,
     /// Inode number (a file replaced by rename gets a new one).
     pub inode: u64,
+}
+
+/// The ctime of a state row written before ctimes were recorded: compared as equal to any.
+pub const CTIME_UNKNOWN: i64 = i64::MIN;
+
+/// Nanoseconds since the epoch, saturating: a file dated past 2262 must not overflow (or
+/// panic in debug builds).
+fn ns(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
 }
 
 impl Stamp {
@@ -124,11 +137,8 @@ impl Stamp {
     pub fn from_stat(st: &rustix::fs::Stat) -> Stamp {
         Stamp {
             size: st.st_size as u64,
-            // Saturating: a file dated past 2262 must not overflow (or panic in debug builds).
-            mtime_ns: st
-                .st_mtime
-                .saturating_mul(1_000_000_000)
-                .saturating_add(st.st_mtime_nsec as i64),
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
             inode: st.st_ino,
         }
     }
@@ -138,12 +148,21 @@ impl Stamp {
         use std::os::unix::fs::MetadataExt;
         Stamp {
             size: m.size(),
-            mtime_ns: m
-                .mtime()
-                .saturating_mul(1_000_000_000)
-                .saturating_add(m.mtime_nsec()),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
             inode: m.ino(),
         }
+    }
+
+    /// The same content as far as the file system tells (a ctime not recorded matches any).
+    pub fn same_file(&self, other: &Stamp) -> bool {
+        let ctime = self.ctime_ns == other.ctime_ns
+            || self.ctime_ns == CTIME_UNKNOWN
+            || other.ctime_ns == CTIME_UNKNOWN;
+        self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+            && self.inode == other.inode
+            && ctime
     }
 
     /// The stamp of `path`, not following a final symlink.
@@ -167,10 +186,14 @@ impl Known {
     /// True if `now` needs no processing: done (or deliberately skipped) with the same stamp,
     /// or failed for good with the same stamp.
     pub fn settled(&self, now: Option<Stamp>) -> bool {
+        let same = match (self.stamp, now) {
+            (Some(a), Some(b)) => a.same_file(&b),
+            _ => false,
+        };
         match self.status.as_str() {
-            "done" => self.stamp.is_some() && self.stamp == now,
-            "skipped" => self.stamp == now,
-            "failed" => self.stamp.is_some() && self.stamp == now && self.attempts >= MAX_ATTEMPTS,
+            "done" => same,
+            "skipped" => same || self.stamp.is_none() && now.is_none(),
+            "failed" => same && self.attempts >= MAX_ATTEMPTS,
             _ => false,
         }
     }
@@ -200,8 +223,8 @@ const DONE_ROWS: usize = 4096;
 
 /// A done file's row, bound by `DoneRow::bind`.
 const INSERT_DONE: &str = "INSERT OR REPLACE INTO files
-       (root, op, path, size, mtime_ns, inode, output, digest, status, attempts, updated)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9)";
+       (root, op, path, size, mtime_ns, inode, output, digest, status, attempts, updated, ctime_ns)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9, ?10)";
 
 /// A read-only view for the watcher's lookups.
 pub struct Reader {
@@ -248,10 +271,20 @@ impl State {
                  message  TEXT,
                  attempts INTEGER NOT NULL DEFAULT 0,
                  updated  INTEGER NOT NULL,
+                 ctime_ns INTEGER,
                  PRIMARY KEY (root, op, path)
              ) WITHOUT ROWID;",
         )
         .with_context(|| format!("cannot initialise state database {}", path.display()))?;
+        // A state from before ctimes were recorded: the column is added, its rows keep NULL
+        // (CTIME_UNKNOWN) until each file is next done.
+        let has_ctime = conn
+            .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'ctime_ns'")?
+            .exists([])?;
+        if !has_ctime {
+            conn.execute_batch("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
+                .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
+        }
         Ok(State {
             conn,
             root: root.as_os_str().as_bytes().to_vec(),
@@ -371,10 +404,19 @@ impl State {
             Some((a, _, _)) if same_file || stamp.is_none() => a + 1,
             _ => 1,
         };
+        // A file still open for writing is waited for, not given up on: it never reaches
+        // MAX_ATTEMPTS (so it is never settled as failed), and it is looked at again every
+        // few seconds for as long as its writer keeps it open.
+        let attempts = if e.kind == Kind::InUse {
+            attempts.min(MAX_ATTEMPTS - 1)
+        } else {
+            attempts
+        };
         let mut stmt = self.conn.prepare_cached(
             "INSERT OR REPLACE INTO files
-               (root, op, path, size, mtime_ns, inode, status, error, errno, message, attempts, updated)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+               (root, op, path, size, mtime_ns, inode, status, error, errno, message, attempts,
+                updated, ctime_ns)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
         )?;
         stmt.execute(params![
             self.root,
@@ -389,6 +431,7 @@ impl State {
             e.message,
             attempts,
             now_secs(),
+            stamp.map(|s| s.ctime_ns),
         ])?;
         Ok(attempts)
     }
@@ -439,8 +482,8 @@ impl Reader {
     /// in one query: a scan checks each file it finds against this map instead of asking
     /// SQLite per file, and what is left in it afterwards was not found.
     pub fn known_under(&self, dir: &Path) -> Result<KnownMap> {
-        const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts FROM files
-             WHERE root=?1 AND op=?2";
+        const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns
+             FROM files WHERE root=?1 AND op=?2";
         let d = dir.as_os_str().as_bytes();
         let map = |r: &rusqlite::Row<'_>| Ok((bytes_path(r.get(0)?), known_from_row(r, 1)?));
         // Rows under "dir/": byte strings from "dir/" up to (not including) "dir0", since '0'
@@ -468,7 +511,7 @@ impl Reader {
     /// What the state knows about `rel`, if anything.
     pub fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT status, size, mtime_ns, inode, attempts FROM files
+            "SELECT status, size, mtime_ns, inode, attempts, ctime_ns FROM files
              WHERE root=?1 AND op=?2 AND path=?3",
         )?;
         let known = stmt
@@ -497,22 +540,26 @@ impl DoneRow {
         stmt.raw_bind_parameter(6, self.stamp.map(|s| s.inode as i64))?;
         stmt.raw_bind_parameter(7, self.output.as_deref())?;
         stmt.raw_bind_parameter(8, self.digest.as_ref().map(|d| &d[..]))?;
-        stmt.raw_bind_parameter(9, self.updated)
+        stmt.raw_bind_parameter(9, self.updated)?;
+        stmt.raw_bind_parameter(10, self.stamp.map(|s| s.ctime_ns))
     }
 }
 
 /// What the state knows, by path relative to the root.
 pub type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
 
-/// A `Known` from the columns status, size, mtime_ns, inode, attempts starting at `first`.
+/// A `Known` from the columns status, size, mtime_ns, inode, attempts, ctime_ns starting at
+/// `first`.
 fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known> {
     let size: Option<i64> = r.get(first + 1)?;
     let mtime: Option<i64> = r.get(first + 2)?;
     let inode: Option<i64> = r.get(first + 3)?;
+    let ctime: Option<i64> = r.get(first + 5)?;
     let stamp = match (size, mtime, inode) {
         (Some(size), Some(mtime_ns), Some(inode)) => Some(Stamp {
             size: size as u64,
             mtime_ns,
+            ctime_ns: ctime.unwrap_or(CTIME_UNKNOWN),
             inode: inode as u64,
         }),
         _ => None,
@@ -528,7 +575,12 @@ fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known
 pub fn transient(kind: Kind) -> bool {
     matches!(
         kind,
-        Kind::Changed | Kind::NoSpace | Kind::FileTooLarge | Kind::Io | Kind::Interrupted
+        Kind::Changed
+            | Kind::NoSpace
+            | Kind::FileTooLarge
+            | Kind::Io
+            | Kind::Interrupted
+            | Kind::InUse
     )
 }
 
@@ -666,6 +718,7 @@ mod tests {
         let s1 = Stamp {
             size: 3,
             mtime_ns: 10,
+            ctime_ns: 11,
             inode: 7,
         };
         st.begin().unwrap();
@@ -702,6 +755,7 @@ mod tests {
         let s = Some(Stamp {
             size: 1,
             mtime_ns: 2,
+            ctime_ns: 2,
             inode: 3,
         });
         st.begin().unwrap();
@@ -731,6 +785,7 @@ mod tests {
             Some(Stamp {
                 size,
                 mtime_ns: 1,
+                ctime_ns: 1,
                 inode: 2,
             })
         };

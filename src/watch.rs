@@ -25,7 +25,7 @@ use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::Kind;
 use crate::pipeline::{self, BatchFill, Event, Job, Msg, Outcome};
-use crate::report::{self, Sink, Summary};
+use crate::report::{self, Disposition, Sink, Summary};
 use crate::signals::Shutdown;
 use crate::state::{self, Reader, Stamp, State};
 use crate::walk::{self, Found, Stats};
@@ -820,6 +820,13 @@ fn anonymous(abs: &Path) -> bool {
         && std::fs::symlink_metadata(abs).is_err()
 }
 
+/// The output of `rel` (gzip).
+fn gz_name(rel: &Path) -> PathBuf {
+    let mut o = rel.as_os_str().to_os_string();
+    o.push(".gz");
+    PathBuf::from(o)
+}
+
 /// Whether the sink keeps a manifest: sha256 with `--manifest`.
 fn keeps_manifest(cfg: &Config) -> bool {
     cfg.manifest.is_some() && cfg.op == OpKind::Sha256
@@ -898,7 +905,7 @@ impl StateSink<'_> {
 }
 
 impl Sink for StateSink<'_> {
-    fn outcome(&mut self, outcome: &Outcome) -> Result<()> {
+    fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
         self.begin()?;
         self.last_outcome = Some(Instant::now());
         let (rel, retry_after) = match outcome {
@@ -913,11 +920,7 @@ impl Sink for StateSink<'_> {
                 (rel, None)
             }
             Outcome::Done { rel, done } => {
-                let output = (self.cfg.op == OpKind::Gzip).then(|| {
-                    let mut o = rel.as_os_str().to_os_string();
-                    o.push(".gz");
-                    PathBuf::from(o)
-                });
+                let output = (self.cfg.op == OpKind::Gzip).then(|| gz_name(rel));
                 self.state
                     .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
                 if done.digest.is_some() {
@@ -927,6 +930,15 @@ impl Sink for StateSink<'_> {
             }
             // Not started because of a shutdown: left for the next start, nothing to record.
             Outcome::Skipped { rel, reason } if reason.kind == Kind::Interrupted => (rel, None),
+            // Its output is already in place (a run stopped between the publish and the
+            // commit, or an identical output published meanwhile): done, so that a later
+            // change of the file replaces that output as filepipe's own.
+            Outcome::Skipped { rel, reason } if reason.kind == Kind::UpToDate => {
+                let stamp = Stamp::of(&self.cfg.root.join(rel));
+                let output = gz_name(rel);
+                self.state.done(rel, stamp, Some(&output), None)?;
+                (rel, None)
+            }
             Outcome::Skipped { rel, reason } => {
                 // With its stamp, so the next scan knows it is settled unless it changes.
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
@@ -947,11 +959,16 @@ impl Sink for StateSink<'_> {
                 )
             }
         };
+        let disposition = if retry_after.is_some() {
+            Disposition::Retry
+        } else {
+            Disposition::Final
+        };
         self.finished.push(Finished {
             rel: rel.clone(),
             retry_after,
         });
-        Ok(())
+        Ok(disposition)
     }
 
     fn removed(&mut self, rel: &Path) -> Result<()> {

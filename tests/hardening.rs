@@ -408,8 +408,9 @@ fn case_6_files_linked_into_the_watched_tree_are_processed() {
         t.dir.path(),
     );
     assert!(cp.status.success(), "{cp:?}");
-    // A writer that writes an anonymous file and links it in whole (O_TMPFILE + linkat), and
-    // keeps its descriptor open: its close, if any, names no file of the tree.
+    // A writer that writes an anonymous file, links it in whole (O_TMPFILE + linkat), and
+    // closes it a moment later: its close names no file of the tree, and until it, the file
+    // is still open for writing, so it is not taken yet.
     let anon = rustix::fs::openat(
         rustix::fs::CWD,
         t.root(),
@@ -428,6 +429,8 @@ fn case_6_files_linked_into_the_watched_tree_are_processed() {
         rustix::fs::AtFlags::SYMLINK_FOLLOW,
     )
     .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    drop(anon);
     // A writer that creates its file and writes nothing for longer than the settle time: it
     // is not taken while empty, and is taken once, whole, after its close.
     let mut slow = fs::File::create(t.path("slow.txt")).unwrap();
@@ -458,7 +461,6 @@ fn case_6_files_linked_into_the_watched_tree_are_processed() {
         t.dir.path(),
     );
     assert_eq!(back.stdout, b"first part\nsecond part\n");
-    drop(anon);
     let out = d.stop();
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
 }
@@ -753,4 +755,142 @@ fn case_9_the_failure_log_keeps_every_run_and_tells_them_apart() {
         .as_str()
         .unwrap()
         .contains("--failure-log"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 10: writes through mmap left a stale manifest entry.
+
+/// The manifest line `sha256sum` would write for `data` named `name`.
+fn manifest_line(data: &[u8], name: &str) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{hex}  {name}")
+}
+
+#[test]
+fn case_10_a_file_written_through_a_mapping_after_its_close_is_listed_with_its_final_content() {
+    use std::os::fd::AsRawFd;
+    let t = TestTree::new();
+    let manifest = t.side("SHA256SUMS");
+    let d = Daemon::ready(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    let path = t.path("mapped.bin");
+    let len = 4096;
+    // A file written and closed (complete: it settles from here), then mapped by a writer
+    // that closes its descriptor and goes on writing through the mapping for three seconds,
+    // within one page: after the first write the kernel leaves the mtime alone, and no event
+    // comes until the munmap.
+    fs::write(&path, vec![b'-'; len]).unwrap();
+    let f = fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    // SAFETY: a fresh shared mapping of `len` bytes of a file this test owns, unmapped below.
+    let map = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(map, libc::MAP_FAILED);
+    drop(f);
+    let mut content = vec![0u8; len];
+    for round in 0..60u8 {
+        content[..64].fill(b'a' + round % 26);
+        content[64 + round as usize] = round;
+        // SAFETY: within the mapping made above.
+        unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), map.cast::<u8>(), len) };
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: the mapping made above, not used after this.
+    assert_eq!(unsafe { libc::munmap(map, len) }, 0);
+    let line = manifest_line(&content, "mapped.bin");
+    wait_until(
+        Duration::from_secs(60),
+        "the final content in the manifest",
+        || fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&line)),
+    );
+    let out = d.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let check = tool("sha256sum", &[s("-c"), p(&manifest)], &t.root());
+    assert!(check.status.success(), "{check:?}");
+}
+
+#[test]
+fn case_10_a_rewrite_that_puts_size_and_mtime_back_is_hashed_again() {
+    // As cp -p or rsync --inplace -t over an existing file: new bytes, same size, same mtime.
+    let t = TestTree::new().file("f.txt", b"first version\n");
+    let manifest = t.side("SHA256SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    let rewrite = |content: &[u8]| {
+        let mtime = fs::metadata(t.path("f.txt")).unwrap().modified().unwrap();
+        let f = fs::File::options()
+            .write(true)
+            .open(t.path("f.txt"))
+            .unwrap();
+        std::io::Write::write_all(&mut &f, content).unwrap();
+        f.set_modified(mtime).unwrap();
+    };
+    let d = Daemon::ready(&t, &args);
+    d.wait_idle(1);
+    // While it runs.
+    rewrite(b"other version\n");
+    let line = manifest_line(b"other version\n", "f.txt");
+    wait_until(
+        Duration::from_secs(60),
+        "the rewrite in the manifest",
+        || fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&line)),
+    );
+    d.wait_idle(2);
+    d.stop();
+    // While it is down.
+    rewrite(b"third version\n");
+    let d = Daemon::ready(&t, &args);
+    let line = manifest_line(b"third version\n", "f.txt");
+    wait_until(
+        Duration::from_secs(60),
+        "the rewrite made while down",
+        || fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&line)),
+    );
+    d.wait_idle(1);
+    let out = d.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 13 (smaller ones).
+
+#[test]
+fn case_13_the_watch_summary_counts_each_file_once_however_often_it_was_tried() {
+    let t = TestTree::new();
+    let d = Daemon::ready(&t, &["--op", "sha256"]);
+    // Written and closed, but another descriptor keeps it open for writing: tried, found in
+    // use, tried again, and done once that descriptor is closed.
+    fs::write(t.path("busy.txt"), b"busy\n").unwrap();
+    let holder = fs::File::options()
+        .write(true)
+        .open(t.path("busy.txt"))
+        .unwrap();
+    wait_until(Duration::from_secs(30), "a retry", || {
+        d.notes.last_status().is_some_and(|s| s.retrying == 1)
+    });
+    drop(holder);
+    let idle = d.wait_idle(1);
+    assert_eq!((idle.done, idle.failed), (1, 0), "{idle:?}");
+    let out = d.stop();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["files"], 1, "one file: {summary}");
+    assert_eq!(summary["done"], 1, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert!(summary["retries"].as_u64() >= Some(1), "{summary}");
 }
