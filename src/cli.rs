@@ -7,6 +7,16 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The most worker threads a run may have. gzip runs as many block threads again, and each
+/// worker holds buffers and descriptors: 256 keeps the largest machines busy (the work is
+/// CPU- or disk-bound, never waiting on a network), where thousands of threads only cost
+/// minutes of start-up and memory that can run out while threads start.
+pub const MAX_JOBS: u16 = 256;
+
+/// The longest settle time: an hour. A longer one would leave files unprocessed for longer
+/// than anyone waits for them (and at the far end overflows the clock).
+pub const MAX_SETTLE_MS: u64 = 3_600_000;
+
 /// filepipe: gzip or SHA-256 a directory tree in parallel, every file accounted for.
 #[derive(Debug, Parser)]
 #[command(name = "filepipe", version, about, max_term_width = 100)]
@@ -54,8 +64,8 @@ pub enum OpKind {
 /// Options shared by `batch` and `watch`: what to process, how, and where results go.
 #[derive(Debug, Args)]
 pub struct PipelineArgs {
-    /// Worker threads [default: number of CPUs].
-    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Worker threads, 1 to 256 [default: number of CPUs].
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
     pub jobs: Option<u16>,
     /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
     #[arg(long, value_name = "DIR")]
@@ -131,9 +141,9 @@ pub struct WatchArgs {
     /// else ~/.local/state/filepipe].
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
-    /// Milliseconds a closed file's size and mtime must stay unchanged before it is taken
-    /// [default: 300].
-    #[arg(long, value_name = "MS")]
+    /// Milliseconds a closed file's size and mtime must stay unchanged before it is taken, up
+    /// to an hour (3600000) [default: 300].
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=MAX_SETTLE_MS))]
     pub settle: Option<u64>,
 }
 
@@ -161,7 +171,7 @@ pub struct VerifyArgs {
     /// A sha256sum-format manifest (names resolve against the current directory, as with
     /// `sha256sum -c`), or a directory whose .gz files are all tested.
     pub target: PathBuf,
-    /// Worker threads [default: number of CPUs].
-    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..))]
+    /// Worker threads, 1 to 256 [default: number of CPUs].
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
     pub jobs: Option<u16>,
 }

@@ -126,11 +126,14 @@ impl Config {
             None => None,
         };
         let manifest = args.manifest.as_deref().map(absolute_file).transpose()?;
+        if let Some(m) = &manifest {
+            check_manifest(m)?;
+        }
         let failure_log = args.failure_log.as_deref().map(absolute_file).transpose()?;
         let own_files = manifest.iter().chain(&failure_log).cloned().collect();
         let jobs = match args.jobs {
             Some(n) => usize::from(n),
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => default_jobs(),
         };
         Ok(Config {
             root,
@@ -218,6 +221,13 @@ pub fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
     )
 }
 
+/// One worker per CPU, up to `MAX_JOBS`.
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(usize::from(crate::cli::MAX_JOBS))
+}
+
 /// `path` made absolute through its deepest existing ancestor, for containment checks on
 /// directories that do not exist yet.
 pub fn absolute(path: &Path) -> PathBuf {
@@ -254,6 +264,29 @@ fn absolute_file(path: &Path) -> Result<PathBuf> {
     let parent = fs::canonicalize(parent)
         .with_context(|| format!("cannot open directory {}", parent.display()))?;
     Ok(parent.join(name))
+}
+
+/// Refuses, before anything is read, a manifest that could not be written at the end: a name
+/// taken by a directory (or anything but a regular file), or a directory filepipe may not
+/// write in.
+fn check_manifest(path: &Path) -> Result<()> {
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        if !meta.is_file() {
+            bail!(
+                "--manifest {} is not a regular file: the manifest would replace it",
+                path.display()
+            );
+        }
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).map_err(|e| {
+        anyhow::anyhow!(
+            "--manifest {}: cannot write in {}: {}",
+            path.display(),
+            dir.display(),
+            std::io::Error::from(e)
+        )
+    })
 }
 
 /// Include/exclude globs. A pattern without '/' matches the file name anywhere in the tree

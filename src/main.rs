@@ -53,10 +53,9 @@ fn main() -> ExitCode {
             if let Err(e) = logging::init(verbosity, None) {
                 return fail(exit::USAGE, &e);
             }
-            let jobs = args.jobs.map_or_else(
-                || std::thread::available_parallelism().map_or(1, |n| n.get()),
-                usize::from,
-            );
+            let jobs = args
+                .jobs
+                .map_or_else(filepipe::config::default_jobs, usize::from);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             match verify::run(&args.target, jobs, cli.quiet, &mut out) {
                 Err(e @ verify::Error::Setup(_)) => fail(exit::USAGE, &e.into()),
@@ -88,7 +87,13 @@ fn run_batch(cfg: anyhow::Result<Config>, verbosity: i8) -> ExitCode {
     };
     let mut summary = match pipeline::run_batch(&cfg, &shutdown) {
         Ok(s) => s,
-        Err(e) => return fail(exit::FAILURES, &e),
+        Err(e) => {
+            // Stopped by a failed manifest write: the account of the files is still given.
+            if let Some(stopped) = e.downcast_ref::<filepipe::report::Stopped>() {
+                let _ = stopped.summary.print(&cfg);
+            }
+            return fail(exit::FAILURES, &e);
+        }
     };
     summary.interrupted_by = shutdown.signal();
     if let Err(e) = summary.print(&cfg) {

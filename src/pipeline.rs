@@ -213,7 +213,13 @@ fn run<O: Op>(
         .num_threads(cfg.jobs)
         .thread_name(|i| format!("filepipe-worker-{i}"))
         .build()
-        .context("starting the worker pool")?;
+        .with_context(|| {
+            format!(
+                "starting {} worker threads (lower --jobs, or raise the limit on processes: \
+                 ulimit -u)",
+                cfg.jobs
+            )
+        })?;
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())

@@ -70,6 +70,8 @@ pub struct Summary {
     /// Watch mode: failed attempts that were tried again (each file counts once, by how it
     /// ended).
     pub retries: u64,
+    /// What stopped the run early (a manifest or state write that failed), if anything.
+    pub error: Option<String>,
     /// Files waiting to be tried again, with the reason of their last failure: counted as
     /// failed (for that reason) if the run ends first.
     #[serde(skip)]
@@ -359,9 +361,6 @@ pub fn run(
     }
     progress.overall.finish_and_clear();
     guard(sink.finish());
-    if let Some(e) = failure {
-        return Err(e);
-    }
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
     summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
@@ -375,7 +374,26 @@ pub fn run(
         summary.failed += 1;
         *summary.failed_by_reason.entry(kind).or_default() += 1;
     }
+    if let Some(error) = failure {
+        summary.error = Some(format!("{error:#}"));
+        return Err(Stopped {
+            error,
+            summary: Box::new(summary),
+        }
+        .into());
+    }
     Ok(summary)
+}
+
+/// A run stopped by a failed manifest or state write: the error, and the account of what was
+/// done before it, which is still printed.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub struct Stopped {
+    /// What failed.
+    pub error: anyhow::Error,
+    /// The summary up to then (its `error` says the same).
+    pub summary: Box<Summary>,
 }
 
 /// Whether an outcome ends its file, or is an attempt that will be made again.

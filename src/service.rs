@@ -23,7 +23,7 @@ use sd_notify::NotifyState;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cli::{OpKind, PipelineArgs, WatchArgs};
+use crate::cli::{OpKind, PipelineArgs, WatchArgs, MAX_JOBS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::input::BYTES_READ;
 use crate::report::Summary;
@@ -37,7 +37,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     jobs: Option<Spanned<u16>>,
     failure_log: Option<PathBuf>,
-    settle_ms: Option<u64>,
+    settle_ms: Option<Spanned<u64>>,
     #[serde(default)]
     watch: Vec<WatchEntry>,
 }
@@ -55,7 +55,7 @@ struct WatchEntry {
     include: Vec<String>,
     #[serde(default)]
     exclude: Vec<String>,
-    settle_ms: Option<u64>,
+    settle_ms: Option<Spanned<u64>>,
 }
 
 /// A loaded, validated config: one resolved `Config` per pipeline.
@@ -99,13 +99,65 @@ impl Overrides {
     }
 }
 
+/// The largest config file read: far more than any real one, small enough that a mistaken
+/// path (a disk image, /dev/zero) costs nothing.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file: a regular file (a FIFO or a device is refused without blocking) of at
+/// most `MAX_CONFIG_BYTES`, in UTF-8.
+fn read_config(path: &Path) -> Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let ctx = || format!("cannot read config file {}", path.display());
+    let file = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(ctx)?;
+    let meta = file.metadata().with_context(ctx)?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(ctx)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        bail!(
+            "{}: larger than {} KiB: not a config file",
+            path.display(),
+            MAX_CONFIG_BYTES >> 10
+        );
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// A message about the file with every line cut to a readable length: a parse error quotes
+/// the offending line, which may be megabytes long.
+fn cut_lines(msg: &str) -> String {
+    const MAX_LINE: usize = 200;
+    msg.trim_end()
+        .lines()
+        .map(|l| match l.char_indices().nth(MAX_LINE) {
+            Some((i, _)) => format!("{}... ({} more bytes)", &l[..i], l.len() - i),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Reads and validates a config file. Errors name the file, the line and the key. With
 /// `create`, missing output and state directories are made; without, nothing is written.
 pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Result<Service> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = read_config(path)?;
     let file: FileConfig = toml::from_str(&text)
-        .map_err(|e| anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        .map_err(|e| anyhow!("{}: {}", path.display(), cut_lines(&e.to_string())))?;
     // Relative paths in the file are relative to the file, not to wherever the daemon runs
     // (systemd starts it in /).
     let base = path.parent().unwrap_or(Path::new("."));
@@ -118,11 +170,20 @@ pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Re
         bail!("{}: no [[watch]] table: nothing to run", path.display());
     }
     if let Some(j) = &file.jobs {
-        if *j.get_ref() == 0 {
-            return Err(at(j.span(), "jobs", "must be at least 1".into()));
+        if !(1..=MAX_JOBS).contains(j.get_ref()) {
+            let msg = format!("must be 1 to {MAX_JOBS}");
+            return Err(at(j.span(), "jobs", msg));
         }
     }
     let jobs = overrides.jobs.or(file.jobs.as_ref().map(|j| *j.get_ref()));
+    let settle_ok = |s: &Option<Spanned<u64>>, key: &str| match s {
+        Some(s) if *s.get_ref() > MAX_SETTLE_MS => {
+            let msg = format!("must be at most {MAX_SETTLE_MS} (an hour)");
+            Err(at(s.span(), key, msg))
+        }
+        _ => Ok(()),
+    };
+    settle_ok(&file.settle_ms, "settle_ms")?;
     let state_dir = overrides
         .state
         .clone()
@@ -159,6 +220,7 @@ pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Re
             }
         }
         roots.push((root.clone(), w.path.span()));
+        settle_ok(&w.settle_ms, &key("settle_ms"))?;
         let misplaced = [
             (
                 "out",
@@ -212,8 +274,8 @@ pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Re
         };
         let settle = overrides
             .settle
-            .or(w.settle_ms)
-            .or(file.settle_ms)
+            .or(w.settle_ms.as_ref().map(|s| *s.get_ref()))
+            .or(file.settle_ms.as_ref().map(|s| *s.get_ref()))
             .unwrap_or(DEFAULT_SETTLE_MS);
         let cfg = Config::from_common(&root, w.op, &args, quiet, create)
             .and_then(|c| c.watching(state_dir.clone(), Duration::from_millis(settle), create))

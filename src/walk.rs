@@ -172,7 +172,23 @@ fn classify(
         Err(err) => {
             let path = err.path().unwrap_or(&cfg.root);
             let rel = relative(cfg, path);
-            if err.loop_ancestor().is_some() || path.is_symlink() {
+            if let Some(ancestor) = err.loop_ancestor() {
+                // With --follow-symlinks: a link back to a directory it is in.
+                let to = relative(cfg, ancestor);
+                let to = if to.as_os_str().is_empty() {
+                    "the root".to_string()
+                } else {
+                    to.display().to_string()
+                };
+                let reason = FileError::new(
+                    Kind::Symlink,
+                    format!(
+                        "symlink loop: it leads back to {to}, a directory it is in; not followed"
+                    ),
+                );
+                return report(Outcome::Skipped { rel, reason });
+            }
+            if path.is_symlink() {
                 // With --follow-symlinks, walkdir reports broken and looping links as errors.
                 let reason = symlink_reason(cfg, path);
                 return report(Outcome::Skipped { rel, reason });
@@ -328,9 +344,11 @@ fn symlink_reason(cfg: &Config, path: &Path) -> FileError {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => "broken symlink; not followed".into(),
         Err(e) => format!("symlink whose target cannot be examined ({e}); not followed"),
         Ok(_) if !inside_root(cfg, path) => "symlink leading outside the root; not followed".into(),
+        Ok(m) if m.is_dir() && cfg.follow_symlinks => "symlink to a directory; not followed".into(),
         Ok(m) if m.is_dir() => {
             "symlink to a directory; not followed (see --follow-symlinks)".into()
         }
+        Ok(_) if cfg.follow_symlinks => "symlink; not followed".into(),
         Ok(_) => "symlink; not followed (see --follow-symlinks)".into(),
     };
     FileError::new(Kind::Symlink, msg)

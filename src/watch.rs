@@ -8,7 +8,7 @@
 //! path, never per event, and the job channel stays bounded; a path is never in flight twice.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -88,7 +88,7 @@ pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> 
             pending: Map::default(),
             ready: VecDeque::new(),
             ready_set: Map::default(),
-            in_flight: Set::default(),
+            in_flight: BTreeSet::new(),
             redo: Set::default(),
             retries: Vec::new(),
             removals: Vec::new(),
@@ -187,7 +187,9 @@ struct Watch<'a> {
     /// The paths in `ready`, so a burst is coalesced in O(1) per path, with the stamp each
     /// settled with (the worker checks it).
     ready_set: Map<PathBuf, Option<Stamp>>,
-    in_flight: Set<PathBuf>,
+    /// Ordered, so "is anything under this directory in flight" is one range lookup: a
+    /// deletion burst then costs a lookup per removal, not a scan of everything in flight.
+    in_flight: BTreeSet<PathBuf>,
     /// Paths that changed again while in flight: look again when they come back.
     redo: Set<PathBuf>,
     retries: Vec<(Instant, PathBuf)>,
@@ -577,7 +579,7 @@ impl Watch<'_> {
         // Its entries in `ready` and `scanned` are skipped once it is out of their sets.
         self.ready_set.remove(&rel);
         self.scanned_set.remove(&rel);
-        if self.in_flight.iter().any(|p| p.starts_with(&rel)) {
+        if in_flight_under(&self.in_flight, &rel) {
             self.removals.push(rel);
             return Ok(());
         }
@@ -755,7 +757,7 @@ impl Watch<'_> {
     /// Sends the removals that waited for files now committed.
     fn send_removals(&mut self) -> Result<()> {
         for rel in std::mem::take(&mut self.removals) {
-            if self.in_flight.iter().any(|p| p.starts_with(&rel)) {
+            if in_flight_under(&self.in_flight, &rel) {
                 self.removals.push(rel);
             } else {
                 self.send(Event::Removed(rel))?;
@@ -784,6 +786,15 @@ impl Watch<'_> {
             || !self.cfg.filter.included(rel) && !abs.is_dir()
             || anonymous(abs)
     }
+}
+
+/// Whether `rel` or anything under it is in `in_flight`. Paths order component by component,
+/// so everything under `rel` sorts right after it: the first path from `rel` on tells.
+fn in_flight_under(in_flight: &BTreeSet<PathBuf>, rel: &Path) -> bool {
+    in_flight
+        .range::<Path, _>((std::ops::Bound::Included(rel), std::ops::Bound::Unbounded))
+        .next()
+        .is_some_and(|p| p.starts_with(rel))
 }
 
 /// Watches `dir` alone (a scan watches its subdirectories); harmless if it already is watched.
@@ -1023,6 +1034,29 @@ impl Sink for StateSink<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_under_finds_the_path_or_anything_below_it_and_nothing_else() {
+        let set: BTreeSet<PathBuf> = ["a/b/c", "a.txt", "a-1/x", "b"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        for (rel, want) in [
+            ("a", true),
+            ("a/b", true),
+            ("a/b/c", true),
+            ("a/b/c/d", false),
+            ("a/x", false),
+            ("a.txt", true),
+            ("a-1", true),
+            ("a-", false),
+            ("b", true),
+            ("", true),
+            ("c", false),
+        ] {
+            assert_eq!(in_flight_under(&set, Path::new(rel)), want, "{rel}");
+        }
+    }
 
     #[test]
     fn the_manifest_waits_for_a_pause_but_never_longer_than_it_may_go_stale() {

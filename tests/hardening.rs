@@ -894,3 +894,253 @@ fn case_13_the_watch_summary_counts_each_file_once_however_often_it_was_tried() 
     assert_eq!(summary["failed"], 0, "{summary}");
     assert!(summary["retries"].as_u64() >= Some(1), "{summary}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Case 11: absurd --jobs aborted.
+
+#[test]
+fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
+    let t = TestTree::new().file("a.txt", b"a\n");
+    for jobs in ["65535", "257", "0"] {
+        let child = filepipe(&[
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s("sha256"),
+            s("--jobs"),
+            s(jobs),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let out = wait_output(child, Duration::from_secs(20));
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "--jobs {jobs}: {}",
+            stderr(&out)
+        );
+        assert!(stderr(&out).contains("1..=256"), "{}", stderr(&out));
+    }
+    let out = batch(&t, &[s("--op"), s("gzip"), s("--jobs"), s("256"), s("-q")]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let config = t.side("filepipe.toml");
+    fs::write(
+        &config,
+        format!(
+            "jobs = 1000\n[[watch]]\npath = {:?}\nop = \"sha256\"\n",
+            t.root()
+        ),
+    )
+    .unwrap();
+    let out = run(filepipe(&[s("check-config"), p(&config)]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(":1: jobs: must be 1 to 256"),
+        "{}",
+        stderr(&out)
+    );
+    // Threads that cannot be started (a limit on processes): a clear error, never an abort.
+    if !is_root() {
+        eprintln!("SKIPPED (thread limit half): needs root to run as another user");
+        return;
+    }
+    t.open_to_all();
+    let mut cmd = Command::new("prlimit");
+    cmd.args([
+        "--nproc=4",
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ])
+    .arg(bin())
+    .args(["batch"])
+    .arg(t.root())
+    .args(["--op", "sha256", "--jobs", "32"]);
+    let out = run(cmd);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stderr(&out).contains("worker threads"), "{}", stderr(&out));
+    assert!(
+        !stderr(&out).contains("fatal runtime error"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Case 12: config files were read without limits.
+
+#[test]
+fn case_12_config_files_are_read_within_limits_and_every_duration_is_bounded() {
+    let t = TestTree::new().file("a.txt", b"a\n");
+    let check = |path: &Path| {
+        let child = filepipe(&[s("check-config"), p(path)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_output(child, Duration::from_secs(20))
+    };
+    let fifo = t.side("fifo.toml");
+    mkfifo(&fifo);
+    let big = t.side("big.toml");
+    fs::write(&big, vec![b'#'; 2 << 20]).unwrap();
+    for (path, says) in [
+        (Path::new("/dev/zero"), "not a regular file"),
+        (fifo.as_path(), "not a regular file"),
+        (big.as_path(), "larger than 1024 KiB"),
+    ] {
+        let out = check(path);
+        assert_eq!(out.status.code(), Some(2), "{path:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{path:?}: {}", stderr(&out));
+    }
+    // A parse error quotes its line: cut, not echoed whole (twice).
+    let long = t.side("long.toml");
+    fs::write(&long, format!("jobs = \"{}\n", "x".repeat(900_000))).unwrap();
+    let out = check(&long);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        out.stderr.len() < 4096,
+        "{} bytes on stderr",
+        out.stderr.len()
+    );
+    // Durations: an hour at most, in the file (global and per pipeline) and on the command line.
+    let root = format!("{:?}", t.root());
+    for (body, line) in [
+        (
+            format!(
+                "settle_ms = 18446744073709551615\n[[watch]]\npath = {root}\nop = \"sha256\"\n"
+            ),
+            ":1: settle_ms",
+        ),
+        (
+            format!("[[watch]]\npath = {root}\nop = \"sha256\"\nsettle_ms = 3600001\n"),
+            ":4: watch[0].settle_ms",
+        ),
+    ] {
+        let config = t.side("c.toml");
+        fs::write(&config, body).unwrap();
+        let out = check(&config);
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains(line), "{}", stderr(&out));
+        assert!(stderr(&out).contains("at most 3600000"), "{}", stderr(&out));
+    }
+    let out = run(filepipe(&[
+        s("watch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--settle"),
+        s("18446744073709551615"),
+    ]));
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+}
+
+#[test]
+fn case_13_a_manifest_that_cannot_be_written_is_refused_before_anything_is_read() {
+    let t = TestTree::new().file("a.txt", b"a\n");
+    fs::create_dir(t.side("a-directory")).unwrap();
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("sha256"),
+            s("--manifest"),
+            p(&t.side("a-directory")),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a regular file"),
+        "{}",
+        stderr(&out)
+    );
+    if is_root() {
+        // A directory nobody may write in.
+        t.open_to_all();
+        let locked = t.side("locked");
+        fs::create_dir(&locked).unwrap();
+        let out = run({
+            let mut c = unprivileged();
+            c.args([
+                s("batch"),
+                p(&t.root()),
+                s("--op"),
+                s("sha256"),
+                s("--manifest"),
+            ])
+            .arg(locked.join("SUMS"));
+            c
+        });
+        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+        assert!(stderr(&out).contains("cannot write in"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn case_13_the_json_summary_is_printed_even_when_the_manifest_write_fails() {
+    // A large sparse file keeps the run busy while the manifest's directory disappears.
+    let t = TestTree::new().file("small.txt", b"small\n");
+    fs::File::create(t.path("big.bin"))
+        .unwrap()
+        .set_len(3 << 29)
+        .unwrap();
+    let mdir = t.side("mdir");
+    fs::create_dir(&mdir).unwrap();
+    let child = filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("--jobs"),
+        s("1"),
+        s("--manifest"),
+        p(&mdir.join("SUMS")),
+        s("--json"),
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let pid = child.id();
+    wait_until(Duration::from_secs(60), "the big file in progress", || {
+        bytes_read(pid) > 64 << 20
+    });
+    fs::remove_dir(&mdir).unwrap();
+    let out = wait_output(child, Duration::from_secs(120));
+    let summary = summary_of(&out, 1);
+    assert_eq!(summary["done"], 2, "{summary}");
+    assert!(
+        summary["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("SUMS")),
+        "{summary}"
+    );
+    assert!(stderr(&out).contains("SUMS"), "{}", stderr(&out));
+}
+
+#[test]
+fn case_13_a_link_to_a_directory_it_is_in_never_suggests_the_flag_already_given() {
+    let t = TestTree::new().file("f", b"f\n");
+    std::os::unix::fs::symlink(".", t.path("loop")).unwrap();
+    let log = t.side("failures.jsonl");
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("sha256"),
+            s("--follow-symlinks"),
+            s("--failure-log"),
+            p(&log),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let records = failure_log(&log);
+    let link = records_of(&records, "symlink");
+    assert_eq!(link.len(), 1, "{records:?}");
+    let message = link[0]["message"].as_str().unwrap();
+    assert!(message.contains("loop"), "{message}");
+    assert!(!message.contains("--follow-symlinks"), "{message}");
+}
