@@ -117,10 +117,7 @@ impl FileError {
 
     /// Classifies an I/O error that happened while doing `what` (e.g. "opening input").
     pub fn io(what: &str, err: &io::Error) -> Self {
-        if err
-            .get_ref()
-            .is_some_and(|e| e.is::<crate::input::Abandoned>())
-        {
+        if err.get_ref().is_some_and(|e| e.is::<Abandoned>()) {
             return FileError::new(Kind::Interrupted, err.to_string());
         }
         let errno = err.raw_os_error();
@@ -162,6 +159,19 @@ impl FileError {
             .unwrap_or_else(|p| Err(FileError::panicked(p.as_ref())))
     }
 }
+
+/// The error a read returns once a second shutdown request aborted the run: the file is
+/// abandoned, not failed (`FileError::io` makes it `Kind::Interrupted`).
+#[derive(Debug)]
+pub struct Abandoned;
+
+impl fmt::Display for Abandoned {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("abandoned: stopped by a second signal")
+    }
+}
+
+impl std::error::Error for Abandoned {}
 
 impl fmt::Display for FileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -281,24 +281,11 @@ pub fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 /// making progress even inside one long file.
 pub static BYTES_READ: AtomicU64 = AtomicU64::new(0);
 
-/// The error a read returns once a second shutdown request aborted the run: the file is
-/// abandoned, not failed (`FileError::io` makes it `Kind::Interrupted`).
-#[derive(Debug)]
-pub struct Abandoned;
-
-impl std::fmt::Display for Abandoned {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("abandoned: stopped by a second signal")
-    }
-}
-
-impl std::error::Error for Abandoned {}
-
 impl Read for InputFile {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         // Checked per buffer, so even a worker deep in a large file stops at once.
         if crate::signals::aborted() {
-            return Err(io::Error::other(Abandoned));
+            return Err(io::Error::other(crate::error::Abandoned));
         }
         let n = self.file.read(buf)?;
         self.read += n as u64;

@@ -316,7 +316,7 @@ fn case_5_overlapping_batch_runs_find_identical_outputs_up_to_date() {
     }
     let out_dir = t.side("out");
     let start = || {
-        filepipe(&[
+        spawn(&[
             s("batch"),
             p(&t.root()),
             s("--op"),
@@ -325,10 +325,6 @@ fn case_5_overlapping_batch_runs_find_identical_outputs_up_to_date() {
             p(&out_dir),
             s("--json"),
         ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
     };
     let (a, b) = (start(), start());
     let (a, b) = (
@@ -354,18 +350,14 @@ fn case_5_a_second_daemon_on_one_state_exits_2_naming_the_holder() {
     let other = TestTree::new();
     let first = Daemon::ready(&t, &["--op", "sha256"]);
     let state = t.side("state");
-    let second = filepipe(&[
+    let second = spawn(&[
         s("watch"),
         p(&other.root()),
         s("--op"),
         s("sha256"),
         s("--state"),
         p(&state),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
     let out = wait_output(second, Duration::from_secs(20));
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -492,7 +484,7 @@ fn case_7_the_same_signal_twice_at_once_counts_once_and_drains() {
     for i in 0..6 {
         t = t.file(format!("f{i}.log"), &text_bytes(12_000_000, i));
     }
-    let child = filepipe(&[
+    let child = spawn(&[
         s("batch"),
         p(&t.root()),
         s("--op"),
@@ -502,11 +494,7 @@ fn case_7_the_same_signal_twice_at_once_counts_once_and_drains() {
         s("--jobs"),
         s("1"),
         s("--json"),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
     wait_until(Duration::from_secs(60), "a file in progress", || {
         !temps_under(&t.root()).is_empty()
     });
@@ -546,7 +534,7 @@ fn case_7_a_real_second_signal_still_writes_the_manifest_log_and_summary() {
     }
     let manifest = t.side("SHA256SUMS");
     let log = t.side("failures.jsonl");
-    let child = filepipe(&[
+    let child = spawn(&[
         s("batch"),
         p(&t.root()),
         s("--op"),
@@ -558,11 +546,7 @@ fn case_7_a_real_second_signal_still_writes_the_manifest_log_and_summary() {
         s("--failure-log"),
         p(&log),
         s("--json"),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
     // One file and a bit read: one done, one in progress.
     let pid = child.id();
     wait_until(Duration::from_secs(120), "a file and a bit read", || {
@@ -694,29 +678,25 @@ fn case_8_a_result_that_cannot_be_written_fails_a_closed_pipe_does_not() {
     let d = Daemon::ready(&t, &["--op", "sha256"]);
     d.wait_idle(1);
     drop(d);
+    let state = t.side("state");
     for args in [&["status"][..], &["status", "--failed"]] {
+        let status_to = |stdout: Stdio| {
+            filepipe(&[s(args[0])])
+                .args(&args[1..])
+                .arg("--state")
+                .arg(&state)
+                .stdout(stdout)
+                .stderr(Stdio::piped())
+                .output()
+                .unwrap()
+        };
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
-        let state = t.side("state");
-        let out = filepipe(&[s(args[0])])
-            .args(&args[1..])
-            .arg("--state")
-            .arg(&state)
-            .stdout(writer)
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
+        let out = status_to(writer.into());
         assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
         assert_eq!(stderr(&out), "", "{args:?}");
         let full = fs::File::options().write(true).open("/dev/full").unwrap();
-        let out = filepipe(&[s(args[0])])
-            .args(&args[1..])
-            .arg("--state")
-            .arg(&state)
-            .stdout(full)
-            .stderr(Stdio::piped())
-            .output()
-            .unwrap();
+        let out = status_to(full.into());
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
     }
 }
@@ -772,7 +752,6 @@ fn manifest_line(data: &[u8], name: &str) -> String {
 
 #[test]
 fn case_10_a_file_written_through_a_mapping_after_its_close_is_listed_with_its_final_content() {
-    use std::os::fd::AsRawFd;
     let t = TestTree::new();
     let manifest = t.side("SHA256SUMS");
     let d = Daemon::ready(
@@ -786,34 +765,15 @@ fn case_10_a_file_written_through_a_mapping_after_its_close_is_listed_with_its_f
     // within one page: after the first write the kernel leaves the mtime alone, and no event
     // comes until the munmap.
     fs::write(&path, vec![b'-'; len]).unwrap();
-    let f = fs::File::options()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    // SAFETY: a fresh shared mapping of `len` bytes of a file this test owns, unmapped below.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED);
-    drop(f);
+    let mut map = SharedMap::open(&path, len);
     let mut content = vec![0u8; len];
     for round in 0..60u8 {
         content[..64].fill(b'a' + round % 26);
         content[64 + round as usize] = round;
-        // SAFETY: within the mapping made above.
-        unsafe { std::ptr::copy_nonoverlapping(content.as_ptr(), map.cast::<u8>(), len) };
+        map.write(0, &content);
         std::thread::sleep(Duration::from_millis(50));
     }
-    // SAFETY: the mapping made above, not used after this.
-    assert_eq!(unsafe { libc::munmap(map, len) }, 0);
+    drop(map);
     let line = manifest_line(&content, "mapped.bin");
     wait_until(
         Duration::from_secs(60),
@@ -902,18 +862,14 @@ fn case_13_the_watch_summary_counts_each_file_once_however_often_it_was_tried() 
 fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
     let t = TestTree::new().file("a.txt", b"a\n");
     for jobs in ["65535", "257", "0"] {
-        let child = filepipe(&[
+        let child = spawn(&[
             s("batch"),
             p(&t.root()),
             s("--op"),
             s("sha256"),
             s("--jobs"),
             s(jobs),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ]);
         let out = wait_output(child, Duration::from_secs(20));
         assert_eq!(
             out.status.code(),
@@ -976,11 +932,7 @@ fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
 fn case_12_config_files_are_read_within_limits_and_every_duration_is_bounded() {
     let t = TestTree::new().file("a.txt", b"a\n");
     let check = |path: &Path| {
-        let child = filepipe(&[s("check-config"), p(path)])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let child = spawn(&[s("check-config"), p(path)]);
         wait_output(child, Duration::from_secs(20))
     };
     let fifo = t.side("fifo.toml");
@@ -1089,7 +1041,7 @@ fn case_13_the_json_summary_is_printed_even_when_the_manifest_write_fails() {
         .unwrap();
     let mdir = t.side("mdir");
     fs::create_dir(&mdir).unwrap();
-    let child = filepipe(&[
+    let child = spawn(&[
         s("batch"),
         p(&t.root()),
         s("--op"),
@@ -1099,11 +1051,7 @@ fn case_13_the_json_summary_is_printed_even_when_the_manifest_write_fails() {
         s("--manifest"),
         p(&mdir.join("SUMS")),
         s("--json"),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
     let pid = child.id();
     wait_until(Duration::from_secs(60), "the big file in progress", || {
         bytes_read(pid) > 64 << 20

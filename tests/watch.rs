@@ -448,31 +448,12 @@ fn a_change_no_event_reports_is_caught_by_the_settled_stamp() {
     wait_for("the daemon's first manifest", || manifest.exists());
     let path = t.path("mapped.bin");
     let len = 8192;
-    fs::write(&path, vec![b'a'; len]).unwrap(); // closed: settles from here
-                                                // A shared mapping keeps the file open after its descriptor is closed, so its close
-                                                // event waits for munmap: the write below is seen by no event at all.
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    use std::os::fd::AsRawFd;
-    // SAFETY: a fresh shared mapping of `len` bytes of a file this test owns, unmapped below.
-    let map = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(map, libc::MAP_FAILED);
-    drop(f);
+    // Closed: it settles from here. A shared mapping keeps the file open after its descriptor
+    // is closed, so its close event waits for munmap: the write below is seen by no event.
+    fs::write(&path, vec![b'a'; len]).unwrap();
+    let mut map = SharedMap::open(&path, len);
     std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: within the mapping made above.
-    unsafe { std::ptr::write_bytes(map.cast::<u8>(), b'b', 100) };
+    map.write(0, &[b'b'; 100]);
     wait_for("the change to be caught", || {
         failure_log(&log).iter().any(|r| {
             r["message"]
@@ -480,8 +461,7 @@ fn a_change_no_event_reports_is_caught_by_the_settled_stamp() {
                 .is_some_and(|m| m.contains("changed after it settled"))
         })
     });
-    // SAFETY: the mapping made above, not used after this.
-    assert_eq!(unsafe { libc::munmap(map, len) }, 0);
+    drop(map);
     let mut want = vec![b'b'; 100];
     want.resize(len, b'a');
     let hex: String = sha2::Sha256::digest(&want)

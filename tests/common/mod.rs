@@ -108,6 +108,15 @@ pub fn summary_of(out: &Output, code: i32) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("a JSON summary on stdout")
 }
 
+/// Starts `filepipe ARGS` with its stdout and stderr piped (read them with `wait_output`).
+pub fn spawn(args: &[&OsStr]) -> Child {
+    filepipe(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn filepipe")
+}
+
 /// Runs to completion, with a generous timeout (a hang is a test failure, not a stuck CI).
 pub fn run(mut cmd: Command) -> Output {
     cmd.stdin(Stdio::null())
@@ -450,5 +459,55 @@ impl Status {
     /// Nothing queued, in flight or waiting to be retried.
     pub fn idle(&self) -> bool {
         self.queued == 0 && self.in_flight == 0 && self.retrying == 0
+    }
+}
+
+/// A file mapped shared and writable with its descriptor already closed, as a writer that
+/// maps and closes does: writes through it reach the file with no event, and its close event
+/// waits for the unmap (on drop).
+pub struct SharedMap {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl SharedMap {
+    /// Maps the first `len` bytes of the existing file `path`.
+    pub fn open(path: &Path, len: usize) -> SharedMap {
+        use std::os::fd::AsRawFd;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap();
+        // SAFETY: a fresh shared mapping of `len` bytes of an open file; unmapped on drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        assert_ne!(ptr, libc::MAP_FAILED);
+        SharedMap {
+            ptr: ptr.cast(),
+            len,
+        }
+    }
+
+    /// Writes `bytes` at `offset` through the mapping.
+    pub fn write(&mut self, offset: usize, bytes: &[u8]) {
+        assert!(offset + bytes.len() <= self.len);
+        // SAFETY: within the mapping, which lives as long as self.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) };
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `open`, not used after this.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
