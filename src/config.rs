@@ -231,24 +231,29 @@ pub fn default_jobs() -> usize {
 /// `path` made absolute through its deepest existing ancestor, for containment checks on
 /// directories that do not exist yet.
 pub fn absolute(path: &Path) -> PathBuf {
-    let mut missing = Vec::new();
-    let mut p = path.to_path_buf();
-    loop {
-        if let Ok(c) = std::fs::canonicalize(&p) {
-            return missing.iter().rev().fold(c, |acc, m: &PathBuf| acc.join(m));
-        }
-        match (p.file_name().map(PathBuf::from), p.parent()) {
-            (Some(name), Some(parent)) => {
-                missing.push(name);
-                p = if parent.as_os_str().is_empty() {
-                    PathBuf::from(".")
-                } else {
-                    parent.to_path_buf()
-                };
+    use std::path::Component;
+    let Ok(full) = std::path::absolute(path) else {
+        return path.to_path_buf();
+    };
+    let parts: Vec<Component> = full.components().collect();
+    for existing in (1..=parts.len()).rev() {
+        let Ok(mut resolved) = fs::canonicalize(parts[..existing].iter().collect::<PathBuf>())
+        else {
+            continue;
+        };
+        // What does not exist yet holds no symlink: its `..` and `.` fold by name.
+        for part in &parts[existing..] {
+            match part {
+                Component::ParentDir => {
+                    resolved.pop();
+                }
+                Component::Normal(name) => resolved.push(name),
+                _ => {}
             }
-            _ => return path.to_path_buf(),
         }
+        return resolved;
     }
+    full
 }
 
 /// Makes a file path absolute through its (existing) parent, so it can be compared with walked

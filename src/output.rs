@@ -314,7 +314,9 @@ fn create_claimed(dir: &Dir, name: &OsStr) -> Option<Result<(OwnedFd, bool), Err
     if !ANONYMOUS_FIRST.load(Ordering::Relaxed) {
         return None;
     }
-    let flags = OFlags::TMPFILE | OFlags::WRONLY | OFlags::CLOEXEC;
+    // Read-write: a temp is read back through its own descriptor (its mode, once set to the
+    // input's, may not let us open it again).
+    let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
     let fd = match rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600)) {
         Ok(fd) => fd,
         // Not supported by this file system (or kernel): its temps are created by name.
@@ -345,7 +347,7 @@ fn create_claimed(dir: &Dir, name: &OsStr) -> Option<Result<(OwnedFd, bool), Err
 /// no sweep removes: it is reported instead. The lock waits: a sweeper examining the file in
 /// the instant after its creation holds a read lock for microseconds.
 fn create_then_claim(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = rfs::openat(&dir.fd, name, flags, Mode::from_raw_mode(0o600))?;
     if let Err(e) = fslock::lock(&fd, LockKind::Write, true) {
         let _ = rfs::unlinkat(&dir.fd, name, AtFlags::empty());

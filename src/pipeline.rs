@@ -565,7 +565,7 @@ pub fn prepare<O: Op>(
     // Watch mode takes files that may still be written without an event to say so (through a
     // shared mapping): one still open for writing when its read starts or ends is not taken.
     let watched = job.expect.is_some();
-    if watched && input.open_for_writing() == Some(true) {
+    if watched && open_for_writing(&input, &job.rel) {
         return Err(failed(job, still_open()));
     }
     match op.check(&job, &input, scratch) {
@@ -585,7 +585,7 @@ pub fn prepare<O: Op>(
             Err(e) => return Err(failed(job, e)),
         };
         match input.finish() {
-            Ok(()) if watched && input.open_for_writing() == Some(true) => {
+            Ok(()) if watched && open_for_writing(&input, &job.rel) => {
                 return Err(failed(job, still_open()))
             }
             Ok(()) => {
@@ -608,6 +608,27 @@ pub fn prepare<O: Op>(
                     return Err(failed(job, e));
                 }
             }
+        }
+    }
+}
+
+/// Whether another process has `input` open for writing, as far as the kernel says; the first
+/// time it will not say, the operator hears why once.
+fn open_for_writing(input: &InputFile, rel: &Path) -> bool {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match input.open_for_writing() {
+        Some(open) => open,
+        None => {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(
+                    path = %rel.display(),
+                    "cannot tell whether files are still open for writing (filepipe is not \
+                     their owner and lacks CAP_LEASE, or the file system has no leases): a \
+                     writer that keeps writing through a shared mapping after its close may go \
+                     unseen (see README, 'What is guaranteed')"
+                );
+            }
+            false
         }
     }
 }

@@ -139,10 +139,14 @@ impl Summary {
         let op = self.op;
         if let (Disposition::Retry, Outcome::Failed { rel, error }) = (&disposition, &outcome) {
             self.retries += 1;
-            self.waiting.insert(rel.clone(), error.kind.as_str());
-            progress
-                .multi
-                .suspend(|| record("retrying", op, rel, error));
+            let kind = error.kind.as_str();
+            // Logged once per reason: a file held open for hours is tried every minute, and
+            // the failure log is never truncated.
+            if self.waiting.insert(rel.clone(), kind) != Some(kind) {
+                progress
+                    .multi
+                    .suspend(|| record("retrying", op, rel, error));
+            }
             return;
         }
         let rel = match &outcome {
@@ -345,6 +349,10 @@ pub fn run(
             }
             Event::Removed(rel) => {
                 guard(sink.removed(&rel));
+                // A file waiting to be tried again that is deleted ends nowhere: not a failure.
+                if !summary.waiting.is_empty() {
+                    summary.waiting.retain(|p, _| !p.starts_with(&rel));
+                }
                 unflushed = true;
             }
         }

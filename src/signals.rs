@@ -136,13 +136,15 @@ struct Requests {
 
 impl Requests {
     fn count(&mut self, sig: i32, now: Instant) -> Request {
+        // Within REPEAT of the request it repeats (not of the last repeat: a signal sent every
+        // 0.9 s is a new request each second time).
         let repeat = self
             .last
             .is_some_and(|(s, at)| s == sig && now.saturating_duration_since(at) < REPEAT);
-        self.last = Some((sig, now));
         if repeat {
             return Request::Repeat;
         }
+        self.last = Some((sig, now));
         self.counted += 1;
         match self.counted {
             1 => Request::Drain,
@@ -210,6 +212,10 @@ mod tests {
         // timeout(1): the child, then its process group, microseconds apart.
         assert_eq!(r.count(SIGTERM, at(0)), Request::Repeat);
         assert_eq!(r.count(SIGTERM, at(900)), Request::Repeat);
+        // Measured from the request, not from its last repeat.
+        assert_eq!(r.count(SIGTERM, at(1800)), Request::Abort);
+        let mut r = Requests::default();
+        assert_eq!(r.count(SIGTERM, at(0)), Request::Drain);
         // A second request, a while later or by another signal, aborts; a third exits.
         assert_eq!(r.count(SIGTERM, at(2500)), Request::Abort);
         assert_eq!(r.count(SIGINT, at(2600)), Request::Exit);

@@ -180,6 +180,9 @@ pub struct Known {
     pub stamp: Option<Stamp>,
     /// Attempts so far (failures).
     pub attempts: u32,
+    /// Failed because another process still had it open for writing: waited for, never
+    /// given up on (see `Kind::InUse`).
+    pub in_use: bool,
 }
 
 impl Known {
@@ -193,7 +196,7 @@ impl Known {
         match self.status.as_str() {
             "done" => same,
             "skipped" => same || self.stamp.is_none() && now.is_none(),
-            "failed" => same && self.attempts >= MAX_ATTEMPTS,
+            "failed" => same && self.attempts >= MAX_ATTEMPTS && !self.in_use,
             _ => false,
         }
     }
@@ -404,14 +407,7 @@ impl State {
             Some((a, _, _)) if same_file || stamp.is_none() => a + 1,
             _ => 1,
         };
-        // A file still open for writing is waited for, not given up on: it never reaches
-        // MAX_ATTEMPTS (so it is never settled as failed), and it is looked at again every
-        // few seconds for as long as its writer keeps it open.
-        let attempts = if e.kind == Kind::InUse {
-            attempts.min(MAX_ATTEMPTS - 1)
-        } else {
-            attempts
-        };
+
         let mut stmt = self.conn.prepare_cached(
             "INSERT OR REPLACE INTO files
                (root, op, path, size, mtime_ns, inode, status, error, errno, message, attempts,
@@ -482,8 +478,8 @@ impl Reader {
     /// in one query: a scan checks each file it finds against this map instead of asking
     /// SQLite per file, and what is left in it afterwards was not found.
     pub fn known_under(&self, dir: &Path) -> Result<KnownMap> {
-        const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns
-             FROM files WHERE root=?1 AND op=?2";
+        const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns,
+             error FROM files WHERE root=?1 AND op=?2";
         let d = dir.as_os_str().as_bytes();
         let map = |r: &rusqlite::Row<'_>| Ok((bytes_path(r.get(0)?), known_from_row(r, 1)?));
         // Rows under "dir/": byte strings from "dir/" up to (not including) "dir0", since '0'
@@ -511,7 +507,7 @@ impl Reader {
     /// What the state knows about `rel`, if anything.
     pub fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT status, size, mtime_ns, inode, attempts, ctime_ns FROM files
+            "SELECT status, size, mtime_ns, inode, attempts, ctime_ns, error FROM files
              WHERE root=?1 AND op=?2 AND path=?3",
         )?;
         let known = stmt
@@ -548,8 +544,8 @@ impl DoneRow {
 /// What the state knows, by path relative to the root.
 pub type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
 
-/// A `Known` from the columns status, size, mtime_ns, inode, attempts, ctime_ns starting at
-/// `first`.
+/// A `Known` from the columns status, size, mtime_ns, inode, attempts, ctime_ns, error
+/// starting at `first`.
 fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known> {
     let size: Option<i64> = r.get(first + 1)?;
     let mtime: Option<i64> = r.get(first + 2)?;
@@ -564,10 +560,12 @@ fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known
         }),
         _ => None,
     };
+    let error: Option<String> = r.get(first + 6)?;
     Ok(Known {
         status: r.get(first)?,
         stamp,
         attempts: r.get(first + 4)?,
+        in_use: error.as_deref() == Some(Kind::InUse.as_str()),
     })
 }
 

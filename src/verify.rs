@@ -52,7 +52,7 @@ pub enum Error {
     Setup(anyhow::Error),
     /// The results could not be written (a full disk, a closed descriptor): the run fails,
     /// whatever the files' verdicts, since nobody saw them.
-    #[error("writing the results: {0}")]
+    #[error("writing the results")]
     Output(#[source] io::Error),
 }
 

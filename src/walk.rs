@@ -374,13 +374,24 @@ fn file_type_mode(entry: &DirEntry) -> u32 {
 /// Removes the temp files that stopped filepipes left under `dir` (down to `depth`): only
 /// those that carry filepipe's mark and no live writer's lock (see `output::examine_temp`).
 fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
+    // Each temp's directory is reached beneath `dir` with no symlink on the way: one swapped
+    // in during the sweep cannot lead it to a (dead, marked) temp elsewhere.
+    let Ok(root) = crate::input::Root::new(dir) else {
+        return;
+    };
     let entries = WalkDir::new(dir).max_depth(depth).into_iter();
     for entry in entries.filter_map(Result::ok) {
-        if entry.file_type().is_file()
-            && output::is_temp_name(entry.file_name())
-            && output::examine_temp_path(entry.path(), true) == TempFound::Removed
-        {
-            stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+        if !entry.file_type().is_file() || !output::is_temp_name(entry.file_name()) {
+            continue;
+        }
+        let parent = entry.path().parent().unwrap_or(dir);
+        let Ok(rel) = parent.strip_prefix(dir) else {
+            continue;
+        };
+        if let Ok(fd) = root.open_dir(rel) {
+            if output::examine_temp(&fd, entry.file_name(), true) == TempFound::Removed {
+                stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }

@@ -962,8 +962,10 @@ impl Sink for StateSink<'_> {
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
                 let attempts = self.state.not_done(rel, "failed", stamp, error)?;
                 self.changed();
-                let retry = state::transient(error.kind) && attempts < state::MAX_ATTEMPTS;
-                // 1 s, 2 s, 4 s ... between attempts.
+                // A file in use is waited for as long as its writer keeps it open.
+                let retry = state::transient(error.kind)
+                    && (attempts < state::MAX_ATTEMPTS || error.kind == Kind::InUse);
+                // 1 s, 2 s, 4 s ... between attempts, at most about a minute.
                 (
                     rel,
                     retry.then(|| Duration::from_secs(1 << (attempts - 1).min(6))),

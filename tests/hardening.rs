@@ -213,12 +213,14 @@ fn case_3_out_that_is_encloses_or_lies_inside_dir_is_a_usage_error() {
     let root = t.root();
     let dotted = format!("{}/./", root.display());
     let (link, sub, new) = (t.side("link-to-in"), t.path("sub"), t.path("new/archive"));
+    let up = t.path("new/..");
     let cases: Vec<(&Path, &OsStr)> = vec![
         (&root, p(&root)),
         (&root, s(&dotted)),
         (&root, p(&link)),
         (&root, p(&sub)),
         (&root, p(&new)),
+        (&root, p(&up)),
         (&sub, p(&root)),
     ];
     let state = t.side("state");
@@ -833,9 +835,13 @@ fn case_10_a_rewrite_that_puts_size_and_mtime_back_is_hashed_again() {
 #[test]
 fn case_13_the_watch_summary_counts_each_file_once_however_often_it_was_tried() {
     let t = TestTree::new();
-    let d = Daemon::ready(&t, &["--op", "sha256"]);
-    // Written and closed, but another descriptor keeps it open for writing: tried, found in
-    // use, tried again, and done once that descriptor is closed.
+    let log = t.side("failures.jsonl");
+    let d = Daemon::ready(
+        &t,
+        &["--op", "sha256", "--failure-log", log.to_str().unwrap()],
+    );
+    // Written and closed, but another descriptor keeps it open for writing for a few seconds:
+    // tried, found in use, tried again (1 s, then 2 s later), and done once it is closed.
     fs::write(t.path("busy.txt"), b"busy\n").unwrap();
     let holder = fs::File::options()
         .write(true)
@@ -844,6 +850,7 @@ fn case_13_the_watch_summary_counts_each_file_once_however_often_it_was_tried() 
     wait_until(Duration::from_secs(30), "a retry", || {
         d.notes.last_status().is_some_and(|s| s.retrying == 1)
     });
+    std::thread::sleep(Duration::from_millis(3500));
     drop(holder);
     let idle = d.wait_idle(1);
     assert_eq!((idle.done, idle.failed), (1, 0), "{idle:?}");
@@ -852,7 +859,10 @@ fn case_13_the_watch_summary_counts_each_file_once_however_often_it_was_tried() 
     assert_eq!(summary["files"], 1, "one file: {summary}");
     assert_eq!(summary["done"], 1, "{summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
-    assert!(summary["retries"].as_u64() >= Some(1), "{summary}");
+    assert!(summary["retries"].as_u64() >= Some(2), "{summary}");
+    // Logged once, however many times it was tried: the log is never truncated.
+    let records = failure_log(&log);
+    assert_eq!(records_of(&records, "in-use").len(), 1, "{records:?}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1091,4 +1101,84 @@ fn case_13_a_link_to_a_directory_it_is_in_never_suggests_the_flag_already_given(
     let message = link[0]["message"].as_str().unwrap();
     assert!(message.contains("loop"), "{message}");
     assert!(!message.contains("--follow-symlinks"), "{message}");
+}
+
+#[test]
+fn case_10_watch_gzip_redoes_a_rewrite_that_puts_the_mtime_back() {
+    // cp -p, touch -r: its own output is dated right, but holds the old content.
+    let t = TestTree::new().file("x", b"version one\n");
+    let d = Daemon::ready(&t, &["--op", "gzip"]);
+    d.wait_idle(1);
+    let mtime = fs::metadata(t.path("x")).unwrap().modified().unwrap();
+    fs::write(t.path("x"), b"version two, longer\n").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(t.path("x"))
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let gunzip = || tool("gunzip", &[s("-c"), p(&t.path("x.gz"))], t.dir.path()).stdout;
+    wait_until(Duration::from_secs(60), "the new content in x.gz", || {
+        gunzip() == b"version two, longer\n"
+    });
+    d.wait_idle(2);
+    let out = d.stop();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
+#[test]
+fn case_10_where_the_kernel_cannot_tell_the_daemon_says_so_once() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root, to run the daemon as a user that owns none of the files");
+        return;
+    }
+    let t = TestTree::new().file("a.txt", b"a\n").file("b.txt", b"b\n");
+    t.open_to_all();
+    let socket = t.side("notify.sock");
+    let notes = Notifications::listen(&socket);
+    fs::set_permissions(&socket, fs::Permissions::from_mode(0o777)).unwrap();
+    let mut cmd = unprivileged();
+    cmd.arg("watch")
+        .arg(t.root())
+        .args(["--op", "sha256", "--json", "--settle", "100", "--state"])
+        .arg(t.side("state"))
+        .env("NOTIFY_SOCKET", &socket);
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(60), "both files hashed", || {
+        notes.last_status().is_some_and(|s| s.idle() && s.done == 2)
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    let out = wait_output(child, Duration::from_secs(60));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(
+        err.matches("cannot tell whether files are still open")
+            .count(),
+        1,
+        "{err}"
+    );
+}
+
+#[test]
+fn case_13_a_file_waiting_to_be_retried_then_deleted_is_no_failure() {
+    let t = TestTree::new();
+    let d = Daemon::ready(&t, &["--op", "sha256"]);
+    fs::write(t.path("busy.txt"), b"busy\n").unwrap();
+    let holder = fs::File::options()
+        .write(true)
+        .open(t.path("busy.txt"))
+        .unwrap();
+    wait_until(Duration::from_secs(30), "a retry", || {
+        d.notes.last_status().is_some_and(|s| s.retrying == 1)
+    });
+    fs::remove_file(t.path("busy.txt")).unwrap();
+    drop(holder);
+    let out = d.stop();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["files"], 0, "{summary}");
 }

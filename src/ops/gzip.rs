@@ -59,10 +59,21 @@ pub struct Scratch {
 /// A file read, waiting for the input check and the publish.
 #[derive(Debug)]
 pub struct Pending {
-    /// The compressed temp file; `None` when the output is already in place (see `adopt`).
-    temp: Option<TempOutput>,
+    /// The compressed temp file, or the output already in place, found to hold exactly the
+    /// input (see `adopt`).
+    output: Output,
     dir: Arc<Dir>,
     totals: Totals,
+}
+
+/// What a pending file's publish will make its output.
+#[derive(Debug)]
+enum Output {
+    /// A temp file to publish.
+    Temp(TempOutput),
+    /// The output already under the final name, open: it decompresses to exactly the bytes of
+    /// the input.
+    InPlace(File),
 }
 
 /// What the output's name already holds.
@@ -304,20 +315,13 @@ impl GzipOp {
         if self.panic_on.as_deref() == Some(job.rel.as_path()) {
             panic!("planted in {}", job.rel.display());
         }
-        let Some(mut temp) = pending.temp else {
-            // Only --remove-source adopts an output; it must decompress to this very input.
-            self.verify_output(&pending.dir, &name, &pending.totals)
-                .map_err(|e| FileError {
-                    kind: Kind::OutputExists,
-                    errno: None,
-                    message: format!(
-                        "{} is dated as this file's output but {}; input kept (use --force to \
-                         redo it)",
-                        pending.dir.path.join(&name).display(),
-                        e.message.trim_start_matches("published output ")
-                    ),
-                })?;
-            return Ok(Step::InPlace(open_output(&pending.dir, &name)?));
+        let mut temp = match pending.output {
+            Output::Temp(temp) => temp,
+            // Adopted (--remove-source): still the very file that was compared, under the name.
+            Output::InPlace(file) => {
+                still_named(&pending.dir, &name, &file)?;
+                return Ok(Step::InPlace(file));
+            }
         };
         // Checked while still a temp: an output that does not decompress back to the input
         // never gets a final name, so a rerun cannot mistake it for an up-to-date one.
@@ -332,12 +336,22 @@ impl GzipOp {
     /// Renames a synced temp into place. When the name was taken meanwhile by a file with the
     /// very bytes of ours (another filepipe, or a rerun, compressing the same input), that one
     /// stands for ours: the file is up to date, not a failure.
-    fn rename(&self, job: &Job, mut synced: output::SyncedTemp) -> Result<Step, FileError> {
+    fn rename(
+        &self,
+        job: &Job,
+        input: &InputFile,
+        mut synced: output::SyncedTemp,
+    ) -> Result<Step, FileError> {
         let name = Self::out_name(job)?;
         match synced.rename(&name, self.force || job.replace) {
             Ok(_) => Ok(Step::Renamed),
             Err(e) if e.kind == Kind::OutputExists => {
-                match same_content(synced.dir(), synced.name(), &name) {
+                match same_content(synced.dir(), synced.file(), &name) {
+                    // Its input may go only if nobody else can change it afterwards.
+                    Ok(Some(file)) if self.remove_source => {
+                        trusted(&file, input, synced.dir(), &name)?;
+                        Ok(Step::InPlace(file))
+                    }
                     Ok(Some(file)) => Ok(Step::InPlace(file)),
                     Ok(None) => Err(e),
                     Err(why) => Err(FileError {
@@ -351,33 +365,58 @@ impl GzipOp {
         // The synced temp, if the rename failed, is unlinked as it drops here.
     }
 
-    /// Reads the input for the length and CRC an up-to-date output must decompress to, before
-    /// `--remove-source` may take the input away.
+    /// `--remove-source` with an up-to-date output in place (a run stopped between its
+    /// publish and the unlink): the output may stand for the input only if it decompresses to
+    /// exactly the input's bytes (compared byte for byte: a CRC can be forged) and nobody but
+    /// the input's owner (or filepipe) can change it afterwards.
     fn adopt(
         &self,
         input: &mut InputFile,
         dir: Arc<Dir>,
-        out_size: u64,
+        name: &OsStr,
         scratch: &mut Scratch,
     ) -> Result<Pending, FileError> {
+        let refuse = |why: String| FileError {
+            kind: Kind::OutputExists,
+            errno: None,
+            message: format!(
+                "{} is dated as this file's output but {why}; input kept (use --force to redo \
+                 it)",
+                dir.path.join(name).display()
+            ),
+        };
+        let file = open_output(&dir, name)?;
+        trusted(&file, input, &dir, name)?;
+        let out_size = file
+            .metadata()
+            .map_err(|e| FileError::io("stat of the existing output", &e))?
+            .len();
         let size = input.size();
-        let buf = scratch.bufs.scratch(256 * 1024);
+        let mut dec = MultiGzDecoder::new(io::BufReader::with_capacity(
+            256 * 1024,
+            (&file).take(out_size),
+        ));
+        let buf = scratch.bufs.scratch(512 * 1024);
+        let (ours, theirs) = buf.split_at_mut(256 * 1024);
         let mut crc = crc32fast::Hasher::new();
         let mut len = 0u64;
         let mut taken = (&mut *input).take(size);
         loop {
-            match taken.read(buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    crc.update(&buf[..n]);
-                    len += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(FileError::io("reading input", &e)),
+            let n = crate::input::fill(&mut taken, ours)
+                .map_err(|e| FileError::io("reading input", &e))?;
+            let m = crate::input::fill(&mut dec, &mut theirs[..n.max(1)])
+                .map_err(|e| refuse(format!("does not decompress ({e})")))?;
+            if ours[..n] != theirs[..m] {
+                return Err(refuse("does not decompress to its bytes".into()));
             }
+            if n == 0 {
+                break;
+            }
+            crc.update(&ours[..n]);
+            len += n as u64;
         }
         Ok(Pending {
-            temp: None,
+            output: Output::InPlace(file),
             dir,
             totals: Totals {
                 crc: crc.finalize(),
@@ -404,28 +443,75 @@ fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
     Ok(file)
 }
 
-/// Whether `theirs` holds exactly the bytes of `ours` (both in `dir`): then it is returned,
+/// Whether `theirs` (a name in `dir`) holds exactly the bytes of `ours` (our synced temp, read
+/// through its own descriptor: its mode may no longer let us open it): then it is returned,
 /// open, so the caller can make it durable before relying on it.
-fn same_content(dir: &Dir, ours: &OsStr, theirs: &OsStr) -> Result<Option<File>, FileError> {
-    let mut a = open_output(dir, ours)?;
-    let mut b = open_output(dir, theirs)?;
+fn same_content(dir: &Dir, ours: &File, theirs: &OsStr) -> Result<Option<File>, FileError> {
+    use std::os::unix::fs::FileExt;
+    let b = open_output(dir, theirs)?;
     let (sa, sb) = (
-        a.metadata().map_err(|e| FileError::io("stat", &e))?,
+        ours.metadata().map_err(|e| FileError::io("stat", &e))?,
         b.metadata().map_err(|e| FileError::io("stat", &e))?,
     );
     if sa.len() != sb.len() {
         return Ok(None);
     }
     let (mut x, mut y) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut at = 0u64;
     loop {
-        let n = crate::input::fill(&mut a, &mut x).map_err(|e| FileError::io("reading", &e))?;
-        let m = crate::input::fill(&mut b, &mut y).map_err(|e| FileError::io("reading", &e))?;
+        let n = ours
+            .read_at(&mut x, at)
+            .map_err(|e| FileError::io("reading", &e))?;
+        let m = b
+            .read_at(&mut y[..n.max(1)], at)
+            .map_err(|e| FileError::io("reading", &e))?;
         if x[..n] != y[..m] {
             return Ok(None);
         }
         if n == 0 {
             return Ok(Some(b));
         }
+        at += n as u64;
+    }
+}
+
+/// Refuses an existing output that someone other than the input's owner (or filepipe) could
+/// change, or that is more open than its input: the input must not go on its strength.
+fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<(), FileError> {
+    let st = rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
+    let me = rustix::process::geteuid().as_raw();
+    let why = if st.st_uid != input.stat.st_uid && st.st_uid != me {
+        format!("is owned by uid {}, not by the input's owner", st.st_uid)
+    } else if st.st_mode & 0o777 & !(input.stat.st_mode & 0o777) != 0 {
+        format!(
+            "is more open than its input (mode {:o}, the input {:o})",
+            st.st_mode & 0o777,
+            input.stat.st_mode & 0o777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(FileError::new(
+        Kind::OutputExists,
+        format!(
+            "{} {why}: not trusted to stand for it; input kept",
+            dir.path.join(name).display()
+        ),
+    ))
+}
+
+/// Checks that `name` in `dir` is still `file` (not replaced since it was compared).
+fn still_named(dir: &Dir, name: &OsStr, file: &File) -> Result<(), FileError> {
+    let open = rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
+    match rfs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(now) if now.st_dev == open.st_dev && now.st_ino == open.st_ino => Ok(()),
+        _ => Err(FileError::new(
+            Kind::OutputExists,
+            format!(
+                "{} was replaced while it was compared; input kept",
+                dir.path.join(name).display()
+            ),
+        )),
     }
 }
 
@@ -462,6 +548,9 @@ impl Op for GzipOp {
         match Self::existing(&dir, &name, input)? {
             Existing::Nothing => Ok(None),
             _ if self.force => Ok(None),
+            // Watch mode, our own output of an earlier version of a file that changed with its
+            // mtime put back (cp -p): dated right, but stale. Redone, replacing it.
+            Existing::UpToDate(_) if job.replace => Ok(None),
             // With --remove-source an up-to-date output is checked and the input removed, as
             // for a fresh one: a run stopped between the publish and the unlink is finished.
             Existing::UpToDate(_) if self.remove_source => Ok(None),
@@ -488,9 +577,10 @@ impl Op for GzipOp {
         scratch: &mut Scratch,
     ) -> Result<Pending, FileError> {
         let dir = self.out_dir(job, scratch)?;
-        if self.remove_source && !self.force {
-            if let Existing::UpToDate(size) = Self::existing(&dir, &Self::out_name(job)?, input)? {
-                return self.adopt(input, dir, size, scratch);
+        if self.remove_source && !self.force && !job.replace {
+            let name = Self::out_name(job)?;
+            if let Existing::UpToDate(_) = Self::existing(&dir, &name, input)? {
+                return self.adopt(input, dir, &name, scratch);
             }
         }
         let mut temp = TempOutput::create(Arc::clone(&dir))?;
@@ -511,7 +601,7 @@ impl Op for GzipOp {
             &mut scratch.bufs,
         )?;
         Ok(Pending {
-            temp: Some(temp),
+            output: Output::Temp(temp),
             dir,
             totals,
         })
@@ -579,10 +669,10 @@ impl Op for GzipOp {
         let renamed: Vec<_> = synced
             .into_iter()
             .zip(&heads)
-            .map(|(r, (job, _, _))| {
+            .map(|(r, (job, input, _))| {
                 r.and_then(|step| {
                     FileError::guard(|| match step {
-                        Step::Synced(temp) => match self.rename(job, temp)? {
+                        Step::Synced(temp) => match self.rename(job, input, temp)? {
                             Step::InPlace(file) => {
                                 // Published by someone else, perhaps not durable yet.
                                 file.sync_all().map_err(|e| {
@@ -700,6 +790,16 @@ mod tests {
         op: &GzipOp,
         files: &[(&str, Vec<u8>)],
     ) -> (Vec<Job>, Vec<InputFile>, Vec<Pending>) {
+        let (jobs, inputs, pendings) = try_read_all(op, files);
+        let pendings = pendings.into_iter().map(Result::unwrap).collect();
+        (jobs, inputs, pendings)
+    }
+
+    /// `read_all`, with each file's read as it came out.
+    fn try_read_all(
+        op: &GzipOp,
+        files: &[(&str, Vec<u8>)],
+    ) -> (Vec<Job>, Vec<InputFile>, Vec<Result<Pending, FileError>>) {
         let mut scratch = op.scratch();
         let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
         for (rel, _) in files {
@@ -711,8 +811,11 @@ mod tests {
             };
             let mut input = InputFile::open(&job.abs, false).unwrap();
             assert_eq!(op.check(&job, &input, &mut scratch).unwrap(), None);
-            pendings.push(op.read(&job, &mut input, &mut scratch).unwrap());
-            input.finish().unwrap();
+            let pending = op.read(&job, &mut input, &mut scratch);
+            if pending.is_ok() {
+                input.finish().unwrap();
+            }
+            pendings.push(pending);
             jobs.push(job);
             inputs.push(input);
         }
@@ -955,12 +1058,29 @@ mod tests {
             .set_modified(mtime)
             .unwrap();
         let again = op_for(&first.tmp, true);
-        let (jobs, inputs, pendings) = read_all(&again, &files);
-        assert!(
-            pendings.iter().all(|p| p.temp.is_none()),
-            "nothing recompressed"
-        );
-        let results = publish_all(&again, &jobs, &inputs, pendings);
+        let (jobs, inputs, pendings) = try_read_all(&again, &files);
+        // Compared while read: the damaged one fails there, the others are adopted in place.
+        let mut ok = (Vec::new(), Vec::new(), Vec::new());
+        let mut results = Vec::new();
+        for ((job, input), pending) in jobs.into_iter().zip(inputs).zip(pendings) {
+            match pending {
+                Ok(p) => {
+                    assert!(
+                        matches!(p.output, Output::InPlace(_)),
+                        "nothing recompressed"
+                    );
+                    ok.0.push(job);
+                    ok.1.push(input);
+                    ok.2.push(p);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut published = publish_all(&again, &ok.0, &ok.1, ok.2).into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| published.next().unwrap()));
         for ((rel, data), result) in files.iter().zip(results) {
             let input = first.tmp.path().join("in").join(rel);
             if *rel == "x/b.log" {
@@ -975,6 +1095,75 @@ mod tests {
                 assert!(!input.exists(), "{rel} must be removed");
                 assert_eq!(&first.gunzip(&format!("{rel}.gz")), data, "{rel}");
             }
+        }
+    }
+
+    /// Four bytes that, appended to `data`, give a CRC-32 of `target` (CRC-32 is linear: anyone
+    /// can forge it, so it must never decide that an output stands for its input).
+    fn crc_forge(data: &[u8], target: u32) -> [u8; 4] {
+        let table: Vec<u32> = (0..256u32)
+            .map(|i| {
+                (0..8).fold(i, |c, _| {
+                    if c & 1 == 1 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    }
+                })
+            })
+            .collect();
+        // The register that four zero bytes take to the target's, found backwards.
+        let mut reg = !target;
+        for _ in 0..4 {
+            let idx = (0..256).find(|&i| table[i] >> 24 == reg >> 24).unwrap();
+            reg = ((reg ^ table[idx]) << 8) | idx as u32;
+        }
+        let after_data = !crc32fast::hash(data);
+        (reg ^ after_data).to_le_bytes()
+    }
+
+    #[test]
+    fn an_output_is_adopted_only_if_it_holds_the_very_bytes_and_nobody_else_can_change_it() {
+        let input = b"pay alice 100 dollars, on the first of the month\n".to_vec();
+        let files = vec![("forged.txt", input.clone()), ("open.txt", input.clone())];
+        let g = group(&files, false, &[]);
+        // Someone plants outputs dated as the inputs' (the same length, and for one the same
+        // CRC-32, as the input, forged), as a run stopped before removing the inputs would
+        // have left them.
+        let mut forged = b"pay mallory 9999 dollars, right now, no questions".to_vec();
+        forged.truncate(input.len() - 4);
+        forged.extend(crc_forge(&forged, crc32fast::hash(&input)));
+        assert_eq!(crc32fast::hash(&forged), crc32fast::hash(&input));
+        assert_eq!(forged.len(), input.len());
+        let plant = |rel: &str, content: &[u8], mode: u32| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            std::io::Write::write_all(&mut e, content).unwrap();
+            let out = g.tmp.path().join("out").join(format!("{rel}.gz"));
+            std::fs::write(&out, e.finish().unwrap()).unwrap();
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
+            let mtime = std::fs::metadata(g.tmp.path().join("in").join(rel))
+                .unwrap()
+                .modified()
+                .unwrap();
+            File::options()
+                .write(true)
+                .open(&out)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+        };
+        plant("forged.txt", &forged, 0o640);
+        plant("open.txt", &input, 0o666);
+        let again = op_for(&g.tmp, true);
+        let (_, _, pendings) = try_read_all(&again, &files);
+        for ((rel, _), pending) in files.iter().zip(pendings) {
+            let e = pending.unwrap_err();
+            assert_eq!(e.kind, Kind::OutputExists, "{rel}: {e:?}");
+            assert!(e.message.contains("input kept"), "{rel}: {e:?}");
+            assert!(
+                g.tmp.path().join("in").join(rel).exists(),
+                "{rel} must be kept"
+            );
         }
     }
 
