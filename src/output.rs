@@ -3,18 +3,20 @@
 //! Invariants: an output directory is reached from its root one component at a time with
 //! `O_NOFOLLOW`, so a planted symlink can never lead a write outside the output root; an output
 //! is written to a mode-0600 temp file in its final directory, given the input's owner, mode and
-//! times, synced, and only then renamed into place (`RENAME_NOREPLACE` unless `--force`), and
-//! the directory is synced. The steps are separate (`set_attrs`, `sync` into a `SyncedTemp`,
-//! `rename`, `sync_dirs`) so a caller can take each for a group of files before the next; the
-//! types only allow a rename after the sync. A temp file that is not published is unlinked when
-//! dropped.
+//! times, synced, and only then given its final name (linked, or renamed, refusing an existing
+//! name unless `--force`), and the directory is synced. The steps are separate (`set_attrs`,
+//! `sync` into a `SyncedTemp`, `rename`, `sync_dirs`) so a caller can take each for a group of
+//! files before the next; the types only allow a rename after the sync. A temp file that is not
+//! published is removed when dropped.
 //!
-//! A temp proves it is filepipe's: it carries the `user.filepipe.temp` extended attribute from
-//! just after its creation until just after its rename, and its writer holds an open file
-//! description lock on it for as long as it lives. `examine_temp` removes a file named like a
-//! temp only with that mark and without a live lock, so no input that merely looks like a temp,
-//! and no temp of a running filepipe (in another PID namespace, or on another host sharing the
-//! file system), is ever deleted.
+//! Where the file system allows it, a temp is anonymous (`O_TMPFILE`): it has no name until it
+//! is linked under its final one, and a crash leaves nothing. A named temp (elsewhere) proves
+//! it is filepipe's: it carries the `user.filepipe.temp` extended attribute from just after
+//! its creation until just after its rename, and its writer holds an open file description
+//! lock on it for as long as it lives. `examine_temp` removes a file named like a temp only
+//! with that mark and without a live lock, so no input that merely looks like a temp, and no
+//! temp of a running filepipe (in another PID namespace, or on another host sharing the file
+//! system), is ever deleted.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -177,16 +179,22 @@ impl Attrs {
     }
 }
 
-/// An output being written: a 0600 temp file in the final directory, marked and locked as
-/// filepipe's. Dropping it without `publish` unlinks it.
+/// An output being written, in the final directory, mode 0600 until its attributes are set.
+/// Where the file system allows it, anonymous (`O_TMPFILE`): it has no name until it is
+/// published, and a crash leaves nothing at all. Elsewhere a named temp, marked and locked as
+/// filepipe's. Dropping it without publishing it removes it.
 #[derive(Debug)]
 pub struct TempOutput {
     dir: Arc<Dir>,
-    name: OsString,
+    /// The named temp's name; `None` for an anonymous one.
+    name: Option<OsString>,
     file: Option<File>,
-    registry_id: u64,
-    /// The mark could be set (the file system keeps user extended attributes).
+    /// The named temp's key in the registry of temps removed on an abrupt exit.
+    registry_id: Option<u64>,
+    /// The named temp carries the mark (the file system keeps user extended attributes).
     marked: bool,
+    /// Under its final name: nothing left to remove.
+    published: bool,
 }
 
 /// This process's temp names start with this: `.filepipe.<pid>-<salt>.`. The salt tells this
@@ -204,44 +212,67 @@ fn own_prefix() -> &'static str {
     })
 }
 
+/// A fresh name for a temp of this process.
+fn temp_name() -> OsString {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    OsString::from(format!("{}{n}{TEMP_SUFFIX}", own_prefix()))
+}
+
+/// Whether temps can be anonymous here: `O_TMPFILE`, and `/proc/self/fd` to link one by
+/// (linking by descriptor alone needs CAP_DAC_READ_SEARCH). Cleared for good at the first file
+/// system that refuses `O_TMPFILE`.
+static ANONYMOUS: AtomicBool = AtomicBool::new(true);
+
 impl TempOutput {
-    /// Creates a fresh temp file in `dir`, locked and marked as this process's.
+    /// Creates a fresh temp in `dir`: anonymous where it can be, else named, locked and
+    /// marked as this process's.
     pub fn create(dir: Arc<Dir>) -> Result<Self, FileError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        loop {
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let name = OsString::from(format!("{}{n}{TEMP_SUFFIX}", own_prefix()));
-            let created = match create_claimed(&dir, &name) {
-                Some(r) => r,
-                None => create_then_claim(&dir, &name),
-            };
-            match created {
-                Ok((fd, marked)) => {
-                    let registry_id = signals::register_temp(dir.path.join(&name));
+        let failed =
+            |e| FileError::errno(&format!("creating temp file in {}", dir.path.display()), e);
+        if ANONYMOUS.load(Ordering::Relaxed) {
+            match create_anonymous(&dir) {
+                Ok(fd) => {
                     return Ok(TempOutput {
                         dir,
-                        name,
+                        name: None,
+                        file: Some(File::from(fd)),
+                        registry_id: None,
+                        marked: false,
+                        published: false,
+                    })
+                }
+                // Not supported by this file system (or kernel), or no /proc: temps are
+                // created by name from now on.
+                Err(
+                    Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS | Errno::NOENT,
+                ) => {
+                    tracing::debug!(dir = %dir.path.display(), "no anonymous temps here");
+                    ANONYMOUS.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        loop {
+            let name = temp_name();
+            match create_named(&dir, &name) {
+                Ok((fd, marked)) => {
+                    let registry_id = Some(signals::register_temp(dir.path.join(&name)));
+                    return Ok(TempOutput {
+                        dir,
+                        name: Some(name),
                         file: Some(File::from(fd)),
                         registry_id,
                         marked,
+                        published: false,
                     });
                 }
                 // Left by another process with our name (the salt makes that all but
                 // impossible): take the next number.
                 Err(Errno::EXIST) => continue,
-                Err(e) => {
-                    return Err(FileError::errno(
-                        &format!("creating temp file in {}", dir.path.display()),
-                        e,
-                    ))
-                }
+                Err(e) => return Err(failed(e)),
             }
         }
-    }
-
-    /// The temp file's name in its directory.
-    pub fn name(&self) -> &OsStr {
-        &self.name
     }
 
     /// The open temp file, for writing.
@@ -249,7 +280,12 @@ impl TempOutput {
         self.file.as_mut().expect("temp file is open until publish")
     }
 
-    /// Applies `attrs`, syncs data and attributes, renames the temp to `final_name` (refusing
+    /// The open temp file, for reading it back (`read_at`, or `ReadAt`).
+    pub fn contents(&self) -> &File {
+        self.file.as_ref().expect("temp file is open until publish")
+    }
+
+    /// Applies `attrs`, syncs data and attributes, gives the temp its final name (refusing
     /// to replace an existing file unless `replace`), and syncs the directory.
     pub fn publish(
         mut self,
@@ -288,9 +324,9 @@ impl TempOutput {
         }
     }
 
-    /// fsyncs the temp: data, mode and times are all durable before the name can appear, so a
-    /// crash never leaves an output a rerun would not recognise. The file stays open (and
-    /// locked) until the rename. `final_name` is for messages.
+    /// fsyncs the temp: data, mode and times are all durable before the final name can
+    /// appear, so a crash never leaves an output a rerun would not recognise. The file stays
+    /// open until it is published. `final_name` is for messages.
     pub fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
         let file = self.file.as_ref().expect("synced once");
         file.sync_all().map_err(|e| {
@@ -301,52 +337,30 @@ impl TempOutput {
     }
 }
 
-/// Whether temps can be made anonymous first (`O_TMPFILE`, then linked under their name):
-/// cleared for good at the first file system or sandbox that refuses it.
-static ANONYMOUS_FIRST: AtomicBool = AtomicBool::new(true);
-
-/// Makes the temp `name` in `dir` appear already locked and marked: an anonymous file
-/// (`O_TMPFILE`) is locked and marked first, then linked under the name, so no crash can leave
-/// the name on a file without the mark. `None` where that cannot be done here (a file system
-/// without `O_TMPFILE`, no `/proc`): the caller then creates the name directly.
-fn create_claimed(dir: &Dir, name: &OsStr) -> Option<Result<(OwnedFd, bool), Errno>> {
-    use std::os::fd::AsRawFd;
-    if !ANONYMOUS_FIRST.load(Ordering::Relaxed) {
-        return None;
+/// An anonymous temp in `dir` (read-write: it is read back through its own descriptor, since
+/// once it has the input's mode it may not be opened again). `NOENT` where there is no
+/// `/proc/self/fd` to link it by later.
+fn create_anonymous(dir: &Dir) -> Result<OwnedFd, Errno> {
+    static PROC: OnceLock<bool> = OnceLock::new();
+    if !*PROC.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+        return Err(Errno::NOENT);
     }
-    // Read-write: a temp is read back through its own descriptor (its mode, once set to the
-    // input's, may not let us open it again).
     let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
-    let fd = match rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600)) {
-        Ok(fd) => fd,
-        // Not supported by this file system (or kernel): its temps are created by name.
-        Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS) => return None,
-        Err(e) => return Some(Err(e)),
-    };
-    // Nobody else can see the file yet: the lock cannot be contended.
-    if let Err(e) = fslock::lock(&fd, LockKind::Write, false) {
-        return Some(Err(e));
-    }
-    let marked = mark(&fd, &dir.path);
-    // Linking an anonymous file by descriptor needs CAP_DAC_READ_SEARCH; through its /proc
-    // link it needs only /proc.
-    let proc_link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-    match rfs::linkat(rfs::CWD, &proc_link, &dir.fd, name, AtFlags::SYMLINK_FOLLOW) {
-        Ok(()) => Some(Ok((fd, marked))),
-        Err(Errno::EXIST) => Some(Err(Errno::EXIST)),
-        Err(e) => {
-            tracing::debug!(error = %e, "cannot link anonymous temps: creating them by name");
-            ANONYMOUS_FIRST.store(false, Ordering::Relaxed);
-            None
-        }
-    }
+    rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600))
 }
 
-/// Creates the temp `name` in `dir` by name, then locks and marks it (where `O_TMPFILE` is
-/// not available). A crash between the creation and the mark leaves an unmarked temp, which
-/// no sweep removes: it is reported instead. The lock waits: a sweeper examining the file in
-/// the instant after its creation holds a read lock for microseconds.
-fn create_then_claim(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
+/// Gives the anonymous file `fd` the name `name` in `dir`, failing with `EXIST` if it is taken.
+fn link_anonymous(fd: &File, dir: &Dir, name: &OsStr) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let proc_link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+    rfs::linkat(rfs::CWD, &proc_link, &dir.fd, name, AtFlags::SYMLINK_FOLLOW)
+}
+
+/// Creates the named temp `name` in `dir` (where anonymous temps cannot be), then locks and
+/// marks it. A crash between the creation and the mark leaves an unmarked temp, which no sweep
+/// removes: it is reported instead. The lock waits: a sweeper examining the file in the
+/// instant after its creation holds a read lock for microseconds.
+fn create_named(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
     let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = rfs::openat(&dir.fd, name, flags, Mode::from_raw_mode(0o600))?;
     if let Err(e) = fslock::lock(&fd, LockKind::Write, true) {
@@ -357,9 +371,9 @@ fn create_then_claim(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> 
     Ok((fd, marked))
 }
 
-/// Sets filepipe's mark on a new temp; false where the file system keeps no user extended
-/// attributes (NFSv3, some FUSE ones): the temp is still locked and removed on failure, but a
-/// crash leaves it for the user.
+/// Sets filepipe's mark on a new named temp; false where the file system keeps no user
+/// extended attributes (NFSv3, some FUSE ones): the temp is still locked and removed on
+/// failure, but a crash leaves it for the user.
 fn mark(fd: &OwnedFd, dir: &Path) -> bool {
     match rfs::fsetxattr(fd, TEMP_MARK, TEMP_MARK_VALUE, rfs::XattrFlags::empty()) {
         Ok(()) => true,
@@ -371,16 +385,11 @@ fn mark(fd: &OwnedFd, dir: &Path) -> bool {
 }
 
 /// A temp output whose data and attributes are durable, ready for its final name. Dropping it
-/// without `rename` unlinks it.
+/// without `rename` removes it.
 #[derive(Debug)]
 pub struct SyncedTemp(TempOutput);
 
 impl SyncedTemp {
-    /// The temp file's name in its directory.
-    pub fn name(&self) -> &OsStr {
-        &self.0.name
-    }
-
     /// The directory the temp is in.
     pub fn dir(&self) -> &Arc<Dir> {
         &self.0.dir
@@ -391,50 +400,79 @@ impl SyncedTemp {
         self.0.file.as_ref().expect("open until renamed")
     }
 
-    /// Renames the temp to `final_name` (refusing to replace an existing file unless
-    /// `replace`) and returns the directory, which the caller must sync before reporting the
-    /// output as published: until then the new name may not survive a crash. The mark comes
-    /// off once the name is final (a crash in between leaves it on an output, where it means
-    /// nothing), and the lock with the close. On failure the temp is still there, to be
-    /// looked at, until this is dropped.
+    /// Gives the temp its final name (refusing to replace an existing file unless `replace`)
+    /// and returns the directory, which the caller must sync before reporting the output as
+    /// published: until then the new name may not survive a crash. An anonymous temp is
+    /// linked under the name (a replacing one under a temp name first, then renamed over it);
+    /// a named one is renamed, its mark removed once the name is final (a crash in between
+    /// leaves it on an output, where it means nothing). On failure the temp is still there,
+    /// to be looked at, until this is dropped.
     pub fn rename(&mut self, final_name: &OsStr, replace: bool) -> Result<Arc<Dir>, FileError> {
         let temp = &mut self.0;
         let ctx = |what: &str| format!("{what} {}", temp.dir.path.join(final_name).display());
-        let flags = if replace {
-            RenameFlags::empty()
-        } else {
-            RenameFlags::NOREPLACE
+        let exists = |e: Errno| FileError {
+            kind: Kind::OutputExists,
+            errno: Some(e.raw_os_error()),
+            message: format!("{} already exists; not overwritten", ctx("output")),
         };
-        let renamed = rfs::renameat_with(&temp.dir.fd, &temp.name, &temp.dir.fd, final_name, flags);
-        if let Err(e) = renamed {
-            return Err(match e {
-                Errno::EXIST => FileError {
-                    kind: Kind::OutputExists,
-                    errno: Some(e.raw_os_error()),
-                    message: format!("{} already exists; not overwritten", ctx("output")),
-                },
-                e => FileError::errno(&ctx("publishing"), e),
-            });
-        }
-        signals::unregister_temp(temp.registry_id);
-        // Published: nothing left for Drop to remove.
-        temp.name.clear();
-        if let Some(file) = temp.file.take() {
-            if temp.marked {
-                let _ = rfs::fremovexattr(&file, TEMP_MARK);
+        let file = temp.file.as_ref().expect("open until renamed");
+        match &temp.name {
+            None if !replace => match link_anonymous(file, &temp.dir, final_name) {
+                Ok(()) => {}
+                Err(e @ Errno::EXIST) => return Err(exists(e)),
+                Err(e) => return Err(FileError::errno(&ctx("publishing"), e)),
+            },
+            None => loop {
+                // A name to rename over the final one with: the only way to replace a file
+                // by another atomically.
+                let name = temp_name();
+                match link_anonymous(file, &temp.dir, &name) {
+                    Ok(()) => {}
+                    Err(Errno::EXIST) => continue,
+                    Err(e) => return Err(FileError::errno(&ctx("publishing"), e)),
+                }
+                let renamed = rfs::renameat(&temp.dir.fd, &name, &temp.dir.fd, final_name);
+                if let Err(e) = renamed {
+                    let _ = rfs::unlinkat(&temp.dir.fd, &name, AtFlags::empty());
+                    return Err(FileError::errno(&ctx("publishing"), e));
+                }
+                break;
+            },
+            Some(name) => {
+                let flags = if replace {
+                    RenameFlags::empty()
+                } else {
+                    RenameFlags::NOREPLACE
+                };
+                match rfs::renameat_with(&temp.dir.fd, name, &temp.dir.fd, final_name, flags) {
+                    Ok(()) => {}
+                    Err(e @ Errno::EXIST) => return Err(exists(e)),
+                    Err(e) => return Err(FileError::errno(&ctx("publishing"), e)),
+                }
+                if temp.marked {
+                    let _ = rfs::fremovexattr(file, TEMP_MARK);
+                }
             }
         }
+        temp.published = true;
+        if let Some(id) = temp.registry_id.take() {
+            signals::unregister_temp(id);
+        }
+        drop(temp.file.take());
         Ok(Arc::clone(&temp.dir))
     }
 }
 
 impl Drop for TempOutput {
     fn drop(&mut self) {
-        if !self.name.is_empty() {
+        if let (false, Some(name)) = (self.published, &self.name) {
             // Unlinked while still locked: no sweeper can see it unlocked under its name.
-            let _ = rfs::unlinkat(&self.dir.fd, &self.name, AtFlags::empty());
-            drop(self.file.take());
-            signals::unregister_temp(self.registry_id);
+            let _ = rfs::unlinkat(&self.dir.fd, name, AtFlags::empty());
+        }
+        // An anonymous temp goes with its last descriptor.
+        drop(self.file.take());
+        if let Some(id) = self.registry_id.take() {
+            signals::unregister_temp(id);
         }
     }
 }
@@ -516,6 +554,28 @@ pub fn examine_temp_path(path: &Path, remove: bool) -> TempFound {
     match rfs::open(parent, flags, Mode::empty()) {
         Ok(dir) => examine_temp(&dir, name, remove),
         Err(e) => TempFound::Unmarked(Some(e)),
+    }
+}
+
+/// Reads a file from its start through `pread`, leaving its descriptor's offset alone (a temp
+/// is read back this way while it is still being published).
+pub struct ReadAt<'f> {
+    file: &'f File,
+    pos: u64,
+}
+
+impl<'f> ReadAt<'f> {
+    /// A reader of `file` from offset 0.
+    pub fn new(file: &'f File) -> Self {
+        ReadAt { file, pos: 0 }
+    }
+}
+
+impl std::io::Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = std::os::unix::fs::FileExt::read_at(self.file, buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -650,66 +710,73 @@ mod tests {
         assert!(tmp.path().join(".filepipe.4000000.0.tmp").exists());
         // Gone, or this process's own: nothing to say.
         assert_eq!(examine(".filepipe.9.9.tmp", true), TempFound::Ignore);
-        let mut cache = DirCache::new(tmp.path(), false);
-        let out = cache.open(Path::new(""), &|_| Mode::empty()).unwrap();
-        let mine = TempOutput::create(out).unwrap();
-        assert_eq!(
-            examine(mine.name().to_str().unwrap(), true),
-            TempFound::Ignore
-        );
+        let mine = temp_name();
+        std::fs::write(tmp.path().join(&mine), b"mine").unwrap();
+        assert_eq!(examine(mine.to_str().unwrap(), true), TempFound::Ignore);
     }
 
     #[test]
-    fn both_ways_of_creating_a_temp_leave_it_marked_and_locked() {
+    fn a_named_temp_is_marked_and_locked_while_its_writer_lives() {
+        // Where anonymous temps cannot be made (no O_TMPFILE), temps are named.
         let tmp = tempfile::tempdir().unwrap();
         let dir = DirCache::new(tmp.path(), false)
             .open(Path::new(""), &|_| Mode::empty())
             .unwrap();
-        let anonymous = create_claimed(&dir, OsStr::new(".filepipe.t.1.tmp"))
-            .expect("O_TMPFILE and /proc here");
-        let named = create_then_claim(&dir, OsStr::new(".filepipe.t.2.tmp"));
-        for (fd, name) in [(anonymous, "1"), (named, "2")] {
-            let (fd, marked) = fd.unwrap();
-            assert!(marked, "{name}");
-            let name = format!(".filepipe.t.{name}.tmp");
-            assert_eq!(
-                examine_temp(&dir.fd, OsStr::new(&name), true),
-                TempFound::InUse
-            );
-            drop(fd);
-            assert_eq!(
-                examine_temp(&dir.fd, OsStr::new(&name), true),
-                TempFound::Removed
-            );
-        }
+        let name = OsStr::new(".filepipe.t.2.tmp");
+        let (fd, marked) = create_named(&dir, name).unwrap();
+        assert!(marked);
+        let mut value = [0u8; 8];
+        let n = rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]).unwrap();
+        assert_eq!(&value[..n], TEMP_MARK_VALUE);
+        assert_eq!(examine_temp(&dir.fd, name, true), TempFound::InUse);
+        drop(fd);
+        assert_eq!(examine_temp(&dir.fd, name, true), TempFound::Removed);
     }
 
     #[test]
-    fn a_live_temp_is_marked_and_locked_and_its_output_keeps_neither() {
+    fn an_anonymous_temp_has_no_name_until_it_is_published_and_then_exactly_its_own() {
         let tmp = tempfile::tempdir().unwrap();
-        let mut cache = DirCache::new(tmp.path(), false);
-        let out = cache.open(Path::new(""), &|_| Mode::empty()).unwrap();
-        let mut temp = TempOutput::create(out).unwrap();
+        let dir = DirCache::new(tmp.path(), false)
+            .open(Path::new(""), &|_| Mode::empty())
+            .unwrap();
+        let names = || {
+            let mut v: Vec<_> = std::fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let mut temp = TempOutput::create(Arc::clone(&dir)).unwrap();
+        assert!(temp.name.is_none(), "O_TMPFILE and /proc here");
         std::io::Write::write_all(temp.file(), b"data").unwrap();
-        let path = tmp.path().join(temp.name());
-        let mut value = [0u8; 8];
-        let n = rfs::getxattr(&path, TEMP_MARK, &mut value[..]).unwrap();
-        assert_eq!(&value[..n], TEMP_MARK_VALUE);
-        // Another description cannot lock it: its writer is alive.
-        let other = File::open(&path).unwrap();
-        assert_eq!(
-            fslock::lock(&other, LockKind::Read, false),
-            Err(Errno::AGAIN)
-        );
-        drop(other);
+        assert!(names().is_empty(), "{:?}", names());
         temp.publish(OsStr::new("out"), None, false).unwrap();
-        let out = tmp.path().join("out");
-        assert_eq!(std::fs::read(&out).unwrap(), b"data");
-        assert_eq!(
-            rfs::getxattr(&out, TEMP_MARK, &mut value[..]),
-            Err(Errno::NODATA)
-        );
-        fslock::lock(&File::open(&out).unwrap(), LockKind::Read, false).unwrap();
+        assert_eq!(names(), ["out"]);
+        assert_eq!(std::fs::read(tmp.path().join("out")).unwrap(), b"data");
+        // Replacing (--force, a manifest) goes through a temp name, and leaves only the output.
+        let mut temp = TempOutput::create(Arc::clone(&dir)).unwrap();
+        std::io::Write::write_all(temp.file(), b"new").unwrap();
+        let err = TempOutput::create(Arc::clone(&dir))
+            .unwrap()
+            .publish(OsStr::new("out"), None, false)
+            .unwrap_err();
+        assert_eq!(err.kind, Kind::OutputExists);
+        temp.set_attrs(
+            OsStr::new("out"),
+            &Attrs {
+                mode: 0o640,
+                uid: 0,
+                gid: 0,
+                times: rfs::fstat(temp.contents())
+                    .map(|st| Attrs::from_stat(&st).times)
+                    .unwrap(),
+            },
+        )
+        .unwrap();
+        temp.publish(OsStr::new("out"), None, true).unwrap();
+        assert_eq!(names(), ["out"]);
+        assert_eq!(std::fs::read(tmp.path().join("out")).unwrap(), b"new");
     }
 
     #[test]

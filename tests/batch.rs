@@ -901,10 +901,10 @@ fn second_signal_abandons_the_file_in_progress_without_partial_output() {
     .spawn()
     .unwrap();
     wait_until(Duration::from_secs(60), "the temp file", || {
-        !temps_under(&t.root()).is_empty()
+        !temps_in_progress(&t.root()).is_empty()
     });
     // Private from the start: the input's mode is only given at publish time.
-    for temp in temps_under(&t.root()) {
+    for temp in temps_in_progress(&t.root()) {
         let mode = fs::metadata(&temp).unwrap().mode() & 0o7777;
         assert_eq!(mode, 0o600, "{temp:?}");
     }
@@ -962,7 +962,7 @@ fn sigkill_at_random_points_then_rerun_finishes_without_corruption() {
             .spawn()
             .unwrap();
         wait_until(Duration::from_secs(60), "progress", || {
-            count_outputs() > before || round == 2 && !temps_under(&out_dir).is_empty()
+            count_outputs() > before || round == 2 && !temps_in_progress(&out_dir).is_empty()
         });
         std::thread::sleep(Duration::from_millis(7 * round));
         signal(&child, rustix::process::Signal::KILL);

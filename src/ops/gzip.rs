@@ -158,12 +158,11 @@ impl GzipOp {
         })
     }
 
-    /// Decompresses the published output and compares it with what was compressed.
-    fn verify_output(&self, dir: &Dir, name: &OsStr, totals: &Totals) -> Result<(), FileError> {
-        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rfs::openat(&dir.fd, name, flags, Mode::empty())
-            .map_err(|e| FileError::errno("reopening output to verify it", e))?;
-        let mut dec = MultiGzDecoder::new(io::BufReader::with_capacity(256 * 1024, File::from(fd)));
+    /// Decompresses the written output (through its own descriptor) and compares it with what
+    /// was compressed.
+    fn verify_output(&self, file: &File, totals: &Totals) -> Result<(), FileError> {
+        let reader = output::ReadAt::new(file);
+        let mut dec = MultiGzDecoder::new(io::BufReader::with_capacity(256 * 1024, reader));
         let mut crc = crc32fast::Hasher::new();
         let mut len = 0u64;
         let mut buf = vec![0; 256 * 1024];
@@ -326,7 +325,7 @@ impl GzipOp {
         // Checked while still a temp: an output that does not decompress back to the input
         // never gets a final name, so a rerun cannot mistake it for an up-to-date one.
         if self.remove_source {
-            self.verify_output(&pending.dir, temp.name(), &pending.totals)?;
+            self.verify_output(temp.contents(), &pending.totals)?;
         }
         temp.set_attrs(&name, &Attrs::from_stat(&input.stat))?;
         temp.start_writeback();
@@ -1060,7 +1059,8 @@ mod tests {
         let again = op_for(&first.tmp, true);
         let (jobs, inputs, pendings) = try_read_all(&again, &files);
         // Compared while read: the damaged one fails there, the others are adopted in place.
-        let mut ok = (Vec::new(), Vec::new(), Vec::new());
+        type Adopted = (Vec<Job>, Vec<InputFile>, Vec<Pending>);
+        let mut ok: Adopted = (Vec::new(), Vec::new(), Vec::new());
         let mut results = Vec::new();
         for ((job, input), pending) in jobs.into_iter().zip(inputs).zip(pendings) {
             match pending {

@@ -511,3 +511,37 @@ impl Drop for SharedMap {
         unsafe { libc::munmap(self.ptr.cast(), self.len) };
     }
 }
+
+/// Temps being written under `dir`: filepipe's named temps, and anonymous (`O_TMPFILE`) files
+/// some process has open there, as `/proc/PID/fd/N` (a path that reaches the file: `stat` it
+/// for its mode).
+pub fn temps_in_progress(dir: &Path) -> Vec<PathBuf> {
+    let mut found = temps_under(dir);
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return found;
+    };
+    for p in procs.filter_map(Result::ok) {
+        if !p.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            // An anonymous file reads as DIR/#INODE (deleted).
+            let t = target.as_os_str().as_bytes();
+            let anonymous = t.ends_with(b" (deleted)")
+                && target.parent().is_some_and(|d| d.starts_with(dir))
+                && target
+                    .file_name()
+                    .is_some_and(|n| n.as_bytes().starts_with(b"#"));
+            if anonymous {
+                found.push(fd.path());
+            }
+        }
+    }
+    found
+}
