@@ -235,25 +235,23 @@ pub fn absolute(path: &Path) -> PathBuf {
     let Ok(full) = std::path::absolute(path) else {
         return path.to_path_buf();
     };
-    let parts: Vec<Component> = full.components().collect();
-    for existing in (1..=parts.len()).rev() {
-        let Ok(mut resolved) = fs::canonicalize(parts[..existing].iter().collect::<PathBuf>())
-        else {
-            continue;
-        };
-        // What does not exist yet holds no symlink: its `..` and `.` fold by name.
-        for part in &parts[existing..] {
-            match part {
-                Component::ParentDir => {
-                    resolved.pop();
-                }
-                Component::Normal(name) => resolved.push(name),
-                _ => {}
+    // One component at a time, as the kernel resolves it: whatever exists is resolved (its
+    // symlinks followed), `..` climbs from there, and only what does not exist (which holds no
+    // symlink) is taken by name, even after a `..` leads back into what does.
+    let mut resolved = PathBuf::from("/");
+    for part in full.components() {
+        match part {
+            Component::ParentDir => {
+                resolved.pop();
             }
+            Component::Normal(name) => resolved.push(name),
+            _ => continue,
         }
-        return resolved;
+        if let Ok(real) = fs::canonicalize(&resolved) {
+            resolved = real;
+        }
     }
-    full
+    resolved
 }
 
 /// Makes a file path absolute through its (existing) parent, so it can be compared with walked
@@ -377,6 +375,22 @@ mod tests {
         let f = filter(&[], &[]);
         assert!(f.included(Path::new("anything")));
         assert!(!f.excluded(Path::new("anything")));
+    }
+
+    #[test]
+    fn absolute_resolves_what_exists_even_after_a_dotdot_past_what_does_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir(base.join("in")).unwrap();
+        std::os::unix::fs::symlink(base.join("in"), base.join("link")).unwrap();
+        for (given, want) in [
+            ("in/new/..", "in"),
+            ("link/sub", "in/sub"),
+            ("nope/../link/sub", "in/sub"),
+            ("in/./a/b/../c", "in/a/c"),
+        ] {
+            assert_eq!(absolute(&base.join(given)), base.join(want), "{given}");
+        }
     }
 
     #[test]

@@ -92,6 +92,11 @@ impl DirCache {
         Ok(dir)
     }
 
+    /// Forgets the directory it remembers (it was deleted: the next `open` makes it again).
+    pub fn forget(&mut self) {
+        self.last = None;
+    }
+
     fn open_uncached(
         &self,
         rel_dir: &Path,
@@ -221,7 +226,7 @@ fn temp_name() -> OsString {
 
 /// Whether temps can be anonymous here: `O_TMPFILE`, and `/proc/self/fd` to link one by
 /// (linking by descriptor alone needs CAP_DAC_READ_SEARCH). Cleared for good at the first file
-/// system that refuses `O_TMPFILE`.
+/// system that refuses either, or when `FILEPIPE_TEMPS=named` asks for named temps.
 static ANONYMOUS: AtomicBool = AtomicBool::new(true);
 
 impl TempOutput {
@@ -341,12 +346,43 @@ impl TempOutput {
 /// once it has the input's mode it may not be opened again). `NOENT` where there is no
 /// `/proc/self/fd` to link it by later.
 fn create_anonymous(dir: &Dir) -> Result<OwnedFd, Errno> {
-    static PROC: OnceLock<bool> = OnceLock::new();
-    if !*PROC.get_or_init(|| Path::new("/proc/self/fd").is_dir()) {
+    static USABLE: OnceLock<bool> = OnceLock::new();
+    let usable = *USABLE.get_or_init(|| {
+        std::env::var_os("FILEPIPE_TEMPS").is_none_or(|v| v != "named")
+            && Path::new("/proc/self/fd").is_dir()
+    });
+    if !usable {
         return Err(Errno::NOENT);
     }
     let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
-    rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600))
+    let fd = rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600))?;
+    // Once per process: can such a file be linked here? (A sandbox may allow O_TMPFILE and
+    // refuse the link; finding out at the first publish would cost that file's work.) With a
+    // probe file of its own: an anonymous file can be linked once only.
+    static LINKS: OnceLock<bool> = OnceLock::new();
+    let links = *LINKS.get_or_init(|| {
+        let Ok(probe) = rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600)) else {
+            return false;
+        };
+        let name = temp_name();
+        let linked = link_anonymous(&File::from(probe), dir, &name).is_ok();
+        if linked {
+            let _ = rfs::unlinkat(&dir.fd, &name, AtFlags::empty());
+        }
+        linked
+    });
+    if !links {
+        return Err(Errno::NOENT);
+    }
+    Ok(fd)
+}
+
+/// After a link of an anonymous temp failed with `e` (other than `EXIST`): later temps are
+/// named (this one's file fails).
+fn no_anonymous_temps(e: Errno) {
+    if ANONYMOUS.swap(false, Ordering::Relaxed) {
+        tracing::warn!(error = %e, "cannot link anonymous temps here: creating them by name");
+    }
 }
 
 /// Gives the anonymous file `fd` the name `name` in `dir`, failing with `EXIST` if it is taken.
@@ -374,7 +410,7 @@ fn create_named(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
 /// Sets filepipe's mark on a new named temp; false where the file system keeps no user
 /// extended attributes (NFSv3, some FUSE ones): the temp is still locked and removed on
 /// failure, but a crash leaves it for the user.
-fn mark(fd: &OwnedFd, dir: &Path) -> bool {
+fn mark(fd: impl AsFd, dir: &Path) -> bool {
     match rfs::fsetxattr(fd, TEMP_MARK, TEMP_MARK_VALUE, rfs::XattrFlags::empty()) {
         Ok(()) => true,
         Err(e) => {
@@ -420,24 +456,42 @@ impl SyncedTemp {
             None if !replace => match link_anonymous(file, &temp.dir, final_name) {
                 Ok(()) => {}
                 Err(e @ Errno::EXIST) => return Err(exists(e)),
-                Err(e) => return Err(FileError::errno(&ctx("publishing"), e)),
-            },
-            None => loop {
-                // A name to rename over the final one with: the only way to replace a file
-                // by another atomically.
-                let name = temp_name();
-                match link_anonymous(file, &temp.dir, &name) {
-                    Ok(()) => {}
-                    Err(Errno::EXIST) => continue,
-                    Err(e) => return Err(FileError::errno(&ctx("publishing"), e)),
+                Err(e) => {
+                    no_anonymous_temps(e);
+                    return Err(FileError::errno(&ctx("publishing"), e));
                 }
+            },
+            None => {
+                // Replacing goes through a name to rename over the final one with (the only
+                // way to replace a file by another atomically). For that instant the temp has a
+                // name, so it is a named temp like any other: locked and marked first (a crash
+                // then leaves it for the next run's sweep), registered for an abrupt exit.
+                fslock::lock(file, LockKind::Write, false)
+                    .map_err(|e| FileError::errno(&ctx("locking the temp of"), e))?;
+                let marked = mark(file.as_fd(), &temp.dir.path);
+                let name = loop {
+                    let name = temp_name();
+                    match link_anonymous(file, &temp.dir, &name) {
+                        Ok(()) => break name,
+                        Err(Errno::EXIST) => continue,
+                        Err(e) => {
+                            no_anonymous_temps(e);
+                            return Err(FileError::errno(&ctx("publishing"), e));
+                        }
+                    }
+                };
+                let id = signals::register_temp(temp.dir.path.join(&name));
                 let renamed = rfs::renameat(&temp.dir.fd, &name, &temp.dir.fd, final_name);
                 if let Err(e) = renamed {
                     let _ = rfs::unlinkat(&temp.dir.fd, &name, AtFlags::empty());
+                    signals::unregister_temp(id);
                     return Err(FileError::errno(&ctx("publishing"), e));
                 }
-                break;
-            },
+                signals::unregister_temp(id);
+                if marked {
+                    let _ = rfs::fremovexattr(file, TEMP_MARK);
+                }
+            }
             Some(name) => {
                 let flags = if replace {
                     RenameFlags::empty()
@@ -625,6 +679,12 @@ fn start_writeback(file: &File) {
             libc::SYNC_FILE_RANGE_WRITE,
         );
     }
+}
+
+/// Whether `dir` was deleted since it was opened (its descriptor still works, but nothing can
+/// be created in it).
+pub fn deleted(dir: &Dir) -> bool {
+    rfs::fstat(&dir.fd).is_ok_and(|st| st.st_nlink == 0)
 }
 
 /// fsyncs a directory so a rename or unlink in it survives a crash.

@@ -391,20 +391,30 @@ impl State {
     ) -> Result<u32> {
         self.write_done()?;
         let path = rel.as_os_str().as_bytes();
-        let previous: Option<(u32, Option<i64>, Option<i64>)> = self
+        type Previous = (u32, Option<i64>, Option<i64>, Option<String>);
+        let previous: Option<Previous> = self
             .conn
             .prepare_cached(
-                "SELECT attempts, size, mtime_ns FROM files WHERE root=?1 AND op=?2 AND path=?3",
+                "SELECT attempts, size, mtime_ns, error FROM files
+                 WHERE root=?1 AND op=?2 AND path=?3",
             )?
             .query_row(params![self.root, self.op, path], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
             })
             .optional()?;
-        let same_file = previous.is_some_and(|(_, size, mtime)| {
-            stamp.is_some_and(|s| Some(s.size as i64) == size && Some(s.mtime_ns) == mtime)
+        let same_file = previous.as_ref().is_some_and(|(_, size, mtime, _)| {
+            stamp.is_some_and(|s| Some(s.size as i64) == *size && Some(s.mtime_ns) == *mtime)
         });
+        let in_use = Some(Kind::InUse.as_str());
+        // Waiting for a file in use goes on counting (its backoff grows) even as the file
+        // changes; it does not spend the attempts of another failure after it.
         let attempts = match previous {
-            Some((a, _, _)) if same_file || stamp.is_none() => a + 1,
+            Some((a, _, _, err))
+                if (e.kind == Kind::InUse) == (err.as_deref() == in_use)
+                    && (same_file || stamp.is_none() || e.kind == Kind::InUse) =>
+            {
+                a + 1
+            }
             _ => 1,
         };
 

@@ -389,8 +389,17 @@ fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
             continue;
         };
         if let Ok(fd) = root.open_dir(rel) {
-            if output::examine_temp(&fd, entry.file_name(), true) == TempFound::Removed {
-                stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+            match output::examine_temp(&fd, entry.file_name(), true) {
+                TempFound::Removed => {
+                    stats.stale_temps_removed.fetch_add(1, Ordering::Relaxed);
+                }
+                // Not an input (this tree is filepipe's output), but not provably filepipe's
+                // either: left, and said.
+                TempFound::Unmarked(_) => tracing::warn!(
+                    path = %entry.path().display(),
+                    "named like a filepipe temp file but not marked as one: left alone"
+                ),
+                TempFound::Ignore | TempFound::InUse | TempFound::Stale => {}
             }
         }
     }

@@ -576,6 +576,9 @@ impl Watch<'_> {
     /// that file's outcome to be committed, or the outcome would bring the file back.
     fn forget(&mut self, rel: PathBuf) -> Result<()> {
         self.pending.remove(&rel);
+        if !self.retries.is_empty() {
+            self.retries.retain(|(_, p)| !p.starts_with(&rel));
+        }
         // Its entries in `ready` and `scanned` are skipped once it is out of their sets.
         self.ready_set.remove(&rel);
         self.scanned_set.remove(&rel);

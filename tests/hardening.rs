@@ -161,6 +161,9 @@ fn case_2_a_live_temp_of_an_instance_in_another_pid_namespace_is_kept() {
         .arg(&out_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // Named temps, as where the file system has no O_TMPFILE: anonymous ones have no name
+    // for another instance to sweep at all.
+    first.env("FILEPIPE_TEMPS", "named");
     std::os::unix::process::CommandExt::process_group(&mut first, 0);
     let first = first.spawn().unwrap();
     let group = rustix::process::Pid::from_child(&first);
@@ -168,12 +171,13 @@ fn case_2_a_live_temp_of_an_instance_in_another_pid_namespace_is_kept() {
         !temps_in_progress(&out_dir).is_empty() || first_exited(&first)
     });
     rustix::process::kill_process_group(group, rustix::process::Signal::STOP).unwrap();
-    // Caught mid-write. (Where temps are anonymous there is nothing to sweep at all; where
-    // they are named, `.filepipe.1000000-...`, the lock keeps it.)
-    let temps = temps_in_progress(&out_dir);
+    // Caught mid-write: `.filepipe.1000000-<salt>.0.tmp`, locked by its writer.
+    let temps = temps_under(&out_dir);
     assert_eq!(temps.len(), 1, "caught mid-write: {temps:?}");
+    let name = temps[0].file_name().unwrap().to_string_lossy().into_owned();
+    assert!(name.starts_with(".filepipe.1000000"), "{name}");
     // A second instance on the same --out, meanwhile.
-    let second = run(filepipe(&[
+    let mut second = filepipe(&[
         s("batch"),
         p(other.path()),
         s("--op"),
@@ -181,7 +185,9 @@ fn case_2_a_live_temp_of_an_instance_in_another_pid_namespace_is_kept() {
         s("--out"),
         p(&out_dir),
         s("--json"),
-    ]));
+    ]);
+    second.env("FILEPIPE_TEMPS", "named");
+    let second = run(second);
     let summary = summary_of(&second, 0);
     assert_eq!(summary["stale_temps_removed"], 0, "{summary}");
     assert_eq!(
@@ -218,6 +224,7 @@ fn case_3_out_that_is_encloses_or_lies_inside_dir_is_a_usage_error() {
     let dotted = format!("{}/./", root.display());
     let (link, sub, new) = (t.side("link-to-in"), t.path("sub"), t.path("new/archive"));
     let up = t.path("new/..");
+    let around = t.side("nope/../link-to-in/sub");
     let cases: Vec<(&Path, &OsStr)> = vec![
         (&root, p(&root)),
         (&root, s(&dotted)),
@@ -225,6 +232,7 @@ fn case_3_out_that_is_encloses_or_lies_inside_dir_is_a_usage_error() {
         (&root, p(&sub)),
         (&root, p(&new)),
         (&root, p(&up)),
+        (&root, p(&around)),
         (&sub, p(&root)),
     ];
     let state = t.side("state");
@@ -247,6 +255,7 @@ fn case_3_out_that_is_encloses_or_lies_inside_dir_is_a_usage_error() {
         }
     }
     assert!(!t.path("new").exists(), "a refused --out was created");
+    assert!(!t.side("nope").exists(), "a refused --out was created");
     assert!(!t.path("a.txt.gz").exists() && !t.path("sub/b.txt.gz").exists());
 }
 
@@ -1188,4 +1197,64 @@ fn case_13_a_file_waiting_to_be_retried_then_deleted_is_no_failure() {
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["files"], 0, "{summary}");
+}
+
+/// Runs `filepipe ARGS` under strace, killed (SIGKILL) at its first rename: the instant a
+/// replacing publish has its temp under a temp name. `None` where strace is missing.
+fn killed_at_first_rename(args: &[&OsStr], named: bool) -> Option<std::process::Output> {
+    if Command::new("strace").arg("-V").output().is_err() {
+        return None;
+    }
+    let mut cmd = Command::new("strace");
+    cmd.args([
+        "-f",
+        "-o",
+        "/dev/null",
+        "-e",
+        "inject=renameat,renameat2:signal=SIGKILL:when=1",
+    ])
+    .arg(bin())
+    .args(args);
+    if named {
+        cmd.env("FILEPIPE_TEMPS", "named");
+    }
+    Some(run(cmd))
+}
+
+#[test]
+fn case_1_a_crash_while_replacing_leaves_only_a_temp_the_next_run_removes() {
+    for named in [false, true] {
+        let t = TestTree::new().file("a.log", &text_bytes(50_000, 1));
+        let out_dir = t.side("out");
+        let root = t.root();
+        let args = [
+            s("batch"),
+            p(&root),
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out_dir),
+        ];
+        summary_of(&run(filepipe(&[&args[..], &[s("--json")]].concat())), 0);
+        let Some(killed) = killed_at_first_rename(&[&args[..], &[s("--force")]].concat(), named)
+        else {
+            eprintln!("SKIPPED: no strace to kill the run at its rename");
+            return;
+        };
+        assert_ne!(killed.status.code(), Some(0), "not killed: {killed:?}");
+        let left = temps_under(t.dir.path());
+        assert_eq!(left.len(), 1, "named {named}: the replacing temp: {left:?}");
+        let summary = summary_of(&run(filepipe(&[&args[..], &[s("--json")]].concat())), 0);
+        assert_eq!(
+            summary["stale_temps_removed"], 1,
+            "named {named}: {summary}"
+        );
+        assert!(temps_under(t.dir.path()).is_empty(), "named {named}");
+        let back = tool(
+            "gunzip",
+            &[s("-c"), p(&out_dir.join("a.log.gz"))],
+            t.dir.path(),
+        );
+        assert_eq!(back.stdout, text_bytes(50_000, 1));
+    }
 }

@@ -479,9 +479,18 @@ fn same_content(dir: &Dir, ours: &File, theirs: &OsStr) -> Result<Option<File>, 
 fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<(), FileError> {
     let st = rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
     let me = rustix::process::geteuid().as_raw();
+    let extra = st.st_mode & 0o777 & !(input.stat.st_mode & 0o777);
+    // filepipe's own (its user's) output of an input whose mode was narrowed since: narrowed
+    // too, as a fresh output would be, then trusted.
+    if extra != 0 && st.st_uid == me {
+        let mode = Mode::from_raw_mode(st.st_mode & 0o777 & !extra);
+        rfs::fchmod(file, mode)
+            .map_err(|e| FileError::errno("narrowing the mode of the existing output", e))?;
+        return trusted(file, input, dir, name);
+    }
     let why = if st.st_uid != input.stat.st_uid && st.st_uid != me {
         format!("is owned by uid {}, not by the input's owner", st.st_uid)
-    } else if st.st_mode & 0o777 & !(input.stat.st_mode & 0o777) != 0 {
+    } else if extra != 0 {
         format!(
             "is more open than its input (mode {:o}, the input {:o})",
             st.st_mode & 0o777,
@@ -582,7 +591,17 @@ impl Op for GzipOp {
                 return self.adopt(input, dir, &name, scratch);
             }
         }
-        let mut temp = TempOutput::create(Arc::clone(&dir))?;
+        let (dir, mut temp) = match TempOutput::create(Arc::clone(&dir)) {
+            // The remembered output directory was deleted (rm -r of part of the archive while
+            // a daemon runs): made again.
+            Err(_) if output::deleted(&dir) => {
+                scratch.out_dirs.forget();
+                let dir = self.out_dir(job, scratch)?;
+                let temp = TempOutput::create(Arc::clone(&dir))?;
+                (dir, temp)
+            }
+            created => (dir, created?),
+        };
         let mtime = u32::try_from(input.stat.st_mtime).unwrap_or(0);
         let name = job.rel.file_name().map(|n| n.as_bytes());
         let header = Header {
@@ -1125,7 +1144,11 @@ mod tests {
     #[test]
     fn an_output_is_adopted_only_if_it_holds_the_very_bytes_and_nobody_else_can_change_it() {
         let input = b"pay alice 100 dollars, on the first of the month\n".to_vec();
-        let files = vec![("forged.txt", input.clone()), ("open.txt", input.clone())];
+        let files = vec![
+            ("forged.txt", input.clone()),
+            ("theirs.txt", input.clone()),
+            ("open.txt", input.clone()),
+        ];
         let g = group(&files, false, &[]);
         // Someone plants outputs dated as the inputs' (the same length, and for one the same
         // CRC-32, as the input, forged), as a run stopped before removing the inputs would
@@ -1153,17 +1176,32 @@ mod tests {
                 .unwrap();
         };
         plant("forged.txt", &forged, 0o640);
+        plant("theirs.txt", &input, 0o640);
         plant("open.txt", &input, 0o666);
+        // Someone else's (where this test may give it away): they could change it later.
+        let theirs = g.tmp.path().join("out/theirs.txt.gz");
+        let foreign = rustix::process::geteuid().is_root()
+            && rustix::fs::chown(&theirs, Some(rustix::fs::Uid::from_raw(4242)), None).is_ok();
         let again = op_for(&g.tmp, true);
         let (_, _, pendings) = try_read_all(&again, &files);
         for ((rel, _), pending) in files.iter().zip(pendings) {
-            let e = pending.unwrap_err();
-            assert_eq!(e.kind, Kind::OutputExists, "{rel}: {e:?}");
-            assert!(e.message.contains("input kept"), "{rel}: {e:?}");
-            assert!(
-                g.tmp.path().join("in").join(rel).exists(),
-                "{rel} must be kept"
-            );
+            match (*rel, pending) {
+                // filepipe's own, more open than its input: narrowed, then trusted.
+                ("open.txt", pending) => {
+                    pending.unwrap();
+                    let out = g.tmp.path().join("out/open.txt.gz");
+                    let mode = std::fs::metadata(out).unwrap().permissions().mode();
+                    assert_eq!(mode & 0o777, 0o640);
+                }
+                ("theirs.txt", Ok(_)) if !foreign => {}
+                (_, pending) => {
+                    let e = pending.unwrap_err();
+                    assert_eq!(e.kind, Kind::OutputExists, "{rel}: {e:?}");
+                    assert!(e.message.contains("input kept"), "{rel}: {e:?}");
+                    let input = g.tmp.path().join("in").join(rel);
+                    assert!(input.exists(), "{rel} must be kept");
+                }
+            }
         }
     }
 
