@@ -563,11 +563,11 @@ pub fn prepare<O: Op>(
         return Err(failed(job, e));
     }
     // Watch mode takes files that may still be written without an event to say so (through a
-    // shared mapping): one still open for writing when its read starts or ends is not taken.
+    // shared mapping): one still open for writing when its read ends is not taken. (A writer
+    // that had it open while it was read and closed it since is heard of by its close event,
+    // which has the file looked at again.) One probe, not one before and one after: each
+    // costs a lease taken and dropped, 0.13 s of a 100,000-file burst.
     let watched = job.expect.is_some();
-    if watched && open_for_writing(&input, &job.rel) {
-        return Err(failed(job, still_open()));
-    }
     match op.check(&job, &input, scratch) {
         Ok(None) => {}
         Ok(Some(reason)) => {

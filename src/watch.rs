@@ -170,6 +170,9 @@ struct Pending {
     /// names) that stays unchanged for the settle time; any write makes it an ordinary
     /// incomplete file, waiting for its close.
     linked: bool,
+    /// A writer closed it since it was last taken: it is taken again even if its stamp is the
+    /// one the state has (see the close event).
+    closed: bool,
 }
 
 struct Watch<'a> {
@@ -460,9 +463,17 @@ impl Watch<'_> {
                     self.scan(path, Lost::Nothing)?
                 }
                 // Renamed into place: complete by convention (write to .part, then rename).
-                EventKind::Modify(ModifyKind::Name(RenameMode::To))
-                | EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)) => {
                     self.touch(rel, true, Stamp::of(path))
+                }
+                // Closed after writing: complete, and looked at again even if its stamp is
+                // the one already done (writes through a shared mapping change no stamp, and
+                // the mapping's end is this close).
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => {
+                    self.touch(rel.clone(), true, Stamp::of(path));
+                    if let Some(p) = self.pending.get_mut(&rel) {
+                        p.closed = true;
+                    }
                 }
                 // chmod, touch, chown: the writer may be done (install, curl -R), or not.
                 EventKind::Modify(ModifyKind::Metadata(_)) => self.touched_metadata(rel, path),
@@ -491,6 +502,7 @@ impl Watch<'_> {
             stamp: None,
             complete: false,
             linked: false,
+            closed: false,
         });
         p.since = now;
         // A new write after a close makes it incomplete again until the next close.
@@ -513,6 +525,7 @@ impl Watch<'_> {
                 stamp: None,
                 complete: false,
                 linked: true,
+                closed: false,
             },
         );
     }
@@ -660,7 +673,7 @@ impl Watch<'_> {
                 // Vanished before its stamp was taken: its removal event follows.
                 continue;
             }
-            if !self.settled(&rel, p.stamp)? {
+            if p.closed || !self.settled(&rel, p.stamp)? {
                 // Already waiting: only its stamp is newer.
                 if self.ready_set.insert(rel.clone(), p.stamp).is_none() {
                     self.ready.push_back(rel);
@@ -775,8 +788,13 @@ impl Watch<'_> {
             self.retries.push((Instant::now() + after, fb.rel.clone()));
         }
         if !self.redo.is_empty() && self.redo.remove(&fb.rel) {
+            // Something happened to it while it was read (a close among it): looked at again
+            // whatever its stamp says.
             let stamp = Stamp::of(&self.cfg.root.join(&fb.rel));
-            self.touch(fb.rel, true, stamp);
+            self.touch(fb.rel.clone(), true, stamp);
+            if let Some(p) = self.pending.get_mut(&fb.rel) {
+                p.closed = true;
+            }
         }
     }
 
