@@ -24,6 +24,7 @@ pub mod service;
 pub mod signals;
 pub mod state;
 pub mod status;
+mod travel;
 pub mod verify;
 pub mod walk;
 pub mod watch;

@@ -7,8 +7,6 @@
 
 use std::io::{self, Write};
 
-use crate::ops::sha256::to_hex;
-
 /// Writes one manifest line for `name` (the path's raw bytes).
 pub fn write_line(w: &mut impl Write, digest: &[u8; 32], name: &[u8]) -> io::Result<()> {
     let escape = name.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r'));
@@ -109,6 +107,17 @@ fn from_hex(hex: &[u8]) -> Option<[u8; 32]> {
         out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
     }
     Some(out)
+}
+
+/// Lower-case hex, as `sha256sum` prints it.
+pub fn to_hex(digest: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for b in digest {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
 }
 
 #[cfg(test)]

@@ -30,116 +30,12 @@ use crate::error::{FileError, Kind};
 use crate::input::{self, InputFile, OpenError};
 use crate::ops::gzip::GzipOp;
 use crate::ops::sha256::Sha256Op;
-use crate::ops::{Done, Op};
+use crate::ops::Op;
 use crate::report::{self, ManifestSink, Sink, Summary};
 use crate::signals::{self, Shutdown};
 use crate::state::Stamp;
+use crate::travel::{Done, Event, Job, Msg, Outcome, Stats};
 use crate::walk;
-
-/// One file to process.
-#[derive(Debug, Clone)]
-pub struct Job {
-    /// Absolute path (the canonical root joined with `rel`).
-    pub abs: PathBuf,
-    /// Path relative to the root: what the manifest and logs show.
-    pub rel: PathBuf,
-    /// An existing output for this file was made by filepipe (watch mode's state says so) and
-    /// may be replaced when the file changed; anyone else's output never is without --force.
-    pub replace: bool,
-    /// Watch mode: the size, mtime and inode the file had when it settled. The worker's first
-    /// fstat must match, so a change the watcher was not told about is caught without a second
-    /// stat on the watcher's thread.
-    pub expect: Option<Stamp>,
-}
-
-/// Most jobs in one message.
-pub const BATCH_FILES: usize = 64;
-/// Most input bytes in one message; a larger file is sent on its own.
-pub const BATCH_BYTES: u64 = 4 << 20;
-
-/// How much a batch being filled holds, and the rule both sources fill batches by: at most
-/// `BATCH_FILES` files and `BATCH_BYTES` bytes, and a file of `BATCH_BYTES` or more alone, so
-/// a worker never ends a run holding several large files while the others have nothing.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BatchFill {
-    files: usize,
-    bytes: u64,
-}
-
-impl BatchFill {
-    /// Whether a file of `size` bytes goes in its own batch.
-    pub fn alone(size: u64) -> bool {
-        size >= BATCH_BYTES
-    }
-
-    /// Whether a file of `size` bytes may join: an empty batch takes anything, a full one
-    /// nothing, and a large file only an empty one.
-    pub fn takes(&self, size: u64) -> bool {
-        self.files == 0 || !self.full() && !Self::alone(size)
-    }
-
-    /// Counts a file that joined.
-    pub fn add(&mut self, size: u64) {
-        self.files += 1;
-        self.bytes += size;
-    }
-
-    /// Whether nothing more may join.
-    pub fn full(&self) -> bool {
-        self.files >= BATCH_FILES || self.bytes >= BATCH_BYTES
-    }
-}
-
-/// What travels from a source to the workers.
-#[derive(Debug)]
-pub enum Msg {
-    /// Process these files, in order.
-    Jobs(Vec<Job>),
-    /// Sentinel: the receiving worker stops. Exactly one is sent per worker.
-    Shutdown,
-}
-
-/// How one file ended.
-#[derive(Debug)]
-pub enum Outcome {
-    /// Processed and published.
-    Done {
-        /// The file, relative to the root.
-        rel: PathBuf,
-        /// What was produced (boxed: it is the largest variant by far).
-        done: Box<Done>,
-    },
-    /// Deliberately left alone, with the reason.
-    Skipped {
-        /// The file, relative to the root.
-        rel: PathBuf,
-        /// Why.
-        reason: FileError,
-    },
-    /// Could not be processed.
-    Failed {
-        /// The file, relative to the root.
-        rel: PathBuf,
-        /// What went wrong.
-        error: FileError,
-    },
-}
-
-/// What the reporter hears.
-#[derive(Debug)]
-pub enum Event {
-    /// A worker started on a file (only sent when progress is shown).
-    Started {
-        /// Which worker.
-        worker: usize,
-        /// The file.
-        rel: PathBuf,
-    },
-    /// Files are finished, one way or another.
-    Finished(Vec<Outcome>),
-    /// A file was deleted or moved out of the tree (watch mode).
-    Removed(PathBuf),
-}
 
 /// Most results a publisher makes durable together. A group holds two descriptors per file
 /// (input and temp) until it is published, so this and the ready channel's bound keep the
@@ -157,15 +53,15 @@ const ATTEMPTS: u32 = 3;
 /// A source of jobs: the batch walker or the watcher. It sends jobs (and outcomes of what it
 /// skips itself) until it is exhausted or a shutdown is requested; the pipeline then sends the
 /// sentinels. An error ends the run after the drain.
-pub type Source<'a> = dyn Fn(&Sender<Msg>, &Sender<Event>, &walk::Stats) -> Result<()> + Sync + 'a;
+pub type Source<'a> = dyn Fn(&Sender<Msg>, &Sender<Event>, &Stats) -> Result<()> + Sync + 'a;
 
 /// Runs a batch over `cfg.root` and returns the summary once every file is accounted for.
 pub fn run_batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
-    let walker = |jobs: &Sender<Msg>, events: &Sender<Event>, stats: &walk::Stats| {
+    let walker = |jobs: &Sender<Msg>, events: &Sender<Event>, stats: &Stats| {
         walk::walk(cfg, jobs, events, stats, shutdown);
         Ok(())
     };
-    let stats = walk::Stats::default();
+    let stats = Stats::default();
     run_op(cfg, shutdown, &walker, &mut ManifestSink::new(cfg), &stats)
 }
 
@@ -175,7 +71,7 @@ pub fn run_op(
     shutdown: &Shutdown,
     source: &Source<'_>,
     sink: &mut (dyn Sink + Send),
-    stats: &walk::Stats,
+    stats: &Stats,
 ) -> Result<Summary> {
     match cfg.op {
         OpKind::Gzip => run(cfg, &GzipOp::new(cfg)?, shutdown, source, sink, stats),
@@ -205,7 +101,7 @@ fn run<O: Op>(
     shutdown: &Shutdown,
     source: &Source<'_>,
     sink: &mut (dyn Sink + Send),
-    stats: &walk::Stats,
+    stats: &Stats,
 ) -> Result<Summary> {
     let (job_tx, job_rx) = bounded::<Msg>(queue_depth(cfg));
     let (event_tx, event_rx) = bounded::<Event>(1024);
@@ -645,6 +541,7 @@ fn still_open() -> FileError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::travel::{BatchFill, BATCH_BYTES};
 
     #[test]
     fn batches_hold_64_files_or_4_mib_and_a_large_file_alone() {

@@ -26,9 +26,8 @@ use crate::error::FileError;
 use crate::logging::FAILURES;
 use crate::manifest;
 use crate::output::{Dir, TempOutput};
-use crate::pipeline::{Event, Outcome};
 use crate::signals::Shutdown;
-use crate::walk::Stats;
+use crate::travel::{Event, Outcome, Stats};
 
 /// The shortest time between two flushes of the sink (state commits in watch mode), and so the
 /// longest an outcome waits for one.

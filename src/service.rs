@@ -28,7 +28,7 @@ use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::input::BYTES_READ;
 use crate::report::Summary;
 use crate::signals::Shutdown;
-use crate::walk::Stats;
+use crate::travel::Stats;
 
 /// The config file, as written.
 #[derive(Debug, Deserialize)]

@@ -8,7 +8,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use crossbeam_channel::Sender;
 use walkdir::{DirEntry, WalkDir};
@@ -18,41 +18,12 @@ use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::input::describe;
 use crate::output::{self, TempFound};
-use crate::pipeline::{BatchFill, Event, Job, Msg, Outcome};
 use crate::signals::Shutdown;
 use crate::state::Stamp;
+use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stats};
 
 /// At most this many directories are held open by a walk (see `scan`).
 const DIR_FDS: usize = 16;
-
-/// Counters the walker raises and the reporter reads for progress totals.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// Regular files sent to the workers so far.
-    pub files: AtomicU64,
-    /// Their sizes (only counted when progress is shown: it costs a stat per file).
-    pub bytes: AtomicU64,
-    /// Entries reported without being sent (skipped or failed by the walker itself).
-    pub reported: AtomicU64,
-    /// Stale temp files of crashed runs removed.
-    pub stale_temps_removed: AtomicU64,
-    /// Watch mode: files waiting to settle or to be sent to a worker.
-    pub queued: AtomicU64,
-    /// Watch mode: files sent to the workers and not yet finished.
-    pub in_flight: AtomicU64,
-    /// Watch mode: files waiting to be tried again after a transient failure.
-    pub retrying: AtomicU64,
-    /// Outcomes the reporter has counted: done, skipped, failed (for status lines).
-    pub done: AtomicU64,
-    /// See `done`.
-    pub skipped: AtomicU64,
-    /// See `done`.
-    pub failed: AtomicU64,
-    /// Watch mode: iterations of the watcher's loop, a liveness sign for the watchdog.
-    pub loop_ticks: AtomicU64,
-    /// Watch mode: the initial scan is queued and the watches are in place.
-    pub ready: std::sync::atomic::AtomicBool,
-}
 
 /// What a scan finds.
 pub enum Found {

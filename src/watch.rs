@@ -24,11 +24,12 @@ use notify::{RecursiveMode, Watcher as _};
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::Kind;
-use crate::pipeline::{self, BatchFill, Event, Job, Msg, Outcome};
+use crate::pipeline;
 use crate::report::{self, Disposition, Sink, Summary};
 use crate::signals::Shutdown;
 use crate::state::{self, Reader, Stamp, State};
-use crate::walk::{self, Found, Stats};
+use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stats};
+use crate::walk::{self, Found};
 
 /// After taking events, how long the watcher lets the next ones gather (see `Watch::run`).
 const COALESCE: Duration = Duration::from_millis(1);

@@ -26,7 +26,7 @@ use crate::input::{InputFile, Root};
 use crate::ops::gzstream::{self, BlockPool, Header, Totals};
 use crate::ops::{Done, Op};
 use crate::output::{self, Attrs, Dir, DirCache, TempOutput};
-use crate::pipeline::Job;
+use crate::travel::Job;
 
 /// The gzip operation and its settings.
 #[derive(Debug)]

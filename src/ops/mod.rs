@@ -11,23 +11,8 @@ pub mod sha256;
 
 use crate::error::FileError;
 use crate::input::InputFile;
-use crate::pipeline::Job;
-
-/// What a successful file leaves behind, for the reporter.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Done {
-    /// Bytes read from the input.
-    pub bytes_in: u64,
-    /// Bytes written (the .gz size; 0 for sha256).
-    pub bytes_out: u64,
-    /// The SHA-256 digest, for the manifest.
-    pub digest: Option<[u8; 32]>,
-    /// Something worth reporting about an otherwise successful file (e.g. a hard-linked input
-    /// kept despite `--remove-source`).
-    pub note: Option<FileError>,
-    /// The input's identity when it was read (set by the pipeline), for watch mode's state.
-    pub stamp: Option<crate::state::Stamp>,
-}
+pub use crate::travel::Done;
+use crate::travel::Job;
 
 /// One file operation (gzip, sha256, ...). Adding an operation means implementing this.
 pub trait Op: Sync {

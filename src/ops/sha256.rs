@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use crate::error::FileError;
 use crate::input::InputFile;
 use crate::ops::{Done, Op};
-use crate::pipeline::Job;
+use crate::travel::Job;
 
 /// Size of the per-worker read buffer. Measured on 4 x 256 MiB (hyperfine, 15 runs): 64 KiB
 /// took 373 ms, 32 KiB 378 ms, 256 KiB and 1 MiB 387-389 ms (the copy out of the page cache
@@ -77,20 +77,10 @@ pub fn hash_reader(r: &mut impl Read, buf: &mut [u8]) -> io::Result<[u8; 32]> {
     }
 }
 
-/// Lower-case hex, as `sha256sum` prints it.
-pub fn to_hex(digest: &[u8; 32]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::manifest::to_hex;
 
     #[test]
     fn known_vector() {
