@@ -67,6 +67,7 @@ install_missing() {
     [[ -x /usr/bin/time ]] || pkgs+=(time)
     command -v python3 >/dev/null || pkgs+=(python3)
     command -v gzip >/dev/null || pkgs+=(gzip)
+    command -v strace >/dev/null || pkgs+=(strace)
     ((${#pkgs[@]})) || return 0
     local sudo=()
     if ((EUID != 0)); then
@@ -111,13 +112,13 @@ TRASH=$WORK/trash
 mkdir -p "$TRASH"
 trap 'rm -rf "$TRASH"' EXIT
 aside() { for p in "$@"; do [[ -e $p ]] && mv "$p" "$(mktemp -d -p "$TRASH")"; done; return 0; }
-aside "$WORK/text-peer" "$WORK"/fp-* "$WORK"/*.gz "$WORK"/*.manifest
+aside "$WORK/text-peer" "$WORK"/src-* "$WORK"/fp-* "$WORK"/*.gz "$WORK"/*.manifest
 # The peer gzip writes next to its inputs, so it gets its own tree of hard links to text/
 # (gzip -f compresses hard-linked files; no inode is created or freed by the copy).
 cp -al "$CORPUS/text" "$WORK/text-peer"
 
 log "warming the page cache"
-for d in "$CORPUS"/{small,large,text,one,onebin,huge} "$WORK/text-peer"; do
+for d in "$CORPUS"/{small,large,text,src,one,onebin,huge} "$WORK/text-peer"; do
     find "$d" -type f -print0 | xargs -0 -n 4096 cat >/dev/null
 done
 
@@ -278,6 +279,55 @@ fact "ratio: text size" "$(ratio "$fp_text" "$peer_text")"
 if [[ -d $W/fp-text ]]; then
     fact "check: gzip text round-trip" "$(check_gz text "$W/fp-text")"
 fi
+
+# 4c'. gzip -6, a tree of small source files, outputs next to the inputs: what durability costs.
+# Each run works on a fresh tree of hard links to src/ (no inode created or freed by the copy),
+# made and written out (sync -f) in its prepare, so no run pays for the one before. filepipe's
+# other --durability modes are reference rows: their ratio is its default's time over theirs.
+NFILES_SRC=$(find src -type f | wc -l)
+fresh_src() { echo "if [ -e $W/src-$1 ]; then mv $W/src-$1 \$(mktemp -d -p $TRASH); fi; cp -al $CORPUS/src $W/src-$1 && sync -f $W"; }
+bench gzip_src "gzip -6, $NFILES_SRC small source files, outputs beside them" \
+    -p "$(fresh_src fp)" -p "$(fresh_src peer)" -p "$(fresh_src fp)" -p "$(fresh_src fp)" -- \
+    "$FPN batch src --op gzip (--durability group)" base \
+    "$(printf '%q' "$BIN") batch $W/src-fp --op gzip --quiet$FP_EXTRA_STR" \
+    "find src -type f -print0 | xargs -0 -P2 -n64 gzip -6 -k -f" 2.5 \
+    "find $W/src-peer -type f -print0 | xargs -0 -P2 -n64 gzip -6 -k -f" \
+    "$FPN batch src --op gzip --durability file" ref \
+    "$(printf '%q' "$BIN") batch $W/src-fp --op gzip --durability file --quiet$FP_EXTRA_STR" \
+    "$FPN batch src --op gzip --durability none" ref \
+    "$(printf '%q' "$BIN") batch $W/src-fp --op gzip --durability none --quiet$FP_EXTRA_STR" || true
+fp_src=$(gz_bytes "$W/src-fp")
+peer_src=$(gz_bytes "$W/src-peer")
+fact "size: src filepipe .gz bytes" "$fp_src"
+fact "size: src gzip -6 .gz bytes" "$peer_src"
+fact "ratio: src size" "$(ratio "$fp_src" "$peer_src")"
+if [[ -d $W/src-fp ]]; then
+    fact "check: gzip src round-trip" "$(python3 - "$W/src-fp" <<'PY'
+import gzip, os, sys
+n = bad = 0
+for root, _, files in os.walk(sys.argv[1]):
+    for name in files:
+        if name.endswith(".gz"):
+            continue
+        n += 1
+        p = os.path.join(root, name)
+        try:
+            with open(p, "rb") as f, gzip.open(p + ".gz", "rb") as g:
+                bad += f.read() != g.read()
+        except OSError:
+            bad += 1
+print("OK (%d files)" % n if not bad else "FAILED (%d of %d files)" % (bad, n))
+PY
+)"
+fi
+# Flushes per file in each mode, counted by strace (untimed).
+for mode in group file none; do
+    eval "$(fresh_src fp)"
+    strace -f -c -o "$RES/flushes-$mode.txt" -e trace=fsync,fdatasync,syncfs \
+        "$BIN" batch "$W/src-fp" --op gzip --durability "$mode" --quiet "${FP_EXTRA[@]}" || true
+    calls=$(awk '$NF ~ /^(fsync|fdatasync|syncfs)$/ {n += $4} END {print n + 0}' "$RES/flushes-$mode.txt")
+    fact "flushes per file: --durability $mode" "$(python3 -c "print('%.3f (%d calls)' % ($calls / $NFILES_SRC, $calls))")"
+done
 
 # 4d. gzip -6, one large file. Peers write with -c to a file in the work dir
 # (same work as -k -f, without touching the corpus).

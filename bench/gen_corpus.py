@@ -2,7 +2,7 @@
 """Deterministic benchmark corpus generator for filepipe (stdlib only).
 
 Usage:
-    bench/gen_corpus.py DIR [--quick] [--only small,large,text,one,onebin,huge] [--force]
+    bench/gen_corpus.py DIR [--quick] [--only small,large,text,src,one,onebin,huge] [--force]
 
 Creates DIR/<corpus>/ for each corpus below. Every run with the same
 preset writes the same bytes (fixed seeds; only random.Random's
@@ -17,6 +17,10 @@ Corpora (full preset; --quick makes tiny versions for smoke tests):
   large  4 x 256 MiB files, moderately compressible (~2x): 1 MiB chunks of
          text / low-entropy binary / random.
   text   2,000 log-like text files, ~200 MB total, gzip -6 ratio ~4-6x.
+  src    8,000 C-like source files of 2-64 KiB (log-uniform, ~142 MiB) in 100
+         dirs: functions, comments, structs and macros composed from a
+         vocabulary of identifiers, gzip -6 ratio ~3.6x, like a tree of
+         kernel headers. The small-file tree outputs are written next to.
   one    one 256 MiB log-like text file (one/big.log).
   onebin one 240 MB file of real machine code (onebin/big.bin): the ELF files
          under /usr/lib*, /usr/bin, /usr/sbin and /usr/libexec, in path
@@ -58,6 +62,7 @@ PRESETS = {
         "large": {"files": 4, "size": 256 * MiB, "seed": 202},
         "text": {"files": 2_000, "mean": 100_000, "sigma": 0.8,
                  "min": 2_000, "max": 2_000_000, "seed": 303},
+        "src": {"files": 8_000, "min": 2 * 1024, "max": 64 * 1024, "seed": 606},
         "one": {"size": 256 * MiB, "seed": 404},
         "onebin": {"size": 240_000_000},
         "huge": {"files": 200_000, "max": 1024, "seed": 505},
@@ -68,12 +73,13 @@ PRESETS = {
         "large": {"files": 4, "size": 16 * MiB, "seed": 202},
         "text": {"files": 100, "mean": 100_000, "sigma": 0.8,
                  "min": 2_000, "max": 2_000_000, "seed": 303},
+        "src": {"files": 400, "min": 2 * 1024, "max": 64 * 1024, "seed": 606},
         "one": {"size": 32 * MiB, "seed": 404},
         "onebin": {"size": 32 * MiB},
         "huge": {"files": 5_000, "max": 1024, "seed": 505},
     },
 }
-ORDER = ["small", "large", "text", "one", "onebin", "huge"]
+ORDER = ["small", "large", "text", "src", "one", "onebin", "huge"]
 # Where `onebin` takes its machine code from, in this order.
 BIN_DIRS = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/bin", "/usr/sbin",
             "/usr/libexec"]
@@ -392,6 +398,104 @@ def gen_text(w, p, pools):
         w.write(rel, pools.log_text(rng, size))
 
 
+C_TYPES = ["int", "unsigned int", "size_t", "ssize_t", "uint32_t", "uint64_t", "int64_t",
+           "char *", "const char *", "void *", "struct buf *", "struct node *", "bool",
+           "double", "off_t", "pid_t", "struct list_head *", "u8", "u16", "__le32"]
+C_STEMS = ["buf", "node", "list", "hash", "map", "queue", "sock", "conn", "page", "inode",
+           "dentry", "req", "resp", "ctx", "dev", "irq", "timer", "task", "lock", "cache",
+           "entry", "table", "chunk", "block", "frame", "packet", "stream", "state", "key",
+           "value", "index", "count", "len", "size", "offset", "flags", "mode", "head", "tail"]
+C_VERBS = ["init", "alloc", "free", "get", "put", "find", "insert", "remove", "lookup",
+           "update", "flush", "read", "write", "open", "close", "parse", "emit", "reset",
+           "validate", "copy", "move", "grow", "shrink", "lock", "unlock", "wait", "notify"]
+C_WORDS = ("the a of to and in is for on that with this it be by are as at from or an "
+           "which when if not must may will can each every one no caller returns holds "
+           "lock reference count buffer entry list before after until while zero error "
+           "pointer memory freed allocated called context interrupt user kernel page").split()
+
+
+def c_ident(rng):
+    return "%s_%s" % (rng.choice(C_STEMS), rng.choice(C_VERBS))
+
+
+def c_comment(rng, indent=""):
+    lines = []
+    for _ in range(rng.randrange(1, 5)):
+        n = rng.randrange(5, 13)
+        lines.append(indent + " * " + " ".join(rng.choice(C_WORDS) for _ in range(n)))
+    return indent + "/*\n" + "\n".join(lines) + "\n" + indent + " */\n"
+
+
+def c_statement(rng, depth):
+    ind = "\t" * depth
+    r = rng.random()
+    a, b = rng.choice(C_STEMS), rng.choice(C_STEMS)
+    if r < 0.25:
+        return "%s%s = %s(%s, %s);\n" % (ind, a, c_ident(rng), b, rng.choice(C_STEMS))
+    if r < 0.45 and depth < 3:
+        body = "".join(c_statement(rng, depth + 1) for _ in range(rng.randrange(1, 4)))
+        return "%sif (%s->%s %s %s) {\n%s%s}\n" % (
+            ind, a, b, rng.choice(["==", "!=", "<", ">=", "&"]),
+            rng.choice(["0", "NULL", "-EINVAL", "MAX_" + b.upper(), str(rng.randrange(256))]),
+            body, ind)
+    if r < 0.55 and depth < 3:
+        body = "".join(c_statement(rng, depth + 1) for _ in range(rng.randrange(1, 4)))
+        return "%sfor (i = 0; i < %s->%s; i++) {\n%s%s}\n" % (ind, a, b, body, ind)
+    if r < 0.65:
+        return "%sreturn %s;\n" % (ind, rng.choice(["0", "-ENOMEM", "-EINVAL", a, "ret"]))
+    if r < 0.75:
+        return "%s%s(%s->%s);\n" % (ind, c_ident(rng), a, b)
+    if r < 0.82:
+        return "%s%s %s = %s;\n" % (ind, rng.choice(C_TYPES), a, rng.randrange(1 << 16))
+    return "%s%s->%s %s= %s;\n" % (ind, a, b, rng.choice(["", "+", "|", "&", "-"]),
+                                    rng.choice(C_STEMS))
+
+
+def c_item(rng):
+    """One top-level item of a C file: a function, a struct, macros or prototypes."""
+    r = rng.random()
+    if r < 0.5:
+        args = ", ".join("%s %s" % (rng.choice(C_TYPES), rng.choice(C_STEMS))
+                         for _ in range(rng.randrange(1, 4)))
+        body = "".join(c_statement(rng, 1) for _ in range(rng.randrange(3, 14)))
+        return "%sstatic %s %s(%s)\n{\n%s}\n\n" % (
+            c_comment(rng), rng.choice(C_TYPES), c_ident(rng), args, body)
+    if r < 0.7:
+        fields = "".join("\t%s %s;%s\n" % (rng.choice(C_TYPES), rng.choice(C_STEMS),
+                                           rng.random() < 0.3 and " /* %s */" % " ".join(
+                                               rng.choice(C_WORDS) for _ in range(4)) or "")
+                         for _ in range(rng.randrange(2, 12)))
+        return "struct %s {\n%s};\n\n" % (c_ident(rng), fields)
+    if r < 0.85:
+        return "".join("#define %s_%s\t0x%x\n" % (rng.choice(C_STEMS).upper(),
+                                                  rng.choice(C_VERBS).upper(),
+                                                  rng.randrange(1 << 20))
+                       for _ in range(rng.randrange(2, 10))) + "\n"
+    return "".join("extern %s %s(%s);\n" % (rng.choice(C_TYPES), c_ident(rng),
+                                             rng.choice(C_TYPES))
+                   for _ in range(rng.randrange(2, 8))) + "\n"
+
+
+def gen_src(w, p, pools):
+    rng = random.Random(p["seed"])
+    lo, hi = p["min"], p["max"]
+    # A pool of items to compose files from (as real trees repeat idioms), and fresh ones.
+    items = [c_item(rng).encode() for _ in range(20_000)]
+    for i in range(p["files"]):
+        # Log-uniform between lo and hi: many small headers, some large sources.
+        size = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        parts = [b"/* SPDX-License-Identifier: GPL-2.0 */\n#include <linux/types.h>\n\n"]
+        total = len(parts[0])
+        while total < size:
+            item = rng.choice(items) if rng.random() < 0.7 else c_item(rng).encode()
+            parts.append(item)
+            total += len(item)
+        data = b"".join(parts)[:size]
+        d = i % 100
+        w.write("mod-%d/sub-%d/%s_%04d.%s" % (d // 10, d % 10, rng.choice(C_STEMS), i,
+                                              "h" if i % 3 else "c"), data)
+
+
 def gen_one(w, p, pools):
     rng = random.Random(p["seed"])
     size = p["size"]
@@ -464,7 +568,7 @@ def gen_huge(w, p, pools):
         w.write("h%02d/g%02d/t%06d.txt" % (d // 20, d % 20, i), text[off:off + size])
 
 
-GENERATORS = {"small": gen_small, "large": gen_large, "text": gen_text,
+GENERATORS = {"small": gen_small, "large": gen_large, "text": gen_text, "src": gen_src,
               "one": gen_one, "onebin": gen_onebin, "huge": gen_huge}
 
 
