@@ -92,6 +92,12 @@ pub struct PipelineArgs {
     /// stdout).
     #[arg(long)]
     pub json: bool,
+    /// How outputs are flushed to disk before they are reported done: `group` (one flush for
+    /// each group of files published together), `file` (an fsync per file and directory), or
+    /// `none` (no flush, like gzip: a machine crash can leave incomplete outputs) [default:
+    /// group].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub durability: Option<crate::output::Durability>,
 }
 
 /// Arguments of `filepipe batch`.

@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::cli::{BatchArgs, OpKind, PipelineArgs, WatchArgs};
+use crate::output::Durability;
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
@@ -41,6 +42,8 @@ pub struct Config {
     pub force: bool,
     /// Delete inputs after their output is synced and verified.
     pub remove_source: bool,
+    /// How outputs (and the manifest) are flushed before they count as published.
+    pub durability: Durability,
     /// Print the summary as JSON.
     pub json: bool,
     /// No progress and no human summary.
@@ -78,6 +81,11 @@ impl Config {
             if let Some((flag, _)) = gzip_only.iter().find(|(_, set)| *set) {
                 bail!("{flag} only applies to --op gzip");
             }
+        }
+        if args.remove_source && args.common.durability == Some(Durability::None) {
+            // Deleting an input whose output may be in memory only: a machine crash could
+            // lose both.
+            bail!("--remove-source needs durable outputs: not with --durability none");
         }
         let mut cfg = Config::from_common(&args.dir, args.op, &args.common, quiet, true)?;
         cfg.follow_symlinks = args.follow_symlinks;
@@ -147,6 +155,7 @@ impl Config {
             follow_symlinks: false,
             force: false,
             remove_source: false,
+            durability: args.durability.unwrap_or_default(),
             json: args.json,
             quiet,
             progress: !quiet && std::io::stderr().is_terminal(),

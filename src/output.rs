@@ -54,6 +54,63 @@ pub struct Dir {
     pub fd: OwnedFd,
     /// Its path, for messages only: never used to reach the directory again.
     pub path: PathBuf,
+    /// Its file system and inode, to flush each directory and file system once however many
+    /// handles lead to it; `None` if it could not be examined (then it is flushed on its own).
+    id: Option<(u64, u64)>,
+    /// The group a file created in it gets: its own for a set-group-ID directory, else `None`
+    /// (the creator's).
+    new_gid: Option<u32>,
+    /// When it was opened, in the order of all directories this process opened (see
+    /// `sync_group`: the oldest descriptor of a file system reports the most errors).
+    opened: u64,
+}
+
+impl Dir {
+    /// Wraps an open directory; `path` is for messages.
+    pub fn new(fd: OwnedFd, path: PathBuf) -> Dir {
+        static OPENED: AtomicU64 = AtomicU64::new(0);
+        let st = rfs::fstat(&fd).ok();
+        let id = st.as_ref().map(|st| (st.st_dev, st.st_ino));
+        let new_gid = st.and_then(|st| (st.st_mode & libc::S_ISGID != 0).then_some(st.st_gid));
+        // Taken after the open: a directory numbered lower was opened (and its descriptor
+        // began to collect the file system's write-back errors) earlier.
+        let opened = OPENED.fetch_add(1, Ordering::Relaxed);
+        Dir {
+            fd,
+            path,
+            id,
+            new_gid,
+            opened,
+        }
+    }
+}
+
+/// How outputs are made durable before they are reported published (`--durability`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Each group of outputs published together is flushed at once: one `syncfs` for the
+    /// data of all its temps, then their names, then one flush for the names. The promises of
+    /// `file`, at a few flushes per group instead of two per file.
+    #[default]
+    Group,
+    /// Each output is flushed on its own (`fsync` of the file, then of its directory).
+    File,
+    /// Nothing is flushed, as gzip, pigz and zstd do: outputs are still written to temps and
+    /// published atomically, but a crash of the machine (not of filepipe) can leave an output
+    /// empty or incomplete under its final name. Refused with --remove-source.
+    None,
+}
+
+impl Durability {
+    /// The name used on the command line and in the config file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Group => "group",
+            Durability::File => "file",
+            Durability::None => "none",
+        }
+    }
 }
 
 /// Opens directories below one root without following symlinks, remembering the last one so
@@ -145,7 +202,7 @@ impl DirCache {
                 e => FileError::errno(&format!("opening directory {}", path.display()), e),
             })?;
         }
-        Ok(Dir { fd, path })
+        Ok(Dir::new(fd, path))
     }
 }
 
@@ -290,32 +347,49 @@ impl TempOutput {
         self.file.as_ref().expect("temp file is open until publish")
     }
 
-    /// Applies `attrs`, syncs data and attributes, gives the temp its final name (refusing
-    /// to replace an existing file unless `replace`), and syncs the directory.
+    /// Applies `attrs`, makes data and attributes durable as `durability` says, gives the
+    /// temp its final name (refusing to replace an existing file unless `replace`), and makes
+    /// the name durable.
     pub fn publish(
         mut self,
         final_name: &OsStr,
         attrs: Option<&Attrs>,
         replace: bool,
+        durability: Durability,
     ) -> Result<(), FileError> {
         if let Some(a) = attrs {
             self.set_attrs(final_name, a)?;
         }
-        let dir = self.sync(final_name)?.rename(final_name, replace)?;
-        sync_dir(&dir)
+        let name = final_name.to_os_string();
+        let mut synced = sync_group(vec![(self, name)], 0, durability);
+        let dir = synced
+            .pop()
+            .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a temp was lost")))?
+            .rename(final_name, replace)?;
+        sync_dirs(&[&dir], durability)
+            .pop()
+            .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a directory was lost")))
     }
 
-    /// Gives the temp the input's owner, mode and times. Done before the fsync, so they are
-    /// durable with the data; `final_name` is for messages.
+    /// Gives the temp the input's owner, mode and times. Done before the data is flushed, so
+    /// they are durable with it; `final_name` is for messages.
     pub fn set_attrs(&mut self, final_name: &OsStr, a: &Attrs) -> Result<(), FileError> {
         let ctx = |what: &str| format!("{what} {}", self.dir.path.join(final_name).display());
         let file = self.file.as_ref().expect("temp file is open until synced");
-        // chown first: it may clear mode bits, and it only succeeds with privilege.
-        let _ = rfs::fchown(
-            file,
-            Some(rustix::fs::Uid::from_raw(a.uid)),
-            Some(rustix::fs::Gid::from_raw(a.gid)),
-        );
+        // chown first: it may clear mode bits, and it only succeeds with privilege. Not called
+        // when the temp already has the input's owner and group (it was created with them).
+        static IDS: OnceLock<(u32, u32)> = OnceLock::new();
+        let (uid, gid) = *IDS.get_or_init(|| {
+            let (uid, gid) = (rustix::process::geteuid(), rustix::process::getegid());
+            (uid.as_raw(), gid.as_raw())
+        });
+        if a.uid != uid || a.gid != self.dir.new_gid.unwrap_or(gid) {
+            let _ = rfs::fchown(
+                file,
+                Some(rustix::fs::Uid::from_raw(a.uid)),
+                Some(rustix::fs::Gid::from_raw(a.gid)),
+            );
+        }
         rfs::fchmod(file, Mode::from_raw_mode(a.mode))
             .map_err(|e| FileError::errno(&ctx("setting mode of"), e))?;
         rfs::futimens(file, &a.times).map_err(|e| FileError::errno(&ctx("setting times of"), e))
@@ -633,20 +707,26 @@ impl std::io::Read for ReadAt<'_> {
     }
 }
 
-/// A writer that starts the kernel's write-back of what it wrote every few MiB, so the fsync
+/// A writer that starts the kernel's write-back of what it wrote every few MiB, so the flush
 /// before publishing a large output waits for the last stretch only, not for all of it.
+/// (Without a flush to come, `--durability none`, it only writes through.)
 pub struct WriteBehind<'f> {
     file: &'f mut File,
     pending: u64,
+    enabled: bool,
 }
 
 impl<'f> WriteBehind<'f> {
     /// How much written data triggers a write-back request.
     const CHUNK: u64 = 8 << 20;
 
-    /// Wraps an output file.
-    pub fn new(file: &'f mut File) -> Self {
-        WriteBehind { file, pending: 0 }
+    /// Wraps an output file; `durability` says whether a flush will follow.
+    pub fn new(file: &'f mut File, durability: Durability) -> Self {
+        WriteBehind {
+            file,
+            pending: 0,
+            enabled: durability != Durability::None,
+        }
     }
 }
 
@@ -654,7 +734,7 @@ impl std::io::Write for WriteBehind<'_> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.file.write(buf)?;
         self.pending += n as u64;
-        if self.pending >= Self::CHUNK {
+        if self.enabled && self.pending >= Self::CHUNK {
             self.pending = 0;
             start_writeback(self.file);
         }
@@ -693,18 +773,120 @@ pub fn sync_dir(dir: &Dir) -> Result<(), FileError> {
         .map_err(|e| FileError::errno(&format!("syncing directory {}", dir.path.display()), e))
 }
 
-/// fsyncs each distinct directory among `dirs` once (the same directory may come through
-/// several handles) and returns, for each of `dirs` in order, its directory's result.
-pub fn sync_dirs(dirs: &[&Arc<Dir>]) -> Vec<Result<(), FileError>> {
+/// The most data other than a group's own that may be waiting to be written (system-wide)
+/// for a group to be flushed with `syncfs`: it waits for all of its file system's dirty data,
+/// another program's too, so with more (a large copy under way) the group's files are flushed
+/// one by one instead. 64 MiB take well under a second on any disk, and the check costs one
+/// read of /proc/meminfo per group.
+const SYNCFS_MAX_FOREIGN: u64 = 64 << 20;
+
+/// Bytes waiting to be written to disk, system-wide (`Dirty` plus `Writeback` in
+/// /proc/meminfo); `None` where that cannot be read.
+fn dirty_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    Some((kib("Dirty:")? + kib("Writeback:")?) * 1024)
+}
+
+/// Makes every temp's data, mode and times durable before any of them is given its final
+/// name, as `durability` says, and returns each (given with its final name, for messages) as a
+/// `SyncedTemp` or its error, in order. `bytes` is about what the temps hold.
+///
+/// `Group`: one `syncfs` per file system the temps are on writes every dirty page and inode
+/// of it and waits for them, then one `fsync` of a directory there flushes the disk's cache
+/// (ext4 without a journal, and ext2, write inodes after `syncfs`'s own cache flush; on other
+/// file systems it finds nothing left to do). `syncfs` reports any write-back error of the
+/// file system recorded after the descriptor it is called on was opened: it is called on the
+/// oldest directory descriptor of the group on that file system, opened before any of the
+/// group's temps was created, so no error of theirs can go unseen. On an error (which may be
+/// another program's), with too much foreign dirty data (see `SYNCFS_MAX_FOREIGN`), or where
+/// `syncfs` is not allowed, each temp is `fsync`ed on its own, which reports its own errors.
+pub fn sync_group(
+    temps: Vec<(TempOutput, OsString)>,
+    bytes: u64,
+    durability: Durability,
+) -> Vec<Result<SyncedTemp, FileError>> {
+    match durability {
+        Durability::None => return temps.into_iter().map(|(t, _)| Ok(SyncedTemp(t))).collect(),
+        Durability::File => return temps.into_iter().map(|(t, name)| t.sync(&name)).collect(),
+        Durability::Group => {}
+    }
+    let mine = bytes;
+    let flushed = match dirty_bytes() {
+        Some(dirty) if dirty.saturating_sub(mine) <= SYNCFS_MAX_FOREIGN => {
+            flush_file_systems(temps.iter().map(|(t, _)| &*t.dir))
+        }
+        _ => HashMap::new(),
+    };
+    temps
+        .into_iter()
+        .map(|(t, name)| match t.dir.id {
+            Some((dev, _)) if flushed.get(&dev) == Some(&true) => Ok(SyncedTemp(t)),
+            _ => t.sync(&name),
+        })
+        .collect()
+}
+
+/// `syncfs` and a cache flush for each file system among `dirs`, through the oldest
+/// descriptor of each (see `sync_group`): for each, whether both succeeded.
+fn flush_file_systems<'d>(dirs: impl Iterator<Item = &'d Dir>) -> HashMap<u64, bool> {
+    let mut oldest: HashMap<u64, &Dir> = HashMap::new();
+    for dir in dirs {
+        if let Some((dev, _)) = dir.id {
+            let d = oldest.entry(dev).or_insert(dir);
+            if dir.opened < d.opened {
+                *d = dir;
+            }
+        }
+    }
+    oldest
+        .into_iter()
+        .map(|(dev, dir)| {
+            let ok = match rfs::syncfs(&dir.fd) {
+                Ok(()) => rfs::fsync(&dir.fd).is_ok(),
+                Err(e) => {
+                    tracing::debug!(dir = %dir.path.display(), error = %e, "syncfs failed");
+                    false
+                }
+            };
+            (dev, ok)
+        })
+        .collect()
+}
+
+/// Makes the names just given in `dirs` durable, as `durability` says, and returns, for each
+/// of `dirs` in order, its directory's result. `File`: each distinct directory is fsynced once
+/// (the same directory may come through several handles). `Group`: the same for up to two
+/// directories on a file system; for more, one `syncfs` and one flush there (as in
+/// `sync_group`), falling back to each directory's fsync on an error. `None`: nothing.
+pub fn sync_dirs(dirs: &[&Arc<Dir>], durability: Durability) -> Vec<Result<(), FileError>> {
+    if durability == Durability::None {
+        return dirs.iter().map(|_| Ok(())).collect();
+    }
+    let mut flushed = HashMap::new();
+    if durability == Durability::Group {
+        let mut per_dev: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
+        for id in dirs.iter().filter_map(|d| d.id) {
+            let seen = per_dev.entry(id.0).or_default();
+            if !seen.contains(&id) {
+                seen.push(id);
+            }
+        }
+        let many = |d: &&&Arc<Dir>| d.id.is_some_and(|(dev, _)| per_dev[&dev].len() > 2);
+        flushed = flush_file_systems(dirs.iter().filter(many).map(|d| &***d));
+    }
     let mut done: HashMap<(u64, u64), Result<(), FileError>> = HashMap::new();
     dirs.iter()
-        .map(|dir| match rfs::fstat(&dir.fd) {
-            Ok(st) => done
-                .entry((st.st_dev, st.st_ino))
-                .or_insert_with(|| sync_dir(dir))
-                .clone(),
+        .map(|dir| match dir.id {
+            Some((dev, _)) if flushed.get(&dev) == Some(&true) => Ok(()),
+            Some(id) => done.entry(id).or_insert_with(|| sync_dir(dir)).clone(),
             // Cannot tell it apart from the others: sync it on its own.
-            Err(_) => sync_dir(dir),
+            None => sync_dir(dir),
         })
         .collect()
 }
@@ -811,7 +993,8 @@ mod tests {
         assert!(temp.name.is_none(), "O_TMPFILE and /proc here");
         std::io::Write::write_all(temp.file(), b"data").unwrap();
         assert!(names().is_empty(), "{:?}", names());
-        temp.publish(OsStr::new("out"), None, false).unwrap();
+        temp.publish(OsStr::new("out"), None, false, Durability::File)
+            .unwrap();
         assert_eq!(names(), ["out"]);
         assert_eq!(std::fs::read(tmp.path().join("out")).unwrap(), b"data");
         // Replacing (--force, a manifest) goes through a temp name, and leaves only the output.
@@ -819,7 +1002,7 @@ mod tests {
         std::io::Write::write_all(temp.file(), b"new").unwrap();
         let err = TempOutput::create(Arc::clone(&dir))
             .unwrap()
-            .publish(OsStr::new("out"), None, false)
+            .publish(OsStr::new("out"), None, false, Durability::File)
             .unwrap_err();
         assert_eq!(err.kind, Kind::OutputExists);
         temp.set_attrs(
@@ -834,7 +1017,8 @@ mod tests {
             },
         )
         .unwrap();
-        temp.publish(OsStr::new("out"), None, true).unwrap();
+        temp.publish(OsStr::new("out"), None, true, Durability::Group)
+            .unwrap();
         assert_eq!(names(), ["out"]);
         assert_eq!(std::fs::read(tmp.path().join("out")).unwrap(), b"new");
     }
@@ -857,7 +1041,9 @@ mod tests {
         std::fs::write(tmp.path().join("a/b/x"), b"old").unwrap();
         let mut t = TempOutput::create(dir).unwrap();
         std::io::Write::write_all(t.file(), b"new").unwrap();
-        let err = t.publish(OsStr::new("x"), None, false).unwrap_err();
+        let err = t
+            .publish(OsStr::new("x"), None, false, Durability::Group)
+            .unwrap_err();
         assert_eq!(err.kind, Kind::OutputExists);
         assert_eq!(std::fs::read(tmp.path().join("a/b/x")).unwrap(), b"old");
         assert_eq!(
@@ -895,7 +1081,7 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&dir, &b));
         assert_eq!(std::fs::read(tmp.path().join("b/y")).unwrap(), b"data");
-        let results = sync_dirs(&[&a, &b, &a_again, &b]);
+        let results = sync_dirs(&[&a, &b, &a_again, &b], Durability::File);
         assert_eq!(results, vec![Ok(()), Ok(()), Ok(()), Ok(())]);
     }
 
@@ -905,7 +1091,7 @@ mod tests {
         let path = tmp.path().join("f");
         let mut file = File::create(&path).unwrap();
         let data: Vec<u8> = (0..20_000_000u32).map(|i| (i % 251) as u8).collect();
-        let mut w = WriteBehind::new(&mut file);
+        let mut w = WriteBehind::new(&mut file, Durability::Group);
         for chunk in data.chunks(1 << 20) {
             std::io::Write::write_all(&mut w, chunk).unwrap();
         }

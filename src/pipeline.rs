@@ -19,10 +19,11 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
 
 use crate::cli::OpKind;
 use crate::config::Config;
@@ -41,6 +42,13 @@ use crate::walk;
 /// (input and temp) until it is published, so this and the ready channel's bound keep the
 /// process far below the usual limit of 1024 open files.
 const GROUP_MAX: usize = 64;
+
+/// How long a publisher waits for more results to join its group while the workers have jobs
+/// queued: a group's flushes cost about the same for one file as for 64, so under load a group
+/// is worth filling (without waiting, groups hold what the workers finish during one flush, a
+/// few files). With nothing queued (a watch daemon between files, the end of a batch) it never
+/// waits, so a lone file is published at once.
+const GROUP_LINGER: Duration = Duration::from_millis(4);
 
 /// Publisher threads for ops with `DEFER_PUBLISH`. Two: while one waits for the disk, the
 /// other gathers what the workers finished meanwhile into the next group. More would split
@@ -116,6 +124,9 @@ fn run<O: Op>(
                 cfg.jobs
             )
         })?;
+    // Jobs the workers have taken from the channel (in batches) and not yet started: with the
+    // channel's, the work still to come, which publishers wait for (see GROUP_LINGER).
+    let unstarted = &AtomicUsize::new(0);
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
@@ -146,9 +157,10 @@ fn run<O: Op>(
             (0..PUBLISHERS)
                 .map(|i| {
                     let (ready_rx, events) = (ready_rx.clone(), event_tx.clone());
+                    let backlog = || !job_rx.is_empty() || unstarted.load(Ordering::Relaxed) > 0;
                     std::thread::Builder::new()
                         .name(format!("filepipe-publish-{i}"))
-                        .spawn_scoped(s, move || publisher_loop(op, &ready_rx, &events))
+                        .spawn_scoped(s, move || publisher_loop(op, &ready_rx, &events, &backlog))
                         .context("starting a publisher")
                 })
                 .collect::<Result<Vec<_>>>()?
@@ -159,6 +171,7 @@ fn run<O: Op>(
         let stage = Stage {
             publishers: O::DEFER_PUBLISH.then_some(&ready_tx),
             events: &event_tx,
+            unstarted,
         };
         // One long-lived loop per pool thread, each stopping at its own sentinel.
         workers.broadcast(|ctx| worker_loop(ctx.index(), cfg, op, &job_rx, &stage, shutdown));
@@ -182,6 +195,8 @@ struct Stage<'a, P> {
     /// Publisher threads (ops whose publish waits on the disk), or `None` to publish inline.
     publishers: Option<&'a Sender<Ready<P>>>,
     events: &'a Sender<Event>,
+    /// Jobs taken from the channel and not yet started.
+    unstarted: &'a AtomicUsize,
 }
 
 /// A worker: takes jobs until its sentinel, sends one outcome per job (or hands the job to a
@@ -206,7 +221,9 @@ fn worker_loop<O: Op>(
     };
     while let Ok(Msg::Jobs(batch)) = jobs.recv() {
         let mut outcomes = Vec::with_capacity(batch.len());
+        stage.unstarted.fetch_add(batch.len(), Ordering::Relaxed);
         for job in batch {
+            stage.unstarted.fetch_sub(1, Ordering::Relaxed);
             if let Some(outcome) = run_job(cfg, op, me, job, stage, shutdown, &mut scratch) {
                 outcomes.push(outcome);
             }
@@ -285,15 +302,27 @@ fn publish_guarded<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
 }
 
 /// A publisher: makes verified results durable and visible until the workers are all gone.
-fn publisher_loop<O: Op>(op: &O, ready: &Receiver<Ready<O::Pending>>, events: &Sender<Event>) {
+/// `backlog` tells whether the workers have jobs queued.
+fn publisher_loop<O: Op>(
+    op: &O,
+    ready: &Receiver<Ready<O::Pending>>,
+    events: &Sender<Event>,
+    backlog: &dyn Fn() -> bool,
+) {
     while let Ok(first) = ready.recv() {
-        // Whatever else is ready joins without waiting: under load a group grows to what the
-        // workers finished during the last one; a lone file is published at once.
+        // Whatever else is ready joins; while more work is queued, what is finished within
+        // GROUP_LINGER joins too (see there). A lone file is published at once.
         let mut group = vec![first];
+        let deadline = Instant::now() + GROUP_LINGER;
         while group.len() < GROUP_MAX {
             match ready.try_recv() {
                 Ok(r) => group.push(r),
-                Err(_) => break,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) if !backlog() || signals::aborted() => break,
+                Err(TryRecvError::Empty) => match ready.recv_deadline(deadline) {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                },
             }
         }
         if events

@@ -527,10 +527,7 @@ pub fn write_manifest<'d>(
             parent.display()
         )
     })?;
-    let dir = Arc::new(Dir {
-        fd,
-        path: parent.to_path_buf(),
-    });
+    let dir = Arc::new(Dir::new(fd, parent.to_path_buf()));
     let mut temp = TempOutput::create(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     write_all(temp.file()).with_context(|| format!("writing {}", path.display()))?;
     // A manifest is meant to be read by others: the usual 0644, less what the umask removes.
@@ -539,7 +536,7 @@ pub fn write_manifest<'d>(
     rustix::fs::fchmod(&*temp.file(), rustix::fs::Mode::from_raw_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
-    temp.publish(name, attrs, true)
+    temp.publish(name, attrs, true, cfg.durability)
         .map_err(|e| anyhow::anyhow!("publishing {}: {e}", path.display()))
 }
 

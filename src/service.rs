@@ -26,6 +26,7 @@ use toml::Spanned;
 use crate::cli::{OpKind, PipelineArgs, WatchArgs, MAX_JOBS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::input::BYTES_READ;
+use crate::output::Durability;
 use crate::report::Summary;
 use crate::signals::Shutdown;
 use crate::travel::Stats;
@@ -38,6 +39,7 @@ struct FileConfig {
     jobs: Option<Spanned<u16>>,
     failure_log: Option<PathBuf>,
     settle_ms: Option<Spanned<u64>>,
+    durability: Option<Durability>,
     #[serde(default)]
     watch: Vec<WatchEntry>,
 }
@@ -78,6 +80,7 @@ pub struct Overrides {
     include: Vec<String>,
     exclude: Vec<String>,
     json: bool,
+    durability: Option<Durability>,
 }
 
 impl Overrides {
@@ -95,6 +98,7 @@ impl Overrides {
             include: args.common.include.clone(),
             exclude: args.common.exclude.clone(),
             json: args.common.json,
+            durability: args.common.durability,
         })
     }
 }
@@ -271,6 +275,7 @@ pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Re
             include: [&w.include[..], &overrides.include[..]].concat(),
             exclude: [&w.exclude[..], &overrides.exclude[..]].concat(),
             json: overrides.json,
+            durability: overrides.durability.or(file.durability),
         };
         let settle = overrides
             .settle
@@ -312,13 +317,14 @@ fn op_name(op: OpKind) -> &'static str {
 fn identity(cfg: &Config) -> String {
     let w = cfg.watch.as_ref();
     format!(
-        "{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}",
+        "{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}|{:?}|{:?}",
         cfg.root,
         cfg.op,
         cfg.out,
         cfg.manifest,
         cfg.level,
         cfg.jobs,
+        cfg.durability,
         w.map(|w| w.settle),
         w.map(|w| &w.state_dir),
         cfg.filter

@@ -25,7 +25,7 @@ use crate::error::{FileError, Kind};
 use crate::input::{InputFile, Root};
 use crate::ops::gzstream::{self, BlockPool, Header, Totals};
 use crate::ops::{Done, Op};
-use crate::output::{self, Attrs, Dir, DirCache, TempOutput};
+use crate::output::{self, Attrs, Dir, DirCache, Durability, TempOutput};
 use crate::travel::Job;
 
 /// The gzip operation and its settings.
@@ -34,6 +34,8 @@ pub struct GzipOp {
     level: u32,
     force: bool,
     remove_source: bool,
+    /// How outputs are flushed before they are reported published.
+    durability: Durability,
     root: PathBuf,
     out_root: PathBuf,
     mirrored: bool,
@@ -93,6 +95,9 @@ enum Existing {
 enum Step {
     /// A fresh output, still a temp.
     Temp(TempOutput),
+    /// A fresh output handed to the group's flush: its place in the group, until the flush
+    /// returns its result.
+    Flushing,
     /// A fresh output, synced.
     Synced(output::SyncedTemp),
     /// A fresh output under its final name.
@@ -115,6 +120,7 @@ impl GzipOp {
             level: cfg.level,
             force: cfg.force,
             remove_source: cfg.remove_source,
+            durability: cfg.durability,
             root: cfg.root.clone(),
             out_root: cfg.out_root().to_path_buf(),
             mirrored: cfg.out.is_some(),
@@ -273,10 +279,7 @@ impl GzipOp {
             Err(Errno::NOENT) => return Ok(Some(moved_away())),
             Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
         }
-        let dir = Dir {
-            fd: dir_fd,
-            path: parent.to_path_buf(),
-        };
+        let dir = Dir::new(dir_fd, parent.to_path_buf());
         output::sync_dir(&dir)?;
         Ok(None)
     }
@@ -306,7 +309,7 @@ impl GzipOp {
     }
 
     /// The first step of publishing a fresh output: checks it (with `--remove-source`), gives
-    /// it the input's attributes and starts its write-back. An output already in place (see
+    /// it the input's attributes and (`--durability file`) starts its write-back. An output already in place (see
     /// `adopt`) is checked against the input instead, and opened to be synced.
     fn stage(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Step, FileError> {
         let name = Self::out_name(job)?;
@@ -328,7 +331,11 @@ impl GzipOp {
             self.verify_output(temp.contents(), &pending.totals)?;
         }
         temp.set_attrs(&name, &Attrs::from_stat(&input.stat))?;
-        temp.start_writeback();
+        // Flushed file by file: start every temp's write-back now, so each fsync mostly waits
+        // for I/O already under way. A group's syncfs starts it for all at once by itself.
+        if self.durability == Durability::File {
+            temp.start_writeback();
+        }
         Ok(Step::Temp(temp))
     }
 
@@ -613,7 +620,7 @@ impl Op for GzipOp {
         let totals = gzstream::compress(
             input,
             expected,
-            &mut output::WriteBehind::new(temp.file()),
+            &mut output::WriteBehind::new(temp.file(), self.durability),
             &header,
             self.blocks.as_ref(),
             &mut scratch.bufs,
@@ -631,16 +638,17 @@ impl Op for GzipOp {
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "publish lost its file")))
     }
 
-    /// Group commit: every step is taken for the whole group before the next one, so on a
-    /// journaling file system the group shares two journal commits (one for the temps, one for
-    /// the renames) instead of paying two per file; without a journal (ext4 without one, as on
-    /// the benchmark machine) each fsync writes its own inode, and the gain is one directory
-    /// write per directory and group instead of one per file, and data I/O in flight together. Each file keeps its own result at every step: a failed one drops out
-    /// (its temp removed) and the others go on. A file is `Ok` only after its data, attributes
-    /// and directory entry are durable, and only then may its input be removed. A panic in one
-    /// file's step fails that file alone: before the rename its temp is removed as the panic
-    /// unwinds; after it (rename or `--remove-source`) the output stays published, perhaps its
-    /// input removed, yet the file is reported failed, which errs on the side of redoing it.
+    /// Group commit: every step is taken for the whole group before the next one, so the
+    /// group shares its flushes: with `--durability group` (the default), one `syncfs` and one
+    /// cache flush for the data of all its temps, then the names, then one flush per directory
+    /// (or, past two directories, one more `syncfs` and flush); with `file`, an fsync per
+    /// file and per directory, as before; with `none`, no flush. Each file keeps its own
+    /// result at every step: a failed one drops out (its temp removed) and the others go on.
+    /// A file is `Ok` only after its data, attributes and directory entry are durable (as far
+    /// as `--durability` asks), and only then may its input be removed. A panic in one file's
+    /// step fails that file alone: before the rename its temp is removed as the panic unwinds;
+    /// after it (rename or `--remove-source`) the output stays published, perhaps its input
+    /// removed, yet the file is reported failed, which errs on the side of redoing it.
     fn publish_group(
         &self,
         group: Vec<(&Job, &InputFile, Pending)>,
@@ -650,29 +658,28 @@ impl Op for GzipOp {
             .map(|(job, input, pending)| ((job, input, Arc::clone(&pending.dir)), pending))
             .unzip();
         let totals: Vec<Totals> = pendings.iter().map(|p| p.totals).collect();
-        // 1. Verify, set attributes, and start write-back of every temp. Block allocation
-        //    happens as write-back starts, so all of the group's metadata lands in one journal
-        //    transaction, and its data I/O is in flight together.
+        // 1. Verify and set attributes of every temp (with `--durability file`, start its
+        //    write-back too, so the group's data I/O is in flight together).
         let staged: Vec<_> = heads
             .iter()
             .zip(pendings)
             .map(|(&(job, input, _), pending)| FileError::guard(|| self.stage(job, input, pending)))
             .collect();
-        // 2. fsync each temp, in turn. The first fsync commits the transaction holding every
-        //    temp's metadata; the later ones find it committed and only wait for their own data
-        //    I/O, already under way. fsync, not fdatasync: mode and times must be durable too.
-        //    Not syncfs: it would also wait for unrelated dirty data on the same file system
-        //    (other programs', other outputs still being written), and it reports a write-back
-        //    error for the whole file system, so no single file could be failed for it, where
-        //    a per-file fsync returns each file's own error. An output adopted in place is
-        //    synced too: whoever wrote it, the input goes only once it is durable.
-        let synced: Vec<_> = staged
+        // 2. Make every temp durable, the group's together (see `output::sync_group`: one
+        //    syncfs and one flush per file system by default), before any gets its name. An
+        //    output adopted in place is synced on its own: whoever wrote it, the input goes
+        //    only once it is durable.
+        let mut temps = Vec::new();
+        let mut synced: Vec<Result<Step, FileError>> = staged
             .into_iter()
             .zip(&heads)
             .map(|(r, (job, _, _))| {
                 r.and_then(|step| {
                     FileError::guard(|| match step {
-                        Step::Temp(temp) => Ok(Step::Synced(temp.sync(&Self::out_name(job)?)?)),
+                        Step::Temp(temp) => {
+                            temps.push((temp, Self::out_name(job)?));
+                            Ok(Step::Flushing)
+                        }
                         Step::InPlace(file) => {
                             file.sync_all()
                                 .map_err(|e| FileError::io("syncing the existing output", &e))?;
@@ -683,6 +690,16 @@ impl Op for GzipOp {
                 })
             })
             .collect();
+        let bytes = totals.iter().map(|t| t.bytes_out).sum();
+        let mut flushed = output::sync_group(temps, bytes, self.durability).into_iter();
+        for slot in &mut synced {
+            if let Ok(Step::Flushing) = slot {
+                *slot = flushed.next().map_or_else(
+                    || Err(FileError::new(Kind::Internal, "a temp was lost")),
+                    |r| r.map(Step::Synced),
+                );
+            }
+        }
         // 3. Rename each into place, no-clobber unless replacing is allowed.
         let renamed: Vec<_> = synced
             .into_iter()
@@ -711,7 +728,7 @@ impl Op for GzipOp {
             .zip(&heads)
             .filter_map(|(r, (_, _, dir))| r.as_ref().ok().map(|_| dir))
             .collect();
-        let mut dirs_synced = output::sync_dirs(&dirs).into_iter();
+        let mut dirs_synced = output::sync_dirs(&dirs, self.durability).into_iter();
         // 5. Only now is each file published; only now may its input go.
         renamed
             .into_iter()
@@ -794,6 +811,7 @@ mod tests {
             level: 6,
             force: false,
             remove_source,
+            durability: Durability::Group,
             root: root.clone(),
             out_root: tmp.path().join("out"),
             mirrored: true,

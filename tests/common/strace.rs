@@ -1,0 +1,304 @@
+//! Reading what the real binary did from `strace -f`: its calls, in the order they happened
+//! across threads, and the checks of the order of flushes and names (`--durability`).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::process::{Command, Output};
+
+use super::{bin, run, text_bytes, TestTree};
+
+pub fn have_strace() -> bool {
+    Command::new("strace").arg("-V").output().is_ok()
+}
+
+/// Writes out what the machine has waiting to be written on `path`'s file system (`sync -f`):
+/// with much of it (the test binaries cargo just linked), `--durability group` flushes each
+/// file on its own rather than wait for it all, and a test of how groups are flushed must see
+/// groups.
+pub fn write_out_dirty_data(path: &std::path::Path) {
+    let st = Command::new("sync").arg("-f").arg(path).status().unwrap();
+    assert!(st.success(), "sync -f {}", path.display());
+}
+
+/// MiB waiting to be written, system-wide (Dirty plus Writeback in /proc/meminfo).
+pub fn dirty_mib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("Dirty:") || l.starts_with("Writeback:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum::<u64>()
+        / 1024
+}
+
+/// A tree of `n` small files in three directories, as a tree of headers.
+pub fn tree(n: u64) -> TestTree {
+    let mut t = TestTree::new();
+    for i in 0..n {
+        let len = 2_000 + (i as usize * 7_919) % 30_000;
+        t = t.file(format!("d{}/f{i}.h", i % 3), &text_bytes(len, i));
+    }
+    t
+}
+
+/// One system call of an `strace -f` log: where it began and where it returned (line numbers,
+/// which follow the order of events across threads), its name, arguments and result.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub start: usize,
+    pub end: usize,
+    pub name: String,
+    pub args: String,
+    pub ret: String,
+}
+
+impl Call {
+    /// The `i`th argument, as strace printed it (top-level commas only split).
+    pub fn arg(&self, i: usize) -> String {
+        let mut depth = 0i32;
+        let mut quoted = false;
+        let mut escaped = false;
+        let mut parts = vec![String::new()];
+        for c in self.args.chars() {
+            if quoted {
+                match (escaped, c) {
+                    (true, _) => escaped = false,
+                    (false, '\\') => escaped = true,
+                    (false, '"') => quoted = false,
+                    _ => {}
+                }
+                parts.last_mut().unwrap().push(c);
+                continue;
+            }
+            match c {
+                '"' => quoted = true,
+                '{' | '[' | '(' => depth += 1,
+                '}' | ']' | ')' => depth -= 1,
+                ',' if depth == 0 => {
+                    parts.push(String::new());
+                    continue;
+                }
+                _ => {}
+            }
+            parts.last_mut().unwrap().push(c);
+        }
+        parts
+            .get(i)
+            .map(|a| a.trim().to_string())
+            .unwrap_or_default()
+    }
+
+    pub fn ok(&self) -> bool {
+        !self.ret.starts_with('-') && self.ret != "?"
+    }
+}
+
+/// The number of a descriptor strace printed with `-y` (`8</path/to/dir>`).
+pub fn fd_num(arg: &str) -> &str {
+    arg.split('<').next().unwrap_or(arg)
+}
+
+/// The path of a descriptor strace printed with `-y`.
+pub fn fd_path(arg: &str) -> &str {
+    arg.split_once('<')
+        .and_then(|(_, rest)| rest.split_once('>'))
+        .map_or("", |(path, _)| path)
+}
+
+/// Parses an `strace -f -o LOG` log (no `-tt`), joining `<unfinished ...>` and `<... resumed>`
+/// halves. A call cut short by a kill has the result `?`.
+pub fn parse_strace(log: &str) -> Vec<Call> {
+    let mut calls = Vec::new();
+    let mut open: HashMap<String, (usize, String, String)> = HashMap::new();
+    let split_ret = |rest: &str| -> (String, String) {
+        // "args)   = ret ...": the last " = " follows the arguments (strace pads before it).
+        match rest.rfind(" = ") {
+            Some(i) => (
+                rest[..i].trim_end().trim_end_matches(')').to_string(),
+                rest[i + 3..].split_whitespace().next().unwrap_or("").into(),
+            ),
+            None => (rest.trim_end_matches(')').to_string(), "?".into()),
+        }
+    };
+    for (n, line) in log.lines().enumerate() {
+        let Some((pid, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let rest = rest.trim_start();
+        if let Some(resumed) = rest.strip_prefix("<... ") {
+            let Some((name, tail)) = resumed.split_once(" resumed>") else {
+                continue;
+            };
+            if let Some((start, name0, args0)) = open.remove(pid) {
+                debug_assert_eq!(name, name0);
+                let (args, ret) = split_ret(tail);
+                calls.push(Call {
+                    start,
+                    end: n,
+                    name: name0,
+                    args: args0 + &args,
+                    ret,
+                });
+            }
+            continue;
+        }
+        let Some(paren) = rest.find('(') else {
+            continue;
+        };
+        let name = rest[..paren].to_string();
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') || name.is_empty() {
+            continue;
+        }
+        let body = &rest[paren + 1..];
+        if let Some(args) = body.strip_suffix(" <unfinished ...>") {
+            open.insert(pid.to_string(), (n, name, args.to_string()));
+            continue;
+        }
+        let (args, ret) = split_ret(body);
+        calls.push(Call {
+            start: n,
+            end: n,
+            name,
+            args,
+            ret,
+        });
+    }
+    // Calls never resumed (the process was killed in them).
+    for (_, (start, name, args)) in open {
+        calls.push(Call {
+            start,
+            end: usize::MAX,
+            name,
+            args,
+            ret: "?".into(),
+        });
+    }
+    calls.sort_by_key(|c| c.start);
+    calls
+}
+
+/// The calls the checks need, traced with their string arguments whole.
+pub const TRACED: &str = "trace=openat,write,fsync,fdatasync,syncfs,linkat,renameat2,renameat";
+
+/// `filepipe ARGS` under `strace -f`, with `env`; its output and the parsed calls.
+pub fn traced(args: &[&OsStr], env: &[(&str, &str)], inject: Option<&str>) -> (Output, Vec<Call>) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-y", "-s", "300", "-o"])
+        .arg(log.path())
+        .args(["-e", TRACED]);
+    if let Some(i) = inject {
+        cmd.args(["-e", i]);
+    }
+    cmd.arg(bin()).args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = run(cmd);
+    let text = fs::read_to_string(log.path()).unwrap();
+    (out, parse_strace(&text))
+}
+
+/// A name given to an output: the call that gave it, the temp's descriptor (its number), and
+/// the directory's path.
+pub struct Publish {
+    pub call: Call,
+    pub fd: String,
+    pub dir: String,
+}
+
+pub fn is_temp_name(arg: &str) -> bool {
+    arg.starts_with("\".filepipe.") && arg.ends_with(".tmp\"")
+}
+
+/// Every publish of an output in `calls`: a link of an anonymous temp (`/proc/self/fd/N`) to a
+/// final name, or the rename of a named temp to one. Links to temp names (the probe, and the
+/// first step of a replacing publish) are not publishes.
+pub fn publishes(calls: &[Call]) -> Vec<Publish> {
+    let mut named_fd: HashMap<String, String> = HashMap::new();
+    let mut out = Vec::new();
+    for c in calls {
+        match c.name.as_str() {
+            "openat" if c.ok() && is_temp_name(&c.arg(1)) && c.arg(2).contains("O_CREAT") => {
+                named_fd.insert(c.arg(1), fd_num(&c.ret).to_string());
+            }
+            "linkat" if !is_temp_name(&c.arg(3)) => {
+                let from = c.arg(1);
+                let fd = from
+                    .trim_matches('"')
+                    .strip_prefix("/proc/self/fd/")
+                    .expect("a link of an anonymous temp")
+                    .to_string();
+                out.push(Publish {
+                    call: c.clone(),
+                    fd,
+                    dir: fd_path(&c.arg(2)).to_string(),
+                });
+            }
+            "renameat2" | "renameat" if is_temp_name(&c.arg(1)) && !is_temp_name(&c.arg(3)) => {
+                let fd = named_fd
+                    .get(&c.arg(1))
+                    .cloned()
+                    .expect("the temp was created");
+                out.push(Publish {
+                    call: c.clone(),
+                    fd,
+                    dir: fd_path(&c.arg(2)).to_string(),
+                });
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Checks that each publish in `calls` gave its name only after a flush of its data, and that
+/// each name was flushed afterwards (when `finished`: the run was not killed). Returns how many
+/// publishes were checked.
+pub fn check_flush_order(calls: &[Call], finished: bool) -> usize {
+    let pubs = publishes(calls);
+    for pb in &pubs {
+        let at = pb.call.start;
+        // The temp's last write before its name: since the temp's descriptor was opened.
+        let opened = calls
+            .iter()
+            .filter(|c| c.name == "openat" && c.ok() && fd_num(&c.ret) == pb.fd && c.end < at)
+            .map(|c| c.end)
+            .max()
+            .expect("the temp's creation is in the log");
+        let last_write = calls
+            .iter()
+            .filter(|c| c.name == "write" && fd_num(&c.arg(0)) == pb.fd)
+            .filter(|c| c.start > opened && c.end < at)
+            .map(|c| c.end)
+            .max()
+            .unwrap_or_else(|| panic!("no write to the temp before {:?}", pb.call));
+        let flushed = calls.iter().any(|c| {
+            let covers = c.name == "syncfs" || c.name == "fsync" && fd_num(&c.arg(0)) == pb.fd;
+            covers && c.ok() && c.start > last_write && c.end < at
+        });
+        assert!(
+            flushed,
+            "{:?} was given its name without a flush of its data since its last write (line {})",
+            pb.call, last_write
+        );
+        if finished {
+            let name_flushed = calls.iter().any(|c| {
+                // Any descriptor of the directory: two workers may each hold one.
+                let covers =
+                    c.name == "syncfs" || c.name == "fsync" && fd_path(&c.arg(0)) == pb.dir;
+                covers && c.ok() && c.start > pb.call.end
+            });
+            assert!(name_flushed, "{:?}: the name was never flushed", pb.call);
+        }
+    }
+    pubs.len()
+}
+
+pub fn flushes(calls: &[Call]) -> usize {
+    calls
+        .iter()
+        .filter(|c| matches!(c.name.as_str(), "fsync" | "fdatasync" | "syncfs"))
+        .count()
+}
