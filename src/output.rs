@@ -57,31 +57,13 @@ pub struct Dir {
     /// Its file system and inode, to flush each directory and file system once however many
     /// handles lead to it; `None` if it could not be examined (then it is flushed on its own).
     id: Option<(u64, u64)>,
-    /// The group a file created in it gets: its own for a set-group-ID directory, else `None`
-    /// (the creator's).
-    new_gid: Option<u32>,
-    /// When it was opened, in the order of all directories this process opened (see
-    /// `sync_group`: the oldest descriptor of a file system reports the most errors).
-    opened: u64,
 }
 
 impl Dir {
     /// Wraps an open directory; `path` is for messages.
     pub fn new(fd: OwnedFd, path: PathBuf) -> Dir {
-        static OPENED: AtomicU64 = AtomicU64::new(0);
-        let st = rfs::fstat(&fd).ok();
-        let id = st.as_ref().map(|st| (st.st_dev, st.st_ino));
-        let new_gid = st.and_then(|st| (st.st_mode & libc::S_ISGID != 0).then_some(st.st_gid));
-        // Taken after the open: a directory numbered lower was opened (and its descriptor
-        // began to collect the file system's write-back errors) earlier.
-        let opened = OPENED.fetch_add(1, Ordering::Relaxed);
-        Dir {
-            fd,
-            path,
-            id,
-            new_gid,
-            opened,
-        }
+        let id = rfs::fstat(&fd).ok().map(|st| (st.st_dev, st.st_ino));
+        Dir { fd, path, id }
     }
 }
 
@@ -89,9 +71,11 @@ impl Dir {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Durability {
-    /// Each group of outputs published together is flushed at once: one `syncfs` for the
-    /// data of all its temps, then their names, then one flush for the names. The promises of
-    /// `file`, at a few flushes per group instead of two per file.
+    /// Each group of outputs published together is flushed at once where the file system
+    /// journals its metadata (ext4 with a journal, XFS, btrfs): one `syncfs` for all the
+    /// group's temps, each file's own write error then checked, then the names and their
+    /// directories. Elsewhere each file is flushed on its own, as with `file`. The promises of
+    /// `file`, at a flush per group instead of one per file where that is sound.
     #[default]
     Group,
     /// Each output is flushed on its own (`fsync` of the file, then of its directory).
@@ -376,20 +360,15 @@ impl TempOutput {
     pub fn set_attrs(&mut self, final_name: &OsStr, a: &Attrs) -> Result<(), FileError> {
         let ctx = |what: &str| format!("{what} {}", self.dir.path.join(final_name).display());
         let file = self.file.as_ref().expect("temp file is open until synced");
-        // chown first: it may clear mode bits, and it only succeeds with privilege. Not called
-        // when the temp already has the input's owner and group (it was created with them).
-        static IDS: OnceLock<(u32, u32)> = OnceLock::new();
-        let (uid, gid) = *IDS.get_or_init(|| {
-            let (uid, gid) = (rustix::process::geteuid(), rustix::process::getegid());
-            (uid.as_raw(), gid.as_raw())
-        });
-        if a.uid != uid || a.gid != self.dir.new_gid.unwrap_or(gid) {
-            let _ = rfs::fchown(
-                file,
-                Some(rustix::fs::Uid::from_raw(a.uid)),
-                Some(rustix::fs::Gid::from_raw(a.gid)),
-            );
-        }
+        // chown first: it may clear mode bits, and it only succeeds with privilege. Called even
+        // when the owner looks right already: which group a new file gets depends on the mount
+        // (grpid) and on its directory's set-group-ID bit at that instant, so only this call
+        // makes sure the output is never readable by a group its input was not.
+        let _ = rfs::fchown(
+            file,
+            Some(rustix::fs::Uid::from_raw(a.uid)),
+            Some(rustix::fs::Gid::from_raw(a.gid)),
+        );
         rfs::fchmod(file, Mode::from_raw_mode(a.mode))
             .map_err(|e| FileError::errno(&ctx("setting mode of"), e))?;
         rfs::futimens(file, &a.times).map_err(|e| FileError::errno(&ctx("setting times of"), e))
@@ -773,11 +752,13 @@ pub fn sync_dir(dir: &Dir) -> Result<(), FileError> {
         .map_err(|e| FileError::errno(&format!("syncing directory {}", dir.path.display()), e))
 }
 
-/// The most data other than a group's own that may be waiting to be written (system-wide)
-/// for a group to be flushed with `syncfs`: it waits for all of its file system's dirty data,
-/// another program's too, so with more (a large copy under way) the group's files are flushed
-/// one by one instead. 64 MiB take well under a second on any disk, and the check costs one
-/// read of /proc/meminfo per group.
+/// The most data other than a group's own that may be waiting to be written for a group to be
+/// flushed with `syncfs`: it waits for all of its file system's dirty data, another program's
+/// too, so with more (a large copy under way) the group's files are flushed one by one
+/// instead. 64 MiB take well under a second on any disk, and the check costs one read of
+/// /proc/meminfo per group. The count is system-wide (the kernel keeps none per file system
+/// that a process can read): dirty data on another disk, or filepipe's own next outputs, count
+/// as foreign too, which only ever makes a group take the slower, per-file way.
 const SYNCFS_MAX_FOREIGN: u64 = 64 << 20;
 
 /// Bytes waiting to be written to disk, system-wide (`Dirty` plus `Writeback` in
@@ -797,15 +778,16 @@ fn dirty_bytes() -> Option<u64> {
 /// name, as `durability` says, and returns each (given with its final name, for messages) as a
 /// `SyncedTemp` or its error, in order. `bytes` is about what the temps hold.
 ///
-/// `Group`: one `syncfs` per file system the temps are on writes every dirty page and inode
-/// of it and waits for them, then one `fsync` of a directory there flushes the disk's cache
-/// (ext4 without a journal, and ext2, write inodes after `syncfs`'s own cache flush; on other
-/// file systems it finds nothing left to do). `syncfs` reports any write-back error of the
-/// file system recorded after the descriptor it is called on was opened: it is called on the
-/// oldest directory descriptor of the group on that file system, opened before any of the
-/// group's temps was created, so no error of theirs can go unseen. On an error (which may be
-/// another program's), with too much foreign dirty data (see `SYNCFS_MAX_FOREIGN`), or where
-/// `syncfs` is not allowed, each temp is `fsync`ed on its own, which reports its own errors.
+/// `Group`, on a file system that journals its metadata (see `journaled`): one `syncfs` writes
+/// every temp of the group on that file system and commits the journal, then each temp's own
+/// write error is taken with `sync_file_range` (waiting, no flush). That split is what makes
+/// it sound: `syncfs` returns a journal failure directly, every time (the journal aborts), but
+/// a write error of one file's data only once per descriptor it is called on, which another
+/// group's call may have taken; each temp's own descriptor, private to it, reports its own.
+/// Without a journal, a failed write of an inode is only ever returned to the `fsync` that
+/// writes it, so there (and wherever this cannot tell) each temp is `fsync`ed on its own, its
+/// write-back started for the whole group first. So is a group for which `syncfs` fails, or
+/// would wait for more than `SYNCFS_MAX_FOREIGN` of other programs' data.
 pub fn sync_group(
     temps: Vec<(TempOutput, OsString)>,
     bytes: u64,
@@ -816,74 +798,115 @@ pub fn sync_group(
         Durability::File => return temps.into_iter().map(|(t, name)| t.sync(&name)).collect(),
         Durability::Group => {}
     }
-    let mine = bytes;
-    let flushed = match dirty_bytes() {
-        Some(dirty) if dirty.saturating_sub(mine) <= SYNCFS_MAX_FOREIGN => {
-            flush_file_systems(temps.iter().map(|(t, _)| &*t.dir))
+    // Unknown (no /proc/meminfo, as under systemd's ProcSubset=pid): syncfs, unbounded.
+    let quiet = dirty_bytes().is_none_or(|d| d.saturating_sub(bytes) <= SYNCFS_MAX_FOREIGN);
+    let mut synced_fs: HashMap<u64, bool> = HashMap::new();
+    if quiet {
+        for (t, _) in &temps {
+            let Some((dev, _)) = t.dir.id else { continue };
+            synced_fs.entry(dev).or_insert_with(|| {
+                journaled(dev, &t.dir.fd)
+                    && rfs::syncfs(&t.dir.fd)
+                        .map_err(|e| {
+                            tracing::debug!(dir = %t.dir.path.display(), error = %e,
+                                "syncfs failed: each file flushed on its own");
+                        })
+                        .is_ok()
+            });
         }
-        _ => HashMap::new(),
-    };
+    }
+    let own =
+        |t: &TempOutput| matches!(t.dir.id, Some((dev, _)) if synced_fs.get(&dev) == Some(&true));
+    // Flushed one by one: their write-back started together first.
+    for (t, _) in temps.iter().filter(|(t, _)| !own(t)) {
+        t.start_writeback();
+    }
     temps
         .into_iter()
-        .map(|(t, name)| match t.dir.id {
-            Some((dev, _)) if flushed.get(&dev) == Some(&true) => Ok(SyncedTemp(t)),
-            _ => t.sync(&name),
+        .map(|(t, name)| {
+            if !own(&t) {
+                return t.sync(&name);
+            }
+            let file = t.file.as_ref().expect("open until synced");
+            written(file).map_err(|e| {
+                FileError::errno(&format!("writing {}", t.dir.path.join(&name).display()), e)
+            })?;
+            Ok(SyncedTemp(t))
         })
         .collect()
 }
 
-/// `syncfs` and a cache flush for each file system among `dirs`, through the oldest
-/// descriptor of each (see `sync_group`): for each, whether both succeeded.
-fn flush_file_systems<'d>(dirs: impl Iterator<Item = &'d Dir>) -> HashMap<u64, bool> {
-    let mut oldest: HashMap<u64, &Dir> = HashMap::new();
-    for dir in dirs {
-        if let Some((dev, _)) = dir.id {
-            let d = oldest.entry(dev).or_insert(dir);
-            if dir.opened < d.opened {
-                *d = dir;
-            }
-        }
+/// Waits for `file`'s data to be written and returns the write error it met, if any (its own
+/// descriptor's: see `sync_group`). Flushes nothing by itself.
+fn written(file: &File) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: a valid open descriptor; the call reads no memory of ours.
+    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ))
     }
-    oldest
-        .into_iter()
-        .map(|(dev, dir)| {
-            let ok = match rfs::syncfs(&dir.fd) {
-                Ok(()) => rfs::fsync(&dir.fd).is_ok(),
-                Err(e) => {
-                    tracing::debug!(dir = %dir.path.display(), error = %e, "syncfs failed");
-                    false
-                }
+}
+
+/// Whether the file system of `dev` (reached through `fd`) journals its metadata, so that a
+/// `syncfs` returning success means every inode and name written before it is on disk: XFS,
+/// btrfs, and ext3/ext4 with a journal (`/sys/fs/ext4/DEV/journal_task`). False for anything
+/// else and whenever it cannot tell. Asked once per file system.
+fn journaled(dev: u64, fd: &OwnedFd) -> bool {
+    static KNOWN: std::sync::Mutex<Option<HashMap<u64, bool>>> = std::sync::Mutex::new(None);
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    *known
+        .get_or_insert_with(HashMap::new)
+        .entry(dev)
+        .or_insert_with(|| {
+            const XFS: i64 = 0x5846_5342;
+            const BTRFS: i64 = 0x9123_683e;
+            const EXT: i64 = 0xef53;
+            let Ok(st) = rfs::fstatfs(fd) else {
+                return false;
             };
-            (dev, ok)
+            // f_type's integer type differs between architectures.
+            #[allow(clippy::unnecessary_cast)]
+            let kind = st.f_type as i64;
+            match kind {
+                XFS | BTRFS => true,
+                EXT => {
+                    let (major, minor) = (rfs::major(dev), rfs::minor(dev));
+                    let name = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
+                        .ok()
+                        .and_then(|p| p.file_name().map(|n| n.to_os_string()));
+                    name.and_then(|n| {
+                        std::fs::read_to_string(
+                            Path::new("/sys/fs/ext4").join(n).join("journal_task"),
+                        )
+                        .ok()
+                    })
+                    .is_some_and(|task| !task.trim().is_empty() && task.trim() != "<none>")
+                }
+                _ => false,
+            }
         })
-        .collect()
 }
 
 /// Makes the names just given in `dirs` durable, as `durability` says, and returns, for each
-/// of `dirs` in order, its directory's result. `File`: each distinct directory is fsynced once
-/// (the same directory may come through several handles). `Group`: the same for up to two
-/// directories on a file system; for more, one `syncfs` and one flush there (as in
-/// `sync_group`), falling back to each directory's fsync on an error. `None`: nothing.
+/// of `dirs` in order, its directory's result: each distinct directory is fsynced once (the
+/// same directory may come through several handles; on a journaling file system the first
+/// commits the names of all). `None`: nothing.
 pub fn sync_dirs(dirs: &[&Arc<Dir>], durability: Durability) -> Vec<Result<(), FileError>> {
     if durability == Durability::None {
         return dirs.iter().map(|_| Ok(())).collect();
     }
-    let mut flushed = HashMap::new();
-    if durability == Durability::Group {
-        let mut per_dev: HashMap<u64, Vec<(u64, u64)>> = HashMap::new();
-        for id in dirs.iter().filter_map(|d| d.id) {
-            let seen = per_dev.entry(id.0).or_default();
-            if !seen.contains(&id) {
-                seen.push(id);
-            }
-        }
-        let many = |d: &&&Arc<Dir>| d.id.is_some_and(|(dev, _)| per_dev[&dev].len() > 2);
-        flushed = flush_file_systems(dirs.iter().filter(many).map(|d| &***d));
-    }
     let mut done: HashMap<(u64, u64), Result<(), FileError>> = HashMap::new();
     dirs.iter()
         .map(|dir| match dir.id {
-            Some((dev, _)) if flushed.get(&dev) == Some(&true) => Ok(()),
             Some(id) => done.entry(id).or_insert_with(|| sync_dir(dir)).clone(),
             // Cannot tell it apart from the others: sync it on its own.
             None => sync_dir(dir),

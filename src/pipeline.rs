@@ -48,7 +48,7 @@ const GROUP_MAX: usize = 64;
 /// is worth filling (without waiting, groups hold what the workers finish during one flush, a
 /// few files). With nothing queued (a watch daemon between files, the end of a batch) it never
 /// waits, so a lone file is published at once.
-const GROUP_LINGER: Duration = Duration::from_millis(4);
+const GROUP_LINGER: Duration = Duration::from_millis(16);
 
 /// Publisher threads for ops with `DEFER_PUBLISH`. Two: while one waits for the disk, the
 /// other gathers what the workers finished meanwhile into the next group. More would split

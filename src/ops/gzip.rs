@@ -286,7 +286,10 @@ impl GzipOp {
 }
 
 impl GzipOp {
-    /// What `name` in `dir` holds, against `input`.
+    /// What `name` in `dir` holds, against `input`. One stat of the output's name per file,
+    /// before any work: it is what lets a rerun skip what is up to date without compressing it
+    /// again, and refuse to overwrite a file that is not this input's output before the work
+    /// is spent (the no-clobber link would refuse it too, but after the compression).
     fn existing(dir: &Dir, name: &OsStr, input: &InputFile) -> Result<Existing, FileError> {
         match rfs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
             Err(Errno::NOENT) => Ok(Existing::Nothing),
@@ -639,10 +642,10 @@ impl Op for GzipOp {
     }
 
     /// Group commit: every step is taken for the whole group before the next one, so the
-    /// group shares its flushes: with `--durability group` (the default), one `syncfs` and one
-    /// cache flush for the data of all its temps, then the names, then one flush per directory
-    /// (or, past two directories, one more `syncfs` and flush); with `file`, an fsync per
-    /// file and per directory, as before; with `none`, no flush. Each file keeps its own
+    /// group shares its flushes: with `--durability group` (the default) on a journaling file
+    /// system, one `syncfs` for the data of all its temps (see `output::sync_group`), then the
+    /// names, then one fsync per directory (the first commits them all); with `file`, or
+    /// without a journal, an fsync per file, then per directory; with `none`, no flush. Each file keeps its own
     /// result at every step: a failed one drops out (its temp removed) and the others go on.
     /// A file is `Ok` only after its data, attributes and directory entry are durable (as far
     /// as `--durability` asks), and only then may its input be removed. A panic in one file's
@@ -666,18 +669,20 @@ impl Op for GzipOp {
             .map(|(&(job, input, _), pending)| FileError::guard(|| self.stage(job, input, pending)))
             .collect();
         // 2. Make every temp durable, the group's together (see `output::sync_group`: one
-        //    syncfs and one flush per file system by default), before any gets its name. An
+        //    syncfs per journaling file system by default), before any gets its name. An
         //    output adopted in place is synced on its own: whoever wrote it, the input goes
         //    only once it is durable.
         let mut temps = Vec::new();
+        let mut bytes = 0;
         let mut synced: Vec<Result<Step, FileError>> = staged
             .into_iter()
-            .zip(&heads)
-            .map(|(r, (job, _, _))| {
+            .zip(heads.iter().zip(&totals))
+            .map(|(r, ((job, _, _), totals))| {
                 r.and_then(|step| {
                     FileError::guard(|| match step {
                         Step::Temp(temp) => {
                             temps.push((temp, Self::out_name(job)?));
+                            bytes += totals.bytes_out;
                             Ok(Step::Flushing)
                         }
                         Step::InPlace(file) => {
@@ -690,7 +695,6 @@ impl Op for GzipOp {
                 })
             })
             .collect();
-        let bytes = totals.iter().map(|t| t.bytes_out).sum();
         let mut flushed = output::sync_group(temps, bytes, self.durability).into_iter();
         for slot in &mut synced {
             if let Ok(Step::Flushing) = slot {

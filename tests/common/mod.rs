@@ -31,6 +31,13 @@ impl TestTree {
         TestTree { dir }
     }
 
+    /// A tree in a temp directory under `parent` (another file system).
+    pub fn new_in(parent: &Path) -> Self {
+        let dir = tempfile::tempdir_in(parent).expect("tempdir");
+        fs::create_dir(dir.path().join("in")).unwrap();
+        TestTree { dir }
+    }
+
     /// The input root.
     pub fn root(&self) -> PathBuf {
         self.dir.path().join("in")

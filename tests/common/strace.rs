@@ -12,13 +12,69 @@ pub fn have_strace() -> bool {
     Command::new("strace").arg("-V").output().is_ok()
 }
 
-/// Writes out what the machine has waiting to be written on `path`'s file system (`sync -f`):
-/// with much of it (the test binaries cargo just linked), `--durability group` flushes each
-/// file on its own rather than wait for it all, and a test of how groups are flushed must see
-/// groups.
-pub fn write_out_dirty_data(path: &std::path::Path) {
-    let st = Command::new("sync").arg("-f").arg(path).status().unwrap();
-    assert!(st.success(), "sync -f {}", path.display());
+/// Writes out what the machine has waiting to be written (`sync`): with much of it (the test
+/// binaries cargo just linked), `--durability group` flushes each file on its own rather than
+/// wait for it all, and a test of how groups are flushed must see groups. False (the test
+/// should say it skipped that part) if more than 64 MiB are dirty again right after.
+pub fn write_out_dirty_data() -> bool {
+    let st = Command::new("sync").status().unwrap();
+    assert!(st.success(), "sync");
+    dirty_mib() < 64
+}
+
+/// A fresh ext4 file system with a journal, on a loop device (its image in a temp directory),
+/// unmounted when dropped: where `--durability group` flushes a group with one syncfs. `None`
+/// (with the reason) where it cannot be made: not root, no mkfs.ext4, no loop devices.
+pub struct JournaledFs {
+    dir: tempfile::TempDir,
+}
+
+impl JournaledFs {
+    pub fn new() -> Result<JournaledFs, String> {
+        if !super::is_root() {
+            return Err("not root: cannot mount a file system".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let img = dir.path().join("fs.img");
+        fs::File::create(&img)
+            .and_then(|f| f.set_len(256 << 20))
+            .map_err(|e| e.to_string())?;
+        fs::create_dir(dir.path().join("mnt")).map_err(|e| e.to_string())?;
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-N", "50000"])
+            .arg(&img)
+            .output()
+            .map_err(|e| format!("mkfs.ext4: {e}"))?;
+        if !mkfs.status.success() {
+            return Err(format!(
+                "mkfs.ext4: {}",
+                String::from_utf8_lossy(&mkfs.stderr)
+            ));
+        }
+        let mount = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(dir.path().join("mnt"))
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !mount.status.success() {
+            return Err(format!(
+                "mount -o loop: {}",
+                String::from_utf8_lossy(&mount.stderr)
+            ));
+        }
+        Ok(JournaledFs { dir })
+    }
+
+    pub fn path(&self) -> std::path::PathBuf {
+        self.dir.path().join("mnt")
+    }
+}
+
+impl Drop for JournaledFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.path()).status();
+    }
 }
 
 /// MiB waiting to be written, system-wide (Dirty plus Writeback in /proc/meminfo).
@@ -179,7 +235,8 @@ pub fn parse_strace(log: &str) -> Vec<Call> {
 }
 
 /// The calls the checks need, traced with their string arguments whole.
-pub const TRACED: &str = "trace=openat,write,fsync,fdatasync,syncfs,linkat,renameat2,renameat";
+pub const TRACED: &str =
+    "trace=openat,write,fsync,fdatasync,syncfs,sync_file_range,linkat,renameat2,renameat";
 
 /// `filepipe ARGS` under `strace -f`, with `env`; its output and the parsed calls.
 pub fn traced(args: &[&OsStr], env: &[(&str, &str)], inject: Option<&str>) -> (Output, Vec<Call>) {
