@@ -43,16 +43,7 @@ fn places() -> (Vec<Place>, Option<JournaledFs>) {
 
 fn tree_at(n: u64, place: &Place, jfs: &Option<JournaledFs>) -> TestTree {
     match (place, jfs) {
-        (Place::Journaled, Some(jfs)) => {
-            let t = TestTree::new_in(&jfs.path());
-            for i in 0..n {
-                let len = 2_000 + (i as usize * 7_919) % 30_000;
-                let path = t.root().join(format!("d{}/f{i}.h", i % 3));
-                fs::create_dir_all(path.parent().unwrap()).unwrap();
-                fs::write(path, text_bytes(len, i)).unwrap();
-            }
-            t
-        }
+        (Place::Journaled, Some(jfs)) => tree_in(Some(&jfs.path()), n),
         _ => tree(n),
     }
 }

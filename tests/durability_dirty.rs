@@ -35,12 +35,7 @@ fn with_much_foreign_dirty_data_a_group_is_flushed_file_by_file() {
             return;
         }
     };
-    let t = TestTree::new_in(&jfs.path());
-    for i in 0..20u64 {
-        let path = t.root().join(format!("d{}/f{i}.h", i % 3));
-        fs::create_dir_all(path.parent().unwrap()).unwrap();
-        fs::write(path, text_bytes(3_000 + i as usize * 500, i)).unwrap();
-    }
+    let t = tree_in(Some(&jfs.path()), 20);
     let big_dir = tempfile::tempdir().unwrap();
     let big = big_dir.path().join("big.bin");
     {

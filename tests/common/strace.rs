@@ -40,29 +40,22 @@ impl JournaledFs {
             .and_then(|f| f.set_len(256 << 20))
             .map_err(|e| e.to_string())?;
         fs::create_dir(dir.path().join("mnt")).map_err(|e| e.to_string())?;
-        let mkfs = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-N", "50000"])
-            .arg(&img)
-            .output()
-            .map_err(|e| format!("mkfs.ext4: {e}"))?;
-        if !mkfs.status.success() {
-            return Err(format!(
-                "mkfs.ext4: {}",
-                String::from_utf8_lossy(&mkfs.stderr)
-            ));
-        }
-        let mount = Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(dir.path().join("mnt"))
-            .output()
-            .map_err(|e| format!("mount: {e}"))?;
-        if !mount.status.success() {
-            return Err(format!(
-                "mount -o loop: {}",
-                String::from_utf8_lossy(&mount.stderr)
-            ));
-        }
+        let ok = |cmd: &mut Command, what: &str| match cmd.output() {
+            Ok(out) if out.status.success() => Ok(()),
+            Ok(out) => Err(format!("{what}: {}", String::from_utf8_lossy(&out.stderr))),
+            Err(e) => Err(format!("{what}: {e}")),
+        };
+        let mut mkfs = Command::new("mkfs.ext4");
+        ok(
+            mkfs.args(["-q", "-F", "-N", "50000"]).arg(&img),
+            "mkfs.ext4",
+        )?;
+        let mut mount = Command::new("mount");
+        let mnt = dir.path().join("mnt");
+        ok(
+            mount.args(["-o", "loop"]).arg(&img).arg(&mnt),
+            "mount -o loop",
+        )?;
         Ok(JournaledFs { dir })
     }
 
@@ -88,14 +81,23 @@ pub fn dirty_mib() -> u64 {
         / 1024
 }
 
-/// A tree of `n` small files in three directories, as a tree of headers.
-pub fn tree(n: u64) -> TestTree {
-    let mut t = TestTree::new();
+/// A tree of `n` small files in three directories, as a tree of headers, in a temp
+/// directory under `parent` (default: the system's).
+pub fn tree_in(parent: Option<&std::path::Path>, n: u64) -> TestTree {
+    let mut t = match parent {
+        Some(parent) => TestTree::new_in(parent),
+        None => TestTree::new(),
+    };
     for i in 0..n {
         let len = 2_000 + (i as usize * 7_919) % 30_000;
         t = t.file(format!("d{}/f{i}.h", i % 3), &text_bytes(len, i));
     }
     t
+}
+
+/// `tree_in` the system's temp directory.
+pub fn tree(n: u64) -> TestTree {
+    tree_in(None, n)
 }
 
 /// One system call of an `strace -f` log: where it began and where it returned (line numbers,
