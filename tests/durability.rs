@@ -292,3 +292,30 @@ fn the_config_file_sets_durability_and_rejects_a_bad_value_with_its_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sometimes") && err.contains("line 1"), "{err}");
 }
+
+#[test]
+fn with_few_descriptors_allowed_groups_shrink_and_every_file_is_done() {
+    if std::process::Command::new("prlimit")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no prlimit to lower the open-file limit");
+        return;
+    }
+    // 320 descriptors, soft and hard: groups of (320 - 256) / 6 = 10 files, where 256 would
+    // hold 1,536 descriptors between the ready channel and the two publishers.
+    let t = tree(600);
+    let root = t.root();
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=320:320", "--"]).arg(bin()).args([
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--json"),
+    ]);
+    let summary = summary_of(&run(cmd), 0);
+    assert_eq!(summary["done"], 600, "{summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+}
