@@ -61,6 +61,16 @@ pub enum OpKind {
     Sha256,
 }
 
+impl OpKind {
+    /// The name used on the command line, in the config file and in the state.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Gzip => "gzip",
+            OpKind::Sha256 => "sha256",
+        }
+    }
+}
+
 /// Options shared by `batch` and `watch`: what to process, how, and where results go.
 #[derive(Debug, Args)]
 pub struct PipelineArgs {

@@ -244,7 +244,7 @@ pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Re
         ];
         for (k, wrong, span) in misplaced {
             if let (true, Some(span)) = (wrong, span) {
-                let msg = format!("does not apply to op = \"{}\"", op_name(w.op));
+                let msg = format!("does not apply to op = \"{}\"", w.op.as_str());
                 return Err(at(span, &key(k), msg));
             }
         }
@@ -306,13 +306,6 @@ pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Re
     })
 }
 
-fn op_name(op: OpKind) -> &'static str {
-    match op {
-        OpKind::Gzip => "gzip",
-        OpKind::Sha256 => "sha256",
-    }
-}
-
 /// What identifies a pipeline across reloads: if any of it changes, the pipeline restarts.
 fn identity(cfg: &Config) -> String {
     let w = cfg.watch.as_ref();
@@ -349,7 +342,7 @@ fn start(cfg: Config) -> Result<Running> {
         .name("filepipe-pipeline".into())
         .spawn(move || crate::watch::run(&c, &s, &st))
         .context("starting a pipeline thread")?;
-    tracing::info!(root = %cfg.root.display(), op = op_name(cfg.op), "pipeline started");
+    tracing::info!(root = %cfg.root.display(), op = cfg.op.as_str(), "pipeline started");
     Ok(Running {
         identity: identity(&cfg),
         cfg,

@@ -56,10 +56,7 @@ pub struct Finished {
 /// once the watches are in place and the initial scan is queued.
 pub fn run(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> {
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
-    let op = match cfg.op {
-        OpKind::Gzip => "gzip",
-        OpKind::Sha256 => "sha256",
-    };
+    let op = cfg.op.as_str();
     let state = State::open(&settings.state_dir, &cfg.root, op)?;
     let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
     let (feedback_tx, feedback_rx) = crossbeam_channel::unbounded();

@@ -539,7 +539,7 @@ impl Op for GzipOp {
     const DEFER_PUBLISH: bool = true;
 
     fn name(&self) -> &'static str {
-        "gzip"
+        crate::cli::OpKind::Gzip.as_str()
     }
 
     fn scratch(&self) -> Scratch {

@@ -27,7 +27,7 @@ impl Op for Sha256Op {
     type Pending = [u8; 32];
 
     fn name(&self) -> &'static str {
-        "sha256"
+        crate::cli::OpKind::Sha256.as_str()
     }
 
     fn scratch(&self) -> Vec<u8> {
