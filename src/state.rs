@@ -171,11 +171,52 @@ impl Stamp {
     }
 }
 
+/// How a file ended, as the state records it (the `status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileStatus {
+    /// Processed: its output or digest is published.
+    Done,
+    /// Deliberately not processed (already compressed, up to date, interrupted...).
+    Skipped,
+    /// Failed, with the error and the attempts in the row.
+    Failed,
+}
+
+impl FileStatus {
+    /// The column's text.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileStatus::Done => "done",
+            FileStatus::Skipped => "skipped",
+            FileStatus::Failed => "failed",
+        }
+    }
+}
+
+impl rusqlite::types::ToSql for FileStatus {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for FileStatus {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        match value.as_str()? {
+            "done" => Ok(FileStatus::Done),
+            "skipped" => Ok(FileStatus::Skipped),
+            "failed" => Ok(FileStatus::Failed),
+            other => Err(rusqlite::types::FromSqlError::Other(
+                format!("unknown file status {other:?} in the state").into(),
+            )),
+        }
+    }
+}
+
 /// What the state knows about one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Known {
-    /// "done", "failed" or "skipped".
-    pub status: String,
+    /// How it ended.
+    pub status: FileStatus,
     /// The stamp it had when it got that status (absent for some skips and failures).
     pub stamp: Option<Stamp>,
     /// Attempts so far (failures).
@@ -193,11 +234,10 @@ impl Known {
             (Some(a), Some(b)) => a.same_file(&b),
             _ => false,
         };
-        match self.status.as_str() {
-            "done" => same,
-            "skipped" => same || self.stamp.is_none() && now.is_none(),
-            "failed" => same && self.attempts >= MAX_ATTEMPTS && !self.in_use,
-            _ => false,
+        match self.status {
+            FileStatus::Done => same,
+            FileStatus::Skipped => same || self.stamp.is_none() && now.is_none(),
+            FileStatus::Failed => same && self.attempts >= MAX_ATTEMPTS && !self.in_use,
         }
     }
 }
@@ -385,7 +425,7 @@ impl State {
     pub fn not_done(
         &mut self,
         rel: &Path,
-        status: &str,
+        status: FileStatus,
         stamp: Option<Stamp>,
         e: &FileError,
     ) -> Result<u32> {
@@ -740,11 +780,17 @@ mod tests {
             vec![(rel.as_os_str().as_bytes().to_vec(), [1; 32])]
         );
         let e = FileError::new(Kind::Changed, "busy");
-        assert_eq!(st.not_done(rel, "failed", Some(s1), &e).unwrap(), 1);
-        assert_eq!(st.not_done(rel, "failed", Some(s1), &e).unwrap(), 2);
+        assert_eq!(
+            st.not_done(rel, FileStatus::Failed, Some(s1), &e).unwrap(),
+            1
+        );
+        assert_eq!(
+            st.not_done(rel, FileStatus::Failed, Some(s1), &e).unwrap(),
+            2
+        );
         let s2 = Stamp { size: 9, ..s1 };
         assert_eq!(
-            st.not_done(rel, "failed", Some(s2), &e).unwrap(),
+            st.not_done(rel, FileStatus::Failed, Some(s2), &e).unwrap(),
             1,
             "a changed file starts over"
         );
@@ -814,7 +860,8 @@ mod tests {
             .unwrap();
         let e = FileError::new(Kind::Changed, "busy");
         assert_eq!(
-            st.not_done(&name(n - 3), "failed", stamp(0), &e).unwrap(),
+            st.not_done(&name(n - 3), FileStatus::Failed, stamp(0), &e)
+                .unwrap(),
             1
         );
         st.done(&name(n), stamp(7), None, Some(&[7; 32])).unwrap();
@@ -837,7 +884,7 @@ mod tests {
         assert!(reader.lookup(&name(n - 2)).unwrap().is_none());
         assert_eq!(
             reader.lookup(&name(n - 3)).unwrap().unwrap().status,
-            "failed"
+            FileStatus::Failed
         );
         assert!(reader.lookup(&name(n)).unwrap().unwrap().settled(stamp(7)));
         let all = st.digests().unwrap();

@@ -735,7 +735,7 @@ impl Watch<'_> {
                     && self
                         .reader
                         .lookup(&rel)?
-                        .is_some_and(|k| k.status == "done");
+                        .is_some_and(|k| k.status == state::FileStatus::Done);
                 self.in_flight.insert(rel.clone());
                 fill.add(size);
                 batch.push(Job {
@@ -972,14 +972,17 @@ impl Sink for StateSink<'_> {
             Outcome::Skipped { rel, reason } => {
                 // With its stamp, so the next scan knows it is settled unless it changes.
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
-                self.state.not_done(rel, "skipped", stamp, reason)?;
+                self.state
+                    .not_done(rel, state::FileStatus::Skipped, stamp, reason)?;
                 // It may have been done before: its line leaves the manifest.
                 self.changed();
                 (rel, None)
             }
             Outcome::Failed { rel, error } => {
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
-                let attempts = self.state.not_done(rel, "failed", stamp, error)?;
+                let attempts = self
+                    .state
+                    .not_done(rel, state::FileStatus::Failed, stamp, error)?;
                 self.changed();
                 // A file in use is waited for as long as its writer keeps it open.
                 let retry = state::transient(error.kind)
