@@ -32,8 +32,8 @@ pub struct InputFile {
 /// Why an input could not be opened as a regular file.
 #[derive(Debug)]
 pub enum OpenError {
-    /// Not a regular file (anymore): skip it, with this description.
-    NotRegular(&'static str),
+    /// Not a regular file (anymore): skip it, for this reason.
+    NotRegular(NotRegular),
     /// A real error.
     Failed(FileError),
 }
@@ -79,14 +79,14 @@ impl InputFile {
                 Some(what) => OpenError::NotRegular(what),
                 None => OpenError::Failed(FileError::errno("opening input", e)),
             },
-            (Errno::LOOP, None) if !follow_symlinks => OpenError::NotRegular("symlink"),
+            (Errno::LOOP, None) if !follow_symlinks => OpenError::NotRegular(NotRegular::Symlink),
             (e, _) => OpenError::Failed(FileError::errno("opening input", e)),
         })?;
         let stat =
             rfs::fstat(&fd).map_err(|e| OpenError::Failed(FileError::errno("stat of input", e)))?;
         let ft = FileType::from_raw_mode(stat.st_mode);
         if ft != FileType::RegularFile {
-            return Err(OpenError::NotRegular(describe(ft)));
+            return Err(OpenError::NotRegular(NotRegular::Special(ft)));
         }
         Ok(InputFile {
             file: File::from(fd),
@@ -157,8 +157,26 @@ impl InputFile {
     }
 }
 
-/// What `OpenError::NotRegular` says of a file reached through a symlinked directory.
-pub const SYMLINK_ON_PATH: &str = "a directory on its path is a symlink";
+/// What an input turned out to be instead of a regular file to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotRegular {
+    /// A symlink, not followed.
+    Symlink,
+    /// Reached through a directory that is a symlink, not followed.
+    SymlinkOnPath,
+    /// Another kind of file: a FIFO, a socket, a device, a directory.
+    Special(FileType),
+}
+
+impl std::fmt::Display for NotRegular {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NotRegular::Symlink => "symlink",
+            NotRegular::SymlinkOnPath => "a directory on its path is a symlink",
+            NotRegular::Special(ft) => describe(*ft),
+        })
+    }
+}
 
 /// The root of a tree, open, for reaching paths beneath it without following any symlink and
 /// without `..` leading out: with one `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the
@@ -229,7 +247,7 @@ impl Root {
     /// After a refused open of `rel`: which symlink refused it, `rel` itself (`"symlink"`) or a
     /// directory on its path; `None` if neither (not a directory, or it changed meanwhile).
     /// Looks at one component at a time, never through a link.
-    pub fn symlink_in(&self, rel: &Path) -> Option<&'static str> {
+    pub fn symlink_in(&self, rel: &Path) -> Option<NotRegular> {
         let is_link = |at: &OwnedFd, name: &std::ffi::OsStr| {
             rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
@@ -239,11 +257,11 @@ impl Root {
         while let Some(Component::Normal(name)) = components.next() {
             let at = dir.as_ref().unwrap_or(&self.fd);
             if components.peek().is_none() {
-                return is_link(at, name).then_some("symlink");
+                return is_link(at, name).then_some(NotRegular::Symlink);
             }
             match rfs::openat(at, name, Self::DIR, Mode::empty()) {
                 Ok(next) => dir = Some(next),
-                Err(_) => return is_link(at, name).then_some(SYMLINK_ON_PATH),
+                Err(_) => return is_link(at, name).then_some(NotRegular::SymlinkOnPath),
             }
         }
         None
@@ -327,7 +345,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             InputFile::open(&fifo, false),
-            Err(OpenError::NotRegular("FIFO"))
+            Err(OpenError::NotRegular(NotRegular::Special(FileType::Fifo)))
         ));
     }
 
@@ -367,7 +385,7 @@ mod tests {
         std::os::unix::fs::symlink("t", tmp.path().join("l")).unwrap();
         assert!(matches!(
             InputFile::open(&tmp.path().join("l"), false),
-            Err(OpenError::NotRegular("symlink"))
+            Err(OpenError::NotRegular(NotRegular::Symlink))
         ));
         assert!(InputFile::open(&tmp.path().join("l"), true).is_ok());
     }
@@ -409,12 +427,15 @@ mod tests {
             assert!(
                 matches!(
                     open("link/f", false),
-                    Err(OpenError::NotRegular(SYMLINK_ON_PATH))
+                    Err(OpenError::NotRegular(NotRegular::SymlinkOnPath))
                 ),
                 "{r:?}"
             );
             assert!(
-                matches!(open("d/l", false), Err(OpenError::NotRegular("symlink"))),
+                matches!(
+                    open("d/l", false),
+                    Err(OpenError::NotRegular(NotRegular::Symlink))
+                ),
                 "{r:?}"
             );
             // Vanished files and files used as directories are failures, not links.

@@ -28,7 +28,7 @@ use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
-use crate::input::{self, InputFile, OpenError};
+use crate::input::{self, InputFile, NotRegular, OpenError};
 use crate::ops::gzip::GzipOp;
 use crate::ops::sha256::Sha256Op;
 use crate::ops::Op;
@@ -499,11 +499,15 @@ pub fn prepare<O: Op>(
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
             let reason = match what {
-                "symlink" => FileError::new(Kind::Symlink, "not a regular file (symlink)"),
-                input::SYMLINK_ON_PATH => {
+                NotRegular::Symlink => {
+                    FileError::new(Kind::Symlink, "not a regular file (symlink)")
+                }
+                NotRegular::SymlinkOnPath => {
                     FileError::new(Kind::Symlink, format!("{what}; not followed"))
                 }
-                _ => FileError::new(Kind::SpecialFile, format!("not a regular file ({what})")),
+                NotRegular::Special(_) => {
+                    FileError::new(Kind::SpecialFile, format!("not a regular file ({what})"))
+                }
             };
             return Err(Outcome::Skipped {
                 rel: job.rel,
