@@ -241,6 +241,9 @@ pub struct TempOutput {
     marked: bool,
     /// Under its final name: nothing left to remove.
     published: bool,
+    /// Anonymous, on a file system where the link count a link gives it reaches the disk only
+    /// with the file's own fsync (see `link_needs_fsync`): fsynced again once linked.
+    link_sync: bool,
 }
 
 /// This process's temp names start with this: `.filepipe.<pid>-<salt>.`. The salt tells this
@@ -286,6 +289,7 @@ impl TempOutput {
                         registry_id: None,
                         marked: false,
                         published: false,
+                        link_sync: false,
                     })
                 }
                 // Not supported by this file system (or kernel), or no /proc: temps are
@@ -311,6 +315,7 @@ impl TempOutput {
                         registry_id,
                         marked,
                         published: false,
+                        link_sync: false,
                     });
                 }
                 // Left by another process with our name (the salt makes that all but
@@ -385,12 +390,13 @@ impl TempOutput {
     /// fsyncs the temp: data, mode and times are all durable before the final name can
     /// appear, so a crash never leaves an output a rerun would not recognise. The file stays
     /// open until it is published. `final_name` is for messages.
-    pub fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
+    pub fn sync(mut self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
         let file = self.file.as_ref().expect("synced once");
         file.sync_all().map_err(|e| {
             let path = self.dir.path.join(final_name);
             FileError::io(&format!("syncing {}", path.display()), &e)
         })?;
+        self.link_sync = self.name.is_none() && link_needs_fsync(&self.dir);
         Ok(SyncedTemp(self))
     }
 }
@@ -505,9 +511,29 @@ impl SyncedTemp {
             message: format!("{} already exists; not overwritten", ctx("output")),
         };
         let file = temp.file.as_ref().expect("open until renamed");
+        // An anonymous temp was synced with no link: where the link count its new name gives
+        // it reaches the disk only with its own fsync, that comes before the caller's
+        // directory sync, or a crash would leave the name on an inode the disk says is free.
+        // If it fails, the name is taken back (it is still this file's: checked), so no
+        // rerun takes it for a finished output.
+        let link_sync = |name_now: &OsStr| -> Result<(), FileError> {
+            if !temp.link_sync {
+                return Ok(());
+            }
+            file.sync_all().map_err(|e| {
+                let ours = rfs::fstat(file).ok().map(|st| (st.st_dev, st.st_ino));
+                let named = rfs::statat(&temp.dir.fd, name_now, AtFlags::SYMLINK_NOFOLLOW)
+                    .ok()
+                    .map(|st| (st.st_dev, st.st_ino));
+                if ours.is_some() && ours == named {
+                    let _ = rfs::unlinkat(&temp.dir.fd, name_now, AtFlags::empty());
+                }
+                FileError::io(&ctx("syncing the link of"), &e)
+            })
+        };
         match &temp.name {
             None if !replace => match link_anonymous(file, &temp.dir, final_name) {
-                Ok(()) => {}
+                Ok(()) => link_sync(final_name)?,
                 Err(e @ Errno::EXIST) => return Err(exists(e)),
                 Err(e) => {
                     no_anonymous_temps(e);
@@ -534,6 +560,10 @@ impl SyncedTemp {
                     }
                 };
                 let id = signals::register_temp(temp.dir.path.join(&name));
+                if let Err(e) = link_sync(&name) {
+                    signals::unregister_temp(id);
+                    return Err(e);
+                }
                 let renamed = rfs::renameat(&temp.dir.fd, &name, &temp.dir.fd, final_name);
                 if let Err(e) = renamed {
                     let _ = rfs::unlinkat(&temp.dir.fd, &name, AtFlags::empty());
@@ -805,7 +835,7 @@ pub fn sync_group(
         for (t, _) in &temps {
             let Some((dev, _)) = t.dir.id else { continue };
             synced_fs.entry(dev).or_insert_with(|| {
-                journaled(dev, &t.dir.fd)
+                journaled(&t.dir)
                     && rfs::syncfs(&t.dir.fd)
                         .map_err(|e| {
                             tracing::debug!(dir = %t.dir.path.display(), error = %e,
@@ -827,10 +857,12 @@ pub fn sync_group(
             if !own(&t) {
                 return t.sync(&name);
             }
+            let mut t = t;
             let file = t.file.as_ref().expect("open until synced");
             written(file).map_err(|e| {
                 FileError::errno(&format!("writing {}", t.dir.path.join(&name).display()), e)
             })?;
+            t.link_sync = t.name.is_none() && link_needs_fsync(&t.dir);
             Ok(SyncedTemp(t))
         })
         .collect()
@@ -856,44 +888,81 @@ fn written(file: &File) -> Result<(), Errno> {
     }
 }
 
-/// Whether the file system of `dev` (reached through `fd`) journals its metadata, so that a
-/// `syncfs` returning success means every inode and name written before it is on disk: XFS,
-/// btrfs, and ext3/ext4 with a journal (`/sys/fs/ext4/DEV/journal_task`). False for anything
-/// else and whenever it cannot tell. Asked once per file system.
-fn journaled(dev: u64, fd: &OwnedFd) -> bool {
-    static KNOWN: std::sync::Mutex<Option<HashMap<u64, bool>>> = std::sync::Mutex::new(None);
+/// What matters of a file system for flushing (see `fs_kind`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FsKind {
+    /// ext3 or ext4 with a journal.
+    Ext4Journal,
+    /// XFS.
+    Xfs,
+    /// btrfs.
+    Btrfs,
+    /// Anything else, or unknown: no journal to rely on.
+    Other,
+}
+
+/// The kind of the file system `dir` is on. Asked once per file system, told apart by its
+/// device and its id (`f_fsid`: a file system made anew on the same device has another).
+fn fs_kind(dir: &Dir) -> FsKind {
+    type Known = HashMap<(u64, [i32; 2]), FsKind>;
+    static KNOWN: std::sync::Mutex<Option<Known>> = std::sync::Mutex::new(None);
+    let (Some((dev, _)), Ok(st)) = (dir.id, rfs::fstatfs(&dir.fd)) else {
+        return FsKind::Other;
+    };
+    // SAFETY: fsid_t is two ints on Linux, whatever its field is called.
+    let fsid: [i32; 2] = unsafe { std::mem::transmute(st.f_fsid) };
     let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
     *known
         .get_or_insert_with(HashMap::new)
-        .entry(dev)
+        .entry((dev, fsid))
         .or_insert_with(|| {
             const XFS: i64 = 0x5846_5342;
             const BTRFS: i64 = 0x9123_683e;
             const EXT: i64 = 0xef53;
-            let Ok(st) = rfs::fstatfs(fd) else {
-                return false;
-            };
             // f_type's integer type differs between architectures.
             #[allow(clippy::unnecessary_cast)]
             let kind = st.f_type as i64;
             match kind {
-                XFS | BTRFS => true,
+                XFS => FsKind::Xfs,
+                BTRFS => FsKind::Btrfs,
                 EXT => {
                     let (major, minor) = (rfs::major(dev), rfs::minor(dev));
                     let name = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
                         .ok()
                         .and_then(|p| p.file_name().map(|n| n.to_os_string()));
-                    name.and_then(|n| {
+                    let task = name.and_then(|n| {
                         std::fs::read_to_string(
                             Path::new("/sys/fs/ext4").join(n).join("journal_task"),
                         )
                         .ok()
-                    })
-                    .is_some_and(|task| !task.trim().is_empty() && task.trim() != "<none>")
+                    });
+                    match task {
+                        Some(t) if !t.trim().is_empty() && t.trim() != "<none>" => {
+                            FsKind::Ext4Journal
+                        }
+                        _ => FsKind::Other,
+                    }
                 }
-                _ => false,
+                _ => FsKind::Other,
             }
         })
+}
+
+/// Whether `dir`'s file system journals its metadata, so that a `syncfs` returning success
+/// means every inode and name written before it is on disk, and a failed commit is returned to
+/// every caller: XFS, btrfs, and ext3/ext4 with a journal (`/sys/fs/ext4/DEV/journal_task`).
+/// False for anything else and whenever it cannot tell.
+fn journaled(dir: &Dir) -> bool {
+    fs_kind(dir) != FsKind::Other
+}
+
+/// Whether an anonymous temp, synced before it had a name, must be synced again once linked
+/// for its link count to reach the disk. Not on ext4 with a journal nor on XFS, where the
+/// directory's fsync commits the transaction (log) that holds the inode's new link count;
+/// elsewhere (no journal: the directory's fsync writes the directory's block only; btrfs:
+/// not shown otherwise), yes.
+fn link_needs_fsync(dir: &Dir) -> bool {
+    !matches!(fs_kind(dir), FsKind::Ext4Journal | FsKind::Xfs)
 }
 
 /// Makes the names just given in `dirs` durable, as `durability` says, and returns, for each

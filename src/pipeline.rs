@@ -52,12 +52,13 @@ const WATCH_GROUP_MAX: usize = 64;
 /// directories, the walk's directories, the state, the logs.
 const OTHER_FDS: u64 = 256;
 
-/// How many results a group may hold in this run. Each holds two descriptors (its input and
-/// its temp) from the ready channel, which holds a group's worth, until its publisher is done,
-/// and each of the two publishers holds a group: three groups must fit under the open-file
-/// limit. Its soft value is raised towards the hard one if need be (as most tools that open
-/// many files do; it only concerns this process). At the usual soft limit of 1024, where that
-/// cannot be raised, groups hold up to 128.
+/// How many results a group may hold in this run. Each holds up to three descriptors (its
+/// input, its temp, and its output directory when that differs from its neighbours') from the
+/// ready channel, which holds a group's worth, until its publisher is done, and each of the
+/// two publishers holds a group: three groups must fit under the open-file limit. Its soft
+/// value is raised towards the hard one if need be (as most tools that open many files do; it
+/// only concerns this process). At the usual soft limit of 1024, where that cannot be raised,
+/// groups hold up to 85.
 fn group_max(cfg: &Config) -> usize {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
     let most = if cfg.watch.is_some() {
@@ -65,7 +66,7 @@ fn group_max(cfg: &Config) -> usize {
     } else {
         GROUP_MAX
     };
-    let per_slot = 2 * (PUBLISHERS as u64 + 1);
+    let per_slot = 3 * (PUBLISHERS as u64 + 1);
     let want = OTHER_FDS + per_slot * most as u64;
     let lim = getrlimit(Resource::Nofile);
     let mut soft = lim.current.unwrap_or(u64::MAX);

@@ -31,6 +31,11 @@ pub struct JournaledFs {
 
 impl JournaledFs {
     pub fn new() -> Result<JournaledFs, String> {
+        JournaledFs::with(&[])
+    }
+
+    /// An ext4 made with these extra `mkfs.ext4` options (`-O ^has_journal`: without one).
+    pub fn with(options: &[&str]) -> Result<JournaledFs, String> {
         if !super::is_root() {
             return Err("not root: cannot mount a file system".into());
         }
@@ -47,7 +52,9 @@ impl JournaledFs {
         };
         let mut mkfs = Command::new("mkfs.ext4");
         ok(
-            mkfs.args(["-q", "-F", "-N", "50000"]).arg(&img),
+            mkfs.args(["-q", "-F", "-N", "50000"])
+                .args(options)
+                .arg(&img),
             "mkfs.ext4",
         )?;
         let mut mount = Command::new("mount");
@@ -61,6 +68,11 @@ impl JournaledFs {
 
     pub fn path(&self) -> std::path::PathBuf {
         self.dir.path().join("mnt")
+    }
+
+    /// The image file: what the file system wrote to its disk, cache included.
+    pub fn image(&self) -> std::path::PathBuf {
+        self.dir.path().join("fs.img")
     }
 }
 
@@ -360,4 +372,30 @@ pub fn flushes(calls: &[Call]) -> usize {
         .iter()
         .filter(|c| matches!(c.name.as_str(), "fsync" | "fdatasync" | "syncfs"))
         .count()
+}
+
+/// For a group flushed with one syncfs: checks that each publish's temp had its own write
+/// error taken (`sync_file_range` waiting, on its own descriptor) after a syncfs and before its
+/// name. Returns how many were checked.
+pub fn check_own_errors_taken(calls: &[Call]) -> usize {
+    let pubs = publishes(calls);
+    for pb in &pubs {
+        let at = pb.call.start;
+        let taken = calls.iter().any(|c| {
+            c.name == "sync_file_range"
+                && fd_num(&c.arg(0)) == pb.fd
+                && c.arg(3).contains("SYNC_FILE_RANGE_WAIT_AFTER")
+                && c.ok()
+                && c.end < at
+                && calls
+                    .iter()
+                    .any(|f| f.name == "syncfs" && f.ok() && f.end < c.start)
+        });
+        assert!(
+            taken,
+            "{:?}: its own write error was not taken after the syncfs",
+            pb.call
+        );
+    }
+    pubs.len()
 }
