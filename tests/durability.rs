@@ -48,10 +48,28 @@ fn tree_at(n: u64, place: &Place, jfs: &Option<JournaledFs>) -> TestTree {
     }
 }
 
+/// The environment that asks for named temps (`named`), or none (`anonymous`: whatever the
+/// file system allows).
+fn temps_env(temps: &str) -> &'static [(&'static str, &'static str)] {
+    if temps == "named" {
+        &[("FILEPIPE_TEMPS", "named")]
+    } else {
+        &[]
+    }
+}
+
+/// Whether a test that needs strace can run; says it skipped if not.
+fn strace_or_skip(what: &str) -> bool {
+    let have = have_strace();
+    if !have {
+        eprintln!("SKIPPED: no strace to {what}");
+    }
+    have
+}
+
 #[test]
 fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_after() {
-    if !have_strace() {
-        eprintln!("SKIPPED: no strace to watch the order of flushes and names");
+    if !strace_or_skip("watch the order of flushes and names") {
         return;
     }
     let (places, jfs) = places();
@@ -63,11 +81,7 @@ fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_
         ] {
             let t = tree_at(60, place, &jfs);
             let root = t.root();
-            let env: &[(&str, &str)] = if temps == "named" {
-                &[("FILEPIPE_TEMPS", "named")]
-            } else {
-                &[]
-            };
+            let env = temps_env(temps);
             let args = [
                 s("batch"),
                 p(&root),
@@ -116,8 +130,7 @@ fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_
 
 #[test]
 fn durability_none_flushes_nothing_and_still_publishes_whole_outputs() {
-    if !have_strace() {
-        eprintln!("SKIPPED: no strace to count the flushes");
+    if !strace_or_skip("count the flushes") {
         return;
     }
     let t = tree(30);
@@ -159,8 +172,7 @@ fn marked(path: &Path) -> bool {
 
 #[test]
 fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_finishes() {
-    if !have_strace() {
-        eprintln!("SKIPPED: no strace to kill the run between its flush and its names");
+    if !strace_or_skip("kill the run between its flush and its names") {
         return;
     }
     let (places, jfs) = places();
@@ -170,11 +182,7 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
             let root = t.root();
             let case = format!("{temps} temps, {}", root.display());
             let args = [s("batch"), p(&root), s("--op"), s("gzip"), s("--json")];
-            let env: &[(&str, &str)] = if temps == "named" {
-                &[("FILEPIPE_TEMPS", "named")]
-            } else {
-                &[]
-            };
+            let env = temps_env(temps);
             // Killed at its first sync_file_range: with small files only publishers call it,
             // always before any name. On a journaled file system that is the check of the
             // first temp's write error, after the syncfs that wrote the group's data;
