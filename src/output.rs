@@ -57,13 +57,20 @@ pub struct Dir {
     /// Its file system and inode, to flush each directory and file system once however many
     /// handles lead to it; `None` if it could not be examined (then it is flushed on its own).
     id: Option<(u64, u64)>,
+    /// Its file system's kind, looked up once (see `fs_kind`).
+    kind: OnceLock<FsKind>,
 }
 
 impl Dir {
     /// Wraps an open directory; `path` is for messages.
     pub fn new(fd: OwnedFd, path: PathBuf) -> Dir {
         let id = rfs::fstat(&fd).ok().map(|st| (st.st_dev, st.st_ino));
-        Dir { fd, path, id }
+        Dir {
+            fd,
+            path,
+            id,
+            kind: OnceLock::new(),
+        }
     }
 }
 
@@ -279,7 +286,10 @@ impl TempOutput {
     pub fn create(dir: Arc<Dir>) -> Result<Self, FileError> {
         let failed =
             |e| FileError::errno(&format!("creating temp file in {}", dir.path.display()), e);
-        if ANONYMOUS.load(Ordering::Relaxed) {
+        // Anonymous only where its link needs no flush of its own: elsewhere a named temp costs
+        // a few calls and no flush (its own fsync writes its link count, and the directory's
+        // fsync its rename), where an anonymous one would need a second flush once linked.
+        if ANONYMOUS.load(Ordering::Relaxed) && !link_needs_fsync(&dir) {
             match create_anonymous(&dir) {
                 Ok(fd) => {
                     return Ok(TempOutput {
@@ -897,55 +907,48 @@ enum FsKind {
     Xfs,
     /// btrfs.
     Btrfs,
+    /// tmpfs: nothing survives a crash, so there is nothing to flush for.
+    Memory,
     /// Anything else, or unknown: no journal to rely on.
     Other,
 }
 
-/// The kind of the file system `dir` is on. Asked once per file system, told apart by its
-/// device and its id (`f_fsid`: a file system made anew on the same device has another).
+/// The kind of the file system `dir` is on, looked up once per directory handle (a file
+/// system made anew under a long-running daemon is seen when its directories are opened
+/// again).
 fn fs_kind(dir: &Dir) -> FsKind {
-    type Known = HashMap<(u64, [i32; 2]), FsKind>;
-    static KNOWN: std::sync::Mutex<Option<Known>> = std::sync::Mutex::new(None);
-    let (Some((dev, _)), Ok(st)) = (dir.id, rfs::fstatfs(&dir.fd)) else {
-        return FsKind::Other;
-    };
-    // SAFETY: fsid_t is two ints on Linux, whatever its field is called.
-    let fsid: [i32; 2] = unsafe { std::mem::transmute(st.f_fsid) };
-    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
-    *known
-        .get_or_insert_with(HashMap::new)
-        .entry((dev, fsid))
-        .or_insert_with(|| {
-            const XFS: i64 = 0x5846_5342;
-            const BTRFS: i64 = 0x9123_683e;
-            const EXT: i64 = 0xef53;
-            // f_type's integer type differs between architectures.
-            #[allow(clippy::unnecessary_cast)]
-            let kind = st.f_type as i64;
-            match kind {
-                XFS => FsKind::Xfs,
-                BTRFS => FsKind::Btrfs,
-                EXT => {
-                    let (major, minor) = (rfs::major(dev), rfs::minor(dev));
-                    let name = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
+    *dir.kind.get_or_init(|| {
+        const XFS: i64 = 0x5846_5342;
+        const BTRFS: i64 = 0x9123_683e;
+        const EXT: i64 = 0xef53;
+        const TMPFS: i64 = 0x0102_1994;
+        let (Some((dev, _)), Ok(st)) = (dir.id, rfs::fstatfs(&dir.fd)) else {
+            return FsKind::Other;
+        };
+        // f_type's integer type differs between architectures.
+        #[allow(clippy::unnecessary_cast)]
+        let kind = st.f_type as i64;
+        match kind {
+            XFS => FsKind::Xfs,
+            BTRFS => FsKind::Btrfs,
+            TMPFS => FsKind::Memory,
+            EXT => {
+                let (major, minor) = (rfs::major(dev), rfs::minor(dev));
+                let name = std::fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
+                    .ok()
+                    .and_then(|p| p.file_name().map(|n| n.to_os_string()));
+                let task = name.and_then(|n| {
+                    std::fs::read_to_string(Path::new("/sys/fs/ext4").join(n).join("journal_task"))
                         .ok()
-                        .and_then(|p| p.file_name().map(|n| n.to_os_string()));
-                    let task = name.and_then(|n| {
-                        std::fs::read_to_string(
-                            Path::new("/sys/fs/ext4").join(n).join("journal_task"),
-                        )
-                        .ok()
-                    });
-                    match task {
-                        Some(t) if !t.trim().is_empty() && t.trim() != "<none>" => {
-                            FsKind::Ext4Journal
-                        }
-                        _ => FsKind::Other,
-                    }
+                });
+                match task {
+                    Some(t) if !t.trim().is_empty() && t.trim() != "<none>" => FsKind::Ext4Journal,
+                    _ => FsKind::Other,
                 }
-                _ => FsKind::Other,
             }
-        })
+            _ => FsKind::Other,
+        }
+    })
 }
 
 /// Whether `dir`'s file system journals its metadata, so that a `syncfs` returning success
@@ -953,7 +956,10 @@ fn fs_kind(dir: &Dir) -> FsKind {
 /// every caller: XFS, btrfs, and ext3/ext4 with a journal (`/sys/fs/ext4/DEV/journal_task`).
 /// False for anything else and whenever it cannot tell.
 fn journaled(dir: &Dir) -> bool {
-    fs_kind(dir) != FsKind::Other
+    matches!(
+        fs_kind(dir),
+        FsKind::Ext4Journal | FsKind::Xfs | FsKind::Btrfs
+    )
 }
 
 /// Whether an anonymous temp, synced before it had a name, must be synced again once linked
@@ -962,7 +968,10 @@ fn journaled(dir: &Dir) -> bool {
 /// elsewhere (no journal: the directory's fsync writes the directory's block only; btrfs:
 /// not shown otherwise), yes.
 fn link_needs_fsync(dir: &Dir) -> bool {
-    !matches!(fs_kind(dir), FsKind::Ext4Journal | FsKind::Xfs)
+    !matches!(
+        fs_kind(dir),
+        FsKind::Ext4Journal | FsKind::Xfs | FsKind::Memory
+    )
 }
 
 /// Makes the names just given in `dirs` durable, as `durability` says, and returns, for each
@@ -1069,7 +1078,11 @@ mod tests {
 
     #[test]
     fn an_anonymous_temp_has_no_name_until_it_is_published_and_then_exactly_its_own() {
-        let tmp = tempfile::tempdir().unwrap();
+        // On tmpfs, where temps are anonymous whatever the disk's file system is.
+        let Ok(tmp) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("SKIPPED: no /dev/shm (tmpfs) for anonymous temps");
+            return;
+        };
         let dir = DirCache::new(tmp.path(), false)
             .open(Path::new(""), &|_| Mode::empty())
             .unwrap();
