@@ -9,8 +9,9 @@
 //! files before the next; the types only allow a rename after the sync. A temp file that is not
 //! published is removed when dropped.
 //!
-//! Where the file system allows it, a temp is anonymous (`O_TMPFILE`): it has no name until it
-//! is linked under its final one, and a crash leaves nothing. A named temp (elsewhere) proves
+//! Where the file system allows it and a link needs no flush of its own (a journal commits it:
+//! ext4 with a journal, XFS; or tmpfs), a temp is anonymous (`O_TMPFILE`): it has no name until
+//! it is linked under its final one, and a crash leaves nothing. A named temp (elsewhere) proves
 //! it is filepipe's: it carries the `user.filepipe.temp` extended attribute from just after
 //! its creation until just after its rename, and its writer holds an open file description
 //! lock on it for as long as it lives. `examine_temp` removes a file named like a temp only
