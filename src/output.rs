@@ -57,7 +57,8 @@ pub struct Dir {
     pub path: PathBuf,
     /// Its file system and inode, to flush each directory and file system once however many
     /// handles lead to it; `None` if it could not be examined (then it is flushed on its own).
-    id: Option<(u64, u64)>,
+    /// Looked up at first use: a directory only synced (`--remove-source`) needs none.
+    id: OnceLock<Option<(u64, u64)>>,
     /// Its file system's kind, looked up once (see `fs_kind`).
     kind: OnceLock<FsKind>,
 }
@@ -65,13 +66,19 @@ pub struct Dir {
 impl Dir {
     /// Wraps an open directory; `path` is for messages.
     pub fn new(fd: OwnedFd, path: PathBuf) -> Dir {
-        let id = rfs::fstat(&fd).ok().map(|st| (st.st_dev, st.st_ino));
         Dir {
             fd,
             path,
-            id,
+            id: OnceLock::new(),
             kind: OnceLock::new(),
         }
+    }
+
+    /// Its file system and inode (see the field).
+    fn id(&self) -> Option<(u64, u64)> {
+        *self
+            .id
+            .get_or_init(|| rfs::fstat(&self.fd).ok().map(|st| (st.st_dev, st.st_ino)))
     }
 }
 
@@ -92,17 +99,6 @@ pub enum Durability {
     /// published atomically, but a crash of the machine (not of filepipe) can leave an output
     /// empty or incomplete under its final name. Refused with --remove-source.
     None,
-}
-
-impl Durability {
-    /// The name used on the command line and in the config file.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Durability::Group => "group",
-            Durability::File => "file",
-            Durability::None => "none",
-        }
-    }
 }
 
 /// Opens directories below one root without following symlinks, remembering the last one so
@@ -249,9 +245,6 @@ pub struct TempOutput {
     marked: bool,
     /// Under its final name: nothing left to remove.
     published: bool,
-    /// Anonymous, on a file system where the link count a link gives it reaches the disk only
-    /// with the file's own fsync (see `link_needs_fsync`): fsynced again once linked.
-    link_sync: bool,
 }
 
 /// This process's temp names start with this: `.filepipe.<pid>-<salt>.`. The salt tells this
@@ -300,7 +293,6 @@ impl TempOutput {
                         registry_id: None,
                         marked: false,
                         published: false,
-                        link_sync: false,
                     })
                 }
                 // Not supported by this file system (or kernel), or no /proc: temps are
@@ -326,7 +318,6 @@ impl TempOutput {
                         registry_id,
                         marked,
                         published: false,
-                        link_sync: false,
                     });
                 }
                 // Left by another process with our name (the salt makes that all but
@@ -401,13 +392,12 @@ impl TempOutput {
     /// fsyncs the temp: data, mode and times are all durable before the final name can
     /// appear, so a crash never leaves an output a rerun would not recognise. The file stays
     /// open until it is published. `final_name` is for messages.
-    pub fn sync(mut self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
+    pub fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
         let file = self.file.as_ref().expect("synced once");
         file.sync_all().map_err(|e| {
             let path = self.dir.path.join(final_name);
             FileError::io(&format!("syncing {}", path.display()), &e)
         })?;
-        self.link_sync = self.name.is_none() && link_needs_fsync(&self.dir);
         Ok(SyncedTemp(self))
     }
 }
@@ -522,29 +512,9 @@ impl SyncedTemp {
             message: format!("{} already exists; not overwritten", ctx("output")),
         };
         let file = temp.file.as_ref().expect("open until renamed");
-        // An anonymous temp was synced with no link: where the link count its new name gives
-        // it reaches the disk only with its own fsync, that comes before the caller's
-        // directory sync, or a crash would leave the name on an inode the disk says is free.
-        // If it fails, the name is taken back (it is still this file's: checked), so no
-        // rerun takes it for a finished output.
-        let link_sync = |name_now: &OsStr| -> Result<(), FileError> {
-            if !temp.link_sync {
-                return Ok(());
-            }
-            file.sync_all().map_err(|e| {
-                let ours = rfs::fstat(file).ok().map(|st| (st.st_dev, st.st_ino));
-                let named = rfs::statat(&temp.dir.fd, name_now, AtFlags::SYMLINK_NOFOLLOW)
-                    .ok()
-                    .map(|st| (st.st_dev, st.st_ino));
-                if ours.is_some() && ours == named {
-                    let _ = rfs::unlinkat(&temp.dir.fd, name_now, AtFlags::empty());
-                }
-                FileError::io(&ctx("syncing the link of"), &e)
-            })
-        };
         match &temp.name {
             None if !replace => match link_anonymous(file, &temp.dir, final_name) {
-                Ok(()) => link_sync(final_name)?,
+                Ok(()) => {}
                 Err(e @ Errno::EXIST) => return Err(exists(e)),
                 Err(e) => {
                     no_anonymous_temps(e);
@@ -571,10 +541,6 @@ impl SyncedTemp {
                     }
                 };
                 let id = signals::register_temp(temp.dir.path.join(&name));
-                if let Err(e) = link_sync(&name) {
-                    signals::unregister_temp(id);
-                    return Err(e);
-                }
                 let renamed = rfs::renameat(&temp.dir.fd, &name, &temp.dir.fd, final_name);
                 if let Err(e) = renamed {
                     let _ = rfs::unlinkat(&temp.dir.fd, &name, AtFlags::empty());
@@ -770,14 +736,21 @@ impl std::io::Write for WriteBehind<'_> {
 /// (SYNC_FILE_RANGE_WRITE does not wait and promises nothing): durability still comes from an
 /// fsync. Errors are ignored for the same reason; the fsync reports them.
 fn start_writeback(file: &File) {
-    // SAFETY: a valid open fd; the call reads no memory of ours.
-    unsafe {
-        libc::sync_file_range(
-            std::os::fd::AsRawFd::as_raw_fd(file),
-            0,
-            0,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
+    let _ = sync_file_range(file, libc::SYNC_FILE_RANGE_WRITE);
+}
+
+/// `sync_file_range(2)` over the whole of `file` (rustix does not wrap it).
+fn sync_file_range(file: &File, flags: libc::c_uint) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; the call reads no memory of ours.
+    if unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) } == 0 {
+        Ok(())
+    } else {
+        Err(Errno::from_raw_os_error(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ))
     }
 }
 
@@ -844,7 +817,7 @@ pub fn sync_group(
     let mut synced_fs: HashMap<u64, bool> = HashMap::new();
     if quiet {
         for (t, _) in &temps {
-            let Some((dev, _)) = t.dir.id else { continue };
+            let Some((dev, _)) = t.dir.id() else { continue };
             synced_fs.entry(dev).or_insert_with(|| {
                 journaled(&t.dir)
                     && rfs::syncfs(&t.dir.fd)
@@ -857,7 +830,7 @@ pub fn sync_group(
         }
     }
     let own =
-        |t: &TempOutput| matches!(t.dir.id, Some((dev, _)) if synced_fs.get(&dev) == Some(&true));
+        |t: &TempOutput| matches!(t.dir.id(), Some((dev, _)) if synced_fs.get(&dev) == Some(&true));
     // Flushed one by one: their write-back started together first.
     for (t, _) in temps.iter().filter(|(t, _)| !own(t)) {
         t.start_writeback();
@@ -868,12 +841,10 @@ pub fn sync_group(
             if !own(&t) {
                 return t.sync(&name);
             }
-            let mut t = t;
             let file = t.file.as_ref().expect("open until synced");
             written(file).map_err(|e| {
                 FileError::errno(&format!("writing {}", t.dir.path.join(&name).display()), e)
             })?;
-            t.link_sync = t.name.is_none() && link_needs_fsync(&t.dir);
             Ok(SyncedTemp(t))
         })
         .collect()
@@ -882,21 +853,12 @@ pub fn sync_group(
 /// Waits for `file`'s data to be written and returns the write error it met, if any (its own
 /// descriptor's: see `sync_group`). Flushes nothing by itself.
 fn written(file: &File) -> Result<(), Errno> {
-    use std::os::fd::AsRawFd;
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-    // SAFETY: a valid open descriptor; the call reads no memory of ours.
-    let r = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, flags) };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(Errno::from_raw_os_error(
-            std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO),
-        ))
-    }
+    sync_file_range(
+        file,
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+    )
 }
 
 /// What matters of a file system for flushing (see `fs_kind`).
@@ -923,7 +885,7 @@ fn fs_kind(dir: &Dir) -> FsKind {
         const BTRFS: i64 = 0x9123_683e;
         const EXT: i64 = 0xef53;
         const TMPFS: i64 = 0x0102_1994;
-        let (Some((dev, _)), Ok(st)) = (dir.id, rfs::fstatfs(&dir.fd)) else {
+        let (Some((dev, _)), Ok(st)) = (dir.id(), rfs::fstatfs(&dir.fd)) else {
             return FsKind::Other;
         };
         // f_type's integer type differs between architectures.
@@ -963,11 +925,12 @@ fn journaled(dir: &Dir) -> bool {
     )
 }
 
-/// Whether an anonymous temp, synced before it had a name, must be synced again once linked
-/// for its link count to reach the disk. Not on ext4 with a journal nor on XFS, where the
-/// directory's fsync commits the transaction (log) that holds the inode's new link count;
-/// elsewhere (no journal: the directory's fsync writes the directory's block only; btrfs:
-/// not shown otherwise), yes.
+/// Whether an anonymous temp, synced before it had a name, would need a flush of its own once
+/// linked for its link count to reach the disk; temps are named there instead (see
+/// `TempOutput::create`). Not on ext4 with a journal nor on XFS, where the directory's fsync
+/// commits the transaction (log) that holds the inode's new link count, nor on tmpfs;
+/// elsewhere (no journal: the directory's fsync writes the directory's block only; btrfs: not
+/// shown otherwise), yes.
 fn link_needs_fsync(dir: &Dir) -> bool {
     !matches!(
         fs_kind(dir),
@@ -985,7 +948,7 @@ pub fn sync_dirs(dirs: &[&Arc<Dir>], durability: Durability) -> Vec<Result<(), F
     }
     let mut done: HashMap<(u64, u64), Result<(), FileError>> = HashMap::new();
     dirs.iter()
-        .map(|dir| match dir.id {
+        .map(|dir| match dir.id() {
             Some(id) => done.entry(id).or_insert_with(|| sync_dir(dir)).clone(),
             // Cannot tell it apart from the others: sync it on its own.
             None => sync_dir(dir),

@@ -312,8 +312,9 @@ impl GzipOp {
     }
 
     /// The first step of publishing a fresh output: checks it (with `--remove-source`), gives
-    /// it the input's attributes and (`--durability file`) starts its write-back. An output already in place (see
-    /// `adopt`) is checked against the input instead, and opened to be synced.
+    /// it the input's attributes and (`--durability file`) starts its write-back. An output
+    /// already in place (see `adopt`) is checked against the input instead, and opened to be
+    /// synced.
     fn stage(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Step, FileError> {
         let name = Self::out_name(job)?;
         #[cfg(test)]
@@ -645,8 +646,9 @@ impl Op for GzipOp {
     /// group shares its flushes: with `--durability group` (the default) on a journaling file
     /// system, one `syncfs` for the data of all its temps (see `output::sync_group`), then the
     /// names, then one fsync per directory (the first commits them all); with `file`, or
-    /// without a journal, an fsync per file, then per directory; with `none`, no flush. Each file keeps its own
-    /// result at every step: a failed one drops out (its temp removed) and the others go on.
+    /// without a journal, an fsync per file, then per directory; with `none`, no flush. Each
+    /// file keeps its own result at every step: a failed one drops out (its temp removed) and
+    /// the others go on.
     /// A file is `Ok` only after its data, attributes and directory entry are durable (as far
     /// as `--durability` asks), and only then may its input be removed. A panic in one file's
     /// step fails that file alone: before the rename its temp is removed as the panic unwinds;
