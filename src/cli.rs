@@ -107,7 +107,7 @@ pub struct PipelineArgs {
     /// `none` (no flush, like gzip: a machine crash can leave incomplete outputs) [default:
     /// group].
     #[arg(long, value_enum, value_name = "MODE")]
-    pub durability: Option<crate::output::Durability>,
+    pub durability: Option<crate::fsio::output::Durability>,
 }
 
 /// Arguments of `filepipe batch`.

@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::cli::{BatchArgs, OpKind, PipelineArgs, WatchArgs};
-use crate::output::Durability;
+use crate::fsio::output::Durability;
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]

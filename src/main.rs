@@ -7,7 +7,7 @@ use clap::Parser;
 
 use filepipe::cli::{Cli, Command};
 use filepipe::config::Config;
-use filepipe::{exit, logging, pipeline, service, signals, state, status, verify};
+use filepipe::{exit, logging, service, signals, state, status, verify};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -85,7 +85,7 @@ fn run_batch(cfg: anyhow::Result<Config>, verbosity: i8) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURES, &e),
     };
-    let mut summary = match pipeline::run_batch(&cfg, &shutdown) {
+    let mut summary = match filepipe::run::batch(&cfg, &shutdown) {
         Ok(s) => s,
         Err(e) => {
             // Stopped by a failed manifest write: the account of the files is still given.

@@ -23,7 +23,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
-use crate::fslock::{self, LockKind};
+use crate::fsio::lock::{self as fslock, LockKind};
+use crate::travel::{Stamp, CTIME_UNKNOWN};
 
 /// The file name of the database inside the state directory.
 pub const DB_NAME: &str = "filepipe.sqlite";
@@ -107,69 +108,6 @@ pub fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
 
 /// How many attempts a transient failure gets before it is kept as failed.
 pub const MAX_ATTEMPTS: u32 = 5;
-
-/// Identity of a file's content as far as the file system tells: any change means redo.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
-    /// Size in bytes.
-    pub size: u64,
-    /// Modification time in nanoseconds since the epoch.
-    pub mtime_ns: i64,
-    /// Status change time in nanoseconds since the epoch: unlike the mtime, no one can set it,
-    /// so a rewrite that puts the size and mtime back (`cp -p`, `touch -r`) still moves it.
-    /// `CTIME_UNKNOWN` in rows written before filepipe recorded it.
-    pub ctime_ns: i64,
-    /// Inode number (a file replaced by rename gets a new one).
-    pub inode: u64,
-}
-
-/// The ctime of a state row written before ctimes were recorded: compared as equal to any.
-pub const CTIME_UNKNOWN: i64 = i64::MIN;
-
-/// Nanoseconds since the epoch, saturating: a file dated past 2262 must not overflow (or
-/// panic in debug builds).
-fn ns(secs: i64, nsecs: i64) -> i64 {
-    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
-}
-
-impl Stamp {
-    /// The stamp of a stat result.
-    pub fn from_stat(st: &rustix::fs::Stat) -> Stamp {
-        Stamp {
-            size: st.st_size as u64,
-            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
-            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
-            inode: st.st_ino,
-        }
-    }
-
-    /// The stamp of std's metadata (an lstat, from a walk).
-    pub fn from_metadata(m: &std::fs::Metadata) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
-        Stamp {
-            size: m.size(),
-            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
-            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-            inode: m.ino(),
-        }
-    }
-
-    /// The same content as far as the file system tells (a ctime not recorded matches any).
-    pub fn same_file(&self, other: &Stamp) -> bool {
-        let ctime = self.ctime_ns == other.ctime_ns
-            || self.ctime_ns == CTIME_UNKNOWN
-            || other.ctime_ns == CTIME_UNKNOWN;
-        self.size == other.size
-            && self.mtime_ns == other.mtime_ns
-            && self.inode == other.inode
-            && ctime
-    }
-
-    /// The stamp of `path`, not following a final symlink.
-    pub fn of(path: &Path) -> Option<Stamp> {
-        rustix::fs::lstat(path).ok().map(|st| Stamp::from_stat(&st))
-    }
-}
 
 /// How a file ended, as the state records it (the `status` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,11 +4,11 @@
 //! A leaf: it imports nothing of the stages (sources, pipeline, ops, sinks), which all import
 //! it, so every arrow between stages points one way.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use crate::error::FileError;
-use crate::state::Stamp;
 
 /// What a successful file leaves behind, for the reporter.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -115,6 +115,17 @@ pub enum Outcome {
     },
 }
 
+impl Outcome {
+    /// The file, relative to the root.
+    pub fn rel(&self) -> &Path {
+        match self {
+            Outcome::Done { rel, .. }
+            | Outcome::Skipped { rel, .. }
+            | Outcome::Failed { rel, .. } => rel,
+        }
+    }
+}
+
 /// What the reporter hears.
 #[derive(Debug)]
 pub enum Event {
@@ -129,6 +140,17 @@ pub enum Event {
     Finished(Vec<Outcome>),
     /// A file was deleted or moved out of the tree (watch mode).
     Removed(PathBuf),
+}
+
+/// What the reporter tells a source that listens (`source::Source::listens`) once the sink
+/// has recorded a file's outcome durably: the file is no longer in flight, and may be due
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    /// The file, relative to the root.
+    pub rel: PathBuf,
+    /// Try again after this long (a transient failure with attempts left).
+    pub retry_after: Option<Duration>,
 }
 
 /// Counters the walker raises and the reporter reads for progress totals.
@@ -158,4 +180,67 @@ pub struct Stats {
     pub loop_ticks: AtomicU64,
     /// Watch mode: the initial scan is queued and the watches are in place.
     pub ready: std::sync::atomic::AtomicBool,
+}
+
+/// Identity of a file's content as far as the file system tells: any change means redo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time in nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time in nanoseconds since the epoch: unlike the mtime, no one can set it,
+    /// so a rewrite that puts the size and mtime back (`cp -p`, `touch -r`) still moves it.
+    /// `CTIME_UNKNOWN` in rows written before filepipe recorded it.
+    pub ctime_ns: i64,
+    /// Inode number (a file replaced by rename gets a new one).
+    pub inode: u64,
+}
+
+/// The ctime of a state row written before ctimes were recorded: compared as equal to any.
+pub const CTIME_UNKNOWN: i64 = i64::MIN;
+
+/// Nanoseconds since the epoch, saturating: a file dated past 2262 must not overflow (or
+/// panic in debug builds).
+fn ns(secs: i64, nsecs: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsecs)
+}
+
+impl Stamp {
+    /// The stamp of a stat result.
+    pub fn from_stat(st: &rustix::fs::Stat) -> Stamp {
+        Stamp {
+            size: st.st_size as u64,
+            mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
+            ctime_ns: ns(st.st_ctime, st.st_ctime_nsec as i64),
+            inode: st.st_ino,
+        }
+    }
+
+    /// The stamp of std's metadata (an lstat, from a walk).
+    pub fn from_metadata(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+            inode: m.ino(),
+        }
+    }
+
+    /// The same content as far as the file system tells (a ctime not recorded matches any).
+    pub fn same_file(&self, other: &Stamp) -> bool {
+        let ctime = self.ctime_ns == other.ctime_ns
+            || self.ctime_ns == CTIME_UNKNOWN
+            || other.ctime_ns == CTIME_UNKNOWN;
+        self.size == other.size
+            && self.mtime_ns == other.mtime_ns
+            && self.inode == other.inode
+            && ctime
+    }
+
+    /// The stamp of `path`, not following a final symlink.
+    pub fn of(path: &Path) -> Option<Stamp> {
+        rustix::fs::lstat(path).ok().map(|st| Stamp::from_stat(&st))
+    }
 }

@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 use walkdir::WalkDir;
 
-use crate::input::{InputFile, OpenError};
+use crate::fsio::input::{InputFile, OpenError};
 use crate::manifest::{self, Entry};
 use crate::ops::sha256::{hash_reader, BUF_SIZE};
 

@@ -22,10 +22,10 @@ use rustix::io::Errno;
 
 use crate::config::Config;
 use crate::error::{FileError, Kind};
-use crate::input::{InputFile, Root};
+use crate::fsio::input::{InputFile, Root};
+use crate::fsio::output::{self, Attrs, Dir, DirCache, Durability, TempOutput};
 use crate::ops::gzstream::{self, BlockPool, Header, Totals};
 use crate::ops::{Done, Op};
-use crate::output::{self, Attrs, Dir, DirCache, Durability, TempOutput};
 use crate::travel::Job;
 
 /// The gzip operation and its settings.
@@ -412,9 +412,9 @@ impl GzipOp {
         let mut len = 0u64;
         let mut taken = (&mut *input).take(size);
         loop {
-            let n = crate::input::fill(&mut taken, ours)
+            let n = crate::fsio::input::fill(&mut taken, ours)
                 .map_err(|e| FileError::io("reading input", &e))?;
-            let m = crate::input::fill(&mut dec, &mut theirs[..n.max(1)])
+            let m = crate::fsio::input::fill(&mut dec, &mut theirs[..n.max(1)])
                 .map_err(|e| refuse(format!("does not decompress ({e})")))?;
             if ours[..n] != theirs[..m] {
                 return Err(refuse("does not decompress to its bytes".into()));

@@ -30,7 +30,7 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 use rayon::ThreadPool;
 
 use crate::error::{FileError, Kind};
-use crate::input::fill;
+use crate::fsio::input::fill;
 
 /// Bytes of input per independently compressed block. pigz uses 128 KiB; 1 MiB makes the
 /// per-block costs (a fresh deflate state, priming it with the dictionary, the sync flush) an

@@ -10,7 +10,7 @@ pub mod gzstream;
 pub mod sha256;
 
 use crate::error::FileError;
-use crate::input::InputFile;
+use crate::fsio::input::InputFile;
 pub use crate::travel::Done;
 use crate::travel::Job;
 

@@ -9,7 +9,7 @@ use std::io::{self, Read};
 use sha2::{Digest, Sha256};
 
 use crate::error::FileError;
-use crate::input::InputFile;
+use crate::fsio::input::InputFile;
 use crate::ops::{Done, Op};
 use crate::travel::Job;
 

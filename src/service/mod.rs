@@ -25,8 +25,8 @@ use toml::Spanned;
 
 use crate::cli::{OpKind, PipelineArgs, WatchArgs, MAX_JOBS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
-use crate::input::BYTES_READ;
-use crate::output::Durability;
+use crate::fsio::input::BYTES_READ;
+use crate::fsio::output::Durability;
 use crate::report::Summary;
 use crate::signals::Shutdown;
 use crate::travel::Stats;
@@ -340,7 +340,7 @@ fn start(cfg: Config) -> Result<Running> {
     let (c, s, st) = (Arc::clone(&cfg), Arc::clone(&stop), Arc::clone(&stats));
     let handle = std::thread::Builder::new()
         .name("filepipe-pipeline".into())
-        .spawn(move || crate::watch::run(&c, &s, &st))
+        .spawn(move || crate::run::watch(&c, &s, &st))
         .context("starting a pipeline thread")?;
     tracing::info!(root = %cfg.root.display(), op = cfg.op.as_str(), "pipeline started");
     Ok(Running {

@@ -32,7 +32,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags, Timestamps};
 use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
-use crate::fslock::{self, LockKind};
+use crate::fsio::lock::{self as fslock, LockKind};
 use crate::signals;
 
 /// Prefix and suffix of filepipe's temp names: `.filepipe.<pid>-<salt>.<n>.tmp`. Short on

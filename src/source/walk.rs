@@ -16,11 +16,11 @@ use walkdir::{DirEntry, WalkDir};
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
-use crate::input::describe;
-use crate::output::{self, TempFound};
+use crate::fsio::input::describe;
+use crate::fsio::output::{self, TempFound};
 use crate::signals::Shutdown;
-use crate::state::Stamp;
-use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stats};
+use crate::source::{Outlet, Source};
+use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stamp, Stats};
 
 /// At most this many directories are held open by a walk (see `scan`).
 const DIR_FDS: usize = 16;
@@ -37,9 +37,29 @@ pub enum Found {
     Report(Outcome),
 }
 
+/// Batch mode's source: one walk of `cfg.root`.
+pub struct Walk<'a> {
+    cfg: &'a Config,
+    shutdown: &'a Shutdown,
+}
+
+impl<'a> Walk<'a> {
+    /// A walk of `cfg.root` that stops early when `shutdown` is requested.
+    pub fn new(cfg: &'a Config, shutdown: &'a Shutdown) -> Self {
+        Walk { cfg, shutdown }
+    }
+}
+
+impl Source for Walk<'_> {
+    fn run(&mut self, out: Outlet<'_>) -> anyhow::Result<()> {
+        walk(self.cfg, out.jobs, out.events, out.stats, self.shutdown);
+        Ok(())
+    }
+}
+
 /// Walks `cfg.root`, sending a `Job` per regular file and an outcome for everything it skips,
 /// until the tree is exhausted or a shutdown is requested.
-pub fn walk(
+fn walk(
     cfg: &Config,
     jobs: &Sender<Msg>,
     events: &Sender<Event>,
@@ -347,7 +367,7 @@ fn file_type_mode(entry: &DirEntry) -> u32 {
 fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
     // Each temp's directory is reached beneath `dir` with no symlink on the way: one swapped
     // in during the sweep cannot lead it to a (dead, marked) temp elsewhere.
-    let Ok(root) = crate::input::Root::new(dir) else {
+    let Ok(root) = crate::fsio::input::Root::new(dir) else {
         return;
     };
     let entries = WalkDir::new(dir).max_depth(depth).into_iter();

@@ -1,0 +1,7 @@
+//! The file system beneath the roots: how inputs are opened (`input`), how outputs are made
+//! and published durably (`output`), and the locks that prove a temp's or a state
+//! directory's owner alive (`lock`). Every op, sink and source reaches files through these.
+
+pub mod input;
+pub(crate) mod lock;
+pub mod output;

@@ -1,0 +1,268 @@
+//! The reporter: the one thread that owns the progress display, the per-file records, the
+//! counts and the sink.
+//!
+//! Invariants: every `Outcome` is counted exactly once as done, skipped or failed, so the totals
+//! always add up to the files the source found; nothing else writes progress or records, so
+//! lines never tear; the sink sees every outcome before it is counted, and a listening source
+//! hears of a file only once the sink has flushed its outcome.
+
+mod progress;
+mod summary;
+
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::cli::OpKind;
+use crate::config::Config;
+use crate::error::FileError;
+use crate::logging::FAILURES;
+use crate::signals::Shutdown;
+use crate::sink::{Disposition, Sink};
+use crate::travel::{Event, Outcome, Recorded, Stats};
+
+use progress::Progress;
+pub use summary::{Stopped, Summary};
+
+/// The shortest time between two flushes of the sink (state commits in watch mode), and so the
+/// longest an outcome waits for one.
+const FLUSH_WITHIN: Duration = Duration::from_millis(50);
+
+/// Receives events until every sender is gone, then finishes the sink and returns the counts.
+/// `recorded`, if given, hears of each file once the sink has flushed its outcome.
+pub(crate) fn run(
+    cfg: &Config,
+    op: &'static str,
+    events: Receiver<Event>,
+    stats: &Stats,
+    sink: &mut dyn Sink,
+    recorded: Option<Sender<Vec<Recorded>>>,
+    shutdown: &Shutdown,
+) -> Result<Summary> {
+    let started = Instant::now();
+    let mut progress = Progress::new(cfg);
+    let mut summary = Summary {
+        op,
+        ..Summary::default()
+    };
+    // The first sink failure (a manifest or state write): from then on the run is being shut
+    // down, but events are still drained, so no worker or sentinel ever blocks on a full
+    // channel and every outcome is still counted.
+    let mut failure: Option<anyhow::Error> = None;
+    let mut guard = |r: Result<()>| {
+        if let Err(e) = r {
+            if failure.is_none() {
+                tracing::error!("stopping: {e:#}");
+                shutdown.request(0);
+                failure = Some(e);
+            }
+        }
+    };
+    // Outcomes wait for a flush (a state commit) at most FLUSH_WITHIN after the last one: a
+    // lone file after a quiet spell is committed at once, a stream or a burst 20 times a
+    // second. Each commit rewrites every state page it touched, and a burst's rows land all
+    // over the table: committing per worker batch wrote about one page per row.
+    let mut last_flush: Option<Instant> = None;
+    // Outcomes recorded by the sink and not yet flushed, for a listening source.
+    let mut unreported: Vec<Recorded> = Vec::new();
+    let mut unflushed = false;
+    let flush_due = |last: Option<Instant>| last.is_none_or(|t| t.elapsed() >= FLUSH_WITHIN);
+    loop {
+        let wait = match (unflushed, last_flush) {
+            (true, Some(t)) => FLUSH_WITHIN.saturating_sub(t.elapsed()),
+            _ => Duration::from_millis(200),
+        };
+        let event = match events.recv_timeout(wait) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => {
+                if unflushed {
+                    guard(flush(sink, &mut unreported, recorded.as_ref()));
+                    last_flush = Some(Instant::now());
+                    unflushed = false;
+                }
+                progress.refresh(stats, &summary);
+                guard(sink.tick());
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        match event {
+            Event::Started { worker, rel } => {
+                if let Some(bar) = progress.workers.get(worker) {
+                    bar.set_message(rel.display().to_string());
+                }
+            }
+            Event::Finished(outcomes) => {
+                for outcome in outcomes {
+                    let disposition = sink.outcome(&outcome);
+                    let disposition = disposition.unwrap_or_else(|e| {
+                        guard(Err(e));
+                        Disposition::Final
+                    });
+                    if recorded.is_some() {
+                        unreported.push(Recorded {
+                            rel: outcome.rel().to_path_buf(),
+                            retry_after: match disposition {
+                                Disposition::Retry(after) => Some(after),
+                                Disposition::Final => None,
+                            },
+                        });
+                    }
+                    summary.count(outcome, disposition, &mut progress);
+                }
+                unflushed = true;
+                stats.done.store(summary.done, Ordering::Relaxed);
+                stats.skipped.store(summary.skipped, Ordering::Relaxed);
+                stats.failed.store(summary.failed, Ordering::Relaxed);
+                progress.refresh(stats, &summary);
+            }
+            Event::Removed(rel) => {
+                guard(sink.removed(&rel));
+                // A file waiting to be tried again that is deleted ends nowhere: not a failure.
+                if !summary.waiting.is_empty() {
+                    summary.waiting.retain(|p, _| !p.starts_with(&rel));
+                }
+                unflushed = true;
+            }
+        }
+        if unflushed && flush_due(last_flush) {
+            guard(flush(sink, &mut unreported, recorded.as_ref()));
+            last_flush = Some(Instant::now());
+            unflushed = false;
+        }
+        // Also while events keep coming: a steady stream must not starve periodic work.
+        guard(sink.tick());
+    }
+    for b in progress.workers.drain(..) {
+        b.finish_and_clear();
+    }
+    progress.overall.finish_and_clear();
+    guard(sink.finish());
+    let secs = started.elapsed().as_secs_f64();
+    summary.seconds = secs;
+    summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
+    if cfg.op == OpKind::Gzip && summary.bytes_in > 0 {
+        summary.ratio = Some(summary.bytes_out as f64 / summary.bytes_in as f64);
+    }
+    summary.stale_temps_removed = stats.stale_temps_removed.load(Ordering::Relaxed);
+    // Files still waiting for another attempt end as their last attempt did.
+    for (_, kind) in std::mem::take(&mut summary.waiting) {
+        summary.files += 1;
+        summary.failed += 1;
+        *summary.failed_by_reason.entry(kind).or_default() += 1;
+    }
+    if let Some(error) = failure {
+        summary.error = Some(format!("{error:#}"));
+        return Err(Stopped {
+            error,
+            summary: Box::new(summary),
+        }
+        .into());
+    }
+    Ok(summary)
+}
+
+/// Flushes the sink and then, if it succeeded, tells a listening source which files it
+/// recorded: one message per flush, so a burst does not wake the source per file.
+fn flush(
+    sink: &mut dyn Sink,
+    unreported: &mut Vec<Recorded>,
+    recorded: Option<&Sender<Vec<Recorded>>>,
+) -> Result<()> {
+    sink.flush()?;
+    if let Some(tx) = recorded {
+        if !unreported.is_empty() {
+            // The source may have stopped (a shutdown): then nobody needs to hear.
+            let _ = tx.send(std::mem::take(unreported));
+        }
+    }
+    Ok(())
+}
+
+impl Summary {
+    /// Accounts for one outcome: counts, progress, the per-file record. A failure the sink
+    /// will try again is an attempt, not a file: it is logged, and counted when the file ends.
+    fn count(&mut self, outcome: Outcome, disposition: Disposition, progress: &mut Progress) {
+        let op = self.op;
+        if let (Disposition::Retry(_), Outcome::Failed { rel, error }) = (&disposition, &outcome) {
+            self.retries += 1;
+            let kind = error.kind.as_str();
+            // Logged once per reason: a file held open for hours is tried every minute, and
+            // the failure log is never truncated.
+            if self.waiting.insert(rel.clone(), kind) != Some(kind) {
+                progress
+                    .multi
+                    .suspend(|| record("retrying", op, rel, error));
+            }
+            return;
+        }
+        let rel = match &outcome {
+            Outcome::Done { rel, .. }
+            | Outcome::Skipped { rel, .. }
+            | Outcome::Failed { rel, .. } => rel,
+        };
+        if !self.waiting.is_empty() {
+            self.waiting.remove(rel);
+        }
+        self.files += 1;
+        progress.overall.inc(1);
+        match outcome {
+            Outcome::Done { rel, done } => {
+                self.done += 1;
+                self.bytes_in += done.bytes_in;
+                self.bytes_out += done.bytes_out;
+                progress.bytes_done += done.bytes_in;
+                if let Some(note) = &done.note {
+                    self.warnings += 1;
+                    progress.multi.suspend(|| record("kept", op, &rel, note));
+                }
+            }
+            Outcome::Skipped { rel, reason } => {
+                self.skipped += 1;
+                *self
+                    .skipped_by_reason
+                    .entry(reason.kind.as_str())
+                    .or_default() += 1;
+                progress
+                    .multi
+                    .suspend(|| record("skipped", op, &rel, &reason));
+            }
+            Outcome::Failed { rel, error } => {
+                self.failed += 1;
+                *self
+                    .failed_by_reason
+                    .entry(error.kind.as_str())
+                    .or_default() += 1;
+                progress
+                    .multi
+                    .suspend(|| record("failed", op, &rel, &error));
+            }
+        }
+    }
+}
+
+/// Emits one per-file record: a human line on stderr (by verbosity) and a failure-log line.
+fn record(status: &'static str, op: &'static str, rel: &Path, e: &FileError) {
+    let bytes = rel.as_os_str().as_bytes();
+    let path = rel.to_string_lossy();
+    // The lossy form replaces invalid bytes; the hex form lets scripts recover the exact name.
+    let path_hex = std::str::from_utf8(bytes)
+        .is_err()
+        .then(|| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
+    let error = e.kind.as_str();
+    let errno = e.errno;
+    let path_hex = path_hex.as_deref();
+    let run = crate::logging::run_id();
+    match status {
+        "skipped" | "retrying" => {
+            tracing::info!(target: FAILURES, status, path = %path, path_hex, op, error, errno, run, "{}", e.message)
+        }
+        _ => {
+            tracing::warn!(target: FAILURES, status, path = %path, path_hex, op, error, errno, run, "{}", e.message)
+        }
+    }
+}

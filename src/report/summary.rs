@@ -1,0 +1,120 @@
+//! The final account of a run: counts by outcome and reason, bytes, time; printed as a human
+//! line or as JSON.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use indicatif::HumanBytes;
+use serde::Serialize;
+
+use crate::cli::OpKind;
+use crate::config::Config;
+
+/// The final account of a run.
+#[derive(Debug, Default, Serialize)]
+pub struct Summary {
+    /// The operation.
+    pub op: &'static str,
+    /// Files accounted for (done + skipped + failed).
+    pub files: u64,
+    /// Files processed and published.
+    pub done: u64,
+    /// Files deliberately left alone.
+    pub skipped: u64,
+    /// Files that could not be processed.
+    pub failed: u64,
+    /// Skipped files by reason.
+    pub skipped_by_reason: BTreeMap<&'static str, u64>,
+    /// Failed files by error kind.
+    pub failed_by_reason: BTreeMap<&'static str, u64>,
+    /// Done files that carry a warning (e.g. a hard-linked input kept).
+    pub warnings: u64,
+    /// Bytes read from done files.
+    pub bytes_in: u64,
+    /// Bytes written (gzip).
+    pub bytes_out: u64,
+    /// bytes_out / bytes_in (gzip).
+    pub ratio: Option<f64>,
+    /// Wall time of the run.
+    pub seconds: f64,
+    /// bytes_in per second.
+    pub bytes_per_second: f64,
+    /// Temp files of crashed earlier runs that were removed.
+    pub stale_temps_removed: u64,
+    /// The signal that interrupted the run, if any.
+    pub interrupted_by: Option<i32>,
+    /// Watch mode: failed attempts that were tried again (each file counts once, by how it
+    /// ended).
+    pub retries: u64,
+    /// What stopped the run early (a manifest or state write that failed), if anything.
+    pub error: Option<String>,
+    /// Files waiting to be tried again, with the reason of their last failure: counted as
+    /// failed (for that reason) if the run ends first.
+    #[serde(skip)]
+    pub(super) waiting: std::collections::HashMap<std::path::PathBuf, &'static str>,
+}
+
+impl Summary {
+    /// Prints the summary: JSON on stdout with `--json` (stderr if a batch manifest is on stdout),
+    /// else a human line on stderr unless quiet.
+    pub fn print(&self, cfg: &Config) -> io::Result<()> {
+        if cfg.json {
+            let json = serde_json::to_string(self).map_err(io::Error::other)?;
+            // Batch sha256 without --manifest prints the manifest on stdout.
+            if cfg.op == OpKind::Sha256 && cfg.manifest.is_none() && cfg.watch.is_none() {
+                eprintln!("{json}");
+            } else {
+                writeln!(io::stdout().lock(), "{json}")?;
+            }
+            return Ok(());
+        }
+        if cfg.quiet {
+            return Ok(());
+        }
+        let mut line = format!(
+            "filepipe {}: {} files: {} done, {} skipped, {} failed",
+            self.op, self.files, self.done, self.skipped, self.failed
+        );
+        let reasons = |m: &BTreeMap<&str, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if self.skipped > 0 {
+            line += &format!(" (skipped: {})", reasons(&self.skipped_by_reason));
+        }
+        if self.failed > 0 {
+            line += &format!(" (failed: {})", reasons(&self.failed_by_reason));
+        }
+        eprintln!("{line}");
+        let mut line = format!("  read {}", HumanBytes(self.bytes_in));
+        if let Some(r) = self.ratio {
+            line += &format!(", wrote {} (ratio {r:.3})", HumanBytes(self.bytes_out));
+        }
+        line += &format!(
+            " in {:.2} s, {}/s",
+            self.seconds,
+            HumanBytes(self.bytes_per_second as u64)
+        );
+        if self.stale_temps_removed > 0 {
+            line += &format!("; removed {} stale temp files", self.stale_temps_removed);
+        }
+        eprintln!("{line}");
+        if let Some(sig) = self.interrupted_by {
+            eprintln!("  interrupted by signal {sig}: results cover the files done before it");
+        }
+        Ok(())
+    }
+}
+
+/// A run stopped by a failed manifest or state write: the error, and the account of what was
+/// done before it, which is still printed.
+#[derive(Debug, thiserror::Error)]
+#[error("{error:#}")]
+pub struct Stopped {
+    /// What failed.
+    pub error: anyhow::Error,
+    /// The summary up to then (its `error` says the same).
+    pub summary: Box<Summary>,
+}

@@ -1,0 +1,38 @@
+//! The modes, assembled: each is the one pipeline with a different source and sink. Batch
+//! mode walks the tree into the manifest sink; watch mode (alone, or one per `[[watch]]` under
+//! the service supervisor) watches it into the state sink.
+
+use anyhow::{Context, Result};
+
+use crate::config::Config;
+use crate::pipeline;
+use crate::report::Summary;
+use crate::signals::Shutdown;
+use crate::sink::manifest::ManifestSink;
+use crate::sink::state::StateSink;
+use crate::source::walk::Walk;
+use crate::source::watch::Watch;
+use crate::state::State;
+use crate::travel::Stats;
+
+/// Runs a batch over `cfg.root` and returns the summary once every file is accounted for.
+pub fn batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
+    let stats = Stats::default();
+    let mut source = Walk::new(cfg, shutdown);
+    let mut sink = ManifestSink::new(cfg);
+    pipeline::run(cfg, shutdown, &mut source, &mut sink, &stats)
+}
+
+/// Runs watch mode until a shutdown signal (Ok) or a fatal watcher error (Err). `stats` is
+/// shared with whoever reports on the daemon (the service supervisor); `stats.ready` is raised
+/// once the watches are in place and the initial scan is queued.
+pub fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> {
+    let settings = cfg.watch.as_ref().context("watch settings missing")?;
+    let op = cfg.op.as_str();
+    // Two connections: the sink writes, the watcher reads (WAL lets both proceed).
+    let state = State::open(&settings.state_dir, &cfg.root, op)?;
+    let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
+    let mut source = Watch::new(cfg, reader, shutdown)?;
+    let mut sink = StateSink::new(cfg, state);
+    pipeline::run(cfg, shutdown, &mut source, &mut sink, stats)
+}

@@ -1,0 +1,116 @@
+//! Batch mode's sink: every done file's digest, kept until the end, then the manifest, sorted
+//! by raw path bytes, written once and published atomically (or printed on stdout). The same
+//! writer serves watch mode's state sink, which rewrites its manifest from the state.
+
+use std::ffi::OsStr;
+use std::io::{self, BufWriter, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+
+use crate::cli::OpKind;
+use crate::config::Config;
+use crate::fsio::output::{Dir, TempOutput};
+use crate::manifest;
+use crate::sink::{Disposition, Sink};
+use crate::travel::Outcome;
+
+/// Batch mode: collect (path, digest) pairs, write the sorted manifest at the end.
+pub struct ManifestSink<'a> {
+    cfg: &'a Config,
+    digests: Vec<(Box<Path>, [u8; 32])>,
+}
+
+impl<'a> ManifestSink<'a> {
+    /// A sink writing `cfg`'s manifest (sha256) or nothing (gzip).
+    pub fn new(cfg: &'a Config) -> Self {
+        ManifestSink {
+            cfg,
+            digests: Vec::new(),
+        }
+    }
+}
+
+impl Sink for ManifestSink<'_> {
+    fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
+        if let Outcome::Done { rel, done } = outcome {
+            if let Some(d) = done.digest {
+                self.digests.push((rel.clone().into_boxed_path(), d));
+            }
+        }
+        Ok(Disposition::Final)
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        if self.cfg.op != OpKind::Sha256 {
+            return Ok(());
+        }
+        self.digests
+            .sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
+        let lines = self
+            .digests
+            .iter()
+            .map(|(rel, d)| (rel.as_os_str().as_bytes(), d));
+        write_manifest(self.cfg, lines)
+    }
+}
+
+/// Writes manifest lines, already sorted, to the manifest file (atomically) or stdout.
+pub fn write_manifest<'d>(
+    cfg: &Config,
+    lines: impl Iterator<Item = (&'d [u8], &'d [u8; 32])> + Clone,
+) -> Result<()> {
+    let write_all = |w: &mut dyn Write| -> io::Result<()> {
+        let mut w = BufWriter::with_capacity(256 * 1024, w);
+        for (rel, d) in lines.clone() {
+            manifest::write_line(&mut w, d, rel)?;
+        }
+        w.flush()
+    };
+    let Some(path) = &cfg.manifest else {
+        return match write_all(&mut io::stdout().lock()) {
+            // A closed pipe (`| head`) is the reader's choice, not our failure.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("writing the manifest to stdout"),
+        };
+    };
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let fd = rustix::fs::open(
+        parent,
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .with_context(|| {
+        format!(
+            "writing the manifest {}: cannot open its directory {}",
+            path.display(),
+            parent.display()
+        )
+    })?;
+    let dir = Arc::new(Dir::new(fd, parent.to_path_buf()));
+    let mut temp = TempOutput::create(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    write_all(temp.file()).with_context(|| format!("writing {}", path.display()))?;
+    // A manifest is meant to be read by others: the usual 0644, less what the umask removes.
+    let mode = 0o644 & !umask();
+    let attrs = None;
+    rustix::fs::fchmod(&*temp.file(), rustix::fs::Mode::from_raw_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
+    temp.publish(name, attrs, true, cfg.durability)
+        .map_err(|e| anyhow::anyhow!("publishing {}: {e}", path.display()))
+}
+
+/// The process umask, read from /proc: calling umask(2) to read it would change it, for an
+/// instant, under the workers' feet.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}

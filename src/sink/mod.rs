@@ -1,0 +1,55 @@
+//! Sinks: where outcomes are recorded beyond the counts. Batch mode's is the manifest
+//! (`manifest`), watch mode's the SQLite state with its manifest (`state`); a cluster
+//! coordinator's would be the queue's outcome stream.
+//!
+//! The reporter thread is a sink's only caller. It hands each outcome to `outcome`, which says
+//! whether the file ends there, then calls `flush` once per batch of outcomes (or at most every
+//! few tens of milliseconds under load). Only once `flush` has returned does the reporter tell
+//! the source (if it listens, see `source::Source::listens`) that those files are recorded: a
+//! watcher then never forgets a file a crash would make the state forget, and a queue source
+//! acknowledges a job only once its outcome is durable wherever the sink keeps it. A sink may
+//! be remote and slow: the reporter keeps counting and draining while it works, and an error
+//! from any call stops the run (after the drain), with the summary of what was done.
+
+pub mod manifest;
+pub mod state;
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::travel::Outcome;
+
+/// Whether an outcome ends its file, or is an attempt that will be made again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// The file ends so.
+    Final,
+    /// A transient failure: the source tries the file again after this long.
+    Retry(Duration),
+}
+
+/// What the reporter does with outcomes beyond counting them. Called only from the reporter
+/// thread, in this order: `outcome` and `removed` any number of times, `flush` after each
+/// batch of them, `tick` a few times a second, `finish` once at the end.
+pub trait Sink {
+    /// Records one outcome (before it is counted); says whether it ends its file.
+    fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition>;
+    /// A file, or a directory and everything under it, was deleted or moved out of the tree
+    /// (watch mode).
+    fn removed(&mut self, _rel: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// Makes what was recorded since the last flush durable: once this returns, the source
+    /// hears of those files as recorded.
+    fn flush(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called a few times a second, busy or idle: periodic work (a manifest rewrite).
+    fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Every source and worker is done: last writes.
+    fn finish(&mut self) -> Result<()>;
+}

@@ -1,0 +1,268 @@
+//! Watch mode's sink: each outcome recorded in the SQLite state (committed at each flush), and
+//! the manifest (sha256 with `--manifest`) rewritten from the state when outcomes pause.
+//!
+//! Invariants: a file the source hears of as recorded is in a committed transaction; a
+//! transient failure is recorded with its attempt count and handed back for a retry, with a
+//! growing delay, until its attempts run out; a skipped or failed file is recorded with its
+//! stamp, so a rescan leaves it alone until it changes.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::cli::OpKind;
+use crate::config::Config;
+use crate::error::Kind;
+use crate::sink::{manifest, Disposition, Sink};
+use crate::state::{self, State};
+use crate::travel::{Outcome, Stamp};
+
+/// The output of `rel` (gzip).
+pub(crate) fn gz_name(rel: &Path) -> PathBuf {
+    let mut o = rel.as_os_str().to_os_string();
+    o.push(".gz");
+    PathBuf::from(o)
+}
+
+/// Whether the sink keeps a manifest: sha256 with `--manifest`.
+fn keeps_manifest(cfg: &Config) -> bool {
+    cfg.manifest.is_some() && cfg.op == OpKind::Sha256
+}
+
+/// Records outcomes in the state and keeps the manifest current.
+pub struct StateSink<'a> {
+    cfg: &'a Config,
+    state: State,
+    in_transaction: bool,
+    /// When the manifest first differed from the state since it was last written.
+    dirty_since: Option<Instant>,
+    manifest_written: Option<Instant>,
+    /// How long the last rewrite took (it grows with the state, not with the change).
+    manifest_cost: Duration,
+    last_outcome: Option<Instant>,
+}
+
+/// The manifest is rewritten whole (from the state) once outcomes pause for `MANIFEST_QUIET`,
+/// at most every `MANIFEST_INTERVAL`: a burst costs one rewrite at its end instead of one a
+/// second in the middle of it, competing with the workers. A steady stream never pauses, so a
+/// change waits at most `MANIFEST_STALE`, or ten times the last rewrite's duration if longer:
+/// rewriting a manifest of millions of files then takes at most a tenth of the reporter's time.
+const MANIFEST_INTERVAL: Duration = Duration::from_secs(1);
+/// See `MANIFEST_INTERVAL`.
+const MANIFEST_QUIET: Duration = Duration::from_millis(200);
+/// See `MANIFEST_INTERVAL`.
+const MANIFEST_STALE: Duration = Duration::from_secs(2);
+
+/// Whether a manifest that has differed from the state since `dirty_since` is rewritten at
+/// `now` (see `MANIFEST_INTERVAL`): `written` is the last rewrite, `last_outcome` the last
+/// change, `cost` how long the last rewrite took.
+fn manifest_due(
+    now: Instant,
+    dirty_since: Instant,
+    written: Option<Instant>,
+    last_outcome: Option<Instant>,
+    cost: Duration,
+) -> bool {
+    let rested = written.is_none_or(|t| now - t >= MANIFEST_INTERVAL);
+    let quiet = last_outcome.is_none_or(|t| now - t >= MANIFEST_QUIET);
+    let overdue = now - dirty_since >= MANIFEST_STALE.max(cost * 10);
+    rested && (quiet || overdue)
+}
+
+impl<'a> StateSink<'a> {
+    /// A sink recording into `state` (opened for `cfg`'s root and op).
+    pub fn new(cfg: &'a Config, state: State) -> Self {
+        StateSink {
+            cfg,
+            state,
+            in_transaction: false,
+            // Written at start, so it exists (and is current) before the first change.
+            dirty_since: keeps_manifest(cfg).then(Instant::now),
+            manifest_written: None,
+            manifest_cost: Duration::ZERO,
+            last_outcome: None,
+        }
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        if !self.in_transaction {
+            self.state.begin()?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// The manifest no longer matches the state.
+    fn changed(&mut self) {
+        if keeps_manifest(self.cfg) {
+            self.dirty_since.get_or_insert_with(Instant::now);
+        }
+    }
+
+    fn write_manifest(&mut self) -> Result<()> {
+        if !keeps_manifest(self.cfg) {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let digests = self.state.digests()?;
+        manifest::write_manifest(self.cfg, digests.iter().map(|(p, d)| (p.as_slice(), d)))?;
+        self.dirty_since = None;
+        self.manifest_written = Some(Instant::now());
+        self.manifest_cost = started.elapsed();
+        Ok(())
+    }
+}
+
+impl Sink for StateSink<'_> {
+    fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
+        self.begin()?;
+        self.last_outcome = Some(Instant::now());
+        let retry_after = match outcome {
+            // Deleted before it could be read: gone, like a deletion seen as an event (a file
+            // deleted while in flight is recorded, then removed: the watcher holds its removal
+            // back until this outcome is committed).
+            Outcome::Failed { rel, error: e } | Outcome::Skipped { rel, reason: e }
+                if e.kind == Kind::Vanished =>
+            {
+                self.state.remove(rel)?;
+                self.changed();
+                None
+            }
+            Outcome::Done { rel, done } => {
+                let output = (self.cfg.op == OpKind::Gzip).then(|| gz_name(rel));
+                self.state
+                    .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
+                if done.digest.is_some() {
+                    self.changed();
+                }
+                None
+            }
+            // Not started because of a shutdown: left for the next start, nothing to record.
+            Outcome::Skipped { reason, .. } if reason.kind == Kind::Interrupted => None,
+            // Its output is already in place (a run stopped between the publish and the
+            // commit, or an identical output published meanwhile): done, so that a later
+            // change of the file replaces that output as filepipe's own.
+            Outcome::Skipped { rel, reason } if reason.kind == Kind::UpToDate => {
+                let stamp = Stamp::of(&self.cfg.root.join(rel));
+                let output = gz_name(rel);
+                self.state.done(rel, stamp, Some(&output), None)?;
+                None
+            }
+            Outcome::Skipped { rel, reason } => {
+                // With its stamp, so the next scan knows it is settled unless it changes.
+                let stamp = Stamp::of(&self.cfg.root.join(rel));
+                self.state
+                    .not_done(rel, state::FileStatus::Skipped, stamp, reason)?;
+                // It may have been done before: its line leaves the manifest.
+                self.changed();
+                None
+            }
+            Outcome::Failed { rel, error } => {
+                let stamp = Stamp::of(&self.cfg.root.join(rel));
+                let attempts = self
+                    .state
+                    .not_done(rel, state::FileStatus::Failed, stamp, error)?;
+                self.changed();
+                // A file in use is waited for as long as its writer keeps it open.
+                let retry = state::transient(error.kind)
+                    && (attempts < state::MAX_ATTEMPTS || error.kind == Kind::InUse);
+                // 1 s, 2 s, 4 s ... between attempts, at most about a minute.
+                retry.then(|| Duration::from_secs(1 << (attempts - 1).min(6)))
+            }
+        };
+        Ok(retry_after.map_or(Disposition::Final, Disposition::Retry))
+    }
+
+    fn removed(&mut self, rel: &Path) -> Result<()> {
+        self.begin()?;
+        // A deletion burst (rm -r) is a burst too: the rewrite waits for its end.
+        self.last_outcome = Some(Instant::now());
+        self.state.remove(rel)?;
+        self.changed();
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.in_transaction {
+            self.state.commit()?;
+            self.in_transaction = false;
+        }
+        Ok(())
+    }
+
+    fn tick(&mut self) -> Result<()> {
+        let Some(dirty_since) = self.dirty_since else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        if manifest_due(
+            now,
+            dirty_since,
+            self.manifest_written,
+            self.last_outcome,
+            self.manifest_cost,
+        ) {
+            self.write_manifest()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        if self.dirty_since.is_some() {
+            self.write_manifest()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_manifest_waits_for_a_pause_but_never_longer_than_it_may_go_stale() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let cheap = Duration::from_millis(5);
+        // A lone change: rewritten once outcomes pause for MANIFEST_QUIET.
+        assert!(!manifest_due(ms(100), ms(0), None, Some(ms(0)), cheap));
+        assert!(manifest_due(ms(200), ms(0), None, Some(ms(0)), cheap));
+        // A steady stream (an outcome every 100 ms) never pauses: rewritten once the change
+        // is MANIFEST_STALE old, not before.
+        assert!(!manifest_due(ms(1900), ms(0), None, Some(ms(1850)), cheap));
+        assert!(manifest_due(ms(2000), ms(0), None, Some(ms(1950)), cheap));
+        // Never twice within MANIFEST_INTERVAL, however quiet.
+        assert!(!manifest_due(
+            ms(2500),
+            ms(2100),
+            Some(ms(2000)),
+            Some(ms(2100)),
+            cheap
+        ));
+        assert!(manifest_due(
+            ms(3000),
+            ms(2100),
+            Some(ms(2000)),
+            Some(ms(2100)),
+            cheap
+        ));
+        // A manifest that takes 0.5 s to rewrite goes stale for up to ten times that.
+        let dear = Duration::from_millis(500);
+        assert!(!manifest_due(
+            ms(4900),
+            ms(0),
+            Some(ms(0)),
+            Some(ms(4850)),
+            dear
+        ));
+        assert!(manifest_due(
+            ms(5000),
+            ms(0),
+            Some(ms(0)),
+            Some(ms(4950)),
+            dear
+        ));
+    }
+}

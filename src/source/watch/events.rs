@@ -1,0 +1,191 @@
+//! From notify to the watcher: which kernel events are asked for, what each means for a path
+//! (`Change`), which names are never taken, and clear messages for watch failures.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
+use notify::RecursiveMode;
+
+use crate::cli::OpKind;
+use crate::config::Config;
+
+/// The events watch mode acts on. Not opens and reads: every read, the workers' own included,
+/// would otherwise cost an event, and they fill the same kernel queue whose overflow forces a
+/// rescan.
+pub(crate) fn watcher_config() -> notify::Config {
+    use notify::EventKindMask as K;
+    notify::Config::default()
+        .with_event_kinds(K::CREATE | K::REMOVE | K::ALL_MODIFY | K::ACCESS_CLOSE)
+}
+
+/// What an event says about a path under the root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// A directory appeared (created, or renamed in): watch it, then scan it, so files created
+    /// in it before its watch existed are not lost.
+    NewDir,
+    /// Renamed into place: complete by convention (write to .part, then rename).
+    RenamedIn,
+    /// Closed after writing: complete, and looked at again even if its stamp is the one
+    /// already done.
+    Closed,
+    /// chmod, touch, chown: the writer may be done (install, curl -R), or not.
+    Metadata,
+    /// A new name (`IN_CREATE`): a writer starting, or a file linked in whole.
+    Created,
+    /// Written to: its writer is not done.
+    Written,
+    /// Deleted, or moved out of the tree.
+    Gone,
+}
+
+/// What an event of `kind` says about its path; `is_dir` is asked only when that matters
+/// (a creation or a rename into the tree). `None` for events that change nothing.
+pub(crate) fn change(kind: &EventKind, is_dir: impl Fn() -> bool) -> Option<Change> {
+    Some(match kind {
+        EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(RenameMode::To)) if is_dir() => {
+            Change::NewDir
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::To)) => Change::RenamedIn,
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => Change::Closed,
+        EventKind::Modify(ModifyKind::Metadata(_)) => Change::Metadata,
+        EventKind::Create(_) => Change::Created,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any | ModifyKind::Other) => {
+            Change::Written
+        }
+        EventKind::Modify(ModifyKind::Name(RenameMode::From)) | EventKind::Remove(_) => {
+            Change::Gone
+        }
+        _ => return None,
+    })
+}
+
+/// Whether an event about the root itself says it is gone.
+pub(crate) fn root_gone(kind: &EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+    )
+}
+
+/// A clear, actionable message for watch failures.
+pub(crate) fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
+    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
+        let read = |p: &str| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unreadable here".into())
+        };
+        // Since Linux 5.11 the user namespace's own limit applies too, whichever is lower.
+        let global = read("/proc/sys/fs/inotify/max_user_watches");
+        let userns = read("/proc/sys/user/max_inotify_watches");
+        return anyhow::anyhow!(
+            "cannot watch every directory under {}: the inotify watch limit is exhausted \
+             (fs.inotify.max_user_watches = {global}, user.max_inotify_watches = {userns}); \
+             raise it, e.g. 'sysctl fs.inotify.max_user_watches=1048576' (and in /etc/sysctl.d/ \
+             to keep it)",
+            root.display()
+        );
+    }
+    anyhow::anyhow!("cannot watch {}: {e}", root.display())
+}
+
+/// Watches `dir` alone (a scan watches its subdirectories); harmless if it already is watched.
+pub(crate) fn watch_dir(
+    watcher: &mut notify::RecommendedWatcher,
+    root: &Path,
+    dir: &Path,
+) -> anyhow::Result<()> {
+    use notify::Watcher as _;
+    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+        Ok(()) => Ok(()),
+        Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => Err(watch_error(root, e)),
+        // Gone again already: its removal event follows.
+        Err(e) => {
+            tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
+            Ok(())
+        }
+    }
+}
+
+/// Names never taken whatever the filters say: writers' temp files and (gzip) outputs.
+pub(crate) fn ignored_name(cfg: &Config, rel: &Path) -> bool {
+    let name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
+    let temp_like = [&b".part"[..], b".tmp", b".crdownload", b"~"]
+        .iter()
+        .any(|s| name.ends_with(s))
+        || name.starts_with(b".#");
+    temp_like || cfg.op == OpKind::Gzip && name.ends_with(b".gz")
+}
+
+/// Whether an event's path is an anonymous file's (`O_TMPFILE`, filepipe's own temps among
+/// them): the kernel reports writes to one, and its close, under a made-up name `#<inode>`
+/// that no directory holds. Such a file is seen when it is linked in (`IN_CREATE`).
+pub(crate) fn anonymous(abs: &Path) -> bool {
+    let name = abs.file_name().unwrap_or(OsStr::new("")).as_bytes();
+    name.len() > 1
+        && name[0] == b'#'
+        && name[1..].iter().all(u8::is_ascii_digit)
+        && std::fs::symlink_metadata(abs).is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{CreateKind, DataChange, MetadataKind, RemoveKind};
+
+    #[test]
+    fn each_event_kind_means_one_change_and_only_new_names_ask_for_a_directory() {
+        let file = || false;
+        let dir = || true;
+        let cases = [
+            (EventKind::Create(CreateKind::File), Some(Change::Created)),
+            (
+                EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+                Some(Change::RenamedIn),
+            ),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                Some(Change::Closed),
+            ),
+            (EventKind::Access(AccessKind::Close(AccessMode::Read)), None),
+            (
+                EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+                Some(Change::Metadata),
+            ),
+            (
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                Some(Change::Written),
+            ),
+            (
+                EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+                Some(Change::Gone),
+            ),
+            (EventKind::Remove(RemoveKind::File), Some(Change::Gone)),
+        ];
+        for (kind, want) in cases {
+            assert_eq!(change(&kind, file), want, "{kind:?}");
+        }
+        for kind in [
+            EventKind::Create(CreateKind::Folder),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+        ] {
+            assert_eq!(change(&kind, dir), Some(Change::NewDir), "{kind:?}");
+        }
+        // Only a new name may be a directory to watch: nothing else costs a stat.
+        let never = || -> bool { panic!("asked whether a path is a directory") };
+        assert_eq!(
+            change(&EventKind::Remove(RemoveKind::Any), never),
+            Some(Change::Gone)
+        );
+        assert_eq!(
+            change(
+                &EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                never
+            ),
+            Some(Change::Closed)
+        );
+    }
+}

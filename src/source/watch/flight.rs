@@ -1,0 +1,214 @@
+//! What the watcher has handed to the workers and not yet heard back about: files in flight,
+//! files to look at again when they come back, transient failures waiting for their retry,
+//! and deletions held back until the files under them are recorded.
+//!
+//! Invariants: a path is in flight at most once; a deletion is passed on only when nothing
+//! under it is in flight, or the file's outcome, recorded after it, would bring it back.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::travel::Recorded;
+
+/// Path sets: foldhash is several times faster than std's SipHash on paths, and its
+/// per-process random seed still keeps crafted file names from forcing collisions.
+type Set<K> = HashSet<K, foldhash::fast::RandomState>;
+
+/// The watcher's books on files in flight.
+#[derive(Debug, Default)]
+pub(crate) struct Flight {
+    /// Ordered, so "is anything under this directory in flight" is one range lookup: a
+    /// deletion burst then costs a lookup per removal, not a scan of everything in flight.
+    in_flight: BTreeSet<PathBuf>,
+    /// Paths that changed again while in flight: look again when they come back.
+    redo: Set<PathBuf>,
+    /// Transient failures, with the time each is due again.
+    retries: Vec<(Instant, PathBuf)>,
+    /// Deletions waiting for files under them that are in flight (see `forget`).
+    removals: Vec<PathBuf>,
+}
+
+impl Flight {
+    /// `rel` was sent to the workers.
+    pub(crate) fn start(&mut self, rel: PathBuf) {
+        self.in_flight.insert(rel);
+    }
+
+    /// `rel` was taken back before the workers saw it (the job channel was full).
+    pub(crate) fn unstart(&mut self, rel: &Path) {
+        self.in_flight.remove(rel);
+    }
+
+    /// Whether `rel` is in flight.
+    pub(crate) fn contains(&self, rel: &Path) -> bool {
+        self.in_flight.contains(rel)
+    }
+
+    /// `rel`, in flight, may have changed since it was read: it is looked at again once back.
+    pub(crate) fn redo(&mut self, rel: PathBuf) {
+        self.redo.insert(rel);
+    }
+
+    /// The sink recorded `r`'s outcome: `r.rel` is no longer in flight. Returns whether it must
+    /// be looked at again now (something happened to it while it was read).
+    pub(crate) fn recorded(&mut self, r: &Recorded, now: Instant) -> bool {
+        self.in_flight.remove(&r.rel);
+        if let Some(after) = r.retry_after {
+            self.retries.push((now + after, r.rel.clone()));
+        }
+        !self.redo.is_empty() && self.redo.remove(&r.rel)
+    }
+
+    /// The retries due by `now`, out of the books.
+    pub(crate) fn due_retries(&mut self, now: Instant) -> Vec<PathBuf> {
+        if self.retries.is_empty() {
+            return Vec::new();
+        }
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.retries = later;
+        due.into_iter().map(|(_, rel)| rel).collect()
+    }
+
+    /// `rel` (a file, or a directory and everything under it) is gone: its retries are
+    /// dropped. Returns whether its removal may be passed on now; if not, it is held until
+    /// nothing under it is in flight (see `removals_due`).
+    pub(crate) fn forget(&mut self, rel: &Path) -> bool {
+        if !self.retries.is_empty() {
+            self.retries.retain(|(_, p)| !p.starts_with(rel));
+        }
+        if in_flight_under(&self.in_flight, rel) {
+            self.removals.push(rel.to_path_buf());
+            return false;
+        }
+        true
+    }
+
+    /// The held-back removals that nothing in flight blocks any more, out of the books.
+    pub(crate) fn removals_due(&mut self) -> Vec<PathBuf> {
+        if self.removals.is_empty() {
+            return Vec::new();
+        }
+        let (blocked, due): (Vec<_>, Vec<_>) = std::mem::take(&mut self.removals)
+            .into_iter()
+            .partition(|rel| in_flight_under(&self.in_flight, rel));
+        self.removals = blocked;
+        due
+    }
+
+    /// The files in flight under `dir` (after lost events, their deletion may be among them).
+    pub(crate) fn under<'a>(&'a self, dir: &'a Path) -> impl Iterator<Item = &'a PathBuf> + 'a {
+        self.in_flight.iter().filter(move |p| p.starts_with(dir))
+    }
+
+    /// Files in flight.
+    pub(crate) fn len(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Files waiting for a retry.
+    pub(crate) fn retrying(&self) -> usize {
+        self.retries.len()
+    }
+}
+
+/// Whether `rel` or anything under it is in `in_flight`. Paths order component by component,
+/// so everything under `rel` sorts right after it: the first path from `rel` on tells.
+fn in_flight_under(in_flight: &BTreeSet<PathBuf>, rel: &Path) -> bool {
+    in_flight
+        .range::<Path, _>((std::ops::Bound::Included(rel), std::ops::Bound::Unbounded))
+        .next()
+        .is_some_and(|p| p.starts_with(rel))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn in_flight_under_finds_the_path_or_anything_below_it_and_nothing_else() {
+        let set: BTreeSet<PathBuf> = ["a/b/c", "a.txt", "a-1/x", "b"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        for (rel, want) in [
+            ("a", true),
+            ("a/b", true),
+            ("a/b/c", true),
+            ("a/b/c/d", false),
+            ("a/x", false),
+            ("a.txt", true),
+            ("a-1", true),
+            ("a-", false),
+            ("b", true),
+            ("", true),
+            ("c", false),
+        ] {
+            assert_eq!(in_flight_under(&set, Path::new(rel)), want, "{rel}");
+        }
+    }
+
+    fn recorded(rel: &str, retry_after: Option<Duration>) -> Recorded {
+        Recorded {
+            rel: PathBuf::from(rel),
+            retry_after,
+        }
+    }
+
+    #[test]
+    fn a_deletion_waits_for_the_files_under_it_to_be_recorded() {
+        let t0 = Instant::now();
+        let mut f = Flight::default();
+        f.start("d/a".into());
+        f.start("d/b".into());
+        assert!(f.forget(Path::new("e")), "nothing under e is in flight");
+        assert!(!f.forget(Path::new("d")), "d/a and d/b are in flight");
+        assert!(f.removals_due().is_empty());
+        f.recorded(&recorded("d/a", None), t0);
+        assert!(f.removals_due().is_empty(), "d/b is still in flight");
+        f.recorded(&recorded("d/b", None), t0);
+        assert_eq!(f.removals_due(), [PathBuf::from("d")]);
+        assert!(f.removals_due().is_empty(), "passed on once");
+        assert_eq!(f.len(), 0);
+    }
+
+    #[test]
+    fn retries_come_due_at_their_time_and_a_deletion_drops_them() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut f = Flight::default();
+        for rel in ["a", "d/b", "d/c"] {
+            f.start(rel.into());
+        }
+        f.recorded(&recorded("a", Some(s(1))), t0);
+        f.recorded(&recorded("d/b", Some(s(2))), t0);
+        f.recorded(&recorded("d/c", Some(s(4))), t0);
+        assert_eq!(f.retrying(), 3);
+        assert!(f.due_retries(t0 + Duration::from_millis(999)).is_empty());
+        assert_eq!(f.due_retries(t0 + s(1)), [PathBuf::from("a")]);
+        assert!(f.forget(Path::new("d")), "nothing under d is in flight");
+        assert_eq!(
+            f.retrying(),
+            0,
+            "the deleted directory's retries are dropped"
+        );
+        assert!(f.due_retries(t0 + s(10)).is_empty());
+    }
+
+    #[test]
+    fn a_file_changed_while_in_flight_is_looked_at_again_once_back() {
+        let t0 = Instant::now();
+        let mut f = Flight::default();
+        f.start("a".into());
+        f.start("b".into());
+        f.redo("a".into());
+        assert!(f.contains(Path::new("a")));
+        assert!(f.recorded(&recorded("a", None), t0));
+        assert!(!f.recorded(&recorded("b", None), t0));
+        assert!(!f.contains(Path::new("a")));
+        assert_eq!(f.under(Path::new("")).count(), 0);
+    }
+}

@@ -1,0 +1,517 @@
+//! Watch mode's source: notify events and scans in, settled files out to the workers, as jobs.
+//!
+//! Invariants: a file is taken only after it was closed after writing (or renamed into the tree,
+//! or found by a scan) and its size and mtime then stayed unchanged for the settle time
+//! (`settle`); a new directory is scanned after its watch exists, so files created before are
+//! not lost; a queue overflow triggers a full rescan reconciled against the state, so nothing is
+//! lost and nothing done is redone; paths are coalesced while they wait, so a burst costs
+//! memory per distinct path, never per event, and the job channel stays bounded; a path is
+//! never in flight twice (`flight`).
+//!
+//! The parts: `events` says what each notify event means, `settle` decides when a file is
+//! ready, `flight` keeps the books on files the workers have, and `Watch::run` below is the
+//! loop that selects over events, recorded outcomes and room in the job channel.
+
+mod events;
+mod flight;
+mod settle;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use crossbeam_channel::{Receiver, Select, Sender, TryRecvError, TrySendError};
+use notify::{RecursiveMode, Watcher as _};
+
+use crate::cli::OpKind;
+use crate::config::Config;
+use crate::signals::Shutdown;
+use crate::source::walk::{self, Found};
+use crate::source::{Outlet, Source};
+use crate::state::{self, Reader};
+use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
+
+use events::{anonymous, ignored_name, watch_dir, watch_error, Change};
+use flight::Flight;
+use settle::{Look, Lost, Settle};
+
+/// After taking events, how long the watcher lets the next ones gather (see `Watch::run`).
+const COALESCE: Duration = Duration::from_millis(1);
+
+/// The longest the watcher sleeps: bounds how late it notices a shutdown or a vanished root.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// Watch mode's source: runs until a shutdown is requested (Ok) or a fatal watcher error
+/// (Err). `stats.ready` is raised once the watches are in place and the initial scan is queued.
+pub struct Watch<'a> {
+    cfg: &'a Config,
+    settle: Duration,
+    shutdown: &'a Shutdown,
+    /// The state, read (the sink writes it through its own connection).
+    reader: Reader,
+}
+
+impl<'a> Watch<'a> {
+    /// A watcher of `cfg.root` (which must have watch settings) reading `reader`.
+    pub fn new(cfg: &'a Config, reader: Reader, shutdown: &'a Shutdown) -> Result<Self> {
+        let settings = cfg.watch.as_ref().context("watch settings missing")?;
+        Ok(Watch {
+            cfg,
+            settle: settings.settle,
+            shutdown,
+            reader,
+        })
+    }
+}
+
+impl Source for Watch<'_> {
+    fn listens(&self) -> bool {
+        true
+    }
+
+    fn run(&mut self, out: Outlet<'_>) -> Result<()> {
+        let recorded = out
+            .recorded
+            .context("the watcher must hear of recorded outcomes")?;
+        let (notify_tx, notify_rx) = crossbeam_channel::unbounded();
+        // Watches first, then the initial scan: a file created in between is seen by both,
+        // and coalesced, rather than by neither. One watch per directory, each added by the
+        // scan just before it lists that directory: notify's recursive mode would walk (and
+        // stat every file of) each new subtree itself, on top of our own scan.
+        let mut watcher = notify::RecommendedWatcher::new(notify_tx, events::watcher_config())
+            .context("starting the file system watcher")?;
+        watcher
+            .watch(&self.cfg.root, RecursiveMode::NonRecursive)
+            .map_err(|e| watch_error(&self.cfg.root, e))?;
+        let mut w = Watcher {
+            cfg: self.cfg,
+            stats: out.stats,
+            shutdown: self.shutdown,
+            reader: &self.reader,
+            watcher,
+            jobs: out.jobs,
+            events: out.events,
+            settle: Settle::new(self.settle),
+            flight: Flight::default(),
+            scans: 0,
+            quiet_until: Instant::now(),
+        };
+        w.run(&notify_rx, &recorded)
+    }
+}
+
+/// The running watcher.
+struct Watcher<'a> {
+    cfg: &'a Config,
+    stats: &'a Stats,
+    shutdown: &'a Shutdown,
+    reader: &'a Reader,
+    /// Owned here so new directories can be watched before they are scanned.
+    watcher: notify::RecommendedWatcher,
+    jobs: &'a Sender<Msg>,
+    events: &'a Sender<Event>,
+    settle: Settle,
+    flight: Flight,
+    /// Scans so far.
+    scans: u64,
+    /// Events are not waited for before this (see `COALESCE`).
+    quiet_until: Instant,
+}
+
+/// What the settle queue looks at when a file comes due: the tree and the state.
+struct Disk<'a> {
+    root: &'a Path,
+    reader: &'a Reader,
+}
+
+impl Look for Disk<'_> {
+    fn linked(&self, rel: &Path) -> Option<Stamp> {
+        rustix::fs::lstat(self.root.join(rel))
+            .ok()
+            .filter(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                    && (st.st_size > 0 || st.st_nlink > 1)
+            })
+            .map(|st| Stamp::from_stat(&st))
+    }
+
+    fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool> {
+        Ok(self.reader.lookup(rel)?.is_some_and(|k| k.settled(stamp)))
+    }
+}
+
+impl Watcher<'_> {
+    fn run(
+        &mut self,
+        notify_rx: &Receiver<notify::Result<notify::Event>>,
+        recorded: &Receiver<Vec<Recorded>>,
+    ) -> Result<()> {
+        walk::clean_own_dirs(self.cfg, self.stats);
+        self.scan(&self.cfg.root.clone(), Lost::Nothing)?;
+        self.stats.ready.store(true, Ordering::Relaxed);
+        let mut last_root_check = Instant::now();
+        loop {
+            if self.shutdown.requested() {
+                return Ok(());
+            }
+            self.stats.loop_ticks.fetch_add(1, Ordering::Relaxed);
+            // Sleep until the next file is due (bounded, for shutdown and the root check).
+            let now = Instant::now();
+            let wait = self
+                .settle
+                .next_due()
+                .map_or(MAX_WAIT, |at| at.saturating_duration_since(now))
+                .clamp(Duration::from_millis(1), MAX_WAIT);
+            // Wake for an event, a commit, or room in the job channel while files are ready:
+            // the workers then never wait on the watcher's other work for their next batch.
+            // Right after taking events, not for the next ones for COALESCE: a writer's stream
+            // of events then costs a wake-up per batch, not one per event on both threads.
+            let listen = now >= self.quiet_until;
+            let wait = if listen {
+                wait
+            } else {
+                wait.min(self.quiet_until - now)
+            };
+            {
+                let mut sel = Select::new();
+                if listen {
+                    sel.recv(notify_rx);
+                }
+                sel.recv(recorded);
+                if self.settle.has_ready() {
+                    sel.send(self.jobs);
+                }
+                let _ = sel.ready_timeout(wait);
+            }
+            if Instant::now() >= self.quiet_until {
+                // One pass per burst before promoting, except that files already due go out
+                // between the scans of a burst of new directories.
+                let mut taken = 0;
+                while taken < 4096 {
+                    let ev = match notify_rx.try_recv() {
+                        Ok(ev) => Ok(ev),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => Err(crossbeam_channel::RecvError),
+                    };
+                    taken += 1;
+                    let scans = self.scans;
+                    self.on_notify(ev)?;
+                    if self.scans != scans {
+                        self.promote()?;
+                        self.dispatch()?;
+                    }
+                }
+                if taken > 0 {
+                    self.quiet_until = Instant::now() + COALESCE;
+                }
+            }
+            for r in recorded.try_iter().flatten() {
+                self.on_recorded(&r);
+            }
+            for rel in self.flight.removals_due() {
+                self.send(Event::Removed(rel))?;
+            }
+            self.promote()?;
+            self.dispatch()?;
+            if last_root_check.elapsed() > Duration::from_secs(1) {
+                last_root_check = Instant::now();
+                if !self.cfg.root.is_dir() {
+                    bail!(
+                        "the watched directory {} was deleted or moved",
+                        self.cfg.root.display()
+                    );
+                }
+            }
+            let stats = self.stats;
+            stats
+                .queued
+                .store(self.settle.queued() as u64, Ordering::Relaxed);
+            stats
+                .in_flight
+                .store(self.flight.len() as u64, Ordering::Relaxed);
+            stats
+                .retrying
+                .store(self.flight.retrying() as u64, Ordering::Relaxed);
+        }
+    }
+
+    fn on_notify(
+        &mut self,
+        ev: Result<notify::Result<notify::Event>, crossbeam_channel::RecvError>,
+    ) -> Result<()> {
+        match ev {
+            Ok(Ok(event)) => self.on_event(event),
+            Ok(Err(e)) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                Err(watch_error(&self.cfg.root, e))
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "file system watcher error");
+                Ok(())
+            }
+            Err(_) => bail!("the file system watcher stopped"),
+        }
+    }
+
+    fn send(&self, event: Event) -> Result<()> {
+        self.events
+            .send(event)
+            .map_err(|_| anyhow!("the reporter has stopped"))
+    }
+
+    /// Watches `dir` (not its subdirectories: a scan of it watches those); harmless if it
+    /// already is watched.
+    fn watch(&mut self, dir: &Path) -> Result<()> {
+        watch_dir(&mut self.watcher, &self.cfg.root, dir)
+    }
+
+    /// Scans `dir` (already watched by the caller), watching each directory under it before
+    /// listing it: files not already settled in the state wait to be taken, and files the
+    /// state knows under `dir` that no longer exist are forgotten (their deletion may have
+    /// happened while filepipe was down, or been lost in an overflow).
+    fn scan(&mut self, dir: &Path, lost: Lost) -> Result<()> {
+        self.scans += 1;
+        let under = dir.strip_prefix(&self.cfg.root).unwrap_or(Path::new(""));
+        // One query for the subtree; each file found is taken out, so what is left was not.
+        let mut known = self.reader.known_under(under)?;
+        let (cfg, stats, shutdown) = (self.cfg, self.stats, self.shutdown);
+        let watcher = &mut self.watcher;
+        let mut found = Vec::new();
+        let mut watch_failed = None;
+        walk::scan(cfg, dir, stats, shutdown, &mut |f| {
+            if let Found::Dir(d) = &f {
+                if let Err(e) = watch_dir(watcher, &cfg.root, d) {
+                    watch_failed = Some(e);
+                    return false;
+                }
+            } else {
+                found.push(f);
+            }
+            true
+        });
+        if let Some(e) = watch_failed {
+            return Err(e);
+        }
+        let now = Instant::now();
+        for f in found {
+            match f {
+                Found::File(job, stamp) => {
+                    let was = known.remove(&job.rel);
+                    // The walk applied the filters and skipped filepipe's own files.
+                    if ignored_name(cfg, &job.rel) || was.is_some_and(|k| k.settled(stamp)) {
+                        continue;
+                    }
+                    self.found(job.rel, stamp, lost, now);
+                }
+                Found::Report(outcome) => {
+                    let rel = match &outcome {
+                        Outcome::Skipped { rel, .. }
+                        | Outcome::Failed { rel, .. }
+                        | Outcome::Done { rel, .. } => rel.clone(),
+                    };
+                    let was = known.remove(&rel);
+                    // Temp-like names (filepipe's own among them) are never taken here.
+                    if ignored_name(cfg, &rel) {
+                        continue;
+                    }
+                    // Report a symlink or special file once, not at every rescan.
+                    let stamp = Stamp::of(&self.cfg.root.join(&rel));
+                    if matches!(outcome, Outcome::Skipped { .. })
+                        && was.is_some_and(|k| k.settled(stamp))
+                    {
+                        continue;
+                    }
+                    self.stats.reported.fetch_add(1, Ordering::Relaxed);
+                    self.send(Event::Finished(vec![outcome]))?;
+                }
+                Found::Dir(_) => {}
+            }
+        }
+        let mut gone: Vec<PathBuf> = known.into_keys().collect();
+        if lost == Lost::Events {
+            // A file in flight is not in the state yet, and its deletion may be among the lost
+            // events.
+            gone.extend(self.flight.under(under).cloned());
+        }
+        for rel in gone {
+            if std::fs::symlink_metadata(self.cfg.root.join(&rel)).is_err() {
+                self.forget(rel)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A file found by a scan.
+    fn found(&mut self, rel: PathBuf, stamp: Option<Stamp>, lost: Lost, now: Instant) {
+        // Already on its way (a scan of an enclosing directory raced this one, or an overflow
+        // rescan): the state does not know it yet, so only the books can tell.
+        if stamp.is_some() && self.flight.contains(&rel) {
+            if lost == Lost::Events {
+                // It may have changed unseen: look again once it is back.
+                self.flight.redo(rel);
+            }
+            return;
+        }
+        self.settle.found(rel, stamp, lost, now);
+    }
+
+    fn on_event(&mut self, event: notify::Event) -> Result<()> {
+        if event.need_rescan() {
+            tracing::warn!("the kernel's event queue overflowed: rescanning the whole tree");
+            // Directories created during the overflow lost their IN_CREATE, so notify never
+            // watched them: watch the whole tree again first.
+            let root = self.cfg.root.clone();
+            self.watch(&root)?;
+            return self.scan(&root, Lost::Events);
+        }
+        for path in &event.paths {
+            if path == &self.cfg.root {
+                if events::root_gone(&event.kind) && !path.is_dir() {
+                    bail!(
+                        "the watched directory {} was deleted or moved",
+                        path.display()
+                    );
+                }
+                continue;
+            }
+            let Ok(rel) = path.strip_prefix(&self.cfg.root) else {
+                continue;
+            };
+            let rel = rel.to_path_buf();
+            if self.ignored(&rel, path) {
+                continue;
+            }
+            let Some(change) = events::change(&event.kind, || path.is_dir()) else {
+                continue;
+            };
+            let now = Instant::now();
+            match change {
+                Change::NewDir => {
+                    self.watch(path)?;
+                    self.scan(path, Lost::Nothing)?
+                }
+                Change::RenamedIn => self.settle.touch(rel, true, Stamp::of(path), now),
+                Change::Closed => {
+                    self.settle.touch(rel.clone(), true, Stamp::of(path), now);
+                    self.settle.closed(&rel);
+                }
+                Change::Metadata => self.settle.touched_metadata(rel, Stamp::of(path), now),
+                Change::Created => self.settle.appeared(rel, now),
+                Change::Written => self.settle.touch(rel, false, None, now),
+                Change::Gone => self.forget(rel)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// `rel` (a file, or a directory and everything under it) is gone: it leaves the queues,
+    /// the state and the manifest. While a file under it is in flight, the removal waits for
+    /// that file's outcome to be recorded, or the outcome would bring the file back.
+    fn forget(&mut self, rel: PathBuf) -> Result<()> {
+        self.settle.forget(&rel);
+        if self.flight.forget(&rel) {
+            self.send(Event::Removed(rel))?;
+        }
+        Ok(())
+    }
+
+    /// Moves settled files to the ready queue, and retries that are due back to settling.
+    fn promote(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let disk = Disk {
+            root: &self.cfg.root,
+            reader: self.reader,
+        };
+        self.settle.promote(now, &disk)?;
+        for rel in self.flight.due_retries(now) {
+            let stamp = Stamp::of(&self.cfg.root.join(&rel));
+            if stamp.is_some() {
+                self.settle.touch(rel, true, stamp, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends ready files to the workers without ever blocking: a full channel just means they
+    /// wait here, coalesced, while events keep being read.
+    fn dispatch(&mut self) -> Result<()> {
+        // The watcher is the only sender, so a channel with room now still has it at the send:
+        // a batch is never built only to be taken apart again.
+        while self.settle.has_ready() && !self.jobs.is_full() {
+            // Batches as in batch mode (`BatchFill`), so the deeper queue never holds much
+            // more than small files.
+            let mut batch = Vec::new();
+            let mut fill = BatchFill::default();
+            while !fill.full() {
+                let Some(size) = self.settle.next_size() else {
+                    break;
+                };
+                if !fill.takes(size) {
+                    break;
+                }
+                let Some((rel, expect)) = self.settle.pop_ready() else {
+                    break;
+                };
+                if self.flight.contains(&rel) {
+                    self.flight.redo(rel);
+                    continue;
+                }
+                // An output filepipe itself made for this file may be replaced when the file
+                // changes; anyone else's never is.
+                let replace = self.cfg.op == OpKind::Gzip
+                    && self
+                        .reader
+                        .lookup(&rel)?
+                        .is_some_and(|k| k.status == state::FileStatus::Done);
+                self.flight.start(rel.clone());
+                fill.add(size);
+                batch.push(Job {
+                    abs: self.cfg.root.join(&rel),
+                    rel,
+                    replace,
+                    expect,
+                });
+            }
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let n = batch.len() as u64;
+            match self.jobs.try_send(Msg::Jobs(batch)) {
+                Ok(()) => {
+                    self.stats.files.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(TrySendError::Full(Msg::Jobs(batch))) => {
+                    for job in batch.into_iter().rev() {
+                        self.flight.unstart(&job.rel);
+                        self.settle.unpop(job.rel, job.expect);
+                    }
+                    return Ok(());
+                }
+                Err(TrySendError::Full(Msg::Shutdown)) => bail!("a sentinel was sent early"),
+                Err(TrySendError::Disconnected(_)) => bail!("the workers have stopped"),
+            }
+        }
+        Ok(())
+    }
+
+    /// The sink recorded a file's outcome: it is out of flight, and is looked at again if
+    /// something happened to it while it was read (a close among it), whatever its stamp says.
+    fn on_recorded(&mut self, r: &Recorded) {
+        let now = Instant::now();
+        if self.flight.recorded(r, now) {
+            let stamp = Stamp::of(&self.cfg.root.join(&r.rel));
+            self.settle.touch(r.rel.clone(), true, stamp, now);
+            self.settle.closed(&r.rel);
+        }
+    }
+
+    /// Paths never taken: writers' temp files, filepipe's own files and outputs, and what the
+    /// filters leave out. `abs` is `rel` under the root.
+    fn ignored(&self, rel: &Path, abs: &Path) -> bool {
+        ignored_name(self.cfg, rel)
+            || walk::is_own(self.cfg, abs)
+            || self.cfg.filter.excluded(rel)
+            || !self.cfg.filter.included(rel) && !abs.is_dir()
+            || anonymous(abs)
+    }
+}
