@@ -52,7 +52,7 @@ pub enum Command {
 }
 
 /// The operation applied to each file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum OpKind {
     /// Compress each file to `name.gz` (a standard gzip stream).

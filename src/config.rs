@@ -310,6 +310,8 @@ pub struct Filter {
     exclude_name: GlobSet,
     exclude_path: GlobSet,
     has_include: bool,
+    /// The globs as given (include, exclude): what a reload compares.
+    patterns: (Vec<String>, Vec<String>),
 }
 
 impl Filter {
@@ -323,7 +325,13 @@ impl Filter {
             exclude_name,
             exclude_path,
             has_include: !include.is_empty(),
+            patterns: (include.to_vec(), exclude.to_vec()),
         })
+    }
+
+    /// The include and exclude globs as given.
+    pub fn patterns(&self) -> (&[String], &[String]) {
+        (&self.patterns.0, &self.patterns.1)
     }
 
     /// True if a file or directory at `rel` is excluded (directories are then not descended).

@@ -1,0 +1,153 @@
+//! The systemd watchdog: WATCHDOG=1 is sent only while every watcher loop turns and, wherever
+//! work is in flight, bytes are being read or files finished; and the sd_notify messages the
+//! supervisor sends.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sd_notify::NotifyState;
+
+use crate::fsio::input::BYTES_READ;
+use crate::travel::Stats;
+
+/// Sends `states` to systemd, if it listens; a failure is only worth a debug line.
+pub(crate) fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+/// Liveness as the watchdog sees it between two pings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Liveness {
+    /// Each ready pipeline's watcher loop count.
+    pub loops: Vec<u64>,
+    /// Files in flight, all pipelines.
+    pub in_flight: u64,
+    /// Bytes read plus outcomes counted, all pipelines.
+    pub progress: u64,
+}
+
+impl Liveness {
+    fn sample(stats: &[Arc<Stats>]) -> Liveness {
+        let ready: Vec<&Arc<Stats>> = stats
+            .iter()
+            .filter(|s| s.ready.load(Ordering::Relaxed))
+            .collect();
+        let outcomes: u64 = stats
+            .iter()
+            .map(|s| {
+                s.done.load(Ordering::Relaxed)
+                    + s.skipped.load(Ordering::Relaxed)
+                    + s.failed.load(Ordering::Relaxed)
+            })
+            .sum();
+        Liveness {
+            loops: ready
+                .iter()
+                .map(|s| s.loop_ticks.load(Ordering::Relaxed))
+                .collect(),
+            in_flight: stats
+                .iter()
+                .map(|s| s.in_flight.load(Ordering::Relaxed))
+                .sum(),
+            progress: BYTES_READ.load(Ordering::Relaxed) + outcomes,
+        }
+    }
+
+    /// True if, from `before` to `self`, every watcher loop turned and, if work was in flight,
+    /// something moved. A wedged worker pool (or a hung fsync) fails the second test.
+    pub fn healthy_since(&self, before: &Liveness) -> bool {
+        let loops_turned = self.loops.len() != before.loops.len()
+            || self
+                .loops
+                .iter()
+                .zip(&before.loops)
+                .all(|(now, then)| now > then);
+        let busy = self.in_flight > 0 && before.in_flight > 0;
+        loops_turned && (!busy || self.progress > before.progress)
+    }
+}
+
+/// Pings WATCHDOG=1 every `interval / 2` while the pipelines are healthy.
+pub(crate) fn spawn_watchdog(
+    interval: Duration,
+    watched: Arc<Mutex<Vec<Arc<Stats>>>>,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("filepipe-watchdog".into())
+        .spawn(move || {
+            let sample = || {
+                watched
+                    .lock()
+                    .map(|w| Liveness::sample(&w))
+                    .unwrap_or_default()
+            };
+            let mut before = sample();
+            loop {
+                std::thread::sleep(interval / 2);
+                let now = sample();
+                if now.healthy_since(&before) {
+                    notify(&[NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("no progress: withholding the watchdog ping");
+                }
+                before = now;
+            }
+        })
+        .context("starting the watchdog thread")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watchdog_health() {
+        let idle = Liveness {
+            loops: vec![5],
+            in_flight: 0,
+            progress: 100,
+        };
+        let idle_later = Liveness {
+            loops: vec![9],
+            in_flight: 0,
+            progress: 100,
+        };
+        assert!(
+            idle_later.healthy_since(&idle),
+            "idle and looping is healthy"
+        );
+        let stuck_loop = Liveness {
+            loops: vec![5],
+            ..idle_later.clone()
+        };
+        assert!(
+            !stuck_loop.healthy_since(&idle),
+            "a watcher loop that stopped is not"
+        );
+        let busy = Liveness {
+            loops: vec![5],
+            in_flight: 2,
+            progress: 100,
+        };
+        let wedged = Liveness {
+            loops: vec![9],
+            in_flight: 2,
+            progress: 100,
+        };
+        assert!(
+            !wedged.healthy_since(&busy),
+            "work in flight and nothing moving is wedged"
+        );
+        let working = Liveness {
+            loops: vec![9],
+            in_flight: 2,
+            progress: 4196,
+        };
+        assert!(working.healthy_since(&busy));
+    }
+}
