@@ -11,30 +11,30 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// worker holds buffers and descriptors: 256 keeps the largest machines busy (the work is
 /// CPU- or disk-bound, never waiting on a network), where thousands of threads only cost
 /// minutes of start-up and memory that can run out while threads start.
-pub const MAX_JOBS: u16 = 256;
+pub(crate) const MAX_JOBS: u16 = 256;
 
 /// The longest settle time: an hour. A longer one would leave files unprocessed for longer
 /// than anyone waits for them (and at the far end overflows the clock).
-pub const MAX_SETTLE_MS: u64 = 3_600_000;
+pub(crate) const MAX_SETTLE_MS: u64 = 3_600_000;
 
 /// filepipe: gzip or SHA-256 a directory tree in parallel, every file accounted for.
 #[derive(Debug, Parser)]
 #[command(name = "filepipe", version, about, max_term_width = 100)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// More log output on stderr (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     /// No progress bars and no summary; only errors on stderr.
     #[arg(short, long, global = true)]
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// What to run.
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Process every file under a directory once, then exit.
     Batch(BatchArgs),
     /// Check a sha256sum-format manifest, or test every .gz file under a directory.
@@ -54,7 +54,7 @@ pub enum Command {
 /// The operation applied to each file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum OpKind {
+pub(crate) enum OpKind {
     /// Compress each file to `name.gz` (a standard gzip stream).
     Gzip,
     /// Hash each file with SHA-256 and write a `sha256sum` manifest.
@@ -63,7 +63,7 @@ pub enum OpKind {
 
 impl OpKind {
     /// The name used on the command line, in the config file and in the state.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             OpKind::Gzip => "gzip",
             OpKind::Sha256 => "sha256",
@@ -73,71 +73,71 @@ impl OpKind {
 
 /// Options shared by `batch` and `watch`: what to process, how, and where results go.
 #[derive(Debug, Args)]
-pub struct PipelineArgs {
+pub(crate) struct PipelineArgs {
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
-    pub jobs: Option<u16>,
+    pub(crate) jobs: Option<u16>,
     /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
     #[arg(long, value_name = "DIR")]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// sha256: write the manifest to FILE, atomically (batch: stdout if absent; watch: kept
     /// current from the state).
     #[arg(long, value_name = "FILE")]
-    pub manifest: Option<PathBuf>,
+    pub(crate) manifest: Option<PathBuf>,
     /// Write one JSON line per failed or skipped file to FILE.
     #[arg(long, value_name = "FILE")]
-    pub failure_log: Option<PathBuf>,
+    pub(crate) failure_log: Option<PathBuf>,
     /// gzip: compression level, 1 (fastest) to 9 (smallest), as gzip's -1 to -9: the output is
     /// about the size gzip -N writes.
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=9))]
-    pub level: u32,
+    pub(crate) level: u32,
     /// Only process files matching GLOB (repeatable). A glob without '/' matches the file
     /// name, one with '/' the path relative to DIR.
     #[arg(long, value_name = "GLOB")]
-    pub include: Vec<String>,
+    pub(crate) include: Vec<String>,
     /// Skip files and directories matching GLOB (repeatable; same matching as --include).
     #[arg(long, value_name = "GLOB")]
-    pub exclude: Vec<String>,
+    pub(crate) exclude: Vec<String>,
     /// Print the final summary as one JSON object (on stdout, or stderr if the manifest goes to
     /// stdout).
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
     /// How outputs are flushed to disk before they are reported done: `group` (one flush for
     /// each group of files published together), `file` (an fsync per file and directory), or
     /// `none` (no flush, like gzip: a machine crash can leave incomplete outputs) [default:
     /// group].
     #[arg(long, value_enum, value_name = "MODE")]
-    pub durability: Option<crate::fsio::output::Durability>,
+    pub(crate) durability: Option<crate::fsio::output::Durability>,
 }
 
 /// Arguments of `filepipe batch`.
 #[derive(Debug, Args)]
-pub struct BatchArgs {
+pub(crate) struct BatchArgs {
     /// The directory tree to process.
-    pub dir: PathBuf,
+    pub(crate) dir: PathBuf,
     /// The operation to apply to each file.
     #[arg(long, value_enum)]
-    pub op: OpKind,
+    pub(crate) op: OpKind,
     /// What to process and how.
     #[command(flatten)]
-    pub common: PipelineArgs,
+    pub(crate) common: PipelineArgs,
     /// Follow symlinks that stay inside DIR (links leading outside are still refused).
     #[arg(long)]
-    pub follow_symlinks: bool,
+    pub(crate) follow_symlinks: bool,
     /// gzip: redo up-to-date outputs and replace existing different ones.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// gzip: delete each input once its output is synced and verified (never a hard-linked one).
     #[arg(long)]
-    pub remove_source: bool,
+    pub(crate) remove_source: bool,
 }
 
 /// Arguments of `filepipe watch`.
 #[derive(Debug, Args)]
-pub struct WatchArgs {
+pub(crate) struct WatchArgs {
     /// The directory tree to watch (or give --config).
     #[arg(required_unless_present = "config", conflicts_with = "config")]
-    pub dir: Option<PathBuf>,
+    pub(crate) dir: Option<PathBuf>,
     /// The operation to apply to each file (or give --config).
     #[arg(
         long,
@@ -145,49 +145,49 @@ pub struct WatchArgs {
         required_unless_present = "config",
         conflicts_with = "config"
     )]
-    pub op: Option<OpKind>,
+    pub(crate) op: Option<OpKind>,
     /// Run the pipelines described by this TOML file (see systemd/filepipe.toml). Flags given
     /// as well override the file's global settings and every pipeline's level and globs.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// What to process and how.
     #[command(flatten)]
-    pub common: PipelineArgs,
+    pub(crate) common: PipelineArgs,
     /// Where the state database lives [default: $STATE_DIRECTORY, else $XDG_STATE_HOME/filepipe,
     /// else ~/.local/state/filepipe].
     #[arg(long, value_name = "DIR")]
-    pub state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
     /// Milliseconds a closed file's size and mtime must stay unchanged before it is taken, up
     /// to an hour (3600000) [default: 300].
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=MAX_SETTLE_MS))]
-    pub settle: Option<u64>,
+    pub(crate) settle: Option<u64>,
 }
 
 /// Arguments of `filepipe check-config`.
 #[derive(Debug, Args)]
-pub struct CheckConfigArgs {
+pub(crate) struct CheckConfigArgs {
     /// The TOML config file.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
 }
 
 /// Arguments of `filepipe status`.
 #[derive(Debug, Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The state directory [default: as for watch].
     #[arg(long, value_name = "DIR")]
-    pub state: Option<PathBuf>,
+    pub(crate) state: Option<PathBuf>,
     /// List every failed file with its error and attempts.
     #[arg(long)]
-    pub failed: bool,
+    pub(crate) failed: bool,
 }
 
 /// Arguments of `filepipe verify`.
 #[derive(Debug, Args)]
-pub struct VerifyArgs {
+pub(crate) struct VerifyArgs {
     /// A sha256sum-format manifest (names resolve against the current directory, as with
     /// `sha256sum -c`), or a directory whose .gz files are all tested.
-    pub target: PathBuf,
+    pub(crate) target: PathBuf,
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
-    pub jobs: Option<u16>,
+    pub(crate) jobs: Option<u16>,
 }

@@ -19,60 +19,61 @@ use crate::fsio::output::Durability;
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
-pub struct Config {
+pub(crate) struct Config {
     /// The input root, canonicalized: every walked path starts with it.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// The operation applied to each file.
-    pub op: OpKind,
+    pub(crate) op: OpKind,
     /// Number of worker threads (and of Shutdown sentinels).
-    pub jobs: usize,
+    pub(crate) jobs: usize,
     /// gzip: the output root (canonicalized, created if missing); `None` = next to inputs.
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
     /// sha256: where the manifest goes; `None` = stdout.
-    pub manifest: Option<PathBuf>,
+    pub(crate) manifest: Option<PathBuf>,
     /// Where failed/skipped records go as JSON lines.
-    pub failure_log: Option<PathBuf>,
+    pub(crate) failure_log: Option<PathBuf>,
     /// gzip compression level, 1-9.
-    pub level: u32,
+    pub(crate) level: u32,
     /// Include/exclude globs.
-    pub filter: Filter,
+    pub(crate) filter: Filter,
     /// Follow symlinks that stay inside the root.
-    pub follow_symlinks: bool,
+    pub(crate) follow_symlinks: bool,
     /// Redo up-to-date outputs and replace different ones.
-    pub force: bool,
+    pub(crate) force: bool,
     /// Delete inputs after their output is synced and verified.
-    pub remove_source: bool,
+    pub(crate) remove_source: bool,
     /// How outputs (and the manifest) are flushed before they count as published.
-    pub durability: Durability,
+    pub(crate) durability: Durability,
     /// Print the summary as JSON.
-    pub json: bool,
+    pub(crate) json: bool,
     /// No progress and no human summary.
-    pub quiet: bool,
+    pub(crate) quiet: bool,
     /// Show progress bars (stderr is a terminal and not quiet).
-    pub progress: bool,
+    pub(crate) progress: bool,
     /// Paths inside the root that filepipe writes itself and must never read as inputs.
-    pub own_files: Vec<PathBuf>,
+    pub(crate) own_files: Vec<PathBuf>,
     /// Watch mode settings; `None` for a one-shot batch.
-    pub watch: Option<WatchSettings>,
+    pub(crate) watch: Option<WatchSettings>,
 }
 
 /// The settle time when none is given.
-pub const DEFAULT_SETTLE_MS: u64 = 300;
+pub(crate) const DEFAULT_SETTLE_MS: u64 = 300;
 
 /// What only watch mode needs.
 #[derive(Debug, Clone)]
-pub struct WatchSettings {
+pub(crate) struct WatchSettings {
     /// How long a closed file's size and mtime must stay unchanged before it is taken.
-    pub settle: Duration,
+    pub(crate) settle: Duration,
     /// Where the SQLite state lives.
-    pub state_dir: PathBuf,
+    pub(crate) state_dir: PathBuf,
     /// The state directory, held for this process (`None` when only validating a config).
-    pub lock: Option<std::sync::Arc<crate::state::DirLock>>,
+    #[expect(dead_code, reason = "held, never read: dropping it releases the lock")]
+    pub(crate) lock: Option<std::sync::Arc<crate::state::DirLock>>,
 }
 
 impl Config {
     /// Resolves and validates the `batch` arguments.
-    pub fn from_batch(args: &BatchArgs, quiet: bool) -> Result<Config> {
+    pub(crate) fn from_batch(args: &BatchArgs, quiet: bool) -> Result<Config> {
         let gzip_only = [
             ("--force", args.force),
             ("--remove-source", args.remove_source),
@@ -96,7 +97,7 @@ impl Config {
 
     /// Resolves the options batch and watch share, for the tree `dir` and operation `op`.
     /// With `create`, a missing `--out` directory is made; without, nothing is written.
-    pub fn from_common(
+    pub(crate) fn from_common(
         dir: &Path,
         op: OpKind,
         args: &PipelineArgs,
@@ -165,7 +166,7 @@ impl Config {
     }
 
     /// Resolves and validates the `watch` arguments for one tree (not `--config`).
-    pub fn from_watch(args: &WatchArgs, quiet: bool) -> Result<Config> {
+    pub(crate) fn from_watch(args: &WatchArgs, quiet: bool) -> Result<Config> {
         let (Some(dir), Some(op)) = (&args.dir, args.op) else {
             bail!("watch needs DIR and --op, or --config FILE");
         };
@@ -176,7 +177,7 @@ impl Config {
     }
 
     /// Turns a resolved config into a watch config with its state directory and settle time.
-    pub fn watching(
+    pub(crate) fn watching(
         mut self,
         state_dir: PathBuf,
         settle: Duration,
@@ -203,7 +204,7 @@ impl Config {
     }
 
     /// The directory outputs for `rel` (a path relative to the root) are written under.
-    pub fn out_root(&self) -> &Path {
+    pub(crate) fn out_root(&self) -> &Path {
         self.out.as_deref().unwrap_or(&self.root)
     }
 }
@@ -212,7 +213,7 @@ impl Config {
 /// lies inside it: outputs would then be written among the inputs, and read back as inputs or
 /// hidden from the walk. Symlinks are resolved first, so no spelling of the same directory
 /// slips through.
-pub fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
+pub(crate) fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
     let what = if out == root {
         "is the input directory"
     } else if root.starts_with(out) {
@@ -231,7 +232,7 @@ pub fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
 }
 
 /// One worker per CPU, up to `MAX_JOBS`.
-pub fn default_jobs() -> usize {
+pub(crate) fn default_jobs() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(usize::from(crate::cli::MAX_JOBS))
@@ -239,7 +240,7 @@ pub fn default_jobs() -> usize {
 
 /// `path` made absolute through its deepest existing ancestor, for containment checks on
 /// directories that do not exist yet.
-pub fn absolute(path: &Path) -> PathBuf {
+pub(crate) fn absolute(path: &Path) -> PathBuf {
     use std::path::Component;
     let Ok(full) = std::path::absolute(path) else {
         return path.to_path_buf();
@@ -304,7 +305,7 @@ fn check_manifest(path: &Path) -> Result<()> {
 /// Include/exclude globs. A pattern without '/' matches the file name anywhere in the tree
 /// (like fd and .gitignore); one with '/' matches the whole path relative to the root.
 #[derive(Debug, Default)]
-pub struct Filter {
+pub(crate) struct Filter {
     include_name: GlobSet,
     include_path: GlobSet,
     exclude_name: GlobSet,
@@ -316,7 +317,7 @@ pub struct Filter {
 
 impl Filter {
     /// Compiles the globs; a malformed one is a usage error.
-    pub fn new(include: &[String], exclude: &[String]) -> Result<Filter> {
+    pub(crate) fn new(include: &[String], exclude: &[String]) -> Result<Filter> {
         let (include_name, include_path) = compile(include)?;
         let (exclude_name, exclude_path) = compile(exclude)?;
         Ok(Filter {
@@ -330,17 +331,17 @@ impl Filter {
     }
 
     /// The include and exclude globs as given.
-    pub fn patterns(&self) -> (&[String], &[String]) {
+    pub(crate) fn patterns(&self) -> (&[String], &[String]) {
         (&self.patterns.0, &self.patterns.1)
     }
 
     /// True if a file or directory at `rel` is excluded (directories are then not descended).
-    pub fn excluded(&self, rel: &Path) -> bool {
+    pub(crate) fn excluded(&self, rel: &Path) -> bool {
         matches(&self.exclude_name, &self.exclude_path, rel)
     }
 
     /// True if a file at `rel` passes the include globs (all files do when there are none).
-    pub fn included(&self, rel: &Path) -> bool {
+    pub(crate) fn included(&self, rel: &Path) -> bool {
         !self.has_include || matches(&self.include_name, &self.include_path, rel)
     }
 }

@@ -9,7 +9,7 @@ use std::io;
 /// Why a file could not be processed, or was deliberately left alone. The kebab-case name is
 /// what the failure log's `error` field carries, so scripts can match on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// The file disappeared between the walk and the open (ENOENT).
     Vanished,
     /// EACCES / EPERM on the input or the output.
@@ -60,7 +60,7 @@ pub enum Kind {
 
 impl Kind {
     /// The stable name used in logs and the failure log.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Kind::Vanished => "vanished",
             Kind::PermissionDenied => "permission-denied",
@@ -96,18 +96,18 @@ impl fmt::Display for Kind {
 /// One file's error: a kind to match on, the errno when the kernel gave one, and a message for
 /// humans.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileError {
+pub(crate) struct FileError {
     /// What went wrong, as a stable category.
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// The OS error number, when the error came from a system call.
-    pub errno: Option<i32>,
+    pub(crate) errno: Option<i32>,
     /// A human-readable explanation, including the failing step.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 impl FileError {
     /// An error with no errno.
-    pub fn new(kind: Kind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: Kind, message: impl Into<String>) -> Self {
         FileError {
             kind,
             errno: None,
@@ -116,7 +116,7 @@ impl FileError {
     }
 
     /// Classifies an I/O error that happened while doing `what` (e.g. "opening input").
-    pub fn io(what: &str, err: &io::Error) -> Self {
+    pub(crate) fn io(what: &str, err: &io::Error) -> Self {
         if err.get_ref().is_some_and(|e| e.is::<Abandoned>()) {
             return FileError::new(Kind::Interrupted, err.to_string());
         }
@@ -139,12 +139,12 @@ impl FileError {
     }
 
     /// Same as [`FileError::io`] for rustix's errno type.
-    pub fn errno(what: &str, err: rustix::io::Errno) -> Self {
+    pub(crate) fn errno(what: &str, err: rustix::io::Errno) -> Self {
         Self::io(what, &io::Error::from(err))
     }
 
     /// The failure a caught panic stands for (a bug: the run goes on without this file).
-    pub fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
+    pub(crate) fn panicked(payload: &(dyn std::any::Any + Send)) -> Self {
         let msg = payload
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -154,7 +154,7 @@ impl FileError {
     }
 
     /// Runs one file's step so that a panic in it fails that file alone.
-    pub fn guard<T>(step: impl FnOnce() -> Result<T, FileError>) -> Result<T, FileError> {
+    pub(crate) fn guard<T>(step: impl FnOnce() -> Result<T, FileError>) -> Result<T, FileError> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(step))
             .unwrap_or_else(|p| Err(FileError::panicked(p.as_ref())))
     }
@@ -163,7 +163,7 @@ impl FileError {
 /// The error a read returns once a second shutdown request aborted the run: the file is
 /// abandoned, not failed (`FileError::io` makes it `Kind::Interrupted`).
 #[derive(Debug)]
-pub struct Abandoned;
+pub(crate) struct Abandoned;
 
 impl fmt::Display for Abandoned {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

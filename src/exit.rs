@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 /// Every file done or deliberately skipped.
-pub const SUCCESS: u8 = 0;
+pub(crate) const SUCCESS: u8 = 0;
 /// Some files failed (each is in the log), or a run-time error stopped the run.
-pub const FAILURES: u8 = 1;
+pub(crate) const FAILURES: u8 = 1;
 /// The invocation or the configuration is wrong; nothing was processed.
-pub const USAGE: u8 = 2;
+pub(crate) const USAGE: u8 = 2;
 
 /// The code for a run interrupted by `signal` (130 for SIGINT, 143 for SIGTERM).
-pub fn interrupted(signal: i32) -> ExitCode {
+pub(crate) fn interrupted(signal: i32) -> ExitCode {
     ExitCode::from(u8::try_from(128 + signal).unwrap_or(FAILURES))
 }

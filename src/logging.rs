@@ -18,10 +18,10 @@ use tracing_subscriber::filter::{filter_fn, EnvFilter, LevelFilter};
 use tracing_subscriber::prelude::*;
 
 /// The target of per-file records.
-pub const FAILURES: &str = "filepipe::failures";
+pub(crate) const FAILURES: &str = "filepipe::failures";
 
 /// Installs the global subscriber. `verbosity`: -1 quiet, 0 default, 1+ verbose.
-pub fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
+pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
     let default = match verbosity {
         i8::MIN..=-1 => LevelFilter::ERROR,
         0 => LevelFilter::WARN,
@@ -85,7 +85,7 @@ pub fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
 
 /// This run's identity in the failure log: its start time and process id, as
 /// `20261202T195500Z-4242`.
-pub fn run_id() -> &'static str {
+pub(crate) fn run_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ID.get_or_init(|| {
         let compact: String = utc_now()
@@ -97,7 +97,7 @@ pub fn run_id() -> &'static str {
 }
 
 /// The current time in UTC, as RFC 3339 to the second (`2026-12-02T19:55:00Z`).
-pub fn utc_now() -> String {
+pub(crate) fn utc_now() -> String {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());

@@ -8,7 +8,7 @@
 use std::io::{self, Write};
 
 /// Writes one manifest line for `name` (the path's raw bytes).
-pub fn write_line(w: &mut impl Write, digest: &[u8; 32], name: &[u8]) -> io::Result<()> {
+pub(crate) fn write_line(w: &mut impl Write, digest: &[u8; 32], name: &[u8]) -> io::Result<()> {
     let escape = name.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r'));
     if !escape {
         w.write_all(to_hex(digest).as_bytes())?;
@@ -32,17 +32,17 @@ pub fn write_line(w: &mut impl Write, digest: &[u8; 32], name: &[u8]) -> io::Res
 
 /// One parsed manifest line.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// The expected digest.
-    pub digest: [u8; 32],
+    pub(crate) digest: [u8; 32],
     /// The file name, unescaped, as raw bytes.
-    pub name: Vec<u8>,
+    pub(crate) name: Vec<u8>,
     /// The name as it appeared in the manifest (escaped), for printing results like sha256sum.
-    pub shown: Vec<u8>,
+    pub(crate) shown: Vec<u8>,
 }
 
 /// Parses one line (without its trailing newline). `None` means an improperly formatted line.
-pub fn parse_line(line: &[u8]) -> Option<Entry> {
+pub(crate) fn parse_line(line: &[u8]) -> Option<Entry> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let (escaped, rest) = match line.strip_prefix(b"\\") {
         Some(rest) => (true, rest),
@@ -110,7 +110,7 @@ fn from_hex(hex: &[u8]) -> Option<[u8; 32]> {
 }
 
 /// Lower-case hex, as `sha256sum` prints it.
-pub fn to_hex(digest: &[u8; 32]) -> String {
+pub(crate) fn to_hex(digest: &[u8; 32]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(64);
     for b in digest {

@@ -16,7 +16,7 @@ use crate::state::State;
 use crate::travel::Stats;
 
 /// Runs a batch over `cfg.root` and returns the summary once every file is accounted for.
-pub fn batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
+pub(crate) fn batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
     let stats = Stats::default();
     let mut source = Walk::new(cfg, shutdown);
     let mut sink = ManifestSink::new(cfg);
@@ -26,7 +26,7 @@ pub fn batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
 /// Runs watch mode until a shutdown signal (Ok) or a fatal watcher error (Err). `stats` is
 /// shared with whoever reports on the daemon (the service supervisor); `stats.ready` is raised
 /// once the watches are in place and the initial scan is queued.
-pub fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> {
+pub(crate) fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> {
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
     let op = cfg.op.as_str();
     // Two connections: the sink writes, the watcher reads (WAL lets both proceed).

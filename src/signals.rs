@@ -22,7 +22,7 @@ use signal_hook::iterator::Signals;
 
 /// Shared shutdown state, raised by the first SIGINT/SIGTERM.
 #[derive(Debug, Default)]
-pub struct Shutdown {
+pub(crate) struct Shutdown {
     requested: AtomicBool,
     signal: AtomicI32,
     reload: AtomicBool,
@@ -30,35 +30,30 @@ pub struct Shutdown {
 
 impl Shutdown {
     /// True once a shutdown was requested.
-    pub fn requested(&self) -> bool {
+    pub(crate) fn requested(&self) -> bool {
         self.requested.load(Ordering::Relaxed)
     }
 
     /// Requests a shutdown as if `signal` had arrived.
-    pub fn request(&self, signal: i32) {
+    pub(crate) fn request(&self, signal: i32) {
         self.signal.store(signal, Ordering::Relaxed);
         self.requested.store(true, Ordering::Relaxed);
     }
 
     /// The signal that caused the shutdown, if any.
-    pub fn signal(&self) -> Option<i32> {
+    pub(crate) fn signal(&self) -> Option<i32> {
         self.requested()
             .then(|| self.signal.load(Ordering::Relaxed))
     }
 
-    /// True once a second shutdown request asked to stop without finishing files in progress.
-    pub fn aborted(&self) -> bool {
-        aborted()
-    }
-
     /// True once per SIGHUP: the caller should reload its configuration.
-    pub fn take_reload(&self) -> bool {
+    pub(crate) fn take_reload(&self) -> bool {
         self.reload.swap(false, Ordering::Relaxed)
     }
 }
 
 /// Installs the handlers: returns the flag the pipeline polls.
-pub fn install() -> Result<Arc<Shutdown>> {
+pub(crate) fn install() -> Result<Arc<Shutdown>> {
     let shutdown = Arc::new(Shutdown::default());
     // Any handler turns SIGXFSZ's default "terminate" into "write fails with EFBIG".
     signal_hook::flag::register(SIGXFSZ, Arc::new(AtomicBool::new(false)))
@@ -159,7 +154,7 @@ static ABORTED: AtomicBool = AtomicBool::new(false);
 
 /// True once a second shutdown request asked to stop files in progress: reads stop at their
 /// next buffer, and results not yet published are dropped.
-pub fn aborted() -> bool {
+pub(crate) fn aborted() -> bool {
     ABORTED.load(Ordering::Relaxed)
 }
 
@@ -178,7 +173,7 @@ fn lock_temps() -> std::sync::MutexGuard<'static, HashMap<u64, PathBuf>> {
 }
 
 /// Records a temp file that must be removed on an abrupt exit. Returns its registry key.
-pub fn register_temp(path: PathBuf) -> u64 {
+pub(crate) fn register_temp(path: PathBuf) -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let id = NEXT.fetch_add(1, Ordering::Relaxed);
     lock_temps().insert(id, path);
@@ -186,7 +181,7 @@ pub fn register_temp(path: PathBuf) -> u64 {
 }
 
 /// Forgets a temp file that was published or removed.
-pub fn unregister_temp(id: u64) {
+pub(crate) fn unregister_temp(id: u64) {
     lock_temps().remove(&id);
 }
 

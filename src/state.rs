@@ -27,24 +27,24 @@ use crate::fsio::lock::{self as fslock, LockKind};
 use crate::travel::{Stamp, CTIME_UNKNOWN};
 
 /// The file name of the database inside the state directory.
-pub const DB_NAME: &str = "filepipe.sqlite";
+pub(crate) const DB_NAME: &str = "filepipe.sqlite";
 
 /// The file in the state directory that its owner holds locked (see `lock_dir`).
-pub const LOCK_NAME: &str = "filepipe.lock";
+pub(crate) const LOCK_NAME: &str = "filepipe.lock";
 
 /// A state directory owned by this process. Two daemons writing one state would each process
 /// files the other already did (and fail on the other's outputs), so the directory belongs to
 /// the one process that holds `LOCK_NAME` locked; the file also says who that is. The pipelines
 /// of one process (a service's) share it; the lock goes when the last of them drops it.
 #[derive(Debug)]
-pub struct DirLock {
+pub(crate) struct DirLock {
     _file: std::fs::File,
     dir: PathBuf,
 }
 
 /// Takes the state directory `dir` (an existing, canonical path) for this process, or says
 /// which process holds it.
-pub fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
+pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
     use std::io::{Read, Seek, Write};
     static HELD: Mutex<Vec<Weak<DirLock>>> = Mutex::new(Vec::new());
     let mut held = HELD
@@ -107,11 +107,11 @@ pub fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
 }
 
 /// How many attempts a transient failure gets before it is kept as failed.
-pub const MAX_ATTEMPTS: u32 = 5;
+pub(crate) const MAX_ATTEMPTS: u32 = 5;
 
 /// How a file ended, as the state records it (the `status` column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FileStatus {
+pub(crate) enum FileStatus {
     /// Processed: its output or digest is published.
     Done,
     /// Deliberately not processed (already compressed, up to date, interrupted...).
@@ -122,7 +122,7 @@ pub enum FileStatus {
 
 impl FileStatus {
     /// The column's text.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             FileStatus::Done => "done",
             FileStatus::Skipped => "skipped",
@@ -152,22 +152,22 @@ impl rusqlite::types::FromSql for FileStatus {
 
 /// What the state knows about one file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Known {
+pub(crate) struct Known {
     /// How it ended.
-    pub status: FileStatus,
+    pub(crate) status: FileStatus,
     /// The stamp it had when it got that status (absent for some skips and failures).
-    pub stamp: Option<Stamp>,
+    pub(crate) stamp: Option<Stamp>,
     /// Attempts so far (failures).
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Failed because another process still had it open for writing: waited for, never
     /// given up on (see `Kind::InUse`).
-    pub in_use: bool,
+    pub(crate) in_use: bool,
 }
 
 impl Known {
     /// True if `now` needs no processing: done (or deliberately skipped) with the same stamp,
     /// or failed for good with the same stamp.
-    pub fn settled(&self, now: Option<Stamp>) -> bool {
+    pub(crate) fn settled(&self, now: Option<Stamp>) -> bool {
         let same = match (self.stamp, now) {
             (Some(a), Some(b)) => a.same_file(&b),
             _ => false,
@@ -181,7 +181,7 @@ impl Known {
 }
 
 /// The writer side, owned by the reporter.
-pub struct State {
+pub(crate) struct State {
     conn: Connection,
     root: Vec<u8>,
     op: &'static str,
@@ -208,7 +208,7 @@ const INSERT_DONE: &str = "INSERT OR REPLACE INTO files
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9, ?10)";
 
 /// A read-only view for the watcher's lookups.
-pub struct Reader {
+pub(crate) struct Reader {
     conn: Connection,
     root: Vec<u8>,
     op: &'static str,
@@ -227,7 +227,7 @@ fn now_secs() -> i64 {
 
 impl State {
     /// Opens (creating if needed) the database in `dir` for one watch root and operation.
-    pub fn open(dir: &Path, root: &Path, op: &'static str) -> Result<State> {
+    pub(crate) fn open(dir: &Path, root: &Path, op: &'static str) -> Result<State> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create state directory {}", dir.display()))?;
         let path = db_path(dir);
@@ -275,7 +275,7 @@ impl State {
     }
 
     /// A second, read-only connection for lookups from another thread.
-    pub fn reader(dir: &Path, root: &Path, op: &'static str) -> Result<Reader> {
+    pub(crate) fn reader(dir: &Path, root: &Path, op: &'static str) -> Result<Reader> {
         let path = db_path(dir);
         let conn = Connection::open_with_flags(
             &path,
@@ -292,13 +292,13 @@ impl State {
 
     /// Starts a transaction; `commit` ends it. Batching rows per transaction keeps the cost
     /// of durability to one WAL append per batch.
-    pub fn begin(&mut self) -> Result<()> {
+    pub(crate) fn begin(&mut self) -> Result<()> {
         self.conn.execute_batch("BEGIN IMMEDIATE")?;
         Ok(())
     }
 
     /// Commits the open transaction.
-    pub fn commit(&mut self) -> Result<()> {
+    pub(crate) fn commit(&mut self) -> Result<()> {
         self.write_done()?;
         self.conn.execute_batch("COMMIT")?;
         Ok(())
@@ -307,7 +307,7 @@ impl State {
     /// Records a file as done, in the transaction `begin` opened. The row reaches SQLite before the
     /// commit and before any other statement of this `State`, so every read and write of the
     /// table sees the rows in the order they were recorded.
-    pub fn done(
+    pub(crate) fn done(
         &mut self,
         rel: &Path,
         stamp: Option<Stamp>,
@@ -360,7 +360,7 @@ impl State {
 
     /// Records a failure or a skip; failures count attempts (reset when the file changed).
     /// Returns the number of attempts so far.
-    pub fn not_done(
+    pub(crate) fn not_done(
         &mut self,
         rel: &Path,
         status: FileStatus,
@@ -422,7 +422,7 @@ impl State {
 
     /// Forgets a file that was deleted or moved away, or a whole directory of them (a moved
     /// directory is one event).
-    pub fn remove(&mut self, rel: &Path) -> Result<()> {
+    pub(crate) fn remove(&mut self, rel: &Path) -> Result<()> {
         self.write_done()?;
         let path = rel.as_os_str().as_bytes();
         // Rows under "rel/": byte strings from "rel/" up to (not including) "rel0", since '0'
@@ -439,7 +439,7 @@ impl State {
     }
 
     /// All digests of done files, sorted by path bytes, for the manifest.
-    pub fn digests(&mut self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {
+    pub(crate) fn digests(&mut self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {
         self.write_done()?;
         let mut stmt = self.conn.prepare_cached(
             "SELECT path, digest FROM files
@@ -465,7 +465,7 @@ impl Reader {
     /// Everything the state knows under `dir` (relative to the root; "" for the whole tree),
     /// in one query: a scan checks each file it finds against this map instead of asking
     /// SQLite per file, and what is left in it afterwards was not found.
-    pub fn known_under(&self, dir: &Path) -> Result<KnownMap> {
+    pub(crate) fn known_under(&self, dir: &Path) -> Result<KnownMap> {
         const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns,
              error FROM files WHERE root=?1 AND op=?2";
         let d = dir.as_os_str().as_bytes();
@@ -493,7 +493,7 @@ impl Reader {
     }
 
     /// What the state knows about `rel`, if anything.
-    pub fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
+    pub(crate) fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT status, size, mtime_ns, inode, attempts, ctime_ns, error FROM files
              WHERE root=?1 AND op=?2 AND path=?3",
@@ -530,7 +530,7 @@ impl DoneRow {
 }
 
 /// What the state knows, by path relative to the root.
-pub type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
+pub(crate) type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
 
 /// A `Known` from the columns status, size, mtime_ns, inode, attempts, ctime_ns, error
 /// starting at `first`.
@@ -558,7 +558,7 @@ fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known
 }
 
 /// True for failures worth retrying later: the file was busy or the disk was full.
-pub fn transient(kind: Kind) -> bool {
+pub(crate) fn transient(kind: Kind) -> bool {
     matches!(
         kind,
         Kind::Changed
@@ -570,27 +570,25 @@ pub fn transient(kind: Kind) -> bool {
     )
 }
 
-/// One row for `filepipe status`.
+/// One failed file, for `filepipe status --failed`.
 #[derive(Debug)]
-pub struct Row {
+pub(crate) struct Row {
     /// The watch root.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
     /// The operation.
-    pub op: String,
+    pub(crate) op: String,
     /// The file, relative to the root.
-    pub path: PathBuf,
-    /// Its status.
-    pub status: String,
+    pub(crate) path: PathBuf,
     /// The error kind, if any.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// The error message, if any.
-    pub message: Option<String>,
+    pub(crate) message: Option<String>,
     /// Attempts so far.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
 }
 
 /// Counts per (root, op, status), for `filepipe status`.
-pub fn counts(dir: &Path) -> Result<Vec<(PathBuf, String, String, u64)>> {
+pub(crate) fn counts(dir: &Path) -> Result<Vec<(PathBuf, String, String, u64)>> {
     let conn = open_read_only(dir)?;
     let mut stmt = conn.prepare(
         "SELECT root, op, status, COUNT(*) FROM files GROUP BY root, op, status ORDER BY 1, 2, 3",
@@ -608,10 +606,10 @@ pub fn counts(dir: &Path) -> Result<Vec<(PathBuf, String, String, u64)>> {
 }
 
 /// Every failed file, for `filepipe status --failed`.
-pub fn failed(dir: &Path) -> Result<Vec<Row>> {
+pub(crate) fn failed(dir: &Path) -> Result<Vec<Row>> {
     let conn = open_read_only(dir)?;
     let mut stmt = conn.prepare(
-        "SELECT root, op, path, status, error, message, attempts FROM files
+        "SELECT root, op, path, error, message, attempts FROM files
          WHERE status='failed' ORDER BY root, op, path",
     )?;
     let rows = stmt.query_map([], |r| {
@@ -619,10 +617,9 @@ pub fn failed(dir: &Path) -> Result<Vec<Row>> {
             root: bytes_path(r.get(0)?),
             op: r.get(1)?,
             path: bytes_path(r.get(2)?),
-            status: r.get(3)?,
-            error: r.get(4)?,
-            message: r.get(5)?,
-            attempts: r.get(6)?,
+            error: r.get(3)?,
+            message: r.get(4)?,
+            attempts: r.get(5)?,
         })
     })?;
     rows.map(|r| r.map_err(Into::into)).collect()
@@ -645,7 +642,7 @@ fn bytes_path(b: Vec<u8>) -> PathBuf {
 }
 
 /// The default state directory: `$STATE_DIRECTORY` under systemd, else the XDG state dir.
-pub fn default_dir() -> PathBuf {
+pub(crate) fn default_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("STATE_DIRECTORY") {
         // systemd may pass several, colon-separated: the first is ours.
         let first = d.as_bytes().split(|&b| b == b':').next().unwrap_or(b"");

@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::state;
 
 /// Prints counts per (root, op, status) and, with `failed`, every failed file.
-pub fn print(dir: &Path, failed: bool, out: &mut impl Write) -> Result<()> {
+pub(crate) fn print(dir: &Path, failed: bool, out: &mut impl Write) -> Result<()> {
     for (root, op, status, n) in state::counts(dir)? {
         writeln!(out, "{}\t{op}\t{status}\t{n}", root.display())?;
     }

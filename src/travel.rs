@@ -12,77 +12,77 @@ use crate::error::FileError;
 
 /// What a successful file leaves behind, for the reporter.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Done {
+pub(crate) struct Done {
     /// Bytes read from the input.
-    pub bytes_in: u64,
+    pub(crate) bytes_in: u64,
     /// Bytes written (the .gz size; 0 for sha256).
-    pub bytes_out: u64,
+    pub(crate) bytes_out: u64,
     /// The SHA-256 digest, for the manifest.
-    pub digest: Option<[u8; 32]>,
+    pub(crate) digest: Option<[u8; 32]>,
     /// Something worth reporting about an otherwise successful file (e.g. a hard-linked input
     /// kept despite `--remove-source`).
-    pub note: Option<FileError>,
+    pub(crate) note: Option<FileError>,
     /// The input's identity when it was read (set by the pipeline), for watch mode's state.
-    pub stamp: Option<Stamp>,
+    pub(crate) stamp: Option<Stamp>,
 }
 
 /// One file to process.
 #[derive(Debug, Clone)]
-pub struct Job {
+pub(crate) struct Job {
     /// Absolute path (the canonical root joined with `rel`).
-    pub abs: PathBuf,
+    pub(crate) abs: PathBuf,
     /// Path relative to the root: what the manifest and logs show.
-    pub rel: PathBuf,
+    pub(crate) rel: PathBuf,
     /// An existing output for this file was made by filepipe (watch mode's state says so) and
     /// may be replaced when the file changed; anyone else's output never is without --force.
-    pub replace: bool,
+    pub(crate) replace: bool,
     /// Watch mode: the size, mtime and inode the file had when it settled. The worker's first
     /// fstat must match, so a change the watcher was not told about is caught without a second
     /// stat on the watcher's thread.
-    pub expect: Option<Stamp>,
+    pub(crate) expect: Option<Stamp>,
 }
 
 /// Most jobs in one message.
-pub const BATCH_FILES: usize = 64;
+pub(crate) const BATCH_FILES: usize = 64;
 /// Most input bytes in one message; a larger file is sent on its own.
-pub const BATCH_BYTES: u64 = 4 << 20;
+pub(crate) const BATCH_BYTES: u64 = 4 << 20;
 
 /// How much a batch being filled holds, and the rule both sources fill batches by: at most
 /// `BATCH_FILES` files and `BATCH_BYTES` bytes, and a file of `BATCH_BYTES` or more alone, so
 /// a worker never ends a run holding several large files while the others have nothing.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct BatchFill {
+pub(crate) struct BatchFill {
     files: usize,
     bytes: u64,
 }
 
 impl BatchFill {
     /// Whether a file of `size` bytes goes in its own batch.
-    pub fn alone(size: u64) -> bool {
+    pub(crate) fn alone(size: u64) -> bool {
         size >= BATCH_BYTES
     }
 
     /// Whether a file of `size` bytes may join: an empty batch takes anything, a full one
     /// nothing, and a large file only an empty one.
-    pub fn takes(&self, size: u64) -> bool {
+    pub(crate) fn takes(&self, size: u64) -> bool {
         self.files == 0 || !self.full() && !Self::alone(size)
     }
 
     /// Counts a file that joined.
-    pub fn add(&mut self, size: u64) {
+    pub(crate) fn add(&mut self, size: u64) {
         self.files += 1;
         self.bytes += size;
     }
 
     /// Whether nothing more may join.
-    pub fn full(&self) -> bool {
+    pub(crate) fn full(&self) -> bool {
         self.files >= BATCH_FILES || self.bytes >= BATCH_BYTES
     }
 }
 
 /// What travels from a source to the workers.
 #[derive(Debug)]
-pub enum Msg {
+pub(crate) enum Msg {
     /// Process these files, in order.
     Jobs(Vec<Job>),
     /// Sentinel: the receiving worker stops. Exactly one is sent per worker.
@@ -91,7 +91,7 @@ pub enum Msg {
 
 /// How one file ended.
 #[derive(Debug)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Processed and published.
     Done {
         /// The file, relative to the root.
@@ -117,7 +117,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// The file, relative to the root.
-    pub fn rel(&self) -> &Path {
+    pub(crate) fn rel(&self) -> &Path {
         match self {
             Outcome::Done { rel, .. }
             | Outcome::Skipped { rel, .. }
@@ -128,7 +128,7 @@ impl Outcome {
 
 /// What the reporter hears.
 #[derive(Debug)]
-pub enum Event {
+pub(crate) enum Event {
     /// A worker started on a file (only sent when progress is shown).
     Started {
         /// Which worker.
@@ -146,59 +146,59 @@ pub enum Event {
 /// has recorded a file's outcome durably: the file is no longer in flight, and may be due
 /// again.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Recorded {
+pub(crate) struct Recorded {
     /// The file, relative to the root.
-    pub rel: PathBuf,
+    pub(crate) rel: PathBuf,
     /// Try again after this long (a transient failure with attempts left).
-    pub retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 /// Counters the walker raises and the reporter reads for progress totals.
 #[derive(Debug, Default)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// Regular files sent to the workers so far.
-    pub files: AtomicU64,
+    pub(crate) files: AtomicU64,
     /// Their sizes (only counted when progress is shown: it costs a stat per file).
-    pub bytes: AtomicU64,
+    pub(crate) bytes: AtomicU64,
     /// Entries reported without being sent (skipped or failed by the walker itself).
-    pub reported: AtomicU64,
+    pub(crate) reported: AtomicU64,
     /// Stale temp files of crashed runs removed.
-    pub stale_temps_removed: AtomicU64,
+    pub(crate) stale_temps_removed: AtomicU64,
     /// Watch mode: files waiting to settle or to be sent to a worker.
-    pub queued: AtomicU64,
+    pub(crate) queued: AtomicU64,
     /// Watch mode: files sent to the workers and not yet finished.
-    pub in_flight: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
     /// Watch mode: files waiting to be tried again after a transient failure.
-    pub retrying: AtomicU64,
+    pub(crate) retrying: AtomicU64,
     /// Outcomes the reporter has counted: done, skipped, failed (for status lines).
-    pub done: AtomicU64,
+    pub(crate) done: AtomicU64,
     /// See `done`.
-    pub skipped: AtomicU64,
+    pub(crate) skipped: AtomicU64,
     /// See `done`.
-    pub failed: AtomicU64,
+    pub(crate) failed: AtomicU64,
     /// Watch mode: iterations of the watcher's loop, a liveness sign for the watchdog.
-    pub loop_ticks: AtomicU64,
+    pub(crate) loop_ticks: AtomicU64,
     /// Watch mode: the initial scan is queued and the watches are in place.
-    pub ready: std::sync::atomic::AtomicBool,
+    pub(crate) ready: std::sync::atomic::AtomicBool,
 }
 
 /// Identity of a file's content as far as the file system tells: any change means redo.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     /// Size in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
     /// Modification time in nanoseconds since the epoch.
-    pub mtime_ns: i64,
+    pub(crate) mtime_ns: i64,
     /// Status change time in nanoseconds since the epoch: unlike the mtime, no one can set it,
     /// so a rewrite that puts the size and mtime back (`cp -p`, `touch -r`) still moves it.
     /// `CTIME_UNKNOWN` in rows written before filepipe recorded it.
-    pub ctime_ns: i64,
+    pub(crate) ctime_ns: i64,
     /// Inode number (a file replaced by rename gets a new one).
-    pub inode: u64,
+    pub(crate) inode: u64,
 }
 
 /// The ctime of a state row written before ctimes were recorded: compared as equal to any.
-pub const CTIME_UNKNOWN: i64 = i64::MIN;
+pub(crate) const CTIME_UNKNOWN: i64 = i64::MIN;
 
 /// Nanoseconds since the epoch, saturating: a file dated past 2262 must not overflow (or
 /// panic in debug builds).
@@ -208,7 +208,7 @@ fn ns(secs: i64, nsecs: i64) -> i64 {
 
 impl Stamp {
     /// The stamp of a stat result.
-    pub fn from_stat(st: &rustix::fs::Stat) -> Stamp {
+    pub(crate) fn from_stat(st: &rustix::fs::Stat) -> Stamp {
         Stamp {
             size: st.st_size as u64,
             mtime_ns: ns(st.st_mtime, st.st_mtime_nsec as i64),
@@ -218,7 +218,7 @@ impl Stamp {
     }
 
     /// The stamp of std's metadata (an lstat, from a walk).
-    pub fn from_metadata(m: &std::fs::Metadata) -> Stamp {
+    pub(crate) fn from_metadata(m: &std::fs::Metadata) -> Stamp {
         use std::os::unix::fs::MetadataExt;
         Stamp {
             size: m.size(),
@@ -229,7 +229,7 @@ impl Stamp {
     }
 
     /// The same content as far as the file system tells (a ctime not recorded matches any).
-    pub fn same_file(&self, other: &Stamp) -> bool {
+    pub(crate) fn same_file(&self, other: &Stamp) -> bool {
         let ctime = self.ctime_ns == other.ctime_ns
             || self.ctime_ns == CTIME_UNKNOWN
             || other.ctime_ns == CTIME_UNKNOWN;
@@ -240,7 +240,7 @@ impl Stamp {
     }
 
     /// The stamp of `path`, not following a final symlink.
-    pub fn of(path: &Path) -> Option<Stamp> {
+    pub(crate) fn of(path: &Path) -> Option<Stamp> {
         rustix::fs::lstat(path).ok().map(|st| Stamp::from_stat(&st))
     }
 }

@@ -26,27 +26,27 @@ use crate::ops::sha256::{hash_reader, BUF_SIZE};
 
 /// The result of a verification run.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Report {
+pub(crate) struct Report {
     /// Files that checked out.
-    pub ok: u64,
+    pub(crate) ok: u64,
     /// Files with a wrong digest or a corrupt stream.
-    pub failed: u64,
+    pub(crate) failed: u64,
     /// Files that could not be opened or read.
-    pub unreadable: u64,
+    pub(crate) unreadable: u64,
     /// Manifest lines that could not be parsed.
-    pub malformed: u64,
+    pub(crate) malformed: u64,
 }
 
 impl Report {
     /// True when everything checked out.
-    pub fn success(&self) -> bool {
+    pub(crate) fn success(&self) -> bool {
         self.failed == 0 && self.unreadable == 0 && self.malformed == 0
     }
 }
 
 /// Why `verify` could not give its verdict.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub(crate) enum Error {
     /// The target could not be opened or read, or the pool not started: nothing was checked.
     #[error("{0:#}")]
     Setup(anyhow::Error),
@@ -58,7 +58,7 @@ pub enum Error {
 
 /// Verifies `target`: a directory's .gz files, or a manifest's entries. Result lines go to
 /// `out`, warnings to stderr.
-pub fn run(
+pub(crate) fn run(
     target: &Path,
     jobs: usize,
     quiet: bool,
@@ -104,7 +104,7 @@ pub fn run(
 }
 
 /// One file's verdict.
-pub enum Check {
+pub(crate) enum Check {
     /// Verified.
     Ok,
     /// Wrong digest or corrupt stream, with why.
@@ -255,7 +255,7 @@ fn verify_gz_tree(root: &Path, pool: &ThreadPool) -> (Report, Lines) {
 }
 
 /// Decompresses a whole .gz file, checking every member's CRC-32 and length like `gzip -t`.
-pub fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
+pub(crate) fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
     let input = match InputFile::open(path, false) {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
@@ -267,7 +267,7 @@ pub fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
 }
 
 /// Tests a gzip stream read from `r`. Any byte sequence gives a verdict, never a panic.
-pub fn test_gz_stream(mut r: impl BufRead, buf: &mut [u8]) -> Check {
+pub(crate) fn test_gz_stream(mut r: impl BufRead, buf: &mut [u8]) -> Check {
     match r.fill_buf() {
         Ok([]) => return Check::Failed("empty file: unexpected end of file".into()),
         Ok(_) => {}

@@ -14,31 +14,31 @@ use super::report;
 
 /// Sizes for `demo as-completed`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Tasks to submit
     #[arg(long, default_value_t = 6)]
-    pub tasks: usize,
+    pub(crate) tasks: usize,
     /// Delays are shuffled multiples of this, in milliseconds
     #[arg(long, default_value_t = 60)]
-    pub step_ms: u64,
+    pub(crate) step_ms: u64,
 }
 
 /// One finished task as `join_next` returned it.
 #[derive(Debug, Clone, Copy)]
-pub struct Completion {
+pub(crate) struct Completion {
     /// Submission index.
-    pub id: usize,
+    pub(crate) id: usize,
     /// How long the task waited.
-    pub delay: Duration,
+    pub(crate) delay: Duration,
     /// When its result was collected, from the start.
-    pub at: Duration,
+    pub(crate) at: Duration,
     /// 0 for the first task to finish, 1 for the next, ...
-    pub ticket: usize,
+    pub(crate) ticket: usize,
 }
 
 /// Delay of each task: distinct multiples of `step`, in a fixed shuffled order so the
 /// finishing order visibly differs from the submission order.
-pub fn delays(tasks: usize, step: Duration) -> Vec<Duration> {
+pub(crate) fn delays(tasks: usize, step: Duration) -> Vec<Duration> {
     // Rank ids by a multiplicative hash: a deterministic shuffle without a rand dependency.
     let mut by_hash: Vec<usize> = (0..tasks).collect();
     by_hash.sort_by_key(|&i| (i as u64).wrapping_mul(2_654_435_761) % (1 << 32));
@@ -50,7 +50,7 @@ pub fn delays(tasks: usize, step: Duration) -> Vec<Duration> {
 }
 
 /// Submits one task per delay, in index order, and collects results as they complete.
-pub fn run(delays: &[Duration]) -> anyhow::Result<Vec<Completion>> {
+pub(crate) fn run(delays: &[Duration]) -> anyhow::Result<Vec<Completion>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -81,7 +81,7 @@ pub fn run(delays: &[Duration]) -> anyhow::Result<Vec<Completion>> {
 }
 
 /// Runs the demo and prints submission and completion order.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     report::header("as-completed");
     let delays = delays(args.tasks, Duration::from_millis(args.step_ms));
     let start = Instant::now();

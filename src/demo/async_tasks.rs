@@ -15,31 +15,35 @@ use super::report;
 
 /// Sizes for `demo async` (defaults: the seed's 25 tasks x 50 ms, concurrency 8).
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Number of async tasks
     #[arg(long, default_value_t = 25)]
-    pub tasks: usize,
+    pub(crate) tasks: usize,
     /// Simulated wait of each task, in milliseconds
     #[arg(long, default_value_t = 50)]
-    pub delay_ms: u64,
+    pub(crate) delay_ms: u64,
     /// Semaphore permits: most tasks allowed to wait at once
     #[arg(long, default_value_t = 8, value_parser = super::positive)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
 }
 
 /// What the bounded run did.
 #[derive(Debug, Clone)]
-pub struct AsyncRun {
+pub(crate) struct AsyncRun {
     /// Wall time.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// Task ids in completion order.
-    pub completed: Vec<usize>,
+    pub(crate) completed: Vec<usize>,
     /// Most tasks seen inside the semaphore at once.
-    pub peak_running: usize,
+    pub(crate) peak_running: usize,
 }
 
 /// Runs `tasks` waits of `delay` with at most `concurrency` in flight, on one OS thread.
-pub fn run_bounded(tasks: usize, delay: Duration, concurrency: usize) -> anyhow::Result<AsyncRun> {
+pub(crate) fn run_bounded(
+    tasks: usize,
+    delay: Duration,
+    concurrency: usize,
+) -> anyhow::Result<AsyncRun> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .build()
@@ -75,7 +79,7 @@ pub fn run_bounded(tasks: usize, delay: Duration, concurrency: usize) -> anyhow:
 }
 
 /// Runs the demo and prints the bound and the timing.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     let delay = Duration::from_millis(args.delay_ms);
     report::header("async");
     report::info(format!(

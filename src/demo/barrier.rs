@@ -12,34 +12,34 @@ use super::report;
 
 /// Sizes for `demo barrier`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Threads meeting at the barrier
     #[arg(long, default_value_t = 4, value_parser = super::positive)]
-    pub threads: usize,
+    pub(crate) threads: usize,
     /// Phase-1 work of thread i is (i+1) x this many milliseconds
     #[arg(long, default_value_t = 100)]
-    pub work_ms: u64,
+    pub(crate) work_ms: u64,
 }
 
 /// One thread's passage through the barrier.
 #[derive(Debug, Clone, Copy)]
-pub struct Passage {
+pub(crate) struct Passage {
     /// Thread index.
-    pub thread: usize,
+    pub(crate) thread: usize,
     /// When it finished phase 1, from the start.
-    pub arrived: Duration,
+    pub(crate) arrived: Duration,
     /// How long it then waited at the barrier.
-    pub waited: Duration,
+    pub(crate) waited: Duration,
     /// Position in the global event order when it finished phase 1.
-    pub arrived_seq: usize,
+    pub(crate) arrived_seq: usize,
     /// Position in the global event order when it started phase 2.
-    pub left_seq: usize,
+    pub(crate) left_seq: usize,
     /// The one thread the barrier chose as leader.
-    pub leader: bool,
+    pub(crate) leader: bool,
 }
 
 /// Runs `threads` threads through a two-phase computation separated by a barrier.
-pub fn run(threads: usize, work: Duration) -> Vec<Passage> {
+pub(crate) fn run(threads: usize, work: Duration) -> Vec<Passage> {
     let start = Instant::now();
     let barrier = Barrier::new(threads);
     let seq = AtomicUsize::new(0);
@@ -74,7 +74,7 @@ pub fn run(threads: usize, work: Duration) -> Vec<Passage> {
 }
 
 /// Whether nobody started phase 2 before everybody had finished phase 1.
-pub fn barrier_held(passages: &[Passage]) -> bool {
+pub(crate) fn barrier_held(passages: &[Passage]) -> bool {
     let last_arrival = passages.iter().map(|p| p.arrived_seq).max();
     let first_departure = passages.iter().map(|p| p.left_seq).min();
     match (last_arrival, first_departure) {
@@ -84,7 +84,7 @@ pub fn barrier_held(passages: &[Passage]) -> bool {
 }
 
 /// Runs the demo and prints each thread's arrival and wait.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     report::header("barrier");
     report::info(format!(
         "{} threads; phase 1 takes thread i (i+1) x {} ms",

@@ -20,28 +20,28 @@ const DEFAULT_SCALE: u64 = if cfg!(debug_assertions) { 20 } else { 400 };
 
 /// Sizes for `demo cpu` (defaults: the seed's 500k, 600k, 700k, 800k on 4 workers).
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Number of work items
     #[arg(long, default_value_t = 4, value_parser = super::positive)]
-    pub tasks: usize,
+    pub(crate) tasks: usize,
     /// Size of the first item (sum of squares of 0..n)
     #[arg(long, default_value_t = 500_000)]
-    pub base: u64,
+    pub(crate) base: u64,
     /// How much each further item grows
     #[arg(long, default_value_t = 100_000)]
-    pub step: u64,
+    pub(crate) step: u64,
     /// Multiplies every size: compiled Rust does the seed's sizes in about a millisecond,
     /// too little to time, so the default scales them up (less in an unoptimised build)
     #[arg(long, default_value_t = DEFAULT_SCALE, value_parser = clap::value_parser!(u64).range(1..))]
-    pub scale: u64,
+    pub(crate) scale: u64,
     /// Threads in the rayon pool and worker processes
     #[arg(long, default_value_t = 4, value_parser = super::positive)]
-    pub workers: usize,
+    pub(crate) workers: usize,
 }
 
 impl Args {
     /// The sizes of the work items.
-    pub fn items(&self) -> Vec<u64> {
+    pub(crate) fn items(&self) -> Vec<u64> {
         (0..self.tasks as u64)
             .map(|i| (self.base + i * self.step) * self.scale)
             .collect()
@@ -49,7 +49,7 @@ impl Args {
 }
 
 /// Sum of `i * i` for `i` in `0..n`, exact (the seed's `cpu_bound`).
-pub fn sum_of_squares(n: u64) -> u128 {
+pub(crate) fn sum_of_squares(n: u64) -> u128 {
     let mut total: u128 = 0;
     for i in 0..n {
         // black_box keeps LLVM from replacing the loop with the closed form, which would
@@ -61,7 +61,7 @@ pub fn sum_of_squares(n: u64) -> u128 {
 }
 
 /// The closed form `(n-1) n (2n-1) / 6`, to check the loops against.
-pub fn expected_sum(n: u64) -> u128 {
+pub(crate) fn expected_sum(n: u64) -> u128 {
     let n = u128::from(n);
     if n == 0 {
         return 0;
@@ -71,35 +71,35 @@ pub fn expected_sum(n: u64) -> u128 {
 
 /// Results of one way of running the items, in item order.
 #[derive(Debug, Clone)]
-pub struct Timed {
+pub(crate) struct Timed {
     /// Wall time.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// `sum_of_squares(items[i])` at index `i`.
-    pub sums: Vec<u128>,
+    pub(crate) sums: Vec<u128>,
 }
 
 /// One worker process of the process run.
 #[derive(Debug, Clone)]
-pub struct WorkerReport {
+pub(crate) struct WorkerReport {
     /// The child's process id.
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// Indices of the items it computed, in the order it got them.
-    pub items: Vec<usize>,
+    pub(crate) items: Vec<usize>,
     /// The sum it answered for each of those items.
-    pub sums: Vec<u128>,
+    pub(crate) sums: Vec<u128>,
 }
 
 /// Results of the process run.
 #[derive(Debug, Clone)]
-pub struct ProcessRun {
+pub(crate) struct ProcessRun {
     /// Timing and sums, as for the other runs.
-    pub timed: Timed,
+    pub(crate) timed: Timed,
     /// What each worker process did.
-    pub workers: Vec<WorkerReport>,
+    pub(crate) workers: Vec<WorkerReport>,
 }
 
 /// Runs the items one after another on this thread.
-pub fn run_sequential(items: &[u64]) -> Timed {
+pub(crate) fn run_sequential(items: &[u64]) -> Timed {
     let start = Instant::now();
     let sums = items.iter().map(|&n| sum_of_squares(n)).collect();
     Timed {
@@ -109,7 +109,7 @@ pub fn run_sequential(items: &[u64]) -> Timed {
 }
 
 /// Runs the items on a rayon pool of `workers` threads.
-pub fn run_rayon(items: &[u64], workers: usize) -> anyhow::Result<Timed> {
+pub(crate) fn run_rayon(items: &[u64], workers: usize) -> anyhow::Result<Timed> {
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(workers)
         .build()
@@ -124,7 +124,11 @@ pub fn run_rayon(items: &[u64], workers: usize) -> anyhow::Result<Timed> {
 
 /// Runs the items on `workers` child processes of `exe` (which must be filepipe), each
 /// fed the next item as soon as it answers the previous one, like a process pool.
-pub fn run_processes(exe: &Path, items: &[u64], workers: usize) -> anyhow::Result<ProcessRun> {
+pub(crate) fn run_processes(
+    exe: &Path,
+    items: &[u64],
+    workers: usize,
+) -> anyhow::Result<ProcessRun> {
     let start = Instant::now();
     let next = AtomicUsize::new(0);
     let outcomes: Vec<anyhow::Result<WorkerReport>> = thread::scope(|s| {
@@ -215,7 +219,7 @@ fn drive_worker(exe: &Path, items: &[u64], next: &AtomicUsize) -> anyhow::Result
 
 /// The worker's side of the pipe protocol: one size per input line, one sum per output
 /// line, until end of input.
-pub fn worker_loop(input: impl BufRead, mut output: impl Write) -> anyhow::Result<()> {
+pub(crate) fn worker_loop(input: impl BufRead, mut output: impl Write) -> anyhow::Result<()> {
     for line in input.lines() {
         let line = line.context("reading an item from the parent")?;
         let n: u64 = line
@@ -230,13 +234,13 @@ pub fn worker_loop(input: impl BufRead, mut output: impl Write) -> anyhow::Resul
 }
 
 /// Entry point of the hidden `demo cpu-worker` subcommand.
-pub fn worker_main() -> anyhow::Result<ExitCode> {
+pub(crate) fn worker_main() -> anyhow::Result<ExitCode> {
     worker_loop(std::io::stdin().lock(), std::io::stdout().lock())?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// Runs all three and prints times and speed-ups.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     let items = args.items();
     let exe = std::env::current_exe().context("locating the filepipe executable")?;
     let cores = thread::available_parallelism().map_or(1, |n| n.get());

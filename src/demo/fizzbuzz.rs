@@ -11,15 +11,15 @@ use super::report;
 
 /// Sizes for `demo fizzbuzz`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Count from 1 to this
     #[arg(long, default_value_t = 15)]
-    pub n: u32,
+    pub(crate) n: u32,
 }
 
 /// The four roles, one thread each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// Multiples of 3 only.
     Fizz,
     /// Multiples of 5 only.
@@ -34,7 +34,7 @@ impl Role {
     const ALL: [Role; 4] = [Role::Fizz, Role::Buzz, Role::FizzBuzz, Role::Number];
 
     /// Whose turn `i` is.
-    pub fn of(i: u32) -> Role {
+    pub(crate) fn of(i: u32) -> Role {
         match (i % 3, i % 5) {
             (0, 0) => Role::FizzBuzz,
             (0, _) => Role::Fizz,
@@ -54,7 +54,7 @@ impl Role {
 }
 
 /// Plain single-threaded FizzBuzz, the reference the threaded one must match.
-pub fn expected(n: u32) -> Vec<String> {
+pub(crate) fn expected(n: u32) -> Vec<String> {
     (1..=n).map(|i| Role::of(i).say(i)).collect()
 }
 
@@ -64,7 +64,7 @@ struct Turns {
 }
 
 /// Runs the four threads for `1..=n`; returns each line with the thread that said it.
-pub fn run(n: u32) -> Vec<(Role, String)> {
+pub(crate) fn run(n: u32) -> Vec<(Role, String)> {
     let state = Mutex::new(Turns {
         next: 1,
         said: Vec::with_capacity(n as usize),
@@ -99,7 +99,7 @@ pub fn run(n: u32) -> Vec<(Role, String)> {
 }
 
 /// Runs the demo and prints each line with the thread that printed it.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     report::header("fizzbuzz");
     report::info(format!("1..={} on four threads", args.n));
     let start = Instant::now();

@@ -6,34 +6,34 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-pub mod as_completed;
-pub mod async_tasks;
-pub mod barrier;
-pub mod cpu;
-pub mod fizzbuzz;
-pub mod producer_consumer;
-pub mod race;
-pub mod report;
-pub mod scraper;
-pub mod semaphore;
-pub mod shared_memory;
-pub mod threads;
+pub(crate) mod as_completed;
+pub(crate) mod async_tasks;
+pub(crate) mod barrier;
+pub(crate) mod cpu;
+pub(crate) mod fizzbuzz;
+pub(crate) mod producer_consumer;
+pub(crate) mod race;
+pub(crate) mod report;
+pub(crate) mod scraper;
+pub(crate) mod semaphore;
+pub(crate) mod shared_memory;
+pub(crate) mod threads;
 
 /// Arguments of `filepipe demo`: `--list`, or one demo with its size flags.
 #[derive(clap::Args, Debug)]
-pub struct DemoArgs {
+pub(crate) struct DemoArgs {
     /// Print one line per demo: its name and what it shows
     #[arg(long)]
-    pub list: bool,
+    pub(crate) list: bool,
 
     /// The demo to run (see --list)
     #[command(subcommand)]
-    pub demo: Option<DemoCommand>,
+    pub(crate) demo: Option<DemoCommand>,
 }
 
 /// One variant per demo; the doc line of each is what `--list` prints.
 #[derive(Subcommand, Debug)]
-pub enum DemoCommand {
+pub(crate) enum DemoCommand {
     /// I/O-bound tasks (simulated waits) on a thread pool versus sequentially
     Threads(threads::Args),
     /// CPU-bound sum of squares: sequential vs rayon threads vs worker processes over pipes
@@ -67,7 +67,7 @@ pub enum DemoCommand {
 
 /// Runs the demo named in `args`, or prints the list. The exit code is failure when a
 /// demo's own check of its claim did not hold.
-pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let Some(demo) = args.demo.as_ref().filter(|_| !args.list) else {
         print_list();
         if !args.list {
@@ -105,7 +105,7 @@ struct ListHost {
 
 /// `(name, what it shows)` for every visible demo, in `--list` order. Taken from clap's
 /// view of [`DemoCommand`] so the list, `--help` and the headers never disagree.
-pub fn demo_list() -> Vec<(String, String)> {
+pub(crate) fn demo_list() -> Vec<(String, String)> {
     ListHost::command()
         .get_subcommands()
         .filter(|c| !c.is_hide_set())

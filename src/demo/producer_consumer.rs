@@ -14,38 +14,38 @@ use super::report;
 /// Sizes for `demo producer-consumer` (defaults: the seed's 12 items, 3 consumers, a
 /// queue of 50, 10 ms to produce and 20 ms to consume an item).
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Producer threads (items are dealt out among them)
     #[arg(long, default_value_t = 1, value_parser = super::positive)]
-    pub producers: usize,
+    pub(crate) producers: usize,
     /// Consumer threads
     #[arg(long, default_value_t = 3, value_parser = super::positive)]
-    pub consumers: usize,
+    pub(crate) consumers: usize,
     /// Items to produce in total
     #[arg(long, default_value_t = 12)]
-    pub items: usize,
+    pub(crate) items: usize,
     /// Queue capacity: a producer blocks while the queue is full
     #[arg(long, default_value_t = 50, value_parser = super::positive)]
-    pub capacity: usize,
+    pub(crate) capacity: usize,
     /// Time to produce one item, in milliseconds
     #[arg(long, default_value_t = 10)]
-    pub produce_ms: u64,
+    pub(crate) produce_ms: u64,
     /// Time to consume one item, in milliseconds
     #[arg(long, default_value_t = 20)]
-    pub consume_ms: u64,
+    pub(crate) consume_ms: u64,
     /// Ask the producers to stop after this many milliseconds (graceful early shutdown:
     /// what is already queued is still consumed)
     #[arg(long)]
-    pub stop_after_ms: Option<u64>,
+    pub(crate) stop_after_ms: Option<u64>,
 }
 
 /// One produced item: who made it and its number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Item {
+pub(crate) struct Item {
     /// Index of the producer thread.
-    pub producer: usize,
+    pub(crate) producer: usize,
     /// The item's number, unique across producers.
-    pub value: usize,
+    pub(crate) value: usize,
 }
 
 /// What goes through the queue: work, or the signal to stop.
@@ -58,7 +58,7 @@ enum Msg {
 /// Something that happened, reported to the caller as it happens. `at` is always the time
 /// since the run started.
 #[derive(Debug, Clone)]
-pub enum Event {
+pub(crate) enum Event {
     /// A producer queued an item.
     Produced {
         /// When.
@@ -99,24 +99,24 @@ pub enum Event {
 
 /// The run's record, for checking that nothing was lost or duplicated.
 #[derive(Debug, Clone)]
-pub struct PcRun {
+pub(crate) struct PcRun {
     /// Every item the producers queued.
-    pub produced: Vec<Item>,
+    pub(crate) produced: Vec<Item>,
     /// Items processed, per consumer, in the order it took them.
-    pub consumed: Vec<Vec<Item>>,
+    pub(crate) consumed: Vec<Vec<Item>>,
     /// Sentinels received, per consumer.
-    pub sentinels: Vec<usize>,
+    pub(crate) sentinels: Vec<usize>,
     /// Whether the producers were asked to stop early.
-    pub stopped_early: bool,
+    pub(crate) stopped_early: bool,
     /// Longest the queue got.
-    pub peak_queue: usize,
+    pub(crate) peak_queue: usize,
     /// Wall time.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
 }
 
 /// Runs producers and consumers as configured, calling `on_event` from the threads as
 /// things happen (pass `&|_| {}` to stay quiet).
-pub fn run(cfg: &Args, on_event: &(dyn Fn(&Event) + Sync)) -> PcRun {
+pub(crate) fn run(cfg: &Args, on_event: &(dyn Fn(&Event) + Sync)) -> PcRun {
     let start = Instant::now();
     let (tx, rx) = crossbeam_channel::bounded::<Msg>(cfg.capacity);
     let stop = AtomicBool::new(false);
@@ -248,7 +248,7 @@ pub fn run(cfg: &Args, on_event: &(dyn Fn(&Event) + Sync)) -> PcRun {
 
 /// Whether the run consumed every produced item exactly once and each consumer got one
 /// sentinel.
-pub fn all_accounted_for(run: &PcRun) -> bool {
+pub(crate) fn all_accounted_for(run: &PcRun) -> bool {
     let mut produced = run.produced.clone();
     let mut consumed: Vec<Item> = run.consumed.iter().flatten().copied().collect();
     produced.sort_unstable();
@@ -289,7 +289,7 @@ fn print_event(e: &Event) {
 }
 
 /// Runs the demo, printing each item as it is produced and consumed.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     report::header("producer-consumer");
     report::info(format!(
         "{} producer(s), {} consumer(s), {} items, queue capacity {}",
@@ -312,6 +312,12 @@ pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
          sentinels go in after the last item, one per consumer, so each consumer drains real \
          work first and then exits cleanly — no item lost, no thread left hanging.",
     );
+    if run.stopped_early {
+        report::note(
+            "stopped early by a signal: the producers stopped, and every item they had made \
+             was still consumed before the sentinels.",
+        );
+    }
     let mut checks = report::Checks::default();
     checks.check(
         "every produced item consumed exactly once",

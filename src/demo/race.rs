@@ -12,35 +12,35 @@ use super::report;
 
 /// Sizes for `demo race`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Threads incrementing the same counter
     #[arg(long, default_value_t = 4, value_parser = super::positive)]
-    pub threads: usize,
+    pub(crate) threads: usize,
     /// Increments per thread
     #[arg(long, default_value_t = 200_000)]
-    pub increments: u64,
+    pub(crate) increments: u64,
 }
 
 /// One counter's outcome.
 #[derive(Debug, Clone, Copy)]
-pub struct Count {
+pub(crate) struct Count {
     /// Final value of the counter.
-    pub value: u64,
+    pub(crate) value: u64,
     /// Wall time of all threads' increments.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
 }
 
 /// The three counters after `threads x increments` increments each.
 #[derive(Debug, Clone, Copy)]
-pub struct RaceRun {
+pub(crate) struct RaceRun {
     /// What every counter should read.
-    pub expected: u64,
+    pub(crate) expected: u64,
     /// Load-then-store counter: may be short.
-    pub racy: Count,
+    pub(crate) racy: Count,
     /// `Mutex<u64>` counter: exact.
-    pub mutex: Count,
+    pub(crate) mutex: Count,
     /// `AtomicU64::fetch_add` counter: exact.
-    pub atomic: Count,
+    pub(crate) atomic: Count,
 }
 
 /// Runs `body` on `threads` threads at once and times it.
@@ -55,7 +55,7 @@ fn timed_on_threads(threads: usize, body: impl Fn() + Sync) -> Duration {
 }
 
 /// Increments three counters from `threads` threads, `increments` times each.
-pub fn run(threads: usize, increments: u64) -> RaceRun {
+pub(crate) fn run(threads: usize, increments: u64) -> RaceRun {
     let racy = AtomicU64::new(0);
     let racy_time = timed_on_threads(threads, || {
         for _ in 0..increments {
@@ -100,7 +100,7 @@ pub fn run(threads: usize, increments: u64) -> RaceRun {
 }
 
 /// Runs the demo and prints the three counts.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     report::header("race");
     report::info(format!(
         "{} threads x {} increments = {} expected",

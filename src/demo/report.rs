@@ -16,12 +16,12 @@ macro_rules! say {
 }
 
 /// Prints one plain line, unindented (used by `--list`).
-pub fn line(text: impl Display) {
+pub(crate) fn line(text: impl Display) {
     say!("{text}");
 }
 
 /// Prints the demo's banner: its name and, from `--list`, what it shows.
-pub fn header(name: &str) {
+pub(crate) fn header(name: &str) {
     let about = super::demo_list()
         .into_iter()
         .find(|(n, _)| n == name)
@@ -32,22 +32,22 @@ pub fn header(name: &str) {
 }
 
 /// Prints an indented line of plain information.
-pub fn info(text: impl Display) {
+pub(crate) fn info(text: impl Display) {
     say!("  {text}");
 }
 
 /// Prints something that happened `at` (time since the demo's start) while it ran.
-pub fn event(at: Duration, text: impl Display) {
+pub(crate) fn event(at: Duration, text: impl Display) {
     say!("  [{:>9}] {text}", fmt_duration(at));
 }
 
 /// Prints one timing line: what was timed, how long it took, and a free-form detail.
-pub fn timing(label: &str, took: Duration, detail: impl Display) {
+pub(crate) fn timing(label: &str, took: Duration, detail: impl Display) {
     say!("  time  {label:<26} {:>9}  {detail}", fmt_duration(took));
 }
 
 /// Prints an explanation of why the result looks the way it does, wrapped to fit a terminal.
-pub fn note(text: impl Display) {
+pub(crate) fn note(text: impl Display) {
     for (i, line) in wrap(&text.to_string(), NOTE_WIDTH).iter().enumerate() {
         let lead = if i == 0 { "why:" } else { "" };
         say!("  {lead:<4}  {line}");
@@ -76,7 +76,7 @@ fn wrap(text: &str, width: usize) -> Vec<String> {
 }
 
 /// `base / took`, the speed-up of `took` over `base` (0 when `took` is zero).
-pub fn speedup(base: Duration, took: Duration) -> f64 {
+pub(crate) fn speedup(base: Duration, took: Duration) -> f64 {
     if took.is_zero() {
         0.0
     } else {
@@ -85,7 +85,7 @@ pub fn speedup(base: Duration, took: Duration) -> f64 {
 }
 
 /// Human-sized duration: seconds above one second, else milliseconds, else microseconds.
-pub fn fmt_duration(d: Duration) -> String {
+pub(crate) fn fmt_duration(d: Duration) -> String {
     if d >= Duration::from_secs(1) {
         format!("{:.2} s", d.as_secs_f64())
     } else if d >= Duration::from_millis(1) {
@@ -97,7 +97,7 @@ pub fn fmt_duration(d: Duration) -> String {
 
 /// Collects the demo's checks of its own claims; the demo's exit code is their verdict.
 #[derive(Debug)]
-pub struct Checks {
+pub(crate) struct Checks {
     all_ok: bool,
 }
 
@@ -109,13 +109,13 @@ impl Default for Checks {
 
 impl Checks {
     /// Prints `check <claim>: ok` or `: FAILED` and remembers a failure.
-    pub fn check(&mut self, claim: impl Display, ok: bool) {
+    pub(crate) fn check(&mut self, claim: impl Display, ok: bool) {
         say!("  check {claim}: {}", if ok { "ok" } else { "FAILED" });
         self.all_ok &= ok;
     }
 
     /// Success when every check held.
-    pub fn exit_code(&self) -> ExitCode {
+    pub(crate) fn exit_code(&self) -> ExitCode {
         if self.all_ok {
             ExitCode::SUCCESS
         } else {

@@ -32,86 +32,86 @@ use super::report;
 
 /// Sizes and limits for `demo scraper`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// File of URLs to scrape, one per line (`#` starts a comment; http:// only, this build
     /// has no TLS). Without it the demo serves and scrapes its embedded site.
     #[arg(long)]
-    pub urls: Option<PathBuf>,
+    pub(crate) urls: Option<PathBuf>,
     /// Pages on the embedded site, besides its index
     #[arg(long, default_value_t = 12)]
-    pub pages: usize,
+    pub(crate) pages: usize,
     /// Simulated response time of the embedded site, in milliseconds
     #[arg(long, default_value_t = 200)]
-    pub latency_ms: u64,
+    pub(crate) latency_ms: u64,
     /// Most requests in flight at once
     #[arg(long, default_value_t = 3, value_parser = super::positive)]
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Rate limit: requests started per second (the token bucket's refill rate)
     #[arg(long, default_value_t = 10.0)]
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Token bucket capacity: requests that may start back to back
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
-    pub burst: u32,
+    pub(crate) burst: u32,
     /// Retries after a failed attempt (connection error, timeout, 429 or 5xx)
     #[arg(long, default_value_t = 2)]
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Per-attempt timeout, in milliseconds
     #[arg(long, default_value_t = 5_000)]
-    pub timeout_ms: u64,
+    pub(crate) timeout_ms: u64,
     /// Where to write the JSON lines [default: filepipe-demo-scrape.jsonl in the temp dir]
     #[arg(long)]
-    pub out: Option<PathBuf>,
+    pub(crate) out: Option<PathBuf>,
 }
 
 /// How the scraper behaves, independent of where the URLs come from.
 #[derive(Debug, Clone)]
-pub struct ScrapeConfig {
+pub(crate) struct ScrapeConfig {
     /// Most requests in flight at once.
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// Requests started per second, on average.
-    pub rate: f64,
+    pub(crate) rate: f64,
     /// Requests that may start back to back.
-    pub burst: u32,
+    pub(crate) burst: u32,
     /// Retries after a failed attempt.
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Per-attempt timeout.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// Wait before the first retry; doubled for each further one.
-    pub backoff: Duration,
+    pub(crate) backoff: Duration,
     /// Bodies longer than this are an error rather than a memory hazard.
-    pub max_body: usize,
+    pub(crate) max_body: usize,
 }
 
 /// One URL's record, written as one JSON line.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct Page {
+pub(crate) struct Page {
     /// The URL as given.
-    pub url: String,
+    pub(crate) url: String,
     /// HTTP status of the last attempt, if one got that far.
-    pub status: Option<u16>,
+    pub(crate) status: Option<u16>,
     /// Text of `<title>`, whitespace collapsed.
-    pub title: Option<String>,
+    pub(crate) title: Option<String>,
     /// `href`s of `<a>` tags, made absolute, first occurrence order, no duplicates.
-    pub links: Vec<String>,
+    pub(crate) links: Vec<String>,
     /// Attempts made (1 + retries used).
-    pub attempts: u32,
+    pub(crate) attempts: u32,
     /// Why the page was not scraped, if it was not.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// When the record was complete, in milliseconds from the scrape's start.
-    pub done_ms: u64,
+    pub(crate) done_ms: u64,
 }
 
 /// The record of a scrape.
 #[derive(Debug, Clone)]
-pub struct ScrapeRun {
+pub(crate) struct ScrapeRun {
     /// One record per input URL, in input order.
-    pub pages: Vec<Page>,
+    pub(crate) pages: Vec<Page>,
     /// When each request (attempt) was let through by the rate limiter, sorted.
-    pub request_times: Vec<Duration>,
+    pub(crate) request_times: Vec<Duration>,
     /// Most requests seen in flight at once, on the client side.
-    pub peak_in_flight: usize,
+    pub(crate) peak_in_flight: usize,
     /// Wall time.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
 }
 
 // ---------------------------------------------------------------- rate limiting
@@ -182,7 +182,7 @@ impl TokenBucket {
 /// Whether sorted request times fit a token bucket of `burst` tokens refilled at `rate`
 /// per second: no window `[t_i, t_j]` holds more than `burst + rate x (t_j - t_i)` starts.
 /// `slack` widens each window to absorb clock rounding.
-pub fn within_rate(times: &[Duration], rate: f64, burst: u32, slack: Duration) -> bool {
+pub(crate) fn within_rate(times: &[Duration], rate: f64, burst: u32, slack: Duration) -> bool {
     times.iter().enumerate().all(|(i, &ti)| {
         times[i..].iter().enumerate().all(|(k, &tj)| {
             let window = (tj.saturating_sub(ti) + slack).as_secs_f64();
@@ -370,7 +370,7 @@ async fn scrape(urls: &[String], cfg: &ScrapeConfig) -> anyhow::Result<ScrapeRun
 
 /// Scrapes `urls` concurrently under `cfg`'s limits, on a fresh single-threaded runtime:
 /// concurrency here is all `.await`s.
-pub fn scrape_blocking(urls: &[String], cfg: &ScrapeConfig) -> anyhow::Result<ScrapeRun> {
+pub(crate) fn scrape_blocking(urls: &[String], cfg: &ScrapeConfig) -> anyhow::Result<ScrapeRun> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -379,7 +379,7 @@ pub fn scrape_blocking(urls: &[String], cfg: &ScrapeConfig) -> anyhow::Result<Sc
 }
 
 /// Writes one JSON object per page, one per line.
-pub fn write_json_lines(path: &Path, pages: &[Page]) -> anyhow::Result<()> {
+pub(crate) fn write_json_lines(path: &Path, pages: &[Page]) -> anyhow::Result<()> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = BufWriter::new(file);
     for page in pages {
@@ -395,7 +395,7 @@ pub fn write_json_lines(path: &Path, pages: &[Page]) -> anyhow::Result<()> {
 
 /// Pulls the `<title>` text and the `<a href>` links out of a page. A deliberately small
 /// scanner (no HTML parser dependency): enough for ordinary pages, not for every edge case.
-pub fn extract(base: &Uri, html: &str) -> (Option<String>, Vec<String>) {
+pub(crate) fn extract(base: &Uri, html: &str) -> (Option<String>, Vec<String>) {
     // ASCII lowercasing keeps every byte offset, so positions found in `lower` index `html`.
     let lower = html.to_ascii_lowercase();
     (find_title(html, &lower), find_links(base, html, &lower))
@@ -473,7 +473,7 @@ fn decode_entities(s: &str) -> String {
 
 /// Makes `href` absolute against `base`; `None` for fragments and non-web schemes.
 /// Relative paths are joined textually (`..` is not folded), which is fine for fetching.
-pub fn resolve(base: &Uri, href: &str) -> Option<String> {
+pub(crate) fn resolve(base: &Uri, href: &str) -> Option<String> {
     let href = href.trim();
     let href = href.split('#').next().unwrap_or("");
     if href.is_empty() {
@@ -510,21 +510,21 @@ pub fn resolve(base: &Uri, href: &str) -> Option<String> {
 
 /// What the embedded site saw.
 #[derive(Debug, Default)]
-pub struct SiteStats {
+pub(crate) struct SiteStats {
     in_flight: AtomicUsize,
     /// Most requests it was serving at once.
-    pub peak_in_flight: AtomicUsize,
+    pub(crate) peak_in_flight: AtomicUsize,
     /// Requests served.
-    pub requests: AtomicUsize,
+    pub(crate) requests: AtomicUsize,
     /// 503 answers it gave on purpose.
-    pub injected_failures: AtomicUsize,
+    pub(crate) injected_failures: AtomicUsize,
     hits: Mutex<HashMap<String, u32>>,
 }
 
 /// A small site on 127.0.0.1: an index linking `/page/1..=pages`, each page linking its
 /// neighbours. Every page answers after `latency`; every fourth page answers 503 the first
 /// time, to give the retries something to do. Stops when dropped.
-pub struct Site {
+pub(crate) struct Site {
     addr: SocketAddr,
     pages: usize,
     stats: Arc<SiteStats>,
@@ -535,7 +535,7 @@ pub struct Site {
 impl Site {
     /// Binds a free port and serves from a thread with its own runtime, apart from the
     /// scraper's, like a remote server would be.
-    pub fn start(pages: usize, latency: Duration) -> anyhow::Result<Site> {
+    pub(crate) fn start(pages: usize, latency: Duration) -> anyhow::Result<Site> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -570,19 +570,19 @@ impl Site {
     }
 
     /// The index and every page, as absolute URLs.
-    pub fn urls(&self) -> Vec<String> {
+    pub(crate) fn urls(&self) -> Vec<String> {
         std::iter::once(format!("http://{}/", self.addr))
             .chain((1..=self.pages).map(|i| format!("http://{}/page/{i}", self.addr)))
             .collect()
     }
 
     /// The title the site gives `/page/{i}`, for checking the scrape.
-    pub fn page_title(i: usize, pages: usize) -> String {
+    pub(crate) fn page_title(i: usize, pages: usize) -> String {
         format!("Page {i} of {pages} & counting")
     }
 
     /// Counters of what the site saw.
-    pub fn stats(&self) -> &SiteStats {
+    pub(crate) fn stats(&self) -> &SiteStats {
         &self.stats
     }
 }
@@ -714,7 +714,7 @@ fn read_url_file(path: &Path) -> anyhow::Result<Vec<String>> {
 }
 
 /// Runs the demo: serve (unless `--urls`), scrape, store, print the limits and the rates.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     report::header("scraper");
     let site = match &args.urls {
         Some(_) => None,

@@ -12,34 +12,34 @@ use super::report;
 
 /// Sizes for `demo semaphore`.
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Threads that want the resource
     #[arg(long, default_value_t = 6, value_parser = super::positive)]
-    pub workers: usize,
+    pub(crate) workers: usize,
     /// How many may use it at once
     #[arg(long, default_value_t = 2, value_parser = super::positive)]
-    pub permits: usize,
+    pub(crate) permits: usize,
     /// How long each worker holds it, in milliseconds
     #[arg(long, default_value_t = 100)]
-    pub hold_ms: u64,
+    pub(crate) hold_ms: u64,
 }
 
 /// A counting semaphore: `acquire` blocks while no permit is free.
 #[derive(Debug)]
-pub struct Semaphore {
+pub(crate) struct Semaphore {
     available: Mutex<usize>,
     freed: Condvar,
 }
 
 /// A held permit; dropping it gives it back and wakes one waiter.
 #[derive(Debug)]
-pub struct Permit<'a> {
+pub(crate) struct Permit<'a> {
     sem: &'a Semaphore,
 }
 
 impl Semaphore {
     /// A semaphore with `permits` free permits.
-    pub fn new(permits: usize) -> Self {
+    pub(crate) fn new(permits: usize) -> Self {
         Self {
             available: Mutex::new(permits),
             freed: Condvar::new(),
@@ -54,7 +54,7 @@ impl Semaphore {
     }
 
     /// Waits for a free permit and takes it.
-    pub fn acquire(&self) -> Permit<'_> {
+    pub(crate) fn acquire(&self) -> Permit<'_> {
         let mut available = self.lock();
         // A loop, not an `if`: wake-ups can be spurious, or another thread may get there first.
         while *available == 0 {
@@ -77,30 +77,30 @@ impl Drop for Permit<'_> {
 
 /// One worker's turn with the resource.
 #[derive(Debug, Clone, Copy)]
-pub struct Turn {
+pub(crate) struct Turn {
     /// Worker index.
-    pub worker: usize,
+    pub(crate) worker: usize,
     /// When it got the permit, from the start.
-    pub got: Duration,
+    pub(crate) got: Duration,
     /// When it gave it back.
-    pub released: Duration,
+    pub(crate) released: Duration,
     /// Workers using the resource right after it got in (itself included).
-    pub in_use: usize,
+    pub(crate) in_use: usize,
 }
 
 /// What the run did.
 #[derive(Debug, Clone)]
-pub struct SemRun {
+pub(crate) struct SemRun {
     /// Every worker's turn, in the order they got the permit.
-    pub turns: Vec<Turn>,
+    pub(crate) turns: Vec<Turn>,
     /// Most workers seen using the resource at once.
-    pub peak: usize,
+    pub(crate) peak: usize,
     /// Wall time.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
 }
 
 /// Runs `workers` threads that each use the resource for `hold` under the semaphore.
-pub fn run(workers: usize, permits: usize, hold: Duration) -> SemRun {
+pub(crate) fn run(workers: usize, permits: usize, hold: Duration) -> SemRun {
     let start = Instant::now();
     let sem = Semaphore::new(permits);
     // Counted only while a permit is held, so it measures what the semaphore allowed.
@@ -141,7 +141,7 @@ pub fn run(workers: usize, permits: usize, hold: Duration) -> SemRun {
 }
 
 /// Runs the demo and prints who held the resource when.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     report::header("semaphore");
     report::info(format!(
         "{} workers, {} permits, each holds the resource {} ms",

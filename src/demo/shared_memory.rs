@@ -20,33 +20,33 @@ const F64_SIZE: usize = std::mem::size_of::<f64>();
 
 /// Sizes for `demo shared-memory` (defaults: the seed's 5 values [1, 2, 3, 4, 5], +10).
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Number of f64 values in the block (initialised to 1, 2, 3, ...)
     #[arg(long, default_value_t = 5, value_parser = super::positive)]
-    pub len: usize,
+    pub(crate) len: usize,
     /// What the child adds to each value
     #[arg(long, default_value_t = 10.0)]
-    pub add: f64,
+    pub(crate) add: f64,
 }
 
 /// Arguments of the hidden `demo shm-child` subcommand.
 #[derive(clap::Args, Debug, Clone)]
-pub struct ChildArgs {
+pub(crate) struct ChildArgs {
     /// POSIX shared memory name of the block, as created by the parent
     #[arg(long)]
-    pub name: String,
+    pub(crate) name: String,
     /// Number of f64 values in it
     #[arg(long)]
-    pub len: usize,
+    pub(crate) len: usize,
     /// What to add to each value
     #[arg(long)]
-    pub add: f64,
+    pub(crate) add: f64,
 }
 
 /// A named shared memory block of `len` f64 values, mapped into this process. The
 /// creating side removes the name when dropped; the mapping itself lives until unmapped.
 #[derive(Debug)]
-pub struct ShmBlock {
+pub(crate) struct ShmBlock {
     name: String,
     len: usize,
     map: MmapMut,
@@ -55,7 +55,7 @@ pub struct ShmBlock {
 
 impl ShmBlock {
     /// Creates a new block under a fresh name, zero-filled.
-    pub fn create(len: usize) -> anyhow::Result<Self> {
+    pub(crate) fn create(len: usize) -> anyhow::Result<Self> {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
@@ -86,7 +86,7 @@ impl ShmBlock {
     }
 
     /// Maps an existing block by name (the child's side).
-    pub fn open(name: &str, len: usize) -> anyhow::Result<Self> {
+    pub(crate) fn open(name: &str, len: usize) -> anyhow::Result<Self> {
         let fd = shm::open(name, shm::OFlags::RDWR, shm::Mode::empty())
             .with_context(|| format!("opening shared memory {name}"))?;
         let file = File::from(fd);
@@ -107,12 +107,12 @@ impl ShmBlock {
     }
 
     /// The block's name, for handing to another process.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// Copies the values out.
-    pub fn values(&self) -> Vec<f64> {
+    pub(crate) fn values(&self) -> Vec<f64> {
         self.map
             .chunks_exact(F64_SIZE)
             .take(self.len)
@@ -125,19 +125,20 @@ impl ShmBlock {
     }
 
     /// Overwrites the values from `values` (extra values are ignored).
-    pub fn set_values(&mut self, values: &[f64]) {
+    pub(crate) fn set_values(&mut self, values: &[f64]) {
         for (c, v) in self.map.chunks_exact_mut(F64_SIZE).zip(values) {
             c.copy_from_slice(&v.to_ne_bytes());
         }
     }
 
     /// Adds `x` to every value in place (the seed's `array += 10`).
-    pub fn add_to_each(&mut self, x: f64) {
+    pub(crate) fn add_to_each(&mut self, x: f64) {
         let updated: Vec<f64> = self.values().into_iter().map(|v| v + x).collect();
         self.set_values(&updated);
     }
 }
 
+#[allow(unsafe_code)]
 fn map(file: &File, name: &str) -> anyhow::Result<MmapMut> {
     // SAFETY: the mapping is shared with other processes, which is the point; the demo's
     // protocol keeps them from touching it at the same time (the parent does not read or
@@ -165,35 +166,35 @@ impl Drop for ShmBlock {
 
 /// The process part of the run.
 #[derive(Debug, Clone)]
-pub struct ProcessPart {
+pub(crate) struct ProcessPart {
     /// Values before the child ran.
-    pub before: Vec<f64>,
+    pub(crate) before: Vec<f64>,
     /// Values the parent read after the child exited.
-    pub after: Vec<f64>,
+    pub(crate) after: Vec<f64>,
     /// The block's name.
-    pub name: String,
+    pub(crate) name: String,
     /// Spawn, run and exit of the child.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
 }
 
 /// The thread part of the run.
 #[derive(Debug, Clone)]
-pub struct ThreadPart {
+pub(crate) struct ThreadPart {
     /// Values before the thread ran.
-    pub before: Vec<f64>,
+    pub(crate) before: Vec<f64>,
     /// Values after it was joined.
-    pub after: Vec<f64>,
+    pub(crate) after: Vec<f64>,
     /// Spawn, run and join of the thread.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
 }
 
 /// Initial values 1, 2, 3, ... like the seed's `[1, 2, 3, 4, 5]`.
-pub fn initial_values(len: usize) -> Vec<f64> {
+pub(crate) fn initial_values(len: usize) -> Vec<f64> {
     (1..=len).map(|i| i as f64).collect()
 }
 
 /// Creates the block, runs `exe demo shm-child` on it, and reads it back.
-pub fn run_process(exe: &Path, len: usize, add: f64) -> anyhow::Result<ProcessPart> {
+pub(crate) fn run_process(exe: &Path, len: usize, add: f64) -> anyhow::Result<ProcessPart> {
     let mut block = ShmBlock::create(len)?;
     block.set_values(&initial_values(len));
     let before = block.values();
@@ -216,7 +217,7 @@ pub fn run_process(exe: &Path, len: usize, add: f64) -> anyhow::Result<ProcessPa
 }
 
 /// Entry point of the hidden `demo shm-child` subcommand.
-pub fn child_main(args: &ChildArgs) -> anyhow::Result<ExitCode> {
+pub(crate) fn child_main(args: &ChildArgs) -> anyhow::Result<ExitCode> {
     let mut block = ShmBlock::open(&args.name, args.len)?;
     block.add_to_each(args.add);
     Ok(ExitCode::SUCCESS)
@@ -224,7 +225,7 @@ pub fn child_main(args: &ChildArgs) -> anyhow::Result<ExitCode> {
 
 /// The thread version: the values live in an `Arc<[AtomicU64]>` (f64 bits), a spawned
 /// thread adds `add` to each, and the main thread reads them after joining it.
-pub fn run_thread(len: usize, add: f64) -> ThreadPart {
+pub(crate) fn run_thread(len: usize, add: f64) -> ThreadPart {
     let shared: Arc<[AtomicU64]> = initial_values(len)
         .into_iter()
         .map(|v| AtomicU64::new(v.to_bits()))
@@ -257,7 +258,7 @@ pub fn run_thread(len: usize, add: f64) -> ThreadPart {
 }
 
 /// Runs both parts and prints before and after.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     let exe = std::env::current_exe().context("locating the filepipe executable")?;
     report::header("shared-memory");
     let procs = run_process(&exe, args.len, args.add)?;

@@ -12,27 +12,27 @@ use super::report;
 
 /// Sizes for `demo threads` (defaults: the seed's 12 tasks x 0.2 s on 4 threads).
 #[derive(clap::Args, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// Number of simulated I/O tasks
     #[arg(long, default_value_t = 12)]
-    pub tasks: usize,
+    pub(crate) tasks: usize,
     /// Simulated wait of each task, in milliseconds
     #[arg(long, default_value_t = 200)]
-    pub delay_ms: u64,
+    pub(crate) delay_ms: u64,
     /// Threads in the pool
     #[arg(long, default_value_t = 4, value_parser = super::positive)]
-    pub workers: usize,
+    pub(crate) workers: usize,
 }
 
 /// What the pooled run did.
 #[derive(Debug, Clone)]
-pub struct PoolRun {
+pub(crate) struct PoolRun {
     /// Wall time of the whole pooled run.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// Task ids in the order they finished (the seed's `as_completed` loop).
-    pub completed: Vec<usize>,
+    pub(crate) completed: Vec<usize>,
     /// Most tasks seen waiting at the same time.
-    pub peak_busy: usize,
+    pub(crate) peak_busy: usize,
 }
 
 /// Stands in for an HTTP request or a disk read: the thread just waits.
@@ -42,7 +42,7 @@ fn fetch_io_simulated(id: usize, delay: Duration) -> usize {
 }
 
 /// Runs the tasks one after another; returns the wall time.
-pub fn run_sequential(tasks: usize, delay: Duration) -> Duration {
+pub(crate) fn run_sequential(tasks: usize, delay: Duration) -> Duration {
     let start = Instant::now();
     for id in 0..tasks {
         fetch_io_simulated(id, delay);
@@ -52,7 +52,7 @@ pub fn run_sequential(tasks: usize, delay: Duration) -> Duration {
 
 /// Runs the tasks on `workers` threads that each take the next id from a shared counter
 /// (Rust's `ThreadPoolExecutor`): waiting threads overlap, so the time divides by `workers`.
-pub fn run_pool(tasks: usize, delay: Duration, workers: usize) -> PoolRun {
+pub(crate) fn run_pool(tasks: usize, delay: Duration, workers: usize) -> PoolRun {
     let start = Instant::now();
     let next = AtomicUsize::new(0);
     let busy = AtomicUsize::new(0);
@@ -85,7 +85,7 @@ pub fn run_pool(tasks: usize, delay: Duration, workers: usize) -> PoolRun {
 }
 
 /// Runs both and prints the comparison.
-pub fn main(args: &Args) -> anyhow::Result<ExitCode> {
+pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
     let delay = Duration::from_millis(args.delay_ms);
     report::header("threads");
     report::info(format!(

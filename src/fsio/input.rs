@@ -22,16 +22,16 @@ use crate::error::{FileError, Kind};
 
 /// An open regular input file and the `fstat` it was opened with.
 #[derive(Debug)]
-pub struct InputFile {
+pub(crate) struct InputFile {
     file: File,
     /// The stat taken right after opening (refreshed by `restart`).
-    pub stat: Stat,
+    pub(crate) stat: Stat,
     read: u64,
 }
 
 /// Why an input could not be opened as a regular file.
 #[derive(Debug)]
-pub enum OpenError {
+pub(crate) enum OpenError {
     /// Not a regular file (anymore): skip it, for this reason.
     NotRegular(NotRegular),
     /// A real error.
@@ -40,7 +40,7 @@ pub enum OpenError {
 
 impl InputFile {
     /// Opens `path` for reading, refusing anything but a regular file.
-    pub fn open(path: &Path, follow_symlinks: bool) -> Result<InputFile, OpenError> {
+    pub(crate) fn open(path: &Path, follow_symlinks: bool) -> Result<InputFile, OpenError> {
         Self::open_beneath(None, path, path, follow_symlinks)
     }
 
@@ -50,7 +50,7 @@ impl InputFile {
     /// symlink after the walk listed it cannot lead the read out of the tree, and only `rel`'s
     /// components are looked up, not the root's. With `--follow-symlinks`, or without a
     /// `root`, by full path.
-    pub fn open_beneath(
+    pub(crate) fn open_beneath(
         root: Option<&Root>,
         rel: &Path,
         abs: &Path,
@@ -96,12 +96,12 @@ impl InputFile {
     }
 
     /// The input's size when it was opened.
-    pub fn size(&self) -> u64 {
+    pub(crate) fn size(&self) -> u64 {
         self.stat.st_size as u64
     }
 
     /// Rewinds for another attempt after a change was detected, taking a fresh stat.
-    pub fn restart(&mut self) -> Result<(), FileError> {
+    pub(crate) fn restart(&mut self) -> Result<(), FileError> {
         self.file
             .rewind()
             .map_err(|e| FileError::io("rewinding input", &e))?;
@@ -115,7 +115,8 @@ impl InputFile {
     /// change the mtime only at the first write to each clean page, so no stat can tell).
     /// `None` where the kernel will not say: the probe is a read lease, which needs the file's
     /// owner or CAP_LEASE, and a file system that has leases (not NFS).
-    pub fn open_for_writing(&self) -> Option<bool> {
+    #[allow(unsafe_code)]
+    pub(crate) fn open_for_writing(&self) -> Option<bool> {
         use std::os::fd::AsRawFd;
         let fd = self.file.as_raw_fd();
         // SAFETY: fcntl on a descriptor this struct owns; F_SETLEASE takes an int argument.
@@ -134,7 +135,7 @@ impl InputFile {
     }
 
     /// Checks that the file is exactly as it was when opened and that all of it was read.
-    pub fn finish(&self) -> Result<(), FileError> {
+    pub(crate) fn finish(&self) -> Result<(), FileError> {
         let now = rfs::fstat(&self.file).map_err(|e| FileError::errno("stat of input", e))?;
         let before = &self.stat;
         let same = now.st_size == before.st_size
@@ -159,7 +160,7 @@ impl InputFile {
 
 /// What an input turned out to be instead of a regular file to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotRegular {
+pub(crate) enum NotRegular {
     /// A symlink, not followed.
     Symlink,
     /// Reached through a directory that is a symlink, not followed.
@@ -184,14 +185,14 @@ impl std::fmt::Display for NotRegular {
 /// seccomp filters that refuse `openat2`, among them systemd's `RestrictSUIDSGID=`, which the
 /// shipped units set).
 #[derive(Debug)]
-pub struct Root {
+pub(crate) struct Root {
     fd: OwnedFd,
     openat2: bool,
 }
 
 impl Root {
     /// Opens `root` (`O_PATH`) and finds out whether `openat2` works here.
-    pub fn new(root: &Path) -> rustix::io::Result<Root> {
+    pub(crate) fn new(root: &Path) -> rustix::io::Result<Root> {
         let fd = rfs::open(root, Self::DIR, Mode::empty())?;
         let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
         Ok(Root { fd, openat2 })
@@ -204,7 +205,7 @@ impl Root {
     const RESOLVE: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
 
     /// Opens `rel` with `flags` (which must hold `O_NOFOLLOW`).
-    pub fn open(&self, rel: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+    pub(crate) fn open(&self, rel: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
         if self.openat2 {
             return rfs::openat2(&self.fd, rel, flags, Mode::empty(), Self::RESOLVE);
         }
@@ -214,7 +215,7 @@ impl Root {
     }
 
     /// Opens the directory `rel_dir` for reading (and syncing): `""` is the root itself.
-    pub fn open_dir(&self, rel_dir: &Path) -> rustix::io::Result<OwnedFd> {
+    pub(crate) fn open_dir(&self, rel_dir: &Path) -> rustix::io::Result<OwnedFd> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW;
         let rel_dir = if rel_dir.as_os_str().is_empty() {
             Path::new(".")
@@ -247,7 +248,7 @@ impl Root {
     /// After a refused open of `rel`: which symlink refused it, `rel` itself (`"symlink"`) or a
     /// directory on its path; `None` if neither (not a directory, or it changed meanwhile).
     /// Looks at one component at a time, never through a link.
-    pub fn symlink_in(&self, rel: &Path) -> Option<NotRegular> {
+    pub(crate) fn symlink_in(&self, rel: &Path) -> Option<NotRegular> {
         let is_link = |at: &OwnedFd, name: &std::ffi::OsStr| {
             rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink)
@@ -269,20 +270,20 @@ impl Root {
 
     /// Whether this root resolves with `openat2`.
     #[cfg(test)]
-    pub fn uses_openat2(&self) -> bool {
+    pub(crate) fn uses_openat2(&self) -> bool {
         self.openat2
     }
 
     /// A root that resolves one component at a time, as where `openat2` is refused.
     #[cfg(test)]
-    pub fn without_openat2(mut self) -> Root {
+    pub(crate) fn without_openat2(mut self) -> Root {
         self.openat2 = false;
         self
     }
 }
 
 /// Reads until `buf` is full or the input ends; returns the bytes read.
-pub fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -297,7 +298,7 @@ pub fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Bytes read from inputs by the whole process: the service watchdog's sign that workers are
 /// making progress even inside one long file.
-pub static BYTES_READ: AtomicU64 = AtomicU64::new(0);
+pub(crate) static BYTES_READ: AtomicU64 = AtomicU64::new(0);
 
 impl Read for InputFile {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -313,7 +314,7 @@ impl Read for InputFile {
 }
 
 /// A human name for a non-regular file type.
-pub fn describe(ft: FileType) -> &'static str {
+pub(crate) fn describe(ft: FileType) -> &'static str {
     match ft {
         FileType::RegularFile => "regular file",
         FileType::Directory => "directory",

@@ -24,6 +24,7 @@ pub(crate) enum LockKind {
 
 /// Locks all of `file` (to its end, however it grows). With `wait`, blocks until the lock is
 /// free; without, fails with `EAGAIN` while another description holds a conflicting one.
+#[allow(unsafe_code)]
 pub(crate) fn lock(file: &impl AsFd, kind: LockKind, wait: bool) -> rustix::io::Result<()> {
     // SAFETY: an all-zero `flock` is a valid value (plain integers); OFD locks require l_pid 0,
     // and l_start 0 with l_len 0 means the whole file.

@@ -2,6 +2,6 @@
 //! and published durably (`output`), and the locks that prove a temp's or a state
 //! directory's owner alive (`lock`). Every op, sink and source reaches files through these.
 
-pub mod input;
+pub(crate) mod input;
 pub(crate) mod lock;
-pub mod output;
+pub(crate) mod output;

@@ -46,15 +46,15 @@ const TEMP_MARK: &str = "user.filepipe.temp";
 const TEMP_MARK_VALUE: &[u8] = b"1";
 
 /// Longest file name Linux file systems accept.
-pub const NAME_MAX: usize = 255;
+pub(crate) const NAME_MAX: usize = 255;
 
 /// An open directory and the path it was reached by (for messages and the temp registry).
 #[derive(Debug)]
-pub struct Dir {
+pub(crate) struct Dir {
     /// The directory's file descriptor: all `*at` calls go through it.
-    pub fd: OwnedFd,
+    pub(crate) fd: OwnedFd,
     /// Its path, for messages only: never used to reach the directory again.
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Its file system and inode, to flush each directory and file system once however many
     /// handles lead to it; `None` if it could not be examined (then it is flushed on its own).
     /// Looked up at first use: a directory only synced (`--remove-source`) needs none.
@@ -65,7 +65,7 @@ pub struct Dir {
 
 impl Dir {
     /// Wraps an open directory; `path` is for messages.
-    pub fn new(fd: OwnedFd, path: PathBuf) -> Dir {
+    pub(crate) fn new(fd: OwnedFd, path: PathBuf) -> Dir {
         Dir {
             fd,
             path,
@@ -85,7 +85,7 @@ impl Dir {
 /// How outputs are made durable before they are reported published (`--durability`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Durability {
+pub(crate) enum Durability {
     /// Each group of outputs published together is flushed at once where the file system
     /// journals its metadata (ext4 with a journal, XFS, btrfs): one `syncfs` for all the
     /// group's temps, each file's own write error then checked, then the names and their
@@ -104,7 +104,7 @@ pub enum Durability {
 /// Opens directories below one root without following symlinks, remembering the last one so
 /// consecutive files of the same directory (the walk's order) cost no syscall.
 #[derive(Debug)]
-pub struct DirCache {
+pub(crate) struct DirCache {
     root: PathBuf,
     create: bool,
     last: Option<(PathBuf, Arc<Dir>)>,
@@ -112,7 +112,7 @@ pub struct DirCache {
 
 impl DirCache {
     /// A cache for directories under `root`; with `create`, missing ones are made.
-    pub fn new(root: &Path, create: bool) -> Self {
+    pub(crate) fn new(root: &Path, create: bool) -> Self {
         DirCache {
             root: root.to_path_buf(),
             create,
@@ -122,7 +122,7 @@ impl DirCache {
 
     /// The directory `rel_dir` (relative to the root), opened safely. `mode_of` gives the mode
     /// for a directory that must be created, from its relative path.
-    pub fn open(
+    pub(crate) fn open(
         &mut self,
         rel_dir: &Path,
         mode_of: &dyn Fn(&Path) -> Mode,
@@ -138,7 +138,7 @@ impl DirCache {
     }
 
     /// Forgets the directory it remembers (it was deleted: the next `open` makes it again).
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         self.last = None;
     }
 
@@ -196,20 +196,20 @@ impl DirCache {
 
 /// The times and permissions an output takes from its input.
 #[derive(Debug, Clone)]
-pub struct Attrs {
+pub(crate) struct Attrs {
     /// Permission bits (no setuid/setgid/sticky: an archive is not a program).
-    pub mode: u32,
+    pub(crate) mode: u32,
     /// Owner and group, applied when permitted (as root); silently kept otherwise, like gzip.
-    pub uid: u32,
+    pub(crate) uid: u32,
     /// See `uid`.
-    pub gid: u32,
+    pub(crate) gid: u32,
     /// Access and modification times.
-    pub times: Timestamps,
+    pub(crate) times: Timestamps,
 }
 
 impl Attrs {
     /// Attributes copied from an input's stat.
-    pub fn from_stat(st: &rfs::Stat) -> Self {
+    pub(crate) fn from_stat(st: &rfs::Stat) -> Self {
         use rustix::fs::Timespec;
         Attrs {
             mode: st.st_mode & 0o777,
@@ -234,7 +234,7 @@ impl Attrs {
 /// published, and a crash leaves nothing at all. Elsewhere a named temp, marked and locked as
 /// filepipe's. Dropping it without publishing it removes it.
 #[derive(Debug)]
-pub struct TempOutput {
+pub(crate) struct TempOutput {
     dir: Arc<Dir>,
     /// The named temp's name; `None` for an anonymous one.
     name: Option<OsString>,
@@ -277,7 +277,7 @@ static ANONYMOUS: AtomicBool = AtomicBool::new(true);
 impl TempOutput {
     /// Creates a fresh temp in `dir`: anonymous where it can be, else named, locked and
     /// marked as this process's.
-    pub fn create(dir: Arc<Dir>) -> Result<Self, FileError> {
+    pub(crate) fn create(dir: Arc<Dir>) -> Result<Self, FileError> {
         let failed =
             |e| FileError::errno(&format!("creating temp file in {}", dir.path.display()), e);
         // Anonymous only where its link needs no flush of its own: elsewhere a named temp costs
@@ -329,19 +329,19 @@ impl TempOutput {
     }
 
     /// The open temp file, for writing.
-    pub fn file(&mut self) -> &mut File {
+    pub(crate) fn file(&mut self) -> &mut File {
         self.file.as_mut().expect("temp file is open until publish")
     }
 
     /// The open temp file, for reading it back (`read_at`, or `ReadAt`).
-    pub fn contents(&self) -> &File {
+    pub(crate) fn contents(&self) -> &File {
         self.file.as_ref().expect("temp file is open until publish")
     }
 
     /// Applies `attrs`, makes data and attributes durable as `durability` says, gives the
     /// temp its final name (refusing to replace an existing file unless `replace`), and makes
     /// the name durable.
-    pub fn publish(
+    pub(crate) fn publish(
         mut self,
         final_name: &OsStr,
         attrs: Option<&Attrs>,
@@ -364,7 +364,7 @@ impl TempOutput {
 
     /// Gives the temp the input's owner, mode and times. Done before the data is flushed, so
     /// they are durable with it; `final_name` is for messages.
-    pub fn set_attrs(&mut self, final_name: &OsStr, a: &Attrs) -> Result<(), FileError> {
+    pub(crate) fn set_attrs(&mut self, final_name: &OsStr, a: &Attrs) -> Result<(), FileError> {
         let ctx = |what: &str| format!("{what} {}", self.dir.path.join(final_name).display());
         let file = self.file.as_ref().expect("temp file is open until synced");
         // chown first: it may clear mode bits, and it only succeeds with privilege. Called even
@@ -383,7 +383,7 @@ impl TempOutput {
 
     /// Starts the kernel's write-back of everything written, without waiting. Only a hint:
     /// durability comes from `sync`, which then mostly waits for I/O already under way.
-    pub fn start_writeback(&self) {
+    pub(crate) fn start_writeback(&self) {
         if let Some(file) = &self.file {
             start_writeback(file);
         }
@@ -392,7 +392,7 @@ impl TempOutput {
     /// fsyncs the temp: data, mode and times are all durable before the final name can
     /// appear, so a crash never leaves an output a rerun would not recognise. The file stays
     /// open until it is published. `final_name` is for messages.
-    pub fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
+    pub(crate) fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
         let file = self.file.as_ref().expect("synced once");
         file.sync_all().map_err(|e| {
             let path = self.dir.path.join(final_name);
@@ -483,16 +483,16 @@ fn mark(fd: impl AsFd, dir: &Path) -> bool {
 /// A temp output whose data and attributes are durable, ready for its final name. Dropping it
 /// without `rename` removes it.
 #[derive(Debug)]
-pub struct SyncedTemp(TempOutput);
+pub(crate) struct SyncedTemp(TempOutput);
 
 impl SyncedTemp {
     /// The directory the temp is in.
-    pub fn dir(&self) -> &Arc<Dir> {
+    pub(crate) fn dir(&self) -> &Arc<Dir> {
         &self.0.dir
     }
 
     /// The open temp file, for reading it back.
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         self.0.file.as_ref().expect("open until renamed")
     }
 
@@ -503,7 +503,7 @@ impl SyncedTemp {
     /// a named one is renamed, its mark removed once the name is final (a crash in between
     /// leaves it on an output, where it means nothing). On failure the temp is still there,
     /// to be looked at, until this is dropped.
-    pub fn rename(&mut self, final_name: &OsStr, replace: bool) -> Result<Arc<Dir>, FileError> {
+    pub(crate) fn rename(&mut self, final_name: &OsStr, replace: bool) -> Result<Arc<Dir>, FileError> {
         let temp = &mut self.0;
         let ctx = |what: &str| format!("{what} {}", temp.dir.path.join(final_name).display());
         let exists = |e: Errno| FileError {
@@ -593,7 +593,7 @@ impl Drop for TempOutput {
 
 /// What a file named like a filepipe temp turned out to be (see `examine_temp`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TempFound {
+pub(crate) enum TempFound {
     /// This process's own temp, or gone by now: nothing to say about it.
     Ignore,
     /// The temp of a running filepipe (it holds the lock): left alone.
@@ -609,7 +609,7 @@ pub enum TempFound {
 
 /// Looks at `name` in `dir` (a temp-like name): removes it, with `remove`, only if it carries
 /// filepipe's mark and no live process holds its lock, and only the very file it examined.
-pub fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempFound {
+pub(crate) fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempFound {
     if name.as_bytes().starts_with(own_prefix().as_bytes()) {
         return TempFound::Ignore;
     }
@@ -660,7 +660,7 @@ pub fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempFound {
 }
 
 /// `examine_temp` for a path, through its parent directory.
-pub fn examine_temp_path(path: &Path, remove: bool) -> TempFound {
+pub(crate) fn examine_temp_path(path: &Path, remove: bool) -> TempFound {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return TempFound::Ignore;
     };
@@ -673,14 +673,14 @@ pub fn examine_temp_path(path: &Path, remove: bool) -> TempFound {
 
 /// Reads a file from its start through `pread`, leaving its descriptor's offset alone (a temp
 /// is read back this way while it is still being published).
-pub struct ReadAt<'f> {
+pub(crate) struct ReadAt<'f> {
     file: &'f File,
     pos: u64,
 }
 
 impl<'f> ReadAt<'f> {
     /// A reader of `file` from offset 0.
-    pub fn new(file: &'f File) -> Self {
+    pub(crate) fn new(file: &'f File) -> Self {
         ReadAt { file, pos: 0 }
     }
 }
@@ -696,7 +696,7 @@ impl std::io::Read for ReadAt<'_> {
 /// A writer that starts the kernel's write-back of what it wrote every few MiB, so the flush
 /// before publishing a large output waits for the last stretch only, not for all of it.
 /// (Without a flush to come, `--durability none`, it only writes through.)
-pub struct WriteBehind<'f> {
+pub(crate) struct WriteBehind<'f> {
     file: &'f mut File,
     pending: u64,
     enabled: bool,
@@ -707,7 +707,7 @@ impl<'f> WriteBehind<'f> {
     const CHUNK: u64 = 8 << 20;
 
     /// Wraps an output file; `durability` says whether a flush will follow.
-    pub fn new(file: &'f mut File, durability: Durability) -> Self {
+    pub(crate) fn new(file: &'f mut File, durability: Durability) -> Self {
         WriteBehind {
             file,
             pending: 0,
@@ -740,6 +740,7 @@ fn start_writeback(file: &File) {
 }
 
 /// `sync_file_range(2)` over the whole of `file` (rustix does not wrap it).
+#[allow(unsafe_code)]
 fn sync_file_range(file: &File, flags: libc::c_uint) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid open descriptor; the call reads no memory of ours.
@@ -756,12 +757,12 @@ fn sync_file_range(file: &File, flags: libc::c_uint) -> Result<(), Errno> {
 
 /// Whether `dir` was deleted since it was opened (its descriptor still works, but nothing can
 /// be created in it).
-pub fn deleted(dir: &Dir) -> bool {
+pub(crate) fn deleted(dir: &Dir) -> bool {
     rfs::fstat(&dir.fd).is_ok_and(|st| st.st_nlink == 0)
 }
 
 /// fsyncs a directory so a rename or unlink in it survives a crash.
-pub fn sync_dir(dir: &Dir) -> Result<(), FileError> {
+pub(crate) fn sync_dir(dir: &Dir) -> Result<(), FileError> {
     rfs::fsync(dir.fd.as_fd())
         .map_err(|e| FileError::errno(&format!("syncing directory {}", dir.path.display()), e))
 }
@@ -802,7 +803,7 @@ fn dirty_bytes() -> Option<u64> {
 /// writes it, so there (and wherever this cannot tell) each temp is `fsync`ed on its own, its
 /// write-back started for the whole group first. So is a group for which `syncfs` fails, or
 /// would wait for more than `SYNCFS_MAX_FOREIGN` of other programs' data.
-pub fn sync_group(
+pub(crate) fn sync_group(
     temps: Vec<(TempOutput, OsString)>,
     bytes: u64,
     durability: Durability,
@@ -942,7 +943,7 @@ fn link_needs_fsync(dir: &Dir) -> bool {
 /// of `dirs` in order, its directory's result: each distinct directory is fsynced once (the
 /// same directory may come through several handles; on a journaling file system the first
 /// commits the names of all). `None`: nothing.
-pub fn sync_dirs(dirs: &[&Arc<Dir>], durability: Durability) -> Vec<Result<(), FileError>> {
+pub(crate) fn sync_dirs(dirs: &[&Arc<Dir>], durability: Durability) -> Vec<Result<(), FileError>> {
     if durability == Durability::None {
         return dirs.iter().map(|_| Ok(())).collect();
     }
@@ -957,7 +958,7 @@ pub fn sync_dirs(dirs: &[&Arc<Dir>], durability: Durability) -> Vec<Result<(), F
 }
 
 /// True for names of filepipe's own temp files: they are never inputs.
-pub fn is_temp_name(name: &OsStr) -> bool {
+pub(crate) fn is_temp_name(name: &OsStr) -> bool {
     let b = name.as_bytes();
     b.starts_with(TEMP_PREFIX.as_bytes()) && b.ends_with(TEMP_SUFFIX.as_bytes())
 }

@@ -30,7 +30,7 @@ use crate::travel::Job;
 
 /// The gzip operation and its settings.
 #[derive(Debug)]
-pub struct GzipOp {
+pub(crate) struct GzipOp {
     level: u32,
     force: bool,
     remove_source: bool,
@@ -53,14 +53,14 @@ pub struct GzipOp {
 
 /// Per-worker state.
 #[derive(Debug)]
-pub struct Scratch {
+pub(crate) struct Scratch {
     out_dirs: DirCache,
     bufs: gzstream::Buffers,
 }
 
 /// A file read, waiting for the input check and the publish.
 #[derive(Debug)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// The compressed temp file, or the output already in place, found to hold exactly the
     /// input (see `adopt`).
     output: Output,
@@ -110,7 +110,7 @@ enum Step {
 impl GzipOp {
     /// Builds the operation from the config, including the block pool when there is more than
     /// one job.
-    pub fn new(cfg: &Config) -> anyhow::Result<Self> {
+    pub(crate) fn new(cfg: &Config) -> anyhow::Result<Self> {
         let blocks = if cfg.jobs > 1 {
             Some(BlockPool::new(cfg.jobs)?)
         } else {

@@ -35,7 +35,7 @@ use crate::fsio::input::fill;
 /// Bytes of input per independently compressed block. pigz uses 128 KiB; 1 MiB makes the
 /// per-block costs (a fresh deflate state, priming it with the dictionary, the sync flush) an
 /// eighth as large, and writes 0.1% less.
-pub const BLOCK: usize = 1024 * 1024;
+pub(crate) const BLOCK: usize = 1024 * 1024;
 /// The deflate window: the dictionary each block is primed with.
 const DICT: usize = 32 * 1024;
 
@@ -71,11 +71,11 @@ const ZLIB_LEVEL: [u32; 10] = [0, 2, 2, 3, 3, 5, 5, 6, 7, 9];
 /// Largest input compressed whole by libdeflate. Above it the block path takes over: it streams
 /// (memory stays bounded) and spreads one file over all cores. Below it a tree keeps the cores
 /// busy with whole files, and a worker's two buffers stay a few MiB.
-pub const WHOLE_MAX: u64 = 4 << 20;
+pub(crate) const WHOLE_MAX: u64 = 4 << 20;
 
 /// A worker's reusable buffers and its libdeflate compressor, kept between files: allocating
 /// and zeroing them costs more than compressing a small file.
-pub struct Buffers {
+pub(crate) struct Buffers {
     /// Largest input compressed whole (`WHOLE_MAX`; tests lower it to reach the block path).
     whole_max: u64,
     /// Bytes per block on the block path (`BLOCK`; tests lower it to get many blocks).
@@ -90,7 +90,7 @@ pub struct Buffers {
 
 impl Buffers {
     /// Empty buffers: they grow to the largest file compressed whole, at most `WHOLE_MAX`.
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Buffers {
             whole_max: WHOLE_MAX,
             block: BLOCK,
@@ -103,7 +103,7 @@ impl Buffers {
 
 impl Buffers {
     /// The input buffer, at least `len` bytes, for a caller that only needs to read through it.
-    pub fn scratch(&mut self, len: usize) -> &mut [u8] {
+    pub(crate) fn scratch(&mut self, len: usize) -> &mut [u8] {
         if self.input.len() < len {
             self.input.resize(len, 0);
         }
@@ -129,30 +129,30 @@ impl std::fmt::Debug for Buffers {
 
 /// What goes into the gzip header.
 #[derive(Debug, Clone)]
-pub struct Header<'a> {
+pub(crate) struct Header<'a> {
     /// Compression level 1-9.
-    pub level: u32,
+    pub(crate) level: u32,
     /// The input's mtime in seconds (0 when it does not fit the 32-bit field).
-    pub mtime: u32,
+    pub(crate) mtime: u32,
     /// The input's file name, stored like gzip does so `gunzip -N` can restore it.
-    pub name: Option<&'a [u8]>,
+    pub(crate) name: Option<&'a [u8]>,
 }
 
 /// Totals of one compressed stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Totals {
+pub(crate) struct Totals {
     /// CRC-32 of the uncompressed data (as stored in the trailer).
-    pub crc: u32,
+    pub(crate) crc: u32,
     /// Uncompressed bytes.
-    pub bytes_in: u64,
+    pub(crate) bytes_in: u64,
     /// Bytes of the whole gzip file, header and trailer included.
-    pub bytes_out: u64,
+    pub(crate) bytes_out: u64,
 }
 
 /// The threads that compress blocks of large files, and the budget of blocks in flight that all
 /// files share.
 #[derive(Debug)]
-pub struct BlockPool {
+pub(crate) struct BlockPool {
     pool: ThreadPool,
     /// Blocks that may still be taken (each holds about 2 MiB: its input and its output).
     free: Mutex<usize>,
@@ -165,7 +165,7 @@ pub struct BlockPool {
 impl BlockPool {
     /// `threads` compressing threads, and a budget of twice as many blocks in flight, plus two:
     /// every thread busy while a block per file waits to be written.
-    pub fn new(threads: usize) -> anyhow::Result<Self> {
+    pub(crate) fn new(threads: usize) -> anyhow::Result<Self> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("filepipe-block-{i}"))
@@ -240,7 +240,7 @@ impl Body {
 /// the stream early (the caller's stat check rejects it); bytes past `expected` are not read.
 /// Up to `WHOLE_MAX` bytes are compressed whole on this thread; with a `pool` and more, blocks
 /// are compressed on the pool while this thread reads and writes.
-pub fn compress(
+pub(crate) fn compress(
     input: &mut impl Read,
     expected: u64,
     out: &mut impl Write,

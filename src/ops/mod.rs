@@ -5,17 +5,17 @@
 //! not change while read (retrying if it did), and only then let the op publish. An op never
 //! publishes anything derived from a torn read.
 
-pub mod gzip;
-pub mod gzstream;
-pub mod sha256;
+pub(crate) mod gzip;
+pub(crate) mod gzstream;
+pub(crate) mod sha256;
 
 use crate::error::FileError;
 use crate::fsio::input::InputFile;
-pub use crate::travel::Done;
+pub(crate) use crate::travel::Done;
 use crate::travel::Job;
 
 /// One file operation (gzip, sha256, ...). Adding an operation means implementing this.
-pub trait Op: Sync {
+pub(crate) trait Op: Sync {
     /// Per-worker reusable state: buffers, directory caches.
     type Scratch;
     /// A result computed from the input but not yet published (e.g. a temp file).

@@ -16,11 +16,11 @@ use crate::travel::Job;
 /// Size of the per-worker read buffer. Measured on 4 x 256 MiB (hyperfine, 15 runs): 64 KiB
 /// took 373 ms, 32 KiB 378 ms, 256 KiB and 1 MiB 387-389 ms (the copy out of the page cache
 /// costs a fifth more system time into a buffer that spills from L2).
-pub const BUF_SIZE: usize = 64 * 1024;
+pub(crate) const BUF_SIZE: usize = 64 * 1024;
 
 /// The SHA-256 operation. It writes nothing next to inputs: digests go to the reporter.
 #[derive(Debug, Default)]
-pub struct Sha256Op;
+pub(crate) struct Sha256Op;
 
 impl Op for Sha256Op {
     type Scratch = Vec<u8>;
@@ -65,7 +65,7 @@ impl Op for Sha256Op {
 }
 
 /// Hashes everything `r` yields, through `buf`.
-pub fn hash_reader(r: &mut impl Read, buf: &mut [u8]) -> io::Result<[u8; 32]> {
+pub(crate) fn hash_reader(r: &mut impl Read, buf: &mut [u8]) -> io::Result<[u8; 32]> {
     let mut h = Sha256::new();
     loop {
         match r.read(buf) {

@@ -93,7 +93,7 @@ const PUBLISHERS: usize = 2;
 /// Runs `cfg`'s operation on every job `source` sends, recording the outcomes in `sink`, until
 /// the source is done and every job is accounted for; returns the summary. `stats` is shared
 /// with whoever reports on a long-running pipeline (the service supervisor).
-pub fn run(
+pub(crate) fn run(
     cfg: &Config,
     shutdown: &Shutdown,
     source: &mut dyn Source,

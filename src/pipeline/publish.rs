@@ -114,11 +114,11 @@ fn publish_group_guarded<O: Op>(op: &O, group: Vec<Ready<O::Pending>>) -> Vec<Ou
 /// A verified result waiting to be published: the input has been read whole and unchanged.
 pub(crate) struct Ready<P> {
     /// The file.
-    pub job: Job,
+    pub(crate) job: Job,
     /// The open input (its stat gives the output's attributes).
-    pub input: InputFile,
+    pub(crate) input: InputFile,
     /// The op's pending result.
-    pub pending: P,
+    pub(crate) pending: P,
 }
 
 /// Publishes a verified result and says how the file ended.

@@ -26,7 +26,7 @@ use crate::sink::{Disposition, Sink};
 use crate::travel::{Event, Outcome, Recorded, Stats};
 
 use progress::Progress;
-pub use summary::{Stopped, Summary};
+pub(crate) use summary::{Stopped, Summary};
 
 /// The shortest time between two flushes of the sink (state commits in watch mode), and so the
 /// longest an outcome waits for one.

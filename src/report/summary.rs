@@ -12,42 +12,42 @@ use crate::config::Config;
 
 /// The final account of a run.
 #[derive(Debug, Default, Serialize)]
-pub struct Summary {
+pub(crate) struct Summary {
     /// The operation.
-    pub op: &'static str,
+    pub(crate) op: &'static str,
     /// Files accounted for (done + skipped + failed).
-    pub files: u64,
+    pub(crate) files: u64,
     /// Files processed and published.
-    pub done: u64,
+    pub(crate) done: u64,
     /// Files deliberately left alone.
-    pub skipped: u64,
+    pub(crate) skipped: u64,
     /// Files that could not be processed.
-    pub failed: u64,
+    pub(crate) failed: u64,
     /// Skipped files by reason.
-    pub skipped_by_reason: BTreeMap<&'static str, u64>,
+    pub(crate) skipped_by_reason: BTreeMap<&'static str, u64>,
     /// Failed files by error kind.
-    pub failed_by_reason: BTreeMap<&'static str, u64>,
+    pub(crate) failed_by_reason: BTreeMap<&'static str, u64>,
     /// Done files that carry a warning (e.g. a hard-linked input kept).
-    pub warnings: u64,
+    pub(crate) warnings: u64,
     /// Bytes read from done files.
-    pub bytes_in: u64,
+    pub(crate) bytes_in: u64,
     /// Bytes written (gzip).
-    pub bytes_out: u64,
+    pub(crate) bytes_out: u64,
     /// bytes_out / bytes_in (gzip).
-    pub ratio: Option<f64>,
+    pub(crate) ratio: Option<f64>,
     /// Wall time of the run.
-    pub seconds: f64,
+    pub(crate) seconds: f64,
     /// bytes_in per second.
-    pub bytes_per_second: f64,
+    pub(crate) bytes_per_second: f64,
     /// Temp files of crashed earlier runs that were removed.
-    pub stale_temps_removed: u64,
+    pub(crate) stale_temps_removed: u64,
     /// The signal that interrupted the run, if any.
-    pub interrupted_by: Option<i32>,
+    pub(crate) interrupted_by: Option<i32>,
     /// Watch mode: failed attempts that were tried again (each file counts once, by how it
     /// ended).
-    pub retries: u64,
+    pub(crate) retries: u64,
     /// What stopped the run early (a manifest or state write that failed), if anything.
-    pub error: Option<String>,
+    pub(crate) error: Option<String>,
     /// Files waiting to be tried again, with the reason of their last failure: counted as
     /// failed (for that reason) if the run ends first.
     #[serde(skip)]
@@ -57,7 +57,7 @@ pub struct Summary {
 impl Summary {
     /// Prints the summary: JSON on stdout with `--json` (stderr if a batch manifest is on stdout),
     /// else a human line on stderr unless quiet.
-    pub fn print(&self, cfg: &Config) -> io::Result<()> {
+    pub(crate) fn print(&self, cfg: &Config) -> io::Result<()> {
         if cfg.json {
             let json = serde_json::to_string(self).map_err(io::Error::other)?;
             // Batch sha256 without --manifest prints the manifest on stdout.
@@ -112,9 +112,9 @@ impl Summary {
 /// done before it, which is still printed.
 #[derive(Debug, thiserror::Error)]
 #[error("{error:#}")]
-pub struct Stopped {
+pub(crate) struct Stopped {
     /// What failed.
-    pub error: anyhow::Error,
+    pub(crate) error: anyhow::Error,
     /// The summary up to then (its `error` says the same).
-    pub summary: Box<Summary>,
+    pub(crate) summary: Box<Summary>,
 }

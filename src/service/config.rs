@@ -45,17 +45,17 @@ struct WatchEntry {
 
 /// A loaded, validated config: one resolved `Config` per pipeline.
 #[derive(Debug)]
-pub struct Service {
+pub(crate) struct Service {
     /// The pipelines, in file order.
-    pub pipelines: Vec<Config>,
+    pub(crate) pipelines: Vec<Config>,
     /// The failure log all pipelines share.
-    pub failure_log: Option<PathBuf>,
+    pub(crate) failure_log: Option<PathBuf>,
 }
 
 /// Command-line flags that override the file: its global settings, plus globs added to every
 /// pipeline.
 #[derive(Debug, Default, Clone)]
-pub struct Overrides {
+pub(crate) struct Overrides {
     jobs: Option<u16>,
     state: Option<PathBuf>,
     settle: Option<u64>,
@@ -69,7 +69,7 @@ pub struct Overrides {
 impl Overrides {
     /// The overrides in `filepipe watch --config FILE [flags]`; per-tree flags make no sense
     /// for several trees and are refused.
-    pub fn from_args(args: &WatchArgs) -> Result<Overrides> {
+    pub(crate) fn from_args(args: &WatchArgs) -> Result<Overrides> {
         if args.common.out.is_some() || args.common.manifest.is_some() {
             bail!("with --config, give --out and --manifest per [[watch]] in the file");
         }
@@ -88,7 +88,7 @@ impl Overrides {
 
 /// The largest config file read: far more than any real one, small enough that a mistaken
 /// path (a disk image, /dev/zero) costs nothing.
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Reads a config file: a regular file (a FIFO or a device is refused without blocking) of at
 /// most `MAX_CONFIG_BYTES`, in UTF-8.
@@ -141,7 +141,12 @@ fn cut_lines(msg: &str) -> String {
 
 /// Reads and validates a config file. Errors name the file, the line and the key. With
 /// `create`, missing output and state directories are made; without, nothing is written.
-pub fn load(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Result<Service> {
+pub(crate) fn load(
+    path: &Path,
+    overrides: &Overrides,
+    quiet: bool,
+    create: bool,
+) -> Result<Service> {
     let text = read_config(path)?;
     let file: FileConfig = toml::from_str(&text)
         .map_err(|e| anyhow!("{}: {}", path.display(), cut_lines(&e.to_string())))?;

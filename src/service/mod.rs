@@ -30,7 +30,7 @@ use crate::report::Summary;
 use crate::signals::Shutdown;
 use crate::travel::Stats;
 
-pub use config::{load, Overrides, Service, MAX_CONFIG_BYTES};
+pub(crate) use config::{load, Overrides, Service};
 use watchdog::{notify, spawn_watchdog};
 
 /// What identifies a pipeline across reloads: if any of it changes, the pipeline restarts
@@ -117,7 +117,7 @@ const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Runs the service until SIGINT/SIGTERM (Ok, with each pipeline's summary) or until a
 /// pipeline fails (Err). `path` is the config file SIGHUP re-reads; `None` for `watch DIR`,
 /// one pipeline from the command line under the same supervisor (so it speaks sd_notify too).
-pub fn run(
+pub(crate) fn run(
     path: Option<&Path>,
     overrides: &Overrides,
     service: Service,

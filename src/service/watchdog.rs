@@ -21,13 +21,13 @@ pub(crate) fn notify(states: &[NotifyState<'_>]) {
 
 /// Liveness as the watchdog sees it between two pings.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Liveness {
+pub(crate) struct Liveness {
     /// Each ready pipeline's watcher loop count.
-    pub loops: Vec<u64>,
+    pub(crate) loops: Vec<u64>,
     /// Files in flight, all pipelines.
-    pub in_flight: u64,
+    pub(crate) in_flight: u64,
     /// Bytes read plus outcomes counted, all pipelines.
-    pub progress: u64,
+    pub(crate) progress: u64,
 }
 
 impl Liveness {
@@ -59,7 +59,7 @@ impl Liveness {
 
     /// True if, from `before` to `self`, every watcher loop turned and, if work was in flight,
     /// something moved. A wedged worker pool (or a hung fsync) fails the second test.
-    pub fn healthy_since(&self, before: &Liveness) -> bool {
+    pub(crate) fn healthy_since(&self, before: &Liveness) -> bool {
         let loops_turned = self.loops.len() != before.loops.len()
             || self
                 .loops

@@ -18,14 +18,14 @@ use crate::sink::{Disposition, Sink};
 use crate::travel::Outcome;
 
 /// Batch mode: collect (path, digest) pairs, write the sorted manifest at the end.
-pub struct ManifestSink<'a> {
+pub(crate) struct ManifestSink<'a> {
     cfg: &'a Config,
     digests: Vec<(Box<Path>, [u8; 32])>,
 }
 
 impl<'a> ManifestSink<'a> {
     /// A sink writing `cfg`'s manifest (sha256) or nothing (gzip).
-    pub fn new(cfg: &'a Config) -> Self {
+    pub(crate) fn new(cfg: &'a Config) -> Self {
         ManifestSink {
             cfg,
             digests: Vec::new(),
@@ -58,7 +58,7 @@ impl Sink for ManifestSink<'_> {
 }
 
 /// Writes manifest lines, already sorted, to the manifest file (atomically) or stdout.
-pub fn write_manifest<'d>(
+pub(crate) fn write_manifest<'d>(
     cfg: &Config,
     lines: impl Iterator<Item = (&'d [u8], &'d [u8; 32])> + Clone,
 ) -> Result<()> {
@@ -90,7 +90,9 @@ pub fn write_manifest<'d>(
         )
     })?;
     let dir = Arc::new(Dir::new(fd, parent.to_path_buf()));
-    let mut temp = TempOutput::create(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut temp = TempOutput::create(dir)
+        .map_err(anyhow::Error::new)
+        .with_context(|| format!("writing the manifest {}", path.display()))?;
     write_all(temp.file()).with_context(|| format!("writing {}", path.display()))?;
     // A manifest is meant to be read by others: the usual 0644, less what the umask removes.
     let mode = 0o644 & !umask();
@@ -99,7 +101,8 @@ pub fn write_manifest<'d>(
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
     temp.publish(name, attrs, true, cfg.durability)
-        .map_err(|e| anyhow::anyhow!("publishing {}: {e}", path.display()))
+        .map_err(anyhow::Error::new)
+        .with_context(|| format!("publishing {}", path.display()))
 }
 
 /// The process umask, read from /proc: calling umask(2) to read it would change it, for an

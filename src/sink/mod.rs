@@ -11,8 +11,8 @@
 //! be remote and slow: the reporter keeps counting and draining while it works, and an error
 //! from any call stops the run (after the drain), with the summary of what was done.
 
-pub mod manifest;
-pub mod state;
+pub(crate) mod manifest;
+pub(crate) mod state;
 
 use std::path::Path;
 use std::time::Duration;
@@ -23,7 +23,7 @@ use crate::travel::Outcome;
 
 /// Whether an outcome ends its file, or is an attempt that will be made again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Disposition {
+pub(crate) enum Disposition {
     /// The file ends so.
     Final,
     /// A transient failure: the source tries the file again after this long.
@@ -33,7 +33,7 @@ pub enum Disposition {
 /// What the reporter does with outcomes beyond counting them. Called only from the reporter
 /// thread, in this order: `outcome` and `removed` any number of times, `flush` after each
 /// batch of them, `tick` a few times a second, `finish` once at the end.
-pub trait Sink {
+pub(crate) trait Sink {
     /// Records one outcome (before it is counted); says whether it ends its file.
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition>;
     /// A file, or a directory and everything under it, was deleted or moved out of the tree

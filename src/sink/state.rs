@@ -31,7 +31,7 @@ fn keeps_manifest(cfg: &Config) -> bool {
 }
 
 /// Records outcomes in the state and keeps the manifest current.
-pub struct StateSink<'a> {
+pub(crate) struct StateSink<'a> {
     cfg: &'a Config,
     state: State,
     in_transaction: bool,
@@ -72,7 +72,7 @@ fn manifest_due(
 
 impl<'a> StateSink<'a> {
     /// A sink recording into `state` (opened for `cfg`'s root and op).
-    pub fn new(cfg: &'a Config, state: State) -> Self {
+    pub(crate) fn new(cfg: &'a Config, state: State) -> Self {
         StateSink {
             cfg,
             state,

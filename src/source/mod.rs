@@ -9,8 +9,8 @@
 //! it; a queue, to acknowledge the job) says so with `listens`, and hears of each file once the
 //! sink has flushed its outcome.
 
-pub mod walk;
-pub mod watch;
+pub(crate) mod walk;
+pub(crate) mod watch;
 
 use anyhow::Result;
 use crossbeam_channel::{Receiver, Sender};
@@ -18,20 +18,20 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::travel::{Event, Msg, Recorded, Stats};
 
 /// What a source works with.
-pub struct Outlet<'a> {
+pub(crate) struct Outlet<'a> {
     /// Where its jobs go, in batches. Bounded: a send waits for the workers.
-    pub jobs: &'a Sender<Msg>,
+    pub(crate) jobs: &'a Sender<Msg>,
     /// Where the outcomes of files it reports itself go (to the reporter).
-    pub events: &'a Sender<Event>,
+    pub(crate) events: &'a Sender<Event>,
     /// The counters it raises (files and bytes found, queue lengths).
-    pub stats: &'a Stats,
+    pub(crate) stats: &'a Stats,
     /// Files whose outcomes the sink has recorded, in batches; `Some` when the source
     /// `listens`. Unbounded, but it only ever holds files the source sent.
-    pub recorded: Option<Receiver<Vec<Recorded>>>,
+    pub(crate) recorded: Option<Receiver<Vec<Recorded>>>,
 }
 
 /// A source of jobs: the batch walker or the watcher.
-pub trait Source: Send {
+pub(crate) trait Source: Send {
     /// Whether it wants to hear of each file's outcome once recorded (`Outlet::recorded`).
     fn listens(&self) -> bool {
         false

@@ -26,7 +26,7 @@ use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stamp, Stats};
 const DIR_FDS: usize = 16;
 
 /// What a scan finds.
-pub enum Found {
+pub(crate) enum Found {
     /// A regular file to process, with its size, mtime and inode from the walk's lstat (absent
     /// if it vanished in between).
     File(Job, Option<Stamp>),
@@ -38,14 +38,14 @@ pub enum Found {
 }
 
 /// Batch mode's source: one walk of `cfg.root`.
-pub struct Walk<'a> {
+pub(crate) struct Walk<'a> {
     cfg: &'a Config,
     shutdown: &'a Shutdown,
 }
 
 impl<'a> Walk<'a> {
     /// A walk of `cfg.root` that stops early when `shutdown` is requested.
-    pub fn new(cfg: &'a Config, shutdown: &'a Shutdown) -> Self {
+    pub(crate) fn new(cfg: &'a Config, shutdown: &'a Shutdown) -> Self {
         Walk { cfg, shutdown }
     }
 }
@@ -81,7 +81,7 @@ fn walk(
 
 /// Removes stale temps under a separate output root and in the manifest's directory: the walk
 /// skips a nested output root and never sees a manifest directory outside the root.
-pub fn clean_own_dirs(cfg: &Config, stats: &Stats) {
+pub(crate) fn clean_own_dirs(cfg: &Config, stats: &Stats) {
     if let Some(out) = &cfg.out {
         remove_stale_temps(out, usize::MAX, stats);
     }
@@ -92,7 +92,7 @@ pub fn clean_own_dirs(cfg: &Config, stats: &Stats) {
 
 /// Walks `dir` (the root or a directory under it), classifying every entry and handing it to
 /// `visit`, until done, a shutdown, or `visit` returns false.
-pub fn scan(
+pub(crate) fn scan(
     cfg: &Config,
     dir: &Path,
     stats: &Stats,
@@ -283,14 +283,14 @@ fn stat_flags(cfg: &Config, entry: &DirEntry) -> rustix::fs::AtFlags {
 
 /// Jobs waiting to be sent together (filled by `BatchFill`'s rule).
 #[derive(Default)]
-pub struct Batch {
+pub(crate) struct Batch {
     jobs: Vec<Job>,
     fill: BatchFill,
 }
 
 impl Batch {
     /// Adds a job, sending the batch when it is full. False if the workers are gone.
-    pub fn add(&mut self, job: Job, size: u64, tx: &Sender<Msg>) -> bool {
+    pub(crate) fn add(&mut self, job: Job, size: u64, tx: &Sender<Msg>) -> bool {
         if BatchFill::alone(size) {
             // A large file goes alone, so no worker is left holding several of them at the end.
             return tx.send(Msg::Jobs(vec![job])).is_ok();
@@ -304,7 +304,7 @@ impl Batch {
     }
 
     /// Sends what is waiting. False if the workers are gone.
-    pub fn flush(&mut self, tx: &Sender<Msg>) -> bool {
+    pub(crate) fn flush(&mut self, tx: &Sender<Msg>) -> bool {
         self.fill = BatchFill::default();
         if self.jobs.is_empty() {
             return true;
@@ -314,13 +314,13 @@ impl Batch {
 }
 
 /// `path` relative to the root (the path itself if outside it).
-pub fn relative(cfg: &Config, path: &Path) -> PathBuf {
+pub(crate) fn relative(cfg: &Config, path: &Path) -> PathBuf {
     path.strip_prefix(&cfg.root).unwrap_or(path).to_path_buf()
 }
 
 /// The manifest, the failure log and the state directory (and everything under them) are
 /// filepipe's. (An output root is never inside the input root: `config::check_out`.)
-pub fn is_own(cfg: &Config, path: &Path) -> bool {
+pub(crate) fn is_own(cfg: &Config, path: &Path) -> bool {
     cfg.own_files.iter().any(|f| path.starts_with(f))
 }
 

@@ -89,7 +89,7 @@ pub(crate) fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
             root.display()
         );
     }
-    anyhow::anyhow!("cannot watch {}: {e}", root.display())
+    anyhow::Error::new(e).context(format!("cannot watch {}", root.display()))
 }
 
 /// Watches `dir` alone (a scan watches its subdirectories); harmless if it already is watched.

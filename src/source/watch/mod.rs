@@ -44,7 +44,7 @@ const MAX_WAIT: Duration = Duration::from_millis(50);
 
 /// Watch mode's source: runs until a shutdown is requested (Ok) or a fatal watcher error
 /// (Err). `stats.ready` is raised once the watches are in place and the initial scan is queued.
-pub struct Watch<'a> {
+pub(crate) struct Watch<'a> {
     cfg: &'a Config,
     settle: Duration,
     shutdown: &'a Shutdown,
@@ -54,7 +54,7 @@ pub struct Watch<'a> {
 
 impl<'a> Watch<'a> {
     /// A watcher of `cfg.root` (which must have watch settings) reading `reader`.
-    pub fn new(cfg: &'a Config, reader: Reader, shutdown: &'a Shutdown) -> Result<Self> {
+    pub(crate) fn new(cfg: &'a Config, reader: Reader, shutdown: &'a Shutdown) -> Result<Self> {
         let settings = cfg.watch.as_ref().context("watch settings missing")?;
         Ok(Watch {
             cfg,

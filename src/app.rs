@@ -1,0 +1,169 @@
+//! The command line, end to end: parse, configure, run, map the result to an exit code.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+use crate::{exit, logging, service, signals, state, status, verify};
+
+/// Runs the command the arguments name and says how it ended.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let verbosity = if cli.quiet {
+        -1
+    } else {
+        cli.verbose.min(3) as i8
+    };
+    match cli.command {
+        Command::Batch(args) => run_batch(Config::from_batch(&args, cli.quiet), verbosity),
+        Command::Watch(args) => run_watch(&args, cli.quiet, verbosity),
+        Command::CheckConfig(args) => {
+            match service::load(&args.file, &service::Overrides::default(), true, false) {
+                Ok(s) => {
+                    let line = format!(
+                        "{}: ok, {} pipelines\n",
+                        args.file.display(),
+                        s.pipelines.len()
+                    );
+                    written(
+                        std::io::stdout().lock().write_all(line.as_bytes()),
+                        exit::SUCCESS,
+                    )
+                }
+                Err(e) => fail(exit::USAGE, &e),
+            }
+        }
+        Command::Status(args) => {
+            let dir = args.state.unwrap_or_else(state::default_dir);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match status::print(&dir, args.failed, &mut out) {
+                Ok(()) => written(out.flush(), exit::SUCCESS),
+                Err(e) => match e.root_cause().downcast_ref::<std::io::Error>() {
+                    Some(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                        ExitCode::from(exit::SUCCESS)
+                    }
+                    Some(_) => fail(exit::FAILURES, &e),
+                    None => fail(exit::USAGE, &e),
+                },
+            }
+        }
+        Command::Verify(args) => {
+            if let Err(e) = logging::init(verbosity, None) {
+                return fail(exit::USAGE, &e);
+            }
+            let jobs = args
+                .jobs
+                .map_or_else(crate::config::default_jobs, usize::from);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match verify::run(&args.target, jobs, cli.quiet, &mut out) {
+                Err(e @ verify::Error::Setup(_)) => fail(exit::USAGE, &e.into()),
+                Err(e @ verify::Error::Output(_)) => fail(exit::FAILURES, &e.into()),
+                Ok(r) if r.success() => ExitCode::from(exit::SUCCESS),
+                Ok(_) => ExitCode::from(exit::FAILURES),
+            }
+        }
+        #[cfg(feature = "demos")]
+        Command::Demo(args) => match crate::demo::run(&args) {
+            Ok(code) => code,
+            Err(e) => fail(exit::FAILURES, &e),
+        },
+    }
+}
+
+/// A one-shot batch over one tree.
+fn run_batch(cfg: anyhow::Result<Config>, verbosity: i8) -> ExitCode {
+    let cfg = match cfg {
+        Ok(cfg) => cfg,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    if let Err(e) = logging::init(verbosity, cfg.failure_log.as_deref()) {
+        return fail(exit::USAGE, &e);
+    }
+    let shutdown = match signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURES, &e),
+    };
+    let mut summary = match crate::run::batch(&cfg, &shutdown) {
+        Ok(s) => s,
+        Err(e) => {
+            // Stopped by a failed manifest write: the account of the files is still given.
+            if let Some(stopped) = e.downcast_ref::<crate::report::Stopped>() {
+                let _ = stopped.summary.print(&cfg);
+            }
+            return fail(exit::FAILURES, &e);
+        }
+    };
+    summary.interrupted_by = shutdown.signal();
+    if let Err(e) = summary.print(&cfg) {
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            return fail(exit::FAILURES, &e.into());
+        }
+    }
+    match shutdown.signal() {
+        Some(sig) => exit::interrupted(sig),
+        None if summary.failed > 0 => ExitCode::from(exit::FAILURES),
+        None => ExitCode::from(exit::SUCCESS),
+    }
+}
+
+/// `watch DIR` (one pipeline from the command line) or `watch --config FILE` (one per
+/// `[[watch]]` table): both under the service supervisor, so both speak sd_notify.
+fn run_watch(args: &crate::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCode {
+    let loaded = match args.config.as_deref() {
+        Some(path) => service::Overrides::from_args(args)
+            .and_then(|o| service::load(path, &o, quiet, true).map(|s| (o, s))),
+        None => Config::from_watch(args, quiet).map(|cfg| {
+            let failure_log = cfg.failure_log.clone();
+            let svc = service::Service {
+                pipelines: vec![cfg],
+                failure_log,
+            };
+            (service::Overrides::default(), svc)
+        }),
+    };
+    let (overrides, svc) = match loaded {
+        Ok(x) => x,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    if let Err(e) = logging::init(verbosity, svc.failure_log.as_deref()) {
+        return fail(exit::USAGE, &e);
+    }
+    let shutdown = match signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURES, &e),
+    };
+    match service::run(args.config.as_deref(), &overrides, svc, &shutdown, quiet) {
+        Ok(summaries) => {
+            for (cfg, summary) in summaries {
+                if let Err(e) = summary.print(&cfg) {
+                    if e.kind() != std::io::ErrorKind::BrokenPipe {
+                        return fail(exit::FAILURES, &e.into());
+                    }
+                }
+            }
+            // A signal is how a daemon is meant to stop: a clean drain is success.
+            ExitCode::from(exit::SUCCESS)
+        }
+        Err(e) => fail(exit::FAILURES, &e),
+    }
+}
+
+/// `code`, unless writing the output failed: a closed pipe (`| head`) is the reader's choice,
+/// any other failure (a full disk) means nobody saw the result.
+fn written(result: std::io::Result<()>, code: u8) -> ExitCode {
+    match result {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(
+            exit::FAILURES,
+            &anyhow::Error::new(e).context("writing to stdout"),
+        ),
+        _ => ExitCode::from(code),
+    }
+}
+
+fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
+    eprintln!("filepipe: error: {e:#}");
+    ExitCode::from(code)
+}
