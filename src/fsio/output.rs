@@ -271,8 +271,15 @@ fn temp_name() -> OsString {
 
 /// Whether temps can be anonymous here: `O_TMPFILE`, and `/proc/self/fd` to link one by
 /// (linking by descriptor alone needs CAP_DAC_READ_SEARCH). Cleared for good at the first file
-/// system that refuses either, or when `FILEPIPE_TEMPS=named` asks for named temps.
+/// system that refuses either.
 static ANONYMOUS: AtomicBool = AtomicBool::new(true);
+
+/// Whether `FILEPIPE_TEMPS=named` asks for temps that have a name while they are written, as
+/// where anonymous ones cannot be published (for tests of that path on any file system).
+fn named_requested() -> bool {
+    static NAMED: OnceLock<bool> = OnceLock::new();
+    *NAMED.get_or_init(|| std::env::var_os("FILEPIPE_TEMPS").is_some_and(|v| v == "named"))
+}
 
 impl TempOutput {
     /// Creates a fresh temp in `dir`: anonymous where it can be, else named, locked and
@@ -283,7 +290,7 @@ impl TempOutput {
         // Anonymous only where its link needs no flush of its own: elsewhere a named temp costs
         // a few calls and no flush (its own fsync writes its link count, and the directory's
         // fsync its rename), where an anonymous one would need a second flush once linked.
-        if ANONYMOUS.load(Ordering::Relaxed) && !link_needs_fsync(&dir) {
+        if ANONYMOUS.load(Ordering::Relaxed) && !named_requested() && !link_needs_fsync(&dir) {
             match create_anonymous(&dir) {
                 Ok(fd) => {
                     return Ok(TempOutput {
@@ -407,10 +414,7 @@ impl TempOutput {
 /// `/proc/self/fd` to link it by later.
 fn create_anonymous(dir: &Dir) -> Result<OwnedFd, Errno> {
     static USABLE: OnceLock<bool> = OnceLock::new();
-    let usable = *USABLE.get_or_init(|| {
-        std::env::var_os("FILEPIPE_TEMPS").is_none_or(|v| v != "named")
-            && Path::new("/proc/self/fd").is_dir()
-    });
+    let usable = *USABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir());
     if !usable {
         return Err(Errno::NOENT);
     }
@@ -424,6 +428,12 @@ fn create_anonymous(dir: &Dir) -> Result<OwnedFd, Errno> {
         let Ok(probe) = rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600)) else {
             return false;
         };
+        // Locked and marked before it has a name, as every temp: a crash before the unlink
+        // leaves nothing a sweep cannot remove.
+        if fslock::lock(&probe, LockKind::Write, true).is_err() {
+            return false;
+        }
+        mark(&probe, &dir.path);
         let name = temp_name();
         let linked = link_anonymous(&File::from(probe), dir, &name).is_ok();
         if linked {
@@ -452,11 +462,34 @@ fn link_anonymous(fd: &File, dir: &Dir, name: &OsStr) -> Result<(), Errno> {
     rfs::linkat(rfs::CWD, &proc_link, &dir.fd, name, AtFlags::SYMLINK_FOLLOW)
 }
 
-/// Creates the named temp `name` in `dir` (where anonymous temps cannot be), then locks and
-/// marks it. A crash between the creation and the mark leaves an unmarked temp, which no sweep
-/// removes: it is reported instead. The lock waits: a sweeper examining the file in the
-/// instant after its creation holds a read lock for microseconds.
+/// Creates the named temp `name` in `dir` (where anonymous temps cannot be published), locked
+/// and marked as this process's. Where the file system has anonymous files, it is made
+/// anonymous, locked and marked, and only then given its name: it never exists by name without
+/// its mark and its lock, so a crash at any instant leaves nothing a sweep cannot prove to be
+/// filepipe's. (Its name comes before its first byte, so the fsync of its data also writes its
+/// link count.) Elsewhere it is created by name, then locked and marked: a crash between the
+/// two leaves an empty, unmarked temp, which no sweep removes; it is reported instead.
 fn create_named(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
+    if ANONYMOUS.load(Ordering::Relaxed) {
+        match create_anonymous(dir) {
+            Ok(fd) => {
+                // Dropped on failure: an anonymous file leaves nothing behind.
+                fslock::lock(&fd, LockKind::Write, true)?;
+                let marked = mark(&fd, &dir.path);
+                let file = File::from(fd);
+                match link_anonymous(&file, dir, name) {
+                    Ok(()) => return Ok((OwnedFd::from(file), marked)),
+                    Err(Errno::EXIST) => return Err(Errno::EXIST),
+                    Err(e) => no_anonymous_temps(e),
+                }
+            }
+            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS | Errno::NOENT) => {
+                tracing::debug!(dir = %dir.path.display(), "no anonymous temps here");
+                ANONYMOUS.store(false, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+    }
     let flags = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     let fd = rfs::openat(&dir.fd, name, flags, Mode::from_raw_mode(0o600))?;
     if let Err(e) = fslock::lock(&fd, LockKind::Write, true) {
@@ -503,7 +536,11 @@ impl SyncedTemp {
     /// a named one is renamed, its mark removed once the name is final (a crash in between
     /// leaves it on an output, where it means nothing). On failure the temp is still there,
     /// to be looked at, until this is dropped.
-    pub(crate) fn rename(&mut self, final_name: &OsStr, replace: bool) -> Result<Arc<Dir>, FileError> {
+    pub(crate) fn rename(
+        &mut self,
+        final_name: &OsStr,
+        replace: bool,
+    ) -> Result<Arc<Dir>, FileError> {
         let temp = &mut self.0;
         let ctx = |what: &str| format!("{what} {}", temp.dir.path.join(final_name).display());
         let exists = |e: Errno| FileError {

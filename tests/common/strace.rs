@@ -284,8 +284,8 @@ pub fn is_temp_name(arg: &str) -> bool {
 }
 
 /// Every publish of an output in `calls`: a link of an anonymous temp (`/proc/self/fd/N`) to a
-/// final name, or the rename of a named temp to one. Links to temp names (the probe, and the
-/// first step of a replacing publish) are not publishes.
+/// final name, or the rename of a named temp to one. Links to temp names (the probe, a named
+/// temp's birth, and the first step of a replacing publish) are not publishes.
 pub fn publishes(calls: &[Call]) -> Vec<Publish> {
     let mut named_fd: HashMap<String, String> = HashMap::new();
     let mut out = Vec::new();
@@ -306,6 +306,11 @@ pub fn publishes(calls: &[Call]) -> Vec<Publish> {
                     fd,
                     dir: fd_path(&c.arg(2)).to_string(),
                 });
+            }
+            // A named temp born anonymous (locked and marked first), then given its temp name.
+            "linkat" if c.ok() && c.arg(1).starts_with("\"/proc/self/fd/") => {
+                let fd = c.arg(1).trim_matches('"')["/proc/self/fd/".len()..].to_string();
+                named_fd.insert(c.arg(3), fd);
             }
             "renameat2" | "renameat" if is_temp_name(&c.arg(1)) && !is_temp_name(&c.arg(3)) => {
                 let fd = named_fd
