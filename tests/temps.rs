@@ -57,7 +57,7 @@ fn a_kill_while_a_temp_is_being_marked_leaves_no_temp_behind() {
         ])
         .arg(format!("inject=fsetxattr:signal=KILL:when={n}"))
         .arg(bin())
-        .args(&args)
+        .args(args)
         .env("FILEPIPE_TEMPS", "named");
         let killed = run(cmd);
         // strace dies of the signal its tracee died of.
