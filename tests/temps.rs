@@ -44,7 +44,8 @@ fn a_kill_while_a_temp_is_being_marked_leaves_no_temp_behind() {
             s("--jobs"),
             s("2"),
         ];
-        // Named temps whatever the file system (tmpfs and journaled ones get anonymous ones).
+        // Named temps born anonymous whatever the file system (as without a journal; tmpfs
+        // and journaled ones get anonymous ones).
         let mut cmd = Command::new("strace");
         cmd.args([
             "-f",
@@ -58,7 +59,7 @@ fn a_kill_while_a_temp_is_being_marked_leaves_no_temp_behind() {
         .arg(format!("inject=fsetxattr:signal=KILL:when={n}"))
         .arg(bin())
         .args(args)
-        .env("FILEPIPE_TEMPS", "named");
+        .env("FILEPIPE_TEMPS", "linked");
         let killed = run(cmd);
         // strace dies of the signal its tracee died of.
         assert_eq!(
@@ -70,7 +71,7 @@ fn a_kill_while_a_temp_is_being_marked_leaves_no_temp_behind() {
         // Temps named before the kill carry the mark, and the rerun's sweep removes them; it
         // finishes every file, with no unmarked temp to warn about and leave.
         let mut rerun = filepipe(&args);
-        rerun.env("FILEPIPE_TEMPS", "named").arg("--json");
+        rerun.env("FILEPIPE_TEMPS", "linked").arg("--json");
         let out = run(rerun);
         let summary = summary_of(&out, 0);
         assert_eq!(summary["files"], 8, "{summary}");
@@ -83,4 +84,56 @@ fn a_kill_while_a_temp_is_being_marked_leaves_no_temp_behind() {
             "killed at fsetxattr call {n}: temps left: {left:?}"
         );
     }
+}
+
+/// One file's failed link (no space left, here injected) fails that file alone: later temps
+/// are still named only once marked, so a kill at a later mark leaves nothing behind either.
+#[test]
+fn a_failed_link_fails_its_file_and_later_temps_are_still_marked_before_named() {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace to fail a link and stop the run at a temp's mark");
+        return;
+    }
+    let mut t = TestTree::new();
+    for i in 0..6 {
+        t = t.file(format!("f{i}.log"), &text_bytes(50_000, i));
+    }
+    let out_dir = t.side("out");
+    let root = t.root();
+    let args = [
+        s("batch"),
+        root.as_os_str(),
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        out_dir.as_os_str(),
+        s("--jobs"),
+        s("1"),
+    ];
+    let mut cmd = Command::new("strace");
+    // The probe's link is the first; the second is a temp's birth.
+    cmd.args([
+        "-f",
+        "-qq",
+        "-o",
+        "/dev/null",
+        "-e",
+        "trace=linkat,fsetxattr",
+    ])
+    .args(["-e", "inject=linkat:error=ENOSPC:when=2"])
+    .args(["-e", "inject=fsetxattr:signal=KILL:when=4"])
+    .arg(bin())
+    .args(args)
+    .env("FILEPIPE_TEMPS", "linked");
+    let killed = run(cmd);
+    assert_eq!(killed.status.signal(), Some(9), "{killed:?}");
+    let mut rerun = filepipe(&args);
+    rerun.env("FILEPIPE_TEMPS", "linked").arg("--json");
+    let out = run(rerun);
+    let summary = summary_of(&out, 0);
+    assert_eq!(summary["files"], 6, "{summary}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("not marked"), "{stderr}");
+    let left = temps_under(t.dir.path());
+    assert!(left.is_empty(), "temps left: {left:?}");
 }

@@ -269,16 +269,67 @@ fn temp_name() -> OsString {
     OsString::from(format!("{}{n}{TEMP_SUFFIX}", own_prefix()))
 }
 
-/// Whether temps can be anonymous here: `O_TMPFILE`, and `/proc/self/fd` to link one by
-/// (linking by descriptor alone needs CAP_DAC_READ_SEARCH). Cleared for good at the first file
-/// system that refuses either.
+/// Whether temps can be anonymous at all: `/proc/self/fd` to link one by (linking by
+/// descriptor alone needs CAP_DAC_READ_SEARCH), and links of them allowed (a sandbox may
+/// refuse them). File systems without `O_TMPFILE` are kept apart (`no_tmpfile`).
 static ANONYMOUS: AtomicBool = AtomicBool::new(true);
 
-/// Whether `FILEPIPE_TEMPS=named` asks for temps that have a name while they are written, as
-/// where anonymous ones cannot be published (for tests of that path on any file system).
-fn named_requested() -> bool {
-    static NAMED: OnceLock<bool> = OnceLock::new();
-    *NAMED.get_or_init(|| std::env::var_os("FILEPIPE_TEMPS").is_some_and(|v| v == "named"))
+/// What `FILEPIPE_TEMPS` asks for, for tests of each path on any file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TempsKnob {
+    /// Unset: anonymous temps where their link needs no flush of its own, else named ones
+    /// born anonymous, else (no `O_TMPFILE`) named ones created by name.
+    Auto,
+    /// `linked`: named temps, born anonymous (as without a journal).
+    Linked,
+    /// `named`: named temps created by name (as where the file system has no `O_TMPFILE`).
+    Named,
+}
+
+fn temps_knob() -> TempsKnob {
+    static KNOB: OnceLock<TempsKnob> = OnceLock::new();
+    *KNOB.get_or_init(|| match std::env::var_os("FILEPIPE_TEMPS") {
+        Some(v) if v == "named" => TempsKnob::Named,
+        Some(v) if v == "linked" => TempsKnob::Linked,
+        _ => TempsKnob::Auto,
+    })
+}
+
+/// The file systems (by device) found to refuse anonymous files or their links: named temps
+/// there are created by name. Kept per file system, so that one output tree on a file system
+/// without `O_TMPFILE` (NFS, a FUSE one) costs the others nothing.
+fn no_tmpfile() -> &'static std::sync::Mutex<std::collections::HashSet<u64>> {
+    static SET: OnceLock<std::sync::Mutex<std::collections::HashSet<u64>>> = OnceLock::new();
+    SET.get_or_init(Default::default)
+}
+
+/// Whether anonymous files may be tried in `dir`.
+fn tmpfile_tried(dir: &Dir) -> bool {
+    if !ANONYMOUS.load(Ordering::Relaxed) || temps_knob() == TempsKnob::Named {
+        return false;
+    }
+    let dev = dir.id().map(|(dev, _)| dev);
+    dev.is_none_or(|dev| no_tmpfile().lock().map_or(true, |set| !set.contains(&dev)))
+}
+
+/// `dir`'s file system refuses anonymous files, or their links (`e` says which).
+fn refuse_tmpfile(dir: &Dir, e: Errno) {
+    if let Some((dev, _)) = dir.id() {
+        if let Ok(mut set) = no_tmpfile().lock() {
+            if set.insert(dev) {
+                tracing::debug!(dir = %dir.path.display(), error = %e, "no anonymous temps on this file system");
+            }
+        }
+    }
+}
+
+/// Whether `e`, from making or linking an anonymous file, means the file system (or a sandbox)
+/// does not allow it, rather than a failure of this one file (no space, a directory removed).
+fn tmpfile_unsupported(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS | Errno::PERM | Errno::XDEV
+    )
 }
 
 impl TempOutput {
@@ -290,7 +341,7 @@ impl TempOutput {
         // Anonymous only where its link needs no flush of its own: elsewhere a named temp costs
         // a few calls and no flush (its own fsync writes its link count, and the directory's
         // fsync its rename), where an anonymous one would need a second flush once linked.
-        if ANONYMOUS.load(Ordering::Relaxed) && !named_requested() && !link_needs_fsync(&dir) {
+        if temps_knob() == TempsKnob::Auto && tmpfile_tried(&dir) && !link_needs_fsync(&dir) {
             match create_anonymous(&dir) {
                 Ok(fd) => {
                     return Ok(TempOutput {
@@ -302,14 +353,8 @@ impl TempOutput {
                         published: false,
                     })
                 }
-                // Not supported by this file system (or kernel), or no /proc: temps are
-                // created by name from now on.
-                Err(
-                    Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS | Errno::NOENT,
-                ) => {
-                    tracing::debug!(dir = %dir.path.display(), "no anonymous temps here");
-                    ANONYMOUS.store(false, Ordering::Relaxed);
-                }
+                // Not supported by this file system: temps are created by name here from now on.
+                Err(e) if tmpfile_unsupported(e) => refuse_tmpfile(&dir, e),
                 Err(e) => return Err(failed(e)),
             }
         }
@@ -416,7 +461,9 @@ fn create_anonymous(dir: &Dir) -> Result<OwnedFd, Errno> {
     static USABLE: OnceLock<bool> = OnceLock::new();
     let usable = *USABLE.get_or_init(|| Path::new("/proc/self/fd").is_dir());
     if !usable {
-        return Err(Errno::NOENT);
+        // No /proc to link one by: not here, and nowhere else either.
+        ANONYMOUS.store(false, Ordering::Relaxed);
+        return Err(Errno::NOSYS);
     }
     let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
     let fd = rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600))?;
@@ -428,21 +475,24 @@ fn create_anonymous(dir: &Dir) -> Result<OwnedFd, Errno> {
         let Ok(probe) = rfs::openat(&dir.fd, ".", flags, Mode::from_raw_mode(0o600)) else {
             return false;
         };
-        // Locked and marked before it has a name, as every temp: a crash before the unlink
-        // leaves nothing a sweep cannot remove.
-        if fslock::lock(&probe, LockKind::Write, true).is_err() {
-            return false;
-        }
+        // Locked and marked before it has a name, as every temp, and unlinked before its lock
+        // goes with its descriptor: a crash before the unlink leaves nothing a sweep cannot
+        // remove, and no sweep ever sees it unlocked while this process lives.
+        let _ = fslock::lock(&probe, LockKind::Write, true);
         mark(&probe, &dir.path);
+        let probe = File::from(probe);
         let name = temp_name();
-        let linked = link_anonymous(&File::from(probe), dir, &name).is_ok();
+        let linked = link_anonymous(&probe, dir, &name).is_ok();
         if linked {
             let _ = rfs::unlinkat(&dir.fd, &name, AtFlags::empty());
         }
+        drop(probe);
         linked
     });
     if !links {
-        return Err(Errno::NOENT);
+        // A sandbox that allows O_TMPFILE and refuses the link: nowhere, then.
+        ANONYMOUS.store(false, Ordering::Relaxed);
+        return Err(Errno::NOSYS);
     }
     Ok(fd)
 }
@@ -470,7 +520,7 @@ fn link_anonymous(fd: &File, dir: &Dir, name: &OsStr) -> Result<(), Errno> {
 /// link count.) Elsewhere it is created by name, then locked and marked: a crash between the
 /// two leaves an empty, unmarked temp, which no sweep removes; it is reported instead.
 fn create_named(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
-    if ANONYMOUS.load(Ordering::Relaxed) {
+    if tmpfile_tried(dir) {
         match create_anonymous(dir) {
             Ok(fd) => {
                 // Dropped on failure: an anonymous file leaves nothing behind.
@@ -479,14 +529,13 @@ fn create_named(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
                 let file = File::from(fd);
                 match link_anonymous(&file, dir, name) {
                     Ok(()) => return Ok((OwnedFd::from(file), marked)),
-                    Err(Errno::EXIST) => return Err(Errno::EXIST),
-                    Err(e) => no_anonymous_temps(e),
+                    Err(e) if tmpfile_unsupported(e) => refuse_tmpfile(dir, e),
+                    // EXIST (the caller takes the next name), or a failure of this file (no
+                    // space, the directory removed): never a reason to create by name.
+                    Err(e) => return Err(e),
                 }
             }
-            Err(Errno::OPNOTSUPP | Errno::ISDIR | Errno::INVAL | Errno::NOSYS | Errno::NOENT) => {
-                tracing::debug!(dir = %dir.path.display(), "no anonymous temps here");
-                ANONYMOUS.store(false, Ordering::Relaxed);
-            }
+            Err(e) if tmpfile_unsupported(e) => refuse_tmpfile(dir, e),
             Err(e) => return Err(e),
         }
     }

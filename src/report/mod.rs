@@ -99,11 +99,14 @@ pub(crate) fn run(
             Event::Finished(outcomes) => {
                 for outcome in outcomes {
                     let disposition = sink.outcome(&outcome);
+                    // Only what the sink took is ever reported recorded: a failed write (which
+                    // stops the run) must not let a source forget or acknowledge the file.
+                    let taken = disposition.is_ok();
                     let disposition = disposition.unwrap_or_else(|e| {
                         guard(Err(e));
                         Disposition::Final
                     });
-                    if recorded.is_some() {
+                    if taken && recorded.is_some() {
                         unreported.push(Recorded {
                             rel: outcome.rel().to_path_buf(),
                             retry_after: match disposition {
