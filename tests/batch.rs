@@ -24,7 +24,7 @@ fn p(x: &std::path::Path) -> &OsStr {
 const LONG_NAME: [u8; 253] = [b'n'; 253];
 
 /// Runs `filepipe batch <t's root> args...`.
-fn batch(t: &TestTree, args: &[&OsStr]) -> std::process::Output {
+fn batch(t: &TestTree, args: &[&OsStr]) -> Run {
     let root = t.root();
     let mut cmd = filepipe(&[s("batch"), root.as_os_str()]);
     cmd.args(args);
@@ -32,11 +32,7 @@ fn batch(t: &TestTree, args: &[&OsStr]) -> std::process::Output {
 }
 
 /// `filepipe batch --op sha256` with a manifest and a failure log.
-fn sha256_batch(
-    t: &TestTree,
-    manifest: &std::path::Path,
-    log: &std::path::Path,
-) -> std::process::Output {
+fn sha256_batch(t: &TestTree, manifest: &std::path::Path, log: &std::path::Path) -> Run {
     batch(
         t,
         &[
@@ -70,13 +66,7 @@ fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
     let t = awkward_tree();
     let manifest = t.side("SHA256SUMS");
     let log = t.side("failures.jsonl");
-    let out = sha256_batch(&t, &manifest, &log);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sha256_batch(&t, &manifest, &log).success();
     let check = tool(
         "sha256sum",
         &[s("-c"), s("--strict"), p(&manifest)],
@@ -92,33 +82,28 @@ fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
     assert_eq!(text.iter().filter(|&&b| b == b'\n').count(), 10);
     assert!(failure_log(&log).is_empty());
     // Verify agrees.
-    let v = run({
+    run({
         let mut c = filepipe(&[s("verify"), p(&manifest)]);
         c.current_dir(t.root());
         c
-    });
-    assert_eq!(
-        v.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&v.stdout)
-    );
+    })
+    .success();
 }
 
 #[test]
 fn sha256_manifest_on_stdout_matches_file_manifest() {
     let t = awkward_tree();
     let out = batch(&t, &[s("--op"), s("sha256"), s("-q")]);
-    assert!(out.status.success());
+    out.success();
     let m = t.side("stdout.sha");
-    fs::write(&m, &out.stdout).unwrap();
+    fs::write(&m, &out.output().stdout).unwrap();
     assert!(tool("sha256sum", &[s("-c"), p(&m)], &t.root())
         .status
         .success());
     assert!(
-        out.stderr.is_empty(),
+        out.output().stderr.is_empty(),
         "quiet run printed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr()
     );
 }
 
@@ -127,14 +112,8 @@ fn gzip_outputs_pass_gzip_t_and_gunzip_to_identical_bytes() {
     let t = awkward_tree().file("big/multi-block.log", &text_bytes(6_000_000, 2));
     fs::set_permissions(t.path("plain.txt"), fs::Permissions::from_mode(0o600)).unwrap();
     let log = t.side("failures.jsonl");
-    let out = batch(&t, &[s("--op"), s("gzip"), s("--failure-log"), p(&log)]);
     // The 253-byte name cannot take ".gz": one clean per-file failure, exit 1.
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    batch(&t, &[s("--op"), s("gzip"), s("--failure-log"), p(&log)]).code(1);
     let log = failure_log(&log);
     let too_long = records_of(&log, "name-too-long");
     assert_eq!(too_long.len(), 1, "{log:?}");
@@ -187,7 +166,7 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
         .file("a/small.txt", &text_bytes(3_000, 4))
         .file("c/noise.bin", &noise_bytes(700_000, 5));
     let out_dir = t.side("out");
-    let out = batch(
+    let summary = batch(
         &t,
         &[
             s("--op"),
@@ -198,8 +177,9 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
             s("2"),
             s("--json"),
         ],
-    );
-    let summary = summary_of(&out, 0);
+    )
+    .code(0)
+    .summary();
     assert_eq!(
         (summary["files"].as_u64(), summary["done"].as_u64()),
         (Some(3), Some(3))
@@ -232,7 +212,7 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
     );
     // The default level is 6: the same bytes as asking for it.
     let six = t.side("out6");
-    let again = batch(
+    batch(
         &t,
         &[
             s("--op"),
@@ -242,8 +222,8 @@ fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
             s("--level"),
             s("6"),
         ],
-    );
-    assert_eq!(again.status.code(), Some(0));
+    )
+    .success();
     for rel in rels {
         let gz = format!("{rel}.gz");
         let (a, b) = (
@@ -305,7 +285,7 @@ fn special_files_are_skipped_without_opening() {
     for op in ["gzip", "sha256"] {
         // The log is appended to: each run's records on their own.
         let _ = fs::remove_file(&log);
-        let out = run(filepipe(
+        run(filepipe(
             &[
                 s("batch"),
                 p(&t.root()),
@@ -315,13 +295,8 @@ fn special_files_are_skipped_without_opening() {
                 p(&log),
                 s("--force"),
             ][..if op == "gzip" { 7 } else { 6 }],
-        ));
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        ))
+        .success();
         let log = failure_log(&log);
         let special = records_of(&log, "special-file");
         assert_eq!(special.len(), expected, "{log:?}");
@@ -380,13 +355,7 @@ fn symlinks_are_reported_and_never_followed_by_default() {
             &a.iter().map(|x| x.as_os_str()).collect::<Vec<_>>(),
         ))
     };
-    let out = run_with(false);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_with(false).success();
     let records = failure_log(&log);
     assert_eq!(records_of(&records, "symlink").len(), 7, "{records:?}");
     let m = fs::read_to_string(&manifest).unwrap();
@@ -394,13 +363,7 @@ fn symlinks_are_reported_and_never_followed_by_default() {
 
     // Followed: links inside the root are processed, links leading out still refused.
     fs::remove_file(&log).unwrap();
-    let out = run_with(true);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_with(true).success();
     let m = fs::read_to_string(&manifest).unwrap();
     let names: Vec<&str> = m.lines().map(|l| &l[66..]).collect();
     assert_eq!(names, ["real/file", "to-dir/file", "to-file"], "{m}");
@@ -425,12 +388,7 @@ fn unreadable_file_and_directory_fail_per_file_and_run_continues() {
         .args([s("--manifest"), p(&manifest), s("--failure-log"), p(&log)]);
     let out = run(cmd);
     fs::set_permissions(t.path("locked-dir"), fs::Permissions::from_mode(0o755)).unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    out.code(1);
     let records = failure_log(&log);
     let denied = records_of(&records, "permission-denied");
     assert_eq!(denied.len(), 2, "{records:?}");
@@ -451,8 +409,7 @@ fn existing_different_output_is_kept_unless_force() {
         .file("x", &text_bytes(10_000, 9))
         .file("x.gz", b"not mine");
     let log = t.side("f.jsonl");
-    let out = batch(&t, &[s("--op"), s("gzip"), s("--failure-log"), p(&log)]);
-    assert_eq!(out.status.code(), Some(1));
+    batch(&t, &[s("--op"), s("gzip"), s("--failure-log"), p(&log)]).code(1);
     assert_eq!(fs::read(t.path("x.gz")).unwrap(), b"not mine");
     let records = failure_log(&log);
     assert_eq!(
@@ -466,13 +423,7 @@ fn existing_different_output_is_kept_unless_force() {
         "{records:?}"
     );
 
-    let out = batch(&t, &[s("--op"), s("gzip"), s("--force")]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    batch(&t, &[s("--op"), s("gzip"), s("--force")]).success();
     let back = tool("gunzip", &[s("-c"), p(&t.path("x.gz"))], t.dir.path());
     assert_eq!(back.stdout, fs::read(t.path("x")).unwrap());
 }
@@ -483,16 +434,16 @@ fn rerun_skips_up_to_date_outputs_and_never_makes_gz_gz() {
         .file("a.txt", b"aaaa")
         .file("d/b.txt", b"bbbb");
     let first = batch(&t, &[s("--op"), s("gzip"), s("--json")]);
-    assert_eq!(summary_of(&first, 0)["done"], 2);
+    assert_eq!(first.code(0).summary()["done"], 2);
     let second = batch(&t, &[s("--op"), s("gzip"), s("--json")]);
-    let sum = summary_of(&second, 0);
+    let sum = second.code(0).summary();
     assert_eq!(sum["done"], 0);
     assert_eq!(sum["skipped_by_reason"]["up-to-date"], 2);
     assert_eq!(sum["skipped_by_reason"]["already-compressed"], 2);
     assert!(!t.path("a.txt.gz.gz").exists());
     // --force redoes them.
     let forced = batch(&t, &[s("--op"), s("gzip"), s("--json"), s("--force")]);
-    assert_eq!(summary_of(&forced, 0)["done"], 2);
+    assert_eq!(forced.code(0).summary()["done"], 2);
 }
 
 #[test]
@@ -503,7 +454,7 @@ fn remove_source_deletes_verified_inputs_but_keeps_hard_linked_ones() {
     fs::hard_link(t.path("linked"), t.side("other-name")).unwrap();
     let original = fs::read(t.path("single")).unwrap();
     let log = t.side("f.jsonl");
-    let out = batch(
+    batch(
         &t,
         &[
             s("--op"),
@@ -512,13 +463,8 @@ fn remove_source_deletes_verified_inputs_but_keeps_hard_linked_ones() {
             s("--failure-log"),
             p(&log),
         ],
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    )
+    .success();
     assert!(!t.path("single").exists());
     let back = tool("gunzip", &[s("-c"), p(&t.path("single.gz"))], t.dir.path());
     assert_eq!(back.stdout, original);
@@ -552,7 +498,7 @@ fn remove_source_keeps_an_input_it_may_not_unlink_and_says_why() {
     for dir in [t.root(), t.path("sub")] {
         fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let summary = summary_of(&out, 0);
+    let summary = out.code(0).summary();
     assert_eq!(
         (summary["done"].as_u64(), summary["failed"].as_u64()),
         (Some(2), Some(0))
@@ -596,7 +542,7 @@ fn planted_symlink_in_output_tree_is_refused() {
     fs::create_dir(&out_dir).unwrap();
     std::os::unix::fs::symlink(outside.path(), out_dir.join("a")).unwrap();
     let log = t.side("f.jsonl");
-    let out = batch(
+    batch(
         &t,
         &[
             s("--op"),
@@ -606,8 +552,8 @@ fn planted_symlink_in_output_tree_is_refused() {
             s("--failure-log"),
             p(&log),
         ],
-    );
-    assert_eq!(out.status.code(), Some(1));
+    )
+    .code(1);
     let records = failure_log(&log);
     assert_eq!(
         records_of(&records, "unsafe-output-path").len(),
@@ -640,13 +586,7 @@ fn rlimit_fsize_is_a_per_file_efbig_and_later_files_still_done() {
         s("--failure-log"),
         p(&log),
     ]);
-    let out = run(cmd);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(cmd).code(1);
     let records = failure_log(&log);
     let efbig = records_of(&records, "file-too-large");
     assert_eq!(efbig.len(), 1, "{records:?}");
@@ -685,19 +625,13 @@ exit $code"#;
         ]);
         c
     });
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert_ne!(
-        out.status.code(),
+        out.output().status.code(),
         Some(99),
         "could not mount a tmpfs: {}",
-        String::from_utf8_lossy(&out.stderr)
+        out.stderr()
     );
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = out.code(1).stdout();
     assert!(stdout.contains("temps=0 small=2"), "{stdout}");
     let records = failure_log(&log);
     let full = records_of(&records, "no-space");
@@ -737,12 +671,7 @@ fn file_appended_while_read_is_never_published() {
     let out = sha256_batch(&t, &manifest, &log);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    out.code(1);
     let records = failure_log(&log);
     assert_eq!(
         records_of(&records, "changed-while-read").len(),
@@ -775,7 +704,7 @@ fn sigint_drains_in_flight_files_and_leaves_valid_outputs() {
         t = t.file(format!("f{i:03}.log"), &text_bytes(1_500_000, i));
     }
     let log = t.side("f.jsonl");
-    let child = filepipe(&[
+    let child = spawn(&[
         s("batch"),
         p(&t.root()),
         s("--op"),
@@ -787,11 +716,7 @@ fn sigint_drains_in_flight_files_and_leaves_valid_outputs() {
         s("--failure-log"),
         p(&log),
         s("--json"),
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
     // Mid-run: at least one output published.
     wait_until(Duration::from_secs(60), "a first output", || {
         fs::read_dir(t.root())
@@ -799,8 +724,7 @@ fn sigint_drains_in_flight_files_and_leaves_valid_outputs() {
             .any(|e| e.unwrap().file_name().as_bytes().ends_with(b".gz"))
     });
     signal(&child, rustix::process::Signal::INT);
-    let out = wait_output(child, Duration::from_secs(60));
-    let summary = summary_of(&out, 130);
+    let summary = child.finish(Duration::from_secs(60)).code(130).summary();
     assert_eq!(summary["interrupted_by"], 2);
     let done = summary["done"].as_u64().unwrap();
     assert!((1..60).contains(&done), "{summary}");
@@ -842,7 +766,7 @@ fn sigterm_leaves_a_valid_manifest_for_the_files_done() {
         t = t.file(format!("d{}/f{i}", i % 10), &text_bytes(2000, i));
     }
     let manifest = t.side("m");
-    let child = filepipe(&[
+    let mut cmd = filepipe(&[
         s("batch"),
         p(&t.root()),
         s("--op"),
@@ -851,11 +775,9 @@ fn sigterm_leaves_a_valid_manifest_for_the_files_done() {
         s("1"),
         s("--manifest"),
         p(&manifest),
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let child = Started::new(cmd);
     // As soon as its handler is in place, freeze it, so the signal certainly lands mid-run.
     wait_until(Duration::from_secs(30), "the SIGTERM handler", || {
         catches(&child, 15)
@@ -863,13 +785,7 @@ fn sigterm_leaves_a_valid_manifest_for_the_files_done() {
     signal(&child, rustix::process::Signal::STOP);
     signal(&child, rustix::process::Signal::TERM);
     signal(&child, rustix::process::Signal::CONT);
-    let out = wait_output(child, Duration::from_secs(60));
-    assert_eq!(
-        out.status.code(),
-        Some(143),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child.finish(Duration::from_secs(60)).code(143);
     let m = fs::read_to_string(&manifest).unwrap();
     assert!(m.lines().count() < 3000, "the run was not interrupted");
     if !m.is_empty() {
@@ -886,7 +802,7 @@ fn sigterm_leaves_a_valid_manifest_for_the_files_done() {
 #[test]
 fn second_signal_abandons_the_file_in_progress_without_partial_output() {
     let t = TestTree::new().file("huge.log", &text_bytes(80_000_000, 11));
-    let child = filepipe(&[
+    let mut cmd = filepipe(&[
         s("batch"),
         p(&t.root()),
         s("--op"),
@@ -895,11 +811,9 @@ fn second_signal_abandons_the_file_in_progress_without_partial_output() {
         s("9"),
         s("--jobs"),
         s("1"),
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ]);
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let child = Started::new(cmd);
     wait_until(Duration::from_secs(60), "the temp file", || {
         !temps_in_progress(&t.root()).is_empty()
     });
@@ -915,13 +829,7 @@ fn second_signal_abandons_the_file_in_progress_without_partial_output() {
     signal(&child, rustix::process::Signal::INT);
     std::thread::sleep(Duration::from_millis(50));
     signal(&child, rustix::process::Signal::TERM);
-    let out = wait_output(child, Duration::from_secs(60));
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child.finish(Duration::from_secs(60)).code(130);
     // Had the second signal been ignored, the drain would have published huge.log.gz.
     assert!(!t.path("huge.log.gz").exists());
     assert!(temps_under(t.dir.path()).is_empty());
@@ -982,8 +890,7 @@ fn sigkill_at_random_points_then_rerun_finishes_without_corruption() {
         }
     }
     let done_before = count_outputs();
-    let out = run(filepipe(&args));
-    let summary = summary_of(&out, 0);
+    let summary = run(filepipe(&args)).code(0).summary();
     assert_eq!(
         summary["skipped_by_reason"]["up-to-date"].as_u64(),
         Some(done_before as u64)
@@ -1021,8 +928,8 @@ fn include_and_exclude_globs_select_files() {
             s("skip"),
         ],
     );
-    assert!(out.status.success());
-    let m = String::from_utf8(out.stdout).unwrap();
+    out.success();
+    let m = std::str::from_utf8(&out.output().stdout).unwrap();
     let names: Vec<&str> = m.lines().map(|l| &l[66..]).collect();
     assert_eq!(names, ["a.log", "keep/d.log"]);
 }
@@ -1058,13 +965,7 @@ fn usage_errors_exit_2() {
             s("a["),
         ],
     ] {
-        let out = run(filepipe(&args));
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run(filepipe(&args)).code(2);
     }
 }
 
@@ -1098,14 +999,14 @@ fn stale_temps_are_removed_from_the_output_tree_and_the_manifest_directory() {
         &t,
         &[s("--op"), s("gzip"), s("--out"), p(&out_dir), s("--json")],
     );
-    let summary = summary_of(&gz, 0);
+    let summary = gz.code(0).summary();
     assert_eq!(summary["stale_temps_removed"], 1, "{summary}");
     assert_eq!(summary["files"], 1, "{summary}");
-    let sha = batch(
+    batch(
         &t,
         &[s("--op"), s("sha256"), s("--manifest"), p(&t.side("SUMS"))],
-    );
-    assert_eq!(sha.status.code(), Some(0));
+    )
+    .success();
     assert_eq!(temps_under(t.dir.path()), [out_dir.join(lookalike)]);
 }
 
@@ -1119,13 +1020,7 @@ fn far_future_mtime_is_handled() {
     );
     assert!(out.status.success());
     for op in ["sha256", "gzip"] {
-        let out = batch(&t, &[s("--op"), s(op), s("-q")]);
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{op}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        batch(&t, &[s("--op"), s(op), s("-q")]).success();
     }
     let back = tool("gunzip", &[s("-c"), p(&t.path("future.gz"))], t.dir.path());
     assert_eq!(back.stdout, b"from 2300\n");
@@ -1139,13 +1034,7 @@ fn created_output_directories_are_no_more_open_than_their_inputs() {
     fs::set_permissions(t.path("private"), fs::Permissions::from_mode(0o700)).unwrap();
     fs::set_permissions(t.path("shared"), fs::Permissions::from_mode(0o755)).unwrap();
     let out_dir = t.side("out");
-    let out = batch(&t, &[s("--op"), s("gzip"), s("--out"), p(&out_dir)]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    batch(&t, &[s("--op"), s("gzip"), s("--out"), p(&out_dir)]).success();
     let mode = |d: &str| fs::metadata(out_dir.join(d)).unwrap().mode() & 0o777;
     assert_eq!(mode("private"), 0o700);
     // Never more open than the input; the umask may only narrow it.
@@ -1176,15 +1065,15 @@ echo "$(stat -c %X in/control) $(stat -c %X in/hashed)""#;
         .arg(&mnt)
         .arg(bin());
     let out = run(cmd);
-    if out.status.code() == Some(99) || !out.status.success() && !is_root() {
+    let status = out.output().status;
+    if status.code() == Some(99) || !status.success() && !is_root() {
         eprintln!(
             "SKIPPED: cannot mount a tmpfs in a user namespace here: {}",
-            String::from_utf8_lossy(&out.stderr)
+            out.stderr()
         );
         return;
     }
-    assert!(out.status.success(), "{out:?}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = out.success().stdout();
     let times: Vec<u64> = stdout
         .split_whitespace()
         .map(|n| n.parse().unwrap())
@@ -1228,7 +1117,7 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
         .file("blocks/code.bin", &code(6 << 20));
     for level in 1..=9u32 {
         let out = t.side(&format!("out{level}"));
-        let res = batch(
+        batch(
             &t,
             &[
                 s("--op"),
@@ -1238,8 +1127,8 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
                 s("--out"),
                 p(&out),
             ],
-        );
-        assert_eq!(res.status.code(), Some(0), "level {level}: {res:?}");
+        )
+        .success();
         for rel in [
             "whole/source.txt",
             "whole/text.log",
@@ -1323,7 +1212,7 @@ fn progress_is_drawn_on_a_terminal_and_hidden_with_quiet() {
     assert!(!quiet.contains("ETA"), "{quiet}");
     // Not a terminal: no bar either.
     let piped = batch(&t, &[s("--op"), s("gzip"), s("--force")]);
-    assert!(!String::from_utf8_lossy(&piped.stderr).contains("ETA"));
+    assert!(!piped.stderr().contains("ETA"));
 }
 
 #[test]
@@ -1336,9 +1225,7 @@ fn verbosity_selects_which_per_file_lines_reach_stderr() {
         if let Some(v) = rust_log {
             cmd.env("RUST_LOG", v);
         }
-        let out = run(cmd);
-        assert_eq!(out.status.code(), Some(0), "{out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        run(cmd).success().stderr()
     };
     // A skip is an info line: shown with -v or RUST_LOG=info, not by default.
     let line = "not a regular file (FIFO)";

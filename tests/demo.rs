@@ -3,31 +3,25 @@
 //! No assertion depends on wall-clock speed; timings are printed, never compared.
 #![cfg(feature = "demos")]
 
+mod common;
+
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 
-const BIN: &str = env!("CARGO_BIN_EXE_filepipe");
+use common::{Run, Started, TIMEOUT};
 
-fn filepipe(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("running the filepipe binary")
+/// Runs `filepipe ARGS` to completion, within the same time limit as the other tests' runs.
+fn filepipe(args: &[&str]) -> Run {
+    let mut cmd = common::filepipe(&[]);
+    cmd.args(args);
+    common::run(cmd)
 }
 
 /// Runs `filepipe demo <args>`, requires success, returns stdout.
 fn demo(args: &[&str]) -> String {
     let mut full = vec!["demo"];
     full.extend_from_slice(args);
-    let out = filepipe(&full);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "filepipe {full:?} failed: {}\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    filepipe(&full).success().stdout()
 }
 
 /// Every `check` line says ok, and there are at least `n` of them.
@@ -120,10 +114,8 @@ fn every_demo_has_help_with_its_size_flags() {
 
 #[test]
 fn invalid_sizes_are_usage_errors() {
-    let out = filepipe(&["demo", "semaphore", "--permits", "0"]);
-    assert_eq!(out.status.code(), Some(2));
-    let out = filepipe(&["demo", "no-such-demo"]);
-    assert_eq!(out.status.code(), Some(2));
+    filepipe(&["demo", "semaphore", "--permits", "0"]).code(2);
+    filepipe(&["demo", "no-such-demo"]).code(2);
 }
 
 #[test]
@@ -174,24 +166,19 @@ fn cpu_all_three_ways_agree_and_processes_are_real() {
 
 #[test]
 fn cpu_worker_speaks_the_pipe_protocol() {
-    let mut child = Command::new(BIN)
-        .args(["demo", "cpu-worker"])
+    let mut cmd = common::filepipe(&[]);
+    cmd.args(["demo", "cpu-worker"])
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawning the worker");
+        .stdout(Stdio::piped());
+    let mut child = Started::new(cmd);
     child
         .stdin
         .take()
         .expect("stdin")
         .write_all(b"3\n10\n1000000\n")
         .expect("writing items");
-    let out = child.wait_with_output().expect("worker output");
-    assert!(out.status.success());
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        "5\n285\n333332833333500000\n"
-    );
+    let out = child.finish(TIMEOUT);
+    assert_eq!(out.success().stdout(), "5\n285\n333332833333500000\n");
 }
 
 #[test]

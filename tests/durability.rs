@@ -93,7 +93,7 @@ fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_
             ];
             let quiet = write_out_dirty_data();
             let (out, calls) = traced(&args, env, None);
-            let summary = summary_of(&out, 0);
+            let summary = out.code(0).summary();
             let case = format!("{mode}, {temps} temps, {}", root.display());
             assert_eq!(summary["done"], 60, "{case}: {summary}");
             assert_eq!(check_flush_order(&calls, true), 60, "{case}: all published");
@@ -145,7 +145,7 @@ fn durability_none_flushes_nothing_and_still_publishes_whole_outputs() {
         s("--json"),
     ];
     let (out, calls) = traced(&args, &[], None);
-    assert_eq!(summary_of(&out, 0)["done"], 30);
+    assert_eq!(out.code(0).summary()["done"], 30);
     assert_eq!(
         flushes(&calls),
         0,
@@ -192,7 +192,7 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
             let quiet = write_out_dirty_data();
             let inject = "inject=sync_file_range:signal=SIGKILL:when=1";
             let (killed, calls) = traced(&args, env, Some(inject));
-            assert_ne!(killed.status.code(), Some(0), "{case}: not killed");
+            killed.context(format!("{case}: not killed")).failure();
             let kill_at = calls
                 .iter()
                 .find(|c| c.name == "sync_file_range")
@@ -225,7 +225,7 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
                 );
             }
             let marked_left = left.iter().filter(|p| marked(p)).count() as u64;
-            let summary = summary_of(&run(filepipe(&args)), 0);
+            let summary = run(filepipe(&args)).code(0).summary();
             assert_eq!(summary["done"], 40, "{case}: {summary}");
             assert_eq!(
                 summary["stale_temps_removed"].as_u64().unwrap_or(0),
@@ -254,7 +254,7 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
 fn remove_source_with_durability_none_is_refused_before_anything_is_touched() {
     let t = tree(3);
     let root = t.root();
-    let out = run(filepipe(&[
+    let err = run(filepipe(&[
         s("batch"),
         p(&root),
         s("--op"),
@@ -262,9 +262,9 @@ fn remove_source_with_durability_none_is_refused_before_anything_is_touched() {
         s("--remove-source"),
         s("--durability"),
         s("none"),
-    ]));
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    ]))
+    .code(2)
+    .stderr();
     assert!(
         err.contains("--remove-source needs durable outputs"),
         "{err}"
@@ -289,18 +289,14 @@ fn the_config_file_sets_durability_and_rejects_a_bad_value_with_its_line() {
     };
     for good in ["group", "file", "none"] {
         write(good);
-        let out = run(filepipe(&[s("check-config"), p(&conf)]));
-        assert_eq!(
-            out.status.code(),
-            Some(0),
-            "{good}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        run(filepipe(&[s("check-config"), p(&conf)]))
+            .context(good)
+            .success();
     }
     write("sometimes");
-    let out = run(filepipe(&[s("check-config"), p(&conf)]));
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run(filepipe(&[s("check-config"), p(&conf)]))
+        .code(2)
+        .stderr();
     assert!(err.contains("sometimes") && err.contains("line 1"), "{err}");
 }
 
@@ -333,7 +329,7 @@ fn with_few_descriptors_allowed_groups_shrink_and_every_file_is_done() {
             s("gzip"),
             s("--json"),
         ]);
-        let summary = summary_of(&run(cmd), 0);
+        let summary = run(cmd).code(0).summary();
         let files = if limit.ends_with("320") { 600 } else { 1500 };
         assert_eq!(summary["done"], files, "{limit}: {summary}");
         assert_eq!(summary["failed"], 0, "{limit}: {summary}");
@@ -370,7 +366,7 @@ fn without_a_journal_every_file_reported_done_is_on_the_disk_under_its_name() {
             s(mode),
             s("--json"),
         ];
-        assert_eq!(summary_of(&run(filepipe(&args)), 0)["done"], 20, "{mode}");
+        assert_eq!(run(filepipe(&args)).code(0).summary()["done"], 20, "{mode}");
         // The disk as filepipe left it.
         let crash = tempfile::tempdir().unwrap();
         let img = crash.path().join("crash.img");

@@ -9,7 +9,6 @@ use std::fs;
 use std::path::Path;
 
 use common::strace::*;
-use common::*;
 
 fn s(x: &str) -> &OsStr {
     OsStr::new(x)
@@ -56,7 +55,7 @@ fn with_much_foreign_dirty_data_a_group_is_flushed_file_by_file() {
     let args = [s("batch"), p(&root), s("--op"), s("gzip"), s("--json")];
     let (out, calls) = traced(&args, &[], None);
     let _ = fs::remove_file(&big);
-    assert_eq!(summary_of(&out, 0)["done"], 20);
+    assert_eq!(out.code(0).summary()["done"], 20);
     assert_eq!(check_flush_order(&calls, true), 20);
     let syncfs = calls.iter().filter(|c| c.name == "syncfs").count();
     assert_eq!(syncfs, 0, "{dirty_mib} MiB dirty: no syncfs waits for them");

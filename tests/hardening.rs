@@ -21,15 +21,11 @@ fn p(x: &Path) -> &OsStr {
 }
 
 /// `filepipe batch ROOT ARGS`.
-fn batch(t: &TestTree, args: &[&OsStr]) -> std::process::Output {
+fn batch(t: &TestTree, args: &[&OsStr]) -> Run {
     let root = t.root();
     let mut all = vec![s("batch"), p(&root)];
     all.extend_from_slice(args);
     run(filepipe(&all))
-}
-
-fn stderr(out: &std::process::Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Marks `path` as filepipe marks its temps.
@@ -59,7 +55,7 @@ fn case_1_files_named_like_temps_are_never_deleted_and_always_reported() {
     }
     let log = t.side("failures.jsonl");
     for op in ["sha256", "gzip"] {
-        let out = batch(
+        let summary = batch(
             &t,
             &[
                 s("--op"),
@@ -70,8 +66,9 @@ fn case_1_files_named_like_temps_are_never_deleted_and_always_reported() {
                 s("--manifest"),
                 p(&t.side("SUMS")),
             ][..if op == "gzip" { 5 } else { 7 }],
-        );
-        let summary = summary_of(&out, 0);
+        )
+        .code(0)
+        .summary();
         assert_eq!(
             summary["files"], 4,
             "{op}: every file accounted for: {summary}"
@@ -109,12 +106,15 @@ fn case_1_a_stale_temp_is_removed_only_in_the_tree_a_writing_run_owns() {
     mark_as_temp(&t.path(".filepipe.77.0.tmp"));
     // Hashing writes nothing in the tree: the leftover is reported, never read nor removed.
     let out = batch(&t, &[s("--op"), s("sha256"), s("--json")]);
-    let json: serde_json::Value = serde_json::from_slice(&out.stderr).expect("summary on stderr");
+    let json: serde_json::Value =
+        serde_json::from_slice(&out.output().stderr).expect("summary on stderr");
     assert_eq!(json["skipped_by_reason"]["stale-temp"], 1, "{json}");
-    assert!(!String::from_utf8_lossy(&out.stdout).contains(".filepipe"));
+    assert!(!out.stdout().contains(".filepipe"));
     assert!(t.path(".filepipe.77.0.tmp").exists());
     // gzip writing next to its inputs owns this tree: it removes the leftover.
-    let summary = summary_of(&batch(&t, &[s("--op"), s("gzip"), s("--json")]), 0);
+    let summary = batch(&t, &[s("--op"), s("gzip"), s("--json")])
+        .code(0)
+        .summary();
     assert_eq!(summary["stale_temps_removed"], 1, "{summary}");
     assert_eq!(summary["files"], 1, "{summary}");
     assert!(!t.path(".filepipe.77.0.tmp").exists());
@@ -128,8 +128,7 @@ fn case_1_watch_gzip_never_deletes_a_file_named_like_a_temp() {
         .file("first.txt", b"x\n");
     let d = Daemon::ready(&t, &["--op", "gzip"]);
     d.wait_idle(1);
-    let out = d.stop();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.stop().success();
     for n in [".filepipe.4000000.0.tmp", "sub/.filepipe.123456.1.tmp"] {
         assert_eq!(fs::read(t.path(n)).unwrap(), b"precious\n", "lost {n}");
     }
@@ -165,7 +164,7 @@ fn case_2_a_live_temp_of_an_instance_in_another_pid_namespace_is_kept() {
     // for another instance to sweep at all.
     first.env("FILEPIPE_TEMPS", "named");
     std::os::unix::process::CommandExt::process_group(&mut first, 0);
-    let first = first.spawn().unwrap();
+    let first = Started::new(first);
     let group = rustix::process::Pid::from_child(&first);
     wait_until(Duration::from_secs(60), "the first instance's temp", || {
         !temps_in_progress(&out_dir).is_empty() || first_exited(&first)
@@ -187,8 +186,7 @@ fn case_2_a_live_temp_of_an_instance_in_another_pid_namespace_is_kept() {
         s("--json"),
     ]);
     second.env("FILEPIPE_TEMPS", "named");
-    let second = run(second);
-    let summary = summary_of(&second, 0);
+    let summary = run(second).code(0).summary();
     assert_eq!(summary["stale_temps_removed"], 0, "{summary}");
     assert_eq!(
         temps_in_progress(&out_dir),
@@ -196,8 +194,7 @@ fn case_2_a_live_temp_of_an_instance_in_another_pid_namespace_is_kept() {
         "the live temp was removed"
     );
     rustix::process::kill_process_group(group, rustix::process::Signal::CONT).unwrap();
-    let first = wait_output(first, Duration::from_secs(120));
-    assert_eq!(first.status.code(), Some(0), "{}", stderr(&first));
+    first.finish(Duration::from_secs(120)).success();
     let check = tool(
         "gzip",
         &[s("-t"), p(&out_dir.join("big.bin.gz"))],
@@ -242,16 +239,11 @@ fn case_3_out_that_is_encloses_or_lies_inside_dir_is_a_usage_error() {
             if cmd == "watch" {
                 args.extend([s("--state"), p(&state)]);
             }
-            let out = wait_output(
-                filepipe(&args)
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap(),
-                Duration::from_secs(20),
-            );
-            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-            assert!(stderr(&out).contains("--out"), "{args:?}: {}", stderr(&out));
+            let err = spawn(&args)
+                .finish(Duration::from_secs(20))
+                .code(2)
+                .stderr();
+            assert!(err.contains("--out"), "{args:?}: {err}");
         }
     }
     assert!(!t.path("new").exists(), "a refused --out was created");
@@ -270,7 +262,9 @@ fn case_4_remove_source_finishes_what_an_earlier_run_published() {
         .file("linked.log", b"two names\n")
         .file("damaged.log", &text_bytes(5_000, 3));
     fs::hard_link(t.path("linked.log"), t.side("other-name")).unwrap();
-    let first = summary_of(&batch(&t, &[s("--op"), s("gzip"), s("--json")]), 0);
+    let first = batch(&t, &[s("--op"), s("gzip"), s("--json")])
+        .code(0)
+        .summary();
     assert_eq!(first["done"], 4, "{first}");
     // One output is damaged afterwards, keeping its date: it must not stand for its input.
     let damaged = t.path("damaged.log.gz");
@@ -280,7 +274,7 @@ fn case_4_remove_source_finishes_what_an_earlier_run_published() {
     f.set_modified(mtime).unwrap();
     drop(f);
     let log = t.side("failures.jsonl");
-    let out = batch(
+    let summary = batch(
         &t,
         &[
             s("--op"),
@@ -290,8 +284,9 @@ fn case_4_remove_source_finishes_what_an_earlier_run_published() {
             s("--failure-log"),
             p(&log),
         ],
-    );
-    let summary = summary_of(&out, 1);
+    )
+    .code(1)
+    .summary();
     assert_eq!(summary["done"], 3, "{summary}");
     assert_eq!(summary["failed_by_reason"]["output-exists"], 1, "{summary}");
     assert_eq!(
@@ -343,12 +338,12 @@ fn case_5_overlapping_batch_runs_find_identical_outputs_up_to_date() {
     };
     let (a, b) = (start(), start());
     let (a, b) = (
-        wait_output(a, Duration::from_secs(120)),
-        wait_output(b, Duration::from_secs(120)),
+        a.finish(Duration::from_secs(120)),
+        b.finish(Duration::from_secs(120)),
     );
     let mut done = 0;
     for out in [&a, &b] {
-        let summary = summary_of(out, 0);
+        let summary = out.code(0).summary();
         assert_eq!(summary["failed"], 0, "{summary}");
         assert_eq!(summary["files"], 1500, "{summary}");
         done += summary["done"].as_u64().unwrap();
@@ -373,24 +368,20 @@ fn case_5_a_second_daemon_on_one_state_exits_2_naming_the_holder() {
         s("--state"),
         p(&state),
     ]);
-    let out = wait_output(second, Duration::from_secs(20));
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = second.finish(Duration::from_secs(20)).code(2).stderr();
     assert!(err.contains("in use by filepipe pid"), "{err}");
     assert!(
         err.contains(&first.pid().to_string()),
         "names the holder: {err}"
     );
-    let out = first.stop();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    first.stop().success();
     // Once the first is gone, the state is free again.
     let again = Daemon::start(
         &other,
         &["--op", "sha256", "--state", state.to_str().unwrap()],
     );
     std::thread::sleep(Duration::from_millis(100));
-    let out = again.stop();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    again.stop().success();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,8 +459,7 @@ fn case_6_files_linked_into_the_watched_tree_are_processed() {
         t.dir.path(),
     );
     assert_eq!(back.stdout, b"first part\nsecond part\n");
-    let out = d.stop();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.stop().success();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -518,8 +508,7 @@ fn case_7_the_same_signal_twice_at_once_counts_once_and_drains() {
     signal(&child, rustix::process::Signal::TERM);
     std::thread::sleep(Duration::from_millis(300));
     signal(&child, rustix::process::Signal::TERM);
-    let out = wait_output(child, Duration::from_secs(120));
-    let summary = summary_of(&out, 143);
+    let summary = child.finish(Duration::from_secs(120)).code(143).summary();
     assert_eq!(summary["interrupted_by"], 15, "{summary}");
     // The file in progress was finished and published: a drain, not an abort.
     assert!(summary["done"].as_u64() >= Some(1), "{summary}");
@@ -573,8 +562,7 @@ fn case_7_a_real_second_signal_still_writes_the_manifest_log_and_summary() {
     signal(&child, rustix::process::Signal::INT);
     std::thread::sleep(Duration::from_millis(20));
     signal(&child, rustix::process::Signal::TERM);
-    let out = wait_output(child, Duration::from_secs(60));
-    let summary = summary_of(&out, 130);
+    let summary = child.finish(Duration::from_secs(60)).code(130).summary();
     let done = summary["done"].as_u64().unwrap();
     assert!(done >= 1, "{summary}");
     assert!(done < 4, "the file in progress was abandoned: {summary}");
@@ -609,12 +597,13 @@ fn case_7_watch_under_timeout_preserve_status_drains_and_prints_its_summary() {
         .args(["--op", "sha256", "--json", "--state"])
         .arg(t.side("state"));
     for _ in 0..3 {
-        let out = run({
+        let summary = run({
             let mut c = Command::new("timeout");
             c.args(cmd.get_args());
             c
-        });
-        let summary = summary_of(&out, 0);
+        })
+        .code(0)
+        .summary();
         assert_eq!(summary["op"], "sha256", "{summary}");
     }
 }
@@ -650,8 +639,7 @@ fn case_8_verify_fails_for_what_it_could_not_check() {
         c.args([s("verify"), p(&t.root())]);
         c
     });
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}{}", stderr(&out));
+    let stdout = out.code(1).stdout();
     let line = |name: &str| {
         stdout
             .lines()
@@ -673,25 +661,26 @@ fn case_8_verify_fails_for_what_it_could_not_check() {
 #[test]
 fn case_8_a_result_that_cannot_be_written_fails_a_closed_pipe_does_not() {
     let t = TestTree::new().file("good.gz", &gzip_bytes(b"good\n"));
+    // Runs `cmd` with its stdout to `stdout` (so the Run's stdout is empty).
+    let run_to = |mut cmd: Command, stdout: Stdio| {
+        cmd.stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped());
+        Started::new(cmd).finish(TIMEOUT)
+    };
     // /dev/full: every write fails with ENOSPC.
     let full = fs::File::options().write(true).open("/dev/full").unwrap();
-    let out = filepipe(&[s("verify"), p(&t.root())])
-        .stdout(full)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("No space left"), "{}", stderr(&out));
+    let err = run_to(filepipe(&[s("verify"), p(&t.root())]), full.into())
+        .code(1)
+        .stderr();
+    assert!(err.contains("No space left"), "{err}");
     // A reader that went away (`| head`): no error, the verdict's exit code.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let out = filepipe(&[s("verify"), p(&t.root())])
-        .stdout(writer)
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(stderr(&out), "");
+    let err = run_to(filepipe(&[s("verify"), p(&t.root())]), writer.into())
+        .code(0)
+        .stderr();
+    assert_eq!(err, "");
     // The same for status.
     let d = Daemon::ready(&t, &["--op", "sha256"]);
     d.wait_idle(1);
@@ -699,23 +688,16 @@ fn case_8_a_result_that_cannot_be_written_fails_a_closed_pipe_does_not() {
     let state = t.side("state");
     for args in [&["status"][..], &["status", "--failed"]] {
         let status_to = |stdout: Stdio| {
-            filepipe(&[s(args[0])])
-                .args(&args[1..])
-                .arg("--state")
-                .arg(&state)
-                .stdout(stdout)
-                .stderr(Stdio::piped())
-                .output()
-                .unwrap()
+            let mut cmd = filepipe(&[s(args[0])]);
+            cmd.args(&args[1..]).arg("--state").arg(&state);
+            run_to(cmd, stdout)
         };
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
-        let out = status_to(writer.into());
-        assert_eq!(out.status.code(), Some(0), "{args:?}: {}", stderr(&out));
-        assert_eq!(stderr(&out), "", "{args:?}");
+        let err = status_to(writer.into()).code(0).stderr();
+        assert_eq!(err, "", "{args:?}");
         let full = fs::File::options().write(true).open("/dev/full").unwrap();
-        let out = status_to(full.into());
-        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stderr(&out));
+        status_to(full.into()).code(1);
     }
 }
 
@@ -729,7 +711,7 @@ fn case_9_the_failure_log_keeps_every_run_and_tells_them_apart() {
     let t = t.file(&long, b"its output name is too long\n");
     let log = t.side("failures.jsonl");
     for _ in 0..2 {
-        let out = batch(
+        batch(
             &t,
             &[
                 s("--op"),
@@ -738,8 +720,8 @@ fn case_9_the_failure_log_keeps_every_run_and_tells_them_apart() {
                 p(&log),
                 s("--force"),
             ],
-        );
-        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        )
+        .code(1);
     }
     let all = failure_log_all(&log);
     let starts: Vec<_> = all.iter().filter(|r| r["status"] == "start").collect();
@@ -798,8 +780,7 @@ fn case_10_a_file_written_through_a_mapping_after_its_close_is_listed_with_its_f
         "the final content in the manifest",
         || fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&line)),
     );
-    let out = d.stop();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.stop().success();
     let check = tool("sha256sum", &[s("-c"), p(&manifest)], &t.root());
     assert!(check.status.success(), "{check:?}");
 }
@@ -841,8 +822,7 @@ fn case_10_a_rewrite_that_puts_size_and_mtime_back_is_hashed_again() {
         || fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&line)),
     );
     d.wait_idle(1);
-    let out = d.stop();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.stop().success();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -870,8 +850,7 @@ fn case_13_the_watch_summary_counts_each_file_once_however_often_it_was_tried() 
     drop(holder);
     let idle = d.wait_idle(1);
     assert_eq!((idle.done, idle.failed), (1, 0), "{idle:?}");
-    let out = d.stop();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = d.stop().summary();
     assert_eq!(summary["files"], 1, "one file: {summary}");
     assert_eq!(summary["done"], 1, "{summary}");
     assert_eq!(summary["failed"], 0, "{summary}");
@@ -896,17 +875,10 @@ fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
             s("--jobs"),
             s(jobs),
         ]);
-        let out = wait_output(child, Duration::from_secs(20));
-        assert_eq!(
-            out.status.code(),
-            Some(2),
-            "--jobs {jobs}: {}",
-            stderr(&out)
-        );
-        assert!(stderr(&out).contains("1..=256"), "{}", stderr(&out));
+        let err = child.finish(Duration::from_secs(20)).code(2).stderr();
+        assert!(err.contains("1..=256"), "{err}");
     }
-    let out = batch(&t, &[s("--op"), s("gzip"), s("--jobs"), s("256"), s("-q")]);
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    batch(&t, &[s("--op"), s("gzip"), s("--jobs"), s("256"), s("-q")]).success();
     let config = t.side("filepipe.toml");
     fs::write(
         &config,
@@ -916,13 +888,10 @@ fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
         ),
     )
     .unwrap();
-    let out = run(filepipe(&[s("check-config"), p(&config)]));
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains(":1: jobs: must be 1 to 256"),
-        "{}",
-        stderr(&out)
-    );
+    let err = run(filepipe(&[s("check-config"), p(&config)]))
+        .code(2)
+        .stderr();
+    assert!(err.contains(":1: jobs: must be 1 to 256"), "{err}");
     // Threads that cannot be started (a limit on processes): a clear error, never an abort.
     if !is_root() {
         eprintln!("SKIPPED (thread limit half): needs root to run as another user");
@@ -941,14 +910,9 @@ fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
     .args(["batch"])
     .arg(t.root())
     .args(["--op", "sha256", "--jobs", "32"]);
-    let out = run(cmd);
-    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(stderr(&out).contains("worker threads"), "{}", stderr(&out));
-    assert!(
-        !stderr(&out).contains("fatal runtime error"),
-        "{}",
-        stderr(&out)
-    );
+    let err = run(cmd).code(1).stderr();
+    assert!(err.contains("worker threads"), "{err}");
+    assert!(!err.contains("fatal runtime error"), "{err}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -957,10 +921,7 @@ fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
 #[test]
 fn case_12_config_files_are_read_within_limits_and_every_duration_is_bounded() {
     let t = TestTree::new().file("a.txt", b"a\n");
-    let check = |path: &Path| {
-        let child = spawn(&[s("check-config"), p(path)]);
-        wait_output(child, Duration::from_secs(20))
-    };
+    let check = |path: &Path| spawn(&[s("check-config"), p(path)]).finish(Duration::from_secs(20));
     let fifo = t.side("fifo.toml");
     mkfifo(&fifo);
     let big = t.side("big.toml");
@@ -970,20 +931,15 @@ fn case_12_config_files_are_read_within_limits_and_every_duration_is_bounded() {
         (fifo.as_path(), "not a regular file"),
         (big.as_path(), "larger than 1024 KiB"),
     ] {
-        let out = check(path);
-        assert_eq!(out.status.code(), Some(2), "{path:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains(says), "{path:?}: {}", stderr(&out));
+        let err = check(path).code(2).stderr();
+        assert!(err.contains(says), "{path:?}: {err}");
     }
     // A parse error quotes its line: cut, not echoed whole (twice).
     let long = t.side("long.toml");
     fs::write(&long, format!("jobs = \"{}\n", "x".repeat(900_000))).unwrap();
     let out = check(&long);
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        out.stderr.len() < 4096,
-        "{} bytes on stderr",
-        out.stderr.len()
-    );
+    let err = &out.code(2).output().stderr;
+    assert!(err.len() < 4096, "{} bytes on stderr", err.len());
     // Durations: an hour at most, in the file (global and per pipeline) and on the command line.
     let root = format!("{:?}", t.root());
     for (body, line) in [
@@ -1000,27 +956,26 @@ fn case_12_config_files_are_read_within_limits_and_every_duration_is_bounded() {
     ] {
         let config = t.side("c.toml");
         fs::write(&config, body).unwrap();
-        let out = check(&config);
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-        assert!(stderr(&out).contains(line), "{}", stderr(&out));
-        assert!(stderr(&out).contains("at most 3600000"), "{}", stderr(&out));
+        let err = check(&config).code(2).stderr();
+        assert!(err.contains(line), "{err}");
+        assert!(err.contains("at most 3600000"), "{err}");
     }
-    let out = run(filepipe(&[
+    run(filepipe(&[
         s("watch"),
         p(&t.root()),
         s("--op"),
         s("sha256"),
         s("--settle"),
         s("18446744073709551615"),
-    ]));
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    ]))
+    .code(2);
 }
 
 #[test]
 fn case_13_a_manifest_that_cannot_be_written_is_refused_before_anything_is_read() {
     let t = TestTree::new().file("a.txt", b"a\n");
     fs::create_dir(t.side("a-directory")).unwrap();
-    let out = batch(
+    let err = batch(
         &t,
         &[
             s("--op"),
@@ -1028,19 +983,16 @@ fn case_13_a_manifest_that_cannot_be_written_is_refused_before_anything_is_read(
             s("--manifest"),
             p(&t.side("a-directory")),
         ],
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("not a regular file"),
-        "{}",
-        stderr(&out)
-    );
+    )
+    .code(2)
+    .stderr();
+    assert!(err.contains("not a regular file"), "{err}");
     if is_root() {
         // A directory nobody may write in.
         t.open_to_all();
         let locked = t.side("locked");
         fs::create_dir(&locked).unwrap();
-        let out = run({
+        let err = run({
             let mut c = unprivileged();
             c.args([
                 s("batch"),
@@ -1051,9 +1003,10 @@ fn case_13_a_manifest_that_cannot_be_written_is_refused_before_anything_is_read(
             ])
             .arg(locked.join("SUMS"));
             c
-        });
-        assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-        assert!(stderr(&out).contains("cannot write in"), "{}", stderr(&out));
+        })
+        .code(2)
+        .stderr();
+        assert!(err.contains("cannot write in"), "{err}");
     }
 }
 
@@ -1083,8 +1036,8 @@ fn case_13_the_json_summary_is_printed_even_when_the_manifest_write_fails() {
         bytes_read(pid) > 64 << 20
     });
     fs::remove_dir(&mdir).unwrap();
-    let out = wait_output(child, Duration::from_secs(120));
-    let summary = summary_of(&out, 1);
+    let out = child.finish(Duration::from_secs(120));
+    let summary = out.code(1).summary();
     assert_eq!(summary["done"], 2, "{summary}");
     assert!(
         summary["error"]
@@ -1092,7 +1045,7 @@ fn case_13_the_json_summary_is_printed_even_when_the_manifest_write_fails() {
             .is_some_and(|e| e.contains("SUMS")),
         "{summary}"
     );
-    assert!(stderr(&out).contains("SUMS"), "{}", stderr(&out));
+    assert!(out.stderr().contains("SUMS"), "{}", out.stderr());
 }
 
 #[test]
@@ -1100,7 +1053,7 @@ fn case_13_a_link_to_a_directory_it_is_in_never_suggests_the_flag_already_given(
     let t = TestTree::new().file("f", b"f\n");
     std::os::unix::fs::symlink(".", t.path("loop")).unwrap();
     let log = t.side("failures.jsonl");
-    let out = batch(
+    batch(
         &t,
         &[
             s("--op"),
@@ -1109,8 +1062,8 @@ fn case_13_a_link_to_a_directory_it_is_in_never_suggests_the_flag_already_given(
             s("--failure-log"),
             p(&log),
         ],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    )
+    .success();
     let records = failure_log(&log);
     let link = records_of(&records, "symlink");
     assert_eq!(link.len(), 1, "{records:?}");
@@ -1138,8 +1091,7 @@ fn case_10_watch_gzip_redoes_a_rewrite_that_puts_the_mtime_back() {
         gunzip() == b"version two, longer\n"
     });
     d.wait_idle(2);
-    let out = d.stop();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    d.stop().success();
 }
 
 #[test]
@@ -1159,18 +1111,13 @@ fn case_10_where_the_kernel_cannot_tell_the_daemon_says_so_once() {
         .args(["--op", "sha256", "--json", "--settle", "100", "--state"])
         .arg(t.side("state"))
         .env("NOTIFY_SOCKET", &socket);
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let child = Started::new(cmd);
     wait_until(Duration::from_secs(60), "both files hashed", || {
         notes.last_status().is_some_and(|s| s.idle() && s.done == 2)
     });
     signal(&child, rustix::process::Signal::TERM);
-    let out = wait_output(child, Duration::from_secs(60));
-    let err = stderr(&out);
-    assert_eq!(out.status.code(), Some(0), "{err}");
+    let err = child.finish(Duration::from_secs(60)).success().stderr();
     assert_eq!(
         err.matches("cannot tell whether files are still open")
             .count(),
@@ -1193,15 +1140,14 @@ fn case_13_a_file_waiting_to_be_retried_then_deleted_is_no_failure() {
     });
     fs::remove_file(t.path("busy.txt")).unwrap();
     drop(holder);
-    let out = d.stop();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = d.stop().summary();
     assert_eq!(summary["failed"], 0, "{summary}");
     assert_eq!(summary["files"], 0, "{summary}");
 }
 
 /// Runs `filepipe ARGS` under strace, killed (SIGKILL) at its first rename: the instant a
 /// replacing publish has its temp under a temp name. `None` where strace is missing.
-fn killed_at_first_rename(args: &[&OsStr], named: bool) -> Option<std::process::Output> {
+fn killed_at_first_rename(args: &[&OsStr], named: bool) -> Option<Run> {
     if Command::new("strace").arg("-V").output().is_err() {
         return None;
     }
@@ -1235,16 +1181,20 @@ fn case_1_a_crash_while_replacing_leaves_only_a_temp_the_next_run_removes() {
             s("--out"),
             p(&out_dir),
         ];
-        summary_of(&run(filepipe(&[&args[..], &[s("--json")]].concat())), 0);
+        run(filepipe(&[&args[..], &[s("--json")]].concat()))
+            .code(0)
+            .summary();
         let Some(killed) = killed_at_first_rename(&[&args[..], &[s("--force")]].concat(), named)
         else {
             eprintln!("SKIPPED: no strace to kill the run at its rename");
             return;
         };
-        assert_ne!(killed.status.code(), Some(0), "not killed: {killed:?}");
+        killed.context("not killed").failure();
         let left = temps_under(t.dir.path());
         assert_eq!(left.len(), 1, "named {named}: the replacing temp: {left:?}");
-        let summary = summary_of(&run(filepipe(&[&args[..], &[s("--json")]].concat())), 0);
+        let summary = run(filepipe(&[&args[..], &[s("--json")]].concat()))
+            .code(0)
+            .summary();
         assert_eq!(
             summary["stale_temps_removed"], 1,
             "named {named}: {summary}"

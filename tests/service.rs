@@ -15,7 +15,7 @@ fn write_config(path: &Path, body: &str) {
     fs::write(path, body).unwrap();
 }
 
-fn start(t: &TestTree, config: &Path, env: &[(&str, String)]) -> Child {
+fn start(t: &TestTree, config: &Path, env: &[(&str, String)]) -> Started {
     let mut cmd = filepipe(&[
         OsStr::new("watch"),
         OsStr::new("--config"),
@@ -27,9 +27,8 @@ fn start(t: &TestTree, config: &Path, env: &[(&str, String)]) -> Child {
     cmd.env_remove("WATCHDOG_PID");
     cmd.current_dir(t.dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+        .stderr(Stdio::piped());
+    Started::new(cmd)
 }
 
 fn signal(child: &Child, sig: rustix::process::Signal) {
@@ -75,13 +74,7 @@ fn notify_protocol_ready_after_scan_status_watchdog_and_stopping() {
     });
     assert!(t.path("pre.log.gz").exists(), "the initial scan ran");
     signal(&child, rustix::process::Signal::TERM);
-    let out = wait_output(child, Duration::from_secs(30));
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    child.finish(Duration::from_secs(30)).success();
     assert!(n.has("STOPPING=1"), "{:?}", n.lines());
     let lines = n.lines();
     let ready = lines.iter().position(|(_, l)| l == "READY=1").unwrap();
@@ -150,9 +143,7 @@ fn sighup_keeps_old_config_when_broken_and_applies_a_good_one() {
     );
 
     signal(&child, rustix::process::Signal::TERM);
-    let out = wait_output(child, Duration::from_secs(30));
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
     assert!(
         stderr.contains("reload failed, keeping the running configuration"),
         "{stderr}"
@@ -188,9 +179,7 @@ fn check_config_names_file_line_and_key() {
         write_config(&file, body);
         let mut cmd = filepipe(&[OsStr::new("check-config"), file.as_os_str()]);
         cmd.current_dir(t.dir.path());
-        let out = run(cmd);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{what}: {stderr}");
+        let stderr = run(cmd).context(what).code(2).stderr();
         assert!(
             stderr.contains("c.toml") && stderr.contains(expect),
             "{what}: {stderr}"
@@ -206,13 +195,7 @@ fn check_config_names_file_line_and_key() {
     );
     let mut cmd = filepipe(&[OsStr::new("check-config"), good.as_os_str()]);
     cmd.current_dir(t.dir.path());
-    let out = run(cmd);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run(cmd).success();
     // Validating writes nothing: no output root, no state directory.
     assert!(!t.side("archive").exists() && !t.side("state").exists());
 }

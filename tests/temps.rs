@@ -6,7 +6,6 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
 use common::strace::have_strace;
@@ -60,23 +59,19 @@ fn a_kill_while_a_temp_is_being_marked_leaves_no_temp_behind() {
         .arg(bin())
         .args(args)
         .env("FILEPIPE_TEMPS", "linked");
-        let killed = run(cmd);
         // strace dies of the signal its tracee died of.
-        assert_eq!(
-            killed.status.signal(),
-            Some(9),
-            "killed at fsetxattr call {n}: {}",
-            String::from_utf8_lossy(&killed.stderr)
-        );
+        run(cmd)
+            .context(format!("killed at fsetxattr call {n}"))
+            .signal(9);
         // Temps named before the kill carry the mark, and the rerun's sweep removes them; it
         // finishes every file, with no unmarked temp to warn about and leave.
         let mut rerun = filepipe(&args);
         rerun.env("FILEPIPE_TEMPS", "linked").arg("--json");
         let out = run(rerun);
-        let summary = summary_of(&out, 0);
+        let summary = out.code(0).summary();
         assert_eq!(summary["files"], 8, "{summary}");
         assert_eq!(summary["failed"], 0, "{summary}");
-        let stderr = String::from_utf8_lossy(&out.stderr);
+        let stderr = out.stderr();
         assert!(!stderr.contains("not marked"), "{stderr}");
         let left = temps_under(t.dir.path());
         assert!(
@@ -125,14 +120,14 @@ fn a_failed_link_fails_its_file_and_later_temps_are_still_marked_before_named() 
     .arg(bin())
     .args(args)
     .env("FILEPIPE_TEMPS", "linked");
-    let killed = run(cmd);
-    assert_eq!(killed.status.signal(), Some(9), "{killed:?}");
+    // strace dies of the signal its tracee died of.
+    run(cmd).signal(9);
     let mut rerun = filepipe(&args);
     rerun.env("FILEPIPE_TEMPS", "linked").arg("--json");
     let out = run(rerun);
-    let summary = summary_of(&out, 0);
+    let summary = out.code(0).summary();
     assert_eq!(summary["files"], 6, "{summary}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = out.stderr();
     assert!(!stderr.contains("not marked"), "{stderr}");
     let left = temps_under(t.dir.path());
     assert!(left.is_empty(), "temps left: {left:?}");

@@ -17,13 +17,13 @@ fn gz_tree_reports_each_bad_file_without_panicking() {
         .file("good.txt", &text_bytes(200_000, 1))
         .file("bad/truncated.txt", &text_bytes(200_000, 2))
         .file("bad/corrupt.txt", &text_bytes(200_000, 3));
-    let out = run(filepipe(&[
+    run(filepipe(&[
         s("batch"),
         t.root().as_os_str(),
         s("--op"),
         s("gzip"),
-    ]));
-    assert!(out.status.success());
+    ]))
+    .success();
     let trunc = t.path("bad/truncated.txt.gz");
     let bytes = fs::read(&trunc).unwrap();
     fs::write(&trunc, &bytes[..bytes.len() / 2]).unwrap();
@@ -47,8 +47,7 @@ fn gz_tree_reports_each_bad_file_without_panicking() {
             .success());
     }
     let out = run(filepipe(&[s("verify"), t.root().as_os_str()]));
-    assert_eq!(out.status.code(), Some(1));
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = std::str::from_utf8(&out.code(1).output().stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 5, "{text}");
     assert!(
@@ -76,43 +75,38 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
         .file("b", b"beta")
         .file("c", b"gamma");
     let manifest = t.side("m");
-    let out = run(filepipe(&[
+    run(filepipe(&[
         s("batch"),
         t.root().as_os_str(),
         s("--op"),
         s("sha256"),
         s("--manifest"),
         manifest.as_os_str(),
-    ]));
-    assert!(out.status.success());
+    ]))
+    .success();
     let verify = || {
         let mut c = filepipe(&[s("verify"), manifest.as_os_str()]);
         c.current_dir(t.root());
         run(c)
     };
-    let ok = verify();
-    assert_eq!(ok.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&ok.stdout), "a: OK\nb: OK\nc: OK\n");
+    assert_eq!(verify().success().stdout(), "a: OK\nb: OK\nc: OK\n");
     fs::write(t.path("b"), b"changed").unwrap();
     fs::remove_file(t.path("c")).unwrap();
     let mut m = fs::read(&manifest).unwrap();
     m.extend_from_slice(b"not a manifest line\n\xff\xfe garbage\n");
     fs::write(&manifest, m).unwrap();
     let bad = verify();
-    assert_eq!(bad.status.code(), Some(1));
-    let text = String::from_utf8_lossy(&bad.stdout);
+    let text = bad.code(1).stdout();
     assert!(text.starts_with("a: OK\nb: FAILED"), "{text}");
     assert!(text.contains("c: FAILED open or read"), "{text}");
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("2 lines are improperly formatted"));
+    assert!(bad.stderr().contains("2 lines are improperly formatted"));
     // Pure garbage and a binary file as a manifest: errors, no panic.
     fs::write(
         &manifest,
         (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>(),
     )
     .unwrap();
-    let garbage = verify();
-    assert_eq!(garbage.status.code(), Some(1));
-    assert!(!String::from_utf8_lossy(&garbage.stderr).contains("panicked"));
+    assert!(!verify().code(1).stderr().contains("panicked"));
 }
 
 #[test]
@@ -130,11 +124,5 @@ fn verify_accepts_a_real_sha256sum_manifest() {
     fs::write(t.side("m"), &m.stdout).unwrap();
     let mut c = filepipe(&[s("verify"), t.side("m").as_os_str()]);
     c.current_dir(t.root());
-    let out = run(c);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    run(c).success();
 }

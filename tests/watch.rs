@@ -7,22 +7,10 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 use sha2::Digest as _;
-
-fn summary(out: &Output) -> serde_json::Value {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
-}
 
 /// The real `sha256sum -c MANIFEST`, run in `dir`, must pass.
 fn assert_sha256sum_c(manifest: &Path, dir: &Path) {
@@ -78,8 +66,7 @@ fn every_file_once_when_complete_pre_existing_renamed_nested_and_slow() {
     // Idle with four done: had anything been taken twice, or an output as an input, the
     // count would not stop at four.
     d.wait_idle(4);
-    let out = d.stop();
-    let s = summary(&out);
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], 4, "each file exactly once: {s}");
     assert_eq!(s["failed"], 0, "{s}");
     assert!(!t.path("report.part.gz").exists());
@@ -146,10 +133,10 @@ fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
     wait_for("the late file", || manifest_lines(&manifest) == n + 3);
     d.wait_idle(n as u64 + 3);
     let out = d.stop();
-    let s = summary(&out);
+    let s = out.success().summary();
     assert_eq!(s["done"], n + 3, "exactly once: {s}");
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("overflowed"),
+        out.stderr().contains("overflowed"),
         "the burst did not overflow the queue, so this test proved nothing"
     );
     assert_sha256sum_c(&manifest, &t.root());
@@ -190,7 +177,7 @@ fn restart_after_sigkill_processes_only_new_and_changed_files() {
         .success()
     });
     d.wait_idle(6);
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], 6, "only the new and the changed: {s}");
 }
 
@@ -199,9 +186,7 @@ fn deleted_root_is_reported_and_exits_nonzero() {
     let t = TestTree::new().file("f", b"x");
     let d = Daemon::ready(&t, &["--op", "sha256"]);
     fs::remove_dir_all(t.root()).unwrap();
-    let out = d.wait();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("deleted or moved"));
+    assert!(d.wait().code(1).stderr().contains("deleted or moved"));
 }
 
 #[test]
@@ -214,20 +199,20 @@ fn status_lists_failed_files_from_the_state() {
     wait_for("the good file", || t.path("ok.gz").exists());
     let idle = d.wait_idle(1);
     assert_eq!(idle.failed, 1, "{idle:?}");
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(
         (s["done"].as_u64(), s["failed"].as_u64()),
         (Some(1), Some(1)),
         "{s}"
     );
-    let out = run(filepipe(&[
+    let text = run(filepipe(&[
         OsStr::new("status"),
         OsStr::new("--state"),
         t.side("state").as_os_str(),
         OsStr::new("--failed"),
-    ]));
-    assert!(out.status.success());
-    let text = String::from_utf8_lossy(&out.stdout);
+    ]))
+    .success()
+    .stdout();
     assert!(text.contains("\tgzip\tdone\t1"), "{text}");
     let failed: Vec<&str> = text.lines().filter(|l| l.starts_with("FAILED")).collect();
     assert_eq!(failed.len(), 1, "{text}");
@@ -254,13 +239,13 @@ exec "$@""#;
         .args(["--op", "sha256", "--state"])
         .arg(t.side("state"));
     let out = run(cmd);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = out.stderr();
     assert_ne!(
-        out.status.code(),
+        out.output().status.code(),
         Some(99),
         "cannot lower the limit here: {stderr}"
     );
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    out.code(1);
     assert!(
         stderr.contains("inotify watch limit is exhausted"),
         "{stderr}"
@@ -281,7 +266,7 @@ fn chmod_after_close_does_not_leave_a_file_waiting() {
     std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o640);
     fs::set_permissions(t.path("installed"), perms).unwrap();
     wait_for("the chmod'ed file", || t.path("installed.gz").exists());
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], 1, "{s}");
 }
 
@@ -302,7 +287,7 @@ fn files_in_new_directories_are_never_lost() {
     }
     wait_for("all 300 files", || manifest_lines(&manifest) == 300);
     d.wait_idle(300);
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], 300, "{s}");
 }
 
@@ -323,14 +308,14 @@ fn deletions_leave_the_manifest_while_running_and_across_restarts() {
     wait_for("the moved directory's files to leave", || {
         manifest_lines(&manifest) == 2
     });
-    summary(&d.stop());
+    d.stop().success().summary();
     // Deleted while the daemon was down: the start-up scan reconciles.
     fs::remove_file(t.path("gone-while-down")).unwrap();
     let d = Daemon::ready(&t, &args);
     wait_for("the deleted file to leave", || {
         manifest_lines(&manifest) == 1
     });
-    summary(&d.stop());
+    d.stop().success().summary();
     assert_sha256sum_c(&manifest, &t.root());
 }
 
@@ -358,7 +343,7 @@ fn manifest_is_kept_current_during_a_steady_stream() {
     }
     wait_for("all of them", || manifest_lines(&manifest) == n);
     d.wait_idle(n as u64);
-    summary(&d.stop());
+    d.stop().success().summary();
 }
 
 #[test]
@@ -387,7 +372,7 @@ fn a_changed_input_replaces_its_own_output_but_never_a_foreign_one() {
             == b"one\ntwo\n"
     });
     d.wait_idle(2);
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], 2, "{s}");
     assert_eq!(s["failed"], 1, "the foreign output is refused: {s}");
     assert_eq!(fs::read(t.path("foreign.gz")).unwrap(), b"someone else's");
@@ -415,9 +400,7 @@ fn a_state_or_manifest_write_failure_stops_the_daemon_instead_of_hanging() {
     for i in 0..8 {
         fs::write(t.path(format!("f{i}")), b"x\n").unwrap();
     }
-    let out = d.wait();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = d.wait().code(1).stderr();
     assert!(
         stderr.contains("SUMS"),
         "the error names the manifest: {stderr}"
@@ -472,7 +455,7 @@ fn a_change_no_event_reports_is_caught_by_the_settled_stamp() {
     wait_for("the final content in the manifest", || {
         fs::read_to_string(&manifest).is_ok_and(|m| m.contains(&line))
     });
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], 1, "{s}");
     assert_sha256sum_c(&manifest, &t.root());
 }
@@ -503,7 +486,7 @@ fn a_directory_renamed_inside_the_tree_is_watched_under_its_new_name() {
     wait_for("new/deep/b and new/deep/more/c", || {
         listed("  new/deep/b") && listed("  new/deep/more/c")
     });
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], 4, "{s}");
     assert_eq!(manifest_lines(&manifest), 3);
     assert_sha256sum_c(&manifest, &t.root());
@@ -540,7 +523,7 @@ fn a_tree_deeper_than_the_walks_open_directories_is_scanned_whole_and_not_redone
     wait_for("every file of the deep tree", || {
         manifest_lines(&manifest) == files
     });
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["done"], files, "{s}");
     assert_eq!(s["failed"], 0, "{s}");
     assert_sha256sum_c(&manifest, &t.root());
@@ -557,7 +540,7 @@ fn a_tree_deeper_than_the_walks_open_directories_is_scanned_whole_and_not_redone
             ..idle
         }
     );
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     // Every outcome counts in "files": a file redone, or queued to be and interrupted.
     assert_eq!(s["files"], 0, "a restart looked at files again: {s}");
     assert_eq!(manifest_lines(&manifest), files);
@@ -581,7 +564,7 @@ fn a_done_file_replaced_by_one_that_is_skipped_leaves_the_manifest() {
     wait_for("the skipped file's line to leave the manifest", || {
         manifest_lines(&manifest) == 1
     });
-    let s = summary(&d.stop());
+    let s = d.stop().success().summary();
     assert_eq!(s["skipped"], 1, "{s}");
     assert!(fs::read_to_string(&manifest).unwrap().ends_with("  kept\n"));
     assert_sha256sum_c(&manifest, &t.root());

@@ -106,52 +106,199 @@ pub fn unprivileged() -> Command {
     }
 }
 
-/// The `--json` summary of a run that exited with `code` (stderr shown if it did not).
-pub fn summary_of(out: &Output, code: i32) -> serde_json::Value {
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "{}",
+/// How long a run may take before it is killed and the test fails (a hang is a test failure,
+/// not a stuck CI).
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A finished run, checked fd-style: `run(cmd).code(1)`, `run(cmd).success().summary()`. A
+/// failed check shows the command line, the exit status, stdout and stderr.
+pub struct Run {
+    /// The command line (`{:?}` of the command: environment changes, program, arguments).
+    command: String,
+    /// What else a failure message should say (see `context`).
+    context: String,
+    output: Output,
+}
+
+impl Run {
+    /// Says `what` too in every failure message: which case of a loop this run is, where the
+    /// command line does not tell.
+    pub fn context(mut self, what: impl std::fmt::Display) -> Run {
+        self.context = what.to_string();
+        self
+    }
+
+    /// Asserts that the run exited 0.
+    #[track_caller]
+    pub fn success(&self) -> &Self {
+        if !self.output.status.success() {
+            self.fail("expected success (exit code 0)");
+        }
+        self
+    }
+
+    /// Asserts that the run exited with `code`.
+    #[track_caller]
+    pub fn code(&self, code: i32) -> &Self {
+        if self.output.status.code() != Some(code) {
+            self.fail(&format!("expected exit code {code}"));
+        }
+        self
+    }
+
+    /// Asserts that the run did not exit 0: another exit code, or killed by a signal.
+    #[track_caller]
+    pub fn failure(&self) -> &Self {
+        if self.output.status.success() {
+            self.fail("expected a failure (an exit code other than 0, or a signal)");
+        }
+        self
+    }
+
+    /// Asserts that the run was killed by signal `sig`.
+    #[track_caller]
+    pub fn signal(&self, sig: i32) -> &Self {
+        use std::os::unix::process::ExitStatusExt;
+        if self.output.status.signal() != Some(sig) {
+            self.fail(&format!("expected death by signal {sig}"));
+        }
+        self
+    }
+
+    /// The `--json` summary on stdout, parsed (check the exit code first: `.code(n).summary()`).
+    #[track_caller]
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.output.stdout)
+            .unwrap_or_else(|e| self.fail(&format!("expected a JSON summary on stdout: {e}")))
+    }
+
+    /// Stdout, lossily decoded.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+
+    /// Stderr, lossily decoded.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+
+    /// The raw output: status, stdout and stderr bytes.
+    pub fn output(&self) -> &Output {
+        &self.output
+    }
+
+    /// Panics with `what` and everything there is to know about the run.
+    #[track_caller]
+    fn fail(&self, what: &str) -> ! {
+        let context = if self.context.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", self.context)
+        };
+        panic!("{what}{context}\n{}", describe(&self.command, &self.output))
+    }
+}
+
+/// The command line, the exit status, stdout and stderr, for a failure message.
+fn describe(command: &str, out: &Output) -> String {
+    format!(
+        "command: {command}\nstatus: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("a JSON summary on stdout")
+    )
 }
 
-/// Starts `filepipe ARGS` with its stdout and stderr piped (read them with `wait_output`).
-pub fn spawn(args: &[&OsStr]) -> Child {
-    filepipe(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn filepipe")
+/// A process still running, started from a command that is remembered for failure messages.
+/// Derefs to its `Child` (its id and stdin, for signals and input); `finish` waits for it.
+pub struct Started {
+    child: Child,
+    command: String,
 }
 
-/// Runs to completion, with a generous timeout (a hang is a test failure, not a stuck CI).
-pub fn run(mut cmd: Command) -> Output {
+impl Started {
+    /// Spawns `cmd` as it is set up (pipe its stdout and stderr to see them in the `Run`).
+    pub fn new(mut cmd: Command) -> Started {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        Started {
+            child,
+            command: format!("{cmd:?}"),
+        }
+    }
+
+    /// Waits for it to exit (see `wait_output`); kills it and panics after `limit`.
+    #[track_caller]
+    pub fn finish(self, limit: Duration) -> Run {
+        match wait_or_kill(self.child, limit) {
+            Ok(output) => Run {
+                command: self.command,
+                context: String::new(),
+                output,
+            },
+            Err(out) => panic!(
+                "timed out after {limit:?} (killed)\n{}",
+                describe(&self.command, &out)
+            ),
+        }
+    }
+}
+
+impl std::ops::Deref for Started {
+    type Target = Child;
+
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Started {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+/// Starts `filepipe ARGS` with its stdout and stderr piped (wait for it with `finish`).
+pub fn spawn(args: &[&OsStr]) -> Started {
+    let mut cmd = filepipe(args);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    Started::new(cmd)
+}
+
+/// Runs to completion with no input, within `TIMEOUT`.
+#[track_caller]
+pub fn run(mut cmd: Command) -> Run {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    let child = cmd.spawn().expect("spawn filepipe");
-    wait_output(child, Duration::from_secs(120))
+    Started::new(cmd).finish(TIMEOUT)
 }
 
 /// Waits for `child` to exit, reading its output meanwhile (a child blocked on a full pipe
 /// would never exit); kills it and panics after `limit`.
 pub fn wait_output(child: Child, limit: Duration) -> Output {
+    wait_or_kill(child, limit).unwrap_or_else(|out| {
+        panic!(
+            "timed out; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Waits for `child` to exit, reading its output meanwhile; after `limit`, kills it and
+/// returns what it wrote as the error.
+fn wait_or_kill(child: Child, limit: Duration) -> Result<Output, Output> {
     let pid = rustix::process::Pid::from_child(&child);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
     });
     match rx.recv_timeout(limit) {
-        Ok(out) => out.unwrap(),
+        Ok(out) => Ok(out.unwrap()),
         Err(_) => {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-            let out = rx.recv().unwrap().unwrap();
-            panic!(
-                "timed out; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            Err(rx.recv().unwrap().unwrap())
         }
     }
 }
@@ -269,7 +416,7 @@ pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 /// A running `filepipe watch`, listening to its sd_notify messages; killed if the test ends
 /// without stopping it.
 pub struct Daemon {
-    child: Option<Child>,
+    child: Option<Started>,
     /// What it said on its notify socket (READY=1, STATUS=...).
     pub notes: Notifications,
 }
@@ -294,13 +441,9 @@ impl Daemon {
             .env("NOTIFY_SOCKET", &socket)
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID");
-        let child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         Daemon {
-            child: Some(child),
+            child: Some(Started::new(cmd)),
             notes,
         }
     }
@@ -343,38 +486,39 @@ impl Daemon {
     fn running(&mut self) -> bool {
         self.child
             .as_mut()
-            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
+            .is_some_and(|c| c.child.try_wait().is_ok_and(|s| s.is_none()))
     }
 
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
+        self.child.as_ref().map_or(0, |c| c.id())
     }
 
     pub fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_child(self.child.as_ref().unwrap());
+        let pid = rustix::process::Pid::from_child(&self.child.as_ref().unwrap().child);
         rustix::process::kill_process(pid, sig).unwrap();
     }
 
-    /// SIGTERM, then the exit status, stdout and stderr.
-    pub fn stop(mut self) -> Output {
+    /// SIGTERM, then the finished run: exit status, stdout and stderr.
+    pub fn stop(mut self) -> Run {
         self.signal(rustix::process::Signal::TERM);
-        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
+        self.child.take().unwrap().finish(Duration::from_secs(60))
     }
 
     pub fn kill(mut self) {
         self.signal(rustix::process::Signal::KILL);
-        wait_output(self.child.take().unwrap(), Duration::from_secs(10));
+        self.child.take().unwrap().finish(Duration::from_secs(10));
     }
 
-    pub fn wait(mut self) -> Output {
-        wait_output(self.child.take().unwrap(), Duration::from_secs(60))
+    /// The finished run, once it exits by itself.
+    pub fn wait(mut self) -> Run {
+        self.child.take().unwrap().finish(Duration::from_secs(60))
     }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
+        if let Some(Started { child: c, .. }) = &mut self.child {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -526,6 +670,13 @@ impl Drop for SharedMap {
 /// for its mode).
 pub fn temps_in_progress(dir: &Path) -> Vec<PathBuf> {
     let mut found = temps_under(dir);
+    // A named temp born anonymous still reads as DIR/#INODE (deleted) through the descriptor
+    // it was made with: counted once, by its name.
+    let named: std::collections::HashSet<u64> = found
+        .iter()
+        .filter_map(|p| fs::symlink_metadata(p).ok())
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .collect();
     let Ok(procs) = fs::read_dir("/proc") else {
         return found;
     };
@@ -547,7 +698,12 @@ pub fn temps_in_progress(dir: &Path) -> Vec<PathBuf> {
                 && target
                     .file_name()
                     .is_some_and(|n| n.as_bytes().starts_with(b"#"));
-            if anonymous {
+            let inode = target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.trim_start_matches('#').split(' ').next())
+                .and_then(|n| n.parse::<u64>().ok());
+            if anonymous && !inode.is_some_and(|i| named.contains(&i)) {
                 found.push(fd.path());
             }
         }

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use super::{bin, run, text_bytes, TestTree};
+use super::{bin, run, text_bytes, Run, TestTree};
 
 pub fn have_strace() -> bool {
     Command::new("strace").arg("-V").output().is_ok()
@@ -253,7 +253,7 @@ pub const TRACED: &str =
     "trace=openat,write,fsync,fdatasync,syncfs,sync_file_range,linkat,renameat2,renameat";
 
 /// `filepipe ARGS` under `strace -f`, with `env`; its output and the parsed calls.
-pub fn traced(args: &[&OsStr], env: &[(&str, &str)], inject: Option<&str>) -> (Output, Vec<Call>) {
+pub fn traced(args: &[&OsStr], env: &[(&str, &str)], inject: Option<&str>) -> (Run, Vec<Call>) {
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-qq", "-y", "-s", "300", "-o"])
