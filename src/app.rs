@@ -18,7 +18,26 @@ pub fn main() -> ExitCode {
         cli.verbose.min(3) as i8
     };
     match cli.command {
-        Command::Batch(args) => run_batch(Config::from_batch(&args, cli.quiet), verbosity),
+        Command::Batch(args) => {
+            #[cfg(feature = "cluster")]
+            let queue = args.queue.clone().map(|url| {
+                let name = args.root_name.clone().unwrap_or_else(|| {
+                    args.dir
+                        .canonicalize()
+                        .ok()
+                        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+                        .unwrap_or_default()
+                });
+                let queue = crate::cluster::Queue {
+                    url,
+                    creds: args.creds.clone(),
+                };
+                (queue, name)
+            });
+            #[cfg(not(feature = "cluster"))]
+            let queue = None;
+            run_batch(Config::from_batch(&args, cli.quiet), queue, verbosity)
+        }
         Command::Watch(args) => run_watch(&args, cli.quiet, verbosity),
         Command::CheckConfig(args) => {
             match service::load(&args.file, &service::Overrides::default(), true, false) {
@@ -36,6 +55,21 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(exit::USAGE, &e),
             }
         }
+        #[cfg(feature = "cluster")]
+        Command::Status(crate::cli::StatusArgs {
+            queue: Some(url),
+            creds,
+            ..
+        }) => {
+            let queue = crate::cluster::Queue { url, creds };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            match crate::cluster::status(&queue, &mut out) {
+                Ok(()) => written(out.flush(), exit::SUCCESS),
+                Err(e) => fail(exit::USAGE, &e),
+            }
+        }
+        #[cfg(feature = "cluster")]
+        Command::Worker(args) => run_worker(&args, verbosity),
         Command::Status(args) => {
             let dir = args.state.unwrap_or_else(state::default_dir);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -73,8 +107,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// A one-shot batch over one tree.
-fn run_batch(cfg: anyhow::Result<Config>, verbosity: i8) -> ExitCode {
+/// What a batch is coordinated through, in cluster mode: the queue and the root's name.
+#[cfg(feature = "cluster")]
+type Coordinated = Option<(crate::cluster::Queue, String)>;
+#[cfg(not(feature = "cluster"))]
+type Coordinated = Option<std::convert::Infallible>;
+
+/// A one-shot batch over one tree, here or (`queue`) through a cluster's queue.
+fn run_batch(cfg: anyhow::Result<Config>, queue: Coordinated, verbosity: i8) -> ExitCode {
     let cfg = match cfg {
         Ok(cfg) => cfg,
         Err(e) => return fail(exit::USAGE, &e),
@@ -86,8 +126,19 @@ fn run_batch(cfg: anyhow::Result<Config>, verbosity: i8) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURES, &e),
     };
-    let mut summary = match crate::run::batch(&cfg, &shutdown) {
+    let ran = match queue {
+        #[cfg(feature = "cluster")]
+        Some((queue, root)) => crate::cluster::coordinate(&cfg, &queue, &root, &shutdown),
+        #[cfg(not(feature = "cluster"))]
+        Some(never) => match never {},
+        None => crate::run::batch(&cfg, &shutdown),
+    };
+    let mut summary = match ran {
         Ok(s) => s,
+        #[cfg(feature = "cluster")]
+        Err(e) if e.downcast_ref::<crate::cluster::Unreachable>().is_some() => {
+            return fail(exit::USAGE, &e);
+        }
         Err(e) => {
             // Stopped by a failed manifest write: the account of the files is still given.
             if let Some(stopped) = e.downcast_ref::<crate::report::Stopped>() {
@@ -166,4 +217,24 @@ fn written(result: std::io::Result<()>, code: u8) -> ExitCode {
 fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
     eprintln!("filepipe: error: {e:#}");
     ExitCode::from(code)
+}
+
+/// `filepipe worker`: until SIGINT/SIGTERM.
+#[cfg(feature = "cluster")]
+fn run_worker(args: &crate::cli::WorkerArgs, verbosity: i8) -> ExitCode {
+    if let Err(e) = logging::init(verbosity.max(1), args.failure_log.as_deref()) {
+        return fail(exit::USAGE, &e);
+    }
+    let shutdown = match signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(exit::FAILURES, &e),
+    };
+    match crate::cluster::work(args, &shutdown) {
+        // A signal is how a worker is meant to stop.
+        Ok(()) => ExitCode::from(exit::SUCCESS),
+        Err(e) if e.downcast_ref::<crate::cluster::Unreachable>().is_some() => {
+            fail(exit::USAGE, &e)
+        }
+        Err(e) => fail(exit::FAILURES, &e),
+    }
 }

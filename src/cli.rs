@@ -46,13 +46,19 @@ pub(crate) enum Command {
     Status(StatusArgs),
     /// Validate a watch config file without running it (exit 0 if valid, 2 if not).
     CheckConfig(CheckConfigArgs),
+    /// Take jobs from a cluster's queue (NATS JetStream) until SIGINT/SIGTERM: the other side
+    /// of `batch --queue`.
+    #[cfg(feature = "cluster")]
+    Worker(WorkerArgs),
     /// Run a concurrency demo (`filepipe demo --list` lists them).
     #[cfg(feature = "demos")]
     Demo(crate::demo::DemoArgs),
 }
 
 /// The operation applied to each file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, ValueEnum, serde::Deserialize, serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum OpKind {
     /// Compress each file to `name.gz` (a standard gzip stream).
@@ -130,6 +136,20 @@ pub(crate) struct BatchArgs {
     /// gzip: delete each input once its output is synced and verified (never a hard-linked one).
     #[arg(long)]
     pub(crate) remove_source: bool,
+    /// Cluster mode: publish the jobs to the NATS JetStream queue at URL (nats://HOST:4222, or
+    /// tls://...) for `filepipe worker`s to process, and gather their outcomes here.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "URL")]
+    pub(crate) queue: Option<String>,
+    /// Cluster mode: the name the workers know DIR by (their --root NAME=PATH) [default: DIR's
+    /// own name].
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "NAME", requires = "queue")]
+    pub(crate) root_name: Option<String>,
+    /// Cluster mode: a NATS credentials file (.creds).
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "FILE", requires = "queue")]
+    pub(crate) creds: Option<PathBuf>,
 }
 
 /// Arguments of `filepipe watch`.
@@ -179,6 +199,41 @@ pub(crate) struct StatusArgs {
     /// List every failed file with its error and attempts.
     #[arg(long)]
     pub(crate) failed: bool,
+    /// Show the cluster queue at URL instead (jobs pending, in flight, redelivered; workers
+    /// waiting for jobs).
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["state", "failed"])]
+    pub(crate) queue: Option<String>,
+    /// A NATS credentials file (.creds) for --queue.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "FILE", requires = "queue")]
+    pub(crate) creds: Option<PathBuf>,
+}
+
+/// Arguments of `filepipe worker`.
+#[cfg(feature = "cluster")]
+#[derive(Debug, Args)]
+pub(crate) struct WorkerArgs {
+    /// The NATS JetStream server (nats://HOST:4222, or tls://...; user:password@ or a token
+    /// in it if the server asks).
+    #[arg(long, value_name = "URL")]
+    pub(crate) queue: String,
+    /// A root the jobs may name, and where it is mounted on this host (repeatable). Jobs for
+    /// a root this worker does not map are left for other workers.
+    #[arg(long = "root", value_name = "NAME=PATH", required = true)]
+    pub(crate) roots: Vec<String>,
+    /// Worker threads, 1 to 256 [default: number of CPUs].
+    #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
+    pub(crate) jobs: Option<u16>,
+    /// How outputs are flushed before they are reported done (see `batch --help`).
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub(crate) durability: Option<crate::fsio::output::Durability>,
+    /// Write one JSON line per failed or skipped file to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) failure_log: Option<PathBuf>,
+    /// A NATS credentials file (.creds).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) creds: Option<PathBuf>,
 }
 
 /// Arguments of `filepipe verify`.

@@ -87,6 +87,39 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// Every kind, for `parse`.
+    const ALL: [Kind; 21] = [
+        Kind::Vanished,
+        Kind::PermissionDenied,
+        Kind::Changed,
+        Kind::SpecialFile,
+        Kind::Symlink,
+        Kind::OutputExists,
+        Kind::UpToDate,
+        Kind::AlreadyCompressed,
+        Kind::NameTooLong,
+        Kind::NoSpace,
+        Kind::FileTooLarge,
+        Kind::UnsafeOutputPath,
+        Kind::Interrupted,
+        Kind::HardLinked,
+        Kind::Corrupt,
+        Kind::Io,
+        Kind::Internal,
+        Kind::TempInUse,
+        Kind::InUse,
+        Kind::StaleTemp,
+        Kind::TempName,
+    ];
+
+    /// The kind named `name` (as `as_str` writes it), for outcomes read back from a queue.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn parse(name: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
 impl fmt::Display for Kind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -184,6 +217,14 @@ impl std::error::Error for FileError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_kind_reads_back_from_its_name() {
+        for k in Kind::ALL {
+            assert_eq!(Kind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Kind::parse("no-such-kind"), None);
+    }
 
     #[test]
     fn errno_maps_to_kind() {

@@ -16,6 +16,8 @@
 
 mod app;
 mod cli;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod config;
 #[cfg(feature = "demos")]
 mod demo;

@@ -95,7 +95,11 @@ fn unescape(name: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-fn from_hex(hex: &[u8]) -> Option<[u8; 32]> {
+/// The digest `hex` spells (64 hex digits, either case), or `None`.
+pub(crate) fn from_hex(hex: &[u8]) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
     let nibble = |c: u8| match c {
         b'0'..=b'9' => Some(c - b'0'),
         b'a'..=b'f' => Some(c - b'a' + 10),

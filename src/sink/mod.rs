@@ -12,6 +12,8 @@
 //! from any call stops the run (after the drain), with the summary of what was done.
 
 pub(crate) mod manifest;
+#[cfg(feature = "cluster")]
+pub(crate) mod queue;
 pub(crate) mod state;
 
 use std::path::Path;

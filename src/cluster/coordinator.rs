@@ -1,0 +1,408 @@
+//! `filepipe batch DIR --queue URL`: the coordinator. It walks the tree as a local batch does,
+//! but publishes the jobs to the queue (batches as the local channel has them, one message
+//! each, under a message id so that a publish retried after an error is stored once), and
+//! feeds the outcomes the workers publish to the same reporter and manifest sink as a local
+//! run: same progress, summary, failure log and exit codes. It ends once every file it
+//! published has an outcome; each file's first outcome counts, later ones (a job delivered
+//! again after a worker died) are dropped.
+//!
+//! A first signal stops the walk and the publishing, removes the run's jobs no worker has
+//! taken yet, and waits for the outcomes of those in flight; files without one are reported
+//! skipped (interrupted). A second signal stops waiting.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use async_nats::jetstream::consumer;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use futures_util::StreamExt;
+
+use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath};
+use crate::cluster::{
+    connect, jobs_subject, outcomes_subject, Conn, Queue, Unreachable, JOBS_STREAM,
+    OUTCOMES_STREAM, WORKERS,
+};
+use crate::config::Config;
+use crate::error::{FileError, Kind};
+use crate::report::{self, Summary};
+use crate::signals::{self, Shutdown};
+use crate::sink::manifest::ManifestSink;
+use crate::source::walk::Walk;
+use crate::source::{Outlet, Source};
+use crate::travel::{Event, Msg, Outcome, Stats};
+
+/// After a first signal, how long the coordinator waits with no outcome arriving and no job in
+/// flight before it stops waiting.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// How long without a single outcome, jobs outstanding, before the coordinator says why.
+const STALLED: Duration = Duration::from_secs(30);
+
+/// What the publisher and the outcome reader share.
+#[derive(Default)]
+struct Ledger {
+    /// Files published, whose outcome is awaited.
+    expected: Mutex<HashSet<PathBuf>>,
+    /// How many (files) were published.
+    published: AtomicU64,
+    /// The walk and the publishing are over.
+    walked: AtomicBool,
+}
+
+/// A run id: unique, and a plain name (a subject token).
+fn run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{secs:x}-{:08x}", h.finish() as u32)
+}
+
+/// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.
+pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) -> Result<Summary> {
+    if !wire::valid_name(root) {
+        return Err(Unreachable(anyhow!(
+            "--root-name {root:?}: a root's name is 1 to 64 of A-Z a-z 0-9 _ - (the workers map it with --root {root}=PATH)"
+        ))
+        .into());
+    }
+    if cfg.out.is_some() || cfg.remove_source || cfg.follow_symlinks {
+        return Err(Unreachable(anyhow!(
+            "--out, --remove-source and --follow-symlinks are not available with --queue yet"
+        ))
+        .into());
+    }
+    let conn = connect(queue, "filepipe-coordinator")?;
+    let run = run_id();
+    let outcomes = conn
+        .rt
+        .block_on(async {
+            let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
+            let c = stream
+                .create_consumer(consumer::pull::Config {
+                    filter_subject: outcomes_subject(&run),
+                    ack_policy: consumer::AckPolicy::None,
+                    deliver_policy: consumer::DeliverPolicy::All,
+                    inactive_threshold: Duration::from_secs(300),
+                    ..Default::default()
+                })
+                .await?;
+            anyhow::Ok(c)
+        })
+        .context("reading the outcome stream")
+        .map_err(Unreachable)?;
+    tracing::info!(%run, root, queue = %queue.url, "coordinating");
+    let stats = Stats::default();
+    let ledger = Ledger::default();
+    let (job_tx, job_rx) = bounded::<Msg>(4);
+    let (event_tx, event_rx) = bounded::<Event>(1024);
+    std::thread::scope(|s| {
+        let reporter = std::thread::Builder::new()
+            .name("filepipe-reporter".into())
+            .spawn_scoped(s, || {
+                let mut sink = ManifestSink::new(cfg);
+                report::run(
+                    cfg,
+                    cfg.op.as_str(),
+                    event_rx,
+                    &stats,
+                    &mut sink,
+                    None,
+                    shutdown,
+                )
+            })
+            .context("starting the reporter")?;
+        let walker = {
+            let events = event_tx.clone();
+            let stats = &stats;
+            std::thread::Builder::new()
+                .name("filepipe-source".into())
+                .spawn_scoped(s, move || {
+                    let out = Outlet {
+                        jobs: &job_tx,
+                        events: &events,
+                        stats,
+                        recorded: None,
+                    };
+                    Walk::new(cfg, shutdown).run(out)
+                })
+                .context("starting the walk")?
+        };
+        let publisher = std::thread::Builder::new()
+            .name("filepipe-publish".into())
+            .spawn_scoped(s, || {
+                let r = publish(cfg, &conn, &run, root, &job_rx, &ledger, shutdown);
+                ledger.walked.store(true, Ordering::Release);
+                r
+            })
+            .context("starting the publisher")?;
+        let gathered = gather(&conn, &outcomes, &run, &ledger, &event_tx, shutdown);
+        // Whatever stopped the gathering, the walk and the publisher stop too.
+        if gathered.is_err() {
+            shutdown.request(0);
+        }
+        drop(event_tx);
+        let published = publisher
+            .join()
+            .map_err(|_| anyhow!("the publisher panicked"))?;
+        let walked = walker.join().map_err(|_| anyhow!("the walk panicked"))?;
+        let summary = reporter
+            .join()
+            .map_err(|_| anyhow!("the reporter panicked"))??;
+        gathered?;
+        published?;
+        walked?;
+        Ok(summary)
+    })
+}
+
+/// Publishes the walk's batches as job messages until the walk ends (or a signal).
+fn publish(
+    cfg: &Config,
+    conn: &Conn,
+    run: &str,
+    root: &str,
+    jobs: &Receiver<Msg>,
+    ledger: &Ledger,
+    shutdown: &Shutdown,
+) -> Result<()> {
+    let subject = jobs_subject(run);
+    let mut seq = 0u64;
+    for msg in jobs {
+        let Msg::Jobs(batch) = msg else { continue };
+        if shutdown.requested() {
+            // Drained, not published: the walk stops at the signal too.
+            continue;
+        }
+        let files: Vec<WireFile> = batch
+            .iter()
+            .map(|j| WireFile {
+                rel: WirePath::of(&j.rel),
+                size: std::fs::symlink_metadata(&j.abs).map_or(0, |m| m.len()),
+            })
+            .collect();
+        let job = JobBatch {
+            v: wire::VERSION,
+            run: run.to_owned(),
+            root: root.to_owned(),
+            op: cfg.op,
+            level: cfg.level,
+            force: cfg.force,
+            files,
+        };
+        let payload = serde_json::to_vec(&job)?;
+        seq += 1;
+        let id = format!("{run}.{seq}");
+        if let Ok(mut expected) = ledger.expected.lock() {
+            expected.extend(batch.iter().map(|j| j.rel.clone()));
+        }
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", id.as_str());
+            let sent = conn.rt.block_on(async {
+                let ack = conn
+                    .js
+                    .publish_with_headers(subject.clone(), headers, payload.clone().into())
+                    .await?;
+                ack.await.map_err(anyhow::Error::from)
+            });
+            match sent {
+                Ok(_) => break,
+                Err(e) if !shutdown.requested() => {
+                    tracing::warn!(error = %e, "publishing jobs failed; retrying");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    // Stopping: this batch is not published, its files not awaited.
+                    if let Ok(mut expected) = ledger.expected.lock() {
+                        for j in &batch {
+                            expected.remove(&j.rel);
+                        }
+                    }
+                    return Err(e).context("publishing jobs");
+                }
+            }
+        }
+        ledger
+            .published
+            .fetch_add(batch.len() as u64, Ordering::Release);
+    }
+    Ok(())
+}
+
+/// Reads outcomes and hands each file's first one to the reporter, until every published file
+/// has one (or, after a signal, until the jobs in flight are done).
+fn gather(
+    conn: &Conn,
+    outcomes: &consumer::PullConsumer,
+    run: &str,
+    ledger: &Ledger,
+    events: &Sender<Event>,
+    shutdown: &Shutdown,
+) -> Result<()> {
+    let mut seen: HashSet<PathBuf> = HashSet::new();
+    let mut last_outcome = Instant::now();
+    let mut last_warning = Instant::now();
+    let mut purged = false;
+    loop {
+        let walked = ledger.walked.load(Ordering::Acquire);
+        let published = ledger.published.load(Ordering::Acquire) as usize;
+        if walked && seen.len() >= published {
+            return Ok(());
+        }
+        if shutdown.requested() && walked {
+            if !purged {
+                purged = true;
+                let gone = conn.rt.block_on(async {
+                    let stream = conn.js.get_stream(JOBS_STREAM).await?;
+                    anyhow::Ok(stream.purge().filter(jobs_subject(run)).await?.purged)
+                });
+                match gone {
+                    Ok(n) => tracing::info!(
+                        messages = n,
+                        "interrupted: jobs not yet taken removed from the queue"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "removing the run's jobs from the queue failed")
+                    }
+                }
+            }
+            let idle = last_outcome.elapsed() >= QUIET && in_flight(conn).is_ok_and(|n| n == 0);
+            if idle || signals::aborted() {
+                return interrupted(ledger, &seen, events);
+            }
+        }
+        let msgs = conn.rt.block_on(async {
+            let mut batch = outcomes
+                .fetch()
+                .max_messages(256)
+                .expires(Duration::from_millis(250))
+                .messages()
+                .await
+                .map_err(|e| anyhow!("{e}"))?;
+            let mut msgs = Vec::new();
+            while let Some(m) = batch.next().await {
+                msgs.push(m.map_err(|e| anyhow!("{e}"))?);
+            }
+            anyhow::Ok(msgs)
+        });
+        let msgs = match msgs {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading outcomes failed; retrying");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let mut firsts = Vec::new();
+        for m in msgs {
+            let batch: OutcomeBatch = match serde_json::from_slice(&m.payload) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(error = %e, "an outcome message that does not read: ignored");
+                    continue;
+                }
+            };
+            if batch.v != wire::VERSION || batch.run != run {
+                continue;
+            }
+            let expected = ledger
+                .expected
+                .lock()
+                .map_err(|_| anyhow!("the ledger is poisoned"))?;
+            for w in &batch.outcomes {
+                let outcome = match w.outcome() {
+                    Ok(o) => o,
+                    Err(e) => {
+                        tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
+                        continue;
+                    }
+                };
+                // Only files this run published, each once: the first outcome counts.
+                let rel = outcome.rel().to_path_buf();
+                if expected.contains(&rel) && seen.insert(rel) {
+                    firsts.push(outcome);
+                }
+            }
+        }
+        if !firsts.is_empty() {
+            last_outcome = Instant::now();
+            events
+                .send(Event::Finished(firsts))
+                .map_err(|_| anyhow!("the reporter has stopped"))?;
+        } else if last_outcome.elapsed() >= STALLED
+            && last_warning.elapsed() >= STALLED
+            && seen.len() < published
+        {
+            last_warning = Instant::now();
+            let waiting = waiting_workers(conn).unwrap_or(0);
+            if waiting == 0 {
+                tracing::warn!(
+                    outstanding = published - seen.len(),
+                    "no outcome for {STALLED:?} and no worker is asking for jobs: start `filepipe worker --queue ... --root NAME=PATH`"
+                );
+            } else {
+                tracing::warn!(
+                    outstanding = published - seen.len(),
+                    workers_waiting = waiting,
+                    "no outcome for {STALLED:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The files published and without an outcome, reported as not processed.
+fn interrupted(ledger: &Ledger, seen: &HashSet<PathBuf>, events: &Sender<Event>) -> Result<()> {
+    let expected = ledger
+        .expected
+        .lock()
+        .map_err(|_| anyhow!("the ledger is poisoned"))?;
+    let left: Vec<Outcome> = expected
+        .iter()
+        .filter(|rel| !seen.contains(*rel))
+        .map(|rel| Outcome::Skipped {
+            rel: rel.clone(),
+            reason: FileError::new(
+                Kind::Interrupted,
+                "not processed: the run was interrupted before a worker finished it",
+            ),
+        })
+        .collect();
+    if !left.is_empty() {
+        events
+            .send(Event::Finished(left))
+            .map_err(|_| anyhow!("the reporter has stopped"))?;
+    }
+    Ok(())
+}
+
+/// Jobs delivered to workers and not yet acknowledged (all runs).
+fn in_flight(conn: &Conn) -> Result<usize> {
+    Ok(consumer_info(conn)?.num_ack_pending)
+}
+
+/// Workers asking for jobs right now.
+fn waiting_workers(conn: &Conn) -> Result<usize> {
+    Ok(consumer_info(conn)?.num_waiting)
+}
+
+fn consumer_info(conn: &Conn) -> Result<consumer::Info> {
+    conn.rt.block_on(async {
+        let stream = conn.js.get_stream(JOBS_STREAM).await?;
+        let mut c: consumer::PullConsumer = stream
+            .get_consumer(WORKERS)
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        let info = c.info().await?.clone();
+        anyhow::Ok(info)
+    })
+}

@@ -1,0 +1,172 @@
+//! Cluster mode on NATS JetStream: one coordinator walks a tree on shared storage and
+//! publishes its jobs to a work-queue stream; any number of workers, on any hosts, take them
+//! from one durable pull consumer, run the same pipeline on them, publish each file's outcome
+//! to an outcome stream, and only then acknowledge the job; the coordinator feeds the outcomes
+//! to the same reporter and sink as a local run.
+//!
+//! ```text
+//!  coordinator: walk ─► FILEPIPE_JOBS (work queue, filepipe.jobs.<run>)
+//!                               │ durable pull consumer "filepipe-workers"
+//!                               ▼
+//!  workers: source/queue ─► pipeline ─► sink/queue ─► FILEPIPE_OUTCOMES (filepipe.outcomes.<run>)
+//!                ▲ ack once the outcome is stored          │
+//!                └──────────────────────────────────────── │ ──► coordinator: report, manifest
+//! ```
+//!
+//! Delivery is at least once (a worker that dies holding a job has it redelivered after the
+//! ack wait), effects are idempotent (an output already made for the same input is up to date,
+//! and the coordinator counts the first outcome of each file only), so each file is accounted
+//! for exactly once. Nothing here is a queue, a retry protocol or a heartbeat of our own:
+//! JetStream's acks, ack wait, in-progress acks and de-duplication do that.
+
+mod coordinator;
+mod status;
+pub(crate) mod wire;
+mod worker;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_nats::jetstream::{self, consumer, stream};
+
+pub(crate) use coordinator::run as coordinate;
+pub(crate) use status::print as status;
+pub(crate) use worker::run as work;
+
+/// The work-queue stream of jobs: subjects `filepipe.jobs.<run>`.
+pub(crate) const JOBS_STREAM: &str = "FILEPIPE_JOBS";
+/// The stream of outcomes: subjects `filepipe.outcomes.<run>`, kept a week.
+pub(crate) const OUTCOMES_STREAM: &str = "FILEPIPE_OUTCOMES";
+/// The durable pull consumer every worker binds.
+pub(crate) const WORKERS: &str = "filepipe-workers";
+
+/// How long a job may go unacknowledged before it is delivered again: short, since a worker
+/// working on one sends in-progress acks (see `PROGRESS_EVERY`).
+pub(crate) const ACK_WAIT: Duration = Duration::from_secs(30);
+/// How often a worker tells the server it is still working on the jobs it holds.
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// A job delivered this many times without an outcome (each worker that took it died or hung
+/// on it) is failed and terminated rather than delivered again.
+pub(crate) const MAX_DELIVER: i64 = 5;
+
+/// The subject of a run's jobs.
+pub(crate) fn jobs_subject(run: &str) -> String {
+    format!("filepipe.jobs.{run}")
+}
+
+/// The subject of a run's outcomes.
+pub(crate) fn outcomes_subject(run: &str) -> String {
+    format!("filepipe.outcomes.{run}")
+}
+
+/// Where the queue is: a NATS URL (`nats://`, or `tls://` for TLS; `user:password@` or a
+/// token in it), and a credentials file for NATS accounts (JWT and nkey).
+#[derive(Debug, Clone)]
+pub(crate) struct Queue {
+    /// The server's URL.
+    pub(crate) url: String,
+    /// A `.creds` file.
+    pub(crate) creds: Option<PathBuf>,
+}
+
+/// A failure to reach or set up the queue at start: a usage error (exit 2), not a run's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+pub(crate) struct Unreachable(#[source] pub(crate) anyhow::Error);
+
+/// A connection to JetStream, with the runtime its client runs on. Threads that are not the
+/// runtime's call into it with `rt.block_on`.
+pub(crate) struct Conn {
+    pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) js: jetstream::Context,
+}
+
+/// Connects to `q` and makes sure the streams and the workers' consumer exist (creating them
+/// if not; an existing one is used as it is). Any failure is `Unreachable`.
+pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("filepipe-nats")
+        .enable_all()
+        .build()
+        .context("starting the NATS client's runtime")
+        .map_err(Unreachable)?;
+    let js = rt
+        .block_on(async {
+            let mut opts = async_nats::ConnectOptions::new()
+                .name(name)
+                .connection_timeout(Duration::from_secs(5));
+            if let Some(creds) = &q.creds {
+                opts = opts
+                    .credentials_file(creds)
+                    .await
+                    .with_context(|| format!("reading the credentials {}", creds.display()))?;
+            }
+            let client = opts
+                .connect(q.url.as_str())
+                .await
+                .with_context(|| format!("cannot connect to NATS at {}", q.url))?;
+            let js = jetstream::new(client);
+            setup(&js)
+                .await
+                .with_context(|| format!("setting up JetStream at {} (is it -js?)", q.url))?;
+            anyhow::Ok(js)
+        })
+        .map_err(Unreachable)?;
+    Ok(Conn { rt, js })
+}
+
+/// The streams and the workers' consumer.
+async fn setup(js: &jetstream::Context) -> Result<()> {
+    let jobs = js
+        .get_or_create_stream(stream::Config {
+            name: JOBS_STREAM.into(),
+            subjects: vec!["filepipe.jobs.>".into()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            duplicate_window: Duration::from_secs(120),
+            max_message_size: wire::MAX_MESSAGE as i32,
+            ..Default::default()
+        })
+        .await?;
+    js.get_or_create_stream(stream::Config {
+        name: OUTCOMES_STREAM.into(),
+        subjects: vec!["filepipe.outcomes.>".into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        max_age: Duration::from_secs(7 * 24 * 3600),
+        duplicate_window: Duration::from_secs(120),
+        max_message_size: wire::MAX_MESSAGE as i32,
+        ..Default::default()
+    })
+    .await?;
+    jobs.get_or_create_consumer(WORKERS, workers_config())
+        .await?;
+    Ok(())
+}
+
+/// The workers' consumer: explicit acks, redelivery after `ACK_WAIT`, no server-side limit on
+/// deliveries (the worker enforces `MAX_DELIVER`, so the file is reported failed, not
+/// silently dropped).
+pub(crate) fn workers_config() -> consumer::pull::Config {
+    consumer::pull::Config {
+        durable_name: Some(WORKERS.into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: ACK_WAIT,
+        max_deliver: -1,
+        max_ack_pending: 100_000,
+        filter_subject: "filepipe.jobs.>".into(),
+        ..Default::default()
+    }
+}
+
+/// Who this process is, for logs and outcome batches: host name and pid.
+pub(crate) fn whoami() -> String {
+    let host = rustix::system::uname();
+    format!(
+        "{}:{}",
+        host.nodename().to_string_lossy(),
+        std::process::id()
+    )
+}

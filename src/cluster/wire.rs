@@ -1,0 +1,385 @@
+//! What travels through the queue: batches of jobs from a coordinator to the workers, batches
+//! of outcomes back. JSON with a version; a job message is untrusted input (anyone allowed to
+//! publish to the stream can write one), so everything a worker acts on is checked here: the
+//! run and root names are plain tokens, the level is in range, the message is bounded, and a
+//! file's path must be relative with plain components only. A bad path fails its file alone.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::OpKind;
+use crate::error::{FileError, Kind};
+use crate::manifest;
+use crate::travel::{Done, Outcome};
+
+/// The message format's version: a worker refuses messages of another.
+pub(crate) const VERSION: u32 = 1;
+
+/// The largest message read (NATS's default max_payload): far more than a batch of 64 jobs.
+pub(crate) const MAX_MESSAGE: usize = 1 << 20;
+
+/// The longest path a job may name (PATH_MAX).
+const MAX_PATH: usize = 4096;
+
+/// Whether `s` is a name a run or a root may have: 1 to 64 of `A-Z a-z 0-9 _ -`. Such names
+/// are also safe as NATS subject tokens.
+pub(crate) fn valid_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// A path relative to a root, as bytes: a string when it is UTF-8, else hex (file names need
+/// not be UTF-8, JSON strings must be).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum WirePath {
+    /// A UTF-8 path.
+    Text(String),
+    /// Any other path, its bytes in hex.
+    Bytes {
+        /// Two lower-case hex digits per byte.
+        hex: String,
+    },
+}
+
+impl WirePath {
+    /// `p`'s bytes, as they will read back.
+    pub(crate) fn of(p: &Path) -> WirePath {
+        match p.to_str() {
+            Some(s) => WirePath::Text(s.to_owned()),
+            None => WirePath::Bytes {
+                hex: p
+                    .as_os_str()
+                    .as_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect(),
+            },
+        }
+    }
+
+    /// The path's bytes, or `None` if the hex is not hex.
+    fn bytes(&self) -> Option<Vec<u8>> {
+        match self {
+            WirePath::Text(s) => Some(s.as_bytes().to_vec()),
+            WirePath::Bytes { hex } => {
+                if hex.len() % 2 != 0 || hex.len() > 2 * MAX_PATH {
+                    return None;
+                }
+                (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+                    .collect()
+            }
+        }
+    }
+
+    /// The path as given, whatever it is: what an outcome about it names.
+    pub(crate) fn lossy(&self) -> PathBuf {
+        match self.bytes() {
+            Some(b) => PathBuf::from(OsStr::from_bytes(&b)),
+            None => PathBuf::from("<undecodable path>"),
+        }
+    }
+
+    /// The path, if a job may name it: not empty, relative, plain components only (no `..`,
+    /// no `.`, no root), no NUL, at most PATH_MAX bytes. Anything else is refused: a job must
+    /// never lead a worker outside its root, whatever the message says.
+    pub(crate) fn rel(&self) -> Result<PathBuf, FileError> {
+        let refuse = |why: &str| {
+            Err(FileError::new(
+                Kind::UnsafeOutputPath,
+                format!("refused job path: {why}"),
+            ))
+        };
+        let Some(bytes) = self.bytes() else {
+            return refuse("not hex");
+        };
+        if bytes.is_empty() || bytes.len() > MAX_PATH {
+            return refuse("empty or longer than PATH_MAX");
+        }
+        if bytes.contains(&0) {
+            return refuse("contains NUL");
+        }
+        let path = PathBuf::from(OsStr::from_bytes(&bytes));
+        if !path.components().all(|c| matches!(c, Component::Normal(_))) {
+            return refuse("not a plain relative path (absolute, '.', or '..')");
+        }
+        Ok(path)
+    }
+}
+
+/// One file of a job batch.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WireFile {
+    /// Relative to the root.
+    pub(crate) rel: WirePath,
+    /// Its size when the coordinator found it (for progress, and batching on the worker).
+    pub(crate) size: u64,
+}
+
+/// A batch of jobs: everything a worker needs to process them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct JobBatch {
+    /// `VERSION`.
+    pub(crate) v: u32,
+    /// The coordinator's run: outcomes go to its subject.
+    pub(crate) run: String,
+    /// The root's name; each worker maps it to its own mount point (`--root NAME=PATH`).
+    pub(crate) root: String,
+    /// The operation.
+    pub(crate) op: OpKind,
+    /// gzip's level.
+    pub(crate) level: u32,
+    /// gzip: redo up-to-date outputs, replace different ones.
+    pub(crate) force: bool,
+    /// The files.
+    pub(crate) files: Vec<WireFile>,
+}
+
+impl JobBatch {
+    /// Reads and checks a job message (files are checked one by one, later: see
+    /// `WirePath::rel`).
+    pub(crate) fn parse(payload: &[u8]) -> Result<JobBatch, String> {
+        if payload.len() > MAX_MESSAGE {
+            return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
+        }
+        let b: JobBatch = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        if b.v != VERSION {
+            return Err(format!("version {}, this worker reads {VERSION}", b.v));
+        }
+        if !valid_name(&b.run) || !valid_name(&b.root) {
+            return Err("a run or root name that is not a plain name".into());
+        }
+        if !(1..=9).contains(&b.level) {
+            return Err(format!("level {} out of 1-9", b.level));
+        }
+        if b.files.is_empty() {
+            return Err("no files".into());
+        }
+        Ok(b)
+    }
+}
+
+/// How a file ended, on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum WireStatus {
+    /// Processed and published.
+    Done,
+    /// Left alone, with the reason.
+    Skipped,
+    /// Could not be processed.
+    Failed,
+}
+
+/// One file's outcome, on the wire.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct WireOutcome {
+    /// The file, relative to the root.
+    pub(crate) rel: WirePath,
+    /// How it ended.
+    pub(crate) status: WireStatus,
+    /// Skipped or failed: the reason's kind (`Kind::as_str`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) kind: Option<String>,
+    /// Skipped or failed: the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) message: Option<String>,
+    /// The errno, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) errno: Option<i32>,
+    /// Done: bytes read.
+    #[serde(default)]
+    pub(crate) bytes_in: u64,
+    /// Done: bytes written.
+    #[serde(default)]
+    pub(crate) bytes_out: u64,
+    /// Done, sha256: the digest in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) digest: Option<String>,
+}
+
+/// A batch of outcomes, from one worker's flush.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct OutcomeBatch {
+    /// `VERSION`.
+    pub(crate) v: u32,
+    /// The coordinator's run.
+    pub(crate) run: String,
+    /// Which worker (host and pid), for the logs.
+    pub(crate) worker: String,
+    /// The outcomes.
+    pub(crate) outcomes: Vec<WireOutcome>,
+}
+
+impl WireOutcome {
+    /// An outcome, for the wire.
+    pub(crate) fn of(o: &Outcome) -> WireOutcome {
+        let mut w = WireOutcome {
+            rel: WirePath::of(o.rel()),
+            status: WireStatus::Done,
+            kind: None,
+            message: None,
+            errno: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            digest: None,
+        };
+        let why = |w: &mut WireOutcome, status, e: &FileError| {
+            w.status = status;
+            w.kind = Some(e.kind.as_str().to_owned());
+            w.message = Some(e.message.clone());
+            w.errno = e.errno;
+        };
+        match o {
+            Outcome::Done { done, .. } => {
+                w.bytes_in = done.bytes_in;
+                w.bytes_out = done.bytes_out;
+                w.digest = done.digest.as_ref().map(manifest::to_hex);
+            }
+            Outcome::Skipped { reason, .. } => why(&mut w, WireStatus::Skipped, reason),
+            Outcome::Failed { error, .. } => why(&mut w, WireStatus::Failed, error),
+        }
+        w
+    }
+
+    /// The outcome it stands for; `Err` if it does not read back (an unknown kind, a digest
+    /// that is not one).
+    pub(crate) fn outcome(&self) -> Result<Outcome, String> {
+        let rel = self.rel.rel().map_err(|e| e.message)?;
+        let error = || -> Result<FileError, String> {
+            let kind = self.kind.as_deref().unwrap_or("");
+            let kind = Kind::parse(kind).ok_or_else(|| format!("unknown kind {kind:?}"))?;
+            Ok(FileError {
+                kind,
+                errno: self.errno,
+                message: self.message.clone().unwrap_or_default(),
+            })
+        };
+        Ok(match self.status {
+            WireStatus::Done => {
+                let digest = match &self.digest {
+                    Some(hex) => Some(
+                        manifest::from_hex(hex.as_bytes())
+                            .ok_or_else(|| format!("not a digest: {hex:?}"))?,
+                    ),
+                    None => None,
+                };
+                Outcome::Done {
+                    rel,
+                    done: Box::new(Done {
+                        bytes_in: self.bytes_in,
+                        bytes_out: self.bytes_out,
+                        digest,
+                        note: None,
+                        stamp: None,
+                    }),
+                }
+            }
+            WireStatus::Skipped => Outcome::Skipped {
+                rel,
+                reason: error()?,
+            },
+            WireStatus::Failed => Outcome::Failed {
+                rel,
+                error: error()?,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_path_must_be_plain_and_relative() {
+        for ok in ["a", "a/b.log", "x y/ü.txt", "..a/b..", ".hidden"] {
+            let p = WirePath::Text(ok.into());
+            assert_eq!(p.rel().unwrap(), Path::new(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            "a/../../x",
+            "./a",
+            "a/./b",
+            "a\0b",
+            "/",
+        ] {
+            let p = WirePath::Text(bad.into());
+            assert!(p.rel().is_err(), "{bad:?} accepted");
+        }
+        let long = WirePath::Text("a/".repeat(3000));
+        assert!(long.rel().is_err());
+        // Not UTF-8: round-trips through hex.
+        let raw = Path::new(OsStr::from_bytes(b"caf\xe9/x"));
+        let w = WirePath::of(raw);
+        assert!(matches!(w, WirePath::Bytes { .. }));
+        assert_eq!(w.rel().unwrap(), raw);
+        let json = serde_json::to_string(&w).unwrap();
+        let back: WirePath = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.rel().unwrap(), raw);
+        for hex in ["zz", "2f6574632f706173737764", "0"] {
+            // "/etc/passwd" in hex is refused too.
+            assert!(WirePath::Bytes { hex: hex.into() }.rel().is_err(), "{hex}");
+        }
+    }
+
+    #[test]
+    fn a_job_message_is_checked_before_anything_is_done() {
+        let good = r#"{"v":1,"run":"r1","root":"in","op":"gzip","level":6,"force":false,
+            "files":[{"rel":"a","size":1}]}"#;
+        assert!(JobBatch::parse(good.as_bytes()).is_ok());
+        for bad in [
+            good.replace("\"v\":1", "\"v\":2"),
+            good.replace("\"r1\"", "\"r.1\""),
+            good.replace("\"in\"", "\"../in\""),
+            good.replace("\"gzip\"", "\"rm\""),
+            good.replace("\"level\":6", "\"level\":10"),
+            good.replace(r#"{"rel":"a","size":1}"#, ""),
+            "not json".into(),
+            format!("{{\"pad\":\"{}\"}}", "x".repeat(MAX_MESSAGE)),
+        ] {
+            assert!(JobBatch::parse(bad.as_bytes()).is_err(), "{bad:.80}");
+        }
+    }
+
+    #[test]
+    fn outcomes_read_back_as_they_were() {
+        let done = Outcome::Done {
+            rel: "a/b".into(),
+            done: Box::new(Done {
+                bytes_in: 10,
+                bytes_out: 4,
+                digest: Some([7; 32]),
+                ..Done::default()
+            }),
+        };
+        let failed = Outcome::Failed {
+            rel: "c".into(),
+            error: FileError {
+                kind: Kind::NoSpace,
+                errno: Some(28),
+                message: "writing: no space".into(),
+            },
+        };
+        for o in [done, failed] {
+            let json = serde_json::to_string(&WireOutcome::of(&o)).unwrap();
+            let back: WireOutcome = serde_json::from_str(&json).unwrap();
+            assert_eq!(format!("{:?}", back.outcome().unwrap()), format!("{o:?}"));
+        }
+        let mut w = WireOutcome::of(&Outcome::Skipped {
+            rel: "x".into(),
+            reason: FileError::new(Kind::UpToDate, "up to date"),
+        });
+        w.kind = Some("made-up".into());
+        assert!(w.outcome().is_err());
+    }
+}

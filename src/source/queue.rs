@@ -1,0 +1,287 @@
+//! A cluster worker's source: batches of jobs the worker's router took from the queue, fed to
+//! the pipeline. Once every file of a message is recorded (its outcome stored by the queue
+//! sink, see `sink::queue`), the message is settled: acknowledged, or handed back for
+//! redelivery if a file of it was not finished here (a second signal abandoned it).
+//!
+//! Invariants: a message is settled only after each of its files' outcomes is stored, so a
+//! worker that dies loses no outcome (its messages are redelivered); a path in flight here is
+//! never started twice (a redelivered message naming it waits for the same outcome); a path a
+//! job may not name fails that file alone, with the reason.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{select, Receiver, Sender};
+
+use crate::cluster::wire::WireFile;
+use crate::source::{Outlet, Source};
+use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded};
+
+/// A message's jobs, as the router hands them over.
+#[derive(Debug)]
+pub(crate) struct Delivery {
+    /// The router's key for the message.
+    pub(crate) id: u64,
+    /// Its files.
+    pub(crate) files: Vec<WireFile>,
+}
+
+/// A message whose files are all recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Settled {
+    /// The router's key for the message.
+    pub(crate) id: u64,
+    /// Every file of it ended here (ack); else it is to be delivered again (nak).
+    pub(crate) done: bool,
+}
+
+/// What a recorded path settles.
+#[derive(Debug)]
+enum Waiting {
+    /// A job in the pipeline: its outcome settles each message that named the path.
+    Job(Vec<u64>),
+    /// Paths refused before the pipeline, one outcome each: each settles one message.
+    Refused(VecDeque<u64>),
+}
+
+/// The source: deliveries in, settled messages out.
+pub(crate) struct QueueSource {
+    root: PathBuf,
+    deliveries: Receiver<Delivery>,
+    settled: Sender<Settled>,
+}
+
+impl QueueSource {
+    /// A source of the jobs of one run (and root, op and level), with files under `root`.
+    pub(crate) fn new(
+        root: PathBuf,
+        deliveries: Receiver<Delivery>,
+        settled: Sender<Settled>,
+    ) -> Self {
+        QueueSource {
+            root,
+            deliveries,
+            settled,
+        }
+    }
+}
+
+/// The books: messages with files still to be recorded, and what each recorded path settles.
+#[derive(Default)]
+struct Books {
+    /// Per message: files not yet recorded, and whether one of them is to be redone.
+    open: HashMap<u64, (usize, bool)>,
+    waiting: HashMap<PathBuf, Waiting>,
+}
+
+impl Books {
+    /// One file of message `id` ended (`redo`: not here, to be delivered again). Returns the
+    /// message if that was its last.
+    fn one_done(&mut self, id: u64, redo: bool) -> Option<Settled> {
+        let entry = self.open.get_mut(&id)?;
+        entry.0 -= 1;
+        entry.1 |= redo;
+        if entry.0 > 0 {
+            return None;
+        }
+        let (_, redo) = self.open.remove(&id)?;
+        Some(Settled { id, done: !redo })
+    }
+
+    fn recorded(&mut self, r: &Recorded) -> Vec<Settled> {
+        let redo = r.retry_after.is_some();
+        let ids: Vec<u64> = match self.waiting.get_mut(&r.rel) {
+            None => return Vec::new(),
+            Some(Waiting::Job(_)) => match self.waiting.remove(&r.rel) {
+                Some(Waiting::Job(ids)) => ids,
+                _ => Vec::new(),
+            },
+            Some(Waiting::Refused(ids)) => {
+                let id = ids.pop_front();
+                if ids.is_empty() {
+                    self.waiting.remove(&r.rel);
+                }
+                id.into_iter().collect()
+            }
+        };
+        ids.into_iter()
+            .filter_map(|id| self.one_done(id, redo))
+            .collect()
+    }
+}
+
+impl Source for QueueSource {
+    fn listens(&self) -> bool {
+        true
+    }
+
+    fn run(&mut self, out: Outlet<'_>) -> Result<()> {
+        let recorded = out
+            .recorded
+            .as_ref()
+            .context("a queue source must hear of recorded outcomes")?;
+        let mut books = Books::default();
+        let mut open = true;
+        loop {
+            if !open && books.open.is_empty() {
+                return Ok(());
+            }
+            // The deliveries channel, until the router closes it; then only what is recorded.
+            let never = crossbeam_channel::never();
+            let deliveries = if open { &self.deliveries } else { &never };
+            select! {
+                recv(deliveries) -> d => match d {
+                    Ok(d) => self.take(d, &mut books, &out)?,
+                    Err(_) => open = false,
+                },
+                recv(recorded) -> r => match r {
+                    Ok(batch) => {
+                        for r in &batch {
+                            for s in books.recorded(r) {
+                                // The router is gone only once the worker is stopping.
+                                let _ = self.settled.send(s);
+                            }
+                        }
+                    }
+                    // The reporter stopped (a sink failure): what is unsettled is redelivered.
+                    Err(_) => return Ok(()),
+                },
+            }
+        }
+    }
+}
+
+impl QueueSource {
+    /// Takes one message's files: refused paths are reported at once, the rest go to the
+    /// workers in batches (`BatchFill`'s rule).
+    fn take(&self, d: Delivery, books: &mut Books, out: &Outlet<'_>) -> Result<()> {
+        books.open.insert(d.id, (d.files.len(), false));
+        let mut batch = Vec::new();
+        let mut fill = BatchFill::default();
+        for f in d.files {
+            let rel = match f.rel.rel() {
+                Ok(rel) => rel,
+                Err(error) => {
+                    let rel = f.rel.lossy();
+                    match books
+                        .waiting
+                        .entry(rel.clone())
+                        .or_insert_with(|| Waiting::Refused(VecDeque::new()))
+                    {
+                        Waiting::Refused(ids) => ids.push_back(d.id),
+                        // A refused path never names a job: a second name for one is refused too.
+                        Waiting::Job(ids) => ids.push(d.id),
+                    }
+                    out.stats.reported.fetch_add(1, Ordering::Relaxed);
+                    let outcome = Outcome::Failed { rel, error };
+                    out.events
+                        .send(Event::Finished(vec![outcome]))
+                        .ok()
+                        .context("the reporter has stopped")?;
+                    continue;
+                }
+            };
+            match books.waiting.get_mut(&rel) {
+                // In flight here already (a redelivery of a message this worker still holds):
+                // its outcome settles this message too.
+                Some(Waiting::Job(ids)) => {
+                    ids.push(d.id);
+                    continue;
+                }
+                Some(Waiting::Refused(_)) => {}
+                None => {}
+            }
+            books.waiting.insert(rel.clone(), Waiting::Job(vec![d.id]));
+            if !fill.takes(f.size) {
+                self.send(std::mem::take(&mut batch), out)?;
+                fill = BatchFill::default();
+            }
+            fill.add(f.size);
+            out.stats.files.fetch_add(1, Ordering::Relaxed);
+            out.stats.bytes.fetch_add(f.size, Ordering::Relaxed);
+            batch.push(Job {
+                abs: self.root.join(&rel),
+                rel,
+                replace: false,
+                expect: None,
+            });
+        }
+        if !batch.is_empty() {
+            self.send(batch, out)?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, batch: Vec<Job>, out: &Outlet<'_>) -> Result<()> {
+        out.jobs
+            .send(Msg::Jobs(batch))
+            .ok()
+            .context("the workers have stopped")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(rel: &str, redo: bool) -> Recorded {
+        Recorded {
+            rel: rel.into(),
+            retry_after: redo.then_some(std::time::Duration::ZERO),
+        }
+    }
+
+    #[test]
+    fn a_message_is_settled_once_each_of_its_files_is_recorded() {
+        let mut b = Books::default();
+        b.open.insert(1, (2, false));
+        b.waiting.insert("a".into(), Waiting::Job(vec![1]));
+        b.waiting.insert("b".into(), Waiting::Job(vec![1]));
+        assert!(b.recorded(&rec("a", false)).is_empty());
+        assert!(b.recorded(&rec("zzz", false)).is_empty(), "not ours");
+        assert_eq!(
+            b.recorded(&rec("b", false)),
+            [Settled { id: 1, done: true }]
+        );
+        assert!(b.open.is_empty() && b.waiting.is_empty());
+    }
+
+    #[test]
+    fn a_file_to_be_redone_hands_its_message_back_and_a_shared_path_settles_both() {
+        let mut b = Books::default();
+        // Message 2 is a redelivery of message 1 while this worker still holds it.
+        b.open.insert(1, (2, false));
+        b.open.insert(2, (1, false));
+        b.waiting.insert("a".into(), Waiting::Job(vec![1, 2]));
+        b.waiting.insert("b".into(), Waiting::Job(vec![1]));
+        assert_eq!(
+            b.recorded(&rec("a", false)),
+            [Settled { id: 2, done: true }]
+        );
+        assert_eq!(
+            b.recorded(&rec("b", true)),
+            [Settled { id: 1, done: false }]
+        );
+    }
+
+    #[test]
+    fn refused_paths_settle_one_message_each() {
+        let mut b = Books::default();
+        b.open.insert(1, (1, false));
+        b.open.insert(2, (1, false));
+        b.waiting.insert(
+            "/etc/passwd".into(),
+            Waiting::Refused(VecDeque::from([1, 2])),
+        );
+        assert_eq!(
+            b.recorded(&rec("/etc/passwd", false)),
+            [Settled { id: 1, done: true }]
+        );
+        assert_eq!(
+            b.recorded(&rec("/etc/passwd", false)),
+            [Settled { id: 2, done: true }]
+        );
+    }
+}

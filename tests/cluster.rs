@@ -1,0 +1,500 @@
+//! Cluster mode against a real `nats-server` (Debian's, started by each test on a free
+//! loopback port with a temp store): a coordinator (`batch --queue`) and real worker
+//! processes; results checked with the real gzip and sha256sum. Issue 17.
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+/// A JetStream server of our own, stopped when dropped.
+struct Nats {
+    child: Child,
+    url: String,
+    _store: tempfile::TempDir,
+}
+
+impl Nats {
+    /// Starts one, ready for clients (its port answers with INFO); `None`, saying so, where
+    /// there is no nats-server.
+    fn start() -> Option<Nats> {
+        if Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: no nats-server (apt-get install nats-server)");
+            return None;
+        }
+        let store = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+            .arg(store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("nats://127.0.0.1:{port}");
+        let n = Nats {
+            child,
+            url,
+            _store: store,
+        };
+        wait_until(Duration::from_secs(20), "nats-server to answer", || {
+            n.info().is_some()
+        });
+        Some(n)
+    }
+
+    /// The server's INFO line, if it answers.
+    fn info(&self) -> Option<String> {
+        let addr = self.url.trim_start_matches("nats://");
+        let stream = TcpStream::connect(addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        line.starts_with("INFO").then_some(line)
+    }
+
+    /// Publishes `payload` on `subject` over the plain NATS protocol, as anyone allowed to
+    /// publish could: a stream whose subjects match stores it.
+    fn publish_raw(&self, subject: &str, payload: &[u8]) {
+        let addr = self.url.trim_start_matches("nats://");
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.starts_with("INFO"), "{line}");
+        write!(
+            stream,
+            "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nPUB {subject} {}\r\n",
+            payload.len()
+        )
+        .unwrap();
+        stream.write_all(payload).unwrap();
+        stream.write_all(b"\r\nPING\r\n").unwrap();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            assert!(!line.starts_with("-ERR"), "{line}");
+            if line.starts_with("PONG") {
+                break;
+            }
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `filepipe worker`, ready (READY=1 on its notify socket) once it has bound the consumer.
+struct Worker {
+    child: Option<Child>,
+    _notes: Notifications,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn start(nats: &Nats, dir: &Path, roots: &[String], jobs: &str) -> Worker {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let socket = dir.join(format!("worker-{n}.sock"));
+        let log = dir.join(format!("worker-{n}.log"));
+        let notes = Notifications::listen(&socket);
+        let mut cmd = filepipe(&[
+            s("worker"),
+            s("--queue"),
+            s(&nats.url),
+            s("--jobs"),
+            s(jobs),
+        ]);
+        for r in roots {
+            cmd.args(["--root", r]);
+        }
+        cmd.env("NOTIFY_SOCKET", &socket)
+            .env_remove("WATCHDOG_USEC")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let limit = Instant::now() + Duration::from_secs(30);
+        while !notes.has("READY=1") {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "the worker exited before READY=1 ({st}): {}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < limit, "no READY=1 from the worker");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Worker {
+            child: Some(child),
+            _notes: notes,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(c) = &self.child {
+            let _ = rustix::process::kill_process(
+                rustix::process::Pid::from_child(c),
+                rustix::process::Signal::TERM,
+            );
+        }
+        if let Some(mut c) = self.child.take() {
+            let limit = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < limit {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `filepipe batch ROOT --queue URL --json EXTRA`, to completion.
+fn coordinate(nats: &Nats, root: &Path, extra: &[&str]) -> Run {
+    let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.arg("--json").args(extra);
+    run(cmd)
+}
+
+/// Every .gz under `dir` passes the real `gzip -t`, and restores its input exactly.
+fn assert_outputs_whole(dir: &Path) -> usize {
+    let mut n = 0;
+    for e in walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        let p = e.path();
+        if p.extension() != Some(OsStr::new("gz")) {
+            continue;
+        }
+        n += 1;
+        let back = tool("gunzip", &[s("-c"), p.as_os_str()], dir);
+        assert!(back.status.success(), "gunzip -c {}: {back:?}", p.display());
+        let input = p.with_extension("");
+        assert_eq!(
+            back.stdout,
+            fs::read(&input).unwrap(),
+            "{}",
+            input.display()
+        );
+    }
+    n
+}
+
+fn tree(files: usize, large: usize) -> TestTree {
+    let mut t = TestTree::new();
+    for i in 0..files {
+        t = t.file(
+            format!("d{}/e{}/f{i}.log", i % 13, i % 3),
+            &text_bytes(200 + (i * 97) % 20_000, i as u64),
+        );
+    }
+    for i in 0..large {
+        t = t.file(
+            format!("big/b{i}.bin"),
+            &text_bytes(6 << 20, 1000 + i as u64),
+        );
+    }
+    t
+}
+
+#[test]
+fn three_workers_process_a_tree_once_and_each_result_checks_with_the_real_tools() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(1500, 2);
+    let root = format!("tree={}", t.root().display());
+    let workers: Vec<Worker> = (0..3)
+        .map(|_| Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1"))
+        .collect();
+    let out = coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"]);
+    let sum = out.code(0).summary();
+    assert_eq!(sum["files"], 1502, "{sum}");
+    assert_eq!(sum["done"], 1502, "each file done exactly once: {sum}");
+    assert_eq!(sum["failed"], 0, "{sum}");
+    assert_eq!(assert_outputs_whole(&t.root()), 1502);
+    // SHA-256 through the queue: the coordinator writes the manifest, sha256sum checks it.
+    let manifest = t.side("SHA256SUMS");
+    let out = coordinate(
+        &nats,
+        &t.root(),
+        &[
+            "--op",
+            "sha256",
+            "--root-name",
+            "tree",
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+    );
+    let sum = out.code(0).summary();
+    // The .gz outputs are inputs now.
+    assert_eq!(sum["done"], 3004, "{sum}");
+    let check = tool(
+        "sha256sum",
+        &[s("-c"), s("--quiet"), manifest.as_os_str()],
+        &t.root(),
+    );
+    assert!(check.status.success(), "{check:?}");
+    let lines = fs::read_to_string(&manifest).unwrap().lines().count();
+    assert_eq!(lines, 3004, "one line per file, none twice");
+    // Every worker took part, and the queue is empty.
+    for w in &workers {
+        assert!(w.log().contains("pipeline started"), "{}", w.log());
+    }
+    // Workers acknowledge a job once its outcomes are stored, so the last acks may follow the
+    // coordinator's end by a moment.
+    wait_until(Duration::from_secs(30), "every job acknowledged", || {
+        let status = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
+        let text = status.success().stdout();
+        text.contains("jobs\t0 messages") && text.contains("in flight\t0")
+    });
+}
+
+#[test]
+fn a_worker_killed_while_it_holds_a_large_file_has_its_jobs_done_by_another() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(200, 6);
+    let root = format!("tree={}", t.root().display());
+    let mut doomed = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
+    let mut coordinator = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    coordinator
+        .args([
+            "--op",
+            "gzip",
+            "--root-name",
+            "tree",
+            "--json",
+            "--level",
+            "9",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Started::new(coordinator);
+    // Kill it while it works on one of the large files (its temp is open).
+    let pid = doomed.pid();
+    wait_until(
+        Duration::from_secs(60),
+        "the worker to start a large file",
+        || {
+            fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+                fds.filter_map(Result::ok).any(|fd| {
+                    fs::read_link(fd.path()).is_ok_and(|l| {
+                        let l = l.to_string_lossy().into_owned();
+                        l.contains("/big/") && (l.contains(".filepipe.") || l.contains("#"))
+                    })
+                })
+            })
+        },
+    );
+    doomed.kill();
+    let _other = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "2");
+    // Redelivered after the ack wait (30 s).
+    let out = started.finish(Duration::from_secs(150));
+    let sum = out.code(0).summary();
+    assert_eq!(sum["files"], 206, "{sum}");
+    assert_eq!(sum["failed"], 0, "{sum}");
+    let done = sum["done"].as_u64().unwrap();
+    let up_to_date = sum["skipped_by_reason"]["up-to-date"].as_u64().unwrap_or(0);
+    assert_eq!(
+        done + up_to_date,
+        206,
+        "each file accounted for once: {sum}"
+    );
+    // Nothing torn under a final name.
+    assert_eq!(assert_outputs_whole(&t.root()), 206);
+    // The killed worker's temps are swept by the next run's walk, and nothing is redone.
+    let out = coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"]);
+    let sum = out.code(0).summary();
+    assert_eq!(sum["skipped_by_reason"]["up-to-date"], 206, "{sum}");
+    let left = temps_under(t.dir.path());
+    assert!(left.is_empty(), "temps left: {left:?}");
+}
+
+#[test]
+fn hostile_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("inside.txt", b"inside the root\n");
+    let outside = t.side("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"not for the worker\n").unwrap();
+    let root = format!("tree={}", t.root().display());
+    let log = t.side("failures.jsonl");
+    let socket = t.side("w.sock");
+    let notes = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[
+        s("worker"),
+        s("--queue"),
+        s(&nats.url),
+        s("--root"),
+        s(&root),
+    ]);
+    cmd.arg("--failure-log")
+        .arg(&log)
+        .env("NOTIFY_SOCKET", &socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut worker = Started::new(cmd);
+    wait_until(Duration::from_secs(30), "READY=1", || notes.has("READY=1"));
+    // A coordinator run first creates the streams and proves the worker works.
+    coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"]).code(0);
+    let job = |rel: &str| {
+        format!(
+            r#"{{"v":1,"run":"hostile","root":"tree","op":"gzip","level":6,"force":true,"files":[{{"rel":{rel},"size":1}}]}}"#
+        )
+    };
+    let hostile = [
+        job(r#""../outside/secret""#),
+        job(r#""/etc/passwd""#),
+        job(r#""a/../../outside/secret""#),
+        // "../outside/secret" in hex.
+        job(r#"{"hex":"2e2e2f6f7574736964652f736563726574"}"#),
+        job(r#""inside.txt\u0000.x""#),
+        // Not a job at all, and jobs for a root no one maps, or in a version no one reads.
+        "{not json".to_string(),
+        job(r#""inside.txt""#).replace(r#""v":1"#, r#""v":99"#),
+        job(r#""inside.txt""#).replace(r#""op":"gzip""#, r#""op":"rm -rf""#),
+    ];
+    for msg in &hostile {
+        nats.publish_raw("filepipe.jobs.hostile", msg.as_bytes());
+    }
+    // Each refused path fails its file, in the worker's failure log.
+    wait_until(Duration::from_secs(30), "five refused paths", || {
+        failure_log(&log)
+            .iter()
+            .filter(|r| r["error"] == "unsafe-output-path")
+            .count()
+            >= 5
+    });
+    // And the queue is empty: every message was taken (refused ones for good).
+    wait_until(Duration::from_secs(30), "the queue to be empty", || {
+        let st = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
+        let text = st.stdout();
+        text.contains("pending\t0") && text.contains("in flight\t0")
+    });
+    assert_eq!(
+        fs::read(outside.join("secret")).unwrap(),
+        b"not for the worker\n"
+    );
+    let outside_now: Vec<_> = fs::read_dir(&outside).unwrap().collect();
+    assert_eq!(outside_now.len(), 1, "nothing written beside the secret");
+    assert!(!Path::new("/etc/passwd.gz").exists());
+    // Still alive, and still working.
+    assert!(worker.try_wait().unwrap().is_none(), "the worker died");
+    fs::write(t.path("after.txt"), b"after the attack\n").unwrap();
+    let sum = coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"])
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 1, "{sum}");
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&worker),
+        rustix::process::Signal::TERM,
+    );
+    let stopped = worker.finish(Duration::from_secs(30));
+    stopped.code(0);
+    let mut stderr = String::new();
+    let _ = stopped
+        .output()
+        .stderr
+        .as_slice()
+        .read_to_string(&mut stderr);
+    assert!(stderr.contains("refused a job message"), "{stderr}");
+}
+
+#[test]
+fn a_wrong_root_mapping_or_an_unreachable_server_is_a_clear_error_at_start() {
+    let t = TestTree::new().file("a", b"a");
+    // Nothing listens on port 1.
+    let dead = "nats://127.0.0.1:1";
+    let root = format!("tree={}", t.root().display());
+    let out = run(filepipe(&[
+        s("worker"),
+        s("--queue"),
+        s(dead),
+        s("--root"),
+        s(&root),
+    ]));
+    out.code(2);
+    assert!(
+        out.stderr().contains("cannot connect to NATS"),
+        "{}",
+        out.stderr()
+    );
+    let out = run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("sha256"),
+        s("--queue"),
+        s(dead),
+    ]));
+    out.code(2);
+    assert!(
+        out.stderr().contains("cannot connect to NATS"),
+        "{}",
+        out.stderr()
+    );
+    for (bad, says) in [
+        ("tree=/no/such/dir", "not reachable"),
+        ("tree", "expected NAME=PATH"),
+        ("a.b=/tmp", "a root's name"),
+    ] {
+        let out = run(filepipe(&[
+            s("worker"),
+            s("--queue"),
+            s(dead),
+            s("--root"),
+            s(bad),
+        ]));
+        out.code(2);
+        assert!(out.stderr().contains(says), "{bad}: {}", out.stderr());
+    }
+    let Some(nats) = Nats::start() else { return };
+    // A coordinator whose root name is not a plain name.
+    let out = coordinate(&nats, &t.root(), &["--op", "sha256", "--root-name", "a/b"]);
+    out.code(2);
+    assert!(out.stderr().contains("--root-name"), "{}", out.stderr());
+}
