@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MAX_EXPOSURE=1.0
-units=(filepipe.service filepipe@.service)
+units=(filepipe.service filepipe@.service filepipe-worker@.service)
 fail=0
 bad() { echo "FAIL: $*" >&2; fail=1; }
 
@@ -58,7 +58,11 @@ done
 [ -e "$root/lib" ] || ln -s usr/lib "$root/lib"
 cp /bin/kill "$root/usr/bin/kill"
 [ -e "$root/bin" ] || ln -s usr/bin "$root/bin"
-cp systemd/filepipe.service systemd/filepipe@.service "$root/etc/systemd/system/"
+cp systemd/filepipe.service systemd/filepipe@.service systemd/filepipe-worker@.service \
+  "$root/etc/systemd/system/"
+mkdir -p "$root/etc/filepipe"
+printf 'FILEPIPE_QUEUE=nats://127.0.0.1:4222\nFILEPIPE_ROOTS=--root incoming=/srv/shared/incoming\n' \
+  >"$root/etc/filepipe/worker-ci.env"
 if [ -n "$bin" ]; then
   cp "$bin" "$root/usr/local/bin/filepipe"
   echo "binary: $bin ($("$bin" --version 2>/dev/null || echo '?'))"
@@ -70,14 +74,15 @@ else
 fi
 
 # --- 1. verify: must print nothing (it warns but still exits 0 on unknown keys) ----------
-out=$(systemd-analyze verify --root="$root" filepipe.service filepipe@ci.service 2>&1) || {
+out=$(systemd-analyze verify --root="$root" filepipe.service filepipe@ci.service \
+  filepipe-worker@ci.service 2>&1) || {
   bad "systemd-analyze verify exited non-zero"
 }
 if [ -n "$out" ]; then
   printf '%s\n' "$out" >&2
   bad "systemd-analyze verify printed warnings (above)"
 else
-  echo "verify: filepipe.service, filepipe@ci.service: no warnings"
+  echo "verify: filepipe.service, filepipe@ci.service, filepipe-worker@ci.service: no warnings"
 fi
 
 # --- 2. security: exposure must be <= 1.0 -------------------------------------------------

@@ -3,6 +3,7 @@
 #   /usr/local/bin/filepipe                          the binary
 #   /usr/local/lib/systemd/system/filepipe.service   the units (--unit-dir to change)
 #   /usr/local/lib/systemd/system/filepipe@.service
+#   /usr/local/lib/systemd/system/filepipe-worker@.service   (cluster mode's workers)
 #   /etc/filepipe/filepipe.toml                      the example config, only if absent
 #   /usr/local/share/doc/filepipe/README.md          systemd/README.md
 #   user and group `filepipe`                        a system user, if missing
@@ -14,8 +15,8 @@
 #   DESTDIR=/tmp/stage systemd/install.sh        stage into a directory (no user is created)
 #
 # The binary: --binary PATH, else target/release/filepipe if built, else
-# `cargo install --path . --root /usr/local --locked --no-default-features` (a lean build
-# without the demos, which the service does not use).
+# `cargo install --path . --root /usr/local --locked --no-default-features --features cluster`
+# (a lean build without the demos, which the service does not use; with cluster mode).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -83,7 +84,7 @@ if [ -n "$binary" ]; then
   install_file "$binary" /usr/local/bin/filepipe 0755
 elif command -v cargo >/dev/null; then
   say "/usr/local/bin/filepipe: building with cargo install (no target/release/filepipe)"
-  run cargo install --path . --root "$DESTDIR/usr/local" --locked --no-default-features --force
+  run cargo install --path . --root "$DESTDIR/usr/local" --locked --no-default-features --features cluster --force
 else
   echo "install.sh: no target/release/filepipe and no cargo: build first (cargo build --release)" \
     "or pass --binary PATH" >&2
@@ -93,6 +94,7 @@ fi
 # --- units, example config, docs --------------------------------------------------------------
 install_file systemd/filepipe.service "$unit_dir/filepipe.service" 0644
 install_file systemd/filepipe@.service "$unit_dir/filepipe@.service" 0644
+install_file systemd/filepipe-worker@.service "$unit_dir/filepipe-worker@.service" 0644
 install_file systemd/filepipe.toml /etc/filepipe/filepipe.toml 0644 keep
 install_file systemd/README.md /usr/local/share/doc/filepipe/README.md 0644
 
