@@ -44,23 +44,45 @@ impl Nats {
             .local_addr()
             .unwrap()
             .port();
-        let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
-            .arg(store.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
         let url = format!("nats://127.0.0.1:{port}");
+        let child = Self::spawn(&url, store.path());
         let n = Nats {
             child,
             url,
             _store: store,
         };
-        wait_until(Duration::from_secs(20), "nats-server to answer", || {
-            n.info().is_some()
-        });
+        n.wait_ready();
         Some(n)
+    }
+
+    fn spawn(url: &str, store: &Path) -> Child {
+        let port = url.rsplit(':').next().unwrap();
+        Command::new("nats-server")
+            .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
+            .arg(store)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
+    fn wait_ready(&self) {
+        wait_until(Duration::from_secs(20), "nats-server to answer", || {
+            self.info().is_some()
+        });
+    }
+
+    /// Stops the server (SIGTERM, as systemd would) and starts it again on the same port and
+    /// store, after `down`.
+    fn restart(&mut self, down: Duration) {
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        );
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Self::spawn(&self.url, self._store.path());
+        self.wait_ready();
     }
 
     /// The server's INFO line, if it answers.
@@ -497,4 +519,50 @@ fn a_wrong_root_mapping_or_an_unreachable_server_is_a_clear_error_at_start() {
     let out = coordinate(&nats, &t.root(), &["--op", "sha256", "--root-name", "a/b"]);
     out.code(2);
     assert!(out.stderr().contains("--root-name"), "{}", out.stderr());
+}
+
+#[test]
+fn a_server_restarted_mid_run_is_waited_for_and_the_run_completes() {
+    let Some(mut nats) = Nats::start() else {
+        return;
+    };
+    let t = tree(600, 4);
+    let root = format!("tree={}", t.root().display());
+    let _worker = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
+    let mut coordinator = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    coordinator
+        .args([
+            "--op",
+            "gzip",
+            "--root-name",
+            "tree",
+            "--json",
+            "--level",
+            "9",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Started::new(coordinator);
+    // Mid-run: some outputs made, not all.
+    wait_until(Duration::from_secs(60), "some outputs", || {
+        walkdir::WalkDir::new(t.root())
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension() == Some(OsStr::new("gz")))
+            .count()
+            >= 50
+    });
+    nats.restart(Duration::from_secs(2));
+    let out = started.finish(Duration::from_secs(180));
+    let sum = out.code(0).summary();
+    assert_eq!(sum["files"], 604, "{sum}");
+    assert_eq!(sum["failed"], 0, "{sum}");
+    let done = sum["done"].as_u64().unwrap();
+    let up_to_date = sum["skipped_by_reason"]["up-to-date"].as_u64().unwrap_or(0);
+    assert_eq!(
+        done + up_to_date,
+        604,
+        "each file accounted for once: {sum}"
+    );
+    assert_eq!(assert_outputs_whole(&t.root()), 604);
 }

@@ -84,12 +84,15 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
         .rt
         .block_on(async {
             let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
+            // Durable, so that it outlives a restart of the server; removed by the server
+            // an hour after the coordinator stops reading.
             let c = stream
                 .create_consumer(consumer::pull::Config {
+                    durable_name: Some(format!("coordinator-{run}")),
                     filter_subject: outcomes_subject(&run),
                     ack_policy: consumer::AckPolicy::None,
                     deliver_policy: consumer::DeliverPolicy::All,
-                    inactive_threshold: Duration::from_secs(300),
+                    inactive_threshold: Duration::from_secs(3600),
                     ..Default::default()
                 })
                 .await?;
