@@ -19,11 +19,10 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::consumer;
 use crossbeam_channel::{bounded, Receiver, Sender};
-use futures_util::StreamExt;
 
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath};
 use crate::cluster::{
-    connect, jobs_subject, outcomes_subject, Conn, Queue, Unreachable, JOBS_STREAM,
+    connect, jobs_subject, outcomes_subject, take, Conn, Queue, Unreachable, JOBS_STREAM,
     OUTCOMES_STREAM, WORKERS,
 };
 use crate::config::Config;
@@ -283,20 +282,9 @@ fn gather(
                 return interrupted(ledger, &seen, events);
             }
         }
-        let msgs = conn.rt.block_on(async {
-            let mut batch = outcomes
-                .fetch()
-                .max_messages(256)
-                .expires(Duration::from_millis(250))
-                .messages()
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            let mut msgs = Vec::new();
-            while let Some(m) = batch.next().await {
-                msgs.push(m.map_err(|e| anyhow!("{e}"))?);
-            }
-            anyhow::Ok(msgs)
-        });
+        let msgs = conn
+            .rt
+            .block_on(take(outcomes, 256, Duration::from_millis(250)));
         let msgs = match msgs {
             Ok(m) => m,
             Err(e) => {

@@ -161,6 +161,57 @@ pub(crate) fn workers_config() -> consumer::pull::Config {
     }
 }
 
+/// Up to `n` messages from `consumer`: those available now, or else the first to arrive
+/// within `wait` (none if none does). Never returns at once empty-handed while the server
+/// answers, so a caller looping on it does not spin.
+pub(crate) async fn take(
+    consumer: &consumer::PullConsumer,
+    n: usize,
+    wait: Duration,
+) -> Result<Vec<jetstream::Message>> {
+    // A pull request the server never answers (it restarted while holding it) would leave
+    // the stream waiting for ever: the whole take is bounded, and a caller retries.
+    let limit = wait + Duration::from_secs(5);
+    tokio::time::timeout(limit, take_now_or_first(consumer, n, wait))
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer from the server within {limit:?}"))?
+}
+
+async fn take_now_or_first(
+    consumer: &consumer::PullConsumer,
+    n: usize,
+    wait: Duration,
+) -> Result<Vec<jetstream::Message>> {
+    use futures_util::StreamExt;
+    let collect = |mut batch: consumer::pull::Batch| async move {
+        let mut msgs = Vec::new();
+        while let Some(m) = batch.next().await {
+            msgs.push(m.map_err(|e| anyhow::anyhow!("{e}"))?);
+        }
+        anyhow::Ok(msgs)
+    };
+    // No wait: what is there now.
+    let now = consumer
+        .fetch()
+        .max_messages(n)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let msgs = collect(now).await?;
+    if !msgs.is_empty() {
+        return Ok(msgs);
+    }
+    // Nothing: wait for the first to arrive (the next call takes the rest).
+    let first = consumer
+        .batch()
+        .max_messages(1)
+        .expires(wait)
+        .messages()
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    collect(first).await
+}
+
 /// Who this process is, for logs and outcome batches: host name and pid.
 pub(crate) fn whoami() -> String {
     let host = rustix::system::uname();

@@ -14,12 +14,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use crossbeam_channel::{Receiver, Sender};
-use futures_util::StreamExt;
 
 use crate::cli::{OpKind, WorkerArgs};
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireOutcome, WireStatus};
 use crate::cluster::{
-    connect, outcomes_subject, whoami, Conn, Queue, Unreachable, JOBS_STREAM, MAX_DELIVER,
+    connect, outcomes_subject, take, whoami, Conn, Queue, Unreachable, JOBS_STREAM, MAX_DELIVER,
     PROGRESS_EVERY, WORKERS,
 };
 use crate::config::{self, Config, Filter};
@@ -180,21 +179,8 @@ impl Router<'_> {
 
     /// Up to `n` messages, waiting at most half a second for the first.
     fn fetch(&self, n: usize) -> Result<Vec<jetstream::Message>> {
-        self.conn.rt.block_on(async {
-            let mut batch = self
-                .consumer
-                .fetch()
-                .max_messages(n)
-                .expires(Duration::from_millis(500))
-                .messages()
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            let mut msgs = Vec::new();
-            while let Some(m) = batch.next().await {
-                msgs.push(m.map_err(|e| anyhow!("{e}"))?);
-            }
-            Ok(msgs)
-        })
+        let wait = Duration::from_millis(500);
+        self.conn.rt.block_on(take(&self.consumer, n, wait))
     }
 
     /// Routes one message to its pipeline (starting it if need be), or settles it at once
