@@ -10,7 +10,7 @@
 //! taken yet, and waits for the outcomes of those in flight; files without one are reported
 //! skipped (interrupted). A second signal stops waiting.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -176,17 +176,21 @@ fn publish(
 ) -> Result<()> {
     let subject = jobs_subject(run);
     let mut seq = 0u64;
+    // Messages published and not yet confirmed stored: up to WINDOW at once, so a run does
+    // not pay a round trip per message; each is confirmed in order.
+    let mut unconfirmed: VecDeque<Pending> = VecDeque::new();
     for msg in jobs {
         let Msg::Jobs(batch) = msg else { continue };
         if shutdown.requested() {
             // Drained, not published: the walk stops at the signal too.
             continue;
         }
+        // Sizes are not sent: the walk already put each large file in a message of its own.
         let files: Vec<WireFile> = batch
             .iter()
             .map(|j| WireFile {
                 rel: WirePath::of(&j.rel),
-                size: std::fs::symlink_metadata(&j.abs).map_or(0, |m| m.len()),
+                size: 0,
             })
             .collect();
         let job = JobBatch {
@@ -198,45 +202,99 @@ fn publish(
             force: cfg.force,
             files,
         };
-        let payload = serde_json::to_vec(&job)?;
         seq += 1;
-        let id = format!("{run}.{seq}");
         if let Ok(mut expected) = ledger.expected.lock() {
             expected.extend(batch.iter().map(|j| j.rel.clone()));
         }
-        let mut pause = Duration::from_millis(100);
-        loop {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", id.as_str());
-            let sent = conn.rt.block_on(async {
-                let ack = conn
-                    .js
-                    .publish_with_headers(subject.clone(), headers, payload.clone().into())
-                    .await?;
-                ack.await.map_err(anyhow::Error::from)
-            });
-            match sent {
-                Ok(_) => break,
-                Err(e) if !shutdown.requested() => {
-                    tracing::warn!(error = %e, "publishing jobs failed; retrying");
-                    std::thread::sleep(pause);
-                    pause = (pause * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => {
-                    // Stopping: this batch is not published, its files not awaited.
-                    if let Ok(mut expected) = ledger.expected.lock() {
-                        for j in &batch {
-                            expected.remove(&j.rel);
-                        }
-                    }
-                    return Err(e).context("publishing jobs");
-                }
+        let mut p = Pending {
+            id: format!("{run}.{seq}"),
+            payload: serde_json::to_vec(&job)?.into(),
+            files: batch.into_iter().map(|j| j.rel).collect(),
+            ack: None,
+        };
+        p.ack = conn.rt.block_on(p.send(conn, &subject)).ok();
+        unconfirmed.push_back(p);
+        while unconfirmed.len() > WINDOW {
+            if let Some(p) = unconfirmed.pop_front() {
+                confirm(conn, &subject, p, ledger, shutdown)?;
             }
         }
-        ledger
-            .published
-            .fetch_add(batch.len() as u64, Ordering::Release);
     }
+    for p in unconfirmed {
+        confirm(conn, &subject, p, ledger, shutdown)?;
+    }
+    Ok(())
+}
+
+/// Job messages published at once, their stores not yet confirmed.
+const WINDOW: usize = 64;
+
+/// A job message on its way.
+struct Pending {
+    /// Its message id: a retry is stored once.
+    id: String,
+    payload: bytes::Bytes,
+    files: Vec<PathBuf>,
+    /// The server's confirmation to come (`None`: the publish itself failed).
+    ack: Option<async_nats::jetstream::context::PublishAckFuture>,
+}
+
+impl Pending {
+    async fn send(
+        &self,
+        conn: &Conn,
+        subject: &str,
+    ) -> Result<async_nats::jetstream::context::PublishAckFuture> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", self.id.as_str());
+        Ok(conn
+            .js
+            .publish_with_headers(subject.to_owned(), headers, self.payload.clone())
+            .await?)
+    }
+}
+
+/// Waits for `p` to be stored, publishing it again (same id) while the server fails to say
+/// so; then its files count as published.
+fn confirm(
+    conn: &Conn,
+    subject: &str,
+    mut p: Pending,
+    ledger: &Ledger,
+    shutdown: &Shutdown,
+) -> Result<()> {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let stored = match p.ack.take() {
+            Some(ack) => conn
+                .rt
+                .block_on(async { ack.await })
+                .map_err(anyhow::Error::from),
+            None => Err(anyhow!("not sent")),
+        };
+        match stored {
+            Ok(_) => break,
+            Err(e) if !shutdown.requested() => {
+                tracing::warn!(error = %e, "publishing jobs failed; retrying");
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(5));
+                p.ack = conn.rt.block_on(p.send(conn, subject)).ok();
+            }
+            Err(e) => {
+                // Stopping: this message may not be stored, its files are not awaited. (If it
+                // was stored after all, its outcomes are dropped as not expected.)
+                if let Ok(mut expected) = ledger.expected.lock() {
+                    for rel in &p.files {
+                        expected.remove(rel);
+                    }
+                }
+                return Err(e).context("publishing jobs");
+            }
+        }
+    }
+    ledger
+        .published
+        .fetch_add(p.files.len() as u64, Ordering::Release);
     Ok(())
 }
 

@@ -118,7 +118,8 @@ impl WirePath {
 pub(crate) struct WireFile {
     /// Relative to the root.
     pub(crate) rel: WirePath,
-    /// Its size when the coordinator found it (for progress, and batching on the worker).
+    /// Its size when the coordinator found it, or 0 when not sent (for progress, and batching
+    /// on the worker; the coordinator's walk already sends a large file alone).
     pub(crate) size: u64,
 }
 

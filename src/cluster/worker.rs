@@ -35,7 +35,7 @@ const IDLE: Duration = Duration::from_secs(30);
 
 /// Messages a worker holds at most, per worker thread: enough that no thread waits for the
 /// next fetch, few enough that a worker that dies holds little that must wait for redelivery.
-const HELD_PER_THREAD: usize = 4;
+const HELD_PER_THREAD: usize = 32;
 
 /// What a pipeline is for: jobs with the same key share one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
