@@ -566,3 +566,36 @@ fn a_server_restarted_mid_run_is_waited_for_and_the_run_completes() {
     );
     assert_eq!(assert_outputs_whole(&t.root()), 604);
 }
+
+#[test]
+fn an_interrupted_coordinator_takes_its_jobs_back_and_accounts_for_every_file() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(300, 0);
+    // No worker: every job waits in the queue.
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args(["--op", "sha256", "--root-name", "tree", "--json"])
+        .args(["--manifest", t.side("SUMS").to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Started::new(cmd);
+    // All published: 300 files make at least 5 messages of at most 64.
+    wait_until(Duration::from_secs(30), "the jobs to be queued", || {
+        let st = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
+        let pending = st.stdout().lines().find_map(|l| {
+            l.strip_prefix("pending\t")
+                .map(|n| n.parse::<u64>().unwrap())
+        });
+        pending.is_some_and(|n| n >= 5)
+    });
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&started),
+        rustix::process::Signal::INT,
+    );
+    let out = started.finish(Duration::from_secs(60));
+    let sum = out.code(130).summary();
+    assert_eq!(sum["files"], 300, "{sum}");
+    assert_eq!(sum["skipped_by_reason"]["interrupted"], 300, "{sum}");
+    // The run's jobs are gone from the queue: a worker started now finds nothing to do.
+    let st = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
+    assert!(st.stdout().contains("jobs\t0 messages"), "{}", st.stdout());
+}
