@@ -105,10 +105,16 @@ impl WirePath {
         if bytes.contains(&0) {
             return refuse("contains NUL");
         }
-        let path = PathBuf::from(OsStr::from_bytes(&bytes));
-        if !path.components().all(|c| matches!(c, Component::Normal(_))) {
-            return refuse("not a plain relative path (absolute, '.', or '..')");
+        // Byte by byte, not through Path::components, which quietly drops "." and repeated
+        // or trailing slashes: the name the worker uses must be exactly the name checked.
+        let plain = bytes
+            .split(|&b| b == b'/')
+            .all(|seg| !seg.is_empty() && seg != b"." && seg != b"..");
+        if !plain {
+            return refuse("not a plain relative path (absolute, '.', '..', or an empty part)");
         }
+        let path = PathBuf::from(OsStr::from_bytes(&bytes));
+        debug_assert!(path.components().all(|c| matches!(c, Component::Normal(_))));
         Ok(path)
     }
 }
@@ -313,6 +319,9 @@ mod tests {
             "a/./b",
             "a\0b",
             "/",
+            "a//b",
+            "a/",
+            "a/.",
         ] {
             let p = WirePath::Text(bad.into());
             assert!(p.rel().is_err(), "{bad:?} accepted");
