@@ -52,6 +52,9 @@ pub(crate) struct Config {
     pub(crate) progress: bool,
     /// Paths inside the root that filepipe writes itself and must never read as inputs.
     pub(crate) own_files: Vec<PathBuf>,
+    /// Inputs must be opened beneath the root or not at all (cluster workers, whose job paths
+    /// come from a queue): never by full path when the root cannot be opened.
+    pub(crate) confined: bool,
     /// Watch mode settings; `None` for a one-shot batch.
     pub(crate) watch: Option<WatchSettings>,
 }
@@ -161,6 +164,7 @@ impl Config {
             quiet,
             progress: !quiet && std::io::stderr().is_terminal(),
             own_files,
+            confined: false,
             watch: None,
         })
     }

@@ -22,8 +22,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath};
 use crate::cluster::{
-    connect, jobs_subject, outcomes_subject, take, Conn, Queue, Unreachable, JOBS_STREAM,
-    OUTCOMES_STREAM, WORKERS,
+    cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
+    Unreachable, ACK_WAIT, OUTCOMES_STREAM,
 };
 use crate::config::Config;
 use crate::error::{FileError, Kind};
@@ -79,6 +79,12 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
     }
     let conn = connect(queue, "filepipe-coordinator")?;
     let run = run_id();
+    // The root's consumer, so that its jobs wait for workers even if none has started yet.
+    let workers = conn
+        .rt
+        .block_on(workers_consumer(&conn.js, root))
+        .context("creating the workers' consumer")
+        .map_err(Unreachable)?;
     let outcomes = conn
         .rt
         .block_on(async {
@@ -89,7 +95,10 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
                 .create_consumer(consumer::pull::Config {
                     durable_name: Some(format!("coordinator-{run}")),
                     filter_subject: outcomes_subject(&run),
-                    ack_policy: consumer::AckPolicy::None,
+                    // Acknowledged once handed to the reporter: a batch lost on the way (a
+                    // read cut short) is delivered again, and its files counted once.
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(10),
                     deliver_policy: consumer::DeliverPolicy::All,
                     inactive_threshold: Duration::from_secs(3600),
                     ..Default::default()
@@ -144,7 +153,9 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
                 r
             })
             .context("starting the publisher")?;
-        let gathered = gather(&conn, &outcomes, &run, &ledger, &event_tx, shutdown);
+        let gathered = gather(
+            &conn, &outcomes, &workers, &run, &ledger, &event_tx, shutdown,
+        );
         // Whatever stopped the gathering, the walk and the publisher stop too.
         if gathered.is_err() {
             shutdown.request(0);
@@ -174,7 +185,7 @@ fn publish(
     ledger: &Ledger,
     shutdown: &Shutdown,
 ) -> Result<()> {
-    let subject = jobs_subject(run);
+    let subject = jobs_subject(root, run);
     let mut seq = 0u64;
     // Messages published and not yet confirmed stored: up to WINDOW at once, so a run does
     // not pay a round trip per message; each is confirmed in order.
@@ -185,35 +196,49 @@ fn publish(
             // Drained, not published: the walk stops at the signal too.
             continue;
         }
-        // Sizes are not sent: the walk already put each large file in a message of its own.
-        let files: Vec<WireFile> = batch
-            .iter()
-            .map(|j| WireFile {
-                rel: WirePath::of(&j.rel),
-                size: 0,
-            })
-            .collect();
-        let job = JobBatch {
-            v: wire::VERSION,
-            run: run.to_owned(),
-            root: root.to_owned(),
-            op: cfg.op,
-            level: cfg.level,
-            force: cfg.force,
-            files,
-        };
-        seq += 1;
         if let Ok(mut expected) = ledger.expected.lock() {
             expected.extend(batch.iter().map(|j| j.rel.clone()));
         }
-        let mut p = Pending {
-            id: format!("{run}.{seq}"),
-            payload: serde_json::to_vec(&job)?.into(),
-            files: batch.into_iter().map(|j| j.rel).collect(),
-            ack: None,
-        };
-        p.ack = conn.rt.block_on(p.send(conn, &subject)).ok();
-        unconfirmed.push_back(p);
+        // Sizes are not sent: the walk already put each large file in a message of its own.
+        let rels: Vec<PathBuf> = batch.into_iter().map(|j| j.rel).collect();
+        // One message, or several where long names (six bytes a character once escaped)
+        // would make it too large to be stored.
+        let mut rest = &rels[..];
+        while !rest.is_empty() {
+            let mut n = rest.len();
+            let payload = loop {
+                let job = JobBatch {
+                    v: wire::VERSION,
+                    run: run.to_owned(),
+                    root: root.to_owned(),
+                    op: cfg.op,
+                    level: cfg.level,
+                    force: cfg.force,
+                    files: rest[..n]
+                        .iter()
+                        .map(|rel| WireFile {
+                            rel: WirePath::of(rel),
+                            size: 0,
+                        })
+                        .collect(),
+                };
+                let payload = serde_json::to_vec(&job)?;
+                if payload.len() <= wire::MAX_PAYLOAD || n == 1 {
+                    break payload;
+                }
+                n /= 2;
+            };
+            seq += 1;
+            let mut p = Pending {
+                id: format!("{run}.{seq}"),
+                payload: payload.into(),
+                files: rest[..n].to_vec(),
+                ack: None,
+            };
+            p.ack = conn.rt.block_on(p.send(conn, &subject)).ok();
+            unconfirmed.push_back(p);
+            rest = &rest[n..];
+        }
         while unconfirmed.len() > WINDOW {
             if let Some(p) = unconfirmed.pop_front() {
                 confirm(conn, &subject, p, ledger, shutdown)?;
@@ -303,6 +328,7 @@ fn confirm(
 fn gather(
     conn: &Conn,
     outcomes: &consumer::PullConsumer,
+    workers: &consumer::PullConsumer,
     run: &str,
     ledger: &Ledger,
     events: &Sender<Event>,
@@ -311,7 +337,7 @@ fn gather(
     let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut last_outcome = Instant::now();
     let mut last_warning = Instant::now();
-    let mut purged = false;
+    let mut cancelled_at: Option<Instant> = None;
     loop {
         let walked = ledger.walked.load(Ordering::Acquire);
         let published = ledger.published.load(Ordering::Acquire) as usize;
@@ -319,24 +345,30 @@ fn gather(
             return Ok(());
         }
         if shutdown.requested() && walked {
-            if !purged {
-                purged = true;
-                let gone = conn.rt.block_on(async {
-                    let stream = conn.js.get_stream(JOBS_STREAM).await?;
-                    anyhow::Ok(stream.purge().filter(jobs_subject(run)).await?.purged)
+            if cancelled_at.is_none() {
+                cancelled_at = Some(Instant::now());
+                // Workers drop the run's jobs they have not started (removing them from the
+                // stream by subject would upset the consumer on a 2.9 server: nats-server
+                // issue 5075). Stored, so a worker that was not listening finds it too.
+                let said = conn.rt.block_on(async {
+                    let ack = conn.js.publish(cancel_subject(run), "".into()).await?;
+                    ack.await.map_err(anyhow::Error::from)
                 });
-                match gone {
-                    Ok(n) => tracing::info!(
-                        messages = n,
-                        "interrupted: jobs not yet taken removed from the queue"
+                match said {
+                    Ok(_) => tracing::info!(
+                        "interrupted: workers told to drop the run's jobs not yet started"
                     ),
                     Err(e) => {
-                        tracing::warn!(error = %format!("{e:#}"), "removing the run's jobs from the queue failed")
+                        tracing::warn!(error = %format!("{e:#}"), "telling the workers the run is cancelled failed: they will do its jobs")
                     }
                 }
             }
-            let idle = last_outcome.elapsed() >= QUIET && in_flight(conn).is_ok_and(|n| n == 0);
-            if idle || signals::aborted() {
+            // Done waiting once outcomes have stopped and no job of this root is in flight, or
+            // after an ack wait at most (other runs' jobs count as in flight too).
+            let waited = cancelled_at.is_some_and(|t| t.elapsed() >= ACK_WAIT + QUIET);
+            let idle =
+                last_outcome.elapsed() >= QUIET && in_flight(conn, workers).is_ok_and(|n| n == 0);
+            if idle || waited || signals::aborted() {
                 return interrupted(ledger, &seen, events);
             }
         }
@@ -352,7 +384,7 @@ fn gather(
             }
         };
         let mut firsts = Vec::new();
-        for m in msgs {
+        for m in &msgs {
             let batch: OutcomeBatch = match serde_json::from_slice(&m.payload) {
                 Ok(b) => b,
                 Err(e) => {
@@ -382,17 +414,26 @@ fn gather(
                 }
             }
         }
-        if !firsts.is_empty() {
+        let firsts_sent = !firsts.is_empty();
+        if firsts_sent {
             last_outcome = Instant::now();
             events
                 .send(Event::Finished(firsts))
                 .map_err(|_| anyhow!("the reporter has stopped"))?;
-        } else if last_outcome.elapsed() >= STALLED
+        }
+        // Handed on: not to be delivered again (an ack lost only costs a duplicate, dropped).
+        conn.rt.block_on(async {
+            for m in &msgs {
+                let _ = m.ack().await;
+            }
+        });
+        if !firsts_sent
+            && last_outcome.elapsed() >= STALLED
             && last_warning.elapsed() >= STALLED
             && seen.len() < published
         {
             last_warning = Instant::now();
-            let waiting = waiting_workers(conn).unwrap_or(0);
+            let waiting = waiting_workers(conn, workers).unwrap_or(0);
             if waiting == 0 {
                 tracing::warn!(
                     outstanding = published - seen.len(),
@@ -434,24 +475,18 @@ fn interrupted(ledger: &Ledger, seen: &HashSet<PathBuf>, events: &Sender<Event>)
     Ok(())
 }
 
-/// Jobs delivered to workers and not yet acknowledged (all runs).
-fn in_flight(conn: &Conn) -> Result<usize> {
-    Ok(consumer_info(conn)?.num_ack_pending)
+/// Jobs of this root delivered to workers and not yet acknowledged (all runs').
+fn in_flight(conn: &Conn, workers: &consumer::PullConsumer) -> Result<usize> {
+    Ok(consumer_info(conn, workers)?.num_ack_pending)
 }
 
-/// Workers asking for jobs right now.
-fn waiting_workers(conn: &Conn) -> Result<usize> {
-    Ok(consumer_info(conn)?.num_waiting)
+/// Workers of this root asking for jobs right now.
+fn waiting_workers(conn: &Conn, workers: &consumer::PullConsumer) -> Result<usize> {
+    Ok(consumer_info(conn, workers)?.num_waiting)
 }
 
-fn consumer_info(conn: &Conn) -> Result<consumer::Info> {
-    conn.rt.block_on(async {
-        let stream = conn.js.get_stream(JOBS_STREAM).await?;
-        let mut c: consumer::PullConsumer = stream
-            .get_consumer(WORKERS)
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
-        let info = c.info().await?.clone();
-        anyhow::Ok(info)
-    })
+fn consumer_info(conn: &Conn, workers: &consumer::PullConsumer) -> Result<consumer::Info> {
+    let mut c = workers.clone();
+    conn.rt
+        .block_on(async { anyhow::Ok(c.info().await?.clone()) })
 }

@@ -34,12 +34,11 @@ pub(crate) use coordinator::run as coordinate;
 pub(crate) use status::print as status;
 pub(crate) use worker::run as work;
 
-/// The work-queue stream of jobs: subjects `filepipe.jobs.<run>`.
+/// The work-queue stream of jobs: subjects `filepipe.jobs.<root>.<run>`.
 pub(crate) const JOBS_STREAM: &str = "FILEPIPE_JOBS";
-/// The stream of outcomes: subjects `filepipe.outcomes.<run>`, kept a week.
+/// The stream of outcomes, `filepipe.outcomes.<run>`, and of cancellations,
+/// `filepipe.cancel.<run>`, kept a week.
 pub(crate) const OUTCOMES_STREAM: &str = "FILEPIPE_OUTCOMES";
-/// The durable pull consumer every worker binds.
-pub(crate) const WORKERS: &str = "filepipe-workers";
 
 /// How long a job may go unacknowledged before it is delivered again: short, since a worker
 /// working on one sends in-progress acks (see `PROGRESS_EVERY`).
@@ -50,9 +49,21 @@ pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// on it) is failed and terminated rather than delivered again.
 pub(crate) const MAX_DELIVER: i64 = 5;
 
-/// The subject of a run's jobs.
-pub(crate) fn jobs_subject(run: &str) -> String {
-    format!("filepipe.jobs.{run}")
+/// The subject of a run's jobs, under its root's: each root has its own consumer, so a worker
+/// is only ever given jobs for the roots it maps.
+pub(crate) fn jobs_subject(root: &str, run: &str) -> String {
+    format!("filepipe.jobs.{root}.{run}")
+}
+
+/// The durable pull consumer the workers that map `root` share.
+pub(crate) fn workers(root: &str) -> String {
+    format!("workers-{root}")
+}
+
+/// The subject on which a coordinator says its run is cancelled: stored (in the outcome
+/// stream), so a worker that was not listening can still look it up.
+pub(crate) fn cancel_subject(run: &str) -> String {
+    format!("filepipe.cancel.{run}")
 }
 
 /// The subject of a run's outcomes.
@@ -79,11 +90,12 @@ pub(crate) struct Unreachable(#[source] pub(crate) anyhow::Error);
 /// runtime's call into it with `rt.block_on`.
 pub(crate) struct Conn {
     pub(crate) rt: tokio::runtime::Runtime,
+    pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
 }
 
-/// Connects to `q` and makes sure the streams and the workers' consumer exist (creating them
-/// if not; an existing one is used as it is). Any failure is `Unreachable`.
+/// Connects to `q` and makes sure the streams exist (creating them if not; an existing one is
+/// used as it is). Any failure is `Unreachable`.
 pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -92,7 +104,7 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
         .build()
         .context("starting the NATS client's runtime")
         .map_err(Unreachable)?;
-    let js = rt
+    let (client, js) = rt
         .block_on(async {
             let mut opts = async_nats::ConnectOptions::new()
                 .name(name)
@@ -107,32 +119,31 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
                 .connect(q.url.as_str())
                 .await
                 .with_context(|| format!("cannot connect to NATS at {}", q.url))?;
-            let js = jetstream::new(client);
+            let js = jetstream::new(client.clone());
             setup(&js)
                 .await
                 .with_context(|| format!("setting up JetStream at {} (is it -js?)", q.url))?;
-            anyhow::Ok(js)
+            anyhow::Ok((client, js))
         })
         .map_err(Unreachable)?;
-    Ok(Conn { rt, js })
+    Ok(Conn { rt, client, js })
 }
 
-/// The streams and the workers' consumer.
+/// The streams.
 async fn setup(js: &jetstream::Context) -> Result<()> {
-    let jobs = js
-        .get_or_create_stream(stream::Config {
-            name: JOBS_STREAM.into(),
-            subjects: vec!["filepipe.jobs.>".into()],
-            retention: stream::RetentionPolicy::WorkQueue,
-            storage: stream::StorageType::File,
-            duplicate_window: Duration::from_secs(120),
-            max_message_size: wire::MAX_MESSAGE as i32,
-            ..Default::default()
-        })
-        .await?;
+    js.get_or_create_stream(stream::Config {
+        name: JOBS_STREAM.into(),
+        subjects: vec!["filepipe.jobs.>".into()],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        max_message_size: wire::MAX_MESSAGE as i32,
+        ..Default::default()
+    })
+    .await?;
     js.get_or_create_stream(stream::Config {
         name: OUTCOMES_STREAM.into(),
-        subjects: vec!["filepipe.outcomes.>".into()],
+        subjects: vec!["filepipe.outcomes.>".into(), "filepipe.cancel.>".into()],
         retention: stream::RetentionPolicy::Limits,
         storage: stream::StorageType::File,
         max_age: Duration::from_secs(7 * 24 * 3600),
@@ -141,24 +152,30 @@ async fn setup(js: &jetstream::Context) -> Result<()> {
         ..Default::default()
     })
     .await?;
-    jobs.get_or_create_consumer(WORKERS, workers_config())
-        .await?;
     Ok(())
 }
 
-/// The workers' consumer: explicit acks, redelivery after `ACK_WAIT`, no server-side limit on
-/// deliveries (the worker enforces `MAX_DELIVER`, so the file is reported failed, not
-/// silently dropped).
-pub(crate) fn workers_config() -> consumer::pull::Config {
-    consumer::pull::Config {
-        durable_name: Some(WORKERS.into()),
+/// The workers' consumer for `root` (created if missing): explicit acks, redelivery after
+/// `ACK_WAIT`, no server-side limit on deliveries (the worker enforces `MAX_DELIVER`, so the
+/// files are reported failed, not silently dropped).
+pub(crate) async fn workers_consumer(
+    js: &jetstream::Context,
+    root: &str,
+) -> Result<consumer::PullConsumer> {
+    let stream = js.get_stream(JOBS_STREAM).await?;
+    let config = consumer::pull::Config {
+        durable_name: Some(workers(root)),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: ACK_WAIT,
         max_deliver: -1,
         max_ack_pending: 100_000,
-        filter_subject: "filepipe.jobs.>".into(),
+        filter_subject: format!("filepipe.jobs.{root}.>"),
         ..Default::default()
-    }
+    };
+    stream
+        .get_or_create_consumer(&workers(root), config)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Up to `n` messages from `consumer`: those available now, or else the first to arrive

@@ -21,6 +21,9 @@ pub(crate) const VERSION: u32 = 1;
 /// The largest message read (NATS's default max_payload): far more than a batch of 64 jobs.
 pub(crate) const MAX_MESSAGE: usize = 1 << 20;
 
+/// The largest payload written: room left under `MAX_MESSAGE` for the headers.
+pub(crate) const MAX_PAYLOAD: usize = MAX_MESSAGE - 4096;
+
 /// The longest path a job may name (PATH_MAX).
 const MAX_PATH: usize = 4096;
 

@@ -11,24 +11,28 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::cli::{OpKind, WorkerArgs};
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireOutcome, WireStatus};
 use crate::cluster::{
-    connect, outcomes_subject, take, whoami, Conn, Queue, Unreachable, JOBS_STREAM, MAX_DELIVER,
-    PROGRESS_EVERY, WORKERS,
+    cancel_subject, connect, outcomes_subject, take, whoami, workers_consumer, Conn, Queue,
+    Unreachable, MAX_DELIVER, OUTCOMES_STREAM, PROGRESS_EVERY,
 };
 use crate::config::{self, Config, Filter};
-use crate::error::Kind;
+use crate::error::{FileError, Kind};
+use crate::logging::FAILURES;
 use crate::pipeline;
 use crate::report::Summary;
 use crate::signals::Shutdown;
 use crate::sink::queue::QueueSink;
 use crate::source::queue::{Delivery, QueueSource, Settled};
 use crate::travel::Stats;
+
+/// How long a job handed back waits before it is delivered again: never a busy loop.
+const NAK_DELAY: Duration = Duration::from_secs(1);
 
 /// A pipeline with no message for this long stops (a finished run's).
 const IDLE: Duration = Duration::from_secs(30);
@@ -85,25 +89,33 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
         creds: args.creds.clone(),
     };
     let conn = connect(&queue, "filepipe-worker")?;
-    let consumer: PullConsumer = conn
+    // One consumer per root this worker maps: it is only ever given jobs it can do.
+    let mut consumers = Vec::new();
+    for root in roots.keys() {
+        let c = conn
+            .rt
+            .block_on(workers_consumer(&conn.js, root))
+            .with_context(|| format!("binding the workers' consumer for root {root}"))
+            .map_err(Unreachable)?;
+        consumers.push(c);
+    }
+    // Cancelled runs, as their coordinators say (core NATS: heard only while connected; a job
+    // of a cancelled run taken later is simply done).
+    let cancels = conn
         .rt
-        .block_on(async {
-            let stream = conn.js.get_stream(JOBS_STREAM).await?;
-            anyhow::Ok(
-                stream
-                    .get_consumer(WORKERS)
-                    .await
-                    .map_err(|e| anyhow!("{e}"))?,
-            )
-        })
-        .context("binding the workers' consumer")
+        .block_on(conn.client.subscribe("filepipe.cancel.>"))
+        .context("subscribing to cancellations")
         .map_err(Unreachable)?;
     let jobs = args.jobs.map_or_else(config::default_jobs, usize::from);
     tracing::info!(queue = %args.queue, roots = ?roots.keys().collect::<Vec<_>>(), jobs, "worker ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let mut router = Router {
         conn: &conn,
-        consumer,
+        consumers,
+        next_consumer: 0,
+        cancels,
+        cancelled: HashSet::new(),
+        checked: HashSet::new(),
         roots,
         jobs,
         durability: args.durability.unwrap_or_default(),
@@ -119,7 +131,14 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
 
 struct Router<'a> {
     conn: &'a Conn,
-    consumer: PullConsumer,
+    consumers: Vec<PullConsumer>,
+    /// The consumer to ask first next time (round robin, so no root starves another).
+    next_consumer: usize,
+    cancels: async_nats::Subscriber,
+    /// Runs whose coordinator said they are cancelled.
+    cancelled: HashSet<String>,
+    /// Runs looked up in the stream already (and not cancelled then).
+    checked: HashSet<String>,
     roots: HashMap<String, PathBuf>,
     jobs: usize,
     durability: crate::fsio::output::Durability,
@@ -152,6 +171,7 @@ impl Router<'_> {
                 }
                 continue;
             }
+            self.hear_cancels();
             match self.fetch(room) {
                 Ok(msgs) => {
                     pause = Duration::ZERO;
@@ -171,16 +191,71 @@ impl Router<'_> {
         tracing::info!(held = self.held.len(), "stopping: finishing the jobs held");
         self.reap(true)?;
         // What no pipeline settled (it stopped early) goes back at once.
-        for (_, (m, _)) in self.held.drain() {
-            let _ = self.conn.rt.block_on(m.ack_with(AckKind::Nak(None)));
+        for (_, (m, _)) in std::mem::take(&mut self.held) {
+            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
         }
         Ok(())
     }
 
-    /// Up to `n` messages, waiting at most half a second for the first.
-    fn fetch(&self, n: usize) -> Result<Vec<jetstream::Message>> {
-        let wait = Duration::from_millis(500);
-        self.conn.rt.block_on(take(&self.consumer, n, wait))
+    /// Up to `n` messages from the roots' consumers in turn, waiting at most half a second in
+    /// all for the first.
+    fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
+        let k = self.consumers.len().max(1);
+        let wait = Duration::from_millis(500) / k as u32;
+        for i in 0..k {
+            let c = &self.consumers[(self.next_consumer + i) % k];
+            let msgs = self.conn.rt.block_on(take(c, n, wait))?;
+            if !msgs.is_empty() {
+                self.next_consumer = (self.next_consumer + i + 1) % k;
+                return Ok(msgs);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Hears of cancelled runs.
+    fn hear_cancels(&mut self) {
+        use futures_util::{FutureExt, StreamExt};
+        while let Some(Some(m)) = self
+            .conn
+            .rt
+            .block_on(async { self.cancels.next().now_or_never() })
+        {
+            if let Some(run) = m.subject.as_str().strip_prefix("filepipe.cancel.") {
+                if wire::valid_name(run) && self.cancelled.insert(run.to_owned()) {
+                    tracing::info!(%run, "run cancelled by its coordinator");
+                }
+            }
+        }
+    }
+
+    /// Whether `run` was cancelled: heard live, or (the first time this worker meets the run)
+    /// looked up in the stream, where the coordinator stored it.
+    fn is_cancelled(&mut self, run: &str) -> bool {
+        if self.cancelled.contains(run) {
+            return true;
+        }
+        if !self.checked.insert(run.to_owned()) {
+            return false;
+        }
+        let found = self.conn.rt.block_on(async {
+            let stream = self.conn.js.get_stream(OUTCOMES_STREAM).await.ok()?;
+            stream
+                .get_last_raw_message_by_subject(&cancel_subject(run))
+                .await
+                .ok()
+        });
+        if found.is_some() {
+            self.cancelled.insert(run.to_owned());
+        }
+        found.is_some()
+    }
+
+    /// Settles `m` with `kind`; a failure only means the server delivers it again later.
+    fn ack(&self, m: &jetstream::Message, kind: AckKind) {
+        if let Err(e) = self.conn.rt.block_on(m.ack_with(kind)) {
+            tracing::warn!(error = %e, "acknowledging a job failed");
+        }
     }
 
     /// Routes one message to its pipeline (starting it if need be), or settles it at once
@@ -193,16 +268,20 @@ impl Router<'_> {
                 // Not a job anyone can run: never delivered again. Without a valid run there
                 // is no coordinator to tell.
                 tracing::error!(subject = %m.subject, error = %e, "refused a job message");
-                let _ = self.conn.rt.block_on(m.ack_with(AckKind::Term));
+                self.ack(&m, AckKind::Term);
                 return Ok(());
             }
         };
+        if self.is_cancelled(&batch.run) {
+            self.ack(&m, AckKind::Term);
+            return Ok(());
+        }
         let Some(root) = self.roots.get(&batch.root).cloned() else {
+            // Its subject said one root, its body another: not a job a coordinator wrote.
             if self.warned.insert(batch.root.clone()) {
-                tracing::warn!(root = %batch.root, "jobs for a root this worker does not map (--root {}=PATH): left for other workers", batch.root);
+                tracing::error!(root = %batch.root, subject = %m.subject, "refused a job message: for a root its subject does not name");
             }
-            let later = AckKind::Nak(Some(Duration::from_secs(5)));
-            let _ = self.conn.rt.block_on(m.ack_with(later));
+            self.ack(&m, AckKind::Term);
             return Ok(());
         };
         if delivered > MAX_DELIVER {
@@ -211,8 +290,47 @@ impl Router<'_> {
                 "delivered {delivered} times without an outcome: each worker that took it \
                  stopped before finishing it"
             );
-            self.fail_all(&batch, &message)?;
-            let _ = self.conn.rt.block_on(m.ack_with(AckKind::Term));
+            let failed: Vec<_> = batch
+                .files
+                .iter()
+                .map(|f| {
+                    (
+                        f.rel.clone(),
+                        FileError::new(Kind::Internal, message.clone()),
+                    )
+                })
+                .collect();
+            match self.fail(&batch, failed) {
+                Ok(()) => self.ack(&m, AckKind::Term),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "could not fail a job delivered too often");
+                    self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+                }
+            }
+            return Ok(());
+        }
+        // Paths a job may not name fail here, before anything is opened; the rest are run.
+        let mut files = Vec::with_capacity(batch.files.len());
+        let mut refused = Vec::new();
+        for f in &batch.files {
+            match f.rel.rel() {
+                Ok(rel) => files.push((rel, f.size)),
+                Err(e) => refused.push((f.rel.clone(), e)),
+            }
+        }
+        if !refused.is_empty() {
+            for (rel, e) in &refused {
+                let path = rel.lossy();
+                tracing::warn!(target: FAILURES, status = "failed", path = %path.display(), op = batch.op.as_str(), error = e.kind.as_str(), run = %batch.run, "{}", e.message);
+            }
+            if let Err(e) = self.fail(&batch, refused) {
+                tracing::warn!(error = %format!("{e:#}"), "could not publish refused paths' outcomes");
+                self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+                return Ok(());
+            }
+        }
+        if files.is_empty() {
+            self.ack(&m, AckKind::Ack);
             return Ok(());
         }
         let key = Key {
@@ -228,36 +346,37 @@ impl Router<'_> {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let files = batch.files;
         let Some(p) = self.pipelines.get_mut(&key) else {
             bail!("a pipeline vanished");
         };
+        if p.deliveries.send(Delivery { id, files }).is_err() {
+            // It stopped (its sink failed): back to the queue, for later or another worker.
+            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+            return Ok(());
+        }
         p.held += 1;
         p.last = Instant::now();
         self.held.insert(id, (m, key));
-        if p.deliveries.send(Delivery { id, files }).is_err() {
-            // It stopped (a sink failure); its messages are handed back below.
-            tracing::warn!("a pipeline stopped; its jobs go back to the queue");
-        }
         Ok(())
     }
 
-    /// Publishes a failed outcome for every file of `batch`.
-    fn fail_all(&self, batch: &JobBatch, message: &str) -> Result<()> {
-        let outcomes = batch
-            .files
-            .iter()
-            .map(|f| WireOutcome {
-                rel: f.rel.clone(),
+    /// Publishes a failed outcome for each of `files` (of `batch`'s run), and waits for it to
+    /// be stored.
+    fn fail(&self, batch: &JobBatch, files: Vec<(wire::WirePath, FileError)>) -> Result<()> {
+        let outcomes: Vec<WireOutcome> = files
+            .into_iter()
+            .map(|(rel, e)| WireOutcome {
+                rel,
                 status: WireStatus::Failed,
-                kind: Some(Kind::Internal.as_str().into()),
-                message: Some(message.into()),
-                errno: None,
+                kind: Some(e.kind.as_str().into()),
+                message: Some(e.message),
+                errno: e.errno,
                 bytes_in: 0,
                 bytes_out: 0,
                 digest: None,
             })
             .collect();
+        // A message holds at most 64 files of at most PATH_MAX bytes: well under the limit.
         let out = OutcomeBatch {
             v: wire::VERSION,
             run: batch.run.clone(),
@@ -275,7 +394,7 @@ impl Router<'_> {
                     .await?;
                 ack.await.map_err(anyhow::Error::from)
             })
-            .context("publishing the outcomes of a job delivered too often")?;
+            .context("publishing failed outcomes")?;
         Ok(())
     }
 
@@ -298,6 +417,7 @@ impl Router<'_> {
             quiet: true,
             progress: false,
             own_files: Vec::new(),
+            confined: true,
             watch: None,
         };
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -312,11 +432,12 @@ impl Router<'_> {
         let thread = std::thread::Builder::new()
             .name(format!("filepipe-run-{}", key.run))
             .spawn(move || {
-                let mut source = QueueSource::new(root, rx, settled);
-                let mut sink = sink;
-                // Its own stop signal, never raised: a worker's pipelines finish what they hold
-                // (a second signal still abandons it, handed back for redelivery).
+                // Its own stop, raised only by a failure of its sink (then its source stops,
+                // and what it holds goes back): a worker's pipelines finish what they hold on a
+                // signal (a second one still abandons it, handed back for redelivery).
                 let stop = Arc::new(Shutdown::default());
+                let mut source = QueueSource::new(root, rx, settled, Arc::clone(&stop));
+                let mut sink = sink;
                 let stats = Stats::default();
                 pipeline::run(&cfg, &stop, &mut source, &mut sink, &stats)
             })
@@ -343,16 +464,16 @@ impl Router<'_> {
         if let Some(p) = self.pipelines.get_mut(&key) {
             p.held -= 1;
         }
-        let kind = if s.done {
-            AckKind::Ack
-        } else {
-            AckKind::Nak(None)
-        };
-        if let Err(e) = self.conn.rt.block_on(m.ack_with(kind)) {
-            // Unacknowledged, it is delivered again after the ack wait: its files are then
-            // found up to date, and the coordinator counts each file once.
-            tracing::warn!(error = %e, "acknowledging a job failed");
-        }
+        // Unacknowledged (the ack lost), it is delivered again after the ack wait: its files
+        // are then found up to date, and the coordinator counts each file once.
+        self.ack(
+            &m,
+            if s.done {
+                AckKind::Ack
+            } else {
+                AckKind::Nak(Some(NAK_DELAY))
+            },
+        );
     }
 
     /// Tells the server the jobs held are being worked on.
@@ -392,6 +513,18 @@ impl Router<'_> {
                 }
             }
             self.settle_ready();
+            // What it still holds (it stopped early: its sink failed) goes back to the queue.
+            let orphans: Vec<u64> = self
+                .held
+                .iter()
+                .filter(|(_, (_, k))| *k == key)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in orphans {
+                if let Some((m, _)) = self.held.remove(&id) {
+                    self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+                }
+            }
             match p.thread.join() {
                 Ok(Ok(summary)) => tracing::info!(
                     run = %key.run,

@@ -54,6 +54,17 @@ pub(crate) fn worker_loop<O: Op>(
         stage.unstarted.fetch_add(batch.len(), Ordering::Relaxed);
         for job in batch {
             stage.unstarted.fetch_sub(1, Ordering::Relaxed);
+            if cfg.confined && me.root.is_none() {
+                // Paths from a queue are opened beneath the root or not at all.
+                outcomes.push(Outcome::Failed {
+                    rel: job.rel,
+                    error: FileError::new(
+                        Kind::Io,
+                        format!("cannot open the root {}", cfg.root.display()),
+                    ),
+                });
+                continue;
+            }
             if let Some(outcome) = run_job(cfg, op, me, job, stage, shutdown, &mut scratch) {
                 outcomes.push(outcome);
             }

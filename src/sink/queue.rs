@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use async_nats::jetstream;
 
 use crate::cluster::outcomes_subject;
-use crate::cluster::wire::{OutcomeBatch, WireOutcome, VERSION};
+use crate::cluster::wire::{OutcomeBatch, WireOutcome, MAX_PAYLOAD, VERSION};
 use crate::error::Kind;
 use crate::sink::{Disposition, Sink};
 use crate::travel::Outcome;
@@ -28,6 +28,9 @@ pub(crate) struct QueueSink {
     run: String,
     worker: String,
     unsent: Vec<WireOutcome>,
+    /// Drawn at random per sink: message ids stay unique when a worker starts a second
+    /// pipeline for the same run (the first stopped when idle) within the duplicate window.
+    nonce: u32,
     sent: u64,
 }
 
@@ -45,6 +48,12 @@ impl QueueSink {
             run,
             worker,
             unsent: Vec::new(),
+            nonce: {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u64(0);
+                h.finish() as u32
+            },
             sent: 0,
         }
     }
@@ -55,7 +64,10 @@ impl QueueSink {
         self.sent += 1;
         // Unique to this run, worker and message: a retry is stored once, and no other
         // pipeline's message (a later run on the same worker) is ever mistaken for it.
-        let id = format!("{}.{}.{}", self.run, self.worker, self.sent);
+        let id = format!(
+            "{}.{}.{:08x}.{}",
+            self.run, self.worker, self.nonce, self.sent
+        );
         let subject = outcomes_subject(&self.run);
         let started = std::time::Instant::now();
         let mut pause = Duration::from_millis(100);
@@ -99,14 +111,22 @@ impl Sink for QueueSink {
 
     fn flush(&mut self) -> Result<()> {
         while !self.unsent.is_empty() {
-            let n = self.unsent.len().min(PER_MESSAGE);
-            let batch = OutcomeBatch {
-                v: VERSION,
-                run: self.run.clone(),
-                worker: self.worker.clone(),
-                outcomes: self.unsent[..n].to_vec(),
+            // At most PER_MESSAGE outcomes, and fewer while the message would not fit (long
+            // names escape to six bytes a character in JSON).
+            let mut n = self.unsent.len().min(PER_MESSAGE);
+            let payload = loop {
+                let batch = OutcomeBatch {
+                    v: VERSION,
+                    run: self.run.clone(),
+                    worker: self.worker.clone(),
+                    outcomes: self.unsent[..n].to_vec(),
+                };
+                let payload = serde_json::to_vec(&batch)?;
+                if payload.len() <= MAX_PAYLOAD || n == 1 {
+                    break payload;
+                }
+                n /= 2;
             };
-            let payload = serde_json::to_vec(&batch)?;
             self.publish(payload)?;
             self.unsent.drain(..n);
         }

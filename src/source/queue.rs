@@ -5,27 +5,29 @@
 //!
 //! Invariants: a message is settled only after each of its files' outcomes is stored, so a
 //! worker that dies loses no outcome (its messages are redelivered); a path in flight here is
-//! never started twice (a redelivered message naming it waits for the same outcome); a path a
-//! job may not name fails that file alone, with the reason.
+//! never started twice (a redelivered message naming it waits for the same outcome). Paths a
+//! job may not name never get here: the router fails them (see `cluster::worker`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use crossbeam_channel::{select, Receiver, Sender};
 
-use crate::cluster::wire::WireFile;
+use crate::signals::Shutdown;
 use crate::source::{Outlet, Source};
-use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded};
+use crate::travel::{BatchFill, Job, Msg, Recorded};
 
 /// A message's jobs, as the router hands them over.
 #[derive(Debug)]
 pub(crate) struct Delivery {
     /// The router's key for the message.
     pub(crate) id: u64,
-    /// Its files.
-    pub(crate) files: Vec<WireFile>,
+    /// Its files, their paths checked (`WirePath::rel`), with their sizes.
+    pub(crate) files: Vec<(PathBuf, u64)>,
 }
 
 /// A message whose files are all recorded.
@@ -37,20 +39,14 @@ pub(crate) struct Settled {
     pub(crate) done: bool,
 }
 
-/// What a recorded path settles.
-#[derive(Debug)]
-enum Waiting {
-    /// A job in the pipeline: its outcome settles each message that named the path.
-    Job(Vec<u64>),
-    /// Paths refused before the pipeline, one outcome each: each settles one message.
-    Refused(VecDeque<u64>),
-}
-
 /// The source: deliveries in, settled messages out.
 pub(crate) struct QueueSource {
     root: PathBuf,
     deliveries: Receiver<Delivery>,
     settled: Sender<Settled>,
+    /// The pipeline's stop: raised when its sink fails, and then the source stops, so the
+    /// pipeline ends and the router hands its messages back.
+    stop: Arc<Shutdown>,
 }
 
 impl QueueSource {
@@ -59,11 +55,13 @@ impl QueueSource {
         root: PathBuf,
         deliveries: Receiver<Delivery>,
         settled: Sender<Settled>,
+        stop: Arc<Shutdown>,
     ) -> Self {
         QueueSource {
             root,
             deliveries,
             settled,
+            stop,
         }
     }
 }
@@ -73,7 +71,8 @@ impl QueueSource {
 struct Books {
     /// Per message: files not yet recorded, and whether one of them is to be redone.
     open: HashMap<u64, (usize, bool)>,
-    waiting: HashMap<PathBuf, Waiting>,
+    /// Each path in the pipeline, and the messages that named it: its outcome settles each.
+    waiting: HashMap<PathBuf, Vec<u64>>,
 }
 
 impl Books {
@@ -92,20 +91,7 @@ impl Books {
 
     fn recorded(&mut self, r: &Recorded) -> Vec<Settled> {
         let redo = r.retry_after.is_some();
-        let ids: Vec<u64> = match self.waiting.get_mut(&r.rel) {
-            None => return Vec::new(),
-            Some(Waiting::Job(_)) => match self.waiting.remove(&r.rel) {
-                Some(Waiting::Job(ids)) => ids,
-                _ => Vec::new(),
-            },
-            Some(Waiting::Refused(ids)) => {
-                let id = ids.pop_front();
-                if ids.is_empty() {
-                    self.waiting.remove(&r.rel);
-                }
-                id.into_iter().collect()
-            }
-        };
+        let ids = self.waiting.remove(&r.rel).unwrap_or_default();
         ids.into_iter()
             .filter_map(|id| self.one_done(id, redo))
             .collect()
@@ -128,6 +114,10 @@ impl Source for QueueSource {
             if !open && books.open.is_empty() {
                 return Ok(());
             }
+            if self.stop.requested() {
+                // The sink failed: what is unsettled goes back to the queue.
+                return Ok(());
+            }
             // The deliveries channel, until the router closes it; then only what is recorded.
             let never = crossbeam_channel::never();
             let deliveries = if open { &self.deliveries } else { &never };
@@ -145,62 +135,36 @@ impl Source for QueueSource {
                             }
                         }
                     }
-                    // The reporter stopped (a sink failure): what is unsettled is redelivered.
                     Err(_) => return Ok(()),
                 },
+                default(Duration::from_millis(200)) => {}
             }
         }
     }
 }
 
 impl QueueSource {
-    /// Takes one message's files: refused paths are reported at once, the rest go to the
-    /// workers in batches (`BatchFill`'s rule).
+    /// Takes one message's files (the router checked their paths) to the workers, in batches
+    /// (`BatchFill`'s rule).
     fn take(&self, d: Delivery, books: &mut Books, out: &Outlet<'_>) -> Result<()> {
         books.open.insert(d.id, (d.files.len(), false));
         let mut batch = Vec::new();
         let mut fill = BatchFill::default();
-        for f in d.files {
-            let rel = match f.rel.rel() {
-                Ok(rel) => rel,
-                Err(error) => {
-                    let rel = f.rel.lossy();
-                    match books
-                        .waiting
-                        .entry(rel.clone())
-                        .or_insert_with(|| Waiting::Refused(VecDeque::new()))
-                    {
-                        Waiting::Refused(ids) => ids.push_back(d.id),
-                        // A refused path never names a job: a second name for one is refused too.
-                        Waiting::Job(ids) => ids.push(d.id),
-                    }
-                    out.stats.reported.fetch_add(1, Ordering::Relaxed);
-                    let outcome = Outcome::Failed { rel, error };
-                    out.events
-                        .send(Event::Finished(vec![outcome]))
-                        .ok()
-                        .context("the reporter has stopped")?;
-                    continue;
-                }
-            };
-            match books.waiting.get_mut(&rel) {
-                // In flight here already (a redelivery of a message this worker still holds):
-                // its outcome settles this message too.
-                Some(Waiting::Job(ids)) => {
-                    ids.push(d.id);
-                    continue;
-                }
-                Some(Waiting::Refused(_)) => {}
-                None => {}
+        for (rel, size) in d.files {
+            if let Some(ids) = books.waiting.get_mut(&rel) {
+                // In flight here already (a redelivery of a message this worker still holds,
+                // or a name twice in one message): its outcome settles this one too.
+                ids.push(d.id);
+                continue;
             }
-            books.waiting.insert(rel.clone(), Waiting::Job(vec![d.id]));
-            if !fill.takes(f.size) {
+            books.waiting.insert(rel.clone(), vec![d.id]);
+            if !fill.takes(size) {
                 self.send(std::mem::take(&mut batch), out)?;
                 fill = BatchFill::default();
             }
-            fill.add(f.size);
+            fill.add(size);
             out.stats.files.fetch_add(1, Ordering::Relaxed);
-            out.stats.bytes.fetch_add(f.size, Ordering::Relaxed);
+            out.stats.bytes.fetch_add(size, Ordering::Relaxed);
             batch.push(Job {
                 abs: self.root.join(&rel),
                 rel,
@@ -229,7 +193,7 @@ mod tests {
     fn rec(rel: &str, redo: bool) -> Recorded {
         Recorded {
             rel: rel.into(),
-            retry_after: redo.then_some(std::time::Duration::ZERO),
+            retry_after: redo.then_some(Duration::ZERO),
         }
     }
 
@@ -237,8 +201,8 @@ mod tests {
     fn a_message_is_settled_once_each_of_its_files_is_recorded() {
         let mut b = Books::default();
         b.open.insert(1, (2, false));
-        b.waiting.insert("a".into(), Waiting::Job(vec![1]));
-        b.waiting.insert("b".into(), Waiting::Job(vec![1]));
+        b.waiting.insert("a".into(), vec![1]);
+        b.waiting.insert("b".into(), vec![1]);
         assert!(b.recorded(&rec("a", false)).is_empty());
         assert!(b.recorded(&rec("zzz", false)).is_empty(), "not ours");
         assert_eq!(
@@ -254,8 +218,8 @@ mod tests {
         // Message 2 is a redelivery of message 1 while this worker still holds it.
         b.open.insert(1, (2, false));
         b.open.insert(2, (1, false));
-        b.waiting.insert("a".into(), Waiting::Job(vec![1, 2]));
-        b.waiting.insert("b".into(), Waiting::Job(vec![1]));
+        b.waiting.insert("a".into(), vec![1, 2]);
+        b.waiting.insert("b".into(), vec![1]);
         assert_eq!(
             b.recorded(&rec("a", false)),
             [Settled { id: 2, done: true }]
@@ -267,21 +231,13 @@ mod tests {
     }
 
     #[test]
-    fn refused_paths_settle_one_message_each() {
+    fn a_name_twice_in_one_message_is_counted_off_twice_by_its_one_outcome() {
         let mut b = Books::default();
-        b.open.insert(1, (1, false));
-        b.open.insert(2, (1, false));
-        b.waiting.insert(
-            "/etc/passwd".into(),
-            Waiting::Refused(VecDeque::from([1, 2])),
-        );
+        b.open.insert(7, (2, false));
+        b.waiting.insert("a".into(), vec![7, 7]);
         assert_eq!(
-            b.recorded(&rec("/etc/passwd", false)),
-            [Settled { id: 1, done: true }]
-        );
-        assert_eq!(
-            b.recorded(&rec("/etc/passwd", false)),
-            [Settled { id: 2, done: true }]
+            b.recorded(&rec("a", false)),
+            [Settled { id: 7, done: true }]
         );
     }
 }
