@@ -222,6 +222,16 @@ fn coordinate(nats: &Nats, root: &Path, extra: &[&str]) -> Run {
     run(cmd)
 }
 
+/// `filepipe batch ROOT --queue URL --root-name tree --json EXTRA`, started (its output piped).
+fn start_coordinator(nats: &Nats, root: &Path, extra: &[&str]) -> Started {
+    let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args(["--root-name", "tree", "--json"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Started::new(cmd)
+}
+
 /// Every .gz under `dir` passes the real `gzip -t`, and restores its input exactly.
 fn assert_outputs_whole(dir: &Path) -> usize {
     let mut n = 0;
@@ -319,20 +329,7 @@ fn a_worker_killed_while_it_holds_a_large_file_has_its_jobs_done_by_another() {
     let t = tree(200, 6);
     let root = format!("tree={}", t.root().display());
     let mut doomed = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
-    let mut coordinator = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    coordinator
-        .args([
-            "--op",
-            "gzip",
-            "--root-name",
-            "tree",
-            "--json",
-            "--level",
-            "9",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let started = Started::new(coordinator);
+    let started = start_coordinator(&nats, &t.root(), &["--op", "gzip", "--level", "9"]);
     // Kill it while it works on one of the large files (its temp is open).
     let pid = doomed.pid();
     wait_until(
@@ -539,20 +536,7 @@ fn a_server_restarted_mid_run_is_waited_for_and_the_run_completes() {
     let t = tree(600, 4);
     let root = format!("tree={}", t.root().display());
     let _worker = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
-    let mut coordinator = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    coordinator
-        .args([
-            "--op",
-            "gzip",
-            "--root-name",
-            "tree",
-            "--json",
-            "--level",
-            "9",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let started = Started::new(coordinator);
+    let started = start_coordinator(&nats, &t.root(), &["--op", "gzip", "--level", "9"]);
     // Mid-run: some outputs made, not all.
     wait_until(Duration::from_secs(60), "some outputs", || {
         walkdir::WalkDir::new(t.root())
@@ -582,11 +566,7 @@ fn an_interrupted_coordinator_cancels_its_jobs_and_accounts_for_every_file() {
     let Some(nats) = Nats::start() else { return };
     let t = tree(300, 0);
     // No worker yet: every job waits in the queue.
-    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args(["--op", "gzip", "--root-name", "tree", "--json"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let started = Started::new(cmd);
+    let started = start_coordinator(&nats, &t.root(), &["--op", "gzip"]);
     // All published: 300 files make at least 5 messages of at most 64.
     let pending = || {
         let st = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
