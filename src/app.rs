@@ -70,6 +70,16 @@ pub fn main() -> ExitCode {
         }
         #[cfg(feature = "cluster")]
         Command::Worker(args) => run_worker(&args, verbosity),
+        Command::Completions(args) => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            crate::docs::completions(args.shell, &mut out);
+            written(out.flush(), exit::SUCCESS)
+        }
+        Command::Man => {
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let wrote = crate::docs::man(&mut out).and_then(|()| out.flush());
+            written(wrote, exit::SUCCESS)
+        }
         Command::Status(args) => {
             let dir = args.state.unwrap_or_else(state::default_dir);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

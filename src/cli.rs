@@ -50,6 +50,11 @@ pub(crate) enum Command {
     /// of `batch --queue`.
     #[cfg(feature = "cluster")]
     Worker(WorkerArgs),
+    /// Print a shell completion script (e.g. `filepipe completions bash >
+    /// /etc/bash_completion.d/filepipe`).
+    Completions(CompletionsArgs),
+    /// Print the manual page (roff), e.g. `filepipe man | man -l -`.
+    Man,
     /// Run a concurrency demo (`filepipe demo --list` lists them).
     #[cfg(feature = "demos")]
     Demo(crate::demo::DemoArgs),
@@ -181,6 +186,14 @@ pub(crate) struct WatchArgs {
     /// to an hour (3600000) [default: 300].
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=MAX_SETTLE_MS))]
     pub(crate) settle: Option<u64>,
+}
+
+/// Arguments of `filepipe completions`.
+#[derive(Debug, Args)]
+pub(crate) struct CompletionsArgs {
+    /// The shell.
+    #[arg(value_enum)]
+    pub(crate) shell: clap_complete::Shell,
 }
 
 /// Arguments of `filepipe check-config`.

@@ -21,6 +21,7 @@ mod cluster;
 mod config;
 #[cfg(feature = "demos")]
 mod demo;
+mod docs;
 mod error;
 mod exit;
 mod fsio;
