@@ -7,7 +7,7 @@ mod common;
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -392,7 +392,8 @@ fn hostile_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
         .arg(&log)
         .env("NOTIFY_SOCKET", &socket)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        // A file, not a pipe: a thousand warnings would fill a pipe no one reads yet.
+        .stderr(fs::File::create(t.side("worker.log")).unwrap());
     let mut worker = Started::new(cmd);
     wait_until(Duration::from_secs(30), "READY=1", || notes.has("READY=1"));
     // A coordinator run first creates the streams and proves the worker works.
@@ -423,6 +424,18 @@ fn hostile_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
         "filepipe.jobs.tree.hostile",
         job(r#"{"hex":"zz"}, "size":1}, {"rel":"<undecodable path>""#).as_bytes(),
     );
+    // 1,000 refused paths of 900 bytes: their outcomes are larger than the job that named
+    // them, and must be split to be stored (else the job came back for ever).
+    let long = format!("{}/../x", "a".repeat(900));
+    let files: Vec<String> = (0..1000)
+        .map(|i| format!(r#"{{"rel":"{long}{i}","size":1}}"#))
+        .collect();
+    let big = format!(
+        r#"{{"v":1,"run":"hostile","root":"tree","op":"gzip","level":6,"force":true,"files":[{}]}}"#,
+        files.join(",")
+    );
+    assert!(big.len() < 1 << 20);
+    nats.publish_raw("filepipe.jobs.tree.hostile", big.as_bytes());
     // A body naming another root than its subject.
     nats.publish_raw(
         "filepipe.jobs.tree.hostile",
@@ -431,12 +444,12 @@ fn hostile_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
             .as_bytes(),
     );
     // Each refused path fails its file, in the worker's failure log.
-    wait_until(Duration::from_secs(30), "six refused paths", || {
+    wait_until(Duration::from_secs(30), "1,006 refused paths", || {
         failure_log(&log)
             .iter()
             .filter(|r| r["error"] == "unsafe-output-path")
             .count()
-            >= 6
+            >= 1006
     });
     // And the queue is empty: every message was taken (refused ones for good).
     wait_until(Duration::from_secs(30), "the queue to be empty", || {
@@ -462,15 +475,9 @@ fn hostile_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
         rustix::process::Pid::from_child(&worker),
         rustix::process::Signal::TERM,
     );
-    let stopped = worker.finish(Duration::from_secs(30));
-    stopped.code(0);
-    let mut stderr = String::new();
-    let _ = stopped
-        .output()
-        .stderr
-        .as_slice()
-        .read_to_string(&mut stderr);
-    assert!(stderr.contains("refused a job message"), "{stderr}");
+    worker.finish(Duration::from_secs(30)).code(0);
+    let stderr = fs::read_to_string(t.side("worker.log")).unwrap();
+    assert!(stderr.contains("refused a job message"), "{:.2000}", stderr);
 }
 
 #[test]

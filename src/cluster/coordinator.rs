@@ -241,11 +241,13 @@ fn publish(
         }
         while unconfirmed.len() > WINDOW {
             if let Some(p) = unconfirmed.pop_front() {
+                // An error only while stopping: the files of the messages behind it stay
+                // awaited too, and are reported interrupted unless an outcome comes.
                 confirm(conn, &subject, p, ledger, shutdown)?;
             }
         }
     }
-    for p in unconfirmed {
+    while let Some(p) = unconfirmed.pop_front() {
         confirm(conn, &subject, p, ledger, shutdown)?;
     }
     Ok(())
@@ -306,13 +308,8 @@ fn confirm(
                 p.ack = conn.rt.block_on(p.send(conn, subject)).ok();
             }
             Err(e) => {
-                // Stopping: this message may not be stored, its files are not awaited. (If it
-                // was stored after all, its outcomes are dropped as not expected.)
-                if let Ok(mut expected) = ledger.expected.lock() {
-                    for rel in &p.files {
-                        expected.remove(rel);
-                    }
-                }
+                // Stopping: this message may not be stored. Its files stay awaited, and are
+                // reported interrupted unless an outcome comes.
                 return Err(e).context("publishing jobs");
             }
         }
@@ -341,8 +338,15 @@ fn gather(
     loop {
         let walked = ledger.walked.load(Ordering::Acquire);
         let published = ledger.published.load(Ordering::Acquire) as usize;
-        if walked && seen.len() >= published {
+        // Every file sent (or about to be) has its outcome: the files of a message whose store
+        // was never confirmed (a signal stopped the publishing) are awaited too, and reported
+        // interrupted below unless an outcome comes.
+        let awaited = ledger.expected.lock().map_or(usize::MAX, |e| e.len());
+        if walked && seen.len() >= awaited && !shutdown.requested() {
             return Ok(());
+        }
+        if walked && seen.len() >= awaited {
+            return interrupted(ledger, &seen, events);
         }
         if shutdown.requested() && walked {
             if cancelled_at.is_none() {

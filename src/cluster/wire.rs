@@ -24,6 +24,9 @@ pub(crate) const MAX_MESSAGE: usize = 1 << 20;
 /// The largest payload written: room left under `MAX_MESSAGE` for the headers.
 pub(crate) const MAX_PAYLOAD: usize = MAX_MESSAGE - 4096;
 
+/// The most files a job message may hold: a coordinator sends batches of at most 64.
+const MAX_FILES: usize = 1024;
+
 /// The longest path a job may name (PATH_MAX).
 const MAX_PATH: usize = 4096;
 
@@ -168,8 +171,11 @@ impl JobBatch {
         if !(1..=9).contains(&b.level) {
             return Err(format!("level {} out of 1-9", b.level));
         }
-        if b.files.is_empty() {
-            return Err("no files".into());
+        if b.files.is_empty() || b.files.len() > MAX_FILES {
+            return Err(format!(
+                "{} files (a coordinator sends 1 to {MAX_FILES})",
+                b.files.len()
+            ));
         }
         Ok(b)
     }

@@ -54,6 +54,9 @@ struct Key {
 /// A running pipeline.
 struct Running {
     deliveries: Sender<Delivery>,
+    /// Raised when its sink failed: nothing more is routed to it, and what it holds is let
+    /// go (no more in-progress acks), to be delivered again.
+    stop: Arc<Shutdown>,
     thread: JoinHandle<Result<Summary>>,
     held: usize,
     last: Instant,
@@ -97,7 +100,7 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
             .block_on(workers_consumer(&conn.js, root))
             .with_context(|| format!("binding the workers' consumer for root {root}"))
             .map_err(Unreachable)?;
-        consumers.push(c);
+        consumers.push((root.clone(), c));
     }
     // Cancelled runs, as their coordinators say (core NATS: heard only while connected; a job
     // of a cancelled run taken later is simply done).
@@ -131,7 +134,8 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
 
 struct Router<'a> {
     conn: &'a Conn,
-    consumers: Vec<PullConsumer>,
+    /// Each mapped root's consumer.
+    consumers: Vec<(String, PullConsumer)>,
     /// The consumer to ask first next time (round robin, so no root starves another).
     next_consumer: usize,
     cancels: async_nats::Subscriber,
@@ -202,15 +206,29 @@ impl Router<'_> {
     fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
         let k = self.consumers.len().max(1);
         let wait = Duration::from_millis(500) / k as u32;
+        let mut failed = None;
         for i in 0..k {
-            let c = &self.consumers[(self.next_consumer + i) % k];
-            let msgs = self.conn.rt.block_on(take(c, n, wait))?;
-            if !msgs.is_empty() {
-                self.next_consumer = (self.next_consumer + i + 1) % k;
-                return Ok(msgs);
+            let at = (self.next_consumer + i) % k;
+            let (root, c) = &self.consumers[at];
+            match self.conn.rt.block_on(take(c, n, wait)) {
+                Ok(msgs) if msgs.is_empty() => {}
+                Ok(msgs) => {
+                    self.next_consumer = (at + 1) % k;
+                    return Ok(msgs);
+                }
+                Err(e) => {
+                    // One root's trouble (its consumer deleted, say) must not stop the others:
+                    // try to make it again, and go on to the next root.
+                    let again = self.conn.rt.block_on(workers_consumer(&self.conn.js, root));
+                    failed = Some(e.context(format!("root {root}")));
+                    if let Ok(c) = again {
+                        self.consumers[at].1 = c;
+                    }
+                }
             }
         }
-        Ok(Vec::new())
+        self.next_consumer = (self.next_consumer + 1) % k;
+        failed.map_or(Ok(Vec::new()), Err)
     }
 
     /// Hears of cancelled runs.
@@ -240,15 +258,32 @@ impl Router<'_> {
         }
         let found = self.conn.rt.block_on(async {
             let stream = self.conn.js.get_stream(OUTCOMES_STREAM).await.ok()?;
-            stream
-                .get_last_raw_message_by_subject(&cancel_subject(run))
-                .await
-                .ok()
+            Some(
+                stream
+                    .get_last_raw_message_by_subject(&cancel_subject(run))
+                    .await,
+            )
         });
-        if found.is_some() {
-            self.cancelled.insert(run.to_owned());
+        match found {
+            Some(Ok(_)) => {
+                self.cancelled.insert(run.to_owned());
+                true
+            }
+            // Asked and answered: not cancelled (a later cancel is heard live).
+            Some(Err(e))
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                false
+            }
+            // No answer: ask again next time.
+            _ => {
+                self.checked.remove(run);
+                false
+            }
         }
-        found.is_some()
     }
 
     /// Settles `m` with `kind`; a failure only means the server delivers it again later.
@@ -349,7 +384,7 @@ impl Router<'_> {
         let Some(p) = self.pipelines.get_mut(&key) else {
             bail!("a pipeline vanished");
         };
-        if p.deliveries.send(Delivery { id, files }).is_err() {
+        if p.stop.requested() || p.deliveries.send(Delivery { id, files }).is_err() {
             // It stopped (its sink failed): back to the queue, for later or another worker.
             self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
             return Ok(());
@@ -376,25 +411,36 @@ impl Router<'_> {
                 digest: None,
             })
             .collect();
-        // A message holds at most 64 files of at most PATH_MAX bytes: well under the limit.
-        let out = OutcomeBatch {
-            v: wire::VERSION,
-            run: batch.run.clone(),
-            worker: self.me.clone(),
-            outcomes,
-        };
-        let payload = serde_json::to_vec(&out)?;
-        self.conn
-            .rt
-            .block_on(async {
-                let ack = self
-                    .conn
-                    .js
-                    .publish(outcomes_subject(&batch.run), payload.into())
-                    .await?;
-                ack.await.map_err(anyhow::Error::from)
-            })
-            .context("publishing failed outcomes")?;
+        // As many messages as it takes to stay under the limit (JSON escapes long names).
+        let mut rest = &outcomes[..];
+        while !rest.is_empty() {
+            let mut n = rest.len();
+            let payload = loop {
+                let out = OutcomeBatch {
+                    v: wire::VERSION,
+                    run: batch.run.clone(),
+                    worker: self.me.clone(),
+                    outcomes: rest[..n].to_vec(),
+                };
+                let payload = serde_json::to_vec(&out)?;
+                if payload.len() <= wire::MAX_PAYLOAD || n == 1 {
+                    break payload;
+                }
+                n /= 2;
+            };
+            self.conn
+                .rt
+                .block_on(async {
+                    let ack = self
+                        .conn
+                        .js
+                        .publish(outcomes_subject(&batch.run), payload.into())
+                        .await?;
+                    ack.await.map_err(anyhow::Error::from)
+                })
+                .context("publishing failed outcomes")?;
+            rest = &rest[n..];
+        }
         Ok(())
     }
 
@@ -429,13 +475,14 @@ impl Router<'_> {
             self.me.clone(),
         );
         tracing::info!(run = %key.run, root = %key.root, op = key.op.as_str(), "pipeline started");
+        // Its own stop, raised only by a failure of its sink (then its source stops, and what
+        // it holds goes back): a worker's pipelines finish what they hold on a signal (a second
+        // one still abandons it, handed back for redelivery).
+        let stop = Arc::new(Shutdown::default());
+        let pipeline_stop = Arc::clone(&stop);
         let thread = std::thread::Builder::new()
             .name(format!("filepipe-run-{}", key.run))
             .spawn(move || {
-                // Its own stop, raised only by a failure of its sink (then its source stops,
-                // and what it holds goes back): a worker's pipelines finish what they hold on a
-                // signal (a second one still abandons it, handed back for redelivery).
-                let stop = Arc::new(Shutdown::default());
                 let mut source = QueueSource::new(root, rx, settled, Arc::clone(&stop));
                 let mut sink = sink;
                 let stats = Stats::default();
@@ -444,6 +491,7 @@ impl Router<'_> {
             .context("starting a pipeline thread")?;
         Ok(Running {
             deliveries: tx,
+            stop: pipeline_stop,
             thread,
             held: 0,
             last: Instant::now(),
@@ -476,9 +524,13 @@ impl Router<'_> {
         );
     }
 
-    /// Tells the server the jobs held are being worked on.
+    /// Tells the server the jobs held are being worked on (not those of a pipeline that
+    /// stopped: they are let go, to be delivered again after the ack wait).
     fn progress(&self) {
-        for (m, _) in self.held.values() {
+        for (m, key) in self.held.values() {
+            if self.pipelines.get(key).is_some_and(|p| p.stop.requested()) {
+                continue;
+            }
             if let Err(e) = self.conn.rt.block_on(m.ack_with(AckKind::Progress)) {
                 tracing::debug!(error = %e, "in-progress ack failed");
                 break;

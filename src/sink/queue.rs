@@ -32,6 +32,9 @@ pub(crate) struct QueueSink {
     /// pipeline for the same run (the first stopped when idle) within the duplicate window.
     nonce: u32,
     sent: u64,
+    /// A publish gave up: later flushes fail at once (the run is stopping; a sink that retried
+    /// again each time would hold its jobs for minutes more).
+    gave_up: bool,
 }
 
 impl QueueSink {
@@ -55,6 +58,7 @@ impl QueueSink {
                 h.finish() as u32
             },
             sent: 0,
+            gave_up: false,
         }
     }
 
@@ -110,6 +114,9 @@ impl Sink for QueueSink {
     }
 
     fn flush(&mut self) -> Result<()> {
+        if self.gave_up && !self.unsent.is_empty() {
+            anyhow::bail!("outcomes not published: an earlier publish gave up");
+        }
         while !self.unsent.is_empty() {
             // At most PER_MESSAGE outcomes, and fewer while the message would not fit (long
             // names escape to six bytes a character in JSON).
@@ -127,7 +134,10 @@ impl Sink for QueueSink {
                 }
                 n /= 2;
             };
-            self.publish(payload)?;
+            if let Err(e) = self.publish(payload) {
+                self.gave_up = true;
+                return Err(e);
+            }
             self.unsent.drain(..n);
         }
         Ok(())
