@@ -39,37 +39,49 @@ impl Nats {
             return None;
         }
         let store = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        // The server picks its own port (-1) and says which: a port found free here could be
+        // taken by another test's server before this one binds it.
+        let (child, port) = Self::spawn("-1", store.path());
         let url = format!("nats://127.0.0.1:{port}");
-        let child = Self::spawn(&url, store.path());
-        let n = Nats {
+        Some(Nats {
             child,
             url,
             _store: store,
-        };
-        n.wait_ready();
-        Some(n)
+        })
     }
 
-    fn spawn(url: &str, store: &Path) -> Child {
-        let port = url.rsplit(':').next().unwrap();
-        Command::new("nats-server")
+    /// Starts a server on `port` ("-1": any) and returns it once it is ready for clients
+    /// (its log says so), with the port it listens on.
+    fn spawn(port: &str, store: &Path) -> (Child, u16) {
+        let mut child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
             .arg(store)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
-            .unwrap()
-    }
-
-    fn wait_ready(&self) {
-        wait_until(Duration::from_secs(20), "nats-server to answer", || {
-            self.info().is_some()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Reads the log for ever, so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut port = None;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.split("Listening for client connections on ").nth(1) {
+                    port = at
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.trim().parse::<u16>().ok());
+                }
+                if line.contains("Server is ready") {
+                    let _ = tx.send(port);
+                }
+            }
         });
+        let port = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("nats-server did not say it is ready")
+            .expect("nats-server did not say its port");
+        (child, port)
     }
 
     /// Stops the server (SIGTERM, as systemd would) and starts it again on the same port and
@@ -81,18 +93,8 @@ impl Nats {
         );
         let _ = self.child.wait();
         std::thread::sleep(down);
-        self.child = Self::spawn(&self.url, self._store.path());
-        self.wait_ready();
-    }
-
-    /// The server's INFO line, if it answers.
-    fn info(&self) -> Option<String> {
-        let addr = self.url.trim_start_matches("nats://");
-        let stream = TcpStream::connect(addr).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-        let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line).ok()?;
-        line.starts_with("INFO").then_some(line)
+        let port = self.url.rsplit(':').next().unwrap().to_owned();
+        self.child = Self::spawn(&port, self._store.path()).0;
     }
 
     /// Publishes `payload` on `subject` over the plain NATS protocol, as anyone allowed to
@@ -585,7 +587,11 @@ fn an_interrupted_coordinator_cancels_its_jobs_and_accounts_for_every_file() {
             })
             .unwrap_or(0)
     };
-    wait_until(Duration::from_secs(30), "the jobs to be queued", || {
+    let mut started = started;
+    wait_until(Duration::from_secs(60), "the jobs to be queued", || {
+        if let Ok(Some(st)) = started.try_wait() {
+            panic!("the coordinator exited ({st}) before its jobs were queued");
+        }
         pending() >= 5
     });
     let _ = rustix::process::kill_process(

@@ -119,7 +119,11 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
                 .connect(q.url.as_str())
                 .await
                 .with_context(|| format!("cannot connect to NATS at {}", q.url))?;
-            let js = jetstream::new(client.clone());
+            let mut js = jetstream::new(client.clone());
+            // A busy server (a file store being written, many clients) may take more than the
+            // client's default 5 s to answer an API request or store a message: a slow answer
+            // must not fail a run or a start.
+            js.set_timeout(Duration::from_secs(30));
             setup(&js)
                 .await
                 .with_context(|| format!("setting up JetStream at {} (is it -js?)", q.url))?;
