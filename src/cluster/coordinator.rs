@@ -205,29 +205,23 @@ fn publish(
         // would make it too large to be stored.
         let mut rest = &rels[..];
         while !rest.is_empty() {
-            let mut n = rest.len();
-            let payload = loop {
-                let job = JobBatch {
+            let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
+                serde_json::to_vec(&JobBatch {
                     v: wire::VERSION,
                     run: run.to_owned(),
                     root: root.to_owned(),
                     op: cfg.op,
                     level: cfg.level,
                     force: cfg.force,
-                    files: rest[..n]
+                    files: part
                         .iter()
                         .map(|rel| WireFile {
                             rel: WirePath::of(rel),
                             size: 0,
                         })
                         .collect(),
-                };
-                let payload = serde_json::to_vec(&job)?;
-                if payload.len() <= wire::MAX_PAYLOAD || n == 1 {
-                    break payload;
-                }
-                n /= 2;
-            };
+                })
+            })?;
             seq += 1;
             let mut p = Pending {
                 id: format!("{run}.{seq}"),

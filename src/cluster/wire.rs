@@ -30,6 +30,24 @@ const MAX_FILES: usize = 1024;
 /// The longest path a job may name (PATH_MAX).
 const MAX_PATH: usize = 4096;
 
+/// The first message of `items`: as many of the first `most` as fit in `MAX_PAYLOAD` once
+/// `encode`d (halving until they do: JSON escapes long names to six bytes a character), or
+/// the first alone. Returns how many it holds, and its payload.
+pub(crate) fn fitting<T>(
+    items: &[T],
+    most: usize,
+    encode: impl Fn(&[T]) -> serde_json::Result<Vec<u8>>,
+) -> serde_json::Result<(usize, Vec<u8>)> {
+    let mut n = items.len().min(most).max(1);
+    loop {
+        let payload = encode(&items[..n])?;
+        if payload.len() <= MAX_PAYLOAD || n == 1 {
+            return Ok((n, payload));
+        }
+        n /= 2;
+    }
+}
+
 /// Whether `s` is a name a run or a root may have: 1 to 64 of `A-Z a-z 0-9 _ -`. Such names
 /// are also safe as NATS subject tokens.
 pub(crate) fn valid_name(s: &str) -> bool {
@@ -368,6 +386,22 @@ mod tests {
         ] {
             assert!(JobBatch::parse(bad.as_bytes()).is_err(), "{bad:.80}");
         }
+    }
+
+    #[test]
+    fn a_message_takes_as_many_items_as_fit_and_at_least_one() {
+        let encode = |part: &[String]| serde_json::to_vec(part);
+        let small: Vec<String> = (0..100).map(|i| i.to_string()).collect();
+        assert_eq!(fitting(&small, 64, encode).unwrap().0, 64);
+        assert_eq!(fitting(&small[..3], 64, encode).unwrap().0, 3);
+        // 10 items of 300 KiB: three fit under the limit, halving from 10 gives two.
+        let big = vec!["x".repeat(300 << 10); 10];
+        let (n, payload) = fitting(&big, usize::MAX, encode).unwrap();
+        assert_eq!(n, 2);
+        assert!(payload.len() <= MAX_PAYLOAD);
+        // One item too large alone still goes (the caller's limits keep that from happening).
+        let huge = vec!["x".repeat(2 << 20)];
+        assert_eq!(fitting(&huge, 64, encode).unwrap().0, 1);
     }
 
     #[test]

@@ -414,20 +414,14 @@ impl Router<'_> {
         // As many messages as it takes to stay under the limit (JSON escapes long names).
         let mut rest = &outcomes[..];
         while !rest.is_empty() {
-            let mut n = rest.len();
-            let payload = loop {
-                let out = OutcomeBatch {
+            let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
+                serde_json::to_vec(&OutcomeBatch {
                     v: wire::VERSION,
                     run: batch.run.clone(),
                     worker: self.me.clone(),
-                    outcomes: rest[..n].to_vec(),
-                };
-                let payload = serde_json::to_vec(&out)?;
-                if payload.len() <= wire::MAX_PAYLOAD || n == 1 {
-                    break payload;
-                }
-                n /= 2;
-            };
+                    outcomes: part.to_vec(),
+                })
+            })?;
             self.conn
                 .rt
                 .block_on(async {

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use async_nats::jetstream;
 
 use crate::cluster::outcomes_subject;
-use crate::cluster::wire::{OutcomeBatch, WireOutcome, MAX_PAYLOAD, VERSION};
+use crate::cluster::wire::{fitting, OutcomeBatch, WireOutcome, VERSION};
 use crate::error::Kind;
 use crate::sink::{Disposition, Sink};
 use crate::travel::Outcome;
@@ -118,22 +118,14 @@ impl Sink for QueueSink {
             anyhow::bail!("outcomes not published: an earlier publish gave up");
         }
         while !self.unsent.is_empty() {
-            // At most PER_MESSAGE outcomes, and fewer while the message would not fit (long
-            // names escape to six bytes a character in JSON).
-            let mut n = self.unsent.len().min(PER_MESSAGE);
-            let payload = loop {
-                let batch = OutcomeBatch {
+            let (n, payload) = fitting(&self.unsent, PER_MESSAGE, |part| {
+                serde_json::to_vec(&OutcomeBatch {
                     v: VERSION,
                     run: self.run.clone(),
                     worker: self.worker.clone(),
-                    outcomes: self.unsent[..n].to_vec(),
-                };
-                let payload = serde_json::to_vec(&batch)?;
-                if payload.len() <= MAX_PAYLOAD || n == 1 {
-                    break payload;
-                }
-                n /= 2;
-            };
+                    outcomes: part.to_vec(),
+                })
+            })?;
             if let Err(e) = self.publish(payload) {
                 self.gave_up = true;
                 return Err(e);
