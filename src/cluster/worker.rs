@@ -23,9 +23,8 @@ use crate::cluster::{
 };
 use crate::config::{self, Config, Filter};
 use crate::error::{FileError, Kind};
-use crate::logging::FAILURES;
 use crate::pipeline;
-use crate::report::Summary;
+use crate::report::{self, Summary};
 use crate::signals::Shutdown;
 use crate::sink::queue::QueueSink;
 use crate::source::queue::{Delivery, QueueSource, Settled};
@@ -354,9 +353,9 @@ impl Router<'_> {
             }
         }
         if !refused.is_empty() {
+            // The same failure-log records as the pipeline's.
             for (rel, e) in &refused {
-                let path = rel.lossy();
-                tracing::warn!(target: FAILURES, status = "failed", path = %path.display(), op = batch.op.as_str(), error = e.kind.as_str(), run = %batch.run, "{}", e.message);
+                report::record("failed", batch.op.as_str(), &rel.lossy(), e);
             }
             if let Err(e) = self.fail(&batch, refused) {
                 tracing::warn!(error = %format!("{e:#}"), "could not publish refused paths' outcomes");

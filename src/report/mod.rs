@@ -249,7 +249,7 @@ impl Summary {
 }
 
 /// Emits one per-file record: a human line on stderr (by verbosity) and a failure-log line.
-fn record(status: &'static str, op: &'static str, rel: &Path, e: &FileError) {
+pub(crate) fn record(status: &'static str, op: &'static str, rel: &Path, e: &FileError) {
     let bytes = rel.as_os_str().as_bytes();
     let path = rel.to_string_lossy();
     // The lossy form replaces invalid bytes; the hex form lets scripts recover the exact name.
