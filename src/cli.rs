@@ -17,6 +17,9 @@ pub(crate) const MAX_JOBS: u16 = 256;
 /// than anyone waits for them (and at the far end overflows the clock).
 pub(crate) const MAX_SETTLE_MS: u64 = 3_600_000;
 
+/// The longest interval between rescans (`--poll`): a day.
+pub(crate) const MAX_POLL_SECS: u64 = 86_400;
+
 /// filepipe: gzip or SHA-256 a directory tree in parallel, every file accounted for.
 #[derive(Debug, Parser)]
 #[command(name = "filepipe", version, about, max_term_width = 100)]
@@ -186,6 +189,12 @@ pub(crate) struct WatchArgs {
     /// to an hour (3600000) [default: 300].
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=MAX_SETTLE_MS))]
     pub(crate) settle: Option<u64>,
+    /// Also rescan the whole tree every SECS seconds (1 to 86400), reconciled against the
+    /// state: for trees on NFS, SMB, FUSE or cluster file systems, where writes made by other
+    /// hosts make no event here. A file a rescan finds is taken once a second look, a settle
+    /// time later, finds it unchanged.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_SECS))]
+    pub(crate) poll: Option<u64>,
 }
 
 /// Arguments of `filepipe completions`.

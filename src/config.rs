@@ -67,6 +67,8 @@ pub(crate) const DEFAULT_SETTLE_MS: u64 = 300;
 pub(crate) struct WatchSettings {
     /// How long a closed file's size and mtime must stay unchanged before it is taken.
     pub(crate) settle: Duration,
+    /// Rescan the whole tree this often, for writers no event reports (`--poll`).
+    pub(crate) poll: Option<Duration>,
     /// Where the SQLite state lives.
     pub(crate) state_dir: PathBuf,
     /// The state directory, held for this process (`None` when only validating a config).
@@ -177,14 +179,16 @@ impl Config {
         let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
-        cfg.watching(state_dir, settle, true)
+        cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)
     }
 
-    /// Turns a resolved config into a watch config with its state directory and settle time.
+    /// Turns a resolved config into a watch config with its state directory, settle time and
+    /// rescan interval.
     pub(crate) fn watching(
         mut self,
         state_dir: PathBuf,
         settle: Duration,
+        poll: Option<Duration>,
         create: bool,
     ) -> Result<Config> {
         let (state_dir, lock) = if create {
@@ -201,6 +205,7 @@ impl Config {
         self.own_files.push(state_dir.clone());
         self.watch = Some(WatchSettings {
             settle,
+            poll,
             state_dir,
             lock,
         });

@@ -173,6 +173,8 @@ fn check_config_names_file_line_and_key() {
         ),
         ("manifest with gzip", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nmanifest = \"m\"\n", ":4: watch[0].manifest"),
         ("no pipelines", "jobs = 2\n", "no [[watch]]"),
+        ("poll of 0 s", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\npoll_secs = 0\n", ":4: watch[0].poll_secs"),
+        ("poll over a day", "poll_secs = 86401\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n", ":1: poll_secs"),
     ];
     for (what, body, expect) in cases {
         let file = t.side("c.toml");

@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cli::{OpKind, PipelineArgs, WatchArgs, MAX_JOBS, MAX_SETTLE_MS};
+use crate::cli::{OpKind, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::fsio::output::Durability;
 
@@ -22,6 +22,7 @@ struct FileConfig {
     jobs: Option<Spanned<u16>>,
     failure_log: Option<PathBuf>,
     settle_ms: Option<Spanned<u64>>,
+    poll_secs: Option<Spanned<u64>>,
     durability: Option<Durability>,
     #[serde(default)]
     watch: Vec<WatchEntry>,
@@ -41,6 +42,7 @@ struct WatchEntry {
     #[serde(default)]
     exclude: Vec<String>,
     settle_ms: Option<Spanned<u64>>,
+    poll_secs: Option<Spanned<u64>>,
 }
 
 /// A loaded, validated config: one resolved `Config` per pipeline.
@@ -59,6 +61,7 @@ pub(crate) struct Overrides {
     jobs: Option<u16>,
     state: Option<PathBuf>,
     settle: Option<u64>,
+    poll: Option<u64>,
     failure_log: Option<PathBuf>,
     include: Vec<String>,
     exclude: Vec<String>,
@@ -77,6 +80,7 @@ impl Overrides {
             jobs: args.common.jobs,
             state: args.state.clone(),
             settle: args.settle,
+            poll: args.poll,
             failure_log: args.common.failure_log.clone(),
             include: args.common.include.clone(),
             exclude: args.common.exclude.clone(),
@@ -176,6 +180,14 @@ pub(crate) fn load(
         _ => Ok(()),
     };
     settle_ok(&file.settle_ms, "settle_ms")?;
+    let poll_ok = |s: &Option<Spanned<u64>>, key: &str| match s {
+        Some(s) if !(1..=MAX_POLL_SECS).contains(s.get_ref()) => {
+            let msg = format!("must be 1 to {MAX_POLL_SECS} (a day)");
+            Err(at(s.span(), key, msg))
+        }
+        _ => Ok(()),
+    };
+    poll_ok(&file.poll_secs, "poll_secs")?;
     let state_dir = overrides
         .state
         .clone()
@@ -213,6 +225,7 @@ pub(crate) fn load(
         }
         roots.push((root.clone(), w.path.span()));
         settle_ok(&w.settle_ms, &key("settle_ms"))?;
+        poll_ok(&w.poll_secs, &key("poll_secs"))?;
         let misplaced = [
             (
                 "out",
@@ -270,8 +283,16 @@ pub(crate) fn load(
             .or(w.settle_ms.as_ref().map(|s| *s.get_ref()))
             .or(file.settle_ms.as_ref().map(|s| *s.get_ref()))
             .unwrap_or(DEFAULT_SETTLE_MS);
+        let poll = overrides
+            .poll
+            .or(w.poll_secs.as_ref().map(|s| *s.get_ref()))
+            .or(file.poll_secs.as_ref().map(|s| *s.get_ref()))
+            .map(Duration::from_secs);
         let cfg = Config::from_common(&root, w.op, &args, quiet, create)
-            .and_then(|c| c.watching(state_dir.clone(), Duration::from_millis(settle), create))
+            .and_then(|c| {
+                let settle = Duration::from_millis(settle);
+                c.watching(state_dir.clone(), settle, poll, create)
+            })
             .map_err(|e| at(w.path.span(), &format!("watch[{i}]"), format!("{e:#}")))?;
         pipelines.push(cfg);
     }

@@ -45,6 +45,7 @@ struct Identity {
     jobs: usize,
     durability: Durability,
     settle: Option<Duration>,
+    poll: Option<Duration>,
     state_dir: Option<PathBuf>,
     include: Vec<String>,
     exclude: Vec<String>,
@@ -63,6 +64,7 @@ impl Identity {
             jobs: cfg.jobs,
             durability: cfg.durability,
             settle: w.map(|w| w.settle),
+            poll: w.and_then(|w| w.poll),
             state_dir: w.map(|w| w.state_dir.clone()),
             include: include.to_vec(),
             exclude: exclude.to_vec(),
@@ -297,6 +299,7 @@ mod tests {
             "exclude = [\"*.tmp\"]",
             "include = [\"*.log\"]",
             "settle_ms = 1000",
+            "poll_secs = 30",
             "manifest = \"SUMS\"",
         ] {
             assert_ne!(plain, identity_of(tmp.path(), changed), "{changed}");

@@ -1,5 +1,6 @@
 //! From notify to the watcher: which kernel events are asked for, what each means for a path
-//! (`Change`), which names are never taken, and clear messages for watch failures.
+//! (`Change`), which names are never taken, which file systems it cannot see other writers
+//! on, and clear messages for watch failures.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -18,6 +19,32 @@ pub(crate) fn watcher_config() -> notify::Config {
     use notify::EventKindMask as K;
     notify::Config::default()
         .with_event_kinds(K::CREATE | K::REMOVE | K::ALL_MODIFY | K::ACCESS_CLOSE)
+}
+
+/// The kind of file system `root` is on, if it is one whose files other machines (or a
+/// layer beneath the mount) can change without an inotify event here: NFS, SMB/CIFS, FUSE
+/// (sshfs, GlusterFS, s3fs, bindfs), 9p, Ceph, Lustre, AFS, GPFS and other cluster file
+/// systems (notify-rs issue 475). Watch mode then needs `--poll`.
+pub(crate) fn unseen_writers(root: &Path) -> Option<&'static str> {
+    let st = rustix::fs::statfs(root).ok()?;
+    // f_type's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let kind = st.f_type as i64 & 0xffff_ffff;
+    Some(match kind {
+        0x6969 => "NFS",
+        0xff53_4d42 => "CIFS",
+        0xfe53_4d42 => "SMB2",
+        0x517b => "SMB",
+        0x6573_5546 => "a FUSE file system",
+        0x0102_1997 => "9p",
+        0x00c3_6400 => "CephFS",
+        0x0bd0_0bd0 => "Lustre",
+        0x5346_414f | 0x6b41_4653 => "AFS",
+        0x4750_4653 => "GPFS",
+        0x7461_636f => "OCFS2",
+        0x0116_1970 => "GFS2",
+        _ => return None,
+    })
 }
 
 /// What an event says about a path under the root.

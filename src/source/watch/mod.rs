@@ -47,6 +47,8 @@ const MAX_WAIT: Duration = Duration::from_millis(50);
 pub(crate) struct Watch<'a> {
     cfg: &'a Config,
     settle: Duration,
+    /// Rescan the whole tree this often (`--poll`).
+    poll: Option<Duration>,
     shutdown: &'a Shutdown,
     /// The state, read (the sink writes it through its own connection).
     reader: Reader,
@@ -59,6 +61,7 @@ impl<'a> Watch<'a> {
         Ok(Watch {
             cfg,
             settle: settings.settle,
+            poll: settings.poll,
             shutdown,
             reader,
         })
@@ -79,6 +82,20 @@ impl Source for Watch<'_> {
         // and coalesced, rather than by neither. One watch per directory, each added by the
         // scan just before it lists that directory: notify's recursive mode would walk (and
         // stat every file of) each new subtree itself, on top of our own scan.
+        match (events::unseen_writers(&self.cfg.root), self.poll) {
+            (Some(fs), None) => tracing::warn!(
+                root = %self.cfg.root.display(),
+                "the watched directory is on {fs}: changes made by other hosts (or beneath the \
+                 mount) make no events here and would be missed; add --poll SECS (poll_secs in \
+                 the config) to rescan on an interval"
+            ),
+            (Some(fs), Some(every)) => tracing::info!(
+                root = %self.cfg.root.display(),
+                "the watched directory is on {fs}: rescanning every {} s",
+                every.as_secs()
+            ),
+            (None, _) => {}
+        }
         let mut watcher = notify::RecommendedWatcher::new(notify_tx, events::watcher_config())
             .context("starting the file system watcher")?;
         watcher
@@ -96,6 +113,7 @@ impl Source for Watch<'_> {
             flight: Flight::default(),
             scans: 0,
             quiet_until: Instant::now(),
+            poll: self.poll,
         };
         w.run(&notify_rx, &recorded)
     }
@@ -117,6 +135,8 @@ struct Watcher<'a> {
     scans: u64,
     /// Events are not waited for before this (see `COALESCE`).
     quiet_until: Instant,
+    /// Rescan the whole tree this often (`--poll`).
+    poll: Option<Duration>,
 }
 
 /// What the settle queue looks at when a file comes due: the tree and the state.
@@ -136,6 +156,15 @@ impl Look for Disk<'_> {
             .map(|st| Stamp::from_stat(&st))
     }
 
+    fn stamp(&self, rel: &Path) -> Option<Stamp> {
+        rustix::fs::lstat(self.root.join(rel))
+            .ok()
+            .filter(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+            })
+            .map(|st| Stamp::from_stat(&st))
+    }
+
     fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool> {
         Ok(self.reader.lookup(rel)?.is_some_and(|k| k.settled(stamp)))
     }
@@ -151,6 +180,7 @@ impl Watcher<'_> {
         self.scan(&self.cfg.root.clone(), Lost::Nothing)?;
         self.stats.ready.store(true, Ordering::Relaxed);
         let mut last_root_check = Instant::now();
+        let mut last_poll = Instant::now();
         loop {
             if self.shutdown.requested() {
                 return Ok(());
@@ -211,6 +241,17 @@ impl Watcher<'_> {
             }
             for rel in self.flight.removals_due() {
                 self.send(Event::Removed(rel))?;
+            }
+            if self.poll.is_some_and(|every| last_poll.elapsed() >= every) {
+                // Writers on other hosts make no events here: look at the whole tree, as
+                // after an overflow, reconciled against the state. The interval runs from the
+                // end of a scan, so a tree that takes longer to scan is not scanned back to
+                // back.
+                let root = self.cfg.root.clone();
+                self.watch(&root)?;
+                self.scan(&root, Lost::Unseen)?;
+                tracing::debug!(scans = self.scans, "polled");
+                last_poll = Instant::now();
             }
             self.promote()?;
             self.dispatch()?;
@@ -328,9 +369,9 @@ impl Watcher<'_> {
             }
         }
         let mut gone: Vec<PathBuf> = known.into_keys().collect();
-        if lost == Lost::Events {
+        if lost != Lost::Nothing {
             // A file in flight is not in the state yet, and its deletion may be among the lost
-            // events.
+            // (or never made) events.
             gone.extend(self.flight.under(under).cloned());
         }
         for rel in gone {
@@ -346,8 +387,10 @@ impl Watcher<'_> {
         // Already on its way (a scan of an enclosing directory raced this one, or an overflow
         // rescan): the state does not know it yet, so only the books can tell.
         if stamp.is_some() && self.flight.contains(&rel) {
+            // It may have changed unseen: look again once it is back. Not after a poll: a
+            // file in flight for longer than the interval would be redone at every poll; the
+            // next poll finds a real change against the state.
             if lost == Lost::Events {
-                // It may have changed unseen: look again once it is back.
                 self.flight.redo(rel);
             }
             return;

@@ -5,8 +5,9 @@
 //! The rules: a file is taken only once it was closed after writing, renamed in, found by a
 //! scan, or linked in whole (`Pending::linked`), and then nothing happened to it for the
 //! settle time; a write after a close makes it wait for the next close; a file found by a scan
-//! is taken after the settle time unless an event says otherwise; a file the state already has
-//! with the same stamp is not taken again, unless a writer closed it since. Paths are
+//! is taken after the settle time unless an event says otherwise (or, where writers make no
+//! events, once a second look a settle time later finds it unchanged); a file the state
+//! already has with the same stamp is not taken again, unless a writer closed it since. Paths are
 //! coalesced while they wait: a burst costs memory per distinct path, never per event.
 
 use std::cmp::Reverse;
@@ -30,6 +31,11 @@ pub(crate) enum Lost {
     Nothing,
     /// The kernel dropped events: any pending file may have been closed since.
     Events,
+    /// A poll of a tree whose writers make no events here (other hosts writing to a network
+    /// file system, `--poll`): what the scan finds may still be being written, so it is taken
+    /// only once a second look, a settle time later, finds the same stamp. Events that do
+    /// come (local writers) still decide for the files they told of.
+    Unseen,
 }
 
 /// What the queue asks of the file system and the state when a file comes due.
@@ -37,6 +43,8 @@ pub(crate) trait Look {
     /// The stamp of `rel` if it is a regular file with content or more than one name (what a
     /// file linked in whole looks like); `None` if it is empty with one name, or gone.
     fn linked(&self, rel: &Path) -> Option<Stamp>;
+    /// The stamp of `rel` if it is a regular file; `None` if it is not, or gone.
+    fn stamp(&self, rel: &Path) -> Option<Stamp>;
     /// Whether the state has `rel` recorded (done, skipped or failed for good) with `stamp`.
     fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool>;
 }
@@ -61,6 +69,17 @@ struct Pending {
     closed: bool,
 }
 
+/// A file found by a scan, waiting for its settle time.
+#[derive(Debug)]
+struct Scanned {
+    due: Instant,
+    rel: PathBuf,
+    /// What the scan saw.
+    stamp: Option<Stamp>,
+    /// Taken only if a look when due finds `stamp` still (`Lost::Unseen`).
+    look_again: bool,
+}
+
 /// Paths waiting to settle, and settled ones waiting for the workers.
 #[derive(Debug)]
 pub(crate) struct Settle {
@@ -72,7 +91,7 @@ pub(crate) struct Settle {
     /// when a file is touched again; `promote` skips those.
     deadlines: BinaryHeap<Reverse<(Instant, PathBuf)>>,
     /// Files found by scans, due in the order found, with the stamp the scan saw.
-    scanned: VecDeque<(Instant, PathBuf, Option<Stamp>)>,
+    scanned: VecDeque<Scanned>,
     /// The paths in `scanned`: a file two overlapping scans find is queued once.
     scanned_set: Set<PathBuf>,
     /// Settled files, in the order they settled.
@@ -190,7 +209,12 @@ impl Settle {
         }
         // A queue of its own, not `pending`: scanned files settle in the order found, so a
         // 100,000-file scan costs a push and a pop each rather than map and heap updates.
-        self.scanned.push_back((now + self.settle, rel, stamp));
+        self.scanned.push_back(Scanned {
+            due: now + self.settle,
+            rel,
+            stamp,
+            look_again: lost == Lost::Unseen,
+        });
     }
 
     /// `rel` is gone: it leaves the queue. Its entries in `ready`, `scanned` and `deadlines`
@@ -203,17 +227,39 @@ impl Settle {
 
     /// Moves the files settled by `now` to the ready queue.
     pub(crate) fn promote(&mut self, now: Instant, look: &impl Look) -> Result<()> {
-        while self.scanned.front().is_some_and(|(at, _, _)| *at <= now) {
-            let Some((_, rel, stamp)) = self.scanned.pop_front() else {
+        while self.scanned.front().is_some_and(|s| s.due <= now) {
+            let Some(s) = self.scanned.pop_front() else {
                 break;
             };
             // An event since the scan put it in `pending`, which now decides; otherwise it was
             // not touched for the whole settle time (and the worker checks `stamp`). The scan
             // already found it unsettled in the state. Out of the set: forgotten since.
-            if !self.scanned_set.remove(&rel) || self.pending.contains_key(&rel) {
+            if !self.scanned_set.contains(&s.rel) || self.pending.contains_key(&s.rel) {
+                self.scanned_set.remove(&s.rel);
                 continue;
             }
-            self.make_ready(rel, stamp);
+            if s.look_again {
+                // No event would have told of a write since the scan: look.
+                match look.stamp(&s.rel) {
+                    Some(seen) if Some(seen) == s.stamp => {}
+                    // Still changing: another settle time from this look.
+                    Some(seen) => {
+                        self.scanned.push_back(Scanned {
+                            due: now + self.settle,
+                            stamp: Some(seen),
+                            ..s
+                        });
+                        continue;
+                    }
+                    // Gone, or no longer a regular file: the next scan decides.
+                    None => {
+                        self.scanned_set.remove(&s.rel);
+                        continue;
+                    }
+                }
+            }
+            self.scanned_set.remove(&s.rel);
+            self.make_ready(s.rel, s.stamp);
         }
         while self
             .deadlines
@@ -314,7 +360,7 @@ impl Settle {
     /// When the next waiting file may be due.
     pub(crate) fn next_due(&self) -> Option<Instant> {
         let deadline = self.deadlines.peek().map(|Reverse((at, _))| *at);
-        let scanned = self.scanned.front().map(|(at, _, _)| *at);
+        let scanned = self.scanned.front().map(|s| s.due);
         deadline.into_iter().chain(scanned).min()
     }
 
@@ -336,6 +382,8 @@ mod tests {
     #[derive(Default)]
     struct Fake {
         linked: HashMap<PathBuf, Stamp>,
+        /// What a plain look finds (regular files).
+        files: HashMap<PathBuf, Stamp>,
         settled: HashMap<PathBuf, Stamp>,
         asked_linked: RefCell<Vec<PathBuf>>,
     }
@@ -344,6 +392,9 @@ mod tests {
         fn linked(&self, rel: &Path) -> Option<Stamp> {
             self.asked_linked.borrow_mut().push(rel.to_path_buf());
             self.linked.get(rel).copied()
+        }
+        fn stamp(&self, rel: &Path) -> Option<Stamp> {
+            self.files.get(rel).copied()
         }
         fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool> {
             Ok(stamp.is_some() && self.settled.get(rel).copied() == stamp)
@@ -503,6 +554,36 @@ mod tests {
         q.touch("f".into(), false, None, t0);
         q.found("f".into(), stamp(1), Lost::Events, ms(t0, 1));
         assert_eq!(ready_at(&mut q, ms(t0, 101), &look), ["f"]);
+    }
+
+    #[test]
+    fn a_poll_takes_a_file_only_once_a_second_look_finds_it_unchanged() {
+        let t0 = Instant::now();
+        let mut look = Fake::default();
+        let mut q = Settle::new(SETTLE);
+        // Another host is writing "growing": the poll saw 1 byte, it has 2 by the due time.
+        q.found("growing".into(), stamp(1), Lost::Unseen, t0);
+        q.found("still".into(), stamp(4), Lost::Unseen, t0);
+        q.found("gone".into(), stamp(4), Lost::Unseen, t0);
+        look.files.insert("growing".into(), stamp(2).unwrap());
+        look.files.insert("still".into(), stamp(4).unwrap());
+        assert_eq!(ready_at(&mut q, ms(t0, 100), &look), ["still"]);
+        // Another settle time from that look; it grew again, then stopped.
+        look.files.insert("growing".into(), stamp(3).unwrap());
+        assert!(ready_at(&mut q, ms(t0, 199), &look).is_empty());
+        assert!(ready_at(&mut q, ms(t0, 200), &look).is_empty());
+        let (rel, seen) = {
+            assert_eq!(q.next_due(), Some(ms(t0, 300)));
+            q.promote(ms(t0, 300), &look).unwrap();
+            q.pop_ready().unwrap()
+        };
+        assert_eq!((rel.to_str(), seen), (Some("growing"), stamp(3)));
+        assert_eq!(q.queued(), 0, "the vanished file is dropped");
+        // A local writer's events still decide for the file they told of: it is open.
+        q.touch("local".into(), false, None, ms(t0, 400));
+        q.found("local".into(), stamp(1), Lost::Unseen, ms(t0, 400));
+        look.files.insert("local".into(), stamp(1).unwrap());
+        assert!(ready_at(&mut q, ms(t0, 10_000), &look).is_empty());
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! `filepipe watch --poll` on a file system whose writers make no events here. A FUSE mount
+//! (bindfs) of a backing directory stands in for NFS: what is written to the backing directory
+//! directly appears in the mount with no inotify event, as another NFS client's writes do.
+//! Needs `bindfs` and `/dev/fuse`; prints SKIPPED without them.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+/// A bindfs mount of `backing` on `mount`, unmounted when dropped.
+struct Fuse {
+    mount: PathBuf,
+}
+
+impl Fuse {
+    /// Mounts, or `None` (having said SKIPPED) where FUSE or bindfs is missing.
+    fn mount(backing: &Path, mount: &Path, test: &str) -> Option<Fuse> {
+        if !Path::new("/dev/fuse").exists() {
+            eprintln!("SKIPPED {test}: no /dev/fuse");
+            return None;
+        }
+        let status = Command::new("bindfs").arg(backing).arg(mount).status();
+        match status {
+            Ok(s) if s.success() => Some(Fuse {
+                mount: mount.to_path_buf(),
+            }),
+            Ok(s) => {
+                eprintln!("SKIPPED {test}: bindfs failed ({s}): is FUSE usable here?");
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED {test}: cannot run bindfs ({e}); apt-get install bindfs");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Fuse {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+/// The premise, checked with inotify itself: a file written to the backing directory makes
+/// no event on the mount, one written through the mount does.
+fn assert_backing_writes_are_unseen(backing: &Path, mount: &Path) {
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::NONBLOCK).unwrap();
+    inotify::add_watch(&fd, mount, inotify::WatchFlags::CREATE).unwrap();
+    fs::write(backing.join("premise-unseen"), b"x").unwrap();
+    fs::write(mount.join("premise-seen"), b"x").unwrap();
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+    let mut reader = inotify::Reader::new(&fd, &mut buf);
+    let mut names = Vec::new();
+    while let Ok(ev) = reader.next() {
+        if let Some(name) = ev.file_name() {
+            names.push(name.to_string_lossy().into_owned());
+        }
+    }
+    assert_eq!(
+        names,
+        ["premise-seen"],
+        "the mount must hide backing writes"
+    );
+    fs::remove_file(backing.join("premise-unseen")).unwrap();
+    fs::remove_file(backing.join("premise-seen")).unwrap();
+}
+
+#[test]
+fn without_poll_a_watch_on_fuse_warns_that_other_writers_are_missed() {
+    let t = TestTree::new();
+    let backing = t.side("backing");
+    fs::create_dir(&backing).unwrap();
+    let Some(_fuse) = Fuse::mount(&backing, &t.root(), "the FUSE warning") else {
+        return;
+    };
+    let d = Daemon::ready(&t, &["--op", "sha256"]);
+    let run = d.stop();
+    run.success();
+    let err = run.stderr();
+    assert!(
+        err.contains("FUSE") && err.contains("--poll"),
+        "no warning on stderr: {err}"
+    );
+}
+
+#[test]
+fn poll_finds_what_other_writers_add_change_and_delete_and_the_manifest_checks() {
+    let t = TestTree::new();
+    let backing = t.side("backing");
+    fs::create_dir_all(backing.join("sub")).unwrap();
+    let Some(_fuse) = Fuse::mount(&backing, &t.root(), "watch --poll") else {
+        return;
+    };
+    assert_backing_writes_are_unseen(&backing, &t.root());
+    let manifest = t.side("SUMS");
+    let m = manifest.to_str().unwrap();
+    let d = Daemon::ready(&t, &["--op", "sha256", "--manifest", m, "--poll", "1"]);
+    // Written beneath the mount, as another host would: no event.
+    fs::write(backing.join("a.txt"), text_bytes(30_000, 1)).unwrap();
+    fs::write(backing.join("sub/b.log"), text_bytes(10_000, 2)).unwrap();
+    fs::write(backing.join("gone.txt"), b"soon deleted\n").unwrap();
+    d.wait_idle(3);
+    let check = |expect: &[&str]| {
+        let text = fs::read_to_string(&manifest).unwrap_or_default();
+        let mut names: Vec<&str> = text.lines().filter_map(|l| l.get(66..)).collect();
+        names.sort_unstable();
+        names == expect
+    };
+    wait_until(Duration::from_secs(30), "the manifest of 3 files", || {
+        check(&["a.txt", "gone.txt", "sub/b.log"])
+    });
+    let sums = |dir: &Path| tool("sha256sum", &[OsStr::new("-c"), manifest.as_os_str()], dir);
+    assert!(sums(&t.root()).status.success(), "{:?}", sums(&t.root()));
+
+    // Changed, deleted and added beneath the mount: each reconciled by a later poll.
+    fs::write(backing.join("a.txt"), text_bytes(31_000, 3)).unwrap();
+    fs::remove_file(backing.join("gone.txt")).unwrap();
+    fs::write(backing.join("sub/c.bin"), noise_bytes(5_000, 4)).unwrap();
+    wait_until(Duration::from_secs(30), "the manifest to follow", || {
+        check(&["a.txt", "sub/b.log", "sub/c.bin"]) && sums(&t.root()).status.success()
+    });
+    let status = d.wait_idle(5);
+    assert_eq!(status.failed, 0, "{status:?}");
+    let run = d.stop();
+    run.success();
+    assert!(
+        !run.stderr().contains("--poll SECS"),
+        "warned although polling"
+    );
+}
