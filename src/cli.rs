@@ -195,6 +195,20 @@ pub(crate) struct WatchArgs {
     /// time later, finds it unchanged.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_SECS))]
     pub(crate) poll: Option<u64>,
+    /// Cluster mode: publish each settled file as a job to the NATS JetStream queue at URL for
+    /// `filepipe worker`s to process; their outcomes are recorded here, in the state.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "URL", conflicts_with = "config")]
+    pub(crate) queue: Option<String>,
+    /// Cluster mode: the name the workers know DIR by (their --root NAME=PATH) [default: DIR's
+    /// own name].
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "NAME", requires = "queue")]
+    pub(crate) root_name: Option<String>,
+    /// Cluster mode: a NATS credentials file (.creds).
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "FILE", requires = "queue")]
+    pub(crate) creds: Option<PathBuf>,
 }
 
 /// Arguments of `filepipe completions`.

@@ -69,11 +69,26 @@ pub(crate) struct WatchSettings {
     pub(crate) settle: Duration,
     /// Rescan the whole tree this often, for writers no event reports (`--poll`).
     pub(crate) poll: Option<Duration>,
+    /// Cluster mode: settled files go to this queue's workers, not to local ones.
+    pub(crate) queue: Option<QueueTarget>,
     /// Where the SQLite state lives.
     pub(crate) state_dir: PathBuf,
     /// The state directory, held for this process (`None` when only validating a config).
     #[expect(dead_code, reason = "held, never read: dropping it releases the lock")]
     pub(crate) lock: Option<std::sync::Arc<crate::state::DirLock>>,
+}
+
+/// Cluster mode: the queue a coordinator publishes its jobs to, and the name its workers know
+/// its root by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) struct QueueTarget {
+    /// The NATS URL.
+    pub(crate) url: String,
+    /// A NATS credentials file.
+    pub(crate) creds: Option<PathBuf>,
+    /// The root's name (`--root-name`).
+    pub(crate) root_name: String,
 }
 
 impl Config {
@@ -179,7 +194,25 @@ impl Config {
         let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
-        cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)
+        #[allow(unused_mut)]
+        let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
+        #[cfg(feature = "cluster")]
+        if let (Some(url), Some(w)) = (&args.queue, cfg.watch.as_mut()) {
+            let root_name = match &args.root_name {
+                Some(name) => name.clone(),
+                None => cfg
+                    .root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            };
+            w.queue = Some(QueueTarget {
+                url: url.clone(),
+                creds: args.creds.clone(),
+                root_name,
+            });
+        }
+        Ok(cfg)
     }
 
     /// Turns a resolved config into a watch config with its state directory, settle time and
@@ -206,6 +239,7 @@ impl Config {
         self.watch = Some(WatchSettings {
             settle,
             poll,
+            queue: None,
             state_dir,
             lock,
         });

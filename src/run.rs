@@ -1,6 +1,7 @@
 //! The modes, assembled: each is the one pipeline with a different source and sink. Batch
 //! mode walks the tree into the manifest sink; watch mode (alone, or one per `[[watch]]` under
-//! the service supervisor) watches it into the state sink.
+//! the service supervisor) watches it into the state sink. With `--queue`, a cluster's workers
+//! stand in for the local ones (`cluster`).
 
 use anyhow::{Context, Result};
 
@@ -28,6 +29,15 @@ pub(crate) fn batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
 /// once the watches are in place and the initial scan is queued.
 pub(crate) fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<Summary> {
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
+    #[cfg(feature = "cluster")]
+    if let Some(q) = &settings.queue {
+        // The same watcher and state, the queue's workers in place of local ones.
+        let queue = crate::cluster::Queue {
+            url: q.url.clone(),
+            creds: q.creds.clone(),
+        };
+        return crate::cluster::coordinate_watch(cfg, &queue, &q.root_name, shutdown, stats);
+    }
     let op = cfg.op.as_str();
     // Two connections: the sink writes, the watcher reads (WAL lets both proceed).
     let state = State::open(&settings.state_dir, &cfg.root, op)?;

@@ -653,3 +653,122 @@ fn a_worker_is_given_only_jobs_for_the_roots_it_maps() {
     let st = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
     assert!(st.stdout().contains("redelivered\t0"), "{}", st.stdout());
 }
+
+/// The names in a sha256sum-format manifest, sorted, each once.
+fn manifest_names(path: &Path) -> Vec<String> {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let mut names: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.get(66..))
+        .map(str::to_owned)
+        .collect();
+    names.sort_unstable();
+    names
+}
+
+#[test]
+fn a_watching_coordinator_has_workers_process_what_settles_and_survives_a_sigkill() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("before.txt", &text_bytes(5_000, 1));
+    let _worker = Worker::start(
+        &nats,
+        t.dir.path(),
+        &[format!("in={}", t.root().display())],
+        "2",
+    );
+    let manifest = t.side("SUMS");
+    let m = manifest.to_str().unwrap();
+    let args = ["--op", "sha256", "--manifest", m, "--queue", &nats.url];
+    let d = Daemon::ready(&t, &args);
+    fs::write(t.path("a.txt"), text_bytes(30_000, 2)).unwrap();
+    fs::create_dir(t.path("sub")).unwrap();
+    fs::write(t.path("sub/b.log"), text_bytes(70_000, 3)).unwrap();
+    d.wait_idle(3);
+    let sums = || tool("sha256sum", &[s("-c"), manifest.as_os_str()], &t.root());
+    wait_until(Duration::from_secs(30), "a manifest of 3 files", || {
+        manifest_names(&manifest) == ["a.txt", "before.txt", "sub/b.log"]
+    });
+    assert!(sums().status.success(), "{:?}", sums());
+    // Changed: processed again, and the manifest follows.
+    fs::write(t.path("a.txt"), text_bytes(31_000, 4)).unwrap();
+    let status = d.wait_idle(4);
+    assert_eq!(status.failed, 0, "{status:?}");
+    wait_until(Duration::from_secs(30), "the manifest to follow", || {
+        sums().status.success()
+    });
+
+    // SIGKILLed with files on their way, then started again on the same state: each file is
+    // in the manifest once, with its digest, and the state has nothing failed.
+    fs::create_dir(t.path("burst")).unwrap();
+    for i in 0..2000 {
+        fs::write(
+            t.path(format!("burst/f{i}")),
+            text_bytes(2_000 + i, i as u64),
+        )
+        .unwrap();
+    }
+    wait_until(Duration::from_secs(60), "some of the burst done", || {
+        d.notes.last_status().is_some_and(|s| s.done > 4)
+    });
+    d.kill();
+    let d = Daemon::ready(&t, &args);
+    wait_until(
+        Duration::from_secs(90),
+        "every file in the manifest",
+        || manifest_names(&manifest).len() == 2003 && sums().status.success(),
+    );
+    let resumed = d.notes.last_status().map_or(0, |s| s.done);
+    eprintln!("after the restart: {resumed} done");
+    assert!(
+        resumed > 0,
+        "the kill came after the burst: nothing was left to resume"
+    );
+    let names = manifest_names(&manifest);
+    let mut unique = names.clone();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "a file listed twice");
+    let run = d.stop();
+    run.success();
+    let status = run_status(&t);
+    assert!(!status.contains("failed"), "{status}");
+}
+
+/// `filepipe status --state` of the tree's daemon.
+fn run_status(t: &TestTree) -> String {
+    let state = t.side("state");
+    run(filepipe(&[
+        s("status"),
+        s("--state"),
+        state.as_os_str(),
+        s("--failed"),
+    ]))
+    .success()
+    .stdout()
+}
+
+#[test]
+fn a_watching_coordinator_has_a_changed_file_recompressed_over_its_old_output() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new();
+    let _worker = Worker::start(
+        &nats,
+        t.dir.path(),
+        &[format!("files={}", t.root().display())],
+        "1",
+    );
+    let args = ["--op", "gzip", "--queue", &nats.url, "--root-name", "files"];
+    let d = Daemon::ready(&t, &args);
+    fs::write(t.path("x.log"), text_bytes(40_000, 1)).unwrap();
+    d.wait_idle(1);
+    let second = text_bytes(41_000, 2);
+    fs::write(t.path("x.log"), &second).unwrap();
+    let status = d.wait_idle(2);
+    assert_eq!((status.failed, status.skipped), (0, 0), "{status:?}");
+    let out = tool("gzip", &[s("-dc"), s("x.log.gz")], &t.root());
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stdout == second,
+        "the output is not of the file's new content"
+    );
+    d.stop().success();
+}

@@ -1,16 +1,19 @@
-//! `filepipe batch DIR --queue URL`: the coordinator. It walks the tree as a local batch does,
+//! The coordinator: `filepipe batch DIR --queue URL` and `filepipe watch DIR --queue URL`. It
+//! runs the mode's own source (the walk, or the watcher) and sink (the manifest, or the state),
 //! but publishes the jobs to the queue (batches as the local channel has them, one message
 //! each, under a message id so that a publish retried after an error is stored once), and
-//! feeds the outcomes the workers publish to the same reporter and manifest sink as a local
-//! run: same progress, summary, failure log and exit codes. It ends once every file it
-//! published has an outcome; each file's first outcome counts, later ones (a job delivered
-//! again after a worker died) are dropped.
+//! feeds the outcomes the workers publish to the same reporter and sink as a local run: same
+//! progress, summary, failure log and exit codes. Each file's first outcome counts, later ones
+//! (a job delivered again after a worker died) are dropped; in watch mode an outcome counts
+//! only for the version of the file it was published for (`of_version`). A batch ends once
+//! every file it published has an outcome; a watch runs until a signal.
 //!
-//! A first signal stops the walk and the publishing, removes the run's jobs no worker has
-//! taken yet, and waits for the outcomes of those in flight; files without one are reported
-//! skipped (interrupted). A second signal stops waiting.
+//! A first signal stops the source and the publishing, tells the workers to drop the run's
+//! jobs no worker has taken yet, and waits for the outcomes of those in flight; a batch
+//! reports files without one skipped (interrupted), a watch leaves them to its next start. A
+//! second signal stops waiting.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -20,7 +23,7 @@ use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::consumer;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath};
+use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath, WireStamp};
 use crate::cluster::{
     cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
     Unreachable, ACK_WAIT, OUTCOMES_STREAM,
@@ -30,9 +33,13 @@ use crate::error::{FileError, Kind};
 use crate::report::{self, Summary};
 use crate::signals::{self, Shutdown};
 use crate::sink::manifest::ManifestSink;
+use crate::sink::state::StateSink;
+use crate::sink::Sink;
 use crate::source::walk::Walk;
+use crate::source::watch::Watch;
 use crate::source::{Outlet, Source};
-use crate::travel::{Event, Msg, Outcome, Stats};
+use crate::state::State;
+use crate::travel::{Event, Msg, Outcome, Recorded, Stamp, Stats};
 
 /// After a first signal, how long the coordinator waits with no outcome arriving and no job in
 /// flight before it stops waiting.
@@ -44,11 +51,14 @@ const STALLED: Duration = Duration::from_secs(30);
 /// What the publisher and the outcome reader share.
 #[derive(Default)]
 struct Ledger {
-    /// Files published, whose outcome is awaited.
-    expected: Mutex<HashSet<PathBuf>>,
+    /// Files published whose outcome is awaited, with the stamp each settled with (watch
+    /// mode; `None` in a batch). A file leaves at its first outcome: later ones (a job
+    /// delivered again after a worker died) find it gone and are dropped, and watch mode may
+    /// publish it again once it changes.
+    expected: Mutex<HashMap<PathBuf, Option<Stamp>>>,
     /// How many (files) were published.
     published: AtomicU64,
-    /// The walk and the publishing are over.
+    /// The source and the publishing are over.
     walked: AtomicBool,
 }
 
@@ -63,8 +73,8 @@ fn run_id() -> String {
     format!("{secs:x}-{:08x}", h.finish() as u32)
 }
 
-/// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.
-pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) -> Result<Summary> {
+/// What a coordinator cannot do yet, or not with this name: a usage error.
+fn check(cfg: &Config, root: &str) -> Result<()> {
     if !wire::valid_name(root) {
         return Err(Unreachable(anyhow!(
             "--root-name {root:?}: a root's name is 1 to 64 of A-Z a-z 0-9 _ - (the workers map it with --root {root}=PATH)"
@@ -77,6 +87,49 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
         ))
         .into());
     }
+    Ok(())
+}
+
+/// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.
+pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) -> Result<Summary> {
+    check(cfg, root)?;
+    let stats = Stats::default();
+    let mut source = Walk::new(cfg, shutdown);
+    let mut sink = ManifestSink::new(cfg);
+    coordinate(cfg, queue, root, shutdown, &mut source, &mut sink, &stats)
+}
+
+/// Watches `cfg.root` and has the workers process what settles, until a signal: watch mode's
+/// source, state and sink, with the queue in place of the local workers. `stats` as for
+/// `run::watch`.
+pub(crate) fn watch(
+    cfg: &Config,
+    queue: &Queue,
+    root: &str,
+    shutdown: &Shutdown,
+    stats: &Stats,
+) -> Result<Summary> {
+    check(cfg, root)?;
+    let settings = cfg.watch.as_ref().context("watch settings missing")?;
+    let op = cfg.op.as_str();
+    // Two connections, as in `run::watch`: the sink writes, the watcher reads.
+    let state = State::open(&settings.state_dir, &cfg.root, op)?;
+    let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
+    let mut source = Watch::new(cfg, reader, shutdown)?;
+    let mut sink = StateSink::new(cfg, state);
+    coordinate(cfg, queue, root, shutdown, &mut source, &mut sink, stats)
+}
+
+/// The coordinator: `source`'s jobs out to the queue, the workers' outcomes in to `sink`.
+fn coordinate(
+    cfg: &Config,
+    queue: &Queue,
+    root: &str,
+    shutdown: &Shutdown,
+    source: &mut dyn Source,
+    sink: &mut (dyn Sink + Send),
+    stats: &Stats,
+) -> Result<Summary> {
     let conn = connect(queue, "filepipe-coordinator")?;
     let run = run_id();
     // The root's consumer, so that its jobs wait for workers even if none has started yet.
@@ -109,29 +162,35 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
         .context("reading the outcome stream")
         .map_err(Unreachable)?;
     tracing::info!(%run, root, queue = %queue.url, "coordinating");
-    let stats = Stats::default();
     let ledger = Ledger::default();
+    let watching = source.listens();
     let (job_tx, job_rx) = bounded::<Msg>(4);
     let (event_tx, event_rx) = bounded::<Event>(1024);
+    // Recorded outcomes go back to a source that listens (the watcher), once the sink has
+    // flushed them, as in a local pipeline.
+    let (recorded_tx, recorded_rx) = if watching {
+        let (tx, rx) = crossbeam_channel::unbounded::<Vec<Recorded>>();
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
             .spawn_scoped(s, || {
-                let mut sink = ManifestSink::new(cfg);
                 report::run(
                     cfg,
                     cfg.op.as_str(),
                     event_rx,
-                    &stats,
-                    &mut sink,
-                    None,
+                    stats,
+                    sink,
+                    recorded_tx,
                     shutdown,
                 )
             })
             .context("starting the reporter")?;
         let walker = {
             let events = event_tx.clone();
-            let stats = &stats;
             std::thread::Builder::new()
                 .name("filepipe-source".into())
                 .spawn_scoped(s, move || {
@@ -139,11 +198,11 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
                         jobs: &job_tx,
                         events: &events,
                         stats,
-                        recorded: None,
+                        recorded: recorded_rx,
                     };
-                    Walk::new(cfg, shutdown).run(out)
+                    source.run(out)
                 })
-                .context("starting the walk")?
+                .context("starting the source")?
         };
         let publisher = std::thread::Builder::new()
             .name("filepipe-publish".into())
@@ -154,7 +213,7 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
             })
             .context("starting the publisher")?;
         let gathered = gather(
-            &conn, &outcomes, &workers, &run, &ledger, &event_tx, shutdown,
+            &conn, &outcomes, &workers, &run, &ledger, &event_tx, shutdown, watching,
         );
         // Whatever stopped the gathering, the walk and the publisher stop too.
         if gathered.is_err() {
@@ -164,7 +223,7 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
         let published = publisher
             .join()
             .map_err(|_| anyhow!("the publisher panicked"))?;
-        let walked = walker.join().map_err(|_| anyhow!("the walk panicked"))?;
+        let walked = walker.join().map_err(|_| anyhow!("the source panicked"))?;
         let summary = reporter
             .join()
             .map_err(|_| anyhow!("the reporter panicked"))??;
@@ -197,13 +256,11 @@ fn publish(
             continue;
         }
         if let Ok(mut expected) = ledger.expected.lock() {
-            expected.extend(batch.iter().map(|j| j.rel.clone()));
+            expected.extend(batch.iter().map(|j| (j.rel.clone(), j.expect)));
         }
-        // Sizes are not sent: the walk already put each large file in a message of its own.
-        let rels: Vec<PathBuf> = batch.into_iter().map(|j| j.rel).collect();
         // One message, or several where long names (six bytes a character once escaped)
         // would make it too large to be stored.
-        let mut rest = &rels[..];
+        let mut rest = &batch[..];
         while !rest.is_empty() {
             let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
                 serde_json::to_vec(&JobBatch {
@@ -213,11 +270,15 @@ fn publish(
                     op: cfg.op,
                     level: cfg.level,
                     force: cfg.force,
+                    // Sizes are not sent: the source already put each large file in a
+                    // message of its own.
                     files: part
                         .iter()
-                        .map(|rel| WireFile {
-                            rel: WirePath::of(rel),
+                        .map(|j| WireFile {
+                            rel: WirePath::of(&j.rel),
                             size: 0,
+                            stamp: j.expect.as_ref().map(WireStamp::of),
+                            replace: j.replace,
                         })
                         .collect(),
                 })
@@ -226,7 +287,7 @@ fn publish(
             let mut p = Pending {
                 id: format!("{run}.{seq}"),
                 payload: payload.into(),
-                files: rest[..n].to_vec(),
+                files: n,
                 ack: None,
             };
             p.ack = conn.rt.block_on(p.send(conn, &subject)).ok();
@@ -255,7 +316,8 @@ struct Pending {
     /// Its message id: a retry is stored once.
     id: String,
     payload: bytes::Bytes,
-    files: Vec<PathBuf>,
+    /// How many files it holds.
+    files: usize,
     /// The server's confirmation to come (`None`: the publish itself failed).
     ack: Option<async_nats::jetstream::context::PublishAckFuture>,
 }
@@ -310,12 +372,14 @@ fn confirm(
     }
     ledger
         .published
-        .fetch_add(p.files.len() as u64, Ordering::Release);
+        .fetch_add(p.files as u64, Ordering::Release);
     Ok(())
 }
 
 /// Reads outcomes and hands each file's first one to the reporter, until every published file
-/// has one (or, after a signal, until the jobs in flight are done).
+/// has one (or, after a signal, until the jobs in flight are done). `watching`: the source is
+/// the watcher, which runs until a signal.
+#[allow(clippy::too_many_arguments)]
 fn gather(
     conn: &Conn,
     outcomes: &consumer::PullConsumer,
@@ -324,23 +388,19 @@ fn gather(
     ledger: &Ledger,
     events: &Sender<Event>,
     shutdown: &Shutdown,
+    watching: bool,
 ) -> Result<()> {
-    let mut seen: HashSet<PathBuf> = HashSet::new();
     let mut last_outcome = Instant::now();
     let mut last_warning = Instant::now();
     let mut cancelled_at: Option<Instant> = None;
     loop {
         let walked = ledger.walked.load(Ordering::Acquire);
-        let published = ledger.published.load(Ordering::Acquire) as usize;
         // Every file sent (or about to be) has its outcome: the files of a message whose store
         // was never confirmed (a signal stopped the publishing) are awaited too, and reported
         // interrupted below unless an outcome comes.
-        let awaited = ledger.expected.lock().map_or(usize::MAX, |e| e.len());
-        if walked && seen.len() >= awaited && !shutdown.requested() {
+        let outstanding = ledger.expected.lock().map_or(usize::MAX, |e| e.len());
+        if walked && outstanding == 0 {
             return Ok(());
-        }
-        if walked && seen.len() >= awaited {
-            return interrupted(ledger, &seen, events);
         }
         if shutdown.requested() && walked {
             if cancelled_at.is_none() {
@@ -367,7 +427,7 @@ fn gather(
             let idle =
                 last_outcome.elapsed() >= QUIET && in_flight(conn, workers).is_ok_and(|n| n == 0);
             if idle || waited || signals::aborted() {
-                return interrupted(ledger, &seen, events);
+                return interrupted(ledger, events, watching);
             }
         }
         let msgs = conn
@@ -393,7 +453,7 @@ fn gather(
             if batch.v != wire::VERSION || batch.run != run {
                 continue;
             }
-            let expected = ledger
+            let mut expected = ledger
                 .expected
                 .lock()
                 .map_err(|_| anyhow!("the ledger is poisoned"))?;
@@ -406,9 +466,11 @@ fn gather(
                     }
                 };
                 // Only files this run published, each once: the first outcome counts.
-                let rel = outcome.rel().to_path_buf();
-                if expected.contains(&rel) && seen.insert(rel) {
-                    firsts.push(outcome);
+                if let Some(settled) = expected.remove(outcome.rel()) {
+                    firsts.push(match settled {
+                        Some(stamp) => of_version(outcome, &stamp, w.read),
+                        None => outcome,
+                    });
                 }
             }
         }
@@ -428,18 +490,18 @@ fn gather(
         if !firsts_sent
             && last_outcome.elapsed() >= STALLED
             && last_warning.elapsed() >= STALLED
-            && seen.len() < published
+            && outstanding > 0
         {
             last_warning = Instant::now();
             let waiting = waiting_workers(conn, workers).unwrap_or(0);
             if waiting == 0 {
                 tracing::warn!(
-                    outstanding = published - seen.len(),
+                    outstanding,
                     "no outcome for {STALLED:?} and no worker is asking for jobs: start `filepipe worker --queue ... --root NAME=PATH`"
                 );
             } else {
                 tracing::warn!(
-                    outstanding = published - seen.len(),
+                    outstanding,
                     workers_waiting = waiting,
                     "no outcome for {STALLED:?}"
                 );
@@ -448,15 +510,56 @@ fn gather(
     }
 }
 
-/// The files published and without an outcome, reported as not processed.
-fn interrupted(ledger: &Ledger, seen: &HashSet<PathBuf>, events: &Sender<Event>) -> Result<()> {
+/// A watched file's outcome, checked against the version of the file it was published for
+/// (`settled`, the coordinator's stamp). A worker's outcome counts for that version only if
+/// it read the same size and mtime: else the file changed in between (or the outcome is a
+/// late one, of a job for an earlier version), and the file is looked at again, as a local
+/// watch does with a file changed after it settled. Recorded with the coordinator's own stamp,
+/// which its next scan compares with: the worker's inode and ctime may differ on another
+/// host's mount. A file deleted before a worker got to it is no failure, as in a local watch.
+fn of_version(outcome: Outcome, settled: &Stamp, read: Option<WireStamp>) -> Outcome {
+    match outcome {
+        Outcome::Done { rel, mut done } => {
+            if read == Some(WireStamp::of(settled)) {
+                done.stamp = Some(*settled);
+                Outcome::Done { rel, done }
+            } else {
+                Outcome::Failed {
+                    rel,
+                    error: FileError::new(
+                        Kind::Changed,
+                        "changed between settling here and its read by a worker",
+                    ),
+                }
+            }
+        }
+        Outcome::Failed { rel, error } if error.kind == Kind::Vanished => Outcome::Skipped {
+            rel,
+            reason: FileError::new(Kind::Vanished, "deleted before it was processed"),
+        },
+        other => other,
+    }
+}
+
+/// The files published and without an outcome, once the coordinator stops waiting. A batch
+/// reports them as not processed. A watch leaves them out of its state, so that its next
+/// start finds them again, and says how many.
+fn interrupted(ledger: &Ledger, events: &Sender<Event>, watching: bool) -> Result<()> {
     let expected = ledger
         .expected
         .lock()
         .map_err(|_| anyhow!("the ledger is poisoned"))?;
+    if watching {
+        if !expected.is_empty() {
+            tracing::info!(
+                files = expected.len(),
+                "stopping with files no worker finished: the next start takes them again"
+            );
+        }
+        return Ok(());
+    }
     let left: Vec<Outcome> = expected
-        .iter()
-        .filter(|rel| !seen.contains(*rel))
+        .keys()
         .map(|rel| Outcome::Skipped {
             rel: rel.clone(),
             reason: FileError::new(
@@ -487,4 +590,60 @@ fn consumer_info(conn: &Conn, workers: &consumer::PullConsumer) -> Result<consum
     let mut c = workers.clone();
     conn.rt
         .block_on(async { anyhow::Ok(c.info().await?.clone()) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::travel::Done;
+
+    fn stamp(size: u64) -> Stamp {
+        Stamp {
+            size,
+            mtime_ns: 7,
+            ctime_ns: 8,
+            inode: 9,
+        }
+    }
+
+    fn done(rel: &str) -> Outcome {
+        Outcome::Done {
+            rel: rel.into(),
+            done: Box::new(Done {
+                bytes_in: 1,
+                bytes_out: 0,
+                digest: None,
+                note: None,
+                stamp: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_watched_file_s_outcome_counts_only_for_the_version_it_was_published_for() {
+        let settled = stamp(10);
+        // Read as it settled: done, with the coordinator's own stamp (inode and ctime too).
+        let same = Some(WireStamp::of(&stamp(10)));
+        match of_version(done("a"), &settled, same) {
+            Outcome::Done { done, .. } => assert_eq!(done.stamp, Some(settled)),
+            other => panic!("{other:?}"),
+        }
+        // Read at another size (changed since, or a late outcome of an earlier job), or
+        // with no stamp said: looked at again.
+        for read in [Some(WireStamp::of(&stamp(11))), None] {
+            match of_version(done("a"), &settled, read) {
+                Outcome::Failed { error, .. } => assert_eq!(error.kind, Kind::Changed),
+                other => panic!("{other:?}"),
+            }
+        }
+        // Deleted before a worker got to it: no failure.
+        let vanished = Outcome::Failed {
+            rel: "a".into(),
+            error: FileError::new(Kind::Vanished, "gone"),
+        };
+        assert!(matches!(
+            of_version(vanished, &settled, None),
+            Outcome::Skipped { reason, .. } if reason.kind == Kind::Vanished
+        ));
+    }
 }

@@ -1,16 +1,16 @@
-//! Cluster mode on NATS JetStream: one coordinator walks a tree on shared storage and
-//! publishes its jobs to a work-queue stream; any number of workers, on any hosts, take them
+//! Cluster mode on NATS JetStream: one coordinator walks or watches a tree on shared storage
+//! and publishes its jobs to a work-queue stream; any number of workers, on any hosts, take them
 //! from one durable pull consumer, run the same pipeline on them, publish each file's outcome
 //! to an outcome stream, and only then acknowledge the job; the coordinator feeds the outcomes
 //! to the same reporter and sink as a local run.
 //!
 //! ```text
-//!  coordinator: walk ─► FILEPIPE_JOBS (work queue, filepipe.jobs.<run>)
-//!                               │ durable pull consumer "filepipe-workers"
+//!  coordinator: walk | watch ─► FILEPIPE_JOBS (work queue, filepipe.jobs.<root>.<run>)
+//!                               │ durable pull consumer "workers-<root>"
 //!                               ▼
 //!  workers: source/queue ─► pipeline ─► sink/queue ─► FILEPIPE_OUTCOMES (filepipe.outcomes.<run>)
 //!                ▲ ack once the outcome is stored          │
-//!                └──────────────────────────────────────── │ ──► coordinator: report, manifest
+//!                └──────────────────────────────────────── │ ──► coordinator: report, manifest | state
 //! ```
 //!
 //! Delivery is at least once (a worker that dies holding a job has it redelivered after the
@@ -31,6 +31,7 @@ use anyhow::{Context, Result};
 use async_nats::jetstream::{self, consumer, stream};
 
 pub(crate) use coordinator::run as coordinate;
+pub(crate) use coordinator::watch as coordinate_watch;
 pub(crate) use status::print as status;
 pub(crate) use worker::run as work;
 

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::OpKind;
 use crate::error::{FileError, Kind};
 use crate::manifest;
-use crate::travel::{Done, Outcome};
+use crate::travel::{Done, Outcome, Stamp};
 
 /// The message format's version: a worker refuses messages of another.
 pub(crate) const VERSION: u32 = 1;
@@ -143,6 +143,25 @@ impl WirePath {
     }
 }
 
+/// What a file looked like: its size and mtime. Not the inode and ctime, which need not agree
+/// between two hosts' views of one network file system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct WireStamp {
+    /// Size in bytes.
+    pub(crate) size: u64,
+    /// Modification time, in nanoseconds since the epoch.
+    pub(crate) mtime_ns: i64,
+}
+
+impl WireStamp {
+    pub(crate) fn of(s: &Stamp) -> WireStamp {
+        WireStamp {
+            size: s.size,
+            mtime_ns: s.mtime_ns,
+        }
+    }
+}
+
 /// One file of a job batch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct WireFile {
@@ -151,6 +170,16 @@ pub(crate) struct WireFile {
     /// Its size when the coordinator found it, or 0 when not sent (for progress, and batching
     /// on the worker; the coordinator's walk already sends a large file alone).
     pub(crate) size: u64,
+    /// Watch mode: how the file looked when it settled. The worker does not act on it (its
+    /// own read is checked whole, as always); the coordinator compares it with the outcome's
+    /// `read`, so an outcome of another version of the file never counts for this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) stamp: Option<WireStamp>,
+    /// Watch mode: an existing output was made by filepipe for an earlier version of this
+    /// file (the coordinator's state says so) and may be replaced. Grants nothing `force`
+    /// does not: anyone who may publish a job may set that.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) replace: bool,
 }
 
 /// A batch of jobs: everything a worker needs to process them.
@@ -236,6 +265,9 @@ pub(crate) struct WireOutcome {
     /// Done, sha256: the digest in hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) digest: Option<String>,
+    /// Done: how the input looked when the worker read it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) read: Option<WireStamp>,
 }
 
 /// A batch of outcomes, from one worker's flush.
@@ -263,6 +295,7 @@ impl WireOutcome {
             bytes_in: 0,
             bytes_out: 0,
             digest: None,
+            read: None,
         };
         let why = |w: &mut WireOutcome, status, e: &FileError| {
             w.status = status;
@@ -275,6 +308,7 @@ impl WireOutcome {
                 w.bytes_in = done.bytes_in;
                 w.bytes_out = done.bytes_out;
                 w.digest = done.digest.as_ref().map(manifest::to_hex);
+                w.read = done.stamp.as_ref().map(WireStamp::of);
             }
             Outcome::Skipped { reason, .. } => why(&mut w, WireStatus::Skipped, reason),
             Outcome::Failed { error, .. } => why(&mut w, WireStatus::Failed, error),

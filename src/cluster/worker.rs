@@ -27,7 +27,7 @@ use crate::pipeline;
 use crate::report::{self, Summary};
 use crate::signals::Shutdown;
 use crate::sink::queue::QueueSink;
-use crate::source::queue::{Delivery, QueueSource, Settled};
+use crate::source::queue::{Delivered, Delivery, QueueSource, Settled};
 use crate::travel::Stats;
 
 /// How long a job handed back waits before it is delivered again: never a busy loop.
@@ -348,7 +348,11 @@ impl Router<'_> {
         let mut refused = Vec::new();
         for f in &batch.files {
             match f.rel.rel() {
-                Ok(rel) => files.push((rel, f.size)),
+                Ok(rel) => files.push(Delivered {
+                    rel,
+                    size: f.size,
+                    replace: f.replace,
+                }),
                 Err(e) => refused.push((f.rel.clone(), e)),
             }
         }
@@ -408,6 +412,7 @@ impl Router<'_> {
                 bytes_in: 0,
                 bytes_out: 0,
                 digest: None,
+                read: None,
             })
             .collect();
         // As many messages as it takes to stay under the limit (JSON escapes long names).

@@ -26,8 +26,19 @@ use crate::travel::{BatchFill, Job, Msg, Recorded};
 pub(crate) struct Delivery {
     /// The router's key for the message.
     pub(crate) id: u64,
-    /// Its files, their paths checked (`WirePath::rel`), with their sizes.
-    pub(crate) files: Vec<(PathBuf, u64)>,
+    /// Its files, their paths checked (`WirePath::rel`).
+    pub(crate) files: Vec<Delivered>,
+}
+
+/// One file of a delivery.
+#[derive(Debug)]
+pub(crate) struct Delivered {
+    /// Relative to the root, checked.
+    pub(crate) rel: PathBuf,
+    /// Its size as the coordinator saw it (0: not sent).
+    pub(crate) size: u64,
+    /// An existing output filepipe made for an earlier version may be replaced (`Job::replace`).
+    pub(crate) replace: bool,
 }
 
 /// A message whose files are all recorded.
@@ -150,7 +161,7 @@ impl QueueSource {
         books.open.insert(d.id, (d.files.len(), false));
         let mut batch = Vec::new();
         let mut fill = BatchFill::default();
-        for (rel, size) in d.files {
+        for Delivered { rel, size, replace } in d.files {
             if let Some(ids) = books.waiting.get_mut(&rel) {
                 // In flight here already (a redelivery of a message this worker still holds,
                 // or a name twice in one message): its outcome settles this one too.
@@ -168,7 +179,7 @@ impl QueueSource {
             batch.push(Job {
                 abs: self.root.join(&rel),
                 rel,
-                replace: false,
+                replace,
                 expect: None,
             });
         }
