@@ -220,8 +220,16 @@ impl Drop for Worker {
 /// `filepipe batch ROOT --queue URL --json EXTRA`, to completion.
 fn coordinate(nats: &Nats, root: &Path, extra: &[&str]) -> Run {
     let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.arg("--json").args(extra);
+    cmd.arg("--json")
+        .args(extra)
+        .env("XDG_STATE_HOME", xdg(root));
     run(cmd)
+}
+
+/// The state directory's parent for a coordinator of `root` (its run files live there): the
+/// test's own, beside the tree.
+fn xdg(root: &Path) -> PathBuf {
+    root.parent().unwrap().join("xdg")
 }
 
 /// `filepipe batch ROOT --queue URL --root-name tree --json EXTRA`, started (its output piped).
@@ -229,6 +237,7 @@ fn start_coordinator(nats: &Nats, root: &Path, extra: &[&str]) -> Started {
     let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
     cmd.args(["--root-name", "tree", "--json"])
         .args(extra)
+        .env("XDG_STATE_HOME", xdg(root))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     Started::new(cmd)
@@ -771,4 +780,92 @@ fn a_watching_coordinator_has_a_changed_file_recompressed_over_its_old_output() 
         "the output is not of the file's new content"
     );
     d.stop().success();
+}
+
+/// The jobs stream's message count and the jobs in flight, from `filepipe status --queue`.
+fn queue_counts(nats: &Nats) -> (u64, u64) {
+    let text = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]))
+        .success()
+        .stdout();
+    let number = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    (number("jobs\t"), number("in flight\t"))
+}
+
+#[test]
+fn a_batch_coordinator_killed_mid_run_is_resumed_by_the_same_command_each_file_once() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(600, 0);
+    let manifest = t.side("SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    // No worker yet: the jobs it publishes wait in the queue. Killed once some are there.
+    let mut first = start_coordinator(&nats, &t.root(), &args);
+    wait_until(Duration::from_secs(30), "jobs published", || {
+        queue_counts(&nats).0 > 0
+    });
+    // A second coordinator of the same batch meanwhile is refused.
+    let twin = start_coordinator(&nats, &t.root(), &args).finish(Duration::from_secs(60));
+    assert!(
+        twin.code(2).stderr().contains("another coordinator"),
+        "{}",
+        twin.stderr()
+    );
+    first.kill().unwrap();
+    first.finish(Duration::from_secs(10));
+    // A worker does what was published, its outcomes kept in the stream.
+    let root = format!("tree={}", t.root().display());
+    let _worker = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "2");
+    wait_until(Duration::from_secs(60), "the queue drained", || {
+        queue_counts(&nats) == (0, 0)
+    });
+    // The same command resumes the run: the outcomes so far count, the rest is published.
+    let verbose = [&args[..], &["-v"]].concat();
+    let again = start_coordinator(&nats, &t.root(), &verbose).finish(Duration::from_secs(120));
+    let sum = again.code(0).summary();
+    let err = again.stderr();
+    assert!(err.contains("resuming"), "{err}");
+    // Only the files without an outcome were published again.
+    let logged = |what: &str| -> u64 {
+        err.lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| {
+                l.split("files=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {what:?} line: {err}"))
+    };
+    let (replayed, published) = (logged("read again"), logged("jobs published"));
+    assert!(replayed > 0, "{err}");
+    assert_eq!(replayed + published, 600, "{err}");
+    assert_eq!(
+        (sum["files"].as_u64(), sum["done"].as_u64()),
+        (Some(600), Some(600)),
+        "{sum}"
+    );
+    let names = manifest_names(&manifest);
+    let mut unique = names.clone();
+    unique.dedup();
+    assert_eq!(
+        (names.len(), unique.len()),
+        (600, 600),
+        "each file listed once"
+    );
+    let check = tool(
+        "sha256sum",
+        &[s("-c"), s("--quiet"), manifest.as_os_str()],
+        &t.root(),
+    );
+    assert!(check.status.success(), "{check:?}");
+    // Finished: the next run of the same command is a new one.
+    let fresh = start_coordinator(&nats, &t.root(), &args).finish(Duration::from_secs(120));
+    assert_eq!(fresh.code(0).summary()["done"], 600);
+    assert!(!fresh.stderr().contains("resuming"), "{}", fresh.stderr());
 }

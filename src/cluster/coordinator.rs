@@ -13,7 +13,7 @@
 //! reports files without one skipped (interrupted), a watch leaves them to its next start. A
 //! second signal stops waiting.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -23,6 +23,7 @@ use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::consumer;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::cluster::resume::RunFile;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath, WireStamp};
 use crate::cluster::{
     cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
@@ -91,12 +92,24 @@ fn check(cfg: &Config, root: &str) -> Result<()> {
 }
 
 /// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.
+/// The same command run again after its coordinator was killed resumes that run (see
+/// `resume`).
 pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) -> Result<Summary> {
     check(cfg, root)?;
+    let runfile =
+        RunFile::open(crate::state::default_dir(), cfg, &queue.url, root).map_err(Unreachable)?;
     let stats = Stats::default();
     let mut source = Walk::new(cfg, shutdown);
     let mut sink = ManifestSink::new(cfg);
-    coordinate(cfg, queue, root, shutdown, &mut source, &mut sink, &stats)
+    coordinate(
+        cfg,
+        queue,
+        root,
+        shutdown,
+        (&mut source, &mut sink),
+        &stats,
+        Some(runfile),
+    )
 }
 
 /// Watches `cfg.root` and has the workers process what settles, until a signal: watch mode's
@@ -117,21 +130,40 @@ pub(crate) fn watch(
     let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
     let mut source = Watch::new(cfg, reader, shutdown)?;
     let mut sink = StateSink::new(cfg, state);
-    coordinate(cfg, queue, root, shutdown, &mut source, &mut sink, stats)
+    // No run file: a watch resumes from its state, its scan finding what is not recorded.
+    coordinate(
+        cfg,
+        queue,
+        root,
+        shutdown,
+        (&mut source, &mut sink),
+        stats,
+        None,
+    )
 }
 
 /// The coordinator: `source`'s jobs out to the queue, the workers' outcomes in to `sink`.
+/// With a `runfile` naming a run a killed coordinator left, that run is resumed: its outcomes
+/// so far are read again from the start, and only files without one are published.
 fn coordinate(
     cfg: &Config,
     queue: &Queue,
     root: &str,
     shutdown: &Shutdown,
-    source: &mut dyn Source,
-    sink: &mut (dyn Sink + Send),
+    (source, sink): (&mut dyn Source, &mut (dyn Sink + Send)),
     stats: &Stats,
+    mut runfile: Option<RunFile>,
 ) -> Result<Summary> {
     let conn = connect(queue, "filepipe-coordinator")?;
-    let run = run_id();
+    // A run that was cancelled is over: its workers drop its jobs, so it cannot be resumed.
+    let resumed = match runfile.as_ref().and_then(RunFile::previous) {
+        Some(prev) if !cancelled(&conn, prev).map_err(Unreachable)? => Some(prev.to_owned()),
+        _ => None,
+    };
+    let run = resumed.clone().unwrap_or_else(run_id);
+    if let Some(f) = runfile.as_mut() {
+        f.record(&run).map_err(Unreachable)?;
+    }
     // The root's consumer, so that its jobs wait for workers even if none has started yet.
     let workers = conn
         .rt
@@ -142,6 +174,14 @@ fn coordinate(
         .rt
         .block_on(async {
             let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
+            if resumed.is_some() {
+                // Read from the start again: the killed coordinator acknowledged outcomes it
+                // never wrote to its manifest.
+                let name = format!("coordinator-{run}");
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    tracing::debug!(error = %e, "no outcome consumer of the run left");
+                }
+            }
             // Durable, so that it outlives a restart of the server; removed by the server
             // an hour after the coordinator stops reading.
             let c = stream
@@ -161,7 +201,12 @@ fn coordinate(
         })
         .context("reading the outcome stream")
         .map_err(Unreachable)?;
-    tracing::info!(%run, root, queue = %queue.url, "coordinating");
+    match &resumed {
+        Some(_) => {
+            tracing::warn!(%run, root, queue = %queue.url, "resuming the run a killed coordinator of this batch left")
+        }
+        None => tracing::info!(%run, root, queue = %queue.url, "coordinating"),
+    }
     let ledger = Ledger::default();
     let watching = source.listens();
     let (job_tx, job_rx) = bounded::<Msg>(4);
@@ -174,6 +219,8 @@ fn coordinate(
     } else {
         (None, None)
     };
+    // Set once the resumed run's outcomes are read, before the source starts.
+    let accounted = std::sync::OnceLock::new();
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
@@ -189,6 +236,10 @@ fn coordinate(
                 )
             })
             .context("starting the reporter")?;
+        // Resuming: the run's outcomes so far count first, and their files are not sent again.
+        if resumed.is_some() {
+            let _ = accounted.set(replay(&conn, &outcomes, &run, &event_tx)?);
+        }
         let walker = {
             let events = event_tx.clone();
             std::thread::Builder::new()
@@ -207,7 +258,11 @@ fn coordinate(
         let publisher = std::thread::Builder::new()
             .name("filepipe-publish".into())
             .spawn_scoped(s, || {
-                let r = publish(cfg, &conn, &run, root, &job_rx, &ledger, shutdown);
+                let none = HashSet::new();
+                let accounted = accounted.get().unwrap_or(&none);
+                let r = publish(
+                    cfg, &conn, &run, root, &job_rx, &ledger, accounted, shutdown,
+                );
                 ledger.walked.store(true, Ordering::Release);
                 r
             })
@@ -230,11 +285,17 @@ fn coordinate(
         gathered?;
         published?;
         walked?;
+        // Every file accounted for (or the run cancelled): nothing left to resume.
+        if let Some(f) = runfile.take() {
+            f.finish();
+        }
         Ok(summary)
     })
 }
 
-/// Publishes the walk's batches as job messages until the walk ends (or a signal).
+/// Publishes the source's batches as job messages until it ends (or a signal), but for the
+/// files `accounted` for already (a resumed run's).
+#[allow(clippy::too_many_arguments)]
 fn publish(
     cfg: &Config,
     conn: &Conn,
@@ -242,15 +303,26 @@ fn publish(
     root: &str,
     jobs: &Receiver<Msg>,
     ledger: &Ledger,
+    accounted: &HashSet<PathBuf>,
     shutdown: &Shutdown,
 ) -> Result<()> {
     let subject = jobs_subject(root, run);
+    // Message ids are this coordinator's own: a resumed run's numbering starts again, and
+    // must not be taken for the killed coordinator's messages (the server would drop them
+    // as duplicates for two minutes).
+    let epoch = run_id();
     let mut seq = 0u64;
     // Messages published and not yet confirmed stored: up to WINDOW at once, so a run does
     // not pay a round trip per message; each is confirmed in order.
     let mut unconfirmed: VecDeque<Pending> = VecDeque::new();
     for msg in jobs {
-        let Msg::Jobs(batch) = msg else { continue };
+        let Msg::Jobs(mut batch) = msg else { continue };
+        if !accounted.is_empty() {
+            batch.retain(|j| !accounted.contains(&j.rel));
+            if batch.is_empty() {
+                continue;
+            }
+        }
         if shutdown.requested() {
             // Drained, not published: the walk stops at the signal too.
             continue;
@@ -285,7 +357,7 @@ fn publish(
             })?;
             seq += 1;
             let mut p = Pending {
-                id: format!("{run}.{seq}"),
+                id: format!("{run}.{epoch}.{seq}"),
                 payload: payload.into(),
                 files: n,
                 ack: None,
@@ -305,6 +377,8 @@ fn publish(
     while let Some(p) = unconfirmed.pop_front() {
         confirm(conn, &subject, p, ledger, shutdown)?;
     }
+    let files = ledger.published.load(Ordering::Acquire);
+    tracing::info!(files, "jobs published");
     Ok(())
 }
 
@@ -508,6 +582,85 @@ fn gather(
             }
         }
     }
+}
+
+/// Reads a resumed run's outcomes so far, from its first, to the reporter (each file's first
+/// outcome), and returns the files they account for.
+fn replay(
+    conn: &Conn,
+    outcomes: &consumer::PullConsumer,
+    run: &str,
+    events: &Sender<Event>,
+) -> Result<HashSet<PathBuf>> {
+    let mut accounted = HashSet::new();
+    loop {
+        let msgs = conn
+            .rt
+            .block_on(take(outcomes, 256, Duration::from_millis(500)))?;
+        if msgs.is_empty() {
+            let mut c = outcomes.clone();
+            let pending = conn
+                .rt
+                .block_on(async { anyhow::Ok(c.info().await?.num_pending) })?;
+            if pending == 0 {
+                break;
+            }
+            continue;
+        }
+        let mut firsts = Vec::new();
+        for m in &msgs {
+            let Ok(batch) = serde_json::from_slice::<OutcomeBatch>(&m.payload) else {
+                continue;
+            };
+            if batch.v != wire::VERSION || batch.run != run {
+                continue;
+            }
+            for w in &batch.outcomes {
+                if let Ok(o) = w.outcome() {
+                    if accounted.insert(o.rel().to_path_buf()) {
+                        firsts.push(o);
+                    }
+                }
+            }
+        }
+        if !firsts.is_empty() {
+            events
+                .send(Event::Finished(firsts))
+                .map_err(|_| anyhow!("the reporter has stopped"))?;
+        }
+        conn.rt.block_on(async {
+            for m in &msgs {
+                let _ = m.ack().await;
+            }
+        });
+    }
+    tracing::info!(
+        files = accounted.len(),
+        "outcomes of the run so far read again"
+    );
+    Ok(accounted)
+}
+
+/// Whether `run` was cancelled by its coordinator (its cancellation is stored).
+fn cancelled(conn: &Conn, run: &str) -> Result<bool> {
+    conn.rt.block_on(async {
+        let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
+        match stream
+            .get_last_raw_message_by_subject(&cancel_subject(run))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(anyhow!("looking up whether run {run} was cancelled: {e}")),
+        }
+    })
 }
 
 /// A watched file's outcome, checked against the version of the file it was published for

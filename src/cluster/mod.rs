@@ -20,6 +20,7 @@
 //! JetStream's acks, ack wait, in-progress acks and de-duplication do that.
 
 mod coordinator;
+mod resume;
 mod status;
 pub(crate) mod wire;
 mod worker;

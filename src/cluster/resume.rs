@@ -1,0 +1,112 @@
+//! A batch coordinator's run file: how the same command, run again after its coordinator was
+//! killed, finds the run to resume. One small file per batch (the tree, its root name, the op
+//! and its settings, the queue and the manifest, hashed into the name) under the state
+//! directory's `coordinator/`, holding the run's id while it runs, removed once the run has
+//! ended (finished or interrupted). An open file description lock on it, held for the run,
+//! keeps a second coordinator of the same batch from starting alongside.
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use rustix::io::Errno;
+use sha2::{Digest, Sha256};
+
+use crate::cluster::wire;
+use crate::config::Config;
+use crate::fsio::lock::{self as fslock, LockKind};
+
+/// A batch's run file, locked by this process.
+pub(crate) struct RunFile {
+    file: File,
+    path: PathBuf,
+    /// The run a coordinator killed before it ended left in it.
+    previous: Option<String>,
+}
+
+impl RunFile {
+    /// Opens and locks the run file of the batch `cfg` describes, coordinated through `url`
+    /// under the root name `root`, in `dir` (the state directory).
+    pub(crate) fn open(dir: PathBuf, cfg: &Config, url: &str, root: &str) -> Result<RunFile> {
+        let dir = dir.join("coordinator");
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        // What makes two commands the same batch: a change to any of it starts a new run.
+        let mut h = Sha256::new();
+        let manifest = cfg.manifest.as_deref().unwrap_or("-".as_ref());
+        for part in [
+            cfg.root.as_os_str().as_bytes(),
+            root.as_bytes(),
+            cfg.op.as_str().as_bytes(),
+            &cfg.level.to_le_bytes(),
+            &[u8::from(cfg.force)],
+            url.as_bytes(),
+            manifest.as_os_str().as_bytes(),
+        ] {
+            h.update((part.len() as u64).to_le_bytes());
+            h.update(part);
+        }
+        let key: String = h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let path = dir.join(format!("{key}.run"));
+        let mut file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        match fslock::lock(&file, LockKind::Write, false) {
+            Ok(()) => {}
+            Err(Errno::AGAIN) => bail!(
+                "another coordinator is running this batch (it holds {}): wait for it, or stop it",
+                path.display()
+            ),
+            Err(e) => {
+                return Err(std::io::Error::from(e))
+                    .with_context(|| format!("cannot lock {}", path.display()))
+            }
+        }
+        let mut text = String::new();
+        (&mut file)
+            .take(256)
+            .read_to_string(&mut text)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let previous = Some(text.trim().to_owned()).filter(|r| wire::valid_name(r));
+        Ok(RunFile {
+            file,
+            path,
+            previous,
+        })
+    }
+
+    /// The run a killed coordinator of this batch left unfinished, if any.
+    pub(crate) fn previous(&self) -> Option<&str> {
+        self.previous.as_deref()
+    }
+
+    /// Records `run` as this batch's run, durably, before its first job is published.
+    pub(crate) fn record(&mut self, run: &str) -> Result<()> {
+        let ctx = || format!("cannot write {}", self.path.display());
+        self.file.set_len(0).with_context(ctx)?;
+        self.file.rewind().with_context(ctx)?;
+        self.file
+            .write_all(format!("{run}\n").as_bytes())
+            .with_context(ctx)?;
+        self.file.sync_data().with_context(ctx)
+    }
+
+    /// The run ended, every file accounted for: nothing to resume.
+    pub(crate) fn finish(self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot remove the run file: the next run of this batch resumes a finished run, and finds every file done");
+        }
+    }
+}
