@@ -40,6 +40,10 @@ pub(crate) struct Job {
     /// fstat must match, so a change the watcher was not told about is caught without a second
     /// stat on the watcher's thread.
     pub(crate) expect: Option<Stamp>,
+    /// Cluster mode: the job was delivered before, to a worker that did not say how it ended
+    /// (it died, or its outcome was lost). An output up to date for this very input is then
+    /// that delivery's work, and the file counts as done, not as skipped.
+    pub(crate) redelivered: bool,
 }
 
 /// Most jobs in one message.

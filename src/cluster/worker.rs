@@ -352,6 +352,7 @@ impl Router<'_> {
                     rel,
                     size: f.size,
                     replace: f.replace,
+                    redelivered: delivered > 1,
                 }),
                 Err(e) => refused.push((f.rel.clone(), e)),
             }

@@ -850,6 +850,7 @@ mod tests {
                 rel: PathBuf::from(rel),
                 replace: false,
                 expect: None,
+                redelivered: false,
             };
             let mut input = InputFile::open(&job.abs, false).unwrap();
             assert_eq!(op.check(&job, &input, &mut scratch).unwrap(), None);

@@ -106,6 +106,7 @@ mod tests {
             rel: "f".into(),
             replace: false,
             expect: None,
+            redelivered: false,
         };
         let mut input = InputFile::open(&path, false).unwrap();
         let op = Sha256Op;

@@ -15,7 +15,7 @@ use crate::fsio::input::{self, InputFile, NotRegular, OpenError};
 use crate::ops::Op;
 use crate::pipeline::publish::{guarded, not_done, publish_guarded, Ready};
 use crate::signals::Shutdown;
-use crate::travel::{Event, Job, Msg, Outcome, Stamp};
+use crate::travel::{Done, Event, Job, Msg, Outcome, Stamp};
 
 /// How many times a file that changed while being read is attempted in all.
 const ATTEMPTS: u32 = 3;
@@ -182,6 +182,20 @@ pub(crate) fn prepare<O: Op>(
     let watched = job.expect.is_some();
     match op.check(&job, &input, scratch) {
         Ok(None) => {}
+        Ok(Some(reason)) if reason.kind == Kind::UpToDate && job.redelivered => {
+            // An earlier delivery of this job made the output and its worker died before
+            // saying so: that was this run's work, done once, not a file found done already.
+            return Err(Outcome::Done {
+                rel: job.rel,
+                done: Box::new(Done {
+                    bytes_in: input.size(),
+                    bytes_out: 0,
+                    digest: None,
+                    note: None,
+                    stamp: Some(Stamp::from_stat(&input.stat)),
+                }),
+            });
+        }
         Ok(Some(reason)) => {
             return Err(Outcome::Skipped {
                 rel: job.rel,
@@ -286,16 +300,43 @@ mod tests {
     use clap::Parser as _;
 
     fn config(root: &Path) -> Config {
-        let args = [
-            "filepipe",
-            "batch",
-            root.to_str().unwrap(),
-            "--op",
-            "sha256",
-        ];
+        config_op(root, "sha256")
+    }
+
+    fn config_op(root: &Path, op: &str) -> Config {
+        let args = ["filepipe", "batch", root.to_str().unwrap(), "--op", op];
         match Cli::parse_from(args).command {
             Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
             _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn an_output_a_redelivered_job_finds_up_to_date_is_its_earlier_delivery_s_work() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"made once").unwrap();
+        let cfg = config_op(tmp.path(), "gzip");
+        let op = crate::ops::gzip::GzipOp::new(&cfg).unwrap();
+        let mut scratch = op.scratch();
+        let job = |redelivered| Job {
+            abs: cfg.root.join("f"),
+            rel: PathBuf::from("f"),
+            replace: false,
+            expect: None,
+            redelivered,
+        };
+        // The first delivery makes the output (its worker then dies before saying so).
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
+        assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
+        // Delivered again: done, as the first delivery was; a job seen once finds it done
+        // already (a rerun), and skips it.
+        match prepare(&cfg, &op, job(true), None, &mut scratch) {
+            Err(Outcome::Done { done, .. }) => assert_eq!(done.bytes_in, 9),
+            other => panic!("{:?}", other.err()),
+        }
+        match prepare(&cfg, &op, job(false), None, &mut scratch) {
+            Err(Outcome::Skipped { reason, .. }) => assert_eq!(reason.kind, Kind::UpToDate),
+            other => panic!("{:?}", other.err()),
         }
     }
 
@@ -313,6 +354,7 @@ mod tests {
             rel: PathBuf::from("d/f"),
             replace: false,
             expect: None,
+            redelivered: false,
         };
         let mut scratch = Sha256Op.scratch();
         let roots = || {

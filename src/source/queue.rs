@@ -39,6 +39,8 @@ pub(crate) struct Delivered {
     pub(crate) size: u64,
     /// An existing output filepipe made for an earlier version may be replaced (`Job::replace`).
     pub(crate) replace: bool,
+    /// Its message was delivered before (`Job::redelivered`).
+    pub(crate) redelivered: bool,
 }
 
 /// A message whose files are all recorded.
@@ -161,7 +163,13 @@ impl QueueSource {
         books.open.insert(d.id, (d.files.len(), false));
         let mut batch = Vec::new();
         let mut fill = BatchFill::default();
-        for Delivered { rel, size, replace } in d.files {
+        for Delivered {
+            rel,
+            size,
+            replace,
+            redelivered,
+        } in d.files
+        {
             if let Some(ids) = books.waiting.get_mut(&rel) {
                 // In flight here already (a redelivery of a message this worker still holds,
                 // or a name twice in one message): its outcome settles this one too.
@@ -181,6 +189,7 @@ impl QueueSource {
                 rel,
                 replace,
                 expect: None,
+                redelivered,
             });
         }
         if !batch.is_empty() {

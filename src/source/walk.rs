@@ -248,6 +248,7 @@ fn classify(
         rel,
         replace: false,
         expect: None,
+        redelivered: false,
     };
     (Some(Found::File(job, stamp)), false)
 }

@@ -513,6 +513,7 @@ impl Watcher<'_> {
                     rel,
                     replace,
                     expect,
+                    redelivered: false,
                 });
             }
             if batch.is_empty() {
