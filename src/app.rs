@@ -181,6 +181,7 @@ fn run_watch(args: &crate::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCo
             let svc = service::Service {
                 pipelines: vec![cfg],
                 failure_log,
+                metrics: args.metrics,
             };
             (service::Overrides::default(), svc)
         }),
@@ -191,6 +192,11 @@ fn run_watch(args: &crate::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCo
     };
     if let Err(e) = logging::init(verbosity, svc.failure_log.as_deref()) {
         return fail(exit::USAGE, &e);
+    }
+    if let Some(addr) = svc.metrics {
+        if let Err(e) = crate::report::metrics::serve(addr) {
+            return fail(exit::USAGE, &e);
+        }
     }
     let shutdown = match signals::install() {
         Ok(s) => s,
@@ -234,6 +240,11 @@ fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
 fn run_worker(args: &crate::cli::WorkerArgs, verbosity: i8) -> ExitCode {
     if let Err(e) = logging::init(verbosity.max(1), args.failure_log.as_deref()) {
         return fail(exit::USAGE, &e);
+    }
+    if let Some(addr) = args.metrics {
+        if let Err(e) = crate::report::metrics::serve(addr) {
+            return fail(exit::USAGE, &e);
+        }
     }
     let shutdown = match signals::install() {
         Ok(s) => s,

@@ -195,6 +195,10 @@ pub(crate) struct WatchArgs {
     /// time later, finds it unchanged.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=MAX_POLL_SECS))]
     pub(crate) poll: Option<u64>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9187) [default: off;
+    /// `metrics` in the config file].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
     /// Cluster mode: publish each settled file as a job to the NATS JetStream queue at URL for
     /// `filepipe worker`s to process; their outcomes are recorded here, in the state.
     #[cfg(feature = "cluster")]
@@ -270,6 +274,9 @@ pub(crate) struct WorkerArgs {
     /// A NATS credentials file (.creds).
     #[arg(long, value_name = "FILE")]
     pub(crate) creds: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9187) [default: off].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
 /// Arguments of `filepipe verify`.

@@ -6,6 +6,7 @@
 //! lines never tear; the sink sees every outcome before it is counted, and a listening source
 //! hears of a file only once the sink has flushed its outcome.
 
+pub(crate) mod metrics;
 mod progress;
 mod summary;
 
@@ -45,6 +46,7 @@ pub(crate) fn run(
 ) -> Result<Summary> {
     let started = Instant::now();
     let mut progress = Progress::new(cfg);
+    let meter = metrics::Meter::new(cfg, op);
     let mut summary = Summary {
         op,
         ..Summary::default()
@@ -80,11 +82,12 @@ pub(crate) fn run(
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => {
                 if unflushed {
-                    guard(flush(sink, &mut unreported, recorded.as_ref()));
+                    guard(flush(cfg, sink, &mut unreported, recorded.as_ref()));
                     last_flush = Some(Instant::now());
                     unflushed = false;
                 }
                 progress.refresh(stats, &summary);
+                meter.gauges(stats);
                 guard(sink.tick());
                 continue;
             }
@@ -115,6 +118,7 @@ pub(crate) fn run(
                             },
                         });
                     }
+                    meter.outcome(&outcome, &disposition);
                     summary.count(outcome, disposition, &mut progress);
                 }
                 unflushed = true;
@@ -122,6 +126,7 @@ pub(crate) fn run(
                 stats.skipped.store(summary.skipped, Ordering::Relaxed);
                 stats.failed.store(summary.failed, Ordering::Relaxed);
                 progress.refresh(stats, &summary);
+                meter.gauges(stats);
             }
             Event::Removed(rel) => {
                 guard(sink.removed(&rel));
@@ -133,7 +138,7 @@ pub(crate) fn run(
             }
         }
         if unflushed && flush_due(last_flush) {
-            guard(flush(sink, &mut unreported, recorded.as_ref()));
+            guard(flush(cfg, sink, &mut unreported, recorded.as_ref()));
             last_flush = Some(Instant::now());
             unflushed = false;
         }
@@ -172,11 +177,16 @@ pub(crate) fn run(
 /// Flushes the sink and then, if it succeeded, tells a listening source which files it
 /// recorded: one message per flush, so a burst does not wake the source per file.
 fn flush(
+    cfg: &Config,
     sink: &mut dyn Sink,
     unreported: &mut Vec<Recorded>,
     recorded: Option<&Sender<Vec<Recorded>>>,
 ) -> Result<()> {
     sink.flush()?;
+    if cfg.watch.is_some() {
+        // Watch mode's sink is the state: its flush is a commit.
+        metrics::committed(cfg);
+    }
     if let Some(tx) = recorded {
         if !unreported.is_empty() {
             // The source may have stopped (a shutdown): then nobody needs to hear.

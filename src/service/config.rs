@@ -24,6 +24,7 @@ struct FileConfig {
     settle_ms: Option<Spanned<u64>>,
     poll_secs: Option<Spanned<u64>>,
     durability: Option<Durability>,
+    metrics: Option<std::net::SocketAddr>,
     #[serde(default)]
     watch: Vec<WatchEntry>,
 }
@@ -52,6 +53,8 @@ pub(crate) struct Service {
     pub(crate) pipelines: Vec<Config>,
     /// The failure log all pipelines share.
     pub(crate) failure_log: Option<PathBuf>,
+    /// Where Prometheus metrics are served (read at start: a reload does not move them).
+    pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
 /// Command-line flags that override the file: its global settings, plus globs added to every
@@ -67,6 +70,7 @@ pub(crate) struct Overrides {
     exclude: Vec<String>,
     json: bool,
     durability: Option<Durability>,
+    metrics: Option<std::net::SocketAddr>,
 }
 
 impl Overrides {
@@ -86,6 +90,7 @@ impl Overrides {
             exclude: args.common.exclude.clone(),
             json: args.common.json,
             durability: args.common.durability,
+            metrics: args.metrics,
         })
     }
 }
@@ -312,5 +317,6 @@ pub(crate) fn load(
     Ok(Service {
         pipelines,
         failure_log,
+        metrics: overrides.metrics.or(file.metrics),
     })
 }

@@ -250,6 +250,7 @@ impl Watcher<'_> {
                 let root = self.cfg.root.clone();
                 self.watch(&root)?;
                 self.scan(&root, Lost::Unseen)?;
+                crate::report::metrics::rescan(self.cfg, "poll");
                 tracing::debug!(scans = self.scans, "polled");
                 last_poll = Instant::now();
             }
@@ -401,6 +402,7 @@ impl Watcher<'_> {
     fn on_event(&mut self, event: notify::Event) -> Result<()> {
         if event.need_rescan() {
             tracing::warn!("the kernel's event queue overflowed: rescanning the whole tree");
+            crate::report::metrics::rescan(self.cfg, "overflow");
             // Directories created during the overflow lost their IN_CREATE, so notify never
             // watched them: watch the whole tree again first.
             let root = self.cfg.root.clone();

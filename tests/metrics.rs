@@ -1,0 +1,145 @@
+//! `--metrics ADDR:PORT`: a watch daemon's Prometheus metrics, scraped with the real curl and
+//! validated with the real `promtool check metrics` (Debian package `prometheus`; SKIPPED
+//! without it), and a port already in use refused at start (issue 20).
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// A loopback port free a moment ago.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// One sample's value: the first line that starts with `name{` and holds every one of `labels`.
+fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[test]
+fn a_watch_daemon_serves_metrics_that_promtool_accepts_and_that_count_what_it_did() {
+    let t = TestTree::new().file("early.txt", &text_bytes(10_000, 1));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::ready(&t, &["--op", "gzip", "--metrics", &addr]);
+    fs::write(t.path("a.log"), text_bytes(50_000, 2)).unwrap();
+    fs::write(t.path("b.log"), noise_bytes(3_000, 3)).unwrap();
+    // Named like an output: never taken, so never counted.
+    fs::write(t.path("c.gz"), b"not really gzip").unwrap();
+    d.wait_idle(3);
+    let scraped = Command::new("curl")
+        .args(["-sSf", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("curl");
+    assert!(scraped.status.success(), "{scraped:?}");
+    let text = String::from_utf8(scraped.stdout).unwrap();
+    let root = format!("pipeline=\"{}\"", t.root().display());
+    let done = ["outcome=\"done\"", "op=\"gzip\"", &root];
+    assert_eq!(
+        sample(&text, "filepipe_files_total", &done),
+        Some(3.0),
+        "{text}"
+    );
+    let input = 10_000.0 + 50_000.0 + 3_000.0;
+    assert_eq!(
+        sample(&text, "filepipe_input_bytes_total", &[&root]),
+        Some(input),
+        "{text}"
+    );
+    assert!(sample(&text, "filepipe_output_bytes_total", &[&root]).is_some_and(|b| b > 0.0));
+    assert_eq!(
+        sample(&text, "filepipe_publish_delay_seconds_count", &[&root]),
+        Some(3.0),
+        "{text}"
+    );
+    assert_eq!(sample(&text, "filepipe_queued_files", &[&root]), Some(0.0));
+    assert!(
+        sample(&text, "filepipe_state_commit_timestamp_seconds", &[&root])
+            .is_some_and(|t| t > 1.7e9),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "filepipe_build_info", &["version="]),
+        Some(1.0)
+    );
+    d.stop().success();
+
+    let Ok(mut promtool) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("SKIPPED: promtool check metrics (apt-get install prometheus)");
+        return;
+    };
+    use std::io::Write;
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool: {out:?}\n{text}"
+    );
+}
+
+#[test]
+fn a_metrics_port_already_in_use_is_a_clear_error_at_start_from_the_flag_or_the_config() {
+    let t = TestTree::new().dir("a");
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let state = t.side("state");
+    let mut cmd = filepipe(&[
+        OsStr::new("watch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--state"),
+        state.as_os_str(),
+        OsStr::new("--metrics"),
+        OsStr::new(&addr),
+    ]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let err = run(cmd).code(2).stderr();
+    assert!(
+        err.contains(&format!("cannot serve metrics on {addr}")),
+        "{err}"
+    );
+
+    let config = t.side("c.toml");
+    fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\nmetrics = \"{addr}\"\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+            state.to_str().unwrap(),
+            t.path("a").to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let mut cmd = filepipe(&[
+        OsStr::new("watch"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let err = run(cmd).code(2).stderr();
+    assert!(
+        err.contains(&format!("cannot serve metrics on {addr}")),
+        "{err}"
+    );
+    drop(busy);
+}
