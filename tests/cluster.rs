@@ -802,7 +802,7 @@ fn a_batch_coordinator_killed_mid_run_is_resumed_by_the_same_command_each_file_o
     let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
     // No worker yet: the jobs it publishes wait in the queue. Killed once some are there.
     let mut first = start_coordinator(&nats, &t.root(), &args);
-    wait_until(Duration::from_secs(30), "jobs published", || {
+    wait_until(Duration::from_secs(90), "jobs published", || {
         queue_counts(&nats).0 > 0
     });
     // A second coordinator of the same batch meanwhile is refused.
@@ -817,9 +817,19 @@ fn a_batch_coordinator_killed_mid_run_is_resumed_by_the_same_command_each_file_o
     // A worker does what was published, its outcomes kept in the stream.
     let root = format!("tree={}", t.root().display());
     let _worker = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "2");
-    wait_until(Duration::from_secs(60), "the queue drained", || {
-        queue_counts(&nats) == (0, 0)
-    });
+    let drained = std::time::Instant::now();
+    loop {
+        let last = queue_counts(&nats);
+        if last == (0, 0) {
+            break;
+        }
+        assert!(
+            drained.elapsed() < Duration::from_secs(120),
+            "the queue did not drain: {last:?} (jobs, in flight)\n{}",
+            _worker.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // The same command resumes the run: the outcomes so far count, the rest is published.
     let verbose = [&args[..], &["-v"]].concat();
     let again = start_coordinator(&nats, &t.root(), &verbose).finish(Duration::from_secs(120));
