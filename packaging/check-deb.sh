@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Checks a built package: unpacked into a throwaway root (dpkg -x), every file a user relies on
+# is there and works (the binary runs, the man page renders, the completions parse, the units
+# run /usr/bin/filepipe and pass systemd-analyze verify, the config is a conffile), and
+# lintian reports no error.
+#   packaging/check-deb.sh target/debian/filepipe_VERSION-1_ARCH.deb
+set -euo pipefail
+deb=${1:?usage: check-deb.sh PACKAGE.deb}
+root=$(mktemp -d)
+trap 'rm -rf "$root"' EXIT
+
+dpkg -x "$deb" "$root"
+fail() { echo "check-deb.sh: $*" >&2; exit 1; }
+for f in usr/bin/filepipe etc/filepipe/filepipe.toml usr/share/man/man1/filepipe.1.gz \
+  usr/share/bash-completion/completions/filepipe usr/share/zsh/vendor-completions/_filepipe \
+  usr/share/fish/vendor_completions.d/filepipe.fish usr/share/doc/filepipe/copyright \
+  lib/systemd/system/filepipe.service lib/systemd/system/filepipe@.service \
+  lib/systemd/system/filepipe-worker@.service; do
+  [ -s "$root/$f" ] || fail "missing or empty: /$f"
+done
+"$root/usr/bin/filepipe" --version
+zcat "$root/usr/share/man/man1/filepipe.1.gz" | groff -man -Tutf8 -ww >/dev/null
+bash -n "$root/usr/share/bash-completion/completions/filepipe"
+dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/filepipe/filepipe.toml ||
+  fail "/etc/filepipe/filepipe.toml is not a conffile"
+for unit in "$root"/lib/systemd/system/*.service; do
+  grep -q '^ExecStart=/usr/bin/filepipe ' "$unit" || fail "$unit does not run /usr/bin/filepipe"
+done
+if command -v systemd-analyze >/dev/null; then
+  # The units as installed: /usr/bin/filepipe is the unpacked binary, bound in by path.
+  for unit in "$root"/lib/systemd/system/filepipe.service; do
+    sed "s#/usr/bin/filepipe#$root/usr/bin/filepipe#" "$unit" > "$root/check.service"
+    out=$(systemd-analyze verify "$root/check.service" 2>&1) || fail "systemd-analyze: $out"
+  done
+fi
+lintian --fail-on error --suppress-tags initial-upload-closes-no-bugs "$deb"
+echo "check-deb.sh: $deb: ok"
