@@ -214,6 +214,15 @@ fn run_watch(args: &crate::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCo
             // A signal is how a daemon is meant to stop: a clean drain is success.
             ExitCode::from(exit::SUCCESS)
         }
+        // A queue that cannot be reached or set up at start (watch --queue): a usage error,
+        // which the units do not restart on (RestartPreventExitStatus=2).
+        #[cfg(feature = "cluster")]
+        Err(e)
+            if e.chain()
+                .any(|c| c.downcast_ref::<crate::cluster::Unreachable>().is_some()) =>
+        {
+            fail(exit::USAGE, &e)
+        }
         Err(e) => fail(exit::FAILURES, &e),
     }
 }

@@ -206,6 +206,12 @@ impl Config {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             };
+            if !crate::cluster::wire::valid_name(&root_name) {
+                bail!(
+                    "the root's name {root_name:?} is not 1 to 64 of A-Z a-z 0-9 _ - : give one \
+                     with --root-name NAME (the workers map it with --root NAME=PATH)"
+                );
+            }
             w.queue = Some(QueueTarget {
                 url: url.clone(),
                 creds: args.creds.clone(),

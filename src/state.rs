@@ -162,6 +162,9 @@ pub(crate) struct Known {
     /// Failed because another process still had it open for writing: waited for, never
     /// given up on (see `Kind::InUse`).
     pub(crate) in_use: bool,
+    /// An output filepipe made for a version of it is recorded (kept through later failures
+    /// and skips): the next version may replace that output.
+    pub(crate) made_output: bool,
 }
 
 impl Known {
@@ -396,11 +399,20 @@ impl State {
             _ => 1,
         };
 
+        // The output a done version of the file left (and its digest) is kept: it is still
+        // filepipe's, and the file's next version may replace it (`Known::made_output`).
+        // Forgetting it made every later version of a file that once failed meet an output
+        // it could not replace.
         let mut stmt = self.conn.prepare_cached(
-            "INSERT OR REPLACE INTO files
+            "INSERT INTO files
                (root, op, path, size, mtime_ns, inode, status, error, errno, message, attempts,
                 updated, ctime_ns)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+             ON CONFLICT (root, op, path) DO UPDATE SET
+               size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
+               status = excluded.status, error = excluded.error, errno = excluded.errno,
+               message = excluded.message, attempts = excluded.attempts,
+               updated = excluded.updated, ctime_ns = excluded.ctime_ns",
         )?;
         stmt.execute(params![
             self.root,
@@ -467,7 +479,7 @@ impl Reader {
     /// SQLite per file, and what is left in it afterwards was not found.
     pub(crate) fn known_under(&self, dir: &Path) -> Result<KnownMap> {
         const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns,
-             error FROM files WHERE root=?1 AND op=?2";
+             error, output IS NOT NULL FROM files WHERE root=?1 AND op=?2";
         let d = dir.as_os_str().as_bytes();
         let map = |r: &rusqlite::Row<'_>| Ok((bytes_path(r.get(0)?), known_from_row(r, 1)?));
         // Rows under "dir/": byte strings from "dir/" up to (not including) "dir0", since '0'
@@ -495,7 +507,8 @@ impl Reader {
     /// What the state knows about `rel`, if anything.
     pub(crate) fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT status, size, mtime_ns, inode, attempts, ctime_ns, error FROM files
+            "SELECT status, size, mtime_ns, inode, attempts, ctime_ns, error,
+                    output IS NOT NULL FROM files
              WHERE root=?1 AND op=?2 AND path=?3",
         )?;
         let known = stmt
@@ -554,6 +567,7 @@ fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known
         stamp,
         attempts: r.get(first + 4)?,
         in_use: error.as_deref() == Some(Kind::InUse.as_str()),
+        made_output: r.get(first + 7)?,
     })
 }
 
@@ -692,6 +706,36 @@ mod tests {
         );
         drop((a, b));
         fslock::lock(&other, LockKind::Read, false).unwrap();
+    }
+
+    #[test]
+    fn a_failure_after_a_done_version_keeps_its_output_replaceable_and_its_digest_unlisted() {
+        let (_dir, mut st, reader) = open_state();
+        let rel = Path::new("f");
+        let s1 = Stamp {
+            size: 3,
+            mtime_ns: 10,
+            ctime_ns: 11,
+            inode: 7,
+        };
+        st.begin().unwrap();
+        st.done(rel, Some(s1), Some(Path::new("f.gz")), Some(&[1; 32]))
+            .unwrap();
+        st.commit().unwrap();
+        assert!(reader.lookup(rel).unwrap().unwrap().made_output);
+        // The next version fails (it changed while read): the output filepipe made is still
+        // its own, so the version after may replace it.
+        let e = FileError::new(Kind::Changed, "changed while read");
+        let s2 = Stamp { size: 5, ..s1 };
+        st.not_done(rel, FileStatus::Failed, Some(s2), &e).unwrap();
+        let k = reader.lookup(rel).unwrap().unwrap();
+        assert!(k.made_output && k.status == FileStatus::Failed);
+        // Not done, so not listed.
+        assert!(st.digests().unwrap().is_empty());
+        assert!(!reader
+            .lookup(Path::new("never"))
+            .unwrap()
+            .is_some_and(|k| k.made_output));
     }
 
     #[test]

@@ -38,7 +38,9 @@ pub(crate) struct Job {
     pub(crate) replace: bool,
     /// Watch mode: the size, mtime and inode the file had when it settled. The worker's first
     /// fstat must match, so a change the watcher was not told about is caught without a second
-    /// stat on the watcher's thread.
+    /// stat on the watcher's thread. A watching coordinator's job carries the size and mtime
+    /// only (`Stamp::seen_elsewhere`): the worker then publishes an output only for the version
+    /// the coordinator settled.
     pub(crate) expect: Option<Stamp>,
     /// Cluster mode: the job was delivered before, to a worker that did not say how it ended
     /// (it died, or its outcome was lost). An output up to date for this very input is then
@@ -201,8 +203,13 @@ pub(crate) struct Stamp {
     pub(crate) inode: u64,
 }
 
-/// The ctime of a state row written before ctimes were recorded: compared as equal to any.
+/// The ctime of a state row written before ctimes were recorded, or of a stamp taken on
+/// another host: compared as equal to any.
 pub(crate) const CTIME_UNKNOWN: i64 = i64::MIN;
+
+/// The inode of a stamp taken on another host (a cluster job's), whose inode numbers need not
+/// be this host's: compared as equal to any.
+pub(crate) const INODE_UNKNOWN: u64 = u64::MAX;
 
 /// Nanoseconds since the epoch, saturating: a file dated past 2262 must not overflow (or
 /// panic in debug builds).
@@ -232,15 +239,26 @@ impl Stamp {
         }
     }
 
-    /// The same content as far as the file system tells (a ctime not recorded matches any).
+    /// The same content as far as the file system tells (a ctime or inode not known matches
+    /// any).
     pub(crate) fn same_file(&self, other: &Stamp) -> bool {
         let ctime = self.ctime_ns == other.ctime_ns
             || self.ctime_ns == CTIME_UNKNOWN
             || other.ctime_ns == CTIME_UNKNOWN;
-        self.size == other.size
-            && self.mtime_ns == other.mtime_ns
-            && self.inode == other.inode
-            && ctime
+        let inode = self.inode == other.inode
+            || self.inode == INODE_UNKNOWN
+            || other.inode == INODE_UNKNOWN;
+        self.size == other.size && self.mtime_ns == other.mtime_ns && inode && ctime
+    }
+
+    /// What another host saw of a file: its size and mtime (see `INODE_UNKNOWN`).
+    pub(crate) fn seen_elsewhere(size: u64, mtime_ns: i64) -> Stamp {
+        Stamp {
+            size,
+            mtime_ns,
+            ctime_ns: CTIME_UNKNOWN,
+            inode: INODE_UNKNOWN,
+        }
     }
 
     /// The stamp of `path`, not following a final symlink.

@@ -977,7 +977,7 @@ fn stale_temps_are_removed_from_the_output_tree_and_the_manifest_directory() {
         rustix::fs::setxattr(
             path,
             "user.filepipe.temp",
-            b"1",
+            &temp_mark(),
             rustix::fs::XattrFlags::empty(),
         )
         .unwrap()

@@ -544,6 +544,30 @@ fn a_wrong_root_mapping_or_an_unreachable_server_is_a_clear_error_at_start() {
         out.code(2);
         assert!(out.stderr().contains(says), "{bad}: {}", out.stderr());
     }
+    // A watching coordinator: the same, exit 2 (which the units do not restart on), each
+    // cause said once; and a root's default name (the directory's) that is not a plain name.
+    let state = t.side("watch-state");
+    let watch = |extra: &[&str]| {
+        let mut cmd = filepipe(&[s("watch"), t.root().as_os_str(), s("--op"), s("sha256")]);
+        cmd.arg("--state")
+            .arg(&state)
+            .args(["--queue", dead])
+            .args(extra);
+        run(cmd)
+    };
+    let out = watch(&["--root-name", "tree"]);
+    let err = out.code(2).stderr();
+    assert_eq!(err.matches("cannot connect to NATS").count(), 1, "{err}");
+    let dotted = t.side("my.tree");
+    fs::create_dir(&dotted).unwrap();
+    let mut cmd = filepipe(&[s("watch"), dotted.as_os_str(), s("--op"), s("sha256")]);
+    cmd.arg("--state").arg(&state).args(["--queue", dead]);
+    let out = run(cmd);
+    assert!(
+        out.code(2).stderr().contains("--root-name"),
+        "{}",
+        out.stderr()
+    );
     let Some(nats) = Nats::start() else { return };
     // A coordinator whose root name is not a plain name.
     let out = coordinate(&nats, &t.root(), &["--op", "sha256", "--root-name", "a/b"]);
@@ -876,4 +900,65 @@ fn a_batch_coordinator_killed_mid_run_is_resumed_by_the_same_command_each_file_o
     let fresh = start_coordinator(&nats, &t.root(), &args).finish(Duration::from_secs(120));
     assert_eq!(fresh.code(0).summary()["done"], 600);
     assert!(!fresh.stderr().contains("resuming"), "{}", fresh.stderr());
+}
+
+#[test]
+fn a_watched_file_changed_before_a_worker_reads_it_ends_with_the_output_of_its_last_version() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new();
+    let args = ["--op", "gzip", "--queue", &nats.url, "--root-name", "files"];
+    let d = Daemon::ready(&t, &args);
+    // Settled and published as version one while no worker runs; then changed.
+    fs::write(t.path("f.txt"), b"version one\n").unwrap();
+    wait_until(Duration::from_secs(60), "the job published", || {
+        queue_counts(&nats).0 > 0
+    });
+    fs::write(t.path("f.txt"), b"version two, longer\n").unwrap();
+    // The worker meets version two under version one's job: it must not publish for it.
+    let _worker = Worker::start(
+        &nats,
+        t.dir.path(),
+        &[format!("files={}", t.root().display())],
+        "1",
+    );
+    let gz = || tool("gzip", &[s("-dc"), s("f.txt.gz")], &t.root()).stdout;
+    wait_until(Duration::from_secs(90), "version two's output", || {
+        gz() == b"version two, longer\n"
+    });
+    // And every later version replaces it (it once stuck at output-exists).
+    fs::write(t.path("f.txt"), b"version three\n").unwrap();
+    wait_until(Duration::from_secs(90), "version three's output", || {
+        gz() == b"version three\n"
+    });
+    let run = d.stop();
+    run.success();
+    let status = run_status(&t);
+    assert!(!status.contains("output-exists"), "{status}");
+}
+
+#[test]
+fn a_watching_coordinator_whose_root_is_moved_stops_with_an_error() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new();
+    let args = [
+        "--op",
+        "sha256",
+        "--queue",
+        &nats.url,
+        "--root-name",
+        "files",
+    ];
+    let d = Daemon::ready(&t, &args);
+    // A job outstanding (no worker runs), then the root goes.
+    fs::write(t.path("f.txt"), b"waits\n").unwrap();
+    wait_until(Duration::from_secs(60), "the job published", || {
+        queue_counts(&nats).0 > 0
+    });
+    fs::rename(t.root(), t.side("moved")).unwrap();
+    let run = d.wait();
+    assert!(
+        run.code(1).stderr().contains("deleted or moved"),
+        "{}",
+        run.stderr()
+    );
 }

@@ -33,7 +33,7 @@ fn mark_as_temp(path: &Path) {
     rustix::fs::setxattr(
         path,
         "user.filepipe.temp",
-        b"1",
+        &temp_mark(),
         rustix::fs::XattrFlags::empty(),
     )
     .unwrap();
@@ -118,6 +118,56 @@ fn case_1_a_stale_temp_is_removed_only_in_the_tree_a_writing_run_owns() {
     assert_eq!(summary["stale_temps_removed"], 1, "{summary}");
     assert_eq!(summary["files"], 1, "{summary}");
     assert!(!t.path(".filepipe.77.0.tmp").exists());
+}
+
+#[test]
+fn a_temp_another_host_marked_is_never_removed_even_by_a_run_that_owns_the_tree() {
+    // On shared storage another host's live writer may hold a lock this mount does not show
+    // (FUSE, NFS mounted nolock): only this host's own dead temps are removed. A temp of a
+    // filepipe too old to record its host is another host's as far as anyone can tell.
+    let t = TestTree::new()
+        .file("a.txt", b"a\n")
+        .file(
+            ".filepipe.4194305-1.0.tmp",
+            b"another host's output, being written",
+        )
+        .file(".filepipe.4194305-2.0.tmp", b"an old version's")
+        .file(".filepipe.4194305-3.0.tmp", b"this host's, dead");
+    let set = |name: &str, value: &[u8]| {
+        rustix::fs::setxattr(
+            t.path(name),
+            "user.filepipe.temp",
+            value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap()
+    };
+    set(".filepipe.4194305-1.0.tmp", b"2:00112233445566ff");
+    set(".filepipe.4194305-2.0.tmp", b"1");
+    set(".filepipe.4194305-3.0.tmp", &temp_mark());
+    let summary = batch(&t, &[s("--op"), s("gzip"), s("--json")])
+        .code(0)
+        .summary();
+    assert_eq!(summary["stale_temps_removed"], 1, "{summary}");
+    assert_eq!(summary["skipped_by_reason"]["temp-in-use"], 2, "{summary}");
+    assert!(t.path(".filepipe.4194305-1.0.tmp").exists());
+    assert!(t.path(".filepipe.4194305-2.0.tmp").exists());
+    assert!(!t.path(".filepipe.4194305-3.0.tmp").exists());
+}
+
+#[test]
+fn a_temp_of_this_host_whose_writer_still_runs_is_kept_though_its_lock_is_not_seen() {
+    // A lock taken through another mount of the same files (a FUSE view of a directory its
+    // writer uses directly) does not show here; the writer's pid, alive, keeps its temp.
+    let t = TestTree::new().file("a.txt", b"a\n");
+    let name = format!(".filepipe.{}-9.0.tmp", std::process::id());
+    fs::write(t.path(&name), b"being written").unwrap();
+    mark_as_temp(&t.path(&name));
+    let summary = batch(&t, &[s("--op"), s("gzip"), s("--json")])
+        .code(0)
+        .summary();
+    assert_eq!(summary["skipped_by_reason"]["temp-in-use"], 1, "{summary}");
+    assert!(t.path(&name).exists());
 }
 
 #[test]

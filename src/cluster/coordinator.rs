@@ -14,7 +14,7 @@
 //! second signal stops waiting.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -26,8 +26,8 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::cluster::resume::RunFile;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath, WireStamp};
 use crate::cluster::{
-    cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
-    Unreachable, ACK_WAIT, OUTCOMES_STREAM,
+    cancel_subject, connect, jobs_subject, outcomes_subject, setup, take, workers_consumer, Conn,
+    Queue, Unreachable, ACK_WAIT, OUTCOMES_STREAM,
 };
 use crate::config::Config;
 use crate::error::{FileError, Kind};
@@ -173,31 +173,16 @@ fn coordinate(
     let outcomes = conn
         .rt
         .block_on(async {
-            let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
             if resumed.is_some() {
                 // Read from the start again: the killed coordinator acknowledged outcomes it
                 // never wrote to its manifest.
+                let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
                 let name = format!("coordinator-{run}");
                 if let Err(e) = stream.delete_consumer(&name).await {
                     tracing::debug!(error = %e, "no outcome consumer of the run left");
                 }
             }
-            // Durable, so that it outlives a restart of the server; removed by the server
-            // an hour after the coordinator stops reading.
-            let c = stream
-                .create_consumer(consumer::pull::Config {
-                    durable_name: Some(format!("coordinator-{run}")),
-                    filter_subject: outcomes_subject(&run),
-                    // Acknowledged once handed to the reporter: a batch lost on the way (a
-                    // read cut short) is delivered again, and its files counted once.
-                    ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(10),
-                    deliver_policy: consumer::DeliverPolicy::All,
-                    inactive_threshold: Duration::from_secs(3600),
-                    ..Default::default()
-                })
-                .await?;
-            anyhow::Ok(c)
+            outcome_consumer(&conn, &run).await
         })
         .context("reading the outcome stream")
         .map_err(Unreachable)?;
@@ -251,7 +236,13 @@ fn coordinate(
                         stats,
                         recorded: recorded_rx,
                     };
-                    source.run(out)
+                    let ran = source.run(out);
+                    if ran.is_err() {
+                        // A watched root deleted or moved: the coordinator stops as after a
+                        // signal (its jobs cancelled, those in flight waited for), then fails.
+                        shutdown.request(0);
+                    }
+                    ran
                 })
                 .context("starting the source")?
         };
@@ -268,7 +259,14 @@ fn coordinate(
             })
             .context("starting the publisher")?;
         let gathered = gather(
-            &conn, &outcomes, &workers, &run, &ledger, &event_tx, shutdown, watching,
+            &conn,
+            &outcomes,
+            &workers,
+            &run,
+            &ledger,
+            &event_tx,
+            shutdown,
+            watching.then_some(cfg.root.as_path()),
         );
         // Whatever stopped the gathering, the walk and the publisher stop too.
         if gathered.is_err() {
@@ -293,6 +291,26 @@ fn coordinate(
     })
 }
 
+/// The run's durable consumer of its outcomes (created, or found as it is).
+async fn outcome_consumer(conn: &Conn, run: &str) -> Result<consumer::PullConsumer> {
+    let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
+    // Durable, so that it outlives a restart of the server; removed by the server an hour
+    // after the coordinator stops reading.
+    Ok(stream
+        .create_consumer(consumer::pull::Config {
+            durable_name: Some(format!("coordinator-{run}")),
+            filter_subject: outcomes_subject(run),
+            // Acknowledged once handed to the reporter: a batch lost on the way (a read cut
+            // short) is delivered again, and its files counted once.
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(10),
+            deliver_policy: consumer::DeliverPolicy::All,
+            inactive_threshold: Duration::from_secs(3600),
+            ..Default::default()
+        })
+        .await?)
+}
+
 /// Publishes the source's batches as job messages until it ends (or a signal), but for the
 /// files `accounted` for already (a resumed run's).
 #[allow(clippy::too_many_arguments)]
@@ -315,7 +333,19 @@ fn publish(
     // Messages published and not yet confirmed stored: up to WINDOW at once, so a run does
     // not pay a round trip per message; each is confirmed in order.
     let mut unconfirmed: VecDeque<Pending> = VecDeque::new();
-    for msg in jobs {
+    loop {
+        let msg = match jobs.recv_timeout(CONFIRM_WITHIN) {
+            Ok(msg) => msg,
+            // A pause (a watch between files): what was sent is confirmed now, so a publish
+            // that failed is retried now, not when the window next fills.
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                while let Some(p) = unconfirmed.pop_front() {
+                    confirm(conn, &subject, p, ledger, shutdown)?;
+                }
+                continue;
+            }
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        };
         let Msg::Jobs(mut batch) = msg else { continue };
         if !accounted.is_empty() {
             batch.retain(|j| !accounted.contains(&j.rel));
@@ -385,6 +415,9 @@ fn publish(
 /// Job messages published at once, their stores not yet confirmed.
 const WINDOW: usize = 64;
 
+/// How long the source may pause before the messages sent are confirmed anyway.
+const CONFIRM_WITHIN: Duration = Duration::from_millis(200);
+
 /// A job message on its way.
 struct Pending {
     /// Its message id: a retry is stored once.
@@ -432,9 +465,13 @@ fn confirm(
         match stored {
             Ok(_) => break,
             Err(e) if !shutdown.requested() => {
-                tracing::warn!(error = %e, "publishing jobs failed; retrying");
+                tracing::warn!(error = %format!("{e:#}"), "publishing jobs failed; retrying");
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(5));
+                // A server that lost its store (or a new one in its place) has no streams.
+                if let Err(e) = conn.rt.block_on(setup(&conn.js)) {
+                    tracing::debug!(error = %format!("{e:#}"), "setting up the streams again failed");
+                }
                 p.ack = conn.rt.block_on(p.send(conn, subject)).ok();
             }
             Err(e) => {
@@ -451,8 +488,8 @@ fn confirm(
 }
 
 /// Reads outcomes and hands each file's first one to the reporter, until every published file
-/// has one (or, after a signal, until the jobs in flight are done). `watching`: the source is
-/// the watcher, which runs until a signal.
+/// has one (or, after a signal, until the jobs in flight are done). `watched`: the root, when
+/// the source is the watcher, which runs until a signal.
 #[allow(clippy::too_many_arguments)]
 fn gather(
     conn: &Conn,
@@ -462,8 +499,10 @@ fn gather(
     ledger: &Ledger,
     events: &Sender<Event>,
     shutdown: &Shutdown,
-    watching: bool,
+    watched: Option<&Path>,
 ) -> Result<()> {
+    let watching = watched.is_some();
+    let mut outcomes = outcomes.clone();
     let mut last_outcome = Instant::now();
     let mut last_warning = Instant::now();
     let mut cancelled_at: Option<Instant> = None;
@@ -506,12 +545,21 @@ fn gather(
         }
         let msgs = conn
             .rt
-            .block_on(take(outcomes, 256, Duration::from_millis(250)));
+            .block_on(take(&outcomes, 256, Duration::from_millis(250)));
         let msgs = match msgs {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "reading outcomes failed; retrying");
                 std::thread::sleep(Duration::from_secs(1));
+                // A server that lost its store has neither the stream nor the consumer: made
+                // again (the workers' outcomes published meanwhile are stored once it is).
+                let again = conn.rt.block_on(async {
+                    setup(&conn.js).await?;
+                    outcome_consumer(conn, run).await
+                });
+                if let Ok(c) = again {
+                    outcomes = c;
+                }
                 continue;
             }
         };
@@ -541,9 +589,9 @@ fn gather(
                 };
                 // Only files this run published, each once: the first outcome counts.
                 if let Some(settled) = expected.remove(outcome.rel()) {
-                    firsts.push(match settled {
-                        Some(stamp) => of_version(outcome, &stamp, w.read),
-                        None => outcome,
+                    firsts.push(match (settled, watched) {
+                        (Some(stamp), Some(root)) => of_version(outcome, &stamp, w.read, root),
+                        _ => outcome,
                     });
                 }
             }
@@ -670,7 +718,7 @@ fn cancelled(conn: &Conn, run: &str) -> Result<bool> {
 /// watch does with a file changed after it settled. Recorded with the coordinator's own stamp,
 /// which its next scan compares with: the worker's inode and ctime may differ on another
 /// host's mount. A file deleted before a worker got to it is no failure, as in a local watch.
-fn of_version(outcome: Outcome, settled: &Stamp, read: Option<WireStamp>) -> Outcome {
+fn of_version(outcome: Outcome, settled: &Stamp, read: Option<WireStamp>, root: &Path) -> Outcome {
     match outcome {
         Outcome::Done { rel, mut done } => {
             if read == Some(WireStamp::of(settled)) {
@@ -686,10 +734,26 @@ fn of_version(outcome: Outcome, settled: &Stamp, read: Option<WireStamp>) -> Out
                 }
             }
         }
-        Outcome::Failed { rel, error } if error.kind == Kind::Vanished => Outcome::Skipped {
-            rel,
-            reason: FileError::new(Kind::Vanished, "deleted before it was processed"),
-        },
+        // Not found by the worker: deleted, if this host finds it gone too; else a view of the
+        // tree that differs between hosts (a mount lagging behind), tried again later.
+        Outcome::Failed { rel, error } | Outcome::Skipped { rel, reason: error }
+            if error.kind == Kind::Vanished =>
+        {
+            if Stamp::of(&root.join(&rel)).is_none() {
+                Outcome::Skipped {
+                    rel,
+                    reason: FileError::new(Kind::Vanished, "deleted before it was processed"),
+                }
+            } else {
+                Outcome::Failed {
+                    rel,
+                    error: FileError::new(
+                        Kind::Changed,
+                        "a worker did not find it, but it is here: tried again",
+                    ),
+                }
+            }
+        }
         other => other,
     }
 }
@@ -774,29 +838,36 @@ mod tests {
 
     #[test]
     fn a_watched_file_s_outcome_counts_only_for_the_version_it_was_published_for() {
+        let root = tempfile::tempdir().unwrap();
+        let root = root.path();
         let settled = stamp(10);
         // Read as it settled: done, with the coordinator's own stamp (inode and ctime too).
         let same = Some(WireStamp::of(&stamp(10)));
-        match of_version(done("a"), &settled, same) {
+        match of_version(done("a"), &settled, same, root) {
             Outcome::Done { done, .. } => assert_eq!(done.stamp, Some(settled)),
             other => panic!("{other:?}"),
         }
         // Read at another size (changed since, or a late outcome of an earlier job), or
         // with no stamp said: looked at again.
         for read in [Some(WireStamp::of(&stamp(11))), None] {
-            match of_version(done("a"), &settled, read) {
+            match of_version(done("a"), &settled, read, root) {
                 Outcome::Failed { error, .. } => assert_eq!(error.kind, Kind::Changed),
                 other => panic!("{other:?}"),
             }
         }
-        // Deleted before a worker got to it: no failure.
-        let vanished = Outcome::Failed {
+        // Not found by a worker: deleted, if it is gone here too; else tried again.
+        let vanished = || Outcome::Failed {
             rel: "a".into(),
             error: FileError::new(Kind::Vanished, "gone"),
         };
         assert!(matches!(
-            of_version(vanished, &settled, None),
+            of_version(vanished(), &settled, None, root),
             Outcome::Skipped { reason, .. } if reason.kind == Kind::Vanished
+        ));
+        std::fs::write(root.join("a"), b"here").unwrap();
+        assert!(matches!(
+            of_version(vanished(), &settled, None, root),
+            Outcome::Failed { error, .. } if error.kind == Kind::Changed
         ));
     }
 }

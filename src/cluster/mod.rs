@@ -83,10 +83,12 @@ pub(crate) struct Queue {
     pub(crate) creds: Option<PathBuf>,
 }
 
-/// A failure to reach or set up the queue at start: a usage error (exit 2), not a run's.
+/// A failure to reach or set up the queue at start: a usage error (exit 2), not a run's. Its
+/// message is the whole chain of its cause, which is therefore not its `source` too (a chain
+/// printed with `{:#}` would say each cause twice).
 #[derive(Debug, thiserror::Error)]
 #[error("{0:#}")]
-pub(crate) struct Unreachable(#[source] pub(crate) anyhow::Error);
+pub(crate) struct Unreachable(pub(crate) anyhow::Error);
 
 /// A connection to JetStream, with the runtime its client runs on. Threads that are not the
 /// runtime's call into it with `rt.block_on`.
@@ -135,8 +137,8 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
     Ok(Conn { rt, client, js })
 }
 
-/// The streams.
-async fn setup(js: &jetstream::Context) -> Result<()> {
+/// The streams (created if missing; an existing one is used as it is).
+pub(crate) async fn setup(js: &jetstream::Context) -> Result<()> {
     js.get_or_create_stream(stream::Config {
         name: JOBS_STREAM.into(),
         subjects: vec!["filepipe.jobs.>".into()],

@@ -28,7 +28,7 @@ use crate::report::{self, Summary};
 use crate::signals::Shutdown;
 use crate::sink::queue::QueueSink;
 use crate::source::queue::{Delivered, Delivery, QueueSource, Settled};
-use crate::travel::Stats;
+use crate::travel::{Stamp, Stats};
 
 /// How long a job handed back waits before it is delivered again: never a busy loop.
 const NAK_DELAY: Duration = Duration::from_secs(1);
@@ -218,7 +218,11 @@ impl Router<'_> {
                 Err(e) => {
                     // One root's trouble (its consumer deleted, say) must not stop the others:
                     // try to make it again, and go on to the next root.
-                    let again = self.conn.rt.block_on(workers_consumer(&self.conn.js, root));
+                    // (A server that lost its store has no streams either: made again.)
+                    let again = self.conn.rt.block_on(async {
+                        crate::cluster::setup(&self.conn.js).await?;
+                        workers_consumer(&self.conn.js, root).await
+                    });
                     failed = Some(e.context(format!("root {root}")));
                     if let Ok(c) = again {
                         self.consumers[at].1 = c;
@@ -353,6 +357,7 @@ impl Router<'_> {
                     size: f.size,
                     replace: f.replace,
                     redelivered: delivered > 1,
+                    expect: f.stamp.map(|s| Stamp::seen_elsewhere(s.size, s.mtime_ns)),
                 }),
                 Err(e) => refused.push((f.rel.clone(), e)),
             }

@@ -42,8 +42,36 @@ const TEMP_SUFFIX: &str = ".tmp";
 
 /// The extended attribute that marks a temp as filepipe's (see the module comment).
 const TEMP_MARK: &str = "user.filepipe.temp";
-/// Its value: the version of the temp protocol.
-const TEMP_MARK_VALUE: &[u8] = b"1";
+/// Its value in temps of filepipes before the host was recorded: such a temp may be any
+/// host's, and is never removed.
+const TEMP_MARK_V1: &[u8] = b"1";
+
+/// This host's mark: `2:` and a hash of the machine id and host name, so a sweep tells its own
+/// host's temps from other hosts' on shared storage. Only its own host's are removed: whether
+/// another host's writer is alive its lock shows only where the mount carries locks between
+/// hosts (not FUSE, not NFS mounted `nolock`). The machine id is hashed, as systemd asks of
+/// anything that shows it; the host name tells apart containers made from one image.
+fn own_mark() -> &'static [u8] {
+    static MARK: OnceLock<Vec<u8>> = OnceLock::new();
+    MARK.get_or_init(|| {
+        use sha2::Digest as _;
+        let machine = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+            .iter()
+            .find_map(|p| std::fs::read(p).ok())
+            .unwrap_or_default();
+        let host = rustix::system::uname();
+        let mut h = sha2::Sha256::new();
+        h.update(b"filepipe temp host\0");
+        h.update(machine.trim_ascii());
+        h.update(b"\0");
+        h.update(host.nodename().to_bytes());
+        let id: String = h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("2:{id}").into_bytes()
+    })
+}
 
 /// Longest file name Linux file systems accept.
 pub(crate) const NAME_MAX: usize = 255;
@@ -553,7 +581,7 @@ fn create_named(dir: &Dir, name: &OsStr) -> Result<(OwnedFd, bool), Errno> {
 /// extended attributes (NFSv3, some FUSE ones): the temp is still locked and removed on
 /// failure, but a crash leaves it for the user.
 fn mark(fd: impl AsFd, dir: &Path) -> bool {
-    match rfs::fsetxattr(fd, TEMP_MARK, TEMP_MARK_VALUE, rfs::XattrFlags::empty()) {
+    match rfs::fsetxattr(fd, TEMP_MARK, own_mark(), rfs::XattrFlags::empty()) {
         Ok(()) => true,
         Err(e) => {
             tracing::debug!(dir = %dir.display(), error = %e, "temp not marked");
@@ -688,6 +716,10 @@ pub(crate) enum TempFound {
     Removed,
     /// Left by a filepipe that stopped, and kept: the caller does not own this tree.
     Stale,
+    /// Marked by another host's filepipe (or one too old to say which host), and not locked
+    /// here: it may still be written by a live writer whose lock this mount does not show, so
+    /// it is never removed.
+    Foreign,
     /// Named like a temp but without the mark, or not examinable (the errno): neither read nor
     /// removed, since nothing proves filepipe made it.
     Unmarked(Option<Errno>),
@@ -724,13 +756,23 @@ pub(crate) fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempF
         Err(Errno::AGAIN | Errno::ACCESS) => return still_there(TempFound::InUse),
         Err(e) => return still_there(TempFound::Unmarked(Some(e))),
     }
-    let mut value = [0u8; 8];
-    let marked = matches!(
-        rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]),
-        Ok(n) if value[..n] == *TEMP_MARK_VALUE
-    );
-    if !marked {
+    let mut value = [0u8; 32];
+    let mark = match rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]) {
+        Ok(n) => &value[..n],
+        Err(_) => &[][..],
+    };
+    if mark != TEMP_MARK_V1 && !mark.starts_with(b"2:") {
         return still_there(TempFound::Unmarked(None));
+    }
+    if mark != own_mark() {
+        return still_there(TempFound::Foreign);
+    }
+    // This host's, unlocked, and its writer (the pid in its name) still runs: the lock may
+    // have been taken through another mount of the same files (a FUSE view of a directory
+    // written directly), which does not show it here. Kept; a reused pid only keeps a dead
+    // temp for longer.
+    if writer_alive(name) {
+        return still_there(TempFound::InUse);
     }
     if !remove {
         return still_there(TempFound::Stale);
@@ -742,6 +784,23 @@ pub(crate) fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempF
             Err(e) => TempFound::Unmarked(Some(e)),
         },
         other => other,
+    }
+}
+
+/// Whether the process whose pid a temp's name carries (`.filepipe.<pid>-...`) exists here.
+fn writer_alive(name: &OsStr) -> bool {
+    let Some(rest) = name.as_bytes().strip_prefix(TEMP_PREFIX.as_bytes()) else {
+        return false;
+    };
+    let digits = rest.split(|&b| b == b'-').next().unwrap_or(b"");
+    let pid = std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse::<i32>().ok())
+        .and_then(rustix::process::Pid::from_raw);
+    match pid {
+        // EPERM: it exists, as another user's.
+        Some(pid) => !matches!(rustix::process::test_kill_process(pid), Err(Errno::SRCH)),
+        None => false,
     }
 }
 
@@ -1072,7 +1131,7 @@ mod tests {
         std::fs::write(&path, b"content").unwrap();
         let file = File::options().write(true).open(&path).unwrap();
         if mark {
-            rfs::fsetxattr(&file, TEMP_MARK, TEMP_MARK_VALUE, rfs::XattrFlags::empty()).unwrap();
+            rfs::fsetxattr(&file, TEMP_MARK, own_mark(), rfs::XattrFlags::empty()).unwrap();
         }
         if lock {
             fslock::lock(&file, LockKind::Write, false).unwrap();
@@ -1119,9 +1178,9 @@ mod tests {
         let name = OsStr::new(".filepipe.t.2.tmp");
         let (fd, marked) = create_named(&dir, name).unwrap();
         assert!(marked);
-        let mut value = [0u8; 8];
+        let mut value = [0u8; 32];
         let n = rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]).unwrap();
-        assert_eq!(&value[..n], TEMP_MARK_VALUE);
+        assert_eq!(&value[..n], own_mark());
         assert_eq!(examine_temp(&dir.fd, name, true), TempFound::InUse);
         drop(fd);
         assert_eq!(examine_temp(&dir.fd, name, true), TempFound::Removed);

@@ -128,12 +128,65 @@ pub(crate) fn publish<O: Op>(op: &O, ready: Ready<O::Pending>) -> Outcome {
         input,
         pending,
     } = ready;
+    if let Some(e) = superseded(&job, &input) {
+        return not_done(job.rel, e);
+    }
     let result = op.publish(&job, &input, pending);
     outcome(job, &input, result)
 }
 
+/// A result that would replace an existing output (`Job::replace`) for an input no longer
+/// at its name: another version of the file has taken its place since it was read, and that
+/// version's job (here, or a cluster's other worker, which may already have published) owns
+/// the output. Without this look, a worker that stalled past a cluster's ack wait would put
+/// an old version's output over the newer one's, and nothing would redo it. What is left is
+/// the moment between this look and the rename.
+fn superseded(job: &Job, input: &InputFile) -> Option<FileError> {
+    if !job.replace {
+        return None;
+    }
+    let read = Stamp::from_stat(&input.stat);
+    match Stamp::of(&job.abs) {
+        Some(now) if now.same_file(&read) => None,
+        _ => Some(FileError::new(
+            Kind::Changed,
+            "replaced or changed since it was read: its output is left to the newer version",
+        )),
+    }
+}
+
 /// Publishes verified results as one group and says how each file ended, in order.
 pub(crate) fn publish_group<O: Op>(op: &O, group: Vec<Ready<O::Pending>>) -> Vec<Outcome> {
+    // Superseded results are dropped (their temps with them) before the group is published.
+    let mut early: Vec<Option<Outcome>> = Vec::with_capacity(group.len());
+    let mut kept = Vec::with_capacity(group.len());
+    for r in group {
+        match superseded(&r.job, &r.input) {
+            Some(e) => early.push(Some(not_done(r.job.rel, e))),
+            None => {
+                early.push(None);
+                kept.push(r);
+            }
+        }
+    }
+    let mut published = publish_kept(op, kept).into_iter();
+    early
+        .into_iter()
+        .map(|o| {
+            o.or_else(|| published.next())
+                .unwrap_or_else(|| Outcome::Failed {
+                    rel: PathBuf::new(),
+                    error: FileError::new(Kind::Internal, "the op lost a file of its group"),
+                })
+        })
+        .collect()
+}
+
+/// `publish_group` of the results still to be published.
+fn publish_kept<O: Op>(op: &O, group: Vec<Ready<O::Pending>>) -> Vec<Outcome> {
+    if group.is_empty() {
+        return Vec::new();
+    }
     let (heads, pendings): (Vec<_>, Vec<_>) = group
         .into_iter()
         .map(|r| ((r.job, r.input), r.pending))

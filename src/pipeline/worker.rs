@@ -166,7 +166,7 @@ pub(crate) fn prepare<O: Op>(
     };
     if job
         .expect
-        .is_some_and(|e| e != Stamp::from_stat(&input.stat))
+        .is_some_and(|e| !e.same_file(&Stamp::from_stat(&input.stat)))
     {
         let e = FileError::new(
             Kind::Changed,
@@ -338,6 +338,51 @@ mod tests {
             Err(Outcome::Skipped { reason, .. }) => assert_eq!(reason.kind, Kind::UpToDate),
             other => panic!("{:?}", other.err()),
         }
+    }
+
+    #[test]
+    fn a_result_for_a_version_replaced_since_it_was_read_does_not_replace_the_output() {
+        use std::io::Read as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join("f");
+        std::fs::write(&f, b"version one").unwrap();
+        let cfg = config_op(tmp.path(), "gzip");
+        let op = crate::ops::gzip::GzipOp::new(&cfg).unwrap();
+        let mut scratch = op.scratch();
+        let job = |replace| Job {
+            abs: cfg.root.join("f"),
+            rel: PathBuf::from("f"),
+            replace,
+            expect: None,
+            redelivered: false,
+        };
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
+        assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
+        // Version two is read; before its result is published, version three takes its name
+        // (and a newer job, elsewhere, its output).
+        std::fs::write(&f, b"version two, longer").unwrap();
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch).unwrap();
+        std::fs::write(tmp.path().join("f.new"), b"version three").unwrap();
+        std::fs::rename(tmp.path().join("f.new"), &f).unwrap();
+        match publish_guarded(&op, ready) {
+            Outcome::Failed { error, .. } => assert_eq!(error.kind, Kind::Changed),
+            other => panic!("{other:?}"),
+        }
+        let mut out = String::new();
+        flate2::read::GzDecoder::new(std::fs::File::open(tmp.path().join("f.gz")).unwrap())
+            .read_to_string(&mut out)
+            .unwrap();
+        assert_eq!(
+            out, "version one",
+            "the output was replaced by a superseded version"
+        );
+        // The same through a publisher's group.
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch).unwrap();
+        std::fs::write(&f, b"version four!").unwrap();
+        let outcomes = crate::pipeline::publish::publish_group(&op, vec![ready]);
+        assert!(
+            matches!(&outcomes[..], [Outcome::Failed { error, .. }] if error.kind == Kind::Changed)
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crossbeam_channel::{select, Receiver, Sender};
 
 use crate::signals::Shutdown;
 use crate::source::{Outlet, Source};
-use crate::travel::{BatchFill, Job, Msg, Recorded};
+use crate::travel::{BatchFill, Job, Msg, Recorded, Stamp};
 
 /// A message's jobs, as the router hands them over.
 #[derive(Debug)]
@@ -41,6 +41,8 @@ pub(crate) struct Delivered {
     pub(crate) replace: bool,
     /// Its message was delivered before (`Job::redelivered`).
     pub(crate) redelivered: bool,
+    /// A watching coordinator's: the size and mtime it settled with (`Job::expect`).
+    pub(crate) expect: Option<Stamp>,
 }
 
 /// A message whose files are all recorded.
@@ -168,6 +170,7 @@ impl QueueSource {
             size,
             replace,
             redelivered,
+            expect,
         } in d.files
         {
             if let Some(ids) = books.waiting.get_mut(&rel) {
@@ -188,7 +191,7 @@ impl QueueSource {
                 abs: self.root.join(&rel),
                 rel,
                 replace,
-                expect: None,
+                expect,
                 redelivered,
             });
         }

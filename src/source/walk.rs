@@ -391,7 +391,7 @@ fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
                     path = %entry.path().display(),
                     "named like a filepipe temp file but not marked as one: left alone"
                 ),
-                TempFound::Ignore | TempFound::InUse | TempFound::Stale => {}
+                TempFound::Ignore | TempFound::InUse | TempFound::Stale | TempFound::Foreign => {}
             }
         }
     }
@@ -424,6 +424,11 @@ fn temp_reason(
         TempFound::InUse => FileError::new(
             Kind::TempInUse,
             "a temp file another running filepipe is writing; left alone",
+        ),
+        TempFound::Foreign => FileError::new(
+            Kind::TempInUse,
+            "a temp file of a filepipe on another host (or of an old version); left alone: \
+             whether its writer is alive cannot be told from here",
         ),
         TempFound::Stale => FileError::new(
             Kind::StaleTemp,

@@ -710,3 +710,25 @@ pub fn temps_in_progress(dir: &Path) -> Vec<PathBuf> {
     }
     found
 }
+
+/// The value of the `user.filepipe.temp` mark filepipe gives its temps on this host: `2:` and
+/// the first 8 bytes, in hex, of SHA-256 over "filepipe temp host", NUL, the machine id, NUL
+/// and the host name (the contract `fsio::output` writes and its sweep checks).
+pub fn temp_mark() -> Vec<u8> {
+    use sha2::Digest as _;
+    let machine = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
+        .iter()
+        .find_map(|p| fs::read(p).ok())
+        .unwrap_or_default();
+    let host = rustix::system::uname();
+    let mut h = sha2::Sha256::new();
+    h.update(b"filepipe temp host\0");
+    h.update(machine.trim_ascii());
+    h.update(b"\0");
+    h.update(host.nodename().to_bytes());
+    let id: String = h.finalize()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("2:{id}").into_bytes()
+}

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::signals::Shutdown;
 use crate::source::walk::{self, Found};
 use crate::source::{Outlet, Source};
-use crate::state::{self, Reader};
+use crate::state::Reader;
 use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
 
 use events::{anonymous, ignored_name, watch_dir, watch_error, Change};
@@ -356,9 +356,10 @@ impl Watcher<'_> {
                     if ignored_name(cfg, &rel) {
                         continue;
                     }
-                    // Report a symlink or special file once, not at every rescan.
+                    // Report a symlink, a special file or an unreadable directory once, not at
+                    // every rescan (with --poll, every few seconds).
                     let stamp = Stamp::of(&self.cfg.root.join(&rel));
-                    if matches!(outcome, Outcome::Skipped { .. })
+                    if matches!(outcome, Outcome::Skipped { .. } | Outcome::Failed { .. })
                         && was.is_some_and(|k| k.settled(stamp))
                     {
                         continue;
@@ -502,12 +503,9 @@ impl Watcher<'_> {
                     continue;
                 }
                 // An output filepipe itself made for this file may be replaced when the file
-                // changes; anyone else's never is.
+                // changes (even after a failed attempt since); anyone else's never is.
                 let replace = self.cfg.op == OpKind::Gzip
-                    && self
-                        .reader
-                        .lookup(&rel)?
-                        .is_some_and(|k| k.status == state::FileStatus::Done);
+                    && self.reader.lookup(&rel)?.is_some_and(|k| k.made_output);
                 self.flight.start(rel.clone());
                 fill.add(size);
                 batch.push(Job {
