@@ -196,8 +196,13 @@ impl Settle {
             return;
         }
         if let Some(waiting) = self.ready_set.get_mut(&rel) {
-            *waiting = stamp;
-            return;
+            if lost != Lost::Unseen || *waiting == stamp {
+                *waiting = stamp;
+                return;
+            }
+            // Changed, unseen, while it waited for a worker: it settles again, from this look
+            // (its place in `ready` is skipped once it is out of the set).
+            self.ready_set.remove(&rel);
         }
         if lost == Lost::Events {
             self.pending.remove(&rel);
@@ -579,6 +584,15 @@ mod tests {
         };
         assert_eq!((rel.to_str(), seen), (Some("growing"), stamp(3)));
         assert_eq!(q.queued(), 0, "the vanished file is dropped");
+        // Ready, then changed unseen before a worker took it: a second look again.
+        q.found("late".into(), stamp(1), Lost::Unseen, ms(t0, 300));
+        look.files.insert("late".into(), stamp(1).unwrap());
+        q.promote(ms(t0, 400), &look).unwrap();
+        assert_eq!(q.next_size(), Some(1));
+        q.found("late".into(), stamp(2), Lost::Unseen, ms(t0, 400));
+        look.files.insert("late".into(), stamp(2).unwrap());
+        assert_eq!(q.next_size(), None, "not ready on the poll's word alone");
+        assert_eq!(ready_at(&mut q, ms(t0, 500), &look), ["late"]);
         // A local writer's events still decide for the file they told of: it is open.
         q.touch("local".into(), false, None, ms(t0, 400));
         q.found("local".into(), stamp(1), Lost::Unseen, ms(t0, 400));
