@@ -248,10 +248,11 @@ impl Watcher<'_> {
                 // end of a scan, so a tree that takes longer to scan is not scanned back to
                 // back.
                 let root = self.cfg.root.clone();
+                let started = Instant::now();
                 self.watch(&root)?;
                 self.scan(&root, Lost::Unseen)?;
                 crate::report::metrics::rescan(self.cfg, "poll");
-                tracing::debug!(scans = self.scans, "polled");
+                tracing::debug!(scans = self.scans, took = ?started.elapsed(), "polled");
                 last_poll = Instant::now();
             }
             self.promote()?;
