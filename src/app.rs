@@ -31,6 +31,7 @@ pub fn main() -> ExitCode {
                 let queue = crate::cluster::Queue {
                     url,
                     creds: args.creds.clone(),
+                    tls_ca: args.tls_ca.clone(),
                 };
                 (queue, name)
             });
@@ -59,9 +60,10 @@ pub fn main() -> ExitCode {
         Command::Status(crate::cli::StatusArgs {
             queue: Some(url),
             creds,
+            tls_ca,
             ..
         }) => {
-            let queue = crate::cluster::Queue { url, creds };
+            let queue = crate::cluster::Queue { url, creds, tls_ca };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             match crate::cluster::status(&queue, &mut out) {
                 Ok(()) => written(out.flush(), exit::SUCCESS),

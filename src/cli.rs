@@ -158,6 +158,11 @@ pub(crate) struct BatchArgs {
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
+    /// Cluster mode: trust the CA certificates in this PEM file for a tls:// queue (a private
+    /// CA), besides the system's.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "FILE", requires = "queue")]
+    pub(crate) tls_ca: Option<PathBuf>,
 }
 
 /// Arguments of `filepipe watch`.
@@ -213,6 +218,11 @@ pub(crate) struct WatchArgs {
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
+    /// Cluster mode: trust the CA certificates in this PEM file for a tls:// queue (a private
+    /// CA), besides the system's.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "FILE", requires = "queue")]
+    pub(crate) tls_ca: Option<PathBuf>,
 }
 
 /// Arguments of `filepipe completions`.
@@ -248,6 +258,10 @@ pub(crate) struct StatusArgs {
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
+    /// Trust the CA certificates in this PEM file for a tls:// --queue.
+    #[cfg(feature = "cluster")]
+    #[arg(long, value_name = "FILE", requires = "queue")]
+    pub(crate) tls_ca: Option<PathBuf>,
 }
 
 /// Arguments of `filepipe worker`.
@@ -274,6 +288,10 @@ pub(crate) struct WorkerArgs {
     /// A NATS credentials file (.creds).
     #[arg(long, value_name = "FILE")]
     pub(crate) creds: Option<PathBuf>,
+    /// Trust the CA certificates in this PEM file for a tls:// queue (a private CA), besides
+    /// the system's.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_ca: Option<PathBuf>,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9187) [default: off].
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) metrics: Option<std::net::SocketAddr>,

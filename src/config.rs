@@ -87,6 +87,8 @@ pub(crate) struct QueueTarget {
     pub(crate) url: String,
     /// A NATS credentials file.
     pub(crate) creds: Option<PathBuf>,
+    /// CA certificates to trust for TLS.
+    pub(crate) tls_ca: Option<PathBuf>,
     /// The root's name (`--root-name`).
     pub(crate) root_name: String,
 }
@@ -215,6 +217,7 @@ impl Config {
             w.queue = Some(QueueTarget {
                 url: url.clone(),
                 creds: args.creds.clone(),
+                tls_ca: args.tls_ca.clone(),
                 root_name,
             });
         }

@@ -35,6 +35,7 @@ pub(crate) fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<
         let queue = crate::cluster::Queue {
             url: q.url.clone(),
             creds: q.creds.clone(),
+            tls_ca: q.tls_ca.clone(),
         };
         return crate::cluster::coordinate_watch(cfg, &queue, &q.root_name, shutdown, stats);
     }

@@ -30,6 +30,11 @@ impl Nats {
     /// Starts one, ready for clients (its port answers with INFO); `None`, saying so, where
     /// there is no nats-server.
     fn start() -> Option<Nats> {
+        Self::start_with(&[], "nats")
+    }
+
+    /// `start`, with more server arguments (TLS, users), its URL with `scheme`.
+    fn start_with(extra: &[&OsStr], scheme: &str) -> Option<Nats> {
         if Command::new("nats-server")
             .arg("--version")
             .output()
@@ -41,8 +46,8 @@ impl Nats {
         let store = tempfile::tempdir().unwrap();
         // The server picks its own port (-1) and says which: a port found free here could be
         // taken by another test's server before this one binds it.
-        let (child, port) = Self::spawn("-1", store.path());
-        let url = format!("nats://127.0.0.1:{port}");
+        let (child, port) = Self::spawn_with("-1", store.path(), extra);
+        let url = format!("{scheme}://127.0.0.1:{port}");
         Some(Nats {
             child,
             url,
@@ -53,9 +58,14 @@ impl Nats {
     /// Starts a server on `port` ("-1": any) and returns it once it is ready for clients
     /// (its log says so), with the port it listens on.
     fn spawn(port: &str, store: &Path) -> (Child, u16) {
+        Self::spawn_with(port, store, &[])
+    }
+
+    fn spawn_with(port: &str, store: &Path, extra: &[&OsStr]) -> (Child, u16) {
         let mut child = Command::new("nats-server")
             .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
             .arg(store)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -961,4 +971,146 @@ fn a_watching_coordinator_whose_root_is_moved_stops_with_an_error() {
         "{}",
         run.stderr()
     );
+}
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the real openssl, in
+/// `dir`: (ca.pem, server.pem, server.key). `None`, saying so, without openssl.
+fn certificates(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let openssl = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map(|o| assert!(o.status.success(), "openssl {args:?}: {o:?}"))
+    };
+    if openssl(&["version"]).is_err() {
+        eprintln!("SKIPPED: no openssl to make test certificates");
+        return None;
+    }
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ])
+    .ok()?;
+    fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ])
+    .ok()?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ])
+    .ok()?;
+    Some((
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    ))
+}
+
+#[test]
+fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
+    let t = tree(40, 0);
+    let Some((ca, cert, key)) = certificates(t.dir.path()) else {
+        return;
+    };
+    let server = [
+        s("--tls"),
+        s("--tlscert"),
+        cert.as_os_str(),
+        s("--tlskey"),
+        key.as_os_str(),
+        s("--user"),
+        s("filepipe"),
+        s("--pass"),
+        s("s3cret"),
+    ];
+    let Some(nats) = Nats::start_with(&server, "tls") else {
+        return;
+    };
+    let host = nats.url.trim_start_matches("tls://");
+    let url = format!("tls://filepipe:s3cret@{host}");
+    let ca_arg = ca.to_str().unwrap();
+    // A worker and a coordinator that trust the CA and give the password.
+    let mut cmd = filepipe(&[s("worker"), s("--queue"), s(&url), s("--tls-ca"), s(ca_arg)]);
+    cmd.arg("--root")
+        .arg(format!("tree={}", t.root().display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let worker = Started::new(cmd);
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&url)]);
+    let manifest = t.side("SUMS");
+    cmd.args([
+        "--tls-ca",
+        ca_arg,
+        "--root-name",
+        "tree",
+        "--op",
+        "sha256",
+        "--json",
+    ])
+    .arg("--manifest")
+    .arg(&manifest)
+    .env("XDG_STATE_HOME", xdg(&t.root()));
+    let sum = run(cmd).code(0).summary();
+    assert_eq!(sum["done"], 40, "{sum}");
+    drop(worker);
+    // Without the CA: the server's certificate is not trusted. With a wrong password: not
+    // let in. Both at start, exit 2, saying why.
+    let status = |url: &str, extra: &[&str]| {
+        let mut cmd = filepipe(&[s("status"), s("--queue"), s(url)]);
+        cmd.args(extra);
+        run(cmd)
+    };
+    let out = status(&url, &["--tls-ca", ca_arg]);
+    // The password is never shown.
+    assert!(
+        !out.success().stdout().contains("s3cret"),
+        "{}",
+        out.stdout()
+    );
+    let err = status(&url, &[]).code(2).stderr();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let wrong = format!("tls://filepipe:wrong@{host}");
+    let err = status(&wrong, &["--tls-ca", ca_arg]).code(2).stderr();
+    assert!(err.to_lowercase().contains("authoriz"), "{err}");
+    assert!(!err.contains("wrong"), "the password shown: {err}");
+    let err = status(&url, &["--tls-ca", "/no/such/ca.pem"])
+        .code(2)
+        .stderr();
+    assert!(err.contains("/no/such/ca.pem"), "{err}");
 }

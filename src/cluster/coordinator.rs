@@ -188,9 +188,9 @@ fn coordinate(
         .map_err(Unreachable)?;
     match &resumed {
         Some(_) => {
-            tracing::warn!(%run, root, queue = %queue.url, "resuming the run a killed coordinator of this batch left")
+            tracing::warn!(%run, root, queue = %queue.shown(), "resuming the run a killed coordinator of this batch left")
         }
-        None => tracing::info!(%run, root, queue = %queue.url, "coordinating"),
+        None => tracing::info!(%run, root, queue = %queue.shown(), "coordinating"),
     }
     let ledger = Ledger::default();
     let watching = source.listens();

@@ -81,6 +81,23 @@ pub(crate) struct Queue {
     pub(crate) url: String,
     /// A `.creds` file.
     pub(crate) creds: Option<PathBuf>,
+    /// A PEM file of CA certificates to trust (a private CA's) besides the system's.
+    pub(crate) tls_ca: Option<PathBuf>,
+}
+
+impl Queue {
+    /// The URL as logs and messages show it: without the user and password (or token) it may
+    /// hold, which would otherwise end up in the journal and in failure reports.
+    pub(crate) fn shown(&self) -> String {
+        let Some((scheme, rest)) = self.url.split_once("://") else {
+            return self.url.clone();
+        };
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        match authority.rsplit_once('@') {
+            Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+            None => self.url.clone(),
+        }
+    }
 }
 
 /// A failure to reach or set up the queue at start: a usage error (exit 2), not a run's. Its
@@ -113,6 +130,31 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
             let mut opts = async_nats::ConnectOptions::new()
                 .name(name)
                 .connection_timeout(Duration::from_secs(5));
+            // `user:password@` (or a token alone) in the URL: the client takes them only as
+            // options.
+            let addr: async_nats::ServerAddr = q
+                .url
+                .parse()
+                .with_context(|| format!("not a NATS URL: {}", q.shown()))?;
+            let decode = |s: &str| {
+                percent_encoding::percent_decode_str(s)
+                    .decode_utf8()
+                    .map(|s| s.into_owned())
+                    .context("a user or password in the URL that is not UTF-8")
+            };
+            match (addr.username(), addr.password()) {
+                (Some(user), Some(pass)) => {
+                    opts = opts.user_and_password(decode(user)?, decode(pass)?);
+                }
+                (Some(token), None) => opts = opts.token(decode(token)?),
+                _ => {}
+            }
+            if let Some(ca) = &q.tls_ca {
+                // Read here, so a wrong path is an error at start, not a failed handshake.
+                std::fs::metadata(ca)
+                    .with_context(|| format!("reading the CA certificates {}", ca.display()))?;
+                opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+            }
             if let Some(creds) = &q.creds {
                 opts = opts
                     .credentials_file(creds)
@@ -122,7 +164,7 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
             let client = opts
                 .connect(q.url.as_str())
                 .await
-                .with_context(|| format!("cannot connect to NATS at {}", q.url))?;
+                .with_context(|| format!("cannot connect to NATS at {}", q.shown()))?;
             let mut js = jetstream::new(client.clone());
             // A busy server (a file store being written, many clients) may take more than the
             // client's default 5 s to answer an API request or store a message: a slow answer
@@ -130,15 +172,34 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
             js.set_timeout(Duration::from_secs(30));
             setup(&js)
                 .await
-                .with_context(|| format!("setting up JetStream at {} (is it -js?)", q.url))?;
+                .with_context(|| format!("setting up JetStream at {} (is it -js?)", q.shown()))?;
             anyhow::Ok((client, js))
         })
         .map_err(Unreachable)?;
     Ok(Conn { rt, client, js })
 }
 
-/// The streams (created if missing; an existing one is used as it is).
+/// The streams (created if missing; an existing one is used as it is). Two clients starting
+/// together may both find a stream missing: the one whose create loses the race finds the
+/// other's.
 pub(crate) async fn setup(js: &jetstream::Context) -> Result<()> {
+    for _ in 0..2 {
+        match create_streams(js).await {
+            Ok(()) => return Ok(()),
+            Err(e)
+                if js.get_stream(JOBS_STREAM).await.is_ok()
+                    && js.get_stream(OUTCOMES_STREAM).await.is_ok() =>
+            {
+                tracing::debug!(error = %format!("{e:#}"), "another client made the streams");
+                return Ok(());
+            }
+            Err(_) => {}
+        }
+    }
+    create_streams(js).await
+}
+
+async fn create_streams(js: &jetstream::Context) -> Result<()> {
     js.get_or_create_stream(stream::Config {
         name: JOBS_STREAM.into(),
         subjects: vec!["filepipe.jobs.>".into()],

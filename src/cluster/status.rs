@@ -33,7 +33,7 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
             .map(f)
             .sum()
     };
-    writeln!(out, "queue\t{}", queue.url)?;
+    writeln!(out, "queue\t{}", queue.shown())?;
     writeln!(
         out,
         "jobs\t{} messages waiting or in flight ({} bytes)",

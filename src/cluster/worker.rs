@@ -89,6 +89,7 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
     let queue = Queue {
         url: args.queue.clone(),
         creds: args.creds.clone(),
+        tls_ca: args.tls_ca.clone(),
     };
     let conn = connect(&queue, "filepipe-worker")?;
     // One consumer per root this worker maps: it is only ever given jobs it can do.
