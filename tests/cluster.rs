@@ -154,6 +154,11 @@ struct Worker {
 
 impl Worker {
     fn start(nats: &Nats, dir: &Path, roots: &[String], jobs: &str) -> Worker {
+        Self::start_with(nats, dir, roots, jobs, &[])
+    }
+
+    /// `start`, with more arguments.
+    fn start_with(nats: &Nats, dir: &Path, roots: &[String], jobs: &str, extra: &[&str]) -> Worker {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let socket = dir.join(format!("worker-{n}.sock"));
@@ -169,6 +174,7 @@ impl Worker {
         for r in roots {
             cmd.args(["--root", r]);
         }
+        cmd.args(extra);
         cmd.env("NOTIFY_SOCKET", &socket)
             .env_remove("WATCHDOG_USEC")
             .stdout(Stdio::null())
@@ -1113,4 +1119,43 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
         .code(2)
         .stderr();
     assert!(err.contains("/no/such/ca.pem"), "{err}");
+}
+
+#[test]
+fn a_worker_serves_metrics_of_what_it_did() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(30, 0);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let root = format!("tree={}", t.root().display());
+    let _worker = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        std::slice::from_ref(&root),
+        "1",
+        &["--metrics", &addr],
+    );
+    let sum = coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"])
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 30, "{sum}");
+    // The worker's outcomes are stored before its metrics are read: its reporter counted them.
+    let scrape = || {
+        let out = Command::new("curl")
+            .args(["-sSf", &format!("http://{addr}/metrics")])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let want = format!(
+        "filepipe_files_total{{pipeline=\"{}\",op=\"gzip\",outcome=\"done\",reason=\"\"}} 30",
+        t.root().display()
+    );
+    wait_until(Duration::from_secs(30), "the worker's metrics", || {
+        scrape().lines().any(|l| l == want)
+    });
 }
