@@ -78,6 +78,15 @@ pub(crate) struct WatchSettings {
     pub(crate) lock: Option<std::sync::Arc<crate::state::DirLock>>,
 }
 
+/// Whether `name` may name a root in cluster mode: 1 to 64 of `A-Z a-z 0-9 _ -` (a NATS
+/// subject token; `cluster::wire` checks job messages by the same rule).
+pub(crate) fn valid_root_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 /// Cluster mode: the queue a coordinator publishes its jobs to, and the name its workers know
 /// its root by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -208,7 +217,7 @@ impl Config {
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default(),
             };
-            if !crate::cluster::wire::valid_name(&root_name) {
+            if !valid_root_name(&root_name) {
                 bail!(
                     "the root's name {root_name:?} is not 1 to 64 of A-Z a-z 0-9 _ - : give one \
                      with --root-name NAME (the workers map it with --root NAME=PATH)"

@@ -252,6 +252,7 @@ impl Stamp {
     }
 
     /// What another host saw of a file: its size and mtime (see `INODE_UNKNOWN`).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn seen_elsewhere(size: u64, mtime_ns: i64) -> Stamp {
         Stamp {
             size,

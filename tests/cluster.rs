@@ -1159,3 +1159,53 @@ fn a_worker_serves_metrics_of_what_it_did() {
         scrape().lines().any(|l| l == want)
     });
 }
+
+#[test]
+fn a_watch_table_with_a_queue_runs_a_watching_coordinator_under_the_service() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().dir("a");
+    let _worker = Worker::start(
+        &nats,
+        t.dir.path(),
+        &[format!("incoming={}", t.path("a").display())],
+        "1",
+    );
+    let config = t.side("c.toml");
+    let write = |body: &str| fs::write(&config, body).unwrap();
+    let state = t.side("state");
+    let base = format!(
+        "state_dir = {:?}\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nsettle_ms = 100\nqueue = {:?}\n",
+        state.to_str().unwrap(),
+        nats.url
+    );
+    // A root name the workers could not map: refused at check-config, naming the key.
+    write(&format!("{base}root_name = \"a.b\"\n"));
+    let check = run(filepipe(&[s("check-config"), config.as_os_str()]));
+    assert!(
+        check.code(2).stderr().contains("watch[0].root_name"),
+        "{}",
+        check.stderr()
+    );
+    write(&format!("{base}root_name = \"incoming\"\n"));
+    let socket = t.side("notify.sock");
+    let notes = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[s("watch"), s("--config"), config.as_os_str()]);
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let daemon = Started::new(cmd);
+    wait_until(Duration::from_secs(60), "READY=1", || notes.has("READY=1"));
+    fs::write(t.path("a/x.log"), text_bytes(20_000, 1)).unwrap();
+    wait_until(Duration::from_secs(60), "the worker's output", || {
+        tool("gzip", &[s("-t"), s("a/x.log.gz")], &t.root())
+            .status
+            .success()
+    });
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&daemon),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    daemon.finish(Duration::from_secs(60)).success();
+}

@@ -51,9 +51,7 @@ pub(crate) fn fitting<T>(
 /// Whether `s` is a name a run or a root may have: 1 to 64 of `A-Z a-z 0-9 _ -`. Such names
 /// are also safe as NATS subject tokens.
 pub(crate) fn valid_name(s: &str) -> bool {
-    (1..=64).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    crate::config::valid_root_name(s)
 }
 
 /// A path relative to a root, as bytes: a string when it is UTF-8, else hex (file names need

@@ -44,6 +44,14 @@ struct WatchEntry {
     exclude: Vec<String>,
     settle_ms: Option<Spanned<u64>>,
     poll_secs: Option<Spanned<u64>>,
+    /// Cluster mode: settled files go to this NATS JetStream queue's workers.
+    queue: Option<Spanned<String>>,
+    /// The name the workers know this root by [default: its directory's name].
+    root_name: Option<Spanned<String>>,
+    /// A NATS credentials file for `queue`.
+    creds: Option<PathBuf>,
+    /// CA certificates to trust for a tls:// `queue`.
+    tls_ca: Option<PathBuf>,
 }
 
 /// A loaded, validated config: one resolved `Config` per pipeline.
@@ -293,12 +301,42 @@ pub(crate) fn load(
             .or(w.poll_secs.as_ref().map(|s| *s.get_ref()))
             .or(file.poll_secs.as_ref().map(|s| *s.get_ref()))
             .map(Duration::from_secs);
-        let cfg = Config::from_common(&root, w.op, &args, quiet, create)
+        let mut cfg = Config::from_common(&root, w.op, &args, quiet, create)
             .and_then(|c| {
                 let settle = Duration::from_millis(settle);
                 c.watching(state_dir.clone(), settle, poll, create)
             })
             .map_err(|e| at(w.path.span(), &format!("watch[{i}]"), format!("{e:#}")))?;
+        if let Some(queue) = &w.queue {
+            if !cfg!(feature = "cluster") {
+                let msg = "this filepipe is built without cluster mode (feature cluster)";
+                return Err(at(queue.span(), &key("queue"), msg.into()));
+            }
+            let name = match &w.root_name {
+                Some(n) => n.get_ref().clone(),
+                None => root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            };
+            if !crate::config::valid_root_name(&name) {
+                let span = w.root_name.as_ref().map_or(queue.span(), |n| n.span());
+                let msg = format!(
+                    "the root's name {name:?} is not 1 to 64 of A-Z a-z 0-9 _ - (set root_name)"
+                );
+                return Err(at(span, &key("root_name"), msg));
+            }
+            if let Some(settings) = cfg.watch.as_mut() {
+                settings.queue = Some(crate::config::QueueTarget {
+                    url: queue.get_ref().clone(),
+                    creds: w.creds.as_deref().map(resolve),
+                    tls_ca: w.tls_ca.as_deref().map(resolve),
+                    root_name: name,
+                });
+            }
+        } else if let Some(span) = w.root_name.as_ref().map(|n| n.span()) {
+            return Err(at(span, &key("root_name"), "needs queue".into()));
+        }
         pipelines.push(cfg);
     }
     // An output root inside a watch root listed later is just as bad.
