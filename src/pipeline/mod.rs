@@ -28,8 +28,10 @@ use crossbeam_channel::bounded;
 
 use crate::cli::OpKind;
 use crate::config::Config;
-use crate::ops::gzip::GzipOp;
+use crate::ops::compress::CompressOp;
+use crate::ops::gzip::Gzip;
 use crate::ops::sha256::Sha256Op;
+use crate::ops::zstd::Zstd;
 use crate::ops::Op;
 use crate::report::{self, Summary};
 use crate::signals::Shutdown;
@@ -101,7 +103,14 @@ pub(crate) fn run(
     stats: &Stats,
 ) -> Result<Summary> {
     match cfg.op {
-        OpKind::Gzip => run_with(cfg, &GzipOp::new(cfg)?, shutdown, source, sink, stats),
+        OpKind::Gzip => {
+            let op = CompressOp::<Gzip>::new(cfg)?;
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
+        OpKind::Zstd => {
+            let op = CompressOp::<Zstd>::new(cfg)?;
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
         OpKind::Sha256 => run_with(cfg, &Sha256Op, shutdown, source, sink, stats),
     }
 }
