@@ -364,3 +364,31 @@ fn watch_mode_compresses_each_file_once_and_skips_compressed_ones() {
         assert_zstd_restores(&zst_of(&input), &fs::read(&input).unwrap());
     }
 }
+
+#[test]
+fn remove_source_after_a_stopped_run_adopts_the_stamped_outputs_without_recompressing() {
+    if !zstd_or_skip() {
+        return;
+    }
+    let t = TestTree::new()
+        .file("a.txt", &text_bytes(9_000, 18))
+        .file("b.log", &text_bytes(5 << 20, 19));
+    let inputs: Vec<Vec<u8>> = ["a.txt", "b.log"]
+        .iter()
+        .map(|r| fs::read(t.path(r)).unwrap())
+        .collect();
+    // A run published the outputs and stopped before removing the inputs.
+    zstd_batch(&t, &[]).success();
+    let ino = |rel: &str| fs::metadata(zst_of(&t.path(rel))).unwrap().ino();
+    let before = (ino("a.txt"), ino("b.log"));
+    let sum = zstd_batch(&t, &[s("--json"), s("--remove-source")])
+        .success()
+        .summary();
+    assert_eq!(sum["done"], 2, "{sum}");
+    // The very outputs, checked against the inputs, and the inputs gone.
+    assert_eq!((ino("a.txt"), ino("b.log")), before);
+    for (rel, data) in ["a.txt", "b.log"].iter().zip(&inputs) {
+        assert!(!t.path(rel).exists(), "{rel} removed");
+        assert_zstd_restores(&zst_of(&t.path(rel)), data);
+    }
+}
