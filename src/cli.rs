@@ -129,18 +129,18 @@ impl OpKind {
     }
 
     /// `level` (from the command line, the config file or a job message) checked against this
-    /// op's range; `None` gives the default.
+    /// op's range; `None` gives the default. The error completes "--level ..." or "level ...".
     pub(crate) fn level(self, level: Option<u32>) -> Result<u32, String> {
         match (level, self.levels()) {
             (None, _) => Ok(self.default_level()),
             (Some(l), Some(range)) if range.contains(&l) => Ok(l),
             (Some(l), Some(range)) => Err(format!(
-                "level {l} is out of range for {}: {} to {}",
+                "{l} is out of range for {} ({} to {})",
                 self.as_str(),
                 range.start(),
                 range.end()
             )),
-            (Some(_), None) => Err(format!("{} takes no level", self.as_str())),
+            (Some(_), None) => Err(format!("does not apply to {}", self.as_str())),
         }
     }
 }

@@ -148,7 +148,7 @@ impl Config {
         // The range depends on the op (gzip 1-9, zstd 1-19): clap only knows the widest.
         let level = op
             .level(args.level)
-            .map_err(|e| anyhow::anyhow!("--level: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("--level {e}"))?;
         let out = match &args.out {
             Some(out) => {
                 // Checked before anything is created: a refused --out leaves no directory.

@@ -215,7 +215,8 @@ impl JobBatch {
         }
         // Each op's own range (gzip 1-9, zstd 1-19); a hash carries a level it does not use.
         if b.op.compresses() {
-            b.op.level(Some(b.level))?;
+            b.op.level(Some(b.level))
+                .map_err(|e| format!("level {e}"))?;
         }
         if b.files.is_empty() || b.files.len() > MAX_FILES {
             return Err(format!(
