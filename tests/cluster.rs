@@ -870,6 +870,18 @@ fn a_batch_coordinator_killed_mid_run_is_resumed_by_the_same_command_each_file_o
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Changed while the coordinator was down: its outcome no longer counts.
+    let changed = walkdir::WalkDir::new(t.root())
+        .into_iter()
+        .filter_map(Result::ok)
+        .find(|e| e.file_type().is_file())
+        .unwrap()
+        .into_path();
+    fs::write(
+        &changed,
+        b"a new version, written while no coordinator ran\n",
+    )
+    .unwrap();
     // The same command resumes the run: the outcomes so far count, the rest is published.
     let verbose = [&args[..], &["-v"]].concat();
     let again = start_coordinator(&nats, &t.root(), &verbose).finish(Duration::from_secs(120));
@@ -1072,9 +1084,12 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
     let url = format!("tls://filepipe:s3cret@{host}");
     let ca_arg = ca.to_str().unwrap();
     // A worker and a coordinator that trust the CA and give the password.
+    let failures = t.side("failures.jsonl");
     let mut cmd = filepipe(&[s("worker"), s("--queue"), s(&url), s("--tls-ca"), s(ca_arg)]);
     cmd.arg("--root")
         .arg(format!("tree={}", t.root().display()))
+        .arg("--failure-log")
+        .arg(&failures)
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let worker = Started::new(cmd);
@@ -1094,7 +1109,19 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
     .env("XDG_STATE_HOME", xdg(&t.root()));
     let sum = run(cmd).code(0).summary();
     assert_eq!(sum["done"], 40, "{sum}");
-    drop(worker);
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&worker),
+        rustix::process::Signal::TERM,
+    );
+    let logged = worker.finish(Duration::from_secs(60));
+    // Neither the worker's log nor its failure log holds the password.
+    let log = format!(
+        "{}{}",
+        logged.stderr(),
+        fs::read_to_string(&failures).unwrap()
+    );
+    assert!(log.contains("worker ready"), "{log}");
+    assert!(!log.contains("s3cret"), "the password logged: {log}");
     // Without the CA: the server's certificate is not trusted. With a wrong password: not
     // let in. Both at start, exit 2, saying why.
     let status = |url: &str, extra: &[&str]| {

@@ -96,8 +96,18 @@ fn check(cfg: &Config, root: &str) -> Result<()> {
 /// `resume`).
 pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) -> Result<Summary> {
     check(cfg, root)?;
-    let runfile =
-        RunFile::open(crate::state::default_dir(), cfg, &queue.url, root).map_err(Unreachable)?;
+    // Without a state directory to keep it in (a user with no writable home), the batch runs,
+    // only not resumably.
+    let runfile = match RunFile::open(crate::state::default_dir(), cfg, &queue.url, root) {
+        Ok(f) => Some(f),
+        Err(e) if format!("{e:#}").contains("another coordinator") => {
+            return Err(Unreachable(e).into())
+        }
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "no run file: this batch cannot be resumed if its coordinator is killed");
+            None
+        }
+    };
     let stats = Stats::default();
     let mut source = Walk::new(cfg, shutdown);
     let mut sink = ManifestSink::new(cfg);
@@ -108,7 +118,7 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
         shutdown,
         (&mut source, &mut sink),
         &stats,
-        Some(runfile),
+        runfile,
     )
 }
 
@@ -223,7 +233,7 @@ fn coordinate(
             .context("starting the reporter")?;
         // Resuming: the run's outcomes so far count first, and their files are not sent again.
         if resumed.is_some() {
-            let _ = accounted.set(replay(&conn, &outcomes, &run, &event_tx)?);
+            let _ = accounted.set(replay(&conn, &outcomes, &run, &cfg.root, &event_tx)?);
         }
         let walker = {
             let events = event_tx.clone();
@@ -638,6 +648,7 @@ fn replay(
     conn: &Conn,
     outcomes: &consumer::PullConsumer,
     run: &str,
+    root: &Path,
     events: &Sender<Event>,
 ) -> Result<HashSet<PathBuf>> {
     let mut accounted = HashSet::new();
@@ -664,10 +675,17 @@ fn replay(
                 continue;
             }
             for w in &batch.outcomes {
-                if let Ok(o) = w.outcome() {
-                    if accounted.insert(o.rel().to_path_buf()) {
-                        firsts.push(o);
-                    }
+                let Ok(o) = w.outcome() else { continue };
+                // Counted only if done and the file is still the version the worker read: a
+                // file changed or deleted while the coordinator was down is published again
+                // (or, gone, not listed), and a failure is tried again.
+                let still = matches!(o, Outcome::Done { .. })
+                    && w.read.is_some_and(|read| {
+                        Stamp::of(&root.join(o.rel()))
+                            .is_some_and(|now| WireStamp::of(&now) == read)
+                    });
+                if still && accounted.insert(o.rel().to_path_buf()) {
+                    firsts.push(o);
                 }
             }
         }

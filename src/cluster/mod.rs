@@ -89,14 +89,7 @@ impl Queue {
     /// The URL as logs and messages show it: without the user and password (or token) it may
     /// hold, which would otherwise end up in the journal and in failure reports.
     pub(crate) fn shown(&self) -> String {
-        let Some((scheme, rest)) = self.url.split_once("://") else {
-            return self.url.clone();
-        };
-        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        match authority.rsplit_once('@') {
-            Some((_, host)) => format!("{scheme}://***@{host}{path}"),
-            None => self.url.clone(),
-        }
+        crate::logging::redact_userinfo(&self.url)
     }
 }
 
@@ -132,8 +125,12 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
                 .connection_timeout(Duration::from_secs(5));
             // `user:password@` (or a token alone) in the URL: the client takes them only as
             // options.
+            // (A list of servers shares the first one's credentials.)
             let addr: async_nats::ServerAddr = q
                 .url
+                .split(',')
+                .next()
+                .unwrap_or_default()
                 .parse()
                 .with_context(|| format!("not a NATS URL: {}", q.shown()))?;
             let decode = |s: &str| {
@@ -161,8 +158,10 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
                     .await
                     .with_context(|| format!("reading the credentials {}", creds.display()))?;
             }
+            // The credentials went in as options: the URL the client keeps (and logs, at
+            // debug) holds none.
             let client = opts
-                .connect(q.url.as_str())
+                .connect(q.shown().replace("***@", "").as_str())
                 .await
                 .with_context(|| format!("cannot connect to NATS at {}", q.shown()))?;
             let mut js = jetstream::new(client.clone());

@@ -37,6 +37,10 @@ impl RunFile {
         // What makes two commands the same batch: a change to any of it starts a new run.
         let mut h = Sha256::new();
         let manifest = cfg.manifest.as_deref().unwrap_or("-".as_ref());
+        // The URL without its credentials: a rotated password is the same batch.
+        let url = crate::logging::redact_userinfo(url);
+        let (include, exclude) = cfg.filter.patterns();
+        let globs = format!("{include:?}{exclude:?}");
         for part in [
             cfg.root.as_os_str().as_bytes(),
             root.as_bytes(),
@@ -45,6 +49,8 @@ impl RunFile {
             &[u8::from(cfg.force)],
             url.as_bytes(),
             manifest.as_os_str().as_bytes(),
+            // The files the batch takes: another --include is another batch.
+            globs.as_bytes(),
         ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);

@@ -110,7 +110,7 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
         .context("subscribing to cancellations")
         .map_err(Unreachable)?;
     let jobs = args.jobs.map_or_else(config::default_jobs, usize::from);
-    tracing::info!(queue = %args.queue, roots = ?roots.keys().collect::<Vec<_>>(), jobs, "worker ready");
+    tracing::info!(queue = %queue.shown(), roots = ?roots.keys().collect::<Vec<_>>(), jobs, "worker ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let mut router = Router {
         conn: &conn,

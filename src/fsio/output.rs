@@ -798,6 +798,9 @@ fn writer_alive(name: &OsStr) -> bool {
         .and_then(|d| d.parse::<i32>().ok())
         .and_then(rustix::process::Pid::from_raw);
     match pid {
+        // Our own pid with another salt (the name's prefix is not ours): an earlier process
+        // with this pid, as a container's entrypoint always is 1, now dead.
+        Some(pid) if pid.as_raw_nonzero().get() as u32 == std::process::id() => false,
         // EPERM: it exists, as another user's.
         Some(pid) => !matches!(rustix::process::test_kill_process(pid), Err(Errno::SRCH)),
         None => false,

@@ -15,7 +15,7 @@ use crate::fsio::input::{self, InputFile, NotRegular, OpenError};
 use crate::ops::Op;
 use crate::pipeline::publish::{guarded, not_done, publish_guarded, Ready};
 use crate::signals::Shutdown;
-use crate::travel::{Done, Event, Job, Msg, Outcome, Stamp};
+use crate::travel::{Event, Job, Msg, Outcome, Stamp};
 
 /// How many times a file that changed while being read is attempted in all.
 const ATTEMPTS: u32 = 3;
@@ -183,17 +183,15 @@ pub(crate) fn prepare<O: Op>(
     match op.check(&job, &input, scratch) {
         Ok(None) => {}
         Ok(Some(reason)) if reason.kind == Kind::UpToDate && job.redelivered => {
-            // An earlier delivery of this job made the output and its worker died before
-            // saying so: that was this run's work, done once, not a file found done already.
-            return Err(Outcome::Done {
+            // Its job was delivered before: the output may be that delivery's work (a worker
+            // that died before saying so) or older. Nothing here tells which, so it is not
+            // counted done; the reason says both.
+            return Err(Outcome::Skipped {
                 rel: job.rel,
-                done: Box::new(Done {
-                    bytes_in: input.size(),
-                    bytes_out: 0,
-                    digest: None,
-                    note: None,
-                    stamp: Some(Stamp::from_stat(&input.stat)),
-                }),
+                reason: FileError::new(
+                    Kind::UpToDate,
+                    "output up to date (made by an earlier delivery of this job, or before it)",
+                ),
             });
         }
         Ok(Some(reason)) => {
@@ -312,7 +310,7 @@ mod tests {
     }
 
     #[test]
-    fn an_output_a_redelivered_job_finds_up_to_date_is_its_earlier_delivery_s_work() {
+    fn an_output_a_redelivered_job_finds_up_to_date_is_skipped_and_says_it_may_be_its_own() {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("f"), b"made once").unwrap();
         let cfg = config_op(tmp.path(), "gzip");
@@ -325,17 +323,13 @@ mod tests {
             expect: None,
             redelivered,
         };
-        // The first delivery makes the output (its worker then dies before saying so).
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
-        // Delivered again: done, as the first delivery was; a job seen once finds it done
-        // already (a rerun), and skips it.
         match prepare(&cfg, &op, job(true), None, &mut scratch) {
-            Err(Outcome::Done { done, .. }) => assert_eq!(done.bytes_in, 9),
-            other => panic!("{:?}", other.err()),
-        }
-        match prepare(&cfg, &op, job(false), None, &mut scratch) {
-            Err(Outcome::Skipped { reason, .. }) => assert_eq!(reason.kind, Kind::UpToDate),
+            Err(Outcome::Skipped { reason, .. }) => {
+                assert_eq!(reason.kind, Kind::UpToDate);
+                assert!(reason.message.contains("earlier delivery"), "{reason:?}");
+            }
             other => panic!("{:?}", other.err()),
         }
     }
