@@ -23,6 +23,13 @@ zcat "$root/usr/share/man/man1/filepipe.1.gz" | groff -man -Tutf8 -ww >/dev/null
 bash -n "$root/usr/share/bash-completion/completions/filepipe"
 dpkg-deb --ctrl-tarfile "$deb" | tar -xO ./conffiles | grep -qx /etc/filepipe/filepipe.toml ||
   fail "/etc/filepipe/filepipe.toml is not a conffile"
+# The maintainer scripts parse, and the user's creation and the units' stop are there.
+for script in postinst prerm postrm; do
+  dpkg-deb --ctrl-tarfile "$deb" | tar -xO "./$script" > "$root/$script"
+  sh -n "$root/$script" || fail "$script does not parse"
+done
+grep -q 'adduser --system' "$root/postinst" || fail "postinst does not create the user"
+grep -q 'deb-systemd-invoke stop' "$root/prerm" || fail "prerm does not stop the units"
 for unit in "$root"/lib/systemd/system/*.service; do
   grep -q '^ExecStart=/usr/bin/filepipe ' "$unit" || fail "$unit does not run /usr/bin/filepipe"
 done
