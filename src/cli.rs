@@ -7,6 +7,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::digest::HashAlgo;
+
 /// The most worker threads a run may have. gzip runs as many block threads again, and each
 /// worker holds buffers and descriptors: 256 keeps the largest machines busy (the work is
 /// CPU- or disk-bound, never waiting on a network), where thousands of threads only cost
@@ -20,7 +22,8 @@ pub(crate) const MAX_SETTLE_MS: u64 = 3_600_000;
 /// The longest interval between rescans (`--poll`): a day.
 pub(crate) const MAX_POLL_SECS: u64 = 86_400;
 
-/// filepipe: gzip or SHA-256 a directory tree in parallel, every file accounted for.
+/// filepipe: gzip or hash (SHA-256, SHA-512, BLAKE3) a directory tree in parallel, every file
+/// accounted for.
 #[derive(Debug, Parser)]
 #[command(name = "filepipe", version, about, max_term_width = 100)]
 pub(crate) struct Cli {
@@ -73,6 +76,10 @@ pub(crate) enum OpKind {
     Gzip,
     /// Hash each file with SHA-256 and write a `sha256sum` manifest.
     Sha256,
+    /// Hash each file with SHA-512 and write a `sha512sum` manifest.
+    Sha512,
+    /// Hash each file with BLAKE3 and write a `b3sum` manifest.
+    Blake3,
 }
 
 impl OpKind {
@@ -81,7 +88,35 @@ impl OpKind {
         match self {
             OpKind::Gzip => "gzip",
             OpKind::Sha256 => "sha256",
+            OpKind::Sha512 => "sha512",
+            OpKind::Blake3 => "blake3",
         }
+    }
+
+    /// The hash a hashing op computes; `None` for an op that writes outputs (gzip).
+    pub(crate) fn hash(self) -> Option<HashAlgo> {
+        match self {
+            OpKind::Gzip => None,
+            OpKind::Sha256 => Some(HashAlgo::Sha256),
+            OpKind::Sha512 => Some(HashAlgo::Sha512),
+            OpKind::Blake3 => Some(HashAlgo::Blake3),
+        }
+    }
+}
+
+impl From<HashAlgo> for OpKind {
+    fn from(algo: HashAlgo) -> OpKind {
+        match algo {
+            HashAlgo::Sha256 => OpKind::Sha256,
+            HashAlgo::Sha512 => OpKind::Sha512,
+            HashAlgo::Blake3 => OpKind::Blake3,
+        }
+    }
+}
+
+impl std::fmt::Display for HashAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(OpKind::from(*self).as_str())
     }
 }
 
@@ -94,8 +129,8 @@ pub(crate) struct PipelineArgs {
     /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
-    /// sha256: write the manifest to FILE, atomically (batch: stdout if absent; watch: kept
-    /// current from the state).
+    /// sha256, sha512, blake3: write the manifest to FILE, atomically (batch: stdout if absent;
+    /// watch: kept current from the state).
     #[arg(long, value_name = "FILE")]
     pub(crate) manifest: Option<PathBuf>,
     /// Write one JSON line per failed or skipped file to FILE.

@@ -28,7 +28,7 @@ pub(crate) struct Config {
     pub(crate) jobs: usize,
     /// gzip: the output root (canonicalized, created if missing); `None` = next to inputs.
     pub(crate) out: Option<PathBuf>,
-    /// sha256: where the manifest goes; `None` = stdout.
+    /// A hash: where the manifest goes; `None` = stdout.
     pub(crate) manifest: Option<PathBuf>,
     /// Where failed/skipped records go as JSON lines.
     pub(crate) failure_log: Option<PathBuf>,
@@ -109,7 +109,7 @@ impl Config {
             ("--force", args.force),
             ("--remove-source", args.remove_source),
         ];
-        if args.op == OpKind::Sha256 {
+        if args.op.hash().is_some() {
             if let Some((flag, _)) = gzip_only.iter().find(|(_, set)| *set) {
                 bail!("{flag} only applies to --op gzip");
             }
@@ -140,10 +140,10 @@ impl Config {
         if !root.is_dir() {
             bail!("{} is not a directory", dir.display());
         }
-        if op == OpKind::Sha256 && args.out.is_some() {
+        if op.hash().is_some() && args.out.is_some() {
             bail!("--out only applies to --op gzip");
-        } else if op == OpKind::Gzip && args.manifest.is_some() {
-            bail!("--manifest only applies to --op sha256");
+        } else if op.hash().is_none() && args.manifest.is_some() {
+            bail!("--manifest only applies to the hashing ops (sha256, sha512, blake3)");
         }
         let out = match &args.out {
             Some(out) => {

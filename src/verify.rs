@@ -20,9 +20,10 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 use walkdir::WalkDir;
 
+use crate::digest::HashAlgo;
 use crate::fsio::input::{InputFile, OpenError};
 use crate::manifest::{self, Entry};
-use crate::ops::sha256::{hash_reader, BUF_SIZE};
+use crate::ops::hash::{hash_reader, BUF_SIZE};
 
 /// The result of a verification run.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -133,7 +134,7 @@ fn verify_manifest(path: &Path, pool: &ThreadPool) -> Result<(Report, Lines)> {
         if line.is_empty() {
             continue;
         }
-        lines.push(manifest::parse_line(&line));
+        lines.push(manifest::parse_line(&line, HashAlgo::Sha256));
     }
     let results: Vec<Option<Check>> = pool.install(|| {
         lines
@@ -166,7 +167,7 @@ fn check_digest(entry: &Entry, buf: &mut [u8]) -> Check {
         }
         Err(OpenError::Failed(e)) => return Check::Unreadable(e.message),
     };
-    match hash_reader(&mut input, buf) {
+    match hash_reader(HashAlgo::Sha256, &mut input, buf) {
         Ok(d) if d == entry.digest => Check::Ok,
         Ok(_) => Check::Failed("checksum mismatch".into()),
         Err(e) => Check::Unreadable(format!("reading: {e}")),
@@ -348,7 +349,9 @@ mod tests {
         /// Manifest lines of any bytes parse or are rejected, never panic.
         #[test]
         fn manifest_lines_never_panic(line in prop::collection::vec(any::<u8>(), 0..200)) {
-            let _ = crate::manifest::parse_line(&line);
+            for algo in HashAlgo::ALL {
+                let _ = crate::manifest::parse_line(&line, algo);
+            }
         }
     }
 }

@@ -7,14 +7,14 @@
 
 pub(crate) mod gzip;
 pub(crate) mod gzstream;
-pub(crate) mod sha256;
+pub(crate) mod hash;
 
 use crate::error::FileError;
 use crate::fsio::input::InputFile;
 pub(crate) use crate::travel::Done;
 use crate::travel::Job;
 
-/// One file operation (gzip, sha256, ...). Adding an operation means implementing this.
+/// One file operation (gzip, a hash, ...). Adding an operation means implementing this.
 pub(crate) trait Op: Sync {
     /// Per-worker reusable state: buffers, directory caches.
     type Scratch;

@@ -26,10 +26,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, Result};
 use crossbeam_channel::bounded;
 
-use crate::cli::OpKind;
 use crate::config::Config;
 use crate::ops::gzip::GzipOp;
-use crate::ops::sha256::Sha256Op;
+use crate::ops::hash::HashOp;
 use crate::ops::Op;
 use crate::report::{self, Summary};
 use crate::signals::Shutdown;
@@ -100,9 +99,12 @@ pub(crate) fn run(
     sink: &mut (dyn Sink + Send),
     stats: &Stats,
 ) -> Result<Summary> {
-    match cfg.op {
-        OpKind::Gzip => run_with(cfg, &GzipOp::new(cfg)?, shutdown, source, sink, stats),
-        OpKind::Sha256 => run_with(cfg, &Sha256Op, shutdown, source, sink, stats),
+    match cfg.op.hash() {
+        None => run_with(cfg, &GzipOp::new(cfg)?, shutdown, source, sink, stats),
+        Some(algo) => {
+            let op = HashOp::new(algo, cfg.jobs).context("starting the hash threads")?;
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
     }
 }
 

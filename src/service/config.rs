@@ -242,17 +242,17 @@ pub(crate) fn load(
         let misplaced = [
             (
                 "out",
-                w.op == OpKind::Sha256,
+                w.op.hash().is_some(),
                 w.out.as_ref().map(|o| o.span()),
             ),
             (
                 "manifest",
-                w.op == OpKind::Gzip,
+                w.op.hash().is_none(),
                 w.manifest.as_ref().map(|m| m.span()),
             ),
             (
                 "level",
-                w.op == OpKind::Sha256,
+                w.op.hash().is_some(),
                 w.level.as_ref().map(|l| l.span()),
             ),
         ];
