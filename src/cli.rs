@@ -43,7 +43,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Process every file under a directory once, then exit.
     Batch(BatchArgs),
-    /// Check a sha256sum-format manifest, or test every .gz file under a directory.
+    /// Check a sha256sum, sha512sum or b3sum manifest against its tree, or test every .gz file
+    /// under a directory.
     Verify(VerifyArgs),
     /// Process what is new or changed under a directory, then every file completed there
     /// until SIGINT/SIGTERM.
@@ -335,10 +336,27 @@ pub(crate) struct WorkerArgs {
 /// Arguments of `filepipe verify`.
 #[derive(Debug, Args)]
 pub(crate) struct VerifyArgs {
-    /// A sha256sum-format manifest (names resolve against the current directory, as with
-    /// `sha256sum -c`), or a directory whose .gz files are all tested.
+    /// A checksum manifest in the format of sha256sum, sha512sum or b3sum (names resolve
+    /// against --root), or a directory whose .gz files are all tested.
     pub(crate) target: PathBuf,
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
     pub(crate) jobs: Option<u16>,
+    /// The manifest's hash. Without it, 128 hex digits mean sha512 and 64 mean sha256: a b3sum
+    /// manifest (also 64) needs --algo blake3.
+    #[arg(long, value_enum, value_name = "ALGO")]
+    pub(crate) algo: Option<HashAlgo>,
+    /// Where the manifest's names resolve, and the tree compared with it: files found under DIR
+    /// and not listed are reported `added`, listed files absent `missing` [default: the
+    /// manifest's directory].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) root: Option<PathBuf>,
+    /// Files and directories under the root never reported `added` (repeatable; the same
+    /// matching as batch's --exclude). The manifest itself and filepipe's temp files never are.
+    #[arg(long, value_name = "GLOB")]
+    pub(crate) exclude: Vec<String>,
+    /// Print one JSON object per line: one per file ("status": ok, failed, unreadable, missing
+    /// or added), then a last one with "status": "summary" and the counts.
+    #[arg(long)]
+    pub(crate) json: bool,
 }

@@ -60,6 +60,14 @@ pub(crate) struct Entry {
     pub(crate) shown: Vec<u8>,
 }
 
+/// How many hex digits the digest of `line` has, if it looks like a manifest line: what
+/// tells a SHA-512 manifest (128) from a SHA-256 or BLAKE3 one (64).
+pub(crate) fn hex_len(line: &[u8]) -> Option<usize> {
+    let rest = line.strip_prefix(b"\\").unwrap_or(line);
+    let n = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    matches!(rest.get(n..n + 2), Some(b"  " | b" *")).then_some(n)
+}
+
 /// Parses one line (without its trailing newline) of a manifest of `algo`. `None` means an
 /// improperly formatted line (a digest of another length among them).
 pub(crate) fn parse_line(line: &[u8], algo: HashAlgo) -> Option<Entry> {
@@ -130,6 +138,7 @@ mod tests {
             let mut line = Vec::new();
             write_line(&mut line, &d, name).unwrap();
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            assert_eq!(hex_len(&line), Some(algo.hex_len()));
             let e = parse_line(line.strip_suffix(b"\n").unwrap(), algo).unwrap();
             assert_eq!(e.digest, d);
             assert_eq!(e.name, name);
@@ -172,5 +181,6 @@ mod tests {
         let mut long = vec![b'0'; 128];
         long.extend_from_slice(b"  f");
         assert_eq!(parse_line(&long, HashAlgo::Sha256), None);
+        assert_eq!(hex_len(&long), Some(128));
     }
 }

@@ -85,7 +85,14 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
     ]))
     .success();
     let verify = || {
-        let mut c = filepipe(&[s("verify"), manifest.as_os_str()]);
+        // The manifest lies beside the tree: its names resolve against --root.
+        let root = t.root();
+        let mut c = filepipe(&[
+            s("verify"),
+            manifest.as_os_str(),
+            s("--root"),
+            root.as_os_str(),
+        ]);
         c.current_dir(t.root());
         run(c)
     };
@@ -96,9 +103,10 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
     m.extend_from_slice(b"not a manifest line\n\xff\xfe garbage\n");
     fs::write(&manifest, m).unwrap();
     let bad = verify();
-    let text = bad.code(1).stdout();
+    // A mismatch and malformed lines (1), a missing file (4).
+    let text = bad.code(5).stdout();
     assert!(text.starts_with("a: OK\nb: FAILED"), "{text}");
-    assert!(text.contains("c: FAILED open or read"), "{text}");
+    assert!(text.contains("c: MISSING"), "{text}");
     assert!(bad.stderr().contains("2 lines are improperly formatted"));
     // Pure garbage and a binary file as a manifest: errors, no panic.
     fs::write(
@@ -106,7 +114,8 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
         (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>(),
     )
     .unwrap();
-    assert!(!verify().code(1).stderr().contains("panicked"));
+    // Every line malformed (1), so the tree's files are not listed (8).
+    assert!(!verify().code(9).stderr().contains("panicked"));
 }
 
 #[test]
@@ -122,7 +131,13 @@ fn verify_accepts_a_real_sha256sum_manifest() {
     );
     assert!(m.status.success());
     fs::write(t.side("m"), &m.stdout).unwrap();
-    let mut c = filepipe(&[s("verify"), t.side("m").as_os_str()]);
+    let root = t.root();
+    let mut c = filepipe(&[
+        s("verify"),
+        t.side("m").as_os_str(),
+        s("--root"),
+        root.as_os_str(),
+    ]);
     c.current_dir(t.root());
     run(c).success();
 }
