@@ -184,6 +184,7 @@ impl Check {
         }
     }
 
+    /// Why, for the failures that say.
     fn message(&self) -> Option<&str> {
         match self {
             Check::Failed(why) | Check::Unreadable(why) => Some(why),
