@@ -65,7 +65,7 @@ impl Digest {
 
     /// Lower-case hex, as `sha256sum`, `sha512sum` and `b3sum` print it (b3sum reads only
     /// lower case).
-    pub(crate) fn to_hex(&self) -> String {
+    pub(crate) fn to_hex(self) -> String {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let mut s = String::with_capacity(self.algo.hex_len());
         for b in self.as_bytes() {

@@ -327,7 +327,7 @@ fn watch_mode_keeps_a_manifest_the_tools_accept() {
         let d = Daemon::ready(&t, &["--op", op, "--manifest", manifest.to_str().unwrap()]);
         fs::write(t.path("back\\slash"), b"added while watching\n").unwrap();
         fs::create_dir(t.path("d")).unwrap();
-        fs::write(t.path("d/nl\nname"), &noise_bytes(5 << 20, 9)).unwrap();
+        fs::write(t.path("d/nl\nname"), noise_bytes(5 << 20, 9)).unwrap();
         d.wait_idle(3);
         wait_until(std::time::Duration::from_secs(60), "three lines", || {
             fs::read(&manifest).is_ok_and(|m| m.iter().filter(|&&b| b == b'\n').count() == 3)

@@ -305,7 +305,7 @@ impl WireOutcome {
             Outcome::Done { done, .. } => {
                 w.bytes_in = done.bytes_in;
                 w.bytes_out = done.bytes_out;
-                w.digest = done.digest.as_ref().map(Digest::to_hex);
+                w.digest = done.digest.map(Digest::to_hex);
                 w.read = done.stamp.as_ref().map(WireStamp::of);
             }
             Outcome::Skipped { reason, .. } => why(&mut w, WireStatus::Skipped, reason),
