@@ -557,6 +557,36 @@ mod tests {
         assert!(matches!(verdict(&bad_crc), Check::Failed(_)));
     }
 
+    #[test]
+    fn manifest_names_are_matched_with_the_tree_relative_to_the_root() {
+        let root = Path::new("/srv/r");
+        let rel = |n: &[u8]| relative_to(root, n);
+        assert_eq!(rel(b"a/b"), Some(PathBuf::from("a/b")));
+        assert_eq!(rel(b"./a/./b"), Some(PathBuf::from("a/b")));
+        assert_eq!(rel(b"/srv/r/a"), Some(PathBuf::from("a")));
+        assert_eq!(rel(b"/elsewhere/a"), None);
+        assert_eq!(rel(b"../r/a"), None);
+        assert_eq!(
+            rel(b"a\nb\xff"),
+            Some(PathBuf::from(OsStr::from_bytes(b"a\nb\xff")))
+        );
+    }
+
+    #[test]
+    fn exit_bits_add_up() {
+        let r = |failed, missing, added| Report {
+            failed,
+            missing,
+            added,
+            ..Report::default()
+        };
+        assert_eq!(r(0, 0, 0).exit_code(), 0);
+        assert_eq!(r(1, 0, 0).exit_code(), 1);
+        assert_eq!(r(0, 2, 0).exit_code(), 4);
+        assert_eq!(r(0, 0, 3).exit_code(), 8);
+        assert_eq!(r(1, 1, 1).exit_code(), 13);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
         /// Garbage never panics and is never accepted.
@@ -583,6 +613,25 @@ mod tests {
             let _ = verdict(&bad);
             let cut = cut.index(good.len());
             prop_assert!(!matches!(verdict(&good[..cut]), Check::Ok));
+        }
+
+        /// Any name (any bytes but NUL) written to a manifest line of any algorithm reads
+        /// back as itself, on one line, and its shown form is the line's name part.
+        #[test]
+        fn any_name_roundtrips_through_a_manifest_line(
+            name in prop::collection::vec(1u8..=255, 1..100),
+            algo in prop::sample::select(HashAlgo::ALL.to_vec()),
+            fill in any::<u8>(),
+        ) {
+            let digest = crate::digest::Digest::new(algo, &vec![fill; algo.len()]).unwrap();
+            let mut line = Vec::new();
+            crate::manifest::write_line(&mut line, &digest, &name).unwrap();
+            prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            let line = line.strip_suffix(b"\n").unwrap();
+            let e = crate::manifest::parse_line(line, algo).unwrap();
+            prop_assert_eq!(&e.name, &name);
+            prop_assert_eq!(e.digest, digest);
+            prop_assert_eq!(&e.shown, &crate::manifest::shown_name(&name));
         }
 
         /// Manifest lines of any bytes parse or are rejected, never panic.
