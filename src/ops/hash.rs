@@ -133,8 +133,8 @@ impl Drop for Reading<'_> {
 pub(crate) struct Buffers {
     /// Every file's reads.
     small: Vec<u8>,
-    /// A large BLAKE3 file's pieces (the one hashed, the one read), allocated at the first
-    /// such file.
+    /// A large BLAKE3 file's pieces (the one hashed, the one read) while it is hashed on the
+    /// pool; empty otherwise.
     large: [Vec<u8>; 2],
 }
 
@@ -158,36 +158,62 @@ impl HashOp {
         })
     }
 
-    /// Hashes `input` with BLAKE3 a `PAR_CHUNK` at a time: while it is the only file being read
-    /// (`reading`), each piece on all the pool's threads, the next piece read meanwhile (the
-    /// copy out of the page cache costs about half the hashing's time with AVX-512, which a
-    /// read before each piece would add to the wall time); otherwise on this thread.
-    fn blake3_parallel(
+    /// Hashes `input` with BLAKE3: while it is the only file being read (`reading`), a
+    /// `PAR_CHUNK` at a time on all the pool's threads, the next piece read meanwhile (the copy
+    /// out of the page cache costs about half the hashing's time with AVX-512, which a read
+    /// before each piece would add to the wall time); otherwise through `small` on this
+    /// thread, as any file. The pieces' buffers are taken only while alone and given back at
+    /// the end, so a run holds about one pair of them, whatever `--jobs` is.
+    fn blake3_large(
         pool: &rayon::ThreadPool,
         reading: &Reading<'_>,
         input: &mut (impl Read + Send),
-        bufs: &mut [Vec<u8>; 2],
+        bufs: &mut Buffers,
     ) -> io::Result<Digest> {
-        let [this, next] = bufs;
-        this.resize(PAR_CHUNK, 0);
-        next.resize(PAR_CHUNK, 0);
         let mut h = blake3::Hasher::new();
-        let mut n = fill(input, this)?;
-        while n > 0 {
-            let piece = &this[..n];
-            let read = if reading.alone() {
-                let hash = || {
-                    h.update_rayon(piece);
-                };
-                pool.install(|| rayon::join(hash, || fill(input, next))).1
-            } else {
-                h.update(piece);
-                fill(input, next)
+        // Bytes read into `large[0]` and not yet hashed.
+        let mut pending = 0;
+        let result = loop {
+            if !reading.alone() {
+                if pending > 0 {
+                    h.update(&bufs.large[0][..pending]);
+                    pending = 0;
+                }
+                match input.read(&mut bufs.small) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        h.update(&bufs.small[..n]);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
+            let [this, next] = &mut bufs.large;
+            this.resize(PAR_CHUNK, 0);
+            next.resize(PAR_CHUNK, 0);
+            if pending == 0 {
+                match fill(input, this) {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => pending = n,
+                    Err(e) => break Err(e),
+                }
+            }
+            let piece = &this[..pending];
+            let hash = || {
+                h.update_rayon(piece);
             };
-            n = read?;
+            match pool.install(|| rayon::join(hash, || fill(input, next))).1 {
+                Ok(n) => pending = n,
+                Err(e) => break Err(e),
+            }
             std::mem::swap(this, next);
-        }
-        Ok(digest(HashAlgo::Blake3, h.finalize().as_bytes()))
+            if pending == 0 {
+                break Ok(());
+            }
+        };
+        bufs.large = Default::default();
+        result.map(|()| digest(HashAlgo::Blake3, h.finalize().as_bytes()))
     }
 }
 
@@ -229,7 +255,7 @@ impl Op for HashOp {
             Some(pool) => {
                 let reading = Reading::new(&self.reading);
                 if size >= PAR_MIN {
-                    Self::blake3_parallel(pool, &reading, &mut input, &mut bufs.large)
+                    Self::blake3_large(pool, &reading, &mut input, bufs)
                 } else {
                     hash_reader(self.algo, &mut input, &mut bufs.small)
                 }
@@ -272,6 +298,50 @@ mod tests {
         assert_eq!(
             hex(HashAlgo::Blake3, b"abc"),
             "6437b3ac38465133ffb63b75273a8db548c558465d79db03fd359c6cd5bd9d85"
+        );
+    }
+
+    /// A reader that, at given reads, has another file start or stop being read.
+    struct Others<'a> {
+        data: &'a [u8],
+        reads: usize,
+        reading: &'a AtomicUsize,
+    }
+
+    impl Read for Others<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            match self.reads {
+                3 => self.reading.fetch_add(1, Ordering::Relaxed),
+                40 => self.reading.fetch_sub(1, Ordering::Relaxed),
+                _ => 0,
+            };
+            self.data.read(buf)
+        }
+    }
+
+    #[test]
+    fn a_large_blake3_file_hashes_the_same_as_others_start_and_stop() {
+        // Alone for two pieces, then not (64 KiB reads on this thread), then alone again: the
+        // bytes already read for the pool are hashed first, whatever the switch.
+        let data: Vec<u8> = (0..6 * PAR_CHUNK + 17)
+            .map(|i| (i * 7 % 253) as u8)
+            .collect();
+        let op = HashOp::new(HashAlgo::Blake3, 2).unwrap();
+        let reading = Reading::new(&op.reading);
+        let mut input = Others {
+            data: &data,
+            reads: 0,
+            reading: &op.reading,
+        };
+        let mut bufs = op.scratch();
+        let pool = op.pool.as_ref().unwrap();
+        let digest = HashOp::blake3_large(pool, &reading, &mut input, &mut bufs).unwrap();
+        assert!(input.reads > 40, "the switch back was reached");
+        assert_eq!(digest.to_hex(), blake3::hash(&data).to_hex().as_str());
+        assert!(
+            bufs.large.iter().all(|b| b.capacity() == 0),
+            "buffers given back"
         );
     }
 
