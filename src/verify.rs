@@ -486,7 +486,7 @@ fn verify_gz_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
         tally(&mut report, &check);
         let path = path.into_os_string().into_encoded_bytes();
         lines.push(Line {
-            shown: path.clone(),
+            shown: manifest::shown_name(&path),
             path,
             check,
         });

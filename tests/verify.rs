@@ -141,3 +141,36 @@ fn verify_accepts_a_real_sha256sum_manifest() {
     c.current_dir(t.root());
     run(c).success();
 }
+
+#[test]
+fn gz_tree_results_keep_a_name_with_a_newline_on_one_line() {
+    let t = TestTree::new()
+        .file("nl\nname", b"x")
+        .file("back\\slash", b"y");
+    run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+    ]))
+    .success();
+    let out = run(filepipe(&[s("verify"), t.root().as_os_str()]));
+    let text = out.success().stdout();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("nl\\nname.gz: OK"), "{text}");
+    assert!(text.contains("back\\\\slash.gz: OK"), "{text}");
+    let json = run(filepipe(&[s("verify"), t.root().as_os_str(), s("--json")]));
+    let paths: Vec<String> = json
+        .success()
+        .stdout()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["path"].as_str().map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        paths.iter().any(|p| p.ends_with("nl\nname.gz")),
+        "{paths:?}"
+    );
+}
