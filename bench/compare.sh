@@ -69,6 +69,7 @@ install_missing() {
     command -v gzip >/dev/null || pkgs+=(gzip)
     command -v strace >/dev/null || pkgs+=(strace)
     command -v b3sum >/dev/null || pkgs+=(b3sum)
+    command -v zstd >/dev/null || pkgs+=(zstd)
     ((${#pkgs[@]})) || return 0
     local sudo=()
     if ((EUID != 0)); then
@@ -113,10 +114,12 @@ TRASH=$WORK/trash
 mkdir -p "$TRASH"
 trap 'rm -rf "$TRASH"' EXIT
 aside() { for p in "$@"; do [[ -e $p ]] && mv "$p" "$(mktemp -d -p "$TRASH")"; done; return 0; }
-aside "$WORK/text-peer" "$WORK"/src-* "$WORK"/fp-* "$WORK"/*.gz "$WORK"/*.manifest "$WORK"/*.b3
+aside "$WORK/text-peer" "$WORK/ztext-peer" "$WORK"/src-* "$WORK"/fp-* "$WORK"/*.gz "$WORK"/*.zst "$WORK"/*.manifest "$WORK"/*.b3
 # The peer gzip writes next to its inputs, so it gets its own tree of hard links to text/
-# (gzip -f compresses hard-linked files; no inode is created or freed by the copy).
+# (gzip -f compresses hard-linked files; no inode is created or freed by the copy). So does
+# the peer zstd.
 cp -al "$CORPUS/text" "$WORK/text-peer"
+cp -al "$CORPUS/text" "$WORK/ztext-peer"
 
 log "warming the page cache"
 for d in "$CORPUS"/{small,large,text,src,one,onebin,huge} "$WORK/text-peer"; do
@@ -187,6 +190,35 @@ bench() {
 gz_bytes() {  # total size of the .gz files under DIR (0 if DIR is missing)
     [[ -d $1 ]] || { echo 0; return; }
     find "$1" -type f -name '*.gz' -printf '%s\n' | awk '{s += $1} END {print s + 0}'
+}
+
+zst_bytes() {  # total size of the .zst files under DIR (0 if DIR is missing)
+    [[ -d $1 ]] || { echo 0; return; }
+    find "$1" -type f -name '*.zst' -printf '%s\n' | awk '{s += $1} END {print s + 0}'
+}
+
+# check_zst SRCDIR OUTDIR: every SRCDIR/f must have OUTDIR/f.zst that the real zstd tests and
+# decompresses to the same bytes.
+check_zst() {
+    python3 - "$1" "$2" <<'PY'
+import os, subprocess, sys
+src, out = sys.argv[1:3]
+n = bad = missing = 0
+for root, _, files in os.walk(src):
+    for name in files:
+        rel = os.path.relpath(os.path.join(root, name), src)
+        n += 1
+        p = os.path.join(out, rel + ".zst")
+        if not os.path.exists(p):
+            missing += 1
+            continue
+        d = subprocess.run(["zstd", "-dc", p], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with open(os.path.join(src, rel), "rb") as f:
+            if d.returncode != 0 or f.read() != d.stdout:
+                bad += 1
+print("OK (%d files)" % n if not (bad or missing)
+      else "FAILED (%d files: %d missing, %d differ)" % (n, missing, bad))
+PY
 }
 
 # check_manifest MANIFEST DIR [TOOL]: filepipe's manifest must hold exactly the
@@ -395,6 +427,36 @@ bench gzip_onebin "gzip -6, one large binary file" -- \
 gzip -6 -c "$BIGBIN" >"$W/gzip-bin.gz"
 one_file_facts onebin "$BIGBIN" "$W/pigz-bin.gz" "$W/gzip-bin.gz"
 
+# 4d''. zstd -3 on the text tree, against zstd -3 on 2 cores (2 processes, each with zstd's
+# default of one worker thread beside its I/O), and on one large text file against zstd -T2.
+bench zstd_text "zstd -3, text tree" \
+    -p "if [ -e $W/fp-ztext ]; then mv $W/fp-ztext \$(mktemp -d -p $TRASH); fi" \
+    -p "mv $W/ztext-peer \$(mktemp -d -p $TRASH) && cp -al $CORPUS/text $W/ztext-peer" -- \
+    "$FPN batch text --op zstd --level 3 --out \$W/fp-ztext --force --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch text --op zstd --level 3 --out $W/fp-ztext --force --quiet$FP_EXTRA_STR" \
+    "find text -type f -print0 | xargs -0 -P2 -n64 zstd -3 -q -k -f" 1.3 \
+    "cd $W && find ztext-peer -type f -print0 | xargs -0 -P2 -n64 zstd -3 -q -k -f" || true
+fp_ztext=$(zst_bytes "$W/fp-ztext")
+peer_ztext=$(zst_bytes "$W/ztext-peer")
+fact "size: ztext filepipe .zst bytes" "$fp_ztext"
+fact "size: ztext zstd -3 .zst bytes" "$peer_ztext"
+fact "ratio: ztext size" "$(ratio "$fp_ztext" "$peer_ztext")"
+if [[ -d $W/fp-ztext ]]; then
+    fact "check: zstd text round-trip" "$(check_zst text "$W/fp-ztext")"
+fi
+bench zstd_one "zstd -3, one large text file" -- \
+    "$FPN batch one --op zstd --level 3 --out \$W/fp-zone --force --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch one --op zstd --level 3 --out $W/fp-zone --force --quiet$FP_EXTRA_STR" \
+    "zstd -T2 -3 -q -c $BIG > \$W/zstd.zst" 1.0 \
+    "zstd -T2 -3 -q -c $BIG > $W/zstd.zst" || true
+fp_zone=$(zst_bytes "$W/fp-zone")
+fact "size: zone filepipe .zst bytes" "$fp_zone"
+fact "size: zone zstd -T2 -3 bytes" "$(stat -c %s "$W/zstd.zst" 2>/dev/null || echo 0)"
+fact "ratio: zone size" "$(ratio "$fp_zone" "$(stat -c %s "$W/zstd.zst" 2>/dev/null || echo 0)")"
+if [[ -d $W/fp-zone ]]; then
+    fact "check: zstd one round-trip" "$(check_zst one "$W/fp-zone")"
+fi
+
 # 4e. Peak RSS on many tiny files (cache is warm: huge/ was read above).
 log "peak memory: filepipe batch huge --op sha256 (and rhash for reference)"
 NFILES_HUGE=$(find huge -type f | wc -l)
@@ -432,6 +494,7 @@ fact "version: hyperfine" "$(ver hyperfine --version)"
 fact "version: rhash" "$(ver rhash --version)"
 fact "version: pigz" "$(ver pigz --version)"
 fact "version: gzip" "$(ver gzip --version)"
+fact "version: zstd" "$(ver zstd --version)"
 fact "version: sha256sum" "$(ver sha256sum --version)"
 fact "version: b3sum" "$(ver b3sum --version)"
 fact "mode" "$( ((QUICK)) && echo "quick (tiny corpora; targets NOT meaningful)" || echo full), runs=$RUNS, warmup=1"
@@ -541,6 +604,18 @@ for corpus, what in (("one", "gzip one text file"), ("onebin", "gzip one binary 
         w("| %s: sizes (input / filepipe / pigz / gzip) | %s / %s / %s / %s | | |"
           % ((what,) + tuple(mib(num("size: %s %s" % (corpus, k)) or 0) for k in
                              ("input bytes", "filepipe .gz bytes", "pigz -6 bytes", "gzip -6 bytes"))))
+# zstd: total output within 1% of the zstd command's, on the tree and on the large file.
+for key, what in (("ztext", "zstd text tree: total output, filepipe / zstd -3"),
+                  ("zone", "zstd one text file: output, filepipe / zstd -T2 -3")):
+    v = num("ratio: %s size" % key)
+    if v is not None and num("size: %s filepipe .zst bytes" % key):
+        ok = v <= 1.01
+        if not ok:
+            fails.append("%s: %.4f > 1.01" % (what, v))
+        w("| %s | %.4f | ≤ 1.01 | %s |" % (what, v, "PASS" if ok else "FAIL"))
+    else:
+        fails.append("%s: no output size" % what)
+        w("| %s | n/a | ≤ 1.01 | ERROR |" % what)
 rss = num("rss: filepipe kib")
 nf = facts.get("rss: files", "?")
 if rss is not None:

@@ -3,6 +3,7 @@
 //! Nothing here is validated beyond what clap checks; `config::Config::from_batch` turns these
 //! raw arguments into the resolved configuration the pipeline runs on.
 
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -22,8 +23,12 @@ pub(crate) const MAX_SETTLE_MS: u64 = 3_600_000;
 /// The longest interval between rescans (`--poll`): a day.
 pub(crate) const MAX_POLL_SECS: u64 = 86_400;
 
-/// filepipe: gzip or hash (SHA-256, SHA-512, BLAKE3) a directory tree in parallel, every file
-/// accounted for.
+/// The highest `--level` any op takes (zstd's 19; its 20-22 "ultra" levels need windows of up
+/// to 128 MiB per thread, and gzip stops at 9, checked once the op is known).
+pub(crate) const MAX_LEVEL: u32 = 19;
+
+/// filepipe: gzip, zstd or hash (SHA-256, SHA-512, BLAKE3) a directory tree in parallel, every
+/// file accounted for.
 #[derive(Debug, Parser)]
 #[command(name = "filepipe", version, about, max_term_width = 100)]
 pub(crate) struct Cli {
@@ -43,8 +48,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Process every file under a directory once, then exit.
     Batch(BatchArgs),
-    /// Check a sha256sum, sha512sum or b3sum manifest against its tree, or test every .gz file
-    /// under a directory.
+    /// Check a sha256sum, sha512sum or b3sum manifest against its tree, or test every .gz and
+    /// .zst file under a directory.
     Verify(VerifyArgs),
     /// Process what is new or changed under a directory, then every file completed there
     /// until SIGINT/SIGTERM.
@@ -75,6 +80,8 @@ pub(crate) enum Command {
 pub(crate) enum OpKind {
     /// Compress each file to `name.gz` (a standard gzip stream).
     Gzip,
+    /// Compress each file to `name.zst` (a standard zstd frame).
+    Zstd,
     /// Hash each file with SHA-256 and write a `sha256sum` manifest.
     Sha256,
     /// Hash each file with SHA-512 and write a `sha512sum` manifest.
@@ -88,19 +95,72 @@ impl OpKind {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             OpKind::Gzip => "gzip",
+            OpKind::Zstd => "zstd",
             OpKind::Sha256 => "sha256",
             OpKind::Sha512 => "sha512",
             OpKind::Blake3 => "blake3",
         }
     }
 
-    /// The hash a hashing op computes; `None` for an op that writes outputs (gzip).
+    /// The hash a hashing op computes; `None` for an op that writes outputs (gzip, zstd).
     pub(crate) fn hash(self) -> Option<HashAlgo> {
         match self {
-            OpKind::Gzip => None,
+            OpKind::Gzip | OpKind::Zstd => None,
             OpKind::Sha256 => Some(HashAlgo::Sha256),
             OpKind::Sha512 => Some(HashAlgo::Sha512),
             OpKind::Blake3 => Some(HashAlgo::Blake3),
+        }
+    }
+
+    /// The suffix of this op's outputs, written next to the inputs or under `--out`; `None`
+    /// for an op that writes no file per input (a hash).
+    pub(crate) fn suffix(self) -> Option<&'static str> {
+        match self {
+            OpKind::Gzip => Some(".gz"),
+            OpKind::Zstd => Some(".zst"),
+            OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => None,
+        }
+    }
+
+    /// Whether this op compresses each file into an output of its own (and so takes `--out`,
+    /// `--level`, `--force` and `--remove-source`).
+    pub(crate) fn compresses(self) -> bool {
+        self.suffix().is_some()
+    }
+
+    /// The compression levels `--level` takes for this op, as the op's own command-line tool
+    /// numbers them (gzip -1..-9, zstd -1..-19); `None` for an op that does not compress.
+    pub(crate) fn levels(self) -> Option<RangeInclusive<u32>> {
+        match self {
+            OpKind::Gzip => Some(1..=9),
+            OpKind::Zstd => Some(1..=MAX_LEVEL),
+            OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => None,
+        }
+    }
+
+    /// The level when none is given: what the op's own tool uses (gzip 6, zstd 3). An op that
+    /// does not compress carries gzip's, unused, because a cluster job message always holds a
+    /// level and workers before zstd checked it was 1 to 9.
+    pub(crate) fn default_level(self) -> u32 {
+        match self {
+            OpKind::Zstd => 3,
+            OpKind::Gzip | OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => 6,
+        }
+    }
+
+    /// `level` (from the command line, the config file or a job message) checked against this
+    /// op's range; `None` gives the default. The error completes "--level ..." or "level ...".
+    pub(crate) fn level(self, level: Option<u32>) -> Result<u32, String> {
+        match (level, self.levels()) {
+            (None, _) => Ok(self.default_level()),
+            (Some(l), Some(range)) if range.contains(&l) => Ok(l),
+            (Some(l), Some(range)) => Err(format!(
+                "{l} is out of range for {} ({} to {})",
+                self.as_str(),
+                range.start(),
+                range.end()
+            )),
+            (Some(_), None) => Err(format!("does not apply to {}", self.as_str())),
         }
     }
 }
@@ -127,7 +187,7 @@ pub(crate) struct PipelineArgs {
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
     pub(crate) jobs: Option<u16>,
-    /// gzip: write outputs under DIR, mirroring the tree, instead of next to the inputs.
+    /// gzip, zstd: write outputs under DIR, mirroring the tree, instead of next to the inputs.
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// sha256, sha512, blake3: write the manifest to FILE, atomically (batch: stdout if absent;
@@ -137,10 +197,11 @@ pub(crate) struct PipelineArgs {
     /// Write one JSON line per failed or skipped file to FILE.
     #[arg(long, value_name = "FILE")]
     pub(crate) failure_log: Option<PathBuf>,
-    /// gzip: compression level, 1 (fastest) to 9 (smallest), as gzip's -1 to -9: the output is
-    /// about the size gzip -N writes.
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..=9))]
-    pub(crate) level: u32,
+    /// gzip, zstd: compression level, from 1 (fastest) to 9 (gzip, as gzip's -1 to -9: the
+    /// output is about the size gzip -N writes) or 19 (zstd, as zstd -1 to -19) [default: 6 for
+    /// gzip, 3 for zstd, as their own tools].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=MAX_LEVEL as i64))]
+    pub(crate) level: Option<u32>,
     /// Only process files matching GLOB (repeatable). A glob without '/' matches the file
     /// name, one with '/' the path relative to DIR.
     #[arg(long, value_name = "GLOB")]
@@ -174,10 +235,12 @@ pub(crate) struct BatchArgs {
     /// Follow symlinks that stay inside DIR (links leading outside are still refused).
     #[arg(long)]
     pub(crate) follow_symlinks: bool,
-    /// gzip: redo up-to-date outputs and replace existing different ones.
+    /// gzip, zstd: redo up-to-date outputs, replace existing different ones, and compress
+    /// inputs that are already compressed (.gz, .zst, .xz, ...; never one named like this op's
+    /// own outputs when they go next to the inputs).
     #[arg(long)]
     pub(crate) force: bool,
-    /// gzip: delete each input once its output is synced and verified (never a hard-linked one).
+    /// gzip, zstd: delete each input once its output is synced and verified (never a hard-linked one).
     #[arg(long)]
     pub(crate) remove_source: bool,
     /// Cluster mode: publish the jobs to the NATS JetStream queue at URL (nats://HOST:4222, or
@@ -337,7 +400,7 @@ pub(crate) struct WorkerArgs {
 #[derive(Debug, Args)]
 pub(crate) struct VerifyArgs {
     /// A checksum manifest in the format of sha256sum, sha512sum or b3sum (names resolve
-    /// against --root), or a directory whose .gz files are all tested.
+    /// against --root), or a directory whose .gz and .zst files are all tested.
     pub(crate) target: PathBuf,
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]

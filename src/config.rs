@@ -26,13 +26,13 @@ pub(crate) struct Config {
     pub(crate) op: OpKind,
     /// Number of worker threads (and of Shutdown sentinels).
     pub(crate) jobs: usize,
-    /// gzip: the output root (canonicalized, created if missing); `None` = next to inputs.
+    /// gzip, zstd: the output root (canonicalized, created if missing); `None` = next to inputs.
     pub(crate) out: Option<PathBuf>,
     /// A hash: where the manifest goes; `None` = stdout.
     pub(crate) manifest: Option<PathBuf>,
     /// Where failed/skipped records go as JSON lines.
     pub(crate) failure_log: Option<PathBuf>,
-    /// gzip compression level, 1-9.
+    /// Compression level, checked against the op's range (gzip 1-9, zstd 1-19).
     pub(crate) level: u32,
     /// Include/exclude globs.
     pub(crate) filter: Filter,
@@ -105,13 +105,13 @@ pub(crate) struct QueueTarget {
 impl Config {
     /// Resolves and validates the `batch` arguments.
     pub(crate) fn from_batch(args: &BatchArgs, quiet: bool) -> Result<Config> {
-        let gzip_only = [
+        let compress_only = [
             ("--force", args.force),
             ("--remove-source", args.remove_source),
         ];
-        if args.op.hash().is_some() {
-            if let Some((flag, _)) = gzip_only.iter().find(|(_, set)| *set) {
-                bail!("{flag} only applies to --op gzip");
+        if !args.op.compresses() {
+            if let Some((flag, _)) = compress_only.iter().find(|(_, set)| *set) {
+                bail!("{flag} only applies to --op gzip or zstd");
             }
         }
         if args.remove_source && args.common.durability == Some(Durability::None) {
@@ -140,11 +140,15 @@ impl Config {
         if !root.is_dir() {
             bail!("{} is not a directory", dir.display());
         }
-        if op.hash().is_some() && args.out.is_some() {
-            bail!("--out only applies to --op gzip");
-        } else if op.hash().is_none() && args.manifest.is_some() {
+        if !op.compresses() && args.out.is_some() {
+            bail!("--out only applies to --op gzip or zstd");
+        } else if op.compresses() && args.manifest.is_some() {
             bail!("--manifest only applies to the hashing ops (sha256, sha512, blake3)");
         }
+        // The range depends on the op (gzip 1-9, zstd 1-19): clap only knows the widest.
+        let level = op
+            .level(args.level)
+            .map_err(|e| anyhow::anyhow!("--level {e}"))?;
         let out = match &args.out {
             Some(out) => {
                 // Checked before anything is created: a refused --out leaves no directory.
@@ -182,7 +186,7 @@ impl Config {
             out,
             manifest,
             failure_log,
-            level: args.level,
+            level,
             filter: Filter::new(&args.include, &args.exclude)?,
             follow_symlinks: false,
             force: false,

@@ -119,5 +119,5 @@ Watch mode's state (one row per file: its stamp, status and digest).
 \&.filepipe.<pid>\-<salt>.<n>.tmp
 A named temp file while an output is written; a later run removes those left by a crash.
 .SH "SEE ALSO"
-gzip(1), sha256sum(1), sha512sum(1), b3sum(1), systemd.service(5), nats\-server(8)
+gzip(1), zstd(1), sha256sum(1), sha512sum(1), b3sum(1), systemd.service(5), nats\-server(8)
 "#;

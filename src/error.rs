@@ -24,7 +24,9 @@ pub(crate) enum Kind {
     OutputExists,
     /// The output exists and is up to date (same mtime as the input).
     UpToDate,
-    /// The input already ends in `.gz`.
+    /// A compressing op's input is already compressed (`.gz`, `.zst`, `.xz`, `.bz2`, `.lz4`,
+    /// `.zip`, `.7z`): skipped unless `--force`, and never when named like the op's own outputs
+    /// next to them.
     AlreadyCompressed,
     /// The output name would exceed NAME_MAX (ENAMETOOLONG).
     NameTooLong,
@@ -40,7 +42,7 @@ pub(crate) enum Kind {
     Interrupted,
     /// `--remove-source` refused: the input has more than one hard link.
     HardLinked,
-    /// A corrupt gzip stream or a digest mismatch found by `verify`.
+    /// A corrupt gzip or zstd stream, or a digest mismatch, found by `verify`.
     Corrupt,
     /// Any other I/O error.
     Io,

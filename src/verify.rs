@@ -1,13 +1,13 @@
 //! `filepipe verify`: check a manifest like `sha256sum -c` (or `sha512sum -c`, `b3sum -c`) and
-//! compare it with its tree, or test .gz files like `gzip -t`.
+//! compare it with its tree, or test .gz and .zst files like `gzip -t` and `zstd -t`.
 //!
 //! Both check files in parallel and print one result line per file in a stable order (manifest
 //! order then the added files sorted, or sorted paths). A missing, unreadable, corrupt or
 //! truncated file, and a malformed manifest line, is a clear per-file error: never a panic,
 //! never the end of the run. Nothing is passed over in silence: a directory that cannot be
-//! read, and a `.gz` name that is not a regular file (a symlink, a FIFO, a directory), is a line
-//! of its own and fails the run. A reader that closes the pipe early (`| head`) is not an
-//! error; any other failure to write the results is.
+//! read, and a `.gz` or `.zst` name that is not a regular file (a symlink, a FIFO, a
+//! directory), is a line of its own and fails the run. A reader that closes the pipe early
+//! (`| head`) is not an error; any other failure to write the results is.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -97,8 +97,8 @@ pub(crate) enum Error {
     Output(#[source] io::Error),
 }
 
-/// Verifies `opts.target`: a directory's .gz files, or a manifest's entries and its tree.
-/// Result lines go to `out`, warnings to stderr.
+/// Verifies `opts.target`: a directory's .gz and .zst files, or a manifest's entries and its
+/// tree. Result lines go to `out`, warnings to stderr.
 pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<Report, Error> {
     let setup = |e: anyhow::Error| Error::Setup(e);
     let pool = rayon::ThreadPoolBuilder::new()
@@ -113,10 +113,11 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
     let (report, lines, algo) = if meta.is_dir() {
         if opts.algo.is_some() || opts.root.is_some() || !opts.exclude.is_empty() {
             return Err(setup(anyhow::anyhow!(
-                "--algo, --root and --exclude apply to a manifest, not to a directory of .gz files"
+                "--algo, --root and --exclude apply to a manifest, not to a directory of .gz \
+                 and .zst files"
             )));
         }
-        let (report, lines) = verify_gz_tree(target, &pool);
+        let (report, lines) = verify_compressed_tree(target, &pool);
         (report, lines, None)
     } else {
         let (report, lines, algo) = verify_manifest(opts, &pool).map_err(setup)?;
@@ -429,17 +430,19 @@ fn tally(report: &mut Report, check: &Check) {
 enum Found {
     /// A regular `.gz` file: tested.
     Gz,
+    /// A regular `.zst` file: tested.
+    Zst,
     /// Something that could not be checked, and why: a fails-the-run verdict of its own.
     NotChecked(String),
 }
 
-fn verify_gz_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
+fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
     let mut found: Vec<(PathBuf, Found)> = Vec::new();
     for entry in WalkDir::new(root).min_depth(1) {
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                // A directory (or entry) the walk could not read: its .gz files went unchecked.
+                // A directory (or entry) the walk could not read: its files went unchecked.
                 let path = e.path().unwrap_or(root).to_path_buf();
                 let why = match e.io_error() {
                     Some(io) => format!("cannot read this directory: {io}"),
@@ -449,12 +452,19 @@ fn verify_gz_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
                 continue;
             }
         };
-        if !entry.file_name().as_bytes().ends_with(b".gz") {
+        // The names filepipe gives its outputs, exactly (as `gzip -t -r` and `zstd -t -r` pick
+        // theirs by suffix).
+        let name = entry.file_name().as_bytes();
+        let format = if name.ends_with(b".gz") {
+            Found::Gz
+        } else if name.ends_with(b".zst") {
+            Found::Zst
+        } else {
             continue;
-        }
+        };
         let ft = entry.file_type();
         let found_here = if ft.is_file() {
-            Found::Gz
+            format
         } else {
             let what = if ft.is_symlink() {
                 "a symlink"
@@ -474,7 +484,8 @@ fn verify_gz_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
             .map_init(
                 || vec![0u8; BUF_SIZE],
                 |buf, (p, f)| match f {
-                    Found::Gz => test_gz(p, buf),
+                    Found::Gz => test_file(p, buf, test_gz_stream),
+                    Found::Zst => test_file(p, buf, test_zst_stream),
                     Found::NotChecked(why) => Check::Unreadable(why.clone()),
                 },
             )
@@ -494,8 +505,12 @@ fn verify_gz_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
     (report, lines)
 }
 
-/// Decompresses a whole .gz file, checking every member's CRC-32 and length like `gzip -t`.
-pub(crate) fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
+/// Tests a whole compressed file with `test` (`test_gz_stream`, `test_zst_stream`).
+fn test_file(
+    path: &Path,
+    buf: &mut [u8],
+    test: fn(BufReader<InputFile>, &mut [u8]) -> Check,
+) -> Check {
     let input = match InputFile::open(path, false) {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
@@ -503,17 +518,42 @@ pub(crate) fn test_gz(path: &Path, buf: &mut [u8]) -> Check {
         }
         Err(OpenError::Failed(e)) => return Check::Unreadable(e.message),
     };
-    test_gz_stream(BufReader::with_capacity(BUF_SIZE, input), buf)
+    test(BufReader::with_capacity(BUF_SIZE, input), buf)
 }
 
-/// Tests a gzip stream read from `r`. Any byte sequence gives a verdict, never a panic.
-pub(crate) fn test_gz_stream(mut r: impl BufRead, buf: &mut [u8]) -> Check {
+/// An empty input is no valid file of either format (`gzip -t` and `zstd -t` both refuse it).
+fn empty(r: &mut impl BufRead) -> Option<Check> {
     match r.fill_buf() {
-        Ok([]) => return Check::Failed("empty file: unexpected end of file".into()),
-        Ok(_) => {}
-        Err(e) => return Check::Unreadable(format!("reading: {e}")),
+        Ok([]) => Some(Check::Failed("empty file: unexpected end of file".into())),
+        Ok(_) => None,
+        Err(e) => Some(Check::Unreadable(format!("reading: {e}"))),
     }
-    let mut dec = MultiGzDecoder::new(r);
+}
+
+/// Tests a gzip stream read from `r`, every member's CRC-32 and length, like `gzip -t`. Any
+/// byte sequence gives a verdict, never a panic.
+pub(crate) fn test_gz_stream(mut r: impl BufRead, buf: &mut [u8]) -> Check {
+    if let Some(verdict) = empty(&mut r) {
+        return verdict;
+    }
+    drain(MultiGzDecoder::new(r), buf)
+}
+
+/// Tests zstd frames read from `r`, every frame's checksum (when it has one, as filepipe's and
+/// zstd's own do) and content size, skippable frames skipped, like `zstd -t`. Any byte
+/// sequence gives a verdict, never a panic.
+pub(crate) fn test_zst_stream(mut r: impl BufRead, buf: &mut [u8]) -> Check {
+    if let Some(verdict) = empty(&mut r) {
+        return verdict;
+    }
+    match zstd::stream::read::Decoder::with_buffer(r) {
+        Ok(dec) => drain(dec, buf),
+        Err(e) => Check::Failed(format!("cannot start decoding: {e}")),
+    }
+}
+
+/// Decompresses everything `dec` gives; the verdict is its first error, if any.
+fn drain(mut dec: impl Read, buf: &mut [u8]) -> Check {
     loop {
         match dec.read(buf) {
             Ok(0) => return Check::Ok,
@@ -585,6 +625,72 @@ mod tests {
         assert_eq!(r(0, 2, 0).exit_code(), 4);
         assert_eq!(r(0, 0, 3).exit_code(), 8);
         assert_eq!(r(1, 1, 1).exit_code(), 13);
+    }
+
+    fn zst(data: &[u8]) -> Vec<u8> {
+        zstd::stream::encode_all(data, 3).unwrap()
+    }
+
+    fn zst_verdict(bytes: &[u8]) -> Check {
+        test_zst_stream(bytes, &mut [0; 4096])
+    }
+
+    #[test]
+    fn good_concatenated_skippable_and_bad_zstd_frames() {
+        let mut two = zst(b"first frame ");
+        // A skippable frame (what filepipe's stamp is) between two frames.
+        two.extend([0x5f, 0x2a, 0x4d, 0x18, 3, 0, 0, 0, 1, 2, 3]);
+        two.extend(zst(b"second frame"));
+        assert!(matches!(zst_verdict(&two), Check::Ok));
+        assert!(matches!(zst_verdict(b""), Check::Failed(_)));
+        let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        e.include_checksum(true).unwrap();
+        let data: Vec<u8> = (0..50_000u32)
+            .map(|i| (i % 251) as u8 ^ (i >> 9) as u8)
+            .collect();
+        e.write_all(&data).unwrap();
+        let good = e.finish().unwrap();
+        assert!(matches!(zst_verdict(&good), Check::Ok));
+        assert!(matches!(
+            zst_verdict(&good[..good.len() - 3]),
+            Check::Failed(_)
+        ));
+        let mut bad_sum = good.clone();
+        let n = bad_sum.len();
+        bad_sum[n - 2] ^= 1;
+        assert!(matches!(zst_verdict(&bad_sum), Check::Failed(_)));
+        assert!(matches!(zst_verdict(&gz(b"not zstd")), Check::Failed(_)));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Garbage never panics and is never accepted as zstd (unless it starts with a frame
+        /// or skippable frame magic).
+        #[test]
+        fn zstd_garbage_gives_a_verdict(bytes in prop::collection::vec(any::<u8>(), 0..4096)) {
+            let accepted = matches!(zst_verdict(&bytes), Check::Ok);
+            let magic = bytes.len() >= 4 && (bytes[..4] == [0x28, 0xb5, 0x2f, 0xfd]
+                || (bytes[1..4] == [0x2a, 0x4d, 0x18] && bytes[0] & 0xf0 == 0x50));
+            prop_assert!(!accepted || magic);
+        }
+
+        /// A valid zstd file cut short, or with bytes flipped: a verdict, never a panic.
+        #[test]
+        fn mutated_zstd_frames_give_a_verdict(
+            data in prop::collection::vec(any::<u8>(), 1..20_000),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let good = zst(&data);
+            let mut bad = good.clone();
+            for (i, x) in &flips {
+                let i = i.index(bad.len());
+                bad[i] ^= x;
+            }
+            let _ = zst_verdict(&bad);
+            let cut = cut.index(good.len());
+            prop_assert!(!matches!(zst_verdict(&good[..cut]), Check::Ok));
+        }
     }
 
     proptest! {

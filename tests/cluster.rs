@@ -1241,3 +1241,45 @@ fn a_watch_table_with_a_queue_runs_a_watching_coordinator_under_the_service() {
     .unwrap();
     daemon.finish(Duration::from_secs(60)).success();
 }
+
+#[test]
+fn zstd_through_the_queue_at_its_own_levels() {
+    let Some(nats) = Nats::start() else { return };
+    let have_zstd = std::process::Command::new("zstd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_zstd {
+        eprintln!("SKIPPED: no zstd to check the outputs");
+        return;
+    }
+    let t = tree(60, 1);
+    let root = format!("tree={}", t.root().display());
+    let _worker = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "2");
+    // Level 19: past gzip's 9, checked against zstd's range by the worker (wire::JobBatch).
+    let args = ["--op", "zstd", "--level", "19", "--root-name", "tree"];
+    let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
+    assert_eq!(sum["done"], 61, "{sum}");
+    let mut n = 0;
+    for e in walkdir::WalkDir::new(t.root())
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        let p = e.path();
+        if p.extension() != Some(OsStr::new("zst")) {
+            continue;
+        }
+        n += 1;
+        let back = tool("zstd", &[s("-dc"), p.as_os_str()], t.dir.path());
+        assert!(back.status.success(), "zstd -dc {}: {back:?}", p.display());
+        assert!(
+            back.stdout == fs::read(p.with_extension("")).unwrap(),
+            "{}",
+            p.display()
+        );
+    }
+    assert_eq!(n, 61);
+    // Again: each output found up to date by its stamp.
+    let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
+    assert_eq!(sum["skipped_by_reason"]["up-to-date"], 61, "{sum}");
+}

@@ -128,6 +128,49 @@ fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_
     }
 }
 
+/// zstd publishes through the very code gzip does (`ops::compress`): one light check that its
+/// outputs too are named only once flushed, by group and by file, with both kinds of temps.
+#[test]
+fn zstd_outputs_take_the_same_durable_publish() {
+    if !strace_or_skip("watch the order of flushes and names") {
+        return;
+    }
+    let have_zstd = std::process::Command::new("zstd")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !have_zstd {
+        eprintln!("SKIPPED: no zstd to check the outputs");
+        return;
+    }
+    for (mode, temps) in [("group", "anonymous"), ("file", "named")] {
+        let t = tree(30);
+        let root = t.root();
+        let args = [
+            s("batch"),
+            p(&root),
+            s("--op"),
+            s("zstd"),
+            s("--durability"),
+            s(mode),
+            s("--json"),
+        ];
+        let (out, calls) = traced(&args, temps_env(temps), None);
+        let case = format!("zstd, {mode}, {temps} temps");
+        assert_eq!(out.code(0).summary()["done"], 30, "{case}");
+        assert_eq!(check_flush_order(&calls, true), 30, "{case}: all published");
+        assert!(flushes(&calls) > 0, "{case}");
+        assert!(temps_under(t.dir.path()).is_empty(), "{case}");
+        for i in 0..30u64 {
+            let zst = root.join(format!("d{}/f{i}.h.zst", i % 3));
+            let ok = tool("zstd", &[s("-t"), s("-q"), p(&zst)], t.dir.path())
+                .status
+                .success();
+            assert!(ok, "{case}: {}", zst.display());
+        }
+    }
+}
+
 #[test]
 fn durability_none_flushes_nothing_and_still_publishes_whole_outputs() {
     if !strace_or_skip("count the flushes") {

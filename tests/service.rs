@@ -174,7 +174,10 @@ fn check_config_names_file_line_and_key() {
         ("manifest with gzip", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nmanifest = \"m\"\n", ":4: watch[0].manifest"),
         ("out with blake3", "[[watch]]\npath = \"in/a\"\nop = \"blake3\"\nout = \"x\"\n", ":4: watch[0].out"),
         ("level with sha512", "[[watch]]\npath = \"in/a\"\nop = \"sha512\"\nlevel = 6\n", ":4: watch[0].level"),
-        ("unknown op", "[[watch]]\npath = \"in/a\"\nop = \"md5\"\n", "expected one of `gzip`, `sha256`, `sha512`, `blake3`"),
+        ("unknown op", "[[watch]]\npath = \"in/a\"\nop = \"md5\"\n", "expected one of `gzip`, `zstd`, `sha256`, `sha512`, `blake3`"),
+        ("gzip level 10", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nlevel = 10\n", ":4: watch[0].level: 10 is out of range for gzip (1 to 9)"),
+        ("zstd level 20", "[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 20\n", ":4: watch[0].level: 20 is out of range for zstd (1 to 19)"),
+        ("level with sha256", "[[watch]]\npath = \"in/a\"\nop = \"sha256\"\nlevel = 3\n", ":4: watch[0].level"),
         ("no pipelines", "jobs = 2\n", "no [[watch]]"),
         ("poll of 0 s", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\npoll_secs = 0\n", ":4: watch[0].poll_secs"),
         ("poll over a day", "poll_secs = 86401\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n", ":1: poll_secs"),
@@ -194,7 +197,7 @@ fn check_config_names_file_line_and_key() {
     write_config(
         &good,
         &format!(
-            "state_dir = {:?}\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nout = \"archive\"\n[[watch]]\npath = \"in/b\"\nop = \"sha256\"\nmanifest = \"in/b/SUMS\"\n[[watch]]\npath = \"in/c\"\nop = \"sha512\"\nmanifest = \"in/c/SHA512SUMS\"\n[[watch]]\npath = \"in/d\"\nop = \"blake3\"\nmanifest = \"B3SUMS\"\n",
+            "state_dir = {:?}\n[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 19\nout = \"archive\"\n[[watch]]\npath = \"in/b\"\nop = \"sha256\"\nmanifest = \"in/b/SUMS\"\n[[watch]]\npath = \"in/c\"\nop = \"sha512\"\nmanifest = \"in/c/SHA512SUMS\"\n[[watch]]\npath = \"in/d\"\nop = \"blake3\"\nmanifest = \"B3SUMS\"\n",
             t.side("state")
         ),
     );

@@ -191,9 +191,9 @@ pub(crate) struct JobBatch {
     pub(crate) root: String,
     /// The operation.
     pub(crate) op: OpKind,
-    /// gzip's level.
+    /// The compression level (gzip, zstd).
     pub(crate) level: u32,
-    /// gzip: redo up-to-date outputs, replace different ones.
+    /// gzip, zstd: redo up-to-date outputs, replace different ones.
     pub(crate) force: bool,
     /// The files.
     pub(crate) files: Vec<WireFile>,
@@ -213,8 +213,10 @@ impl JobBatch {
         if !valid_name(&b.run) || !valid_name(&b.root) {
             return Err("a run or root name that is not a plain name".into());
         }
-        if !(1..=9).contains(&b.level) {
-            return Err(format!("level {} out of 1-9", b.level));
+        // Each op's own range (gzip 1-9, zstd 1-19); a hash carries a level it does not use.
+        if b.op.compresses() {
+            b.op.level(Some(b.level))
+                .map_err(|e| format!("level {e}"))?;
         }
         if b.files.is_empty() || b.files.len() > MAX_FILES {
             return Err(format!(
@@ -411,12 +413,16 @@ mod tests {
             let hash = good.replace("\"gzip\"", &format!("{op:?}"));
             assert!(JobBatch::parse(hash.as_bytes()).is_ok(), "{op}");
         }
+        let zstd = good.replace(r#""gzip","level":6"#, r#""zstd","level":19"#);
+        assert!(JobBatch::parse(zstd.as_bytes()).is_ok());
         for bad in [
             good.replace("\"v\":1", "\"v\":2"),
             good.replace("\"r1\"", "\"r.1\""),
             good.replace("\"in\"", "\"../in\""),
             good.replace("\"gzip\"", "\"rm\""),
             good.replace("\"level\":6", "\"level\":10"),
+            good.replace("\"level\":6", "\"level\":0"),
+            good.replace(r#""gzip","level":6"#, r#""zstd","level":20"#),
             good.replace(r#"{"rel":"a","size":1}"#, ""),
             "not json".into(),
             format!("{{\"pad\":\"{}\"}}", "x".repeat(MAX_MESSAGE)),

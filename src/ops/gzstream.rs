@@ -31,6 +31,7 @@ use rayon::ThreadPool;
 
 use crate::error::{FileError, Kind};
 use crate::fsio::input::fill;
+use crate::ops::compress::Totals;
 
 /// Bytes of input per independently compressed block. pigz uses 128 KiB; 1 MiB makes the
 /// per-block costs (a fresh deflate state, priming it with the dictionary, the sync flush) an
@@ -101,16 +102,6 @@ impl Buffers {
     }
 }
 
-impl Buffers {
-    /// The input buffer, at least `len` bytes, for a caller that only needs to read through it.
-    pub(crate) fn scratch(&mut self, len: usize) -> &mut [u8] {
-        if self.input.len() < len {
-            self.input.resize(len, 0);
-        }
-        &mut self.input[..len]
-    }
-}
-
 impl Default for Buffers {
     fn default() -> Self {
         Self::new()
@@ -136,17 +127,6 @@ pub(crate) struct Header<'a> {
     pub(crate) mtime: u32,
     /// The input's file name, stored like gzip does so `gunzip -N` can restore it.
     pub(crate) name: Option<&'a [u8]>,
-}
-
-/// Totals of one compressed stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Totals {
-    /// CRC-32 of the uncompressed data (as stored in the trailer).
-    pub(crate) crc: u32,
-    /// Uncompressed bytes.
-    pub(crate) bytes_in: u64,
-    /// Bytes of the whole gzip file, header and trailer included.
-    pub(crate) bytes_out: u64,
 }
 
 /// The threads that compress blocks of large files, and the budget of blocks in flight that all

@@ -5,16 +5,18 @@
 //! not change while read (retrying if it did), and only then let the op publish. An op never
 //! publishes anything derived from a torn read.
 
+pub(crate) mod compress;
 pub(crate) mod gzip;
 pub(crate) mod gzstream;
 pub(crate) mod hash;
+pub(crate) mod zstd;
 
 use crate::error::FileError;
 use crate::fsio::input::InputFile;
 pub(crate) use crate::travel::Done;
 use crate::travel::Job;
 
-/// One file operation (gzip, a hash, ...). Adding an operation means implementing this.
+/// One file operation (gzip, zstd, a hash, ...). Adding an operation means implementing this.
 pub(crate) trait Op: Sync {
     /// Per-worker reusable state: buffers, directory caches.
     type Scratch;

@@ -26,9 +26,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use anyhow::{Context, Result};
 use crossbeam_channel::bounded;
 
+use crate::cli::OpKind;
 use crate::config::Config;
-use crate::ops::gzip::GzipOp;
+use crate::ops::compress::CompressOp;
+use crate::ops::gzip::Gzip;
 use crate::ops::hash::HashOp;
+use crate::ops::zstd::Zstd;
 use crate::ops::Op;
 use crate::report::{self, Summary};
 use crate::signals::Shutdown;
@@ -99,9 +102,17 @@ pub(crate) fn run(
     sink: &mut (dyn Sink + Send),
     stats: &Stats,
 ) -> Result<Summary> {
-    match cfg.op.hash() {
-        None => run_with(cfg, &GzipOp::new(cfg)?, shutdown, source, sink, stats),
-        Some(algo) => {
+    match cfg.op {
+        OpKind::Gzip => {
+            let op = CompressOp::<Gzip>::new(cfg)?;
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
+        OpKind::Zstd => {
+            let op = CompressOp::<Zstd>::new(cfg)?;
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
+        OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => {
+            let algo = cfg.op.hash().expect("a hashing op has a hash");
             let op = HashOp::new(algo, cfg.jobs).context("starting the hash threads")?;
             run_with(cfg, &op, shutdown, source, sink, stats)
         }

@@ -317,7 +317,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         std::fs::write(tmp.path().join("f"), b"made once").unwrap();
         let cfg = config_op(tmp.path(), "gzip");
-        let op = crate::ops::gzip::GzipOp::new(&cfg).unwrap();
+        let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
         let job = |redelivered| Job {
             abs: cfg.root.join("f"),
@@ -348,7 +348,7 @@ mod tests {
         let f = tmp.path().join("f");
         std::fs::write(&f, b"version one").unwrap();
         let cfg = config_op(tmp.path(), "gzip");
-        let op = crate::ops::gzip::GzipOp::new(&cfg).unwrap();
+        let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
         let job = |replace| Job {
             abs: cfg.root.join("f"),

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::FileError;
 use crate::logging::FAILURES;
@@ -153,7 +152,7 @@ pub(crate) fn run(
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
     summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
-    if cfg.op == OpKind::Gzip && summary.bytes_in > 0 {
+    if cfg.op.compresses() && summary.bytes_in > 0 {
         summary.ratio = Some(summary.bytes_out as f64 / summary.bytes_in as f64);
     }
     summary.stale_temps_removed = stats.stale_temps_removed.load(Ordering::Relaxed);

@@ -240,19 +240,15 @@ pub(crate) fn load(
         settle_ok(&w.settle_ms, &key("settle_ms"))?;
         poll_ok(&w.poll_secs, &key("poll_secs"))?;
         let misplaced = [
-            (
-                "out",
-                w.op.hash().is_some(),
-                w.out.as_ref().map(|o| o.span()),
-            ),
+            ("out", !w.op.compresses(), w.out.as_ref().map(|o| o.span())),
             (
                 "manifest",
-                w.op.hash().is_none(),
+                w.op.compresses(),
                 w.manifest.as_ref().map(|m| m.span()),
             ),
             (
                 "level",
-                w.op.hash().is_some(),
+                !w.op.compresses(),
                 w.level.as_ref().map(|l| l.span()),
             ),
         ];
@@ -262,13 +258,12 @@ pub(crate) fn load(
                 return Err(at(span, &key(k), msg));
             }
         }
-        let level = match &w.level {
-            Some(l) if !(1..=9).contains(l.get_ref()) => {
-                return Err(at(l.span(), &key("level"), "must be 1 to 9".into()))
-            }
-            Some(l) => *l.get_ref(),
-            None => 6,
-        };
+        // Checked here, against the op's range, to name the line.
+        if let Some(l) = &w.level {
+            w.op.level(Some(*l.get_ref()))
+                .map_err(|e| at(l.span(), &key("level"), e))?;
+        }
+        let level = w.level.as_ref().map(|l| *l.get_ref());
         if let Some(out) = &w.out {
             let abs = absolute(&resolve(out.get_ref()));
             if let Some((other, _)) = roots.iter().find(|(r, _)| abs.starts_with(r)) {

@@ -18,11 +18,11 @@ use crate::sink::{manifest, Disposition, Sink};
 use crate::state::{self, State};
 use crate::travel::{Outcome, Stamp};
 
-/// The output of `rel` (gzip).
-pub(crate) fn gz_name(rel: &Path) -> PathBuf {
+/// The output of `rel` for a compressing op (`rel.gz`, `rel.zst`); `None` for a hash.
+pub(crate) fn output_name(op: OpKind, rel: &Path) -> Option<PathBuf> {
     let mut o = rel.as_os_str().to_os_string();
-    o.push(".gz");
-    PathBuf::from(o)
+    o.push(op.suffix()?);
+    Some(PathBuf::from(o))
 }
 
 /// Whether the sink keeps a manifest: a hash with `--manifest`.
@@ -133,7 +133,7 @@ impl Sink for StateSink<'_> {
                 None
             }
             Outcome::Done { rel, done } => {
-                let output = (self.cfg.op == OpKind::Gzip).then(|| gz_name(rel));
+                let output = output_name(self.cfg.op, rel);
                 self.state
                     .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
                 if done.digest.is_some() {
@@ -148,8 +148,8 @@ impl Sink for StateSink<'_> {
             // change of the file replaces that output as filepipe's own.
             Outcome::Skipped { rel, reason } if reason.kind == Kind::UpToDate => {
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
-                let output = gz_name(rel);
-                self.state.done(rel, stamp, Some(&output), None)?;
+                let output = output_name(self.cfg.op, rel);
+                self.state.done(rel, stamp, output.as_deref(), None)?;
                 None
             }
             Outcome::Skipped { rel, reason } => {

@@ -13,7 +13,6 @@ use std::sync::atomic::Ordering;
 use crossbeam_channel::Sender;
 use walkdir::{DirEntry, WalkDir};
 
-use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::fsio::input::describe;
@@ -409,7 +408,7 @@ fn temp_reason(
     rel: &Path,
     stats: &Stats,
 ) -> Option<FileError> {
-    let remove = cfg.op == OpKind::Gzip && cfg.out.is_none();
+    let remove = cfg.op.compresses() && cfg.out.is_none();
     let found = match parent {
         Some(dir) => output::examine_temp(dir, entry.file_name(), remove),
         None => output::examine_temp_path(entry.path(), remove),

@@ -9,7 +9,6 @@ use std::path::Path;
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RenameMode};
 use notify::RecursiveMode;
 
-use crate::cli::OpKind;
 use crate::config::Config;
 
 /// The events watch mode acts on. Not opens and reads: every read, the workers' own included,
@@ -137,14 +136,20 @@ pub(crate) fn watch_dir(
     }
 }
 
-/// Names never taken whatever the filters say: writers' temp files and (gzip) outputs.
+/// Names never taken whatever the filters say: writers' temp files and the op's own outputs
+/// (`.gz` for gzip, `.zst` for zstd). Other compressed names are taken, and skipped by the op
+/// with their reason.
 pub(crate) fn ignored_name(cfg: &Config, rel: &Path) -> bool {
     let name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
     let temp_like = [&b".part"[..], b".tmp", b".crdownload", b"~"]
         .iter()
         .any(|s| name.ends_with(s))
         || name.starts_with(b".#");
-    temp_like || cfg.op == OpKind::Gzip && name.ends_with(b".gz")
+    temp_like
+        || cfg
+            .op
+            .suffix()
+            .is_some_and(|s| name.ends_with(s.as_bytes()))
 }
 
 /// Whether an event's path is an anonymous file's (`O_TMPFILE`, filepipe's own temps among

@@ -24,7 +24,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError, TrySendError};
 use notify::{RecursiveMode, Watcher as _};
 
-use crate::cli::OpKind;
 use crate::config::Config;
 use crate::signals::Shutdown;
 use crate::source::walk::{self, Found};
@@ -505,7 +504,7 @@ impl Watcher<'_> {
                 }
                 // An output filepipe itself made for this file may be replaced when the file
                 // changes (even after a failed attempt since); anyone else's never is.
-                let replace = self.cfg.op == OpKind::Gzip
+                let replace = self.cfg.op.compresses()
                     && self.reader.lookup(&rel)?.is_some_and(|k| k.made_output);
                 self.flight.start(rel.clone());
                 fill.add(size);

@@ -1,0 +1,1334 @@
+//! The compressing operations (gzip, zstd): `name` → `name.gz` or `name.zst`, next to the input
+//! or mirrored under `--out`. What is the same for every format lives here, once: the checks
+//! before the work, the temp, the group publish with its durability, the no-clobber link, the
+//! adoption of an output already in place, `--remove-source`. A format is a `Codec`: its
+//! encoder, its decoder, and how it knows an output of its own (`ops::gzip`, `ops::zstd`).
+//!
+//! Invariants: inputs are never modified; an existing output is only replaced with `--force`;
+//! inputs already compressed (`.gz`, `.zst`, `.xz`, ...) are skipped unless `--force`, and a
+//! name with the op's own suffix never when outputs go next to the inputs (`x.gz.gz`); an
+//! up-to-date output (same mtime as its input, which filepipe copies on publish, and for a
+//! codec that marks its outputs, its mark for this input) is skipped;
+//! `--remove-source` unlinks an input only after its output was published, synced and
+//! decompressed back to the same length and CRC, and never when the input has other hard links.
+//! Outputs are published in groups (group commit) that share the file system's flushes; a file
+//! of a group is done only once its data, attributes and name are all durable.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{self, BufRead, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+use rustix::io::Errno;
+
+use crate::cli::OpKind;
+use crate::config::Config;
+use crate::error::{FileError, Kind};
+use crate::fsio::input::{InputFile, Root};
+use crate::fsio::output::{self, Attrs, Dir, DirCache, Durability, TempOutput, WriteBehind};
+use crate::ops::{Done, Op};
+use crate::travel::Job;
+
+/// One compressed format: what `CompressOp` needs to know of it, and nothing of the output
+/// protocol, which is the same for all.
+pub(crate) trait Codec: Sync + Sized + std::fmt::Debug {
+    /// Per-worker buffers and compressor state, kept between files.
+    type Scratch;
+
+    /// The op this codec serves: its name and its outputs' suffix (`OpKind::suffix`).
+    const KIND: OpKind;
+
+    /// The codec for a run, with its level (already checked against `KIND.levels()`).
+    fn new(cfg: &Config) -> anyhow::Result<Self>;
+
+    /// Fresh per-worker state.
+    fn scratch(&self) -> Self::Scratch;
+
+    /// Compresses the input (`input.size()` bytes of it, the size it was opened with) into
+    /// `out` as one complete file of the format. The output must depend only on the input
+    /// (bytes, name, stat) and the level: never on the number of threads or on earlier files.
+    /// A shorter input may end the output early or fail the file; the caller's check that the
+    /// input did not change rejects the result either way.
+    fn compress(
+        &self,
+        job: &Job,
+        input: &mut InputFile,
+        out: &mut WriteBehind<'_>,
+        scratch: &mut Self::Scratch,
+    ) -> Result<Totals, FileError>;
+
+    /// What `compressed` decompresses to, read as it is decompressed. An error reading it
+    /// means the output is not a valid file of the format.
+    fn decoder<'r, R: BufRead + 'r>(&self, compressed: R) -> io::Result<Box<dyn Read + 'r>>;
+
+    /// Whether `name` in `dir`, a regular file dated as the input, is filepipe's output of the
+    /// input as it is now. The default trusts the date (gzip: filepipe gives each output its
+    /// input's mtime, to the nanosecond); a codec that stamps its outputs checks the stamp.
+    fn owns(&self, _dir: &Dir, _name: &OsStr, _input: &InputFile) -> Result<bool, FileError> {
+        Ok(true)
+    }
+}
+
+/// Totals of one compressed file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Totals {
+    /// CRC-32 of the uncompressed data: what an output is checked against when it is
+    /// decompressed back (`--remove-source`).
+    pub(crate) crc: u32,
+    /// Uncompressed bytes.
+    pub(crate) bytes_in: u64,
+    /// Bytes of the whole compressed file, headers and trailers included.
+    pub(crate) bytes_out: u64,
+}
+
+/// Input names that are already compressed (matched case-insensitively): compressing them
+/// again costs CPU for next to nothing, so a compressing op skips them unless `--force`.
+const COMPRESSED_SUFFIXES: [&str; 7] = [".gz", ".zst", ".xz", ".bz2", ".lz4", ".zip", ".7z"];
+
+/// The compressed-format suffix `name` ends with, if any (case-insensitive).
+pub(crate) fn compressed_suffix(name: &[u8]) -> Option<&'static str> {
+    COMPRESSED_SUFFIXES.into_iter().find(|s| {
+        name.len() >= s.len() && name[name.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
+    })
+}
+
+/// A compressing operation (`--op gzip`, `--op zstd`) and its settings.
+#[derive(Debug)]
+pub(crate) struct CompressOp<C: Codec> {
+    /// The format, its level and its threads.
+    codec: C,
+    force: bool,
+    remove_source: bool,
+    /// How outputs are flushed before they are reported published.
+    durability: Durability,
+    root: PathBuf,
+    out_root: PathBuf,
+    mirrored: bool,
+    /// The input root, for `--remove-source` to reach an input's directory beneath it without
+    /// following symlinks (see `input::Root`); `None` with `--follow-symlinks` (the directory
+    /// is then reached by path).
+    root_fd: Option<Root>,
+    /// Tests: the file whose publish panics, as a bug would.
+    #[cfg(test)]
+    panic_on: Option<PathBuf>,
+}
+
+/// Per-worker state.
+#[derive(Debug)]
+pub(crate) struct Scratch<S> {
+    out_dirs: DirCache,
+    /// The codec's buffers and compressor.
+    codec: S,
+    /// Where an output in place is compared with its input (`adopt`): allocated the first
+    /// time one is, as few runs ever do.
+    compare: Vec<u8>,
+}
+
+/// A file read, waiting for the input check and the publish.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// The compressed temp file, or the output already in place, found to hold exactly the
+    /// input (see `adopt`).
+    output: Output,
+    dir: Arc<Dir>,
+    totals: Totals,
+}
+
+/// What a pending file's publish will make its output.
+#[derive(Debug)]
+enum Output {
+    /// A temp file to publish.
+    Temp(TempOutput),
+    /// The output already under the final name, open: it decompresses to exactly the bytes of
+    /// the input.
+    InPlace(File),
+}
+
+/// What the output's name already holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Existing {
+    /// Nothing.
+    Nothing,
+    /// A regular file with the input's mtime (which filepipe gives its outputs), of this size.
+    UpToDate(u64),
+    /// A regular file with another mtime.
+    Stale,
+    /// Something that is not a regular file.
+    Other,
+}
+
+/// Where one file of a group stands, step after step of `publish_group`.
+enum Step {
+    /// A fresh output, still a temp.
+    Temp(TempOutput),
+    /// A fresh output handed to the group's flush: its place in the group, until the flush
+    /// returns its result.
+    Flushing,
+    /// A fresh output, synced.
+    Synced(output::SyncedTemp),
+    /// A fresh output under its final name.
+    Renamed,
+    /// The output already under its final name is this input's (an up-to-date output being
+    /// adopted, or one published meanwhile with the very bytes of ours), open to sync it.
+    InPlace(File),
+}
+
+impl<C: Codec> CompressOp<C> {
+    /// Builds the operation from the config.
+    pub(crate) fn new(cfg: &Config) -> anyhow::Result<Self> {
+        Ok(CompressOp {
+            codec: C::new(cfg)?,
+            force: cfg.force,
+            remove_source: cfg.remove_source,
+            durability: cfg.durability,
+            root: cfg.root.clone(),
+            out_root: cfg.out_root().to_path_buf(),
+            mirrored: cfg.out.is_some(),
+            root_fd: if cfg.remove_source && !cfg.follow_symlinks {
+                Some(Root::new(&cfg.root).context("opening the input root")?)
+            } else {
+                None
+            },
+            #[cfg(test)]
+            panic_on: None,
+        })
+    }
+
+    /// The outputs' suffix (`.gz`, `.zst`).
+    fn suffix() -> &'static str {
+        C::KIND.suffix().unwrap_or_default()
+    }
+
+    fn out_name(job: &Job) -> Result<OsString, FileError> {
+        let name = job.rel.file_name().unwrap_or(OsStr::new(""));
+        let mut out = name.to_os_string();
+        out.push(Self::suffix());
+        if out.len() > output::NAME_MAX {
+            return Err(FileError {
+                kind: Kind::NameTooLong,
+                errno: Some(libc::ENAMETOOLONG),
+                message: format!(
+                    "output name would be {} bytes, over the {}-byte limit",
+                    out.len(),
+                    output::NAME_MAX
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    fn out_dir(&self, job: &Job, scratch: &mut Scratch<C::Scratch>) -> Result<Arc<Dir>, FileError> {
+        let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
+        let root = &self.root;
+        // New output directories take their input directory's permissions: an archive tree is
+        // never more open than the tree it mirrors.
+        scratch.out_dirs.open(rel_dir, &|rel: &Path| {
+            let mode = std::fs::symlink_metadata(root.join(rel)).map_or(0o700, |m| m.mode());
+            Mode::from_raw_mode((mode & 0o777) | 0o700)
+        })
+    }
+
+    /// Decompresses the written output (through its own descriptor) and compares it with what
+    /// was compressed.
+    fn verify_output(&self, file: &File, totals: &Totals) -> Result<(), FileError> {
+        let reader = output::ReadAt::new(file);
+        let undecodable = |e: io::Error| {
+            FileError::new(
+                Kind::Corrupt,
+                format!("published output does not decompress: {e}"),
+            )
+        };
+        let mut dec = self
+            .codec
+            .decoder(io::BufReader::with_capacity(256 * 1024, reader))
+            .map_err(undecodable)?;
+        let mut crc = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        let mut buf = vec![0; 256 * 1024];
+        loop {
+            match dec.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    crc.update(&buf[..n]);
+                    len += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(undecodable(e)),
+            }
+        }
+        if len != totals.bytes_in || crc.finalize() != totals.crc {
+            return Err(FileError::new(
+                Kind::Corrupt,
+                "published output does not match the input",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Unlinks the input after a verified publish, unless that would lose data. Called only
+    /// once the output is durable, so whatever stops the removal leaves the file done with its
+    /// input kept and the reason as a note (`"status":"kept"` in the failure log): an input
+    /// directory that can no longer be reached beneath the root, an input that changed or
+    /// gained a link, or an unlink the file system refuses. Only a failed sync of the directory
+    /// after the unlink is an error: the input is gone, but its removal may not survive a crash.
+    fn remove_source(&self, job: &Job, input: &InputFile) -> Result<Option<FileError>, FileError> {
+        let kept = |e: FileError| FileError {
+            message: format!("input not removed: {}", e.message),
+            ..e
+        };
+        // Renamed or deleted by someone else after it was read: nothing left to remove under
+        // this name, and a renamed file is not looked for.
+        let moved_away = || {
+            FileError::new(
+                Kind::Vanished,
+                "input not removed: it was moved or deleted after it was compressed",
+            )
+        };
+        let st = &input.stat;
+        if st.st_nlink > 1 {
+            return Ok(Some(FileError::new(
+                Kind::HardLinked,
+                format!("input kept: it has {} hard links", st.st_nlink),
+            )));
+        }
+        // The input's directory, opened for writing its entry and syncing it. Beneath the root
+        // without following any symlink: a directory swapped for a link to elsewhere after the
+        // input was read fails here, and nothing outside the tree is ever unlinked.
+        let parent = job.abs.parent().unwrap_or(Path::new("/"));
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let opened = match &self.root_fd {
+            Some(root) => root.open_dir(job.rel.parent().unwrap_or(Path::new(""))),
+            None => rfs::open(parent, flags, Mode::empty()),
+        };
+        let dir_fd = match (opened, &self.root_fd) {
+            (Ok(fd), _) => fd,
+            // Refused beneath the root: say so if a symlink on the way is why.
+            (Err(e @ (Errno::LOOP | Errno::NOTDIR)), Some(root)) => {
+                return Ok(Some(match root.symlink_in(&job.rel) {
+                    Some(what) => FileError::new(
+                        Kind::Symlink,
+                        format!("input not removed: {what} (not followed)"),
+                    ),
+                    None => kept(FileError::errno("opening its directory", e)),
+                }));
+            }
+            (Err(e), _) => return Ok(Some(kept(FileError::errno("opening its directory", e)))),
+        };
+        let name = job.abs.file_name().unwrap_or(OsStr::new(""));
+        // The name must still lead to the very file that was compressed.
+        let now = match rfs::statat(&dir_fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(now) => now,
+            Err(Errno::NOENT) => return Ok(Some(moved_away())),
+            Err(e) => return Ok(Some(kept(FileError::errno("stat of input", e)))),
+        };
+        if now.st_nlink > 1 {
+            return Ok(Some(FileError::new(
+                Kind::HardLinked,
+                format!("input kept: it now has {} hard links", now.st_nlink),
+            )));
+        }
+        // ctime too: a rewrite of the same size that puts the mtime back (cp -p, touch -r)
+        // still moves it.
+        let same = now.st_dev == st.st_dev
+            && now.st_ino == st.st_ino
+            && now.st_size == st.st_size
+            && now.st_mtime == st.st_mtime
+            && now.st_mtime_nsec == st.st_mtime_nsec
+            && now.st_ctime == st.st_ctime
+            && now.st_ctime_nsec == st.st_ctime_nsec;
+        if !same {
+            return Ok(Some(FileError::new(
+                Kind::Changed,
+                "input kept: it changed after it was compressed",
+            )));
+        }
+        match rfs::unlinkat(&dir_fd, name, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => return Ok(Some(moved_away())),
+            Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
+        }
+        let dir = Dir::new(dir_fd, parent.to_path_buf());
+        output::sync_dir(&dir)?;
+        Ok(None)
+    }
+}
+
+impl<C: Codec> CompressOp<C> {
+    /// What `name` in `dir` holds, against `input`. One stat of the output's name per file,
+    /// before any work: it is what lets a rerun skip what is up to date without compressing it
+    /// again, and refuse to overwrite a file that is not this input's output before the work
+    /// is spent (the no-clobber link would refuse it too, but after the compression). A codec
+    /// that marks its outputs (zstd) also reads the mark of one dated right: a file someone
+    /// else made with the input's date (`zstd -k` keeps it) is not up to date but stale.
+    fn existing(&self, dir: &Dir, name: &OsStr, input: &InputFile) -> Result<Existing, FileError> {
+        match rfs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Err(Errno::NOENT) => Ok(Existing::Nothing),
+            Err(e) => Err(FileError::errno("stat of output", e)),
+            Ok(out) if rfs::FileType::from_raw_mode(out.st_mode) != rfs::FileType::RegularFile => {
+                Ok(Existing::Other)
+            }
+            Ok(out) => {
+                let st = &input.stat;
+                if out.st_size > 0
+                    && out.st_mtime == st.st_mtime
+                    && out.st_mtime_nsec == st.st_mtime_nsec
+                    && self.codec.owns(dir, name, input)?
+                {
+                    Ok(Existing::UpToDate(out.st_size as u64))
+                } else {
+                    Ok(Existing::Stale)
+                }
+            }
+        }
+    }
+
+    /// The first step of publishing a fresh output: checks it (with `--remove-source`), gives
+    /// it the input's attributes and (`--durability file`) starts its write-back. An output
+    /// already in place (see `adopt`) is checked against the input instead, and opened to be
+    /// synced.
+    fn stage(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Step, FileError> {
+        let name = Self::out_name(job)?;
+        #[cfg(test)]
+        if self.panic_on.as_deref() == Some(job.rel.as_path()) {
+            panic!("planted in {}", job.rel.display());
+        }
+        let mut temp = match pending.output {
+            Output::Temp(temp) => temp,
+            // Adopted (--remove-source): still the very file that was compared, under the name.
+            Output::InPlace(file) => {
+                still_named(&pending.dir, &name, &file)?;
+                return Ok(Step::InPlace(file));
+            }
+        };
+        // Checked while still a temp: an output that does not decompress back to the input
+        // never gets a final name, so a rerun cannot mistake it for an up-to-date one.
+        if self.remove_source {
+            self.verify_output(temp.contents(), &pending.totals)?;
+        }
+        temp.set_attrs(&name, &Attrs::from_stat(&input.stat))?;
+        // Flushed file by file: start every temp's write-back now, so each fsync mostly waits
+        // for I/O already under way. A group's syncfs starts it for all at once by itself.
+        if self.durability == Durability::File {
+            temp.start_writeback();
+        }
+        Ok(Step::Temp(temp))
+    }
+
+    /// Renames a synced temp into place. When the name was taken meanwhile by a file with the
+    /// very bytes of ours (another filepipe, or a rerun, compressing the same input), that one
+    /// stands for ours: the file is up to date, not a failure.
+    fn rename(
+        &self,
+        job: &Job,
+        input: &InputFile,
+        mut synced: output::SyncedTemp,
+    ) -> Result<Step, FileError> {
+        let name = Self::out_name(job)?;
+        match synced.rename(&name, self.force || job.replace) {
+            Ok(_) => Ok(Step::Renamed),
+            Err(e) if e.kind == Kind::OutputExists => {
+                match same_content(synced.dir(), synced.file(), &name) {
+                    // Its input may go only if nobody else can change it afterwards.
+                    Ok(Some(file)) if self.remove_source => {
+                        trusted(&file, input, synced.dir(), &name)?;
+                        Ok(Step::InPlace(file))
+                    }
+                    Ok(Some(file)) => Ok(Step::InPlace(file)),
+                    Ok(None) => Err(e),
+                    Err(why) => Err(FileError {
+                        message: format!("{} (and comparing it failed: {})", e.message, why),
+                        ..e
+                    }),
+                }
+            }
+            Err(e) => Err(e),
+        }
+        // The synced temp, if the rename failed, is unlinked as it drops here.
+    }
+
+    /// `--remove-source` with an up-to-date output in place (a run stopped between its
+    /// publish and the unlink): the output may stand for the input only if it decompresses to
+    /// exactly the input's bytes (compared byte for byte: a CRC can be forged) and nobody but
+    /// the input's owner (or filepipe) can change it afterwards.
+    fn adopt(
+        &self,
+        input: &mut InputFile,
+        dir: Arc<Dir>,
+        name: &OsStr,
+        scratch: &mut Scratch<C::Scratch>,
+    ) -> Result<Pending, FileError> {
+        let refuse = |why: String| FileError {
+            kind: Kind::OutputExists,
+            errno: None,
+            message: format!(
+                "{} is dated as this file's output but {why}; input kept (use --force to redo \
+                 it)",
+                dir.path.join(name).display()
+            ),
+        };
+        let file = open_output(&dir, name)?;
+        trusted(&file, input, &dir, name)?;
+        let out_size = file
+            .metadata()
+            .map_err(|e| FileError::io("stat of the existing output", &e))?
+            .len();
+        let size = input.size();
+        let mut dec = self
+            .codec
+            .decoder(io::BufReader::with_capacity(
+                256 * 1024,
+                (&file).take(out_size),
+            ))
+            .map_err(|e| refuse(format!("does not decompress ({e})")))?;
+        scratch.compare.resize(512 * 1024, 0);
+        let (ours, theirs) = scratch.compare.split_at_mut(256 * 1024);
+        let mut crc = crc32fast::Hasher::new();
+        let mut len = 0u64;
+        let mut taken = (&mut *input).take(size);
+        loop {
+            let n = crate::fsio::input::fill(&mut taken, ours)
+                .map_err(|e| FileError::io("reading input", &e))?;
+            let m = crate::fsio::input::fill(&mut dec, &mut theirs[..n.max(1)])
+                .map_err(|e| refuse(format!("does not decompress ({e})")))?;
+            if ours[..n] != theirs[..m] {
+                return Err(refuse("does not decompress to its bytes".into()));
+            }
+            if n == 0 {
+                break;
+            }
+            crc.update(&ours[..n]);
+            len += n as u64;
+        }
+        // The decoder borrows the output, which the pending result now takes.
+        drop(dec);
+        Ok(Pending {
+            output: Output::InPlace(file),
+            dir,
+            totals: Totals {
+                crc: crc.finalize(),
+                bytes_in: len,
+                bytes_out: out_size,
+            },
+        })
+    }
+}
+
+/// Opens an output by name in its directory (never through a symlink), to read or sync it.
+pub(crate) fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    let fd = rfs::openat(&dir.fd, name, flags, Mode::empty())
+        .map_err(|e| FileError::errno("opening the existing output", e))?;
+    let file = File::from(fd);
+    let st = rfs::fstat(&file).map_err(|e| FileError::errno("stat of the existing output", e))?;
+    if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+        return Err(FileError::new(
+            Kind::OutputExists,
+            format!("{} is not a regular file", dir.path.join(name).display()),
+        ));
+    }
+    Ok(file)
+}
+
+/// Whether `theirs` (a name in `dir`) holds exactly the bytes of `ours` (our synced temp, read
+/// through its own descriptor: its mode may no longer let us open it): then it is returned,
+/// open, so the caller can make it durable before relying on it.
+fn same_content(dir: &Dir, ours: &File, theirs: &OsStr) -> Result<Option<File>, FileError> {
+    use std::os::unix::fs::FileExt;
+    let b = open_output(dir, theirs)?;
+    let (sa, sb) = (
+        ours.metadata().map_err(|e| FileError::io("stat", &e))?,
+        b.metadata().map_err(|e| FileError::io("stat", &e))?,
+    );
+    if sa.len() != sb.len() {
+        return Ok(None);
+    }
+    let (mut x, mut y) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+    let mut at = 0u64;
+    loop {
+        let n = ours
+            .read_at(&mut x, at)
+            .map_err(|e| FileError::io("reading", &e))?;
+        let m = b
+            .read_at(&mut y[..n.max(1)], at)
+            .map_err(|e| FileError::io("reading", &e))?;
+        if x[..n] != y[..m] {
+            return Ok(None);
+        }
+        if n == 0 {
+            return Ok(Some(b));
+        }
+        at += n as u64;
+    }
+}
+
+/// Refuses an existing output that someone other than the input's owner (or filepipe) could
+/// change, or that is more open than its input: the input must not go on its strength.
+fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<(), FileError> {
+    let st = rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
+    let me = rustix::process::geteuid().as_raw();
+    let extra = st.st_mode & 0o777 & !(input.stat.st_mode & 0o777);
+    // filepipe's own (its user's) output of an input whose mode was narrowed since: narrowed
+    // too, as a fresh output would be, then trusted.
+    if extra != 0 && st.st_uid == me {
+        let mode = Mode::from_raw_mode(st.st_mode & 0o777 & !extra);
+        rfs::fchmod(file, mode)
+            .map_err(|e| FileError::errno("narrowing the mode of the existing output", e))?;
+        return trusted(file, input, dir, name);
+    }
+    let why = if st.st_uid != input.stat.st_uid && st.st_uid != me {
+        format!("is owned by uid {}, not by the input's owner", st.st_uid)
+    } else if extra != 0 {
+        format!(
+            "is more open than its input (mode {:o}, the input {:o})",
+            st.st_mode & 0o777,
+            input.stat.st_mode & 0o777
+        )
+    } else {
+        return Ok(());
+    };
+    Err(FileError::new(
+        Kind::OutputExists,
+        format!(
+            "{} {why}: not trusted to stand for it; input kept",
+            dir.path.join(name).display()
+        ),
+    ))
+}
+
+/// Checks that `name` in `dir` is still `file` (not replaced since it was compared).
+fn still_named(dir: &Dir, name: &OsStr, file: &File) -> Result<(), FileError> {
+    let open = rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
+    match rfs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(now) if now.st_dev == open.st_dev && now.st_ino == open.st_ino => Ok(()),
+        _ => Err(FileError::new(
+            Kind::OutputExists,
+            format!(
+                "{} was replaced while it was compared; input kept",
+                dir.path.join(name).display()
+            ),
+        )),
+    }
+}
+
+impl<C: Codec> Op for CompressOp<C> {
+    type Scratch = Scratch<C::Scratch>;
+    type Pending = Pending;
+    const DEFER_PUBLISH: bool = true;
+
+    fn name(&self) -> &'static str {
+        C::KIND.as_str()
+    }
+
+    fn scratch(&self) -> Self::Scratch {
+        Scratch {
+            out_dirs: DirCache::new(&self.out_root, self.mirrored),
+            codec: self.codec.scratch(),
+            compare: Vec::new(),
+        }
+    }
+
+    fn check(
+        &self,
+        job: &Job,
+        input: &InputFile,
+        scratch: &mut Self::Scratch,
+    ) -> Result<Option<FileError>, FileError> {
+        let file_name = job.rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
+        if let Some(suffix) = compressed_suffix(file_name) {
+            // Named like this op's own outputs, next to them: never, whatever --force says, or
+            // each rerun would compress the last one's outputs again (x.gz.gz, x.gz.gz.gz).
+            // Matched exactly, as the outputs are named; `X.GZ` is someone else's.
+            let own = !self.mirrored && file_name.ends_with(Self::suffix().as_bytes());
+            if own {
+                return Ok(Some(FileError::new(
+                    Kind::AlreadyCompressed,
+                    format!("already has the {} suffix", Self::suffix()),
+                )));
+            }
+            if !self.force {
+                return Ok(Some(FileError::new(
+                    Kind::AlreadyCompressed,
+                    format!("already compressed ({suffix}); --force compresses it anyway"),
+                )));
+            }
+        }
+        let name = Self::out_name(job)?;
+        let dir = self.out_dir(job, scratch)?;
+        // Whatever is there is replaced: not even looked at (a stamped codec would read it).
+        if self.force {
+            return Ok(None);
+        }
+        match self.existing(&dir, &name, input)? {
+            Existing::Nothing => Ok(None),
+            // Watch mode, our own output of an earlier version of a file that changed with its
+            // mtime put back (cp -p): dated right, but stale. Redone, replacing it.
+            Existing::UpToDate(_) if job.replace => Ok(None),
+            // With --remove-source an up-to-date output is checked and the input removed, as
+            // for a fresh one: a run stopped between the publish and the unlink is finished.
+            Existing::UpToDate(_) if self.remove_source => Ok(None),
+            Existing::UpToDate(_) => {
+                Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
+            }
+            // Our own output of an earlier version of this file: redo it.
+            Existing::Stale if job.replace => Ok(None),
+            Existing::Stale | Existing::Other => Err(FileError {
+                kind: Kind::OutputExists,
+                errno: Some(libc::EEXIST),
+                message: format!(
+                    "{} exists and is not this file's output; not overwritten (use --force)",
+                    dir.path.join(&name).display()
+                ),
+            }),
+        }
+    }
+
+    fn read(
+        &self,
+        job: &Job,
+        input: &mut InputFile,
+        scratch: &mut Self::Scratch,
+    ) -> Result<Pending, FileError> {
+        let dir = self.out_dir(job, scratch)?;
+        if self.remove_source && !self.force && !job.replace {
+            let name = Self::out_name(job)?;
+            if let Existing::UpToDate(_) = self.existing(&dir, &name, input)? {
+                return self.adopt(input, dir, &name, scratch);
+            }
+        }
+        let (dir, mut temp) = match TempOutput::create(Arc::clone(&dir)) {
+            // The remembered output directory was deleted (rm -r of part of the archive while
+            // a daemon runs): made again.
+            Err(_) if output::deleted(&dir) => {
+                scratch.out_dirs.forget();
+                let dir = self.out_dir(job, scratch)?;
+                let temp = TempOutput::create(Arc::clone(&dir))?;
+                (dir, temp)
+            }
+            created => (dir, created?),
+        };
+        let totals = self.codec.compress(
+            job,
+            input,
+            &mut WriteBehind::new(temp.file(), self.durability),
+            &mut scratch.codec,
+        )?;
+        Ok(Pending {
+            output: Output::Temp(temp),
+            dir,
+            totals,
+        })
+    }
+
+    fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
+        self.publish_group(vec![(job, input, pending)])
+            .pop()
+            .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "publish lost its file")))
+    }
+
+    /// Group commit: every step is taken for the whole group before the next one, so the
+    /// group shares its flushes: with `--durability group` (the default) on a journaling file
+    /// system, one `syncfs` for the data of all its temps (see `output::sync_group`), then the
+    /// names, then one fsync per directory (the first commits them all); with `file`, or
+    /// without a journal, an fsync per file, then per directory; with `none`, no flush. Each
+    /// file keeps its own result at every step: a failed one drops out (its temp removed) and
+    /// the others go on.
+    /// A file is `Ok` only after its data, attributes and directory entry are durable (as far
+    /// as `--durability` asks), and only then may its input be removed. A panic in one file's
+    /// step fails that file alone: before the rename its temp is removed as the panic unwinds;
+    /// after it (rename or `--remove-source`) the output stays published, perhaps its input
+    /// removed, yet the file is reported failed, which errs on the side of redoing it.
+    fn publish_group(
+        &self,
+        group: Vec<(&Job, &InputFile, Pending)>,
+    ) -> Vec<Result<Done, FileError>> {
+        let (heads, pendings): (Vec<_>, Vec<_>) = group
+            .into_iter()
+            .map(|(job, input, pending)| ((job, input, Arc::clone(&pending.dir)), pending))
+            .unzip();
+        let totals: Vec<Totals> = pendings.iter().map(|p| p.totals).collect();
+        // 1. Verify and set attributes of every temp (with `--durability file`, start its
+        //    write-back too, so the group's data I/O is in flight together).
+        let staged: Vec<_> = heads
+            .iter()
+            .zip(pendings)
+            .map(|(&(job, input, _), pending)| FileError::guard(|| self.stage(job, input, pending)))
+            .collect();
+        // 2. Make every temp durable, the group's together (see `output::sync_group`: one
+        //    syncfs per journaling file system by default), before any gets its name. An
+        //    output adopted in place is synced on its own: whoever wrote it, the input goes
+        //    only once it is durable.
+        let mut temps = Vec::new();
+        let mut bytes = 0;
+        let mut synced: Vec<Result<Step, FileError>> = staged
+            .into_iter()
+            .zip(heads.iter().zip(&totals))
+            .map(|(r, ((job, _, _), totals))| {
+                r.and_then(|step| {
+                    FileError::guard(|| match step {
+                        Step::Temp(temp) => {
+                            temps.push((temp, Self::out_name(job)?));
+                            bytes += totals.bytes_out;
+                            Ok(Step::Flushing)
+                        }
+                        Step::InPlace(file) => {
+                            file.sync_all()
+                                .map_err(|e| FileError::io("syncing the existing output", &e))?;
+                            Ok(Step::InPlace(file))
+                        }
+                        other => Ok(other),
+                    })
+                })
+            })
+            .collect();
+        let mut flushed = output::sync_group(temps, bytes, self.durability).into_iter();
+        for slot in &mut synced {
+            if let Ok(Step::Flushing) = slot {
+                *slot = flushed.next().map_or_else(
+                    || Err(FileError::new(Kind::Internal, "a temp was lost")),
+                    |r| r.map(Step::Synced),
+                );
+            }
+        }
+        // 3. Rename each into place, no-clobber unless replacing is allowed.
+        let renamed: Vec<_> = synced
+            .into_iter()
+            .zip(&heads)
+            .map(|(r, (job, input, _))| {
+                r.and_then(|step| {
+                    FileError::guard(|| match step {
+                        Step::Synced(temp) => match self.rename(job, input, temp)? {
+                            Step::InPlace(file) => {
+                                // Published by someone else, perhaps not durable yet.
+                                file.sync_all().map_err(|e| {
+                                    FileError::io("syncing the existing output", &e)
+                                })?;
+                                Ok(Step::InPlace(file))
+                            }
+                            other => Ok(other),
+                        },
+                        other => Ok(other),
+                    })
+                })
+            })
+            .collect();
+        // 4. fsync each distinct directory once: one commit makes every new name durable.
+        let dirs: Vec<&Arc<Dir>> = renamed
+            .iter()
+            .zip(&heads)
+            .filter_map(|(r, (_, _, dir))| r.as_ref().ok().map(|_| dir))
+            .collect();
+        let mut dirs_synced = output::sync_dirs(&dirs, self.durability).into_iter();
+        // 5. Only now is each file published; only now may its input go.
+        renamed
+            .into_iter()
+            .zip(heads)
+            .zip(totals)
+            .map(|((r, (job, input, _)), totals)| {
+                let step = r?;
+                dirs_synced.next().unwrap_or_else(|| {
+                    Err(FileError::new(Kind::Internal, "a directory sync was lost"))
+                })?;
+                if matches!(step, Step::InPlace(_)) && !self.remove_source {
+                    return Err(FileError::new(
+                        Kind::UpToDate,
+                        "an identical output was published meanwhile (by another filepipe?)",
+                    ));
+                }
+                let note = if self.remove_source {
+                    FileError::guard(|| self.remove_source(job, input))?
+                } else {
+                    None
+                };
+                Ok(Done {
+                    bytes_in: totals.bytes_in,
+                    bytes_out: totals.bytes_out,
+                    digest: None,
+                    note,
+                    stamp: None,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::gzip::Gzip;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// The shared protocol, tested through gzip (its outputs are checked with `gunzip`).
+    type GzipOp = CompressOp<Gzip>;
+
+    /// A tree of inputs under `in/`, the op mirroring it to `out/`, and each file read into a
+    /// pending result exactly as a worker would.
+    struct Group {
+        tmp: tempfile::TempDir,
+        op: GzipOp,
+        jobs: Vec<Job>,
+        inputs: Vec<InputFile>,
+        pendings: Vec<Pending>,
+    }
+
+    fn group(files: &[(&str, Vec<u8>)], remove_source: bool, planted: &[&str]) -> Group {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("in");
+        let out_root = tmp.path().join("out");
+        std::fs::create_dir(&out_root).unwrap();
+        for (rel, data) in files {
+            let p = root.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, data).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        }
+        let op = op_for(&tmp, remove_source);
+        let (jobs, inputs, pendings) = read_all(&op, files);
+        // Someone else's file appears after the check, before the publish: only the no-clobber
+        // rename stands in its way.
+        for rel in planted {
+            std::fs::write(tmp.path().join("out").join(rel), b"not mine").unwrap();
+        }
+        Group {
+            tmp,
+            op,
+            jobs,
+            inputs,
+            pendings,
+        }
+    }
+
+    /// The op over `tmp`'s `in/`, mirroring it to `out/`.
+    fn op_for(tmp: &tempfile::TempDir, remove_source: bool) -> GzipOp {
+        let root = tmp.path().join("in");
+        GzipOp {
+            codec: Gzip::with_level(6),
+            force: false,
+            remove_source,
+            durability: Durability::Group,
+            root: root.clone(),
+            out_root: tmp.path().join("out"),
+            mirrored: true,
+            root_fd: remove_source.then(|| Root::new(&root).unwrap()),
+            panic_on: None,
+        }
+    }
+
+    /// Each file checked and read into a pending result exactly as a worker would.
+    fn read_all(
+        op: &GzipOp,
+        files: &[(&str, Vec<u8>)],
+    ) -> (Vec<Job>, Vec<InputFile>, Vec<Pending>) {
+        let (jobs, inputs, pendings) = try_read_all(op, files);
+        let pendings = pendings.into_iter().map(Result::unwrap).collect();
+        (jobs, inputs, pendings)
+    }
+
+    /// `read_all`, with each file's read as it came out.
+    fn try_read_all(
+        op: &GzipOp,
+        files: &[(&str, Vec<u8>)],
+    ) -> (Vec<Job>, Vec<InputFile>, Vec<Result<Pending, FileError>>) {
+        let mut scratch = op.scratch();
+        let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
+        for (rel, _) in files {
+            let job = Job {
+                abs: op.root.join(rel),
+                rel: PathBuf::from(rel),
+                replace: false,
+                expect: None,
+                redelivered: false,
+            };
+            let mut input = InputFile::open(&job.abs, false).unwrap();
+            assert_eq!(op.check(&job, &input, &mut scratch).unwrap(), None);
+            let pending = op.read(&job, &mut input, &mut scratch);
+            if pending.is_ok() {
+                input.finish().unwrap();
+            }
+            pendings.push(pending);
+            jobs.push(job);
+            inputs.push(input);
+        }
+        (jobs, inputs, pendings)
+    }
+
+    fn publish_all(
+        op: &GzipOp,
+        jobs: &[Job],
+        inputs: &[InputFile],
+        pendings: Vec<Pending>,
+    ) -> Vec<Result<Done, FileError>> {
+        let items = jobs
+            .iter()
+            .zip(inputs)
+            .zip(pendings)
+            .map(|((job, input), pending)| (job, input, pending))
+            .collect();
+        op.publish_group(items)
+    }
+
+    impl Group {
+        fn publish(&mut self) -> Vec<Result<Done, FileError>> {
+            let pendings = self.pendings.drain(..).collect();
+            publish_all(&self.op, &self.jobs, &self.inputs, pendings)
+        }
+
+        /// Every name in the output tree, relative to it: outputs only, no temps.
+        fn out_names(&self) -> Vec<String> {
+            let out = self.tmp.path().join("out");
+            let mut names: Vec<String> = walkdir::WalkDir::new(&out)
+                .into_iter()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_type().is_file())
+                .map(|e| e.path().strip_prefix(&out).unwrap().display().to_string())
+                .collect();
+            names.sort();
+            names
+        }
+
+        fn gunzip(&self, rel: &str) -> Vec<u8> {
+            let out = std::process::Command::new("gunzip")
+                .arg("-c")
+                .arg(self.tmp.path().join("out").join(rel))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "gunzip -c {rel}");
+            out.stdout
+        }
+    }
+
+    fn files() -> Vec<(&'static str, Vec<u8>)> {
+        let text = |n: usize| -> Vec<u8> {
+            (0..n)
+                .flat_map(|i| format!("line {i} of a log\n").into_bytes())
+                .collect()
+        };
+        vec![
+            ("x/a.log", text(10)),
+            ("x/b.log", text(5000)),
+            ("y/c.log", Vec::new()),
+            ("x/d.log", text(20_000)),
+            ("e.log", text(300)),
+        ]
+    }
+
+    #[test]
+    fn group_publishes_every_file_and_fails_only_the_one_that_cannot_be() {
+        let files = files();
+        let mut g = group(&files, false, &["x/b.log.gz"]);
+        let results = g.publish();
+        assert_eq!(results.len(), files.len());
+        for ((rel, data), result) in files.iter().zip(&results) {
+            if *rel == "x/b.log" {
+                let e = result.as_ref().unwrap_err();
+                assert_eq!(e.kind, Kind::OutputExists, "{e:?}");
+                continue;
+            }
+            let done = result.as_ref().unwrap();
+            assert_eq!(done.bytes_in, data.len() as u64);
+            let gz = format!("{rel}.gz");
+            assert_eq!(&g.gunzip(&gz), data, "{rel}");
+            let meta = std::fs::metadata(g.tmp.path().join("out").join(&gz)).unwrap();
+            let input = std::fs::metadata(g.tmp.path().join("in").join(rel)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o640, "{rel}");
+            assert_eq!(meta.mtime(), input.mtime(), "{rel}");
+            assert_eq!(meta.len(), done.bytes_out, "{rel}");
+        }
+        // The planted file is untouched and the failed file's temp is gone.
+        let planted = g.tmp.path().join("out/x/b.log.gz");
+        assert_eq!(std::fs::read(planted).unwrap(), b"not mine");
+        assert_eq!(
+            g.out_names(),
+            [
+                "e.log.gz",
+                "x/a.log.gz",
+                "x/b.log.gz",
+                "x/d.log.gz",
+                "y/c.log.gz"
+            ]
+        );
+    }
+
+    #[test]
+    fn group_removes_only_inputs_whose_output_was_published() {
+        let files = files();
+        let mut g = group(&files, true, &["y/c.log.gz"]);
+        let results = g.publish();
+        for ((rel, data), result) in files.iter().zip(&results) {
+            let input = g.tmp.path().join("in").join(rel);
+            if *rel == "y/c.log" {
+                assert_eq!(result.as_ref().unwrap_err().kind, Kind::OutputExists);
+                assert!(input.exists(), "{rel} must be kept");
+            } else {
+                assert_eq!(result.as_ref().unwrap().note, None, "{rel}");
+                assert!(!input.exists(), "{rel} must be removed");
+                assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_input_that_cannot_be_reached_after_the_publish_is_kept_not_failed() {
+        for openat2 in [true, false] {
+            kept_when_unreachable(openat2);
+        }
+    }
+
+    fn kept_when_unreachable(openat2: bool) {
+        let files = files();
+        let mut g = group(&files, true, &[]);
+        let inp = g.tmp.path().join("in");
+        let root = Root::new(&inp).unwrap();
+        if openat2 && !root.uses_openat2() {
+            eprintln!("SKIPPED (openat2 half): openat2 is refused here; the fallback is tested");
+            return;
+        }
+        g.op.root_fd = Some(if openat2 {
+            root
+        } else {
+            root.without_openat2()
+        });
+        // After the read, `x` becomes a link to where its files went: the outputs are good, but
+        // the inputs can no longer be reached beneath the root without following a symlink.
+        std::fs::rename(inp.join("x"), inp.join("moved")).unwrap();
+        std::os::unix::fs::symlink("moved", inp.join("x")).unwrap();
+        // And `y/c.log` is deleted by someone else: nothing is left to remove.
+        std::fs::remove_file(inp.join("y/c.log")).unwrap();
+        let results = g.publish();
+        for ((rel, data), result) in files.iter().zip(&results) {
+            let done = result.as_ref().unwrap_or_else(|e| panic!("{rel}: {e:?}"));
+            assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            if *rel == "y/c.log" {
+                let note = done.note.as_ref().expect("a note");
+                assert_eq!(note.kind, Kind::Vanished, "{note:?}");
+            } else if let Some(moved) = rel.strip_prefix("x/") {
+                let note = done.note.as_ref().expect("kept with a reason");
+                assert_eq!(note.kind, Kind::Symlink, "{rel}: {note:?}");
+                assert!(note.message.starts_with("input not removed: "), "{note:?}");
+                assert!(inp.join("moved").join(moved).exists(), "{rel} must be kept");
+            } else {
+                assert_eq!(done.note, None, "{rel}");
+                assert!(!inp.join(rel).exists(), "{rel} must be removed");
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_in_one_files_publish_fails_that_file_alone() {
+        let files = files();
+        let mut g = group(&files, true, &[]);
+        g.op.panic_on = Some(PathBuf::from("x/b.log"));
+        let results = g.publish();
+        for ((rel, data), result) in files.iter().zip(&results) {
+            let input = g.tmp.path().join("in").join(rel);
+            if *rel == "x/b.log" {
+                let e = result.as_ref().unwrap_err();
+                assert_eq!(e.kind, Kind::Internal, "{e:?}");
+                assert!(e.message.contains("planted"), "{e:?}");
+                assert!(input.exists(), "{rel} must be kept");
+            } else {
+                assert_eq!(result.as_ref().unwrap().note, None, "{rel}");
+                assert!(!input.exists(), "{rel} must be removed");
+                assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            }
+        }
+        // No output and no temp for the file that panicked.
+        assert_eq!(
+            g.out_names(),
+            ["e.log.gz", "x/a.log.gz", "x/d.log.gz", "y/c.log.gz"]
+        );
+    }
+
+    #[test]
+    fn an_identical_output_published_meanwhile_is_up_to_date_not_a_failure() {
+        // Two runs compress the same inputs at once; the second finds each name taken.
+        let files = files();
+        let mut first = group(&files, false, &[]);
+        let second = op_for(&first.tmp, false);
+        let (jobs, inputs, pendings) = read_all(&second, &files);
+        // A third, with --remove-source, at once too.
+        let third = op_for(&first.tmp, true);
+        let (jobs3, inputs3, pendings3) = read_all(&third, &files);
+        for result in first.publish() {
+            assert_eq!(result.unwrap().note, None);
+        }
+        for ((rel, _), result) in files
+            .iter()
+            .zip(publish_all(&second, &jobs, &inputs, pendings))
+        {
+            let e = result.unwrap_err();
+            assert_eq!(e.kind, Kind::UpToDate, "{rel}: {e:?}");
+        }
+        // The third finds them too: identical to what it verified, so the inputs may go.
+        let results = publish_all(&third, &jobs3, &inputs3, pendings3);
+        for ((rel, data), result) in files.iter().zip(results) {
+            assert_eq!(result.unwrap().note, None, "{rel}");
+            assert!(!first.tmp.path().join("in").join(rel).exists(), "{rel}");
+            assert_eq!(&first.gunzip(&format!("{rel}.gz")), data, "{rel}");
+        }
+        assert!(first.out_names().iter().all(|n| n.ends_with(".gz")));
+    }
+
+    #[test]
+    fn remove_source_finishes_what_a_stopped_run_published() {
+        // A run published every output and was stopped before removing the inputs.
+        let files = files();
+        let mut first = group(&files, false, &[]);
+        for result in first.publish() {
+            result.unwrap();
+        }
+        // One output was since damaged, though it keeps its date.
+        let damaged = first.tmp.path().join("out/x/b.log.gz");
+        let mtime = std::fs::metadata(&damaged).unwrap().modified().unwrap();
+        std::fs::write(&damaged, b"\x1f\x8bnot gzip at all").unwrap();
+        File::options()
+            .write(true)
+            .open(&damaged)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let again = op_for(&first.tmp, true);
+        let (jobs, inputs, pendings) = try_read_all(&again, &files);
+        // Compared while read: the damaged one fails there, the others are adopted in place.
+        type Adopted = (Vec<Job>, Vec<InputFile>, Vec<Pending>);
+        let mut ok: Adopted = (Vec::new(), Vec::new(), Vec::new());
+        let mut results = Vec::new();
+        for ((job, input), pending) in jobs.into_iter().zip(inputs).zip(pendings) {
+            match pending {
+                Ok(p) => {
+                    assert!(
+                        matches!(p.output, Output::InPlace(_)),
+                        "nothing recompressed"
+                    );
+                    ok.0.push(job);
+                    ok.1.push(input);
+                    ok.2.push(p);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(Err(e))),
+            }
+        }
+        let mut published = publish_all(&again, &ok.0, &ok.1, ok.2).into_iter();
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| published.next().unwrap()));
+        for ((rel, data), result) in files.iter().zip(results) {
+            let input = first.tmp.path().join("in").join(rel);
+            if *rel == "x/b.log" {
+                let e = result.unwrap_err();
+                assert_eq!(e.kind, Kind::OutputExists, "{e:?}");
+                assert!(e.message.contains("input kept"), "{e:?}");
+                assert!(input.exists(), "{rel} must be kept");
+            } else {
+                let done = result.unwrap_or_else(|e| panic!("{rel}: {e:?}"));
+                assert_eq!(done.note, None, "{rel}");
+                assert_eq!(done.bytes_in, data.len() as u64);
+                assert!(!input.exists(), "{rel} must be removed");
+                assert_eq!(&first.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            }
+        }
+    }
+
+    /// Four bytes that, appended to `data`, give a CRC-32 of `target` (CRC-32 is linear: anyone
+    /// can forge it, so it must never decide that an output stands for its input).
+    fn crc_forge(data: &[u8], target: u32) -> [u8; 4] {
+        let table: Vec<u32> = (0..256u32)
+            .map(|i| {
+                (0..8).fold(i, |c, _| {
+                    if c & 1 == 1 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    }
+                })
+            })
+            .collect();
+        // The register that four zero bytes take to the target's, found backwards.
+        let mut reg = !target;
+        for _ in 0..4 {
+            let idx = (0..256).find(|&i| table[i] >> 24 == reg >> 24).unwrap();
+            reg = ((reg ^ table[idx]) << 8) | idx as u32;
+        }
+        let after_data = !crc32fast::hash(data);
+        (reg ^ after_data).to_le_bytes()
+    }
+
+    #[test]
+    fn an_output_is_adopted_only_if_it_holds_the_very_bytes_and_nobody_else_can_change_it() {
+        let input = b"pay alice 100 dollars, on the first of the month\n".to_vec();
+        let files = vec![
+            ("forged.txt", input.clone()),
+            ("theirs.txt", input.clone()),
+            ("open.txt", input.clone()),
+        ];
+        let g = group(&files, false, &[]);
+        // Someone plants outputs dated as the inputs' (the same length, and for one the same
+        // CRC-32, as the input, forged), as a run stopped before removing the inputs would
+        // have left them.
+        let mut forged = b"pay mallory 9999 dollars, right now, no questions".to_vec();
+        forged.truncate(input.len() - 4);
+        forged.extend(crc_forge(&forged, crc32fast::hash(&input)));
+        assert_eq!(crc32fast::hash(&forged), crc32fast::hash(&input));
+        assert_eq!(forged.len(), input.len());
+        let plant = |rel: &str, content: &[u8], mode: u32| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            std::io::Write::write_all(&mut e, content).unwrap();
+            let out = g.tmp.path().join("out").join(format!("{rel}.gz"));
+            std::fs::write(&out, e.finish().unwrap()).unwrap();
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
+            let mtime = std::fs::metadata(g.tmp.path().join("in").join(rel))
+                .unwrap()
+                .modified()
+                .unwrap();
+            File::options()
+                .write(true)
+                .open(&out)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+        };
+        plant("forged.txt", &forged, 0o640);
+        plant("theirs.txt", &input, 0o640);
+        plant("open.txt", &input, 0o666);
+        // Someone else's (where this test may give it away): they could change it later.
+        let theirs = g.tmp.path().join("out/theirs.txt.gz");
+        let foreign = rustix::process::geteuid().is_root()
+            && rustix::fs::chown(&theirs, Some(rustix::fs::Uid::from_raw(4242)), None).is_ok();
+        let again = op_for(&g.tmp, true);
+        let (_, _, pendings) = try_read_all(&again, &files);
+        for ((rel, _), pending) in files.iter().zip(pendings) {
+            match (*rel, pending) {
+                // filepipe's own, more open than its input: narrowed, then trusted.
+                ("open.txt", pending) => {
+                    pending.unwrap();
+                    let out = g.tmp.path().join("out/open.txt.gz");
+                    let mode = std::fs::metadata(out).unwrap().permissions().mode();
+                    assert_eq!(mode & 0o777, 0o640);
+                }
+                ("theirs.txt", Ok(_)) if !foreign => {}
+                (_, pending) => {
+                    let e = pending.unwrap_err();
+                    assert_eq!(e.kind, Kind::OutputExists, "{rel}: {e:?}");
+                    assert!(e.message.contains("input kept"), "{rel}: {e:?}");
+                    let input = g.tmp.path().join("in").join(rel);
+                    assert!(input.exists(), "{rel} must be kept");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn single_publish_is_a_group_of_one() {
+        let files = files();
+        let mut g = group(&files[..1], false, &[]);
+        let (job, input) = (&g.jobs[0], &g.inputs[0]);
+        let pending = g.pendings.pop().unwrap();
+        let done = g.op.publish(job, input, pending).unwrap();
+        assert_eq!(done.bytes_in, files[0].1.len() as u64);
+        assert_eq!(g.out_names(), ["x/a.log.gz"]);
+    }
+}
