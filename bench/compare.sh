@@ -68,6 +68,7 @@ install_missing() {
     command -v python3 >/dev/null || pkgs+=(python3)
     command -v gzip >/dev/null || pkgs+=(gzip)
     command -v strace >/dev/null || pkgs+=(strace)
+    command -v b3sum >/dev/null || pkgs+=(b3sum)
     command -v zstd >/dev/null || pkgs+=(zstd)
     ((${#pkgs[@]})) || return 0
     local sudo=()
@@ -113,7 +114,7 @@ TRASH=$WORK/trash
 mkdir -p "$TRASH"
 trap 'rm -rf "$TRASH"' EXIT
 aside() { for p in "$@"; do [[ -e $p ]] && mv "$p" "$(mktemp -d -p "$TRASH")"; done; return 0; }
-aside "$WORK/text-peer" "$WORK/ztext-peer" "$WORK"/src-* "$WORK"/fp-* "$WORK"/*.gz "$WORK"/*.zst "$WORK"/*.manifest
+aside "$WORK/text-peer" "$WORK/ztext-peer" "$WORK"/src-* "$WORK"/fp-* "$WORK"/*.gz "$WORK"/*.zst "$WORK"/*.manifest "$WORK"/*.b3
 # The peer gzip writes next to its inputs, so it gets its own tree of hard links to text/
 # (gzip -f compresses hard-linked files; no inode is created or freed by the copy). So does
 # the peer zstd.
@@ -220,12 +221,12 @@ print("OK (%d files)" % n if not (bad or missing)
 PY
 }
 
-# check_manifest MANIFEST DIR: filepipe's manifest must hold exactly the
-# sha256 of every file under DIR (hashes compared as a multiset; paths are
-# not compared because their prefix is filepipe's choice).
+# check_manifest MANIFEST DIR [TOOL]: filepipe's manifest must hold exactly the
+# digest TOOL (default sha256sum) gives of every file under DIR (hashes compared
+# as a multiset; paths are not compared because their prefix is filepipe's choice).
 check_manifest() {
-    local manifest=$1 dir=$2 want got
-    want=$(find "$dir" -type f -print0 | xargs -0 sha256sum | awk '{print $1}' | sort | sha256sum)
+    local manifest=$1 dir=$2 tool=${3:-sha256sum} want got
+    want=$(find "$dir" -type f -print0 | xargs -0 "$tool" | awk '{print $1}' | sort | sha256sum)
     got=$(sed 's/^\\//' "$manifest" | awk '{print $1}' | sort | sha256sum)
     if [[ $want == "$got" ]]; then
         echo "OK ($(wc -l <"$manifest") entries)"
@@ -289,6 +290,30 @@ bench sha_large "SHA-256, large files" -- \
     "rhash --sha256 -r large > /dev/null" || true
 if [[ -s $W/large.manifest ]]; then
     fact "check: sha256 large manifest" "$(check_manifest "$W/large.manifest" large)"
+fi
+
+# 4b'. BLAKE3, many small files: filepipe's workers against b3sum run in parallel batches
+# (b3sum hashes one file at a time, each on all threads; its multi-threading only helps large
+# files, so xargs -P2 is its fastest way through a tree).
+bench b3_small "BLAKE3, small-file tree" -- \
+    "$FPN batch small --op blake3 --manifest \$W/small.b3 --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch small --op blake3 --manifest $W/small.b3 --quiet$FP_EXTRA_STR" \
+    "find small -type f -print0 | xargs -0 -P2 -n256 b3sum > /dev/null" 1.8 \
+    "find small -type f -print0 | xargs -0 -P2 -n256 b3sum > /dev/null" || true
+if [[ -s $W/small.b3 ]]; then
+    fact "check: blake3 small manifest" "$(check_manifest "$W/small.b3" small b3sum)"
+fi
+
+# 4b''. BLAKE3, a few large files: b3sum maps each file and hashes it on both threads;
+# filepipe reads (a file truncated while mapped would kill it with SIGBUS) and hashes each
+# large file's pieces on all threads too.
+bench b3_large "BLAKE3, large files" -- \
+    "$FPN batch large --op blake3 --manifest \$W/large.b3 --quiet$FP_EXTRA_STR" base \
+    "$(printf '%q' "$BIN") batch large --op blake3 --manifest $W/large.b3 --quiet$FP_EXTRA_STR" \
+    "b3sum --num-threads 2 large/*" 0.9 \
+    "b3sum --num-threads 2 large/* > /dev/null" || true
+if [[ -s $W/large.b3 ]]; then
+    fact "check: blake3 large manifest" "$(check_manifest "$W/large.b3" large b3sum)"
 fi
 
 # 4c. gzip -6, text tree. One prepare per command: filepipe's output dir is
@@ -471,6 +496,7 @@ fact "version: pigz" "$(ver pigz --version)"
 fact "version: gzip" "$(ver gzip --version)"
 fact "version: zstd" "$(ver zstd --version)"
 fact "version: sha256sum" "$(ver sha256sum --version)"
+fact "version: b3sum" "$(ver b3sum --version)"
 fact "mode" "$( ((QUICK)) && echo "quick (tiny corpora; targets NOT meaningful)" || echo full), runs=$RUNS, warmup=1"
 
 python3 - "$RES" >"$RES/summary.md" <<'PY'

@@ -103,12 +103,20 @@ pub fn main() -> ExitCode {
             let jobs = args
                 .jobs
                 .map_or_else(crate::config::default_jobs, usize::from);
+            let opts = verify::Options {
+                target: args.target,
+                jobs,
+                algo: args.algo,
+                root: args.root,
+                exclude: args.exclude,
+                json: args.json,
+                quiet: cli.quiet,
+            };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            match verify::run(&args.target, jobs, cli.quiet, &mut out) {
+            match verify::run(&opts, &mut out) {
                 Err(e @ verify::Error::Setup(_)) => fail(exit::USAGE, &e.into()),
                 Err(e @ verify::Error::Output(_)) => fail(exit::FAILURES, &e.into()),
-                Ok(r) if r.success() => ExitCode::from(exit::SUCCESS),
-                Ok(_) => ExitCode::from(exit::FAILURES),
+                Ok(r) => ExitCode::from(r.exit_code()),
             }
         }
         #[cfg(feature = "demos")]

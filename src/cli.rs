@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::digest::HashAlgo;
+
 /// The most worker threads a run may have. gzip runs as many block threads again, and each
 /// worker holds buffers and descriptors: 256 keeps the largest machines busy (the work is
 /// CPU- or disk-bound, never waiting on a network), where thousands of threads only cost
@@ -25,7 +27,8 @@ pub(crate) const MAX_POLL_SECS: u64 = 86_400;
 /// to 128 MiB per thread, and gzip stops at 9, checked once the op is known).
 pub(crate) const MAX_LEVEL: u32 = 19;
 
-/// filepipe: gzip, zstd or SHA-256 a directory tree in parallel, every file accounted for.
+/// filepipe: gzip, zstd or hash (SHA-256, SHA-512, BLAKE3) a directory tree in parallel, every
+/// file accounted for.
 #[derive(Debug, Parser)]
 #[command(name = "filepipe", version, about, max_term_width = 100)]
 pub(crate) struct Cli {
@@ -45,7 +48,8 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Process every file under a directory once, then exit.
     Batch(BatchArgs),
-    /// Check a sha256sum-format manifest, or test every .gz and .zst file under a directory.
+    /// Check a sha256sum, sha512sum or b3sum manifest against its tree, or test every .gz and
+    /// .zst file under a directory.
     Verify(VerifyArgs),
     /// Process what is new or changed under a directory, then every file completed there
     /// until SIGINT/SIGTERM.
@@ -80,6 +84,10 @@ pub(crate) enum OpKind {
     Zstd,
     /// Hash each file with SHA-256 and write a `sha256sum` manifest.
     Sha256,
+    /// Hash each file with SHA-512 and write a `sha512sum` manifest.
+    Sha512,
+    /// Hash each file with BLAKE3 and write a `b3sum` manifest.
+    Blake3,
 }
 
 impl OpKind {
@@ -89,6 +97,18 @@ impl OpKind {
             OpKind::Gzip => "gzip",
             OpKind::Zstd => "zstd",
             OpKind::Sha256 => "sha256",
+            OpKind::Sha512 => "sha512",
+            OpKind::Blake3 => "blake3",
+        }
+    }
+
+    /// The hash a hashing op computes; `None` for an op that writes outputs (gzip, zstd).
+    pub(crate) fn hash(self) -> Option<HashAlgo> {
+        match self {
+            OpKind::Gzip | OpKind::Zstd => None,
+            OpKind::Sha256 => Some(HashAlgo::Sha256),
+            OpKind::Sha512 => Some(HashAlgo::Sha512),
+            OpKind::Blake3 => Some(HashAlgo::Blake3),
         }
     }
 
@@ -98,7 +118,7 @@ impl OpKind {
         match self {
             OpKind::Gzip => Some(".gz"),
             OpKind::Zstd => Some(".zst"),
-            OpKind::Sha256 => None,
+            OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => None,
         }
     }
 
@@ -114,7 +134,7 @@ impl OpKind {
         match self {
             OpKind::Gzip => Some(1..=9),
             OpKind::Zstd => Some(1..=MAX_LEVEL),
-            OpKind::Sha256 => None,
+            OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => None,
         }
     }
 
@@ -124,7 +144,7 @@ impl OpKind {
     pub(crate) fn default_level(self) -> u32 {
         match self {
             OpKind::Zstd => 3,
-            OpKind::Gzip | OpKind::Sha256 => 6,
+            OpKind::Gzip | OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => 6,
         }
     }
 
@@ -145,6 +165,22 @@ impl OpKind {
     }
 }
 
+impl From<HashAlgo> for OpKind {
+    fn from(algo: HashAlgo) -> OpKind {
+        match algo {
+            HashAlgo::Sha256 => OpKind::Sha256,
+            HashAlgo::Sha512 => OpKind::Sha512,
+            HashAlgo::Blake3 => OpKind::Blake3,
+        }
+    }
+}
+
+impl std::fmt::Display for HashAlgo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(OpKind::from(*self).as_str())
+    }
+}
+
 /// Options shared by `batch` and `watch`: what to process, how, and where results go.
 #[derive(Debug, Args)]
 pub(crate) struct PipelineArgs {
@@ -154,8 +190,8 @@ pub(crate) struct PipelineArgs {
     /// gzip, zstd: write outputs under DIR, mirroring the tree, instead of next to the inputs.
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
-    /// sha256: write the manifest to FILE, atomically (batch: stdout if absent; watch: kept
-    /// current from the state).
+    /// sha256, sha512, blake3: write the manifest to FILE, atomically (batch: stdout if absent;
+    /// watch: kept current from the state).
     #[arg(long, value_name = "FILE")]
     pub(crate) manifest: Option<PathBuf>,
     /// Write one JSON line per failed or skipped file to FILE.
@@ -363,10 +399,27 @@ pub(crate) struct WorkerArgs {
 /// Arguments of `filepipe verify`.
 #[derive(Debug, Args)]
 pub(crate) struct VerifyArgs {
-    /// A sha256sum-format manifest (names resolve against the current directory, as with
-    /// `sha256sum -c`), or a directory whose .gz and .zst files are all tested.
+    /// A checksum manifest in the format of sha256sum, sha512sum or b3sum (names resolve
+    /// against --root), or a directory whose .gz and .zst files are all tested.
     pub(crate) target: PathBuf,
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
     pub(crate) jobs: Option<u16>,
+    /// The manifest's hash. Without it, 128 hex digits mean sha512 and 64 mean sha256: a b3sum
+    /// manifest (also 64) needs --algo blake3.
+    #[arg(long, value_enum, value_name = "ALGO")]
+    pub(crate) algo: Option<HashAlgo>,
+    /// Where the manifest's names resolve, and the tree compared with it: files found under DIR
+    /// and not listed are reported `added`, listed files absent `missing` [default: the
+    /// manifest's directory].
+    #[arg(long, value_name = "DIR")]
+    pub(crate) root: Option<PathBuf>,
+    /// Files and directories under the root never reported `added` (repeatable; the same
+    /// matching as batch's --exclude). The manifest itself and filepipe's temp files never are.
+    #[arg(long, value_name = "GLOB")]
+    pub(crate) exclude: Vec<String>,
+    /// Print one JSON object per line: one per file ("status": ok, failed, unreadable, missing
+    /// or added), then a last one with "status": "summary" and the counts.
+    #[arg(long)]
+    pub(crate) json: bool,
 }

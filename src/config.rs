@@ -28,7 +28,7 @@ pub(crate) struct Config {
     pub(crate) jobs: usize,
     /// gzip, zstd: the output root (canonicalized, created if missing); `None` = next to inputs.
     pub(crate) out: Option<PathBuf>,
-    /// sha256: where the manifest goes; `None` = stdout.
+    /// A hash: where the manifest goes; `None` = stdout.
     pub(crate) manifest: Option<PathBuf>,
     /// Where failed/skipped records go as JSON lines.
     pub(crate) failure_log: Option<PathBuf>,
@@ -143,7 +143,7 @@ impl Config {
         if !op.compresses() && args.out.is_some() {
             bail!("--out only applies to --op gzip or zstd");
         } else if op.compresses() && args.manifest.is_some() {
-            bail!("--manifest only applies to --op sha256");
+            bail!("--manifest only applies to the hashing ops (sha256, sha512, blake3)");
         }
         // The range depends on the op (gzip 1-9, zstd 1-19): clap only knows the widest.
         let level = op

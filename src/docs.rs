@@ -85,6 +85,12 @@ Some files failed (each is in the failure log), or a run\-time error stopped the
 The invocation or the configuration is wrong (or a cluster queue cannot be reached at start):
 nothing was processed.
 .TP
+4, 8 (verify)
+\fBfilepipe verify MANIFEST\fR adds bits to its status: 4 when files listed in the manifest
+are missing from the tree, 8 when files in the tree are not listed (added), 1 when a file did
+not verify, could not be read, or a line is malformed. So 12 means files both missing and
+added, 13 that and a mismatch; 2 is never such a bit.
+.TP
 130, 143
 A batch interrupted by SIGINT or SIGTERM (128 + the signal); the summary covers the files done
 before it.
@@ -113,5 +119,5 @@ Watch mode's state (one row per file: its stamp, status and digest).
 \&.filepipe.<pid>\-<salt>.<n>.tmp
 A named temp file while an output is written; a later run removes those left by a crash.
 .SH "SEE ALSO"
-gzip(1), zstd(1), sha256sum(1), systemd.service(5), nats\-server(8)
+gzip(1), zstd(1), sha256sum(1), sha512sum(1), b3sum(1), systemd.service(5), nats\-server(8)
 "#;

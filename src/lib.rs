@@ -2,7 +2,7 @@
 //! public.
 //!
 //! Data flows `cli` → `config` → a `source` (`walk`, or `watch`) → `pipeline` (bounded
-//! channel, workers, sentinels, publishers) → `ops` (gzip, sha256), which reach files through
+//! channel, workers, sentinels, publishers) → `ops` (gzip, the hashes), which reach files through
 //! `fsio` → `report` (progress, failure records, summary) → a `sink` (the manifest, or the
 //! SQLite `state`). What travels between these stages is in `travel`, which imports none of
 //! them. `run` assembles a mode from a source and a sink; `service` supervises one watch
@@ -21,6 +21,7 @@ mod cluster;
 mod config;
 #[cfg(feature = "demos")]
 mod demo;
+mod digest;
 mod docs;
 mod error;
 mod exit;

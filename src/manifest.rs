@@ -1,60 +1,89 @@
-//! The `sha256sum` manifest format, written and read exactly as GNU coreutils does.
+//! The checksum manifest format of GNU `sha256sum` and `sha512sum`, and of `b3sum`, written
+//! and read exactly as they do.
 //!
 //! A name containing a backslash, newline or carriage return is written with those escaped
 //! (`\\`, `\n`, `\r`) and the line prefixed with a backslash; every other byte, including
-//! non-UTF-8 ones, is written raw. So `sha256sum -c` accepts every manifest filepipe writes, and
-//! `filepipe verify` accepts every manifest `sha256sum` writes.
+//! non-UTF-8 ones, is written raw. So `sha256sum -c` and `sha512sum -c` accept every manifest
+//! filepipe writes, and `filepipe verify` accepts every manifest they write. b3sum (1.5.5 and
+//! later) escapes the same three bytes the same way; it reads names as UTF-8 only, so `b3sum -c`
+//! stops at a line naming a non-UTF-8 file (b3sum itself cannot list one), which `filepipe
+//! verify` checks. b3sum before 1.5.5 (Debian 12 has 1.2.0) does not know the `\r` escape.
 
 use std::io::{self, Write};
 
+use crate::digest::{Digest, HashAlgo};
+
 /// Writes one manifest line for `name` (the path's raw bytes).
-pub(crate) fn write_line(w: &mut impl Write, digest: &[u8; 32], name: &[u8]) -> io::Result<()> {
-    let escape = name.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r'));
-    if !escape {
-        w.write_all(to_hex(digest).as_bytes())?;
-        w.write_all(b"  ")?;
-        w.write_all(name)?;
-        return w.write_all(b"\n");
-    }
-    w.write_all(b"\\")?;
-    w.write_all(to_hex(digest).as_bytes())?;
+pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io::Result<()> {
+    let shown = shown_name(name);
+    // An escaped name is longer than the name; its leading backslash goes before the digest,
+    // where GNU and b3sum look for it.
+    let name = if shown.len() != name.len() {
+        w.write_all(b"\\")?;
+        &shown[1..]
+    } else {
+        name
+    };
+    w.write_all(digest.to_hex().as_bytes())?;
     w.write_all(b"  ")?;
+    w.write_all(name)?;
+    w.write_all(b"\n")
+}
+
+/// `name` as a manifest line shows it (and sha256sum -c its result): escaped, with a leading
+/// backslash, when it holds a backslash, newline or carriage return; raw otherwise.
+pub(crate) fn shown_name(name: &[u8]) -> Vec<u8> {
+    if !name.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r')) {
+        return name.to_vec();
+    }
+    let mut out = Vec::with_capacity(name.len() + 2);
+    out.push(b'\\');
     for &b in name {
         match b {
-            b'\\' => w.write_all(b"\\\\")?,
-            b'\n' => w.write_all(b"\\n")?,
-            b'\r' => w.write_all(b"\\r")?,
-            b => w.write_all(&[b])?,
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b => out.push(b),
         }
     }
-    w.write_all(b"\n")
+    out
 }
 
 /// One parsed manifest line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     /// The expected digest.
-    pub(crate) digest: [u8; 32],
+    pub(crate) digest: Digest,
     /// The file name, unescaped, as raw bytes.
     pub(crate) name: Vec<u8>,
     /// The name as it appeared in the manifest (escaped), for printing results like sha256sum.
     pub(crate) shown: Vec<u8>,
 }
 
-/// Parses one line (without its trailing newline). `None` means an improperly formatted line.
-pub(crate) fn parse_line(line: &[u8]) -> Option<Entry> {
+/// How many hex digits the digest of `line` has, if it looks like a manifest line: what
+/// tells a SHA-512 manifest (128) from a SHA-256 or BLAKE3 one (64).
+pub(crate) fn hex_len(line: &[u8]) -> Option<usize> {
+    let rest = line.strip_prefix(b"\\").unwrap_or(line);
+    let n = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    matches!(rest.get(n..n + 2), Some(b"  " | b" *")).then_some(n)
+}
+
+/// Parses one line (without its trailing newline) of a manifest of `algo`. `None` means an
+/// improperly formatted line (a digest of another length among them).
+pub(crate) fn parse_line(line: &[u8], algo: HashAlgo) -> Option<Entry> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let (escaped, rest) = match line.strip_prefix(b"\\") {
         Some(rest) => (true, rest),
         None => (false, line),
     };
-    if rest.len() < 66 {
+    let hex = algo.hex_len();
+    if rest.len() < hex + 2 {
         return None;
     }
-    let digest = from_hex(&rest[..64])?;
-    // "  name" (text mode) or " *name" (binary mode): the same for SHA-256.
-    let name = match &rest[64..66] {
-        b"  " | b" *" => &rest[66..],
+    let digest = Digest::from_hex(algo, &rest[..hex])?;
+    // "  name" (text mode) or " *name" (binary mode): the same for a hash.
+    let name = match &rest[hex..hex + 2] {
+        b"  " | b" *" => &rest[hex + 2..],
         _ => return None,
     };
     if name.is_empty() {
@@ -95,62 +124,40 @@ fn unescape(name: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The digest `hex` spells (64 hex digits, either case), or `None`.
-pub(crate) fn from_hex(hex: &[u8]) -> Option<[u8; 32]> {
-    if hex.len() != 64 {
-        return None;
-    }
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        b'A'..=b'F' => Some(c - b'A' + 10),
-        _ => None,
-    };
-    let mut out = [0u8; 32];
-    for (i, pair) in hex.chunks_exact(2).enumerate() {
-        out[i] = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
-}
-
-/// Lower-case hex, as `sha256sum` prints it.
-pub(crate) fn to_hex(digest: &[u8; 32]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(64);
-    for b in digest {
-        s.push(HEX[usize::from(b >> 4)] as char);
-        s.push(HEX[usize::from(b & 15)] as char);
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn plain_and_escaped_lines_roundtrip() {
-        let d = [0xab; 32];
-        for name in [
-            &b"plain name"[..],
-            b"back\\slash",
-            b"new\nline",
-            b"c\rr",
-            b"\xff\xfe-x",
-        ] {
+        for (algo, name) in HashAlgo::ALL
+            .into_iter()
+            .flat_map(|a| NAMES.map(|n| (a, n)))
+        {
+            let d = Digest::new(algo, &vec![0xab; algo.len()]).unwrap();
             let mut line = Vec::new();
             write_line(&mut line, &d, name).unwrap();
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
-            let e = parse_line(line.strip_suffix(b"\n").unwrap()).unwrap();
+            assert_eq!(hex_len(&line), Some(algo.hex_len()));
+            let e = parse_line(line.strip_suffix(b"\n").unwrap(), algo).unwrap();
             assert_eq!(e.digest, d);
             assert_eq!(e.name, name);
         }
     }
 
+    const NAMES: [&[u8]; 5] = [
+        b"plain name",
+        b"back\\slash",
+        b"new\nline",
+        b"c\rr",
+        b"\xff\xfe-x",
+    ];
+
     #[test]
     fn matches_gnu_escaping() {
         let mut line = Vec::new();
-        write_line(&mut line, &[0; 32], b"a\\b\nc").unwrap();
+        let zero = Digest::new(HashAlgo::Sha256, &[0; 32]).unwrap();
+        write_line(&mut line, &zero, b"a\\b\nc").unwrap();
         let expected = format!("\\{}  a\\\\b\\nc\n", "0".repeat(64));
         assert_eq!(line, expected.as_bytes());
     }
@@ -158,14 +165,22 @@ mod tests {
     #[test]
     fn garbage_is_rejected_not_panicking() {
         for bad in [&b""[..], b"xyz", &[b'a'; 66], b"\\", &[b'0'; 200]] {
-            assert_eq!(parse_line(bad), None);
+            for algo in HashAlgo::ALL {
+                assert_eq!(parse_line(bad, algo), None);
+            }
         }
         let mut bad_escape = Vec::from(&b"\\"[..]);
         bad_escape.extend_from_slice(&[b'0'; 64]);
         bad_escape.extend_from_slice(b"  a\\q");
-        assert_eq!(parse_line(&bad_escape), None);
+        assert_eq!(parse_line(&bad_escape, HashAlgo::Sha256), None);
         let mut binary = vec![b'0'; 64];
         binary.extend_from_slice(b" *f");
-        assert_eq!(parse_line(&binary).unwrap().name, b"f");
+        assert_eq!(parse_line(&binary, HashAlgo::Sha256).unwrap().name, b"f");
+        // A SHA-256 line is not a SHA-512 one, nor the other way round.
+        assert_eq!(parse_line(&binary, HashAlgo::Sha512), None);
+        let mut long = vec![b'0'; 128];
+        long.extend_from_slice(b"  f");
+        assert_eq!(parse_line(&long, HashAlgo::Sha256), None);
+        assert_eq!(hex_len(&long), Some(128));
     }
 }

@@ -22,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use rustix::io::Errno;
 
+use crate::digest::{Digest, HashAlgo};
 use crate::error::{FileError, Kind};
 use crate::fsio::lock::{self as fslock, LockKind};
 use crate::travel::{Stamp, CTIME_UNKNOWN};
@@ -198,7 +199,7 @@ struct DoneRow {
     path: Vec<u8>,
     stamp: Option<Stamp>,
     output: Option<Vec<u8>>,
-    digest: Option<[u8; 32]>,
+    digest: Option<Digest>,
     updated: i64,
 }
 
@@ -315,7 +316,7 @@ impl State {
         rel: &Path,
         stamp: Option<Stamp>,
         output: Option<&Path>,
-        digest: Option<&[u8; 32]>,
+        digest: Option<&Digest>,
     ) -> Result<()> {
         debug_assert!(
             !self.conn.is_autocommit(),
@@ -450,8 +451,10 @@ impl State {
         Ok(())
     }
 
-    /// All digests of done files, sorted by path bytes, for the manifest.
-    pub(crate) fn digests(&mut self) -> Result<Vec<(Vec<u8>, [u8; 32])>> {
+    /// All digests of done files, sorted by path bytes, for the manifest. They are `algo`'s
+    /// (the op each row is filed under says which); a digest of another length, which filepipe
+    /// never wrote, is left out.
+    pub(crate) fn digests(&mut self, algo: HashAlgo) -> Result<Vec<(Vec<u8>, Digest)>> {
         self.write_done()?;
         let mut stmt = self.conn.prepare_cached(
             "SELECT path, digest FROM files
@@ -465,7 +468,7 @@ impl State {
         let mut out = Vec::new();
         for row in rows {
             let (path, digest) = row?;
-            if let Ok(d) = <[u8; 32]>::try_from(digest.as_slice()) {
+            if let Some(d) = Digest::new(algo, &digest) {
                 out.push((path, d));
             }
         }
@@ -536,7 +539,7 @@ impl DoneRow {
         stmt.raw_bind_parameter(5, self.stamp.map(|s| s.mtime_ns))?;
         stmt.raw_bind_parameter(6, self.stamp.map(|s| s.inode as i64))?;
         stmt.raw_bind_parameter(7, self.output.as_deref())?;
-        stmt.raw_bind_parameter(8, self.digest.as_ref().map(|d| &d[..]))?;
+        stmt.raw_bind_parameter(8, self.digest.as_ref().map(Digest::as_bytes))?;
         stmt.raw_bind_parameter(9, self.updated)?;
         stmt.raw_bind_parameter(10, self.stamp.map(|s| s.ctime_ns))
     }
@@ -678,6 +681,11 @@ mod tests {
     use super::*;
     use std::os::unix::ffi::OsStringExt;
 
+    /// A SHA-256 digest of 32 `b`s.
+    fn d(b: u8) -> Digest {
+        Digest::new(HashAlgo::Sha256, &[b; 32]).unwrap()
+    }
+
     /// A new state (root /data, op sha256) in a temp dir, and a reader on it.
     fn open_state() -> (tempfile::TempDir, State, Reader) {
         let dir = tempfile::tempdir().unwrap();
@@ -719,7 +727,7 @@ mod tests {
             inode: 7,
         };
         st.begin().unwrap();
-        st.done(rel, Some(s1), Some(Path::new("f.gz")), Some(&[1; 32]))
+        st.done(rel, Some(s1), Some(Path::new("f.gz")), Some(&d(1)))
             .unwrap();
         st.commit().unwrap();
         assert!(reader.lookup(rel).unwrap().unwrap().made_output);
@@ -731,7 +739,7 @@ mod tests {
         let k = reader.lookup(rel).unwrap().unwrap();
         assert!(k.made_output && k.status == FileStatus::Failed);
         // Not done, so not listed.
-        assert!(st.digests().unwrap().is_empty());
+        assert!(st.digests(HashAlgo::Sha256).unwrap().is_empty());
         assert!(!reader
             .lookup(Path::new("never"))
             .unwrap()
@@ -749,14 +757,14 @@ mod tests {
             inode: 7,
         };
         st.begin().unwrap();
-        st.done(rel, Some(s1), None, Some(&[1; 32])).unwrap();
+        st.done(rel, Some(s1), None, Some(&d(1))).unwrap();
         st.commit().unwrap();
         let k = reader.lookup(rel).unwrap().unwrap();
         assert!(k.settled(Some(s1)));
         assert!(!k.settled(Some(Stamp { size: 4, ..s1 })));
         assert_eq!(
-            st.digests().unwrap(),
-            vec![(rel.as_os_str().as_bytes().to_vec(), [1; 32])]
+            st.digests(HashAlgo::Sha256).unwrap(),
+            vec![(rel.as_os_str().as_bytes().to_vec(), d(1))]
         );
         let e = FileError::new(Kind::Changed, "busy");
         assert_eq!(
@@ -792,8 +800,8 @@ mod tests {
             inode: 3,
         });
         st.begin().unwrap();
-        st.done(Path::new("a"), s, None, Some(&[1; 32])).unwrap();
-        st.done(Path::new("b"), s, None, Some(&[2; 32])).unwrap();
+        st.done(Path::new("a"), s, None, Some(&d(1))).unwrap();
+        st.done(Path::new("b"), s, None, Some(&d(2))).unwrap();
         // The table is out of reach for a moment: writing the rows fails.
         st.conn
             .execute_batch("ALTER TABLE files RENAME TO elsewhere")
@@ -826,28 +834,26 @@ mod tests {
         let name = |i: u64| PathBuf::from(format!("d/f{i:05}"));
         st.begin().unwrap();
         for i in 0..n {
-            st.done(&name(i), stamp(i), None, Some(&[i as u8; 32]))
+            st.done(&name(i), stamp(i), None, Some(&d(i as u8)))
                 .unwrap();
         }
         // Redone with new content while the first row may still wait, then removed, failed.
-        st.done(&name(n - 1), stamp(100), None, Some(&[0xee; 32]))
+        st.done(&name(n - 1), stamp(100), None, Some(&d(0xee)))
             .unwrap();
-        st.done(&name(n - 2), stamp(0), None, Some(&[0; 32]))
-            .unwrap();
+        st.done(&name(n - 2), stamp(0), None, Some(&d(0))).unwrap();
         st.remove(&name(n - 2)).unwrap();
-        st.done(&name(n - 3), stamp(0), None, Some(&[0; 32]))
-            .unwrap();
+        st.done(&name(n - 3), stamp(0), None, Some(&d(0))).unwrap();
         let e = FileError::new(Kind::Changed, "busy");
         assert_eq!(
             st.not_done(&name(n - 3), FileStatus::Failed, stamp(0), &e)
                 .unwrap(),
             1
         );
-        st.done(&name(n), stamp(7), None, Some(&[7; 32])).unwrap();
+        st.done(&name(n), stamp(7), None, Some(&d(7))).unwrap();
         // The manifest's view inside the transaction already has them all.
-        let digests = st.digests().unwrap();
+        let digests = st.digests(HashAlgo::Sha256).unwrap();
         assert_eq!(digests.len() as u64, n - 1);
-        assert_eq!(digests.last().unwrap().1, [7; 32]);
+        assert_eq!(digests.last().unwrap().1, d(7));
         // Nothing is visible to the watcher before the commit, everything after it.
         assert!(reader.lookup(&name(0)).unwrap().is_none());
         st.commit().unwrap();
@@ -866,10 +872,10 @@ mod tests {
             FileStatus::Failed
         );
         assert!(reader.lookup(&name(n)).unwrap().unwrap().settled(stamp(7)));
-        let all = st.digests().unwrap();
+        let all = st.digests(HashAlgo::Sha256).unwrap();
         let redone = name(n - 1).into_os_string().into_vec();
         let rows: Vec<_> = all.iter().filter(|(p, _)| *p == redone).collect();
         assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].1, [0xee; 32], "the later row wins");
+        assert_eq!(rows[0].1, d(0xee), "the later row wins");
     }
 }

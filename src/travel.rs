@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+pub(crate) use crate::digest::Digest;
 use crate::error::FileError;
 
 /// What a successful file leaves behind, for the reporter.
@@ -15,10 +16,10 @@ use crate::error::FileError;
 pub(crate) struct Done {
     /// Bytes read from the input.
     pub(crate) bytes_in: u64,
-    /// Bytes written (the .gz size; 0 for sha256).
+    /// Bytes written (the .gz size; 0 for the hashes).
     pub(crate) bytes_out: u64,
-    /// The SHA-256 digest, for the manifest.
-    pub(crate) digest: Option<[u8; 32]>,
+    /// The digest (hashing ops), for the manifest.
+    pub(crate) digest: Option<Digest>,
     /// Something worth reporting about an otherwise successful file (e.g. a hard-linked input
     /// kept despite `--remove-source`).
     pub(crate) note: Option<FileError>,

@@ -1,32 +1,57 @@
-//! `filepipe verify`: check a manifest like `sha256sum -c`, or test .gz and .zst files like
-//! `gzip -t` and `zstd -t`.
+//! `filepipe verify`: check a manifest like `sha256sum -c` (or `sha512sum -c`, `b3sum -c`) and
+//! compare it with its tree, or test .gz and .zst files like `gzip -t` and `zstd -t`.
 //!
 //! Both check files in parallel and print one result line per file in a stable order (manifest
-//! order, or sorted paths). A missing, unreadable, corrupt or truncated file, and a malformed
-//! manifest line, is a clear per-file error: never a panic, never the end of the run. Nothing
-//! is passed over in silence: a directory that cannot be read, and a `.gz` or `.zst` name that is not a
-//! regular file (a symlink, a FIFO, a directory), is a line of its own and fails the run. A
-//! reader that closes the pipe early (`| head`) is not an error; any other failure to write
-//! the results is.
+//! order then the added files sorted, or sorted paths). A missing, unreadable, corrupt or
+//! truncated file, and a malformed manifest line, is a clear per-file error: never a panic,
+//! never the end of the run. Nothing is passed over in silence: a directory that cannot be
+//! read, and a `.gz` or `.zst` name that is not a regular file (a symlink, a FIFO, a
+//! directory), is a line of its own and fails the run. A reader that closes the pipe early
+//! (`| head`) is not an error; any other failure to write the results is.
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use flate2::read::MultiGzDecoder;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use walkdir::WalkDir;
 
+use crate::config::Filter;
+use crate::digest::HashAlgo;
+use crate::error::Kind;
+use crate::exit;
 use crate::fsio::input::{InputFile, OpenError};
+use crate::fsio::output;
 use crate::manifest::{self, Entry};
-use crate::ops::sha256::{hash_reader, BUF_SIZE};
+use crate::ops::hash::{hash_reader, BUF_SIZE};
+
+/// What to verify and how, resolved from the command line.
+#[derive(Debug)]
+pub(crate) struct Options {
+    /// A manifest, or a directory of .gz files.
+    pub(crate) target: PathBuf,
+    /// Threads checking files.
+    pub(crate) jobs: usize,
+    /// The manifest's hash; `None`: told by its digests' length (sha256 for 64 hex digits).
+    pub(crate) algo: Option<HashAlgo>,
+    /// Where names resolve; `None`: the manifest's directory.
+    pub(crate) root: Option<PathBuf>,
+    /// Never reported added.
+    pub(crate) exclude: Vec<String>,
+    /// JSON lines instead of text.
+    pub(crate) json: bool,
+    /// No warnings on stderr.
+    pub(crate) quiet: bool,
+}
 
 /// The result of a verification run.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub(crate) struct Report {
     /// Files that checked out.
     pub(crate) ok: u64,
@@ -36,12 +61,27 @@ pub(crate) struct Report {
     pub(crate) unreadable: u64,
     /// Manifest lines that could not be parsed.
     pub(crate) malformed: u64,
+    /// Files listed in the manifest and absent from the tree.
+    pub(crate) missing: u64,
+    /// Files in the tree and not listed in the manifest.
+    pub(crate) added: u64,
 }
 
 impl Report {
-    /// True when everything checked out.
-    pub(crate) fn success(&self) -> bool {
-        self.failed == 0 && self.unreadable == 0 && self.malformed == 0
+    /// The exit status: `FAILURES` for failed, unreadable or malformed, with the bits
+    /// `VERIFY_MISSING` and `VERIFY_ADDED` for missing and added files (README, man page).
+    pub(crate) fn exit_code(&self) -> u8 {
+        let mut code = exit::SUCCESS;
+        if self.failed > 0 || self.unreadable > 0 || self.malformed > 0 {
+            code |= exit::FAILURES;
+        }
+        if self.missing > 0 {
+            code |= exit::VERIFY_MISSING;
+        }
+        if self.added > 0 {
+            code |= exit::VERIFY_ADDED;
+        }
+        code
     }
 }
 
@@ -57,49 +97,53 @@ pub(crate) enum Error {
     Output(#[source] io::Error),
 }
 
-/// Verifies `target`: a directory's .gz and .zst files, or a manifest's entries. Result lines go to
-/// `out`, warnings to stderr.
-pub(crate) fn run(
-    target: &Path,
-    jobs: usize,
-    quiet: bool,
-    out: &mut impl Write,
-) -> std::result::Result<Report, Error> {
+/// Verifies `opts.target`: a directory's .gz and .zst files, or a manifest's entries and its
+/// tree. Result lines go to `out`, warnings to stderr.
+pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<Report, Error> {
     let setup = |e: anyhow::Error| Error::Setup(e);
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(jobs)
+        .num_threads(opts.jobs)
         .build()
         .context("starting the verify pool")
         .map_err(setup)?;
+    let target = &opts.target;
     let meta = std::fs::metadata(target)
         .with_context(|| format!("cannot open {}", target.display()))
         .map_err(setup)?;
-    let (report, lines) = if meta.is_dir() {
-        verify_compressed_tree(target, &pool)
+    let (report, lines, algo) = if meta.is_dir() {
+        if opts.algo.is_some() || opts.root.is_some() || !opts.exclude.is_empty() {
+            return Err(setup(anyhow::anyhow!(
+                "--algo, --root and --exclude apply to a manifest, not to a directory of .gz \
+                 and .zst files"
+            )));
+        }
+        let (report, lines) = verify_compressed_tree(target, &pool);
+        (report, lines, None)
     } else {
-        verify_manifest(target, &pool).map_err(setup)?
+        let (report, lines, algo) = verify_manifest(opts, &pool).map_err(setup)?;
+        (report, lines, Some(algo))
     };
-    match print(&lines, out) {
+    let printed = if opts.json {
+        print_json(&lines, &report, algo, out)
+    } else {
+        print(&lines, out)
+    };
+    match printed {
         // A reader that stopped reading (`| head`) has what it wanted.
         Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
         r => r.map_err(Error::Output)?,
     }
-    if !quiet {
-        if report.malformed > 0 {
-            eprintln!(
-                "filepipe: WARNING: {} lines are improperly formatted",
-                report.malformed
-            );
-        }
-        if report.unreadable > 0 {
-            eprintln!(
-                "filepipe: WARNING: {} files could not be read or checked",
-                report.unreadable
-            );
-        }
-        if report.failed > 0 {
-            eprintln!("filepipe: WARNING: {} files did not verify", report.failed);
-        }
+    if !opts.quiet {
+        let warn = |n: u64, what: &str| {
+            if n > 0 {
+                eprintln!("filepipe: WARNING: {n} {what}");
+            }
+        };
+        warn(report.malformed, "lines are improperly formatted");
+        warn(report.unreadable, "files could not be read or checked");
+        warn(report.failed, "files did not verify");
+        warn(report.missing, "listed files are missing");
+        warn(report.added, "files are not listed in the manifest (added)");
     }
     Ok(report)
 }
@@ -112,83 +156,274 @@ pub(crate) enum Check {
     Failed(String),
     /// Could not be opened or read, with why.
     Unreadable(String),
+    /// Listed, and not in the tree.
+    Missing,
+    /// In the tree, and not listed.
+    Added,
 }
 
-/// Result lines: a name as shown, and its verdict.
-type Lines = Vec<(Vec<u8>, String)>;
+impl Check {
+    /// The verdict's name in `--json` output.
+    fn status(&self) -> &'static str {
+        match self {
+            Check::Ok => "ok",
+            Check::Failed(_) => "failed",
+            Check::Unreadable(_) => "unreadable",
+            Check::Missing => "missing",
+            Check::Added => "added",
+        }
+    }
+
+    /// The text after the name, like sha256sum's.
+    fn text(&self) -> String {
+        match self {
+            Check::Ok => "OK".into(),
+            Check::Failed(why) => format!("FAILED ({why})"),
+            Check::Unreadable(why) => format!("FAILED open or read ({why})"),
+            Check::Missing => "MISSING".into(),
+            Check::Added => "ADDED (not in the manifest)".into(),
+        }
+    }
+
+    /// Why, for the failures that say.
+    fn message(&self) -> Option<&str> {
+        match self {
+            Check::Failed(why) | Check::Unreadable(why) => Some(why),
+            _ => None,
+        }
+    }
+}
+
+/// One result: the name as shown (escaped like a manifest line), its raw bytes, its verdict.
+struct Line {
+    shown: Vec<u8>,
+    path: Vec<u8>,
+    check: Check,
+}
 
 /// Writes `name: verdict` lines and flushes them.
-fn print(lines: &Lines, out: &mut impl Write) -> io::Result<()> {
-    for (name, status) in lines {
-        out.write_all(name)?;
-        writeln!(out, ": {status}")?;
+fn print(lines: &[Line], out: &mut impl Write) -> io::Result<()> {
+    for l in lines {
+        out.write_all(&l.shown)?;
+        writeln!(out, ": {}", l.check.text())?;
     }
     out.flush()
 }
 
-fn verify_manifest(path: &Path, pool: &ThreadPool) -> Result<(Report, Lines)> {
+/// One JSON object per line (`jq` reads such a stream as it comes): one per file, then the
+/// summary. A path that is not UTF-8 has its lossy form in `path` and its bytes in `path_hex`,
+/// as in the failure log.
+fn print_json(
+    lines: &[Line],
+    report: &Report,
+    algo: Option<HashAlgo>,
+    out: &mut impl Write,
+) -> io::Result<()> {
+    for l in lines {
+        let mut obj = serde_json::json!({
+            "path": String::from_utf8_lossy(&l.path),
+            "status": l.check.status(),
+        });
+        if std::str::from_utf8(&l.path).is_err() {
+            let hex: String = l.path.iter().map(|b| format!("{b:02x}")).collect();
+            obj["path_hex"] = hex.into();
+        }
+        if let Some(m) = l.check.message() {
+            obj["message"] = m.into();
+        }
+        serde_json::to_writer(&mut *out, &obj)?;
+        out.write_all(b"\n")?;
+    }
+    let mut summary = serde_json::to_value(report).map_err(io::Error::other)?;
+    summary["status"] = "summary".into();
+    if let Some(algo) = algo {
+        summary["algo"] = algo.to_string().into();
+    }
+    summary["exit"] = report.exit_code().into();
+    serde_json::to_writer(&mut *out, &summary)?;
+    out.write_all(b"\n")?;
+    out.flush()
+}
+
+/// The manifest's algorithm: `--algo`, or told by the first line that looks like one.
+fn detect(opts: &Options, lines: &[Vec<u8>]) -> HashAlgo {
+    if let Some(algo) = opts.algo {
+        return algo;
+    }
+    lines
+        .iter()
+        .find_map(|l| match manifest::hex_len(l) {
+            Some(128) => Some(HashAlgo::Sha512),
+            Some(64) => Some(HashAlgo::Sha256),
+            _ => None,
+        })
+        .unwrap_or(HashAlgo::Sha256)
+}
+
+/// A manifest name as a path relative to `root`: `./` parts dropped, an absolute name under
+/// the root made relative. `None` for a name that cannot be under the root.
+fn relative_to(root: &Path, name: &[u8]) -> Option<PathBuf> {
+    let path = Path::new(OsStr::from_bytes(name));
+    let path = if path.is_absolute() {
+        path.strip_prefix(root).ok()?
+    } else {
+        path
+    };
+    let mut rel = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::Normal(n) => rel.push(n),
+            // `..` may lead anywhere: such a name is checked, never matched with the tree.
+            _ => return None,
+        }
+    }
+    Some(rel)
+}
+
+fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Line>, HashAlgo)> {
+    let path = &opts.target;
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut lines: Vec<Option<Entry>> = Vec::new();
+    let mut raw: Vec<Vec<u8>> = Vec::new();
     for line in BufReader::new(file).split(b'\n') {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
-        if line.is_empty() {
-            continue;
+        if !line.is_empty() {
+            raw.push(line);
         }
-        lines.push(manifest::parse_line(&line));
     }
+    let algo = detect(opts, &raw);
+    let root = match &opts.root {
+        Some(r) => r.clone(),
+        None => match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        },
+    };
+    let root = std::fs::canonicalize(&root)
+        .with_context(|| format!("cannot open the root {}", root.display()))?;
+    if !root.is_dir() {
+        bail!("the root {} is not a directory", root.display());
+    }
+    let filter = Filter::new(&[], &opts.exclude)?;
+    let entries: Vec<Option<Entry>> = raw.iter().map(|l| manifest::parse_line(l, algo)).collect();
     let results: Vec<Option<Check>> = pool.install(|| {
-        lines
+        entries
             .par_iter()
             .map_init(
                 || vec![0u8; BUF_SIZE],
-                |buf, e| e.as_ref().map(|e| check_digest(e, buf)),
+                |buf, e| e.as_ref().map(|e| check_digest(algo, &root, e, buf)),
             )
             .collect()
     });
     let mut report = Report::default();
-    let mut shown = Vec::with_capacity(lines.len());
-    for (entry, result) in lines.iter().zip(results) {
-        let (Some(entry), Some(result)) = (entry, result) else {
+    let mut lines = Vec::with_capacity(entries.len());
+    let mut listed: HashSet<PathBuf> = HashSet::with_capacity(entries.len());
+    for (entry, check) in entries.into_iter().zip(results) {
+        let (Some(entry), Some(check)) = (entry, check) else {
             report.malformed += 1;
             continue;
         };
-        let status = tally(&mut report, &result);
-        shown.push((entry.shown.clone(), status));
+        if let Some(rel) = relative_to(&root, &entry.name) {
+            listed.insert(rel);
+        }
+        tally(&mut report, &check);
+        lines.push(Line {
+            shown: entry.shown,
+            path: entry.name,
+            check,
+        });
     }
-    Ok((report, shown))
+    // The manifest itself is never added: compared by identity, whatever path named it.
+    let manifest_id = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    });
+    for rel in added(&root, &listed, &filter, manifest_id) {
+        let check = Check::Added;
+        tally(&mut report, &check);
+        let name = rel.into_os_string().into_encoded_bytes();
+        lines.push(Line {
+            shown: manifest::shown_name(&name),
+            path: name,
+            check,
+        });
+    }
+    Ok((report, lines, algo))
 }
 
-fn check_digest(entry: &Entry, buf: &mut [u8]) -> Check {
-    let path = Path::new(OsStr::from_bytes(&entry.name));
-    let mut input = match InputFile::open(path, true) {
+/// The regular files under `root` not in `listed` (relative to the root, sorted by their
+/// bytes): what a batch run would hash now and the manifest lacks. Symlinks are not followed
+/// (batch does not hash them by default); excluded names, filepipe's temps and the manifest
+/// (`manifest_id`, its device and inode) are left out. A directory that cannot be read leaves
+/// its files unknown: said on stderr, not counted.
+fn added(
+    root: &Path,
+    listed: &HashSet<PathBuf>,
+    filter: &Filter,
+    manifest_id: Option<(u64, u64)>,
+) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut it = WalkDir::new(root).min_depth(1).into_iter();
+    while let Some(entry) = it.next() {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list part of the root: added files there are not reported");
+                continue;
+            }
+        };
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            continue;
+        };
+        if filter.excluded(rel) {
+            if entry.file_type().is_dir() {
+                it.skip_current_dir();
+            }
+            continue;
+        }
+        if !entry.file_type().is_file()
+            || output::is_temp_name(entry.file_name())
+            || listed.contains(rel)
+        {
+            continue;
+        }
+        let id = entry.metadata().ok().map(|m| (m.dev(), m.ino()));
+        if id.is_some() && id == manifest_id {
+            continue;
+        }
+        found.push(rel.to_path_buf());
+    }
+    found.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    found
+}
+
+fn check_digest(algo: HashAlgo, root: &Path, entry: &Entry, buf: &mut [u8]) -> Check {
+    let path = root.join(OsStr::from_bytes(&entry.name));
+    let mut input = match InputFile::open(&path, true) {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
             return Check::Unreadable(format!("not a regular file ({what})"))
         }
+        Err(OpenError::Failed(e)) if e.kind == Kind::Vanished => return Check::Missing,
         Err(OpenError::Failed(e)) => return Check::Unreadable(e.message),
     };
-    match hash_reader(&mut input, buf) {
+    match hash_reader(algo, &mut input, buf) {
         Ok(d) if d == entry.digest => Check::Ok,
         Ok(_) => Check::Failed("checksum mismatch".into()),
         Err(e) => Check::Unreadable(format!("reading: {e}")),
     }
 }
 
-fn tally(report: &mut Report, result: &Check) -> String {
-    match result {
-        Check::Ok => {
-            report.ok += 1;
-            "OK".into()
-        }
-        Check::Failed(why) => {
-            report.failed += 1;
-            format!("FAILED ({why})")
-        }
-        Check::Unreadable(why) => {
-            report.unreadable += 1;
-            format!("FAILED open or read ({why})")
-        }
-    }
+fn tally(report: &mut Report, check: &Check) {
+    let n = match check {
+        Check::Ok => &mut report.ok,
+        Check::Failed(_) => &mut report.failed,
+        Check::Unreadable(_) => &mut report.unreadable,
+        Check::Missing => &mut report.missing,
+        Check::Added => &mut report.added,
+    };
+    *n += 1;
 }
 
 /// What the walk of a tree found to verify.
@@ -201,7 +436,7 @@ enum Found {
     NotChecked(String),
 }
 
-fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Lines) {
+fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
     let mut found: Vec<(PathBuf, Found)> = Vec::new();
     for entry in WalkDir::new(root).min_depth(1) {
         let entry = match entry {
@@ -258,9 +493,14 @@ fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Lines) {
     });
     let mut report = Report::default();
     let mut lines = Vec::with_capacity(found.len());
-    for ((path, _), result) in found.iter().zip(results) {
-        let status = tally(&mut report, &result);
-        lines.push((path.as_os_str().as_bytes().to_vec(), status));
+    for ((path, _), check) in found.into_iter().zip(results) {
+        tally(&mut report, &check);
+        let path = path.into_os_string().into_encoded_bytes();
+        lines.push(Line {
+            shown: manifest::shown_name(&path),
+            path,
+            check,
+        });
     }
     (report, lines)
 }
@@ -357,6 +597,36 @@ mod tests {
         assert!(matches!(verdict(&bad_crc), Check::Failed(_)));
     }
 
+    #[test]
+    fn manifest_names_are_matched_with_the_tree_relative_to_the_root() {
+        let root = Path::new("/srv/r");
+        let rel = |n: &[u8]| relative_to(root, n);
+        assert_eq!(rel(b"a/b"), Some(PathBuf::from("a/b")));
+        assert_eq!(rel(b"./a/./b"), Some(PathBuf::from("a/b")));
+        assert_eq!(rel(b"/srv/r/a"), Some(PathBuf::from("a")));
+        assert_eq!(rel(b"/elsewhere/a"), None);
+        assert_eq!(rel(b"../r/a"), None);
+        assert_eq!(
+            rel(b"a\nb\xff"),
+            Some(PathBuf::from(OsStr::from_bytes(b"a\nb\xff")))
+        );
+    }
+
+    #[test]
+    fn exit_bits_add_up() {
+        let r = |failed, missing, added| Report {
+            failed,
+            missing,
+            added,
+            ..Report::default()
+        };
+        assert_eq!(r(0, 0, 0).exit_code(), 0);
+        assert_eq!(r(1, 0, 0).exit_code(), 1);
+        assert_eq!(r(0, 2, 0).exit_code(), 4);
+        assert_eq!(r(0, 0, 3).exit_code(), 8);
+        assert_eq!(r(1, 1, 1).exit_code(), 13);
+    }
+
     fn zst(data: &[u8]) -> Vec<u8> {
         zstd::stream::encode_all(data, 3).unwrap()
     }
@@ -451,10 +721,31 @@ mod tests {
             prop_assert!(!matches!(verdict(&good[..cut]), Check::Ok));
         }
 
+        /// Any name (any bytes but NUL) written to a manifest line of any algorithm reads
+        /// back as itself, on one line, and its shown form is the line's name part.
+        #[test]
+        fn any_name_roundtrips_through_a_manifest_line(
+            name in prop::collection::vec(1u8..=255, 1..100),
+            algo in prop::sample::select(HashAlgo::ALL.to_vec()),
+            fill in any::<u8>(),
+        ) {
+            let digest = crate::digest::Digest::new(algo, &vec![fill; algo.len()]).unwrap();
+            let mut line = Vec::new();
+            crate::manifest::write_line(&mut line, &digest, &name).unwrap();
+            prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
+            let line = line.strip_suffix(b"\n").unwrap();
+            let e = crate::manifest::parse_line(line, algo).unwrap();
+            prop_assert_eq!(&e.name, &name);
+            prop_assert_eq!(e.digest, digest);
+            prop_assert_eq!(&e.shown, &crate::manifest::shown_name(&name));
+        }
+
         /// Manifest lines of any bytes parse or are rejected, never panic.
         #[test]
         fn manifest_lines_never_panic(line in prop::collection::vec(any::<u8>(), 0..200)) {
-            let _ = crate::manifest::parse_line(&line);
+            for algo in HashAlgo::ALL {
+                let _ = crate::manifest::parse_line(&line, algo);
+            }
         }
     }
 }

@@ -83,7 +83,7 @@ fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
     assert!(failure_log(&log).is_empty());
     // Verify agrees.
     run({
-        let mut c = filepipe(&[s("verify"), p(&manifest)]);
+        let mut c = filepipe(&[s("verify"), p(&manifest), s("--root"), p(&t.root())]);
         c.current_dir(t.root());
         c
     })

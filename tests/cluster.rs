@@ -351,6 +351,38 @@ fn three_workers_process_a_tree_once_and_each_result_checks_with_the_real_tools(
 }
 
 #[test]
+fn sha512_and_blake3_through_the_queue_check_with_the_real_tools() {
+    let Some(nats) = Nats::start() else { return };
+    // A 6 MiB file takes BLAKE3's multi-threaded path on a worker.
+    let t = tree(200, 1);
+    let root = format!("tree={}", t.root().display());
+    let _workers: Vec<Worker> = (0..2)
+        .map(|_| Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "2"))
+        .collect();
+    for (op, checker) in [("sha512", "sha512sum"), ("blake3", "b3sum")] {
+        let manifest = t.side(&format!("{op}.sums"));
+        let m = manifest.to_str().unwrap();
+        let args = ["--op", op, "--root-name", "tree", "--manifest", m];
+        let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
+        assert_eq!(sum["done"], 201, "{op}: {sum}");
+        assert_eq!(fs::read_to_string(&manifest).unwrap().lines().count(), 201);
+        let mut verify = filepipe(&[s("verify"), manifest.as_os_str(), s("--root")]);
+        verify.arg(t.root()).args(["--algo", op]);
+        run(verify).success();
+        let have = Command::new("sh")
+            .args(["-c", &format!("command -v {checker}")])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !have {
+            eprintln!("SKIPPED: {checker} -c of the {op} manifest: {checker} is not installed");
+            continue;
+        }
+        let check = tool(checker, &[s("-c"), manifest.as_os_str()], &t.root());
+        assert!(check.status.success(), "{op}: {check:?}");
+    }
+}
+
+#[test]
 fn a_worker_killed_while_it_holds_a_large_file_has_its_jobs_done_by_another() {
     let Some(nats) = Nats::start() else { return };
     let t = tree(200, 6);

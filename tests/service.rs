@@ -156,7 +156,7 @@ fn sighup_keeps_old_config_when_broken_and_applies_a_good_one() {
 
 #[test]
 fn check_config_names_file_line_and_key() {
-    let t = TestTree::new().dir("a").dir("b");
+    let t = TestTree::new().dir("a").dir("b").dir("c").dir("d");
     let cases = [
         ("unknown key", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\ncolour = \"blue\"\n", "line 4"),
         ("wrong type", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nlevel = \"high\"\n", "line 4"),
@@ -172,6 +172,9 @@ fn check_config_names_file_line_and_key() {
             ":4: watch[0].out",
         ),
         ("manifest with gzip", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nmanifest = \"m\"\n", ":4: watch[0].manifest"),
+        ("out with blake3", "[[watch]]\npath = \"in/a\"\nop = \"blake3\"\nout = \"x\"\n", ":4: watch[0].out"),
+        ("level with sha512", "[[watch]]\npath = \"in/a\"\nop = \"sha512\"\nlevel = 6\n", ":4: watch[0].level"),
+        ("unknown op", "[[watch]]\npath = \"in/a\"\nop = \"md5\"\n", "expected one of `gzip`, `zstd`, `sha256`, `sha512`, `blake3`"),
         ("gzip level 10", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nlevel = 10\n", ":4: watch[0].level: 10 is out of range for gzip (1 to 9)"),
         ("zstd level 20", "[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 20\n", ":4: watch[0].level: 20 is out of range for zstd (1 to 19)"),
         ("level with sha256", "[[watch]]\npath = \"in/a\"\nop = \"sha256\"\nlevel = 3\n", ":4: watch[0].level"),
@@ -194,7 +197,7 @@ fn check_config_names_file_line_and_key() {
     write_config(
         &good,
         &format!(
-            "state_dir = {:?}\n[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 19\nout = \"archive\"\n[[watch]]\npath = \"in/b\"\nop = \"sha256\"\nmanifest = \"in/b/SUMS\"\n",
+            "state_dir = {:?}\n[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 19\nout = \"archive\"\n[[watch]]\npath = \"in/b\"\nop = \"sha256\"\nmanifest = \"in/b/SUMS\"\n[[watch]]\npath = \"in/c\"\nop = \"sha512\"\nmanifest = \"in/c/SHA512SUMS\"\n[[watch]]\npath = \"in/d\"\nop = \"blake3\"\nmanifest = \"B3SUMS\"\n",
             t.side("state")
         ),
     );

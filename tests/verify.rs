@@ -85,7 +85,14 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
     ]))
     .success();
     let verify = || {
-        let mut c = filepipe(&[s("verify"), manifest.as_os_str()]);
+        // The manifest lies beside the tree: its names resolve against --root.
+        let root = t.root();
+        let mut c = filepipe(&[
+            s("verify"),
+            manifest.as_os_str(),
+            s("--root"),
+            root.as_os_str(),
+        ]);
         c.current_dir(t.root());
         run(c)
     };
@@ -96,9 +103,10 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
     m.extend_from_slice(b"not a manifest line\n\xff\xfe garbage\n");
     fs::write(&manifest, m).unwrap();
     let bad = verify();
-    let text = bad.code(1).stdout();
+    // A mismatch and malformed lines (1), a missing file (4).
+    let text = bad.code(5).stdout();
     assert!(text.starts_with("a: OK\nb: FAILED"), "{text}");
-    assert!(text.contains("c: FAILED open or read"), "{text}");
+    assert!(text.contains("c: MISSING"), "{text}");
     assert!(bad.stderr().contains("2 lines are improperly formatted"));
     // Pure garbage and a binary file as a manifest: errors, no panic.
     fs::write(
@@ -106,7 +114,8 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
         (0..=255u8).cycle().take(10_000).collect::<Vec<u8>>(),
     )
     .unwrap();
-    assert!(!verify().code(1).stderr().contains("panicked"));
+    // Every line malformed (1), so the tree's files are not listed (8).
+    assert!(!verify().code(9).stderr().contains("panicked"));
 }
 
 #[test]
@@ -122,7 +131,46 @@ fn verify_accepts_a_real_sha256sum_manifest() {
     );
     assert!(m.status.success());
     fs::write(t.side("m"), &m.stdout).unwrap();
-    let mut c = filepipe(&[s("verify"), t.side("m").as_os_str()]);
+    let root = t.root();
+    let mut c = filepipe(&[
+        s("verify"),
+        t.side("m").as_os_str(),
+        s("--root"),
+        root.as_os_str(),
+    ]);
     c.current_dir(t.root());
     run(c).success();
+}
+
+#[test]
+fn gz_tree_results_keep_a_name_with_a_newline_on_one_line() {
+    let t = TestTree::new()
+        .file("nl\nname", b"x")
+        .file("back\\slash", b"y");
+    run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+    ]))
+    .success();
+    let out = run(filepipe(&[s("verify"), t.root().as_os_str()]));
+    let text = out.success().stdout();
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("nl\\nname.gz: OK"), "{text}");
+    assert!(text.contains("back\\\\slash.gz: OK"), "{text}");
+    let json = run(filepipe(&[s("verify"), t.root().as_os_str(), s("--json")]));
+    let paths: Vec<String> = json
+        .success()
+        .stdout()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["path"].as_str().map(str::to_owned)
+        })
+        .collect();
+    assert!(
+        paths.iter().any(|p| p.ends_with("nl\nname.gz")),
+        "{paths:?}"
+    );
 }

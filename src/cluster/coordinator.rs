@@ -30,6 +30,7 @@ use crate::cluster::{
     Queue, Unreachable, ACK_WAIT, OUTCOMES_STREAM,
 };
 use crate::config::Config;
+use crate::digest::HashAlgo;
 use crate::error::{FileError, Kind};
 use crate::report::{self, Summary};
 use crate::signals::{self, Shutdown};
@@ -61,6 +62,8 @@ struct Ledger {
     published: AtomicU64,
     /// The source and the publishing are over.
     walked: AtomicBool,
+    /// The hash the run's op computes: what a done outcome's digest must be.
+    hash: Option<HashAlgo>,
 }
 
 /// A run id: unique, and a plain name (a subject token).
@@ -202,7 +205,10 @@ fn coordinate(
         }
         None => tracing::info!(%run, root, queue = %queue.shown(), "coordinating"),
     }
-    let ledger = Ledger::default();
+    let ledger = Ledger {
+        hash: cfg.op.hash(),
+        ..Ledger::default()
+    };
     let watching = source.listens();
     let (job_tx, job_rx) = bounded::<Msg>(4);
     let (event_tx, event_rx) = bounded::<Event>(1024);
@@ -233,7 +239,8 @@ fn coordinate(
             .context("starting the reporter")?;
         // Resuming: the run's outcomes so far count first, and their files are not sent again.
         if resumed.is_some() {
-            let _ = accounted.set(replay(&conn, &outcomes, &run, &cfg.root, &event_tx)?);
+            let replayed = replay(&conn, &outcomes, &run, &cfg.root, ledger.hash, &event_tx)?;
+            let _ = accounted.set(replayed);
         }
         let walker = {
             let events = event_tx.clone();
@@ -590,7 +597,7 @@ fn gather(
                 .lock()
                 .map_err(|_| anyhow!("the ledger is poisoned"))?;
             for w in &batch.outcomes {
-                let outcome = match w.outcome() {
+                let outcome = match w.outcome(ledger.hash) {
                     Ok(o) => o,
                     Err(e) => {
                         tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
@@ -643,12 +650,13 @@ fn gather(
 }
 
 /// Reads a resumed run's outcomes so far, from its first, to the reporter (each file's first
-/// outcome), and returns the files they account for.
+/// outcome; digests read as `hash`'s), and returns the files they account for.
 fn replay(
     conn: &Conn,
     outcomes: &consumer::PullConsumer,
     run: &str,
     root: &Path,
+    hash: Option<HashAlgo>,
     events: &Sender<Event>,
 ) -> Result<HashSet<PathBuf>> {
     let mut accounted = HashSet::new();
@@ -675,7 +683,7 @@ fn replay(
                 continue;
             }
             for w in &batch.outcomes {
-                let Ok(o) = w.outcome() else { continue };
+                let Ok(o) = w.outcome(hash) else { continue };
                 // Counted only if done and the file is still the version the worker read: a
                 // file changed or deleted while the coordinator was down is published again
                 // (or, gone, not listed), and a failure is tried again.

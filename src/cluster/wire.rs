@@ -11,8 +11,8 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::OpKind;
+use crate::digest::{Digest, HashAlgo};
 use crate::error::{FileError, Kind};
-use crate::manifest;
 use crate::travel::{Done, Outcome, Stamp};
 
 /// The message format's version: a worker refuses messages of another.
@@ -262,7 +262,7 @@ pub(crate) struct WireOutcome {
     /// Done: bytes written.
     #[serde(default)]
     pub(crate) bytes_out: u64,
-    /// Done, sha256: the digest in hex.
+    /// Done, a hash: the digest in hex (its algorithm is the run's op).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) digest: Option<String>,
     /// Done: how the input looked when the worker read it.
@@ -307,7 +307,7 @@ impl WireOutcome {
             Outcome::Done { done, .. } => {
                 w.bytes_in = done.bytes_in;
                 w.bytes_out = done.bytes_out;
-                w.digest = done.digest.as_ref().map(manifest::to_hex);
+                w.digest = done.digest.map(Digest::to_hex);
                 w.read = done.stamp.as_ref().map(WireStamp::of);
             }
             Outcome::Skipped { reason, .. } => why(&mut w, WireStatus::Skipped, reason),
@@ -316,9 +316,9 @@ impl WireOutcome {
         w
     }
 
-    /// The outcome it stands for; `Err` if it does not read back (an unknown kind, a digest
-    /// that is not one).
-    pub(crate) fn outcome(&self) -> Result<Outcome, String> {
+    /// The outcome it stands for, in a run whose op computes `hash`; `Err` if it does not read
+    /// back (an unknown kind, a digest that is not one of `hash`, or one where none belongs).
+    pub(crate) fn outcome(&self, hash: Option<HashAlgo>) -> Result<Outcome, String> {
         let rel = self.rel.rel().map_err(|e| e.message)?;
         let error = || -> Result<FileError, String> {
             let kind = self.kind.as_deref().unwrap_or("");
@@ -331,12 +331,13 @@ impl WireOutcome {
         };
         Ok(match self.status {
             WireStatus::Done => {
-                let digest = match &self.digest {
-                    Some(hex) => Some(
-                        manifest::from_hex(hex.as_bytes())
-                            .ok_or_else(|| format!("not a digest: {hex:?}"))?,
+                let digest = match (&self.digest, hash) {
+                    (Some(hex), Some(algo)) => Some(
+                        Digest::from_hex(algo, hex.as_bytes())
+                            .ok_or_else(|| format!("not a {algo} digest: {hex:?}"))?,
                     ),
-                    None => None,
+                    (Some(_), None) => return Err("a digest from an op that has none".into()),
+                    (None, _) => None,
                 };
                 Outcome::Done {
                     rel,
@@ -408,6 +409,10 @@ mod tests {
         let good = r#"{"v":1,"run":"r1","root":"in","op":"gzip","level":6,"force":false,
             "files":[{"rel":"a","size":1}]}"#;
         assert!(JobBatch::parse(good.as_bytes()).is_ok());
+        for op in ["sha256", "sha512", "blake3"] {
+            let hash = good.replace("\"gzip\"", &format!("{op:?}"));
+            assert!(JobBatch::parse(hash.as_bytes()).is_ok(), "{op}");
+        }
         let zstd = good.replace(r#""gzip","level":6"#, r#""zstd","level":19"#);
         assert!(JobBatch::parse(zstd.as_bytes()).is_ok());
         for bad in [
@@ -449,7 +454,7 @@ mod tests {
             done: Box::new(Done {
                 bytes_in: 10,
                 bytes_out: 4,
-                digest: Some([7; 32]),
+                digest: Some(Digest::new(HashAlgo::Sha512, &[7; 64]).unwrap()),
                 ..Done::default()
             }),
         };
@@ -464,13 +469,19 @@ mod tests {
         for o in [done, failed] {
             let json = serde_json::to_string(&WireOutcome::of(&o)).unwrap();
             let back: WireOutcome = serde_json::from_str(&json).unwrap();
-            assert_eq!(format!("{:?}", back.outcome().unwrap()), format!("{o:?}"));
+            let read = back.outcome(Some(HashAlgo::Sha512)).unwrap();
+            assert_eq!(format!("{read:?}"), format!("{o:?}"));
+            if matches!(o, Outcome::Done { .. }) {
+                // The digest is the run's algorithm's, or the outcome is refused.
+                assert!(back.outcome(Some(HashAlgo::Sha256)).is_err());
+                assert!(back.outcome(None).is_err());
+            }
         }
         let mut w = WireOutcome::of(&Outcome::Skipped {
             rel: "x".into(),
             reason: FileError::new(Kind::UpToDate, "up to date"),
         });
         w.kind = Some("made-up".into());
-        assert!(w.outcome().is_err());
+        assert!(w.outcome(None).is_err());
     }
 }

@@ -8,7 +8,7 @@
 pub(crate) mod compress;
 pub(crate) mod gzip;
 pub(crate) mod gzstream;
-pub(crate) mod sha256;
+pub(crate) mod hash;
 pub(crate) mod zstd;
 
 use crate::error::FileError;
@@ -16,7 +16,7 @@ use crate::fsio::input::InputFile;
 pub(crate) use crate::travel::Done;
 use crate::travel::Job;
 
-/// One file operation (gzip, zstd, sha256, ...). Adding an operation means implementing this.
+/// One file operation (gzip, zstd, a hash, ...). Adding an operation means implementing this.
 pub(crate) trait Op: Sync {
     /// Per-worker reusable state: buffers, directory caches.
     type Scratch;

@@ -30,7 +30,7 @@ use crate::cli::OpKind;
 use crate::config::Config;
 use crate::ops::compress::CompressOp;
 use crate::ops::gzip::Gzip;
-use crate::ops::sha256::Sha256Op;
+use crate::ops::hash::HashOp;
 use crate::ops::zstd::Zstd;
 use crate::ops::Op;
 use crate::report::{self, Summary};
@@ -111,7 +111,11 @@ pub(crate) fn run(
             let op = CompressOp::<Zstd>::new(cfg)?;
             run_with(cfg, &op, shutdown, source, sink, stats)
         }
-        OpKind::Sha256 => run_with(cfg, &Sha256Op, shutdown, source, sink, stats),
+        OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => {
+            let algo = cfg.op.hash().expect("a hashing op has a hash");
+            let op = HashOp::new(algo, cfg.jobs).context("starting the hash threads")?;
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
     }
 }
 

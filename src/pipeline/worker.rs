@@ -294,7 +294,8 @@ mod tests {
         assert!(BatchFill::alone(BATCH_BYTES) && !BatchFill::alone(BATCH_BYTES - 1));
     }
     use crate::cli::{Cli, Command};
-    use crate::ops::sha256::Sha256Op;
+    use crate::digest::HashAlgo;
+    use crate::ops::hash::HashOp;
     use clap::Parser as _;
 
     fn config(root: &Path) -> Config {
@@ -395,19 +396,20 @@ mod tests {
             expect: None,
             redelivered: false,
         };
-        let mut scratch = Sha256Op.scratch();
+        let op = HashOp::new(HashAlgo::Sha256, 1).unwrap();
+        let mut scratch = op.scratch();
         let roots = || {
             let root = input::Root::new(&cfg.root).unwrap();
             [root, input::Root::new(&cfg.root).unwrap().without_openat2()]
         };
         for root in roots() {
-            assert!(prepare(&cfg, &Sha256Op, job(), Some(&root), &mut scratch).is_ok());
+            assert!(prepare(&cfg, &op, job(), Some(&root), &mut scratch).is_ok());
         }
         // Listed, queued, and then the directory's name leads outside the tree.
         std::fs::rename(root.join("d"), root.join("moved")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
         for root in roots() {
-            match prepare(&cfg, &Sha256Op, job(), Some(&root), &mut scratch) {
+            match prepare(&cfg, &op, job(), Some(&root), &mut scratch) {
                 Err(Outcome::Skipped { rel, reason }) => {
                     assert_eq!(rel, Path::new("d/f"));
                     assert_eq!(reason.kind, Kind::Symlink);

@@ -7,7 +7,6 @@ use std::io::{self, Write};
 use indicatif::HumanBytes;
 use serde::Serialize;
 
-use crate::cli::OpKind;
 use crate::config::Config;
 
 /// The final account of a run.
@@ -60,8 +59,8 @@ impl Summary {
     pub(crate) fn print(&self, cfg: &Config) -> io::Result<()> {
         if cfg.json {
             let json = serde_json::to_string(self).map_err(io::Error::other)?;
-            // Batch sha256 without --manifest prints the manifest on stdout.
-            if cfg.op == OpKind::Sha256 && cfg.manifest.is_none() && cfg.watch.is_none() {
+            // A batch hash without --manifest prints the manifest on stdout.
+            if cfg.op.hash().is_some() && cfg.manifest.is_none() && cfg.watch.is_none() {
                 eprintln!("{json}");
             } else {
                 writeln!(io::stdout().lock(), "{json}")?;

@@ -15,16 +15,16 @@ use crate::config::Config;
 use crate::fsio::output::{Dir, TempOutput};
 use crate::manifest;
 use crate::sink::{Disposition, Sink};
-use crate::travel::Outcome;
+use crate::travel::{Digest, Outcome};
 
 /// Batch mode: collect (path, digest) pairs, write the sorted manifest at the end.
 pub(crate) struct ManifestSink<'a> {
     cfg: &'a Config,
-    digests: Vec<(Box<Path>, [u8; 32])>,
+    digests: Vec<(Box<Path>, Digest)>,
 }
 
 impl<'a> ManifestSink<'a> {
-    /// A sink writing `cfg`'s manifest (sha256) or nothing (gzip).
+    /// A sink writing `cfg`'s manifest (a hash) or nothing (gzip).
     pub(crate) fn new(cfg: &'a Config) -> Self {
         ManifestSink {
             cfg,
@@ -44,7 +44,7 @@ impl Sink for ManifestSink<'_> {
     }
 
     fn finish(&mut self) -> Result<()> {
-        if self.cfg.op != OpKind::Sha256 {
+        if self.cfg.op.hash().is_none() {
             return Ok(());
         }
         self.digests
@@ -60,8 +60,22 @@ impl Sink for ManifestSink<'_> {
 /// Writes manifest lines, already sorted, to the manifest file (atomically) or stdout.
 pub(crate) fn write_manifest<'d>(
     cfg: &Config,
-    lines: impl Iterator<Item = (&'d [u8], &'d [u8; 32])> + Clone,
+    lines: impl Iterator<Item = (&'d [u8], &'d Digest)> + Clone,
 ) -> Result<()> {
+    if cfg.op == OpKind::Blake3 {
+        // Not an error: filepipe verify checks them, and b3sum could not have listed them.
+        let non_utf8 = lines
+            .clone()
+            .filter(|(rel, _)| std::str::from_utf8(rel).is_err())
+            .count();
+        if non_utf8 > 0 {
+            tracing::warn!(
+                files = non_utf8,
+                "names that are not UTF-8 are in the manifest: b3sum -c stops at the first \
+                 (it reads UTF-8 only); filepipe verify checks them"
+            );
+        }
+    }
     let write_all = |w: &mut dyn Write| -> io::Result<()> {
         let mut w = BufWriter::with_capacity(256 * 1024, w);
         for (rel, d) in lines.clone() {

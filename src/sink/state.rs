@@ -1,5 +1,5 @@
 //! Watch mode's sink: each outcome recorded in the SQLite state (committed at each flush), and
-//! the manifest (sha256 with `--manifest`) rewritten from the state when outcomes pause.
+//! the manifest (a hash with `--manifest`) rewritten from the state when outcomes pause.
 //!
 //! Invariants: a file the source hears of as recorded is in a committed transaction; a
 //! transient failure is recorded with its attempt count and handed back for a retry, with a
@@ -25,9 +25,9 @@ pub(crate) fn output_name(op: OpKind, rel: &Path) -> Option<PathBuf> {
     Some(PathBuf::from(o))
 }
 
-/// Whether the sink keeps a manifest: sha256 with `--manifest`.
+/// Whether the sink keeps a manifest: a hash with `--manifest`.
 fn keeps_manifest(cfg: &Config) -> bool {
-    cfg.manifest.is_some() && cfg.op == OpKind::Sha256
+    cfg.manifest.is_some() && cfg.op.hash().is_some()
 }
 
 /// Records outcomes in the state and keeps the manifest current.
@@ -105,7 +105,10 @@ impl<'a> StateSink<'a> {
             return Ok(());
         }
         let started = Instant::now();
-        let digests = self.state.digests()?;
+        let Some(algo) = self.cfg.op.hash() else {
+            return Ok(());
+        };
+        let digests = self.state.digests(algo)?;
         manifest::write_manifest(self.cfg, digests.iter().map(|(p, d)| (p.as_slice(), d)))?;
         self.dirty_since = None;
         self.manifest_written = Some(Instant::now());
