@@ -582,16 +582,9 @@ fn gather(
         };
         let mut firsts = Vec::new();
         for m in &msgs {
-            let batch: OutcomeBatch = match serde_json::from_slice(&m.payload) {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::warn!(error = %e, "an outcome message that does not read: ignored");
-                    continue;
-                }
-            };
-            if batch.v != wire::VERSION || batch.run != run {
+            let Some(batch) = outcomes_of(m, run) else {
                 continue;
-            }
+            };
             let mut expected = ledger
                 .expected
                 .lock()
@@ -621,11 +614,7 @@ fn gather(
                 .map_err(|_| anyhow!("the reporter has stopped"))?;
         }
         // Handed on: not to be delivered again (an ack lost only costs a duplicate, dropped).
-        conn.rt.block_on(async {
-            for m in &msgs {
-                let _ = m.ack().await;
-            }
-        });
+        ack_all(conn, &msgs);
         if !firsts_sent
             && last_outcome.elapsed() >= STALLED
             && last_warning.elapsed() >= STALLED
@@ -676,12 +665,9 @@ fn replay(
         }
         let mut firsts = Vec::new();
         for m in &msgs {
-            let Ok(batch) = serde_json::from_slice::<OutcomeBatch>(&m.payload) else {
+            let Some(batch) = outcomes_of(m, run) else {
                 continue;
             };
-            if batch.v != wire::VERSION || batch.run != run {
-                continue;
-            }
             for w in &batch.outcomes {
                 let Ok(o) = w.outcome(hash) else { continue };
                 // Counted only if done and the file is still the version the worker read: a
@@ -702,17 +688,35 @@ fn replay(
                 .send(Event::Finished(firsts))
                 .map_err(|_| anyhow!("the reporter has stopped"))?;
         }
-        conn.rt.block_on(async {
-            for m in &msgs {
-                let _ = m.ack().await;
-            }
-        });
+        ack_all(conn, &msgs);
     }
     tracing::info!(
         files = accounted.len(),
         "outcomes of the run so far read again"
     );
     Ok(accounted)
+}
+
+/// An outcome message of `run`, read; `None` (said, if it does not read) for anything else.
+fn outcomes_of(m: &async_nats::jetstream::Message, run: &str) -> Option<OutcomeBatch> {
+    let batch: OutcomeBatch = match serde_json::from_slice(&m.payload) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "an outcome message that does not read: ignored");
+            return None;
+        }
+    };
+    (batch.v == wire::VERSION && batch.run == run).then_some(batch)
+}
+
+/// Acknowledges outcome messages handed to the reporter (an ack lost only costs a duplicate,
+/// which is dropped).
+fn ack_all(conn: &Conn, msgs: &[async_nats::jetstream::Message]) {
+    conn.rt.block_on(async {
+        for m in msgs {
+            let _ = m.ack().await;
+        }
+    });
 }
 
 /// Whether `run` was cancelled by its coordinator (its cancellation is stored).

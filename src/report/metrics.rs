@@ -6,6 +6,7 @@
 //! Every series carries the pipeline's root (`pipeline`): a service runs one per `[[watch]]`.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, Result};
@@ -24,6 +25,10 @@ const DELAY_BUCKETS: [f64; 12] = [
 
 /// Starts serving `/metrics` on `addr` and installs the recorder. A port already in use, or
 /// an address that cannot be bound, is an error here, at start.
+/// Whether `serve` installed a recorder: without one, meters do no work at all (the label
+/// strings of a series would otherwise be built per file on a batch's hot path, for nothing).
+static ON: AtomicBool = AtomicBool::new(false);
+
 pub(crate) fn serve(addr: SocketAddr) -> Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
@@ -33,6 +38,7 @@ pub(crate) fn serve(addr: SocketAddr) -> Result<()> {
         )
         .and_then(|b| b.install())
         .map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    ON.store(true, Ordering::Relaxed);
     describe();
     gauge!("filepipe_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     tracing::info!(%addr, "serving Prometheus metrics on /metrics");
@@ -126,6 +132,9 @@ impl Meter {
 
     /// One outcome, as the sink disposed of it.
     pub(crate) fn outcome(&self, outcome: &Outcome, disposition: &Disposition) {
+        if !ON.load(Ordering::Relaxed) {
+            return;
+        }
         let (ended, reason) = match outcome {
             Outcome::Done { done, .. } => {
                 self.bytes_in.increment(done.bytes_in);
@@ -163,6 +172,9 @@ impl Meter {
     /// The queue lengths the source keeps in `stats`.
     pub(crate) fn gauges(&self, stats: &Stats) {
         use std::sync::atomic::Ordering::Relaxed;
+        if !ON.load(Relaxed) {
+            return;
+        }
         self.queued.set(stats.queued.load(Relaxed) as f64);
         self.in_flight.set(stats.in_flight.load(Relaxed) as f64);
         self.retrying.set(stats.retrying.load(Relaxed) as f64);
@@ -171,11 +183,17 @@ impl Meter {
 
 /// A whole-tree rescan of `cfg`'s root, and why.
 pub(crate) fn rescan(cfg: &Config, cause: &'static str) {
+    if !ON.load(Ordering::Relaxed) {
+        return;
+    }
     counter!("filepipe_rescans_total", "pipeline" => pipeline(cfg), "cause" => cause).increment(1);
 }
 
 /// `cfg`'s state committed outcomes just now.
 pub(crate) fn committed(cfg: &Config) {
+    if !ON.load(Ordering::Relaxed) {
+        return;
+    }
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
