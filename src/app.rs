@@ -21,17 +21,14 @@ pub fn main() -> ExitCode {
         Command::Batch(args) => {
             #[cfg(feature = "cluster")]
             let queue = args.queue.clone().map(|url| {
-                let name = args.root_name.clone().unwrap_or_else(|| {
-                    args.dir
-                        .canonicalize()
-                        .ok()
-                        .and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned()))
-                        .unwrap_or_default()
+                let c = &args.coordinator;
+                let name = c.root_name.clone().unwrap_or_else(|| {
+                    crate::config::default_root_name(&args.dir.canonicalize().unwrap_or_default())
                 });
                 let queue = crate::cluster::Queue {
                     url,
-                    creds: args.creds.clone(),
-                    tls_ca: args.tls_ca.clone(),
+                    creds: c.creds.clone(),
+                    tls_ca: c.tls_ca.clone(),
                 };
                 (queue, name)
             });

@@ -248,20 +248,10 @@ pub(crate) struct BatchArgs {
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "URL")]
     pub(crate) queue: Option<String>,
-    /// Cluster mode: the name the workers know DIR by (their --root NAME=PATH) [default: DIR's
-    /// own name].
+    /// How a coordinator names its root and reaches the queue.
     #[cfg(feature = "cluster")]
-    #[arg(long, value_name = "NAME", requires = "queue")]
-    pub(crate) root_name: Option<String>,
-    /// Cluster mode: a NATS credentials file (.creds).
-    #[cfg(feature = "cluster")]
-    #[arg(long, value_name = "FILE", requires = "queue")]
-    pub(crate) creds: Option<PathBuf>,
-    /// Cluster mode: trust the CA certificates in this PEM file for a tls:// queue (a private
-    /// CA), besides the system's.
-    #[cfg(feature = "cluster")]
-    #[arg(long, value_name = "FILE", requires = "queue")]
-    pub(crate) tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) coordinator: CoordinatorArgs,
 }
 
 /// Arguments of `filepipe watch`.
@@ -308,18 +298,25 @@ pub(crate) struct WatchArgs {
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "URL", conflicts_with = "config")]
     pub(crate) queue: Option<String>,
+    /// How a coordinator names its root and reaches the queue.
+    #[cfg(feature = "cluster")]
+    #[command(flatten)]
+    pub(crate) coordinator: CoordinatorArgs,
+}
+
+/// What a coordinator (`batch` or `watch` with `--queue`) needs besides the queue's URL.
+#[cfg(feature = "cluster")]
+#[derive(Debug, Args)]
+pub(crate) struct CoordinatorArgs {
     /// Cluster mode: the name the workers know DIR by (their --root NAME=PATH) [default: DIR's
     /// own name].
-    #[cfg(feature = "cluster")]
     #[arg(long, value_name = "NAME", requires = "queue")]
     pub(crate) root_name: Option<String>,
     /// Cluster mode: a NATS credentials file (.creds).
-    #[cfg(feature = "cluster")]
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
     /// Cluster mode: trust the CA certificates in this PEM file for a tls:// queue (a private
     /// CA), besides the system's.
-    #[cfg(feature = "cluster")]
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) tls_ca: Option<PathBuf>,
 }

@@ -78,6 +78,13 @@ pub(crate) struct WatchSettings {
     pub(crate) lock: Option<std::sync::Arc<crate::state::DirLock>>,
 }
 
+/// The name a coordinator's root goes by when none is given: its directory's own name.
+pub(crate) fn default_root_name(root: &Path) -> String {
+    root.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Whether `name` may name a root in cluster mode: 1 to 64 of `A-Z a-z 0-9 _ -` (a NATS
 /// subject token; `cluster::wire` checks job messages by the same rule).
 pub(crate) fn valid_root_name(name: &str) -> bool {
@@ -213,14 +220,11 @@ impl Config {
         let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
         #[cfg(feature = "cluster")]
         if let (Some(url), Some(w)) = (&args.queue, cfg.watch.as_mut()) {
-            let root_name = match &args.root_name {
-                Some(name) => name.clone(),
-                None => cfg
-                    .root
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
-            };
+            let c = &args.coordinator;
+            let root_name = c
+                .root_name
+                .clone()
+                .unwrap_or_else(|| default_root_name(&cfg.root));
             if !valid_root_name(&root_name) {
                 bail!(
                     "the root's name {root_name:?} is not 1 to 64 of A-Z a-z 0-9 _ - : give one \
@@ -229,8 +233,8 @@ impl Config {
             }
             w.queue = Some(QueueTarget {
                 url: url.clone(),
-                creds: args.creds.clone(),
-                tls_ca: args.tls_ca.clone(),
+                creds: c.creds.clone(),
+                tls_ca: c.tls_ca.clone(),
                 root_name,
             });
         }

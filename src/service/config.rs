@@ -309,10 +309,7 @@ pub(crate) fn load(
             }
             let name = match &w.root_name {
                 Some(n) => n.get_ref().clone(),
-                None => root
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default(),
+                None => crate::config::default_root_name(&root),
             };
             if !crate::config::valid_root_name(&name) {
                 let span = w.root_name.as_ref().map_or(queue.span(), |n| n.span());
