@@ -1172,6 +1172,18 @@ mod tests {
     }
 
     #[test]
+    fn a_temp_s_writer_is_alive_if_its_pid_runs_and_is_not_this_process() {
+        let name = |pid: u32| OsString::from(format!("{TEMP_PREFIX}{pid}-0000beef.0{TEMP_SUFFIX}"));
+        // Another live process (the test harness's parent).
+        assert!(writer_alive(&name(std::os::unix::process::parent_id())));
+        // This pid under another salt: an earlier process that had it (a container's pid 1).
+        assert!(!writer_alive(&name(std::process::id())));
+        // Past pid_max: nobody.
+        assert!(!writer_alive(&name(4_194_305)));
+        assert!(!writer_alive(OsStr::new(".filepipe.77.0.tmp")));
+    }
+
+    #[test]
     fn a_named_temp_is_marked_and_locked_while_its_writer_lives() {
         // Where anonymous temps cannot be made (no O_TMPFILE), temps are named.
         let tmp = tempfile::tempdir().unwrap();
