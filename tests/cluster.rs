@@ -969,6 +969,70 @@ fn a_batch_coordinator_killed_mid_run_is_resumed_by_the_same_command_each_file_o
 }
 
 #[test]
+fn a_resumed_batch_awaits_the_jobs_still_queued_instead_of_publishing_them_again() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(400, 0);
+    let manifest = t.side("SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    // No worker: the killed coordinator's jobs are all still queued when it is run again.
+    let mut first = start_coordinator(&nats, &t.root(), &args);
+    wait_until(Duration::from_secs(90), "jobs published", || {
+        queue_counts(&nats).0 > 0
+    });
+    first.kill().unwrap();
+    first.finish(Duration::from_secs(10));
+    // The same command again; its log says when it has published what it would.
+    let log = t.side("coordinator.log");
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args(["--root-name", "tree", "--json", "-v"])
+        .args(args)
+        .env("XDG_STATE_HOME", xdg(&t.root()))
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap());
+    let again = Started::new(cmd);
+    wait_until(Duration::from_secs(60), "the publishing done", || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains("jobs published"))
+    });
+    // Only files with no job left in the queue were published; the others' outcomes are
+    // awaited. (A worker started now does the queued jobs once, not them and their copies.)
+    let err = fs::read_to_string(&log).unwrap();
+    let logged = |what: &str| -> u64 {
+        err.lines()
+            .find(|l| l.contains(what))
+            .and_then(|l| {
+                l.split("files=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or_else(|| panic!("no {what:?} line: {err}"))
+    };
+    let (awaited, published) = (logged("still queued"), logged("jobs published"));
+    assert!(awaited > 0, "{err}");
+    assert_eq!(awaited + published, 400, "{err}");
+    let root = format!("tree={}", t.root().display());
+    let _worker = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "2");
+    let sum = again.finish(Duration::from_secs(120)).code(0).summary();
+    let err = fs::read_to_string(&log).unwrap();
+    assert!(err.contains("resuming"), "{err}");
+    assert_eq!(
+        (sum["files"].as_u64(), sum["done"].as_u64()),
+        (Some(400), Some(400)),
+        "{sum}\n{err}"
+    );
+    let names = manifest_names(&manifest);
+    assert_eq!(names.len(), 400, "each file listed once");
+    let check = tool(
+        "sha256sum",
+        &[s("-c"), s("--quiet"), manifest.as_os_str()],
+        &t.root(),
+    );
+    assert!(check.status.success(), "{check:?}");
+}
+
+#[test]
 fn a_watched_file_changed_before_a_worker_reads_it_ends_with_the_output_of_its_last_version() {
     let Some(nats) = Nats::start() else { return };
     let t = TestTree::new();

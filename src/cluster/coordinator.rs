@@ -27,7 +27,7 @@ use crate::cluster::resume::RunFile;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath, WireStamp};
 use crate::cluster::{
     cancel_subject, connect, jobs_subject, outcomes_subject, setup, take, workers_consumer, Conn,
-    Queue, Unreachable, ACK_WAIT, OUTCOMES_STREAM,
+    Queue, Unreachable, ACK_WAIT, JOBS_STREAM, OUTCOMES_STREAM,
 };
 use crate::config::Config;
 use crate::digest::HashAlgo;
@@ -237,10 +237,28 @@ fn coordinate(
                 )
             })
             .context("starting the reporter")?;
-        // Resuming: the run's outcomes so far count first, and their files are not sent again.
+        // Resuming: the run's outcomes so far count first, and their files are not sent again;
+        // nor are those of the run's jobs still in the queue, whose outcomes are awaited.
         if resumed.is_some() {
-            let replayed = replay(&conn, &outcomes, &run, &cfg.root, ledger.hash, &event_tx)?;
-            let _ = accounted.set(replayed);
+            let mut skip = replay(&conn, &outcomes, &run, &cfg.root, ledger.hash, &event_tx)?;
+            let queued = queued(&conn, root, &run)?;
+            let mut expected = ledger
+                .expected
+                .lock()
+                .map_err(|_| anyhow!("the ledger is poisoned"))?;
+            let mut waiting = 0u64;
+            for rel in queued {
+                if skip.insert(rel.clone()) {
+                    expected.insert(rel, None);
+                    waiting += 1;
+                }
+            }
+            drop(expected);
+            tracing::info!(
+                files = waiting,
+                "jobs of the run still queued: awaited, not published again"
+            );
+            let _ = accounted.set(skip);
         }
         let walker = {
             let events = event_tx.clone();
@@ -695,6 +713,44 @@ fn replay(
         "outcomes of the run so far read again"
     );
     Ok(accounted)
+}
+
+/// The files of `run`'s job messages still in the jobs stream: those a killed coordinator
+/// published that no worker has finished (a message leaves a work-queue stream once a worker
+/// acknowledges it, after publishing its outcomes; a worker gives up on one after
+/// `MAX_DELIVER` deliveries with a failed outcome). Read after the replay, so a job finished in
+/// between is either in the outcomes to come or published again, counted once either way.
+fn queued(conn: &Conn, root: &str, run: &str) -> Result<HashSet<PathBuf>> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let subject = jobs_subject(root, run);
+    let files = conn.rt.block_on(async {
+        let stream = conn.js.get_stream(JOBS_STREAM).await?;
+        let mut files = HashSet::new();
+        let mut next = 0u64;
+        loop {
+            let m = match stream
+                .get_first_raw_message_by_subject(&subject, next)
+                .await
+            {
+                Ok(m) => m,
+                Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => break,
+                Err(e) => return Err(anyhow!("listing the run's queued jobs: {e}")),
+            };
+            next = m.sequence + 1;
+            match JobBatch::parse(&m.payload) {
+                Ok(batch) if batch.run == run => {
+                    files.extend(batch.files.iter().map(|f| f.rel.lossy()));
+                }
+                // Not ours to wait for: a worker fails it, nobody publishes an outcome of it.
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "a queued job message that does not read: ignored")
+                }
+            }
+        }
+        anyhow::Ok(files)
+    })?;
+    Ok(files)
 }
 
 /// An outcome message of `run`, read; `None` (said, if it does not read) for anything else.
