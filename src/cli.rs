@@ -365,8 +365,9 @@ pub(crate) struct StatusArgs {
 #[derive(Debug, Args)]
 pub(crate) struct WorkerArgs {
     /// The NATS JetStream server (nats://HOST:4222, or tls://...; user:password@ or a token
-    /// in it if the server asks).
-    #[arg(long, value_name = "URL")]
+    /// in it if the server asks). Read from the environment when not given, which keeps a
+    /// password out of the process list (`ps` shows every user the command line).
+    #[arg(long, value_name = "URL", env = "FILEPIPE_QUEUE", hide_env_values = true)]
     pub(crate) queue: String,
     /// A root the jobs may name, and where it is mounted on this host (repeatable). Jobs for
     /// a root this worker does not map are left for other workers.

@@ -1185,10 +1185,12 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
     let host = nats.url.trim_start_matches("tls://");
     let url = format!("tls://filepipe:s3cret@{host}");
     let ca_arg = ca.to_str().unwrap();
-    // A worker and a coordinator that trust the CA and give the password.
+    // A worker and a coordinator that trust the CA and give the password; the worker reads
+    // the URL from its environment, as the systemd unit gives it.
     let failures = t.side("failures.jsonl");
-    let mut cmd = filepipe(&[s("worker"), s("--queue"), s(&url), s("--tls-ca"), s(ca_arg)]);
-    cmd.arg("--root")
+    let mut cmd = filepipe(&[s("worker"), s("--tls-ca"), s(ca_arg)]);
+    cmd.env("FILEPIPE_QUEUE", &url)
+        .arg("--root")
         .arg(format!("tree={}", t.root().display()))
         .arg("--failure-log")
         .arg(&failures)
@@ -1211,6 +1213,12 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
     .env("XDG_STATE_HOME", xdg(&t.root()));
     let sum = run(cmd).code(0).summary();
     assert_eq!(sum["done"], 40, "{sum}");
+    // Its command line, which every user can read, holds no password.
+    let cmdline = fs::read(format!("/proc/{}/cmdline", worker.id())).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("s3cret"),
+        "{cmdline:?}"
+    );
     let _ = rustix::process::kill_process(
         rustix::process::Pid::from_child(&worker),
         rustix::process::Signal::TERM,
