@@ -30,7 +30,7 @@ pub fn main() -> ExitCode {
                     creds: c.creds.clone(),
                     tls_ca: c.tls_ca.clone(),
                 };
-                (queue, name)
+                (queue, name, c.out_root_name.clone())
             });
             #[cfg(not(feature = "cluster"))]
             let queue = None;
@@ -126,7 +126,7 @@ pub fn main() -> ExitCode {
 
 /// What a batch is coordinated through, in cluster mode: the queue and the root's name.
 #[cfg(feature = "cluster")]
-type Coordinated = Option<(crate::cluster::Queue, String)>;
+type Coordinated = Option<(crate::cluster::Queue, String, Option<String>)>;
 #[cfg(not(feature = "cluster"))]
 type Coordinated = Option<std::convert::Infallible>;
 
@@ -145,7 +145,9 @@ fn run_batch(cfg: anyhow::Result<Config>, queue: Coordinated, verbosity: i8) -> 
     };
     let ran = match queue {
         #[cfg(feature = "cluster")]
-        Some((queue, root)) => crate::cluster::coordinate(&cfg, &queue, &root, &shutdown),
+        Some((queue, root, out)) => {
+            crate::cluster::coordinate(&cfg, &queue, &root, out.as_deref(), &shutdown)
+        }
         #[cfg(not(feature = "cluster"))]
         Some(never) => match never {},
         None => crate::run::batch(&cfg, &shutdown),

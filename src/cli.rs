@@ -312,6 +312,10 @@ pub(crate) struct CoordinatorArgs {
     /// own name].
     #[arg(long, value_name = "NAME", requires = "queue")]
     pub(crate) root_name: Option<String>,
+    /// Cluster mode: the name the workers know --out's directory by (their --root NAME=PATH)
+    /// [default: that directory's own name].
+    #[arg(long, value_name = "NAME", requires_all = ["queue", "out"])]
+    pub(crate) out_root_name: Option<String>,
     /// Cluster mode: a NATS credentials file (.creds).
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
@@ -367,7 +371,12 @@ pub(crate) struct WorkerArgs {
     /// The NATS JetStream server (nats://HOST:4222, or tls://...; user:password@ or a token
     /// in it if the server asks). Read from the environment when not given, which keeps a
     /// password out of the process list (`ps` shows every user the command line).
-    #[arg(long, value_name = "URL", env = "FILEPIPE_QUEUE", hide_env_values = true)]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FILEPIPE_QUEUE",
+        hide_env_values = true
+    )]
     pub(crate) queue: String,
     /// A root the jobs may name, and where it is mounted on this host (repeatable). Jobs for
     /// a root this worker does not map are left for other workers.

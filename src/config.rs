@@ -107,6 +107,8 @@ pub(crate) struct QueueTarget {
     pub(crate) tls_ca: Option<PathBuf>,
     /// The root's name (`--root-name`).
     pub(crate) root_name: String,
+    /// The output root's name (`--out-root-name`; `None`: `--out`'s own name).
+    pub(crate) out_root_name: Option<String>,
 }
 
 impl Config {
@@ -236,6 +238,7 @@ impl Config {
                 creds: c.creds.clone(),
                 tls_ca: c.tls_ca.clone(),
                 root_name,
+                out_root_name: c.out_root_name.clone(),
             });
         }
         Ok(cfg)

@@ -58,6 +58,9 @@ pub(crate) enum Kind {
     /// Named like a filepipe temp file, but nothing proves filepipe made it: neither read nor
     /// removed.
     TempName,
+    /// Cluster mode: the job's output root is not mapped on the worker that took it (its
+    /// `--root NAME=PATH`), or is mapped to a directory that overlaps the input root.
+    UnmappedRoot,
 }
 
 impl Kind {
@@ -85,13 +88,14 @@ impl Kind {
             Kind::InUse => "in-use",
             Kind::StaleTemp => "stale-temp",
             Kind::TempName => "temp-name",
+            Kind::UnmappedRoot => "unmapped-root",
         }
     }
 }
 
 impl Kind {
     /// Every kind, for `parse`.
-    const ALL: [Kind; 21] = [
+    const ALL: [Kind; 22] = [
         Kind::Vanished,
         Kind::PermissionDenied,
         Kind::Changed,
@@ -113,6 +117,7 @@ impl Kind {
         Kind::InUse,
         Kind::StaleTemp,
         Kind::TempName,
+        Kind::UnmappedRoot,
     ];
 
     /// The kind named `name` (as `as_str` writes it), for outcomes read back from a queue.

@@ -37,7 +37,14 @@ pub(crate) fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<
             creds: q.creds.clone(),
             tls_ca: q.tls_ca.clone(),
         };
-        return crate::cluster::coordinate_watch(cfg, &queue, &q.root_name, shutdown, stats);
+        return crate::cluster::coordinate_watch(
+            cfg,
+            &queue,
+            &q.root_name,
+            q.out_root_name.as_deref(),
+            shutdown,
+            stats,
+        );
     }
     let op = cfg.op.as_str();
     // Two connections: the sink writes, the watcher reads (WAL lets both proceed).

@@ -261,6 +261,11 @@ fn start_coordinator(nats: &Nats, root: &Path, extra: &[&str]) -> Started {
 
 /// Every .gz under `dir` passes the real `gzip -t`, and restores its input exactly.
 fn assert_outputs_whole(dir: &Path) -> usize {
+    assert_outputs_of(dir, dir)
+}
+
+/// Every .gz under `dir` restores its input, at the same place under `inputs`, exactly.
+fn assert_outputs_of(dir: &Path, inputs: &Path) -> usize {
     let mut n = 0;
     for e in walkdir::WalkDir::new(dir)
         .into_iter()
@@ -273,7 +278,7 @@ fn assert_outputs_whole(dir: &Path) -> usize {
         n += 1;
         let back = tool("gunzip", &[s("-c"), p.as_os_str()], dir);
         assert!(back.status.success(), "gunzip -c {}: {back:?}", p.display());
-        let input = p.with_extension("");
+        let input = inputs.join(p.strip_prefix(dir).unwrap().with_extension(""));
         assert_eq!(
             back.stdout,
             fs::read(&input).unwrap(),
@@ -1387,4 +1392,87 @@ fn zstd_through_the_queue_at_its_own_levels() {
     // Again: each output found up to date by its stamp.
     let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
     assert_eq!(sum["skipped_by_reason"]["up-to-date"], 61, "{sum}");
+}
+
+#[test]
+fn outputs_go_to_an_output_root_each_worker_maps_by_name() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(120, 0);
+    let out = t.side("archive");
+    fs::create_dir(&out).unwrap();
+    // The worker mounts the output root somewhere else than the coordinator names it: the
+    // jobs carry its name, not its path.
+    let mount = t.side("mnt-archive");
+    std::os::unix::fs::symlink(&out, &mount).unwrap();
+    let roots = [
+        format!("tree={}", t.root().display()),
+        format!("arch={}", mount.display()),
+    ];
+    let _worker = Worker::start(&nats, t.dir.path(), &roots, "2");
+    let before = listing(&t.root());
+    let args = [
+        "--op",
+        "gzip",
+        "--root-name",
+        "tree",
+        "--out",
+        out.to_str().unwrap(),
+        "--out-root-name",
+        "arch",
+    ];
+    let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(120), Some(0)),
+        "{sum}"
+    );
+    // Every output under the output root, in the tree's layout, whole; nothing beside the
+    // inputs.
+    assert_eq!(assert_outputs_of(&out, &t.root()), 120);
+    assert_eq!(listing(&t.root()), before, "the input tree changed");
+    assert!(out.join("d0/e0/f0.log.gz").is_file());
+    // A worker that does not map the output root fails the files, saying why; none is
+    // written beside its input.
+    drop(_worker);
+    let only_input = [format!("tree={}", t.root().display())];
+    let _worker = Worker::start(&nats, t.dir.path(), &only_input, "1");
+    let other = t.side("archive2");
+    fs::create_dir(&other).unwrap();
+    let args = [
+        "--op",
+        "gzip",
+        "--root-name",
+        "tree",
+        "--out",
+        other.to_str().unwrap(),
+    ];
+    let run = coordinate(&nats, &t.root(), &args);
+    let sum = run.code(1).summary();
+    assert_eq!(sum["failed"], 120, "{sum}");
+    assert!(run.stderr().contains("unmapped-root"), "{}", run.stderr());
+    assert!(run.stderr().contains("archive2"), "{}", run.stderr());
+    assert_eq!(listing(&t.root()), before, "the input tree changed");
+    assert_eq!(fs::read_dir(&other).unwrap().count(), 0);
+    // The output root's name must not be the input root's.
+    let same = coordinate(
+        &nats,
+        &t.root(),
+        &[&args[..], &["--out-root-name", "tree"]].concat(),
+    );
+    assert!(
+        same.code(2).stderr().contains("--out-root-name"),
+        "{}",
+        same.stderr()
+    );
+}
+
+/// Every path under `dir`, sorted (names only: what exists, not what it holds).
+fn listing(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.into_path())
+        .collect();
+    v.sort();
+    v
 }

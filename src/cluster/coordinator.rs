@@ -77,31 +77,54 @@ fn run_id() -> String {
     format!("{secs:x}-{:08x}", h.finish() as u32)
 }
 
-/// What a coordinator cannot do yet, or not with this name: a usage error.
-fn check(cfg: &Config, root: &str) -> Result<()> {
+/// What a coordinator cannot do yet, or not with these names: a usage error. Returns the
+/// output root's name (`out`, or `--out`'s own name), if the outputs go to one.
+fn check(cfg: &Config, root: &str, out: Option<&str>) -> Result<Option<String>> {
     if !wire::valid_name(root) {
         return Err(Unreachable(anyhow!(
             "--root-name {root:?}: a root's name is 1 to 64 of A-Z a-z 0-9 _ - (the workers map it with --root {root}=PATH)"
         ))
         .into());
     }
-    if cfg.out.is_some() || cfg.remove_source || cfg.follow_symlinks {
+    if cfg.remove_source || cfg.follow_symlinks {
         return Err(Unreachable(anyhow!(
-            "--out, --remove-source and --follow-symlinks are not available with --queue yet"
+            "--remove-source and --follow-symlinks are not available with --queue yet"
         ))
         .into());
     }
-    Ok(())
+    let Some(dir) = &cfg.out else {
+        return Ok(None);
+    };
+    let name = out.map_or_else(|| crate::config::default_root_name(dir), str::to_owned);
+    if !wire::valid_name(&name) || name == root {
+        return Err(Unreachable(anyhow!(
+            "the output root's name {name:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the input root's: give one with --out-root-name NAME (the workers map it with --root NAME=PATH)"
+        ))
+        .into());
+    }
+    Ok(Some(name))
 }
 
 /// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.
 /// The same command run again after its coordinator was killed resumes that run (see
 /// `resume`).
-pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) -> Result<Summary> {
-    check(cfg, root)?;
+pub(crate) fn run(
+    cfg: &Config,
+    queue: &Queue,
+    root: &str,
+    out: Option<&str>,
+    shutdown: &Shutdown,
+) -> Result<Summary> {
+    let out = check(cfg, root, out)?;
     // Without a state directory to keep it in (a user with no writable home), the batch runs,
     // only not resumably.
-    let runfile = match RunFile::open(crate::state::default_dir(), cfg, &queue.url, root) {
+    let runfile = match RunFile::open(
+        crate::state::default_dir(),
+        cfg,
+        &queue.url,
+        root,
+        out.as_deref(),
+    ) {
         Ok(f) => Some(f),
         Err(e) if format!("{e:#}").contains("another coordinator") => {
             return Err(Unreachable(e).into())
@@ -117,7 +140,7 @@ pub(crate) fn run(cfg: &Config, queue: &Queue, root: &str, shutdown: &Shutdown) 
     coordinate(
         cfg,
         queue,
-        root,
+        (root, out.as_deref()),
         shutdown,
         (&mut source, &mut sink),
         &stats,
@@ -132,10 +155,11 @@ pub(crate) fn watch(
     cfg: &Config,
     queue: &Queue,
     root: &str,
+    out: Option<&str>,
     shutdown: &Shutdown,
     stats: &Stats,
 ) -> Result<Summary> {
-    check(cfg, root)?;
+    let out = check(cfg, root, out)?;
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
     let op = cfg.op.as_str();
     // Two connections, as in `run::watch`: the sink writes, the watcher reads.
@@ -147,7 +171,7 @@ pub(crate) fn watch(
     coordinate(
         cfg,
         queue,
-        root,
+        (root, out.as_deref()),
         shutdown,
         (&mut source, &mut sink),
         stats,
@@ -161,7 +185,7 @@ pub(crate) fn watch(
 fn coordinate(
     cfg: &Config,
     queue: &Queue,
-    root: &str,
+    (root, out): (&str, Option<&str>),
     shutdown: &Shutdown,
     (source, sink): (&mut dyn Source, &mut (dyn Sink + Send)),
     stats: &Stats,
@@ -286,8 +310,9 @@ fn coordinate(
             .spawn_scoped(s, || {
                 let none = HashSet::new();
                 let accounted = accounted.get().unwrap_or(&none);
+                let names = (root, out);
                 let r = publish(
-                    cfg, &conn, &run, root, &job_rx, &ledger, accounted, shutdown,
+                    cfg, &conn, &run, names, &job_rx, &ledger, accounted, shutdown,
                 );
                 ledger.walked.store(true, Ordering::Release);
                 r
@@ -353,7 +378,7 @@ fn publish(
     cfg: &Config,
     conn: &Conn,
     run: &str,
-    root: &str,
+    (root, out): (&str, Option<&str>),
     jobs: &Receiver<Msg>,
     ledger: &Ledger,
     accounted: &HashSet<PathBuf>,
@@ -401,7 +426,8 @@ fn publish(
         while !rest.is_empty() {
             let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
                 serde_json::to_vec(&JobBatch {
-                    v: wire::VERSION,
+                    v: JobBatch::version(out),
+                    out: out.map(str::to_owned),
                     run: run.to_owned(),
                     root: root.to_owned(),
                     op: cfg.op,

@@ -30,7 +30,13 @@ pub(crate) struct RunFile {
 impl RunFile {
     /// Opens and locks the run file of the batch `cfg` describes, coordinated through `url`
     /// under the root name `root`, in `dir` (the state directory).
-    pub(crate) fn open(dir: PathBuf, cfg: &Config, url: &str, root: &str) -> Result<RunFile> {
+    pub(crate) fn open(
+        dir: PathBuf,
+        cfg: &Config,
+        url: &str,
+        root: &str,
+        out: Option<&str>,
+    ) -> Result<RunFile> {
         let dir = dir.join("coordinator");
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -54,6 +60,13 @@ impl RunFile {
         ] {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
+        }
+        // The output root, where there is one (a batch without keeps the key it had before).
+        if let (Some(dir), Some(name)) = (&cfg.out, out) {
+            for part in [dir.as_os_str().as_bytes(), name.as_bytes()] {
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
         }
         let key: String = h.finalize()[..8]
             .iter()

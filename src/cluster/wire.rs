@@ -197,9 +197,26 @@ pub(crate) struct JobBatch {
     pub(crate) force: bool,
     /// The files.
     pub(crate) files: Vec<WireFile>,
+    /// The output root's name (`--out`), mapped by each worker like `root`; absent: outputs
+    /// next to their inputs. A message that has one is `VERSION_OUT`, so that a worker from
+    /// before it (which would ignore the field, and write next to the inputs) refuses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) out: Option<String>,
 }
 
+/// The version of a job message that names an output root.
+pub(crate) const VERSION_OUT: u32 = 2;
+
 impl JobBatch {
+    /// The version this batch is sent as (`VERSION`, or `VERSION_OUT` with an output root).
+    pub(crate) fn version(out: Option<&str>) -> u32 {
+        if out.is_some() {
+            VERSION_OUT
+        } else {
+            VERSION
+        }
+    }
+
     /// Reads and checks a job message (files are checked one by one, later: see
     /// `WirePath::rel`).
     pub(crate) fn parse(payload: &[u8]) -> Result<JobBatch, String> {
@@ -207,11 +224,19 @@ impl JobBatch {
             return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
         }
         let b: JobBatch = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-        if b.v != VERSION {
-            return Err(format!("version {}, this worker reads {VERSION}", b.v));
+        if b.v != JobBatch::version(b.out.as_deref()) {
+            return Err(format!(
+                "version {}, this worker reads {VERSION} and {VERSION_OUT} (with an output root)",
+                b.v
+            ));
         }
         if !valid_name(&b.run) || !valid_name(&b.root) {
             return Err("a run or root name that is not a plain name".into());
+        }
+        if let Some(out) = &b.out {
+            if !valid_name(out) || *out == b.root {
+                return Err("an output root that is not a plain name other than the root".into());
+            }
         }
         // Each op's own range (gzip 1-9, zstd 1-19); a hash carries a level it does not use.
         if b.op.compresses() {

@@ -48,6 +48,8 @@ struct Key {
     op: OpKind,
     level: u32,
     force: bool,
+    /// The output root's name and where it is mounted here (`None`: next to the inputs).
+    out: Option<(String, PathBuf)>,
 }
 
 /// A running pipeline.
@@ -323,6 +325,50 @@ impl Router<'_> {
             self.ack(&m, AckKind::Term);
             return Ok(());
         };
+        // The output root, mapped here like the input root, and never overlapping it (a job
+        // message is untrusted: it must not get outputs written among the inputs).
+        let out = match &batch.out {
+            None => None,
+            Some(name) => match self.roots.get(name) {
+                Some(dir) if crate::config::check_out(&root, dir, dir).is_ok() => {
+                    Some((name.clone(), dir.clone()))
+                }
+                mapped => {
+                    let message = match mapped {
+                        None => format!(
+                            "the output root {name:?} is not mapped on this worker ({}): give it --root {name}=PATH, as every worker of root {:?} needs",
+                            self.me, batch.root
+                        ),
+                        Some(dir) => format!(
+                            "the output root {name:?} is mapped here to {}, which overlaps the input root {}",
+                            dir.display(),
+                            root.display()
+                        ),
+                    };
+                    let failed = batch
+                        .files
+                        .iter()
+                        .map(|f| {
+                            (
+                                f.rel.clone(),
+                                FileError::new(Kind::UnmappedRoot, message.clone()),
+                            )
+                        })
+                        .collect::<Vec<_>>();
+                    for (rel, e) in &failed {
+                        report::record("failed", batch.op.as_str(), &rel.lossy(), e);
+                    }
+                    match self.fail(&batch, failed) {
+                        Ok(()) => self.ack(&m, AckKind::Term),
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "could not fail a job for an output root not mapped here");
+                            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+                        }
+                    }
+                    return Ok(());
+                }
+            },
+        };
         if delivered > MAX_DELIVER {
             // Every worker that took it died or hung on it: its files fail, for good.
             let message = format!(
@@ -384,6 +430,7 @@ impl Router<'_> {
             op: batch.op,
             level: batch.level,
             force: batch.force,
+            out,
         };
         if !self.pipelines.contains_key(&key) {
             let running = self.start(&key, root)?;
@@ -455,7 +502,7 @@ impl Router<'_> {
             root: root.clone(),
             op: key.op,
             jobs: self.jobs,
-            out: None,
+            out: key.out.as_ref().map(|(_, dir)| dir.clone()),
             manifest: None,
             failure_log: None,
             level: key.level,

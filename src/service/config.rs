@@ -48,6 +48,8 @@ struct WatchEntry {
     queue: Option<Spanned<String>>,
     /// The name the workers know this root by [default: its directory's name].
     root_name: Option<Spanned<String>>,
+    /// Cluster mode: the name the workers know `out` by (default: its own name).
+    out_root_name: Option<Spanned<String>>,
     /// A NATS credentials file for `queue`.
     creds: Option<PathBuf>,
     /// CA certificates to trust for a tls:// `queue`.
@@ -324,10 +326,16 @@ pub(crate) fn load(
                     creds: w.creds.as_deref().map(resolve),
                     tls_ca: w.tls_ca.as_deref().map(resolve),
                     root_name: name,
+                    out_root_name: w.out_root_name.as_ref().map(|n| n.get_ref().clone()),
                 });
+            }
+            if let (Some(n), None) = (&w.out_root_name, &w.out) {
+                return Err(at(n.span(), &key("out_root_name"), "needs out".into()));
             }
         } else if let Some(span) = w.root_name.as_ref().map(|n| n.span()) {
             return Err(at(span, &key("root_name"), "needs queue".into()));
+        } else if let Some(span) = w.out_root_name.as_ref().map(|n| n.span()) {
+            return Err(at(span, &key("out_root_name"), "needs queue".into()));
         }
         pipelines.push(cfg);
     }
