@@ -1476,3 +1476,47 @@ fn listing(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+#[test]
+fn remove_source_through_the_queue_removes_each_input_once_its_output_is_whole() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(60, 0);
+    // A copy to compare the outputs with, and an input with a second link, which is kept.
+    let copy = t.side("copy");
+    let cp = Command::new("cp")
+        .arg("-a")
+        .arg(t.root())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    fs::hard_link(t.root().join("d0/e0/f0.log"), t.side("second-link")).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let _worker = Worker::start(&nats, t.dir.path(), &roots, "2");
+    let args = ["--op", "gzip", "--root-name", "tree", "--remove-source"];
+    let run = coordinate(&nats, &t.root(), &args);
+    let sum = run.code(0).summary();
+    assert_eq!(sum["done"], 60, "{sum}\n{}", run.stderr());
+    assert!(run.stderr().contains("hard-linked"), "{}", run.stderr());
+    // Every output whole (against the copy); every input gone but the hard-linked one.
+    assert_eq!(assert_outputs_of(&t.root(), &copy), 60);
+    let left: Vec<PathBuf> = listing(&t.root())
+        .into_iter()
+        .filter(|p| p.is_file() && p.extension() != Some(OsStr::new("gz")))
+        .collect();
+    assert_eq!(left, vec![t.root().join("d0/e0/f0.log")]);
+    // A worker told not to flush refuses to remove inputs: the files fail, all kept.
+    drop(_worker);
+    let t2 = tree(10, 0);
+    let roots = [format!("tree2={}", t2.root().display())];
+    let _worker = Worker::start_with(&nats, t2.dir.path(), &roots, "1", &["--durability", "none"]);
+    let before = listing(&t2.root());
+    let run = coordinate(
+        &nats,
+        &t2.root(),
+        &["--op", "gzip", "--root-name", "tree2", "--remove-source"],
+    );
+    assert_eq!(run.code(1).summary()["failed"], 10);
+    assert!(run.stderr().contains("durability none"), "{}", run.stderr());
+    assert_eq!(listing(&t2.root()), before);
+}

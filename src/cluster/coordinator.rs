@@ -86,9 +86,9 @@ fn check(cfg: &Config, root: &str, out: Option<&str>) -> Result<Option<String>> 
         ))
         .into());
     }
-    if cfg.remove_source || cfg.follow_symlinks {
+    if cfg.follow_symlinks {
         return Err(Unreachable(anyhow!(
-            "--remove-source and --follow-symlinks are not available with --queue yet"
+            "--follow-symlinks is not available with --queue yet"
         ))
         .into());
     }
@@ -426,8 +426,9 @@ fn publish(
         while !rest.is_empty() {
             let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
                 serde_json::to_vec(&JobBatch {
-                    v: JobBatch::version(out),
+                    v: JobBatch::version(out, cfg.remove_source),
                     out: out.map(str::to_owned),
+                    remove_source: cfg.remove_source,
                     run: run.to_owned(),
                     root: root.to_owned(),
                     op: cfg.op,

@@ -61,12 +61,16 @@ impl RunFile {
             h.update((part.len() as u64).to_le_bytes());
             h.update(part);
         }
-        // The output root, where there is one (a batch without keeps the key it had before).
+        // The output root, where there is one, and --remove-source (a batch without either
+        // keeps the key it had before they were possible).
         if let (Some(dir), Some(name)) = (&cfg.out, out) {
             for part in [dir.as_os_str().as_bytes(), name.as_bytes()] {
                 h.update((part.len() as u64).to_le_bytes());
                 h.update(part);
             }
+        }
+        if cfg.remove_source {
+            h.update(b"remove-source");
         }
         let key: String = h.finalize()[..8]
             .iter()

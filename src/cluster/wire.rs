@@ -202,15 +202,21 @@ pub(crate) struct JobBatch {
     /// before it (which would ignore the field, and write next to the inputs) refuses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) out: Option<String>,
+    /// gzip, zstd: remove each input once its output is durable (`--remove-source`). A message
+    /// with it is `VERSION_OUT` too: a worker from before it would keep the inputs.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) remove_source: bool,
 }
 
-/// The version of a job message that names an output root.
+/// The version of a job message that names an output root or asks for its inputs removed:
+/// what a worker from before them would ignore.
 pub(crate) const VERSION_OUT: u32 = 2;
 
 impl JobBatch {
-    /// The version this batch is sent as (`VERSION`, or `VERSION_OUT` with an output root).
-    pub(crate) fn version(out: Option<&str>) -> u32 {
-        if out.is_some() {
+    /// The version a batch is sent as: `VERSION`, or `VERSION_OUT` with an output root or
+    /// `remove_source`.
+    pub(crate) fn version(out: Option<&str>, remove_source: bool) -> u32 {
+        if out.is_some() || remove_source {
             VERSION_OUT
         } else {
             VERSION
@@ -224,11 +230,14 @@ impl JobBatch {
             return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
         }
         let b: JobBatch = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-        if b.v != JobBatch::version(b.out.as_deref()) {
+        if b.v != JobBatch::version(b.out.as_deref(), b.remove_source) {
             return Err(format!(
-                "version {}, this worker reads {VERSION} and {VERSION_OUT} (with an output root)",
+                "version {}, this worker reads {VERSION}, and {VERSION_OUT} with an output root or --remove-source",
                 b.v
             ));
+        }
+        if b.remove_source && !b.op.compresses() {
+            return Err(format!("remove_source with op {}", b.op.as_str()));
         }
         if !valid_name(&b.run) || !valid_name(&b.root) {
             return Err("a run or root name that is not a plain name".into());
@@ -272,7 +281,8 @@ pub(crate) struct WireOutcome {
     pub(crate) rel: WirePath,
     /// How it ended.
     pub(crate) status: WireStatus,
-    /// Skipped or failed: the reason's kind (`Kind::as_str`).
+    /// Skipped or failed: the reason's kind (`Kind::as_str`); done: its note's (an input
+    /// `--remove-source` kept), if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) kind: Option<String>,
     /// Skipped or failed: the message.
@@ -334,6 +344,9 @@ impl WireOutcome {
                 w.bytes_out = done.bytes_out;
                 w.digest = done.digest.map(Digest::to_hex);
                 w.read = done.stamp.as_ref().map(WireStamp::of);
+                if let Some(note) = &done.note {
+                    why(&mut w, WireStatus::Done, note);
+                }
             }
             Outcome::Skipped { reason, .. } => why(&mut w, WireStatus::Skipped, reason),
             Outcome::Failed { error, .. } => why(&mut w, WireStatus::Failed, error),
@@ -370,7 +383,7 @@ impl WireOutcome {
                         bytes_in: self.bytes_in,
                         bytes_out: self.bytes_out,
                         digest,
-                        note: None,
+                        note: self.kind.is_some().then(error).transpose()?,
                         stamp: None,
                     }),
                 }

@@ -50,6 +50,8 @@ struct Key {
     force: bool,
     /// The output root's name and where it is mounted here (`None`: next to the inputs).
     out: Option<(String, PathBuf)>,
+    /// Inputs removed once their outputs are durable.
+    remove_source: bool,
 }
 
 /// A running pipeline.
@@ -327,6 +329,15 @@ impl Router<'_> {
         };
         // The output root, mapped here like the input root, and never overlapping it (a job
         // message is untrusted: it must not get outputs written among the inputs).
+        if batch.remove_source && self.durability == crate::fsio::output::Durability::None {
+            // Removing inputs needs durable outputs, which this worker does not make.
+            let message = format!(
+                "--remove-source needs durable outputs, and this worker ({}) runs with --durability none",
+                self.me
+            );
+            self.refuse(&m, &batch, Kind::Io, message);
+            return Ok(());
+        }
         let out = match &batch.out {
             None => None,
             Some(name) => match self.roots.get(name) {
@@ -345,26 +356,7 @@ impl Router<'_> {
                             root.display()
                         ),
                     };
-                    let failed = batch
-                        .files
-                        .iter()
-                        .map(|f| {
-                            (
-                                f.rel.clone(),
-                                FileError::new(Kind::UnmappedRoot, message.clone()),
-                            )
-                        })
-                        .collect::<Vec<_>>();
-                    for (rel, e) in &failed {
-                        report::record("failed", batch.op.as_str(), &rel.lossy(), e);
-                    }
-                    match self.fail(&batch, failed) {
-                        Ok(()) => self.ack(&m, AckKind::Term),
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "could not fail a job for an output root not mapped here");
-                            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
-                        }
-                    }
+                    self.refuse(&m, &batch, Kind::UnmappedRoot, message);
                     return Ok(());
                 }
             },
@@ -431,6 +423,7 @@ impl Router<'_> {
             level: batch.level,
             force: batch.force,
             out,
+            remove_source: batch.remove_source,
         };
         if !self.pipelines.contains_key(&key) {
             let running = self.start(&key, root)?;
@@ -450,6 +443,26 @@ impl Router<'_> {
         p.last = Instant::now();
         self.held.insert(id, (m, key));
         Ok(())
+    }
+
+    /// Fails every file of `m` (`batch`) with `kind` and `message`, which no worker here can
+    /// do, and settles it: for good once the outcomes are stored, else for later.
+    fn refuse(&self, m: &jetstream::Message, batch: &JobBatch, kind: Kind, message: String) {
+        let failed: Vec<_> = batch
+            .files
+            .iter()
+            .map(|f| (f.rel.clone(), FileError::new(kind, message.clone())))
+            .collect();
+        for (rel, e) in &failed {
+            report::record("failed", batch.op.as_str(), &rel.lossy(), e);
+        }
+        match self.fail(batch, failed) {
+            Ok(()) => self.ack(m, AckKind::Term),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not fail a job this worker cannot do");
+                self.ack(m, AckKind::Nak(Some(NAK_DELAY)));
+            }
+        }
     }
 
     /// Publishes a failed outcome for each of `files` (of `batch`'s run), and waits for it to
@@ -509,7 +522,7 @@ impl Router<'_> {
             filter: Filter::default(),
             follow_symlinks: false,
             force: key.force,
-            remove_source: false,
+            remove_source: key.remove_source,
             durability: self.durability,
             json: false,
             quiet: true,
