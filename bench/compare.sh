@@ -457,6 +457,25 @@ if [[ -d $W/fp-zone ]]; then
     fact "check: zstd one round-trip" "$(check_zst one "$W/fp-zone")"
 fi
 
+# 4d''''. An incremental rerun (--state) over the unchanged small-file tree (50,000 files)
+# against a full run over the same tree: the rerun stats every file and reads none. The state
+# is made by one untimed run first; the rerun still writes the whole manifest, which must be
+# byte for byte the full run's.
+aside "$W/incr-state"
+"$BIN" batch small --op sha256 --state "$W/incr-state" --manifest "$W/incr.manifest" --quiet "${FP_EXTRA[@]}" || true
+bench sha_incremental "SHA-256, unchanged small-file tree: incremental rerun vs full run" -- \
+    "$FPN batch small --op sha256 --state DIR (rerun, unchanged)" base \
+    "$(printf '%q' "$BIN") batch small --op sha256 --state $W/incr-state --manifest $W/incr.manifest --quiet$FP_EXTRA_STR" \
+    "$FPN batch small --op sha256 (full run)" 5.0 \
+    "$(printf '%q' "$BIN") batch small --op sha256 --manifest $W/full.manifest --quiet$FP_EXTRA_STR" || true
+if [[ -s $W/incr.manifest && -s $W/full.manifest ]]; then
+    if cmp -s "$W/incr.manifest" "$W/full.manifest"; then
+        fact "check: incremental manifest = full run's" "OK ($(wc -l <"$W/incr.manifest") entries)"
+    else
+        fact "check: incremental manifest = full run's" "DIFFERS"
+    fi
+fi
+
 # 4e. Peak RSS on many tiny files (cache is warm: huge/ was read above).
 log "peak memory: filepipe batch huge --op sha256 (and rhash for reference)"
 NFILES_HUGE=$(find huge -type f | wc -l)

@@ -122,6 +122,14 @@ impl OpKind {
         }
     }
 
+    /// The output of `rel` for a compressing op (`rel.gz`, `rel.zst`), relative to the output
+    /// root; `None` for a hash.
+    pub(crate) fn output_name(self, rel: &std::path::Path) -> Option<PathBuf> {
+        let mut o = rel.as_os_str().to_os_string();
+        o.push(self.suffix()?);
+        Some(PathBuf::from(o))
+    }
+
     /// Whether this op compresses each file into an output of its own (and so takes `--out`,
     /// `--level`, `--force` and `--remove-source`).
     pub(crate) fn compresses(self) -> bool {
@@ -243,6 +251,15 @@ pub(crate) struct BatchArgs {
     /// gzip, zstd: delete each input once its output is synced and verified (never a hard-linked one).
     #[arg(long)]
     pub(crate) remove_source: bool,
+    /// Incremental: record each file's stamp (size, mtime, ctime, inode) and result in the
+    /// state database in DIR (watch mode's kind), and on later runs with the same DIR read only
+    /// files whose stamp changed. A file changed with its stamp kept is not seen (see --rehash).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state: Option<PathBuf>,
+    /// With --state: read every file again, ignoring the recorded stamps (and record them
+    /// afresh).
+    #[arg(long, requires = "state")]
+    pub(crate) rehash: bool,
     /// Cluster mode: publish the jobs to the NATS JetStream queue at URL (nats://HOST:4222, or
     /// tls://...) for `filepipe worker`s to process, and gather their outcomes here.
     #[cfg(feature = "cluster")]

@@ -57,6 +57,22 @@ pub(crate) struct Config {
     pub(crate) confined: bool,
     /// Watch mode settings; `None` for a one-shot batch.
     pub(crate) watch: Option<WatchSettings>,
+    /// Batch mode with `--state`: the state that spares unchanged files a read; `None`
+    /// otherwise (and always in watch mode, whose state is in `watch`).
+    pub(crate) incremental: Option<Incremental>,
+}
+
+/// An incremental batch's state (`batch --state DIR`).
+#[derive(Debug)]
+pub(crate) struct Incremental {
+    /// Where the SQLite state lives (canonical).
+    pub(crate) state_dir: PathBuf,
+    /// `--rehash`: every file is read; the stamps are recorded afresh.
+    pub(crate) rehash: bool,
+    /// The state directory, held for this process: a watch daemon or another batch on the
+    /// same state would record over this run's rows.
+    #[expect(dead_code, reason = "held, never read: dropping it releases the lock")]
+    pub(crate) lock: std::sync::Arc<crate::state::DirLock>,
 }
 
 /// The settle time when none is given.
@@ -128,10 +144,33 @@ impl Config {
             // lose both.
             bail!("--remove-source needs durable outputs: not with --durability none");
         }
+        #[cfg(feature = "cluster")]
+        if args.state.is_some() && args.queue.is_some() {
+            // The coordinator's journal on the queue is what lets a cluster run resume; a
+            // local state would have to be reconciled with it, which nothing does yet.
+            bail!(
+                "--state does not combine with --queue: an incremental run reads the files \
+                 here; run it without --queue"
+            );
+        }
         let mut cfg = Config::from_common(&args.dir, args.op, &args.common, quiet, true)?;
         cfg.follow_symlinks = args.follow_symlinks;
         cfg.force = args.force;
         cfg.remove_source = args.remove_source;
+        if let Some(dir) = &args.state {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+            let state_dir = fs::canonicalize(dir)
+                .with_context(|| format!("cannot open state directory {}", dir.display()))?;
+            let lock = crate::state::lock_dir(&state_dir)?;
+            // A state directory inside the tree is filepipe's, never an input.
+            cfg.own_files.push(state_dir.clone());
+            cfg.incremental = Some(Incremental {
+                state_dir,
+                rehash: args.rehash,
+                lock,
+            });
+        }
         Ok(cfg)
     }
 
@@ -207,6 +246,7 @@ impl Config {
             own_files,
             confined: false,
             watch: None,
+            incremental: None,
         })
     }
 

@@ -1,5 +1,6 @@
 //! The modes, assembled: each is the one pipeline with a different source and sink. Batch
-//! mode walks the tree into the manifest sink; watch mode (alone, or one per `[[watch]]` under
+//! mode walks the tree into the manifest sink (with `--state`, a walk that consults the state
+//! into a sink that records in it too); watch mode (alone, or one per `[[watch]]` under
 //! the service supervisor) watches it into the state sink. With `--queue`, a cluster's workers
 //! stand in for the local ones (`cluster`).
 
@@ -9,6 +10,7 @@ use crate::config::Config;
 use crate::pipeline;
 use crate::report::Summary;
 use crate::signals::Shutdown;
+use crate::sink::incremental::IncrementalSink;
 use crate::sink::manifest::ManifestSink;
 use crate::sink::state::StateSink;
 use crate::source::walk::Walk;
@@ -19,6 +21,15 @@ use crate::travel::Stats;
 /// Runs a batch over `cfg.root` and returns the summary once every file is accounted for.
 pub(crate) fn batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
     let stats = Stats::default();
+    if let Some(incremental) = &cfg.incremental {
+        // As in watch mode: the sink writes, the walker reads (WAL lets both proceed).
+        let op = cfg.op.as_str();
+        let state = State::open(&incremental.state_dir, &cfg.root, op)?;
+        let reader = State::reader(&incremental.state_dir, &cfg.root, op)?;
+        let mut source = Walk::incremental(cfg, shutdown, reader);
+        let mut sink = IncrementalSink::new(cfg, state);
+        return pipeline::run(cfg, shutdown, &mut source, &mut sink, &stats);
+    }
     let mut source = Walk::new(cfg, shutdown);
     let mut sink = ManifestSink::new(cfg);
     pipeline::run(cfg, shutdown, &mut source, &mut sink, &stats)

@@ -1,4 +1,5 @@
-//! Durable per-file state for watch mode, in SQLite (rusqlite, bundled).
+//! Durable per-file state for watch mode and incremental batches (`batch --state`), in SQLite
+//! (rusqlite, bundled).
 //!
 //! One row per (root, op, path), path stored as raw bytes so non-UTF-8 names survive. The
 //! reporter thread is the only writer; the watcher reads through its own connection (WAL lets
@@ -72,8 +73,9 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
             let _ = (&file).take(4096).read_to_string(&mut holder);
             let holder = holder.trim();
             bail!(
-                "the state directory {} is in use by {}: one state belongs to one daemon; stop \
-                 that one first, or give this one its own --state (state_dir)",
+                "the state directory {} is in use by {}: one state belongs to one process (a \
+                 watch daemon or an incremental batch); stop that one first, or give this one \
+                 its own --state (state_dir)",
                 dir.display(),
                 if holder.is_empty() {
                     "another filepipe"
@@ -166,20 +168,36 @@ pub(crate) struct Known {
     /// An output filepipe made for a version of it is recorded (kept through later failures
     /// and skips): the next version may replace that output.
     pub(crate) made_output: bool,
+    /// The digest as stored (a hash op's done file), only read by `Reader::recorded_under`:
+    /// an incremental batch lists it for a file it does not read again.
+    pub(crate) digest: Option<Box<[u8]>>,
 }
 
 impl Known {
     /// True if `now` needs no processing: done (or deliberately skipped) with the same stamp,
     /// or failed for good with the same stamp.
     pub(crate) fn settled(&self, now: Option<Stamp>) -> bool {
-        let same = match (self.stamp, now) {
-            (Some(a), Some(b)) => a.same_file(&b),
-            _ => false,
-        };
+        let same = self.same_stamp(now);
         match self.status {
             FileStatus::Done => same,
             FileStatus::Skipped => same || self.stamp.is_none() && now.is_none(),
             FileStatus::Failed => same && self.attempts >= MAX_ATTEMPTS && !self.in_use,
+        }
+    }
+
+    /// True if the file was done and `now` is the stamp it was done with: an incremental batch
+    /// takes its recorded result without reading it. Narrower than `settled`: a batch tries
+    /// failed files again and looks afresh at skipped ones (another `--force` may apply).
+    pub(crate) fn done_as(&self, now: Option<Stamp>) -> bool {
+        self.status == FileStatus::Done && self.same_stamp(now)
+    }
+
+    /// Whether the recorded stamp is `now` (size, mtime, ctime and inode; see
+    /// `Stamp::same_file`); never when either is unknown.
+    fn same_stamp(&self, now: Option<Stamp>) -> bool {
+        match (self.stamp, now) {
+            (Some(a), Some(b)) => a.same_file(&b),
+            _ => false,
         }
     }
 }
@@ -451,6 +469,20 @@ impl State {
         Ok(())
     }
 
+    /// Forgets exactly these files (no directory below them): an incremental batch's walk did
+    /// not find them. Exact, because a name the state knew as a file may be a directory now,
+    /// whose files this run records meanwhile.
+    pub(crate) fn remove_files(&mut self, rels: &[PathBuf]) -> Result<()> {
+        self.write_done()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM files WHERE root=?1 AND op=?2 AND path=?3")?;
+        for rel in rels {
+            stmt.execute(params![self.root, self.op, rel.as_os_str().as_bytes()])?;
+        }
+        Ok(())
+    }
+
     /// All digests of done files, sorted by path bytes, for the manifest. They are `algo`'s
     /// (the op each row is filed under says which); a digest of another length, which filepipe
     /// never wrote, is left out.
@@ -481,18 +513,35 @@ impl Reader {
     /// in one query: a scan checks each file it finds against this map instead of asking
     /// SQLite per file, and what is left in it afterwards was not found.
     pub(crate) fn known_under(&self, dir: &Path) -> Result<KnownMap> {
-        const COLUMNS: &str = "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns,
-             error, output IS NOT NULL FROM files WHERE root=?1 AND op=?2";
+        self.known(dir, false)
+    }
+
+    /// `known_under` with each done file's digest (`Known::digest`): what an incremental batch
+    /// lists for the files it does not read.
+    pub(crate) fn recorded_under(&self, dir: &Path) -> Result<KnownMap> {
+        self.known(dir, true)
+    }
+
+    fn known(&self, dir: &Path, digests: bool) -> Result<KnownMap> {
+        let digest = if digests {
+            "CASE WHEN status = 'done' THEN digest END"
+        } else {
+            "NULL"
+        };
+        let columns = format!(
+            "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns, error,
+             output IS NOT NULL, {digest} FROM files WHERE root=?1 AND op=?2"
+        );
         let d = dir.as_os_str().as_bytes();
         let map = |r: &rusqlite::Row<'_>| Ok((bytes_path(r.get(0)?), known_from_row(r, 1)?));
         // Rows under "dir/": byte strings from "dir/" up to (not including) "dir0", since '0'
         // follows '/' in ASCII; the primary key makes this a range scan.
         let (lo, hi) = ([d, b"/"].concat(), [d, b"0"].concat());
         let mut stmt = if d.is_empty() {
-            self.conn.prepare_cached(COLUMNS)?
+            self.conn.prepare_cached(&columns)?
         } else {
             self.conn
-                .prepare_cached(&format!("{COLUMNS} AND path >= ?3 AND path < ?4"))?
+                .prepare_cached(&format!("{columns} AND path >= ?3 AND path < ?4"))?
         };
         let rows = if d.is_empty() {
             stmt.query_map(params![self.root, self.op], map)?
@@ -511,7 +560,7 @@ impl Reader {
     pub(crate) fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT status, size, mtime_ns, inode, attempts, ctime_ns, error,
-                    output IS NOT NULL FROM files
+                    output IS NOT NULL, NULL FROM files
              WHERE root=?1 AND op=?2 AND path=?3",
         )?;
         let known = stmt
@@ -548,8 +597,8 @@ impl DoneRow {
 /// What the state knows, by path relative to the root.
 pub(crate) type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
 
-/// A `Known` from the columns status, size, mtime_ns, inode, attempts, ctime_ns, error
-/// starting at `first`.
+/// A `Known` from the columns status, size, mtime_ns, inode, attempts, ctime_ns, error,
+/// output IS NOT NULL, digest starting at `first`.
 fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known> {
     let size: Option<i64> = r.get(first + 1)?;
     let mtime: Option<i64> = r.get(first + 2)?;
@@ -571,6 +620,9 @@ fn known_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Known
         attempts: r.get(first + 4)?,
         in_use: error.as_deref() == Some(Kind::InUse.as_str()),
         made_output: r.get(first + 7)?,
+        digest: r
+            .get::<_, Option<Vec<u8>>>(first + 8)?
+            .map(Vec::into_boxed_slice),
     })
 }
 
@@ -744,6 +796,41 @@ mod tests {
             .lookup(Path::new("never"))
             .unwrap()
             .is_some_and(|k| k.made_output));
+    }
+
+    #[test]
+    fn a_batch_reads_digests_back_and_forgets_exactly_the_files_it_did_not_find() {
+        let (_dir, mut st, reader) = open_state();
+        let s = Stamp {
+            size: 3,
+            mtime_ns: 10,
+            ctime_ns: 11,
+            inode: 7,
+        };
+        st.begin().unwrap();
+        st.done(Path::new("a"), Some(s), None, Some(&d(1))).unwrap();
+        st.done(Path::new("a/x"), Some(s), None, Some(&d(2))).unwrap();
+        let e = FileError::new(Kind::PermissionDenied, "no");
+        st.not_done(Path::new("b"), FileStatus::Failed, Some(s), &e)
+            .unwrap();
+        st.commit().unwrap();
+        let known = reader.recorded_under(Path::new("")).unwrap();
+        let a = &known[Path::new("a")];
+        assert_eq!(a.digest.as_deref(), Some(&[1u8; 32][..]));
+        assert!(a.done_as(Some(s)));
+        assert!(!a.done_as(Some(Stamp { ctime_ns: 12, ..s })), "ctime counts");
+        assert!(!a.done_as(Some(Stamp { inode: 8, ..s })), "inode counts");
+        let b = &known[Path::new("b")];
+        assert!(!b.done_as(Some(s)) && b.digest.is_none(), "failed: tried again");
+        // Watch mode's scans do not carry digests.
+        let known = reader.known_under(Path::new("")).unwrap();
+        assert!(known[Path::new("a")].digest.is_none());
+        // "a" is gone (a directory now, say): its row goes, the rows beneath it stay.
+        st.begin().unwrap();
+        st.remove_files(&[PathBuf::from("a")]).unwrap();
+        st.commit().unwrap();
+        assert!(reader.lookup(Path::new("a")).unwrap().is_none());
+        assert!(reader.lookup(Path::new("a/x")).unwrap().is_some());
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub(crate) struct Done {
     pub(crate) note: Option<FileError>,
     /// The input's identity when it was read (set by the pipeline), for watch mode's state.
     pub(crate) stamp: Option<Stamp>,
+    /// Incremental batch: not read, because the state recorded it done with the stamp the
+    /// walk found; its digest (or output) is that earlier run's.
+    pub(crate) unchanged: bool,
 }
 
 /// One file to process.
@@ -147,6 +150,9 @@ pub(crate) enum Event {
     Finished(Vec<Outcome>),
     /// A file was deleted or moved out of the tree (watch mode).
     Removed(PathBuf),
+    /// Incremental batch: files the state knows that the complete walk did not find (deleted,
+    /// renamed, or no longer selected): exactly these paths, never what is below them.
+    Unlisted(Vec<PathBuf>),
 }
 
 /// What the reporter tells a source that listens (`source::Source::listens`) once the sink

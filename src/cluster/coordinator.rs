@@ -945,6 +945,7 @@ mod tests {
                 digest: None,
                 note: None,
                 stamp: None,
+                unchanged: false,
             }),
         }
     }

@@ -385,6 +385,7 @@ impl WireOutcome {
                         digest,
                         note: self.kind.is_some().then(error).transpose()?,
                         stamp: None,
+                        unchanged: false,
                     }),
                 }
             }

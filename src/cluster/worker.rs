@@ -530,6 +530,7 @@ impl Router<'_> {
             own_files: Vec::new(),
             confined: true,
             watch: None,
+            incremental: None,
         };
         let (tx, rx) = crossbeam_channel::unbounded();
         let settled = self.settled.0.clone();

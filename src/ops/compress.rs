@@ -850,6 +850,7 @@ impl<C: Codec> Op for CompressOp<C> {
                     digest: None,
                     note,
                     stamp: None,
+                    unchanged: false,
                 })
             })
             .collect()

@@ -127,6 +127,10 @@ pub(crate) fn run(
                 progress.refresh(stats, &summary);
                 meter.gauges(stats);
             }
+            Event::Unlisted(rels) => {
+                guard(sink.unlisted(&rels));
+                unflushed = true;
+            }
             Event::Removed(rel) => {
                 guard(sink.removed(&rel));
                 // A file waiting to be tried again that is deleted ends nowhere: not a failure.
@@ -225,6 +229,7 @@ impl Summary {
         match outcome {
             Outcome::Done { rel, done } => {
                 self.done += 1;
+                self.unchanged += u64::from(done.unchanged);
                 self.bytes_in += done.bytes_in;
                 self.bytes_out += done.bytes_out;
                 progress.bytes_done += done.bytes_in;

@@ -18,6 +18,9 @@ pub(crate) struct Summary {
     pub(crate) files: u64,
     /// Files processed and published.
     pub(crate) done: u64,
+    /// Incremental batch: of the done files, those not read because the state recorded them
+    /// done with the stamp they have (their results are that earlier run's).
+    pub(crate) unchanged: u64,
     /// Files deliberately left alone.
     pub(crate) skipped: u64,
     /// Files that could not be processed.
@@ -70,8 +73,13 @@ impl Summary {
         if cfg.quiet {
             return Ok(());
         }
+        let unchanged = if cfg.incremental.is_some() {
+            format!(" ({} unchanged)", self.unchanged)
+        } else {
+            String::new()
+        };
         let mut line = format!(
-            "filepipe {}: {} files: {} done, {} skipped, {} failed",
+            "filepipe {}: {} files: {} done{unchanged}, {} skipped, {} failed",
             self.op, self.files, self.done, self.skipped, self.failed
         );
         let reasons = |m: &BTreeMap<&str, u64>| {

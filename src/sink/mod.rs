@@ -1,6 +1,7 @@
 //! Sinks: where outcomes are recorded beyond the counts. Batch mode's is the manifest
-//! (`manifest`), watch mode's the SQLite state with its manifest (`state`); a cluster
-//! coordinator's would be the queue's outcome stream.
+//! (`manifest`), or with `--state` the manifest and the SQLite state (`incremental`); watch
+//! mode's the SQLite state with its manifest (`state`); a cluster coordinator's would be the
+//! queue's outcome stream.
 //!
 //! The reporter thread is a sink's only caller. It hands each outcome to `outcome`, which says
 //! whether the file ends there, then calls `flush` once per batch of outcomes (or at most every
@@ -11,12 +12,13 @@
 //! be remote and slow: the reporter keeps counting and draining while it works, and an error
 //! from any call stops the run (after the drain), with the summary of what was done.
 
+pub(crate) mod incremental;
 pub(crate) mod manifest;
 #[cfg(feature = "cluster")]
 pub(crate) mod queue;
 pub(crate) mod state;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -33,7 +35,7 @@ pub(crate) enum Disposition {
 }
 
 /// What the reporter does with outcomes beyond counting them. Called only from the reporter
-/// thread, in this order: `outcome` and `removed` any number of times, `flush` after each
+/// thread, in this order: `outcome`, `removed` and `unlisted` any number of times, `flush` after each
 /// batch of them, `tick` a few times a second, `finish` once at the end.
 pub(crate) trait Sink {
     /// Records one outcome (before it is counted); says whether it ends its file.
@@ -41,6 +43,11 @@ pub(crate) trait Sink {
     /// A file, or a directory and everything under it, was deleted or moved out of the tree
     /// (watch mode).
     fn removed(&mut self, _rel: &Path) -> Result<()> {
+        Ok(())
+    }
+    /// An incremental batch's complete walk did not find these files, which the state knows:
+    /// exactly these paths (one may be a directory now, whose files are recorded meanwhile).
+    fn unlisted(&mut self, _rels: &[PathBuf]) -> Result<()> {
         Ok(())
     }
     /// Makes what was recorded since the last flush durable: once this returns, the source

@@ -6,24 +6,16 @@
 //! growing delay, until its attempts run out; a skipped or failed file is recorded with its
 //! stamp, so a rescan leaves it alone until it changes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::Kind;
 use crate::sink::{manifest, Disposition, Sink};
 use crate::state::{self, State};
 use crate::travel::{Outcome, Stamp};
-
-/// The output of `rel` for a compressing op (`rel.gz`, `rel.zst`); `None` for a hash.
-pub(crate) fn output_name(op: OpKind, rel: &Path) -> Option<PathBuf> {
-    let mut o = rel.as_os_str().to_os_string();
-    o.push(op.suffix()?);
-    Some(PathBuf::from(o))
-}
 
 /// Whether the sink keeps a manifest: a hash with `--manifest`.
 fn keeps_manifest(cfg: &Config) -> bool {
@@ -133,7 +125,7 @@ impl Sink for StateSink<'_> {
                 None
             }
             Outcome::Done { rel, done } => {
-                let output = output_name(self.cfg.op, rel);
+                let output = self.cfg.op.output_name(rel);
                 self.state
                     .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
                 if done.digest.is_some() {
@@ -148,7 +140,7 @@ impl Sink for StateSink<'_> {
             // change of the file replaces that output as filepipe's own.
             Outcome::Skipped { rel, reason } if reason.kind == Kind::UpToDate => {
                 let stamp = Stamp::of(&self.cfg.root.join(rel));
-                let output = output_name(self.cfg.op, rel);
+                let output = self.cfg.op.output_name(rel);
                 self.state.done(rel, stamp, output.as_deref(), None)?;
                 None
             }

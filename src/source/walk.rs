@@ -19,7 +19,8 @@ use crate::fsio::input::describe;
 use crate::fsio::output::{self, TempFound};
 use crate::signals::Shutdown;
 use crate::source::{Outlet, Source};
-use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stamp, Stats};
+use crate::state::{Known, KnownMap, Reader};
+use crate::travel::{BatchFill, Digest, Done, Event, Job, Msg, Outcome, Stamp, Stats};
 
 /// At most this many directories are held open by a walk (see `scan`).
 const DIR_FDS: usize = 16;
@@ -40,42 +41,137 @@ pub(crate) enum Found {
 pub(crate) struct Walk<'a> {
     cfg: &'a Config,
     shutdown: &'a Shutdown,
+    /// An incremental batch's state, read (the sink writes it through its own connection).
+    state: Option<Reader>,
 }
 
 impl<'a> Walk<'a> {
     /// A walk of `cfg.root` that stops early when `shutdown` is requested.
     pub(crate) fn new(cfg: &'a Config, shutdown: &'a Shutdown) -> Self {
-        Walk { cfg, shutdown }
+        Walk {
+            cfg,
+            shutdown,
+            state: None,
+        }
+    }
+
+    /// The same walk for an incremental batch (`cfg.incremental`): a file the state recorded
+    /// done with the stamp the walk finds is reported done from the state, without a read.
+    pub(crate) fn incremental(cfg: &'a Config, shutdown: &'a Shutdown, state: Reader) -> Self {
+        Walk {
+            state: Some(state),
+            ..Walk::new(cfg, shutdown)
+        }
     }
 }
 
 impl Source for Walk<'_> {
     fn run(&mut self, out: Outlet<'_>) -> anyhow::Result<()> {
-        walk(self.cfg, out.jobs, out.events, out.stats, self.shutdown);
-        Ok(())
+        walk(self.cfg, &out, self.shutdown, self.state.as_ref())
     }
 }
 
+/// Outcomes of unchanged files travel to the reporter this many at a time.
+const UNCHANGED_BATCH: usize = 256;
+
 /// Walks `cfg.root`, sending a `Job` per regular file and an outcome for everything it skips,
-/// until the tree is exhausted or a shutdown is requested.
+/// until the tree is exhausted or a shutdown is requested. With a `state`, a file recorded
+/// done with the stamp it has now is reported done at once, from the state (its digest, or its
+/// output in place), and never opened; once the whole tree is walked, the files the state knew
+/// and the walk did not find leave it (`Event::Unlisted`), as watch mode's scan forgets them.
 fn walk(
     cfg: &Config,
-    jobs: &Sender<Msg>,
-    events: &Sender<Event>,
-    stats: &Stats,
+    out: &Outlet<'_>,
     shutdown: &Shutdown,
-) {
+    state: Option<&Reader>,
+) -> anyhow::Result<()> {
+    let (jobs, events, stats) = (out.jobs, out.events, out.stats);
     clean_own_dirs(cfg, stats);
+    // One query for the whole tree; each entry found is taken out, so what is left was not.
+    let mut known = match state {
+        Some(reader) => reader.recorded_under(Path::new(""))?,
+        None => KnownMap::default(),
+    };
     let mut batch = Batch::default();
-    scan(cfg, &cfg.root, stats, shutdown, &mut |found| match found {
-        Found::File(job, stamp) => batch.add(job, stamp.map_or(0, |s| s.size), jobs),
-        Found::Dir(_) => true,
-        Found::Report(outcome) => {
-            stats.reported.fetch_add(1, Ordering::Relaxed);
-            events.send(Event::Finished(vec![outcome])).is_ok()
-        }
+    let mut unchanged: Vec<Outcome> = Vec::new();
+    let send_unchanged = |list: &mut Vec<Outcome>| {
+        list.is_empty() || events.send(Event::Finished(std::mem::take(list))).is_ok()
+    };
+    let mut complete = true;
+    scan(cfg, &cfg.root, stats, shutdown, &mut |found| {
+        let sent = match found {
+            Found::File(job, stamp) => {
+                let was = known.remove(&job.rel);
+                match was.and_then(|k| recorded_result(cfg, &k, &job.rel, stamp)) {
+                    Some(done) => {
+                        // Not read: its bytes are no part of this run's work.
+                        stats
+                            .bytes
+                            .fetch_sub(stamp.map_or(0, |s| s.size), Ordering::Relaxed);
+                        unchanged.push(Outcome::Done {
+                            rel: job.rel,
+                            done: Box::new(done),
+                        });
+                        unchanged.len() < UNCHANGED_BATCH || send_unchanged(&mut unchanged)
+                    }
+                    None => batch.add(job, stamp.map_or(0, |s| s.size), jobs),
+                }
+            }
+            Found::Dir(_) => true,
+            Found::Report(outcome) => {
+                known.remove(outcome.rel());
+                stats.reported.fetch_add(1, Ordering::Relaxed);
+                events.send(Event::Finished(vec![outcome])).is_ok()
+            }
+        };
+        complete &= sent;
+        sent
     });
     batch.flush(jobs);
+    send_unchanged(&mut unchanged);
+    // Only a walk of the whole tree tells what is gone: an interrupted one leaves the state be.
+    if state.is_some() && complete && !shutdown.requested() && !known.is_empty() {
+        let _ = events.send(Event::Unlisted(known.into_keys().collect()));
+    }
+    Ok(())
+}
+
+/// What an incremental batch reports for a file the state knew as `known`, found now with
+/// `stamp`, without reading it: `None` unless it was done with that very stamp (and not
+/// `--rehash`). A hash's digest comes from the state. A compressing op's file is unchanged only
+/// while its output is still in place, a regular file dated as the input, as the op's own
+/// up-to-date test has it (an output deleted or replaced since has the file compressed again);
+/// with `--force` (redo everything) or `--remove-source` (an input still here is one whose
+/// removal is still to be done) every file goes to the workers.
+fn recorded_result(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> Option<Done> {
+    let incremental = cfg.incremental.as_ref()?;
+    if incremental.rehash || !known.done_as(stamp) {
+        return None;
+    }
+    let digest = match cfg.op.hash() {
+        Some(algo) => Some(Digest::new(algo, known.digest.as_deref()?)?),
+        None => {
+            if cfg.force || cfg.remove_source {
+                return None;
+            }
+            let output = cfg.out_root().join(cfg.op.output_name(rel)?);
+            let st = rustix::fs::lstat(&output).ok()?;
+            let ours = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::RegularFile
+                && st.st_size > 0
+                && Stamp::from_stat(&st).mtime_ns == stamp?.mtime_ns;
+            if !ours {
+                return None;
+            }
+            None
+        }
+    };
+    Some(Done {
+        digest,
+        stamp,
+        unchanged: true,
+        ..Done::default()
+    })
 }
 
 /// Removes stale temps under a separate output root and in the manifest's directory: the walk

@@ -1,0 +1,119 @@
+//! An incremental batch's sink (`batch --state`): each outcome recorded in the SQLite state, as
+//! watch mode's sink records it, and the manifest written as any batch writes it
+//! (`ManifestSink`), from this run's outcomes: files read now and files the walk found
+//! unchanged alike, so it lists exactly what a full run over the same tree would.
+//!
+//! Invariants: every outcome is final (a batch does not wait to retry: the next run tries a
+//! failed file again); an unchanged file's row is left as it is (nothing was learnt about it);
+//! the state is committed at each of the reporter's flushes, so an interrupted run keeps what
+//! it did, and only a complete walk removes the rows of files it did not find.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::config::Config;
+use crate::error::Kind;
+use crate::sink::manifest::ManifestSink;
+use crate::sink::{Disposition, Sink};
+use crate::state::{FileStatus, State};
+use crate::travel::{Outcome, Stamp};
+
+/// Records outcomes in the state and collects the manifest.
+pub(crate) struct IncrementalSink<'a> {
+    cfg: &'a Config,
+    state: State,
+    manifest: ManifestSink<'a>,
+    in_transaction: bool,
+}
+
+impl<'a> IncrementalSink<'a> {
+    /// A sink recording into `state` (opened for `cfg`'s root and op).
+    pub(crate) fn new(cfg: &'a Config, state: State) -> Self {
+        IncrementalSink {
+            cfg,
+            state,
+            manifest: ManifestSink::new(cfg),
+            in_transaction: false,
+        }
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        if !self.in_transaction {
+            self.state.begin()?;
+            self.in_transaction = true;
+        }
+        Ok(())
+    }
+
+    /// The stamp `rel` has now, for a file that was not read (skipped or failed): the next
+    /// run compares with it only to count attempts, never to skip a file that was not done.
+    fn stamp_now(&self, rel: &Path) -> Option<Stamp> {
+        Stamp::of(&self.cfg.root.join(rel))
+    }
+
+    fn record(&mut self, outcome: &Outcome) -> Result<()> {
+        match outcome {
+            // Its row already says all there is: rewriting it would cost a write per file of
+            // the tree, which is what an incremental run is meant not to spend.
+            Outcome::Done { done, .. } if done.unchanged => {}
+            Outcome::Done { rel, done } => {
+                let output = self.cfg.op.output_name(rel);
+                self.state
+                    .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
+            }
+            // Deleted after the walk saw it: gone from the state as from the tree.
+            Outcome::Failed { rel, error: e } | Outcome::Skipped { rel, reason: e }
+                if e.kind == Kind::Vanished =>
+            {
+                self.state.remove_files(std::slice::from_ref(rel))?;
+            }
+            // Not started because of a shutdown: left as it was, for the next run.
+            Outcome::Skipped { reason, .. } if reason.kind == Kind::Interrupted => {}
+            // Its output is already in place (an earlier run without --state, or one stopped
+            // between the publish and the commit): done, as watch mode's sink records it, so the
+            // next run finds it unchanged while that output stays in place.
+            Outcome::Skipped { rel, reason } if reason.kind == Kind::UpToDate => {
+                let output = self.cfg.op.output_name(rel);
+                let stamp = self.stamp_now(rel);
+                self.state.done(rel, stamp, output.as_deref(), None)?;
+            }
+            Outcome::Skipped { rel, reason } => {
+                let stamp = self.stamp_now(rel);
+                self.state
+                    .not_done(rel, FileStatus::Skipped, stamp, reason)?;
+            }
+            Outcome::Failed { rel, error } => {
+                let stamp = self.stamp_now(rel);
+                self.state.not_done(rel, FileStatus::Failed, stamp, error)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sink for IncrementalSink<'_> {
+    fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
+        self.begin()?;
+        self.record(outcome)?;
+        self.manifest.outcome(outcome)
+    }
+
+    fn unlisted(&mut self, rels: &[PathBuf]) -> Result<()> {
+        self.begin()?;
+        self.state.remove_files(rels)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.in_transaction {
+            self.state.commit()?;
+            self.in_transaction = false;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.flush()?;
+        self.manifest.finish()
+    }
+}

@@ -1,0 +1,340 @@
+//! Incremental batch runs (`batch --state DIR`): a rerun reads only the files whose stamp
+//! (size, mtime, ctime, inode) changed, and still writes the manifest a full run writes.
+//! Checked against strace's record of every open and with `sha256sum -c`.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use common::strace::{have_strace, parse_strace, tree, Call};
+use common::*;
+
+/// `filepipe batch ROOT --op OP --state STATE --json ARGS`.
+fn batch(t: &TestTree, op: &str, args: &[&OsStr]) -> Command {
+    let mut cmd = filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new(op),
+        OsStr::new("--state"),
+        t.side("state").as_os_str(),
+        OsStr::new("--json"),
+    ]);
+    cmd.args(args);
+    cmd
+}
+
+/// The same, run under `strace -f` tracing every way to open a file: its run and the opens.
+fn traced(cmd: &Command) -> (Run, Vec<Call>) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-y", "-s", "300", "-o"])
+        .arg(log.path())
+        .args(["-e", "trace=open,openat,openat2,creat"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_remove("RUST_LOG");
+    let out = run(st);
+    let text = fs::read_to_string(log.path()).unwrap();
+    (out, parse_strace(&text))
+}
+
+/// Whether `call` opened a file whose path (or name beneath a directory descriptor) ends with
+/// `/name` or is `name`: file names in these trees are unique.
+fn opens(call: &Call, name: &str) -> bool {
+    let path = call.arg(1);
+    let path = path.trim_matches('"');
+    path == name || path.ends_with(&format!("/{name}"))
+}
+
+/// The files of `calls` among `names` that were opened.
+fn opened<'a>(calls: &[Call], names: &'a [String]) -> Vec<&'a String> {
+    names
+        .iter()
+        .filter(|n| calls.iter().any(|c| opens(c, n)))
+        .collect()
+}
+
+fn manifest_of(t: &TestTree, name: &str) -> Vec<u8> {
+    fs::read(t.side(name)).unwrap()
+}
+
+/// A full, stateless run's manifest of the tree as it is now.
+fn fresh_manifest(t: &TestTree, op: &str) -> Vec<u8> {
+    let out = t.side("fresh.sums");
+    run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new(op),
+        OsStr::new("--manifest"),
+        out.as_os_str(),
+    ]))
+    .success();
+    fs::read(out).unwrap()
+}
+
+/// `sha256sum -c MANIFEST` run from the root passes.
+fn sha256sum_check(t: &TestTree, manifest: &Path) {
+    let out = tool(
+        "sha256sum",
+        &[
+            OsStr::new("-c"),
+            OsStr::new("--quiet"),
+            manifest.as_os_str(),
+        ],
+        &t.root(),
+    );
+    assert!(
+        out.status.success(),
+        "sha256sum -c: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Rewrites `path` with other bytes of the same length and puts its mtime back: only its
+/// ctime tells (`cp -p` over it, or a `touch -d` back-dating, does the same).
+fn rewrite_keeping_size_and_mtime(path: &Path) {
+    let meta = fs::metadata(path).unwrap();
+    let mut bytes = fs::read(path).unwrap();
+    bytes[0] ^= 0x55;
+    fs::write(path, &bytes).unwrap();
+    let f = fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(meta.modified().unwrap()).unwrap();
+    drop(f);
+    let now = fs::metadata(path).unwrap();
+    assert_eq!(
+        (now.len(), now.modified().unwrap()),
+        (meta.len(), meta.modified().unwrap())
+    );
+}
+
+#[test]
+fn an_incremental_rerun_reads_no_unchanged_file_and_writes_the_full_runs_manifest() {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    let n = 60;
+    let t = tree(n);
+    let names: Vec<String> = (0..n).map(|i| format!("f{i}.h")).collect();
+    let sums = t.side("SHA256SUMS");
+    let first = run(batch(
+        &t,
+        "sha256",
+        &[OsStr::new("--manifest"), sums.as_os_str()],
+    ));
+    let s = first.success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["unchanged"].as_u64()),
+        (Some(n), Some(0))
+    );
+
+    // Untouched, a rerun opens none of them, and lists them all as the first run did.
+    let (again, calls) = traced(&batch(
+        &t,
+        "sha256",
+        &[OsStr::new("--manifest"), sums.as_os_str()],
+    ));
+    let s = again.success().summary();
+    assert!(
+        opened(&calls, &names).is_empty(),
+        "unchanged files were opened: {:?}",
+        opened(&calls, &names)
+    );
+    assert_eq!(
+        (s["done"].as_u64(), s["unchanged"].as_u64()),
+        (Some(n), Some(n))
+    );
+    assert_eq!(s["bytes_in"].as_u64(), Some(0));
+    assert_eq!(manifest_of(&t, "SHA256SUMS"), fresh_manifest(&t, "sha256"));
+
+    // One changed with only its ctime telling, one rewritten with a new size, one deleted,
+    // one new: the rerun opens exactly the changed and the new.
+    let dir_of = |i: usize| format!("d{}", i % 3);
+    let changed = t.path(format!("{}/{}", dir_of(7), names[7]));
+    rewrite_keeping_size_and_mtime(&changed);
+    fs::write(t.path(format!("{}/{}", dir_of(8), names[8])), b"longer now").unwrap();
+    fs::remove_file(t.path(format!("{}/{}", dir_of(9), names[9]))).unwrap();
+    fs::write(t.path("d0/new.h"), b"a new file\n").unwrap();
+    let (third, calls) = traced(&batch(
+        &t,
+        "sha256",
+        &[OsStr::new("--manifest"), sums.as_os_str()],
+    ));
+    let s = third.success().summary();
+    assert_eq!(s["files"].as_u64(), Some(n));
+    assert_eq!(s["done"].as_u64(), Some(n));
+    assert_eq!(s["unchanged"].as_u64(), Some(n - 3));
+    let mut all = names.clone();
+    all.push("new.h".into());
+    let read: Vec<&String> = opened(&calls, &all);
+    assert_eq!(read, [&names[7], &names[8], &"new.h".to_string()]);
+    let manifest = manifest_of(&t, "SHA256SUMS");
+    assert_eq!(manifest, fresh_manifest(&t, "sha256"));
+    assert!(!String::from_utf8_lossy(&manifest).contains(&names[9]));
+    sha256sum_check(&t, &sums);
+
+    // The deleted file left the state as well: one row per file of the tree.
+    let status = run(filepipe(&[
+        OsStr::new("status"),
+        OsStr::new("--state"),
+        t.side("state").as_os_str(),
+    ]));
+    let status = status.success().stdout();
+    assert!(
+        status.ends_with(&format!("\tsha256\tdone\t{n}\n")),
+        "{status}"
+    );
+
+    // --rehash reads them all again, and finds the same.
+    let (rehashed, calls) = traced(&batch(
+        &t,
+        "sha256",
+        &[
+            OsStr::new("--manifest"),
+            sums.as_os_str(),
+            OsStr::new("--rehash"),
+        ],
+    ));
+    let s = rehashed.success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["unchanged"].as_u64()),
+        (Some(n), Some(0))
+    );
+    assert_eq!(opened(&calls, &all).len(), n as usize);
+    assert_eq!(manifest_of(&t, "SHA256SUMS"), manifest);
+}
+
+#[test]
+fn the_manifest_of_a_rerun_is_complete_for_every_hash_and_names_that_need_escaping() {
+    let t = TestTree::new()
+        .file("plain", b"plain\n")
+        .file("with\nnewline", b"newline\n")
+        .file("back\\slash", b"backslash\n")
+        .file(b"non-utf8-\xff", b"bytes\n")
+        .file("sub/-dash", b"dash\n");
+    for op in ["sha256", "sha512", "blake3"] {
+        let sums = t.side(&format!("{op}.sums"));
+        let args = [OsStr::new("--manifest"), sums.as_os_str()];
+        run(batch(&t, op, &args)).context(op).success();
+        let s = run(batch(&t, op, &args)).context(op).success().summary();
+        assert_eq!(s["unchanged"].as_u64(), Some(5), "{op}");
+        assert_eq!(fs::read(&sums).unwrap(), fresh_manifest(&t, op), "{op}");
+    }
+    sha256sum_check(&t, &t.side("sha256.sums"));
+}
+
+#[test]
+fn a_file_that_failed_is_tried_again_by_the_next_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestTree::new()
+        .file("ok", b"readable\n")
+        .file("locked", b"not yet\n");
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    t.open_to_all();
+    let locked = t.path("locked");
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let sums = t.side("SUMS");
+    let as_nobody = || {
+        let mut cmd = unprivileged();
+        cmd.arg("batch")
+            .arg(t.root())
+            .args(["--op", "sha256", "--json", "--state"])
+            .arg(&state)
+            .arg("--manifest")
+            .arg(&sums);
+        cmd
+    };
+    let s = run(as_nobody()).code(1).summary();
+    assert_eq!(s["failed_by_reason"]["permission-denied"].as_u64(), Some(1));
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o644)).unwrap();
+    let s = run(as_nobody()).success().summary();
+    assert_eq!(
+        (
+            s["done"].as_u64(),
+            s["unchanged"].as_u64(),
+            s["failed"].as_u64()
+        ),
+        (Some(2), Some(1), Some(0))
+    );
+    sha256sum_check(&t, &sums);
+}
+
+#[test]
+fn gzip_skips_unchanged_files_without_opening_them_while_their_outputs_are_in_place() {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    let t = tree(12);
+    let out = t.side("out");
+    let args = [OsStr::new("--out"), out.as_os_str()];
+    run(batch(&t, "gzip", &args)).success();
+    let names: Vec<String> = (0..12).map(|i| format!("f{i}.h")).collect();
+    // An output the user deleted is made again; the others are left unopened.
+    fs::remove_file(out.join("d1/f1.h.gz")).unwrap();
+    let (again, calls) = traced(&batch(&t, "gzip", &args));
+    let s = again.success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["unchanged"].as_u64()),
+        (Some(12), Some(11))
+    );
+    assert_eq!(opened(&calls, &names), [&names[1]]);
+    let gz: Vec<String> = names.iter().map(|n| format!("{n}.gz")).collect();
+    // Nor their outputs: the state and a stat of each name vouch for them.
+    assert!(opened(&calls, &gz).is_empty(), "{:?}", opened(&calls, &gz));
+    let test = tool(
+        "gzip",
+        &[OsStr::new("-t"), OsStr::new("-r"), out.as_os_str()],
+        t.dir.path(),
+    );
+    assert!(test.status.success());
+    // --force redoes every one, as without --state.
+    let forced = [OsStr::new("--out"), out.as_os_str(), OsStr::new("--force")];
+    let s = run(batch(&t, "gzip", &forced)).success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["unchanged"].as_u64()),
+        (Some(12), Some(0))
+    );
+}
+
+#[test]
+fn a_state_is_used_by_one_process_at_a_time_and_not_with_a_queue() {
+    let t = tree(3);
+    let d = Daemon::ready(&t, &["--op", "sha256"]);
+    let r = run(batch(&t, "sha256", &[]));
+    assert!(
+        r.code(2).stderr().contains("is in use by"),
+        "{}",
+        r.stderr()
+    );
+    d.wait_idle(3);
+    d.stop().success();
+    run(batch(&t, "sha256", &[])).success();
+    let r = run(batch(
+        &t,
+        "sha256",
+        &[OsStr::new("--queue"), OsStr::new("nats://127.0.0.1:1")],
+    ));
+    assert!(
+        r.code(2)
+            .stderr()
+            .contains("--state does not combine with --queue"),
+        "{}",
+        r.stderr()
+    );
+    // --rehash means nothing without a state.
+    run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--rehash"),
+    ]))
+    .code(2);
+}
