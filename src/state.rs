@@ -809,7 +809,8 @@ mod tests {
         };
         st.begin().unwrap();
         st.done(Path::new("a"), Some(s), None, Some(&d(1))).unwrap();
-        st.done(Path::new("a/x"), Some(s), None, Some(&d(2))).unwrap();
+        st.done(Path::new("a/x"), Some(s), None, Some(&d(2)))
+            .unwrap();
         let e = FileError::new(Kind::PermissionDenied, "no");
         st.not_done(Path::new("b"), FileStatus::Failed, Some(s), &e)
             .unwrap();
@@ -818,10 +819,16 @@ mod tests {
         let a = &known[Path::new("a")];
         assert_eq!(a.digest.as_deref(), Some(&[1u8; 32][..]));
         assert!(a.done_as(Some(s)));
-        assert!(!a.done_as(Some(Stamp { ctime_ns: 12, ..s })), "ctime counts");
+        assert!(
+            !a.done_as(Some(Stamp { ctime_ns: 12, ..s })),
+            "ctime counts"
+        );
         assert!(!a.done_as(Some(Stamp { inode: 8, ..s })), "inode counts");
         let b = &known[Path::new("b")];
-        assert!(!b.done_as(Some(s)) && b.digest.is_none(), "failed: tried again");
+        assert!(
+            !b.done_as(Some(s)) && b.digest.is_none(),
+            "failed: tried again"
+        );
         // Watch mode's scans do not carry digests.
         let known = reader.known_under(Path::new("")).unwrap();
         assert!(known[Path::new("a")].digest.is_none());
