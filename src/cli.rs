@@ -131,7 +131,7 @@ impl OpKind {
     }
 
     /// Whether this op compresses each file into an output of its own (and so takes `--out`,
-    /// `--level`, `--force` and `--remove-source`).
+    /// `--level`, `--force`, `--remove-source` and `--move-source`).
     pub(crate) fn compresses(self) -> bool {
         self.suffix().is_some()
     }
@@ -227,6 +227,19 @@ pub(crate) struct PipelineArgs {
     /// group].
     #[arg(long, value_enum, value_name = "MODE")]
     pub(crate) durability: Option<crate::fsio::output::Durability>,
+    /// gzip, zstd: move each input, once its output is synced and verified (as --remove-source
+    /// requires), to the same relative path under DIR; never over a file there: a clash takes
+    /// a numbered name (a.log -> a.1.log). Across file systems it is copied, synced and
+    /// compared before the input goes. Hard-linked or changed inputs are kept. DIR must be
+    /// outside the tree (and outside --out).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) move_source: Option<PathBuf>,
+    /// Move each input that failed for good (unreadable, or named too long for its output) to
+    /// the same relative path under DIR, as --move-source moves; its failure log line says
+    /// where it went. Inputs that failed for a passing reason (changed while read, disk full,
+    /// an I/O error) stay to be tried again. DIR must be outside the tree.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) move_failed: Option<PathBuf>,
 }
 
 /// Arguments of `filepipe batch`.
@@ -249,7 +262,7 @@ pub(crate) struct BatchArgs {
     #[arg(long)]
     pub(crate) force: bool,
     /// gzip, zstd: delete each input once its output is synced and verified (never a hard-linked one).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "move_source")]
     pub(crate) remove_source: bool,
     /// Incremental: record each file's stamp (size, mtime, ctime, inode) and result in the
     /// state database in DIR (watch mode's kind), and on later runs with the same DIR read only

@@ -42,6 +42,11 @@ pub(crate) struct Config {
     pub(crate) force: bool,
     /// Delete inputs after their output is synced and verified.
     pub(crate) remove_source: bool,
+    /// gzip, zstd: move inputs under this directory (canonical, outside the root) after their
+    /// output is synced and verified, as `remove_source` would delete them.
+    pub(crate) move_source: Option<PathBuf>,
+    /// Move inputs that failed for good under this directory (canonical, outside the root).
+    pub(crate) move_failed: Option<PathBuf>,
     /// How outputs (and the manifest) are flushed before they count as published.
     pub(crate) durability: Durability,
     /// Print the summary as JSON.
@@ -197,6 +202,16 @@ impl Config {
         let level = op
             .level(args.level)
             .map_err(|e| anyhow::anyhow!("--level {e}"))?;
+        // Checked before anything is created (--out included): a refusal leaves no directory.
+        let out_given = args.out.as_deref().map(absolute);
+        for (given, flag) in [
+            (&args.move_source, "--move-source"),
+            (&args.move_failed, "--move-failed"),
+        ] {
+            if let Some(given) = given {
+                check_aside(&root, out_given.as_deref(), flag, given, &absolute(given))?;
+            }
+        }
         let out = match &args.out {
             Some(out) => {
                 // Checked before anything is created: a refused --out leaves no directory.
@@ -217,6 +232,37 @@ impl Config {
             }
             None => None,
         };
+        if args.move_source.is_some() {
+            if !op.compresses() {
+                // A manifest lists each file by its path in the tree: `sha256sum -c` run from
+                // the root would no longer find a file moved away.
+                bail!(
+                    "--move-source only applies to --op gzip or zstd: a manifest names each file \
+                     by its path in the tree, which a move would break (move the files once the \
+                     manifest is written)"
+                );
+            }
+            if args.durability == Some(Durability::None) {
+                // Moving an input whose output may be in memory only: a machine crash could
+                // leave the output empty and the input gone from the tree.
+                bail!("--move-source needs durable outputs: not with --durability none");
+            }
+        }
+        let move_dir = |given: &Option<PathBuf>, flag: &str| -> Result<Option<PathBuf>> {
+            let Some(given) = given else { return Ok(None) };
+            // Checked again once it exists (a symlink may have appeared).
+            if !create {
+                return Ok(Some(absolute(given)));
+            }
+            fs::create_dir_all(given)
+                .with_context(|| format!("cannot create {flag} directory {}", given.display()))?;
+            let made = fs::canonicalize(given)
+                .with_context(|| format!("cannot open {flag} directory {}", given.display()))?;
+            check_aside(&root, out.as_deref(), flag, given, &made)?;
+            Ok(Some(made))
+        };
+        let move_source = move_dir(&args.move_source, "--move-source")?;
+        let move_failed = move_dir(&args.move_failed, "--move-failed")?;
         let manifest = args.manifest.as_deref().map(absolute_file).transpose()?;
         if let Some(m) = &manifest {
             check_manifest(m)?;
@@ -239,6 +285,8 @@ impl Config {
             follow_symlinks: false,
             force: false,
             remove_source: false,
+            move_source,
+            move_failed,
             durability: args.durability.unwrap_or_default(),
             json: args.json,
             quiet,
@@ -341,6 +389,37 @@ pub(crate) fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
         given.display(),
         root.display()
     )
+}
+
+/// Refuses a `--move-source` or `--move-failed` directory (`given`, resolved as `dir`) that
+/// overlaps the input root or the output root: moved files would be seen again as inputs (a
+/// walk, a watch) or mixed with outputs.
+pub(crate) fn check_aside(
+    root: &Path,
+    out: Option<&Path>,
+    flag: &str,
+    given: &Path,
+    dir: &Path,
+) -> Result<()> {
+    for (tree, what) in [(Some(root), "input directory"), (out, "--out directory")] {
+        let Some(tree) = tree else { continue };
+        let how = if dir == tree {
+            "is the"
+        } else if tree.starts_with(dir) {
+            "encloses the"
+        } else if dir.starts_with(tree) {
+            "is inside the"
+        } else {
+            continue;
+        };
+        bail!(
+            "{flag} {} {how} {what} {}: moved files would be seen again or mixed with outputs; \
+             choose a directory outside it",
+            given.display(),
+            tree.display()
+        );
+    }
+    Ok(())
 }
 
 /// One worker per CPU, up to `MAX_JOBS`.

@@ -86,9 +86,10 @@ fn check(cfg: &Config, root: &str, out: Option<&str>) -> Result<Option<String>> 
         ))
         .into());
     }
-    if cfg.follow_symlinks {
+    if cfg.move_source.is_some() || cfg.move_failed.is_some() || cfg.follow_symlinks {
         return Err(Unreachable(anyhow!(
-            "--follow-symlinks is not available with --queue yet"
+            "--move-source, --move-failed and --follow-symlinks are not available with --queue \
+             yet"
         ))
         .into());
     }

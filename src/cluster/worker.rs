@@ -523,6 +523,8 @@ impl Router<'_> {
             follow_symlinks: false,
             force: key.force,
             remove_source: key.remove_source,
+            move_source: None,
+            move_failed: None,
             durability: self.durability,
             json: false,
             quiet: true,

@@ -1,7 +1,8 @@
 //! The file system beneath the roots: how inputs are opened (`input`), how outputs are made
-//! and published durably (`output`), and the locks that prove a temp's or a state
+//! and published durably (`output`), how inputs are moved aside (`aside`), and the locks that prove a temp's or a state
 //! directory's owner alive (`lock`). Every op, sink and source reaches files through these.
 
+pub(crate) mod aside;
 pub(crate) mod input;
 pub(crate) mod lock;
 pub(crate) mod output;

@@ -1,7 +1,7 @@
 //! The compressing operations (gzip, zstd): `name` → `name.gz` or `name.zst`, next to the input
 //! or mirrored under `--out`. What is the same for every format lives here, once: the checks
 //! before the work, the temp, the group publish with its durability, the no-clobber link, the
-//! adoption of an output already in place, `--remove-source`. A format is a `Codec`: its
+//! adoption of an output already in place, `--remove-source` and `--move-source`. A format is a `Codec`: its
 //! encoder, its decoder, and how it knows an output of its own (`ops::gzip`, `ops::zstd`).
 //!
 //! Invariants: inputs are never modified; an existing output is only replaced with `--force`;
@@ -9,8 +9,9 @@
 //! name with the op's own suffix never when outputs go next to the inputs (`x.gz.gz`); an
 //! up-to-date output (same mtime as its input, which filepipe copies on publish, and for a
 //! codec that marks its outputs, its mark for this input) is skipped;
-//! `--remove-source` unlinks an input only after its output was published, synced and
-//! decompressed back to the same length and CRC, and never when the input has other hard links.
+//! `--remove-source` unlinks an input (`--move-source` moves it aside, see `fsio::aside`) only
+//! after its output was published, synced and decompressed back to the same length and CRC,
+//! and never when the input has other hard links or changed since it was read.
 //! Outputs are published in groups (group commit) that share the file system's flushes; a file
 //! of a group is done only once its data, attributes and name are all durable.
 
@@ -29,6 +30,7 @@ use rustix::io::Errno;
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
+use crate::fsio::aside::Aside;
 use crate::fsio::input::{InputFile, Root};
 use crate::fsio::output::{self, Attrs, Dir, DirCache, Durability, TempOutput, WriteBehind};
 use crate::ops::{Done, Op};
@@ -103,19 +105,30 @@ pub(crate) struct CompressOp<C: Codec> {
     /// The format, its level and its threads.
     codec: C,
     force: bool,
-    remove_source: bool,
+    /// What becomes of an input once its output is durable and verified; `None`: it stays.
+    dispose: Option<Dispose>,
     /// How outputs are flushed before they are reported published.
     durability: Durability,
     root: PathBuf,
     out_root: PathBuf,
     mirrored: bool,
-    /// The input root, for `--remove-source` to reach an input's directory beneath it without
+    /// The input root, for `--remove-source` and `--move-source` to reach an input's directory
+    /// beneath it without
     /// following symlinks (see `input::Root`); `None` with `--follow-symlinks` (the directory
     /// is then reached by path).
     root_fd: Option<Root>,
     /// Tests: the file whose publish panics, as a bug would.
     #[cfg(test)]
     panic_on: Option<PathBuf>,
+}
+
+/// What becomes of an input once its output is durable and verified.
+#[derive(Debug)]
+enum Dispose {
+    /// `--remove-source`: unlinked.
+    Remove,
+    /// `--move-source DIR`: moved to its relative path under DIR.
+    Move(Aside),
 }
 
 /// Per-worker state.
@@ -181,22 +194,33 @@ enum Step {
 impl<C: Codec> CompressOp<C> {
     /// Builds the operation from the config.
     pub(crate) fn new(cfg: &Config) -> anyhow::Result<Self> {
+        let dispose = match (&cfg.move_source, cfg.remove_source) {
+            (Some(dir), _) => Some(Dispose::Move(Aside::new(dir))),
+            (None, true) => Some(Dispose::Remove),
+            (None, false) => None,
+        };
         Ok(CompressOp {
             codec: C::new(cfg)?,
             force: cfg.force,
-            remove_source: cfg.remove_source,
-            durability: cfg.durability,
-            root: cfg.root.clone(),
-            out_root: cfg.out_root().to_path_buf(),
-            mirrored: cfg.out.is_some(),
-            root_fd: if cfg.remove_source && !cfg.follow_symlinks {
+            root_fd: if dispose.is_some() && !cfg.follow_symlinks {
                 Some(Root::new(&cfg.root).context("opening the input root")?)
             } else {
                 None
             },
+            dispose,
+            durability: cfg.durability,
+            root: cfg.root.clone(),
+            out_root: cfg.out_root().to_path_buf(),
+            mirrored: cfg.out.is_some(),
             #[cfg(test)]
             panic_on: None,
         })
+    }
+
+    /// Whether inputs go once their outputs are durable (removed or moved): then every output
+    /// is verified first, and one already in place is checked before it stands for its input.
+    fn disposes(&self) -> bool {
+        self.dispose.is_some()
     }
 
     /// The outputs' suffix (`.gz`, `.zst`).
@@ -270,15 +294,25 @@ impl<C: Codec> CompressOp<C> {
         Ok(())
     }
 
-    /// Unlinks the input after a verified publish, unless that would lose data. Called only
-    /// once the output is durable, so whatever stops the removal leaves the file done with its
-    /// input kept and the reason as a note (`"status":"kept"` in the failure log): an input
-    /// directory that can no longer be reached beneath the root, an input that changed or
-    /// gained a link, or an unlink the file system refuses. Only a failed sync of the directory
-    /// after the unlink is an error: the input is gone, but its removal may not survive a crash.
-    fn remove_source(&self, job: &Job, input: &InputFile) -> Result<Option<FileError>, FileError> {
+    /// Unlinks the input (`--remove-source`) or moves it aside (`--move-source`) after a
+    /// verified publish, unless that would lose data. Called only once the output is durable,
+    /// so whatever stops it leaves the file done with its input kept and the reason as a note
+    /// (`"status":"kept"` in the failure log): an input directory that can no longer be reached
+    /// beneath the root, an input that changed or gained a link, or an unlink or a move the
+    /// file system refuses. Only a failed sync of a directory after the input's name went is
+    /// an error: the removal or the move may not survive a crash.
+    fn dispose_of(
+        &self,
+        dispose: &Dispose,
+        job: &Job,
+        input: &InputFile,
+    ) -> Result<Option<FileError>, FileError> {
+        let verb = match dispose {
+            Dispose::Remove => "removed",
+            Dispose::Move(_) => "moved",
+        };
         let kept = |e: FileError| FileError {
-            message: format!("input not removed: {}", e.message),
+            message: format!("input not {verb}: {}", e.message),
             ..e
         };
         // Renamed or deleted by someone else after it was read: nothing left to remove under
@@ -286,7 +320,7 @@ impl<C: Codec> CompressOp<C> {
         let moved_away = || {
             FileError::new(
                 Kind::Vanished,
-                "input not removed: it was moved or deleted after it was compressed",
+                format!("input not {verb}: it was moved or deleted after it was compressed"),
             )
         };
         let st = &input.stat;
@@ -312,7 +346,7 @@ impl<C: Codec> CompressOp<C> {
                 return Ok(Some(match root.symlink_in(&job.rel) {
                     Some(what) => FileError::new(
                         Kind::Symlink,
-                        format!("input not removed: {what} (not followed)"),
+                        format!("input not {verb}: {what} (not followed)"),
                     ),
                     None => kept(FileError::errno("opening its directory", e)),
                 }));
@@ -347,14 +381,25 @@ impl<C: Codec> CompressOp<C> {
                 "input kept: it changed after it was compressed",
             )));
         }
-        match rfs::unlinkat(&dir_fd, name, AtFlags::empty()) {
-            Ok(()) => {}
-            Err(Errno::NOENT) => return Ok(Some(moved_away())),
-            Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
-        }
         let dir = Dir::new(dir_fd, parent.to_path_buf());
-        output::sync_dir(&dir)?;
-        Ok(None)
+        match dispose {
+            Dispose::Remove => {
+                match rfs::unlinkat(&dir.fd, name, AtFlags::empty()) {
+                    Ok(()) => {}
+                    Err(Errno::NOENT) => return Ok(Some(moved_away())),
+                    Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
+                }
+                output::sync_dir(&dir)?;
+                Ok(None)
+            }
+            Dispose::Move(aside) => match aside.move_input(&dir, name, &job.rel, st, &self.root)? {
+                Ok(to) => {
+                    tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved");
+                    Ok(None)
+                }
+                Err(note) => Ok(Some(note)),
+            },
+        }
     }
 }
 
@@ -387,7 +432,7 @@ impl<C: Codec> CompressOp<C> {
         }
     }
 
-    /// The first step of publishing a fresh output: checks it (with `--remove-source`), gives
+    /// The first step of publishing a fresh output: checks it (when inputs go), gives
     /// it the input's attributes and (`--durability file`) starts its write-back. An output
     /// already in place (see `adopt`) is checked against the input instead, and opened to be
     /// synced.
@@ -399,7 +444,7 @@ impl<C: Codec> CompressOp<C> {
         }
         let mut temp = match pending.output {
             Output::Temp(temp) => temp,
-            // Adopted (--remove-source): still the very file that was compared, under the name.
+            // Adopted (inputs go): still the very file that was compared, under the name.
             Output::InPlace(file) => {
                 still_named(&pending.dir, &name, &file)?;
                 return Ok(Step::InPlace(file));
@@ -407,7 +452,7 @@ impl<C: Codec> CompressOp<C> {
         };
         // Checked while still a temp: an output that does not decompress back to the input
         // never gets a final name, so a rerun cannot mistake it for an up-to-date one.
-        if self.remove_source {
+        if self.disposes() {
             self.verify_output(temp.contents(), &pending.totals)?;
         }
         temp.set_attrs(&name, &Attrs::from_stat(&input.stat))?;
@@ -434,7 +479,7 @@ impl<C: Codec> CompressOp<C> {
             Err(e) if e.kind == Kind::OutputExists => {
                 match same_content(synced.dir(), synced.file(), &name) {
                     // Its input may go only if nobody else can change it afterwards.
-                    Ok(Some(file)) if self.remove_source => {
+                    Ok(Some(file)) if self.disposes() => {
                         trusted(&file, input, synced.dir(), &name)?;
                         Ok(Step::InPlace(file))
                     }
@@ -451,8 +496,8 @@ impl<C: Codec> CompressOp<C> {
         // The synced temp, if the rename failed, is unlinked as it drops here.
     }
 
-    /// `--remove-source` with an up-to-date output in place (a run stopped between its
-    /// publish and the unlink): the output may stand for the input only if it decompresses to
+    /// `--remove-source` or `--move-source` with an up-to-date output in place (a run stopped
+    /// between its publish and the unlink or the move): the output may stand for the input only if it decompresses to
     /// exactly the input's bytes (compared byte for byte: a CRC can be forged) and nobody but
     /// the input's owner (or filepipe) can change it afterwards.
     fn adopt(
@@ -668,9 +713,10 @@ impl<C: Codec> Op for CompressOp<C> {
             // Watch mode, our own output of an earlier version of a file that changed with its
             // mtime put back (cp -p): dated right, but stale. Redone, replacing it.
             Existing::UpToDate(_) if job.replace => Ok(None),
-            // With --remove-source an up-to-date output is checked and the input removed, as
-            // for a fresh one: a run stopped between the publish and the unlink is finished.
-            Existing::UpToDate(_) if self.remove_source => Ok(None),
+            // With --remove-source (--move-source) an up-to-date output is checked and the
+            // input removed (moved), as for a fresh one: a run stopped between the publish
+            // and the unlink (the move) is finished.
+            Existing::UpToDate(_) if self.disposes() => Ok(None),
             Existing::UpToDate(_) => {
                 Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
             }
@@ -694,7 +740,7 @@ impl<C: Codec> Op for CompressOp<C> {
         scratch: &mut Self::Scratch,
     ) -> Result<Pending, FileError> {
         let dir = self.out_dir(job, scratch)?;
-        if self.remove_source && !self.force && !job.replace {
+        if self.disposes() && !self.force && !job.replace {
             let name = Self::out_name(job)?;
             if let Existing::UpToDate(_) = self.existing(&dir, &name, input)? {
                 return self.adopt(input, dir, &name, scratch);
@@ -740,7 +786,7 @@ impl<C: Codec> Op for CompressOp<C> {
     /// A file is `Ok` only after its data, attributes and directory entry are durable (as far
     /// as `--durability` asks), and only then may its input be removed. A panic in one file's
     /// step fails that file alone: before the rename its temp is removed as the panic unwinds;
-    /// after it (rename or `--remove-source`) the output stays published, perhaps its input
+    /// after it (rename, `--remove-source` or `--move-source`) the output stays published, perhaps its input
     /// removed, yet the file is reported failed, which errs on the side of redoing it.
     fn publish_group(
         &self,
@@ -833,16 +879,15 @@ impl<C: Codec> Op for CompressOp<C> {
                 dirs_synced.next().unwrap_or_else(|| {
                     Err(FileError::new(Kind::Internal, "a directory sync was lost"))
                 })?;
-                if matches!(step, Step::InPlace(_)) && !self.remove_source {
+                if matches!(step, Step::InPlace(_)) && !self.disposes() {
                     return Err(FileError::new(
                         Kind::UpToDate,
                         "an identical output was published meanwhile (by another filepipe?)",
                     ));
                 }
-                let note = if self.remove_source {
-                    FileError::guard(|| self.remove_source(job, input))?
-                } else {
-                    None
+                let note = match &self.dispose {
+                    Some(dispose) => FileError::guard(|| self.dispose_of(dispose, job, input))?,
+                    None => None,
                 };
                 Ok(Done {
                     bytes_in: totals.bytes_in,
@@ -909,7 +954,7 @@ mod tests {
         GzipOp {
             codec: Gzip::with_level(6),
             force: false,
-            remove_source,
+            dispose: remove_source.then_some(Dispose::Remove),
             durability: Durability::Group,
             root: root.clone(),
             out_root: tmp.path().join("out"),
@@ -1067,6 +1112,54 @@ mod tests {
             } else {
                 assert_eq!(result.as_ref().unwrap().note, None, "{rel}");
                 assert!(!input.exists(), "{rel} must be removed");
+                assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            }
+        }
+    }
+
+    #[test]
+    fn move_source_moves_only_inputs_unchanged_since_they_were_read() {
+        let files = files();
+        let mut g = group(&files, false, &["y/c.log.gz"]);
+        let done = g.tmp.path().join("done");
+        std::fs::create_dir(&done).unwrap();
+        g.op.dispose = Some(Dispose::Move(Aside::new(&done)));
+        g.op.root_fd = Some(Root::new(&g.op.root).unwrap());
+        // Rewritten after it was read (same size, its mtime put back, as `cp -p` would): only
+        // its ctime tells, and it must stay.
+        let (changed, _) = &files[0];
+        let input = g.tmp.path().join("in").join(changed);
+        let mtime = std::fs::metadata(&input).unwrap().modified().unwrap();
+        let mut bytes = std::fs::read(&input).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&input, &bytes).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&input)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let results = g.publish();
+        for ((rel, data), result) in files.iter().zip(&results) {
+            let input = g.tmp.path().join("in").join(rel);
+            if rel == changed {
+                let note = result.as_ref().unwrap().note.clone().unwrap();
+                assert_eq!(note.kind, Kind::Changed, "{note:?}");
+                assert!(note.message.contains("input kept"), "{note:?}");
+                assert!(
+                    input.exists() && !done.join(rel).exists(),
+                    "{rel} must stay"
+                );
+            } else if *rel == "y/c.log" {
+                assert_eq!(result.as_ref().unwrap_err().kind, Kind::OutputExists);
+                assert!(
+                    input.exists() && !done.join(rel).exists(),
+                    "{rel} must stay"
+                );
+            } else {
+                assert_eq!(result.as_ref().unwrap().note, None, "{rel}");
+                assert!(!input.exists(), "{rel} must be moved");
+                assert_eq!(&std::fs::read(done.join(rel)).unwrap(), data, "{rel}");
                 assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
             }
         }

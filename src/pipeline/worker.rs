@@ -11,7 +11,11 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::Config;
 use crate::error::{FileError, Kind};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+
+use crate::fsio::aside::Aside;
 use crate::fsio::input::{self, InputFile, NotRegular, OpenError};
+use crate::fsio::output::Dir;
 use crate::ops::Op;
 use crate::pipeline::publish::{guarded, not_done, publish_guarded, Ready};
 use crate::signals::Shutdown;
@@ -162,6 +166,11 @@ pub(crate) fn prepare<O: Op>(
                 reason: FileError::new(Kind::Vanished, "deleted before it was processed"),
             });
         }
+        // Unreadable: no retry mends it (`--move-failed` moves it aside).
+        Err(OpenError::Failed(e)) if e.kind == Kind::PermissionDenied => {
+            let e = set_aside(cfg, root, &job, e);
+            return Err(failed(job, e));
+        }
         Err(OpenError::Failed(e)) => return Err(failed(job, e)),
     };
     if job
@@ -200,6 +209,11 @@ pub(crate) fn prepare<O: Op>(
                 reason,
             })
         }
+        // Named too long for its output: no retry mends it either.
+        Err(e) if e.kind == Kind::NameTooLong => {
+            let e = set_aside(cfg, root, &job, e);
+            return Err(failed(job, e));
+        }
         Err(e) => return Err(failed(job, e)),
     }
     let mut attempt = 1;
@@ -233,6 +247,58 @@ pub(crate) fn prepare<O: Op>(
                 }
             }
         }
+    }
+}
+
+/// `--move-failed DIR`: moves an input that failed for good (`error`) to its relative path
+/// under DIR, as `--move-source` moves one (`fsio::aside`), and says in the error where it
+/// went, or why it stayed. Only a regular file with one link, reached beneath the root without
+/// following a symlink, is moved. Without `--move-failed`, `error` as it is.
+fn set_aside(cfg: &Config, root: Option<&input::Root>, job: &Job, error: FileError) -> FileError {
+    let Some(dir) = &cfg.move_failed else {
+        return error;
+    };
+    let note = |what: String| FileError {
+        message: format!("{}; {what}", error.message),
+        ..error.clone()
+    };
+    let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
+    let parent = job.abs.parent().unwrap_or(Path::new("/"));
+    let opened = match root {
+        Some(root) => root.open_dir(rel_dir),
+        None => rfs::open(
+            parent,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        ),
+    };
+    let fd = match opened {
+        Ok(fd) => fd,
+        Err(e) => return note(format!("not moved aside: opening its directory: {e}")),
+    };
+    let name = job.rel.file_name().unwrap_or_default();
+    let st = match rfs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(e) => return note(format!("not moved aside: stat: {e}")),
+    };
+    if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
+        return note("not moved aside: no longer a regular file".into());
+    }
+    if st.st_nlink > 1 {
+        return note(format!(
+            "not moved aside: it has {} hard links",
+            st.st_nlink
+        ));
+    }
+    let src = Dir::new(fd, parent.to_path_buf());
+    match Aside::new(dir).move_input(&src, name, &job.rel, &st, &cfg.root) {
+        Ok(Ok(to)) => note(format!("input moved to {}", to.display())),
+        Ok(Err(why)) => note(why.message),
+        Err(e) => note(format!(
+            "input moved under {}, but {} (the move may not survive a crash)",
+            dir.display(),
+            e.message
+        )),
     }
 }
 

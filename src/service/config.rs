@@ -44,6 +44,10 @@ struct WatchEntry {
     exclude: Vec<String>,
     settle_ms: Option<Spanned<u64>>,
     poll_secs: Option<Spanned<u64>>,
+    /// gzip, zstd: move each input here once its output is durable and verified.
+    move_source: Option<Spanned<PathBuf>>,
+    /// Move each input that failed for good here.
+    move_failed: Option<Spanned<PathBuf>>,
     /// Cluster mode: settled files go to this NATS JetStream queue's workers.
     queue: Option<Spanned<String>>,
     /// The name the workers know this root by [default: its directory's name].
@@ -87,8 +91,16 @@ impl Overrides {
     /// The overrides in `filepipe watch --config FILE [flags]`; per-tree flags make no sense
     /// for several trees and are refused.
     pub(crate) fn from_args(args: &WatchArgs) -> Result<Overrides> {
-        if args.common.out.is_some() || args.common.manifest.is_some() {
-            bail!("with --config, give --out and --manifest per [[watch]] in the file");
+        let c = &args.common;
+        if c.out.is_some()
+            || c.manifest.is_some()
+            || c.move_source.is_some()
+            || c.move_failed.is_some()
+        {
+            bail!(
+                "with --config, give --out, --manifest, --move-source and --move-failed per \
+                 [[watch]] in the file (out, manifest, move_source, move_failed)"
+            );
         }
         Ok(Overrides {
             jobs: args.common.jobs,
@@ -253,6 +265,11 @@ pub(crate) fn load(
                 !w.op.compresses(),
                 w.level.as_ref().map(|l| l.span()),
             ),
+            (
+                "move_source",
+                !w.op.compresses(),
+                w.move_source.as_ref().map(|m| m.span()),
+            ),
         ];
         for (k, wrong, span) in misplaced {
             if let (true, Some(span)) = (wrong, span) {
@@ -266,15 +283,20 @@ pub(crate) fn load(
                 .map_err(|e| at(l.span(), &key("level"), e))?;
         }
         let level = w.level.as_ref().map(|l| *l.get_ref());
-        if let Some(out) = &w.out {
-            let abs = absolute(&resolve(out.get_ref()));
+        for (k, dir) in [
+            ("out", &w.out),
+            ("move_source", &w.move_source),
+            ("move_failed", &w.move_failed),
+        ] {
+            let Some(dir) = dir else { continue };
+            let abs = absolute(&resolve(dir.get_ref()));
             if let Some((other, _)) = roots.iter().find(|(r, _)| abs.starts_with(r)) {
                 let msg = format!(
-                    "{} is inside the watched tree {}: outputs would be watched as inputs",
+                    "{} is inside the watched tree {}: its files would be watched as inputs",
                     abs.display(),
                     other.display()
                 );
-                return Err(at(out.span(), &key("out"), msg));
+                return Err(at(dir.span(), &key(k), msg));
             }
         }
         let args = PipelineArgs {
@@ -287,6 +309,8 @@ pub(crate) fn load(
             exclude: [&w.exclude[..], &overrides.exclude[..]].concat(),
             json: overrides.json,
             durability: overrides.durability.or(file.durability),
+            move_source: w.move_source.as_ref().map(|m| resolve(m.get_ref())),
+            move_failed: w.move_failed.as_ref().map(|m| resolve(m.get_ref())),
         };
         let settle = overrides
             .settle
@@ -339,16 +363,23 @@ pub(crate) fn load(
         }
         pipelines.push(cfg);
     }
-    // An output root inside a watch root listed later is just as bad.
+    // An output root or a move directory inside a watch root listed later is just as bad.
     for (i, (w, cfg)) in file.watch.iter().zip(&pipelines).enumerate() {
-        if let (Some(out), Some(span)) = (&cfg.out, w.out.as_ref().map(|o| o.span())) {
-            if let Some((other, _)) = roots.iter().find(|(r, _)| out.starts_with(r)) {
-                let msg = format!(
-                    "{} is inside the watched tree {}",
-                    out.display(),
-                    other.display()
-                );
-                return Err(at(span, &format!("watch[{i}].out"), msg));
+        let dirs = [
+            ("out", &cfg.out, &w.out),
+            ("move_source", &cfg.move_source, &w.move_source),
+            ("move_failed", &cfg.move_failed, &w.move_failed),
+        ];
+        for (k, dir, given) in dirs {
+            if let (Some(dir), Some(span)) = (dir, given.as_ref().map(|o| o.span())) {
+                if let Some((other, _)) = roots.iter().find(|(r, _)| dir.starts_with(r)) {
+                    let msg = format!(
+                        "{} is inside the watched tree {}",
+                        dir.display(),
+                        other.display()
+                    );
+                    return Err(at(span, &format!("watch[{i}].{k}"), msg));
+                }
             }
         }
     }

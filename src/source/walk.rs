@@ -261,8 +261,8 @@ fn walk<'s>(
 /// `--rehash`). A hash's digest comes from the state. A compressing op's file is unchanged only
 /// while its output is still in place, a regular file dated as the input, as the op's own
 /// up-to-date test has it (an output deleted or replaced since has the file compressed again);
-/// with `--force` (redo everything) or `--remove-source` (an input still here is one whose
-/// removal is still to be done) every file goes to the workers.
+/// with `--force` (redo everything), `--remove-source` or `--move-source` (an input still
+/// here is one whose removal or move is still to be done) every file goes to the workers.
 fn recorded_result(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> Option<Done> {
     let incremental = cfg.incremental.as_ref()?;
     if incremental.rehash || !known.done_as(stamp) {
@@ -271,7 +271,7 @@ fn recorded_result(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>
     let digest = match cfg.op.hash() {
         Some(algo) => Some(Digest::new(algo, known.digest.as_deref()?)?),
         None => {
-            if cfg.force || cfg.remove_source {
+            if cfg.force || cfg.remove_source || cfg.move_source.is_some() {
                 return None;
             }
             let output = cfg.out_root().join(cfg.op.output_name(rel)?);

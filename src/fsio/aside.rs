@@ -1,0 +1,427 @@
+//! Moving an input aside (`--move-source DIR`, `--move-failed DIR`): the input `rel` goes to
+//! `DIR/rel`, never over an existing file (a clash takes a numbered name, see `numbered`).
+//!
+//! Invariants: the input is never lost. On one file system it is renamed (`renameat2` with
+//! `RENAME_NOREPLACE`, or a link then an unlink where the file system lacks that flag); across
+//! file systems it is copied to a temp in the destination, synced, compared with the input
+//! byte for byte, given its name without clobbering, and only then unlinked. Destination
+//! directories are made and opened beneath DIR without following symlinks (`DirCache`). Both
+//! directories are synced before a move counts as done. Whatever stops a move before the
+//! input's name is gone leaves the input where it was.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use crate::error::{FileError, Kind};
+use crate::fsio::output::{self, Attrs, Dir, DirCache, TempOutput, NAME_MAX};
+
+/// Most numbered names tried for one file before the move is given up (the input kept): a
+/// done directory holding that many copies of one name wants a look by its operator.
+const MAX_NUMBERED: u32 = 9_999;
+
+/// Where a move went, or why the input stayed.
+pub(crate) type Moved = Result<PathBuf, FileError>;
+
+/// A directory inputs are moved to, mirroring their tree.
+#[derive(Debug)]
+pub(crate) struct Aside {
+    /// The directory (canonical, made by `Config`).
+    root: PathBuf,
+}
+
+impl Aside {
+    /// Moves to `root`.
+    pub(crate) fn new(root: &Path) -> Aside {
+        Aside {
+            root: root.to_path_buf(),
+        }
+    }
+
+    /// Moves `name` in `src` (the input `rel` of the tree at `input_root`) to `rel` under this
+    /// directory. The caller has just checked that the name leads to `read`, the file it means
+    /// (same inode, size and times, one link); across file systems the copy is made from that
+    /// file only, opened and checked again. `Ok(Ok(path))`: moved there, both directories
+    /// synced. `Ok(Err(why))`: not moved, the input still in place (perhaps with a verified
+    /// copy in DIR, which `why` names). `Err`: the input's name is gone and the file is under
+    /// DIR, but syncing a directory failed, so a crash could still undo the move.
+    pub(crate) fn move_input(
+        &self,
+        src: &Dir,
+        name: &OsStr,
+        rel: &Path,
+        read: &rfs::Stat,
+        input_root: &Path,
+    ) -> Result<Moved, FileError> {
+        let not_moved = |e: FileError| FileError {
+            message: format!("input not moved: {}", e.message),
+            ..e
+        };
+        let rel_dir = rel.parent().unwrap_or(Path::new(""));
+        // New directories take their input directory's permissions, as under --out.
+        let mode_of = |r: &Path| {
+            let mode = std::fs::symlink_metadata(input_root.join(r)).map_or(0o700, |m| m.mode());
+            Mode::from_raw_mode((mode & 0o777) | 0o700)
+        };
+        let dest = match DirCache::new(&self.root, true).open(rel_dir, &mode_of) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(not_moved(e))),
+        };
+        for n in 0..=MAX_NUMBERED {
+            let Some(to) = numbered(name, n) else {
+                return Ok(Err(name_too_long(name, n)));
+            };
+            match rfs::renameat_with(&src.fd, name, &dest.fd, &to, RenameFlags::NOREPLACE) {
+                Ok(()) => {}
+                Err(Errno::EXIST) => continue,
+                // The file system has no RENAME_NOREPLACE (some NFS and FUSE file systems):
+                // a link is no-clobber by nature, and the input's name goes once it stands.
+                Err(Errno::INVAL) => return self.move_by_link(src, name, &dest, read),
+                Err(Errno::XDEV) => return self.copy_across(src, name, &dest, read),
+                Err(Errno::NOENT) => return Ok(Err(moved_away())),
+                Err(e) => {
+                    let what = format!("moving it to {}", dest.path.join(&to).display());
+                    return Ok(Err(not_moved(FileError::errno(&what, e))));
+                }
+            }
+            let path = dest.path.join(&to);
+            output::sync_dir(&dest)?;
+            output::sync_dir(src)?;
+            return Ok(Ok(path));
+        }
+        Ok(Err(too_many(&dest, name)))
+    }
+
+    /// The move by `link` then `unlink`, where `RENAME_NOREPLACE` is not supported.
+    fn move_by_link(
+        &self,
+        src: &Dir,
+        name: &OsStr,
+        dest: &Arc<Dir>,
+        read: &rfs::Stat,
+    ) -> Result<Moved, FileError> {
+        for n in 0..=MAX_NUMBERED {
+            let Some(to) = numbered(name, n) else {
+                return Ok(Err(name_too_long(name, n)));
+            };
+            match rfs::linkat(&src.fd, name, &dest.fd, &to, AtFlags::empty()) {
+                Ok(()) => {}
+                Err(Errno::EXIST) => continue,
+                Err(Errno::XDEV) => return self.copy_across(src, name, dest, read),
+                Err(Errno::NOENT) => return Ok(Err(moved_away())),
+                Err(e) => {
+                    let what = format!("linking it as {}", dest.path.join(&to).display());
+                    let e = FileError::errno(&what, e);
+                    return Ok(Err(FileError {
+                        message: format!("input not moved: {}", e.message),
+                        ..e
+                    }));
+                }
+            }
+            let path = dest.path.join(&to);
+            output::sync_dir(dest)?;
+            return finish_by_unlink(src, name, read, Second::Link, path);
+        }
+        Ok(Err(too_many(dest, name)))
+    }
+
+    /// The move across file systems: copy, sync, compare, name (no-clobber), sync, unlink.
+    fn copy_across(
+        &self,
+        src: &Dir,
+        name: &OsStr,
+        dest: &Arc<Dir>,
+        read: &rfs::Stat,
+    ) -> Result<Moved, FileError> {
+        let kept = |e: FileError| FileError {
+            message: format!("input not moved: {}", e.message),
+            ..e
+        };
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let input = match rfs::openat(&src.fd, name, flags, Mode::empty()) {
+            Ok(fd) => File::from(fd),
+            Err(Errno::NOENT) => return Ok(Err(moved_away())),
+            Err(e) => {
+                let why = FileError::errno("opening it to copy it to another file system", e);
+                return Ok(Err(kept(why)));
+            }
+        };
+        // The very file that was read, unchanged: only that one is copied, and unlinked.
+        let untouched = |st: &rfs::Stat| {
+            same_version(st, read)
+                && st.st_ctime == read.st_ctime
+                && st.st_ctime_nsec == read.st_ctime_nsec
+        };
+        match rfs::fstat(&input) {
+            Ok(st) if untouched(&st) => {}
+            Ok(_) => return Ok(Err(changed())),
+            Err(e) => return Ok(Err(kept(FileError::errno("stat of input", e)))),
+        }
+        let size = read.st_size as u64;
+        // An earlier run stopped between naming its copy and unlinking the input: that copy,
+        // if it holds the input's bytes, is this move's, and only the unlink is left. (A file
+        // of the same name, date and bytes from elsewhere stands for it just as well: nothing
+        // is lost, and no second copy is made of it.)
+        let mut at = 0;
+        let mut earlier = None;
+        while let Some(to) = numbered(name, at) {
+            match rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW) {
+                Err(_) => break,
+                Ok(st)
+                    if st.st_size == read.st_size
+                        && st.st_mtime == read.st_mtime
+                        && st.st_mtime_nsec == read.st_mtime_nsec
+                        && rfs::FileType::from_raw_mode(st.st_mode)
+                            == rfs::FileType::RegularFile =>
+                {
+                    if let Ok(copy) = output_file(dest, &to) {
+                        if same_bytes(&input, &copy, size).unwrap_or(false) {
+                            earlier = Some((to, copy));
+                            break;
+                        }
+                    }
+                }
+                Ok(_) => {}
+            }
+            at += 1;
+            if at > MAX_NUMBERED {
+                break;
+            }
+        }
+        if let Some((to, copy)) = earlier {
+            copy.sync_all()
+                .map_err(|e| FileError::io("syncing the earlier copy", &e))
+                .map_err(kept)?;
+            output::sync_dir(dest)?;
+            return finish_by_unlink(src, name, read, Second::Copy, dest.path.join(to));
+        }
+        let mut temp = match TempOutput::create(Arc::clone(dest)) {
+            Ok(t) => t,
+            Err(e) => return Ok(Err(kept(e))),
+        };
+        let copied = (|| {
+            let mut from = &input;
+            let n = std::io::copy(&mut from, temp.file())
+                .map_err(|e| FileError::io("copying it to another file system", &e))?;
+            if n != size {
+                return Err(changed());
+            }
+            temp.set_attrs(name, &Attrs::from_stat(read))
+        })();
+        if let Err(e) = copied {
+            return Ok(Err(kept(e)));
+        }
+        let synced = match temp.sync(name) {
+            Ok(s) => s,
+            Err(e) => return Ok(Err(kept(e))),
+        };
+        // Read back through both descriptors: the copy must hold the input's bytes before
+        // it gets a name, and the input must not have changed while it was copied.
+        match same_bytes(&input, synced.file(), size) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Ok(Err(kept(FileError::new(
+                    Kind::Corrupt,
+                    "its copy on the other file system does not read back the same",
+                ))))
+            }
+            Err(e) => return Ok(Err(kept(e))),
+        }
+        match rfs::fstat(&input) {
+            Ok(st) if untouched(&st) => {}
+            Ok(_) => return Ok(Err(changed())),
+            Err(e) => return Ok(Err(kept(FileError::errno("stat of input", e)))),
+        }
+        let mut synced = synced;
+        for n in 0..=MAX_NUMBERED {
+            let Some(to) = numbered(name, n) else {
+                return Ok(Err(name_too_long(name, n)));
+            };
+            match synced.rename(&to, false) {
+                Ok(_) => {
+                    let path = dest.path.join(&to);
+                    output::sync_dir(dest)?;
+                    return finish_by_unlink(src, name, read, Second::Copy, path);
+                }
+                Err(e) if e.kind == Kind::OutputExists => continue,
+                Err(e) => return Ok(Err(kept(e))),
+            }
+        }
+        Ok(Err(too_many(dest, name)))
+        // The temp, if never named, is removed as it drops.
+    }
+}
+
+/// How a move made the input's second name, before the first goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Second {
+    /// A hard link in DIR (one file system): the input has two links now, and a new ctime.
+    Link,
+    /// A verified copy in DIR (another file system): the input itself is untouched.
+    Copy,
+}
+
+/// The last step of a move that made a second name first (`second`, at `path`): the input's
+/// name goes, if it still leads to the file that was read, unchanged, with no other link than
+/// one the move made. Otherwise the input stays, and the note says where the second name is.
+fn finish_by_unlink(
+    src: &Dir,
+    name: &OsStr,
+    read: &rfs::Stat,
+    second: Second,
+    path: PathBuf,
+) -> Result<Moved, FileError> {
+    let kept = |why: &str| {
+        FileError::new(
+            Kind::Changed,
+            format!("input kept ({why}); a copy is at {}", path.display()),
+        )
+    };
+    let now = match rfs::statat(&src.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => st,
+        Err(Errno::NOENT) => return Ok(Err(moved_away())),
+        Err(e) => return Ok(Err(kept(&FileError::errno("stat of input", e).message))),
+    };
+    let unchanged = match second {
+        Second::Link => same_version(&now, read) && now.st_nlink == 2,
+        Second::Copy => {
+            same_version(&now, read)
+                && now.st_nlink == 1
+                && now.st_ctime == read.st_ctime
+                && now.st_ctime_nsec == read.st_ctime_nsec
+        }
+    };
+    if !unchanged {
+        return Ok(Err(kept("it changed or gained a link while it was moved")));
+    }
+    match rfs::unlinkat(&src.fd, name, AtFlags::empty()) {
+        Ok(()) => {}
+        Err(Errno::NOENT) => return Ok(Err(moved_away())),
+        Err(e) => {
+            return Ok(Err(kept(
+                &FileError::errno("removing its old name", e).message,
+            )))
+        }
+    }
+    output::sync_dir(src)?;
+    Ok(Ok(path))
+}
+
+/// Whether `now` is still the version of the file `read` was taken of: the same file, size
+/// and mtime. (The ctime is compared where the move made no link, which would move it.)
+fn same_version(now: &rfs::Stat, read: &rfs::Stat) -> bool {
+    now.st_dev == read.st_dev
+        && now.st_ino == read.st_ino
+        && now.st_size == read.st_size
+        && now.st_mtime == read.st_mtime
+        && now.st_mtime_nsec == read.st_mtime_nsec
+}
+
+/// `name` with the clash number `n` (0: the name itself): `a.log` → `a.1.log`, `a` → `a.1`,
+/// `.profile` → `.profile.1`. The number goes before the last extension so the copy keeps
+/// its type for whatever opens it by its extension. `None` if that is over NAME_MAX.
+pub(crate) fn numbered(name: &OsStr, n: u32) -> Option<OsString> {
+    let bytes = name.as_bytes();
+    if n == 0 {
+        return Some(name.to_os_string());
+    }
+    let dot = bytes.iter().rposition(|&b| b == b'.').filter(|&i| i > 0);
+    let (stem, ext) = bytes.split_at(dot.unwrap_or(bytes.len()));
+    let mut out = Vec::with_capacity(bytes.len() + 6);
+    out.extend_from_slice(stem);
+    out.extend_from_slice(format!(".{n}").as_bytes());
+    out.extend_from_slice(ext);
+    (out.len() <= NAME_MAX).then(|| OsString::from_vec(out))
+}
+
+/// Opens a regular file in `dir` to read it, never through a symlink.
+fn output_file(dir: &Dir, name: &OsStr) -> Result<File, Errno> {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+    rfs::openat(&dir.fd, name, flags, Mode::empty()).map(File::from)
+}
+
+/// Whether `a` and `b` both hold exactly `size` bytes, the same ones.
+fn same_bytes(a: &File, b: &File, size: u64) -> Result<bool, FileError> {
+    let len = |f: &File| {
+        f.metadata()
+            .map(|m| m.len())
+            .map_err(|e| FileError::io("stat", &e))
+    };
+    if len(a)? != size || len(b)? != size {
+        return Ok(false);
+    }
+    let (mut x, mut y) = (vec![0u8; 256 * 1024], vec![0u8; 256 * 1024]);
+    let mut at = 0u64;
+    while at < size {
+        let want = (size - at).min(x.len() as u64) as usize;
+        a.read_exact_at(&mut x[..want], at)
+            .map_err(|e| FileError::io("reading the input back", &e))?;
+        b.read_exact_at(&mut y[..want], at)
+            .map_err(|e| FileError::io("reading the copy back", &e))?;
+        if x[..want] != y[..want] {
+            return Ok(false);
+        }
+        at += want as u64;
+    }
+    Ok(true)
+}
+
+/// The input's name no longer leads anywhere: someone else renamed or deleted it.
+fn moved_away() -> FileError {
+    FileError::new(
+        Kind::Vanished,
+        "input not moved: it was renamed or deleted meanwhile",
+    )
+}
+
+/// The input changed after it was read: it stays, to be seen again.
+fn changed() -> FileError {
+    FileError::new(
+        Kind::Changed,
+        "input not moved: it changed after it was read",
+    )
+}
+
+fn name_too_long(name: &OsStr, n: u32) -> FileError {
+    FileError::new(
+        Kind::NameTooLong,
+        format!(
+            "input not moved: its name is taken in the move directory, and {:?} numbered {n} \
+             would be over {NAME_MAX} bytes",
+            name
+        ),
+    )
+}
+
+fn too_many(dest: &Dir, name: &OsStr) -> FileError {
+    FileError::new(
+        Kind::OutputExists,
+        format!(
+            "input not moved: {} and {MAX_NUMBERED} numbered names of it are all taken",
+            dest.path.join(name).display()
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clash_number_goes_before_the_last_extension() {
+        let n = |s: &str, n| numbered(OsStr::new(s), n).map(|o| o.into_string().unwrap());
+        assert_eq!(n("a.log", 0).as_deref(), Some("a.log"));
+        assert_eq!(n("a.log", 1).as_deref(), Some("a.1.log"));
+        assert_eq!(n("a.tar.gz", 12).as_deref(), Some("a.tar.12.gz"));
+        assert_eq!(n("README", 2).as_deref(), Some("README.2"));
+        assert_eq!(n(".profile", 1).as_deref(), Some(".profile.1"));
+        assert_eq!(n(&"x".repeat(255), 1), None);
+        assert_eq!(n(&"x".repeat(253), 1).map(|s| s.len()), Some(255));
+    }
+}

@@ -1,0 +1,630 @@
+//! `--move-source DIR` and `--move-failed DIR` end to end: the real binary over temp trees,
+//! outputs checked with the real gzip, moved inputs compared byte for byte; the move on one
+//! file system and across two (a tmpfs), name clashes, inputs that must stay (hard-linked,
+//! changed), a SIGKILL between publish and move then a rerun, failed inputs moved aside,
+//! watch mode and the service's config keys, and the refusals.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+fn p(x: &Path) -> &OsStr {
+    x.as_os_str()
+}
+
+/// `filepipe batch <t's root> --op gzip --json ARGS...`.
+fn gzip_batch(t: &TestTree, args: &[&OsStr]) -> Run {
+    let root = t.root();
+    let mut cmd = filepipe(&[s("batch"), p(&root), s("--op"), s("gzip"), s("--json")]);
+    cmd.args(args);
+    run(cmd)
+}
+
+/// `gzip -t` passes on `gz` and it gunzips to `want`.
+fn assert_gz(gz: &Path, want: &[u8]) {
+    let t = tool("gzip", &[s("-t"), p(gz)], Path::new("/"));
+    assert!(t.status.success(), "gzip -t {}: {t:?}", gz.display());
+    let back = tool("gunzip", &[s("-c"), p(gz)], Path::new("/"));
+    assert_eq!(back.stdout, want, "{}", gz.display());
+}
+
+/// A tmpfs mounted on a fresh directory (another file system than the temp dir's), unmounted
+/// when dropped; `Err` with the reason where it cannot be mounted (not root, no mount).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new() -> Result<Tmpfs, String> {
+        if !is_root() {
+            return Err("not root: cannot mount a tmpfs".into());
+        }
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let fs = Tmpfs { dir };
+        let (a, b) = (
+            fs::metadata(fs.path()).unwrap().dev(),
+            fs::metadata(std::env::temp_dir()).unwrap().dev(),
+        );
+        if a == b {
+            return Err("the tmpfs is on the temp dir's own file system".into());
+        }
+        Ok(fs)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Runs `filepipe ARGS` under strace, killed (SIGKILL) at its `when`th call named in `calls`,
+/// with named temps (`FILEPIPE_TEMPS=named`), so that an output's publish is one rename
+/// whatever the file system (no probe, no link). `None` where strace is missing.
+fn killed_at(calls: &str, when: u32, args: &[&OsStr]) -> Option<Run> {
+    if Command::new("strace").arg("-V").output().is_err() {
+        return None;
+    }
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-o", "/dev/null", "-e"])
+        .arg(format!("inject={calls}:signal=SIGKILL:when={when}"))
+        .arg(bin())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env("FILEPIPE_TEMPS", "named");
+    Some(run(cmd))
+}
+
+#[test]
+fn inputs_move_to_their_relative_path_once_their_outputs_are_published() {
+    let t = TestTree::new()
+        .file("a.log", &text_bytes(20_000, 1))
+        .file("sub/deeper/b.log", &text_bytes(300_000, 2))
+        .file("empty.txt", b"");
+    let a_mtime = fs::metadata(t.path("a.log")).unwrap().modified().unwrap();
+    let done = t.side("done");
+    let sum = gzip_batch(&t, &[s("--move-source"), p(&done)])
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 3, "{sum}");
+    for (rel, data) in [
+        ("a.log", text_bytes(20_000, 1)),
+        ("sub/deeper/b.log", text_bytes(300_000, 2)),
+        ("empty.txt", Vec::new()),
+    ] {
+        assert!(!t.path(rel).exists(), "{rel} left in the tree");
+        assert_eq!(fs::read(done.join(rel)).unwrap(), data, "{rel} moved whole");
+        assert_gz(&t.path(format!("{rel}.gz")), &data);
+    }
+    // Moved, not copied: the same file, dates and all.
+    let moved = fs::metadata(done.join("a.log")).unwrap();
+    assert_eq!(moved.modified().unwrap(), a_mtime);
+    // Nothing but the moved files under DIR (no temp, no numbered name).
+    let mut under: Vec<_> = walkdir::WalkDir::new(&done)
+        .into_iter()
+        .map(|e| e.unwrap())
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().strip_prefix(&done).unwrap().to_path_buf())
+        .collect();
+    under.sort();
+    let want: Vec<PathBuf> = ["a.log", "empty.txt", "sub/deeper/b.log"]
+        .iter()
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(under, want);
+    // A rerun finds nothing to do: the moved inputs are not in the tree any more.
+    let again = gzip_batch(&t, &[s("--move-source"), p(&done)])
+        .code(0)
+        .summary();
+    assert_eq!(again["done"], 0, "{again}");
+}
+
+#[test]
+fn a_name_taken_in_the_move_directory_gets_a_number_never_an_overwrite() {
+    let t = TestTree::new()
+        .file("a.log", b"third a.log\n")
+        .file("README", b"third README\n");
+    let done = t.side("done");
+    fs::create_dir(&done).unwrap();
+    fs::write(done.join("a.log"), b"first a.log\n").unwrap();
+    fs::write(done.join("a.1.log"), b"second a.log\n").unwrap();
+    fs::write(done.join("README"), b"first README\n").unwrap();
+    gzip_batch(&t, &[s("--move-source"), p(&done)])
+        .code(0)
+        .summary();
+    assert_eq!(fs::read(done.join("a.log")).unwrap(), b"first a.log\n");
+    assert_eq!(fs::read(done.join("a.1.log")).unwrap(), b"second a.log\n");
+    assert_eq!(fs::read(done.join("a.2.log")).unwrap(), b"third a.log\n");
+    assert_eq!(fs::read(done.join("README")).unwrap(), b"first README\n");
+    assert_eq!(fs::read(done.join("README.1")).unwrap(), b"third README\n");
+    assert!(!t.path("a.log").exists() && !t.path("README").exists());
+}
+
+#[test]
+fn hard_linked_and_changed_inputs_are_kept_and_said_so() {
+    let t = TestTree::new()
+        .file("linked.log", b"two names\n")
+        .file("plain.log", &text_bytes(5_000, 3));
+    fs::hard_link(t.path("linked.log"), t.side("other-name")).unwrap();
+    let done = t.side("done");
+    let log = t.side("failures.jsonl");
+    let sum = gzip_batch(
+        &t,
+        &[s("--move-source"), p(&done), s("--failure-log"), p(&log)],
+    )
+    .code(0)
+    .summary();
+    assert_eq!(sum["done"], 2, "{sum}");
+    assert!(
+        t.path("linked.log").exists(),
+        "a hard-linked input must stay"
+    );
+    assert!(!done.join("linked.log").exists());
+    assert_gz(&t.path("linked.log.gz"), b"two names\n");
+    assert!(done.join("plain.log").exists() && !t.path("plain.log").exists());
+    let records = failure_log(&log);
+    let kept = records_of(&records, "hard-linked");
+    assert_eq!(kept.len(), 1, "{records:?}");
+    assert_eq!(kept[0]["status"], "kept");
+    assert_eq!(kept[0]["path"], "linked.log");
+    // (An input changed between its read and its move is kept too: see the unit test
+    // `move_source_moves_only_inputs_unchanged_since_they_were_read` in ops/compress.rs, which
+    // changes it at that very instant.)
+}
+
+#[test]
+fn across_file_systems_the_input_is_copied_synced_and_verified_before_it_goes() {
+    let fs = match Tmpfs::new() {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let t = TestTree::new()
+        .file("a.log", &text_bytes(200_000, 4))
+        .file("sub/b.bin", &noise_bytes(3 << 20, 5))
+        .file("c.log", b"c, again\n");
+    fs::set_permissions(
+        t.path("a.log"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o640),
+    )
+    .unwrap();
+    let a_mtime = fs::metadata(t.path("a.log")).unwrap().modified().unwrap();
+    let done = fs.path().join("done");
+    // An earlier run stopped after it named its copy of c.log and before it unlinked c.log:
+    // that copy (same name, date and bytes) is taken as this move's, not copied again.
+    fs::create_dir(&done).unwrap();
+    fs::write(done.join("c.log"), b"c, again\n").unwrap();
+    let c_mtime = fs::metadata(t.path("c.log")).unwrap().modified().unwrap();
+    fs::File::options()
+        .write(true)
+        .open(done.join("c.log"))
+        .unwrap()
+        .set_modified(c_mtime)
+        .unwrap();
+    let sum = gzip_batch(&t, &[s("--move-source"), p(&done)])
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 3, "{sum}");
+    assert_eq!(
+        fs::read(done.join("a.log")).unwrap(),
+        text_bytes(200_000, 4)
+    );
+    assert_eq!(
+        fs::read(done.join("sub/b.bin")).unwrap(),
+        noise_bytes(3 << 20, 5)
+    );
+    assert_eq!(fs::read(done.join("c.log")).unwrap(), b"c, again\n");
+    assert!(
+        !done.join("c.1.log").exists(),
+        "the earlier copy was copied again"
+    );
+    for rel in ["a.log", "sub/b.bin", "c.log"] {
+        assert!(!t.path(rel).exists(), "{rel} left in the tree");
+    }
+    // The copy keeps the input's mode and mtime.
+    let moved = fs::metadata(done.join("a.log")).unwrap();
+    assert_eq!(moved.mode() & 0o777, 0o640);
+    assert_eq!(moved.modified().unwrap(), a_mtime);
+    assert_gz(&t.path("sub/b.bin.gz"), &noise_bytes(3 << 20, 5));
+    assert!(temps_under(&done).is_empty(), "{:?}", temps_under(&done));
+}
+
+#[test]
+fn sigkill_between_publish_and_move_loses_nothing_and_a_rerun_finishes_the_move() {
+    let t = TestTree::new().file("a.log", &text_bytes(50_000, 6));
+    let done = t.side("done");
+    let root = t.root();
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--move-source"),
+        p(&done),
+    ];
+    // The first rename publishes the output (its named temp to a.log.gz); the second is the
+    // move.
+    let Some(killed) = killed_at("renameat,renameat2", 2, &args) else {
+        eprintln!("SKIPPED: no strace to kill the run at its move");
+        return;
+    };
+    killed.signal(9);
+    // Killed between the two: the output published and whole, the input still in place.
+    assert_gz(&t.path("a.log.gz"), &text_bytes(50_000, 6));
+    assert_eq!(fs::read(t.path("a.log")).unwrap(), text_bytes(50_000, 6));
+    assert!(!done.join("a.log").exists());
+    let gz_before = fs::metadata(t.path("a.log.gz")).unwrap();
+    let mut cmd = filepipe(&[&args[..], &[s("--json")]].concat());
+    cmd.current_dir("/");
+    let sum = run(cmd).code(0).summary();
+    assert_eq!(sum["done"], 1, "{sum}");
+    assert!(
+        !t.path("a.log").exists(),
+        "the rerun did not finish the move"
+    );
+    assert_eq!(fs::read(done.join("a.log")).unwrap(), text_bytes(50_000, 6));
+    // The rerun adopted the output (checked byte for byte), it did not compress again.
+    let gz_after = fs::metadata(t.path("a.log.gz")).unwrap();
+    assert_eq!(gz_before.ino(), gz_after.ino());
+    assert_gz(&t.path("a.log.gz"), &text_bytes(50_000, 6));
+}
+
+#[test]
+fn sigkill_after_a_copy_across_file_systems_is_named_then_the_rerun_only_unlinks() {
+    let fs = match Tmpfs::new() {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let t = TestTree::new().file("a.log", &text_bytes(80_000, 7));
+    let done = fs.path().join("done");
+    let root = t.root();
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--move-source"),
+        p(&done),
+    ];
+    // The first unlink is the input's, once its copy has its name in DIR (the rename that
+    // was refused, EXDEV, and the copy's rename came before it).
+    let Some(killed) = killed_at("unlink,unlinkat", 1, &args) else {
+        eprintln!("SKIPPED: no strace to kill the run at its unlink");
+        return;
+    };
+    killed.signal(9);
+    assert_eq!(fs::read(t.path("a.log")).unwrap(), text_bytes(80_000, 7));
+    assert_eq!(fs::read(done.join("a.log")).unwrap(), text_bytes(80_000, 7));
+    let sum = run(filepipe(&[&args[..], &[s("--json")]].concat()))
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 1, "{sum}");
+    assert!(!t.path("a.log").exists());
+    assert_eq!(fs::read(done.join("a.log")).unwrap(), text_bytes(80_000, 7));
+    assert!(!done.join("a.1.log").exists(), "copied twice");
+    assert_gz(&t.path("a.log.gz"), &text_bytes(80_000, 7));
+}
+
+/// A name of 253 bytes: its output's (`+ .gz`) is over NAME_MAX, a failure no retry mends.
+const LONG_NAME: [u8; 253] = [b'n'; 253];
+
+#[test]
+fn inputs_that_failed_for_good_go_to_move_failed_and_the_log_says_where() {
+    let t = TestTree::new()
+        .file(LONG_NAME, b"named too long for its .gz\n")
+        .file("sub/taken.log", b"its output's name is someone else's\n")
+        .file("ok.log", b"fine\n");
+    // Someone else's file where the output would go: a failure of the output, not of the
+    // input, which stays.
+    fs::write(t.path("sub/taken.log.gz"), b"not ours").unwrap();
+    let failed = t.side("failed");
+    let log = t.side("failures.jsonl");
+    let sum = gzip_batch(
+        &t,
+        &[s("--move-failed"), p(&failed), s("--failure-log"), p(&log)],
+    )
+    .code(1)
+    .summary();
+    assert_eq!(sum["done"], 1, "{sum}");
+    assert_eq!(sum["failed"], 2, "{sum}");
+    let long = OsStr::from_bytes(&LONG_NAME);
+    assert!(!t.root().join(long).exists(), "the failed input stayed");
+    assert_eq!(
+        fs::read(failed.join(long)).unwrap(),
+        b"named too long for its .gz\n"
+    );
+    assert!(
+        t.path("sub/taken.log").exists(),
+        "moved for an output's fault"
+    );
+    assert!(!failed.join("sub").exists());
+    assert!(
+        t.path("ok.log").exists(),
+        "a done input moves only with --move-source"
+    );
+    let records = failure_log(&log);
+    let too_long = records_of(&records, "name-too-long");
+    assert_eq!(too_long.len(), 1, "{records:?}");
+    let msg = too_long[0]["message"].as_str().unwrap();
+    let want = format!("input moved to {}", failed.join(long).display());
+    assert!(msg.contains(&want), "{msg}");
+}
+
+#[test]
+fn an_unreadable_input_goes_to_move_failed() {
+    if !is_root() {
+        eprintln!("SKIPPED: not root: cannot run as another user");
+        return;
+    }
+    let t = TestTree::new()
+        .file("secret.log", b"nobody may read this\n")
+        .file("ok.log", b"fine\n");
+    let failed = t.side("failed");
+    fs::create_dir(&failed).unwrap();
+    t.open_to_all();
+    fs::set_permissions(&failed, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    fs::set_permissions(
+        t.path("secret.log"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o200),
+    )
+    .unwrap();
+    let root = t.root();
+    let log = t.side("failures.jsonl");
+    let mut cmd = unprivileged();
+    cmd.args([s("batch"), p(&root), s("--op"), s("gzip"), s("--json")])
+        .args([s("--move-failed"), p(&failed), s("--failure-log"), p(&log)])
+        .env_remove("RUST_LOG");
+    let sum = run(cmd).code(1).summary();
+    assert_eq!(sum["failed"], 1, "{sum}");
+    assert!(!t.path("secret.log").exists());
+    assert_eq!(
+        fs::read(failed.join("secret.log")).unwrap(),
+        b"nobody may read this\n"
+    );
+    let records = failure_log(&log);
+    let denied = records_of(&records, "permission-denied");
+    assert_eq!(denied.len(), 1, "{records:?}");
+    assert!(
+        denied[0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("input moved to"),
+        "{records:?}"
+    );
+}
+
+#[test]
+fn watch_mode_moves_each_processed_input_and_does_not_see_it_again() {
+    let t = TestTree::new().file("before.log", &text_bytes(10_000, 8));
+    let done = t.side("done");
+    let log = t.side("failures.jsonl");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--move-source",
+            done.to_str().unwrap(),
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    d.wait_idle(1);
+    fs::create_dir_all(t.path("sub")).unwrap();
+    fs::write(t.path("sub/after.log"), text_bytes(40_000, 9)).unwrap();
+    d.wait_idle(2);
+    for (rel, data) in [
+        ("before.log", text_bytes(10_000, 8)),
+        ("sub/after.log", text_bytes(40_000, 9)),
+    ] {
+        assert!(!t.path(rel).exists(), "{rel} not moved");
+        assert_eq!(fs::read(done.join(rel)).unwrap(), data);
+        assert_gz(&t.path(format!("{rel}.gz")), &data);
+    }
+    // A new file under a moved one's name: its output's name holds the earlier file's
+    // output, which filepipe no longer knows as its own (the earlier file left the tree, and
+    // the state with it), so it is not overwritten: reported, and the input stays.
+    fs::write(t.path("sub/after.log"), b"a second after.log\n").unwrap();
+    wait_until(Duration::from_secs(60), "the second after.log", || {
+        d.notes
+            .last_status()
+            .is_some_and(|s| s.idle() && s.failed == 1)
+    });
+    assert_eq!(
+        fs::read(t.path("sub/after.log")).unwrap(),
+        b"a second after.log\n"
+    );
+    assert!(!done.join("sub/after.1.log").exists());
+    assert_gz(&t.path("sub/after.log.gz"), &text_bytes(40_000, 9));
+    let sum = d.stop().summary();
+    assert_eq!(sum["failed"], 1, "{sum}");
+    // The moves were never taken for failures or deletions to complain about: the only
+    // record is that one.
+    let records = failure_log(&log);
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["error"], "output-exists", "{records:?}");
+}
+
+#[test]
+fn the_service_config_takes_move_source_and_move_failed_per_watch() {
+    let t = TestTree::new()
+        .file("a.log", &text_bytes(10_000, 10))
+        .file(LONG_NAME, b"too long\n");
+    let (done, failed) = (t.side("done"), t.side("failed"));
+    let config = t.side("filepipe.toml");
+    fs::write(
+        &config,
+        format!(
+            "state_dir = {:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n\
+             move_source = \"done\"\nmove_failed = \"failed\"\n",
+            t.side("state"),
+            t.root()
+        ),
+    )
+    .unwrap();
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[s("watch"), s("--config"), p(&config), s("--json")]);
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    // Relative to the config file.
+    let long = OsStr::from_bytes(&LONG_NAME);
+    wait_until(Duration::from_secs(60), "both files moved", || {
+        done.join("a.log").exists() && failed.join(long).exists()
+    });
+    assert!(!t.path("a.log").exists());
+    assert_gz(&t.path("a.log.gz"), &text_bytes(10_000, 10));
+    assert!(n.has("READY=1"));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    // One file failed (and was moved aside): a stopped run with failures exits 1.
+    let code = child.finish(Duration::from_secs(30)).output().status.code();
+    assert!(matches!(code, Some(0 | 1)), "{code:?}");
+}
+
+#[test]
+fn refusals_name_the_problem_and_touch_nothing() {
+    let t = TestTree::new().file("a.log", b"x\n").dir("sub");
+    let root = t.root();
+    let done = t.side("done");
+    let inside = t.path("sub/done");
+    let cases: Vec<(Vec<&OsStr>, &str)> = vec![
+        (
+            vec![s("--op"), s("sha256"), s("--move-source"), p(&done)],
+            "--move-source only applies to --op gzip or zstd",
+        ),
+        (
+            vec![
+                s("--op"),
+                s("gzip"),
+                s("--durability"),
+                s("none"),
+                s("--move-source"),
+                p(&done),
+            ],
+            "--move-source needs durable outputs",
+        ),
+        (
+            vec![s("--op"), s("gzip"), s("--move-source"), p(&inside)],
+            "is inside the input directory",
+        ),
+        (
+            vec![s("--op"), s("gzip"), s("--move-failed"), p(&inside)],
+            "is inside the input directory",
+        ),
+        (
+            vec![s("--op"), s("gzip"), s("--move-source"), p(t.dir.path())],
+            "encloses the input directory",
+        ),
+        (
+            vec![
+                s("--op"),
+                s("gzip"),
+                s("--out"),
+                p(&done),
+                s("--move-source"),
+                p(&done),
+            ],
+            "is the --out directory",
+        ),
+        (
+            vec![
+                s("--op"),
+                s("gzip"),
+                s("--remove-source"),
+                s("--move-source"),
+                p(&done),
+            ],
+            "cannot be used with",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut cmd = filepipe(&[s("batch"), p(&root)]);
+        cmd.args(&args);
+        let err = run(cmd).code(2).stderr();
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!inside.exists(), "{args:?} made its directory");
+        assert!(t.path("a.log").exists() && !t.path("a.log.gz").exists());
+    }
+    // Watch mode refuses the same way, and so does a config file.
+    let mut cmd = filepipe(&[s("watch"), p(&root), s("--op"), s("gzip")]);
+    cmd.args([
+        s("--state"),
+        p(&t.side("state")),
+        s("--move-source"),
+        p(&inside),
+    ]);
+    let err = run(cmd).code(2).stderr();
+    assert!(err.contains("is inside the input directory"), "{err}");
+    let config = t.side("filepipe.toml");
+    for (key, value, want) in [
+        ("move_source", "in/sub/done", "is inside the watched tree"),
+        ("move_failed", "in/sub/done", "is inside the watched tree"),
+    ] {
+        fs::write(
+            &config,
+            format!("[[watch]]\npath = \"in\"\nop = \"gzip\"\n{key} = {value:?}\n"),
+        )
+        .unwrap();
+        let err = run(filepipe(&[s("check-config"), p(&config)]))
+            .code(2)
+            .stderr();
+        assert!(err.contains(want) && err.contains(key), "{key}: {err}");
+    }
+    fs::write(
+        &config,
+        "[[watch]]\npath = \"in\"\nop = \"sha256\"\nmove_source = \"done\"\n",
+    )
+    .unwrap();
+    let err = run(filepipe(&[s("check-config"), p(&config)]))
+        .code(2)
+        .stderr();
+    assert!(
+        err.contains("move_source") && err.contains("does not apply"),
+        "{err}"
+    );
+    assert!(!inside.exists() && !done.exists());
+}
