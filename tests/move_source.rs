@@ -481,6 +481,56 @@ fn watch_mode_moves_each_processed_input_and_does_not_see_it_again() {
 }
 
 #[test]
+fn a_daemon_killed_between_publish_and_move_moves_the_input_when_started_again() {
+    let t = TestTree::new().file("a.log", &text_bytes(30_000, 11));
+    let (done, state) = (t.side("done"), t.side("state"));
+    let root = t.root();
+    let args = [
+        s("watch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--settle"),
+        s("100"),
+        s("--state"),
+        p(&state),
+        s("--move-source"),
+        p(&done),
+    ];
+    // The initial scan takes a.log: its output's rename, then its move, which is killed.
+    let Some(killed) = killed_at("renameat,renameat2", 2, &args) else {
+        eprintln!("SKIPPED: no strace to kill the daemon at its move");
+        return;
+    };
+    killed.signal(9);
+    assert_gz(&t.path("a.log.gz"), &text_bytes(30_000, 11));
+    assert!(t.path("a.log").exists() && !done.join("a.log").exists());
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--state",
+            state.to_str().unwrap(),
+            "--move-source",
+            done.to_str().unwrap(),
+        ],
+    );
+    d.wait_idle(1);
+    assert!(
+        !t.path("a.log").exists(),
+        "the restarted daemon did not move it"
+    );
+    assert_eq!(
+        fs::read(done.join("a.log")).unwrap(),
+        text_bytes(30_000, 11)
+    );
+    assert_gz(&t.path("a.log.gz"), &text_bytes(30_000, 11));
+    let sum = d.stop().success().summary();
+    assert_eq!(sum["failed"], 0, "{sum}");
+}
+
+#[test]
 fn the_service_config_takes_move_source_and_move_failed_per_watch() {
     let t = TestTree::new()
         .file("a.log", &text_bytes(10_000, 10))
