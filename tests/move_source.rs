@@ -203,6 +203,45 @@ fn hard_linked_and_changed_inputs_are_kept_and_said_so() {
 }
 
 #[test]
+fn where_rename_noreplace_is_refused_the_move_is_a_link_then_an_unlink() {
+    if Command::new("strace").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: no strace to refuse RENAME_NOREPLACE");
+        return;
+    }
+    let t = TestTree::new().file("a.log", b"moved by a link\n");
+    let done = t.side("done");
+    fs::create_dir(&done).unwrap();
+    fs::write(done.join("a.log"), b"someone else's\n").unwrap();
+    let root = t.root();
+    // As on a file system without RENAME_NOREPLACE (EINVAL): the output's rename (named
+    // temps) goes through, the move's is refused.
+    let mut cmd = Command::new("strace");
+    cmd.args([
+        "-f",
+        "-o",
+        "/dev/null",
+        "-e",
+        "inject=renameat2:error=EINVAL:when=2",
+    ])
+    .arg(bin())
+    .args([s("batch"), p(&root), s("--op"), s("gzip"), s("--json")])
+    .args([s("--move-source"), p(&done)])
+    .env_remove("RUST_LOG")
+    .env("FILEPIPE_TEMPS", "named");
+    let sum = run(cmd).code(0).summary();
+    assert_eq!(sum["done"], 1, "{sum}");
+    assert_eq!(sum["warnings"], 0, "{sum}");
+    assert!(!t.path("a.log").exists());
+    assert_eq!(fs::read(done.join("a.log")).unwrap(), b"someone else's\n");
+    assert_eq!(
+        fs::read(done.join("a.1.log")).unwrap(),
+        b"moved by a link\n"
+    );
+    assert_eq!(fs::metadata(done.join("a.1.log")).unwrap().nlink(), 1);
+    assert_gz(&t.path("a.log.gz"), b"moved by a link\n");
+}
+
+#[test]
 fn across_file_systems_the_input_is_copied_synced_and_verified_before_it_goes() {
     let fs = match Tmpfs::new() {
         Ok(fs) => fs,

@@ -124,9 +124,8 @@ impl Aside {
                     }));
                 }
             }
-            let path = dest.path.join(&to);
             output::sync_dir(dest)?;
-            return finish_by_unlink(src, name, read, Second::Link, path);
+            return finish_by_unlink(src, name, read, Second::Link, dest, &to);
         }
         Ok(Err(too_many(dest, name)))
     }
@@ -199,7 +198,7 @@ impl Aside {
                 .map_err(|e| FileError::io("syncing the earlier copy", &e))
                 .map_err(kept)?;
             output::sync_dir(dest)?;
-            return finish_by_unlink(src, name, read, Second::Copy, dest.path.join(to));
+            return finish_by_unlink(src, name, read, Second::Copy, dest, &to);
         }
         let mut temp = match TempOutput::create(Arc::clone(dest)) {
             Ok(t) => t,
@@ -245,9 +244,8 @@ impl Aside {
             };
             match synced.rename(&to, false) {
                 Ok(_) => {
-                    let path = dest.path.join(&to);
                     output::sync_dir(dest)?;
-                    return finish_by_unlink(src, name, read, Second::Copy, path);
+                    return finish_by_unlink(src, name, read, Second::Copy, dest, &to);
                 }
                 Err(e) if e.kind == Kind::OutputExists => continue,
                 Err(e) => return Ok(Err(kept(e))),
@@ -267,26 +265,48 @@ enum Second {
     Copy,
 }
 
-/// The last step of a move that made a second name first (`second`, at `path`): the input's
-/// name goes, if it still leads to the file that was read, unchanged, with no other link than
-/// one the move made. Otherwise the input stays, and the note says where the second name is.
+/// The last step of a move that made a second name first (`second`, `to` in `dest`): the
+/// input's name goes, if it still leads to the file that was read, unchanged, with no other
+/// link than one the move made. Otherwise the input stays: a link made in DIR is taken back
+/// (the file is not moved, and DIR never shares a file with the tree); a copy stays, a copy of
+/// the input as it was read, and the note says where.
 fn finish_by_unlink(
     src: &Dir,
     name: &OsStr,
     read: &rfs::Stat,
     second: Second,
-    path: PathBuf,
+    dest: &Dir,
+    to: &OsStr,
 ) -> Result<Moved, FileError> {
-    let kept = |why: &str| {
-        FileError::new(
-            Kind::Changed,
-            format!("input kept ({why}); a copy is at {}", path.display()),
-        )
+    let path = dest.path.join(to);
+    let kept = |kind: Kind, why: String| -> Moved {
+        let message = match second {
+            Second::Link => match rfs::unlinkat(&dest.fd, to, AtFlags::empty()) {
+                Ok(()) => format!("input not moved: {why}"),
+                Err(e) => format!(
+                    "input not moved: {why}; its link at {} could not be removed: {e}",
+                    path.display()
+                ),
+            },
+            Second::Copy => format!(
+                "input kept: {why}; a copy of it as it was read is at {}",
+                path.display()
+            ),
+        };
+        Err(FileError::new(kind, message))
     };
     let now = match rfs::statat(&src.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
-        Err(Errno::NOENT) => return Ok(Err(moved_away())),
-        Err(e) => return Ok(Err(kept(&FileError::errno("stat of input", e).message))),
+        Err(Errno::NOENT) => {
+            return Ok(kept(
+                Kind::Vanished,
+                "it was renamed or deleted meanwhile".into(),
+            ))
+        }
+        Err(e) => {
+            let e = FileError::errno("stat of input", e);
+            return Ok(kept(e.kind, e.message));
+        }
     };
     let unchanged = match second {
         Second::Link => same_version(&now, read) && now.st_nlink == 2,
@@ -298,15 +318,20 @@ fn finish_by_unlink(
         }
     };
     if !unchanged {
-        return Ok(Err(kept("it changed or gained a link while it was moved")));
+        let why = "it changed or gained a link while it was moved".into();
+        return Ok(kept(Kind::Changed, why));
     }
     match rfs::unlinkat(&src.fd, name, AtFlags::empty()) {
         Ok(()) => {}
-        Err(Errno::NOENT) => return Ok(Err(moved_away())),
+        Err(Errno::NOENT) => {
+            return Ok(kept(
+                Kind::Vanished,
+                "it was renamed or deleted meanwhile".into(),
+            ))
+        }
         Err(e) => {
-            return Ok(Err(kept(
-                &FileError::errno("removing its old name", e).message,
-            )))
+            let e = FileError::errno("removing its old name", e);
+            return Ok(kept(e.kind, e.message));
         }
     }
     output::sync_dir(src)?;
