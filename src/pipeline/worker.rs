@@ -1,7 +1,9 @@
 //! A worker: one per pool thread, taking job batches until its sentinel. For each file it
 //! opens the input safely beneath the root, has the op check and read it, verifies it did not
 //! change while read (retrying if it did), and publishes the result inline or hands it to a
-//! publisher (`publish`). Every job ends in exactly one outcome.
+//! publisher (`publish`). Every job ends in exactly one outcome; with `--move-failed`, an
+//! input that failed for good (unreadable, or named too long for its output) is moved aside
+//! first, and its outcome says where it went.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
