@@ -150,6 +150,30 @@ fn inputs_move_to_their_relative_path_once_their_outputs_are_published() {
 }
 
 #[test]
+fn an_incremental_batch_still_moves_inputs_its_state_knows_as_done() {
+    let t = TestTree::new()
+        .file("a.log", &text_bytes(20_000, 12))
+        .file("sub/b.log", &text_bytes(7_000, 13));
+    let (state, done) = (t.side("state"), t.side("done"));
+    let first = gzip_batch(&t, &[s("--state"), p(&state)]).code(0).summary();
+    assert_eq!(first["done"], 2, "{first}");
+    // Unchanged since, outputs in place: the state alone would call them done. An input
+    // still here is one whose move is still to be done.
+    let sum = gzip_batch(&t, &[s("--state"), p(&state), s("--move-source"), p(&done)])
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 2, "{sum}");
+    for (rel, data) in [
+        ("a.log", text_bytes(20_000, 12)),
+        ("sub/b.log", text_bytes(7_000, 13)),
+    ] {
+        assert!(!t.path(rel).exists(), "{rel} not moved");
+        assert_eq!(fs::read(done.join(rel)).unwrap(), data);
+        assert_gz(&t.path(format!("{rel}.gz")), &data);
+    }
+}
+
+#[test]
 fn a_name_taken_in_the_move_directory_gets_a_number_never_an_overwrite() {
     let t = TestTree::new()
         .file("a.log", b"third a.log\n")
