@@ -412,6 +412,15 @@ pub(crate) struct WorkerArgs {
     /// a root this worker does not map are left for other workers.
     #[arg(long = "root", value_name = "NAME=PATH", required = true)]
     pub(crate) roots: Vec<String>,
+    /// An output root jobs may name (a coordinator's --out), and where it is mounted on this
+    /// host (repeatable). Only outputs are written there: it is never taken as an input root,
+    /// and may not overlap one.
+    #[arg(long = "out-root", value_name = "NAME=PATH")]
+    pub(crate) out_roots: Vec<String>,
+    /// Do the jobs that ask for their inputs to be removed once their outputs are durable (a
+    /// coordinator's --remove-source); without it such jobs fail, and no input is removed.
+    #[arg(long)]
+    pub(crate) allow_remove_source: bool,
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
     pub(crate) jobs: Option<u16>,

@@ -59,8 +59,11 @@ pub(crate) enum Kind {
     /// removed.
     TempName,
     /// Cluster mode: the job's output root is not mapped on the worker that took it (its
-    /// `--root NAME=PATH`), or is mapped to a directory that overlaps the input root.
+    /// `--out-root NAME=PATH`).
     UnmappedRoot,
+    /// Cluster mode: the job asks for its inputs removed, and the worker that took it may not
+    /// (no `--allow-remove-source`, or `--durability none`).
+    RemoveRefused,
 }
 
 impl Kind {
@@ -89,13 +92,14 @@ impl Kind {
             Kind::StaleTemp => "stale-temp",
             Kind::TempName => "temp-name",
             Kind::UnmappedRoot => "unmapped-root",
+            Kind::RemoveRefused => "remove-refused",
         }
     }
 }
 
 impl Kind {
     /// Every kind, for `parse`.
-    const ALL: [Kind; 22] = [
+    const ALL: [Kind; 23] = [
         Kind::Vanished,
         Kind::PermissionDenied,
         Kind::Changed,
@@ -118,6 +122,7 @@ impl Kind {
         Kind::StaleTemp,
         Kind::TempName,
         Kind::UnmappedRoot,
+        Kind::RemoveRefused,
     ];
 
     /// The kind named `name` (as `as_str` writes it), for outcomes read back from a queue.

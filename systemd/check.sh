@@ -85,6 +85,13 @@ else
   echo "verify: filepipe.service, filepipe@ci.service, filepipe-worker@ci.service: no warnings"
 fi
 
+# --- 1b. no secret on a command line: /proc/PID/cmdline is readable by every user, so the
+# worker's queue URL (which may hold a password) reaches it as FILEPIPE_QUEUE in its
+# environment, never expanded into ExecStart=.
+if grep -E '^ExecStart=.*FILEPIPE_QUEUE' systemd/filepipe-worker@.service >/dev/null; then
+  bad "filepipe-worker@.service: ExecStart= puts FILEPIPE_QUEUE (and any password in it) on the command line"
+fi
+
 # --- 2. security: exposure must be <= 1.0 -------------------------------------------------
 # --threshold= counts in tenths of the printed level (systemd scores 0-100 internally; the
 # default threshold is 100 = 10.0): --threshold=10 fails any unit above 1.0. The printed

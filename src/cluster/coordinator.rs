@@ -265,7 +265,7 @@ fn coordinate(
         // Resuming: the run's outcomes so far count first, and their files are not sent again;
         // nor are those of the run's jobs still in the queue, whose outcomes are awaited.
         if resumed.is_some() {
-            let mut skip = replay(&conn, &outcomes, &run, &cfg.root, ledger.hash, &event_tx)?;
+            let (mut skip, seen) = replay(&conn, &outcomes, &run, cfg, ledger.hash, &event_tx)?;
             let queued = queued(&conn, root, &run)?;
             let mut expected = ledger
                 .expected
@@ -273,7 +273,10 @@ fn coordinate(
                 .map_err(|_| anyhow!("the ledger is poisoned"))?;
             let mut waiting = 0u64;
             for rel in queued {
-                if skip.insert(rel.clone()) {
+                // A file with an outcome already (its message is held until the worker has
+                // finished the rest): no other comes unless the message is delivered again,
+                // so it is not awaited; if that outcome did not count, it is published again.
+                if !seen.contains(&rel) && skip.insert(rel.clone()) {
                     expected.insert(rel, None);
                     waiting += 1;
                 }
@@ -685,16 +688,18 @@ fn gather(
 }
 
 /// Reads a resumed run's outcomes so far, from its first, to the reporter (each file's first
-/// outcome; digests read as `hash`'s), and returns the files they account for.
+/// outcome that still holds; digests read as `hash`'s), and returns the files they account
+/// for, and every file that has an outcome at all.
 fn replay(
     conn: &Conn,
     outcomes: &consumer::PullConsumer,
     run: &str,
-    root: &Path,
+    cfg: &Config,
     hash: Option<HashAlgo>,
     events: &Sender<Event>,
-) -> Result<HashSet<PathBuf>> {
+) -> Result<(HashSet<PathBuf>, HashSet<PathBuf>)> {
     let mut accounted = HashSet::new();
+    let mut seen = HashSet::new();
     loop {
         let msgs = conn
             .rt
@@ -716,14 +721,17 @@ fn replay(
             };
             for w in &batch.outcomes {
                 let Ok(o) = w.outcome(hash) else { continue };
+                seen.insert(o.rel().to_path_buf());
                 // Counted only if done and the file is still the version the worker read: a
                 // file changed or deleted while the coordinator was down is published again
-                // (or, gone, not listed), and a failure is tried again.
+                // (or, gone, not listed), and a failure is tried again. With --remove-source
+                // a done file's input is gone because the worker removed it.
+                let now = Stamp::of(&cfg.root.join(o.rel()));
                 let still = matches!(o, Outcome::Done { .. })
-                    && w.read.is_some_and(|read| {
-                        Stamp::of(&root.join(o.rel()))
-                            .is_some_and(|now| WireStamp::of(&now) == read)
-                    });
+                    && match now {
+                        Some(now) => w.read == Some(WireStamp::of(&now)),
+                        None => cfg.remove_source,
+                    };
                 if still && accounted.insert(o.rel().to_path_buf()) {
                     firsts.push(o);
                 }
@@ -740,7 +748,7 @@ fn replay(
         files = accounted.len(),
         "outcomes of the run so far read again"
     );
-    Ok(accounted)
+    Ok((accounted, seen))
 }
 
 /// The files of `run`'s job messages still in the jobs stream: those a killed coordinator
@@ -766,7 +774,9 @@ fn queued(conn: &Conn, root: &str, run: &str) -> Result<HashSet<PathBuf>> {
             };
             next = m.sequence + 1;
             match JobBatch::parse(&m.payload) {
-                Ok(batch) if batch.run == run => {
+                // The subject's run and root (a worker refuses a message whose body names
+                // another root, with no outcome to wait for).
+                Ok(batch) if batch.run == run && batch.root == root => {
                     files.extend(batch.files.iter().map(|f| f.rel.lossy()));
                 }
                 // Not ours to wait for: a worker fails it, nobody publishes an outcome of it.

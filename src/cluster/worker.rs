@@ -87,9 +87,30 @@ fn roots(args: &[String]) -> Result<HashMap<String, PathBuf>> {
     Ok(roots)
 }
 
+/// The output roots (`--out-root NAME=PATH`), each apart from every input root: not one of
+/// their names, not the same directory, not inside one and not enclosing one (a job message
+/// is untrusted: it may pick any output root, never to write among inputs).
+fn roots_apart(
+    args: &[String],
+    inputs: &HashMap<String, PathBuf>,
+) -> Result<HashMap<String, PathBuf>> {
+    let outs = roots(args).map_err(|e| anyhow::anyhow!("{e:#}").context("--out-root"))?;
+    for (name, out) in &outs {
+        if inputs.contains_key(name) {
+            bail!("--out-root {name}: also an input root's name (--root {name}=...)");
+        }
+        for (input_name, input) in inputs {
+            config::check_out(input, out, out)
+                .with_context(|| format!("--out-root {name} against --root {input_name}"))?;
+        }
+    }
+    Ok(outs)
+}
+
 /// Runs a worker until a shutdown is requested; `Unreachable` if it cannot start.
 pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
     let roots = roots(&args.roots).map_err(Unreachable)?;
+    let out_roots = roots_apart(&args.out_roots, &roots).map_err(Unreachable)?;
     let queue = Queue {
         url: args.queue.clone(),
         creds: args.creds.clone(),
@@ -124,6 +145,8 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
         cancelled: HashSet::new(),
         checked: HashSet::new(),
         roots,
+        out_roots,
+        allow_remove_source: args.allow_remove_source,
         jobs,
         durability: args.durability.unwrap_or_default(),
         me: whoami(),
@@ -148,6 +171,10 @@ struct Router<'a> {
     /// Runs looked up in the stream already (and not cancelled then).
     checked: HashSet<String>,
     roots: HashMap<String, PathBuf>,
+    /// The output roots (`--out-root`): written to only, never taken as inputs.
+    out_roots: HashMap<String, PathBuf>,
+    /// `--allow-remove-source`: jobs may have their inputs removed.
+    allow_remove_source: bool,
     jobs: usize,
     durability: crate::fsio::output::Durability,
     me: String,
@@ -329,33 +356,37 @@ impl Router<'_> {
         };
         // The output root, mapped here like the input root, and never overlapping it (a job
         // message is untrusted: it must not get outputs written among the inputs).
-        if batch.remove_source && self.durability == crate::fsio::output::Durability::None {
-            // Removing inputs needs durable outputs, which this worker does not make.
-            let message = format!(
-                "--remove-source needs durable outputs, and this worker ({}) runs with --durability none",
-                self.me
-            );
-            self.refuse(&m, &batch, Kind::Io, message);
-            return Ok(());
+        if batch.remove_source {
+            // Removing inputs is the worker's operator's choice, not a message's; and it
+            // needs durable outputs, which a worker told not to flush does not make.
+            let refused = if !self.allow_remove_source {
+                Some(format!(
+                    "the job asks for its inputs removed, and this worker ({}) was not started with --allow-remove-source",
+                    self.me
+                ))
+            } else if self.durability == crate::fsio::output::Durability::None {
+                Some(format!(
+                    "--remove-source needs durable outputs, and this worker ({}) runs with --durability none",
+                    self.me
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = refused {
+                self.refuse(&m, &batch, Kind::RemoveRefused, message);
+                return Ok(());
+            }
         }
         let out = match &batch.out {
             None => None,
-            Some(name) => match self.roots.get(name) {
-                Some(dir) if crate::config::check_out(&root, dir, dir).is_ok() => {
-                    Some((name.clone(), dir.clone()))
-                }
-                mapped => {
-                    let message = match mapped {
-                        None => format!(
-                            "the output root {name:?} is not mapped on this worker ({}): give it --root {name}=PATH, as every worker of root {:?} needs",
-                            self.me, batch.root
-                        ),
-                        Some(dir) => format!(
-                            "the output root {name:?} is mapped here to {}, which overlaps the input root {}",
-                            dir.display(),
-                            root.display()
-                        ),
-                    };
+            // Output roots are apart from every input root (checked at start).
+            Some(name) => match self.out_roots.get(name) {
+                Some(dir) => Some((name.clone(), dir.clone())),
+                None => {
+                    let message = format!(
+                        "the output root {name:?} is not mapped on this worker ({}): give it --out-root {name}=PATH, as every worker of root {:?} needs",
+                        self.me, batch.root
+                    );
                     self.refuse(&m, &batch, Kind::UnmappedRoot, message);
                     return Ok(());
                 }

@@ -344,6 +344,25 @@ pub(crate) fn load(
                 );
                 return Err(at(span, &key("root_name"), msg));
             }
+            // The output root's name, as the coordinator will check it when it starts: a file
+            // that loads must start (a reload must not stop the service).
+            if let Some(out) = &cfg.out {
+                let out_name = match &w.out_root_name {
+                    Some(n) => n.get_ref().clone(),
+                    None => crate::config::default_root_name(out),
+                };
+                if !crate::config::valid_root_name(&out_name) || out_name == name {
+                    let span = match (&w.out_root_name, &w.out) {
+                        (Some(n), _) => n.span(),
+                        (None, Some(o)) => o.span(),
+                        (None, None) => queue.span(),
+                    };
+                    let msg = format!(
+                        "the output root's name {out_name:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the root's name {name:?} (set out_root_name)"
+                    );
+                    return Err(at(span, &key("out_root_name"), msg));
+                }
+            }
             if let Some(settings) = cfg.watch.as_mut() {
                 settings.queue = Some(crate::config::QueueTarget {
                     url: queue.get_ref().clone(),
