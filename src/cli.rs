@@ -189,6 +189,154 @@ impl std::fmt::Display for HashAlgo {
     }
 }
 
+/// What `--op` (or `op = "..."` in the config file) asks for: one op, or several results from
+/// one read of each input (`sha256,zstd`: at most one compressor, and any hashes, each once).
+///
+/// The hashes keep the order they were given in: the first one's manifest is `--manifest FILE`
+/// itself, the others' are `FILE.<name>` (see `config::Config::manifest_for`). The canonical
+/// name (`canonical`), which the state files rows under and logs show, lists the hashes in a
+/// fixed order (sha256, sha512, blake3) and the compressor last, so `zstd,sha256` and
+/// `sha256,zstd` are the same pipeline to the state.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub(crate) struct OpSpec {
+    /// The compressing op (gzip, zstd), if any.
+    compressor: Option<OpKind>,
+    /// The hashes, in the order given.
+    hashes: Vec<HashAlgo>,
+}
+
+impl OpSpec {
+    /// One op alone.
+    pub(crate) fn single(kind: OpKind) -> OpSpec {
+        match kind.hash() {
+            Some(algo) => OpSpec {
+                compressor: None,
+                hashes: vec![algo],
+            },
+            None => OpSpec {
+                compressor: Some(kind),
+                hashes: Vec::new(),
+            },
+        }
+    }
+
+    /// The op that decides what applies (outputs, `--level`): the compressor if there is one,
+    /// else the first hash.
+    pub(crate) fn primary(&self) -> OpKind {
+        self.compressor
+            .unwrap_or_else(|| OpKind::from(self.hashes[0]))
+    }
+
+    /// The compressing op, if any.
+    pub(crate) fn compressor(&self) -> Option<OpKind> {
+        self.compressor
+    }
+
+    /// The hashes, in the order given.
+    pub(crate) fn hashes(&self) -> &[HashAlgo] {
+        &self.hashes
+    }
+
+    /// Whether it writes an output per input (and so takes `--out`, `--level`, `--force`).
+    pub(crate) fn compresses(&self) -> bool {
+        self.compressor.is_some()
+    }
+
+    /// Whether each input gives more than one result.
+    pub(crate) fn is_multi(&self) -> bool {
+        self.hashes.len() + usize::from(self.compressor.is_some()) > 1
+    }
+
+    /// The hashes in their canonical order (sha256, sha512, blake3): the order of the digests
+    /// concatenated in a state row's `digest` column.
+    pub(crate) fn hash_layout(&self) -> Vec<HashAlgo> {
+        let mut v = self.hashes.clone();
+        v.sort_by_key(|a| *a as u8);
+        v
+    }
+
+    /// The canonical name: `sha256`, `zstd`, `sha256,blake3,zstd` (hashes in their fixed
+    /// order, the compressor last). Interned: at most one string per combination is ever made
+    /// (a `&'static str` is what logs, metrics and the state take an op's name as).
+    pub(crate) fn canonical(&self) -> &'static str {
+        use std::collections::HashSet;
+        use std::sync::Mutex;
+        if !self.is_multi() {
+            return self.primary().as_str();
+        }
+        let mut parts: Vec<&str> = self
+            .hash_layout()
+            .into_iter()
+            .map(|a| OpKind::from(a).as_str())
+            .collect();
+        parts.extend(self.compressor.map(OpKind::as_str));
+        let name = parts.join(",");
+        static NAMES: Mutex<Option<HashSet<&'static str>>> = Mutex::new(None);
+        let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        let names = names.get_or_insert_with(HashSet::new);
+        match names.get(name.as_str()) {
+            Some(interned) => interned,
+            None => {
+                let leaked: &'static str = Box::leak(name.into_boxed_str());
+                names.insert(leaked);
+                leaked
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for OpSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OpSpec, String> {
+        let mut spec = OpSpec {
+            compressor: None,
+            hashes: Vec::new(),
+        };
+        for part in s.split(',') {
+            let part = part.trim();
+            let kind = OpKind::from_str(part, false).map_err(|_| {
+                format!(
+                    "unknown op {part:?} (expected gzip, zstd, sha256, sha512 or blake3, or \
+                     several joined by commas: one compressor and any hashes, e.g. sha256,zstd)"
+                )
+            })?;
+            match (kind.hash(), spec.compressor) {
+                (Some(algo), _) if spec.hashes.contains(&algo) => {
+                    return Err(format!("{part} is given twice in {s:?}"));
+                }
+                (Some(algo), _) => spec.hashes.push(algo),
+                (None, Some(c)) if c == kind => {
+                    return Err(format!("{part} is given twice in {s:?}"));
+                }
+                (None, Some(c)) => {
+                    return Err(format!(
+                        "at most one compressor per run: {s:?} names {} and {part}",
+                        c.as_str()
+                    ));
+                }
+                (None, None) => spec.compressor = Some(kind),
+            }
+        }
+        Ok(spec)
+    }
+}
+
+impl TryFrom<String> for OpSpec {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<OpSpec, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for OpSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.canonical())
+    }
+}
+
 /// Options shared by `batch` and `watch`: what to process, how, and where results go.
 #[derive(Debug, Args)]
 pub(crate) struct PipelineArgs {
@@ -247,9 +395,11 @@ pub(crate) struct PipelineArgs {
 pub(crate) struct BatchArgs {
     /// The directory tree to process.
     pub(crate) dir: PathBuf,
-    /// The operation to apply to each file.
-    #[arg(long, value_enum)]
-    pub(crate) op: OpKind,
+    /// The operation to apply to each file: gzip, zstd, sha256, sha512, blake3, or several
+    /// results from one read of each input, joined by commas (one compressor and any hashes:
+    /// sha256,zstd).
+    #[arg(long, value_name = "OP[,OP...]")]
+    pub(crate) op: OpSpec,
     /// What to process and how.
     #[command(flatten)]
     pub(crate) common: PipelineArgs,
@@ -290,14 +440,15 @@ pub(crate) struct WatchArgs {
     /// The directory tree to watch (or give --config).
     #[arg(required_unless_present = "config", conflicts_with = "config")]
     pub(crate) dir: Option<PathBuf>,
-    /// The operation to apply to each file (or give --config).
+    /// The operation to apply to each file, or several joined by commas, as for batch (or give
+    /// --config).
     #[arg(
         long,
-        value_enum,
+        value_name = "OP[,OP...]",
         required_unless_present = "config",
         conflicts_with = "config"
     )]
-    pub(crate) op: Option<OpKind>,
+    pub(crate) op: Option<OpSpec>,
     /// Run the pipelines described by this TOML file (see systemd/filepipe.toml). Flags given
     /// as well override the file's global settings and every pipeline's level and globs.
     #[arg(long, value_name = "FILE")]

@@ -14,7 +14,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
-use crate::cli::{BatchArgs, OpKind, PipelineArgs, WatchArgs};
+use crate::cli::{BatchArgs, OpKind, OpSpec, PipelineArgs, WatchArgs};
+use crate::digest::HashAlgo;
 use crate::fsio::output::Durability;
 
 /// Everything a batch run needs to know, resolved and validated.
@@ -22,13 +23,18 @@ use crate::fsio::output::Durability;
 pub(crate) struct Config {
     /// The input root, canonicalized: every walked path starts with it.
     pub(crate) root: PathBuf,
-    /// The operation applied to each file.
+    /// The operation applied to each file: the compressor when there is one, else the (first)
+    /// hash. What decides outputs, `--level` and the rest for every op as it always did.
     pub(crate) op: OpKind,
+    /// Everything `--op` asks for: with several results (`sha256,zstd`), the hashes computed
+    /// from the same read as `op`'s output.
+    pub(crate) spec: OpSpec,
     /// Number of worker threads (and of Shutdown sentinels).
     pub(crate) jobs: usize,
     /// gzip, zstd: the output root (canonicalized, created if missing); `None` = next to inputs.
     pub(crate) out: Option<PathBuf>,
-    /// A hash: where the manifest goes; `None` = stdout.
+    /// A hash: where the manifest goes (the first hash's, see `manifest_for`); `None` =
+    /// stdout.
     pub(crate) manifest: Option<PathBuf>,
     /// Where failed/skipped records go as JSON lines.
     pub(crate) failure_log: Option<PathBuf>,
@@ -144,6 +150,35 @@ impl Config {
                 bail!("{flag} only applies to --op gzip or zstd");
             }
         }
+        if args.remove_source && args.op.is_multi() {
+            // An input may only go once everything made from it is durable: its output, and its
+            // line in the manifest, which batch mode writes at the end of the run.
+            bail!(
+                "--remove-source does not combine with several results (--op {}): the input \
+                 would go before its manifest line is written; compress with --remove-source \
+                 in a run of its own",
+                args.op
+            );
+        }
+        #[cfg(feature = "cluster")]
+        if args.queue.is_some() {
+            refuse_multi_in_cluster(&args.op)?;
+        }
+        if args.state.is_some() && args.op.is_multi() {
+            // An incremental run keeps one digest per file in its state, for one op.
+            bail!(
+                "--state does not combine with several results (--op {}) yet: run it without \
+                 --state",
+                args.op
+            );
+        }
+        if args.op.hashes().len() > 1 && args.common.manifest.is_none() {
+            bail!(
+                "--op {} computes several hashes: give --manifest FILE (the first hash's \
+                 manifest; the others go to FILE.<hash>), stdout holds only one",
+                args.op
+            );
+        }
         if args.remove_source && args.common.durability == Some(Durability::None) {
             // Deleting an input whose output may be in memory only: a machine crash could
             // lose both.
@@ -158,7 +193,7 @@ impl Config {
                  here; run it without --queue"
             );
         }
-        let mut cfg = Config::from_common(&args.dir, args.op, &args.common, quiet, true)?;
+        let mut cfg = Config::from_common(&args.dir, &args.op, &args.common, quiet, true)?;
         cfg.follow_symlinks = args.follow_symlinks;
         cfg.force = args.force;
         cfg.remove_source = args.remove_source;
@@ -183,7 +218,7 @@ impl Config {
     /// With `create`, a missing `--out` directory is made; without, nothing is written.
     pub(crate) fn from_common(
         dir: &Path,
-        op: OpKind,
+        spec: &OpSpec,
         args: &PipelineArgs,
         quiet: bool,
         create: bool,
@@ -193,9 +228,10 @@ impl Config {
         if !root.is_dir() {
             bail!("{} is not a directory", dir.display());
         }
-        if !op.compresses() && args.out.is_some() {
+        let op = spec.primary();
+        if !spec.compresses() && args.out.is_some() {
             bail!("--out only applies to --op gzip or zstd");
-        } else if op.compresses() && args.manifest.is_some() {
+        } else if spec.hashes().is_empty() && args.manifest.is_some() {
             bail!("--manifest only applies to the hashing ops (sha256, sha512, blake3)");
         }
         // The range depends on the op (gzip 1-9, zstd 1-19): clap only knows the widest.
@@ -233,7 +269,8 @@ impl Config {
             None => None,
         };
         if args.move_source.is_some() {
-            if !op.compresses() {
+            // With several results too: the hashes' manifest would name files moved away.
+            if !spec.compresses() || !spec.hashes().is_empty() {
                 // A manifest lists each file by its path in the tree: `sha256sum -c` run from
                 // the root would no longer find a file moved away.
                 bail!(
@@ -264,11 +301,16 @@ impl Config {
         let move_source = move_dir(&args.move_source, "--move-source")?;
         let move_failed = move_dir(&args.move_failed, "--move-failed")?;
         let manifest = args.manifest.as_deref().map(absolute_file).transpose()?;
-        if let Some(m) = &manifest {
+        let manifests: Vec<PathBuf> = spec
+            .hashes()
+            .iter()
+            .filter_map(|&algo| manifest_path(manifest.as_deref(), spec, algo))
+            .collect();
+        for m in &manifests {
             check_manifest(m)?;
         }
         let failure_log = args.failure_log.as_deref().map(absolute_file).transpose()?;
-        let own_files = manifest.iter().chain(&failure_log).cloned().collect();
+        let own_files = manifests.iter().chain(&failure_log).cloned().collect();
         let jobs = match args.jobs {
             Some(n) => usize::from(n),
             None => default_jobs(),
@@ -276,6 +318,7 @@ impl Config {
         Ok(Config {
             root,
             op,
+            spec: spec.clone(),
             jobs,
             out,
             manifest,
@@ -300,9 +343,13 @@ impl Config {
 
     /// Resolves and validates the `watch` arguments for one tree (not `--config`).
     pub(crate) fn from_watch(args: &WatchArgs, quiet: bool) -> Result<Config> {
-        let (Some(dir), Some(op)) = (&args.dir, args.op) else {
+        let (Some(dir), Some(op)) = (&args.dir, &args.op) else {
             bail!("watch needs DIR and --op, or --config FILE");
         };
+        #[cfg(feature = "cluster")]
+        if args.queue.is_some() {
+            refuse_multi_in_cluster(op)?;
+        }
         let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
@@ -363,10 +410,47 @@ impl Config {
         Ok(self)
     }
 
+    /// Where the manifest of `algo` goes: `--manifest FILE` for the first hash `--op` names,
+    /// `FILE.<hash>` (`FILE.sha512`, `FILE.blake3`) for the others; `None` without
+    /// `--manifest`, or for a hash the run does not compute.
+    pub(crate) fn manifest_for(&self, algo: HashAlgo) -> Option<PathBuf> {
+        manifest_path(self.manifest.as_deref(), &self.spec, algo)
+    }
+
     /// The directory outputs for `rel` (a path relative to the root) are written under.
     pub(crate) fn out_root(&self) -> &Path {
         self.out.as_deref().unwrap_or(&self.root)
     }
+}
+
+/// See `Config::manifest_for`. The first hash keeps the name given, so adding a hash to a run
+/// (`--op sha256` to `--op sha256,blake3`) moves no existing manifest and breaks no
+/// `sha256sum -c FILE` already scripted; each other one is the same name with its own suffix,
+/// next to it, where `b3sum -c FILE.blake3` finds it.
+fn manifest_path(manifest: Option<&Path>, spec: &OpSpec, algo: HashAlgo) -> Option<PathBuf> {
+    let manifest = manifest?;
+    match spec.hashes().iter().position(|&a| a == algo)? {
+        0 => Some(manifest.to_path_buf()),
+        _ => {
+            let mut name = manifest.as_os_str().to_os_string();
+            name.push(".");
+            name.push(OpKind::from(algo).as_str());
+            Some(PathBuf::from(name))
+        }
+    }
+}
+
+/// Cluster mode carries one op per job message and one digest per outcome: several results
+/// from one read are refused there, before anything is sent.
+#[cfg(feature = "cluster")]
+pub(crate) fn refuse_multi_in_cluster(spec: &OpSpec) -> Result<()> {
+    if spec.is_multi() {
+        bail!(
+            "--op {spec}: several results from one read are not available in cluster mode \
+             (--queue) yet; run it without --queue, or one op per cluster run"
+        );
+    }
+    Ok(())
 }
 
 /// Refuses an output root (`given`, resolved to `out`) that is the input root, encloses it or

@@ -58,6 +58,11 @@ impl Digest {
         Some(d)
     }
 
+    /// Its algorithm.
+    pub(crate) fn algo(&self) -> HashAlgo {
+        self.algo
+    }
+
     /// Its bytes (`algo().len()` of them).
     pub(crate) fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.algo.len()]

@@ -57,7 +57,7 @@ pub(crate) fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<
             stats,
         );
     }
-    let op = cfg.op.as_str();
+    let op = cfg.spec.canonical();
     // Two connections: the sink writes, the watcher reads (WAL lets both proceed).
     let state = State::open(&settings.state_dir, &cfg.root, op)?;
     let reader = State::reader(&settings.state_dir, &cfg.root, op)?;

@@ -217,7 +217,9 @@ struct DoneRow {
     path: Vec<u8>,
     stamp: Option<Stamp>,
     output: Option<Vec<u8>>,
-    digest: Option<Digest>,
+    /// The digest, or with several hashes their bytes concatenated in the canonical order
+    /// (`cli::OpSpec::hash_layout`); empty for none.
+    digest: Vec<u8>,
     updated: i64,
 }
 
@@ -336,6 +338,18 @@ impl State {
         output: Option<&Path>,
         digest: Option<&Digest>,
     ) -> Result<()> {
+        self.done_digests(rel, stamp, output, digest.map_or(&[], std::slice::from_ref))
+    }
+
+    /// `done`, with the digests of several hashes (an op with several results), stored in the
+    /// order given: the caller gives them in the canonical order `digests_in` reads them by.
+    pub(crate) fn done_digests(
+        &mut self,
+        rel: &Path,
+        stamp: Option<Stamp>,
+        output: Option<&Path>,
+        digests: &[Digest],
+    ) -> Result<()> {
         debug_assert!(
             !self.conn.is_autocommit(),
             "State::done outside a transaction"
@@ -344,7 +358,7 @@ impl State {
             path: rel.as_os_str().as_bytes().to_vec(),
             stamp,
             output: output.map(|o| o.as_os_str().as_bytes().to_vec()),
-            digest: digest.copied(),
+            digest: digests.iter().flat_map(Digest::as_bytes).copied().collect(),
             updated: now_secs(),
         });
         if self.done.len() >= DONE_ROWS {
@@ -487,6 +501,22 @@ impl State {
     /// (the op each row is filed under says which); a digest of another length, which filepipe
     /// never wrote, is left out.
     pub(crate) fn digests(&mut self, algo: HashAlgo) -> Result<Vec<(Vec<u8>, Digest)>> {
+        self.digests_in(&[algo], algo)
+    }
+
+    /// `digests`, for a row holding the digests of `layout`'s hashes concatenated in that order
+    /// (an op with several results): `algo`'s part of each. A row of another length is left
+    /// out.
+    pub(crate) fn digests_in(
+        &mut self,
+        layout: &[HashAlgo],
+        algo: HashAlgo,
+    ) -> Result<Vec<(Vec<u8>, Digest)>> {
+        let total: usize = layout.iter().map(|a| a.len()).sum();
+        let Some(at) = layout.iter().position(|&a| a == algo) else {
+            return Ok(Vec::new());
+        };
+        let start: usize = layout[..at].iter().map(|a| a.len()).sum();
         self.write_done()?;
         let mut stmt = self.conn.prepare_cached(
             "SELECT path, digest FROM files
@@ -500,7 +530,10 @@ impl State {
         let mut out = Vec::new();
         for row in rows {
             let (path, digest) = row?;
-            if let Some(d) = Digest::new(algo, &digest) {
+            if digest.len() != total {
+                continue;
+            }
+            if let Some(d) = Digest::new(algo, &digest[start..start + algo.len()]) {
                 out.push((path, d));
             }
         }
@@ -588,7 +621,10 @@ impl DoneRow {
         stmt.raw_bind_parameter(5, self.stamp.map(|s| s.mtime_ns))?;
         stmt.raw_bind_parameter(6, self.stamp.map(|s| s.inode as i64))?;
         stmt.raw_bind_parameter(7, self.output.as_deref())?;
-        stmt.raw_bind_parameter(8, self.digest.as_ref().map(Digest::as_bytes))?;
+        stmt.raw_bind_parameter(
+            8,
+            (!self.digest.is_empty()).then_some(self.digest.as_slice()),
+        )?;
         stmt.raw_bind_parameter(9, self.updated)?;
         stmt.raw_bind_parameter(10, self.stamp.map(|s| s.ctime_ns))
     }

@@ -18,8 +18,9 @@ pub(crate) struct Done {
     pub(crate) bytes_in: u64,
     /// Bytes written (the .gz size; 0 for the hashes).
     pub(crate) bytes_out: u64,
-    /// The digest (hashing ops), for the manifest.
-    pub(crate) digest: Option<Digest>,
+    /// The digests (hashing ops, and a compressor with hashes), one per hash of the run in
+    /// the order `--op` names them, for the manifests; empty for a compressor alone.
+    pub(crate) digests: Vec<Digest>,
     /// Something worth reporting about an otherwise successful file (e.g. a hard-linked input
     /// kept despite `--remove-source`).
     pub(crate) note: Option<FileError>,

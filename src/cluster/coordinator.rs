@@ -953,7 +953,7 @@ mod tests {
             done: Box::new(Done {
                 bytes_in: 1,
                 bytes_out: 0,
-                digest: None,
+                digests: Vec::new(),
                 note: None,
                 stamp: None,
                 unchanged: false,

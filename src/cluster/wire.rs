@@ -342,7 +342,9 @@ impl WireOutcome {
             Outcome::Done { done, .. } => {
                 w.bytes_in = done.bytes_in;
                 w.bytes_out = done.bytes_out;
-                w.digest = done.digest.map(Digest::to_hex);
+                // One digest at most: a run with several results never reaches the queue
+                // (`config::refuse_multi_in_cluster`).
+                w.digest = done.digests.first().map(|d| d.to_hex());
                 w.read = done.stamp.as_ref().map(WireStamp::of);
                 if let Some(note) = &done.note {
                     why(&mut w, WireStatus::Done, note);
@@ -382,7 +384,7 @@ impl WireOutcome {
                     done: Box::new(Done {
                         bytes_in: self.bytes_in,
                         bytes_out: self.bytes_out,
-                        digest,
+                        digests: digest.into_iter().collect(),
                         note: self.kind.is_some().then(error).transpose()?,
                         stamp: None,
                         unchanged: false,
@@ -493,7 +495,7 @@ mod tests {
             done: Box::new(Done {
                 bytes_in: 10,
                 bytes_out: 4,
-                digest: Some(Digest::new(HashAlgo::Sha512, &[7; 64]).unwrap()),
+                digests: vec![Digest::new(HashAlgo::Sha512, &[7; 64]).unwrap()],
                 ..Done::default()
             }),
         };

@@ -545,6 +545,7 @@ impl Router<'_> {
         let cfg = Config {
             root: root.clone(),
             op: key.op,
+            spec: crate::cli::OpSpec::single(key.op),
             jobs: self.jobs,
             out: key.out.as_ref().map(|(_, dir)| dir.clone()),
             manifest: None,

@@ -33,6 +33,7 @@ use crate::error::{FileError, Kind};
 use crate::fsio::aside::Aside;
 use crate::fsio::input::{InputFile, Root};
 use crate::fsio::output::{self, Attrs, Dir, DirCache, Durability, TempOutput, WriteBehind};
+use crate::ops::hash::{Hasher, Tee};
 use crate::ops::{Done, Op};
 use crate::travel::Job;
 
@@ -51,15 +52,18 @@ pub(crate) trait Codec: Sync + Sized + std::fmt::Debug {
     /// Fresh per-worker state.
     fn scratch(&self) -> Self::Scratch;
 
-    /// Compresses the input (`input.size()` bytes of it, the size it was opened with) into
-    /// `out` as one complete file of the format. The output must depend only on the input
-    /// (bytes, name, stat) and the level: never on the number of threads or on earlier files.
-    /// A shorter input may end the output early or fail the file; the caller's check that the
-    /// input did not change rejects the result either way.
+    /// Compresses the input (`stat.st_size` bytes of it, the size it was opened with, read
+    /// from `input`) into `out` as one complete file of the format. The output must depend only
+    /// on the input (bytes, name, stat) and the level: never on the number of threads or on
+    /// earlier files. A shorter input may end the output early or fail the file; the caller's
+    /// check that the input did not change rejects the result either way. Every byte is read
+    /// through `input` on the calling thread, once: with several results from one read
+    /// (`ops::multi`) it is what hashes them.
     fn compress(
         &self,
         job: &Job,
-        input: &mut InputFile,
+        stat: &rfs::Stat,
+        input: &mut impl Read,
         out: &mut WriteBehind<'_>,
         scratch: &mut Self::Scratch,
     ) -> Result<Totals, FileError>;
@@ -563,6 +567,61 @@ impl<C: Codec> CompressOp<C> {
     }
 }
 
+impl<C: Codec> CompressOp<C> {
+    /// Whether `job` is named like this op's own outputs, next to them: never compressed,
+    /// whatever --force says, or each rerun would compress the last one's outputs again
+    /// (x.gz.gz, x.gz.gz.gz). Matched exactly, as the outputs are named; `X.GZ` is someone
+    /// else's.
+    pub(crate) fn own_output_name(&self, job: &Job) -> bool {
+        let file_name = job.rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
+        !self.mirrored && file_name.ends_with(Self::suffix().as_bytes())
+    }
+
+    /// `Op::read`, with every byte compressed also fed to `hashers` as it is read (several
+    /// results from one read, `ops::multi`; none for the op alone).
+    pub(crate) fn read_hashing(
+        &self,
+        job: &Job,
+        input: &mut InputFile,
+        scratch: &mut Scratch<C::Scratch>,
+        hashers: &mut [Hasher],
+    ) -> Result<Pending, FileError> {
+        let dir = self.out_dir(job, scratch)?;
+        // Adopting an output in place reads the input only to compare it (--remove-source or
+        // --move-source, which several results never have).
+        if self.disposes() && !self.force && !job.replace && hashers.is_empty() {
+            let name = Self::out_name(job)?;
+            if let Existing::UpToDate(_) = self.existing(&dir, &name, input)? {
+                return self.adopt(input, dir, &name, scratch);
+            }
+        }
+        let (dir, mut temp) = match TempOutput::create(Arc::clone(&dir)) {
+            // The remembered output directory was deleted (rm -r of part of the archive while
+            // a daemon runs): made again.
+            Err(_) if output::deleted(&dir) => {
+                scratch.out_dirs.forget();
+                let dir = self.out_dir(job, scratch)?;
+                let temp = TempOutput::create(Arc::clone(&dir))?;
+                (dir, temp)
+            }
+            created => (dir, created?),
+        };
+        let stat = input.stat;
+        let totals = self.codec.compress(
+            job,
+            &stat,
+            &mut Tee::new(input, hashers),
+            &mut WriteBehind::new(temp.file(), self.durability),
+            &mut scratch.codec,
+        )?;
+        Ok(Pending {
+            output: Output::Temp(temp),
+            dir,
+            totals,
+        })
+    }
+}
+
 /// Opens an output by name in its directory (never through a symlink), to read or sync it.
 pub(crate) fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
@@ -685,11 +744,7 @@ impl<C: Codec> Op for CompressOp<C> {
     ) -> Result<Option<FileError>, FileError> {
         let file_name = job.rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
         if let Some(suffix) = compressed_suffix(file_name) {
-            // Named like this op's own outputs, next to them: never, whatever --force says, or
-            // each rerun would compress the last one's outputs again (x.gz.gz, x.gz.gz.gz).
-            // Matched exactly, as the outputs are named; `X.GZ` is someone else's.
-            let own = !self.mirrored && file_name.ends_with(Self::suffix().as_bytes());
-            if own {
+            if self.own_output_name(job) {
                 return Ok(Some(FileError::new(
                     Kind::AlreadyCompressed,
                     format!("already has the {} suffix", Self::suffix()),
@@ -739,35 +794,7 @@ impl<C: Codec> Op for CompressOp<C> {
         input: &mut InputFile,
         scratch: &mut Self::Scratch,
     ) -> Result<Pending, FileError> {
-        let dir = self.out_dir(job, scratch)?;
-        if self.disposes() && !self.force && !job.replace {
-            let name = Self::out_name(job)?;
-            if let Existing::UpToDate(_) = self.existing(&dir, &name, input)? {
-                return self.adopt(input, dir, &name, scratch);
-            }
-        }
-        let (dir, mut temp) = match TempOutput::create(Arc::clone(&dir)) {
-            // The remembered output directory was deleted (rm -r of part of the archive while
-            // a daemon runs): made again.
-            Err(_) if output::deleted(&dir) => {
-                scratch.out_dirs.forget();
-                let dir = self.out_dir(job, scratch)?;
-                let temp = TempOutput::create(Arc::clone(&dir))?;
-                (dir, temp)
-            }
-            created => (dir, created?),
-        };
-        let totals = self.codec.compress(
-            job,
-            input,
-            &mut WriteBehind::new(temp.file(), self.durability),
-            &mut scratch.codec,
-        )?;
-        Ok(Pending {
-            output: Output::Temp(temp),
-            dir,
-            totals,
-        })
+        self.read_hashing(job, input, scratch, &mut [])
     }
 
     fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
@@ -892,7 +919,7 @@ impl<C: Codec> Op for CompressOp<C> {
                 Ok(Done {
                     bytes_in: totals.bytes_in,
                     bytes_out: totals.bytes_out,
-                    digest: None,
+                    digests: Vec::new(),
                     note,
                     stamp: None,
                     unchanged: false,

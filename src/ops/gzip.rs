@@ -13,7 +13,6 @@ use flate2::read::MultiGzDecoder;
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::FileError;
-use crate::fsio::input::InputFile;
 use crate::fsio::output::WriteBehind;
 use crate::ops::compress::{Codec, Totals};
 use crate::ops::gzstream::{self, BlockPool, Header};
@@ -63,16 +62,17 @@ impl Codec for Gzip {
     fn compress(
         &self,
         job: &Job,
-        input: &mut InputFile,
+        stat: &rustix::fs::Stat,
+        input: &mut impl Read,
         out: &mut WriteBehind<'_>,
         scratch: &mut gzstream::Buffers,
     ) -> Result<Totals, FileError> {
         let header = Header {
             level: self.level,
-            mtime: u32::try_from(input.stat.st_mtime).unwrap_or(0),
+            mtime: u32::try_from(stat.st_mtime).unwrap_or(0),
             name: job.rel.file_name().map(|n| n.as_bytes()),
         };
-        let expected = input.size();
+        let expected = stat.st_size as u64;
         gzstream::compress(input, expected, out, &header, self.blocks.as_ref(), scratch)
     }
 

@@ -1,4 +1,5 @@
-//! The hashing ops (SHA-256, SHA-512, BLAKE3): each file's digest, for the manifest.
+//! The hashing ops (SHA-256, SHA-512, BLAKE3): each file's digest, for the manifest; or, with
+//! several hashes (`--op sha256,blake3`), each of them from one read of the file.
 //!
 //! One op over a small `Hasher` enum: the algorithms differ only in the state they update.
 //! sha2 picks the SHA-NI code path at run time where the CPU has it, blake3 its SIMD one. The
@@ -13,7 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sha2::{Digest as _, Sha256, Sha512};
 
-use crate::cli::OpKind;
 use crate::digest::{Digest, HashAlgo};
 use crate::error::FileError;
 use crate::fsio::input::{fill, InputFile};
@@ -91,10 +91,56 @@ pub(crate) fn hash_reader(algo: HashAlgo, r: &mut impl Read, buf: &mut [u8]) -> 
     }
 }
 
+/// A reader that feeds every byte it reads to `hashers` as it goes: the input is read once,
+/// whoever consumes it (a compressor, `ops::multi`), and each hash sees the bytes while they
+/// are still in the core's caches.
+pub(crate) struct Tee<'h, R> {
+    inner: R,
+    hashers: &'h mut [Hasher],
+}
+
+impl<'h, R: Read> Tee<'h, R> {
+    /// `inner`, read through `hashers` (none: `inner` as it is).
+    pub(crate) fn new(inner: R, hashers: &'h mut [Hasher]) -> Self {
+        Tee { inner, hashers }
+    }
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for h in self.hashers.iter_mut() {
+            h.update(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Hashes everything `r` yields with each of `algos`, through `buf`, on this thread: one read,
+/// every hash updated from the same buffer. The digests come in the order of `algos`.
+pub(crate) fn hash_all(
+    algos: &[HashAlgo],
+    r: &mut impl Read,
+    buf: &mut [u8],
+) -> io::Result<Vec<Digest>> {
+    let mut hashers: Vec<Hasher> = algos.iter().map(|&a| Hasher::new(a)).collect();
+    loop {
+        match r.read(buf) {
+            Ok(0) => return Ok(hashers.into_iter().map(Hasher::finalize).collect()),
+            Ok(n) => hashers.iter_mut().for_each(|h| h.update(&buf[..n])),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// A hashing operation. It writes nothing next to inputs: digests go to the reporter.
 #[derive(Debug)]
 pub(crate) struct HashOp {
-    algo: HashAlgo,
+    /// The hashes, in the order `--op` names them (each file's digests come in this order).
+    algos: Vec<HashAlgo>,
+    /// The op's name, for logs: the hash's, or the canonical list of several.
+    name: &'static str,
     /// BLAKE3 with more than one job: the threads that hash a large file's pieces. Separate
     /// from the worker pool on purpose: the workers block on the job channel, so they could
     /// never steal these tasks.
@@ -140,8 +186,20 @@ pub(crate) struct Buffers {
 
 impl HashOp {
     /// The op computing `algo`; `jobs` threads hash a large BLAKE3 file.
+    #[cfg(test)]
     pub(crate) fn new(algo: HashAlgo, jobs: usize) -> anyhow::Result<HashOp> {
-        let pool = if algo == HashAlgo::Blake3 && jobs > 1 {
+        HashOp::several(&[algo], crate::cli::OpKind::from(algo).as_str(), jobs)
+    }
+
+    /// The op computing each of `algos` (at least one) from one read of each file, known as
+    /// `name`. BLAKE3 alone hashes a large file on `jobs` threads; among several hashes it is
+    /// updated on the worker's thread like the others, in the same loop over the same buffer.
+    pub(crate) fn several(
+        algos: &[HashAlgo],
+        name: &'static str,
+        jobs: usize,
+    ) -> anyhow::Result<HashOp> {
+        let pool = if algos == [HashAlgo::Blake3] && jobs > 1 {
             Some(
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(jobs)
@@ -152,7 +210,8 @@ impl HashOp {
             None
         };
         Ok(HashOp {
-            algo,
+            algos: algos.to_vec(),
+            name,
             pool,
             reading: AtomicUsize::new(0),
         })
@@ -219,10 +278,10 @@ impl HashOp {
 
 impl Op for HashOp {
     type Scratch = Buffers;
-    type Pending = Digest;
+    type Pending = Vec<Digest>;
 
     fn name(&self) -> &'static str {
-        OpKind::from(self.algo).as_str()
+        self.name
     }
 
     fn scratch(&self) -> Buffers {
@@ -246,29 +305,31 @@ impl Op for HashOp {
         _: &Job,
         input: &mut InputFile,
         bufs: &mut Buffers,
-    ) -> Result<Digest, FileError> {
+    ) -> Result<Vec<Digest>, FileError> {
         // Read exactly the size fstat gave: no extra read(2) to see EOF on every small file.
         // Growth or shrinkage is caught by the caller's second fstat.
         let size = input.size();
         let mut input = input.take(size);
-        let digest = match &self.pool {
-            Some(pool) => {
+        let digests = match (&self.pool, &self.algos[..]) {
+            (Some(pool), _) => {
                 let reading = Reading::new(&self.reading);
                 if size >= PAR_MIN {
                     Self::blake3_large(pool, &reading, &mut input, bufs)
                 } else {
-                    hash_reader(self.algo, &mut input, &mut bufs.small)
+                    hash_reader(HashAlgo::Blake3, &mut input, &mut bufs.small)
                 }
+                .map(|d| vec![d])
             }
-            None => hash_reader(self.algo, &mut input, &mut bufs.small),
+            (None, &[algo]) => hash_reader(algo, &mut input, &mut bufs.small).map(|d| vec![d]),
+            (None, algos) => hash_all(algos, &mut input, &mut bufs.small),
         };
-        digest.map_err(|e| FileError::io("reading input", &e))
+        digests.map_err(|e| FileError::io("reading input", &e))
     }
 
-    fn publish(&self, _: &Job, input: &InputFile, digest: Digest) -> Result<Done, FileError> {
+    fn publish(&self, _: &Job, input: &InputFile, digests: Vec<Digest>) -> Result<Done, FileError> {
         Ok(Done {
             bytes_in: input.size(),
-            digest: Some(digest),
+            digests,
             ..Done::default()
         })
     }

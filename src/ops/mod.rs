@@ -9,6 +9,7 @@ pub(crate) mod compress;
 pub(crate) mod gzip;
 pub(crate) mod gzstream;
 pub(crate) mod hash;
+pub(crate) mod multi;
 pub(crate) mod zstd;
 
 use crate::error::FileError;

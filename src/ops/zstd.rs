@@ -295,12 +295,13 @@ impl Codec for Zstd {
     fn compress(
         &self,
         _job: &Job,
-        input: &mut InputFile,
+        stat: &rustix::fs::Stat,
+        input: &mut impl Read,
         out: &mut WriteBehind<'_>,
         scratch: &mut Scratch,
     ) -> Result<Totals, FileError> {
-        let expected = input.size();
-        let head = stamp(&input.stat);
+        let expected = stat.st_size as u64;
+        let head = stamp(stat);
         if expected <= scratch.whole_max {
             self.compress_whole(input, expected, &head, out, scratch)
         } else {

@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::ops::compress::CompressOp;
 use crate::ops::gzip::Gzip;
 use crate::ops::hash::HashOp;
+use crate::ops::multi::MultiOp;
 use crate::ops::zstd::Zstd;
 use crate::ops::Op;
 use crate::report::{self, Summary};
@@ -102,18 +103,29 @@ pub(crate) fn run(
     sink: &mut (dyn Sink + Send),
     stats: &Stats,
 ) -> Result<Summary> {
-    match cfg.op {
-        OpKind::Gzip => {
+    let spec = &cfg.spec;
+    let (hashes, name) = (spec.hashes(), spec.canonical());
+    match spec.compressor() {
+        Some(OpKind::Gzip) if hashes.is_empty() => {
             let op = CompressOp::<Gzip>::new(cfg)?;
             run_with(cfg, &op, shutdown, source, sink, stats)
         }
-        OpKind::Zstd => {
+        Some(OpKind::Zstd) if hashes.is_empty() => {
             let op = CompressOp::<Zstd>::new(cfg)?;
             run_with(cfg, &op, shutdown, source, sink, stats)
         }
-        OpKind::Sha256 | OpKind::Sha512 | OpKind::Blake3 => {
-            let algo = cfg.op.hash().expect("a hashing op has a hash");
-            let op = HashOp::new(algo, cfg.jobs).context("starting the hash threads")?;
+        Some(OpKind::Gzip) => {
+            let op = MultiOp::new(CompressOp::<Gzip>::new(cfg)?, hashes, name);
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
+        Some(OpKind::Zstd) => {
+            let op = MultiOp::new(CompressOp::<Zstd>::new(cfg)?, hashes, name);
+            run_with(cfg, &op, shutdown, source, sink, stats)
+        }
+        Some(other) => anyhow::bail!("{} is not a compressor", other.as_str()),
+        None => {
+            let op =
+                HashOp::several(hashes, name, cfg.jobs).context("starting the hash threads")?;
             run_with(cfg, &op, shutdown, source, sink, stats)
         }
     }

@@ -19,7 +19,7 @@ use anyhow::Result;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::config::Config;
-use crate::error::FileError;
+use crate::error::{FileError, Kind};
 use crate::logging::FAILURES;
 use crate::signals::Shutdown;
 use crate::sink::{Disposition, Sink};
@@ -233,9 +233,18 @@ impl Summary {
                 self.bytes_in += done.bytes_in;
                 self.bytes_out += done.bytes_out;
                 progress.bytes_done += done.bytes_in;
-                if let Some(note) = &done.note {
-                    self.warnings += 1;
-                    progress.multi.suspend(|| record("kept", op, &rel, note));
+                match &done.note {
+                    // Several results from one read: hashed, but its compression was skipped
+                    // (already compressed, or its output is up to date), as a compressor alone
+                    // would have skipped the file. Not a warning.
+                    Some(note) if matches!(note.kind, Kind::AlreadyCompressed | Kind::UpToDate) => {
+                        progress.multi.suspend(|| record("hashed", op, &rel, note));
+                    }
+                    Some(note) => {
+                        self.warnings += 1;
+                        progress.multi.suspend(|| record("kept", op, &rel, note));
+                    }
+                    None => {}
                 }
             }
             Outcome::Skipped { rel, reason } => {
@@ -275,7 +284,7 @@ pub(crate) fn record(status: &'static str, op: &'static str, rel: &Path, e: &Fil
     let path_hex = path_hex.as_deref();
     let run = crate::logging::run_id();
     match status {
-        "skipped" | "retrying" => {
+        "skipped" | "retrying" | "hashed" => {
             tracing::info!(target: FAILURES, status, path = %path, path_hex, op, error, errno, run, "{}", e.message)
         }
         _ => {

@@ -63,7 +63,7 @@ impl Summary {
         if cfg.json {
             let json = serde_json::to_string(self).map_err(io::Error::other)?;
             // A batch hash without --manifest prints the manifest on stdout.
-            if cfg.op.hash().is_some() && cfg.manifest.is_none() && cfg.watch.is_none() {
+            if !cfg.spec.hashes().is_empty() && cfg.manifest.is_none() && cfg.watch.is_none() {
                 eprintln!("{json}");
             } else {
                 writeln!(io::stdout().lock(), "{json}")?;

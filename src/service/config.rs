@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::cli::{OpKind, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_SETTLE_MS};
+use crate::cli::{OpSpec, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::fsio::output::Durability;
 
@@ -34,7 +34,7 @@ struct FileConfig {
 #[serde(deny_unknown_fields)]
 struct WatchEntry {
     path: Spanned<PathBuf>,
-    op: OpKind,
+    op: OpSpec,
     out: Option<Spanned<PathBuf>>,
     manifest: Option<Spanned<PathBuf>>,
     level: Option<Spanned<u32>>,
@@ -257,7 +257,7 @@ pub(crate) fn load(
             ("out", !w.op.compresses(), w.out.as_ref().map(|o| o.span())),
             (
                 "manifest",
-                w.op.compresses(),
+                w.op.hashes().is_empty(),
                 w.manifest.as_ref().map(|m| m.span()),
             ),
             (
@@ -273,13 +273,14 @@ pub(crate) fn load(
         ];
         for (k, wrong, span) in misplaced {
             if let (true, Some(span)) = (wrong, span) {
-                let msg = format!("does not apply to op = \"{}\"", w.op.as_str());
+                let msg = format!("does not apply to op = \"{}\"", w.op);
                 return Err(at(span, &key(k), msg));
             }
         }
         // Checked here, against the op's range, to name the line.
         if let Some(l) = &w.level {
-            w.op.level(Some(*l.get_ref()))
+            w.op.primary()
+                .level(Some(*l.get_ref()))
                 .map_err(|e| at(l.span(), &key("level"), e))?;
         }
         let level = w.level.as_ref().map(|l| *l.get_ref());
@@ -322,7 +323,7 @@ pub(crate) fn load(
             .or(w.poll_secs.as_ref().map(|s| *s.get_ref()))
             .or(file.poll_secs.as_ref().map(|s| *s.get_ref()))
             .map(Duration::from_secs);
-        let mut cfg = Config::from_common(&root, w.op, &args, quiet, create)
+        let mut cfg = Config::from_common(&root, &w.op, &args, quiet, create)
             .and_then(|c| {
                 let settle = Duration::from_millis(settle);
                 c.watching(state_dir.clone(), settle, poll, create)
@@ -332,6 +333,14 @@ pub(crate) fn load(
             if !cfg!(feature = "cluster") {
                 let msg = "this filepipe is built without cluster mode (feature cluster)";
                 return Err(at(queue.span(), &key("queue"), msg.into()));
+            }
+            if w.op.is_multi() {
+                let msg = format!(
+                    "op = \"{}\": several results from one read are not available in cluster \
+                     mode yet",
+                    w.op
+                );
+                return Err(at(queue.span(), &key("queue"), msg));
             }
             let name = match &w.root_name {
                 Some(n) => n.get_ref().clone(),

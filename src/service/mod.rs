@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use sd_notify::NotifyState;
 
-use crate::cli::OpKind;
+use crate::cli::OpSpec;
 use crate::config::Config;
 use crate::fsio::output::Durability;
 use crate::report::Summary;
@@ -38,7 +38,7 @@ use watchdog::{notify, spawn_watchdog};
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Identity {
     root: PathBuf,
-    op: OpKind,
+    op: OpSpec,
     out: Option<PathBuf>,
     manifest: Option<PathBuf>,
     level: u32,
@@ -58,7 +58,7 @@ impl Identity {
         let (include, exclude) = cfg.filter.patterns();
         Identity {
             root: cfg.root.clone(),
-            op: cfg.op,
+            op: cfg.spec.clone(),
             out: cfg.out.clone(),
             manifest: cfg.manifest.clone(),
             level: cfg.level,
@@ -92,7 +92,7 @@ fn start(cfg: Config) -> Result<Running> {
         .name("filepipe-pipeline".into())
         .spawn(move || crate::run::watch(&c, &s, &st))
         .context("starting a pipeline thread")?;
-    tracing::info!(root = %cfg.root.display(), op = cfg.op.as_str(), "pipeline started");
+    tracing::info!(root = %cfg.root.display(), op = cfg.spec.canonical(), "pipeline started");
     Ok(Running {
         identity: Identity::of(&cfg),
         cfg,

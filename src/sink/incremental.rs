@@ -60,7 +60,7 @@ impl<'a> IncrementalSink<'a> {
             Outcome::Done { rel, done } => {
                 let output = self.cfg.op.output_name(rel);
                 self.state
-                    .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
+                    .done(rel, done.stamp, output.as_deref(), done.digests.first())?;
             }
             // Deleted after the walk saw it: gone from the state as from the tree.
             Outcome::Failed { rel, error: e } | Outcome::Skipped { rel, reason: e }

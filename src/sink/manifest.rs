@@ -1,6 +1,7 @@
-//! Batch mode's sink: every done file's digest, kept until the end, then the manifest, sorted
-//! by raw path bytes, written once and published atomically (or printed on stdout). The same
-//! writer serves watch mode's state sink, which rewrites its manifest from the state.
+//! Batch mode's sink: every done file's digests, kept until the end, then the manifests (one
+//! per hash: `sha256sum -c`, `sha512sum -c` and `b3sum -c` each read one algorithm), sorted by
+//! raw path bytes, each written once and published atomically (or printed on stdout). The same
+//! writer serves watch mode's state sink, which rewrites its manifests from the state.
 
 use std::ffi::OsStr;
 use std::io::{self, BufWriter, Write};
@@ -10,17 +11,19 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 
-use crate::cli::OpKind;
 use crate::config::Config;
+use crate::digest::HashAlgo;
 use crate::fsio::output::{Dir, TempOutput};
 use crate::manifest;
 use crate::sink::{Disposition, Sink};
 use crate::travel::{Digest, Outcome};
 
-/// Batch mode: collect (path, digest) pairs, write the sorted manifest at the end.
+/// Batch mode: collect each done file's path and digests, write the sorted manifests at the
+/// end.
 pub(crate) struct ManifestSink<'a> {
     cfg: &'a Config,
-    digests: Vec<(Box<Path>, Digest)>,
+    /// A done file and its digests, in the order of `cfg.spec.hashes()`.
+    digests: Vec<(Box<Path>, Vec<Digest>)>,
 }
 
 impl<'a> ManifestSink<'a> {
@@ -36,33 +39,39 @@ impl<'a> ManifestSink<'a> {
 impl Sink for ManifestSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
         if let Outcome::Done { rel, done } = outcome {
-            if let Some(d) = done.digest {
-                self.digests.push((rel.clone().into_boxed_path(), d));
+            if !done.digests.is_empty() {
+                self.digests
+                    .push((rel.clone().into_boxed_path(), done.digests.clone()));
             }
         }
         Ok(Disposition::Final)
     }
 
     fn finish(&mut self) -> Result<()> {
-        if self.cfg.op.hash().is_none() {
-            return Ok(());
-        }
         self.digests
             .sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
-        let lines = self
-            .digests
-            .iter()
-            .map(|(rel, d)| (rel.as_os_str().as_bytes(), d));
-        write_manifest(self.cfg, lines)
+        for (i, &algo) in self.cfg.spec.hashes().iter().enumerate() {
+            // Every done file has every digest (`ops::multi`); one without is left out rather
+            // than listed under another algorithm's.
+            let lines = self.digests.iter().filter_map(|(rel, d)| {
+                d.get(i)
+                    .filter(|d| d.algo() == algo)
+                    .map(|d| (rel.as_os_str().as_bytes(), d))
+            });
+            write_manifest(self.cfg, algo, lines)?;
+        }
+        Ok(())
     }
 }
 
-/// Writes manifest lines, already sorted, to the manifest file (atomically) or stdout.
+/// Writes `algo`'s manifest lines, already sorted, to its manifest file (atomically, see
+/// `Config::manifest_for`) or stdout.
 pub(crate) fn write_manifest<'d>(
     cfg: &Config,
+    algo: HashAlgo,
     lines: impl Iterator<Item = (&'d [u8], &'d Digest)> + Clone,
 ) -> Result<()> {
-    if cfg.op == OpKind::Blake3 {
+    if algo == HashAlgo::Blake3 {
         // Not an error: filepipe verify checks them, and b3sum could not have listed them.
         let non_utf8 = lines
             .clone()
@@ -83,7 +92,7 @@ pub(crate) fn write_manifest<'d>(
         }
         w.flush()
     };
-    let Some(path) = &cfg.manifest else {
+    let Some(path) = &cfg.manifest_for(algo) else {
         return match write_all(&mut io::stdout().lock()) {
             // A closed pipe (`| head`) is the reader's choice, not our failure.
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),

@@ -19,7 +19,7 @@ use crate::travel::{Outcome, Stamp};
 
 /// Whether the sink keeps a manifest: a hash with `--manifest`.
 fn keeps_manifest(cfg: &Config) -> bool {
-    cfg.manifest.is_some() && cfg.op.hash().is_some()
+    cfg.manifest.is_some() && !cfg.spec.hashes().is_empty()
 }
 
 /// Records outcomes in the state and keeps the manifest current.
@@ -97,11 +97,15 @@ impl<'a> StateSink<'a> {
             return Ok(());
         }
         let started = Instant::now();
-        let Some(algo) = self.cfg.op.hash() else {
-            return Ok(());
-        };
-        let digests = self.state.digests(algo)?;
-        manifest::write_manifest(self.cfg, digests.iter().map(|(p, d)| (p.as_slice(), d)))?;
+        let layout = self.cfg.spec.hash_layout();
+        for &algo in self.cfg.spec.hashes() {
+            let digests = match layout[..] {
+                [_] => self.state.digests(algo)?,
+                _ => self.state.digests_in(&layout, algo)?,
+            };
+            let lines = digests.iter().map(|(p, d)| (p.as_slice(), d));
+            manifest::write_manifest(self.cfg, algo, lines)?;
+        }
         self.dirty_since = None;
         self.manifest_written = Some(Instant::now());
         self.manifest_cost = started.elapsed();
@@ -125,10 +129,30 @@ impl Sink for StateSink<'_> {
                 None
             }
             Outcome::Done { rel, done } => {
-                let output = self.cfg.op.output_name(rel);
-                self.state
-                    .done(rel, done.stamp, output.as_deref(), done.digest.as_ref())?;
-                if done.digest.is_some() {
+                // A file only hashed (its compression skipped: already compressed) left no
+                // output of filepipe's.
+                let hashed_only = done
+                    .note
+                    .as_ref()
+                    .is_some_and(|n| n.kind == Kind::AlreadyCompressed);
+                let output = self.cfg.op.output_name(rel).filter(|_| !hashed_only);
+                if self.cfg.spec.is_multi() {
+                    // Stored in the canonical order, whatever order `--op` named them in.
+                    let digests: Vec<_> = self
+                        .cfg
+                        .spec
+                        .hash_layout()
+                        .into_iter()
+                        .filter_map(|algo| done.digests.iter().find(|d| d.algo() == algo))
+                        .copied()
+                        .collect();
+                    self.state
+                        .done_digests(rel, done.stamp, output.as_deref(), &digests)?;
+                } else {
+                    self.state
+                        .done(rel, done.stamp, output.as_deref(), done.digests.first())?;
+                }
+                if !done.digests.is_empty() {
                     self.changed();
                 }
                 None

@@ -287,7 +287,7 @@ fn recorded_result(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>
         }
     };
     Some(Done {
-        digest,
+        digests: digest.into_iter().collect(),
         stamp,
         unchanged: true,
         ..Done::default()
