@@ -347,7 +347,8 @@ pub(crate) struct PipelineArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) out: Option<PathBuf>,
     /// sha256, sha512, blake3: write the manifest to FILE, atomically (batch: stdout if absent;
-    /// watch: kept current from the state).
+    /// watch: kept current from the state). With several hashes, FILE is the first one's and
+    /// FILE.<hash> each other's.
     #[arg(long, value_name = "FILE")]
     pub(crate) manifest: Option<PathBuf>,
     /// Write one JSON line per failed or skipped file to FILE.
@@ -619,4 +620,48 @@ pub(crate) struct VerifyArgs {
     /// or added), then a last one with "status": "summary" and the counts.
     #[arg(long)]
     pub(crate) json: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_specs_parse_refuse_and_name_themselves_canonically() {
+        let spec: OpSpec = "zstd,blake3,sha256".parse().unwrap();
+        assert_eq!(spec.compressor(), Some(OpKind::Zstd));
+        // The order given (the first hash's manifest is --manifest itself) ...
+        assert_eq!(spec.hashes(), [HashAlgo::Blake3, HashAlgo::Sha256]);
+        // ... and the canonical one, for the state: hashes in a fixed order, compressor last.
+        assert_eq!(spec.hash_layout(), [HashAlgo::Sha256, HashAlgo::Blake3]);
+        assert_eq!(spec.canonical(), "sha256,blake3,zstd");
+        assert_eq!(spec.primary(), OpKind::Zstd);
+        assert!(spec.is_multi() && spec.compresses());
+        // Interned: the same string for the same combination.
+        let again: OpSpec = "sha256, blake3 ,zstd".parse().unwrap();
+        assert!(std::ptr::eq(spec.canonical(), again.canonical()));
+        // One op alone is named as it always was.
+        for kind in [OpKind::Gzip, OpKind::Zstd, OpKind::Sha256, OpKind::Blake3] {
+            let one: OpSpec = kind.as_str().parse().unwrap();
+            assert_eq!(one, OpSpec::single(kind));
+            assert_eq!(one.canonical(), kind.as_str());
+            assert!(!one.is_multi());
+            assert_eq!(one.primary(), kind);
+        }
+        let hashes: OpSpec = "sha512,sha256".parse().unwrap();
+        assert_eq!(hashes.primary(), OpKind::Sha512);
+        assert!(!hashes.compresses());
+        for (bad, why) in [
+            ("gzip,zstd", "at most one compressor"),
+            ("zstd,sha256,gzip", "at most one compressor"),
+            ("sha256,sha256", "given twice"),
+            ("zstd,sha256,zstd", "given twice"),
+            ("sha256,", "unknown op"),
+            ("", "unknown op"),
+            ("SHA256", "unknown op"),
+        ] {
+            let e = bad.parse::<OpSpec>().unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
 }

@@ -1008,4 +1008,28 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1, d(0xee), "the later row wins");
     }
+
+    #[test]
+    fn several_digests_share_a_row_and_each_manifest_reads_its_own_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = State::open(dir.path(), Path::new("/data"), "sha256,blake3,zstd").unwrap();
+        let layout = [HashAlgo::Sha256, HashAlgo::Sha512, HashAlgo::Blake3];
+        let sha256 = Digest::new(HashAlgo::Sha256, &[1; 32]).unwrap();
+        let sha512 = Digest::new(HashAlgo::Sha512, &[2; 64]).unwrap();
+        let blake3 = Digest::new(HashAlgo::Blake3, &[3; 32]).unwrap();
+        st.begin().unwrap();
+        st.done_digests(Path::new("a"), None, None, &[sha256, sha512, blake3])
+            .unwrap();
+        // A row of another shape (written under another layout) is not misread.
+        st.done(Path::new("b"), None, None, Some(&sha256)).unwrap();
+        st.commit().unwrap();
+        let mut a = |algo| st.digests_in(&layout, algo).unwrap();
+        assert_eq!(a(HashAlgo::Sha256), vec![(b"a".to_vec(), sha256)]);
+        assert_eq!(a(HashAlgo::Sha512), vec![(b"a".to_vec(), sha512)]);
+        assert_eq!(a(HashAlgo::Blake3), vec![(b"a".to_vec(), blake3)]);
+        assert_eq!(
+            st.digests(HashAlgo::Sha256).unwrap(),
+            vec![(b"b".to_vec(), sha256)]
+        );
+    }
 }

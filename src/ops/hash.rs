@@ -435,10 +435,21 @@ mod tests {
                 one.update(&data);
                 assert_eq!(
                     digest,
-                    one.finalize(),
+                    vec![one.finalize()],
                     "{algo:?}, {jobs} jobs, {others} others"
                 );
             }
         }
+        // Several at once, from one read: each as if alone, in the order given.
+        let algos = [HashAlgo::Blake3, HashAlgo::Sha256, HashAlgo::Sha512];
+        let op = HashOp::several(&algos, "sha256,sha512,blake3", 3).unwrap();
+        let mut input = InputFile::open(&path, false).unwrap();
+        let digests = op.read(&job, &mut input, &mut op.scratch()).unwrap();
+        let alone: Vec<Digest> = algos
+            .iter()
+            .map(|&a| hash_reader(a, &mut &data[..], &mut [0; 4096]).unwrap())
+            .collect();
+        assert_eq!(digests, alone);
+        assert_eq!(op.name(), "sha256,sha512,blake3");
     }
 }
