@@ -115,10 +115,16 @@ fn listed(manifest: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Files of a tree: (name bytes, content).
+type Files = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// What one run left: its two manifests and its outputs by path.
+type RunResults = (Vec<u8>, Vec<u8>, HashMap<PathBuf, Vec<u8>>);
+
 /// Inputs with awkward names: a space, a newline, bytes that are not UTF-8, an empty file, one
 /// large enough to stream (over 4 MiB) and one already compressed.
-fn awkward_tree() -> (TestTree, Vec<(Vec<u8>, Vec<u8>)>) {
-    let files: Vec<(Vec<u8>, Vec<u8>)> = vec![
+fn awkward_tree() -> (TestTree, Files) {
+    let files: Files = vec![
         (b"plain.log".to_vec(), text_bytes(100_000, 1)),
         (b"with space/a b.txt".to_vec(), text_bytes(3_000, 2)),
         (b"nl\nname".to_vec(), b"newline in the name\n".to_vec()),
@@ -264,7 +270,7 @@ fn outputs_and_manifests_are_the_same_whatever_jobs_is() {
         );
     }
     let t = t.file("big", &text_bytes(9 << 20, 99));
-    let mut results: Vec<(Vec<u8>, Vec<u8>, HashMap<PathBuf, Vec<u8>>)> = Vec::new();
+    let mut results: Vec<RunResults> = Vec::new();
     for jobs in ["1", "2", "3"] {
         let copy = t.side(&format!("copy-{jobs}"));
         let cp = tool("cp", &[s("-a"), p(&t.root()), p(&copy)], Path::new("/"));
