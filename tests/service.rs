@@ -174,7 +174,7 @@ fn check_config_names_file_line_and_key() {
         ("manifest with gzip", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nmanifest = \"m\"\n", ":4: watch[0].manifest"),
         ("out with blake3", "[[watch]]\npath = \"in/a\"\nop = \"blake3\"\nout = \"x\"\n", ":4: watch[0].out"),
         ("level with sha512", "[[watch]]\npath = \"in/a\"\nop = \"sha512\"\nlevel = 6\n", ":4: watch[0].level"),
-        ("unknown op", "[[watch]]\npath = \"in/a\"\nop = \"md5\"\n", "expected one of `gzip`, `zstd`, `sha256`, `sha512`, `blake3`"),
+        ("unknown op", "[[watch]]\npath = \"in/a\"\nop = \"md5\"\n", "unknown op \"md5\" (expected gzip, zstd, sha256, sha512 or blake3"),
         ("gzip level 10", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nlevel = 10\n", ":4: watch[0].level: 10 is out of range for gzip (1 to 9)"),
         ("zstd level 20", "[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 20\n", ":4: watch[0].level: 20 is out of range for zstd (1 to 19)"),
         ("level with sha256", "[[watch]]\npath = \"in/a\"\nop = \"sha256\"\nlevel = 3\n", ":4: watch[0].level"),
