@@ -207,7 +207,8 @@ pub(crate) struct OpSpec {
 }
 
 impl OpSpec {
-    /// One op alone.
+    /// One op alone (a cluster worker's, from a job message; the tests').
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn single(kind: OpKind) -> OpSpec {
         match kind.hash() {
             Some(algo) => OpSpec {
