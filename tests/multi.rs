@@ -398,12 +398,20 @@ fn a_file_whose_output_cannot_be_published_fails_whole_and_is_not_listed() {
 fn what_cannot_be_combined_is_refused_before_anything_is_read() {
     let t = TestTree::new().file("a", b"a\n");
     let m = t.side("SUMS");
-    let cases: [(&str, Vec<&OsStr>, &str); 8] = [
+    let aside = t.side("aside");
+    let state = t.side("state");
+    let cases: [(&str, Vec<&OsStr>, &str); 10] = [
         ("gzip,zstd", vec![], "at most one compressor"),
         ("sha256,zstd,sha256", vec![], "given twice"),
         ("zstd,zstd", vec![], "given twice"),
         ("sha256,md5", vec![], "unknown op"),
         ("sha256,zstd", vec![s("--remove-source")], "--remove-source"),
+        (
+            "zstd,blake3",
+            vec![s("--move-source"), p(&aside)],
+            "--move-source",
+        ),
+        ("sha256,zstd", vec![s("--state"), p(&state)], "--state"),
         ("sha256,blake3", vec![], "--manifest"),
         (
             "sha256,blake3",
