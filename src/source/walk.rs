@@ -790,7 +790,7 @@ mod tests {
             assert_eq!(rel, Path::new("same"));
             assert!(done.unchanged && done.bytes_in == 0);
             assert_eq!(
-                done.digest.map(|d| d.as_bytes().to_vec()),
+                done.digests.first().map(|d| d.as_bytes().to_vec()),
                 Some(vec![7; 32])
             );
             assert_eq!(gone, names(&["gone"]), "late: {late}");
