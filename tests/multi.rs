@@ -434,6 +434,21 @@ fn what_cannot_be_combined_is_refused_before_anything_is_read() {
         );
         assert!(!m.exists(), "{op}: a manifest was written");
     }
+    // Cluster mode carries one op per job: refused before the queue is even dialled.
+    if cfg!(feature = "cluster") {
+        let r = batch(
+            &t.root(),
+            "sha256,zstd",
+            &[
+                s("--queue"),
+                s("nats://127.0.0.1:1"),
+                s("--manifest"),
+                p(&m),
+            ],
+        );
+        r.code(2);
+        assert!(r.stderr().contains("cluster mode"), "{}", r.stderr());
+    }
     // A compressor with a hash takes --manifest (a compressor alone still does not).
     batch(&t.root(), "zstd", &[s("--manifest"), p(&m)]).failure();
     batch(&t.root(), "zstd,sha256", &[s("--manifest"), p(&m)]).success();
