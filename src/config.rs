@@ -306,10 +306,23 @@ impl Config {
             .iter()
             .filter_map(|&algo| manifest_path(manifest.as_deref(), spec, algo))
             .collect();
-        for m in &manifests {
+        for (i, m) in manifests.iter().enumerate() {
             check_manifest(m)?;
+            // A name filepipe made up (FILE.<hash>) replaces only a manifest, never a file of
+            // the user's that happens to bear it.
+            if i > 0 {
+                check_derived_manifest(m, spec.hashes()[i])?;
+            }
         }
         let failure_log = args.failure_log.as_deref().map(absolute_file).transpose()?;
+        if let Some(log) = &failure_log {
+            if manifests.contains(log) {
+                bail!(
+                    "--failure-log {} is also a manifest's name: the manifest would replace it",
+                    log.display()
+                );
+            }
+        }
         let own_files = manifests.iter().chain(&failure_log).cloned().collect();
         let jobs = match args.jobs {
             Some(n) => usize::from(n),
@@ -575,6 +588,36 @@ fn check_manifest(path: &Path) -> Result<()> {
             std::io::Error::from(e)
         )
     })
+}
+
+/// Refuses a derived manifest name (`FILE.<hash>`, which the user did not type) held by a
+/// file that is not a manifest of `algo`'s: every line a digest of its length in hex, two
+/// spaces or a space and a star, a name (GNU's escaped form starts with a backslash). An empty
+/// file passes; a file that cannot be read is left to the write at the end to fail on.
+fn check_derived_manifest(path: &Path, algo: HashAlgo) -> Result<()> {
+    use std::io::BufRead;
+    let Ok(file) = fs::File::open(path) else {
+        return Ok(());
+    };
+    let hex = algo.len() * 2;
+    let manifest_line = |line: &[u8]| {
+        let line = line.strip_prefix(b"\\").unwrap_or(line);
+        line.len() > hex + 2
+            && line[..hex].iter().all(u8::is_ascii_hexdigit)
+            && (line[hex..].starts_with(b"  ") || line[hex..].starts_with(b" *"))
+    };
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        if !manifest_line(&line) {
+            bail!(
+                "{} exists and is not a {algo} manifest: it is where --manifest's {algo} lines \
+                 would go (FILE.{}); move it, or choose another --manifest",
+                path.display(),
+                OpKind::from(algo).as_str()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Include/exclude globs. A pattern without '/' matches the file name anywhere in the tree

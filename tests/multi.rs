@@ -537,3 +537,117 @@ fn the_config_file_takes_several_results_and_refuses_what_cannot_be() {
     r.failure();
     assert!(r.stderr().contains("manifest"), "{}", r.stderr());
 }
+
+/// `--manifest ROOT/SUMS` with two hashes derives `ROOT/SUMS.sha512`. A user's input of that
+/// name is refused, not silently dropped from the walk and overwritten (found by a review).
+#[test]
+fn a_derived_manifest_name_never_clobbers_a_user_input() {
+    let t = TestTree::new()
+        .file("a", b"a\n")
+        .file("SUMS.sha512", b"my precious notes, an input\n");
+    let m = t.path("SUMS");
+    let r = batch(&t.root(), "sha256,sha512", &[s("--manifest"), p(&m)]);
+    assert!(
+        r.code(2).stderr().contains("is not a sha512 manifest"),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(
+        fs::read(t.path("SUMS.sha512")).unwrap(),
+        b"my precious notes, an input\n",
+    );
+}
+
+/// The same outside the tree: a file the user never named on the command line is replaced.
+#[test]
+fn a_derived_manifest_name_never_clobbers_an_existing_user_file() {
+    let t = TestTree::new().file("a", b"a\n");
+    let m = t.side("SUMS");
+    let other = t.side("SUMS.blake3");
+    fs::write(&other, b"not a manifest: the user's own file\n").unwrap();
+    let r = batch(&t.root(), "sha256,blake3", &[s("--manifest"), p(&m)]);
+    // Refusing the run would do; silently replacing the file does not.
+    if r.output().status.success() {
+        assert_eq!(
+            fs::read(&other).unwrap(),
+            b"not a manifest: the user's own file\n",
+            "SUMS.blake3 (never named by the user) was replaced"
+        );
+    }
+}
+
+/// A real input named like an output (`backup.zst`, no `backup` beside it): `--op sha256`
+/// lists it; `--op sha256,zstd` leaves it out of the manifest, so the manifest of the same
+/// tree depends on whether a compressor rides along.
+#[test]
+fn a_user_zst_file_is_listed_as_sha256_alone_lists_it() {
+    let t = TestTree::new()
+        .file("a.txt", b"a\n")
+        .file("backup.zst", &noise_bytes(4_000, 9));
+    let alone = t.side("ALONE");
+    batch(&t.root(), "sha256", &[s("--manifest"), p(&alone)]).success();
+    let multi = t.side("MULTI");
+    batch(&t.root(), "sha256,zstd", &[s("--manifest"), p(&multi)]).success();
+    assert_eq!(
+        listed(&alone),
+        listed(&multi),
+        "the sha256 manifest differs when zstd is added"
+    );
+}
+
+/// The failure log and a derived manifest name may be the same file: one overwrites the other.
+#[test]
+fn failure_log_and_derived_manifest_do_not_collide() {
+    let t = TestTree::new().file("a", b"a\n").file("b.gz", b"xx");
+    let m = t.side("SUMS");
+    let log = t.side("SUMS.blake3");
+    let r = batch(
+        &t.root(),
+        "sha256,blake3,zstd",
+        &[s("--manifest"), p(&m), s("--failure-log"), p(&log)],
+    );
+    assert!(
+        !r.output().status.success(),
+        "--failure-log {} is also the blake3 manifest, yet the run was accepted",
+        log.display()
+    );
+}
+
+/// Watch mode with `--out` (outputs elsewhere): a user's `x.zst` dropped in the tree is
+/// ignored by name (`events::ignored_name` matches the op's suffix even when mirrored): never
+/// hashed, never listed, no record of it. Batch mode over the same tree lists it (hashed only).
+#[test]
+fn watch_with_out_lists_a_user_zst_input_as_batch_does() {
+    let t = TestTree::new()
+        .file("a.txt", &text_bytes(3_000, 1))
+        .file("archive.tar.zst", &noise_bytes(3_000, 2));
+    let out = t.side("out");
+    fs::create_dir(&out).unwrap();
+    let bm = t.side("BATCH");
+    let r = batch(
+        &t.root(),
+        "sha256,zstd",
+        &[s("--out"), p(&t.side("out-batch")), s("--manifest"), p(&bm)],
+    );
+    r.success();
+    assert_eq!(listed(&bm).len(), 2, "batch lists both");
+    let m = t.side("SUMS");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "sha256,zstd",
+            "--out",
+            out.to_str().unwrap(),
+            "--manifest",
+            m.to_str().unwrap(),
+        ],
+    );
+    wait_until(Duration::from_secs(30), "the manifest", || {
+        listed(&m).contains(&b"a.txt".to_vec())
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let got = listed(&m);
+    d.stop();
+    assert_eq!(got, listed(&bm), "watch's manifest differs from batch's");
+}

@@ -568,6 +568,11 @@ impl<C: Codec> CompressOp<C> {
 }
 
 impl<C: Codec> CompressOp<C> {
+    /// The suffix of this op's outputs (`.gz`, `.zst`).
+    pub(crate) fn suffix_of(&self) -> &'static str {
+        Self::suffix()
+    }
+
     /// Whether `job` is named like this op's own outputs, next to them: never compressed,
     /// whatever --force says, or each rerun would compress the last one's outputs again
     /// (x.gz.gz, x.gz.gz.gz). Matched exactly, as the outputs are named; `X.GZ` is someone

@@ -121,9 +121,12 @@ impl<C: Codec> Op for MultiOp<C> {
         scratch.hash_only = None;
         match self.comp.check(job, input, &mut scratch.comp)? {
             None => Ok(None),
-            // One of this run's own outputs (or a rerun's): not an input.
+            // One of this run's own outputs (or a rerun's), its input beside it: not an input.
+            // A `.zst` alone is a user's file (a backup, or what --remove-source left): listed.
             Some(reason)
-                if reason.kind == Kind::AlreadyCompressed && self.comp.own_output_name(job) =>
+                if reason.kind == Kind::AlreadyCompressed
+                    && self.comp.own_output_name(job)
+                    && input_beside(job, self.comp.suffix_of()) =>
             {
                 Ok(Some(reason))
             }
@@ -204,4 +207,14 @@ impl<C: Codec> Op for MultiOp<C> {
             })
             .collect()
     }
+}
+
+/// Whether the file `job` names, less the output `suffix`, exists beside it: the input an
+/// output of that name was made from.
+fn input_beside(job: &Job, suffix: &str) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = job.abs.as_os_str().as_bytes();
+    bytes
+        .strip_suffix(suffix.as_bytes())
+        .is_some_and(|stem| std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(stem)).is_ok())
 }

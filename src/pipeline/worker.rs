@@ -247,6 +247,18 @@ pub(crate) fn prepare<O: Op>(
                 if let Err(e) = input.restart() {
                     return Err(failed(job, e));
                 }
+                // Decided again of the file as it is now: an output up to date with the
+                // version first opened is not with this one.
+                match op.check(&job, &input, scratch) {
+                    Ok(None) => {}
+                    Ok(Some(reason)) => {
+                        return Err(Outcome::Skipped {
+                            rel: job.rel,
+                            reason,
+                        })
+                    }
+                    Err(e) => return Err(failed(job, e)),
+                }
             }
         }
     }

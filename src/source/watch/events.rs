@@ -145,11 +145,14 @@ pub(crate) fn ignored_name(cfg: &Config, rel: &Path) -> bool {
         .iter()
         .any(|s| name.ends_with(s))
         || name.starts_with(b".#");
+    // Outputs next to their inputs are the op's own; with --out, a name with the suffix in
+    // the tree is a user's file like any other (reported already compressed, or hashed).
     temp_like
-        || cfg
-            .op
-            .suffix()
-            .is_some_and(|s| name.ends_with(s.as_bytes()))
+        || cfg.out.is_none()
+            && cfg
+                .op
+                .suffix()
+                .is_some_and(|s| name.ends_with(s.as_bytes()))
 }
 
 /// Whether an event's path is an anonymous file's (`O_TMPFILE`, filepipe's own temps among
