@@ -56,7 +56,10 @@ impl Tmpfs {
 
 impl Drop for Tmpfs {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -150,7 +153,10 @@ fn a_move_directory_swapped_for_a_symlink_while_watching_sends_nothing_outside()
     let done = t.side("done");
     let outside = t.side("outside");
     fs::create_dir(&outside).unwrap();
-    let d = Daemon::ready(&t, &["--op", "gzip", "--move-source", done.to_str().unwrap()]);
+    let d = Daemon::ready(
+        &t,
+        &["--op", "gzip", "--move-source", done.to_str().unwrap()],
+    );
     d.wait_idle(1);
     assert!(done.join("first.log").exists());
     fs::rename(&done, t.side("done.old")).unwrap();
@@ -158,7 +164,9 @@ fn a_move_directory_swapped_for_a_symlink_while_watching_sends_nothing_outside()
     fs::create_dir(t.path("cron.d")).unwrap();
     fs::write(t.path("cron.d/evil"), b"* * * * * root evil\n").unwrap();
     wait_until(Duration::from_secs(60), "cron.d/evil handled", || {
-        d.notes.last_status().is_some_and(|s| s.idle() && s.done + s.failed >= 2)
+        d.notes
+            .last_status()
+            .is_some_and(|s| s.idle() && s.done + s.failed >= 2)
     });
     d.stop();
     assert!(
@@ -182,12 +190,18 @@ fn directories_made_in_the_move_directory_are_synced_into_their_parents() {
     let trace = t.side("trace");
     let root = t.root();
     let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-y", "-e", "trace=mkdirat,fsync,fdatasync,syncfs", "-o"])
-        .arg(&trace)
-        .arg(bin())
-        .args([s("batch"), p(&root), s("--op"), s("gzip")])
-        .args([s("--move-source"), p(&done)])
-        .env_remove("RUST_LOG");
+    cmd.args([
+        "-f",
+        "-y",
+        "-e",
+        "trace=mkdirat,fsync,fdatasync,syncfs",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(bin())
+    .args([s("batch"), p(&root), s("--op"), s("gzip")])
+    .args([s("--move-source"), p(&done)])
+    .env_remove("RUST_LOG");
     run(cmd).success();
     assert!(!t.path("x/y/a.log").exists());
     let text = fs::read_to_string(&trace).unwrap();
@@ -195,9 +209,14 @@ fn directories_made_in_the_move_directory_are_synced_into_their_parents() {
     let done_s = done.to_str().unwrap();
     let mut checked = 0;
     for (i, l) in lines.iter().enumerate() {
-        let Some(rest) = l.split_once("mkdirat(").map(|x| x.1) else { continue };
+        let Some(rest) = l.split_once("mkdirat(").map(|x| x.1) else {
+            continue;
+        };
         // mkdirat(9</tmp/.../done>, "x", 0755) = 0
-        let Some(parent) = rest.split_once('<').and_then(|x| x.1.split_once('>')).map(|x| x.0)
+        let Some(parent) = rest
+            .split_once('<')
+            .and_then(|x| x.1.split_once('>'))
+            .map(|x| x.0)
         else {
             continue;
         };
@@ -221,14 +240,22 @@ fn a_failed_input_moved_aside_is_still_listed_by_status_failed() {
     let long = [b'n'; 253];
     let t = TestTree::new().file(long, b"too long for its .gz\n");
     let failed = t.side("failed");
-    let d = Daemon::ready(&t, &["--op", "gzip", "--move-failed", failed.to_str().unwrap()]);
+    let d = Daemon::ready(
+        &t,
+        &["--op", "gzip", "--move-failed", failed.to_str().unwrap()],
+    );
     wait_until(Duration::from_secs(60), "moved aside", || {
         failed.join(OsStr::from_bytes(&long)).exists()
     });
     std::thread::sleep(Duration::from_millis(1500));
     d.stop();
     let state = t.side("state");
-    let out = run(filepipe(&[s("status"), s("--state"), p(&state), s("--failed")]));
+    let out = run(filepipe(&[
+        s("status"),
+        s("--state"),
+        p(&state),
+        s("--failed"),
+    ]));
     let text = out.stdout();
     assert!(
         text.contains("FAILED") && text.contains("nnnnnnnn"),
@@ -287,11 +314,18 @@ fn an_unreadable_input_still_being_written_is_not_moved_aside() {
     fs::set_permissions(&failed, fs::Permissions::from_mode(0o777)).unwrap();
     let (root, state) = (t.root(), t.side("state"));
     let mut cmd = unprivileged();
-    cmd.args([s("watch"), p(&root), s("--op"), s("gzip"), s("--settle"), s("150")])
-        .args([s("--state"), p(&state), s("--move-failed"), p(&failed)])
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(t.side("daemon.err")).unwrap());
+    cmd.args([
+        s("watch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--settle"),
+        s("150"),
+    ])
+    .args([s("--state"), p(&state), s("--move-failed"), p(&failed)])
+    .env_remove("RUST_LOG")
+    .stdout(Stdio::null())
+    .stderr(fs::File::create(t.side("daemon.err")).unwrap());
     let daemon = Started::new(cmd);
     std::thread::sleep(Duration::from_millis(3000));
     let mut w = fs::OpenOptions::new()
@@ -304,7 +338,11 @@ fn an_unreadable_input_still_being_written_is_not_moved_aside() {
         writeln!(w, "line {i}").unwrap();
         // Another descriptor open for writing closes (a child that inherited it exits, a
         // helper appends): a close event, while `w` keeps the file open.
-        if fs::OpenOptions::new().append(true).open(t.path("app.log")).is_err() {
+        if fs::OpenOptions::new()
+            .append(true)
+            .open(t.path("app.log"))
+            .is_err()
+        {
             break; // gone from the tree
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -337,7 +375,14 @@ fn a_copy_killed_before_it_is_named_leaves_no_temp_after_the_rerun() {
     let t = TestTree::new().file("a.bin", &noise_bytes(1 << 20, 3));
     let done = fs2.path().join("done");
     let root = t.root();
-    let args = [s("batch"), p(&root), s("--op"), s("gzip"), s("--move-source"), p(&done)];
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--move-source"),
+        p(&done),
+    ];
     // renameat2 #1: the output's publish; #2: the move, EXDEV; #3: the copy's name.
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-o", "/dev/null", "-e"])

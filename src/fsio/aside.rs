@@ -11,6 +11,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -32,16 +33,37 @@ pub(crate) type Moved = Result<PathBuf, FileError>;
 /// A directory inputs are moved to, mirroring their tree.
 #[derive(Debug)]
 pub(crate) struct Aside {
-    /// The directory (canonical, made by `Config`).
-    root: PathBuf,
+    /// The directory (canonical, made by `Config`), for messages and checks at start.
+    pub(crate) root: PathBuf,
+    /// The directory, opened once at start without following a symlink: every move goes
+    /// beneath this descriptor, never by the path again, so DIR renamed away and replaced by
+    /// a symlink while filepipe runs sends nothing elsewhere. `None` for a configuration only
+    /// checked (`check-config`), which moves nothing.
+    dir: Option<Arc<Dir>>,
 }
 
 impl Aside {
-    /// Moves to `root`.
-    pub(crate) fn new(root: &Path) -> Aside {
+    /// Opens `root` (canonical: no symlink in it) once, refusing a symlink in its place.
+    pub(crate) fn open(root: &Path) -> std::io::Result<Aside> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rfs::open(root, flags, Mode::empty())?;
+        Ok(Aside {
+            root: root.to_path_buf(),
+            dir: Some(Arc::new(Dir::new(fd, root.to_path_buf()))),
+        })
+    }
+
+    /// `root` as configured, not opened: for a configuration that is only checked.
+    pub(crate) fn unopened(root: &Path) -> Aside {
         Aside {
             root: root.to_path_buf(),
+            dir: None,
         }
+    }
+
+    /// The directory's descriptor (see the field).
+    pub(crate) fn dir(&self) -> Option<&Arc<Dir>> {
+        self.dir.as_ref()
     }
 
     /// Moves `name` in `src` (the input `rel` of the tree at `input_root`) to `rel` under this
@@ -69,7 +91,14 @@ impl Aside {
             let mode = std::fs::symlink_metadata(input_root.join(r)).map_or(0o700, |m| m.mode());
             Mode::from_raw_mode((mode & 0o777) | 0o700)
         };
-        let dest = match DirCache::new(&self.root, true).open(rel_dir, &mode_of) {
+        let Some(top) = &self.dir else {
+            let why = format!("{} was not opened at start", self.root.display());
+            return Ok(Err(FileError::new(
+                Kind::Io,
+                format!("input not moved: {why}"),
+            )));
+        };
+        let dest = match DirCache::beneath(Arc::clone(top)).open(rel_dir, &mode_of) {
             Ok(d) => d,
             Err(e) => return Ok(Err(not_moved(e))),
         };
@@ -254,6 +283,110 @@ impl Aside {
         Ok(Err(too_many(dest, name)))
         // The temp, if never named, is removed as it drops.
     }
+}
+
+/// How a move directory overlaps a tree by identity, where their paths do not show it: a
+/// bind mount of a directory inside the tree, or a path whose ancestor is one. `Some("is
+/// the" | "is inside the" | "encloses the")`, or `None` where they are apart. Three looks:
+/// the directories' own (device, inode) up each one's `..` chain, and where each lies within
+/// its file system (`/proc/self/mountinfo`), which is what a bind mount hides from paths.
+pub(crate) fn overlap(tree: &Path, dir: &Aside) -> std::io::Result<Option<&'static str>> {
+    let Some(top) = &dir.dir else { return Ok(None) };
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let tree_fd = rfs::open(tree, flags, Mode::empty())?;
+    let id = |st: &rfs::Stat| (st.st_dev, st.st_ino);
+    let tree_id = id(&rfs::fstat(&tree_fd)?);
+    let dir_id = id(&rfs::fstat(&top.fd)?);
+    if tree_id == dir_id {
+        return Ok(Some("is the"));
+    }
+    // The ancestors of `from`, by `..` (which a bind mount does not hide), up to `/`.
+    let ancestors = |from: &OwnedFd| -> std::io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut fd = rfs::openat(from, "..", flags, Mode::empty())?;
+        let mut last = id(&rfs::fstat(from)?);
+        for _ in 0..4096 {
+            let now = id(&rfs::fstat(&fd)?);
+            if now == last {
+                break;
+            }
+            out.push(now);
+            last = now;
+            fd = rfs::openat(&fd, "..", flags, Mode::empty())?;
+        }
+        Ok(out)
+    };
+    if ancestors(&top.fd)?.contains(&tree_id) {
+        return Ok(Some("is inside the"));
+    }
+    if ancestors(&tree_fd)?.contains(&dir_id) {
+        return Ok(Some("encloses the"));
+    }
+    let mounts = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let (Some((tdev, tpath)), Some((ddev, dpath))) = (
+        in_file_system(&mounts, tree),
+        in_file_system(&mounts, &dir.root),
+    ) else {
+        return Ok(None);
+    };
+    if tdev != ddev {
+        return Ok(None);
+    }
+    Ok(if dpath == tpath {
+        Some("is the")
+    } else if dpath.starts_with(&tpath) {
+        Some("is inside the")
+    } else if tpath.starts_with(&dpath) {
+        Some("encloses the")
+    } else {
+        None
+    })
+}
+
+/// Where the canonical `path` lies within its file system, from `/proc/self/mountinfo`
+/// (`mounts`): the mount's device (`major:minor`) and the path from that file system's root.
+/// The last mount whose mount point holds `path` hides the others.
+fn in_file_system(mounts: &[u8], path: &Path) -> Option<(Vec<u8>, PathBuf)> {
+    let mut best: Option<(usize, Vec<u8>, PathBuf)> = None;
+    for line in mounts.split(|&b| b == b'\n') {
+        let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        if f.len() < 5 {
+            continue;
+        }
+        let (dev, root, point) = (f[2], unescape(f[3]), unescape(f[4]));
+        let point = Path::new(OsStr::from_bytes(&point));
+        let Ok(rest) = path.strip_prefix(point) else {
+            continue;
+        };
+        let depth = point.components().count();
+        if best.as_ref().is_none_or(|b| depth >= b.0) {
+            let within = Path::new(OsStr::from_bytes(&root)).join(rest);
+            best = Some((depth, dev.to_vec(), within));
+        }
+    }
+    best.map(|(_, dev, within)| (dev, within))
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space) undone.
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|o| field[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(o) => {
+                out.push(o.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
 }
 
 /// How a move made the input's second name, before the first goes.

@@ -132,7 +132,7 @@ enum Dispose {
     /// `--remove-source`: unlinked.
     Remove,
     /// `--move-source DIR`: moved to its relative path under DIR.
-    Move(Aside),
+    Move(Arc<Aside>),
 }
 
 /// Per-worker state.
@@ -199,7 +199,7 @@ impl<C: Codec> CompressOp<C> {
     /// Builds the operation from the config.
     pub(crate) fn new(cfg: &Config) -> anyhow::Result<Self> {
         let dispose = match (&cfg.move_source, cfg.remove_source) {
-            (Some(dir), _) => Some(Dispose::Move(Aside::new(dir))),
+            (Some(dir), _) => Some(Dispose::Move(Arc::clone(dir))),
             (None, true) => Some(Dispose::Remove),
             (None, false) => None,
         };
@@ -1150,7 +1150,7 @@ mod tests {
         let mut g = group(&files, false, &["y/c.log.gz"]);
         let done = g.tmp.path().join("done");
         std::fs::create_dir(&done).unwrap();
-        g.op.dispose = Some(Dispose::Move(Aside::new(&done)));
+        g.op.dispose = Some(Dispose::Move(Arc::new(Aside::open(&done).unwrap())));
         g.op.root_fd = Some(Root::new(&g.op.root).unwrap());
         // Rewritten after it was read (same size, its mtime put back, as `cp -p` would): only
         // its ctime tells, and it must stay.

@@ -15,7 +15,6 @@ use crate::config::Config;
 use crate::error::{FileError, Kind};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
-use crate::fsio::aside::Aside;
 use crate::fsio::input::{self, InputFile, NotRegular, OpenError};
 use crate::fsio::output::Dir;
 use crate::ops::Op;
@@ -293,12 +292,12 @@ fn set_aside(cfg: &Config, root: Option<&input::Root>, job: &Job, error: FileErr
         ));
     }
     let src = Dir::new(fd, parent.to_path_buf());
-    match Aside::new(dir).move_input(&src, name, &job.rel, &st, &cfg.root) {
+    match dir.move_input(&src, name, &job.rel, &st, &cfg.root) {
         Ok(Ok(to)) => note(format!("input moved to {}", to.display())),
         Ok(Err(why)) => note(why.message),
         Err(e) => note(format!(
             "input moved under {}, but {} (the move may not survive a crash)",
-            dir.display(),
+            dir.root.display(),
             e.message
         )),
     }
