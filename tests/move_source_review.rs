@@ -449,3 +449,56 @@ fn a_move_across_file_systems_keeps_the_mode_bits_and_xattrs() {
     let n = rustix::fs::getxattr(&moved, "user.origin", &mut buf[..]).unwrap_or(0);
     assert_eq!(&buf[..n], b"upload-42");
 }
+
+/// 11. The move, and --remove-source's unlink, act on the input's name after checking what it
+/// leads to: a file renamed over that name in between (here while strace holds the call on
+/// `a.log` back) was moved or deleted, unprocessed. Now only the file that was read goes; any
+/// other is put back under its name.
+fn replaced_between_check_and_act(dispose: &[&str]) {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    let t = TestTree::new().file("a.log", b"old, compressed\n");
+    let fresh = t.side("fresh");
+    fs::write(&fresh, b"new, never read\n").unwrap();
+    let trace = t.side("trace");
+    let root = t.root();
+    let mut cmd = Command::new("strace");
+    // Only the calls that name `a.log` are held back (-P), the output's own untouched.
+    cmd.args(["-f", "-P", "a.log", "-e", "trace=renameat2,unlinkat", "-o"])
+        .arg(&trace)
+        .args(["-e", "inject=renameat2,unlinkat:delay_enter=1500000"])
+        .arg(bin())
+        .args([s("batch"), p(&root), s("--op"), s("gzip"), s("--json")])
+        .args(dispose)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Started::new(cmd);
+    wait_until(
+        Duration::from_secs(60),
+        "the call on a.log held back",
+        || fs::read_to_string(&trace).is_ok_and(|t| t.contains("\"a.log\"")),
+    );
+    fs::rename(&fresh, t.path("a.log")).unwrap();
+    started.finish(Duration::from_secs(60));
+    assert_eq!(
+        fs::read(t.path("a.log")).ok().as_deref(),
+        Some(&b"new, never read\n"[..]),
+        "the file renamed over the input was not left in place: {}",
+        fs::read_to_string(&trace).unwrap_or_default()
+    );
+}
+
+#[test]
+fn a_file_renamed_over_the_input_as_it_is_moved_is_put_back() {
+    let t = TestTree::new();
+    let done = t.side("done");
+    replaced_between_check_and_act(&["--move-source", done.to_str().unwrap()]);
+}
+
+#[test]
+fn a_file_renamed_over_the_input_as_it_is_removed_is_kept() {
+    replaced_between_check_and_act(&["--remove-source"]);
+}

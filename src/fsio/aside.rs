@@ -120,6 +120,13 @@ impl Aside {
                 }
             }
             let path = dest.path.join(&to);
+            // The name was checked just before, but acted on by name: another file renamed
+            // over it meanwhile went instead. Only the very file that was read is moved; any
+            // other goes back where it was, unprocessed.
+            match rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(now) if same_version(&now, read) && now.st_nlink == 1 => {}
+                _ => return Ok(Err(put_back(src, name, &dest, &to))),
+            }
             output::sync_dir(&dest)?;
             output::sync_dir(src)?;
             return Ok(Ok(path));
@@ -283,6 +290,28 @@ impl Aside {
         Ok(Err(too_many(dest, name)))
         // The temp, if never named, is removed as it drops.
     }
+}
+
+/// Renames `to` in `dest` back to `name` in `src` (never over a file): a move took a file
+/// that was not the one read, renamed over the input's name between its check and the move.
+fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
+    let back = match rfs::renameat_with(&dest.fd, to, &src.fd, name, RenameFlags::NOREPLACE) {
+        Ok(()) => output::sync_dir(src)
+            .and(output::sync_dir(dest))
+            .map_err(|e| e.message),
+        Err(e) => Err(e.to_string()),
+    };
+    let message = match back {
+        Ok(()) => "input not moved: another file was renamed over its name as it was moved; \
+                   that file was put back, unprocessed"
+            .to_string(),
+        Err(e) => format!(
+            "input not moved: another file was renamed over its name as it was moved, and \
+             could not be put back ({e}): it is at {}",
+            dest.path.join(to).display()
+        ),
+    };
+    FileError::new(Kind::Changed, message)
 }
 
 /// How a move directory overlaps a tree by identity, where their paths do not show it: a

@@ -319,7 +319,7 @@ fn own_prefix() -> &'static str {
 }
 
 /// A fresh name for a temp of this process.
-fn temp_name() -> OsString {
+pub(crate) fn temp_name() -> OsString {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     OsString::from(format!("{}{n}{TEMP_SUFFIX}", own_prefix()))
