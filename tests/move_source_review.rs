@@ -72,7 +72,7 @@ impl Drop for Bind {
     }
 }
 
-/// 1. A crash between the link and the unlink of a move by link (file systems without
+/// Review bug 1: A crash between the link and the unlink of a move by link (file systems without
 /// RENAME_NOREPLACE) leaves the input with a second link in DIR. The rerun then calls it
 /// "hard-linked" and keeps it for ever, and DIR shares the inode with the tree (an edit of the
 /// input edits the "moved" file), against "a SIGKILL between publish and move loses nothing;
@@ -112,7 +112,7 @@ fn a_move_by_link_killed_before_its_unlink_is_finished_by_the_rerun() {
     assert_eq!(fs::read(done.join("a.log")).unwrap(), b"moved by a link\n");
 }
 
-/// 2. A DIR bind-mounted from a directory inside the tree passes the path check (and a move
+/// Review bug 2: A DIR bind-mounted from a directory inside the tree passes the path check (and a move
 /// there, EXDEV across the two mounts, is a copy that lands in the tree): README says a DIR
 /// inside the tree is refused at start. In watch mode this loops for ever
 /// (in/archive/archive/archive/...).
@@ -144,7 +144,7 @@ fn a_move_directory_bind_mounted_from_inside_the_tree_is_refused() {
     r.code(2);
 }
 
-/// 3. DIR is opened by path, following symlinks, for every move (`DirCache::new(root)` in
+/// Review bug 3: DIR is opened by path, following symlinks, for every move (`DirCache::new(root)` in
 /// `Aside::move_input`): DIR renamed away and replaced by a symlink while the daemon runs sends
 /// inputs, under names the tree's writers choose, outside DIR (here `cron.d/evil`).
 #[test]
@@ -175,7 +175,7 @@ fn a_move_directory_swapped_for_a_symlink_while_watching_sends_nothing_outside()
     );
 }
 
-/// 4. Directories made under DIR for a move are never fsynced into their parents
+/// Review bug 4: Directories made under DIR for a move are never fsynced into their parents
 /// (`DirCache::open_uncached` mkdirat, then only the leaf and the source are synced): the
 /// input's only name is then in a directory whose own entry may not survive a power cut.
 #[test]
@@ -232,7 +232,7 @@ fn directories_made_in_the_move_directory_are_synced_into_their_parents() {
     assert_eq!(checked, 2, "expected mkdirat of x and y under DIR:\n{text}");
 }
 
-/// 5. Watch mode: an input failed for good and moved aside by --move-failed leaves the state
+/// Review bug 5: Watch mode: an input failed for good and moved aside by --move-failed leaves the state
 /// with the move (taken as a deletion), so `filepipe status --failed` no longer lists it; the
 /// same failure without --move-failed is listed.
 #[test]
@@ -263,7 +263,7 @@ fn a_failed_input_moved_aside_is_still_listed_by_status_failed() {
     );
 }
 
-/// 6. --move-failed across file systems can never move an unreadable input: the copy opens
+/// Review bug 6: --move-failed across file systems can never move an unreadable input: the copy opens
 /// it for reading, which is exactly what failed (EACCES). README promises the move "the same
 /// way" across file systems.
 #[test]
@@ -297,7 +297,7 @@ fn move_failed_across_file_systems_moves_an_unreadable_input() {
     );
 }
 
-/// 7. An unreadable input that a writer still has open (a log being appended to) is moved to
+/// Review bug 7: An unreadable input that a writer still has open (a log being appended to) is moved to
 /// --move-failed from under the writer as soon as some other descriptor of it is closed: the
 /// in-use check that makes a readable file wait (retry) needs the open that failed. README:
 /// "in use" is a failure that may pass and leaves the input in place.
@@ -356,7 +356,7 @@ fn an_unreadable_input_still_being_written_is_not_moved_aside() {
     );
 }
 
-/// 8. A move across file systems killed before its copy is named leaves a named temp (a full
+/// Review bug 8: A move across file systems killed before its copy is named leaves a named temp (a full
 /// copy of the input, with the input's mode) in DIR; DIR is never swept, so it stays for ever
 /// (RELIABILITY: "a crash leaves at most a temp file, cleaned up at the next start").
 #[test]
@@ -400,7 +400,7 @@ fn a_copy_killed_before_it_is_named_leaves_no_temp_after_the_rerun() {
     assert_eq!(temps_under(&done), Vec::<PathBuf>::new(), "{sum}");
 }
 
-/// 9. The service config refuses a move directory inside a watched tree, but not one that
+/// Review bug 9: The service config refuses a move directory inside a watched tree, but not one that
 /// encloses another pipeline's watched tree: files moved there are processed again by that
 /// pipeline ("a file would be processed twice", the reason overlapping roots are refused).
 #[test]
@@ -418,7 +418,7 @@ fn a_move_directory_enclosing_another_watch_root_is_refused() {
     r.code(2);
 }
 
-/// 10. A move across file systems drops what a rename keeps: set-group-ID bit and extended
+/// Review bug 10: A move across file systems drops what a rename keeps: set-group-ID bit and extended
 /// attributes (ACLs, labels, user.*). README: "given its mode, owner and times".
 #[test]
 fn a_move_across_file_systems_keeps_the_mode_bits_and_xattrs() {
@@ -432,7 +432,7 @@ fn a_move_across_file_systems_keeps_the_mode_bits_and_xattrs() {
     let t = TestTree::new().file("a.sh", b"#!/bin/sh\n");
     fs::set_permissions(t.path("a.sh"), fs::Permissions::from_mode(0o2750)).unwrap();
     rustix::fs::setxattr(
-        &t.path("a.sh"),
+        t.path("a.sh"),
         "user.origin",
         b"upload-42",
         rustix::fs::XattrFlags::empty(),
@@ -450,7 +450,7 @@ fn a_move_across_file_systems_keeps_the_mode_bits_and_xattrs() {
     assert_eq!(&buf[..n], b"upload-42");
 }
 
-/// 11. The move, and --remove-source's unlink, act on the input's name after checking what it
+/// Review bug 11: The move, and --remove-source's unlink, act on the input's name after checking what it
 /// leads to: a file renamed over that name in between (here while strace holds the call on
 /// `a.log` back) was moved or deleted, unprocessed. Now only the file that was read goes; any
 /// other is put back under its name.
