@@ -61,11 +61,6 @@ impl Aside {
         }
     }
 
-    /// The directory's descriptor (see the field).
-    pub(crate) fn dir(&self) -> Option<&Arc<Dir>> {
-        self.dir.as_ref()
-    }
-
     /// Moves `name` in `src` (the input `rel` of the tree at `input_root`) to `rel` under this
     /// directory. The caller has just checked that the name leads to `read`, the file it means
     /// (same inode, size and times, one link); across file systems the copy is made from that
@@ -160,10 +155,53 @@ impl Aside {
                     }));
                 }
             }
-            output::sync_dir(dest)?;
+            // Not yet durable: the link is taken back, and the input stays, a single file.
+            if let Err(e) = output::sync_dir(dest) {
+                let back = match rfs::unlinkat(&dest.fd, &to, AtFlags::empty()) {
+                    Ok(()) => String::new(),
+                    Err(u) => format!("; its link there could not be removed: {u}"),
+                };
+                return Ok(Err(FileError {
+                    message: format!("input not moved: {}{back}", e.message),
+                    ..e
+                }));
+            }
             return finish_by_unlink(src, name, read, Second::Link, dest, &to);
         }
         Ok(Err(too_many(dest, name)))
+    }
+
+    /// An input with two links, the other one its own counterpart under this directory (the
+    /// same file at `rel` or a numbered name of it): a move by link stopped between its link
+    /// and its unlink. Finishes it, as that move would have (`finish_by_unlink`). `None` where
+    /// the second link is anything else: the input is then hard-linked, and stays.
+    pub(crate) fn finish_linked(
+        &self,
+        src: &Dir,
+        name: &OsStr,
+        rel: &Path,
+        read: &rfs::Stat,
+    ) -> Option<Result<Moved, FileError>> {
+        let top = self.dir.as_ref()?;
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut fd = rustix::io::fcntl_dupfd_cloexec(&top.fd, 0).ok()?;
+        let mut path = top.path.clone();
+        for comp in rel.parent().unwrap_or(Path::new("")).components() {
+            let std::path::Component::Normal(c) = comp else {
+                return None;
+            };
+            fd = rfs::openat(&fd, c, flags, Mode::empty()).ok()?;
+            path.push(c);
+        }
+        let dest = Dir::new(fd, path);
+        for n in 0..=MAX_NUMBERED {
+            let to = numbered(name, n)?;
+            let st = rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+            if st.st_dev == read.st_dev && st.st_ino == read.st_ino {
+                return Some(finish_by_unlink(src, name, read, Second::Link, &dest, &to));
+            }
+        }
+        None
     }
 
     /// The move across file systems: copy, sync, compare, name (no-clobber), sync, unlink.

@@ -328,7 +328,9 @@ impl<C: Codec> CompressOp<C> {
             )
         };
         let st = &input.stat;
-        if st.st_nlink > 1 {
+        // Two links may be a move by link stopped half-way: its second link is in DIR.
+        let link_left = |nlink| nlink == 2 && matches!(dispose, Dispose::Move(_));
+        if st.st_nlink > 1 && !link_left(st.st_nlink) {
             return Ok(Some(FileError::new(
                 Kind::HardLinked,
                 format!("input kept: it has {} hard links", st.st_nlink),
@@ -364,7 +366,7 @@ impl<C: Codec> CompressOp<C> {
             Err(Errno::NOENT) => return Ok(Some(moved_away())),
             Err(e) => return Ok(Some(kept(FileError::errno("stat of input", e)))),
         };
-        if now.st_nlink > 1 {
+        if now.st_nlink > 1 && !link_left(now.st_nlink) {
             return Ok(Some(FileError::new(
                 Kind::HardLinked,
                 format!("input kept: it now has {} hard links", now.st_nlink),
@@ -388,6 +390,21 @@ impl<C: Codec> CompressOp<C> {
         let dir = Dir::new(dir_fd, parent.to_path_buf());
         match dispose {
             Dispose::Remove => remove_checked(&dir, name, st, moved_away, kept),
+            Dispose::Move(aside) if st.st_nlink > 1 => {
+                match aside.finish_linked(&dir, name, &job.rel, st) {
+                    Some(r) => match r? {
+                        Ok(to) => {
+                            tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved (a stopped move finished)");
+                            Ok(None)
+                        }
+                        Err(note) => Ok(Some(note)),
+                    },
+                    None => Ok(Some(FileError::new(
+                        Kind::HardLinked,
+                        format!("input kept: it has {} hard links", st.st_nlink),
+                    ))),
+                }
+            }
             Dispose::Move(aside) => match aside.move_input(&dir, name, &job.rel, st, &self.root)? {
                 Ok(to) => {
                     tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved");

@@ -285,14 +285,22 @@ fn set_aside(cfg: &Config, root: Option<&input::Root>, job: &Job, error: FileErr
     if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
         return note("not moved aside: no longer a regular file".into());
     }
-    if st.st_nlink > 1 {
-        return note(format!(
-            "not moved aside: it has {} hard links",
-            st.st_nlink
-        ));
-    }
     let src = Dir::new(fd, parent.to_path_buf());
-    match dir.move_input(&src, name, &job.rel, &st, &cfg.root) {
+    let moved = if st.st_nlink > 1 {
+        // Two links may be a move by link stopped half-way, its second link in DIR.
+        match dir.finish_linked(&src, name, &job.rel, &st) {
+            Some(moved) => moved,
+            None => {
+                return note(format!(
+                    "not moved aside: it has {} hard links",
+                    st.st_nlink
+                ))
+            }
+        }
+    } else {
+        dir.move_input(&src, name, &job.rel, &st, &cfg.root)
+    };
+    match moved {
         Ok(Ok(to)) => note(format!("input moved to {}", to.display())),
         Ok(Err(why)) => note(why.message),
         Err(e) => note(format!(
