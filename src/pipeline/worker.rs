@@ -167,9 +167,23 @@ pub(crate) fn prepare<O: Op>(
                 reason: FileError::new(Kind::Vanished, "deleted before it was processed"),
             });
         }
-        // Unreadable: no retry mends it (`--move-failed` moves it aside).
+        // Unreadable: no retry mends it (`--move-failed` moves it aside). Not in watch mode:
+        // what tells a file still being written (a lease, /proc of its writer) needs it open
+        // or its writer's /proc, which an unreadable file of another user denies, and a file
+        // moved from under its writer (a log being appended to) is worse than one left.
         Err(OpenError::Failed(e)) if e.kind == Kind::PermissionDenied => {
-            let e = set_aside(cfg, root, &job, e);
+            let e = if job.expect.is_some() && cfg.move_failed.is_some() {
+                FileError {
+                    message: format!(
+                        "{}; not moved aside: in watch mode an unreadable file may still be \
+                         written, which filepipe cannot tell",
+                        e.message
+                    ),
+                    ..e
+                }
+            } else {
+                set_aside(cfg, root, &job, e)
+            };
             return Err(failed(job, e));
         }
         Err(OpenError::Failed(e)) => return Err(failed(job, e)),
