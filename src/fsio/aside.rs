@@ -285,7 +285,8 @@ impl Aside {
             if n != size {
                 return Err(changed());
             }
-            temp.set_attrs(name, &Attrs::from_stat(read))
+            temp.set_attrs(name, &Attrs::from_stat(read))?;
+            keep_more(&input, temp.file(), read, name)
         })();
         if let Err(e) = copied {
             return Ok(Err(kept(e)));
@@ -454,6 +455,54 @@ fn unescape(field: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// What a rename keeps and `Attrs` leaves out, given to a copy on another file system: the
+/// set-user-ID, set-group-ID and sticky bits, only where the copy did get the input's owner
+/// and group (else a set-ID program would run as whoever filepipe is), and the extended
+/// attributes (ACLs, labels, `user.*`). An attribute the other file system or filepipe's
+/// privileges refuse is said in the log, and the move goes on: the copy's bytes are the input's.
+fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Result<(), FileError> {
+    let special = read.st_mode & 0o7000;
+    if special != 0 {
+        let st = rfs::fstat(copy).map_err(|e| FileError::errno("stat of the copy", e))?;
+        if st.st_uid == read.st_uid && st.st_gid == read.st_gid {
+            rfs::fchmod(copy, Mode::from_raw_mode(read.st_mode & 0o7777))
+                .map_err(|e| FileError::errno("setting the mode of the copy", e))?;
+        } else {
+            tracing::warn!(file = ?name, "copied without its set-ID bits: it could not be given the input's owner");
+        }
+    }
+    let mut names = vec![0u8; 4096];
+    let len = loop {
+        match rfs::flistxattr(input, &mut names[..]) {
+            Ok(n) => break n,
+            Err(Errno::RANGE) if names.len() < 1 << 20 => names.resize(names.len() * 4, 0),
+            Err(Errno::NOTSUP) => return Ok(()),
+            Err(e) => {
+                return Err(FileError::errno(
+                    "listing the extended attributes of the input",
+                    e,
+                ))
+            }
+        }
+    };
+    let mut value = vec![0u8; 4096];
+    for attr in names[..len].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+        let attr = OsStr::from_bytes(attr);
+        let n = loop {
+            match rfs::fgetxattr(input, attr, &mut value[..]) {
+                Ok(n) => break Ok(n),
+                Err(Errno::RANGE) if value.len() < 1 << 20 => value.resize(value.len() * 4, 0),
+                Err(e) => break Err(e),
+            }
+        };
+        let set = n.and_then(|n| rfs::fsetxattr(copy, attr, &value[..n], rfs::XattrFlags::empty()));
+        if let Err(e) = set {
+            tracing::warn!(file = ?name, attribute = ?attr, error = %e, "extended attribute not copied to the other file system");
+        }
+    }
+    Ok(())
 }
 
 /// How a move made the input's second name, before the first goes.
