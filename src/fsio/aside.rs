@@ -108,7 +108,7 @@ impl Aside {
                 // a link is no-clobber by nature, and the input's name goes once it stands.
                 Err(Errno::INVAL) => return self.move_by_link(src, name, &dest, read),
                 Err(Errno::XDEV) => return self.copy_across(src, name, &dest, read),
-                Err(Errno::NOENT) => return Ok(Err(moved_away())),
+                Err(Errno::NOENT) => return Ok(Err(enoent(src, name, &dest, &to))),
                 Err(e) => {
                     let what = format!("moving it to {}", dest.path.join(&to).display());
                     return Ok(Err(not_moved(FileError::errno(&what, e))));
@@ -145,7 +145,7 @@ impl Aside {
                 Ok(()) => {}
                 Err(Errno::EXIST) => continue,
                 Err(Errno::XDEV) => return self.copy_across(src, name, dest, read),
-                Err(Errno::NOENT) => return Ok(Err(moved_away())),
+                Err(Errno::NOENT) => return Ok(Err(enoent(src, name, dest, &to))),
                 Err(e) => {
                     let what = format!("linking it as {}", dest.path.join(&to).display());
                     let e = FileError::errno(&what, e);
@@ -652,6 +652,23 @@ fn moved_away() -> FileError {
         Kind::Vanished,
         "input not moved: it was renamed or deleted meanwhile",
     )
+}
+
+/// A rename or link of the input that said ENOENT: either the input's name is gone (someone
+/// else renamed or deleted it), or, with the input still there, the destination directory
+/// was removed from DIR since it was opened.
+fn enoent(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
+    match rfs::statat(&src.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => moved_away(),
+        _ => FileError {
+            kind: Kind::Io,
+            errno: Some(libc::ENOENT),
+            message: format!(
+                "input not moved: the directory of {} was removed as the input was moved there",
+                dest.path.join(to).display()
+            ),
+        },
+    }
 }
 
 /// The input changed after it was read: it stays, to be seen again.
