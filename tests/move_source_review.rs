@@ -468,3 +468,83 @@ fn a_file_renamed_over_the_input_as_it_is_moved_is_put_back() {
 fn a_file_renamed_over_the_input_as_it_is_removed_is_kept() {
     replaced_between_check_and_act(&["--remove-source"]);
 }
+
+/// The order that makes a move durable, from the calls the binary makes: the output's name is
+/// flushed into its directory before the input is moved, and after the move both the
+/// destination directory and the input's directory are flushed. (Removing either directory
+/// fsync of the move left tests/move_source.rs passing.)
+#[test]
+fn a_move_flushes_the_output_first_and_both_directories_after() {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    let t = TestTree::new().file("a.log", b"flushed in order\n");
+    let done = t.side("done");
+    fs::create_dir(&done).unwrap();
+    let trace = t.side("trace");
+    let root = t.root();
+    let mut cmd = Command::new("strace");
+    cmd.args([
+        "-f",
+        "-y",
+        "-e",
+        "trace=renameat2,linkat,fsync,fdatasync,syncfs",
+        "-o",
+    ])
+    .arg(&trace)
+    .arg(bin())
+    .args([s("batch"), p(&root), s("--op"), s("gzip")])
+    .args([s("--move-source"), p(&done)])
+    .args(["--durability", "file"])
+    .env_remove("RUST_LOG");
+    run(cmd).success();
+    assert!(done.join("a.log").exists() && !t.path("a.log").exists());
+    let text = fs::read_to_string(&trace).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let (root_s, done_s) = (root.to_str().unwrap(), done.to_str().unwrap());
+    let dir_sync = |l: &str, dir: &str| l.contains("fsync(") && l.contains(&format!("<{dir}>"));
+    let moved = lines
+        .iter()
+        .position(|l| {
+            l.contains("renameat2(")
+                && l.contains(&format!("<{root_s}>, \"a.log\""))
+                && l.contains(&format!("<{done_s}>, \"a.log\""))
+                && l.ends_with("= 0")
+        })
+        .unwrap_or_else(|| panic!("no move of a.log:\n{text}"));
+    let published = lines[..moved]
+        .iter()
+        .position(|l| l.contains("\"a.log.gz\"") && l.ends_with("= 0"))
+        .unwrap_or_else(|| panic!("a.log.gz not published before the move:\n{text}"));
+    assert!(
+        lines[published..moved].iter().any(|l| dir_sync(l, root_s)),
+        "the output's directory was not flushed before the move:\n{text}"
+    );
+    let after = &lines[moved..];
+    assert!(
+        after.iter().any(|l| dir_sync(l, done_s)),
+        "DIR not flushed after the move:\n{text}"
+    );
+    assert!(
+        after.iter().any(|l| dir_sync(l, root_s)),
+        "the input's directory not flushed after the move:\n{text}"
+    );
+}
+
+/// --move-failed and --move-source in one directory (or one inside the other) would mix failed
+/// inputs with processed ones: refused at start, before anything is made.
+#[test]
+fn move_failed_overlapping_move_source_is_refused() {
+    let t = TestTree::new().file("a.log", b"a\n");
+    let done = t.side("done");
+    let root = t.root();
+    for failed in [done.clone(), done.join("failed")] {
+        let mut cmd = filepipe(&[s("batch"), p(&root), s("--op"), s("gzip")]);
+        cmd.args([s("--move-source"), p(&done), s("--move-failed"), p(&failed)]);
+        let r = run(cmd);
+        r.code(2);
+        assert!(r.stderr().contains("overlap"), "{}", r.stderr());
+        assert!(!done.exists() && t.path("a.log").exists());
+    }
+}
