@@ -252,6 +252,18 @@ impl Config {
                 check_aside(&root, out_given.as_deref(), flag, given, &absolute(given))?;
             }
         }
+        // Inputs done and inputs failed in one place could no longer be told apart.
+        if let (Some(done), Some(failed)) = (&args.move_source, &args.move_failed) {
+            let (d, f) = (absolute(done), absolute(failed));
+            if d.starts_with(&f) || f.starts_with(&d) {
+                bail!(
+                    "--move-failed {} and --move-source {} overlap: failed inputs would be mixed \
+                     with processed ones; choose two separate directories",
+                    failed.display(),
+                    done.display()
+                );
+            }
+        }
         let out = match &args.out {
             Some(out) => {
                 // Checked before anything is created: a refused --out leaves no directory.
