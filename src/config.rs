@@ -9,6 +9,7 @@ use std::fs;
 use std::io::IsTerminal;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -16,6 +17,7 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::cli::{BatchArgs, OpKind, OpSpec, PipelineArgs, WatchArgs};
 use crate::digest::HashAlgo;
+use crate::fsio::aside::{self, Aside};
 use crate::fsio::output::Durability;
 
 /// Everything a batch run needs to know, resolved and validated.
@@ -50,9 +52,11 @@ pub(crate) struct Config {
     pub(crate) remove_source: bool,
     /// gzip, zstd: move inputs under this directory (canonical, outside the root) after their
     /// output is synced and verified, as `remove_source` would delete them.
-    pub(crate) move_source: Option<PathBuf>,
-    /// Move inputs that failed for good under this directory (canonical, outside the root).
-    pub(crate) move_failed: Option<PathBuf>,
+    /// Opened once at start (see `Aside`).
+    pub(crate) move_source: Option<Arc<Aside>>,
+    /// Move inputs that failed for good under this directory (canonical, outside the root,
+    /// opened once at start).
+    pub(crate) move_failed: Option<Arc<Aside>>,
     /// How outputs (and the manifest) are flushed before they count as published.
     pub(crate) durability: Durability,
     /// Print the summary as JSON.
@@ -248,6 +252,18 @@ impl Config {
                 check_aside(&root, out_given.as_deref(), flag, given, &absolute(given))?;
             }
         }
+        // Inputs done and inputs failed in one place could no longer be told apart.
+        if let (Some(done), Some(failed)) = (&args.move_source, &args.move_failed) {
+            let (d, f) = (absolute(done), absolute(failed));
+            if d.starts_with(&f) || f.starts_with(&d) {
+                bail!(
+                    "--move-failed {} and --move-source {} overlap: failed inputs would be mixed \
+                     with processed ones; choose two separate directories",
+                    failed.display(),
+                    done.display()
+                );
+            }
+        }
         let out = match &args.out {
             Some(out) => {
                 // Checked before anything is created: a refused --out leaves no directory.
@@ -285,18 +301,40 @@ impl Config {
                 bail!("--move-source needs durable outputs: not with --durability none");
             }
         }
-        let move_dir = |given: &Option<PathBuf>, flag: &str| -> Result<Option<PathBuf>> {
+        let move_dir = |given: &Option<PathBuf>, flag: &str| -> Result<Option<Arc<Aside>>> {
             let Some(given) = given else { return Ok(None) };
             // Checked again once it exists (a symlink may have appeared).
             if !create {
-                return Ok(Some(absolute(given)));
+                return Ok(Some(Arc::new(Aside::unopened(&absolute(given)))));
             }
-            fs::create_dir_all(given)
+            create_synced(given)
                 .with_context(|| format!("cannot create {flag} directory {}", given.display()))?;
             let made = fs::canonicalize(given)
                 .with_context(|| format!("cannot open {flag} directory {}", given.display()))?;
             check_aside(&root, out.as_deref(), flag, given, &made)?;
-            Ok(Some(made))
+            // Opened once, here: every move goes beneath this descriptor.
+            let aside = Aside::open(&made)
+                .with_context(|| format!("cannot open {flag} directory {}", made.display()))?;
+            // What the paths do not show: a bind mount of (or into) the tree.
+            for (tree, what) in [
+                (Some(&root), "input directory"),
+                (out.as_ref(), "--out directory"),
+            ] {
+                let Some(tree) = tree else { continue };
+                let how = aside::overlap(tree, &aside).with_context(|| {
+                    format!("cannot examine {flag} directory {}", made.display())
+                })?;
+                if let Some(how) = how {
+                    bail!(
+                        "{flag} {} {how} {what} {} (by a bind mount or hard-linked directory): \
+                         moved files would be seen again or mixed with outputs; choose a \
+                         directory outside it",
+                        given.display(),
+                        tree.display()
+                    );
+                }
+            }
+            Ok(Some(Arc::new(aside)))
         };
         let move_source = move_dir(&args.move_source, "--move-source")?;
         let move_failed = move_dir(&args.move_failed, "--move-failed")?;
@@ -515,6 +553,29 @@ pub(crate) fn check_aside(
             given.display(),
             tree.display()
         );
+    }
+    Ok(())
+}
+
+/// `fs::create_dir_all`, each directory made then synced into its parent, so a move
+/// directory made at start is still there after a power cut that keeps what was moved into it.
+fn create_synced(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while fs::symlink_metadata(at).is_err() {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(p) if !p.as_os_str().is_empty() => at = p,
+            _ => break,
+        }
+    }
+    fs::create_dir_all(dir)?;
+    for made in missing.iter().rev() {
+        let parent = match made.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
 }

@@ -483,6 +483,20 @@ impl State {
         Ok(())
     }
 
+    /// How `rel` ended, as recorded (pending rows written first), if it is known.
+    pub(crate) fn status_of(&mut self, rel: &Path) -> Result<Option<FileStatus>> {
+        self.write_done()?;
+        let status = self
+            .conn
+            .prepare_cached("SELECT status FROM files WHERE root=?1 AND op=?2 AND path=?3")?
+            .query_row(
+                params![self.root, self.op, rel.as_os_str().as_bytes()],
+                |r| r.get::<_, FileStatus>(0),
+            )
+            .optional()?;
+        Ok(status)
+    }
+
     /// Forgets exactly these files (no directory below them): an incremental batch's walk did
     /// not find them. Exact, because a name the state knew as a file may be a directory now,
     /// whose files this run records meanwhile.

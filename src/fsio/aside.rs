@@ -11,6 +11,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
@@ -32,15 +33,31 @@ pub(crate) type Moved = Result<PathBuf, FileError>;
 /// A directory inputs are moved to, mirroring their tree.
 #[derive(Debug)]
 pub(crate) struct Aside {
-    /// The directory (canonical, made by `Config`).
-    root: PathBuf,
+    /// The directory (canonical, made by `Config`), for messages and checks at start.
+    pub(crate) root: PathBuf,
+    /// The directory, opened once at start without following a symlink: every move goes
+    /// beneath this descriptor, never by the path again, so DIR renamed away and replaced by
+    /// a symlink while filepipe runs sends nothing elsewhere. `None` for a configuration only
+    /// checked (`check-config`), which moves nothing.
+    dir: Option<Arc<Dir>>,
 }
 
 impl Aside {
-    /// Moves to `root`.
-    pub(crate) fn new(root: &Path) -> Aside {
+    /// Opens `root` (canonical: no symlink in it) once, refusing a symlink in its place.
+    pub(crate) fn open(root: &Path) -> std::io::Result<Aside> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let fd = rfs::open(root, flags, Mode::empty())?;
+        Ok(Aside {
+            root: root.to_path_buf(),
+            dir: Some(Arc::new(Dir::new(fd, root.to_path_buf()))),
+        })
+    }
+
+    /// `root` as configured, not opened: for a configuration that is only checked.
+    pub(crate) fn unopened(root: &Path) -> Aside {
         Aside {
             root: root.to_path_buf(),
+            dir: None,
         }
     }
 
@@ -69,7 +86,14 @@ impl Aside {
             let mode = std::fs::symlink_metadata(input_root.join(r)).map_or(0o700, |m| m.mode());
             Mode::from_raw_mode((mode & 0o777) | 0o700)
         };
-        let dest = match DirCache::new(&self.root, true).open(rel_dir, &mode_of) {
+        let Some(top) = &self.dir else {
+            let why = format!("{} was not opened at start", self.root.display());
+            return Ok(Err(FileError::new(
+                Kind::Io,
+                format!("input not moved: {why}"),
+            )));
+        };
+        let dest = match DirCache::beneath(Arc::clone(top)).open(rel_dir, &mode_of) {
             Ok(d) => d,
             Err(e) => return Ok(Err(not_moved(e))),
         };
@@ -84,13 +108,20 @@ impl Aside {
                 // a link is no-clobber by nature, and the input's name goes once it stands.
                 Err(Errno::INVAL) => return self.move_by_link(src, name, &dest, read),
                 Err(Errno::XDEV) => return self.copy_across(src, name, &dest, read),
-                Err(Errno::NOENT) => return Ok(Err(moved_away())),
+                Err(Errno::NOENT) => return Ok(Err(enoent(src, name, &dest, &to))),
                 Err(e) => {
                     let what = format!("moving it to {}", dest.path.join(&to).display());
                     return Ok(Err(not_moved(FileError::errno(&what, e))));
                 }
             }
             let path = dest.path.join(&to);
+            // The name was checked just before, but acted on by name: another file renamed
+            // over it meanwhile went instead. Only the very file that was read is moved; any
+            // other goes back where it was, unprocessed.
+            match rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(now) if same_version(&now, read) && now.st_nlink == 1 => {}
+                _ => return Ok(Err(put_back(src, name, &dest, &to))),
+            }
             output::sync_dir(&dest)?;
             output::sync_dir(src)?;
             return Ok(Ok(path));
@@ -114,7 +145,7 @@ impl Aside {
                 Ok(()) => {}
                 Err(Errno::EXIST) => continue,
                 Err(Errno::XDEV) => return self.copy_across(src, name, dest, read),
-                Err(Errno::NOENT) => return Ok(Err(moved_away())),
+                Err(Errno::NOENT) => return Ok(Err(enoent(src, name, dest, &to))),
                 Err(e) => {
                     let what = format!("linking it as {}", dest.path.join(&to).display());
                     let e = FileError::errno(&what, e);
@@ -124,10 +155,53 @@ impl Aside {
                     }));
                 }
             }
-            output::sync_dir(dest)?;
+            // Not yet durable: the link is taken back, and the input stays, a single file.
+            if let Err(e) = output::sync_dir(dest) {
+                let back = match rfs::unlinkat(&dest.fd, &to, AtFlags::empty()) {
+                    Ok(()) => String::new(),
+                    Err(u) => format!("; its link there could not be removed: {u}"),
+                };
+                return Ok(Err(FileError {
+                    message: format!("input not moved: {}{back}", e.message),
+                    ..e
+                }));
+            }
             return finish_by_unlink(src, name, read, Second::Link, dest, &to);
         }
         Ok(Err(too_many(dest, name)))
+    }
+
+    /// An input with two links, the other one its own counterpart under this directory (the
+    /// same file at `rel` or a numbered name of it): a move by link stopped between its link
+    /// and its unlink. Finishes it, as that move would have (`finish_by_unlink`). `None` where
+    /// the second link is anything else: the input is then hard-linked, and stays.
+    pub(crate) fn finish_linked(
+        &self,
+        src: &Dir,
+        name: &OsStr,
+        rel: &Path,
+        read: &rfs::Stat,
+    ) -> Option<Result<Moved, FileError>> {
+        let top = self.dir.as_ref()?;
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut fd = rustix::io::fcntl_dupfd_cloexec(&top.fd, 0).ok()?;
+        let mut path = top.path.clone();
+        for comp in rel.parent().unwrap_or(Path::new("")).components() {
+            let std::path::Component::Normal(c) = comp else {
+                return None;
+            };
+            fd = rfs::openat(&fd, c, flags, Mode::empty()).ok()?;
+            path.push(c);
+        }
+        let dest = Dir::new(fd, path);
+        for n in 0..=MAX_NUMBERED {
+            let to = numbered(name, n)?;
+            let st = rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+            if st.st_dev == read.st_dev && st.st_ino == read.st_ino {
+                return Some(finish_by_unlink(src, name, read, Second::Link, &dest, &to));
+            }
+        }
+        None
     }
 
     /// The move across file systems: copy, sync, compare, name (no-clobber), sync, unlink.
@@ -211,7 +285,8 @@ impl Aside {
             if n != size {
                 return Err(changed());
             }
-            temp.set_attrs(name, &Attrs::from_stat(read))
+            temp.set_attrs(name, &Attrs::from_stat(read))?;
+            keep_more(&input, temp.file(), read, name)
         })();
         if let Err(e) = copied {
             return Ok(Err(kept(e)));
@@ -254,6 +329,180 @@ impl Aside {
         Ok(Err(too_many(dest, name)))
         // The temp, if never named, is removed as it drops.
     }
+}
+
+/// Renames `to` in `dest` back to `name` in `src` (never over a file): a move took a file
+/// that was not the one read, renamed over the input's name between its check and the move.
+fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
+    let back = match rfs::renameat_with(&dest.fd, to, &src.fd, name, RenameFlags::NOREPLACE) {
+        Ok(()) => output::sync_dir(src)
+            .and(output::sync_dir(dest))
+            .map_err(|e| e.message),
+        Err(e) => Err(e.to_string()),
+    };
+    let message = match back {
+        Ok(()) => "input not moved: another file was renamed over its name as it was moved; \
+                   that file was put back, unprocessed"
+            .to_string(),
+        Err(e) => format!(
+            "input not moved: another file was renamed over its name as it was moved, and \
+             could not be put back ({e}): it is at {}",
+            dest.path.join(to).display()
+        ),
+    };
+    FileError::new(Kind::Changed, message)
+}
+
+/// How a move directory overlaps a tree by identity, where their paths do not show it: a
+/// bind mount of a directory inside the tree, or a path whose ancestor is one. `Some("is
+/// the" | "is inside the" | "encloses the")`, or `None` where they are apart. Three looks:
+/// the directories' own (device, inode) up each one's `..` chain, and where each lies within
+/// its file system (`/proc/self/mountinfo`), which is what a bind mount hides from paths.
+pub(crate) fn overlap(tree: &Path, dir: &Aside) -> std::io::Result<Option<&'static str>> {
+    let Some(top) = &dir.dir else { return Ok(None) };
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let tree_fd = rfs::open(tree, flags, Mode::empty())?;
+    let id = |st: &rfs::Stat| (st.st_dev, st.st_ino);
+    let tree_id = id(&rfs::fstat(&tree_fd)?);
+    let dir_id = id(&rfs::fstat(&top.fd)?);
+    if tree_id == dir_id {
+        return Ok(Some("is the"));
+    }
+    // The ancestors of `from`, by `..` (which a bind mount does not hide), up to `/`.
+    let ancestors = |from: &OwnedFd| -> std::io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut fd = rfs::openat(from, "..", flags, Mode::empty())?;
+        let mut last = id(&rfs::fstat(from)?);
+        for _ in 0..4096 {
+            let now = id(&rfs::fstat(&fd)?);
+            if now == last {
+                break;
+            }
+            out.push(now);
+            last = now;
+            fd = rfs::openat(&fd, "..", flags, Mode::empty())?;
+        }
+        Ok(out)
+    };
+    if ancestors(&top.fd)?.contains(&tree_id) {
+        return Ok(Some("is inside the"));
+    }
+    if ancestors(&tree_fd)?.contains(&dir_id) {
+        return Ok(Some("encloses the"));
+    }
+    let mounts = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let (Some((tdev, tpath)), Some((ddev, dpath))) = (
+        in_file_system(&mounts, tree),
+        in_file_system(&mounts, &dir.root),
+    ) else {
+        return Ok(None);
+    };
+    if tdev != ddev {
+        return Ok(None);
+    }
+    Ok(if dpath == tpath {
+        Some("is the")
+    } else if dpath.starts_with(&tpath) {
+        Some("is inside the")
+    } else if tpath.starts_with(&dpath) {
+        Some("encloses the")
+    } else {
+        None
+    })
+}
+
+/// Where the canonical `path` lies within its file system, from `/proc/self/mountinfo`
+/// (`mounts`): the mount's device (`major:minor`) and the path from that file system's root.
+/// The last mount whose mount point holds `path` hides the others.
+fn in_file_system(mounts: &[u8], path: &Path) -> Option<(Vec<u8>, PathBuf)> {
+    let mut best: Option<(usize, Vec<u8>, PathBuf)> = None;
+    for line in mounts.split(|&b| b == b'\n') {
+        let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        if f.len() < 5 {
+            continue;
+        }
+        let (dev, root, point) = (f[2], unescape(f[3]), unescape(f[4]));
+        let point = Path::new(OsStr::from_bytes(&point));
+        let Ok(rest) = path.strip_prefix(point) else {
+            continue;
+        };
+        let depth = point.components().count();
+        if best.as_ref().is_none_or(|b| depth >= b.0) {
+            let within = Path::new(OsStr::from_bytes(&root)).join(rest);
+            best = Some((depth, dev.to_vec(), within));
+        }
+    }
+    best.map(|(_, dev, within)| (dev, within))
+}
+
+/// A mountinfo field with its octal escapes (`\040` for a space) undone.
+fn unescape(field: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(field.len());
+    let mut i = 0;
+    while i < field.len() {
+        let octal = field
+            .get(i + 1..i + 4)
+            .filter(|o| field[i] == b'\\' && o.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(o) => {
+                out.push(o.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(field[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// What a rename keeps and `Attrs` leaves out, given to a copy on another file system: the
+/// set-user-ID, set-group-ID and sticky bits, only where the copy did get the input's owner
+/// and group (else a set-ID program would run as whoever filepipe is), and the extended
+/// attributes (ACLs, labels, `user.*`). An attribute the other file system or filepipe's
+/// privileges refuse is said in the log, and the move goes on: the copy's bytes are the input's.
+fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Result<(), FileError> {
+    let special = read.st_mode & 0o7000;
+    if special != 0 {
+        let st = rfs::fstat(copy).map_err(|e| FileError::errno("stat of the copy", e))?;
+        if st.st_uid == read.st_uid && st.st_gid == read.st_gid {
+            rfs::fchmod(copy, Mode::from_raw_mode(read.st_mode & 0o7777))
+                .map_err(|e| FileError::errno("setting the mode of the copy", e))?;
+        } else {
+            tracing::warn!(file = ?name, "copied without its set-ID bits: it could not be given the input's owner");
+        }
+    }
+    let mut names = vec![0u8; 4096];
+    let len = loop {
+        match rfs::flistxattr(input, &mut names[..]) {
+            Ok(n) => break n,
+            Err(Errno::RANGE) if names.len() < 1 << 20 => names.resize(names.len() * 4, 0),
+            Err(Errno::NOTSUP) => return Ok(()),
+            Err(e) => {
+                return Err(FileError::errno(
+                    "listing the extended attributes of the input",
+                    e,
+                ))
+            }
+        }
+    };
+    let mut value = vec![0u8; 4096];
+    for attr in names[..len].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+        let attr = OsStr::from_bytes(attr);
+        let n = loop {
+            match rfs::fgetxattr(input, attr, &mut value[..]) {
+                Ok(n) => break Ok(n),
+                Err(Errno::RANGE) if value.len() < 1 << 20 => value.resize(value.len() * 4, 0),
+                Err(e) => break Err(e),
+            }
+        };
+        let set = n.and_then(|n| rfs::fsetxattr(copy, attr, &value[..n], rfs::XattrFlags::empty()));
+        if let Err(e) = set {
+            tracing::warn!(file = ?name, attribute = ?attr, error = %e, "extended attribute not copied to the other file system");
+        }
+    }
+    Ok(())
 }
 
 /// How a move made the input's second name, before the first goes.
@@ -403,6 +652,23 @@ fn moved_away() -> FileError {
         Kind::Vanished,
         "input not moved: it was renamed or deleted meanwhile",
     )
+}
+
+/// A rename or link of the input that said ENOENT: either the input's name is gone (someone
+/// else renamed or deleted it), or, with the input still there, the destination directory
+/// was removed from DIR since it was opened.
+fn enoent(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
+    match rfs::statat(&src.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Err(Errno::NOENT) => moved_away(),
+        _ => FileError {
+            kind: Kind::Io,
+            errno: Some(libc::ENOENT),
+            message: format!(
+                "input not moved: the directory of {} was removed as the input was moved there",
+                dest.path.join(to).display()
+            ),
+        },
+    }
 }
 
 /// The input changed after it was read: it stays, to be seen again.

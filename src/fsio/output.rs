@@ -134,7 +134,13 @@ pub(crate) enum Durability {
 #[derive(Debug)]
 pub(crate) struct DirCache {
     root: PathBuf,
+    /// The root, opened once (a move directory): every walk starts from this descriptor, so
+    /// the root renamed away and replaced (by a symlink, say) afterwards is never followed.
+    root_dir: Option<Arc<Dir>>,
     create: bool,
+    /// Whether each directory made is synced into its parent at once (a move directory, where
+    /// the input's only name is about to go into it).
+    sync_made: bool,
     last: Option<(PathBuf, Arc<Dir>)>,
 }
 
@@ -143,7 +149,21 @@ impl DirCache {
     pub(crate) fn new(root: &Path, create: bool) -> Self {
         DirCache {
             root: root.to_path_buf(),
+            root_dir: None,
             create,
+            sync_made: false,
+            last: None,
+        }
+    }
+
+    /// A cache for directories beneath `root`, already open; missing ones are made, and each
+    /// one made is synced into its parent before it is used.
+    pub(crate) fn beneath(root: Arc<Dir>) -> Self {
+        DirCache {
+            root: root.path.clone(),
+            root_dir: Some(root),
+            create: true,
+            sync_made: true,
             last: None,
         }
     }
@@ -176,9 +196,12 @@ impl DirCache {
         mode_of: &dyn Fn(&Path) -> Mode,
     ) -> Result<Dir, FileError> {
         let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        // The root itself was named by the user and may be a symlink: follow it once.
-        let mut fd = rfs::open(&self.root, dir_flags, Mode::empty())
-            .map_err(|e| FileError::errno(&format!("opening {}", self.root.display()), e))?;
+        let mut fd = match &self.root_dir {
+            Some(root) => rustix::io::fcntl_dupfd_cloexec(&root.fd, 0),
+            // The root itself was named by the user and may be a symlink: follow it once.
+            None => rfs::open(&self.root, dir_flags, Mode::empty()),
+        }
+        .map_err(|e| FileError::errno(&format!("opening {}", self.root.display()), e))?;
         let mut path = self.root.clone();
         let mut rel = PathBuf::new();
         for comp in rel_dir.components() {
@@ -194,6 +217,11 @@ impl DirCache {
             let next = match rfs::openat(&fd, name, flags, Mode::empty()) {
                 Err(Errno::NOENT) if self.create => {
                     match rfs::mkdirat(&fd, name, mode_of(&rel)) {
+                        // Its entry in its parent must survive a crash before anything's only
+                        // name goes into it.
+                        Ok(()) if self.sync_made => rfs::fsync(&fd).map_err(|e| {
+                            FileError::errno(&format!("syncing directory {}", path.display()), e)
+                        })?,
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => {
                             return Err(FileError::errno(
@@ -291,7 +319,7 @@ fn own_prefix() -> &'static str {
 }
 
 /// A fresh name for a temp of this process.
-fn temp_name() -> OsString {
+pub(crate) fn temp_name() -> OsString {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     OsString::from(format!("{}{n}{TEMP_SUFFIX}", own_prefix()))

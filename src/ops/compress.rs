@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::cli::OpKind;
@@ -132,7 +132,7 @@ enum Dispose {
     /// `--remove-source`: unlinked.
     Remove,
     /// `--move-source DIR`: moved to its relative path under DIR.
-    Move(Aside),
+    Move(Arc<Aside>),
 }
 
 /// Per-worker state.
@@ -199,7 +199,7 @@ impl<C: Codec> CompressOp<C> {
     /// Builds the operation from the config.
     pub(crate) fn new(cfg: &Config) -> anyhow::Result<Self> {
         let dispose = match (&cfg.move_source, cfg.remove_source) {
-            (Some(dir), _) => Some(Dispose::Move(Aside::new(dir))),
+            (Some(dir), _) => Some(Dispose::Move(Arc::clone(dir))),
             (None, true) => Some(Dispose::Remove),
             (None, false) => None,
         };
@@ -328,7 +328,9 @@ impl<C: Codec> CompressOp<C> {
             )
         };
         let st = &input.stat;
-        if st.st_nlink > 1 {
+        // Two links may be a move by link stopped half-way: its second link is in DIR.
+        let link_left = |nlink| nlink == 2 && matches!(dispose, Dispose::Move(_));
+        if st.st_nlink > 1 && !link_left(st.st_nlink) {
             return Ok(Some(FileError::new(
                 Kind::HardLinked,
                 format!("input kept: it has {} hard links", st.st_nlink),
@@ -364,7 +366,7 @@ impl<C: Codec> CompressOp<C> {
             Err(Errno::NOENT) => return Ok(Some(moved_away())),
             Err(e) => return Ok(Some(kept(FileError::errno("stat of input", e)))),
         };
-        if now.st_nlink > 1 {
+        if now.st_nlink > 1 && !link_left(now.st_nlink) {
             return Ok(Some(FileError::new(
                 Kind::HardLinked,
                 format!("input kept: it now has {} hard links", now.st_nlink),
@@ -387,14 +389,21 @@ impl<C: Codec> CompressOp<C> {
         }
         let dir = Dir::new(dir_fd, parent.to_path_buf());
         match dispose {
-            Dispose::Remove => {
-                match rfs::unlinkat(&dir.fd, name, AtFlags::empty()) {
-                    Ok(()) => {}
-                    Err(Errno::NOENT) => return Ok(Some(moved_away())),
-                    Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
+            Dispose::Remove => remove_checked(&dir, name, st, moved_away, kept),
+            Dispose::Move(aside) if st.st_nlink > 1 => {
+                match aside.finish_linked(&dir, name, &job.rel, st) {
+                    Some(r) => match r? {
+                        Ok(to) => {
+                            tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved (a stopped move finished)");
+                            Ok(None)
+                        }
+                        Err(note) => Ok(Some(note)),
+                    },
+                    None => Ok(Some(FileError::new(
+                        Kind::HardLinked,
+                        format!("input kept: it has {} hard links", st.st_nlink),
+                    ))),
                 }
-                output::sync_dir(&dir)?;
-                Ok(None)
             }
             Dispose::Move(aside) => match aside.move_input(&dir, name, &job.rel, st, &self.root)? {
                 Ok(to) => {
@@ -405,6 +414,67 @@ impl<C: Codec> CompressOp<C> {
             },
         }
     }
+}
+
+/// `--remove-source`'s unlink of `name` in `dir`, of the file `st` was taken of only. An
+/// unlink by name after a check could delete another file renamed over the name in between,
+/// unprocessed: so the name is first renamed to a private temp name, the file under it
+/// checked, and only that file unlinked; another goes back under its name. A crash between
+/// the rename and the unlink leaves the input under that temp name (the output is durable by
+/// then): the next start reports it as an unmarked temp and keeps it.
+fn remove_checked(
+    dir: &Dir,
+    name: &OsStr,
+    st: &rfs::Stat,
+    moved_away: impl Fn() -> FileError,
+    kept: impl Fn(FileError) -> FileError,
+) -> Result<Option<FileError>, FileError> {
+    let temp = output::temp_name();
+    match rfs::renameat_with(&dir.fd, name, &dir.fd, &temp, RenameFlags::NOREPLACE) {
+        Ok(()) => {}
+        // No RENAME_NOREPLACE here (some NFS, FUSE): the temp name is this process's own and
+        // fresh, so a plain rename clobbers nothing.
+        Err(Errno::INVAL) => match rfs::renameat(&dir.fd, name, &dir.fd, &temp) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => return Ok(Some(moved_away())),
+            Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
+        },
+        Err(Errno::NOENT) => return Ok(Some(moved_away())),
+        Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
+    }
+    // The rename itself moves the ctime: the file, size and mtime say it is the one read.
+    let same = rfs::statat(&dir.fd, &temp, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|now| {
+        now.st_dev == st.st_dev
+            && now.st_ino == st.st_ino
+            && now.st_size == st.st_size
+            && now.st_mtime == st.st_mtime
+            && now.st_mtime_nsec == st.st_mtime_nsec
+            && now.st_nlink == 1
+    });
+    if !same {
+        let back = rfs::renameat_with(&dir.fd, &temp, &dir.fd, name, RenameFlags::NOREPLACE);
+        let message = match back {
+            Ok(()) => "input kept: another file was renamed over its name as it was removed; \
+                       that file was put back, unprocessed"
+                .to_string(),
+            Err(e) => format!(
+                "input kept: another file was renamed over its name as it was removed, and \
+                 could not be put back ({e}): it is at {}",
+                dir.path.join(&temp).display()
+            ),
+        };
+        output::sync_dir(dir)?;
+        return Ok(Some(FileError::new(Kind::Changed, message)));
+    }
+    match rfs::unlinkat(&dir.fd, &temp, AtFlags::empty()) {
+        Ok(()) => {}
+        Err(e) => {
+            let _ = rfs::renameat_with(&dir.fd, &temp, &dir.fd, name, RenameFlags::NOREPLACE);
+            return Ok(Some(kept(FileError::errno("removing it", e))));
+        }
+    }
+    output::sync_dir(dir)?;
+    Ok(None)
 }
 
 impl<C: Codec> CompressOp<C> {
@@ -1155,7 +1225,7 @@ mod tests {
         let mut g = group(&files, false, &["y/c.log.gz"]);
         let done = g.tmp.path().join("done");
         std::fs::create_dir(&done).unwrap();
-        g.op.dispose = Some(Dispose::Move(Aside::new(&done)));
+        g.op.dispose = Some(Dispose::Move(Arc::new(Aside::open(&done).unwrap())));
         g.op.root_fd = Some(Root::new(&g.op.root).unwrap());
         // Rewritten after it was read (same size, its mtime put back, as `cp -p` would): only
         // its ctime tells, and it must stay.

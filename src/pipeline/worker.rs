@@ -15,7 +15,6 @@ use crate::config::Config;
 use crate::error::{FileError, Kind};
 use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 
-use crate::fsio::aside::Aside;
 use crate::fsio::input::{self, InputFile, NotRegular, OpenError};
 use crate::fsio::output::Dir;
 use crate::ops::Op;
@@ -168,9 +167,23 @@ pub(crate) fn prepare<O: Op>(
                 reason: FileError::new(Kind::Vanished, "deleted before it was processed"),
             });
         }
-        // Unreadable: no retry mends it (`--move-failed` moves it aside).
+        // Unreadable: no retry mends it (`--move-failed` moves it aside). Not in watch mode:
+        // what tells a file still being written (a lease, /proc of its writer) needs it open
+        // or its writer's /proc, which an unreadable file of another user denies, and a file
+        // moved from under its writer (a log being appended to) is worse than one left.
         Err(OpenError::Failed(e)) if e.kind == Kind::PermissionDenied => {
-            let e = set_aside(cfg, root, &job, e);
+            let e = if job.expect.is_some() && cfg.move_failed.is_some() {
+                FileError {
+                    message: format!(
+                        "{}; not moved aside: in watch mode an unreadable file may still be \
+                         written, which filepipe cannot tell",
+                        e.message
+                    ),
+                    ..e
+                }
+            } else {
+                set_aside(cfg, root, &job, e)
+            };
             return Err(failed(job, e));
         }
         Err(OpenError::Failed(e)) => return Err(failed(job, e)),
@@ -298,19 +311,27 @@ fn set_aside(cfg: &Config, root: Option<&input::Root>, job: &Job, error: FileErr
     if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::RegularFile {
         return note("not moved aside: no longer a regular file".into());
     }
-    if st.st_nlink > 1 {
-        return note(format!(
-            "not moved aside: it has {} hard links",
-            st.st_nlink
-        ));
-    }
     let src = Dir::new(fd, parent.to_path_buf());
-    match Aside::new(dir).move_input(&src, name, &job.rel, &st, &cfg.root) {
+    let moved = if st.st_nlink > 1 {
+        // Two links may be a move by link stopped half-way, its second link in DIR.
+        match dir.finish_linked(&src, name, &job.rel, &st) {
+            Some(moved) => moved,
+            None => {
+                return note(format!(
+                    "not moved aside: it has {} hard links",
+                    st.st_nlink
+                ))
+            }
+        }
+    } else {
+        dir.move_input(&src, name, &job.rel, &st, &cfg.root)
+    };
+    match moved {
         Ok(Ok(to)) => note(format!("input moved to {}", to.display())),
         Ok(Err(why)) => note(why.message),
         Err(e) => note(format!(
             "input moved under {}, but {} (the move may not survive a crash)",
-            dir.display(),
+            dir.root.display(),
             e.message
         )),
     }

@@ -391,23 +391,57 @@ pub(crate) fn load(
         }
         pipelines.push(cfg);
     }
-    // An output root or a move directory inside a watch root listed later is just as bad.
+    // An output root or a move directory inside a watch root listed later is just as bad; a
+    // move directory that encloses another pipeline's watched tree hands it the moved files
+    // to process again, and one that holds another pipeline's outputs mixes the two.
+    let outs: Vec<Option<&Path>> = pipelines.iter().map(|c| c.out.as_deref()).collect();
     for (i, (w, cfg)) in file.watch.iter().zip(&pipelines).enumerate() {
         let dirs = [
-            ("out", &cfg.out, &w.out),
-            ("move_source", &cfg.move_source, &w.move_source),
-            ("move_failed", &cfg.move_failed, &w.move_failed),
+            ("out", cfg.out.as_deref(), &w.out),
+            (
+                "move_source",
+                cfg.move_source.as_ref().map(|a| a.root.as_path()),
+                &w.move_source,
+            ),
+            (
+                "move_failed",
+                cfg.move_failed.as_ref().map(|a| a.root.as_path()),
+                &w.move_failed,
+            ),
         ];
         for (k, dir, given) in dirs {
-            if let (Some(dir), Some(span)) = (dir, given.as_ref().map(|o| o.span())) {
-                if let Some((other, _)) = roots.iter().find(|(r, _)| dir.starts_with(r)) {
-                    let msg = format!(
-                        "{} is inside the watched tree {}",
-                        dir.display(),
-                        other.display()
-                    );
-                    return Err(at(span, &format!("watch[{i}].{k}"), msg));
-                }
+            let (Some(dir), Some(span)) = (dir, given.as_ref().map(|o| o.span())) else {
+                continue;
+            };
+            if let Some((other, _)) = roots.iter().find(|(r, _)| dir.starts_with(r)) {
+                let msg = format!(
+                    "{} is inside the watched tree {}",
+                    dir.display(),
+                    other.display()
+                );
+                return Err(at(span, &format!("watch[{i}].{k}"), msg));
+            }
+            if k == "out" {
+                continue;
+            }
+            if let Some((other, _)) = roots.iter().find(|(r, _)| r.starts_with(dir)) {
+                let msg = format!(
+                    "{} encloses the watched tree {}: files moved there would be processed again",
+                    dir.display(),
+                    other.display()
+                );
+                return Err(at(span, &format!("watch[{i}].{k}"), msg));
+            }
+            let clash = outs.iter().enumerate().find_map(|(j, o)| {
+                o.filter(|o| j != i && (o.starts_with(dir) || dir.starts_with(o)))
+            });
+            if let Some(o) = clash {
+                let msg = format!(
+                    "{} overlaps the output directory {} of another pipeline",
+                    dir.display(),
+                    o.display()
+                );
+                return Err(at(span, &format!("watch[{i}].{k}"), msg));
             }
         }
     }

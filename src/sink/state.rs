@@ -113,6 +113,15 @@ impl<'a> StateSink<'a> {
     }
 }
 
+/// Whether the failed file `rel`, gone from the tree, is under the `--move-failed` directory:
+/// moved aside, not deleted. (A move that clashed took a numbered name, but then `rel` itself
+/// is there too.)
+fn moved_aside(cfg: &Config, rel: &Path) -> bool {
+    cfg.move_failed
+        .as_ref()
+        .is_some_and(|aside| aside.root.join(rel).symlink_metadata().is_ok())
+}
+
 impl Sink for StateSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
         self.begin()?;
@@ -197,6 +206,14 @@ impl Sink for StateSink<'_> {
         self.begin()?;
         // A deletion burst (rm -r) is a burst too: the rewrite waits for its end.
         self.last_outcome = Some(Instant::now());
+        // A file that failed for good and was moved aside (`--move-failed`) left the tree by
+        // that move, not by a deletion: its failed row stays, for `status --failed`.
+        if self.cfg.move_failed.is_some()
+            && moved_aside(self.cfg, rel)
+            && self.state.status_of(rel)? == Some(state::FileStatus::Failed)
+        {
+            return Ok(());
+        }
         self.state.remove(rel)?;
         self.changed();
         Ok(())

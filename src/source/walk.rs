@@ -294,14 +294,19 @@ fn recorded_result(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>
     })
 }
 
-/// Removes stale temps under a separate output root and in the manifest's directory: the walk
-/// skips a nested output root and never sees a manifest directory outside the root.
+/// Removes stale temps under a separate output root, in the manifest's directory and under the
+/// move directories: the walk skips a nested output root and never sees the others.
 pub(crate) fn clean_own_dirs(cfg: &Config, stats: &Stats) {
     if let Some(out) = &cfg.out {
         remove_stale_temps(out, usize::MAX, stats);
     }
     if let Some(dir) = cfg.manifest.as_deref().and_then(Path::parent) {
         remove_stale_temps(dir, 1, stats);
+    }
+    // A move across file systems copies to a temp in its move directory first: one stopped
+    // before the copy was named leaves it there (the input itself still in the tree).
+    for aside in cfg.move_source.iter().chain(&cfg.move_failed) {
+        remove_stale_temps(&aside.root, usize::MAX, stats);
     }
 }
 
