@@ -726,8 +726,11 @@ impl Filter {
 }
 
 fn matches(by_name: &GlobSet, by_path: &GlobSet, rel: &Path) -> bool {
-    let name = rel.file_name().unwrap_or(OsStr::new(""));
-    by_name.is_match(name) || by_path.is_match(rel)
+    // An empty set matches nothing; asked anyway, it would first build its candidate (the
+    // path normalised into a new buffer), twice per file of every walk without globs.
+    let name = || rel.file_name().unwrap_or(OsStr::new(""));
+    (!by_name.is_empty() && by_name.is_match(name()))
+        || (!by_path.is_empty() && by_path.is_match(rel))
 }
 
 fn compile(globs: &[String]) -> Result<(GlobSet, GlobSet)> {

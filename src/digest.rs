@@ -71,13 +71,20 @@ impl Digest {
     /// Lower-case hex, as `sha256sum`, `sha512sum` and `b3sum` print it (b3sum reads only
     /// lower case).
     pub(crate) fn to_hex(self) -> String {
+        let mut buf = [0; 128];
+        String::from_utf8_lossy(self.hex_into(&mut buf)).into_owned()
+    }
+
+    /// The same lower-case hex, written into `buf`, without an allocation: a manifest writes
+    /// one per line.
+    pub(crate) fn hex_into<'b>(&self, buf: &'b mut [u8; 128]) -> &'b [u8] {
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(self.algo.hex_len());
-        for b in self.as_bytes() {
-            s.push(HEX[usize::from(b >> 4)] as char);
-            s.push(HEX[usize::from(b & 15)] as char);
+        let bytes = self.as_bytes();
+        for (pair, b) in buf.chunks_exact_mut(2).zip(bytes) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 15)];
         }
-        s
+        &buf[..bytes.len() * 2]
     }
 
     /// The digest of `algo` that `hex` spells (either case), or `None`.

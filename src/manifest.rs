@@ -15,16 +15,18 @@ use crate::digest::{Digest, HashAlgo};
 
 /// Writes one manifest line for `name` (the path's raw bytes).
 pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io::Result<()> {
-    let shown = shown_name(name);
+    // Most names need no escape: written as they are, without a copy.
+    let shown;
     // An escaped name is longer than the name; its leading backslash goes before the digest,
     // where GNU and b3sum look for it.
-    let name = if shown.len() != name.len() {
+    let name = if needs_escape(name) {
+        shown = shown_name(name);
         w.write_all(b"\\")?;
         &shown[1..]
     } else {
         name
     };
-    w.write_all(digest.to_hex().as_bytes())?;
+    w.write_all(digest.hex_into(&mut [0; 128]))?;
     w.write_all(b"  ")?;
     w.write_all(name)?;
     w.write_all(b"\n")
@@ -33,7 +35,7 @@ pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io
 /// `name` as a manifest line shows it (and sha256sum -c its result): escaped, with a leading
 /// backslash, when it holds a backslash, newline or carriage return; raw otherwise.
 pub(crate) fn shown_name(name: &[u8]) -> Vec<u8> {
-    if !name.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r')) {
+    if !needs_escape(name) {
         return name.to_vec();
     }
     let mut out = Vec::with_capacity(name.len() + 2);
@@ -47,6 +49,11 @@ pub(crate) fn shown_name(name: &[u8]) -> Vec<u8> {
         }
     }
     out
+}
+
+/// Whether `name` holds a byte a manifest line escapes (backslash, newline, carriage return).
+fn needs_escape(name: &[u8]) -> bool {
+    name.iter().any(|b| matches!(b, b'\\' | b'\n' | b'\r'))
 }
 
 /// One parsed manifest line.
