@@ -259,6 +259,28 @@ fn start_coordinator(nats: &Nats, root: &Path, extra: &[&str]) -> Started {
     Started::new(cmd)
 }
 
+/// `start_coordinator` with `-v` and its log in a file beside the tree, once the log says
+/// `line` (how far it got); returns it running, and the log's path.
+fn start_coordinator_logged(
+    nats: &Nats,
+    t: &TestTree,
+    extra: &[&str],
+    line: &str,
+) -> (Started, PathBuf) {
+    let log = t.side("coordinator.log");
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args(["--root-name", "tree", "--json", "-v"])
+        .args(extra)
+        .env("XDG_STATE_HOME", xdg(&t.root()))
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap());
+    let started = Started::new(cmd);
+    wait_until(Duration::from_secs(60), line, || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains(line))
+    });
+    (started, log)
+}
+
 /// Every .gz under `dir` passes the real `gzip -t`, and restores its input exactly.
 fn assert_outputs_whole(dir: &Path) -> usize {
     assert_outputs_of(dir, dir)
@@ -987,17 +1009,7 @@ fn a_resumed_batch_awaits_the_jobs_still_queued_instead_of_publishing_them_again
     first.kill().unwrap();
     first.finish(Duration::from_secs(10));
     // The same command again; its log says when it has published what it would.
-    let log = t.side("coordinator.log");
-    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args(["--root-name", "tree", "--json", "-v"])
-        .args(args)
-        .env("XDG_STATE_HOME", xdg(&t.root()))
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&log).unwrap());
-    let again = Started::new(cmd);
-    wait_until(Duration::from_secs(60), "the publishing done", || {
-        fs::read_to_string(&log).is_ok_and(|l| l.contains("jobs published"))
-    });
+    let (again, log) = start_coordinator_logged(&nats, &t, &args, "jobs published");
     // Only files with no job left in the queue were published; the others' outcomes are
     // awaited. (A worker started now does the queued jobs once, not them and their copies.)
     let err = fs::read_to_string(&log).unwrap();
@@ -1598,17 +1610,7 @@ fn a_resumed_remove_source_batch_with_jobs_in_flight_ends_and_counts_every_file(
     first.kill().unwrap();
     first.finish(Duration::from_secs(10));
     let removed_before = n - inputs_left(&t.root());
-    let log = t.side("coordinator.log");
-    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args(["--root-name", "tree", "--json", "-v"])
-        .args(args)
-        .env("XDG_STATE_HOME", xdg(&t.root()))
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&log).unwrap());
-    let again = Started::new(cmd);
-    wait_until(Duration::from_secs(60), "the queued jobs read", || {
-        fs::read_to_string(&log).is_ok_and(|l| l.contains("still queued"))
-    });
+    let (again, log) = start_coordinator_logged(&nats, &t, &args, "still queued");
     signal_pid(worker.pid(), rustix::process::Signal::CONT);
     // Everything left is a few seconds' work for the worker.
     let limit = Instant::now() + Duration::from_secs(120);
@@ -1729,17 +1731,7 @@ fn a_resumed_batch_with_up_to_date_files_in_the_jobs_in_flight_ends() {
     std::thread::sleep(Duration::from_millis(300));
     first.kill().unwrap();
     first.finish(Duration::from_secs(10));
-    let log = t.side("coordinator.log");
-    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args(["--root-name", "tree", "--json", "-v"])
-        .args(args)
-        .env("XDG_STATE_HOME", xdg(&t.root()))
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&log).unwrap());
-    let mut again = Started::new(cmd);
-    wait_until(Duration::from_secs(60), "the queued jobs read", || {
-        fs::read_to_string(&log).is_ok_and(|l| l.contains("still queued"))
-    });
+    let (mut again, log) = start_coordinator_logged(&nats, &t, &args, "still queued");
     signal_pid(worker.pid(), rustix::process::Signal::CONT);
     let limit = Instant::now() + Duration::from_secs(120);
     while again.try_wait().unwrap().is_none() {
