@@ -747,6 +747,23 @@ fn refusals_name_the_problem_and_touch_nothing() {
     assert!(!inside.exists() && !done.exists());
 }
 
+/// `filepipe batch <t's root> --op gzip --move-source DONE EXTRA...` under `strace -f -y`,
+/// tracing `calls`; the trace's text once it succeeded.
+fn traced_move(t: &TestTree, done: &Path, calls: &str, extra: &[&str]) -> String {
+    let trace = t.side("trace");
+    let root = t.root();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-y", "-e", &format!("trace={calls}"), "-o"])
+        .arg(&trace)
+        .arg(bin())
+        .args([s("batch"), p(&root), s("--op"), s("gzip")])
+        .args([s("--move-source"), p(done)])
+        .args(extra)
+        .env_remove("RUST_LOG");
+    run(cmd).success();
+    fs::read_to_string(&trace).unwrap()
+}
+
 // Cases found by a hostile review of the feature (each failed before its fix).
 
 /// A bind mount, undone when dropped.
@@ -758,7 +775,7 @@ impl Drop for Bind {
     }
 }
 
-/// Review bug 1: A crash between the link and the unlink of a move by link (file systems without
+/// Found by a review (fixed): A crash between the link and the unlink of a move by link (file systems without
 /// RENAME_NOREPLACE) leaves the input with a second link in DIR. The rerun then calls it
 /// "hard-linked" and keeps it for ever, and DIR shares the inode with the tree (an edit of the
 /// input edits the "moved" file), against "a SIGKILL between publish and move loses nothing;
@@ -798,7 +815,7 @@ fn a_move_by_link_killed_before_its_unlink_is_finished_by_the_rerun() {
     assert_eq!(fs::read(done.join("a.log")).unwrap(), b"moved by a link\n");
 }
 
-/// Review bug 2: A DIR bind-mounted from a directory inside the tree passes the path check (and a move
+/// Found by a review (fixed): A DIR bind-mounted from a directory inside the tree passes the path check (and a move
 /// there, EXDEV across the two mounts, is a copy that lands in the tree): README says a DIR
 /// inside the tree is refused at start. In watch mode this loops for ever
 /// (in/archive/archive/archive/...).
@@ -830,7 +847,7 @@ fn a_move_directory_bind_mounted_from_inside_the_tree_is_refused() {
     r.code(2);
 }
 
-/// Review bug 3: DIR is opened by path, following symlinks, for every move (`DirCache::new(root)` in
+/// Found by a review (fixed): DIR is opened by path, following symlinks, for every move (`DirCache::new(root)` in
 /// `Aside::move_input`): DIR renamed away and replaced by a symlink while the daemon runs sends
 /// inputs, under names the tree's writers choose, outside DIR (here `cron.d/evil`).
 #[test]
@@ -861,7 +878,7 @@ fn a_move_directory_swapped_for_a_symlink_while_watching_sends_nothing_outside()
     );
 }
 
-/// Review bug 4: Directories made under DIR for a move are never fsynced into their parents
+/// Found by a review (fixed): Directories made under DIR for a move are never fsynced into their parents
 /// (`DirCache::open_uncached` mkdirat, then only the leaf and the source are synced): the
 /// input's only name is then in a directory whose own entry may not survive a power cut.
 #[test]
@@ -873,24 +890,8 @@ fn directories_made_in_the_move_directory_are_synced_into_their_parents() {
     let t = TestTree::new().file("x/y/a.log", b"deep\n");
     let done = t.side("done");
     fs::create_dir(&done).unwrap();
-    let trace = t.side("trace");
-    let root = t.root();
-    let mut cmd = Command::new("strace");
-    cmd.args([
-        "-f",
-        "-y",
-        "-e",
-        "trace=mkdirat,fsync,fdatasync,syncfs",
-        "-o",
-    ])
-    .arg(&trace)
-    .arg(bin())
-    .args([s("batch"), p(&root), s("--op"), s("gzip")])
-    .args([s("--move-source"), p(&done)])
-    .env_remove("RUST_LOG");
-    run(cmd).success();
+    let text = traced_move(&t, &done, "mkdirat,fsync,fdatasync,syncfs", &[]);
     assert!(!t.path("x/y/a.log").exists());
-    let text = fs::read_to_string(&trace).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let done_s = done.to_str().unwrap();
     let mut checked = 0;
@@ -918,7 +919,7 @@ fn directories_made_in_the_move_directory_are_synced_into_their_parents() {
     assert_eq!(checked, 2, "expected mkdirat of x and y under DIR:\n{text}");
 }
 
-/// Review bug 5: Watch mode: an input failed for good and moved aside by --move-failed leaves the state
+/// Found by a review (fixed): Watch mode: an input failed for good and moved aside by --move-failed leaves the state
 /// with the move (taken as a deletion), so `filepipe status --failed` no longer lists it; the
 /// same failure without --move-failed is listed.
 #[test]
@@ -949,7 +950,7 @@ fn a_failed_input_moved_aside_is_still_listed_by_status_failed() {
     );
 }
 
-/// Review bug 7: An unreadable input that a writer still has open (a log being appended to) is moved to
+/// Found by a review (fixed): An unreadable input that a writer still has open (a log being appended to) is moved to
 /// --move-failed from under the writer as soon as some other descriptor of it is closed: the
 /// in-use check that makes a readable file wait (retry) needs the open that failed. README:
 /// "in use" is a failure that may pass and leaves the input in place.
@@ -1008,7 +1009,7 @@ fn an_unreadable_input_still_being_written_is_not_moved_aside() {
     );
 }
 
-/// Review bug 8: A move across file systems killed before its copy is named leaves a named temp (a full
+/// Found by a review (fixed): A move across file systems killed before its copy is named leaves a named temp (a full
 /// copy of the input, with the input's mode) in DIR; DIR is never swept, so it stays for ever
 /// (RELIABILITY: "a crash leaves at most a temp file, cleaned up at the next start").
 #[test]
@@ -1052,7 +1053,7 @@ fn a_copy_killed_before_it_is_named_leaves_no_temp_after_the_rerun() {
     assert_eq!(temps_under(&done), Vec::<PathBuf>::new(), "{sum}");
 }
 
-/// Review bug 9: The service config refuses a move directory inside a watched tree, but not one that
+/// Found by a review (fixed): The service config refuses a move directory inside a watched tree, but not one that
 /// encloses another pipeline's watched tree: files moved there are processed again by that
 /// pipeline ("a file would be processed twice", the reason overlapping roots are refused).
 #[test]
@@ -1070,7 +1071,7 @@ fn a_move_directory_enclosing_another_watch_root_is_refused() {
     r.code(2);
 }
 
-/// Review bug 10: A move across file systems drops what a rename keeps: set-group-ID bit and extended
+/// Found by a review (fixed): A move across file systems drops what a rename keeps: set-group-ID bit and extended
 /// attributes (ACLs, labels, user.*). README: "given its mode, owner and times".
 #[test]
 fn a_move_across_file_systems_keeps_the_mode_bits_and_xattrs() {
@@ -1102,7 +1103,7 @@ fn a_move_across_file_systems_keeps_the_mode_bits_and_xattrs() {
     assert_eq!(&buf[..n], b"upload-42");
 }
 
-/// Review bug 11: The move, and --remove-source's unlink, act on the input's name after checking what it
+/// Found by a review (fixed): The move, and --remove-source's unlink, act on the input's name after checking what it
 /// leads to: a file renamed over that name in between (here while strace holds the call on
 /// `a.log` back) was moved or deleted, unprocessed. Now only the file that was read goes; any
 /// other is put back under its name.
@@ -1168,25 +1169,14 @@ fn a_move_flushes_the_output_first_and_both_directories_after() {
     let t = TestTree::new().file("a.log", b"flushed in order\n");
     let done = t.side("done");
     fs::create_dir(&done).unwrap();
-    let trace = t.side("trace");
     let root = t.root();
-    let mut cmd = Command::new("strace");
-    cmd.args([
-        "-f",
-        "-y",
-        "-e",
-        "trace=renameat2,linkat,fsync,fdatasync,syncfs",
-        "-o",
-    ])
-    .arg(&trace)
-    .arg(bin())
-    .args([s("batch"), p(&root), s("--op"), s("gzip")])
-    .args([s("--move-source"), p(&done)])
-    .args(["--durability", "file"])
-    .env_remove("RUST_LOG");
-    run(cmd).success();
+    let text = traced_move(
+        &t,
+        &done,
+        "renameat2,linkat,fsync,fdatasync,syncfs",
+        &["--durability", "file"],
+    );
     assert!(done.join("a.log").exists() && !t.path("a.log").exists());
-    let text = fs::read_to_string(&trace).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     let (root_s, done_s) = (root.to_str().unwrap(), done.to_str().unwrap());
     let dir_sync = |l: &str, dir: &str| l.contains("fsync(") && l.contains(&format!("<{dir}>"));
