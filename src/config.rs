@@ -125,6 +125,18 @@ pub(crate) fn valid_root_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// Cluster mode: the name the workers know the output root `out` by (`given`, or its own
+/// name), or `Err` with that name if it may not be one: not a valid root name, or the input
+/// root's (`root`). The coordinator checks it at start, `check-config` when the file loads.
+pub(crate) fn out_root_name(out: &Path, given: Option<&str>, root: &str) -> Result<String, String> {
+    let name = given.map_or_else(|| default_root_name(out), str::to_owned);
+    if valid_root_name(&name) && name != root {
+        Ok(name)
+    } else {
+        Err(name)
+    }
+}
+
 /// Cluster mode: the queue a coordinator publishes its jobs to, and the name its workers know
 /// its root by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

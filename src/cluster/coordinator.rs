@@ -96,14 +96,13 @@ fn check(cfg: &Config, root: &str, out: Option<&str>) -> Result<Option<String>> 
     let Some(dir) = &cfg.out else {
         return Ok(None);
     };
-    let name = out.map_or_else(|| crate::config::default_root_name(dir), str::to_owned);
-    if !wire::valid_name(&name) || name == root {
-        return Err(Unreachable(anyhow!(
-            "the output root's name {name:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the input root's: give one with --out-root-name NAME (the workers map it with --root NAME=PATH)"
+    match crate::config::out_root_name(dir, out, root) {
+        Ok(name) => Ok(Some(name)),
+        Err(name) => Err(Unreachable(anyhow!(
+            "the output root's name {name:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the input root's: give one with --out-root-name NAME (the workers map it with --out-root NAME=PATH)"
         ))
-        .into());
+        .into()),
     }
-    Ok(Some(name))
 }
 
 /// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.

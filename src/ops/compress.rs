@@ -873,9 +873,7 @@ impl<C: Codec> Op for CompressOp<C> {
     }
 
     fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
-        self.publish_group(vec![(job, input, pending)])
-            .pop()
-            .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "publish lost its file")))
+        crate::ops::publish_alone(self, job, input, pending)
     }
 
     /// Group commit: every step is taken for the whole group before the next one, so the

@@ -17,6 +17,24 @@ use crate::fsio::input::InputFile;
 pub(crate) use crate::travel::Done;
 use crate::travel::Job;
 
+/// `Op::publish` for an op whose own `publish_group` is where publishing happens: a group of
+/// one.
+pub(crate) fn publish_alone<O: Op + ?Sized>(
+    op: &O,
+    job: &Job,
+    input: &InputFile,
+    pending: O::Pending,
+) -> Result<Done, FileError> {
+    op.publish_group(vec![(job, input, pending)])
+        .pop()
+        .unwrap_or_else(|| {
+            Err(FileError::new(
+                crate::error::Kind::Internal,
+                "publish lost its file",
+            ))
+        })
+}
+
 /// One file operation (gzip, zstd, a hash, ...). Adding an operation means implementing this.
 pub(crate) trait Op: Sync {
     /// Per-worker reusable state: buffers, directory caches.

@@ -166,9 +166,7 @@ impl<C: Codec> Op for MultiOp<C> {
     }
 
     fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
-        self.publish_group(vec![(job, input, pending)])
-            .pop()
-            .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "publish lost its file")))
+        crate::ops::publish_alone(self, job, input, pending)
     }
 
     /// The compressed files are published as the compressor alone publishes them (one group,

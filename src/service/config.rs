@@ -356,11 +356,8 @@ pub(crate) fn load(
             // The output root's name, as the coordinator will check it when it starts: a file
             // that loads must start (a reload must not stop the service).
             if let Some(out) = &cfg.out {
-                let out_name = match &w.out_root_name {
-                    Some(n) => n.get_ref().clone(),
-                    None => crate::config::default_root_name(out),
-                };
-                if !crate::config::valid_root_name(&out_name) || out_name == name {
+                let given = w.out_root_name.as_ref().map(|n| n.get_ref().as_str());
+                if let Err(out_name) = crate::config::out_root_name(out, given, &name) {
                     let span = match (&w.out_root_name, &w.out) {
                         (Some(n), _) => n.span(),
                         (None, Some(o)) => o.span(),
