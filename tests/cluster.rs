@@ -259,6 +259,21 @@ fn start_coordinator(nats: &Nats, root: &Path, extra: &[&str]) -> Started {
     Started::new(cmd)
 }
 
+/// The `files=N` of the first line of a coordinator's log `err` that says `what`.
+fn logged_files(err: &str, what: &str) -> u64 {
+    err.lines()
+        .find(|l| l.contains(what))
+        .and_then(|l| {
+            l.split("files=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {what:?} line: {err}"))
+}
+
 /// `start_coordinator` with `-v` and its log in a file beside the tree, once the log says
 /// `line` (how far it got); returns it running, and the log's path.
 fn start_coordinator_logged(
@@ -954,20 +969,10 @@ fn a_batch_coordinator_killed_mid_run_is_resumed_by_the_same_command_each_file_o
     let err = again.stderr();
     assert!(err.contains("resuming"), "{err}");
     // Only the files without an outcome were published again.
-    let logged = |what: &str| -> u64 {
-        err.lines()
-            .find(|l| l.contains(what))
-            .and_then(|l| {
-                l.split("files=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no {what:?} line: {err}"))
-    };
-    let (replayed, published) = (logged("read again"), logged("jobs published"));
+    let (replayed, published) = (
+        logged_files(&err, "read again"),
+        logged_files(&err, "jobs published"),
+    );
     assert!(replayed > 0, "{err}");
     assert_eq!(replayed + published, 600, "{err}");
     assert_eq!(
@@ -1013,20 +1018,10 @@ fn a_resumed_batch_awaits_the_jobs_still_queued_instead_of_publishing_them_again
     // Only files with no job left in the queue were published; the others' outcomes are
     // awaited. (A worker started now does the queued jobs once, not them and their copies.)
     let err = fs::read_to_string(&log).unwrap();
-    let logged = |what: &str| -> u64 {
-        err.lines()
-            .find(|l| l.contains(what))
-            .and_then(|l| {
-                l.split("files=")
-                    .nth(1)?
-                    .split_whitespace()
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or_else(|| panic!("no {what:?} line: {err}"))
-    };
-    let (awaited, published) = (logged("still queued"), logged("jobs published"));
+    let (awaited, published) = (
+        logged_files(&err, "still queued"),
+        logged_files(&err, "jobs published"),
+    );
     assert!(awaited > 0, "{err}");
     assert_eq!(awaited + published, 400, "{err}");
     let root = format!("tree={}", t.root().display());
