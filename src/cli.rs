@@ -604,8 +604,9 @@ pub(crate) struct VerifyArgs {
     /// Worker threads, 1 to 256 [default: number of CPUs].
     #[arg(short, long, value_parser = clap::value_parser!(u16).range(1..=MAX_JOBS as i64))]
     pub(crate) jobs: Option<u16>,
-    /// The manifest's hash. Without it, 128 hex digits mean sha512 and 64 mean sha256: a b3sum
-    /// manifest (also 64) needs --algo blake3.
+    /// The manifest's hash. Without it, 128 hex digits mean sha512; 64 mean blake3 or sha256,
+    /// told by the manifest's name (B3SUMS, *.blake3, SHA256SUMS) or else by the first listed
+    /// file that can be read.
     #[arg(long, value_enum, value_name = "ALGO")]
     pub(crate) algo: Option<HashAlgo>,
     /// Where the manifest's names resolve, and the tree compared with it: files found under DIR

@@ -29,7 +29,7 @@ use crate::exit;
 use crate::fsio::input::{InputFile, OpenError};
 use crate::fsio::output;
 use crate::manifest::{self, Entry};
-use crate::ops::hash::{hash_reader, BUF_SIZE};
+use crate::ops::hash::{hash_reader, Hasher, Tee, BUF_SIZE};
 
 /// What to verify and how, resolved from the command line.
 #[derive(Debug)]
@@ -245,19 +245,72 @@ fn print_json(
     out.flush()
 }
 
-/// The manifest's algorithm: `--algo`, or told by the first line that looks like one.
-fn detect(opts: &Options, lines: &[Vec<u8>]) -> HashAlgo {
+/// The manifest's algorithm: `--algo`, or told by its digests. 128 hex digits are SHA-512; 64
+/// are SHA-256 or BLAKE3, which `detect_256` tells apart.
+fn detect(opts: &Options, manifest: &Path, lines: &[Vec<u8>], root: &Path) -> HashAlgo {
     if let Some(algo) = opts.algo {
         return algo;
     }
-    lines
-        .iter()
-        .find_map(|l| match manifest::hex_len(l) {
-            Some(128) => Some(HashAlgo::Sha512),
-            Some(64) => Some(HashAlgo::Sha256),
-            _ => None,
-        })
-        .unwrap_or(HashAlgo::Sha256)
+    let len = lines.iter().find_map(|l| manifest::hex_len(l));
+    match len {
+        Some(128) => HashAlgo::Sha512,
+        Some(64) => detect_256(manifest, lines, root),
+        _ => HashAlgo::Sha256,
+    }
+}
+
+/// SHA-256 or BLAKE3, for a manifest of 64-digit digests: BLAKE3 if its name says so (`B3SUMS`,
+/// `SUMS.blake3` as filepipe names a second manifest, `*.b3`), SHA-256 if its name says that;
+/// otherwise the algorithm whose digest matches the first of the listed files that can be
+/// read, and SHA-256 (what `sha256sum -c` would take it for) when neither matches any of the
+/// first `PROBES`. The guess costs one more read of a file or a few; `--algo` skips it.
+fn detect_256(manifest: &Path, lines: &[Vec<u8>], root: &Path) -> HashAlgo {
+    let name = manifest
+        .file_name()
+        .map(|n| n.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if name.contains("blake3") || name.contains("b3sum") || name.ends_with(".b3") {
+        return HashAlgo::Blake3;
+    }
+    if name.contains("sha256") {
+        return HashAlgo::Sha256;
+    }
+    /// How many readable files to try before taking SHA-256 (a tree where each changed).
+    const PROBES: usize = 8;
+    let mut probed = 0;
+    for line in lines {
+        if probed == PROBES {
+            break;
+        }
+        let (Some(sha), Some(b3)) = (
+            manifest::parse_line(line, HashAlgo::Sha256),
+            manifest::parse_line(line, HashAlgo::Blake3),
+        ) else {
+            continue;
+        };
+        let Some(rel) = relative_to(root, &sha.name) else {
+            continue;
+        };
+        let Ok(mut input) = InputFile::open(&root.join(rel), true) else {
+            continue;
+        };
+        let mut hashers = [
+            Hasher::new(HashAlgo::Sha256),
+            Hasher::new(HashAlgo::Blake3),
+        ];
+        let mut tee = Tee::new(&mut input, &mut hashers);
+        if io::copy(&mut tee, &mut io::sink()).is_err() {
+            continue;
+        }
+        probed += 1;
+        let [s, b] = hashers;
+        match (s.finalize() == sha.digest, b.finalize() == b3.digest) {
+            (true, _) => return HashAlgo::Sha256,
+            (false, true) => return HashAlgo::Blake3,
+            (false, false) => {}
+        }
+    }
+    HashAlgo::Sha256
 }
 
 /// A manifest name as a path relative to `root`: `./` parts dropped, an absolute name under
@@ -291,7 +344,6 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
             raw.push(line);
         }
     }
-    let algo = detect(opts, &raw);
     let root = match &opts.root {
         Some(r) => r.clone(),
         None => match path.parent() {
@@ -304,6 +356,7 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
     if !root.is_dir() {
         bail!("the root {} is not a directory", root.display());
     }
+    let algo = detect(opts, path, &raw, &root);
     let filter = Filter::new(&[], &opts.exclude)?;
     let entries: Vec<Option<Entry>> = raw.iter().map(|l| manifest::parse_line(l, algo)).collect();
     let results: Vec<Option<Check>> = pool.install(|| {
