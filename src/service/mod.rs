@@ -11,6 +11,7 @@
 
 mod config;
 mod watchdog;
+mod worker_table;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -30,7 +31,7 @@ use crate::report::Summary;
 use crate::signals::Shutdown;
 use crate::travel::Stats;
 
-pub(crate) use config::{load, Overrides, Service};
+pub(crate) use config::{check, load, load_worker, Overrides, Service};
 use watchdog::{notify, spawn_watchdog};
 
 /// What identifies a pipeline across reloads: if any of it changes, the pipeline restarts
