@@ -56,7 +56,8 @@ pub(crate) enum Command {
     Watch(WatchArgs),
     /// Show what watch mode's state knows: counts per root, and failed files.
     Status(StatusArgs),
-    /// Validate a watch config file without running it (exit 0 if valid, 2 if not).
+    /// Validate a config file, its [[watch]] tables and its [worker] table, without running
+    /// it (exit 0 if valid, 2 if not).
     CheckConfig(CheckConfigArgs),
     /// Take jobs from a cluster's queue (NATS JetStream) until SIGINT/SIGTERM: the other side
     /// of `batch --queue`.

@@ -1059,6 +1059,49 @@ mod tests {
     }
 
     #[test]
+    fn a_workers_flags_override_its_file_a_root_by_its_name() {
+        let root = |name: &str, path: &str, given: &str| RootGiven {
+            name: name.into(),
+            path: path.into(),
+            given: given.into(),
+        };
+        let file = WorkerSettings {
+            url: Some("nats://file:4222".into()),
+            roots: vec![root("a", "/file/a", "f:2"), root("b", "/file/b", "f:3")],
+            out_roots: vec![root("o", "/file/o", "f:5")],
+            jobs: Some(8),
+            durability: Some(Durability::File),
+            ..WorkerSettings::default()
+        };
+        let flags = WorkerSettings {
+            roots: vec![root("b", "/flag/b", "--root b=/flag/b")],
+            jobs: Some(2),
+            allow_remove_source: true,
+            ..WorkerSettings::default()
+        };
+        let merged = file.overridden_by(flags);
+        assert_eq!(merged.url.as_deref(), Some("nats://file:4222"));
+        assert_eq!(
+            merged.roots,
+            [
+                root("a", "/file/a", "f:2"),
+                root("b", "/flag/b", "--root b=/flag/b")
+            ]
+        );
+        assert_eq!(merged.out_roots, [root("o", "/file/o", "f:5")]);
+        assert_eq!(merged.jobs, Some(2));
+        assert_eq!(merged.durability, Some(Durability::File));
+        assert!(merged.allow_remove_source);
+    }
+
+    #[test]
+    fn queue_absent_stays_local_and_a_url_given_is_taken() {
+        assert_eq!(queue_url(None).unwrap(), None);
+        let given = Some("nats://h:4222".to_string());
+        assert_eq!(queue_url(Some(&given)).unwrap(), given);
+    }
+
+    #[test]
     fn bad_glob_is_an_error() {
         assert!(Filter::new(&["a[".to_string()], &[]).is_err());
     }

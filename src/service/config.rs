@@ -666,3 +666,40 @@ pub(crate) fn load(
         metrics: overrides.metrics.or(file.metrics),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_secret_is_read_only_from_a_file_others_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("queue.url");
+        std::fs::write(&f, "nats://u:p@h:4222\n").unwrap();
+        let mode = |m: u32| {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(m)).unwrap();
+            std::fs::metadata(&f).unwrap()
+        };
+        assert!(check_private(&mode(0o600), "").is_ok());
+        assert!(check_private(&mode(0o400), "").is_ok());
+        let e = check_private(&mode(0o644), "").unwrap_err();
+        assert!(e.contains("every user") && e.contains("0644"), "{e}");
+        assert!(check_private(&mode(0o620), "").is_err());
+        // Group-readable only for a file root owns (the service's group reads it).
+        let m = mode(0o640);
+        assert_eq!(check_private(&m, "").is_ok(), m.uid() == 0);
+        assert_eq!(read_queue_file(&f).is_ok(), m.uid() == 0);
+        mode(0o600);
+        assert_eq!(read_queue_file(&f).unwrap(), "nats://u:p@h:4222");
+        // No secret, no rule.
+        std::fs::write(&f, "nats://h:4222").unwrap();
+        mode(0o644);
+        assert_eq!(read_queue_file(&f).unwrap(), "nats://h:4222");
+        assert!(has_secret("nats://token@h") && !has_secret("nats://h:4222"));
+        std::fs::write(&f, "nats://a:1\nnats://b:2\n").unwrap();
+        assert!(read_queue_file(&f)
+            .unwrap_err()
+            .contains("more than one URL"));
+    }
+}
