@@ -163,6 +163,7 @@ pub(crate) const QUEUE_ENV: &str = "FILEPIPE_QUEUE";
 /// environment holds), with a URL, or alone, which takes the URL from `FILEPIPE_QUEUE`. The
 /// variable alone never turns a batch into a cluster run: one exported for a worker in the
 /// same shell must not send a local batch's files to another host.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 pub(crate) fn queue_url(given: Option<&Option<String>>) -> Result<Option<String>> {
     match given {
         None => Ok(None),

@@ -391,6 +391,11 @@ pub(crate) fn load(
         let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
         anyhow!("{}:{line}: {key}: {msg}", path.display())
     };
+    // The [worker] table is the worker's to resolve, but a password it exposes is refused
+    // here too: the file is one, whichever daemon reads it.
+    if let Some(table) = &file.worker {
+        table.get_ref().settings(&located, table.span())?;
+    }
     if file.watch.is_empty() {
         let hint = match &file.worker {
             Some(_) => " (its [worker] table is `filepipe worker --config`'s)",
