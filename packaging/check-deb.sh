@@ -15,7 +15,7 @@ for f in usr/bin/filepipe etc/filepipe/filepipe.toml usr/share/man/man1/filepipe
   usr/share/bash-completion/completions/filepipe usr/share/zsh/vendor-completions/_filepipe \
   usr/share/fish/vendor_completions.d/filepipe.fish usr/share/doc/filepipe/copyright \
   lib/systemd/system/filepipe.service lib/systemd/system/filepipe@.service \
-  lib/systemd/system/filepipe-worker@.service; do
+  lib/systemd/system/filepipe-worker@.service usr/share/doc/filepipe/examples/worker.toml; do
   [ -s "$root/$f" ] || fail "missing or empty: /$f"
 done
 "$root/usr/bin/filepipe" --version

@@ -19,8 +19,14 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Batch(args) => {
+            // `--queue` alone: the URL from FILEPIPE_QUEUE; a usage error if it is not set.
             #[cfg(feature = "cluster")]
-            let queue = args.queue.clone().map(|url| {
+            let url = match crate::config::queue_url(args.queue.as_ref()) {
+                Ok(url) => url,
+                Err(e) => return fail(exit::USAGE, &e),
+            };
+            #[cfg(feature = "cluster")]
+            let queue = url.map(|url| {
                 let c = &args.coordinator;
                 let name = c.root_name.clone().unwrap_or_else(|| {
                     crate::config::default_root_name(&args.dir.canonicalize().unwrap_or_default())
@@ -37,22 +43,28 @@ pub fn main() -> ExitCode {
             run_batch(Config::from_batch(&args, cli.quiet), queue, verbosity)
         }
         Command::Watch(args) => run_watch(&args, cli.quiet, verbosity),
-        Command::CheckConfig(args) => {
-            match service::load(&args.file, &service::Overrides::default(), true, false) {
-                Ok(s) => {
-                    let line = format!(
-                        "{}: ok, {} pipelines\n",
-                        args.file.display(),
-                        s.pipelines.len()
-                    );
-                    written(
-                        std::io::stdout().lock().write_all(line.as_bytes()),
-                        exit::SUCCESS,
-                    )
+        Command::CheckConfig(args) => match service::check(&args.file) {
+            Ok(checked) => {
+                let mut line = format!("{}: ok", args.file.display());
+                if checked.pipelines > 0 {
+                    line += &format!(", {} pipelines", checked.pipelines);
                 }
-                Err(e) => fail(exit::USAGE, &e),
+                if let Some(w) = &checked.worker {
+                    let mut roots: Vec<&str> = w.roots.keys().map(String::as_str).collect();
+                    roots.sort_unstable();
+                    line += &format!(", a worker for roots {}", roots.join(" "));
+                    if w.url.is_empty() {
+                        line += " (queue from --queue or FILEPIPE_QUEUE)";
+                    }
+                }
+                line.push('\n');
+                written(
+                    std::io::stdout().lock().write_all(line.as_bytes()),
+                    exit::SUCCESS,
+                )
             }
-        }
+            Err(e) => fail(exit::USAGE, &e),
+        },
         #[cfg(feature = "cluster")]
         Command::Status(crate::cli::StatusArgs {
             queue: Some(url),
@@ -60,6 +72,10 @@ pub fn main() -> ExitCode {
             tls_ca,
             ..
         }) => {
+            let url = match crate::config::queue_url(Some(&url)) {
+                Ok(url) => url.unwrap_or_default(),
+                Err(e) => return fail(exit::USAGE, &e),
+            };
             let queue = crate::cluster::Queue { url, creds, tls_ca };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             match crate::cluster::status(&queue, &mut out) {
@@ -256,10 +272,32 @@ fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
 /// `filepipe worker`: until SIGINT/SIGTERM.
 #[cfg(feature = "cluster")]
 fn run_worker(args: &crate::cli::WorkerArgs, verbosity: i8) -> ExitCode {
-    if let Err(e) = logging::init(verbosity.max(1), args.failure_log.as_deref()) {
+    use crate::config::{WorkerConfig, WorkerSettings};
+    // The file's settings, with the flags (and FILEPIPE_QUEUE) over them.
+    let mut url_overridden = false;
+    let settings = WorkerSettings::from_args(args).and_then(|flags| match &args.config {
+        Some(path) => {
+            let file = service::load_worker(path)?;
+            url_overridden = file.url.is_some() && flags.url.is_some();
+            Ok(file.overridden_by(flags))
+        }
+        None => Ok(flags),
+    });
+    let cfg = match settings.and_then(|s| WorkerConfig::resolve(s, true)) {
+        Ok(cfg) => cfg,
+        Err(e) => return fail(exit::USAGE, &e),
+    };
+    if let Err(e) = logging::init(verbosity.max(1), cfg.failure_log.as_deref()) {
         return fail(exit::USAGE, &e);
     }
-    if let Some(addr) = args.metrics {
+    if url_overridden {
+        // Said, because an exported FILEPIPE_QUEUE is easy to forget in a shell.
+        tracing::warn!(
+            queue = %logging::redact_userinfo(&cfg.url),
+            "the queue's URL from --queue or FILEPIPE_QUEUE overrides the config file's"
+        );
+    }
+    if let Some(addr) = cfg.metrics {
         if let Err(e) = crate::report::metrics::serve(addr) {
             return fail(exit::USAGE, &e);
         }
@@ -268,7 +306,7 @@ fn run_worker(args: &crate::cli::WorkerArgs, verbosity: i8) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(exit::FAILURES, &e),
     };
-    match crate::cluster::work(args, &shutdown) {
+    match crate::cluster::work(&cfg, &shutdown) {
         // A signal is how a worker is meant to stop.
         Ok(()) => ExitCode::from(exit::SUCCESS),
         Err(e) if e.downcast_ref::<crate::cluster::Unreachable>().is_some() => {

@@ -56,7 +56,8 @@ pub(crate) enum Command {
     Watch(WatchArgs),
     /// Show what watch mode's state knows: counts per root, and failed files.
     Status(StatusArgs),
-    /// Validate a watch config file without running it (exit 0 if valid, 2 if not).
+    /// Validate a config file, its [[watch]] tables and its [worker] table, without running
+    /// it (exit 0 if valid, 2 if not).
     CheckConfig(CheckConfigArgs),
     /// Take jobs from a cluster's queue (NATS JetStream) until SIGINT/SIGTERM: the other side
     /// of `batch --queue`.
@@ -426,10 +427,12 @@ pub(crate) struct BatchArgs {
     #[arg(long, requires = "state")]
     pub(crate) rehash: bool,
     /// Cluster mode: publish the jobs to the NATS JetStream queue at URL (nats://HOST:4222, or
-    /// tls://...) for `filepipe worker`s to process, and gather their outcomes here.
+    /// tls://...) for `filepipe worker`s to process, and gather their outcomes here. Given
+    /// alone, the URL is read from FILEPIPE_QUEUE, which keeps a password in it out of the
+    /// process list; without --queue the batch is local, whatever the environment holds.
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "URL")]
-    pub(crate) queue: Option<String>,
+    pub(crate) queue: Option<Option<String>>,
     /// How a coordinator names its root and reaches the queue.
     #[cfg(feature = "cluster")]
     #[command(flatten)]
@@ -477,10 +480,11 @@ pub(crate) struct WatchArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     pub(crate) metrics: Option<std::net::SocketAddr>,
     /// Cluster mode: publish each settled file as a job to the NATS JetStream queue at URL for
-    /// `filepipe worker`s to process; their outcomes are recorded here, in the state.
+    /// `filepipe worker`s to process; their outcomes are recorded here, in the state. Given
+    /// alone, the URL is read from FILEPIPE_QUEUE (as for batch).
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "URL", conflicts_with = "config")]
-    pub(crate) queue: Option<String>,
+    pub(crate) queue: Option<Option<String>>,
     /// How a coordinator names its root and reaches the queue.
     #[cfg(feature = "cluster")]
     #[command(flatten)]
@@ -533,10 +537,10 @@ pub(crate) struct StatusArgs {
     #[arg(long)]
     pub(crate) failed: bool,
     /// Show the cluster queue at URL instead (jobs pending, in flight, redelivered; workers
-    /// waiting for jobs).
+    /// waiting for jobs). Given alone, the URL is read from FILEPIPE_QUEUE.
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "URL", conflicts_with_all = ["state", "failed"])]
-    pub(crate) queue: Option<String>,
+    pub(crate) queue: Option<Option<String>>,
     /// A NATS credentials file (.creds) for --queue.
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "FILE", requires = "queue")]
@@ -553,17 +557,27 @@ pub(crate) struct StatusArgs {
 pub(crate) struct WorkerArgs {
     /// The NATS JetStream server (nats://HOST:4222, or tls://...; user:password@ or a token
     /// in it if the server asks). Read from the environment when not given, which keeps a
-    /// password out of the process list (`ps` shows every user the command line).
+    /// password out of the process list (`ps` shows every user the command line); either
+    /// overrides the config file's.
     #[arg(
         long,
         value_name = "URL",
         env = "FILEPIPE_QUEUE",
         hide_env_values = true
     )]
-    pub(crate) queue: String,
+    pub(crate) queue: Option<String>,
+    /// Read the settings from this TOML file's [worker] table (see systemd/worker.toml).
+    /// Flags given as well override the file's settings; a --root or --out-root replaces the
+    /// file's root of the same name.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// A root the jobs may name, and where it is mounted on this host (repeatable). Jobs for
     /// a root this worker does not map are left for other workers.
-    #[arg(long = "root", value_name = "NAME=PATH", required = true)]
+    #[arg(
+        long = "root",
+        value_name = "NAME=PATH",
+        required_unless_present = "config"
+    )]
     pub(crate) roots: Vec<String>,
     /// An output root jobs may name (a coordinator's --out), and where it is mounted on this
     /// host (repeatable). Only outputs are written there: it is never taken as an input root,

@@ -154,6 +154,257 @@ pub(crate) struct QueueTarget {
     pub(crate) out_root_name: Option<String>,
 }
 
+/// The environment variable a queue's URL comes from when `--queue` is given without one (a
+/// coordinator, `status`) or not at all (a worker): the environment of a process is readable by
+/// its user and root only, where its command line is every user's (`ps`, /proc/PID/cmdline).
+pub(crate) const QUEUE_ENV: &str = "FILEPIPE_QUEUE";
+
+/// A coordinator's or `status`'s `--queue`: absent (`None`: a local run, whatever the
+/// environment holds), with a URL, or alone, which takes the URL from `FILEPIPE_QUEUE`. The
+/// variable alone never turns a batch into a cluster run: one exported for a worker in the
+/// same shell must not send a local batch's files to another host.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) fn queue_url(given: Option<&Option<String>>) -> Result<Option<String>> {
+    match given {
+        None => Ok(None),
+        Some(Some(url)) => Ok(Some(url.clone())),
+        Some(None) => match std::env::var(QUEUE_ENV) {
+            Ok(url) if !url.trim().is_empty() => Ok(Some(url.trim().to_owned())),
+            Ok(_) | Err(std::env::VarError::NotPresent) => bail!(
+                "--queue without a URL takes it from {QUEUE_ENV}, which is not set (or empty): \
+                 export {QUEUE_ENV}=nats://HOST:4222, or give --queue URL"
+            ),
+            Err(std::env::VarError::NotUnicode(_)) => bail!("{QUEUE_ENV} is not UTF-8"),
+        },
+    }
+}
+
+/// A root a worker is told to map, before it is checked: its name, where it is mounted here,
+/// and how an error names it (`--root a=/x`, or `FILE:LINE: worker.roots.a`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RootGiven {
+    /// The name jobs know it by.
+    pub(crate) name: String,
+    /// Its mount point on this host (relative paths already resolved where they were given).
+    pub(crate) path: PathBuf,
+    /// Where it was given, for errors.
+    pub(crate) given: String,
+}
+
+impl RootGiven {
+    /// A `--root` or `--out-root` flag's `NAME=PATH`.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn from_flag(flag: &str, arg: &str) -> Result<RootGiven> {
+        let Some((name, path)) = arg.split_once('=') else {
+            bail!("{flag} {arg}: expected NAME=PATH");
+        };
+        Ok(RootGiven {
+            name: name.to_owned(),
+            path: PathBuf::from(path),
+            given: format!("{flag} {arg}"),
+        })
+    }
+}
+
+/// A worker's settings as given, by its flags, by its config file's `[worker]` table, or by
+/// both merged (`overridden_by`); `WorkerConfig::resolve` checks them.
+#[derive(Debug, Default, Clone)]
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) struct WorkerSettings {
+    /// The queue's URL (`None`: not given here).
+    pub(crate) url: Option<String>,
+    /// A NATS credentials file.
+    pub(crate) creds: Option<PathBuf>,
+    /// CA certificates to trust for TLS.
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// The input roots, in the order given.
+    pub(crate) roots: Vec<RootGiven>,
+    /// The output roots, in the order given.
+    pub(crate) out_roots: Vec<RootGiven>,
+    /// Jobs may ask for their inputs to be removed.
+    pub(crate) allow_remove_source: bool,
+    /// Worker threads.
+    pub(crate) jobs: Option<u16>,
+    /// How outputs are flushed.
+    pub(crate) durability: Option<Durability>,
+    /// Where failed and skipped files are logged, as JSON lines.
+    pub(crate) failure_log: Option<PathBuf>,
+    /// Where Prometheus metrics are served.
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+}
+
+impl WorkerSettings {
+    /// `self` (the config file's) with `flags` (the command line's) over it, as `watch
+    /// --config` and nats-server take flags over their files: each setting the command line
+    /// gives replaces the file's; a root is replaced by name (`--root logs=/mnt/logs` moves the
+    /// file's `logs`, and adds it if the file has none), the others stay.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn overridden_by(self, flags: WorkerSettings) -> WorkerSettings {
+        let merge = |file: Vec<RootGiven>, flags: Vec<RootGiven>| {
+            let mut roots: Vec<RootGiven> = file
+                .into_iter()
+                .filter(|r| !flags.iter().any(|f| f.name == r.name))
+                .collect();
+            roots.extend(flags);
+            roots
+        };
+        WorkerSettings {
+            url: flags.url.or(self.url),
+            creds: flags.creds.or(self.creds),
+            tls_ca: flags.tls_ca.or(self.tls_ca),
+            roots: merge(self.roots, flags.roots),
+            out_roots: merge(self.out_roots, flags.out_roots),
+            allow_remove_source: flags.allow_remove_source || self.allow_remove_source,
+            jobs: flags.jobs.or(self.jobs),
+            durability: flags.durability.or(self.durability),
+            failure_log: flags.failure_log.or(self.failure_log),
+            metrics: flags.metrics.or(self.metrics),
+        }
+    }
+}
+
+#[cfg(feature = "cluster")]
+impl WorkerSettings {
+    /// What `filepipe worker`'s flags give (`--queue` or `FILEPIPE_QUEUE`, clap reads both).
+    pub(crate) fn from_args(args: &crate::cli::WorkerArgs) -> Result<WorkerSettings> {
+        let flags = |flag: &str, given: &[String]| -> Result<Vec<RootGiven>> {
+            given
+                .iter()
+                .map(|a| RootGiven::from_flag(flag, a))
+                .collect()
+        };
+        Ok(WorkerSettings {
+            url: args.queue.clone(),
+            creds: args.creds.clone(),
+            tls_ca: args.tls_ca.clone(),
+            roots: flags("--root", &args.roots)?,
+            out_roots: flags("--out-root", &args.out_roots)?,
+            allow_remove_source: args.allow_remove_source,
+            jobs: args.jobs,
+            durability: args.durability,
+            failure_log: args.failure_log.clone(),
+            metrics: args.metrics,
+        })
+    }
+}
+
+/// A cluster worker's configuration, resolved and checked: what `filepipe worker` runs on,
+/// from its flags, its `--config` file's `[worker]` table, or both.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) struct WorkerConfig {
+    /// The queue's URL (it may hold a password: show it only through
+    /// `logging::redact_userinfo`). Empty when only checking a config file whose worker
+    /// takes its URL from the command line or the environment.
+    pub(crate) url: String,
+    /// A NATS credentials file (.creds).
+    pub(crate) creds: Option<PathBuf>,
+    /// CA certificates to trust for a tls:// queue, besides the system's.
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// The input roots jobs may name, each an existing directory (canonical).
+    pub(crate) roots: std::collections::HashMap<String, PathBuf>,
+    /// The output roots jobs may name: written to only, apart from every input root.
+    pub(crate) out_roots: std::collections::HashMap<String, PathBuf>,
+    /// Jobs may have their inputs removed once their outputs are durable.
+    pub(crate) allow_remove_source: bool,
+    /// Worker threads.
+    pub(crate) jobs: usize,
+    /// How outputs are flushed before they are reported done.
+    pub(crate) durability: Durability,
+    /// One JSON line per failed or skipped file.
+    pub(crate) failure_log: Option<PathBuf>,
+    /// Where Prometheus metrics are served.
+    pub(crate) metrics: Option<std::net::SocketAddr>,
+}
+
+impl WorkerConfig {
+    /// Checks `s` as the worker does at start: at least one root; each root's name a valid
+    /// one and its path an existing directory; output roots apart from every input root (a
+    /// job message is untrusted: it may pick any output root, never to write among inputs).
+    /// With `need_url`, a URL must have been given (`check-config` leaves it to the command
+    /// line or the environment).
+    pub(crate) fn resolve(s: WorkerSettings, need_url: bool) -> Result<WorkerConfig> {
+        let url = match s.url {
+            Some(url) if !url.trim().is_empty() => url.trim().to_owned(),
+            _ if need_url => bail!(
+                "no queue: give --queue URL, set {QUEUE_ENV}, or set queue or queue_file in \
+                 the config file's [worker] table"
+            ),
+            _ => String::new(),
+        };
+        if s.roots.is_empty() {
+            bail!(
+                "no root to take jobs for: give --root NAME=PATH, or NAME = \"PATH\" in the \
+                 config file's [worker.roots]"
+            );
+        }
+        let roots = map_roots(&s.roots)?;
+        let out_roots = map_roots(&s.out_roots)?;
+        for out in &s.out_roots {
+            let path = &out_roots[&out.name];
+            if let Some(input) = s.roots.iter().find(|r| r.name == out.name) {
+                bail!(
+                    "{}: {:?} is also an input root's name ({})",
+                    out.given,
+                    out.name,
+                    input.given
+                );
+            }
+            for input in &s.roots {
+                let root = &roots[&input.name];
+                let how = if path == root {
+                    "is"
+                } else if root.starts_with(path) {
+                    "encloses"
+                } else if path.starts_with(root) {
+                    "is inside"
+                } else {
+                    continue;
+                };
+                bail!(
+                    "{}: {} {how} the input root {} ({}): outputs would be written among the \
+                     inputs; an output root must be apart from every input root",
+                    out.given,
+                    path.display(),
+                    root.display(),
+                    input.given
+                );
+            }
+        }
+        Ok(WorkerConfig {
+            url,
+            creds: s.creds,
+            tls_ca: s.tls_ca,
+            roots,
+            out_roots,
+            allow_remove_source: s.allow_remove_source,
+            jobs: s.jobs.map_or_else(default_jobs, usize::from),
+            durability: s.durability.unwrap_or_default(),
+            failure_log: s.failure_log,
+            metrics: s.metrics,
+        })
+    }
+}
+
+/// The roots given, by name, each path an existing directory (canonical).
+fn map_roots(given: &[RootGiven]) -> Result<std::collections::HashMap<String, PathBuf>> {
+    let mut roots = std::collections::HashMap::new();
+    for r in given {
+        if !valid_root_name(&r.name) {
+            bail!("{}: a root's name is 1 to 64 of A-Z a-z 0-9 _ -", r.given);
+        }
+        let path = fs::canonicalize(&r.path)
+            .with_context(|| format!("{}: {} is not reachable", r.given, r.path.display()))?;
+        if !path.is_dir() {
+            bail!("{}: {} is not a directory", r.given, path.display());
+        }
+        if roots.insert(r.name.clone(), path).is_some() {
+            bail!("{}: the root {} is given twice", r.given, r.name);
+        }
+    }
+    Ok(roots)
+}
+
 impl Config {
     /// Resolves and validates the `batch` arguments.
     pub(crate) fn from_batch(args: &BatchArgs, quiet: bool) -> Result<Config> {
@@ -409,8 +660,11 @@ impl Config {
         let (Some(dir), Some(op)) = (&args.dir, &args.op) else {
             bail!("watch needs DIR and --op, or --config FILE");
         };
+        // Before anything is created: `--queue` alone with no URL in the environment.
         #[cfg(feature = "cluster")]
-        if args.queue.is_some() {
+        let url = queue_url(args.queue.as_ref())?;
+        #[cfg(feature = "cluster")]
+        if url.is_some() {
             refuse_multi_in_cluster(op)?;
         }
         let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
@@ -419,7 +673,7 @@ impl Config {
         #[allow(unused_mut)]
         let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
         #[cfg(feature = "cluster")]
-        if let (Some(url), Some(w)) = (&args.queue, cfg.watch.as_mut()) {
+        if let (Some(url), Some(w)) = (url, cfg.watch.as_mut()) {
             let c = &args.coordinator;
             let root_name = c
                 .root_name
@@ -432,7 +686,7 @@ impl Config {
                 );
             }
             w.queue = Some(QueueTarget {
-                url: url.clone(),
+                url,
                 creds: c.creds.clone(),
                 tls_ca: c.tls_ca.clone(),
                 root_name,
@@ -803,6 +1057,49 @@ mod tests {
         ] {
             assert_eq!(absolute(&base.join(given)), base.join(want), "{given}");
         }
+    }
+
+    #[test]
+    fn a_workers_flags_override_its_file_a_root_by_its_name() {
+        let root = |name: &str, path: &str, given: &str| RootGiven {
+            name: name.into(),
+            path: path.into(),
+            given: given.into(),
+        };
+        let file = WorkerSettings {
+            url: Some("nats://file:4222".into()),
+            roots: vec![root("a", "/file/a", "f:2"), root("b", "/file/b", "f:3")],
+            out_roots: vec![root("o", "/file/o", "f:5")],
+            jobs: Some(8),
+            durability: Some(Durability::File),
+            ..WorkerSettings::default()
+        };
+        let flags = WorkerSettings {
+            roots: vec![root("b", "/flag/b", "--root b=/flag/b")],
+            jobs: Some(2),
+            allow_remove_source: true,
+            ..WorkerSettings::default()
+        };
+        let merged = file.overridden_by(flags);
+        assert_eq!(merged.url.as_deref(), Some("nats://file:4222"));
+        assert_eq!(
+            merged.roots,
+            [
+                root("a", "/file/a", "f:2"),
+                root("b", "/flag/b", "--root b=/flag/b")
+            ]
+        );
+        assert_eq!(merged.out_roots, [root("o", "/file/o", "f:5")]);
+        assert_eq!(merged.jobs, Some(2));
+        assert_eq!(merged.durability, Some(Durability::File));
+        assert!(merged.allow_remove_source);
+    }
+
+    #[test]
+    fn queue_absent_stays_local_and_a_url_given_is_taken() {
+        assert_eq!(queue_url(None).unwrap(), None);
+        let given = Some("nats://h:4222".to_string());
+        assert_eq!(queue_url(Some(&given)).unwrap(), given);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# CI check of the systemd packaging: both units verify without a single warning, both rate
-# 1.0 or better in `systemd-analyze security --offline=true`, and the example config is valid
-# and writes only where filepipe.service lets it.
+# CI check of the systemd packaging: the units verify without a single warning, all rate
+# 1.0 or better in `systemd-analyze security --offline=true`, the example config is valid
+# and writes only where filepipe.service lets it, and the example worker config is valid and
+# maps only roots filepipe-worker@.service lets it write.
 #
 #   systemd/check.sh [BINARY]     BINARY: the built filepipe [default: target/release/filepipe,
 #                                 else target/debug/filepipe]
@@ -61,8 +62,7 @@ cp /bin/kill "$root/usr/bin/kill"
 cp systemd/filepipe.service systemd/filepipe@.service systemd/filepipe-worker@.service \
   "$root/etc/systemd/system/"
 mkdir -p "$root/etc/filepipe"
-printf 'FILEPIPE_QUEUE=nats://127.0.0.1:4222\nFILEPIPE_ROOTS=--root incoming=/srv/shared/incoming\n' \
-  >"$root/etc/filepipe/worker-ci.env"
+cp systemd/worker.toml "$root/etc/filepipe/worker-ci.toml"
 if [ -n "$bin" ]; then
   cp "$bin" "$root/usr/local/bin/filepipe"
   echo "binary: $bin ($("$bin" --version 2>/dev/null || echo '?'))"
@@ -90,6 +90,10 @@ fi
 # environment, never expanded into ExecStart=.
 if grep -E '^ExecStart=.*FILEPIPE_QUEUE' systemd/filepipe-worker@.service >/dev/null; then
   bad "filepipe-worker@.service: ExecStart= puts FILEPIPE_QUEUE (and any password in it) on the command line"
+fi
+# Nor a URL, nor a --queue flag: the worker reads it from its config file's [worker] table.
+if grep -E '^ExecStart=.*(--queue|[a-z]+://)' systemd/filepipe-worker@.service >/dev/null; then
+  bad "filepipe-worker@.service: ExecStart= gives the queue on the command line"
 fi
 
 # --- 2. security: exposure must be <= 1.0 -------------------------------------------------
@@ -168,6 +172,41 @@ if [ -n "$bin" ]; then
     fi
   else
     echo "NOTE: $bin has no check-config subcommand; example config not validated"
+  fi
+fi
+
+# --- 4. the example worker config: its roots are writable under filepipe-worker@.service, and
+# it is valid (paths moved under a scratch directory, since check-config needs the roots).
+mapfile -t worker_writable < <(
+  sed -n 's/^ReadWritePaths=//p' systemd/filepipe-worker@.service | tr ' ' '\n' | sed 's/^-//' | grep .
+)
+mapfile -t worker_roots < <(awk '
+  /^[ \t]*#/ { next }
+  /^\[/ { roots = ($0 ~ /^\[worker\.(out_)?roots\]/); next }
+  roots && /=/ { l = $0; sub(/^[^=]*=[ \t]*"/, "", l); sub(/".*/, "", l); print l }
+' systemd/worker.toml)
+[ ${#worker_roots[@]} -gt 0 ] || bad "found no roots in systemd/worker.toml"
+for p in "${worker_roots[@]}"; do
+  ok=0
+  for w in "${worker_writable[@]}"; do
+    case "$p/" in "$w"/*) ok=1 ;; esac
+  done
+  if [ "$ok" -eq 1 ]; then
+    echo "worker config: $p is writable (${worker_writable[*]})"
+  else
+    bad "systemd/worker.toml maps $p, which filepipe-worker@.service does not make writable"
+  fi
+done
+if [ -n "$bin" ] && "$bin" --help 2>/dev/null | grep -q '^ *worker'; then
+  scratch=$work/wcfg
+  sed -e "s|\"/srv/|\"$scratch/srv/|g" -e "s|\"/var/log/|\"$scratch/var/log/|g" \
+    systemd/worker.toml >"$work/worker.toml"
+  for p in "${worker_roots[@]}"; do mkdir -p "$scratch$p"; done
+  if msg=$("$bin" check-config "$work/worker.toml" 2>&1); then
+    echo "check-config: example worker config ok (${msg#*: })"
+  else
+    printf '%s\n' "$msg" >&2
+    bad "filepipe check-config rejects systemd/worker.toml"
   fi
 fi
 

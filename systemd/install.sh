@@ -6,6 +6,7 @@
 #   /usr/local/lib/systemd/system/filepipe-worker@.service   (cluster mode's workers)
 #   /etc/filepipe/filepipe.toml                      the example config, only if absent
 #   /usr/local/share/doc/filepipe/README.md          systemd/README.md
+#   /usr/local/share/doc/filepipe/worker.toml        the example worker config
 #   user and group `filepipe`                        a system user, if missing
 # It starts nothing: it prints the systemctl commands to run once the config and the unit's
 # ReadWritePaths= match (see systemd/README.md). Safe to run again: unchanged files are left
@@ -97,6 +98,9 @@ install_file systemd/filepipe@.service "$unit_dir/filepipe@.service" 0644
 install_file systemd/filepipe-worker@.service "$unit_dir/filepipe-worker@.service" 0644
 install_file systemd/filepipe.toml /etc/filepipe/filepipe.toml 0644 keep
 install_file systemd/README.md /usr/local/share/doc/filepipe/README.md 0644
+# The worker's example goes with the docs: each worker-NAME.toml is the admin's own (and may
+# hold a password: mode 640 root:filepipe).
+install_file systemd/worker.toml /usr/local/share/doc/filepipe/worker.toml 0644
 
 # --- the service user ---------------------------------------------------------------------------
 # A static system user (not DynamicUser=): outputs in shared directories keep a stable owner.

@@ -15,13 +15,13 @@ use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::cli::{OpKind, WorkerArgs};
+use crate::cli::OpKind;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireOutcome, WireStatus};
 use crate::cluster::{
     cancel_subject, connect, outcomes_subject, take, whoami, workers_consumer, Conn, Queue,
     Unreachable, MAX_DELIVER, OUTCOMES_STREAM, PROGRESS_EVERY,
 };
-use crate::config::{self, Config, Filter};
+use crate::config::{Config, Filter, WorkerConfig};
 use crate::error::{FileError, Kind};
 use crate::pipeline;
 use crate::report::{self, Summary};
@@ -65,56 +65,14 @@ struct Running {
     last: Instant,
 }
 
-/// The roots a worker maps: `NAME=PATH`, each path an existing directory.
-fn roots(args: &[String]) -> Result<HashMap<String, PathBuf>> {
-    let mut roots = HashMap::new();
-    for a in args {
-        let Some((name, path)) = a.split_once('=') else {
-            bail!("--root {a}: expected NAME=PATH");
-        };
-        if !wire::valid_name(name) {
-            bail!("--root {a}: a root's name is 1 to 64 of A-Z a-z 0-9 _ -");
-        }
-        let path = std::fs::canonicalize(path)
-            .with_context(|| format!("--root {a}: {path} is not reachable"))?;
-        if !path.is_dir() {
-            bail!("--root {a}: {} is not a directory", path.display());
-        }
-        if roots.insert(name.to_owned(), path).is_some() {
-            bail!("--root {name} given twice");
-        }
-    }
-    Ok(roots)
-}
-
-/// The output roots (`--out-root NAME=PATH`), each apart from every input root: not one of
-/// their names, not the same directory, not inside one and not enclosing one (a job message
-/// is untrusted: it may pick any output root, never to write among inputs).
-fn roots_apart(
-    args: &[String],
-    inputs: &HashMap<String, PathBuf>,
-) -> Result<HashMap<String, PathBuf>> {
-    let outs = roots(args).map_err(|e| anyhow::anyhow!("{e:#}").context("--out-root"))?;
-    for (name, out) in &outs {
-        if inputs.contains_key(name) {
-            bail!("--out-root {name}: also an input root's name (--root {name}=...)");
-        }
-        for (input_name, input) in inputs {
-            config::check_out(input, out, out)
-                .with_context(|| format!("--out-root {name} against --root {input_name}"))?;
-        }
-    }
-    Ok(outs)
-}
-
 /// Runs a worker until a shutdown is requested; `Unreachable` if it cannot start.
-pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
-    let roots = roots(&args.roots).map_err(Unreachable)?;
-    let out_roots = roots_apart(&args.out_roots, &roots).map_err(Unreachable)?;
+pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
+    let roots = cfg.roots.clone();
+    let out_roots = cfg.out_roots.clone();
     let queue = Queue {
-        url: args.queue.clone(),
-        creds: args.creds.clone(),
-        tls_ca: args.tls_ca.clone(),
+        url: cfg.url.clone(),
+        creds: cfg.creds.clone(),
+        tls_ca: cfg.tls_ca.clone(),
     };
     let conn = connect(&queue, "filepipe-worker")?;
     // One consumer per root this worker maps: it is only ever given jobs it can do.
@@ -134,7 +92,7 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
         .block_on(conn.client.subscribe("filepipe.cancel.>"))
         .context("subscribing to cancellations")
         .map_err(Unreachable)?;
-    let jobs = args.jobs.map_or_else(config::default_jobs, usize::from);
+    let jobs = cfg.jobs;
     tracing::info!(queue = %queue.shown(), roots = ?roots.keys().collect::<Vec<_>>(), jobs, "worker ready");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let mut router = Router {
@@ -146,9 +104,9 @@ pub(crate) fn run(args: &WorkerArgs, shutdown: &Shutdown) -> Result<()> {
         checked: HashSet::new(),
         roots,
         out_roots,
-        allow_remove_source: args.allow_remove_source,
+        allow_remove_source: cfg.allow_remove_source,
         jobs,
-        durability: args.durability.unwrap_or_default(),
+        durability: cfg.durability,
         me: whoami(),
         held: HashMap::new(),
         next_id: 0,

@@ -1,6 +1,8 @@
 //! The service's TOML config: read safely, validated whole (every error names the file, the
 //! line and the key), and resolved into one `Config` per `[[watch]]` table, with the command
-//! line's overrides applied.
+//! line's overrides applied; its `[worker]` table is `filepipe worker --config`'s (see
+//! `worker_table`). A queue's password or token is read only from a file no other user can
+//! read (`check_private`).
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,8 @@ use toml::Spanned;
 use crate::cli::{OpSpec, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::fsio::output::Durability;
+
+use super::worker_table::WorkerTable;
 
 /// The config file, as written.
 #[derive(Debug, Deserialize)]
@@ -27,6 +31,9 @@ struct FileConfig {
     metrics: Option<std::net::SocketAddr>,
     #[serde(default)]
     watch: Vec<WatchEntry>,
+    /// `filepipe worker --config`'s settings: a worker's own, apart from the keys above
+    /// (which are the `[[watch]]` tables').
+    worker: Option<Spanned<WorkerTable>>,
 }
 
 /// One `[[watch]]` table.
@@ -50,6 +57,8 @@ struct WatchEntry {
     move_failed: Option<Spanned<PathBuf>>,
     /// Cluster mode: settled files go to this NATS JetStream queue's workers.
     queue: Option<Spanned<String>>,
+    /// Cluster mode: a file holding `queue`'s URL (with a password: not readable by others).
+    queue_file: Option<Spanned<PathBuf>>,
     /// The name the workers know this root by [default: its directory's name].
     root_name: Option<Spanned<String>>,
     /// Cluster mode: the name the workers know `out` by (default: its own name).
@@ -122,8 +131,8 @@ impl Overrides {
 pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Reads a config file: a regular file (a FIFO or a device is refused without blocking) of at
-/// most `MAX_CONFIG_BYTES`, in UTF-8.
-fn read_config(path: &Path) -> Result<String> {
+/// most `MAX_CONFIG_BYTES`, in UTF-8; with its metadata, as read through the same descriptor.
+pub(super) fn read_config(path: &Path) -> Result<(String, std::fs::Metadata)> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let ctx = || format!("cannot read config file {}", path.display());
@@ -147,13 +156,203 @@ fn read_config(path: &Path) -> Result<String> {
             MAX_CONFIG_BYTES >> 10
         );
     }
-    String::from_utf8(bytes).map_err(|e| {
+    let text = String::from_utf8(bytes).map_err(|e| {
         anyhow!(
             "{}: not UTF-8 text (invalid byte at offset {})",
             path.display(),
             e.utf8_error().valid_up_to()
         )
-    })
+    })?;
+    Ok((text, meta))
+}
+
+/// Whether a queue URL carries a secret: a user and password, or a token (`nats://TOKEN@HOST`).
+pub(super) fn has_secret(url: &str) -> bool {
+    crate::logging::redact_userinfo(url) != url
+}
+
+/// Refuses a file (`meta`) that holds a queue's password or token when users other than its
+/// owner can read it: mode 0600 (or 0400), or, owned by root, 0640 for the group the service
+/// runs in (`root:filepipe`), as PostgreSQL asks of its key files. Refused, not warned about:
+/// the secret is out already, and a warning at every start in a journal is what nobody reads
+/// (ssh refuses such a key file for the same reason). `Err` holds the reason.
+pub(super) fn check_private(meta: &std::fs::Metadata, hint: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = meta.mode() & 0o777;
+    let private = mode & 0o077 == 0 || (meta.uid() == 0 && mode & 0o037 == 0);
+    if private {
+        return Ok(());
+    }
+    let who = if mode & 0o007 != 0 {
+        "every user".to_string()
+    } else {
+        format!("group {}", meta.gid())
+    };
+    Err(format!(
+        "it holds the queue's password or token, and {who} may read it (mode {mode:04o}): \
+         chmod 600 it (or 640, owned by root, for the service's group){hint}"
+    ))
+}
+
+/// The URL in a `queue_file`: the file's text, trimmed (one URL, or several comma-separated);
+/// a password or token in it only if the file is private (`check_private`).
+pub(super) fn read_queue_file(path: &Path) -> Result<String, String> {
+    let (text, meta) = read_config(path).map_err(|e| format!("{e:#}"))?;
+    let url = text.trim();
+    if url.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    if url.contains(char::is_whitespace) {
+        return Err(format!(
+            "{} holds more than one URL: one line, several servers comma-separated",
+            path.display()
+        ));
+    }
+    if has_secret(url) {
+        check_private(&meta, "").map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(url.to_owned())
+}
+
+/// A queue URL given by `queue` or by `queue_file` in a table (never both); a secret in
+/// `queue` only if the config file itself is private. `key` is the table's key prefix
+/// (`watch[0].`, `worker.`); `Ok(None)`: neither given.
+pub(super) fn queue_of(
+    file: &Located,
+    queue: Option<&Spanned<String>>,
+    queue_file: Option<&Spanned<PathBuf>>,
+    key: &str,
+) -> Result<Option<String>> {
+    match (queue, queue_file) {
+        (Some(_), Some(f)) => Err(file.at(
+            f.span(),
+            &format!("{key}queue_file"),
+            "give queue or queue_file, not both".into(),
+        )),
+        (Some(q), None) => {
+            if has_secret(q.get_ref()) {
+                let hint = ", or move the URL to a queue_file that is";
+                check_private(&file.meta, hint)
+                    .map_err(|e| file.at(q.span(), &format!("{key}queue"), e))?;
+            }
+            Ok(Some(q.get_ref().clone()))
+        }
+        (None, Some(f)) => read_queue_file(&file.resolve(f.get_ref()))
+            .map(Some)
+            .map_err(|e| file.at(f.span(), &format!("{key}queue_file"), e)),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A config file as read: where it is (relative paths in it resolve against its directory),
+/// its text (errors name the line) and its metadata.
+pub(super) struct Located<'a> {
+    pub(super) path: &'a Path,
+    pub(super) text: &'a str,
+    pub(super) meta: std::fs::Metadata,
+}
+
+impl Located<'_> {
+    /// An error about `key`, at the line of `span`.
+    pub(super) fn at(&self, span: Range<usize>, key: &str, msg: String) -> anyhow::Error {
+        anyhow!("{}:{}: {key}: {msg}", self.path.display(), self.line(span))
+    }
+
+    /// The line `span` starts on.
+    pub(super) fn line(&self, span: Range<usize>) -> usize {
+        self.text[..span.start.min(self.text.len())]
+            .matches('\n')
+            .count()
+            + 1
+    }
+
+    /// `p` relative to the file's directory (systemd starts the daemon in /).
+    pub(super) fn resolve(&self, p: &Path) -> PathBuf {
+        self.path.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// Reads and parses a config file (not yet validated).
+fn parse(path: &Path) -> Result<(String, std::fs::Metadata, FileConfig)> {
+    let (text, meta) = read_config(path)?;
+    let file: FileConfig = toml::from_str(&text)
+        .map_err(|e| anyhow!("{}: {}", path.display(), cut_lines(&e.to_string())))?;
+    Ok((text, meta, file))
+}
+
+/// What `filepipe check-config` found valid: the watch pipelines, and the worker's roots.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    /// The `[[watch]]` tables, resolved.
+    pub(crate) pipelines: usize,
+    /// The `[worker]` table, resolved, if the file has one.
+    pub(crate) worker: Option<crate::config::WorkerConfig>,
+}
+
+/// Validates a whole config file, its `[[watch]]` tables and its `[worker]` table, creating
+/// nothing: what `check-config` runs. A file with neither is refused.
+pub(crate) fn check(path: &Path) -> Result<Checked> {
+    let (_, _, file) = parse(path)?;
+    let pipelines = if file.watch.is_empty() {
+        0
+    } else {
+        load(path, &Overrides::default(), true, false)?
+            .pipelines
+            .len()
+    };
+    let worker = match file.worker {
+        Some(_) => Some(crate::config::WorkerConfig::resolve(
+            load_worker(path)?,
+            false,
+        )?),
+        None if pipelines == 0 => {
+            bail!(
+                "{}: no [[watch]] or [worker] table: nothing to run",
+                path.display()
+            )
+        }
+        None => None,
+    };
+    Ok(Checked { pipelines, worker })
+}
+
+/// The `[worker]` table of the config file at `path`, as given (paths resolved against the
+/// file's directory, each root labelled with its line): `filepipe worker --config`'s
+/// settings, before the command line's go over them.
+pub(crate) fn load_worker(path: &Path) -> Result<crate::config::WorkerSettings> {
+    let (text, meta, file) = parse(path)?;
+    let located = Located {
+        path,
+        text: &text,
+        meta,
+    };
+    let Some(table) = &file.worker else {
+        bail!(
+            "{}: no [worker] table (filepipe worker --config reads its settings from one)",
+            path.display()
+        );
+    };
+    // The top-level keys are the [[watch]] tables': in a file with none, one set there was
+    // meant for the worker, and would silently do nothing.
+    if file.watch.is_empty() {
+        let set = [
+            ("state_dir", file.state_dir.is_some()),
+            ("jobs", file.jobs.is_some()),
+            ("failure_log", file.failure_log.is_some()),
+            ("settle_ms", file.settle_ms.is_some()),
+            ("poll_secs", file.poll_secs.is_some()),
+            ("durability", file.durability.is_some()),
+            ("metrics", file.metrics.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
+            bail!(
+                "{}: {key} is set outside [worker], where it applies to [[watch]] tables, and \
+                 the file has none: move it under [worker] (before any [worker.roots] table)",
+                path.display()
+            );
+        }
+    }
+    table.get_ref().settings(&located, table.span())
 }
 
 /// A message about the file with every line cut to a readable length: a parse error quotes
@@ -178,9 +377,12 @@ pub(crate) fn load(
     quiet: bool,
     create: bool,
 ) -> Result<Service> {
-    let text = read_config(path)?;
-    let file: FileConfig = toml::from_str(&text)
-        .map_err(|e| anyhow!("{}: {}", path.display(), cut_lines(&e.to_string())))?;
+    let (text, meta, file) = parse(path)?;
+    let located = Located {
+        path,
+        text: &text,
+        meta,
+    };
     // Relative paths in the file are relative to the file, not to wherever the daemon runs
     // (systemd starts it in /).
     let base = path.parent().unwrap_or(Path::new("."));
@@ -189,8 +391,20 @@ pub(crate) fn load(
         let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
         anyhow!("{}:{line}: {key}: {msg}", path.display())
     };
+    // The [worker] table is the worker's to resolve, but a password it exposes is refused
+    // here too: the file is one, whichever daemon reads it.
+    if let Some(table) = &file.worker {
+        table.get_ref().settings(&located, table.span())?;
+    }
     if file.watch.is_empty() {
-        bail!("{}: no [[watch]] table: nothing to run", path.display());
+        let hint = match &file.worker {
+            Some(_) => " (its [worker] table is `filepipe worker --config`'s)",
+            None => "",
+        };
+        bail!(
+            "{}: no [[watch]] table: nothing to watch{hint}",
+            path.display()
+        );
     }
     if let Some(j) = &file.jobs {
         if !(1..=MAX_JOBS).contains(j.get_ref()) {
@@ -329,10 +543,16 @@ pub(crate) fn load(
                 c.watching(state_dir.clone(), settle, poll, create)
             })
             .map_err(|e| at(w.path.span(), &format!("watch[{i}]"), format!("{e:#}")))?;
-        if let Some(queue) = &w.queue {
+        let url = queue_of(&located, w.queue.as_ref(), w.queue_file.as_ref(), &key(""))?;
+        let queue_span = w
+            .queue
+            .as_ref()
+            .map(|q| q.span())
+            .or(w.queue_file.as_ref().map(|f| f.span()));
+        if let (Some(url), Some(queue_span)) = (url, queue_span) {
             if !cfg!(feature = "cluster") {
                 let msg = "this filepipe is built without cluster mode (feature cluster)";
-                return Err(at(queue.span(), &key("queue"), msg.into()));
+                return Err(at(queue_span, &key("queue"), msg.into()));
             }
             if w.op.is_multi() {
                 let msg = format!(
@@ -340,14 +560,17 @@ pub(crate) fn load(
                      mode yet",
                     w.op
                 );
-                return Err(at(queue.span(), &key("queue"), msg));
+                return Err(at(queue_span, &key("queue"), msg));
             }
             let name = match &w.root_name {
                 Some(n) => n.get_ref().clone(),
                 None => crate::config::default_root_name(&root),
             };
             if !crate::config::valid_root_name(&name) {
-                let span = w.root_name.as_ref().map_or(queue.span(), |n| n.span());
+                let span = w
+                    .root_name
+                    .as_ref()
+                    .map_or(queue_span.clone(), |n| n.span());
                 let msg = format!(
                     "the root's name {name:?} is not 1 to 64 of A-Z a-z 0-9 _ - (set root_name)"
                 );
@@ -361,7 +584,7 @@ pub(crate) fn load(
                     let span = match (&w.out_root_name, &w.out) {
                         (Some(n), _) => n.span(),
                         (None, Some(o)) => o.span(),
-                        (None, None) => queue.span(),
+                        (None, None) => queue_span.clone(),
                     };
                     let msg = format!(
                         "the output root's name {out_name:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the root's name {name:?} (set out_root_name)"
@@ -371,7 +594,7 @@ pub(crate) fn load(
             }
             if let Some(settings) = cfg.watch.as_mut() {
                 settings.queue = Some(crate::config::QueueTarget {
-                    url: queue.get_ref().clone(),
+                    url,
                     creds: w.creds.as_deref().map(resolve),
                     tls_ca: w.tls_ca.as_deref().map(resolve),
                     root_name: name,
@@ -447,4 +670,41 @@ pub(crate) fn load(
         failure_log,
         metrics: overrides.metrics.or(file.metrics),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn a_secret_is_read_only_from_a_file_others_cannot_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("queue.url");
+        std::fs::write(&f, "nats://u:p@h:4222\n").unwrap();
+        let mode = |m: u32| {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(m)).unwrap();
+            std::fs::metadata(&f).unwrap()
+        };
+        assert!(check_private(&mode(0o600), "").is_ok());
+        assert!(check_private(&mode(0o400), "").is_ok());
+        let e = check_private(&mode(0o644), "").unwrap_err();
+        assert!(e.contains("every user") && e.contains("0644"), "{e}");
+        assert!(check_private(&mode(0o620), "").is_err());
+        // Group-readable only for a file root owns (the service's group reads it).
+        let m = mode(0o640);
+        assert_eq!(check_private(&m, "").is_ok(), m.uid() == 0);
+        assert_eq!(read_queue_file(&f).is_ok(), m.uid() == 0);
+        mode(0o600);
+        assert_eq!(read_queue_file(&f).unwrap(), "nats://u:p@h:4222");
+        // No secret, no rule.
+        std::fs::write(&f, "nats://h:4222").unwrap();
+        mode(0o644);
+        assert_eq!(read_queue_file(&f).unwrap(), "nats://h:4222");
+        assert!(has_secret("nats://token@h") && !has_secret("nats://h:4222"));
+        std::fs::write(&f, "nats://a:1\nnats://b:2\n").unwrap();
+        assert!(read_queue_file(&f)
+            .unwrap_err()
+            .contains("more than one URL"));
+    }
 }

@@ -11,6 +11,7 @@
 
 mod config;
 mod watchdog;
+mod worker_table;
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -30,7 +31,9 @@ use crate::report::Summary;
 use crate::signals::Shutdown;
 use crate::travel::Stats;
 
-pub(crate) use config::{load, Overrides, Service};
+#[cfg(feature = "cluster")]
+pub(crate) use config::load_worker;
+pub(crate) use config::{check, load, Overrides, Service};
 use watchdog::{notify, spawn_watchdog};
 
 /// What identifies a pipeline across reloads: if any of it changes, the pipeline restarts

@@ -1,6 +1,7 @@
 //! Test helpers: a temp tree builder and a runner for the real `filepipe` binary.
 #![allow(dead_code)]
 
+pub mod nats;
 pub mod strace;
 
 use std::ffi::OsStr;
