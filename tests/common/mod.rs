@@ -1,6 +1,8 @@
 //! Test helpers: a temp tree builder and a runner for the real `filepipe` binary.
 #![allow(dead_code)]
 
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod strace;
 
 use std::ffi::OsStr;
