@@ -167,13 +167,64 @@ fn two_workers_give_a_local_batch_s_outputs_and_manifests_byte_for_byte() {
     let out = [s("--out"), local_out.as_os_str()];
     local_batch(&t.root(), OPS, &local, &out).code(0);
 
+    // Two workers, each mapping the output root too.
+    let arch = t.side("arch");
+    fs::create_dir(&arch).unwrap();
     let root = format!("tree={}", t.root().display());
+    let out_root = format!("arch={}", arch.display());
     let workers: Vec<Worker> = (0..2)
-        .map(|_| Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "2"))
+        .map(|_| {
+            let extra = ["--out-root", out_root.as_str()];
+            Worker::start_with(
+                &nats,
+                t.dir.path(),
+                std::slice::from_ref(&root),
+                "2",
+                &extra,
+            )
+        })
         .collect();
     let sums = t.side("SUMS");
     let args = ["--op", OPS, "--root-name", "tree", "--manifest"];
     let args = [&args[..], &[sums.to_str().unwrap()]].concat();
+
+    // Outputs under --out first, the tree left as it is.
+    let with_out = [&args[..], &["--out", arch.to_str().unwrap()]].concat();
+    let sum = coordinate(&nats, &t.root(), &with_out).code(0).summary();
+    assert_eq!(
+        (
+            sum["files"].as_u64(),
+            sum["done"].as_u64(),
+            sum["failed"].as_u64()
+        ),
+        (Some(n as u64), Some(n as u64), Some(0)),
+        "{sum}"
+    );
+    assert_same_manifests(OPS, &sums, &local);
+    assert_checks(&sums, &t.root(), n);
+    // Every input but the .gz and the .zst has its .zst, whole, and the very bytes the local
+    // run wrote (an output depends only on its input and the level).
+    assert_eq!(assert_zstd_outputs(&arch, &t.root()), n - 2);
+    let same_outputs = |dir: &Path| {
+        let mut count = 0;
+        for e in walkdir::WalkDir::new(&local_out)
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_file())
+        {
+            let rel = e.path().strip_prefix(&local_out).unwrap();
+            assert!(
+                fs::read(e.path()).unwrap() == fs::read(dir.join(rel)).unwrap(),
+                "{} differs from the local run's",
+                rel.display()
+            );
+            count += 1;
+        }
+        count
+    };
+    assert_eq!(same_outputs(&arch), n - 2);
+
+    // Outputs next to the inputs.
     let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
     assert_eq!(
         (
@@ -186,22 +237,9 @@ fn two_workers_give_a_local_batch_s_outputs_and_manifests_byte_for_byte() {
     );
     assert_same_manifests(OPS, &sums, &local);
     assert_checks(&sums, &t.root(), n);
-    // Every input but the .gz and the .zst has its .zst, whole, and the same bytes the local
-    // run wrote (an output depends only on its input and the level).
     let compressed = assert_zstd_outputs(&t.root(), &t.root());
     assert_eq!(compressed, n - 2);
-    for e in walkdir::WalkDir::new(&local_out)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file())
-    {
-        let rel = e.path().strip_prefix(&local_out).unwrap();
-        assert!(
-            fs::read(e.path()).unwrap() == fs::read(t.root().join(rel)).unwrap(),
-            "{} differs from the local run's",
-            rel.display()
-        );
-    }
+    assert_eq!(same_outputs(&t.root()), n - 2);
     // Both workers took part.
     for w in &workers {
         assert!(
@@ -592,4 +630,26 @@ fn a_batch_coordinator_with_several_results_killed_mid_run_is_resumed_each_file_
     let local = t.side("LOCAL");
     local_batch(&t.root(), OPS, &local, &[]).code(0);
     assert_same_manifests(OPS, &sums, &local);
+}
+
+#[test]
+fn a_watch_table_with_a_queue_takes_several_results() {
+    let t = TestTree::new();
+    let cfg = t.side("f.toml");
+    fs::write(
+        &cfg,
+        format!(
+            "state_dir = {:?}\n[[watch]]\npath = {:?}\nop = \"sha256,blake3,zstd\"\nmanifest = {:?}\nqueue = \"nats://127.0.0.1:4999\"\n",
+            t.side("state").display().to_string(),
+            t.root().display().to_string(),
+            t.side("SUMS").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let checked = run(filepipe(&[s("check-config"), cfg.as_os_str()]));
+    assert!(
+        checked.success().stdout().contains("ok, 1 pipelines"),
+        "{}",
+        checked.stdout()
+    );
 }
