@@ -186,7 +186,7 @@ pub(crate) struct WireFile {
 /// A batch of jobs: everything a worker needs to process them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct JobBatch {
-    /// `VERSION`.
+    /// `JobBatch::version`'s.
     pub(crate) v: u32,
     /// The coordinator's run: outcomes go to its subject.
     pub(crate) run: String,
@@ -378,7 +378,8 @@ const MAX_DIGESTS: usize = 3;
 /// A batch of outcomes, from one worker's flush.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct OutcomeBatch {
-    /// `VERSION`.
+    /// `VERSION`. Named digests (`WireOutcome::digests`) did not change it: a worker sends
+    /// them only for a job of several ops, which only a coordinator that reads them sends.
     pub(crate) v: u32,
     /// The coordinator's run.
     pub(crate) run: String,
