@@ -304,24 +304,58 @@ impl std::str::FromStr for OpSpec {
                      several joined by commas: one compressor and any hashes, e.g. sha256,zstd)"
                 )
             })?;
-            match (kind.hash(), spec.compressor) {
-                (Some(algo), _) if spec.hashes.contains(&algo) => {
-                    return Err(format!("{part} is given twice in {s:?}"));
-                }
-                (Some(algo), _) => spec.hashes.push(algo),
-                (None, Some(c)) if c == kind => {
-                    return Err(format!("{part} is given twice in {s:?}"));
-                }
-                (None, Some(c)) => {
-                    return Err(format!(
-                        "at most one compressor per run: {s:?} names {} and {part}",
-                        c.as_str()
-                    ));
-                }
-                (None, None) => spec.compressor = Some(kind),
-            }
+            spec.add(kind).map_err(|e| format!("{e} in {s:?}"))?;
         }
         Ok(spec)
+    }
+}
+
+impl OpSpec {
+    /// The ops `kinds` names together (a cluster job message's list), checked as `--op` is:
+    /// at least one, at most one compressor, each op once.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn of_kinds(kinds: &[OpKind]) -> Result<OpSpec, String> {
+        if kinds.is_empty() {
+            return Err("no op".into());
+        }
+        let mut spec = OpSpec {
+            compressor: None,
+            hashes: Vec::new(),
+        };
+        for &kind in kinds {
+            spec.add(kind)?;
+        }
+        Ok(spec)
+    }
+
+    /// Every op, the hashes in their order, then the compressor: what `of_kinds` reads back
+    /// as the same spec.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn kinds(&self) -> Vec<OpKind> {
+        let mut kinds: Vec<OpKind> = self.hashes.iter().map(|&a| OpKind::from(a)).collect();
+        kinds.extend(self.compressor);
+        kinds
+    }
+
+    /// Adds `kind`, unless it is there already or is a second compressor.
+    fn add(&mut self, kind: OpKind) -> Result<(), String> {
+        let name = kind.as_str();
+        match (kind.hash(), self.compressor) {
+            (Some(algo), _) if self.hashes.contains(&algo) => Err(format!("{name} is given twice")),
+            (Some(algo), _) => {
+                self.hashes.push(algo);
+                Ok(())
+            }
+            (None, Some(c)) if c == kind => Err(format!("{name} is given twice")),
+            (None, Some(c)) => Err(format!(
+                "at most one compressor per run: {} and {name} are named",
+                c.as_str()
+            )),
+            (None, None) => {
+                self.compressor = Some(kind);
+                Ok(())
+            }
+        }
     }
 }
 
@@ -677,6 +711,20 @@ mod tests {
             ("SHA256", "unknown op"),
         ] {
             let e = bad.parse::<OpSpec>().unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        // A job message's list is checked the same way, and a spec's own list reads back.
+        for good in ["zstd,blake3,sha256", "sha512,sha256", "gzip", "blake3"] {
+            let spec: OpSpec = good.parse().unwrap();
+            assert_eq!(OpSpec::of_kinds(&spec.kinds()), Ok(spec));
+        }
+        use OpKind::{Gzip, Sha256, Zstd};
+        for (bad, why) in [
+            (&[Gzip, Zstd][..], "at most one compressor"),
+            (&[Sha256, Zstd, Sha256], "given twice"),
+            (&[], "no op"),
+        ] {
+            let e = OpSpec::of_kinds(bad).unwrap_err();
             assert!(e.contains(why), "{bad:?}: {e}");
         }
     }

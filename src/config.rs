@@ -427,10 +427,6 @@ impl Config {
                 args.op
             );
         }
-        #[cfg(feature = "cluster")]
-        if args.queue.is_some() {
-            refuse_multi_in_cluster(&args.op)?;
-        }
         if args.state.is_some() && args.op.is_multi() {
             // An incremental run keeps one digest per file in its state, for one op.
             bail!(
@@ -663,10 +659,6 @@ impl Config {
         // Before anything is created: `--queue` alone with no URL in the environment.
         #[cfg(feature = "cluster")]
         let url = queue_url(args.queue.as_ref())?;
-        #[cfg(feature = "cluster")]
-        if url.is_some() {
-            refuse_multi_in_cluster(op)?;
-        }
         let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
@@ -755,19 +747,6 @@ fn manifest_path(manifest: Option<&Path>, spec: &OpSpec, algo: HashAlgo) -> Opti
             Some(PathBuf::from(name))
         }
     }
-}
-
-/// Cluster mode carries one op per job message and one digest per outcome: several results
-/// from one read are refused there, before anything is sent.
-#[cfg(feature = "cluster")]
-pub(crate) fn refuse_multi_in_cluster(spec: &OpSpec) -> Result<()> {
-    if spec.is_multi() {
-        bail!(
-            "--op {spec}: several results from one read are not available in cluster mode \
-             (--queue) yet; run it without --queue, or one op per cluster run"
-        );
-    }
-    Ok(())
 }
 
 /// Refuses an output root (`given`, resolved to `out`) that is the input root, encloses it or

@@ -11,74 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::nats::*;
+use common::cluster::*;
 use common::*;
 
 fn s(x: &str) -> &OsStr {
     OsStr::new(x)
-}
-
-/// `filepipe batch ROOT --queue URL --json EXTRA`, to completion.
-fn coordinate(nats: &Nats, root: &Path, extra: &[&str]) -> Run {
-    let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.arg("--json")
-        .args(extra)
-        .env("XDG_STATE_HOME", xdg(root));
-    run(cmd)
-}
-
-/// The state directory's parent for a coordinator of `root` (its run files live there): the
-/// test's own, beside the tree.
-fn xdg(root: &Path) -> PathBuf {
-    root.parent().unwrap().join("xdg")
-}
-
-/// `filepipe batch ROOT --queue URL --root-name tree --json EXTRA`, started (its output piped).
-fn start_coordinator(nats: &Nats, root: &Path, extra: &[&str]) -> Started {
-    let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args(["--root-name", "tree", "--json"])
-        .args(extra)
-        .env("XDG_STATE_HOME", xdg(root))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    Started::new(cmd)
-}
-
-/// The `files=N` of the first line of a coordinator's log `err` that says `what`.
-fn logged_files(err: &str, what: &str) -> u64 {
-    err.lines()
-        .find(|l| l.contains(what))
-        .and_then(|l| {
-            l.split("files=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no {what:?} line: {err}"))
-}
-
-/// `start_coordinator` with `-v` and its log in a file beside the tree, once the log says
-/// `line` (how far it got); returns it running, and the log's path.
-fn start_coordinator_logged(
-    nats: &Nats,
-    t: &TestTree,
-    extra: &[&str],
-    line: &str,
-) -> (Started, PathBuf) {
-    let log = t.side("coordinator.log");
-    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args(["--root-name", "tree", "--json", "-v"])
-        .args(extra)
-        .env("XDG_STATE_HOME", xdg(&t.root()))
-        .stdout(Stdio::piped())
-        .stderr(fs::File::create(&log).unwrap());
-    let started = Started::new(cmd);
-    wait_until(Duration::from_secs(60), line, || {
-        fs::read_to_string(&log).is_ok_and(|l| l.contains(line))
-    });
-    (started, log)
 }
 
 /// Every .gz under `dir` passes the real `gzip -t`, and restores its input exactly.
@@ -109,23 +46,6 @@ fn assert_outputs_of(dir: &Path, inputs: &Path) -> usize {
         );
     }
     n
-}
-
-fn tree(files: usize, large: usize) -> TestTree {
-    let mut t = TestTree::new();
-    for i in 0..files {
-        t = t.file(
-            format!("d{}/e{}/f{i}.log", i % 13, i % 3),
-            &text_bytes(200 + (i * 97) % 20_000, i as u64),
-        );
-    }
-    for i in 0..large {
-        t = t.file(
-            format!("big/b{i}.bin"),
-            &text_bytes(6 << 20, 1000 + i as u64),
-        );
-    }
-    t
 }
 
 #[test]

@@ -62,8 +62,12 @@ struct Ledger {
     published: AtomicU64,
     /// The source and the publishing are over.
     walked: AtomicBool,
-    /// The hash the run's op computes: what a done outcome's digest must be.
-    hash: Option<HashAlgo>,
+    /// The hashes the run computes, in `--op`'s order: what a done outcome's digests must be
+    /// (exactly one of each), and the order its digests are handed on in (the manifests').
+    hashes: Vec<HashAlgo>,
+    /// The version of the run's job messages: above `wire::VERSION`, workers from before it
+    /// refuse them without an outcome.
+    version: u32,
 }
 
 /// A run id: unique, and a plain name (a subject token).
@@ -161,7 +165,8 @@ pub(crate) fn watch(
 ) -> Result<Summary> {
     let out = check(cfg, root, out)?;
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
-    let op = cfg.op.as_str();
+    // The state's rows are filed under the canonical name, as a local watch's are.
+    let op = cfg.spec.canonical();
     // Two connections, as in `run::watch`: the sink writes, the watcher reads.
     let state = State::open(&settings.state_dir, &cfg.root, op)?;
     let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
@@ -230,7 +235,8 @@ fn coordinate(
         None => tracing::info!(%run, root, queue = %queue.shown(), "coordinating"),
     }
     let ledger = Ledger {
-        hash: cfg.op.hash(),
+        hashes: cfg.spec.hashes().to_vec(),
+        version: JobBatch::version(out, cfg.remove_source, cfg.spec.is_multi()),
         ..Ledger::default()
     };
     let watching = source.listens();
@@ -252,7 +258,7 @@ fn coordinate(
             .spawn_scoped(s, || {
                 report::run(
                     cfg,
-                    cfg.op.as_str(),
+                    cfg.spec.canonical(),
                     event_rx,
                     stats,
                     sink,
@@ -264,7 +270,7 @@ fn coordinate(
         // Resuming: the run's outcomes so far count first, and their files are not sent again;
         // nor are those of the run's jobs still in the queue, whose outcomes are awaited.
         if resumed.is_some() {
-            let (mut skip, seen) = replay(&conn, &outcomes, &run, cfg, ledger.hash, &event_tx)?;
+            let (mut skip, seen) = replay(&conn, &outcomes, &run, cfg, &ledger.hashes, &event_tx)?;
             let queued = queued(&conn, root, &run)?;
             let mut expected = ledger
                 .expected
@@ -396,6 +402,7 @@ fn publish(
     // Messages published and not yet confirmed stored: up to WINDOW at once, so a run does
     // not pay a round trip per message; each is confirmed in order.
     let mut unconfirmed: VecDeque<Pending> = VecDeque::new();
+    let (op, ops) = JobBatch::ops_of(&cfg.spec);
     loop {
         let msg = match jobs.recv_timeout(CONFIRM_WITHIN) {
             Ok(msg) => msg,
@@ -429,12 +436,13 @@ fn publish(
         while !rest.is_empty() {
             let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
                 serde_json::to_vec(&JobBatch {
-                    v: JobBatch::version(out, cfg.remove_source),
+                    v: JobBatch::version(out, cfg.remove_source, !ops.is_empty()),
                     out: out.map(str::to_owned),
                     remove_source: cfg.remove_source,
                     run: run.to_owned(),
                     root: root.to_owned(),
-                    op: cfg.op,
+                    op,
+                    ops: ops.clone(),
                     level: cfg.level,
                     force: cfg.force,
                     // Sizes are not sent: the source already put each large file in a
@@ -638,7 +646,7 @@ fn gather(
                 .lock()
                 .map_err(|_| anyhow!("the ledger is poisoned"))?;
             for w in &batch.outcomes {
-                let outcome = match w.outcome(ledger.hash) {
+                let outcome = match w.outcome(&ledger.hashes) {
                     Ok(o) => o,
                     Err(e) => {
                         tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
@@ -675,6 +683,13 @@ fn gather(
                     outstanding,
                     "no outcome for {STALLED:?} and no worker is asking for jobs: start `filepipe worker --queue ... --root NAME=PATH`"
                 );
+            } else if ledger.version > wire::VERSION {
+                tracing::warn!(
+                    outstanding,
+                    workers_waiting = waiting,
+                    jobs_version = ledger.version,
+                    "no outcome for {STALLED:?}: workers from before job messages of this version (2: --out or --remove-source; 3: several results) refuse them without an outcome; upgrade the workers"
+                );
             } else {
                 tracing::warn!(
                     outstanding,
@@ -687,14 +702,14 @@ fn gather(
 }
 
 /// Reads a resumed run's outcomes so far, from its first, to the reporter (each file's first
-/// outcome that still holds; digests read as `hash`'s), and returns the files they account
+/// outcome that still holds; digests read as `hashes`'), and returns the files they account
 /// for, and every file that has an outcome at all.
 fn replay(
     conn: &Conn,
     outcomes: &consumer::PullConsumer,
     run: &str,
     cfg: &Config,
-    hash: Option<HashAlgo>,
+    hashes: &[HashAlgo],
     events: &Sender<Event>,
 ) -> Result<(HashSet<PathBuf>, HashSet<PathBuf>)> {
     let mut accounted = HashSet::new();
@@ -719,7 +734,7 @@ fn replay(
                 continue;
             };
             for w in &batch.outcomes {
-                let Ok(o) = w.outcome(hash) else { continue };
+                let Ok(o) = w.outcome(hashes) else { continue };
                 seen.insert(o.rel().to_path_buf());
                 // Counted only if done and the file is still the version the worker read: a
                 // file changed or deleted while the coordinator was down is published again

@@ -50,7 +50,9 @@ impl RunFile {
         for part in [
             cfg.root.as_os_str().as_bytes(),
             root.as_bytes(),
-            cfg.op.as_str().as_bytes(),
+            // The canonical name: one op's is its own, as before several results; the hashes'
+            // order only names the manifests, and an outcome carries every digest anyway.
+            cfg.spec.canonical().as_bytes(),
             &cfg.level.to_le_bytes(),
             &[u8::from(cfg.force)],
             url.as_bytes(),

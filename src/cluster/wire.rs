@@ -3,6 +3,9 @@
 //! publish to the stream can write one), so everything a worker acts on is checked here: the
 //! run and root names are plain tokens, the level is in range, the message is bounded, and a
 //! file's path must be relative with plain components only. A bad path fails its file alone.
+//! Several results from one read (`--op sha256,zstd`) travel as an op list in the job (known
+//! ops only, one compressor at most, each once) and every digest, named by its algorithm, in
+//! the outcome, which the coordinator reads only with exactly its run's hashes.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -10,7 +13,7 @@ use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::OpKind;
+use crate::cli::{OpKind, OpSpec};
 use crate::digest::{Digest, HashAlgo};
 use crate::error::{FileError, Kind};
 use crate::travel::{Done, Outcome, Stamp};
@@ -183,13 +186,14 @@ pub(crate) struct WireFile {
 /// A batch of jobs: everything a worker needs to process them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct JobBatch {
-    /// `VERSION`.
+    /// `JobBatch::version`'s.
     pub(crate) v: u32,
     /// The coordinator's run: outcomes go to its subject.
     pub(crate) run: String,
     /// The root's name; each worker maps it to its own mount point (`--root NAME=PATH`).
     pub(crate) root: String,
-    /// The operation.
+    /// The operation; with several results (`ops`), the one that decides outputs and the
+    /// level (the compressor, else the first hash): what a worker from before `ops` reads.
     pub(crate) op: OpKind,
     /// The compression level (gzip, zstd).
     pub(crate) level: u32,
@@ -206,21 +210,63 @@ pub(crate) struct JobBatch {
     /// with it is `VERSION_OUT` too: a worker from before it would keep the inputs.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) remove_source: bool,
+    /// Several results from one read: every op (`op` among them), checked as `--op` is. A
+    /// message with them is `VERSION_MULTI`: a worker from before them would compute `op`'s
+    /// result alone. Empty: `op` alone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) ops: Vec<OpKind>,
 }
 
 /// The version of a job message that names an output root or asks for its inputs removed:
 /// what a worker from before them would ignore.
 pub(crate) const VERSION_OUT: u32 = 2;
 
+/// The version of a job message with several ops (`ops`), an output root or not.
+pub(crate) const VERSION_MULTI: u32 = 3;
+
 impl JobBatch {
-    /// The version a batch is sent as: `VERSION`, or `VERSION_OUT` with an output root or
-    /// `remove_source`.
-    pub(crate) fn version(out: Option<&str>, remove_source: bool) -> u32 {
-        if out.is_some() || remove_source {
+    /// The version a batch is sent as: `VERSION_MULTI` with several ops, else `VERSION_OUT`
+    /// with an output root or `remove_source`, else `VERSION`. A single op keeps the version
+    /// it always had, so workers from before several results still take those jobs.
+    pub(crate) fn version(out: Option<&str>, remove_source: bool, multi: bool) -> u32 {
+        if multi {
+            VERSION_MULTI
+        } else if out.is_some() || remove_source {
             VERSION_OUT
         } else {
             VERSION
         }
+    }
+
+    /// The ops a batch sends for `spec`: `op` and, with several results, `ops`.
+    pub(crate) fn ops_of(spec: &OpSpec) -> (OpKind, Vec<OpKind>) {
+        let ops = if spec.is_multi() {
+            spec.kinds()
+        } else {
+            Vec::new()
+        };
+        (spec.primary(), ops)
+    }
+
+    /// What the batch asks for: `op` alone, or its several ops. `Err` if they are not a run's
+    /// (an unknown op does not even parse): a second compressor, an op twice, a list of one,
+    /// or one whose deciding op is not `op`.
+    pub(crate) fn spec(&self) -> Result<OpSpec, String> {
+        if self.ops.is_empty() {
+            return Ok(OpSpec::single(self.op));
+        }
+        let spec = OpSpec::of_kinds(&self.ops).map_err(|e| format!("ops: {e}"))?;
+        if !spec.is_multi() {
+            return Err("ops: a list of one op (a single op goes in op)".into());
+        }
+        if spec.primary() != self.op {
+            return Err(format!(
+                "ops {spec} decide by {}, and op says {}",
+                spec.primary().as_str(),
+                self.op.as_str()
+            ));
+        }
+        Ok(spec)
     }
 
     /// Reads and checks a job message (files are checked one by one, later: see
@@ -230,14 +276,21 @@ impl JobBatch {
             return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
         }
         let b: JobBatch = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
-        if b.v != JobBatch::version(b.out.as_deref(), b.remove_source) {
+        if b.v != JobBatch::version(b.out.as_deref(), b.remove_source, !b.ops.is_empty()) {
             return Err(format!(
-                "version {}, this worker reads {VERSION}, and {VERSION_OUT} with an output root or --remove-source",
+                "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root or \
+                 --remove-source, and {VERSION_MULTI} with several ops",
                 b.v
             ));
         }
+        let spec = b.spec()?;
         if b.remove_source && !b.op.compresses() {
             return Err(format!("remove_source with op {}", b.op.as_str()));
+        }
+        // As on the command line: an input may only go once its manifest lines are written,
+        // which the coordinator does at the end.
+        if b.remove_source && spec.is_multi() {
+            return Err(format!("remove_source with several ops ({spec})"));
         }
         if !valid_name(&b.run) || !valid_name(&b.root) {
             return Err("a run or root name that is not a plain name".into());
@@ -297,18 +350,36 @@ pub(crate) struct WireOutcome {
     /// Done: bytes written.
     #[serde(default)]
     pub(crate) bytes_out: u64,
-    /// Done, a hash: the digest in hex (its algorithm is the run's op).
+    /// Done, with one hash: the digest in hex (its algorithm is the run's one hash), as every
+    /// coordinator reads it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) digest: Option<String>,
+    /// Done, with several hashes (`ops`): every digest, named by its algorithm. Never with
+    /// `digest`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) digests: Vec<WireDigest>,
     /// Done: how the input looked when the worker read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) read: Option<WireStamp>,
 }
 
+/// One of a file's digests, named by its algorithm.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct WireDigest {
+    /// The hash (`sha256`, `sha512`, `blake3`).
+    pub(crate) algo: OpKind,
+    /// The digest in hex.
+    pub(crate) hex: String,
+}
+
+/// The most digests an outcome may name: one per hash filepipe has.
+const MAX_DIGESTS: usize = 3;
+
 /// A batch of outcomes, from one worker's flush.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct OutcomeBatch {
-    /// `VERSION`.
+    /// `VERSION`. Named digests (`WireOutcome::digests`) did not change it: a worker sends
+    /// them only for a job of several ops, which only a coordinator that reads them sends.
     pub(crate) v: u32,
     /// The coordinator's run.
     pub(crate) run: String,
@@ -330,6 +401,7 @@ impl WireOutcome {
             bytes_in: 0,
             bytes_out: 0,
             digest: None,
+            digests: Vec::new(),
             read: None,
         };
         let why = |w: &mut WireOutcome, status, e: &FileError| {
@@ -342,9 +414,20 @@ impl WireOutcome {
             Outcome::Done { done, .. } => {
                 w.bytes_in = done.bytes_in;
                 w.bytes_out = done.bytes_out;
-                // One digest at most: a run with several results never reaches the queue
-                // (`config::refuse_multi_in_cluster`).
-                w.digest = done.digests.first().map(|d| d.to_hex());
+                // One digest unnamed, as coordinators from before several results read it
+                // (the run has one hash, so it says which); several, each named.
+                match &done.digests[..] {
+                    [one] => w.digest = Some(one.to_hex()),
+                    several => {
+                        w.digests = several
+                            .iter()
+                            .map(|d| WireDigest {
+                                algo: OpKind::from(d.algo()),
+                                hex: d.to_hex(),
+                            })
+                            .collect();
+                    }
+                }
                 w.read = done.stamp.as_ref().map(WireStamp::of);
                 if let Some(note) = &done.note {
                     why(&mut w, WireStatus::Done, note);
@@ -356,9 +439,55 @@ impl WireOutcome {
         w
     }
 
-    /// The outcome it stands for, in a run whose op computes `hash`; `Err` if it does not read
-    /// back (an unknown kind, a digest that is not one of `hash`, or one where none belongs).
-    pub(crate) fn outcome(&self, hash: Option<HashAlgo>) -> Result<Outcome, String> {
+    /// The digests of a done file, in the order of `hashes` (the run's): exactly one of each,
+    /// or `Err`. One hash may come as `digest` (unnamed) or named; several come named.
+    fn digests(&self, hashes: &[HashAlgo]) -> Result<Vec<Digest>, String> {
+        let named: Vec<(HashAlgo, &str)> = match (&self.digest, &self.digests[..], hashes) {
+            (Some(_), [_, ..], _) => return Err("both digest and digests".into()),
+            (Some(hex), [], [algo]) => vec![(*algo, hex.as_str())],
+            (Some(_), [], _) => {
+                return Err(format!(
+                    "one unnamed digest, and the run has {} hashes",
+                    hashes.len()
+                ))
+            }
+            (None, listed, _) => {
+                if listed.len() > MAX_DIGESTS {
+                    return Err(format!("{} digests", listed.len()));
+                }
+                listed
+                    .iter()
+                    .map(|d| match d.algo.hash() {
+                        Some(algo) => Ok((algo, d.hex.as_str())),
+                        None => Err(format!("a digest named {}", d.algo.as_str())),
+                    })
+                    .collect::<Result<_, String>>()?
+            }
+        };
+        let mut digests = Vec::with_capacity(hashes.len());
+        for &algo in hashes {
+            let mut of_algo = named.iter().filter(|(a, _)| *a == algo);
+            let (Some((_, hex)), None) = (of_algo.next(), of_algo.next()) else {
+                return Err(format!("not exactly one {algo} digest"));
+            };
+            let d = Digest::from_hex(algo, hex.as_bytes()).ok_or_else(|| {
+                // Said in part: a hostile one may be most of a megabyte.
+                let start: String = hex.chars().take(2 * algo.hex_len()).collect();
+                format!("not a {algo} digest: {start:?}")
+            })?;
+            digests.push(d);
+        }
+        if named.len() != hashes.len() {
+            return Err("a digest of a hash the run does not compute".into());
+        }
+        Ok(digests)
+    }
+
+    /// The outcome it stands for, in a run that computes `hashes` (in their order, which the
+    /// digests take); `Err` if it does not read back (an unknown kind; a done file without
+    /// exactly one well-formed digest of each of `hashes`, or with another; a digest on a file
+    /// not done).
+    pub(crate) fn outcome(&self, hashes: &[HashAlgo]) -> Result<Outcome, String> {
         let rel = self.rel.rel().map_err(|e| e.message)?;
         let error = || -> Result<FileError, String> {
             let kind = self.kind.as_deref().unwrap_or("");
@@ -369,22 +498,18 @@ impl WireOutcome {
                 message: self.message.clone().unwrap_or_default(),
             })
         };
+        if self.status != WireStatus::Done && (self.digest.is_some() || !self.digests.is_empty()) {
+            return Err("a digest of a file not done".into());
+        }
         Ok(match self.status {
             WireStatus::Done => {
-                let digest = match (&self.digest, hash) {
-                    (Some(hex), Some(algo)) => Some(
-                        Digest::from_hex(algo, hex.as_bytes())
-                            .ok_or_else(|| format!("not a {algo} digest: {hex:?}"))?,
-                    ),
-                    (Some(_), None) => return Err("a digest from an op that has none".into()),
-                    (None, _) => None,
-                };
+                let digests = self.digests(hashes)?;
                 Outcome::Done {
                     rel,
                     done: Box::new(Done {
                         bytes_in: self.bytes_in,
                         bytes_out: self.bytes_out,
-                        digests: digest.into_iter().collect(),
+                        digests,
                         note: self.kind.is_some().then(error).transpose()?,
                         stamp: None,
                         unchanged: false,
@@ -473,6 +598,85 @@ mod tests {
     }
 
     #[test]
+    fn a_job_message_with_several_ops_is_checked_as_op_is_on_the_command_line() {
+        let good = r#"{"v":3,"run":"r1","root":"in","op":"zstd","level":19,"force":false,
+            "files":[{"rel":"a","size":1}],"ops":["sha256","blake3","zstd"]}"#;
+        let b = JobBatch::parse(good.as_bytes()).unwrap();
+        let spec = b.spec().unwrap();
+        assert_eq!(spec.canonical(), "sha256,blake3,zstd");
+        assert_eq!(spec, "sha256,blake3,zstd".parse().unwrap());
+        // What a coordinator sends reads back as its own spec.
+        for op in [
+            "sha256,zstd",
+            "blake3,sha512",
+            "sha256,sha512,blake3,gzip",
+            "gzip",
+        ] {
+            let spec: OpSpec = op.parse().unwrap();
+            let (op, ops) = JobBatch::ops_of(&spec);
+            let b = JobBatch {
+                v: JobBatch::version(None, false, !ops.is_empty()),
+                run: "r".into(),
+                root: "in".into(),
+                op,
+                ops,
+                level: op.default_level(),
+                force: false,
+                files: vec![WireFile {
+                    rel: WirePath::Text("a".into()),
+                    size: 0,
+                    stamp: None,
+                    replace: false,
+                }],
+                out: None,
+                remove_source: false,
+            };
+            let read = JobBatch::parse(&serde_json::to_vec(&b).unwrap()).unwrap();
+            assert_eq!(read.spec().unwrap(), spec);
+        }
+        let two_hashes = good
+            .replace(r#""op":"zstd","level":19"#, r#""op":"sha256","level":6"#)
+            .replace(r#","zstd"]"#, "]");
+        assert!(JobBatch::parse(two_hashes.as_bytes()).is_ok());
+        let with_out = good.replace(r#""force":false"#, r#""force":false,"out":"o""#);
+        assert!(JobBatch::parse(with_out.as_bytes()).is_ok());
+        for (bad, why) in [
+            (good.replace(r#""blake3""#, r#""md5""#), "unknown variant"),
+            (
+                good.replace(r#""blake3""#, r#""gzip""#),
+                "at most one compressor",
+            ),
+            (good.replace(r#""blake3""#, r#""sha256""#), "given twice"),
+            (good.replace(r#""blake3""#, r#""zstd""#), "given twice"),
+            (good.replace(r#""sha256","blake3","#, ""), "a list of one"),
+            (
+                good.replace(r#"["sha256","blake3","zstd"]"#, "[]"),
+                "version 3",
+            ),
+            (good.replace(r#""v":3"#, r#""v":2"#), "version 2"),
+            (good.replace(r#""v":3"#, r#""v":1"#), "version 1"),
+            (
+                good.replace(r#""op":"zstd""#, r#""op":"gzip""#),
+                "op says gzip",
+            ),
+            (
+                good.replace(r#""op":"zstd""#, r#""op":"sha256""#),
+                "op says sha256",
+            ),
+            (good.replace(r#""level":19"#, r#""level":20"#), "level"),
+            (
+                good.replace(r#""force":false"#, r#""force":false,"remove_source":true"#),
+                "remove_source",
+            ),
+            (good.replace(r#""zstd"]"#, r#""zstd",42]"#), "expected"),
+            (good.replace(r#"["sha256""#, r#""sha256""#), "expected"),
+        ] {
+            let e = JobBatch::parse(bad.as_bytes()).unwrap_err();
+            assert!(e.contains(why), "{bad:.200}: {e}");
+        }
+    }
+
+    #[test]
     fn a_message_takes_as_many_items_as_fit_and_at_least_one() {
         let encode = |part: &[String]| serde_json::to_vec(part);
         let small: Vec<String> = (0..100).map(|i| i.to_string()).collect();
@@ -510,12 +714,14 @@ mod tests {
         for o in [done, failed] {
             let json = serde_json::to_string(&WireOutcome::of(&o)).unwrap();
             let back: WireOutcome = serde_json::from_str(&json).unwrap();
-            let read = back.outcome(Some(HashAlgo::Sha512)).unwrap();
+            let read = back.outcome(&[HashAlgo::Sha512]).unwrap();
             assert_eq!(format!("{read:?}"), format!("{o:?}"));
             if matches!(o, Outcome::Done { .. }) {
+                // One unnamed digest, as before several results: what every coordinator reads.
+                assert!(json.contains("\"digest\":") && !json.contains("\"digests\""));
                 // The digest is the run's algorithm's, or the outcome is refused.
-                assert!(back.outcome(Some(HashAlgo::Sha256)).is_err());
-                assert!(back.outcome(None).is_err());
+                assert!(back.outcome(&[HashAlgo::Sha256]).is_err());
+                assert!(back.outcome(&[]).is_err());
             }
         }
         let mut w = WireOutcome::of(&Outcome::Skipped {
@@ -523,6 +729,91 @@ mod tests {
             reason: FileError::new(Kind::UpToDate, "up to date"),
         });
         w.kind = Some("made-up".into());
-        assert!(w.outcome(None).is_err());
+        assert!(w.outcome(&[]).is_err());
+    }
+
+    fn digest_of(algo: HashAlgo, byte: u8) -> Digest {
+        Digest::new(algo, &vec![byte; algo.len()]).unwrap()
+    }
+
+    #[test]
+    fn several_digests_travel_named_and_read_back_in_the_run_s_order_or_not_at_all() {
+        let (sha256, blake3) = (
+            digest_of(HashAlgo::Sha256, 1),
+            digest_of(HashAlgo::Blake3, 2),
+        );
+        let done = |digests: Vec<Digest>| Outcome::Done {
+            rel: "a".into(),
+            done: Box::new(Done {
+                bytes_in: 3,
+                bytes_out: 2,
+                digests,
+                note: Some(FileError::new(Kind::AlreadyCompressed, "a .gz")),
+                ..Done::default()
+            }),
+        };
+        let sent = WireOutcome::of(&done(vec![blake3, sha256]));
+        let json = serde_json::to_string(&sent).unwrap();
+        assert!(json.contains(r#"{"algo":"blake3","hex":"0202"#), "{json}");
+        let back: WireOutcome = serde_json::from_str(&json).unwrap();
+        // In the order of the run's hashes, whatever order they came in.
+        let run = [HashAlgo::Sha256, HashAlgo::Blake3];
+        let read = back.outcome(&run).unwrap();
+        assert_eq!(
+            format!("{read:?}"),
+            format!("{:?}", done(vec![sha256, blake3]))
+        );
+        // Exactly the run's hashes: not fewer, not others, not one twice.
+        for hashes in [
+            &[HashAlgo::Sha256][..],
+            &[HashAlgo::Sha256, HashAlgo::Blake3, HashAlgo::Sha512],
+            &[HashAlgo::Sha256, HashAlgo::Sha512],
+            &[],
+        ] {
+            assert!(back.outcome(hashes).is_err(), "{hashes:?}");
+        }
+        let bad = |change: &dyn Fn(&mut WireOutcome)| {
+            let mut w = sent.clone();
+            change(&mut w);
+            w.outcome(&run)
+        };
+        let hex = |w: &mut WireOutcome, i: usize, hex: String| w.digests[i].hex = hex;
+        for (what, change) in [
+            (
+                "one twice",
+                &(|w: &mut WireOutcome| w.digests[0] = w.digests[1].clone())
+                    as &dyn Fn(&mut WireOutcome),
+            ),
+            ("one left out", &|w| {
+                w.digests.pop();
+            }),
+            ("another's", &|w| w.digests[0].algo = OpKind::Sha512),
+            ("a compressor's", &|w| w.digests[0].algo = OpKind::Zstd),
+            ("too short", &|w| hex(w, 0, "02".repeat(31))),
+            ("too long", &|w| hex(w, 1, "01".repeat(33))),
+            ("not hex", &|w| hex(w, 1, "zz".repeat(32))),
+            ("SHA-512's length", &|w| hex(w, 1, "01".repeat(64))),
+            ("also unnamed", &|w| w.digest = Some("01".repeat(32))),
+            ("more than there are hashes", &|w| {
+                let more = w.digests.clone();
+                w.digests.extend(more);
+            }),
+            ("on a failed file", &|w| {
+                w.status = WireStatus::Failed;
+                w.kind = Some("io".into());
+            }),
+        ] {
+            assert!(bad(change).is_err(), "{what}");
+        }
+        // Unnamed, one digest stands for a run's only hash, never for several.
+        let mut unnamed = sent.clone();
+        unnamed.digests.clear();
+        unnamed.digest = Some("01".repeat(32));
+        assert!(unnamed.outcome(&[HashAlgo::Sha256]).is_ok());
+        assert!(unnamed.outcome(&run).is_err());
+        // And a lone hash may come named too.
+        let mut named = sent.clone();
+        named.digests.remove(0);
+        assert!(named.outcome(&[HashAlgo::Sha256]).is_ok());
     }
 }

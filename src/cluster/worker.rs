@@ -1,5 +1,5 @@
 //! `filepipe worker`: takes job messages from the workers' consumer and routes each to a
-//! pipeline for its run (one per run, root, op and level, started at its first message and
+//! pipeline for its run (one per run, root, ops and level, started at its first message and
 //! stopped when idle), each a `pipeline::run` between a queue source and a queue sink. The
 //! router owns the messages: it acknowledges one once its source says every file of it is
 //! recorded, sends in-progress acks for those it holds, and on a stop hands back what it could
@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::cli::OpKind;
+use crate::cli::OpSpec;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireOutcome, WireStatus};
 use crate::cluster::{
     cancel_subject, connect, outcomes_subject, take, whoami, workers_consumer, Conn, Queue,
@@ -45,7 +45,8 @@ const HELD_PER_THREAD: usize = 32;
 struct Key {
     run: String,
     root: String,
-    op: OpKind,
+    /// The op, or the several results from one read (`ops::multi`), as a local run has them.
+    spec: OpSpec,
     level: u32,
     force: bool,
     /// The output root's name and where it is mounted here (`None`: next to the inputs).
@@ -290,8 +291,9 @@ impl Router<'_> {
     /// when it cannot be run here.
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
         let delivered = m.info().map_or(1, |i| i.delivered);
-        let batch = match JobBatch::parse(&m.payload) {
-            Ok(b) => b,
+        let parsed = JobBatch::parse(&m.payload).and_then(|b| Ok((b.spec()?, b)));
+        let (spec, batch) = match parsed {
+            Ok(parsed) => parsed,
             Err(e) => {
                 // Not a job anyone can run: never delivered again. Without a valid run there
                 // is no coordinator to tell.
@@ -331,7 +333,7 @@ impl Router<'_> {
                 None
             };
             if let Some(message) = refused {
-                self.refuse(&m, &batch, Kind::RemoveRefused, message);
+                self.refuse(&m, &batch, spec.canonical(), Kind::RemoveRefused, message);
                 return Ok(());
             }
         }
@@ -345,7 +347,7 @@ impl Router<'_> {
                         "the output root {name:?} is not mapped on this worker ({}): give it --out-root {name}=PATH, as every worker of root {:?} needs",
                         self.me, batch.root
                     );
-                    self.refuse(&m, &batch, Kind::UnmappedRoot, message);
+                    self.refuse(&m, &batch, spec.canonical(), Kind::UnmappedRoot, message);
                     return Ok(());
                 }
             },
@@ -393,7 +395,7 @@ impl Router<'_> {
         if !refused.is_empty() {
             // The same failure-log records as the pipeline's.
             for (rel, e) in &refused {
-                report::record("failed", batch.op.as_str(), &rel.lossy(), e);
+                report::record("failed", spec.canonical(), &rel.lossy(), e);
             }
             if let Err(e) = self.fail(&batch, refused) {
                 tracing::warn!(error = %format!("{e:#}"), "could not publish refused paths' outcomes");
@@ -408,7 +410,7 @@ impl Router<'_> {
         let key = Key {
             run: batch.run.clone(),
             root: batch.root.clone(),
-            op: batch.op,
+            spec,
             level: batch.level,
             force: batch.force,
             out,
@@ -434,16 +436,24 @@ impl Router<'_> {
         Ok(())
     }
 
-    /// Fails every file of `m` (`batch`) with `kind` and `message`, which no worker here can
-    /// do, and settles it: for good once the outcomes are stored, else for later.
-    fn refuse(&self, m: &jetstream::Message, batch: &JobBatch, kind: Kind, message: String) {
+    /// Fails every file of `m` (`batch`, of the op named `op`) with `kind` and `message`, which
+    /// no worker here can do, and settles it: for good once the outcomes are stored, else for
+    /// later.
+    fn refuse(
+        &self,
+        m: &jetstream::Message,
+        batch: &JobBatch,
+        op: &'static str,
+        kind: Kind,
+        message: String,
+    ) {
         let failed: Vec<_> = batch
             .files
             .iter()
             .map(|f| (f.rel.clone(), FileError::new(kind, message.clone())))
             .collect();
         for (rel, e) in &failed {
-            report::record("failed", batch.op.as_str(), &rel.lossy(), e);
+            report::record("failed", op, &rel.lossy(), e);
         }
         match self.fail(batch, failed) {
             Ok(()) => self.ack(m, AckKind::Term),
@@ -468,6 +478,7 @@ impl Router<'_> {
                 bytes_in: 0,
                 bytes_out: 0,
                 digest: None,
+                digests: Vec::new(),
                 read: None,
             })
             .collect();
@@ -502,8 +513,8 @@ impl Router<'_> {
     fn start(&self, key: &Key, root: PathBuf) -> Result<Running> {
         let cfg = Config {
             root: root.clone(),
-            op: key.op,
-            spec: crate::cli::OpSpec::single(key.op),
+            op: key.spec.primary(),
+            spec: key.spec.clone(),
             jobs: self.jobs,
             out: key.out.as_ref().map(|(_, dir)| dir.clone()),
             manifest: None,
@@ -532,7 +543,7 @@ impl Router<'_> {
             key.run.clone(),
             self.me.clone(),
         );
-        tracing::info!(run = %key.run, root = %key.root, op = key.op.as_str(), "pipeline started");
+        tracing::info!(run = %key.run, root = %key.root, op = key.spec.canonical(), "pipeline started");
         // Its own stop, raised only by a failure of its sink (then its source stops, and what
         // it holds goes back): a worker's pipelines finish what they hold on a signal (a second
         // one still abandons it, handed back for redelivery).

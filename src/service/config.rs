@@ -554,14 +554,6 @@ pub(crate) fn load(
                 let msg = "this filepipe is built without cluster mode (feature cluster)";
                 return Err(at(queue_span, &key("queue"), msg.into()));
             }
-            if w.op.is_multi() {
-                let msg = format!(
-                    "op = \"{}\": several results from one read are not available in cluster \
-                     mode yet",
-                    w.op
-                );
-                return Err(at(queue_span, &key("queue"), msg));
-            }
             let name = match &w.root_name {
                 Some(n) => n.get_ref().clone(),
                 None => crate::config::default_root_name(&root),

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod nats;
+#[cfg(feature = "cluster")]
+pub mod cluster;
 pub mod strace;
 
 use std::ffi::OsStr;

@@ -1,0 +1,99 @@
+//! Cluster mode's test helpers: a `nats-server` of the test's own on a free port, real
+//! `filepipe worker` processes, and coordinators (`batch --queue`) over a test tree.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{filepipe, run, text_bytes, wait_until, Notifications, Run, Started, TestTree};
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+pub use super::nats::{Nats, Worker};
+
+/// `filepipe batch ROOT --queue URL --json EXTRA`, to completion.
+pub fn coordinate(nats: &Nats, root: &Path, extra: &[&str]) -> Run {
+    let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.arg("--json")
+        .args(extra)
+        .env("XDG_STATE_HOME", xdg(root));
+    run(cmd)
+}
+
+/// The state directory's parent for a coordinator of `root` (its run files live there): the
+/// test's own, beside the tree.
+pub fn xdg(root: &Path) -> PathBuf {
+    root.parent().unwrap().join("xdg")
+}
+
+/// `filepipe batch ROOT --queue URL --root-name tree --json EXTRA`, started (its output piped).
+pub fn start_coordinator(nats: &Nats, root: &Path, extra: &[&str]) -> Started {
+    let mut cmd = filepipe(&[s("batch"), root.as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args(["--root-name", "tree", "--json"])
+        .args(extra)
+        .env("XDG_STATE_HOME", xdg(root))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Started::new(cmd)
+}
+
+/// The `files=N` of the first line of a coordinator's log `err` that says `what`.
+pub fn logged_files(err: &str, what: &str) -> u64 {
+    err.lines()
+        .find(|l| l.contains(what))
+        .and_then(|l| {
+            l.split("files=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no {what:?} line: {err}"))
+}
+
+/// `start_coordinator` with `-v` and its log in a file beside the tree, once the log says
+/// `line` (how far it got); returns it running, and the log's path.
+pub fn start_coordinator_logged(
+    nats: &Nats,
+    t: &TestTree,
+    extra: &[&str],
+    line: &str,
+) -> (Started, PathBuf) {
+    let log = t.side("coordinator.log");
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args(["--root-name", "tree", "--json", "-v"])
+        .args(extra)
+        .env("XDG_STATE_HOME", xdg(&t.root()))
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap());
+    let started = Started::new(cmd);
+    wait_until(Duration::from_secs(60), line, || {
+        fs::read_to_string(&log).is_ok_and(|l| l.contains(line))
+    });
+    (started, log)
+}
+
+/// A tree of `files` text files in nested directories, and `large` files of 6 MiB.
+pub fn tree(files: usize, large: usize) -> TestTree {
+    let mut t = TestTree::new();
+    for i in 0..files {
+        t = t.file(
+            format!("d{}/e{}/f{i}.log", i % 13, i % 3),
+            &text_bytes(200 + (i * 97) % 20_000, i as u64),
+        );
+    }
+    for i in 0..large {
+        t = t.file(
+            format!("big/b{i}.bin"),
+            &text_bytes(6 << 20, 1000 + i as u64),
+        );
+    }
+    t
+}
