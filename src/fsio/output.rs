@@ -501,8 +501,17 @@ impl TempOutput {
     /// appear, so a crash never leaves an output a rerun would not recognise. The file stays
     /// open until it is published. `final_name` is for messages.
     pub(crate) fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
-        let file = self.file.as_ref().expect("synced once");
-        file.sync_all().map_err(|e| {
+        let result = self.file.as_ref().expect("synced once").sync_all();
+        self.synced(result, final_name)
+    }
+
+    /// The temp, synced, given the result of its `fsync`.
+    fn synced(
+        self,
+        fsync: std::io::Result<()>,
+        final_name: &OsStr,
+    ) -> Result<SyncedTemp, FileError> {
+        fsync.map_err(|e| {
             let path = self.dir.path.join(final_name);
             FileError::io(&format!("syncing {}", path.display()), &e)
         })?;
@@ -1008,15 +1017,23 @@ pub(crate) fn sync_group(
     }
     let own =
         |t: &TempOutput| matches!(t.dir.id(), Some((dev, _)) if synced_fs.get(&dev) == Some(&true));
-    // Flushed one by one: their write-back started together first.
-    for (t, _) in temps.iter().filter(|(t, _)| !own(t)) {
-        t.start_writeback();
+    // Flushed one by one: their write-back started together first, then their fsyncs issued
+    // together.
+    let alone: Vec<&File> = temps
+        .iter()
+        .filter(|(t, _)| !own(t))
+        .filter_map(|(t, _)| t.file.as_ref())
+        .collect();
+    for file in &alone {
+        start_writeback(file);
     }
+    let mut flushed = fsync_together(&alone).into_iter();
     temps
         .into_iter()
         .map(|(t, name)| {
             if !own(&t) {
-                return t.sync(&name);
+                let result = flushed.next().expect("one result per temp flushed alone");
+                return t.synced(result, &name);
             }
             let file = t.file.as_ref().expect("open until synced");
             written(file).map_err(|e| {
@@ -1024,6 +1041,48 @@ pub(crate) fn sync_group(
             })?;
             Ok(SyncedTemp(t))
         })
+        .collect()
+}
+
+/// At most this many `fsync`s of one group in flight together (see `fsync_together`).
+const FSYNCS_IN_FLIGHT: usize = 32;
+
+/// `fsync`s each of `files`, up to `FSYNCS_IN_FLIGHT` at a time, and returns each one's result,
+/// in order. Why together: without a journal each `fsync` ends in a flush of the disk's write
+/// cache, and the block layer serves the flushes asked for while one is running with one more
+/// (probes on this project's VM disk: 8,000 files flushed one after another 1.07 s, from 8
+/// threads 0.46 s, from 64 threads 0.33 s; on a busier day 4,000 files 4.9-7.5 s one after
+/// another, 0.51-0.57 s from 32 threads). Each file's write error still comes back through
+/// its own descriptor to its own `fsync`, as one at a time. The calling thread flushes too, so
+/// a thread that cannot be started only means fewer in flight.
+fn fsync_together(files: &[&File]) -> Vec<std::io::Result<()>> {
+    if files.len() < 2 {
+        return files.iter().map(|f| f.sync_all()).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<OnceLock<std::io::Result<()>>> = files.iter().map(|_| OnceLock::new()).collect();
+    let drain = || loop {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let Some(file) = files.get(i) else { break };
+        let _ = results[i].set(file.sync_all());
+    };
+    let helpers = files.len().min(FSYNCS_IN_FLIGHT) - 1;
+    std::thread::scope(|s| {
+        for _ in 0..helpers {
+            if std::thread::Builder::new()
+                .name("fsync".into())
+                .stack_size(64 * 1024)
+                .spawn_scoped(s, drain)
+                .is_err()
+            {
+                break;
+            }
+        }
+        drain();
+    });
+    results
+        .into_iter()
+        .map(|r| r.into_inner().expect("every file flushed"))
         .collect()
 }
 

@@ -116,6 +116,8 @@ pub fn tree(n: u64) -> TestTree {
 /// which follow the order of events across threads), its name, arguments and result.
 #[derive(Debug, Clone)]
 pub struct Call {
+    /// The thread that made it (strace's pid column).
+    pub pid: String,
     pub start: usize,
     pub end: usize,
     pub name: String,
@@ -204,6 +206,7 @@ pub fn parse_strace(log: &str) -> Vec<Call> {
                 debug_assert_eq!(name, name0);
                 let (args, ret) = split_ret(tail);
                 calls.push(Call {
+                    pid: pid.to_string(),
                     start,
                     end: n,
                     name: name0,
@@ -227,6 +230,7 @@ pub fn parse_strace(log: &str) -> Vec<Call> {
         }
         let (args, ret) = split_ret(body);
         calls.push(Call {
+            pid: pid.to_string(),
             start: n,
             end: n,
             name,
@@ -235,8 +239,9 @@ pub fn parse_strace(log: &str) -> Vec<Call> {
         });
     }
     // Calls never resumed (the process was killed in them).
-    for (_, (start, name, args)) in open {
+    for (pid, (start, name, args)) in open {
         calls.push(Call {
+            pid,
             start,
             end: usize::MAX,
             name,
