@@ -294,10 +294,7 @@ fn detect_256(manifest: &Path, lines: &[Vec<u8>], root: &Path) -> HashAlgo {
         let Ok(mut input) = InputFile::open(&root.join(rel), true) else {
             continue;
         };
-        let mut hashers = [
-            Hasher::new(HashAlgo::Sha256),
-            Hasher::new(HashAlgo::Blake3),
-        ];
+        let mut hashers = [Hasher::new(HashAlgo::Sha256), Hasher::new(HashAlgo::Blake3)];
         let mut tee = Tee::new(&mut input, &mut hashers);
         if io::copy(&mut tee, &mut io::sink()).is_err() {
             continue;

@@ -193,19 +193,27 @@ fn verify_finds_a_changed_file_with_each_algorithm() {
             // 64 hex digits and a name that says nothing: the first file that matches (a)
             // tells BLAKE3 from SHA-256.
             let guessed = verify(&args(&[s("--json")]), &root);
-            let lines = json_lines(&guessed.code(1));
+            let lines = json_lines(guessed.code(1));
             assert_eq!(lines.last().unwrap()["algo"], "blake3", "{lines:?}");
             assert_eq!(lines[0]["status"], "ok", "{lines:?}");
             // Every file changed: nothing to tell by, so SHA-256, as sha256sum -c would...
             fs::write(t.path("a"), b"changed too\n").unwrap();
             let guessed = verify(&args(&[s("--json")]), &root);
-            let lines = json_lines(&guessed.code(1));
+            let lines = json_lines(guessed.code(1));
             assert_eq!(lines.last().unwrap()["algo"], "sha256", "{lines:?}");
             // ...unless the manifest's name says BLAKE3.
             let b3sums = t.side("B3SUMS");
             fs::copy(&manifest, &b3sums).unwrap();
-            let named = verify(&[b3sums.as_os_str(), s("--root"), root.as_os_str(), s("--json")], &root);
-            let lines = json_lines(&named.code(1));
+            let named = verify(
+                &[
+                    b3sums.as_os_str(),
+                    s("--root"),
+                    root.as_os_str(),
+                    s("--json"),
+                ],
+                &root,
+            );
+            let lines = json_lines(named.code(1));
             assert_eq!(lines.last().unwrap()["algo"], "blake3", "{lines:?}");
             assert_eq!(lines[0]["status"], "failed", "{lines:?}");
         }

@@ -1060,7 +1060,8 @@ fn fsync_together(files: &[&File]) -> Vec<std::io::Result<()>> {
         return files.iter().map(|f| f.sync_all()).collect();
     }
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<OnceLock<std::io::Result<()>>> = files.iter().map(|_| OnceLock::new()).collect();
+    let results: Vec<OnceLock<std::io::Result<()>>> =
+        files.iter().map(|_| OnceLock::new()).collect();
     let drain = || loop {
         let i = next.fetch_add(1, Ordering::Relaxed);
         let Some(file) = files.get(i) else { break };

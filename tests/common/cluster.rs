@@ -1,20 +1,20 @@
-//! Cluster mode's test helpers: a `nats-server` of the test's own on a free port, real
-//! `filepipe worker` processes, and coordinators (`batch --queue`) over a test tree.
+//! Cluster mode's test helpers: coordinators (`batch --queue`) over a test tree, and the
+//! nats-server and real `filepipe worker` processes of `nats`.
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
-use super::{filepipe, run, text_bytes, wait_until, Notifications, Run, Started, TestTree};
+use super::{filepipe, run, text_bytes, wait_until, Run, Started, TestTree};
 
 fn s(x: &str) -> &OsStr {
     OsStr::new(x)
 }
 
+// For the test files that take every cluster helper from here; not all use both.
+#[allow(unused_imports)]
 pub use super::nats::{Nats, Worker};
 
 /// `filepipe batch ROOT --queue URL --json EXTRA`, to completion.

@@ -1,9 +1,9 @@
 //! Test helpers: a temp tree builder and a runner for the real `filepipe` binary.
 #![allow(dead_code)]
 
-pub mod nats;
 #[cfg(feature = "cluster")]
 pub mod cluster;
+pub mod nats;
 pub mod strace;
 
 use std::ffi::OsStr;
