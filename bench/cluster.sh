@@ -65,6 +65,14 @@ worker() { # worker LOG CMD-PREFIX...
     for _ in $(seq 200); do grep -q "worker ready" "$log" && return 0; sleep 0.05; done
     echo "cluster.sh: the worker did not start: $(cat "$log")" >&2; exit 1
 }
+# CPU seconds a process has used so far (user + system).
+cpu() { awk -v tck="$(getconf CLK_TCK)" '{ printf "%.3f", ($14 + $15) / tck }' "/proc/$1/stat"; }
+# CPU seconds of nats-server and of every worker so far: "NATS WORKERS".
+cpus() {
+    local w=0 p
+    for p in "${pids[@]}"; do w=$(python3 -c "print($w + $(cpu "$p"))"); done
+    echo "$(cpu "$NATS") $w"
+}
 stop_workers() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 
 echo "== overhead: one coordinator + one worker vs a local batch (machine: $(nproc) cores)"
@@ -79,11 +87,15 @@ stop_workers
 
 echo "== scaling: workers pinned to one core each"
 worker "$WORK/w-pin0.log" taskset -c 0
+before=$(cpus)
 hyperfine -N -w 1 -r "$RUNS" --export-json "$WORK/scaling-1.json" \
     -n "1 worker, 1 core" "$BIN batch $WORK/text --op gzip --force -q --queue $URL --root-name text"
+echo "$before $(cpus)" >"$WORK/scaling-1.cpu"
 worker "$WORK/w-pin1.log" taskset -c 1
+before=$(cpus)
 hyperfine -N -w 1 -r "$RUNS" --export-json "$WORK/scaling-2.json" \
     -n "2 workers, 1 core each" "$BIN batch $WORK/text --op gzip --force -q --queue $URL --root-name text"
+echo "$before $(cpus)" >"$WORK/scaling-2.cpu"
 stop_workers
 
 echo "== redelivery: a worker killed while it holds jobs"
@@ -104,7 +116,7 @@ wait "$coordinator"
 finished=$(date +%s.%N)
 python3 -c "print(f'redelivery: {float($finished) - float($killed):.1f} s from the kill to the run done (ack wait 30 s)')"
 
-python3 - "$WORK" <<'PY'
+python3 - "$WORK" "$RUNS" <<'PY'
 import json, sys, os
 w = sys.argv[1]
 def med(f, name):
@@ -117,4 +129,19 @@ for op, f in (("gzip", "overhead-gzip.json"), ("sha256", "overhead-sha256.json")
           f"({q[1]:.3f}-{q[2]:.3f}): the queue runs at {b[0] / q[0] * 100:.0f}% of batch's throughput")
 one, two = med("scaling-1.json", "1 worker, 1 core"), med("scaling-2.json", "2 workers, 1 core each")
 print(f"scaling: 1 worker {one[0]:.3f} s, 2 workers {two[0]:.3f} s: {one[0] / two[0]:.2f}x")
+# Where the ceiling is on this machine: every process shares its cores, so a run cannot take
+# less than all the CPU it uses (workers, nats-server, coordinator) over the cores there are.
+runs = int(sys.argv[2]) + 1  # hyperfine's warm-up run counts too
+for label, f, name in (("1 worker", "scaling-1", "1 worker, 1 core"),
+                       ("2 workers", "scaling-2", "2 workers, 1 core each")):
+    n0, w0, n1, w1 = map(float, open(os.path.join(w, f + ".cpu")).read().split())
+    r = [r for r in json.load(open(os.path.join(w, f + ".json")))["results"] if r["command"] == name][0]
+    coord = r["user"] + r["system"]
+    nats, workers = (n1 - n0) / runs, (w1 - w0) / runs
+    total = nats + workers + coord
+    print(f"  {label}: CPU per run: workers {workers:.3f} s, nats-server {nats:.3f} s, "
+          f"coordinator {coord:.3f} s; total {total:.3f} s, at best {total / os.cpu_count():.3f} s "
+          f"on {os.cpu_count()} cores")
+    if label == "2 workers":
+        print(f"  so at best {one[0] / (total / os.cpu_count()):.2f}x on this machine")
 PY
