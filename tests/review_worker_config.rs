@@ -256,3 +256,29 @@ fn an_empty_filepipe_queue_leaves_the_config_files_queue() {
     let w = Worker::ready(cmd, &t.side(""));
     assert!(w.pid() != 0);
 }
+
+/// systemd/README.md: "`check-config` applies the same rule, and every other check the worker
+/// makes at start". The worker refuses (exit 2, not restarted) a failure log it cannot open, a
+/// CA file or a credentials file that is not there; check-config must say so first, as it does
+/// for a `[[watch]]` table's failure log.
+#[test]
+fn check_config_refuses_what_the_worker_refuses_at_start() {
+    let cases = [
+        (
+            "failure_log in a missing directory",
+            "failure_log = \"nodir/failures.jsonl\"",
+        ),
+        ("a missing tls_ca", "tls_ca = \"missing-ca.pem\""),
+        ("a missing creds file", "creds = \"missing.creds\""),
+    ];
+    for (what, key) in cases {
+        let body = format!(
+            "[worker]\nqueue = \"nats://127.0.0.1:1\"\n{key}\n[worker.roots]\nin = \"{{in}}\"\n"
+        );
+        let (_t, path) = config(&body, 0o600);
+        // The worker refuses it at start, before it reaches for the server...
+        worker_config(&path).context(what).code(2);
+        // ...so check-config, which says it checks what the worker checks, must too.
+        check_config(&path).context(what).code(2);
+    }
+}
