@@ -282,3 +282,59 @@ fn check_config_refuses_what_the_worker_refuses_at_start() {
         check_config(&path).context(what).code(2);
     }
 }
+
+/// End to end, against a server that asks for the password: a world-readable config file
+/// whose URL has no scheme (`filepipe:PASSWORD@HOST:PORT`, which the client takes as nats://)
+/// must be refused, as the same URL with nats:// is; the worker must not log in with it, nor
+/// log it.
+#[test]
+fn a_worker_refuses_a_readable_config_whose_url_without_a_scheme_holds_the_password() {
+    let Some(nats) = Nats::start_with(
+        &[s("--user"), s("filepipe"), s("--pass"), s(PASSWORD)],
+        "nats",
+    ) else {
+        return;
+    };
+    let host = nats.url.trim_start_matches("nats://");
+    let body = format!(
+        "[worker]\nqueue = \"filepipe:{PASSWORD}@{host}\"\n[worker.roots]\nin = \"{{in}}\"\n"
+    );
+    let (t, path) = config(&body, 0o644);
+    let log = t.side("worker.log");
+    let mut child = filepipe(&[s("worker"), s("--config"), path.as_os_str()])
+        .env_remove("FILEPIPE_QUEUE")
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // Until it exits, or says it is ready (bound to the queue with the password).
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("worker ready")
+        {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        assert!(
+            std::time::Instant::now() < limit,
+            "the worker neither exited nor got ready"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    let text = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text.contains(PASSWORD),
+        "the worker's log shows the password:\n{text}"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(2),
+        "a world-readable file with the password: the worker should refuse it:\n{text}"
+    );
+}
