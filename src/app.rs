@@ -293,7 +293,7 @@ fn run_worker(args: &crate::cli::WorkerArgs, verbosity: i8) -> ExitCode {
     if url_overridden {
         // Said, because an exported FILEPIPE_QUEUE is easy to forget in a shell.
         tracing::warn!(
-            queue = %logging::redact_userinfo(&cfg.url),
+            queue = %crate::secret::shown_url(&cfg.url),
             "the queue's URL from --queue or FILEPIPE_QUEUE overrides the config file's"
         );
     }

@@ -274,7 +274,9 @@ impl WorkerSettings {
                 .collect()
         };
         Ok(WorkerSettings {
-            url: args.queue.clone(),
+            // An empty FILEPIPE_QUEUE (an env file's `FILEPIPE_QUEUE=`) sets no URL, as a
+            // coordinator's `--queue` takes it: the config file's stays.
+            url: args.queue.clone().filter(|u| !u.trim().is_empty()),
             creds: args.creds.clone(),
             tls_ca: args.tls_ca.clone(),
             roots: flags("--root", &args.roots)?,
@@ -294,7 +296,7 @@ impl WorkerSettings {
 #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
 pub(crate) struct WorkerConfig {
     /// The queue's URL (it may hold a password: show it only through
-    /// `logging::redact_userinfo`). Empty when only checking a config file whose worker
+    /// `secret::shown_url`). Empty when only checking a config file whose worker
     /// takes its URL from the command line or the environment.
     pub(crate) url: String,
     /// A NATS credentials file (.creds).
@@ -324,7 +326,7 @@ impl WorkerConfig {
     /// With `need_url`, a URL must have been given (`check-config` leaves it to the command
     /// line or the environment).
     pub(crate) fn resolve(s: WorkerSettings, need_url: bool) -> Result<WorkerConfig> {
-        let url = match s.url {
+        let url = match &s.url {
             Some(url) if !url.trim().is_empty() => url.trim().to_owned(),
             _ if need_url => bail!(
                 "no queue: give --queue URL, set {QUEUE_ENV}, or set queue or queue_file in \
@@ -371,6 +373,7 @@ impl WorkerConfig {
                 );
             }
         }
+        check_worker_files(&s)?;
         Ok(WorkerConfig {
             url,
             creds: s.creds,
@@ -386,6 +389,61 @@ impl WorkerConfig {
     }
 }
 
+/// The files a worker opens at start, checked without creating or changing any: the failure
+/// log can be appended to (or made in an existing directory it may write), the CA file is a
+/// readable regular file, the credentials file is one only its owner may read and change (it
+/// holds an nkey seed). Here, in `resolve`, so `check-config` refuses what the worker would.
+fn check_worker_files(s: &WorkerSettings) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let nonblocking = libc::O_NONBLOCK | libc::O_NOCTTY;
+    if let Some(log) = &s.failure_log {
+        let ctx = || format!("cannot open failure log {}", log.display());
+        match fs::metadata(log) {
+            Ok(meta) if !meta.is_file() => {
+                bail!("failure log {}: not a regular file", log.display())
+            }
+            // Opened for appending without O_CREAT: nothing is written or made.
+            Ok(_) => {
+                fs::File::options()
+                    .append(true)
+                    .custom_flags(nonblocking)
+                    .open(log)
+                    .with_context(ctx)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let abs = absolute_file(log).with_context(ctx)?;
+                let dir = abs.parent().unwrap_or(Path::new("/"));
+                rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
+                    .map_err(std::io::Error::from)
+                    .with_context(|| {
+                        format!(
+                            "cannot create failure log {} in {}",
+                            log.display(),
+                            dir.display()
+                        )
+                    })?;
+            }
+            Err(e) => return Err(e).with_context(ctx),
+        }
+    }
+    if let Some(ca) = &s.tls_ca {
+        let file = fs::File::options()
+            .read(true)
+            .custom_flags(nonblocking)
+            .open(ca)
+            .with_context(|| format!("reading the CA certificates {}", ca.display()))?;
+        let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
+        if !is_file {
+            bail!("the CA certificates {}: not a regular file", ca.display());
+        }
+    }
+    if let Some(creds) = &s.creds {
+        crate::secret::check_secret_file(creds, crate::secret::CREDS_SECRET)
+            .map_err(|e| anyhow::anyhow!("the credentials: {e}"))?;
+    }
+    Ok(())
+}
+
 /// The roots given, by name, each path an existing directory (canonical).
 fn map_roots(given: &[RootGiven]) -> Result<std::collections::HashMap<String, PathBuf>> {
     let mut roots = std::collections::HashMap::new();
@@ -393,10 +451,15 @@ fn map_roots(given: &[RootGiven]) -> Result<std::collections::HashMap<String, Pa
         if !valid_root_name(&r.name) {
             bail!("{}: a root's name is 1 to 64 of A-Z a-z 0-9 _ -", r.given);
         }
+        if r.path.as_os_str().is_empty() {
+            bail!("{}: an empty path: give the directory", r.given);
+        }
+        // Shown redacted: a path is where a misplaced queue URL would end up.
+        let shown = |p: &Path| crate::secret::redact(&p.display().to_string());
         let path = fs::canonicalize(&r.path)
-            .with_context(|| format!("{}: {} is not reachable", r.given, r.path.display()))?;
+            .with_context(|| format!("{}: {} is not reachable", r.given, shown(&r.path)))?;
         if !path.is_dir() {
-            bail!("{}: {} is not a directory", r.given, path.display());
+            bail!("{}: {} is not a directory", r.given, shown(&path));
         }
         if roots.insert(r.name.clone(), path).is_some() {
             bail!("{}: the root {} is given twice", r.given, r.name);

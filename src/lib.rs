@@ -7,7 +7,7 @@
 //! SQLite `state`). What travels between these stages is in `travel`, which imports none of
 //! them. `run` assembles a mode from a source and a sink; `service` supervises one watch
 //! pipeline per `[[watch]]` table. `verify` and `status` are commands of their own; `signals`,
-//! `logging` and `exit` serve them all. `demo` (feature `demos`) holds the runnable
+//! `logging`, `secret` and `exit` serve them all. `demo` (feature `demos`) holds the runnable
 //! concurrency lessons, apart from the pipeline.
 
 // A few system calls need it (rustix does not wrap them); each such function says why it is
@@ -32,6 +32,7 @@ mod ops;
 mod pipeline;
 mod report;
 mod run;
+mod secret;
 mod service;
 mod signals;
 mod sink;

@@ -68,7 +68,7 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
         .try_init()
         .context("installing the logger")?;
     let command = std::env::args_os()
-        .map(|a| redact_userinfo(&a.to_string_lossy()))
+        .map(|a| crate::secret::redact(&a.to_string_lossy()))
         .collect::<Vec<_>>()
         .join(" ");
     tracing::info!(
@@ -81,33 +81,6 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
         "run started"
     );
     Ok(())
-}
-
-/// `text` with the user and password (or token) of every URL in it (`scheme://user:pass@host`)
-/// replaced by `***`: a queue URL's credentials must reach neither the journal nor a failure
-/// log. Several URLs (a comma-separated server list) are each redacted.
-pub(crate) fn redact_userinfo(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest.find("://") {
-        let (head, tail) = rest.split_at(at + 3);
-        out.push_str(head);
-        // The authority ends at a path, a separator between URLs, or whitespace.
-        let end = tail
-            .find(|c: char| c == '/' || c == ',' || c.is_whitespace())
-            .unwrap_or(tail.len());
-        let (authority, after) = tail.split_at(end);
-        match authority.rfind('@') {
-            Some(i) => {
-                out.push_str("***");
-                out.push_str(&authority[i..]);
-            }
-            None => out.push_str(authority),
-        }
-        rest = after;
-    }
-    out.push_str(rest);
-    out
 }
 
 /// This run's identity in the failure log: its start time and process id, as
@@ -145,19 +118,4 @@ pub(crate) fn utc_now() -> String {
         rem % 3600 / 60,
         rem % 60
     )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_url_s_credentials_are_redacted() {
-        let r = super::redact_userinfo;
-        assert_eq!(
-            r("worker --queue nats://alice:S3cret@h:1,nats://alice:S3cret@h:2/x --jobs 2"),
-            "worker --queue nats://***@h:1,nats://***@h:2/x --jobs 2"
-        );
-        assert_eq!(r("tls://token@q:4222"), "tls://***@q:4222");
-        assert_eq!(r("nats://q:4222 plain"), "nats://q:4222 plain");
-        assert_eq!(r("no url here"), "no url here");
-    }
 }

@@ -28,7 +28,7 @@ mod worker;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use async_nats::jetstream::{self, consumer, stream};
 
 pub(crate) use coordinator::run as coordinate;
@@ -89,7 +89,7 @@ impl Queue {
     /// The URL as logs and messages show it: without the user and password (or token) it may
     /// hold, which would otherwise end up in the journal and in failure reports.
     pub(crate) fn shown(&self) -> String {
-        crate::logging::redact_userinfo(&self.url)
+        crate::secret::shown_url(&self.url)
     }
 }
 
@@ -123,28 +123,11 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
             let mut opts = async_nats::ConnectOptions::new()
                 .name(name)
                 .connection_timeout(Duration::from_secs(5));
-            // `user:password@` (or a token alone) in the URL: the client takes them only as
-            // options.
-            // (A list of servers shares the first one's credentials.)
-            let addr: async_nats::ServerAddr = q
-                .url
-                .split(',')
-                .next()
-                .unwrap_or_default()
-                .parse()
-                .with_context(|| format!("not a NATS URL: {}", q.shown()))?;
-            let decode = |s: &str| {
-                percent_encoding::percent_decode_str(s)
-                    .decode_utf8()
-                    .map(|s| s.into_owned())
-                    .context("a user or password in the URL that is not UTF-8")
-            };
-            match (addr.username(), addr.password()) {
-                (Some(user), Some(pass)) => {
-                    opts = opts.user_and_password(decode(user)?, decode(pass)?);
-                }
-                (Some(token), None) => opts = opts.token(decode(token)?),
-                _ => {}
+            let (servers, auth) = servers(&q.url)?;
+            match auth {
+                Some(Auth::UserPassword(user, pass)) => opts = opts.user_and_password(user, pass),
+                Some(Auth::Token(token)) => opts = opts.token(token),
+                None => {}
             }
             if let Some(ca) = &q.tls_ca {
                 // Read here, so a wrong path is an error at start, not a failed handshake.
@@ -153,15 +136,17 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
                 opts = opts.add_root_certificates(ca.clone()).require_tls(true);
             }
             if let Some(creds) = &q.creds {
+                crate::secret::check_secret_file(creds, crate::secret::CREDS_SECRET)
+                    .map_err(|e| anyhow!(e))?;
                 opts = opts
                     .credentials_file(creds)
                     .await
                     .with_context(|| format!("reading the credentials {}", creds.display()))?;
             }
-            // The credentials went in as options: the URL the client keeps (and logs, at
-            // debug) holds none.
+            // The credentials went in as options: the addresses the client keeps (and logs,
+            // at debug) hold none.
             let client = opts
-                .connect(q.shown().replace("***@", "").as_str())
+                .connect(servers)
                 .await
                 .with_context(|| format!("cannot connect to NATS at {}", q.shown()))?;
             let mut js = jetstream::new(client.clone());
@@ -176,6 +161,67 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
         })
         .map_err(Unreachable)?;
     Ok(Conn { rt, client, js })
+}
+
+/// The user and password, or the token, of a queue URL, percent-decoded.
+enum Auth {
+    UserPassword(String, String),
+    Token(String),
+}
+
+/// The servers of a queue URL (one, or several comma-separated; `nats://` assumed where no
+/// scheme is given, as the client does), without their credentials, and the credentials: the
+/// first server's (a list shares them). A list whose first server has none but a later one
+/// has, or a server that does not parse, is refused: it is what a `,` or `/` left unencoded
+/// in a password looks like, and guessing would send part of the password as a host name.
+/// Errors show the URL only as `secret::shown_url` does.
+fn servers(url: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<Auth>)> {
+    let shown = crate::secret::shown_url(url);
+    let encode_hint = if url.contains('@') {
+        " (a / , @ or : in a user or password must be percent-encoded: %2F %2C %40 %3A)"
+    } else {
+        ""
+    };
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .context("a user or password in the URL that is not UTF-8")
+    };
+    let mut servers = Vec::new();
+    let mut auth = None;
+    for (i, piece) in url.split(',').enumerate() {
+        let addr: async_nats::ServerAddr = piece.trim().parse().map_err(|e: std::io::Error| {
+            // The client names a wrong scheme, which may be a user's name: said without it.
+            let e = e.to_string();
+            let why = match e.contains("invalid scheme") {
+                true => "the scheme is not nats, tls, ws or wss",
+                false => e.as_str(),
+            };
+            anyhow!("not a NATS URL: {shown}: {why}{encode_hint}")
+        })?;
+        let mut inner = addr.into_inner();
+        let has_auth = !inner.username().is_empty() || inner.password().is_some();
+        if i == 0 && has_auth {
+            auth = Some(match inner.password() {
+                Some(pass) => Auth::UserPassword(decode(inner.username())?, decode(pass)?),
+                None => Auth::Token(decode(inner.username())?),
+            });
+        } else if has_auth && auth.is_none() {
+            bail!(
+                "not a NATS URL: {shown}: a later server has a user or token and the first has \
+                 none (a list takes the first server's){encode_hint}"
+            );
+        }
+        let cleared = inner.set_username("").is_ok() && inner.set_password(None).is_ok();
+        if !cleared {
+            bail!("not a NATS URL: {shown}: a user or password where there can be none");
+        }
+        let addr = async_nats::ServerAddr::from_url(inner)
+            .map_err(|e| anyhow!("not a NATS URL: {shown}: {e}"))?;
+        servers.push(addr);
+    }
+    Ok((servers, auth))
 }
 
 /// The streams (created if missing; an existing one is used as it is). Two clients starting

@@ -44,7 +44,7 @@ impl RunFile {
         let mut h = Sha256::new();
         let manifest = cfg.manifest.as_deref().unwrap_or("-".as_ref());
         // The URL without its credentials: a rotated password is the same batch.
-        let url = crate::logging::redact_userinfo(url);
+        let url = crate::secret::shown_url(url);
         let (include, exclude) = cfg.filter.patterns();
         let globs = format!("{include:?}{exclude:?}");
         for part in [

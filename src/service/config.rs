@@ -2,7 +2,8 @@
 //! line and the key), and resolved into one `Config` per `[[watch]]` table, with the command
 //! line's overrides applied; its `[worker]` table is `filepipe worker --config`'s (see
 //! `worker_table`). A queue's password or token is read only from a file no other user can
-//! read (`check_private`).
+//! read, and a file with a `[worker]` table, or a `queue_file`, only if no other user can
+//! change it (`secret::FileAccess`). No error quotes a line of the file: it may hold a password.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use toml::Spanned;
 use crate::cli::{OpSpec, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::fsio::output::Durability;
+use crate::secret::{self, FileAccess};
 
 use super::worker_table::WorkerTable;
 
@@ -131,8 +133,9 @@ impl Overrides {
 pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Reads a config file: a regular file (a FIFO or a device is refused without blocking) of at
-/// most `MAX_CONFIG_BYTES`, in UTF-8; with its metadata, as read through the same descriptor.
-pub(super) fn read_config(path: &Path) -> Result<(String, std::fs::Metadata)> {
+/// most `MAX_CONFIG_BYTES`, in UTF-8; with who may reach it (owner, mode, ACL), as read
+/// through the same descriptor.
+pub(super) fn read_config(path: &Path) -> Result<(String, FileAccess)> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let ctx = || format!("cannot read config file {}", path.display());
@@ -141,8 +144,8 @@ pub(super) fn read_config(path: &Path) -> Result<(String, std::fs::Metadata)> {
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .with_context(ctx)?;
-    let meta = file.metadata().with_context(ctx)?;
-    if !meta.is_file() {
+    let access = FileAccess::of(&file).with_context(ctx)?;
+    if !access.meta.is_file() {
         bail!("{}: not a regular file", path.display());
     }
     let mut bytes = Vec::new();
@@ -163,41 +166,21 @@ pub(super) fn read_config(path: &Path) -> Result<(String, std::fs::Metadata)> {
             e.utf8_error().valid_up_to()
         )
     })?;
-    Ok((text, meta))
+    Ok((text, access))
 }
 
-/// Whether a queue URL carries a secret: a user and password, or a token (`nats://TOKEN@HOST`).
-pub(super) fn has_secret(url: &str) -> bool {
-    crate::logging::redact_userinfo(url) != url
-}
-
-/// Refuses a file (`meta`) that holds a queue's password or token when users other than its
-/// owner can read it: mode 0600 (or 0400), or, owned by root, 0640 for the group the service
-/// runs in (`root:filepipe`), as PostgreSQL asks of its key files. Refused, not warned about:
-/// the secret is out already, and a warning at every start in a journal is what nobody reads
-/// (ssh refuses such a key file for the same reason). `Err` holds the reason.
-pub(super) fn check_private(meta: &std::fs::Metadata, hint: &str) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let mode = meta.mode() & 0o777;
-    let private = mode & 0o077 == 0 || (meta.uid() == 0 && mode & 0o037 == 0);
-    if private {
-        return Ok(());
-    }
-    let who = if mode & 0o007 != 0 {
-        "every user".to_string()
-    } else {
-        format!("group {}", meta.gid())
-    };
-    Err(format!(
-        "it holds the queue's password or token, and {who} may read it (mode {mode:04o}): \
-         chmod 600 it (or 640, owned by root, for the service's group){hint}"
-    ))
-}
+/// What a queue URL may hold, for the private-file rule.
+const QUEUE_SECRET: &str =
+    "the queue's password or token (or a URL without a scheme, which may be one)";
 
 /// The URL in a `queue_file`: the file's text, trimmed (one URL, or several comma-separated);
-/// a password or token in it only if the file is private (`check_private`).
+/// only if no other user can change it (it says where the jobs come from), and a password or
+/// token in it (or a word without a scheme, which may be one) only if the file is private.
 pub(super) fn read_queue_file(path: &Path) -> Result<String, String> {
-    let (text, meta) = read_config(path).map_err(|e| format!("{e:#}"))?;
+    let (text, access) = read_config(path).map_err(|e| format!("{e:#}"))?;
+    access
+        .check_not_writable()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     let url = text.trim();
     if url.is_empty() {
         return Err(format!("{} is empty", path.display()));
@@ -208,8 +191,10 @@ pub(super) fn read_queue_file(path: &Path) -> Result<String, String> {
             path.display()
         ));
     }
-    if has_secret(url) {
-        check_private(&meta, "").map_err(|e| format!("{}: {e}", path.display()))?;
+    if secret::url_has_secret(url) {
+        access
+            .check_private(QUEUE_SECRET, "")
+            .map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(url.to_owned())
 }
@@ -230,9 +215,10 @@ pub(super) fn queue_of(
             "give queue or queue_file, not both".into(),
         )),
         (Some(q), None) => {
-            if has_secret(q.get_ref()) {
+            if secret::url_has_secret(q.get_ref()) {
                 let hint = ", or move the URL to a queue_file that is";
-                check_private(&file.meta, hint)
+                file.access
+                    .check_private(QUEUE_SECRET, hint)
                     .map_err(|e| file.at(q.span(), &format!("{key}queue"), e))?;
             }
             Ok(Some(q.get_ref().clone()))
@@ -249,7 +235,7 @@ pub(super) fn queue_of(
 pub(super) struct Located<'a> {
     pub(super) path: &'a Path,
     pub(super) text: &'a str,
-    pub(super) meta: std::fs::Metadata,
+    pub(super) access: FileAccess,
 }
 
 impl Located<'_> {
@@ -273,11 +259,33 @@ impl Located<'_> {
 }
 
 /// Reads and parses a config file (not yet validated).
-fn parse(path: &Path) -> Result<(String, std::fs::Metadata, FileConfig)> {
-    let (text, meta) = read_config(path)?;
-    let file: FileConfig = toml::from_str(&text)
-        .map_err(|e| anyhow!("{}: {}", path.display(), cut_lines(&e.to_string())))?;
-    Ok((text, meta, file))
+fn parse(path: &Path) -> Result<(String, FileAccess, FileConfig)> {
+    let (text, access) = read_config(path)?;
+    let file: FileConfig = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+    Ok((text, access, file))
+}
+
+/// A TOML error as `FILE:LINE:COLUMN: message`, never with the line it is on (toml's own
+/// message quotes it, and the line may be a queue URL with its password: the error goes to
+/// the journal, which more users read than the file), and with any credentials the message
+/// quotes (a value of the wrong type or variant) redacted.
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let msg = cut_lines(&secret::redact(e.message()));
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before
+                .rsplit('\n')
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                + 1;
+            anyhow!("{}:{line}:{column}: {msg}", path.display())
+        }
+        None => anyhow!("{}: {msg}", path.display()),
+    }
 }
 
 /// What `filepipe check-config` found valid: the watch pipelines, and the worker's roots.
@@ -320,11 +328,11 @@ pub(crate) fn check(path: &Path) -> Result<Checked> {
 /// file's directory, each root labelled with its line): `filepipe worker --config`'s
 /// settings, before the command line's go over them.
 pub(crate) fn load_worker(path: &Path) -> Result<crate::config::WorkerSettings> {
-    let (text, meta, file) = parse(path)?;
+    let (text, access, file) = parse(path)?;
     let located = Located {
         path,
         text: &text,
-        meta,
+        access,
     };
     let Some(table) = &file.worker else {
         bail!(
@@ -355,8 +363,8 @@ pub(crate) fn load_worker(path: &Path) -> Result<crate::config::WorkerSettings> 
     table.get_ref().settings(&located, table.span())
 }
 
-/// A message about the file with every line cut to a readable length: a parse error quotes
-/// the offending line, which may be megabytes long.
+/// A message about the file with every line cut to a readable length: a parse error may quote
+/// a value, which may be megabytes long.
 fn cut_lines(msg: &str) -> String {
     const MAX_LINE: usize = 200;
     msg.trim_end()
@@ -377,11 +385,11 @@ pub(crate) fn load(
     quiet: bool,
     create: bool,
 ) -> Result<Service> {
-    let (text, meta, file) = parse(path)?;
+    let (text, access, file) = parse(path)?;
     let located = Located {
         path,
         text: &text,
-        meta,
+        access,
     };
     // Relative paths in the file are relative to the file, not to wherever the daemon runs
     // (systemd starts it in /).
@@ -676,24 +684,36 @@ mod tests {
         std::fs::write(&f, "nats://u:p@h:4222\n").unwrap();
         let mode = |m: u32| {
             std::fs::set_permissions(&f, std::fs::Permissions::from_mode(m)).unwrap();
-            std::fs::metadata(&f).unwrap()
+            FileAccess::of(&std::fs::File::open(&f).unwrap()).unwrap()
         };
-        assert!(check_private(&mode(0o600), "").is_ok());
-        assert!(check_private(&mode(0o400), "").is_ok());
-        let e = check_private(&mode(0o644), "").unwrap_err();
+        let private = |m: u32| mode(m).check_private(QUEUE_SECRET, "");
+        assert!(private(0o600).is_ok());
+        assert!(private(0o400).is_ok());
+        let e = private(0o644).unwrap_err();
         assert!(e.contains("every user") && e.contains("0644"), "{e}");
-        assert!(check_private(&mode(0o620), "").is_err());
+        assert!(private(0o620).is_err());
         // Group-readable only for a file root owns (the service's group reads it).
         let m = mode(0o640);
-        assert_eq!(check_private(&m, "").is_ok(), m.uid() == 0);
-        assert_eq!(read_queue_file(&f).is_ok(), m.uid() == 0);
+        let by_root = m.meta.uid() == 0;
+        assert_eq!(m.check_private(QUEUE_SECRET, "").is_ok(), by_root);
+        assert_eq!(read_queue_file(&f).is_ok(), by_root);
         mode(0o600);
         assert_eq!(read_queue_file(&f).unwrap(), "nats://u:p@h:4222");
+        // Writable by others: refused, secret or not (it says where the jobs come from).
+        mode(0o620);
+        assert!(read_queue_file(&f).unwrap_err().contains("chmod go-w"));
         // No secret, no rule.
         std::fs::write(&f, "nats://h:4222").unwrap();
         mode(0o644);
         assert_eq!(read_queue_file(&f).unwrap(), "nats://h:4222");
-        assert!(has_secret("nats://token@h") && !has_secret("nats://h:4222"));
+        // Without a scheme: a password, or a bare word that may be a token, is one.
+        for url in ["u:p@h:4222", "S3cretToken"] {
+            std::fs::write(&f, url).unwrap();
+            assert!(
+                read_queue_file(&f).unwrap_err().contains("every user"),
+                "{url}"
+            );
+        }
         std::fs::write(&f, "nats://a:1\nnats://b:2\n").unwrap();
         assert!(read_queue_file(&f)
             .unwrap_err()

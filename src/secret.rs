@@ -1,0 +1,392 @@
+//! Secrets: a queue URL's user and password (or token), a credentials file's nkey seed. What a
+//! URL or a message shows of them (`shown_url`, `redact`), and the rules for a file that holds
+//! one or says where the queue is (`FileAccess::check_private`, `check_not_writable`). A leaf:
+//! it imports nothing of the crate, so the config readers and the cluster client share it.
+//!
+//! Redaction is conservative on purpose: a password may hold an unencoded `/`, `,`, `:` or `@`,
+//! and a URL may come without a scheme (`user:pass@host:4222`, which the NATS client takes as
+//! `nats://`), so everything before the last `@` is hidden, and a scheme-less word that is not
+//! `HOST:PORT` (it may be a token pasted alone) too.
+
+use std::fs::{File, Metadata};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// What a NATS credentials file holds, for the private-file rule.
+pub(crate) const CREDS_SECRET: &str = "an nkey seed (a NATS credentials file)";
+
+/// What replaces a hidden part.
+const HIDDEN: &str = "***";
+
+/// `url` (a queue's: one server, or several comma-separated) as logs and messages may show it:
+/// everything before its last `@` hidden (after a leading `scheme://`), and a server without a
+/// scheme that is not `HOST:PORT` hidden whole.
+pub(crate) fn shown_url(url: &str) -> String {
+    let (head, hosts) = match url.rfind('@') {
+        Some(last) => {
+            let keep = scheme_len(url).filter(|&n| n <= last).unwrap_or(0);
+            (format!("{}{HIDDEN}@", &url[..keep]), &url[last + 1..])
+        }
+        None => (String::new(), url),
+    };
+    // After the credentials: the first server's host, then the rest of the list.
+    let mut pieces = hosts.split(',');
+    let first = pieces.next().unwrap_or_default();
+    let mut out = head;
+    out.push_str(if out.is_empty() {
+        shown_server(first)
+    } else {
+        first
+    });
+    for p in pieces {
+        out.push(',');
+        out.push_str(shown_server(p));
+    }
+    out
+}
+
+/// Whether a queue URL may carry a secret: a user and password, a token, or a word that may
+/// be a token; the file that holds such a URL must be private.
+pub(crate) fn url_has_secret(url: &str) -> bool {
+    shown_url(url) != url
+}
+
+/// A server of a list without credentials: shown if it has a scheme or is `HOST:PORT`.
+fn shown_server(p: &str) -> &str {
+    if p.is_empty() || scheme_len(p).is_some() || is_host_port(p) {
+        p
+    } else {
+        HIDDEN
+    }
+}
+
+/// The length of a leading `scheme://`, if `s` starts with one.
+fn scheme_len(s: &str) -> Option<usize> {
+    let i = s.find("://")?;
+    let scheme = &s[..i];
+    let mut chars = scheme.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    ok.then_some(i + 3)
+}
+
+/// `HOST:PORT` (a name or an IPv4 address, or `[IPv6]`, and a decimal port).
+fn is_host_port(s: &str) -> bool {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return false;
+    };
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        !v6.is_empty()
+            && v6
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+    } else {
+        !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+    };
+    host_ok && !port.is_empty() && port.len() <= 5 && port.chars().all(|c| c.is_ascii_digit())
+}
+
+/// `text` (a command line, a message that may quote a value) with every word holding an `@`
+/// hidden up to its last `@`, but for a leading `--flag=`, quote and `scheme://`: the user and
+/// password (or token) of any URL in it, with or without a scheme, reach no log.
+pub(crate) fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        out.push_str(&redact_word(word));
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_whitespace() {
+            flush(&mut word, &mut out);
+            out.push(c);
+        } else {
+            word.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
+fn redact_word(w: &str) -> String {
+    let Some(last) = w.rfind('@') else {
+        return w.to_owned();
+    };
+    // What may stay: `--queue=`, then quotes or brackets, then a scheme.
+    let mut keep = 0;
+    if w.starts_with("--") {
+        if let Some(eq) = w.find('=') {
+            if w[2..eq]
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                keep = eq + 1;
+            }
+        }
+    }
+    keep += w[keep..]
+        .chars()
+        .take_while(|c| matches!(c, '"' | '\'' | '`' | '(' | '[' | '<'))
+        .count();
+    keep += scheme_len(&w[keep..]).unwrap_or(0);
+    if keep > last {
+        keep = 0;
+    }
+    format!("{}{HIDDEN}{}", &w[..keep], &w[last..])
+}
+
+/// A file's owner, mode and POSIX access ACL, as read through a descriptor open on it: what
+/// decides who else may read or write it.
+pub(crate) struct FileAccess {
+    /// Owner, group, mode.
+    pub(crate) meta: Metadata,
+    /// The named users' and groups' entries of its access ACL, with the mask applied: the
+    /// only ones the mode does not show (a plain ACL has none).
+    named: Vec<AclEntry>,
+}
+
+/// A named user's or group's entry in an access ACL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AclEntry {
+    group: bool,
+    id: u32,
+    /// r = 4, w = 2, x = 1, with the ACL's mask applied.
+    perm: u16,
+}
+
+/// The tags of `system.posix_acl_access` entries (linux/posix_acl_xattr.h).
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP: u16 = 0x08;
+const ACL_MASK: u16 = 0x10;
+
+impl FileAccess {
+    /// Who may reach `file`: its metadata and its access ACL. A file system without ACLs
+    /// has none; an ACL that cannot be read or parsed is an error (the rule cannot be
+    /// checked, so the file is not trusted).
+    pub(crate) fn of(file: &File) -> std::io::Result<FileAccess> {
+        let meta = file.metadata()?;
+        let mut buf = vec![0u8; 4096];
+        let named = match rustix::fs::fgetxattr(file, "system.posix_acl_access", &mut buf[..]) {
+            Ok(n) => parse_acl(&buf[..n]).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "its access ACL (system.posix_acl_access) cannot be parsed",
+                )
+            })?,
+            Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(FileAccess { meta, named })
+    }
+
+    /// Refuses a file that holds a secret (`what`: "the queue's password or token", "an nkey
+    /// seed") when users other than its owner can read it: mode 0600 (or 0400), or, owned by
+    /// root, 0640 for the group the service runs in (`root:filepipe`), as PostgreSQL asks of
+    /// its key files; and no ACL entry that lets another user or group read it. Refused, not
+    /// warned about: the secret is out already, and a warning at every start in a journal is
+    /// what nobody reads (ssh refuses such a key file for the same reason). `Err` holds the
+    /// reason.
+    pub(crate) fn check_private(&self, what: &str, hint: &str) -> Result<(), String> {
+        let mode = self.meta.mode() & 0o777;
+        let private = mode & 0o077 == 0 || (self.meta.uid() == 0 && mode & 0o037 == 0);
+        if !private {
+            let who = if mode & 0o007 != 0 {
+                "every user".to_string()
+            } else {
+                format!("group {}", self.meta.gid())
+            };
+            return Err(format!(
+                "it holds {what}, and {who} may read it (mode {mode:04o}): chmod 600 it (or \
+                 640, owned by root, for the service's group){hint}"
+            ));
+        }
+        if let Some(e) = self.named.iter().find(|e| e.perm & 4 != 0) {
+            return Err(format!(
+                "it holds {what}, and its ACL lets {} read it: remove the entry (setfacl -b) and \
+                 chmod 600 it (or 640, owned by root, for the service's group){hint}",
+                e.who()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a file that tells a daemon what to do (its config, where its queue is) when
+    /// someone else than its owner may change it, as ssh's StrictModes refuses such a key or
+    /// authorized_keys file: owned by root or by the user filepipe runs as, writable by its
+    /// owner only (no w bit for the group or others, no ACL entry granting write).
+    pub(crate) fn check_not_writable(&self) -> Result<(), String> {
+        let (uid, mode) = (self.meta.uid(), self.meta.mode() & 0o777);
+        let me = rustix::process::geteuid().as_raw();
+        if uid != 0 && uid != me {
+            return Err(format!(
+                "it is owned by user {uid}, who may change it, not by root or the user filepipe \
+                 runs as ({me}): chown it"
+            ));
+        }
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "users other than its owner may change it (mode {mode:04o}): chmod go-w it"
+            ));
+        }
+        if let Some(e) = self.named.iter().find(|e| e.perm & 2 != 0) {
+            return Err(format!(
+                "its ACL lets {} change it: remove the entry (setfacl -x)",
+                e.who()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl AclEntry {
+    fn who(&self) -> String {
+        match self.group {
+            true => format!("group {}", self.id),
+            false => format!("user {}", self.id),
+        }
+    }
+}
+
+/// The named entries of a `system.posix_acl_access` value (version 2, then 8-byte entries:
+/// tag, permissions, id, little-endian), each with the mask applied; `None` if it is not one.
+fn parse_acl(bytes: &[u8]) -> Option<Vec<AclEntry>> {
+    let (version, entries) = bytes.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*version) != 2 || entries.len() % 8 != 0 {
+        return None;
+    }
+    let mut named = Vec::new();
+    // Without a mask entry (an ACL of the three base entries only), nothing is masked.
+    let mut mask = 0o7;
+    for e in entries.chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u16::from_le_bytes([e[2], e[3]]);
+        let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+        match tag {
+            ACL_USER | ACL_GROUP => named.push(AclEntry {
+                group: tag == ACL_GROUP,
+                id,
+                perm,
+            }),
+            ACL_MASK => mask = perm,
+            _ => {}
+        }
+    }
+    for e in &mut named {
+        e.perm &= mask;
+    }
+    Some(named)
+}
+
+/// Opens `path`, a file that holds a secret (`what`), for reading without blocking (a FIFO or
+/// a device is refused) and checks it as `check_private` and `check_not_writable` do: a
+/// credentials file's nkey seed is as much a secret as a password.
+pub(crate) fn check_secret_file(path: &Path, what: &str) -> Result<(), String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let access = FileAccess::of(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !access.meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    access
+        .check_private(what, "")
+        .and_then(|()| access.check_not_writable())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_shows_no_user_password_or_token_whatever_it_holds() {
+        for (url, shown) in [
+            ("nats://q:4222", "nats://q:4222"),
+            ("nats://alice:S3cret@h:1", "nats://***@h:1"),
+            ("tls://token@q:4222", "tls://***@q:4222"),
+            // Without a scheme, as the client takes it.
+            ("alice:S3cret@h:4222", "***@h:4222"),
+            ("token@h", "***@h"),
+            // Unencoded / , : @ in a password: everything up to the last @.
+            ("nats://alice:ab/S3cret@h:1", "nats://***@h:1"),
+            ("nats://alice:ab,S3cret@h:1", "nats://***@h:1"),
+            ("nats://alice:a@b:S3cret@h:1", "nats://***@h:1"),
+            ("alice:pa://S3cret@h:1", "***@h:1"),
+            // A list: the credentials hidden, the hosts after them shown.
+            (
+                "nats://a:S3cret@h:1,nats://h:2",
+                "nats://***@h:1,nats://h:2",
+            ),
+            ("nats://a:S3cret@h:1,nats://a:S3cret@h:2", "nats://***@h:2"),
+            // A word without a scheme that is not HOST:PORT may be a token.
+            ("S3cretToken", "***"),
+            ("127.0.0.1:4222", "127.0.0.1:4222"),
+            ("nats://h:1,S3cretToken", "nats://h:1,***"),
+            ("[::1]:4222", "[::1]:4222"),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+            assert_eq!(url_has_secret(url), url != shown, "{url}");
+            assert!(!shown_url(url).contains("S3cret"), "{url}");
+        }
+    }
+
+    #[test]
+    fn every_word_with_credentials_in_a_text_is_redacted() {
+        let r = redact;
+        assert_eq!(
+            r("worker --queue nats://alice:S3cret@h:1,nats://h:2/x --jobs 2"),
+            "worker --queue nats://***@h:1,nats://h:2/x --jobs 2"
+        );
+        assert_eq!(r("--queue=nats://a:S3cret@h"), "--queue=nats://***@h");
+        assert_eq!(r("--queue=a:S3cret@h"), "--queue=***@h");
+        assert_eq!(
+            r("unknown variant `nats://a:b/S3cret@h:1`, expected"),
+            "unknown variant `nats://***@h:1`, expected"
+        );
+        assert_eq!(r("\"a:S3cret@h:1\""), "\"***@h:1\"");
+        assert_eq!(r("/in/nats:/a:S3c/ret@h:1"), "***@h:1");
+        assert_eq!(r("no url here"), "no url here");
+    }
+
+    #[test]
+    fn named_acl_entries_are_read_with_the_mask() {
+        let acl = |entries: &[(u16, u16, u32)]| {
+            let mut v = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in entries {
+                v.extend(tag.to_le_bytes());
+                v.extend(perm.to_le_bytes());
+                v.extend(id.to_le_bytes());
+            }
+            v
+        };
+        let plain = acl(&[
+            (0x01, 6, u32::MAX),
+            (0x04, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        assert_eq!(parse_acl(&plain), Some(vec![]));
+        let named = acl(&[
+            (0x01, 6, u32::MAX),
+            (0x02, 6, 65534),
+            (0x04, 4, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        assert_eq!(
+            parse_acl(&named),
+            Some(vec![AclEntry {
+                group: false,
+                id: 65534,
+                perm: 4
+            }])
+        );
+        assert_eq!(parse_acl(&[1, 0, 0, 0]), None);
+        assert_eq!(parse_acl(&named[..7]), None);
+    }
+}
