@@ -201,6 +201,8 @@ if [ -n "$bin" ] && "$bin" --help 2>/dev/null | grep -q '^ *worker'; then
   scratch=$work/wcfg
   sed -e "s|\"/srv/|\"$scratch/srv/|g" -e "s|\"/var/log/|\"$scratch/var/log/|g" \
     systemd/worker.toml >"$work/worker.toml"
+  # As installed (install -m 640): a worker file others may change is refused, whatever the umask.
+  chmod 600 "$work/worker.toml"
   for p in "${worker_roots[@]}"; do mkdir -p "$scratch$p"; done
   if msg=$("$bin" check-config "$work/worker.toml" 2>&1); then
     echo "check-config: example worker config ok (${msg#*: })"
