@@ -265,10 +265,10 @@ fn parse(path: &Path) -> Result<(String, FileAccess, FileConfig)> {
     Ok((text, access, file))
 }
 
-/// A TOML error as `FILE:LINE:COLUMN: message`, never with the line it is on (toml's own
-/// message quotes it, and the line may be a queue URL with its password: the error goes to
-/// the journal, which more users read than the file), and with any credentials the message
-/// quotes (a value of the wrong type or variant) redacted.
+/// A TOML error as `FILE: TOML parse error at line L, column C: message`, never with the line
+/// it is on (toml's own message quotes it, and the line may be a queue URL with its password:
+/// the error goes to the journal, which more users read than the file), and with any
+/// credentials the message quotes (a value of the wrong type or variant) redacted.
 fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
     let msg = cut_lines(&secret::redact(e.message()));
     match e.span() {
@@ -282,7 +282,11 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> anyhow::Error {
                 .chars()
                 .count()
                 + 1;
-            anyhow!("{}:{line}:{column}: {msg}", path.display())
+            // toml's own words, which users may look for, without its quoted line.
+            anyhow!(
+                "{}: TOML parse error at line {line}, column {column}: {msg}",
+                path.display()
+            )
         }
         None => anyhow!("{}: {msg}", path.display()),
     }
