@@ -114,7 +114,10 @@ fn a_v3_job_refused_by_a_worker_from_before_is_still_done_once_an_upgraded_worke
     for job in &taken {
         assert!(job.contains(r#""v":3"#), "{job}");
     }
-    eprintln!("the worker from before terminated {} job messages", taken.len());
+    eprintln!(
+        "the worker from before terminated {} job messages",
+        taken.len()
+    );
     // The operator then upgrades the workers, as the stall warning tells them to.
     let _upgraded = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
     // Past the coordinator's 30 s stall warning, and long enough for the upgraded worker.
@@ -138,4 +141,3 @@ fn a_v3_job_refused_by_a_worker_from_before_is_still_done_once_an_upgraded_worke
         .summary();
     assert_eq!(sum["done"].as_u64(), Some(5), "{sum}");
 }
-
