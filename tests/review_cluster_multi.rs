@@ -140,4 +140,9 @@ fn a_v3_job_refused_by_a_worker_from_before_is_still_done_once_an_upgraded_worke
         .code(0)
         .summary();
     assert_eq!(sum["done"].as_u64(), Some(5), "{sum}");
+    // And the coordinator said why it published them again.
+    assert!(
+        logged.contains("a worker that does not know job version 3 refused them; republished"),
+        "{logged}"
+    );
 }

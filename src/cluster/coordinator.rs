@@ -23,6 +23,7 @@ use anyhow::{anyhow, Context, Result};
 use async_nats::jetstream::consumer;
 use crossbeam_channel::{bounded, Receiver, Sender};
 
+use crate::cli::OpKind;
 use crate::cluster::resume::RunFile;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath, WireStamp};
 use crate::cluster::{
@@ -41,7 +42,7 @@ use crate::source::walk::Walk;
 use crate::source::watch::Watch;
 use crate::source::{Outlet, Source};
 use crate::state::State;
-use crate::travel::{Event, Msg, Outcome, Recorded, Stamp, Stats};
+use crate::travel::{BatchFill, Event, Msg, Outcome, Recorded, Stamp, Stats};
 
 /// After a first signal, how long the coordinator waits with no outcome arriving and no job in
 /// flight before it stops waiting.
@@ -57,7 +58,11 @@ struct Ledger {
     /// mode; `None` in a batch). A file leaves at its first outcome: later ones (a job
     /// delivered again after a worker died) find it gone and are dropped, and watch mode may
     /// publish it again once it changes.
-    expected: Mutex<HashMap<PathBuf, Option<Stamp>>>,
+    expected: Mutex<HashMap<PathBuf, Awaited>>,
+    /// The last of the publisher's batches whose job messages the server has all confirmed
+    /// stored (they are confirmed in order): a file of a later batch may not be in the jobs
+    /// stream yet, so its absence there says nothing.
+    stored: AtomicU64,
     /// How many (files) were published.
     published: AtomicU64,
     /// The source and the publishing are over.
@@ -68,6 +73,80 @@ struct Ledger {
     /// The version of the run's job messages: above `wire::VERSION`, workers from before it
     /// refuse them without an outcome.
     version: u32,
+}
+
+/// A file published, its outcome awaited: what its job said, to publish it again if the job is
+/// lost.
+#[derive(Debug, Clone, Copy)]
+struct Awaited {
+    /// Watch mode: how the file settled (an outcome counts for that version only).
+    expect: Option<Stamp>,
+    /// Watch mode: its existing output is filepipe's, and may be replaced.
+    replace: bool,
+    /// The publisher's batch it went out in (0: before this coordinator started, by the
+    /// killed one whose run it resumes).
+    batch: u64,
+}
+
+impl Awaited {
+    /// A file of a resumed run's job still in the queue: a batch's (no stamp, no replace),
+    /// stored.
+    const QUEUED: Awaited = Awaited {
+        expect: None,
+        replace: false,
+        batch: 0,
+    };
+}
+
+/// What every job message of a run says but its files.
+struct Head<'a> {
+    cfg: &'a Config,
+    run: &'a str,
+    /// The root's name, as the workers map it.
+    root: &'a str,
+    /// The output root's name, if the outputs go to one.
+    out: Option<&'a str>,
+    op: OpKind,
+    ops: Vec<OpKind>,
+}
+
+impl<'a> Head<'a> {
+    fn new(cfg: &'a Config, run: &'a str, (root, out): (&'a str, Option<&'a str>)) -> Self {
+        let (op, ops) = JobBatch::ops_of(&cfg.spec);
+        Head {
+            cfg,
+            run,
+            root,
+            out,
+            op,
+            ops,
+        }
+    }
+
+    /// The subject the run's jobs go to.
+    fn subject(&self) -> String {
+        jobs_subject(self.root, self.run)
+    }
+
+    /// The first job message of `files`: as many as fit (JSON escapes long names to six bytes
+    /// a character), and its payload.
+    fn message(&self, files: &[WireFile]) -> serde_json::Result<(usize, Vec<u8>)> {
+        let cfg = self.cfg;
+        wire::fitting(files, usize::MAX, |part| {
+            serde_json::to_vec(&JobBatch {
+                v: JobBatch::version(self.out, cfg.remove_source, !self.ops.is_empty()),
+                out: self.out.map(str::to_owned),
+                remove_source: cfg.remove_source,
+                run: self.run.to_owned(),
+                root: self.root.to_owned(),
+                op: self.op,
+                ops: self.ops.clone(),
+                level: cfg.level,
+                force: cfg.force,
+                files: part.to_vec(),
+            })
+        })
+    }
 }
 
 /// A run id: unique, and a plain name (a subject token).
@@ -250,6 +329,7 @@ fn coordinate(
     } else {
         (None, None)
     };
+    let head = Head::new(cfg, &run, (root, out));
     // Set once the resumed run's outcomes are read, before the source starts.
     let accounted = std::sync::OnceLock::new();
     std::thread::scope(|s| {
@@ -282,7 +362,7 @@ fn coordinate(
                 // finished the rest): no other comes unless the message is delivered again,
                 // so it is not awaited; if that outcome did not count, it is published again.
                 if !seen.contains(&rel) && skip.insert(rel.clone()) {
-                    expected.insert(rel, None);
+                    expected.insert(rel, Awaited::QUEUED);
                     waiting += 1;
                 }
             }
@@ -319,10 +399,7 @@ fn coordinate(
             .spawn_scoped(s, || {
                 let none = HashSet::new();
                 let accounted = accounted.get().unwrap_or(&none);
-                let names = (root, out);
-                let r = publish(
-                    cfg, &conn, &run, names, &job_rx, &ledger, accounted, shutdown,
-                );
+                let r = publish(&head, &conn, &job_rx, &ledger, accounted, shutdown);
                 ledger.walked.store(true, Ordering::Release);
                 r
             })
@@ -331,7 +408,7 @@ fn coordinate(
             &conn,
             &outcomes,
             &workers,
-            &run,
+            &head,
             &ledger,
             &event_tx,
             shutdown,
@@ -382,27 +459,25 @@ async fn outcome_consumer(conn: &Conn, run: &str) -> Result<consumer::PullConsum
 
 /// Publishes the source's batches as job messages until it ends (or a signal), but for the
 /// files `accounted` for already (a resumed run's).
-#[allow(clippy::too_many_arguments)]
 fn publish(
-    cfg: &Config,
+    head: &Head,
     conn: &Conn,
-    run: &str,
-    (root, out): (&str, Option<&str>),
     jobs: &Receiver<Msg>,
     ledger: &Ledger,
     accounted: &HashSet<PathBuf>,
     shutdown: &Shutdown,
 ) -> Result<()> {
-    let subject = jobs_subject(root, run);
+    let subject = head.subject();
     // Message ids are this coordinator's own: a resumed run's numbering starts again, and
     // must not be taken for the killed coordinator's messages (the server would drop them
     // as duplicates for two minutes).
     let epoch = run_id();
     let mut seq = 0u64;
+    // The source's batches, numbered from 1 (0 is a resumed run's queued files).
+    let mut batches = 0u64;
     // Messages published and not yet confirmed stored: up to WINDOW at once, so a run does
     // not pay a round trip per message; each is confirmed in order.
     let mut unconfirmed: VecDeque<Pending> = VecDeque::new();
-    let (op, ops) = JobBatch::ops_of(&cfg.spec);
     loop {
         let msg = match jobs.recv_timeout(CONFIRM_WITHIN) {
             Ok(msg) => msg,
@@ -427,47 +502,42 @@ fn publish(
             // Drained, not published: the walk stops at the signal too.
             continue;
         }
+        batches += 1;
         if let Ok(mut expected) = ledger.expected.lock() {
-            expected.extend(batch.iter().map(|j| (j.rel.clone(), j.expect)));
+            expected.extend(batch.iter().map(|j| {
+                let awaited = Awaited {
+                    expect: j.expect,
+                    replace: j.replace,
+                    batch: batches,
+                };
+                (j.rel.clone(), awaited)
+            }));
         }
-        // One message, or several where long names (six bytes a character once escaped)
-        // would make it too large to be stored.
-        let mut rest = &batch[..];
+        // Sizes are not sent: the source already put each large file in a message of its own.
+        let files: Vec<WireFile> = batch
+            .iter()
+            .map(|j| WireFile {
+                rel: WirePath::of(&j.rel),
+                size: 0,
+                stamp: j.expect.as_ref().map(WireStamp::of),
+                replace: j.replace,
+            })
+            .collect();
+        // One message, or several where long names would make it too large to be stored.
+        let mut rest = &files[..];
         while !rest.is_empty() {
-            let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
-                serde_json::to_vec(&JobBatch {
-                    v: JobBatch::version(out, cfg.remove_source, !ops.is_empty()),
-                    out: out.map(str::to_owned),
-                    remove_source: cfg.remove_source,
-                    run: run.to_owned(),
-                    root: root.to_owned(),
-                    op,
-                    ops: ops.clone(),
-                    level: cfg.level,
-                    force: cfg.force,
-                    // Sizes are not sent: the source already put each large file in a
-                    // message of its own.
-                    files: part
-                        .iter()
-                        .map(|j| WireFile {
-                            rel: WirePath::of(&j.rel),
-                            size: 0,
-                            stamp: j.expect.as_ref().map(WireStamp::of),
-                            replace: j.replace,
-                        })
-                        .collect(),
-                })
-            })?;
+            let (n, payload) = head.message(rest)?;
             seq += 1;
+            rest = &rest[n..];
             let mut p = Pending {
-                id: format!("{run}.{epoch}.{seq}"),
+                id: format!("{}.{epoch}.{seq}", head.run),
                 payload: payload.into(),
                 files: n,
+                completes: rest.is_empty().then_some(batches),
                 ack: None,
             };
             p.ack = conn.rt.block_on(p.send(conn, &subject)).ok();
             unconfirmed.push_back(p);
-            rest = &rest[n..];
         }
         while unconfirmed.len() > WINDOW {
             if let Some(p) = unconfirmed.pop_front() {
@@ -498,6 +568,9 @@ struct Pending {
     payload: bytes::Bytes,
     /// How many files it holds.
     files: usize,
+    /// The last message of the source's batch of this number: once it is stored, the whole
+    /// batch is.
+    completes: Option<u64>,
     /// The server's confirmation to come (`None`: the publish itself failed).
     ack: Option<async_nats::jetstream::context::PublishAckFuture>,
 }
@@ -557,6 +630,9 @@ fn confirm(
     ledger
         .published
         .fetch_add(p.files as u64, Ordering::Release);
+    if let Some(batch) = p.completes {
+        ledger.stored.fetch_max(batch, Ordering::Release);
+    }
     Ok(())
 }
 
@@ -568,17 +644,19 @@ fn gather(
     conn: &Conn,
     outcomes: &consumer::PullConsumer,
     workers: &consumer::PullConsumer,
-    run: &str,
+    head: &Head,
     ledger: &Ledger,
     events: &Sender<Event>,
     shutdown: &Shutdown,
     watched: Option<&Path>,
 ) -> Result<()> {
+    let run = head.run;
     let watching = watched.is_some();
     let mut outcomes = outcomes.clone();
     let mut last_outcome = Instant::now();
     let mut last_warning = Instant::now();
     let mut cancelled_at: Option<Instant> = None;
+    let mut lost = LostJobs::new();
     loop {
         let walked = ledger.walked.load(Ordering::Acquire);
         // Every file sent (or about to be) has its outcome: the files of a message whose store
@@ -655,7 +733,7 @@ fn gather(
                 };
                 // Only files this run published, each once: the first outcome counts.
                 if let Some(settled) = expected.remove(outcome.rel()) {
-                    firsts.push(match (settled, watched) {
+                    firsts.push(match (settled.expect, watched) {
                         (Some(stamp), Some(root)) => of_version(outcome, &stamp, w.read, root),
                         _ => outcome,
                     });
@@ -688,7 +766,7 @@ fn gather(
                     outstanding,
                     workers_waiting = waiting,
                     jobs_version = ledger.version,
-                    "no outcome for {STALLED:?}: workers from before job messages of this version (2: --out or --remove-source; 3: several results) refuse them without an outcome; upgrade the workers"
+                    "no outcome for {STALLED:?}: workers from before job messages of this version (2: --out or --remove-source; 3: several results) refuse them without an outcome (their jobs are published again until an up-to-date worker takes them); upgrade the workers"
                 );
             } else {
                 tracing::warn!(
@@ -698,7 +776,241 @@ fn gather(
                 );
             }
         }
+        if outstanding > 0 && !shutdown.requested() {
+            lost.tend(conn, &outcomes, head, ledger);
+        }
     }
+}
+
+/// How often the coordinator looks for jobs of its run gone from the jobs stream without an
+/// outcome, while it awaits outcomes.
+const LOOK_FOR_LOST: Duration = STALLED;
+
+/// Jobs of the run found gone from the jobs stream, their files still without an outcome.
+struct Lost {
+    /// The files, each with the publisher's batch it was awaited from (a watched file
+    /// published again since is in a newer message, not lost).
+    files: HashMap<PathBuf, u64>,
+    /// The sequence of the run's last outcome message in the outcome stream once they were
+    /// found gone (`None`: there was none): every outcome of theirs is at or before it.
+    through: Option<u64>,
+}
+
+/// Finds the run's jobs that left the jobs stream without an outcome, and publishes them
+/// again. A worker from before a job message's version cannot read it and terminates it,
+/// which removes it from the work-queue stream for good: no other worker is ever given it,
+/// and the coordinator would wait for ever. In two steps, so that a job finished just before
+/// the look is not taken for lost: a worker stores a job's outcomes before it acknowledges
+/// the job, so a job gone from the stream has its outcomes stored already, and once every
+/// outcome stored by the look has been read, a file still awaited has none coming. A worker
+/// from before that takes the job again refuses it again, and the next look finds it gone
+/// again: it is published again each look until an up-to-date worker takes it.
+struct LostJobs {
+    last_look: Instant,
+    /// Found gone, awaiting the outcomes stored by then.
+    found: Option<Lost>,
+    /// This coordinator's own, for the message ids (as the publisher's `epoch`).
+    epoch: String,
+    /// Rounds of publishing again: each has message ids of its own, which the stream's
+    /// duplicate window (two minutes) does not drop as the earlier round's.
+    rounds: u64,
+}
+
+impl LostJobs {
+    fn new() -> LostJobs {
+        LostJobs {
+            last_look: Instant::now(),
+            found: None,
+            epoch: run_id(),
+            rounds: 0,
+        }
+    }
+
+    /// One step: look, when it is time; or publish again what was found, once the outcomes
+    /// stored by then are read. A failure waits for the next look.
+    fn tend(
+        &mut self,
+        conn: &Conn,
+        outcomes: &consumer::PullConsumer,
+        head: &Head,
+        ledger: &Ledger,
+    ) {
+        match self.found.take() {
+            None if self.last_look.elapsed() >= LOOK_FOR_LOST => {
+                self.last_look = Instant::now();
+                match look_for_lost(conn, head, ledger) {
+                    Ok(found) => self.found = found,
+                    Err(e) => {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot look for jobs lost from the queue; looking again later")
+                    }
+                }
+            }
+            None => {}
+            Some(lost) => match read_through(conn, outcomes, lost.through) {
+                Ok(true) => self.publish_again(conn, head, ledger, lost),
+                Ok(false) => self.found = Some(lost),
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "cannot read the outcome consumer's state");
+                    self.found = Some(lost);
+                }
+            },
+        }
+    }
+
+    /// Publishes again the jobs of the `lost` files still awaited from the same message.
+    fn publish_again(&mut self, conn: &Conn, head: &Head, ledger: &Ledger, lost: Lost) {
+        let mut again: Vec<(PathBuf, Awaited)> = match ledger.expected.lock() {
+            Ok(expected) => lost
+                .files
+                .into_iter()
+                .filter_map(|(rel, batch)| {
+                    let awaited = expected.get(&rel).filter(|a| a.batch == batch)?;
+                    Some((rel, *awaited))
+                })
+                .collect(),
+            Err(_) => return,
+        };
+        if again.is_empty() {
+            return;
+        }
+        again.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        self.rounds += 1;
+        // In batches as the sources fill them, a large file alone: the sizes are the
+        // settled ones in watch mode, else looked at now (a file gone counts 0, and its
+        // worker says it vanished).
+        let mut batches: Vec<Vec<WireFile>> = Vec::new();
+        let mut fill = BatchFill::default();
+        for (rel, awaited) in &again {
+            let size = match awaited.expect {
+                Some(stamp) => stamp.size,
+                None => std::fs::symlink_metadata(head.cfg.root.join(rel)).map_or(0, |m| m.len()),
+            };
+            if batches.is_empty() || !fill.takes(size) {
+                batches.push(Vec::new());
+                fill = BatchFill::default();
+            }
+            fill.add(size);
+            if let Some(files) = batches.last_mut() {
+                files.push(WireFile {
+                    rel: WirePath::of(rel),
+                    size: 0,
+                    stamp: awaited.expect.as_ref().map(WireStamp::of),
+                    replace: awaited.replace,
+                });
+            }
+        }
+        let subject = head.subject();
+        let (mut files, mut messages) = (0usize, 0u64);
+        let sent = batches.iter().try_for_each(|batch| {
+            let mut rest = &batch[..];
+            while !rest.is_empty() {
+                let (n, payload) = head.message(rest)?;
+                messages += 1;
+                let id = format!(
+                    "{}.{}.again{}.{messages}",
+                    head.run, self.epoch, self.rounds
+                );
+                conn.rt.block_on(async {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    let ack = conn
+                        .js
+                        .publish_with_headers(subject.clone(), headers, payload.into())
+                        .await?;
+                    ack.await.map_err(anyhow::Error::from)
+                })?;
+                files += n;
+                rest = &rest[n..];
+            }
+            anyhow::Ok(())
+        });
+        let version = ledger.version;
+        if files > 0 {
+            if version > wire::VERSION {
+                tracing::warn!(
+                    files,
+                    messages,
+                    jobs_version = version,
+                    round = self.rounds,
+                    "jobs of the run left the queue without an outcome: a worker that does not know job version {version} refused them; republished (a worker from before refuses them again, and they are republished again, until an up-to-date worker takes them: upgrade the workers)"
+                );
+            } else {
+                tracing::warn!(
+                    files,
+                    messages,
+                    jobs_version = version,
+                    round = self.rounds,
+                    "jobs of the run left the queue without an outcome: a worker that cannot read them refused them, or the jobs stream lost them; republished"
+                );
+            }
+        }
+        if let Err(e) = sent {
+            tracing::warn!(
+                error = %format!("{e:#}"),
+                files = again.len() - files,
+                "republishing jobs lost from the queue failed; the next look finds them again"
+            );
+        }
+    }
+}
+
+/// The files awaited whose job messages are all stored and none of which is in the jobs
+/// stream now (`None`: no such file), with the outcome stream's place by then.
+fn look_for_lost(conn: &Conn, head: &Head, ledger: &Ledger) -> Result<Option<Lost>> {
+    // Read before the stream is: a file of a batch stored by now was in the stream before
+    // the reading began, and a file found missing left it since.
+    let stored = ledger.stored.load(Ordering::Acquire);
+    let any = ledger
+        .expected
+        .lock()
+        .map_err(|_| anyhow!("the ledger is poisoned"))?
+        .values()
+        .any(|a| a.batch <= stored);
+    if !any {
+        return Ok(None);
+    }
+    let queued = queued(conn, head.root, head.run)?;
+    // Read after: a job gone from the stream was acknowledged (or terminated) before, and
+    // its outcomes were stored before that.
+    let through = last_outcome_message(conn, head.run)?;
+    let expected = ledger
+        .expected
+        .lock()
+        .map_err(|_| anyhow!("the ledger is poisoned"))?;
+    let files: HashMap<PathBuf, u64> = expected
+        .iter()
+        .filter(|(rel, a)| a.batch <= stored && !queued.contains(*rel))
+        .map(|(rel, a)| (rel.clone(), a.batch))
+        .collect();
+    Ok((!files.is_empty()).then_some(Lost { files, through }))
+}
+
+/// The sequence of `run`'s last outcome message in the outcome stream, if it has one.
+fn last_outcome_message(conn: &Conn, run: &str) -> Result<Option<u64>> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    conn.rt.block_on(async {
+        let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
+        match stream
+            .get_last_raw_message_by_subject(&outcomes_subject(run))
+            .await
+        {
+            Ok(m) => Ok(Some(m.sequence)),
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
+            Err(e) => Err(anyhow!("looking up the run's last outcome: {e}")),
+        }
+    })
+}
+
+/// Whether every outcome message of the run up to `through` has been read and handed on
+/// (acknowledged once handed to the reporter), or every one there is has.
+fn read_through(
+    conn: &Conn,
+    outcomes: &consumer::PullConsumer,
+    through: Option<u64>,
+) -> Result<bool> {
+    let info = consumer_info(conn, outcomes)?;
+    let past = through.is_none_or(|seq| info.ack_floor.stream_sequence >= seq);
+    Ok(past || info.num_pending == 0 && info.num_ack_pending == 0)
 }
 
 /// Reads a resumed run's outcomes so far, from its first, to the reporter (each file's first
@@ -810,7 +1122,8 @@ fn outcomes_of(m: &async_nats::jetstream::Message, run: &str) -> Option<OutcomeB
     let batch: OutcomeBatch = match serde_json::from_slice(&m.payload) {
         Ok(b) => b,
         Err(e) => {
-            tracing::warn!(error = %e, "an outcome message that does not read: ignored");
+            let error = wire::in_part(&e.to_string());
+            tracing::warn!(%error, "an outcome message that does not read: ignored");
             return None;
         }
     };

@@ -51,6 +51,20 @@ pub(crate) fn fitting<T>(
     }
 }
 
+/// The most characters of an error about a message's content that are said: a message is
+/// untrusted, and may put most of a megabyte in one field, which a serde error quotes whole
+/// (an unknown op); a log line of a megabyte helps no one.
+const SAID: usize = 256;
+
+/// `text`, cut short to its first `SAID` characters (saying how long it was) if it is longer:
+/// an error about an untrusted message, as logged.
+pub(crate) fn in_part(text: &str) -> String {
+    match text.char_indices().nth(SAID) {
+        None => text.to_owned(),
+        Some((end, _)) => format!("{}... ({} bytes in all)", &text[..end], text.len()),
+    }
+}
+
 /// Whether `s` is a name a run or a root may have: 1 to 64 of `A-Z a-z 0-9 _ -`. Such names
 /// are also safe as NATS subject tokens.
 pub(crate) fn valid_name(s: &str) -> bool {
@@ -275,7 +289,7 @@ impl JobBatch {
         if payload.len() > MAX_MESSAGE {
             return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
         }
-        let b: JobBatch = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+        let b: JobBatch = serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
         if b.v != JobBatch::version(b.out.as_deref(), b.remove_source, !b.ops.is_empty()) {
             return Err(format!(
                 "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root or \
@@ -491,7 +505,8 @@ impl WireOutcome {
         let rel = self.rel.rel().map_err(|e| e.message)?;
         let error = || -> Result<FileError, String> {
             let kind = self.kind.as_deref().unwrap_or("");
-            let kind = Kind::parse(kind).ok_or_else(|| format!("unknown kind {kind:?}"))?;
+            let kind = Kind::parse(kind)
+                .ok_or_else(|| format!("unknown kind {}", in_part(&format!("{kind:?}"))))?;
             Ok(FileError {
                 kind,
                 errno: self.errno,
@@ -531,6 +546,41 @@ impl WireOutcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_hostile_message_s_error_is_said_in_part() {
+        let op = "x".repeat(1 << 19);
+        let job = format!(
+            r#"{{"v":3,"op":"zstd","ops":["sha256","{op}","zstd"],"run":"r","root":"t","level":3,"force":false,"files":[{{"rel":"a","size":1}}]}}"#
+        );
+        let e = JobBatch::parse(job.as_bytes()).unwrap_err();
+        assert!(e.len() < 1024, "{} bytes", e.len());
+        assert!(e.starts_with("unknown variant `xxx"), "{e}");
+        assert!(e.contains("bytes in all"), "{e}");
+        // A short one is said whole.
+        let e = JobBatch::parse(br#"{"v":3,"op":"md5"}"#).unwrap_err();
+        assert!(
+            e.contains("unknown variant `md5`") && !e.contains("in all"),
+            "{e}"
+        );
+        // Cut between characters, never inside one.
+        let long = "\u{e9}".repeat(1000);
+        assert!(in_part(&long).starts_with(&"\u{e9}".repeat(SAID)));
+        let kind = WireOutcome {
+            rel: WirePath::Text("a".into()),
+            status: WireStatus::Failed,
+            kind: Some("k".repeat(1 << 19)),
+            message: None,
+            errno: None,
+            bytes_in: 0,
+            bytes_out: 0,
+            digest: None,
+            digests: Vec::new(),
+            read: None,
+        };
+        let e = kind.outcome(&[]).unwrap_err();
+        assert!(e.len() < 1024 && e.starts_with("unknown kind"), "{e}");
+    }
 
     #[test]
     fn a_job_path_must_be_plain_and_relative() {
