@@ -607,14 +607,22 @@ impl Config {
             None => None,
         };
         if args.move_source.is_some() {
-            // With several results too: the hashes' manifest would name files moved away.
-            if !spec.compresses() || !spec.hashes().is_empty() {
-                // A manifest lists each file by its path in the tree: `sha256sum -c` run from
-                // the root would no longer find a file moved away.
+            // A manifest lists each file by its path in the tree: `sha256sum -c` run from the
+            // root would no longer find a file moved away.
+            if !spec.compresses() {
                 bail!(
                     "--move-source only applies to --op gzip or zstd: a manifest names each file \
                      by its path in the tree, which a move would break (move the files once the \
                      manifest is written)"
+                );
+            }
+            // With several results, the hashes' manifests would name files moved away.
+            if !spec.hashes().is_empty() {
+                bail!(
+                    "--move-source does not combine with several results (--op {spec}): their \
+                     manifests name each file by its path in the tree, which a move would \
+                     break; compress with --move-source in a run of its own, or move the files \
+                     once the manifests are written"
                 );
             }
             if args.durability == Some(Durability::None) {

@@ -640,17 +640,33 @@ fn a_batch_coordinator_with_several_results_killed_mid_run_is_resumed_each_file_
     assert_same_manifests(OPS, &sums, &local);
 }
 
+/// A `[[watch]]` table with a queue and several results, run by the service
+/// (`filepipe watch --config FILE`) with a real nats-server and one worker: every file (one
+/// there before the start, the others written after READY=1, one in a new directory) is
+/// compressed by the worker and listed in both manifests, checked with the real tools.
 #[test]
 fn a_watch_table_with_a_queue_takes_several_results() {
-    let t = TestTree::new();
+    if !have_or_skip(&["zstd", "sha256sum", "b3sum"]) {
+        return;
+    }
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("before.txt", &text_bytes(5_000, 1));
+    let _worker = Worker::start(
+        &nats,
+        t.dir.path(),
+        &[format!("multi={}", t.root().display())],
+        "2",
+    );
     let cfg = t.side("f.toml");
+    let sums = t.side("SUMS");
     fs::write(
         &cfg,
         format!(
-            "state_dir = {:?}\n[[watch]]\npath = {:?}\nop = \"sha256,blake3,zstd\"\nmanifest = {:?}\nqueue = \"nats://127.0.0.1:4999\"\n",
+            "state_dir = {:?}\n[[watch]]\npath = {:?}\nop = \"sha256,blake3,zstd\"\nmanifest = {:?}\nsettle_ms = 100\nqueue = {:?}\nroot_name = \"multi\"\n",
             t.side("state").display().to_string(),
             t.root().display().to_string(),
-            t.side("SUMS").display().to_string(),
+            sums.display().to_string(),
+            nats.url,
         ),
     )
     .unwrap();
@@ -660,4 +676,30 @@ fn a_watch_table_with_a_queue_takes_several_results() {
         "{}",
         checked.stdout()
     );
+    let socket = t.side("notify.sock");
+    let notes = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[s("watch"), s("--config"), cfg.as_os_str()]);
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let service = Started::new(cmd);
+    wait_until(Duration::from_secs(60), "READY=1", || notes.has("READY=1"));
+    fs::write(t.path("a.txt"), text_bytes(30_000, 2)).unwrap();
+    fs::create_dir(t.path("sub")).unwrap();
+    fs::write(t.path("sub/b.log"), text_bytes(70_000, 3)).unwrap();
+    let want = ["a.txt", "before.txt", "sub/b.log"];
+    for m in manifests_of(OPS, &sums) {
+        wait_until(Duration::from_secs(60), "manifests of 3 files", || {
+            manifest_names(&m) == want
+        });
+    }
+    assert_checks(&sums, &t.root(), 3);
+    assert_eq!(assert_zstd_outputs(&t.root(), &t.root()), 3);
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&service),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    service.finish(Duration::from_secs(60)).success();
 }

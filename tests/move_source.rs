@@ -649,10 +649,22 @@ fn refusals_name_the_problem_and_touch_nothing() {
     let root = t.root();
     let done = t.side("done");
     let inside = t.path("sub/done");
+    let sums = t.side("SUMS");
     let cases: Vec<(Vec<&OsStr>, &str)> = vec![
         (
             vec![s("--op"), s("sha256"), s("--move-source"), p(&done)],
             "--move-source only applies to --op gzip or zstd",
+        ),
+        (
+            vec![
+                s("--op"),
+                s("sha256,zstd"),
+                s("--manifest"),
+                p(&sums),
+                s("--move-source"),
+                p(&done),
+            ],
+            "--move-source does not combine with several results (--op sha256,zstd)",
         ),
         (
             vec![
@@ -717,6 +729,20 @@ fn refusals_name_the_problem_and_touch_nothing() {
     ]);
     let err = run(cmd).code(2).stderr();
     assert!(err.contains("is inside the input directory"), "{err}");
+    // Several results with a compressor among them: what is refused is said, not that the op
+    // does not compress.
+    let mut cmd = filepipe(&[s("watch"), p(&root), s("--op"), s("sha256,zstd")]);
+    cmd.args([
+        s("--state"),
+        p(&t.side("state")),
+        s("--move-source"),
+        p(&done),
+    ]);
+    let err = run(cmd).code(2).stderr();
+    assert!(
+        err.contains("does not combine with several results") && !err.contains("only applies"),
+        "{err}"
+    );
     let config = t.side("filepipe.toml");
     for (key, value, want) in [
         ("move_source", "in/sub/done", "is inside the watched tree"),
@@ -742,6 +768,18 @@ fn refusals_name_the_problem_and_touch_nothing() {
         .stderr();
     assert!(
         err.contains("move_source") && err.contains("does not apply"),
+        "{err}"
+    );
+    fs::write(
+        &config,
+        "[[watch]]\npath = \"in\"\nop = \"sha256,zstd\"\nmove_source = \"done\"\n",
+    )
+    .unwrap();
+    let err = run(filepipe(&[s("check-config"), p(&config)]))
+        .code(2)
+        .stderr();
+    assert!(
+        err.contains("does not combine with several results"),
         "{err}"
     );
     assert!(!inside.exists() && !done.exists());

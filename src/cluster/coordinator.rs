@@ -807,6 +807,11 @@ struct Lost {
 /// again: it is published again each look until an up-to-date worker takes it.
 struct LostJobs {
     last_look: Instant,
+    /// When to look next: `LOOK_FOR_LOST` after the last look, or ten times as long as it
+    /// took if that is more (reading the stream costs a round trip per job message of the
+    /// run: a large batch's first looks are long, and looking must not take most of the
+    /// time of the thread that reads the outcomes).
+    every: Duration,
     /// Found gone, awaiting the outcomes stored by then.
     found: Option<Lost>,
     /// This coordinator's own, for the message ids (as the publisher's `epoch`).
@@ -820,6 +825,7 @@ impl LostJobs {
     fn new() -> LostJobs {
         LostJobs {
             last_look: Instant::now(),
+            every: LOOK_FOR_LOST,
             found: None,
             epoch: run_id(),
             rounds: 0,
@@ -836,14 +842,16 @@ impl LostJobs {
         ledger: &Ledger,
     ) {
         match self.found.take() {
-            None if self.last_look.elapsed() >= LOOK_FOR_LOST => {
-                self.last_look = Instant::now();
+            None if self.last_look.elapsed() >= self.every => {
+                let began = Instant::now();
                 match look_for_lost(conn, head, ledger) {
                     Ok(found) => self.found = found,
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "cannot look for jobs lost from the queue; looking again later")
                     }
                 }
+                self.last_look = Instant::now();
+                self.every = LOOK_FOR_LOST.max(10 * began.elapsed());
             }
             None => {}
             Some(lost) => match read_through(conn, outcomes, lost.through) {
