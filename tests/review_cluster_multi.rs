@@ -146,3 +146,70 @@ fn a_v3_job_refused_by_a_worker_from_before_is_still_done_once_an_upgraded_worke
         "{logged}"
     );
 }
+
+/// Watch mode gathers outcomes through the same code: a settled file whose version 3 job a
+/// worker from before terminated is published again, and recorded (listed in both manifests,
+/// its `.zst` made) once an upgraded worker runs.
+#[test]
+fn a_watching_coordinator_republishes_the_v3_jobs_a_worker_from_before_refused() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new();
+    let root = format!("tree={}", t.root().display());
+    let mut first = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
+    first.kill();
+    let sums = t.side("SUMS");
+    let args = [
+        "--op",
+        OPS,
+        "--manifest",
+        sums.to_str().unwrap(),
+        "--queue",
+        &nats.url,
+        "--root-name",
+        "tree",
+    ];
+    let d = Daemon::ready(&t, &args);
+    for i in 0..5 {
+        fs::write(t.path(format!("f{i}")), text_bytes(1000 + i, i as u64)).unwrap();
+    }
+    let taken = a_worker_from_before_v3_takes(&nats, "tree", Duration::from_secs(3));
+    assert!(!taken.is_empty(), "the worker from before was given no job");
+    for job in &taken {
+        assert!(job.contains(r#""v":3"#), "{job}");
+    }
+    let _upgraded = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
+    d.wait_idle(5);
+    let listed = |m: &std::path::Path| {
+        fs::read_to_string(m)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+    };
+    let b3 = t.side("SUMS.blake3");
+    wait_until(
+        Duration::from_secs(30),
+        "both manifests list 5 files",
+        || listed(&sums) == 5 && listed(&b3) == 5,
+    );
+    for (checker, m) in [("sha256sum", &sums), ("b3sum", &b3)] {
+        let out = tool(checker, &["-c".as_ref(), m.as_os_str()], &t.root());
+        assert!(
+            out.status.success(),
+            "{checker} -c {}: {out:?}",
+            m.display()
+        );
+    }
+    for i in 0..5 {
+        let zst = t.path(format!("f{i}.zst"));
+        let back = tool("zstd", &["-dc".as_ref(), zst.as_os_str()], &t.root());
+        assert!(back.status.success(), "{}: {back:?}", zst.display());
+        assert_eq!(back.stdout, text_bytes(1000 + i, i as u64));
+    }
+    let stopped = d.stop();
+    let logged = stopped.success().stderr();
+    assert!(
+        logged.contains("a worker that does not know job version 3 refused them; republished"),
+        "{logged}"
+    );
+}

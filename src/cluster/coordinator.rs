@@ -6,7 +6,9 @@
 //! progress, summary, failure log and exit codes. Each file's first outcome counts, later ones
 //! (a job delivered again after a worker died) are dropped; in watch mode an outcome counts
 //! only for the version of the file it was published for (`of_version`). A batch ends once
-//! every file it published has an outcome; a watch runs until a signal.
+//! every file it published has an outcome; a watch runs until a signal. Jobs that leave the
+//! jobs stream without an outcome (terminated by a worker from before their version) are
+//! published again (`LostJobs`), so that an up-to-date worker can take them.
 //!
 //! A first signal stops the source and the publishing, tells the workers to drop the run's
 //! jobs no worker has taken yet, and waits for the outcomes of those in flight; a batch
@@ -54,8 +56,8 @@ const STALLED: Duration = Duration::from_secs(30);
 /// What the publisher and the outcome reader share.
 #[derive(Default)]
 struct Ledger {
-    /// Files published whose outcome is awaited, with the stamp each settled with (watch
-    /// mode; `None` in a batch). A file leaves at its first outcome: later ones (a job
+    /// Files published whose outcome is awaited, with what each one's job said (`Awaited`:
+    /// in watch mode, the stamp it settled with). A file leaves at its first outcome: later ones (a job
     /// delivered again after a worker died) find it gone and are dropped, and watch mode may
     /// publish it again once it changes.
     expected: Mutex<HashMap<PathBuf, Awaited>>,

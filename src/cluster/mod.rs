@@ -17,7 +17,10 @@
 //! ack wait), effects are idempotent (an output already made for the same input is up to date,
 //! and the coordinator counts the first outcome of each file only), so each file is accounted
 //! for exactly once. Nothing here is a queue, a retry protocol or a heartbeat of our own:
-//! JetStream's acks, ack wait, in-progress acks and de-duplication do that.
+//! JetStream's acks, ack wait, in-progress acks and de-duplication do that. A job a worker
+//! terminates without an outcome (one from before the job's version, which cannot read it)
+//! leaves the work queue for good: the coordinator finds it gone from the stream, with no
+//! outcome stored, and publishes it again.
 
 mod coordinator;
 mod resume;

@@ -4,8 +4,11 @@
 //! run and root names are plain tokens, the level is in range, the message is bounded, and a
 //! file's path must be relative with plain components only. A bad path fails its file alone.
 //! Several results from one read (`--op sha256,zstd`) travel as an op list in the job (known
-//! ops only, one compressor at most, each once) and every digest, named by its algorithm, in
-//! the outcome, which the coordinator reads only with exactly its run's hashes.
+//! ops only, one compressor at most, each once) and the digests in the outcome: named by their
+//! algorithm when the run has several hashes, unnamed when it has one (as coordinators from
+//! before read it), which the coordinator reads only with exactly its run's hashes. Errors
+//! about a message's content are said in part (`in_part`): a message may be most of a
+//! megabyte.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
