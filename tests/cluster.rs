@@ -168,6 +168,13 @@ fn a_worker_killed_while_it_holds_a_large_file_has_its_jobs_done_by_another() {
         206,
         "each file accounted for once: {sum}"
     );
+    // The coordinator looked for lost jobs (every 30 s) while workers finished and acked
+    // them: a job gone because it was done, its outcome not yet read, is not lost.
+    assert!(
+        !out.stderr().contains("without an outcome"),
+        "jobs taken for lost: {}",
+        out.stderr()
+    );
     // Nothing torn under a final name.
     assert_eq!(assert_outputs_whole(&t.root()), 206);
     // The killed worker's temps are swept by the next run's walk, and nothing is redone.
