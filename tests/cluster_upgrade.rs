@@ -1,6 +1,7 @@
-//! Review of several results through cluster mode (commits 16a9ca7..76aef34): what a user
-//! upgrading a cluster, or a peer on the queue, can make it do that the README says it does
-//! not. Each test here failed against the code it was written for.
+//! Upgrading a cluster: jobs newer than a worker knows (version 3, several results) that an
+//! older worker refuses, and so leave the queue without an outcome, are published again until
+//! an upgraded worker does them (batch and watch coordinators). From a hostile review; each
+//! test here failed against the code it was written for.
 #![cfg(feature = "cluster")]
 
 mod common;
