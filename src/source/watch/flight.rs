@@ -5,28 +5,15 @@
 //! Invariants: a path is in flight at most once; a deletion is passed on only when nothing
 //! under it is in flight, or the file's outcome, recorded after it, would bring it back.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::travel::Recorded;
 
-/// Path maps: foldhash is several times faster than std's SipHash on paths, and its
+/// Path sets: foldhash is several times faster than std's SipHash on paths, and its
 /// per-process random seed still keeps crafted file names from forcing collisions.
-type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-/// How a file that came back from the workers is looked at again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Again {
-    /// Not at all.
-    No,
-    /// If its stamp is not the one the state now has: it may have changed unseen while it was
-    /// read (events were lost), and the state, recorded from that read, tells.
-    IfChanged,
-    /// Whatever its stamp: a writer closed it while it was read (its writes may have gone
-    /// through a shared mapping, which changes no stamp).
-    Always,
-}
+type Set<K> = HashSet<K, foldhash::fast::RandomState>;
 
 /// The watcher's books on files in flight.
 #[derive(Debug, Default)]
@@ -34,8 +21,8 @@ pub(crate) struct Flight {
     /// Ordered, so "is anything under this directory in flight" is one range lookup: a
     /// deletion burst then costs a lookup per removal, not a scan of everything in flight.
     in_flight: BTreeSet<PathBuf>,
-    /// Paths to look at again when they come back, and how (never `Again::No`).
-    redo: Map<PathBuf, Again>,
+    /// Paths that changed again while in flight: look again when they come back.
+    redo: Set<PathBuf>,
     /// Transient failures, with the time each is due again.
     retries: Vec<(Instant, PathBuf)>,
     /// Deletions waiting for files under them that are in flight (see `forget`).
@@ -58,31 +45,19 @@ impl Flight {
         self.in_flight.contains(rel)
     }
 
-    /// `rel`, in flight, was closed by a writer since it was read: it is taken again once
-    /// back, whatever its stamp.
+    /// `rel`, in flight, may have changed since it was read: it is looked at again once back.
     pub(crate) fn redo(&mut self, rel: PathBuf) {
-        self.redo.insert(rel, Again::Always);
+        self.redo.insert(rel);
     }
 
-    /// `rel`, in flight, may have changed unseen since it was read (events were lost): once
-    /// back, it is taken again only if its stamp is not the state's. Taking it again whatever
-    /// its stamp did the work twice and counted the file done twice, for every file in flight
-    /// at an overflow.
-    pub(crate) fn recheck(&mut self, rel: PathBuf) {
-        self.redo.entry(rel).or_insert(Again::IfChanged);
-    }
-
-    /// The sink recorded `r`'s outcome: `r.rel` is no longer in flight. Returns how it is
-    /// looked at again now (something may have happened to it while it was read).
-    pub(crate) fn recorded(&mut self, r: &Recorded, now: Instant) -> Again {
+    /// The sink recorded `r`'s outcome: `r.rel` is no longer in flight. Returns whether it must
+    /// be looked at again now (something happened to it while it was read).
+    pub(crate) fn recorded(&mut self, r: &Recorded, now: Instant) -> bool {
         self.in_flight.remove(&r.rel);
         if let Some(after) = r.retry_after {
             self.retries.push((now + after, r.rel.clone()));
         }
-        if self.redo.is_empty() {
-            return Again::No;
-        }
-        self.redo.remove(&r.rel).unwrap_or(Again::No)
+        !self.redo.is_empty() && self.redo.remove(&r.rel)
     }
 
     /// The retries due by `now`, out of the books.
@@ -230,13 +205,9 @@ mod tests {
         f.start("a".into());
         f.start("b".into());
         f.redo("a".into());
-        f.recheck("a".into());
-        f.recheck("b".into());
         assert!(f.contains(Path::new("a")));
-        assert_eq!(f.recorded(&recorded("a", None), t0), Again::Always);
-        assert_eq!(f.recorded(&recorded("b", None), t0), Again::IfChanged);
-        f.start("b".into());
-        assert_eq!(f.recorded(&recorded("b", None), t0), Again::No);
+        assert!(f.recorded(&recorded("a", None), t0));
+        assert!(!f.recorded(&recorded("b", None), t0));
         assert!(!f.contains(Path::new("a")));
         assert_eq!(f.under(Path::new("")).count(), 0);
     }

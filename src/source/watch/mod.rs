@@ -32,7 +32,7 @@ use crate::state::Reader;
 use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
 
 use events::{anonymous, ignored_name, watch_dir, watch_error, Change};
-use flight::{Again, Flight};
+use flight::Flight;
 use settle::{Look, Lost, Settle};
 
 /// After taking events, how long the watcher lets the next ones gather (see `Watch::run`).
@@ -393,7 +393,7 @@ impl Watcher<'_> {
             // file in flight for longer than the interval would be redone at every poll; the
             // next poll finds a real change against the state.
             if lost == Lost::Events {
-                self.flight.recheck(rel);
+                self.flight.redo(rel);
             }
             return;
         }
@@ -539,17 +539,12 @@ impl Watcher<'_> {
     }
 
     /// The sink recorded a file's outcome: it is out of flight, and is looked at again if
-    /// something happened to it while it was read: after a close, whatever its stamp says;
-    /// after lost events, if its stamp is not the one just recorded.
+    /// something happened to it while it was read (a close among it), whatever its stamp says.
     fn on_recorded(&mut self, r: &Recorded) {
         let now = Instant::now();
-        let again = self.flight.recorded(r, now);
-        if again == Again::No {
-            return;
-        }
-        let stamp = Stamp::of(&self.cfg.root.join(&r.rel));
-        self.settle.touch(r.rel.clone(), true, stamp, now);
-        if again == Again::Always {
+        if self.flight.recorded(r, now) {
+            let stamp = Stamp::of(&self.cfg.root.join(&r.rel));
+            self.settle.touch(r.rel.clone(), true, stamp, now);
             self.settle.closed(&r.rel);
         }
     }
