@@ -1,6 +1,7 @@
-//! Review of three small changes (group fsyncs from threads, 9494ad3/a5a628b; a file in
-//! flight at an overflow taken again only if its stamp changed, f990047; verify's BLAKE3 or
-//! SHA-256 guess, 3929d4d): tests for what they broke, each failing against the change.
+//! Watch mode at a queue overflow: a file in flight when events were lost is taken again once
+//! back whatever its stamp, because a write through a shared mapping changes no stamp and its
+//! close may be among the lost events. (From a hostile review: a change that took such a file
+//! again only if its stamp changed missed this write for good.)
 
 mod common;
 
