@@ -132,6 +132,7 @@ print(f"scaling: 1 worker {one[0]:.3f} s, 2 workers {two[0]:.3f} s: {one[0] / tw
 # Where the ceiling is on this machine: every process shares its cores, so a run cannot take
 # less than all the CPU it uses (workers, nats-server, coordinator) over the cores there are.
 runs = int(sys.argv[2]) + 1  # hyperfine's warm-up run counts too
+cores = len(os.sched_getaffinity(0))  # as nproc counts them
 for label, f, name in (("1 worker", "scaling-1", "1 worker, 1 core"),
                        ("2 workers", "scaling-2", "2 workers, 1 core each")):
     n0, w0, n1, w1 = map(float, open(os.path.join(w, f + ".cpu")).read().split())
@@ -140,8 +141,8 @@ for label, f, name in (("1 worker", "scaling-1", "1 worker, 1 core"),
     nats, workers = (n1 - n0) / runs, (w1 - w0) / runs
     total = nats + workers + coord
     print(f"  {label}: CPU per run: workers {workers:.3f} s, nats-server {nats:.3f} s, "
-          f"coordinator {coord:.3f} s; total {total:.3f} s, at best {total / os.cpu_count():.3f} s "
-          f"on {os.cpu_count()} cores")
+          f"coordinator {coord:.3f} s; total {total:.3f} s, at best {total / cores:.3f} s "
+          f"on {cores} cores")
     if label == "2 workers":
-        print(f"  so at best {one[0] / (total / os.cpu_count()):.2f}x on this machine")
+        print(f"  so at best {one[0] / (total / cores):.2f}x on this machine")
 PY
