@@ -332,7 +332,7 @@ async fn take_now_or_first(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let msgs = collect(now).await?;
-    if !msgs.is_empty() {
+    if !msgs.is_empty() || wait.is_zero() {
         return Ok(msgs);
     }
     // Nothing: wait for the first to arrive (the next call takes the rest).

@@ -191,34 +191,40 @@ impl Router<'_> {
         Ok(())
     }
 
-    /// Up to `n` messages from the roots' consumers in turn, waiting at most half a second in
-    /// all for the first.
+    /// Up to `n` messages from the roots' consumers in turn: first what any of them has now,
+    /// then waiting at most half a second in all for the first. (Waiting on each in turn, a
+    /// worker of two roots waited a quarter of a second on the idle one at every other fetch:
+    /// 50,000 small files took 6.8 s instead of 2.5 s.)
     fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
         let k = self.consumers.len().max(1);
-        let wait = Duration::from_millis(500) / k as u32;
         let mut failed = None;
-        for i in 0..k {
-            let at = (self.next_consumer + i) % k;
-            let (root, c) = &self.consumers[at];
-            match self.conn.rt.block_on(take(c, n, wait)) {
-                Ok(msgs) if msgs.is_empty() => {}
-                Ok(msgs) => {
-                    self.next_consumer = (at + 1) % k;
-                    return Ok(msgs);
-                }
-                Err(e) => {
-                    // One root's trouble (its consumer deleted, say) must not stop the others:
-                    // try to make it again, and go on to the next root.
-                    // (A server that lost its store has no streams either: made again.)
-                    let again = self.conn.rt.block_on(async {
-                        crate::cluster::setup(&self.conn.js).await?;
-                        workers_consumer(&self.conn.js, root).await
-                    });
-                    failed = Some(e.context(format!("root {root}")));
-                    if let Ok(c) = again {
-                        self.consumers[at].1 = c;
+        for wait in [Duration::ZERO, Duration::from_millis(500) / k as u32] {
+            for i in 0..k {
+                let at = (self.next_consumer + i) % k;
+                let (root, c) = &self.consumers[at];
+                match self.conn.rt.block_on(take(c, n, wait)) {
+                    Ok(msgs) if msgs.is_empty() => {}
+                    Ok(msgs) => {
+                        self.next_consumer = (at + 1) % k;
+                        return Ok(msgs);
+                    }
+                    Err(e) => {
+                        // One root's trouble (its consumer deleted, say) must not stop the
+                        // others: try to make it again, and go on to the next root.
+                        // (A server that lost its store has no streams either: made again.)
+                        let again = self.conn.rt.block_on(async {
+                            crate::cluster::setup(&self.conn.js).await?;
+                            workers_consumer(&self.conn.js, root).await
+                        });
+                        failed = Some(e.context(format!("root {root}")));
+                        if let Ok(c) = again {
+                            self.consumers[at].1 = c;
+                        }
                     }
                 }
+            }
+            if failed.is_some() {
+                break;
             }
         }
         self.next_consumer = (self.next_consumer + 1) % k;
