@@ -64,6 +64,10 @@ pub(crate) enum Kind {
     /// Cluster mode: the job asks for its inputs removed, and the worker that took it may not
     /// (no `--allow-remove-source`, or `--durability none`).
     RemoveRefused,
+    /// Cluster mode: the file's outcome came, but this coordinator cannot read it (a worker of
+    /// a later release, with a kind of failure this one has no name for): the file was
+    /// processed, how is unknown here, and it is not published again.
+    UnreadableOutcome,
 }
 
 impl Kind {
@@ -93,13 +97,14 @@ impl Kind {
             Kind::TempName => "temp-name",
             Kind::UnmappedRoot => "unmapped-root",
             Kind::RemoveRefused => "remove-refused",
+            Kind::UnreadableOutcome => "unreadable-outcome",
         }
     }
 }
 
 impl Kind {
     /// Every kind, for `parse`.
-    const ALL: [Kind; 23] = [
+    const ALL: [Kind; 24] = [
         Kind::Vanished,
         Kind::PermissionDenied,
         Kind::Changed,
@@ -123,6 +128,7 @@ impl Kind {
         Kind::TempName,
         Kind::UnmappedRoot,
         Kind::RemoveRefused,
+        Kind::UnreadableOutcome,
     ];
 
     /// The kind named `name` (as `as_str` writes it), for outcomes read back from a queue.

@@ -353,7 +353,7 @@ fn coordinate(
         // nor are those of the run's jobs still in the queue, whose outcomes are awaited.
         if resumed.is_some() {
             let (mut skip, seen) = replay(&conn, &outcomes, &run, cfg, &ledger.hashes, &event_tx)?;
-            let queued = queued(&conn, root, &run)?;
+            let queued = queued(&conn, root, &run, None)?;
             let mut expected = ledger
                 .expected
                 .lock()
@@ -652,13 +652,54 @@ fn gather(
     shutdown: &Shutdown,
     watched: Option<&Path>,
 ) -> Result<()> {
+    // The look for lost jobs on a thread of its own: it costs a request per queued job
+    // message, and must hold off neither the outcomes nor a signal. It stops at a signal, or
+    // once the gathering is over, between two requests.
+    let over = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let looker = std::thread::Builder::new()
+            .name("filepipe-lost".into())
+            .spawn_scoped(s, || {
+                let stop = || over.load(Ordering::Acquire) || shutdown.requested();
+                let mut lost = LostJobs::new();
+                while !stop() {
+                    let outstanding = ledger.expected.lock().map_or(0, |e| e.len());
+                    if outstanding > 0 {
+                        lost.tend(conn, outcomes, head, ledger, &stop);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+        if let Err(e) = &looker {
+            tracing::warn!(error = %e, "cannot start looking for jobs lost from the queue: they are not published again");
+        }
+        let gathered = gather_outcomes(
+            conn, outcomes, workers, head, ledger, events, shutdown, watched,
+        );
+        over.store(true, Ordering::Release);
+        gathered
+    })
+}
+
+/// `gather`'s reading of the outcomes, on the calling thread.
+#[allow(clippy::too_many_arguments)]
+fn gather_outcomes(
+    conn: &Conn,
+    outcomes: &consumer::PullConsumer,
+    workers: &consumer::PullConsumer,
+    head: &Head,
+    ledger: &Ledger,
+    events: &Sender<Event>,
+    shutdown: &Shutdown,
+    watched: Option<&Path>,
+) -> Result<()> {
     let run = head.run;
     let watching = watched.is_some();
     let mut outcomes = outcomes.clone();
     let mut last_outcome = Instant::now();
     let mut last_warning = Instant::now();
     let mut cancelled_at: Option<Instant> = None;
-    let mut lost = LostJobs::new();
+    let mut said_unreadable = false;
     loop {
         let walked = ledger.walked.load(Ordering::Acquire);
         // Every file sent (or about to be) has its outcome: the files of a message whose store
@@ -728,10 +769,22 @@ fn gather(
             for w in &batch.outcomes {
                 let outcome = match w.outcome(&ledger.hashes) {
                     Ok(o) => o,
-                    Err(e) => {
-                        tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
-                        continue;
-                    }
+                    Err(e) => match unreadable(w, &e) {
+                        // Its worker did the job and stored this before acknowledging it: no
+                        // other outcome comes, and publishing it again would only have it done
+                        // again. Counted failed, so the run ends with every file accounted for.
+                        Some(o) => {
+                            if !said_unreadable {
+                                said_unreadable = true;
+                                tracing::warn!(worker = %batch.worker, error = %e, "an outcome from a newer worker could not be read: upgrade the coordinator (its file counts failed, unreadable-outcome, and is not published again)");
+                            }
+                            o
+                        }
+                        None => {
+                            tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
+                            continue;
+                        }
+                    },
                 };
                 // Only files this run published, each once: the first outcome counts.
                 if let Some(settled) = expected.remove(outcome.rel()) {
@@ -778,15 +831,37 @@ fn gather(
                 );
             }
         }
-        if outstanding > 0 && !shutdown.requested() {
-            lost.tend(conn, &outcomes, head, ledger);
-        }
     }
+}
+
+/// The outcome standing for `w`, an outcome that did not read (`error`) but names its file:
+/// failed, `unreadable-outcome`, with what it said. `None` if not even its file reads (a
+/// hostile or broken message: nothing to account for).
+fn unreadable(w: &wire::WireOutcome, error: &str) -> Option<Outcome> {
+    let rel = w.rel.rel().ok()?;
+    let said = w.message.as_deref().unwrap_or("");
+    let mut message = format!(
+        "the worker's outcome does not read in this coordinator's release ({error}); upgrade the coordinator"
+    );
+    if !said.is_empty() {
+        message.push_str(&format!(
+            ": the worker said {}",
+            wire::in_part(&format!("{said:?}"))
+        ));
+    }
+    Some(Outcome::Failed {
+        rel,
+        error: FileError::new(Kind::UnreadableOutcome, message),
+    })
 }
 
 /// How often the coordinator looks for jobs of its run gone from the jobs stream without an
 /// outcome, while it awaits outcomes.
 const LOOK_FOR_LOST: Duration = STALLED;
+
+/// A look for lost jobs reads the jobs stream in bursts this long, each followed by a pause
+/// nine times as long.
+const LOOK_PACE: Duration = Duration::from_millis(50);
 
 /// Jobs of the run found gone from the jobs stream, their files still without an outcome.
 struct Lost {
@@ -808,12 +883,11 @@ struct Lost {
 /// from before that takes the job again refuses it again, and the next look finds it gone
 /// again: it is published again each look until an up-to-date worker takes it.
 struct LostJobs {
+    /// When the last look ended: the next one comes `LOOK_FOR_LOST` after. A look costs a
+    /// round trip per job message of the run, paced (`LOOK_PACE`) to a tenth of its time, the
+    /// first one too, on a thread of its own (`gather`): a large batch's looks are long, but
+    /// never hold the outcomes nor a signal.
     last_look: Instant,
-    /// When to look next: `LOOK_FOR_LOST` after the last look, or ten times as long as it
-    /// took if that is more (reading the stream costs a round trip per job message of the
-    /// run: a large batch's first looks are long, and looking must not take most of the
-    /// time of the thread that reads the outcomes).
-    every: Duration,
     /// Found gone, awaiting the outcomes stored by then.
     found: Option<Lost>,
     /// This coordinator's own, for the message ids (as the publisher's `epoch`).
@@ -827,7 +901,6 @@ impl LostJobs {
     fn new() -> LostJobs {
         LostJobs {
             last_look: Instant::now(),
-            every: LOOK_FOR_LOST,
             found: None,
             epoch: run_id(),
             rounds: 0,
@@ -842,18 +915,18 @@ impl LostJobs {
         outcomes: &consumer::PullConsumer,
         head: &Head,
         ledger: &Ledger,
+        stop: &dyn Fn() -> bool,
     ) {
         match self.found.take() {
-            None if self.last_look.elapsed() >= self.every => {
-                let began = Instant::now();
-                match look_for_lost(conn, head, ledger) {
+            None if self.last_look.elapsed() >= LOOK_FOR_LOST => {
+                match look_for_lost(conn, head, ledger, stop) {
                     Ok(found) => self.found = found,
+                    Err(_) if stop() => {}
                     Err(e) => {
                         tracing::warn!(error = %format!("{e:#}"), "cannot look for jobs lost from the queue; looking again later")
                     }
                 }
                 self.last_look = Instant::now();
-                self.every = LOOK_FOR_LOST.max(10 * began.elapsed());
             }
             None => {}
             Some(lost) => match read_through(conn, outcomes, lost.through) {
@@ -966,7 +1039,12 @@ impl LostJobs {
 
 /// The files awaited whose job messages are all stored and none of which is in the jobs
 /// stream now (`None`: no such file), with the outcome stream's place by then.
-fn look_for_lost(conn: &Conn, head: &Head, ledger: &Ledger) -> Result<Option<Lost>> {
+fn look_for_lost(
+    conn: &Conn,
+    head: &Head,
+    ledger: &Ledger,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<Lost>> {
     // Read before the stream is: a file of a batch stored by now was in the stream before
     // the reading began, and a file found missing left it since.
     let stored = ledger.stored.load(Ordering::Acquire);
@@ -979,7 +1057,7 @@ fn look_for_lost(conn: &Conn, head: &Head, ledger: &Ledger) -> Result<Option<Los
     if !any {
         return Ok(None);
     }
-    let queued = queued(conn, head.root, head.run)?;
+    let queued = queued(conn, head.root, head.run, Some(stop))?;
     // Read after: a job gone from the stream was acknowledged (or terminated) before, and
     // its outcomes were stored before that.
     let through = last_outcome_message(conn, head.run)?;
@@ -1092,14 +1170,38 @@ fn replay(
 /// acknowledges it, after publishing its outcomes; a worker gives up on one after
 /// `MAX_DELIVER` deliveries with a failed outcome). Read after the replay, so a job finished in
 /// between is either in the outcomes to come or published again, counted once either way.
-fn queued(conn: &Conn, root: &str, run: &str) -> Result<HashSet<PathBuf>> {
+/// With `look` (a look for lost jobs, not a resumed run's start): paced, so that the requests
+/// take at most a tenth of the time (`LOOK_PACE`), and ended early (an error) once `look`
+/// says stop.
+fn queued(
+    conn: &Conn,
+    root: &str,
+    run: &str,
+    look: Option<&dyn Fn() -> bool>,
+) -> Result<HashSet<PathBuf>> {
     use async_nats::jetstream::stream::RawMessageErrorKind;
     let subject = jobs_subject(root, run);
     let files = conn.rt.block_on(async {
         let stream = conn.js.get_stream(JOBS_STREAM).await?;
         let mut files = HashSet::new();
         let mut next = 0u64;
+        let stopped = || look.is_some_and(|stop| stop());
+        let mut burst = Instant::now();
         loop {
+            if stopped() {
+                return Err(anyhow!("listing the run's queued jobs: stopped"));
+            }
+            if look.is_some() && burst.elapsed() >= LOOK_PACE {
+                // A pause nine times the burst: the server serves outcomes and publishes first.
+                let until = Instant::now() + 9 * burst.elapsed();
+                while let Some(left) = until.checked_duration_since(Instant::now()) {
+                    if stopped() {
+                        return Err(anyhow!("listing the run's queued jobs: stopped"));
+                    }
+                    tokio::time::sleep(left.min(LOOK_PACE)).await;
+                }
+                burst = Instant::now();
+            }
             let m = match stream
                 .get_first_raw_message_by_subject(&subject, next)
                 .await
