@@ -463,3 +463,54 @@ fn a_job_done_whose_outcome_the_coordinator_cannot_read_is_not_published_again()
         again.map(|(job, _)| job)
     );
 }
+
+/// As above, with an outcome that does not read for another reason than a newer kind (a done
+/// outcome whose digest is not a SHA-256): ignored while its job is queued (another worker
+/// does the job, see cluster_multi.rs), but once the job has left the queue, acknowledged
+/// after that outcome was stored, the look does not publish it again: the file counts failed
+/// (`unreadable-outcome`) and the run ends.
+#[test]
+fn a_job_acknowledged_after_an_outcome_that_does_not_read_counts_failed_at_the_next_look() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("f0", &text_bytes(5000, 7));
+    let (coordinator, log) =
+        start_coordinator_logged(&nats, &t, &["--op", "sha256"], "jobs published");
+    let mut worker = RawWorker::connect(&nats);
+    let (job, reply) = worker
+        .take("tree", Duration::from_secs(10))
+        .expect("the job was not queued");
+    let job: serde_json::Value = serde_json::from_str(&job).unwrap();
+    let run = job["run"].as_str().unwrap().to_owned();
+    let outcome = serde_json::json!({
+        "v": 1,
+        "run": run,
+        "worker": "broken-worker",
+        "outcomes": [{"rel": "f0", "status": "done", "bytes_in": 5000, "digest": "zz"}],
+    });
+    nats.publish_raw(
+        &format!("filepipe.outcomes.{run}"),
+        outcome.to_string().as_bytes(),
+    );
+    worker.settle(&reply, "+ACK");
+    // The first look, 30 s after the gathering began, finds the job gone.
+    let out = coordinator.finish(Duration::from_secs(120));
+    let logged = fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        out.output().status.code(),
+        Some(1),
+        "{}\n{logged}",
+        out.stdout()
+    );
+    assert!(
+        format!("{}{logged}", out.stdout()).contains("unreadable-outcome"),
+        "the file is not reported failed, unreadable-outcome: {}\n{logged}",
+        out.stdout()
+    );
+    assert!(!logged.contains("republished"), "{logged}");
+    let again = worker.take("tree", Duration::from_secs(3));
+    assert!(
+        again.is_none(),
+        "published again: {:?}\n{logged}",
+        again.map(|(job, _)| job)
+    );
+}

@@ -75,6 +75,10 @@ struct Ledger {
     /// The version of the run's job messages: above `wire::VERSION`, workers from before it
     /// refuse them without an outcome.
     version: u32,
+    /// Awaited files an outcome came for that did not read, with what they count once their
+    /// job has left the queue (failed, `unreadable-outcome`): never published again, since a
+    /// worker stored that outcome before it acknowledged the job.
+    unread: Mutex<HashMap<PathBuf, Outcome>>,
 }
 
 /// A file published, its outcome awaited: what its job said, to publish it again if the job is
@@ -665,7 +669,7 @@ fn gather(
                 while !stop() {
                     let outstanding = ledger.expected.lock().map_or(0, |e| e.len());
                     if outstanding > 0 {
-                        lost.tend(conn, outcomes, head, ledger, &stop);
+                        lost.tend(conn, outcomes, (head, ledger, events), &stop);
                     }
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -769,22 +773,36 @@ fn gather_outcomes(
             for w in &batch.outcomes {
                 let outcome = match w.outcome(&ledger.hashes) {
                     Ok(o) => o,
-                    Err(e) => match unreadable(w, &e) {
-                        // Its worker did the job and stored this before acknowledging it: no
-                        // other outcome comes, and publishing it again would only have it done
-                        // again. Counted failed, so the run ends with every file accounted for.
-                        Some(o) => {
-                            if !said_unreadable {
-                                said_unreadable = true;
-                                tracing::warn!(worker = %batch.worker, error = %e, "an outcome from a newer worker could not be read: upgrade the coordinator (its file counts failed, unreadable-outcome, and is not published again)");
+                    Err(e) => {
+                        // A failure of a kind this release has no name for, all else read: a
+                        // newer worker's. It did the job and stored this before acknowledging
+                        // it: no other outcome comes, and publishing it again would only have
+                        // it done again. Counted failed, so the run ends with every file
+                        // accounted for.
+                        let newer = w.kind.as_deref().is_some_and(|k| Kind::parse(k).is_none());
+                        match unreadable(w, &e) {
+                            Some(o) if newer => {
+                                if !said_unreadable {
+                                    said_unreadable = true;
+                                    tracing::warn!(worker = %batch.worker, error = %e, "an outcome from a newer worker could not be read: upgrade the coordinator (its file counts failed, unreadable-outcome, and is not published again)");
+                                }
+                                o
                             }
-                            o
+                            // Anything else (digests that are not the run's...) is ignored: its
+                            // job, still queued, is done by another worker. Remembered, so that
+                            // once the job has left the queue the file counts failed rather
+                            // than being published again (`LostJobs::publish_again`).
+                            o => {
+                                if let Some(o) = o.filter(|o| expected.contains_key(o.rel())) {
+                                    if let Ok(mut unread) = ledger.unread.lock() {
+                                        unread.insert(o.rel().to_path_buf(), o);
+                                    }
+                                }
+                                tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
+                                continue;
+                            }
                         }
-                        None => {
-                            tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
-                            continue;
-                        }
-                    },
+                    }
                 };
                 // Only files this run published, each once: the first outcome counts.
                 if let Some(settled) = expected.remove(outcome.rel()) {
@@ -913,8 +931,7 @@ impl LostJobs {
         &mut self,
         conn: &Conn,
         outcomes: &consumer::PullConsumer,
-        head: &Head,
-        ledger: &Ledger,
+        (head, ledger, events): (&Head, &Ledger, &Sender<Event>),
         stop: &dyn Fn() -> bool,
     ) {
         match self.found.take() {
@@ -930,7 +947,7 @@ impl LostJobs {
             }
             None => {}
             Some(lost) => match read_through(conn, outcomes, lost.through) {
-                Ok(true) => self.publish_again(conn, head, ledger, lost),
+                Ok(true) => self.publish_again(conn, head, ledger, events, lost),
                 Ok(false) => self.found = Some(lost),
                 Err(e) => {
                     tracing::debug!(error = %format!("{e:#}"), "cannot read the outcome consumer's state");
@@ -941,18 +958,43 @@ impl LostJobs {
     }
 
     /// Publishes again the jobs of the `lost` files still awaited from the same message.
-    fn publish_again(&mut self, conn: &Conn, head: &Head, ledger: &Ledger, lost: Lost) {
-        let mut again: Vec<(PathBuf, Awaited)> = match ledger.expected.lock() {
-            Ok(expected) => lost
-                .files
-                .into_iter()
-                .filter_map(|(rel, batch)| {
-                    let awaited = expected.get(&rel).filter(|a| a.batch == batch)?;
-                    Some((rel, *awaited))
-                })
-                .collect(),
-            Err(_) => return,
+    /// Those whose outcome came but did not read count failed instead (`Ledger::unread`).
+    fn publish_again(
+        &mut self,
+        conn: &Conn,
+        head: &Head,
+        ledger: &Ledger,
+        events: &Sender<Event>,
+        lost: Lost,
+    ) {
+        let (Ok(mut expected), Ok(mut unread)) = (ledger.expected.lock(), ledger.unread.lock())
+        else {
+            return;
         };
+        let mut again: Vec<(PathBuf, Awaited)> = Vec::new();
+        let mut failed = Vec::new();
+        for (rel, batch) in lost.files {
+            let Some(awaited) = expected.get(&rel).filter(|a| a.batch == batch).copied() else {
+                continue;
+            };
+            match unread.remove(&rel) {
+                Some(o) => {
+                    expected.remove(&rel);
+                    failed.push(o);
+                }
+                None => again.push((rel, awaited)),
+            }
+        }
+        drop((expected, unread));
+        if !failed.is_empty() {
+            tracing::warn!(
+                files = failed.len(),
+                "jobs of the run left the queue after an outcome that does not read: not published again, counted failed (unreadable-outcome)"
+            );
+            if events.send(Event::Finished(failed)).is_err() {
+                return;
+            }
+        }
         if again.is_empty() {
             return;
         }
