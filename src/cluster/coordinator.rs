@@ -806,6 +806,11 @@ fn gather_outcomes(
                 };
                 // Only files this run published, each once: the first outcome counts.
                 if let Some(settled) = expected.remove(outcome.rel()) {
+                    // An outcome that did not read, before, counts no more (a watched file
+                    // published again must not inherit it).
+                    if let Ok(mut unread) = ledger.unread.lock() {
+                        unread.remove(outcome.rel());
+                    }
                     firsts.push(match (settled.expect, watched) {
                         (Some(stamp), Some(root)) => of_version(outcome, &stamp, w.read, root),
                         _ => outcome,
