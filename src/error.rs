@@ -65,8 +65,9 @@ pub(crate) enum Kind {
     /// (no `--allow-remove-source`, or `--durability none`).
     RemoveRefused,
     /// Cluster mode: the file's outcome came, but this coordinator cannot read it (a worker of
-    /// a later release, with a kind of failure this one has no name for): the file was
-    /// processed, how is unknown here, and it is not published again.
+    /// a later release, with a kind of failure this one has no name for; or a broken one, once
+    /// the job has left the queue): the job was taken and settled, how it ended is unknown
+    /// here, and it is not published again.
     UnreadableOutcome,
 }
 

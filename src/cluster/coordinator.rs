@@ -8,7 +8,9 @@
 //! only for the version of the file it was published for (`of_version`). A batch ends once
 //! every file it published has an outcome; a watch runs until a signal. Jobs that leave the
 //! jobs stream without an outcome (terminated by a worker from before their version) are
-//! published again (`LostJobs`), so that an up-to-date worker can take them.
+//! published again (`LostJobs`, on a thread of its own, paced), so that an up-to-date worker can
+//! take them; a job whose outcome came but does not read (a newer worker's) is not: its file
+//! counts failed (`unreadable-outcome`).
 //!
 //! A first signal stops the source and the publishing, tells the workers to drop the run's
 //! jobs no worker has taken yet, and waits for the outcomes of those in flight; a batch
@@ -864,7 +866,7 @@ fn unreadable(w: &wire::WireOutcome, error: &str) -> Option<Outcome> {
     let rel = w.rel.rel().ok()?;
     let said = w.message.as_deref().unwrap_or("");
     let mut message = format!(
-        "the worker's outcome does not read in this coordinator's release ({error}); upgrade the coordinator"
+        "the worker's outcome does not read ({error}): a newer worker's (upgrade the coordinator), or a broken one's"
     );
     if !said.is_empty() {
         message.push_str(&format!(
