@@ -23,31 +23,6 @@ fn assert_outputs_whole(dir: &Path) -> usize {
     assert_outputs_of(dir, dir)
 }
 
-/// Every .gz under `dir` restores its input, at the same place under `inputs`, exactly.
-fn assert_outputs_of(dir: &Path, inputs: &Path) -> usize {
-    let mut n = 0;
-    for e in walkdir::WalkDir::new(dir)
-        .into_iter()
-        .filter_map(Result::ok)
-    {
-        let p = e.path();
-        if p.extension() != Some(OsStr::new("gz")) {
-            continue;
-        }
-        n += 1;
-        let back = tool("gunzip", &[s("-c"), p.as_os_str()], dir);
-        assert!(back.status.success(), "gunzip -c {}: {back:?}", p.display());
-        let input = inputs.join(p.strip_prefix(dir).unwrap().with_extension(""));
-        assert_eq!(
-            back.stdout,
-            fs::read(&input).unwrap(),
-            "{}",
-            input.display()
-        );
-    }
-    n
-}
-
 #[test]
 fn three_workers_process_a_tree_once_and_each_result_checks_with_the_real_tools() {
     let Some(nats) = Nats::start() else { return };
@@ -610,20 +585,6 @@ fn a_watching_coordinator_has_a_changed_file_recompressed_over_its_old_output() 
         "the output is not of the file's new content"
     );
     d.stop().success();
-}
-
-/// The jobs stream's message count and the jobs in flight, from `filepipe status --queue`.
-fn queue_counts(nats: &Nats) -> (u64, u64) {
-    let text = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]))
-        .success()
-        .stdout();
-    let number = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
-    (number("jobs\t"), number("in flight\t"))
 }
 
 #[test]

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::cluster::assert_outputs_of;
 use common::nats::*;
 use common::*;
 
@@ -59,31 +60,6 @@ fn visible_command_line(pid: u32) -> String {
         seen.push_str(&String::from_utf8_lossy(&ps.stdout));
     }
     seen
-}
-
-/// Every .gz under `dir` passes the real `gzip -t` and restores its input under `inputs`.
-fn assert_outputs_of(dir: &Path, inputs: &Path) -> usize {
-    let mut n = 0;
-    for e in walkdir::WalkDir::new(dir)
-        .into_iter()
-        .filter_map(Result::ok)
-    {
-        let p = e.path();
-        if p.extension() != Some(OsStr::new("gz")) {
-            continue;
-        }
-        n += 1;
-        let back = tool("gunzip", &[s("-c"), p.as_os_str()], dir);
-        assert!(back.status.success(), "gunzip -c {}: {back:?}", p.display());
-        let input = inputs.join(p.strip_prefix(dir).unwrap().with_extension(""));
-        assert_eq!(
-            back.stdout,
-            fs::read(&input).unwrap(),
-            "{}",
-            input.display()
-        );
-    }
-    n
 }
 
 fn tree(files: usize) -> TestTree {

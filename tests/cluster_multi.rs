@@ -560,20 +560,6 @@ fn a_watching_coordinator_with_several_results_keeps_a_local_run_s_manifests_thr
     assert_same_manifests(OPS, &sums, &local);
 }
 
-/// (job messages waiting or in flight, jobs in flight) as `filepipe status --queue` says.
-fn queue_counts(nats: &Nats) -> (u64, u64) {
-    let text = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]))
-        .success()
-        .stdout();
-    let number = |prefix: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(prefix))
-            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
-            .unwrap_or(u64::MAX)
-    };
-    (number("jobs\t"), number("in flight\t"))
-}
-
 #[test]
 fn a_batch_coordinator_with_several_results_killed_mid_run_is_resumed_each_file_once() {
     if !have_or_skip(&["zstd", "sha256sum", "b3sum"]) {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use super::{filepipe, run, text_bytes, wait_until, Run, Started, TestTree};
+use super::{filepipe, run, text_bytes, tool, wait_until, Run, Started, TestTree};
 
 fn s(x: &str) -> &OsStr {
     OsStr::new(x)
@@ -96,4 +96,43 @@ pub fn tree(files: usize, large: usize) -> TestTree {
         );
     }
     t
+}
+
+/// Every .gz under `dir` restores its input, at the same place under `inputs`, exactly.
+pub fn assert_outputs_of(dir: &Path, inputs: &Path) -> usize {
+    let mut n = 0;
+    for e in walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+    {
+        let p = e.path();
+        if p.extension() != Some(OsStr::new("gz")) {
+            continue;
+        }
+        n += 1;
+        let back = tool("gunzip", &[s("-c"), p.as_os_str()], dir);
+        assert!(back.status.success(), "gunzip -c {}: {back:?}", p.display());
+        let input = inputs.join(p.strip_prefix(dir).unwrap().with_extension(""));
+        assert_eq!(
+            back.stdout,
+            fs::read(&input).unwrap(),
+            "{}",
+            input.display()
+        );
+    }
+    n
+}
+
+/// The jobs stream's message count and the jobs in flight, from `filepipe status --queue`.
+pub fn queue_counts(nats: &Nats) -> (u64, u64) {
+    let text = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]))
+        .success()
+        .stdout();
+    let number = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+            .unwrap_or(u64::MAX)
+    };
+    (number("jobs\t"), number("in flight\t"))
 }
