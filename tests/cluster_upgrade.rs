@@ -24,20 +24,9 @@ const OPS: &str = "sha256,blake3,zstd";
 /// consumer of `root` over the plain NATS protocol for `for_`, terminating every message as
 /// such a worker does; returns the payloads it terminated.
 fn a_worker_from_before_v3_takes(nats: &Nats, root: &str, for_: Duration) -> Vec<String> {
-    let addr = nats.url.trim_start_matches("nats://");
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let (mut stream, mut reader) = nats.raw_connection(Duration::from_millis(500));
+    write!(stream, "SUB _INBOX.old 1\r\n").unwrap();
     let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    assert!(line.starts_with("INFO"), "{line}");
-    write!(
-        stream,
-        "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\nSUB _INBOX.old 1\r\n"
-    )
-    .unwrap();
     let next = format!("$JS.API.CONSUMER.MSG.NEXT.FILEPIPE_JOBS.workers-{root}");
     let request = br#"{"batch":16,"expires":400000000}"#;
     let mut taken = Vec::new();
@@ -313,21 +302,9 @@ struct RawWorker {
 
 impl RawWorker {
     fn connect(nats: &Nats) -> RawWorker {
-        let addr = nats.url.trim_start_matches("nats://");
-        let stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        assert!(line.starts_with("INFO"), "{line}");
+        let (stream, reader) = nats.raw_connection(Duration::from_millis(500));
         let mut w = RawWorker { stream, reader };
-        write!(
-            w.stream,
-            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\nSUB _INBOX.raw 1\r\n"
-        )
-        .unwrap();
+        write!(w.stream, "SUB _INBOX.raw 1\r\n").unwrap();
         w
     }
 

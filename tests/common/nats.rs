@@ -103,24 +103,31 @@ impl Nats {
         self.child = Self::spawn(&port, self._store.path()).0;
     }
 
-    /// Publishes `payload` on `subject` over the plain NATS protocol, as anyone allowed to
-    /// publish could: a stream whose subjects match stores it.
-    pub fn publish_raw(&self, subject: &str, payload: &[u8]) {
+    /// A plain NATS protocol connection to the server (no client library: as a peer from
+    /// another release, or anyone allowed to publish, would speak it), past the server's INFO
+    /// and our CONNECT, reading with `timeout`: the stream to write to and a reader of it.
+    pub fn raw_connection(&self, timeout: Duration) -> (TcpStream, BufReader<TcpStream>) {
         let addr = self.url.trim_start_matches("nats://");
         let mut stream = TcpStream::connect(addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
+        stream.set_read_timeout(Some(timeout)).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         assert!(line.starts_with("INFO"), "{line}");
         write!(
             stream,
-            "CONNECT {{\"verbose\":false,\"pedantic\":false}}\r\nPUB {subject} {}\r\n",
-            payload.len()
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\n"
         )
         .unwrap();
+        (stream, reader)
+    }
+
+    /// Publishes `payload` on `subject` over the plain NATS protocol, as anyone allowed to
+    /// publish could: a stream whose subjects match stores it.
+    pub fn publish_raw(&self, subject: &str, payload: &[u8]) {
+        let (mut stream, mut reader) = self.raw_connection(Duration::from_secs(5));
+        let mut line = String::new();
+        write!(stream, "PUB {subject} {}\r\n", payload.len()).unwrap();
         stream.write_all(payload).unwrap();
         stream.write_all(b"\r\nPING\r\n").unwrap();
         loop {
