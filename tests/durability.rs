@@ -24,28 +24,34 @@ fn p(x: &Path) -> &OsStr {
     x.as_os_str()
 }
 
-/// Where a test tree goes: the temp directory's file system, or a fresh journaled ext4.
+/// Where a test tree goes: the temp directory's file system, a fresh journaled ext4, or a
+/// fresh ext4 without a journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Place {
     Tmp,
     Journaled,
+    NoJournal,
 }
 
-/// The places to run on: always the temp directory's file system; a journaled ext4 too where
-/// one can be mounted (else the test says it skipped that part).
-fn places() -> (Vec<Place>, Option<JournaledFs>) {
+/// The places to run on: always the temp directory's file system; an ext4 with a journal and
+/// one without too where they can be mounted (else the test says it skipped that part).
+fn places() -> Vec<(Place, Option<JournaledFs>)> {
+    let mut places = vec![(Place::Tmp, None)];
     match JournaledFs::new() {
-        Ok(jfs) => (vec![Place::Tmp, Place::Journaled], Some(jfs)),
-        Err(why) => {
-            eprintln!("SKIPPED on a journaled ext4 (only the temp directory's file system): {why}");
-            (vec![Place::Tmp], None)
-        }
+        Ok(fs) => places.push((Place::Journaled, Some(fs))),
+        Err(why) => eprintln!("SKIPPED on a journaled ext4: {why}"),
     }
+    match JournaledFs::with(&["-O", "^has_journal"]) {
+        Ok(fs) => places.push((Place::NoJournal, Some(fs))),
+        Err(why) => eprintln!("SKIPPED on an ext4 without a journal: {why}"),
+    }
+    places
 }
 
-fn tree_at(n: u64, place: &Place, jfs: &Option<JournaledFs>) -> TestTree {
-    match (place, jfs) {
-        (Place::Journaled, Some(jfs)) => tree_in(Some(&jfs.path()), n),
-        _ => tree(n),
+fn tree_at(n: u64, fs: &Option<JournaledFs>) -> TestTree {
+    match fs {
+        Some(fs) => tree_in(Some(&fs.path()), n),
+        None => tree(n),
     }
 }
 
@@ -73,14 +79,13 @@ fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_
     if !strace_or_skip("watch the order of flushes and names") {
         return;
     }
-    let (places, jfs) = places();
-    for place in &places {
+    for (place, fs) in &places() {
         for (mode, temps) in [
             ("group", "anonymous"),
             ("file", "anonymous"),
             ("group", "named"),
         ] {
-            let t = tree_at(60, place, &jfs);
+            let t = tree_at(60, fs);
             let root = t.root();
             let env = temps_env(temps);
             let args = [
@@ -111,19 +116,18 @@ fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_
                     assert!(syncfs > 0 && n < 60, "{case}: {n} flushes, {syncfs} syncfs");
                     assert_eq!(check_own_errors_taken(&calls), 60, "{case}");
                 }
-                (_, Place::Journaled) => {
-                    eprintln!("SKIPPED the flush count of {case}: over 64 MiB dirty after sync")
+                // Without a journal, groups of a few files or more by two syncfs in a row
+                // (before the names, and after), each file's own write error taken after
+                // them; smaller groups file by file.
+                (_, Place::NoJournal) if quiet => {
+                    let whole = check_whole_flushes(&calls);
+                    assert!(
+                        whole > 0 && n < 60,
+                        "{case}: {whole} by syncfs, {n} flushes, {syncfs} syncfs"
+                    );
                 }
-                // Whatever the file system, the order above holds. Without a journal each file
-                // is flushed on its own, a group's files together: from more threads than the
-                // two that publish.
-                ("group", Place::Tmp) if n > 60 => {
-                    let threads: HashSet<&str> = calls
-                        .iter()
-                        .filter(|c| c.name == "fsync" && !Path::new(fd_path(&c.arg(0))).is_dir())
-                        .map(|c| c.pid.as_str())
-                        .collect();
-                    assert!(threads.len() > 2, "{case}: fsyncs from {threads:?}");
+                (_, Place::Journaled | Place::NoJournal) => {
+                    eprintln!("SKIPPED the flush count of {case}: over 64 MiB dirty after sync")
                 }
                 _ => {}
             }
@@ -228,10 +232,9 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
     if !strace_or_skip("kill the run between its flush and its names") {
         return;
     }
-    let (places, jfs) = places();
-    for place in &places {
+    for (place, fs) in &places() {
         for temps in ["anonymous", "named"] {
-            let t = tree_at(40, place, &jfs);
+            let t = tree_at(40, fs);
             let root = t.root();
             let case = format!("{temps} temps, {}", root.display());
             let args = [s("batch"), p(&root), s("--op"), s("gzip"), s("--json")];
@@ -239,25 +242,34 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
             // Killed at its first sync_file_range: with small files only publishers call it,
             // always before any name. On a journaled file system that is the check of the
             // first temp's write error, after the syncfs that wrote the group's data;
-            // elsewhere the start of the group's write-back, before each file's fsync. strace
+            // elsewhere that too, or the start of the group's write-back, before each file's
+            // fsync. strace
             // counts `when` per thread, so whichever publisher gets there first dies, and the
             // process with it.
             let quiet = write_out_dirty_data();
             let inject = "inject=sync_file_range:signal=SIGKILL:when=1";
             let (killed, calls) = traced(&args, env, Some(inject));
             killed.context(format!("{case}: not killed")).failure();
-            let kill_at = calls
+            let kill = calls
                 .iter()
                 .find(|c| c.name == "sync_file_range")
-                .unwrap_or_else(|| panic!("{case}: no sync_file_range"))
-                .start;
-            if matches!(place, Place::Journaled) && quiet {
+                .unwrap_or_else(|| panic!("{case}: no sync_file_range"));
+            let kill_at = kill.start;
+            let syncfs_before: Vec<&Call> = calls
+                .iter()
+                .filter(|c| c.name == "syncfs" && c.ok() && c.end < kill_at)
+                .collect();
+            if *place == Place::Journaled && quiet {
                 assert!(
-                    calls
-                        .iter()
-                        .any(|c| c.name == "syncfs" && c.ok() && c.end < kill_at),
+                    !syncfs_before.is_empty(),
                     "{case}: the group's data was written by a syncfs before the kill"
                 );
+            }
+            // Without a journal a group of a few files is flushed by two syncfs in a row
+            // before each file's own write error is taken (a waiting sync_file_range); a
+            // smaller group's write-back is started (not waiting) before each file's fsync.
+            if *place == Place::NoJournal && kill.arg(3).contains("SYNC_FILE_RANGE_WAIT_AFTER") {
+                assert!(syncfs_before.len() >= 2, "{case}: {syncfs_before:?}");
             }
             assert!(publishes(&calls).is_empty(), "{case}: no name was given");
             let outputs: Vec<_> = walkdir::WalkDir::new(&root)
@@ -269,7 +281,7 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
             let left = temps_under(t.dir.path());
             // Anonymous temps only where a link needs no flush of its own (a journal); named
             // ones elsewhere.
-            if temps == "anonymous" && matches!(place, Place::Journaled) {
+            if temps == "anonymous" && *place == Place::Journaled {
                 assert!(left.is_empty(), "{case}: anonymous temps vanish: {left:?}");
             } else if temps == "named" {
                 assert!(
@@ -461,4 +473,80 @@ fn without_a_journal_every_file_reported_done_is_on_the_disk_under_its_name() {
             "{mode}: outputs lost in the crash: {lost:?}\n{fsck:?}"
         );
     }
+}
+
+#[test]
+fn without_a_journal_a_failed_whole_flush_fails_its_files_and_names_none_of_them() {
+    if !strace_or_skip("make a syncfs fail") {
+        return;
+    }
+    let fs = match JournaledFs::with(&["-O", "^has_journal"]) {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: no ext4 without a journal: {why}");
+            return;
+        }
+    };
+    let t = tree_in(Some(&fs.path()), 200);
+    let root = t.root();
+    let log = t.side("failures.jsonl");
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--failure-log"),
+        p(&log),
+        s("--json"),
+    ];
+    if !write_out_dirty_data() {
+        eprintln!("SKIPPED: over 64 MiB dirty after sync: groups would be flushed file by file");
+        return;
+    }
+    // Each thread's first syncfs fails, as one that met a write error of the file system's
+    // metadata (a block shared by many files) would: which file it hit cannot be told.
+    let (out, calls) = traced(&args, &[], Some("inject=syncfs:error=EIO:when=1"));
+    let summary = out.code(1).summary();
+    let (done, failed) = (
+        summary["done"].as_u64().unwrap(),
+        summary["failed"].as_u64().unwrap(),
+    );
+    assert_eq!(done + failed, 200, "{summary}");
+    assert!(
+        calls.iter().any(|c| c.name == "syncfs" && !c.ok()),
+        "a syncfs was made to fail"
+    );
+    // At least the group whose flush failed (four files or more) failed, with the reason.
+    let records = failure_log(&log);
+    assert!(failed >= 4, "{summary}");
+    assert_eq!(records.len() as u64, failed);
+    for r in &records {
+        assert_eq!(r["error"], "io", "{r}");
+        assert!(r["message"].as_str().unwrap().contains("no journal"), "{r}");
+    }
+    // None of them has an output under its name, and no temp is left; every file done is
+    // whole (and named only after two syncfs in a row, or its own fsync).
+    let failed_paths: HashSet<String> = records
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .collect();
+    for i in 0..200u64 {
+        let rel = format!("d{}/f{i}.h", i % 3);
+        let gz = root.join(format!("{rel}.gz"));
+        if failed_paths.contains(&rel) {
+            assert!(!gz.exists(), "{rel} failed but was published");
+        } else {
+            let back = tool("gunzip", &[s("-c"), p(&gz)], t.dir.path());
+            assert_eq!(back.stdout, fs::read(root.join(&rel)).unwrap(), "{rel}");
+        }
+    }
+    assert!(temps_under(&root).is_empty());
+    check_whole_flushes(&calls);
+    // A rerun finishes the job.
+    let summary = run(filepipe(&args)).code(0).summary();
+    assert_eq!(summary["done"], failed, "{summary}");
+    assert_eq!(
+        summary["skipped_by_reason"]["up-to-date"], done,
+        "{summary}"
+    );
 }

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
@@ -24,39 +25,61 @@ fn with_much_foreign_dirty_data_a_group_is_flushed_file_by_file() {
         eprintln!("SKIPPED: no strace to see which flush was used");
         return;
     }
-    // 256 MiB written and not flushed: a syncfs would wait for all of it (another program's
-    // data, as far as the run is concerned).
-    // On a journaled file system: elsewhere every file is flushed on its own anyway.
-    let jfs = match JournaledFs::new() {
-        Ok(jfs) => jfs,
-        Err(why) => {
-            eprintln!("SKIPPED: no journaled ext4 to run on: {why}");
-            return;
+    // On file systems where a group is otherwise flushed by syncfs: an ext4 with a journal,
+    // and one without (where the files' fsyncs are then issued together, from more threads
+    // than the two that publish).
+    for (what, options) in [
+        ("a journal", &[][..]),
+        ("no journal", &["-O", "^has_journal"][..]),
+    ] {
+        let fs = match JournaledFs::with(options) {
+            Ok(fs) => fs,
+            Err(why) => {
+                eprintln!("SKIPPED on an ext4 with {what}: {why}");
+                continue;
+            }
+        };
+        let t = tree_in(Some(&fs.path()), 60);
+        // 256 MiB written and not flushed: a syncfs would wait for all of it (another
+        // program's data, as far as the run is concerned).
+        let big_dir = tempfile::tempdir().unwrap();
+        let big = big_dir.path().join("big.bin");
+        {
+            use std::io::Write;
+            let mut f = fs::File::create(&big).unwrap();
+            let chunk = vec![0x5au8; 1 << 20];
+            for _ in 0..256 {
+                f.write_all(&chunk).unwrap();
+            }
         }
-    };
-    let t = tree_in(Some(&jfs.path()), 20);
-    let big_dir = tempfile::tempdir().unwrap();
-    let big = big_dir.path().join("big.bin");
-    {
-        use std::io::Write;
-        let mut f = fs::File::create(&big).unwrap();
-        let chunk = vec![0x5au8; 1 << 20];
-        for _ in 0..256 {
-            f.write_all(&chunk).unwrap();
+        let dirty_mib = dirty_mib();
+        if dirty_mib < 128 {
+            let _ = fs::remove_file(&big);
+            eprintln!(
+                "SKIPPED on an ext4 with {what}: the kernel wrote the data back already \
+                 ({dirty_mib} MiB dirty)"
+            );
+            continue;
         }
-    }
-    let dirty_mib = dirty_mib();
-    if dirty_mib < 128 {
+        let root = t.root();
+        let args = [s("batch"), p(&root), s("--op"), s("gzip"), s("--json")];
+        let (out, calls) = traced(&args, &[], None);
         let _ = fs::remove_file(&big);
-        eprintln!("SKIPPED: the kernel wrote the data back already ({dirty_mib} MiB dirty)");
-        return;
+        assert_eq!(out.code(0).summary()["done"], 60, "{what}");
+        assert_eq!(check_flush_order(&calls, true), 60, "{what}");
+        let syncfs = calls.iter().filter(|c| c.name == "syncfs").count();
+        assert_eq!(
+            syncfs, 0,
+            "{what}: {dirty_mib} MiB dirty: no syncfs waits for them"
+        );
+        if options.is_empty() {
+            continue;
+        }
+        let threads: HashSet<&str> = calls
+            .iter()
+            .filter(|c| c.name == "fsync" && !Path::new(fd_path(&c.arg(0))).is_dir())
+            .map(|c| c.pid.as_str())
+            .collect();
+        assert!(threads.len() > 2, "{what}: fsyncs from {threads:?}");
     }
-    let root = t.root();
-    let args = [s("batch"), p(&root), s("--op"), s("gzip"), s("--json")];
-    let (out, calls) = traced(&args, &[], None);
-    let _ = fs::remove_file(&big);
-    assert_eq!(out.code(0).summary()["done"], 20);
-    assert_eq!(check_flush_order(&calls, true), 20);
-    let syncfs = calls.iter().filter(|c| c.name == "syncfs").count();
-    assert_eq!(syncfs, 0, "{dirty_mib} MiB dirty: no syncfs waits for them");
 }

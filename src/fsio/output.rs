@@ -117,8 +117,10 @@ pub(crate) enum Durability {
     /// Each group of outputs published together is flushed at once where the file system
     /// journals its metadata (ext4 with a journal, XFS, btrfs): one `syncfs` for all the
     /// group's temps, each file's own write error then checked, then the names and their
-    /// directories. Elsewhere each file is flushed on its own, as with `file`. The promises of
-    /// `file`, at a flush per group instead of one per file where that is sound.
+    /// directories. On ext4 without a journal, two `syncfs` in a row before the names and two
+    /// after (see `sync_whole`). Elsewhere each file is flushed on its own, as with `file`.
+    /// The promises of `file`, at a flush per group instead of one per file where that is
+    /// sound.
     #[default]
     Group,
     /// Each output is flushed on its own (`fsync` of the file, then of its directory).
@@ -301,6 +303,8 @@ pub(crate) struct TempOutput {
     marked: bool,
     /// Under its final name: nothing left to remove.
     published: bool,
+    /// The count of whole-file-system flush errors when it was created (see `FlushMark`).
+    born: FlushMark,
 }
 
 /// This process's temp names start with this: `.filepipe.<pid>-<salt>.`. The salt tells this
@@ -407,6 +411,7 @@ impl TempOutput {
                         registry_id: None,
                         marked: false,
                         published: false,
+                        born: flush_mark(),
                     })
                 }
                 // Not supported by this file system: temps are created by name here from now on.
@@ -426,6 +431,7 @@ impl TempOutput {
                         registry_id,
                         marked,
                         published: false,
+                        born: flush_mark(),
                     });
                 }
                 // Left by another process with our name (the salt makes that all but
@@ -461,11 +467,12 @@ impl TempOutput {
         }
         let name = final_name.to_os_string();
         let mut synced = sync_group(vec![(self, name)], 0, durability);
+        let mark = flush_mark();
         let dir = synced
             .pop()
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a temp was lost")))?
             .rename(final_name, replace)?;
-        sync_dirs(&[&dir], durability)
+        sync_dirs(&[&dir], durability, mark)
             .pop()
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a directory was lost")))
     }
@@ -974,6 +981,20 @@ fn dirty_bytes() -> Option<u64> {
     Some((kib("Dirty:")? + kib("Writeback:")?) * 1024)
 }
 
+/// How a group's temps on one file system are flushed (see `sync_group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flushed {
+    /// By one `syncfs` (journaled): each temp's own write error is then taken.
+    Journaled,
+    /// By `sync_whole` (ext4 without a journal): each temp's own write error is then taken, and
+    /// the temps are failed if any whole flush reported an error since they were created.
+    Whole,
+    /// `sync_whole` failed: which file it hit cannot be told, so every temp there fails.
+    WholeFailed(Errno),
+    /// Each temp by its own `fsync`.
+    Alone,
+}
+
 /// Makes every temp's data, mode and times durable before any of them is given its final
 /// name, as `durability` says, and returns each (given with its final name, for messages) as a
 /// `SyncedTemp` or its error, in order. `bytes` is about what the temps hold.
@@ -984,10 +1005,12 @@ fn dirty_bytes() -> Option<u64> {
 /// it sound: `syncfs` returns a journal failure directly, every time (the journal aborts), but
 /// a write error of one file's data only once per descriptor it is called on, which another
 /// group's call may have taken; each temp's own descriptor, private to it, reports its own.
-/// Without a journal, a failed write of an inode is only ever returned to the `fsync` that
-/// writes it, so there (and wherever this cannot tell) each temp is `fsync`ed on its own, its
-/// write-back started for the whole group first. So is a group for which `syncfs` fails, or
-/// would wait for more than `SYNCFS_MAX_FOREIGN` of other programs' data.
+/// On ext4 without a journal, a group of at least `WHOLE_MIN_GROUP` temps is flushed by
+/// `sync_whole` (see there for why that is sound), each temp's own write error then taken the
+/// same way. Elsewhere, and wherever this cannot tell, each temp is `fsync`ed on its own, its
+/// write-back started for the whole group first and the `fsync`s issued together. So is a
+/// group for which a journaled `syncfs` fails, or would wait for more than
+/// `SYNCFS_MAX_FOREIGN` of other programs' data.
 pub(crate) fn sync_group(
     temps: Vec<(TempOutput, OsString)>,
     bytes: u64,
@@ -1000,28 +1023,47 @@ pub(crate) fn sync_group(
     }
     // Unknown (no /proc/meminfo, as under systemd's ProcSubset=pid): syncfs, unbounded.
     let quiet = dirty_bytes().is_none_or(|d| d.saturating_sub(bytes) <= SYNCFS_MAX_FOREIGN);
-    let mut synced_fs: HashMap<u64, bool> = HashMap::new();
+    let mut on_fs: HashMap<u64, usize> = HashMap::new();
+    for (t, _) in &temps {
+        if let Some((dev, _)) = t.dir.id() {
+            *on_fs.entry(dev).or_default() += 1;
+        }
+    }
+    let mut how: HashMap<u64, Flushed> = HashMap::new();
     if quiet {
         for (t, _) in &temps {
             let Some((dev, _)) = t.dir.id() else { continue };
-            synced_fs.entry(dev).or_insert_with(|| {
-                journaled(&t.dir)
-                    && rfs::syncfs(&t.dir.fd)
-                        .map_err(|e| {
-                            tracing::debug!(dir = %t.dir.path.display(), error = %e,
+            how.entry(dev).or_insert_with(|| match fs_kind(&t.dir) {
+                FsKind::Ext4Journal | FsKind::Xfs | FsKind::Btrfs => match rfs::syncfs(&t.dir.fd) {
+                    Ok(()) => Flushed::Journaled,
+                    Err(e) => {
+                        tracing::debug!(dir = %t.dir.path.display(), error = %e,
                                 "syncfs failed: each file flushed on its own");
-                        })
-                        .is_ok()
+                        Flushed::Alone
+                    }
+                },
+                FsKind::Ext4NoJournal if on_fs[&dev] >= WHOLE_MIN_GROUP => {
+                    match sync_whole(&t.dir) {
+                        Some(Ok(())) => Flushed::Whole,
+                        Some(Err(e)) => Flushed::WholeFailed(e),
+                        None => Flushed::Alone,
+                    }
+                }
+                _ => Flushed::Alone,
             });
         }
     }
-    let own =
-        |t: &TempOutput| matches!(t.dir.id(), Some((dev, _)) if synced_fs.get(&dev) == Some(&true));
+    let how_of = |t: &TempOutput| {
+        t.dir
+            .id()
+            .and_then(|(dev, _)| how.get(&dev).copied())
+            .unwrap_or(Flushed::Alone)
+    };
     // Flushed one by one: their write-back started together first, then their fsyncs issued
     // together.
     let alone: Vec<&File> = temps
         .iter()
-        .filter(|(t, _)| !own(t))
+        .filter(|(t, _)| how_of(t) == Flushed::Alone)
         .map(|(t, _)| t.file.as_ref().expect("open until synced"))
         .collect();
     // (Starting the write-back first still pays with the fsyncs together: in a probe writing
@@ -1033,17 +1075,123 @@ pub(crate) fn sync_group(
     temps
         .into_iter()
         .map(|(t, name)| {
-            if !own(&t) {
-                let result = flushed.next().expect("one result per temp flushed alone");
-                return t.synced(result, &name);
-            }
-            let file = t.file.as_ref().expect("open until synced");
-            written(file).map_err(|e| {
-                FileError::errno(&format!("writing {}", t.dir.path.join(&name).display()), e)
-            })?;
-            Ok(SyncedTemp(t))
+            let how = how_of(&t);
+            let path = t.dir.path.join(&name);
+            let (dir, born) = (Arc::clone(&t.dir), t.born);
+            let synced = match how {
+                Flushed::Alone => {
+                    let result = flushed.next().expect("one result per temp flushed alone");
+                    t.synced(result, &name)?
+                }
+                Flushed::WholeFailed(e) => {
+                    return Err(FileError::errno(
+                        &format!(
+                            "syncing {} (its file system, which has no journal, reported a \
+                             write error that cannot be told to be another file's)",
+                            path.display()
+                        ),
+                        e,
+                    ))
+                }
+                Flushed::Journaled | Flushed::Whole => {
+                    let file = t.file.as_ref().expect("open until synced");
+                    written(file)
+                        .map_err(|e| FileError::errno(&format!("writing {}", path.display()), e))?;
+                    SyncedTemp(t)
+                }
+            };
+            unharmed(&dir, born, &path)?;
+            Ok(synced)
         })
         .collect()
+}
+
+/// Whole-file-system flushes (`sync_whole`) that reported an error, so far in this process.
+static WHOLE_FLUSH_ERRORS: AtomicU64 = AtomicU64::new(0);
+
+/// The count of whole-file-system flush errors at some instant. A `syncfs` without a journal
+/// reports a write error of the file system's metadata (an inode table's or a directory's
+/// block, shared by many files) once, to whichever flush meets it first, and cannot say whose
+/// it was: any output on such a file system made durable across a reported error (created
+/// before it, or renamed before it and flushed after) may be the one it hit, and is failed
+/// rather than reported published (see `unharmed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FlushMark(u64);
+
+/// The count of whole-file-system flush errors now (see `FlushMark`).
+pub(crate) fn flush_mark() -> FlushMark {
+    FlushMark(WHOLE_FLUSH_ERRORS.load(Ordering::SeqCst))
+}
+
+/// Ok unless `dir` is on an ext4 without a journal and a whole-file-system flush reported an
+/// error since `since` (see `FlushMark`); `path` names the file for the message.
+fn unharmed(dir: &Dir, since: FlushMark, path: &Path) -> Result<(), FileError> {
+    if fs_kind(dir) != FsKind::Ext4NoJournal || flush_mark() == since {
+        return Ok(());
+    }
+    Err(FileError::errno(
+        &format!(
+            "syncing {} (its file system, which has no journal, reported a write error while \
+             it was being made durable, which cannot be told to be another file's)",
+            path.display()
+        ),
+        Errno::IO,
+    ))
+}
+
+/// A group on ext4 without a journal is flushed whole (`sync_whole`) from this many of its
+/// files on one file system: below, a file's own `fsync` and its directory's cost fewer flushes
+/// (two) than the four of `sync_whole` before and after the renames.
+const WHOLE_MIN_GROUP: usize = 4;
+
+/// Flushes `dir`'s whole file system, an ext4 without a journal, so that every file and name
+/// written on it before the call is on the disk: two `syncfs` in a row, one such flush at a
+/// time in this process. `None` where it is not used: an error was met on that file system
+/// before (its outputs are then flushed on their own for the rest of the run), or no
+/// descriptor could be opened to flush it through.
+///
+/// Why two: without a journal, `syncfs` writes the files' data and inodes, then asks the disk
+/// to flush its cache, and only then writes and waits for the file system's metadata blocks
+/// (inode tables, directories, bitmaps) it found dirty (Linux's `sync_filesystem`); the second
+/// call's flush is the one that makes those durable.
+///
+/// Why sound: a data write error is taken by each temp's own descriptor afterwards
+/// (`written`), as with a journal. A metadata block's write error is reported by `syncfs` once,
+/// to whichever call meets it first (the block device's error flag), and not to any file's own
+/// `fsync` afterwards. With one flush at a time, every such error reported to this process is
+/// seen here and counted (`FlushMark`), so that every output in the making on that file system
+/// then fails. An error taken first by another program's `syncfs` or `sync` of the same file
+/// system is lost to filepipe, as it is to a file's own `fsync` once the kernel's write-back
+/// has cleaned its inode. The descriptor is opened for each flush, not kept: one held open
+/// would keep the file system from being unmounted while a daemon runs, and one opened earlier
+/// would report again, once, each data write error (any file's) from before this call, which
+/// each temp's own descriptor reports to it anyway.
+fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
+    static FAILED_ON: OnceLock<std::sync::Mutex<std::collections::HashSet<u64>>> = OnceLock::new();
+    let (dev, _) = dir.id()?;
+    let mut failed_on = FAILED_ON
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if failed_on.contains(&dev) {
+        return None;
+    }
+    let fd = rfs::openat(
+        &dir.fd,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    let result = rfs::syncfs(&fd).and_then(|()| rfs::syncfs(&fd));
+    if let Err(e) = result {
+        WHOLE_FLUSH_ERRORS.fetch_add(1, Ordering::SeqCst);
+        failed_on.insert(dev);
+        tracing::warn!(dir = %dir.path.display(), error = %e,
+            "flushing a file system without a journal failed: the outputs in the making there \
+             fail, and from now on each is flushed on its own");
+    }
+    Some(result)
 }
 
 /// At most this many `fsync`s of one group in flight together (see `flush_together`).
@@ -1104,6 +1252,8 @@ fn written(file: &File) -> Result<(), Errno> {
 enum FsKind {
     /// ext3 or ext4 with a journal.
     Ext4Journal,
+    /// ext2, ext3 or ext4 without a journal, run by the ext4 driver.
+    Ext4NoJournal,
     /// XFS.
     Xfs,
     /// btrfs.
@@ -1142,9 +1292,10 @@ fn fs_kind(dir: &Dir) -> FsKind {
                     std::fs::read_to_string(Path::new("/sys/fs/ext4").join(n).join("journal_task"))
                         .ok()
                 });
-                match task {
-                    Some(t) if !t.trim().is_empty() && t.trim() != "<none>" => FsKind::Ext4Journal,
-                    _ => FsKind::Other,
+                match task.as_deref().map(str::trim) {
+                    Some("" | "<none>") => FsKind::Ext4NoJournal,
+                    Some(_) => FsKind::Ext4Journal,
+                    None => FsKind::Other,
                 }
             }
             _ => FsKind::Other,
@@ -1177,41 +1328,92 @@ fn link_needs_fsync(dir: &Dir) -> bool {
 }
 
 /// Makes the names just given in `dirs` durable, as `durability` says, and returns, for each
-/// of `dirs` in order, its directory's result: each distinct directory is fsynced once (the
-/// same directory may come through several handles; on a journaling file system the first
-/// commits the names of all). With `group` and no journal, the directories are fsynced
-/// together (see `flush_together`: each is a flush of the disk's cache). `None`: nothing.
-pub(crate) fn sync_dirs(dirs: &[&Arc<Dir>], durability: Durability) -> Vec<Result<(), FileError>> {
+/// of `dirs` in order, its directory's result. `since` is the `flush_mark` taken before the
+/// names were given. Each distinct directory is fsynced once (the same directory may come
+/// through several handles; on a journaling file system the first commits the names of all).
+/// With `group` and no journal, the directories are fsynced together (see `flush_together`:
+/// each is a flush of the disk's cache), or, on ext4 without a journal and for at least
+/// `WHOLE_MIN_GROUP` names there, their file system is flushed whole (`sync_whole`); a
+/// directory there then fails if any whole flush reported an error since `since`. `None`:
+/// nothing.
+pub(crate) fn sync_dirs(
+    dirs: &[&Arc<Dir>],
+    durability: Durability,
+    since: FlushMark,
+) -> Vec<Result<(), FileError>> {
     if durability == Durability::None {
         return dirs.iter().map(|_| Ok(())).collect();
     }
     // Each directory's place in `distinct`; one that cannot be told apart (no id) is its own.
     let mut distinct: Vec<&Arc<Dir>> = Vec::new();
     let mut first: HashMap<(u64, u64), usize> = HashMap::new();
+    let mut on_fs: HashMap<u64, usize> = HashMap::new();
     let slots: Vec<usize> = dirs
         .iter()
         .map(|dir| match dir.id() {
-            Some(id) => *first.entry(id).or_insert_with(|| {
-                distinct.push(dir);
-                distinct.len() - 1
-            }),
+            Some(id) => {
+                *on_fs.entry(id.0).or_default() += 1;
+                *first.entry(id).or_insert_with(|| {
+                    distinct.push(dir);
+                    distinct.len() - 1
+                })
+            }
             None => {
                 distinct.push(dir);
                 distinct.len() - 1
             }
         })
         .collect();
+    // Flushed whole: each file system without a journal with enough names in this group, once
+    // (the directories there are then synced by it).
+    let mut whole: HashMap<u64, Option<Result<(), Errno>>> = HashMap::new();
+    if durability == Durability::Group && dirty_bytes().is_none_or(|d| d <= SYNCFS_MAX_FOREIGN) {
+        for dir in &distinct {
+            let Some((dev, _)) = dir.id() else { continue };
+            if fs_kind(dir) == FsKind::Ext4NoJournal && on_fs[&dev] >= WHOLE_MIN_GROUP {
+                whole.entry(dev).or_insert_with(|| sync_whole(dir));
+            }
+        }
+    }
+    let whole_of = |dir: &Dir| {
+        dir.id()
+            .and_then(|(dev, _)| whole.get(&dev).cloned().flatten())
+    };
+    let rest: Vec<&&Arc<Dir>> = distinct.iter().filter(|d| whole_of(d).is_none()).collect();
     // Together only where each is a flush of its own (no journal); elsewhere the first
     // commits the names of all, and threads would only wait for it side by side.
     let together = durability == Durability::Group
-        && distinct
+        && rest
             .iter()
             .any(|dir| !journaled(dir) && fs_kind(dir) != FsKind::Memory);
-    let synced = if together {
-        flush_together(&distinct, |dir| sync_dir(dir))
+    let mut synced_rest = if together {
+        flush_together(&rest, |dir| sync_dir(dir))
     } else {
-        distinct.iter().map(|dir| sync_dir(dir)).collect()
-    };
+        rest.iter().map(|dir| sync_dir(dir)).collect()
+    }
+    .into_iter();
+    let synced: Vec<Result<(), FileError>> = distinct
+        .iter()
+        .map(|dir| {
+            match whole_of(dir) {
+                None => synced_rest
+                    .next()
+                    .expect("one result per directory synced")?,
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    return Err(FileError::errno(
+                        &format!(
+                            "syncing directory {} (its file system, which has no journal, \
+                             reported a write error that cannot be told to be another's)",
+                            dir.path.display()
+                        ),
+                        e,
+                    ))
+                }
+            }
+            unharmed(dir, since, &dir.path)
+        })
+        .collect();
     slots.into_iter().map(|i| synced[i].clone()).collect()
 }
 
@@ -1421,7 +1623,7 @@ mod tests {
             .unwrap();
         assert!(Arc::ptr_eq(&dir, &b));
         assert_eq!(std::fs::read(tmp.path().join("b/y")).unwrap(), b"data");
-        let results = sync_dirs(&[&a, &b, &a_again, &b], Durability::File);
+        let results = sync_dirs(&[&a, &b, &a_again, &b], Durability::File, flush_mark());
         assert_eq!(results, vec![Ok(()), Ok(()), Ok(()), Ok(())]);
     }
 

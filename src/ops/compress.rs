@@ -941,6 +941,7 @@ impl<C: Codec> Op for CompressOp<C> {
             }
         }
         // 3. Rename each into place, no-clobber unless replacing is allowed.
+        let mark = output::flush_mark();
         let renamed: Vec<_> = synced
             .into_iter()
             .zip(&heads)
@@ -968,7 +969,7 @@ impl<C: Codec> Op for CompressOp<C> {
             .zip(&heads)
             .filter_map(|(r, (_, _, dir))| r.as_ref().ok().map(|_| dir))
             .collect();
-        let mut dirs_synced = output::sync_dirs(&dirs, self.durability).into_iter();
+        let mut dirs_synced = output::sync_dirs(&dirs, self.durability, mark).into_iter();
         // 5. Only now is each file published; only now may its input go.
         renamed
             .into_iter()

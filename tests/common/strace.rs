@@ -341,20 +341,7 @@ pub fn check_flush_order(calls: &[Call], finished: bool) -> usize {
     let pubs = publishes(calls);
     for pb in &pubs {
         let at = pb.call.start;
-        // The temp's last write before its name: since the temp's descriptor was opened.
-        let opened = calls
-            .iter()
-            .filter(|c| c.name == "openat" && c.ok() && fd_num(&c.ret) == pb.fd && c.end < at)
-            .map(|c| c.end)
-            .max()
-            .expect("the temp's creation is in the log");
-        let last_write = calls
-            .iter()
-            .filter(|c| c.name == "write" && fd_num(&c.arg(0)) == pb.fd)
-            .filter(|c| c.start > opened && c.end < at)
-            .map(|c| c.end)
-            .max()
-            .unwrap_or_else(|| panic!("no write to the temp before {:?}", pb.call));
+        let last_write = last_write(calls, pb);
         let flushed = calls.iter().any(|c| {
             let covers = c.name == "syncfs" || c.name == "fsync" && fd_num(&c.arg(0)) == pb.fd;
             covers && c.ok() && c.start > last_write && c.end < at
@@ -375,6 +362,93 @@ pub fn check_flush_order(calls: &[Call], finished: bool) -> usize {
         }
     }
     pubs.len()
+}
+
+/// The line where the last write to `pb`'s temp before its name ended (since the temp's
+/// descriptor was opened).
+fn last_write(calls: &[Call], pb: &Publish) -> usize {
+    let at = pb.call.start;
+    let opened = calls
+        .iter()
+        .filter(|c| c.name == "openat" && c.ok() && fd_num(&c.ret) == pb.fd && c.end < at)
+        .map(|c| c.end)
+        .max()
+        .expect("the temp's creation is in the log");
+    calls
+        .iter()
+        .filter(|c| c.name == "write" && fd_num(&c.arg(0)) == pb.fd)
+        .filter(|c| c.start > opened && c.end < at)
+        .map(|c| c.end)
+        .max()
+        .unwrap_or_else(|| panic!("no write to the temp before {:?}", pb.call))
+}
+
+/// Whether two successful `syncfs` in a row (the second begun after the first returned) ran
+/// between lines `after` and `before`: on a file system without a journal, the second one's
+/// flush is the one that makes the first's metadata writes durable.
+fn two_syncfs_between(calls: &[Call], after: usize, before: usize) -> bool {
+    let ends: Vec<usize> = calls
+        .iter()
+        .filter(|c| c.name == "syncfs" && c.ok() && c.start > after && c.end < before)
+        .map(|c| c.end)
+        .collect();
+    calls.iter().any(|c| {
+        c.name == "syncfs"
+            && c.ok()
+            && c.end < before
+            && ends.iter().any(|&first_end| c.start > first_end)
+    })
+}
+
+/// On a file system without a journal: checks that every publish whose data was not flushed
+/// by the temp's own `fsync` had it flushed by two `syncfs` in a row after its last write and
+/// before its name, its own write error taken after them (a waiting `sync_file_range` on its
+/// own descriptor), and that its name was then flushed by its directory's `fsync` or by two
+/// `syncfs` in a row. Returns how many publishes were flushed by `syncfs`.
+pub fn check_whole_flushes(calls: &[Call]) -> usize {
+    let mut whole = 0;
+    for pb in publishes(calls) {
+        let at = pb.call.start;
+        let last_write = last_write(calls, &pb);
+        let own = calls.iter().any(|c| {
+            c.name == "fsync"
+                && fd_num(&c.arg(0)) == pb.fd
+                && c.ok()
+                && c.start > last_write
+                && c.end < at
+        });
+        if own {
+            continue;
+        }
+        assert!(
+            two_syncfs_between(calls, last_write, at),
+            "{:?}: its data was not flushed by two syncfs in a row before its name",
+            pb.call
+        );
+        let own_error_taken = calls.iter().any(|c| {
+            c.name == "sync_file_range"
+                && fd_num(&c.arg(0)) == pb.fd
+                && c.arg(3).contains("SYNC_FILE_RANGE_WAIT_AFTER")
+                && c.ok()
+                && c.end < at
+                && two_syncfs_between(calls, last_write, c.start)
+        });
+        assert!(
+            own_error_taken,
+            "{:?}: its own write error was not taken after the syncfs",
+            pb.call
+        );
+        let dir_fsync = calls.iter().any(|c| {
+            c.name == "fsync" && fd_path(&c.arg(0)) == pb.dir && c.ok() && c.start > pb.call.end
+        });
+        assert!(
+            dir_fsync || two_syncfs_between(calls, pb.call.end, usize::MAX),
+            "{:?}: its name was not flushed by two syncfs in a row",
+            pb.call
+        );
+        whole += 1;
+    }
+    whole
 }
 
 pub fn flushes(calls: &[Call]) -> usize {
