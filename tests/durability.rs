@@ -550,3 +550,67 @@ fn without_a_journal_a_failed_whole_flush_fails_its_files_and_names_none_of_them
         "{summary}"
     );
 }
+
+#[test]
+fn without_a_journal_a_file_failed_by_a_whole_flush_after_its_name_is_redone_by_a_rerun() {
+    // README: when a syncfs without a journal reports an error, "it fails every output still
+    // in the making there (created, or named and not yet flushed ...)... A rerun does those
+    // files again." A file failed by the flush after the names already has its output under
+    // its final name, with its input's mtime: the rerun must not take it for up to date (it
+    // was never made durable), or the failure is forgotten and a later crash loses it.
+    if !strace_or_skip("make a syncfs after the names fail") {
+        return;
+    }
+    let fs = match JournaledFs::with(&["-O", "^has_journal"]) {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED: no ext4 without a journal: {why}");
+            return;
+        }
+    };
+    let t = tree_in(Some(&fs.path()), 200);
+    let root = t.root();
+    let log = t.side("failures.jsonl");
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--failure-log"),
+        p(&log),
+        s("--json"),
+    ];
+    if !write_out_dirty_data() {
+        eprintln!("SKIPPED: over 64 MiB dirty after sync: groups would be flushed file by file");
+        return;
+    }
+    // Each thread's third syncfs fails: a publisher's first group of four or more files is
+    // flushed by two before its names and two after, so this is the first after the names.
+    let (out, calls) = traced(&args, &[], Some("inject=syncfs:error=EIO:when=3"));
+    let summary = out.code(1).summary();
+    let failed = summary["failed"].as_u64().unwrap();
+    assert!(
+        calls.iter().any(|c| c.name == "syncfs" && !c.ok()),
+        "a syncfs was made to fail"
+    );
+    let records = failure_log(&log);
+    assert_eq!(records.len() as u64, failed);
+    let named_but_failed: Vec<String> = records
+        .iter()
+        .map(|r| r["path"].as_str().unwrap().to_string())
+        .filter(|rel| root.join(format!("{rel}.gz")).exists())
+        .collect();
+    assert!(
+        !named_but_failed.is_empty(),
+        "the injected error did not land after a group's names: {summary}"
+    );
+    // The rerun, with nothing failing, does every failed file again.
+    let summary = run(filepipe(&args)).code(0).summary();
+    assert_eq!(
+        summary["done"], failed,
+        "{} files failed after their names were given ({:?}...) were not done again: \
+         {summary}",
+        named_but_failed.len(),
+        &named_but_failed[..named_but_failed.len().min(3)]
+    );
+}
