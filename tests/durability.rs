@@ -607,7 +607,8 @@ fn without_a_journal_a_file_failed_by_a_whole_flush_after_its_name_is_redone_by_
     // The rerun, with nothing failing, does every failed file again.
     let summary = run(filepipe(&args)).code(0).summary();
     assert_eq!(
-        summary["done"], failed,
+        summary["done"],
+        failed,
         "{} files failed after their names were given ({:?}...) were not done again: \
          {summary}",
         named_but_failed.len(),
