@@ -595,15 +595,35 @@ fn without_a_journal_a_file_failed_by_a_whole_flush_after_its_name_is_redone_by_
     );
     let records = failure_log(&log);
     assert_eq!(records.len() as u64, failed);
-    let named_but_failed: Vec<String> = records
+    let failed_paths: HashSet<String> = records
         .iter()
         .map(|r| r["path"].as_str().unwrap().to_string())
-        .filter(|rel| root.join(format!("{rel}.gz")).exists())
+        .collect();
+    // Files named before the failed flush, and failed by it.
+    let failed_at = calls
+        .iter()
+        .find(|c| c.name == "syncfs" && !c.ok())
+        .unwrap()
+        .start;
+    let named_but_failed: Vec<String> = publishes(&calls)
+        .iter()
+        .filter(|pb| pb.call.end < failed_at)
+        .filter_map(|pb| {
+            let dir = Path::new(&pb.dir).strip_prefix(&root).ok()?;
+            let name = pb.call.arg(3);
+            let rel = dir.join(name.trim_matches('"').strip_suffix(".gz")?);
+            let rel = rel.to_string_lossy().into_owned();
+            failed_paths.contains(&rel).then_some(rel)
+        })
         .collect();
     assert!(
         !named_but_failed.is_empty(),
         "the injected error did not land after a group's names: {summary}"
     );
+    // Not left under their names: the failure means no output.
+    for rel in &named_but_failed {
+        assert!(!root.join(format!("{rel}.gz")).exists(), "{rel}");
+    }
     // The rerun, with nothing failing, does every failed file again.
     let summary = run(filepipe(&args)).code(0).summary();
     assert_eq!(

@@ -468,11 +468,11 @@ impl TempOutput {
         let name = final_name.to_os_string();
         let mut synced = sync_group(vec![(self, name)], 0, durability);
         let mark = flush_mark();
-        let dir = synced
+        let named = synced
             .pop()
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a temp was lost")))?
             .rename(final_name, replace)?;
-        sync_dirs(&[&dir], durability, mark)
+        sync_dirs(&[named.dir()], durability, mark)
             .pop()
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a directory was lost")))
     }
@@ -651,17 +651,13 @@ impl SyncedTemp {
     }
 
     /// Gives the temp its final name (refusing to replace an existing file unless `replace`)
-    /// and returns the directory, which the caller must sync before reporting the output as
-    /// published: until then the new name may not survive a crash. An anonymous temp is
+    /// and returns it as `Named`, whose directory the caller must sync before reporting the
+    /// output as published: until then the new name may not survive a crash. An anonymous temp is
     /// linked under the name (a replacing one under a temp name first, then renamed over it);
     /// a named one is renamed, its mark removed once the name is final (a crash in between
     /// leaves it on an output, where it means nothing). On failure the temp is still there,
     /// to be looked at, until this is dropped.
-    pub(crate) fn rename(
-        &mut self,
-        final_name: &OsStr,
-        replace: bool,
-    ) -> Result<Arc<Dir>, FileError> {
+    pub(crate) fn rename(&mut self, final_name: &OsStr, replace: bool) -> Result<Named, FileError> {
         let temp = &mut self.0;
         let ctx = |what: &str| format!("{what} {}", temp.dir.path.join(final_name).display());
         let exists = |e: Errno| FileError {
@@ -730,8 +726,50 @@ impl SyncedTemp {
         if let Some(id) = temp.registry_id.take() {
             signals::unregister_temp(id);
         }
-        drop(temp.file.take());
-        Ok(Arc::clone(&temp.dir))
+        Ok(Named {
+            dir: Arc::clone(&temp.dir),
+            name: final_name.to_os_string(),
+            file: temp.file.take().expect("open until renamed"),
+        })
+    }
+}
+
+/// An output just given its final name, its directory not yet flushed.
+#[derive(Debug)]
+pub(crate) struct Named {
+    dir: Arc<Dir>,
+    name: OsString,
+    /// The output, still open: it tells it from whatever may take its name later (while it is
+    /// open its inode number cannot go to another file).
+    file: File,
+}
+
+impl Named {
+    /// The directory to flush for the name to be durable.
+    pub(crate) fn dir(&self) -> &Arc<Dir> {
+        &self.dir
+    }
+
+    /// Takes the name back after its directory's flush failed: the file is reported failed,
+    /// and an output left under its name, with its input's times, would be taken for up to
+    /// date by the next run, which would then never make it durable. Removed only while the
+    /// name still leads to this very output (someone else's file put there since is left
+    /// alone; one put there between that look and the unlink is the race this leaves open, for
+    /// a file already failing on a failing disk).
+    pub(crate) fn withdraw(&self) {
+        let ours = match (
+            rfs::statat(&self.dir.fd, &self.name, AtFlags::SYMLINK_NOFOLLOW),
+            rfs::fstat(&self.file),
+        ) {
+            (Ok(now), Ok(out)) => (now.st_dev, now.st_ino) == (out.st_dev, out.st_ino),
+            _ => false,
+        };
+        if ours {
+            if let Err(e) = rfs::unlinkat(&self.dir.fd, &self.name, AtFlags::empty()) {
+                tracing::warn!(path = %self.dir.path.join(&self.name).display(), error = %e,
+                    "could not take back an output whose name did not reach the disk");
+            }
+        }
     }
 }
 
@@ -1616,15 +1654,43 @@ mod tests {
         assert_eq!(std::fs::read_dir(tmp.path().join("a")).unwrap().count(), 0);
         let mut t = TempOutput::create(Arc::clone(&b)).unwrap();
         std::io::Write::write_all(t.file(), b"data").unwrap();
-        let dir = t
+        let named = t
             .sync(OsStr::new("y"))
             .unwrap()
             .rename(OsStr::new("y"), false)
             .unwrap();
-        assert!(Arc::ptr_eq(&dir, &b));
+        assert!(Arc::ptr_eq(named.dir(), &b));
         assert_eq!(std::fs::read(tmp.path().join("b/y")).unwrap(), b"data");
         let results = sync_dirs(&[&a, &b, &a_again, &b], Durability::File, flush_mark());
         assert_eq!(results, vec![Ok(()), Ok(()), Ok(()), Ok(())]);
+    }
+
+    #[test]
+    fn a_name_taken_back_is_removed_only_while_it_leads_to_the_output() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DirCache::new(tmp.path(), false)
+            .open(Path::new(""), &|_| Mode::empty())
+            .unwrap();
+        let publish = |name: &str| {
+            let mut t = TempOutput::create(Arc::clone(&dir)).unwrap();
+            std::io::Write::write_all(t.file(), name.as_bytes()).unwrap();
+            t.sync(OsStr::new(name))
+                .unwrap()
+                .rename(OsStr::new(name), false)
+                .unwrap()
+        };
+        let ours = publish("ours");
+        ours.withdraw();
+        assert!(!tmp.path().join("ours").exists());
+        // Someone else's file put under the name since: left alone.
+        let theirs = publish("theirs");
+        std::fs::remove_file(tmp.path().join("theirs")).unwrap();
+        std::fs::write(tmp.path().join("theirs"), b"another file").unwrap();
+        theirs.withdraw();
+        assert_eq!(
+            std::fs::read(tmp.path().join("theirs")).unwrap(),
+            b"another file"
+        );
     }
 
     #[test]

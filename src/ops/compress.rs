@@ -189,7 +189,7 @@ enum Step {
     /// A fresh output, synced.
     Synced(output::SyncedTemp),
     /// A fresh output under its final name.
-    Renamed,
+    Renamed(output::Named),
     /// The output already under its final name is this input's (an up-to-date output being
     /// adopted, or one published meanwhile with the very bytes of ours), open to sync it.
     InPlace(File),
@@ -549,7 +549,7 @@ impl<C: Codec> CompressOp<C> {
     ) -> Result<Step, FileError> {
         let name = Self::out_name(job)?;
         match synced.rename(&name, self.force || job.replace) {
-            Ok(_) => Ok(Step::Renamed),
+            Ok(named) => Ok(Step::Renamed(named)),
             Err(e) if e.kind == Kind::OutputExists => {
                 match same_content(synced.dir(), synced.file(), &name) {
                     // Its input may go only if nobody else can change it afterwards.
@@ -977,9 +977,16 @@ impl<C: Codec> Op for CompressOp<C> {
             .zip(totals)
             .map(|((r, (job, input, _)), totals)| {
                 let step = r?;
-                dirs_synced.next().unwrap_or_else(|| {
+                let dir_synced = dirs_synced.next().unwrap_or_else(|| {
                     Err(FileError::new(Kind::Internal, "a directory sync was lost"))
-                })?;
+                });
+                if let Err(e) = dir_synced {
+                    // Failed, so not left under its name for a rerun to take for up to date.
+                    if let Step::Renamed(named) = &step {
+                        named.withdraw();
+                    }
+                    return Err(e);
+                }
                 if matches!(step, Step::InPlace(_)) && !self.disposes() {
                     return Err(FileError::new(
                         Kind::UpToDate,
