@@ -1054,13 +1054,13 @@ pub(crate) fn sync_group(
     bytes: u64,
     durability: Durability,
 ) -> Vec<Result<SyncedTemp, FileError>> {
-    match durability {
-        Durability::None => return temps.into_iter().map(|(t, _)| Ok(SyncedTemp(t))).collect(),
-        Durability::File => return temps.into_iter().map(|(t, name)| t.sync(&name)).collect(),
-        Durability::Group => {}
+    if durability == Durability::None {
+        return temps.into_iter().map(|(t, _)| Ok(SyncedTemp(t))).collect();
     }
-    // Unknown (no /proc/meminfo, as under systemd's ProcSubset=pid): syncfs, unbounded.
-    let quiet = dirty_bytes().is_none_or(|d| d.saturating_sub(bytes) <= SYNCFS_MAX_FOREIGN);
+    // `file`: each on its own, one after another. Unknown (no /proc/meminfo, as under
+    // systemd's ProcSubset=pid): syncfs, unbounded.
+    let quiet = durability == Durability::Group
+        && dirty_bytes().is_none_or(|d| d.saturating_sub(bytes) <= SYNCFS_MAX_FOREIGN);
     let mut on_fs: HashMap<u64, usize> = HashMap::new();
     for (t, _) in &temps {
         if let Some((dev, _)) = t.dir.id() {
@@ -1098,18 +1098,28 @@ pub(crate) fn sync_group(
             .unwrap_or(Flushed::Alone)
     };
     // Flushed one by one: their write-back started together first, then their fsyncs issued
-    // together.
-    let alone: Vec<&File> = temps
+    // together; on a file system that reported a flush error before, one after another (see
+    // `degraded`).
+    let alone: Vec<(&File, &Dir)> = temps
         .iter()
         .filter(|(t, _)| how_of(t) == Flushed::Alone)
-        .map(|(t, _)| t.file.as_ref().expect("open until synced"))
+        .map(|(t, _)| (t.file.as_ref().expect("open until synced"), &*t.dir))
         .collect();
     // (Starting the write-back first still pays with the fsyncs together: in a probe writing
     // 4,000 files in groups of 256, 0.64-1.25 s against 1.02-1.28 s without.)
-    for file in &alone {
+    for (file, _) in &alone {
         start_writeback(file);
     }
-    let mut flushed = flush_together(&alone, |f| f.sync_all()).into_iter();
+    let one_by_one = durability == Durability::File;
+    let flushed = flush_each(&alone, |(f, _)| f.sync_all(), |(_, d)| d, one_by_one);
+    // Counted before any of the group is judged, so that a file whose fsync found its inode's
+    // block already written (by another's failed fsync) fails with it.
+    for ((_, dir), result) in alone.iter().zip(&flushed) {
+        if result.is_err() {
+            flush_failed(dir);
+        }
+    }
+    let mut flushed = flushed.into_iter();
     temps
         .into_iter()
         .map(|(t, name)| {
@@ -1144,27 +1154,69 @@ pub(crate) fn sync_group(
         .collect()
 }
 
-/// Whole-file-system flushes (`sync_whole`) that reported an error, so far in this process.
-static WHOLE_FLUSH_ERRORS: AtomicU64 = AtomicU64::new(0);
+/// Flushes that reported an error on a file system without a journal, so far in this process.
+static SHARED_FLUSH_ERRORS: AtomicU64 = AtomicU64::new(0);
 
-/// The count of whole-file-system flush errors at some instant. A `syncfs` without a journal
-/// reports a write error of the file system's metadata (an inode table's or a directory's
-/// block, shared by many files) once, to whichever flush meets it first, and cannot say whose
-/// it was: any output on such a file system made durable across a reported error (created
-/// before it, or renamed before it and flushed after) may be the one it hit, and is failed
-/// rather than reported published (see `unharmed`).
+/// The count of flush errors on file systems without a journal at some instant. There, a
+/// write error of the file system's metadata (an inode table's or a directory's block, shared
+/// by many files) is reported once, to whichever flush writes the block (a `syncfs`, or one
+/// file's `fsync`: the other files on that block then find it written, and their `fsync`s
+/// succeed), and cannot be told to be any one file's: any output on such a file system made
+/// durable across a reported error (created before it, or renamed before it and flushed
+/// after) may be one it hit, and is failed rather than reported published (see `unharmed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct FlushMark(u64);
 
-/// The count of whole-file-system flush errors now (see `FlushMark`).
+/// The count of flush errors on file systems without a journal now (see `FlushMark`).
 pub(crate) fn flush_mark() -> FlushMark {
-    FlushMark(WHOLE_FLUSH_ERRORS.load(Ordering::SeqCst))
+    FlushMark(SHARED_FLUSH_ERRORS.load(Ordering::SeqCst))
 }
 
-/// Ok unless `dir` is on an ext4 without a journal and a whole-file-system flush reported an
-/// error since `since` (see `FlushMark`); `path` names the file for the message.
+/// Whether a flush error on `dir`'s file system may be another file's (see `FlushMark`): no
+/// journal (and not tmpfs, which flushes nothing).
+fn errors_shared(dir: &Dir) -> bool {
+    !journaled(dir) && fs_kind(dir) != FsKind::Memory
+}
+
+/// File systems (by device) whose flushes reported an error in this process: their outputs
+/// are flushed one after another from then on, as with `--durability file`, where each file's
+/// own `fsync` rewrites its inode's block if its own last change came after another's failed
+/// write of it (a probe with a failing inode table: files issued together were reported done
+/// off the disk, one after another none was).
+fn degraded() -> std::sync::MutexGuard<'static, std::collections::HashSet<u64>> {
+    static DEGRADED: OnceLock<std::sync::Mutex<std::collections::HashSet<u64>>> = OnceLock::new();
+    DEGRADED
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether `dir`'s file system reported a flush error in this process (see `degraded`).
+fn is_degraded(dir: &Dir) -> bool {
+    dir.id().is_some_and(|(dev, _)| degraded().contains(&dev))
+}
+
+/// Records a flush error on `dir`'s file system: where it may be another file's (no journal),
+/// every output in the making there fails (`FlushMark`), and the file system is flushed one
+/// file after another from then on (`degraded`).
+fn flush_failed(dir: &Dir) {
+    if !errors_shared(dir) {
+        return;
+    }
+    SHARED_FLUSH_ERRORS.fetch_add(1, Ordering::SeqCst);
+    if let Some((dev, _)) = dir.id() {
+        if degraded().insert(dev) {
+            tracing::warn!(dir = %dir.path.display(),
+                "a flush failed on a file system without a journal: the outputs in the making \
+                 there fail, and from now on its files are flushed one after another");
+        }
+    }
+}
+
+/// Ok unless `dir` is on a file system without a journal where a flush reported an error
+/// since `since` (see `FlushMark`); `path` names the file for the message.
 fn unharmed(dir: &Dir, since: FlushMark, path: &Path) -> Result<(), FileError> {
-    if fs_kind(dir) != FsKind::Ext4NoJournal || flush_mark() == since {
+    if flush_mark() == since || !errors_shared(dir) {
         return Ok(());
     }
     Err(FileError::errno(
@@ -1184,9 +1236,8 @@ const WHOLE_MIN_GROUP: usize = 4;
 
 /// Flushes `dir`'s whole file system, an ext4 without a journal, so that every file and name
 /// written on it before the call is on the disk: two `syncfs` in a row, one such flush at a
-/// time in this process. `None` where it is not used: an error was met on that file system
-/// before (its outputs are then flushed on their own for the rest of the run), or no
-/// descriptor could be opened to flush it through.
+/// time in this process. `None` where it is not used: a flush error was met on that file
+/// system before (see `degraded`), or no descriptor could be opened to flush it through.
 ///
 /// Why two: without a journal, `syncfs` writes the files' data and inodes, then asks the disk
 /// to flush its cache, and only then writes and waits for the file system's metadata blocks
@@ -1205,13 +1256,10 @@ const WHOLE_MIN_GROUP: usize = 4;
 /// would report again, once, each data write error (any file's) from before this call, which
 /// each temp's own descriptor reports to it anyway.
 fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
-    static FAILED_ON: OnceLock<std::sync::Mutex<std::collections::HashSet<u64>>> = OnceLock::new();
-    let (dev, _) = dir.id()?;
-    let mut failed_on = FAILED_ON
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if failed_on.contains(&dev) {
+    // One at a time in this process.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    if is_degraded(dir) {
         return None;
     }
     let fd = rfs::openat(
@@ -1222,14 +1270,44 @@ fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
     )
     .ok()?;
     let result = rfs::syncfs(&fd).and_then(|()| rfs::syncfs(&fd));
-    if let Err(e) = result {
-        WHOLE_FLUSH_ERRORS.fetch_add(1, Ordering::SeqCst);
-        failed_on.insert(dev);
-        tracing::warn!(dir = %dir.path.display(), error = %e,
-            "flushing a file system without a journal failed: the outputs in the making there \
-             fail, and from now on each is flushed on its own");
+    if result.is_err() {
+        flush_failed(dir);
     }
     Some(result)
+}
+
+/// `flush_together` of the items on file systems not `degraded`; one after another for the
+/// others, or for all with `one_by_one`. Results in order.
+fn flush_each<T: Sync, R: Send + Sync>(
+    items: &[T],
+    flush: impl Fn(&T) -> R + Sync,
+    dir_of: fn(&T) -> &Dir,
+    one_by_one: bool,
+) -> Vec<R> {
+    let serial: Vec<bool> = items
+        .iter()
+        .map(|i| one_by_one || is_degraded(dir_of(i)))
+        .collect();
+    let together: Vec<&T> = items
+        .iter()
+        .zip(&serial)
+        .filter(|(_, &s)| !s)
+        .map(|(i, _)| i)
+        .collect();
+    let mut flushed = flush_together(&together, |i| flush(i)).into_iter();
+    items
+        .iter()
+        .zip(serial)
+        .map(|(i, s)| {
+            if s {
+                flush(i)
+            } else {
+                flushed
+                    .next()
+                    .expect("one result per item flushed together")
+            }
+        })
+        .collect()
 }
 
 /// At most this many `fsync`s of one group in flight together (see `flush_together`).
@@ -1424,12 +1502,18 @@ pub(crate) fn sync_dirs(
         && rest
             .iter()
             .any(|dir| !journaled(dir) && fs_kind(dir) != FsKind::Memory);
-    let mut synced_rest = if together {
-        flush_together(&rest, |dir| sync_dir(dir))
+    let synced_rest: Vec<Result<(), FileError>> = if together {
+        flush_each(&rest, |dir| sync_dir(dir), |dir| dir, false)
     } else {
         rest.iter().map(|dir| sync_dir(dir)).collect()
+    };
+    // Counted before any directory is judged (see `FlushMark`).
+    for (dir, result) in rest.iter().zip(&synced_rest) {
+        if result.is_err() {
+            flush_failed(dir);
+        }
     }
-    .into_iter();
+    let mut synced_rest = synced_rest.into_iter();
     let synced: Vec<Result<(), FileError>> = distinct
         .iter()
         .map(|dir| {
