@@ -1098,8 +1098,7 @@ pub(crate) fn sync_group(
             .unwrap_or(Flushed::Alone)
     };
     // Flushed one by one: their write-back started together first, then their fsyncs issued
-    // together; on a file system that reported a flush error before, one after another (see
-    // `degraded`).
+    // together with a journal, one after another without (see `flush_on`).
     let alone: Vec<(&File, &Dir)> = temps
         .iter()
         .filter(|(t, _)| how_of(t) == Flushed::Alone)
@@ -1111,14 +1110,12 @@ pub(crate) fn sync_group(
         start_writeback(file);
     }
     let one_by_one = durability == Durability::File;
-    let flushed = flush_each(&alone, |(f, _)| f.sync_all(), |(_, d)| d, one_by_one);
-    // Counted before any of the group is judged, so that a file whose fsync found its inode's
-    // block already written (by another's failed fsync) fails with it.
-    for ((_, dir), result) in alone.iter().zip(&flushed) {
-        if result.is_err() {
-            flush_failed(dir);
-        }
-    }
+    let flushed = flush_each(
+        &alone,
+        |(f, d)| flush_on(d, || f.sync_all()),
+        |(_, d)| d,
+        one_by_one,
+    );
     let mut flushed = flushed.into_iter();
     temps
         .into_iter()
@@ -1179,10 +1176,9 @@ fn errors_shared(dir: &Dir) -> bool {
 }
 
 /// File systems (by device) whose flushes reported an error in this process: their outputs
-/// are flushed one after another from then on, as with `--durability file`, where each file's
-/// own `fsync` rewrites its inode's block if its own last change came after another's failed
-/// write of it (a probe with a failing inode table: files issued together were reported done
-/// off the disk, one after another none was).
+/// are flushed file by file from then on (`sync_whole` is no longer used there), each file's
+/// own `fsync` rewriting its inode's block if its own last change came after a failed write of
+/// it.
 fn degraded() -> std::sync::MutexGuard<'static, std::collections::HashSet<u64>> {
     static DEGRADED: OnceLock<std::sync::Mutex<std::collections::HashSet<u64>>> = OnceLock::new();
     DEGRADED
@@ -1197,8 +1193,8 @@ fn is_degraded(dir: &Dir) -> bool {
 }
 
 /// Records a flush error on `dir`'s file system: where it may be another file's (no journal),
-/// every output in the making there fails (`FlushMark`), and the file system is flushed one
-/// file after another from then on (`degraded`).
+/// every output in the making there fails (`FlushMark`), and the file system is flushed file
+/// by file from then on (`degraded`).
 fn flush_failed(dir: &Dir) {
     if !errors_shared(dir) {
         return;
@@ -1208,9 +1204,29 @@ fn flush_failed(dir: &Dir) {
         if degraded().insert(dev) {
             tracing::warn!(dir = %dir.path.display(),
                 "a flush failed on a file system without a journal: the outputs in the making \
-                 there fail, and from now on its files are flushed one after another");
+                 there fail, and from now on its files are flushed one by one");
         }
     }
+}
+
+/// Held by every flush of a file system without a journal (see `flush_on`, `sync_whole`).
+static SHARED_FLUSH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs `flush` (an `fsync`) of something on `dir`'s file system. Where its errors are shared
+/// (no journal), one at a time in this process with every other such flush, an error counted
+/// (`flush_failed`) before the next may start: two files whose inodes share a block, flushed
+/// side by side, could otherwise see the first one's failed write of it taken by the second
+/// for written, and the second reported done before the first's error was counted.
+fn flush_on<T, E>(dir: &Dir, flush: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    if !errors_shared(dir) {
+        return flush();
+    }
+    let _one = SHARED_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
+    let result = flush();
+    if result.is_err() {
+        flush_failed(dir);
+    }
+    result
 }
 
 /// Ok unless `dir` is on a file system without a journal where a flush reported an error
@@ -1256,9 +1272,7 @@ const WHOLE_MIN_GROUP: usize = 4;
 /// would report again, once, each data write error (any file's) from before this call, which
 /// each temp's own descriptor reports to it anyway.
 fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
-    // One at a time in this process.
-    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _one = ONE.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = SHARED_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
     if is_degraded(dir) {
         return None;
     }
@@ -1276,8 +1290,9 @@ fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
     Some(result)
 }
 
-/// `flush_together` of the items on file systems not `degraded`; one after another for the
-/// others, or for all with `one_by_one`. Results in order.
+/// `flush_together` of the items on file systems with a journal; one after another for the
+/// others (where `flush_on` takes them one at a time anyway), or for all with `one_by_one`.
+/// Results in order.
 fn flush_each<T: Sync, R: Send + Sync>(
     items: &[T],
     flush: impl Fn(&T) -> R + Sync,
@@ -1286,7 +1301,7 @@ fn flush_each<T: Sync, R: Send + Sync>(
 ) -> Vec<R> {
     let serial: Vec<bool> = items
         .iter()
-        .map(|i| one_by_one || is_degraded(dir_of(i)))
+        .map(|i| one_by_one || errors_shared(dir_of(i)))
         .collect();
     let together: Vec<&T> = items
         .iter()
@@ -1314,13 +1329,14 @@ fn flush_each<T: Sync, R: Send + Sync>(
 const FSYNCS_IN_FLIGHT: usize = 32;
 
 /// Applies `flush` (an `fsync`) to each of `items`, up to `FSYNCS_IN_FLIGHT` at a time, and
-/// returns each one's result, in order. Why together: without a journal each `fsync` ends in a
-/// flush of the disk's write cache, and the block layer serves the flushes asked for while one
-/// is running with one more (probes on this project's VM disk: 8,000 files flushed one after
-/// another 1.07 s, from 8 threads 0.46 s, from 64 threads 0.33 s; on a busier day 4,000 files
-/// 4.9-7.5 s one after another, 0.51-0.57 s from 32 threads). Each file's write error still
-/// comes back through its own descriptor to its own `fsync`, as one at a time. The calling
-/// thread flushes too, so a thread that cannot be started only means fewer in flight.
+/// returns each one's result, in order. Why together: each `fsync` ends in a flush of the
+/// disk's write cache (and, with a journal, a commit), and the block layer serves the flushes
+/// asked for while one is running with one more (probes on this project's VM disk: 8,000 files
+/// flushed one after another 1.07 s, from 8 threads 0.46 s, from 64 threads 0.33 s). Used only
+/// with a journal (see `flush_each`): there each file's write error comes back through its own
+/// descriptor to its own `fsync`, as one at a time, and a failed metadata write aborts the
+/// journal for every later caller. The calling thread flushes too, so a thread that cannot be
+/// started only means fewer in flight.
 fn flush_together<T: Sync, R: Send + Sync>(items: &[T], flush: impl Fn(&T) -> R + Sync) -> Vec<R> {
     if items.len() < 2 {
         return items.iter().map(&flush).collect();
@@ -1502,18 +1518,13 @@ pub(crate) fn sync_dirs(
         && rest
             .iter()
             .any(|dir| !journaled(dir) && fs_kind(dir) != FsKind::Memory);
-    let synced_rest: Vec<Result<(), FileError>> = if together {
-        flush_each(&rest, |dir| sync_dir(dir), |dir| dir, false)
-    } else {
-        rest.iter().map(|dir| sync_dir(dir)).collect()
-    };
-    // Counted before any directory is judged (see `FlushMark`).
-    for (dir, result) in rest.iter().zip(&synced_rest) {
-        if result.is_err() {
-            flush_failed(dir);
-        }
-    }
-    let mut synced_rest = synced_rest.into_iter();
+    let mut synced_rest = flush_each(
+        &rest,
+        |dir| flush_on(dir, || sync_dir(dir)),
+        |dir| dir,
+        !together,
+    )
+    .into_iter();
     let synced: Vec<Result<(), FileError>> = distinct
         .iter()
         .map(|dir| {
