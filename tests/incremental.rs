@@ -338,3 +338,97 @@ fn a_state_is_used_by_one_process_at_a_time_and_not_with_a_queue() {
     ]))
     .code(2);
 }
+
+/// The same, tracing the stats and opens of files.
+fn traced_stats(cmd: &Command) -> (Run, Vec<Call>) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-y", "-s", "300", "-o"])
+        .arg(log.path())
+        .args([
+            "-e",
+            "trace=open,openat,openat2,creat,newfstatat,fstatat64,statx,lstat,stat",
+        ])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_remove("RUST_LOG");
+    let out = run(st);
+    let text = fs::read_to_string(log.path()).unwrap();
+    (out, parse_strace(&text))
+}
+
+#[test]
+fn a_rerun_stats_a_tree_of_many_directories_on_several_threads_and_finds_what_one_walk_finds() {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    // 40 directories of 3 of 4 files each, a chain 30 deep, a FIFO and links among them.
+    let mut t = TestTree::new();
+    let mut names = Vec::new();
+    for i in 0..40 {
+        for j in 0..3 {
+            for k in 0..4 {
+                let name = format!("w{i}-{j}-{k}.txt");
+                t = t.file(
+                    format!("a{i}/s{j}/{name}"),
+                    &text_bytes(100 + k * 7, i as u64),
+                );
+                names.push(name);
+            }
+        }
+    }
+    let mut deep = String::from("deep");
+    for level in 0..30 {
+        deep.push_str(&format!("/l{level}"));
+        let name = format!("deep{level}.txt");
+        t = t.file(format!("{deep}/{name}"), format!("{level}\n").as_bytes());
+        names.push(name);
+    }
+    mkfifo(&t.path("a7/s1/the-fifo"));
+    let t = t
+        .symlink("../s0/w2-0-0.txt", "a2/s1/the-link")
+        .symlink("../../a3", "a2/s2/the-dirlink");
+    let n = names.len() as u64;
+    let sums = t.side("SHA256SUMS");
+    let args = [OsStr::new("--manifest"), sums.as_os_str()];
+    run(batch(&t, "sha256", &args)).success();
+
+    // Whether a walker is idle when another comes to a directory depends on the scheduler: run
+    // again (each rerun must be right) until one stat'ed on more than one thread.
+    let mut threads = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        let (again, calls) = traced_stats(&batch(&t, "sha256", &args));
+        let s = again.success().summary();
+        assert_eq!(
+            (s["done"].as_u64(), s["unchanged"].as_u64()),
+            (Some(n), Some(n))
+        );
+        assert_eq!(s["skipped"].as_u64(), Some(3), "{s}");
+        let opening: Vec<&Call> = calls.iter().filter(|c| c.name.contains("open")).collect();
+        let read: Vec<_> = names
+            .iter()
+            .filter(|n| opening.iter().any(|c| opens(c, n)))
+            .collect();
+        assert!(read.is_empty(), "unchanged files were opened: {read:?}");
+        // Classified from the directory listing: never opened.
+        assert!(
+            !opening.iter().any(|c| c.args.contains("the-fifo")),
+            "the FIFO was opened"
+        );
+        assert_eq!(manifest_of(&t, "SHA256SUMS"), fresh_manifest(&t, "sha256"));
+        let stats: Vec<&Call> = (calls.iter())
+            .filter(|c| c.name.contains("stat") && names.iter().any(|n| opens(c, n)))
+            .collect();
+        assert!(
+            stats.len() >= names.len(),
+            "{} stats of {n} files",
+            stats.len()
+        );
+        threads = stats.iter().map(|c| c.pid.clone()).collect();
+        if threads.len() > 1 {
+            break;
+        }
+    }
+    assert!(threads.len() > 1, "every file stat'ed on one thread");
+}

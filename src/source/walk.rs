@@ -9,12 +9,20 @@
 //! An incremental batch (`--state`) walks the same way, holding what the state knows of the
 //! tree (one query, as watch mode's scan): a file recorded done with the stamp the walk's lstat
 //! finds is reported done from the state and never opened, the others go to the workers.
+//! Its stats are what a rerun of an unchanged tree costs, so it stats on `WALKERS` threads
+//! (`scan_split`): each walks a subtree with walkdir of its own, and hands a subdirectory it
+//! comes to over to a walker that is idle. Every entry is classified as above, on the walker
+//! that lists it; what they find travels to the walk's own thread in bounded chunks, and the
+//! directories handed over wait in a channel no longer than there are walkers, so memory stays
+//! bounded by the depth of the tree as one walk's does. With `--follow-symlinks` the walk stays
+//! on one thread: walkdir finds a link back to an ancestor only among the directories of its
+//! own walk, which a split walk would not have.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver, Sender};
 use walkdir::{DirEntry, WalkDir};
 
 use crate::config::Config;
@@ -26,8 +34,33 @@ use crate::source::{Outlet, Source};
 use crate::state::{Known, KnownMap, Reader};
 use crate::travel::{BatchFill, Digest, Done, Event, Job, Msg, Outcome, Stamp, Stats};
 
-/// At most this many directories are held open by a walk (see `scan`).
+/// At most this many directories are held open by a walk (see `scan`), `O_PATH`, besides
+/// walkdir's own (`WALKDIR_OPEN`).
 const DIR_FDS: usize = 16;
+
+/// The directories walkdir keeps open for listing (its default).
+const WALKDIR_OPEN: usize = 10;
+
+/// How many threads an incremental walk stats on (`scan_split`). On the 2-core VM of
+/// BENCHMARKS.md (2026-12-04), a probe stat'ing the 50,000 files of a tree of 778 directories
+/// took 84 ms on one thread, 47 ms on 2, 44 ms on 4 and 47 ms on 8 with the page cache warm;
+/// with it cold, 552 ms, 259 ms, 246 ms and 224 ms: the more reads in flight, the better
+/// (directories lie in different block groups), while the threads mostly wait. An unchanged
+/// rerun of that tree, cold: 650 ms on one walk, 343-445 ms on 2 walkers, 342-372 ms on 4,
+/// 295-349 ms on 8.
+const WALKERS: usize = 8;
+
+/// Each walker of a split walk keeps its share of one walk's `O_PATH` directories (a file is
+/// stat'ed from its own directory's, the deepest but one).
+const WALKER_FDS: usize = DIR_FDS / WALKERS;
+
+/// The directories each walker's walkdir keeps open for listing: a directory this far above
+/// the one being listed is read to its end into memory (as walkdir does with any limit), the
+/// price of descriptors in the hands of `WALKERS` threads.
+const WALKER_OPEN: usize = 4;
+
+/// A split walk's walkers hand what they find to the walk's thread this many entries at a time.
+const FOUND_CHUNK: usize = 256;
 
 /// What a scan finds.
 pub(crate) enum Found {
@@ -202,7 +235,10 @@ fn walk<'s>(
     };
     let mut failed = None;
     let mut complete = true;
-    scan(cfg, &cfg.root, out.stats, shutdown, &mut |found| {
+    // Only an incremental walk is split: a full run's workers keep the cores busy reading,
+    // and its jobs go out in one walk's order.
+    let split = known.is_some() && !cfg.follow_symlinks;
+    let mut visit = |found| {
         match settle(&mut known, false, &mut waiting, &mut feed) {
             Ok(true) => {}
             Ok(false) => complete = false,
@@ -236,7 +272,13 @@ fn walk<'s>(
         };
         complete &= sent;
         sent
-    });
+    };
+    if split {
+        let handed = scan_split(cfg, out.stats, shutdown, &mut visit);
+        tracing::debug!(subtrees = handed, "walked on {WALKERS} threads");
+    } else {
+        scan(cfg, &cfg.root, out.stats, shutdown, &mut visit);
+    }
     if failed.is_none() {
         match settle(&mut known, true, &mut waiting, &mut feed) {
             Ok(going) => complete &= going,
@@ -319,15 +361,54 @@ pub(crate) fn scan(
     shutdown: &Shutdown,
     visit: &mut dyn FnMut(Found) -> bool,
 ) {
+    scan_tree(cfg, dir, None, stats, shutdown, visit);
+}
+
+/// A scan that is one walker's part of a split walk (`scan_split`).
+#[derive(Clone, Copy)]
+struct Part<'s> {
+    split: &'s Split,
+    /// A subdirectory handed over by another walker, rather than the root.
+    handed: bool,
+}
+
+/// `scan`, or with `part` a walker's scan of the root or of a subdirectory handed to it, which
+/// hands the subdirectories it comes to over to idle walkers. A subdirectory handed over is
+/// listed by its parent's walker as a directory already, and examined again here as the root
+/// of its own walkdir: not followed if it is now a link (reported as such, as a directory
+/// swapped for a link below), a failure to read it if it is gone now (as when it goes before
+/// its parent's walk opens it).
+fn scan_tree(
+    cfg: &Config,
+    dir: &Path,
+    part: Option<Part<'_>>,
+    stats: &Stats,
+    shutdown: &Shutdown,
+    visit: &mut dyn FnMut(Found) -> bool,
+) {
+    let handed = part.is_some_and(|p| p.handed);
+    let (fds, open) = match part {
+        Some(_) => (WALKER_FDS, WALKER_OPEN),
+        None => (DIR_FDS, WALKDIR_OPEN),
+    };
     let mut it = WalkDir::new(dir)
         .follow_links(cfg.follow_symlinks)
-        .min_depth(1)
+        // A directory handed over is yielded itself (depth 0) and goes through the same checks
+        // as any directory; the root is only walked.
+        .follow_root_links(!handed)
+        .min_depth(usize::from(!handed))
+        .max_open(open)
         .into_iter();
     // The directories from `dir` down to the entry at hand, each opened `O_PATH`: files are
     // stat'ed by name relative to their directory, which spares the kernel a lookup of every
     // component of the full path (half of what the walk costs in a tree of small files).
-    // The root is followed if it is a link, as walkdir does (and a stat by full path did).
-    let mut parents = vec![open_dir(dir, true)];
+    // The root is followed if it is a link, as walkdir does (and a stat by full path did); a
+    // directory handed over is opened as it is yielded.
+    let mut parents = if handed {
+        Vec::new()
+    } else {
+        vec![open_dir(dir, true)]
+    };
     // Every path the walk yields is `dir` joined with names, so only the own files on the same
     // line as `dir` (above it or below it) can be among them or contain them: the others are
     // never compared, which spares two component-wise comparisons per entry of a tree that
@@ -357,23 +438,204 @@ pub(crate) fn scan(
                 parents.push(fd);
                 // Descriptors are a shared budget (workers and outputs need theirs): in a deep
                 // tree, the levels above the DIR_FDS deepest fall back to stat by full path.
-                if let Some(above) = parents.len().checked_sub(DIR_FDS + 1) {
+                if let Some(above) = parents.len().checked_sub(fds + 1) {
                     parents[above] = None;
                 }
             }
         }
+        let depth = entry.as_ref().map_or(0, DirEntry::depth);
         let parent = match &entry {
-            Ok(e) => parents.get(e.depth() - 1).and_then(Option::as_ref),
+            Ok(e) => (e.depth().checked_sub(1))
+                .and_then(|up| parents.get(up))
+                .and_then(Option::as_ref),
             Err(_) => None,
         };
         let (found, skip_dir) = classify(cfg, entry, parent, &own, stats);
         if skip_dir {
             it.skip_current_dir();
         }
+        if let (Some(Found::Dir(path)), Some(part)) = (&found, part) {
+            if depth > 0 && part.split.offer(path) {
+                // Another walker's now, reported there (`Found::Dir` included).
+                it.skip_current_dir();
+                continue;
+            }
+        }
         if let Some(found) = found {
             if !visit(found) {
                 return;
             }
+        }
+    }
+}
+
+/// What a split walk's walkers take from their channel.
+enum Subtree {
+    /// The walk's root, walked as `scan` walks it.
+    Root,
+    /// A directory another walker came to and handed over.
+    Dir(PathBuf),
+    /// The walk is over.
+    End,
+}
+
+/// What the walkers of a split walk share.
+struct Split {
+    /// Subtrees to walk: no more than there are walkers (see `offer`).
+    dirs: Sender<Subtree>,
+    /// Subtrees given out (waiting in `dirs` or being walked) and not done yet: the walk is
+    /// over when none is left.
+    pending: AtomicUsize,
+    /// Walkers waiting for a subtree.
+    idle: AtomicUsize,
+    /// The walk's thread stopped taking entries: subtrees not walked yet are dropped.
+    stop: AtomicBool,
+    /// Subtrees handed over, for the log (and the tests: the walk was split).
+    handed: AtomicUsize,
+    /// How many walkers take from `dirs`.
+    walkers: usize,
+}
+
+impl Split {
+    /// A walk whose root is to be sent on `dirs`, to `walkers` walkers.
+    fn new(dirs: Sender<Subtree>, walkers: usize) -> Self {
+        Split {
+            dirs,
+            walkers,
+            pending: AtomicUsize::new(1),
+            idle: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            handed: AtomicUsize::new(0),
+        }
+    }
+
+    /// Hands `dir` over to a walker if one is idle and none is waiting for it already. True if
+    /// it did: the caller then stays out of `dir`.
+    fn offer(&self, dir: &Path) -> bool {
+        if self.stop.load(Ordering::Relaxed) || self.idle.load(Ordering::Relaxed) <= self.dirs.len()
+        {
+            return false;
+        }
+        // Counted before it is sent, so the count never falls to none while it travels (the
+        // offering walker's own subtree is counted too).
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.dirs.try_send(Subtree::Dir(dir.to_path_buf())).is_ok() {
+            self.handed.fetch_add(1, Ordering::Relaxed);
+            return true;
+        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+
+    /// A subtree is done: after the last, every walker is told the walk is over (`dirs` is
+    /// empty then, and holds one message per walker).
+    fn done(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            for _ in 0..self.walkers {
+                let _ = self.dirs.send(Subtree::End);
+            }
+        }
+    }
+}
+
+/// Marks a subtree done however its walk ends, a panic included: the other walkers, and the
+/// walk's thread waiting for them, would otherwise wait forever.
+struct Walking<'s>(&'s Split);
+
+impl Drop for Walking<'_> {
+    fn drop(&mut self) {
+        self.0.done();
+    }
+}
+
+/// Walks the root as `scan` does, on `WALKERS` threads (see the module docs), handing every
+/// entry to `visit` on this thread, until done, a shutdown, or `visit` returns false. Returns
+/// how many subtrees were handed from one walker to another.
+fn scan_split(
+    cfg: &Config,
+    stats: &Stats,
+    shutdown: &Shutdown,
+    visit: &mut dyn FnMut(Found) -> bool,
+) -> usize {
+    let walkers = WALKERS;
+    let (dirs_tx, dirs_rx) = crossbeam_channel::bounded(walkers);
+    let (found_tx, found_rx) = crossbeam_channel::bounded::<Vec<Found>>(walkers);
+    let split = Split::new(dirs_tx, walkers);
+    let walked = std::thread::scope(|s| {
+        let mut spawned_any = false;
+        for i in 0..walkers {
+            let (split, dirs, found) = (&split, dirs_rx.clone(), found_tx.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("filepipe-walk{i}"))
+                .spawn_scoped(s, move || {
+                    walker(cfg, split, &dirs, &found, stats, shutdown)
+                });
+            spawned_any |= spawned.is_ok();
+        }
+        if !spawned_any {
+            return false;
+        }
+        drop(found_tx);
+        // Cannot fail: the walkers hold receivers, and the channel has room.
+        let _ = split.dirs.send(Subtree::Root);
+        'found: for chunk in found_rx.iter() {
+            for found in chunk {
+                if !visit(found) {
+                    split.stop.store(true, Ordering::Relaxed);
+                    break 'found;
+                }
+            }
+        }
+        // Walkers blocked sending find the channel closed, and stop.
+        drop(found_rx);
+        true
+    });
+    if !walked {
+        // No thread to be had: the walk goes on this one.
+        scan(cfg, &cfg.root, stats, shutdown, visit);
+    }
+    split.handed.load(Ordering::Relaxed)
+}
+
+/// One walker of a split walk: walks the subtrees it is given until told the walk is over.
+fn walker(
+    cfg: &Config,
+    split: &Split,
+    dirs: &Receiver<Subtree>,
+    found: &Sender<Vec<Found>>,
+    stats: &Stats,
+    shutdown: &Shutdown,
+) {
+    let mut chunk = Vec::with_capacity(FOUND_CHUNK);
+    let send = |chunk: &mut Vec<Found>| {
+        let full = std::mem::replace(chunk, Vec::with_capacity(FOUND_CHUNK));
+        if found.send(full).is_err() {
+            split.stop.store(true, Ordering::Relaxed);
+        }
+    };
+    loop {
+        split.idle.fetch_add(1, Ordering::Relaxed);
+        let next = dirs.recv();
+        split.idle.fetch_sub(1, Ordering::Relaxed);
+        let (dir, handed) = match &next {
+            Ok(Subtree::Root) => (cfg.root.as_path(), false),
+            Ok(Subtree::Dir(dir)) => (dir.as_path(), true),
+            Ok(Subtree::End) | Err(_) => return,
+        };
+        let _done = Walking(split);
+        if split.stop.load(Ordering::Relaxed) || shutdown.requested() {
+            continue;
+        }
+        let part = Some(Part { split, handed });
+        scan_tree(cfg, dir, part, stats, shutdown, &mut |f| {
+            chunk.push(f);
+            if chunk.len() >= FOUND_CHUNK {
+                send(&mut chunk);
+            }
+            !split.stop.load(Ordering::Relaxed)
+        });
+        if !chunk.is_empty() {
+            send(&mut chunk);
         }
     }
 }
@@ -1028,5 +1290,160 @@ mod tests {
             // never the outside file's stat.
             assert_stamp(abs, *stamp, std::fs::symlink_metadata(abs));
         }
+    }
+
+    /// What a walk hands on, as comparable lines: the path relative to the root, and what it is.
+    fn found_line(found: Found, root: &Path) -> (PathBuf, String) {
+        match found {
+            Found::File(job, stamp) => (job.rel, format!("file {stamp:?}")),
+            Found::Dir(dir) => (rel_under(root, &dir).to_path_buf(), "dir".into()),
+            Found::Report(Outcome::Skipped { rel, reason }) => (rel, format!("skipped {reason:?}")),
+            Found::Report(Outcome::Failed { rel, error }) => (rel, format!("failed {error:?}")),
+            Found::Report(other) => panic!("unexpected {other:?}"),
+        }
+    }
+
+    fn fifo(path: &Path) {
+        use rustix::fs::{FileType, Mode, CWD};
+        rustix::fs::mknodat(CWD, path, FileType::Fifo, Mode::RUSR | Mode::WUSR, 0).unwrap();
+    }
+
+    /// A tree of many directories (`width` of them, with subdirectories and files), a chain
+    /// deeper than DIR_FDS, FIFOs and links among them.
+    fn wide_tree(root: &Path, width: usize) {
+        for i in 0..width {
+            std::fs::write(root_file(root, &format!("a{i}/top")), b"top").unwrap();
+            for j in 0..3 {
+                for k in 0..4 {
+                    let f = root_file(root, &format!("a{i}/s{j}/f{k}"));
+                    std::fs::write(f, vec![b'x'; i + j + k]).unwrap();
+                }
+            }
+        }
+        fifo(&root.join("a1/s1/fifo"));
+        symlink("../s0/f0", root.join("a2/s1/link")).unwrap();
+        symlink("../../a3", root.join("a2/s2/dirlink")).unwrap();
+        symlink("/", root.join("a4/out")).unwrap();
+        let mut deep = root.join("deep");
+        for level in 0..(DIR_FDS + 6) {
+            deep.push(format!("d{level}"));
+            std::fs::write(root_file(&deep, "f"), b"deep").unwrap();
+        }
+    }
+
+    /// Everything `scan_split` hands on, sorted, and how many subtrees went to other walkers.
+    fn split_lines(cfg: &Config) -> (Vec<(PathBuf, String)>, usize) {
+        let (stats, shutdown) = (Stats::default(), Shutdown::default());
+        let mut lines = Vec::new();
+        let handed = scan_split(cfg, &stats, &shutdown, &mut |f| {
+            lines.push(found_line(f, &cfg.root));
+            true
+        });
+        lines.sort();
+        (lines, handed)
+    }
+
+    #[test]
+    fn a_walk_split_over_threads_finds_what_one_walk_finds() {
+        let tmp = tempfile::tempdir().unwrap();
+        wide_tree(tmp.path(), 60);
+        let cfg = config(tmp.path(), &[]);
+        let (stats, shutdown) = (Stats::default(), Shutdown::default());
+        let mut one = Vec::new();
+        scan(&cfg, &cfg.root, &stats, &shutdown, &mut |f| {
+            one.push(found_line(f, &cfg.root));
+            true
+        });
+        one.sort();
+        assert_eq!(one.len(), 60 * (2 + 3 * 5) + 1 + 2 * (DIR_FDS + 6) + 4);
+        // Whether a walker is idle when another comes to a directory depends on the scheduler:
+        // walked again until the walk was split at least once (each walk must find the same).
+        let mut split = 0;
+        for _ in 0..20 {
+            let (lines, handed) = split_lines(&cfg);
+            assert_eq!(lines, one);
+            split += handed;
+            if split > 0 {
+                break;
+            }
+        }
+        assert!(split > 0, "no walk was split");
+    }
+
+    #[test]
+    fn a_split_walk_stops_when_its_thread_stops_taking_entries_or_on_shutdown() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            for k in 0..250 {
+                std::fs::write(root_file(tmp.path(), &format!("d{i}/f{k}")), b"x").unwrap();
+            }
+        }
+        let cfg = config(tmp.path(), &[]);
+        let stats = Stats::default();
+        let shutdown = Shutdown::default();
+        let mut taken = 0;
+        scan_split(&cfg, &stats, &shutdown, &mut |_| {
+            taken += 1;
+            taken < 10
+        });
+        assert_eq!(taken, 10);
+        let mut files = 0;
+        scan_split(&cfg, &stats, &shutdown, &mut |f| {
+            files += usize::from(matches!(f, Found::File(..)));
+            if files == 10 {
+                shutdown.request(libc::SIGTERM);
+            }
+            true
+        });
+        // What was found before the walkers saw the shutdown, not the 10,000 files: no more
+        // than the chunk being taken, those in the channel, and one more from each walker.
+        let in_flight = (1 + 2 * WALKERS) * FOUND_CHUNK;
+        assert!((10..=10 + in_flight).contains(&files), "{files} files");
+    }
+
+    #[test]
+    fn a_directory_handed_over_is_examined_again_by_its_walker() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::write(root_file(&outside, "secret"), b"not the tree's").unwrap();
+        std::fs::write(root_file(&root, "real/inner"), b"in the tree").unwrap();
+        symlink(&outside, root.join("link")).unwrap();
+        let cfg = config(&root, &[]);
+        let (stats, shutdown) = (Stats::default(), Shutdown::default());
+        let (tx, _rx) = crossbeam_channel::bounded(WALKERS);
+        let split = Split::new(tx, WALKERS);
+        // What each gives when handed over as it is now: listed as a directory, then gone or
+        // swapped for a link to a directory outside the tree before its walker came.
+        let handed = |name: &str| {
+            let mut lines = Vec::new();
+            let part = Some(Part {
+                split: &split,
+                handed: true,
+            });
+            scan_tree(&cfg, &root.join(name), part, &stats, &shutdown, &mut |f| {
+                lines.push(found_line(f, &root));
+                true
+            });
+            lines.sort();
+            lines
+        };
+        let real = handed("real");
+        assert_eq!(real.len(), 2, "{real:?}");
+        assert_eq!(
+            (&real[0].0, real[0].1.as_str()),
+            (&PathBuf::from("real"), "dir")
+        );
+        assert!(real[1].1.starts_with("file Some"), "{real:?}");
+        let gone = handed("gone");
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert_eq!(gone[0].0, PathBuf::from("gone"));
+        assert!(
+            gone[0].1.starts_with("failed") && gone[0].1.contains("reading directory"),
+            "{gone:?}"
+        );
+        let link = handed("link");
+        assert_eq!(link.len(), 1, "{link:?}");
+        assert_eq!(link[0].0, PathBuf::from("link"));
+        assert!(link[0].1.contains("Symlink"), "{link:?}");
     }
 }
