@@ -15,6 +15,8 @@
 #                 (e.g. FP_ARGS="--jobs 2")
 #   STRICT=1      exit 1 if any target FAILs (default: only harness errors
 #                 make the exit status non-zero)
+#   COLD=1        also run the incremental scenario with the page cache dropped
+#                 before every run (needs root; drops the whole machine's cache)
 #
 # See bench/README.md for what is measured and how to read the report.
 set -euo pipefail
@@ -487,6 +489,23 @@ if [[ -s $W/incr.manifest && -s $W/full.manifest ]]; then
         fact "check: incremental manifest = full run's" "OK ($(wc -l <"$W/incr.manifest") entries)"
     else
         fact "check: incremental manifest = full run's" "DIFFERS"
+    fi
+fi
+# The same from disk (COLD=1): the full run reads every byte, the rerun only the directories,
+# inodes and the state, with the walk's stats on several threads.
+if [[ ${COLD:-0} == 1 ]]; then
+    if [[ -w /proc/sys/vm/drop_caches ]]; then
+        DROP='sh -c "sync; echo 3 > /proc/sys/vm/drop_caches"'
+        bench sha_incremental_cold "SHA-256, unchanged small-file tree, page cache dropped: incremental rerun vs full run" -p "$DROP" -- \
+            "$FPN batch small --op sha256 --state DIR (rerun, unchanged, cold)" base \
+            "$(printf '%q' "$BIN") batch small --op sha256 --state $W/incr-state --manifest $W/incr.manifest --quiet$FP_EXTRA_STR" \
+            "$FPN batch small --op sha256 (full run, cold)" 5.0 \
+            "$(printf '%q' "$BIN") batch small --op sha256 --manifest $W/full.manifest --quiet$FP_EXTRA_STR" || true
+        if [[ -s $W/incr.manifest ]] && ! cmp -s "$W/incr.manifest" "$W/full.manifest"; then
+            fact "check: incremental manifest = full run's (cold)" "DIFFERS"
+        fi
+    else
+        echo "compare.sh: COLD=1 needs root (to write /proc/sys/vm/drop_caches); cold scenario left out" >&2
     fi
 fi
 
