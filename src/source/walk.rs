@@ -50,8 +50,8 @@ const WALKDIR_OPEN: usize = 10;
 /// 295-349 ms on 8.
 const WALKERS: usize = 8;
 
-/// Each walker of a split walk keeps its share of one walk's `O_PATH` directories (a file is
-/// stat'ed from its own directory's, the deepest but one).
+/// Each walker of a split walk keeps its share of one walk's `O_PATH` directories: those of
+/// the deepest levels of its walk (files above them are stat'ed by full path, as in `scan`).
 const WALKER_FDS: usize = DIR_FDS / WALKERS;
 
 /// The directories each walker's walkdir keeps open for listing: a directory this far above
@@ -68,7 +68,8 @@ pub(crate) enum Found {
     /// if it vanished in between).
     File(Job, Option<Stamp>),
     /// A directory, handed on after it was opened and before it is listed: a watcher that
-    /// watches it here sees every entry either in the listing or as an event.
+    /// watches it here sees every entry either in the listing or as an event. (Not so from a
+    /// split walk, whose entries arrive in chunks: no watcher uses one.)
     Dir(PathBuf),
     /// An entry reported without processing (skipped or failed by the walk itself).
     Report(Outcome),
@@ -275,7 +276,7 @@ fn walk<'s>(
     };
     if split {
         let handed = scan_split(cfg, out.stats, shutdown, &mut visit);
-        tracing::debug!(subtrees = handed, "walked on {WALKERS} threads");
+        tracing::debug!(subtrees = handed, "walked on up to {WALKERS} threads");
     } else {
         scan(cfg, &cfg.root, out.stats, shutdown, &mut visit);
     }
