@@ -432,3 +432,52 @@ fn a_rerun_stats_a_tree_of_many_directories_on_several_threads_and_finds_what_on
     }
     assert!(threads.len() > 1, "every file stat'ed on one thread");
 }
+
+/// A walk that could not list a directory has not seen the whole tree: it cannot tell that the
+/// files the state knew beneath it are gone, and must not forget them (`Event::Unlisted` only
+/// after a complete walk). Here the directory is unreadable for one run; the next, with nothing
+/// changed, should find every file unchanged, not read the directory's files again.
+/// (The same follows from a directory that fails with EMFILE: under `prlimit --nofile=16` a
+/// split walk fails every top directory and the state forgets the whole tree.)
+#[test]
+fn a_directory_that_cannot_be_listed_does_not_make_the_state_forget_its_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestTree::new()
+        .file("top.txt", b"top\n")
+        .file("open/a.txt", b"a\n")
+        .file("locked/b.txt", b"b\n")
+        .file("locked/sub/c.txt", b"c\n");
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    t.open_to_all();
+    let sums = t.side("SUMS");
+    let as_nobody = || {
+        let mut cmd = unprivileged();
+        cmd.arg("batch")
+            .arg(t.root())
+            .args(["--op", "sha256", "--json", "--state"])
+            .arg(&state)
+            .arg("--manifest")
+            .arg(&sums);
+        cmd
+    };
+    let s = run(as_nobody()).success().summary();
+    assert_eq!(s["done"].as_u64(), Some(4), "{s}");
+    let locked = t.path("locked");
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let s = run(as_nobody()).code(1).summary();
+    assert_eq!(
+        s["failed_by_reason"]["permission-denied"].as_u64(),
+        Some(1),
+        "{s}"
+    );
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o777)).unwrap();
+    let s = run(as_nobody()).success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["unchanged"].as_u64()),
+        (Some(4), Some(4)),
+        "the files beneath the directory that could not be listed were forgotten and read \
+         again: {s}"
+    );
+    sha256sum_check(&t, &sums);
+}
