@@ -631,3 +631,86 @@ fn directories_swapped_for_links_mid_walk_never_lead_the_walk_outside_the_root()
         }
     });
 }
+
+/// `filepipe ARGS` under `prlimit --nofile=N`: at most N descriptors.
+fn with_nofile(n: u64, cmd: &Command) -> Command {
+    let mut c = Command::new("prlimit");
+    c.arg(format!("--nofile={n}"))
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_remove("RUST_LOG");
+    c
+}
+
+/// Descriptors are a budget the walk shares with the workers and the state (the walk's module
+/// docs). One walk holds a few per level of the tree; the split walk's eight walkers each hold
+/// theirs, so under a limit a full run lives with comfortably, an incremental rerun fails
+/// directories with EMFILE (and, as the state then forgets their files, reads them all again
+/// next time). The limit is found, not guessed: the smallest at which a full run (one walk,
+/// one worker) fails nothing; the rerun is given ten more, for the state's database, its
+/// journal and the walk's thread. On main the rerun needed six more; on this branch it failed
+/// directories in most runs at ten more (the tree: 16 directories, 4 levels of 4 below each).
+#[test]
+fn an_incremental_rerun_lives_with_the_descriptors_a_full_run_needs() {
+    if Command::new("prlimit").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no prlimit");
+        return;
+    }
+    let mut t = TestTree::new();
+    let mut dirs = vec![String::new()];
+    for depth in 0..4 {
+        let mut next = Vec::new();
+        for d in &dirs {
+            let fanout = if depth == 0 { 16 } else { 4 };
+            for s in 0..fanout {
+                next.push(format!("{d}s{s}/"));
+            }
+        }
+        for d in &next {
+            for f in 0..3 {
+                t = t.file(format!("{d}f{f}.txt"), d.as_bytes());
+            }
+        }
+        dirs = next;
+    }
+    let n = fs::read_dir(t.root()).unwrap().count();
+    assert_eq!(n, 16);
+    let files = 3 * (16 + 64 + 256 + 1024);
+    let full = |limit: u64| {
+        let sums = t.side("full.sums");
+        let cmd = filepipe(&[
+            OsStr::new("batch"),
+            t.root().as_os_str(),
+            OsStr::new("--op"),
+            OsStr::new("sha256"),
+            OsStr::new("--jobs"),
+            OsStr::new("1"),
+            OsStr::new("--json"),
+            OsStr::new("--manifest"),
+            sums.as_os_str(),
+        ]);
+        let out = run(with_nofile(limit, &cmd));
+        out.output().status.success() && out.summary()["done"].as_u64() == Some(files)
+    };
+    let least = (8..200)
+        .find(|&l| full(l) && full(l + 1) && full(l + 2))
+        .expect("no limit under 200 lets a full run through");
+    let sums = t.side("SUMS");
+    let args = [
+        OsStr::new("--manifest"),
+        sums.as_os_str(),
+        OsStr::new("--jobs"),
+        OsStr::new("1"),
+    ];
+    run(batch(&t, "sha256", &args)).success();
+    for attempt in 0..4 {
+        let out = run(with_nofile(least + 10, &batch(&t, "sha256", &args)));
+        let s = out.summary();
+        assert_eq!(
+            (s["failed"].as_u64(), s["unchanged"].as_u64()),
+            (Some(0), Some(files)),
+            "rerun {attempt} under --nofile={} (a full run needs {least}): {s}",
+            least + 10
+        );
+    }
+}
