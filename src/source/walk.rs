@@ -236,6 +236,9 @@ fn walk<'s>(
     };
     let mut failed = None;
     let mut complete = true;
+    // Directories the walk could not list (or read to their end): what the state knew beneath
+    // them was not seen, which says nothing of whether it is gone.
+    let mut unlisted_dirs = std::collections::HashSet::new();
     // Only an incremental walk is split: a full run's workers keep the cores busy reading,
     // and its jobs go out in one walk's order.
     let split = known.is_some() && !cfg.follow_symlinks;
@@ -260,6 +263,10 @@ fn walk<'s>(
             }
             (Found::Dir(_), _) => true,
             (Found::Report(outcome), known) => {
+                if let Outcome::Failed { rel, .. } = &outcome {
+                    // The walk fails only a directory it could not read (or the root).
+                    unlisted_dirs.insert(rel.clone());
+                }
                 match known {
                     Some(Recorded::Ready(map)) => {
                         map.remove(outcome.rel());
@@ -290,13 +297,25 @@ fn walk<'s>(
     if let Some(e) = failed {
         return Err(e);
     }
-    // Only a walk of the whole tree tells what is gone: an interrupted one leaves the state be.
+    // Only a walk of the whole tree tells what is gone: an interrupted one leaves the state be,
+    // and one that could not list a directory leaves be what the state knew beneath it (the
+    // rest of the tree was seen whole: what is gone there still goes).
     if let Some(Recorded::Ready(map)) = known {
-        if complete && !shutdown.requested() && !map.is_empty() {
-            let _ = out.events.send(Event::Unlisted(map.into_keys().collect()));
+        if complete && !shutdown.requested() {
+            let gone: Vec<PathBuf> = (map.into_keys())
+                .filter(|rel| !beneath_any(rel, &unlisted_dirs))
+                .collect();
+            if !gone.is_empty() {
+                let _ = out.events.send(Event::Unlisted(gone));
+            }
         }
     }
     Ok(())
+}
+
+/// Whether `rel` is one of `dirs` or beneath one (the root, `""`, holds everything).
+fn beneath_any(rel: &Path, dirs: &std::collections::HashSet<PathBuf>) -> bool {
+    !dirs.is_empty() && rel.ancestors().any(|a| dirs.contains(a))
 }
 
 /// What an incremental batch reports for a file the state knew as `known`, found now with
@@ -1369,6 +1388,28 @@ mod tests {
             }
         }
         assert!(split > 0, "no walk was split");
+    }
+
+    #[test]
+    fn what_is_beneath_a_directory_not_listed_is_not_taken_as_gone() {
+        let dirs = |v: &[&str]| v.iter().map(PathBuf::from).collect();
+        let failed = dirs(&["a/locked", "b"]);
+        for (rel, beneath) in [
+            ("a/locked", true),
+            ("a/locked/f", true),
+            ("a/locked/sub/f", true),
+            ("b/f", true),
+            ("a/lockedx/f", false),
+            ("a/f", false),
+            ("bb/f", false),
+            ("f", false),
+        ] {
+            assert_eq!(beneath_any(Path::new(rel), &failed), beneath, "{rel}");
+        }
+        let root = dirs(&[""]);
+        assert!(beneath_any(Path::new("any/f"), &root));
+        assert!(beneath_any(Path::new("f"), &root));
+        assert!(!beneath_any(Path::new("f"), &dirs(&[])));
     }
 
     #[test]
