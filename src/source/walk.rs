@@ -11,8 +11,9 @@
 //! finds is reported done from the state and never opened, the others go to the workers.
 //! Its stats are what a rerun of an unchanged tree costs, so it stats on `WALKERS` threads
 //! (`scan_split`): each walks a subtree with walkdir of its own, and hands a subdirectory it
-//! comes to over to a walker that is idle. Every entry is classified as above, on the walker
-//! that lists it; what they find travels to the walk's own thread in bounded chunks, and the
+//! comes to over to a walker that is idle, all but the first of each directory (which it walks
+//! itself: a chain of directories stays on one walker). Every entry is classified as above, on
+//! the walker that lists it; what they find travels to the walk's own thread in bounded chunks, and the
 //! directories handed over wait in a channel no longer than there are walkers, so memory stays
 //! bounded by the depth of the tree as one walk's does. With `--follow-symlinks` the walk stays
 //! on one thread: walkdir finds a link back to an ancestor only among the directories of its
@@ -437,6 +438,13 @@ fn scan_tree(
         .map(PathBuf::as_path)
         .filter(|f| f.starts_with(dir) || dir.starts_with(f))
         .collect();
+    // For each directory open in the walk (by depth), whether this walker went into one of its
+    // subdirectories already. The first it keeps: handing it over would cost the other walker
+    // a lookup of its full path three times more (walkdir's lstat and open, the `O_PATH` open)
+    // after this one opened it twice, and leave this one with nothing to do if it was the
+    // directory's last entry, as in a chain of directories. Its siblings, found later, are
+    // what this walker would otherwise walk one after another.
+    let mut went_in = vec![false];
     while let Some(entry) = it.next() {
         if shutdown.requested() {
             return;
@@ -475,11 +483,17 @@ fn scan_tree(
             it.skip_current_dir();
         }
         if let (Some(Found::Dir(path)), Some(part)) = (&found, part) {
-            if depth > 0 && part.split.offer(path) {
-                // Another walker's now, reported there (`Found::Dir` included).
-                it.skip_current_dir();
-                continue;
+            went_in.truncate(depth);
+            let sibling = depth.checked_sub(1).and_then(|up| went_in.get_mut(up));
+            if let Some(sibling) = sibling {
+                if *sibling && part.split.offer(path) {
+                    // Another walker's now, reported there (`Found::Dir` included).
+                    it.skip_current_dir();
+                    continue;
+                }
+                *sibling = true;
             }
+            went_in.push(false);
         }
         if let Some(found) = found {
             if !visit(found) {
@@ -1388,6 +1402,32 @@ mod tests {
             }
         }
         assert!(split > 0, "no walk was split");
+    }
+
+    #[test]
+    fn a_chain_of_directories_is_walked_by_one_walker_and_siblings_are_handed_over() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut deep = tmp.path().to_path_buf();
+        for level in 0..40 {
+            std::fs::write(root_file(&deep, "f"), format!("{level}")).unwrap();
+            deep.push("d");
+        }
+        let cfg = config(tmp.path(), &[]);
+        // Every level's only subdirectory is the first its walker comes to: kept, however
+        // many walkers are idle.
+        for _ in 0..5 {
+            let (lines, handed) = split_lines(&cfg);
+            assert_eq!(lines.len(), 40 + 39);
+            assert_eq!(handed, 0);
+        }
+        // Beside a sibling, a subdirectory is handed over to an idle walker.
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..40 {
+            std::fs::write(root_file(tmp.path(), &format!("d{i}/f")), b"x").unwrap();
+        }
+        let cfg = config(tmp.path(), &[]);
+        let handed: usize = (0..20).map(|_| split_lines(&cfg).1).sum();
+        assert!(handed > 0, "no walk was split");
     }
 
     #[test]
