@@ -12,8 +12,9 @@
 //! Its stats are what a rerun of an unchanged tree costs, so it stats on `WALKERS` threads
 //! (`scan_split`): each walks a subtree with walkdir of its own, and hands a subdirectory it
 //! comes to over to a walker that is idle, all but the first of each directory (which it walks
-//! itself: a chain of directories stays on one walker). Every entry is classified as above, on
-//! the walker that lists it; what they find travels to the walk's own thread in bounded chunks, and the
+//! itself: a chain of directories stays on one walker). The walkers are started only where the
+//! open-file limit leaves them room. Every entry is classified as above, on the walker
+//! that lists it; what they find travels to the walk's own thread in bounded chunks, and the
 //! directories handed over wait in a channel no longer than there are walkers, so memory stays
 //! bounded by the depth of the tree as one walk's does. With `--follow-symlinks` the walk stays
 //! on one thread: walkdir finds a link back to an ancestor only among the directories of its
@@ -42,14 +43,15 @@ const DIR_FDS: usize = 16;
 /// The directories walkdir keeps open for listing (its default).
 const WALKDIR_OPEN: usize = 10;
 
-/// How many threads an incremental walk stats on (`scan_split`). On the 2-core VM of
+/// How many threads an incremental walk stats on at most (`scan_split`). On the 2-core VM of
 /// BENCHMARKS.md (2026-12-04), a probe stat'ing the 50,000 files of a tree of 778 directories
 /// took 84 ms on one thread, 47 ms on 2, 44 ms on 4 and 47 ms on 8 with the page cache warm;
 /// with it cold, 552 ms, 259 ms, 246 ms and 224 ms: the more reads in flight, the better
 /// (directories lie in different block groups), while the threads mostly wait. An unchanged
 /// rerun of that tree, cold: 650 ms on one walk, 343-445 ms on 2 walkers, 342-372 ms on 4,
-/// 295-349 ms on 8.
-const WALKERS: usize = 8;
+/// 295-349 ms on 8. Four, whose descriptors together are about one walk's (below): eight
+/// held twice as many for a gain within the spread of a shared machine.
+const WALKERS: usize = 4;
 
 /// Each walker of a split walk keeps its share of one walk's `O_PATH` directories: those of
 /// the deepest levels of its walk (files above them are stat'ed by full path, as in `scan`).
@@ -58,7 +60,12 @@ const WALKER_FDS: usize = DIR_FDS / WALKERS;
 /// The directories each walker's walkdir keeps open for listing: a directory this far above
 /// the one being listed is read to its end into memory (as walkdir does with any limit), the
 /// price of descriptors in the hands of `WALKERS` threads.
-const WALKER_OPEN: usize = 4;
+const WALKER_OPEN: usize = 3;
+
+/// Descriptors left, beyond one walk's, for the rest of the run while a split walk goes on
+/// (the workers' inputs and temps, the state's database and journal, the logs): a split walk
+/// is only had where the open-file limit leaves room for its walkers besides these.
+const SPLIT_SPARE: usize = 32;
 
 /// A split walk's walkers hand what they find to the walk's thread this many entries at a time.
 const FOUND_CHUNK: usize = 256;
@@ -284,7 +291,7 @@ fn walk<'s>(
     };
     if split {
         let handed = scan_split(cfg, out.stats, shutdown, &mut visit);
-        tracing::debug!(subtrees = handed, "walked on up to {WALKERS} threads");
+        tracing::debug!(subtrees = handed, "walked on several threads");
     } else {
         scan(cfg, &cfg.root, out.stats, shutdown, &mut visit);
     }
@@ -591,7 +598,12 @@ fn scan_split(
     shutdown: &Shutdown,
     visit: &mut dyn FnMut(Found) -> bool,
 ) -> usize {
-    let walkers = WALKERS;
+    let walkers = walkers_allowed();
+    tracing::debug!(walkers, "incremental walk");
+    if walkers < 2 {
+        scan(cfg, &cfg.root, stats, shutdown, visit);
+        return 0;
+    }
     let (dirs_tx, dirs_rx) = crossbeam_channel::bounded(walkers);
     let (found_tx, found_rx) = crossbeam_channel::bounded::<Vec<Found>>(walkers);
     let split = Split::new(dirs_tx, walkers);
@@ -629,6 +641,24 @@ fn scan_split(
         scan(cfg, &cfg.root, stats, shutdown, visit);
     }
     split.handed.load(Ordering::Relaxed)
+}
+
+/// How many walkers the open-file limit has room for: the split walk's descriptors are on top
+/// of what the process holds now (the state's among them), and must leave what one walk would
+/// hold and `SPLIT_SPARE` to the rest of the run, which lives with one walk. Under a limit so
+/// low that fewer than two fit, the walk is one walk, as a full run's (a walker that fails a
+/// directory with EMFILE costs its files a read on the next run too: see `walk`).
+fn walkers_allowed() -> usize {
+    use rustix::process::{getrlimit, Resource};
+    let soft = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let soft = usize::try_from(soft).unwrap_or(usize::MAX);
+    // /proc may be missing (a chroot): then only the limit is known, and the walk takes its
+    // walkers if the limit leaves them room beside the reserve alone.
+    let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    let room = soft
+        .saturating_sub(open)
+        .saturating_sub(DIR_FDS + WALKDIR_OPEN + SPLIT_SPARE);
+    (room / (WALKER_FDS + WALKER_OPEN)).min(WALKERS)
 }
 
 /// One walker of a split walk: walks the subtrees it is given until told the walk is over.
