@@ -1,7 +1,8 @@
 //! Secrets: a queue URL's user and password (or token), a credentials file's nkey seed. What a
 //! URL or a message shows of them (`shown_url`, `redact`), and the rules for a file that holds
-//! one or says where the queue is (`FileAccess::check_private`, `check_not_writable`). A leaf:
-//! it imports nothing of the crate, so the config readers and the cluster client share it.
+//! one or says where the queue is (`FileAccess::check_private`, `check_not_writable`, which
+//! holds the directories above such a file to the same rule). A leaf: it imports nothing of
+//! the crate, so the config readers and the cluster client share it.
 //!
 //! Redaction is conservative on purpose: a password may hold an unencoded `/`, `,`, `:` or `@`,
 //! and a URL may come without a scheme (`user:pass@host:4222`, which the NATS client takes as
@@ -10,7 +11,7 @@
 
 use std::fs::{File, Metadata};
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// What a NATS credentials file holds, for the private-file rule.
 pub(crate) const CREDS_SECRET: &str = "an nkey seed (a NATS credentials file)";
@@ -146,6 +147,10 @@ pub(crate) struct FileAccess {
     /// The named users' and groups' entries of its access ACL, with the mask applied: the
     /// only ones the mode does not show (a plain ACL has none).
     named: Vec<AclEntry>,
+    /// Where the file opened is, as the kernel names the descriptor (`/proc/self/fd/N`):
+    /// the directories above the file read, not those above a path that may lead elsewhere
+    /// by now. `None` without /proc (a path is then resolved again).
+    resolved: Option<PathBuf>,
 }
 
 /// A named user's or group's entry in an access ACL.
@@ -167,19 +172,35 @@ impl FileAccess {
     /// has none; an ACL that cannot be read or parsed is an error (the rule cannot be
     /// checked, so the file is not trusted).
     pub(crate) fn of(file: &File) -> std::io::Result<FileAccess> {
+        use std::os::fd::AsRawFd;
         let meta = file.metadata()?;
         let mut buf = vec![0u8; 4096];
-        let named = match rustix::fs::fgetxattr(file, "system.posix_acl_access", &mut buf[..]) {
-            Ok(n) => parse_acl(&buf[..n]).ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "its access ACL (system.posix_acl_access) cannot be parsed",
-                )
-            })?,
-            Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => Vec::new(),
-            Err(e) => return Err(e.into()),
-        };
-        Ok(FileAccess { meta, named })
+        let named = named_entries(
+            rustix::fs::fgetxattr(file, "system.posix_acl_access", &mut buf[..]).map(|n| &buf[..n]),
+        )?;
+        // An unlinked file reads as "/path (deleted)": no path to check, resolved again.
+        let resolved = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+            .ok()
+            .filter(|p| p.is_absolute() && p.exists());
+        Ok(FileAccess {
+            meta,
+            named,
+            resolved,
+        })
+    }
+
+    /// Who may reach directory `dir` (a path without symlinks: the link itself is read).
+    fn of_dir(dir: &Path) -> std::io::Result<FileAccess> {
+        let meta = std::fs::symlink_metadata(dir)?;
+        let mut buf = vec![0u8; 4096];
+        let named = named_entries(
+            rustix::fs::lgetxattr(dir, "system.posix_acl_access", &mut buf[..]).map(|n| &buf[..n]),
+        )?;
+        Ok(FileAccess {
+            meta,
+            named,
+            resolved: None,
+        })
     }
 
     /// Refuses a file that holds a secret (`what`: "the queue's password or token", "an nkey
@@ -216,8 +237,21 @@ impl FileAccess {
     /// Refuses a file that tells a daemon what to do (its config, where its queue is) when
     /// someone else than its owner may change it, as ssh's StrictModes refuses such a key or
     /// authorized_keys file: owned by root or by the user filepipe runs as, writable by its
-    /// owner only (no w bit for the group or others, no ACL entry granting write).
-    pub(crate) fn check_not_writable(&self) -> Result<(), String> {
+    /// owner only (no w bit for the group or others, no ACL entry granting write); and when
+    /// someone else may replace it, as StrictModes refuses it too: each directory above it
+    /// (`check_dirs_above`). `path` is the path it was opened by, resolved again only if the
+    /// descriptor's own path cannot be read.
+    pub(crate) fn check_not_writable(&self, path: &Path) -> Result<(), String> {
+        self.check_file_not_writable()?;
+        let resolved = match &self.resolved {
+            Some(p) => p.clone(),
+            None => std::fs::canonicalize(path).map_err(|e| format!("cannot resolve it: {e}"))?,
+        };
+        check_dirs_above(&resolved)
+    }
+
+    /// `check_not_writable` for the file itself.
+    fn check_file_not_writable(&self) -> Result<(), String> {
         let (uid, mode) = (self.meta.uid(), self.meta.mode() & 0o777);
         let me = rustix::process::geteuid().as_raw();
         if uid != 0 && uid != me {
@@ -241,7 +275,77 @@ impl FileAccess {
     }
 }
 
+/// Refuses a file at `resolved` (an absolute path without symlinks) that someone else than
+/// root or the user filepipe runs as may replace with a file of their own, or move away: a
+/// directory above it, up to /, owned by another user, or writable by its group or others
+/// (its mode, or an ACL entry granting write to a named user or group), as ssh's StrictModes
+/// refuses a key file below such a directory. A sticky directory (/tmp) may be writable by
+/// all: there no one but an entry's owner (and the directory's) may rename or remove it, and
+/// the file's owner and the directory's are held to the rule. The directories of the path
+/// as given are not checked, only those of the file it resolved to: a symlink there that
+/// someone may change can only lead to another file that passes the same rules.
+fn check_dirs_above(resolved: &Path) -> Result<(), String> {
+    let me = rustix::process::geteuid().as_raw();
+    for dir in resolved.ancestors().skip(1) {
+        let access = FileAccess::of_dir(dir)
+            .map_err(|e| format!("cannot read the directory {} above it: {e}", dir.display()))?;
+        let (uid, mode) = (access.meta.uid(), access.meta.mode() & 0o7777);
+        let above = format!("the directory {} above it", dir.display());
+        if uid != 0 && uid != me {
+            return Err(format!(
+                "{above} is owned by user {uid}, who may replace the file in it, not by root or \
+                 the user filepipe runs as ({me}): chown it, or move the file"
+            ));
+        }
+        if mode & 0o1000 != 0 {
+            continue;
+        }
+        // An ACL's named entries first: with one, the group bits of the mode are its mask.
+        if let Some(e) = access.named.iter().find(|e| e.perm & 2 != 0) {
+            return Err(format!(
+                "{above} has an ACL entry that lets {} add, rename or remove files in it: \
+                 remove the entry (setfacl -x {} {}), or move the file",
+                e.who(),
+                e.spec(),
+                dir.display()
+            ));
+        }
+        if mode & 0o022 != 0 {
+            return Err(format!(
+                "users other than its owner may add, rename or remove files in {above} (mode \
+                 {mode:04o}): chmod go-w {} (or +t), or move the file",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The named entries of an access ACL as `fgetxattr`/`lgetxattr` read it: none on a file
+/// system without ACLs or a file without one; an ACL that cannot be parsed is an error (the
+/// rule cannot be checked, so the file is not trusted).
+fn named_entries(read: rustix::io::Result<&[u8]>) -> std::io::Result<Vec<AclEntry>> {
+    match read {
+        Ok(bytes) => parse_acl(bytes).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "its access ACL (system.posix_acl_access) cannot be parsed",
+            )
+        }),
+        Err(rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP) => Ok(Vec::new()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl AclEntry {
+    /// The entry as `setfacl -x` names it.
+    fn spec(&self) -> String {
+        match self.group {
+            true => format!("g:{}", self.id),
+            false => format!("u:{}", self.id),
+        }
+    }
+
     fn who(&self) -> String {
         match self.group {
             true => format!("group {}", self.id),
@@ -296,7 +400,7 @@ pub(crate) fn check_secret_file(path: &Path, what: &str) -> Result<(), String> {
     }
     access
         .check_private(what, "")
-        .and_then(|()| access.check_not_writable())
+        .and_then(|()| access.check_not_writable(path))
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 

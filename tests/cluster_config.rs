@@ -809,3 +809,112 @@ fn a_creds_file_must_be_private() {
     write_mode(&creds, "-----BEGIN USER NKEY SEED-----\nSUAX\n", 0o600);
     check_config(&path).success();
 }
+
+/// `chmod MODE DIR`.
+fn chmod(dir: &Path, mode: u32) {
+    fs::set_permissions(dir, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `filepipe batch ROOT --op sha256 --queue (closed port) --creds CREDS`: refused at start.
+fn coordinator_with_creds(t: &TestTree, creds: &Path) -> Run {
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--op"), s("sha256")]);
+    cmd.args(["--queue", "nats://127.0.0.1:1", "--creds"])
+        .arg(creds);
+    run(cmd)
+}
+
+/// Like ssh's StrictModes, the directories above a config file with a `[worker]` table, a
+/// `queue_file` and a creds file (their resolved path, up to /) are held to the rule the file
+/// is: owned by root or the user filepipe runs as, no `w` for the group or others (unless
+/// sticky, like /tmp), no ACL entry granting `w`; whoever may write a directory may replace
+/// the file in it with their own. Refused by check-config, the worker and a coordinator given
+/// `--creds`, naming the directory; a directory two levels up counts as much as the parent.
+#[test]
+fn a_directory_above_a_worker_file_queue_file_or_creds_others_may_change_is_refused() {
+    let t = TestTree::new().file("a.txt", b"hello\n");
+    // etc/filepipe/{worker.toml, queue.url, w.creds} beside the tree; the temp dir is 0700.
+    let etc = t.side("etc");
+    let dir = etc.join("filepipe");
+    fs::create_dir_all(&dir).unwrap();
+    chmod(&etc, 0o755);
+    chmod(&dir, 0o755);
+    let config = dir.join("worker.toml");
+    let queue = dir.join("queue.url");
+    let creds = dir.join("w.creds");
+    write_mode(
+        &config,
+        &format!(
+            "[worker]\nqueue = \"nats://127.0.0.1:1\"\ncreds = \"w.creds\"\n[worker.roots]\nin = \"{}\"\n",
+            t.root().display()
+        ),
+        0o600,
+    );
+    write_mode(&creds, "-----BEGIN USER NKEY SEED-----\nSUAX\n", 0o600);
+    write_mode(&queue, "nats://127.0.0.1:1\n", 0o644);
+    let with_queue_file = t.side("queue-file.toml");
+    write_mode(
+        &with_queue_file,
+        &format!(
+            "[worker]\nqueue_file = \"{}\"\n[worker.roots]\nin = \"{}\"\n",
+            queue.display(),
+            t.root().display()
+        ),
+        0o600,
+    );
+    check_config(&config).success();
+    check_config(&with_queue_file).success();
+    let refused = |what: &str, d: &Path, says: &str| {
+        let shown = d.display().to_string();
+        for (name, r) in [
+            ("check-config", check_config(&config)),
+            ("worker --config", worker_config(&config)),
+            ("check-config, queue_file", check_config(&with_queue_file)),
+            ("batch --creds", coordinator_with_creds(&t, &creds)),
+        ] {
+            let err = r.context(format!("{what}: {name}")).code(2).stderr();
+            assert!(
+                err.contains(&format!("the directory {shown} above it")) && err.contains(says),
+                "{what}: {name}: {err}"
+            );
+        }
+    };
+    for (d, mode) in [(&dir, 0o777), (&dir, 0o775), (&etc, 0o757), (&etc, 0o770)] {
+        chmod(d, mode);
+        refused(&format!("{mode:o}"), d, "chmod go-w");
+        chmod(d, 0o755);
+    }
+    // Sticky, like /tmp: no one else may rename or remove what they do not own.
+    chmod(&etc, 0o1777);
+    check_config(&config).success();
+    check_config(&with_queue_file).success();
+    // (The seed here is no real one: taken, the client then fails to parse it.)
+    let err = coordinator_with_creds(&t, &creds).code(2).stderr();
+    assert!(err.contains("cannot parse user JWT"), "{err}");
+    chmod(&etc, 0o755);
+    // An ACL entry granting another user write, the mode showing only its mask (g+w).
+    match Command::new("setfacl")
+        .args(["-m", "u:65534:rwx"])
+        .arg(&dir)
+        .output()
+    {
+        Ok(out) if out.status.success() => {
+            refused("an ACL entry", &dir, "ACL entry that lets user 65534");
+            let out = Command::new("setfacl")
+                .arg("-b")
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            check_config(&config).success();
+        }
+        Ok(out) => eprintln!("SKIPPED: no POSIX ACLs here: {out:?}"),
+        Err(e) => eprintln!("SKIPPED: no setfacl (Debian's acl package): {e}"),
+    }
+    if is_root() {
+        // Owned by another user, who may chmod it and replace the file.
+        std::os::unix::fs::chown(&etc, Some(65534), None).unwrap();
+        refused("owned by 65534", &etc, "owned by user 65534");
+        std::os::unix::fs::chown(&etc, Some(0), None).unwrap();
+        check_config(&config).success();
+    }
+}

@@ -179,7 +179,7 @@ const QUEUE_SECRET: &str =
 pub(super) fn read_queue_file(path: &Path) -> Result<String, String> {
     let (text, access) = read_config(path).map_err(|e| format!("{e:#}"))?;
     access
-        .check_not_writable()
+        .check_not_writable(path)
         .map_err(|e| format!("{}: {e}", path.display()))?;
     let url = text.trim();
     if url.is_empty() {

@@ -133,10 +133,10 @@ impl WorkerTable {
         };
         // The file says where the jobs come from and which directories they may read and
         // write: like ssh's StrictModes, no one but its owner (root, or the user the worker
-        // runs as) may change it. After the password rule, so a file both readable and
+        // runs as) may change it, nor replace it (the directories above it). After the password rule, so a file both readable and
         // writable by others is told first of the password it shows.
         file.access
-            .check_not_writable()
+            .check_not_writable(file.path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.path.display()))?;
         Ok(settings)
     }
