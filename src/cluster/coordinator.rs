@@ -31,8 +31,8 @@ use crate::cli::OpKind;
 use crate::cluster::resume::RunFile;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath, WireStamp};
 use crate::cluster::{
-    cancel_subject, connect, jobs_subject, outcomes_subject, setup, take, workers_consumer, Conn,
-    Queue, Unreachable, ACK_WAIT, JOBS_STREAM, OUTCOMES_STREAM,
+    cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
+    Unreachable, ACK_WAIT, JOBS_STREAM, OUTCOMES_STREAM,
 };
 use crate::config::Config;
 use crate::digest::HashAlgo;
@@ -294,14 +294,19 @@ fn coordinate(
         f.record(&run).map_err(Unreachable)?;
     }
     // The root's consumer, so that its jobs wait for workers even if none has started yet.
+    // Publishing the run's jobs: refused now rather than at the first job. (Not its
+    // cancellation: workers hear that subject live, and would take the probe for one.)
+    conn.start(crate::cluster::may_publish(
+        &conn,
+        &jobs_subject(root, &run),
+    ))
+    .map_err(Unreachable)?;
     let workers = conn
-        .rt
-        .block_on(workers_consumer(&conn.js, root))
+        .start(workers_consumer(&conn.js, root))
         .context("creating the workers' consumer")
         .map_err(Unreachable)?;
     let outcomes = conn
-        .rt
-        .block_on(async {
+        .start(async {
             if resumed.is_some() {
                 // Read from the start again: the killed coordinator acknowledged outcomes it
                 // never wrote to its manifest.
@@ -623,7 +628,7 @@ fn confirm(
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(Duration::from_secs(5));
                 // A server that lost its store (or a new one in its place) has no streams.
-                if let Err(e) = conn.rt.block_on(setup(&conn.js)) {
+                if let Err(e) = conn.rt.block_on(conn.setup()) {
                     tracing::debug!(error = %format!("{e:#}"), "setting up the streams again failed");
                 }
                 p.ack = conn.rt.block_on(p.send(conn, subject)).ok();
@@ -754,7 +759,7 @@ fn gather_outcomes(
                 // A server that lost its store has neither the stream nor the consumer: made
                 // again (the workers' outcomes published meanwhile are stored once it is).
                 let again = conn.rt.block_on(async {
-                    setup(&conn.js).await?;
+                    conn.setup().await?;
                     outcome_consumer(conn, run).await
                 });
                 if let Ok(c) = again {

@@ -29,6 +29,7 @@ pub(crate) mod wire;
 mod worker;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -38,6 +39,8 @@ pub(crate) use coordinator::run as coordinate;
 pub(crate) use coordinator::watch as coordinate_watch;
 pub(crate) use status::print as status;
 pub(crate) use worker::run as work;
+
+use crate::signals::Shutdown;
 
 /// The work-queue stream of jobs: subjects `filepipe.jobs.<root>.<run>`.
 pub(crate) const JOBS_STREAM: &str = "FILEPIPE_JOBS";
@@ -109,11 +112,157 @@ pub(crate) struct Conn {
     pub(crate) rt: tokio::runtime::Runtime,
     pub(crate) client: async_nats::Client,
     pub(crate) js: jetstream::Context,
+    /// What the server refused this user.
+    pub(crate) refusals: Arc<Refusals>,
+}
+
+impl Conn {
+    /// `setup` on this connection.
+    pub(crate) async fn setup(&self) -> Result<()> {
+        setup(&self.js, &self.refusals).await
+    }
+
+    /// Runs `fut`, a step of a start, to its end or to the server's refusal of a permission
+    /// it needs (`Refusals::unless_refused`), whichever comes first.
+    pub(crate) fn start<T>(&self, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+        self.rt
+            .block_on(self.refusals.unless_refused(fut, Duration::ZERO))
+    }
+}
+
+/// The permission violations the server reports on a connection (a user whose `permissions`
+/// do not allow a subject: its publish or subscription is dropped, and the server says so
+/// with an `-ERR` the client turns into an event). A refused JetStream request gets no answer
+/// at all: without this, a start would wait out the request's timeout and then fail with
+/// "timed out", or retry for ever.
+#[derive(Debug)]
+pub(crate) struct Refusals {
+    /// The last refusal, as the server said it (`Permissions Violation for Publish to
+    /// "SUBJECT"`); changed at each.
+    last: tokio::sync::watch::Sender<Option<String>>,
+}
+
+impl Refusals {
+    fn new() -> Refusals {
+        Refusals {
+            last: tokio::sync::watch::channel(None).0,
+        }
+    }
+
+    /// Hears the client's events: each refusal is recorded, and logged (an error, whenever it
+    /// comes: a permission missing mid-run is the server's configuration to fix), but for a
+    /// stream's creation, which a worker need not be allowed (`setup` says what follows).
+    fn heard(&self, event: &async_nats::Event) {
+        if let async_nats::Event::ServerError(async_nats::ServerError::Other(said)) = event {
+            if said.starts_with("Permissions Violation") {
+                let refused = Refused(said.clone());
+                if !refused.is_stream_creation() {
+                    tracing::error!("{refused}");
+                }
+                self.last.send_replace(Some(said.clone()));
+            }
+        }
+    }
+
+    /// `fut` (requests to the server), or, as soon as the server refuses this user something
+    /// while it runs, an error that says what: a refused request is never answered. Then
+    /// `settle` more for a refusal of what `fut` sent that needs no answer (a subscription:
+    /// the server's refusal reaches the client before the answer to a later flush, but is
+    /// heard on another task).
+    pub(crate) async fn unless_refused<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T>>,
+        settle: Duration,
+    ) -> Result<T> {
+        let mut refused = self.last.subscribe();
+        let done = tokio::select! {
+            done = fut => done?,
+            Ok(()) = refused.changed() => return Err(refusal(refused.borrow().as_deref())),
+        };
+        match tokio::time::timeout(settle, refused.changed()).await {
+            Ok(Ok(())) => Err(refusal(refused.borrow().as_deref())),
+            _ => Ok(done),
+        }
+    }
+}
+
+/// The error for a refusal the server reported (`said`).
+fn refusal(said: Option<&str>) -> anyhow::Error {
+    Refused(said.unwrap_or("Permissions Violation").to_owned()).into()
+}
+
+/// The server refused this user a permission: what it said.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the server refused this user a permission filepipe needs: {0}: allow it in the server's \
+     authorization (systemd/nats-server.conf lists what each role needs)"
+)]
+pub(crate) struct Refused(String);
+
+impl Refused {
+    /// The subject refused (`... to "SUBJECT"`), if the server named one.
+    fn subject(&self) -> Option<&str> {
+        let (_, quoted) = self.0.split_once('"')?;
+        quoted.strip_suffix('"')
+    }
+
+    /// Whether what was refused is a stream's creation.
+    fn is_stream_creation(&self) -> bool {
+        self.subject()
+            .is_some_and(|s| s.starts_with("$JS.API.STREAM.CREATE."))
+    }
+}
+
+/// Whether this user may publish on `subject` (a stream's), found without storing anything:
+/// a message the stream refuses (it expects another stream) is published, and the server
+/// either refuses the publish (`Refused`) or has the stream answer that it does not match. A
+/// permission only needed mid-run (publishing jobs, outcomes) is thus missed at start, not
+/// after a first job waits out its timeout and is retried for ever. Only for a subject no
+/// one of ours hears live (a core subscriber sees the empty probe: not the cancellations).
+pub(crate) async fn may_publish(conn: &Conn, subject: &str) -> Result<()> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_STREAM,
+        "FILEPIPE_PERMISSION_PROBE",
+    );
+    let probe = async {
+        let ack = conn
+            .js
+            .publish_with_headers(subject.to_owned(), headers, bytes::Bytes::new())
+            .await?;
+        // The expected answer is the stream's refusal: not an error here.
+        let _ = ack.await;
+        anyhow::Ok(())
+    };
+    conn.refusals
+        .unless_refused(probe, Duration::ZERO)
+        .await
+        .with_context(|| format!("publishing on {subject}"))
+}
+
+/// What a client does when the streams are missing and its user may not make them.
+#[derive(Clone, Copy)]
+pub(crate) enum Missing<'a> {
+    /// An error (a coordinator, `status`: they make the streams).
+    Fail,
+    /// Wait for a coordinator to make them, until `shutdown` (a worker, which may be started
+    /// before any coordinator ever ran and need not be allowed to make streams).
+    Await(&'a Shutdown),
 }
 
 /// Connects to `q` and makes sure the streams exist (creating them if not; an existing one is
 /// used as it is). Any failure is `Unreachable`.
 pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
+    connect_or_await(q, name, Missing::Fail)?
+        .ok_or_else(|| Unreachable(anyhow!("the streams are missing")))
+}
+
+/// `connect`; `None` if a shutdown came while it waited for the streams (`Missing::Await`).
+pub(crate) fn connect_or_await(
+    q: &Queue,
+    name: &str,
+    missing: Missing,
+) -> Result<Option<Conn>, Unreachable> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("filepipe-nats")
@@ -121,11 +270,17 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
         .build()
         .context("starting the NATS client's runtime")
         .map_err(Unreachable)?;
-    let (client, js) = rt
+    let refusals = Arc::new(Refusals::new());
+    let made = rt
         .block_on(async {
+            let heard = refusals.clone();
             let mut opts = async_nats::ConnectOptions::new()
                 .name(name)
-                .connection_timeout(Duration::from_secs(5));
+                .connection_timeout(Duration::from_secs(5))
+                .event_callback(move |event| {
+                    heard.heard(&event);
+                    async {}
+                });
             let (servers, auth) = servers(&q.url)?;
             match auth {
                 Some(Auth::UserPassword(user, pass)) => opts = opts.user_and_password(user, pass),
@@ -157,14 +312,86 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
             // client's default 5 s to answer an API request or store a message: a slow answer
             // must not fail a run or a start.
             js.set_timeout(Duration::from_secs(30));
-            setup(&js)
-                .await
-                .with_context(|| format!("setting up JetStream at {} (is it -js?)", q.shown()))?;
-            anyhow::Ok((client, js))
+            let made = match (setup(&js, &refusals).await, missing) {
+                (Ok(()), _) => true,
+                (Err(e), Missing::Await(shutdown)) if e.is::<MayNotMake>() => {
+                    await_streams(&js, &refusals, shutdown).await?
+                }
+                (Err(e), _) if e.is::<MayNotMake>() || e.is::<Refused>() => {
+                    return Err(e.context(format!("setting up JetStream at {}", q.shown())))
+                }
+                (Err(e), _) => {
+                    return Err(e.context(format!(
+                        "setting up JetStream at {} (is it -js?)",
+                        q.shown()
+                    )))
+                }
+            };
+            anyhow::Ok(made.then_some((client, js)))
         })
         .map_err(Unreachable)?;
-    Ok(Conn { rt, client, js })
+    Ok(made.map(|(client, js)| Conn {
+        rt,
+        client,
+        js,
+        refusals,
+    }))
 }
+
+/// Waits for a coordinator to make the streams this user may not make, looking every second
+/// (saying so once); `false` if a shutdown came first. Any other trouble is an error.
+async fn await_streams(
+    js: &jetstream::Context,
+    refusals: &Refusals,
+    shutdown: &Shutdown,
+) -> Result<bool> {
+    const WAITING: &str = "the streams are missing and this user may not make them: waiting for a coordinator to make them";
+    tracing::warn!("{WAITING}");
+    loop {
+        if shutdown.requested() {
+            return Ok(false);
+        }
+        // Under systemd: not ready yet, and not stuck either (a unit's start timeout would
+        // otherwise kill a worker started before any coordinator).
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Status(WAITING),
+            sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
+        ]);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let found = refusals
+            .unless_refused(
+                async {
+                    for name in [JOBS_STREAM, OUTCOMES_STREAM] {
+                        match js.get_stream(name).await {
+                            Ok(_) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    jetstream::context::GetStreamErrorKind::JetStream(j)
+                                        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                                ) =>
+                            {
+                                return Ok(false)
+                            }
+                            Err(e) => return Err(anyhow!(e).context(format!("looking for {name}"))),
+                        }
+                    }
+                    Ok(true)
+                },
+                Duration::ZERO,
+            )
+            .await?;
+        if found {
+            tracing::info!("the streams are there");
+            return Ok(true);
+        }
+    }
+}
+
+/// A stream is missing and the server refused this user to make it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct MayNotMake(anyhow::Error);
 
 /// The user and password, or the token, of a queue URL, percent-decoded.
 enum Auth {
@@ -229,11 +456,15 @@ fn servers(url: &str) -> Result<(Vec<async_nats::ServerAddr>, Option<Auth>)> {
 
 /// The streams (created if missing; an existing one is used as it is). Two clients starting
 /// together may both find a stream missing: the one whose create loses the race finds the
-/// other's.
-pub(crate) async fn setup(js: &jetstream::Context) -> Result<()> {
+/// other's. A user the server refuses to make a missing stream gets `MayNotMake` at once.
+async fn setup(js: &jetstream::Context, refusals: &Refusals) -> Result<()> {
     for _ in 0..2 {
-        match create_streams(js).await {
+        match refusals
+            .unless_refused(create_streams(js), Duration::ZERO)
+            .await
+        {
             Ok(()) => return Ok(()),
+            Err(e) if refused_to_make(&e) => return Err(MayNotMake(e).into()),
             Err(e)
                 if js.get_stream(JOBS_STREAM).await.is_ok()
                     && js.get_stream(OUTCOMES_STREAM).await.is_ok() =>
@@ -244,7 +475,19 @@ pub(crate) async fn setup(js: &jetstream::Context) -> Result<()> {
             Err(_) => {}
         }
     }
-    create_streams(js).await
+    match refusals
+        .unless_refused(create_streams(js), Duration::ZERO)
+        .await
+    {
+        Err(e) if refused_to_make(&e) => Err(MayNotMake(e).into()),
+        done => done,
+    }
+}
+
+/// Whether `e` is the server's refusal of a stream's creation.
+fn refused_to_make(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>()
+        .is_some_and(Refused::is_stream_creation)
 }
 
 async fn create_streams(js: &jetstream::Context) -> Result<()> {

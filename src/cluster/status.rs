@@ -12,8 +12,7 @@ use crate::cluster::{connect, Queue, JOBS_STREAM, OUTCOMES_STREAM};
 pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
     let conn = connect(queue, "filepipe-status")?;
     let (jobs, outcomes, consumers) = conn
-        .rt
-        .block_on(async {
+        .start(async {
             let mut jobs = conn.js.get_stream(JOBS_STREAM).await?;
             let jobs_info = jobs.info().await?.clone();
             let mut outcomes = conn.js.get_stream(OUTCOMES_STREAM).await?;

@@ -18,8 +18,9 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::cli::OpSpec;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireOutcome, WireStatus};
 use crate::cluster::{
-    cancel_subject, connect, outcomes_subject, take, whoami, workers_consumer, Conn, Queue,
-    Unreachable, MAX_DELIVER, OUTCOMES_STREAM, PROGRESS_EVERY,
+    cancel_subject, connect_or_await, may_publish, outcomes_subject, take, whoami,
+    workers_consumer, Conn, Missing, Queue, Unreachable, MAX_DELIVER, OUTCOMES_STREAM,
+    PROGRESS_EVERY,
 };
 use crate::config::{Config, Filter, WorkerConfig};
 use crate::error::{FileError, Kind};
@@ -75,23 +76,35 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         creds: cfg.creds.clone(),
         tls_ca: cfg.tls_ca.clone(),
     };
-    let conn = connect(&queue, "filepipe-worker")?;
+    // A worker need not be allowed to make the streams: it waits for a coordinator to.
+    let Some(conn) = connect_or_await(&queue, "filepipe-worker", Missing::Await(shutdown))? else {
+        return Ok(());
+    };
     // One consumer per root this worker maps: it is only ever given jobs it can do.
     let mut consumers = Vec::new();
     for root in roots.keys() {
         let c = conn
-            .rt
-            .block_on(workers_consumer(&conn.js, root))
+            .start(workers_consumer(&conn.js, root))
             .with_context(|| format!("binding the workers' consumer for root {root}"))
             .map_err(Unreachable)?;
         consumers.push((root.clone(), c));
     }
     // Cancelled runs, as their coordinators say (core NATS: heard only while connected; a job
-    // of a cancelled run taken later is simply done).
+    // of a cancelled run taken later is simply done). A subscription the server refuses is
+    // only said after the fact: flushed, and given a moment for the refusal to be heard.
     let cancels = conn
         .rt
-        .block_on(conn.client.subscribe("filepipe.cancel.>"))
+        .block_on(conn.refusals.unless_refused(
+            async {
+                let sub = conn.client.subscribe("filepipe.cancel.>").await?;
+                conn.client.flush().await?;
+                anyhow::Ok(sub)
+            },
+            Duration::from_millis(250),
+        ))
         .context("subscribing to cancellations")
+        .map_err(Unreachable)?;
+    conn.start(may_publish(&conn, &outcomes_subject("permission-probe")))
         .map_err(Unreachable)?;
     let jobs = cfg.jobs;
     tracing::info!(queue = %queue.shown(), roots = ?roots.keys().collect::<Vec<_>>(), jobs, "worker ready");
@@ -213,7 +226,7 @@ impl Router<'_> {
                         // others: try to make it again, and go on to the next root.
                         // (A server that lost its store has no streams either: made again.)
                         let again = self.conn.rt.block_on(async {
-                            crate::cluster::setup(&self.conn.js).await?;
+                            self.conn.setup().await?;
                             workers_consumer(&self.conn.js, root).await
                         });
                         failed = Some(e.context(format!("root {root}")));
