@@ -7,6 +7,7 @@
 #   /etc/filepipe/filepipe.toml                      the example config, only if absent
 #   /usr/local/share/doc/filepipe/README.md          systemd/README.md
 #   /usr/local/share/doc/filepipe/worker.toml        the example worker config
+#   /usr/local/share/doc/filepipe/nats-server.conf   the example server config (a user per role)
 #   user and group `filepipe`                        a system user, if missing
 # It starts nothing: it prints the systemctl commands to run once the config and the unit's
 # ReadWritePaths= match (see systemd/README.md). Safe to run again: unchanged files are left
@@ -101,6 +102,8 @@ install_file systemd/README.md /usr/local/share/doc/filepipe/README.md 0644
 # The worker's example goes with the docs: each worker-NAME.toml is the admin's own (and may
 # hold a password: mode 640 root:filepipe).
 install_file systemd/worker.toml /usr/local/share/doc/filepipe/worker.toml 0644
+# The server's: it goes on the NATS host, its passwords replaced.
+install_file systemd/nats-server.conf /usr/local/share/doc/filepipe/nats-server.conf 0644
 
 # --- the service user ---------------------------------------------------------------------------
 # A static system user (not DynamicUser=): outputs in shared directories keep a stable owner.

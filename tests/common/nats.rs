@@ -58,10 +58,58 @@ impl Nats {
     }
 
     pub fn spawn_with(port: &str, store: &Path, extra: &[&OsStr]) -> (Child, u16) {
+        let mut args = vec![
+            s("-js"),
+            s("-a"),
+            s("127.0.0.1"),
+            s("-p"),
+            s(port),
+            s("-sd"),
+        ];
+        args.push(store.as_os_str());
+        args.extend(extra);
+        Self::spawn_args(&args)
+    }
+
+    /// A server started with the configuration `config` (a nats-server.conf's text, its
+    /// `store_dir` replaced by a temp store's), listening on a free loopback port.
+    pub fn start_config(config: &str, store_dir: &str) -> Option<Nats> {
+        if Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("SKIPPED: no nats-server (apt-get install nats-server)");
+            return None;
+        }
+        let store = tempfile::tempdir().unwrap();
+        let conf = store.path().join("nats-server.conf");
+        let data = store.path().join("data");
+        assert!(config.contains(store_dir), "no {store_dir} in the config");
+        fs::write(
+            &conf,
+            config.replace(store_dir, &data.display().to_string()),
+        )
+        .unwrap();
+        let (child, port) = Self::spawn_args(&[
+            s("-c"),
+            conf.as_os_str(),
+            s("-a"),
+            s("127.0.0.1"),
+            s("-p"),
+            s("-1"),
+        ]);
+        Some(Nats {
+            child,
+            url: format!("nats://127.0.0.1:{port}"),
+            _store: store,
+        })
+    }
+
+    /// `nats-server ARGS`, once it is ready for clients, with the port it listens on.
+    fn spawn_args(args: &[&OsStr]) -> (Child, u16) {
         let mut child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", port, "-sd"])
-            .arg(store)
-            .args(extra)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -107,6 +155,15 @@ impl Nats {
     /// another release, or anyone allowed to publish, would speak it), past the server's INFO
     /// and our CONNECT, reading with `timeout`: the stream to write to and a reader of it.
     pub fn raw_connection(&self, timeout: Duration) -> (TcpStream, BufReader<TcpStream>) {
+        self.raw_connection_as(None, timeout)
+    }
+
+    /// `raw_connection`, as `user` (name, password) if given.
+    pub fn raw_connection_as(
+        &self,
+        user: Option<(&str, &str)>,
+        timeout: Duration,
+    ) -> (TcpStream, BufReader<TcpStream>) {
         let addr = self.url.trim_start_matches("nats://");
         let mut stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(timeout)).unwrap();
@@ -114,12 +171,40 @@ impl Nats {
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         assert!(line.starts_with("INFO"), "{line}");
+        let auth = user.map_or(String::new(), |(u, p)| {
+            format!(",\"user\":{},\"pass\":{}", json_string(u), json_string(p))
+        });
         write!(
             stream,
-            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true}}\r\n"
+            "CONNECT {{\"verbose\":false,\"pedantic\":false,\"headers\":true{auth}}}\r\n"
         )
         .unwrap();
         (stream, reader)
+    }
+
+    /// Publishes `payload` on `subject` as `user` (name, password) over the plain protocol;
+    /// `Err` holds what the server said if it refused it (an `-ERR` before the `PONG`).
+    pub fn publish_as(
+        &self,
+        user: (&str, &str),
+        subject: &str,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        let (mut stream, mut reader) = self.raw_connection_as(Some(user), Duration::from_secs(5));
+        write!(stream, "PUB {subject} {}\r\n", payload.len()).unwrap();
+        stream.write_all(payload).unwrap();
+        stream.write_all(b"\r\nPING\r\n").unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            if line.starts_with("-ERR") {
+                return Err(line.trim_end().to_owned());
+            }
+            if line.starts_with("PONG") {
+                return Ok(());
+            }
+        }
     }
 
     /// Publishes `payload` on `subject` over the plain NATS protocol, as anyone allowed to
@@ -139,6 +224,11 @@ impl Nats {
             }
         }
     }
+}
+
+/// `text` as a JSON string.
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
 }
 
 impl Drop for Nats {

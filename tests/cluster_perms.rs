@@ -1,0 +1,304 @@
+//! Cluster mode under the server's own authorization: `systemd/nats-server.conf`, the example
+//! shipped for users, started as it is (its passwords replaced, as users are told to, and its
+//! store a temp one) with a `coordinator` and a `worker` user allowed exactly what each role
+//! needs. A batch runs with the two users (outputs checked with gzip and sha256sum), the
+//! server refuses a worker that publishes a job or a cancellation or purges the jobs, and a
+//! coordinator that publishes an outcome, while the run goes on unharmed; `status` works as
+//! the coordinator; and a user lacking a permission it needs is told at start (exit 2, naming
+//! the subject), rather than left waiting for an answer that never comes.
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::cluster::{assert_outputs_of, tree, xdg};
+use common::nats::*;
+use common::*;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+const COORDINATOR: (&str, &str) = ("coordinator", "c00rd-Pa55-for-test");
+const WORKER: (&str, &str) = ("worker", "w0rker-Pa55-for-test");
+
+/// The example, as shipped.
+fn example() -> String {
+    fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/nats-server.conf"))
+        .unwrap()
+}
+
+/// A server with `config` (the example, or a variant of it), its placeholder passwords
+/// replaced by the test's.
+fn server(config: &str) -> Option<Nats> {
+    let config = config
+        .replace("REPLACE-coordinator-password", COORDINATOR.1)
+        .replace("REPLACE-worker-password", WORKER.1);
+    Nats::start_config(&config, "/var/lib/nats")
+}
+
+/// The server's URL with `user`'s name and password.
+fn url_as(nats: &Nats, user: (&str, &str)) -> String {
+    nats.url
+        .replacen("nats://", &format!("nats://{}:{}@", user.0, user.1), 1)
+}
+
+/// `filepipe worker` as the worker user, mapping `tree` to `root`; its log in `dir`.
+fn worker_cmd(nats: &Nats, root: &Path) -> Command {
+    let mut cmd = filepipe(&[s("worker"), s("--queue"), s(&url_as(nats, WORKER))]);
+    cmd.args(["--jobs", "2", "--root"])
+        .arg(format!("tree={}", root.display()));
+    cmd
+}
+
+/// `filepipe batch ROOT --op gzip,sha256 --manifest SUMS` as the coordinator user.
+fn coordinator_cmd(nats: &Nats, t: &TestTree) -> Command {
+    let mut cmd = filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--queue"),
+        s(&url_as(nats, COORDINATOR)),
+    ]);
+    cmd.args(["--root-name", "tree", "--op", "gzip,sha256", "--json"])
+        .arg("--manifest")
+        .arg(t.side("SUMS"))
+        .env("XDG_STATE_HOME", xdg(&t.root()));
+    cmd
+}
+
+/// Every output passes `gzip -t` and restores its input; the manifest passes `sha256sum -c`
+/// from the root; `files` in all.
+fn assert_results(t: &TestTree, files: usize) {
+    let gz: Vec<PathBuf> = walkdir::WalkDir::new(t.root())
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.into_path())
+        .filter(|p| p.extension() == Some(OsStr::new("gz")))
+        .collect();
+    assert_eq!(gz.len(), files);
+    let mut args: Vec<&OsStr> = vec![s("-t")];
+    args.extend(gz.iter().map(|p| p.as_os_str()));
+    let out = tool("gzip", &args, &t.root());
+    assert!(out.status.success(), "gzip -t: {out:?}");
+    assert_eq!(assert_outputs_of(&t.root(), &t.root()), files);
+    let out = tool(
+        "sha256sum",
+        &[s("-c"), t.side("SUMS").as_os_str()],
+        &t.root(),
+    );
+    assert!(out.status.success(), "sha256sum -c: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        files,
+        "one manifest line a file"
+    );
+}
+
+/// A worker started before any coordinator (the streams missing: it may not make them) waits
+/// for one; a batch with the two users then runs to the end, every file done once, and
+/// `filepipe status` works as the coordinator user (and is refused, naming the permission, as
+/// the worker, which the example does not let list the consumers).
+#[test]
+fn a_batch_runs_with_the_example_configs_coordinator_and_worker_users() {
+    let Some(nats) = server(&example()) else {
+        return;
+    };
+    let t = tree(120, 0);
+    let log = t.side("worker.log");
+    let mut worker = worker_cmd(&nats, &t.root())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let said = |what: &str| fs::read_to_string(&log).unwrap_or_default().contains(what);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker waits for the streams",
+        || said("waiting for a coordinator"),
+    );
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "{}",
+        fs::read_to_string(&log).unwrap()
+    );
+    let r = run(coordinator_cmd(&nats, &t)).context("coordinator");
+    let sum = r.success().summary();
+    assert_eq!(sum["done"], 120, "{sum}");
+    assert_eq!(sum["failed"], 0, "{sum}");
+    assert!(said("worker ready"));
+    assert_results(&t, 120);
+
+    let status = run(filepipe(&[
+        s("status"),
+        s("--queue"),
+        s(&url_as(&nats, COORDINATOR)),
+    ]));
+    assert!(
+        status.success().stdout().contains("jobs\t0 messages"),
+        "{}",
+        status.stdout()
+    );
+    let err = run(filepipe(&[
+        s("status"),
+        s("--queue"),
+        s(&url_as(&nats, WORKER)),
+    ]))
+    .code(2)
+    .stderr();
+    assert!(err.contains("$JS.API.CONSUMER.LIST.FILEPIPE_JOBS"), "{err}");
+    let _ = worker.kill();
+    let _ = worker.wait();
+    // The server logged no refusal of what the roles did.
+    assert!(
+        !said("refused this user"),
+        "{}",
+        fs::read_to_string(&log).unwrap()
+    );
+}
+
+/// The forgeries the permissions stop: the worker user publishing a job, a cancellation, or a
+/// purge of the jobs, and the coordinator user publishing an outcome, each refused by the
+/// server (a permission violation) while a run waits for its worker; the run then ends with
+/// every file done once and right.
+#[test]
+fn the_server_refuses_a_worker_publishing_a_job_and_a_coordinator_an_outcome() {
+    let Some(nats) = server(&example()) else {
+        return;
+    };
+    let t = tree(60, 0);
+    // The coordinator first: its jobs wait in the stream for a worker.
+    let mut coordinator = coordinator_cmd(&nats, &t);
+    coordinator.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let coordinator = Started::new(coordinator);
+    let status = || {
+        run(filepipe(&[
+            s("status"),
+            s("--queue"),
+            s(&url_as(&nats, COORDINATOR)),
+        ]))
+    };
+    wait_until(Duration::from_secs(30), "the jobs are queued", || {
+        let r = status();
+        r.output().status.success() && !r.stdout().contains("jobs\t0 messages")
+    });
+    let job = br#"{"v":3,"run":"forged","root":"tree","files":[{"rel":"../../etc/passwd"}]}"#;
+    for (user, subject, payload) in [
+        (WORKER, "filepipe.jobs.tree.forged", &job[..]),
+        (WORKER, "filepipe.cancel.forged", b""),
+        (WORKER, "$JS.API.STREAM.PURGE.FILEPIPE_JOBS", b"{}"),
+        (WORKER, "$JS.API.STREAM.DELETE.FILEPIPE_OUTCOMES", b""),
+        (
+            COORDINATOR,
+            "filepipe.outcomes.forged",
+            br#"{"v":3,"run":"forged","worker":"x","outcomes":[]}"#,
+        ),
+    ] {
+        let err = nats
+            .publish_as(user, subject, payload)
+            .expect_err(&format!("{} may publish on {subject}", user.0));
+        assert!(
+            err.contains("Permissions Violation") && err.contains(subject),
+            "{}: {subject}: {err}",
+            user.0
+        );
+    }
+    // What each is allowed, it may (the test's publishing is refused for the right reason).
+    nats.publish_as(WORKER, "filepipe.outcomes.forged", b"x")
+        .expect("the worker user may publish outcomes");
+    let w = Worker::ready(worker_cmd(&nats, &t.root()), &t.side(""));
+    let r = coordinator
+        .finish(Duration::from_secs(120))
+        .context("coordinator");
+    let sum = r.success().summary();
+    assert_eq!(sum["done"], 60, "{sum}");
+    assert_eq!(sum["failed"], 0, "{sum}");
+    assert_results(&t, 60);
+    assert!(!w.log().contains("refused this user"), "{}", w.log());
+}
+
+/// A user lacking a permission its role needs at start is told so at once, exit 2, the
+/// subject named, instead of waiting out a request the server never answers (or, for a
+/// subscription, never hearing of it): a worker that may not hear cancellations, bind its
+/// consumer or publish outcomes, a coordinator that may not publish jobs or make its outcome
+/// consumer. (Publishing is found out without storing anything: the jobs stream is empty
+/// after a run, in the test above.)
+#[test]
+fn a_user_without_a_permission_it_needs_is_told_at_start() {
+    let t = tree(3, 0);
+    let cases = [
+        (
+            "worker: subscribe filepipe.cancel.>",
+            "      # Cancellations, heard live.\n      \"filepipe.cancel.>\"\n",
+            "filepipe.cancel.>",
+            true,
+        ),
+        (
+            "worker: CONSUMER.INFO",
+            "      \"$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.*\"\n      \"$JS.API.CONSUMER.CREATE.FILEPIPE_JOBS.>\"\n      \"$JS.API.CONSUMER.MSG.NEXT.FILEPIPE_JOBS.*\"\n",
+            "$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.workers-tree",
+            true,
+        ),
+        (
+            "worker: publish filepipe.outcomes.>",
+            "      # Outcomes only.\n      \"filepipe.outcomes.>\"\n",
+            "filepipe.outcomes.",
+            true,
+        ),
+        (
+            "coordinator: publish filepipe.jobs.>",
+            "      \"filepipe.jobs.>\"\n      \"filepipe.cancel.>\"\n",
+            "filepipe.jobs.tree.",
+            false,
+        ),
+        (
+            "coordinator: CONSUMER.CREATE on the outcomes",
+            "      \"$JS.API.CONSUMER.CREATE.FILEPIPE_OUTCOMES.>\"\n",
+            "$JS.API.CONSUMER.CREATE.FILEPIPE_OUTCOMES.coordinator-",
+            false,
+        ),
+    ];
+    for (what, line, subject, as_worker) in cases {
+        let config = example();
+        assert!(config.contains(line), "{what}: the example changed");
+        let Some(nats) = server(&config.replacen(line, "", 1)) else {
+            return;
+        };
+        // The streams and the workers' consumer exist (made by a coordinator of nothing).
+        let empty = TestTree::new();
+        let mut setup = filepipe(&[
+            s("batch"),
+            empty.root().as_os_str(),
+            s("--queue"),
+            s(&url_as(&nats, COORDINATOR)),
+            s("--root-name"),
+            s("tree"),
+            s("--op"),
+            s("sha256"),
+        ]);
+        setup.env("XDG_STATE_HOME", xdg(&empty.root()));
+        if as_worker {
+            run(setup).context(what).success();
+        }
+        let mut cmd = match as_worker {
+            true => worker_cmd(&nats, &t.root()),
+            false => coordinator_cmd(&nats, &t),
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Well within the client's 30 s wait for an answer: not a timeout's error.
+        let r = Started::new(cmd)
+            .finish(Duration::from_secs(20))
+            .context(what);
+        let err = r.code(2).stderr();
+        assert!(
+            err.contains("refused this user a permission") && err.contains(subject),
+            "{what}: {err}"
+        );
+    }
+}
