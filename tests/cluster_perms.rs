@@ -302,3 +302,36 @@ fn a_user_without_a_permission_it_needs_is_told_at_start() {
         );
     }
 }
+
+/// A worker waiting for a coordinator to make the streams stops at SIGTERM, as one ready does
+/// (exit 0: a signal is how a worker is meant to stop), without ever saying READY=1.
+#[test]
+fn a_worker_waiting_for_the_streams_stops_at_a_signal() {
+    let Some(nats) = server(&example()) else {
+        return;
+    };
+    let t = tree(1, 0);
+    let log = t.side("worker.log");
+    let mut worker = worker_cmd(&nats, &t.root());
+    worker
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap());
+    let worker = Started::new(worker);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker waits for the streams",
+        || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("waiting for a coordinator")
+        },
+    );
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&worker),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    worker.finish(Duration::from_secs(10)).success();
+    assert!(!fs::read_to_string(&log).unwrap().contains("worker ready"));
+}

@@ -598,3 +598,28 @@ pub(crate) fn whoami() -> String {
         std::process::id()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_names_its_subject_and_a_stream_creation_is_told_apart() {
+        let create = Refused(
+            r#"Permissions Violation for Publish to "$JS.API.STREAM.CREATE.FILEPIPE_JOBS""#.into(),
+        );
+        assert_eq!(
+            create.subject(),
+            Some("$JS.API.STREAM.CREATE.FILEPIPE_JOBS")
+        );
+        assert!(create.is_stream_creation());
+        assert!(refused_to_make(&anyhow::Error::from(create)));
+        let sub =
+            Refused(r#"Permissions Violation for Subscription to "filepipe.cancel.>""#.into());
+        assert_eq!(sub.subject(), Some("filepipe.cancel.>"));
+        assert!(!sub.is_stream_creation());
+        assert!(!refused_to_make(&anyhow::Error::from(sub)));
+        assert_eq!(Refused("Permissions Violation".into()).subject(), None);
+        assert!(!refused_to_make(&anyhow!("timed out")));
+    }
+}
