@@ -335,3 +335,127 @@ fn a_worker_waiting_for_the_streams_stops_at_a_signal() {
     worker.finish(Duration::from_secs(10)).success();
     assert!(!fs::read_to_string(&log).unwrap().contains("worker ready"));
 }
+
+/// A request to the server as `user` over the plain protocol: `payload` published on `subject`
+/// with `reply` as its reply subject (the server answers there, as itself: the user's publish
+/// permissions are not asked about the reply subject). `Err` holds a refusal (`-ERR`).
+fn request_as(
+    nats: &Nats,
+    user: (&str, &str),
+    subject: &str,
+    reply: &str,
+    payload: &[u8],
+) -> Result<(), String> {
+    use std::io::{BufRead, Write};
+    let (mut stream, mut reader) = nats.raw_connection_as(Some(user), Duration::from_secs(5));
+    write!(stream, "PUB {subject} {reply} {}\r\n", payload.len()).unwrap();
+    stream.write_all(payload).unwrap();
+    stream.write_all(b"\r\nPING\r\n").unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        if line.starts_with("-ERR") {
+            return Err(line.trim_end().to_owned());
+        }
+        if line.starts_with("PONG") {
+            return Ok(());
+        }
+    }
+}
+
+/// What `user` gets back for a request on `subject` (its answer's payload, read on an inbox
+/// the user may subscribe to).
+fn ask_as(nats: &Nats, user: (&str, &str), subject: &str, payload: &[u8]) -> serde_json::Value {
+    use std::io::{BufRead, Read, Write};
+    let (mut stream, mut reader) = nats.raw_connection_as(Some(user), Duration::from_secs(5));
+    write!(
+        stream,
+        "SUB _INBOX.review 1\r\nPUB {subject} _INBOX.review {}\r\n",
+        payload.len()
+    )
+    .unwrap();
+    stream.write_all(payload).unwrap();
+    stream.write_all(b"\r\n").unwrap();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(!line.starts_with("-ERR"), "{subject}: {line}");
+        if let Some(rest) = line.strip_prefix("MSG ") {
+            let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
+            let mut body = vec![0u8; len + 2];
+            reader.read_exact(&mut body).unwrap();
+            return serde_json::from_slice(&body[..len]).unwrap();
+        }
+    }
+}
+
+/// The runs whose jobs are queued now, as anyone allowed to look at the jobs stream (the
+/// worker user) finds them: the stream's subjects, `filepipe.jobs.<root>.<run>`.
+fn queued_runs(nats: &Nats, user: (&str, &str)) -> Vec<String> {
+    let info = ask_as(
+        nats,
+        user,
+        "$JS.API.STREAM.INFO.FILEPIPE_JOBS",
+        br#"{"subjects_filter":">"}"#,
+    );
+    info["state"]["subjects"]
+        .as_object()
+        .map(|o| {
+            o.keys()
+                .map(|s| s.rsplit('.').next().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The worker user may not publish a cancellation (`filepipe.cancel.>` is denied it, as the
+/// README says the server enforces), but it may send any request it is allowed with
+/// `filepipe.cancel.<run>` as the reply subject: the server's answer is then published there
+/// by the server itself, stored in the outcomes stream as the run's cancellation, and every
+/// (honest) worker drops the run's jobs. The run must still end with every file done.
+#[test]
+fn the_worker_user_cannot_cancel_a_run_through_a_reply_subject() {
+    let Some(nats) = server(&example()) else {
+        return;
+    };
+    let t = tree(20, 0);
+    let mut coordinator = coordinator_cmd(&nats, &t);
+    coordinator.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let coordinator = Started::new(coordinator);
+    let mut runs = Vec::new();
+    wait_until(Duration::from_secs(30), "the jobs are queued", || {
+        runs = queued_runs(&nats, WORKER);
+        !runs.is_empty()
+    });
+    let run = &runs[0];
+    // A request the worker user is allowed, answered on the run's cancellation subject.
+    request_as(
+        &nats,
+        WORKER,
+        "$JS.API.STREAM.INFO.FILEPIPE_JOBS",
+        &format!("filepipe.cancel.{run}"),
+        b"",
+    )
+    .expect("the worker user may look at the jobs stream");
+    let stored = ask_as(
+        &nats,
+        COORDINATOR,
+        "$JS.API.STREAM.MSG.GET.FILEPIPE_OUTCOMES",
+        format!(r#"{{"last_by_subj":"filepipe.cancel.{run}"}}"#).as_bytes(),
+    );
+    assert!(
+        stored.get("message").is_none(),
+        "the worker user stored a cancellation of run {run}: {stored}"
+    );
+    // (With it stored, the worker drops each job of the run, "run cancelled by its
+    // coordinator", and the coordinator republishes them for ever, blaming old workers.)
+    let _w = Worker::ready(worker_cmd(&nats, &t.root()), &t.side(""));
+    let r = coordinator
+        .finish(Duration::from_secs(90))
+        .context("coordinator");
+    let sum = r.success().summary();
+    assert_eq!(sum["done"], 20, "{sum}");
+    assert_results(&t, 20);
+}
