@@ -459,3 +459,50 @@ fn the_worker_user_cannot_cancel_a_run_through_a_reply_subject() {
     assert_eq!(sum["done"], 20, "{sum}");
     assert_results(&t, 20);
 }
+
+/// The worker user may make a root's workers' consumer (`$JS.API.CONSUMER.CREATE.FILEPIPE_JOBS.>`)
+/// with any settings, and a coordinator then uses the consumer it finds as it is
+/// (`get_or_create_consumer`): one made ahead of the root's first run with a filter no job
+/// matches leaves every job of every run of that root stored and never delivered, the
+/// coordinator waiting for ever and blaming old workers. Its own consumer is the
+/// coordinator's to check: the run must end, done, or failed naming the consumer.
+#[test]
+fn a_workers_consumer_made_by_the_worker_user_with_other_settings_does_not_hang_a_run() {
+    let Some(nats) = server(&example()) else {
+        return;
+    };
+    // The streams, made by a coordinator of another root.
+    let empty = TestTree::new();
+    let mut setup = filepipe(&[
+        s("batch"),
+        empty.root().as_os_str(),
+        s("--queue"),
+        s(&url_as(&nats, COORDINATOR)),
+        s("--root-name"),
+        s("other"),
+        s("--op"),
+        s("sha256"),
+    ]);
+    setup.env("XDG_STATE_HOME", xdg(&empty.root()));
+    run(setup).success();
+    let made = ask_as(
+        &nats,
+        WORKER,
+        "$JS.API.CONSUMER.CREATE.FILEPIPE_JOBS.workers-tree",
+        br#"{"stream_name":"FILEPIPE_JOBS","config":{"name":"workers-tree","durable_name":"workers-tree","filter_subject":"filepipe.jobs.tree.none","ack_policy":"explicit","deliver_policy":"all"}}"#,
+    );
+    assert!(made.get("error").is_none(), "{made}");
+    let t = tree(10, 0);
+    let _w = Worker::ready(worker_cmd(&nats, &t.root()), &t.side(""));
+    let mut coordinator = coordinator_cmd(&nats, &t);
+    coordinator.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let r = Started::new(coordinator)
+        .finish(Duration::from_secs(90))
+        .context("coordinator");
+    if r.output().status.success() {
+        assert_eq!(r.summary()["done"], 10, "{}", r.stdout());
+        assert_results(&t, 10);
+    } else {
+        assert!(r.stderr().contains("workers-tree"), "{}", r.stderr());
+    }
+}
