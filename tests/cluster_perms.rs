@@ -461,17 +461,18 @@ fn the_worker_user_cannot_cancel_a_run_through_a_reply_subject() {
 }
 
 /// The worker user may make a root's workers' consumer (`$JS.API.CONSUMER.CREATE.FILEPIPE_JOBS.>`)
-/// with any settings, and a coordinator then uses the consumer it finds as it is
-/// (`get_or_create_consumer`): one made ahead of the root's first run with a filter no job
-/// matches leaves every job of every run of that root stored and never delivered, the
-/// coordinator waiting for ever and blaming old workers. Its own consumer is the
-/// coordinator's to check: the run must end, done, or failed naming the consumer.
+/// with any settings, and change one that exists (a 2.9 server updates its filter, ack wait
+/// and max deliveries); a coordinator then uses the consumer it finds as it is
+/// (`get_or_create_consumer`): one whose filter no job matches (made ahead of the root's
+/// first run, or changed after one) leaves every job of every run of that root stored and
+/// never delivered, the coordinator waiting for ever and blaming old workers. Its own
+/// consumer is the coordinator's to check: the run must end, done, or failed naming it.
 #[test]
-fn a_workers_consumer_made_by_the_worker_user_with_other_settings_does_not_hang_a_run() {
+fn a_workers_consumer_changed_by_the_worker_user_does_not_hang_a_run() {
     let Some(nats) = server(&example()) else {
         return;
     };
-    // The streams, made by a coordinator of another root.
+    // The streams and the root's consumer, made by a coordinator of an empty tree.
     let empty = TestTree::new();
     let mut setup = filepipe(&[
         s("batch"),
@@ -479,7 +480,7 @@ fn a_workers_consumer_made_by_the_worker_user_with_other_settings_does_not_hang_
         s("--queue"),
         s(&url_as(&nats, COORDINATOR)),
         s("--root-name"),
-        s("other"),
+        s("tree"),
         s("--op"),
         s("sha256"),
     ]);
@@ -492,6 +493,7 @@ fn a_workers_consumer_made_by_the_worker_user_with_other_settings_does_not_hang_
         br#"{"stream_name":"FILEPIPE_JOBS","config":{"name":"workers-tree","durable_name":"workers-tree","filter_subject":"filepipe.jobs.tree.none","ack_policy":"explicit","deliver_policy":"all"}}"#,
     );
     assert!(made.get("error").is_none(), "{made}");
+    assert_eq!(made["config"]["filter_subject"], "filepipe.jobs.tree.none");
     let t = tree(10, 0);
     let _w = Worker::ready(worker_cmd(&nats, &t.root()), &t.side(""));
     let mut coordinator = coordinator_cmd(&nats, &t);
