@@ -508,3 +508,55 @@ fn a_workers_consumer_changed_by_the_worker_user_does_not_hang_a_run() {
         assert!(r.stderr().contains("workers-tree"), "{}", r.stderr());
     }
 }
+
+/// A worker waiting for a coordinator to make the streams must not hold its unit's start job
+/// open: `filepipe-worker@.service` is Type=notify and WantedBy=multi-user.target (so the
+/// target is ordered after it), and the wait sends EXTEND_TIMEOUT_USEC every second with no
+/// end, past the unit's TimeoutStartSec=1min: on hosts booted before any coordinator ever ran
+/// (the case the wait is for), `systemctl start` / `enable --now` blocks and the boot never
+/// reaches multi-user.target until a coordinator runs, which may be days. It should say
+/// READY=1 (with a STATUS= saying what it waits for) once it knows it must wait.
+#[test]
+fn a_worker_waiting_for_the_streams_does_not_hold_its_start_job_open() {
+    let Some(nats) = server(&example()) else {
+        return;
+    };
+    let t = tree(1, 0);
+    let socket = t.side("notify.sock");
+    let notes = Notifications::listen(&socket);
+    let log = t.side("worker.log");
+    let mut worker = worker_cmd(&nats, &t.root());
+    worker
+        .env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap());
+    let worker = Started::new(worker);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker waits for the streams",
+        || {
+            fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("waiting for a coordinator")
+        },
+    );
+    let ready = std::panic::catch_unwind(|| {
+        wait_until(Duration::from_secs(10), "READY=1 while it waits", || {
+            notes.has("READY=1")
+        })
+    })
+    .is_ok();
+    let extended = notes.count("EXTEND_TIMEOUT_USEC=");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&worker),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    worker.finish(Duration::from_secs(10)).success();
+    assert!(
+        ready,
+        "no READY=1 after 10 s of waiting for a coordinator; the start timeout extended {extended} times"
+    );
+}
