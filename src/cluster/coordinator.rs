@@ -727,7 +727,14 @@ fn gather_outcomes(
                 // stream by subject would upset the consumer on a 2.9 server: nats-server
                 // issue 5075). Stored, so a worker that was not listening finds it too.
                 let said = conn.rt.block_on(async {
-                    let ack = conn.js.publish(cancel_subject(run), "".into()).await?;
+                    let ack = conn
+                        .js
+                        .publish_with_headers(
+                            cancel_subject(run),
+                            crate::cluster::cancellation_headers(run),
+                            "".into(),
+                        )
+                        .await?;
                     ack.await.map_err(anyhow::Error::from)
                 });
                 match said {
@@ -1308,24 +1315,8 @@ fn ack_all(conn: &Conn, msgs: &[async_nats::jetstream::Message]) {
 
 /// Whether `run` was cancelled by its coordinator (its cancellation is stored).
 fn cancelled(conn: &Conn, run: &str) -> Result<bool> {
-    conn.rt.block_on(async {
-        let stream = conn.js.get_stream(OUTCOMES_STREAM).await?;
-        match stream
-            .get_last_raw_message_by_subject(&cancel_subject(run))
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(anyhow!("looking up whether run {run} was cancelled: {e}")),
-        }
-    })
+    conn.rt
+        .block_on(crate::cluster::stored_cancellation(&conn.js, run))
 }
 
 /// A watched file's outcome, checked against the version of the file it was published for

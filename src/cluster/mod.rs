@@ -74,6 +74,70 @@ pub(crate) fn cancel_subject(run: &str) -> String {
     format!("filepipe.cancel.{run}")
 }
 
+/// The header a coordinator's cancellation carries, its value the run: what makes a message on
+/// `filepipe.cancel.<run>` a cancellation. The subject alone does not: any user may send a
+/// request it is allowed with that subject as its reply subject, and the server then sends its
+/// answer there itself (stored in the outcome stream, heard by every worker), whatever the
+/// user's permission to publish there. No answer of the server's carries this header: API
+/// answers and acks' answers have none of a message's, and a pull request answered there
+/// delivers a job, whose headers only a coordinator sets (never this one).
+pub(crate) const CANCEL_HEADER: &str = "Filepipe-Cancel";
+
+/// Whether a message on `run`'s cancellation subject with `headers` is its coordinator's
+/// cancellation (`CANCEL_HEADER` naming the run), not a server's answer sent there.
+pub(crate) fn is_cancellation(run: &str, headers: Option<&async_nats::HeaderMap>) -> bool {
+    headers
+        .and_then(|h| h.get(CANCEL_HEADER))
+        .is_some_and(|v| v.as_str() == run)
+}
+
+/// The headers of `run`'s cancellation.
+pub(crate) fn cancellation_headers(run: &str) -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(CANCEL_HEADER, run);
+    headers
+}
+
+/// Stored messages on a cancellation subject looked at, at most, for a genuine one when the
+/// last is not: a forged answer stored after the cancellation must not hide it, and a flood
+/// of them must not make a lookup endless (past this many, the run counts as not cancelled:
+/// its jobs are done, which loses nothing).
+const CANCEL_LOOKUPS: usize = 64;
+
+/// Whether `run`'s coordinator stored its cancellation (`is_cancellation`).
+pub(crate) async fn stored_cancellation(js: &jetstream::Context, run: &str) -> Result<bool> {
+    use jetstream::stream::LastRawMessageErrorKind::NoMessageFound;
+    let stream = js.get_stream(OUTCOMES_STREAM).await?;
+    let subject = cancel_subject(run);
+    let looked_up = |e: jetstream::stream::LastRawMessageError| {
+        anyhow!("looking up whether run {run} was cancelled: {e}")
+    };
+    // The last first: the usual case, a cancellation and nothing after it.
+    match stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) if is_cancellation(run, Some(&m.headers)) => return Ok(true),
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), NoMessageFound) => return Ok(false),
+        Err(e) => return Err(looked_up(e)),
+    }
+    let mut seq = 1;
+    for _ in 0..CANCEL_LOOKUPS {
+        let found = stream
+            .raw_message_builder()
+            .sequence(seq)
+            .next_by_subject(subject.clone())
+            .send()
+            .await;
+        match found {
+            Ok(m) if is_cancellation(run, Some(&m.headers)) => return Ok(true),
+            Ok(m) => seq = m.sequence + 1,
+            Err(e) if matches!(e.kind(), NoMessageFound) => return Ok(false),
+            Err(e) => return Err(looked_up(e)),
+        }
+    }
+    tracing::warn!(%run, "more than {CANCEL_LOOKUPS} messages on the run's cancellation subject that are not a cancellation: taken for not cancelled");
+    Ok(false)
+}
+
 /// The subject of a run's outcomes.
 pub(crate) fn outcomes_subject(run: &str) -> String {
     format!("filepipe.outcomes.{run}")
@@ -156,7 +220,7 @@ impl Refusals {
         if let async_nats::Event::ServerError(async_nats::ServerError::Other(said)) = event {
             if said.starts_with("Permissions Violation") {
                 let refused = Refused(said.clone());
-                if !refused.is_stream_creation() {
+                if !refused.is_creation() {
                     tracing::error!("{refused}");
                 }
                 self.last.send_replace(Some(said.clone()));
@@ -210,6 +274,16 @@ impl Refused {
     fn is_stream_creation(&self) -> bool {
         self.subject()
             .is_some_and(|s| s.starts_with("$JS.API.STREAM.CREATE."))
+    }
+
+    /// Whether what was refused is a stream's or a consumer's creation (which a worker
+    /// need not be allowed: it waits for a coordinator's).
+    fn is_creation(&self) -> bool {
+        self.is_stream_creation()
+            || self.subject().is_some_and(|s| {
+                s.starts_with("$JS.API.CONSUMER.CREATE.")
+                    || s.starts_with("$JS.API.CONSUMER.DURABLE.CREATE.")
+            })
     }
 }
 
@@ -347,16 +421,18 @@ async fn await_streams(
 ) -> Result<bool> {
     const WAITING: &str = "the streams are missing and this user may not make them: waiting for a coordinator to make them";
     tracing::warn!("{WAITING}");
+    // Under systemd: started (connected, and waiting is what it is meant to do), with a
+    // status that says for what. Holding the start job open instead would block
+    // `systemctl start` and the boot's multi-user.target until some coordinator runs, which
+    // on a host set up before any may be days.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(WAITING),
+    ]);
     loop {
         if shutdown.requested() {
             return Ok(false);
         }
-        // Under systemd: not ready yet, and not stuck either (a unit's start timeout would
-        // otherwise kill a worker started before any coordinator).
-        let _ = sd_notify::notify(&[
-            sd_notify::NotifyState::Status(WAITING),
-            sd_notify::NotifyState::ExtendTimeoutUsec(30_000_000),
-        ]);
         tokio::time::sleep(Duration::from_secs(1)).await;
         let found = refusals
             .unless_refused(
@@ -515,15 +591,11 @@ async fn create_streams(js: &jetstream::Context) -> Result<()> {
     Ok(())
 }
 
-/// The workers' consumer for `root` (created if missing): explicit acks, redelivery after
+/// The workers' consumer of `root` as filepipe makes it: explicit acks, redelivery after
 /// `ACK_WAIT`, no server-side limit on deliveries (the worker enforces `MAX_DELIVER`, so the
 /// files are reported failed, not silently dropped).
-pub(crate) async fn workers_consumer(
-    js: &jetstream::Context,
-    root: &str,
-) -> Result<consumer::PullConsumer> {
-    let stream = js.get_stream(JOBS_STREAM).await?;
-    let config = consumer::pull::Config {
+fn workers_config(root: &str) -> consumer::pull::Config {
+    consumer::pull::Config {
         durable_name: Some(workers(root)),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: ACK_WAIT,
@@ -531,11 +603,169 @@ pub(crate) async fn workers_consumer(
         max_ack_pending: 100_000,
         filter_subject: format!("filepipe.jobs.{root}.>"),
         ..Default::default()
+    }
+}
+
+/// The workers' consumer of `root` was found with settings filepipe does not make (changed by
+/// a user allowed to, or made ahead by one): working from it could leave jobs undelivered for
+/// ever, or delivered again and again. What differs, setting by setting.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the workers' consumer {name} on {JOBS_STREAM} is not as filepipe makes it ({}): someone \
+     changed or made it; not used. Remove it (`nats consumer rm {JOBS_STREAM} {name}`) and a \
+     coordinator makes it again; let only the coordinator user create consumers \
+     (systemd/nats-server.conf)",
+    .differs.join("; ")
+)]
+pub(crate) struct Tampered {
+    name: String,
+    differs: Vec<String>,
+}
+
+/// `info`, the consumer found for `root`, checked against `workers_config`: every setting
+/// that decides which jobs are delivered, how, and when again.
+pub(crate) fn check_workers_consumer(root: &str, info: &consumer::Info) -> Result<(), Tampered> {
+    let want = workers_config(root);
+    let got = &info.config;
+    let mut differs = Vec::new();
+    let mut differ = |what: &str, got: String, want: String| {
+        if got != want {
+            differs.push(format!("{what} {got}, not {want}"));
+        }
     };
-    stream
-        .get_or_create_consumer(&workers(root), config)
+    // Ours, alone (several filters, as a 2.10 server may hold, leave this one empty).
+    differ(
+        "filter subject",
+        format!("{:?}", got.filter_subject),
+        format!("{:?}", want.filter_subject),
+    );
+    differ(
+        "ack policy",
+        format!("{:?}", got.ack_policy),
+        format!("{:?}", want.ack_policy),
+    );
+    differ(
+        "ack wait",
+        format!("{:?}", got.ack_wait),
+        format!("{:?}", want.ack_wait),
+    );
+    // No limit (-1, or 0 as a server may say it): a limit would drop a file's job silently.
+    differ(
+        "max deliver",
+        got.max_deliver.max(0).to_string(),
+        want.max_deliver.max(0).to_string(),
+    );
+    differ(
+        "deliver policy",
+        format!("{:?}", got.deliver_policy),
+        format!("{:?}", want.deliver_policy),
+    );
+    differ(
+        "max ack pending",
+        got.max_ack_pending.to_string(),
+        want.max_ack_pending.to_string(),
+    );
+    differ(
+        "deliver subject (a push consumer)",
+        format!("{:?}", got.deliver_subject),
+        "None".to_owned(),
+    );
+    differ(
+        "headers only",
+        got.headers_only.to_string(),
+        false.to_string(),
+    );
+    differ("backoff", format!("{:?}", got.backoff), "[]".to_owned());
+    differ(
+        "max batch, bytes, expires",
+        format!("{} {} {:?}", got.max_batch, got.max_bytes, got.max_expires),
+        format!("0 0 {:?}", Duration::ZERO),
+    );
+    match differs.is_empty() {
+        true => Ok(()),
+        false => Err(Tampered {
+            name: workers(root),
+            differs,
+        }),
+    }
+}
+
+/// The workers' consumer for `root`, created if missing (`workers_config`), and checked
+/// (`check_workers_consumer`: a `Tampered` error if it is not as filepipe makes it).
+pub(crate) async fn workers_consumer(
+    js: &jetstream::Context,
+    root: &str,
+) -> Result<consumer::PullConsumer> {
+    let stream = js.get_stream(JOBS_STREAM).await?;
+    let consumer = stream
+        .get_or_create_consumer(&workers(root), workers_config(root))
         .await
-        .map_err(|e| anyhow::anyhow!("{e}"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    check_workers_consumer(root, consumer.cached_info())?;
+    Ok(consumer)
+}
+
+/// `workers_consumer` for a worker, whose user need not be allowed to create consumers
+/// (the example's is not): if the server refuses it the creation of a missing one, it waits
+/// for a coordinator to make it, looking every second (saying so once, and, under systemd,
+/// ready: waiting is what it is there for); `None` if a shutdown came first.
+pub(crate) async fn await_workers_consumer(
+    js: &jetstream::Context,
+    refusals: &Refusals,
+    root: &str,
+    shutdown: &Shutdown,
+) -> Result<Option<consumer::PullConsumer>> {
+    match refusals
+        .unless_refused(workers_consumer(js, root), Duration::ZERO)
+        .await
+    {
+        Err(e)
+            if e.downcast_ref::<Refused>()
+                .is_some_and(Refused::is_creation) => {}
+        done => return done.map(Some),
+    }
+    let waiting = format!(
+        "the workers' consumer {} is missing and this user may not make it: waiting for a \
+         coordinator to make it",
+        workers(root)
+    );
+    tracing::warn!("{waiting}");
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&waiting),
+    ]);
+    let stream = js.get_stream(JOBS_STREAM).await?;
+    loop {
+        if shutdown.requested() {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let found = refusals
+            .unless_refused(
+                async { Ok(stream.consumer_info(workers(root)).await) },
+                Duration::ZERO,
+            )
+            .await?;
+        match found {
+            Ok(_) => {
+                tracing::info!(consumer = %workers(root), "the workers' consumer is there");
+                return refusals
+                    .unless_refused(workers_consumer(js, root), Duration::ZERO)
+                    .await
+                    .map(Some);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::context::ConsumerInfoErrorKind::NotFound
+                ) || matches!(
+                    e.kind(),
+                    jetstream::context::ConsumerInfoErrorKind::JetStream(j)
+                        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+                ) => {}
+            Err(e) => return Err(anyhow!(e).context(format!("looking for {}", workers(root)))),
+        }
+    }
 }
 
 /// Up to `n` messages from `consumer`: those available now, or else the first to arrive

@@ -18,9 +18,8 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::cli::OpSpec;
 use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireOutcome, WireStatus};
 use crate::cluster::{
-    cancel_subject, connect_or_await, may_publish, outcomes_subject, take, whoami,
-    workers_consumer, Conn, Missing, Queue, Unreachable, MAX_DELIVER, OUTCOMES_STREAM,
-    PROGRESS_EVERY,
+    await_workers_consumer, connect_or_await, may_publish, outcomes_subject, take, whoami,
+    workers_consumer, Conn, Missing, Queue, Unreachable, MAX_DELIVER, PROGRESS_EVERY,
 };
 use crate::config::{Config, Filter, WorkerConfig};
 use crate::error::{FileError, Kind};
@@ -82,11 +81,22 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
     };
     // One consumer per root this worker maps: it is only ever given jobs it can do.
     let mut consumers = Vec::new();
+    // Made by a coordinator if this user may not (waiting for it), and refused if it is not
+    // as filepipe makes it: exit 2, saying what differs.
     for root in roots.keys() {
         let c = conn
-            .start(workers_consumer(&conn.js, root))
+            .rt
+            .block_on(await_workers_consumer(
+                &conn.js,
+                &conn.refusals,
+                root,
+                shutdown,
+            ))
             .with_context(|| format!("binding the workers' consumer for root {root}"))
             .map_err(Unreachable)?;
+        let Some(c) = c else {
+            return Ok(());
+        };
         consumers.push((root.clone(), c));
     }
     // Cancelled runs, as their coordinators say (core NATS: heard only while connected; a job
@@ -108,11 +118,15 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         .map_err(Unreachable)?;
     let jobs = cfg.jobs;
     tracing::info!(queue = %queue.shown(), roots = ?roots.keys().collect::<Vec<_>>(), jobs, "worker ready");
-    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status("taking jobs"),
+    ]);
     let mut router = Router {
         conn: &conn,
         consumers,
         next_consumer: 0,
+        tampered: HashSet::new(),
         cancels,
         cancelled: HashSet::new(),
         checked: HashSet::new(),
@@ -137,6 +151,9 @@ struct Router<'a> {
     consumers: Vec<(String, PullConsumer)>,
     /// The consumer to ask first next time (round robin, so no root starves another).
     next_consumer: usize,
+    /// Roots whose consumer was found changed (`Tampered`) mid-run: not fetched from until it
+    /// is as filepipe makes it again.
+    tampered: HashSet<String>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -168,6 +185,7 @@ impl Router<'_> {
             self.settle_ready();
             if last_progress.elapsed() >= PROGRESS_EVERY {
                 self.progress();
+                self.check_consumers();
                 last_progress = Instant::now();
             }
             self.reap(false)?;
@@ -210,11 +228,19 @@ impl Router<'_> {
     /// 50,000 small files took 6.8 s instead of 2.5 s.)
     fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
         let k = self.consumers.len().max(1);
+        if self.tampered.len() >= self.consumers.len() {
+            // Nothing to fetch from: wait as a fetch would, never spin.
+            std::thread::sleep(Duration::from_millis(500));
+            return Ok(Vec::new());
+        }
         let mut failed = None;
         for wait in [Duration::ZERO, Duration::from_millis(500) / k as u32] {
             for i in 0..k {
                 let at = (self.next_consumer + i) % k;
                 let (root, c) = &self.consumers[at];
+                if self.tampered.contains(root) {
+                    continue;
+                }
                 match self.conn.rt.block_on(take(c, n, wait)) {
                     Ok(msgs) if msgs.is_empty() => {}
                     Ok(msgs) => {
@@ -244,6 +270,30 @@ impl Router<'_> {
         failed.map_or(Ok(Vec::new()), Err)
     }
 
+    /// Checks each root's consumer is still as filepipe makes it: one changed mid-run (by a
+    /// user allowed to) is not fetched from, with an error saying what differs, until it is
+    /// again (removed and made again by a coordinator, say).
+    fn check_consumers(&mut self) {
+        for (root, c) in &mut self.consumers {
+            let Ok(info) = self.conn.rt.block_on(c.info()).cloned() else {
+                // Unanswered or gone: the next fetch says so and makes it again.
+                continue;
+            };
+            match crate::cluster::check_workers_consumer(root, &info) {
+                Err(t) => {
+                    if self.tampered.insert(root.clone()) {
+                        tracing::error!("{t}: its jobs are not taken until it is");
+                    }
+                }
+                Ok(()) => {
+                    if self.tampered.remove(root.as_str()) {
+                        tracing::info!(%root, "the workers' consumer is as filepipe makes it again: taking its jobs");
+                    }
+                }
+            }
+        }
+    }
+
     /// Hears of cancelled runs.
     fn hear_cancels(&mut self) {
         use futures_util::{FutureExt, StreamExt};
@@ -253,6 +303,12 @@ impl Router<'_> {
             .block_on(async { self.cancels.next().now_or_never() })
         {
             if let Some(run) = m.subject.as_str().strip_prefix("filepipe.cancel.") {
+                // Only a coordinator's: the server's answer to a request sent with this
+                // subject for its reply lands here too, and is no cancellation.
+                if !crate::cluster::is_cancellation(run, m.headers.as_ref()) {
+                    tracing::debug!(%run, "a message on a run's cancellation subject that is not a cancellation: ignored");
+                    continue;
+                }
                 if wire::valid_name(run) && self.cancelled.insert(run.to_owned()) {
                     tracing::info!(%run, "run cancelled by its coordinator");
                 }
@@ -269,30 +325,20 @@ impl Router<'_> {
         if !self.checked.insert(run.to_owned()) {
             return false;
         }
-        let found = self.conn.rt.block_on(async {
-            let stream = self.conn.js.get_stream(OUTCOMES_STREAM).await.ok()?;
-            Some(
-                stream
-                    .get_last_raw_message_by_subject(&cancel_subject(run))
-                    .await,
-            )
-        });
+        let found = self
+            .conn
+            .rt
+            .block_on(crate::cluster::stored_cancellation(&self.conn.js, run));
         match found {
-            Some(Ok(_)) => {
+            Ok(true) => {
                 self.cancelled.insert(run.to_owned());
                 true
             }
             // Asked and answered: not cancelled (a later cancel is heard live).
-            Some(Err(e))
-                if matches!(
-                    e.kind(),
-                    async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound
-                ) =>
-            {
-                false
-            }
+            Ok(false) => false,
             // No answer: ask again next time.
-            _ => {
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "looking up a run's cancellation failed");
                 self.checked.remove(run);
                 false
             }
