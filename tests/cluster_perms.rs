@@ -672,3 +672,71 @@ fn a_worker_waits_for_a_coordinator_to_make_its_roots_consumer() {
         fs::read_to_string(&log).unwrap()
     );
 }
+
+/// A workers' consumer changed while a worker runs (here its ack wait, by the coordinator
+/// user, standing for anyone allowed to): the worker says so, naming what differs, and takes
+/// nothing from it; once it is as filepipe makes it again, the worker takes its jobs and a
+/// batch ends with every file done.
+#[test]
+fn a_worker_stops_taking_from_a_workers_consumer_changed_mid_run() {
+    let Some(nats) = server(&example()) else {
+        return;
+    };
+    let t = tree(8, 0);
+    // The streams and the root's consumer, made by a coordinator of an empty tree.
+    let empty = TestTree::new();
+    let mut setup = filepipe(&[
+        s("batch"),
+        empty.root().as_os_str(),
+        s("--queue"),
+        s(&url_as(&nats, COORDINATOR)),
+        s("--root-name"),
+        s("tree"),
+        s("--op"),
+        s("sha256"),
+    ]);
+    setup.env("XDG_STATE_HOME", xdg(&empty.root()));
+    run(setup).success();
+    let w = Worker::ready(worker_cmd(&nats, &t.root()), &t.side(""));
+    let said = |what: &str| {
+        fs::read_to_string(&w.log)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    let info = ask_as(
+        &nats,
+        WORKER,
+        "$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.workers-tree",
+        b"",
+    );
+    let made = info["config"].clone();
+    let mut changed = made.clone();
+    changed["ack_wait"] = serde_json::json!(5_000_000_000u64);
+    let update = |config: &serde_json::Value| {
+        let body = serde_json::json!({"stream_name": "FILEPIPE_JOBS", "config": config});
+        let r = ask_as(
+            &nats,
+            COORDINATOR,
+            "$JS.API.CONSUMER.CREATE.FILEPIPE_JOBS.workers-tree",
+            body.to_string().as_bytes(),
+        );
+        assert!(r.get("error").is_none(), "{r}");
+        r
+    };
+    assert_eq!(update(&changed)["config"]["ack_wait"], 5_000_000_000u64);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to say the consumer changed",
+        || said("workers-tree on FILEPIPE_JOBS is not as filepipe makes it (ack wait 5s"),
+    );
+    update(&made);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to take the consumer's jobs again",
+        || said("the workers' consumer is as filepipe makes it again"),
+    );
+    let r = run(coordinator_cmd(&nats, &t)).context("coordinator");
+    let sum = r.success().summary();
+    assert_eq!(sum["done"], 8, "{sum}");
+    assert_results(&t, 8);
+}
