@@ -251,7 +251,9 @@ impl Router<'_> {
                         // One root's trouble (its consumer deleted, say) must not stop the
                         // others: try to make it again, and go on to the next root.
                         // (A server that lost its store has no streams either: made again.)
-                        let again = self.conn.rt.block_on(async {
+                        // (Bounded by the server's refusal: a worker user that may not
+                        // make it gets no answer, and retries once a coordinator has.)
+                        let again = self.conn.start(async {
                             self.conn.setup().await?;
                             workers_consumer(&self.conn.js, root).await
                         });
@@ -275,7 +277,12 @@ impl Router<'_> {
     /// again (removed and made again by a coordinator, say).
     fn check_consumers(&mut self) {
         for (root, c) in &mut self.consumers {
-            let Ok(info) = self.conn.rt.block_on(c.info()).cloned() else {
+            // Bounded as a fetch is: a server slow to answer must not hold up the acks.
+            let asked = self.conn.rt.block_on(async {
+                let info = tokio::time::timeout(Duration::from_secs(5), c.info()).await;
+                info.ok()?.ok().cloned()
+            });
+            let Some(info) = asked else {
                 // Unanswered or gone: the next fetch says so and makes it again.
                 continue;
             };
