@@ -71,6 +71,24 @@ fn coordinator_cmd(nats: &Nats, t: &TestTree) -> Command {
     cmd
 }
 
+/// A coordinator (the example's user) of an empty tree under the root name `root`: it makes
+/// the streams and that root's workers' consumer, and ends.
+fn make_streams(nats: &Nats, root: &str) -> Run {
+    let empty = TestTree::new();
+    let mut setup = filepipe(&[
+        s("batch"),
+        empty.root().as_os_str(),
+        s("--queue"),
+        s(&url_as(nats, COORDINATOR)),
+        s("--root-name"),
+        s(root),
+        s("--op"),
+        s("sha256"),
+    ]);
+    setup.env("XDG_STATE_HOME", xdg(&empty.root()));
+    run(setup)
+}
+
 /// Every output passes `gzip -t` and restores its input; the manifest passes `sha256sum -c`
 /// from the root; `files` in all.
 fn assert_results(t: &TestTree, files: usize) {
@@ -281,20 +299,8 @@ fn a_user_without_a_permission_it_needs_is_told_at_start() {
             return;
         };
         // The streams and the workers' consumer exist (made by a coordinator of nothing).
-        let empty = TestTree::new();
-        let mut setup = filepipe(&[
-            s("batch"),
-            empty.root().as_os_str(),
-            s("--queue"),
-            s(&url_as(&nats, COORDINATOR)),
-            s("--root-name"),
-            s("tree"),
-            s("--op"),
-            s("sha256"),
-        ]);
-        setup.env("XDG_STATE_HOME", xdg(&empty.root()));
         if as_worker {
-            run(setup).context(what).success();
+            make_streams(&nats, "tree").context(what).success();
         }
         let mut cmd = match as_worker {
             true => worker_cmd(&nats, &t.root()),
@@ -501,19 +507,7 @@ fn a_workers_consumer_changed_by_the_worker_user_does_not_hang_a_run() {
         return;
     };
     // The streams and the root's consumer, made by a coordinator of an empty tree.
-    let empty = TestTree::new();
-    let mut setup = filepipe(&[
-        s("batch"),
-        empty.root().as_os_str(),
-        s("--queue"),
-        s(&url_as(&nats, COORDINATOR)),
-        s("--root-name"),
-        s("tree"),
-        s("--op"),
-        s("sha256"),
-    ]);
-    setup.env("XDG_STATE_HOME", xdg(&empty.root()));
-    run(setup).success();
+    make_streams(&nats, "tree").success();
     let change = br#"{"stream_name":"FILEPIPE_JOBS","config":{"name":"workers-tree","durable_name":"workers-tree","filter_subject":"filepipe.jobs.tree.none","ack_policy":"explicit","deliver_policy":"all"}}"#;
     let refused = request_as(
         &nats,
@@ -619,19 +613,7 @@ fn a_worker_waits_for_a_coordinator_to_make_its_roots_consumer() {
         return;
     };
     // The streams, and another root's consumer only.
-    let other = TestTree::new();
-    let mut setup = filepipe(&[
-        s("batch"),
-        other.root().as_os_str(),
-        s("--queue"),
-        s(&url_as(&nats, COORDINATOR)),
-        s("--root-name"),
-        s("other"),
-        s("--op"),
-        s("sha256"),
-    ]);
-    setup.env("XDG_STATE_HOME", xdg(&other.root()));
-    run(setup).success();
+    make_streams(&nats, "other").success();
     let t = tree(12, 0);
     let socket = t.side("notify.sock");
     let notes = Notifications::listen(&socket);
@@ -684,19 +666,7 @@ fn a_worker_stops_taking_from_a_workers_consumer_changed_mid_run() {
     };
     let t = tree(8, 0);
     // The streams and the root's consumer, made by a coordinator of an empty tree.
-    let empty = TestTree::new();
-    let mut setup = filepipe(&[
-        s("batch"),
-        empty.root().as_os_str(),
-        s("--queue"),
-        s(&url_as(&nats, COORDINATOR)),
-        s("--root-name"),
-        s("tree"),
-        s("--op"),
-        s("sha256"),
-    ]);
-    setup.env("XDG_STATE_HOME", xdg(&empty.root()));
-    run(setup).success();
+    make_streams(&nats, "tree").success();
     let w = Worker::ready(worker_cmd(&nats, &t.root()), &t.side(""));
     let said = |what: &str| {
         fs::read_to_string(&w.log)

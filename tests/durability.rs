@@ -48,6 +48,13 @@ fn places() -> Vec<(Place, Option<JournaledFs>)> {
     places
 }
 
+/// A fresh ext4 without a journal, or `None` (the test says it skipped) where none can be made.
+fn no_journal_fs() -> Option<JournaledFs> {
+    JournaledFs::with(&["-O", "^has_journal"])
+        .map_err(|why| eprintln!("SKIPPED: no ext4 without a journal: {why}"))
+        .ok()
+}
+
 fn tree_at(n: u64, fs: &Option<JournaledFs>) -> TestTree {
     match fs {
         Some(fs) => tree_in(Some(&fs.path()), n),
@@ -408,12 +415,8 @@ fn without_a_journal_every_file_reported_done_is_on_the_disk_under_its_name() {
     // mounted, is the disk after a power cut at that instant. With anonymous temps synced
     // before they had a name, the inodes' link counts never reached it: e2fsck found every
     // output's inode free, and with --remove-source the inputs were gone too.
-    let fs = match JournaledFs::with(&["-O", "^has_journal"]) {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED: no ext4 without a journal to crash: {why}");
-            return;
-        }
+    let Some(fs) = no_journal_fs() else {
+        return;
     };
     for mode in ["group", "file"] {
         let t = tree_in(Some(&fs.path()), 20);
@@ -480,12 +483,8 @@ fn without_a_journal_a_failed_whole_flush_fails_its_files_and_names_none_of_them
     if !strace_or_skip("make a syncfs fail") {
         return;
     }
-    let fs = match JournaledFs::with(&["-O", "^has_journal"]) {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED: no ext4 without a journal: {why}");
-            return;
-        }
+    let Some(fs) = no_journal_fs() else {
+        return;
     };
     let t = tree_in(Some(&fs.path()), 200);
     let root = t.root();
@@ -561,12 +560,8 @@ fn without_a_journal_a_file_failed_by_a_whole_flush_after_its_name_is_redone_by_
     if !strace_or_skip("make a syncfs after the names fail") {
         return;
     }
-    let fs = match JournaledFs::with(&["-O", "^has_journal"]) {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED: no ext4 without a journal: {why}");
-            return;
-        }
+    let Some(fs) = no_journal_fs() else {
+        return;
     };
     for attempt in 0..6 {
         let t = tree_in(Some(&fs.path()), 200);
@@ -654,12 +649,8 @@ fn without_a_journal_a_watched_file_failed_after_its_name_is_not_recorded_done_u
     if !strace_or_skip("make a watch daemon's syncfs fail") {
         return;
     }
-    let fs = match JournaledFs::with(&["-O", "^has_journal"]) {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED: no ext4 without a journal: {why}");
-            return;
-        }
+    let Some(fs) = no_journal_fs() else {
+        return;
     };
     if !write_out_dirty_data() {
         eprintln!("SKIPPED: over 64 MiB dirty after sync: groups would be flushed file by file");
