@@ -1,8 +1,8 @@
 //! `--durability` on a disk that fails some metadata writes (issue 18): every file reported
-//! done must be whole under its name on the disk. Alone in its test binary: a `sync` run by
-//! another test at the same moment writes (and fails) the inode-table blocks behind filepipe's
-//! back, and a file's own `fsync` never hears of such an error (the kernel's limit, which the
-//! README states).
+//! done must be whole under its name on the disk. In a test binary of its own: its tests
+//! mount loop devices over small tmpfs mounts, and one writes the failing blocks behind
+//! filepipe's back with `sync` on purpose (as the kernel's write-back does), which no other
+//! test should meet.
 
 mod common;
 
@@ -61,7 +61,7 @@ fn sh(cmd: &str, args: &[&OsStr]) -> std::process::Output {
 /// blocks there are holes in a full tmpfs: the loop device's write gets ENOSPC, ext4 an I/O
 /// error), every other write succeeding. Returns (files reported done, those of them whose
 /// output is not whole under its name on the disk), the disk read after e2fsck.
-fn run_on_a_disk_failing_inode_writes(mode: &str, ok: u64) -> (u64, Vec<String>) {
+fn run_on_a_disk_failing_inode_writes(mode: &str, ok: u64, eager: bool) -> (u64, Vec<String>) {
     let d = FaultyDisk {
         dir: tempfile::tempdir().unwrap(),
     };
@@ -171,7 +171,23 @@ fn run_on_a_disk_failing_inode_writes(mode: &str, ok: u64) -> (u64, Vec<String>)
         s(mode),
         s("--json"),
     ];
-    let summary = run(filepipe(&args)).summary();
+    // With `eager`, the kernel's write-back made eager: `sync` writes the inode-table blocks
+    // (and fails) behind filepipe's back while it runs, as the kernel does early when much
+    // data is waiting (a build's, in CI). A file's own `fsync` then finds its inode's block
+    // written and succeeds; `sync` leaves the error in the block device's flag for a `syncfs`
+    // to read.
+    let stop = std::sync::atomic::AtomicBool::new(!eager);
+    let summary = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                rustix::fs::sync();
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        });
+        let summary = run(filepipe(&args)).summary();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        summary
+    });
     let failed: HashSet<String> = failure_log(&log)
         .iter()
         .map(|r| r["path"].as_str().unwrap().to_string())
@@ -213,33 +229,55 @@ fn run_on_a_disk_failing_inode_writes(mode: &str, ok: u64) -> (u64, Vec<String>)
     (done, lost)
 }
 
-#[test]
-#[ignore = "not yet sound: passes on a quiet machine, but a CI run on a fresh clone saw `group` report 13 of 63 files done off this disk (cause not found; issue 18's note). Run it with --ignored"]
-fn without_a_journal_a_failed_inode_table_write_never_leaves_a_file_reported_done_off_the_disk() {
-    // A disk that fails some metadata writes (the inode table past the first 100 new inodes)
-    // and none of the data. Several outputs share an inode-table block; without a journal the
-    // first flush to write it takes the error, and the others then find it written (ext4 keeps
-    // a block whose write failed as up to date) and succeed, though their inodes (and so their
-    // names) never reach the disk. Whatever the mode, every file reported done must be whole
-    // under its name: an error a flush reports fails every output in the making there.
-    if !is_root() {
-        eprintln!("SKIPPED: not root: cannot mount a file system");
-        return;
-    }
-    // A few runs of each: in one, the first flush may meet the error before any file is done,
-    // and fail them all.
-    for mode in ["file", "group"] {
+/// Runs each of `modes` on a fresh failing disk once per entry of `eager` (see
+/// `run_on_a_disk_failing_inode_writes`): every file reported done must be whole under its
+/// name. A run may fail every file (the first flush can meet the error before any is done);
+/// how many were done is printed.
+fn every_done_file_is_on_the_disk(modes: &[&str], eager: &[bool], ok: u64) {
+    for mode in modes {
         let mut runs = Vec::new();
-        for _ in 0..3 {
-            let (done, lost) = run_on_a_disk_failing_inode_writes(mode, 100);
+        for &eager in eager {
+            let (done, lost) = run_on_a_disk_failing_inode_writes(mode, ok, eager);
             assert!(
                 lost.is_empty(),
-                "--durability {mode}: {} of {done} files reported done are not whole under \
-                 their names on the disk: {:?}... (earlier runs: {runs:?})",
+                "--durability {mode} (eager write-back: {eager}): {} of {done} files reported \
+                 done are not whole under their names on the disk: {:?}... (earlier runs: \
+                 {runs:?})",
                 lost.len(),
                 &lost[..lost.len().min(5)]
             );
             runs.push(done);
         }
+        eprintln!("--durability {mode}: files done per run {runs:?}");
     }
+}
+
+/// A disk that fails some metadata writes (the inode table past the first 100 new inodes) and
+/// none of the data, its blocks written behind filepipe's back while it runs. Several outputs
+/// share an inode-table block; without a journal, a file's own `fsync` finds the block
+/// written (by the kernel's write-back, or here `sync`) and succeeds though the write failed,
+/// and only a `syncfs` reads the error. The first 200 new inodes are good, so that files are
+/// done before the trouble starts. Before the check of each group (`check_written`), every
+/// run of this test failed: 9 to 75 of the files reported done were not on the disk, or the
+/// errors went unseen altogether (300 done, none failed).
+#[test]
+fn with_eager_write_back_no_file_flushed_alone_is_reported_done_off_a_failing_disk() {
+    if !is_root() {
+        eprintln!("SKIPPED: not root: cannot mount a file system");
+        return;
+    }
+    every_done_file_is_on_the_disk(&["file"], &[true, true, true], 200);
+}
+
+#[test]
+#[ignore = "not yet sound: in about 70 runs on one machine, once, `group` reported 21 of 121 files done off this disk without eager write-back (under load: other builds starting; cause not found; issue 18's note). Run it with --ignored"]
+fn without_a_journal_a_failed_inode_table_write_never_leaves_a_file_reported_done_off_the_disk() {
+    // The same disk, each mode, with and without the eager write-back. Whatever the mode,
+    // every file reported done must be whole under its name: an error a flush reports fails
+    // every output in the making there.
+    if !is_root() {
+        eprintln!("SKIPPED: not root: cannot mount a file system");
+        return;
+    }
+    every_done_file_is_on_the_disk(&["file", "group"], &[false, true, false, true], 100);
 }

@@ -1265,9 +1265,9 @@ const WHOLE_MIN_GROUP: usize = 4;
 /// to whichever call meets it first (the block device's error flag), and not to any file's own
 /// `fsync` afterwards. With one flush at a time, every such error reported to this process is
 /// seen here and counted (`FlushMark`), so that every output in the making on that file system
-/// then fails. An error taken first by another program's `syncfs` or `sync` of the same file
-/// system is lost to filepipe, as it is to a file's own `fsync` once the kernel's write-back
-/// has cleaned its inode. The descriptor is opened for each flush, not kept: one held open
+/// then fails. An error taken first by another program's `syncfs` of the same file system (or
+/// its `fsync` of the block device) is lost to filepipe; files flushed one by one there are
+/// checked the same way afterwards (`check_written`). The descriptor is opened for each flush, not kept: one held open
 /// would keep the file system from being unmounted while a daemon runs, and one opened earlier
 /// would report again, once, each data write error (any file's) from before this call, which
 /// each temp's own descriptor reports to it anyway.
@@ -1288,6 +1288,39 @@ fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
         flush_failed(dir);
     }
     Some(result)
+}
+
+/// Asks `dir`'s file system, an ext4 without a journal whose files were just flushed one by
+/// one (`fsync`s), whether any write of its metadata failed meanwhile: one `syncfs`, counted
+/// as a flush (`flush_failed`) if it reports an error, so that every output in the making
+/// there then fails (`FlushMark`). Why: a file's own `fsync` writes its inode's block only if
+/// its inode is still dirty; once the kernel's write-back has written that block (as it does
+/// early when much data is waiting, a build's or a copy's) and the write failed, the block is
+/// clean and still up to date in memory, the `fsync` succeeds, and the failure sits in the
+/// block device's error flag, which only a `syncfs` (or another program's flush of the device)
+/// reads. Seen in a CI run: files reported done whose inodes never reached a disk failing its
+/// inode-table writes (tests/durability_faulty.rs). Costs one `syncfs` per group and file
+/// system, which writes what the `fsync`s left (bitmaps, group descriptors) and flushes the
+/// disk's cache once more.
+fn check_written(dir: &Dir) {
+    let _one = SHARED_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
+    // A descriptor opened now (see `sync_whole`); if none can be, the directory's own, which
+    // may report an older data error again (a spurious failure, never a missed one).
+    let fresh = rfs::openat(
+        &dir.fd,
+        ".",
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    );
+    let result = match &fresh {
+        Ok(fd) => rfs::syncfs(fd),
+        Err(_) => rfs::syncfs(&dir.fd),
+    };
+    if let Err(e) = result {
+        tracing::debug!(dir = %dir.path.display(), error = %e,
+            "the check of a file system without a journal after its files' own flushes failed");
+        flush_failed(dir);
+    }
 }
 
 /// `flush_together` of the items on file systems with a journal; one after another for the
@@ -1466,8 +1499,9 @@ fn link_needs_fsync(dir: &Dir) -> bool {
 /// With `group` and no journal, the directories are fsynced together (see `flush_together`:
 /// each is a flush of the disk's cache), or, on ext4 without a journal and for at least
 /// `WHOLE_MIN_GROUP` names there, their file system is flushed whole (`sync_whole`); a
-/// directory there then fails if any whole flush reported an error since `since`. `None`:
-/// nothing.
+/// directory there then fails if any whole flush reported an error since `since`. An ext4
+/// without a journal that is not flushed whole here is checked once after its directories'
+/// `fsync`s (`check_written`), with the same effect. `None`: nothing.
 pub(crate) fn sync_dirs(
     dirs: &[&Arc<Dir>],
     durability: Durability,
@@ -1525,6 +1559,16 @@ pub(crate) fn sync_dirs(
         !together,
     )
     .into_iter();
+    // Checked: each ext4 without a journal not flushed whole here (too few names, too much
+    // other data waiting, or a flush error met there before), once (see `check_written`); its
+    // error fails every directory on such a file system below (`unharmed`).
+    let mut checked = std::collections::HashSet::new();
+    for dir in &distinct {
+        let Some((dev, _)) = dir.id() else { continue };
+        if fs_kind(dir) == FsKind::Ext4NoJournal && whole_of(dir).is_none() && checked.insert(dev) {
+            check_written(dir);
+        }
+    }
     let synced: Vec<Result<(), FileError>> = distinct
         .iter()
         .map(|dir| {

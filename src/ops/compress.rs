@@ -931,6 +931,10 @@ impl<C: Codec> Op for CompressOp<C> {
                 })
             })
             .collect();
+        // Taken before the temps are flushed, not after: an error another thread's flush
+        // counts between this group's last check in `sync_group` and a mark taken later would
+        // otherwise fall outside both (any error during `sync_group` fails these temps anyway).
+        let mark = output::flush_mark();
         let mut flushed = output::sync_group(temps, bytes, self.durability).into_iter();
         for slot in &mut synced {
             if let Ok(Step::Flushing) = slot {
@@ -941,7 +945,6 @@ impl<C: Codec> Op for CompressOp<C> {
             }
         }
         // 3. Rename each into place, no-clobber unless replacing is allowed.
-        let mark = output::flush_mark();
         let renamed: Vec<_> = synced
             .into_iter()
             .zip(&heads)
