@@ -391,8 +391,8 @@ impl WorkerConfig {
 
 /// The files a worker opens at start, checked without creating or changing any: the failure
 /// log can be appended to (or made in an existing directory it may write), the CA file is a
-/// readable regular file, the credentials file is one only its owner may read and change (it
-/// holds an nkey seed). Here, in `resolve`, so `check-config` refuses what the worker would.
+/// regular file only root or the worker's user may change or replace (it says whom to trust),
+/// the credentials file is one only its owner may read and change (it holds an nkey seed). Here, in `resolve`, so `check-config` refuses what the worker would.
 fn check_worker_files(s: &WorkerSettings) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let nonblocking = libc::O_NONBLOCK | libc::O_NOCTTY;
@@ -427,18 +427,12 @@ fn check_worker_files(s: &WorkerSettings) -> Result<()> {
         }
     }
     if let Some(ca) = &s.tls_ca {
-        let file = fs::File::options()
-            .read(true)
-            .custom_flags(nonblocking)
-            .open(ca)
-            .with_context(|| format!("reading the CA certificates {}", ca.display()))?;
-        let is_file = file.metadata().map(|m| m.is_file()).unwrap_or(false);
-        if !is_file {
-            bail!("the CA certificates {}: not a regular file", ca.display());
-        }
+        crate::secret::open_checked(ca, crate::secret::FileRule::Trust)
+            .map_err(|e| anyhow::anyhow!("the CA certificates: {e}"))?;
     }
     if let Some(creds) = &s.creds {
-        crate::secret::check_secret_file(creds, crate::secret::CREDS_SECRET)
+        let rule = crate::secret::FileRule::Secret(crate::secret::CREDS_SECRET);
+        crate::secret::open_checked(creds, rule)
             .map_err(|e| anyhow::anyhow!("the credentials: {e}"))?;
     }
     Ok(())

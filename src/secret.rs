@@ -1,8 +1,10 @@
 //! Secrets: a queue URL's user and password (or token), a credentials file's nkey seed. What a
 //! URL or a message shows of them (`shown_url`, `redact`), and the rules for a file that holds
 //! one or says where the queue is (`FileAccess::check_private`, `check_not_writable`, which
-//! holds the directories above such a file to the same rule). A leaf: it imports nothing of
-//! the crate, so the config readers and the cluster client share it.
+//! holds the directories above such a file to the same rule), or says whom to trust (a CA
+//! file, `FileRule::Trust`); `open_checked` checks the file it opened, and its caller reads
+//! that descriptor. A leaf: it imports nothing of the crate, so the config readers and the
+//! cluster client share it.
 //!
 //! Redaction is conservative on purpose: a password may hold an unencoded `/`, `,`, `:` or `@`,
 //! and a URL may come without a scheme (`user:pass@host:4222`, which the NATS client takes as
@@ -384,24 +386,84 @@ fn parse_acl(bytes: &[u8]) -> Option<Vec<AclEntry>> {
     Some(named)
 }
 
-/// Opens `path`, a file that holds a secret (`what`), for reading without blocking (a FIFO or
-/// a device is refused) and checks it as `check_private` and `check_not_writable` do: a
-/// credentials file's nkey seed is as much a secret as a password.
-pub(crate) fn check_secret_file(path: &Path, what: &str) -> Result<(), String> {
+/// Which rule a file that says how to reach the queue is held to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum FileRule {
+    /// It holds a secret (what: "an nkey seed"): readable by its owner only
+    /// (`check_private`), and changeable by its owner only (`check_not_writable`).
+    Secret(&'static str),
+    /// It says whom to trust (a CA's certificates): anyone may read it, but whoever may change
+    /// or replace it may have filepipe trust their own server, so it is held to
+    /// `check_not_writable` (the file and each directory above it).
+    Trust,
+}
+
+/// The largest file read by `read_checked`: far more than any credentials file or CA bundle
+/// (Debian's whole bundle is about 220 KiB), small enough that a mistaken path costs nothing.
+pub(crate) const MAX_CHECKED_BYTES: u64 = 4 << 20;
+
+/// Opens `path` for reading and checks the file opened by `rule`, so whoever reads it from
+/// the descriptor returned reads what was checked: no one can swap the file between the
+/// check and the read. The path is resolved first, so a symlink (a Kubernetes secret volume
+/// mounts each key as one) leads to its file, and errors name both; the resolved path is then
+/// opened with `O_NOFOLLOW`, so a symlink put in its place meanwhile is refused, not
+/// followed. Opened without blocking (a FIFO or a device is refused); the directories above
+/// are those of the file opened, as the kernel names its descriptor. `Err` names the file.
+pub(crate) fn open_checked(path: &Path, rule: FileRule) -> Result<File, String> {
     use std::os::unix::fs::OpenOptionsExt;
+    let real =
+        std::fs::canonicalize(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    // Only the last component's symlink is named: one above it (/var/run to /run) says
+    // nothing about the file.
+    let is_link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    let shown = match is_link {
+        true => format!("{} (a symlink to {})", path.display(), real.display()),
+        false => path.display().to_string(),
+    };
     let file = File::options()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let access = FileAccess::of(&file).map_err(|e| format!("{}: {e}", path.display()))?;
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_NOFOLLOW)
+        .open(&real)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => format!(
+                "{shown}: replaced by a symlink while being opened: not followed; try again"
+            ),
+            _ => format!("cannot read {shown}: {e}"),
+        })?;
+    let access = FileAccess::of(&file).map_err(|e| format!("{shown}: {e}"))?;
     if !access.meta.is_file() {
-        return Err(format!("{}: not a regular file", path.display()));
+        return Err(format!("{shown}: not a regular file"));
     }
-    access
-        .check_private(what, "")
-        .and_then(|()| access.check_not_writable(path))
-        .map_err(|e| format!("{}: {e}", path.display()))
+    match rule {
+        FileRule::Secret(what) => access
+            .check_private(what, "")
+            .and_then(|()| access.check_not_writable(&real)),
+        // Said first: why a file anyone may read is held to a rule at all.
+        FileRule::Trust => access
+            .check_not_writable(&real)
+            .map_err(|e| format!("it says which servers to trust, and {e}")),
+    }
+    .map_err(|e| format!("{shown}: {e}"))?;
+    Ok(file)
+}
+
+/// `open_checked`, then the file's bytes, read from the descriptor checked (at most
+/// `MAX_CHECKED_BYTES`).
+pub(crate) fn read_checked(path: &Path, rule: FileRule) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let file = open_checked(path, rule)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CHECKED_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.len() as u64 > MAX_CHECKED_BYTES {
+        return Err(format!(
+            "{}: larger than {} MiB: not what it should be",
+            path.display(),
+            MAX_CHECKED_BYTES >> 20
+        ));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

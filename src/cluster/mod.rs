@@ -361,18 +361,23 @@ pub(crate) fn connect_or_await(
                 Some(Auth::Token(token)) => opts = opts.token(token),
                 None => {}
             }
+            // Each file is checked and read through one descriptor, and its contents handed
+            // to the client: async-nats reading it again by its path would read whatever is
+            // there by then, not the file checked.
             if let Some(ca) = &q.tls_ca {
-                // Read here, so a wrong path is an error at start, not a failed handshake.
-                std::fs::metadata(ca)
-                    .with_context(|| format!("reading the CA certificates {}", ca.display()))?;
-                opts = opts.add_root_certificates(ca.clone()).require_tls(true);
+                let pem = crate::secret::read_checked(ca, crate::secret::FileRule::Trust)
+                    .map_err(|e| anyhow!("the CA certificates: {e}"))?;
+                let tls = trusting(&pem)
+                    .with_context(|| format!("the CA certificates {}", ca.display()))?;
+                opts = opts.tls_client_config(tls).require_tls(true);
             }
             if let Some(creds) = &q.creds {
-                crate::secret::check_secret_file(creds, crate::secret::CREDS_SECRET)
-                    .map_err(|e| anyhow!(e))?;
+                let rule = crate::secret::FileRule::Secret(crate::secret::CREDS_SECRET);
+                let read = crate::secret::read_checked(creds, rule).map_err(|e| anyhow!(e))?;
+                let text = String::from_utf8(read)
+                    .map_err(|_| anyhow!("{}: not UTF-8 text", creds.display()))?;
                 opts = opts
-                    .credentials_file(creds)
-                    .await
+                    .credentials(&text)
                     .with_context(|| format!("reading the credentials {}", creds.display()))?;
             }
             // The credentials went in as options: the addresses the client keeps (and logs,
@@ -410,6 +415,26 @@ pub(crate) fn connect_or_await(
         js,
         refusals,
     }))
+}
+
+/// A TLS client configuration that trusts the CA certificates in `pem` (a PEM file's bytes)
+/// and no others, as async-nats's `add_root_certificates` does with a file it reads itself by
+/// its path (which this replaces, so the file checked is the file read).
+fn trusting(pem: &[u8]) -> Result<async_nats::rustls::ClientConfig> {
+    use async_nats::rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = async_nats::rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| anyhow!("not PEM certificates: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| anyhow!("a certificate that cannot be a CA's: {e}"))?;
+    }
+    if roots.is_empty() {
+        bail!("no certificate in it (PEM: -----BEGIN CERTIFICATE-----)");
+    }
+    Ok(async_nats::rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth())
 }
 
 /// Waits for a coordinator to make the streams this user may not make, looking every second
