@@ -3,7 +3,8 @@
 //! line's overrides applied; its `[worker]` table is `filepipe worker --config`'s (see
 //! `worker_table`). A queue's password or token is read only from a file no other user can
 //! read, and a file with a `[worker]` table, or a `queue_file`, only if no other user can
-//! change it (`secret::FileAccess`). No error quotes a line of the file: it may hold a password.
+//! change it (`secret::FileAccess`); a `[[watch]]` table's `creds` and `tls_ca` are held to
+//! the rules a worker's are (`secret::open_checked`). No error quotes a line of the file: it may hold a password.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,7 @@ use toml::Spanned;
 use crate::cli::{OpSpec, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::fsio::output::Durability;
-use crate::secret::{self, FileAccess};
+use crate::secret::{self, FileAccess, FileRule};
 
 use super::worker_table::WorkerTable;
 
@@ -66,9 +67,9 @@ struct WatchEntry {
     /// Cluster mode: the name the workers know `out` by (default: its own name).
     out_root_name: Option<Spanned<String>>,
     /// A NATS credentials file for `queue`.
-    creds: Option<PathBuf>,
+    creds: Option<Spanned<PathBuf>>,
     /// CA certificates to trust for a tls:// `queue`.
-    tls_ca: Option<PathBuf>,
+    tls_ca: Option<Spanned<PathBuf>>,
 }
 
 /// A loaded, validated config: one resolved `Config` per pipeline.
@@ -596,11 +597,27 @@ pub(crate) fn load(
                     return Err(at(span, &key("out_root_name"), msg));
                 }
             }
+            // Held to the rules a worker's (and a coordinator's flags') are, here, so that
+            // check-config and a reload refuse what the coordinator would refuse when it
+            // connects: a seed others may read, a CA others may change or replace.
+            let queue_files = [
+                ("creds", &w.creds, FileRule::Secret(secret::CREDS_SECRET)),
+                ("tls_ca", &w.tls_ca, FileRule::Trust),
+            ];
+            for (k, given, rule) in queue_files {
+                let Some(p) = given else { continue };
+                if p.get_ref().as_os_str().is_empty() {
+                    let msg = "an empty path: give the file".to_string();
+                    return Err(at(p.span(), &key(k), msg));
+                }
+                secret::open_checked(&resolve(p.get_ref()), rule)
+                    .map_err(|e| at(p.span(), &key(k), e))?;
+            }
             if let Some(settings) = cfg.watch.as_mut() {
                 settings.queue = Some(crate::config::QueueTarget {
                     url,
-                    creds: w.creds.as_deref().map(resolve),
-                    tls_ca: w.tls_ca.as_deref().map(resolve),
+                    creds: w.creds.as_ref().map(|p| resolve(p.get_ref())),
+                    tls_ca: w.tls_ca.as_ref().map(|p| resolve(p.get_ref())),
                     root_name: name,
                     out_root_name: w.out_root_name.as_ref().map(|n| n.get_ref().clone()),
                 });
@@ -612,6 +629,10 @@ pub(crate) fn load(
             return Err(at(span, &key("root_name"), "needs queue".into()));
         } else if let Some(span) = w.out_root_name.as_ref().map(|n| n.span()) {
             return Err(at(span, &key("out_root_name"), "needs queue".into()));
+        } else if let Some(span) = w.creds.as_ref().map(|n| n.span()) {
+            return Err(at(span, &key("creds"), "needs queue".into()));
+        } else if let Some(span) = w.tls_ca.as_ref().map(|n| n.span()) {
+            return Err(at(span, &key("tls_ca"), "needs queue".into()));
         }
         pipelines.push(cfg);
     }
