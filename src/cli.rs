@@ -541,7 +541,7 @@ pub(crate) struct CoordinatorArgs {
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
     /// Cluster mode: trust the CA certificates in this PEM file for a tls:// queue (a private
-    /// CA), besides the system's.
+    /// CA), in place of the system's: only these are trusted.
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) tls_ca: Option<PathBuf>,
 }
@@ -634,8 +634,8 @@ pub(crate) struct WorkerArgs {
     /// A NATS credentials file (.creds).
     #[arg(long, value_name = "FILE")]
     pub(crate) creds: Option<PathBuf>,
-    /// Trust the CA certificates in this PEM file for a tls:// queue (a private CA), besides
-    /// the system's.
+    /// Trust the CA certificates in this PEM file for a tls:// queue (a private CA), in place
+    /// of the system's: only these are trusted.
     #[arg(long, value_name = "FILE")]
     pub(crate) tls_ca: Option<PathBuf>,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics (e.g. 127.0.0.1:9187) [default: off].

@@ -301,7 +301,8 @@ pub(crate) struct WorkerConfig {
     pub(crate) url: String,
     /// A NATS credentials file (.creds).
     pub(crate) creds: Option<PathBuf>,
-    /// CA certificates to trust for a tls:// queue, besides the system's.
+    /// CA certificates to trust for a tls:// queue, in place of the system's (only these are
+    /// trusted).
     pub(crate) tls_ca: Option<PathBuf>,
     /// The input roots jobs may name, each an existing directory (canonical).
     pub(crate) roots: std::collections::HashMap<String, PathBuf>,
@@ -392,7 +393,8 @@ impl WorkerConfig {
 /// The files a worker opens at start, checked without creating or changing any: the failure
 /// log can be appended to (or made in an existing directory it may write), the CA file is a
 /// regular file only root or the worker's user may change or replace (it says whom to trust),
-/// the credentials file is one only its owner may read and change (it holds an nkey seed). Here, in `resolve`, so `check-config` refuses what the worker would.
+/// the credentials file is one only its owner may read and change (it holds an nkey seed).
+/// Here, in `resolve`, so `check-config` refuses what the worker would.
 fn check_worker_files(s: &WorkerSettings) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let nonblocking = libc::O_NONBLOCK | libc::O_NOCTTY;

@@ -151,7 +151,8 @@ pub(crate) struct Queue {
     pub(crate) url: String,
     /// A `.creds` file.
     pub(crate) creds: Option<PathBuf>,
-    /// A PEM file of CA certificates to trust (a private CA's) besides the system's.
+    /// A PEM file of CA certificates to trust (a private CA's) in place of the system's (only
+    /// these are trusted).
     pub(crate) tls_ca: Option<PathBuf>,
 }
 

@@ -4,7 +4,8 @@
 //! `worker_table`). A queue's password or token is read only from a file no other user can
 //! read, and a file with a `[worker]` table, or a `queue_file`, only if no other user can
 //! change it (`secret::FileAccess`); a `[[watch]]` table's `creds` and `tls_ca` are held to
-//! the rules a worker's are (`secret::open_checked`). No error quotes a line of the file: it may hold a password.
+//! the rules a worker's are (`secret::open_checked`). No error quotes a line of the file: it
+//! may hold a password.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
