@@ -931,6 +931,26 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
         "{}",
         out.stdout()
     );
+    // The CA file is opened once, with O_NOFOLLOW, by filepipe, which checks it and gives
+    // its contents to the client: not read again by its path after the check.
+    if common::strace::have_strace() {
+        let trace = t.side("strace.log");
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o"])
+            .arg(&trace)
+            .arg(bin())
+            .args(["status", "--queue", &url, "--tls-ca", ca_arg]);
+        run(cmd).success();
+        let quoted = format!("\"{ca_arg}\"");
+        let trace = fs::read_to_string(&trace).unwrap();
+        let opens: Vec<&str> = trace.lines().filter(|l| l.contains(&quoted)).collect();
+        assert!(
+            opens.len() == 1 && opens[0].contains("O_NOFOLLOW"),
+            "the CA opened other than once with O_NOFOLLOW: {opens:#?}"
+        );
+    } else {
+        eprintln!("SKIPPED (in part): no strace to see how the CA file is opened");
+    }
     let err = status(&url, &[]).code(2).stderr();
     assert!(err.to_lowercase().contains("certificate"), "{err}");
     let wrong = format!("tls://filepipe:wrong@{host}");

@@ -8,7 +8,9 @@
 //! one be private (a URL without a scheme, an unencoded `/` or `,`, a TOML error quoting the
 //! line, a `queue` key under `[worker.roots]`, an ACL, a creds file), a file others may change,
 //! an empty path mapping the config's own directory, an empty `FILEPIPE_QUEUE`, and
-//! check-config missing the worker's start checks.
+//! check-config missing the worker's start checks; and from a second review, a CA file
+//! others may change or replace, a `[[watch]]` table's creds not checked when the file is
+//! loaded, and a creds or CA file read again by its path after it was checked.
 #![cfg(feature = "cluster")]
 
 mod common;
@@ -916,5 +918,234 @@ fn a_directory_above_a_worker_file_queue_file_or_creds_others_may_change_is_refu
         refused("owned by 65534", &etc, "owned by user 65534");
         std::os::unix::fs::chown(&etc, Some(0), None).unwrap();
         check_config(&config).success();
+    }
+}
+
+/// etc/filepipe (0755, beside the tree `t`, in a 0700 temp dir) holding a CA file in its own
+/// directory (tls/ca.pem, 0644), a creds file (0600), a config with a `[worker]` table and one
+/// with a `[[watch]]` table naming them (0600); the directory's path.
+fn etc_with_ca_and_creds(t: &TestTree) -> PathBuf {
+    let etc = t.side("etc");
+    let dir = etc.join("filepipe");
+    fs::create_dir_all(&dir).unwrap();
+    chmod(&etc, 0o755);
+    chmod(&dir, 0o755);
+    fs::create_dir(dir.join("tls")).unwrap();
+    chmod(&dir.join("tls"), 0o755);
+    // No real certificate: the rules are checked before the contents are parsed.
+    write_mode(
+        &dir.join("tls/ca.pem"),
+        "# no certificate here yet\n",
+        0o644,
+    );
+    write_mode(
+        &dir.join("w.creds"),
+        "-----BEGIN USER NKEY SEED-----\nSUAX\n",
+        0o600,
+    );
+    let root = t.root().display().to_string();
+    let queue = "queue = \"nats://127.0.0.1:1\"\ncreds = \"w.creds\"\ntls_ca = \"tls/ca.pem\"\n";
+    write_mode(
+        &dir.join("worker.toml"),
+        &format!("[worker]\n{queue}[worker.roots]\nin = \"{root}\"\n"),
+        0o600,
+    );
+    write_mode(
+        &dir.join("watch.toml"),
+        &format!("[[watch]]\npath = \"{root}\"\nop = \"sha256\"\n{queue}"),
+        0o600,
+    );
+    dir
+}
+
+/// `filepipe ARGS.. --queue (closed port) FLAG FILE`, a coordinator (`batch`) or `status`.
+fn queue_client(args: &[&OsStr], flag: &str, file: &Path) -> Run {
+    let mut cmd = filepipe(args);
+    cmd.args(["--queue", "nats://127.0.0.1:1", flag]).arg(file);
+    run(cmd)
+}
+
+/// A CA file says which servers to trust: anyone may read it, but whoever may change it, or
+/// replace it (a directory above it), may have filepipe trust their own server. Held to the
+/// rule a worker's config is, by check-config (`[worker]` and `[[watch]]` tables), the worker
+/// and a coordinator or `status` given `--tls-ca`, before any connection: exit 2, naming the
+/// file and the reason. (Before, only its existence was checked.)
+#[test]
+fn a_ca_file_anyone_may_read_but_others_may_change_or_replace_is_refused() {
+    let t = TestTree::new().file("a.txt", b"hello\n");
+    let dir = etc_with_ca_and_creds(&t);
+    let (ca, worker, watch) = (
+        dir.join("tls/ca.pem"),
+        dir.join("worker.toml"),
+        dir.join("watch.toml"),
+    );
+    let root = t.root();
+    let batch = [s("batch"), root.as_os_str(), s("--op"), s("sha256")];
+    let refused = |what: &str, says: &[&str]| {
+        for (name, r) in [
+            ("check-config [worker]", check_config(&worker)),
+            ("worker --config", worker_config(&worker)),
+            ("check-config [[watch]]", check_config(&watch)),
+            ("batch --tls-ca", queue_client(&batch, "--tls-ca", &ca)),
+            (
+                "status --tls-ca",
+                queue_client(&[s("status")], "--tls-ca", &ca),
+            ),
+        ] {
+            let err = r.context(format!("{what}: {name}")).code(2).stderr();
+            assert!(
+                err.contains(&format!("{}: it says which servers to trust", ca.display()))
+                    && says.iter().all(|w| err.contains(w)),
+                "{what}: {name}: {err}"
+            );
+        }
+    };
+    // World-readable is fine: a CA's certificates are public.
+    check_config(&worker).success();
+    check_config(&watch).success();
+    for mode in [0o666, 0o646, 0o664] {
+        chmod(&ca, mode);
+        refused(
+            &format!("ca.pem {mode:o}"),
+            &[&format!("{mode:04o}"), "chmod go-w it"],
+        );
+    }
+    chmod(&ca, 0o644);
+    // Its own directory: group- or world-writable, or another user's.
+    let tls = dir.join("tls");
+    for (d, mode) in [(&tls, 0o775), (&tls, 0o757)] {
+        chmod(d, mode);
+        let above = format!("the directory {} above it", d.display());
+        refused(
+            &format!("{} {mode:o}", d.display()),
+            &[&above, "chmod go-w"],
+        );
+        chmod(d, 0o755);
+    }
+    check_config(&worker).success();
+    if is_root() {
+        std::os::unix::fs::chown(&ca, Some(65534), None).unwrap();
+        refused("ca.pem owned by 65534", &["owned by user 65534"]);
+        std::os::unix::fs::chown(&ca, Some(0), None).unwrap();
+        std::os::unix::fs::chown(&tls, Some(65534), None).unwrap();
+        let above = format!("the directory {} above it", tls.display());
+        refused("tls/ owned by 65534", &[&above, "owned by user 65534"]);
+        std::os::unix::fs::chown(&tls, Some(0), None).unwrap();
+    }
+    // Past the rules, the contents are read: these hold no certificate.
+    let err = queue_client(&batch, "--tls-ca", &ca).code(2).stderr();
+    assert!(err.contains("no certificate in it"), "{err}");
+}
+
+/// A `[[watch]]` table's queue secrets get the checks a `[worker]` table's and the command
+/// line's get, when the file is loaded (check-config, a start, a reload), not only when the
+/// coordinator connects: a creds file the group or every user may read, or in a directory
+/// others may write, is refused, naming the line, the key and the file. (Before, check-config
+/// accepted them.) A creds or tls_ca without a queue does nothing: refused.
+#[test]
+fn a_watch_tables_creds_are_held_to_the_workers_rules_when_the_file_is_loaded() {
+    let t = TestTree::new().file("a.txt", b"hello\n");
+    let dir = etc_with_ca_and_creds(&t);
+    let (creds, watch) = (dir.join("w.creds"), dir.join("watch.toml"));
+    check_config(&watch).success();
+    let key = format!("watch.toml:5: watch[0].creds: {}: ", creds.display());
+    // 0640 is allowed to a root-owned file (its group is the service's): 0660 is not.
+    let gid = std::os::unix::fs::MetadataExt::gid(&fs::metadata(&creds).unwrap());
+    for (mode, who) in [
+        (0o660, format!("group {gid}")),
+        (0o644, "every user".into()),
+    ] {
+        chmod(&creds, mode);
+        let err = check_config(&watch)
+            .context(format!("{mode:o}"))
+            .code(2)
+            .stderr();
+        let says = format!("{who} may read it (mode {mode:04o})");
+        assert!(
+            err.contains(&key) && err.contains("nkey seed") && err.contains(&says),
+            "{mode:o}: {err}"
+        );
+    }
+    chmod(&creds, 0o600);
+    chmod(&dir, 0o770);
+    let err = check_config(&watch).code(2).stderr();
+    let above = format!("the directory {} above it", dir.display());
+    assert!(err.contains(&key) && err.contains(&above), "{err}");
+    chmod(&dir, 0o755);
+    check_config(&watch).success();
+    // Without a queue, creds or tls_ca would be ignored: refused instead.
+    for k in ["creds = \"w.creds\"", "tls_ca = \"tls/ca.pem\""] {
+        let body = format!(
+            "[[watch]]\npath = \"{}\"\nop = \"sha256\"\n{k}\n",
+            t.root().display()
+        );
+        write_mode(&watch, &body, 0o600);
+        let err = check_config(&watch).context(k).code(2).stderr();
+        assert!(err.contains("needs queue"), "{k}: {err}");
+    }
+}
+
+/// A creds or CA file given as a symlink (as a Kubernetes secret volume mounts each key) is
+/// the file it leads to that is checked and read, and the error names both.
+#[test]
+fn a_creds_file_given_as_a_symlink_is_checked_as_its_file_and_named_with_it() {
+    let t = TestTree::new().file("a.txt", b"hello\n");
+    let dir = etc_with_ca_and_creds(&t);
+    let real = dir.join("w.creds");
+    let link = dir.join("link.creds");
+    std::os::unix::fs::symlink("w.creds", &link).unwrap();
+    let root = t.root();
+    let batch = [s("batch"), root.as_os_str(), s("--op"), s("sha256")];
+    // Read, and its contents given to the client (which cannot parse this seed).
+    let err = queue_client(&batch, "--creds", &link).code(2).stderr();
+    assert!(err.contains("cannot parse user JWT"), "{err}");
+    chmod(&real, 0o644);
+    let err = queue_client(&batch, "--creds", &link).code(2).stderr();
+    let named = format!("{} (a symlink to {})", link.display(), real.display());
+    assert!(
+        err.contains(&named) && err.contains("every user may read it"),
+        "{err}"
+    );
+}
+
+/// The creds and CA files are opened once by a coordinator, with O_NOFOLLOW, and what it
+/// checked is what it reads and gives the client: async-nats reading the file again by its
+/// path (as it did) would read whatever was put there after the check. Seen with the real
+/// strace.
+#[test]
+fn a_coordinator_opens_its_creds_and_ca_files_once_and_reads_what_it_checked() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    let t = TestTree::new().file("a.txt", b"hello\n");
+    let dir = etc_with_ca_and_creds(&t);
+    for (flag, file, says) in [
+        ("--creds", dir.join("w.creds"), "cannot parse user JWT"),
+        ("--tls-ca", dir.join("tls/ca.pem"), "no certificate in it"),
+    ] {
+        let trace = t.side("strace.log");
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o"])
+            .arg(&trace)
+            .arg(bin())
+            .arg("batch")
+            .arg(t.root())
+            .args(["--op", "sha256", "--queue", "nats://127.0.0.1:1", flag])
+            .arg(&file);
+        // Refused after the file was read: its contents reached the parser.
+        let err = run(cmd).context(flag).code(2).stderr();
+        assert!(err.contains(says), "{flag}: {err}");
+        let quoted = format!("\"{}\"", file.display());
+        let opens: Vec<String> = fs::read_to_string(&trace)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&quoted))
+            .map(str::to_owned)
+            .collect();
+        assert!(
+            opens.len() == 1 && opens[0].contains("O_NOFOLLOW"),
+            "{flag}: opened other than once with O_NOFOLLOW: {opens:#?}"
+        );
     }
 }
