@@ -268,12 +268,20 @@ impl Aside {
             }
         }
         if let Some((to, copy)) = earlier {
-            copy.sync_all()
+            let since = output::flush_mark();
+            output::sync_file_on(dest, &copy)
                 .map_err(|e| FileError::io("syncing the earlier copy", &e))
                 .map_err(kept)?;
             output::sync_dir(dest)?;
+            if let Err(e) = output::confirm_written(dest, since) {
+                return Ok(Err(kept(e)));
+            }
             return finish_by_unlink(src, name, read, Second::Copy, dest, &to);
         }
+        // Taken before the copy is made: without a journal, any flush error counted from
+        // then on may be a failed write of its inode's block (see `output::FlushMark`), and
+        // the input is removed only once the copy is known to be on the disk.
+        let since = output::flush_mark();
         let mut temp = match TempOutput::create(Arc::clone(dest)) {
             Ok(t) => t,
             Err(e) => return Ok(Err(kept(e))),
@@ -318,8 +326,13 @@ impl Aside {
                 return Ok(Err(name_too_long(name, n)));
             };
             match synced.rename(&to, false) {
-                Ok(_) => {
+                Ok(named) => {
                     output::sync_dir(dest)?;
+                    if let Err(e) = output::confirm_written(dest, since) {
+                        // Not left under its name for a later move to take for done.
+                        named.withdraw();
+                        return Ok(Err(kept(e)));
+                    }
                     return finish_by_unlink(src, name, read, Second::Copy, dest, &to);
                 }
                 Err(e) if e.kind == Kind::OutputExists => continue,

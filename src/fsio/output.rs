@@ -466,8 +466,10 @@ impl TempOutput {
             self.set_attrs(final_name, a)?;
         }
         let name = final_name.to_os_string();
-        let mut synced = sync_group(vec![(self, name)], 0, durability);
+        // Before the flush, as in `CompressOp::publish_group`: a mark taken after it could
+        // miss an error another thread counted in between.
         let mark = flush_mark();
+        let mut synced = sync_group(vec![(self, name)], 0, durability);
         let named = synced
             .pop()
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a temp was lost")))?
@@ -508,7 +510,9 @@ impl TempOutput {
     /// appear, so a crash never leaves an output a rerun would not recognise. The file stays
     /// open until it is published. `final_name` is for messages.
     pub(crate) fn sync(self, final_name: &OsStr) -> Result<SyncedTemp, FileError> {
-        let result = self.file.as_ref().expect("synced once").sync_all();
+        let result = flush_on(&self.dir, || {
+            self.file.as_ref().expect("synced once").sync_all()
+        });
         self.synced(result, final_name)
     }
 
@@ -991,10 +995,33 @@ pub(crate) fn deleted(dir: &Dir) -> bool {
     rfs::fstat(&dir.fd).is_ok_and(|st| st.st_nlink == 0)
 }
 
-/// fsyncs a directory so a rename or unlink in it survives a crash.
+/// fsyncs a directory so a rename or unlink in it survives a crash, as any flush on its file
+/// system is (`flush_on`: one at a time without a journal, its error counted).
 pub(crate) fn sync_dir(dir: &Dir) -> Result<(), FileError> {
+    flush_on(dir, || fsync_dir(dir))
+}
+
+/// The `fsync` of `sync_dir`, not counted (for callers already inside `flush_on`).
+fn fsync_dir(dir: &Dir) -> Result<(), FileError> {
     rfs::fsync(dir.fd.as_fd())
         .map_err(|e| FileError::errno(&format!("syncing directory {}", dir.path.display()), e))
+}
+
+/// Ok unless a flush error that may be another file's was reported on `dir`'s file system
+/// since `since` (see `FlushMark`), asking first, on ext4 without a journal, for the metadata
+/// write errors no `fsync` hears of (`check_written`). For a single file made durable by its
+/// own `fsync`s (a copy moved to another file system) before something irreversible, such as
+/// removing its input.
+pub(crate) fn confirm_written(dir: &Dir, since: FlushMark) -> Result<(), FileError> {
+    if fs_kind(dir) == FsKind::Ext4NoJournal {
+        check_written(dir);
+    }
+    unharmed(dir, since, &dir.path)
+}
+
+/// `fsync`s `file`, on `dir`'s file system, as any flush there is (`flush_on`).
+pub(crate) fn sync_file_on(dir: &Dir, file: &File) -> std::io::Result<()> {
+    flush_on(dir, || file.sync_all())
 }
 
 /// The most data other than a group's own that may be waiting to be written for a group to be
@@ -1209,11 +1236,22 @@ fn flush_failed(dir: &Dir) {
     }
 }
 
-/// Held by every flush of a file system without a journal (see `flush_on`, `sync_whole`).
-static SHARED_FLUSH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+/// The lock every flush of `dir`'s file system takes where its errors are shared (see
+/// `flush_on`, `sync_whole`, `check_written`): one per device, so that a long `syncfs` of one
+/// file system (waiting for another program's data there) holds up no other's flushes. A
+/// directory whose device is unknown shares one lock with every other such.
+fn flush_lock(dir: &Dir) -> Arc<std::sync::Mutex<()>> {
+    type Locks = HashMap<Option<u64>, Arc<std::sync::Mutex<()>>>;
+    static LOCKS: OnceLock<std::sync::Mutex<Locks>> = OnceLock::new();
+    let mut locks = LOCKS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    Arc::clone(locks.entry(dir.id().map(|(dev, _)| dev)).or_default())
+}
 
 /// Runs `flush` (an `fsync`) of something on `dir`'s file system. Where its errors are shared
-/// (no journal), one at a time in this process with every other such flush, an error counted
+/// (no journal), one at a time in this process with every other such flush of that file system, an error counted
 /// (`flush_failed`) before the next may start: two files whose inodes share a block, flushed
 /// side by side, could otherwise see the first one's failed write of it taken by the second
 /// for written, and the second reported done before the first's error was counted.
@@ -1221,7 +1259,8 @@ fn flush_on<T, E>(dir: &Dir, flush: impl FnOnce() -> Result<T, E>) -> Result<T, 
     if !errors_shared(dir) {
         return flush();
     }
-    let _one = SHARED_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = flush_lock(dir);
+    let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
     let result = flush();
     if result.is_err() {
         flush_failed(dir);
@@ -1272,7 +1311,8 @@ const WHOLE_MIN_GROUP: usize = 4;
 /// would report again, once, each data write error (any file's) from before this call, which
 /// each temp's own descriptor reports to it anyway.
 fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
-    let _one = SHARED_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = flush_lock(dir);
+    let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
     if is_degraded(dir) {
         return None;
     }
@@ -1303,7 +1343,8 @@ fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
 /// system, which writes what the `fsync`s left (bitmaps, group descriptors) and flushes the
 /// disk's cache once more.
 fn check_written(dir: &Dir) {
-    let _one = SHARED_FLUSH.lock().unwrap_or_else(|p| p.into_inner());
+    let lock = flush_lock(dir);
+    let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
     // A descriptor opened now (see `sync_whole`); if none can be, the directory's own, which
     // may report an older data error again (a spurious failure, never a missed one).
     let fresh = rfs::openat(
@@ -1554,7 +1595,7 @@ pub(crate) fn sync_dirs(
             .any(|dir| !journaled(dir) && fs_kind(dir) != FsKind::Memory);
     let mut synced_rest = flush_each(
         &rest,
-        |dir| flush_on(dir, || sync_dir(dir)),
+        |dir| flush_on(dir, || fsync_dir(dir)),
         |dir| dir,
         !together,
     )
