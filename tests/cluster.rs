@@ -932,11 +932,14 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
         out.stdout()
     );
     // The CA file is opened once, with O_NOFOLLOW, by filepipe, which checks it and gives
-    // its contents to the client: not read again by its path after the check.
+    // its contents to the client: not read again by its path after the check. The client
+    // reads them from a sealed in-memory copy, by its /proc/self/fd name: each such open is
+    // of that copy (strace -y names the file an open returned), not of the CA file reopened
+    // through a descriptor of it, which no count of opens by its path would see.
     if common::strace::have_strace() {
         let trace = t.side("strace.log");
         let mut cmd = Command::new("strace");
-        cmd.args(["-f", "-qq", "-e", "trace=open,openat,openat2", "-o"])
+        cmd.args(["-f", "-qq", "-y", "-e", "trace=open,openat,openat2", "-o"])
             .arg(&trace)
             .arg(bin())
             .args(["status", "--queue", &url, "--tls-ca", ca_arg]);
@@ -947,6 +950,14 @@ fn a_queue_behind_tls_and_a_password_is_used_with_its_ca_and_refused_without() {
         assert!(
             opens.len() == 1 && opens[0].contains("O_NOFOLLOW"),
             "the CA opened other than once with O_NOFOLLOW: {opens:#?}"
+        );
+        let by_fd: Vec<&str> = trace
+            .lines()
+            .filter(|l| l.contains("\"/proc/self/fd/"))
+            .collect();
+        assert!(
+            !by_fd.is_empty() && by_fd.iter().all(|l| l.contains("</memfd:filepipe-tls-ca")),
+            "the CA not read from its sealed copy: {by_fd:#?}"
         );
     } else {
         eprintln!("SKIPPED (in part): no strace to see how the CA file is opened");
@@ -1477,4 +1488,36 @@ fn check_config_refuses_an_output_root_name_the_coordinator_refuses() {
             checked.stdout()
         );
     }
+}
+
+/// With --tls-ca, the system's own CA store must not matter (the CA given is trusted in its
+/// place, and async-nats is given it as a file, so it loads no system store). SSL_CERT_FILE
+/// pointing nowhere (or any unreadable file the system store names) must not stop the
+/// connection. Failed (could not load platform certs) while the CA was given to async-nats as
+/// a built `ClientConfig`.
+#[test]
+fn a_tls_ca_is_trusted_whatever_the_system_store_holds() {
+    let t = tree(5, 0);
+    let Some((ca, cert, key)) = certificates(t.dir.path()) else {
+        return;
+    };
+    let server = [
+        s("--tls"),
+        s("--tlscert"),
+        cert.as_os_str(),
+        s("--tlskey"),
+        key.as_os_str(),
+    ];
+    let Some(nats) = Nats::start_with(&server, "tls") else {
+        return;
+    };
+    let mut cmd = filepipe(&[
+        s("status"),
+        s("--queue"),
+        s(&nats.url),
+        s("--tls-ca"),
+        ca.as_os_str(),
+    ]);
+    cmd.env("SSL_CERT_FILE", "/nonexistent/ca.pem");
+    run(cmd).success();
 }

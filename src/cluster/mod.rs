@@ -25,6 +25,7 @@
 mod coordinator;
 mod resume;
 mod status;
+mod trust;
 pub(crate) mod wire;
 mod worker;
 
@@ -179,6 +180,10 @@ pub(crate) struct Conn {
     pub(crate) js: jetstream::Context,
     /// What the server refused this user.
     pub(crate) refusals: Arc<Refusals>,
+    /// The CA certificates the client reads at each TLS connect, reconnects included (a
+    /// sealed copy it opens by name): held as long as the client. Last, so dropped after
+    /// `rt`, whose tasks reconnect.
+    _trust: Option<trust::Trust>,
 }
 
 impl Conn {
@@ -363,14 +368,11 @@ pub(crate) fn connect_or_await(
                 None => {}
             }
             // Each file is checked and read through one descriptor, and its contents handed
-            // to the client: async-nats reading it again by its path would read whatever is
-            // there by then, not the file checked.
-            if let Some(ca) = &q.tls_ca {
-                let pem = crate::secret::read_checked(ca, crate::secret::FileRule::Trust)
-                    .map_err(|e| anyhow!("the CA certificates: {e}"))?;
-                let tls = trusting(&pem)
-                    .with_context(|| format!("the CA certificates {}", ca.display()))?;
-                opts = opts.tls_client_config(tls).require_tls(true);
+            // to the client (the CA's as a sealed in-memory copy, `trust`): async-nats reading
+            // it again by its path would read whatever is there by then, not the file checked.
+            let trust = q.tls_ca.as_deref().map(trust::Trust::of).transpose()?;
+            if let Some(trust) = &trust {
+                opts = trust.given_to(opts).require_tls(true);
             }
             if let Some(creds) = &q.creds {
                 let rule = crate::secret::FileRule::Secret(crate::secret::CREDS_SECRET);
@@ -407,35 +409,16 @@ pub(crate) fn connect_or_await(
                     )))
                 }
             };
-            anyhow::Ok(made.then_some((client, js)))
+            anyhow::Ok(made.then_some((client, js, trust)))
         })
         .map_err(Unreachable)?;
-    Ok(made.map(|(client, js)| Conn {
+    Ok(made.map(|(client, js, trust)| Conn {
         rt,
         client,
         js,
         refusals,
+        _trust: trust,
     }))
-}
-
-/// A TLS client configuration that trusts the CA certificates in `pem` (a PEM file's bytes)
-/// and no others, as async-nats's `add_root_certificates` does with a file it reads itself by
-/// its path (which this replaces, so the file checked is the file read).
-fn trusting(pem: &[u8]) -> Result<async_nats::rustls::ClientConfig> {
-    use async_nats::rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = async_nats::rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| anyhow!("not PEM certificates: {e}"))?;
-        roots
-            .add(cert)
-            .map_err(|e| anyhow!("a certificate that cannot be a CA's: {e}"))?;
-    }
-    if roots.is_empty() {
-        bail!("no certificate in it (PEM: -----BEGIN CERTIFICATE-----)");
-    }
-    Ok(async_nats::rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Waits for a coordinator to make the streams this user may not make, looking every second
