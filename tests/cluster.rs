@@ -1521,3 +1521,89 @@ fn a_tls_ca_is_trusted_whatever_the_system_store_holds() {
     cmd.env("SSL_CERT_FILE", "/nonexistent/ca.pem");
     run(cmd).success();
 }
+
+/// Where /proc is not mounted, the CA's sealed copy has no name to give async-nats: the CA is
+/// given as a configuration instead, and the connection still trusts it. Run in a mount
+/// namespace of its own with /proc unmounted (root, unshare).
+#[test]
+fn without_proc_a_tls_ca_is_still_trusted() {
+    if !is_root() {
+        eprintln!("SKIPPED: not root: cannot unmount /proc in a mount namespace");
+        return;
+    }
+    let t = tree(5, 0);
+    let Some((ca, cert, key)) = certificates(t.dir.path()) else {
+        return;
+    };
+    let server = [
+        s("--tls"),
+        s("--tlscert"),
+        cert.as_os_str(),
+        s("--tlskey"),
+        key.as_os_str(),
+    ];
+    let Some(nats) = Nats::start_with(&server, "tls") else {
+        return;
+    };
+    // Exit 77 if /proc could not be taken away: the test would prove nothing.
+    let script = "umount -l /proc && ! test -e /proc/self || exit 77; exec \"$0\" \"$@\"";
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c", script])
+        .arg(bin())
+        .args(["status", "--queue", &nats.url, "--tls-ca"])
+        .arg(&ca);
+    let out = run(cmd);
+    if out.output().status.code() == Some(77) {
+        eprintln!("SKIPPED: cannot unmount /proc here: {}", out.stderr());
+        return;
+    }
+    out.success();
+}
+
+/// A worker trusting a --tls-ca connects again after the server restarts: async-nats reads
+/// the CA's sealed copy, by its name, at each connect, reconnects included, so the copy is
+/// held as long as the client (closed after the first connect, no reconnect could trust the
+/// server, and the run would never be done).
+#[test]
+fn a_worker_with_a_tls_ca_connects_again_after_the_server_restarts() {
+    let t = tree(20, 0);
+    let Some((ca, cert, key)) = certificates(t.dir.path()) else {
+        return;
+    };
+    let server = [
+        s("--tls"),
+        s("--tlscert"),
+        cert.as_os_str(),
+        s("--tlskey"),
+        key.as_os_str(),
+    ];
+    let Some(mut nats) = Nats::start_with(&server, "tls") else {
+        return;
+    };
+    let ca_arg = ca.to_str().unwrap();
+    let root = format!("tree={}", t.root().display());
+    let worker = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        std::slice::from_ref(&root),
+        "1",
+        &["--tls-ca", ca_arg],
+    );
+    // Restarted as it was (Nats::restart starts it without TLS), on the same port and store.
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_child(&nats.child),
+        rustix::process::Signal::TERM,
+    );
+    let _ = nats.child.wait();
+    let port = nats.url.rsplit(':').next().unwrap().to_owned();
+    nats.child = Nats::spawn_with(&port, nats._store.path(), &server).0;
+    let out = start_coordinator(&nats, &t.root(), &["--tls-ca", ca_arg, "--op", "gzip"])
+        .finish(Duration::from_secs(120));
+    let sum = out.code(0).summary();
+    assert_eq!(
+        sum["done"],
+        20,
+        "{sum}\n{}",
+        fs::read_to_string(&worker.log).unwrap()
+    );
+}
