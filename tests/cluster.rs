@@ -778,6 +778,17 @@ fn a_watching_coordinator_whose_root_is_moved_stops_with_an_error() {
     );
 }
 
+/// nats-server's flags to serve TLS with `cert` and `key` (from `certificates`).
+fn tls_flags<'a>(cert: &'a Path, key: &'a Path) -> [&'a OsStr; 5] {
+    [
+        s("--tls"),
+        s("--tlscert"),
+        cert.as_os_str(),
+        s("--tlskey"),
+        key.as_os_str(),
+    ]
+}
+
 /// A CA and a server certificate for 127.0.0.1 signed by it, made with the real openssl, in
 /// `dir`: (ca.pem, server.pem, server.key). `None`, saying so, without openssl.
 fn certificates(dir: &Path) -> Option<(PathBuf, PathBuf, PathBuf)> {
@@ -1501,13 +1512,7 @@ fn a_tls_ca_is_trusted_whatever_the_system_store_holds() {
     let Some((ca, cert, key)) = certificates(t.dir.path()) else {
         return;
     };
-    let server = [
-        s("--tls"),
-        s("--tlscert"),
-        cert.as_os_str(),
-        s("--tlskey"),
-        key.as_os_str(),
-    ];
+    let server = tls_flags(&cert, &key);
     let Some(nats) = Nats::start_with(&server, "tls") else {
         return;
     };
@@ -1535,13 +1540,7 @@ fn without_proc_a_tls_ca_is_still_trusted() {
     let Some((ca, cert, key)) = certificates(t.dir.path()) else {
         return;
     };
-    let server = [
-        s("--tls"),
-        s("--tlscert"),
-        cert.as_os_str(),
-        s("--tlskey"),
-        key.as_os_str(),
-    ];
+    let server = tls_flags(&cert, &key);
     let Some(nats) = Nats::start_with(&server, "tls") else {
         return;
     };
@@ -1570,13 +1569,7 @@ fn a_worker_with_a_tls_ca_connects_again_after_the_server_restarts() {
     let Some((ca, cert, key)) = certificates(t.dir.path()) else {
         return;
     };
-    let server = [
-        s("--tls"),
-        s("--tlscert"),
-        cert.as_os_str(),
-        s("--tlskey"),
-        key.as_os_str(),
-    ];
+    let server = tls_flags(&cert, &key);
     let Some(mut nats) = Nats::start_with(&server, "tls") else {
         return;
     };

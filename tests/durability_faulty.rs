@@ -195,6 +195,13 @@ fn run_with_write_back(args: &[&OsStr], eager: bool) -> Run {
     })
 }
 
+/// The bytes of the 300 files of a `tree_in` at `root`, in order (`d{i % 3}/f{i}.h`).
+fn originals(root: &Path) -> Vec<Vec<u8>> {
+    (0..300u64)
+        .map(|i| fs::read(root.join(format!("d{}/f{i}.h", i % 3))).unwrap())
+        .collect()
+}
+
 /// One run of `--durability MODE` over 300 files on an ext4 without a journal whose disk
 /// fails every write to the inode-table blocks past the first `ok` new inodes (see
 /// `FaultyDisk::fail_inode_writes`). Returns (files reported done, those of them whose output
@@ -203,9 +210,7 @@ fn run_on_a_disk_failing_inode_writes(mode: &str, ok: u64, eager: bool) -> (u64,
     let d = FaultyDisk::new();
     let t = tree_in(Some(&d.mnt()), 300);
     let root = t.root();
-    let originals: Vec<Vec<u8>> = (0..300u64)
-        .map(|i| fs::read(root.join(format!("d{}/f{i}.h", i % 3))).unwrap())
-        .collect();
+    let originals = originals(&root);
     d.fail_inode_writes(ok);
     let log = t.side("failures.jsonl");
     let args = [
@@ -313,9 +318,7 @@ fn move_across_onto_a_failing_disk(ok: u64, eager: bool) -> (usize, Vec<String>)
     }
     let t = tree_in(None, 300);
     let root = t.root();
-    let originals: Vec<Vec<u8>> = (0..300u64)
-        .map(|i| fs::read(root.join(format!("d{}/f{i}.h", i % 3))).unwrap())
-        .collect();
+    let originals = originals(&root);
     d.fail_inode_writes(ok);
     let log = t.side("failures.jsonl");
     let args = [
