@@ -80,7 +80,35 @@ impl FaultyDisk {
         sh("mkfs.ext4", &[&mkfs[..], &opts[..], &[p(&img)]].concat());
         sh("fallocate", &[s("-l"), s("250M"), p(&img)]);
         sh("mount", &[s("-o"), s("loop"), p(&img), p(&d.mnt())]);
+        d.no_merges();
         d
+    }
+
+    /// Keeps the loop device from merging writes, so that each write request is one block.
+    /// Why: the loop driver completes a write its backing file took only in part as a success
+    /// (`lo_complete_rq` retries short reads only), so one request merged from blocks on both
+    /// sides of a hole's edge (the last good inode-table block and the first failing one, both
+    /// dirty) wrote the good block, dropped the rest, and reported success: a disk that lies,
+    /// which no program can catch. It made `--durability group` look unsound here: a run under
+    /// load reported 300 files done, 198 of them never on the disk, with no write error in the
+    /// kernel's block trace at all (the request `790 + 102` sectors completed with status 0).
+    /// A one-block request is either wholly backed or wholly in a hole, and fails as a real
+    /// disk's write does.
+    fn no_merges(&self) {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mnt = self.mnt();
+        let source = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let sep = f.iter().position(|x| *x == "-")?;
+                (Path::new(f.get(4)?) == mnt).then(|| f.get(sep + 2).map(|s| s.to_string()))?
+            })
+            .expect("the loop device under the mount point");
+        let dev = Path::new(&source).file_name().unwrap().to_owned();
+        let knob = Path::new("/sys/block").join(dev).join("queue/nomerges");
+        fs::write(&knob, "2").unwrap();
+        assert_eq!(fs::read_to_string(&knob).unwrap().trim(), "2", "{knob:?}");
     }
 
     /// Makes the disk fail every write to each group's inode-table blocks past the first `ok`
@@ -293,12 +321,12 @@ fn with_eager_write_back_no_file_flushed_alone_is_reported_done_off_a_failing_di
     every_done_file_is_on_the_disk(&["file"], &[true, true, true], 200);
 }
 
+/// The same disk, each mode, with and without the eager write-back. Whatever the mode, every
+/// file reported done must be whole under its name: an error a flush reports fails every
+/// output in the making there. (Once `#[ignore]`d: `group` seemed to lose files about once in
+/// 60 runs under load, which was the loop device's doing; see `FaultyDisk::no_merges`.)
 #[test]
-#[ignore = "not yet sound: in about 70 runs on one machine, once, `group` reported 21 of 121 files done off this disk without eager write-back (under load: other builds starting; cause not found; issue 18's note). Run it with --ignored"]
 fn without_a_journal_a_failed_inode_table_write_never_leaves_a_file_reported_done_off_the_disk() {
-    // The same disk, each mode, with and without the eager write-back. Whatever the mode,
-    // every file reported done must be whole under its name: an error a flush reports fails
-    // every output in the making there.
     if !is_root() {
         eprintln!("SKIPPED: not root: cannot mount a file system");
         return;
