@@ -760,6 +760,38 @@ fn a_worker_file_or_queue_file_others_may_change_is_refused() {
     }
 }
 
+/// A config file whose `[[watch]]` table has a queue (a coordinator's) is held to the rule a
+/// `[worker]` table's file is: it says where the jobs go, where outcomes come from (a server
+/// answering for files it never saw would have them recorded done) and which credentials to
+/// use, so no other user may change it. A watch table without a queue is not (as before).
+#[test]
+fn a_coordinators_config_others_may_change_is_refused() {
+    let t = TestTree::new().file("a.txt", b"hello\n");
+    let path = t.side("watch.toml");
+    let root = t.root().display().to_string();
+    let with_queue =
+        format!("[[watch]]\npath = \"{root}\"\nop = \"sha256\"\nqueue = \"nats://127.0.0.1:1\"\n");
+    for mode in [0o664, 0o646, 0o620] {
+        write_mode(&path, &with_queue, mode);
+        let err = check_config(&path).context(mode).code(2).stderr();
+        assert!(
+            err.contains("watch.toml:4: watch[0].queue: ") && err.contains("chmod go-w"),
+            "{mode:o}: {err}"
+        );
+    }
+    write_mode(&path, &with_queue, 0o644);
+    check_config(&path).success();
+    if is_root() {
+        std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+        let err = check_config(&path).code(2).stderr();
+        assert!(err.contains("owned by user 65534"), "{err}");
+        std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+    }
+    let local = format!("[[watch]]\npath = \"{root}\"\nop = \"sha256\"\n");
+    write_mode(&path, &local, 0o664);
+    check_config(&path).success();
+}
+
 /// A queue_file holding a URL without a scheme with a password, or a word that may be a
 /// token pasted alone, is held to the private-file rule, and never shown.
 #[test]

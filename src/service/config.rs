@@ -614,6 +614,15 @@ pub(crate) fn load(
                 secret::open_checked(&resolve(p.get_ref()), rule)
                     .map_err(|e| at(p.span(), &key(k), e))?;
             }
+            // A coordinator's file says where its jobs go and its outcomes come from (a server
+            // that answers for files it never saw would have them recorded done) and which
+            // credentials it uses: held to the rule a `[worker]` table's file is (ssh's
+            // StrictModes), so that no other user may change or replace it. After the files it
+            // names, whose errors say more.
+            located
+                .access
+                .check_not_writable(located.path)
+                .map_err(|e| at(queue_span.clone(), &key("queue"), e))?;
             if let Some(settings) = cfg.watch.as_mut() {
                 settings.queue = Some(crate::config::QueueTarget {
                     url,
