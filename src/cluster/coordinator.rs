@@ -29,7 +29,9 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 
 use crate::cli::OpKind;
 use crate::cluster::resume::RunFile;
-use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireFile, WirePath, WireStamp};
+use crate::cluster::wire::{
+    self, JobBatch, JobBatchOut, OutcomeBatch, WireFile, WirePath, WireStamp,
+};
 use crate::cluster::{
     cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
     Unreachable, ACK_WAIT, JOBS_STREAM, OUTCOMES_STREAM,
@@ -62,7 +64,7 @@ struct Ledger {
     /// in watch mode, the stamp it settled with). A file leaves at its first outcome: later ones (a job
     /// delivered again after a worker died) find it gone and are dropped, and watch mode may
     /// publish it again once it changes.
-    expected: Mutex<HashMap<PathBuf, Awaited>>,
+    expected: Mutex<Awaiting>,
     /// The last of the publisher's batches whose job messages the server has all confirmed
     /// stored (they are confirmed in order): a file of a later batch may not be in the jobs
     /// stream yet, so its absence there says nothing.
@@ -82,6 +84,12 @@ struct Ledger {
     /// worker stored that outcome before it acknowledged the job.
     unread: Mutex<HashMap<PathBuf, Outcome>>,
 }
+
+/// The files awaited. Hashed with foldhash, seeded at random per map, not SipHash: every file
+/// of the run is hashed into it once and out of it once, and SipHash over a path cost about a
+/// tenth of the coordinator's own work per file. Its keys are the coordinator's own (its walk's
+/// or its watch's), never a message's: an outcome only looks a path up, which cannot grow it.
+type Awaiting = HashMap<PathBuf, Awaited, foldhash::fast::RandomState>;
 
 /// A file published, its outcome awaited: what its job said, to publish it again if the job is
 /// lost.
@@ -141,17 +149,17 @@ impl<'a> Head<'a> {
     fn message(&self, files: &[WireFile]) -> serde_json::Result<(usize, Vec<u8>)> {
         let cfg = self.cfg;
         wire::fitting(files, usize::MAX, |part| {
-            serde_json::to_vec(&JobBatch {
+            serde_json::to_vec(&JobBatchOut {
                 v: JobBatch::version(self.out, cfg.remove_source, !self.ops.is_empty()),
-                out: self.out.map(str::to_owned),
+                out: self.out,
                 remove_source: cfg.remove_source,
-                run: self.run.to_owned(),
-                root: self.root.to_owned(),
+                run: self.run,
+                root: self.root,
                 op: self.op,
-                ops: self.ops.clone(),
+                ops: &self.ops,
                 level: cfg.level,
                 force: cfg.force,
-                files: part.to_vec(),
+                files: part,
             })
         })
     }
@@ -516,16 +524,6 @@ fn publish(
             continue;
         }
         batches += 1;
-        if let Ok(mut expected) = ledger.expected.lock() {
-            expected.extend(batch.iter().map(|j| {
-                let awaited = Awaited {
-                    expect: j.expect,
-                    replace: j.replace,
-                    batch: batches,
-                };
-                (j.rel.clone(), awaited)
-            }));
-        }
         // Sizes are not sent: the source already put each large file in a message of its own.
         let files: Vec<WireFile> = batch
             .iter()
@@ -536,6 +534,18 @@ fn publish(
                 replace: j.replace,
             })
             .collect();
+        // Awaited before it is published (an outcome may come back at once); the jobs' paths
+        // move into the ledger, not copied.
+        if let Ok(mut expected) = ledger.expected.lock() {
+            expected.extend(batch.into_iter().map(|j| {
+                let awaited = Awaited {
+                    expect: j.expect,
+                    replace: j.replace,
+                    batch: batches,
+                };
+                (j.rel, awaited)
+            }));
+        }
         // One message, or several where long names would make it too large to be stored.
         let mut rest = &files[..];
         while !rest.is_empty() {

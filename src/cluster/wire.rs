@@ -10,6 +10,7 @@
 //! about a message's content are said in part (`in_part`): a message may be most of a
 //! megabyte.
 
+use std::borrow::Cow;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
@@ -75,8 +76,10 @@ pub(crate) fn valid_name(s: &str) -> bool {
 }
 
 /// A path relative to a root, as bytes: a string when it is UTF-8, else hex (file names need
-/// not be UTF-8, JSON strings must be).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// not be UTF-8, JSON strings must be). Read by hand (`WirePathVisitor`), not as an untagged
+/// enum: serde buffers each untagged value whole before trying the variants, an allocation
+/// and a copy per file of every message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub(crate) enum WirePath {
     /// A UTF-8 path.
@@ -86,6 +89,56 @@ pub(crate) enum WirePath {
         /// Two lower-case hex digits per byte.
         hex: String,
     },
+}
+
+impl<'de> Deserialize<'de> for WirePath {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(WirePathVisitor)
+    }
+}
+
+/// Reads a `WirePath` as the untagged enum did: a string, or a map with a `hex` string (other
+/// keys ignored).
+struct WirePathVisitor;
+
+impl<'de> serde::de::Visitor<'de> for WirePathVisitor {
+    type Value = WirePath;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a path: a string, or {\"hex\": its bytes in hex}")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<WirePath, E> {
+        Ok(WirePath::Text(v.to_owned()))
+    }
+
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<WirePath, E> {
+        Ok(WirePath::Text(v))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<WirePath, A::Error> {
+        /// A key of the map: `hex`, or another (ignored, as the untagged enum did).
+        #[derive(Deserialize)]
+        #[serde(field_identifier, rename_all = "lowercase")]
+        enum Key {
+            Hex,
+            #[serde(other)]
+            Other,
+        }
+        let mut hex: Option<String> = None;
+        while let Some(key) = map.next_key::<Key>()? {
+            if matches!(key, Key::Hex) {
+                if hex.is_some() {
+                    return Err(serde::de::Error::duplicate_field("hex"));
+                }
+                hex = Some(map.next_value()?);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        hex.map(|hex| WirePath::Bytes { hex })
+            .ok_or_else(|| serde::de::Error::missing_field("hex"))
+    }
 }
 
 impl WirePath {
@@ -104,10 +157,11 @@ impl WirePath {
         }
     }
 
-    /// The path's bytes, or `None` if the hex is not hex.
-    fn bytes(&self) -> Option<Vec<u8>> {
+    /// The path's bytes, or `None` if the hex is not hex. Borrowed for a UTF-8 path (nearly
+    /// every one): a job's path is checked and copied once, not twice.
+    fn bytes(&self) -> Option<Cow<'_, [u8]>> {
         match self {
-            WirePath::Text(s) => Some(s.as_bytes().to_vec()),
+            WirePath::Text(s) => Some(Cow::Borrowed(s.as_bytes())),
             WirePath::Bytes { hex } => {
                 if hex.len() % 2 != 0 || hex.len() > 2 * MAX_PATH {
                     return None;
@@ -115,7 +169,8 @@ impl WirePath {
                 (0..hex.len())
                     .step_by(2)
                     .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-                    .collect()
+                    .collect::<Option<Vec<u8>>>()
+                    .map(Cow::Owned)
             }
         }
     }
@@ -232,6 +287,25 @@ pub(crate) struct JobBatch {
     /// result alone. Empty: `op` alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) ops: Vec<OpKind>,
+}
+
+/// A job message as it is written: `JobBatch`'s fields, borrowed, so that encoding a batch
+/// (once, or again for each half of one too large) copies no path.
+#[derive(Debug, Serialize)]
+pub(crate) struct JobBatchOut<'a> {
+    pub(crate) v: u32,
+    pub(crate) run: &'a str,
+    pub(crate) root: &'a str,
+    pub(crate) op: OpKind,
+    pub(crate) level: u32,
+    pub(crate) force: bool,
+    pub(crate) files: &'a [WireFile],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) out: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) remove_source: bool,
+    #[serde(skip_serializing_if = "<[OpKind]>::is_empty")]
+    pub(crate) ops: &'a [OpKind],
 }
 
 /// The version of a job message that names an output root or asks for its inputs removed:
@@ -406,6 +480,22 @@ pub(crate) struct OutcomeBatch {
     pub(crate) outcomes: Vec<WireOutcome>,
 }
 
+/// An outcome message as it is written: `OutcomeBatch`'s fields, borrowed (as `JobBatchOut`).
+#[derive(Debug, Serialize)]
+pub(crate) struct OutcomeBatchOut<'a> {
+    pub(crate) v: u32,
+    pub(crate) run: &'a str,
+    pub(crate) worker: &'a str,
+    pub(crate) outcomes: &'a [WireOutcome],
+}
+
+/// `d` in lower-case hex, as `Digest::to_hex` has it, without its check for UTF-8 that is not
+/// there (hex is ASCII): a digest per file of every outcome message.
+fn hex_of(d: &Digest) -> String {
+    let mut buf = [0; 128];
+    std::str::from_utf8(d.hex_into(&mut buf)).map_or_else(|_| String::new(), str::to_owned)
+}
+
 impl WireOutcome {
     /// An outcome, for the wire.
     pub(crate) fn of(o: &Outcome) -> WireOutcome {
@@ -434,13 +524,13 @@ impl WireOutcome {
                 // One digest unnamed, as coordinators from before several results read it
                 // (the run has one hash, so it says which); several, each named.
                 match &done.digests[..] {
-                    [one] => w.digest = Some(one.to_hex()),
+                    [one] => w.digest = Some(hex_of(one)),
                     several => {
                         w.digests = several
                             .iter()
                             .map(|d| WireDigest {
                                 algo: OpKind::from(d.algo()),
-                                hex: d.to_hex(),
+                                hex: hex_of(d),
                             })
                             .collect();
                     }
@@ -621,6 +711,94 @@ mod tests {
             // "/etc/passwd" in hex is refused too.
             assert!(WirePath::Bytes { hex: hex.into() }.rel().is_err(), "{hex}");
         }
+    }
+
+    #[test]
+    fn a_path_reads_as_the_untagged_enum_read_it() {
+        let read = |json: &str| serde_json::from_str::<WirePath>(json);
+        assert_eq!(read(r#""a/b""#).unwrap(), WirePath::Text("a/b".into()));
+        assert_eq!(read(r#""a\u002fb""#).unwrap(), WirePath::Text("a/b".into()));
+        let hex = WirePath::Bytes { hex: "6162".into() };
+        assert_eq!(read(r#"{"hex":"6162"}"#).unwrap(), hex);
+        // An escaped key is the same key; other keys are ignored, as before.
+        assert_eq!(read(r#"{"h\u0065x":"6162"}"#).unwrap(), hex);
+        assert_eq!(read(r#"{"x":[1,{}],"hex":"6162"}"#).unwrap(), hex);
+        for bad in [
+            r#"{}"#,
+            r#"{"hex":1}"#,
+            r#"{"hex":"61","hex":"62"}"#,
+            "1",
+            "[]",
+            "null",
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_job_message_written_borrowed_reads_back_whole() {
+        let files = vec![
+            WireFile {
+                rel: WirePath::Text("a \"b\"/\u{e9}".into()),
+                size: 0,
+                stamp: Some(WireStamp {
+                    size: 3,
+                    mtime_ns: -4,
+                }),
+                replace: true,
+            },
+            WireFile {
+                rel: WirePath::of(Path::new(OsStr::from_bytes(b"caf\xe9"))),
+                size: 9,
+                stamp: None,
+                replace: false,
+            },
+        ];
+        let ops = [OpKind::Sha256, OpKind::Zstd];
+        let json = serde_json::to_vec(&JobBatchOut {
+            v: VERSION_MULTI,
+            run: "r1",
+            root: "in",
+            op: OpKind::Zstd,
+            level: 3,
+            force: true,
+            files: &files,
+            out: Some("o"),
+            remove_source: false,
+            ops: &ops,
+        })
+        .unwrap();
+        let b = JobBatch::parse(&json).unwrap();
+        assert_eq!(
+            (b.run.as_str(), b.root.as_str(), b.out.as_deref()),
+            ("r1", "in", Some("o"))
+        );
+        assert_eq!(
+            (b.op, b.ops.as_slice(), b.level, b.force),
+            (OpKind::Zstd, &ops[..], 3, true)
+        );
+        assert_eq!(format!("{:?}", b.files), format!("{files:?}"));
+        // Fields a message without them leaves out, as before.
+        let plain = serde_json::to_string(&JobBatchOut {
+            v: VERSION,
+            run: "r1",
+            root: "in",
+            op: OpKind::Gzip,
+            level: 6,
+            force: false,
+            files: &files[..1],
+            out: None,
+            remove_source: false,
+            ops: &[],
+        })
+        .unwrap();
+        assert!(JobBatch::parse(plain.as_bytes()).is_ok(), "{plain}");
+        assert!(
+            !plain.contains("\"out\"")
+                && !plain.contains("\"ops\"")
+                && !plain.contains("remove_source"),
+            "{plain}"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::cli::OpSpec;
-use crate::cluster::wire::{self, JobBatch, OutcomeBatch, WireOutcome, WireStatus};
+use crate::cluster::wire::{self, JobBatch, OutcomeBatchOut, WireOutcome, WireStatus};
 use crate::cluster::{
     await_workers_consumer, connect_or_await, may_publish, outcomes_subject, take, whoami,
     workers_consumer, Conn, Missing, Queue, Unreachable, MAX_DELIVER, PROGRESS_EVERY,
@@ -558,11 +558,11 @@ impl Router<'_> {
         let mut rest = &outcomes[..];
         while !rest.is_empty() {
             let (n, payload) = wire::fitting(rest, usize::MAX, |part| {
-                serde_json::to_vec(&OutcomeBatch {
+                serde_json::to_vec(&OutcomeBatchOut {
                     v: wire::VERSION,
-                    run: batch.run.clone(),
-                    worker: self.me.clone(),
-                    outcomes: part.to_vec(),
+                    run: &batch.run,
+                    worker: &self.me,
+                    outcomes: part,
                 })
             })?;
             self.conn

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use async_nats::jetstream;
 
 use crate::cluster::outcomes_subject;
-use crate::cluster::wire::{fitting, OutcomeBatch, WireOutcome, VERSION};
+use crate::cluster::wire::{fitting, OutcomeBatchOut, WireOutcome, VERSION};
 use crate::error::Kind;
 use crate::sink::{Disposition, Sink};
 use crate::travel::Outcome;
@@ -119,11 +119,11 @@ impl Sink for QueueSink {
         }
         while !self.unsent.is_empty() {
             let (n, payload) = fitting(&self.unsent, PER_MESSAGE, |part| {
-                serde_json::to_vec(&OutcomeBatch {
+                serde_json::to_vec(&OutcomeBatchOut {
                     v: VERSION,
-                    run: self.run.clone(),
-                    worker: self.worker.clone(),
-                    outcomes: part.to_vec(),
+                    run: &self.run,
+                    worker: &self.worker,
+                    outcomes: part,
                 })
             })?;
             if let Err(e) = self.publish(payload) {
