@@ -833,7 +833,10 @@ fn gather_outcomes(
                     // An outcome that did not read, before, counts no more (a watched file
                     // published again must not inherit it).
                     if let Ok(mut unread) = ledger.unread.lock() {
-                        unread.remove(outcome.rel());
+                        // Nearly always empty: no path hashed per file for nothing.
+                        if !unread.is_empty() {
+                            unread.remove(outcome.rel());
+                        }
                     }
                     firsts.push(match (settled.expect, watched) {
                         (Some(stamp), Some(root)) => of_version(outcome, &stamp, w.read, root),

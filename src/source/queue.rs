@@ -87,7 +87,25 @@ struct Books {
     /// Per message: files not yet recorded, and whether one of them is to be redone.
     open: HashMap<u64, (usize, bool)>,
     /// Each path in the pipeline, and the messages that named it: its outcome settles each.
-    waiting: HashMap<PathBuf, Vec<u64>>,
+    waiting: HashMap<PathBuf, Waiters>,
+}
+
+/// The messages that named one path in the pipeline: nearly always one, held without an
+/// allocation of its own (a `Vec` of one was a malloc and a free per file).
+#[derive(Debug)]
+struct Waiters {
+    first: u64,
+    /// A redelivery of a message still held here, or a name twice in one message.
+    more: Vec<u64>,
+}
+
+impl Waiters {
+    fn of(id: u64) -> Waiters {
+        Waiters {
+            first: id,
+            more: Vec::new(),
+        }
+    }
 }
 
 impl Books {
@@ -106,8 +124,11 @@ impl Books {
 
     fn recorded(&mut self, r: &Recorded) -> Vec<Settled> {
         let redo = r.retry_after.is_some();
-        let ids = self.waiting.remove(&r.rel).unwrap_or_default();
-        ids.into_iter()
+        let Some(w) = self.waiting.remove(&r.rel) else {
+            return Vec::new();
+        };
+        std::iter::once(w.first)
+            .chain(w.more)
             .filter_map(|id| self.one_done(id, redo))
             .collect()
     }
@@ -173,13 +194,13 @@ impl QueueSource {
             expect,
         } in d.files
         {
-            if let Some(ids) = books.waiting.get_mut(&rel) {
+            if let Some(w) = books.waiting.get_mut(&rel) {
                 // In flight here already (a redelivery of a message this worker still holds,
                 // or a name twice in one message): its outcome settles this one too.
-                ids.push(d.id);
+                w.more.push(d.id);
                 continue;
             }
-            books.waiting.insert(rel.clone(), vec![d.id]);
+            books.waiting.insert(rel.clone(), Waiters::of(d.id));
             if !fill.takes(size) {
                 self.send(std::mem::take(&mut batch), out)?;
                 fill = BatchFill::default();
@@ -224,8 +245,20 @@ mod tests {
     fn a_message_is_settled_once_each_of_its_files_is_recorded() {
         let mut b = Books::default();
         b.open.insert(1, (2, false));
-        b.waiting.insert("a".into(), vec![1]);
-        b.waiting.insert("b".into(), vec![1]);
+        b.waiting.insert(
+            "a".into(),
+            Waiters {
+                first: 1,
+                more: vec![],
+            },
+        );
+        b.waiting.insert(
+            "b".into(),
+            Waiters {
+                first: 1,
+                more: vec![],
+            },
+        );
         assert!(b.recorded(&rec("a", false)).is_empty());
         assert!(b.recorded(&rec("zzz", false)).is_empty(), "not ours");
         assert_eq!(
@@ -241,8 +274,20 @@ mod tests {
         // Message 2 is a redelivery of message 1 while this worker still holds it.
         b.open.insert(1, (2, false));
         b.open.insert(2, (1, false));
-        b.waiting.insert("a".into(), vec![1, 2]);
-        b.waiting.insert("b".into(), vec![1]);
+        b.waiting.insert(
+            "a".into(),
+            Waiters {
+                first: 1,
+                more: vec![2],
+            },
+        );
+        b.waiting.insert(
+            "b".into(),
+            Waiters {
+                first: 1,
+                more: vec![],
+            },
+        );
         assert_eq!(
             b.recorded(&rec("a", false)),
             [Settled { id: 2, done: true }]
@@ -257,7 +302,13 @@ mod tests {
     fn a_name_twice_in_one_message_is_counted_off_twice_by_its_one_outcome() {
         let mut b = Books::default();
         b.open.insert(7, (2, false));
-        b.waiting.insert("a".into(), vec![7, 7]);
+        b.waiting.insert(
+            "a".into(),
+            Waiters {
+                first: 7,
+                more: vec![7],
+            },
+        );
         assert_eq!(
             b.recorded(&rec("a", false)),
             [Settled { id: 7, done: true }]
