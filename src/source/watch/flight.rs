@@ -50,6 +50,11 @@ impl Flight {
         self.redo.insert(rel);
     }
 
+    /// How many paths are to be looked at again once back (see `redo`).
+    pub(crate) fn redo_count(&self) -> usize {
+        self.redo.len()
+    }
+
     /// The sink recorded `r`'s outcome: `r.rel` is no longer in flight. Returns whether it must
     /// be looked at again now (something happened to it while it was read).
     pub(crate) fn recorded(&mut self, r: &Recorded, now: Instant) -> bool {
