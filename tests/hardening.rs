@@ -1258,3 +1258,77 @@ fn case_1_a_crash_while_replacing_leaves_only_a_temp_the_next_run_removes() {
         assert_eq!(back.stdout, text_bytes(50_000, 1));
     }
 }
+
+/// With `--follow-symlinks`, a link the walk found leading inside the root and pointed out of
+/// it before a worker opened the file behind it (here while strace holds that open back) must
+/// not get the outside file read: the worker opens by full path, following links, and judges
+/// what it opened (found by a hostile review: the outside file's digest was in the manifest,
+/// and with gzip its contents in the outputs).
+#[test]
+fn with_follow_symlinks_a_link_pointed_outside_after_the_walk_is_not_read() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    let t = TestTree::new().file("real/secret", b"inside the tree\n");
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(
+        outside.path().join("secret"),
+        b"OUTSIDE, never to be read\n",
+    )
+    .unwrap();
+    let root = t.root();
+    let link = root.join("l");
+    std::os::unix::fs::symlink("real", &link).unwrap();
+    let trace = t.side("trace");
+    let sums = t.side("SUMS");
+    let log = t.side("failures.jsonl");
+    let mut cmd = Command::new("strace");
+    // Only the opens of l/secret (and of real/secret, the path strace resolves it to) are
+    // held back (-P): the walk stats the file, never opens it.
+    cmd.args(["-f", "-P"])
+        .arg(link.join("secret"))
+        .args(["-e", "trace=open,openat", "-o"])
+        .arg(&trace)
+        .args(["-e", "inject=open,openat:delay_enter=1500000"])
+        .arg(bin())
+        .args([
+            s("batch"),
+            p(&root),
+            s("--op"),
+            s("sha256"),
+            s("--follow-symlinks"),
+        ])
+        .arg("--manifest")
+        .arg(&sums)
+        .arg("--failure-log")
+        .arg(&log)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let started = Started::new(cmd);
+    wait_until(
+        Duration::from_secs(60),
+        "the open of l/secret held back",
+        || fs::read_to_string(&trace).is_ok_and(|t| t.contains("/l/secret\"")),
+    );
+    fs::remove_file(&link).unwrap();
+    std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+    started.finish(Duration::from_secs(60));
+    let manifest = fs::read_to_string(&sums).unwrap_or_default();
+    let outside_digest = {
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(b"OUTSIDE, never to be read\n");
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    assert!(
+        !manifest.contains(&outside_digest),
+        "the file outside the root was read: {manifest}"
+    );
+    let failures = fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        failures.contains("l/secret") && failures.contains("outside the root"),
+        "l/secret not reported as leading outside the root: {failures}\n{}",
+        fs::read_to_string(&trace).unwrap_or_default()
+    );
+}

@@ -82,6 +82,14 @@ impl InputFile {
             (Errno::LOOP, None) if !follow_symlinks => OpenError::NotRegular(NotRegular::Symlink),
             (e, _) => OpenError::Failed(FileError::errno("opening input", e)),
         })?;
+        // Followed by full path: a link on the way may have been pointed out of the root since
+        // the walk checked where it led. What was opened is judged, not the path: it must lie
+        // beneath the root, or it is not read.
+        if let (true, Some(root)) = (follow_symlinks, root) {
+            if !root.holds(&fd) {
+                return Err(OpenError::NotRegular(NotRegular::OutsideRoot));
+            }
+        }
         let stat =
             rfs::fstat(&fd).map_err(|e| OpenError::Failed(FileError::errno("stat of input", e)))?;
         let ft = FileType::from_raw_mode(stat.st_mode);
@@ -165,6 +173,8 @@ pub(crate) enum NotRegular {
     Symlink,
     /// Reached through a directory that is a symlink, not followed.
     SymlinkOnPath,
+    /// With `--follow-symlinks`, what the path leads to now is outside the root: not read.
+    OutsideRoot,
     /// Another kind of file: a FIFO, a socket, a device, a directory.
     Special(FileType),
 }
@@ -174,6 +184,7 @@ impl std::fmt::Display for NotRegular {
         f.write_str(match self {
             NotRegular::Symlink => "symlink",
             NotRegular::SymlinkOnPath => "a directory on its path is a symlink",
+            NotRegular::OutsideRoot => "a symlink on its path now leads outside the root",
             NotRegular::Special(ft) => describe(*ft),
         })
     }
@@ -266,6 +277,18 @@ impl Root {
             }
         }
         None
+    }
+
+    /// Whether `file` (opened by full path, links followed) lies beneath this root: where the
+    /// kernel says each of them is (`/proc/self/fd`), the file's path starts with the root's.
+    /// Where /proc cannot say, true: the check is then the walk's alone, as before it existed.
+    pub(crate) fn holds(&self, file: &OwnedFd) -> bool {
+        use std::os::fd::AsRawFd;
+        let real = |fd: &OwnedFd| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+        match (real(&self.fd), real(file)) {
+            (Ok(root), Ok(path)) => path.starts_with(root),
+            _ => true,
+        }
     }
 
     /// Whether this root resolves with `openat2`.

@@ -147,7 +147,7 @@ pub(crate) fn prepare<O: Op>(
                 NotRegular::Symlink => {
                     FileError::new(Kind::Symlink, "not a regular file (symlink)")
                 }
-                NotRegular::SymlinkOnPath => {
+                NotRegular::SymlinkOnPath | NotRegular::OutsideRoot => {
                     FileError::new(Kind::Symlink, format!("{what}; not followed"))
                 }
                 NotRegular::Special(_) => {
