@@ -685,3 +685,52 @@ fn a_done_file_replaced_by_one_that_is_skipped_leaves_the_manifest() {
     assert!(fs::read_to_string(&manifest).unwrap().ends_with("  kept\n"));
     assert_sha256sum_c(&manifest, &t.root());
 }
+
+/// A symlink to a directory outside the tree, made in the watched tree, is a symlink like any
+/// other: never watched nor scanned, so nothing created outside
+/// afterwards, a file or a directory, is ever named by filepipe (found by a hostile review:
+/// the link was taken for a new directory, followed by the watch and the scan, and the outside
+/// names reached the failure log).
+#[test]
+fn a_link_to_a_directory_outside_the_tree_is_never_watched() {
+    let t = TestTree::new().file("marker", b"ready");
+    let log = t.side("failures.jsonl");
+    let manifest = t.side("SHA256SUMS");
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("BEFORE_THE_LINK"), b"outside\n").unwrap();
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "sha256",
+            "--manifest",
+            manifest.to_str().unwrap(),
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    wait_for("the initial scan", || manifest_lines(&manifest) == 1);
+    std::os::unix::fs::symlink(outside.path(), t.path("X")).unwrap();
+    // Events are taken in order: once a file made after the link is done, the link was seen.
+    fs::write(t.path("after-link"), b"after\n").unwrap();
+    wait_for("the file made after the link", || {
+        manifest_lines(&manifest) == 2
+    });
+    fs::write(outside.path().join("VICTIM_PRIVATE_NAME"), b"outside\n").unwrap();
+    fs::create_dir(outside.path().join("VICTIM_SUBDIR")).unwrap();
+    fs::write(outside.path().join("VICTIM_SUBDIR/f"), b"outside\n").unwrap();
+    // And once a file made after those outside is done, their events (if any) were heard.
+    fs::write(t.path("after"), b"after\n").unwrap();
+    wait_for("the file made after", || manifest_lines(&manifest) == 3);
+    let out = d.stop();
+    let everything = format!(
+        "{}{}{}{}",
+        out.stdout(),
+        out.stderr(),
+        fs::read_to_string(&log).unwrap_or_default(),
+        fs::read_to_string(&manifest).unwrap_or_default()
+    );
+    for name in ["VICTIM", "BEFORE_THE_LINK"] {
+        assert!(!everything.contains(name), "{name} named: {everything}");
+    }
+}

@@ -20,6 +20,20 @@ pub(crate) fn watcher_config() -> notify::Config {
         .with_event_kinds(K::CREATE | K::REMOVE | K::ALL_MODIFY | K::ACCESS_CLOSE)
 }
 
+/// Whether `path`, just created or renamed into the tree under `root`, is a directory to
+/// watch and scan: a directory itself, or with `follow_symlinks` a link to a directory that
+/// lies beneath `root` (links are followed only within the root, as the walk follows them).
+/// A link to a directory outside is a symlink like any other, reported as one.
+pub(crate) fn is_new_dir(path: &Path, root: &Path, follow_symlinks: bool) -> bool {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => true,
+        Ok(m) if m.file_type().is_symlink() && follow_symlinks => {
+            std::fs::canonicalize(path).is_ok_and(|real| real.starts_with(root) && real.is_dir())
+        }
+        _ => false,
+    }
+}
+
 /// The kind of file system `root` is on, if it is one whose files other machines (or a
 /// layer beneath the mount) can change without an inotify event here: NFS, SMB/CIFS, FUSE
 /// (sshfs, GlusterFS, s3fs, bindfs), 9p, Ceph, Lustre, AFS, GPFS and other cluster file
@@ -119,13 +133,19 @@ pub(crate) fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
 }
 
 /// Watches `dir` alone (a scan watches its subdirectories); harmless if it already is watched.
+/// A symlink is not followed (`IN_DONT_FOLLOW`) unless `follow_symlinks`: a link made to a
+/// directory outside the tree, or swapped in for one of its directories, would otherwise have
+/// the kernel report the outside directory's names as the tree's.
 pub(crate) fn watch_dir(
     watcher: &mut notify::RecommendedWatcher,
     root: &Path,
     dir: &Path,
+    follow_symlinks: bool,
 ) -> anyhow::Result<()> {
     use notify::Watcher as _;
-    match watcher.watch(dir, RecursiveMode::NonRecursive) {
+    let how = notify::WatchPathConfig::new(RecursiveMode::NonRecursive)
+        .with_dereference_symlinks(follow_symlinks);
+    match watcher.watch_with(dir, how) {
         Ok(()) => Ok(()),
         Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => Err(watch_error(root, e)),
         // Gone again already: its removal event follows.

@@ -304,7 +304,12 @@ impl Watcher<'_> {
     /// Watches `dir` (not its subdirectories: a scan of it watches those); harmless if it
     /// already is watched.
     fn watch(&mut self, dir: &Path) -> Result<()> {
-        watch_dir(&mut self.watcher, &self.cfg.root, dir)
+        watch_dir(
+            &mut self.watcher,
+            &self.cfg.root,
+            dir,
+            self.cfg.follow_symlinks,
+        )
     }
 
     /// Scans `dir` (already watched by the caller), watching each directory under it before
@@ -322,7 +327,7 @@ impl Watcher<'_> {
         let mut watch_failed = None;
         walk::scan(cfg, dir, stats, shutdown, &mut |f| {
             if let Found::Dir(d) = &f {
-                if let Err(e) = watch_dir(watcher, &cfg.root, d) {
+                if let Err(e) = watch_dir(watcher, &cfg.root, d, cfg.follow_symlinks) {
                     watch_failed = Some(e);
                     return false;
                 }
@@ -440,7 +445,8 @@ impl Watcher<'_> {
             if self.ignored(&rel, path) {
                 continue;
             }
-            let Some(change) = events::change(&event.kind, || path.is_dir()) else {
+            let is_dir = || events::is_new_dir(path, &self.cfg.root, self.cfg.follow_symlinks);
+            let Some(change) = events::change(&event.kind, is_dir) else {
                 continue;
             };
             let now = Instant::now();
