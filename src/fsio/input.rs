@@ -469,8 +469,16 @@ mod tests {
                     other => panic!("{rel}: unexpected {other:?}"),
                 }
             }
-            // --follow-symlinks follows them, by path.
-            assert_eq!(read_all(open("link/f", true).unwrap()), b"outside");
+            // --follow-symlinks follows them, by path, within the root only: what was opened
+            // is judged, and a file outside is not read.
+            assert_eq!(read_all(open("d/l", true).unwrap()), b"inside");
+            assert!(
+                matches!(
+                    open("link/f", true),
+                    Err(OpenError::NotRegular(NotRegular::OutsideRoot))
+                ),
+                "{r:?}"
+            );
             // The directory of an input, for --remove-source: never through a link either.
             assert!(r.open_dir(Path::new("d/e")).is_ok());
             assert!(r.open_dir(Path::new("")).is_ok());
