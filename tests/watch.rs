@@ -87,6 +87,41 @@ fn every_file_once_when_complete_pre_existing_renamed_nested_and_slow() {
     assert_eq!(fs::read(t.path("slow.log")).unwrap(), slow);
 }
 
+/// The kernel's inotify queue length, if a burst of files can overflow it here; `None`, saying
+/// the test is skipped, if it is too long.
+fn overflowable_queue() -> Option<usize> {
+    let queue: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(16_384);
+    if queue > 300_000 {
+        eprintln!("SKIPPED: max_queued_events is {queue}: too many files to overflow it here");
+        return None;
+    }
+    Some(queue)
+}
+
+/// How many files the daemon said it reads again after an overflow (`files=N` of its warning;
+/// each counts done twice), from its log `err`; `None` if it said nothing of the kind.
+fn read_again(err: &str) -> Option<u64> {
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("read again once back"))
+        .collect();
+    (!lines.is_empty()).then(|| {
+        lines
+            .iter()
+            .map(|l| {
+                l.split("files=")
+                    .nth(1)
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or_else(|| panic!("no files= in {l}"))
+            })
+            .sum()
+    })
+}
+
 #[test]
 fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
     let t = TestTree::new().file("marker", b"ready");
@@ -106,14 +141,9 @@ fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
     });
     // Frozen, it cannot read events: files (three events each) in watched directories
     // overflow the kernel's queue of max_queued_events (16,384 by default).
-    let queue: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(16_384);
-    if queue > 300_000 {
-        eprintln!("SKIPPED: max_queued_events is {queue}: too many files to overflow it here");
+    let Some(queue) = overflowable_queue() else {
         return;
-    }
+    };
     let n = (queue / 2).max(20_000);
     d.signal(rustix::process::Signal::STOP);
     for i in 0..n {
@@ -147,17 +177,7 @@ fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
         err.contains("overflowed"),
         "the burst did not overflow the queue, so this test proved nothing"
     );
-    let again: usize = err
-        .lines()
-        .filter(|l| l.contains("read again once back"))
-        .map(|l| {
-            l.split("files=")
-                .nth(1)
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or_else(|| panic!("no files= in {l}"))
-        })
-        .sum();
+    let again = read_again(&err).unwrap_or(0) as usize;
     assert_eq!(
         s["done"],
         n + 3 + again,
@@ -195,14 +215,9 @@ fn a_file_in_flight_at_an_overflow_is_read_again_and_said_so() {
     wait_for("the burst directories to be watched", || {
         gz_of(&t.path("burst/d19/sentinel")).exists()
     });
-    let queue: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(16_384);
-    if queue > 300_000 {
-        eprintln!("SKIPPED: max_queued_events is {queue}: too many files to overflow it here");
+    let Some(queue) = overflowable_queue() else {
         return;
-    }
+    };
     // Long enough at gzip -9 (seconds) to be in flight still when the overflow is read.
     let big = t.path("big.txt");
     fs::write(&big, text_bytes(96 << 20, 7)).unwrap();
@@ -225,26 +240,9 @@ fn a_file_in_flight_at_an_overflow_is_read_again_and_said_so() {
         out.stderr().contains("overflowed"),
         "the burst did not overflow the queue, so this test proved nothing"
     );
-    let err = out.stderr();
-    let again: Vec<&str> = err
-        .lines()
-        .filter(|l| l.contains("read again once back"))
-        .collect();
-    assert!(
-        again.iter().any(|l| l.contains("files=")),
-        "big.txt was being read at the overflow, and no line said it is read again: {again:?}"
-    );
-    let again: u64 = again
-        .iter()
-        .filter_map(|l| {
-            l.split("files=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum();
+    let again = read_again(&out.stderr()).unwrap_or_else(|| {
+        panic!("big.txt was being read at the overflow, and no line said it is read again")
+    });
     assert_eq!(
         s["done"],
         expected + again,
