@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek};
 use std::os::fd::OwnedFd;
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Stat};
@@ -199,6 +199,15 @@ impl std::fmt::Display for NotRegular {
 pub(crate) struct Root {
     fd: OwnedFd,
     openat2: bool,
+    /// Where the kernel says the root is (`/proc/self/fd`), read once for `holds`; `None` where
+    /// /proc cannot say.
+    real: Option<PathBuf>,
+}
+
+/// Where the kernel says the file open at `fd` is.
+fn real_path(fd: &OwnedFd) -> Option<PathBuf> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
 }
 
 impl Root {
@@ -206,7 +215,8 @@ impl Root {
     pub(crate) fn new(root: &Path) -> rustix::io::Result<Root> {
         let fd = rfs::open(root, Self::DIR, Mode::empty())?;
         let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
-        Ok(Root { fd, openat2 })
+        let real = real_path(&fd);
+        Ok(Root { fd, openat2, real })
     }
 
     const DIR: OFlags = OFlags::PATH
@@ -283,10 +293,8 @@ impl Root {
     /// kernel says each of them is (`/proc/self/fd`), the file's path starts with the root's.
     /// Where /proc cannot say, true: the check is then the walk's alone, as before it existed.
     pub(crate) fn holds(&self, file: &OwnedFd) -> bool {
-        use std::os::fd::AsRawFd;
-        let real = |fd: &OwnedFd| std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-        match (real(&self.fd), real(file)) {
-            (Ok(root), Ok(path)) => path.starts_with(root),
+        match (&self.real, real_path(file)) {
+            (Some(root), Some(path)) => path.starts_with(root),
             _ => true,
         }
     }
