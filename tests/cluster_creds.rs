@@ -21,7 +21,7 @@ use nkeys::KeyPair;
 use serde_json::json;
 use sha2::Digest;
 
-use common::cluster::{assert_outputs_of, tree, xdg};
+use common::cluster::{assert_results, tree, xdg};
 use common::nats::*;
 use common::*;
 
@@ -151,6 +151,12 @@ fn worker_config(t: &TestTree, nats: &Nats, creds: &Path) -> PathBuf {
     path
 }
 
+/// `filepipe worker --config CONFIG`, once it says READY=1 (its log beside the tree).
+fn start_worker(t: &TestTree, config: &Path) -> Worker {
+    let cmd = filepipe(&[s("worker"), s("--config"), config.as_os_str()]);
+    Worker::ready(cmd, t.root().parent().unwrap())
+}
+
 /// `filepipe batch ROOT --queue URL --root-name tree --op gzip,sha256 --manifest SUMS`, with
 /// `--creds CREDS` if given.
 fn coordinator(t: &TestTree, nats: &Nats, creds: Option<&Path>) -> Run {
@@ -178,11 +184,7 @@ fn a_coordinator_and_a_worker_with_creds_files_run_a_batch() {
     let worker_creds = creds_for(&t, &account, "worker.creds", None);
     let coordinator_creds = creds_for(&t, &account, "coordinator.creds", None);
     let config = worker_config(&t, &nats, &worker_creds);
-    let dir = tempfile::tempdir().unwrap();
-    let mut worker = Worker::ready(
-        filepipe(&[s("worker"), s("--config"), config.as_os_str()]),
-        dir.path(),
-    );
+    let mut worker = start_worker(&t, &config);
     let sum = coordinator(&t, &nats, Some(&coordinator_creds))
         .success()
         .summary();
@@ -191,25 +193,7 @@ fn a_coordinator_and_a_worker_with_creds_files_run_a_batch() {
         (Some(80), Some(0)),
         "{sum}"
     );
-    assert_eq!(assert_outputs_of(&t.root(), &t.root()), 80);
-    let gz: Vec<PathBuf> = walkdir::WalkDir::new(t.root())
-        .into_iter()
-        .filter_map(Result::ok)
-        .map(|e| e.into_path())
-        .filter(|p| p.extension() == Some(s("gz")))
-        .collect();
-    assert_eq!(gz.len(), 80);
-    let mut args = vec![s("-t")];
-    args.extend(gz.iter().map(|p| p.as_os_str()));
-    let out = tool("gzip", &args, &t.root());
-    assert!(out.status.success(), "gzip -t: {out:?}");
-    let out = tool(
-        "sha256sum",
-        &[s("-c"), t.side("SUMS").as_os_str()],
-        &t.root(),
-    );
-    assert!(out.status.success(), "sha256sum -c: {out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 80);
+    assert_results(&t, 80);
     worker.kill();
     assert!(!worker.log().contains("authorization"), "{}", worker.log());
 }
@@ -274,11 +258,7 @@ fn creds_the_server_does_not_accept_are_refused_at_start() {
     );
     let good = creds_for(&t, &account, "good.creds", None);
     let config = worker_config(&t, &nats, &good);
-    let dir = tempfile::tempdir().unwrap();
-    let mut worker = Worker::ready(
-        filepipe(&[s("worker"), s("--config"), config.as_os_str()]),
-        dir.path(),
-    );
+    let mut worker = start_worker(&t, &config);
     let sum = coordinator(&t, &nats, Some(&good)).success().summary();
     assert_eq!(
         (sum["done"].as_u64(), sum["failed"].as_u64()),

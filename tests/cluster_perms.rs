@@ -12,11 +12,11 @@ mod common;
 
 use std::ffi::OsStr;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::cluster::{assert_outputs_of, tree, xdg};
+use common::cluster::{assert_results, tree, xdg};
 use common::nats::*;
 use common::*;
 
@@ -87,34 +87,6 @@ fn make_streams(nats: &Nats, root: &str) -> Run {
     ]);
     setup.env("XDG_STATE_HOME", xdg(&empty.root()));
     run(setup)
-}
-
-/// Every output passes `gzip -t` and restores its input; the manifest passes `sha256sum -c`
-/// from the root; `files` in all.
-fn assert_results(t: &TestTree, files: usize) {
-    let gz: Vec<PathBuf> = walkdir::WalkDir::new(t.root())
-        .into_iter()
-        .filter_map(Result::ok)
-        .map(|e| e.into_path())
-        .filter(|p| p.extension() == Some(OsStr::new("gz")))
-        .collect();
-    assert_eq!(gz.len(), files);
-    let mut args: Vec<&OsStr> = vec![s("-t")];
-    args.extend(gz.iter().map(|p| p.as_os_str()));
-    let out = tool("gzip", &args, &t.root());
-    assert!(out.status.success(), "gzip -t: {out:?}");
-    assert_eq!(assert_outputs_of(&t.root(), &t.root()), files);
-    let out = tool(
-        "sha256sum",
-        &[s("-c"), t.side("SUMS").as_os_str()],
-        &t.root(),
-    );
-    assert!(out.status.success(), "sha256sum -c: {out:?}");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).lines().count(),
-        files,
-        "one manifest line a file"
-    );
 }
 
 /// A worker started before any coordinator (the streams missing: it may not make them) waits

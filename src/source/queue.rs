@@ -245,20 +245,8 @@ mod tests {
     fn a_message_is_settled_once_each_of_its_files_is_recorded() {
         let mut b = Books::default();
         b.open.insert(1, (2, false));
-        b.waiting.insert(
-            "a".into(),
-            Waiters {
-                first: 1,
-                more: vec![],
-            },
-        );
-        b.waiting.insert(
-            "b".into(),
-            Waiters {
-                first: 1,
-                more: vec![],
-            },
-        );
+        b.waiting.insert("a".into(), Waiters::of(1));
+        b.waiting.insert("b".into(), Waiters::of(1));
         assert!(b.recorded(&rec("a", false)).is_empty());
         assert!(b.recorded(&rec("zzz", false)).is_empty(), "not ours");
         assert_eq!(
@@ -277,17 +265,11 @@ mod tests {
         b.waiting.insert(
             "a".into(),
             Waiters {
-                first: 1,
                 more: vec![2],
+                ..Waiters::of(1)
             },
         );
-        b.waiting.insert(
-            "b".into(),
-            Waiters {
-                first: 1,
-                more: vec![],
-            },
-        );
+        b.waiting.insert("b".into(), Waiters::of(1));
         assert_eq!(
             b.recorded(&rec("a", false)),
             [Settled { id: 2, done: true }]
@@ -305,8 +287,8 @@ mod tests {
         b.waiting.insert(
             "a".into(),
             Waiters {
-                first: 7,
                 more: vec![7],
+                ..Waiters::of(7)
             },
         );
         assert_eq!(

@@ -123,6 +123,34 @@ pub fn assert_outputs_of(dir: &Path, inputs: &Path) -> usize {
     n
 }
 
+/// Every output passes `gzip -t` and restores its input; the manifest passes `sha256sum -c`
+/// (`t.side("SUMS")`) from the root; `files` in all.
+pub fn assert_results(t: &TestTree, files: usize) {
+    let gz: Vec<PathBuf> = walkdir::WalkDir::new(t.root())
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|e| e.into_path())
+        .filter(|p| p.extension() == Some(OsStr::new("gz")))
+        .collect();
+    assert_eq!(gz.len(), files);
+    let mut args: Vec<&OsStr> = vec![s("-t")];
+    args.extend(gz.iter().map(|p| p.as_os_str()));
+    let out = tool("gzip", &args, &t.root());
+    assert!(out.status.success(), "gzip -t: {out:?}");
+    assert_eq!(assert_outputs_of(&t.root(), &t.root()), files);
+    let out = tool(
+        "sha256sum",
+        &[s("-c"), t.side("SUMS").as_os_str()],
+        &t.root(),
+    );
+    assert!(out.status.success(), "sha256sum -c: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).lines().count(),
+        files,
+        "one manifest line a file"
+    );
+}
+
 /// The jobs stream's message count and the jobs in flight, from `filepipe status --queue`.
 pub fn queue_counts(nats: &Nats) -> (u64, u64) {
     let text = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]))
