@@ -9,6 +9,7 @@
 //! it; a queue, to acknowledge the job) says so with `listens`, and hears of each file once the
 //! sink has flushed its outcome.
 
+mod dirs;
 #[cfg(feature = "cluster")]
 pub(crate) mod queue;
 pub(crate) mod walk;

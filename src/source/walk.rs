@@ -6,42 +6,66 @@
 //! files (temps, manifest, failure log, a nested output root) are never treated as inputs.
 //! Nothing is collected: each file goes to the bounded job channel as it is found.
 //!
+//! The walk never leaves the root: every directory is opened from its parent's descriptor,
+//! `O_NOFOLLOW`, and its entries stat'ed by name relative to it (`dirs`), so a directory
+//! swapped for a symlink between its parent's listing and its open fails to open and is
+//! reported as a link, and no name from behind it is listed. walkdir cannot do this: it opens
+//! every directory by its full path (walkdir#209, a TOCTOU race that lets a walk with
+//! `follow_links(false)` descend through a swapped-in link, open; openat support is
+//! walkdir#23, and #213 where the maintainer agrees it needs fixing, both open). A link is
+//! followed (`--follow-symlinks`) or explained by resolving it beneath the root
+//! (`openat2` `RESOLVE_BENEATH`), with a link back to a directory it is in found by the
+//! device and inode of the walk's chain of directories.
+//!
 //! An incremental batch (`--state`) walks the same way, holding what the state knows of the
 //! tree (one query, as watch mode's scan): a file recorded done with the stamp the walk's lstat
 //! finds is reported done from the state and never opened, the others go to the workers.
 //! Its stats are what a rerun of an unchanged tree costs, so it stats on `WALKERS` threads
-//! (`scan_split`): each walks a subtree with walkdir of its own, and hands a subdirectory it
-//! comes to over to a walker that is idle, all but the first of each directory (which it walks
-//! itself: a chain of directories stays on one walker). The walkers are started only where the
-//! open-file limit leaves them room. Every entry is classified as above, on the walker
-//! that lists it; what they find travels to the walk's own thread in bounded chunks, and the
-//! directories handed over wait in a channel no longer than there are walkers, so memory stays
-//! bounded by the depth of the tree as one walk's does. With `--follow-symlinks` the walk stays
-//! on one thread: walkdir finds a link back to an ancestor only among the directories of its
-//! own walk, which a split walk would not have.
+//! (`scan_split`): each walks a subtree, and hands a subdirectory it comes to (opened: the
+//! other walker lists that very directory) over to a walker that is idle, all but the first of
+//! each directory (which it walks itself: a chain of directories stays on one walker). The
+//! walkers are started only where the open-file limit leaves them room. Every entry is
+//! classified as above, on the walker that lists it; what they find travels to the walk's own
+//! thread in bounded chunks, and the directories handed over wait in a channel no longer than
+//! there are walkers, so memory stays bounded by the depth of the tree as one walk's does.
+//! With `--follow-symlinks` the walk stays on one thread: a link back to an ancestor is found
+//! only among the directories of the walk's own chain, which a split walk would not have.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crossbeam_channel::{Receiver, Sender};
-use walkdir::{DirEntry, WalkDir};
+use rustix::fs::{self as rfs, AtFlags, FileType};
+use rustix::io::Errno;
+use walkdir::WalkDir;
 
 use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::fsio::input::describe;
 use crate::fsio::output::{self, TempFound};
 use crate::signals::Shutdown;
+use crate::source::dirs::{DirId, Dirs, Failure, OpenDir, RootDir, Step};
 use crate::source::{Outlet, Source};
 use crate::state::{Known, KnownMap, Reader};
 use crate::travel::{BatchFill, Digest, Done, Event, Job, Msg, Outcome, Stamp, Stats};
 
-/// At most this many directories are held open by a walk (see `scan`), `O_PATH`, besides
-/// walkdir's own (`WALKDIR_OPEN`).
+// Since the walk examines temps and stats files by descriptor, nothing calls these two any
+// more; they live in files other branches are changing (`fsio/output.rs`, `travel.rs`), whose
+// owners are to remove them. Named here so the build stays free of warnings until then.
+const _: fn(&Path, bool) -> TempFound = output::examine_temp_path;
+const _: fn(&std::fs::Metadata) -> Stamp = Stamp::from_metadata;
+
+/// At most this many directories are held open by a walk (see `dirs`): each both listed and
+/// used to stat and open its entries by name. A deeper tree is still walked: the shallowest
+/// open directory is read to its end into memory and closed, and opened again (one level at a
+/// time from an open ancestor, checked to be the same directory) when the walk comes back to
+/// it. (walkdir held 10 open for listing, and the walk 16 more `O_PATH` for its stats.)
 const DIR_FDS: usize = 16;
 
-/// The directories walkdir keeps open for listing (its default).
-const WALKDIR_OPEN: usize = 10;
+/// Descriptors a walk opens for a moment besides its directories: the root's `O_PATH`
+/// (held for the walk), and a link's target or a temp-like file being examined.
+const WALK_TRANSIENT: usize = 2;
 
 /// How many threads an incremental walk stats on at most (`scan_split`). On the 2-core VM of
 /// BENCHMARKS.md (2026-12-04), a probe stat'ing the 50,000 files of a tree of 778 directories
@@ -53,14 +77,10 @@ const WALKDIR_OPEN: usize = 10;
 /// held twice as many for a gain within the spread of a shared machine.
 const WALKERS: usize = 4;
 
-/// Each walker of a split walk keeps its share of one walk's `O_PATH` directories: those of
-/// the deepest levels of its walk (files above them are stat'ed by full path, as in `scan`).
-const WALKER_FDS: usize = DIR_FDS / WALKERS;
-
-/// The directories each walker's walkdir keeps open for listing: a directory this far above
-/// the one being listed is read to its end into memory (as walkdir does with any limit), the
-/// price of descriptors in the hands of `WALKERS` threads.
-const WALKER_OPEN: usize = 3;
+/// The directories each walker of a split walk holds open: one walk's share, and a little more
+/// (the small bench tree is 5 levels from the root to its deepest files, which a walker can
+/// then hold whole); a directory handed over waits for its walker with one more.
+const WALKER_FDS: usize = DIR_FDS / WALKERS + 2;
 
 /// Descriptors left, beyond one walk's, for the rest of the run while a split walk goes on
 /// (the workers' inputs and temps, the state's database and journal, the logs): a split walk
@@ -389,123 +409,122 @@ pub(crate) fn scan(
     shutdown: &Shutdown,
     visit: &mut dyn FnMut(Found) -> bool,
 ) {
-    scan_tree(cfg, dir, None, stats, shutdown, visit);
+    match RootDir::open(&cfg.root) {
+        Ok(root) => scan_tree(cfg, &root, Top::Path(dir), None, stats, shutdown, visit),
+        Err(e) => {
+            visit(dir_failed(cfg, dir, e));
+        }
+    }
 }
 
-/// A scan that is one walker's part of a split walk (`scan_split`).
-#[derive(Clone, Copy)]
-struct Part<'s> {
-    split: &'s Split,
-    /// A subdirectory handed over by another walker, rather than the root.
-    handed: bool,
+/// Where a scan starts.
+enum Top<'p> {
+    /// The root, or a directory beneath it (watch mode's new directories): opened beneath the
+    /// root through no symlink (with `--follow-symlinks`, through links that stay beneath it).
+    Path(&'p Path),
+    /// A directory another walker of a split walk opened, and handed over with its path.
+    Opened(OpenDir, PathBuf),
 }
 
-/// `scan`, or with `part` a walker's scan of the root or of a subdirectory handed to it, which
-/// hands the subdirectories it comes to over to idle walkers. A subdirectory handed over is
-/// listed by its parent's walker as a directory already, and examined again here as the root
-/// of its own walkdir: not followed if it is now a link (reported as such, as a directory
-/// swapped for a link below), a failure to read it if it is gone now (as when it goes before
-/// its parent's walk opens it).
+/// A directory the walk could not read, reported.
+fn dir_failed(cfg: &Config, dir: &Path, e: Errno) -> Found {
+    Found::Report(Outcome::Failed {
+        rel: relative(cfg, dir),
+        error: FileError::errno("reading directory", e),
+    })
+}
+
+/// `scan` from `top`, or with `split` a walker's scan of the root or of a subdirectory handed
+/// to it, which hands the subdirectories it comes to over to idle walkers (each opened first:
+/// the other walker lists the very directory this one found, never looks it up again).
 fn scan_tree(
     cfg: &Config,
-    dir: &Path,
-    part: Option<Part<'_>>,
+    root: &RootDir,
+    top: Top<'_>,
+    split: Option<&Split>,
     stats: &Stats,
     shutdown: &Shutdown,
     visit: &mut dyn FnMut(Found) -> bool,
 ) {
-    let handed = part.is_some_and(|p| p.handed);
-    let (fds, open) = match part {
-        Some(_) => (WALKER_FDS, WALKER_OPEN),
-        None => (DIR_FDS, WALKDIR_OPEN),
+    let (top, path) = match top {
+        Top::Opened(dir, path) => (dir, path),
+        Top::Path(dir) => {
+            let opened = match dir.strip_prefix(&cfg.root) {
+                Ok(rel) => root.list_beneath(rel, cfg.follow_symlinks),
+                Err(_) => Err(Errno::XDEV),
+            };
+            match opened {
+                Ok(opened) => (opened, dir.to_path_buf()),
+                Err(e) => {
+                    visit(dir_failed(cfg, dir, e));
+                    return;
+                }
+            }
+        }
     };
-    let mut it = WalkDir::new(dir)
-        .follow_links(cfg.follow_symlinks)
-        // A directory handed over is yielded itself (depth 0) and goes through the same checks
-        // as any directory; the root is only walked.
-        .follow_root_links(!handed)
-        .min_depth(usize::from(!handed))
-        .max_open(open)
-        .into_iter();
-    // The directories from `dir` down to the entry at hand, each opened `O_PATH`: files are
-    // stat'ed by name relative to their directory, which spares the kernel a lookup of every
-    // component of the full path (half of what the walk costs in a tree of small files).
-    // The root is followed if it is a link, as walkdir does (and a stat by full path did); a
-    // directory handed over is opened as it is yielded.
-    let mut parents = if handed {
-        Vec::new()
-    } else {
-        vec![open_dir(dir, true)]
-    };
-    // Every path the walk yields is `dir` joined with names, so only the own files on the same
-    // line as `dir` (above it or below it) can be among them or contain them: the others are
-    // never compared, which spares two component-wise comparisons per entry of a tree that
-    // holds none of them (the manifest and state kept elsewhere).
+    // Every path the walk makes is the top's joined with names, so only the own files on the
+    // same line as it (above it or below it) can be among them or contain them: the others
+    // are never compared, which spares two component-wise comparisons per entry of a tree
+    // that holds none of them (the manifest and state kept elsewhere).
     let own: Vec<&Path> = (cfg.own_files.iter())
         .map(PathBuf::as_path)
-        .filter(|f| f.starts_with(dir) || dir.starts_with(f))
+        .filter(|f| f.starts_with(&path) || path.starts_with(f))
         .collect();
-    // For each directory open in the walk (by depth), whether this walker went into one of its
-    // subdirectories already. The first it keeps: handing it over would cost the other walker
-    // a lookup of its full path three times more (walkdir's lstat and open, the `O_PATH` open)
-    // after this one opened it twice, and leave this one with nothing to do if it was the
-    // directory's last entry, as in a chain of directories. Its siblings, found later, are
-    // what this walker would otherwise walk one after another.
-    let mut went_in = vec![false];
-    while let Some(entry) = it.next() {
+    let budget = if split.is_some() { WALKER_FDS } else { DIR_FDS };
+    let mut dirs = Dirs::new(top, path, budget);
+    loop {
         if shutdown.requested() {
             return;
         }
-        if let Ok(e) = &entry {
-            if e.file_type().is_dir() {
-                parents.truncate(e.depth());
-                let fd = open_dir(e.path(), follows(cfg, e));
-                if fd.is_none() && !follows(cfg, e) && e.path().is_symlink() {
-                    // Swapped for a symlink since its parent was listed: walkdir opened it by
-                    // path, through the link. Not one name from behind it is taken or watched.
-                    it.skip_current_dir();
-                    let (rel, reason) = (relative(cfg, e.path()), symlink_reason(cfg, e.path()));
-                    if !visit(Found::Report(Outcome::Skipped { rel, reason })) {
-                        return;
-                    }
-                    continue;
+        let kind = match dirs.next() {
+            Step::End => return,
+            Step::Entry(kind) => kind,
+            Step::Failed { path, error, why } => {
+                let error = match why {
+                    Failure::Listing => FileError::errno("reading directory", error),
+                    // Only its remaining entries are lost: they are this directory's
+                    // failure (and what the state knew of them is kept, see `walk`).
+                    Failure::Reopening => FileError {
+                        message: format!(
+                            "reading directory: moved or replaced while it was walked ({}): \
+                             the entries not walked yet were not",
+                            std::io::Error::from(error)
+                        ),
+                        ..FileError::errno("reading directory", error)
+                    },
+                };
+                let rel = relative(cfg, &path);
+                if !visit(Found::Report(Outcome::Failed { rel, error })) {
+                    return;
                 }
-                parents.push(fd);
-                // Descriptors are a shared budget (workers and outputs need theirs): in a deep
-                // tree, the levels above the DIR_FDS deepest fall back to stat by full path.
-                if let Some(above) = parents.len().checked_sub(fds + 1) {
-                    parents[above] = None;
-                }
+                continue;
             }
-        }
-        let depth = entry.as_ref().map_or(0, DirEntry::depth);
-        let parent = match &entry {
-            Ok(e) => (e.depth().checked_sub(1))
-                .and_then(|up| parents.get(up))
-                .and_then(Option::as_ref),
-            Err(_) => None,
         };
-        let (found, skip_dir) = classify(cfg, entry, parent, &own, stats);
-        if skip_dir {
-            it.skip_current_dir();
-        }
-        if let (Some(Found::Dir(path)), Some(part)) = (&found, part) {
-            went_in.truncate(depth);
-            let sibling = depth.checked_sub(1).and_then(|up| went_in.get_mut(up));
-            if let Some(sibling) = sibling {
-                if *sibling && part.split.offer(path) {
-                    // Another walker's now, reported there (`Found::Dir` included).
-                    it.skip_current_dir();
-                    continue;
+        let found = match classify(cfg, root, &mut dirs, kind, &own, stats) {
+            Classified::Nothing => continue,
+            Classified::Found(found) => found,
+            Classified::Dir(dir, path, via_link) => {
+                let mut dir = Some(dir);
+                if let (Some(split), Some(went_in)) = (split, dirs.went_in()) {
+                    // The first subdirectory of a directory this walker keeps: handing it
+                    // over would leave this one with nothing to do if it was the directory's
+                    // last entry, as in a chain of directories. Its siblings, found later,
+                    // are what this walker would otherwise walk one after another.
+                    if *went_in {
+                        dir = dir.and_then(|d| split.offer(d, &path));
+                    }
+                    *went_in = true;
                 }
-                *sibling = true;
+                if let Some(dir) = dir {
+                    dirs.push(dir, path.clone(), via_link);
+                }
+                // Handed on once opened and before it is listed (here or by the walker it
+                // was handed to): a watcher that watches it now misses nothing.
+                Found::Dir(path)
             }
-            went_in.push(false);
-        }
-        if let Some(found) = found {
-            if !visit(found) {
-                return;
-            }
+        };
+        if !visit(found) {
+            return;
         }
     }
 }
@@ -514,8 +533,8 @@ fn scan_tree(
 enum Subtree {
     /// The walk's root, walked as `scan` walks it.
     Root,
-    /// A directory another walker came to and handed over.
-    Dir(PathBuf),
+    /// A directory another walker came to, opened, and handed over with its path.
+    Dir(OpenDir, PathBuf),
     /// The walk is over.
     End,
 }
@@ -550,22 +569,29 @@ impl Split {
         }
     }
 
-    /// Hands `dir` over to a walker if one is idle and none is waiting for it already. True if
-    /// it did: the caller then stays out of `dir`.
-    fn offer(&self, dir: &Path) -> bool {
+    /// Hands `dir` (found at `path`) over to a walker if one is idle and none is waiting for
+    /// it already; if none, gives it back, for the caller to walk.
+    fn offer(&self, dir: OpenDir, path: &Path) -> Option<OpenDir> {
         if self.stop.load(Ordering::Relaxed) || self.idle.load(Ordering::Relaxed) <= self.dirs.len()
         {
-            return false;
+            return Some(dir);
         }
         // Counted before it is sent, so the count never falls to none while it travels (the
         // offering walker's own subtree is counted too).
         self.pending.fetch_add(1, Ordering::AcqRel);
-        if self.dirs.try_send(Subtree::Dir(dir.to_path_buf())).is_ok() {
-            self.handed.fetch_add(1, Ordering::Relaxed);
-            return true;
+        match self.dirs.try_send(Subtree::Dir(dir, path.to_path_buf())) {
+            Ok(()) => {
+                self.handed.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(e) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
+                match e.into_inner() {
+                    Subtree::Dir(dir, _) => Some(dir),
+                    Subtree::Root | Subtree::End => None,
+                }
+            }
         }
-        self.pending.fetch_sub(1, Ordering::AcqRel);
-        false
     }
 
     /// A subtree is done: after the last, every walker is told the walk is over (`dirs` is
@@ -600,10 +626,14 @@ fn scan_split(
 ) -> usize {
     let walkers = walkers_allowed();
     tracing::debug!(walkers, "incremental walk");
-    if walkers < 2 {
-        scan(cfg, &cfg.root, stats, shutdown, visit);
-        return 0;
-    }
+    let root = match RootDir::open(&cfg.root) {
+        Ok(root) if walkers >= 2 => root,
+        _ => {
+            scan(cfg, &cfg.root, stats, shutdown, visit);
+            return 0;
+        }
+    };
+    let root = &root;
     let (dirs_tx, dirs_rx) = crossbeam_channel::bounded(walkers);
     let (found_tx, found_rx) = crossbeam_channel::bounded::<Vec<Found>>(walkers);
     let split = Split::new(dirs_tx, walkers);
@@ -614,7 +644,7 @@ fn scan_split(
             let spawned = std::thread::Builder::new()
                 .name(format!("filepipe-walk{i}"))
                 .spawn_scoped(s, move || {
-                    walker(cfg, split, &dirs, &found, stats, shutdown)
+                    walker(cfg, root, split, &dirs, &found, stats, shutdown)
                 });
             spawned_any |= spawned.is_ok();
         }
@@ -643,9 +673,11 @@ fn scan_split(
     split.handed.load(Ordering::Relaxed)
 }
 
-/// How many walkers the open-file limit has room for: the split walk's descriptors are on top
-/// of what the process holds now (the state's among them), and must leave what one walk would
-/// hold and `SPLIT_SPARE` to the rest of the run, which lives with one walk. Under a limit so
+/// How many walkers the open-file limit has room for: the split walk's descriptors (each
+/// walker's `WALKER_FDS`, a directory handed over waiting for it and one it opens for a
+/// moment) are on top of what the process holds now (the state's among them), and must leave
+/// what one walk would hold and `SPLIT_SPARE` to the rest of the run, which lives with one
+/// walk. Under a limit so
 /// low that fewer than two fit, the walk is one walk, as a full run's (a walker that fails a
 /// directory with EMFILE costs its files a read on the next run too: see `walk`).
 fn walkers_allowed() -> usize {
@@ -657,13 +689,14 @@ fn walkers_allowed() -> usize {
     let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
     let room = soft
         .saturating_sub(open)
-        .saturating_sub(DIR_FDS + WALKDIR_OPEN + SPLIT_SPARE);
-    (room / (WALKER_FDS + WALKER_OPEN)).min(WALKERS)
+        .saturating_sub(DIR_FDS + WALK_TRANSIENT + SPLIT_SPARE);
+    (room / (WALKER_FDS + 1 + WALK_TRANSIENT)).min(WALKERS)
 }
 
 /// One walker of a split walk: walks the subtrees it is given until told the walk is over.
 fn walker(
     cfg: &Config,
+    root: &RootDir,
     split: &Split,
     dirs: &Receiver<Subtree>,
     found: &Sender<Vec<Found>>,
@@ -681,17 +714,16 @@ fn walker(
         split.idle.fetch_add(1, Ordering::Relaxed);
         let next = dirs.recv();
         split.idle.fetch_sub(1, Ordering::Relaxed);
-        let (dir, handed) = match &next {
-            Ok(Subtree::Root) => (cfg.root.as_path(), false),
-            Ok(Subtree::Dir(dir)) => (dir.as_path(), true),
+        let top = match next {
+            Ok(Subtree::Root) => Top::Path(&cfg.root),
+            Ok(Subtree::Dir(dir, path)) => Top::Opened(dir, path),
             Ok(Subtree::End) | Err(_) => return,
         };
         let _done = Walking(split);
         if split.stop.load(Ordering::Relaxed) || shutdown.requested() {
             continue;
         }
-        let part = Some(Part { split, handed });
-        scan_tree(cfg, dir, part, stats, shutdown, &mut |f| {
+        scan_tree(cfg, root, top, Some(split), stats, shutdown, &mut |f| {
             chunk.push(f);
             if chunk.len() >= FOUND_CHUNK {
                 send(&mut chunk);
@@ -704,22 +736,109 @@ fn walker(
     }
 }
 
-/// Classifies one walk entry: what to hand on, and whether to stay out of it (a directory).
+/// What an entry of the walk is to the walk.
+enum Classified {
+    /// Nothing to hand on (filtered out, filepipe's own, vanished).
+    Nothing,
+    /// A file, or a report.
+    Found(Found),
+    /// A directory opened to be walked, its path, and whether a followed link led to it.
+    Dir(OpenDir, PathBuf, bool),
+}
+
+/// Classifies the entry `dirs` is at, whose `d_type` is `kind`.
 fn classify(
     cfg: &Config,
-    entry: walkdir::Result<DirEntry>,
-    parent: Option<&OwnedFd>,
+    root: &RootDir,
+    dirs: &mut Dirs,
+    kind: FileType,
     own: &[&Path],
     stats: &Stats,
-) -> (Option<Found>, bool) {
-    let report = |o| (Some(Found::Report(o)), false);
-    let entry = match entry {
-        Ok(e) => e,
-        Err(err) => {
-            let path = err.path().unwrap_or(&cfg.root);
-            let rel = relative(cfg, path);
-            if let Some(ancestor) = err.loop_ancestor() {
-                // With --follow-symlinks: a link back to a directory it is in.
+) -> Classified {
+    let report = |o| Classified::Found(Found::Report(o));
+    let Some(dir) = dirs.dir_fd() else {
+        // Never so: an entry is handed out only while its directory is open.
+        return Classified::Nothing;
+    };
+    let name = dirs.name();
+    let path = dirs.dir_path().join(name);
+    let rel = relative(cfg, &path);
+    // Where the file system does not fill d_type in, an lstat tells, and serves as a file's
+    // stamp.
+    let (kind, lstat) = match kind {
+        FileType::Unknown => match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => (FileType::from_raw_mode(st.st_mode), Some(st)),
+            Err(Errno::NOENT) => return Classified::Nothing,
+            Err(e) => {
+                let error = FileError::errno("examining", e);
+                return report(Outcome::Failed { rel, error });
+            }
+        },
+        kind => (kind, None),
+    };
+    if cfg.filter.excluded(&rel) || own.iter().any(|f| path.starts_with(f)) {
+        return Classified::Nothing;
+    }
+    match kind {
+        FileType::Directory => match dirs.open_child() {
+            Ok(opened) => Classified::Dir(opened, path, false),
+            Err(e) => report(not_opened(cfg, root, dirs, rel, e)),
+        },
+        FileType::Symlink if cfg.follow_symlinks => follow_link(cfg, root, dirs, path, rel, stats),
+        FileType::Symlink => {
+            let reason = link_reason(cfg, root, &rel, dir, name);
+            report(Outcome::Skipped { rel, reason })
+        }
+        FileType::RegularFile => file(cfg, dir, name, path, rel, lstat, stats),
+        other => report(special(rel, other)),
+    }
+}
+
+/// What a directory entry that failed to open (`e`) is reported as: one swapped for a symlink
+/// since its parent was listed fails here (`O_NOFOLLOW`), and is reported as any link is, not
+/// one name from behind it taken or watched.
+fn not_opened(cfg: &Config, root: &RootDir, dirs: &Dirs, rel: PathBuf, e: Errno) -> Outcome {
+    if let (Errno::NOTDIR | Errno::LOOP, Some(dir)) = (e, dirs.dir_fd()) {
+        let name = dirs.name();
+        let now = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
+        if now.is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink) {
+            let reason = link_reason(cfg, root, &rel, dir, name);
+            return Outcome::Skipped { rel, reason };
+        }
+    }
+    let error = FileError::errno("reading directory", e);
+    Outcome::Failed { rel, error }
+}
+
+/// A symlink with `--follow-symlinks`: followed if it leads to a file or a directory beneath
+/// the root (a directory not one it is in), else reported.
+fn follow_link(
+    cfg: &Config,
+    root: &RootDir,
+    dirs: &mut Dirs,
+    path: PathBuf,
+    rel: PathBuf,
+    stats: &Stats,
+) -> Classified {
+    let report = |o| Classified::Found(Found::Report(o));
+    let Some(dir) = dirs.dir_fd() else {
+        return Classified::Nothing;
+    };
+    let name = dirs.name();
+    let target = match link_target(cfg, root, &rel, dir, name).and_then(|fd| {
+        let st = rfs::fstat(&fd)?;
+        Ok((fd, st))
+    }) {
+        Ok(target) => target,
+        Err(_) => {
+            let reason = link_reason(cfg, root, &rel, dir, name);
+            return report(Outcome::Skipped { rel, reason });
+        }
+    };
+    let (fd, st) = target;
+    match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => {
+            if let Some(ancestor) = dirs.ancestor(DirId::from_stat(&st)) {
                 let to = relative(cfg, ancestor);
                 let to = if to.as_os_str().is_empty() {
                     "the root".to_string()
@@ -734,121 +853,68 @@ fn classify(
                 );
                 return report(Outcome::Skipped { rel, reason });
             }
-            if path.is_symlink() {
-                // With --follow-symlinks, walkdir reports broken and looping links as errors.
-                let reason = symlink_reason(cfg, path);
-                return report(Outcome::Skipped { rel, reason });
+            dirs.make_room();
+            match OpenDir::from_path_fd(&fd) {
+                Ok(opened) => Classified::Dir(opened, path, true),
+                Err(e) => report(Outcome::Failed {
+                    rel,
+                    error: FileError::errno("reading directory", e),
+                }),
             }
-            let error = err
-                .io_error()
-                .map(|e| FileError::io("reading directory", e))
-                .unwrap_or_else(|| FileError::new(Kind::Io, err.to_string()));
-            return report(Outcome::Failed { rel, error });
         }
-    };
-    let path = entry.path();
-    let rel = relative(cfg, path);
-    let ft = entry.file_type();
-    if cfg.filter.excluded(&rel) || own.iter().any(|f| path.starts_with(f)) {
-        return (None, ft.is_dir());
+        // Stat'ed through the link, beneath the root: the file the worker's open will find.
+        FileType::RegularFile => file(cfg, dir, name, path, rel, Some(st), stats),
+        other => report(special(rel, other)),
     }
-    if entry.path_is_symlink() && (!cfg.follow_symlinks || !inside_root(cfg, path)) {
-        // Only reached with --follow-symlinks for links that resolved; check the target.
-        let reason = symlink_reason(cfg, path);
-        return (
-            Some(Found::Report(Outcome::Skipped { rel, reason })),
-            ft.is_dir(),
-        );
-    }
-    if ft.is_dir() {
-        // walkdir opens a directory before it yields it and reads it only after.
-        return (Some(Found::Dir(path.to_path_buf())), false);
-    }
-    if ft.is_symlink() {
-        // Not followed (default), or broken / looping with --follow-symlinks.
-        let reason = symlink_reason(cfg, path);
-        return report(Outcome::Skipped { rel, reason });
-    }
-    if !ft.is_file() {
-        let what = describe(rustix::fs::FileType::from_raw_mode(file_type_mode(&entry)));
-        let reason = FileError::new(
-            Kind::SpecialFile,
-            format!("not a regular file ({what}); not opened"),
-        );
-        return report(Outcome::Skipped { rel, reason });
-    }
-    let name = name_of(&entry);
+}
+
+/// A FIFO, socket or device: skipped without ever being opened.
+fn special(rel: PathBuf, kind: FileType) -> Outcome {
+    let reason = FileError::new(
+        Kind::SpecialFile,
+        format!("not a regular file ({}); not opened", describe(kind)),
+    );
+    Outcome::Skipped { rel, reason }
+}
+
+/// A regular file, `name` in `dir` (`st`: its stat, if the walk has it already): a job, or
+/// nothing (filtered out, filepipe's own temp), or a report (a temp-like name).
+fn file(
+    cfg: &Config,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    path: PathBuf,
+    rel: PathBuf,
+    st: Option<rfs::Stat>,
+    stats: &Stats,
+) -> Classified {
     if output::is_temp_name(name) {
-        return match temp_reason(cfg, &entry, parent, &rel, stats) {
-            Some(reason) => report(Outcome::Skipped { rel, reason }),
-            None => (None, false),
+        return match temp_reason(cfg, dir, name, &rel, stats) {
+            Some(reason) => Classified::Found(Found::Report(Outcome::Skipped { rel, reason })),
+            None => Classified::Nothing,
         };
     }
     if !cfg.filter.included(&rel) {
-        return (None, false);
+        return Classified::Nothing;
     }
-    // One lstat per file, on this thread: the size balances batches and feeds progress, and
-    // watch mode compares the stamp with its state.
-    let stamp = match parent {
-        Some(dir) => rustix::fs::statat(dir, name, stat_flags(cfg, &entry))
-            .ok()
-            .map(|st| Stamp::from_stat(&st)),
-        None => entry.metadata().ok().map(|m| Stamp::from_metadata(&m)),
-    };
+    // One lstat per file, by name in its directory (the kernel looks up one component), on
+    // this thread: the size balances batches and feeds progress, and an incremental run or
+    // watch mode compares the stamp with its state. An lstat: a file swapped for a link
+    // after the listing is not taken for the link's target.
+    let st = st.or_else(|| rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok());
+    let stamp = st.map(|st| Stamp::from_stat(&st));
     stats
         .bytes
         .fetch_add(stamp.map_or(0, |s| s.size), Ordering::Relaxed);
     stats.files.fetch_add(1, Ordering::Relaxed);
     let job = Job {
-        abs: path.to_path_buf(),
+        abs: path,
         rel,
         replace: false,
         expect: None,
         redelivered: false,
     };
-    (Some(Found::File(job, stamp)), false)
-}
-
-/// `entry`'s name, as `DirEntry::file_name` has it: what follows the last slash of a path the
-/// walk made by joining it to its directory's, found without parsing components.
-fn name_of(entry: &DirEntry) -> &std::ffi::OsStr {
-    use std::os::unix::ffi::OsStrExt;
-    let path = entry.path().as_os_str().as_bytes();
-    match path.iter().rposition(|&b| b == b'/') {
-        Some(slash) if entry.depth() > 0 && !matches!(&path[slash + 1..], b"" | b"." | b"..") => {
-            std::ffi::OsStr::from_bytes(&path[slash + 1..])
-        }
-        _ => entry.file_name(),
-    }
-}
-
-/// `dir` opened `O_PATH` (no read permission needed) for stat'ing its entries by name; `None`
-/// if that fails, and its entries are then stat'ed by full path. Opened by path after walkdir
-/// opened it: if the path changed in between, this is what the path now leads to, the same
-/// file the worker's open will find.
-fn open_dir(dir: &Path, follow: bool) -> Option<OwnedFd> {
-    use rustix::fs::{Mode, OFlags};
-    let mut flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    if !follow {
-        flags |= OFlags::NOFOLLOW;
-    }
-    rustix::fs::open(dir, flags, Mode::empty()).ok()
-}
-
-/// Whether the walk follows this entry: only a symlink, and only with `--follow-symlinks`
-/// (walkdir's own rule, and what `DirEntry::metadata` does). Anything else is lstat'ed, so a
-/// file swapped for a link after the listing is not taken for the link's target.
-fn follows(cfg: &Config, entry: &DirEntry) -> bool {
-    cfg.follow_symlinks && entry.path_is_symlink()
-}
-
-/// How the walk's stat of `entry` treats a symlink (see `follows`).
-fn stat_flags(cfg: &Config, entry: &DirEntry) -> rustix::fs::AtFlags {
-    if follows(cfg, entry) {
-        rustix::fs::AtFlags::empty()
-    } else {
-        rustix::fs::AtFlags::SYMLINK_NOFOLLOW
-    }
+    Classified::Found(Found::File(job, stamp))
 }
 
 /// Jobs waiting to be sent together (filled by `BatchFill`'s rule).
@@ -913,19 +979,30 @@ pub(crate) fn is_own(cfg: &Config, path: &Path) -> bool {
     cfg.own_files.iter().any(|f| path.starts_with(f))
 }
 
-fn inside_root(cfg: &Config, path: &Path) -> bool {
-    std::fs::canonicalize(path).is_ok_and(|p| p.starts_with(&cfg.root))
-}
-
-/// Explains why a symlink is not followed, looking at its target without opening it.
-fn symlink_reason(cfg: &Config, path: &Path) -> FileError {
-    let msg = match std::fs::metadata(path) {
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => "symlink loop; not followed".into(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => "broken symlink; not followed".into(),
-        Err(e) => format!("symlink whose target cannot be examined ({e}); not followed"),
-        Ok(_) if !inside_root(cfg, path) => "symlink leading outside the root; not followed".into(),
-        Ok(m) if m.is_dir() && cfg.follow_symlinks => "symlink to a directory; not followed".into(),
-        Ok(m) if m.is_dir() => {
+/// Explains why a symlink (`name` in `dir`, `rel` in the tree) is not followed, looking at
+/// what it leads to beneath the root without opening it for reading (`link_target`): a link
+/// leading out is said to, never stat'ed there.
+fn link_reason(
+    cfg: &Config,
+    root: &RootDir,
+    rel: &Path,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> FileError {
+    let target = link_target(cfg, root, rel, dir, name).and_then(|fd| rfs::fstat(&fd));
+    let is_dir = |st: &rfs::Stat| FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+    let msg = match target {
+        Err(Errno::LOOP) => "symlink loop; not followed".into(),
+        Err(Errno::NOENT) => "broken symlink; not followed".into(),
+        Err(Errno::XDEV) => "symlink leading outside the root; not followed".into(),
+        Err(e) => format!(
+            "symlink whose target cannot be examined ({}); not followed",
+            std::io::Error::from(e)
+        ),
+        Ok(st) if is_dir(&st) && cfg.follow_symlinks => {
+            "symlink to a directory; not followed".into()
+        }
+        Ok(st) if is_dir(&st) => {
             "symlink to a directory; not followed (see --follow-symlinks)".into()
         }
         Ok(_) if cfg.follow_symlinks => "symlink; not followed".into(),
@@ -934,20 +1011,36 @@ fn symlink_reason(cfg: &Config, path: &Path) -> FileError {
     FileError::new(Kind::Symlink, msg)
 }
 
-/// The file type bits of an entry, from `d_type` (no syscall).
-fn file_type_mode(entry: &DirEntry) -> u32 {
-    use std::os::unix::fs::FileTypeExt;
-    let ft = entry.file_type();
-    if ft.is_fifo() {
-        libc::S_IFIFO
-    } else if ft.is_socket() {
-        libc::S_IFSOCK
-    } else if ft.is_char_device() {
-        libc::S_IFCHR
-    } else if ft.is_block_device() {
-        libc::S_IFBLK
-    } else {
-        0
+/// What the symlink `rel` (`name` in `dir`) leads to, opened `O_PATH` (nothing is opened for
+/// reading, a FIFO included) and resolved beneath the root, the link itself and any link on
+/// the way followed only while they stay beneath it: `EXDEV` if it leads out. An absolute
+/// link into the root (which `RESOLVE_BENEATH` refuses, as any absolute one) is resolved from
+/// the root. Where `openat2` is refused, the link is resolved by path (`canonicalize`) and only
+/// a target inside the root opened, beneath it with no link on the way.
+fn link_target(
+    cfg: &Config,
+    root: &RootDir,
+    rel: &Path,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+) -> Result<OwnedFd, Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    if !root.has_openat2() {
+        let real = std::fs::canonicalize(cfg.root.join(rel))
+            .map_err(|e| e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error))?;
+        let inside = real.strip_prefix(&cfg.root).map_err(|_| Errno::XDEV)?;
+        return root.beneath(inside, false);
+    }
+    match root.beneath(rel, true) {
+        Err(Errno::XDEV) => {
+            let target = rfs::readlinkat(dir, name, Vec::new())?;
+            let target = Path::new(std::ffi::OsStr::from_bytes(target.as_bytes()));
+            match target.strip_prefix(&cfg.root) {
+                Ok(inside) if target.is_absolute() => root.beneath(inside, true),
+                _ => Err(Errno::XDEV),
+            }
+        }
+        other => other,
     }
 }
 
@@ -992,16 +1085,13 @@ fn remove_stale_temps(dir: &Path, depth: usize, stats: &Stats) {
 /// there is nothing to report.
 fn temp_reason(
     cfg: &Config,
-    entry: &DirEntry,
-    parent: Option<&OwnedFd>,
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
     rel: &Path,
     stats: &Stats,
 ) -> Option<FileError> {
     let remove = cfg.op.compresses() && cfg.out.is_none();
-    let found = match parent {
-        Some(dir) => output::examine_temp(dir, entry.file_name(), remove),
-        None => output::examine_temp_path(entry.path(), remove),
-    };
+    let found = output::examine_temp(&dir, name, remove);
     let reason = match found {
         TempFound::Ignore => return None,
         TempFound::Removed => {
@@ -1514,48 +1604,40 @@ mod tests {
     }
 
     #[test]
-    fn a_directory_handed_over_is_examined_again_by_its_walker() {
+    fn a_directory_handed_over_is_walked_by_its_descriptor_whatever_its_name_leads_to_now() {
         let tmp = tempfile::tempdir().unwrap();
         let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
         std::fs::write(root_file(&outside, "secret"), b"not the tree's").unwrap();
         std::fs::write(root_file(&root, "real/inner"), b"in the tree").unwrap();
-        symlink(&outside, root.join("link")).unwrap();
         let cfg = config(&root, &[]);
         let (stats, shutdown) = (Stats::default(), Shutdown::default());
         let (tx, _rx) = crossbeam_channel::bounded(WALKERS);
         let split = Split::new(tx, WALKERS);
-        // What each gives when handed over as it is now: listed as a directory, then gone or
-        // swapped for a link to a directory outside the tree before its walker came.
-        let handed = |name: &str| {
-            let mut lines = Vec::new();
-            let part = Some(Part {
-                split: &split,
-                handed: true,
-            });
-            scan_tree(&cfg, &root.join(name), part, &stats, &shutdown, &mut |f| {
-                lines.push(found_line(f, &root));
+        let rootdir = RootDir::open(&cfg.root).unwrap();
+        // Opened by the walker that came to it, then swapped for a link to a directory
+        // outside the tree before the walker it was handed to lists it.
+        let opened = rootdir.list_beneath(Path::new("real"), false).unwrap();
+        std::fs::rename(root.join("real"), tmp.path().join("aside")).unwrap();
+        symlink(&outside, root.join("real")).unwrap();
+        let mut lines = Vec::new();
+        let top = Top::Opened(opened, cfg.root.join("real"));
+        scan_tree(
+            &cfg,
+            &rootdir,
+            top,
+            Some(&split),
+            &stats,
+            &shutdown,
+            &mut |f| {
+                lines.push(found_line(f, &cfg.root));
                 true
-            });
-            lines.sort();
-            lines
-        };
-        let real = handed("real");
-        assert_eq!(real.len(), 2, "{real:?}");
-        assert_eq!(
-            (&real[0].0, real[0].1.as_str()),
-            (&PathBuf::from("real"), "dir")
+            },
         );
-        assert!(real[1].1.starts_with("file Some"), "{real:?}");
-        let gone = handed("gone");
-        assert_eq!(gone.len(), 1, "{gone:?}");
-        assert_eq!(gone[0].0, PathBuf::from("gone"));
-        assert!(
-            gone[0].1.starts_with("failed") && gone[0].1.contains("reading directory"),
-            "{gone:?}"
-        );
-        let link = handed("link");
-        assert_eq!(link.len(), 1, "{link:?}");
-        assert_eq!(link[0].0, PathBuf::from("link"));
-        assert!(link[0].1.contains("Symlink"), "{link:?}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0].0, PathBuf::from("real/inner"));
+        assert!(lines[0].1.starts_with("file Some"), "{lines:?}");
+        // Beneath the root, a directory that is a link now is not opened at all.
+        let now = rootdir.list_beneath(Path::new("real"), false).err();
+        assert!(matches!(now, Some(Errno::LOOP | Errno::NOTDIR)), "{now:?}");
     }
 }

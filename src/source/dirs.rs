@@ -1,0 +1,464 @@
+//! The walk's directories, held by descriptor: each opened from its parent's descriptor
+//! (`openat`, `O_NOFOLLOW`), listed with `getdents64`, its entries stat'ed and opened by name
+//! relative to it. Nothing is ever looked up by full path below the walk's top directory, so a
+//! directory swapped for a symlink between its parent's listing and its open fails to open
+//! (`ENOTDIR`) instead of leading the walk out of the tree, and the kernel walks one
+//! component per lookup however deep the tree.
+//!
+//! Invariants: at most `budget` directories are held open (besides what a caller opens for a
+//! moment); to open one more, the shallowest open directory below the top is read to its end
+//! into memory and closed. Coming back to it, it is opened again one level at a time from its
+//! nearest open ancestor, `O_NOFOLLOW` (following only a link the walk followed on the way
+//! down), and each level must be the very directory it was (device and inode): a directory
+//! moved or replaced meanwhile is reported, never listed. The top is never closed.
+//! Otherwise a directory is listed one `getdents64` buffer at a time: memory is one buffer's
+//! names per open level, plus what was read ahead of the closed ones.
+
+use std::ffi::OsStr;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, FileType, Mode, OFlags, RawDir, ResolveFlags};
+use rustix::io::Errno;
+
+/// How the walk opens a directory to list it: no atime games, never through a link.
+const LIST: OFlags = OFlags::RDONLY
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOFOLLOW);
+
+/// `getdents64`'s buffer: glibc's `readdir` uses 32 KiB too, about a thousand entries of a
+/// tree of short names in one call.
+const GETDENTS_BUF: usize = 32 * 1024;
+
+/// Which directory a descriptor is: what a directory opened again must still be.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct DirId {
+    dev: u64,
+    ino: u64,
+}
+
+impl DirId {
+    fn of(fd: &OwnedFd) -> Result<DirId, Errno> {
+        Ok(DirId::from_stat(&rfs::fstat(fd)?))
+    }
+
+    /// The directory `st` is the stat of.
+    pub(crate) fn from_stat(st: &rfs::Stat) -> DirId {
+        DirId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+        }
+    }
+}
+
+/// A directory opened for listing, and which it is.
+pub(crate) struct OpenDir {
+    fd: OwnedFd,
+    id: DirId,
+}
+
+impl OpenDir {
+    /// `fd` (a directory opened for reading), with its identity.
+    fn new(fd: OwnedFd) -> Result<OpenDir, Errno> {
+        let id = DirId::of(&fd)?;
+        Ok(OpenDir { fd, id })
+    }
+
+    /// A directory the caller resolved to an `O_PATH` descriptor (`RootDir::beneath`), opened
+    /// for listing through it: no lookup by name at all.
+    pub(crate) fn from_path_fd(fd: &OwnedFd) -> Result<OpenDir, Errno> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        OpenDir::new(rfs::openat(fd, ".", flags, Mode::empty())?)
+    }
+
+    /// Which directory this is.
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> DirId {
+        self.id
+    }
+}
+
+/// The input root, opened `O_PATH` once: the anchor for what the walk resolves from the root
+/// rather than from a parent (links it follows or explains, the directory a watcher scans).
+pub(crate) struct RootDir {
+    fd: OwnedFd,
+    /// Whether `openat2` works here (Linux 5.6, and not refused by a seccomp filter).
+    openat2: bool,
+}
+
+impl RootDir {
+    /// Opens `root` (the canonical root: no link to follow).
+    pub(crate) fn open(root: &Path) -> Result<RootDir, Errno> {
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let fd = rfs::open(root, flags, Mode::empty())?;
+        let openat2 = rfs::openat2(&fd, ".", flags, Mode::empty(), ResolveFlags::BENEATH).is_ok();
+        Ok(RootDir { fd, openat2 })
+    }
+
+    /// Whether links are resolved beneath the root by the kernel (`openat2`).
+    pub(crate) fn has_openat2(&self) -> bool {
+        self.openat2
+    }
+
+    /// `rel` opened `O_PATH` beneath the root: with `follow`, symlinks on the way are followed
+    /// as long as they stay beneath it (`RESOLVE_BENEATH`: `..` above the root or an absolute
+    /// link fails with `EXDEV`); without, none is (`RESOLVE_NO_SYMLINKS`: `ELOOP`, or a link
+    /// as the last component is opened itself, which is no directory to list). Where
+    /// `openat2` is not to be had, one component at a time, `O_NOFOLLOW`: no link is followed,
+    /// and a link on the way fails as `EXDEV` with `follow` (not known to stay inside).
+    pub(crate) fn beneath(&self, rel: &Path, follow: bool) -> Result<OwnedFd, Errno> {
+        let flags = OFlags::PATH | OFlags::CLOEXEC | OFlags::NOFOLLOW;
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        if self.openat2 {
+            let resolve = if follow {
+                ResolveFlags::BENEATH
+            } else {
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS
+            };
+            // O_NOFOLLOW would refuse a followed link as the last component.
+            let flags = if follow {
+                flags - OFlags::NOFOLLOW
+            } else {
+                flags
+            };
+            return rfs::openat2(&self.fd, rel, flags, Mode::empty(), resolve);
+        }
+        let mut at: Option<OwnedFd> = None;
+        for c in rel.components() {
+            let name = match c {
+                std::path::Component::Normal(name) => name,
+                std::path::Component::CurDir => continue,
+                _ => return Err(Errno::XDEV),
+            };
+            let fd = rfs::openat(at.as_ref().unwrap_or(&self.fd), name, flags, Mode::empty())?;
+            if FileType::from_raw_mode(rfs::fstat(&fd)?.st_mode) == FileType::Symlink {
+                return Err(if follow { Errno::XDEV } else { Errno::LOOP });
+            }
+            at = Some(fd);
+        }
+        match at {
+            Some(fd) => Ok(fd),
+            None => rfs::openat(&self.fd, ".", flags, Mode::empty()),
+        }
+    }
+
+    /// `rel`, a directory beneath the root, opened for listing (see `beneath`).
+    pub(crate) fn list_beneath(&self, rel: &Path, follow: bool) -> Result<OpenDir, Errno> {
+        OpenDir::from_path_fd(&self.beneath(rel, follow)?)
+    }
+}
+
+/// What `Dirs::next` comes to.
+pub(crate) enum Step {
+    /// An entry of the deepest directory (`Dirs::name`, `Dirs::dir_fd`), with its type from
+    /// `d_type` (`Unknown` where the file system does not fill it in).
+    Entry(FileType),
+    /// A directory that could not be listed to its end, or opened again: `Dirs::dir_fd` is not
+    /// to be used. Reported once; the walk goes on above it.
+    Failed {
+        path: PathBuf,
+        error: Errno,
+        why: Failure,
+    },
+    /// The top directory is walked.
+    End,
+}
+
+/// Why a directory's walk stopped short.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// Reading its entries failed.
+    Listing,
+    /// Closed for the descriptor budget, it could not be opened again as the same directory
+    /// (moved, replaced, or swapped for a link meanwhile): its entries not yet walked are not.
+    Reopening,
+}
+
+/// Entries of one directory read and not walked yet: one buffer's names, or (a directory
+/// closed for the budget) all that was left of it.
+#[derive(Default)]
+struct Listing {
+    names: Vec<u8>,
+    /// Start and end of each name in `names`, and its `d_type`.
+    entries: Vec<(usize, usize, FileType)>,
+    next: usize,
+    /// `getdents64` said there is no more.
+    end: bool,
+    /// Reading on failed (`end` is set): said once the entries read before are walked.
+    error: Option<Errno>,
+}
+
+impl Listing {
+    /// The next entry read, as a range of `names`.
+    fn take(&mut self) -> Option<(usize, usize, FileType)> {
+        let e = self.entries.get(self.next).copied();
+        self.next += usize::from(e.is_some());
+        e
+    }
+
+    /// Reads one buffer more from `fd` (the entries walked are dropped first), or, with
+    /// `to_end`, everything left.
+    fn read(&mut self, fd: BorrowedFd<'_>, buf: &mut [MaybeUninit<u8>], to_end: bool) {
+        if self.next == self.entries.len() {
+            self.names.clear();
+            self.entries.clear();
+            self.next = 0;
+        }
+        while !self.end {
+            let mut dir = RawDir::new(fd, &mut *buf);
+            let mut any = false;
+            while let Some(entry) = dir.next() {
+                match entry {
+                    Ok(e) => {
+                        any = true;
+                        let name = e.file_name().to_bytes();
+                        if name != b"." && name != b".." {
+                            let start = self.names.len();
+                            self.names.extend_from_slice(name);
+                            let end = self.names.len();
+                            self.entries.push((start, end, e.file_type()));
+                        }
+                    }
+                    Err(e) => {
+                        self.end = true;
+                        self.error = Some(e);
+                        return;
+                    }
+                }
+                // One getdents64 call's worth: the next entry would read again.
+                if dir.is_buffer_empty() {
+                    break;
+                }
+            }
+            if !any {
+                self.end = true;
+            }
+            if !to_end {
+                return;
+            }
+        }
+    }
+}
+
+/// One directory of the walk's current chain.
+struct Level {
+    /// `None` once closed for the budget (its listing is then read to its end).
+    fd: Option<OwnedFd>,
+    path: PathBuf,
+    /// Its range in its parent's listing (empty for the top): what it is opened again by.
+    name: Vec<u8>,
+    id: DirId,
+    /// Reached through a symlink the walk followed (`--follow-symlinks`): opened again
+    /// through it.
+    via_link: bool,
+    listing: Listing,
+    /// Whether the walk went into one of its subdirectories already (see `Dirs::went_in`).
+    went_in: bool,
+}
+
+/// The chain of directories from the walk's top to the one being listed.
+pub(crate) struct Dirs {
+    levels: Vec<Level>,
+    budget: usize,
+    buf: Box<[MaybeUninit<u8>]>,
+    /// The entry last handed out by `next`: a range of the deepest level's `names`.
+    current: (usize, usize),
+}
+
+impl Dirs {
+    /// A walk of `top` (found at `path`) holding at most `budget` directories open (at least
+    /// 3: the top, a directory and the subdirectory being opened from it).
+    pub(crate) fn new(top: OpenDir, path: PathBuf, budget: usize) -> Dirs {
+        let mut dirs = Dirs {
+            levels: Vec::new(),
+            budget: budget.max(3),
+            buf: vec![MaybeUninit::uninit(); GETDENTS_BUF].into_boxed_slice(),
+            current: (0, 0),
+        };
+        dirs.levels.push(Level {
+            fd: Some(top.fd),
+            path,
+            name: Vec::new(),
+            id: top.id,
+            via_link: false,
+            listing: Listing::default(),
+            went_in: false,
+        });
+        dirs
+    }
+
+    /// The next entry of the walk, depth first: the entries of the directory last pushed, then
+    /// what is left of its parent's, and so on up to the top.
+    pub(crate) fn next(&mut self) -> Step {
+        loop {
+            let Some(level) = self.levels.last_mut() else {
+                return Step::End;
+            };
+            if let Some((start, end, kind)) = level.listing.take() {
+                if level.fd.is_none() {
+                    if let Err((path, error)) = self.reopen() {
+                        return Step::Failed {
+                            path,
+                            error,
+                            why: Failure::Reopening,
+                        };
+                    }
+                }
+                self.current = (start, end);
+                return Step::Entry(kind);
+            }
+            if !level.listing.end {
+                let Some(fd) = level.fd.as_ref() else {
+                    // Never so: a level is closed only once read to its end.
+                    level.listing.end = true;
+                    continue;
+                };
+                level.listing.read(fd.as_fd(), &mut self.buf, false);
+                continue;
+            }
+            if let Some(error) = level.listing.error.take() {
+                return Step::Failed {
+                    path: level.path.clone(),
+                    error,
+                    why: Failure::Listing,
+                };
+            }
+            self.levels.pop();
+        }
+    }
+
+    /// The entry `next` last handed out.
+    pub(crate) fn name(&self) -> &OsStr {
+        let (start, end) = self.current;
+        let names = self.levels.last().map_or(&[][..], |l| &l.listing.names);
+        OsStr::from_bytes(names.get(start..end).unwrap_or_default())
+    }
+
+    /// The deepest directory, the entry's: open while its entries are handed out.
+    pub(crate) fn dir_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.levels.last()?.fd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// The deepest directory's path (the top's as given, joined with names).
+    pub(crate) fn dir_path(&self) -> &Path {
+        self.levels.last().map_or(Path::new(""), |l| &l.path)
+    }
+
+    /// Whether the walk went into a subdirectory of the deepest directory already; set it.
+    pub(crate) fn went_in(&mut self) -> Option<&mut bool> {
+        self.levels.last_mut().map(|l| &mut l.went_in)
+    }
+
+    /// The path of the directory of the chain that is `id`, if one is (a link followed back
+    /// to a directory it is in).
+    pub(crate) fn ancestor(&self, id: DirId) -> Option<&Path> {
+        self.levels
+            .iter()
+            .find(|l| l.id == id)
+            .map(|l| l.path.as_path())
+    }
+
+    /// The entry, a directory, opened from the deepest directory's descriptor, never through
+    /// a link: `ENOTDIR` if it is one now (or anything but a directory).
+    pub(crate) fn open_child(&mut self) -> Result<OpenDir, Errno> {
+        self.make_room();
+        let fd = self.dir_fd().ok_or(Errno::BADF)?;
+        OpenDir::new(rfs::openat(fd, self.name(), LIST, Mode::empty())?)
+    }
+
+    /// Makes room for one more directory: closes the shallowest open one below the top, not
+    /// the deepest (whose entry is being opened), after reading it to its end.
+    pub(crate) fn make_room(&mut self) {
+        let open = self.levels.iter().filter(|l| l.fd.is_some()).count();
+        if open < self.budget {
+            return;
+        }
+        let deepest = self.levels.len().saturating_sub(1);
+        let Some(level) = (self.levels.iter_mut().take(deepest).skip(1)).find(|l| l.fd.is_some())
+        else {
+            return;
+        };
+        if let Some(fd) = level.fd.take() {
+            level.listing.read(fd.as_fd(), &mut self.buf, true);
+        }
+    }
+
+    /// Goes into `dir`, the entry `next` last handed out, found at `path` (`via_link`: by
+    /// following a symlink): its entries come next.
+    pub(crate) fn push(&mut self, dir: OpenDir, path: PathBuf, via_link: bool) {
+        self.make_room();
+        let name = self.name().as_bytes().to_vec();
+        self.levels.push(Level {
+            fd: Some(dir.fd),
+            path,
+            name,
+            id: dir.id,
+            via_link,
+            listing: Listing::default(),
+            went_in: false,
+        });
+    }
+
+    /// Opens the deepest directory again (closed for the budget), one level at a time from
+    /// its nearest open ancestor, each checked to be the directory it was. On failure the
+    /// levels from the first that is not are dropped, and its path is returned.
+    fn reopen(&mut self) -> Result<(), (PathBuf, Errno)> {
+        let deepest = self.levels.len() - 1;
+        let from = (self.levels.iter().rposition(|l| l.fd.is_some())).unwrap_or(0);
+        for k in from + 1..=deepest {
+            let (above, below) = self.levels.split_at_mut(k);
+            let level = &mut below[0];
+            let opened = match above.last().and_then(|l| l.fd.as_ref()) {
+                Some(parent) => {
+                    let flags = if level.via_link {
+                        LIST - OFlags::NOFOLLOW
+                    } else {
+                        LIST
+                    };
+                    let name = OsStr::from_bytes(&level.name);
+                    rfs::openat(parent, name, flags, Mode::empty()).and_then(OpenDir::new)
+                }
+                None => Err(Errno::BADF),
+            };
+            match opened {
+                Ok(dir) if dir.id == level.id => level.fd = Some(dir.fd),
+                Ok(_) | Err(_) => {
+                    let error = opened.err().unwrap_or(Errno::STALE);
+                    let path = level.path.clone();
+                    self.levels.truncate(k);
+                    return Err((path, error));
+                }
+            }
+        }
+        // Back within the budget: the shallowest go again (their entries are in memory).
+        loop {
+            let open = self.levels.iter().filter(|l| l.fd.is_some()).count();
+            if open <= self.budget {
+                return Ok(());
+            }
+            let shallowest =
+                (self.levels.iter_mut().take(deepest).skip(1)).find(|l| l.fd.is_some());
+            match shallowest {
+                Some(level) => {
+                    if let Some(fd) = level.fd.take() {
+                        level.listing.read(fd.as_fd(), &mut self.buf, true);
+                    }
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// How many directories are open (for the tests).
+    #[cfg(test)]
+    pub(crate) fn open_count(&self) -> usize {
+        self.levels.iter().filter(|l| l.fd.is_some()).count()
+    }
+}
