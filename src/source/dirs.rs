@@ -73,12 +73,6 @@ impl OpenDir {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         OpenDir::new(rfs::openat(fd, ".", flags, Mode::empty())?)
     }
-
-    /// Which directory this is.
-    #[cfg(test)]
-    pub(crate) fn id(&self) -> DirId {
-        self.id
-    }
 }
 
 /// The input root, opened `O_PATH` once: the anchor for what the walk resolves from the root
@@ -458,7 +452,104 @@ impl Dirs {
 
     /// How many directories are open (for the tests).
     #[cfg(test)]
-    pub(crate) fn open_count(&self) -> usize {
+    fn open_count(&self) -> usize {
         self.levels.iter().filter(|l| l.fd.is_some()).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Walks `root` with `budget`, going into every directory; the files found (by path) and
+    /// the failures, checking the budget at every step.
+    fn walk(
+        root: &Path,
+        budget: usize,
+        mut at_each: impl FnMut(&mut Dirs),
+    ) -> (Vec<PathBuf>, Vec<(PathBuf, Failure)>) {
+        let top = RootDir::open(root)
+            .unwrap()
+            .list_beneath(Path::new(""), false)
+            .unwrap();
+        let mut dirs = Dirs::new(top, root.to_path_buf(), budget);
+        let (mut files, mut failed) = (Vec::new(), Vec::new());
+        loop {
+            assert!(dirs.open_count() <= budget.max(3));
+            match dirs.next() {
+                Step::End => break,
+                Step::Failed { path, why, .. } => failed.push((path, why)),
+                Step::Entry(FileType::Directory) => {
+                    let path = dirs.dir_path().join(dirs.name());
+                    let dir = dirs.open_child().unwrap();
+                    dirs.push(dir, path, false);
+                    at_each(&mut dirs);
+                }
+                Step::Entry(_) => files.push(dirs.dir_path().join(dirs.name())),
+            }
+        }
+        files.sort();
+        (files, failed)
+    }
+
+    #[test]
+    fn a_chain_deeper_than_the_budget_is_walked_whole_within_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dir = tmp.path().to_path_buf();
+        let mut want = Vec::new();
+        for level in 0..40 {
+            for name in ["a", "z"] {
+                let f = dir.join(format!("{name}{level}"));
+                std::fs::write(&f, b"x").unwrap();
+                want.push(f);
+            }
+            dir.push("d");
+            std::fs::create_dir(&dir).unwrap();
+        }
+        want.sort();
+        for budget in [3, 4, 16] {
+            let (files, failed) = walk(tmp.path(), budget, |_| {});
+            assert_eq!(files, want, "budget {budget}");
+            assert!(failed.is_empty(), "{failed:?}");
+        }
+    }
+
+    #[test]
+    fn a_directory_closed_for_the_budget_and_replaced_meanwhile_is_reported_not_listed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let x = tmp.path().join("x");
+        std::fs::create_dir(&x).unwrap();
+        // Files on both sides of the chain, whatever order the listing has them in.
+        for i in 0..100 {
+            std::fs::write(x.join(format!("before{i}")), b"x").unwrap();
+        }
+        std::fs::create_dir_all(x.join("d1/d2/d3")).unwrap();
+        for i in 0..100 {
+            std::fs::write(x.join(format!("after{i}")), b"x").unwrap();
+        }
+        let mut swapped = false;
+        let (files, failed) = walk(tmp.path(), 3, |dirs| {
+            if dirs.dir_path().ends_with("d3") {
+                // x is closed (its entries left are in memory): replaced by a directory with
+                // the same names, which is not the one the walk was in.
+                let x_level = &dirs.levels[1];
+                assert!(x_level.fd.is_none());
+                assert!(
+                    x_level.listing.next < x_level.listing.entries.len(),
+                    "d1 came last in x's listing: nothing left to check"
+                );
+                std::fs::rename(&x, tmp.path().join("x-aside")).unwrap();
+                std::fs::create_dir(&x).unwrap();
+                std::fs::write(x.join("NOT-THE-WALKS"), b"x").unwrap();
+                swapped = true;
+            }
+        });
+        assert!(swapped);
+        assert_eq!(failed, [(x.clone(), Failure::Reopening)]);
+        assert!(
+            files.iter().all(|f| !f.ends_with("NOT-THE-WALKS")),
+            "{files:?}"
+        );
+        assert!(files.len() < 200, "{} files", files.len());
     }
 }
