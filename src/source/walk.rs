@@ -1337,7 +1337,7 @@ mod tests {
         let names: Vec<_> = got.iter().map(|(r, _)| r.to_str().unwrap()).collect();
         assert_eq!(names, ["dirlink/inner", "link", "real/inner", "target"]);
         for (rel, stamp) in got {
-            // The link is stat'ed through to its target, exactly as walkdir's metadata().
+            // The link is stat'ed through to its target, as a stat of its path would.
             let path = cfg.root.join(&rel);
             assert_stamp(&path, stamp, std::fs::metadata(&path));
         }
