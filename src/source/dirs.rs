@@ -9,15 +9,18 @@
 //! moment); to open one more, the shallowest open directory below the top is read to its end
 //! into memory and closed. Coming back to it, it is opened again one level at a time from its
 //! nearest open ancestor, `O_NOFOLLOW` (following only a link the walk followed on the way
-//! down), and each level must be the very directory it was (device and inode): a directory
-//! moved or replaced meanwhile is reported, never listed. The top is never closed.
+//! down), the shallowest open one closed before each open past the budget (so never more are
+//! held, and the levels just above stay open for the walk back up), and each level must be
+//! the very directory it was (device and inode): a directory moved or replaced meanwhile is
+//! reported, never listed; one that fails to open for another reason (`EMFILE`) is reported
+//! as that. The top is never closed.
 //! Otherwise a directory is listed one `getdents64` buffer at a time: memory is one buffer's
 //! names per open level, plus what was read ahead of the closed ones.
 
 use std::ffi::OsStr;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{self as rfs, FileType, Mode, OFlags, RawDir, ResolveFlags};
@@ -173,6 +176,19 @@ pub(crate) enum Failure {
     /// Closed for the descriptor budget, it could not be opened again as the same directory
     /// (moved, replaced, or swapped for a link meanwhile): its entries not yet walked are not.
     Reopening,
+    /// Closed for the budget, opening it again failed for another reason than its being gone
+    /// (out of descriptors, denied, an I/O error): its entries not yet walked are not.
+    Reopen,
+}
+
+/// Why a level could not be opened again, by the error: gone from where it was, or something
+/// else there (`ESTALE`: another directory), is a directory moved or replaced; anything else
+/// (out of descriptors above all) is said as it is, not as a move.
+fn reopen_failure(error: Errno) -> Failure {
+    match error {
+        Errno::STALE | Errno::NOENT | Errno::NOTDIR | Errno::LOOP => Failure::Reopening,
+        _ => Failure::Reopen,
+    }
 }
 
 /// Entries of one directory read and not walked yet: one buffer's names, or (a directory
@@ -245,7 +261,9 @@ impl Listing {
 struct Level {
     /// `None` once closed for the budget (its listing is then read to its end).
     fd: Option<OwnedFd>,
-    path: PathBuf,
+    /// Its path's length: its path is the start of `Dirs::path` (the deepest's), which every
+    /// level shares instead of a copy each (a chain's paths would be quadratic in its depth).
+    path_len: usize,
     /// Its range in its parent's listing (empty for the top): what it is opened again by.
     name: Vec<u8>,
     id: DirId,
@@ -260,6 +278,16 @@ struct Level {
 /// The chain of directories from the walk's top to the one being listed.
 pub(crate) struct Dirs {
     levels: Vec<Level>,
+    /// The deepest level's path: each level's is a prefix of it (`Level::path_len`).
+    path: Vec<u8>,
+    /// How many levels are open, kept as they open and close (not counted again each time).
+    open: usize,
+    /// No level below the top and above this one is open: where the shallowest open one is
+    /// looked for (so a chain's trimming is not quadratic in its depth either).
+    low: usize,
+    /// The most levels open at once (for the tests).
+    #[cfg(test)]
+    peak: usize,
     budget: usize,
     buf: Box<[MaybeUninit<u8>]>,
     /// The entry last handed out by `next`: a range of the deepest level's `names`.
@@ -270,21 +298,28 @@ impl Dirs {
     /// A walk of `top` (found at `path`) holding at most `budget` directories open (at least
     /// 3: the top, a directory and the subdirectory being opened from it).
     pub(crate) fn new(top: OpenDir, path: PathBuf, budget: usize) -> Dirs {
+        let path = path.into_os_string().into_vec();
         let mut dirs = Dirs {
             levels: Vec::new(),
+            path: Vec::new(),
+            open: 1,
+            low: 1,
+            #[cfg(test)]
+            peak: 1,
             budget: budget.max(3),
             buf: vec![MaybeUninit::uninit(); GETDENTS_BUF].into_boxed_slice(),
             current: (0, 0),
         };
         dirs.levels.push(Level {
             fd: Some(top.fd),
-            path,
+            path_len: path.len(),
             name: Vec::new(),
             id: top.id,
             via_link: false,
             listing: Listing::default(),
             went_in: false,
         });
+        dirs.path = path;
         dirs
     }
 
@@ -297,12 +332,8 @@ impl Dirs {
             };
             if let Some((start, end, kind)) = level.listing.take() {
                 if level.fd.is_none() {
-                    if let Err((path, error)) = self.reopen() {
-                        return Step::Failed {
-                            path,
-                            error,
-                            why: Failure::Reopening,
-                        };
+                    if let Err((path, error, why)) = self.reopen() {
+                        return Step::Failed { path, error, why };
                     }
                 }
                 self.current = (start, end);
@@ -319,12 +350,12 @@ impl Dirs {
             }
             if let Some(error) = level.listing.error.take() {
                 return Step::Failed {
-                    path: level.path.clone(),
+                    path: self.dir_path().to_path_buf(),
                     error,
                     why: Failure::Listing,
                 };
             }
-            self.levels.pop();
+            self.truncate(self.levels.len() - 1);
         }
     }
 
@@ -342,7 +373,53 @@ impl Dirs {
 
     /// The deepest directory's path (the top's as given, joined with names).
     pub(crate) fn dir_path(&self) -> &Path {
-        self.levels.last().map_or(Path::new(""), |l| &l.path)
+        self.path_of(self.levels.len().saturating_sub(1))
+    }
+
+    /// The path of level `k` (of the deepest if there is no such level).
+    fn path_of(&self, k: usize) -> &Path {
+        let len = self.levels.get(k).map_or(self.path.len(), |l| l.path_len);
+        Path::new(OsStr::from_bytes(&self.path[..len]))
+    }
+
+    /// Drops the levels from `k` on (their descriptors closed).
+    fn truncate(&mut self, k: usize) {
+        for level in self.levels.drain(k..) {
+            self.open -= usize::from(level.fd.is_some());
+        }
+        let len = self.levels.last().map_or(0, |l| l.path_len);
+        self.path.truncate(len);
+        self.low = self.low.min(self.levels.len()).max(1);
+    }
+
+    /// `fd` as level `k`'s descriptor.
+    fn set_open(&mut self, k: usize, fd: OwnedFd) {
+        if self.levels[k].fd.replace(fd).is_none() {
+            self.open += 1;
+        }
+        self.low = self.low.min(k).max(1);
+        #[cfg(test)]
+        {
+            self.peak = self.peak.max(self.open);
+        }
+    }
+
+    /// Closes the shallowest open level below the top and above level `keep` after reading it
+    /// to its end; false if there is none.
+    fn close_shallowest(&mut self, keep: usize) -> bool {
+        let mut k = self.low.max(1);
+        while k < keep.min(self.levels.len()) {
+            let level = &mut self.levels[k];
+            if let Some(fd) = level.fd.take() {
+                level.listing.read(fd.as_fd(), &mut self.buf, true);
+                self.open -= 1;
+                self.low = k + 1;
+                return true;
+            }
+            k += 1;
+        }
+        self.low = self.low.max(k.min(keep)).max(1);
+        false
     }
 
     /// Whether the walk went into a subdirectory of the deepest directory already; set it.
@@ -353,10 +430,8 @@ impl Dirs {
     /// The path of the directory of the chain that is `id`, if one is (a link followed back
     /// to a directory it is in).
     pub(crate) fn ancestor(&self, id: DirId) -> Option<&Path> {
-        self.levels
-            .iter()
-            .find(|l| l.id == id)
-            .map(|l| l.path.as_path())
+        let k = self.levels.iter().position(|l| l.id == id)?;
+        Some(self.path_of(k))
     }
 
     /// The entry, a directory, opened from the deepest directory's descriptor, never through
@@ -370,17 +445,8 @@ impl Dirs {
     /// Makes room for one more directory: closes the shallowest open one below the top, not
     /// the deepest (whose entry is being opened), after reading it to its end.
     pub(crate) fn make_room(&mut self) {
-        let open = self.levels.iter().filter(|l| l.fd.is_some()).count();
-        if open < self.budget {
-            return;
-        }
-        let deepest = self.levels.len().saturating_sub(1);
-        let Some(level) = (self.levels.iter_mut().take(deepest).skip(1)).find(|l| l.fd.is_some())
-        else {
-            return;
-        };
-        if let Some(fd) = level.fd.take() {
-            level.listing.read(fd.as_fd(), &mut self.buf, true);
+        if self.open >= self.budget {
+            self.close_shallowest(self.levels.len().saturating_sub(1));
         }
     }
 
@@ -389,26 +455,34 @@ impl Dirs {
     pub(crate) fn push(&mut self, dir: OpenDir, path: PathBuf, via_link: bool) {
         self.make_room();
         let name = self.name().as_bytes().to_vec();
+        let path = path.into_os_string().into_vec();
+        debug_assert!(path.starts_with(&self.path));
+        self.path = path;
         self.levels.push(Level {
-            fd: Some(dir.fd),
-            path,
+            fd: None,
+            path_len: self.path.len(),
             name,
             id: dir.id,
             via_link,
             listing: Listing::default(),
             went_in: false,
         });
+        self.set_open(self.levels.len() - 1, dir.fd);
     }
 
     /// Opens the deepest directory again (closed for the budget), one level at a time from
-    /// its nearest open ancestor, each checked to be the directory it was. On failure the
-    /// levels from the first that is not are dropped, and its path is returned.
-    fn reopen(&mut self) -> Result<(), (PathBuf, Errno)> {
+    /// its nearest open ancestor, each checked to be the directory it was. Never more than the
+    /// budget open on the way: before each level is opened the shallowest open one (not the
+    /// top, nor the parent it is opened from) is closed if need be, so the levels just above
+    /// the deepest stay open, and the walk coming back up finds them so. On failure the levels
+    /// from the first that is not are dropped, and its path is returned with why.
+    fn reopen(&mut self) -> Result<(), (PathBuf, Errno, Failure)> {
         let deepest = self.levels.len() - 1;
         let from = (self.levels.iter().rposition(|l| l.fd.is_some())).unwrap_or(0);
         for k in from + 1..=deepest {
-            let (above, below) = self.levels.split_at_mut(k);
-            let level = &mut below[0];
+            while self.open >= self.budget && self.close_shallowest(k - 1) {}
+            let (above, below) = self.levels.split_at(k);
+            let level = &below[0];
             let opened = match above.last().and_then(|l| l.fd.as_ref()) {
                 Some(parent) => {
                     let flags = if level.via_link {
@@ -422,38 +496,25 @@ impl Dirs {
                 None => Err(Errno::BADF),
             };
             match opened {
-                Ok(dir) if dir.id == level.id => level.fd = Some(dir.fd),
+                Ok(dir) if dir.id == level.id => self.set_open(k, dir.fd),
                 Ok(_) | Err(_) => {
                     let error = opened.err().unwrap_or(Errno::STALE);
-                    let path = level.path.clone();
-                    self.levels.truncate(k);
-                    return Err((path, error));
+                    let why = reopen_failure(error);
+                    let path = self.path_of(k).to_path_buf();
+                    self.truncate(k);
+                    return Err((path, error, why));
                 }
             }
         }
-        // Back within the budget: the shallowest go again (their entries are in memory).
-        loop {
-            let open = self.levels.iter().filter(|l| l.fd.is_some()).count();
-            if open <= self.budget {
-                return Ok(());
-            }
-            let shallowest =
-                (self.levels.iter_mut().take(deepest).skip(1)).find(|l| l.fd.is_some());
-            match shallowest {
-                Some(level) => {
-                    if let Some(fd) = level.fd.take() {
-                        level.listing.read(fd.as_fd(), &mut self.buf, true);
-                    }
-                }
-                None => return Ok(()),
-            }
-        }
+        Ok(())
     }
 
     /// How many directories are open (for the tests).
     #[cfg(test)]
     fn open_count(&self) -> usize {
-        self.levels.iter().filter(|l| l.fd.is_some()).count()
+        let open = self.levels.iter().filter(|l| l.fd.is_some()).count();
+        assert_eq!(open, self.open, "the count kept");
+        open
     }
 }
 
@@ -489,7 +550,65 @@ mod tests {
             }
         }
         files.sort();
+        assert!(dirs.peak <= budget.max(3), "{} open at once", dirs.peak);
         (files, failed)
+    }
+
+    /// A chain of `levels` directories in `parent`, each with a file created before its
+    /// subdirectory and one after (`a…` and `z…`, so a listing in name order has one on each
+    /// side too): whatever the file system's order, some are listed after the subdirectory.
+    fn chain(parent: Option<&Path>, levels: usize) -> (tempfile::TempDir, Vec<PathBuf>) {
+        let tmp = match parent {
+            Some(p) => tempfile::tempdir_in(p).unwrap(),
+            None => tempfile::tempdir().unwrap(),
+        };
+        let mut dir = tmp.path().to_path_buf();
+        let mut want = Vec::new();
+        for level in 0..levels {
+            let a = dir.join(format!("a{level}"));
+            std::fs::write(&a, b"x").unwrap();
+            dir.push("d");
+            std::fs::create_dir(&dir).unwrap();
+            let z = a.with_file_name(format!("z{level}"));
+            std::fs::write(&z, b"x").unwrap();
+            want.extend([a, z]);
+        }
+        want.sort();
+        (tmp, want)
+    }
+
+    /// Coming back up a chain far deeper than the budget, a level closed is opened again from
+    /// the nearest open ancestor (the top) down: within the budget all the way (it held every
+    /// level for a moment, which under a low open-file limit failed, losing files). On tmpfs
+    /// too, whose listings put the file created last first.
+    #[test]
+    fn out_of_descriptors_is_not_a_directory_moved() {
+        for e in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::ACCESS,
+            Errno::IO,
+            Errno::NOMEM,
+        ] {
+            assert_eq!(reopen_failure(e), Failure::Reopen, "{e:?}");
+        }
+        for e in [Errno::STALE, Errno::NOENT, Errno::NOTDIR, Errno::LOOP] {
+            assert_eq!(reopen_failure(e), Failure::Reopening, "{e:?}");
+        }
+    }
+
+    #[test]
+    fn a_reopen_down_a_deep_chain_holds_no_more_than_the_budget() {
+        let shm = Path::new("/dev/shm");
+        for parent in [None, Some(shm).filter(|p| p.is_dir())] {
+            let (tmp, want) = chain(parent, 300);
+            for budget in [3, 6, 16] {
+                let (files, failed) = walk(tmp.path(), budget, |_| {});
+                assert_eq!(files.len(), want.len(), "{parent:?}, budget {budget}");
+                assert_eq!(files, want, "{parent:?}, budget {budget}");
+                assert!(failed.is_empty(), "{failed:?}");
+            }
+        }
     }
 
     #[test]

@@ -492,6 +492,14 @@ fn scan_tree(
                         ),
                         ..FileError::errno("reading directory", error)
                     },
+                    Failure::Reopen => FileError {
+                        message: format!(
+                            "reading directory: could not be opened again to walk the rest of \
+                             it ({}): the entries not walked yet were not",
+                            std::io::Error::from(error)
+                        ),
+                        ..FileError::errno("reading directory", error)
+                    },
                 };
                 let rel = relative(cfg, &path);
                 if !visit(Found::Report(Outcome::Failed { rel, error })) {
