@@ -788,6 +788,7 @@ fn classify(
         return Classified::Nothing;
     }
     match kind {
+        FileType::Directory if too_long(&path) => report(too_long_dir(rel)),
         FileType::Directory => match dirs.open_child() {
             Ok(opened) => Classified::Dir(opened, path, false),
             Err(e) => report(not_opened(cfg, root, dirs, rel, e)),
@@ -800,6 +801,20 @@ fn classify(
         FileType::RegularFile => file(cfg, dir, name, path, rel, lstat, stats),
         other => report(special(rel, other)),
     }
+}
+
+/// Whether `path` is too long to be opened by path (`PATH_MAX` with its NUL). The walk
+/// opens by descriptor and could go deeper, but a worker opens a job by its path beneath the
+/// root and would fail every file down there (`ENAMETOOLONG`), and a chain of any depth would
+/// be walked (tens of thousands of levels held in memory): the walk stops where walkdir did.
+fn too_long(path: &Path) -> bool {
+    path.as_os_str().len() >= libc::PATH_MAX as usize
+}
+
+/// A directory `too_long` to go into: one failure, as walkdir's open of it by path reported.
+fn too_long_dir(rel: PathBuf) -> Outcome {
+    let error = FileError::errno("reading directory", Errno::NAMETOOLONG);
+    Outcome::Failed { rel, error }
 }
 
 /// What a directory entry that failed to open (`e`) is reported as: one swapped for a symlink
@@ -860,6 +875,9 @@ fn follow_link(
                     ),
                 );
                 return report(Outcome::Skipped { rel, reason });
+            }
+            if too_long(&path) {
+                return report(too_long_dir(rel));
             }
             dirs.make_room();
             match OpenDir::from_path_fd(&fd) {
@@ -1463,6 +1481,53 @@ mod tests {
             Found::Report(Outcome::Failed { rel, error }) => (rel, format!("failed {error:?}")),
             Found::Report(other) => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// A chain whose paths grow past PATH_MAX: the walk goes into every directory whose path
+    /// an open by path takes, reports the first one past it once (as walkdir's open of it
+    /// did: `ENAMETOOLONG`) and goes no deeper (it went on down by descriptor, as deep as the
+    /// chain, every file below failing in the workers).
+    #[test]
+    fn a_directory_past_path_max_is_reported_once_and_not_walked() {
+        use rustix::fs::{mkdirat, openat, Mode, OFlags, CWD};
+        let tmp = tempfile::tempdir().unwrap();
+        let name = "d".repeat(200);
+        let mut dir = tmp.path().to_path_buf();
+        let mut want_files = 0;
+        while dir.join(&name).as_os_str().len() < libc::PATH_MAX as usize {
+            dir.push(&name);
+            std::fs::create_dir(&dir).unwrap();
+            if dir.join("f").as_os_str().len() < libc::PATH_MAX as usize {
+                std::fs::write(dir.join("f"), b"x").unwrap();
+                want_files += 1;
+            }
+        }
+        // One past it, and more below, made relative to the last one openable by path.
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mut at = openat(CWD, &dir, flags, Mode::empty()).unwrap();
+        for _ in 0..5 {
+            mkdirat(&at, name.as_str(), Mode::RWXU).unwrap();
+            at = openat(&at, name.as_str(), flags, Mode::empty()).unwrap();
+            let f = OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC;
+            drop(openat(&at, "f", f, Mode::RUSR | Mode::WUSR).unwrap());
+        }
+        let cfg = config(tmp.path(), &[]);
+        let (stats, shutdown) = (Stats::default(), Shutdown::default());
+        let mut lines = Vec::new();
+        scan(&cfg, &cfg.root, &stats, &shutdown, &mut |f| {
+            lines.push(found_line(f, &cfg.root));
+            true
+        });
+        let files = lines.iter().filter(|(_, l)| l.starts_with("file")).count();
+        let failed: Vec<_> = lines
+            .iter()
+            .filter(|(_, l)| l.starts_with("failed"))
+            .collect();
+        assert_eq!(files, want_files, "{} lines", lines.len());
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        let (rel, line) = failed[0];
+        assert_eq!(cfg.root.join(rel), dir.join(&name));
+        assert!(line.contains("File name too long"), "{line}");
     }
 
     fn fifo(path: &Path) {
