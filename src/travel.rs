@@ -236,17 +236,6 @@ impl Stamp {
         }
     }
 
-    /// The stamp of std's metadata (an lstat, from a walk).
-    pub(crate) fn from_metadata(m: &std::fs::Metadata) -> Stamp {
-        use std::os::unix::fs::MetadataExt;
-        Stamp {
-            size: m.size(),
-            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
-            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-            inode: m.ino(),
-        }
-    }
-
     /// The same content as far as the file system tells (a ctime or inode not known matches
     /// any).
     pub(crate) fn same_file(&self, other: &Stamp) -> bool {

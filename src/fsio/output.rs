@@ -893,18 +893,6 @@ fn writer_alive(name: &OsStr) -> bool {
     }
 }
 
-/// `examine_temp` for a path, through its parent directory.
-pub(crate) fn examine_temp_path(path: &Path, remove: bool) -> TempFound {
-    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
-        return TempFound::Ignore;
-    };
-    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    match rfs::open(parent, flags, Mode::empty()) {
-        Ok(dir) => examine_temp(&dir, name, remove),
-        Err(e) => TempFound::Unmarked(Some(e)),
-    }
-}
-
 /// Reads a file from its start through `pread`, leaving its descriptor's offset alone (a temp
 /// is read back this way while it is still being published).
 pub(crate) struct ReadAt<'f> {

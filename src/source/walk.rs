@@ -50,12 +50,6 @@ use crate::source::{Outlet, Source};
 use crate::state::{Known, KnownMap, Reader};
 use crate::travel::{BatchFill, Digest, Done, Event, Job, Msg, Outcome, Stamp, Stats};
 
-// Since the walk examines temps and stats files by descriptor, nothing calls these two any
-// more; they live in files other branches are changing (`fsio/output.rs`, `travel.rs`), whose
-// owners are to remove them. Named here so the build stays free of warnings until then.
-const _: fn(&Path, bool) -> TempFound = output::examine_temp_path;
-const _: fn(&std::fs::Metadata) -> Stamp = Stamp::from_metadata;
-
 /// At most this many directories are held open by a walk (see `dirs`): each both listed and
 /// used to stat and open its entries by name. A deeper tree is still walked: the shallowest
 /// open directory is read to its end into memory and closed, and opened again (one level at a
@@ -1306,8 +1300,8 @@ mod tests {
         }
     }
 
-    fn assert_stamp(path: &Path, stamp: Option<Stamp>, meta: std::io::Result<std::fs::Metadata>) {
-        let want = Stamp::from_metadata(&meta.unwrap());
+    fn assert_stamp(path: &Path, stamp: Option<Stamp>, st: rustix::io::Result<rfs::Stat>) {
+        let want = Stamp::from_stat(&st.unwrap());
         assert_eq!(stamp, Some(want), "{}", path.display());
     }
 
@@ -1345,7 +1339,7 @@ mod tests {
         assert_eq!(got.len(), want.len());
         for (rel, stamp) in got {
             let path = cfg.root.join(&rel);
-            assert_stamp(&path, stamp, std::fs::symlink_metadata(&path));
+            assert_stamp(&path, stamp, rfs::lstat(&path));
         }
     }
 
@@ -1365,7 +1359,7 @@ mod tests {
         for (rel, stamp) in got {
             // The link is stat'ed through to its target, as a stat of its path would.
             let path = cfg.root.join(&rel);
-            assert_stamp(&path, stamp, std::fs::metadata(&path));
+            assert_stamp(&path, stamp, rfs::stat(&path));
         }
         // Without the option, the link is never stat'ed as a file at all.
         let cfg = config(root, &[]);
@@ -1468,7 +1462,7 @@ mod tests {
         for (abs, stamp) in &seen[1..] {
             // The link's own lstat (which the worker's fstat of the target will not match),
             // never the outside file's stat.
-            assert_stamp(abs, *stamp, std::fs::symlink_metadata(abs));
+            assert_stamp(abs, *stamp, rfs::lstat(abs));
         }
     }
 
