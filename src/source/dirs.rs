@@ -8,8 +8,8 @@
 //! Invariants: at most `budget` directories are held open (besides what a caller opens for a
 //! moment); to open one more, the shallowest open directory below the top is read to its end
 //! into memory and closed. Coming back to it, it is opened again one level at a time from its
-//! nearest open ancestor, `O_NOFOLLOW` (following only a link the walk followed on the way
-//! down), the shallowest open one closed before each open past the budget (so never more are
+//! nearest open ancestor, `O_NOFOLLOW` (a link the walk followed on the way down is
+//! resolved again beneath the root, as it was followed: `Relink`), the shallowest open one closed before each open past the budget (so never more are
 //! held, and the levels just above stay open for the walk back up), and each level must be
 //! the very directory it was (device and inode): a directory moved or replaced meanwhile is
 //! reported, never listed; one that fails to open for another reason (`EMFILE`) is reported
@@ -152,6 +152,11 @@ impl RootDir {
     }
 }
 
+/// How a level reached through a symlink the walk followed is opened again (`O_PATH`): given
+/// its path, its parent's descriptor and its name, resolved as the walk followed it, beneath
+/// the root (`RootDir::beneath`), never by following the link from its parent unchecked.
+pub(crate) type Relink<'a> = &'a dyn Fn(&Path, BorrowedFd<'_>, &OsStr) -> Result<OwnedFd, Errno>;
+
 /// What `Dirs::next` comes to.
 pub(crate) enum Step {
     /// An entry of the deepest directory (`Dirs::name`, `Dirs::dir_fd`), with its type from
@@ -186,7 +191,9 @@ pub(crate) enum Failure {
 /// (out of descriptors above all) is said as it is, not as a move.
 fn reopen_failure(error: Errno) -> Failure {
     match error {
-        Errno::STALE | Errno::NOENT | Errno::NOTDIR | Errno::LOOP => Failure::Reopening,
+        Errno::STALE | Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV => {
+            Failure::Reopening
+        }
         _ => Failure::Reopen,
     }
 }
@@ -325,14 +332,14 @@ impl Dirs {
 
     /// The next entry of the walk, depth first: the entries of the directory last pushed, then
     /// what is left of its parent's, and so on up to the top.
-    pub(crate) fn next(&mut self) -> Step {
+    pub(crate) fn next(&mut self, relink: Relink<'_>) -> Step {
         loop {
             let Some(level) = self.levels.last_mut() else {
                 return Step::End;
             };
             if let Some((start, end, kind)) = level.listing.take() {
                 if level.fd.is_none() {
-                    if let Err((path, error, why)) = self.reopen() {
+                    if let Err((path, error, why)) = self.reopen(relink) {
                         return Step::Failed { path, error, why };
                     }
                 }
@@ -476,7 +483,7 @@ impl Dirs {
     /// top, nor the parent it is opened from) is closed if need be, so the levels just above
     /// the deepest stay open, and the walk coming back up finds them so. On failure the levels
     /// from the first that is not are dropped, and its path is returned with why.
-    fn reopen(&mut self) -> Result<(), (PathBuf, Errno, Failure)> {
+    fn reopen(&mut self, relink: Relink<'_>) -> Result<(), (PathBuf, Errno, Failure)> {
         let deepest = self.levels.len() - 1;
         let from = (self.levels.iter().rposition(|l| l.fd.is_some())).unwrap_or(0);
         for k in from + 1..=deepest {
@@ -485,13 +492,13 @@ impl Dirs {
             let level = &below[0];
             let opened = match above.last().and_then(|l| l.fd.as_ref()) {
                 Some(parent) => {
-                    let flags = if level.via_link {
-                        LIST - OFlags::NOFOLLOW
-                    } else {
-                        LIST
-                    };
                     let name = OsStr::from_bytes(&level.name);
-                    rfs::openat(parent, name, flags, Mode::empty()).and_then(OpenDir::new)
+                    if level.via_link {
+                        let path = Path::new(OsStr::from_bytes(&self.path[..level.path_len]));
+                        relink(path, parent.as_fd(), name).and_then(|fd| OpenDir::from_path_fd(&fd))
+                    } else {
+                        rfs::openat(parent, name, LIST, Mode::empty()).and_then(OpenDir::new)
+                    }
                 }
                 None => Err(Errno::BADF),
             };
@@ -537,7 +544,7 @@ mod tests {
         let (mut files, mut failed) = (Vec::new(), Vec::new());
         loop {
             assert!(dirs.open_count() <= budget.max(3));
-            match dirs.next() {
+            match dirs.next(&|_: &Path, _: BorrowedFd<'_>, _: &OsStr| panic!("no link followed")) {
                 Step::End => break,
                 Step::Failed { path, why, .. } => failed.push((path, why)),
                 Step::Entry(FileType::Directory) => {
@@ -581,6 +588,72 @@ mod tests {
     /// the nearest open ancestor (the top) down: within the budget all the way (it held every
     /// level for a moment, which under a low open-file limit failed, losing files). On tmpfs
     /// too, whose listings put the file created last first.
+    /// A directory reached through a followed link, closed for the budget, is opened again by
+    /// resolving the link beneath the root as it was followed, never through the link from its
+    /// parent: a link repointed outside meanwhile is refused on the way (`EXDEV`), the outside
+    /// directory never opened (it was, and then found not to be the one walked: `ESTALE`).
+    #[test]
+    fn a_followed_link_is_reopened_beneath_the_root_not_through_the_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let (root, x) = (tmp.path(), tmp.path().join("x"));
+        std::fs::create_dir_all(root.join("real/d1/d2/d3")).unwrap();
+        std::fs::create_dir_all(outside.path().join("d1/d2/d3")).unwrap();
+        std::fs::create_dir(&x).unwrap();
+        for i in 0..50 {
+            std::fs::write(root.join(format!("real/a{i}")), b"x").unwrap();
+            std::fs::write(root.join(format!("real/z{i}")), b"x").unwrap();
+        }
+        let link = x.join("link");
+        std::os::unix::fs::symlink("../real", &link).unwrap();
+        let rootdir = RootDir::open(root).unwrap();
+        if !rootdir.has_openat2() {
+            eprintln!("SKIPPED: no openat2 (links are not followed without it)");
+            return;
+        }
+        let relink = |p: &Path, _: BorrowedFd<'_>, _: &OsStr| {
+            rootdir.beneath(p.strip_prefix(root).unwrap(), true)
+        };
+        let top = rootdir.list_beneath(Path::new(""), false).unwrap();
+        let mut dirs = Dirs::new(top, root.to_path_buf(), 3);
+        let (mut failed, mut swapped) = (Vec::new(), false);
+        loop {
+            match dirs.next(&relink) {
+                Step::End => break,
+                Step::Failed { path, error, why } => failed.push((path, error, why)),
+                Step::Entry(FileType::Symlink) => {
+                    let path = dirs.dir_path().join(dirs.name());
+                    let fd = rootdir.beneath(path.strip_prefix(root).unwrap(), true);
+                    let dir = OpenDir::from_path_fd(&fd.unwrap()).unwrap();
+                    dirs.push(dir, path, true);
+                }
+                Step::Entry(FileType::Directory) => {
+                    let path = dirs.dir_path().join(dirs.name());
+                    if path.starts_with(root.join("real")) {
+                        continue;
+                    }
+                    let dir = dirs.open_child().unwrap();
+                    dirs.push(dir, path, false);
+                    if dirs.dir_path().ends_with("d3") {
+                        let at = dirs.levels.iter().position(|l| l.via_link).unwrap();
+                        let l = &dirs.levels[at];
+                        assert!(l.fd.is_none(), "the link's level still open");
+                        if l.listing.next == l.listing.entries.len() {
+                            eprintln!("d1 came last in the link's listing: nothing to reopen");
+                            return;
+                        }
+                        std::fs::remove_file(&link).unwrap();
+                        std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+                        swapped = true;
+                    }
+                }
+                Step::Entry(_) => {}
+            }
+        }
+        assert!(swapped);
+        assert_eq!(failed, [(link, Errno::XDEV, Failure::Reopening)]);
+    }
+
     #[test]
     fn out_of_descriptors_is_not_a_directory_moved() {
         for e in [

@@ -466,11 +466,16 @@ fn scan_tree(
         .collect();
     let budget = if split.is_some() { WALKER_FDS } else { DIR_FDS };
     let mut dirs = Dirs::new(top, path, budget);
+    // A level reached through a followed link, opened again: the link resolved as it was
+    // followed, beneath the root.
+    let relink = |path: &Path, dir: BorrowedFd<'_>, name: &std::ffi::OsStr| {
+        link_target(cfg, root, &relative(cfg, path), dir, name)
+    };
     loop {
         if shutdown.requested() {
             return;
         }
-        let kind = match dirs.next() {
+        let kind = match dirs.next(&relink) {
             Step::End => return,
             Step::Entry(kind) => kind,
             Step::Failed { path, error, why } => {
