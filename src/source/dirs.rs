@@ -292,6 +292,8 @@ pub(crate) struct Dirs {
     /// No level below the top and above this one is open: where the shallowest open one is
     /// looked for (so a chain's trimming is not quadratic in its depth either).
     low: usize,
+    /// Whether `openat2` works here: a reopen goes down most of the way in one call.
+    jump: bool,
     /// The most levels open at once (for the tests).
     #[cfg(test)]
     peak: usize,
@@ -311,6 +313,10 @@ impl Dirs {
             path: Vec::new(),
             open: 1,
             low: 1,
+            jump: {
+                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                rfs::openat2(&top.fd, ".", flags, Mode::empty(), ResolveFlags::BENEATH).is_ok()
+            },
             #[cfg(test)]
             peak: 1,
             budget: budget.max(3),
@@ -486,7 +492,41 @@ impl Dirs {
     fn reopen(&mut self, relink: Relink<'_>) -> Result<(), (PathBuf, Errno, Failure)> {
         let deepest = self.levels.len() - 1;
         let from = (self.levels.iter().rposition(|l| l.fd.is_some())).unwrap_or(0);
-        for k in from + 1..=deepest {
+        let mut start = from + 1;
+        // Down to a few levels above the deepest in one openat2 by the names between, beneath
+        // the open ancestor and through no link (what a level at a time would each have
+        // checked, but in one call: coming back up a chain of D levels otherwise costs D²/budget
+        // system calls); the level reached must be the one it was. The last few are opened a
+        // level at a time, each kept open for the way back up.
+        let j = deepest
+            .saturating_sub(self.budget.saturating_sub(3))
+            .max(start);
+        let linked = self.levels[start..=j].iter().any(|l| l.via_link);
+        if self.jump && j > start && !linked {
+            while self.open >= self.budget && self.close_shallowest(from) {}
+            let first = &self.levels[start];
+            let names = &self.path[first.path_len - first.name.len()..self.levels[j].path_len];
+            let resolve =
+                ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+            let opened = match self.levels[from].fd.as_ref() {
+                Some(at) => {
+                    rfs::openat2(at, OsStr::from_bytes(names), LIST, Mode::empty(), resolve)
+                        .and_then(OpenDir::new)
+                }
+                None => Err(Errno::BADF),
+            };
+            match opened {
+                Ok(dir) if dir.id == self.levels[j].id => {
+                    self.set_open(j, dir.fd);
+                    start = j + 1;
+                }
+                // Not reached, or not the directory it was (a rename anywhere meanwhile makes
+                // openat2 say EAGAIN): a level at a time, which finds the level that moved and
+                // reports that one.
+                _ => {}
+            }
+        }
+        for k in start..=deepest {
             while self.open >= self.budget && self.close_shallowest(k - 1) {}
             let (above, below) = self.levels.split_at(k);
             let level = &below[0];
@@ -652,6 +692,32 @@ mod tests {
         }
         assert!(swapped);
         assert_eq!(failed, [(link, Errno::XDEV, Failure::Reopening)]);
+    }
+
+    /// A level far above the deepest replaced meanwhile: a reopen going down in one call
+    /// (openat2) does not reach the directory it was, goes a level at a time instead, and the
+    /// replaced level is reported, once, not each level below it one after another.
+    #[test]
+    fn a_level_replaced_above_a_reopen_in_one_call_is_reported_once() {
+        let shm = Path::new("/dev/shm");
+        for parent in [None, Some(shm).filter(|p| p.is_dir())] {
+            let (tmp, _) = chain(parent, 40);
+            let replaced = tmp.path().join("d/d/d/d/d/d/d/d/d/d");
+            let mut swapped = false;
+            let (_, failed) = walk(tmp.path(), 6, |dirs| {
+                if !swapped && dirs.levels.len() == 31 {
+                    std::fs::rename(&replaced, tmp.path().join("aside")).unwrap();
+                    std::fs::create_dir(&replaced).unwrap();
+                    swapped = true;
+                }
+            });
+            assert!(swapped);
+            assert_eq!(
+                failed,
+                [(replaced.clone(), Failure::Reopening)],
+                "{parent:?}"
+            );
+        }
     }
 
     #[test]
