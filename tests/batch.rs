@@ -372,6 +372,72 @@ fn symlinks_are_reported_and_never_followed_by_default() {
     assert!(!m.contains("secret"));
 }
 
+/// An absolute link that stays inside the root is followed like a relative one, and so is
+/// every link reached through it (the kernel's `RESOLVE_BENEATH` refuses absolute links, so the
+/// walk must resolve those another way); without `--follow-symlinks` it is reported for what
+/// it is, not as leading outside.
+#[test]
+fn absolute_links_inside_the_root_are_followed_like_relative_ones() {
+    let t = TestTree::new()
+        .file("real/x", b"hello\n")
+        .file("real/sub/f", b"s\n")
+        .symlink("x", "real/l")
+        .symlink("sub", "real/dl");
+    let root = t.root();
+    std::os::unix::fs::symlink(root.join("real"), root.join("abs")).unwrap();
+    std::os::unix::fs::symlink("abs", root.join("rel2abs")).unwrap();
+    std::os::unix::fs::symlink(root.join("real/x"), root.join("absfile")).unwrap();
+    let (manifest, log) = (t.side("m"), t.side("f.jsonl"));
+    let with = |follow: bool| {
+        let mut cmd = filepipe(&[s("batch"), p(&root), s("--op"), s("sha256")]);
+        cmd.args([s("--manifest"), p(&manifest), s("--failure-log"), p(&log)]);
+        if follow {
+            cmd.arg("--follow-symlinks");
+        }
+        run(cmd).success();
+        let m = fs::read_to_string(&manifest).unwrap();
+        let names: Vec<String> = m.lines().map(|l| l[66..].to_string()).collect();
+        (names, failure_log(&log))
+    };
+    let (names, records) = with(true);
+    for want in [
+        "absfile",
+        "abs/x",
+        "abs/l",
+        "abs/sub/f",
+        "abs/dl/f",
+        "rel2abs/x",
+        "rel2abs/l",
+        "rel2abs/dl/f",
+        "real/dl/f",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want}: {names:?}\n{records:?}"
+        );
+    }
+    assert!(
+        records
+            .iter()
+            .all(|r| !r["message"].as_str().unwrap_or("").contains("outside")),
+        "{records:?}"
+    );
+    fs::remove_file(&log).unwrap();
+    let (names, records) = with(false);
+    assert_eq!(names, ["real/sub/f", "real/x"], "{records:?}");
+    let abs = records
+        .iter()
+        .find(|r| r["path"] == "abs")
+        .expect("abs reported");
+    assert!(
+        abs["message"]
+            .as_str()
+            .unwrap()
+            .contains("symlink to a directory"),
+        "{abs}"
+    );
+}
+
 #[test]
 fn unreadable_file_and_directory_fail_per_file_and_run_continues() {
     let t = TestTree::new()

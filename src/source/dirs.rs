@@ -32,6 +32,15 @@ const LIST: OFlags = OFlags::RDONLY
     .union(OFlags::CLOEXEC)
     .union(OFlags::NOFOLLOW);
 
+/// How the walk opens a directory again (closed for the budget, its listing read to its end
+/// already): for its descriptor only, to stat and open its entries by name, so it needs no
+/// read permission, which its first open had (a directory made unreadable, still searchable,
+/// while the walk is below it keeps the rest of its entries walked, as a walk by path would).
+const REOPEN: OFlags = OFlags::PATH
+    .union(OFlags::DIRECTORY)
+    .union(OFlags::CLOEXEC)
+    .union(OFlags::NOFOLLOW);
+
 /// `getdents64`'s buffer: glibc's `readdir` uses 32 KiB too, about a thousand entries of a
 /// tree of short names in one call.
 const GETDENTS_BUF: usize = 32 * 1024;
@@ -153,9 +162,9 @@ impl RootDir {
 }
 
 /// How a level reached through a symlink the walk followed is opened again (`O_PATH`): given
-/// its path, its parent's descriptor and its name, resolved as the walk followed it, beneath
-/// the root (`RootDir::beneath`), never by following the link from its parent unchecked.
-pub(crate) type Relink<'a> = &'a dyn Fn(&Path, BorrowedFd<'_>, &OsStr) -> Result<OwnedFd, Errno>;
+/// its path, resolved as the walk followed it, beneath the root (`RootDir::beneath`), never by
+/// following the link from its parent unchecked.
+pub(crate) type Relink<'a> = &'a dyn Fn(&Path) -> Result<OwnedFd, Errno>;
 
 /// What `Dirs::next` comes to.
 pub(crate) enum Step {
@@ -510,7 +519,7 @@ impl Dirs {
                 ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
             let opened = match self.levels[from].fd.as_ref() {
                 Some(at) => {
-                    rfs::openat2(at, OsStr::from_bytes(names), LIST, Mode::empty(), resolve)
+                    rfs::openat2(at, OsStr::from_bytes(names), REOPEN, Mode::empty(), resolve)
                         .and_then(OpenDir::new)
                 }
                 None => Err(Errno::BADF),
@@ -535,9 +544,9 @@ impl Dirs {
                     let name = OsStr::from_bytes(&level.name);
                     if level.via_link {
                         let path = Path::new(OsStr::from_bytes(&self.path[..level.path_len]));
-                        relink(path, parent.as_fd(), name).and_then(|fd| OpenDir::from_path_fd(&fd))
+                        relink(path).and_then(OpenDir::new)
                     } else {
-                        rfs::openat(parent, name, LIST, Mode::empty()).and_then(OpenDir::new)
+                        rfs::openat(parent, name, REOPEN, Mode::empty()).and_then(OpenDir::new)
                     }
                 }
                 None => Err(Errno::BADF),
@@ -651,9 +660,7 @@ mod tests {
             eprintln!("SKIPPED: no openat2 (links are not followed without it)");
             return;
         }
-        let relink = |p: &Path, _: BorrowedFd<'_>, _: &OsStr| {
-            rootdir.beneath(p.strip_prefix(root).unwrap(), true)
-        };
+        let relink = |p: &Path| rootdir.beneath(p.strip_prefix(root).unwrap(), true);
         let top = rootdir.list_beneath(Path::new(""), false).unwrap();
         let mut dirs = Dirs::new(top, root.to_path_buf(), 3);
         let (mut failed, mut swapped) = (Vec::new(), false);

@@ -468,9 +468,7 @@ fn scan_tree(
     let mut dirs = Dirs::new(top, path, budget);
     // A level reached through a followed link, opened again: the link resolved as it was
     // followed, beneath the root.
-    let relink = |path: &Path, dir: BorrowedFd<'_>, name: &std::ffi::OsStr| {
-        link_target(cfg, root, &relative(cfg, path), dir, name)
-    };
+    let relink = |path: &Path| link_target(cfg, root, &relative(cfg, path));
     loop {
         if shutdown.requested() {
             return;
@@ -794,7 +792,7 @@ fn classify(
         },
         FileType::Symlink if cfg.follow_symlinks => follow_link(cfg, root, dirs, path, rel, stats),
         FileType::Symlink => {
-            let reason = link_reason(cfg, root, &rel, dir, name);
+            let reason = link_reason(cfg, root, &rel);
             report(Outcome::Skipped { rel, reason })
         }
         FileType::RegularFile => file(cfg, dir, name, path, rel, lstat, stats),
@@ -824,7 +822,7 @@ fn not_opened(cfg: &Config, root: &RootDir, dirs: &Dirs, rel: PathBuf, e: Errno)
         let name = dirs.name();
         let now = rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW);
         if now.is_ok_and(|st| FileType::from_raw_mode(st.st_mode) == FileType::Symlink) {
-            let reason = link_reason(cfg, root, &rel, dir, name);
+            let reason = link_reason(cfg, root, &rel);
             return Outcome::Skipped { rel, reason };
         }
     }
@@ -847,13 +845,13 @@ fn follow_link(
         return Classified::Nothing;
     };
     let name = dirs.name();
-    let target = match link_target(cfg, root, &rel, dir, name).and_then(|fd| {
+    let target = match link_target(cfg, root, &rel).and_then(|fd| {
         let st = rfs::fstat(&fd)?;
         Ok((fd, st))
     }) {
         Ok(target) => target,
         Err(_) => {
-            let reason = link_reason(cfg, root, &rel, dir, name);
+            let reason = link_reason(cfg, root, &rel);
             return report(Outcome::Skipped { rel, reason });
         }
     };
@@ -1004,17 +1002,11 @@ pub(crate) fn is_own(cfg: &Config, path: &Path) -> bool {
     cfg.own_files.iter().any(|f| path.starts_with(f))
 }
 
-/// Explains why a symlink (`name` in `dir`, `rel` in the tree) is not followed, looking at
-/// what it leads to beneath the root without opening it for reading (`link_target`): a link
-/// leading out is said to, never stat'ed there.
-fn link_reason(
-    cfg: &Config,
-    root: &RootDir,
-    rel: &Path,
-    dir: BorrowedFd<'_>,
-    name: &std::ffi::OsStr,
-) -> FileError {
-    let target = link_target(cfg, root, rel, dir, name).and_then(|fd| rfs::fstat(&fd));
+/// Explains why the symlink `rel` is not followed, looking at what it leads to beneath the
+/// root without opening it for reading (`link_target`): a link leading out is said to, never
+/// stat'ed there.
+fn link_reason(cfg: &Config, root: &RootDir, rel: &Path) -> FileError {
+    let target = link_target(cfg, root, rel).and_then(|fd| rfs::fstat(&fd));
     let is_dir = |st: &rfs::Stat| FileType::from_raw_mode(st.st_mode) == FileType::Directory;
     let msg = match target {
         Err(Errno::LOOP) => "symlink loop; not followed".into(),
@@ -1036,35 +1028,28 @@ fn link_reason(
     FileError::new(Kind::Symlink, msg)
 }
 
-/// What the symlink `rel` (`name` in `dir`) leads to, opened `O_PATH` (nothing is opened for
-/// reading, a FIFO included) and resolved beneath the root, the link itself and any link on
-/// the way followed only while they stay beneath it: `EXDEV` if it leads out. An absolute
-/// link into the root (which `RESOLVE_BENEATH` refuses, as any absolute one) is resolved from
-/// the root. Where `openat2` is refused, the link is resolved by path (`canonicalize`) and only
-/// a target inside the root opened, beneath it with no link on the way.
-fn link_target(
-    cfg: &Config,
-    root: &RootDir,
-    rel: &Path,
-    dir: BorrowedFd<'_>,
-    name: &std::ffi::OsStr,
-) -> Result<OwnedFd, Errno> {
-    use std::os::unix::ffi::OsStrExt;
-    if !root.has_openat2() {
+/// What the symlink `rel` leads to, opened `O_PATH` (nothing is opened for reading, a FIFO
+/// included) and resolved beneath the root, the link itself and any link on the way followed
+/// only while they stay beneath it: `EXDEV` if it leads out. A path with an absolute link on
+/// it (which `RESOLVE_BENEATH` refuses, any absolute one), or where `openat2` is refused, is
+/// resolved by path (`canonicalize`) and only a target inside the root opened, beneath it
+/// with no link on the way.
+fn link_target(cfg: &Config, root: &RootDir, rel: &Path) -> Result<OwnedFd, Errno> {
+    let by_path = || {
         let real = std::fs::canonicalize(cfg.root.join(rel))
             .map_err(|e| e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error))?;
         let inside = real.strip_prefix(&cfg.root).map_err(|_| Errno::XDEV)?;
-        return root.beneath(inside, false);
+        root.beneath(inside, false)
+    };
+    if !root.has_openat2() {
+        return by_path();
     }
     match root.beneath(rel, true) {
-        Err(Errno::XDEV) => {
-            let target = rfs::readlinkat(dir, name, Vec::new())?;
-            let target = Path::new(std::ffi::OsStr::from_bytes(target.as_bytes()));
-            match target.strip_prefix(&cfg.root) {
-                Ok(inside) if target.is_absolute() => root.beneath(inside, true),
-                _ => Err(Errno::XDEV),
-            }
-        }
+        // `RESOLVE_BENEATH` refuses every absolute link on the way, the link itself or any
+        // it leads through (`abs -> /srv/in/a`, `l -> abs/f`), wherever they lead: resolved
+        // by path then, as main's walk did, and opened only if inside the root, beneath it
+        // with no link on the way (a link changed meanwhile fails; it cannot lead out).
+        Err(Errno::XDEV) => by_path(),
         other => other,
     }
 }
