@@ -1347,13 +1347,13 @@ fn a_directory_made_unreadable_while_the_walk_is_below_it_keeps_its_entries() {
     const FILES: usize = 200;
     let mut tree = TestTree::new();
     for i in 0..FILES {
-        tree = tree.file(&format!("x/a{i:03}"), format!("{i}\n").as_bytes());
+        tree = tree.file(format!("x/a{i:03}"), format!("{i}\n").as_bytes());
     }
     // Deeper than the walk's budget of open directories, so x is closed on the way down.
     let mut chain = String::from("x");
     for i in 1..=20 {
         chain.push_str(&format!("/d{i}"));
-        tree = tree.file(&format!("{chain}/f"), format!("{i}\n").as_bytes());
+        tree = tree.file(format!("{chain}/f"), format!("{i}\n").as_bytes());
     }
     tree.open_to_all();
     let t = tree;
