@@ -1298,7 +1298,114 @@ const WHOLE_MIN_GROUP: usize = 4;
 /// would keep the file system from being unmounted while a daemon runs, and one opened earlier
 /// would report again, once, each data write error (any file's) from before this call, which
 /// each temp's own descriptor reports to it anyway.
+///
+/// Callers that ask while a flush is under way wait for the next one, which serves them all:
+/// the two publishers' groups then share flushes (one group's names with the other's data)
+/// instead of queueing for one each, which is where a group's time went on a disk slow to
+/// flush (140 `syncfs` taking 0.9 s of a 1.3 s run, back to back, on 8,000 small files). A
+/// flush's error is that of each caller it served: which file's it was cannot be told.
 fn sync_whole(dir: &Dir) -> Option<Result<(), Errno>> {
+    match whole_flushes(dir) {
+        Some(flushes) => flushes.combine(|| sync_whole_now(dir)),
+        None => sync_whole_now(dir),
+    }
+}
+
+/// Flushes that serve together every caller who asked while the one before was under way
+/// (`sync_whole`'s of one device): which have started and finished, and each finished one's
+/// result until every caller it served has taken it.
+struct Combined<R> {
+    state: std::sync::Mutex<CombinedState<R>>,
+    done: std::sync::Condvar,
+}
+
+struct CombinedState<R> {
+    /// A flush is under way (`started` is it).
+    running: bool,
+    /// The number of flushes started, and of those finished (all but the running one).
+    started: u64,
+    finished: u64,
+    /// Callers waiting on each flush not yet taken by all of them, and its result once known.
+    waiting: HashMap<u64, usize>,
+    results: HashMap<u64, R>,
+}
+
+impl<R: Copy> Combined<R> {
+    fn new() -> Combined<R> {
+        Combined {
+            state: std::sync::Mutex::new(CombinedState {
+                running: false,
+                started: 0,
+                finished: 0,
+                waiting: HashMap::new(),
+                results: HashMap::new(),
+            }),
+            done: std::sync::Condvar::new(),
+        }
+    }
+
+    /// The result of a `flush` that started after this call did: run here, if no flush is
+    /// under way once the one before is over, or by another caller for all who wait on it.
+    fn combine(&self, flush: impl FnOnce() -> R) -> R {
+        let mut flush = Some(flush);
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        // This caller's writes (and renames) were made before now: any flush that starts from
+        // now on covers them, the one running now may not.
+        let wanted = state.started + 1;
+        *state.waiting.entry(wanted).or_default() += 1;
+        while state.finished < wanted {
+            if state.running {
+                state = self.done.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            // None under way, and the last one finished began before this call: this caller
+            // runs the next, for itself and every caller that waits on it.
+            let Some(flush) = flush.take() else {
+                unreachable!("a caller runs at most the one flush it waits on")
+            };
+            state.running = true;
+            state.started += 1;
+            let generation = state.started;
+            drop(state);
+            let result = flush();
+            state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.running = false;
+            state.finished = generation;
+            state.results.insert(generation, result);
+            self.done.notify_all();
+        }
+        let Some(&result) = state.results.get(&wanted) else {
+            unreachable!("a flush's result stays until its last caller takes it")
+        };
+        if let Some(n) = state.waiting.get_mut(&wanted) {
+            *n -= 1;
+            if *n == 0 {
+                state.waiting.remove(&wanted);
+                state.results.remove(&wanted);
+            }
+        }
+        result
+    }
+}
+
+/// The combined whole flushes of `dir`'s device; `None` if its device is unknown (one flush
+/// could then not be told to serve another directory's file system).
+fn whole_flushes(dir: &Dir) -> Option<Arc<Combined<Option<Result<(), Errno>>>>> {
+    type All = HashMap<u64, Arc<Combined<Option<Result<(), Errno>>>>>;
+    static ALL: OnceLock<std::sync::Mutex<All>> = OnceLock::new();
+    let (dev, _) = dir.id()?;
+    let mut all = ALL
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    Some(Arc::clone(
+        all.entry(dev).or_insert_with(|| Arc::new(Combined::new())),
+    ))
+}
+
+/// One whole flush of `dir`'s file system (`sync_whole`), run by one caller for all those
+/// waiting on it.
+fn sync_whole_now(dir: &Dir) -> Option<Result<(), Errno>> {
     let lock = flush_lock(dir);
     let _one = lock.lock().unwrap_or_else(|p| p.into_inner());
     if is_degraded(dir) {
@@ -1632,6 +1739,108 @@ pub(crate) fn is_temp_name(name: &OsStr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Callers who ask while a flush is under way are served together by the next one, which
+    /// starts after every one of them asked, and each is given that flush's result.
+    #[test]
+    fn flushes_asked_for_during_one_are_served_together_by_the_next() {
+        use std::sync::atomic::AtomicUsize;
+        use std::time::{Duration, Instant};
+        const LATE: usize = 7;
+        let combined = Arc::new(Combined::<usize>::new());
+        let flushes = Arc::new(AtomicUsize::new(0));
+        let (running, is_running) = std::sync::mpsc::channel();
+        let first = {
+            let (combined, flushes) = (Arc::clone(&combined), Arc::clone(&flushes));
+            std::thread::spawn(move || {
+                combined.combine(|| {
+                    running.send(()).expect("the test waits");
+                    // Held until every late caller waits on the next flush.
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        let waiting = combined
+                            .state
+                            .lock()
+                            .expect("lock")
+                            .waiting
+                            .get(&2)
+                            .copied();
+                        if waiting == Some(LATE) {
+                            break;
+                        }
+                        assert!(
+                            Instant::now() < deadline,
+                            "late callers never waited: {waiting:?}"
+                        );
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    flushes.fetch_add(1, Ordering::SeqCst) + 1
+                })
+            })
+        };
+        is_running.recv().expect("the first flush runs");
+        let late: Vec<_> = (0..LATE)
+            .map(|_| {
+                let (combined, flushes) = (Arc::clone(&combined), Arc::clone(&flushes));
+                std::thread::spawn(move || {
+                    combined.combine(|| flushes.fetch_add(1, Ordering::SeqCst) + 1)
+                })
+            })
+            .collect();
+        assert_eq!(first.join().expect("first caller"), 1);
+        for caller in late {
+            assert_eq!(
+                caller.join().expect("late caller"),
+                2,
+                "served by the flush after"
+            );
+        }
+        assert_eq!(
+            flushes.load(Ordering::SeqCst),
+            2,
+            "one flush for the seven late callers"
+        );
+        let state = combined.state.lock().expect("lock");
+        assert!(
+            state.waiting.is_empty() && state.results.is_empty(),
+            "nothing kept"
+        );
+        drop(state);
+        // Alone, a caller runs its own flush.
+        assert_eq!(combined.combine(|| 30), 30);
+        assert_eq!(combined.combine(|| 40), 40);
+    }
+
+    /// However callers interleave, each is served by a flush that started after it asked.
+    #[test]
+    fn a_combined_flush_always_starts_after_its_caller_asked() {
+        use std::sync::atomic::AtomicUsize;
+        let combined = Arc::new(Combined::<usize>::new());
+        let writes = Arc::new(AtomicUsize::new(0));
+        let callers: Vec<_> = (0..8)
+            .map(|_| {
+                let (combined, writes) = (Arc::clone(&combined), Arc::clone(&writes));
+                std::thread::spawn(move || {
+                    for _ in 0..200 {
+                        let mine = writes.fetch_add(1, Ordering::SeqCst) + 1;
+                        // A flush covers the writes made before it started.
+                        let covered = combined.combine(|| {
+                            let seen = writes.load(Ordering::SeqCst);
+                            std::thread::yield_now();
+                            seen
+                        });
+                        assert!(
+                            covered >= mine,
+                            "write {mine} served by a flush that saw {covered}"
+                        );
+                    }
+                })
+            })
+            .collect();
+        for caller in callers {
+            caller.join().expect("caller");
+        }
+    }
 
     #[test]
     fn temp_names_are_recognised_and_short() {
