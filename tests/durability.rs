@@ -554,11 +554,15 @@ fn without_a_journal_a_failed_whole_flush_fails_its_files_and_names_none_of_them
     }
     assert!(temps_under(&root).is_empty());
     check_whole_flushes(&calls);
-    // A rerun finishes the job.
+    // A rerun finishes the job. (Every file may have failed: the failed flush can serve both
+    // publishers' groups at once, and the ones in the making then fail too.)
     let summary = run(filepipe(&args)).code(0).summary();
     assert_eq!(summary["done"], failed, "{summary}");
     assert_eq!(
-        summary["skipped_by_reason"]["up-to-date"], done,
+        summary["skipped_by_reason"]["up-to-date"]
+            .as_u64()
+            .unwrap_or(0),
+        done,
         "{summary}"
     );
 }
