@@ -1388,10 +1388,13 @@ impl<R: Copy> Combined<R> {
     }
 }
 
+/// What a whole flush comes to (`sync_whole`).
+type Whole = Option<Result<(), Errno>>;
+
 /// The combined whole flushes of `dir`'s device; `None` if its device is unknown (one flush
 /// could then not be told to serve another directory's file system).
-fn whole_flushes(dir: &Dir) -> Option<Arc<Combined<Option<Result<(), Errno>>>>> {
-    type All = HashMap<u64, Arc<Combined<Option<Result<(), Errno>>>>>;
+fn whole_flushes(dir: &Dir) -> Option<Arc<Combined<Whole>>> {
+    type All = HashMap<u64, Arc<Combined<Whole>>>;
     static ALL: OnceLock<std::sync::Mutex<All>> = OnceLock::new();
     let (dev, _) = dir.id()?;
     let mut all = ALL
