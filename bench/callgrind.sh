@@ -67,11 +67,11 @@ cmp "$WORK/warmup.sums" "$WORK/measured.sums"
 [[ $(wc -l <"$WORK/measured.sums") -eq $N ]] || { echo "the manifest does not list $N files" >&2; exit 1; }
 
 # The worker's dump after the measured run: the newest of its numbered dumps.
-dump=$(ls -t "$WORK"/worker.out.* | head -n 1)
-total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1; exit }'; }
+dump=$(ls -t "$WORK"/worker.out.* | sed -n 1p)
+total() { callgrind_annotate "$1" 2>/dev/null | awk '/PROGRAM TOTALS/ && !n { gsub(",", "", $1); print $1; n = 1 }'; }
 hashing() {
     callgrind_annotate --threshold=100 "$1" 2>/dev/null |
-        awk '/sha2::/ { v = $1; gsub(",", "", v); if (v ~ /^[0-9]+$/) s += v } END { print s + 0 }'
+        awk '/sha2::/ { v = $1; gsub(",", "", v); if (v ~ /^[0-9]+$/) s += v } END { printf "%.0f\n", s }'
 }
 w=$(total "$dump")
 h=$(hashing "$dump")
