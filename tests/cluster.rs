@@ -276,6 +276,158 @@ fn hostile_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
     assert!(stderr.contains("refused a job message"), "{:.2000}", stderr);
 }
 
+/// The same attacks in version 4 (binary) job messages, and what only a binary message can
+/// do wrong (cut short, lengths and counts larger than the message, bytes after its end, a
+/// version no release has, op codes no op has): refused paths fail their files alone, every
+/// other message is refused whole, the worker lives on and nothing is written outside.
+#[test]
+fn hostile_binary_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("inside.txt", b"inside the root\n");
+    let outside = t.side("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"not for the worker\n").unwrap();
+    let root = format!("tree={}", t.root().display());
+    let log = t.side("failures.jsonl");
+    let log_arg = log.to_str().unwrap().to_owned();
+    let mut worker = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        std::slice::from_ref(&root),
+        "1",
+        &["--failure-log", &log_arg],
+    );
+    coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"]).code(0);
+    let job = |paths: &[&[u8]]| binary_job("hostile", "tree", 1, 6, paths);
+    // Four paths a job may not name, in one message: each fails alone.
+    let bad_paths = job(&[
+        b"../outside/secret",
+        b"/etc/passwd",
+        b"a/../../outside/secret",
+        b"inside.txt\0.x",
+    ]);
+    nats.publish_raw("filepipe.jobs.tree.hostile", &bad_paths);
+    let good = job(&[b"inside.txt"]);
+    // Offsets in `good`: 04 'J', "hostile" (1+7), "tree" (1+4), no out (1), the op at 16,
+    // the op count at 17, the level at 18, the flags at 19, the file count at 20-21, the
+    // path's length at 22-25.
+    assert_eq!(&good[15..22], &[0, 1, 0, 6, 1, 1, 0]);
+    let with = |at: usize, b: &[u8]| {
+        let mut m = good.clone();
+        m[at..at + b.len()].copy_from_slice(b);
+        m
+    };
+    let hostile = [
+        good[..good.len() - 3].to_vec(),
+        with(22, &u32::MAX.to_le_bytes()),
+        with(20, &u16::MAX.to_le_bytes()),
+        [&good[..], b"more"].concat(),
+        with(0, &[5]),
+        with(16, &[0x66]),
+        with(17, &[200]),
+        with(19, &[0x81]),
+        with(3, &[0xff]),
+        with(1, b"O"),
+        with(18, &[10]),
+    ];
+    for msg in &hostile {
+        nats.publish_raw("filepipe.jobs.tree.hostile", msg);
+    }
+    let refused_paths = || {
+        let text = fs::read_to_string(&log).unwrap_or_default();
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        whole
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["error"] == "unsafe-output-path")
+            .count()
+    };
+    wait_until(Duration::from_secs(30), "4 refused paths", || {
+        refused_paths() >= 4
+    });
+    wait_until(Duration::from_secs(30), "every message refused", || {
+        worker.log().matches("refused a job message").count() >= hostile.len()
+    });
+    wait_until(Duration::from_secs(30), "the queue to be empty", || {
+        queue_counts(&nats) == (0, 0)
+    });
+    assert_eq!(refused_paths(), 4);
+    // The refused paths' outcomes went back in the job's format, binary.
+    let answer = last_outcome_message(&nats, "hostile").expect("no outcome of the refused paths");
+    assert_eq!(&answer[..2], &[4, b'O']);
+    assert_eq!(
+        fs::read(outside.join("secret")).unwrap(),
+        b"not for the worker\n"
+    );
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 1);
+    assert!(!Path::new("/etc/passwd.gz").exists());
+    let logged = worker.log();
+    for why in [
+        "cut short",
+        "files declared",
+        "after the end of the message",
+        "version byte 0x05",
+        "unknown op code 102",
+        "200 ops",
+        "unknown bits",
+        "not UTF-8",
+        "not a job message",
+        "level 10 is out of range for gzip",
+    ] {
+        assert!(
+            logged.contains(why),
+            "no refusal saying {why:?}: {logged:.4000}"
+        );
+    }
+    // Still alive, and still working.
+    assert!(worker.child.as_mut().unwrap().try_wait().unwrap().is_none());
+    fs::write(t.path("after.txt"), b"after the attack\n").unwrap();
+    let sum = coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"])
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 1, "{sum}");
+    worker.kill();
+}
+
+/// A worker answers a job in the job's own format: JSON to a JSON job (what a coordinator
+/// from before version 4 reads), binary to a binary one. Both jobs here hash the same file.
+#[test]
+fn a_worker_answers_each_job_in_its_own_format() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("a.txt", b"hashed twice\n");
+    let root = format!("tree={}", t.root().display());
+    let _worker = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
+    // A coordinator run first creates the streams (and sends binary jobs itself).
+    coordinate(&nats, &t.root(), &["--op", "sha256", "--root-name", "tree"]).code(0);
+    let json = br#"{"v":1,"run":"oldcoord","root":"tree","op":"sha256","level":6,"force":false,"files":[{"rel":"a.txt","size":0}]}"#;
+    nats.publish_raw("filepipe.jobs.tree.oldcoord", json);
+    nats.publish_raw(
+        "filepipe.jobs.tree.newcoord",
+        &binary_job("newcoord", "tree", 3, 6, &[b"a.txt"]),
+    );
+    let (mut old, mut new) = (None, None);
+    wait_until(Duration::from_secs(30), "both outcomes", || {
+        old = last_outcome_message(&nats, "oldcoord");
+        new = last_outcome_message(&nats, "newcoord");
+        old.is_some() && new.is_some()
+    });
+    let (old, new) = (old.unwrap(), new.unwrap());
+    let read: serde_json::Value = serde_json::from_slice(&old).expect("not JSON");
+    let digest = tool("sha256sum", &["a.txt".as_ref()], &t.root()).stdout;
+    let hex = String::from_utf8_lossy(&digest[..64]).into_owned();
+    assert_eq!(read["v"], 1, "{read}");
+    assert_eq!(read["outcomes"][0]["digest"], hex.as_str(), "{read}");
+    assert_eq!(&new[..2], &[4, b'O']);
+    // The digest travels as its 32 bytes.
+    let bytes: Vec<u8> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    assert!(
+        new.windows(33).any(|w| w[0] == 3 && w[1..] == bytes[..]),
+        "no SHA-256 digest of a.txt in {new:?}"
+    );
+}
+
 #[test]
 fn a_wrong_root_mapping_or_an_unreachable_server_is_a_clear_error_at_start() {
     let t = TestTree::new().file("a", b"a");

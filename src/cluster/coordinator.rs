@@ -30,8 +30,9 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use crate::cli::OpKind;
 use crate::cluster::resume::RunFile;
 use crate::cluster::wire::{
-    self, JobBatch, JobBatchOut, OutcomeBatch, WireFile, WirePath, WireStamp,
+    self, Format, JobBatch, JobBatchOut, OutcomeBatch, WireFile, WirePath, WireStamp,
 };
+use crate::cluster::wire4;
 use crate::cluster::{
     cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
     Unreachable, ACK_WAIT, JOBS_STREAM, OUTCOMES_STREAM,
@@ -76,9 +77,13 @@ struct Ledger {
     /// The hashes the run computes, in `--op`'s order: what a done outcome's digests must be
     /// (exactly one of each), and the order its digests are handed on in (the manifests').
     hashes: Vec<HashAlgo>,
-    /// The version of the run's job messages: above `wire::VERSION`, workers from before it
-    /// refuse them without an outcome.
+    /// The version of the run's job messages in JSON: above `wire::VERSION`, workers from
+    /// before it refuse them without an outcome. They go as version 4 (binary) unless `json`.
     version: u32,
+    /// Jobs of the run were lost (refused without an outcome, as a worker from before version
+    /// 4 refuses binary ones): from then on, the run's jobs go as JSON (`version`), which
+    /// every worker that knows `version` reads.
+    json: AtomicBool,
     /// Awaited files an outcome came for that did not read, with what they count once their
     /// job has left the queue (failed, `unreadable-outcome`): never published again, since a
     /// worker stored that outcome before it acknowledged the job.
@@ -144,24 +149,35 @@ impl<'a> Head<'a> {
         jobs_subject(self.root, self.run)
     }
 
-    /// The first job message of `files`: as many as fit (JSON escapes long names to six bytes
-    /// a character), and its payload.
-    fn message(&self, files: &[WireFile]) -> serde_json::Result<(usize, Vec<u8>)> {
-        let cfg = self.cfg;
-        wire::fitting(files, usize::MAX, |part| {
-            serde_json::to_vec(&JobBatchOut {
-                v: JobBatch::version(self.out, cfg.remove_source, !self.ops.is_empty()),
-                out: self.out,
-                remove_source: cfg.remove_source,
-                run: self.run,
-                root: self.root,
-                op: self.op,
-                ops: &self.ops,
-                level: cfg.level,
-                force: cfg.force,
-                files: part,
+    /// The first job message of `files` in `format`: as many as fit (JSON escapes long names
+    /// to six bytes a character), and its payload.
+    fn message(&self, files: &[WireFile], format: Format) -> Result<(usize, Vec<u8>)> {
+        Ok(match format {
+            Format::Json => wire::fitting(files, usize::MAX, |part| {
+                serde_json::to_vec(&self.job(part))
+            })?,
+            Format::Binary => wire::fitting(files, usize::MAX, |part| {
+                wire4::encode_jobs(&self.job(part))
             })
+            .map_err(|e| anyhow!("writing a job message: {e}"))?,
         })
+    }
+
+    /// A job message of `files`, to be written.
+    fn job<'b>(&'b self, files: &'b [WireFile]) -> JobBatchOut<'b> {
+        let cfg = self.cfg;
+        JobBatchOut {
+            v: JobBatch::version(self.out, cfg.remove_source, !self.ops.is_empty()),
+            out: self.out,
+            remove_source: cfg.remove_source,
+            run: self.run,
+            root: self.root,
+            op: self.op,
+            ops: &self.ops,
+            level: cfg.level,
+            force: cfg.force,
+            files,
+        }
     }
 }
 
@@ -548,8 +564,13 @@ fn publish(
         }
         // One message, or several where long names would make it too large to be stored.
         let mut rest = &files[..];
+        let format = if ledger.json.load(Ordering::Acquire) {
+            Format::Json
+        } else {
+            Format::Binary
+        };
         while !rest.is_empty() {
-            let (n, payload) = head.message(rest)?;
+            let (n, payload) = head.message(rest, format)?;
             seq += 1;
             rest = &rest[n..];
             let mut p = Pending {
@@ -866,12 +887,12 @@ fn gather_outcomes(
                     outstanding,
                     "no outcome for {STALLED:?} and no worker is asking for jobs: start `filepipe worker --queue ... --root NAME=PATH`"
                 );
-            } else if ledger.version > wire::VERSION {
+            } else if ledger.version > wire::VERSION || !ledger.json.load(Ordering::Acquire) {
                 tracing::warn!(
                     outstanding,
                     workers_waiting = waiting,
                     jobs_version = ledger.version,
-                    "no outcome for {STALLED:?}: workers from before job messages of this version (2: --out or --remove-source; 3: several results) refuse them without an outcome (their jobs are published again until an up-to-date worker takes them); upgrade the workers"
+                    "no outcome for {STALLED:?}: workers from before job messages of this version (4: binary, which every run sends first; 2: --out or --remove-source; 3: several results) refuse them without an outcome (their jobs are published again, as JSON, until a worker that reads them takes them); upgrade the workers"
                 );
             } else {
                 tracing::warn!(
@@ -1057,11 +1078,14 @@ impl LostJobs {
             }
         }
         let subject = head.subject();
+        // As JSON, which a worker from before version 4 (binary) reads, as the run's later
+        // jobs go too: a lost job may be one such a worker refused.
+        let was_binary = !ledger.json.swap(true, Ordering::AcqRel);
         let (mut files, mut messages) = (0usize, 0u64);
         let sent = batches.iter().try_for_each(|batch| {
             let mut rest = &batch[..];
             while !rest.is_empty() {
-                let (n, payload) = head.message(rest)?;
+                let (n, payload) = head.message(rest, Format::Json)?;
                 messages += 1;
                 let id = format!(
                     "{}.{}.again{}.{messages}",
@@ -1083,7 +1107,15 @@ impl LostJobs {
         });
         let version = ledger.version;
         if files > 0 {
-            if version > wire::VERSION {
+            if was_binary {
+                tracing::warn!(
+                    files,
+                    messages,
+                    jobs_version = version,
+                    round = self.rounds,
+                    "jobs of the run left the queue without an outcome: a worker that does not know job version 4 refused them; republished as JSON (version {version}), as the run's jobs are from now on (a worker from before version 4 reads them; one from before version {version} refuses them again, and they are republished again, until an up-to-date worker takes them: upgrade the workers)"
+                );
+            } else if version > wire::VERSION {
                 tracing::warn!(
                     files,
                     messages,
@@ -1305,15 +1337,14 @@ fn queued(
 
 /// An outcome message of `run`, read; `None` (said, if it does not read) for anything else.
 fn outcomes_of(m: &async_nats::jetstream::Message, run: &str) -> Option<OutcomeBatch> {
-    let batch: OutcomeBatch = match serde_json::from_slice(&m.payload) {
+    let batch = match OutcomeBatch::parse(&m.payload) {
         Ok(b) => b,
-        Err(e) => {
-            let error = wire::in_part(&e.to_string());
+        Err(error) => {
             tracing::warn!(%error, "an outcome message that does not read: ignored");
             return None;
         }
     };
-    (batch.v == wire::VERSION && batch.run == run).then_some(batch)
+    (batch.readable() && batch.run == run).then_some(batch)
 }
 
 /// Acknowledges outcome messages handed to the reporter (an ack lost only costs a duplicate,

@@ -27,6 +27,7 @@ mod resume;
 mod status;
 mod trust;
 pub(crate) mod wire;
+pub(crate) mod wire4;
 mod worker;
 
 use std::path::PathBuf;

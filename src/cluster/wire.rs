@@ -1,5 +1,7 @@
 //! What travels through the queue: batches of jobs from a coordinator to the workers, batches
-//! of outcomes back. JSON with a version; a job message is untrusted input (anyone allowed to
+//! of outcomes back. JSON with a version (1 to 3), or binary (version 4, `wire4`, told by its
+//! first byte), read into the same types; a worker answers a job in its own format. A job
+//! message is untrusted input (anyone allowed to
 //! publish to the stream can write one), so everything a worker acts on is checked here: the
 //! run and root names are plain tokens, the level is in range, the message is bounded, and a
 //! file's path must be relative with plain components only. A bad path fails its file alone.
@@ -18,6 +20,7 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{OpKind, OpSpec};
+use crate::cluster::wire4;
 use crate::digest::{Digest, HashAlgo};
 use crate::error::{FileError, Kind};
 use crate::travel::{Done, Outcome, Stamp};
@@ -32,19 +35,19 @@ pub(crate) const MAX_MESSAGE: usize = 1 << 20;
 pub(crate) const MAX_PAYLOAD: usize = MAX_MESSAGE - 4096;
 
 /// The most files a job message may hold: a coordinator sends batches of at most 64.
-const MAX_FILES: usize = 1024;
+pub(crate) const MAX_FILES: usize = 1024;
 
 /// The longest path a job may name (PATH_MAX).
-const MAX_PATH: usize = 4096;
+pub(crate) const MAX_PATH: usize = 4096;
 
 /// The first message of `items`: as many of the first `most` as fit in `MAX_PAYLOAD` once
 /// `encode`d (halving until they do: JSON escapes long names to six bytes a character), or
 /// the first alone. Returns how many it holds, and its payload.
-pub(crate) fn fitting<T>(
+pub(crate) fn fitting<T, E>(
     items: &[T],
     most: usize,
-    encode: impl Fn(&[T]) -> serde_json::Result<Vec<u8>>,
-) -> serde_json::Result<(usize, Vec<u8>)> {
+    encode: impl Fn(&[T]) -> Result<Vec<u8>, E>,
+) -> Result<(usize, Vec<u8>), E> {
     let mut n = items.len().min(most).max(1);
     loop {
         let payload = encode(&items[..n])?;
@@ -172,6 +175,14 @@ impl WirePath {
                     .collect::<Option<Vec<u8>>>()
                     .map(Cow::Owned)
             }
+        }
+    }
+
+    /// How many bytes the path has (its hex's half), for sizing a binary message.
+    pub(super) fn wire_len(&self) -> usize {
+        match self {
+            WirePath::Text(s) => s.len(),
+            WirePath::Bytes { hex } => hex.len() / 2,
         }
     }
 
@@ -360,20 +371,43 @@ impl JobBatch {
         Ok(spec)
     }
 
-    /// Reads and checks a job message (files are checked one by one, later: see
-    /// `WirePath::rel`).
+    /// The format the batch came in: outcomes of its files go back in the same.
+    pub(crate) fn format(&self) -> Format {
+        if self.v == u32::from(wire4::VERSION_BINARY) {
+            Format::Binary
+        } else {
+            Format::Json
+        }
+    }
+
+    /// Reads and checks a job message, JSON (versions 1-3) or binary (version 4, told by its
+    /// first byte). Files are checked one by one, later: see `WirePath::rel`.
     pub(crate) fn parse(payload: &[u8]) -> Result<JobBatch, String> {
         if payload.len() > MAX_MESSAGE {
             return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
         }
-        let b: JobBatch = serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
-        if b.v != JobBatch::version(b.out.as_deref(), b.remove_source, !b.ops.is_empty()) {
-            return Err(format!(
-                "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root or \
-                 --remove-source, and {VERSION_MULTI} with several ops",
-                b.v
-            ));
-        }
+        let b = if wire4::is_binary(payload)? {
+            wire4::decode_jobs(payload)?
+        } else {
+            let b: JobBatch =
+                serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
+            if b.v != JobBatch::version(b.out.as_deref(), b.remove_source, !b.ops.is_empty()) {
+                return Err(format!(
+                    "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root \
+                     or --remove-source, {VERSION_MULTI} with several ops, and binary messages \
+                     of version 4",
+                    b.v
+                ));
+            }
+            b
+        };
+        b.check()?;
+        Ok(b)
+    }
+
+    /// Checks what a job message says, whatever its format.
+    fn check(&self) -> Result<(), String> {
+        let b = self;
         let spec = b.spec()?;
         if b.remove_source && !b.op.compresses() {
             return Err(format!("remove_source with op {}", b.op.as_str()));
@@ -402,8 +436,18 @@ impl JobBatch {
                 b.files.len()
             ));
         }
-        Ok(b)
+        Ok(())
     }
+}
+
+/// How a message is written: workers answer a job in its own format, so a coordinator that
+/// reads only JSON gets JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Format {
+    /// JSON, versions 1 to 3: what every release reads.
+    Json,
+    /// Binary, version 4 (`wire4`): less CPU a file on both sides.
+    Binary,
 }
 
 /// How a file ended, on the wire.
@@ -452,6 +496,10 @@ pub(crate) struct WireOutcome {
     /// Done: how the input looked when the worker read it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) read: Option<WireStamp>,
+    /// Done, read from a version 4 message: the digests as their bytes (never with `digest`
+    /// or `digests`, which are JSON's). Never written as JSON.
+    #[serde(skip)]
+    pub(crate) raw: Vec<Digest>,
 }
 
 /// One of a file's digests, named by its algorithm.
@@ -478,6 +526,24 @@ pub(crate) struct OutcomeBatch {
     pub(crate) worker: String,
     /// The outcomes.
     pub(crate) outcomes: Vec<WireOutcome>,
+}
+
+impl OutcomeBatch {
+    /// Reads an outcome message: binary (version 4, told by its first byte) or JSON (any
+    /// version: the caller takes only `VERSION` of JSON). Its outcomes are checked one by one
+    /// by `WireOutcome::outcome`.
+    pub(crate) fn parse(payload: &[u8]) -> Result<OutcomeBatch, String> {
+        if wire4::is_binary(payload)? {
+            wire4::decode_outcomes(payload)
+        } else {
+            serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))
+        }
+    }
+
+    /// Whether the coordinator reads it: version 4, or JSON of `VERSION`.
+    pub(crate) fn readable(&self) -> bool {
+        self.v == VERSION || self.v == u32::from(wire4::VERSION_BINARY)
+    }
 }
 
 /// An outcome message as it is written: `OutcomeBatch`'s fields, borrowed (as `JobBatchOut`).
@@ -510,6 +576,7 @@ impl WireOutcome {
             digest: None,
             digests: Vec::new(),
             read: None,
+            raw: Vec::new(),
         };
         let why = |w: &mut WireOutcome, status, e: &FileError| {
             w.status = status;
@@ -549,6 +616,9 @@ impl WireOutcome {
     /// The digests of a done file, in the order of `hashes` (the run's): exactly one of each,
     /// or `Err`. One hash may come as `digest` (unnamed) or named; several come named.
     fn digests(&self, hashes: &[HashAlgo]) -> Result<Vec<Digest>, String> {
+        if !self.raw.is_empty() {
+            return self.raw_digests(hashes);
+        }
         let named: Vec<(HashAlgo, &str)> = match (&self.digest, &self.digests[..], hashes) {
             (Some(_), [_, ..], _) => return Err("both digest and digests".into()),
             (Some(hex), [], [algo]) => vec![(*algo, hex.as_str())],
@@ -590,6 +660,30 @@ impl WireOutcome {
         Ok(digests)
     }
 
+    /// `digests` for a version 4 outcome, whose digests came as bytes of their algorithm's
+    /// length: exactly one of each of `hashes`, none other, in `hashes`' order.
+    fn raw_digests(&self, hashes: &[HashAlgo]) -> Result<Vec<Digest>, String> {
+        if self.digest.is_some() || !self.digests.is_empty() {
+            return Err("digests both as bytes and as hex".into());
+        }
+        if self.raw.len() != hashes.len() {
+            return Err(format!(
+                "{} digests, and the run has {} hashes",
+                self.raw.len(),
+                hashes.len()
+            ));
+        }
+        let mut digests = Vec::with_capacity(hashes.len());
+        for &algo in hashes {
+            let mut of_algo = self.raw.iter().filter(|d| d.algo() == algo);
+            let (Some(d), None) = (of_algo.next(), of_algo.next()) else {
+                return Err(format!("not exactly one {algo} digest"));
+            };
+            digests.push(*d);
+        }
+        Ok(digests)
+    }
+
     /// The outcome it stands for, in a run that computes `hashes` (in their order, which the
     /// digests take); `Err` if it does not read back (an unknown kind; a done file without
     /// exactly one well-formed digest of each of `hashes`, or with another; a digest on a file
@@ -606,7 +700,8 @@ impl WireOutcome {
                 message: self.message.clone().unwrap_or_default(),
             })
         };
-        if self.status != WireStatus::Done && (self.digest.is_some() || !self.digests.is_empty()) {
+        let any_digest = self.digest.is_some() || !self.digests.is_empty() || !self.raw.is_empty();
+        if self.status != WireStatus::Done && any_digest {
             return Err("a digest of a file not done".into());
         }
         Ok(match self.status {
@@ -670,6 +765,7 @@ mod tests {
             digest: None,
             digests: Vec::new(),
             read: None,
+            raw: Vec::new(),
         };
         let e = kind.outcome(&[]).unwrap_err();
         assert!(e.len() < 1024 && e.starts_with("unknown kind"), "{e}");

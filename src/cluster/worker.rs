@@ -3,7 +3,8 @@
 //! stopped when idle), each a `pipeline::run` between a queue source and a queue sink. The
 //! router owns the messages: it acknowledges one once its source says every file of it is
 //! recorded, sends in-progress acks for those it holds, and on a stop hands back what it could
-//! not finish, so nothing waits out the ack wait.
+//! not finish, so nothing waits out the ack wait. Outcomes go back in the format of their job
+//! (binary for a job of version 4, JSON for one of a coordinator from before it).
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -16,7 +17,8 @@ use async_nats::jetstream::{self, consumer::PullConsumer, AckKind};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::cli::OpSpec;
-use crate::cluster::wire::{self, JobBatch, OutcomeBatchOut, WireOutcome, WireStatus};
+use crate::cluster::wire::{self, Format, JobBatch, OutcomeBatchOut, WireOutcome, WireStatus};
+use crate::cluster::wire4::Records;
 use crate::cluster::{
     await_workers_consumer, connect_or_await, may_publish, outcomes_subject, take, whoami,
     workers_consumer, Conn, Missing, Queue, Unreachable, MAX_DELIVER, PROGRESS_EVERY,
@@ -53,6 +55,9 @@ struct Key {
     out: Option<(String, PathBuf)>,
     /// Inputs removed once their outputs are durable.
     remove_source: bool,
+    /// The jobs' format, which their outcomes take (a coordinator may send both: JSON for
+    /// the jobs a worker from before version 4 refused).
+    format: Format,
 }
 
 /// A running pipeline.
@@ -487,6 +492,7 @@ impl Router<'_> {
             force: batch.force,
             out,
             remove_source: batch.remove_source,
+            format: batch.format(),
         };
         if !self.pipelines.contains_key(&key) {
             let running = self.start(&key, root)?;
@@ -539,6 +545,20 @@ impl Router<'_> {
     /// Publishes a failed outcome for each of `files` (of `batch`'s run), and waits for it to
     /// be stored.
     fn fail(&self, batch: &JobBatch, files: Vec<(wire::WirePath, FileError)>) -> Result<()> {
+        if batch.format() == Format::Binary {
+            let mut records = Records::default();
+            for (rel, e) in &files {
+                records.push_failed(rel, e).map_err(anyhow::Error::msg)?;
+            }
+            while !records.is_empty() {
+                let (n, payload) = records
+                    .message(&batch.run, &self.me, usize::MAX)
+                    .map_err(anyhow::Error::msg)?;
+                self.publish_outcomes(&batch.run, payload)?;
+                records.drain(n);
+            }
+            return Ok(());
+        }
         let outcomes: Vec<WireOutcome> = files
             .into_iter()
             .map(|(rel, e)| WireOutcome {
@@ -552,6 +572,7 @@ impl Router<'_> {
                 digest: None,
                 digests: Vec::new(),
                 read: None,
+                raw: Vec::new(),
             })
             .collect();
         // As many messages as it takes to stay under the limit (JSON escapes long names).
@@ -565,19 +586,25 @@ impl Router<'_> {
                     outcomes: part,
                 })
             })?;
-            self.conn
-                .rt
-                .block_on(async {
-                    let ack = self
-                        .conn
-                        .js
-                        .publish(outcomes_subject(&batch.run), payload.into())
-                        .await?;
-                    ack.await.map_err(anyhow::Error::from)
-                })
-                .context("publishing failed outcomes")?;
+            self.publish_outcomes(&batch.run, payload)?;
             rest = &rest[n..];
         }
+        Ok(())
+    }
+
+    /// Publishes an outcome message of `run`, and waits for it to be stored.
+    fn publish_outcomes(&self, run: &str, payload: Vec<u8>) -> Result<()> {
+        self.conn
+            .rt
+            .block_on(async {
+                let ack = self
+                    .conn
+                    .js
+                    .publish(outcomes_subject(run), payload.into())
+                    .await?;
+                ack.await.map_err(anyhow::Error::from)
+            })
+            .context("publishing failed outcomes")?;
         Ok(())
     }
 
@@ -614,6 +641,7 @@ impl Router<'_> {
             self.conn.js.clone(),
             key.run.clone(),
             self.me.clone(),
+            key.format,
         );
         tracing::info!(run = %key.run, root = %key.root, op = key.spec.canonical(), "pipeline started");
         // Its own stop, raised only by a failure of its sink (then its source stops, and what

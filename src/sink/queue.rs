@@ -1,7 +1,9 @@
 //! A cluster worker's sink: each outcome published to its run's outcome subject, and stored by
 //! JetStream (its publish acknowledged) before the flush returns, so the source acknowledges a
 //! job only once its outcomes are safe. A file abandoned here (a second signal) is not
-//! published: it is handed back for another worker (`Disposition::Retry`).
+//! published: it is handed back for another worker (`Disposition::Retry`). Outcomes go in the
+//! format of the jobs they answer (`Format`): binary records written as they come, or JSON
+//! for a coordinator from before version 4.
 
 use std::time::Duration;
 
@@ -9,7 +11,8 @@ use anyhow::{Context, Result};
 use async_nats::jetstream;
 
 use crate::cluster::outcomes_subject;
-use crate::cluster::wire::{fitting, OutcomeBatchOut, WireOutcome, VERSION};
+use crate::cluster::wire::{fitting, Format, OutcomeBatchOut, WireOutcome, VERSION};
+use crate::cluster::wire4::Records;
 use crate::error::Kind;
 use crate::sink::{Disposition, Sink};
 use crate::travel::Outcome;
@@ -21,13 +24,30 @@ const PER_MESSAGE: usize = 500;
 /// stops; its jobs are then redelivered to another worker.
 const GIVE_UP_AFTER: Duration = Duration::from_secs(120);
 
+/// Outcomes not yet published, in the format they go in.
+enum Unsent {
+    /// For a coordinator from before version 4.
+    Json(Vec<WireOutcome>),
+    /// Version 4, each outcome written as it comes.
+    Binary(Records),
+}
+
+impl Unsent {
+    fn is_empty(&self) -> bool {
+        match self {
+            Unsent::Json(v) => v.is_empty(),
+            Unsent::Binary(r) => r.is_empty(),
+        }
+    }
+}
+
 /// The sink.
 pub(crate) struct QueueSink {
     rt: tokio::runtime::Handle,
     js: jetstream::Context,
     run: String,
     worker: String,
-    unsent: Vec<WireOutcome>,
+    unsent: Unsent,
     /// Drawn at random per sink: message ids stay unique when a worker starts a second
     /// pipeline for the same run (the first stopped when idle) within the duplicate window.
     nonce: u32,
@@ -38,19 +58,23 @@ pub(crate) struct QueueSink {
 }
 
 impl QueueSink {
-    /// A sink for `run`'s outcomes, publishing through `js` (on the runtime `rt`).
+    /// A sink for `run`'s outcomes, publishing through `js` (on the runtime `rt`) in `format`.
     pub(crate) fn new(
         rt: tokio::runtime::Handle,
         js: jetstream::Context,
         run: String,
         worker: String,
+        format: Format,
     ) -> Self {
         QueueSink {
             rt,
             js,
             run,
             worker,
-            unsent: Vec::new(),
+            unsent: match format {
+                Format::Json => Unsent::Json(Vec::new()),
+                Format::Binary => Unsent::Binary(Records::default()),
+            },
             nonce: {
                 use std::hash::{BuildHasher, Hasher};
                 let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -109,7 +133,11 @@ impl Sink for QueueSink {
                 return Ok(Disposition::Retry(Duration::ZERO));
             }
         }
-        self.unsent.push(WireOutcome::of(outcome));
+        match &mut self.unsent {
+            Unsent::Json(v) => v.push(WireOutcome::of(outcome)),
+            // Only a path or message over 4 GiB cannot be written: never from a pipeline.
+            Unsent::Binary(r) => r.push(outcome).map_err(anyhow::Error::msg)?,
+        }
         Ok(Disposition::Final)
     }
 
@@ -118,19 +146,27 @@ impl Sink for QueueSink {
             anyhow::bail!("outcomes not published: an earlier publish gave up");
         }
         while !self.unsent.is_empty() {
-            let (n, payload) = fitting(&self.unsent, PER_MESSAGE, |part| {
-                serde_json::to_vec(&OutcomeBatchOut {
-                    v: VERSION,
-                    run: &self.run,
-                    worker: &self.worker,
-                    outcomes: part,
-                })
-            })?;
+            let (n, payload) = match &self.unsent {
+                Unsent::Json(v) => fitting(v, PER_MESSAGE, |part| {
+                    serde_json::to_vec(&OutcomeBatchOut {
+                        v: VERSION,
+                        run: &self.run,
+                        worker: &self.worker,
+                        outcomes: part,
+                    })
+                })?,
+                Unsent::Binary(r) => r
+                    .message(&self.run, &self.worker, PER_MESSAGE)
+                    .map_err(anyhow::Error::msg)?,
+            };
             if let Err(e) = self.publish(payload) {
                 self.gave_up = true;
                 return Err(e);
             }
-            self.unsent.drain(..n);
+            match &mut self.unsent {
+                Unsent::Json(v) => drop(v.drain(..n)),
+                Unsent::Binary(r) => r.drain(n),
+            }
         }
         Ok(())
     }

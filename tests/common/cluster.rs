@@ -164,3 +164,39 @@ pub fn queue_counts(nats: &Nats) -> (u64, u64) {
     };
     (number("jobs\t"), number("in flight\t"))
 }
+
+/// A version 4 (binary) job message of `run` for root `root`, written here by hand from the
+/// layout in src/cluster/wire4.rs rather than by filepipe's own encoder (a second reading of
+/// that layout): op code `op` (1 gzip, 2 zstd, 3 sha256, 4 sha512, 5 blake3), `level`, force,
+/// no output root, each path's bytes (no size, no stamp).
+pub fn binary_job(run: &str, root: &str, op: u8, level: u8, paths: &[&[u8]]) -> Vec<u8> {
+    let mut m = vec![4, b'J'];
+    for name in [run, root, ""] {
+        m.push(name.len() as u8);
+        m.extend_from_slice(name.as_bytes());
+    }
+    // The op, no list of ops, the level, flags: force.
+    m.extend_from_slice(&[op, 0, level, 1]);
+    m.extend_from_slice(&(paths.len() as u16).to_le_bytes());
+    for p in paths {
+        m.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        m.extend_from_slice(p);
+        m.push(0);
+    }
+    m
+}
+
+/// The payload of `run`'s last outcome message in the outcome stream, if it has one.
+pub fn last_outcome_message(nats: &Nats, run: &str) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let got = nats.ask(
+        "$JS.API.STREAM.MSG.GET.FILEPIPE_OUTCOMES",
+        format!(r#"{{"last_by_subj":"filepipe.outcomes.{run}"}}"#).as_bytes(),
+    );
+    let data = got["message"]["data"].as_str()?;
+    Some(
+        base64::engine::general_purpose::STANDARD
+            .decode(data)
+            .unwrap(),
+    )
+}

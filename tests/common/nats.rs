@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -221,6 +221,36 @@ impl Nats {
             assert!(!line.starts_with("-ERR"), "{line}");
             if line.starts_with("PONG") {
                 break;
+            }
+        }
+    }
+}
+
+impl Nats {
+    /// The server's answer to a request on `subject` (a JetStream API call), as JSON.
+    pub fn ask(&self, subject: &str, payload: &[u8]) -> serde_json::Value {
+        let (mut stream, mut reader) = self.raw_connection(Duration::from_secs(5));
+        write!(
+            stream,
+            "SUB _INBOX.ask 1\r\nPUB {subject} _INBOX.ask {}\r\n",
+            payload.len()
+        )
+        .unwrap();
+        stream.write_all(payload).unwrap();
+        stream.write_all(b"\r\n").unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            reader.read_line(&mut line).unwrap();
+            assert!(!line.starts_with("-ERR"), "{subject}: {line}");
+            if line.starts_with("PING") {
+                stream.write_all(b"PONG\r\n").unwrap();
+            }
+            if let Some(rest) = line.strip_prefix("MSG ") {
+                let len: usize = rest.split_whitespace().last().unwrap().parse().unwrap();
+                let mut body = vec![0u8; len + 2];
+                reader.read_exact(&mut body).unwrap();
+                return serde_json::from_slice(&body[..len]).unwrap();
             }
         }
     }
