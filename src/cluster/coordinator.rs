@@ -10,7 +10,9 @@
 //! jobs stream without an outcome (terminated by a worker from before their version) are
 //! published again (`LostJobs`, on a thread of its own, paced), so that an up-to-date worker can
 //! take them; a job whose outcome came but does not read (a newer worker's) is not: its file
-//! counts failed (`unreadable-outcome`).
+//! counts failed (`unreadable-outcome`). Jobs go binary (version 4) until any are lost, then
+//! as JSON for the rest of the run, which workers from before version 4 read; outcomes are
+//! read in either format.
 //!
 //! A first signal stops the source and the publishing, tells the workers to drop the run's
 //! jobs no worker has taken yet, and waits for the outcomes of those in flight; a batch
