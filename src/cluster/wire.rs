@@ -40,6 +40,12 @@ pub(crate) const MAX_FILES: usize = 1024;
 /// The longest path a job may name (PATH_MAX).
 pub(crate) const MAX_PATH: usize = 4096;
 
+/// The longest path a job message may carry at all: a coordinator's walk names none longer
+/// than PATH_MAX and a name (those past PATH_MAX fail their file alone, `WirePath::rel`). A
+/// message with a longer one is refused whole: its failed outcome, which names the path, could
+/// not be sent (a path near a message's size), and the job would come back for ever.
+pub(crate) const MAX_WIRE_PATH: usize = 64 * 1024;
+
 /// The first message of `items`: as many of the first `most` as fit in `MAX_PAYLOAD` once
 /// `encode`d (halving until they do: JSON escapes long names to six bytes a character), or
 /// the first alone. Returns how many it holds, and its payload.
@@ -430,6 +436,12 @@ impl JobBatch {
             b.op.level(Some(b.level))
                 .map_err(|e| format!("level {e}"))?;
         }
+        if let Some(f) = b.files.iter().find(|f| f.rel.wire_len() > MAX_WIRE_PATH) {
+            return Err(format!(
+                "a path of {} bytes (a coordinator sends none longer than PATH_MAX and a name)",
+                f.rel.wire_len()
+            ));
+        }
         if b.files.is_empty() || b.files.len() > MAX_FILES {
             return Err(format!(
                 "{} files (a coordinator sends 1 to {MAX_FILES})",
@@ -536,7 +548,13 @@ impl OutcomeBatch {
         if wire4::is_binary(payload)? {
             wire4::decode_outcomes(payload)
         } else {
-            serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))
+            let b: OutcomeBatch =
+                serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
+            // Version 4 is binary: no release writes it as JSON.
+            if b.v == u32::from(wire4::VERSION_BINARY) {
+                return Err("a JSON message saying version 4, which is binary".into());
+            }
+            Ok(b)
         }
     }
 

@@ -28,7 +28,7 @@ use std::os::unix::ffi::OsStrExt;
 use crate::cli::OpKind;
 use crate::cluster::wire::{
     JobBatch, JobBatchOut, OutcomeBatch, WireFile, WireOutcome, WirePath, WireStamp, WireStatus,
-    MAX_FILES, MAX_MESSAGE, MAX_PATH, MAX_PAYLOAD,
+    MAX_FILES, MAX_MESSAGE, MAX_PAYLOAD, MAX_WIRE_PATH,
 };
 use crate::digest::Digest;
 use crate::error::FileError;
@@ -160,9 +160,9 @@ pub(crate) fn encode_jobs(j: &JobBatchOut) -> Result<Vec<u8>, String> {
     Ok(buf)
 }
 
-/// Appends a path's bytes (a hex path decoded: binary messages carry bytes as they are). Of
-/// any length: one longer than PATH_MAX (a deep tree's) goes as it is, for the worker to fail
-/// that file alone, as JSON has it.
+/// Appends a path's bytes (a hex path decoded: binary messages carry bytes as they are). One
+/// longer than PATH_MAX (a file in a deep tree's last directory) goes as it is, for the worker
+/// to fail that file alone, as JSON has it.
 fn put_path(buf: &mut Vec<u8>, rel: &WirePath) -> Result<(), String> {
     match rel {
         WirePath::Text(s) => put_s32(buf, s.as_bytes(), "path"),
@@ -588,10 +588,16 @@ impl<'a> Reader<'a> {
     fn path(&mut self) -> Result<WirePath, String> {
         let n = self.u32("path length")? as usize;
         let b = self.take(n, "path")?;
+        if n > MAX_WIRE_PATH {
+            // Refused whole, as `JobBatch::check` refuses JSON's (see `MAX_WIRE_PATH`).
+            return Err(format!(
+                "a path of {n} bytes (a coordinator sends none longer than PATH_MAX and a name)"
+            ));
+        }
         Ok(match std::str::from_utf8(b) {
             Ok(s) => WirePath::Text(s.to_owned()),
-            // A path longer than PATH_MAX is refused by `rel` as it is, not hexed.
-            Err(_) if n > MAX_PATH => WirePath::Text(String::from_utf8_lossy(b).into_owned()),
+            // As JSON carries it: the path's bytes, exactly (a path past PATH_MAX then fails
+            // its file alone, and its outcome names it as it came).
             Err(_) => WirePath::Bytes {
                 hex: b.iter().map(|b| format!("{b:02x}")).collect(),
             },
@@ -622,6 +628,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::cluster::wire::MAX_PATH;
     use crate::digest::HashAlgo;
     use crate::error::Kind;
     use crate::travel::{Done, Stamp};
@@ -797,6 +804,41 @@ mod tests {
         let b = JobBatch::parse(&encode_jobs(&j).unwrap()).unwrap();
         let ok: Vec<bool> = b.files.iter().map(|f| f.rel.rel().is_ok()).collect();
         assert_eq!(ok, [false, false, false, false, false, false, false, true]);
+    }
+
+    /// A path longer than any a coordinator sends (PATH_MAX and a name) refuses its message
+    /// whole, in either format: its failed outcome, naming it, might not fit in a message,
+    /// and the job would come back for ever (found by a hostile review: a non-UTF-8 path of
+    /// 350,000 bytes, read lossily, tripled in its outcome). Its non-UTF-8 bytes are never
+    /// read lossily below that.
+    #[test]
+    fn a_path_longer_than_any_walk_names_refuses_its_message_in_either_format() {
+        let huge = vec![0xff; MAX_WIRE_PATH + 1];
+        let files = [file(&huge, None, false), file(b"ok", None, false)];
+        let mut j = job(&files, &[]);
+        j.op = OpKind::Sha256;
+        let e = JobBatch::parse(&encode_jobs(&j).unwrap()).unwrap_err();
+        assert!(e.contains(&format!("{} bytes", MAX_WIRE_PATH + 1)), "{e}");
+        let mut json = serde_json::to_value(&j).unwrap();
+        json["v"] = 2.into(); // an output root, one op
+        let e = JobBatch::parse(&serde_json::to_vec(&json).unwrap()).unwrap_err();
+        assert!(e.contains(&format!("{} bytes", MAX_WIRE_PATH + 1)), "{e}");
+        // At the bound, read as its bytes (hex), not lossily, and failed alone.
+        let at = vec![0xff; MAX_WIRE_PATH];
+        let files = [file(&at, None, false), file(b"ok", None, false)];
+        let j = job(&files, &[]);
+        let b = JobBatch::parse(&encode_jobs(&j).unwrap()).unwrap();
+        assert_eq!(b.files[0].rel.wire_len(), MAX_WIRE_PATH);
+        assert!(matches!(&b.files[0].rel, WirePath::Bytes { hex } if hex.len() == 2 * at.len()));
+        assert!(b.files[0].rel.rel().is_err() && b.files[1].rel.rel().is_ok());
+    }
+
+    /// Version 4 is binary only: a JSON outcome message saying 4 is not read as one.
+    #[test]
+    fn a_json_outcome_message_of_version_4_is_refused() {
+        let json = br#"{"v":4,"run":"r","worker":"w","outcomes":[]}"#;
+        let e = OutcomeBatch::parse(json).unwrap_err();
+        assert!(e.contains("version 4"), "{e}");
     }
 
     fn digest(algo: HashAlgo, byte: u8) -> Digest {
