@@ -486,14 +486,6 @@ impl Config {
                 args.op
             );
         }
-        if args.state.is_some() && args.op.is_multi() {
-            // An incremental run keeps one digest per file in its state, for one op.
-            bail!(
-                "--state does not combine with several results (--op {}) yet: run it without \
-                 --state",
-                args.op
-            );
-        }
         if args.op.hashes().len() > 1 && args.common.manifest.is_none() {
             bail!(
                 "--op {} computes several hashes: give --manifest FILE (the first hash's \

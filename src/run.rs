@@ -23,9 +23,8 @@ pub(crate) fn batch(cfg: &Config, shutdown: &Shutdown) -> Result<Summary> {
     let stats = Stats::default();
     if let Some(incremental) = &cfg.incremental {
         // As in watch mode: the sink writes, the walker reads (WAL lets both proceed).
-        let op = cfg.op.as_str();
-        let state = State::open(&incremental.state_dir, &cfg.root, op)?;
-        let reader = State::reader(&incremental.state_dir, &cfg.root, op)?;
+        let state = State::open(&incremental.state_dir, &cfg.root, &cfg.spec)?;
+        let reader = State::reader(&incremental.state_dir, &cfg.root, &cfg.spec)?;
         let mut source = Walk::incremental(cfg, shutdown, reader);
         let mut sink = IncrementalSink::new(cfg, state);
         return pipeline::run(cfg, shutdown, &mut source, &mut sink, &stats);
@@ -57,10 +56,9 @@ pub(crate) fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<
             stats,
         );
     }
-    let op = cfg.spec.canonical();
     // Two connections: the sink writes, the watcher reads (WAL lets both proceed).
-    let state = State::open(&settings.state_dir, &cfg.root, op)?;
-    let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
+    let state = State::open(&settings.state_dir, &cfg.root, &cfg.spec)?;
+    let reader = State::reader(&settings.state_dir, &cfg.root, &cfg.spec)?;
     let mut source = Watch::new(cfg, reader, shutdown)?;
     let mut sink = StateSink::new(cfg, state);
     pipeline::run(cfg, shutdown, &mut source, &mut sink, stats)

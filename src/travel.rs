@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub(crate) use crate::digest::Digest;
+use crate::digest::HashAlgo;
 use crate::error::FileError;
 
 /// What a successful file leaves behind, for the reporter.
@@ -29,6 +30,40 @@ pub(crate) struct Done {
     /// Incremental batch: not read, because the state recorded it done with the stamp the
     /// walk found; its digest (or output) is that earlier run's.
     pub(crate) unchanged: bool,
+    /// The file's job carried only some of the run's results (`Job::only`): these were
+    /// computed now, the others' rows in the state stand (their digests, where the job carried
+    /// them, are among `digests` all the same). `None`: every result is this read's.
+    pub(crate) only: Option<Box<Only>>,
+}
+
+/// The results of a run that one file's job computes, when the state has the others recorded
+/// for the stamp the file still has (a hash added to the pipeline, an output deleted): the
+/// file is read once, for these only. A job without it computes every result of the run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Only {
+    /// The compressor's output is to be made (none is recorded, or it is no longer in place).
+    pub(crate) compress: bool,
+    /// The hashes to compute, in `--op`'s order (possibly none).
+    pub(crate) hashes: Vec<HashAlgo>,
+    /// The other hashes' digests as the state has them (an incremental batch lists them in its
+    /// manifests; watch mode, which writes its manifests from the state, leaves this empty).
+    pub(crate) recorded: Vec<Digest>,
+    /// The stamp those results were recorded for: a file found with another when it is opened
+    /// has changed since, and all of its results are computed (`Only::holds_for`).
+    pub(crate) stamp: Stamp,
+}
+
+impl Only {
+    /// Whether the recorded results still describe the file as opened (`now`).
+    pub(crate) fn holds_for(&self, now: &Stamp) -> bool {
+        self.stamp.same_file(now)
+    }
+
+    /// The hashes to compute of the run's `all` (in `--op`'s order): `self`'s, or every one
+    /// without `only`.
+    pub(crate) fn hashes_of<'h>(only: Option<&'h Only>, all: &'h [HashAlgo]) -> &'h [HashAlgo] {
+        only.map_or(all, |o| &o.hashes)
+    }
 }
 
 /// One file to process.
@@ -51,6 +86,9 @@ pub(crate) struct Job {
     /// (it died, or its outcome was lost). An output up to date for this very input is then
     /// that delivery's work, and the file counts as done, not as skipped.
     pub(crate) redelivered: bool,
+    /// Only these of the run's results, the state having the others for the file's stamp
+    /// (incremental batch and watch mode); `None`: all of them.
+    pub(crate) only: Option<Box<Only>>,
 }
 
 /// Most jobs in one message.

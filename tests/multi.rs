@@ -399,8 +399,7 @@ fn what_cannot_be_combined_is_refused_before_anything_is_read() {
     let t = TestTree::new().file("a", b"a\n");
     let m = t.side("SUMS");
     let aside = t.side("aside");
-    let state = t.side("state");
-    let cases: [(&str, Vec<&OsStr>, &str); 10] = [
+    let cases: [(&str, Vec<&OsStr>, &str); 9] = [
         ("gzip,zstd", vec![], "at most one compressor"),
         ("sha256,zstd,sha256", vec![], "given twice"),
         ("zstd,zstd", vec![], "given twice"),
@@ -411,7 +410,6 @@ fn what_cannot_be_combined_is_refused_before_anything_is_read() {
             vec![s("--move-source"), p(&aside)],
             "--move-source",
         ),
-        ("sha256,zstd", vec![s("--state"), p(&state)], "--state"),
         ("sha256,blake3", vec![], "--manifest"),
         (
             "sha256,blake3",

@@ -278,11 +278,11 @@ pub(crate) fn watch(
 ) -> Result<Summary> {
     let out = check(cfg, root, out)?;
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
-    // The state's rows are filed under the canonical name, as a local watch's are.
-    let op = cfg.spec.canonical();
+    // The state's rows are filed per result, as a local watch's are. (Jobs reach the workers
+    // whole: a file lacking one result has them all computed again.)
     // Two connections, as in `run::watch`: the sink writes, the watcher reads.
-    let state = State::open(&settings.state_dir, &cfg.root, op)?;
-    let reader = State::reader(&settings.state_dir, &cfg.root, op)?;
+    let state = State::open(&settings.state_dir, &cfg.root, &cfg.spec)?;
+    let reader = State::reader(&settings.state_dir, &cfg.root, &cfg.spec)?;
     let mut source = Watch::new(cfg, reader, shutdown)?;
     let mut sink = StateSink::new(cfg, state);
     // No run file: a watch resumes from its state, its scan finding what is not recorded.
@@ -1487,6 +1487,7 @@ mod tests {
                 note: None,
                 stamp: None,
                 unchanged: false,
+                only: None,
             }),
         }
     }

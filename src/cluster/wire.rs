@@ -734,6 +734,7 @@ impl WireOutcome {
                         note: self.kind.is_some().then(error).transpose()?,
                         stamp: None,
                         unchanged: false,
+                        only: None,
                     }),
                 }
             }

@@ -1007,6 +1007,7 @@ impl<C: Codec> Op for CompressOp<C> {
                     note,
                     stamp: None,
                     unchanged: false,
+                    only: None,
                 })
             })
             .collect()
@@ -1099,6 +1100,7 @@ mod tests {
                 replace: false,
                 expect: None,
                 redelivered: false,
+                only: None,
             };
             let mut input = InputFile::open(&job.abs, false).unwrap();
             assert_eq!(op.check(&job, &input, &mut scratch).unwrap(), None);

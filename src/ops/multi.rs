@@ -22,7 +22,7 @@ use crate::fsio::input::InputFile;
 use crate::ops::compress::{self, Codec, CompressOp};
 use crate::ops::hash::{hash_all, Hasher, BUF_SIZE};
 use crate::ops::{Done, Op};
-use crate::travel::Job;
+use crate::travel::{Job, Only};
 
 /// A compressor and the hashes computed from the same read.
 #[derive(Debug)]
@@ -41,8 +41,10 @@ pub(crate) struct Scratch<S> {
     comp: compress::Scratch<S>,
     /// Reads of a file only hashed.
     buf: Vec<u8>,
-    /// Why the compressor leaves the file being worked on alone (set by `check`, for `read`).
-    hash_only: Option<FileError>,
+    /// The compressor leaves the file being worked on alone (set by `check`, for `read`):
+    /// `Some(Some(why))` by its own decision, `Some(None)` because its output is recorded and
+    /// in place (`Job::only`).
+    hash_only: Option<Option<FileError>>,
 }
 
 /// A file read, waiting for the input check and the publish.
@@ -55,12 +57,13 @@ pub(crate) enum Pending {
         /// The digests, in the order of `MultiOp::hashes`.
         digests: Vec<Digest>,
     },
-    /// Hashed only: the compressor leaves it alone, for this reason.
+    /// Hashed only: the compressor leaves it alone, for this reason (none: its output is
+    /// recorded and in place, and only hashes were missing).
     Hashed {
         /// The digests.
         digests: Vec<Digest>,
         /// Why it was not compressed.
-        why: FileError,
+        why: Option<FileError>,
     },
 }
 
@@ -119,6 +122,13 @@ impl<C: Codec> Op for MultiOp<C> {
         scratch: &mut Self::Scratch,
     ) -> Result<Option<FileError>, FileError> {
         scratch.hash_only = None;
+        if job.only.as_ref().is_some_and(|o| !o.compress) {
+            // Its output is recorded for this very input and was found in place: only hashes
+            // are missing, and the compressor is not asked (it would find the output up to
+            // date, or, replaced by `--force`, redo it).
+            scratch.hash_only = Some(None);
+            return Ok(None);
+        }
         match self.comp.check(job, input, &mut scratch.comp)? {
             None => Ok(None),
             // One of this run's own outputs (or a rerun's), its input beside it: not an input.
@@ -132,7 +142,7 @@ impl<C: Codec> Op for MultiOp<C> {
             }
             // Left alone by the compressor, but an input all the same: hashed.
             Some(reason) => {
-                scratch.hash_only = Some(reason);
+                scratch.hash_only = Some(Some(reason));
                 Ok(None)
             }
         }
@@ -144,18 +154,16 @@ impl<C: Codec> Op for MultiOp<C> {
         input: &mut InputFile,
         scratch: &mut Self::Scratch,
     ) -> Result<Pending, FileError> {
+        // A file with some results recorded (`Job::only`) is read for the others alone.
+        let hashes = Only::hashes_of(job.only.as_deref(), &self.hashes);
         // Kept in the scratch (cloned, not taken): a torn read is read again.
         if let Some(why) = scratch.hash_only.clone() {
             let size = input.size();
-            let digests = hash_all(
-                &self.hashes,
-                &mut (&mut *input).take(size),
-                &mut scratch.buf,
-            )
-            .map_err(|e| FileError::io("reading input", &e))?;
+            let digests = hash_all(hashes, &mut (&mut *input).take(size), &mut scratch.buf)
+                .map_err(|e| FileError::io("reading input", &e))?;
             return Ok(Pending::Hashed { digests, why });
         }
-        let mut hashers: Vec<Hasher> = self.hashes.iter().map(|&a| Hasher::new(a)).collect();
+        let mut hashers: Vec<Hasher> = hashes.iter().map(|&a| Hasher::new(a)).collect();
         let output = self
             .comp
             .read_hashing(job, input, &mut scratch.comp, &mut hashers)?;
@@ -184,7 +192,7 @@ impl<C: Codec> Op for MultiOp<C> {
                 Pending::Hashed { digests, why } => results.push(Some(Ok(Done {
                     bytes_in: input.size(),
                     digests,
-                    note: Some(why),
+                    note: why,
                     ..Done::default()
                 }))),
                 Pending::Compressed { output, digests } => {

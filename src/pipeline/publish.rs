@@ -216,6 +216,12 @@ fn outcome(job: Job, input: &InputFile, result: Result<Done, FileError>) -> Outc
     match result {
         Ok(mut done) => {
             done.stamp = Some(Stamp::from_stat(&input.stat));
+            // A job for some results only: the others are the state's, listed with these
+            // (the manifests find each digest by its algorithm).
+            if let Some(only) = job.only {
+                done.digests.extend_from_slice(&only.recorded);
+                done.only = Some(only);
+            }
             Outcome::Done {
                 rel: job.rel,
                 done: Box::new(done),

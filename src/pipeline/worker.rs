@@ -139,6 +139,7 @@ pub(crate) fn prepare<O: Op>(
     scratch: &mut O::Scratch,
 ) -> Result<Ready<O::Pending>, Outcome> {
     let failed = |job: Job, error| not_done(job.rel, error);
+    let mut job = job;
     let opened = InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks);
     let mut input = match opened {
         Ok(f) => f,
@@ -197,6 +198,16 @@ pub(crate) fn prepare<O: Op>(
             "changed after it settled, with no event telling of it (a write through mmap?)",
         );
         return Err(failed(job, e));
+    }
+    // Results recorded for a stamp the file no longer has describe another version: every
+    // result is computed from this read instead. (The walk's stamp was taken a moment ago;
+    // watch mode's `expect` already holds the job to it.)
+    if job
+        .only
+        .as_ref()
+        .is_some_and(|o| !o.holds_for(&Stamp::from_stat(&input.stat)))
+    {
+        job.only = None;
     }
     // Watch mode takes files that may still be written without an event to say so (through a
     // shared mapping): one still open for writing when its read ends is not taken. (A writer
@@ -259,6 +270,14 @@ pub(crate) fn prepare<O: Op>(
                 attempt += 1;
                 if let Err(e) = input.restart() {
                     return Err(failed(job, e));
+                }
+                // A file that changed has none of its recorded results any more.
+                if job
+                    .only
+                    .as_ref()
+                    .is_some_and(|o| !o.holds_for(&Stamp::from_stat(&input.stat)))
+                {
+                    job.only = None;
                 }
                 // Decided again of the file as it is now: an output up to date with the
                 // version first opened is not with this one.
@@ -424,6 +443,7 @@ mod tests {
             replace: false,
             expect: None,
             redelivered,
+            only: None,
         };
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
@@ -451,6 +471,7 @@ mod tests {
             replace,
             expect: None,
             redelivered: false,
+            only: None,
         };
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
@@ -496,6 +517,7 @@ mod tests {
             replace: false,
             expect: None,
             redelivered: false,
+            only: None,
         };
         let op = HashOp::new(HashAlgo::Sha256, 1).unwrap();
         let mut scratch = op.scratch();

@@ -15,7 +15,7 @@ use anyhow::Result;
 use crate::config::Config;
 use crate::error::Kind;
 use crate::sink::manifest::ManifestSink;
-use crate::sink::{Disposition, Sink};
+use crate::sink::{output_of, Disposition, Sink};
 use crate::state::{FileStatus, State};
 use crate::travel::{Outcome, Stamp};
 
@@ -58,9 +58,8 @@ impl<'a> IncrementalSink<'a> {
             // the tree, which is what an incremental run is meant not to spend.
             Outcome::Done { done, .. } if done.unchanged => {}
             Outcome::Done { rel, done } => {
-                let output = self.cfg.op.output_name(rel);
-                self.state
-                    .done(rel, done.stamp, output.as_deref(), done.digests.first())?;
+                let output = output_of(self.cfg, rel, done);
+                self.state.done_results(rel, done, output.as_deref())?;
             }
             // Deleted after the walk saw it: gone from the state as from the tree.
             Outcome::Failed { rel, error: e } | Outcome::Skipped { rel, reason: e }
@@ -74,9 +73,12 @@ impl<'a> IncrementalSink<'a> {
             // between the publish and the commit): done, as watch mode's sink records it, so the
             // next run finds it unchanged while that output stays in place.
             Outcome::Skipped { rel, reason } if reason.kind == Kind::UpToDate => {
-                let output = self.cfg.op.output_name(rel);
-                let stamp = self.stamp_now(rel);
-                self.state.done(rel, stamp, output.as_deref(), None)?;
+                if let Some(compressor) = self.cfg.spec.compressor() {
+                    let output = self.cfg.op.output_name(rel);
+                    let stamp = self.stamp_now(rel);
+                    self.state
+                        .done(rel, compressor, stamp, output.as_deref(), None)?;
+                }
             }
             Outcome::Skipped { rel, reason } => {
                 let stamp = self.stamp_now(rel);

@@ -22,7 +22,7 @@ use crate::travel::{Digest, Outcome};
 /// end.
 pub(crate) struct ManifestSink<'a> {
     cfg: &'a Config,
-    /// A done file and its digests, in the order of `cfg.spec.hashes()`.
+    /// A done file and its digests, one per hash of `cfg.spec.hashes()`.
     digests: Vec<(Box<Path>, Vec<Digest>)>,
 }
 
@@ -50,12 +50,13 @@ impl Sink for ManifestSink<'_> {
     fn finish(&mut self) -> Result<()> {
         self.digests
             .sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
-        for (i, &algo) in self.cfg.spec.hashes().iter().enumerate() {
-            // Every done file has every digest (`ops::multi`); one without is left out rather
-            // than listed under another algorithm's.
+        for &algo in self.cfg.spec.hashes() {
+            // Every done file has every digest (`ops::multi`), found by its algorithm: a file
+            // read for some hashes only (`travel::Only`) has the others' after them. One
+            // without is left out rather than listed under another algorithm's.
             let lines = self.digests.iter().filter_map(|(rel, d)| {
-                d.get(i)
-                    .filter(|d| d.algo() == algo)
+                d.iter()
+                    .find(|d| d.algo() == algo)
                     .map(|d| (rel.as_os_str().as_bytes(), d))
             });
             write_manifest(self.cfg, algo, lines)?;

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::travel::Outcome;
+use crate::config::Config;
+use crate::error::Kind;
+use crate::travel::{Done, Outcome};
 
 /// Whether an outcome ends its file, or is an attempt that will be made again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,4 +63,15 @@ pub(crate) trait Sink {
     }
     /// Every source and worker is done: last writes.
     fn finish(&mut self) -> Result<()>;
+}
+
+/// The output a done file's compressor left that the state records as filepipe's: its name
+/// (relative, as `cli::OpKind::output_name` gives it), or `None` when the compressor left the
+/// file alone (already compressed: only hashed) or there is none.
+pub(crate) fn output_of(cfg: &Config, rel: &Path, done: &Done) -> Option<PathBuf> {
+    let hashed_only = done
+        .note
+        .as_ref()
+        .is_some_and(|n| n.kind == Kind::AlreadyCompressed);
+    cfg.op.output_name(rel).filter(|_| !hashed_only)
 }

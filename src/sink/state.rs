@@ -13,7 +13,7 @@ use anyhow::Result;
 
 use crate::config::Config;
 use crate::error::Kind;
-use crate::sink::{manifest, Disposition, Sink};
+use crate::sink::{manifest, output_of, Disposition, Sink};
 use crate::state::{self, State};
 use crate::travel::{Outcome, Stamp};
 
@@ -97,12 +97,8 @@ impl<'a> StateSink<'a> {
             return Ok(());
         }
         let started = Instant::now();
-        let layout = self.cfg.spec.hash_layout();
         for &algo in self.cfg.spec.hashes() {
-            let digests = match layout[..] {
-                [_] => self.state.digests(algo)?,
-                _ => self.state.digests_in(&layout, algo)?,
-            };
+            let digests = self.state.digests(algo)?;
             let lines = digests.iter().map(|(p, d)| (p.as_slice(), d));
             manifest::write_manifest(self.cfg, algo, lines)?;
         }
@@ -138,29 +134,8 @@ impl Sink for StateSink<'_> {
                 None
             }
             Outcome::Done { rel, done } => {
-                // A file only hashed (its compression skipped: already compressed) left no
-                // output of filepipe's.
-                let hashed_only = done
-                    .note
-                    .as_ref()
-                    .is_some_and(|n| n.kind == Kind::AlreadyCompressed);
-                let output = self.cfg.op.output_name(rel).filter(|_| !hashed_only);
-                if self.cfg.spec.is_multi() {
-                    // Stored in the canonical order, whatever order `--op` named them in.
-                    let digests: Vec<_> = self
-                        .cfg
-                        .spec
-                        .hash_layout()
-                        .into_iter()
-                        .filter_map(|algo| done.digests.iter().find(|d| d.algo() == algo))
-                        .copied()
-                        .collect();
-                    self.state
-                        .done_digests(rel, done.stamp, output.as_deref(), &digests)?;
-                } else {
-                    self.state
-                        .done(rel, done.stamp, output.as_deref(), done.digests.first())?;
-                }
+                let output = output_of(self.cfg, rel, done);
+                self.state.done_results(rel, done, output.as_deref())?;
                 if !done.digests.is_empty() {
                     self.changed();
                 }
@@ -172,9 +147,12 @@ impl Sink for StateSink<'_> {
             // commit, or an identical output published meanwhile): done, so that a later
             // change of the file replaces that output as filepipe's own.
             Outcome::Skipped { rel, reason } if reason.kind == Kind::UpToDate => {
-                let stamp = Stamp::of(&self.cfg.root.join(rel));
-                let output = self.cfg.op.output_name(rel);
-                self.state.done(rel, stamp, output.as_deref(), None)?;
+                if let Some(compressor) = self.cfg.spec.compressor() {
+                    let stamp = Stamp::of(&self.cfg.root.join(rel));
+                    let output = self.cfg.op.output_name(rel);
+                    self.state
+                        .done(rel, compressor, stamp, output.as_deref(), None)?;
+                }
                 None
             }
             Outcome::Skipped { rel, reason } => {

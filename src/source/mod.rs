@@ -12,6 +12,7 @@
 mod dirs;
 #[cfg(feature = "cluster")]
 pub(crate) mod queue;
+pub(crate) mod recorded;
 pub(crate) mod walk;
 pub(crate) mod watch;
 

@@ -214,6 +214,7 @@ impl QueueSource {
                 replace,
                 expect,
                 redelivered,
+                only: None,
             });
         }
         if !batch.is_empty() {

@@ -46,9 +46,10 @@ use crate::fsio::input::describe;
 use crate::fsio::output::{self, TempFound};
 use crate::signals::Shutdown;
 use crate::source::dirs::{DirId, Dirs, Failure, OpenDir, RootDir, Step};
+use crate::source::recorded;
 use crate::source::{Outlet, Source};
-use crate::state::{Known, KnownMap, Reader};
-use crate::travel::{BatchFill, Digest, Done, Event, Job, Msg, Outcome, Stamp, Stats};
+use crate::state::{KnownMap, Lacks, Reader};
+use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stamp, Stats};
 
 /// At most this many directories are held open by a walk (see `dirs`): each both listed and
 /// used to stat and open its entries by name. A deeper tree is still walked: the shallowest
@@ -169,10 +170,15 @@ impl Feed<'_, '_> {
 
     /// A file the state may know (`map`): reported from the state if unchanged, else sent to
     /// the workers. False if the run is stopping.
-    fn take(&mut self, map: &mut KnownMap, job: Job, stamp: Option<Stamp>) -> bool {
+    fn take(&mut self, map: &mut KnownMap, mut job: Job, stamp: Option<Stamp>) -> bool {
         let was = map.remove(&job.rel);
-        let Some(done) = was.and_then(|k| recorded_result(self.cfg, &k, &job.rel, stamp)) else {
-            return self.work(job, stamp);
+        let done = match was.map(|k| recorded::lacks(self.cfg, &k, &job.rel, stamp)) {
+            Some(Lacks::Nothing(digests)) => recorded::unchanged(digests, stamp),
+            Some(Lacks::Part(only)) => {
+                job.only = Some(Box::new(only));
+                return self.work(job, stamp);
+            }
+            Some(Lacks::All) | None => return self.work(job, stamp),
         };
         // Not read: its bytes are no part of this run's work.
         let size = stamp.map_or(0, |s| s.size);
@@ -338,44 +344,6 @@ fn walk<'s>(
 /// Whether `rel` is one of `dirs` or beneath one (the root, `""`, holds everything).
 fn beneath_any(rel: &Path, dirs: &std::collections::HashSet<PathBuf>) -> bool {
     !dirs.is_empty() && rel.ancestors().any(|a| dirs.contains(a))
-}
-
-/// What an incremental batch reports for a file the state knew as `known`, found now with
-/// `stamp`, without reading it: `None` unless it was done with that very stamp (and not
-/// `--rehash`). A hash's digest comes from the state. A compressing op's file is unchanged only
-/// while its output is still in place, a regular file dated as the input, as the op's own
-/// up-to-date test has it (an output deleted or replaced since has the file compressed again);
-/// with `--force` (redo everything), `--remove-source` or `--move-source` (an input still
-/// here is one whose removal or move is still to be done) every file goes to the workers.
-fn recorded_result(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> Option<Done> {
-    let incremental = cfg.incremental.as_ref()?;
-    if incremental.rehash || !known.done_as(stamp) {
-        return None;
-    }
-    let digest = match cfg.op.hash() {
-        Some(algo) => Some(Digest::new(algo, known.digest.as_deref()?)?),
-        None => {
-            if cfg.force || cfg.remove_source || cfg.move_source.is_some() {
-                return None;
-            }
-            let output = cfg.out_root().join(cfg.op.output_name(rel)?);
-            let st = rustix::fs::lstat(&output).ok()?;
-            let ours = rustix::fs::FileType::from_raw_mode(st.st_mode)
-                == rustix::fs::FileType::RegularFile
-                && st.st_size > 0
-                && Stamp::from_stat(&st).mtime_ns == stamp?.mtime_ns;
-            if !ours {
-                return None;
-            }
-            None
-        }
-    };
-    Some(Done {
-        digests: digest.into_iter().collect(),
-        stamp,
-        unchanged: true,
-        ..Done::default()
-    })
 }
 
 /// Removes stale temps under a separate output root, in the manifest's directory and under the
@@ -936,6 +904,7 @@ fn file(
         replace: false,
         expect: None,
         redelivered: false,
+        only: None,
     };
     Classified::Found(Found::File(job, stamp))
 }
@@ -1143,6 +1112,7 @@ fn temp_reason(
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
+    use crate::travel::Done;
     use clap::Parser as _;
     use std::os::unix::fs::symlink;
 
@@ -1167,7 +1137,7 @@ mod tests {
     /// `late`, the state is read only once the walk has found every file, so they all wait for
     /// it; without, it is read before the walk starts.
     fn incremental_walk(late: bool) -> (Vec<PathBuf>, Vec<(PathBuf, Done)>, Vec<PathBuf>) {
-        use crate::state::FileStatus;
+        use crate::state::{FileStatus, Known, Record};
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("root");
         std::fs::create_dir(&root).unwrap();
@@ -1184,7 +1154,7 @@ mod tests {
                 inode: 1,
             });
             stamp.size += size_delta;
-            let known = Known {
+            let record = Record {
                 status: FileStatus::Done,
                 stamp: Some(stamp),
                 attempts: 0,
@@ -1192,6 +1162,7 @@ mod tests {
                 made_output: false,
                 digest: Some(vec![7; 32].into_boxed_slice()),
             };
+            let known = Known::new(vec![(crate::cli::OpKind::Sha256, record)], 1);
             (PathBuf::from(name), known)
         };
         let map: KnownMap = [

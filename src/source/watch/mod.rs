@@ -28,7 +28,7 @@ use crate::config::Config;
 use crate::signals::Shutdown;
 use crate::source::walk::{self, Found};
 use crate::source::{Outlet, Source};
-use crate::state::Reader;
+use crate::state::{Known, Lacks, Reader};
 use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
 
 use events::{anonymous, ignored_name, watch_dir, watch_error, Change};
@@ -522,9 +522,20 @@ impl Watcher<'_> {
                     continue;
                 }
                 // An output filepipe itself made for this file may be replaced when the file
-                // changes (even after a failed attempt since); anyone else's never is.
-                let replace = self.cfg.op.compresses()
-                    && self.reader.lookup(&rel)?.is_some_and(|k| k.made_output);
+                // changes (even after a failed attempt since); anyone else's never is. A file
+                // with some of several results recorded for the stamp it settled with (an op
+                // added to the pipeline) is read for the others only.
+                let known = if self.cfg.op.compresses() || self.cfg.spec.is_multi() {
+                    self.reader.lookup(&rel)?
+                } else {
+                    None
+                };
+                let replace =
+                    self.cfg.op.compresses() && known.as_ref().is_some_and(Known::made_output);
+                let only = match known.map(|k| k.lacks(&self.cfg.spec, expect, |_| true)) {
+                    Some(Lacks::Part(only)) => Some(Box::new(only)),
+                    _ => None,
+                };
                 self.flight.start(rel.clone());
                 fill.add(size);
                 batch.push(Job {
@@ -533,6 +544,7 @@ impl Watcher<'_> {
                     replace,
                     expect,
                     redelivered: false,
+                    only,
                 });
             }
             if batch.is_empty() {

@@ -1,0 +1,59 @@
+//! What an incremental batch (`batch --state`) takes from the state for a file its walk found
+//! with a stamp: every result of the run recorded for that stamp (the file is not read), some
+//! of them (it is read once, for the others only), or none.
+//!
+//! A compressor's recorded result stands only while its output is still in place, a regular
+//! file dated as the input, as the op's own up-to-date test has it: an output deleted or
+//! replaced since is made again. With `--force` (redo every output), `--remove-source` or
+//! `--move-source` (an input still here is one whose removal or move is still to be done), the
+//! compressor's result never stands; the hashes' recorded digests still do.
+
+use std::path::Path;
+
+use crate::config::Config;
+use crate::state::{Known, Lacks};
+use crate::travel::{Done, Stamp};
+
+/// What the run does with a file the state knew as `known`, found now with `stamp`:
+/// `Lacks::Nothing` gives the outcome without a read (`unchanged`), the others a job whole or
+/// for the missing results. Everything is read again with `--rehash`.
+pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> Lacks {
+    let Some(incremental) = &cfg.incremental else {
+        return Lacks::All;
+    };
+    if incremental.rehash {
+        return Lacks::All;
+    }
+    known.lacks(&cfg.spec, stamp, |made_output| {
+        // A compressor's row without an output is a file it left alone (already compressed,
+        // only hashed): nothing of its own to check.
+        !made_output || output_in_place(cfg, rel, stamp)
+    })
+}
+
+/// The outcome of a file none of whose results is missing: done from the state, unread.
+pub(crate) fn unchanged(digests: Vec<crate::travel::Digest>, stamp: Option<Stamp>) -> Done {
+    Done {
+        digests,
+        stamp,
+        unchanged: true,
+        ..Done::default()
+    }
+}
+
+/// Whether the compressor's output for `rel` may be taken as made for the input found with
+/// `stamp` (see the module's comment).
+fn output_in_place(cfg: &Config, rel: &Path, stamp: Option<Stamp>) -> bool {
+    if cfg.force || cfg.remove_source || cfg.move_source.is_some() {
+        return false;
+    }
+    let (Some(name), Some(stamp)) = (cfg.op.output_name(rel), stamp) else {
+        return false;
+    };
+    let Ok(st) = rustix::fs::lstat(cfg.out_root().join(name)) else {
+        return false;
+    };
+    rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+        && st.st_size > 0
+        && Stamp::from_stat(&st).mtime_ns == stamp.mtime_ns
+}
