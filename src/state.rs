@@ -1302,4 +1302,251 @@ mod tests {
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].1, d(0xee), "the later row wins");
     }
+
+    #[test]
+    fn a_file_lacks_exactly_the_results_not_recorded_for_the_stamp_it_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new("/data");
+        let s1 = Stamp {
+            size: 3,
+            mtime_ns: 10,
+            ctime_ns: 11,
+            inode: 7,
+        };
+        // A run of sha256 and zstd records both; the file is known to a run that adds blake3.
+        let mut st = State::open(dir.path(), root, &spec("sha256,zstd")).unwrap();
+        let sha = d(1);
+        st.begin().unwrap();
+        st.done(Path::new("f"), S, Some(s1), None, Some(&sha))
+            .unwrap();
+        st.done(
+            Path::new("f"),
+            OpKind::Zstd,
+            Some(s1),
+            Some(Path::new("f.zst")),
+            None,
+        )
+        .unwrap();
+        st.commit().unwrap();
+        let wider = spec("blake3,zstd,sha256");
+        let reader = State::reader(dir.path(), root, &wider).unwrap();
+        let k = reader.lookup(Path::new("f")).unwrap().unwrap();
+        assert!(!k.settled(Some(s1)), "blake3 is missing");
+        let only = match k.lacks(&wider, Some(s1), |made| made) {
+            Lacks::Part(only) => only,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            (only.compress, &only.hashes[..], &only.recorded[..]),
+            (false, &[HashAlgo::Blake3][..], &[sha][..])
+        );
+        // Its output gone, the compressor's result is missing too.
+        let Lacks::Part(only) = k.lacks(&wider, Some(s1), |_| false) else {
+            panic!("a part")
+        };
+        assert!(only.compress && only.hashes == [HashAlgo::Blake3]);
+        // The same ops (or fewer) lack nothing; the recorded digests come in --op's order.
+        assert_eq!(
+            k.lacks(&spec("zstd,sha256"), Some(s1), |made| made),
+            Lacks::Nothing(vec![sha])
+        );
+        // Changed, or of unknown stamp: everything is computed.
+        let s2 = Stamp { ctime_ns: 12, ..s1 };
+        assert_eq!(k.lacks(&wider, Some(s2), |made| made), Lacks::All);
+        assert_eq!(k.lacks(&wider, None, |made| made), Lacks::All);
+        // The scan's map merges the rows of every op of the run, without digests: a done hash
+        // whose digest was not read is computed again rather than listed blank.
+        let map = reader.known_under(Path::new("")).unwrap();
+        assert!(map[Path::new("f")]
+            .record(OpKind::Zstd)
+            .is_some_and(|r| r.made_output));
+        let Lacks::Part(only) = map[Path::new("f")].lacks(&wider, Some(s1), |m| m) else {
+            panic!("a part")
+        };
+        assert_eq!(only.hashes, [HashAlgo::Blake3, HashAlgo::Sha256]);
+    }
+
+    #[test]
+    fn a_done_file_records_only_the_results_its_job_computed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new("/data");
+        let run = spec("sha256,blake3,zstd");
+        let mut st = State::open(dir.path(), root, &run).unwrap();
+        let reader = State::reader(dir.path(), root, &run).unwrap();
+        let s1 = Stamp {
+            size: 3,
+            mtime_ns: 10,
+            ctime_ns: 11,
+            inode: 7,
+        };
+        let b3 = Digest::new(HashAlgo::Blake3, &[3; 32]).unwrap();
+        let old = d(1);
+        st.begin().unwrap();
+        st.done(Path::new("f"), S, Some(s1), None, Some(&old))
+            .unwrap();
+        st.done(
+            Path::new("f"),
+            OpKind::Zstd,
+            Some(s1),
+            Some(Path::new("f.zst")),
+            None,
+        )
+        .unwrap();
+        // Read for blake3 only: its digests list the recorded sha256 too, which is not
+        // written again, nor is the compressor's row.
+        let done = Done {
+            digests: vec![b3, old],
+            stamp: Some(s1),
+            only: Some(Box::new(Only {
+                compress: false,
+                hashes: vec![HashAlgo::Blake3],
+                recorded: vec![old],
+                stamp: s1,
+            })),
+            ..Done::default()
+        };
+        st.done_results(Path::new("f"), &done, None).unwrap();
+        st.commit().unwrap();
+        let k = reader.lookup(Path::new("f")).unwrap().unwrap();
+        assert!(k.settled(Some(s1)) && k.done_as(Some(s1)));
+        assert!(k.made_output(), "the compressor's row keeps its output");
+        assert_eq!(
+            st.digests(HashAlgo::Blake3).unwrap(),
+            vec![(b"f".to_vec(), b3)]
+        );
+        assert_eq!(
+            st.digests(HashAlgo::Sha256).unwrap(),
+            vec![(b"f".to_vec(), old)]
+        );
+        // A failure is recorded under every op of the run: the next attempt redoes them all.
+        let e = FileError::new(Kind::Changed, "busy");
+        st.begin().unwrap();
+        st.not_done(Path::new("f"), FileStatus::Failed, Some(s1), &e)
+            .unwrap();
+        st.commit().unwrap();
+        let k = reader.lookup(Path::new("f")).unwrap().unwrap();
+        assert_eq!(k.lacks(&run, Some(s1), |m| m), Lacks::All);
+        assert_eq!(
+            st.status_of(Path::new("f")).unwrap(),
+            Some(FileStatus::Failed)
+        );
+    }
+
+    #[test]
+    fn a_state_of_joined_names_is_split_into_a_row_per_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = Path::new("/data");
+        // The layout of filepipe before rows were per result, as a watch of
+        // sha256,blake3,zstd wrote it: one row, the digests concatenated in the canonical
+        // order; and an older sha256 row of a batch of that op alone.
+        {
+            let conn = Connection::open(db_path(dir.path())).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE files (
+                     root BLOB NOT NULL, op TEXT NOT NULL, path BLOB NOT NULL, size INTEGER,
+                     mtime_ns INTEGER, inode INTEGER, output BLOB, digest BLOB,
+                     status TEXT NOT NULL, error TEXT, errno INTEGER, message TEXT,
+                     attempts INTEGER NOT NULL DEFAULT 0, updated INTEGER NOT NULL,
+                     ctime_ns INTEGER, PRIMARY KEY (root, op, path)) WITHOUT ROWID;",
+            )
+            .unwrap();
+            let digest = [[1u8; 32], [3u8; 32]].concat();
+            let row = "INSERT INTO files (root, op, path, size, mtime_ns, inode, output, digest,
+                          status, error, attempts, updated, ctime_ns)
+                       VALUES (?1, ?2, ?3, 3, 10, 7, ?4, ?5, ?6, ?7, ?8, ?9, 11)";
+            let root = b"/data".to_vec();
+            let none: Option<Vec<u8>> = None;
+            let no_error: Option<&str> = None;
+            conn.execute(
+                row,
+                params![
+                    root,
+                    "sha256,blake3,zstd",
+                    b"f".to_vec(),
+                    b"f.zst".to_vec(),
+                    digest,
+                    "done",
+                    no_error,
+                    0,
+                    200
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                row,
+                params![
+                    root,
+                    "sha256,blake3,zstd",
+                    b"g".to_vec(),
+                    none,
+                    none,
+                    "failed",
+                    "changed",
+                    2,
+                    200
+                ],
+            )
+            .unwrap();
+            conn.execute(
+                row,
+                params![
+                    root,
+                    "sha256",
+                    b"f".to_vec(),
+                    none,
+                    vec![9u8; 32],
+                    "done",
+                    no_error,
+                    0,
+                    100
+                ],
+            )
+            .unwrap();
+        }
+        let run = spec("sha256,blake3,zstd");
+        let mut st = State::open(dir.path(), root, &run).unwrap();
+        let reader = State::reader(dir.path(), root, &run).unwrap();
+        let s1 = Stamp {
+            size: 3,
+            mtime_ns: 10,
+            ctime_ns: 11,
+            inode: 7,
+        };
+        let f = reader.lookup(Path::new("f")).unwrap().unwrap();
+        assert!(f.done_as(Some(s1)) && f.made_output());
+        let b3 = Digest::new(HashAlgo::Blake3, &[3; 32]).unwrap();
+        assert_eq!(
+            f.lacks(&run, Some(s1), |m| m),
+            Lacks::Nothing(vec![d(1), b3]),
+            "the newer row's digests, each under its own op"
+        );
+        let g = reader.lookup(Path::new("g")).unwrap().unwrap();
+        assert!([S, OpKind::Blake3, OpKind::Zstd, OpKind::Sha512]
+            .iter()
+            .all(|&op| g
+                .record(op)
+                .is_none_or(|r| r.status == FileStatus::Failed && r.attempts == 2)));
+        assert_eq!(g.records.len(), 3);
+        // No joined name is left, and the database says which layout it has.
+        let joined: i64 = st
+            .conn
+            .query_row("SELECT COUNT(*) FROM files WHERE op LIKE '%,%'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        let version: i64 = st
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((joined, version), (0, SCHEMA));
+        st.begin().unwrap();
+        st.commit().unwrap();
+        // A state of a layout this filepipe does not know is refused, not misread.
+        st.conn
+            .pragma_update(None, "user_version", SCHEMA + 1)
+            .unwrap();
+        drop((st, reader));
+        let err = State::open(dir.path(), root, &run).err().unwrap();
+        assert!(format!("{err:#}").contains("newer filepipe"), "{err:#}");
+    }
 }
