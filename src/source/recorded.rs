@@ -6,7 +6,9 @@
 //! file dated as the input, as the op's own up-to-date test has it: an output deleted or
 //! replaced since is made again. With `--force` (redo every output), `--remove-source` or
 //! `--move-source` (an input still here is one whose removal or move is still to be done), the
-//! compressor's result never stands; the hashes' recorded digests still do.
+//! compressor's result never stands; the hashes' recorded digests still do. An output the
+//! state says filepipe made for an earlier version of a file that changed is replaced, as
+//! watch mode replaces it (`replaces`).
 
 use std::path::Path;
 
@@ -29,6 +31,17 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
         // only hashed): nothing of its own to check.
         !made_output || output_in_place(cfg, rel, stamp)
     })
+}
+
+/// Whether the compressor may replace the output it finds for a file the state knew as
+/// `known`: one filepipe made for an earlier version of it (the state records it, for another
+/// stamp than the file has now), as watch mode replaces it. An output whose file has not
+/// changed since it was made is not replaced: another hand changed it (`--force` does).
+pub(crate) fn replaces(cfg: &Config, known: &Known, stamp: Option<Stamp>) -> bool {
+    cfg.spec
+        .compressor()
+        .and_then(|c| known.record(c))
+        .is_some_and(|r| r.made_output && !r.done_as(stamp))
 }
 
 /// The outcome of a file none of whose results is missing: done from the state, unread.

@@ -172,6 +172,9 @@ impl Feed<'_, '_> {
     /// the workers. False if the run is stopping.
     fn take(&mut self, map: &mut KnownMap, mut job: Job, stamp: Option<Stamp>) -> bool {
         let was = map.remove(&job.rel);
+        job.replace = was
+            .as_ref()
+            .is_some_and(|k| recorded::replaces(self.cfg, k, stamp));
         let done = match was.map(|k| recorded::lacks(self.cfg, &k, &job.rel, stamp)) {
             Some(Lacks::Nothing(digests)) => recorded::unchanged(digests, stamp),
             Some(Lacks::Part(only)) => {
