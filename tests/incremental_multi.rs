@@ -1,0 +1,517 @@
+//! Incremental runs of several results (`batch --op sha256,zstd --state DIR`, and watch mode
+//! restarted with another op): an unchanged rerun reads no file and writes every manifest a
+//! full run writes; an op added to the pipeline has each file read once, for it alone, the
+//! other results kept (digests, outputs); a state of the layout before rows were per result
+//! is upgraded. Checked with strace's record of every open, `sha256sum -c`, `sha512sum -c`,
+//! `b3sum -c` and `zstd -t`.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::strace::{have_strace, parse_strace, tree, Call};
+use common::*;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+/// Whether every tool runs; if not, says SKIPPED and why.
+fn have_or_skip(tools: &[&str]) -> bool {
+    for tool in tools {
+        let ok = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !ok {
+            eprintln!("SKIPPED: no {tool} to check the results");
+            return false;
+        }
+    }
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace to count the reads");
+        return false;
+    }
+    true
+}
+
+/// `filepipe batch ROOT --op OP --state STATE --manifest SUMS --json ARGS`.
+fn batch(t: &TestTree, op: &str, args: &[&OsStr]) -> Command {
+    let mut cmd = filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s(op),
+        s("--state"),
+        t.side("state").as_os_str(),
+        s("--manifest"),
+        t.side("SUMS").as_os_str(),
+        s("--json"),
+    ]);
+    cmd.args(args);
+    cmd
+}
+
+/// `cmd` under `strace -f`, tracing every way to open a file: its run and the opens.
+fn traced(cmd: &Command) -> (Run, Vec<Call>) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-y", "-s", "300", "-o"])
+        .arg(log.path())
+        .args(["-e", "trace=open,openat,openat2,creat"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_remove("RUST_LOG");
+    let out = run(st);
+    let text = fs::read_to_string(log.path()).unwrap();
+    (out, parse_strace(&text))
+}
+
+/// How many times `calls` opened a file whose path (or name beneath a directory descriptor)
+/// is `name` or ends with `/name`: file names in these trees are unique.
+fn opens_of(calls: &[Call], name: &str) -> usize {
+    calls
+        .iter()
+        .filter(|c| {
+            let path = c.arg(1);
+            let path = path.trim_matches('"');
+            path == name || path.ends_with(&format!("/{name}"))
+        })
+        .count()
+}
+
+/// The names among `names` that `calls` opened, each with how many times.
+fn opened(calls: &[Call], names: &[String]) -> Vec<(String, usize)> {
+    names
+        .iter()
+        .map(|n| (n.clone(), opens_of(calls, n)))
+        .filter(|(_, k)| *k > 0)
+        .collect()
+}
+
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_os_string();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+/// The manifests a full, stateless run of the hashes `op` writes for the tree as it is now:
+/// the first hash's, then the others', in `op`'s order.
+fn fresh_manifests(t: &TestTree, op: &str) -> Vec<Vec<u8>> {
+    let out = t.side("fresh.sums");
+    run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s(op),
+        s("--manifest"),
+        out.as_os_str(),
+    ]))
+    .success();
+    op.split(',')
+        .enumerate()
+        .map(|(i, h)| {
+            let path = if i == 0 {
+                out.clone()
+            } else {
+                with_suffix(&out, &format!(".{h}"))
+            };
+            fs::read(path).unwrap()
+        })
+        .collect()
+}
+
+/// `checker -c manifest` run from the root passes for `n` files.
+fn assert_check(checker: &str, manifest: &Path, t: &TestTree, n: usize) {
+    let out = tool(checker, &[s("-c"), manifest.as_os_str()], &t.root());
+    assert!(
+        out.status.success(),
+        "{checker} -c {}: {}{}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| l.ends_with(b": OK"))
+        .count();
+    assert_eq!(ok, n, "{checker} -c {}", manifest.display());
+}
+
+/// `zstd -t` passes on `zst`, and `zstd -dc` gives back exactly `original`.
+fn assert_zstd_restores(zst: &Path, original: &[u8]) {
+    let dir = zst.parent().unwrap();
+    let t = tool("zstd", &[s("-t"), s("-q"), zst.as_os_str()], dir);
+    assert!(t.status.success(), "zstd -t {}: {t:?}", zst.display());
+    let d = tool("zstd", &[s("-dc"), zst.as_os_str()], dir);
+    assert!(d.stdout == original, "{} does not restore", zst.display());
+}
+
+/// Each file's identity and mtime: a file rewritten (or replaced) shows in one or the other.
+fn identities(paths: &[PathBuf]) -> Vec<(u64, i64, i64)> {
+    paths
+        .iter()
+        .map(|p| {
+            let m = fs::metadata(p).unwrap();
+            (m.ino(), m.mtime(), m.mtime_nsec())
+        })
+        .collect()
+}
+
+/// Sets the digest the state at `state` records for `rel` under `op` to `digest`, as no run
+/// would: a digest listed afterwards is then the state's, never one computed again.
+fn plant_digest(state: &Path, op: &str, rel: &str, digest: &[u8]) {
+    let conn = rusqlite::Connection::open(state.join("filepipe.sqlite")).unwrap();
+    let n = conn
+        .execute(
+            "UPDATE files SET digest = ?1 WHERE op = ?2 AND path = ?3",
+            rusqlite::params![digest, op, rel.as_bytes()],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "{op} {rel}");
+}
+
+/// The line of `rel` in a manifest.
+fn line_of(manifest: &[u8], rel: &str) -> String {
+    String::from_utf8_lossy(manifest)
+        .lines()
+        .find(|l| l.ends_with(&format!("  {rel}")))
+        .unwrap_or_else(|| panic!("{rel} is not listed"))
+        .to_owned()
+}
+
+fn summary_counts(r: &Run) -> (u64, u64, u64) {
+    let s = r.success().summary();
+    let n = |k: &str| s[k].as_u64().unwrap();
+    (n("done"), n("unchanged"), n("bytes_in"))
+}
+
+#[test]
+fn several_hashes_rerun_without_reading_and_list_what_a_full_run_lists() {
+    if !have_or_skip(&["sha256sum", "sha512sum", "b3sum"]) {
+        return;
+    }
+    let n = 30;
+    let t = tree(n);
+    let names: Vec<String> = (0..n).map(|i| format!("f{i}.h")).collect();
+    let op = "sha256,blake3,sha512";
+    let sums = t.side("SUMS");
+    let manifests = || {
+        vec![
+            fs::read(&sums).unwrap(),
+            fs::read(with_suffix(&sums, ".blake3")).unwrap(),
+            fs::read(with_suffix(&sums, ".sha512")).unwrap(),
+        ]
+    };
+    assert_eq!(summary_counts(&run(batch(&t, op, &[]))).0, n);
+
+    // Untouched: no file opened, every manifest byte for byte a full run's.
+    let (again, calls) = traced(&batch(&t, op, &[]));
+    let (done, unchanged, bytes_in) = summary_counts(&again);
+    assert_eq!((done, unchanged, bytes_in), (n, n, 0));
+    assert_eq!(opened(&calls, &names), []);
+    assert_eq!(manifests(), fresh_manifests(&t, op));
+
+    // One changed with only its ctime telling, one rewritten longer: read once each, for
+    // every hash; the others not at all.
+    let f7 = t.path(format!("d1/{}", names[7]));
+    let meta = fs::metadata(&f7).unwrap();
+    let mut bytes = fs::read(&f7).unwrap();
+    bytes[0] ^= 0x55;
+    fs::write(&f7, &bytes).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&f7)
+        .unwrap()
+        .set_modified(meta.modified().unwrap())
+        .unwrap();
+    fs::write(t.path(format!("d2/{}", names[8])), b"longer now\n").unwrap();
+    let (third, calls) = traced(&batch(&t, op, &[]));
+    let (done, unchanged, _) = summary_counts(&third);
+    assert_eq!((done, unchanged), (n, n - 2));
+    assert_eq!(
+        opened(&calls, &names),
+        [(names[7].clone(), 1), (names[8].clone(), 1)]
+    );
+    assert_eq!(manifests(), fresh_manifests(&t, op));
+    assert_check("sha256sum", &sums, &t, n as usize);
+    assert_check("b3sum", &with_suffix(&sums, ".blake3"), &t, n as usize);
+    assert_check("sha512sum", &with_suffix(&sums, ".sha512"), &t, n as usize);
+
+    // A row per file and result, none under the joined name.
+    let status = run(filepipe(&[
+        s("status"),
+        s("--state"),
+        t.side("state").as_os_str(),
+    ]));
+    let status = status.success().stdout();
+    for h in ["sha256", "blake3", "sha512"] {
+        assert!(status.contains(&format!("\t{h}\tdone\t{n}\n")), "{status}");
+    }
+    assert!(!status.contains(op), "{status}");
+}
+
+#[test]
+fn ops_added_to_a_pipeline_read_each_file_once_for_what_is_missing_and_keep_the_rest() {
+    if !have_or_skip(&["sha256sum", "b3sum", "zstd"]) {
+        return;
+    }
+    let n = 12;
+    let t = tree(n);
+    let names: Vec<String> = (0..n).map(|i| format!("f{i}.h")).collect();
+    let rels: Vec<String> = (0..n)
+        .map(|i| format!("d{}/{}", i % 3, names[i as usize]))
+        .collect();
+    let out = t.side("out");
+    let zst: Vec<PathBuf> = rels.iter().map(|r| out.join(format!("{r}.zst"))).collect();
+    let zst_names: Vec<String> = names.iter().map(|n| format!("{n}.zst")).collect();
+    let with_out = [s("--out"), out.as_os_str()];
+    let sums = t.side("SUMS");
+    let state = t.side("state");
+
+    assert_eq!(summary_counts(&run(batch(&t, "sha256", &[]))).0, n);
+    // A SHA-256 digest no run computes, for one file: wherever it is listed later, it came
+    // from the state.
+    let planted = [0xab_u8; 32];
+    plant_digest(&state, "sha256", &rels[4], &planted);
+    let planted_line = format!("{}  {}", "ab".repeat(32), rels[4]);
+
+    // zstd added: each input read once, for its output alone; the digests kept.
+    let (second, calls) = traced(&batch(&t, "sha256,zstd", &with_out));
+    let (done, unchanged, _) = summary_counts(&second);
+    assert_eq!((done, unchanged), (n, 0));
+    let once: Vec<(String, usize)> = names.iter().map(|n| (n.clone(), 1)).collect();
+    assert_eq!(opened(&calls, &names), once);
+    assert_eq!(line_of(&fs::read(&sums).unwrap(), &rels[4]), planted_line);
+    for (r, z) in rels.iter().zip(&zst) {
+        assert_zstd_restores(z, &fs::read(t.path(r)).unwrap());
+    }
+    let outputs = identities(&zst);
+
+    // blake3 added: each input read once more, for BLAKE3 alone; the outputs neither opened
+    // nor rewritten, the SHA-256 digests the state's.
+    let op = "sha256,blake3,zstd";
+    let (third, calls) = traced(&batch(&t, op, &with_out));
+    let (done, unchanged, _) = summary_counts(&third);
+    assert_eq!((done, unchanged), (n, 0));
+    assert_eq!(opened(&calls, &names), once);
+    assert_eq!(opened(&calls, &zst_names), []);
+    assert_eq!(identities(&zst), outputs);
+    let fresh = fresh_manifests(&t, "sha256,blake3");
+    assert_eq!(fs::read(with_suffix(&sums, ".blake3")).unwrap(), fresh[1]);
+    assert_check("b3sum", &with_suffix(&sums, ".blake3"), &t, n as usize);
+    let m = fs::read(&sums).unwrap();
+    assert_eq!(line_of(&m, &rels[4]), planted_line);
+    for r in rels.iter().filter(|r| **r != rels[4]) {
+        assert_eq!(line_of(&m, r), line_of(&fresh[0], r));
+    }
+
+    // Nothing missing now: nothing opened.
+    let (fourth, calls) = traced(&batch(&t, op, &with_out));
+    assert_eq!(summary_counts(&fourth), (n, n, 0));
+    assert_eq!(opened(&calls, &names), []);
+    assert_eq!(opened(&calls, &zst_names), []);
+
+    // An op removed: nothing to compute, the remaining manifest whole.
+    let (fifth, calls) = traced(&batch(&t, "sha256", &[]));
+    assert_eq!(summary_counts(&fifth), (n, n, 0));
+    assert_eq!(opened(&calls, &names), []);
+    assert_eq!(line_of(&fs::read(&sums).unwrap(), &rels[4]), planted_line);
+
+    // A file changed is redone for every result; an output deleted is made again, alone.
+    fs::write(t.path(&rels[2]), b"changed content\n").unwrap();
+    fs::remove_file(&zst[5]).unwrap();
+    let (sixth, calls) = traced(&batch(&t, op, &with_out));
+    let (done, unchanged, _) = summary_counts(&sixth);
+    assert_eq!((done, unchanged), (n, n - 2));
+    assert_eq!(
+        opened(&calls, &names),
+        [(names[2].clone(), 1), (names[5].clone(), 1)]
+    );
+    assert_zstd_restores(&zst[2], b"changed content\n");
+    assert_zstd_restores(&zst[5], &fs::read(t.path(&rels[5])).unwrap());
+    let fresh = fresh_manifests(&t, "sha256,blake3");
+    assert_eq!(fs::read(with_suffix(&sums, ".blake3")).unwrap(), fresh[1]);
+    assert_eq!(
+        line_of(&fs::read(&sums).unwrap(), &rels[2]),
+        line_of(&fresh[0], &rels[2])
+    );
+
+    // --rehash still reads every file and records what it finds; outputs up to date stay.
+    let outputs = identities(&zst);
+    let (rehashed, calls) = traced(&batch(&t, op, &[with_out[0], with_out[1], s("--rehash")]));
+    let (done, unchanged, _) = summary_counts(&rehashed);
+    assert_eq!((done, unchanged), (n, 0));
+    assert_eq!(opened(&calls, &names), once);
+    assert_eq!(identities(&zst), outputs);
+    assert_eq!(fs::read(&sums).unwrap(), fresh[0]);
+    assert_check("sha256sum", &sums, &t, n as usize);
+}
+
+#[test]
+fn a_watch_restarted_with_another_hash_computes_only_that_one() {
+    if !have_or_skip(&["sha256sum", "b3sum", "zstd"]) {
+        return;
+    }
+    let t = TestTree::new()
+        .file("a.txt", &text_bytes(20_000, 1))
+        .file("sub/b.txt", &text_bytes(3_000, 2))
+        .file("sub/c d.txt", &text_bytes(9_000, 3));
+    let rels = ["a.txt", "sub/b.txt", "sub/c d.txt"];
+    let out = t.side("out");
+    let sums = t.side("SUMS");
+    let b3 = with_suffix(&sums, ".blake3");
+    let args = |op: &'static str| {
+        [
+            "--op",
+            op,
+            "--out",
+            out.to_str().unwrap(),
+            "--manifest",
+            sums.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+    };
+    let started = |op| {
+        let a = args(op);
+        let a: Vec<&str> = a.iter().map(String::as_str).collect();
+        Daemon::ready(&t, &a)
+    };
+    let d = started("sha256,zstd");
+    d.wait_idle(3);
+    d.stop().success();
+    let zst: Vec<PathBuf> = rels.iter().map(|r| out.join(format!("{r}.zst"))).collect();
+    let outputs = identities(&zst);
+    plant_digest(&t.side("state"), "sha256", "sub/b.txt", &[0xab; 32]);
+
+    // The config's op now also names blake3: every file is processed once (for BLAKE3), the
+    // outputs are left as they are, the SHA-256 digests are the state's.
+    let d = started("sha256,blake3,zstd");
+    let status = d.wait_idle(3);
+    assert_eq!((status.skipped, status.failed), (0, 0));
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the BLAKE3 manifest",
+        || b3.exists() && fs::read(&b3).unwrap().split(|&c| c == b'\n').count() == 4,
+    );
+    d.stop().success();
+    assert_eq!(identities(&zst), outputs);
+    assert_check("b3sum", &b3, &t, 3);
+    let m = fs::read(&sums).unwrap();
+    assert_eq!(
+        line_of(&m, "sub/b.txt"),
+        format!("{}  sub/b.txt", "ab".repeat(32))
+    );
+    let fresh = fresh_manifests(&t, "sha256,blake3");
+    assert_eq!(fs::read(&b3).unwrap(), fresh[1]);
+    for r in ["a.txt", "sub/c d.txt"] {
+        assert_eq!(line_of(&m, r), line_of(&fresh[0], r));
+    }
+    for (r, z) in rels.iter().zip(&zst) {
+        assert_zstd_restores(z, &fs::read(t.path(r)).unwrap());
+    }
+
+    // Restarted again, nothing is missing: nothing is processed.
+    let d = started("sha256,blake3,zstd");
+    let status = d.wait_idle(0);
+    assert_eq!((status.skipped, status.failed), (0, 0));
+    d.stop().success();
+    assert_eq!(identities(&zst), outputs);
+}
+
+#[test]
+fn a_state_of_the_layout_before_rows_per_result_is_upgraded_and_kept() {
+    if !have_or_skip(&["sha512sum"]) {
+        return;
+    }
+    // The tree the fixture was made over (testdata/state-v0/README), but for "c d", whose
+    // bytes differ (same length) while its row is given its stamp: a digest of "charlie\n"
+    // listed for it is the state's, kept, never one computed again.
+    let t = TestTree::new()
+        .file("a", b"alpha\n")
+        .file("sub/b", b"bravo\n")
+        .file("c d", b"CHARLIE\n");
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/state-v0/filepipe.sqlite");
+    fs::copy(&fixture, state.join("filepipe.sqlite")).unwrap();
+    {
+        // Its rows as main wrote them, pointed at this tree: its root, and its files' stamps.
+        let conn = rusqlite::Connection::open(state.join("filepipe.sqlite")).unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 0);
+        let root = t.root();
+        let root = root.as_os_str().as_encoded_bytes();
+        for rel in ["a", "sub/b", "c d"] {
+            let m = fs::symlink_metadata(t.path(rel)).unwrap();
+            let n = conn
+                .execute(
+                    "UPDATE files SET root = ?1, size = ?2, mtime_ns = ?3, ctime_ns = ?4,
+                         inode = ?5
+                     WHERE op = 'sha256,blake3' AND path = ?6 AND status = 'done'",
+                    rusqlite::params![
+                        root,
+                        m.size() as i64,
+                        m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+                        m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+                        m.ino() as i64,
+                        rel.as_bytes()
+                    ],
+                )
+                .unwrap();
+            assert_eq!(n, 1, "{rel}");
+        }
+    }
+    let names = ["a", "b", "c d"].map(str::to_owned);
+
+    // sha512 added to the watch's pipeline: each file read once, for SHA-512.
+    let op = "sha256,blake3,sha512";
+    let (first, calls) = traced(&batch(&t, op, &[]));
+    let (done, unchanged, _) = summary_counts(&first);
+    assert_eq!((done, unchanged), (3, 0));
+    let once: Vec<(String, usize)> = names.iter().map(|n| (n.clone(), 1)).collect();
+    assert_eq!(opened(&calls, &names), once);
+    let sums = t.side("SUMS");
+    let b3 = with_suffix(&sums, ".blake3");
+    let fresh = fresh_manifests(&t, op);
+    // main's digests, each now under its own op; SHA-512 computed from the tree.
+    let kept = [
+        (
+            &sums,
+            &fresh[0],
+            "999d1d048ee9123272dd9b718680551c83e867935b47c2650e6906dc22674e47",
+        ),
+        (
+            &b3,
+            &fresh[1],
+            "6fefa7c34afdf72f751a54e46843684851c66ea403d0cfe9e45d52f61b06223c",
+        ),
+    ];
+    for (manifest, fresh, charlie) in kept {
+        let m = fs::read(manifest).unwrap();
+        assert_eq!(line_of(&m, "c d"), format!("{charlie}  c d"));
+        for rel in ["a", "sub/b"] {
+            assert_eq!(line_of(&m, rel), line_of(fresh, rel));
+        }
+    }
+    assert_eq!(fs::read(with_suffix(&sums, ".sha512")).unwrap(), fresh[2]);
+    assert_check("sha512sum", &with_suffix(&sums, ".sha512"), &t, 3);
+
+    // The rows are per result now, and the next run reads nothing.
+    let status = run(filepipe(&[s("status"), s("--state"), state.as_os_str()]));
+    let status = status.success().stdout();
+    for h in ["sha256", "blake3", "sha512"] {
+        assert!(status.contains(&format!("\t{h}\tdone\t3\n")), "{status}");
+    }
+    assert!(!status.contains("sha256,blake3"), "{status}");
+    let (again, calls) = traced(&batch(&t, op, &[]));
+    assert_eq!(summary_counts(&again), (3, 3, 0));
+    assert_eq!(opened(&calls, &names), []);
+}
