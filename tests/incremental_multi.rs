@@ -515,3 +515,87 @@ fn a_state_of_the_layout_before_rows_per_result_is_upgraded_and_kept() {
     assert_eq!(summary_counts(&again), (3, 3, 0));
     assert_eq!(opened(&calls, &names), []);
 }
+
+#[test]
+fn a_service_reloaded_with_another_hash_computes_only_that_one() {
+    if !have_or_skip(&["b3sum", "zstd"]) {
+        return;
+    }
+    let t = TestTree::new()
+        .file("a.txt", &text_bytes(20_000, 4))
+        .file("sub/b.txt", &text_bytes(3_000, 5))
+        .file("sub/c d.txt", &text_bytes(9_000, 6));
+    let rels = ["a.txt", "sub/b.txt", "sub/c d.txt"];
+    let (out, sums, state) = (t.side("out"), t.side("SUMS"), t.side("state"));
+    let b3 = with_suffix(&sums, ".blake3");
+    let config = t.side("filepipe.toml");
+    let write_config = |op: &str| {
+        fs::write(
+            &config,
+            format!(
+                "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = {op:?}\n\
+                 out = {out:?}\nmanifest = {sums:?}\n",
+                t.root()
+            ),
+        )
+        .unwrap();
+    };
+    let lines = |m: &Path| fs::read(m).map_or(0, |b| b.split(|&c| c == b'\n').count() - 1);
+    let zst: Vec<PathBuf> = rels.iter().map(|r| out.join(format!("{r}.zst"))).collect();
+    write_config("sha256,zstd");
+    let socket = t.side("notify.sock");
+    let notes = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[s("watch"), s("--config"), config.as_os_str()]);
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = Started::new(cmd);
+    let limit = std::time::Duration::from_secs(60);
+    wait_until(limit, "the first manifest and outputs", || {
+        lines(&sums) == 3 && zst.iter().all(|z| z.exists())
+    });
+    let status = |n: &Notifications| n.last_status().filter(|s| s.idle());
+    wait_until(limit, "idle", || status(&notes).is_some());
+    let outputs = identities(&zst);
+    // Planted while the daemon idles (between its transactions): its SHA-256 digests are
+    // not computed again, so this one stays.
+    {
+        let conn = rusqlite::Connection::open(state.join("filepipe.sqlite")).unwrap();
+        conn.busy_timeout(limit).unwrap();
+        let n = conn
+            .execute(
+                "UPDATE files SET digest = ?1 WHERE op = 'sha256' AND path = ?2",
+                rusqlite::params![[0xab_u8; 32], b"sub/b.txt"],
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
+    write_config("sha256,blake3,zstd");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    wait_until(limit, "the BLAKE3 manifest", || lines(&b3) == 3);
+    wait_until(limit, "idle after the reload", || {
+        status(&notes).is_some_and(|s| s.done == 3)
+    });
+    assert_eq!(identities(&zst), outputs, "outputs rewritten");
+    assert_check("b3sum", &b3, &t, 3);
+    let m = fs::read(&sums).unwrap();
+    assert_eq!(
+        line_of(&m, "sub/b.txt"),
+        format!("{}  sub/b.txt", "ab".repeat(32))
+    );
+    let last = status(&notes).unwrap();
+    assert_eq!((last.skipped, last.failed), (0, 0));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    child.finish(limit).success();
+}
