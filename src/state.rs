@@ -850,45 +850,73 @@ impl Reader {
         let wanted = self.ops.len();
         let mut out = KnownMap::default();
         for (i, &op) in self.ops.iter().enumerate() {
-            let map = |r: &rusqlite::Row<'_>| Ok((bytes_path(r.get(0)?), record_from_row(r, 1)?));
-            let rows = if d.is_empty() {
-                stmt.query_map(params![self.root, op.as_str()], map)?
+            let mut rows = if d.is_empty() {
+                stmt.query(params![self.root, op.as_str()])?
             } else {
-                stmt.query_map(params![self.root, op.as_str(), lo, hi], map)?
+                stmt.query(params![self.root, op.as_str(), lo, hi])?
             };
-            // Collected first, so the map is made once at its size: growing it row by row
-            // would hash every path again at each doubling (a fifth of the cost of reading
-            // the rows).
-            let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
             if i == 0 {
-                out.reserve(rows.len());
+                // Collected first, so the map is made once at its size: growing it row by row
+                // would hash every path again at each doubling (a fifth of the cost of reading
+                // the rows).
+                let mut first = Vec::new();
+                while let Some(r) = rows.next()? {
+                    first.push((bytes_path(r.get(0)?), record_from_row(r, 1)?));
+                }
+                out.reserve(first.len());
+                for (path, record) in first {
+                    let mut records = Vec::with_capacity(wanted);
+                    records.push((op, record));
+                    out.insert(path, Known::new(records, wanted));
+                }
+                continue;
             }
-            for (path, record) in rows {
-                out.entry(path)
-                    .or_insert_with(|| Known::new(Vec::with_capacity(wanted), wanted))
-                    .records
-                    .push((op, record));
+            // The other ops' rows mostly join a file already in the map: found by the row's
+            // own bytes, without a path made for each.
+            while let Some(r) = rows.next()? {
+                let bytes = r.get_ref(0)?.as_blob()?;
+                let record = record_from_row(r, 1)?;
+                let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
+                match out.get_mut(path) {
+                    Some(known) => known.records.push((op, record)),
+                    None => {
+                        let mut records = Vec::with_capacity(wanted);
+                        records.push((op, record));
+                        out.insert(path.to_path_buf(), Known::new(records, wanted));
+                    }
+                }
             }
         }
         Ok(out)
     }
 
-    /// What the state knows about `rel`, if anything, with its digests.
+    /// What the state knows about `rel`, if anything, with its digests: one statement
+    /// whatever the number of ops (watch mode asks it of every file it hands a worker).
     pub(crate) fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT status, size, mtime_ns, inode, attempts, ctime_ns, error,
+            "SELECT op, status, size, mtime_ns, inode, attempts, ctime_ns, error,
                     output IS NOT NULL, CASE WHEN status = 'done' THEN digest END FROM files
-             WHERE root=?1 AND op=?2 AND path=?3",
+             WHERE root=?1 AND path=?2 AND op IN (?3, ?4, ?5, ?6)",
         )?;
-        let mut records = Vec::new();
-        for &op in &self.ops {
-            let record = stmt
-                .query_row(
-                    params![self.root, op.as_str(), rel.as_os_str().as_bytes()],
-                    |r| record_from_row(r, 0),
-                )
-                .optional()?;
-            records.extend(record.map(|r| (op, r)));
+        // A run has at most four ops (three hashes and a compressor): the others repeat one.
+        let op = |i: usize| self.ops.get(i).unwrap_or(&self.ops[0]).as_str();
+        let rows = stmt.query_map(
+            params![
+                self.root,
+                rel.as_os_str().as_bytes(),
+                op(0),
+                op(1),
+                op(2),
+                op(3)
+            ],
+            |r| Ok((r.get::<_, String>(0)?, record_from_row(r, 1)?)),
+        )?;
+        let mut records = Vec::with_capacity(self.ops.len());
+        for row in rows {
+            let (name, record) = row?;
+            if let Some(&kind) = self.ops.iter().find(|k| k.as_str() == name) {
+                records.push((kind, record));
+            }
         }
         Ok((!records.is_empty()).then(|| Known::new(records, self.ops.len())))
     }
