@@ -217,8 +217,11 @@ impl Record {
 /// it has a row for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Known {
-    /// The run's ops the state has a row for, and what each says.
-    records: Vec<(OpKind, Record)>,
+    /// One op of the run the state has a row for, and what it says: every known file has
+    /// one, kept inline, so a run of one op makes no allocation per file beyond its row's.
+    first: (OpKind, Record),
+    /// The other ops' (runs of several results).
+    more: Vec<(OpKind, Record)>,
     /// How many ops the run has: a file with fewer records lacks a result.
     wanted: usize,
 }
@@ -236,31 +239,50 @@ pub(crate) enum Lacks {
 }
 
 impl Known {
-    /// A file known by these records, for a run of `wanted` ops.
-    pub(crate) fn new(records: Vec<(OpKind, Record)>, wanted: usize) -> Known {
-        Known { records, wanted }
+    /// A file known by `op`'s record, for a run of `wanted` ops (`add` the others).
+    pub(crate) fn of(op: OpKind, record: Record, wanted: usize) -> Known {
+        Known {
+            first: (op, record),
+            more: Vec::new(),
+            wanted,
+        }
+    }
+
+    /// Adds another op's record.
+    pub(crate) fn add(&mut self, op: OpKind, record: Record) {
+        self.more.push((op, record));
+    }
+
+    /// Every record, with its op.
+    fn records(&self) -> impl Iterator<Item = &(OpKind, Record)> {
+        std::iter::once(&self.first).chain(&self.more)
+    }
+
+    /// How many of the run's ops have a record.
+    fn count(&self) -> usize {
+        1 + self.more.len()
     }
 
     /// The record of `op`, if the state has one.
     pub(crate) fn record(&self, op: OpKind) -> Option<&Record> {
-        self.records.iter().find(|(k, _)| *k == op).map(|(_, r)| r)
+        self.records().find(|(k, _)| *k == op).map(|(_, r)| r)
     }
 
     /// True if `now` needs no processing: every op of the run settled with it
     /// (`Record::settled`).
     pub(crate) fn settled(&self, now: Option<Stamp>) -> bool {
-        self.records.len() == self.wanted && self.records.iter().all(|(_, r)| r.settled(now))
+        self.count() == self.wanted && self.records().all(|(_, r)| r.settled(now))
     }
 
     /// True if every op of the run was done with the stamp `now` (`Record::done_as`).
     #[cfg(test)]
     pub(crate) fn done_as(&self, now: Option<Stamp>) -> bool {
-        self.records.len() == self.wanted && self.records.iter().all(|(_, r)| r.done_as(now))
+        self.count() == self.wanted && self.records().all(|(_, r)| r.done_as(now))
     }
 
     /// An output filepipe made for a version of the file is recorded (`Record::made_output`).
     pub(crate) fn made_output(&self) -> bool {
-        self.records.iter().any(|(_, r)| r.made_output)
+        self.records().any(|(_, r)| r.made_output)
     }
 
     /// Which of `spec`'s results the file, found with `now`, lacks: those whose row was not
@@ -277,7 +299,7 @@ impl Known {
             return Lacks::All;
         };
         let mut hashes = Vec::new();
-        let mut recorded = Vec::new();
+        let mut recorded = Vec::with_capacity(spec.hashes().len());
         for &algo in spec.hashes() {
             let digest = self
                 .record(OpKind::from(algo))
@@ -865,9 +887,7 @@ impl Reader {
                 }
                 out.reserve(first.len());
                 for (path, record) in first {
-                    let mut records = Vec::with_capacity(wanted);
-                    records.push((op, record));
-                    out.insert(path, Known::new(records, wanted));
+                    out.insert(path, Known::of(op, record, wanted));
                 }
                 continue;
             }
@@ -878,11 +898,9 @@ impl Reader {
                 let record = record_from_row(r, 1)?;
                 let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
                 match out.get_mut(path) {
-                    Some(known) => known.records.push((op, record)),
+                    Some(known) => known.add(op, record),
                     None => {
-                        let mut records = Vec::with_capacity(wanted);
-                        records.push((op, record));
-                        out.insert(path.to_path_buf(), Known::new(records, wanted));
+                        out.insert(path.to_path_buf(), Known::of(op, record, wanted));
                     }
                 }
             }
@@ -911,14 +929,18 @@ impl Reader {
             ],
             |r| Ok((r.get::<_, String>(0)?, record_from_row(r, 1)?)),
         )?;
-        let mut records = Vec::with_capacity(self.ops.len());
+        let mut known: Option<Known> = None;
         for row in rows {
             let (name, record) = row?;
-            if let Some(&kind) = self.ops.iter().find(|k| k.as_str() == name) {
-                records.push((kind, record));
+            let Some(&op) = self.ops.iter().find(|k| k.as_str() == name) else {
+                continue;
+            };
+            match &mut known {
+                Some(k) => k.add(op, record),
+                None => known = Some(Known::of(op, record, self.ops.len())),
             }
         }
-        Ok((!records.is_empty()).then(|| Known::new(records, self.ops.len())))
+        Ok(known)
     }
 }
 
@@ -1554,7 +1576,7 @@ mod tests {
             .all(|&op| g
                 .record(op)
                 .is_none_or(|r| r.status == FileStatus::Failed && r.attempts == 2)));
-        assert_eq!(g.records.len(), 3);
+        assert_eq!(g.count(), 3);
         // No joined name is left, and the database says which layout it has.
         let joined: i64 = st
             .conn

@@ -1165,7 +1165,7 @@ mod tests {
                 made_output: false,
                 digest: Some(vec![7; 32].into_boxed_slice()),
             };
-            let known = Known::new(vec![(crate::cli::OpKind::Sha256, record)], 1);
+            let known = Known::of(crate::cli::OpKind::Sha256, record, 1);
             (PathBuf::from(name), known)
         };
         let map: KnownMap = [
