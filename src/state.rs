@@ -755,7 +755,15 @@ impl State {
 /// A done row whose digests are not of the name's length gives no hash rows: those hashes
 /// are computed again. One transaction: a crash leaves the old layout, upgraded next time.
 fn upgrade(conn: &mut Connection) -> Result<()> {
-    let tx = conn.transaction()?;
+    // Taken for writing at once (waiting, up to the busy timeout, for another upgrader), and
+    // the layout read again inside: the pipelines of one service open a shared state together,
+    // and a deferred transaction that read first could not then write ("database is locked",
+    // found by a hostile review: a service of two [[watch]] tables failed to start).
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version >= SCHEMA {
+        return Ok(());
+    }
     type Old = (
         Vec<u8>,
         String,

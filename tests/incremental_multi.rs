@@ -599,3 +599,58 @@ fn a_service_reloaded_with_another_hash_computes_only_that_one() {
     .unwrap();
     child.finish(limit).success();
 }
+
+/// An incremental batch replaces only the very output it made for an earlier version of a
+/// changed file. Not a file the user put where an output would go under another `--out`, and
+/// not one refused once as not filepipe's: that stays refused run after run, however its
+/// failure was recorded (both found by a hostile review: each was overwritten).
+#[test]
+fn an_incremental_batch_replaces_only_the_output_it_made() {
+    if !have_or_skip(&["zstd"]) {
+        return;
+    }
+    let t = TestTree::new()
+        .file("f", b"version one\n")
+        .file("g", b"gee\n");
+    let (o1, o2) = (t.side("o1"), t.side("o2"));
+    fs::create_dir_all(&o1).unwrap();
+    fs::create_dir_all(&o2).unwrap();
+    let change = |content: &[u8]| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(t.path("f"), content).unwrap();
+    };
+    run(batch(&t, "sha256,zstd", &[s("--out"), o1.as_os_str()])).success();
+    // Its own output of the changed file: replaced.
+    change(b"version two\n");
+    run(batch(&t, "sha256,zstd", &[s("--out"), o1.as_os_str()])).success();
+    assert_zstd_restores(&o1.join("f.zst"), b"version two\n");
+    // Another --out, where the user keeps a file of that name: kept.
+    let mine = b"the user's own file, not a zstd of anything\n";
+    fs::write(o2.join("f.zst"), mine).unwrap();
+    change(b"version three\n");
+    run(batch(&t, "sha256,zstd", &[s("--out"), o2.as_os_str()])).code(1);
+    assert_eq!(
+        fs::read(o2.join("f.zst")).unwrap(),
+        mine,
+        "under a new --out"
+    );
+    // Refused once, refused again: the file has not changed, the output is not filepipe's.
+    fs::write(o1.join("g.zst"), mine).unwrap();
+    for _ in 0..2 {
+        run(batch(&t, "sha256,zstd", &[s("--out"), o1.as_os_str()])).code(1);
+        assert_eq!(
+            fs::read(o1.join("g.zst")).unwrap(),
+            mine,
+            "refused, then replaced"
+        );
+    }
+    // --force replaces what it is told to.
+    run(batch(
+        &t,
+        "sha256,zstd",
+        &[s("--out"), o1.as_os_str(), s("--force")],
+    ))
+    .success();
+    assert_zstd_restores(&o1.join("g.zst"), b"gee\n");
+    assert_zstd_restores(&o1.join("f.zst"), b"version three\n");
+}

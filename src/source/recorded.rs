@@ -7,13 +7,13 @@
 //! replaced since is made again. With `--force` (redo every output), `--remove-source` or
 //! `--move-source` (an input still here is one whose removal or move is still to be done), the
 //! compressor's result never stands; the hashes' recorded digests still do. An output the
-//! state says filepipe made for an earlier version of a file that changed is replaced, as
-//! watch mode replaces it (`replaces`).
+//! state says filepipe made for an earlier version of a file that changed, and that is still the
+//! one it made, is replaced, as watch mode replaces it (`replaces`).
 
 use std::path::Path;
 
 use crate::config::Config;
-use crate::state::{Known, Lacks};
+use crate::state::{FileStatus, Known, Lacks};
 use crate::travel::{Done, Stamp};
 
 /// What the run does with a file the state knew as `known`, found now with `stamp`:
@@ -33,15 +33,26 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
     })
 }
 
-/// Whether the compressor may replace the output it finds for a file the state knew as
-/// `known`: one filepipe made for an earlier version of it (the state records it, for another
-/// stamp than the file has now), as watch mode replaces it. An output whose file has not
-/// changed since it was made is not replaced: another hand changed it (`--force` does).
-pub(crate) fn replaces(cfg: &Config, known: &Known, stamp: Option<Stamp>) -> bool {
-    cfg.spec
+/// Whether the compressor may replace the output it finds for `rel`, a file the state knew as
+/// `known`, found now with `stamp`: only the very output filepipe made for an earlier version
+/// of it, as watch mode replaces it. So the state must record that version done with an
+/// output, the file must have changed since, and the output there now must still be the one
+/// made then: a regular file dated as that version (filepipe dates an output as its input). An
+/// output of a file whose last record is a failure (an output refused as not filepipe's, say:
+/// it stays refused), of a file that has not changed (another hand changed the output), or
+/// that is not the one made (another `--out`, or a file someone put there) is not replaced:
+/// `--force` does that.
+pub(crate) fn replaces(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> bool {
+    let Some(made) = cfg
+        .spec
         .compressor()
         .and_then(|c| known.record(c))
-        .is_some_and(|r| r.made_output && !r.done_as(stamp))
+        .filter(|r| r.status == FileStatus::Done && r.made_output && !r.done_as(stamp))
+        .and_then(|r| r.stamp)
+    else {
+        return false;
+    };
+    output_dated(cfg, rel, made)
 }
 
 /// The outcome of a file none of whose results is missing: done from the state, unread.
@@ -60,7 +71,13 @@ fn output_in_place(cfg: &Config, rel: &Path, stamp: Option<Stamp>) -> bool {
     if cfg.force || cfg.remove_source || cfg.move_source.is_some() {
         return false;
     }
-    let (Some(name), Some(stamp)) = (cfg.op.output_name(rel), stamp) else {
+    stamp.is_some_and(|stamp| output_dated(cfg, rel, stamp))
+}
+
+/// Whether the compressor's output for `rel` is a regular, non-empty file dated as the input
+/// version found with `stamp` (as filepipe dates each output it makes).
+fn output_dated(cfg: &Config, rel: &Path, stamp: Stamp) -> bool {
+    let Some(name) = cfg.op.output_name(rel) else {
         return false;
     };
     let Ok(st) = rustix::fs::lstat(cfg.out_root().join(name)) else {

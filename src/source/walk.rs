@@ -174,7 +174,7 @@ impl Feed<'_, '_> {
         let was = map.remove(&job.rel);
         job.replace = was
             .as_ref()
-            .is_some_and(|k| recorded::replaces(self.cfg, k, stamp));
+            .is_some_and(|k| recorded::replaces(self.cfg, k, &job.rel, stamp));
         let done = match was.map(|k| recorded::lacks(self.cfg, &k, &job.rel, stamp)) {
             Some(Lacks::Nothing(digests)) => recorded::unchanged(digests, stamp),
             Some(Lacks::Part(only)) => {
