@@ -20,7 +20,6 @@ use std::path::{Component, Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::cli::{OpKind, OpSpec};
-use crate::cluster::wire4;
 use crate::digest::{Digest, HashAlgo};
 use crate::error::{FileError, Kind};
 use crate::travel::{Done, Outcome, Stamp};
@@ -45,6 +44,24 @@ pub(crate) const MAX_PATH: usize = 4096;
 /// message with a longer one is refused whole: its failed outcome, which names the path, could
 /// not be sent (a path near a message's size), and the job would come back for ever.
 pub(crate) const MAX_WIRE_PATH: usize = 64 * 1024;
+
+/// The first byte of every version 4 message: no JSON text starts with it (JSON starts with
+/// white space, `{`, `[`, `"`, a digit, `-`, `t`, `f` or `n`).
+pub(crate) const VERSION_BINARY: u8 = 4;
+
+/// Whether `payload` is a version 4 message (`Ok(true)`), else JSON or nothing filepipe wrote
+/// (`Ok(false)`); `Err` for a first byte no JSON text starts with, which a later binary
+/// version would have (a control character: JSON allows only tab, newline and return).
+pub(crate) fn is_binary(payload: &[u8]) -> Result<bool, String> {
+    match payload.first() {
+        Some(&VERSION_BINARY) => Ok(true),
+        Some(&b) if b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r') => Err(format!(
+            "version byte {b:#04x}: this release reads JSON (versions 1 to 3) and binary \
+             messages of version 4"
+        )),
+        _ => Ok(false),
+    }
+}
 
 /// The first message of `items`: as many of the first `most` as fit in `MAX_PAYLOAD` once
 /// `encode`d (halving until they do: JSON escapes long names to six bytes a character), or
@@ -379,40 +396,30 @@ impl JobBatch {
 
     /// The format the batch came in: outcomes of its files go back in the same.
     pub(crate) fn format(&self) -> Format {
-        if self.v == u32::from(wire4::VERSION_BINARY) {
+        if self.v == u32::from(VERSION_BINARY) {
             Format::Binary
         } else {
             Format::Json
         }
     }
 
-    /// Reads and checks a job message, JSON (versions 1-3) or binary (version 4, told by its
-    /// first byte). Files are checked one by one, later: see `WirePath::rel`.
-    pub(crate) fn parse(payload: &[u8]) -> Result<JobBatch, String> {
-        if payload.len() > MAX_MESSAGE {
-            return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
+    /// Reads a JSON job message (versions 1-3); `parse` (in `wire4`) tells the formats apart
+    /// and checks what either says.
+    pub(super) fn parse_json(payload: &[u8]) -> Result<JobBatch, String> {
+        let b: JobBatch = serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
+        if b.v != JobBatch::version(b.out.as_deref(), b.remove_source, !b.ops.is_empty()) {
+            return Err(format!(
+                "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root \
+                 or --remove-source, {VERSION_MULTI} with several ops, and binary messages \
+                 of version 4",
+                b.v
+            ));
         }
-        let b = if wire4::is_binary(payload)? {
-            wire4::decode_jobs(payload)?
-        } else {
-            let b: JobBatch =
-                serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
-            if b.v != JobBatch::version(b.out.as_deref(), b.remove_source, !b.ops.is_empty()) {
-                return Err(format!(
-                    "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root \
-                     or --remove-source, {VERSION_MULTI} with several ops, and binary messages \
-                     of version 4",
-                    b.v
-                ));
-            }
-            b
-        };
-        b.check()?;
         Ok(b)
     }
 
     /// Checks what a job message says, whatever its format.
-    fn check(&self) -> Result<(), String> {
+    pub(super) fn check(&self) -> Result<(), String> {
         let b = self;
         let spec = b.spec()?;
         if b.remove_source && !b.op.compresses() {
@@ -541,26 +548,21 @@ pub(crate) struct OutcomeBatch {
 }
 
 impl OutcomeBatch {
-    /// Reads an outcome message: binary (version 4, told by its first byte) or JSON (any
-    /// version: the caller takes only `VERSION` of JSON). Its outcomes are checked one by one
-    /// by `WireOutcome::outcome`.
-    pub(crate) fn parse(payload: &[u8]) -> Result<OutcomeBatch, String> {
-        if wire4::is_binary(payload)? {
-            wire4::decode_outcomes(payload)
-        } else {
-            let b: OutcomeBatch =
-                serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
-            // Version 4 is binary: no release writes it as JSON.
-            if b.v == u32::from(wire4::VERSION_BINARY) {
-                return Err("a JSON message saying version 4, which is binary".into());
-            }
-            Ok(b)
+    /// Reads a JSON outcome message (any version but 4: the caller takes only `VERSION` of
+    /// JSON); `parse` (in `wire4`) tells the formats apart.
+    pub(super) fn parse_json(payload: &[u8]) -> Result<OutcomeBatch, String> {
+        let b: OutcomeBatch =
+            serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
+        // Version 4 is binary: no release writes it as JSON.
+        if b.v == u32::from(VERSION_BINARY) {
+            return Err("a JSON message saying version 4, which is binary".into());
         }
+        Ok(b)
     }
 
     /// Whether the coordinator reads it: version 4, or JSON of `VERSION`.
     pub(crate) fn readable(&self) -> bool {
-        self.v == VERSION || self.v == u32::from(wire4::VERSION_BINARY)
+        self.v == VERSION || self.v == u32::from(VERSION_BINARY)
     }
 }
 

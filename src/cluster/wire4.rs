@@ -27,16 +27,12 @@ use std::os::unix::ffi::OsStrExt;
 
 use crate::cli::OpKind;
 use crate::cluster::wire::{
-    JobBatch, JobBatchOut, OutcomeBatch, WireFile, WireOutcome, WirePath, WireStamp, WireStatus,
-    MAX_FILES, MAX_MESSAGE, MAX_PAYLOAD, MAX_WIRE_PATH,
+    is_binary, JobBatch, JobBatchOut, OutcomeBatch, WireFile, WireOutcome, WirePath, WireStamp,
+    WireStatus, MAX_FILES, MAX_MESSAGE, MAX_PAYLOAD, MAX_WIRE_PATH, VERSION_BINARY,
 };
 use crate::digest::Digest;
 use crate::error::FileError;
 use crate::travel::Outcome;
-
-/// The first byte of every version 4 message: no JSON text starts with it (JSON starts with
-/// white space, `{`, `[`, `"`, a digit, `-`, `t`, `f` or `n`).
-pub(crate) const VERSION_BINARY: u8 = 4;
 
 /// A message's second byte: a batch of jobs.
 const JOBS: u8 = b'J';
@@ -61,17 +57,33 @@ const MIN_JOB_FILE: usize = 4 + 1 + 1;
 /// digest count).
 const MIN_OUTCOME: usize = 4 + 1 + 1 + 1 + 1;
 
-/// Whether `payload` is a version 4 message (`Ok(true)`), else JSON or nothing filepipe wrote
-/// (`Ok(false)`); `Err` for a first byte no JSON text starts with, which a later binary
-/// version would have (a control character: JSON allows only tab, newline and return).
-pub(crate) fn is_binary(payload: &[u8]) -> Result<bool, String> {
-    match payload.first() {
-        Some(&VERSION_BINARY) => Ok(true),
-        Some(&b) if b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r') => Err(format!(
-            "version byte {b:#04x}: this release reads JSON (versions 1 to 3) and binary \
-             messages of version 4"
-        )),
-        _ => Ok(false),
+impl JobBatch {
+    /// Reads and checks a job message, JSON (versions 1-3) or binary (version 4, told by its
+    /// first byte). Files are checked one by one, later: see `WirePath::rel`.
+    pub(crate) fn parse(payload: &[u8]) -> Result<JobBatch, String> {
+        if payload.len() > MAX_MESSAGE {
+            return Err(format!("{} bytes, more than {MAX_MESSAGE}", payload.len()));
+        }
+        let b = if is_binary(payload)? {
+            decode_jobs(payload)?
+        } else {
+            JobBatch::parse_json(payload)?
+        };
+        b.check()?;
+        Ok(b)
+    }
+}
+
+impl OutcomeBatch {
+    /// Reads an outcome message: binary (version 4, told by its first byte) or JSON (any
+    /// version but 4: the caller takes only `VERSION` of JSON). Its outcomes are checked one by
+    /// one by `WireOutcome::outcome`.
+    pub(crate) fn parse(payload: &[u8]) -> Result<OutcomeBatch, String> {
+        if is_binary(payload)? {
+            decode_outcomes(payload)
+        } else {
+            OutcomeBatch::parse_json(payload)
+        }
     }
 }
 
