@@ -9,7 +9,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use common::strace::{have_strace, parse_strace, tree, Call};
+use common::strace::{have_strace, parse_strace, traced_opens, tree, Call};
 use common::*;
 
 /// `filepipe batch ROOT --op OP --state STATE --json ARGS`.
@@ -25,21 +25,6 @@ fn batch(t: &TestTree, op: &str, args: &[&OsStr]) -> Command {
     ]);
     cmd.args(args);
     cmd
-}
-
-/// The same, run under `strace -f` tracing every way to open a file: its run and the opens.
-fn traced(cmd: &Command) -> (Run, Vec<Call>) {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut st = Command::new("strace");
-    st.args(["-f", "-qq", "-y", "-s", "300", "-o"])
-        .arg(log.path())
-        .args(["-e", "trace=open,openat,openat2,creat"])
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .env_remove("RUST_LOG");
-    let out = run(st);
-    let text = fs::read_to_string(log.path()).unwrap();
-    (out, parse_strace(&text))
 }
 
 /// Whether `call` opened a file whose path (or name beneath a directory descriptor) ends with
@@ -134,7 +119,7 @@ fn an_incremental_rerun_reads_no_unchanged_file_and_writes_the_full_runs_manifes
     );
 
     // Untouched, a rerun opens none of them, and lists them all as the first run did.
-    let (again, calls) = traced(&batch(
+    let (again, calls) = traced_opens(&batch(
         &t,
         "sha256",
         &[OsStr::new("--manifest"), sums.as_os_str()],
@@ -160,7 +145,7 @@ fn an_incremental_rerun_reads_no_unchanged_file_and_writes_the_full_runs_manifes
     fs::write(t.path(format!("{}/{}", dir_of(8), names[8])), b"longer now").unwrap();
     fs::remove_file(t.path(format!("{}/{}", dir_of(9), names[9]))).unwrap();
     fs::write(t.path("d0/new.h"), b"a new file\n").unwrap();
-    let (third, calls) = traced(&batch(
+    let (third, calls) = traced_opens(&batch(
         &t,
         "sha256",
         &[OsStr::new("--manifest"), sums.as_os_str()],
@@ -191,7 +176,7 @@ fn an_incremental_rerun_reads_no_unchanged_file_and_writes_the_full_runs_manifes
     );
 
     // --rehash reads them all again, and finds the same.
-    let (rehashed, calls) = traced(&batch(
+    let (rehashed, calls) = traced_opens(&batch(
         &t,
         "sha256",
         &[
@@ -278,7 +263,7 @@ fn gzip_skips_unchanged_files_without_opening_them_while_their_outputs_are_in_pl
     let names: Vec<String> = (0..12).map(|i| format!("f{i}.h")).collect();
     // An output the user deleted is made again; the others are left unopened.
     fs::remove_file(out.join("d1/f1.h.gz")).unwrap();
-    let (again, calls) = traced(&batch(&t, "gzip", &args));
+    let (again, calls) = traced_opens(&batch(&t, "gzip", &args));
     let s = again.success().summary();
     assert_eq!(
         (s["done"].as_u64(), s["unchanged"].as_u64()),

@@ -13,7 +13,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::strace::{have_strace, parse_strace, tree, Call};
+use common::strace::{have_strace, traced_opens, tree, Call};
 use common::*;
 
 fn s(x: &str) -> &OsStr {
@@ -54,21 +54,6 @@ fn batch(t: &TestTree, op: &str, args: &[&OsStr]) -> Command {
     ]);
     cmd.args(args);
     cmd
-}
-
-/// `cmd` under `strace -f`, tracing every way to open a file: its run and the opens.
-fn traced(cmd: &Command) -> (Run, Vec<Call>) {
-    let log = tempfile::NamedTempFile::new().unwrap();
-    let mut st = Command::new("strace");
-    st.args(["-f", "-qq", "-y", "-s", "300", "-o"])
-        .arg(log.path())
-        .args(["-e", "trace=open,openat,openat2,creat"])
-        .arg(cmd.get_program())
-        .args(cmd.get_args())
-        .env_remove("RUST_LOG");
-    let out = run(st);
-    let text = fs::read_to_string(log.path()).unwrap();
-    (out, parse_strace(&text))
 }
 
 /// How many times `calls` opened a file whose path (or name beneath a directory descriptor)
@@ -123,24 +108,6 @@ fn fresh_manifests(t: &TestTree, op: &str) -> Vec<Vec<u8>> {
             fs::read(path).unwrap()
         })
         .collect()
-}
-
-/// `checker -c manifest` run from the root passes for `n` files.
-fn assert_check(checker: &str, manifest: &Path, t: &TestTree, n: usize) {
-    let out = tool(checker, &[s("-c"), manifest.as_os_str()], &t.root());
-    assert!(
-        out.status.success(),
-        "{checker} -c {}: {}{}",
-        manifest.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ok = out
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| l.ends_with(b": OK"))
-        .count();
-    assert_eq!(ok, n, "{checker} -c {}", manifest.display());
 }
 
 /// `zstd -t` passes on `zst`, and `zstd -dc` gives back exactly `original`.
@@ -211,7 +178,7 @@ fn several_hashes_rerun_without_reading_and_list_what_a_full_run_lists() {
     assert_eq!(summary_counts(&run(batch(&t, op, &[]))).0, n);
 
     // Untouched: no file opened, every manifest byte for byte a full run's.
-    let (again, calls) = traced(&batch(&t, op, &[]));
+    let (again, calls) = traced_opens(&batch(&t, op, &[]));
     let (done, unchanged, bytes_in) = summary_counts(&again);
     assert_eq!((done, unchanged, bytes_in), (n, n, 0));
     assert_eq!(opened(&calls, &names), []);
@@ -231,7 +198,7 @@ fn several_hashes_rerun_without_reading_and_list_what_a_full_run_lists() {
         .set_modified(meta.modified().unwrap())
         .unwrap();
     fs::write(t.path(format!("d2/{}", names[8])), b"longer now\n").unwrap();
-    let (third, calls) = traced(&batch(&t, op, &[]));
+    let (third, calls) = traced_opens(&batch(&t, op, &[]));
     let (done, unchanged, _) = summary_counts(&third);
     assert_eq!((done, unchanged), (n, n - 2));
     assert_eq!(
@@ -239,9 +206,19 @@ fn several_hashes_rerun_without_reading_and_list_what_a_full_run_lists() {
         [(names[7].clone(), 1), (names[8].clone(), 1)]
     );
     assert_eq!(manifests(), fresh_manifests(&t, op));
-    assert_check("sha256sum", &sums, &t, n as usize);
-    assert_check("b3sum", &with_suffix(&sums, ".blake3"), &t, n as usize);
-    assert_check("sha512sum", &with_suffix(&sums, ".sha512"), &t, n as usize);
+    assert_check("sha256sum", &sums, &t.root(), n as usize);
+    assert_check(
+        "b3sum",
+        &with_suffix(&sums, ".blake3"),
+        &t.root(),
+        n as usize,
+    );
+    assert_check(
+        "sha512sum",
+        &with_suffix(&sums, ".sha512"),
+        &t.root(),
+        n as usize,
+    );
 
     // A row per file and result, none under the joined name.
     let status = run(filepipe(&[
@@ -282,7 +259,7 @@ fn ops_added_to_a_pipeline_read_each_file_once_for_what_is_missing_and_keep_the_
     let planted_line = format!("{}  {}", "ab".repeat(32), rels[4]);
 
     // zstd added: each input read once, for its output alone; the digests kept.
-    let (second, calls) = traced(&batch(&t, "sha256,zstd", &with_out));
+    let (second, calls) = traced_opens(&batch(&t, "sha256,zstd", &with_out));
     let (done, unchanged, _) = summary_counts(&second);
     assert_eq!((done, unchanged), (n, 0));
     let once: Vec<(String, usize)> = names.iter().map(|n| (n.clone(), 1)).collect();
@@ -296,7 +273,7 @@ fn ops_added_to_a_pipeline_read_each_file_once_for_what_is_missing_and_keep_the_
     // blake3 added: each input read once more, for BLAKE3 alone; the outputs neither opened
     // nor rewritten, the SHA-256 digests the state's.
     let op = "sha256,blake3,zstd";
-    let (third, calls) = traced(&batch(&t, op, &with_out));
+    let (third, calls) = traced_opens(&batch(&t, op, &with_out));
     let (done, unchanged, _) = summary_counts(&third);
     assert_eq!((done, unchanged), (n, 0));
     assert_eq!(opened(&calls, &names), once);
@@ -304,7 +281,12 @@ fn ops_added_to_a_pipeline_read_each_file_once_for_what_is_missing_and_keep_the_
     assert_eq!(identities(&zst), outputs);
     let fresh = fresh_manifests(&t, "sha256,blake3");
     assert_eq!(fs::read(with_suffix(&sums, ".blake3")).unwrap(), fresh[1]);
-    assert_check("b3sum", &with_suffix(&sums, ".blake3"), &t, n as usize);
+    assert_check(
+        "b3sum",
+        &with_suffix(&sums, ".blake3"),
+        &t.root(),
+        n as usize,
+    );
     let m = fs::read(&sums).unwrap();
     assert_eq!(line_of(&m, &rels[4]), planted_line);
     for r in rels.iter().filter(|r| **r != rels[4]) {
@@ -312,13 +294,13 @@ fn ops_added_to_a_pipeline_read_each_file_once_for_what_is_missing_and_keep_the_
     }
 
     // Nothing missing now: nothing opened.
-    let (fourth, calls) = traced(&batch(&t, op, &with_out));
+    let (fourth, calls) = traced_opens(&batch(&t, op, &with_out));
     assert_eq!(summary_counts(&fourth), (n, n, 0));
     assert_eq!(opened(&calls, &names), []);
     assert_eq!(opened(&calls, &zst_names), []);
 
     // An op removed: nothing to compute, the remaining manifest whole.
-    let (fifth, calls) = traced(&batch(&t, "sha256", &[]));
+    let (fifth, calls) = traced_opens(&batch(&t, "sha256", &[]));
     assert_eq!(summary_counts(&fifth), (n, n, 0));
     assert_eq!(opened(&calls, &names), []);
     assert_eq!(line_of(&fs::read(&sums).unwrap(), &rels[4]), planted_line);
@@ -326,7 +308,7 @@ fn ops_added_to_a_pipeline_read_each_file_once_for_what_is_missing_and_keep_the_
     // A file changed is redone for every result; an output deleted is made again, alone.
     fs::write(t.path(&rels[2]), b"changed content\n").unwrap();
     fs::remove_file(&zst[5]).unwrap();
-    let (sixth, calls) = traced(&batch(&t, op, &with_out));
+    let (sixth, calls) = traced_opens(&batch(&t, op, &with_out));
     let (done, unchanged, _) = summary_counts(&sixth);
     assert_eq!((done, unchanged), (n, n - 2));
     assert_eq!(
@@ -344,13 +326,14 @@ fn ops_added_to_a_pipeline_read_each_file_once_for_what_is_missing_and_keep_the_
 
     // --rehash still reads every file and records what it finds; outputs up to date stay.
     let outputs = identities(&zst);
-    let (rehashed, calls) = traced(&batch(&t, op, &[with_out[0], with_out[1], s("--rehash")]));
+    let (rehashed, calls) =
+        traced_opens(&batch(&t, op, &[with_out[0], with_out[1], s("--rehash")]));
     let (done, unchanged, _) = summary_counts(&rehashed);
     assert_eq!((done, unchanged), (n, 0));
     assert_eq!(opened(&calls, &names), once);
     assert_eq!(identities(&zst), outputs);
     assert_eq!(fs::read(&sums).unwrap(), fresh[0]);
-    assert_check("sha256sum", &sums, &t, n as usize);
+    assert_check("sha256sum", &sums, &t.root(), n as usize);
 }
 
 #[test]
@@ -401,7 +384,7 @@ fn a_watch_restarted_with_another_hash_computes_only_that_one() {
     );
     d.stop().success();
     assert_eq!(identities(&zst), outputs);
-    assert_check("b3sum", &b3, &t, 3);
+    assert_check("b3sum", &b3, &t.root(), 3);
     let m = fs::read(&sums).unwrap();
     assert_eq!(
         line_of(&m, "sub/b.txt"),
@@ -473,7 +456,7 @@ fn a_state_of_the_layout_before_rows_per_result_is_upgraded_and_kept() {
 
     // sha512 added to the watch's pipeline: each file read once, for SHA-512.
     let op = "sha256,blake3,sha512";
-    let (first, calls) = traced(&batch(&t, op, &[]));
+    let (first, calls) = traced_opens(&batch(&t, op, &[]));
     let (done, unchanged, _) = summary_counts(&first);
     assert_eq!((done, unchanged), (3, 0));
     let once: Vec<(String, usize)> = names.iter().map(|n| (n.clone(), 1)).collect();
@@ -502,7 +485,7 @@ fn a_state_of_the_layout_before_rows_per_result_is_upgraded_and_kept() {
         }
     }
     assert_eq!(fs::read(with_suffix(&sums, ".sha512")).unwrap(), fresh[2]);
-    assert_check("sha512sum", &with_suffix(&sums, ".sha512"), &t, 3);
+    assert_check("sha512sum", &with_suffix(&sums, ".sha512"), &t.root(), 3);
 
     // The rows are per result now, and the next run reads nothing.
     let status = run(filepipe(&[s("status"), s("--state"), state.as_os_str()]));
@@ -511,7 +494,7 @@ fn a_state_of_the_layout_before_rows_per_result_is_upgraded_and_kept() {
         assert!(status.contains(&format!("\t{h}\tdone\t3\n")), "{status}");
     }
     assert!(!status.contains("sha256,blake3"), "{status}");
-    let (again, calls) = traced(&batch(&t, op, &[]));
+    let (again, calls) = traced_opens(&batch(&t, op, &[]));
     assert_eq!(summary_counts(&again), (3, 3, 0));
     assert_eq!(opened(&calls, &names), []);
 }
@@ -584,7 +567,7 @@ fn a_service_reloaded_with_another_hash_computes_only_that_one() {
         status(&notes).is_some_and(|s| s.done == 3)
     });
     assert_eq!(identities(&zst), outputs, "outputs rewritten");
-    assert_check("b3sum", &b3, &t, 3);
+    assert_check("b3sum", &b3, &t.root(), 3);
     let m = fs::read(&sums).unwrap();
     assert_eq!(
         line_of(&m, "sub/b.txt"),

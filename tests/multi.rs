@@ -61,25 +61,6 @@ fn assert_zstd_restores(zst: &Path, original: &[u8]) {
     assert!(d.stdout == original, "{} does not restore", zst.display());
 }
 
-/// `checker -c manifest` passes, run in `dir` (the manifest's paths are relative to it), and
-/// checked `n` files.
-fn assert_check(checker: &str, manifest: &Path, dir: &Path, n: usize) {
-    let out = tool(checker, &[s("-c"), p(manifest)], dir);
-    assert!(
-        out.status.success(),
-        "{checker} -c {}: {}{}",
-        manifest.display(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ok = out
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter(|l| l.ends_with(b": OK"))
-        .count();
-    assert_eq!(ok, n, "{checker} -c {}: {:?}", manifest.display(), out);
-}
-
 /// The paths a manifest lists, unescaped as GNU tools escape them (a leading `\` marks a line
 /// whose name has `\\` or `\n`).
 fn listed(manifest: &Path) -> Vec<Vec<u8>> {

@@ -735,3 +735,22 @@ pub fn temp_mark() -> Vec<u8> {
         .collect();
     format!("2:{id}").into_bytes()
 }
+
+/// `checker -c manifest` (sha256sum, b3sum, sha512sum) passes, run in `dir` (the manifest's
+/// paths are relative to it), and checked `n` files.
+pub fn assert_check(checker: &str, manifest: &Path, dir: &Path, n: usize) {
+    let out = tool(checker, &[OsStr::new("-c"), manifest.as_os_str()], dir);
+    assert!(
+        out.status.success(),
+        "{checker} -c {}: {}{}",
+        manifest.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| l.ends_with(b": OK"))
+        .count();
+    assert_eq!(ok, n, "{checker} -c {}: {:?}", manifest.display(), out);
+}

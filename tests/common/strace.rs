@@ -483,3 +483,19 @@ pub fn check_own_errors_taken(calls: &[Call]) -> usize {
     }
     pubs.len()
 }
+
+/// `cmd` (a `filepipe` command built by a test) under `strace -f`, tracing every way to open a
+/// file, with descriptors' paths (`-y`): its run and the opens.
+pub fn traced_opens(cmd: &Command) -> (Run, Vec<Call>) {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut st = Command::new("strace");
+    st.args(["-f", "-qq", "-y", "-s", "300", "-o"])
+        .arg(log.path())
+        .args(["-e", "trace=open,openat,openat2,creat"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env_remove("RUST_LOG");
+    let out = run(st);
+    let text = fs::read_to_string(log.path()).unwrap();
+    (out, parse_strace(&text))
+}
