@@ -637,3 +637,72 @@ fn an_incremental_batch_replaces_only_the_output_it_made() {
     assert_zstd_restores(&o1.join("g.zst"), b"gee\n");
     assert_zstd_restores(&o1.join("f.zst"), b"version three\n");
 }
+
+/// A service whose `[[watch]]` tables share one state, started over a state of the layout
+/// before rows per result: every pipeline opens it at once and the upgrade runs once, the
+/// others waiting for it, not failing (found by a hostile review: "database is locked", the
+/// service exited 1 on its first start after the upgrade, in 5 runs of 5).
+#[test]
+fn a_service_of_several_pipelines_starts_over_an_older_state() {
+    let t = TestTree::new()
+        .file("r1/a", b"a\n")
+        .file("r2/b", b"b\n")
+        .file("r3/c", b"c\n");
+    let state = t.side("state");
+    fs::create_dir_all(&state).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/state-v0/filepipe.sqlite");
+    fs::copy(&fixture, state.join("filepipe.sqlite")).unwrap();
+    let config = t.side("filepipe.toml");
+    let mut toml = format!("state_dir = {state:?}\nsettle_ms = 100\n");
+    for (dir, op) in [
+        ("r1", "sha256,blake3"),
+        ("r2", "sha256,blake3"),
+        ("r3", "sha256"),
+    ] {
+        toml.push_str(&format!(
+            "[[watch]]\npath = {:?}\nop = {op:?}\nmanifest = {:?}\n",
+            t.path(dir),
+            t.side(&format!("SUMS-{dir}"))
+        ));
+    }
+    fs::write(&config, toml).unwrap();
+    let socket = t.side("notify.sock");
+    let notes = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[s("watch"), s("--config"), config.as_os_str()]);
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = Started::new(cmd);
+    let limit = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let manifests = ["r1", "r2", "r3"].map(|d| t.side(&format!("SUMS-{d}")));
+    let ran = || {
+        notes.has("READY=1")
+            && manifests
+                .iter()
+                .all(|m| fs::read(m).is_ok_and(|b| !b.is_empty()))
+    };
+    while !ran() {
+        if child.try_wait().is_ok_and(|s| s.is_some()) {
+            child.finish(std::time::Duration::from_secs(5)).success();
+            panic!("the service exited before every pipeline ran");
+        }
+        assert!(
+            std::time::Instant::now() < limit,
+            "timed out waiting for every pipeline"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    child.finish(std::time::Duration::from_secs(60)).success();
+    let conn = rusqlite::Connection::open(state.join("filepipe.sqlite")).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 1);
+}
