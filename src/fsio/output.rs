@@ -1367,7 +1367,12 @@ impl<R: Copy> Combined<R> {
             state.started += 1;
             let generation = state.started;
             drop(state);
+            let unwinding = Unwinding {
+                combined: self,
+                generation,
+            };
             let result = flush();
+            std::mem::forget(unwinding);
             state = self.state.lock().unwrap_or_else(|p| p.into_inner());
             state.running = false;
             state.finished = generation;
@@ -1385,6 +1390,26 @@ impl<R: Copy> Combined<R> {
             }
         }
         result
+    }
+}
+
+/// A flush under way in `Combined::combine`, ended if it panics (the publisher catches a
+/// panic and goes on: a panic costs its group, never the run). Only the caller that runs a
+/// flush waits on it (those that ask meanwhile wait on the next), so it ends with no result,
+/// and a caller waiting on the next one runs that. Without this, every later flush of the
+/// device would wait for ever.
+struct Unwinding<'a, R> {
+    combined: &'a Combined<R>,
+    generation: u64,
+}
+
+impl<R> Drop for Unwinding<'_, R> {
+    fn drop(&mut self) {
+        let mut state = (self.combined.state.lock()).unwrap_or_else(|p| p.into_inner());
+        state.running = false;
+        state.finished = self.generation;
+        state.waiting.remove(&self.generation);
+        self.combined.done.notify_all();
     }
 }
 
@@ -1812,6 +1837,56 @@ mod tests {
         // Alone, a caller runs its own flush.
         assert_eq!(combined.combine(|| 30), 30);
         assert_eq!(combined.combine(|| 40), 40);
+    }
+
+    /// A flush that panics (its publisher catches it and goes on) leaves no flush running for
+    /// ever: a caller that asked meanwhile runs the next one, and later callers are served.
+    #[test]
+    fn a_flush_that_panics_leaves_the_next_to_a_waiting_caller() {
+        use std::time::Duration;
+        let combined = Arc::new(Combined::<usize>::new());
+        let (running, is_running) = std::sync::mpsc::channel();
+        let panicking = {
+            let combined = Arc::clone(&combined);
+            std::thread::spawn(move || {
+                combined.combine(|| {
+                    running.send(()).expect("the test waits");
+                    // Until the other caller waits on the next flush.
+                    while combined.state.lock().expect("lock").waiting.get(&2) != Some(&1) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    panic!("a flush that panics");
+                })
+            })
+        };
+        is_running.recv().expect("the first flush runs");
+        let (served, got) = std::sync::mpsc::channel();
+        let waiter = {
+            let combined = Arc::clone(&combined);
+            std::thread::spawn(move || {
+                served.send(combined.combine(|| 7)).expect("the test waits");
+            })
+        };
+        assert!(panicking.join().is_err(), "the flush panicked");
+        assert_eq!(
+            got.recv_timeout(Duration::from_secs(30)),
+            Ok(7),
+            "a waiter hung"
+        );
+        waiter.join().expect("waiter");
+        let (served, got) = std::sync::mpsc::channel();
+        let later = Arc::clone(&combined);
+        std::thread::spawn(move || served.send(later.combine(|| 8)).expect("the test waits"));
+        assert_eq!(
+            got.recv_timeout(Duration::from_secs(30)),
+            Ok(8),
+            "a later caller hung"
+        );
+        let state = combined.state.lock().expect("lock");
+        assert!(
+            state.waiting.is_empty() && state.results.is_empty(),
+            "nothing kept"
+        );
     }
 
     /// However callers interleave, each is served by a flush that started after it asked.
