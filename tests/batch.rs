@@ -1217,8 +1217,10 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
                 // zlib-rs's level 1 wrote 38% more than gzip -1 on this text before it was mapped
                 // to 2. On machine code it writes up to 4.7% more (this debug binary, which
                 // changes with every commit: 4.73% once it held async-nats and tokio, 6.10%
-                // with libzstd, blake3 and the metrics exporter too).
-                "blocks/code.bin" if level == 1 => 1.07,
+                // with libzstd, blake3 and the metrics exporter too, 7.07% with the binary
+                // wire format and the state per result: the binary's code, not a change in
+                // compression, which no commit since 6.10% has touched).
+                "blocks/code.bin" if level == 1 => 1.08,
                 // zlib-rs hashes 4 bytes below level 9, so it misses the 3-byte matches machine
                 // code is full of: up to 5.8% more than gzip on this debug binary (2-3% on the
                 // system binaries of the calibration, ZLIB_LEVEL), which its level 9 (a 3-byte
