@@ -207,13 +207,7 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let level = u32::from(r.u8("level")?);
     let flags = r.flags(0b11, "job flags")?;
-    let n = usize::from(r.u16("file count")?);
-    if n > MAX_FILES || n.saturating_mul(MIN_JOB_FILE) > r.left() {
-        return Err(format!(
-            "{n} files declared ({MAX_FILES} at most), in {} bytes",
-            r.left()
-        ));
-    }
+    let n = r.count(MAX_FILES, MIN_JOB_FILE, "files")?;
     let mut files = Vec::with_capacity(n);
     for _ in 0..n {
         let rel = r.path()?;
@@ -408,13 +402,7 @@ pub(crate) fn decode_outcomes(payload: &[u8]) -> Result<OutcomeBatch, String> {
     let mut r = Reader::new(payload, OUTCOMES, "outcome")?;
     let run = r.name("run")?;
     let worker = r.text16("worker")?;
-    let n = usize::from(r.u16("outcome count")?);
-    if n > MAX_OUTCOMES || n.saturating_mul(MIN_OUTCOME) > r.left() {
-        return Err(format!(
-            "{n} outcomes declared ({MAX_OUTCOMES} at most), in {} bytes",
-            r.left()
-        ));
-    }
+    let n = r.count(MAX_OUTCOMES, MIN_OUTCOME, "outcomes")?;
     let mut outcomes = Vec::with_capacity(n);
     for _ in 0..n {
         let rel = r.path()?;
@@ -614,6 +602,19 @@ impl<'a> Reader<'a> {
                 hex: b.iter().map(|b| format!("{b:02x}")).collect(),
             },
         })
+    }
+
+    /// A count of `what` (two bytes), checked before anything is allocated for them: at most
+    /// `most`, and no more than the bytes left hold at `each` bytes at least apiece.
+    fn count(&mut self, most: usize, each: usize, what: &str) -> Result<usize, String> {
+        let n = usize::from(self.u16(what)?);
+        if n > most || n.saturating_mul(each) > self.left() {
+            return Err(format!(
+                "{n} {what} declared ({most} at most), in {} bytes",
+                self.left()
+            ));
+        }
+        Ok(n)
     }
 
     fn stamp(&mut self) -> Result<WireStamp, String> {
