@@ -7,8 +7,8 @@ use std::ffi::OsStr;
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
-use std::process::Stdio;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -1152,13 +1152,63 @@ echo "$(stat -c %X in/control) $(stat -c %X in/hashed)""#;
     );
 }
 
+/// Machine code that stays the same from commit to commit, and whether it is that: the
+/// toolchain's own `libstd-*.so` (optimised code, as the binaries users compress are). Where
+/// the toolchain ships none, this test's debug binary, whose code grows with every commit
+/// (hence the wider allowances for it below: its ratio to gzip moved from 1.047 to 1.091 as
+/// the project grew, with no change in compression).
+fn machine_code() -> (Vec<u8>, bool) {
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let sysroot = Command::new(rustc)
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let libstd = sysroot.and_then(|root| {
+        let targets = fs::read_dir(root.join("lib/rustlib")).ok()?;
+        let mut found: Vec<PathBuf> = targets
+            .flatten()
+            .filter_map(|t| fs::read_dir(t.path().join("lib")).ok())
+            .flat_map(|d| d.flatten().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(OsStr::to_str)
+                    .is_some_and(|n| n.starts_with("libstd-") && n.ends_with(".so"))
+            })
+            .collect();
+        found.sort();
+        found.into_iter().next()
+    });
+    match libstd
+        .and_then(|p| fs::read(p).ok())
+        .filter(|b| b.len() >= 1 << 20)
+    {
+        Some(code) => (code, true),
+        None => {
+            eprintln!(
+                "note: no libstd-*.so in the toolchain: machine code from this test's own binary, \
+                 with wider allowances"
+            );
+            (fs::read(bin()).unwrap(), false)
+        }
+    }
+}
+
 #[test]
 fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
     // `--level N` asks for gzip -N's compression, whichever library serves it. Text and machine
     // code, compressed whole (libdeflate) and, above 4 MiB, in blocks (zlib-rs), each against
     // the real gzip at the same level.
-    let exe = fs::read(bin()).unwrap();
-    let code = |len: usize| exe.iter().copied().cycle().take(len).collect::<Vec<u8>>();
+    let (machine, fixed_code) = machine_code();
+    let code = |len: usize| {
+        machine
+            .iter()
+            .copied()
+            .cycle()
+            .take(len)
+            .collect::<Vec<u8>>()
+    };
     // Real text: libdeflate's lead over gzip is smallest on source code.
     let mut source = Vec::new();
     for dir in ["src", "src/ops", "tests"] {
@@ -1203,6 +1253,10 @@ fn every_level_compresses_about_as_well_as_gzip_at_that_level() {
             "blocks/code.bin",
         ] {
             let limit = match rel {
+                // The toolchain's libstd, optimised code: at most 2.2% more than gzip -N at any
+                // level, whole or in blocks (1.022x at level 4 in blocks, 1.014x at 6 whole;
+                // Rust 1.95), within the 4% the speed targets allow.
+                "whole/code.bin" | "blocks/code.bin" if fixed_code => 1.04,
                 // The default, 6, uses libdeflate's level 4 (LIBDEFLATE_LEVEL): at most 3.6%
                 // more than gzip -6 on the calibration corpora, within the 4% the speed targets
                 // allow. Source code is its worst case, and this source (1.036x) changes with
