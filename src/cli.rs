@@ -618,8 +618,15 @@ pub(crate) struct WorkerArgs {
     /// and may not overlap one.
     #[arg(long = "out-root", value_name = "NAME=PATH")]
     pub(crate) out_roots: Vec<String>,
-    /// Do the jobs that ask for their inputs to be removed once their outputs are durable (a
-    /// coordinator's --remove-source); without it such jobs fail, and no input is removed.
+    /// A directory jobs may have their inputs moved to (a coordinator's --move-source or
+    /// --move-failed, known by that directory's own name), and where it is mounted on this
+    /// host (repeatable). Never taken as an input root; may not overlap an input or output
+    /// root. Moving inputs also needs --allow-remove-source.
+    #[arg(long = "move-root", value_name = "NAME=PATH")]
+    pub(crate) move_roots: Vec<String>,
+    /// Do the jobs that ask for their inputs to be removed (or moved to a --move-root) once
+    /// their outputs are durable (a coordinator's --remove-source, --move-source or
+    /// --move-failed); without it such jobs fail, and no input is removed or moved.
     #[arg(long)]
     pub(crate) allow_remove_source: bool,
     /// Worker threads, 1 to 256 [default: number of CPUs].

@@ -221,6 +221,8 @@ pub(crate) struct WorkerSettings {
     pub(crate) roots: Vec<RootGiven>,
     /// The output roots, in the order given.
     pub(crate) out_roots: Vec<RootGiven>,
+    /// The directories inputs may be moved to, in the order given.
+    pub(crate) move_roots: Vec<RootGiven>,
     /// Jobs may ask for their inputs to be removed.
     pub(crate) allow_remove_source: bool,
     /// Worker threads.
@@ -254,6 +256,7 @@ impl WorkerSettings {
             tls_ca: flags.tls_ca.or(self.tls_ca),
             roots: merge(self.roots, flags.roots),
             out_roots: merge(self.out_roots, flags.out_roots),
+            move_roots: merge(self.move_roots, flags.move_roots),
             allow_remove_source: flags.allow_remove_source || self.allow_remove_source,
             jobs: flags.jobs.or(self.jobs),
             durability: flags.durability.or(self.durability),
@@ -281,6 +284,7 @@ impl WorkerSettings {
             tls_ca: args.tls_ca.clone(),
             roots: flags("--root", &args.roots)?,
             out_roots: flags("--out-root", &args.out_roots)?,
+            move_roots: flags("--move-root", &args.move_roots)?,
             allow_remove_source: args.allow_remove_source,
             jobs: args.jobs,
             durability: args.durability,
@@ -308,6 +312,9 @@ pub(crate) struct WorkerConfig {
     pub(crate) roots: std::collections::HashMap<String, PathBuf>,
     /// The output roots jobs may name: written to only, apart from every input root.
     pub(crate) out_roots: std::collections::HashMap<String, PathBuf>,
+    /// The directories jobs may have their inputs moved to: apart from every input and
+    /// output root.
+    pub(crate) move_roots: std::collections::HashMap<String, PathBuf>,
     /// Jobs may have their inputs removed once their outputs are durable.
     pub(crate) allow_remove_source: bool,
     /// Worker threads.
@@ -343,6 +350,39 @@ impl WorkerConfig {
         }
         let roots = map_roots(&s.roots)?;
         let out_roots = map_roots(&s.out_roots)?;
+        let move_roots = map_roots(&s.move_roots)?;
+        // A move root is checked as an output root is, against the output roots too: moved
+        // inputs would be mixed with outputs, or taken as inputs again.
+        let inputs_and_outputs: Vec<(&RootGiven, &PathBuf)> = s
+            .roots
+            .iter()
+            .map(|r| (r, &roots[&r.name]))
+            .chain(s.out_roots.iter().map(|r| (r, &out_roots[&r.name])))
+            .collect();
+        for moved in &s.move_roots {
+            let path = &move_roots[&moved.name];
+            for (other, root) in &inputs_and_outputs {
+                let how = if other.name == moved.name {
+                    "has the name of"
+                } else if path == *root {
+                    "is"
+                } else if root.starts_with(path) {
+                    "encloses"
+                } else if path.starts_with(root) {
+                    "is inside"
+                } else {
+                    continue;
+                };
+                bail!(
+                    "{}: {} {how} the root {} ({}): a move root must be apart from every input \
+                     and output root, and named apart",
+                    moved.given,
+                    path.display(),
+                    root.display(),
+                    other.given
+                );
+            }
+        }
         for out in &s.out_roots {
             let path = &out_roots[&out.name];
             if let Some(input) = s.roots.iter().find(|r| r.name == out.name) {
@@ -381,6 +421,7 @@ impl WorkerConfig {
             tls_ca: s.tls_ca,
             roots,
             out_roots,
+            move_roots,
             allow_remove_source: s.allow_remove_source,
             jobs: s.jobs.map_or_else(default_jobs, usize::from),
             durability: s.durability.unwrap_or_default(),

@@ -129,6 +129,10 @@ struct Head<'a> {
     root: &'a str,
     /// The output root's name, if the outputs go to one.
     out: Option<&'a str>,
+    /// The names of the directories inputs are moved to (`--move-source`, `--move-failed`),
+    /// as the workers map them (`--move-root NAME=PATH`).
+    move_source: Option<String>,
+    move_failed: Option<String>,
     op: OpKind,
     ops: Vec<OpKind>,
 }
@@ -141,6 +145,8 @@ impl<'a> Head<'a> {
             run,
             root,
             out,
+            move_source: cfg.move_source.as_deref().and_then(move_root_name),
+            move_failed: cfg.move_failed.as_deref().and_then(move_root_name),
             op,
             ops,
         }
@@ -169,8 +175,15 @@ impl<'a> Head<'a> {
     fn job<'b>(&'b self, files: &'b [WireFile]) -> JobBatchOut<'b> {
         let cfg = self.cfg;
         JobBatchOut {
-            v: JobBatch::version(self.out, cfg.remove_source, !self.ops.is_empty()),
+            v: JobBatch::version(
+                self.out,
+                cfg.remove_source,
+                !self.ops.is_empty(),
+                self.move_source.is_some() || self.move_failed.is_some(),
+            ),
             out: self.out,
+            move_source: self.move_source.as_deref(),
+            move_failed: self.move_failed.as_deref(),
             remove_source: cfg.remove_source,
             run: self.run,
             root: self.root,
@@ -203,23 +216,49 @@ fn check(cfg: &Config, root: &str, out: Option<&str>) -> Result<Option<String>> 
         ))
         .into());
     }
-    if cfg.move_source.is_some() || cfg.move_failed.is_some() || cfg.follow_symlinks {
+    if cfg.follow_symlinks {
         return Err(Unreachable(anyhow!(
-            "--move-source, --move-failed and --follow-symlinks are not available with --queue \
-             yet"
+            "--follow-symlinks is not available with --queue yet"
         ))
         .into());
     }
-    let Some(dir) = &cfg.out else {
-        return Ok(None);
+    let out = match &cfg.out {
+        None => None,
+        Some(dir) => match crate::config::out_root_name(dir, out, root) {
+            Ok(name) => Some(name),
+            Err(name) => return Err(Unreachable(anyhow!(
+                "the output root's name {name:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the input root's: give one with --out-root-name NAME (the workers map it with --out-root NAME=PATH)"
+            ))
+            .into()),
+        },
     };
-    match crate::config::out_root_name(dir, out, root) {
-        Ok(name) => Ok(Some(name)),
-        Err(name) => Err(Unreachable(anyhow!(
-            "the output root's name {name:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the input root's: give one with --out-root-name NAME (the workers map it with --out-root NAME=PATH)"
-        ))
-        .into()),
+    // The workers know a move directory by its own name (`--move-root NAME=PATH`): one that
+    // is no plain name, or the name of another root of the run, could not be told apart.
+    let mut names = vec![root.to_owned()];
+    names.extend(out.clone());
+    for (aside, flag) in [
+        (&cfg.move_source, "--move-source"),
+        (&cfg.move_failed, "--move-failed"),
+    ] {
+        let Some(aside) = aside else { continue };
+        match move_root_name(aside) {
+            Some(name) if !names.contains(&name) => names.push(name),
+            _ => {
+                return Err(Unreachable(anyhow!(
+                    "{flag} {}: the workers know it by its directory's name, which must be 1 to 64 of A-Z a-z 0-9 _ - and differ from the input root's, the output root's and the other move directory's (the workers map it with --move-root NAME=PATH)",
+                    aside.root.display()
+                ))
+                .into())
+            }
+        }
     }
+    Ok(out)
+}
+
+/// The name the workers know a move directory by: its own name, if a plain one.
+fn move_root_name(aside: &crate::fsio::aside::Aside) -> Option<String> {
+    let name = aside.root.file_name()?.to_str()?;
+    wire::valid_name(name).then(|| name.to_owned())
 }
 
 /// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.
@@ -354,7 +393,12 @@ fn coordinate(
     }
     let ledger = Ledger {
         hashes: cfg.spec.hashes().to_vec(),
-        version: JobBatch::version(out, cfg.remove_source, cfg.spec.is_multi()),
+        version: JobBatch::version(
+            out,
+            cfg.remove_source,
+            cfg.spec.is_multi(),
+            cfg.move_source.is_some() || cfg.move_failed.is_some(),
+        ),
         ..Ledger::default()
     };
     let watching = source.listens();
@@ -1247,12 +1291,13 @@ fn replay(
                 // Counted only if done and the file is still the version the worker read: a
                 // file changed or deleted while the coordinator was down is published again
                 // (or, gone, not listed), and a failure is tried again. With --remove-source
-                // a done file's input is gone because the worker removed it.
+                // (or --move-source) a done file's input is gone because the worker removed
+                // (or moved) it.
                 let now = Stamp::of(&cfg.root.join(o.rel()));
                 let still = matches!(o, Outcome::Done { .. })
                     && match now {
                         Some(now) => w.read == Some(WireStamp::of(&now)),
-                        None => cfg.remove_source,
+                        None => cfg.remove_source || cfg.move_source.is_some(),
                     };
                 if still && accounted.insert(o.rel().to_path_buf()) {
                     firsts.push(o);

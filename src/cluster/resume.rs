@@ -74,6 +74,18 @@ impl RunFile {
         if cfg.remove_source {
             h.update(b"remove-source");
         }
+        // Where inputs are moved: another directory is another batch.
+        for (aside, tag) in [
+            (&cfg.move_source, &b"move-source"[..]),
+            (&cfg.move_failed, &b"move-failed"[..]),
+        ] {
+            if let Some(aside) = aside {
+                let part = aside.root.as_os_str().as_bytes();
+                h.update(tag);
+                h.update((part.len() as u64).to_le_bytes());
+                h.update(part);
+            }
+        }
         let key: String = h.finalize()[..8]
             .iter()
             .map(|b| format!("{b:02x}"))

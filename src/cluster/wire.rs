@@ -321,6 +321,15 @@ pub(crate) struct JobBatch {
     /// result alone. Empty: `op` alone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) ops: Vec<OpKind>,
+    /// gzip, zstd: the name of the directory each input is moved to once its output is
+    /// durable (`--move-source`), mapped by each worker with `--move-root NAME=PATH`. A message
+    /// with it is `VERSION_MOVE`: a worker from before it would leave the inputs in the tree.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) move_source: Option<String>,
+    /// The name of the directory an input that failed for good is moved to (`--move-failed`),
+    /// mapped like `move_source`; `VERSION_MOVE` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) move_failed: Option<String>,
 }
 
 /// A job message as it is written: `JobBatch`'s fields, borrowed, so that encoding a batch
@@ -340,6 +349,10 @@ pub(crate) struct JobBatchOut<'a> {
     pub(crate) remove_source: bool,
     #[serde(skip_serializing_if = "<[OpKind]>::is_empty")]
     pub(crate) ops: &'a [OpKind],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) move_source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) move_failed: Option<&'a str>,
 }
 
 /// The version of a job message that names an output root or asks for its inputs removed:
@@ -349,12 +362,20 @@ pub(crate) const VERSION_OUT: u32 = 2;
 /// The version of a job message with several ops (`ops`), an output root or not.
 pub(crate) const VERSION_MULTI: u32 = 3;
 
+/// The version of a JSON job message that names a directory its inputs are moved to
+/// (`move_source`, `move_failed`): a worker from before them would leave the inputs where they
+/// are. After 4, which is the binary format's (there, a flag bit says the same).
+pub(crate) const VERSION_MOVE: u32 = 5;
+
 impl JobBatch {
-    /// The version a batch is sent as: `VERSION_MULTI` with several ops, else `VERSION_OUT`
+    /// The version a batch is sent as: `VERSION_MOVE` with a directory inputs are moved to
+    /// (which several ops never have), else `VERSION_MULTI` with several ops, else `VERSION_OUT`
     /// with an output root or `remove_source`, else `VERSION`. A single op keeps the version
     /// it always had, so workers from before several results still take those jobs.
-    pub(crate) fn version(out: Option<&str>, remove_source: bool, multi: bool) -> u32 {
-        if multi {
+    pub(crate) fn version(out: Option<&str>, remove_source: bool, multi: bool, moves: bool) -> u32 {
+        if moves {
+            VERSION_MOVE
+        } else if multi {
             VERSION_MULTI
         } else if out.is_some() || remove_source {
             VERSION_OUT
@@ -407,15 +428,25 @@ impl JobBatch {
     /// and checks what either says.
     pub(super) fn parse_json(payload: &[u8]) -> Result<JobBatch, String> {
         let b: JobBatch = serde_json::from_slice(payload).map_err(|e| in_part(&e.to_string()))?;
-        if b.v != JobBatch::version(b.out.as_deref(), b.remove_source, !b.ops.is_empty()) {
+        if b.v != b.wire_version() {
             return Err(format!(
                 "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root \
-                 or --remove-source, {VERSION_MULTI} with several ops, and binary messages \
-                 of version 4",
+                 or --remove-source, {VERSION_MULTI} with several ops, {VERSION_MOVE} with \
+                 --move-source or --move-failed, and binary messages of version 4",
                 b.v
             ));
         }
         Ok(b)
+    }
+
+    /// The JSON version this batch's fields call for.
+    fn wire_version(&self) -> u32 {
+        JobBatch::version(
+            self.out.as_deref(),
+            self.remove_source,
+            !self.ops.is_empty(),
+            self.move_source.is_some() || self.move_failed.is_some(),
+        )
     }
 
     /// Checks what a job message says, whatever its format.
@@ -437,6 +468,30 @@ impl JobBatch {
             if !valid_name(out) || *out == b.root {
                 return Err("an output root that is not a plain name other than the root".into());
             }
+        }
+        // As on the command line: a move is a removal from the tree (compressing single ops
+        // only, never with remove_source), and done inputs and failed ones never share a
+        // directory. A name is a plain name, never a path: a worker maps it, or refuses it.
+        if b.move_source.is_some() && (!b.op.compresses() || spec.is_multi() || b.remove_source) {
+            return Err(format!(
+                "move_source with op {spec}{}",
+                if b.remove_source {
+                    " and remove_source"
+                } else {
+                    ""
+                }
+            ));
+        }
+        for name in b.move_source.iter().chain(&b.move_failed) {
+            if !valid_name(name) || *name == b.root || Some(name) == b.out.as_ref() {
+                return Err(
+                    "a move root that is not a plain name other than the root and the output root"
+                        .into(),
+                );
+            }
+        }
+        if b.move_source.is_some() && b.move_source == b.move_failed {
+            return Err("move_source and move_failed name the same root".into());
         }
         // Each op's own range (gzip 1-9, zstd 1-19); a hash carries a level it does not use.
         if b.op.compresses() {
@@ -883,6 +938,8 @@ mod tests {
             out: Some("o"),
             remove_source: false,
             ops: &ops,
+            move_source: None,
+            move_failed: None,
         })
         .unwrap();
         let b = JobBatch::parse(&json).unwrap();
@@ -907,6 +964,8 @@ mod tests {
             out: None,
             remove_source: false,
             ops: &[],
+            move_source: None,
+            move_failed: None,
         })
         .unwrap();
         assert!(JobBatch::parse(plain.as_bytes()).is_ok(), "{plain}");
@@ -946,6 +1005,36 @@ mod tests {
     }
 
     #[test]
+    fn a_job_message_that_moves_its_inputs_is_a_version_of_its_own_and_names_plain_roots() {
+        let good = r#"{"v":5,"run":"r1","root":"in","op":"gzip","level":6,"force":false,
+            "files":[{"rel":"a","size":1}],"move_source":"done","move_failed":"bad"}"#;
+        let b = JobBatch::parse(good.as_bytes()).unwrap();
+        assert_eq!(
+            (b.move_source.as_deref(), b.move_failed.as_deref()),
+            (Some("done"), Some("bad"))
+        );
+        for bad in [
+            // A worker of version 2 or 3 would read it and leave the inputs in the tree.
+            good.replace("\"v\":5", "\"v\":2"),
+            good.replace("\"v\":5", "\"v\":1"),
+            good.replace("\"done\"", "\"..\""),
+            good.replace("\"done\"", "\"/etc\""),
+            good.replace("\"bad\"", "\"../x\""),
+            good.replace("\"done\"", "\"in\""),
+            good.replace("\"done\"", "\"bad\""),
+            good.replace(r#""gzip","level":6"#, r#""sha256","level":6"#),
+            good.replace("\"force\":false", "\"force\":false,\"remove_source\":true"),
+        ] {
+            assert!(JobBatch::parse(bad.as_bytes()).is_err(), "{bad:.200}");
+        }
+        // Without them, a message is the version it always was.
+        let plain = good
+            .replace("\"v\":5", "\"v\":1")
+            .replace(r#","move_source":"done","move_failed":"bad""#, "");
+        assert!(JobBatch::parse(plain.as_bytes()).is_ok(), "{plain}");
+    }
+
+    #[test]
     fn a_job_message_with_several_ops_is_checked_as_op_is_on_the_command_line() {
         let good = r#"{"v":3,"run":"r1","root":"in","op":"zstd","level":19,"force":false,
             "files":[{"rel":"a","size":1}],"ops":["sha256","blake3","zstd"]}"#;
@@ -963,7 +1052,7 @@ mod tests {
             let spec: OpSpec = op.parse().unwrap();
             let (op, ops) = JobBatch::ops_of(&spec);
             let b = JobBatch {
-                v: JobBatch::version(None, false, !ops.is_empty()),
+                v: JobBatch::version(None, false, !ops.is_empty(), false),
                 run: "r".into(),
                 root: "in".into(),
                 op,
@@ -978,6 +1067,8 @@ mod tests {
                 }],
                 out: None,
                 remove_source: false,
+                move_source: None,
+                move_failed: None,
             };
             let read = JobBatch::parse(&serde_json::to_vec(&b).unwrap()).unwrap();
             assert_eq!(read.spec().unwrap(), spec);

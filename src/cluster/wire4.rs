@@ -14,7 +14,8 @@
 //!
 //! ```text
 //! jobs:      04 'J' run:s8 root:s8 out:s8 (empty: none) op:u8 n_ops:u8 ops:u8*n_ops level:u8
-//!            flags:u8 (1 force, 2 remove_source) n_files:u16, then per file:
+//!            flags:u8 (1 force, 2 remove_source, 4 move_source, 8 move_failed)
+//!            [move_source:s8] [move_failed:s8] n_files:u16, then per file:
 //!            path:s32 flags:u8 (1 replace, 2 stamp, 4 size) [size:u64] [stamp size:u64 mtime_ns:i64]
 //! outcomes:  04 'O' run:s8 worker:s16 n:u16, then per outcome:
 //!            path:s32 status:u8 (0 done, 1 skipped, 2 failed) flags:u8 (1 kind, 2 message,
@@ -154,7 +155,17 @@ pub(crate) fn encode_jobs(j: &JobBatchOut) -> Result<Vec<u8>, String> {
     buf.push(n_ops);
     buf.extend(j.ops.iter().map(|&op| op_code(op)));
     buf.push(u8::try_from(j.level).map_err(|_| format!("level {}", j.level))?);
-    buf.push(u8::from(j.force) | u8::from(j.remove_source) << 1);
+    // The move roots' bits are new: a reader from before them refuses the message (an unknown
+    // flag bit) rather than leave the inputs in the tree.
+    buf.push(
+        u8::from(j.force)
+            | u8::from(j.remove_source) << 1
+            | u8::from(j.move_source.is_some()) << 2
+            | u8::from(j.move_failed.is_some()) << 3,
+    );
+    for name in j.move_source.iter().chain(&j.move_failed) {
+        put_s8(&mut buf, name.as_bytes(), "move root")?;
+    }
     let n = u16::try_from(j.files.len()).map_err(|_| "too many files".to_owned())?;
     buf.extend_from_slice(&n.to_le_bytes());
     for f in j.files {
@@ -206,7 +217,17 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         .map(|&c| op_of(c))
         .collect::<Result<Vec<_>, _>>()?;
     let level = u32::from(r.u8("level")?);
-    let flags = r.flags(0b11, "job flags")?;
+    let flags = r.flags(0b1111, "job flags")?;
+    let move_source = if flags & 4 != 0 {
+        Some(r.name("move_source")?)
+    } else {
+        None
+    };
+    let move_failed = if flags & 8 != 0 {
+        Some(r.name("move_failed")?)
+    } else {
+        None
+    };
     let n = r.count(MAX_FILES, MIN_JOB_FILE, "files")?;
     let mut files = Vec::with_capacity(n);
     for _ in 0..n {
@@ -233,6 +254,8 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         out,
         remove_source: flags & 2 != 0,
         ops,
+        move_source,
+        move_failed,
     })
 }
 
@@ -667,6 +690,38 @@ mod tests {
             out: Some("o"),
             remove_source: false,
             ops,
+            move_source: None,
+            move_failed: None,
+        }
+    }
+
+    #[test]
+    fn move_roots_travel_as_flag_bits_and_names_that_an_older_reader_refuses() {
+        let files = [file(b"a/b.log", None, false)];
+        let mut j = job(&files, &[]);
+        j.op = OpKind::Gzip;
+        j.level = 6;
+        j.move_source = Some("done");
+        j.move_failed = Some("bad");
+        let payload = encode_jobs(&j).unwrap();
+        let b = JobBatch::parse(&payload).unwrap();
+        assert_eq!(
+            (b.move_source.as_deref(), b.move_failed.as_deref()),
+            (Some("done"), Some("bad"))
+        );
+        // A reader from before them knew the bits 1 and 2 only: what it does with these.
+        // 04 'J', run "r1", root "in", out "o", op, no ops, level: the flags follow.
+        let flags_at = 2 + 3 + 3 + 2 + 3;
+        assert_eq!(payload[flags_at], 0b1101);
+        let mut older = Reader {
+            left: &payload[flags_at..],
+        };
+        assert!(older.flags(0b11, "job flags").is_err());
+        // A move root is a name, never a path.
+        for hostile in ["..", "/etc", "a/b"] {
+            j.move_source = Some(hostile);
+            let payload = encode_jobs(&j).unwrap();
+            assert!(JobBatch::parse(&payload).is_err(), "{hostile}");
         }
     }
 

@@ -25,6 +25,7 @@ use crate::cluster::{
 };
 use crate::config::{Config, Filter, WorkerConfig};
 use crate::error::{FileError, Kind};
+use crate::fsio::aside::Aside;
 use crate::pipeline;
 use crate::report::{self, Summary};
 use crate::signals::Shutdown;
@@ -55,6 +56,10 @@ struct Key {
     out: Option<(String, PathBuf)>,
     /// Inputs removed once their outputs are durable.
     remove_source: bool,
+    /// The move roots' names (mapped in `Router::move_roots`): where inputs done
+    /// (`--move-source`) and inputs failed for good (`--move-failed`) are moved.
+    move_source: Option<String>,
+    move_failed: Option<String>,
     /// The jobs' format, which their outcomes take (a coordinator may send both: JSON for
     /// the jobs a worker from before version 4 refused).
     format: Format,
@@ -75,6 +80,15 @@ struct Running {
 pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
     let roots = cfg.roots.clone();
     let out_roots = cfg.out_roots.clone();
+    // Each opened once, here, as a local batch opens its --move-source: every move goes
+    // beneath that descriptor, never by the path again.
+    let mut move_roots = HashMap::new();
+    for (name, path) in &cfg.move_roots {
+        let aside = Aside::open(path)
+            .with_context(|| format!("cannot open --move-root {name}={}", path.display()))
+            .map_err(Unreachable)?;
+        move_roots.insert(name.clone(), Arc::new(aside));
+    }
     let queue = Queue {
         url: cfg.url.clone(),
         creds: cfg.creds.clone(),
@@ -137,6 +151,7 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         checked: HashSet::new(),
         roots,
         out_roots,
+        move_roots,
         allow_remove_source: cfg.allow_remove_source,
         jobs,
         durability: cfg.durability,
@@ -167,6 +182,8 @@ struct Router<'a> {
     roots: HashMap<String, PathBuf>,
     /// The output roots (`--out-root`): written to only, never taken as inputs.
     out_roots: HashMap<String, PathBuf>,
+    /// The move roots (`--move-root`), opened: inputs are moved beneath them, never read.
+    move_roots: HashMap<String, Arc<Aside>>,
     /// `--allow-remove-source`: jobs may have their inputs removed.
     allow_remove_source: bool,
     jobs: usize,
@@ -393,17 +410,26 @@ impl Router<'_> {
         };
         // The output root, mapped here like the input root, and never overlapping it (a job
         // message is untrusted: it must not get outputs written among the inputs).
-        if batch.remove_source {
+        let moves = batch.move_source.is_some() || batch.move_failed.is_some();
+        if batch.remove_source || moves {
             // Removing inputs is the worker's operator's choice, not a message's; and it
-            // needs durable outputs, which a worker told not to flush does not make.
+            // needs durable outputs, which a worker told not to flush does not make. Moving
+            // an input out of the tree is a removal from it: the same allowance.
+            let asks = if batch.remove_source {
+                "its inputs removed"
+            } else {
+                "its inputs moved out of the tree"
+            };
             let refused = if !self.allow_remove_source {
                 Some(format!(
-                    "the job asks for its inputs removed, and this worker ({}) was not started with --allow-remove-source",
+                    "the job asks for {asks}, and this worker ({}) was not started with --allow-remove-source",
                     self.me
                 ))
-            } else if self.durability == crate::fsio::output::Durability::None {
+            } else if (batch.remove_source || batch.move_source.is_some())
+                && self.durability == crate::fsio::output::Durability::None
+            {
                 Some(format!(
-                    "--remove-source needs durable outputs, and this worker ({}) runs with --durability none",
+                    "--remove-source and --move-source need durable outputs, and this worker ({}) runs with --durability none",
                     self.me
                 ))
             } else {
@@ -429,6 +455,18 @@ impl Router<'_> {
                 }
             },
         };
+        // A move root, mapped here like the output root (apart from every root, checked at
+        // start); a message names it, never a path.
+        for name in batch.move_source.iter().chain(&batch.move_failed) {
+            if !self.move_roots.contains_key(name) {
+                let message = format!(
+                    "the move root {name:?} is not mapped on this worker ({}): give it --move-root {name}=PATH, as every worker of root {:?} needs",
+                    self.me, batch.root
+                );
+                self.refuse(&m, &batch, spec.canonical(), Kind::UnmappedRoot, message);
+                return Ok(());
+            }
+        }
         if delivered > MAX_DELIVER {
             // Every worker that took it died or hung on it: its files fail, for good.
             let message = format!(
@@ -492,6 +530,8 @@ impl Router<'_> {
             force: batch.force,
             out,
             remove_source: batch.remove_source,
+            move_source: batch.move_source.clone(),
+            move_failed: batch.move_failed.clone(),
             format: batch.format(),
         };
         if !self.pipelines.contains_key(&key) {
@@ -623,8 +663,14 @@ impl Router<'_> {
             follow_symlinks: false,
             force: key.force,
             remove_source: key.remove_source,
-            move_source: None,
-            move_failed: None,
+            move_source: key
+                .move_source
+                .as_ref()
+                .and_then(|n| self.move_roots.get(n).cloned()),
+            move_failed: key
+                .move_failed
+                .as_ref()
+                .and_then(|n| self.move_roots.get(n).cloned()),
             durability: self.durability,
             json: false,
             quiet: true,

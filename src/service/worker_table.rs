@@ -125,6 +125,7 @@ impl WorkerTable {
             tls_ca: self.tls_ca.as_ref().map(|p| file.resolve(p.get_ref())),
             roots: roots(&self.roots, "roots")?,
             out_roots: roots(&self.out_roots, "out_roots")?,
+            move_roots: Vec::new(),
             allow_remove_source: self.allow_remove_source,
             jobs: self.jobs.as_ref().map(|j| *j.get_ref()),
             durability: self.durability,

@@ -1,0 +1,244 @@
+//! `--move-source` and `--move-failed` through the queue, against a real `nats-server`: the
+//! coordinator names each move directory by its own name, workers map it with
+//! `--move-root NAME=PATH` and move inputs only with `--allow-remove-source`. Issue 17.
+#![cfg(feature = "cluster")]
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::cluster::*;
+use common::*;
+
+/// Every file under `dir` (not directories), relative to it, sorted.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file())
+        .map(|e| e.path().strip_prefix(dir).unwrap().to_path_buf())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A copy of `t`'s tree beside it, to compare moved inputs and outputs with.
+fn copy_of(t: &TestTree) -> PathBuf {
+    let copy = t.side("copy");
+    let cp = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(t.root())
+        .arg(&copy)
+        .status()
+        .unwrap();
+    assert!(cp.success());
+    copy
+}
+
+#[test]
+fn two_workers_move_each_input_to_its_relative_path_once_its_output_is_whole() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(80, 0);
+    let copy = copy_of(&t);
+    let done = t.side("done");
+    fs::create_dir(&done).unwrap();
+    // The workers mount the move directory elsewhere: the job carries its name, not its path.
+    let mount = t.side("mnt-done");
+    std::os::unix::fs::symlink(&done, &mount).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let move_root = format!("done={}", mount.display());
+    let extra = ["--move-root", &move_root, "--allow-remove-source"];
+    let _w1 = Worker::start_with(&nats, t.dir.path(), &roots, "2", &extra);
+    let _w2 = Worker::start_with(&nats, t.dir.path(), &roots, "2", &extra);
+    let args = [
+        "--op",
+        "gzip",
+        "--root-name",
+        "tree",
+        "--move-source",
+        done.to_str().unwrap(),
+    ];
+    let run = coordinate(&nats, &t.root(), &args);
+    let sum = run.code(0).summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(80), Some(0)),
+        "{sum}\n{}",
+        run.stderr()
+    );
+    // Every output whole (gzip -t and its input's bytes, from the copy), beside where its
+    // input was; every input under the move directory at its relative path, as it was; none
+    // left in the tree.
+    assert_eq!(assert_outputs_of(&t.root(), &copy), 80);
+    let inputs: Vec<PathBuf> = files_under(&copy);
+    assert_eq!(files_under(&done), inputs);
+    for rel in &inputs {
+        assert_eq!(
+            fs::read(done.join(rel)).unwrap(),
+            fs::read(copy.join(rel)).unwrap()
+        );
+    }
+    let left: Vec<PathBuf> = files_under(&t.root())
+        .into_iter()
+        .filter(|p| p.extension() != Some(OsStr::new("gz")))
+        .collect();
+    assert!(left.is_empty(), "inputs left in the tree: {left:?}");
+}
+
+#[test]
+fn a_worker_not_allowed_to_remove_inputs_fails_move_jobs_and_moves_nothing() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(20, 0);
+    let done = t.side("done");
+    fs::create_dir(&done).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let move_root = format!("done={}", done.display());
+    let _w = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &roots,
+        "2",
+        &["--move-root", &move_root],
+    );
+    let before = files_under(&t.root());
+    let args = [
+        "--op",
+        "gzip",
+        "--root-name",
+        "tree",
+        "--move-source",
+        done.to_str().unwrap(),
+    ];
+    let run = coordinate(&nats, &t.root(), &args);
+    assert_eq!(run.code(1).summary()["failed"], 20, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("--allow-remove-source"),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(files_under(&t.root()), before, "the tree changed");
+    assert!(files_under(&done).is_empty(), "an input was moved");
+    // A worker that does not map the move directory fails the jobs too, naming it.
+    drop(_w);
+    let _w = Worker::start_with(&nats, t.dir.path(), &roots, "1", &["--allow-remove-source"]);
+    let run = coordinate(&nats, &t.root(), &args);
+    assert_eq!(run.code(1).summary()["failed"], 20, "{}", run.stderr());
+    assert!(
+        run.stderr().contains("--move-root done="),
+        "{}",
+        run.stderr()
+    );
+    assert_eq!(files_under(&t.root()), before, "the tree changed");
+    // A worker whose move root is inside an input root does not start.
+    let inside = format!("done={}", t.root().join("d0").display());
+    let mut cmd = filepipe(&[
+        OsStr::new("worker"),
+        OsStr::new("--queue"),
+        OsStr::new(&nats.url),
+    ]);
+    cmd.args(["--root", &roots[0], "--move-root", &inside]);
+    let refused = common::run(cmd);
+    refused.code(2);
+    assert!(
+        refused.stderr().contains("is inside the root"),
+        "{}",
+        refused.stderr()
+    );
+}
+
+/// A name of 253 bytes: its output's (`+ .gz`) is over NAME_MAX, a failure no retry mends
+/// (as tests/move_source.rs makes one).
+const LONG_NAME: [u8; 253] = [b'n'; 253];
+
+#[test]
+fn move_failed_through_the_queue_moves_an_input_failed_for_good_and_says_where() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new()
+        .file(LONG_NAME, b"named too long for its .gz\n")
+        .file("ok.log", b"fine\n");
+    let failed = t.side("failed");
+    fs::create_dir(&failed).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let move_root = format!("failed={}", failed.display());
+    let log = t.side("worker-failures.jsonl");
+    let _w = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &roots,
+        "1",
+        &[
+            "--move-root",
+            &move_root,
+            "--allow-remove-source",
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    let args = [
+        "--op",
+        "gzip",
+        "--root-name",
+        "tree",
+        "--move-failed",
+        failed.to_str().unwrap(),
+    ];
+    let run = coordinate(&nats, &t.root(), &args);
+    let sum = run.code(1).summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{sum}\n{}",
+        run.stderr()
+    );
+    let long = OsStr::from_bytes(&LONG_NAME);
+    assert!(!t.root().join(long).exists(), "the failed input stayed");
+    assert_eq!(
+        fs::read(failed.join(long)).unwrap(),
+        b"named too long for its .gz\n"
+    );
+    assert!(
+        t.path("ok.log").exists(),
+        "a done input moves only with --move-source"
+    );
+    let want = format!("input moved to {}", failed.join(long).display());
+    assert!(run.stderr().contains(&want), "{}", run.stderr());
+}
+
+/// A job message alone cannot name a path for a move root: `..`, an absolute path or one
+/// with a slash is refused, and no input moves.
+#[test]
+fn a_hostile_job_message_naming_a_path_as_its_move_root_is_refused() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(3, 0);
+    let done = t.side("done");
+    fs::create_dir(&done).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let move_root = format!("done={}", done.display());
+    let worker = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &roots,
+        "1",
+        &["--move-root", &move_root, "--allow-remove-source"],
+    );
+    let before = files_under(&t.root());
+    for (i, name) in ["..", "/tmp", "done/..", "../done"].iter().enumerate() {
+        let msg = format!(
+            r#"{{"v":5,"run":"evil{i}","root":"tree","op":"gzip","level":6,"force":false,"move_source":{name:?},"files":[{{"rel":"d0/e0/f0.log","size":0}}]}}"#
+        );
+        nats.publish_raw(&format!("filepipe.jobs.tree.evil{i}"), msg.as_bytes());
+    }
+    wait_until(Duration::from_secs(60), "four refusals", || {
+        worker.log().matches("refused a job message").count() >= 4
+    });
+    assert_eq!(files_under(&t.root()), before, "the tree changed");
+    assert!(files_under(&done).is_empty(), "an input was moved");
+    assert!(
+        !t.dir.path().join("d0").exists() && !Path::new("/tmp/d0/e0/f0.log").exists(),
+        "an input moved outside its move root"
+    );
+}
