@@ -53,7 +53,25 @@ fn two_workers_move_each_input_to_its_relative_path_once_its_output_is_whole() {
     let move_root = format!("done={}", mount.display());
     let extra = ["--move-root", &move_root, "--allow-remove-source"];
     let _w1 = Worker::start_with(&nats, t.dir.path(), &roots, "2", &extra);
-    let _w2 = Worker::start_with(&nats, t.dir.path(), &roots, "2", &extra);
+    // The second takes its roots from its config file's [worker] table.
+    let toml = t.side("worker.toml");
+    fs::write(
+        &toml,
+        format!(
+            "[worker]\nallow_remove_source = true\n[worker.roots]\ntree = {:?}\n\
+             [worker.move_roots]\ndone = {:?}\n",
+            t.root().display().to_string(),
+            mount.display().to_string()
+        ),
+    )
+    .unwrap();
+    let _w2 = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &[],
+        "2",
+        &["--config", toml.to_str().unwrap()],
+    );
     let args = [
         "--op",
         "gzip",

@@ -36,6 +36,10 @@ pub(super) struct WorkerTable {
     /// The output roots: name = mount point here.
     #[serde(default)]
     out_roots: BTreeMap<String, Spanned<PathBuf>>,
+    /// The directories inputs may be moved to (a coordinator's --move-source, --move-failed):
+    /// name = mount point here.
+    #[serde(default)]
+    move_roots: BTreeMap<String, Spanned<PathBuf>>,
     /// Worker threads.
     jobs: Option<Spanned<u16>>,
     /// Jobs may have their inputs removed once their outputs are durable.
@@ -76,11 +80,16 @@ impl WorkerTable {
             .out_roots
             .iter()
             .map(|(n, p)| (format!("out_roots.{n}"), p));
+        let move_roots = self
+            .move_roots
+            .iter()
+            .map(|(n, p)| (format!("move_roots.{n}"), p));
         let named = files
             .into_iter()
             .filter_map(|(k, p)| p.map(|p| (k.to_string(), p)))
             .chain(roots)
-            .chain(out_roots);
+            .chain(out_roots)
+            .chain(move_roots);
         for (key, path) in named {
             if path.get_ref().as_os_str().is_empty() {
                 let msg = "an empty path: give the file or directory".to_string();
@@ -125,7 +134,7 @@ impl WorkerTable {
             tls_ca: self.tls_ca.as_ref().map(|p| file.resolve(p.get_ref())),
             roots: roots(&self.roots, "roots")?,
             out_roots: roots(&self.out_roots, "out_roots")?,
-            move_roots: Vec::new(),
+            move_roots: roots(&self.move_roots, "move_roots")?,
             allow_remove_source: self.allow_remove_source,
             jobs: self.jobs.as_ref().map(|j| *j.get_ref()),
             durability: self.durability,
