@@ -938,7 +938,7 @@ fn gather_outcomes(
                     outstanding,
                     workers_waiting = waiting,
                     jobs_version = ledger.version,
-                    "no outcome for {STALLED:?}: workers from before job messages of this version (4: binary, which every run sends first; 2: --out or --remove-source; 3: several results) refuse them without an outcome (their jobs are published again, as JSON, until a worker that reads them takes them); upgrade the workers"
+                    "no outcome for {STALLED:?}: workers from before job messages of this version (4: binary, which every run sends first; 2: --out or --remove-source; 3: several results; 5: --move-source or --move-failed) refuse them without an outcome (their jobs are published again, as JSON, until a worker that reads them takes them); upgrade the workers"
                 );
             } else {
                 tracing::warn!(
