@@ -151,6 +151,28 @@ fn a_worker_not_allowed_to_remove_inputs_fails_move_jobs_and_moves_nothing() {
         run.stderr()
     );
     assert_eq!(files_under(&t.root()), before, "the tree changed");
+    // A move directory whose name is no plain name, or the root's, is refused at start.
+    for bad in [t.side("done.d"), t.side("tree")] {
+        let run = coordinate(
+            &nats,
+            &t.root(),
+            &[
+                "--op",
+                "gzip",
+                "--root-name",
+                "tree",
+                "--move-source",
+                bad.to_str().unwrap(),
+            ],
+        );
+        assert!(
+            run.code(2).stderr().contains("--move-root"),
+            "{}",
+            run.stderr()
+        );
+        assert!(!bad.exists() || files_under(&bad).is_empty());
+    }
+    assert_eq!(files_under(&t.root()), before, "the tree changed");
     // A worker whose move root is inside an input root does not start.
     let inside = format!("done={}", t.root().join("d0").display());
     let mut cmd = filepipe(&[
