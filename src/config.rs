@@ -383,6 +383,20 @@ impl WorkerConfig {
                 );
             }
         }
+        // Two move roots apart too: a job may pair any two, mixing done and failed inputs.
+        for (i, a) in s.move_roots.iter().enumerate() {
+            for b in &s.move_roots[i + 1..] {
+                let (pa, pb) = (&move_roots[&a.name], &move_roots[&b.name]);
+                if pa.starts_with(pb) || pb.starts_with(pa) {
+                    bail!(
+                        "{} and {}: move roots must be apart, or done and failed inputs could \
+                         be mixed",
+                        a.given,
+                        b.given
+                    );
+                }
+            }
+        }
         for out in &s.out_roots {
             let path = &out_roots[&out.name];
             if let Some(input) = s.roots.iter().find(|r| r.name == out.name) {

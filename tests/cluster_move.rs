@@ -190,6 +190,67 @@ fn a_worker_not_allowed_to_remove_inputs_fails_move_jobs_and_moves_nothing() {
     );
 }
 
+#[test]
+fn a_worker_refuses_move_roots_that_overlap_a_root_or_each_other_by_any_path() {
+    // No server needed: a worker checks its roots before it connects.
+    let t = tree(2, 0);
+    let root = format!("tree={}", t.root().display());
+    let worker = |extra: &[String]| {
+        let mut cmd = filepipe(&[
+            OsStr::new("worker"),
+            OsStr::new("--queue"),
+            OsStr::new("nats://127.0.0.1:1"),
+            OsStr::new("--allow-remove-source"),
+        ]);
+        cmd.args(["--root", &root]).args(extra);
+        common::run(cmd)
+    };
+    // Two names for one directory: any job may pair them, mixing done and failed inputs.
+    let x = t.side("x");
+    fs::create_dir(&x).unwrap();
+    let both = [
+        "--move-root".to_owned(),
+        format!("done={}", x.display()),
+        "--move-root".to_owned(),
+        format!("bad={}", x.join("..").join("x").display()),
+    ];
+    let refused = worker(&both);
+    assert!(
+        refused
+            .code(2)
+            .stderr()
+            .contains("move roots must be apart"),
+        "{}",
+        refused.stderr()
+    );
+    // A bind mount of a directory of the tree: apart by path, the tree itself by identity
+    // (moved inputs would land back among the inputs).
+    let mnt = t.side("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args([
+            "--bind",
+            t.root().join("d0").to_str().unwrap(),
+            mnt.to_str().unwrap(),
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED (the bind mount part): mount --bind needs root");
+        return;
+    }
+    let refused = worker(&["--move-root".to_owned(), format!("done={}", mnt.display())]);
+    let _ = std::process::Command::new("umount").arg(&mnt).status();
+    assert!(
+        refused
+            .code(2)
+            .stderr()
+            .contains("is inside the input root tree"),
+        "{}",
+        refused.stderr()
+    );
+}
+
 /// A name of 253 bytes: its output's (`+ .gz`) is over NAME_MAX, a failure no retry mends
 /// (as tests/move_source.rs makes one).
 const LONG_NAME: [u8; 253] = [b'n'; 253];

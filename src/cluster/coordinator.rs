@@ -1293,12 +1293,15 @@ fn replay(
                 // (or, gone, not listed), and a failure is tried again. With --remove-source
                 // (or --move-source) a done file's input is gone because the worker removed
                 // (or moved) it.
+                // A failure whose input --move-failed took out of the tree cannot be tried
+                // again: it stands, counted as the run without the kill counts it.
                 let now = Stamp::of(&cfg.root.join(o.rel()));
-                let still = matches!(o, Outcome::Done { .. })
-                    && match now {
-                        Some(now) => w.read == Some(WireStamp::of(&now)),
-                        None => cfg.remove_source || cfg.move_source.is_some(),
-                    };
+                let still = match (&o, now) {
+                    (Outcome::Done { .. }, Some(now)) => w.read == Some(WireStamp::of(&now)),
+                    (Outcome::Done { .. }, None) => cfg.remove_source || cfg.move_source.is_some(),
+                    (Outcome::Failed { .. }, None) => cfg.move_failed.is_some(),
+                    _ => false,
+                };
                 if still && accounted.insert(o.rel().to_path_buf()) {
                     firsts.push(o);
                 }

@@ -25,7 +25,7 @@ use crate::cluster::{
 };
 use crate::config::{Config, Filter, WorkerConfig};
 use crate::error::{FileError, Kind};
-use crate::fsio::aside::Aside;
+use crate::fsio::aside::{self, Aside};
 use crate::pipeline;
 use crate::report::{self, Summary};
 use crate::signals::Shutdown;
@@ -88,6 +88,38 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
             .with_context(|| format!("cannot open --move-root {name}={}", path.display()))
             .map_err(Unreachable)?;
         move_roots.insert(name.clone(), Arc::new(aside));
+    }
+    // Checked by identity too, as a local batch checks its --move-source: a bind mount or a
+    // hard-linked directory hides an overlap from the paths `WorkerConfig::resolve` compares,
+    // and moved inputs would land among the inputs (to be taken again) or the outputs. Two
+    // move roots may not overlap either: any job may pair any two of them, and done and
+    // failed inputs would be mixed.
+    for (name, aside) in &move_roots {
+        let others = roots
+            .iter()
+            .map(|(n, p)| (n, p, "input root"))
+            .chain(out_roots.iter().map(|(n, p)| (n, p, "output root")))
+            .chain(
+                cfg.move_roots
+                    .iter()
+                    .filter(|(n, _)| *n != name)
+                    .map(|(n, p)| (n, p, "move root")),
+            );
+        for (other, path, what) in others {
+            let how = aside::overlap(path, aside)
+                .with_context(|| format!("cannot examine --move-root {name}"))
+                .map_err(Unreachable)?;
+            if let Some(how) = how {
+                return Err(Unreachable(anyhow::anyhow!(
+                    "--move-root {name}={} {how} {what} {other} ({}) (by a bind mount or \
+                     hard-linked directory): moved inputs would be seen again or mixed with \
+                     outputs or other moved inputs; choose a directory apart from it",
+                    cfg.move_roots[name].display(),
+                    path.display()
+                ))
+                .into());
+            }
+        }
     }
     let queue = Queue {
         url: cfg.url.clone(),
