@@ -326,6 +326,7 @@ impl Known {
                 hashes,
                 recorded,
                 stamp,
+                replaces: false,
             })
         }
     }
@@ -1460,6 +1461,7 @@ mod tests {
                 hashes: vec![HashAlgo::Blake3],
                 recorded: vec![old],
                 stamp: s1,
+                replaces: false,
             })),
             ..Done::default()
         };

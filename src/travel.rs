@@ -51,6 +51,11 @@ pub(crate) struct Only {
     /// The stamp those results were recorded for: a file found with another when it is opened
     /// has changed since, and all of its results are computed (`Only::holds_for`).
     pub(crate) stamp: Stamp,
+    /// The compressor's output in place is the one filepipe made for `stamp` (recorded done
+    /// with an output, still dated as that version), as the walk found it. A file found changed
+    /// when opened is then done like any changed file of an incremental run, and that output
+    /// replaced (`Job::replace`), which the walk could not know to allow: it found it unchanged.
+    pub(crate) replaces: bool,
 }
 
 impl Only {

@@ -706,3 +706,59 @@ fn a_service_of_several_pipelines_starts_over_an_older_state() {
         .unwrap();
     assert_eq!(version, 1);
 }
+
+/// A file the walk found unchanged since its recorded results, so queued for an added hash
+/// alone, that changes before a worker opens it (here while strace holds that open back) is
+/// done like any changed file: every result computed from the version opened, and the output
+/// filepipe made for the recorded version replaced. It failed `output-exists` once (the walk,
+/// finding it unchanged, allowed no replacing), the next run mending it.
+#[test]
+fn a_file_changed_between_the_walk_and_the_open_of_its_partial_job_is_done_whole() {
+    if !have_or_skip(&["zstd", "sha256sum", "b3sum"]) {
+        return;
+    }
+    let t = TestTree::new()
+        .file("f", b"version one\n")
+        .file("g", b"left as it is\n");
+    let out = t.side("out");
+    let with_out = [s("--out"), out.as_os_str()];
+    run(batch(&t, "sha256,zstd", &with_out)).success();
+    assert_zstd_restores(&out.join("f.zst"), b"version one\n");
+    let trace = t.side("trace");
+    let root = t.root();
+    let added = batch(&t, "sha256,blake3,zstd", &with_out);
+    let mut cmd = Command::new("strace");
+    // Only opens beneath the root's descriptor are traced (-P matches the descriptor), and
+    // each is held back before it is made, so the trace line of f's says the worker is about
+    // to open it, the walk long done with it.
+    cmd.args(["-f", "-qq", "-y", "-P"])
+        .arg(&root)
+        .args(["-e", "trace=openat2", "-o"])
+        .arg(&trace)
+        .args(["-e", "inject=openat2:delay_enter=1500000"])
+        .arg(added.get_program())
+        .args(added.get_args())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let started = Started::new(cmd);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the worker's open of f held back",
+        || fs::read_to_string(&trace).is_ok_and(|t| t.contains(", \"f\", {flags=")),
+    );
+    fs::write(t.path("f"), b"version two, longer\n").unwrap();
+    let r = started.finish(std::time::Duration::from_secs(120));
+    let (done, unchanged, _) = summary_counts(&r);
+    assert_eq!((done, unchanged), (2, 0));
+    assert_zstd_restores(&out.join("f.zst"), b"version two, longer\n");
+    assert_zstd_restores(&out.join("g.zst"), b"left as it is\n");
+    let sums = t.side("SUMS");
+    assert_check("sha256sum", &sums, &root, 2);
+    assert_check("b3sum", &with_suffix(&sums, ".blake3"), &root, 2);
+    // The state has the version read: a rerun finds nothing to do.
+    let (again, calls) = traced_opens(&batch(&t, "sha256,blake3,zstd", &with_out));
+    assert_eq!(summary_counts(&again).1, 2);
+    assert_eq!(opened(&calls, &["f".into(), "g".into()]), []);
+}

@@ -202,13 +202,7 @@ pub(crate) fn prepare<O: Op>(
     // Results recorded for a stamp the file no longer has describe another version: every
     // result is computed from this read instead. (The walk's stamp was taken a moment ago;
     // watch mode's `expect` already holds the job to it.)
-    if job
-        .only
-        .as_ref()
-        .is_some_and(|o| !o.holds_for(&Stamp::from_stat(&input.stat)))
-    {
-        job.only = None;
-    }
+    outdated(&mut job, &input);
     // Watch mode takes files that may still be written without an event to say so (through a
     // shared mapping): one still open for writing when its read ends is not taken. (A writer
     // that had it open while it was read and closed it since is heard of by its close event,
@@ -272,13 +266,7 @@ pub(crate) fn prepare<O: Op>(
                     return Err(failed(job, e));
                 }
                 // A file that changed has none of its recorded results any more.
-                if job
-                    .only
-                    .as_ref()
-                    .is_some_and(|o| !o.holds_for(&Stamp::from_stat(&input.stat)))
-                {
-                    job.only = None;
-                }
+                outdated(&mut job, &input);
                 // Decided again of the file as it is now: an output up to date with the
                 // version first opened is not with this one.
                 match op.check(&job, &input, scratch) {
@@ -293,6 +281,19 @@ pub(crate) fn prepare<O: Op>(
                 }
             }
         }
+    }
+}
+
+/// A job for some results only (`Job::only`) of a file found changed since they were recorded
+/// becomes a job for all of them, as a changed file's is: its output made by filepipe for the
+/// recorded version (`Only::replaces`) is replaced. Without that, the walk (which found the
+/// file unchanged and so allowed no replacing) left this version failing `output-exists` once.
+fn outdated(job: &mut Job, input: &InputFile) {
+    if let Some(only) = job
+        .only
+        .take_if(|o| !o.holds_for(&Stamp::from_stat(&input.stat)))
+    {
+        job.replace |= only.replaces;
     }
 }
 

@@ -26,11 +26,22 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
     if incremental.rehash {
         return Lacks::All;
     }
-    known.lacks(&cfg.spec, stamp, |made_output| {
+    let lacks = known.lacks(&cfg.spec, stamp, |made_output| {
         // A compressor's row without an output is a file it left alone (already compressed,
         // only hashed): nothing of its own to check.
         !made_output || output_in_place(cfg, rel, stamp)
-    })
+    });
+    match lacks {
+        // Read for some results because it has not changed: should it have changed by the
+        // time it is opened, it is done whole, and its output is replaced by the rule a
+        // changed file's is (`replaces`), judged now for the version recorded.
+        Lacks::Part(mut only) => {
+            only.replaces =
+                made_for(cfg, known, rel).is_some_and(|made| made.same_file(&only.stamp));
+            Lacks::Part(only)
+        }
+        other => other,
+    }
 }
 
 /// Whether the compressor may replace the output it finds for `rel`, a file the state knew as
@@ -43,16 +54,19 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
 /// that is not the one made (another `--out`, or a file someone put there) is not replaced:
 /// `--force` does that.
 pub(crate) fn replaces(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> bool {
-    let Some(made) = cfg
-        .spec
+    made_for(cfg, known, rel).is_some_and(|made| stamp.is_none_or(|now| !made.same_file(&now)))
+}
+
+/// The version of `rel` (a file the state knew as `known`) whose output filepipe made and
+/// recorded done, when the output there now is still that one (dated as it): the output a
+/// later version may replace (`replaces`).
+fn made_for(cfg: &Config, known: &Known, rel: &Path) -> Option<Stamp> {
+    cfg.spec
         .compressor()
         .and_then(|c| known.record(c))
-        .filter(|r| r.status == FileStatus::Done && r.made_output && !r.done_as(stamp))
+        .filter(|r| r.status == FileStatus::Done && r.made_output)
         .and_then(|r| r.stamp)
-    else {
-        return false;
-    };
-    output_dated(cfg, rel, made)
+        .filter(|&made| output_dated(cfg, rel, made))
 }
 
 /// The outcome of a file none of whose results is missing: done from the state, unread.
