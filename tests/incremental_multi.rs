@@ -762,3 +762,113 @@ fn a_file_changed_between_the_walk_and_the_open_of_its_partial_job_is_done_whole
     assert_eq!(summary_counts(&again).1, 2);
     assert_eq!(opened(&calls, &["f".into(), "g".into()]), []);
 }
+
+/// The same in watch mode, restarted with a hash added: a file that changes before the worker
+/// opens it for that hash alone is done whole, its output replaced, and no failure is left.
+/// (Here the job's settled stamp, `Job::expect`, catches the change first: the file is tried
+/// again, as one its writer's close tells of, with its own output replaceable. A guard that
+/// the partial job's path keeps it so.)
+#[test]
+fn a_watched_file_changed_before_the_open_of_its_partial_job_is_done_whole() {
+    if !have_or_skip(&["zstd", "sha256sum", "b3sum"]) {
+        return;
+    }
+    let t = TestTree::new()
+        .file("f", b"version one\n")
+        .file("g", b"left as it is\n");
+    let root = t.root();
+    let out = t.side("out");
+    let sums = t.side("SUMS");
+    let args = |op: &'static str| {
+        [
+            "--op",
+            op,
+            "--out",
+            out.to_str().unwrap(),
+            "--manifest",
+            sums.to_str().unwrap(),
+        ]
+        .map(str::to_owned)
+    };
+    let a = args("sha256,zstd");
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let d = Daemon::ready(&t, &a);
+    d.wait_idle(2);
+    d.stop().success();
+
+    // Restarted under strace, which holds back each open beneath the root's descriptor (the
+    // worker's of f among them) and writes its line first.
+    let trace = t.side("trace");
+    let socket = t.side("notify-traced.sock");
+    let notes = Notifications::listen(&socket);
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-y", "-P"])
+        .arg(&root)
+        .args(["-e", "trace=openat2", "-o"])
+        .arg(&trace)
+        .args(["-e", "inject=openat2:delay_enter=1500000"])
+        .arg(bin())
+        .arg("watch")
+        .arg(&root)
+        .arg("--state")
+        .arg(t.side("state"))
+        .args(["--json", "--settle", "150"])
+        .args(args("sha256,blake3,zstd"))
+        .env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let started = Started::new(cmd);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the worker's open of f held back",
+        || {
+            fs::read_to_string(&trace)
+                .is_ok_and(|t| t.contains(", \"f\", {flags=O_RDONLY|O_NOCTTY"))
+        },
+    );
+    fs::write(t.path("f"), b"version two, longer\n").unwrap();
+    let restores =
+        |zst: &Path, want: &[u8]| tool("zstd", &[s("-dc"), zst.as_os_str()], &out).stdout == want;
+    wait_until(
+        std::time::Duration::from_secs(90),
+        "f.zst of version two, and the daemon idle",
+        || {
+            notes.last_status().is_some_and(|s| s.idle())
+                && restores(&out.join("f.zst"), b"version two, longer\n")
+        },
+    );
+    let status = notes.last_status().unwrap();
+    // The daemon (strace's child) stops on SIGTERM as the service does.
+    let pid: i32 = fs::read_to_string(format!(
+        "/proc/{}/task/{}/children",
+        started.id(),
+        started.id()
+    ))
+    .unwrap()
+    .split_whitespace()
+    .next()
+    .unwrap()
+    .parse()
+    .unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let r = started.finish(std::time::Duration::from_secs(60));
+    r.success();
+    assert_eq!(
+        (status.skipped, status.failed),
+        (0, 0),
+        "{:?}",
+        notes.lines()
+    );
+    assert_zstd_restores(&out.join("f.zst"), b"version two, longer\n");
+    assert_zstd_restores(&out.join("g.zst"), b"left as it is\n");
+    assert_check("sha256sum", &sums, &root, 2);
+    assert_check("b3sum", &with_suffix(&sums, ".blake3"), &root, 2);
+}
