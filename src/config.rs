@@ -327,6 +327,21 @@ pub(crate) struct WorkerConfig {
     pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
+/// How a worker's root `path` overlaps another, `root`, by their resolved paths: the same
+/// directory, enclosing it, or inside it (what a bind mount hides is checked by identity when
+/// the worker opens its move roots).
+fn overlap_by_path(path: &Path, root: &Path) -> Option<&'static str> {
+    if path == root {
+        Some("is")
+    } else if root.starts_with(path) {
+        Some("encloses")
+    } else if path.starts_with(root) {
+        Some("is inside")
+    } else {
+        None
+    }
+}
+
 impl WorkerConfig {
     /// Checks `s` as the worker does at start: at least one root; each root's name a valid
     /// one and its path an existing directory; output roots apart from every input root (a
@@ -364,12 +379,8 @@ impl WorkerConfig {
             for (other, root) in &inputs_and_outputs {
                 let how = if other.name == moved.name {
                     "has the name of"
-                } else if path == *root {
-                    "is"
-                } else if root.starts_with(path) {
-                    "encloses"
-                } else if path.starts_with(root) {
-                    "is inside"
+                } else if let Some(how) = overlap_by_path(path, root) {
+                    how
                 } else {
                     continue;
                 };
@@ -387,7 +398,7 @@ impl WorkerConfig {
         for (i, a) in s.move_roots.iter().enumerate() {
             for b in &s.move_roots[i + 1..] {
                 let (pa, pb) = (&move_roots[&a.name], &move_roots[&b.name]);
-                if pa.starts_with(pb) || pb.starts_with(pa) {
+                if overlap_by_path(pa, pb).is_some() {
                     bail!(
                         "{} and {}: move roots must be apart, or done and failed inputs could \
                          be mixed",
@@ -409,13 +420,7 @@ impl WorkerConfig {
             }
             for input in &s.roots {
                 let root = &roots[&input.name];
-                let how = if path == root {
-                    "is"
-                } else if root.starts_with(path) {
-                    "encloses"
-                } else if path.starts_with(root) {
-                    "is inside"
-                } else {
+                let Some(how) = overlap_by_path(path, root) else {
                     continue;
                 };
                 bail!(
