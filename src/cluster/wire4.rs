@@ -218,16 +218,12 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let level = u32::from(r.u8("level")?);
     let flags = r.flags(0b1111, "job flags")?;
-    let move_source = if flags & 4 != 0 {
-        Some(r.name("move_source")?)
-    } else {
-        None
-    };
-    let move_failed = if flags & 8 != 0 {
-        Some(r.name("move_failed")?)
-    } else {
-        None
-    };
+    let move_source = (flags & 4 != 0)
+        .then(|| r.name("move_source"))
+        .transpose()?;
+    let move_failed = (flags & 8 != 0)
+        .then(|| r.name("move_failed"))
+        .transpose()?;
     let n = r.count(MAX_FILES, MIN_JOB_FILE, "files")?;
     let mut files = Vec::with_capacity(n);
     for _ in 0..n {
