@@ -61,6 +61,30 @@ impl Aside {
         }
     }
 
+    /// The file an earlier move of the input `rel` left here, if one matches `moved`: `rel`
+    /// itself or a numbered name of it (as `move_input` names a move), up to the first name
+    /// not taken. Reached beneath the directory's descriptor without following a symlink; any
+    /// error looking is taken as no such file. Its path and stat.
+    pub(crate) fn find_moved(
+        &self,
+        rel: &Path,
+        moved: impl Fn(&rfs::Stat) -> bool,
+    ) -> Option<(PathBuf, rfs::Stat)> {
+        use std::os::fd::AsFd as _;
+        let root = crate::fsio::input::Root::of_fd(self.dir.as_ref()?.fd.as_fd()).ok()?;
+        let name = rel.file_name()?;
+        let rel_dir = rel.parent().unwrap_or(Path::new(""));
+        for n in 0..=MAX_NUMBERED {
+            let here = rel_dir.join(numbered(name, n)?);
+            let st = root.lstat(&here).ok()?;
+            if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::RegularFile && moved(&st)
+            {
+                return Some((self.root.join(here), st));
+            }
+        }
+        None
+    }
+
     /// Moves `name` in `src` (the input `rel` of the tree at `input_root`) to `rel` under this
     /// directory. The caller has just checked that the name leads to `read`, the file it means
     /// (same inode, size and times, one link); across file systems the copy is made from that

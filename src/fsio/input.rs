@@ -219,6 +219,21 @@ impl Root {
         Ok(Root { fd, openat2, real })
     }
 
+    /// A root already open (`fd`, a directory opened without following a symlink, such as a
+    /// move directory's), its descriptor duplicated.
+    pub(crate) fn of_fd(fd: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<Root> {
+        let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
+        let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
+        let real = real_path(&fd);
+        Ok(Root { fd, openat2, real })
+    }
+
+    /// The stat of `rel` itself (a symlink is not followed), reached as `open` reaches it.
+    pub(crate) fn lstat(&self, rel: &Path) -> rustix::io::Result<Stat> {
+        let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        rfs::fstat(self.open(rel, flags)?)
+    }
+
     const DIR: OFlags = OFlags::PATH
         .union(OFlags::DIRECTORY)
         .union(OFlags::CLOEXEC)

@@ -35,7 +35,7 @@ use crate::fsio::input::{InputFile, Root};
 use crate::fsio::output::{self, Attrs, Dir, DirCache, Durability, TempOutput, WriteBehind};
 use crate::ops::hash::{Hasher, Tee};
 use crate::ops::{Done, Op};
-use crate::travel::Job;
+use crate::travel::{Job, Stamp};
 
 /// One compressed format: what `CompressOp` needs to know of it, and nothing of the output
 /// protocol, which is the same for all.
@@ -72,10 +72,11 @@ pub(crate) trait Codec: Sync + Sized + std::fmt::Debug {
     /// means the output is not a valid file of the format.
     fn decoder<'r, R: BufRead + 'r>(&self, compressed: R) -> io::Result<Box<dyn Read + 'r>>;
 
-    /// Whether `name` in `dir`, a regular file dated as the input, is filepipe's output of the
-    /// input as it is now. The default trusts the date (gzip: filepipe gives each output its
-    /// input's mtime, to the nanosecond); a codec that stamps its outputs checks the stamp.
-    fn owns(&self, _dir: &Dir, _name: &OsStr, _input: &InputFile) -> Result<bool, FileError> {
+    /// Whether `name` in `dir`, a regular file dated as the input (of stat `input`), is
+    /// filepipe's output of the input as it is now. The default trusts the date (gzip:
+    /// filepipe gives each output its input's mtime, to the nanosecond); a codec that stamps
+    /// its outputs checks the stamp.
+    fn owns(&self, _dir: &Dir, _name: &OsStr, _input: &rfs::Stat) -> Result<bool, FileError> {
         Ok(true)
     }
 }
@@ -496,7 +497,7 @@ impl<C: Codec> CompressOp<C> {
                 if out.st_size > 0
                     && out.st_mtime == st.st_mtime
                     && out.st_mtime_nsec == st.st_mtime_nsec
-                    && self.codec.owns(dir, name, input)?
+                    && self.codec.owns(dir, name, &input.stat)?
                 {
                     Ok(Existing::UpToDate(out.st_size as u64))
                 } else {
@@ -571,9 +572,12 @@ impl<C: Codec> CompressOp<C> {
     }
 
     /// `--remove-source` or `--move-source` with an up-to-date output in place (a run stopped
-    /// between its publish and the unlink or the move): the output may stand for the input only if it decompresses to
-    /// exactly the input's bytes (compared byte for byte: a CRC can be forged) and nobody but
-    /// the input's owner (or filepipe) can change it afterwards.
+    /// between its publish and the unlink or the move): the output may stand for the input
+    /// only if it decompresses to exactly the input's bytes (compared byte for byte: a CRC can
+    /// be forged) and nobody but the input's owner (or filepipe) can change it afterwards.
+    /// Also a redelivered cluster job's up-to-date output (`Job::redelivered`): it counts as
+    /// that earlier delivery's work only if it holds exactly the input; no input goes on its
+    /// strength unless disposing, so only then must it be trusted.
     fn adopt(
         &self,
         input: &mut InputFile,
@@ -581,17 +585,24 @@ impl<C: Codec> CompressOp<C> {
         name: &OsStr,
         scratch: &mut Scratch<C::Scratch>,
     ) -> Result<Pending, FileError> {
+        let disposes = self.disposes();
         let refuse = |why: String| FileError {
             kind: Kind::OutputExists,
             errno: None,
             message: format!(
-                "{} is dated as this file's output but {why}; input kept (use --force to redo \
-                 it)",
-                dir.path.join(name).display()
+                "{} is dated as this file's output but {why}{}",
+                dir.path.join(name).display(),
+                if disposes {
+                    "; input kept (use --force to redo it)"
+                } else {
+                    ""
+                }
             ),
         };
         let file = open_output(&dir, name)?;
-        trusted(&file, input, &dir, name)?;
+        if disposes {
+            trusted(&file, input, &dir, name)?;
+        }
         let out_size = file
             .metadata()
             .map_err(|e| FileError::io("stat of the existing output", &e))?
@@ -663,8 +674,10 @@ impl<C: Codec> CompressOp<C> {
     ) -> Result<Pending, FileError> {
         let dir = self.out_dir(job, scratch)?;
         // Adopting an output in place reads the input only to compare it (--remove-source or
-        // --move-source, which several results never have).
-        if self.disposes() && !self.force && !job.replace && hashers.is_empty() {
+        // --move-source, which several results never have, or a redelivered job: see
+        // `adopt`).
+        if (self.disposes() || job.redelivered) && !self.force && !job.replace && hashers.is_empty()
+        {
             let name = Self::out_name(job)?;
             if let Existing::UpToDate(_) = self.existing(&dir, &name, input)? {
                 return self.adopt(input, dir, &name, scratch);
@@ -872,6 +885,46 @@ impl<C: Codec> Op for CompressOp<C> {
         self.read_hashing(job, input, scratch, &mut [])
     }
 
+    /// `--move-source`: an earlier delivery published the output and moved the input (the
+    /// move comes only after the output is durable), then stopped before saying so. Shown by
+    /// the output in place, made for a file under the move directory at the input's relative
+    /// path (or a numbered name of it) dated as it, which the job's stamp, when it carries
+    /// one, describes too. With `--remove-source` nothing is left to show what the output was
+    /// made of: the file counts as vanished.
+    fn finished_earlier(&self, job: &Job, scratch: &mut Self::Scratch) -> Option<Done> {
+        let Some(Dispose::Move(aside)) = &self.dispose else {
+            return None;
+        };
+        let name = Self::out_name(job).ok()?;
+        let dir = self.out_dir(job, scratch).ok()?;
+        let out = rfs::statat(&dir.fd, &name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        if rfs::FileType::from_raw_mode(out.st_mode) != rfs::FileType::RegularFile
+            || out.st_size <= 0
+        {
+            return None;
+        }
+        let (to, moved) = aside.find_moved(&job.rel, |st| {
+            let moved = Stamp::from_stat(st);
+            moved.mtime_ns == Stamp::from_stat(&out).mtime_ns
+                && job
+                    .expect
+                    .is_none_or(|e| e.size == moved.size && e.mtime_ns == moved.mtime_ns)
+        })?;
+        if !self.codec.owns(&dir, &name, &moved).is_ok_and(|owns| owns) {
+            return None;
+        }
+        tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved by an earlier delivery of its job, which made its output");
+        Some(Done {
+            bytes_in: moved.st_size as u64,
+            bytes_out: out.st_size as u64,
+            digests: Vec::new(),
+            note: None,
+            stamp: None,
+            unchanged: false,
+            only: None,
+        })
+    }
+
     fn publish(&self, job: &Job, input: &InputFile, pending: Pending) -> Result<Done, FileError> {
         crate::ops::publish_alone(self, job, input, pending)
     }
@@ -990,7 +1043,9 @@ impl<C: Codec> Op for CompressOp<C> {
                     }
                     return Err(e);
                 }
-                if matches!(step, Step::InPlace(_)) && !self.disposes() {
+                // A redelivered job's output in place is its earlier delivery's work (or one
+                // published meanwhile by that delivery, still running): done.
+                if matches!(step, Step::InPlace(_)) && !self.disposes() && !job.redelivered {
                     return Err(FileError::new(
                         Kind::UpToDate,
                         "an identical output was published meanwhile (by another filepipe?)",

@@ -70,6 +70,13 @@ pub(crate) trait Op: Sync {
         scratch: &mut Self::Scratch,
     ) -> Result<Self::Pending, FileError>;
 
+    /// A redelivered cluster job (`Job::redelivered`) whose input is gone: the outcome of an
+    /// earlier delivery that finished the file, its input disposed of, and stopped before
+    /// saying so, when what it left shows that. `None` (the default): the file vanished.
+    fn finished_earlier(&self, _job: &Job, _scratch: &mut Self::Scratch) -> Option<Done> {
+        None
+    }
+
     /// Makes a verified result visible. May run on another thread than `read` did.
     fn publish(
         &self,

@@ -27,7 +27,7 @@ use zstd::zstd_safe::{self, CCtx, CParameter, InBuffer, OutBuffer, ResetDirectiv
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
-use crate::fsio::input::{fill, InputFile};
+use crate::fsio::input::fill;
 use crate::fsio::output::{Dir, WriteBehind};
 use crate::ops::compress::{open_output, Codec, Totals};
 use crate::travel::Job;
@@ -316,7 +316,7 @@ impl Codec for Zstd {
     }
 
     /// Ours if it starts with the stamp of this input as it is now (its size and mtime).
-    fn owns(&self, dir: &Dir, name: &OsStr, input: &InputFile) -> Result<bool, FileError> {
+    fn owns(&self, dir: &Dir, name: &OsStr, input: &rustix::fs::Stat) -> Result<bool, FileError> {
         let file = open_output(dir, name)?;
         let mut head = [0u8; STAMP_LEN];
         let mut got = 0;
@@ -328,7 +328,7 @@ impl Codec for Zstd {
                 Err(e) => return Err(FileError::io("reading the existing output", &e)),
             }
         }
-        Ok(head == stamp(&input.stat))
+        Ok(head == stamp(input))
     }
 }
 

@@ -130,7 +130,7 @@ fn run_job<O: Op>(
 
 /// Opens safely (beneath `root`, see `input::Root`), checks, reads, and verifies the input
 /// did not change while read (retrying if it did). `Err` is a final outcome (skipped or
-/// failed); `Ok` is ready to publish.
+/// failed, or done by an earlier delivery of a cluster job); `Ok` is ready to publish.
 pub(crate) fn prepare<O: Op>(
     cfg: &Config,
     op: &O,
@@ -141,6 +141,15 @@ pub(crate) fn prepare<O: Op>(
     let failed = |job: Job, error| not_done(job.rel, error);
     let mut job = job;
     let opened = InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks);
+    // Gone, its job delivered before: that delivery may have finished it and disposed of it.
+    if job.redelivered && matches!(&opened, Err(OpenError::Failed(e)) if e.kind == Kind::Vanished) {
+        if let Some(done) = op.finished_earlier(&job, scratch) {
+            return Err(Outcome::Done {
+                rel: job.rel,
+                done: Box::new(done),
+            });
+        }
+    }
     let mut input = match opened {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
@@ -209,19 +218,16 @@ pub(crate) fn prepare<O: Op>(
     // which has the file looked at again.) One probe, not one before and one after: each
     // costs a lease taken and dropped, 0.13 s of a 100,000-file burst.
     let watched = job.expect.is_some();
+    // Its job was delivered before, to a worker that stopped before saying how it ended: an
+    // output up to date may be that delivery's work. It counts done if it holds exactly this
+    // input, read and compared as `--remove-source` adopts an output in place (the op's read
+    // does that for a redelivered job); dated right but holding other bytes, it is skipped as
+    // up to date, as the first delivery would have found it.
+    let mut confirming = false;
     match op.check(&job, &input, scratch) {
         Ok(None) => {}
         Ok(Some(reason)) if reason.kind == Kind::UpToDate && job.redelivered => {
-            // Its job was delivered before: the output may be that delivery's work (a worker
-            // that died before saying so) or older. Nothing here tells which, so it is not
-            // counted done; the reason says both.
-            return Err(Outcome::Skipped {
-                rel: job.rel,
-                reason: FileError::new(
-                    Kind::UpToDate,
-                    "output up to date (made by an earlier delivery of this job, or before it)",
-                ),
-            });
+            confirming = true;
         }
         Ok(Some(reason)) => {
             return Err(Outcome::Skipped {
@@ -240,6 +246,18 @@ pub(crate) fn prepare<O: Op>(
     loop {
         let pending = match op.read(&job, &mut input, scratch) {
             Ok(p) => p,
+            Err(e) if confirming && e.kind == Kind::OutputExists => {
+                return Err(Outcome::Skipped {
+                    rel: job.rel,
+                    reason: FileError::new(
+                        Kind::UpToDate,
+                        format!(
+                            "output up to date by its date, not counted done: {}",
+                            e.message
+                        ),
+                    ),
+                });
+            }
             Err(e) => return Err(failed(job, e)),
         };
         match input.finish() {
@@ -432,9 +450,11 @@ mod tests {
     }
 
     #[test]
-    fn an_output_a_redelivered_job_finds_up_to_date_is_skipped_and_says_it_may_be_its_own() {
+    fn an_output_a_redelivered_job_finds_up_to_date_is_done_only_if_it_holds_the_input() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let tmp = tempfile::tempdir().unwrap();
-        std::fs::write(tmp.path().join("f"), b"made once").unwrap();
+        let f = tmp.path().join("f");
+        std::fs::write(&f, b"made once").unwrap();
         let cfg = config_op(tmp.path(), "gzip");
         let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
@@ -448,13 +468,104 @@ mod tests {
         };
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
+        let gz = tmp.path().join("f.gz");
+        let made = std::fs::read(&gz).unwrap();
+        let inode = std::fs::metadata(&gz).unwrap().ino();
+        // Delivered once: up to date, skipped, as a batch finds it.
+        match prepare(&cfg, &op, job(false), None, &mut scratch) {
+            Err(Outcome::Skipped { reason, .. }) => assert_eq!(reason.kind, Kind::UpToDate),
+            other => panic!("{:?}", other.err()),
+        }
+        // Delivered again: the output holds exactly the input, so it is the earlier
+        // delivery's work, done, and left as it is.
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch).unwrap();
+        match publish_guarded(&op, ready) {
+            Outcome::Done { done, .. } => assert_eq!(done.bytes_in, 9),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(std::fs::read(&gz).unwrap(), made);
+        assert_eq!(std::fs::metadata(&gz).unwrap().ino(), inode);
+        // Dated as the input but holding other bytes (and more open than the input: no input
+        // goes on its strength, so that does not matter): skipped, untouched.
+        let mut other = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut other, b"made twice").unwrap();
+        let other = other.finish().unwrap();
+        std::fs::remove_file(&gz).unwrap();
+        std::fs::write(&gz, &other).unwrap();
+        std::fs::set_permissions(&gz, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&gz)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
         match prepare(&cfg, &op, job(true), None, &mut scratch) {
             Err(Outcome::Skipped { reason, .. }) => {
                 assert_eq!(reason.kind, Kind::UpToDate);
-                assert!(reason.message.contains("earlier delivery"), "{reason:?}");
+                assert!(reason.message.contains("not counted done"), "{reason:?}");
             }
             other => panic!("{:?}", other.err()),
         }
+        assert_eq!(std::fs::read(&gz).unwrap(), other);
+    }
+
+    #[test]
+    fn a_redelivered_job_whose_input_an_earlier_delivery_moved_is_done_from_what_it_left() {
+        use crate::ops::compress::CompressOp;
+        use crate::ops::zstd::Zstd;
+        let tmp = tempfile::tempdir().unwrap();
+        let (tree, aside) = (tmp.path().join("in"), tmp.path().join("done"));
+        std::fs::create_dir_all(tree.join("sub")).unwrap();
+        std::fs::create_dir(&aside).unwrap();
+        std::fs::write(tree.join("sub/f"), b"moved once").unwrap();
+        let args = [
+            "filepipe",
+            "batch",
+            tree.to_str().unwrap(),
+            "--op",
+            "zstd",
+            "--move-source",
+            aside.to_str().unwrap(),
+        ];
+        let cfg = match Cli::parse_from(args).command {
+            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
+            _ => unreachable!(),
+        };
+        let op = CompressOp::<Zstd>::new(&cfg).unwrap();
+        let mut scratch = op.scratch();
+        let job = |redelivered| Job {
+            abs: cfg.root.join("sub/f"),
+            rel: PathBuf::from("sub/f"),
+            replace: false,
+            expect: None,
+            redelivered,
+            only: None,
+        };
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
+        assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
+        assert!(!tree.join("sub/f").exists() && aside.join("sub/f").exists());
+        // The same job delivered again: its output in place, made of the file moved aside.
+        match prepare(&cfg, &op, job(true), None, &mut scratch) {
+            Err(Outcome::Done { done, .. }) => assert_eq!(done.bytes_in, 10),
+            other => panic!("{:?}", other.err()),
+        }
+        // Delivered once only, it is a file deleted before it was processed.
+        let vanished = |outcome| match outcome {
+            Err(Outcome::Failed { error, .. }) => error.kind == Kind::Vanished,
+            _ => false,
+        };
+        assert!(vanished(prepare(&cfg, &op, job(false), None, &mut scratch)));
+        // What is under the move directory is not what the output was made of (another
+        // mtime): nothing shows the job was done.
+        let moved = std::fs::File::options()
+            .write(true)
+            .open(aside.join("sub/f"))
+            .unwrap();
+        moved
+            .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(9))
+            .unwrap();
+        assert!(vanished(prepare(&cfg, &op, job(true), None, &mut scratch)));
     }
 
     #[test]
