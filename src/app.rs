@@ -36,7 +36,12 @@ pub fn main() -> ExitCode {
                     creds: c.creds.clone(),
                     tls_ca: c.tls_ca.clone(),
                 };
-                (queue, name, c.out_root_name.clone())
+                (
+                    queue,
+                    name,
+                    c.out_root_name.clone(),
+                    crate::config::MoveNames::given(c),
+                )
             });
             #[cfg(not(feature = "cluster"))]
             let queue = None;
@@ -142,7 +147,12 @@ pub fn main() -> ExitCode {
 
 /// What a batch is coordinated through, in cluster mode: the queue and the root's name.
 #[cfg(feature = "cluster")]
-type Coordinated = Option<(crate::cluster::Queue, String, Option<String>)>;
+type Coordinated = Option<(
+    crate::cluster::Queue,
+    String,
+    Option<String>,
+    crate::config::MoveNames,
+)>;
 #[cfg(not(feature = "cluster"))]
 type Coordinated = Option<std::convert::Infallible>;
 
@@ -161,8 +171,8 @@ fn run_batch(cfg: anyhow::Result<Config>, queue: Coordinated, verbosity: i8) -> 
     };
     let ran = match queue {
         #[cfg(feature = "cluster")]
-        Some((queue, root, out)) => {
-            crate::cluster::coordinate(&cfg, &queue, &root, out.as_deref(), &shutdown)
+        Some((queue, root, out, moves)) => {
+            crate::cluster::coordinate(&cfg, &queue, (&root, out.as_deref()), &moves, &shutdown)
         }
         #[cfg(not(feature = "cluster"))]
         Some(never) => match never {},

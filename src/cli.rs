@@ -537,6 +537,14 @@ pub(crate) struct CoordinatorArgs {
     /// [default: that directory's own name].
     #[arg(long, value_name = "NAME", requires_all = ["queue", "out"])]
     pub(crate) out_root_name: Option<String>,
+    /// Cluster mode: the name the workers know --move-source's directory by (their
+    /// --move-root NAME=PATH) [default: that directory's own name].
+    #[arg(long, value_name = "NAME", requires_all = ["queue", "move_source"])]
+    pub(crate) move_source_name: Option<String>,
+    /// Cluster mode: the name the workers know --move-failed's directory by (their
+    /// --move-root NAME=PATH) [default: that directory's own name].
+    #[arg(long, value_name = "NAME", requires_all = ["queue", "move_failed"])]
+    pub(crate) move_failed_name: Option<String>,
     /// Cluster mode: a NATS credentials file (.creds).
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,

@@ -137,6 +137,55 @@ pub(crate) fn out_root_name(out: &Path, given: Option<&str>, root: &str) -> Resu
     }
 }
 
+/// Cluster mode: the names the workers know a coordinator's move directories by, as given
+/// (`--move-source-name`, `--move-failed-name`; `None`: each directory's own name).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) struct MoveNames {
+    /// `--move-source`'s.
+    pub(crate) source: Option<String>,
+    /// `--move-failed`'s.
+    pub(crate) failed: Option<String>,
+}
+
+#[cfg(feature = "cluster")]
+impl MoveNames {
+    /// The names a coordinator's flags give.
+    pub(crate) fn given(args: &crate::cli::CoordinatorArgs) -> MoveNames {
+        MoveNames {
+            source: args.move_source_name.clone(),
+            failed: args.move_failed_name.clone(),
+        }
+    }
+}
+
+/// Cluster mode: the names the workers know the move directories `source` and `failed` by
+/// (`given`, or each one's own name), each one distinct from `taken` (the input and output
+/// roots' names) and from the other. `Err` names the setting at fault (`source`, `failed`)
+/// and the name refused. The coordinator checks them at start, `check-config` when the file
+/// loads.
+#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+pub(crate) fn move_root_names(
+    (source, failed): (Option<&Path>, Option<&Path>),
+    given: &MoveNames,
+    taken: &[&str],
+) -> Result<MoveNames, (&'static str, String)> {
+    let mut names: Vec<String> = taken.iter().map(|&n| n.to_owned()).collect();
+    let mut named = |which: &'static str, dir: Option<&Path>, given: &Option<String>| {
+        let Some(dir) = dir else { return Ok(None) };
+        let name = given.clone().unwrap_or_else(|| default_root_name(dir));
+        if !valid_root_name(&name) || names.contains(&name) {
+            return Err((which, name));
+        }
+        names.push(name.clone());
+        Ok(Some(name))
+    };
+    Ok(MoveNames {
+        source: named("source", source, &given.source)?,
+        failed: named("failed", failed, &given.failed)?,
+    })
+}
+
 /// Cluster mode: the queue a coordinator publishes its jobs to, and the name its workers know
 /// its root by.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -152,6 +201,8 @@ pub(crate) struct QueueTarget {
     pub(crate) root_name: String,
     /// The output root's name (`--out-root-name`; `None`: `--out`'s own name).
     pub(crate) out_root_name: Option<String>,
+    /// The move directories' names, as given.
+    pub(crate) move_names: MoveNames,
 }
 
 /// The environment variable a queue's URL comes from when `--queue` is given without one (a
@@ -802,6 +853,7 @@ impl Config {
                 tls_ca: c.tls_ca.clone(),
                 root_name,
                 out_root_name: c.out_root_name.clone(),
+                move_names: MoveNames::given(c),
             });
         }
         Ok(cfg)

@@ -50,8 +50,8 @@ pub(crate) fn watch(cfg: &Config, shutdown: &Shutdown, stats: &Stats) -> Result<
         return crate::cluster::coordinate_watch(
             cfg,
             &queue,
-            &q.root_name,
-            q.out_root_name.as_deref(),
+            (&q.root_name, q.out_root_name.as_deref()),
+            &q.move_names,
             shutdown,
             stats,
         );

@@ -14,6 +14,10 @@ use std::time::Duration;
 use common::cluster::*;
 use common::*;
 
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
 /// Every file under `dir` (not directories), relative to it, sorted.
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = walkdir::WalkDir::new(dir)
@@ -342,4 +346,148 @@ fn a_hostile_job_message_naming_a_path_as_its_move_root_is_refused() {
         !t.dir.path().join("d0").exists() && !Path::new("/tmp/d0/e0/f0.log").exists(),
         "an input moved outside its move root"
     );
+}
+
+/// A move directory whose own name is no plain name (`archive.2026`), or one the workers
+/// mount under another name, is named for them with `--move-source-name` and
+/// `--move-failed-name`: refused at start without (exit 2, saying which flag to give), and
+/// with a name another root of the run has; with them, the jobs carry the names given and
+/// the workers map those.
+#[test]
+fn move_directories_are_named_for_the_workers_with_move_source_name_and_move_failed_name() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(30, 0);
+    let copy = copy_of(&t);
+    let done = t.side("archive.2026");
+    let bad = t.side("failed.d");
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&bad).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let (move_done, move_bad) = (
+        format!("done={}", done.display()),
+        format!("rejects={}", bad.display()),
+    );
+    let extra = [
+        "--move-root",
+        &move_done,
+        "--move-root",
+        &move_bad,
+        "--allow-remove-source",
+    ];
+    let _w = Worker::start_with(&nats, t.dir.path(), &roots, "2", &extra);
+    let base = [
+        "--op",
+        "gzip",
+        "--root-name",
+        "tree",
+        "--move-source",
+        done.to_str().unwrap(),
+        "--move-failed",
+        bad.to_str().unwrap(),
+    ];
+    let refused = |names: &[&str], flag: &str| {
+        let args: Vec<&str> = base.iter().chain(names).copied().collect();
+        let run = coordinate(&nats, &t.root(), &args);
+        run.code(2);
+        assert!(run.stderr().contains(flag), "{}", run.stderr());
+    };
+    refused(&[], "--move-source-name");
+    refused(&["--move-source-name", "done"], "--move-failed-name");
+    refused(
+        &[
+            "--move-source-name",
+            "tree",
+            "--move-failed-name",
+            "rejects",
+        ],
+        "--move-source-name",
+    );
+    refused(
+        &["--move-source-name", "done", "--move-failed-name", "done"],
+        "--move-failed-name",
+    );
+    assert_eq!(
+        files_under(&t.root()),
+        files_under(&copy),
+        "a refused run moved files"
+    );
+    // A name without --queue is a usage error.
+    let local = run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+        s("--move-source"),
+        done.as_os_str(),
+        s("--move-source-name"),
+        s("done"),
+    ]));
+    local.code(2);
+
+    let names = [
+        "--move-source-name",
+        "done",
+        "--move-failed-name",
+        "rejects",
+    ];
+    let args: Vec<&str> = base.iter().chain(&names).copied().collect();
+    let run = coordinate(&nats, &t.root(), &args);
+    let sum = run.code(0).summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(30), Some(0)),
+        "{sum}\n{}",
+        run.stderr()
+    );
+    assert_eq!(assert_outputs_of(&t.root(), &copy), 30);
+    assert_eq!(files_under(&done), files_under(&copy));
+}
+
+/// `check-config` holds a watching coordinator's move directories to the rule the coordinator
+/// does: a directory whose own name is no plain name needs `move_source_name` (or
+/// `move_failed_name`), and a name needs `queue` and its directory.
+#[test]
+fn check_config_refuses_a_move_directory_name_the_coordinator_refuses() {
+    let t = TestTree::new();
+    let done = t.side("archive.2026");
+    fs::create_dir(&done).unwrap();
+    let check = |extra: &str, queue: bool| {
+        let cfg = t.side("f.toml");
+        let queue = if queue {
+            "queue = \"nats://127.0.0.1:4999\"\n"
+        } else {
+            ""
+        };
+        fs::write(
+            &cfg,
+            format!(
+                "state_dir = {:?}\n[[watch]]\npath = {:?}\nop = \"gzip\"\nmove_source = {:?}\n{queue}{extra}",
+                t.side("state").display().to_string(),
+                t.root().display().to_string(),
+                done.display().to_string()
+            ),
+        )
+        .unwrap();
+        run(filepipe(&[s("check-config"), cfg.as_os_str()]))
+    };
+    for (extra, queue) in [
+        ("root_name = \"tree\"\n", true),
+        (
+            "root_name = \"tree\"\nmove_source_name = \"not a name!\"\n",
+            true,
+        ),
+        ("root_name = \"tree\"\nmove_source_name = \"tree\"\n", true),
+        ("root_name = \"tree\"\nmove_failed_name = \"bad\"\n", true),
+        ("move_source_name = \"done\"\n", false),
+    ] {
+        let checked = check(extra, queue);
+        assert_eq!(
+            checked.output().status.code(),
+            Some(2),
+            "check-config accepted a file whose pipeline cannot start ({extra:?}, queue {queue}): {}",
+            checked.stdout()
+        );
+    }
+    let ok = check("root_name = \"tree\"\nmove_source_name = \"done\"\n", true);
+    assert_eq!(ok.output().status.code(), Some(0), "{}", ok.stderr());
 }

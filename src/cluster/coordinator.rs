@@ -39,7 +39,7 @@ use crate::cluster::{
     cancel_subject, connect, jobs_subject, outcomes_subject, take, workers_consumer, Conn, Queue,
     Unreachable, ACK_WAIT, JOBS_STREAM, OUTCOMES_STREAM,
 };
-use crate::config::Config;
+use crate::config::{Config, MoveNames};
 use crate::digest::HashAlgo;
 use crate::error::{FileError, Kind};
 use crate::report::{self, Summary};
@@ -138,15 +138,15 @@ struct Head<'a> {
 }
 
 impl<'a> Head<'a> {
-    fn new(cfg: &'a Config, run: &'a str, (root, out): (&'a str, Option<&'a str>)) -> Self {
+    fn new(cfg: &'a Config, run: &'a str, names: &'a Names) -> Self {
         let (op, ops) = JobBatch::ops_of(&cfg.spec);
         Head {
             cfg,
             run,
-            root,
-            out,
-            move_source: cfg.move_source.as_deref().and_then(move_root_name),
-            move_failed: cfg.move_failed.as_deref().and_then(move_root_name),
+            root: &names.root,
+            out: names.out.as_deref(),
+            move_source: names.moves.source.clone(),
+            move_failed: names.moves.failed.clone(),
             op,
             ops,
         }
@@ -207,9 +207,19 @@ fn run_id() -> String {
     format!("{secs:x}-{:08x}", h.finish() as u32)
 }
 
+/// The names the workers know a run's directories by, checked (`check`).
+struct Names {
+    root: String,
+    /// The output root's, if the outputs go to one.
+    out: Option<String>,
+    /// The move directories', for those the run has.
+    moves: MoveNames,
+}
+
 /// What a coordinator cannot do yet, or not with these names: a usage error. Returns the
-/// output root's name (`out`, or `--out`'s own name), if the outputs go to one.
-fn check(cfg: &Config, root: &str, out: Option<&str>) -> Result<Option<String>> {
+/// names of the run's directories: `root`, the output root's (`out`, or `--out`'s own name)
+/// and the move directories' (`moves`, or each one's own name).
+fn check(cfg: &Config, (root, out): (&str, Option<&str>), moves: &MoveNames) -> Result<Names> {
     if !wire::valid_name(root) {
         return Err(Unreachable(anyhow!(
             "--root-name {root:?}: a root's name is 1 to 64 of A-Z a-z 0-9 _ - (the workers map it with --root {root}=PATH)"
@@ -232,33 +242,25 @@ fn check(cfg: &Config, root: &str, out: Option<&str>) -> Result<Option<String>> 
             .into()),
         },
     };
-    // The workers know a move directory by its own name (`--move-root NAME=PATH`): one that
-    // is no plain name, or the name of another root of the run, could not be told apart.
-    let mut names = vec![root.to_owned()];
-    names.extend(out.clone());
-    for (aside, flag) in [
-        (&cfg.move_source, "--move-source"),
-        (&cfg.move_failed, "--move-failed"),
-    ] {
-        let Some(aside) = aside else { continue };
-        match move_root_name(aside) {
-            Some(name) if !names.contains(&name) => names.push(name),
-            _ => {
-                return Err(Unreachable(anyhow!(
-                    "{flag} {}: the workers know it by its directory's name, which must be 1 to 64 of A-Z a-z 0-9 _ - and differ from the input root's, the output root's and the other move directory's (the workers map it with --move-root NAME=PATH)",
-                    aside.root.display()
-                ))
-                .into())
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The name the workers know a move directory by: its own name, if a plain one.
-fn move_root_name(aside: &crate::fsio::aside::Aside) -> Option<String> {
-    let name = aside.root.file_name()?.to_str()?;
-    wire::valid_name(name).then(|| name.to_owned())
+    // The workers know a move directory by a name (`--move-root NAME=PATH`): one that is no
+    // plain name, or the name of another root of the run, could not be told apart.
+    let taken: Vec<&str> = std::iter::once(root).chain(out.as_deref()).collect();
+    let dirs = (
+        cfg.move_source.as_deref().map(|a| a.root.as_path()),
+        cfg.move_failed.as_deref().map(|a| a.root.as_path()),
+    );
+    let moves = crate::config::move_root_names(dirs, moves, &taken).map_err(|(which, name)| {
+        let dir = if which == "source" { &cfg.move_source } else { &cfg.move_failed };
+        let dir = dir.as_deref().map_or_else(String::new, |a| a.root.display().to_string());
+        Unreachable(anyhow!(
+            "--move-{which} {dir}: the name the workers know it by, {name:?}, must be 1 to 64 of A-Z a-z 0-9 _ - and differ from the input root's, the output root's and the other move directory's: give one with --move-{which}-name NAME (the workers map it with --move-root NAME=PATH)"
+        ))
+    })?;
+    Ok(Names {
+        root: root.to_owned(),
+        out,
+        moves,
+    })
 }
 
 /// Runs a batch over `cfg.root` through the queue; `root` is the name the workers map it by.
@@ -267,19 +269,19 @@ fn move_root_name(aside: &crate::fsio::aside::Aside) -> Option<String> {
 pub(crate) fn run(
     cfg: &Config,
     queue: &Queue,
-    root: &str,
-    out: Option<&str>,
+    names: (&str, Option<&str>),
+    moves: &MoveNames,
     shutdown: &Shutdown,
 ) -> Result<Summary> {
-    let out = check(cfg, root, out)?;
+    let names = check(cfg, names, moves)?;
     // Without a state directory to keep it in (a user with no writable home), the batch runs,
     // only not resumably.
     let runfile = match RunFile::open(
         crate::state::default_dir(),
         cfg,
         &queue.url,
-        root,
-        out.as_deref(),
+        &names.root,
+        names.out.as_deref(),
     ) {
         Ok(f) => Some(f),
         Err(e) if format!("{e:#}").contains("another coordinator") => {
@@ -296,7 +298,7 @@ pub(crate) fn run(
     coordinate(
         cfg,
         queue,
-        (root, out.as_deref()),
+        &names,
         shutdown,
         (&mut source, &mut sink),
         &stats,
@@ -310,12 +312,12 @@ pub(crate) fn run(
 pub(crate) fn watch(
     cfg: &Config,
     queue: &Queue,
-    root: &str,
-    out: Option<&str>,
+    names: (&str, Option<&str>),
+    moves: &MoveNames,
     shutdown: &Shutdown,
     stats: &Stats,
 ) -> Result<Summary> {
-    let out = check(cfg, root, out)?;
+    let names = check(cfg, names, moves)?;
     let settings = cfg.watch.as_ref().context("watch settings missing")?;
     // The state's rows are filed per result, as a local watch's are. (Jobs reach the workers
     // whole: a file lacking one result has them all computed again.)
@@ -328,7 +330,7 @@ pub(crate) fn watch(
     coordinate(
         cfg,
         queue,
-        (root, out.as_deref()),
+        &names,
         shutdown,
         (&mut source, &mut sink),
         stats,
@@ -342,12 +344,13 @@ pub(crate) fn watch(
 fn coordinate(
     cfg: &Config,
     queue: &Queue,
-    (root, out): (&str, Option<&str>),
+    names: &Names,
     shutdown: &Shutdown,
     (source, sink): (&mut dyn Source, &mut (dyn Sink + Send)),
     stats: &Stats,
     mut runfile: Option<RunFile>,
 ) -> Result<Summary> {
+    let (root, out) = (names.root.as_str(), names.out.as_deref());
     let conn = connect(queue, "filepipe-coordinator")?;
     // A run that was cancelled is over: its workers drop its jobs, so it cannot be resumed.
     let resumed = match runfile.as_ref().and_then(RunFile::previous) {
@@ -412,7 +415,7 @@ fn coordinate(
     } else {
         (None, None)
     };
-    let head = Head::new(cfg, &run, (root, out));
+    let head = Head::new(cfg, &run, names);
     // Set once the resumed run's outcomes are read, before the source starts.
     let accounted = std::sync::OnceLock::new();
     std::thread::scope(|s| {

@@ -67,6 +67,10 @@ struct WatchEntry {
     root_name: Option<Spanned<String>>,
     /// Cluster mode: the name the workers know `out` by (default: its own name).
     out_root_name: Option<Spanned<String>>,
+    /// Cluster mode: the name the workers know `move_source` by (default: its own name).
+    move_source_name: Option<Spanned<String>>,
+    /// Cluster mode: the name the workers know `move_failed` by (default: its own name).
+    move_failed_name: Option<Spanned<String>>,
     /// A NATS credentials file for `queue`.
     creds: Option<Spanned<PathBuf>>,
     /// CA certificates to trust for a tls:// `queue`.
@@ -598,6 +602,37 @@ pub(crate) fn load(
                     return Err(at(span, &key("out_root_name"), msg));
                 }
             }
+            // The move directories' names, as the coordinator will check them.
+            let given = crate::config::MoveNames {
+                source: w.move_source_name.as_ref().map(|n| n.get_ref().clone()),
+                failed: w.move_failed_name.as_ref().map(|n| n.get_ref().clone()),
+            };
+            let out_name = cfg.out.as_deref().map(|out| {
+                let given = w.out_root_name.as_ref().map(|n| n.get_ref().as_str());
+                crate::config::out_root_name(out, given, &name).unwrap_or_default()
+            });
+            let taken: Vec<&str> = std::iter::once(name.as_str())
+                .chain(out_name.as_deref())
+                .collect();
+            let dirs = (
+                cfg.move_source.as_deref().map(|a| a.root.as_path()),
+                cfg.move_failed.as_deref().map(|a| a.root.as_path()),
+            );
+            if let Err((which, bad)) = crate::config::move_root_names(dirs, &given, &taken) {
+                let (named, dir, k) = match which {
+                    "source" => (&w.move_source_name, &w.move_source, "move_source_name"),
+                    _ => (&w.move_failed_name, &w.move_failed, "move_failed_name"),
+                };
+                let span = match (named, dir) {
+                    (Some(n), _) => n.span(),
+                    (None, Some(d)) => d.span(),
+                    (None, None) => queue_span.clone(),
+                };
+                let msg = format!(
+                    "the move directory's name {bad:?} is not 1 to 64 of A-Z a-z 0-9 _ - other than the root's, the output root's and the other move directory's (set {k})"
+                );
+                return Err(at(span, &key(k), msg));
+            }
             // Held to the rules a worker's (and a coordinator's flags') are, here, so that
             // check-config and a reload refuse what the coordinator would refuse when it
             // connects: a seed others may read, a CA others may change or replace.
@@ -630,15 +665,34 @@ pub(crate) fn load(
                     tls_ca: w.tls_ca.as_ref().map(|p| resolve(p.get_ref())),
                     root_name: name,
                     out_root_name: w.out_root_name.as_ref().map(|n| n.get_ref().clone()),
+                    move_names: given,
                 });
             }
             if let (Some(n), None) = (&w.out_root_name, &w.out) {
                 return Err(at(n.span(), &key("out_root_name"), "needs out".into()));
             }
+            if let (Some(n), None) = (&w.move_source_name, &w.move_source) {
+                return Err(at(
+                    n.span(),
+                    &key("move_source_name"),
+                    "needs move_source".into(),
+                ));
+            }
+            if let (Some(n), None) = (&w.move_failed_name, &w.move_failed) {
+                return Err(at(
+                    n.span(),
+                    &key("move_failed_name"),
+                    "needs move_failed".into(),
+                ));
+            }
         } else if let Some(span) = w.root_name.as_ref().map(|n| n.span()) {
             return Err(at(span, &key("root_name"), "needs queue".into()));
         } else if let Some(span) = w.out_root_name.as_ref().map(|n| n.span()) {
             return Err(at(span, &key("out_root_name"), "needs queue".into()));
+        } else if let Some(span) = w.move_source_name.as_ref().map(|n| n.span()) {
+            return Err(at(span, &key("move_source_name"), "needs queue".into()));
+        } else if let Some(span) = w.move_failed_name.as_ref().map(|n| n.span()) {
+            return Err(at(span, &key("move_failed_name"), "needs queue".into()));
         } else if let Some(span) = w.creds.as_ref().map(|n| n.span()) {
             return Err(at(span, &key("creds"), "needs queue".into()));
         } else if let Some(span) = w.tls_ca.as_ref().map(|n| n.span()) {
