@@ -930,11 +930,23 @@ fn gather_outcomes(
             && outstanding > 0
         {
             last_warning = Instant::now();
-            let waiting = waiting_workers(conn, workers).unwrap_or(0);
+            let info = consumer_info(conn, workers).ok();
+            let waiting = info.as_ref().map_or(0, |i| i.num_waiting);
+            // Delivered and not yet acknowledged: a worker still at them, or one that stopped
+            // without a word, whose jobs come back after the ack wait. Said before any blame
+            // on old workers, which would be wrong then.
+            let held = info.as_ref().map_or(0, |i| i.num_ack_pending);
             if waiting == 0 {
                 tracing::warn!(
                     outstanding,
                     "no outcome for {STALLED:?} and no worker is asking for jobs: start `filepipe worker --queue ... --root NAME=PATH`"
+                );
+            } else if held > 0 {
+                tracing::warn!(
+                    outstanding,
+                    workers_waiting = waiting,
+                    held,
+                    "no outcome for {STALLED:?}: {held} job messages are held by workers (a worker that stopped without acknowledging them has them delivered again once the ack wait is over)"
                 );
             } else if ledger.version > wire::VERSION || !ledger.json.load(Ordering::Acquire) {
                 tracing::warn!(
@@ -1504,10 +1516,6 @@ fn in_flight(conn: &Conn, workers: &consumer::PullConsumer) -> Result<usize> {
 }
 
 /// Workers of this root asking for jobs right now.
-fn waiting_workers(conn: &Conn, workers: &consumer::PullConsumer) -> Result<usize> {
-    Ok(consumer_info(conn, workers)?.num_waiting)
-}
-
 fn consumer_info(conn: &Conn, workers: &consumer::PullConsumer) -> Result<consumer::Info> {
     let mut c = workers.clone();
     conn.rt
