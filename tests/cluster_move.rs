@@ -30,6 +30,17 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// Asserts that a coordinator's run ended with every one of its `n` files done.
+fn assert_all_done(run: &Run, n: u64) {
+    let sum = run.code(0).summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(n), Some(0)),
+        "{sum}\n{}",
+        run.stderr()
+    );
+}
+
 /// A copy of `t`'s tree beside it, to compare moved inputs and outputs with.
 fn copy_of(t: &TestTree) -> PathBuf {
     let copy = t.side("copy");
@@ -85,13 +96,7 @@ fn two_workers_move_each_input_to_its_relative_path_once_its_output_is_whole() {
         done.to_str().unwrap(),
     ];
     let run = coordinate(&nats, &t.root(), &args);
-    let sum = run.code(0).summary();
-    assert_eq!(
-        (sum["done"].as_u64(), sum["failed"].as_u64()),
-        (Some(80), Some(0)),
-        "{sum}\n{}",
-        run.stderr()
-    );
+    assert_all_done(&run, 80);
     // Every output whole (gzip -t and its input's bytes, from the copy), beside where its
     // input was; every input under the move directory at its relative path, as it was; none
     // left in the tree.
@@ -432,13 +437,7 @@ fn move_directories_are_named_for_the_workers_with_move_source_name_and_move_fai
     ];
     let args: Vec<&str> = base.iter().chain(&names).copied().collect();
     let run = coordinate(&nats, &t.root(), &args);
-    let sum = run.code(0).summary();
-    assert_eq!(
-        (sum["done"].as_u64(), sum["failed"].as_u64()),
-        (Some(30), Some(0)),
-        "{sum}\n{}",
-        run.stderr()
-    );
+    assert_all_done(&run, 30);
     assert_eq!(assert_outputs_of(&t.root(), &copy), 30);
     assert_eq!(files_under(&done), files_under(&copy));
 }

@@ -449,6 +449,18 @@ mod tests {
         }
     }
 
+    /// A job for `rel` under `cfg`'s root, delivered once, for every result.
+    fn job_of(cfg: &Config, rel: &str) -> Job {
+        Job {
+            abs: cfg.root.join(rel),
+            rel: PathBuf::from(rel),
+            replace: false,
+            expect: None,
+            redelivered: false,
+            only: None,
+        }
+    }
+
     #[test]
     fn an_output_a_redelivered_job_finds_up_to_date_is_done_only_if_it_holds_the_input() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -459,12 +471,8 @@ mod tests {
         let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
         let job = |redelivered| Job {
-            abs: cfg.root.join("f"),
-            rel: PathBuf::from("f"),
-            replace: false,
-            expect: None,
             redelivered,
-            only: None,
+            ..job_of(&cfg, "f")
         };
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
@@ -535,12 +543,8 @@ mod tests {
         let op = CompressOp::<Zstd>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
         let job = |redelivered| Job {
-            abs: cfg.root.join("sub/f"),
-            rel: PathBuf::from("sub/f"),
-            replace: false,
-            expect: None,
             redelivered,
-            only: None,
+            ..job_of(&cfg, "sub/f")
         };
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
@@ -578,12 +582,8 @@ mod tests {
         let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
         let job = |replace| Job {
-            abs: cfg.root.join("f"),
-            rel: PathBuf::from("f"),
             replace,
-            expect: None,
-            redelivered: false,
-            only: None,
+            ..job_of(&cfg, "f")
         };
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
@@ -623,14 +623,7 @@ mod tests {
         std::fs::write(root.join("d/f"), b"listed in the tree").unwrap();
         std::fs::write(outside.join("f"), b"outside the tree").unwrap();
         let cfg = config(&root);
-        let job = || Job {
-            abs: cfg.root.join("d/f"),
-            rel: PathBuf::from("d/f"),
-            replace: false,
-            expect: None,
-            redelivered: false,
-            only: None,
-        };
+        let job = || job_of(&cfg, "d/f");
         let op = HashOp::new(HashAlgo::Sha256, 1).unwrap();
         let mut scratch = op.scratch();
         let roots = || {
