@@ -1748,3 +1748,104 @@ fn a_worker_with_a_tls_ca_connects_again_after_the_server_restarts() {
         fs::read_to_string(&worker.log).unwrap()
     );
 }
+
+/// `--follow-symlinks` through the queue follows links as a local run does, to what lies
+/// beneath the worker's root only: the same files done and skipped, for the same reasons, and
+/// the same tree afterwards, as a local batch of the same tree. A job asking a worker to
+/// follow a link out of its root gets its file refused: nothing read or written outside.
+#[test]
+fn symlinks_are_followed_through_the_queue_as_locally_and_never_out_of_the_root() {
+    use std::os::unix::fs::symlink;
+    let Some(nats) = Nats::start() else { return };
+    let made = || {
+        let t = TestTree::new()
+            .file("real/a.txt", &text_bytes(9_000, 1))
+            .file("real/sub/b.txt", &text_bytes(4_000, 2))
+            .file("c.txt", &text_bytes(3_000, 3));
+        let outside = t.side("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("secret"), b"not for the worker\n").unwrap();
+        symlink("real", t.path("linked")).unwrap();
+        symlink("real/sub/b.txt", t.path("alias.txt")).unwrap();
+        symlink(&outside, t.path("escape")).unwrap();
+        symlink(outside.join("secret"), t.path("secret-link")).unwrap();
+        (t, outside)
+    };
+    let listing = |t: &TestTree| -> Vec<(PathBuf, bool)> {
+        let mut v: Vec<(PathBuf, bool)> = walkdir::WalkDir::new(t.root())
+            .into_iter()
+            .filter_map(Result::ok)
+            .map(|e| {
+                let rel = e.path().strip_prefix(t.root()).unwrap().to_path_buf();
+                (rel, e.path_is_symlink())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let counts = |sum: &serde_json::Value| {
+        [
+            "done",
+            "skipped",
+            "failed",
+            "skipped_by_reason",
+            "failed_by_reason",
+        ]
+        .map(|k| sum[k].to_string())
+    };
+    let (local, _) = made();
+    let here = run(filepipe(&[
+        s("batch"),
+        local.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+        s("--follow-symlinks"),
+        s("--json"),
+    ]));
+    let (queued, outside) = made();
+    let root = format!("tree={}", queued.root().display());
+    let w = Worker::start(&nats, queued.dir.path(), &[root], "2");
+    let there = coordinate(
+        &nats,
+        &queued.root(),
+        &["--op", "gzip", "--root-name", "tree", "--follow-symlinks"],
+    );
+    let (here_sum, there_sum) = (here.summary(), there.summary());
+    assert!(here_sum["done"].as_u64() >= Some(3), "{here_sum}");
+    assert_eq!(counts(&there_sum), counts(&here_sum), "{}", there.stderr());
+    assert_eq!(
+        there.output().status.code(),
+        here.output().status.code(),
+        "{}",
+        there.stderr()
+    );
+    assert_eq!(listing(&queued), listing(&local));
+    assert_outputs_whole(&queued.root());
+
+    // A job that follows a link out of the root, published straight to the stream.
+    let job = |rel: &str| {
+        format!(
+            r#"{{"v":6,"run":"hostile","root":"tree","op":"gzip","level":6,"force":true,"follow_symlinks":true,"files":[{{"rel":"{rel}","size":1}}]}}"#
+        )
+    };
+    for rel in ["escape/secret", "secret-link"] {
+        nats.publish_raw("filepipe.jobs.tree.hostile", job(rel).as_bytes());
+    }
+    // Each taken and refused, as the local run refused the same links.
+    wait_until(Duration::from_secs(30), "both refused", || {
+        let log = w.log();
+        ["path=escape/secret", "path=secret-link"].iter().all(|p| {
+            log.lines()
+                .any(|l| l.contains(p) && l.contains("outside the root; not followed"))
+        })
+    });
+    let names: Vec<_> = fs::read_dir(&outside)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, [OsStr::new("secret")], "written outside the root");
+    assert!(
+        !queued.path("secret-link.gz").exists(),
+        "read outside the root"
+    );
+}

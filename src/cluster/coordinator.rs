@@ -175,12 +175,7 @@ impl<'a> Head<'a> {
     fn job<'b>(&'b self, files: &'b [WireFile]) -> JobBatchOut<'b> {
         let cfg = self.cfg;
         JobBatchOut {
-            v: JobBatch::version(
-                self.out,
-                cfg.remove_source,
-                !self.ops.is_empty(),
-                self.move_source.is_some() || self.move_failed.is_some(),
-            ),
+            v: JobBatch::version(asks(cfg, self.out)),
             out: self.out,
             move_source: self.move_source.as_deref(),
             move_failed: self.move_failed.as_deref(),
@@ -192,7 +187,18 @@ impl<'a> Head<'a> {
             level: cfg.level,
             force: cfg.force,
             files,
+            follow_symlinks: cfg.follow_symlinks,
         }
+    }
+}
+
+/// What a run's job messages ask beyond op and level (`JobBatch::version`).
+fn asks(cfg: &Config, out: Option<&str>) -> wire::Asks {
+    wire::Asks {
+        out: out.is_some() || cfg.remove_source,
+        multi: cfg.spec.is_multi(),
+        moves: cfg.move_source.is_some() || cfg.move_failed.is_some(),
+        follow: cfg.follow_symlinks,
     }
 }
 
@@ -223,12 +229,6 @@ fn check(cfg: &Config, (root, out): (&str, Option<&str>), moves: &MoveNames) -> 
     if !wire::valid_name(root) {
         return Err(Unreachable(anyhow!(
             "--root-name {root:?}: a root's name is 1 to 64 of A-Z a-z 0-9 _ - (the workers map it with --root {root}=PATH)"
-        ))
-        .into());
-    }
-    if cfg.follow_symlinks {
-        return Err(Unreachable(anyhow!(
-            "--follow-symlinks is not available with --queue yet"
         ))
         .into());
     }
@@ -396,12 +396,7 @@ fn coordinate(
     }
     let ledger = Ledger {
         hashes: cfg.spec.hashes().to_vec(),
-        version: JobBatch::version(
-            out,
-            cfg.remove_source,
-            cfg.spec.is_multi(),
-            cfg.move_source.is_some() || cfg.move_failed.is_some(),
-        ),
+        version: JobBatch::version(asks(cfg, out)),
         ..Ledger::default()
     };
     let watching = source.listens();

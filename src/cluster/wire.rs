@@ -330,6 +330,12 @@ pub(crate) struct JobBatch {
     /// mapped like `move_source`; `VERSION_MOVE` too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) move_failed: Option<String>,
+    /// Symlinks on a file's path, or the file itself, are followed (`--follow-symlinks`), as a
+    /// local run follows them: only to what lies beneath the worker's root (what is opened is
+    /// judged, `Root::holds`). A message with it is `VERSION_FOLLOW`: a worker from before it
+    /// would skip every such file as a symlink.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) follow_symlinks: bool,
 }
 
 /// A job message as it is written: `JobBatch`'s fields, borrowed, so that encoding a batch
@@ -353,6 +359,8 @@ pub(crate) struct JobBatchOut<'a> {
     pub(crate) move_source: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) move_failed: Option<&'a str>,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) follow_symlinks: bool,
 }
 
 /// The version of a job message that names an output root or asks for its inputs removed:
@@ -367,17 +375,43 @@ pub(crate) const VERSION_MULTI: u32 = 3;
 /// are. After 4, which is the binary format's (there, a flag bit says the same).
 pub(crate) const VERSION_MOVE: u32 = 5;
 
+/// The version of a JSON job message whose symlinks are followed (`follow_symlinks`).
+pub(crate) const VERSION_FOLLOW: u32 = 6;
+
+/// What a job message asks beyond a file's op and level, each of which needs a worker that
+/// knows it (`JobBatch::version`).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Asks {
+    /// An output root, or inputs removed.
+    pub(crate) out: bool,
+    /// Several ops.
+    pub(crate) multi: bool,
+    /// A move root.
+    pub(crate) moves: bool,
+    /// Symlinks followed.
+    pub(crate) follow: bool,
+}
+
 impl JobBatch {
-    /// The version a batch is sent as: `VERSION_MOVE` with a directory inputs are moved to
-    /// (which several ops never have), else `VERSION_MULTI` with several ops, else `VERSION_OUT`
-    /// with an output root or `remove_source`, else `VERSION`. A single op keeps the version
+    /// The version a batch is sent as: `VERSION_FOLLOW` with symlinks followed, else
+    /// `VERSION_MOVE` with a directory inputs are moved to (which several ops never have), else
+    /// `VERSION_MULTI` with several ops, else `VERSION_OUT` with an output root or inputs
+    /// removed, else `VERSION`. A single op keeps the version
     /// it always had, so workers from before several results still take those jobs.
-    pub(crate) fn version(out: Option<&str>, remove_source: bool, multi: bool, moves: bool) -> u32 {
-        if moves {
+    pub(crate) fn version(asks: Asks) -> u32 {
+        let Asks {
+            out,
+            multi,
+            moves,
+            follow,
+        } = asks;
+        if follow {
+            VERSION_FOLLOW
+        } else if moves {
             VERSION_MOVE
         } else if multi {
             VERSION_MULTI
-        } else if out.is_some() || remove_source {
+        } else if out {
             VERSION_OUT
         } else {
             VERSION
@@ -432,7 +466,8 @@ impl JobBatch {
             return Err(format!(
                 "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root \
                  or --remove-source, {VERSION_MULTI} with several ops, {VERSION_MOVE} with \
-                 --move-source or --move-failed, and binary messages of version 4",
+                 --move-source or --move-failed, {VERSION_FOLLOW} with --follow-symlinks, and \
+                 binary messages of version 4",
                 b.v
             ));
         }
@@ -441,12 +476,12 @@ impl JobBatch {
 
     /// The JSON version this batch's fields call for.
     fn wire_version(&self) -> u32 {
-        JobBatch::version(
-            self.out.as_deref(),
-            self.remove_source,
-            !self.ops.is_empty(),
-            self.move_source.is_some() || self.move_failed.is_some(),
-        )
+        JobBatch::version(Asks {
+            out: self.out.is_some() || self.remove_source,
+            multi: !self.ops.is_empty(),
+            moves: self.move_source.is_some() || self.move_failed.is_some(),
+            follow: self.follow_symlinks,
+        })
     }
 
     /// Checks what a job message says, whatever its format.
@@ -940,6 +975,7 @@ mod tests {
             ops: &ops,
             move_source: None,
             move_failed: None,
+            follow_symlinks: false,
         })
         .unwrap();
         let b = JobBatch::parse(&json).unwrap();
@@ -966,6 +1002,7 @@ mod tests {
             ops: &[],
             move_source: None,
             move_failed: None,
+            follow_symlinks: false,
         })
         .unwrap();
         assert!(JobBatch::parse(plain.as_bytes()).is_ok(), "{plain}");
@@ -1052,7 +1089,10 @@ mod tests {
             let spec: OpSpec = op.parse().unwrap();
             let (op, ops) = JobBatch::ops_of(&spec);
             let b = JobBatch {
-                v: JobBatch::version(None, false, !ops.is_empty(), false),
+                v: JobBatch::version(Asks {
+                    multi: !ops.is_empty(),
+                    ..Asks::default()
+                }),
                 run: "r".into(),
                 root: "in".into(),
                 op,
@@ -1069,6 +1109,7 @@ mod tests {
                 remove_source: false,
                 move_source: None,
                 move_failed: None,
+                follow_symlinks: false,
             };
             let read = JobBatch::parse(&serde_json::to_vec(&b).unwrap()).unwrap();
             assert_eq!(read.spec().unwrap(), spec);

@@ -14,7 +14,8 @@
 //!
 //! ```text
 //! jobs:      04 'J' run:s8 root:s8 out:s8 (empty: none) op:u8 n_ops:u8 ops:u8*n_ops level:u8
-//!            flags:u8 (1 force, 2 remove_source, 4 move_source, 8 move_failed)
+//!            flags:u8 (1 force, 2 remove_source, 4 move_source, 8 move_failed,
+//!            16 follow_symlinks)
 //!            [move_source:s8] [move_failed:s8] n_files:u16, then per file:
 //!            path:s32 flags:u8 (1 replace, 2 stamp, 4 size) [size:u64] [stamp size:u64 mtime_ns:i64]
 //! outcomes:  04 'O' run:s8 worker:s16 n:u16, then per outcome:
@@ -161,7 +162,8 @@ pub(crate) fn encode_jobs(j: &JobBatchOut) -> Result<Vec<u8>, String> {
         u8::from(j.force)
             | u8::from(j.remove_source) << 1
             | u8::from(j.move_source.is_some()) << 2
-            | u8::from(j.move_failed.is_some()) << 3,
+            | u8::from(j.move_failed.is_some()) << 3
+            | u8::from(j.follow_symlinks) << 4,
     );
     for name in j.move_source.iter().chain(&j.move_failed) {
         put_s8(&mut buf, name.as_bytes(), "move root")?;
@@ -217,7 +219,7 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         .map(|&c| op_of(c))
         .collect::<Result<Vec<_>, _>>()?;
     let level = u32::from(r.u8("level")?);
-    let flags = r.flags(0b1111, "job flags")?;
+    let flags = r.flags(0b1_1111, "job flags")?;
     let move_source = (flags & 4 != 0)
         .then(|| r.name("move_source"))
         .transpose()?;
@@ -252,6 +254,7 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         ops,
         move_source,
         move_failed,
+        follow_symlinks: flags & 16 != 0,
     })
 }
 
@@ -688,6 +691,7 @@ mod tests {
             ops,
             move_source: None,
             move_failed: None,
+            follow_symlinks: false,
         }
     }
 
@@ -719,6 +723,29 @@ mod tests {
             let payload = encode_jobs(&j).unwrap();
             assert!(JobBatch::parse(&payload).is_err(), "{hostile}");
         }
+    }
+
+    #[test]
+    fn following_symlinks_travels_as_a_flag_bit_and_a_json_version_older_readers_refuse() {
+        let files = [file(b"a/b.log", None, false)];
+        let mut j = job(&files, &[]);
+        j.follow_symlinks = true;
+        let payload = encode_jobs(&j).unwrap();
+        assert!(JobBatch::parse(&payload).unwrap().follow_symlinks);
+        // A reader from before it knew the bits up to 8: it refuses the message. (04 'J',
+        // run "r1", root "in", out "o", op, no ops, level: the flags follow.)
+        let flags_at = 2 + 3 + 3 + 2 + 3;
+        assert_eq!(payload[flags_at], 0b1_0001);
+        let mut older = Reader {
+            left: &payload[flags_at..],
+        };
+        assert!(older.flags(0b1111, "job flags").is_err());
+        // In JSON, a version of its own, and one that says it must be that version.
+        j.v = crate::cluster::wire::VERSION_FOLLOW;
+        let json = serde_json::to_vec(&j).unwrap();
+        assert!(JobBatch::parse(&json).unwrap().follow_symlinks);
+        j.v = 3;
+        assert!(JobBatch::parse(&serde_json::to_vec(&j).unwrap()).is_err());
     }
 
     /// A job message of three files, one not UTF-8, one with a stamp and `replace`.

@@ -60,6 +60,8 @@ struct Key {
     /// (`--move-source`) and inputs failed for good (`--move-failed`) are moved.
     move_source: Option<String>,
     move_failed: Option<String>,
+    /// Symlinks followed, to what lies beneath the root only.
+    follow_symlinks: bool,
     /// The jobs' format, which their outcomes take (a coordinator may send both: JSON for
     /// the jobs a worker from before version 4 refused).
     format: Format,
@@ -564,6 +566,7 @@ impl Router<'_> {
             remove_source: batch.remove_source,
             move_source: batch.move_source.clone(),
             move_failed: batch.move_failed.clone(),
+            follow_symlinks: batch.follow_symlinks,
             format: batch.format(),
         };
         if !self.pipelines.contains_key(&key) {
@@ -692,7 +695,7 @@ impl Router<'_> {
             failure_log: None,
             level: key.level,
             filter: Filter::default(),
-            follow_symlinks: false,
+            follow_symlinks: key.follow_symlinks,
             force: key.force,
             remove_source: key.remove_source,
             move_source: key
