@@ -88,9 +88,11 @@ pub(crate) struct Job {
     /// the coordinator settled.
     pub(crate) expect: Option<Stamp>,
     /// Cluster mode: the job was delivered before, to a worker that did not say how it ended
-    /// (it died, or its outcome was lost). An output up to date for this very input is then
-    /// that delivery's work, and the file counts as done, not as skipped.
-    pub(crate) redelivered: bool,
+    /// (it died, or its outcome was lost), and its message was stored then (the server's
+    /// clock). An output holding exactly this input is then that delivery's work, and the
+    /// file counts as done, not as skipped; what an earlier delivery did to the tree it did
+    /// after that time.
+    pub(crate) redelivered: Option<std::time::SystemTime>,
     /// Only these of the run's results, the state having the others for the file's stamp
     /// (incremental batch and watch mode); `None`: all of them.
     pub(crate) only: Option<Box<Only>>,

@@ -1849,3 +1849,48 @@ fn symlinks_are_followed_through_the_queue_as_locally_and_never_out_of_the_root(
         "read outside the root"
     );
 }
+
+/// A job delivered again over the outputs an earlier delivery made (a worker that died before
+/// saying so leaves them) counts its files done, their outputs left as they are: they hold
+/// exactly their inputs. It counted them skipped (`up-to-date`). The job is taken and handed
+/// back (NAK) by a client that is no worker, so the server delivers it again at once,
+/// delivered twice.
+#[test]
+fn a_job_delivered_again_over_outputs_holding_its_inputs_counts_them_done() {
+    use std::os::unix::fs::MetadataExt;
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(20, 0);
+    // The earlier delivery's outputs: a local batch makes the very same.
+    run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+    ]))
+    .success();
+    let inodes = |t: &TestTree| -> Vec<u64> {
+        let mut v: Vec<u64> = walkdir::WalkDir::new(t.root())
+            .into_iter()
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension() == Some(OsStr::new("gz")))
+            .map(|e| e.metadata().unwrap().ino())
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    let before = inodes(&t);
+    assert_eq!(before.len(), 20);
+    let started = start_coordinator(&nats, &t.root(), &["--op", "gzip"]);
+    wait_until(
+        Duration::from_secs(30),
+        "the job taken and handed back",
+        || nats.nak_next("workers-tree"),
+    );
+    let root = format!("tree={}", t.root().display());
+    let _w = Worker::start(&nats, t.dir.path(), &[root], "2");
+    let out = started.finish(Duration::from_secs(60));
+    let sum = out.code(0).summary();
+    assert_eq!(sum["done"], 20, "{sum}\n{}", out.stderr());
+    assert!(sum["skipped_by_reason"]["up-to-date"].is_null(), "{sum}");
+    assert_eq!(inodes(&t), before, "an output was made again");
+}

@@ -419,6 +419,11 @@ impl Router<'_> {
     /// when it cannot be run here.
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
         let delivered = m.info().map_or(1, |i| i.delivered);
+        // When the message was stored, for a redelivery: an earlier delivery acted after it.
+        let stored = m.info().ok().map(|i| {
+            let ns = i.published.unix_timestamp_nanos().max(0);
+            std::time::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+        });
         let parsed = JobBatch::parse(&m.payload).and_then(|b| Ok((b.spec()?, b)));
         let (spec, batch) = match parsed {
             Ok(parsed) => parsed,
@@ -535,7 +540,7 @@ impl Router<'_> {
                     rel,
                     size: f.size,
                     replace: f.replace,
-                    redelivered: delivered > 1,
+                    redelivered: stored.filter(|_| delivered > 1),
                     expect: f.stamp.map(|s| Stamp::seen_elsewhere(s.size, s.mtime_ns)),
                 }),
                 Err(e) => refused.push((f.rel.clone(), e)),

@@ -602,6 +602,19 @@ impl<C: Codec> CompressOp<C> {
         let file = open_output(&dir, name)?;
         if disposes {
             trusted(&file, input, &dir, name)?;
+        } else {
+            // A redelivered job's: filepipe gives its outputs the input's mode and owner (or
+            // its own user): one with another is another hand's (a user's `gzip -k`, say),
+            // whatever it holds, and is not counted as filepipe's work.
+            let st = rfs::fstat(&file).map_err(|e| FileError::errno("stat of the output", e))?;
+            let me = rustix::process::geteuid().as_raw();
+            if (st.st_uid != input.stat.st_uid && st.st_uid != me)
+                || st.st_mode & 0o777 != input.stat.st_mode & 0o777
+            {
+                return Err(refuse(
+                    "has another owner or mode than filepipe gives its outputs".into(),
+                ));
+            }
         }
         let out_size = file
             .metadata()
@@ -676,7 +689,10 @@ impl<C: Codec> CompressOp<C> {
         // Adopting an output in place reads the input only to compare it (--remove-source or
         // --move-source, which several results never have, or a redelivered job: see
         // `adopt`).
-        if (self.disposes() || job.redelivered) && !self.force && !job.replace && hashers.is_empty()
+        if (self.disposes() || job.redelivered.is_some())
+            && !self.force
+            && !job.replace
+            && hashers.is_empty()
         {
             let name = Self::out_name(job)?;
             if let Existing::UpToDate(_) = self.existing(&dir, &name, input)? {
@@ -888,15 +904,28 @@ impl<C: Codec> Op for CompressOp<C> {
     /// `--move-source`: an earlier delivery published the output and moved the input (the
     /// move comes only after the output is durable), then stopped before saying so. Shown by
     /// the output in place, made for a file under the move directory at the input's relative
-    /// path (or a numbered name of it) dated as it, which the job's stamp, when it carries
-    /// one, describes too. With `--remove-source` nothing is left to show what the output was
-    /// made of: the file counts as vanished.
-    fn finished_earlier(&self, job: &Job, scratch: &mut Self::Scratch) -> Option<Done> {
+    /// path (or a numbered name of it) dated as it, moved there after the job's message was
+    /// stored (its ctime, less `CLOCKS` for the clocks' coarseness and skew: an earlier run's
+    /// leftovers do not count), which the job's stamp, when it carries one, describes too. A
+    /// file system whose clock is further behind the queue server's fails the test: the file
+    /// then counts as vanished, as with `--remove-source`, where nothing is left to show what
+    /// the output was made of.
+    fn finished_earlier(&self, job: &Job, _scratch: &mut Self::Scratch) -> Option<Done> {
         let Some(Dispose::Move(aside)) = &self.dispose else {
             return None;
         };
+        let stored = job
+            .redelivered?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?;
+        const CLOCKS: i64 = 2_000_000_000;
+        let stored_ns = i64::try_from(stored.as_nanos()).ok()? - CLOCKS;
         let name = Self::out_name(job).ok()?;
-        let dir = self.out_dir(job, scratch).ok()?;
+        // Looked for beneath the output root without making a directory: a job naming a file
+        // that never was leaves no trace.
+        let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
+        let fd = Root::new(&self.out_root).ok()?.open_dir(rel_dir).ok()?;
+        let dir = Dir::new(fd, self.out_root.join(rel_dir));
         let out = rfs::statat(&dir.fd, &name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
         if rfs::FileType::from_raw_mode(out.st_mode) != rfs::FileType::RegularFile
             || out.st_size <= 0
@@ -906,6 +935,7 @@ impl<C: Codec> Op for CompressOp<C> {
         let (to, moved) = aside.find_moved(&job.rel, |st| {
             let moved = Stamp::from_stat(st);
             moved.mtime_ns == Stamp::from_stat(&out).mtime_ns
+                && moved.ctime_ns >= stored_ns
                 && job
                     .expect
                     .is_none_or(|e| e.size == moved.size && e.mtime_ns == moved.mtime_ns)
@@ -919,7 +949,9 @@ impl<C: Codec> Op for CompressOp<C> {
             bytes_out: out.st_size as u64,
             digests: Vec::new(),
             note: None,
-            stamp: None,
+            // The version read, as a watching coordinator checks it against the one it
+            // settled (the move kept its size and mtime).
+            stamp: Some(Stamp::from_stat(&moved)),
             unchanged: false,
             only: None,
         })
@@ -1045,7 +1077,8 @@ impl<C: Codec> Op for CompressOp<C> {
                 }
                 // A redelivered job's output in place is its earlier delivery's work (or one
                 // published meanwhile by that delivery, still running): done.
-                if matches!(step, Step::InPlace(_)) && !self.disposes() && !job.redelivered {
+                if matches!(step, Step::InPlace(_)) && !self.disposes() && job.redelivered.is_none()
+                {
                     return Err(FileError::new(
                         Kind::UpToDate,
                         "an identical output was published meanwhile (by another filepipe?)",
@@ -1154,7 +1187,7 @@ mod tests {
                 rel: PathBuf::from(rel),
                 replace: false,
                 expect: None,
-                redelivered: false,
+                redelivered: None,
                 only: None,
             };
             let mut input = InputFile::open(&job.abs, false).unwrap();

@@ -425,7 +425,7 @@ mod tests {
             rel: "f".into(),
             replace: false,
             expect: None,
-            redelivered: false,
+            redelivered: None,
             only: None,
         };
         for algo in HashAlgo::ALL {

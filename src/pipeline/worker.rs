@@ -142,7 +142,9 @@ pub(crate) fn prepare<O: Op>(
     let mut job = job;
     let opened = InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks);
     // Gone, its job delivered before: that delivery may have finished it and disposed of it.
-    if job.redelivered && matches!(&opened, Err(OpenError::Failed(e)) if e.kind == Kind::Vanished) {
+    if job.redelivered.is_some()
+        && matches!(&opened, Err(OpenError::Failed(e)) if e.kind == Kind::Vanished)
+    {
         if let Some(done) = op.finished_earlier(&job, scratch) {
             return Err(Outcome::Done {
                 rel: job.rel,
@@ -226,7 +228,7 @@ pub(crate) fn prepare<O: Op>(
     let mut confirming = false;
     match op.check(&job, &input, scratch) {
         Ok(None) => {}
-        Ok(Some(reason)) if reason.kind == Kind::UpToDate && job.redelivered => {
+        Ok(Some(reason)) if reason.kind == Kind::UpToDate && job.redelivered.is_some() => {
             confirming = true;
         }
         Ok(Some(reason)) => {
@@ -456,7 +458,7 @@ mod tests {
             rel: PathBuf::from(rel),
             replace: false,
             expect: None,
-            redelivered: false,
+            redelivered: None,
             only: None,
         }
     }
@@ -470,8 +472,8 @@ mod tests {
         let cfg = config_op(tmp.path(), "gzip");
         let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
-        let job = |redelivered| Job {
-            redelivered,
+        let job = |redelivered: bool| Job {
+            redelivered: redelivered.then(std::time::SystemTime::now),
             ..job_of(&cfg, "f")
         };
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
@@ -493,29 +495,37 @@ mod tests {
         }
         assert_eq!(std::fs::read(&gz).unwrap(), made);
         assert_eq!(std::fs::metadata(&gz).unwrap().ino(), inode);
-        // Dated as the input but holding other bytes (and more open than the input: no input
-        // goes on its strength, so that does not matter): skipped, untouched.
-        let mut other = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        std::io::Write::write_all(&mut other, b"made twice").unwrap();
-        let other = other.finish().unwrap();
-        std::fs::remove_file(&gz).unwrap();
-        std::fs::write(&gz, &other).unwrap();
-        std::fs::set_permissions(&gz, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&gz)
-            .unwrap()
-            .set_modified(mtime)
-            .unwrap();
-        match prepare(&cfg, &op, job(true), None, &mut scratch) {
-            Err(Outcome::Skipped { reason, .. }) => {
-                assert_eq!(reason.kind, Kind::UpToDate);
-                assert!(reason.message.contains("not counted done"), "{reason:?}");
+        // Dated as the input, with its mode, but holding other bytes; then holding exactly
+        // the input but with another mode (a user's `gzip -k` made more open): skipped,
+        // untouched.
+        let gzip = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            std::io::Write::write_all(&mut e, data).unwrap();
+            e.finish().unwrap()
+        };
+        let mode = std::fs::metadata(&f).unwrap().mode() & 0o777;
+        for (bytes, mode) in [(gzip(b"made twice"), mode), (gzip(b"made once"), 0o666)] {
+            std::fs::remove_file(&gz).unwrap();
+            std::fs::write(&gz, &bytes).unwrap();
+            std::fs::set_permissions(&gz, std::fs::Permissions::from_mode(mode)).unwrap();
+            let mtime = std::fs::metadata(&f).unwrap().modified().unwrap();
+            std::fs::File::options()
+                .write(true)
+                .open(&gz)
+                .unwrap()
+                .set_modified(mtime)
+                .unwrap();
+            match prepare(&cfg, &op, job(true), None, &mut scratch) {
+                Err(Outcome::Skipped { reason, .. }) => {
+                    assert_eq!(reason.kind, Kind::UpToDate);
+                    assert!(reason.message.contains("not counted done"), "{reason:?}");
+                }
+                other => panic!("{:?}", other.err()),
             }
-            other => panic!("{:?}", other.err()),
+            assert_eq!(std::fs::read(&gz).unwrap(), bytes);
+            let now = std::fs::metadata(&gz).unwrap().mode() & 0o777;
+            assert_eq!(now, mode, "the output's mode was changed");
         }
-        assert_eq!(std::fs::read(&gz).unwrap(), other);
     }
 
     #[test]
@@ -542,16 +552,34 @@ mod tests {
         };
         let op = CompressOp::<Zstd>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
-        let job = |redelivered| Job {
-            redelivered,
+        // The job's message, stored before its first delivery.
+        let stored = std::time::SystemTime::now();
+        let job = |redelivered: bool| Job {
+            redelivered: redelivered.then_some(stored),
             ..job_of(&cfg, "sub/f")
         };
+        let settled = Stamp::of(&tree.join("sub/f")).unwrap();
         let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
         assert!(!tree.join("sub/f").exists() && aside.join("sub/f").exists());
-        // The same job delivered again: its output in place, made of the file moved aside.
+        // The same job delivered again: its output in place, made of the file moved aside;
+        // the version read is the one moved (a watching coordinator checks it).
         match prepare(&cfg, &op, job(true), None, &mut scratch) {
-            Err(Outcome::Done { done, .. }) => assert_eq!(done.bytes_in, 10),
+            Err(Outcome::Done { done, .. }) => {
+                assert_eq!(done.bytes_in, 10);
+                let read = done.stamp.unwrap();
+                assert_eq!((read.size, read.mtime_ns), (settled.size, settled.mtime_ns));
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        // A message stored well after the move (a later run's job for a file of the same
+        // name, deleted before it was read): the earlier run's leftovers do not make it done.
+        let later = Job {
+            redelivered: Some(stored + std::time::Duration::from_secs(60)),
+            ..job_of(&cfg, "sub/f")
+        };
+        match prepare(&cfg, &op, later, None, &mut scratch) {
+            Err(Outcome::Failed { error, .. }) => assert_eq!(error.kind, Kind::Vanished),
             other => panic!("{:?}", other.err()),
         }
         // Delivered once only, it is a file deleted before it was processed.
@@ -570,6 +598,48 @@ mod tests {
             .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(9))
             .unwrap();
         assert!(vanished(prepare(&cfg, &op, job(true), None, &mut scratch)));
+    }
+
+    /// A redelivered job (a hostile message left unacknowledged is one) naming a file that
+    /// does not exist makes no directory in the output tree while it looks for what an
+    /// earlier delivery left.
+    #[test]
+    fn a_redelivered_job_for_a_missing_file_makes_no_output_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (tree, aside, out) = (
+            tmp.path().join("in"),
+            tmp.path().join("done"),
+            tmp.path().join("out"),
+        );
+        for d in [&tree, &aside, &out] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let args = [
+            "filepipe",
+            "batch",
+            tree.to_str().unwrap(),
+            "--op",
+            "gzip",
+            "--out",
+            out.to_str().unwrap(),
+            "--move-source",
+            aside.to_str().unwrap(),
+        ];
+        let cfg = match Cli::parse_from(args).command {
+            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
+            _ => unreachable!(),
+        };
+        let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
+        let mut scratch = op.scratch();
+        let job = Job {
+            redelivered: Some(std::time::SystemTime::now()),
+            ..job_of(&cfg, "x/y/never")
+        };
+        match prepare(&cfg, &op, job, None, &mut scratch) {
+            Err(Outcome::Failed { error, .. }) => assert_eq!(error.kind, Kind::Vanished),
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 0);
     }
 
     #[test]

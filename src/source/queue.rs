@@ -39,8 +39,8 @@ pub(crate) struct Delivered {
     pub(crate) size: u64,
     /// An existing output filepipe made for an earlier version may be replaced (`Job::replace`).
     pub(crate) replace: bool,
-    /// Its message was delivered before (`Job::redelivered`).
-    pub(crate) redelivered: bool,
+    /// Its message was delivered before, and stored then (`Job::redelivered`).
+    pub(crate) redelivered: Option<std::time::SystemTime>,
     /// A watching coordinator's: the size and mtime it settled with (`Job::expect`).
     pub(crate) expect: Option<Stamp>,
 }

@@ -906,7 +906,7 @@ fn file(
         rel,
         replace: false,
         expect: None,
-        redelivered: false,
+        redelivered: None,
         only: None,
     };
     Classified::Found(Found::File(job, stamp))

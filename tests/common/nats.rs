@@ -227,6 +227,60 @@ impl Nats {
 }
 
 impl Nats {
+    /// Takes the next job of the workers' consumer `consumer` and hands it back at once (a
+    /// NAK), as a client that is no worker may: the server delivers it again without waiting
+    /// out the ack wait, delivered twice, as it would a job whose worker died. `false` if none
+    /// was there within a second.
+    pub fn nak_next(&self, consumer: &str) -> bool {
+        let (mut stream, mut reader) = self.raw_connection(Duration::from_secs(5));
+        let req = br#"{"batch":1,"expires":1000000000}"#;
+        write!(
+            stream,
+            "SUB _INBOX.nak 1\r\nPUB $JS.API.CONSUMER.MSG.NEXT.FILEPIPE_JOBS.{consumer} _INBOX.nak {}\r\n",
+            req.len()
+        )
+        .unwrap();
+        stream.write_all(req).unwrap();
+        stream.write_all(b"\r\n").unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return false;
+            }
+            assert!(!line.starts_with("-ERR"), "{consumer}: {line}");
+            if line.starts_with("PING") {
+                stream.write_all(b"PONG\r\n").unwrap();
+                continue;
+            }
+            // MSG subject sid [reply] len, or HMSG subject sid [reply] hlen len.
+            let (head, is_msg) = match (line.strip_prefix("MSG "), line.strip_prefix("HMSG ")) {
+                (Some(h), _) => (h, true),
+                (_, Some(h)) => (h, false),
+                _ => continue,
+            };
+            let parts: Vec<&str> = head.split_whitespace().collect();
+            let len: usize = parts[parts.len() - 1].parse().unwrap();
+            let mut body = vec![0u8; len + 2];
+            reader.read_exact(&mut body).unwrap();
+            let with_reply = if is_msg { 4 } else { 5 };
+            match parts.get(2).filter(|_| parts.len() == with_reply) {
+                Some(reply) if reply.starts_with("$JS.ACK") => {
+                    write!(stream, "PUB {reply} 4\r\n-NAK\r\nPING\r\n").unwrap();
+                    loop {
+                        line.clear();
+                        reader.read_line(&mut line).unwrap();
+                        if line.starts_with("PONG") {
+                            return true;
+                        }
+                    }
+                }
+                // A status (no messages, request timed out): none now.
+                _ => return false,
+            }
+        }
+    }
+
     /// The server's answer to a request on `subject` (a JetStream API call), as JSON.
     pub fn ask(&self, subject: &str, payload: &[u8]) -> serde_json::Value {
         let (mut stream, mut reader) = self.raw_connection(Duration::from_secs(5));

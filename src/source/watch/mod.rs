@@ -543,7 +543,7 @@ impl Watcher<'_> {
                     rel,
                     replace,
                     expect,
-                    redelivered: false,
+                    redelivered: None,
                     only,
                 });
             }
