@@ -1894,3 +1894,81 @@ fn a_job_delivered_again_over_outputs_holding_its_inputs_counts_them_done() {
     assert!(sum["skipped_by_reason"]["up-to-date"].is_null(), "{sum}");
     assert_eq!(inodes(&t), before, "an output was made again");
 }
+
+/// A job that follows a link to a file outside the root whose real path is longer than /proc
+/// can name: where the file is cannot be told, and it is not taken for inside. It was (the
+/// check said yes where /proc could not say): the file was read into the tree, and with
+/// `--remove-source` and an output root, read and removed.
+#[test]
+fn a_followed_link_to_where_proc_cannot_name_is_not_taken_for_inside_the_root() {
+    use std::os::unix::fs::symlink;
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("plain.txt", b"in the tree\n");
+    // outside/<12 long directories>, and beneath it 13 more holding `secret`: its real path
+    // is over 4096 bytes, made one directory at a time.
+    let long = "d".repeat(200);
+    let mut first = t.side("outside");
+    for i in 1..=12 {
+        first.push(format!("{long}{i}"));
+    }
+    fs::create_dir_all(&first).unwrap();
+    let second: PathBuf = (13..=25).map(|i| format!("{long}{i}")).collect();
+    let made =
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+            "cd '{}' && for c in {}; do mkdir $c && cd $c || exit 1; done && echo SECRET > secret",
+            first.display(),
+            second.iter().map(|c| c.to_string_lossy()).collect::<Vec<_>>().join(" ")
+        ))
+            .status()
+            .unwrap();
+    assert!(made.success());
+    symlink(second.join("secret"), first.join("hopf")).unwrap();
+    symlink(&second, first.join("hopd")).unwrap();
+    symlink(first.join("hopf"), t.path("x")).unwrap();
+    symlink(first.join("hopd"), t.path("dl")).unwrap();
+    let secret_there = || {
+        Command::new("bash")
+            .arg("-c")
+            .arg(format!("cd '{}/hopd' && test -f secret", first.display()))
+            .status()
+            .unwrap()
+            .success()
+    };
+    let out = t.side("outroot");
+    fs::create_dir(&out).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let o = format!("outr={}", out.display());
+    let w = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &roots,
+        "1",
+        &["--allow-remove-source", "--out-root", &o],
+    );
+    let job = |rel: &str, extra: &str| {
+        format!(
+            r#"{{"v":6,"run":"hostile","root":"tree","op":"gzip","level":6,"force":true,"follow_symlinks":true{extra},"files":[{{"rel":"{rel}","size":1}}]}}"#
+        )
+    };
+    nats.publish_raw("filepipe.jobs.tree.hostile", job("x", "").as_bytes());
+    nats.publish_raw(
+        "filepipe.jobs.tree.hostile",
+        job("dl/secret", r#","out":"outr","remove_source":true"#).as_bytes(),
+    );
+    wait_until(Duration::from_secs(30), "both refused", || {
+        let log = w.log();
+        ["path=x ", "path=dl/secret "].iter().all(|p| {
+            log.lines()
+                .any(|l| l.contains(p) && l.contains("outside the root; not followed"))
+        })
+    });
+    assert!(secret_there(), "removed outside the root:\n{}", w.log());
+    assert!(!t.path("x.gz").exists(), "read outside the root");
+    assert_eq!(
+        fs::read_dir(&out).unwrap().count(),
+        0,
+        "read outside the root"
+    );
+}

@@ -61,9 +61,25 @@ impl InputFile {
             flags |= OFlags::NOFOLLOW;
         }
         let beneath = root.filter(|_| !follow_symlinks);
-        let open = |flags| match beneath {
-            Some(root) => root.open(rel, flags),
-            None => rfs::open(abs, flags, Mode::empty()),
+        // Links followed beneath a root: resolved by the kernel, which refuses any step out of
+        // it (`RESOLVE_BENEATH`: an absolute link, or `..` above the root, fails with EXDEV).
+        // Such a link, which may still lead back inside (an absolute path into the tree), and
+        // any link where `openat2` is not to be had, are followed by full path, and what was
+        // opened is judged (`Root::holds`).
+        let confined = root.filter(|r| follow_symlinks && r.openat2);
+        let by_path = std::cell::Cell::new(follow_symlinks && confined.is_none());
+        let open = |flags| match (beneath, confined) {
+            (Some(root), _) => root.open(rel, flags),
+            (None, Some(root)) => {
+                match rfs::openat2(&root.fd, rel, flags, Mode::empty(), ResolveFlags::BENEATH) {
+                    Err(Errno::XDEV) => {
+                        by_path.set(true);
+                        rfs::open(abs, flags, Mode::empty())
+                    }
+                    r => r,
+                }
+            }
+            (None, None) => rfs::open(abs, flags, Mode::empty()),
         };
         // O_NOATIME: reading a file to hash or compress it is not a use of it (tmpwatch-style
         // cleanups go by atime), and not dirtying every inode saves work on a first pass. The
@@ -83,9 +99,10 @@ impl InputFile {
             (e, _) => OpenError::Failed(FileError::errno("opening input", e)),
         })?;
         // Followed by full path: a link on the way may have been pointed out of the root since
-        // the walk checked where it led. What was opened is judged, not the path: it must lie
-        // beneath the root, or it is not read.
-        if let (true, Some(root)) = (follow_symlinks, root) {
+        // the walk checked where it led (or a job from a queue names one no walk checked).
+        // What was opened is judged, not the path: it must lie beneath the root, or it is not
+        // read.
+        if let (true, Some(root)) = (by_path.get(), root) {
             if !root.holds(&fd) {
                 return Err(OpenError::NotRegular(NotRegular::OutsideRoot));
             }
@@ -306,11 +323,12 @@ impl Root {
 
     /// Whether `file` (opened by full path, links followed) lies beneath this root: where the
     /// kernel says each of them is (`/proc/self/fd`), the file's path starts with the root's.
-    /// Where /proc cannot say, true: the check is then the walk's alone, as before it existed.
+    /// Where /proc cannot say (not mounted, or a path longer than it gives), false: a job from
+    /// a queue names paths no walk checked, and an unknown place is not taken for inside.
     pub(crate) fn holds(&self, file: &OwnedFd) -> bool {
         match (&self.real, real_path(file)) {
             (Some(root), Some(path)) => path.starts_with(root),
-            _ => true,
+            _ => false,
         }
     }
 
