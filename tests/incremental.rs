@@ -925,3 +925,28 @@ fn deep_tree_under_a_low_limit(
     );
     assert_eq!(manifest_of(&deep, "SUMS"), manifest_of(&deep, "full.sums"));
 }
+
+/// With `--remove-source`, an output is the only copy of the input it was made of: a new file
+/// of the same name, found by a later run over the same state, must not replace it. The state
+/// kept the removed input's row, output and all, so the new file replaced it as filepipe's
+/// own output of an earlier version (found by review).
+#[test]
+fn a_new_file_named_as_one_removed_does_not_replace_the_only_copy_of_it() {
+    let t = TestTree::new().file("a.txt", b"version one, removed once compressed\n");
+    let remove = [OsStr::new("--remove-source")];
+    run(batch(&t, "gzip", &remove)).success();
+    assert!(!t.path("a.txt").exists());
+    fs::write(t.path("a.txt"), b"another file of the same name\n").unwrap();
+    let r = run(batch(&t, "gzip", &remove));
+    assert_eq!(r.code(1).summary()["failed_by_reason"]["output-exists"], 1);
+    let gz = tool(
+        "gzip",
+        &[OsStr::new("-dc"), t.path("a.txt.gz").as_os_str()],
+        &t.root(),
+    );
+    assert_eq!(gz.stdout, b"version one, removed once compressed\n");
+    assert_eq!(
+        fs::read(t.path("a.txt")).unwrap(),
+        b"another file of the same name\n"
+    );
+}

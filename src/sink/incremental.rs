@@ -46,6 +46,11 @@ impl<'a> IncrementalSink<'a> {
         Ok(())
     }
 
+    /// Whether a file done has its input removed or moved (unless kept, with a note why).
+    fn disposes(&self) -> bool {
+        self.cfg.remove_source || self.cfg.move_source.is_some()
+    }
+
     /// The stamp `rel` has now, for a file that was not read (skipped or failed): the next
     /// run compares with it only to count attempts, never to skip a file that was not done.
     fn stamp_now(&self, rel: &Path) -> Option<Stamp> {
@@ -57,6 +62,13 @@ impl<'a> IncrementalSink<'a> {
             // Its row already says all there is: rewriting it would cost a write per file of
             // the tree, which is what an incremental run is meant not to spend.
             Outcome::Done { done, .. } if done.unchanged => {}
+            // Its input removed or moved out of the tree (`--remove-source`, `--move-source`):
+            // gone from the state as from the tree. Its row would name the output filepipe's
+            // own, for the next file of that name to replace: with `--remove-source` the only
+            // copy of this one (found by review). Watch mode forgets it by the same event.
+            Outcome::Done { rel, done } if self.disposes() && done.note.is_none() => {
+                self.state.remove_files(std::slice::from_ref(rel))?;
+            }
             Outcome::Done { rel, done } => {
                 let output = output_of(self.cfg, rel, done);
                 self.state.done_results(rel, done, output.as_deref())?;
