@@ -407,6 +407,81 @@ fn a_watch_restarted_with_another_hash_computes_only_that_one() {
     assert_eq!(identities(&zst), outputs);
 }
 
+/// An output deleted while the watch was down is made again when it restarts, alone (the
+/// recorded digests kept, as a batch keeps them), with the same op and with a hash added. The
+/// startup scan took a file settled in the state for its stamp as done, whatever became of its
+/// output, and a file read for an added hash had its output taken as standing.
+#[test]
+fn a_watch_restarted_remakes_an_output_deleted_while_it_was_down() {
+    if !have_or_skip(&["sha256sum", "b3sum", "zstd"]) {
+        return;
+    }
+    let t = TestTree::new()
+        .file("a.txt", &text_bytes(20_000, 1))
+        .file("sub/b.txt", &text_bytes(3_000, 2))
+        .file("sub/c.txt", &text_bytes(9_000, 3));
+    let rels = ["a.txt", "sub/b.txt", "sub/c.txt"];
+    let out = t.side("out");
+    let sums = t.side("SUMS");
+    let started = |op: &str| {
+        let a = [
+            "--op",
+            op,
+            "--out",
+            out.to_str().unwrap(),
+            "--manifest",
+            sums.to_str().unwrap(),
+        ];
+        Daemon::ready(&t, &a)
+    };
+    let zst: Vec<PathBuf> = rels.iter().map(|r| out.join(format!("{r}.zst"))).collect();
+    let d = started("sha256,zstd");
+    d.wait_idle(3);
+    d.stop().success();
+    // Digests no run computes: listed afterwards, they are the state's, not read again.
+    for r in rels {
+        plant_digest(&t.side("state"), "sha256", r, &[0xab; 32]);
+    }
+    let planted = |r: &str| format!("{}  {r}", "ab".repeat(32));
+
+    // The same op: a.txt.zst, deleted while down, is made again; nothing else is touched.
+    let before = identities(&zst[1..]);
+    fs::remove_file(&zst[0]).unwrap();
+    let d = started("sha256,zstd");
+    let status = d.wait_idle(1);
+    assert_eq!((status.skipped, status.failed), (0, 0));
+    d.stop().success();
+    assert_zstd_restores(&zst[0], &fs::read(t.path(rels[0])).unwrap());
+    assert_eq!(identities(&zst[1..]), before);
+    let m = fs::read(&sums).unwrap();
+    for r in rels {
+        assert_eq!(line_of(&m, r), planted(r), "{r} was hashed again");
+    }
+
+    // blake3 added: every file read for it, and sub/b.txt.zst, deleted while down, made
+    // again; the other outputs stay as they are.
+    let kept = [zst[0].clone(), zst[2].clone()];
+    let before = identities(&kept);
+    fs::remove_file(&zst[1]).unwrap();
+    let d = started("sha256,blake3,zstd");
+    let status = d.wait_idle(3);
+    assert_eq!((status.skipped, status.failed), (0, 0));
+    let b3 = with_suffix(&sums, ".blake3");
+    wait_until(
+        std::time::Duration::from_secs(30),
+        "the BLAKE3 manifest",
+        || b3.exists() && fs::read(&b3).unwrap().split(|&c| c == b'\n').count() == 4,
+    );
+    d.stop().success();
+    assert_zstd_restores(&zst[1], &fs::read(t.path(rels[1])).unwrap());
+    assert_eq!(identities(&kept), before);
+    assert_check("b3sum", &b3, &t.root(), 3);
+    let m = fs::read(&sums).unwrap();
+    for r in rels {
+        assert_eq!(line_of(&m, r), planted(r), "{r} was hashed again");
+    }
+}
+
 #[test]
 fn a_state_of_the_layout_before_rows_per_result_is_upgraded_and_kept() {
     if !have_or_skip(&["sha512sum"]) {

@@ -69,6 +69,25 @@ fn made_for(cfg: &Config, known: &Known, rel: &Path) -> Option<Stamp> {
         .filter(|&made| output_dated(cfg, rel, made))
 }
 
+/// Whether the compressor's output of `rel`, a file the state knew as `known`, is recorded
+/// made for the version found with `stamp` but is no longer in place (deleted, or replaced by
+/// another hand): watch mode's scans take such a file, settled as it otherwise is, so that the
+/// output is made again, as an incremental batch makes it (`lacks`). `--force` and a disposed
+/// input change nothing here: a watch redoes no output it finds in place.
+pub(crate) fn output_gone(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> bool {
+    cfg.spec
+        .compressor()
+        .and_then(|c| known.record(c))
+        .is_some_and(|r| r.done_as(stamp) && r.made_output && !output_stands(cfg, rel, stamp))
+}
+
+/// Whether the compressor's output for `rel` is in place for the version found with `stamp`
+/// (dated as it), whatever `--force` says: watch mode's test of a recorded output, where a
+/// batch's is `output_in_place`.
+pub(crate) fn output_stands(cfg: &Config, rel: &Path, stamp: Option<Stamp>) -> bool {
+    stamp.is_some_and(|stamp| output_dated(cfg, rel, stamp))
+}
+
 /// The outcome of a file none of whose results is missing: done from the state, unread.
 pub(crate) fn unchanged(digests: Vec<crate::travel::Digest>, stamp: Option<Stamp>) -> Done {
     Done {

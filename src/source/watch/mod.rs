@@ -26,6 +26,7 @@ use notify::{RecursiveMode, Watcher as _};
 
 use crate::config::Config;
 use crate::signals::Shutdown;
+use crate::source::recorded;
 use crate::source::walk::{self, Found};
 use crate::source::{Outlet, Source};
 use crate::state::{Known, Lacks, Reader};
@@ -344,8 +345,16 @@ impl Watcher<'_> {
             match f {
                 Found::File(job, stamp) => {
                     let was = known.remove(&job.rel);
+                    // A settled file whose output went while nobody watched (filepipe down,
+                    // or events lost) is taken, to make it again as a batch would. Not at a
+                    // poll: it would look for every output every few seconds.
+                    let settled = was.is_some_and(|k| {
+                        k.settled(stamp)
+                            && (lost == Lost::Unseen
+                                || !recorded::output_gone(cfg, &k, &job.rel, stamp))
+                    });
                     // The walk applied the filters and skipped filepipe's own files.
-                    if ignored_name(cfg, &job.rel) || was.is_some_and(|k| k.settled(stamp)) {
+                    if ignored_name(cfg, &job.rel) || settled {
                         continue;
                     }
                     self.found(job.rel, stamp, lost, now);
@@ -532,7 +541,10 @@ impl Watcher<'_> {
                 };
                 let replace =
                     self.cfg.op.compresses() && known.as_ref().is_some_and(Known::made_output);
-                let only = match known.map(|k| k.lacks(&self.cfg.spec, expect, |_| true)) {
+                // A recorded output no longer in place is made again (alone if the rest
+                // stands), as a batch makes it.
+                let stands = |made: bool| !made || recorded::output_stands(self.cfg, &rel, expect);
+                let only = match known.map(|k| k.lacks(&self.cfg.spec, expect, stands)) {
                     Some(Lacks::Part(only)) => Some(Box::new(only)),
                     _ => None,
                 };
