@@ -177,7 +177,8 @@ pub(crate) struct Record {
     /// given up on (see `Kind::InUse`).
     pub(crate) in_use: bool,
     /// An output filepipe made for a version of it is recorded (kept through later failures
-    /// and skips): the next version may replace that output.
+    /// and skips, but for an output refused as another's): the next version may replace that
+    /// output.
     pub(crate) made_output: bool,
     /// The digest as stored (a hash op's done file), only read by `Reader::recorded_under`
     /// and `Reader::lookup`: an incremental batch lists it for a file it does not read again.
@@ -281,6 +282,7 @@ impl Known {
     }
 
     /// An output filepipe made for a version of the file is recorded (`Record::made_output`).
+    #[cfg(test)]
     pub(crate) fn made_output(&self) -> bool {
         self.records().any(|(_, r)| r.made_output)
     }
@@ -632,7 +634,9 @@ impl State {
         // The output a done version of the file left (and its digest) is kept: it is still
         // filepipe's, and the file's next version may replace it (`Record::made_output`).
         // Forgetting it made every later version of a file that once failed meet an output
-        // it could not replace.
+        // it could not replace. Not after an output refused as not the file's own
+        // (`output-exists`): what is at the output's name now is another hand's, and no later
+        // version may replace it either.
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO files
                (root, op, path, size, mtime_ns, inode, status, error, errno, message, attempts,
@@ -642,7 +646,8 @@ impl State {
                size = excluded.size, mtime_ns = excluded.mtime_ns, inode = excluded.inode,
                status = excluded.status, error = excluded.error, errno = excluded.errno,
                message = excluded.message, attempts = excluded.attempts,
-               updated = excluded.updated, ctime_ns = excluded.ctime_ns",
+               updated = excluded.updated, ctime_ns = excluded.ctime_ns,
+               output = CASE WHEN ?14 THEN NULL ELSE files.output END",
         )?;
         stmt.execute(params![
             self.root,
@@ -658,6 +663,7 @@ impl State {
             attempts,
             now_secs(),
             stamp.map(|s| s.ctime_ns),
+            e.kind == Kind::OutputExists,
         ])?;
         Ok(attempts)
     }
@@ -1155,7 +1161,8 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_after_a_done_version_keeps_its_output_replaceable_and_its_digest_unlisted() {
+    fn a_failure_after_a_done_version_keeps_its_output_replaceable_unless_refused_and_its_digest_unlisted(
+    ) {
         let (_dir, mut st, reader) = open_state();
         let rel = Path::new("f");
         let s1 = Stamp {
@@ -1178,6 +1185,13 @@ mod tests {
         assert!(k.made_output() && rec(&k).status == FileStatus::Failed);
         // Not done, so not listed.
         assert!(st.digests(HashAlgo::Sha256).unwrap().is_empty());
+        // An output refused as another's is no longer filepipe's to replace.
+        let e = FileError::new(
+            Kind::OutputExists,
+            "f.gz exists and is not this file's output",
+        );
+        st.not_done(rel, FileStatus::Failed, Some(s2), &e).unwrap();
+        assert!(!reader.lookup(rel).unwrap().unwrap().made_output());
         assert!(!reader
             .lookup(Path::new("never"))
             .unwrap()

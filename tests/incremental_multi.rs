@@ -482,6 +482,63 @@ fn a_watch_restarted_remakes_an_output_deleted_while_it_was_down() {
     }
 }
 
+/// A file put at an output's name while the watch was down, or waiting under a new `--out`, is
+/// another hand's: the restarted watch refuses it (`output-exists`) and leaves it, and goes on
+/// leaving it when the input changes later. The restart that remakes a deleted output took
+/// such a file for filepipe's own and overwrote it.
+#[test]
+fn a_watch_restarted_leaves_a_file_put_at_an_output_name_while_it_was_down() {
+    if !have_or_skip(&["zstd"]) {
+        return;
+    }
+    let t = TestTree::new()
+        .file("a.txt", &text_bytes(20_000, 1))
+        .file("b.txt", &text_bytes(5_000, 2));
+    let (out1, out2) = (t.side("out1"), t.side("out2"));
+    fs::create_dir_all(&out2).unwrap();
+    let users = b"the user's own file, not filepipe's\n";
+    // Dated apart from any input: written in the same clock tick as b.txt, it would carry
+    // b.txt's mtime, as filepipe dates its outputs.
+    let put = |path: &Path| {
+        fs::write(path, users).unwrap();
+        let f = fs::File::options().write(true).open(path).unwrap();
+        f.set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1 << 30))
+            .unwrap();
+    };
+    put(&out2.join("b.txt.zst"));
+    let started = |out: &Path| Daemon::ready(&t, &["--op", "zstd", "--out", out.to_str().unwrap()]);
+    let idle_with = |d: &Daemon, done: u64, failed: u64| {
+        let what = format!("an idle status with {done} done and {failed} failed");
+        wait_until(std::time::Duration::from_secs(60), &what, || {
+            d.notes
+                .last_status()
+                .is_some_and(|s| s.idle() && (s.done, s.failed) == (done, failed))
+        })
+    };
+    let d = started(&out1);
+    d.wait_idle(2);
+    d.stop().success();
+
+    // Deleted and replaced by the user's file while down: refused, kept.
+    fs::remove_file(out1.join("a.txt.zst")).unwrap();
+    put(&out1.join("a.txt.zst"));
+    let d = started(&out1);
+    idle_with(&d, 0, 1);
+    // The input changes: the output's name is still the user's.
+    fs::write(t.path("a.txt"), text_bytes(7_000, 3)).unwrap();
+    idle_with(&d, 0, 2);
+    d.stop().success();
+    assert_eq!(fs::read(out1.join("a.txt.zst")).unwrap(), users);
+
+    // A new --out holding the user's file under b.txt's output name: refused, kept; a.txt's
+    // output is made there.
+    let d = started(&out2);
+    idle_with(&d, 1, 1);
+    d.stop().success();
+    assert_eq!(fs::read(out2.join("b.txt.zst")).unwrap(), users);
+    assert_zstd_restores(&out2.join("a.txt.zst"), &fs::read(t.path("a.txt")).unwrap());
+}
+
 #[test]
 fn a_state_of_the_layout_before_rows_per_result_is_upgraded_and_kept() {
     if !have_or_skip(&["sha512sum"]) {

@@ -31,10 +31,15 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
         // only hashed): nothing of its own to check.
         !made_output || output_in_place(cfg, rel, stamp)
     });
+    judged(cfg, known, rel, lacks)
+}
+
+/// `lacks` with a partial job's `replaces` set, for batch and watch alike: a file read for some
+/// results because it has not changed is done whole should it have changed by the time it is
+/// opened, and its output is then replaced by the rule a changed file's is (`replaces`),
+/// judged now for the version recorded.
+pub(crate) fn judged(cfg: &Config, known: &Known, rel: &Path, lacks: Lacks) -> Lacks {
     match lacks {
-        // Read for some results because it has not changed: should it have changed by the
-        // time it is opened, it is done whole, and its output is replaced by the rule a
-        // changed file's is (`replaces`), judged now for the version recorded.
         Lacks::Part(mut only) => {
             only.replaces =
                 made_for(cfg, known, rel).is_some_and(|made| made.same_file(&only.stamp));
@@ -55,6 +60,20 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
 /// `--force` does that.
 pub(crate) fn replaces(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> bool {
     made_for(cfg, known, rel).is_some_and(|made| stamp.is_none_or(|now| !made.same_file(&now)))
+}
+
+/// Watch mode's rule for a whole job of a file the state knew as `known`, found with `stamp`:
+/// an output filepipe made for an earlier version may be replaced once the file changed, even
+/// after failed attempts since (a retry of a change must not meet its own old output as
+/// another's). Not when the compressor's row is done for this very stamp: such a file is taken
+/// only because its output went while nobody watched (`output_gone`), and whatever is at the
+/// output's name now (nothing, or a file another hand put there, or one under a new `--out`)
+/// is not filepipe's to replace.
+pub(crate) fn watch_replaces(cfg: &Config, known: &Known, stamp: Option<Stamp>) -> bool {
+    cfg.spec
+        .compressor()
+        .and_then(|c| known.record(c))
+        .is_some_and(|r| r.made_output && !r.done_as(stamp))
 }
 
 /// The version of `rel` (a file the state knew as `known`) whose output filepipe made and

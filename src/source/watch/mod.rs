@@ -29,7 +29,7 @@ use crate::signals::Shutdown;
 use crate::source::recorded;
 use crate::source::walk::{self, Found};
 use crate::source::{Outlet, Source};
-use crate::state::{Known, Lacks, Reader};
+use crate::state::{Lacks, Reader};
 use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
 
 use events::{anonymous, ignored_name, watch_dir, watch_error, Change};
@@ -531,7 +531,7 @@ impl Watcher<'_> {
                     continue;
                 }
                 // An output filepipe itself made for this file may be replaced when the file
-                // changes (even after a failed attempt since); anyone else's never is. A file
+                // changes (`recorded::watch_replaces`); anyone else's never is. A file
                 // with some of several results recorded for the stamp it settled with (an op
                 // added to the pipeline) is read for the others only.
                 let known = if self.cfg.op.compresses() || self.cfg.spec.is_multi() {
@@ -539,12 +539,18 @@ impl Watcher<'_> {
                 } else {
                     None
                 };
-                let replace =
-                    self.cfg.op.compresses() && known.as_ref().is_some_and(Known::made_output);
+                let replace = self.cfg.op.compresses()
+                    && known
+                        .as_ref()
+                        .is_some_and(|k| recorded::watch_replaces(self.cfg, k, expect));
                 // A recorded output no longer in place is made again (alone if the rest
                 // stands), as a batch makes it.
                 let stands = |made: bool| !made || recorded::output_stands(self.cfg, &rel, expect);
-                let only = match known.map(|k| k.lacks(&self.cfg.spec, expect, stands)) {
+                let only = known.map(|k| {
+                    let lacks = k.lacks(&self.cfg.spec, expect, stands);
+                    recorded::judged(self.cfg, &k, &rel, lacks)
+                });
+                let only = match only {
                     Some(Lacks::Part(only)) => Some(Box::new(only)),
                     _ => None,
                 };
