@@ -62,18 +62,25 @@ pub(crate) fn replaces(cfg: &Config, known: &Known, rel: &Path, stamp: Option<St
     made_for(cfg, known, rel).is_some_and(|made| stamp.is_none_or(|now| !made.same_file(&now)))
 }
 
-/// Watch mode's rule for a whole job of a file the state knew as `known`, found with `stamp`:
-/// an output filepipe made for an earlier version may be replaced once the file changed, even
-/// after failed attempts since (a retry of a change must not meet its own old output as
-/// another's). Not when the compressor's row is done for this very stamp: such a file is taken
-/// only because its output went while nobody watched (`output_gone`), and whatever is at the
-/// output's name now (nothing, or a file another hand put there, or one under a new `--out`)
-/// is not filepipe's to replace.
-pub(crate) fn watch_replaces(cfg: &Config, known: &Known, stamp: Option<Stamp>) -> bool {
+/// Watch mode's rule for a whole job of `rel`, a file the state knew as `known`, found with
+/// `stamp`: an output filepipe made for an earlier version may be replaced once the file
+/// changed, even after failed attempts since (a retry of a change must not meet its own old
+/// output as another's). A file whose compressor's row is done for this very stamp is read
+/// again for a reason its stamp cannot show (it was in flight at an overflow, or written to
+/// while read): its output is replaced if it is still the one made for this version, dated
+/// as it. Otherwise such a file is taken only because its output went while nobody watched
+/// (`output_gone`), and whatever is at the output's name now (nothing, a file another hand
+/// put there, or one under a new `--out`) is not filepipe's to replace.
+pub(crate) fn watch_replaces(
+    cfg: &Config,
+    known: &Known,
+    rel: &Path,
+    stamp: Option<Stamp>,
+) -> bool {
     cfg.spec
         .compressor()
         .and_then(|c| known.record(c))
-        .is_some_and(|r| r.made_output && !r.done_as(stamp))
+        .is_some_and(|r| r.made_output && (!r.done_as(stamp) || output_stands(cfg, rel, stamp)))
 }
 
 /// The version of `rel` (a file the state knew as `known`) whose output filepipe made and

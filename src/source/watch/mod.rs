@@ -542,7 +542,7 @@ impl Watcher<'_> {
                 let replace = self.cfg.op.compresses()
                     && known
                         .as_ref()
-                        .is_some_and(|k| recorded::watch_replaces(self.cfg, k, expect));
+                        .is_some_and(|k| recorded::watch_replaces(self.cfg, k, &rel, expect));
                 // A recorded output no longer in place is made again (alone if the rest
                 // stands), as a batch makes it.
                 let stands = |made: bool| !made || recorded::output_stands(self.cfg, &rel, expect);
