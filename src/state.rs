@@ -177,9 +177,12 @@ pub(crate) struct Record {
     /// given up on (see `Kind::InUse`).
     pub(crate) in_use: bool,
     /// An output filepipe made for a version of it is recorded (kept through later failures
-    /// and skips, but for an output refused as another's): the next version may replace that
-    /// output.
+    /// and skips): the next version may replace that output.
     pub(crate) made_output: bool,
+    /// The mtime of the version whose output filepipe made (as it dates the output), kept
+    /// through later failures and skips: what tells that output from a file another hand put
+    /// at its name. `None` where unknown (a failure recorded before filepipe kept it).
+    pub(crate) made_mtime: Option<i64>,
     /// The digest as stored (a hash op's done file), only read by `Reader::recorded_under`
     /// and `Reader::lookup`: an incremental batch lists it for a file it does not read again.
     pub(crate) digest: Option<Box<[u8]>>,
@@ -370,8 +373,16 @@ const DONE_ROWS: usize = 4096;
 
 /// A done file's row, bound by `DoneRow::bind`.
 const INSERT_DONE: &str = "INSERT OR REPLACE INTO files
-       (root, op, path, size, mtime_ns, inode, output, digest, status, attempts, updated, ctime_ns)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9, ?10)";
+       (root, op, path, size, mtime_ns, inode, output, digest, status, attempts, updated, ctime_ns,
+        made_mtime_ns)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9, ?10,
+             CASE WHEN ?7 IS NOT NULL THEN ?5 END)";
+
+/// `Record::made_mtime` as a column: a done row's own mtime when it names an output (whatever
+/// `made_mtime_ns` holds: a filepipe from before the column rewrote the row without it), else
+/// what failures and skips kept.
+const MADE_MTIME: &str = "CASE WHEN status = 'done' THEN (CASE WHEN output IS NOT NULL \
+                          THEN mtime_ns END) ELSE made_mtime_ns END";
 
 /// A read-only view for the watcher's lookups.
 pub(crate) struct Reader {
@@ -422,6 +433,7 @@ impl State {
                  attempts INTEGER NOT NULL DEFAULT 0,
                  updated  INTEGER NOT NULL,
                  ctime_ns INTEGER,
+                 made_mtime_ns INTEGER,
                  PRIMARY KEY (root, op, path)
              ) WITHOUT ROWID;",
         )
@@ -433,6 +445,15 @@ impl State {
             .exists([])?;
         if !has_ctime {
             conn.execute_batch("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
+                .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
+        }
+        // A state from before the made output's version was kept through failures: added,
+        // NULL (`Record::made_mtime` then falls back on a done row's own mtime).
+        let has_made = conn
+            .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'made_mtime_ns'")?
+            .exists([])?;
+        if !has_made {
+            conn.execute_batch("ALTER TABLE files ADD COLUMN made_mtime_ns INTEGER")
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -634,9 +655,9 @@ impl State {
         // The output a done version of the file left (and its digest) is kept: it is still
         // filepipe's, and the file's next version may replace it (`Record::made_output`).
         // Forgetting it made every later version of a file that once failed meet an output
-        // it could not replace. Not after an output refused as not the file's own
-        // (`output-exists`): what is at the output's name now is another hand's, and no later
-        // version may replace it either.
+        // it could not replace. The version it was made for (its mtime) is kept with it, from
+        // the done row this one replaces: it tells that output from a file another hand puts at
+        // its name (`Record::made_mtime`).
         let mut stmt = self.conn.prepare_cached(
             "INSERT INTO files
                (root, op, path, size, mtime_ns, inode, status, error, errno, message, attempts,
@@ -647,7 +668,9 @@ impl State {
                status = excluded.status, error = excluded.error, errno = excluded.errno,
                message = excluded.message, attempts = excluded.attempts,
                updated = excluded.updated, ctime_ns = excluded.ctime_ns,
-               output = CASE WHEN ?14 THEN NULL ELSE files.output END",
+               made_mtime_ns = CASE WHEN files.status = 'done' THEN
+                   (CASE WHEN files.output IS NOT NULL THEN files.mtime_ns END)
+                   ELSE files.made_mtime_ns END",
         )?;
         stmt.execute(params![
             self.root,
@@ -663,7 +686,6 @@ impl State {
             attempts,
             now_secs(),
             stamp.map(|s| s.ctime_ns),
-            e.kind == Kind::OutputExists,
         ])?;
         Ok(attempts)
     }
@@ -872,7 +894,7 @@ impl Reader {
         };
         let columns = format!(
             "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns, error,
-             output IS NOT NULL, {digest} FROM files WHERE root=?1 AND op=?2"
+             output IS NOT NULL, {digest}, {MADE_MTIME} FROM files WHERE root=?1 AND op=?2"
         );
         let d = dir.as_os_str().as_bytes();
         // Rows under "dir/": byte strings from "dir/" up to (not including) "dir0", since '0'
@@ -926,11 +948,11 @@ impl Reader {
     /// What the state knows about `rel`, if anything, with its digests: one statement
     /// whatever the number of ops (watch mode asks it of every file it hands a worker).
     pub(crate) fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
-        let mut stmt = self.conn.prepare_cached(
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT op, status, size, mtime_ns, inode, attempts, ctime_ns, error,
-                    output IS NOT NULL, CASE WHEN status = 'done' THEN digest END FROM files
-             WHERE root=?1 AND path=?2 AND op IN (?3, ?4, ?5, ?6)",
-        )?;
+                    output IS NOT NULL, CASE WHEN status = 'done' THEN digest END, {MADE_MTIME}
+             FROM files WHERE root=?1 AND path=?2 AND op IN (?3, ?4, ?5, ?6)"
+        ))?;
         // A run has at most four ops (three hashes and a compressor): the others repeat one.
         let op = |i: usize| self.ops.get(i).unwrap_or(&self.ops[0]).as_str();
         let rows = stmt.query_map(
@@ -979,7 +1001,7 @@ impl DoneRow {
 pub(crate) type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
 
 /// A `Record` from the columns status, size, mtime_ns, inode, attempts, ctime_ns, error,
-/// output IS NOT NULL, digest starting at `first`.
+/// output IS NOT NULL, digest, `MADE_MTIME` starting at `first`.
 fn record_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Record> {
     let size: Option<i64> = r.get(first + 1)?;
     let mtime: Option<i64> = r.get(first + 2)?;
@@ -1004,6 +1026,7 @@ fn record_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Reco
         digest: r
             .get::<_, Option<Vec<u8>>>(first + 8)?
             .map(Vec::into_boxed_slice),
+        made_mtime: r.get(first + 9)?,
     })
 }
 
@@ -1161,8 +1184,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failure_after_a_done_version_keeps_its_output_replaceable_unless_refused_and_its_digest_unlisted(
-    ) {
+    fn a_failure_after_a_done_version_keeps_its_output_and_version_and_its_digest_unlisted() {
         let (_dir, mut st, reader) = open_state();
         let rel = Path::new("f");
         let s1 = Stamp {
@@ -1185,13 +1207,16 @@ mod tests {
         assert!(k.made_output() && rec(&k).status == FileStatus::Failed);
         // Not done, so not listed.
         assert!(st.digests(HashAlgo::Sha256).unwrap().is_empty());
-        // An output refused as another's is no longer filepipe's to replace.
+        // The version it was made for is kept through failures, whatever they are.
+        assert_eq!(rec(&k).made_mtime, Some(10));
         let e = FileError::new(
             Kind::OutputExists,
             "f.gz exists and is not this file's output",
         );
-        st.not_done(rel, FileStatus::Failed, Some(s2), &e).unwrap();
-        assert!(!reader.lookup(rel).unwrap().unwrap().made_output());
+        let s3 = Stamp { mtime_ns: 12, ..s2 };
+        st.not_done(rel, FileStatus::Failed, Some(s3), &e).unwrap();
+        let k = reader.lookup(rel).unwrap().unwrap();
+        assert!(k.made_output() && rec(&k).made_mtime == Some(10));
         assert!(!reader
             .lookup(Path::new("never"))
             .unwrap()

@@ -483,9 +483,10 @@ fn a_watch_restarted_remakes_an_output_deleted_while_it_was_down() {
 }
 
 /// A file put at an output's name while the watch was down, or waiting under a new `--out`, is
-/// another hand's: the restarted watch refuses it (`output-exists`) and leaves it, and goes on
-/// leaving it when the input changes later. The restart that remakes a deleted output took
-/// such a file for filepipe's own and overwrote it.
+/// another hand's: the restarted watch refuses it (`output-exists`) and leaves it, whether the
+/// input changed meanwhile or changes later. The restart that remakes a deleted output took
+/// such a file for filepipe's own and overwrote it, and a changed input replaced whatever was
+/// at its output's name (the state kept no trace of the version the output was made for).
 #[test]
 fn a_watch_restarted_leaves_a_file_put_at_an_output_name_while_it_was_down() {
     if !have_or_skip(&["zstd"]) {
@@ -519,16 +520,22 @@ fn a_watch_restarted_leaves_a_file_put_at_an_output_name_while_it_was_down() {
     d.wait_idle(2);
     d.stop().success();
 
-    // Deleted and replaced by the user's file while down: refused, kept.
-    fs::remove_file(out1.join("a.txt.zst")).unwrap();
-    put(&out1.join("a.txt.zst"));
+    // Deleted and replaced by the user's file while down: refused, kept, whether the input
+    // stayed as it was (a.txt) or changed too (b.txt).
+    for name in ["a.txt.zst", "b.txt.zst"] {
+        fs::remove_file(out1.join(name)).unwrap();
+        put(&out1.join(name));
+    }
+    fs::write(t.path("b.txt"), text_bytes(6_000, 4)).unwrap();
     let d = started(&out1);
-    idle_with(&d, 0, 1);
-    // The input changes: the output's name is still the user's.
-    fs::write(t.path("a.txt"), text_bytes(7_000, 3)).unwrap();
     idle_with(&d, 0, 2);
+    // The input changes, after that failure: the output's name is still the user's.
+    fs::write(t.path("a.txt"), text_bytes(7_000, 3)).unwrap();
+    idle_with(&d, 0, 3);
     d.stop().success();
-    assert_eq!(fs::read(out1.join("a.txt.zst")).unwrap(), users);
+    for name in ["a.txt.zst", "b.txt.zst"] {
+        assert_eq!(fs::read(out1.join(name)).unwrap(), users, "{name}");
+    }
 
     // A new --out holding the user's file under b.txt's output name: refused, kept; a.txt's
     // output is made there.
@@ -537,6 +544,56 @@ fn a_watch_restarted_leaves_a_file_put_at_an_output_name_while_it_was_down() {
     d.stop().success();
     assert_eq!(fs::read(out2.join("b.txt.zst")).unwrap(), users);
     assert_zstd_restores(&out2.join("a.txt.zst"), &fs::read(t.path("a.txt")).unwrap());
+}
+
+/// A watch's failed attempt at a changed file (in use) keeps the version its output was made
+/// for: a batch over the same state afterwards replaces filepipe's own output of the earlier
+/// version. It refused it (`output-exists`): the state kept no trace of that version once a
+/// failure was recorded.
+#[test]
+fn a_batch_after_a_watch_s_failed_attempt_replaces_filepipe_s_own_output() {
+    use std::io::Write as _;
+    if !have_or_skip(&["zstd"]) {
+        return;
+    }
+    let t = TestTree::new().file("a.txt", &text_bytes(20_000, 1));
+    let out = t.side("out");
+    let d = Daemon::ready(&t, &["--op", "zstd", "--out", out.to_str().unwrap()]);
+    d.wait_idle(1);
+    // A writer keeps it open while another appends and closes: taken, and failed in use.
+    let holder = fs::OpenOptions::new()
+        .append(true)
+        .open(t.path("a.txt"))
+        .unwrap();
+    let mut w = fs::OpenOptions::new()
+        .append(true)
+        .open(t.path("a.txt"))
+        .unwrap();
+    w.write_all(b"version two\n").unwrap();
+    drop(w);
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "an attempt failed in use",
+        || {
+            d.notes
+                .last_status()
+                .is_some_and(|s| s.retrying + s.failed >= 1)
+        },
+    );
+    d.stop().success();
+    drop(holder);
+    run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("zstd"),
+        s("--state"),
+        t.side("state").as_os_str(),
+        s("--out"),
+        out.as_os_str(),
+    ]))
+    .success();
+    assert_zstd_restores(&out.join("a.txt.zst"), &fs::read(t.path("a.txt")).unwrap());
 }
 
 #[test]

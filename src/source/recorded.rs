@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use crate::config::Config;
-use crate::state::{FileStatus, Known, Lacks};
+use crate::state::{Known, Lacks};
 use crate::travel::{Done, Stamp};
 
 /// What the run does with a file the state knew as `known`, found now with `stamp`:
@@ -41,8 +41,7 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
 pub(crate) fn judged(cfg: &Config, known: &Known, rel: &Path, lacks: Lacks) -> Lacks {
     match lacks {
         Lacks::Part(mut only) => {
-            only.replaces =
-                made_for(cfg, known, rel).is_some_and(|made| made.same_file(&only.stamp));
+            only.replaces = made_for(cfg, known, rel).is_some_and(|m| m == only.stamp.mtime_ns);
             Lacks::Part(only)
         }
         other => other,
@@ -51,15 +50,16 @@ pub(crate) fn judged(cfg: &Config, known: &Known, rel: &Path, lacks: Lacks) -> L
 
 /// Whether the compressor may replace the output it finds for `rel`, a file the state knew as
 /// `known`, found now with `stamp`: only the very output filepipe made for an earlier version
-/// of it, as watch mode replaces it. So the state must record that version done with an
-/// output, the file must have changed since, and the output there now must still be the one
-/// made then: a regular file dated as that version (filepipe dates an output as its input). An
-/// output of a file whose last record is a failure (an output refused as not filepipe's, say:
-/// it stays refused), of a file that has not changed (another hand changed the output), or
-/// that is not the one made (another `--out`, or a file someone put there) is not replaced:
-/// `--force` does that.
+/// of it, as watch mode replaces it. So the state must record the version an output was made
+/// for (`Record::made_mtime`, kept through later failures: a retry after one replaces its own
+/// old output), the file must not be recorded done as it is now (or another hand changed the
+/// output), and the output there now must still be the one made then: a regular file dated as
+/// that version (filepipe dates an output as its input). One that is not (another `--out`, or
+/// a file someone put there, refused once and refused again) is not replaced: `--force` does
+/// that.
 pub(crate) fn replaces(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp>) -> bool {
-    made_for(cfg, known, rel).is_some_and(|made| stamp.is_none_or(|now| !made.same_file(&now)))
+    let done_now = compressor_record(cfg, known).is_some_and(|r| r.done_as(stamp));
+    !done_now && made_for(cfg, known, rel).is_some()
 }
 
 /// Watch mode's rule for a whole job of `rel`, a file the state knew as `known`, found with
@@ -77,21 +77,30 @@ pub(crate) fn watch_replaces(
     rel: &Path,
     stamp: Option<Stamp>,
 ) -> bool {
-    cfg.spec
-        .compressor()
-        .and_then(|c| known.record(c))
-        .is_some_and(|r| r.made_output && (!r.done_as(stamp) || output_stands(cfg, rel, stamp)))
+    let Some(r) = compressor_record(cfg, known).filter(|r| r.made_output) else {
+        return false;
+    };
+    if r.done_as(stamp) {
+        return output_stands(cfg, rel, stamp);
+    }
+    // Changed (or failed since): the output made for the recorded version, if it is still the
+    // one there. A failure recorded before filepipe kept that version (`made_mtime` unknown)
+    // is taken on trust, as it was then.
+    r.made_mtime.is_none_or(|made| output_dated(cfg, rel, made))
 }
 
-/// The version of `rel` (a file the state knew as `known`) whose output filepipe made and
-/// recorded done, when the output there now is still that one (dated as it): the output a
-/// later version may replace (`replaces`).
-fn made_for(cfg: &Config, known: &Known, rel: &Path) -> Option<Stamp> {
-    cfg.spec
-        .compressor()
-        .and_then(|c| known.record(c))
-        .filter(|r| r.status == FileStatus::Done && r.made_output)
-        .and_then(|r| r.stamp)
+/// The compressor's row of a file the state knew as `known`, if the run has a compressor.
+fn compressor_record<'k>(cfg: &Config, known: &'k Known) -> Option<&'k crate::state::Record> {
+    cfg.spec.compressor().and_then(|c| known.record(c))
+}
+
+/// The mtime of the version of `rel` (a file the state knew as `known`) whose output filepipe
+/// made, when the output there now is still that one (dated as it): the output a later
+/// version may replace (`replaces`).
+fn made_for(cfg: &Config, known: &Known, rel: &Path) -> Option<i64> {
+    compressor_record(cfg, known)
+        .filter(|r| r.made_output)
+        .and_then(|r| r.made_mtime)
         .filter(|&made| output_dated(cfg, rel, made))
 }
 
@@ -111,7 +120,7 @@ pub(crate) fn output_gone(cfg: &Config, known: &Known, rel: &Path, stamp: Option
 /// (dated as it), whatever `--force` says: watch mode's test of a recorded output, where a
 /// batch's is `output_in_place`.
 pub(crate) fn output_stands(cfg: &Config, rel: &Path, stamp: Option<Stamp>) -> bool {
-    stamp.is_some_and(|stamp| output_dated(cfg, rel, stamp))
+    stamp.is_some_and(|stamp| output_dated(cfg, rel, stamp.mtime_ns))
 }
 
 /// The outcome of a file none of whose results is missing: done from the state, unread.
@@ -130,12 +139,12 @@ fn output_in_place(cfg: &Config, rel: &Path, stamp: Option<Stamp>) -> bool {
     if cfg.force || cfg.remove_source || cfg.move_source.is_some() {
         return false;
     }
-    stamp.is_some_and(|stamp| output_dated(cfg, rel, stamp))
+    stamp.is_some_and(|stamp| output_dated(cfg, rel, stamp.mtime_ns))
 }
 
-/// Whether the compressor's output for `rel` is a regular, non-empty file dated as the input
-/// version found with `stamp` (as filepipe dates each output it makes).
-fn output_dated(cfg: &Config, rel: &Path, stamp: Stamp) -> bool {
+/// Whether the compressor's output for `rel` is a regular, non-empty file dated `mtime_ns`, as
+/// filepipe dates each output it makes (the input version's mtime).
+fn output_dated(cfg: &Config, rel: &Path, mtime_ns: i64) -> bool {
     let Some(name) = cfg.op.output_name(rel) else {
         return false;
     };
@@ -144,5 +153,5 @@ fn output_dated(cfg: &Config, rel: &Path, stamp: Stamp) -> bool {
     };
     rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
         && st.st_size > 0
-        && Stamp::from_stat(&st).mtime_ns == stamp.mtime_ns
+        && Stamp::from_stat(&st).mtime_ns == mtime_ns
 }

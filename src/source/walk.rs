@@ -1164,6 +1164,7 @@ mod tests {
                 in_use: false,
                 made_output: false,
                 digest: Some(vec![7; 32].into_boxed_slice()),
+                made_mtime: None,
             };
             let known = Known::of(crate::cli::OpKind::Sha256, record, 1);
             (PathBuf::from(name), known)
