@@ -439,21 +439,11 @@ impl State {
         )
         .with_context(|| format!("cannot initialise state database {}", path.display()))?;
         // A state from before ctimes were recorded: the column is added, its rows keep NULL
-        // (CTIME_UNKNOWN) until each file is next done.
-        let has_ctime = conn
-            .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'ctime_ns'")?
-            .exists([])?;
-        if !has_ctime {
-            conn.execute_batch("ALTER TABLE files ADD COLUMN ctime_ns INTEGER")
-                .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
-        }
-        // A state from before the made output's version was kept through failures: added,
-        // NULL (`Record::made_mtime` then falls back on a done row's own mtime).
-        let has_made = conn
-            .prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = 'made_mtime_ns'")?
-            .exists([])?;
-        if !has_made {
-            conn.execute_batch("ALTER TABLE files ADD COLUMN made_mtime_ns INTEGER")
+        // (CTIME_UNKNOWN) until each file is next done. One from before the made output's
+        // version was kept through failures: added too, NULL (`Record::made_mtime` then falls
+        // back on a done row's own mtime).
+        for column in ["ctime_ns", "made_mtime_ns"] {
+            add_column(&mut conn, column)
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -783,6 +773,26 @@ impl State {
 /// there for a result (an incremental batch of that op alone) is kept if it is the newer.
 /// A done row whose digests are not of the name's length gives no hash rows: those hashes
 /// are computed again. One transaction: a crash leaves the old layout, upgraded next time.
+/// Adds the INTEGER column `name` to the files table if it lacks it. Looked for and added in
+/// one transaction taken for writing at once: the pipelines of a service open a shared state
+/// together, and two that both found it missing would both add it ("duplicate column name").
+fn add_column(conn: &mut Connection, name: &str) -> Result<()> {
+    let has = |c: &Connection| {
+        c.prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = ?1")?
+            .exists([name])
+    };
+    // Most opens find it: no write lock taken for them.
+    if has(conn)? {
+        return Ok(());
+    }
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if !has(&tx)? {
+        tx.execute_batch(&format!("ALTER TABLE files ADD COLUMN {name} INTEGER"))?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
 fn upgrade(conn: &mut Connection) -> Result<()> {
     // Taken for writing at once (waiting, up to the busy timeout, for another upgrader), and
     // the layout read again inside: the pipelines of one service open a shared state together,
