@@ -84,9 +84,11 @@ pub(crate) fn watch_replaces(
         return output_stands(cfg, rel, stamp);
     }
     // Changed (or failed since): the output made for the recorded version, if it is still the
-    // one there. A failure recorded before filepipe kept that version (`made_mtime` unknown)
-    // is taken on trust, as it was then.
-    r.made_mtime.is_none_or(|made| output_dated(cfg, rel, made))
+    // one there. A failure recorded by a filepipe from before that version was kept
+    // (`made_mtime` unknown) tells nothing: not replaced, as a batch does not (`--force` does
+    // it), rather than risk a file another hand put there.
+    r.made_mtime
+        .is_some_and(|made| output_dated(cfg, rel, made))
 }
 
 /// The compressor's row of a file the state knew as `known`, if the run has a compressor.
