@@ -490,3 +490,48 @@ fn check_config_refuses_a_move_directory_name_the_coordinator_refuses() {
     let ok = check("root_name = \"tree\"\nmove_source_name = \"done\"\n", true);
     assert_eq!(ok.output().status.code(), Some(0), "{}", ok.stderr());
 }
+
+/// A job delivered again after an earlier delivery moved its inputs (`--move-source`) and
+/// stopped before saying so: its files are done, from the outputs in place and the inputs
+/// under the move directory, moved after the job was stored. They ended `vanished`. The job is
+/// handed back (NAK) so that the server delivers it again at once; a local batch with the same
+/// move directory does what the earlier delivery did.
+#[test]
+fn a_job_delivered_again_after_its_inputs_were_moved_counts_them_done() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(20, 0);
+    let copy = copy_of(&t);
+    let done = t.side("done");
+    fs::create_dir(&done).unwrap();
+    let args = ["--op", "gzip", "--move-source", done.to_str().unwrap()];
+    let started = start_coordinator(&nats, &t.root(), &args);
+    wait_until(
+        Duration::from_secs(30),
+        "the job taken and handed back",
+        || nats.nak_next("workers-tree"),
+    );
+    // The earlier delivery's work, after the job was stored.
+    let local = run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+        s("--move-source"),
+        done.as_os_str(),
+    ]));
+    local.success();
+    assert_eq!(files_under(&done), files_under(&copy));
+    let roots = [format!("tree={}", t.root().display())];
+    let move_root = format!("done={}", done.display());
+    let _w = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &roots,
+        "2",
+        &["--move-root", &move_root, "--allow-remove-source"],
+    );
+    let out = started.finish(Duration::from_secs(60));
+    let sum = out.code(0).summary();
+    assert_eq!(sum["done"], 20, "{sum}\n{}", out.stderr());
+    assert_eq!(assert_outputs_of(&t.root(), &copy), 20);
+}
