@@ -1418,20 +1418,6 @@ fn remove_source_through_the_queue_removes_each_input_once_its_output_is_whole()
     assert_eq!(listing(&t2.root()), before);
 }
 
-/// The inputs (not `.gz`) left under `dir`.
-fn inputs_left(dir: &Path) -> usize {
-    walkdir::WalkDir::new(dir)
-        .into_iter()
-        .filter_map(Result::ok)
-        .filter(|e| e.file_type().is_file() && e.path().extension() != Some(OsStr::new("gz")))
-        .count()
-}
-
-fn signal_pid(pid: u32, sig: rustix::process::Signal) {
-    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
-    rustix::process::kill_process(pid, sig).unwrap();
-}
-
 /// Killed while a worker is in the middle of its jobs (stopped meanwhile, so the jobs it
 /// holds are still in the stream when the coordinator is run again), a `--remove-source`
 /// batch resumed still ends, and accounts for every file: a done outcome whose input the

@@ -535,3 +535,84 @@ fn a_job_delivered_again_after_its_inputs_were_moved_counts_them_done() {
     assert_eq!(sum["done"], 20, "{sum}\n{}", out.stderr());
     assert_eq!(assert_outputs_of(&t.root(), &copy), 20);
 }
+
+/// A `--move-failed` batch whose coordinator is killed mid-run and resumed by the same
+/// command: the inputs moved aside before the kill are no longer in the tree for the second
+/// walk, and are counted failed from the outcomes the first run left (each once, not lost and
+/// not doubled), as are those moved after it; the rest are done.
+#[test]
+fn a_resumed_move_failed_batch_counts_each_input_moved_aside_once() {
+    let Some(nats) = Nats::start() else { return };
+    let (good, bad) = (120, 30);
+    let mut t = TestTree::new();
+    for i in 0..good {
+        t = t.file(
+            format!("d{}/f{i}.log", i % 7),
+            &text_bytes(1 << 20, 9000 + i as u64),
+        );
+    }
+    // Names too long for their .gz: each fails for good, after the worker has taken it.
+    for i in 0..bad {
+        let mut name = format!("d{}/x{i:03}", i % 7).into_bytes();
+        name.resize(3 + 253, b'n');
+        t = t.file(&name, format!("failed {i}\n").as_bytes());
+    }
+    let failed = t.side("failed");
+    fs::create_dir(&failed).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let move_root = format!("failed={}", failed.display());
+    let worker = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &roots,
+        "1",
+        &["--move-root", &move_root, "--allow-remove-source"],
+    );
+    let args = [
+        "--op",
+        "gzip",
+        "--level",
+        "9",
+        "--move-failed",
+        failed.to_str().unwrap(),
+    ];
+    let mut first = start_coordinator(&nats, &t.root(), &args);
+    wait_until(
+        Duration::from_secs(120),
+        "some inputs moved aside and some done",
+        || {
+            files_under(&failed).len() >= 5
+                && inputs_left(&t.root()) < good + bad - 5
+                && gz_under(&t.root()) >= 20
+        },
+    );
+    signal_pid(worker.pid(), rustix::process::Signal::STOP);
+    std::thread::sleep(Duration::from_millis(300));
+    first.kill().unwrap();
+    first.finish(Duration::from_secs(10));
+    let moved_before = files_under(&failed).len();
+    let (again, log) = start_coordinator_logged(&nats, &t, &args, "still queued");
+    signal_pid(worker.pid(), rustix::process::Signal::CONT);
+    let run = again.finish(Duration::from_secs(180));
+    let sum = run.code(1).summary();
+    let context = format!(
+        "{moved_before} moved aside before the kill: {sum}\n{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(good as u64), Some(bad as u64)),
+        "{context}"
+    );
+    assert_eq!(files_under(&failed).len(), bad, "{context}");
+    assert_eq!(inputs_left(&t.root()), good, "{context}");
+    assert_eq!(gz_under(&t.root()), good, "{context}");
+}
+
+/// The `.gz` files under `dir`.
+fn gz_under(dir: &Path) -> usize {
+    files_under(dir)
+        .iter()
+        .filter(|p| p.extension() == Some(OsStr::new("gz")))
+        .count()
+}

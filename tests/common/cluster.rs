@@ -200,3 +200,18 @@ pub fn last_outcome_message(nats: &Nats, run: &str) -> Option<Vec<u8>> {
             .unwrap(),
     )
 }
+
+/// The inputs (not `.gz`) left under `dir`.
+pub fn inputs_left(dir: &Path) -> usize {
+    walkdir::WalkDir::new(dir)
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_type().is_file() && e.path().extension() != Some(OsStr::new("gz")))
+        .count()
+}
+
+/// Sends `sig` to process `pid` (a worker paused mid-job with SIGSTOP, and let go).
+pub fn signal_pid(pid: u32, sig: rustix::process::Signal) {
+    let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
+}
