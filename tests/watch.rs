@@ -303,6 +303,47 @@ fn deleted_root_is_reported_and_exits_nonzero() {
     assert!(d.wait().code(1).stderr().contains("deleted or moved"));
 }
 
+/// A file whose output name another hand's file holds fails `output-exists`, the message
+/// saying to move that file away (watch has no `--force`); once it is moved away, the watch
+/// takes the file again by itself: no restart, no change to the file.
+#[test]
+fn a_file_blocked_at_its_output_name_is_done_once_the_other_file_is_moved_away() {
+    let t = TestTree::new().file("a.txt.gz", b"someone else's\n");
+    let log = t.side("failures.jsonl");
+    let d = Daemon::ready(
+        &t,
+        &["--op", "gzip", "--failure-log", log.to_str().unwrap()],
+    );
+    fs::write(t.path("a.txt"), b"mine\n").unwrap();
+    wait_for("the output-exists failure", || {
+        !records_of(&failure_log(&log), "output-exists").is_empty()
+    });
+    let failures = failure_log(&log);
+    let refused = records_of(&failures, "output-exists")[0];
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("move it away") && !m.contains("--force")),
+        "{refused}"
+    );
+    assert_eq!(fs::read(t.path("a.txt.gz")).unwrap(), b"someone else's\n");
+    fs::rename(t.path("a.txt.gz"), t.side("moved.gz")).unwrap();
+    d.wait_idle(1);
+    let out = tool(
+        "gzip",
+        &[OsStr::new("-dc"), OsStr::new("a.txt.gz")],
+        &t.root(),
+    );
+    assert_eq!(out.stdout, b"mine\n");
+    assert_eq!(fs::read(t.side("moved.gz")).unwrap(), b"someone else's\n");
+    let s = d.stop().success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+}
+
 #[test]
 fn status_lists_failed_files_from_the_state() {
     let long = "n".repeat(253);

@@ -110,6 +110,10 @@ pub(crate) struct CompressOp<C: Codec> {
     /// The format, its level and its threads.
     codec: C,
     force: bool,
+    /// What a user can do about an output name another file holds, for its message: a batch
+    /// redoes it with `--force`; watch mode has none, and takes the file again once that other
+    /// file is moved away.
+    redo_hint: &'static str,
     /// What becomes of an input once its output is durable and verified; `None`: it stays.
     dispose: Option<Dispose>,
     /// How outputs are flushed before they are reported published.
@@ -207,6 +211,11 @@ impl<C: Codec> CompressOp<C> {
         Ok(CompressOp {
             codec: C::new(cfg)?,
             force: cfg.force,
+            redo_hint: if cfg.watch.is_some() {
+                "move it away to have the file done"
+            } else {
+                "use --force"
+            },
             root_fd: if dispose.is_some() && !cfg.follow_symlinks {
                 Some(Root::new(&cfg.root).context("opening the input root")?)
             } else {
@@ -586,17 +595,17 @@ impl<C: Codec> CompressOp<C> {
         scratch: &mut Scratch<C::Scratch>,
     ) -> Result<Pending, FileError> {
         let disposes = self.disposes();
+        let kept = if disposes {
+            format!("; input kept ({})", self.redo_hint)
+        } else {
+            String::new()
+        };
         let refuse = |why: String| FileError {
             kind: Kind::OutputExists,
             errno: None,
             message: format!(
-                "{} is dated as this file's output but {why}{}",
+                "{} is dated as this file's output but {why}{kept}",
                 dir.path.join(name).display(),
-                if disposes {
-                    "; input kept (use --force to redo it)"
-                } else {
-                    ""
-                }
             ),
         };
         let file = open_output(&dir, name)?;
@@ -885,8 +894,9 @@ impl<C: Codec> Op for CompressOp<C> {
                 kind: Kind::OutputExists,
                 errno: Some(libc::EEXIST),
                 message: format!(
-                    "{} exists and is not this file's output; not overwritten (use --force)",
-                    dir.path.join(&name).display()
+                    "{} exists and is not this file's output; not overwritten ({})",
+                    dir.path.join(&name).display(),
+                    self.redo_hint
                 ),
             }),
         }
@@ -1154,6 +1164,7 @@ mod tests {
         GzipOp {
             codec: Gzip::with_level(6),
             force: false,
+            redo_hint: "use --force",
             dispose: remove_source.then_some(Dispose::Remove),
             durability: Durability::Group,
             root: root.clone(),

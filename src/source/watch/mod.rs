@@ -16,6 +16,8 @@ mod events;
 mod flight;
 mod settle;
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -29,7 +31,7 @@ use crate::signals::Shutdown;
 use crate::source::recorded;
 use crate::source::walk::{self, Found};
 use crate::source::{Outlet, Source};
-use crate::state::{Lacks, Reader};
+use crate::state::{FileStatus, Lacks, Reader};
 use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
 
 use events::{anonymous, ignored_name, watch_dir, watch_error, Change};
@@ -452,6 +454,9 @@ impl Watcher<'_> {
             };
             let rel = rel.to_path_buf();
             if self.ignored(&rel, path) {
+                if events::change(&event.kind, || false) == Some(Change::Gone) {
+                    self.output_freed(&rel)?;
+                }
                 continue;
             }
             let is_dir = || events::is_new_dir(path, &self.cfg.root, self.cfg.follow_symlinks);
@@ -474,6 +479,46 @@ impl Watcher<'_> {
                 Change::Written => self.settle.touch(rel, false, None, now),
                 Change::Gone => self.forget(rel)?,
             }
+        }
+        Ok(())
+    }
+
+    /// `rel`, deleted or moved away, may be the name of the op's output next to an input: if
+    /// that input's output failed (a file another hand put at the name stood in the way,
+    /// `output-exists`), it is taken again now that the name is free, as the user who moved
+    /// that file away means it to be, not only at the daemon's next start or the input's next
+    /// change. An output made and then deleted is not made again here (a user may archive
+    /// outputs while the watch runs); a restart's scan makes it, as a batch would.
+    fn output_freed(&mut self, rel: &Path) -> Result<()> {
+        let Some(compressor) = self
+            .cfg
+            .spec
+            .compressor()
+            .filter(|_| self.cfg.out.is_none())
+        else {
+            return Ok(());
+        };
+        let suffix = compressor.suffix().unwrap_or_default().as_bytes();
+        let name = rel.file_name().unwrap_or_default().as_bytes();
+        let Some(stem) = name.strip_suffix(suffix).filter(|s| !s.is_empty()) else {
+            return Ok(());
+        };
+        let input = rel.with_file_name(OsStr::from_bytes(stem));
+        let abs = self.cfg.root.join(&input);
+        if self.flight.contains(&input) || self.ignored(&input, &abs) {
+            return Ok(());
+        }
+        if !std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_file()) {
+            return Ok(());
+        }
+        let failed = self.reader.lookup(&input)?.is_some_and(|k| {
+            k.record(compressor)
+                .is_some_and(|r| r.status == FileStatus::Failed)
+        });
+        if failed {
+            tracing::debug!(path = %input.display(), "its output's name was freed: taken again");
+            self.settle
+                .touch(input, true, Stamp::of(&abs), Instant::now());
         }
         Ok(())
     }
