@@ -1741,7 +1741,7 @@ fn a_worker_with_a_tls_ca_connects_again_after_the_server_restarts() {
 /// follow a link out of its root gets its file refused: nothing read or written outside.
 #[test]
 fn symlinks_are_followed_through_the_queue_as_locally_and_never_out_of_the_root() {
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, OpenOptionsExt};
     let Some(nats) = Nats::start() else { return };
     let made = || {
         let t = TestTree::new()
@@ -1755,6 +1755,8 @@ fn symlinks_are_followed_through_the_queue_as_locally_and_never_out_of_the_root(
         symlink("real/sub/b.txt", t.path("alias.txt")).unwrap();
         symlink(&outside, t.path("escape")).unwrap();
         symlink(outside.join("secret"), t.path("secret-link")).unwrap();
+        mkfifo(&outside.join("fifo"));
+        symlink(outside.join("fifo"), t.path("fifo-link")).unwrap();
         (t, outside)
     };
     let listing = |t: &TestTree| -> Vec<(PathBuf, bool)> {
@@ -1789,6 +1791,13 @@ fn symlinks_are_followed_through_the_queue_as_locally_and_never_out_of_the_root(
         s("--json"),
     ]));
     let (queued, outside) = made();
+    // A writer waiting for a reader of the FIFO outside: opening it, even to find it is no
+    // regular file, would let the writer go on (and then fail it at its first write).
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    let fifo = outside.join("fifo");
+    let writer = std::thread::spawn(move || {
+        let _ = opened_tx.send(fs::OpenOptions::new().write(true).open(fifo).is_ok());
+    });
     let root = format!("tree={}", queued.root().display());
     let w = Worker::start(&nats, queued.dir.path(), &[root], "2");
     let there = coordinate(
@@ -1814,22 +1823,41 @@ fn symlinks_are_followed_through_the_queue_as_locally_and_never_out_of_the_root(
             r#"{{"v":6,"run":"hostile","root":"tree","op":"gzip","level":6,"force":true,"follow_symlinks":true,"files":[{{"rel":"{rel}","size":1}}]}}"#
         )
     };
-    for rel in ["escape/secret", "secret-link"] {
+    for rel in ["escape/secret", "secret-link", "fifo-link"] {
         nats.publish_raw("filepipe.jobs.tree.hostile", job(rel).as_bytes());
     }
     // Each taken and refused, as the local run refused the same links.
-    wait_until(Duration::from_secs(30), "both refused", || {
+    wait_until(Duration::from_secs(30), "all refused", || {
         let log = w.log();
-        ["path=escape/secret", "path=secret-link"].iter().all(|p| {
-            log.lines()
-                .any(|l| l.contains(p) && l.contains("outside the root; not followed"))
-        })
+        ["path=escape/secret", "path=secret-link", "path=fifo-link"]
+            .iter()
+            .all(|p| {
+                log.lines()
+                    .any(|l| l.contains(p) && l.contains("outside the root; not followed"))
+            })
     });
-    let names: Vec<_> = fs::read_dir(&outside)
+    // Not even opened: the writer still waits (it was let go, before the fix).
+    let let_go = opened.try_recv();
+    let _reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(outside.join("fifo"))
+        .unwrap();
+    writer.join().unwrap();
+    assert!(
+        let_go.is_err(),
+        "the FIFO outside the root was opened: its writer was let go"
+    );
+    let mut names: Vec<_> = fs::read_dir(&outside)
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names, [OsStr::new("secret")], "written outside the root");
+    names.sort();
+    assert_eq!(
+        names,
+        [OsStr::new("fifo"), OsStr::new("secret")],
+        "written outside the root"
+    );
     assert!(
         !queued.path("secret-link.gz").exists(),
         "read outside the root"

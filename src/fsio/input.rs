@@ -64,22 +64,21 @@ impl InputFile {
         // Links followed beneath a root: resolved by the kernel, which refuses any step out of
         // it (`RESOLVE_BENEATH`: an absolute link, or `..` above the root, fails with EXDEV).
         // Such a link, which may still lead back inside (an absolute path into the tree), and
-        // any link where `openat2` is not to be had, are followed by full path, and what was
-        // opened is judged (`Root::holds`).
+        // any link where `openat2` is not to be had, are followed by full path, and what it
+        // leads to is judged before it is opened (`Root::judged_open`).
         let confined = root.filter(|r| follow_symlinks && r.openat2);
-        let by_path = std::cell::Cell::new(follow_symlinks && confined.is_none());
-        let open = |flags| match (beneath, confined) {
-            (Some(root), _) => root.open(rel, flags),
-            (None, Some(root)) => {
+        let judge = root.filter(|_| follow_symlinks);
+        let refused = std::cell::Cell::new(None);
+        let open = |flags| match (beneath, confined, judge) {
+            (Some(root), _, _) => root.open(rel, flags),
+            (None, Some(root), _) => {
                 match rfs::openat2(&root.fd, rel, flags, Mode::empty(), ResolveFlags::BENEATH) {
-                    Err(Errno::XDEV) => {
-                        by_path.set(true);
-                        rfs::open(abs, flags, Mode::empty())
-                    }
+                    Err(Errno::XDEV) => root.judged_open(abs, flags, &refused),
                     r => r,
                 }
             }
-            (None, None) => rfs::open(abs, flags, Mode::empty()),
+            (None, None, Some(root)) => root.judged_open(abs, flags, &refused),
+            (None, None, None) => rfs::open(abs, flags, Mode::empty()),
         };
         // O_NOATIME: reading a file to hash or compress it is not a use of it (tmpwatch-style
         // cleanups go by atime), and not dirtying every inode saves work on a first pass. The
@@ -89,6 +88,9 @@ impl InputFile {
             Err(Errno::PERM) => open(flags),
             r => r,
         };
+        if let Some(what) = refused.get() {
+            return Err(OpenError::NotRegular(what));
+        }
         let fd = opened.map_err(|e| match (e, beneath) {
             // The file itself, or (beneath the root) a directory on its path.
             (Errno::LOOP | Errno::NOTDIR, Some(root)) => match root.symlink_in(rel) {
@@ -98,15 +100,6 @@ impl InputFile {
             (Errno::LOOP, None) if !follow_symlinks => OpenError::NotRegular(NotRegular::Symlink),
             (e, _) => OpenError::Failed(FileError::errno("opening input", e)),
         })?;
-        // Followed by full path: a link on the way may have been pointed out of the root since
-        // the walk checked where it led (or a job from a queue names one no walk checked).
-        // What was opened is judged, not the path: it must lie beneath the root, or it is not
-        // read.
-        if let (true, Some(root)) = (by_path.get(), root) {
-            if !root.holds(&fd) {
-                return Err(OpenError::NotRegular(NotRegular::OutsideRoot));
-            }
-        }
         let stat =
             rfs::fstat(&fd).map_err(|e| OpenError::Failed(FileError::errno("stat of input", e)))?;
         let ft = FileType::from_raw_mode(stat.st_mode);
@@ -319,6 +312,36 @@ impl Root {
             }
         }
         None
+    }
+
+    /// Opens `abs` (a path into this root, links followed) with `flags`, only if what it leads
+    /// to lies beneath the root and is a regular file: it is first reached with `O_PATH`,
+    /// which opens nothing (no FIFO's writer released, no device's driver asked, no lease
+    /// broken), judged there (`holds`), and only then opened for reading, through
+    /// `/proc/self/fd`, which reopens that very file without looking its path up again. A file
+    /// refused is said in `refused`, and the open fails (EXDEV, or ENXIO for a special file).
+    fn judged_open(
+        &self,
+        abs: &Path,
+        flags: OFlags,
+        refused: &std::cell::Cell<Option<NotRegular>>,
+    ) -> rustix::io::Result<OwnedFd> {
+        use std::os::fd::AsRawFd;
+        let place = rfs::open(abs, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())?;
+        if !self.holds(&place) {
+            refused.set(Some(NotRegular::OutsideRoot));
+            return Err(Errno::XDEV);
+        }
+        let ft = FileType::from_raw_mode(rfs::fstat(&place)?.st_mode);
+        if ft != FileType::RegularFile {
+            refused.set(Some(NotRegular::Special(ft)));
+            return Err(Errno::NXIO);
+        }
+        rfs::open(
+            format!("/proc/self/fd/{}", place.as_raw_fd()),
+            flags - OFlags::NOFOLLOW,
+            Mode::empty(),
+        )
     }
 
     /// Whether `file` (opened by full path, links followed) lies beneath this root: where the
