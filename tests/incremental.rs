@@ -950,3 +950,60 @@ fn a_new_file_named_as_one_removed_does_not_replace_the_only_copy_of_it() {
         b"another file of the same name\n"
     );
 }
+
+/// filepipe's own output of an earlier version is replaced only if it is still that very file
+/// when the new one is renamed into place: a user's file moved to the name while the input was
+/// read (here, while strace holds the new output's flush back) is another's, and is left. The
+/// decision was taken when the output was found, and the rename replaced whatever was there
+/// by then (found by review: the user's file was lost, the file counted done).
+#[test]
+fn a_file_moved_to_the_output_s_name_while_the_input_is_read_is_not_replaced() {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace");
+        return;
+    }
+    let t = TestTree::new().file("a.txt", b"version one\n");
+    run(batch(&t, "gzip", &[])).success();
+    fs::write(t.path("a.txt"), b"version two, longer than the first\n").unwrap();
+    let trace = t.side("trace");
+    let mut cmd = Command::new("strace");
+    // Every flush held back 1.5 s; the output's is the one of a file in the tree (-y names it).
+    cmd.args(["-f", "-y", "-e", "trace=fsync,fdatasync,syncfs", "-o"])
+        .arg(&trace)
+        .args(["-e", "inject=fsync,fdatasync,syncfs:delay_enter=1500000"])
+        .arg(bin())
+        .args(["batch"])
+        .arg(t.root())
+        .args(["--op", "gzip", "--durability", "file", "--json", "--state"])
+        .arg(t.side("state"))
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let started = Started::new(cmd);
+    let root = t.root().display().to_string();
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "the new output's flush held back",
+        || {
+            fs::read_to_string(&trace).is_ok_and(|t| {
+                t.lines()
+                    .any(|l| l.contains("fsync(") && l.contains(&format!("<{root}/")))
+            })
+        },
+    );
+    let theirs = t.side("theirs.gz");
+    fs::write(&theirs, b"a user's own file\n").unwrap();
+    fs::rename(&theirs, t.path("a.txt.gz")).unwrap();
+    let r = started.finish(std::time::Duration::from_secs(60));
+    let s = r.code(1).summary();
+    assert_eq!(s["failed_by_reason"]["output-exists"], 1, "{s}");
+    assert_eq!(
+        fs::read(t.path("a.txt.gz")).unwrap(),
+        b"a user's own file\n"
+    );
+    assert!(
+        r.stderr().contains("changed since it was found"),
+        "{}",
+        r.stderr()
+    );
+}

@@ -28,7 +28,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags, Timestamps};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags, Stat, Timestamps};
 use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
@@ -305,6 +305,31 @@ pub(crate) struct TempOutput {
     published: bool,
     /// The count of whole-file-system flush errors when it was created (see `FlushMark`).
     born: FlushMark,
+    /// The file found under the final name and judged replaceable (filepipe's own output of
+    /// an earlier version of the input): the only one this temp may take the place of, unless
+    /// told to replace anything (`SyncedTemp::rename`).
+    may_replace: Option<FileId>,
+}
+
+/// A file told apart from any other that takes its name later: its device and inode, and its
+/// ctime, which moves when it is renamed into place or changed, and which nobody can set (an
+/// inode number freed may go to a new file).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileId {
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+impl FileId {
+    pub(crate) fn of(st: &Stat) -> FileId {
+        FileId {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            #[allow(clippy::unnecessary_cast)]
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as i64),
+        }
+    }
 }
 
 /// This process's temp names start with this: `.filepipe.<pid>-<salt>.`. The salt tells this
@@ -412,6 +437,7 @@ impl TempOutput {
                         marked: false,
                         published: false,
                         born: flush_mark(),
+                        may_replace: None,
                     })
                 }
                 // Not supported by this file system: temps are created by name here from now on.
@@ -432,6 +458,7 @@ impl TempOutput {
                         marked,
                         published: false,
                         born: flush_mark(),
+                        may_replace: None,
                     });
                 }
                 // Left by another process with our name (the salt makes that all but
@@ -450,6 +477,13 @@ impl TempOutput {
     /// The open temp file, for reading it back (`read_at`, or `ReadAt`).
     pub(crate) fn contents(&self) -> &File {
         self.file.as_ref().expect("temp file is open until publish")
+    }
+
+    /// The file now under the final name that this temp may take the place of (see
+    /// `may_replace`): judged when the output was found, it must still be that very file at the
+    /// rename, or the rename refuses (a file moved there meanwhile is another's).
+    pub(crate) fn may_replace(&mut self, found: FileId) {
+        self.may_replace = Some(found);
     }
 
     /// Applies `attrs`, makes data and attributes durable as `durability` says, gives the
@@ -654,8 +688,8 @@ impl SyncedTemp {
         self.0.file.as_ref().expect("open until renamed")
     }
 
-    /// Gives the temp its final name (refusing to replace an existing file unless `replace`)
-    /// and returns it as `Named`, whose directory the caller must sync before reporting the
+    /// Gives the temp its final name (refusing to replace an existing file unless `replace`, or
+    /// unless it is the very one the temp `may_replace`) and returns it as `Named`, whose directory the caller must sync before reporting the
     /// output as published: until then the new name may not survive a crash. An anonymous temp is
     /// linked under the name (a replacing one under a temp name first, then renamed over it);
     /// a named one is renamed, its mark removed once the name is final (a crash in between
@@ -668,6 +702,30 @@ impl SyncedTemp {
             kind: Kind::OutputExists,
             errno: Some(e.raw_os_error()),
             message: format!("{} already exists; not overwritten", ctx("output")),
+        };
+        // A file judged replaceable when the output was found (filepipe's own, of an earlier
+        // version) is replaced only if it is still that very file: one moved to the name since
+        // (while the input was read, or the group flushed) is another's. Looked at just before
+        // the rename; the name found free is taken only if it still is (no-clobber).
+        let replace = match (replace, temp.may_replace) {
+            (true, _) => true,
+            (false, None) => false,
+            (false, Some(found)) => {
+                match rfs::statat(&temp.dir.fd, final_name, AtFlags::SYMLINK_NOFOLLOW) {
+                    Err(Errno::NOENT) => false,
+                    Ok(st) if FileId::of(&st) == found => true,
+                    Ok(_) => {
+                        return Err(FileError {
+                            message: format!(
+                                "{} changed since it was found to be filepipe's own output of an earlier version; not overwritten",
+                                ctx("output")
+                            ),
+                            ..exists(Errno::EXIST)
+                        })
+                    }
+                    Err(e) => return Err(FileError::errno(&ctx("stat of output"), e)),
+                }
+            }
         };
         let file = temp.file.as_ref().expect("open until renamed");
         match &temp.name {

@@ -32,7 +32,9 @@ use crate::config::Config;
 use crate::error::{FileError, Kind};
 use crate::fsio::aside::Aside;
 use crate::fsio::input::{InputFile, Root};
-use crate::fsio::output::{self, Attrs, Dir, DirCache, Durability, TempOutput, WriteBehind};
+use crate::fsio::output::{
+    self, Attrs, Dir, DirCache, Durability, FileId, TempOutput, WriteBehind,
+};
 use crate::ops::hash::{Hasher, Tee};
 use crate::ops::{Done, Op};
 use crate::travel::{Job, Stamp};
@@ -149,6 +151,10 @@ pub(crate) struct Scratch<S> {
     /// Where an output in place is compared with its input (`adopt`): allocated the first
     /// time one is, as few runs ever do.
     compare: Vec<u8>,
+    /// The file found under the output's name that the file being done may replace (its job
+    /// says filepipe made it for an earlier version): set by `check`, handed to the temp by
+    /// `read_hashing`, so that the rename replaces that very file and no other.
+    replacing: Option<FileId>,
 }
 
 /// A file read, waiting for the input check and the publish.
@@ -177,9 +183,9 @@ enum Existing {
     /// Nothing.
     Nothing,
     /// A regular file with the input's mtime (which filepipe gives its outputs), of this size.
-    UpToDate(u64),
+    UpToDate(u64, FileId),
     /// A regular file with another mtime.
-    Stale,
+    Stale(FileId),
     /// Something that is not a regular file.
     Other,
 }
@@ -508,9 +514,9 @@ impl<C: Codec> CompressOp<C> {
                     && out.st_mtime_nsec == st.st_mtime_nsec
                     && self.codec.owns(dir, name, &input.stat)?
                 {
-                    Ok(Existing::UpToDate(out.st_size as u64))
+                    Ok(Existing::UpToDate(out.st_size as u64, FileId::of(&out)))
                 } else {
-                    Ok(Existing::Stale)
+                    Ok(Existing::Stale(FileId::of(&out)))
                 }
             }
         }
@@ -558,7 +564,8 @@ impl<C: Codec> CompressOp<C> {
         mut synced: output::SyncedTemp,
     ) -> Result<Step, FileError> {
         let name = Self::out_name(job)?;
-        match synced.rename(&name, self.force || job.replace) {
+        // Without --force, only the file `check` found and judged replaceable, if still there.
+        match synced.rename(&name, self.force) {
             Ok(named) => Ok(Step::Renamed(named)),
             Err(e) if e.kind == Kind::OutputExists => {
                 match same_content(synced.dir(), synced.file(), &name) {
@@ -704,7 +711,7 @@ impl<C: Codec> CompressOp<C> {
             && hashers.is_empty()
         {
             let name = Self::out_name(job)?;
-            if let Existing::UpToDate(_) = self.existing(&dir, &name, input)? {
+            if let Existing::UpToDate(..) = self.existing(&dir, &name, input)? {
                 return self.adopt(input, dir, &name, scratch);
             }
         }
@@ -719,6 +726,9 @@ impl<C: Codec> CompressOp<C> {
             }
             created => (dir, created?),
         };
+        if let Some(found) = scratch.replacing.take() {
+            temp.may_replace(found);
+        }
         let stat = input.stat;
         let totals = self.codec.compress(
             job,
@@ -846,6 +856,7 @@ impl<C: Codec> Op for CompressOp<C> {
             out_dirs: DirCache::new(&self.out_root, self.mirrored),
             codec: self.codec.scratch(),
             compare: Vec::new(),
+            replacing: None,
         }
     }
 
@@ -872,6 +883,7 @@ impl<C: Codec> Op for CompressOp<C> {
         }
         let name = Self::out_name(job)?;
         let dir = self.out_dir(job, scratch)?;
+        scratch.replacing = None;
         // Whatever is there is replaced: not even looked at (a stamped codec would read it).
         if self.force {
             return Ok(None);
@@ -879,18 +891,25 @@ impl<C: Codec> Op for CompressOp<C> {
         match self.existing(&dir, &name, input)? {
             Existing::Nothing => Ok(None),
             // Watch mode, our own output of an earlier version of a file that changed with its
-            // mtime put back (cp -p): dated right, but stale. Redone, replacing it.
-            Existing::UpToDate(_) if job.replace => Ok(None),
+            // mtime put back (cp -p): dated right, but stale. Redone, replacing it (that very
+            // file: see `Scratch::replacing`).
+            Existing::UpToDate(_, found) if job.replace => {
+                scratch.replacing = Some(found);
+                Ok(None)
+            }
             // With --remove-source (--move-source) an up-to-date output is checked and the
             // input removed (moved), as for a fresh one: a run stopped between the publish
             // and the unlink (the move) is finished.
-            Existing::UpToDate(_) if self.disposes() => Ok(None),
-            Existing::UpToDate(_) => {
+            Existing::UpToDate(..) if self.disposes() => Ok(None),
+            Existing::UpToDate(..) => {
                 Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
             }
             // Our own output of an earlier version of this file: redo it.
-            Existing::Stale if job.replace => Ok(None),
-            Existing::Stale | Existing::Other => Err(FileError {
+            Existing::Stale(found) if job.replace => {
+                scratch.replacing = Some(found);
+                Ok(None)
+            }
+            Existing::Stale(_) | Existing::Other => Err(FileError {
                 kind: Kind::OutputExists,
                 errno: Some(libc::EEXIST),
                 message: format!(
