@@ -1007,3 +1007,88 @@ fn a_file_moved_to_the_output_s_name_while_the_input_is_read_is_not_replaced() {
         r.stderr()
     );
 }
+
+/// Outputs written with `--out` to a file system that keeps whole seconds (ext4 with 128-byte
+/// inodes, as ext2 and ext3 often are; FAT and exFAT are coarser still) carry the input's
+/// mtime truncated: they are still known for its outputs. They were taken for another's file
+/// at every run (`output-exists`): an unchanged rerun failed, and a changed input never
+/// replaced its old output (found by review).
+#[test]
+fn outputs_on_a_file_system_with_whole_second_times_are_known_for_filepipe_s() {
+    let fs_ = match common::strace::JournaledFs::with(&["-I", "128"]) {
+        Ok(f) => f,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let out = fs_.path().join("out");
+    let t = TestTree::new().file("a.txt", b"version one\n");
+    // An mtime with nanoseconds the output's file system cannot keep.
+    let set_mtime = |ns: i64| {
+        let f = fs::File::options()
+            .write(true)
+            .open(t.path("a.txt"))
+            .unwrap();
+        let ts = rustix::fs::Timespec {
+            tv_sec: ns / 1_000_000_000,
+            tv_nsec: (ns % 1_000_000_000) as _,
+        };
+        rustix::fs::futimens(
+            &f,
+            &rustix::fs::Timestamps {
+                last_access: ts,
+                last_modification: ts,
+            },
+        )
+        .unwrap();
+    };
+    set_mtime(1_700_000_000_123_456_789);
+    let out_arg = [OsStr::new("--out"), out.as_os_str()];
+    let first = run(batch(&t, "gzip", &out_arg));
+    assert_eq!(first.success().summary()["done"], 1);
+    let gz = out.join("a.txt.gz");
+    let kept = fs::metadata(&gz).unwrap();
+    {
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            (kept.mtime(), kept.mtime_nsec()),
+            (1_700_000_000, 0),
+            "the file system was meant to keep whole seconds"
+        );
+    }
+    let again = run(batch(&t, "gzip", &out_arg));
+    assert_eq!(
+        again.success().summary()["unchanged"],
+        1,
+        "{}",
+        again.stderr()
+    );
+    // Without the state: the output found is up to date, not another's.
+    let plain = run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("gzip"),
+        OsStr::new("--json"),
+        OsStr::new("--out"),
+        out.as_os_str(),
+    ]));
+    assert_eq!(
+        plain.success().summary()["skipped_by_reason"]["up-to-date"],
+        1,
+        "{}",
+        plain.stderr()
+    );
+    fs::write(t.path("a.txt"), b"version two\n").unwrap();
+    set_mtime(1_700_000_100_987_654_321);
+    let changed = run(batch(&t, "gzip", &out_arg));
+    assert_eq!(
+        changed.success().summary()["done"],
+        1,
+        "{}",
+        changed.stderr()
+    );
+    let text = tool("gzip", &[OsStr::new("-dc"), gz.as_os_str()], &t.root());
+    assert_eq!(text.stdout, b"version two\n");
+}

@@ -311,6 +311,21 @@ pub(crate) struct TempOutput {
     may_replace: Option<FileId>,
 }
 
+/// Whether an output's mtime (`out_ns`, nanoseconds since the epoch) is the one filepipe gave
+/// it from its input's (`input_ns`): the same, or that time as a file system with coarser
+/// timestamps keeps it, truncated (the kernel rounds down) to 100 ns (CIFS, NTFS), 1 us,
+/// 10 ms (exFAT), 1 s (ext2 and ext3 with small inodes, HFS+, many FUSE) or 2 s (FAT). So an
+/// output written with `--out` to such a file system is still known for its input's, not
+/// taken for another's file at every run. Another's file passes only if dated within that
+/// unit of the input, on its boundary: a time set by hand (`touch -d`), not one by chance.
+pub(crate) fn dated_as(out_ns: i64, input_ns: i64) -> bool {
+    const UNITS: [i64; 5] = [100, 1_000, 10_000_000, 1_000_000_000, 2_000_000_000];
+    out_ns == input_ns
+        || UNITS
+            .iter()
+            .any(|&unit| out_ns == input_ns - input_ns.rem_euclid(unit))
+}
+
 /// A file told apart from any other that takes its name later: its device and inode, and its
 /// ctime, which moves when it is renamed into place or changed, and which nobody can set (an
 /// inode number freed may go to a new file).
@@ -1828,6 +1843,33 @@ mod tests {
 
     /// Callers who ask while a flush is under way are served together by the next one, which
     /// starts after every one of them asked, and each is given that flush's result.
+    #[test]
+    fn an_output_is_dated_as_its_input_at_the_units_coarse_file_systems_keep() {
+        let input = 1_700_000_001_123_456_789;
+        assert!(dated_as(input, input));
+        // CIFS (100 ns), 1 us, exFAT (10 ms), ext2 (1 s), FAT (2 s, down to an even second).
+        for out in [
+            1_700_000_001_123_456_700,
+            1_700_000_001_123_456_000,
+            1_700_000_001_120_000_000,
+            1_700_000_001_000_000_000,
+            1_700_000_000_000_000_000,
+        ] {
+            assert!(dated_as(out, input), "{out}");
+        }
+        // Not a truncation of it: another time, rounded up, or a second before.
+        for out in [
+            1_700_000_001_123_456_788,
+            1_700_000_001_123_456_800,
+            1_700_000_002_000_000_000,
+            1_699_999_999_000_000_000,
+        ] {
+            assert!(!dated_as(out, input), "{out}");
+        }
+        // Before 1970 too (the kernel rounds toward the past).
+        assert!(dated_as(-2_000_000_000, -1_500_000_000));
+    }
+
     #[test]
     fn flushes_asked_for_during_one_are_served_together_by_the_next() {
         use std::sync::atomic::AtomicUsize;

@@ -508,12 +508,11 @@ impl<C: Codec> CompressOp<C> {
                 Ok(Existing::Other)
             }
             Ok(out) => {
-                let st = &input.stat;
-                if out.st_size > 0
-                    && out.st_mtime == st.st_mtime
-                    && out.st_mtime_nsec == st.st_mtime_nsec
-                    && self.codec.owns(dir, name, &input.stat)?
-                {
+                let dated = output::dated_as(
+                    Stamp::from_stat(&out).mtime_ns,
+                    Stamp::from_stat(&input.stat).mtime_ns,
+                );
+                if out.st_size > 0 && dated && self.codec.owns(dir, name, &input.stat)? {
                     Ok(Existing::UpToDate(out.st_size as u64, FileId::of(&out)))
                 } else {
                     Ok(Existing::Stale(FileId::of(&out)))
@@ -963,7 +962,7 @@ impl<C: Codec> Op for CompressOp<C> {
         }
         let (to, moved) = aside.find_moved(&job.rel, |st| {
             let moved = Stamp::from_stat(st);
-            moved.mtime_ns == Stamp::from_stat(&out).mtime_ns
+            output::dated_as(Stamp::from_stat(&out).mtime_ns, moved.mtime_ns)
                 && moved.ctime_ns >= stored_ns
                 && job
                     .expect
