@@ -408,14 +408,24 @@ impl State {
     /// Opens (creating if needed) the database in `dir` for one root and the ops of `spec`,
     /// upgrading a state written before rows were per result (`upgrade`).
     pub(crate) fn open(dir: &Path, root: &Path, spec: &OpSpec) -> Result<State> {
+        // One at a time in this process: the pipelines of a service open their shared state
+        // together, and two connections turning a state from before WAL into WAL (or adding a
+        // column) at once can each hold a read lock the other must wait out: SQLite then fails
+        // one at once ("database is locked"), busy timeout or not, and that pipeline with it
+        // (seen in a test of a service over an old state, about one start in four).
+        static OPENING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one = OPENING.lock().unwrap_or_else(|e| e.into_inner());
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create state directory {}", dir.display()))?;
         let path = db_path(dir);
         let mut conn = Connection::open(&path)
             .with_context(|| format!("cannot open state database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
+        // Another process (`filepipe status`, an administrator's `sqlite3`) can meet this one
+        // in the same deadlock: it is waited out, as the busy timeout would be.
+        retry_busy(|| {
+            conn.execute_batch(
+                "PRAGMA journal_mode=WAL;
              PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS files (
                  root     BLOB    NOT NULL,
@@ -436,14 +446,15 @@ impl State {
                  made_mtime_ns INTEGER,
                  PRIMARY KEY (root, op, path)
              ) WITHOUT ROWID;",
-        )
+            )
+        })
         .with_context(|| format!("cannot initialise state database {}", path.display()))?;
         // A state from before ctimes were recorded: the column is added, its rows keep NULL
         // (CTIME_UNKNOWN) until each file is next done. One from before the made output's
         // version was kept through failures: added too, NULL (`Record::made_mtime` then falls
         // back on a done row's own mtime).
         for column in ["ctime_ns", "made_mtime_ns"] {
-            add_column(&mut conn, column)
+            retry_busy(|| add_column(&mut conn, column))
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
         let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
@@ -455,7 +466,7 @@ impl State {
             );
         }
         if version < SCHEMA {
-            upgrade(&mut conn)
+            retry_busy(|| upgrade(&mut conn))
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
         Ok(State {
@@ -776,6 +787,42 @@ impl State {
 /// Adds the INTEGER column `name` to the files table if it lacks it. Looked for and added in
 /// one transaction taken for writing at once: the pipelines of a service open a shared state
 /// together, and two that both found it missing would both add it ("duplicate column name").
+/// Runs `f` again while it fails with "database is locked" for at most the busy timeout (10 s):
+/// the failure SQLite gives at once, without waiting, when two connections each hold a read
+/// lock and want to write (one must give up its transaction for the other to go on).
+fn retry_busy<T, E>(mut f: impl FnMut() -> std::result::Result<T, E>) -> std::result::Result<T, E>
+where
+    E: RetryBusy,
+{
+    let limit = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match f() {
+            Err(e) if e.busy() && std::time::Instant::now() < limit => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// An error that may be SQLite's "database is locked" (`retry_busy`).
+trait RetryBusy {
+    fn busy(&self) -> bool;
+}
+
+impl RetryBusy for rusqlite::Error {
+    fn busy(&self) -> bool {
+        self.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+    }
+}
+
+impl RetryBusy for anyhow::Error {
+    fn busy(&self) -> bool {
+        self.downcast_ref::<rusqlite::Error>()
+            .is_some_and(RetryBusy::busy)
+    }
+}
+
 fn add_column(conn: &mut Connection, name: &str) -> Result<()> {
     let has = |c: &Connection| {
         c.prepare("SELECT 1 FROM pragma_table_info('files') WHERE name = ?1")?
