@@ -541,6 +541,47 @@ fn remove_source_deletes_verified_inputs_but_keeps_hard_linked_ones() {
     assert_eq!(kept[0]["status"], "kept");
 }
 
+/// With `--follow-symlinks`, a file reached through a link is compressed under the link's
+/// name, and the link is kept, said to be one: neither it nor its target is the link's input
+/// to remove (it was said to have "changed after it was compressed").
+#[test]
+fn remove_source_keeps_a_followed_link_and_says_it_is_one() {
+    let t = TestTree::new().file("real.txt", &text_bytes(20_000, 5));
+    std::os::unix::fs::symlink("real.txt", t.path("link.txt")).unwrap();
+    let original = fs::read(t.path("real.txt")).unwrap();
+    let log = t.side("f.jsonl");
+    // The target left out of the run: only the link's job could remove it.
+    let args = [
+        s("--op"),
+        s("gzip"),
+        s("--follow-symlinks"),
+        s("--remove-source"),
+        s("--exclude"),
+        s("real.txt"),
+        s("--failure-log"),
+        p(&log),
+    ];
+    batch(&t, &args).success();
+    let back = tool(
+        "gunzip",
+        &[s("-c"), p(&t.path("link.txt.gz"))],
+        t.dir.path(),
+    );
+    assert_eq!(back.stdout, original);
+    assert_eq!(fs::read(t.path("real.txt")).unwrap(), original);
+    assert!(fs::symlink_metadata(t.path("link.txt")).is_ok_and(|m| m.is_symlink()));
+    let records = failure_log(&log);
+    let kept = records_of(&records, "symlink");
+    assert_eq!(kept.len(), 1, "{records:?}");
+    assert_eq!(kept[0]["status"], "kept");
+    assert!(
+        kept[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("its name is a symlink")),
+        "{records:?}"
+    );
+}
+
 #[test]
 fn remove_source_keeps_an_input_it_may_not_unlink_and_says_why() {
     // The inputs' directories are read-only: the outputs are written under --out and are

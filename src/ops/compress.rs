@@ -382,6 +382,14 @@ impl<C: Codec> CompressOp<C> {
             Err(Errno::NOENT) => return Ok(Some(moved_away())),
             Err(e) => return Ok(Some(kept(FileError::errno("stat of input", e)))),
         };
+        // Reached through a symlink (`--follow-symlinks`): the link is not the input, and the
+        // file it leads to is another name's to remove, if anyone's.
+        if rfs::FileType::from_raw_mode(now.st_mode) == rfs::FileType::Symlink {
+            return Ok(Some(FileError::new(
+                Kind::Symlink,
+                format!("input not {verb}: its name is a symlink (neither it nor the file it leads to is {verb})"),
+            )));
+        }
         if now.st_nlink > 1 && !link_left(now.st_nlink) {
             return Ok(Some(FileError::new(
                 Kind::HardLinked,
