@@ -517,8 +517,10 @@ impl Watcher<'_> {
         });
         if failed {
             tracing::debug!(path = %input.display(), "its output's name was freed: taken again");
+            // As a touch of it (`touched_metadata`): a file its writer is still writing (a
+            // write since, no close yet) keeps waiting for the close; another settles now.
             self.settle
-                .touch(input, true, Stamp::of(&abs), Instant::now());
+                .touched_metadata(input, Stamp::of(&abs), Instant::now());
         }
         Ok(())
     }
