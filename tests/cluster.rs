@@ -1986,3 +1986,97 @@ fn a_followed_link_to_where_proc_cannot_name_is_not_taken_for_inside_the_root() 
         "read outside the root"
     );
 }
+
+/// A rerun over outputs next to their inputs finds as many outputs as inputs: the coordinator
+/// says each output is skipped (already compressed) itself, as a worker would, and sends the
+/// workers only the inputs.
+#[test]
+fn a_coordinator_skips_outputs_by_name_without_sending_them() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(30, 0);
+    run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+    ]))
+    .success();
+    let root = format!("tree={}", t.root().display());
+    let w = Worker::start(&nats, t.dir.path(), &[root], "2");
+    let out = coordinate(
+        &nats,
+        &t.root(),
+        &["--op", "gzip", "--force", "--root-name", "tree"],
+    );
+    let sum = out.code(0).summary();
+    assert_eq!(
+        (
+            sum["done"].as_u64(),
+            sum["skipped_by_reason"]["already-compressed"].as_u64()
+        ),
+        (Some(30), Some(30)),
+        "{sum}"
+    );
+    // Stopped, the worker says what its pipeline for the run did.
+    signal_pid(w.pid(), rustix::process::Signal::TERM);
+    wait_until(
+        Duration::from_secs(30),
+        "the worker's pipeline to end",
+        || w.log().contains("pipeline finished"),
+    );
+    let log = w.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("pipeline finished"))
+        .unwrap();
+    assert!(
+        line.contains("done=30") && line.contains("skipped=0"),
+        "the worker was sent the outputs: {line}"
+    );
+}
+
+/// A job naming a FIFO in the worker's root, by its name or through a link, gets it skipped
+/// without opening it: its waiting writer is not let go (it was, then failed with EPIPE: the
+/// worker opened what the job named and only then found it no regular file). A coordinator's
+/// walk never sends one, but anyone who may publish a job can name it.
+#[test]
+fn a_job_naming_a_fifo_in_the_root_does_not_open_it() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("a.txt", b"a file\n");
+    mkfifo(&t.path("pipe"));
+    std::os::unix::fs::symlink("pipe", t.path("pipe-link")).unwrap();
+    let (opened_tx, opened) = std::sync::mpsc::channel();
+    let fifo = t.path("pipe");
+    let writer = std::thread::spawn(move || {
+        let _ = opened_tx.send(fs::OpenOptions::new().write(true).open(fifo).is_ok());
+    });
+    let root = format!("tree={}", t.root().display());
+    let w = Worker::start(&nats, t.dir.path(), &[root], "2");
+    nats.publish_raw(
+        "filepipe.jobs.tree.hostile1",
+        br#"{"v":1,"run":"hostile1","root":"tree","op":"gzip","level":6,"force":false,"files":[{"rel":"pipe","size":1}]}"#,
+    );
+    nats.publish_raw(
+        "filepipe.jobs.tree.hostile2",
+        br#"{"v":6,"run":"hostile2","root":"tree","op":"gzip","level":6,"force":false,"follow_symlinks":true,"files":[{"rel":"pipe-link","size":1}]}"#,
+    );
+    wait_until(Duration::from_secs(30), "both skipped", || {
+        let log = w.log();
+        ["path=pipe ", "path=pipe-link "]
+            .iter()
+            .all(|p| log.lines().any(|l| l.contains(p) && l.contains("FIFO")))
+    });
+    let let_go = opened.try_recv();
+    let _reader = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(t.path("pipe"))
+        .unwrap();
+    writer.join().unwrap();
+    assert!(
+        let_go.is_err(),
+        "the FIFO was opened: its writer was let go\n{}",
+        w.log()
+    );
+}

@@ -135,6 +135,9 @@ struct Head<'a> {
     move_failed: Option<String>,
     op: OpKind,
     ops: Vec<OpKind>,
+    /// A compressor alone: its outputs' suffix, for the files it skips by name
+    /// (`compress::skipped_by_name`), said by the coordinator without a job.
+    skips_by_name: Option<&'static str>,
 }
 
 impl<'a> Head<'a> {
@@ -149,7 +152,20 @@ impl<'a> Head<'a> {
             move_failed: names.moves.failed.clone(),
             op,
             ops,
+            skips_by_name: cfg
+                .spec
+                .compressor()
+                .filter(|_| !cfg.spec.is_multi())
+                .and_then(OpKind::suffix),
         }
+    }
+
+    /// Why a compressor alone skips `rel` by its name, if it does: what a worker would say of
+    /// it, said here instead of sending the job (a rerun over outputs next to their inputs
+    /// finds as many outputs as inputs).
+    fn skipped_by_name(&self, rel: &Path) -> Option<FileError> {
+        let suffix = self.skips_by_name?;
+        crate::ops::compress::skipped_by_name(rel, suffix, self.cfg.out.is_some(), self.cfg.force)
     }
 
     /// The subject the run's jobs go to.
@@ -475,16 +491,21 @@ fn coordinate(
                 })
                 .context("starting the source")?
         };
-        let publisher = std::thread::Builder::new()
-            .name("filepipe-publish".into())
-            .spawn_scoped(s, || {
-                let none = HashSet::new();
-                let accounted = accounted.get().unwrap_or(&none);
-                let r = publish(&head, &conn, &job_rx, &ledger, accounted, shutdown);
-                ledger.walked.store(true, Ordering::Release);
-                r
-            })
-            .context("starting the publisher")?;
+        let publisher = {
+            let events = event_tx.clone();
+            let (head, conn, job_rx, ledger, accounted) =
+                (&head, &conn, &job_rx, &ledger, &accounted);
+            std::thread::Builder::new()
+                .name("filepipe-publish".into())
+                .spawn_scoped(s, move || {
+                    let none = HashSet::new();
+                    let accounted = accounted.get().unwrap_or(&none);
+                    let r = publish(head, conn, (job_rx, &events), ledger, accounted, shutdown);
+                    ledger.walked.store(true, Ordering::Release);
+                    r
+                })
+                .context("starting the publisher")?
+        };
         let gathered = gather(
             &conn,
             &outcomes,
@@ -543,7 +564,7 @@ async fn outcome_consumer(conn: &Conn, run: &str) -> Result<consumer::PullConsum
 fn publish(
     head: &Head,
     conn: &Conn,
-    jobs: &Receiver<Msg>,
+    (jobs, events): (&Receiver<Msg>, &Sender<Event>),
     ledger: &Ledger,
     accounted: &HashSet<PathBuf>,
     shutdown: &Shutdown,
@@ -581,6 +602,24 @@ fn publish(
         }
         if shutdown.requested() {
             // Drained, not published: the walk stops at the signal too.
+            continue;
+        }
+        // Files skipped by their names alone: reported here, as a worker would, unpublished.
+        let mut skipped = Vec::new();
+        batch.retain(|j| match head.skipped_by_name(&j.rel) {
+            Some(reason) => {
+                skipped.push(Outcome::Skipped {
+                    rel: j.rel.clone(),
+                    reason,
+                });
+                false
+            }
+            None => true,
+        });
+        if !skipped.is_empty() && events.send(Event::Finished(skipped)).is_err() {
+            break;
+        }
+        if batch.is_empty() {
             continue;
         }
         batches += 1;

@@ -41,7 +41,7 @@ pub(crate) enum OpenError {
 impl InputFile {
     /// Opens `path` for reading, refusing anything but a regular file.
     pub(crate) fn open(path: &Path, follow_symlinks: bool) -> Result<InputFile, OpenError> {
-        Self::open_beneath(None, path, path, follow_symlinks)
+        Self::open_beneath(None, path, path, follow_symlinks, false)
     }
 
     /// Opens the input `rel` of the tree under `root` (`abs` is the same file by full path),
@@ -50,11 +50,19 @@ impl InputFile {
     /// symlink after the walk listed it cannot lead the read out of the tree, and only `rel`'s
     /// components are looked up, not the root's. With `--follow-symlinks`, or without a
     /// `root`, by full path.
+    ///
+    /// Where what `rel` leads to was not seen by a walk (links followed, which may have been
+    /// pointed elsewhere since; `unvouched`, a cluster job's path, which anyone who may publish
+    /// a job names), it is first reached with `O_PATH`, which opens nothing, and opened for
+    /// reading only once found to be a regular file (`Root::reopen_regular`): a FIFO's waiting
+    /// writer is never let go, a device's driver never asked. Files a walk listed as regular
+    /// are opened at once (two system calls fewer), with the walk's word for their type.
     pub(crate) fn open_beneath(
         root: Option<&Root>,
         rel: &Path,
         abs: &Path,
         follow_symlinks: bool,
+        unvouched: bool,
     ) -> Result<InputFile, OpenError> {
         let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
         if !follow_symlinks {
@@ -69,16 +77,24 @@ impl InputFile {
         let confined = root.filter(|r| follow_symlinks && r.openat2);
         let judge = root.filter(|_| follow_symlinks);
         let refused = std::cell::Cell::new(None);
-        let open = |flags| match (beneath, confined, judge) {
+        let reach = |flags| match (beneath, confined, judge) {
             (Some(root), _, _) => root.open(rel, flags),
             (None, Some(root), _) => {
                 match rfs::openat2(&root.fd, rel, flags, Mode::empty(), ResolveFlags::BENEATH) {
-                    Err(Errno::XDEV) => root.judged_open(abs, flags, &refused),
+                    Err(Errno::XDEV) => root.reach_by_path(abs, &refused),
                     r => r,
                 }
             }
-            (None, None, Some(root)) => root.judged_open(abs, flags, &refused),
+            (None, None, Some(root)) => root.reach_by_path(abs, &refused),
             (None, None, None) => rfs::open(abs, flags, Mode::empty()),
+        };
+        let first = root.filter(|_| follow_symlinks || unvouched);
+        let open = |flags: OFlags| match first {
+            Some(root) => {
+                let place = reach(OFlags::PATH | OFlags::CLOEXEC | (flags & OFlags::NOFOLLOW))?;
+                root.reopen_regular(&place, flags, &refused)
+            }
+            None => reach(flags),
         };
         // O_NOATIME: reading a file to hash or compress it is not a use of it (tmpwatch-style
         // cleanups go by atime), and not dirtying every inode saves work on a first pass. The
@@ -314,34 +330,47 @@ impl Root {
         None
     }
 
-    /// Opens `abs` (a path into this root, links followed) with `flags`, only if what it leads
-    /// to lies beneath the root and is a regular file: it is first reached with `O_PATH`,
-    /// which opens nothing (no FIFO's writer released, no device's driver asked, no lease
-    /// broken), judged there (`holds`), and only then opened for reading, through
-    /// `/proc/self/fd`, which reopens that very file without looking its path up again. A file
-    /// refused is said in `refused`, and the open fails (EXDEV, or ENXIO for a special file).
-    fn judged_open(
+    /// Reaches `abs` (a path into this root, links followed) with `O_PATH`, which opens
+    /// nothing (no FIFO's writer released, no device's driver asked, no lease broken), if what
+    /// it leads to lies beneath the root (`holds`); else says so in `refused` and fails
+    /// (EXDEV).
+    fn reach_by_path(
         &self,
         abs: &Path,
-        flags: OFlags,
         refused: &std::cell::Cell<Option<NotRegular>>,
     ) -> rustix::io::Result<OwnedFd> {
-        use std::os::fd::AsRawFd;
         let place = rfs::open(abs, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())?;
         if !self.holds(&place) {
             refused.set(Some(NotRegular::OutsideRoot));
             return Err(Errno::XDEV);
         }
-        let ft = FileType::from_raw_mode(rfs::fstat(&place)?.st_mode);
-        if ft != FileType::RegularFile {
-            refused.set(Some(NotRegular::Special(ft)));
-            return Err(Errno::NXIO);
+        Ok(place)
+    }
+
+    /// Opens `place` (reached with `O_PATH`) for reading with `flags`, if it is a regular
+    /// file, through `/proc/self/fd`, which reopens that very file without looking its path up
+    /// again; anything else is said in `refused`, and the open fails (ENXIO), never opened.
+    fn reopen_regular(
+        &self,
+        place: &OwnedFd,
+        flags: OFlags,
+        refused: &std::cell::Cell<Option<NotRegular>>,
+    ) -> rustix::io::Result<OwnedFd> {
+        use std::os::fd::AsRawFd;
+        match FileType::from_raw_mode(rfs::fstat(place)?.st_mode) {
+            FileType::RegularFile => rfs::open(
+                format!("/proc/self/fd/{}", place.as_raw_fd()),
+                flags - OFlags::NOFOLLOW,
+                Mode::empty(),
+            ),
+            ft => {
+                refused.set(Some(match ft {
+                    FileType::Symlink => NotRegular::Symlink,
+                    ft => NotRegular::Special(ft),
+                }));
+                Err(Errno::NXIO)
+            }
         }
-        rfs::open(
-            format!("/proc/self/fd/{}", place.as_raw_fd()),
-            flags - OFlags::NOFOLLOW,
-            Mode::empty(),
-        )
     }
 
     /// Whether `file` (opened by full path, links followed) lies beneath this root: where the
@@ -508,7 +537,7 @@ mod tests {
         for r in roots {
             let open = |rel: &str, follow| {
                 let (rel, abs) = (Path::new(rel), root.join(rel));
-                InputFile::open_beneath(Some(&r), rel, &abs, follow)
+                InputFile::open_beneath(Some(&r), rel, &abs, follow, false)
             };
             assert_eq!(read_all(open("d/e/f", false).unwrap()), b"inside", "{r:?}");
             assert_eq!(read_all(open("plain", false).unwrap()), b"not a directory");

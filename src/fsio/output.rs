@@ -311,19 +311,35 @@ pub(crate) struct TempOutput {
     may_replace: Option<FileId>,
 }
 
-/// Whether an output's mtime (`out_ns`, nanoseconds since the epoch) is the one filepipe gave
-/// it from its input's (`input_ns`): the same, or that time as a file system with coarser
+/// Whether an output (its mtime and ctime, `out`) is dated as filepipe dates it from its input
+/// (`input_ns`, the input's mtime): the same time, or that time as a file system with coarser
 /// timestamps keeps it, truncated (the kernel rounds down) to 100 ns (CIFS, NTFS), 1 us,
 /// 10 ms (exFAT), 1 s (ext2 and ext3 with small inodes, HFS+, many FUSE) or 2 s (FAT). So an
-/// output written with `--out` to such a file system is still known for its input's, not
-/// taken for another's file at every run. Another's file passes only if dated within that
-/// unit of the input, on its boundary: a time set by hand (`touch -d`), not one by chance.
-pub(crate) fn dated_as(out_ns: i64, input_ns: i64) -> bool {
+/// output written with `--out` to such a file system is known for its input's, not taken for
+/// another's file at every run. A coarser unit counts only where the output's ctime, which the
+/// kernel sets at the file system's own granularity and nobody can set, is on a boundary of it
+/// (of 10 ms for the coarsest, whose ctimes are kept finer): on a file system with nanosecond
+/// times, only the same time counts, and a file dated by hand to a whole second is not taken
+/// for an output of an input changed within that second.
+pub(crate) fn dated_as(out: (i64, i64), input_ns: i64) -> bool {
     const UNITS: [i64; 5] = [100, 1_000, 10_000_000, 1_000_000_000, 2_000_000_000];
-    out_ns == input_ns
-        || UNITS
-            .iter()
-            .any(|&unit| out_ns == input_ns - input_ns.rem_euclid(unit))
+    let (mtime, ctime) = out;
+    mtime == input_ns
+        || UNITS.iter().any(|&unit| {
+            ctime.rem_euclid(unit.min(10_000_000)) == 0
+                && mtime == input_ns - input_ns.rem_euclid(unit)
+        })
+}
+
+/// The mtime and ctime of `st`, in nanoseconds since the epoch, for `dated_as`.
+pub(crate) fn times_of(st: &Stat) -> (i64, i64) {
+    #[allow(clippy::unnecessary_cast)]
+    let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+    #[allow(clippy::unnecessary_cast)]
+    (
+        ns(st.st_mtime as i64, st.st_mtime_nsec as i64),
+        ns(st.st_ctime as i64, st.st_ctime_nsec as i64),
+    )
 }
 
 /// A file told apart from any other that takes its name later: its device and inode, and its
@@ -1846,16 +1862,21 @@ mod tests {
     #[test]
     fn an_output_is_dated_as_its_input_at_the_units_coarse_file_systems_keep() {
         let input = 1_700_000_001_123_456_789;
-        assert!(dated_as(input, input));
-        // CIFS (100 ns), 1 us, exFAT (10 ms), ext2 (1 s), FAT (2 s, down to an even second).
-        for out in [
-            1_700_000_001_123_456_700,
-            1_700_000_001_123_456_000,
-            1_700_000_001_120_000_000,
-            1_700_000_001_000_000_000,
-            1_700_000_000_000_000_000,
+        // A ctime with nanoseconds: a file system that keeps them.
+        let fine = 1_700_000_005_987_654_321;
+        assert!(dated_as((input, fine), input));
+        // CIFS (100 ns), 1 us, exFAT (10 ms), ext2 (1 s), FAT (2 s, down to an even second),
+        // each with a ctime of its own granularity (FAT's kept to 10 ms).
+        for (out, ctime) in [
+            (1_700_000_001_123_456_700, 1_700_000_005_987_654_300),
+            (1_700_000_001_123_456_000, 1_700_000_005_987_654_000),
+            (1_700_000_001_120_000_000, 1_700_000_005_980_000_000),
+            (1_700_000_001_000_000_000, 1_700_000_005_000_000_000),
+            (1_700_000_000_000_000_000, 1_700_000_005_980_000_000),
         ] {
-            assert!(dated_as(out, input), "{out}");
+            assert!(dated_as((out, ctime), input), "{out}");
+            // The same date on a file system with nanosecond ctimes: set by hand.
+            assert!(!dated_as((out, fine), input), "{out} on a fine file system");
         }
         // Not a truncation of it: another time, rounded up, or a second before.
         for out in [
@@ -1864,10 +1885,10 @@ mod tests {
             1_700_000_002_000_000_000,
             1_699_999_999_000_000_000,
         ] {
-            assert!(!dated_as(out, input), "{out}");
+            assert!(!dated_as((out, 1_700_000_005_000_000_000), input), "{out}");
         }
         // Before 1970 too (the kernel rounds toward the past).
-        assert!(dated_as(-2_000_000_000, -1_500_000_000));
+        assert!(dated_as((-2_000_000_000, -3_000_000_000), -1_500_000_000));
     }
 
     #[test]

@@ -99,6 +99,33 @@ pub(crate) struct Totals {
 /// again costs CPU for next to nothing, so a compressing op skips them unless `--force`.
 const COMPRESSED_SUFFIXES: [&str; 7] = [".gz", ".zst", ".xz", ".bz2", ".lz4", ".zip", ".7z"];
 
+/// Why a compressor alone (its outputs named with `suffix`, under another root if `mirrored`)
+/// skips the input `rel` by its name alone, if it does: one of its own outputs, next to its
+/// input (never compressed, whatever `--force` says, or each rerun would compress the last
+/// one's outputs again: x.gz.gz), or an already compressed file (unless `--force`). Asked
+/// before the input is opened, and by a cluster coordinator before it publishes the job.
+pub(crate) fn skipped_by_name(
+    rel: &Path,
+    suffix: &str,
+    mirrored: bool,
+    force: bool,
+) -> Option<FileError> {
+    let file_name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
+    let compressed = compressed_suffix(file_name)?;
+    if !mirrored && file_name.ends_with(suffix.as_bytes()) {
+        return Some(FileError::new(
+            Kind::AlreadyCompressed,
+            format!("already has the {suffix} suffix"),
+        ));
+    }
+    (!force).then(|| {
+        FileError::new(
+            Kind::AlreadyCompressed,
+            format!("already compressed ({compressed}); --force compresses it anyway"),
+        )
+    })
+}
+
 /// The compressed-format suffix `name` ends with, if any (case-insensitive).
 pub(crate) fn compressed_suffix(name: &[u8]) -> Option<&'static str> {
     COMPRESSED_SUFFIXES.into_iter().find(|s| {
@@ -517,7 +544,7 @@ impl<C: Codec> CompressOp<C> {
             }
             Ok(out) => {
                 let dated = output::dated_as(
-                    Stamp::from_stat(&out).mtime_ns,
+                    output::times_of(&out),
                     Stamp::from_stat(&input.stat).mtime_ns,
                 );
                 if out.st_size > 0 && dated && self.codec.owns(dir, name, &input.stat)? {
@@ -867,26 +894,20 @@ impl<C: Codec> Op for CompressOp<C> {
         }
     }
 
+    fn skipped_by_name(&self, job: &Job) -> Option<FileError> {
+        skipped_by_name(&job.rel, Self::suffix(), self.mirrored, self.force)
+    }
+
     fn check(
         &self,
         job: &Job,
         input: &InputFile,
         scratch: &mut Self::Scratch,
     ) -> Result<Option<FileError>, FileError> {
-        let file_name = job.rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
-        if let Some(suffix) = compressed_suffix(file_name) {
-            if self.own_output_name(job) {
-                return Ok(Some(FileError::new(
-                    Kind::AlreadyCompressed,
-                    format!("already has the {} suffix", Self::suffix()),
-                )));
-            }
-            if !self.force {
-                return Ok(Some(FileError::new(
-                    Kind::AlreadyCompressed,
-                    format!("already compressed ({suffix}); --force compresses it anyway"),
-                )));
-            }
+        // Also asked before the open (`Op::skipped_by_name`); asked again for a caller that
+        // did not.
+        if let Some(reason) = self.skipped_by_name(job) {
+            return Ok(Some(reason));
         }
         let name = Self::out_name(job)?;
         let dir = self.out_dir(job, scratch)?;
@@ -970,7 +991,7 @@ impl<C: Codec> Op for CompressOp<C> {
         }
         let (to, moved) = aside.find_moved(&job.rel, |st| {
             let moved = Stamp::from_stat(st);
-            output::dated_as(Stamp::from_stat(&out).mtime_ns, moved.mtime_ns)
+            output::dated_as(output::times_of(&out), moved.mtime_ns)
                 && moved.ctime_ns >= stored_ns
                 && job
                     .expect

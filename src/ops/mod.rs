@@ -52,6 +52,13 @@ pub(crate) trait Op: Sync {
     /// Fresh per-worker state.
     fn scratch(&self) -> Self::Scratch;
 
+    /// Why this file is skipped by its name alone (a compressor's own output, an already
+    /// compressed file), before it is even opened: no open, stat and close for each of the
+    /// outputs a rerun finds next to their inputs. `None` (the default): opened and `check`ed.
+    fn skipped_by_name(&self, _job: &Job) -> Option<FileError> {
+        None
+    }
+
     /// Decides, before reading, whether this file is skipped (`Ok(Some(reason))`), fails, or
     /// is processed (`Ok(None)`). Called with the input already opened and stat'ed.
     fn check(

@@ -139,8 +139,17 @@ pub(crate) fn prepare<O: Op>(
     scratch: &mut O::Scratch,
 ) -> Result<Ready<O::Pending>, Outcome> {
     let failed = |job: Job, error| not_done(job.rel, error);
+    if let Some(reason) = op.skipped_by_name(&job) {
+        return Err(Outcome::Skipped {
+            rel: job.rel,
+            reason,
+        });
+    }
     let mut job = job;
-    let opened = InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks);
+    // A cluster job's path was walked by its coordinator, not here: what it names now is
+    // reached before it is opened (`InputFile::open_beneath`).
+    let opened =
+        InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks, cfg.confined);
     // Gone, its job delivered before: that delivery may have finished it and disposed of it.
     if job.redelivered.is_some()
         && matches!(&opened, Err(OpenError::Failed(e)) if e.kind == Kind::Vanished)

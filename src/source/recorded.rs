@@ -155,5 +155,5 @@ fn output_dated(cfg: &Config, rel: &Path, mtime_ns: i64) -> bool {
     };
     rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
         && st.st_size > 0
-        && crate::fsio::output::dated_as(Stamp::from_stat(&st).mtime_ns, mtime_ns)
+        && crate::fsio::output::dated_as(crate::fsio::output::times_of(&st), mtime_ns)
 }
