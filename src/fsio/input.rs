@@ -88,7 +88,9 @@ impl InputFile {
             (None, None, Some(root)) => root.reach_by_path(abs, &refused),
             (None, None, None) => rfs::open(abs, flags, Mode::empty()),
         };
-        let first = root.filter(|_| follow_symlinks || unvouched);
+        // Without /proc (a chroot) nothing can be reopened: opened directly, as a walked file
+        // is (a link followed by path is then refused: `holds` cannot tell where it leads).
+        let first = root.filter(|_| (follow_symlinks || unvouched) && proc_fds());
         let open = |flags: OFlags| match first {
             Some(root) => {
                 let place = reach(OFlags::PATH | OFlags::CLOEXEC | (flags & OFlags::NOFOLLOW))?;
@@ -231,6 +233,12 @@ pub(crate) struct Root {
 }
 
 /// Where the kernel says the file open at `fd` is.
+/// Whether `/proc/self/fd` is there to reopen a descriptor through (`Root::reopen_regular`).
+fn proc_fds() -> bool {
+    static THERE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *THERE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
+}
+
 fn real_path(fd: &OwnedFd) -> Option<PathBuf> {
     use std::os::fd::AsRawFd;
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
