@@ -1875,13 +1875,7 @@ fn a_job_delivered_again_over_outputs_holding_its_inputs_counts_them_done() {
     let Some(nats) = Nats::start() else { return };
     let t = tree(20, 0);
     // The earlier delivery's outputs: a local batch makes the very same.
-    run(filepipe(&[
-        s("batch"),
-        t.root().as_os_str(),
-        s("--op"),
-        s("gzip"),
-    ]))
-    .success();
+    gzip_here(&t.root());
     let inodes = |t: &TestTree| -> Vec<u64> {
         let mut v: Vec<u64> = walkdir::WalkDir::new(t.root())
             .into_iter()
@@ -1994,13 +1988,7 @@ fn a_followed_link_to_where_proc_cannot_name_is_not_taken_for_inside_the_root() 
 fn a_coordinator_skips_outputs_by_name_without_sending_them() {
     let Some(nats) = Nats::start() else { return };
     let t = tree(30, 0);
-    run(filepipe(&[
-        s("batch"),
-        t.root().as_os_str(),
-        s("--op"),
-        s("gzip"),
-    ]))
-    .success();
+    gzip_here(&t.root());
     let root = format!("tree={}", t.root().display());
     let w = Worker::start(&nats, t.dir.path(), &[root], "2");
     let out = coordinate(

@@ -41,6 +41,20 @@ fn assert_all_done(run: &Run, n: u64) {
     );
 }
 
+/// A worker of `t`'s tree (as root `tree`) with `--jobs JOBS`, allowed to move inputs, with the
+/// move root `NAME=DIR` (`moves`).
+fn mover(nats: &Nats, t: &TestTree, moves: (&str, &Path), jobs: &str) -> Worker {
+    let roots = [format!("tree={}", t.root().display())];
+    let move_root = format!("{}={}", moves.0, moves.1.display());
+    Worker::start_with(
+        nats,
+        t.dir.path(),
+        &roots,
+        jobs,
+        &["--move-root", &move_root, "--allow-remove-source"],
+    )
+}
+
 /// A copy of `t`'s tree beside it, to compare moved inputs and outputs with.
 fn copy_of(t: &TestTree) -> PathBuf {
     let copy = t.side("copy");
@@ -326,15 +340,7 @@ fn a_hostile_job_message_naming_a_path_as_its_move_root_is_refused() {
     let t = tree(3, 0);
     let done = t.side("done");
     fs::create_dir(&done).unwrap();
-    let roots = [format!("tree={}", t.root().display())];
-    let move_root = format!("done={}", done.display());
-    let worker = Worker::start_with(
-        &nats,
-        t.dir.path(),
-        &roots,
-        "1",
-        &["--move-root", &move_root, "--allow-remove-source"],
-    );
+    let worker = mover(&nats, &t, ("done", &done), "1");
     let before = files_under(&t.root());
     for (i, name) in ["..", "/tmp", "done/..", "../done"].iter().enumerate() {
         let msg = format!(
@@ -521,15 +527,7 @@ fn a_job_delivered_again_after_its_inputs_were_moved_counts_them_done() {
     ]));
     local.success();
     assert_eq!(files_under(&done), files_under(&copy));
-    let roots = [format!("tree={}", t.root().display())];
-    let move_root = format!("done={}", done.display());
-    let _w = Worker::start_with(
-        &nats,
-        t.dir.path(),
-        &roots,
-        "2",
-        &["--move-root", &move_root, "--allow-remove-source"],
-    );
+    let _w = mover(&nats, &t, ("done", &done), "2");
     let out = started.finish(Duration::from_secs(60));
     let sum = out.code(0).summary();
     assert_eq!(sum["done"], 20, "{sum}\n{}", out.stderr());
@@ -559,15 +557,7 @@ fn a_resumed_move_failed_batch_counts_each_input_moved_aside_once() {
     }
     let failed = t.side("failed");
     fs::create_dir(&failed).unwrap();
-    let roots = [format!("tree={}", t.root().display())];
-    let move_root = format!("failed={}", failed.display());
-    let worker = Worker::start_with(
-        &nats,
-        t.dir.path(),
-        &roots,
-        "1",
-        &["--move-root", &move_root, "--allow-remove-source"],
-    );
+    let worker = mover(&nats, &t, ("failed", &failed), "1");
     let args = [
         "--op",
         "gzip",

@@ -215,3 +215,14 @@ pub fn signal_pid(pid: u32, sig: rustix::process::Signal) {
     let pid = rustix::process::Pid::from_raw(pid as i32).unwrap();
     rustix::process::kill_process(pid, sig).unwrap();
 }
+
+/// `filepipe batch ROOT --op gzip`, locally: the outputs an earlier delivery (or run) made.
+pub fn gzip_here(root: &Path) {
+    run(filepipe(&[
+        s("batch"),
+        root.as_os_str(),
+        s("--op"),
+        s("gzip"),
+    ]))
+    .success();
+}
