@@ -541,6 +541,37 @@ fn remove_source_deletes_verified_inputs_but_keeps_hard_linked_ones() {
     assert_eq!(kept[0]["status"], "kept");
 }
 
+/// A user's `x.gz` that bears its input's very mtime (the kernel's clock ticks every few
+/// milliseconds: written together, both get the same nanoseconds; here set with `touch -r`)
+/// is not taken for filepipe's up-to-date output unless it holds that input: its gzip header
+/// must carry the input's mtime and its trailer the input's length, as `gzip -k` also writes.
+/// It was taken on its date alone: the input never compressed, then overwritten by the next
+/// change (found by review).
+#[test]
+fn an_archive_dated_as_its_input_is_not_taken_for_its_output_unless_it_holds_it() {
+    let t = TestTree::new()
+        .file("mine.txt", b"the input\n")
+        .file("kept.txt", b"compressed by gzip -k\n");
+    let theirs = tool(
+        "sh",
+        &[
+            s("-c"),
+            s("echo 'a user archive, not of mine.txt' | gzip > mine.txt.gz && touch -r mine.txt mine.txt.gz && gzip -k kept.txt"),
+        ],
+        &t.root(),
+    );
+    assert!(theirs.status.success(), "{theirs:?}");
+    let archive = fs::read(t.path("mine.txt.gz")).unwrap();
+    let r = batch(&t, &[s("--op"), s("gzip"), s("--json")]);
+    let sum = r.code(1).summary();
+    assert_eq!(sum["failed_by_reason"]["output-exists"], 1, "{sum}");
+    assert_eq!(
+        sum["skipped_by_reason"]["up-to-date"], 1,
+        "gzip -k's output: {sum}"
+    );
+    assert_eq!(fs::read(t.path("mine.txt.gz")).unwrap(), archive);
+}
+
 /// With `--follow-symlinks`, a file reached through a link is compressed under the link's
 /// name, and the link is kept, said to be one: neither it nor its target is the link's input
 /// to remove (it was said to have "changed after it was compressed").

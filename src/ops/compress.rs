@@ -1534,10 +1534,14 @@ mod tests {
         for result in first.publish() {
             result.unwrap();
         }
-        // One output was since damaged, though it keeps its date.
+        // One output was since damaged in its body, though it keeps its date, header and
+        // trailer.
         let damaged = first.tmp.path().join("out/x/b.log.gz");
         let mtime = std::fs::metadata(&damaged).unwrap().modified().unwrap();
-        std::fs::write(&damaged, b"\x1f\x8bnot gzip at all").unwrap();
+        let mut bytes = std::fs::read(&damaged).unwrap();
+        let end = bytes.len() - 8;
+        bytes[end - 16..end].fill(0xff);
+        std::fs::write(&damaged, &bytes).unwrap();
         File::options()
             .write(true)
             .open(&damaged)
@@ -1628,15 +1632,16 @@ mod tests {
         assert_eq!(crc32fast::hash(&forged), crc32fast::hash(&input));
         assert_eq!(forged.len(), input.len());
         let plant = |rel: &str, content: &[u8], mode: u32| {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            let input = std::fs::metadata(g.tmp.path().join("in").join(rel)).unwrap();
+            // Headed with the input's mtime, as filepipe's own output is.
+            let mut e = flate2::GzBuilder::new()
+                .mtime(input.mtime() as u32)
+                .write(Vec::new(), flate2::Compression::new(6));
             std::io::Write::write_all(&mut e, content).unwrap();
             let out = g.tmp.path().join("out").join(format!("{rel}.gz"));
             std::fs::write(&out, e.finish().unwrap()).unwrap();
             std::fs::set_permissions(&out, std::fs::Permissions::from_mode(mode)).unwrap();
-            let mtime = std::fs::metadata(g.tmp.path().join("in").join(rel))
-                .unwrap()
-                .modified()
-                .unwrap();
+            let mtime = input.modified().unwrap();
             File::options()
                 .write(true)
                 .open(&out)

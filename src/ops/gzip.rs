@@ -5,16 +5,18 @@
 //! An existing `.gz` dated as its input (to the nanosecond, which filepipe gives each output)
 //! counts as filepipe's: the date is the mark, as it always was (see `Codec::owns`).
 
+use std::ffi::OsStr;
 use std::io::{self, BufRead, Read};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 
 use flate2::read::MultiGzDecoder;
 
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::FileError;
-use crate::fsio::output::WriteBehind;
-use crate::ops::compress::{Codec, Totals};
+use crate::fsio::output::{Dir, WriteBehind};
+use crate::ops::compress::{open_output, Codec, Totals};
 use crate::ops::gzstream::{self, BlockPool, Header};
 use crate::travel::Job;
 
@@ -78,5 +80,34 @@ impl Codec for Gzip {
 
     fn decoder<'r, R: BufRead + 'r>(&self, compressed: R) -> io::Result<Box<dyn Read + 'r>> {
         Ok(Box::new(MultiGzDecoder::new(compressed)))
+    }
+
+    /// Ours if, dated as the input (checked before), its gzip header carries the input's mtime
+    /// and its trailer the input's length (modulo 2^32), as filepipe writes them. The date
+    /// alone is not enough: the kernel dates files from a clock that ticks every few
+    /// milliseconds, so a user's `x.gz` written just before or after `x` can bear the very same
+    /// nanoseconds (found by a review: 19 of 20 such archives taken for up-to-date outputs,
+    /// then overwritten once their inputs changed). `gzip -k` of the same input passes, and
+    /// is that input's output as much as filepipe's would be.
+    fn owns(&self, dir: &Dir, name: &OsStr, input: &rustix::fs::Stat) -> Result<bool, FileError> {
+        let file = open_output(dir, name)?;
+        let len = file
+            .metadata()
+            .map_err(|e| FileError::io("stat of the existing output", &e))?
+            .len();
+        // Header (10 bytes) and trailer (8) at the least.
+        if len < 18 {
+            return Ok(false);
+        }
+        let mut head = [0u8; 8];
+        let mut tail = [0u8; 4];
+        for (buf, at) in [(&mut head[..], 0), (&mut tail[..], len - 4)] {
+            file.read_exact_at(buf, at)
+                .map_err(|e| FileError::io("reading the existing output", &e))?;
+        }
+        let mtime = u32::try_from(input.st_mtime).unwrap_or(0);
+        Ok(head[..3] == [0x1f, 0x8b, 8]
+            && head[4..8] == mtime.to_le_bytes()
+            && tail == (input.st_size as u64 as u32).to_le_bytes())
     }
 }
