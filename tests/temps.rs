@@ -132,3 +132,72 @@ fn a_failed_link_fails_its_file_and_later_temps_are_still_marked_before_named() 
     let left = temps_under(t.dir.path());
     assert!(left.is_empty(), "temps left: {left:?}");
 }
+
+/// A file system that refuses `RENAME_NOREPLACE` (exfat-fuse, fusefat: `EINVAL`, injected here
+/// with strace) still gets its outputs, never over another file: by a hard link and the temp
+/// name's unlink, or, where hard links are refused too (FAT), by a plain rename once the name
+/// is found free, said in the log. Every file failed `io: Invalid argument` there (found by
+/// review).
+#[test]
+fn outputs_are_published_where_rename_cannot_refuse_to_replace() {
+    if !have_strace() {
+        eprintln!("SKIPPED: no strace to refuse the flag");
+        return;
+    }
+    for no_links in [false, true] {
+        let t = TestTree::new()
+            .file("a.txt", b"published all the same\n")
+            .file("b.txt", b"its name is taken\n")
+            .file("b.txt.gz", b"another's file\n");
+        let mut cmd = Command::new("strace");
+        cmd.args([
+            "-f",
+            "-o",
+            "/dev/null",
+            "-e",
+            "inject=renameat2:error=EINVAL",
+        ]);
+        if no_links {
+            cmd.args(["-e", "inject=linkat:error=EPERM"]);
+        }
+        cmd.arg(bin())
+            .args([
+                s("batch"),
+                t.root().as_os_str(),
+                s("--op"),
+                s("gzip"),
+                s("--json"),
+            ])
+            .env("FILEPIPE_TEMPS", "named")
+            .env_remove("RUST_LOG");
+        let r = run(cmd);
+        let sum = r.code(1).summary();
+        assert_eq!(
+            (
+                sum["done"].as_u64(),
+                sum["failed_by_reason"]["output-exists"].as_u64()
+            ),
+            (Some(1), Some(1)),
+            "no_links {no_links}: {sum}\n{}",
+            r.stderr()
+        );
+        let back = tool("gzip", &[s("-dc"), s("a.txt.gz")], &t.root());
+        assert_eq!(back.stdout, b"published all the same\n");
+        assert_eq!(
+            std::fs::read(t.path("b.txt.gz")).unwrap(),
+            b"another's file\n"
+        );
+        assert!(
+            temps_under(&t.root()).is_empty(),
+            "{:?}",
+            temps_under(&t.root())
+        );
+        assert_eq!(
+            r.stderr()
+                .contains("can neither rename without replacing nor hard-link"),
+            no_links,
+            "{}",
+            r.stderr()
+        );
+    }
+}

@@ -808,6 +808,14 @@ impl SyncedTemp {
                 match rfs::renameat_with(&temp.dir.fd, name, &temp.dir.fd, final_name, flags) {
                     Ok(()) => {}
                     Err(e @ Errno::EXIST) => return Err(exists(e)),
+                    // A file system that cannot rename without replacing (FUSE ones such as
+                    // exfat-fuse and fusefat refuse the flag).
+                    Err(Errno::INVAL) if !replace => {
+                        no_clobber_elsewise(&temp.dir, name, final_name).map_err(|e| match e {
+                            Errno::EXIST => exists(e),
+                            e => FileError::errno(&ctx("publishing"), e),
+                        })?
+                    }
                     Err(e) => return Err(FileError::errno(&ctx("publishing"), e)),
                 }
                 if temp.marked {
@@ -824,6 +832,35 @@ impl SyncedTemp {
             name: final_name.to_os_string(),
             file: temp.file.take().expect("open until renamed"),
         })
+    }
+}
+
+/// Gives the named temp `name` in `dir` the name `final_name` without replacing a file there,
+/// on a file system that refuses `RENAME_NOREPLACE`: a hard link, which never replaces, then
+/// the temp name's unlink; where there are no hard links either (FAT), a look that finds the
+/// name free and then a plain rename, which replaces a file only if one appears between the
+/// two calls (said once in the log).
+fn no_clobber_elsewise(dir: &Dir, name: &OsStr, final_name: &OsStr) -> Result<(), Errno> {
+    match rfs::linkat(&dir.fd, name, &dir.fd, final_name, AtFlags::empty()) {
+        Ok(()) => {
+            // The output is published under both names; the temp name goes (a failure leaves
+            // a second name of the output, which a later sweep never removes: its mark is
+            // taken off the output once published).
+            let _ = rfs::unlinkat(&dir.fd, name, AtFlags::empty());
+            Ok(())
+        }
+        Err(Errno::EXIST) => Err(Errno::EXIST),
+        Err(_) => {
+            static SAID: AtomicBool = AtomicBool::new(false);
+            if !SAID.swap(true, Ordering::Relaxed) {
+                tracing::warn!(dir = %dir.path.display(), "this file system can neither rename without replacing nor hard-link: an output is renamed into place once its name is found free, and a file made there between the two would be replaced");
+            }
+            match rfs::statat(&dir.fd, final_name, AtFlags::SYMLINK_NOFOLLOW) {
+                Err(Errno::NOENT) => rfs::renameat(&dir.fd, name, &dir.fd, final_name),
+                Ok(_) => Err(Errno::EXIST),
+                Err(e) => Err(e),
+            }
+        }
     }
 }
 
