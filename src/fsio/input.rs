@@ -72,8 +72,8 @@ impl InputFile {
         // Links followed beneath a root: resolved by the kernel, which refuses any step out of
         // it (`RESOLVE_BENEATH`: an absolute link, or `..` above the root, fails with EXDEV).
         // Such a link, which may still lead back inside (an absolute path into the tree), and
-        // any link where `openat2` is not to be had, are followed by full path, and what it
-        // leads to is judged before it is opened (`Root::judged_open`).
+        // any link where `openat2` is not to be had, are followed by full path, and where it
+        // leads is judged before anything is opened (`Root::reach_by_path`).
         let confined = root.filter(|r| follow_symlinks && r.openat2);
         let judge = root.filter(|_| follow_symlinks);
         let refused = std::cell::Cell::new(None);
@@ -232,13 +232,13 @@ pub(crate) struct Root {
     real: Option<PathBuf>,
 }
 
-/// Where the kernel says the file open at `fd` is.
 /// Whether `/proc/self/fd` is there to reopen a descriptor through (`Root::reopen_regular`).
 fn proc_fds() -> bool {
     static THERE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *THERE.get_or_init(|| Path::new("/proc/self/fd").is_dir())
 }
 
+/// Where the kernel says the file open at `fd` is.
 fn real_path(fd: &OwnedFd) -> Option<PathBuf> {
     use std::os::fd::AsRawFd;
     std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()
