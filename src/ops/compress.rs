@@ -74,11 +74,17 @@ pub(crate) trait Codec: Sync + Sized + std::fmt::Debug {
     /// means the output is not a valid file of the format.
     fn decoder<'r, R: BufRead + 'r>(&self, compressed: R) -> io::Result<Box<dyn Read + 'r>>;
 
-    /// Whether `name` in `dir`, a regular file dated as the input (of stat `input`), is
-    /// filepipe's output of the input as it is now. The default trusts the date (gzip:
-    /// filepipe gives each output its input's mtime, to the nanosecond); a codec that stamps
-    /// its outputs checks the stamp.
-    fn owns(&self, _dir: &Dir, _name: &OsStr, _input: &rfs::Stat) -> Result<bool, FileError> {
+    /// Whether `name` in `dir`, a regular file dated as the input (of stat `input`; `len`
+    /// bytes long, as the caller's stat of it found), is filepipe's output of the input as it
+    /// is now. The default trusts the date; a codec reads what it wrote into its outputs
+    /// (gzip: the header's mtime and the trailer's length; zstd: its stamp).
+    fn owns(
+        &self,
+        _dir: &Dir,
+        _name: &OsStr,
+        _len: u64,
+        _input: &rfs::Stat,
+    ) -> Result<bool, FileError> {
         Ok(true)
     }
 }
@@ -547,7 +553,12 @@ impl<C: Codec> CompressOp<C> {
                     output::times_of(&out),
                     Stamp::from_stat(&input.stat).mtime_ns,
                 );
-                if out.st_size > 0 && dated && self.codec.owns(dir, name, &input.stat)? {
+                if out.st_size > 0
+                    && dated
+                    && self
+                        .codec
+                        .owns(dir, name, out.st_size as u64, &input.stat)?
+                {
                     Ok(Existing::UpToDate(out.st_size as u64, FileId::of(&out)))
                 } else {
                     Ok(Existing::Stale(FileId::of(&out)))
@@ -997,7 +1008,11 @@ impl<C: Codec> Op for CompressOp<C> {
                     .expect
                     .is_none_or(|e| e.size == moved.size && e.mtime_ns == moved.mtime_ns)
         })?;
-        if !self.codec.owns(&dir, &name, &moved).is_ok_and(|owns| owns) {
+        if !self
+            .codec
+            .owns(&dir, &name, out.st_size as u64, &moved)
+            .is_ok_and(|owns| owns)
+        {
             return None;
         }
         tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved by an earlier delivery of its job, which made its output");

@@ -316,7 +316,13 @@ impl Codec for Zstd {
     }
 
     /// Ours if it starts with the stamp of this input as it is now (its size and mtime).
-    fn owns(&self, dir: &Dir, name: &OsStr, input: &rustix::fs::Stat) -> Result<bool, FileError> {
+    fn owns(
+        &self,
+        dir: &Dir,
+        name: &OsStr,
+        _len: u64,
+        input: &rustix::fs::Stat,
+    ) -> Result<bool, FileError> {
         let file = open_output(dir, name)?;
         let mut head = [0u8; STAMP_LEN];
         let mut got = 0;
