@@ -1201,16 +1201,9 @@ fn killed_at_first_rename(args: &[&OsStr], named: bool) -> Option<Run> {
     if Command::new("strace").arg("-V").output().is_err() {
         return None;
     }
-    let mut cmd = Command::new("strace");
-    cmd.args([
-        "-f",
-        "-o",
-        "/dev/null",
-        "-e",
-        "inject=renameat,renameat2:signal=SIGKILL:when=1",
-    ])
-    .arg(bin())
-    .args(args);
+    let mut cmd =
+        common::strace::filepipe_injected(&["inject=renameat,renameat2:signal=SIGKILL:when=1"]);
+    cmd.args(args);
     if named {
         cmd.env("FILEPIPE_TEMPS", "named");
     }

@@ -100,13 +100,9 @@ fn killed_at(calls: &str, when: u32, args: &[&OsStr]) -> Option<Run> {
     if Command::new("strace").arg("-V").output().is_err() {
         return None;
     }
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-o", "/dev/null", "-e"])
-        .arg(format!("inject={calls}:signal=SIGKILL:when={when}"))
-        .arg(bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env("FILEPIPE_TEMPS", "named");
+    let mut cmd =
+        common::strace::filepipe_injected(&[format!("inject={calls}:signal=SIGKILL:when={when}")]);
+    cmd.args(args).env("FILEPIPE_TEMPS", "named");
     Some(run(cmd))
 }
 
@@ -244,19 +240,10 @@ fn where_rename_noreplace_is_refused_the_move_is_a_link_then_an_unlink() {
     let root = t.root();
     // As on a file system without RENAME_NOREPLACE (EINVAL): the output's rename (named
     // temps) goes through, the move's is refused.
-    let mut cmd = Command::new("strace");
-    cmd.args([
-        "-f",
-        "-o",
-        "/dev/null",
-        "-e",
-        "inject=renameat2:error=EINVAL:when=2",
-    ])
-    .arg(bin())
-    .args([s("batch"), p(&root), s("--op"), s("gzip"), s("--json")])
-    .args([s("--move-source"), p(&done)])
-    .env_remove("RUST_LOG")
-    .env("FILEPIPE_TEMPS", "named");
+    let mut cmd = common::strace::filepipe_injected(&["inject=renameat2:error=EINVAL:when=2"]);
+    cmd.args([s("batch"), p(&root), s("--op"), s("gzip"), s("--json")])
+        .args([s("--move-source"), p(&done)])
+        .env("FILEPIPE_TEMPS", "named");
     let sum = run(cmd).code(0).summary();
     assert_eq!(sum["done"], 1, "{sum}");
     assert_eq!(sum["warnings"], 0, "{sum}");
@@ -1075,13 +1062,9 @@ fn a_copy_killed_before_it_is_named_leaves_no_temp_after_the_rerun() {
         p(&done),
     ];
     // renameat2 #1: the output's publish; #2: the move, EXDEV; #3: the copy's name.
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-o", "/dev/null", "-e"])
-        .arg("inject=renameat,renameat2:signal=SIGKILL:when=3")
-        .arg(bin())
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env("FILEPIPE_TEMPS", "named");
+    let mut cmd =
+        common::strace::filepipe_injected(&["inject=renameat,renameat2:signal=SIGKILL:when=3"]);
+    cmd.args(args).env("FILEPIPE_TEMPS", "named");
     run(cmd).signal(9);
     assert!(t.path("a.bin").exists());
     let sum = run(filepipe(&[&args[..], &[s("--json")]].concat()))

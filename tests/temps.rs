@@ -149,27 +149,19 @@ fn outputs_are_published_where_rename_cannot_refuse_to_replace() {
             .file("a.txt", b"published all the same\n")
             .file("b.txt", b"its name is taken\n")
             .file("b.txt.gz", b"another's file\n");
-        let mut cmd = Command::new("strace");
-        cmd.args([
-            "-f",
-            "-o",
-            "/dev/null",
-            "-e",
-            "inject=renameat2:error=EINVAL",
-        ]);
+        let mut injects = vec!["inject=renameat2:error=EINVAL"];
         if no_links {
-            cmd.args(["-e", "inject=linkat:error=EPERM"]);
+            injects.push("inject=linkat:error=EPERM");
         }
-        cmd.arg(bin())
-            .args([
-                s("batch"),
-                t.root().as_os_str(),
-                s("--op"),
-                s("gzip"),
-                s("--json"),
-            ])
-            .env("FILEPIPE_TEMPS", "named")
-            .env_remove("RUST_LOG");
+        let mut cmd = common::strace::filepipe_injected(&injects);
+        cmd.args([
+            s("batch"),
+            t.root().as_os_str(),
+            s("--op"),
+            s("gzip"),
+            s("--json"),
+        ])
+        .env("FILEPIPE_TEMPS", "named");
         let r = run(cmd);
         let sum = r.code(1).summary();
         assert_eq!(

@@ -499,3 +499,15 @@ pub fn traced_opens(cmd: &Command) -> (Run, Vec<Call>) {
     let text = fs::read_to_string(log.path()).unwrap();
     (out, parse_strace(&text))
 }
+
+/// `strace -f -o /dev/null -e INJECT.. filepipe`, `RUST_LOG` cleared: the real binary with
+/// faults injected at the calls each `inject=` spec names (its arguments to be added).
+pub fn filepipe_injected<S: AsRef<OsStr>>(injects: &[S]) -> Command {
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-o", "/dev/null"]);
+    for inject in injects {
+        cmd.arg("-e").arg(inject);
+    }
+    cmd.arg(bin()).env_remove("RUST_LOG");
+    cmd
+}
