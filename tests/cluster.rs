@@ -584,12 +584,19 @@ fn an_interrupted_coordinator_cancels_its_jobs_and_accounts_for_every_file() {
     );
 }
 
+/// The worker that maps the run's root maps a second, idle one too: it waits for jobs on
+/// both at once (`Router::fetch`), and a job the server sends to a request left waiting must
+/// be taken from it (one nobody read would be delivered again only after the ack wait:
+/// `redelivered` would say so, and the run would take 30 s).
 #[test]
 fn a_worker_is_given_only_jobs_for_the_roots_it_maps() {
     let Some(nats) = Nats::start() else { return };
     let t = tree(200, 0);
     let elsewhere = t.side("elsewhere");
     fs::create_dir(&elsewhere).unwrap();
+    let idle = t.side("idle");
+    fs::create_dir(&idle).unwrap();
+    fs::write(idle.join("late.txt"), b"a job for the second root\n").unwrap();
     let other = Worker::start(
         &nats,
         t.dir.path(),
@@ -599,7 +606,10 @@ fn a_worker_is_given_only_jobs_for_the_roots_it_maps() {
     let mapping = Worker::start(
         &nats,
         t.dir.path(),
-        &[format!("tree={}", t.root().display())],
+        &[
+            format!("tree={}", t.root().display()),
+            format!("idle={}", idle.display()),
+        ],
         "1",
     );
     let sum = coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"])
@@ -612,6 +622,11 @@ fn a_worker_is_given_only_jobs_for_the_roots_it_maps() {
         mapping.log()
     );
     assert!(!other.log().contains("pipeline started"), "{}", other.log());
+    // And then the other root's, while a request may still wait on the first.
+    let sum = coordinate(&nats, &idle, &["--op", "gzip", "--root-name", "idle"])
+        .code(0)
+        .summary();
+    assert_eq!(sum["done"], 1, "{sum}");
     let st = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
     assert!(st.stdout().contains("redelivered\t0"), "{}", st.stdout());
 }
