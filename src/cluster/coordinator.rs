@@ -792,7 +792,9 @@ fn gather(
                     if outstanding > 0 {
                         lost.tend(conn, outcomes, (head, ledger, events), &stop);
                     }
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Woken at the end of the gathering: a run must not end up to a tenth
+                    // of a second after its last outcome (every short run's end did).
+                    std::thread::park_timeout(Duration::from_millis(100));
                 }
             });
         if let Err(e) = &looker {
@@ -802,6 +804,9 @@ fn gather(
             conn, outcomes, workers, head, ledger, events, shutdown, watched,
         );
         over.store(true, Ordering::Release);
+        if let Ok(looker) = &looker {
+            looker.thread().unpark();
+        }
         gathered
     })
 }
