@@ -75,27 +75,48 @@ cpus() {
 }
 stop_workers() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait "${pids[@]}" 2>/dev/null || true; pids=(); }
 
-echo "== overhead: one coordinator + one worker vs a local batch (machine: $(nproc) cores)"
+# Every comparison runs in rounds: one run of each command a round (hyperfine -r 1), their
+# order swapped every other round. This VM's speed drifts by a third over minutes (a local
+# batch's system time went from 0.3 s to 1.3 s in ten minutes, nothing else running): a block
+# of runs of one command, then a block of the other, measured that drift as much as the
+# difference between them. Each round's JSON is kept in $WORK/<name>-<round>-<command>.json.
+once() { # once JSON-FILE NAME COMMAND
+    hyperfine -N -r 1 -w 0 --style none --export-json "$1" -n "$2" "$3" >/dev/null
+}
+# The machine's busy and idle CPU seconds so far (all cores; idle counts iowait too).
+machine() { awk -v tck="$(getconf CLK_TCK)" '/^cpu /{ printf "%.2f %.2f", ($2+$3+$4+$7+$8+$9) / tck, ($5+$6) / tck }' /proc/stat; }
+
+echo "== overhead: one coordinator + one worker vs a local batch (machine: $(nproc) cores, $RUNS rounds)"
 worker "$WORK/w-overhead.log"
-hyperfine -N -w 1 -r "$RUNS" --export-json "$WORK/overhead-gzip.json" \
-    -n "batch gzip" "$BIN batch $WORK/text --op gzip --force -q" \
-    -n "queue gzip" "$BIN batch $WORK/text --op gzip --force -q --queue $URL --root-name text"
-hyperfine -N -w 1 -r "$RUNS" --export-json "$WORK/overhead-sha256.json" \
-    -n "batch sha256" "$BIN batch $WORK/small --op sha256 -q --manifest $WORK/m1" \
-    -n "queue sha256" "$BIN batch $WORK/small --op sha256 -q --manifest $WORK/m2 --queue $URL --root-name small"
+BATCH_GZIP="$BIN batch $WORK/text --op gzip --force -q"
+QUEUE_GZIP="$BIN batch $WORK/text --op gzip --force -q --queue $URL --root-name text"
+BATCH_SHA="$BIN batch $WORK/small --op sha256 -q --manifest $WORK/m1"
+QUEUE_SHA="$BIN batch $WORK/small --op sha256 -q --manifest $WORK/m2 --queue $URL --root-name small"
+# Warm-up: the page cache, the outputs of --force in place, the worker's first pipeline.
+for c in "$BATCH_GZIP" "$QUEUE_GZIP" "$BATCH_SHA" "$QUEUE_SHA"; do $c; done
+for r in $(seq "$RUNS"); do
+    pairs=("batch-gzip|$BATCH_GZIP" "queue-gzip|$QUEUE_GZIP" "batch-sha256|$BATCH_SHA" "queue-sha256|$QUEUE_SHA")
+    ((r % 2)) || pairs=("${pairs[1]}" "${pairs[0]}" "${pairs[3]}" "${pairs[2]}")
+    for p in "${pairs[@]}"; do once "$WORK/overhead-$r-${p%%|*}.json" "${p%%|*}" "${p#*|}"; done
+done
 stop_workers
 
-echo "== scaling: workers pinned to one core each"
+echo "== scaling: one worker pinned to core 0, against it and a second pinned to core 1 ($RUNS rounds)"
 worker "$WORK/w-pin0.log" taskset -c 0
-before=$(cpus)
-hyperfine -N -w 1 -r "$RUNS" --export-json "$WORK/scaling-1.json" \
-    -n "1 worker, 1 core" "$BIN batch $WORK/text --op gzip --force -q --queue $URL --root-name text"
-echo "$before $(cpus)" >"$WORK/scaling-1.cpu"
-worker "$WORK/w-pin1.log" taskset -c 1
-before=$(cpus)
-hyperfine -N -w 1 -r "$RUNS" --export-json "$WORK/scaling-2.json" \
-    -n "2 workers, 1 core each" "$BIN batch $WORK/text --op gzip --force -q --queue $URL --root-name text"
-echo "$before $(cpus)" >"$WORK/scaling-2.cpu"
+$QUEUE_GZIP
+first=${pids[0]}
+for r in $(seq "$RUNS"); do
+    for n in $( ((r % 2)) && echo 1 2 || echo 2 1); do
+        if ((n == 2)); then worker "$WORK/w-pin1.log" taskset -c 1; fi
+        before="$(cpus) $(machine)"
+        once "$WORK/scaling-$r-$n.json" "$n" "$QUEUE_GZIP"
+        after=$(machine) # first: cpus runs python, which the machine's count must not include
+        echo "$before $(cpus) $after" >"$WORK/scaling-$r-$n.cpu"
+        if ((n == 2)); then
+            kill "${pids[1]}"; wait "${pids[1]}" 2>/dev/null || true; pids=("$first")
+        fi
+    done
+done
 stop_workers
 
 echo "== redelivery: a worker killed while it holds jobs"
@@ -117,32 +138,43 @@ finished=$(date +%s.%N)
 python3 -c "print(f'redelivery: {float($finished) - float($killed):.1f} s from the kill to the run done (ack wait 30 s)')"
 
 python3 - "$WORK" "$RUNS" <<'PY'
-import json, sys, os
-w = sys.argv[1]
-def med(f, name):
-    for r in json.load(open(os.path.join(w, f)))["results"]:
-        if r["command"] == name:
-            return r["median"], min(r["times"]), max(r["times"])
-for op, f in (("gzip", "overhead-gzip.json"), ("sha256", "overhead-sha256.json")):
-    b, q = med(f, f"batch {op}"), med(f, f"queue {op}")
-    print(f"overhead {op}: batch {b[0]:.3f} s ({b[1]:.3f}-{b[2]:.3f}), queue {q[0]:.3f} s "
-          f"({q[1]:.3f}-{q[2]:.3f}): the queue runs at {b[0] / q[0] * 100:.0f}% of batch's throughput")
-one, two = med("scaling-1.json", "1 worker, 1 core"), med("scaling-2.json", "2 workers, 1 core each")
-print(f"scaling: 1 worker {one[0]:.3f} s, 2 workers {two[0]:.3f} s: {one[0] / two[0]:.2f}x")
-# Where the ceiling is on this machine: every process shares its cores, so a run cannot take
-# less than all the CPU it uses (workers, nats-server, coordinator) over the cores there are.
-runs = int(sys.argv[2]) + 1  # hyperfine's warm-up run counts too
+import json, os, statistics, sys
+w, runs = sys.argv[1], int(sys.argv[2])
+def time(f):
+    return json.load(open(os.path.join(w, f)))["results"][0]
+def spread(xs):
+    return f"{statistics.median(xs):.3f} s ({min(xs):.3f}-{max(xs):.3f})"
+for op in ("gzip", "sha256"):
+    b = [time(f"overhead-{r}-batch-{op}.json")["mean"] for r in range(1, runs + 1)]
+    q = [time(f"overhead-{r}-queue-{op}.json")["mean"] for r in range(1, runs + 1)]
+    ratios = [x / y * 100 for x, y in zip(b, q)]
+    print(f"overhead {op}: batch {spread(b)}, queue {spread(q)}: the queue runs at "
+          f"{statistics.median(b) / statistics.median(q) * 100:.0f}% of batch's throughput "
+          f"(round by round {min(ratios):.0f}-{max(ratios):.0f}%, median {statistics.median(ratios):.0f}%)")
+one = [time(f"scaling-{r}-1.json")["mean"] for r in range(1, runs + 1)]
+two = [time(f"scaling-{r}-2.json")["mean"] for r in range(1, runs + 1)]
+ratios = [x / y for x, y in zip(one, two)]
+print(f"scaling: 1 worker {spread(one)}, 2 workers {spread(two)}: "
+      f"{statistics.median(one) / statistics.median(two):.2f}x "
+      f"(round by round {min(ratios):.2f}-{max(ratios):.2f}x, median {statistics.median(ratios):.2f}x)")
+# Where the ceiling is: every process shares the machine's cores, so a run cannot take less
+# than all the CPU the machine spends in it (workers, nats-server, coordinator, and the
+# kernel's write-back threads) over the cores there are. The machine's idle time during a
+# 2-worker run is what that run left unused.
 cores = len(os.sched_getaffinity(0))  # as nproc counts them
-for label, f, name in (("1 worker", "scaling-1", "1 worker, 1 core"),
-                       ("2 workers", "scaling-2", "2 workers, 1 core each")):
-    n0, w0, n1, w1 = map(float, open(os.path.join(w, f + ".cpu")).read().split())
-    r = [r for r in json.load(open(os.path.join(w, f + ".json")))["results"] if r["command"] == name][0]
-    coord = r["user"] + r["system"]
-    nats, workers = (n1 - n0) / runs, (w1 - w0) / runs
-    total = nats + workers + coord
-    print(f"  {label}: CPU per run: workers {workers:.3f} s, nats-server {nats:.3f} s, "
-          f"coordinator {coord:.3f} s; total {total:.3f} s, at best {total / cores:.3f} s "
+for n, label in ((1, "1 worker"), (2, "2 workers")):
+    rows = []
+    for r in range(1, runs + 1):
+        n0, w0, b0, i0, n1, w1, b1, i1 = map(float, open(os.path.join(w, f"scaling-{r}-{n}.cpu")).read().split())
+        t = time(f"scaling-{r}-{n}.json")
+        rows.append((w1 - w0, n1 - n0, t["user"] + t["system"], b1 - b0, i1 - i0))
+    med = [statistics.median(c) for c in zip(*rows)]
+    print(f"  {label}, medians per run: CPU of workers {med[0]:.3f} s, nats-server {med[1]:.3f} s, "
+          f"coordinator {med[2]:.3f} s; the machine busy {med[3]:.2f} s, idle {med[4]:.2f} s "
           f"on {cores} cores")
-    if label == "2 workers":
-        print(f"  so at best {one[0] / (total / cores):.2f}x on this machine")
+    if n == 1:
+        busy_one = med[3]
+    else:
+        print(f"  so at best {statistics.median(one) / (busy_one / cores):.2f}x on this machine "
+              f"(a 1-worker run's busy CPU over {cores} cores)")
 PY
