@@ -26,7 +26,7 @@ use crate::config::Filter;
 use crate::digest::HashAlgo;
 use crate::error::Kind;
 use crate::exit;
-use crate::fsio::input::{InputFile, OpenError};
+use crate::fsio::input::{InputFile, NotRegular, OpenError, Root};
 use crate::fsio::output;
 use crate::manifest::{self, Entry};
 use crate::ops::hash::{hash_reader, Hasher, Tee, BUF_SIZE};
@@ -247,29 +247,43 @@ fn print_json(
 
 /// The manifest's algorithm: `--algo`, or told by its digests. 128 hex digits are SHA-512; 64
 /// are SHA-256 or BLAKE3, which `detect_256` tells apart.
-fn detect(opts: &Options, manifest: &Path, lines: &[Vec<u8>], root: &Path) -> HashAlgo {
+fn detect(
+    opts: &Options,
+    manifest: &Path,
+    lines: &[Vec<u8>],
+    root: &Under,
+    beneath: &Root,
+) -> HashAlgo {
     if let Some(algo) = opts.algo {
         return algo;
     }
     let len = lines.iter().find_map(|l| manifest::hex_len(l));
     match len {
         Some(128) => HashAlgo::Sha512,
-        Some(64) => detect_256(manifest, lines, root),
+        Some(64) => detect_256(manifest, lines, root, beneath),
         _ => HashAlgo::Sha256,
     }
 }
 
-/// SHA-256 or BLAKE3, for a manifest of 64-digit digests: BLAKE3 if its name says so (`B3SUMS`,
-/// `SUMS.blake3` as filepipe names a second manifest, `*.b3`), SHA-256 if its name says that;
-/// otherwise the algorithm whose digest matches the first of the listed files that can be
-/// read, and SHA-256 (what `sha256sum -c` would take it for) when neither matches any of the
-/// first `PROBES`. The guess costs one more read of a file or a few; `--algo` skips it.
-fn detect_256(manifest: &Path, lines: &[Vec<u8>], root: &Path) -> HashAlgo {
+/// SHA-256 or BLAKE3, for a manifest of 64-digit digests: first by the suffix filepipe gives
+/// a second manifest (`SUMS.sha256`, `SUMS.blake3`: `B3SUMS.sha256` is SHA-256, whatever the
+/// rest of its name says), then BLAKE3 if its name says so (`B3SUMS`, `*.b3`), SHA-256 if its
+/// name says that; otherwise the algorithm whose digest matches the first of the listed files
+/// that can be read, and SHA-256 (what `sha256sum -c` would take it for) when neither matches
+/// any of the first `PROBES`. The guess costs one more read of a file or a few; `--algo`
+/// skips it.
+fn detect_256(manifest: &Path, lines: &[Vec<u8>], root: &Under, beneath: &Root) -> HashAlgo {
     let name = manifest
         .file_name()
         .map(|n| n.to_string_lossy().to_ascii_lowercase())
         .unwrap_or_default();
-    if name.contains("blake3") || name.contains("b3sum") || name.ends_with(".b3") {
+    if name.ends_with(".sha256") {
+        return HashAlgo::Sha256;
+    }
+    if name.ends_with(".blake3") || name.ends_with(".b3") {
+        return HashAlgo::Blake3;
+    }
+    if name.contains("blake3") || name.contains("b3sum") {
         return HashAlgo::Blake3;
     }
     if name.contains("sha256") {
@@ -291,7 +305,7 @@ fn detect_256(manifest: &Path, lines: &[Vec<u8>], root: &Path) -> HashAlgo {
         let Some(rel) = relative_to(root, &sha.name) else {
             continue;
         };
-        let Ok(mut input) = InputFile::open(&root.join(rel), true) else {
+        let Ok(mut input) = open_listed(&root.real, beneath, &rel) else {
             continue;
         };
         let mut hashers = [Hasher::new(HashAlgo::Sha256), Hasher::new(HashAlgo::Blake3)];
@@ -310,12 +324,22 @@ fn detect_256(manifest: &Path, lines: &[Vec<u8>], root: &Path) -> HashAlgo {
     HashAlgo::Sha256
 }
 
-/// A manifest name as a path relative to `root`: `./` parts dropped, an absolute name under
-/// the root made relative. `None` for a name that cannot be under the root.
-fn relative_to(root: &Path, name: &[u8]) -> Option<PathBuf> {
+/// Where a manifest's names resolve: the root as the kernel names it (canonical: where its
+/// files are read) and as the user gave it, made absolute, which a manifest of absolute names
+/// may spell through a symlink (`/var/run` for `/run`).
+struct Under {
+    real: PathBuf,
+    given: PathBuf,
+}
+
+/// A manifest name as a path relative to the root: `./` parts dropped, an absolute name under
+/// the root (either spelling) made relative. `None` for a name that cannot be under the root.
+fn relative_to(root: &Under, name: &[u8]) -> Option<PathBuf> {
     let path = Path::new(OsStr::from_bytes(name));
     let path = if path.is_absolute() {
-        path.strip_prefix(root).ok()?
+        path.strip_prefix(&root.real)
+            .or_else(|_| path.strip_prefix(&root.given))
+            .ok()?
     } else {
         path
     };
@@ -324,7 +348,7 @@ fn relative_to(root: &Path, name: &[u8]) -> Option<PathBuf> {
         match c {
             Component::CurDir => {}
             Component::Normal(n) => rel.push(n),
-            // `..` may lead anywhere: such a name is checked, never matched with the tree.
+            // `..` may lead anywhere: such a name is neither read nor matched with the tree.
             _ => return None,
         }
     }
@@ -348,12 +372,24 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
             _ => PathBuf::from("."),
         },
     };
+    let given = std::path::absolute(&root)
+        .with_context(|| format!("cannot open the root {}", root.display()))?;
     let root = std::fs::canonicalize(&root)
         .with_context(|| format!("cannot open the root {}", root.display()))?;
+    let under = Under {
+        real: root.clone(),
+        given,
+    };
     if !root.is_dir() {
         bail!("the root {} is not a directory", root.display());
     }
-    let algo = detect(opts, path, &raw, &root);
+    // Every listed file is reached beneath the root: a manifest is untrusted input, and its
+    // names (`../`, an absolute path elsewhere, a link in the tree) must not get anything
+    // outside the root opened, nor tell whether something exists there.
+    let beneath = Root::new(&root)
+        .map_err(io::Error::from)
+        .with_context(|| format!("cannot open the root {}", root.display()))?;
+    let algo = detect(opts, path, &raw, &under, &beneath);
     let filter = Filter::new(&[], &opts.exclude)?;
     let entries: Vec<Option<Entry>> = raw.iter().map(|l| manifest::parse_line(l, algo)).collect();
     let results: Vec<Option<Check>> = pool.install(|| {
@@ -361,7 +397,10 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
             .par_iter()
             .map_init(
                 || vec![0u8; BUF_SIZE],
-                |buf, e| e.as_ref().map(|e| check_digest(algo, &root, e, buf)),
+                |buf, e| {
+                    e.as_ref()
+                        .map(|e| check_digest(algo, &under, &beneath, e, buf))
+                },
             )
             .collect()
     });
@@ -373,7 +412,7 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
             report.malformed += 1;
             continue;
         };
-        if let Some(rel) = relative_to(&root, &entry.name) {
+        if let Some(rel) = relative_to(&under, &entry.name) {
             listed.insert(rel);
         }
         tally(&mut report, &check);
@@ -388,8 +427,7 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
         use std::os::unix::fs::MetadataExt;
         (m.dev(), m.ino())
     });
-    for rel in added(&root, &listed, &filter, manifest_id) {
-        let check = Check::Added;
+    for (rel, check) in added(&root, &listed, &filter, manifest_id) {
         tally(&mut report, &check);
         let name = rel.into_os_string().into_encoded_bytes();
         lines.push(Line {
@@ -402,16 +440,18 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
 }
 
 /// The regular files under `root` not in `listed` (relative to the root, sorted by their
-/// bytes): what a batch run would hash now and the manifest lacks. Symlinks are not followed
-/// (batch does not hash them by default); excluded names, filepipe's temps and the manifest
-/// (`manifest_id`, its device and inode) are left out. A directory that cannot be read leaves
-/// its files unknown: said on stderr, not counted.
+/// bytes): what a batch run would hash now and the manifest lacks, each `Check::Added`.
+/// Symlinks are not followed (batch does not hash them by default); excluded names,
+/// filepipe's temps (named so and marked: a name alone hides nothing) and the manifest
+/// (`manifest_id`, its device and inode) are left out. A directory that cannot be read (no
+/// permission, a path too long) leaves its files unknown: a line of its own that fails the
+/// run, since the report of added files is then incomplete.
 fn added(
     root: &Path,
     listed: &HashSet<PathBuf>,
     filter: &Filter,
     manifest_id: Option<(u64, u64)>,
-) -> Vec<PathBuf> {
+) -> Vec<(PathBuf, Check)> {
     use std::os::unix::fs::MetadataExt;
     let mut found = Vec::new();
     let mut it = WalkDir::new(root).min_depth(1).into_iter();
@@ -419,7 +459,16 @@ fn added(
         let entry = match entry {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list part of the root: added files there are not reported");
+                let path = e.path().unwrap_or(root);
+                let rel = path.strip_prefix(root).unwrap_or(path).to_path_buf();
+                let why = match e.io_error() {
+                    Some(io) => format!("cannot read this directory: {io}"),
+                    None => e.to_string(),
+                };
+                found.push((
+                    rel,
+                    Check::Unreadable(format!("{why}: files there not compared with the manifest")),
+                ));
                 continue;
             }
         };
@@ -433,8 +482,8 @@ fn added(
             continue;
         }
         if !entry.file_type().is_file()
-            || output::is_temp_name(entry.file_name())
             || listed.contains(rel)
+            || output::is_temp_name(entry.file_name()) && output::carries_temp_mark(entry.path())
         {
             continue;
         }
@@ -442,16 +491,40 @@ fn added(
         if id.is_some() && id == manifest_id {
             continue;
         }
-        found.push(rel.to_path_buf());
+        found.push((rel.to_path_buf(), Check::Added));
     }
-    found.sort_unstable_by(|a, b| a.as_os_str().as_bytes().cmp(b.as_os_str().as_bytes()));
+    found.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
     found
 }
 
-fn check_digest(algo: HashAlgo, root: &Path, entry: &Entry, buf: &mut [u8]) -> Check {
-    let path = root.join(OsStr::from_bytes(&entry.name));
-    let mut input = match InputFile::open(&path, true) {
+/// Opens the listed file `rel` for reading, beneath the root whatever the manifest or the tree
+/// says: reached with `O_PATH` first (a FIFO's writer is never let go, a device's driver
+/// never asked), symlinks followed only to what lies beneath the root (as `batch
+/// --follow-symlinks` follows them), and a path that leads out of the root refused whether
+/// or not anything is there.
+fn open_listed(root: &Path, beneath: &Root, rel: &Path) -> Result<InputFile, OpenError> {
+    InputFile::open_beneath(Some(beneath), rel, &root.join(rel), true, true)
+}
+
+fn check_digest(
+    algo: HashAlgo,
+    root: &Under,
+    beneath: &Root,
+    entry: &Entry,
+    buf: &mut [u8],
+) -> Check {
+    let Some(rel) = relative_to(root, &entry.name) else {
+        return Check::Unreadable(
+            "outside the root, not read: a name with `..` or an absolute path elsewhere".into(),
+        );
+    };
+    let mut input = match open_listed(&root.real, beneath, &rel) {
         Ok(f) => f,
+        Err(OpenError::NotRegular(NotRegular::OutsideRoot)) => {
+            return Check::Unreadable(
+                "a symlink on its path leads outside the root, not read".into(),
+            )
+        }
         Err(OpenError::NotRegular(what)) => {
             return Check::Unreadable(format!("not a regular file ({what})"))
         }
@@ -649,11 +722,15 @@ mod tests {
 
     #[test]
     fn manifest_names_are_matched_with_the_tree_relative_to_the_root() {
-        let root = Path::new("/srv/r");
-        let rel = |n: &[u8]| relative_to(root, n);
+        let root = Under {
+            real: PathBuf::from("/srv/r"),
+            given: PathBuf::from("/var/srv/r"),
+        };
+        let rel = |n: &[u8]| relative_to(&root, n);
         assert_eq!(rel(b"a/b"), Some(PathBuf::from("a/b")));
         assert_eq!(rel(b"./a/./b"), Some(PathBuf::from("a/b")));
         assert_eq!(rel(b"/srv/r/a"), Some(PathBuf::from("a")));
+        assert_eq!(rel(b"/var/srv/r/a"), Some(PathBuf::from("a")));
         assert_eq!(rel(b"/elsewhere/a"), None);
         assert_eq!(rel(b"../r/a"), None);
         assert_eq!(

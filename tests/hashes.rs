@@ -271,9 +271,26 @@ fn verify_reports_added_and_missing_files_with_their_own_exit_bits() {
         let a: &[&OsStr] = &[m, s("--algo"), s(algo)];
         let json: &[&OsStr] = &[m, s("--algo"), s(algo), s("--json")];
         verify(a, Path::new("/")).context(op).success();
-        // A filepipe temp is not an added file.
-        fs::write(t.path(".filepipe.1-x.0.tmp"), b"temp").unwrap();
+        // A filepipe temp (named and marked so) is not an added file; a file merely named
+        // like one is (or anyone could hide a file from the report by its name).
+        let temp = t.path(".filepipe.1-x.0.tmp");
+        fs::write(&temp, b"temp").unwrap();
+        rustix::fs::setxattr(
+            &temp,
+            "user.filepipe.temp",
+            &temp_mark(),
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
         verify(a, Path::new("/")).context(op).success();
+        fs::write(t.path(".filepipe.2-y.0.tmp"), b"hidden?").unwrap();
+        let r = verify(a, Path::new("/"));
+        assert!(
+            r.code(8).stdout().contains(".filepipe.2-y.0.tmp: ADDED"),
+            "{op}: {}",
+            r.stdout()
+        );
+        fs::remove_file(t.path(".filepipe.2-y.0.tmp")).unwrap();
 
         fs::remove_file(t.path("nl\nname")).unwrap();
         let r = verify(a, &root);
@@ -332,6 +349,26 @@ fn verify_reports_added_and_missing_files_with_their_own_exit_bits() {
             Path::new("/"),
         );
         assert!(!r.code(5).stdout().contains("ADDED"), "{op}");
+    }
+}
+
+/// A second manifest filepipe writes (`--op blake3,sha256 --manifest B3SUMS` makes
+/// `B3SUMS.sha256`) is told by the suffix filepipe gave it, before the rest of its name
+/// (found by a review: `B3SUMS.sha256` was taken for BLAKE3, every file FAILED).
+#[test]
+fn verify_tells_a_second_manifest_by_the_suffix_filepipe_gave_it() {
+    let t = TestTree::new()
+        .file("a", b"alpha\n")
+        .file("sub/b", b"beta\n");
+    let manifest = t.side("B3SUMS");
+    batch(&t, "blake3,sha256", &manifest, &[]);
+    let root = t.root();
+    for m in ["B3SUMS", "B3SUMS.sha256"] {
+        let r = verify(
+            &[t.side(m).as_os_str(), s("--root"), root.as_os_str()],
+            Path::new("/"),
+        );
+        assert_eq!(r.context(m).success().stdout(), "a: OK\nsub/b: OK\n", "{m}");
     }
 }
 

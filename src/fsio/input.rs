@@ -81,11 +81,11 @@ impl InputFile {
             (Some(root), _, _) => root.open(rel, flags),
             (None, Some(root), _) => {
                 match rfs::openat2(&root.fd, rel, flags, Mode::empty(), ResolveFlags::BENEATH) {
-                    Err(Errno::XDEV) => root.reach_by_path(abs, &refused),
+                    Err(Errno::XDEV) => root.reach_by_path(abs, None, &refused),
                     r => r,
                 }
             }
-            (None, None, Some(root)) => root.reach_by_path(abs, &refused),
+            (None, None, Some(root)) => root.reach_by_path(abs, Some(rel), &refused),
             (None, None, None) => rfs::open(abs, flags, Mode::empty()),
         };
         // Without /proc (a chroot) nothing can be reopened: opened directly, as a walked file
@@ -341,13 +341,27 @@ impl Root {
     /// Reaches `abs` (a path into this root, links followed) with `O_PATH`, which opens
     /// nothing (no FIFO's writer released, no device's driver asked, no lease broken), if what
     /// it leads to lies beneath the root (`holds`); else says so in `refused` and fails
-    /// (EXDEV).
+    /// (EXDEV). A path that cannot be reached (nothing there) through a symlink is refused
+    /// the same way, since where a dangling link leads cannot be told: reported missing,
+    /// whoever names the path (a job, a manifest) would learn whether something exists outside
+    /// the root. `rel` is the path beneath the root, to look for a symlink on it; `None` when
+    /// the kernel found one leading out already (`RESOLVE_BENEATH` refused it).
     fn reach_by_path(
         &self,
         abs: &Path,
+        rel: Option<&Path>,
         refused: &std::cell::Cell<Option<NotRegular>>,
     ) -> rustix::io::Result<OwnedFd> {
-        let place = rfs::open(abs, OFlags::PATH | OFlags::CLOEXEC, Mode::empty())?;
+        let place = match rfs::open(abs, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
+            Ok(place) => place,
+            Err(e) => {
+                if rel.is_none_or(|rel| self.symlink_in(rel).is_some()) {
+                    refused.set(Some(NotRegular::OutsideRoot));
+                    return Err(Errno::XDEV);
+                }
+                return Err(e);
+            }
+        };
         if !self.holds(&place) {
             refused.set(Some(NotRegular::OutsideRoot));
             return Err(Errno::XDEV);

@@ -1890,6 +1890,16 @@ pub(crate) fn is_temp_name(name: &OsStr) -> bool {
     b.starts_with(TEMP_PREFIX.as_bytes()) && b.ends_with(TEMP_SUFFIX.as_bytes())
 }
 
+/// Whether `path` (not followed if a symlink) carries the mark of a filepipe temp, any host's:
+/// a file merely named like one does not.
+pub(crate) fn carries_temp_mark(path: &Path) -> bool {
+    let mut value = [0u8; 32];
+    match rfs::lgetxattr(path, TEMP_MARK, &mut value[..]) {
+        Ok(n) => value[..n] == *TEMP_MARK_V1 || value[..n].starts_with(b"2:"),
+        Err(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
