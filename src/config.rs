@@ -619,6 +619,11 @@ impl Config {
             );
         }
         let mut cfg = Config::from_common(&args.dir, &args.op, &args.common, quiet, true)?;
+        for &algo in cfg.spec.hashes() {
+            if let Some(m) = cfg.manifest_for(algo) {
+                check_manifest_name(&m)?;
+            }
+        }
         cfg.follow_symlinks = args.follow_symlinks;
         cfg.force = args.force;
         cfg.remove_source = args.remove_source;
@@ -774,7 +779,7 @@ impl Config {
             .filter_map(|&algo| manifest_path(manifest.as_deref(), spec, algo))
             .collect();
         for (i, m) in manifests.iter().enumerate() {
-            check_manifest(m)?;
+            check_manifest_dir(m)?;
             // A name filepipe made up (FILE.<hash>) replaces only a manifest, never a file of
             // the user's that happens to bear it.
             if i > 0 {
@@ -1044,10 +1049,12 @@ fn absolute_file(path: &Path) -> Result<PathBuf> {
     Ok(parent.join(name))
 }
 
-/// Refuses, before anything is read, a manifest that could not be written at the end: a name
-/// taken by a directory (or anything but a regular file), or a directory filepipe may not
-/// write in.
-fn check_manifest(path: &Path) -> Result<()> {
+/// Refuses, before anything is read, a manifest name taken by a directory (or anything but a
+/// regular file): batch mode's manifest, written at the end, could not replace it. Not watch
+/// mode's: its manifest is derived from the state and a rewrite that fails is tried again
+/// until it succeeds, so a name taken by anyone who may write in the manifest's directory (a
+/// watched tree) must not keep the daemon from starting (`sink::state`).
+fn check_manifest_name(path: &Path) -> Result<()> {
     if let Ok(meta) = fs::symlink_metadata(path) {
         if !meta.is_file() {
             bail!(
@@ -1056,6 +1063,11 @@ fn check_manifest(path: &Path) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// Refuses, before anything is read, a manifest in a directory filepipe may not write in.
+fn check_manifest_dir(path: &Path) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));
     rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).map_err(|e| {
         anyhow::anyhow!(
@@ -1070,9 +1082,13 @@ fn check_manifest(path: &Path) -> Result<()> {
 /// Refuses a derived manifest name (`FILE.<hash>`, which the user did not type) held by a
 /// file that is not a manifest of `algo`'s: every line a digest of its length in hex, two
 /// spaces or a space and a star, a name (GNU's escaped form starts with a backslash). An empty
-/// file passes; a file that cannot be read is left to the write at the end to fail on.
+/// file passes; a file that cannot be read is left to the write at the end to fail on, and a
+/// name held by anything but a regular file to `check_manifest_name`.
 fn check_derived_manifest(path: &Path, algo: HashAlgo) -> Result<()> {
     use std::io::BufRead;
+    if !fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
     let Ok(file) = fs::File::open(path) else {
         return Ok(());
     };

@@ -125,8 +125,16 @@ pub(crate) fn write_manifest<'d>(
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
     temp.publish(name, attrs, true, cfg.durability)
-        .map_err(anyhow::Error::new)
-        .with_context(|| format!("publishing {}", path.display()))
+        .map_err(|e| {
+            // Its errors mostly name the manifest already ("publishing FILE: ..."): said once.
+            let named = e.message.contains(&*path.to_string_lossy());
+            let e = anyhow::Error::new(e);
+            if named {
+                e
+            } else {
+                e.context(format!("publishing {}", path.display()))
+            }
+        })
 }
 
 /// The process umask, read from /proc: calling umask(2) to read it would change it, for an

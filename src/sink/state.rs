@@ -4,7 +4,9 @@
 //! Invariants: a file the source hears of as recorded is in a committed transaction; a
 //! transient failure is recorded with its attempt count and handed back for a retry, with a
 //! growing delay, until its attempts run out; a skipped or failed file is recorded with its
-//! stamp, so a rescan leaves it alone until it changes.
+//! stamp, so a rescan leaves it alone until it changes. The manifest is derived from the
+//! state: a rewrite that fails is logged (once per distinct error) and tried again later, and
+//! never stops the run; a state write that fails does.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -33,6 +35,26 @@ pub(crate) struct StateSink<'a> {
     /// How long the last rewrite took (it grows with the state, not with the change).
     manifest_cost: Duration,
     last_outcome: Option<Instant>,
+    /// The manifest rewrite failing since, if it is: retried with a growing pause.
+    manifest_failing: Option<ManifestFailing>,
+}
+
+/// A manifest that cannot be rewritten (a name taken by a directory, a full disk): what was
+/// last logged, and when to try again.
+struct ManifestFailing {
+    /// The error last logged (`{:#}`): the same error again is not logged again.
+    error: String,
+    /// Failed rewrites in a row.
+    attempts: u32,
+    /// The next rewrite is not tried before this.
+    retry_at: Instant,
+}
+
+/// The pause after the `attempts`-th failed manifest rewrite in a row: 1 s, 2 s, 4 s ... at
+/// most a minute. The state keeps every result meanwhile, so nothing is lost by waiting, and
+/// a full disk is not hammered.
+fn manifest_retry_pause(attempts: u32) -> Duration {
+    Duration::from_secs(1 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 /// The manifest is rewritten whole (from the state) once outcomes pause for `MANIFEST_QUIET`,
@@ -74,6 +96,7 @@ impl<'a> StateSink<'a> {
             manifest_written: None,
             manifest_cost: Duration::ZERO,
             last_outcome: None,
+            manifest_failing: None,
         }
     }
 
@@ -92,6 +115,9 @@ impl<'a> StateSink<'a> {
         }
     }
 
+    /// Rewrites the manifests from the state. Only reading the state can fail here: a manifest
+    /// that cannot be written is derived data, logged and tried again later (`manifest_failed`),
+    /// while the state, the record, stays right.
     fn write_manifest(&mut self) -> Result<()> {
         if !keeps_manifest(self.cfg) {
             return Ok(());
@@ -100,12 +126,44 @@ impl<'a> StateSink<'a> {
         for &algo in self.cfg.spec.hashes() {
             let digests = self.state.digests(algo)?;
             let lines = digests.iter().map(|(p, d)| (p.as_slice(), d));
-            manifest::write_manifest(self.cfg, algo, lines)?;
+            if let Err(e) = manifest::write_manifest(self.cfg, algo, lines) {
+                self.manifest_failed(&e);
+                return Ok(());
+            }
+        }
+        if let Some(failing) = self.manifest_failing.take() {
+            tracing::warn!(
+                attempts = failing.attempts,
+                "manifest rewritten again: it lists every file the state records"
+            );
         }
         self.dirty_since = None;
         self.manifest_written = Some(Instant::now());
         self.manifest_cost = started.elapsed();
         Ok(())
+    }
+
+    /// A manifest rewrite failed with `e`: logged unless it is the error already logged, and
+    /// tried again after a pause that grows with each failure in a row.
+    fn manifest_failed(&mut self, e: &anyhow::Error) {
+        let error = format!("{e:#}");
+        let attempts = self.manifest_failing.as_ref().map_or(0, |f| f.attempts) + 1;
+        let pause = manifest_retry_pause(attempts);
+        if self
+            .manifest_failing
+            .as_ref()
+            .is_none_or(|f| f.error != error)
+        {
+            tracing::error!(
+                "manifest not rewritten: {error}; the state keeps every result, and the \
+                 rewrite is tried again (at least every minute) until it succeeds"
+            );
+        }
+        self.manifest_failing = Some(ManifestFailing {
+            error,
+            attempts,
+            retry_at: Instant::now() + pause,
+        });
     }
 }
 
@@ -210,13 +268,18 @@ impl Sink for StateSink<'_> {
             return Ok(());
         };
         let now = Instant::now();
-        if manifest_due(
-            now,
-            dirty_since,
-            self.manifest_written,
-            self.last_outcome,
-            self.manifest_cost,
-        ) {
+        let due = match &self.manifest_failing {
+            // Failing: tried again once its pause is over, whatever comes meanwhile.
+            Some(failing) => now >= failing.retry_at,
+            None => manifest_due(
+                now,
+                dirty_since,
+                self.manifest_written,
+                self.last_outcome,
+                self.manifest_cost,
+            ),
+        };
+        if due {
             self.write_manifest()?;
         }
         Ok(())
@@ -226,6 +289,12 @@ impl Sink for StateSink<'_> {
         self.flush()?;
         if self.dirty_since.is_some() {
             self.write_manifest()?;
+            if self.manifest_failing.is_some() {
+                tracing::error!(
+                    "the manifest is not current at exit: it is rewritten from the state at \
+                     the next start"
+                );
+            }
         }
         Ok(())
     }
