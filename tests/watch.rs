@@ -533,12 +533,13 @@ fn a_changed_input_replaces_its_own_output_but_never_a_foreign_one() {
     assert_eq!(fs::read(t.path("foreign.gz")).unwrap(), b"someone else's");
 }
 
+/// The state is the record: a commit that fails (here every write past the first byte of a
+/// file, under RLIMIT_FSIZE) stops the daemon, with exit 1, instead of hanging or going on
+/// with files it could not record.
 #[test]
-fn a_state_or_manifest_write_failure_stops_the_daemon_instead_of_hanging() {
+fn a_state_write_failure_stops_the_daemon_instead_of_hanging() {
     let t = TestTree::new();
-    let mdir = t.side("mdir");
-    fs::create_dir(&mdir).unwrap();
-    let manifest = mdir.join("SUMS");
+    let manifest = t.side("SUMS");
     let d = Daemon::ready(
         &t,
         &[
@@ -551,15 +552,72 @@ fn a_state_or_manifest_write_failure_stops_the_daemon_instead_of_hanging() {
         ],
     );
     wait_for("the first manifest", || manifest.exists());
-    fs::remove_dir_all(&mdir).unwrap();
+    // Its stderr is a pipe, which the limit leaves alone.
+    let pid = rustix::process::Pid::from_raw(d.pid() as i32).unwrap();
+    let limit = rustix::process::Rlimit {
+        current: Some(1),
+        maximum: rustix::process::getrlimit(rustix::process::Resource::Fsize).maximum,
+    };
+    rustix::process::prlimit(Some(pid), rustix::process::Resource::Fsize, limit).unwrap();
     for i in 0..8 {
         fs::write(t.path(format!("f{i}")), b"x\n").unwrap();
     }
     let stderr = d.wait().code(1).stderr();
     assert!(
-        stderr.contains("SUMS"),
-        "the error names the manifest: {stderr}"
+        stderr.contains("stopping: disk I/O error"),
+        "the error says why: {stderr}"
     );
+}
+
+/// A manifest that cannot be rewritten is derived data, not the record: anyone who may write
+/// in the tree can take its name (here with a directory; a full disk does the same), and that
+/// must not stop the daemon. The failure is logged once, the files are still recorded in the
+/// state, and the manifest lists them all once its name is free again.
+#[test]
+fn a_manifest_that_cannot_be_rewritten_is_retried_and_never_stops_the_daemon() {
+    let t = TestTree::new().file("a", b"a\n");
+    let manifest = t.path("SHA256SUMS");
+    let log = t.side("daemon.log");
+    let mut d = Daemon::ready_logging_to(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+        &log,
+    );
+    let said = || fs::read_to_string(&log).unwrap();
+    wait_for("the first manifest", || manifest_lines(&manifest) == 1);
+    fs::remove_file(&manifest).unwrap();
+    fs::create_dir(&manifest).unwrap();
+    fs::write(t.path("b"), b"b\n").unwrap();
+    wait_for("the failed rewrite to be logged", || {
+        said().contains("SHA256SUMS")
+    });
+    assert!(d.running(), "the daemon stopped: {}", said());
+    assert!(!said().contains("stopping"), "{}", said());
+    let m = manifest.display();
+    assert!(
+        !said().contains(&format!("publishing {m}: publishing {m}")),
+        "the error names the manifest once: {}",
+        said()
+    );
+    // Still recording (each outcome is counted once committed to the state).
+    fs::write(t.path("c"), b"c\n").unwrap();
+    d.wait_idle(3);
+    assert!(d.running(), "the daemon stopped: {}", said());
+    fs::remove_dir(&manifest).unwrap();
+    wait_for("the manifest rewritten from the state", || {
+        manifest_lines(&manifest) == 3
+    });
+    wait_for("the recovery to be logged", || {
+        said().contains("manifest rewritten again")
+    });
+    d.stop().success();
+    let said = said();
+    assert_eq!(
+        said.matches("manifest not rewritten").count(),
+        1,
+        "the same error is logged once, however often the rewrite is tried: {said}"
+    );
+    assert_sha256sum_c(&manifest, &t.root());
 }
 
 /// A change no event reports (a write through a shared mapping) after the close, within the

@@ -428,6 +428,19 @@ impl Daemon {
     /// `filepipe watch ROOT --json --settle 150 EXTRA` with `--state` beside the tree (unless
     /// EXTRA has one), not yet ready: see `ready`.
     pub fn start(t: &TestTree, extra: &[&str]) -> Daemon {
+        Daemon::spawn(t, extra, Stdio::piped())
+    }
+
+    /// As `ready`, its stderr written to the file `log` as it goes, for a test to wait on
+    /// what it says while it runs (`Run::stderr` of `stop` is then empty).
+    pub fn ready_logging_to(t: &TestTree, extra: &[&str], log: &Path) -> Daemon {
+        let file = std::fs::File::create(log).unwrap();
+        let mut d = Daemon::spawn(t, extra, Stdio::from(file));
+        d.wait_ready();
+        d
+    }
+
+    fn spawn(t: &TestTree, extra: &[&str], stderr: Stdio) -> Daemon {
         static SOCKETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SOCKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let socket = t.side(&format!("notify-{n}.sock"));
@@ -444,7 +457,7 @@ impl Daemon {
             .env("NOTIFY_SOCKET", &socket)
             .env_remove("WATCHDOG_USEC")
             .env_remove("WATCHDOG_PID");
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdout(Stdio::piped()).stderr(stderr);
         Daemon {
             child: Some(Started::new(cmd)),
             notes,
@@ -486,7 +499,8 @@ impl Daemon {
         }
     }
 
-    fn running(&mut self) -> bool {
+    /// Whether it has not exited (yet).
+    pub fn running(&mut self) -> bool {
         self.child
             .as_mut()
             .is_some_and(|c| c.child.try_wait().is_ok_and(|s| s.is_none()))
