@@ -620,6 +620,59 @@ fn a_manifest_that_cannot_be_rewritten_is_retried_and_never_stops_the_daemon() {
     assert_sha256sum_c(&manifest, &t.root());
 }
 
+/// A manifest's name held by a directory at start: batch mode refuses it at once (exit 2),
+/// since its one manifest, written at the end, could not replace it. Watch mode starts
+/// anyway: anyone who may write in the tree could otherwise keep a service down (the units
+/// do not restart after exit 2), and its manifests are rewritten once the names are free.
+#[test]
+fn a_manifest_name_held_by_a_directory_refuses_a_batch_but_not_a_watch() {
+    let t = TestTree::new()
+        .file("a", b"a\n")
+        .dir("SUMS")
+        .dir("SUMS.sha512");
+    let sums = t.path("SUMS");
+    let manifest = [
+        "--op",
+        "sha256,sha512",
+        "--manifest",
+        sums.to_str().unwrap(),
+    ];
+    let mut batch = filepipe(&[OsStr::new("batch"), t.root().as_os_str()]);
+    batch.args(manifest);
+    let r = run(batch);
+    assert!(
+        r.code(2).stderr().contains("is not a regular file"),
+        "{}",
+        r.stderr()
+    );
+    fs::remove_dir(&sums).unwrap();
+    let mut batch = filepipe(&[OsStr::new("batch"), t.root().as_os_str()]);
+    batch.args(manifest);
+    let r = run(batch);
+    assert!(
+        r.code(2)
+            .stderr()
+            .contains("SUMS.sha512 is not a regular file"),
+        "the derived name too: {}",
+        r.stderr()
+    );
+    fs::create_dir(&sums).unwrap();
+
+    let log = t.side("daemon.log");
+    let d = Daemon::ready_logging_to(&t, &manifest, &log);
+    let said = || fs::read_to_string(&log).unwrap();
+    wait_for("the failed rewrite to be logged", || {
+        said().contains("manifest not rewritten")
+    });
+    fs::remove_dir(&sums).unwrap();
+    fs::remove_dir(t.path("SUMS.sha512")).unwrap();
+    wait_for("both manifests", || {
+        manifest_lines(&sums) == 1 && manifest_lines(&t.path("SUMS.sha512")) == 1
+    });
+    d.stop().success();
+    assert_sha256sum_c(&sums, &t.root());
+}
+
 /// A change no event reports (a write through a shared mapping) after the close, within the
 /// settle time: the worker's first fstat no longer matches the stamp the file settled with, so
 /// the file is retried and only its final content is ever listed.
