@@ -8,13 +8,23 @@
 //! later) escapes the same three bytes the same way; it reads names as UTF-8 only, so `b3sum -c`
 //! stops at a line naming a non-UTF-8 file (b3sum itself cannot list one), which `filepipe
 //! verify` checks. b3sum before 1.5.5 (Debian 12 has 1.2.0) does not know the `\r` escape.
+//!
+//! A file named exactly `-` is listed as `./-`: the tools read `-` as stdin, while `./-` is
+//! that file to them and to `filepipe verify` (which drops a leading `./`).
 
 use std::io::{self, Write};
 
 use crate::digest::{Digest, HashAlgo};
 
+/// What `sha256sum -c` and `b3sum -c` read as stdin rather than as a file of that name.
+const STDIN: &[u8] = b"-";
+/// The file named `-`, as a manifest lists it (see the module's comment).
+const STDIN_NAMED: &[u8] = b"./-";
+
 /// Writes one manifest line for `name` (the path's raw bytes).
 pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io::Result<()> {
+    // Needs no escape either way.
+    let name = if name == STDIN { STDIN_NAMED } else { name };
     // Most names need no escape: written as they are, without a copy.
     let shown;
     // An escaped name is longer than the name; its leading backslash goes before the digest,
@@ -33,8 +43,12 @@ pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io
 }
 
 /// `name` as a manifest line shows it (and sha256sum -c its result): escaped, with a leading
-/// backslash, when it holds a backslash, newline or carriage return; raw otherwise.
+/// backslash, when it holds a backslash, newline or carriage return; `./-` for `-`; raw
+/// otherwise.
 pub(crate) fn shown_name(name: &[u8]) -> Vec<u8> {
+    if name == STDIN {
+        return STDIN_NAMED.to_vec();
+    }
     if !needs_escape(name) {
         return name.to_vec();
     }
@@ -167,6 +181,28 @@ mod tests {
         write_line(&mut line, &zero, b"a\\b\nc").unwrap();
         let expected = format!("\\{}  a\\\\b\\nc\n", "0".repeat(64));
         assert_eq!(line, expected.as_bytes());
+    }
+
+    /// `sha256sum -c` and `b3sum -c` would read stdin for a line naming `-` (found by a
+    /// review): the file of that name is listed as `./-`, which they open.
+    #[test]
+    fn a_file_named_dash_is_listed_as_dot_slash_dash() {
+        for algo in HashAlgo::ALL {
+            let d = Digest::new(algo, &vec![0x0f; algo.len()]).unwrap();
+            let mut line = Vec::new();
+            write_line(&mut line, &d, b"-").unwrap();
+            let hex = "0f".repeat(algo.len());
+            assert_eq!(line, format!("{hex}  ./-\n").as_bytes());
+            let e = parse_line(line.strip_suffix(b"\n").unwrap(), algo).unwrap();
+            assert_eq!((&e.name[..], &e.shown[..]), (&b"./-"[..], &b"./-"[..]));
+            assert_eq!(shown_name(b"-"), b"./-");
+            // Only the whole name: `-x`, `a/-` and `./-` itself are files to the tools.
+            for name in [&b"-x"[..], b"a/-", b"./-", b"--"] {
+                line.clear();
+                write_line(&mut line, &d, name).unwrap();
+                assert!(line.ends_with(&[b"  ", name, b"\n"].concat()));
+            }
+        }
     }
 
     #[test]

@@ -138,6 +138,62 @@ fn non_utf8_names_are_listed_raw_and_verify() {
     }
 }
 
+/// A file named exactly `-`: `sha256sum -c` and `b3sum -c` read stdin for that name, so it is
+/// listed as `./-` (found by a review: the manifest failed the real tools, and hung on a
+/// terminal). `filepipe verify` takes `./-` for that file: neither missing nor added.
+#[test]
+fn a_file_named_dash_is_checked_by_the_tools_not_read_from_stdin() {
+    for (op, tool_name) in HASHES {
+        let t = TestTree::new()
+            .file("-", b"dash file\n")
+            .file("a", b"a\n")
+            .file("sub/-", b"dash below\n");
+        let manifest = t.side("SUMS");
+        batch(&t, op, &manifest, &[]);
+        let text = fs::read(&manifest).unwrap();
+        assert!(
+            text.windows(6).any(|w| w == b"  ./-\n"),
+            "{op}: {}",
+            String::from_utf8_lossy(&text)
+        );
+        if have(tool_name, &format!("checking the {op} manifest")) {
+            // Its stdin is empty (`tool`): had it read stdin, `-` would fail, not hang.
+            assert_check(tool_name, &manifest, &t.root(), 3);
+        }
+        let root = t.root();
+        let args = [
+            manifest.as_os_str(),
+            s("--root"),
+            root.as_os_str(),
+            s("--algo"),
+            s(op),
+        ];
+        verify(&args, &root).context(op).success();
+        fs::rename(t.path("-"), t.path("moved")).unwrap();
+        let r = verify(&args, &root);
+        let out = r.code(12).stdout();
+        assert!(out.contains("./-: MISSING\n"), "{op}: {out}");
+        assert!(out.contains("moved: ADDED"), "{op}: {out}");
+        // Not listed, it is shown as a manifest would list it.
+        fs::rename(t.path("moved"), t.path("-")).unwrap();
+        fs::remove_file(t.path("a")).unwrap();
+        let other = t.side("OTHER");
+        fs::write(&other, b"").unwrap();
+        let r = verify(
+            &[
+                other.as_os_str(),
+                s("--root"),
+                root.as_os_str(),
+                s("--algo"),
+                s(op),
+            ],
+            &root,
+        );
+        let out = r.code(8).stdout();
+        assert!(out.contains("./-: ADDED"), "{op}: {out}");
+    }
+}
+
 #[test]
 fn a_digest_is_the_same_whatever_jobs_is() {
     // 9 MiB: above the size BLAKE3 hashes on all threads (4 MiB), in pieces of 1 MiB and a
