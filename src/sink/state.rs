@@ -305,6 +305,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_failing_manifest_is_tried_again_after_a_pause_that_grows_to_a_minute() {
+        let secs: Vec<u64> = (1..=9).map(|n| manifest_retry_pause(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(manifest_retry_pause(u32::MAX).as_secs(), 60);
+    }
+
+    #[test]
     fn the_manifest_waits_for_a_pause_but_never_longer_than_it_may_go_stale() {
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
