@@ -2083,3 +2083,46 @@ fn a_job_naming_a_fifo_in_the_root_does_not_open_it() {
         w.log()
     );
 }
+
+/// A request left waiting for a job that the server refuses at once (here its consumer allows
+/// one waiting request, and two workers want one each), while the no-wait fetch meets no
+/// error, must have the worker pause as after any failed fetch (found by a review: two idle
+/// workers asked again and again, 57% of the two cores, and logged nothing above debug).
+#[test]
+fn a_worker_whose_waiting_requests_are_refused_pauses_instead_of_spinning() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(0, 0);
+    let dir = t.side("a");
+    fs::create_dir(&dir).unwrap();
+    let roots = [format!("a={}", dir.display())];
+    // The first worker makes the streams and the consumer; remade with max_waiting 1, every
+    // setting filepipe checks as it makes it.
+    drop(Worker::start(&nats, t.dir.path(), &roots, "1"));
+    let r = nats.ask("$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-a", b"");
+    assert_eq!(r["success"], true, "{r}");
+    let r = nats.ask(
+        "$JS.API.CONSUMER.DURABLE.CREATE.FILEPIPE_JOBS.workers-a",
+        br#"{"stream_name":"FILEPIPE_JOBS","config":{"durable_name":"workers-a","ack_policy":"explicit","ack_wait":30000000000,"max_deliver":-1,"max_ack_pending":100000,"filter_subject":"filepipe.jobs.a.>","deliver_policy":"all","max_waiting":1}}"#,
+    );
+    assert!(r.get("error").is_none(), "{r}");
+    let w1 = Worker::start(&nats, t.dir.path(), &roots, "1");
+    let w2 = Worker::start(&nats, t.dir.path(), &roots, "1");
+    let ticks = |w: &Worker| -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", w.pid())).unwrap();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    let before = ticks(&w1) + ticks(&w2);
+    std::thread::sleep(Duration::from_secs(5));
+    let used = ticks(&w1) + ticks(&w2) - before;
+    assert!(
+        used < 50,
+        "two idle workers used {used} ticks of CPU in 5 s"
+    );
+}

@@ -198,7 +198,9 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         pipelines: HashMap::new(),
         warned: HashSet::new(),
         settled: crossbeam_channel::unbounded(),
-        waiting: Vec::new(),
+        waiting: HashSet::new(),
+        answers: crossbeam_channel::unbounded(),
+        refused: None,
     };
     router.run(shutdown)
 }
@@ -234,17 +236,26 @@ struct Router<'a> {
     /// Root names already warned about (jobs for roots this worker does not map).
     warned: HashSet<String>,
     settled: (Sender<Settled>, Receiver<Settled>),
-    /// Pull requests left waiting for a job, one per root at most (see `fetch`).
-    waiting: Vec<Waiting>,
+    /// The roots with a pull request left waiting for a job, one each at most (see `fetch`).
+    waiting: HashSet<String>,
+    /// What the waiting requests' readers hear (see `Answer`).
+    answers: (Sender<Answer>, Receiver<Answer>),
+    /// The error a waiting request last ended with, for `fetch` to return (and the worker to
+    /// pause on) when no job came: a refusal only such a request meets (a consumer's limit
+    /// on waiting requests) must not have it ask again at once, for ever.
+    refused: Option<anyhow::Error>,
 }
 
-/// A pull request for one job, left waiting on a root's consumer. It is kept until the server
-/// answers it (a job, or its expiry), never dropped unread: the server skips a request whose
-/// reader has gone once it hears so, but a job it sent before that waits out the ack wait
-/// before another worker may have it.
-struct Waiting {
-    root: String,
-    batch: jetstream::consumer::pull::Batch,
+/// What the reader of a pull request left waiting hears. Each such request is read to its end
+/// by a task of its own on the client's runtime, never by the router, which may be busy
+/// elsewhere for seconds: the client's stream of a request ends on its own clock (the
+/// request's expiry and 5 s), and a job that came meanwhile, unread, would be dropped with it
+/// and wait out the ack wait before another worker could have it.
+enum Answer {
+    /// A job: this worker's, its ack wait running.
+    Job(Box<jetstream::Message>),
+    /// The request of `root` ended: answered, expired, or refused (`error`).
+    Ended { root: String, error: Option<String> },
 }
 
 impl Router<'_> {
@@ -290,8 +301,9 @@ impl Router<'_> {
             }
         }
         tracing::info!(held = self.held.len(), "stopping: finishing the jobs held");
-        // Requests still waiting expire within `WAIT_FOR_JOBS`: a job one gets meanwhile goes
-        // back at once, not started.
+        // Requests still waiting expire within `WAIT_FOR_JOBS` (the server says so): a job
+        // one gets meanwhile goes back at once, not started. Bounded: a server gone away
+        // answers nothing, and its jobs are delivered again anyway.
         let until = Instant::now() + WAIT_FOR_JOBS * 2;
         while !self.waiting.is_empty() {
             let Some(left) = until.checked_duration_since(Instant::now()) else {
@@ -357,61 +369,69 @@ impl Router<'_> {
             return Err(e);
         }
         for (root, c) in &self.consumers {
-            if self.tampered.contains(root) || self.waiting.iter().any(|w| &w.root == root) {
+            if self.tampered.contains(root) || self.waiting.contains(root) {
                 continue;
             }
             let asked = self.conn.rt.block_on(async {
                 let ask = c.batch().max_messages(1).expires(WAIT_FOR_JOBS).messages();
                 tokio::time::timeout(Duration::from_secs(5), ask).await
             });
-            match asked {
-                Ok(Ok(batch)) => self.waiting.push(Waiting {
-                    root: root.clone(),
-                    batch,
-                }),
+            let mut batch = match asked {
+                Ok(Ok(batch)) => batch,
                 Ok(Err(e)) => return Err(anyhow::anyhow!("root {root}: {e}")),
                 Err(_) => return Err(anyhow::anyhow!("root {root}: no answer from the server")),
-            }
+            };
+            self.waiting.insert(root.clone());
+            let (tx, root) = (self.answers.0.clone(), root.clone());
+            self.conn.rt.spawn(async move {
+                use futures_util::StreamExt;
+                let mut error = None;
+                while let Some(answer) = batch.next().await {
+                    match answer {
+                        Ok(m) => {
+                            let _ = tx.send(Answer::Job(Box::new(m)));
+                        }
+                        Err(e) => {
+                            error = Some(e.to_string());
+                            break;
+                        }
+                    }
+                }
+                let _ = tx.send(Answer::Ended { root, error });
+            });
         }
-        Ok(self.answers(WAIT_FOR_JOBS))
+        let got = self.answers(WAIT_FOR_JOBS);
+        match self.refused.take() {
+            Some(e) if got.is_empty() => Err(e),
+            _ => Ok(got),
+        }
     }
 
     /// The jobs the waiting requests got: what they have now, or (`wait` not zero) at most
-    /// `wait` for the first. A request answered (a job, its expiry or an error) is done with.
+    /// `wait` for the first, or until no request is left waiting. A request that ended with an
+    /// error leaves it in `refused`.
     fn answers(&mut self, wait: Duration) -> Vec<jetstream::Message> {
-        use futures_util::StreamExt;
-        use std::task::Poll;
-        if self.waiting.is_empty() {
-            return Vec::new();
-        }
-        let waiting = &mut self.waiting;
+        let until = Instant::now() + wait;
         let mut got = Vec::new();
-        let heard = std::future::poll_fn(|cx| {
-            waiting.retain_mut(|w| loop {
-                match w.batch.poll_next_unpin(cx) {
-                    Poll::Pending => return true,
-                    Poll::Ready(Some(Ok(m))) => got.push(m),
-                    Poll::Ready(Some(Err(e))) => {
-                        // The next fetch meets the same trouble, and says so.
-                        tracing::debug!(root = %w.root, error = %e, "a waiting request for a job failed");
-                        return false;
-                    }
-                    Poll::Ready(None) => return false,
+        loop {
+            let heard = match until.checked_duration_since(Instant::now()) {
+                Some(left) if got.is_empty() && !self.waiting.is_empty() => {
+                    self.answers.1.recv_timeout(left).ok()
                 }
-            });
-            if got.is_empty() && !waiting.is_empty() {
-                Poll::Pending
-            } else {
-                Poll::Ready(())
+                _ => self.answers.1.try_recv().ok(),
+            };
+            match heard {
+                Some(Answer::Job(m)) => got.push(*m),
+                Some(Answer::Ended { root, error }) => {
+                    self.waiting.remove(&root);
+                    if let Some(e) = error {
+                        tracing::debug!(%root, error = %e, "a waiting request for a job failed");
+                        self.refused = Some(anyhow::anyhow!("root {root}: {e}"));
+                    }
+                }
+                None => return got,
             }
-        });
-        // The future is polled once before the time is looked at: `wait` zero takes what is
-        // there without waiting.
-        let _ = self
-            .conn
-            .rt
-            .block_on(async { tokio::time::timeout(wait, heard).await });
-        got
+        }
     }
 
     /// Checks each root's consumer is still as filepipe makes it: one changed mid-run (by a
