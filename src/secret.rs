@@ -400,6 +400,7 @@ pub(crate) enum FileRule {
 
 /// The largest file read by `read_checked`: far more than any credentials file or CA bundle
 /// (Debian's whole bundle is about 220 KiB), small enough that a mistaken path costs nothing.
+#[cfg(feature = "cluster")]
 pub(crate) const MAX_CHECKED_BYTES: u64 = 4 << 20;
 
 /// Opens `path` for reading and checks the file opened by `rule`, so whoever reads it from
@@ -448,7 +449,8 @@ pub(crate) fn open_checked(path: &Path, rule: FileRule) -> Result<File, String> 
 }
 
 /// `open_checked`, then the file's bytes, read from the descriptor checked (at most
-/// `MAX_CHECKED_BYTES`).
+/// `MAX_CHECKED_BYTES`). Only cluster mode reads such files (a creds file, a CA bundle).
+#[cfg(feature = "cluster")]
 pub(crate) fn read_checked(path: &Path, rule: FileRule) -> Result<Vec<u8>, String> {
     use std::io::Read;
     let file = open_checked(path, rule)?;
