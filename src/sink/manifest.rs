@@ -3,10 +3,11 @@
 //! raw path bytes, each written once and published atomically (or printed on stdout). The same
 //! writer serves watch mode's state sink, which rewrites its manifests from the state.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{self, BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -78,7 +79,20 @@ pub(crate) fn write_manifest<'d>(
             .clone()
             .filter(|(rel, _)| std::str::from_utf8(rel).is_err())
             .count();
-        if non_utf8 > 0 {
+        // Said again for a manifest only when it has more: a watch rewrites its manifest up to
+        // once a second, and the same warning each time only buries the log.
+        static SAID: std::sync::Mutex<Option<HashMap<Option<PathBuf>, usize>>> =
+            std::sync::Mutex::new(None);
+        let more = SAID.lock().map_or(true, |mut said| {
+            let said = said
+                .get_or_insert_with(HashMap::new)
+                .entry(cfg.manifest_for(algo))
+                .or_insert(0);
+            let more = non_utf8 > *said;
+            *said = (*said).max(non_utf8);
+            more
+        });
+        if non_utf8 > 0 && more {
             tracing::warn!(
                 files = non_utf8,
                 "names that are not UTF-8 are in the manifest: b3sum -c stops at the first \
