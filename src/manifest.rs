@@ -11,6 +11,9 @@
 //!
 //! A file named exactly `-` is listed as `./-`: the tools read `-` as stdin, while `./-` is
 //! that file to them and to `filepipe verify` (which drops a leading `./`).
+//!
+//! The BSD form the GNU tools write with `--tag` (`SHA256 (NAME) = DIGEST`, escaped the same
+//! way) is read too, never written.
 
 use std::io::{self, Write};
 
@@ -84,9 +87,36 @@ pub(crate) struct Entry {
 /// How many hex digits the digest of `line` has, if it looks like a manifest line: what
 /// tells a SHA-512 manifest (128) from a SHA-256 or BLAKE3 one (64).
 pub(crate) fn hex_len(line: &[u8]) -> Option<usize> {
+    if let Some(algo) = tagged(line) {
+        return Some(algo.hex_len());
+    }
     let rest = line.strip_prefix(b"\\").unwrap_or(line);
     let n = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     matches!(rest.get(n..n + 2), Some(b"  " | b" *")).then_some(n)
+}
+
+/// The tags of the BSD form (`sha256sum --tag`), with their algorithm.
+const TAGS: [(&[u8], HashAlgo); 3] = [
+    (b"SHA256 (", HashAlgo::Sha256),
+    (b"SHA512 (", HashAlgo::Sha512),
+    (b"BLAKE3 (", HashAlgo::Blake3),
+];
+
+/// The algorithm `line` names, if it is in the BSD form (`SHA256 (NAME) = DIGEST`).
+pub(crate) fn tagged(line: &[u8]) -> Option<HashAlgo> {
+    let rest = line.strip_prefix(b"\\").unwrap_or(line);
+    TAGS.iter()
+        .find(|(tag, _)| rest.starts_with(tag))
+        .map(|&(_, algo)| algo)
+}
+
+/// The escaped name and the digest's hex of a line in the BSD form of `algo`.
+fn split_tagged(rest: &[u8], algo: HashAlgo) -> Option<(&[u8], &[u8])> {
+    let (tag, _) = TAGS.iter().find(|(_, a)| *a == algo)?;
+    let rest = rest.strip_prefix(*tag)?;
+    let hex = algo.hex_len();
+    let at = rest.len().checked_sub(hex + 4)?;
+    (&rest[at..at + 4] == b") = ").then(|| (&rest[..at], &rest[at + 4..]))
 }
 
 /// Parses one line (without its trailing newline) of a manifest of `algo`. `None` means an
@@ -98,14 +128,21 @@ pub(crate) fn parse_line(line: &[u8], algo: HashAlgo) -> Option<Entry> {
         None => (false, line),
     };
     let hex = algo.hex_len();
-    if rest.len() < hex + 2 {
-        return None;
-    }
-    let digest = Digest::from_hex(algo, &rest[..hex])?;
-    // "  name" (text mode) or " *name" (binary mode): the same for a hash.
-    let name = match &rest[hex..hex + 2] {
-        b"  " | b" *" => &rest[hex + 2..],
-        _ => return None,
+    let (name, digest) = if tagged(line).is_some() {
+        // "SHA256 (name) = digest": a tag of another algorithm is malformed here.
+        let (name, hex) = split_tagged(rest, algo)?;
+        (name, Digest::from_hex(algo, hex)?)
+    } else {
+        if rest.len() < hex + 2 {
+            return None;
+        }
+        let digest = Digest::from_hex(algo, &rest[..hex])?;
+        // "  name" (text mode) or " *name" (binary mode): the same for a hash.
+        let name = match &rest[hex..hex + 2] {
+            b"  " | b" *" => &rest[hex + 2..],
+            _ => return None,
+        };
+        (name, digest)
     };
     if name.is_empty() {
         return None;

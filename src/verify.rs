@@ -257,6 +257,10 @@ fn detect(
     if let Some(algo) = opts.algo {
         return algo;
     }
+    // A line in the BSD form names its algorithm (`BLAKE3 (a) = ...`).
+    if let Some(algo) = lines.iter().find_map(|l| manifest::tagged(l)) {
+        return algo;
+    }
     let len = lines.iter().find_map(|l| manifest::hex_len(l));
     match len {
         Some(128) => HashAlgo::Sha512,

@@ -142,6 +142,51 @@ fn verify_accepts_a_real_sha256sum_manifest() {
     run(c).success();
 }
 
+/// What `sha256sum --tag` and `sha512sum --tag` write (the BSD form, `SHA256 (NAME) = DIGEST`,
+/// escaped as the usual form is) verifies too: the module promises every manifest the GNU
+/// tools write (found by a review: every line was malformed). A name holding `) = ` is read
+/// by the digest's place at the end.
+#[test]
+fn verify_accepts_the_bsd_form_the_gnu_tools_write_with_tag() {
+    let names = ["x y", "back\\slash", "nl\nname", "odd) = name"];
+    let mut t = TestTree::new();
+    for (i, n) in names.iter().enumerate() {
+        t = t.file(n, format!("content {i}\n").as_bytes());
+    }
+    for tool_name in ["sha256sum", "sha512sum"] {
+        let mut args = vec![s("--tag")];
+        args.extend(names.iter().map(|n| s(n)));
+        let m = tool(tool_name, &args, &t.root());
+        assert!(m.status.success(), "{tool_name}");
+        let text = String::from_utf8_lossy(&m.stdout).into_owned();
+        assert!(text.contains(" (x y) = "), "{text}");
+        fs::write(t.side("m"), &m.stdout).unwrap();
+        let root = t.root();
+        let out = run(filepipe(&[
+            s("verify"),
+            t.side("m").as_os_str(),
+            s("--root"),
+            root.as_os_str(),
+            s("--json"),
+        ]));
+        let last = out.context(tool_name).success().stdout();
+        let summary: serde_json::Value =
+            serde_json::from_str(last.lines().last().unwrap()).unwrap();
+        assert_eq!(summary["ok"], 4, "{tool_name}: {last}");
+        assert_eq!(summary["algo"], &tool_name[..6], "{tool_name}: {last}");
+        // A changed file fails as in the usual form.
+        fs::write(t.path("x y"), b"changed\n").unwrap();
+        let out = run(filepipe(&[
+            s("verify"),
+            t.side("m").as_os_str(),
+            s("--root"),
+            root.as_os_str(),
+        ]));
+        assert!(out.code(1).stdout().contains("x y: FAILED"), "{tool_name}");
+        fs::write(t.path("x y"), b"content 0\n").unwrap();
+    }
+}
+
 #[test]
 fn gz_tree_results_keep_a_name_with_a_newline_on_one_line() {
     let t = TestTree::new()
