@@ -433,25 +433,24 @@ impl<R: BufRead> Lines<R> {
 
 fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Line>, HashAlgo)> {
     let path = &opts.target;
-    let open = || {
-        File::open(path)
-            .map(|f| Lines::new(BufReader::new(f)))
-            .with_context(|| format!("cannot open {}", path.display()))
-    };
-    // The first lines tell the algorithm; then every line is read again and parsed as it comes,
-    // only the well-formed ones kept: a manifest is untrusted input, and 50 MB of short
-    // garbage lines kept whole took 5 GB.
-    let mut first: Vec<Vec<u8>> = Vec::new();
-    let mut head = open()?;
+    // Opened and read once: a manifest may come through a pipe (`verify /dev/stdin`, `<(...)`)
+    // or a FIFO, which a second open would not read from the start. The first lines tell the
+    // algorithm and are kept; the rest is parsed as it comes, only well-formed lines kept: a
+    // manifest is untrusted input, and 50 MB of short garbage lines kept whole took 5 GB.
+    let mut manifest = File::open(path)
+        .map(|f| Lines::new(BufReader::new(f)))
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    // `None`: a line too long to be one.
+    let mut first: Vec<Option<Vec<u8>>> = Vec::new();
     while first.len() < DETECT_LINES {
-        match head.next_line() {
-            Ok(Some(ManifestLine::Whole(line))) if !line.is_empty() => first.push(line.to_vec()),
-            Ok(Some(_)) => {}
+        match manifest.next_line() {
+            Ok(Some(ManifestLine::Whole([]))) => {}
+            Ok(Some(ManifestLine::Whole(line))) => first.push(Some(line.to_vec())),
+            Ok(Some(ManifestLine::TooLong)) => first.push(None),
             Ok(None) => break,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
-    drop(head);
     let root = match &opts.root {
         Some(r) => r.clone(),
         None => match path.parent() {
@@ -476,14 +475,20 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
     let beneath = Root::new(&root)
         .map_err(io::Error::from)
         .with_context(|| format!("cannot open the root {}", root.display()))?;
-    let algo = detect(opts, path, &first, &under, &beneath);
-    drop(first);
+    let whole: Vec<Vec<u8>> = first.iter().flatten().cloned().collect();
+    let algo = detect(opts, path, &whole, &under, &beneath);
+    drop(whole);
     let filter = Filter::new(&[], &opts.exclude)?;
     let mut report = Report::default();
     let mut entries: Vec<Entry> = Vec::new();
-    let mut all = open()?;
+    for line in first {
+        match line.and_then(|l| manifest::parse_line(&l, algo)) {
+            Some(entry) => entries.push(entry),
+            None => report.malformed += 1,
+        }
+    }
     loop {
-        match all.next_line() {
+        match manifest.next_line() {
             Ok(Some(ManifestLine::Whole([]))) => {}
             Ok(Some(ManifestLine::Whole(line))) => match manifest::parse_line(line, algo) {
                 Some(entry) => entries.push(entry),
@@ -494,7 +499,7 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
-    drop(all);
+    drop(manifest);
     let results: Vec<Check> = pool.install(|| {
         entries
             .par_iter()

@@ -396,12 +396,29 @@ impl Root {
     }
 
     /// Whether `file` (opened by full path, links followed) lies beneath this root: where the
-    /// kernel says each of them is (`/proc/self/fd`), the file's path starts with the root's.
-    /// Where /proc cannot say (not mounted, or a path longer than it gives), false: a job from
-    /// a queue names paths no walk checked, and an unknown place is not taken for inside.
+    /// kernel says each of them is (`/proc/self/fd`), the file's path starts with the root's,
+    /// and that path, reached from the root's descriptor without following any link, is this
+    /// very file (device and inode). The text alone is not enough: it is a path in the file's
+    /// own mount namespace, and a magic link (`/proc/PID/root/...` of a process in a user
+    /// namespace of anyone's making) leads into another, where a bind mount may put any
+    /// directory at a path that reads as inside the root (found by a review: `/etc/shadow`
+    /// read that way). Where /proc cannot say (not mounted, or a path longer than it gives),
+    /// false: a job from a queue names paths no walk checked, and an unknown place is not
+    /// taken for inside.
     pub(crate) fn holds(&self, file: &OwnedFd) -> bool {
-        match (&self.real, real_path(file)) {
-            (Some(root), Some(path)) => path.starts_with(root),
+        let (Some(root), Some(path)) = (&self.real, real_path(file)) else {
+            return false;
+        };
+        let Ok(rel) = path.strip_prefix(root) else {
+            return false;
+        };
+        let here = if rel.as_os_str().is_empty() {
+            rfs::fstat(&self.fd)
+        } else {
+            self.lstat(rel)
+        };
+        match (here, rfs::fstat(file)) {
+            (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
             _ => false,
         }
     }
