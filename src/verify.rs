@@ -117,7 +117,7 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
                  and .zst files"
             )));
         }
-        let (report, lines) = verify_compressed_tree(target, &pool);
+        let (report, lines) = verify_compressed_tree(target, &pool).map_err(setup)?;
         (report, lines, None)
     } else {
         let (report, lines, algo) = verify_manifest(opts, &pool).map_err(setup)?;
@@ -527,7 +527,7 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
         use std::os::unix::fs::MetadataExt;
         (m.dev(), m.ino())
     });
-    for (rel, check) in added(&root, &listed, &filter, manifest_id) {
+    for (rel, check) in added(&root, &beneath, &listed, &filter, manifest_id) {
         tally(&mut report, &check);
         let name = rel.into_os_string().into_encoded_bytes();
         lines.push(Line {
@@ -548,6 +548,7 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
 /// run, since the report of added files is then incomplete.
 fn added(
     root: &Path,
+    beneath: &Root,
     listed: &HashSet<PathBuf>,
     filter: &Filter,
     manifest_id: Option<(u64, u64)>,
@@ -561,6 +562,9 @@ fn added(
             Err(e) => {
                 let path = e.path().unwrap_or(root);
                 let rel = path.strip_prefix(root).unwrap_or(path).to_path_buf();
+                if !is_dir_beneath(beneath, &rel) {
+                    continue;
+                }
                 let why = match e.io_error() {
                     Some(io) => format!("cannot read this directory: {io}"),
                     None => e.to_string(),
@@ -588,13 +592,31 @@ fn added(
             continue;
         }
         let id = entry.metadata().ok().map(|m| (m.dev(), m.ino()));
-        if id.is_some() && id == manifest_id {
+        if id.is_some() && id == manifest_id || !is_beneath(beneath, rel, id) {
             continue;
         }
         found.push((rel.to_path_buf(), Check::Added));
     }
     found.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
     found
+}
+
+/// Whether `rel`, as a walk by path found it (device and inode `id`), is that very file beneath
+/// the root, reached from its descriptor without following any link. The walks go by path: a
+/// directory swapped for a symlink while they run leads them out of the tree (found by a
+/// review: names under /etc reported added), and what they find there is not reported.
+fn is_beneath(beneath: &Root, rel: &Path, id: Option<(u64, u64)>) -> bool {
+    let here = beneath.lstat(rel).ok().map(|st| (st.st_dev, st.st_ino));
+    here.is_some() && here == id
+}
+
+/// Whether `rel` is a directory beneath the root, reached without following any link (see
+/// `is_beneath`): a directory the walk could not read is reported only then.
+fn is_dir_beneath(beneath: &Root, rel: &Path) -> bool {
+    rel.as_os_str().is_empty()
+        || beneath.lstat(rel).is_ok_and(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
+        })
 }
 
 /// Opens the listed file `rel` for reading, beneath the root whatever the manifest or the tree
@@ -659,7 +681,13 @@ enum Found {
     NotChecked(String),
 }
 
-fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>) {
+fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> Result<(Report, Vec<Line>)> {
+    // Each file is opened beneath the root, no link followed, and what the walk (by path)
+    // found is reported only if it is there (`is_beneath`): a directory swapped for a symlink
+    // during the run must not get a file outside the tree decompressed, nor its name shown.
+    let beneath = Root::new(root)
+        .map_err(io::Error::from)
+        .with_context(|| format!("cannot open {}", root.display()))?;
     let mut found: Vec<(PathBuf, Found)> = Vec::new();
     for entry in WalkDir::new(root).min_depth(1) {
         let entry = match entry {
@@ -667,6 +695,9 @@ fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>)
             Err(e) => {
                 // A directory (or entry) the walk could not read: its files went unchecked.
                 let path = e.path().unwrap_or(root).to_path_buf();
+                if !is_dir_beneath(&beneath, path.strip_prefix(root).unwrap_or(&path)) {
+                    continue;
+                }
                 let why = match e.io_error() {
                     Some(io) => format!("cannot read this directory: {io}"),
                     None => e.to_string(),
@@ -698,6 +729,14 @@ fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>)
             };
             Found::NotChecked(format!("{what}, not a regular file: not checked"))
         };
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            entry.metadata().ok().map(|m| (m.dev(), m.ino()))
+        };
+        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+        if !is_beneath(&beneath, rel, id) {
+            continue;
+        }
         found.push((entry.into_path(), found_here));
     }
     found.sort_unstable_by(|a, b| a.0.as_os_str().as_bytes().cmp(b.0.as_os_str().as_bytes()));
@@ -707,8 +746,8 @@ fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>)
             .map_init(
                 || vec![0u8; BUF_SIZE],
                 |buf, (p, f)| match f {
-                    Found::Gz => test_file(p, buf, test_gz_stream),
-                    Found::Zst => test_file(p, buf, test_zst_stream),
+                    Found::Gz => test_file(&beneath, root, p, buf, test_gz_stream),
+                    Found::Zst => test_file(&beneath, root, p, buf, test_zst_stream),
                     Found::NotChecked(why) => Check::Unreadable(why.clone()),
                 },
             )
@@ -725,16 +764,20 @@ fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> (Report, Vec<Line>)
             check,
         });
     }
-    (report, lines)
+    Ok((report, lines))
 }
 
-/// Tests a whole compressed file with `test` (`test_gz_stream`, `test_zst_stream`).
+/// Tests a whole compressed file `path` (under `root`) with `test` (`test_gz_stream`,
+/// `test_zst_stream`), opened beneath the root with no link followed.
 fn test_file(
+    beneath: &Root,
+    root: &Path,
     path: &Path,
     buf: &mut [u8],
     test: fn(BufReader<InputFile>, &mut [u8]) -> Check,
 ) -> Check {
-    let input = match InputFile::open(path, false) {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let input = match InputFile::open_beneath(Some(beneath), rel, path, false, false) {
         Ok(f) => f,
         Err(OpenError::NotRegular(what)) => {
             return Check::Unreadable(format!("not a regular file ({what})"))
@@ -857,6 +900,31 @@ mod tests {
             assert!(lines.line.capacity() <= 2 * LONGEST_LINE);
         }
         assert_eq!(seen, ["ok line", "<too long>", "", "last, no newline"]);
+    }
+
+    /// What a walk by path found through a directory swapped for a symlink is not beneath the
+    /// root: reached from the root's descriptor with no link followed, it is another file, or
+    /// none (the walks report only what `is_beneath` vouches for).
+    #[test]
+    fn a_file_found_through_a_swapped_directory_is_not_beneath_the_root() {
+        use std::os::unix::fs::MetadataExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("z")).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::fs::write(root.join("z/f"), b"inside").unwrap();
+        std::fs::write(outside.join("f"), b"outside").unwrap();
+        let beneath = Root::new(&root).unwrap();
+        let id = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()));
+        assert!(is_beneath(&beneath, Path::new("z/f"), id(&root.join("z/f"))));
+        assert!(is_dir_beneath(&beneath, Path::new("z")));
+        // The walk, by path, after `z` became a link out: it finds outside/f as z/f.
+        std::fs::rename(root.join("z"), tmp.path().join("z-away")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("z")).unwrap();
+        let found = id(&root.join("z").join("f"));
+        assert_eq!(found, id(&outside.join("f")));
+        assert!(!is_beneath(&beneath, Path::new("z/f"), found));
+        assert!(!is_dir_beneath(&beneath, Path::new("z")));
     }
 
     #[test]
