@@ -915,8 +915,16 @@ mod tests {
         std::fs::write(root.join("z/f"), b"inside").unwrap();
         std::fs::write(outside.join("f"), b"outside").unwrap();
         let beneath = Root::new(&root).unwrap();
-        let id = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()));
-        assert!(is_beneath(&beneath, Path::new("z/f"), id(&root.join("z/f"))));
+        let id = |p: &Path| {
+            std::fs::symlink_metadata(p)
+                .ok()
+                .map(|m| (m.dev(), m.ino()))
+        };
+        assert!(is_beneath(
+            &beneath,
+            Path::new("z/f"),
+            id(&root.join("z/f"))
+        ));
         assert!(is_dir_beneath(&beneath, Path::new("z")));
         // The walk, by path, after `z` became a link out: it finds outside/f as z/f.
         std::fs::rename(root.join("z"), tmp.path().join("z-away")).unwrap();
