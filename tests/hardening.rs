@@ -1138,12 +1138,14 @@ fn case_11_jobs_is_bounded_and_a_thread_that_cannot_start_is_a_clear_error() {
         return;
     }
     t.open_to_all();
+    // A user of its own: the limit counts every process and thread of the user, and the other
+    // tests running beside this one as `nobody` (65534) made the exec itself fail (EAGAIN).
     let mut cmd = Command::new("prlimit");
     cmd.args([
         "--nproc=4",
         "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
+        "--reuid=65511",
+        "--regid=65511",
         "--clear-groups",
     ])
     .arg(bin())
