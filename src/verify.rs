@@ -393,41 +393,21 @@ impl<R: BufRead> Lines<R> {
     /// The next line, `None` at the end.
     fn next_line(&mut self) -> io::Result<Option<ManifestLine<'_>>> {
         self.line.clear();
-        let mut too_long = false;
-        let mut any = false;
-        loop {
-            let buf = match self.input.fill_buf() {
-                Ok(b) => b,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if buf.is_empty() {
-                break;
-            }
-            any = true;
-            let (part, end) = match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => (&buf[..i], Some(i + 1)),
-                None => (buf, None),
-            };
-            if !too_long {
-                if self.line.len() + part.len() > LONGEST_LINE {
-                    too_long = true;
-                    self.line.clear();
-                } else {
-                    self.line.extend_from_slice(part);
-                }
-            }
-            let used = end.unwrap_or(buf.len());
-            self.input.consume(used);
-            if end.is_some() {
-                break;
-            }
+        let limit = LONGEST_LINE as u64 + 1;
+        if (&mut self.input)
+            .take(limit)
+            .read_until(b'\n', &mut self.line)?
+            == 0
+        {
+            return Ok(None);
         }
-        Ok(match (any, too_long) {
-            (false, _) => None,
-            (true, true) => Some(ManifestLine::TooLong),
-            (true, false) => Some(ManifestLine::Whole(&self.line)),
-        })
+        if self.line.last() == Some(&b'\n') {
+            self.line.pop();
+        } else if self.line.len() > LONGEST_LINE {
+            self.input.skip_until(b'\n')?;
+            return Ok(Some(ManifestLine::TooLong));
+        }
+        Ok(Some(ManifestLine::Whole(&self.line)))
     }
 }
 
@@ -440,13 +420,13 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
     let mut manifest = File::open(path)
         .map(|f| Lines::new(BufReader::new(f)))
         .with_context(|| format!("cannot open {}", path.display()))?;
-    // `None`: a line too long to be one.
-    let mut first: Vec<Option<Vec<u8>>> = Vec::new();
+    let mut report = Report::default();
+    let mut first: Vec<Vec<u8>> = Vec::new();
     while first.len() < DETECT_LINES {
         match manifest.next_line() {
             Ok(Some(ManifestLine::Whole([]))) => {}
-            Ok(Some(ManifestLine::Whole(line))) => first.push(Some(line.to_vec())),
-            Ok(Some(ManifestLine::TooLong)) => first.push(None),
+            Ok(Some(ManifestLine::Whole(line))) => first.push(line.to_vec()),
+            Ok(Some(ManifestLine::TooLong)) => report.malformed += 1,
             Ok(None) => break,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
@@ -475,26 +455,21 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
     let beneath = Root::new(&root)
         .map_err(io::Error::from)
         .with_context(|| format!("cannot open the root {}", root.display()))?;
-    let whole: Vec<Vec<u8>> = first.iter().flatten().cloned().collect();
-    let algo = detect(opts, path, &whole, &under, &beneath);
-    drop(whole);
+    let algo = detect(opts, path, &first, &under, &beneath);
     let filter = Filter::new(&[], &opts.exclude)?;
-    let mut report = Report::default();
     let mut entries: Vec<Entry> = Vec::new();
-    for line in first {
-        match line.and_then(|l| manifest::parse_line(&l, algo)) {
-            Some(entry) => entries.push(entry),
-            None => report.malformed += 1,
-        }
-    }
+    // `None`: a line too long to be one, malformed like one that does not parse.
+    let mut take = |line: Option<&[u8]>| match line.and_then(|l| manifest::parse_line(l, algo)) {
+        Some(entry) => entries.push(entry),
+        None => report.malformed += 1,
+    };
+    first.iter().for_each(|line| take(Some(line)));
+    drop(first);
     loop {
         match manifest.next_line() {
             Ok(Some(ManifestLine::Whole([]))) => {}
-            Ok(Some(ManifestLine::Whole(line))) => match manifest::parse_line(line, algo) {
-                Some(entry) => entries.push(entry),
-                None => report.malformed += 1,
-            },
-            Ok(Some(ManifestLine::TooLong)) => report.malformed += 1,
+            Ok(Some(ManifestLine::Whole(line))) => take(Some(line)),
+            Ok(Some(ManifestLine::TooLong)) => take(None),
             Ok(None) => break,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
