@@ -736,6 +736,12 @@ fn case_8_a_hostile_manifest_gets_verify_to_read_nothing_outside_its_root() {
     std::os::unix::fs::symlink("../nothing-here", tree.join("dangling")).unwrap();
     fs::create_dir(tree.join("sub")).unwrap();
     std::os::unix::fs::symlink("../a", tree.join("sub/up")).unwrap();
+    // Out and back in: through a directory outside that exists, and one that does not. Both
+    // refused alike (the first was read, the second refused: an oracle for what exists).
+    std::os::unix::fs::symlink("../outside/../tree/a", tree.join("probe-there")).unwrap();
+    std::os::unix::fs::symlink("../nowhere/../tree/a", tree.join("probe-not-there")).unwrap();
+    // Out and straight back in by the root's own name: followed.
+    std::os::unix::fs::symlink("../tree/a", tree.join("back")).unwrap();
     mkfifo(&tree.join("fifo"));
     // A writer blocked on the FIFO until a reader opens it.
     let mut writer = Command::new("sh")
@@ -756,12 +762,14 @@ fn case_8_a_hostile_manifest_gets_verify_to_read_nothing_outside_its_root() {
         ("dangling".into(), "leads outside the root"),
         ("fifo".into(), "not a regular file"),
         ("sub/../a".into(), "outside the root"),
+        ("probe-there".into(), "leads outside the root"),
+        ("probe-not-there".into(), "leads outside the root"),
     ];
     let mut manifest = String::new();
     for (name, _) in &names {
         manifest.push_str(&format!("{secret}  {name}\n"));
     }
-    for name in ["a", "inlink", "sub/up"] {
+    for name in ["a", "inlink", "sub/up", "back"] {
         manifest.push_str(&format!("{alpha}  {name}\n"));
     }
     manifest.push_str(&format!("{alpha}  {}\n", tree.join("a").display()));
@@ -786,7 +794,7 @@ fn case_8_a_hostile_manifest_gets_verify_to_read_nothing_outside_its_root() {
         );
     }
     // Links that stay beneath the root are followed, as `batch --follow-symlinks` does.
-    for name in ["a", "inlink", "sub/up"] {
+    for name in ["a", "inlink", "sub/up", "back"] {
         assert!(
             stdout.contains(&format!("\n{name}: OK\n")),
             "{name}: {stdout}"

@@ -50,8 +50,9 @@ impl InputFile {
     /// refusing anything but a regular file. Without `follow_symlinks`, `rel` is resolved
     /// beneath `root` with no symlink anywhere on it (see `Root`): a directory swapped for a
     /// symlink after the walk listed it cannot lead the read out of the tree, and only `rel`'s
-    /// components are looked up, not the root's. With `--follow-symlinks`, or without a
-    /// `root`, by full path.
+    /// components are looked up, not the root's. With `--follow-symlinks`, links are followed
+    /// to what lies beneath `root` only, and nothing outside it is ever looked up
+    /// (`Root::follow`). Without a `root` (tests), by full path.
     ///
     /// Where what `rel` leads to was not seen by a walk (links followed, which may have been
     /// pointed elsewhere since; `unvouched`, a cluster job's path, which anyone who may publish
@@ -72,10 +73,10 @@ impl InputFile {
         }
         let beneath = root.filter(|_| !follow_symlinks);
         // Links followed beneath a root: resolved by the kernel, which refuses any step out of
-        // it (`RESOLVE_BENEATH`: an absolute link, or `..` above the root, fails with EXDEV).
-        // Such a link, which may still lead back inside (an absolute path into the tree), and
-        // any link where `openat2` is not to be had, are followed by full path, and where it
-        // leads is judged before anything is opened (`Root::reach_by_path`).
+        // it (`RESOLVE_BENEATH`: an absolute link, or `..` above the root, fails with EXDEV)
+        // before looking there. Such a link, which may still lead back inside (an absolute
+        // path into the tree), and any link where `openat2` is not to be had, are followed one
+        // step at a time beneath the root (`Root::follow`).
         let confined = root.filter(|r| follow_symlinks && r.openat2);
         let judge = root.filter(|_| follow_symlinks);
         let refused = std::cell::Cell::new(None);
@@ -83,15 +84,15 @@ impl InputFile {
             (Some(root), _, _) => root.open(rel, flags),
             (None, Some(root), _) => {
                 match rfs::openat2(&root.fd, rel, flags, Mode::empty(), ResolveFlags::BENEATH) {
-                    Err(Errno::XDEV) => root.reach_by_path(abs, None, &refused),
+                    Err(Errno::XDEV) => root.follow(rel, flags, &refused),
                     r => r,
                 }
             }
-            (None, None, Some(root)) => root.reach_by_path(abs, Some(rel), &refused),
+            (None, None, Some(root)) => root.follow(rel, flags, &refused),
             (None, None, None) => rfs::open(abs, flags, Mode::empty()),
         };
         // Without /proc (a chroot) nothing can be reopened: opened directly, as a walked file
-        // is (a link followed by path is then refused: `holds` cannot tell where it leads).
+        // is (`Root::follow` opens the last step with the flags given).
         let first = root.filter(|_| (follow_symlinks || unvouched) && proc_fds());
         let open = |flags: OFlags| match first {
             Some(root) => {
@@ -220,6 +221,27 @@ impl std::fmt::Display for NotRegular {
     }
 }
 
+/// One step of a path `Root::follow` has still to take.
+enum Step {
+    Name(std::ffi::OsString),
+    Up,
+    FromTop,
+}
+
+impl Step {
+    /// Puts the steps of `path` on `todo`, a stack (the next step last).
+    fn push(path: &Path, todo: &mut Vec<Step>) {
+        for c in path.components().rev() {
+            match c {
+                Component::Normal(n) => todo.push(Step::Name(n.to_owned())),
+                Component::ParentDir => todo.push(Step::Up),
+                Component::RootDir => todo.push(Step::FromTop),
+                Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+    }
+}
+
 /// The root of a tree, open, for reaching paths beneath it without following any symlink and
 /// without `..` leading out: with one `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)` where the
 /// kernel has it, else one component at a time with `O_NOFOLLOW` (Linux before 5.6, and
@@ -229,9 +251,12 @@ impl std::fmt::Display for NotRegular {
 pub(crate) struct Root {
     fd: OwnedFd,
     openat2: bool,
-    /// Where the kernel says the root is (`/proc/self/fd`), read once for `holds`; `None` where
-    /// /proc cannot say.
+    /// Where the kernel says the root is (`/proc/self/fd`), read once for `follow`; `None`
+    /// where /proc cannot say (links are then followed only while they stay beneath it).
     real: Option<PathBuf>,
+    /// The root's path as it was named (made absolute), where that differs from `real`: an
+    /// absolute link into the tree may be written either way (`Root::follow`).
+    given: Option<PathBuf>,
 }
 
 /// Whether `/proc/self/fd` is there to reopen a descriptor through (`Root::reopen_regular`).
@@ -252,7 +277,15 @@ impl Root {
         let fd = rfs::open(root, Self::DIR, Mode::empty())?;
         let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
         let real = real_path(&fd);
-        Ok(Root { fd, openat2, real })
+        let given = std::path::absolute(root)
+            .ok()
+            .filter(|g| real.as_ref() != Some(g));
+        Ok(Root {
+            fd,
+            openat2,
+            real,
+            given,
+        })
     }
 
     /// A root already open (`fd`, a directory opened without following a symlink, such as a
@@ -261,7 +294,12 @@ impl Root {
         let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
         let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
         let real = real_path(&fd);
-        Ok(Root { fd, openat2, real })
+        Ok(Root {
+            fd,
+            openat2,
+            real,
+            given: None,
+        })
     }
 
     /// The stat of `rel` itself (a symlink is not followed), reached as `open` reaches it.
@@ -340,36 +378,124 @@ impl Root {
         None
     }
 
-    /// Reaches `abs` (a path into this root, links followed) with `O_PATH`, which opens
-    /// nothing (no FIFO's writer released, no device's driver asked, no lease broken), if what
-    /// it leads to lies beneath the root (`holds`); else says so in `refused` and fails
-    /// (EXDEV). A path that cannot be reached (nothing there) through a symlink is refused
-    /// the same way, since where a dangling link leads cannot be told: reported missing,
-    /// whoever names the path (a job, a manifest) would learn whether something exists outside
-    /// the root. `rel` is the path beneath the root, to look for a symlink on it; `None` when
-    /// the kernel found one leading out already (`RESOLVE_BENEATH` refused it).
-    fn reach_by_path(
+    /// Follows `rel` beneath this root, links included, as the kernel resolves a path, but
+    /// without ever looking anything up outside the root: each name is looked up from a
+    /// directory beneath it with `O_NOFOLLOW`, a link's text is read and taken in its place,
+    /// and `..` goes back to the directory this walk came from (its own stack of descriptors,
+    /// never the kernel's `..`). A step above the root is followed as text only, against the
+    /// path the kernel gives for the root (`real`): `../tree/x` from the root `/srv/tree`
+    /// comes back in, as does an absolute link into the root's path (`real`, or `given`, the
+    /// spelling the root was named by); any other step out is refused (`refused`, EXDEV)
+    /// before anything there is looked at. Why not follow by full path and judge where it led
+    /// (as before): the lookups outside told, by failing or not, whether a path outside
+    /// exists (a link `../x/../tree/a` was read if `/srv/x` existed and refused if not),
+    /// which let whoever names a path (a job, a manifest) probe for files as the user
+    /// filepipe runs as.
+    ///
+    /// `flags` are for the last step: with `O_PATH`, what the path leads to is reached and
+    /// nothing is opened; without it (no /proc to reopen through), opened with them.
+    fn follow(
         &self,
-        abs: &Path,
-        rel: Option<&Path>,
+        rel: &Path,
+        flags: OFlags,
         refused: &std::cell::Cell<Option<NotRegular>>,
     ) -> rustix::io::Result<OwnedFd> {
-        let place = match rfs::open(abs, OFlags::PATH | OFlags::CLOEXEC, Mode::empty()) {
-            Ok(place) => place,
-            Err(e) => {
-                if rel.is_none_or(|rel| self.symlink_in(rel).is_some()) {
-                    refused.set(Some(NotRegular::OutsideRoot));
-                    return Err(Errno::XDEV);
-                }
-                return Err(e);
-            }
-        };
-        if !self.holds(&place) {
+        // The kernel's own limit on links followed in one lookup.
+        const MAX_LINKS: usize = 40;
+        let out = || {
             refused.set(Some(NotRegular::OutsideRoot));
-            return Err(Errno::XDEV);
+            Err(Errno::XDEV)
+        };
+        let mut todo = Vec::new();
+        Step::push(rel, &mut todo);
+        // Where the walk is: beneath the root (`dirs`, empty at the root itself), or, as text
+        // only, at a directory above it (`above`, a proper ancestor of `real`).
+        let mut dirs: Vec<OwnedFd> = Vec::new();
+        let mut above: Option<PathBuf> = None;
+        let mut reached: Option<OwnedFd> = None;
+        let mut links = 0;
+        while let Some(step) = todo.pop() {
+            if reached.is_some() {
+                // A step on from a file that is no directory.
+                return Err(Errno::NOTDIR);
+            }
+            match (step, &self.real, above.take()) {
+                (Step::FromTop, Some(real), _) => {
+                    dirs.clear();
+                    above = real.parent().map(|_| PathBuf::from("/"));
+                }
+                (Step::Up, Some(_), Some(mut at)) => {
+                    at.pop();
+                    above = Some(at);
+                }
+                (Step::Up, real, None) => {
+                    if dirs.pop().is_none() {
+                        match real {
+                            Some(real) => above = real.parent().map(Path::to_path_buf),
+                            None => return out(),
+                        }
+                    }
+                }
+                (Step::Name(name), Some(real), Some(at)) => {
+                    let next = at.join(&name);
+                    if next == *real {
+                        above = None;
+                    } else if real.starts_with(&next) {
+                        above = Some(next);
+                    } else {
+                        return out();
+                    }
+                }
+                (Step::Name(name), _, None) => {
+                    let at = dirs.last().unwrap_or(&self.fd);
+                    let place = rfs::openat(at, &name, Self::PLACE, Mode::empty())?;
+                    match FileType::from_raw_mode(rfs::fstat(&place)?.st_mode) {
+                        FileType::Symlink => {
+                            links += 1;
+                            if links > MAX_LINKS {
+                                return Err(Errno::LOOP);
+                            }
+                            use std::os::unix::ffi::OsStringExt;
+                            let link = PathBuf::from(std::ffi::OsString::from_vec(
+                                rfs::readlinkat(&place, "", Vec::new())?.into_bytes(),
+                            ));
+                            let given = self.given.as_ref().zip(self.real.as_ref());
+                            match given.and_then(|(g, r)| Some(r.join(link.strip_prefix(g).ok()?)))
+                            {
+                                Some(inside) => Step::push(&inside, &mut todo),
+                                None => Step::push(&link, &mut todo),
+                            }
+                        }
+                        FileType::Directory => dirs.push(place),
+                        _ if flags.contains(OFlags::PATH) => reached = Some(place),
+                        _ => {
+                            reached = Some(rfs::openat(
+                                at,
+                                &name,
+                                flags | OFlags::NOFOLLOW,
+                                Mode::empty(),
+                            )?)
+                        }
+                    }
+                }
+                // No path for the root: a step out cannot be followed even as text.
+                (Step::FromTop | Step::Up | Step::Name(_), None, _) => return out(),
+            }
         }
-        Ok(place)
+        if above.is_some() {
+            return out();
+        }
+        match reached {
+            Some(place) => Ok(place),
+            None => {
+                let at = dirs.last().unwrap_or(&self.fd);
+                rfs::openat(at, ".", flags | OFlags::NOFOLLOW, Mode::empty())
+            }
+        }
     }
+
+    /// How `follow` reaches each name: the thing itself, opened for nothing.
+    const PLACE: OFlags = OFlags::PATH.union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
 
     /// Opens `place` (reached with `O_PATH`) for reading with `flags`, if it is a regular
     /// file, through `/proc/self/fd`, which reopens that very file without looking its path up
@@ -394,34 +520,6 @@ impl Root {
                 }));
                 Err(Errno::NXIO)
             }
-        }
-    }
-
-    /// Whether `file` (opened by full path, links followed) lies beneath this root: where the
-    /// kernel says each of them is (`/proc/self/fd`), the file's path starts with the root's,
-    /// and that path, reached from the root's descriptor without following any link, is this
-    /// very file (device and inode). The text alone is not enough: it is a path in the file's
-    /// own mount namespace, and a magic link (`/proc/PID/root/...` of a process in a user
-    /// namespace of anyone's making) leads into another, where a bind mount may put any
-    /// directory at a path that reads as inside the root (found by a review: `/etc/shadow`
-    /// read that way). Where /proc cannot say (not mounted, or a path longer than it gives),
-    /// false: a job from a queue names paths no walk checked, and an unknown place is not
-    /// taken for inside.
-    pub(crate) fn holds(&self, file: &OwnedFd) -> bool {
-        let (Some(root), Some(path)) = (&self.real, real_path(file)) else {
-            return false;
-        };
-        let Ok(rel) = path.strip_prefix(root) else {
-            return false;
-        };
-        let here = if rel.as_os_str().is_empty() {
-            rfs::fstat(&self.fd)
-        } else {
-            self.lstat(rel)
-        };
-        match (here, rfs::fstat(file)) {
-            (Ok(a), Ok(b)) => (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino),
-            _ => false,
         }
     }
 
@@ -565,6 +663,17 @@ mod tests {
         std::fs::write(outside.join("f"), b"outside").unwrap();
         std::os::unix::fs::symlink(&outside, root.join("link")).unwrap();
         std::os::unix::fs::symlink(root.join("d/e/f"), root.join("d/l")).unwrap();
+        let link = |to: &str, at: &str| std::os::unix::fs::symlink(to, root.join(at)).unwrap();
+        link("../root/d/e/f", "back");
+        link("../../../root/d/../d/e/f", "d/e/up");
+        link("../outside/../root/d/e/f", "probe-there");
+        link("../nowhere/../root/d/e/f", "probe-not-there");
+        link("..", "parent");
+        link("/", "slash");
+        link("d/nothing", "dangling");
+        link("loop", "loop");
+        std::os::unix::fs::symlink(root.canonicalize().unwrap().join("d/e/f"), root.join("abs"))
+            .unwrap();
         let with_openat2 = Root::new(&root).unwrap();
         // Both ways of resolving: openat2, and one component at a time (the fallback, tested
         // everywhere; where openat2 is refused, as under the shipped units' seccomp filter,
@@ -611,6 +720,31 @@ mod tests {
                     open("link/f", true),
                     Err(OpenError::NotRegular(NotRegular::OutsideRoot))
                 ),
+                "{r:?}"
+            );
+            // A link that leaves the root and comes back is followed, as text, without a look
+            // outside: one through a directory outside is refused whether that exists or not
+            // (whether it does was told before: read if it did, refused if not).
+            for rel in ["back", "abs", "d/e/up"] {
+                assert_eq!(read_all(open(rel, true).unwrap()), b"inside", "{rel} {r:?}");
+            }
+            for rel in ["probe-there", "probe-not-there", "parent/x", "slash"] {
+                assert!(
+                    matches!(
+                        open(rel, true),
+                        Err(OpenError::NotRegular(NotRegular::OutsideRoot))
+                    ),
+                    "{rel} {r:?}: {:?}",
+                    open(rel, true)
+                );
+            }
+            // A dangling link inside the root is a file that is not there; a loop, a failure.
+            match open("dangling", true) {
+                Err(OpenError::Failed(e)) => assert_eq!(e.kind, Kind::Vanished, "{r:?}"),
+                other => panic!("dangling: unexpected {other:?}"),
+            }
+            assert!(
+                matches!(open("loop", true), Err(OpenError::Failed(_))),
                 "{r:?}"
             );
             // The directory of an input, for --remove-source: never through a link either.
