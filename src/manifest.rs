@@ -90,9 +90,20 @@ pub(crate) fn hex_len(line: &[u8]) -> Option<usize> {
     if let Some(algo) = tagged(line) {
         return Some(algo.hex_len());
     }
+    let line = unindented(line);
     let rest = line.strip_prefix(b"\\").unwrap_or(line);
     let n = rest.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    matches!(rest.get(n..n + 2), Some(b"  " | b" *")).then_some(n)
+    (n > 0 && matches!(rest.get(n), Some(b' ' | b'\t')) && rest.len() > n + 1).then_some(n)
+}
+
+/// `line` without the spaces and tabs it starts with, which GNU's `sha256sum -c` ignores
+/// (no digest and no escape mark starts with one, so nothing is lost).
+fn unindented(line: &[u8]) -> &[u8] {
+    let n = line
+        .iter()
+        .take_while(|b| matches!(b, b' ' | b'\t'))
+        .count();
+    &line[n..]
 }
 
 /// The tags of the BSD form (`sha256sum --tag`), with their algorithm.
@@ -104,6 +115,7 @@ const TAGS: [(&[u8], HashAlgo); 3] = [
 
 /// The algorithm `line` names, if it is in the BSD form (`SHA256 (NAME) = DIGEST`).
 pub(crate) fn tagged(line: &[u8]) -> Option<HashAlgo> {
+    let line = unindented(line);
     let rest = line.strip_prefix(b"\\").unwrap_or(line);
     TAGS.iter()
         .find(|(tag, _)| rest.starts_with(tag))
@@ -119,9 +131,28 @@ fn split_tagged(rest: &[u8], algo: HashAlgo) -> Option<(&[u8], &[u8])> {
     (&rest[at..at + 4] == b") = ").then(|| (&rest[..at], &rest[at + 4..]))
 }
 
-/// Parses one line (without its trailing newline) of a manifest of `algo`. `None` means an
-/// improperly formatted line (a digest of another length among them).
+/// How a manifest's lines part digest and name, as GNU's `sha256sum -c` tells it from the
+/// first line that says: two characters (`  ` text mode, ` *` binary mode), or a single space
+/// or tab (the BSD tools' `-r` form, `sha256 -r` on FreeBSD). Why one layout for the whole
+/// manifest rather than a guess per line: `DIGEST   name` is the name ` name` in one layout
+/// and `name` in the other, and a file renamed with a leading space must not pass for another
+/// (GNU's reason for refusing mixed manifests, followed here).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Layout {
+    /// `Some(true)`: one character; `Some(false)`: two; `None`: no line has said yet.
+    one: Option<bool>,
+}
+
+/// Parses one line (without its trailing newline) of a manifest of `algo`, alone. `None`
+/// means an improperly formatted line (a digest of another length among them).
 pub(crate) fn parse_line(line: &[u8], algo: HashAlgo) -> Option<Entry> {
+    parse_line_in(line, algo, &mut Layout::default())
+}
+
+/// Parses one line (without its trailing newline) of a manifest of `algo` whose `layout` the
+/// lines before told (and this one may tell). `None` means an improperly formatted line.
+pub(crate) fn parse_line_in(line: &[u8], algo: HashAlgo, layout: &mut Layout) -> Option<Entry> {
+    let line = unindented(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let (escaped, rest) = match line.strip_prefix(b"\\") {
         Some(rest) => (true, rest),
@@ -133,14 +164,25 @@ pub(crate) fn parse_line(line: &[u8], algo: HashAlgo) -> Option<Entry> {
         let (name, hex) = split_tagged(rest, algo)?;
         (name, Digest::from_hex(algo, hex)?)
     } else {
-        if rest.len() < hex + 2 {
+        if rest.len() < hex + 2 || !matches!(rest[hex], b' ' | b'\t') {
             return None;
         }
         let digest = Digest::from_hex(algo, &rest[..hex])?;
-        // "  name" (text mode) or " *name" (binary mode): the same for a hash.
-        let name = match &rest[hex..hex + 2] {
-            b"  " | b" *" => &rest[hex + 2..],
-            _ => return None,
+        // "  name" (text mode) or " *name" (binary mode): the same for a hash. A name of one
+        // byte after one space is the one-character layout, as GNU takes it.
+        let after = &rest[hex + 1..];
+        let two = after.len() > 1 && matches!(after[0], b' ' | b'*');
+        let name = match (two, layout.one) {
+            (true, Some(true)) => after,
+            (true, _) => {
+                layout.one = Some(false);
+                &after[1..]
+            }
+            (false, Some(false)) => return None,
+            (false, _) => {
+                layout.one = Some(true);
+                after
+            }
         };
         (name, digest)
     };

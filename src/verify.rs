@@ -134,16 +134,32 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
         r => r.map_err(Error::Output)?,
     }
     if !opts.quiet {
-        let warn = |n: u64, what: &str| {
-            if n > 0 {
-                eprintln!("filepipe: WARNING: {n} {what}");
-            }
+        let warn = |n: u64, one: &str, many: &str| match n {
+            0 => {}
+            1 => eprintln!("filepipe: WARNING: 1 {one}"),
+            n => eprintln!("filepipe: WARNING: {n} {many}"),
         };
-        warn(report.malformed, "lines are improperly formatted");
-        warn(report.unreadable, "files could not be read or checked");
-        warn(report.failed, "files did not verify");
-        warn(report.missing, "listed files are missing");
-        warn(report.added, "files are not listed in the manifest (added)");
+        warn(
+            report.malformed,
+            "line is improperly formatted",
+            "lines are improperly formatted",
+        );
+        warn(
+            report.unreadable,
+            "file could not be read or checked",
+            "files could not be read or checked",
+        );
+        warn(report.failed, "file did not verify", "files did not verify");
+        warn(
+            report.missing,
+            "listed file is missing",
+            "listed files are missing",
+        );
+        warn(
+            report.added,
+            "file is not listed in the manifest (added)",
+            "files are not listed in the manifest (added)",
+        );
     }
     Ok(report)
 }
@@ -390,24 +406,33 @@ impl<R: BufRead> Lines<R> {
         }
     }
 
-    /// The next line, `None` at the end.
+    /// The next line that is not empty or a comment, `None` at the end. A comment starts
+    /// with `#`, as GNU's `sha256sum -c` takes it (and skips it, however long).
     fn next_line(&mut self) -> io::Result<Option<ManifestLine<'_>>> {
-        self.line.clear();
-        let limit = LONGEST_LINE as u64 + 1;
-        if (&mut self.input)
-            .take(limit)
-            .read_until(b'\n', &mut self.line)?
-            == 0
-        {
-            return Ok(None);
+        loop {
+            self.line.clear();
+            let limit = LONGEST_LINE as u64 + 1;
+            if (&mut self.input)
+                .take(limit)
+                .read_until(b'\n', &mut self.line)?
+                == 0
+            {
+                return Ok(None);
+            }
+            let whole = self.line.last() == Some(&b'\n');
+            if whole {
+                self.line.pop();
+            } else if self.line.len() > LONGEST_LINE {
+                self.input.skip_until(b'\n')?;
+            }
+            if matches!(self.line.first(), None | Some(b'#')) {
+                continue;
+            }
+            if !whole && self.line.len() > LONGEST_LINE {
+                return Ok(Some(ManifestLine::TooLong));
+            }
+            return Ok(Some(ManifestLine::Whole(&self.line)));
         }
-        if self.line.last() == Some(&b'\n') {
-            self.line.pop();
-        } else if self.line.len() > LONGEST_LINE {
-            self.input.skip_until(b'\n')?;
-            return Ok(Some(ManifestLine::TooLong));
-        }
-        Ok(Some(ManifestLine::Whole(&self.line)))
     }
 }
 
@@ -424,7 +449,6 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
     let mut first: Vec<Vec<u8>> = Vec::new();
     while first.len() < DETECT_LINES {
         match manifest.next_line() {
-            Ok(Some(ManifestLine::Whole([]))) => {}
             Ok(Some(ManifestLine::Whole(line))) => first.push(line.to_vec()),
             Ok(Some(ManifestLine::TooLong)) => report.malformed += 1,
             Ok(None) => break,
@@ -459,7 +483,10 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
     let filter = Filter::new(&[], &opts.exclude)?;
     let mut entries: Vec<Entry> = Vec::new();
     // `None`: a line too long to be one, malformed like one that does not parse.
-    let mut take = |line: Option<&[u8]>| match line.and_then(|l| manifest::parse_line(l, algo)) {
+    let mut layout = manifest::Layout::default();
+    let mut take = |line: Option<&[u8]>| match line
+        .and_then(|l| manifest::parse_line_in(l, algo, &mut layout))
+    {
         Some(entry) => entries.push(entry),
         None => report.malformed += 1,
     };
@@ -467,7 +494,6 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
     drop(first);
     loop {
         match manifest.next_line() {
-            Ok(Some(ManifestLine::Whole([]))) => {}
             Ok(Some(ManifestLine::Whole(line))) => take(Some(line)),
             Ok(Some(ManifestLine::TooLong)) => take(None),
             Ok(None) => break,
@@ -857,14 +883,17 @@ mod tests {
         );
     }
 
-    /// A manifest line longer than any a name can make is malformed, skipped without being
-    /// held (50 MB of garbage lines kept whole took 5 GB; a 4 GB line, 4 GB), and the next
+    /// A manifest line longer than any a name can make is malformed (a comment, skipped),
+    /// without being held (50 MB of garbage lines kept whole took 5 GB; a 4 GB line, 4 GB), and the next
     /// line is read as usual.
     #[test]
     fn manifest_lines_are_read_in_bounded_memory() {
         let mut text = b"ok line\n".to_vec();
         text.extend(std::iter::repeat_n(b'x', 3 * LONGEST_LINE));
-        text.extend_from_slice(b"\n\nlast, no newline");
+        // An empty line, a comment and a comment too long to hold: skipped alike.
+        text.extend_from_slice(b"\n\n# comment\n#");
+        text.extend(std::iter::repeat_n(b'y', 3 * LONGEST_LINE));
+        text.extend_from_slice(b"\nlast, no newline");
         let mut lines = Lines::new(BufReader::with_capacity(1000, &text[..]));
         let mut seen = Vec::new();
         while let Some(l) = lines.next_line().unwrap() {
@@ -874,7 +903,7 @@ mod tests {
             });
             assert!(lines.line.capacity() <= 2 * LONGEST_LINE);
         }
-        assert_eq!(seen, ["ok line", "<too long>", "", "last, no newline"]);
+        assert_eq!(seen, ["ok line", "<too long>", "last, no newline"]);
     }
 
     /// What a walk by path found through a directory swapped for a symlink is not beneath the

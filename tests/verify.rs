@@ -263,3 +263,84 @@ fn gz_tree_results_keep_a_name_with_a_newline_on_one_line() {
         "{paths:?}"
     );
 }
+
+/// The looser forms `sha256sum -c` reads are read alike, GNU's own verdicts the reference:
+/// `#` comments, lines indented with spaces or tabs, and the BSD tools' one-character layout
+/// (`sha256 -r`: `DIGEST name`, or a tab). As GNU does, the first line decides the layout for
+/// the whole manifest: after a two-character line, a one-character line is malformed, and in
+/// the one-character layout `DIGEST  x` names ` x`, not `x` (a file renamed with a leading
+/// space cannot pass for another). Before, each such line was malformed: a GNU-valid manifest
+/// failed.
+#[test]
+fn verify_reads_the_looser_forms_gnu_reads_as_gnu_reads_them() {
+    let t = TestTree::new()
+        .file("a", b"alpha\n")
+        .file("b c", b"beta\n")
+        .file("x", b"ex\n")
+        .file(" x", b"space ex\n");
+    let hex = |data: &[u8]| {
+        let out = std::process::Command::new("sha256sum")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(data)?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()[..64].to_string()
+    };
+    let (a, b, x, sx) = (
+        hex(b"alpha\n"),
+        hex(b"beta\n"),
+        hex(b"ex\n"),
+        hex(b"space ex\n"),
+    );
+    let cases: Vec<(&str, String)> = vec![
+        (
+            "comments and indents",
+            format!("# made by hand\n{a}  a\n  {b}  b c\n\t{x} *x\n#{x}  nothing\n"),
+        ),
+        (
+            "one character",
+            format!("{a} a\n{b}\tb c\n{sx}  x\n{x} x\n"),
+        ),
+        ("two, then one", format!("{a}  a\n{b} b c\n{x}  x\n")),
+    ];
+    for (what, manifest) in cases {
+        fs::write(t.side("m"), &manifest).unwrap();
+        let gnu = tool("sha256sum", &[s("-c"), t.side("m").as_os_str()], &t.root());
+        let gnu_ok: Vec<String> = String::from_utf8_lossy(&gnu.stdout)
+            .lines()
+            .filter_map(|l| l.strip_suffix(": OK").map(str::to_string))
+            .collect();
+        let gnu_malformed = String::from_utf8_lossy(&gnu.stderr).contains("improperly formatted");
+        assert!(!gnu_ok.is_empty(), "{what}: {gnu:?}");
+        let root = t.root();
+        let ours = run(filepipe(&[
+            s("verify"),
+            t.side("m").as_os_str(),
+            s("--root"),
+            root.as_os_str(),
+            s("--json"),
+        ]));
+        let out = ours.output();
+        let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let summary = lines.last().unwrap();
+        let ok: Vec<String> = lines
+            .iter()
+            .filter(|l| l["status"] == "ok")
+            .map(|l| l["path"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ok, gnu_ok, "{what}: {lines:?}");
+        assert_eq!(
+            summary["malformed"].as_u64().unwrap() > 0,
+            gnu_malformed,
+            "{what}: {summary} / {gnu:?}"
+        );
+    }
+}
