@@ -2,7 +2,8 @@
 //! compare it with its tree, or test .gz and .zst files like `gzip -t` and `zstd -t`.
 //!
 //! Both check files in parallel and print one result line per file in a stable order (manifest
-//! order then the added files sorted, or sorted paths). A missing, unreadable, corrupt or
+//! order then the added files sorted, or sorted paths); a manifest's verdicts are printed as
+//! they are decided, while later files are checked. A missing, unreadable, corrupt or
 //! truncated file, and a malformed manifest line, is a clear per-file error: never a panic,
 //! never the end of the run. Nothing is passed over in silence: a directory that cannot be
 //! read, and a `.gz` or `.zst` name that is not a regular file (a symlink, a FIFO, a
@@ -110,7 +111,13 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
     let meta = std::fs::metadata(target)
         .with_context(|| format!("cannot open {}", target.display()))
         .map_err(setup)?;
-    let (report, lines, algo) = if meta.is_dir() {
+    let mut printer = Printer {
+        out,
+        json: opts.json,
+        closed: false,
+    };
+    let output = |e: io::Error| Error::Output(e);
+    let (report, algo) = if meta.is_dir() {
         if opts.algo.is_some() || opts.root.is_some() || !opts.exclude.is_empty() {
             return Err(setup(anyhow::anyhow!(
                 "--algo, --root and --exclude apply to a manifest, not to a directory of .gz \
@@ -118,21 +125,15 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
             )));
         }
         let (report, lines) = verify_compressed_tree(target, &pool).map_err(setup)?;
-        (report, lines, None)
+        for line in &lines {
+            printer.line(line).map_err(output)?;
+        }
+        (report, None)
     } else {
-        let (report, lines, algo) = verify_manifest(opts, &pool).map_err(setup)?;
-        (report, lines, Some(algo))
+        let (report, algo) = verify_manifest(opts, &pool, &mut printer)?;
+        (report, Some(algo))
     };
-    let printed = if opts.json {
-        print_json(&lines, &report, algo, out)
-    } else {
-        print(&lines, out)
-    };
-    match printed {
-        // A reader that stopped reading (`| head`) has what it wanted.
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-        r => r.map_err(Error::Output)?,
-    }
+    printer.summary(&report, algo).map_err(output)?;
     if !opts.quiet {
         let warn = |n: u64, one: &str, many: &str| match n {
             0 => {}
@@ -217,48 +218,76 @@ struct Line {
     check: Check,
 }
 
-/// Writes `name: verdict` lines and flushes them.
-fn print(lines: &[Line], out: &mut impl Write) -> io::Result<()> {
-    for l in lines {
-        out.write_all(&l.shown)?;
-        writeln!(out, ": {}", l.check.text())?;
-    }
-    out.flush()
+/// Writes result lines as they are decided (`name: verdict`, or one JSON object per line,
+/// which `jq` reads as it comes), then the summary. A path that is not UTF-8 has its lossy
+/// form in `path` and its bytes in `path_hex`, as in the failure log. A reader that closed the
+/// pipe (`| head`) has what it wanted: nothing more is written (`closed`), and no error.
+struct Printer<'a, W: Write> {
+    out: &'a mut W,
+    json: bool,
+    closed: bool,
 }
 
-/// One JSON object per line (`jq` reads such a stream as it comes): one per file, then the
-/// summary. A path that is not UTF-8 has its lossy form in `path` and its bytes in `path_hex`,
-/// as in the failure log.
-fn print_json(
-    lines: &[Line],
-    report: &Report,
-    algo: Option<HashAlgo>,
-    out: &mut impl Write,
-) -> io::Result<()> {
-    for l in lines {
-        let mut obj = serde_json::json!({
-            "path": String::from_utf8_lossy(&l.path),
-            "status": l.check.status(),
-        });
-        if std::str::from_utf8(&l.path).is_err() {
-            let hex: String = l.path.iter().map(|b| format!("{b:02x}")).collect();
-            obj["path_hex"] = hex.into();
-        }
-        if let Some(m) = l.check.message() {
-            obj["message"] = m.into();
-        }
-        serde_json::to_writer(&mut *out, &obj)?;
-        out.write_all(b"\n")?;
+impl<W: Write> Printer<'_, W> {
+    fn line(&mut self, l: &Line) -> io::Result<()> {
+        let written = if self.json {
+            let mut obj = serde_json::json!({
+                "path": String::from_utf8_lossy(&l.path),
+                "status": l.check.status(),
+            });
+            if std::str::from_utf8(&l.path).is_err() {
+                let hex: String = l.path.iter().map(|b| format!("{b:02x}")).collect();
+                obj["path_hex"] = hex.into();
+            }
+            if let Some(m) = l.check.message() {
+                obj["message"] = m.into();
+            }
+            self.write(|out| {
+                serde_json::to_writer(&mut *out, &obj)?;
+                out.write_all(b"\n")
+            })
+        } else {
+            self.write(|out| {
+                out.write_all(&l.shown)?;
+                writeln!(out, ": {}", l.check.text())
+            })
+        };
+        written
     }
-    let mut summary = serde_json::to_value(report).map_err(io::Error::other)?;
-    summary["status"] = "summary".into();
-    if let Some(algo) = algo {
-        summary["algo"] = algo.to_string().into();
+
+    /// The JSON summary, if `--json`; then everything written is flushed.
+    fn summary(&mut self, report: &Report, algo: Option<HashAlgo>) -> io::Result<()> {
+        if self.json {
+            let mut summary = serde_json::to_value(report).map_err(io::Error::other)?;
+            summary["status"] = "summary".into();
+            if let Some(algo) = algo {
+                summary["algo"] = algo.to_string().into();
+            }
+            summary["exit"] = report.exit_code().into();
+            self.write(|out| {
+                serde_json::to_writer(&mut *out, &summary)?;
+                out.write_all(b"\n")
+            })?;
+        }
+        self.flush()
     }
-    summary["exit"] = report.exit_code().into();
-    serde_json::to_writer(&mut *out, &summary)?;
-    out.write_all(b"\n")?;
-    out.flush()
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.write(|out| out.flush())
+    }
+
+    fn write(&mut self, f: impl FnOnce(&mut W) -> io::Result<()>) -> io::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        match f(self.out) {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            r => r,
+        }
+    }
 }
 
 /// The manifest's algorithm: `--algo`, or told by its digests. 128 hex digits are SHA-512; 64
@@ -436,7 +465,206 @@ impl<R: BufRead> Lines<R> {
     }
 }
 
-fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Line>, HashAlgo)> {
+/// Results are printed in manifest order as they are decided, while the files after them are
+/// checked: at most this many files are taken ahead of the first one not printed yet (one
+/// huge file holds the printing back, and the results after it wait, this many at most).
+const WINDOW: usize = 4096;
+
+fn verify_manifest(
+    opts: &Options,
+    pool: &ThreadPool,
+    printer: &mut Printer<'_, impl Write>,
+) -> std::result::Result<(Report, HashAlgo), Error> {
+    let setup = |e: anyhow::Error| Error::Setup(e);
+    let (mut report, algo, manifest, first, under, beneath) = open_manifest(opts).map_err(setup)?;
+    let filter = Filter::new(&[], &opts.exclude).map_err(setup)?;
+    let path = &opts.target;
+    let mut listed: HashSet<PathBuf> = HashSet::new();
+    // Three parts: a thread reads and parses the manifest (a pipe may be slow to give its
+    // lines, and must not hold up printing), the pool checks the files, and this thread
+    // prints the results in manifest order. Each file taken costs a credit, given back once
+    // its result is printed: no more than `WINDOW` are ever taken ahead of the printing.
+    let (work_tx, work_rx) = crossbeam_channel::bounded::<(usize, Entry)>(WINDOW);
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<(usize, Entry, Check)>();
+    let (credit_tx, credit_rx) = crossbeam_channel::bounded::<()>(WINDOW);
+    let (end_tx, end_rx) = crossbeam_channel::bounded::<Fed>(1);
+    for _ in 0..WINDOW {
+        let _ = credit_tx.send(());
+    }
+    let reading = format!("reading {}", path.display());
+    std::thread::Builder::new()
+        .name("filepipe-verify-read".into())
+        .spawn(move || feed(manifest, first, algo, work_tx, credit_rx, end_tx, reading))
+        .context("starting the manifest's reader")
+        .map_err(setup)?;
+    let (under, beneath) = (&under, &beneath);
+    // Dropped when printing ends: checkers stop even if the reader waits on a stalled pipe.
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded::<()>(0);
+    let streamed = pool.in_place_scope(|scope| -> std::result::Result<(), Error> {
+        // Each of the pool's threads checks the next file taken, whatever its size.
+        for _ in 0..pool.current_num_threads() {
+            let (work, done, stop) = (work_rx.clone(), done_tx.clone(), stop_rx.clone());
+            scope.spawn(move |_| {
+                let mut buf = vec![0u8; BUF_SIZE];
+                loop {
+                    let (seq, entry) = crossbeam_channel::select! {
+                        recv(work) -> next => match next {
+                            Ok(next) => next,
+                            Err(_) => break,
+                        },
+                        recv(stop) -> _ => break,
+                    };
+                    let check = check_digest(algo, under, beneath, &entry, &mut buf);
+                    if done.send((seq, entry, check)).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(done_tx);
+        let _stop = stop_tx;
+        let mut printed = 0usize;
+        let mut ahead: std::collections::BTreeMap<usize, (Entry, Check)> = Default::default();
+        let mut end_rx = end_rx;
+        let mut fed: Option<Fed> = None;
+        loop {
+            if fed.as_ref().is_some_and(|f| f.taken == printed) || printer.closed {
+                break;
+            }
+            crossbeam_channel::select! {
+                recv(done_rx) -> next => {
+                    let Ok((seq, entry, check)) = next else { break };
+                    ahead.insert(seq, (entry, check));
+                }
+                recv(end_rx) -> end => {
+                    // Heard once: the reader is done (or gone, having said nothing).
+                    end_rx = crossbeam_channel::never();
+                    fed = Some(end.unwrap_or_else(|_| Fed {
+                        taken: printed + ahead.len(),
+                        malformed: 0,
+                        error: Some(anyhow::anyhow!("the manifest's reader stopped")),
+                    }));
+                }
+            }
+            while let Some((entry, check)) = ahead.remove(&printed) {
+                printed += 1;
+                let _ = credit_tx.try_send(());
+                if let Some(rel) = relative_to(under, &entry.name) {
+                    listed.insert(rel);
+                }
+                tally(&mut report, &check);
+                let line = Line {
+                    shown: entry.shown,
+                    path: entry.name,
+                    check,
+                };
+                printer.line(&line).map_err(Error::Output)?;
+            }
+            if done_rx.is_empty() {
+                printer.flush().map_err(Error::Output)?;
+            }
+        }
+        // Nobody reads on (`| head`), or all is printed: nothing more is started.
+        while work_rx.try_recv().is_ok() {}
+        match fed {
+            Some(f) => {
+                report.malformed += f.malformed;
+                f.error.map_or(Ok(()), |e| Err(Error::Setup(e)))
+            }
+            None => Ok(()),
+        }
+    });
+    streamed?;
+    if printer.closed {
+        return Ok((report, algo));
+    }
+    // The manifest itself is never added: compared by identity, whatever path named it.
+    let manifest_id = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.dev(), m.ino())
+    });
+    for (rel, check) in added(&under.real, beneath, &listed, &filter, manifest_id) {
+        tally(&mut report, &check);
+        let name = rel.into_os_string().into_encoded_bytes();
+        let line = Line {
+            shown: manifest::shown_name(&name),
+            path: name,
+            check,
+        };
+        printer.line(&line).map_err(Error::Output)?;
+    }
+    Ok((report, algo))
+}
+
+/// What the manifest's reader says at its end.
+struct Fed {
+    /// Files taken to check (well-formed lines), numbered from 0 in manifest order.
+    taken: usize,
+    /// Lines that are not manifest lines.
+    malformed: u64,
+    /// Why the reading stopped before the end, if it did.
+    error: Option<anyhow::Error>,
+}
+
+/// Reads the manifest's lines (the `first` already read, then the rest), parses them with one
+/// layout, and hands each entry, numbered, to the checkers, a `credit` each; says how it
+/// ended on `end`. Stops early when nobody takes credits or entries any more.
+fn feed(
+    mut manifest: Lines<BufReader<File>>,
+    first: Vec<Vec<u8>>,
+    algo: HashAlgo,
+    work: crossbeam_channel::Sender<(usize, Entry)>,
+    credits: crossbeam_channel::Receiver<()>,
+    end: crossbeam_channel::Sender<Fed>,
+    reading: String,
+) {
+    let mut layout = manifest::Layout::default();
+    let mut fed = Fed {
+        taken: 0,
+        malformed: 0,
+        error: None,
+    };
+    let mut first = first.into_iter();
+    loop {
+        let entry = match first.next() {
+            Some(line) => manifest::parse_line_in(&line, algo, &mut layout),
+            None => match manifest.next_line() {
+                Ok(Some(ManifestLine::Whole(line))) => {
+                    manifest::parse_line_in(line, algo, &mut layout)
+                }
+                Ok(Some(ManifestLine::TooLong)) => None,
+                Ok(None) => break,
+                Err(e) => {
+                    fed.error = Some(anyhow::Error::new(e).context(reading));
+                    break;
+                }
+            },
+        };
+        let Some(entry) = entry else {
+            fed.malformed += 1;
+            continue;
+        };
+        if credits.recv().is_err() || work.send((fed.taken, entry)).is_err() {
+            return;
+        }
+        fed.taken += 1;
+    }
+    drop(work);
+    let _ = end.send(fed);
+}
+
+/// A manifest opened, its first lines read and its algorithm told, with the root its names
+/// resolve against (as text, and opened).
+type Opened = (
+    Report,
+    HashAlgo,
+    Lines<BufReader<File>>,
+    Vec<Vec<u8>>,
+    Under,
+    Root,
+);
+
+fn open_manifest(opts: &Options) -> Result<Opened> {
     let path = &opts.target;
     // Opened and read once: a manifest may come through a pipe (`verify /dev/stdin`, `<(...)`)
     // or a FIFO, which a second open would not read from the start. The first lines tell the
@@ -480,64 +708,7 @@ fn verify_manifest(opts: &Options, pool: &ThreadPool) -> Result<(Report, Vec<Lin
         .map_err(io::Error::from)
         .with_context(|| format!("cannot open the root {}", root.display()))?;
     let algo = detect(opts, path, &first, &under, &beneath);
-    let filter = Filter::new(&[], &opts.exclude)?;
-    let mut entries: Vec<Entry> = Vec::new();
-    // `None`: a line too long to be one, malformed like one that does not parse.
-    let mut layout = manifest::Layout::default();
-    let mut take = |line: Option<&[u8]>| match line
-        .and_then(|l| manifest::parse_line_in(l, algo, &mut layout))
-    {
-        Some(entry) => entries.push(entry),
-        None => report.malformed += 1,
-    };
-    first.iter().for_each(|line| take(Some(line)));
-    drop(first);
-    loop {
-        match manifest.next_line() {
-            Ok(Some(ManifestLine::Whole(line))) => take(Some(line)),
-            Ok(Some(ManifestLine::TooLong)) => take(None),
-            Ok(None) => break,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-    drop(manifest);
-    let results: Vec<Check> = pool.install(|| {
-        entries
-            .par_iter()
-            .map_init(
-                || vec![0u8; BUF_SIZE],
-                |buf, e| check_digest(algo, &under, &beneath, e, buf),
-            )
-            .collect()
-    });
-    let mut lines = Vec::with_capacity(entries.len());
-    let mut listed: HashSet<PathBuf> = HashSet::with_capacity(entries.len());
-    for (entry, check) in entries.into_iter().zip(results) {
-        if let Some(rel) = relative_to(&under, &entry.name) {
-            listed.insert(rel);
-        }
-        tally(&mut report, &check);
-        lines.push(Line {
-            shown: entry.shown,
-            path: entry.name,
-            check,
-        });
-    }
-    // The manifest itself is never added: compared by identity, whatever path named it.
-    let manifest_id = std::fs::metadata(path).ok().map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        (m.dev(), m.ino())
-    });
-    for (rel, check) in added(&root, &beneath, &listed, &filter, manifest_id) {
-        tally(&mut report, &check);
-        let name = rel.into_os_string().into_encoded_bytes();
-        lines.push(Line {
-            shown: manifest::shown_name(&name),
-            path: name,
-            check,
-        });
-    }
-    Ok((report, lines, algo))
+    Ok((report, algo, manifest, first, under, beneath))
 }
 
 /// The regular files under `root` not in `listed` (relative to the root, sorted by their

@@ -344,3 +344,58 @@ fn verify_reads_the_looser_forms_gnu_reads_as_gnu_reads_them() {
         );
     }
 }
+
+/// Results are printed as files are checked, in manifest order, as `sha256sum -c` prints
+/// them: a manifest still being written (a pipe) has its first files' verdicts out before its
+/// end. They were all printed at the end of the run, and a manifest of millions of files said
+/// nothing for as long as it took.
+#[test]
+fn results_are_printed_while_the_manifest_is_still_being_read() {
+    use std::io::{BufRead, Write};
+    let mut t = TestTree::new();
+    for i in 0..100 {
+        t = t.file(format!("f{i:03}"), format!("file {i}\n").as_bytes());
+    }
+    let mut names: Vec<std::ffi::OsString> = (0..100).map(|i| format!("f{i:03}").into()).collect();
+    names.sort();
+    let args: Vec<&OsStr> = names.iter().map(|n| n.as_os_str()).collect();
+    let lines = String::from_utf8(tool("sha256sum", &args, &t.root()).stdout).unwrap();
+    let lines: Vec<&str> = lines.lines().collect();
+    let fifo = t.side("SUMS.sha256");
+    mkfifo(&fifo);
+    let root = t.root();
+    let mut child = filepipe(&[s("verify"), fifo.as_os_str(), s("--root"), root.as_os_str()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let _ = tx.send(line.unwrap());
+        }
+    });
+    let mut writer = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    // More than the lines read to tell the algorithm, then a pause: the first verdict must
+    // come out while the manifest is not at its end.
+    for line in &lines[..80] {
+        writeln!(writer, "{line}").unwrap();
+    }
+    writer.flush().unwrap();
+    let first = rx.recv_timeout(std::time::Duration::from_secs(60));
+    assert_eq!(
+        first.as_deref(),
+        Ok("f000: OK"),
+        "no result before the manifest's end"
+    );
+    for line in &lines[80..] {
+        writeln!(writer, "{line}").unwrap();
+    }
+    drop(writer);
+    let status = child.wait().unwrap();
+    reader.join().unwrap();
+    let rest: Vec<String> = rx.try_iter().collect();
+    assert!(status.success(), "{status:?} {rest:?}");
+    let expected: Vec<String> = (1..100).map(|i| format!("f{i:03}: OK")).collect();
+    assert_eq!(rest, expected);
+}
