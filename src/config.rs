@@ -18,7 +18,7 @@ use globset::{Glob, GlobBuilder, GlobSet, GlobSetBuilder};
 use crate::cli::{BatchArgs, OpKind, OpSpec, PipelineArgs, WatchArgs};
 use crate::digest::HashAlgo;
 use crate::fsio::aside::{self, Aside};
-use crate::fsio::output::Durability;
+use crate::fsio::output::{Dir, Durability};
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
@@ -38,6 +38,11 @@ pub(crate) struct Config {
     /// A hash: where the manifest goes (the first hash's, see `manifest_for`); `None` =
     /// stdout.
     pub(crate) manifest: Option<PathBuf>,
+    /// The directory the manifests go in (all of them: `FILE.<hash>` sits beside `FILE`),
+    /// opened once at the start: they are written beneath this descriptor, never by its path
+    /// again, so a directory renamed away and replaced by a symlink meanwhile does not lead
+    /// the write elsewhere (found by a review: a manifest replaced a file outside the roots).
+    pub(crate) manifest_dir: Option<Arc<Dir>>,
     /// Where failed/skipped records go as JSON lines.
     pub(crate) failure_log: Option<PathBuf>,
     /// Compression level, checked against the op's range (gzip 1-9, zstd 1-19).
@@ -705,6 +710,28 @@ impl Config {
                     })?;
                     // Again, resolved now that it exists (a symlink may have appeared).
                     check_out(&root, out, &made)?;
+                    // What the paths do not show: a bind mount of (or into) the tree, or a
+                    // FUSE view of it (found by a review: outputs written among the inputs,
+                    // and with --force over them).
+                    let flags = rustix::fs::OFlags::RDONLY
+                        | rustix::fs::OFlags::DIRECTORY
+                        | rustix::fs::OFlags::CLOEXEC;
+                    let how = rustix::fs::open(&made, flags, rustix::fs::Mode::empty())
+                        .map_err(std::io::Error::from)
+                        .and_then(|fd| aside::overlap_at(&root, &fd, &made))
+                        .with_context(|| {
+                            format!("cannot examine output directory {}", made.display())
+                        })?;
+                    if let Some(how) = how {
+                        bail!(
+                            "--out {} {how} input directory {} (by a bind mount, a FUSE view \
+                             or a hard-linked directory): outputs would be mixed with the \
+                             inputs; choose a directory outside it, or leave --out out to \
+                             write each output next to its input",
+                            out.display(),
+                            root.display()
+                        );
+                    }
                     Some(made)
                 }
             }
@@ -760,9 +787,9 @@ impl Config {
                 })?;
                 if let Some(how) = how {
                     bail!(
-                        "{flag} {} {how} {what} {} (by a bind mount or hard-linked directory): \
-                         moved files would be seen again or mixed with outputs; choose a \
-                         directory outside it",
+                        "{flag} {} {how} {what} {} (by a bind mount, a FUSE view or a \
+                         hard-linked directory): moved files would be seen again or mixed with \
+                         outputs; choose a directory outside it",
                         given.display(),
                         tree.display()
                     );
@@ -772,14 +799,35 @@ impl Config {
         };
         let move_source = move_dir(&args.move_source, "--move-source")?;
         let move_failed = move_dir(&args.move_failed, "--move-failed")?;
+        // The same, by identity: one a bind mount of (or into) the other.
+        if let (Some(done), Some(failed)) = (&move_source, &move_failed) {
+            let how = aside::overlap(&done.root, failed).with_context(|| {
+                format!(
+                    "cannot examine --move-failed directory {}",
+                    failed.root.display()
+                )
+            })?;
+            if let Some(how) = how {
+                bail!(
+                    "--move-failed {} {how} --move-source directory {} (by a bind mount, a \
+                     FUSE view or a hard-linked directory): failed inputs would be mixed with \
+                     processed ones; choose two separate directories",
+                    failed.root.display(),
+                    done.root.display()
+                );
+            }
+        }
         let manifest = args.manifest.as_deref().map(absolute_file).transpose()?;
         let manifests: Vec<PathBuf> = spec
             .hashes()
             .iter()
             .filter_map(|&algo| manifest_path(manifest.as_deref(), spec, algo))
             .collect();
+        let manifest_dir = match manifests.first() {
+            Some(m) => Some(Arc::new(open_manifest_dir(m)?)),
+            None => None,
+        };
         for (i, m) in manifests.iter().enumerate() {
-            check_manifest_dir(m)?;
             // A name filepipe made up (FILE.<hash>) replaces only a manifest, never a file of
             // the user's that happens to bear it.
             if i > 0 {
@@ -807,6 +855,7 @@ impl Config {
             jobs,
             out,
             manifest,
+            manifest_dir,
             failure_log,
             level,
             filter: Filter::new(&args.include, &args.exclude)?,
@@ -1066,17 +1115,24 @@ fn check_manifest_name(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Refuses, before anything is read, a manifest in a directory filepipe may not write in.
-fn check_manifest_dir(path: &Path) -> Result<()> {
+/// Opens the directory of the manifest `path` (see `Config::manifest_dir`); refuses, before
+/// anything is read, one filepipe may not write in.
+fn open_manifest_dir(path: &Path) -> Result<Dir> {
     let dir = path.parent().unwrap_or(Path::new("/"));
-    rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).map_err(|e| {
+    let cannot = |e: rustix::io::Errno| {
         anyhow::anyhow!(
             "--manifest {}: cannot write in {}: {}",
             path.display(),
             dir.display(),
             std::io::Error::from(e)
         )
-    })
+    };
+    rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).map_err(cannot)?;
+    let flags =
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+    rustix::fs::open(dir, flags, rustix::fs::Mode::empty())
+        .map(|fd| Dir::new(fd, dir.to_path_buf()))
+        .map_err(cannot)
 }
 
 /// Refuses a derived manifest name (`FILE.<hash>`, which the user did not type) held by a

@@ -1597,3 +1597,107 @@ fn a_directory_made_unreadable_while_the_walk_is_below_it_keeps_its_entries() {
     assert_eq!(manifest.lines().count(), FILES + 20, "{failures}");
     out.success();
 }
+
+/// Whoever owns the directory a root is in can rename the root away during a run and put a
+/// symlink to anywhere in its place. Outputs, and the manifest, still go beneath the
+/// directories opened at the start: the output directories were found again by path at each
+/// change of directory, so outputs went where the link led, owned by the inputs' owner, and
+/// with `--force` replaced files there; the manifest was written by path at the end (found by
+/// a review: 552 files written into a victim tree, and its `.gz` files replaced). Both ways:
+/// outputs next to the inputs, and under `--out` with a manifest, each root swapped.
+#[test]
+fn outputs_and_manifests_stay_beneath_the_directories_opened_at_the_start() {
+    for with_out in [false, true] {
+        let t = TestTree::new();
+        let victim = t.side("victim");
+        for d in 0..40 {
+            for i in 0..10 {
+                let rel = format!("d{d:02}/f{i}");
+                let p = t.path(&rel);
+                fs::create_dir_all(p.parent().unwrap()).unwrap();
+                fs::write(&p, noise_bytes(300_000, d * 10 + i + 1)).unwrap();
+            }
+            fs::create_dir_all(victim.join(format!("d{d:02}"))).unwrap();
+            fs::write(victim.join(format!("d{d:02}/f5.gz")), b"precious").unwrap();
+        }
+        fs::create_dir(t.side("m")).unwrap();
+        fs::write(victim.join("SUMS"), b"precious").unwrap();
+        let victim_before = listing(&victim);
+        let (root, arch, sums) = (t.root(), t.side("arch"), t.side("m/SUMS"));
+        let mut args = vec![
+            s("batch"),
+            p(&root),
+            s("--force"),
+            s("--jobs"),
+            s("1"),
+            s("--json"),
+        ];
+        if with_out {
+            args.extend([s("--op"), s("gzip,sha256"), s("--out"), p(&arch)]);
+            args.extend([s("--manifest"), p(&sums)]);
+        } else {
+            args.extend([s("--op"), s("gzip")]);
+        }
+        let mut child = spawn(&args);
+        // The first output out: every directory the run writes beneath is open by now.
+        let outputs = if with_out { arch.clone() } else { root.clone() };
+        wait_until(Duration::from_secs(60), "a first output", || {
+            walkdir::WalkDir::new(&outputs)
+                .into_iter()
+                .filter_map(Result::ok)
+                .any(|e| e.path().extension() == Some(OsStr::new("gz")))
+        });
+        let swap = |dir: &Path| {
+            let moved = dir.with_extension("moved");
+            fs::rename(dir, &moved).unwrap();
+            std::os::unix::fs::symlink(&victim, dir).unwrap();
+            moved
+        };
+        let tree = swap(&root);
+        let arch_now = if with_out { swap(&arch) } else { tree.clone() };
+        let m_now = if with_out {
+            swap(&t.side("m"))
+        } else {
+            t.side("m")
+        };
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its roots were swapped: nothing tested (a bigger tree?)"
+        );
+        let run = child.finish(Duration::from_secs(300));
+        let sum = run.success().summary();
+        assert_eq!(sum["done"], 400, "{sum}");
+        assert_eq!(listing(&victim), victim_before, "written outside the roots");
+        // Every output where the roots are now, whole.
+        for d in 0..40 {
+            for i in 0..10 {
+                let out = arch_now.join(format!("d{d:02}/f{i}.gz"));
+                let back = std::process::Command::new("gzip")
+                    .arg("-dc")
+                    .arg(&out)
+                    .output()
+                    .unwrap();
+                assert!(back.status.success(), "{out:?}");
+                assert_eq!(back.stdout, noise_bytes(300_000, d * 10 + i + 1), "{out:?}");
+            }
+        }
+        if with_out {
+            let check = tool("sha256sum", &[s("-c"), p(&m_now.join("SUMS"))], &tree);
+            assert!(check.status.success(), "{check:?}");
+        }
+    }
+}
+
+/// Every entry under `dir` with its content (files) or none (directories), sorted.
+fn listing(dir: &Path) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
+    let mut v: Vec<_> = walkdir::WalkDir::new(dir)
+        .into_iter()
+        .map(|e| {
+            let e = e.unwrap();
+            let content = e.file_type().is_file().then(|| fs::read(e.path()).unwrap());
+            (e.path().to_path_buf(), content)
+        })
+        .collect();
+    v.sort();
+    v
+}

@@ -872,6 +872,91 @@ fn a_move_directory_bind_mounted_from_inside_the_tree_is_refused() {
     r.code(2);
 }
 
+/// Found by a review (fixed): `--out` was checked against the tree by path only, so a bind
+/// mount of a directory of the tree was taken: outputs were written among the inputs, and
+/// with `--force` over them (an input `sub/a.gz` replaced by `a`'s output). `--move-failed`
+/// bind-mounted from the `--move-source` directory passed too. Both refused now, by identity.
+#[test]
+fn an_out_or_move_failed_directory_bind_mounted_from_another_is_refused() {
+    if !is_root() {
+        eprintln!("SKIPPED: not root: cannot bind mount");
+        return;
+    }
+    let t = TestTree::new()
+        .file("a", b"x\n")
+        .file("sub/a.gz", b"an input, not an output\n");
+    let bind = |from: &Path, to: &Path| {
+        fs::create_dir_all(to).unwrap();
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(to)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount --bind");
+        Bind(to.to_path_buf())
+    };
+    let out = t.side("o");
+    let _out = bind(&t.path("sub"), &out);
+    let root = t.root();
+    let mut cmd = filepipe(&[s("batch"), p(&root), s("--op"), s("gzip"), s("--force")]);
+    cmd.args([s("--out"), p(&out), s("--exclude"), s("*.gz")]);
+    let r = run(cmd);
+    assert_eq!(
+        fs::read(t.path("sub/a.gz")).unwrap(),
+        b"an input, not an output\n",
+        "an input replaced by an output"
+    );
+    assert!(
+        r.code(2).stderr().contains("input directory"),
+        "{}",
+        r.stderr()
+    );
+    let (done, failed) = (t.side("done"), t.side("failed"));
+    fs::create_dir(&done).unwrap();
+    let _failed = bind(&done, &failed);
+    let mut cmd = filepipe(&[s("batch"), p(&root), s("--op"), s("gzip")]);
+    cmd.args([s("--move-source"), p(&done), s("--move-failed"), p(&failed)]);
+    let r = run(cmd);
+    assert!(
+        r.code(2).stderr().contains("--move-source directory"),
+        "{}",
+        r.stderr()
+    );
+    assert!(t.path("a").exists(), "an input moved");
+}
+
+/// Found by a review (fixed): a bindfs (FUSE) view of a directory of the tree was taken as
+/// `--move-source`: bindfs shows the files with their own inode numbers on a device of its own,
+/// so neither `..` nor mountinfo's device told, and moved inputs landed back in the tree (and
+/// were done again at each run). Its source directory, in mountinfo, is compared now.
+#[test]
+fn a_move_directory_that_is_a_bindfs_view_of_the_tree_is_refused() {
+    if !is_root() || Command::new("bindfs").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs root and bindfs");
+        return;
+    }
+    let t = TestTree::new().file("a.log", b"a\n").dir("sub");
+    let view = t.side("view");
+    fs::create_dir(&view).unwrap();
+    let st = Command::new("bindfs")
+        .arg(t.path("sub"))
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    let _view = Bind(view.clone());
+    let root = t.root();
+    let mut cmd = filepipe(&[s("batch"), p(&root), s("--op"), s("gzip")]);
+    cmd.args([s("--move-source"), p(&view)]);
+    let r = run(cmd);
+    assert!(
+        !t.path("sub/a.log").exists(),
+        "the moved input landed back in the tree"
+    );
+    assert!(r.code(2).stderr().contains("FUSE"), "{}", r.stderr());
+}
+
 /// Found by a review (fixed): DIR is opened by path, following symlinks, for every move (`DirCache::new(root)` in
 /// `Aside::move_input`): DIR renamed away and replaced by a symlink while the daemon runs sends
 /// inputs, under names the tree's writers choose, outside DIR (here `cron.d/evil`).

@@ -803,6 +803,7 @@ impl Router<'_> {
             jobs: self.jobs,
             out: key.out.as_ref().map(|(_, dir)| dir.clone()),
             manifest: None,
+            manifest_dir: None,
             failure_log: None,
             level: key.level,
             filter: Filter::default(),

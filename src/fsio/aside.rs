@@ -13,7 +13,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -98,7 +98,7 @@ impl Aside {
         name: &OsStr,
         rel: &Path,
         read: &rfs::Stat,
-        input_root: &Path,
+        input_root: Option<&crate::fsio::input::Root>,
     ) -> Result<Moved, FileError> {
         let not_moved = |e: FileError| FileError {
             message: format!("input not moved: {}", e.message),
@@ -106,10 +106,7 @@ impl Aside {
         };
         let rel_dir = rel.parent().unwrap_or(Path::new(""));
         // New directories take their input directory's permissions, as under --out.
-        let mode_of = |r: &Path| {
-            let mode = std::fs::symlink_metadata(input_root.join(r)).map_or(0o700, |m| m.mode());
-            Mode::from_raw_mode((mode & 0o777) | 0o700)
-        };
+        let mode_of = |r: &Path| output::mirrored_mode(input_root, r);
         let Some(top) = &self.dir else {
             let why = format!("{} was not opened at start", self.root.display());
             return Ok(Err(FileError::new(
@@ -397,11 +394,39 @@ fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
 /// its file system (`/proc/self/mountinfo`), which is what a bind mount hides from paths.
 pub(crate) fn overlap(tree: &Path, dir: &Aside) -> std::io::Result<Option<&'static str>> {
     let Some(top) = &dir.dir else { return Ok(None) };
+    overlap_at(tree, &top.fd, &dir.root)
+}
+
+/// `overlap` for a directory open at `dir_fd`, whose canonical path is `dir` (an `--out`
+/// directory, say). Also through a FUSE file system that names a directory as its source
+/// (bindfs, which shows that directory's files with their own inode numbers on a device of
+/// its own, so that neither `..` nor the device tells): the source's path is compared (found
+/// by a review: a bindfs view of a directory of the tree was taken as `--move-source`, and
+/// moved inputs landed back in the tree).
+pub(crate) fn overlap_at(
+    tree: &Path,
+    dir_fd: &OwnedFd,
+    dir: &Path,
+) -> std::io::Result<Option<&'static str>> {
+    let mounts = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
+    let (tree_at, dir_at) = (
+        through_fuse(&mounts, tree).unwrap_or_else(|| tree.to_path_buf()),
+        through_fuse(&mounts, dir).unwrap_or_else(|| dir.to_path_buf()),
+    );
+    if (tree_at.as_path(), dir_at.as_path()) != (tree, dir) {
+        if dir_at == tree_at {
+            return Ok(Some("is the"));
+        } else if dir_at.starts_with(&tree_at) {
+            return Ok(Some("is inside the"));
+        } else if tree_at.starts_with(&dir_at) {
+            return Ok(Some("encloses the"));
+        }
+    }
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let tree_fd = rfs::open(tree, flags, Mode::empty())?;
     let id = |st: &rfs::Stat| (st.st_dev, st.st_ino);
     let tree_id = id(&rfs::fstat(&tree_fd)?);
-    let dir_id = id(&rfs::fstat(&top.fd)?);
+    let dir_id = id(&rfs::fstat(dir_fd)?);
     if tree_id == dir_id {
         return Ok(Some("is the"));
     }
@@ -421,17 +446,15 @@ pub(crate) fn overlap(tree: &Path, dir: &Aside) -> std::io::Result<Option<&'stat
         }
         Ok(out)
     };
-    if ancestors(&top.fd)?.contains(&tree_id) {
+    if ancestors(dir_fd)?.contains(&tree_id) {
         return Ok(Some("is inside the"));
     }
     if ancestors(&tree_fd)?.contains(&dir_id) {
         return Ok(Some("encloses the"));
     }
-    let mounts = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-    let (Some((tdev, tpath)), Some((ddev, dpath))) = (
-        in_file_system(&mounts, tree),
-        in_file_system(&mounts, &dir.root),
-    ) else {
+    let (Some((tdev, tpath)), Some((ddev, dpath))) =
+        (in_file_system(&mounts, tree), in_file_system(&mounts, dir))
+    else {
         return Ok(None);
     };
     if tdev != ddev {
@@ -470,6 +493,42 @@ fn in_file_system(mounts: &[u8], path: &Path) -> Option<(Vec<u8>, PathBuf)> {
         }
     }
     best.map(|(_, dev, within)| (dev, within))
+}
+
+/// Where the canonical `path` really is when it lies in a FUSE file system mounted from a
+/// directory (mountinfo's source field an absolute path to a directory, as bindfs gives it):
+/// that directory's path (canonical) joined with `path`'s place in the mount; `None`
+/// otherwise, and when that path does not exist.
+fn through_fuse(mounts: &[u8], path: &Path) -> Option<PathBuf> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    for line in mounts.split(|&b| b == b'\n') {
+        let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == b"-") else {
+            continue;
+        };
+        let (Some(point), Some(kind), Some(source)) = (f.get(4), f.get(sep + 1), f.get(sep + 2))
+        else {
+            continue;
+        };
+        let point = unescape(point);
+        let Ok(rest) = path.strip_prefix(Path::new(OsStr::from_bytes(&point))) else {
+            continue;
+        };
+        let depth = Path::new(OsStr::from_bytes(&point)).components().count();
+        if best.as_ref().is_some_and(|b| depth < b.0) {
+            continue;
+        }
+        let source = unescape(source);
+        let fuse_dir = (kind.starts_with(b"fuse") && source.starts_with(b"/"))
+            .then(|| Path::new(OsStr::from_bytes(&source)).join(rest));
+        // A deeper mount hides the ones it lies in, FUSE or not.
+        best = Some((depth, fuse_dir.unwrap_or_default()));
+    }
+    let (_, at) = best?;
+    if at.as_os_str().is_empty() {
+        return None;
+    }
+    std::fs::canonicalize(at).ok()
 }
 
 /// A mountinfo field with its octal escapes (`\040` for a space) undone.

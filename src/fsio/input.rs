@@ -302,6 +302,11 @@ impl Root {
         })
     }
 
+    /// The stat of the root itself.
+    pub(crate) fn stat_root(&self) -> rustix::io::Result<Stat> {
+        rfs::fstat(&self.fd)
+    }
+
     /// The stat of `rel` itself (a symlink is not followed), reached as `open` reaches it.
     pub(crate) fn lstat(&self, rel: &Path) -> rustix::io::Result<Stat> {
         let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;

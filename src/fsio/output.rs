@@ -135,10 +135,12 @@ pub(crate) enum Durability {
 /// consecutive files of the same directory (the walk's order) cost no syscall.
 #[derive(Debug)]
 pub(crate) struct DirCache {
-    root: PathBuf,
-    /// The root, opened once (a move directory): every walk starts from this descriptor, so
-    /// the root renamed away and replaced (by a symlink, say) afterwards is never followed.
-    root_dir: Option<Arc<Dir>>,
+    /// The root, opened once: every walk down starts from this descriptor, never from its
+    /// path, so the root renamed away and replaced (by a symlink, say) afterwards is never
+    /// followed. (Found by a review: outputs went wherever such a link led, as the root's
+    /// path was looked up again at each change of directory, and with `--force` replaced
+    /// files there.)
+    root_dir: Arc<Dir>,
     create: bool,
     /// Whether each directory made is synced into its parent at once (a move directory, where
     /// the input's only name is about to go into it).
@@ -147,26 +149,30 @@ pub(crate) struct DirCache {
 }
 
 impl DirCache {
-    /// A cache for directories under `root`; with `create`, missing ones are made.
-    pub(crate) fn new(root: &Path, create: bool) -> Self {
+    /// A cache for directories beneath `root`, already open; with `create`, missing ones are
+    /// made.
+    pub(crate) fn over(root: Arc<Dir>, create: bool) -> Self {
         DirCache {
-            root: root.to_path_buf(),
-            root_dir: None,
+            root_dir: root,
             create,
             sync_made: false,
             last: None,
         }
     }
 
+    /// A cache for directories under `root`, opened now (following it if it is a symlink:
+    /// tests name roots by path).
+    #[cfg(test)]
+    pub(crate) fn new(root: &Path, create: bool) -> Self {
+        Self::over(Arc::new(open_root(root).unwrap()), create)
+    }
+
     /// A cache for directories beneath `root`, already open; missing ones are made, and each
     /// one made is synced into its parent before it is used.
     pub(crate) fn beneath(root: Arc<Dir>) -> Self {
         DirCache {
-            root: root.path.clone(),
-            root_dir: Some(root),
-            create: true,
             sync_made: true,
-            last: None,
+            ..Self::over(root, true)
         }
     }
 
@@ -198,13 +204,10 @@ impl DirCache {
         mode_of: &dyn Fn(&Path) -> Mode,
     ) -> Result<Dir, FileError> {
         let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let mut fd = match &self.root_dir {
-            Some(root) => rustix::io::fcntl_dupfd_cloexec(&root.fd, 0),
-            // The root itself was named by the user and may be a symlink: follow it once.
-            None => rfs::open(&self.root, dir_flags, Mode::empty()),
-        }
-        .map_err(|e| FileError::errno(&format!("opening {}", self.root.display()), e))?;
-        let mut path = self.root.clone();
+        let root = &self.root_dir;
+        let mut fd = rustix::io::fcntl_dupfd_cloexec(&root.fd, 0)
+            .map_err(|e| FileError::errno(&format!("opening {}", root.path.display()), e))?;
+        let mut path = root.path.clone();
         let mut rel = PathBuf::new();
         for comp in rel_dir.components() {
             let Component::Normal(name) = comp else {
@@ -250,6 +253,34 @@ impl DirCache {
         }
         Ok(Dir::new(fd, path))
     }
+}
+
+/// Opens the root of a tree of outputs, as the user named it (a symlink to it is followed,
+/// this once): every directory beneath it is then reached from this descriptor
+/// (`DirCache::over`).
+pub(crate) fn open_root(root: &Path) -> Result<Dir, FileError> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    rfs::open(root, flags, Mode::empty())
+        .map(|fd| Dir::new(fd, root.to_path_buf()))
+        .map_err(|e| FileError::errno(&format!("opening {}", root.display()), e))
+}
+
+/// The mode of a directory made to mirror the input directory `rel` (under `--out` or a
+/// move directory): the input directory's permissions and sticky bit (a shared `1777` inbox
+/// mirrored without it would let anyone remove another's outputs, or the moved input that is
+/// now its only copy), and always the owner's `rwx`. The input directory is looked at beneath
+/// the input root's descriptor, never by path; `0700` if it cannot be.
+pub(crate) fn mirrored_mode(input_root: Option<&crate::fsio::input::Root>, rel: &Path) -> Mode {
+    let mode = input_root
+        .and_then(|root| {
+            if rel.as_os_str().is_empty() {
+                root.stat_root().ok()
+            } else {
+                root.lstat(rel).ok()
+            }
+        })
+        .map_or(0o700, |st| st.st_mode);
+    Mode::from_raw_mode((mode & 0o1777) | 0o700)
 }
 
 /// The times and permissions an output takes from its input.
@@ -2154,6 +2185,27 @@ mod tests {
         // Past pid_max: nobody.
         assert!(!writer_alive(&name(4_194_305)));
         assert!(!writer_alive(OsStr::new(".filepipe.77.0.tmp")));
+    }
+
+    /// A shared inbox (`1777`) is mirrored with its sticky bit: without it, anyone could remove
+    /// another's outputs, or a moved input that is now its only copy (found by a review).
+    #[test]
+    fn a_mirrored_directory_keeps_its_inputs_sticky_bit() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        for (mode, want) in [(0o1777, 0o1777), (0o750, 0o750), (0o055, 0o755)] {
+            let d = tmp.path().join(format!("d{mode:o}"));
+            std::fs::create_dir(&d).unwrap();
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode)).unwrap();
+            let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
+            let rel = Path::new(d.file_name().unwrap());
+            assert_eq!(
+                mirrored_mode(Some(&root), rel).as_raw_mode(),
+                want,
+                "{mode:o}"
+            );
+        }
+        assert_eq!(mirrored_mode(None, Path::new("x")).as_raw_mode(), 0o700);
     }
 
     #[test]

@@ -19,7 +19,6 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, BufRead, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -153,14 +152,19 @@ pub(crate) struct CompressOp<C: Codec> {
     dispose: Option<Dispose>,
     /// How outputs are flushed before they are reported published.
     durability: Durability,
-    root: PathBuf,
     out_root: PathBuf,
+    /// The output root, opened once at the start: outputs are written beneath this
+    /// descriptor only, whatever its path leads to later (see `DirCache`).
+    out_root_dir: Arc<Dir>,
     mirrored: bool,
     /// The input root, for `--remove-source` and `--move-source` to reach an input's directory
     /// beneath it without
     /// following symlinks (see `input::Root`); `None` with `--follow-symlinks` (the directory
     /// is then reached by path).
     root_fd: Option<Root>,
+    /// The input root, opened once at the start, to look at input directories beneath it
+    /// (their modes, for the directories that mirror them); `None` if it cannot be opened.
+    in_root: Option<Root>,
     /// Tests: the file whose publish panics, as a bug would.
     #[cfg(test)]
     panic_on: Option<PathBuf>,
@@ -260,10 +264,13 @@ impl<C: Codec> CompressOp<C> {
             } else {
                 None
             },
+            in_root: Root::new(&cfg.root).ok(),
             dispose,
             durability: cfg.durability,
-            root: cfg.root.clone(),
             out_root: cfg.out_root().to_path_buf(),
+            out_root_dir: Arc::new(
+                output::open_root(cfg.out_root()).map_err(|e| anyhow::anyhow!(e.message))?,
+            ),
             mirrored: cfg.out.is_some(),
             #[cfg(test)]
             panic_on: None,
@@ -301,13 +308,12 @@ impl<C: Codec> CompressOp<C> {
 
     fn out_dir(&self, job: &Job, scratch: &mut Scratch<C::Scratch>) -> Result<Arc<Dir>, FileError> {
         let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
-        let root = &self.root;
         // New output directories take their input directory's permissions: an archive tree is
         // never more open than the tree it mirrors.
-        scratch.out_dirs.open(rel_dir, &|rel: &Path| {
-            let mode = std::fs::symlink_metadata(root.join(rel)).map_or(0o700, |m| m.mode());
-            Mode::from_raw_mode((mode & 0o777) | 0o700)
-        })
+        let root = self.in_root.as_ref();
+        scratch
+            .out_dirs
+            .open(rel_dir, &|rel: &Path| output::mirrored_mode(root, rel))
     }
 
     /// Decompresses the written output (through its own descriptor) and compares it with what
@@ -462,13 +468,15 @@ impl<C: Codec> CompressOp<C> {
                     ))),
                 }
             }
-            Dispose::Move(aside) => match aside.move_input(&dir, name, &job.rel, st, &self.root)? {
-                Ok(to) => {
-                    tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved");
-                    Ok(None)
+            Dispose::Move(aside) => {
+                match aside.move_input(&dir, name, &job.rel, st, self.in_root.as_ref())? {
+                    Ok(to) => {
+                        tracing::info!(path = %job.rel.display(), to = %to.display(), "input moved");
+                        Ok(None)
+                    }
+                    Err(note) => Ok(Some(note)),
                 }
-                Err(note) => Ok(Some(note)),
-            },
+            }
         }
     }
 }
@@ -898,7 +906,7 @@ impl<C: Codec> Op for CompressOp<C> {
 
     fn scratch(&self) -> Self::Scratch {
         Scratch {
-            out_dirs: DirCache::new(&self.out_root, self.mirrored),
+            out_dirs: DirCache::over(Arc::clone(&self.out_root_dir), self.mirrored),
             codec: self.codec.scratch(),
             compare: Vec::new(),
             replacing: None,
@@ -992,7 +1000,10 @@ impl<C: Codec> Op for CompressOp<C> {
         // Looked for beneath the output root without making a directory: a job naming a file
         // that never was leaves no trace.
         let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
-        let fd = Root::new(&self.out_root).ok()?.open_dir(rel_dir).ok()?;
+        let fd = Root::of_fd(std::os::fd::AsFd::as_fd(&self.out_root_dir.fd))
+            .ok()?
+            .open_dir(rel_dir)
+            .ok()?;
         let dir = Dir::new(fd, self.out_root.join(rel_dir));
         let out = rfs::statat(&dir.fd, &name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
         if rfs::FileType::from_raw_mode(out.st_mode) != rfs::FileType::RegularFile
@@ -1178,6 +1189,7 @@ impl<C: Codec> Op for CompressOp<C> {
 mod tests {
     use super::*;
     use crate::ops::gzip::Gzip;
+    use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
 
     /// The shared protocol, tested through gzip (its outputs are checked with `gunzip`).
@@ -1229,10 +1241,11 @@ mod tests {
             redo_hint: "use --force",
             dispose: remove_source.then_some(Dispose::Remove),
             durability: Durability::Group,
-            root: root.clone(),
             out_root: tmp.path().join("out"),
+            out_root_dir: Arc::new(output::open_root(&tmp.path().join("out")).unwrap()),
             mirrored: true,
             root_fd: remove_source.then(|| Root::new(&root).unwrap()),
+            in_root: Root::new(&root).ok(),
             panic_on: None,
         }
     }
@@ -1256,7 +1269,7 @@ mod tests {
         let (mut jobs, mut inputs, mut pendings) = (Vec::new(), Vec::new(), Vec::new());
         for (rel, _) in files {
             let job = Job {
-                abs: op.root.join(rel),
+                abs: op.out_root.with_file_name("in").join(rel),
                 rel: PathBuf::from(rel),
                 replace: false,
                 expect: None,
@@ -1398,7 +1411,7 @@ mod tests {
         let done = g.tmp.path().join("done");
         std::fs::create_dir(&done).unwrap();
         g.op.dispose = Some(Dispose::Move(Arc::new(Aside::open(&done).unwrap())));
-        g.op.root_fd = Some(Root::new(&g.op.root).unwrap());
+        g.op.root_fd = Some(Root::new(&g.tmp.path().join("in")).unwrap());
         // Rewritten after it was read (same size, its mtime put back, as `cp -p` would): only
         // its ctime tells, and it must stay.
         let (changed, _) = &files[0];

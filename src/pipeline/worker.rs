@@ -373,7 +373,7 @@ fn set_aside(cfg: &Config, root: Option<&input::Root>, job: &Job, error: FileErr
             }
         }
     } else {
-        dir.move_input(&src, name, &job.rel, &st, &cfg.root)
+        dir.move_input(&src, name, &job.rel, &st, root)
     };
     match moved {
         Ok(Ok(to)) => note(format!("input moved to {}", to.display())),

@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 
 use crate::config::Config;
 use crate::digest::HashAlgo;
-use crate::fsio::output::{Dir, TempOutput};
+use crate::fsio::output::TempOutput;
 use crate::manifest;
 use crate::sink::{Disposition, Sink};
 use crate::travel::{Digest, Outcome};
@@ -114,20 +114,13 @@ pub(crate) fn write_manifest<'d>(
             other => other.context("writing the manifest to stdout"),
         };
     };
-    let parent = path.parent().unwrap_or(Path::new("/"));
-    let fd = rustix::fs::open(
-        parent,
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .with_context(|| {
-        format!(
-            "writing the manifest {}: cannot open its directory {}",
-            path.display(),
-            parent.display()
-        )
-    })?;
-    let dir = Arc::new(Dir::new(fd, parent.to_path_buf()));
+    // Beneath the directory opened at the start, never its path again (`Config::manifest_dir`).
+    let Some(dir) = cfg.manifest_dir.as_ref().map(Arc::clone) else {
+        anyhow::bail!(
+            "writing the manifest {}: its directory was not opened at the start",
+            path.display()
+        );
+    };
     let mut temp = TempOutput::create(dir)
         .map_err(anyhow::Error::new)
         .with_context(|| format!("writing the manifest {}", path.display()))?;
