@@ -25,6 +25,9 @@ use crate::fsio::output::{Dir, Durability};
 pub(crate) struct Config {
     /// The input root, canonicalized: every walked path starts with it.
     pub(crate) root: PathBuf,
+    /// The input root as the user named it, made absolute (not canonical: through a symlink,
+    /// say), for absolute links into the tree that spell it so (`input::Root::named`).
+    pub(crate) root_named: PathBuf,
     /// The operation applied to each file: the compressor when there is one, else the (first)
     /// hash. What decides outputs, `--level` and the rest for every op as it always did.
     pub(crate) op: OpKind,
@@ -849,6 +852,7 @@ impl Config {
             None => default_jobs(),
         };
         Ok(Config {
+            root_named: std::path::absolute(dir).unwrap_or_else(|_| root.clone()),
             root,
             op,
             spec: spec.clone(),

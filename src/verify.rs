@@ -704,7 +704,7 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
     // Every listed file is reached beneath the root: a manifest is untrusted input, and its
     // names (`../`, an absolute path elsewhere, a link in the tree) must not get anything
     // outside the root opened, nor tell whether something exists there.
-    let beneath = Root::new(&root)
+    let beneath = Root::named(&root, &under.given)
         .map_err(io::Error::from)
         .with_context(|| format!("cannot open the root {}", root.display()))?;
     let algo = detect(opts, path, &first, &under, &beneath);

@@ -1701,3 +1701,67 @@ fn listing(dir: &Path) -> Vec<(std::path::PathBuf, Option<Vec<u8>>)> {
     v.sort();
     v
 }
+
+/// With `--follow-symlinks`, a link leading out of the root is reported for what it is,
+/// whatever is or is not there: its skip reason was found by looking outside (`canonicalize`),
+/// so `broken symlink` told that a path outside did not exist and `leading outside the root`
+/// that it did, to anyone who may write in the tree and read the failure log (found by a
+/// review). Links out and back in through a directory outside, there or not, are alike too;
+/// a link back in by the root's own name, and an absolute link spelling the root the way the
+/// user named it (through a symlink), are followed.
+#[test]
+fn a_link_out_of_the_root_is_reported_alike_whatever_lies_outside() {
+    let t = TestTree::new().file("a", b"alpha\n");
+    let outside = t.side("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("secret"), b"secret\n").unwrap();
+    let named = t.side("named");
+    std::os::unix::fs::symlink(t.root(), &named).unwrap();
+    let link = |to: &Path, at: &str| std::os::unix::fs::symlink(to, t.path(at)).unwrap();
+    link(&outside.join("secret"), "out-there");
+    link(&outside.join("no-such-file"), "out-not-there");
+    link(Path::new("../outside/../in/a"), "back-there");
+    link(Path::new("../nowhere/../in/a"), "back-not-there");
+    link(Path::new("../in/a"), "back");
+    link(&named.join("a"), "spelled");
+    let log = t.side("failures.jsonl");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&named),
+        s("--op"),
+        s("sha256"),
+        s("--follow-symlinks"),
+        s("--failure-log"),
+        p(&log),
+        s("--manifest"),
+        p(&t.side("SUMS")),
+        s("--json"),
+    ]));
+    let sum = out.code(0).summary();
+    let reasons: std::collections::HashMap<String, String> = failure_log(&log)
+        .iter()
+        .map(|r| {
+            (
+                r["path"].as_str().unwrap().to_string(),
+                r["message"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let outs = ["out-there", "out-not-there", "back-there", "back-not-there"];
+    for name in outs {
+        assert_eq!(
+            reasons.get(name).map(String::as_str),
+            Some("symlink leading outside the root; not followed"),
+            "{name}: {reasons:?}"
+        );
+    }
+    // `a`, and the links that come back to it.
+    assert_eq!(sum["done"], 3, "{sum} {reasons:?}");
+    let manifest = fs::read_to_string(t.side("SUMS")).unwrap();
+    for name in ["a", "back", "spelled"] {
+        assert!(
+            manifest.contains(&format!("  {name}\n")),
+            "{name}: {manifest}"
+        );
+    }
+}

@@ -797,6 +797,7 @@ impl Router<'_> {
     /// Starts the pipeline for `key`, on files under `root`.
     fn start(&self, key: &Key, root: PathBuf) -> Result<Running> {
         let cfg = Config {
+            root_named: root.clone(),
             root: root.clone(),
             op: key.spec.primary(),
             spec: key.spec.clone(),

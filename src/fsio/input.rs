@@ -84,7 +84,10 @@ impl InputFile {
             (Some(root), _, _) => root.open(rel, flags),
             (None, Some(root), _) => {
                 match rfs::openat2(&root.fd, rel, flags, Mode::empty(), ResolveFlags::BENEATH) {
-                    Err(Errno::XDEV) => root.follow(rel, flags, &refused),
+                    // A link that steps out (it may come back), or a rename anywhere on the
+                    // system during a lookup with `..` (the kernel's EAGAIN): one step at a
+                    // time.
+                    Err(Errno::XDEV | Errno::AGAIN) => root.follow(rel, flags, &refused),
                     r => r,
                 }
             }
@@ -223,14 +226,24 @@ impl std::fmt::Display for NotRegular {
 
 /// One step of a path `Root::follow` has still to take.
 enum Step {
+    /// Into the entry of that name.
     Name(std::ffi::OsString),
+    /// `..`.
     Up,
+    /// `/`: back to the top.
     FromTop,
+    /// What was reached must be a directory (a trailing `/` or `/.`, which `components` drops).
+    Dir,
 }
 
 impl Step {
     /// Puts the steps of `path` on `todo`, a stack (the next step last).
     fn push(path: &Path, todo: &mut Vec<Step>) {
+        use std::os::unix::ffi::OsStrExt;
+        let b = path.as_os_str().as_bytes();
+        if b.ends_with(b"/") || b.ends_with(b"/.") || b == b"." {
+            todo.push(Step::Dir);
+        }
         for c in path.components().rev() {
             match c {
                 Component::Normal(n) => todo.push(Step::Name(n.to_owned())),
@@ -274,10 +287,16 @@ fn real_path(fd: &OwnedFd) -> Option<PathBuf> {
 impl Root {
     /// Opens `root` (`O_PATH`) and finds out whether `openat2` works here.
     pub(crate) fn new(root: &Path) -> rustix::io::Result<Root> {
+        Self::named(root, root)
+    }
+
+    /// Opens `root` (`O_PATH`; its canonical path, say), which the user named `named` (through
+    /// a symlink, say): an absolute link into the tree may spell it either way (`follow`).
+    pub(crate) fn named(root: &Path, named: &Path) -> rustix::io::Result<Root> {
         let fd = rfs::open(root, Self::DIR, Mode::empty())?;
         let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
         let real = real_path(&fd);
-        let given = std::path::absolute(root)
+        let given = std::path::absolute(named)
             .ok()
             .filter(|g| real.as_ref() != Some(g));
         Ok(Root {
@@ -291,14 +310,25 @@ impl Root {
     /// A root already open (`fd`, a directory opened without following a symlink, such as a
     /// move directory's), its descriptor duplicated.
     pub(crate) fn of_fd(fd: std::os::fd::BorrowedFd<'_>) -> rustix::io::Result<Root> {
+        Self::of_fd_named(fd, None)
+    }
+
+    /// `of_fd`, for a root the user named `named` (see `named`).
+    pub(crate) fn of_fd_named(
+        fd: std::os::fd::BorrowedFd<'_>,
+        named: Option<&Path>,
+    ) -> rustix::io::Result<Root> {
         let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
         let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
         let real = real_path(&fd);
+        let given = named
+            .and_then(|n| std::path::absolute(n).ok())
+            .filter(|g| real.as_ref() != Some(g));
         Ok(Root {
             fd,
             openat2,
             real,
-            given: None,
+            given,
         })
     }
 
@@ -413,20 +443,27 @@ impl Root {
         };
         let mut todo = Vec::new();
         Step::push(rel, &mut todo);
-        // Where the walk is: beneath the root (`dirs`, empty at the root itself), or, as text
-        // only, at a directory above it (`above`, a proper ancestor of `real`).
-        let mut dirs: Vec<OwnedFd> = Vec::new();
+        // Where the walk is: beneath the root (`here`, the directory it is in, `None` at the
+        // root itself, and `trail`, the device and inode of each directory entered from the
+        // root down to `here`), or, as text only, at a directory above it (`above`, a proper
+        // ancestor of `real`). One descriptor held, not one per level: a planted chain of
+        // links thousands of directories deep would otherwise hold thousands, and leave the
+        // other files none (found by a review).
+        let id = |st: &Stat| (st.st_dev, st.st_ino);
+        let mut here: Option<OwnedFd> = None;
+        let mut trail: Vec<(u64, u64)> = Vec::new();
         let mut above: Option<PathBuf> = None;
         let mut reached: Option<OwnedFd> = None;
         let mut links = 0;
         while let Some(step) = todo.pop() {
             if reached.is_some() {
-                // A step on from a file that is no directory.
+                // A step on from a file that is no directory (a name, `..`, or a trailing `/`).
                 return Err(Errno::NOTDIR);
             }
             match (step, &self.real, above.take()) {
+                (Step::Dir, _, at) => above = at,
                 (Step::FromTop, Some(real), _) => {
-                    dirs.clear();
+                    (here, trail) = (None, Vec::new());
                     above = real.parent().map(|_| PathBuf::from("/"));
                 }
                 (Step::Up, Some(_), Some(mut at)) => {
@@ -434,11 +471,23 @@ impl Root {
                     above = Some(at);
                 }
                 (Step::Up, real, None) => {
-                    if dirs.pop().is_none() {
+                    if trail.pop().is_none() {
                         match real {
                             Some(real) => above = real.parent().map(Path::to_path_buf),
                             None => return out(),
                         }
+                    } else if trail.is_empty() {
+                        here = None;
+                    } else if let Some(at) = &here {
+                        // The kernel's `..` from here, taken only if it is the very directory
+                        // this walk came down from: a directory moved meanwhile (out of the
+                        // root, say) is not followed up.
+                        let up =
+                            rfs::openat(at, "..", Self::DIR - OFlags::NOFOLLOW, Mode::empty())?;
+                        if Some(id(&rfs::fstat(&up)?)) != trail.last().copied() {
+                            return out();
+                        }
+                        here = Some(up);
                     }
                 }
                 (Step::Name(name), Some(real), Some(at)) => {
@@ -452,9 +501,10 @@ impl Root {
                     }
                 }
                 (Step::Name(name), _, None) => {
-                    let at = dirs.last().unwrap_or(&self.fd);
+                    let at = here.as_ref().unwrap_or(&self.fd);
                     let place = rfs::openat(at, &name, Self::PLACE, Mode::empty())?;
-                    match FileType::from_raw_mode(rfs::fstat(&place)?.st_mode) {
+                    let st = rfs::fstat(&place)?;
+                    match FileType::from_raw_mode(st.st_mode) {
                         FileType::Symlink => {
                             links += 1;
                             if links > MAX_LINKS {
@@ -471,8 +521,17 @@ impl Root {
                                 None => Step::push(&link, &mut todo),
                             }
                         }
-                        FileType::Directory => dirs.push(place),
+                        FileType::Directory => {
+                            trail.push(id(&st));
+                            here = Some(place);
+                        }
                         _ if flags.contains(OFlags::PATH) => reached = Some(place),
+                        // Opened for reading at once (no /proc to reopen through): only a
+                        // regular file, never a FIFO (whose waiting writer it would let go).
+                        ft if ft != FileType::RegularFile => {
+                            refused.set(Some(NotRegular::Special(ft)));
+                            return Err(Errno::NXIO);
+                        }
                         _ => {
                             reached = Some(rfs::openat(
                                 at,
@@ -493,10 +552,18 @@ impl Root {
         match reached {
             Some(place) => Ok(place),
             None => {
-                let at = dirs.last().unwrap_or(&self.fd);
+                let at = here.as_ref().unwrap_or(&self.fd);
                 rfs::openat(at, ".", flags | OFlags::NOFOLLOW, Mode::empty())
             }
         }
+    }
+
+    /// What `rel` leads to, reached `O_PATH` (nothing opened, a FIFO included), links followed
+    /// as `follow` follows them: beneath the root only, nothing outside ever looked up;
+    /// `EXDEV` for a link that leads out, whether or not anything is there.
+    pub(crate) fn reach_following(&self, rel: &Path) -> rustix::io::Result<OwnedFd> {
+        let refused = std::cell::Cell::new(None);
+        self.follow(rel, OFlags::PATH | OFlags::CLOEXEC, &refused)
     }
 
     /// How `follow` reaches each name: the thing itself, opened for nothing.
@@ -677,6 +744,10 @@ mod tests {
         link("/", "slash");
         link("d/nothing", "dangling");
         link("loop", "loop");
+        // Up from two levels down, by the kernel's `..` checked against the way down.
+        link("../../d/e/../e/f", "d/e/climb");
+        // A trailing slash: only a directory will do, as the kernel has it.
+        link("d/e/f/", "slashed");
         std::os::unix::fs::symlink(root.canonicalize().unwrap().join("d/e/f"), root.join("abs"))
             .unwrap();
         let with_openat2 = Root::new(&root).unwrap();
@@ -730,7 +801,7 @@ mod tests {
             // A link that leaves the root and comes back is followed, as text, without a look
             // outside: one through a directory outside is refused whether that exists or not
             // (whether it does was told before: read if it did, refused if not).
-            for rel in ["back", "abs", "d/e/up"] {
+            for rel in ["back", "abs", "d/e/up", "d/e/climb"] {
                 assert_eq!(read_all(open(rel, true).unwrap()), b"inside", "{rel} {r:?}");
             }
             for rel in ["probe-there", "probe-not-there", "parent/x", "slash"] {
@@ -743,6 +814,10 @@ mod tests {
                     open(rel, true)
                 );
             }
+            assert!(
+                matches!(open("slashed", true), Err(OpenError::Failed(_))),
+                "{r:?}"
+            );
             // A dangling link inside the root is a file that is not there; a loop, a failure.
             match open("dangling", true) {
                 Err(OpenError::Failed(e)) => assert_eq!(e.kind, Kind::Vanished, "{r:?}"),

@@ -260,11 +260,11 @@ impl<C: Codec> CompressOp<C> {
                 "use --force"
             },
             root_fd: if dispose.is_some() && !cfg.follow_symlinks {
-                Some(Root::new(&cfg.root).context("opening the input root")?)
+                Some(Root::named(&cfg.root, &cfg.root_named).context("opening the input root")?)
             } else {
                 None
             },
-            in_root: Root::new(&cfg.root).ok(),
+            in_root: Root::named(&cfg.root, &cfg.root_named).ok(),
             dispose,
             durability: cfg.durability,
             out_root: cfg.out_root().to_path_buf(),

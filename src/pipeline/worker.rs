@@ -47,7 +47,7 @@ pub(crate) fn worker_loop<O: Op>(
     let mut scratch = op.scratch();
     // Inputs are opened beneath the root; by full path only if the root cannot be opened now
     // (the walk found it a moment ago).
-    let root = input::Root::new(&cfg.root)
+    let root = input::Root::named(&cfg.root, &cfg.root_named)
         .map_err(|e| tracing::warn!("opening the root: {e}; inputs are opened by full path"))
         .ok();
     let me = Worker {

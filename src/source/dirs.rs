@@ -93,6 +93,9 @@ pub(crate) struct RootDir {
     fd: OwnedFd,
     /// Whether `openat2` works here (Linux 5.6, and not refused by a seccomp filter).
     openat2: bool,
+    /// The root as `input::Root`, for links to follow one step at a time (`follow`): made at
+    /// the first, as most trees have none.
+    follower: std::sync::OnceLock<Option<crate::fsio::input::Root>>,
 }
 
 impl RootDir {
@@ -101,7 +104,26 @@ impl RootDir {
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let fd = rfs::open(root, flags, Mode::empty())?;
         let openat2 = rfs::openat2(&fd, ".", flags, Mode::empty(), ResolveFlags::BENEATH).is_ok();
-        Ok(RootDir { fd, openat2 })
+        Ok(RootDir {
+            fd,
+            openat2,
+            follower: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// What `rel` leads to, reached `O_PATH`, links followed beneath the root only and
+    /// nothing outside it ever looked up (`input::Root::reach_following`): `EXDEV` for a link
+    /// leading out, whether or not anything is there. `named` is the root as the user named
+    /// it, for absolute links that spell it so.
+    pub(crate) fn follow(&self, named: &Path, rel: &Path) -> Result<OwnedFd, Errno> {
+        use std::os::fd::AsFd;
+        let follower = self.follower.get_or_init(|| {
+            crate::fsio::input::Root::of_fd_named(self.fd.as_fd(), Some(named)).ok()
+        });
+        match follower {
+            Some(root) => root.reach_following(rel),
+            None => Err(Errno::MFILE),
+        }
     }
 
     /// Whether links are resolved beneath the root by the kernel (`openat2`).

@@ -1004,24 +1004,17 @@ fn link_reason(cfg: &Config, root: &RootDir, rel: &Path) -> FileError {
 /// included) and resolved beneath the root, the link itself and any link on the way followed
 /// only while they stay beneath it: `EXDEV` if it leads out. A path with an absolute link on
 /// it (which `RESOLVE_BENEATH` refuses, any absolute one), or where `openat2` is refused, is
-/// resolved by path (`canonicalize`) and only a target inside the root opened, beneath it
-/// with no link on the way.
+/// followed one step at a time from the root (`RootDir::follow`), nothing outside it looked
+/// up: by path (`canonicalize`, as before), what a link leading out met there showed in its
+/// reason (`broken symlink` for `/etc/no-such-file`, `leading outside the root` for
+/// `/etc/shadow`), which told anyone who may write in the tree what exists outside it (found
+/// by a review).
 fn link_target(cfg: &Config, root: &RootDir, rel: &Path) -> Result<OwnedFd, Errno> {
-    let by_path = || {
-        let real = std::fs::canonicalize(cfg.root.join(rel))
-            .map_err(|e| e.raw_os_error().map_or(Errno::IO, Errno::from_raw_os_error))?;
-        let inside = real.strip_prefix(&cfg.root).map_err(|_| Errno::XDEV)?;
-        root.beneath(inside, false)
-    };
     if !root.has_openat2() {
-        return by_path();
+        return root.follow(&cfg.root_named, rel);
     }
     match root.beneath(rel, true) {
-        // `RESOLVE_BENEATH` refuses every absolute link on the way, the link itself or any
-        // it leads through (`abs -> /srv/in/a`, `l -> abs/f`), wherever they lead: resolved
-        // by path then, as main's walk did, and opened only if inside the root, beneath it
-        // with no link on the way (a link changed meanwhile fails; it cannot lead out).
-        Err(Errno::XDEV) => by_path(),
+        Err(Errno::XDEV | Errno::AGAIN) => root.follow(&cfg.root_named, rel),
         other => other,
     }
 }

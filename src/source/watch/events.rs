@@ -20,15 +20,22 @@ pub(crate) fn watcher_config() -> notify::Config {
         .with_event_kinds(K::CREATE | K::REMOVE | K::ALL_MODIFY | K::ACCESS_CLOSE)
 }
 
-/// Whether `path`, just created or renamed into the tree under `root`, is a directory to
-/// watch and scan: a directory itself, or with `follow_symlinks` a link to a directory that
-/// lies beneath `root` (links are followed only within the root, as the walk follows them).
-/// A link to a directory outside is a symlink like any other, reported as one.
-pub(crate) fn is_new_dir(path: &Path, root: &Path, follow_symlinks: bool) -> bool {
+/// Whether `path` (`rel` in the tree of `cfg`), just created or renamed into it, is a
+/// directory to watch and scan: a directory itself, or with `--follow-symlinks` a link to a
+/// directory that lies beneath the root (links are followed only within the root, as the walk
+/// follows them, one step at a time from the root: nothing outside is looked up). A link to a
+/// directory outside is a symlink like any other, reported as one.
+pub(crate) fn is_new_dir(cfg: &Config, path: &Path, rel: &Path) -> bool {
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.is_dir() => true,
-        Ok(m) if m.file_type().is_symlink() && follow_symlinks => {
-            std::fs::canonicalize(path).is_ok_and(|real| real.starts_with(root) && real.is_dir())
+        Ok(m) if m.file_type().is_symlink() && cfg.follow_symlinks => {
+            crate::fsio::input::Root::named(&cfg.root, &cfg.root_named)
+                .and_then(|root| root.reach_following(rel))
+                .and_then(|fd| rustix::fs::fstat(&fd))
+                .is_ok_and(|st| {
+                    rustix::fs::FileType::from_raw_mode(st.st_mode)
+                        == rustix::fs::FileType::Directory
+                })
         }
         _ => false,
     }

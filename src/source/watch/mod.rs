@@ -459,7 +459,7 @@ impl Watcher<'_> {
                 }
                 continue;
             }
-            let is_dir = || events::is_new_dir(path, &self.cfg.root, self.cfg.follow_symlinks);
+            let is_dir = || events::is_new_dir(self.cfg, path, &rel);
             let Some(change) = events::change(&event.kind, is_dir) else {
                 continue;
             };
