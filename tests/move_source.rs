@@ -114,10 +114,27 @@ fn inputs_move_to_their_relative_path_once_their_outputs_are_published() {
         .file("empty.txt", b"");
     let a_mtime = fs::metadata(t.path("a.log")).unwrap().modified().unwrap();
     let done = t.side("done");
+    // The same for d.log, but open to anyone's writes: not taken to be the only copy (found
+    // by a review), which a fresh copy beside it is.
+    fs::write(done.join("d.log"), b"d, again\n").unwrap();
+    let d_mtime = fs::metadata(t.path("d.log")).unwrap().modified().unwrap();
+    let open = fs::File::options()
+        .write(true)
+        .open(done.join("d.log"))
+        .unwrap();
+    open.set_modified(d_mtime).unwrap();
+    open.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .unwrap();
     let sum = gzip_batch(&t, &[s("--move-source"), p(&done)])
         .code(0)
         .summary();
-    assert_eq!(sum["done"], 3, "{sum}");
+    assert_eq!(sum["done"], 4, "{sum}");
+    assert_eq!(fs::read(done.join("d.1.log")).unwrap(), b"d, again\n");
+    assert_eq!(
+        fs::metadata(done.join("d.1.log")).unwrap().mode() & 0o777,
+        fs::metadata(done.join("c.log")).unwrap().mode() & 0o777,
+        "the fresh copy has the input's mode"
+    );
     for (rel, data) in [
         ("a.log", text_bytes(20_000, 1)),
         ("sub/deeper/b.log", text_bytes(300_000, 2)),
@@ -269,7 +286,8 @@ fn across_file_systems_the_input_is_copied_synced_and_verified_before_it_goes() 
     let t = TestTree::new()
         .file("a.log", &text_bytes(200_000, 4))
         .file("sub/b.bin", &noise_bytes(3 << 20, 5))
-        .file("c.log", b"c, again\n");
+        .file("c.log", b"c, again\n")
+        .file("d.log", b"d, again\n");
     fs::set_permissions(
         t.path("a.log"),
         std::os::unix::fs::PermissionsExt::from_mode(0o640),
@@ -288,10 +306,27 @@ fn across_file_systems_the_input_is_copied_synced_and_verified_before_it_goes() 
         .unwrap()
         .set_modified(c_mtime)
         .unwrap();
+    // The same for d.log, but open to anyone's writes: not taken to be the only copy (found
+    // by a review), which a fresh copy beside it is.
+    fs::write(done.join("d.log"), b"d, again\n").unwrap();
+    let d_mtime = fs::metadata(t.path("d.log")).unwrap().modified().unwrap();
+    let open = fs::File::options()
+        .write(true)
+        .open(done.join("d.log"))
+        .unwrap();
+    open.set_modified(d_mtime).unwrap();
+    open.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
+        .unwrap();
     let sum = gzip_batch(&t, &[s("--move-source"), p(&done)])
         .code(0)
         .summary();
-    assert_eq!(sum["done"], 3, "{sum}");
+    assert_eq!(sum["done"], 4, "{sum}");
+    assert_eq!(fs::read(done.join("d.1.log")).unwrap(), b"d, again\n");
+    assert_eq!(
+        fs::metadata(done.join("d.1.log")).unwrap().mode() & 0o777,
+        fs::metadata(done.join("c.log")).unwrap().mode() & 0o777,
+        "the fresh copy has the input's mode"
+    );
     assert_eq!(
         fs::read(done.join("a.log")).unwrap(),
         text_bytes(200_000, 4)
@@ -305,7 +340,7 @@ fn across_file_systems_the_input_is_copied_synced_and_verified_before_it_goes() 
         !done.join("c.1.log").exists(),
         "the earlier copy was copied again"
     );
-    for rel in ["a.log", "sub/b.bin", "c.log"] {
+    for rel in ["a.log", "sub/b.bin", "c.log", "d.log"] {
         assert!(!t.path(rel).exists(), "{rel} left in the tree");
     }
     // The copy keeps the input's mode and mtime.

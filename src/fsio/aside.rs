@@ -261,7 +261,16 @@ impl Aside {
         // An earlier run stopped between naming its copy and unlinking the input: that copy,
         // if it holds the input's bytes, is this move's, and only the unlink is left. (A file
         // of the same name, date and bytes from elsewhere stands for it just as well: nothing
-        // is lost, and no second copy is made of it.)
+        // is lost, and no second copy is made of it.) Only one nobody else may change: it is
+        // to be the only copy once the input goes, so it must be owned by the input's owner
+        // (or filepipe's user), be no more open than the input, and have no other name
+        // (found by a review: one anyone could write in DIR was taken).
+        let me = rustix::process::geteuid().as_raw();
+        let trusted = |st: &rfs::Stat| {
+            st.st_nlink == 1
+                && (st.st_uid == read.st_uid || st.st_uid == me)
+                && st.st_mode & 0o7777 & !(read.st_mode & 0o7777) == 0
+        };
         let mut at = 0;
         let mut earlier = None;
         while let Some(to) = numbered(name, at) {
@@ -271,6 +280,7 @@ impl Aside {
                     if st.st_size == read.st_size
                         && st.st_mtime == read.st_mtime
                         && st.st_mtime_nsec == read.st_mtime_nsec
+                        && trusted(&st)
                         && rfs::FileType::from_raw_mode(st.st_mode)
                             == rfs::FileType::RegularFile =>
                 {
