@@ -705,6 +705,12 @@ impl Config {
                 if !create {
                     Some(absolute(out))
                 } else {
+                    refuse_inside_before_making(
+                        &root,
+                        out,
+                        "--out",
+                        "outputs would be mixed with the inputs",
+                    )?;
                     fs::create_dir_all(out).with_context(|| {
                         format!("cannot create output directory {}", out.display())
                     })?;
@@ -771,6 +777,7 @@ impl Config {
             if !create {
                 return Ok(Some(Arc::new(Aside::unopened(&absolute(given)))));
             }
+            refuse_inside_before_making(&root, given, flag, "moved files would be seen again")?;
             create_synced(given)
                 .with_context(|| format!("cannot create {flag} directory {}", given.display()))?;
             let made = fs::canonicalize(given)
@@ -998,6 +1005,38 @@ pub(crate) fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
         given.display(),
         root.display()
     )
+}
+
+/// Refuses `given` (`--out`, a move directory) before it is made, when the deepest of its
+/// ancestors that exists lies in the tree at `root` by identity (a bind mount or FUSE view of
+/// a directory of the tree on its way): the check made once it exists would refuse it too,
+/// but only after making it, inside the tree (found by a review).
+fn refuse_inside_before_making(root: &Path, given: &Path, flag: &str, why: &str) -> Result<()> {
+    let wanted = absolute(given);
+    let Some(existing) = wanted.ancestors().find(|a| a.exists()) else {
+        return Ok(());
+    };
+    if existing == wanted {
+        return Ok(());
+    }
+    let Ok(real) = fs::canonicalize(existing) else {
+        return Ok(());
+    };
+    let flags =
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+    let Ok(fd) = rustix::fs::open(&real, flags, rustix::fs::Mode::empty()) else {
+        return Ok(());
+    };
+    match aside::overlap_at(root, &fd, &real) {
+        Ok(Some(how @ ("is the" | "is inside the"))) => bail!(
+            "{flag} {}: {} {how} input directory {} (by a bind mount, a FUSE view or a \
+             hard-linked directory): {why}; choose a directory outside it",
+            given.display(),
+            existing.display(),
+            root.display()
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Refuses a `--move-source` or `--move-failed` directory (`given`, resolved as `dir`) that

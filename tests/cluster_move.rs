@@ -263,6 +263,9 @@ fn a_worker_refuses_move_roots_that_overlap_a_root_or_each_other_by_any_path() {
         return;
     }
     let refused = worker(&["--move-root".to_owned(), format!("done={}", mnt.display())]);
+    // The same bind mount as an output root: outputs would be written among the inputs
+    // (found by a review: only move roots were checked by identity).
+    let out = worker(&["--out-root".to_owned(), format!("o={}", mnt.display())]);
     let _ = std::process::Command::new("umount").arg(&mnt).status();
     assert!(
         refused
@@ -271,6 +274,13 @@ fn a_worker_refuses_move_roots_that_overlap_a_root_or_each_other_by_any_path() {
             .contains("is inside the input root tree"),
         "{}",
         refused.stderr()
+    );
+    assert!(
+        out.code(2)
+            .stderr()
+            .contains("is inside the input root tree"),
+        "{}",
+        out.stderr()
     );
 }
 

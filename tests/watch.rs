@@ -303,6 +303,50 @@ fn deleted_root_is_reported_and_exits_nonzero() {
     assert!(d.wait().code(1).stderr().contains("deleted or moved"));
 }
 
+/// The root swapped for a symlink to elsewhere (one `rename(RENAME_EXCHANGE)`, by whoever owns
+/// its parent) is a root moved: the daemon stops and says so. It went on (its check followed
+/// the link), its rescans scanned the link's target outside the root, listed what is there in
+/// the failure log, and emptied the manifest (found by a review).
+#[test]
+fn a_root_swapped_for_a_symlink_is_reported_and_exits_nonzero() {
+    let t = TestTree::new().file("a", b"alpha\n").file("b", b"beta\n");
+    let elsewhere = t.side("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    fs::write(elsewhere.join("secret"), b"not ours\n").unwrap();
+    let manifest = t.side("SUMS");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "sha256",
+            "--poll",
+            "1",
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+    );
+    d.wait_idle(2);
+    let link = t.side("link");
+    std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+    rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        t.root(),
+        rustix::fs::CWD,
+        &link,
+        rustix::fs::RenameFlags::EXCHANGE,
+    )
+    .unwrap();
+    let run = d.wait();
+    assert!(
+        run.code(1).stderr().contains("deleted or moved"),
+        "{}",
+        run.stderr()
+    );
+    let listed = fs::read_to_string(&manifest).unwrap();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(!run.stderr().contains("secret"), "{}", run.stderr());
+}
+
 /// A file whose output name another hand's file holds fails `output-exists`, the message
 /// saying to move that file away (watch has no `--force`); once it is moved away, the watch
 /// takes the file again by itself: no restart, no change to the file.

@@ -126,6 +126,32 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
             }
         }
     }
+    // Output roots likewise, against the input roots: a bind mount (or FUSE view) of an
+    // input tree's directory given as an output root got outputs written among the inputs
+    // (found by a review), which `WorkerConfig::resolve`'s paths do not show.
+    let flags =
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+    for (name, out) in &out_roots {
+        let fd = rustix::fs::open(out, flags, rustix::fs::Mode::empty())
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot open --out-root {name}={}", out.display()))
+            .map_err(Unreachable)?;
+        for (other, path) in &roots {
+            let how = aside::overlap_at(path, &fd, out)
+                .with_context(|| format!("cannot examine --out-root {name}"))
+                .map_err(Unreachable)?;
+            if let Some(how) = how {
+                return Err(Unreachable(anyhow::anyhow!(
+                    "--out-root {name}={} {how} input root {other} ({}) (by a bind mount, a \
+                     FUSE view or a hard-linked directory): outputs would be mixed with the \
+                     inputs; choose a directory apart from it",
+                    out.display(),
+                    path.display()
+                ))
+                .into());
+            }
+        }
+    }
     let queue = Queue {
         url: cfg.url.clone(),
         creds: cfg.creds.clone(),

@@ -285,7 +285,11 @@ impl Aside {
                             == rfs::FileType::RegularFile =>
                 {
                     if let Ok(copy) = output_file(dest, &to) {
-                        if same_bytes(&input, &copy, size).unwrap_or(false) {
+                        // Judged again on what was opened: the name may have been swapped.
+                        let opened = rfs::fstat(&copy).is_ok_and(|o| {
+                            trusted(&o) && (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)
+                        });
+                        if opened && same_bytes(&input, &copy, size).unwrap_or(false) {
                             earlier = Some((to, copy));
                             break;
                         }
@@ -419,10 +423,7 @@ pub(crate) fn overlap_at(
     dir: &Path,
 ) -> std::io::Result<Option<&'static str>> {
     let mounts = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-    let (tree_at, dir_at) = (
-        through_fuse(&mounts, tree).unwrap_or_else(|| tree.to_path_buf()),
-        through_fuse(&mounts, dir).unwrap_or_else(|| dir.to_path_buf()),
-    );
+    let (tree_at, dir_at) = (beneath_fuse(&mounts, tree), beneath_fuse(&mounts, dir));
     if (tree_at.as_path(), dir_at.as_path()) != (tree, dir) {
         if dir_at == tree_at {
             return Ok(Some("is the"));
@@ -505,10 +506,24 @@ fn in_file_system(mounts: &[u8], path: &Path) -> Option<(Vec<u8>, PathBuf)> {
     best.map(|(_, dev, within)| (dev, within))
 }
 
+/// Where the canonical `path` really is, seen through FUSE file systems mounted from a
+/// directory (`through_fuse`), a view of a view included (up to a depth of 8).
+fn beneath_fuse(mounts: &[u8], path: &Path) -> PathBuf {
+    let mut at = path.to_path_buf();
+    for _ in 0..8 {
+        match through_fuse(mounts, &at) {
+            Some(next) if next != at => at = next,
+            _ => break,
+        }
+    }
+    at
+}
+
 /// Where the canonical `path` really is when it lies in a FUSE file system mounted from a
-/// directory (mountinfo's source field an absolute path to a directory, as bindfs gives it):
-/// that directory's path (canonical) joined with `path`'s place in the mount; `None`
-/// otherwise, and when that path does not exist.
+/// directory (mountinfo's source field an absolute path to a directory, as bindfs gives it),
+/// or in a bind mount of a directory of one (mountinfo's root field): that directory's path
+/// (canonical) joined with `path`'s place in the mount; `None` otherwise, and when that path
+/// does not exist.
 fn through_fuse(mounts: &[u8], path: &Path) -> Option<PathBuf> {
     let mut best: Option<(usize, PathBuf)> = None;
     for line in mounts.split(|&b| b == b'\n') {
@@ -516,10 +531,14 @@ fn through_fuse(mounts: &[u8], path: &Path) -> Option<PathBuf> {
         let Some(sep) = f.iter().position(|x| *x == b"-") else {
             continue;
         };
-        let (Some(point), Some(kind), Some(source)) = (f.get(4), f.get(sep + 1), f.get(sep + 2))
+        let (Some(root), Some(point), Some(kind), Some(source)) =
+            (f.get(3), f.get(4), f.get(sep + 1), f.get(sep + 2))
         else {
             continue;
         };
+        let root = unescape(root);
+        let root = Path::new(OsStr::from_bytes(&root));
+        let root = root.strip_prefix("/").unwrap_or(root);
         let point = unescape(point);
         let Ok(rest) = path.strip_prefix(Path::new(OsStr::from_bytes(&point))) else {
             continue;
@@ -530,7 +549,7 @@ fn through_fuse(mounts: &[u8], path: &Path) -> Option<PathBuf> {
         }
         let source = unescape(source);
         let fuse_dir = (kind.starts_with(b"fuse") && source.starts_with(b"/"))
-            .then(|| Path::new(OsStr::from_bytes(&source)).join(rest));
+            .then(|| Path::new(OsStr::from_bytes(&source)).join(root).join(rest));
         // A deeper mount hides the ones it lies in, FUSE or not.
         best = Some((depth, fuse_dir.unwrap_or_default()));
     }

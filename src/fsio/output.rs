@@ -269,14 +269,18 @@ pub(crate) fn open_root(root: &Path) -> Result<Dir, FileError> {
 /// move directory): the input directory's permissions and sticky bit (a shared `1777` inbox
 /// mirrored without it would let anyone remove another's outputs, or the moved input that is
 /// now its only copy), and always the owner's `rwx`. The input directory is looked at beneath
-/// the input root's descriptor, never by path; `0700` if it cannot be.
+/// the input root's descriptor, never by path, through the links on its way as
+/// `--follow-symlinks` follows them (a directory reached through a link is mirrored with its
+/// own mode, not the link's `0777`: found by a review); `0700` if it cannot be.
 pub(crate) fn mirrored_mode(input_root: Option<&crate::fsio::input::Root>, rel: &Path) -> Mode {
     let mode = input_root
         .and_then(|root| {
             if rel.as_os_str().is_empty() {
                 root.stat_root().ok()
             } else {
-                root.lstat(rel).ok()
+                root.reach_following(rel)
+                    .and_then(|fd| rfs::fstat(&fd))
+                    .ok()
             }
         })
         .map_or(0o700, |st| st.st_mode);
@@ -2206,6 +2210,13 @@ mod tests {
             );
         }
         assert_eq!(mirrored_mode(None, Path::new("x")).as_raw_mode(), 0o700);
+        // Reached through a link (`--follow-symlinks`): the directory's mode, not the link's.
+        std::os::unix::fs::symlink("d750", tmp.path().join("link")).unwrap();
+        let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
+        assert_eq!(
+            mirrored_mode(Some(&root), Path::new("link")).as_raw_mode(),
+            0o750
+        );
     }
 
     #[test]

@@ -277,6 +277,24 @@ impl<C: Codec> CompressOp<C> {
         })
     }
 
+    /// Whether the file `job` names, less the output suffix, exists beside it: the input an
+    /// output of that name was made from. Looked at beneath the input root's descriptor (by
+    /// path, a directory on the way swapped for a link made the answer
+    /// depend on what exists outside the root: found by a review).
+    pub(crate) fn input_beside(&self, job: &Job) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = job.rel.as_os_str().as_bytes();
+        let Some(stem) = bytes.strip_suffix(Self::suffix().as_bytes()) else {
+            return false;
+        };
+        let stem = Path::new(std::ffi::OsStr::from_bytes(stem));
+        // The name itself (a link included), or through links on its way, beneath the root
+        // only (`--follow-symlinks` walks through them).
+        self.in_root
+            .as_ref()
+            .is_some_and(|root| root.lstat(stem).is_ok() || root.reach_following(stem).is_ok())
+    }
+
     /// Whether inputs go once their outputs are durable (removed or moved): then every output
     /// is verified first, and one already in place is checked before it stands for its input.
     fn disposes(&self) -> bool {
@@ -731,11 +749,6 @@ impl<C: Codec> CompressOp<C> {
 }
 
 impl<C: Codec> CompressOp<C> {
-    /// The suffix of this op's outputs (`.gz`, `.zst`).
-    pub(crate) fn suffix_of(&self) -> &'static str {
-        Self::suffix()
-    }
-
     /// Whether `job` is named like this op's own outputs, next to them: never compressed,
     /// whatever --force says, or each rerun would compress the last one's outputs again
     /// (x.gz.gz, x.gz.gz.gz). Matched exactly, as the outputs are named; `X.GZ` is someone

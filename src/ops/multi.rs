@@ -136,7 +136,7 @@ impl<C: Codec> Op for MultiOp<C> {
             Some(reason)
                 if reason.kind == Kind::AlreadyCompressed
                     && self.comp.own_output_name(job)
-                    && input_beside(job, self.comp.suffix_of()) =>
+                    && self.comp.input_beside(job) =>
             {
                 Ok(Some(reason))
             }
@@ -213,14 +213,4 @@ impl<C: Codec> Op for MultiOp<C> {
             })
             .collect()
     }
-}
-
-/// Whether the file `job` names, less the output `suffix`, exists beside it: the input an
-/// output of that name was made from.
-fn input_beside(job: &Job, suffix: &str) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let bytes = job.abs.as_os_str().as_bytes();
-    bytes
-        .strip_suffix(suffix.as_bytes())
-        .is_some_and(|stem| std::fs::symlink_metadata(std::ffi::OsStr::from_bytes(stem)).is_ok())
 }

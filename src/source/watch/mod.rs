@@ -103,7 +103,10 @@ impl Source for Watch<'_> {
         watcher
             .watch(&self.cfg.root, RecursiveMode::NonRecursive)
             .map_err(|e| watch_error(&self.cfg.root, e))?;
+        let root_id = root_id(&self.cfg.root)
+            .with_context(|| format!("cannot examine {}", self.cfg.root.display()))?;
         let mut w = Watcher {
+            root_id,
             cfg: self.cfg,
             stats: out.stats,
             shutdown: self.shutdown,
@@ -121,8 +124,21 @@ impl Source for Watch<'_> {
     }
 }
 
+/// The device and inode of the directory at `root` itself (a symlink there is not followed).
+fn root_id(root: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(root)?;
+    if !m.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    Ok((m.dev(), m.ino()))
+}
+
 /// The running watcher.
 struct Watcher<'a> {
+    /// The watched directory's device and inode at the start: the root is in place only while
+    /// its path leads to that very directory, with no symlink (`root_in_place`).
+    root_id: (u64, u64),
     cfg: &'a Config,
     stats: &'a Stats,
     shutdown: &'a Shutdown,
@@ -173,6 +189,20 @@ impl Look for Disk<'_> {
 }
 
 impl Watcher<'_> {
+    /// Fails the run if the watched directory is no longer at its path: deleted, moved, or
+    /// replaced (by a symlink to elsewhere, say: found by a review, where `is_dir`, which
+    /// follows it, saw nothing wrong, and the rescans scanned the link's target outside the
+    /// root and emptied the manifest). RELIABILITY case 23.
+    fn root_in_place(&self) -> Result<()> {
+        match root_id(&self.cfg.root) {
+            Ok(id) if id == self.root_id => Ok(()),
+            _ => bail!(
+                "the watched directory {} was deleted or moved",
+                self.cfg.root.display()
+            ),
+        }
+    }
+
     fn run(
         &mut self,
         notify_rx: &Receiver<notify::Result<notify::Event>>,
@@ -261,12 +291,7 @@ impl Watcher<'_> {
             self.dispatch()?;
             if last_root_check.elapsed() > Duration::from_secs(1) {
                 last_root_check = Instant::now();
-                if !self.cfg.root.is_dir() {
-                    bail!(
-                        "the watched directory {} was deleted or moved",
-                        self.cfg.root.display()
-                    );
-                }
+                self.root_in_place()?;
             }
             let stats = self.stats;
             stats
@@ -320,6 +345,8 @@ impl Watcher<'_> {
     /// state knows under `dir` that no longer exist are forgotten (their deletion may have
     /// happened while filepipe was down, or been lost in an overflow).
     fn scan(&mut self, dir: &Path, lost: Lost) -> Result<()> {
+        // The scan goes by path: not once the root's path leads elsewhere.
+        self.root_in_place()?;
         self.scans += 1;
         let under = dir.strip_prefix(&self.cfg.root).unwrap_or(Path::new(""));
         // One query for the subtree; each file found is taken out, so what is left was not.
@@ -441,11 +468,8 @@ impl Watcher<'_> {
         }
         for path in &event.paths {
             if path == &self.cfg.root {
-                if events::root_gone(&event.kind) && !path.is_dir() {
-                    bail!(
-                        "the watched directory {} was deleted or moved",
-                        path.display()
-                    );
+                if events::root_gone(&event.kind) {
+                    self.root_in_place()?;
                 }
                 continue;
             }
