@@ -988,6 +988,59 @@ fn a_move_directory_that_is_a_bindfs_view_of_the_tree_is_refused() {
     assert!(r.code(2).stderr().contains("FUSE"), "{}", r.stderr());
 }
 
+/// Found by a review (fixed): on bindfs (FUSE), which has no `RENAME_NOREPLACE`, a move is a
+/// link then an unlink, and bindfs keeps showing the link count the file had: every input was
+/// kept, "changed or gained a link while it was moved". The link in DIR being the very file
+/// is what is gone by there.
+#[test]
+fn on_bindfs_inputs_move_by_link() {
+    if !is_root() || Command::new("bindfs").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs root and bindfs");
+        return;
+    }
+    let t = TestTree::new()
+        .file("t/a.log", b"a\n")
+        .file("t/b.log", b"b\n");
+    fs::create_dir(t.path("done")).unwrap();
+    let view = t.side("view");
+    fs::create_dir(&view).unwrap();
+    let st = Command::new("bindfs")
+        .arg(t.root())
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    let _view = Bind(view.clone());
+    let mut cmd = filepipe(&[
+        s("batch"),
+        p(&view.join("t")),
+        s("--op"),
+        s("gzip"),
+        s("--json"),
+    ]);
+    cmd.args([s("--move-source"), p(&view.join("done"))]);
+    let r = run(cmd);
+    let sum = r.code(0).summary();
+    assert_eq!(sum["warnings"], 0, "{sum} {}", r.stderr());
+    for name in ["a.log", "b.log"] {
+        assert!(
+            !t.path(format!("t/{name}")).exists(),
+            "{name} kept: {}",
+            r.stderr()
+        );
+        assert_eq!(
+            fs::metadata(t.path(format!("done/{name}")))
+                .unwrap()
+                .nlink(),
+            1
+        );
+        assert_gz(
+            &t.path(format!("t/{name}.gz")),
+            &fs::read(t.path(format!("done/{name}"))).unwrap(),
+        );
+    }
+}
+
 /// Found by a review (fixed): DIR is opened by path, following symlinks, for every move (`DirCache::new(root)` in
 /// `Aside::move_input`): DIR renamed away and replaced by a symlink while the daemon runs sends
 /// inputs, under names the tree's writers choose, outside DIR (here `cron.d/evil`).

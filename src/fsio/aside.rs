@@ -630,6 +630,20 @@ fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Resul
     Ok(())
 }
 
+/// Whether `now` (the input, one link by its stat) is on a FUSE file system that has not
+/// shown the link the move just made (`to` in `dest`, the very same file): bindfs keeps
+/// showing the link count it had, so every move by link there was taken back as "changed or
+/// gained a link" (found by a review). Where the count cannot be trusted, the link in DIR
+/// being this file is all there is to go by.
+fn fuse_link_unseen(src: &Dir, dest: &Dir, to: &OsStr, now: &rfs::Stat) -> bool {
+    const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    let fuse = rfs::fstatfs(&src.fd).is_ok_and(|fs| fs.f_type as i64 == FUSE_SUPER_MAGIC);
+    now.st_nlink == 1
+        && fuse
+        && rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|l| (l.st_dev, l.st_ino) == (now.st_dev, now.st_ino))
+}
+
 /// How a move made the input's second name, before the first goes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Second {
@@ -683,7 +697,9 @@ fn finish_by_unlink(
         }
     };
     let unchanged = match second {
-        Second::Link => same_version(&now, read) && now.st_nlink == 2,
+        Second::Link => {
+            same_version(&now, read) && (now.st_nlink == 2 || fuse_link_unseen(src, dest, to, &now))
+        }
         Second::Copy => {
             same_version(&now, read)
                 && now.st_nlink == 1
