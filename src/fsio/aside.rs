@@ -637,6 +637,8 @@ fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Resul
 /// being this file is all there is to go by.
 fn fuse_link_unseen(src: &Dir, dest: &Dir, to: &OsStr, now: &rfs::Stat) -> bool {
     const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+    // f_type's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
     let fuse = rfs::fstatfs(&src.fd).is_ok_and(|fs| fs.f_type as i64 == FUSE_SUPER_MAGIC);
     now.st_nlink == 1
         && fuse
