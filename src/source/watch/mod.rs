@@ -272,7 +272,7 @@ impl Watcher<'_> {
                 self.on_recorded(&r);
             }
             for rel in self.flight.removals_due() {
-                self.send(Event::Removed(rel))?;
+                self.removal_due(rel)?;
             }
             if self.poll.is_some_and(|every| last_poll.elapsed() >= every) {
                 // Writers on other hosts make no events here: look at the whole tree, as
@@ -552,6 +552,25 @@ impl Watcher<'_> {
     /// `rel` (a file, or a directory and everything under it) is gone: it leaves the queues,
     /// the state and the manifest. While a file under it is in flight, the removal waits for
     /// that file's outcome to be recorded, or the outcome would bring the file back.
+    /// A removal held back while files under `rel` were in flight, due now. What is there now
+    /// decides, not what was gone then: a directory renamed away and back meanwhile, or made
+    /// anew under its name, holds files done since, and the removal of everything under it
+    /// deleted them from the state and the manifest (found by a review). Gone still: passed
+    /// on. There again: a directory is scanned, reconciled against the state (what is gone
+    /// from it is forgotten then, and what changed done); a file is looked at again.
+    fn removal_due(&mut self, rel: PathBuf) -> Result<()> {
+        let path = self.cfg.root.join(&rel);
+        match std::fs::symlink_metadata(&path) {
+            Err(_) => self.send(Event::Removed(rel)),
+            Ok(m) if m.is_dir() => self.scan(&path, Lost::Events),
+            Ok(_) => {
+                self.settle
+                    .touch(rel, true, Stamp::of(&path), Instant::now());
+                Ok(())
+            }
+        }
+    }
+
     fn forget(&mut self, rel: PathBuf) -> Result<()> {
         self.settle.forget(&rel);
         if self.flight.forget(&rel) {
