@@ -303,6 +303,45 @@ fn deleted_root_is_reported_and_exits_nonzero() {
     assert!(d.wait().code(1).stderr().contains("deleted or moved"));
 }
 
+/// A directory made while the daemon runs with a name like a writer's temp file (`data.tmp`,
+/// `old~`) is watched and scanned, as the walk at the start takes the files in it: the name
+/// rule, meant for files, was applied to it, and its files were never taken (found by a
+/// review). Removed, its files are forgotten. A directory's own attribute changes (`chmod`)
+/// are no file to take: it was sent to the workers and skipped as a special file.
+#[test]
+fn directories_named_like_temps_are_watched_and_their_chmod_is_no_file() {
+    let t = TestTree::new().file("a", b"a\n");
+    let manifest = t.side("SUMS");
+    let d = Daemon::ready(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    d.wait_idle(1);
+    fs::create_dir(t.path("data.tmp")).unwrap();
+    fs::create_dir(t.path("old~")).unwrap();
+    fs::write(t.path("data.tmp/f1"), b"1\n").unwrap();
+    fs::write(t.path("old~/f2"), b"2\n").unwrap();
+    d.wait_idle(3);
+    std::fs::set_permissions(
+        t.path("data.tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    fs::write(t.path("b"), b"b\n").unwrap();
+    d.wait_idle(4);
+    wait_until(Duration::from_secs(30), "4 files in the manifest", || {
+        fs::read_to_string(&manifest).is_ok_and(|m| m.lines().count() == 4)
+    });
+    fs::remove_dir_all(t.path("data.tmp")).unwrap();
+    wait_until(Duration::from_secs(30), "3 files in the manifest", || {
+        fs::read_to_string(&manifest).is_ok_and(|m| m.lines().count() == 3)
+    });
+    let listed = fs::read_to_string(&manifest).unwrap();
+    assert!(listed.contains("  old~/f2\n"), "{listed}");
+    let sum = d.stop().success().summary();
+    assert_eq!(sum["skipped"], 0, "{sum}");
+}
+
 /// A directory renamed away and back while a file under it is being compressed keeps every
 /// file done in the state and the manifest. Its removal, held back until that file was
 /// recorded, then deleted every row under the directory as it was by then: the 20 files done

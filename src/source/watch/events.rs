@@ -142,23 +142,24 @@ pub(crate) fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
 /// Watches `dir` alone (a scan watches its subdirectories); harmless if it already is watched.
 /// A symlink is not followed (`IN_DONT_FOLLOW`) unless `follow_symlinks`: a link made to a
 /// directory outside the tree, or swapped in for one of its directories, would otherwise have
-/// the kernel report the outside directory's names as the tree's.
+/// the kernel report the outside directory's names as the tree's. Whether it is watched now:
+/// not if it is gone again already (its removal event follows) or may not be read (it is
+/// tried again when its attributes change: `Watcher::unwatched`).
 pub(crate) fn watch_dir(
     watcher: &mut notify::RecommendedWatcher,
     root: &Path,
     dir: &Path,
     follow_symlinks: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     use notify::Watcher as _;
     let how = notify::WatchPathConfig::new(RecursiveMode::NonRecursive)
         .with_dereference_symlinks(follow_symlinks);
     match watcher.watch_with(dir, how) {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => Err(watch_error(root, e)),
-        // Gone again already: its removal event follows.
         Err(e) => {
             tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
-            Ok(())
+            Ok(false)
         }
     }
 }

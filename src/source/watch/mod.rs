@@ -119,6 +119,7 @@ impl Source for Watch<'_> {
             scans: 0,
             quiet_until: Instant::now(),
             poll: self.poll,
+            unwatched: Default::default(),
         };
         w.run(&notify_rx, &recorded)
     }
@@ -155,6 +156,9 @@ struct Watcher<'a> {
     quiet_until: Instant,
     /// Rescan the whole tree this often (`--poll`).
     poll: Option<Duration>,
+    /// Directories found that could not be watched (no permission to read them): tried again
+    /// when their attributes change.
+    unwatched: std::collections::HashSet<PathBuf>,
 }
 
 /// What the settle queue looks at when a file comes due: the tree and the state.
@@ -332,12 +336,16 @@ impl Watcher<'_> {
     /// Watches `dir` (not its subdirectories: a scan of it watches those); harmless if it
     /// already is watched.
     fn watch(&mut self, dir: &Path) -> Result<()> {
-        watch_dir(
+        let watched = watch_dir(
             &mut self.watcher,
             &self.cfg.root,
             dir,
             self.cfg.follow_symlinks,
-        )
+        )?;
+        if !watched {
+            self.unwatched.insert(dir.to_path_buf());
+        }
+        Ok(())
     }
 
     /// Scans `dir` (already watched by the caller), watching each directory under it before
@@ -353,13 +361,20 @@ impl Watcher<'_> {
         let mut known = self.reader.known_under(under)?;
         let (cfg, stats, shutdown) = (self.cfg, self.stats, self.shutdown);
         let watcher = &mut self.watcher;
+        let unwatched = &mut self.unwatched;
         let mut found = Vec::new();
         let mut watch_failed = None;
         walk::scan(cfg, dir, stats, shutdown, &mut |f| {
             if let Found::Dir(d) = &f {
-                if let Err(e) = watch_dir(watcher, &cfg.root, d, cfg.follow_symlinks) {
-                    watch_failed = Some(e);
-                    return false;
+                match watch_dir(watcher, &cfg.root, d, cfg.follow_symlinks) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        unwatched.insert(d.clone());
+                    }
+                    Err(e) => {
+                        watch_failed = Some(e);
+                        return false;
+                    }
                 }
             } else {
                 found.push(f);
@@ -480,6 +495,11 @@ impl Watcher<'_> {
             if self.ignored(&rel, path) {
                 if events::change(&event.kind, || false) == Some(Change::Gone) {
                     self.output_freed(&rel)?;
+                    // What went may have been a directory of that name, whose files were
+                    // taken: forgotten with it (nothing to forget for a file of that name).
+                    if ignored_name(self.cfg, &rel) && !walk::is_own(self.cfg, path) {
+                        self.forget(rel)?;
+                    }
                 }
                 continue;
             }
@@ -498,10 +518,25 @@ impl Watcher<'_> {
                     self.settle.touch(rel.clone(), true, Stamp::of(path), now);
                     self.settle.closed(&rel);
                 }
+                Change::Metadata if is_real_dir(path) => {
+                    // A directory's own attributes: no file to take (it was sent to the
+                    // workers, and skipped as a special file). One that could not be watched
+                    // when it came (no permission yet: `umask 077`, then `chmod`) is tried
+                    // again now: its files were never seen (found by a review).
+                    if self.unwatched.remove(path) {
+                        self.watch(path)?;
+                        self.scan(path, Lost::Nothing)?;
+                    }
+                }
                 Change::Metadata => self.settle.touched_metadata(rel, Stamp::of(path), now),
                 Change::Created => self.settle.appeared(rel, now),
                 Change::Written => self.settle.touch(rel, false, None, now),
-                Change::Gone => self.forget(rel)?,
+                Change::Gone => {
+                    if !self.unwatched.is_empty() {
+                        self.unwatched.retain(|d| !d.starts_with(path));
+                    }
+                    self.forget(rel)?
+                }
             }
         }
         Ok(())
@@ -691,10 +726,17 @@ impl Watcher<'_> {
     /// Paths never taken: writers' temp files, filepipe's own files and outputs, and what the
     /// filters leave out. `abs` is `rel` under the root.
     fn ignored(&self, rel: &Path, abs: &Path) -> bool {
-        ignored_name(self.cfg, rel)
+        // Temp-like names are files' (a directory `data.tmp` or `x.gz` holds files to take, as
+        // the walk takes them: it was never watched; found by a review).
+        ignored_name(self.cfg, rel) && !is_real_dir(abs)
             || walk::is_own(self.cfg, abs)
             || self.cfg.filter.excluded(rel)
             || !self.cfg.filter.included(rel) && !abs.is_dir()
             || anonymous(abs)
     }
+}
+
+/// Whether `path` is a directory itself (a symlink to one is not).
+fn is_real_dir(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
 }
