@@ -19,7 +19,8 @@ mod settle;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -79,7 +80,17 @@ impl Source for Watch<'_> {
         let recorded = out
             .recorded
             .context("the watcher must hear of recorded outcomes")?;
-        let (notify_tx, notify_rx) = crossbeam_channel::unbounded();
+        // Bounded, and never blocking notify's thread (which our thread may be waiting on to
+        // add a watch): events that find it full are dropped and the drop is said in `dropped`,
+        // taken as the kernel's own overflow is, by a rescan. Unbounded, a process touching
+        // a few names in a loop grew it by the event, not by the file: 1 GB in 30 s (found
+        // by a review).
+        let (tx, notify_rx) = crossbeam_channel::bounded(EVENTS_HELD);
+        let dropped = Arc::new(AtomicBool::new(false));
+        let notify_tx = Handler {
+            tx,
+            dropped: Arc::clone(&dropped),
+        };
         // Watches first, then the initial scan: a file created in between is seen by both,
         // and coalesced, rather than by neither. One watch per directory, each added by the
         // scan just before it lists that directory: notify's recursive mode would walk (and
@@ -120,6 +131,7 @@ impl Source for Watch<'_> {
             quiet_until: Instant::now(),
             poll: self.poll,
             unwatched: Default::default(),
+            dropped,
         };
         w.run(&notify_rx, &recorded)
     }
@@ -159,6 +171,26 @@ struct Watcher<'a> {
     /// Directories found that could not be watched (no permission to read them): tried again
     /// when their attributes change.
     unwatched: std::collections::HashSet<PathBuf>,
+    /// Events were dropped, the channel from notify full (see `Handler`).
+    dropped: Arc<AtomicBool>,
+}
+
+/// Events held between notify's thread and the watcher's at most: some 10 MB.
+const EVENTS_HELD: usize = 65_536;
+
+/// Hands notify's events to the watcher's thread without ever blocking notify's: one that
+/// finds the channel full is dropped, and `dropped` says so.
+struct Handler {
+    tx: crossbeam_channel::Sender<notify::Result<notify::Event>>,
+    dropped: Arc<AtomicBool>,
+}
+
+impl notify::EventHandler for Handler {
+    fn handle_event(&mut self, event: notify::Result<notify::Event>) {
+        if let Err(crossbeam_channel::TrySendError::Full(_)) = self.tx.try_send(event) {
+            self.dropped.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What the settle queue looks at when a file comes due: the tree and the state.
@@ -270,6 +302,13 @@ impl Watcher<'_> {
                 }
                 if taken > 0 {
                     self.quiet_until = Instant::now() + COALESCE;
+                }
+                if self.dropped.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "events came faster than they were read and some were dropped: \
+                         rescanning the whole tree"
+                    );
+                    self.rescan_lost()?;
                 }
             }
             for r in recorded.try_iter().flatten() {
@@ -458,28 +497,34 @@ impl Watcher<'_> {
         self.settle.found(rel, stamp, lost, now);
     }
 
+    /// Events were lost (the kernel's queue overflowed, or ours was full): the whole tree is
+    /// watched and scanned again, reconciled against the state.
+    fn rescan_lost(&mut self) -> Result<()> {
+        crate::report::metrics::rescan(self.cfg, "overflow");
+        // Directories created during the overflow lost their IN_CREATE, so notify never
+        // watched them: watch the whole tree again first.
+        let root = self.cfg.root.clone();
+        self.watch(&root)?;
+        let before = self.flight.redo_count();
+        self.scan(&root, Lost::Events)?;
+        // Said, with how many, so that a count of done files one more than the files for
+        // each of these is not taken for a file processed twice by mistake.
+        let again = self.flight.redo_count().saturating_sub(before);
+        if again > 0 {
+            tracing::warn!(
+                files = again,
+                "files being read when the events were lost are read again once back, \
+                 whatever their stamp (a write through a shared mapping changes none): \
+                 each counts done twice"
+            );
+        }
+        Ok(())
+    }
+
     fn on_event(&mut self, event: notify::Event) -> Result<()> {
         if event.need_rescan() {
             tracing::warn!("the kernel's event queue overflowed: rescanning the whole tree");
-            crate::report::metrics::rescan(self.cfg, "overflow");
-            // Directories created during the overflow lost their IN_CREATE, so notify never
-            // watched them: watch the whole tree again first.
-            let root = self.cfg.root.clone();
-            self.watch(&root)?;
-            let before = self.flight.redo_count();
-            self.scan(&root, Lost::Events)?;
-            // Said, with how many, so that a count of done files one more than the files for
-            // each of these is not taken for a file processed twice by mistake.
-            let again = self.flight.redo_count().saturating_sub(before);
-            if again > 0 {
-                tracing::warn!(
-                    files = again,
-                    "files being read when the events were lost are read again once back, \
-                     whatever their stamp (a write through a shared mapping changes none): \
-                     each counts done twice"
-                );
-            }
-            return Ok(());
+            return self.rescan_lost();
         }
         for path in &event.paths {
             if path == &self.cfg.root {
