@@ -32,9 +32,10 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
     let env = EnvFilter::builder()
         .with_default_directive(default.into())
         .from_env_lossy();
+    let ansi = std::io::stderr().is_terminal();
     let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(HumanStderr { ansi })
+        .with_ansi(ansi)
         .without_time()
         .with_target(false)
         .with_filter(env);
@@ -118,4 +119,63 @@ pub(crate) fn utc_now() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// Stderr for the human lines, with the control characters a file name (or a message quoting
+/// one) may hold shown escaped: a name with a newline forged a line of its own (a separate
+/// journal entry under systemd, `ERROR` and all), and a terminal escape in one drove the
+/// terminal (found by a review). Each event comes in one write: only its last newline is
+/// kept. With colours (a terminal), the escapes are tracing's own, and only CR and LF are
+/// escaped. The failure log is JSON, escaped already.
+struct HumanStderr {
+    ansi: bool,
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for HumanStderr {
+    type Writer = EscapedStderr;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        EscapedStderr { ansi: self.ansi }
+    }
+}
+
+/// See `HumanStderr`.
+struct EscapedStderr {
+    ansi: bool,
+}
+
+impl std::io::Write for EscapedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let (body, end) = match buf.strip_suffix(b"\n") {
+            Some(body) => (body, &b"\n"[..]),
+            None => (buf, &b""[..]),
+        };
+        let ansi = self.ansi;
+        let odd = |c: u8| match c {
+            b'\n' | b'\r' => true,
+            b'\t' => false,
+            c => !ansi && (c < 0x20 || c == 0x7f),
+        };
+        let mut stderr = std::io::stderr().lock();
+        if !body.iter().any(|&c| odd(c)) {
+            stderr.write_all(buf)?;
+            return Ok(buf.len());
+        }
+        let mut out = Vec::with_capacity(buf.len() + 16);
+        for &c in body {
+            match c {
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                c if odd(c) => out.extend_from_slice(format!("\\x{c:02x}").as_bytes()),
+                c => out.push(c),
+            }
+        }
+        out.extend_from_slice(end);
+        stderr.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }

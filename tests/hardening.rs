@@ -1765,3 +1765,36 @@ fn a_link_out_of_the_root_is_reported_alike_whatever_lies_outside() {
         );
     }
 }
+
+/// A file name with a newline or a terminal escape cannot forge a line of the human log (a
+/// separate journal entry under systemd) or drive a terminal: its control characters are
+/// shown escaped (found by a review: ` ERROR fake line` came out as a line of its own). The
+/// failure log, JSON, keeps the name exact.
+#[test]
+fn a_name_with_a_newline_cannot_forge_a_log_line() {
+    let t = TestTree::new();
+    let name = "evil\n ERROR fake line \x1b[31mred";
+    mkfifo(&t.path(name));
+    let log = t.side("failures.jsonl");
+    let out = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("sha256"),
+        s("-v"),
+        s("--failure-log"),
+        p(&log),
+    ]));
+    let stderr = out.success().stderr();
+    assert!(
+        !stderr.lines().any(|l| l.starts_with(" ERROR fake")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    assert!(
+        stderr.contains(r"path=evil\n ERROR fake line \x1b[31mred"),
+        "{stderr}"
+    );
+    let records = failure_log(&log);
+    assert_eq!(records[0]["path"], name, "{records:?}");
+}
