@@ -136,3 +136,28 @@ fn poll_finds_what_other_writers_add_change_and_delete_and_the_manifest_checks()
         "warned although polling"
     );
 }
+
+/// A file shortened by `truncate(2)` by path (a write event with no open and no close) waited
+/// for ever for its writer's close, the manifest keeping its old digest even with `--poll`
+/// (found by a review). A poll now takes a file quiet for a settle time as it finds it.
+#[test]
+fn poll_takes_a_file_truncated_by_path() {
+    let t = TestTree::new().file("f", b"hello\n");
+    let manifest = t.side("SUMS");
+    let m = manifest.to_str().unwrap();
+    let d = Daemon::ready(&t, &["--op", "sha256", "--manifest", m, "--poll", "1"]);
+    d.wait_idle(1);
+    let path = std::ffi::CString::new(t.path("f").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path, and a length.
+    assert_eq!(unsafe { libc::truncate(path.as_ptr(), 2) }, 0);
+    let expected = {
+        let out = tool("sha256sum", &[OsStr::new("f")], &t.root());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the new digest in the manifest",
+        || fs::read_to_string(&manifest).is_ok_and(|text| text == expected),
+    );
+    d.stop().success();
+}

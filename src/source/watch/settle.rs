@@ -219,8 +219,18 @@ impl Settle {
         }
         if lost == Lost::Events {
             self.pending.remove(&rel);
-        } else if self.pending.contains_key(&rel) {
-            return;
+        } else if let Some(p) = self.pending.get(&rel) {
+            // At a poll, a file waiting for its writer's close with no event for a whole
+            // settle time is taken as the scan found it: a truncate(2) by path writes with no
+            // open and no close, and the file waited for ever with its old digest (found by a
+            // review). The second look a settle time later, and the worker's check for a
+            // writer that still has it open, guard a writer at work.
+            let quiet =
+                !p.complete && !p.linked && now.saturating_duration_since(p.since) >= self.settle;
+            if lost != Lost::Unseen || !quiet {
+                return;
+            }
+            self.pending.remove(&rel);
         }
         if !self.scanned_set.insert(rel.clone()) {
             return;
