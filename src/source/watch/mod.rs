@@ -222,6 +222,15 @@ impl Look for Disk<'_> {
     fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool> {
         Ok(self.reader.lookup(rel)?.is_some_and(|k| k.settled(stamp)))
     }
+
+    fn special(&self, rel: &Path) -> bool {
+        rustix::fs::lstat(self.root.join(rel)).is_ok_and(|st| {
+            !matches!(
+                rustix::fs::FileType::from_raw_mode(st.st_mode),
+                rustix::fs::FileType::RegularFile | rustix::fs::FileType::Directory
+            )
+        })
+    }
 }
 
 impl Watcher<'_> {

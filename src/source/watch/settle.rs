@@ -47,6 +47,8 @@ pub(crate) trait Look {
     fn stamp(&self, rel: &Path) -> Option<Stamp>;
     /// Whether the state has `rel` recorded (done, skipped or failed for good) with `stamp`.
     fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool>;
+    /// Whether `rel` is there and is neither a regular file nor a directory.
+    fn special(&self, rel: &Path) -> bool;
 }
 
 /// A path waiting for its writer to finish.
@@ -330,6 +332,14 @@ impl Settle {
                         self.schedule(&rel, now + settle);
                         continue;
                     }
+                    // Not a regular file (a symlink, a FIFO, a socket made in the tree): no
+                    // event will come for it, and it is to be reported, as a scan reports it
+                    // (it waited for ever: found by a review). The worker says what it is.
+                    (_, None) if look.special(&rel) => {
+                        self.pending.remove(&rel);
+                        self.make_ready(rel, None);
+                        continue;
+                    }
                     // Empty with one name (a writer that has not written yet) or gone:
                     // events decide from here.
                     (_, None) => {
@@ -425,6 +435,8 @@ mod tests {
         /// What a plain look finds (regular files).
         files: HashMap<PathBuf, Stamp>,
         settled: HashMap<PathBuf, Stamp>,
+        /// Neither regular files nor directories.
+        special: std::collections::HashSet<PathBuf>,
         asked_linked: RefCell<Vec<PathBuf>>,
     }
 
@@ -438,6 +450,9 @@ mod tests {
         }
         fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool> {
             Ok(stamp.is_some() && self.settled.get(rel).copied() == stamp)
+        }
+        fn special(&self, rel: &Path) -> bool {
+            self.special.contains(rel)
         }
     }
 
