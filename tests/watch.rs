@@ -342,6 +342,49 @@ fn directories_named_like_temps_are_watched_and_their_chmod_is_no_file() {
     assert_eq!(sum["skipped"], 0, "{sum}");
 }
 
+/// A directory made unreadable to the daemon (`umask 077` by its writer) and opened up later
+/// (`chmod 755`) is watched and scanned then: the watch that failed at its creation was never
+/// tried again, and no file in it was ever taken, not even one written after the chmod (found
+/// by a review). Run as `nobody` when the tests run as root, as CI does; the writer is
+/// another user.
+#[test]
+fn a_directory_opened_up_after_it_came_is_watched_then() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root, to write as one user what the daemon reads as another");
+        return;
+    }
+    let t = TestTree::new();
+    let manifest = t.side("SUMS");
+    let d = Daemon::ready_unprivileged(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    let up = t.path("up");
+    let as_writer = |script: &str| {
+        let st = std::process::Command::new("setpriv")
+            .args(["--reuid=1234", "--regid=1234", "--clear-groups", "sh", "-c"])
+            .arg(script)
+            .current_dir(t.root())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    as_writer("umask 077; mkdir up; echo one > up/f1");
+    // Not readable yet: the daemon cannot see into it (its failed watch is the case).
+    let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&up).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o700);
+    as_writer("chmod 755 up; chmod 644 up/f1; echo two > up/f2; chmod 644 up/f2");
+    wait_until(
+        Duration::from_secs(30),
+        "both files in the manifest",
+        || {
+            fs::read_to_string(&manifest)
+                .is_ok_and(|m| m.contains("  up/f1\n") && m.contains("  up/f2\n"))
+        },
+    );
+    d.stop().success();
+}
+
 /// A FIFO or a symlink made while the daemon runs is reported, as the scan at the start
 /// reports them: they waited for ever as files linked in whole that never got content (found
 /// by a review: in no summary, state or failure log).

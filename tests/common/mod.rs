@@ -440,12 +440,27 @@ impl Daemon {
         d
     }
 
+    /// As `ready`, run as `nobody` when the tests run as root (`unprivileged`): the temp
+    /// tree is opened to all first.
+    pub fn ready_unprivileged(t: &TestTree, extra: &[&str]) -> Daemon {
+        t.open_to_all();
+        let mut cmd = unprivileged();
+        cmd.env_remove("RUST_LOG");
+        let mut d = Daemon::spawn_with(cmd, t, extra, Stdio::piped());
+        d.wait_ready();
+        d
+    }
+
     fn spawn(t: &TestTree, extra: &[&str], stderr: Stdio) -> Daemon {
+        Daemon::spawn_with(filepipe(&[]), t, extra, stderr)
+    }
+
+    fn spawn_with(mut cmd: Command, t: &TestTree, extra: &[&str], stderr: Stdio) -> Daemon {
         static SOCKETS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SOCKETS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let socket = t.side(&format!("notify-{n}.sock"));
         let notes = Notifications::listen(&socket);
-        let mut cmd = filepipe(&[OsStr::new("watch"), t.root().as_os_str()]);
+        cmd.args([OsStr::new("watch"), t.root().as_os_str()]);
         if !extra.contains(&"--state") {
             cmd.args(["--state"]).arg(t.side("state"));
         }
@@ -550,6 +565,8 @@ pub struct Notifications {
 impl Notifications {
     pub fn listen(path: &Path) -> Notifications {
         let sock = UnixDatagram::bind(path).unwrap();
+        // A daemon run as another user (`Daemon::ready_unprivileged`) may send to it too.
+        fs::set_permissions(path, fs::Permissions::from_mode(0o777)).unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let got: Arc<Mutex<Vec<(Instant, String)>>> = Arc::default();
