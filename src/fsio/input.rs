@@ -293,18 +293,7 @@ impl Root {
     /// Opens `root` (`O_PATH`; its canonical path, say), which the user named `named` (through
     /// a symlink, say): an absolute link into the tree may spell it either way (`follow`).
     pub(crate) fn named(root: &Path, named: &Path) -> rustix::io::Result<Root> {
-        let fd = rfs::open(root, Self::DIR, Mode::empty())?;
-        let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
-        let real = real_path(&fd);
-        let given = std::path::absolute(named)
-            .ok()
-            .filter(|g| real.as_ref() != Some(g));
-        Ok(Root {
-            fd,
-            openat2,
-            real,
-            given,
-        })
+        Self::owning(rfs::open(root, Self::DIR, Mode::empty())?, Some(named))
     }
 
     /// A root already open (`fd`, a directory opened without following a symlink, such as a
@@ -318,7 +307,12 @@ impl Root {
         fd: std::os::fd::BorrowedFd<'_>,
         named: Option<&Path>,
     ) -> rustix::io::Result<Root> {
-        let fd = rustix::io::fcntl_dupfd_cloexec(fd, 0)?;
+        Self::owning(rustix::io::fcntl_dupfd_cloexec(fd, 0)?, named)
+    }
+
+    /// The root open at `fd` (`O_PATH`), named `named`: finds out whether `openat2` works
+    /// here and where the kernel says it is.
+    fn owning(fd: OwnedFd, named: Option<&Path>) -> rustix::io::Result<Root> {
         let openat2 = rfs::openat2(&fd, ".", Self::DIR, Mode::empty(), Self::RESOLVE).is_ok();
         let real = real_path(&fd);
         let given = named
