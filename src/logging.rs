@@ -9,7 +9,6 @@
 //! record; `run` tells the runs apart.
 
 use std::fs::File;
-use std::io::IsTerminal;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -32,10 +31,11 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
     let env = EnvFilter::builder()
         .with_default_directive(default.into())
         .from_env_lossy();
-    let ansi = std::io::stderr().is_terminal();
+    // No colours: with them, the escapes on a line would be tracing's own and a name's
+    // alike, and a name's could drive the terminal (set its title, say: found by a review).
     let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(HumanStderr { ansi })
-        .with_ansi(ansi)
+        .with_writer(HumanStderr)
+        .with_ansi(false)
         .without_time()
         .with_target(false)
         .with_filter(env);
@@ -121,57 +121,55 @@ pub(crate) fn utc_now() -> String {
     )
 }
 
+/// `text` with its control characters (C0, DEL and C1) shown escaped, for a terminal or the
+/// journal: a file name may hold any of them (the progress bar shows names).
+pub(crate) fn shown(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push('\t'),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// Stderr for the human lines, with the control characters a file name (or a message quoting
 /// one) may hold shown escaped: a name with a newline forged a line of its own (a separate
 /// journal entry under systemd, `ERROR` and all), and a terminal escape in one drove the
 /// terminal (found by a review). Each event comes in one write: only its last newline is
-/// kept. With colours (a terminal), the escapes are tracing's own, and only CR and LF are
-/// escaped. The failure log is JSON, escaped already.
-struct HumanStderr {
-    ansi: bool,
-}
+/// kept. The failure log is JSON, escaped already.
+struct HumanStderr;
 
 impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for HumanStderr {
     type Writer = EscapedStderr;
 
     fn make_writer(&'a self) -> Self::Writer {
-        EscapedStderr { ansi: self.ansi }
+        EscapedStderr
     }
 }
 
 /// See `HumanStderr`.
-struct EscapedStderr {
-    ansi: bool,
-}
+struct EscapedStderr;
 
 impl std::io::Write for EscapedStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let (body, end) = match buf.strip_suffix(b"\n") {
-            Some(body) => (body, &b"\n"[..]),
-            None => (buf, &b""[..]),
+            Some(body) => (body, "\n"),
+            None => (buf, ""),
         };
-        let ansi = self.ansi;
-        let odd = |c: u8| match c {
-            b'\n' | b'\r' => true,
-            b'\t' => false,
-            c => !ansi && (c < 0x20 || c == 0x7f),
-        };
+        let text = String::from_utf8_lossy(body);
+        let plain = !text.chars().any(|c| c.is_control() && c != '\t');
         let mut stderr = std::io::stderr().lock();
-        if !body.iter().any(|&c| odd(c)) {
+        if plain {
             stderr.write_all(buf)?;
-            return Ok(buf.len());
+        } else {
+            stderr.write_all(shown(&text).as_bytes())?;
+            stderr.write_all(end.as_bytes())?;
         }
-        let mut out = Vec::with_capacity(buf.len() + 16);
-        for &c in body {
-            match c {
-                b'\n' => out.extend_from_slice(b"\\n"),
-                b'\r' => out.extend_from_slice(b"\\r"),
-                c if odd(c) => out.extend_from_slice(format!("\\x{c:02x}").as_bytes()),
-                c => out.push(c),
-            }
-        }
-        out.extend_from_slice(end);
-        stderr.write_all(&out)?;
         Ok(buf.len())
     }
 

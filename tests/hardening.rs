@@ -1792,7 +1792,7 @@ fn a_name_with_a_newline_cannot_forge_a_log_line() {
     );
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
     assert!(
-        stderr.contains(r"path=evil\n ERROR fake line \x1b[31mred"),
+        stderr.contains(r"path=evil\n ERROR fake line \u{1b}[31mred"),
         "{stderr}"
     );
     let records = failure_log(&log);

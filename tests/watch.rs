@@ -370,7 +370,10 @@ fn a_directory_opened_up_after_it_came_is_watched_then() {
         assert!(st.success(), "{script}");
     };
     as_writer("umask 077; mkdir up; echo one > up/f1");
-    // Not readable yet: the daemon cannot see into it (its failed watch is the case).
+    // Touched again and again while still closed: each touch retries the watch, and fails,
+    // but reports nothing more (a touch in a loop filled the failure log at 3 MB/s: found by
+    // a review).
+    as_writer("for i in $(seq 50); do touch up; done");
     let mode = std::os::unix::fs::PermissionsExt::mode(&fs::metadata(&up).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o700);
     as_writer("chmod 755 up; chmod 644 up/f1; echo two > up/f2; chmod 644 up/f2");
@@ -382,7 +385,8 @@ fn a_directory_opened_up_after_it_came_is_watched_then() {
                 .is_ok_and(|m| m.contains("  up/f1\n") && m.contains("  up/f2\n"))
         },
     );
-    d.stop().success();
+    let sum = d.stop().success().summary();
+    assert!(sum["failed"].as_u64() <= Some(1), "{sum}");
 }
 
 /// A FIFO or a symlink made while the daemon runs is reported, as the scan at the start

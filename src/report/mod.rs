@@ -95,7 +95,7 @@ pub(crate) fn run(
         match event {
             Event::Started { worker, rel } => {
                 if let Some(bar) = progress.workers.get(worker) {
-                    bar.set_message(rel.display().to_string());
+                    bar.set_message(crate::logging::shown(&rel.to_string_lossy()));
                 }
             }
             Event::Finished(outcomes) => {

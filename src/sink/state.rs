@@ -238,6 +238,16 @@ impl Sink for StateSink<'_> {
         Ok(retry_after.map_or(Disposition::Final, Disposition::Retry))
     }
 
+    /// Exactly these paths are no longer files (watch mode: one is a directory now, or its
+    /// directory a file; see `Watcher::there_again`).
+    fn unlisted(&mut self, rels: &[std::path::PathBuf]) -> Result<()> {
+        self.begin()?;
+        self.last_outcome = Some(Instant::now());
+        self.state.remove_files(rels)?;
+        self.changed();
+        Ok(())
+    }
+
     fn removed(&mut self, rel: &Path) -> Result<()> {
         self.begin()?;
         // A deletion burst (rm -r) is a burst too: the rewrite waits for its end.

@@ -170,7 +170,7 @@ struct Watcher<'a> {
     poll: Option<Duration>,
     /// Directories found that could not be watched (no permission to read them): tried again
     /// when their attributes change.
-    unwatched: std::collections::HashSet<PathBuf>,
+    unwatched: std::collections::BTreeSet<PathBuf>,
     /// Events were dropped, the channel from notify full (see `Handler`).
     dropped: Arc<AtomicBool>,
 }
@@ -257,6 +257,7 @@ impl Watcher<'_> {
         self.scan(&self.cfg.root.clone(), Lost::Nothing)?;
         self.stats.ready.store(true, Ordering::Relaxed);
         let mut last_root_check = Instant::now();
+        let mut next_drop_rescan = Instant::now();
         let mut last_poll = Instant::now();
         loop {
             if self.shutdown.requested() {
@@ -312,12 +313,28 @@ impl Watcher<'_> {
                 if taken > 0 {
                     self.quiet_until = Instant::now() + COALESCE;
                 }
-                if self.dropped.swap(false, Ordering::Relaxed) {
+                // Events dropped, our channel full: once what it holds is applied (it came
+                // before the drop), the tree is rescanned. Not more often than every few
+                // seconds (a rescan costs the whole tree, and each one reads the files in
+                // flight again): a process touching names in a loop filled it every 0.2 s
+                // and the daemon rescanned without end (found by a review).
+                if self.dropped.load(Ordering::Relaxed) && Instant::now() >= next_drop_rescan {
+                    // What it holds now: a flood still under way would keep it full.
+                    for _ in 0..notify_rx.len() {
+                        match notify_rx.try_recv() {
+                            Ok(ev) => self.on_notify(Ok(ev))?,
+                            Err(_) => break,
+                        }
+                    }
+                    self.dropped.store(false, Ordering::Relaxed);
                     tracing::warn!(
                         "events came faster than they were read and some were dropped: \
                          rescanning the whole tree"
                     );
+                    let started = Instant::now();
                     self.rescan_lost()?;
+                    next_drop_rescan =
+                        Instant::now() + (started.elapsed() * 4).max(Duration::from_secs(5));
                 }
             }
             for r in recorded.try_iter().flatten() {
@@ -383,7 +400,8 @@ impl Watcher<'_> {
 
     /// Watches `dir` (not its subdirectories: a scan of it watches those); harmless if it
     /// already is watched.
-    fn watch(&mut self, dir: &Path) -> Result<()> {
+    /// Whether it is watched now (see `watch_dir`); one that is not is in `unwatched`.
+    fn watch(&mut self, dir: &Path) -> Result<bool> {
         let watched = watch_dir(
             &mut self.watcher,
             &self.cfg.root,
@@ -393,7 +411,7 @@ impl Watcher<'_> {
         if !watched {
             self.unwatched.insert(dir.to_path_buf());
         }
-        Ok(())
+        Ok(watched)
     }
 
     /// Scans `dir` (already watched by the caller), watching each directory under it before
@@ -577,8 +595,10 @@ impl Watcher<'_> {
                     // workers, and skipped as a special file). One that could not be watched
                     // when it came (no permission yet: `umask 077`, then `chmod`) is tried
                     // again now: its files were never seen (found by a review).
-                    if self.unwatched.remove(path) {
-                        self.watch(path)?;
+                    // Scanned only once watched: each failed try would report the directory
+                    // again, and anyone who may touch it could fill the failure log (found
+                    // by a review).
+                    if self.unwatched.remove(path) && self.watch(path)? {
                         self.scan(path, Lost::Nothing)?;
                     }
                 }
@@ -586,10 +606,31 @@ impl Watcher<'_> {
                 Change::Created => self.settle.appeared(rel, now),
                 Change::Written => self.settle.touch(rel, false, None, now),
                 Change::Gone => {
+                    // Ordered: what is under `path` is one range (a retain over all of them
+                    // at each deletion was quadratic: found by a review).
                     if !self.unwatched.is_empty() {
-                        self.unwatched.retain(|d| !d.starts_with(path));
+                        let under: Vec<PathBuf> = self
+                            .unwatched
+                            .range::<Path, _>((
+                                std::ops::Bound::Included(path.as_path()),
+                                std::ops::Bound::Unbounded,
+                            ))
+                            .take_while(|d| d.starts_with(path))
+                            .cloned()
+                            .collect();
+                        for d in under {
+                            self.unwatched.remove(&d);
+                        }
                     }
-                    self.forget(rel)?
+                    if path.symlink_metadata().is_ok() {
+                        // There again by now: an event older than what is there (a file
+                        // deleted and made anew at once, or events applied after a rescan
+                        // that lost some). Forgotten, a file made anew was never done (found
+                        // by a review).
+                        self.there_again(rel)?
+                    } else {
+                        self.forget(rel)?
+                    }
                 }
             }
         }
@@ -648,16 +689,32 @@ impl Watcher<'_> {
     /// on. There again: a directory is scanned, reconciled against the state (what is gone
     /// from it is forgotten then, and what changed done); a file is looked at again.
     fn removal_due(&mut self, rel: PathBuf) -> Result<()> {
-        let path = self.cfg.root.join(&rel);
-        match std::fs::symlink_metadata(&path) {
-            Err(_) => self.send(Event::Removed(rel)),
-            Ok(m) if m.is_dir() => self.scan(&path, Lost::Events),
-            Ok(_) => {
-                self.settle
-                    .touch(rel, true, Stamp::of(&path), Instant::now());
-                Ok(())
-            }
+        if self.cfg.root.join(&rel).symlink_metadata().is_err() {
+            return self.send(Event::Removed(rel));
         }
+        self.there_again(rel)
+    }
+
+    /// `rel`, told gone (an event, or a removal held back), is there again by now: what is
+    /// there decides. A directory is scanned and reconciled against the state (a file's row
+    /// at its name, from before, goes); a file is looked at again (the rows of a directory of
+    /// its name, from before, go). Only those rows: the ones of what is there now stay
+    /// (found by a review: the path's whole range was removed, the files done since included).
+    fn there_again(&mut self, rel: PathBuf) -> Result<()> {
+        let path = self.cfg.root.join(&rel);
+        if is_real_dir(&path) {
+            self.send(Event::Unlisted(vec![rel]))?;
+            // No event was lost (a file in flight is not read again for it): a directory
+            // renamed away and back is watched under either name.
+            return self.scan(&path, Lost::Nothing);
+        }
+        let under: Vec<PathBuf> = self.reader.known_under(&rel)?.into_keys().collect();
+        if !under.is_empty() {
+            self.send(Event::Unlisted(under))?;
+        }
+        self.settle
+            .touch(rel, true, Stamp::of(&path), Instant::now());
+        Ok(())
     }
 
     fn forget(&mut self, rel: PathBuf) -> Result<()> {
