@@ -626,8 +626,12 @@ impl Watcher<'_> {
                         // There again by now: an event older than what is there (a file
                         // deleted and made anew at once, or events applied after a rescan
                         // that lost some). Forgotten, a file made anew was never done (found
-                        // by a review).
-                        self.there_again(rel)?
+                        // by a review). Held back like any removal while something at or
+                        // under it is in flight (its outcome would bring back a row of what
+                        // went): `removal_due` looks again once it is recorded.
+                        if self.flight.forget(&rel) {
+                            self.there_again(rel)?
+                        }
                     } else {
                         self.forget(rel)?
                     }
