@@ -389,14 +389,12 @@ fn a_directory_opened_up_after_it_came_is_watched_then() {
     assert!(sum["failed"].as_u64() <= Some(1), "{sum}");
 }
 
-/// A directory swapped for another (`rename(RENAME_EXCHANGE)`) while a file in it is being
-/// compressed leaves no row of that file once it is recorded: the deletion, applied when the
-/// path was there again, was not held back for the file in flight, whose outcome brought back
-/// a row of what had gone (found by a review: `sha256sum -c` failed, `d/big: No such file`).
-#[test]
-fn a_directory_swapped_while_a_file_in_it_is_in_flight_leaves_no_row_of_it() {
+/// A tree of `n` small files `d/f{i}` and a daemon compressing with zstd -19 (slow enough, in
+/// a debug build, for a large file to stay in flight while a test acts), with `--out` and a
+/// manifest, idle once those are done: (tree, out, manifest, daemon).
+fn slow_daemon(n: u64) -> (TestTree, PathBuf, PathBuf, Daemon) {
     let mut t = TestTree::new();
-    for i in 0..3 {
+    for i in 0..n {
         t = t.file(format!("d/f{i}"), format!("{i}\n").as_bytes());
     }
     let (out, manifest) = (t.side("o"), t.side("SUMS"));
@@ -413,12 +411,28 @@ fn a_directory_swapped_while_a_file_in_it_is_in_flight_leaves_no_row_of_it() {
             manifest.to_str().unwrap(),
         ],
     );
-    d.wait_idle(3);
-    fs::write(t.side("big"), noise_bytes(12 << 20, 5)).unwrap();
+    d.wait_idle(n);
+    (t, out, manifest, d)
+}
+
+/// Renames a file of `mb` MiB of noise into `d/big`, written beside the tree first, and waits
+/// until it is in flight.
+fn big_in_flight(t: &TestTree, d: &Daemon, mb: usize, seed: u64) {
+    fs::write(t.side("big"), noise_bytes(mb << 20, seed)).unwrap();
     fs::rename(t.side("big"), t.path("d/big")).unwrap();
     wait_until(Duration::from_secs(60), "the big file in flight", || {
         d.notes.last_status().is_some_and(|s| s.in_flight == 1)
     });
+}
+
+/// A directory swapped for another (`rename(RENAME_EXCHANGE)`) while a file in it is being
+/// compressed leaves no row of that file once it is recorded: the deletion, applied when the
+/// path was there again, was not held back for the file in flight, whose outcome brought back
+/// a row of what had gone (found by a review: `sha256sum -c` failed, `d/big: No such file`).
+#[test]
+fn a_directory_swapped_while_a_file_in_it_is_in_flight_leaves_no_row_of_it() {
+    let (t, out, manifest, d) = slow_daemon(3);
+    big_in_flight(&t, &d, 12, 5);
     let other = t.side("other");
     fs::create_dir(&other).unwrap();
     fs::write(other.join("new"), b"fresh\n").unwrap();
@@ -493,31 +507,8 @@ fn a_fifo_or_symlink_made_while_watching_is_reported() {
 /// before, and the one just done (found by a review: the manifest emptied, and stayed so).
 #[test]
 fn a_directory_renamed_away_and_back_while_a_file_in_it_is_in_flight_keeps_its_files() {
-    let mut t = TestTree::new();
-    for i in 0..20 {
-        t = t.file(format!("d/f{i}"), format!("{i}\n").as_bytes());
-    }
-    let big = t.side("big");
-    fs::write(&big, noise_bytes(24 << 20, 7)).unwrap();
-    let (out, manifest) = (t.side("o"), t.side("SUMS"));
-    let d = Daemon::ready(
-        &t,
-        &[
-            "--op",
-            "sha256,zstd",
-            "--level",
-            "19",
-            "--out",
-            out.to_str().unwrap(),
-            "--manifest",
-            manifest.to_str().unwrap(),
-        ],
-    );
-    d.wait_idle(20);
-    fs::rename(&big, t.path("d/big")).unwrap();
-    wait_until(Duration::from_secs(60), "the big file in flight", || {
-        d.notes.last_status().is_some_and(|s| s.in_flight == 1)
-    });
+    let (t, out, manifest, d) = slow_daemon(20);
+    big_in_flight(&t, &d, 24, 7);
     fs::rename(t.path("d"), t.path("d.tmp")).unwrap();
     fs::rename(t.path("d.tmp"), t.path("d")).unwrap();
     assert!(
