@@ -330,11 +330,11 @@ fn directories_named_like_temps_are_watched_and_their_chmod_is_no_file() {
     fs::write(t.path("b"), b"b\n").unwrap();
     d.wait_idle(4);
     wait_until(Duration::from_secs(30), "4 files in the manifest", || {
-        fs::read_to_string(&manifest).is_ok_and(|m| m.lines().count() == 4)
+        manifest_lines(&manifest) == 4
     });
     fs::remove_dir_all(t.path("data.tmp")).unwrap();
     wait_until(Duration::from_secs(30), "3 files in the manifest", || {
-        fs::read_to_string(&manifest).is_ok_and(|m| m.lines().count() == 3)
+        manifest_lines(&manifest) == 3
     });
     let listed = fs::read_to_string(&manifest).unwrap();
     assert!(listed.contains("  old~/f2\n"), "{listed}");
@@ -473,12 +473,7 @@ fn a_directory_swapped_while_a_file_in_it_is_in_flight_leaves_no_row_of_it() {
             })
         },
     );
-    let check = tool(
-        "sha256sum",
-        &[OsStr::new("-c"), manifest.as_os_str()],
-        &t.root(),
-    );
-    assert!(check.status.success(), "{check:?}");
+    assert_sha256sum_c(&manifest, &t.root());
     d.stop().success();
 }
 
@@ -518,14 +513,9 @@ fn a_directory_renamed_away_and_back_while_a_file_in_it_is_in_flight_keeps_its_f
     d.wait_idle(21);
     // The manifest is rewritten at most once a second after a change.
     wait_until(Duration::from_secs(30), "21 files in the manifest", || {
-        fs::read_to_string(&manifest).is_ok_and(|m| m.lines().count() == 21)
+        manifest_lines(&manifest) == 21
     });
-    let check = tool(
-        "sha256sum",
-        &[OsStr::new("-c"), manifest.as_os_str()],
-        &t.root(),
-    );
-    assert!(check.status.success(), "{check:?}");
+    assert_sha256sum_c(&manifest, &t.root());
     d.stop().success();
 }
 
