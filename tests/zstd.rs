@@ -392,3 +392,43 @@ fn remove_source_after_a_stopped_run_adopts_the_stamped_outputs_without_recompre
         assert_zstd_restores(&zst_of(&t.path(rel)), data);
     }
 }
+
+#[test]
+fn a_second_signal_stops_a_large_file_at_level_19_at_once() {
+    // libzstd compresses a large file in jobs of 32 MiB at level 19, each many seconds of
+    // one core's work; the second request must not wait for the jobs in flight to end
+    // (RELIABILITY #16). No zstd CLI needed: nothing is published.
+    let t = TestTree::new().file("big.log", &text_bytes(64 << 20, 19));
+    let mut cmd = filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("zstd"),
+        s("--level"),
+        s("19"),
+        s("--jobs"),
+        s("2"),
+    ]);
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    let child = Started::new(cmd);
+    wait_until(Duration::from_secs(60), "the temp file", || {
+        !temps_in_progress(&t.root()).is_empty()
+    });
+    // Let libzstd's jobs start (the first is handed to a worker once 32 MiB are read).
+    std::thread::sleep(Duration::from_millis(500));
+    // A second request (another signal: the same one at once would count once).
+    common::cluster::signal_pid(child.id(), rustix::process::Signal::INT);
+    std::thread::sleep(Duration::from_millis(50));
+    common::cluster::signal_pid(child.id(), rustix::process::Signal::TERM);
+    let asked = std::time::Instant::now();
+    child.finish(Duration::from_secs(120)).code(130);
+    // Each job in flight is over ten seconds of work here; stopping takes well under one.
+    let took = asked.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the run went on for {took:?} after the second signal"
+    );
+    assert!(!t.path("big.log.zst").exists());
+    assert!(temps_under(t.dir.path()).is_empty());
+}

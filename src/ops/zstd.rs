@@ -26,10 +26,11 @@ use zstd::zstd_safe::{self, CCtx, CParameter, InBuffer, OutBuffer, ResetDirectiv
 
 use crate::cli::OpKind;
 use crate::config::Config;
-use crate::error::{FileError, Kind};
+use crate::error::{Abandoned, FileError, Kind};
 use crate::fsio::input::fill;
 use crate::fsio::output::{Dir, WriteBehind};
 use crate::ops::compress::{open_output, Codec, Totals};
+use crate::signals;
 use crate::travel::Job;
 
 /// Largest input compressed whole on the worker's thread. Below it a tree keeps the cores busy
@@ -198,6 +199,26 @@ impl Zstd {
     ) -> Result<Totals, FileError> {
         let threads = self.take_threads();
         let mut cctx = self.context(threads.n)?;
+        let totals = Self::stream(&mut cctx, input, expected, head, out, scratch);
+        if totals.is_err() && signals::aborted() {
+            // Freeing a context waits until libzstd's jobs in flight are done (a job is 32 MiB
+            // at level 19: tens of seconds), and a second signal must not wait for them
+            // (RELIABILITY #16). The run is ending: the context's memory and threads end with
+            // the process.
+            std::mem::forget(cctx);
+        }
+        totals
+    }
+
+    /// `compress_streaming`'s work, through `cctx`.
+    fn stream(
+        cctx: &mut CCtx<'static>,
+        input: &mut impl Read,
+        expected: u64,
+        head: &[u8; STAMP_LEN],
+        out: &mut impl Write,
+        scratch: &mut Scratch,
+    ) -> Result<Totals, FileError> {
         // Pledged, so the frame header carries the content size, as zstd's own does.
         cctx.set_pledged_src_size(Some(expected))
             .map_err(|c| zstd_error("pledging the size", c))?;
@@ -232,6 +253,12 @@ impl Zstd {
             };
             let mut src = InBuffer::around(chunk);
             loop {
+                // With every job slot busy, each call waits for the oldest job's next 512 KiB,
+                // and the chunk goes in only once a whole job is done (32 MiB at level 19):
+                // a second signal is heard here too, not only at the next read.
+                if signals::aborted() {
+                    return Err(FileError::new(Kind::Interrupted, Abandoned.to_string()));
+                }
                 let mut dst = OutBuffer::around(&mut scratch.output[..]);
                 let remaining = cctx
                     .compress_stream2(&mut dst, &mut src, directive)
