@@ -13,7 +13,10 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::{Context, Result};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::field::{MakeVisitor, VisitFmt, VisitOutput};
 use tracing_subscriber::filter::{filter_fn, EnvFilter, LevelFilter};
+use tracing_subscriber::fmt::format::{DefaultVisitor, Writer};
 use tracing_subscriber::prelude::*;
 
 /// The target of per-file records.
@@ -35,6 +38,7 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
     // alike, and a name's could drive the terminal (set its title, say: found by a review).
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(HumanStderr)
+        .fmt_fields(HumanFields)
         .with_ansi(false)
         .without_time()
         .with_target(false)
@@ -135,6 +139,61 @@ pub(crate) fn shown(text: &str) -> String {
         }
     }
     out
+}
+
+/// The human lines' fields as tracing writes them, except that a value given by `Display` or
+/// `Debug` (a path, a directory, an error) is quoted and escaped like a string field unless it
+/// is one plain word: `path=a b op="x"` read as a path `a`, a field `b` and a forged `op`
+/// (found by a review). The JSON failure log records the values themselves.
+struct HumanFields;
+
+impl<'a> MakeVisitor<Writer<'a>> for HumanFields {
+    type Visitor = HumanVisitor<'a>;
+
+    fn make_visitor(&self, target: Writer<'a>) -> Self::Visitor {
+        HumanVisitor(DefaultVisitor::new(target, true))
+    }
+}
+
+/// See `HumanFields`.
+struct HumanVisitor<'a>(DefaultVisitor<'a>);
+
+impl Visit for HumanVisitor<'_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.0.record_str(field, value);
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            return self.0.record_debug(field, value);
+        }
+        let text = format!("{value:?}");
+        if plain_word(&text) {
+            self.0.record_debug(field, &format_args!("{text}"));
+        } else {
+            self.0.record_str(field, &text);
+        }
+    }
+}
+
+impl VisitOutput<std::fmt::Result> for HumanVisitor<'_> {
+    fn finish(self) -> std::fmt::Result {
+        self.0.finish()
+    }
+}
+
+impl VisitFmt for HumanVisitor<'_> {
+    fn writer(&mut self) -> &mut dyn std::fmt::Write {
+        self.0.writer()
+    }
+}
+
+/// Whether `text` reads as one field value as it is: no space, quote, `=` or backslash.
+fn plain_word(text: &str) -> bool {
+    !text.is_empty()
+        && !text
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, '"' | '=' | '\\'))
 }
 
 /// Stderr for the human lines, with the control characters a file name (or a message quoting

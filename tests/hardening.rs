@@ -1775,6 +1775,9 @@ fn a_name_with_a_newline_cannot_forge_a_log_line() {
     let t = TestTree::new();
     let name = "evil\n ERROR fake line \x1b[31mred";
     mkfifo(&t.path(name));
+    // Nor fields on its line: a value with spaces or quotes is quoted, as string fields are.
+    let fields = r#"a status="done" error="none""#;
+    mkfifo(&t.path(fields));
     let log = t.side("failures.jsonl");
     let out = run(filepipe(&[
         s("batch"),
@@ -1792,9 +1795,15 @@ fn a_name_with_a_newline_cannot_forge_a_log_line() {
     );
     assert!(!stderr.contains('\x1b'), "{stderr:?}");
     assert!(
-        stderr.contains(r"path=evil\n ERROR fake line \u{1b}[31mred"),
+        stderr.contains(r#"path="evil\n ERROR fake line \u{1b}[31mred" op="#),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(r#"path="a status=\"done\" error=\"none\"" op="#),
         "{stderr}"
     );
     let records = failure_log(&log);
-    assert_eq!(records[0]["path"], name, "{records:?}");
+    let paths: Vec<_> = records.iter().map(|r| r["path"].clone()).collect();
+    assert!(paths.contains(&name.into()), "{records:?}");
+    assert!(paths.contains(&fields.into()), "{records:?}");
 }

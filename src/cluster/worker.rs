@@ -199,7 +199,7 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
     conn.start(may_publish(&conn, &outcomes_subject("permission-probe")))
         .map_err(Unreachable)?;
     let jobs = cfg.jobs;
-    tracing::info!(queue = %queue.shown(), roots = ?roots.keys().collect::<Vec<_>>(), jobs, "worker ready");
+    tracing::info!(queue = %queue.shown(), roots = %roots.keys().cloned().collect::<Vec<_>>().join(","), jobs, "worker ready");
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status("taking jobs"),

@@ -595,7 +595,7 @@ fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Resul
             rfs::fchmod(copy, Mode::from_raw_mode(read.st_mode & 0o7777))
                 .map_err(|e| FileError::errno("setting the mode of the copy", e))?;
         } else {
-            tracing::warn!(file = ?name, "copied without its set-ID bits: it could not be given the input's owner");
+            tracing::warn!(file = %name.to_string_lossy(), "copied without its set-ID bits: it could not be given the input's owner");
         }
     }
     let mut names = vec![0u8; 4096];
@@ -624,7 +624,7 @@ fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Resul
         };
         let set = n.and_then(|n| rfs::fsetxattr(copy, attr, &value[..n], rfs::XattrFlags::empty()));
         if let Err(e) = set {
-            tracing::warn!(file = ?name, attribute = ?attr, error = %e, "extended attribute not copied to the other file system");
+            tracing::warn!(file = %name.to_string_lossy(), attribute = %attr.to_string_lossy(), error = %e, "extended attribute not copied to the other file system");
         }
     }
     Ok(())
