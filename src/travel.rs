@@ -210,6 +210,9 @@ pub(crate) struct Recorded {
     pub(crate) rel: PathBuf,
     /// Try again after this long (a transient failure with attempts left).
     pub(crate) retry_after: Option<Duration>,
+    /// It failed because another file holds its output's name (`output-exists`): it is due
+    /// again once that name is free.
+    pub(crate) output_blocked: bool,
 }
 
 /// Counters the walker raises and the reporter reads for progress totals.

@@ -604,6 +604,46 @@ fn a_file_blocked_at_its_output_name_is_done_once_the_other_file_is_moved_away()
     );
 }
 
+/// The same with `--out`: the output tree makes no events for the watch, so it looks at the
+/// blocked names itself (before, the file waited for a restart or a change of its own).
+#[test]
+fn with_out_a_file_blocked_at_its_output_name_is_done_once_the_other_file_is_moved_away() {
+    let t = TestTree::new().file("d/a.txt", b"mine\n");
+    let out = t.side("out");
+    fs::create_dir_all(out.join("d")).unwrap();
+    fs::write(out.join("d/a.txt.gz"), b"someone else's\n").unwrap();
+    let log = t.side("failures.jsonl");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--out",
+            out.to_str().unwrap(),
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    wait_for("the output-exists failure", || {
+        !records_of(&failure_log(&log), "output-exists").is_empty()
+    });
+    assert_eq!(
+        fs::read(out.join("d/a.txt.gz")).unwrap(),
+        b"someone else's\n"
+    );
+    fs::rename(out.join("d/a.txt.gz"), t.side("moved.gz")).unwrap();
+    d.wait_idle(1);
+    let unzipped = tool("gzip", &[OsStr::new("-dc"), OsStr::new("d/a.txt.gz")], &out);
+    assert_eq!(unzipped.stdout, b"mine\n");
+    assert_eq!(fs::read(t.side("moved.gz")).unwrap(), b"someone else's\n");
+    let s = d.stop().success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+}
+
 #[test]
 fn status_lists_failed_files_from_the_state() {
     let long = "n".repeat(253);

@@ -115,6 +115,10 @@ pub(crate) fn run(
                                 Disposition::Retry(after) => Some(after),
                                 Disposition::Final => None,
                             },
+                            output_blocked: matches!(
+                                &outcome,
+                                Outcome::Failed { error, .. } if error.kind == Kind::OutputExists
+                            ),
                         });
                     }
                     meter.outcome(&outcome, &disposition);

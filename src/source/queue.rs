@@ -239,6 +239,7 @@ mod tests {
         Recorded {
             rel: rel.into(),
             retry_after: redo.then_some(Duration::ZERO),
+            output_blocked: false,
         }
     }
 

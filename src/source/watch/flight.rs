@@ -160,6 +160,7 @@ mod tests {
         Recorded {
             rel: PathBuf::from(rel),
             retry_after,
+            output_blocked: false,
         }
     }
 

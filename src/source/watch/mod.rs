@@ -16,6 +16,7 @@ mod events;
 mod flight;
 mod settle;
 
+use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -28,6 +29,7 @@ use crossbeam_channel::{Receiver, Select, Sender, TryRecvError, TrySendError};
 use notify::{RecursiveMode, Watcher as _};
 
 use crate::config::Config;
+use crate::fsio::input::Root;
 use crate::signals::Shutdown;
 use crate::source::recorded;
 use crate::source::walk::{self, Found};
@@ -132,6 +134,8 @@ impl Source for Watch<'_> {
             poll: self.poll,
             unwatched: Default::default(),
             dropped,
+            blocked: BTreeSet::new(),
+            out_root: None,
         };
         w.run(&notify_rx, &recorded)
     }
@@ -173,7 +177,16 @@ struct Watcher<'a> {
     unwatched: std::collections::BTreeSet<PathBuf>,
     /// Events were dropped, the channel from notify full (see `Handler`).
     dropped: Arc<AtomicBool>,
+    /// With `--out`: files that failed because another file holds their output's name,
+    /// looked at every `BLOCKED_EVERY` (see `outputs_freed`).
+    blocked: BTreeSet<PathBuf>,
+    /// The output root, opened at the first look for freed names.
+    out_root: Option<Root>,
 }
+
+/// How often the output names of files another file blocked (`Watcher::blocked`) are looked
+/// at: a stat each, for what is usually a handful of files.
+const BLOCKED_EVERY: Duration = Duration::from_secs(2);
 
 /// Events held between notify's thread and the watcher's at most: some 10 MB.
 const EVENTS_HELD: usize = 65_536;
@@ -257,6 +270,7 @@ impl Watcher<'_> {
         self.scan(&self.cfg.root.clone(), Lost::Nothing)?;
         self.stats.ready.store(true, Ordering::Relaxed);
         let mut last_root_check = Instant::now();
+        let mut last_blocked_check = Instant::now();
         let mut next_drop_rescan = Instant::now();
         let mut last_poll = Instant::now();
         loop {
@@ -361,6 +375,10 @@ impl Watcher<'_> {
             if last_root_check.elapsed() > Duration::from_secs(1) {
                 last_root_check = Instant::now();
                 self.root_in_place()?;
+            }
+            if !self.blocked.is_empty() && last_blocked_check.elapsed() >= BLOCKED_EVERY {
+                last_blocked_check = Instant::now();
+                self.outputs_freed();
             }
             let stats = self.stats;
             stats
@@ -683,6 +701,53 @@ impl Watcher<'_> {
         Ok(())
     }
 
+    /// With `--out`, a file whose output's name another file held (`blocked`) is taken again
+    /// once that name is free, as `output_freed` takes one next to its input: the output tree
+    /// makes no events here, so the names are looked at, beneath the output root's descriptor
+    /// (no link followed). Before, such a file waited for the daemon's next start or the
+    /// input's next change.
+    fn outputs_freed(&mut self) {
+        let (Some(out), Some(compressor)) = (&self.cfg.out, self.cfg.spec.compressor()) else {
+            self.blocked.clear();
+            return;
+        };
+        if self.out_root.is_none() {
+            match Root::new(out) {
+                Ok(root) => self.out_root = Some(root),
+                Err(e) => {
+                    tracing::debug!(dir = %out.display(), error = %e, "output root not opened yet");
+                    return;
+                }
+            }
+        }
+        let Some(root) = &self.out_root else { return };
+        let freed: Vec<PathBuf> = self
+            .blocked
+            .iter()
+            .filter(|rel| {
+                compressor
+                    .output_name(rel)
+                    .is_some_and(|o| matches!(root.lstat(&o), Err(rustix::io::Errno::NOENT)))
+            })
+            .cloned()
+            .collect();
+        let now = Instant::now();
+        for rel in freed {
+            self.blocked.remove(&rel);
+            let abs = self.cfg.root.join(&rel);
+            if self.flight.contains(&rel) || self.ignored(&rel, &abs) {
+                continue;
+            }
+            let stamp = Stamp::of(&abs);
+            if stamp.is_none() {
+                continue;
+            }
+            tracing::debug!(path = %rel.display(), "its output's name was freed: taken again");
+            // As in `output_freed`: a file still being written keeps waiting for its close.
+            self.settle.touched_metadata(rel, stamp, now);
+        }
+    }
+
     /// `rel` (a file, or a directory and everything under it) is gone: it leaves the queues,
     /// the state and the manifest. While a file under it is in flight, the removal waits for
     /// that file's outcome to be recorded, or the outcome would bring the file back.
@@ -723,6 +788,9 @@ impl Watcher<'_> {
 
     fn forget(&mut self, rel: PathBuf) -> Result<()> {
         self.settle.forget(&rel);
+        if !self.blocked.is_empty() {
+            self.blocked.retain(|p| !p.starts_with(&rel));
+        }
         if self.flight.forget(&rel) {
             self.send(Event::Removed(rel))?;
         }
@@ -831,6 +899,13 @@ impl Watcher<'_> {
     /// something happened to it while it was read (a close among it), whatever its stamp says.
     fn on_recorded(&mut self, r: &Recorded) {
         let now = Instant::now();
+        if self.cfg.out.is_some() {
+            if r.output_blocked {
+                self.blocked.insert(r.rel.clone());
+            } else if !self.blocked.is_empty() {
+                self.blocked.remove(&r.rel);
+            }
+        }
         if self.flight.recorded(r, now) {
             let stamp = Stamp::of(&self.cfg.root.join(&r.rel));
             self.settle.touch(r.rel.clone(), true, stamp, now);
