@@ -682,3 +682,87 @@ fn a_worker_stops_taking_from_a_workers_consumer_changed_mid_run() {
     assert_eq!(sum["done"], 8, "{sum}");
     assert_results(&t, 8);
 }
+
+/// A workers' consumer deleted mid-run (by an administrator, here a third user allowed
+/// everything) that the worker's user may not make again: the worker says so once and stops
+/// asking it for jobs, so its other root is served at full pace (a pull on a missing consumer
+/// is never answered: each fetch waited out the client's 5 s for it, and failed again); once
+/// a coordinator has made it again, the worker takes its jobs.
+#[test]
+fn a_deleted_consumer_the_worker_may_not_make_again_does_not_slow_its_other_roots() {
+    let admin = ("admin", "adm1n-Pa55-for-test");
+    let config = example().replacen(
+        "  users = [\n",
+        &format!(
+            "  users = [\n    {{ user: {}, password: \"{}\" }}\n",
+            admin.0, admin.1
+        ),
+        1,
+    );
+    assert!(
+        config.contains("user: admin"),
+        "the example's users list moved"
+    );
+    let Some(nats) = server(&config) else {
+        return;
+    };
+    make_streams(&nats, "tree").success();
+    make_streams(&nats, "other").success();
+    let t = tree(6, 0);
+    let other = TestTree::new().file("x", b"other root\n");
+    let mut cmd = worker_cmd(&nats, &t.root());
+    cmd.arg("--root")
+        .arg(format!("other={}", other.root().display()));
+    let w = Worker::ready(cmd, &t.side(""));
+    let log = || fs::read_to_string(&w.log).unwrap_or_default();
+    let gone = ask_as(
+        &nats,
+        admin,
+        "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-other",
+        b"",
+    );
+    assert_eq!(gone["success"], true, "{gone}");
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to find the consumer gone",
+        || log().contains("is gone and could not be made again"),
+    );
+    // Runs on the other root, back to back, for longer than several fetches: each fetch
+    // asked the missing consumer in turn, and failed after 5 s.
+    std::thread::sleep(Duration::from_secs(1));
+    let failed = log().matches("fetching jobs failed").count();
+    for _ in 0..3 {
+        let r = run(coordinator_cmd(&nats, &t)).context("coordinator");
+        assert_eq!(r.success().summary()["done"], 6);
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        log().matches("fetching jobs failed").count(),
+        failed,
+        "fetches failed again:\n{}",
+        log()
+    );
+    assert_results(&t, 6);
+    // Made again by a coordinator of that root: its jobs are taken.
+    make_streams(&nats, "other").success();
+    wait_until(
+        Duration::from_secs(30),
+        "the worker to take the consumer's jobs again",
+        || log().contains("the workers' consumer is there again"),
+    );
+    let mut c = filepipe(&[
+        s("batch"),
+        other.root().as_os_str(),
+        s("--queue"),
+        s(&url_as(&nats, COORDINATOR)),
+        s("--root-name"),
+        s("other"),
+        s("--op"),
+        s("gzip"),
+        s("--json"),
+    ]);
+    c.env("XDG_STATE_HOME", xdg(&other.root()));
+    assert_eq!(run(c).success().summary()["done"], 1);
+    let unzipped = tool("gzip", &[s("-dc"), s("x.gz")], &other.root());
+    assert_eq!(unzipped.stdout, b"other root\n");
+}

@@ -42,6 +42,10 @@ const IDLE: Duration = Duration::from_secs(30);
 /// How long a request for jobs waits on a root that has none (see `Router::fetch`).
 const WAIT_FOR_JOBS: Duration = Duration::from_millis(500);
 
+/// How often a worker looks for a missing consumer made again (`Router::missing`), as it
+/// waits for one at its start.
+const MISSING_EVERY: Duration = Duration::from_secs(1);
+
 /// Messages a worker holds at most, per worker thread: enough that no thread waits for the
 /// next fetch, few enough that a worker that dies holds little that must wait for redelivery.
 const HELD_PER_THREAD: usize = 32;
@@ -209,6 +213,7 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         consumers,
         next_consumer: 0,
         tampered: HashSet::new(),
+        missing: HashSet::new(),
         cancels,
         cancelled: HashSet::new(),
         checked: HashSet::new(),
@@ -240,6 +245,11 @@ struct Router<'a> {
     /// Roots whose consumer was found changed (`Tampered`) mid-run: not fetched from until it
     /// is as filepipe makes it again.
     tampered: HashSet<String>,
+    /// Roots whose consumer was deleted mid-run and that this worker could not make again
+    /// (its user may not): not fetched from until a coordinator has made it. A pull on a
+    /// missing consumer gets no answer from the server, so each fetch waited out the
+    /// client's 5 s for it, and the other roots' jobs with it.
+    missing: HashSet<String>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -288,6 +298,7 @@ impl Router<'_> {
     fn run(&mut self, shutdown: &Shutdown) -> Result<()> {
         let most = HELD_PER_THREAD * self.jobs;
         let mut last_progress = Instant::now();
+        let mut last_missing_check = Instant::now();
         let mut pause = Duration::ZERO;
         while !shutdown.requested() {
             self.settle_ready();
@@ -300,6 +311,9 @@ impl Router<'_> {
                 self.progress();
                 self.check_consumers();
                 last_progress = Instant::now();
+            } else if !self.missing.is_empty() && last_missing_check.elapsed() >= MISSING_EVERY {
+                self.check_consumers();
+                last_missing_check = Instant::now();
             }
             self.reap(false)?;
             let room = most.saturating_sub(self.held.len());
@@ -355,7 +369,8 @@ impl Router<'_> {
     /// 6.8 s instead of 2.5 s.) A request left waiting is answered later, into `answers`.
     fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
         let k = self.consumers.len().max(1);
-        if self.tampered.len() >= self.consumers.len() {
+        let skipped = |root: &String| self.tampered.contains(root) || self.missing.contains(root);
+        if self.consumers.iter().all(|(root, _)| skipped(root)) {
             // Nothing to fetch from: wait as a fetch would, never spin.
             std::thread::sleep(WAIT_FOR_JOBS);
             return Ok(Vec::new());
@@ -364,7 +379,7 @@ impl Router<'_> {
         for i in 0..k {
             let at = (self.next_consumer + i) % k;
             let (root, c) = &self.consumers[at];
-            if self.tampered.contains(root) {
+            if self.tampered.contains(root) || self.missing.contains(root) {
                 continue;
             }
             match self.conn.rt.block_on(take(c, n, Duration::ZERO)) {
@@ -384,8 +399,12 @@ impl Router<'_> {
                         workers_consumer(&self.conn.js, root).await
                     });
                     failed = Some(e.context(format!("root {root}")));
-                    if let Ok(c) = again {
-                        self.consumers[at].1 = c;
+                    match again {
+                        Ok(c) => self.consumers[at].1 = c,
+                        Err(why) => {
+                            tracing::warn!(%root, error = %format!("{why:#}"), "the workers' consumer of this root is gone and could not be made again: its jobs are not taken until a coordinator makes it");
+                            self.missing.insert(root.clone());
+                        }
                     }
                 }
             }
@@ -395,7 +414,10 @@ impl Router<'_> {
             return Err(e);
         }
         for (root, c) in &self.consumers {
-            if self.tampered.contains(root) || self.waiting.contains(root) {
+            if self.tampered.contains(root)
+                || self.missing.contains(root)
+                || self.waiting.contains(root)
+            {
                 continue;
             }
             let asked = self.conn.rt.block_on(async {
@@ -471,9 +493,13 @@ impl Router<'_> {
                 info.ok()?.ok().cloned()
             });
             let Some(info) = asked else {
-                // Unanswered or gone: the next fetch says so and makes it again.
+                // Unanswered or gone: the next fetch says so and makes it again (or, missing
+                // already, a coordinator will).
                 continue;
             };
+            if self.missing.remove(root.as_str()) {
+                tracing::info!(%root, "the workers' consumer is there again: taking its jobs");
+            }
             match crate::cluster::check_workers_consumer(root, &info) {
                 Err(t) => {
                     if self.tampered.insert(root.clone()) {
