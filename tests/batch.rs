@@ -159,6 +159,64 @@ fn gzip_outputs_pass_gzip_t_and_gunzip_to_identical_bytes() {
     assert!(temps_under(t.dir.path()).is_empty());
 }
 
+/// As root, directories made under `--out` and under a move directory take their input
+/// directory's owner, group and set-group-ID bit, as `cp -a` does: the outputs take their
+/// inputs' owners, who could not reach them inside directories only root could enter.
+#[test]
+fn as_root_directories_made_under_out_and_move_dirs_take_their_inputs_owner() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to make files another user owns");
+        return;
+    }
+    let t = TestTree::new().file("d/e/f.log", b"theirs\n");
+    let nobody = Some(rustix::process::Uid::from_raw(65534));
+    let nogroup = Some(rustix::process::Gid::from_raw(65534));
+    for (rel, mode) in [("d", 0o2750), ("d/e", 0o2750), ("d/e/f.log", 0o640)] {
+        rustix::fs::chown(t.path(rel), nobody, nogroup).unwrap();
+        fs::set_permissions(t.path(rel), fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let (out, moved) = (t.side("out"), t.side("moved"));
+    batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out),
+            s("--move-source"),
+            p(&moved),
+        ],
+    );
+    for top in [&out, &moved] {
+        for rel in ["d", "d/e"] {
+            let m = fs::metadata(top.join(rel)).unwrap();
+            assert_eq!(
+                (m.uid(), m.gid(), m.mode() & 0o7777),
+                (65534, 65534, 0o2750),
+                "{}",
+                top.join(rel).display()
+            );
+        }
+    }
+    // The owner reaches both, with no privilege.
+    let as_owner = |args: &[&str]| {
+        let out = Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out.stdout
+    };
+    let gz = out.join("d/e/f.log.gz");
+    assert_eq!(
+        as_owner(&["gzip", "-dc", gz.to_str().unwrap()]),
+        b"theirs\n"
+    );
+    let input = moved.join("d/e/f.log");
+    assert_eq!(as_owner(&["cat", input.to_str().unwrap()]), b"theirs\n");
+}
+
 #[test]
 fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
     let t = TestTree::new()

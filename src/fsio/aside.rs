@@ -105,8 +105,8 @@ impl Aside {
             ..e
         };
         let rel_dir = rel.parent().unwrap_or(Path::new(""));
-        // New directories take their input directory's permissions, as under --out.
-        let mode_of = |r: &Path| output::mirrored_mode(input_root, r);
+        // New directories take their input directory's permissions and owner, as under --out.
+        let mode_of = |r: &Path| output::mirrored(input_root, r);
         let Some(top) = &self.dir else {
             let why = format!("{} was not opened at start", self.root.display());
             return Ok(Err(FileError::new(

@@ -176,12 +176,12 @@ impl DirCache {
         }
     }
 
-    /// The directory `rel_dir` (relative to the root), opened safely. `mode_of` gives the mode
-    /// for a directory that must be created, from its relative path.
+    /// The directory `rel_dir` (relative to the root), opened safely. `mode_of` gives what a
+    /// directory that must be created takes, from its relative path.
     pub(crate) fn open(
         &mut self,
         rel_dir: &Path,
-        mode_of: &dyn Fn(&Path) -> Mode,
+        mode_of: &dyn Fn(&Path) -> Mirror,
     ) -> Result<Arc<Dir>, FileError> {
         if let Some((p, dir)) = &self.last {
             if p == rel_dir {
@@ -201,7 +201,7 @@ impl DirCache {
     fn open_uncached(
         &self,
         rel_dir: &Path,
-        mode_of: &dyn Fn(&Path) -> Mode,
+        mode_of: &dyn Fn(&Path) -> Mirror,
     ) -> Result<Dir, FileError> {
         let dir_flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let root = &self.root_dir;
@@ -221,21 +221,29 @@ impl DirCache {
             let flags = dir_flags | OFlags::NOFOLLOW;
             let next = match rfs::openat(&fd, name, flags, Mode::empty()) {
                 Err(Errno::NOENT) if self.create => {
-                    match rfs::mkdirat(&fd, name, mode_of(&rel)) {
-                        // Its entry in its parent must survive a crash before anything's only
-                        // name goes into it.
-                        Ok(()) if self.sync_made => rfs::fsync(&fd).map_err(|e| {
-                            FileError::errno(&format!("syncing directory {}", path.display()), e)
-                        })?,
-                        Ok(()) | Err(Errno::EXIST) => {}
+                    let mirror = mode_of(&rel);
+                    let made = match rfs::mkdirat(&fd, name, mirror.mode) {
+                        Ok(()) => true,
+                        Err(Errno::EXIST) => false,
                         Err(e) => {
                             return Err(FileError::errno(
                                 &format!("creating directory {}", path.display()),
                                 e,
                             ))
                         }
+                    };
+                    let opened = rfs::openat(&fd, name, flags, Mode::empty());
+                    if let (true, Ok(dir)) = (made, &opened) {
+                        mirror.apply(dir);
                     }
-                    rfs::openat(&fd, name, flags, Mode::empty())
+                    // Its entry in its parent must survive a crash before anything's only
+                    // name goes into it.
+                    if made && self.sync_made {
+                        rfs::fsync(&fd).map_err(|e| {
+                            FileError::errno(&format!("syncing directory {}", path.display()), e)
+                        })?;
+                    }
+                    opened
                 }
                 other => other,
             };
@@ -265,26 +273,82 @@ pub(crate) fn open_root(root: &Path) -> Result<Dir, FileError> {
         .map_err(|e| FileError::errno(&format!("opening {}", root.display()), e))
 }
 
-/// The mode of a directory made to mirror the input directory `rel` (under `--out` or a
-/// move directory): the input directory's permissions and sticky bit (a shared `1777` inbox
-/// mirrored without it would let anyone remove another's outputs, or the moved input that is
-/// now its only copy), and always the owner's `rwx`. The input directory is looked at beneath
-/// the input root's descriptor, never by path, through the links on its way as
-/// `--follow-symlinks` follows them (a directory reached through a link is mirrored with its
-/// own mode, not the link's `0777`: found by a review); `0700` if it cannot be.
-pub(crate) fn mirrored_mode(input_root: Option<&crate::fsio::input::Root>, rel: &Path) -> Mode {
-    let mode = input_root
-        .and_then(|root| {
-            if rel.as_os_str().is_empty() {
-                root.stat_root().ok()
-            } else {
-                root.reach_following(rel)
-                    .and_then(|fd| rfs::fstat(&fd))
-                    .ok()
+/// What a directory made to mirror an input directory takes from it (`mirrored`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Mirror {
+    /// Permissions and sticky bit, as `mkdir` takes them (the umask applies).
+    mode: Mode,
+    /// The set-group-ID bit, which `mkdir` leaves to the parent: its files take the
+    /// directory's group, as the input's do.
+    setgid: bool,
+    /// Owner and group, given when permitted (as root; a user may give its own groups).
+    owner: Option<(u32, u32)>,
+}
+
+impl Mirror {
+    /// A directory made with `mode` only, owned by whoever makes it.
+    #[cfg(test)]
+    pub(crate) fn plain(mode: Mode) -> Self {
+        Mirror {
+            mode,
+            setgid: false,
+            owner: None,
+        }
+    }
+
+    /// Gives the directory just made (`dir`) its owner and group, then the set-group-ID bit.
+    /// Only the very directory made here: one put in its place meanwhile (its parent's owner
+    /// can) is not owned by this process, and is left as it is. Failures leave it as `mkdir`
+    /// made it, still private to this process's user at worst, as outputs keep their
+    /// owner when they cannot be given the input's.
+    fn apply(&self, dir: &OwnedFd) {
+        let Ok(st) = rfs::fstat(dir) else { return };
+        if st.st_uid != rustix::process::geteuid().as_raw() {
+            return;
+        }
+        if let Some((uid, gid)) = self.owner.filter(|&o| o != (st.st_uid, st.st_gid)) {
+            let (u, g) = (
+                rustix::process::Uid::from_raw(uid),
+                rustix::process::Gid::from_raw(gid),
+            );
+            if rfs::fchown(dir, Some(u), Some(g)) == Err(Errno::PERM) {
+                // Not root: the group alone, if this user is in it.
+                let _ = rfs::fchown(dir, None, Some(g));
             }
-        })
-        .map_or(0o700, |st| st.st_mode);
-    Mode::from_raw_mode((mode & 0o1777) | 0o700)
+        }
+        if self.setgid {
+            if let Ok(now) = rfs::fstat(dir) {
+                let _ = rfs::fchmod(dir, Mode::from_raw_mode((now.st_mode & 0o7777) | 0o2000));
+            }
+        }
+    }
+}
+
+/// What a directory made to mirror the input directory `rel` (under `--out` or a move
+/// directory) takes from it: its permissions and sticky bit (a shared `1777` inbox mirrored
+/// without it would let anyone remove another's outputs, or the moved input that is now its
+/// only copy), always the owner's `rwx`, and its owner, group and set-group-ID bit, so that
+/// those who may read the inputs may reach their outputs (as root, the outputs took their
+/// inputs' owners inside directories only root could enter; mirrored like `cp -a`, the
+/// output tree gives each owner what the input tree gives). The input directory is looked at
+/// beneath the input root's descriptor, never by path, through the links on its way as
+/// `--follow-symlinks` follows them (a directory reached through a link is mirrored with its
+/// own mode, not the link's `0777`: found by a review); `0700` and no owner if it cannot be.
+pub(crate) fn mirrored(input_root: Option<&crate::fsio::input::Root>, rel: &Path) -> Mirror {
+    let st = input_root.and_then(|root| {
+        if rel.as_os_str().is_empty() {
+            root.stat_root().ok()
+        } else {
+            root.reach_following(rel)
+                .and_then(|fd| rfs::fstat(&fd))
+                .ok()
+        }
+    });
+    Mirror {
+        mode: Mode::from_raw_mode(st.map_or(0o700, |st| (st.st_mode & 0o1777) | 0o700)),
+        setgid: st.is_some_and(|st| st.st_mode & 0o2000 != 0),
+        owner: st.map(|st| (st.st_uid, st.st_gid)),
+    }
 }
 
 /// The times and permissions an output takes from its input.
@@ -2204,17 +2268,17 @@ mod tests {
             let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
             let rel = Path::new(d.file_name().unwrap());
             assert_eq!(
-                mirrored_mode(Some(&root), rel).as_raw_mode(),
+                mirrored(Some(&root), rel).mode.as_raw_mode(),
                 want,
                 "{mode:o}"
             );
         }
-        assert_eq!(mirrored_mode(None, Path::new("x")).as_raw_mode(), 0o700);
+        assert_eq!(mirrored(None, Path::new("x")).mode.as_raw_mode(), 0o700);
         // Reached through a link (`--follow-symlinks`): the directory's mode, not the link's.
         std::os::unix::fs::symlink("d750", tmp.path().join("link")).unwrap();
         let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
         assert_eq!(
-            mirrored_mode(Some(&root), Path::new("link")).as_raw_mode(),
+            mirrored(Some(&root), Path::new("link")).mode.as_raw_mode(),
             0o750
         );
     }
@@ -2224,7 +2288,7 @@ mod tests {
         // Where anonymous temps cannot be made (no O_TMPFILE), temps are named.
         let tmp = tempfile::tempdir().unwrap();
         let dir = DirCache::new(tmp.path(), false)
-            .open(Path::new(""), &|_| Mode::empty())
+            .open(Path::new(""), &|_| Mirror::plain(Mode::empty()))
             .unwrap();
         let name = OsStr::new(".filepipe.t.2.tmp");
         let (fd, marked) = create_named(&dir, name).unwrap();
@@ -2245,7 +2309,7 @@ mod tests {
             return;
         };
         let dir = DirCache::new(tmp.path(), false)
-            .open(Path::new(""), &|_| Mode::empty())
+            .open(Path::new(""), &|_| Mirror::plain(Mode::empty()))
             .unwrap();
         let names = || {
             let mut v: Vec<_> = std::fs::read_dir(tmp.path())
@@ -2294,7 +2358,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let mut cache = DirCache::new(tmp.path(), true);
         let dir = cache
-            .open(Path::new("a/b"), &|_| Mode::from_raw_mode(0o755))
+            .open(Path::new("a/b"), &|_| {
+                Mirror::plain(Mode::from_raw_mode(0o755))
+            })
             .unwrap();
         {
             let mut t = TempOutput::create(Arc::clone(&dir)).unwrap();
@@ -2321,7 +2387,7 @@ mod tests {
     #[test]
     fn synced_temp_is_removed_unless_renamed_and_dirs_sync_once_per_directory() {
         let tmp = tempfile::tempdir().unwrap();
-        let mode = |_: &Path| Mode::from_raw_mode(0o755);
+        let mode = |_: &Path| Mirror::plain(Mode::from_raw_mode(0o755));
         let a = DirCache::new(tmp.path(), true)
             .open(Path::new("a"), &mode)
             .unwrap();
@@ -2355,7 +2421,7 @@ mod tests {
     fn a_name_taken_back_is_removed_only_while_it_leads_to_the_output() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = DirCache::new(tmp.path(), false)
-            .open(Path::new(""), &|_| Mode::empty())
+            .open(Path::new(""), &|_| Mirror::plain(Mode::empty()))
             .unwrap();
         let publish = |name: &str| {
             let mut t = TempOutput::create(Arc::clone(&dir)).unwrap();
@@ -2400,7 +2466,9 @@ mod tests {
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("a")).unwrap();
         let mut cache = DirCache::new(tmp.path(), true);
         let err = cache
-            .open(Path::new("a/b"), &|_| Mode::from_raw_mode(0o755))
+            .open(Path::new("a/b"), &|_| {
+                Mirror::plain(Mode::from_raw_mode(0o755))
+            })
             .unwrap_err();
         assert_eq!(err.kind, Kind::UnsafeOutputPath);
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);

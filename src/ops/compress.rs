@@ -331,7 +331,7 @@ impl<C: Codec> CompressOp<C> {
         let root = self.in_root.as_ref();
         scratch
             .out_dirs
-            .open(rel_dir, &|rel: &Path| output::mirrored_mode(root, rel))
+            .open(rel_dir, &|rel: &Path| output::mirrored(root, rel))
     }
 
     /// Decompresses the written output (through its own descriptor) and compares it with what
