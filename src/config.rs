@@ -640,6 +640,7 @@ impl Config {
                 .with_context(|| format!("cannot create state directory {}", dir.display()))?;
             let state_dir = fs::canonicalize(dir)
                 .with_context(|| format!("cannot open state directory {}", dir.display()))?;
+            check_state(&cfg.root, dir, &state_dir)?;
             let lock = crate::state::lock_dir(&state_dir)?;
             // A state directory inside the tree is filepipe's, never an input.
             cfg.own_files.push(state_dir.clone());
@@ -938,10 +939,13 @@ impl Config {
                 format!("cannot create state directory {}", state_dir.display())
             })?;
             let dir = fs::canonicalize(&state_dir)?;
+            check_state(&self.root, &state_dir, &dir)?;
             let lock = crate::state::lock_dir(&dir)?;
             (dir, Some(lock))
         } else {
-            (absolute(&state_dir), None)
+            let dir = absolute(&state_dir);
+            check_state(&self.root, &state_dir, &dir)?;
+            (dir, None)
         };
         // A state directory inside the watched tree must not be watched itself.
         self.own_files.push(state_dir.clone());
@@ -1002,6 +1006,27 @@ pub(crate) fn check_out(root: &Path, given: &Path, out: &Path) -> Result<()> {
     bail!(
         "--out {} {what} {}: outputs would be mixed with the inputs; choose a directory \
          outside it, or leave --out out to write each output next to its input",
+        given.display(),
+        root.display()
+    )
+}
+
+/// Refuses a state directory (`given`, resolved as `dir`) that is the input root or encloses
+/// it: everything under the state directory is filepipe's own and never an input, so every
+/// file of the tree was left out without a word, and the manifest written empty (found by a
+/// review). One inside the tree is fine: it alone is left out.
+fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
+    let how = if dir == root {
+        "is the"
+    } else if root.starts_with(dir) {
+        "encloses the"
+    } else {
+        return Ok(());
+    };
+    bail!(
+        "--state {} {how} input directory {}: what lies under the state directory is \
+         filepipe's own, never an input, so no file would be taken; choose a directory \
+         outside the tree (or one inside it, which alone is left out)",
         given.display(),
         root.display()
     )
