@@ -641,6 +641,7 @@ impl Config {
             let state_dir = fs::canonicalize(dir)
                 .with_context(|| format!("cannot open state directory {}", dir.display()))?;
             check_state(&cfg.root, dir, &state_dir)?;
+            check_own_files_apart(&cfg.own_files, &state_dir)?;
             let lock = crate::state::lock_dir(&state_dir)?;
             // A state directory inside the tree is filepipe's, never an input.
             cfg.own_files.push(state_dir.clone());
@@ -839,11 +840,10 @@ impl Config {
             None => None,
         };
         for (i, m) in manifests.iter().enumerate() {
-            // A name filepipe made up (FILE.<hash>) replaces only a manifest, never a file of
-            // the user's that happens to bear it.
-            if i > 0 {
-                check_derived_manifest(m, spec.hashes()[i])?;
-            }
+            // A manifest replaces only a manifest, never a file of the user's that bears its
+            // name: an input of the tree, a release's own notes, the state's database (found
+            // by a review: `--manifest t/a` replaced the input `t/a`).
+            check_existing_manifest(m, spec.hashes()[i], i == 0)?;
         }
         let failure_log = args.failure_log.as_deref().map(absolute_file).transpose()?;
         if let Some(log) = &failure_log {
@@ -940,11 +940,13 @@ impl Config {
             })?;
             let dir = fs::canonicalize(&state_dir)?;
             check_state(&self.root, &state_dir, &dir)?;
+            check_own_files_apart(&self.own_files, &dir)?;
             let lock = crate::state::lock_dir(&dir)?;
             (dir, Some(lock))
         } else {
             let dir = absolute(&state_dir);
             check_state(&self.root, &state_dir, &dir)?;
+            check_own_files_apart(&self.own_files, &dir)?;
             (dir, None)
         };
         // A state directory inside the watched tree must not be watched itself.
@@ -1030,6 +1032,20 @@ fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
         given.display(),
         root.display()
     )
+}
+
+/// Refuses a manifest or failure log (`own`) inside the state directory `dir`: written there,
+/// one replaced the state's database (found by a review), and the state's files are its own.
+fn check_own_files_apart(own: &[PathBuf], dir: &Path) -> Result<()> {
+    match own.iter().find(|f| f.starts_with(dir)) {
+        Some(f) => bail!(
+            "{} is inside the state directory {}: the state keeps its own files there; write \
+             manifests and failure logs elsewhere",
+            f.display(),
+            dir.display()
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Refuses `given` (`--out`, a move directory) before it is made, when the deepest of its
@@ -1203,39 +1219,59 @@ fn open_manifest_dir(path: &Path) -> Result<Dir> {
         .map_err(cannot)
 }
 
-/// Refuses a derived manifest name (`FILE.<hash>`, which the user did not type) held by a
-/// file that is not a manifest of `algo`'s: every line a digest of its length in hex, two
-/// spaces or a space and a star, a name (GNU's escaped form starts with a backslash). An empty
+/// Refuses a manifest name held by a file that is not a manifest: every line a digest in hex,
+/// two spaces or a space and a star, a name (GNU's escaped form starts with a backslash). A
+/// derived name (`FILE.<hash>`, which the user did not type) must hold `algo`'s digests; the
+/// name the user typed, any hash's (the op may have changed since the last run). Only the
+/// first `MANIFEST_LOOK` bytes are read: a file that starts as a manifest is one. An empty
 /// file passes; a file that cannot be read is left to the write at the end to fail on, and a
 /// name held by anything but a regular file to `check_manifest_name`.
-fn check_derived_manifest(path: &Path, algo: HashAlgo) -> Result<()> {
-    use std::io::BufRead;
-    if !fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+fn check_existing_manifest(path: &Path, algo: HashAlgo, typed: bool) -> Result<()> {
+    use std::io::{BufRead, Read};
+    let Some(meta) = fs::symlink_metadata(path).ok().filter(|m| m.is_file()) else {
         return Ok(());
-    }
+    };
     let Ok(file) = fs::File::open(path) else {
         return Ok(());
     };
-    let hex = algo.len() * 2;
+    let cut = meta.len() > MANIFEST_LOOK;
+    let lengths: Vec<usize> = if typed {
+        HashAlgo::ALL.iter().map(|a| a.len() * 2).collect()
+    } else {
+        vec![algo.len() * 2]
+    };
     let manifest_line = |line: &[u8]| {
         let line = line.strip_prefix(b"\\").unwrap_or(line);
-        line.len() > hex + 2
-            && line[..hex].iter().all(u8::is_ascii_hexdigit)
-            && (line[hex..].starts_with(b"  ") || line[hex..].starts_with(b" *"))
+        lengths.iter().any(|&hex| {
+            line.len() > hex + 2
+                && line[..hex].iter().all(u8::is_ascii_hexdigit)
+                && (line[hex..].starts_with(b"  ") || line[hex..].starts_with(b" *"))
+        })
     };
-    for line in std::io::BufReader::new(file).split(b'\n') {
+    let start = std::io::BufReader::new(file.take(MANIFEST_LOOK));
+    let mut lines = start.split(b'\n').peekable();
+    while let Some(line) = lines.next() {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
-        if !manifest_line(&line) {
+        // The last line read is cut short when the file goes on.
+        let whole = lines.peek().is_some() || !cut;
+        if whole && !manifest_line(&line) {
+            let (what, name) = if typed {
+                ("a manifest".to_owned(), "--manifest")
+            } else {
+                (format!("a {algo} manifest"), "the derived manifest name")
+            };
             bail!(
-                "{} exists and is not a {algo} manifest: it is where --manifest's {algo} lines \
-                 would go (FILE.{}); move it, or choose another --manifest",
+                "{} exists and is not {what}: {name} would replace it; move it, or choose \
+                 another --manifest",
                 path.display(),
-                OpKind::from(algo).as_str()
             );
         }
     }
     Ok(())
 }
+
+/// How much of an existing file at a manifest's name `check_existing_manifest` reads.
+const MANIFEST_LOOK: u64 = 1 << 20;
 
 /// Include/exclude globs. A pattern without '/' matches the file name anywhere in the tree
 /// (like fd and .gitignore); one with '/' matches the whole path relative to the root.

@@ -17,8 +17,7 @@ pub(crate) enum HashAlgo {
 }
 
 impl HashAlgo {
-    /// Every algorithm (for tests that cover them all).
-    #[cfg(test)]
+    /// Every algorithm.
     pub(crate) const ALL: [HashAlgo; 3] = [HashAlgo::Sha256, HashAlgo::Sha512, HashAlgo::Blake3];
 
     /// The digest's length in bytes.

@@ -538,6 +538,47 @@ fn a_derived_manifest_name_never_clobbers_a_user_input() {
     );
 }
 
+/// The name the user typed too: an input of the tree, or any file that is not a manifest, is
+/// refused, not replaced (found by a review: `--manifest t/a` replaced the input `t/a`); a
+/// manifest of any hash (the op changed since) is replaced as before. Nor may a manifest go
+/// into the state directory, where it replaced the state's database.
+#[test]
+fn the_typed_manifest_name_replaces_only_a_manifest() {
+    let t = TestTree::new()
+        .file("a", b"my precious notes, an input\n")
+        .file("b", b"b\n");
+    let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&t.path("a"))]);
+    assert!(
+        r.code(2).stderr().contains("exists and is not a manifest"),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(
+        fs::read(t.path("a")).unwrap(),
+        b"my precious notes, an input\n"
+    );
+    // A sha512 manifest of an earlier run, replaced by this sha256 one.
+    let m = t.side("SUMS");
+    batch(&t.root(), "sha512", &[s("--manifest"), p(&m)]).success();
+    batch(&t.root(), "sha256", &[s("--manifest"), p(&m)]).success();
+    let listed = fs::read_to_string(&m).unwrap();
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(listed.lines().all(|l| l.find(' ') == Some(64)), "{listed}");
+    let state = t.side("state");
+    fs::create_dir_all(&state).unwrap();
+    let inside = state.join("filepipe.sqlite");
+    let r = batch(
+        &t.root(),
+        "sha256",
+        &[s("--state"), p(&state), s("--manifest"), p(&inside)],
+    );
+    assert!(
+        r.code(2).stderr().contains("inside the state directory"),
+        "{}",
+        r.stderr()
+    );
+}
+
 /// The same outside the tree: a file the user never named on the command line is replaced.
 #[test]
 fn a_derived_manifest_name_never_clobbers_an_existing_user_file() {
