@@ -5,15 +5,15 @@
 //! Invariants: a path is in flight at most once; a deletion is passed on only when nothing
 //! under it is in flight, or the file's outcome, recorded after it, would bring it back.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::travel::Recorded;
 
-/// Path sets: foldhash is several times faster than std's SipHash on paths, and its
+/// Path maps: foldhash is several times faster than std's SipHash on paths, and its
 /// per-process random seed still keeps crafted file names from forcing collisions.
-type Set<K> = HashSet<K, foldhash::fast::RandomState>;
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The watcher's books on files in flight.
 #[derive(Debug, Default)]
@@ -21,8 +21,9 @@ pub(crate) struct Flight {
     /// Ordered, so "is anything under this directory in flight" is one range lookup: a
     /// deletion burst then costs a lookup per removal, not a scan of everything in flight.
     in_flight: BTreeSet<PathBuf>,
-    /// Paths that changed again while in flight: look again when they come back.
-    redo: Set<PathBuf>,
+    /// Paths that something happened to while in flight: look again when they come back;
+    /// `true` if whatever their stamp says (see `redo`).
+    redo: Map<PathBuf, bool>,
     /// Transient failures, with the time each is due again.
     retries: Vec<(Instant, PathBuf)>,
     /// Deletions waiting for files under them that are in flight (see `forget`).
@@ -46,8 +47,11 @@ impl Flight {
     }
 
     /// `rel`, in flight, may have changed since it was read: it is looked at again once back.
-    pub(crate) fn redo(&mut self, rel: PathBuf) {
-        self.redo.insert(rel);
+    /// `whatever_stamp` if it is taken then even with the stamp just recorded (a writer closed
+    /// it, or events about it were lost: a write through a shared mapping changes no stamp);
+    /// otherwise the state decides, as for any event (a chmod, a stale event, changes nothing).
+    pub(crate) fn redo(&mut self, rel: PathBuf, whatever_stamp: bool) {
+        *self.redo.entry(rel).or_default() |= whatever_stamp;
     }
 
     /// How many paths are to be looked at again once back (see `redo`).
@@ -56,13 +60,17 @@ impl Flight {
     }
 
     /// The sink recorded `r`'s outcome: `r.rel` is no longer in flight. Returns whether it must
-    /// be looked at again now (something happened to it while it was read).
-    pub(crate) fn recorded(&mut self, r: &Recorded, now: Instant) -> bool {
+    /// be looked at again now (something happened to it while it was read), and if so whether
+    /// whatever its stamp (see `redo`).
+    pub(crate) fn recorded(&mut self, r: &Recorded, now: Instant) -> Option<bool> {
         self.in_flight.remove(&r.rel);
         if let Some(after) = r.retry_after {
             self.retries.push((now + after, r.rel.clone()));
         }
-        !self.redo.is_empty() && self.redo.remove(&r.rel)
+        if self.redo.is_empty() {
+            return None;
+        }
+        self.redo.remove(&r.rel)
     }
 
     /// The retries due by `now`, out of the books.
@@ -210,10 +218,14 @@ mod tests {
         let mut f = Flight::default();
         f.start("a".into());
         f.start("b".into());
-        f.redo("a".into());
+        f.start("c".into());
+        f.redo("a".into(), true);
+        f.redo("a".into(), false);
+        f.redo("c".into(), false);
         assert!(f.contains(Path::new("a")));
-        assert!(f.recorded(&recorded("a", None), t0));
-        assert!(!f.recorded(&recorded("b", None), t0));
+        assert_eq!(f.recorded(&recorded("a", None), t0), Some(true));
+        assert_eq!(f.recorded(&recorded("b", None), t0), None);
+        assert_eq!(f.recorded(&recorded("c", None), t0), Some(false));
         assert!(!f.contains(Path::new("a")));
         assert_eq!(f.under(Path::new("")).count(), 0);
     }

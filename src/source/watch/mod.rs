@@ -535,7 +535,7 @@ impl Watcher<'_> {
             // file in flight for longer than the interval would be redone at every poll; the
             // next poll finds a real change against the state.
             if lost == Lost::Events {
-                self.flight.redo(rel);
+                self.flight.redo(rel, true);
             }
             return;
         }
@@ -834,8 +834,15 @@ impl Watcher<'_> {
                 let Some((rel, expect)) = self.settle.pop_ready() else {
                     break;
                 };
+                // Asked of every file taken, so that none is left in the books.
+                let closed = self.settle.closed_since(&rel);
                 if self.flight.contains(&rel) {
-                    self.flight.redo(rel);
+                    // Ready again while a worker has it: taken again once back whatever its
+                    // stamp only if a writer closed it meanwhile (the end of a write through a
+                    // shared mapping); after a chmod or a stale event, only if it changed.
+                    // Each time it is, it counts done once more (found by a review: a chmod of
+                    // a file in flight had it read and counted twice, with nothing said).
+                    self.flight.redo(rel, closed);
                     continue;
                 }
                 // An output filepipe itself made for this file may be replaced when the file
@@ -896,7 +903,8 @@ impl Watcher<'_> {
     }
 
     /// The sink recorded a file's outcome: it is out of flight, and is looked at again if
-    /// something happened to it while it was read (a close among it), whatever its stamp says.
+    /// something happened to it while it was read: whatever its stamp says after a close or
+    /// lost events, else only if it changed (the state, just committed, tells).
     fn on_recorded(&mut self, r: &Recorded) {
         let now = Instant::now();
         if self.cfg.out.is_some() {
@@ -906,10 +914,12 @@ impl Watcher<'_> {
                 self.blocked.remove(&r.rel);
             }
         }
-        if self.flight.recorded(r, now) {
+        if let Some(whatever_stamp) = self.flight.recorded(r, now) {
             let stamp = Stamp::of(&self.cfg.root.join(&r.rel));
             self.settle.touch(r.rel.clone(), true, stamp, now);
-            self.settle.closed(&r.rel);
+            if whatever_stamp {
+                self.settle.closed(&r.rel);
+            }
         }
     }
 

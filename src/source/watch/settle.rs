@@ -105,6 +105,9 @@ pub(crate) struct Settle {
     /// The paths in `ready`, so a burst is coalesced in O(1) per path, with the stamp each
     /// settled with (the worker checks it). A path in `ready` but not here was forgotten.
     ready_set: Map<PathBuf, Option<Stamp>>,
+    /// The paths in `ready` that a writer closed since they were last taken (`Pending::closed`):
+    /// one the workers still have is then looked at again whatever its stamp (`closed_since`).
+    closed_ready: Set<PathBuf>,
 }
 
 impl Settle {
@@ -119,6 +122,7 @@ impl Settle {
             scanned_set: Set::default(),
             ready: VecDeque::new(),
             ready_set: Map::default(),
+            closed_ready: Set::default(),
         }
     }
 
@@ -253,6 +257,7 @@ impl Settle {
         self.pending.remove(rel);
         self.ready_set.remove(rel);
         self.scanned_set.remove(rel);
+        self.closed_ready.remove(rel);
     }
 
     /// Moves the files settled by `now` to the ready queue.
@@ -357,7 +362,10 @@ impl Settle {
                 // Vanished before its stamp was taken: its removal event follows.
                 continue;
             }
-            if p.closed || !look.settled(&rel, p.stamp)? {
+            if p.closed {
+                self.closed_ready.insert(rel.clone());
+                self.make_ready(rel, p.stamp);
+            } else if !look.settled(&rel, p.stamp)? {
                 self.make_ready(rel, p.stamp);
             }
         }
@@ -394,6 +402,12 @@ impl Settle {
         let rel = self.ready.pop_front()?;
         let stamp = self.ready_set.remove(&rel)?;
         Some((rel, stamp))
+    }
+
+    /// Whether `rel`, just taken with `pop_ready`, was closed by a writer since it was last
+    /// taken; forgotten once asked.
+    pub(crate) fn closed_since(&mut self, rel: &Path) -> bool {
+        !self.closed_ready.is_empty() && self.closed_ready.remove(rel)
     }
 
     /// Puts a file taken with `pop_ready` back at the front (the job channel was full).
@@ -499,6 +513,29 @@ mod tests {
         assert!(ready_at(&mut q, ms(t0, 199), &look).is_empty());
         assert_eq!(ready_at(&mut q, ms(t0, 200), &look), ["f"]);
         assert!(q.deadlines.is_empty() && q.queued.is_empty());
+    }
+
+    /// Only a file a writer closed is said closed when taken (a file the workers still have is
+    /// then read again whatever its stamp); one made ready by a chmod is not, and asking
+    /// forgets.
+    #[test]
+    fn a_file_taken_says_whether_a_writer_closed_it_since() {
+        let t0 = Instant::now();
+        let look = Fake::default();
+        let mut q = Settle::new(SETTLE);
+        q.touch("w".into(), true, stamp(1), t0);
+        q.closed(Path::new("w"));
+        q.touched_metadata("m".into(), stamp(2), t0);
+        q.promote(ms(t0, 100), &look).unwrap();
+        let mut taken: Vec<_> = std::iter::from_fn(|| {
+            let (rel, _) = q.pop_ready()?;
+            Some((rel.display().to_string(), q.closed_since(&rel)))
+        })
+        .collect();
+        taken.sort();
+        assert_eq!(taken, [("m".into(), false), ("w".into(), true)]);
+        assert!(!q.closed_since(Path::new("w")), "asked once");
+        assert!(q.closed_ready.is_empty());
     }
 
     #[test]
