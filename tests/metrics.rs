@@ -143,3 +143,59 @@ fn a_metrics_port_already_in_use_is_a_clear_error_at_start_from_the_flag_or_the_
     );
     drop(busy);
 }
+
+/// Clients that connect and never finish their request hold none of the daemon's descriptors
+/// beyond the few connections answered at once (found by a review: a thousand of them took
+/// every descriptor, and inputs then failed for good), and are dropped after a few seconds;
+/// the metrics are on `/metrics` only, for `GET` and `HEAD`.
+#[test]
+fn clients_that_never_finish_a_request_hold_no_more_than_a_few_descriptors() {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    let t = TestTree::new().file("a.txt", &text_bytes(1_000, 1));
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::ready(&t, &["--op", "gzip", "--metrics", &addr]);
+    d.wait_idle(1);
+    let fds = || {
+        fs::read_dir(format!("/proc/{}/fd", d.pid()))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+    // Fewer than the listen backlog (128), so each connect completes at once.
+    let slow: Vec<TcpStream> = (0..60)
+        .map(|_| {
+            let mut c = TcpStream::connect(&addr).unwrap();
+            c.write_all(b"GET /metr").unwrap();
+            c
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let during = fds();
+    assert!(
+        during <= before + 8,
+        "{during} descriptors with 60 slow clients, {before} before"
+    );
+    // Each is dropped within the deadline: the first ones are closed by now.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let mut first = &slow[0];
+    let mut rest = Vec::new();
+    first
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(first.read_to_end(&mut rest).unwrap_or(0), 0, "{rest:?}");
+    drop(slow);
+    let status = |method: &str, path: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method])
+            .args(["--max-time", "60", &format!("http://{addr}{path}")])
+            .output()
+            .expect("curl");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(status("GET", "/metrics"), "200");
+    assert_eq!(status("GET", "/"), "404");
+    assert_eq!(status("POST", "/metrics"), "405");
+    d.stop().success();
+}

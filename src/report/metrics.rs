@@ -1,17 +1,25 @@
-//! Prometheus metrics (`--metrics ADDR:PORT`): what a daemon did and is doing, served on
-//! `/metrics` by metrics-exporter-prometheus from a thread and runtime of its own, so a scrape
+//! Prometheus metrics (`--metrics ADDR:PORT`): what a daemon did and is doing, recorded by
+//! metrics-exporter-prometheus and served on `/metrics` by threads of their own, so a scrape
 //! never waits on the pipeline and the pipeline never waits on a scrape. Without `--metrics`
 //! no recorder is installed and every update below is a no-op.
 //!
+//! The exporter's own listener is not used: it serves any number of connections and never
+//! times one out, so a local client holding a thousand half-sent requests took every
+//! descriptor the process had (inputs then failed for good with EMFILE) and its accept loop
+//! spun a core logging hundreds of MB (found by a review). Here `CONNECTIONS` threads each
+//! accept and answer one connection at a time, with a deadline for the whole exchange: more
+//! clients wait in the kernel's backlog, on none of filepipe's descriptors.
+//!
 //! Every series carries the pipeline's root (`pipeline`): a service runs one per `[[watch]]`.
 
-use std::net::SocketAddr;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram, Unit};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::Config;
 use crate::sink::Disposition;
@@ -30,14 +38,33 @@ const DELAY_BUCKETS: [f64; 12] = [
 static ON: AtomicBool = AtomicBool::new(false);
 
 pub(crate) fn serve(addr: SocketAddr) -> Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let listener =
+        TcpListener::bind(addr).map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             metrics_exporter_prometheus::Matcher::Full(DELAY.into()),
             &DELAY_BUCKETS,
         )
-        .and_then(|b| b.install())
+        .and_then(|b| b.install_recorder())
         .map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    for i in 0..CONNECTIONS {
+        let (listener, handle) = (
+            listener.try_clone().context("serving metrics")?,
+            handle.clone(),
+        );
+        std::thread::Builder::new()
+            .name(format!("filepipe-metrics-{i}"))
+            .spawn(move || answer_each(&listener, &handle))
+            .context("starting the metrics threads")?;
+    }
+    // What the exporter's own task did: histograms are drained into their buckets here.
+    std::thread::Builder::new()
+        .name("filepipe-metrics-upkeep".into())
+        .spawn(move || loop {
+            std::thread::sleep(UPKEEP);
+            handle.run_upkeep();
+        })
+        .context("starting the metrics threads")?;
     ON.store(true, Ordering::Relaxed);
     describe();
     gauge!("filepipe_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
@@ -46,6 +73,94 @@ pub(crate) fn serve(addr: SocketAddr) -> Result<()> {
 }
 
 const DELAY: &str = "filepipe_publish_delay_seconds";
+
+/// Connections answered at once (a thread each).
+const CONNECTIONS: usize = 4;
+
+/// How long a client has to send its request and take the answer, in all.
+const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The longest request head read (the request line and headers).
+const REQUEST_MAX: usize = 8192;
+
+/// How often the recorder's histograms are drained (the exporter's own default).
+const UPKEEP: Duration = Duration::from_secs(5);
+
+/// One metrics thread: accepts and answers connections one at a time, for good. A failure to
+/// accept (no descriptor left, say) waits a moment: never a busy loop, and said once a minute
+/// at most.
+fn answer_each(listener: &TcpListener, handle: &PrometheusHandle) {
+    let mut warned: Option<Instant> = None;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => answer(stream, handle),
+            Err(e) => {
+                if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+                    tracing::warn!(error = %e, "accepting a metrics connection failed");
+                    warned = Some(Instant::now());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
+/// Answers one HTTP/1 request on `stream`, then closes it: `GET` or `HEAD /metrics` gets the
+/// metrics, anything else its error status. A client that is slow (all it sends, and all it
+/// takes, within `CLIENT_DEADLINE`) or says too much is dropped.
+fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
+    let deadline = Instant::now() + CLIENT_DEADLINE;
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    let complete = loop {
+        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+            break true;
+        }
+        if head.len() >= REQUEST_MAX {
+            break false;
+        }
+        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+            return;
+        };
+        if stream.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    };
+    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let mut words = line.split(|&b| b == b' ');
+    let (method, target) = (words.next().unwrap_or_default(), words.next());
+    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
+    let (status, body) = match (complete, method, path) {
+        (false, _, _) => ("431 Request Header Fields Too Large", String::new()),
+        (true, _, None) => ("400 Bad Request", String::new()),
+        (true, b"GET" | b"HEAD", Some(b"/metrics")) => ("200 OK", handle.render()),
+        (true, b"GET" | b"HEAD", Some(_)) => ("404 Not Found", "metrics are on /metrics\n".into()),
+        (true, _, Some(_)) => ("405 Method Not Allowed", String::new()),
+    };
+    let mut reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    if status.starts_with("405") {
+        reply.push_str("Allow: GET, HEAD\r\n");
+    }
+    reply.push_str("\r\n");
+    if method != b"HEAD" {
+        reply.push_str(&body);
+    }
+    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+        return;
+    };
+    // A client that takes the answer slowly holds this thread until the deadline, no longer.
+    if stream.set_write_timeout(Some(left)).is_ok() {
+        let _ = stream.write_all(reply.as_bytes());
+    }
+}
 
 /// HELP and unit lines for every series.
 fn describe() {
