@@ -467,6 +467,23 @@ impl WorkerConfig {
                 }
             }
         }
+        // Two output roots apart too: jobs of two coordinators, `sub/x` to one and `x` to
+        // the other nested in it, would write the same output (found by a review).
+        for (i, a) in s.out_roots.iter().enumerate() {
+            for b in &s.out_roots[i + 1..] {
+                let (pa, pb) = (&out_roots[&a.name], &out_roots[&b.name]);
+                if let Some(how) = overlap_by_path(pa, pb) {
+                    bail!(
+                        "{}: {} {how} the output root {} ({}): output roots must be apart, or \
+                         two runs could write the same output",
+                        a.given,
+                        pa.display(),
+                        pb.display(),
+                        b.given
+                    );
+                }
+            }
+        }
         for out in &s.out_roots {
             let path = &out_roots[&out.name];
             if let Some(input) = s.roots.iter().find(|r| r.name == out.name) {

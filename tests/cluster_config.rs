@@ -187,7 +187,7 @@ fn flags_and_filepipe_queue_override_the_worker_table_a_root_by_its_name() {
 #[test]
 fn check_config_refuses_bad_worker_tables_naming_the_line_and_key() {
     let t = TestTree::new().dir("sub");
-    fs::create_dir(t.side("archive")).unwrap();
+    fs::create_dir_all(t.side("archive").join("sub")).unwrap();
     let config = t.side("w.toml");
     let secret = t.side("queue.url");
     let with_password = format!("nats://filepipe:{PASSWORD}@127.0.0.1:4222");
@@ -218,6 +218,12 @@ fn check_config_refuses_bad_worker_tables_naming_the_line_and_key() {
             table("roots = { tree = \"in\" }\nout_roots = { tree = \"archive\" }\n"),
             0o644,
             vec!["worker.out_roots.tree", "also an input root's name"],
+        ),
+        // Nested output roots: `sub/x` to one and `x` to the other are the same output.
+        (
+            table("roots = { tree = \"in\" }\nout_roots = { oa = \"archive\", ob = \"archive/sub\" }\n"),
+            0o644,
+            vec!["worker.out_roots.oa", "output roots must be apart"],
         ),
         (
             table("roots = { \"a.b\" = \"in\" }\n"),
