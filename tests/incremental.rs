@@ -474,6 +474,96 @@ fn a_rerun_stats_a_tree_of_many_directories_on_several_threads_and_finds_what_on
 /// changed, should find every file unchanged, not read the directory's files again.
 /// (The same follows from a directory that fails with EMFILE: under `prlimit --nofile=16` a
 /// split walk fails every top directory and the state forgets the whole tree.)
+/// Overwrites 4 KiB in the middle of the SQLite file in `state` with 0xff: a page of its rows
+/// damaged, while its header and schema still open.
+fn damage_state(state: &Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let db = state.join("filepipe.sqlite");
+    let len = fs::metadata(&db).unwrap().len();
+    let mut f = fs::File::options().write(true).open(&db).unwrap();
+    f.seek(SeekFrom::Start(len / 2)).unwrap();
+    f.write_all(&[0xff; 4096]).unwrap();
+}
+
+#[test]
+fn a_state_that_cannot_be_read_leaves_the_manifest_as_it_was() {
+    // Found by review: the walk failed on the state, yet the sink wrote the manifest from the
+    // outcomes it had (none), replacing a good manifest with an empty one.
+    let mut t = TestTree::new();
+    for i in 0..200 {
+        t = t.file(format!("f{i}"), &noise_bytes(3000, i));
+    }
+    let sums = t.side("SUMS");
+    let args = [OsStr::new("--manifest"), sums.as_os_str()];
+    let s = run(batch(&t, "sha256", &args)).success().summary();
+    assert_eq!(s["done"].as_u64(), Some(200), "{s}");
+    let good = fs::read(&sums).unwrap();
+    damage_state(&t.side("state"));
+    let failed = run(batch(&t, "sha256", &args));
+    failed.code(1);
+    let now = fs::read(&sums).unwrap();
+    assert!(
+        now == good,
+        "the manifest was rewritten by a run that could not read its state: {} lines, were {}",
+        now.split(|&b| b == b'\n').count() - 1,
+        good.split(|&b| b == b'\n').count() - 1
+    );
+    let s = failed.summary();
+    let error = s["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("reading the state") && error.contains("no manifest written"),
+        "the summary does not say what stopped the run: {s}"
+    );
+    assert!(failed.stderr().contains("malformed"), "{}", failed.stderr());
+    sha256sum_check(&t, &sums);
+}
+
+#[test]
+fn a_root_that_cannot_be_listed_leaves_the_manifest_as_it_was() {
+    // Found by review: a root made unreadable was reported as one failed directory, and the
+    // manifest rewritten from what the walk saw of the tree: nothing.
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestTree::new()
+        .file("a.txt", b"a\n")
+        .file("sub/b.txt", b"b\n");
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    t.open_to_all();
+    for incremental in [false, true] {
+        let sums = t.side(&format!("SUMS-{incremental}"));
+        let as_nobody = || {
+            let mut cmd = unprivileged();
+            cmd.arg("batch")
+                .arg(t.root())
+                .args(["--op", "sha256", "--json", "--manifest"])
+                .arg(&sums);
+            if incremental {
+                cmd.arg("--state").arg(&state);
+            }
+            cmd
+        };
+        let what = format!("incremental: {incremental}");
+        run(as_nobody()).context(&what).success();
+        let good = fs::read(&sums).unwrap();
+        fs::set_permissions(t.root(), fs::Permissions::from_mode(0o000)).unwrap();
+        let failed = run(as_nobody()).context(&what);
+        fs::set_permissions(t.root(), fs::Permissions::from_mode(0o777)).unwrap();
+        failed.code(1);
+        assert!(
+            fs::read(&sums).unwrap() == good,
+            "{what}: the manifest was rewritten by a run that could not list the root"
+        );
+        let s = failed.summary();
+        assert!(
+            s["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("reading the input root")),
+            "{what}: {s}"
+        );
+        sha256sum_check(&t, &sums);
+    }
+}
+
 #[test]
 fn a_directory_that_cannot_be_listed_does_not_make_the_state_forget_its_files() {
     use std::os::unix::fs::PermissionsExt;

@@ -429,6 +429,8 @@ fn coordinate(
     let head = Head::new(cfg, &run, names);
     // Set once the resumed run's outcomes are read, before the source starts.
     let accounted = std::sync::OnceLock::new();
+    // Raised when the source fails: the reporter then abandons the sink (`Sink::abandon`).
+    let source_failed = &AtomicBool::new(false);
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
@@ -441,6 +443,7 @@ fn coordinate(
                     sink,
                     recorded_tx,
                     shutdown,
+                    source_failed,
                 )
             })
             .context("starting the reporter")?;
@@ -483,6 +486,7 @@ fn coordinate(
                     };
                     let ran = source.run(out);
                     if ran.is_err() {
+                        source_failed.store(true, Ordering::SeqCst);
                         // A watched root deleted or moved: the coordinator stops as after a
                         // signal (its jobs cancelled, those in flight waited for), then fails.
                         shutdown.request(0);

@@ -21,7 +21,7 @@ mod publish;
 mod worker;
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 use crossbeam_channel::bounded;
@@ -131,6 +131,19 @@ pub(crate) fn run(
     }
 }
 
+/// What a batch whose walk failed says of its manifest: none is written from part of the
+/// tree (`Sink::abandon`).
+fn with_what_was_left(cfg: &Config, e: anyhow::Error) -> anyhow::Error {
+    if cfg.spec.hashes().is_empty() {
+        e.context("the run stopped before it saw the whole tree")
+    } else {
+        e.context(
+            "the run stopped before it saw the whole tree: no manifest written (one already \
+             there is left as it was)",
+        )
+    }
+}
+
 /// How many messages the job channel holds.
 fn queue_depth(cfg: &Config) -> usize {
     if cfg.watch.is_some() {
@@ -178,11 +191,27 @@ fn run_with<O: Op>(
     } else {
         (None, None)
     };
+    // Raised by the source's thread when the source fails (or panics), before its sender of
+    // events goes: the reporter, which finishes the sink only once every sender is gone, then
+    // abandons it instead, so that part of a tree never stands for the whole of it.
+    let source_failed = &AtomicBool::new(false);
+    // A batch's walk: its failure is told with the account of what was done, and of the
+    // manifest. (A watcher's or a queue's error goes up as it is: callers match on it.)
+    let walks_tree = cfg.watch.is_none() && !source.listens();
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
             .spawn_scoped(s, || {
-                report::run(cfg, op.name(), event_rx, stats, sink, recorded_tx, shutdown)
+                report::run(
+                    cfg,
+                    op.name(),
+                    event_rx,
+                    stats,
+                    sink,
+                    recorded_tx,
+                    shutdown,
+                    source_failed,
+                )
             })
             .context("starting the reporter")?;
         let walker = {
@@ -197,6 +226,9 @@ fn run_with<O: Op>(
                         recorded: recorded_rx,
                     };
                     let walked = panic::catch_unwind(AssertUnwindSafe(|| source.run(out)));
+                    if !matches!(walked, Ok(Ok(()))) {
+                        source_failed.store(true, Ordering::SeqCst);
+                    }
                     // Sentinels go out even if the walk panicked, or the workers would wait
                     // forever. Sending cannot fail: workers hold the receiver until their own.
                     for _ in 0..cfg.jobs {
@@ -243,8 +275,22 @@ fn run_with<O: Op>(
         let (Ok(walked), true) = (walked, published) else {
             anyhow::bail!("the source or a publisher thread panicked");
         };
-        let summary = summary.map_err(|_| anyhow::anyhow!("the reporter thread panicked"))??;
-        walked?;
-        Ok(summary)
+        let summary = summary.map_err(|_| anyhow::anyhow!("the reporter thread panicked"))?;
+        match (walked, summary) {
+            (Ok(()), summary) => summary,
+            (Err(e), _) if !walks_tree => Err(e),
+            // The account of what was done is still given, with what stopped the run.
+            (Err(e), Ok(mut summary)) => {
+                let e = with_what_was_left(cfg, e);
+                summary.error = Some(format!("{e:#}"));
+                Err(report::Stopped {
+                    error: e,
+                    summary: Box::new(summary),
+                }
+                .into())
+            }
+            // The sink failed too (logged as it did): the source's error is the cause.
+            (Err(e), Err(_)) => Err(with_what_was_left(cfg, e)),
+        }
     })
 }

@@ -12,7 +12,7 @@ mod summary;
 
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
@@ -34,6 +34,9 @@ const FLUSH_WITHIN: Duration = Duration::from_millis(50);
 
 /// Receives events until every sender is gone, then finishes the sink and returns the counts.
 /// `recorded`, if given, hears of each file once the sink has flushed its outcome.
+/// `source_failed`, raised by the source's thread before it lets go of its sender, says its
+/// outcomes are not the whole tree: the sink is then abandoned, not finished (`Sink::abandon`).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     cfg: &Config,
     op: &'static str,
@@ -42,6 +45,7 @@ pub(crate) fn run(
     sink: &mut dyn Sink,
     recorded: Option<Sender<Vec<Recorded>>>,
     shutdown: &Shutdown,
+    source_failed: &AtomicBool,
 ) -> Result<Summary> {
     let started = Instant::now();
     let mut progress = Progress::new(cfg);
@@ -156,7 +160,12 @@ pub(crate) fn run(
         b.finish_and_clear();
     }
     progress.overall.finish_and_clear();
-    guard(sink.finish());
+    // Read once every sender is gone, the source's among them: it raised the flag before.
+    if source_failed.load(Ordering::SeqCst) {
+        guard(sink.abandon());
+    } else {
+        guard(sink.finish());
+    }
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
     summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);

@@ -38,7 +38,8 @@ pub(crate) enum Disposition {
 
 /// What the reporter does with outcomes beyond counting them. Called only from the reporter
 /// thread, in this order: `outcome`, `removed` and `unlisted` any number of times, `flush` after each
-/// batch of them, `tick` a few times a second, `finish` once at the end.
+/// batch of them, `tick` a few times a second, then once at the end `finish` (or `abandon`, if
+/// the source failed).
 pub(crate) trait Sink {
     /// Records one outcome (before it is counted); says whether it ends its file.
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition>;
@@ -63,6 +64,14 @@ pub(crate) trait Sink {
     }
     /// Every source and worker is done: last writes.
     fn finish(&mut self) -> Result<()>;
+    /// Every worker is done, but the source failed (an incremental batch's state that cannot
+    /// be read, a walk that panicked): what it sent is only part of the tree. Makes durable
+    /// what was recorded, and publishes nothing that stands for the whole tree: a batch's
+    /// manifest written from part of it would replace a good one with a short one (found by
+    /// review), so the last one is left as it was.
+    fn abandon(&mut self) -> Result<()> {
+        self.flush()
+    }
 }
 
 /// The output a done file's compressor left that the state records as filepipe's: its name

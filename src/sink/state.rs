@@ -308,6 +308,12 @@ impl Sink for StateSink<'_> {
         }
         Ok(())
     }
+
+    /// Finished as ever: the manifest is derived from the state, the record of every file it
+    /// holds, never from this run's outcomes, so a watcher that failed takes nothing from it.
+    fn abandon(&mut self) -> Result<()> {
+        self.finish()
+    }
 }
 
 #[cfg(test)]

@@ -35,6 +35,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use anyhow::Context;
 use crossbeam_channel::{Receiver, Sender};
 use rustix::fs::{self as rfs, AtFlags, FileType};
 use rustix::io::Errno;
@@ -138,7 +139,18 @@ impl Source for Walk<'_> {
         std::thread::scope(|s| {
             let loading = std::thread::Builder::new()
                 .name("filepipe-state".into())
-                .spawn_scoped(s, move || reader.recorded_under(Path::new("")))?;
+                .spawn_scoped(s, move || {
+                    reader.recorded_under(Path::new("")).with_context(|| {
+                        let dir = cfg.incremental.as_ref().map(|i| i.state_dir.as_path());
+                        let dir = dir.unwrap_or(Path::new("?")).display();
+                        // Only a state that cannot be read at all gets here: a damaged one
+                        // is not mended by running again.
+                        format!(
+                            "reading the state in {dir} (if it is damaged, move it aside: the \
+                             next run reads every file again)"
+                        )
+                    })
+                })?;
             walk(cfg, &out, shutdown, Some(loading))
         })
     }
@@ -266,6 +278,11 @@ fn walk<'s>(
         unchanged: Vec::new(),
     };
     let mut failed = None;
+    // The root itself could not be opened or listed (to its end): the walk saw none of the
+    // tree, or part of it only, and no manifest may stand for it (found by review: a root
+    // made unreadable replaced a good manifest with an empty one). Its outcome is reported
+    // as any directory's, and the walk then fails.
+    let mut root_unread = None;
     let mut complete = true;
     // Directories the walk could not list (or read to their end): what the state knew beneath
     // them was not seen, which says nothing of whether it is gone.
@@ -294,9 +311,12 @@ fn walk<'s>(
             }
             (Found::Dir(_), _) => true,
             (Found::Report(outcome), known) => {
-                if let Outcome::Failed { rel, .. } = &outcome {
+                if let Outcome::Failed { rel, error } = &outcome {
                     // The walk fails only a directory it could not read (or the root).
                     unlisted_dirs.insert(rel.clone());
+                    if rel.as_os_str().is_empty() {
+                        root_unread = Some(error.message.clone());
+                    }
                 }
                 match known {
                     Some(Recorded::Ready(map)) => {
@@ -327,6 +347,9 @@ fn walk<'s>(
     feed.flush();
     if let Some(e) = failed {
         return Err(e);
+    }
+    if let Some(why) = root_unread {
+        anyhow::bail!("reading the input root {}: {why}", cfg.root.display());
     }
     // Only a walk of the whole tree tells what is gone: an interrupted one leaves the state be,
     // and one that could not list a directory leaves be what the state knew beneath it (the
