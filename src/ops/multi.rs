@@ -122,6 +122,16 @@ impl<C: Codec> Op for MultiOp<C> {
         scratch: &mut Self::Scratch,
     ) -> Result<Option<FileError>, FileError> {
         scratch.hash_only = None;
+        // One of this run's own outputs (or a rerun's), its input beside it: not an input,
+        // also when the state has some of its results (recorded while its input was away:
+        // found by review, such a file was read for a hash added to the pipeline, and
+        // listed). A `.zst` alone is a user's file (a backup, or what --remove-source left):
+        // listed.
+        if self.comp.own_output_name(job) && self.comp.input_beside(job) {
+            if let Some(reason) = self.comp.skipped_by_name(job) {
+                return Ok(Some(reason));
+            }
+        }
         if job.only.as_ref().is_some_and(|o| !o.compress) {
             // Its output is recorded for this very input and was found in place: only hashes
             // are missing, and the compressor is not asked (it would find the output up to
@@ -131,15 +141,6 @@ impl<C: Codec> Op for MultiOp<C> {
         }
         match self.comp.check(job, input, &mut scratch.comp)? {
             None => Ok(None),
-            // One of this run's own outputs (or a rerun's), its input beside it: not an input.
-            // A `.zst` alone is a user's file (a backup, or what --remove-source left): listed.
-            Some(reason)
-                if reason.kind == Kind::AlreadyCompressed
-                    && self.comp.own_output_name(job)
-                    && self.comp.input_beside(job) =>
-            {
-                Ok(Some(reason))
-            }
             // Left alone by the compressor, but an input all the same: hashed.
             Some(reason) => {
                 scratch.hash_only = Some(Some(reason));
