@@ -1180,3 +1180,50 @@ fn incremental_and_stateless_runs_list_the_same_files_as_the_tree_changes() {
     fs::rename(&away, t.path("a")).unwrap();
     incremental_and_stateless_agree(&t, "sha256,blake3,gzip", "a back, a hash added");
 }
+
+#[test]
+fn a_gz_named_after_what_is_no_input_is_hashed_and_listed() {
+    // Found by review: `backup.gz` beside a directory `backup/` was taken for filepipe's own
+    // output and left out of the manifest, yet a directory is never an input. Nor is a link
+    // not followed, or a FIFO; with --follow-symlinks, a link to a file is.
+    let t = TestTree::new()
+        .file("backup/inner", b"inner\n")
+        .file("backup.gz", b"a user's archive\n")
+        .file("real", b"real\n")
+        .symlink("real", "lnk")
+        .file("lnk.gz", b"not the link's output\n")
+        .file("fifo.gz", b"nor the fifo's\n");
+    mkfifo(&t.path("fifo"));
+    let listed = |manifest: &[u8]| -> Vec<String> {
+        String::from_utf8_lossy(manifest)
+            .lines()
+            .filter_map(|l| l.split_once("  ").map(|(_, name)| name.to_owned()))
+            .collect()
+    };
+    for step in ["first run", "rerun"] {
+        incremental_and_stateless_agree(&t, "sha256,gzip", step);
+        let names = listed(&fs::read(t.side("full.sums")).unwrap());
+        for gz in ["backup.gz", "lnk.gz", "fifo.gz"] {
+            assert!(
+                names.iter().any(|n| n == gz),
+                "{step}: {gz} is not listed: {names:?}"
+            );
+        }
+    }
+    // Followed, the link is an input: lnk.gz, named as its output, is not one.
+    let sums = t.side("follow.sums");
+    let mut cmd = filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("sha256,gzip"),
+        s("--follow-symlinks"),
+        s("--manifest"),
+        sums.as_os_str(),
+    ]);
+    cmd.arg("--json");
+    let _ = run(cmd);
+    let names = listed(&fs::read(&sums).unwrap());
+    assert!(names.iter().any(|n| n == "backup.gz"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "lnk.gz"), "{names:?}");
+}

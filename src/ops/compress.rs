@@ -157,6 +157,8 @@ pub(crate) struct CompressOp<C: Codec> {
     /// descriptor only, whatever its path leads to later (see `DirCache`).
     out_root_dir: Arc<Dir>,
     mirrored: bool,
+    /// `--follow-symlinks`: a link to a regular file beneath the root is an input.
+    follow_symlinks: bool,
     /// The input root, for `--remove-source` and `--move-source` to reach an input's directory
     /// beneath it without
     /// following symlinks (see `input::Root`); `None` with `--follow-symlinks` (the directory
@@ -272,15 +274,20 @@ impl<C: Codec> CompressOp<C> {
                 output::open_root(cfg.out_root()).map_err(|e| anyhow::anyhow!(e.message))?,
             ),
             mirrored: cfg.out.is_some(),
+            follow_symlinks: cfg.follow_symlinks,
             #[cfg(test)]
             panic_on: None,
         })
     }
 
-    /// Whether the file `job` names, less the output suffix, exists beside it: the input an
-    /// output of that name was made from. Looked at beneath the input root's descriptor (by
-    /// path, a directory on the way swapped for a link made the answer
-    /// depend on what exists outside the root: found by a review).
+    /// Whether the file `job` names, less the output suffix, is beside it as an input of this
+    /// run: the input an output of that name was made from. A regular file, or with
+    /// `--follow-symlinks` a name that leads to one beneath the root (a link, or through links
+    /// on its way), as the walk takes inputs; a directory, a special file or a link not
+    /// followed is no input, so no output of filepipe's is named after it (found by review:
+    /// `backup.gz` beside a directory `backup/` was skipped as an output). Looked at beneath
+    /// the input root's descriptor (by path, a directory on the way swapped for a link made
+    /// the answer depend on what exists outside the root: found by a review).
     pub(crate) fn input_beside(&self, job: &Job) -> bool {
         use std::os::unix::ffi::OsStrExt;
         let bytes = job.rel.as_os_str().as_bytes();
@@ -288,11 +295,16 @@ impl<C: Codec> CompressOp<C> {
             return false;
         };
         let stem = Path::new(std::ffi::OsStr::from_bytes(stem));
-        // The name itself (a link included), or through links on its way, beneath the root
-        // only (`--follow-symlinks` walks through them).
-        self.in_root
-            .as_ref()
-            .is_some_and(|root| root.lstat(stem).is_ok() || root.reach_following(stem).is_ok())
+        let regular =
+            |st: rfs::Stat| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::RegularFile;
+        self.in_root.as_ref().is_some_and(|root| {
+            root.lstat(stem).is_ok_and(regular)
+                || self.follow_symlinks
+                    && root
+                        .reach_following(stem)
+                        .and_then(rfs::fstat)
+                        .is_ok_and(regular)
+        })
     }
 
     /// Whether inputs go once their outputs are durable (removed or moved): then every output
@@ -1257,6 +1269,7 @@ mod tests {
             out_root: tmp.path().join("out"),
             out_root_dir: Arc::new(output::open_root(&tmp.path().join("out")).unwrap()),
             mirrored: true,
+            follow_symlinks: false,
             root_fd: remove_source.then(|| Root::new(&root).unwrap()),
             in_root: Root::new(&root).ok(),
             panic_on: None,
