@@ -207,3 +207,50 @@ fn check_config_names_file_line_and_key() {
     // Validating writes nothing: no output root, no state directory.
     assert!(!t.side("archive").exists() && !t.side("state").exists());
 }
+
+/// Asserts that each config in `cases` (what, body, what stderr says) is refused with exit 2,
+/// by `check-config` and by `watch --config` at start, both run in `t`'s directory.
+fn assert_refused(t: &TestTree, cases: &[(&str, String, &str)]) {
+    for (what, body, expect) in cases {
+        let file = t.side("refused.toml");
+        write_config(&file, body);
+        for verb in ["check-config", "watch"] {
+            let mut cmd = match verb {
+                "watch" => filepipe(&[
+                    OsStr::new("watch"),
+                    OsStr::new("--config"),
+                    file.as_os_str(),
+                ]),
+                _ => filepipe(&[OsStr::new(verb), file.as_os_str()]),
+            };
+            cmd.current_dir(t.dir.path());
+            let stderr = run(cmd).context(format!("{verb}: {what}")).code(2).stderr();
+            assert!(stderr.contains(expect), "{verb}: {what}: {stderr}");
+        }
+    }
+}
+
+/// Review finding H1: two pipelines writing to one output directory (or one inside the
+/// other's, or around a watched tree) had one file recorded done with another's bytes.
+#[test]
+fn pipelines_sharing_or_enclosing_an_output_directory_are_refused() {
+    let t = TestTree::new().dir("a").dir("b");
+    fs::create_dir_all(t.side("c/d")).unwrap();
+    let head = "state_dir = \"state\"\n";
+    let pair = |a: &str, b: &str| {
+        format!(
+            "{head}[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n{a}\n[[watch]]\npath = \"in/b\"\nop = \"zstd\"\n{b}\n"
+        )
+    };
+    let cases = [
+        ("one out for two", pair("out = \"o\"", "out = \"o\""), ":9: watch[1].out"),
+        ("out inside another's", pair("out = \"o\"", "out = \"o/b\""), ":9: watch[1].out"),
+        ("out around another's", pair("out = \"o/a\"", "out = \"o\""), ":9: watch[1].out"),
+        (
+            "out around another's root",
+            format!("{head}[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nout = \"c\"\n[[watch]]\npath = \"c/d\"\nop = \"sha256\"\n"),
+            ":5: watch[0].out",
+        ),
+    ];
+    assert_refused(&t, &cases);
+}

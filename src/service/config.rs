@@ -730,23 +730,31 @@ pub(crate) fn load(
                 );
                 return Err(at(span, &format!("watch[{i}].{k}"), msg));
             }
-            if k == "out" {
-                continue;
-            }
+            // An output root enclosing a watched tree (its own or another's) would write
+            // outputs where they are watched as inputs; one shared with (or inside, or around)
+            // another pipeline's would let one pipeline's output stand for the other's input
+            // ("skipped: up-to-date" with the other file's bytes).
             if let Some((other, _)) = roots.iter().find(|(r, _)| r.starts_with(dir)) {
+                let why = match k {
+                    "out" => "outputs written there would be watched as inputs",
+                    _ => "files moved there would be processed again",
+                };
                 let msg = format!(
-                    "{} encloses the watched tree {}: files moved there would be processed again",
+                    "{} encloses the watched tree {}: {why}",
                     dir.display(),
                     other.display()
                 );
                 return Err(at(span, &format!("watch[{i}].{k}"), msg));
             }
+            // Two output roots that overlap are named at the later one, as roots are.
             let clash = outs.iter().enumerate().find_map(|(j, o)| {
-                o.filter(|o| j != i && (o.starts_with(dir) || dir.starts_with(o)))
+                let other = if k == "out" { j < i } else { j != i };
+                o.filter(|o| other && (o.starts_with(dir) || dir.starts_with(o)))
             });
             if let Some(o) = clash {
                 let msg = format!(
-                    "{} overlaps the output directory {} of another pipeline",
+                    "{} overlaps the output directory {} of another pipeline: one pipeline's \
+                     outputs would be taken for the other's",
                     dir.display(),
                     o.display()
                 );
