@@ -254,3 +254,57 @@ fn pipelines_sharing_or_enclosing_an_output_directory_are_refused() {
     ];
     assert_refused(&t, &cases);
 }
+
+/// Review finding H3 (and its LOW companions): two pipelines writing one manifest overwrote
+/// each other's; a manifest inside another pipeline's tree was hashed by it (two such rewrote
+/// each other forever); a manifest or failure log that is the config file or in the state
+/// directory corrupted it.
+#[test]
+fn manifests_and_failure_logs_that_another_writer_owns_are_refused() {
+    let t = TestTree::new().dir("a").dir("b");
+    fs::create_dir(t.side("state")).unwrap();
+    let head = "state_dir = \"state\"\n";
+    let pair = |top: &str, a: &str, b: &str| {
+        format!(
+            "{head}{top}[[watch]]\npath = \"in/a\"\nop = \"sha256\"\n{a}\n[[watch]]\npath = \"in/b\"\nop = \"sha256,blake3\"\nmanifest = \"{b}\"\n"
+        )
+    };
+    let cases = [
+        (
+            "one manifest for two",
+            pair("", "manifest = \"SUMS\"", "SUMS"),
+            ":9: watch[1].manifest: ",
+        ),
+        (
+            "a manifest in another's tree",
+            pair("", "manifest = \"in/b/SUMS\"", "B"),
+            ":5: watch[0].manifest: ",
+        ),
+        (
+            "a derived manifest that is another's",
+            pair("", "manifest = \"M.blake3\"", "M"),
+            ":9: watch[1].manifest: ",
+        ),
+        (
+            "the config file as a manifest",
+            pair("", "manifest = \"refused.toml\"", "B"),
+            "is the config file itself",
+        ),
+        (
+            "a manifest in the state directory",
+            pair("", "", "state/filepipe.sqlite"),
+            "is inside the state directory",
+        ),
+        (
+            "the config file as the failure log",
+            pair("failure_log = \"refused.toml\"\n", "", "B"),
+            "failure_log: ",
+        ),
+        (
+            "the state as the failure log",
+            pair("failure_log = \"state/filepipe.sqlite\"\n", "", "B"),
+            "is inside the state directory",
+        ),
+    ];
+    assert_refused(&t, &cases);
+}

@@ -762,11 +762,92 @@ pub(crate) fn load(
             }
         }
     }
+    check_own_files(path, &file, &pipelines, failure_log.as_deref(), &at)?;
     Ok(Service {
         pipelines,
         failure_log,
         metrics: overrides.metrics.or(file.metrics),
     })
+}
+
+/// Refuses files filepipe writes that another of its writers would overwrite or read: a
+/// manifest another pipeline also writes (each rewrites it with its own lines), or inside
+/// another pipeline's watched tree or output root (hashed or replaced as that pipeline's
+/// file: two such manifests rewrite each other forever); a manifest or the failure log that is
+/// the config file itself or lies in a state directory (both would be corrupted).
+fn check_own_files(
+    path: &Path,
+    file: &FileConfig,
+    pipelines: &[Config],
+    failure_log: Option<&Path>,
+    at: &dyn Fn(Range<usize>, &str, String) -> anyhow::Error,
+) -> Result<()> {
+    let config = std::fs::canonicalize(path).unwrap_or_else(|_| absolute(path));
+    let states: Vec<PathBuf> = pipelines
+        .iter()
+        .filter_map(|c| c.watch.as_ref().map(|w| absolute(&w.state_dir)))
+        .collect();
+    // What a file of filepipe's own may not be; `None`: it may be that.
+    let forbidden = |f: &Path| {
+        if *f == config {
+            return Some("is the config file itself".to_string());
+        }
+        let state = states.iter().find(|s| f.starts_with(s))?;
+        Some(format!("is inside the state directory {}", state.display()))
+    };
+    if let Some(log) = failure_log {
+        let log = absolute(log);
+        if let Some(why) = forbidden(&log) {
+            bail!(
+                "{}: failure_log: {} {why}: it would be corrupted",
+                path.display(),
+                log.display()
+            );
+        }
+    }
+    let manifests: Vec<Vec<PathBuf>> = pipelines
+        .iter()
+        .map(|c| {
+            c.spec
+                .hashes()
+                .iter()
+                .filter_map(|&a| c.manifest_for(a))
+                .collect()
+        })
+        .collect();
+    for (i, (w, mine)) in file.watch.iter().zip(&manifests).enumerate() {
+        let Some(span) = w.manifest.as_ref().map(|m| m.span()) else {
+            continue;
+        };
+        let key = format!("watch[{i}].manifest");
+        for m in mine {
+            if let Some(why) = forbidden(m) {
+                let msg = format!("{} {why}: it would be corrupted", m.display());
+                return Err(at(span, &key, msg));
+            }
+            if manifests[..i].iter().any(|theirs| theirs.contains(m)) {
+                let msg = format!(
+                    "{} is also another pipeline's manifest: each would overwrite the other's",
+                    m.display()
+                );
+                return Err(at(span, &key, msg));
+            }
+            let theirs = pipelines.iter().enumerate().filter(|(j, _)| *j != i);
+            for (_, other) in theirs {
+                let dirs = std::iter::once(&other.root).chain(other.out.as_ref());
+                if let Some(d) = dirs.into_iter().find(|d| m.starts_with(d)) {
+                    let msg = format!(
+                        "{} is inside {}, another pipeline's tree: that pipeline would take \
+                         it for one of its files",
+                        m.display(),
+                        d.display()
+                    );
+                    return Err(at(span, &key, msg));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
