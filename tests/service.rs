@@ -308,3 +308,66 @@ fn manifests_and_failure_logs_that_another_writer_owns_are_refused() {
     ];
     assert_refused(&t, &cases);
 }
+
+/// Review finding H2: a reload that removed (or added) `move_source` went unapplied: the
+/// pipeline was not restarted, as nothing that decides a restart had changed.
+#[test]
+fn a_reload_that_changes_move_source_takes_effect() {
+    let t = TestTree::new();
+    let config = t.side("filepipe.toml");
+    let head = format!(
+        "state_dir = \"state\"\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+        t.root()
+    );
+    let moving = format!("{head}move_source = \"moved\"\n");
+    write_config(&config, &moving);
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    let reload = |body: &str| {
+        let readies = n.count("READY=1");
+        write_config(&config, body);
+        signal(&child, rustix::process::Signal::HUP);
+        wait_for("READY=1 after the reload", || n.count("READY=1") > readies);
+    };
+    let processed = |name: &str| {
+        fs::write(t.path(name), b"some text\n").unwrap();
+        wait_for(name, || t.path(format!("{name}.gz")).exists());
+    };
+    let moved = |name: &str| {
+        wait_for(name, || t.side("moved").join(name).exists());
+        assert!(!t.path(name).exists());
+    };
+    processed("a.txt");
+    moved("a.txt");
+
+    reload(&head);
+    processed("b.txt");
+    // A move follows the publish: give it the time one takes.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        t.path("b.txt").exists() && !t.side("moved/b.txt").exists(),
+        "move_source removed by the reload: the input stays"
+    );
+
+    reload(&moving);
+    processed("c.txt");
+    moved("c.txt");
+
+    // The failure log is the logger's, opened at start: a reload that changes it is refused
+    // (and says so), not half applied.
+    reload(&format!("failure_log = \"fail.jsonl\"\n{moving}"));
+    processed("d.txt");
+    moved("d.txt");
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
+    assert!(
+        stderr.contains("reload failed") && stderr.contains("failure_log changed"),
+        "{stderr}"
+    );
+}

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use sd_notify::NotifyState;
 
 use crate::cli::OpSpec;
@@ -38,6 +38,8 @@ use watchdog::{notify, spawn_watchdog};
 
 /// What identifies a pipeline across reloads: if any of it changes, the pipeline restarts
 /// (its queued files are found again by the new one's scan); if none does, it keeps running.
+/// Every setting of `Config` a pipeline runs with belongs here (a reload that removed
+/// `move_source` went unapplied when it was missing: found by a review).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Identity {
     root: PathBuf,
@@ -53,6 +55,15 @@ struct Identity {
     state_dir: Option<PathBuf>,
     include: Vec<String>,
     exclude: Vec<String>,
+    move_source: Option<PathBuf>,
+    move_failed: Option<PathBuf>,
+    failure_log: Option<PathBuf>,
+    own_files: Vec<PathBuf>,
+    root_named: PathBuf,
+    follow_symlinks: bool,
+    force: bool,
+    remove_source: bool,
+    json: bool,
 }
 
 impl Identity {
@@ -73,6 +84,15 @@ impl Identity {
             state_dir: w.map(|w| w.state_dir.clone()),
             include: include.to_vec(),
             exclude: exclude.to_vec(),
+            move_source: cfg.move_source.as_ref().map(|a| a.root.clone()),
+            move_failed: cfg.move_failed.as_ref().map(|a| a.root.clone()),
+            failure_log: cfg.failure_log.clone(),
+            own_files: cfg.own_files.clone(),
+            root_named: cfg.root_named.clone(),
+            follow_symlinks: cfg.follow_symlinks,
+            force: cfg.force,
+            remove_source: cfg.remove_source,
+            json: cfg.json,
         }
     }
 }
@@ -187,7 +207,20 @@ pub(crate) fn run(
             let mut states = vec![NotifyState::Reloading];
             states.extend(now);
             notify(&states);
-            match load(path, overrides, quiet, true) {
+            let loaded = load(path, overrides, quiet, true).and_then(|new| {
+                // The failure log is opened once, by the logger, at start: pipelines started
+                // with another would leave the one still written unguarded (read as an input
+                // when it lies in a watched tree).
+                if new.failure_log != service.failure_log {
+                    bail!(
+                        "{}: failure_log changed: it takes effect only when the service \
+                         restarts",
+                        path.display()
+                    );
+                }
+                Ok(new)
+            });
+            match loaded {
                 Err(e) => {
                     tracing::error!("reload failed, keeping the running configuration: {e:#}");
                     notify(&[
@@ -227,9 +260,6 @@ pub(crate) fn run(
                         return Err(e);
                     }
                     set_watched(&running);
-                    if service.failure_log != new.failure_log {
-                        tracing::warn!("a changed failure_log takes effect at the next restart");
-                    }
                     ready_sent = false;
                 }
             }
