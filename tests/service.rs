@@ -371,3 +371,47 @@ fn a_reload_that_changes_move_source_takes_effect() {
         "{stderr}"
     );
 }
+
+/// Review finding M1: the watchdog paired watcher loops by position, so after a reload that
+/// restarted a pipeline it compared the new one's low count with the old one's and withheld
+/// a ping at every such reload (a few reloads in a row: systemd kills the unit).
+#[test]
+fn reloads_that_restart_a_pipeline_keep_the_watchdog_fed() {
+    let t = TestTree::new();
+    let config = t.side("filepipe.toml");
+    let with_settle = |ms: u32| {
+        format!(
+            "state_dir = \"state\"\nsettle_ms = {ms}\n[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+            t.root()
+        )
+    };
+    write_config(&config, &with_settle(100));
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[
+            ("NOTIFY_SOCKET", socket.to_str().unwrap().to_string()),
+            ("WATCHDOG_USEC", "1000000".to_string()),
+        ],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    for ms in [200, 100, 200] {
+        // Long enough for the running pipeline's loop count to grow past a new one's.
+        let pings = n.count("WATCHDOG=1");
+        wait_for("two pings", || n.count("WATCHDOG=1") >= pings + 2);
+        let readies = n.count("READY=1");
+        write_config(&config, &with_settle(ms));
+        signal(&child, rustix::process::Signal::HUP);
+        wait_for("READY=1 after the reload", || n.count("READY=1") > readies);
+    }
+    let pings = n.count("WATCHDOG=1");
+    wait_for("two pings after", || n.count("WATCHDOG=1") >= pings + 2);
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
+    assert!(
+        !stderr.contains("withholding the watchdog ping"),
+        "{stderr}"
+    );
+}

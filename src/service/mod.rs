@@ -34,7 +34,7 @@ use crate::travel::Stats;
 #[cfg(feature = "cluster")]
 pub(crate) use config::load_worker;
 pub(crate) use config::{check, load, Overrides, Service};
-use watchdog::{notify, spawn_watchdog};
+use watchdog::{notify, spawn_watchdog, Watched};
 
 /// What identifies a pipeline across reloads: if any of it changes, the pipeline restarts
 /// (its queued files are found again by the new one's scan); if none does, it keeps running.
@@ -99,6 +99,8 @@ impl Identity {
 
 /// One running watch pipeline.
 struct Running {
+    /// This process's number for it (a restart is a new one): what the watchdog pairs by.
+    id: u64,
     identity: Identity,
     cfg: Arc<Config>,
     stop: Arc<Shutdown>,
@@ -116,7 +118,9 @@ fn start(cfg: Config) -> Result<Running> {
         .spawn(move || crate::run::watch(&c, &s, &st))
         .context("starting a pipeline thread")?;
     tracing::info!(root = %cfg.root.display(), op = cfg.spec.canonical(), "pipeline started");
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     Ok(Running {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         identity: Identity::of(&cfg),
         cfg,
         stop,
@@ -155,10 +159,13 @@ pub(crate) fn run(
     for cfg in service.pipelines {
         running.push(start(cfg)?);
     }
-    let watched: Arc<Mutex<Vec<Arc<Stats>>>> = Arc::new(Mutex::new(Vec::new()));
+    let watched: Arc<Mutex<Vec<Watched>>> = Arc::new(Mutex::new(Vec::new()));
     let set_watched = |running: &[Running]| {
         if let Ok(mut w) = watched.lock() {
-            *w = running.iter().map(|r| Arc::clone(&r.stats)).collect();
+            *w = running
+                .iter()
+                .map(|r| (r.id, Arc::clone(&r.stats)))
+                .collect();
         }
     };
     set_watched(&running);
