@@ -415,3 +415,51 @@ fn reloads_that_restart_a_pipeline_keep_the_watchdog_fed() {
         "{stderr}"
     );
 }
+
+/// Review finding M3: every reload that restarted a pipeline kept the stopped one's config,
+/// and with it its descriptors (the manifest's directory, the state lock), until the exit.
+#[test]
+fn reloads_that_restart_a_pipeline_leak_no_descriptor() {
+    let t = TestTree::new();
+    let config = t.side("filepipe.toml");
+    let with_settle = |ms: u32| {
+        format!(
+            "state_dir = \"state\"\nsettle_ms = {ms}\n[[watch]]\npath = {:?}\nop = \"gzip\"\nmove_source = \"moved\"\nmove_failed = \"failed\"\n[[watch]]\npath = \"sums\"\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+            t.root()
+        )
+    };
+    fs::create_dir(t.side("sums")).unwrap();
+    write_config(&config, &with_settle(100));
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    let fds = || {
+        fs::read_dir(format!("/proc/{}/fd", child.id()))
+            .unwrap()
+            .count()
+    };
+    let reload = |ms: u32| {
+        let readies = n.count("READY=1");
+        write_config(&config, &with_settle(ms));
+        signal(&child, rustix::process::Signal::HUP);
+        wait_for("READY=1 after the reload", || n.count("READY=1") > readies);
+    };
+    // One reload first: whatever is opened once, at the first, is not a leak.
+    reload(200);
+    let before = fds();
+    for ms in [100, 200, 100, 200, 100, 200] {
+        reload(ms);
+    }
+    let after = fds();
+    signal(&child, rustix::process::Signal::TERM);
+    child.finish(Duration::from_secs(30)).success();
+    assert!(
+        after <= before + 2,
+        "descriptors grew from {before} to {after} over 6 reloads"
+    );
+}

@@ -140,6 +140,25 @@ fn stop(r: Running, signal: i32) -> Result<(Arc<Config>, Summary)> {
     Ok((r.cfg, summary))
 }
 
+/// What of a pipeline a reload stopped is kept for the summary printed at exit: its config
+/// without the descriptors it held (manifest and move directories, the state lock), which
+/// were kept open until the exit, one more set at every reload that restarted it.
+fn released(cfg: Arc<Config>) -> Arc<Config> {
+    match Arc::try_unwrap(cfg) {
+        Ok(mut cfg) => {
+            cfg.manifest_dir = None;
+            cfg.move_source = None;
+            cfg.move_failed = None;
+            cfg.watch = cfg
+                .watch
+                .take()
+                .map(|w| crate::config::WatchSettings { lock: None, ..w });
+            Arc::new(cfg)
+        }
+        Err(still_shared) => still_shared,
+    }
+}
+
 /// How often STATUS= is sent when nothing changes.
 const STATUS_INTERVAL: Duration = Duration::from_secs(2);
 /// How often STATUS= is sent at most while counts change.
@@ -244,7 +263,7 @@ pub(crate) fn run(
                     for r in gone {
                         tracing::info!(root = %r.cfg.root.display(), "pipeline removed by reload");
                         match stop(r, libc::SIGHUP) {
-                            Ok(s) => done.push(s),
+                            Ok((cfg, summary)) => done.push((released(cfg), summary)),
                             Err(e) => failed = failed.or(Some(e)),
                         }
                     }
