@@ -463,3 +463,70 @@ fn reloads_that_restart_a_pipeline_leak_no_descriptor() {
         "descriptors grew from {before} to {after} over 6 reloads"
     );
 }
+
+/// Whether the process `pid` has exited (a zombie not yet reaped counts).
+fn exited(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+/// Review finding M4: a reload that check-config accepts but whose new pipeline cannot start
+/// (a state directory holding something that is not a database) stopped the whole service,
+/// every other pipeline with it. A failed reload keeps the running configuration.
+#[test]
+fn a_reload_whose_pipeline_cannot_start_keeps_the_previous_configuration() {
+    let other = tempfile::tempdir().unwrap();
+    let t = TestTree::new();
+    let config = t.side("filepipe.toml");
+    let body = |state: &str| {
+        format!(
+            "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+            t.root(),
+            other.path()
+        )
+    };
+    write_config(&config, &body("state"));
+    fs::create_dir(t.side("bad-state")).unwrap();
+    fs::write(
+        t.side("bad-state/filepipe.sqlite"),
+        b"not a database\n".repeat(100),
+    )
+    .unwrap();
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    let mut check = filepipe(&[OsStr::new("check-config"), config.as_os_str()]);
+    write_config(&config, &body("bad-state"));
+    check.current_dir(t.dir.path());
+    run(check).success();
+    let readies = n.count("READY=1");
+    signal(&child, rustix::process::Signal::HUP);
+    wait_for("READY=1 after the failed reload", || {
+        n.count("READY=1") > readies || exited(child.id())
+    });
+    assert!(!exited(child.id()), "the service stopped");
+    fs::write(t.path("after.txt"), b"still watched\n").unwrap();
+    fs::write(other.path().join("other.txt"), b"still hashed\n").unwrap();
+    wait_for("both roots still processed", || {
+        exited(child.id())
+            || t.path("after.txt.gz").exists()
+                && fs::read_to_string(t.side("SUMS")).is_ok_and(|m| m.contains("other.txt"))
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
+    assert!(
+        stderr.contains("reload failed, restoring the previous configuration")
+            && stderr.contains("bad-state"),
+        "{stderr}"
+    );
+}

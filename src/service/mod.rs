@@ -108,8 +108,7 @@ struct Running {
     handle: JoinHandle<Result<Summary>>,
 }
 
-fn start(cfg: Config) -> Result<Running> {
-    let cfg = Arc::new(cfg);
+fn start(cfg: Arc<Config>) -> Result<Running> {
     let stop = Arc::new(Shutdown::default());
     let stats = Arc::new(Stats::default());
     let (c, s, st) = (Arc::clone(&cfg), Arc::clone(&stop), Arc::clone(&stats));
@@ -138,6 +137,27 @@ fn stop(r: Running, signal: i32) -> Result<(Arc<Config>, Summary)> {
         .map_err(|_| anyhow!("the pipeline for {} panicked", r.cfg.root.display()))?
         .with_context(|| format!("pipeline for {}", r.cfg.root.display()))?;
     Ok((r.cfg, summary))
+}
+
+/// A reload whose new pipelines are not all ready yet: if one of them stops meanwhile (a
+/// state directory that holds no database, say: what `check-config` cannot see), the reload
+/// failed, and the pipelines it stopped start again, as a failed reload keeps the running
+/// configuration (nginx, watchman), where the whole service stopped.
+struct Pending {
+    /// The ids of the pipelines the reload started.
+    started: Vec<u64>,
+    /// The configs of the pipelines it stopped, descriptors and all, to start again.
+    previous: Vec<Arc<Config>>,
+}
+
+/// Takes the pending reload as done: the configs it stopped are released.
+fn settle(pending: &mut Option<Pending>, done: &mut Vec<(Arc<Config>, Summary)>) {
+    if pending.take().is_some() {
+        *done = std::mem::take(done)
+            .into_iter()
+            .map(|(cfg, summary)| (released(cfg), summary))
+            .collect();
+    }
 }
 
 /// What of a pipeline a reload stopped is kept for the summary printed at exit: its config
@@ -176,7 +196,7 @@ pub(crate) fn run(
 ) -> Result<Vec<(Arc<Config>, Summary)>> {
     let mut running = Vec::new();
     for cfg in service.pipelines {
-        running.push(start(cfg)?);
+        running.push(start(Arc::new(cfg))?);
     }
     let watched: Arc<Mutex<Vec<Watched>>> = Arc::new(Mutex::new(Vec::new()));
     let set_watched = |running: &[Running]| {
@@ -194,7 +214,8 @@ pub(crate) fn run(
     let mut ready_sent = false;
     let mut last_status = Instant::now() - STATUS_INTERVAL;
     let mut last_line = String::new();
-    let mut done = Vec::new();
+    let mut done: Vec<(Arc<Config>, Summary)> = Vec::new();
+    let mut pending: Option<Pending> = None;
     loop {
         std::thread::sleep(Duration::from_millis(50));
         if let Some(sig) = signals.signal() {
@@ -213,6 +234,45 @@ pub(crate) fn run(
         }
         if let Some(i) = running.iter().position(|r| r.handle.is_finished()) {
             let r = running.remove(i);
+            // A pipeline the last reload started that stopped before it was ready: the
+            // reload failed, and the configuration before it comes back.
+            if let Some(p) = pending.take_if(|p| p.started.contains(&r.id)) {
+                let root = r.cfg.root.clone();
+                let err = match stop(r, libc::SIGTERM) {
+                    Err(e) => e,
+                    Ok(_) => anyhow!("the pipeline for {} stopped by itself", root.display()),
+                };
+                tracing::error!(
+                    "reload failed, restoring the previous configuration: a new pipeline \
+                     could not start: {err:#}"
+                );
+                let (new, kept): (Vec<_>, Vec<_>) =
+                    running.drain(..).partition(|r| p.started.contains(&r.id));
+                running = kept;
+                for r in new {
+                    if let Ok((cfg, summary)) = stop(r, libc::SIGHUP) {
+                        done.push((released(cfg), summary));
+                    }
+                }
+                let mut failed = None;
+                for cfg in p.previous {
+                    match start(cfg) {
+                        Ok(r) => running.push(r),
+                        Err(e) => failed = failed.or(Some(e)),
+                    }
+                }
+                if let Some(e) = failed {
+                    notify(&[NotifyState::Stopping]);
+                    for r in running.drain(..) {
+                        let _ = stop(r, libc::SIGTERM);
+                    }
+                    return Err(e);
+                }
+                set_watched(&running);
+                notify(&[NotifyState::Status("reload failed; see log")]);
+                ready_sent = false;
+                continue;
+            }
             let root = r.cfg.root.clone();
             let err = match stop(r, libc::SIGTERM) {
                 Err(e) => e,
@@ -259,20 +319,31 @@ pub(crate) fn run(
                     let (kept, gone): (Vec<_>, Vec<_>) =
                         running.drain(..).partition(|r| keep.contains(&r.identity));
                     running = kept;
+                    // A reload before the last one's pipelines were all ready: that one is
+                    // taken as it stands.
+                    settle(&mut pending, &mut done);
                     let mut failed = None;
+                    let mut previous = Vec::new();
                     for r in gone {
                         tracing::info!(root = %r.cfg.root.display(), "pipeline removed by reload");
                         match stop(r, libc::SIGHUP) {
-                            Ok((cfg, summary)) => done.push((released(cfg), summary)),
+                            Ok((cfg, summary)) => {
+                                done.push((Arc::clone(&cfg), summary));
+                                previous.push(cfg);
+                            }
                             Err(e) => failed = failed.or(Some(e)),
                         }
                     }
+                    let mut started = Vec::new();
                     let have: HashSet<Identity> =
                         running.iter().map(|r| r.identity.clone()).collect();
                     for cfg in new.pipelines {
                         if failed.is_none() && !have.contains(&Identity::of(&cfg)) {
-                            match start(cfg) {
-                                Ok(r) => running.push(r),
+                            match start(Arc::new(cfg)) {
+                                Ok(r) => {
+                                    started.push(r.id);
+                                    running.push(r);
+                                }
                                 Err(e) => failed = Some(e),
                             }
                         }
@@ -286,9 +357,19 @@ pub(crate) fn run(
                         return Err(e);
                     }
                     set_watched(&running);
+                    pending = Some(Pending { started, previous });
                     ready_sent = false;
                 }
             }
+        }
+        let all_ready = |p: &Pending| {
+            running
+                .iter()
+                .filter(|r| p.started.contains(&r.id))
+                .all(|r| r.stats.ready.load(Ordering::Relaxed))
+        };
+        if pending.as_ref().is_some_and(all_ready) {
+            settle(&mut pending, &mut done);
         }
         if !ready_sent
             && running
