@@ -530,3 +530,41 @@ fn a_reload_whose_pipeline_cannot_start_keeps_the_previous_configuration() {
         "{stderr}"
     );
 }
+
+/// Review finding (LOW): `path = ""` silently watched the config file's own directory (and
+/// an empty out, manifest or move directory meant it too).
+#[test]
+fn empty_paths_in_the_config_are_refused() {
+    let t = TestTree::new().dir("a");
+    let table = |op: &str, extra: &str| {
+        format!("state_dir = \"state\"\n[[watch]]\npath = \"in/a\"\nop = \"{op}\"\n{extra}\n")
+    };
+    let cases = [
+        (
+            "path",
+            "state_dir = \"state\"\n[[watch]]\npath = \"\"\nop = \"gzip\"\n".to_string(),
+            ":3: watch[0].path: an empty path",
+        ),
+        (
+            "out",
+            table("gzip", "out = \"\""),
+            ":5: watch[0].out: an empty path",
+        ),
+        (
+            "manifest",
+            table("sha256", "manifest = \"\""),
+            ":5: watch[0].manifest: an empty path",
+        ),
+        (
+            "move_source",
+            table("gzip", "move_source = \"\""),
+            ":5: watch[0].move_source: an empty path",
+        ),
+        (
+            "state_dir",
+            "state_dir = \"\"\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n".to_string(),
+            "state_dir: an empty path",
+        ),
+    ];
+    assert_refused(&t, &cases);
+}

@@ -447,6 +447,16 @@ pub(crate) fn load(
         _ => Ok(()),
     };
     poll_ok(&file.poll_secs, "poll_secs")?;
+    let empty = [
+        ("state_dir", file.state_dir.as_deref()),
+        ("failure_log", file.failure_log.as_deref()),
+    ];
+    if let Some((k, _)) = empty
+        .iter()
+        .find(|(_, p)| p.is_some_and(|p| p.as_os_str().is_empty()))
+    {
+        bail!("{}: {k}: an empty path: give one", path.display());
+    }
     let state_dir = overrides
         .state
         .clone()
@@ -460,6 +470,20 @@ pub(crate) fn load(
     let mut pipelines = Vec::new();
     for (i, w) in file.watch.iter().enumerate() {
         let key = |k: &str| format!("watch[{i}].{k}");
+        // An empty path joins to the config file's own directory: never what was meant.
+        let paths = [
+            ("path", Some(&w.path)),
+            ("out", w.out.as_ref()),
+            ("manifest", w.manifest.as_ref()),
+            ("move_source", w.move_source.as_ref()),
+            ("move_failed", w.move_failed.as_ref()),
+        ];
+        for (k, p) in paths {
+            if let Some(p) = p.filter(|p| p.get_ref().as_os_str().is_empty()) {
+                let msg = "an empty path: give the directory or file".to_string();
+                return Err(at(p.span(), &key(k), msg));
+            }
+        }
         let root = std::fs::canonicalize(resolve(w.path.get_ref())).map_err(|e| {
             at(
                 w.path.span(),
