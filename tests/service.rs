@@ -288,7 +288,8 @@ fn manifests_and_failure_logs_that_another_writer_owns_are_refused() {
         (
             "the config file as a manifest",
             pair("", "manifest = \"refused.toml\"", "B"),
-            "is the config file itself",
+            // Refused by the rule for any manifest name held by a file that is no manifest.
+            "exists and is not a manifest",
         ),
         (
             "a manifest in the state directory",
