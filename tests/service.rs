@@ -6,7 +6,7 @@ mod common;
 use std::ffi::OsStr;
 use std::fs;
 use std::path::Path;
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -568,4 +568,63 @@ fn empty_paths_in_the_config_are_refused() {
         ),
     ];
     assert_refused(&t, &cases);
+}
+
+/// Pipelines side by side share the process's descriptors: the soft limit is raised for all of
+/// them, not for one (found by a review: each budgeted for the whole limit, and several
+/// under load ran out of descriptors, files failing for good after their retries).
+#[test]
+fn several_pipelines_raise_the_open_file_limit_for_all_of_them() {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .unwrap_or(1 << 20);
+    if hard <= 4096 {
+        eprintln!("SKIPPED: the hard open-file limit ({hard}) leaves nothing to raise");
+        return;
+    }
+    let soft_limit = |n: usize| {
+        let t = TestTree::new();
+        let mut body = String::from("state_dir = \"state\"\n");
+        for i in 0..n {
+            fs::create_dir(t.side(&format!("in{i}"))).unwrap();
+            body.push_str(&format!("[[watch]]\npath = \"in{i}\"\nop = \"gzip\"\n"));
+        }
+        let config = t.side("filepipe.toml");
+        write_config(&config, &body);
+        let socket = t.side("notify.sock");
+        let notes = Notifications::listen(&socket);
+        // systemd's default soft limit, under whatever hard one this machine has.
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile=1024:{hard}"))
+            .arg(bin())
+            .args(["watch", "--config"])
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &socket)
+            .env_remove("WATCHDOG_PID")
+            .current_dir(t.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = Started::new(cmd);
+        wait_for("READY=1", || notes.has("READY=1"));
+        let limits = fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+        signal(&child, rustix::process::Signal::TERM);
+        child.finish(Duration::from_secs(30)).success();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap()
+            .to_owned();
+        let numbers: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        numbers[0]
+    };
+    // One watch pipeline fits under 1024; four do not, and raise it for the four.
+    let one = soft_limit(1);
+    let four = soft_limit(4);
+    assert!(
+        four > one,
+        "soft limit {four} for 4 pipelines, {one} for 1 (hard {hard})"
+    );
 }

@@ -57,6 +57,19 @@ const WATCH_GROUP_MAX: usize = 64;
 /// directories, the walk's directories, the state, the logs.
 const OTHER_FDS: u64 = 256;
 
+/// How many pipelines share this process's descriptors (a service's `[[watch]]` tables; one
+/// otherwise): each budgets its groups for its share of the limit (`group_max`).
+static SHARES: AtomicUsize = AtomicUsize::new(1);
+
+/// Says that `n` pipelines will run side by side from now on (the service, at start and at
+/// each reload): the ones started next budget their groups for a share each. Each pipeline
+/// budgeted for the whole limit, so several under load ran out of descriptors: thousands
+/// of EMFILE retries, and a file still failing after its retries failed for good (found by a
+/// review).
+pub(crate) fn share_descriptors(n: usize) {
+    SHARES.store(n.max(1), Ordering::Relaxed);
+}
+
 /// How many results a group may hold in this run. Each holds up to three descriptors (its
 /// input, its temp, and its output directory when that differs from its neighbours') from the
 /// ready channel, which holds a group's worth, until its publisher is done, and each of the
@@ -72,7 +85,8 @@ fn group_max(cfg: &Config) -> usize {
         GROUP_MAX
     };
     let per_slot = 3 * (PUBLISHERS as u64 + 1);
-    let want = OTHER_FDS + per_slot * most as u64;
+    let shares = SHARES.load(Ordering::Relaxed) as u64;
+    let want = (OTHER_FDS + per_slot * most as u64) * shares;
     let lim = getrlimit(Resource::Nofile);
     let mut soft = lim.current.unwrap_or(u64::MAX);
     if soft < want {
@@ -85,7 +99,7 @@ fn group_max(cfg: &Config) -> usize {
             soft = raised;
         }
     }
-    (soft.saturating_sub(OTHER_FDS) / per_slot).clamp(1, most as u64) as usize
+    ((soft / shares).saturating_sub(OTHER_FDS) / per_slot).clamp(1, most as u64) as usize
 }
 
 /// Publisher threads for ops with `DEFER_PUBLISH`. Two: while one waits for the disk, the

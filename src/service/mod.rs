@@ -195,6 +195,7 @@ pub(crate) fn run(
     quiet: bool,
 ) -> Result<Vec<(Arc<Config>, Summary)>> {
     let mut running = Vec::new();
+    crate::pipeline::share_descriptors(service.pipelines.len());
     for cfg in service.pipelines {
         running.push(start(Arc::new(cfg))?);
     }
@@ -316,6 +317,7 @@ pub(crate) fn run(
                 }
                 Ok(new) => {
                     let keep: HashSet<Identity> = new.pipelines.iter().map(Identity::of).collect();
+                    crate::pipeline::share_descriptors(new.pipelines.len());
                     let (kept, gone): (Vec<_>, Vec<_>) =
                         running.drain(..).partition(|r| keep.contains(&r.identity));
                     running = kept;
