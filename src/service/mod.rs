@@ -128,6 +128,15 @@ fn start(cfg: Arc<Config>) -> Result<Running> {
     })
 }
 
+/// Stops every pipeline still running, each drained, after `e` ended the service; returns `e`.
+fn stop_all(running: &mut Vec<Running>, e: anyhow::Error) -> anyhow::Error {
+    notify(&[NotifyState::Stopping]);
+    for r in running.drain(..) {
+        let _ = stop(r, libc::SIGTERM);
+    }
+    e
+}
+
 /// Stops a pipeline and waits for its drain.
 fn stop(r: Running, signal: i32) -> Result<(Arc<Config>, Summary)> {
     r.stop.request(signal);
@@ -263,11 +272,7 @@ pub(crate) fn run(
                     }
                 }
                 if let Some(e) = failed {
-                    notify(&[NotifyState::Stopping]);
-                    for r in running.drain(..) {
-                        let _ = stop(r, libc::SIGTERM);
-                    }
-                    return Err(e);
+                    return Err(stop_all(&mut running, e));
                 }
                 set_watched(&running);
                 notify(&[NotifyState::Status("reload failed; see log")]);
@@ -279,11 +284,7 @@ pub(crate) fn run(
                 Err(e) => e,
                 Ok(_) => anyhow!("the pipeline for {} stopped by itself", root.display()),
             };
-            notify(&[NotifyState::Stopping]);
-            for r in running.drain(..) {
-                let _ = stop(r, libc::SIGTERM);
-            }
-            return Err(err);
+            return Err(stop_all(&mut running, err));
         }
         let reload = signals.take_reload();
         if reload && path.is_none() {
@@ -352,11 +353,7 @@ pub(crate) fn run(
                     }
                     // Whatever went wrong, the pipelines still running drain before the exit.
                     if let Some(e) = failed {
-                        notify(&[NotifyState::Stopping]);
-                        for r in running.drain(..) {
-                            let _ = stop(r, libc::SIGTERM);
-                        }
-                        return Err(e);
+                        return Err(stop_all(&mut running, e));
                     }
                     set_watched(&running);
                     pending = Some(Pending { started, previous });
