@@ -1267,11 +1267,18 @@ fn check_existing_manifest(path: &Path, algo: HashAlgo, typed: bool) -> Result<(
     };
     let start = std::io::BufReader::new(file.take(MANIFEST_LOOK));
     let mut lines = start.split(b'\n').peekable();
+    let mut whole_lines = 0;
     while let Some(line) = lines.next() {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
         // The last line read is cut short when the file goes on.
         let whole = lines.peek().is_some() || !cut;
-        if whole && !manifest_line(&line) {
+        // A blank line (an editor's last newline) says nothing either way.
+        let blank = line.iter().all(|b| b.is_ascii_whitespace());
+        whole_lines += usize::from(whole && !blank);
+        // A file over MANIFEST_LOOK with no whole line in it (an image, a one-line JSON)
+        // is no manifest (found by a review: it was replaced).
+        let nothing_whole = !whole && whole_lines == 0;
+        if nothing_whole || whole && !blank && !manifest_line(&line) {
             let (what, name) = if typed {
                 ("a manifest".to_owned(), "--manifest")
             } else {

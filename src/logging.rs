@@ -144,7 +144,8 @@ pub(crate) fn shown(text: &str) -> String {
 /// The human lines' fields as tracing writes them, except that a value given by `Display` or
 /// `Debug` (a path, a directory, an error) is quoted and escaped like a string field unless it
 /// is one plain word: `path=a b op="x"` read as a path `a`, a field `b` and a forged `op`
-/// (found by a review). The JSON failure log records the values themselves.
+/// (found by a review); and a message with `=` in it is quoted whole. The JSON failure log
+/// records the values themselves.
 struct HumanFields;
 
 impl<'a> MakeVisitor<Writer<'a>> for HumanFields {
@@ -165,7 +166,15 @@ impl Visit for HumanVisitor<'_> {
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         if field.name() == "message" {
-            return self.0.record_debug(field, value);
+            // A message quotes names too ("X exists and is not this file's output"): one
+            // that holds `=` is quoted whole, or a name could forge fields ahead of the real
+            // ones (found by a review).
+            let text = format!("{value:?}");
+            return if text.contains('=') {
+                self.0.record_debug(field, &format_args!("{text:?}"))
+            } else {
+                self.0.record_debug(field, value)
+            };
         }
         let text = format!("{value:?}");
         if plain_word(&text) {

@@ -1770,6 +1770,32 @@ fn a_link_out_of_the_root_is_reported_alike_whatever_lies_outside() {
 /// separate journal entry under systemd) or drive a terminal: its control characters are
 /// shown escaped (found by a review: ` ERROR fake line` came out as a line of its own). The
 /// failure log, JSON, keeps the name exact.
+/// Nor through a message that quotes the name ("X exists and is not this file's output"): a
+/// message holding `=` is quoted whole (found by a review).
+#[test]
+fn a_name_in_a_message_cannot_forge_fields_ahead_of_the_real_ones() {
+    let name = r#"z status="done" path=forged.log"#;
+    let t = TestTree::new().file(name, b"x\n");
+    let out = t.side("out");
+    fs::create_dir(&out).unwrap();
+    fs::write(out.join(format!("{name}.gz")), b"someone else's\n").unwrap();
+    let r = run(filepipe(&[
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        p(&out),
+    ]));
+    let stderr = r.code(1).stderr();
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("is not this file's output"))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert!(line.starts_with(" WARN \""), "{line}");
+    assert!(line.contains(r#"status="failed""#), "{line}");
+}
+
 #[test]
 fn a_name_with_a_newline_cannot_forge_a_log_line() {
     let t = TestTree::new();

@@ -174,7 +174,7 @@ fn clients_that_never_finish_a_request_hold_no_more_than_a_few_descriptors() {
     std::thread::sleep(std::time::Duration::from_millis(500));
     let during = fds();
     assert!(
-        during <= before + 8,
+        during <= before + 12,
         "{during} descriptors with 60 slow clients, {before} before"
     );
     // Each is dropped within the deadline: the first ones are closed by now.

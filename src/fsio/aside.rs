@@ -106,7 +106,7 @@ impl Aside {
         };
         let rel_dir = rel.parent().unwrap_or(Path::new(""));
         // New directories take their input directory's permissions and owner, as under --out.
-        let mode_of = |r: &Path| output::mirrored(input_root, r);
+        let mode_of = |r: &Path| output::mirrored(input_root, r, rel_dir, Some((name, read)));
         let Some(top) = &self.dir else {
             let why = format!("{} was not opened at start", self.root.display());
             return Ok(Err(FileError::new(

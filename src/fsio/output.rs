@@ -316,9 +316,12 @@ impl Mirror {
                 let _ = rfs::fchown(dir, None, Some(g));
             }
         }
-        if self.setgid {
-            if let Ok(now) = rfs::fstat(dir) {
-                let _ = rfs::fchmod(dir, Mode::from_raw_mode((now.st_mode & 0o7777) | 0o2000));
+        // Set when the input has it, cleared when it has not (`mkdir` gives it from the parent).
+        if let Ok(now) = rfs::fstat(dir) {
+            let has = now.st_mode & 0o2000 != 0;
+            if has != self.setgid {
+                let bits = (now.st_mode & 0o5777) | if self.setgid { 0o2000 } else { 0 };
+                let _ = rfs::fchmod(dir, Mode::from_raw_mode(bits));
             }
         }
     }
@@ -330,25 +333,75 @@ impl Mirror {
 /// only copy), always the owner's `rwx`, and its owner, group and set-group-ID bit, so that
 /// those who may read the inputs may reach their outputs (as root, the outputs took their
 /// inputs' owners inside directories only root could enter; mirrored like `cp -a`, the
-/// output tree gives each owner what the input tree gives). The input directory is looked at
-/// beneath the input root's descriptor, never by path, through the links on its way as
-/// `--follow-symlinks` follows them (a directory reached through a link is mirrored with its
-/// own mode, not the link's `0777`: found by a review); `0700` and no owner if it cannot be.
-pub(crate) fn mirrored(input_root: Option<&crate::fsio::input::Root>, rel: &Path) -> Mirror {
-    let st = input_root.and_then(|root| {
-        if rel.as_os_str().is_empty() {
-            root.stat_root().ok()
-        } else {
-            root.reach_following(rel)
-                .and_then(|fd| rfs::fstat(&fd))
-                .ok()
-        }
-    });
+/// output tree gives each owner what the input tree gives).
+///
+/// `input` is the input's directory (`input_dir`, relative to the root) and its name and
+/// stat as it was opened: the directory is reached beneath the input root's descriptor
+/// (through the links on its way as `--follow-symlinks` follows them: one reached through a
+/// link is mirrored with its own mode, not the link's `0777`), must still hold that very file,
+/// and `rel`, one of its ancestors, is reached from it by `..`, up to the root itself. So what
+/// is mirrored is the directories the input was read through, not whatever is at their
+/// paths by now: a user who swapped their own open directory for another's private one
+/// (`RENAME_EXCHANGE`) between the read and the mirror was given the private one's outputs
+/// in a directory they owned (found by a review). Anything not as expected: `0700`, no owner.
+pub(crate) fn mirrored(
+    input_root: Option<&crate::fsio::input::Root>,
+    rel: &Path,
+    input_dir: &Path,
+    input: Option<(&OsStr, &Stat)>,
+) -> Mirror {
+    let st = input_root.and_then(|root| ancestor_of_input(root, rel, input_dir, input));
     Mirror {
         mode: Mode::from_raw_mode(st.map_or(0o700, |st| (st.st_mode & 0o1777) | 0o700)),
         setgid: st.is_some_and(|st| st.st_mode & 0o2000 != 0),
         owner: st.map(|st| (st.st_uid, st.st_gid)),
     }
+}
+
+/// See `mirrored`: the stat of `rel`, reached up from the directory holding the input.
+fn ancestor_of_input(
+    root: &crate::fsio::input::Root,
+    rel: &Path,
+    input_dir: &Path,
+    input: Option<(&OsStr, &Stat)>,
+) -> Option<Stat> {
+    let depth = |p: &Path| p.components().count();
+    let up = depth(input_dir).checked_sub(depth(rel))?;
+    if !input_dir.starts_with(rel) {
+        return None;
+    }
+    let same = |a: &Stat, b: &Stat| (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino);
+    if input_dir.as_os_str().is_empty() {
+        // The root itself, which is never made.
+        return root.stat_root().ok();
+    }
+    let mut fd = root.reach_following(input_dir).ok()?;
+    if let Some((name, read)) = input {
+        let now = rfs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        if !same(&now, read) {
+            return None;
+        }
+    }
+    let mut found = None;
+    for level in 0..=depth(input_dir) {
+        let st = rfs::fstat(&fd).ok()?;
+        if level == up {
+            found = Some(st);
+        }
+        if level == depth(input_dir) {
+            // The top of the way up must be the root itself: a directory moved out of the
+            // tree meanwhile is no part of it.
+            return root.stat_root().ok().filter(|r| same(r, &st)).and(found);
+        }
+        fd = rfs::openat(
+            &fd,
+            "..",
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+    }
+    None
 }
 
 /// The times and permissions an output takes from its input.
@@ -2255,6 +2308,54 @@ mod tests {
         assert!(!writer_alive(OsStr::new(".filepipe.77.0.tmp")));
     }
 
+    /// What is mirrored is the directories the input was read through: its own directory must
+    /// still hold that very file, and its ancestors are reached from it by `..`. A directory
+    /// swapped in at the path meanwhile (`RENAME_EXCHANGE` of one's own open directory with
+    /// another's private one) gives a private `0700` with no owner, never the swapped one's
+    /// (found by a review: a user got a directory of their own holding another's outputs).
+    #[test]
+    fn a_directory_swapped_after_the_read_is_not_mirrored() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let perms = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        std::fs::create_dir_all(tmp.path().join("top/private")).unwrap();
+        std::fs::create_dir_all(tmp.path().join("top/open")).unwrap();
+        std::fs::write(tmp.path().join("top/private/f"), b"x").unwrap();
+        perms(&tmp.path().join("top"), 0o750);
+        perms(&tmp.path().join("top/private"), 0o700);
+        perms(&tmp.path().join("top/open"), 0o777);
+        let read = rfs::stat(tmp.path().join("top/private/f")).unwrap();
+        let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
+        let dir = Path::new("top/private");
+        let input = Some((OsStr::new("f"), &read));
+        // As read: the directory and its parent, reached from it.
+        assert_eq!(
+            mirrored(Some(&root), dir, dir, input).mode.as_raw_mode(),
+            0o700
+        );
+        let top = mirrored(Some(&root), Path::new("top"), dir, input);
+        assert_eq!(top.mode.as_raw_mode(), 0o750);
+        assert!(top.owner.is_some());
+        rfs::renameat_with(
+            rfs::CWD,
+            tmp.path().join("top/private"),
+            rfs::CWD,
+            tmp.path().join("top/open"),
+            RenameFlags::EXCHANGE,
+        )
+        .unwrap();
+        for rel in [dir, Path::new("top")] {
+            let m = mirrored(Some(&root), rel, dir, input);
+            assert_eq!(
+                (m.mode.as_raw_mode(), m.owner, m.setgid),
+                (0o700, None, false),
+                "{rel:?}"
+            );
+        }
+    }
+
     /// A shared inbox (`1777`) is mirrored with its sticky bit: without it, anyone could remove
     /// another's outputs, or a moved input that is now its only copy (found by a review).
     #[test]
@@ -2268,17 +2369,24 @@ mod tests {
             let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
             let rel = Path::new(d.file_name().unwrap());
             assert_eq!(
-                mirrored(Some(&root), rel).mode.as_raw_mode(),
+                mirrored(Some(&root), rel, rel, None).mode.as_raw_mode(),
                 want,
                 "{mode:o}"
             );
         }
-        assert_eq!(mirrored(None, Path::new("x")).mode.as_raw_mode(), 0o700);
+        assert_eq!(
+            mirrored(None, Path::new("x"), Path::new("x"), None)
+                .mode
+                .as_raw_mode(),
+            0o700
+        );
         // Reached through a link (`--follow-symlinks`): the directory's mode, not the link's.
         std::os::unix::fs::symlink("d750", tmp.path().join("link")).unwrap();
         let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
         assert_eq!(
-            mirrored(Some(&root), Path::new("link")).mode.as_raw_mode(),
+            mirrored(Some(&root), Path::new("link"), Path::new("link"), None)
+                .mode
+                .as_raw_mode(),
             0o750
         );
     }

@@ -336,14 +336,22 @@ impl<C: Codec> CompressOp<C> {
         Ok(out)
     }
 
-    fn out_dir(&self, job: &Job, scratch: &mut Scratch<C::Scratch>) -> Result<Arc<Dir>, FileError> {
+    /// The output directory of `job`, made if need be. `input` is the input as opened (its
+    /// stat): new directories mirror the ones it was read through (`output::mirrored`).
+    fn out_dir(
+        &self,
+        job: &Job,
+        input: Option<&rustix::fs::Stat>,
+        scratch: &mut Scratch<C::Scratch>,
+    ) -> Result<Arc<Dir>, FileError> {
         let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
         // New output directories take their input directory's permissions: an archive tree is
         // never more open than the tree it mirrors.
         let root = self.in_root.as_ref();
-        scratch
-            .out_dirs
-            .open(rel_dir, &|rel: &Path| output::mirrored(root, rel))
+        let input = input.and_then(|st| Some((job.rel.file_name()?, st)));
+        scratch.out_dirs.open(rel_dir, &|rel: &Path| {
+            output::mirrored(root, rel, rel_dir, input)
+        })
     }
 
     /// Decompresses the written output (through its own descriptor) and compares it with what
@@ -779,7 +787,7 @@ impl<C: Codec> CompressOp<C> {
         scratch: &mut Scratch<C::Scratch>,
         hashers: &mut [Hasher],
     ) -> Result<Pending, FileError> {
-        let dir = self.out_dir(job, scratch)?;
+        let dir = self.out_dir(job, Some(&input.stat), scratch)?;
         // Adopting an output in place reads the input only to compare it (--remove-source or
         // --move-source, which several results never have, or a redelivered job: see
         // `adopt`).
@@ -798,7 +806,7 @@ impl<C: Codec> CompressOp<C> {
             // a daemon runs): made again.
             Err(_) if output::deleted(&dir) => {
                 scratch.out_dirs.forget();
-                let dir = self.out_dir(job, scratch)?;
+                let dir = self.out_dir(job, Some(&input.stat), scratch)?;
                 let temp = TempOutput::create(Arc::clone(&dir))?;
                 (dir, temp)
             }
@@ -954,7 +962,7 @@ impl<C: Codec> Op for CompressOp<C> {
             return Ok(Some(reason));
         }
         let name = Self::out_name(job)?;
-        let dir = self.out_dir(job, scratch)?;
+        let dir = self.out_dir(job, Some(&input.stat), scratch)?;
         scratch.replacing = None;
         // Whatever is there is replaced: not even looked at (a stamped codec would read it).
         if self.force {

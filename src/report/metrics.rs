@@ -75,9 +75,14 @@ pub(crate) fn serve(addr: SocketAddr) -> Result<()> {
 const DELAY: &str = "filepipe_publish_delay_seconds";
 
 /// Connections answered at once (a thread each).
-const CONNECTIONS: usize = 4;
+const CONNECTIONS: usize = 8;
 
-/// How long a client has to send its request and take the answer, in all.
+/// How long a client has to send its request: a scraper sends it at once, and a client that
+/// sends nothing holds a thread no longer than this (held for 5 s, a dozen such clients kept
+/// every scrape waiting past Prometheus's 10 s timeout: found by a review).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(1);
+
+/// How long a client has to take the answer, once its request is in.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(5);
 
 /// The longest request head read (the request line and headers).
@@ -109,11 +114,12 @@ fn answer_each(listener: &TcpListener, handle: &PrometheusHandle) {
 /// metrics, anything else its error status. A client that is slow (all it sends, and all it
 /// takes, within `CLIENT_DEADLINE`) or says too much is dropped.
 fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
-    let deadline = Instant::now() + CLIENT_DEADLINE;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     let complete = loop {
-        if head.windows(4).any(|w| w == b"\r\n\r\n") {
+        // A bare LF ends lines too (RFC 9112 allows a server to take it).
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
             break true;
         }
         if head.len() >= REQUEST_MAX {
@@ -130,10 +136,25 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     };
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
+    let line = head
+        .split(|&b| b == b'\n')
+        .next()
+        .unwrap_or_default()
+        .strip_suffix(b"\r")
+        .unwrap_or_else(|| head.split(|&b| b == b'\n').next().unwrap_or_default());
     let mut words = line.split(|&b| b == b' ');
     let (method, target) = (words.next().unwrap_or_default(), words.next());
-    let path = target.map(|t| t.split(|&b| b == b'?').next().unwrap_or_default());
+    // The absolute form (`http://host/metrics`), which a server must take, as the origin form.
+    let path = target.map(|t| {
+        let t = match t.strip_prefix(b"http://") {
+            Some(rest) => rest
+                .iter()
+                .position(|&b| b == b'/')
+                .map_or(&b"/"[..], |i| &rest[i..]),
+            None => t,
+        };
+        t.split(|&b| b == b'?').next().unwrap_or_default()
+    });
     let (status, body) = match (complete, method, path) {
         (false, _, _) => ("431 Request Header Fields Too Large", String::new()),
         (true, _, None) => ("400 Bad Request", String::new()),
@@ -153,11 +174,8 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
     if method != b"HEAD" {
         reply.push_str(&body);
     }
-    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-        return;
-    };
     // A client that takes the answer slowly holds this thread until the deadline, no longer.
-    if stream.set_write_timeout(Some(left)).is_ok() {
+    if stream.set_write_timeout(Some(CLIENT_DEADLINE)).is_ok() {
         let _ = stream.write_all(reply.as_bytes());
     }
 }
