@@ -798,7 +798,8 @@ pub(crate) fn load(
 /// manifest another pipeline also writes (each rewrites it with its own lines), or inside
 /// another pipeline's watched tree or output root (hashed or replaced as that pipeline's
 /// file: two such manifests rewrite each other forever); a manifest or the failure log that is
-/// the config file itself or lies in a state directory (both would be corrupted).
+/// the config file itself (it would be corrupted). One in the state directory is refused per
+/// pipeline, as on the command line (`Config::watching`).
 fn check_own_files(
     path: &Path,
     file: &FileConfig,
@@ -807,18 +808,8 @@ fn check_own_files(
     at: &dyn Fn(Range<usize>, &str, String) -> anyhow::Error,
 ) -> Result<()> {
     let config = std::fs::canonicalize(path).unwrap_or_else(|_| absolute(path));
-    let states: Vec<PathBuf> = pipelines
-        .iter()
-        .filter_map(|c| c.watch.as_ref().map(|w| absolute(&w.state_dir)))
-        .collect();
     // What a file of filepipe's own may not be; `None`: it may be that.
-    let forbidden = |f: &Path| {
-        if *f == config {
-            return Some("is the config file itself".to_string());
-        }
-        let state = states.iter().find(|s| f.starts_with(s))?;
-        Some(format!("is inside the state directory {}", state.display()))
-    };
+    let forbidden = |f: &Path| (*f == config).then_some("is the config file itself");
     if let Some(log) = failure_log {
         let log = absolute(log);
         if let Some(why) = forbidden(&log) {

@@ -140,9 +140,9 @@ pub(crate) fn unchanged(digests: Vec<crate::travel::Digest>, stamp: Option<Stamp
 
 /// Whether `rel` is named as one of the compressor's own outputs next to its input (outputs
 /// beside their inputs, no `--out`), and that input is there: a regular file, or with
-/// `--follow-symlinks` a link to one. The op's own rule (`CompressOp::input_beside`, beneath
-/// the root's descriptor) decides; this one, by path, only sends such a file to it rather
-/// than take the state's word, and errs that way: a link it follows out of the root counts.
+/// `--follow-symlinks` a link (not followed here: nothing outside the root is looked at). The
+/// op's own rule (`CompressOp::input_beside`, beneath the root's descriptor) decides; this
+/// one only sends such a file to it rather than take the state's word, and errs that way.
 fn own_output_beside(cfg: &Config, rel: &Path) -> bool {
     use std::os::unix::ffi::OsStrExt;
     let Some(suffix) = cfg.spec.compressor().and_then(|c| c.suffix()) else {
@@ -158,9 +158,8 @@ fn own_output_beside(cfg: &Config, rel: &Path) -> bool {
         return false;
     }
     let input = cfg.root.join(std::ffi::OsStr::from_bytes(stem));
-    let regular = |m: std::io::Result<std::fs::Metadata>| m.is_ok_and(|m| m.is_file());
-    regular(std::fs::symlink_metadata(&input))
-        || cfg.follow_symlinks && regular(std::fs::metadata(&input))
+    std::fs::symlink_metadata(input)
+        .is_ok_and(|m| m.is_file() || cfg.follow_symlinks && m.file_type().is_symlink())
 }
 
 /// Whether the compressor's output for `rel` may be taken as made for the input found with
