@@ -136,12 +136,8 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     };
-    let line = head
-        .split(|&b| b == b'\n')
-        .next()
-        .unwrap_or_default()
-        .strip_suffix(b"\r")
-        .unwrap_or_else(|| head.split(|&b| b == b'\n').next().unwrap_or_default());
+    let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = first.strip_suffix(b"\r").unwrap_or(first);
     let mut words = line.split(|&b| b == b' ');
     let (method, target) = (words.next().unwrap_or_default(), words.next());
     // The absolute form (`http://host/metrics`), which a server must take, as the origin form.
@@ -174,7 +170,8 @@ fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
     if method != b"HEAD" {
         reply.push_str(&body);
     }
-    // A client that takes the answer slowly holds this thread until the deadline, no longer.
+    // A client that does not take the answer holds this thread `CLIENT_DEADLINE` per write
+    // that blocks (the kernel's socket buffer takes a page of metrics in one).
     if stream.set_write_timeout(Some(CLIENT_DEADLINE)).is_ok() {
         let _ = stream.write_all(reply.as_bytes());
     }
