@@ -701,6 +701,28 @@ impl Watcher<'_> {
         Ok(())
     }
 
+    /// `rel` failed because another file held its output's name next to it, and that name
+    /// may have been freed before the failure was recorded: its removal event came while the
+    /// file was still in flight, and `output_freed` passed it over (found by CI). Taken again
+    /// if the name is free now; if not, its removal's event is still to come, and the failure
+    /// is recorded by then.
+    fn output_free_already(&mut self, rel: &Path, now: Instant) {
+        let Some(output) = self.cfg.spec.compressor().and_then(|c| c.output_name(rel)) else {
+            return;
+        };
+        let gone = matches!(
+            std::fs::symlink_metadata(self.cfg.root.join(output)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound
+        );
+        let abs = self.cfg.root.join(rel);
+        if gone && std::fs::symlink_metadata(&abs).is_ok_and(|m| m.is_file()) {
+            tracing::debug!(path = %rel.display(), "its output's name was freed: taken again");
+            let stamp = Stamp::of(&abs);
+            // As in `output_freed`: a file still being written keeps waiting for its close.
+            self.settle.touched_metadata(rel.to_path_buf(), stamp, now);
+        }
+    }
+
     /// With `--out`, a file whose output's name another file held (`blocked`) is taken again
     /// once that name is free, as `output_freed` takes one next to its input: the output tree
     /// makes no events here, so the names are looked at, beneath the output root's descriptor
@@ -920,6 +942,10 @@ impl Watcher<'_> {
             if whatever_stamp {
                 self.settle.closed(&r.rel);
             }
+        }
+        if r.output_blocked && self.cfg.out.is_none() {
+            // Out of flight now: as `output_freed` would have taken it.
+            self.output_free_already(&r.rel, now);
         }
     }
 
