@@ -628,3 +628,71 @@ fn several_pipelines_raise_the_open_file_limit_for_all_of_them() {
         "soft limit {four} for 4 pipelines, {one} for 1 (hard {hard})"
     );
 }
+
+/// Review finding (MEDIUM, svc37): a failed reload restarted the pipelines it had stopped with
+/// the very configs it had also kept for the exit summary, so those could never drop their
+/// descriptors (manifest directory, move directories, state lock): a reload that later
+/// stopped them again kept one more set until the exit, at every failed reload before it.
+#[test]
+fn failed_reloads_between_good_ones_leak_no_descriptor() {
+    let t = TestTree::new();
+    let config = t.side("filepipe.toml");
+    fs::create_dir(t.side("sums")).unwrap();
+    fs::create_dir(t.side("bad-state")).unwrap();
+    fs::write(
+        t.side("bad-state/filepipe.sqlite"),
+        b"not a database\n".repeat(100),
+    )
+    .unwrap();
+    let body = |state: &str, ms: u32| {
+        format!(
+            "state_dir = \"{state}\"\nsettle_ms = {ms}\n[[watch]]\npath = {:?}\nop = \"gzip\"\nmove_source = \"moved\"\nmove_failed = \"failed\"\n[[watch]]\npath = \"sums\"\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+            t.root()
+        )
+    };
+    write_config(&config, &body("state", 100));
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    let fds = || {
+        fs::read_dir(format!("/proc/{}/fd", child.id()))
+            .unwrap()
+            .count()
+    };
+    let reload = |state: &str, ms: u32| {
+        let readies = n.count("READY=1");
+        write_config(&config, &body(state, ms));
+        signal(&child, rustix::process::Signal::HUP);
+        wait_for("READY=1 after the reload", || {
+            n.count("READY=1") > readies || exited(child.id())
+        });
+        assert!(!exited(child.id()), "the service stopped");
+    };
+    // A failed reload, then a good one that stops what it restored: whatever is opened once,
+    // in the first round, is not a leak.
+    let round = |ms: u32| {
+        reload("bad-state", ms);
+        reload("state", ms);
+    };
+    round(200);
+    let before = fds();
+    for ms in [100, 200, 100, 200, 100, 200] {
+        round(ms);
+    }
+    let after = fds();
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
+    assert!(
+        stderr.contains("reload failed, restoring the previous configuration"),
+        "{stderr}"
+    );
+    assert!(
+        after <= before + 2,
+        "descriptors grew from {before} to {after} over 6 failed reloads"
+    );
+}

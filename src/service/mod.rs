@@ -159,33 +159,42 @@ struct Pending {
     previous: Vec<Arc<Config>>,
 }
 
-/// Takes the pending reload as done: the configs it stopped are released.
-fn settle(pending: &mut Option<Pending>, done: &mut Vec<(Arc<Config>, Summary)>) {
-    if pending.take().is_some() {
-        *done = std::mem::take(done)
-            .into_iter()
-            .map(|(cfg, summary)| (released(cfg), summary))
-            .collect();
-    }
-}
-
-/// What of a pipeline a reload stopped is kept for the summary printed at exit: its config
-/// without the descriptors it held (manifest and move directories, the state lock), which
-/// were kept open until the exit, one more set at every reload that restarted it.
-fn released(cfg: Arc<Config>) -> Arc<Config> {
-    match Arc::try_unwrap(cfg) {
-        Ok(mut cfg) => {
-            cfg.manifest_dir = None;
-            cfg.move_source = None;
-            cfg.move_failed = None;
-            cfg.watch = cfg
-                .watch
-                .take()
-                .map(|w| crate::config::WatchSettings { lock: None, ..w });
-            Arc::new(cfg)
-        }
-        Err(still_shared) => still_shared,
-    }
+/// What of a stopped pipeline's config the summary printed at exit needs: a config of its
+/// own, without the descriptors the pipeline held (manifest and move directories, the state
+/// lock). Never the pipeline's own `Arc`: a failed reload starts that one again, and a config
+/// kept for the summary that shares it holds its descriptors until the exit, one more set
+/// at every reload that stops it again (found by a review).
+fn for_summary(cfg: &Config) -> Arc<Config> {
+    Arc::new(Config {
+        root: cfg.root.clone(),
+        root_named: cfg.root_named.clone(),
+        op: cfg.op,
+        spec: cfg.spec.clone(),
+        jobs: cfg.jobs,
+        out: cfg.out.clone(),
+        manifest: cfg.manifest.clone(),
+        manifest_dir: None,
+        failure_log: cfg.failure_log.clone(),
+        level: cfg.level,
+        filter: crate::config::Filter::default(),
+        follow_symlinks: cfg.follow_symlinks,
+        force: cfg.force,
+        remove_source: cfg.remove_source,
+        move_source: None,
+        move_failed: None,
+        durability: cfg.durability,
+        json: cfg.json,
+        quiet: cfg.quiet,
+        progress: cfg.progress,
+        own_files: Vec::new(),
+        confined: cfg.confined,
+        watch: cfg.watch.as_ref().map(|w| crate::config::WatchSettings {
+            lock: None,
+            ..w.clone()
+        }),
+        // A watch pipeline keeps its state in `watch`, never here.
+        incremental: None,
+    })
 }
 
 /// How often STATUS= is sent when nothing changes.
@@ -236,7 +245,7 @@ pub(crate) fn run(
             let mut first_err = None;
             for r in running.drain(..) {
                 match stop(r, sig) {
-                    Ok(s) => done.push(s),
+                    Ok((cfg, summary)) => done.push((for_summary(&cfg), summary)),
                     Err(e) => first_err = first_err.or(Some(e)),
                 }
             }
@@ -261,7 +270,7 @@ pub(crate) fn run(
                 running = kept;
                 for r in new {
                     if let Ok((cfg, summary)) = stop(r, libc::SIGHUP) {
-                        done.push((released(cfg), summary));
+                        done.push((for_summary(&cfg), summary));
                     }
                 }
                 let mut failed = None;
@@ -323,15 +332,16 @@ pub(crate) fn run(
                         running.drain(..).partition(|r| keep.contains(&r.identity));
                     running = kept;
                     // A reload before the last one's pipelines were all ready: that one is
-                    // taken as it stands.
-                    settle(&mut pending, &mut done);
+                    // taken as it stands, and the configs it stopped are dropped now, before
+                    // the new pipelines open theirs.
+                    drop(pending.take());
                     let mut failed = None;
                     let mut previous = Vec::new();
                     for r in gone {
                         tracing::info!(root = %r.cfg.root.display(), "pipeline removed by reload");
                         match stop(r, libc::SIGHUP) {
                             Ok((cfg, summary)) => {
-                                done.push((Arc::clone(&cfg), summary));
+                                done.push((for_summary(&cfg), summary));
                                 previous.push(cfg);
                             }
                             Err(e) => failed = failed.or(Some(e)),
@@ -368,7 +378,8 @@ pub(crate) fn run(
                 .all(|r| r.stats.ready.load(Ordering::Relaxed))
         };
         if pending.as_ref().is_some_and(all_ready) {
-            settle(&mut pending, &mut done);
+            // The reload is done: the configs it stopped, and their descriptors, go.
+            pending = None;
         }
         if !ready_sent
             && running
