@@ -696,3 +696,80 @@ fn failed_reloads_between_good_ones_leak_no_descriptor() {
         "descriptors grew from {before} to {after} over 6 failed reloads"
     );
 }
+
+/// Starts the service on `good` (relative paths resolve in `t`'s directory), reloads it with
+/// `bad`, and asserts that the reload was refused with `expect` in its error and the running
+/// configuration kept: a file written in `t`'s root is still gzipped.
+fn assert_reload_refused(t: &TestTree, good: &str, bad: &str, expect: &str) {
+    let config = t.side("reload.toml");
+    write_config(&config, good);
+    let socket = t.side("reload.sock");
+    let _ = fs::remove_file(&socket);
+    let n = Notifications::listen(&socket);
+    let child = start(
+        t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1") || exited(child.id()));
+    assert!(!exited(child.id()), "the good config did not start");
+    let readies = n.count("READY=1");
+    write_config(&config, bad);
+    signal(&child, rustix::process::Signal::HUP);
+    wait_for("READY=1 after the refused reload", || {
+        n.count("READY=1") > readies || exited(child.id())
+    });
+    assert!(!exited(child.id()), "the service stopped");
+    fs::write(t.path("after-refused-reload.txt"), b"still watched\n").unwrap();
+    wait_for("the old configuration still running", || {
+        t.path("after-refused-reload.txt.gz").exists() || exited(child.id())
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
+    assert!(
+        stderr.contains("reload failed, keeping the running configuration")
+            && stderr.contains(expect),
+        "{stderr}"
+    );
+}
+
+/// Review finding (MEDIUM, svc37): two pipelines could share a move directory (or have one
+/// inside, or around, the other's, of either kind): the inputs moved from two trees were mixed,
+/// a.log of one beside a.log of the other under a numbered name.
+#[test]
+fn pipelines_sharing_or_enclosing_a_move_directory_are_refused() {
+    let t = TestTree::new().dir("b");
+    let head = "state_dir = \"state\"\nsettle_ms = 100\n";
+    let pair = |a: &str, b: &str| {
+        format!(
+            "{head}[[watch]]\npath = \"in\"\nop = \"gzip\"\n{a}\n[[watch]]\npath = \"b\"\nop = \"zstd\"\n{b}\n"
+        )
+    };
+    fs::rename(t.path("b"), t.side("b")).unwrap();
+    let cases = [
+        (
+            "one move_source for two",
+            pair("move_source = \"m\"", "move_source = \"m\""),
+            ":10: watch[1].move_source: ",
+        ),
+        (
+            "one move_failed for two",
+            pair("move_failed = \"f\"", "move_failed = \"f\""),
+            ":10: watch[1].move_failed: ",
+        ),
+        (
+            "a move_failed inside another's move_source",
+            pair("move_source = \"m\"", "move_failed = \"m/f\""),
+            ":10: watch[1].move_failed: ",
+        ),
+        (
+            "a move_source around another's move_failed",
+            pair("move_failed = \"m/f\"", "move_source = \"m\""),
+            ":10: watch[1].move_source: ",
+        ),
+    ];
+    assert_refused(&t, &cases);
+    let good = pair("move_source = \"m/a\"", "move_source = \"m/b\"");
+    let bad = pair("move_source = \"m/a\"", "move_source = \"m/a\"");
+    assert_reload_refused(&t, &good, &bad, "watch[1].move_source: ");
+}

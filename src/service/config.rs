@@ -728,6 +728,21 @@ pub(crate) fn load(
     // move directory that encloses another pipeline's watched tree hands it the moved files
     // to process again, and one that holds another pipeline's outputs mixes the two.
     let outs: Vec<Option<&Path>> = pipelines.iter().map(|c| c.out.as_deref()).collect();
+    let moves: Vec<[(&str, Option<&Path>); 2]> = pipelines
+        .iter()
+        .map(|c| {
+            [
+                (
+                    "move_source",
+                    c.move_source.as_ref().map(|a| a.root.as_path()),
+                ),
+                (
+                    "move_failed",
+                    c.move_failed.as_ref().map(|a| a.root.as_path()),
+                ),
+            ]
+        })
+        .collect();
     for (i, (w, cfg)) in file.watch.iter().zip(&pipelines).enumerate() {
         let dirs = [
             ("out", cfg.out.as_deref(), &w.out),
@@ -784,6 +799,24 @@ pub(crate) fn load(
                 );
                 return Err(at(span, &format!("watch[{i}].{k}"), msg));
             }
+            // A move directory shared with (or inside, or around) another pipeline's, of
+            // either kind, mixes the inputs moved from two trees: a.log of one and a.log of
+            // the other side by side, one under a numbered name, neither saying which tree it
+            // came from. Named at the later one.
+            let earlier = moves[..i].iter().flatten();
+            let clash = earlier.filter(|_| k != "out").find_map(|(theirs, m)| {
+                let m = (*m)?;
+                overlap(m, dir).map(|how| (theirs, m, how))
+            });
+            if let Some((theirs, m, how)) = clash {
+                let msg = format!(
+                    "{} {how} {theirs} directory {} of another pipeline: the inputs moved from \
+                     two trees would be mixed",
+                    dir.display(),
+                    m.display()
+                );
+                return Err(at(span, &format!("watch[{i}].{k}"), msg));
+            }
         }
     }
     check_own_files(path, &file, &pipelines, failure_log.as_deref(), &at)?;
@@ -792,6 +825,20 @@ pub(crate) fn load(
         failure_log,
         metrics: overrides.metrics.or(file.metrics),
     })
+}
+
+/// How the directory `dir` lies to the directory `tree`: "is the", "is inside the" or
+/// "encloses the"; `None` when apart.
+fn overlap(tree: &Path, dir: &Path) -> Option<&'static str> {
+    if dir == tree {
+        Some("is the")
+    } else if dir.starts_with(tree) {
+        Some("is inside the")
+    } else if tree.starts_with(dir) {
+        Some("encloses the")
+    } else {
+        None
+    }
 }
 
 /// Refuses files filepipe writes that another of its writers would overwrite or read: a
