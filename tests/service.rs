@@ -773,3 +773,47 @@ fn pipelines_sharing_or_enclosing_a_move_directory_are_refused() {
     let bad = pair("move_source = \"m/a\"", "move_source = \"m/a\"");
     assert_reload_refused(&t, &good, &bad, "watch[1].move_source: ");
 }
+
+/// Review finding (LOW, svc37): an `out` that was the state directory (or inside it, or around
+/// it) was accepted, and outputs were written beside filepipe.sqlite.
+#[test]
+fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
+    let t = TestTree::new().dir("b");
+    fs::rename(t.path("b"), t.side("b")).unwrap();
+    let pair = |state: &str, a: &str, b: &str| {
+        format!(
+            "state_dir = \"{state}\"\nsettle_ms = 100\n[[watch]]\npath = \"in\"\nop = \"gzip\"\n{a}\n[[watch]]\npath = \"b\"\nop = \"zstd\"\n{b}\n"
+        )
+    };
+    let cases = [
+        (
+            "out is the state directory",
+            pair("state", "out = \"state\"", ""),
+            ":6: watch[0].out: ",
+        ),
+        (
+            "out inside the state directory",
+            pair("state", "out = \"state/o\"", ""),
+            ":6: watch[0].out: ",
+        ),
+        (
+            "out around the state directory",
+            pair("o/state", "out = \"o\"", ""),
+            ":6: watch[0].out: ",
+        ),
+        (
+            "another pipeline's out in the state directory",
+            pair("state", "out = \"o\"", "out = \"state/b\""),
+            ":10: watch[1].out: ",
+        ),
+        (
+            "a move directory in the state directory",
+            pair("state", "", "move_source = \"state/moved\""),
+            ":10: watch[1].move_source: ",
+        ),
+    ];
+    assert_refused(&t, &cases);
+    let good = pair("state", "", "out = \"o\"");
+    let bad = pair("state", "", "out = \"state\"");
+    assert_reload_refused(&t, &good, &bad, "watch[1].out: ");
+}

@@ -728,6 +728,10 @@ pub(crate) fn load(
     // move directory that encloses another pipeline's watched tree hands it the moved files
     // to process again, and one that holds another pipeline's outputs mixes the two.
     let outs: Vec<Option<&Path>> = pipelines.iter().map(|c| c.out.as_deref()).collect();
+    let states: Vec<&Path> = pipelines
+        .iter()
+        .filter_map(|c| c.watch.as_ref().map(|w| w.state_dir.as_path()))
+        .collect();
     let moves: Vec<[(&str, Option<&Path>); 2]> = pipelines
         .iter()
         .map(|c| {
@@ -782,6 +786,25 @@ pub(crate) fn load(
                     "{} encloses the watched tree {}: {why}",
                     dir.display(),
                     other.display()
+                );
+                return Err(at(span, &format!("watch[{i}].{k}"), msg));
+            }
+            // The state directory (the pipelines share one) is the state's own: outputs or
+            // moved inputs written there (or in a tree around it) sit beside filepipe.sqlite,
+            // where a file of the tree named so would meet it.
+            let state = states
+                .iter()
+                .find_map(|s| overlap(s, dir).map(|how| (s, how)));
+            if let Some((s, how)) = state {
+                let what = match k {
+                    "out" => "outputs",
+                    _ => "moved inputs",
+                };
+                let msg = format!(
+                    "{} {how} state directory {}: the state keeps its own files there; write \
+                     {what} elsewhere",
+                    dir.display(),
+                    s.display()
                 );
                 return Err(at(span, &format!("watch[{i}].{k}"), msg));
             }
