@@ -817,3 +817,126 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     let bad = pair("state", "", "out = \"state\"");
     assert_reload_refused(&t, &good, &bad, "watch[1].out: ");
 }
+
+/// A bind mount made for a test, unmounted when dropped (before its directory is removed).
+struct BindMount(std::path::PathBuf);
+
+impl BindMount {
+    /// Binds `from` at `at` (made if missing), or `None`, saying why, where mount(2) is not
+    /// permitted.
+    fn new(from: &Path, at: &Path) -> Option<BindMount> {
+        fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(BindMount(at.to_path_buf())),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: mount --bind not permitted: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: no mount(8): {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Review finding (LOW, svc37): the cross-pipeline checks compared canonical paths only, so
+/// one directory reached by two paths (a bind mount) was taken for two: two roots, two
+/// manifests or an output inside another's root passed. A symlinked parent was refused
+/// already (paths are canonicalised): kept as a case.
+#[test]
+fn one_directory_reached_by_two_paths_is_refused_where_two_pipelines_meet() {
+    let t = TestTree::new();
+    for d in ["real/x", "real/o", "real/m", "real/state", "b"] {
+        fs::create_dir_all(t.side(d)).unwrap();
+    }
+    std::os::unix::fs::symlink(t.side("real"), t.side("link")).unwrap();
+    let head = "state_dir = \"state\"\nsettle_ms = 100\n";
+    let two = |a: &str, b: &str| {
+        format!("{head}[[watch]]\npath = \"in\"\nop = \"gzip\"\n{a}\n[[watch]]\n{b}\n")
+    };
+    let Some(_bound) = BindMount::new(&t.side("real"), &t.side("bm")) else {
+        return;
+    };
+    let cases = [
+        (
+            "one root by a symlinked parent",
+            two("", "path = \"link\"\nop = \"sha256\"").replace("path = \"in\"", "path = \"real\""),
+            ":8: watch[1].path: ",
+        ),
+        (
+            "one root by a bind mount",
+            two("", "path = \"bm/x\"\nop = \"sha256\"")
+                .replace("path = \"in\"", "path = \"real/x\""),
+            ":8: watch[1].path: ",
+        ),
+        (
+            "an out inside another's root by a bind mount",
+            two("out = \"bm/x/o\"", "path = \"real/x\"\nop = \"sha256\""),
+            ":6: watch[0].out: ",
+        ),
+        (
+            "one out by a bind mount",
+            two(
+                "out = \"real/o\"",
+                "path = \"b\"\nop = \"zstd\"\nout = \"bm/o\"",
+            ),
+            ":10: watch[1].out: ",
+        ),
+        (
+            "one out not made yet by a bind mount",
+            two(
+                "out = \"real/new\"",
+                "path = \"b\"\nop = \"zstd\"\nout = \"bm/new\"",
+            ),
+            ":10: watch[1].out: ",
+        ),
+        (
+            "one move directory by a bind mount",
+            two(
+                "move_source = \"real/m\"",
+                "path = \"b\"\nop = \"zstd\"\nmove_source = \"bm/m\"",
+            ),
+            ":10: watch[1].move_source: ",
+        ),
+        (
+            "an out in the state directory by a bind mount",
+            two("out = \"bm/state\"", "path = \"b\"\nop = \"zstd\"")
+                .replace("state_dir = \"state\"", "state_dir = \"real/state\""),
+            ":6: watch[0].out: ",
+        ),
+        (
+            "one manifest by a bind mount",
+            two("", "path = \"b\"\nop = \"sha256\"\nmanifest = \"bm/SUMS\"")
+                .replace("op = \"gzip\"", "op = \"sha256\"\nmanifest = \"real/SUMS\""),
+            ":11: watch[1].manifest: ",
+        ),
+        (
+            "a manifest inside another's root by a bind mount",
+            two("", "path = \"real/x\"\nop = \"sha256\"")
+                .replace("op = \"gzip\"", "op = \"sha256\"\nmanifest = \"bm/x/SUMS\""),
+            ":6: watch[0].manifest: ",
+        ),
+    ];
+    assert_refused(&t, &cases);
+    let good = two(
+        "",
+        "path = \"real/x\"\nop = \"sha256\"\nmanifest = \"SUMS\"",
+    );
+    let bad = format!("{good}[[watch]]\npath = \"bm/x\"\nop = \"blake3\"\n");
+    assert_reload_refused(&t, &good, &bad, "watch[2].path: ");
+}

@@ -495,11 +495,14 @@ pub(crate) fn load(
             let msg = format!("{} is not a directory", root.display());
             return Err(at(w.path.span(), &key("path"), msg));
         }
+        // Looked up afresh for each table: the directories a table makes are made below.
+        let places = Places::default();
         for (other, span) in &roots {
-            if root.starts_with(other) || other.starts_with(&root) {
+            if let Some((_, note)) = places.overlap(other, &root) {
                 let line = text[..span.start].matches('\n').count() + 1;
                 let msg = format!(
-                    "{} overlaps the watch root {} (line {line}): a file would be processed twice",
+                    "{} overlaps the watch root {} (line {line}){note}: a file would be \
+                     processed twice",
                     root.display(),
                     other.display()
                 );
@@ -547,9 +550,13 @@ pub(crate) fn load(
         ] {
             let Some(dir) = dir else { continue };
             let abs = absolute(&resolve(dir.get_ref()));
-            if let Some((other, _)) = roots.iter().find(|(r, _)| abs.starts_with(r)) {
+            let inside = roots
+                .iter()
+                .find_map(|(r, _)| places.lies_in(r, &abs).map(|note| (r, note)));
+            if let Some((other, note)) = inside {
                 let msg = format!(
-                    "{} is inside the watched tree {}: its files would be watched as inputs",
+                    "{} is inside the watched tree {}{note}: its files would be watched as \
+                     inputs",
                     abs.display(),
                     other.display()
                 );
@@ -727,6 +734,7 @@ pub(crate) fn load(
     // An output root or a move directory inside a watch root listed later is just as bad; a
     // move directory that encloses another pipeline's watched tree hands it the moved files
     // to process again, and one that holds another pipeline's outputs mixes the two.
+    let places = Places::default();
     let outs: Vec<Option<&Path>> = pipelines.iter().map(|c| c.out.as_deref()).collect();
     let states: Vec<&Path> = pipelines
         .iter()
@@ -765,9 +773,12 @@ pub(crate) fn load(
             let (Some(dir), Some(span)) = (dir, given.as_ref().map(|o| o.span())) else {
                 continue;
             };
-            if let Some((other, _)) = roots.iter().find(|(r, _)| dir.starts_with(r)) {
+            let inside = roots
+                .iter()
+                .find_map(|(r, _)| places.lies_in(r, dir).map(|note| (r, note)));
+            if let Some((other, note)) = inside {
                 let msg = format!(
-                    "{} is inside the watched tree {}",
+                    "{} is inside the watched tree {}{note}",
                     dir.display(),
                     other.display()
                 );
@@ -777,13 +788,19 @@ pub(crate) fn load(
             // outputs where they are watched as inputs; one shared with (or inside, or around)
             // another pipeline's would let one pipeline's output stand for the other's input
             // ("skipped: up-to-date" with the other file's bytes).
-            if let Some((other, _)) = roots.iter().find(|(r, _)| r.starts_with(dir)) {
+            let around = roots
+                .iter()
+                .find_map(|(r, _)| match places.overlap(r, dir) {
+                    Some(("encloses the", note)) => Some((r, note)),
+                    _ => None,
+                });
+            if let Some((other, note)) = around {
                 let why = match k {
                     "out" => "outputs written there would be watched as inputs",
                     _ => "files moved there would be processed again",
                 };
                 let msg = format!(
-                    "{} encloses the watched tree {}: {why}",
+                    "{} encloses the watched tree {}{note}: {why}",
                     dir.display(),
                     other.display()
                 );
@@ -794,15 +811,15 @@ pub(crate) fn load(
             // where a file of the tree named so would meet it.
             let state = states
                 .iter()
-                .find_map(|s| overlap(s, dir).map(|how| (s, how)));
-            if let Some((s, how)) = state {
+                .find_map(|s| places.overlap(s, dir).map(|how| (s, how)));
+            if let Some((s, (how, note))) = state {
                 let what = match k {
                     "out" => "outputs",
                     _ => "moved inputs",
                 };
                 let msg = format!(
-                    "{} {how} state directory {}: the state keeps its own files there; write \
-                     {what} elsewhere",
+                    "{} {how} state directory {}{note}: the state keeps its own files there; \
+                     write {what} elsewhere",
                     dir.display(),
                     s.display()
                 );
@@ -811,12 +828,13 @@ pub(crate) fn load(
             // Two output roots that overlap are named at the later one, as roots are.
             let clash = outs.iter().enumerate().find_map(|(j, o)| {
                 let other = if k == "out" { j < i } else { j != i };
-                o.filter(|o| other && (o.starts_with(dir) || dir.starts_with(o)))
+                let o = o.filter(|_| other)?;
+                places.overlap(o, dir).map(|(_, note)| (o, note))
             });
-            if let Some(o) = clash {
+            if let Some((o, note)) = clash {
                 let msg = format!(
-                    "{} overlaps the output directory {} of another pipeline: one pipeline's \
-                     outputs would be taken for the other's",
+                    "{} overlaps the output directory {} of another pipeline{note}: one \
+                     pipeline's outputs would be taken for the other's",
                     dir.display(),
                     o.display()
                 );
@@ -829,12 +847,12 @@ pub(crate) fn load(
             let earlier = moves[..i].iter().flatten();
             let clash = earlier.filter(|_| k != "out").find_map(|(theirs, m)| {
                 let m = (*m)?;
-                overlap(m, dir).map(|how| (theirs, m, how))
+                places.overlap(m, dir).map(|how| (theirs, m, how))
             });
-            if let Some((theirs, m, how)) = clash {
+            if let Some((theirs, m, (how, note))) = clash {
                 let msg = format!(
-                    "{} {how} {theirs} directory {} of another pipeline: the inputs moved from \
-                     two trees would be mixed",
+                    "{} {how} {theirs} directory {} of another pipeline{note}: the inputs moved \
+                     from two trees would be mixed",
                     dir.display(),
                     m.display()
                 );
@@ -842,7 +860,14 @@ pub(crate) fn load(
             }
         }
     }
-    check_own_files(path, &file, &pipelines, failure_log.as_deref(), &at)?;
+    check_own_files(
+        path,
+        &file,
+        &pipelines,
+        failure_log.as_deref(),
+        &places,
+        &at,
+    )?;
     Ok(Service {
         pipelines,
         failure_log,
@@ -850,9 +875,102 @@ pub(crate) fn load(
     })
 }
 
-/// How the directory `dir` lies to the directory `tree`: "is the", "is inside the" or
-/// "encloses the"; `None` when apart.
-fn overlap(tree: &Path, dir: &Path) -> Option<&'static str> {
+/// Where the directories compared between pipelines lie, each looked up once: a config's
+/// directories are compared pairwise, and a look up each `..` chain for every pair took
+/// seconds for 40 pipelines.
+#[derive(Default)]
+struct Places(std::cell::RefCell<std::collections::HashMap<PathBuf, Place>>);
+
+/// Where a directory lies: the deepest of its ancestors that exists (itself, once made), the
+/// rest of its path below that (from `/`), and the mount that ancestor is on.
+#[derive(Clone)]
+struct Place {
+    at: PathBuf,
+    below: PathBuf,
+    mount: Option<u64>,
+}
+
+impl Places {
+    fn of(&self, p: &Path) -> Place {
+        if let Some(place) = self.0.borrow().get(p) {
+            return place.clone();
+        }
+        use rustix::fs::{AtFlags, StatxFlags};
+        let at = p
+            .ancestors()
+            .find(|a| a.exists())
+            .unwrap_or(p)
+            .to_path_buf();
+        let below = Path::new("/").join(p.strip_prefix(&at).unwrap_or(Path::new("")));
+        let flags = AtFlags::SYMLINK_NOFOLLOW;
+        let mount = rustix::fs::statx(rustix::fs::CWD, &at, flags, StatxFlags::MNT_ID)
+            .ok()
+            .filter(|st| st.stx_mask & StatxFlags::MNT_ID.bits() != 0)
+            .map(|st| st.stx_mnt_id);
+        let place = Place { at, below, mount };
+        self.0.borrow_mut().insert(p.to_path_buf(), place.clone());
+        place
+    }
+
+    /// How the directory `dir` lies to the directory `tree`: "is the", "is inside the" or
+    /// "encloses the", and how that was found: by path (""), or by identity (`identity`),
+    /// for the same directory reached by another path (a bind mount, a FUSE view), which a
+    /// comparison of canonical paths passes over. One not made yet (`check-config` makes
+    /// nothing) is compared through the deepest of its ancestors that exists. `None` when
+    /// apart.
+    fn overlap(&self, tree: &Path, dir: &Path) -> Option<(&'static str, &'static str)> {
+        const BY_IDENTITY: &str = " (by a bind mount, a FUSE view or another path to it)";
+        if let Some(how) = by_path(tree, dir) {
+            return Some((how, ""));
+        }
+        let (t, d) = (self.of(tree), self.of(dir));
+        // Within one mount a directory has one path (no directory is hard-linked): the
+        // paths, compared above, said it all.
+        if t.mount.is_some() && t.mount == d.mount {
+            return None;
+        }
+        if (t.at.as_path(), d.at.as_path()) == (tree, dir) {
+            return identity(tree, dir).map(|how| (how, BY_IDENTITY));
+        }
+        if identity(&t.at, &d.at) != Some("is the") {
+            return None;
+        }
+        by_path(&t.below, &d.below).map(|how| (how, BY_IDENTITY))
+    }
+
+    /// Whether `dir`, or the deepest of its ancestors that exists (it may be made only
+    /// later), is `tree` or lies inside it, by path or by identity (see `overlap`).
+    fn lies_in(&self, tree: &Path, dir: &Path) -> Option<&'static str> {
+        let existing = self.of(dir).at;
+        let dirs = if existing == dir {
+            &[dir][..]
+        } else {
+            &[dir, &existing][..]
+        };
+        dirs.iter().find_map(|d| match self.overlap(tree, d) {
+            Some(("is the" | "is inside the", note)) => Some(note),
+            _ => None,
+        })
+    }
+
+    /// Whether the files `a` and `b` are one: the same path, or the same name in the same
+    /// directory reached by two paths (see `overlap`); with how that was found.
+    fn same_file(&self, a: &Path, b: &Path) -> Option<&'static str> {
+        if a == b {
+            return Some("");
+        }
+        match (a.parent(), b.parent()) {
+            (Some(pa), Some(pb)) if a.file_name() == b.file_name() => match self.overlap(pa, pb) {
+                Some(("is the", note)) => Some(note),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
+/// `Places::overlap` by path alone.
+fn by_path(tree: &Path, dir: &Path) -> Option<&'static str> {
     if dir == tree {
         Some("is the")
     } else if dir.starts_with(tree) {
@@ -862,6 +980,17 @@ fn overlap(tree: &Path, dir: &Path) -> Option<&'static str> {
     } else {
         None
     }
+}
+
+/// `Places::overlap` of two existing directories by identity (`aside::overlap_at`: device and
+/// inode up each one's `..` chain, and where each lies in its file system); `None` when apart
+/// or when either cannot be opened. Canonical paths, `dir` opened without following a link at
+/// its last component: a link put there since is not taken for the directory.
+fn identity(tree: &Path, dir: &Path) -> Option<&'static str> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rustix::fs::open(dir, flags, Mode::empty()).ok()?;
+    crate::fsio::aside::overlap_at(tree, &fd, dir).ok()?
 }
 
 /// Refuses files filepipe writes that another of its writers would overwrite or read: a
@@ -875,6 +1004,7 @@ fn check_own_files(
     file: &FileConfig,
     pipelines: &[Config],
     failure_log: Option<&Path>,
+    places: &Places,
     at: &dyn Fn(Range<usize>, &str, String) -> anyhow::Error,
 ) -> Result<()> {
     let config = std::fs::canonicalize(path).unwrap_or_else(|_| absolute(path));
@@ -910,9 +1040,14 @@ fn check_own_files(
                 let msg = format!("{} {why}: it would be corrupted", m.display());
                 return Err(at(span, &key, msg));
             }
-            if manifests[..i].iter().any(|theirs| theirs.contains(m)) {
+            let same = manifests[..i]
+                .iter()
+                .flatten()
+                .find_map(|theirs| places.same_file(theirs, m));
+            if let Some(note) = same {
                 let msg = format!(
-                    "{} is also another pipeline's manifest: each would overwrite the other's",
+                    "{} is also another pipeline's manifest{note}: each would overwrite the \
+                     other's",
                     m.display()
                 );
                 return Err(at(span, &key, msg));
@@ -921,10 +1056,15 @@ fn check_own_files(
             // Another's output tree is never read as input: a manifest kept there (an
             // archive's own SHA256SUMS) is fine, as it was before these checks.
             for (_, other) in theirs {
-                if let Some(d) = Some(&other.root).filter(|d| m.starts_with(d)) {
+                let d = &other.root;
+                let inside = match m.parent() {
+                    Some(parent) => places.lies_in(d, parent),
+                    None => m.starts_with(d).then_some(""),
+                };
+                if let Some(note) = inside {
                     let msg = format!(
-                        "{} is inside {}, another pipeline's tree: that pipeline would take \
-                         it for one of its files",
+                        "{} is inside {}, another pipeline's tree{note}: that pipeline would \
+                         take it for one of its files",
                         m.display(),
                         d.display()
                     );
