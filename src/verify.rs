@@ -32,6 +32,8 @@ use crate::fsio::output;
 use crate::manifest::{self, Entry};
 use crate::ops::hash::{hash_reader, Hasher, Tee, BUF_SIZE};
 
+mod own;
+
 /// What to verify and how, resolved from the command line.
 #[derive(Debug)]
 pub(crate) struct Options {
@@ -714,8 +716,10 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
 /// The regular files under `root` not in `listed` (relative to the root, sorted by their
 /// bytes): what a batch run would hash now and the manifest lacks, each `Check::Added`.
 /// Symlinks are not followed (batch does not hash them by default); excluded names,
-/// filepipe's temps (named so and marked: a name alone hides nothing) and the manifest
-/// (`manifest_id`, its device and inode) are left out. A directory that cannot be read (no
+/// filepipe's temps (named so and marked: a name alone hides nothing), the manifest
+/// (`manifest_id`, its device and inode) and the files of a filepipe state directory in the
+/// tree (told by what they hold: `own::StateDirs`), none of which the batch that wrote the
+/// manifest would list, are left out. A directory that cannot be read (no
 /// permission, a path too long) leaves its files unknown: a line of its own that fails the
 /// run, since the report of added files is then incomplete.
 fn added(
@@ -727,6 +731,7 @@ fn added(
 ) -> Vec<(PathBuf, Check)> {
     use std::os::unix::fs::MetadataExt;
     let mut found = Vec::new();
+    let mut state_dirs = own::StateDirs::default();
     let mut it = WalkDir::new(root).min_depth(1).into_iter();
     while let Some(entry) = it.next() {
         let entry = match entry {
@@ -764,7 +769,10 @@ fn added(
             continue;
         }
         let id = entry.metadata().ok().map(|m| (m.dev(), m.ino()));
-        if id.is_some() && id == manifest_id || !is_beneath(beneath, rel, id) {
+        if id.is_some() && id == manifest_id
+            || !is_beneath(beneath, rel, id)
+            || state_dirs.holds(root, beneath, rel)
+        {
             continue;
         }
         found.push((rel.to_path_buf(), Check::Added));

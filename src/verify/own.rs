@@ -1,0 +1,349 @@
+//! filepipe's own files that a tree may hold and that no batch lists: those of a state
+//! directory kept inside the tree (`batch --state t/.st`, `watch --state t/.st`), which batch
+//! and watch leave out of their walk and `verify` must not call added.
+//!
+//! Told by what they hold, never by their name alone (anyone could hide a file from the report
+//! by naming it `filepipe.sqlite`): a directory is a state directory when its
+//! `filepipe.sqlite` is a SQLite database whose page 1 (or, before its first checkpoint, its
+//! write-ahead log's first frame) holds the `files` table filepipe creates, next to a
+//! `filepipe.lock` that says `filepipe pid ...`. Only bounded prefixes are read (a header, one
+//! page of at most 64 KiB), each file opened beneath the root, no link followed, and a FIFO
+//! never opened.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::fsio::input::{fill, InputFile, Root};
+use crate::state::{DB_NAME, LOCK_NAME};
+
+/// What SQLite keeps beside a database while it is open (or after a process that had it open
+/// was killed): its write-ahead log, the log's shared index, a rollback journal.
+const SIDE_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
+
+/// The largest page SQLite writes: page 1 is read whole, never more.
+const MAX_PAGE: usize = 65536;
+
+/// The first 16 bytes of every SQLite database.
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// How the table filepipe creates is recorded in SQLite's schema (`sqlite_schema.sql`: SQLite
+/// keeps the statement as written, `IF NOT EXISTS` dropped, and puts the columns an `ALTER
+/// TABLE ... ADD COLUMN` added before the constraints).
+const TABLE_START: &[u8] = b"CREATE TABLE files (";
+
+/// The columns every state filepipe ever wrote has, in their order (later ones added more).
+const COLUMNS: [&str; 14] = [
+    "root", "op", "path", "size", "mtime_ns", "inode", "output", "digest", "status", "error",
+    "errno", "message", "attempts", "updated",
+];
+
+/// The directories of one tree found to be, or not to be, filepipe state directories, each
+/// asked once.
+#[derive(Default)]
+pub(super) struct StateDirs {
+    known: HashMap<PathBuf, bool>,
+}
+
+impl StateDirs {
+    /// Whether `rel`, a regular file the walk found under the root, is one of the files
+    /// filepipe keeps in a state directory (the database, its SQLite side files, the lock)
+    /// and lies in one. A file of another name beside them is not, nor one of a side file's
+    /// name that holds something else.
+    pub(super) fn holds(&mut self, root: &Path, beneath: &Root, rel: &Path) -> bool {
+        let Some(name) = rel.file_name() else {
+            return false;
+        };
+        let Some(kind) = state_name(name) else {
+            return false;
+        };
+        let dir = rel.parent().unwrap_or(Path::new(""));
+        let in_state_dir = match self.known.get(dir) {
+            Some(&known) => known,
+            None => {
+                let is = is_state_dir(root, beneath, dir);
+                self.known.insert(dir.to_path_buf(), is);
+                is
+            }
+        };
+        in_state_dir
+            && match kind {
+                // Both read to tell the directory.
+                StateName::Own => true,
+                StateName::Side(suffix) => {
+                    prefix(root, beneath, rel, 8).is_some_and(|p| is_sqlite_side(suffix, &p))
+                }
+            }
+    }
+}
+
+/// Which of a state directory's files a name is.
+#[derive(Debug, PartialEq, Eq)]
+enum StateName {
+    /// The database or the lock.
+    Own,
+    /// A file SQLite keeps beside the database, by its suffix.
+    Side(&'static str),
+}
+
+/// Which of a state directory's files `name` is, if any.
+fn state_name(name: &OsStr) -> Option<StateName> {
+    let name = name.as_bytes();
+    if name == LOCK_NAME.as_bytes() || name == DB_NAME.as_bytes() {
+        return Some(StateName::Own);
+    }
+    let side = name.strip_prefix(DB_NAME.as_bytes())?;
+    SIDE_SUFFIXES
+        .into_iter()
+        .find(|s| side == s.as_bytes())
+        .map(StateName::Side)
+}
+
+/// Whether `start`, the first bytes of a file named for SQLite's `suffix` side file, is what
+/// SQLite writes there (each may also be empty: truncated, or made and not written yet).
+fn is_sqlite_side(suffix: &str, start: &[u8]) -> bool {
+    let first = |n: usize| start.get(..n);
+    start.is_empty()
+        || match suffix {
+            "-wal" => first(4)
+                .is_some_and(|m| m == [0x37, 0x7f, 0x06, 0x82] || m == [0x37, 0x7f, 0x06, 0x83]),
+            // The index's version, 3007000, in the host's byte order.
+            "-shm" => first(4).is_some_and(|v| v == 3_007_000u32.to_ne_bytes()),
+            // A journal's magic, or its header zeroed once committed (`journal_mode=PERSIST`).
+            "-journal" => first(8).is_some_and(|m| {
+                m == [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7] || m == [0; 8]
+            }),
+            _ => false,
+        }
+}
+
+/// Whether the directory `dir` (relative to the root) holds filepipe's state: a lock that
+/// says it is filepipe's, and a database with filepipe's table.
+fn is_state_dir(root: &Path, beneath: &Root, dir: &Path) -> bool {
+    let lock = prefix(root, beneath, &dir.join(LOCK_NAME), 64);
+    // Empty until its owner writes who it is (a process killed in between leaves it so).
+    if !lock.is_some_and(|l| l.is_empty() || l.starts_with(b"filepipe pid ")) {
+        return false;
+    }
+    let db = dir.join(DB_NAME);
+    if let Some(page) = first_page(root, beneath, &db) {
+        if holds_filepipe_table(&page) {
+            return true;
+        }
+    }
+    // In WAL mode a new database's schema is in the log until the first checkpoint: a running
+    // daemon's, or one killed before it closed, has a page 1 with no table in the database.
+    let mut wal = db.into_os_string();
+    wal.push("-wal");
+    first_logged_page_1(root, beneath, Path::new(&wal)).is_some_and(|p| holds_filepipe_table(&p))
+}
+
+/// At most `limit` bytes from the start of the regular file `rel`, opened beneath the root
+/// without following links (`None` if it cannot be: missing, a symlink, a FIFO, unreadable).
+fn prefix(root: &Path, beneath: &Root, rel: &Path, limit: usize) -> Option<Vec<u8>> {
+    let mut file =
+        InputFile::open_beneath(Some(beneath), rel, &root.join(rel), false, true).ok()?;
+    let mut buf = vec![0u8; limit];
+    let n = fill(&mut file, &mut buf).ok()?;
+    buf.truncate(n);
+    Some(buf)
+}
+
+/// Page 1 of the SQLite database `rel` (its header and the schema's first page), or `None`
+/// for a file that is not one.
+fn first_page(root: &Path, beneath: &Root, rel: &Path) -> Option<Vec<u8>> {
+    let mut file =
+        InputFile::open_beneath(Some(beneath), rel, &root.join(rel), false, true).ok()?;
+    let mut header = [0u8; 100];
+    if fill(&mut file, &mut header).ok()? < header.len() || !header.starts_with(SQLITE_MAGIC) {
+        return None;
+    }
+    // Big-endian at offset 16; 1 stands for 65536.
+    let size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => MAX_PAGE,
+        n => usize::from(n),
+    };
+    if !size.is_power_of_two() || !(512..=MAX_PAGE).contains(&size) {
+        return None;
+    }
+    let mut page = header.to_vec();
+    file.take((size - header.len()) as u64)
+        .read_to_end(&mut page)
+        .ok()?;
+    Some(page)
+}
+
+/// Page 1 as the write-ahead log `rel` holds it in its first frame, or `None`. The first
+/// transaction of a new database (creating its table) writes page 1 first, and a log starts
+/// over only once all of it is in the database.
+fn first_logged_page_1(root: &Path, beneath: &Root, rel: &Path) -> Option<Vec<u8>> {
+    let mut file =
+        InputFile::open_beneath(Some(beneath), rel, &root.join(rel), false, true).ok()?;
+    // A 32-byte header (magic, version, page size), then frames: 24 bytes (the page number
+    // first), then the page.
+    let mut header = [0u8; 32 + 24];
+    if fill(&mut file, &mut header).ok()? < header.len() {
+        return None;
+    }
+    let be32 = |at: usize| {
+        u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
+    };
+    if !matches!(be32(0), 0x377f_0682 | 0x377f_0683) || be32(32) != 1 {
+        return None;
+    }
+    let size = usize::try_from(be32(8)).ok()?;
+    if !size.is_power_of_two() || !(512..=MAX_PAGE).contains(&size) {
+        return None;
+    }
+    let mut page = Vec::with_capacity(size);
+    file.take(size as u64).read_to_end(&mut page).ok()?;
+    Some(page)
+}
+
+/// Whether a schema page holds the `files` table as filepipe creates it: filepipe's columns
+/// in its order (any it added since after them), keyed by (root, op, path), without rowid.
+fn holds_filepipe_table(page: &[u8]) -> bool {
+    let Some(at) = page
+        .windows(TABLE_START.len())
+        .position(|w| w == TABLE_START)
+    else {
+        return false;
+    };
+    let rest = &page[at + TABLE_START.len()..];
+    let end = b") WITHOUT ROWID";
+    let Some(len) = rest.windows(end.len()).position(|w| w == end) else {
+        return false;
+    };
+    let Ok(body) = std::str::from_utf8(&rest[..len]) else {
+        return false;
+    };
+    // Column definitions and constraints, parted by the commas outside parentheses.
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0usize, 0usize);
+    for (i, c) in body.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ',' if depth == 0 => {
+                parts.push(&body[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&body[start..]);
+    let words = |part: &str| part.split_whitespace().collect::<Vec<_>>().join(" ");
+    let parts: Vec<String> = parts.into_iter().map(words).collect();
+    let names: Vec<&str> = parts
+        .iter()
+        .map(|p| p.split(' ').next().unwrap_or(""))
+        .collect();
+    names.len() > COLUMNS.len()
+        && names[..COLUMNS.len()] == COLUMNS
+        && parts
+            .iter()
+            .any(|p| p.replace(" (", "(") == "PRIMARY KEY(root, op, path)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statement as `sqlite_schema` keeps it for a state written by filepipe, with the
+    /// columns added later put before the constraint as SQLite puts them.
+    const SCHEMA_SQL: &str = "CREATE TABLE files (
+                 root     BLOB    NOT NULL,
+                 op       TEXT    NOT NULL,
+                 path     BLOB    NOT NULL,
+                 size     INTEGER,
+                 mtime_ns INTEGER,
+                 inode    INTEGER,
+                 output   BLOB,
+                 digest   BLOB,
+                 status   TEXT    NOT NULL,
+                 error    TEXT,
+                 errno    INTEGER,
+                 message  TEXT,
+                 attempts INTEGER NOT NULL DEFAULT 0,
+                 updated  INTEGER NOT NULL, ctime_ns INTEGER, made_mtime_ns INTEGER,
+                 PRIMARY KEY (root, op, path)
+             ) WITHOUT ROWID";
+
+    /// A state as filepipe's own code writes it is told, while open (its table still in the
+    /// write-ahead log) and once closed: a change to the table that this module does not
+    /// follow fails here.
+    #[test]
+    fn a_state_filepipe_writes_is_told_open_and_closed() {
+        let tree = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(tree.path()).unwrap();
+        let dir = root.join(".st");
+        std::fs::create_dir(&dir).unwrap();
+        let beneath = Root::new(&root).unwrap();
+        let told = |rel: &str| StateDirs::default().holds(&root, &beneath, Path::new(rel));
+        let lock = crate::state::lock_dir(&dir).unwrap();
+        let state = crate::state::State::open(&dir, &root, &"sha256".parse().unwrap()).unwrap();
+        assert!(told(".st/filepipe.sqlite"));
+        assert!(told(".st/filepipe.lock"));
+        assert!(told(".st/filepipe.sqlite-wal"));
+        drop(state);
+        drop(lock);
+        assert!(told(".st/filepipe.sqlite"));
+        assert!(told(".st/filepipe.lock"));
+        std::fs::write(dir.join("notes"), b"mine").unwrap();
+        assert!(!told(".st/notes"));
+        // A lock of someone else's: not a state directory.
+        std::fs::write(dir.join("filepipe.lock"), b"my lock").unwrap();
+        assert!(!told(".st/filepipe.sqlite"));
+    }
+
+    #[test]
+    fn the_table_is_told_by_its_columns_and_key() {
+        let page = |sql: &str| [b"\0\x01junk".as_slice(), sql.as_bytes(), b"\0"].concat();
+        assert!(holds_filepipe_table(&page(SCHEMA_SQL)));
+        assert!(!holds_filepipe_table(&page(
+            &SCHEMA_SQL.replace("inode    INTEGER,", "")
+        )));
+        assert!(!holds_filepipe_table(&page(
+            &SCHEMA_SQL.replace("(root, op, path)", "(path)")
+        )));
+        assert!(!holds_filepipe_table(&page(
+            &SCHEMA_SQL.replace("WITHOUT ROWID", "")
+        )));
+        assert!(!holds_filepipe_table(&page(
+            "CREATE TABLE files (root BLOB"
+        )));
+        assert!(!holds_filepipe_table(b"not a database"));
+    }
+
+    #[test]
+    fn only_the_state_names_are_asked_about() {
+        for name in ["filepipe.sqlite", "filepipe.lock"] {
+            assert_eq!(state_name(OsStr::new(name)), Some(StateName::Own), "{name}");
+        }
+        for side in SIDE_SUFFIXES {
+            let name = format!("filepipe.sqlite{side}");
+            assert_eq!(state_name(OsStr::new(&name)), Some(StateName::Side(side)));
+        }
+        for name in [
+            "filepipe.sqlite-x",
+            "notes.txt",
+            "filepipe.sqlite.bak",
+            "filepipe",
+        ] {
+            assert_eq!(state_name(OsStr::new(name)), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_side_file_is_told_by_its_first_bytes() {
+        assert!(is_sqlite_side("-wal", b""));
+        assert!(is_sqlite_side("-wal", b"\x37\x7f\x06\x82\0\x2d"));
+        assert!(!is_sqlite_side("-wal", b"my notes"));
+        assert!(is_sqlite_side("-shm", &3_007_000u32.to_ne_bytes()));
+        assert!(!is_sqlite_side("-shm", b"\x37\x7f"));
+        assert!(is_sqlite_side("-journal", &[0; 8]));
+        assert!(!is_sqlite_side("-journal", b"journal of mine"));
+    }
+}
