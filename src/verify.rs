@@ -580,12 +580,8 @@ fn verify_manifest(
     if printer.closed {
         return Ok((report, algo));
     }
-    // The manifest itself is never added: compared by identity, whatever path named it.
-    let manifest_id = std::fs::metadata(path).ok().map(|m| {
-        use std::os::unix::fs::MetadataExt;
-        (m.dev(), m.ino())
-    });
-    for (rel, check) in added(&under.real, beneath, &listed, &filter, manifest_id) {
+    let own = own::OwnFiles::of_manifest(path);
+    for (rel, check) in added(&under.real, beneath, &listed, &filter, own) {
         tally(&mut report, &check);
         let name = rel.into_os_string().into_encoded_bytes();
         let line = Line {
@@ -716,22 +712,20 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
 /// The regular files under `root` not in `listed` (relative to the root, sorted by their
 /// bytes): what a batch run would hash now and the manifest lacks, each `Check::Added`.
 /// Symlinks are not followed (batch does not hash them by default); excluded names,
-/// filepipe's temps (named so and marked: a name alone hides nothing), the manifest
-/// (`manifest_id`, its device and inode) and the files of a filepipe state directory in the
-/// tree (told by what they hold: `own::StateDirs`), none of which the batch that wrote the
-/// manifest would list, are left out. A directory that cannot be read (no
-/// permission, a path too long) leaves its files unknown: a line of its own that fails the
-/// run, since the report of added files is then incomplete.
+/// filepipe's temps (named so and marked: a name alone hides nothing) and filepipe's `own`
+/// files (the manifest, the other manifests of its run, a state directory's files: none of
+/// which the batch that wrote the manifest lists) are left out. A directory that cannot be
+/// read (no permission, a path too long) leaves its files unknown: a line of its own that
+/// fails the run, since the report of added files is then incomplete.
 fn added(
     root: &Path,
     beneath: &Root,
     listed: &HashSet<PathBuf>,
     filter: &Filter,
-    manifest_id: Option<(u64, u64)>,
+    mut own: own::OwnFiles,
 ) -> Vec<(PathBuf, Check)> {
     use std::os::unix::fs::MetadataExt;
     let mut found = Vec::new();
-    let mut state_dirs = own::StateDirs::default();
     let mut it = WalkDir::new(root).min_depth(1).into_iter();
     while let Some(entry) = it.next() {
         let entry = match entry {
@@ -769,10 +763,7 @@ fn added(
             continue;
         }
         let id = entry.metadata().ok().map(|m| (m.dev(), m.ino()));
-        if id.is_some() && id == manifest_id
-            || !is_beneath(beneath, rel, id)
-            || state_dirs.holds(root, beneath, rel)
-        {
+        if !is_beneath(beneath, rel, id) || id.is_some_and(|id| own.holds(root, beneath, rel, id)) {
             continue;
         }
         found.push((rel.to_path_buf(), Check::Added));

@@ -534,3 +534,40 @@ fn verify_leaves_out_a_running_watchs_state_and_is_told_its_failure_log() {
     d.stop().success();
     verify(&[s("--exclude"), s("failures.jsonl")]).success();
 }
+
+/// A batch of several hashes writes a manifest for each, beside the first (`SUMS`,
+/// `SUMS.sha512`, `SUMS.blake3`), and leaves them all out of its walk: verifying any one of
+/// them reports none of the others added (found by a review: each was, exit 8). Told by its
+/// first line, not by its name alone: a file named like one that holds no manifest is added.
+#[test]
+fn verify_leaves_out_the_other_manifests_of_a_run_of_several_hashes() {
+    // The manifest's name has a newline and a byte that is not UTF-8.
+    let t = TestTree::new().file("a", b"a\n").file("nl\nname", b"b\n");
+    let manifest = t.path(b"SU\nMS\xff");
+    let root = t.root();
+    run(filepipe(&[
+        s("batch"),
+        root.as_os_str(),
+        s("--op"),
+        s("sha256,sha512,blake3"),
+        s("--manifest"),
+        manifest.as_os_str(),
+    ]))
+    .success();
+    let with = |suffix: &str| {
+        let mut p = manifest.clone().into_os_string();
+        p.push(suffix);
+        std::path::PathBuf::from(p)
+    };
+    let verify = |m: &std::path::Path| run(filepipe(&[s("verify"), m.as_os_str(), s("--json")]));
+    for m in [manifest.clone(), with(".sha512"), with(".blake3")] {
+        assert!(m.is_file(), "{m:?}");
+        let r = verify(&m);
+        assert_eq!(added_paths(r.success()), Vec::<String>::new(), "{m:?}");
+    }
+    fs::write(with(".sha256"), b"not a manifest\n").unwrap();
+    for m in [manifest.clone(), with(".blake3")] {
+        let r = verify(&m);
+        assert_eq!(added_paths(r.code(8)), ["SU\\nMS\\xff.sha256"], "{m:?}");
+    }
+}

@@ -1,14 +1,15 @@
-//! filepipe's own files that a tree may hold and that no batch lists: those of a state
-//! directory kept inside the tree (`batch --state t/.st`, `watch --state t/.st`), which batch
-//! and watch leave out of their walk and `verify` must not call added.
+//! filepipe's own files that a tree may hold and that no batch lists, which `verify` must not
+//! call added: those of a state directory kept inside the tree (`batch --state t/.st`, `watch
+//! --state t/.st`), which batch and watch leave out of their walk, and the other manifests a
+//! run of several hashes writes beside the one verified (`SUMS.blake3` beside `SUMS`).
 //!
 //! Told by what they hold, never by their name alone (anyone could hide a file from the report
 //! by naming it `filepipe.sqlite`): a directory is a state directory when its
 //! `filepipe.sqlite` is a SQLite database whose page 1 (or, before its first checkpoint, its
 //! write-ahead log's first frame) holds the `files` table filepipe creates, next to a
-//! `filepipe.lock` that says `filepipe pid ...`. Only bounded prefixes are read (a header, one
-//! page of at most 64 KiB), each file opened beneath the root, no link followed, and a FIFO
-//! never opened.
+//! `filepipe.lock` that says `filepipe pid ...`; a second manifest starts with a manifest line.
+//! Only bounded prefixes are read (a header, one page of at most 64 KiB, one line), each file
+//! opened beneath the root, no link followed, and a FIFO never opened.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -16,7 +17,10 @@ use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
+use crate::cli::OpKind;
+use crate::digest::HashAlgo;
 use crate::fsio::input::{fill, InputFile, Root};
+use crate::manifest;
 use crate::state::{DB_NAME, LOCK_NAME};
 
 /// What SQLite keeps beside a database while it is open (or after a process that had it open
@@ -40,10 +44,111 @@ const COLUMNS: [&str; 14] = [
     "errno", "message", "attempts", "updated",
 ];
 
+/// A file's device and inode.
+pub(super) type FileId = (u64, u64);
+
+/// filepipe's own files among those a walk of the tree finds: the manifest verified, the other
+/// manifests of the run that wrote it, and state directories.
+pub(super) struct OwnFiles {
+    /// The manifest verified, by identity, whatever path named it.
+    manifest: Option<FileId>,
+    /// The files where filepipe puts the other manifests of a run of several hashes, by
+    /// identity, with the hash each would hold (`None`: the first manifest, any).
+    siblings: Vec<(FileId, Option<HashAlgo>)>,
+    state_dirs: StateDirs,
+}
+
+impl OwnFiles {
+    /// Those of the manifest at `path`.
+    pub(super) fn of_manifest(path: &Path) -> OwnFiles {
+        OwnFiles {
+            manifest: id_of(path),
+            siblings: sibling_manifests(path)
+                .into_iter()
+                .filter_map(|(p, algo)| Some((id_of(&p)?, algo)))
+                .collect(),
+            state_dirs: StateDirs::default(),
+        }
+    }
+
+    /// Whether `rel`, a regular file the walk found under the root with identity `id`, is
+    /// one of filepipe's own: the manifest, another manifest of its run that holds a manifest
+    /// line first, or a file of a state directory.
+    pub(super) fn holds(&mut self, root: &Path, beneath: &Root, rel: &Path, id: FileId) -> bool {
+        if self.manifest == Some(id) {
+            return true;
+        }
+        if let Some(&(_, algo)) = self.siblings.iter().find(|(s, _)| *s == id) {
+            if starts_as_manifest(root, beneath, rel, algo) {
+                return true;
+            }
+        }
+        self.state_dirs.holds(root, beneath, rel)
+    }
+}
+
+/// The device and inode of what `path` names (a symlink followed, as the manifest was read
+/// through it): only compared with the walk's files, each found beneath the root.
+fn id_of(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The hashes a manifest may be of, in the order filepipe names them.
+const HASHES: [HashAlgo; 3] = [HashAlgo::Sha256, HashAlgo::Sha512, HashAlgo::Blake3];
+
+/// Where a run of several hashes puts its other manifests, given one of them (`path`): the
+/// first keeps the name given (`SUMS`), each other one is that name and its hash's
+/// (`SUMS.blake3`, `SUMS.sha512`; `config::manifest_path`). `path` itself is not among them.
+fn sibling_manifests(path: &Path) -> Vec<(PathBuf, Option<HashAlgo>)> {
+    let suffixed = |base: &OsStr, algo: HashAlgo| {
+        let mut name = base.to_os_string();
+        name.push(".");
+        name.push(OpKind::from(algo).as_str());
+        (path.with_file_name(name), Some(algo))
+    };
+    let Some(name) = path.file_name() else {
+        return Vec::new();
+    };
+    let mut found: Vec<_> = HASHES.iter().map(|&a| suffixed(name, a)).collect();
+    // `SUMS.blake3` verified: `SUMS` and the others beside it.
+    let base = HASHES.iter().find_map(|&a| {
+        let suffix = format!(".{}", OpKind::from(a).as_str());
+        name.as_bytes()
+            .strip_suffix(suffix.as_bytes())
+            .filter(|b| !b.is_empty())
+    });
+    if let Some(base) = base {
+        let base = OsStr::from_bytes(base);
+        found.push((path.with_file_name(base), None));
+        found.extend(HASHES.iter().map(|&a| suffixed(base, a)));
+    }
+    found.retain(|(p, _)| p != path);
+    found
+}
+
+/// Whether the regular file `rel` starts with a line of a manifest of `algo` (of any hash if
+/// `None`), as filepipe writes them: its first line, at most `LONGEST_LINE` bytes, is read.
+fn starts_as_manifest(root: &Path, beneath: &Root, rel: &Path, algo: Option<HashAlgo>) -> bool {
+    let Some(start) = prefix(root, beneath, rel, super::LONGEST_LINE + 1) else {
+        return false;
+    };
+    let Some(end) = start.iter().position(|&b| b == b'\n') else {
+        return false;
+    };
+    let line = &start[..end];
+    match algo {
+        Some(algo) => manifest::parse_line(line, algo).is_some(),
+        None => HASHES
+            .iter()
+            .any(|&a| manifest::parse_line(line, a).is_some()),
+    }
+}
+
 /// The directories of one tree found to be, or not to be, filepipe state directories, each
 /// asked once.
 #[derive(Default)]
-pub(super) struct StateDirs {
+struct StateDirs {
     known: HashMap<PathBuf, bool>,
 }
 
@@ -52,7 +157,7 @@ impl StateDirs {
     /// filepipe keeps in a state directory (the database, its SQLite side files, the lock)
     /// and lies in one. A file of another name beside them is not, nor one of a side file's
     /// name that holds something else.
-    pub(super) fn holds(&mut self, root: &Path, beneath: &Root, rel: &Path) -> bool {
+    fn holds(&mut self, root: &Path, beneath: &Root, rel: &Path) -> bool {
         let Some(name) = rel.file_name() else {
             return false;
         };
@@ -334,6 +439,39 @@ mod tests {
         ] {
             assert_eq!(state_name(OsStr::new(name)), None, "{name}");
         }
+    }
+
+    #[test]
+    fn the_other_manifests_are_where_a_run_of_several_hashes_puts_them() {
+        let names = |path: &str| {
+            let mut n: Vec<String> = sibling_manifests(Path::new(path))
+                .into_iter()
+                .map(|(p, algo)| format!("{} {algo:?}", p.display()))
+                .collect();
+            n.sort();
+            n
+        };
+        assert_eq!(
+            names("d/SUMS"),
+            [
+                "d/SUMS.blake3 Some(Blake3)",
+                "d/SUMS.sha256 Some(Sha256)",
+                "d/SUMS.sha512 Some(Sha512)"
+            ]
+        );
+        assert_eq!(
+            names("d/SUMS.blake3"),
+            [
+                "d/SUMS None",
+                "d/SUMS.blake3.blake3 Some(Blake3)",
+                "d/SUMS.blake3.sha256 Some(Sha256)",
+                "d/SUMS.blake3.sha512 Some(Sha512)",
+                "d/SUMS.sha256 Some(Sha256)",
+                "d/SUMS.sha512 Some(Sha512)"
+            ]
+        );
+        // A name that is only a suffix has no first manifest.
+        assert_eq!(names(".sha256").len(), 3);
     }
 
     #[test]
