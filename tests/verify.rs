@@ -471,17 +471,36 @@ fn verify_leaves_out_the_state_an_incremental_batch_keeps_in_the_tree() {
     fs::create_dir(t.path("fifo")).unwrap();
     mkfifo(&t.path("fifo/filepipe.sqlite"));
     fs::write(t.path("fifo/filepipe.lock"), b"").unwrap();
+    // A real database beside a lock that says filepipe's first, then holds anything.
+    fs::create_dir(t.path("copy")).unwrap();
+    fs::copy(
+        state_dir.join("filepipe.sqlite"),
+        t.path("copy/filepipe.sqlite"),
+    )
+    .unwrap();
+    let mut lock = fs::read(state_dir.join("filepipe.lock")).unwrap();
+    lock.extend_from_slice(b"anything at all\n");
+    fs::write(t.path("copy/filepipe.lock"), lock).unwrap();
     let r = verify(&[]);
     assert_eq!(
         added_paths(r.code(8)),
         [
+            "copy/filepipe.lock",
+            "copy/filepipe.sqlite",
             "fake/filepipe.lock",
             "fake/filepipe.sqlite",
             "fifo/filepipe.lock",
             "st\\nate\\xff/notes",
         ]
     );
-    let r = verify(&[s("--exclude"), s("fake"), s("--exclude"), s("fifo")]);
+    let r = verify(&[
+        s("--exclude"),
+        s("fake"),
+        s("--exclude"),
+        s("fifo"),
+        s("--exclude"),
+        s("copy"),
+    ]);
     assert_eq!(added_paths(r.code(8)), ["st\\nate\\xff/notes"]);
     // The text form escapes the name as a manifest would, on one line.
     let text = run(filepipe(&[s("verify"), manifest.as_os_str()]));

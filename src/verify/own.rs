@@ -30,6 +30,16 @@ const SIDE_SUFFIXES: [&str; 3] = ["-wal", "-shm", "-journal"];
 /// The largest page SQLite writes: page 1 is read whole, never more.
 const MAX_PAGE: usize = 65536;
 
+/// The first 4 bytes of a SQLite write-ahead log (its checksums' byte order in the last bit).
+const WAL_MAGIC: [[u8; 4]; 2] = [[0x37, 0x7f, 0x06, 0x82], [0x37, 0x7f, 0x06, 0x83]];
+
+/// A SQLite WAL index grows by regions of this size.
+const SHM_REGION: u64 = 32768;
+
+/// The most a lock file holds: one line saying who holds it (`state::lock_dir` writes `filepipe
+/// pid N on HOST (started TIME)`, a host name at most 64 bytes).
+const LOCK_MAX: usize = 256;
+
 /// The first 16 bytes of every SQLite database.
 const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
 
@@ -130,7 +140,7 @@ fn sibling_manifests(path: &Path) -> Vec<(PathBuf, Option<HashAlgo>)> {
 /// Whether the regular file `rel` starts with a line of a manifest of `algo` (of any hash if
 /// `None`), as filepipe writes them: its first line, at most `LONGEST_LINE` bytes, is read.
 fn starts_as_manifest(root: &Path, beneath: &Root, rel: &Path, algo: Option<HashAlgo>) -> bool {
-    let Some(start) = prefix(root, beneath, rel, super::LONGEST_LINE + 1) else {
+    let Some((start, _)) = prefix(root, beneath, rel, super::LONGEST_LINE + 1) else {
         return false;
     };
     let Some(end) = start.iter().position(|&b| b == b'\n') else {
@@ -177,9 +187,8 @@ impl StateDirs {
             && match kind {
                 // Both read to tell the directory.
                 StateName::Own => true,
-                StateName::Side(suffix) => {
-                    prefix(root, beneath, rel, 8).is_some_and(|p| is_sqlite_side(suffix, &p))
-                }
+                StateName::Side(suffix) => prefix(root, beneath, rel, 12)
+                    .is_some_and(|(start, size)| is_sqlite_side(suffix, &start, size)),
             }
     }
 }
@@ -206,16 +215,26 @@ fn state_name(name: &OsStr) -> Option<StateName> {
         .map(StateName::Side)
 }
 
-/// Whether `start`, the first bytes of a file named for SQLite's `suffix` side file, is what
-/// SQLite writes there (each may also be empty: truncated, or made and not written yet).
-fn is_sqlite_side(suffix: &str, start: &[u8]) -> bool {
+/// Whether `start`, the first bytes of a file of `size` bytes named for SQLite's `suffix` side
+/// file, is what SQLite writes there (each may also be empty: truncated, or made and not
+/// written yet), its size too where SQLite's layout says it at every moment (whole regions;
+/// not a log's whole frames, which a running daemon's write leaves part-written for a while).
+fn is_sqlite_side(suffix: &str, start: &[u8], size: u64) -> bool {
     let first = |n: usize| start.get(..n);
-    start.is_empty()
+    size == 0
         || match suffix {
-            "-wal" => first(4)
-                .is_some_and(|m| m == [0x37, 0x7f, 0x06, 0x82] || m == [0x37, 0x7f, 0x06, 0x83]),
-            // The index's version, 3007000, in the host's byte order.
-            "-shm" => first(4).is_some_and(|v| v == 3_007_000u32.to_ne_bytes()),
+            // A 32-byte header (a page size at offset 8), then frames.
+            "-wal" => first(12).is_some_and(|h| {
+                let page = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+                WAL_MAGIC.contains(&[h[0], h[1], h[2], h[3]])
+                    && page.is_power_of_two()
+                    && (512..=MAX_PAGE).contains(&page)
+            }),
+            // The index's version, 3007000, in the host's byte order, in regions of 32 KiB.
+            "-shm" => {
+                size.is_multiple_of(SHM_REGION)
+                    && first(4).is_some_and(|v| v == 3_007_000u32.to_ne_bytes())
+            }
             // A journal's magic, or its header zeroed once committed (`journal_mode=PERSIST`).
             "-journal" => first(8).is_some_and(|m| {
                 m == [0xd9, 0xd5, 0x05, 0xf9, 0x20, 0xa1, 0x63, 0xd7] || m == [0; 8]
@@ -227,9 +246,8 @@ fn is_sqlite_side(suffix: &str, start: &[u8]) -> bool {
 /// Whether the directory `dir` (relative to the root) holds filepipe's state: a lock that
 /// says it is filepipe's, and a database with filepipe's table.
 fn is_state_dir(root: &Path, beneath: &Root, dir: &Path) -> bool {
-    let lock = prefix(root, beneath, &dir.join(LOCK_NAME), 64);
-    // Empty until its owner writes who it is (a process killed in between leaves it so).
-    if !lock.is_some_and(|l| l.is_empty() || l.starts_with(b"filepipe pid ")) {
+    let lock = prefix(root, beneath, &dir.join(LOCK_NAME), LOCK_MAX + 1);
+    if !lock.is_some_and(|(l, size)| is_lock(&l, size)) {
         return false;
     }
     let db = dir.join(DB_NAME);
@@ -245,15 +263,26 @@ fn is_state_dir(root: &Path, beneath: &Root, dir: &Path) -> bool {
     first_logged_page_1(root, beneath, Path::new(&wal)).is_some_and(|p| holds_filepipe_table(&p))
 }
 
-/// At most `limit` bytes from the start of the regular file `rel`, opened beneath the root
-/// without following links (`None` if it cannot be: missing, a symlink, a FIFO, unreadable).
-fn prefix(root: &Path, beneath: &Root, rel: &Path, limit: usize) -> Option<Vec<u8>> {
+/// Whether a lock file of `size` bytes that starts with `start` (all of it, if it is a lock)
+/// is what filepipe writes: one line saying which filepipe holds it, or nothing (it is empty
+/// until its owner writes who it is, and a process killed in between leaves it so).
+fn is_lock(start: &[u8], size: u64) -> bool {
+    size == 0
+        || size == start.len() as u64
+            && start.starts_with(b"filepipe pid ")
+            && start.iter().position(|&b| b == b'\n') == Some(start.len() - 1)
+}
+
+/// At most `limit` bytes from the start of the regular file `rel`, and its size, opened
+/// beneath the root without following links (`None` if it cannot be: missing, a symlink, a
+/// FIFO, unreadable).
+fn prefix(root: &Path, beneath: &Root, rel: &Path, limit: usize) -> Option<(Vec<u8>, u64)> {
     let mut file =
         InputFile::open_beneath(Some(beneath), rel, &root.join(rel), false, true).ok()?;
     let mut buf = vec![0u8; limit];
     let n = fill(&mut file, &mut buf).ok()?;
     buf.truncate(n);
-    Some(buf)
+    Some((buf, file.size()))
 }
 
 /// Page 1 of the SQLite database `rel` (its header and the schema's first page), or `None`
@@ -270,7 +299,11 @@ fn first_page(root: &Path, beneath: &Root, rel: &Path) -> Option<Vec<u8>> {
         1 => MAX_PAGE,
         n => usize::from(n),
     };
-    if !size.is_power_of_two() || !(512..=MAX_PAGE).contains(&size) {
+    // A database is whole pages.
+    if !size.is_power_of_two()
+        || !(512..=MAX_PAGE).contains(&size)
+        || !file.size().is_multiple_of(size as u64)
+    {
         return None;
     }
     let mut page = header.to_vec();
@@ -295,7 +328,7 @@ fn first_logged_page_1(root: &Path, beneath: &Root, rel: &Path) -> Option<Vec<u8
     let be32 = |at: usize| {
         u32::from_be_bytes([header[at], header[at + 1], header[at + 2], header[at + 3]])
     };
-    if !matches!(be32(0), 0x377f_0682 | 0x377f_0683) || be32(32) != 1 {
+    if !WAL_MAGIC.contains(&[header[0], header[1], header[2], header[3]]) || be32(32) != 1 {
         return None;
     }
     let size = usize::try_from(be32(8)).ok()?;
@@ -476,12 +509,30 @@ mod tests {
 
     #[test]
     fn a_side_file_is_told_by_its_first_bytes() {
-        assert!(is_sqlite_side("-wal", b""));
-        assert!(is_sqlite_side("-wal", b"\x37\x7f\x06\x82\0\x2d"));
-        assert!(!is_sqlite_side("-wal", b"my notes"));
-        assert!(is_sqlite_side("-shm", &3_007_000u32.to_ne_bytes()));
-        assert!(!is_sqlite_side("-shm", b"\x37\x7f"));
-        assert!(is_sqlite_side("-journal", &[0; 8]));
-        assert!(!is_sqlite_side("-journal", b"journal of mine"));
+        let wal = b"\x37\x7f\x06\x82\0\x2d\xe2\x18\0\0\x10\0";
+        assert!(is_sqlite_side("-wal", b"", 0));
+        assert!(is_sqlite_side("-wal", wal, 32 + 2 * (24 + 4096)));
+        assert!(!is_sqlite_side(
+            "-wal",
+            b"\x37\x7f\x06\x82\0\x2d\xe2\x18\0\0\x10\x01",
+            32
+        ));
+        assert!(!is_sqlite_side("-wal", b"my notes", 8));
+        let shm = 3_007_000u32.to_ne_bytes();
+        assert!(is_sqlite_side("-shm", &shm, 32768));
+        assert!(!is_sqlite_side("-shm", &shm, 40000));
+        assert!(!is_sqlite_side("-shm", b"\x37\x7f", 2));
+        assert!(is_sqlite_side("-journal", &[0; 8], 4096));
+        assert!(!is_sqlite_side("-journal", b"journal of mine", 15));
+    }
+
+    #[test]
+    fn a_lock_is_one_line_saying_which_filepipe_holds_it() {
+        let line = b"filepipe pid 7 on host (started 2026-01-01T00:00:00Z)\n";
+        assert!(is_lock(line, line.len() as u64));
+        assert!(is_lock(b"", 0));
+        assert!(!is_lock(line, line.len() as u64 + 100));
+        assert!(!is_lock(b"filepipe pid 7\nand more\n", 24));
+        assert!(!is_lock(b"my lock\n", 8));
     }
 }
