@@ -589,4 +589,10 @@ fn verify_leaves_out_the_other_manifests_of_a_run_of_several_hashes() {
         let r = verify(&m);
         assert_eq!(added_paths(r.code(8)), ["SU\\nMS\\xff.sha256"], "{m:?}");
     }
+    // Nor is a file of the tree left out through a link of that name to it.
+    fs::remove_file(with(".sha256")).unwrap();
+    fs::copy(with(".blake3"), t.path("mine")).unwrap();
+    std::os::unix::fs::symlink("mine", with(".sha256")).unwrap();
+    let r = verify(&manifest);
+    assert_eq!(added_paths(r.code(8)), ["mine"]);
 }

@@ -75,7 +75,7 @@ impl OwnFiles {
             manifest: id_of(path),
             siblings: sibling_manifests(path)
                 .into_iter()
-                .filter_map(|(p, algo)| Some((id_of(&p)?, algo)))
+                .filter_map(|(p, algo)| Some((id_of_file(&p)?, algo)))
                 .collect(),
             state_dirs: StateDirs::default(),
         }
@@ -102,6 +102,16 @@ impl OwnFiles {
 fn id_of(path: &Path) -> Option<FileId> {
     use std::os::unix::fs::MetadataExt;
     std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+/// The device and inode of `path` if it is a regular file, not a symlink: a link named
+/// `SUMS.blake3` to another file of the tree must not get that file left out.
+fn id_of_file(path: &Path) -> Option<FileId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_file())
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The hashes a manifest may be of, in the order filepipe names them.
