@@ -595,4 +595,9 @@ fn verify_leaves_out_the_other_manifests_of_a_run_of_several_hashes() {
     std::os::unix::fs::symlink("mine", with(".sha256")).unwrap();
     let r = verify(&manifest);
     assert_eq!(added_paths(r.code(8)), ["mine"]);
+    // ...nor through a hard link.
+    fs::remove_file(with(".sha256")).unwrap();
+    fs::hard_link(t.path("mine"), with(".sha256")).unwrap();
+    let r = verify(&manifest);
+    assert_eq!(added_paths(r.code(8)), ["mine"]);
 }

@@ -12,7 +12,7 @@
 //! opened beneath the root, no link followed, and a FIFO never opened.
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -63,8 +63,9 @@ pub(super) struct OwnFiles {
     /// The manifest verified, by identity, whatever path named it.
     manifest: Option<FileId>,
     /// The files where filepipe puts the other manifests of a run of several hashes, by
-    /// identity, with the hash each would hold (`None`: the first manifest, any).
-    siblings: Vec<(FileId, Option<HashAlgo>)>,
+    /// identity and name (a hard link of another name is another file of the user's), with
+    /// the hash each would hold (`None`: the first manifest, any).
+    siblings: Vec<(FileId, OsString, Option<HashAlgo>)>,
     state_dirs: StateDirs,
 }
 
@@ -75,7 +76,7 @@ impl OwnFiles {
             manifest: id_of(path),
             siblings: sibling_manifests(path)
                 .into_iter()
-                .filter_map(|(p, algo)| Some((id_of_file(&p)?, algo)))
+                .filter_map(|(p, algo)| Some((id_of_file(&p)?, p.file_name()?.into(), algo)))
                 .collect(),
             state_dirs: StateDirs::default(),
         }
@@ -88,7 +89,9 @@ impl OwnFiles {
         if self.manifest == Some(id) {
             return true;
         }
-        if let Some(&(_, algo)) = self.siblings.iter().find(|(s, _)| *s == id) {
+        let sibling = (self.siblings.iter())
+            .find(|(s, name, _)| *s == id && rel.file_name() == Some(name.as_os_str()));
+        if let Some(&(_, _, algo)) = sibling {
             if starts_as_manifest(root, beneath, rel, algo) {
                 return true;
             }
