@@ -678,7 +678,7 @@ fn files_whose_output_names_are_freed_while_their_failures_are_recorded_are_done
         &["--op", "gzip", "--failure-log", log.to_str().unwrap()],
     );
     for i in 0..N {
-        fs::write(t.path(&format!("f{i}.txt")), format!("mine {i}\n")).unwrap();
+        fs::write(t.path(format!("f{i}.txt")), format!("mine {i}\n")).unwrap();
     }
     wait_for("an output-exists failure", || {
         !records_of(&failure_log(&log), "output-exists").is_empty()
