@@ -659,6 +659,7 @@ impl Config {
                 .with_context(|| format!("cannot open state directory {}", dir.display()))?;
             check_state(&cfg.root, dir, &state_dir)?;
             check_own_files_apart(&cfg.own_files, &state_dir)?;
+            check_dirs_apart(&cfg, &state_dir)?;
             let lock = crate::state::lock_dir(&state_dir)?;
             // A state directory inside the tree is filepipe's, never an input.
             cfg.own_files.push(state_dir.clone());
@@ -917,6 +918,10 @@ impl Config {
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
         #[allow(unused_mut)]
         let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
+        if let Some(w) = &cfg.watch {
+            // (The service checks this itself, naming the config's line and key.)
+            check_dirs_apart(&cfg, &w.state_dir)?;
+        }
         #[cfg(feature = "cluster")]
         if let (Some(url), Some(w)) = (url, cfg.watch.as_mut()) {
             let c = &args.coordinator;
@@ -1063,6 +1068,43 @@ fn check_own_files_apart(own: &[PathBuf], dir: &Path) -> Result<()> {
         ),
         None => Ok(()),
     }
+}
+
+/// Refuses `--out` or a move directory that is, lies in or encloses the state directory
+/// `dir`: outputs or moved inputs would land beside the state's database, where a name could
+/// replace it, and the state directory is left out of every walk (found by a review: batch
+/// and watch accepted `--out st --state st`).
+fn check_dirs_apart(cfg: &Config, dir: &Path) -> Result<()> {
+    let dirs = [
+        ("--out", cfg.out.as_deref()),
+        (
+            "--move-source",
+            cfg.move_source.as_deref().map(|a| a.root.as_path()),
+        ),
+        (
+            "--move-failed",
+            cfg.move_failed.as_deref().map(|a| a.root.as_path()),
+        ),
+    ];
+    for (flag, d) in dirs {
+        let Some(d) = d else { continue };
+        let how = if d == dir {
+            "is"
+        } else if d.starts_with(dir) {
+            "is inside"
+        } else if dir.starts_with(d) {
+            "encloses"
+        } else {
+            continue;
+        };
+        bail!(
+            "{flag} {} {how} the state directory {}: the state keeps its own files there; \
+             choose directories apart",
+            d.display(),
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Refuses `given` (`--out`, a move directory) before it is made, when the deepest of its

@@ -343,6 +343,51 @@ fn a_state_directory_that_is_or_encloses_the_tree_is_refused() {
     assert_eq!(fs::read(&manifest).unwrap(), before);
 }
 
+/// `--out` or a move directory that is, lies in or encloses the state directory is refused,
+/// in batch and watch: outputs landed beside the state's database (`--out st --state st`,
+/// found by a review), and the state directory is left out of every walk. Nothing is written.
+#[test]
+fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
+    let t = TestTree::new().file("a.txt", b"a\n");
+    let side = t.side("");
+    for (flag, dir, state) in [
+        ("--out", "st", "st"),
+        ("--out", "st/out", "st"),
+        ("--out", "o", "o/st"),
+        ("--move-source", "st/moved", "st"),
+        ("--move-failed", "st", "st/inner"),
+    ] {
+        for mode in ["batch", "watch"] {
+            let (dir, state) = (side.join(dir), side.join(state));
+            let r = run(filepipe(&[
+                OsStr::new(mode),
+                t.root().as_os_str(),
+                OsStr::new("--op"),
+                OsStr::new("gzip"),
+                OsStr::new(flag),
+                dir.as_os_str(),
+                OsStr::new("--state"),
+                state.as_os_str(),
+            ]));
+            let said = r.code(2).stderr();
+            assert!(
+                said.contains(flag) && said.contains("the state directory"),
+                "{mode} {flag}: {said}"
+            );
+            assert!(!t.path("a.txt.gz").exists());
+            let stray: Vec<_> = walkdir::WalkDir::new(&side)
+                .into_iter()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".gz"))
+                .collect();
+            assert!(stray.is_empty(), "{stray:?}");
+            for d in ["st", "o"] {
+                let _ = fs::remove_dir_all(side.join(d));
+            }
+        }
+    }
+}
+
 #[test]
 fn a_state_is_used_by_one_process_at_a_time_and_not_with_a_queue() {
     let t = tree(3);
