@@ -678,7 +678,9 @@ pub(crate) struct VerifyArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) root: Option<PathBuf>,
     /// Files and directories under the root never reported `added` (repeatable; the same
-    /// matching as batch's --exclude). The manifest itself and filepipe's temp files never are.
+    /// matching as batch's --exclude). Never reported either: the manifest itself, the other
+    /// manifests of a run of several hashes, filepipe's temp files, and a filepipe state
+    /// directory's files (recognised by their first bytes); a failure log is, unless excluded.
     #[arg(long, value_name = "GLOB")]
     pub(crate) exclude: Vec<String>,
     /// Print one JSON object per line: one per file ("status": ok, failed, unreadable, missing
