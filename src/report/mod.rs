@@ -76,6 +76,7 @@ pub(crate) fn run(
     let mut unreported: Vec<Recorded> = Vec::new();
     let mut unflushed = false;
     let flush_due = |last: Option<Instant>| last.is_none_or(|t| t.elapsed() >= FLUSH_WITHIN);
+    let idle_flush = sink.flush_when_idle();
     loop {
         let wait = match (unflushed, last_flush) {
             (true, Some(t)) => FLUSH_WITHIN.saturating_sub(t.elapsed()),
@@ -148,7 +149,7 @@ pub(crate) fn run(
                 unflushed = true;
             }
         }
-        if unflushed && flush_due(last_flush) {
+        if unflushed && (flush_due(last_flush) || idle_flush && idle(stats)) {
             guard(flush(cfg, sink, &mut unreported, recorded.as_ref()));
             last_flush = Some(Instant::now());
             unflushed = false;
@@ -188,6 +189,17 @@ pub(crate) fn run(
         .into());
     }
     Ok(summary)
+}
+
+/// Whether every file sent to the workers has its outcome counted: the pipeline has nothing
+/// in hand. (A file to be tried again is not counted: the pipeline is taken as busy then, and
+/// the flush waits for `FLUSH_WITHIN` as before.)
+fn idle(stats: &Stats) -> bool {
+    let sent = stats.files.load(Ordering::Relaxed) + stats.reported.load(Ordering::Relaxed);
+    let counted = stats.done.load(Ordering::Relaxed)
+        + stats.skipped.load(Ordering::Relaxed)
+        + stats.failed.load(Ordering::Relaxed);
+    counted >= sent
 }
 
 /// Flushes the sink and then, if it succeeded, tells a listening source which files it

@@ -58,6 +58,11 @@ pub(crate) trait Sink {
     fn flush(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Whether a flush costs so little (a publish, not a commit) that outcomes go out as soon
+    /// as the pipeline has nothing left in hand, not up to `FLUSH_WITHIN` later.
+    fn flush_when_idle(&self) -> bool {
+        false
+    }
     /// Called a few times a second, busy or idle: periodic work (a manifest rewrite).
     fn tick(&mut self) -> Result<()> {
         Ok(())

@@ -141,6 +141,14 @@ impl Sink for QueueSink {
         Ok(Disposition::Final)
     }
 
+    /// A worker settles (acknowledges) a job message only once its outcomes are published,
+    /// and holds a bounded number of messages: outcomes left waiting for the next flush kept
+    /// its pipeline short of work (50,000 small files: 0.91 s, against 0.83 s flushed when
+    /// idle), and the last outcomes of a run waited for nothing.
+    fn flush_when_idle(&self) -> bool {
+        true
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.gave_up && !self.unsent.is_empty() {
             anyhow::bail!("outcomes not published: an earlier publish gave up");
