@@ -1070,9 +1070,10 @@ fn check_own_files_apart(own: &[PathBuf], dir: &Path) -> Result<()> {
     }
 }
 
-/// Refuses `--out` or a move directory that is, lies in or encloses the state directory
-/// `dir`: outputs or moved inputs would land beside the state's database, where a name could
-/// replace it, and the state directory is left out of every walk (found by a review: batch
+/// Refuses `--out` that is or lies in the state directory `dir`, or a move directory that is,
+/// lies in or encloses it: outputs or moved inputs would land beside the state's database,
+/// where a moved input's name could replace it, and the state directory is left out of every
+/// walk (found by a review: batch
 /// and watch accepted `--out st --state st`).
 fn check_dirs_apart(cfg: &Config, dir: &Path) -> Result<()> {
     let dirs = [
@@ -1088,11 +1089,14 @@ fn check_dirs_apart(cfg: &Config, dir: &Path) -> Result<()> {
     ];
     for (flag, d) in dirs {
         let Some(d) = d else { continue };
+        // An output directory may hold the state (`--out arch --state arch/.filepipe`, as ran
+        // before): outputs are named `.gz` or `.zst`, never as the state's files. A move
+        // directory may not: moved inputs keep their names.
         let how = if d == dir {
             "is"
         } else if d.starts_with(dir) {
             "is inside"
-        } else if dir.starts_with(d) {
+        } else if dir.starts_with(d) && flag != "--out" {
             "encloses"
         } else {
             continue;

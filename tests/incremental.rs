@@ -343,9 +343,10 @@ fn a_state_directory_that_is_or_encloses_the_tree_is_refused() {
     assert_eq!(fs::read(&manifest).unwrap(), before);
 }
 
-/// `--out` or a move directory that is, lies in or encloses the state directory is refused,
-/// in batch and watch: outputs landed beside the state's database (`--out st --state st`,
-/// found by a review), and the state directory is left out of every walk. Nothing is written.
+/// `--out` that is or lies in the state directory, or a move directory that is, lies in or
+/// encloses it, is refused, in batch and watch: outputs landed beside the state's database
+/// (`--out st --state st`, found by a review). Nothing is written. An output directory that
+/// holds the state is fine (outputs are never named as its files): it ran before.
 #[test]
 fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     let t = TestTree::new().file("a.txt", b"a\n");
@@ -353,7 +354,7 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     for (flag, dir, state) in [
         ("--out", "st", "st"),
         ("--out", "st/out", "st"),
-        ("--out", "o", "o/st"),
+        ("--move-source", "o", "o/st"),
         ("--move-source", "st/moved", "st"),
         ("--move-failed", "st", "st/inner"),
     ] {
@@ -386,6 +387,19 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
             }
         }
     }
+    let (out, state) = (side.join("arch"), side.join("arch/.filepipe"));
+    let r = run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("gzip"),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--state"),
+        state.as_os_str(),
+    ]));
+    r.success();
+    assert!(out.join("a.txt.gz").is_file());
 }
 
 #[test]
