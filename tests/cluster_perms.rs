@@ -766,3 +766,68 @@ fn a_deleted_consumer_the_worker_may_not_make_again_does_not_slow_its_other_root
     let unzipped = tool("gzip", &[s("-dc"), s("x.gz")], &other.root());
     assert_eq!(unzipped.stdout, b"other root\n");
 }
+
+/// A workers' consumer deleted while a coordinator awaits its run's outcomes (by an
+/// administrator, here a third user allowed everything), with workers whose user may not
+/// make it again: the coordinator makes it again within seconds, and the run ends with every
+/// file done (before, it waited for ever: it made the consumer only at its start).
+#[test]
+fn a_coordinator_makes_again_a_workers_consumer_deleted_mid_run() {
+    let admin = ("admin", "adm1n-Pa55-for-test");
+    let config = example().replacen(
+        "  users = [\n",
+        &format!(
+            "  users = [\n    {{ user: {}, password: \"{}\" }}\n",
+            admin.0, admin.1
+        ),
+        1,
+    );
+    let Some(nats) = server(&config) else {
+        return;
+    };
+    let t = tree(5, 0);
+    // No worker yet: the run's jobs wait in the stream.
+    let mut c = coordinator_cmd(&nats, &t);
+    c.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let coordinator = Started::new(c);
+    let pending = || {
+        let info = ask_as(
+            &nats,
+            admin,
+            "$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.workers-tree",
+            b"",
+        );
+        info["num_pending"].as_u64().unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(30), "the run's jobs queued", || {
+        pending() > 0
+    });
+    let gone = ask_as(
+        &nats,
+        admin,
+        "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-tree",
+        b"",
+    );
+    assert_eq!(gone["success"], true, "{gone}");
+    let log = t.side("worker.log");
+    let mut w = worker_cmd(&nats, &t.root());
+    w.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap());
+    let worker = Started::new(w);
+    let r = coordinator.finish(Duration::from_secs(60));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&worker),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    worker.finish(Duration::from_secs(30)).success();
+    let sum = r.success().summary();
+    assert_eq!(sum["done"], 5, "{sum}");
+    assert!(
+        r.stderr().contains("was gone: made again"),
+        "{}",
+        r.stderr()
+    );
+    assert_results(&t, 5);
+}

@@ -791,10 +791,15 @@ fn gather(
             .spawn_scoped(s, || {
                 let stop = || over.load(Ordering::Acquire) || shutdown.requested();
                 let mut lost = LostJobs::new();
+                let mut last_consumer_look = Instant::now();
                 while !stop() {
                     let outstanding = ledger.expected.lock().map_or(0, |e| e.len());
                     if outstanding > 0 {
                         lost.tend(conn, outcomes, (head, ledger, events), &stop);
+                        if last_consumer_look.elapsed() >= CONSUMER_LOOK {
+                            remake_workers_consumer(conn, head.root);
+                            last_consumer_look = Instant::now();
+                        }
                     }
                     // Woken at the end of the gathering: a run must not end up to a tenth
                     // of a second after its last outcome (every short run's end did).
@@ -813,6 +818,36 @@ fn gather(
         }
         gathered
     })
+}
+
+/// How often a coordinator awaiting outcomes makes sure its root's workers' consumer is there.
+const CONSUMER_LOOK: Duration = Duration::from_secs(5);
+
+/// Makes the workers' consumer of `root` again if it is gone (deleted by hand, or with a
+/// server that lost its store): workers whose user may not make it wait for a coordinator
+/// to, and before, one that had made it at its start never did again, so its run waited for
+/// ever (the jobs stay in the work-queue stream meanwhile). One request when it is there.
+fn remake_workers_consumer(conn: &Conn, root: &str) {
+    let gone = conn.rt.block_on(async {
+        let stream = conn.js.get_stream(JOBS_STREAM).await?;
+        let found = stream.consumer_info(crate::cluster::workers(root)).await;
+        anyhow::Ok(found.is_err_and(|e| crate::cluster::consumer_not_found(&e)))
+    });
+    if !matches!(gone, Ok(true)) {
+        // There, or the server not reachable now: the outcomes' reader says so.
+        return;
+    }
+    match conn.start(workers_consumer(&conn.js, root)) {
+        Ok(_) => tracing::warn!(
+            root,
+            "the workers' consumer of this root was gone: made again, its jobs are taken again"
+        ),
+        Err(e) => tracing::warn!(
+            root,
+            error = %format!("{e:#}"),
+            "the workers' consumer of this root is gone and could not be made again"
+        ),
+    }
 }
 
 /// `gather`'s reading of the outcomes, on the calling thread.

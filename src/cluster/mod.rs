@@ -764,18 +764,22 @@ pub(crate) async fn await_workers_consumer(
                     .await
                     .map(Some);
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    jetstream::context::ConsumerInfoErrorKind::NotFound
-                ) || matches!(
-                    e.kind(),
-                    jetstream::context::ConsumerInfoErrorKind::JetStream(j)
-                        if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
-                ) => {}
+            Err(e) if consumer_not_found(&e) => {}
             Err(e) => return Err(anyhow!(e).context(format!("looking for {}", workers(root)))),
         }
     }
+}
+
+/// Whether a consumer info request failed because the consumer is not there.
+pub(crate) fn consumer_not_found(e: &jetstream::context::ConsumerInfoError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::ConsumerInfoErrorKind::NotFound
+    ) || matches!(
+        e.kind(),
+        jetstream::context::ConsumerInfoErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND
+    )
 }
 
 /// Up to `n` messages from `consumer`: those available now, or else the first to arrive
