@@ -1044,8 +1044,30 @@ fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
         "is the"
     } else if root.starts_with(dir) {
         "encloses the"
-    } else {
+    } else if dir.starts_with(root) {
         return Ok(());
+    } else {
+        // Apart by path; by identity too? A bind mount or FUSE view of a directory of the
+        // tree is walked as the tree, and the state's files in it, not known by that path,
+        // were taken as inputs (found by a review: failed `in-use` each run).
+        let flags = rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::CLOEXEC;
+        let Ok(fd) = rustix::fs::open(dir, flags, rustix::fs::Mode::empty()) else {
+            return Ok(());
+        };
+        match aside::overlap_at(root, &fd, dir) {
+            Ok(Some("is inside the")) => bail!(
+                "--state {} is inside the input directory {} by another path (a bind mount, a \
+                 FUSE view or a hard-linked directory): the walk would take the state's files \
+                 for inputs; name it by its path inside the tree, or choose a directory \
+                 outside it",
+                given.display(),
+                root.display()
+            ),
+            Ok(Some(how)) => how,
+            _ => return Ok(()),
+        }
     };
     bail!(
         "--state {} {how} input directory {}: what lies under the state directory is \

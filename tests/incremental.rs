@@ -402,6 +402,53 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     assert!(out.join("a.txt.gz").is_file());
 }
 
+/// A state directory inside the tree by another path (a bind mount of the tree's directory)
+/// is refused, batch and watch: the walk knew it only by its path, took its files for inputs
+/// and failed them `in-use` (found by a review).
+#[test]
+fn a_state_directory_inside_the_tree_by_another_path_is_refused() {
+    let t = TestTree::new().file("a", b"a\n").file("sub/b", b"b\n");
+    let Some(_bound) = BindMount::new(&t.path("sub"), &t.side("view")) else {
+        return;
+    };
+    let state = t.side("view/st");
+    for mode in ["batch", "watch"] {
+        let r = run(filepipe(&[
+            OsStr::new(mode),
+            t.root().as_os_str(),
+            OsStr::new("--op"),
+            OsStr::new("sha256"),
+            OsStr::new("--state"),
+            state.as_os_str(),
+        ]));
+        let said = r.code(2).stderr();
+        assert!(
+            said.contains("--state") && said.contains("by another path"),
+            "{mode}: {said}"
+        );
+    }
+    // By its path inside the tree: left out of the walk, as always.
+    let inside = t.path("sub/st");
+    let _ = fs::remove_dir_all(&inside);
+    let r = run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--state"),
+        inside.as_os_str(),
+        OsStr::new("--manifest"),
+        t.side("SUMS").as_os_str(),
+        OsStr::new("--json"),
+    ]));
+    let s = r.success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{s}"
+    );
+}
+
 #[test]
 fn a_state_is_used_by_one_process_at_a_time_and_not_with_a_queue() {
     let t = tree(3);

@@ -785,3 +785,39 @@ pub fn assert_check(checker: &str, manifest: &Path, dir: &Path, n: usize) {
         .count();
     assert_eq!(ok, n, "{checker} -c {}: {:?}", manifest.display(), out);
 }
+
+/// A bind mount made for a test, unmounted when dropped (before its directory is removed).
+pub struct BindMount(PathBuf);
+
+impl BindMount {
+    /// Binds `from` at `at` (made if missing), or `None`, saying why, where mount(2) is not
+    /// permitted.
+    pub fn new(from: &Path, at: &Path) -> Option<BindMount> {
+        fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(BindMount(at.to_path_buf())),
+            Ok(o) => {
+                eprintln!(
+                    "SKIPPED: mount --bind not permitted: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("SKIPPED: no mount(8): {e}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for BindMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
