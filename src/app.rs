@@ -127,6 +127,7 @@ pub fn main() -> ExitCode {
                 algo: args.algo,
                 root: args.root,
                 exclude: args.exclude,
+                state: args.state,
                 json: args.json,
                 quiet: cli.quiet,
             };

@@ -679,10 +679,15 @@ pub(crate) struct VerifyArgs {
     pub(crate) root: Option<PathBuf>,
     /// Files and directories under the root never reported `added` (repeatable; the same
     /// matching as batch's --exclude). Never reported either: the manifest itself, the other
-    /// manifests of a run of several hashes, filepipe's temp files, and a filepipe state
-    /// directory's files (recognised by their first bytes); a failure log is, unless excluded.
+    /// manifests of a run of several hashes, and filepipe's temp files. A state directory and
+    /// a failure log in the tree are reported unless named (--state, --exclude).
     #[arg(long, value_name = "GLOB")]
     pub(crate) exclude: Vec<String>,
+    /// A filepipe state directory (batch's or watch's --state DIR) never reported `added`,
+    /// with all it holds, if it lies under the root: told by its identity, not by its name or
+    /// content (repeatable). One that does not exist or is not a directory is an error.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) state: Vec<PathBuf>,
     /// Print one JSON object per line: one per file ("status": ok, failed, unreadable, missing
     /// or added), then a last one with "status": "summary" and the counts.
     #[arg(long)]

@@ -47,6 +47,8 @@ pub(crate) struct Options {
     pub(crate) root: Option<PathBuf>,
     /// Never reported added.
     pub(crate) exclude: Vec<String>,
+    /// State directories (`--state`): left out of the added check, with all they hold.
+    pub(crate) state: Vec<PathBuf>,
     /// JSON lines instead of text.
     pub(crate) json: bool,
     /// No warnings on stderr.
@@ -120,10 +122,14 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
     };
     let output = |e: io::Error| Error::Output(e);
     let (report, algo) = if meta.is_dir() {
-        if opts.algo.is_some() || opts.root.is_some() || !opts.exclude.is_empty() {
+        if opts.algo.is_some()
+            || opts.root.is_some()
+            || !opts.exclude.is_empty()
+            || !opts.state.is_empty()
+        {
             return Err(setup(anyhow::anyhow!(
-                "--algo, --root and --exclude apply to a manifest, not to a directory of .gz \
-                 and .zst files"
+                "--algo, --root, --exclude and --state apply to a manifest, not to a directory \
+                 of .gz and .zst files"
             )));
         }
         let (report, lines) = verify_compressed_tree(target, &pool).map_err(setup)?;
@@ -478,6 +484,8 @@ fn verify_manifest(
     printer: &mut Printer<'_, impl Write>,
 ) -> std::result::Result<(Report, HashAlgo), Error> {
     let setup = |e: anyhow::Error| Error::Setup(e);
+    // Before anything is printed: a state directory that cannot be opened is a usage error.
+    let state_dirs = own::state_dir_ids(&opts.state).map_err(setup)?;
     let (mut report, algo, manifest, first, under, beneath) = open_manifest(opts).map_err(setup)?;
     let filter = Filter::new(&[], &opts.exclude).map_err(setup)?;
     let path = &opts.target;
@@ -580,9 +588,19 @@ fn verify_manifest(
     if printer.closed {
         return Ok((report, algo));
     }
-    let own = own::OwnFiles::of_manifest(path);
-    for (rel, check) in added(&under.real, beneath, &listed, &filter, own) {
+    let own = own::OwnFiles::of_manifest(path, state_dirs);
+    let mut state_like = Vec::new();
+    for (rel, check) in added(under, beneath, &listed, &filter, &own) {
         tally(&mut report, &check);
+        if rel.file_name() == Some(OsStr::new(crate::state::DB_NAME)) {
+            let dir = rel.parent().unwrap_or(Path::new(""));
+            let dir = if dir.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                dir
+            };
+            state_like.push(manifest::shown_name(dir.as_os_str().as_bytes()));
+        }
         let name = rel.into_os_string().into_encoded_bytes();
         let line = Line {
             shown: manifest::shown_name(&name),
@@ -590,6 +608,17 @@ fn verify_manifest(
             check,
         };
         printer.line(&line).map_err(Error::Output)?;
+    }
+    // By name only (a tree's writer may name anything so, and its content is not read): a
+    // hint, never a verdict, on stderr.
+    if !opts.quiet {
+        for dir in state_like {
+            eprintln!(
+                "filepipe: {}: looks like a filepipe state directory: pass --state DIR (or \
+                 --exclude) if it is yours",
+                String::from_utf8_lossy(&dir)
+            );
+        }
     }
     Ok((report, algo))
 }
@@ -713,18 +742,19 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
 /// bytes): what a batch run would hash now and the manifest lacks, each `Check::Added`.
 /// Symlinks are not followed (batch does not hash them by default); excluded names,
 /// filepipe's temps (named so and marked: a name alone hides nothing) and filepipe's `own`
-/// files (the manifest, the other manifests of its run, a state directory's files: none of
-/// which the batch that wrote the manifest lists) are left out. A directory that cannot be
-/// read (no permission, a path too long) leaves its files unknown: a line of its own that
-/// fails the run, since the report of added files is then incomplete.
+/// files (the manifest, the other manifests of its run, the state directories named with
+/// `--state`: none of which the batch that wrote the manifest lists) are left out. A
+/// directory that cannot be read (no permission, a path too long) leaves its files unknown: a
+/// line of its own that fails the run, since the report of added files is then incomplete.
 fn added(
-    root: &Path,
+    under: &Under,
     beneath: &Root,
     listed: &HashSet<PathBuf>,
     filter: &Filter,
-    mut own: own::OwnFiles,
+    own: &own::OwnFiles,
 ) -> Vec<(PathBuf, Check)> {
     use std::os::unix::fs::MetadataExt;
+    let root = under.real.as_path();
     let mut found = Vec::new();
     let mut it = WalkDir::new(root).min_depth(1).into_iter();
     while let Some(entry) = it.next() {
@@ -750,7 +780,11 @@ fn added(
         let Ok(rel) = entry.path().strip_prefix(root) else {
             continue;
         };
-        if filter.excluded(rel) {
+        let is_state_dir = || {
+            entry.file_type().is_dir()
+                && (entry.metadata().ok()).is_some_and(|m| own.is_state_dir((m.dev(), m.ino())))
+        };
+        if filter.excluded(rel) || is_state_dir() {
             if entry.file_type().is_dir() {
                 it.skip_current_dir();
             }
