@@ -678,9 +678,13 @@ pub(crate) struct VerifyArgs {
     #[arg(long, value_name = "DIR")]
     pub(crate) root: Option<PathBuf>,
     /// Files and directories under the root never reported `added` (repeatable; the same
-    /// matching as batch's --exclude). Never reported either: the manifest itself, the other
-    /// manifests of a run of several hashes, and filepipe's temp files. A state directory and
-    /// a failure log in the tree are reported unless named (--state, --exclude).
+    /// matching as batch's --exclude). Never reported either: the manifest itself, filepipe's
+    /// temp files, and another manifest of a run of several hashes (NAME.sha256, .sha512,
+    /// .blake3 beside NAME, or NAME beside NAME.blake3) only if it is a regular file in the
+    /// manifest's own directory, at most 4 times the manifest's size plus 64 KiB, that is all
+    /// manifest lines as filepipe writes them, of its name's hash, naming exactly the files
+    /// the manifest lists. A state directory and a
+    /// failure log in the tree are reported unless named (--state, --exclude).
     #[arg(long, value_name = "GLOB")]
     pub(crate) exclude: Vec<String>,
     /// A filepipe state directory (batch's or watch's --state DIR) never reported `added`,

@@ -486,7 +486,8 @@ fn verify_manifest(
     let setup = |e: anyhow::Error| Error::Setup(e);
     // Before anything is printed: a state directory that cannot be opened is a usage error.
     let state_dirs = own::state_dir_ids(&opts.state).map_err(setup)?;
-    let (mut report, algo, manifest, first, under, beneath) = open_manifest(opts).map_err(setup)?;
+    let (mut report, algo, manifest, size, first, under, beneath) =
+        open_manifest(opts).map_err(setup)?;
     let filter = Filter::new(&[], &opts.exclude).map_err(setup)?;
     let path = &opts.target;
     let mut listed: HashSet<PathBuf> = HashSet::new();
@@ -588,7 +589,7 @@ fn verify_manifest(
     if printer.closed {
         return Ok((report, algo));
     }
-    let own = own::OwnFiles::of_manifest(path, state_dirs);
+    let own = own::OwnFiles::of_manifest(path, size, state_dirs);
     let mut state_like = Vec::new();
     for (rel, check) in added(under, beneath, &listed, &filter, &own) {
         tally(&mut report, &check);
@@ -680,12 +681,13 @@ fn feed(
     let _ = end.send(fed);
 }
 
-/// A manifest opened, its first lines read and its algorithm told, with the root its names
-/// resolve against (as text, and opened).
+/// A manifest opened, its size (0 for a pipe), its first lines read and its algorithm told,
+/// with the root its names resolve against (as text, and opened).
 type Opened = (
     Report,
     HashAlgo,
     Lines<BufReader<File>>,
+    u64,
     Vec<Vec<u8>>,
     Under,
     Root,
@@ -697,9 +699,11 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
     // or a FIFO, which a second open would not read from the start. The first lines tell the
     // algorithm and are kept; the rest is parsed as it comes, only well-formed lines kept: a
     // manifest is untrusted input, and 50 MB of short garbage lines kept whole took 5 GB.
-    let mut manifest = File::open(path)
-        .map(|f| Lines::new(BufReader::new(f)))
-        .with_context(|| format!("cannot open {}", path.display()))?;
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let size = file
+        .metadata()
+        .map_or(0, |m| if m.is_file() { m.len() } else { 0 });
+    let mut manifest = Lines::new(BufReader::new(file));
     let mut report = Report::default();
     let mut first: Vec<Vec<u8>> = Vec::new();
     while first.len() < DETECT_LINES {
@@ -735,7 +739,7 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
         .map_err(io::Error::from)
         .with_context(|| format!("cannot open the root {}", root.display()))?;
     let algo = detect(opts, path, &first, &under, &beneath);
-    Ok((report, algo, manifest, first, under, beneath))
+    Ok((report, algo, manifest, size, first, under, beneath))
 }
 
 /// The regular files under `root` not in `listed` (relative to the root, sorted by their
@@ -797,7 +801,9 @@ fn added(
             continue;
         }
         let id = entry.metadata().ok().map(|m| (m.dev(), m.ino()));
-        if !is_beneath(beneath, rel, id) || id.is_some_and(|id| own.holds(root, beneath, rel, id)) {
+        if !is_beneath(beneath, rel, id)
+            || id.is_some_and(|id| own.holds(beneath, rel, id, listed, under))
+        {
             continue;
         }
         found.push((rel.to_path_buf(), Check::Added));

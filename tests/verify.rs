@@ -630,8 +630,9 @@ fn verify_leaves_out_a_running_watchs_state_and_is_told_its_failure_log() {
 
 /// A batch of several hashes writes a manifest for each, beside the first (`SUMS`,
 /// `SUMS.sha512`, `SUMS.blake3`), and leaves them all out of its walk: verifying any one of
-/// them reports none of the others added (found by a review: each was, exit 8). Told by its
-/// first line, not by its name alone: a file named like one that holds no manifest is added.
+/// them reports none of the others added (found by a review: each was, exit 8). Told by all
+/// it holds, not by its name: a file named like one that holds anything but the same names'
+/// digests is added, and so is one of that name in another directory.
 #[test]
 fn verify_leaves_out_the_other_manifests_of_a_run_of_several_hashes() {
     // The manifest's name has a newline and a byte that is not UTF-8.
@@ -674,4 +675,76 @@ fn verify_leaves_out_the_other_manifests_of_a_run_of_several_hashes() {
     fs::hard_link(t.path("mine"), with(".sha256")).unwrap();
     let r = verify(&manifest);
     assert_eq!(added_paths(r.code(8)), ["mine"]);
+}
+
+/// Found by a review: a file named as another manifest of the run hid any payload after one
+/// manifest line, and a hard link of that name in another directory was hidden too (only the
+/// name was compared). All of it must be the listed files' digests, in the manifest's own
+/// directory.
+#[test]
+fn a_file_named_as_another_manifest_hides_no_payload() {
+    let t = TestTree::new()
+        .file("a", b"a\n")
+        .file("b", b"b\n")
+        .dir("sub");
+    let manifest = t.path("SUMS");
+    let root = t.root();
+    run(filepipe(&[
+        s("batch"),
+        root.as_os_str(),
+        s("--op"),
+        s("sha256,sha512"),
+        s("--manifest"),
+        manifest.as_os_str(),
+    ]))
+    .success();
+    let sha512 = t.path("SUMS.sha512");
+    let good = fs::read(&sha512).unwrap();
+    let verify = || run(filepipe(&[s("verify"), manifest.as_os_str(), s("--json")]));
+    assert_eq!(added_paths(verify().success()), Vec::<String>::new());
+    // A hard link of the real one, of that name, in another directory.
+    fs::hard_link(&sha512, t.path("sub/SUMS.sha512")).unwrap();
+    assert_eq!(added_paths(verify().code(8)), ["sub/SUMS.sha512"]);
+    fs::remove_file(t.path("sub/SUMS.sha512")).unwrap();
+    let first_line = good
+        .split_inclusive(|&b| b == b'\n')
+        .next()
+        .unwrap()
+        .to_vec();
+    let blake = t.path("SUMS.blake3");
+    let payloads: [(&str, Vec<u8>); 6] = [
+        (
+            "one line, then a payload",
+            [first_line.clone(), b"#!/bin/sh\necho pwned\n".to_vec()].concat(),
+        ),
+        (
+            "the whole manifest, then a comment",
+            [good.clone(), b"# echo pwned\n".to_vec()].concat(),
+        ),
+        (
+            "the whole manifest, then a blank line",
+            [good.clone(), b"\n".to_vec()].concat(),
+        ),
+        ("one name only", first_line.clone()),
+        ("a name twice", [good.clone(), first_line.clone()].concat()),
+        (
+            "indented lines",
+            good.split_inclusive(|&b| b == b'\n')
+                .flat_map(|l| [b"\t".as_slice(), l].concat())
+                .collect(),
+        ),
+    ];
+    for (what, bytes) in payloads {
+        fs::write(&sha512, &bytes).unwrap();
+        assert_eq!(added_paths(verify().code(8)), ["SUMS.sha512"], "{what}");
+        // Under a name of another hash of the run, the same.
+        fs::rename(&sha512, &blake).unwrap();
+        assert_eq!(added_paths(verify().code(8)), ["SUMS.blake3"], "{what}");
+        fs::remove_file(&blake).unwrap();
+    }
+    // Digests of another hash under this hash's name.
+    fs::write(&sha512, fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(added_paths(verify().code(8)), ["SUMS.sha512"]);
+    fs::write(&sha512, &good).unwrap();
+    assert_eq!(added_paths(verify().success()), Vec::<String>::new());
 }
