@@ -33,6 +33,26 @@ fn example() -> String {
         .unwrap()
 }
 
+/// A third user, allowed everything: an administrator.
+const ADMIN: (&str, &str) = ("admin", "adm1n-Pa55-for-test");
+
+/// The example with `ADMIN` added to its users.
+fn with_admin() -> String {
+    let config = example().replacen(
+        "  users = [\n",
+        &format!(
+            "  users = [\n    {{ user: {}, password: \"{}\" }}\n",
+            ADMIN.0, ADMIN.1
+        ),
+        1,
+    );
+    assert!(
+        config.contains("user: admin"),
+        "the example's users list moved"
+    );
+    config
+}
+
 /// A server with `config` (the example, or a variant of it), its placeholder passwords
 /// replaced by the test's.
 fn server(config: &str) -> Option<Nats> {
@@ -690,19 +710,7 @@ fn a_worker_stops_taking_from_a_workers_consumer_changed_mid_run() {
 /// a coordinator has made it again, the worker takes its jobs.
 #[test]
 fn a_deleted_consumer_the_worker_may_not_make_again_does_not_slow_its_other_roots() {
-    let admin = ("admin", "adm1n-Pa55-for-test");
-    let config = example().replacen(
-        "  users = [\n",
-        &format!(
-            "  users = [\n    {{ user: {}, password: \"{}\" }}\n",
-            admin.0, admin.1
-        ),
-        1,
-    );
-    assert!(
-        config.contains("user: admin"),
-        "the example's users list moved"
-    );
+    let config = with_admin();
     let Some(nats) = server(&config) else {
         return;
     };
@@ -717,7 +725,7 @@ fn a_deleted_consumer_the_worker_may_not_make_again_does_not_slow_its_other_root
     let log = || fs::read_to_string(&w.log).unwrap_or_default();
     let gone = ask_as(
         &nats,
-        admin,
+        ADMIN,
         "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-other",
         b"",
     );
@@ -773,15 +781,7 @@ fn a_deleted_consumer_the_worker_may_not_make_again_does_not_slow_its_other_root
 /// file done (before, it waited for ever: it made the consumer only at its start).
 #[test]
 fn a_coordinator_makes_again_a_workers_consumer_deleted_mid_run() {
-    let admin = ("admin", "adm1n-Pa55-for-test");
-    let config = example().replacen(
-        "  users = [\n",
-        &format!(
-            "  users = [\n    {{ user: {}, password: \"{}\" }}\n",
-            admin.0, admin.1
-        ),
-        1,
-    );
+    let config = with_admin();
     let Some(nats) = server(&config) else {
         return;
     };
@@ -793,7 +793,7 @@ fn a_coordinator_makes_again_a_workers_consumer_deleted_mid_run() {
     let pending = || {
         let info = ask_as(
             &nats,
-            admin,
+            ADMIN,
             "$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.workers-tree",
             b"",
         );
@@ -804,7 +804,7 @@ fn a_coordinator_makes_again_a_workers_consumer_deleted_mid_run() {
     });
     let gone = ask_as(
         &nats,
-        admin,
+        ADMIN,
         "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-tree",
         b"",
     );
