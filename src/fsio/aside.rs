@@ -422,93 +422,174 @@ pub(crate) fn overlap_at(
     dir_fd: &OwnedFd,
     dir: &Path,
 ) -> std::io::Result<Option<&'static str>> {
-    let mounts = std::fs::read("/proc/self/mountinfo").unwrap_or_default();
-    let (tree_at, dir_at) = (beneath_fuse(&mounts, tree), beneath_fuse(&mounts, dir));
-    if (tree_at.as_path(), dir_at.as_path()) != (tree, dir) {
-        if dir_at == tree_at {
-            return Ok(Some("is the"));
-        } else if dir_at.starts_with(&tree_at) {
-            return Ok(Some("is inside the"));
-        } else if tree_at.starts_with(&dir_at) {
-            return Ok(Some("encloses the"));
-        }
-    }
+    let mounts = Mounts::read();
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let tree_fd = rfs::open(tree, flags, Mode::empty())?;
-    let id = |st: &rfs::Stat| (st.st_dev, st.st_ino);
-    let tree_id = id(&rfs::fstat(&tree_fd)?);
-    let dir_id = id(&rfs::fstat(dir_fd)?);
-    if tree_id == dir_id {
-        return Ok(Some("is the"));
+    let tree = Identity::of(&mounts, &tree_fd, tree)?;
+    let dir = Identity::of(&mounts, dir_fd, dir)?;
+    tree.overlap(&dir)
+}
+
+/// `/proc/self/mountinfo`, read once for a batch of comparisons (a config's directories are
+/// compared pairwise: reading it for each pair took a minute over a thousand mounts).
+pub(crate) struct Mounts(Vec<Mount>);
+
+impl Mounts {
+    /// The mount table now; empty where it cannot be read (the paths and `..` still tell).
+    pub(crate) fn read() -> Mounts {
+        Mounts(parse_mounts(
+            &std::fs::read("/proc/self/mountinfo").unwrap_or_default(),
+        ))
     }
-    // The ancestors of `from`, by `..` (which a bind mount does not hide), up to `/`.
-    let ancestors = |from: &OwnedFd| -> std::io::Result<Vec<(u64, u64)>> {
-        let mut out = Vec::new();
-        let mut fd = rfs::openat(from, "..", flags, Mode::empty())?;
-        let mut last = id(&rfs::fstat(from)?);
-        for _ in 0..4096 {
-            let now = id(&rfs::fstat(&fd)?);
-            if now == last {
-                break;
+}
+
+/// What `overlap_at` compares of one directory, looked up once: its canonical path, where it
+/// really is seen through FUSE views, its (device, inode) and its ancestors' by `..`, and
+/// where it lies within its file system.
+pub(crate) struct Identity {
+    path: PathBuf,
+    real: PathBuf,
+    id: (u64, u64),
+    /// Up to `/`; the error kept, reported only when the comparison needs the chain.
+    ancestors: Result<Vec<(u64, u64)>, (std::io::ErrorKind, String)>,
+    in_fs: Option<(Vec<u8>, PathBuf)>,
+}
+
+impl Identity {
+    /// The identity of the directory open at `fd`, whose canonical path is `path`.
+    pub(crate) fn of(mounts: &Mounts, fd: &OwnedFd, path: &Path) -> std::io::Result<Identity> {
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let id = |st: &rfs::Stat| (st.st_dev, st.st_ino);
+        let own = id(&rfs::fstat(fd)?);
+        // The ancestors by `..` (which a bind mount does not hide), up to `/`.
+        let ancestors = || -> std::io::Result<Vec<(u64, u64)>> {
+            let mut out = Vec::new();
+            let mut at = rfs::openat(fd, "..", flags, Mode::empty())?;
+            let mut last = own;
+            for _ in 0..4096 {
+                let now = id(&rfs::fstat(&at)?);
+                if now == last {
+                    break;
+                }
+                out.push(now);
+                last = now;
+                at = rfs::openat(&at, "..", flags, Mode::empty())?;
             }
-            out.push(now);
-            last = now;
-            fd = rfs::openat(&fd, "..", flags, Mode::empty())?;
+            Ok(out)
+        };
+        Ok(Identity {
+            path: path.to_path_buf(),
+            real: beneath_fuse(&mounts.0, path),
+            id: own,
+            ancestors: ancestors().map_err(|e| (e.kind(), e.to_string())),
+            in_fs: in_file_system(&mounts.0, path),
+        })
+    }
+
+    /// How the directory `dir` lies to this one (the tree): `Some("is the" | "is inside the"
+    /// | "encloses the")`, or `None` where they are apart; see `overlap_at`.
+    pub(crate) fn overlap(&self, dir: &Identity) -> std::io::Result<Option<&'static str>> {
+        let tree = self;
+        if (tree.real.as_path(), dir.real.as_path()) != (&tree.path, &dir.path) {
+            if dir.real == tree.real {
+                return Ok(Some("is the"));
+            } else if dir.real.starts_with(&tree.real) {
+                return Ok(Some("is inside the"));
+            } else if tree.real.starts_with(&dir.real) {
+                return Ok(Some("encloses the"));
+            }
         }
-        Ok(out)
-    };
-    if ancestors(dir_fd)?.contains(&tree_id) {
-        return Ok(Some("is inside the"));
+        if tree.id == dir.id {
+            return Ok(Some("is the"));
+        }
+        let below = |i: &Identity, id: &(u64, u64)| match &i.ancestors {
+            Ok(a) => Ok(a.contains(id)),
+            Err((kind, msg)) => Err(std::io::Error::new(*kind, msg.clone())),
+        };
+        if below(dir, &tree.id)? {
+            return Ok(Some("is inside the"));
+        }
+        if below(tree, &dir.id)? {
+            return Ok(Some("encloses the"));
+        }
+        let (Some((tdev, tpath)), Some((ddev, dpath))) = (&tree.in_fs, &dir.in_fs) else {
+            return Ok(None);
+        };
+        if tdev != ddev {
+            return Ok(None);
+        }
+        Ok(if dpath == tpath {
+            Some("is the")
+        } else if dpath.starts_with(tpath) {
+            Some("is inside the")
+        } else if tpath.starts_with(dpath) {
+            Some("encloses the")
+        } else {
+            None
+        })
     }
-    if ancestors(&tree_fd)?.contains(&dir_id) {
-        return Ok(Some("encloses the"));
+}
+
+/// One line of `/proc/self/mountinfo`, its fields unescaped.
+struct Mount {
+    /// The file system's device, `major:minor`.
+    dev: Vec<u8>,
+    /// The directory of the file system mounted here (a bind mount's, say), from its root.
+    root: PathBuf,
+    point: PathBuf,
+    /// The mount point's depth (components): a deeper mount hides the ones it lies in.
+    depth: usize,
+    /// `None` for a line without its type and source (passed over by `through_fuse`);
+    /// `Some(Some(dir))` for a FUSE file system mounted from the directory `dir`.
+    fuse_source: Option<Option<PathBuf>>,
+}
+
+/// `/proc/self/mountinfo`'s lines, parsed.
+fn parse_mounts(text: &[u8]) -> Vec<Mount> {
+    let mut out = Vec::new();
+    for line in text.split(|&b| b == b'\n') {
+        let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
+        if f.len() < 5 {
+            continue;
+        }
+        let path = |field: &[u8]| PathBuf::from(OsString::from_vec(unescape(field)));
+        let point = path(f[4]);
+        let sep = f.iter().position(|x| *x == b"-");
+        let typed = sep.and_then(|sep| Some((f.get(sep + 1)?, f.get(sep + 2)?)));
+        let fuse_source = typed.map(|(kind, source)| {
+            let source = path(source);
+            (kind.starts_with(b"fuse") && source.is_absolute()).then_some(source)
+        });
+        out.push(Mount {
+            dev: f[2].to_vec(),
+            root: path(f[3]),
+            depth: point.components().count(),
+            point,
+            fuse_source,
+        });
     }
-    let (Some((tdev, tpath)), Some((ddev, dpath))) =
-        (in_file_system(&mounts, tree), in_file_system(&mounts, dir))
-    else {
-        return Ok(None);
-    };
-    if tdev != ddev {
-        return Ok(None);
-    }
-    Ok(if dpath == tpath {
-        Some("is the")
-    } else if dpath.starts_with(&tpath) {
-        Some("is inside the")
-    } else if tpath.starts_with(&dpath) {
-        Some("encloses the")
-    } else {
-        None
-    })
+    out
 }
 
 /// Where the canonical `path` lies within its file system, from `/proc/self/mountinfo`
 /// (`mounts`): the mount's device (`major:minor`) and the path from that file system's root.
 /// The last mount whose mount point holds `path` hides the others.
-fn in_file_system(mounts: &[u8], path: &Path) -> Option<(Vec<u8>, PathBuf)> {
-    let mut best: Option<(usize, Vec<u8>, PathBuf)> = None;
-    for line in mounts.split(|&b| b == b'\n') {
-        let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        if f.len() < 5 {
-            continue;
-        }
-        let (dev, root, point) = (f[2], unescape(f[3]), unescape(f[4]));
-        let point = Path::new(OsStr::from_bytes(&point));
-        let Ok(rest) = path.strip_prefix(point) else {
+fn in_file_system(mounts: &[Mount], path: &Path) -> Option<(Vec<u8>, PathBuf)> {
+    let mut best: Option<(usize, &Mount, &Path)> = None;
+    for m in mounts {
+        let Ok(rest) = path.strip_prefix(&m.point) else {
             continue;
         };
-        let depth = point.components().count();
-        if best.as_ref().is_none_or(|b| depth >= b.0) {
-            let within = Path::new(OsStr::from_bytes(&root)).join(rest);
-            best = Some((depth, dev.to_vec(), within));
+        if best.as_ref().is_none_or(|b| m.depth >= b.0) {
+            best = Some((m.depth, m, rest));
         }
     }
-    best.map(|(_, dev, within)| (dev, within))
+    best.map(|(_, m, rest)| (m.dev.clone(), m.root.join(rest)))
 }
 
 /// Where the canonical `path` really is, seen through FUSE file systems mounted from a
 /// directory (`through_fuse`), a view of a view included (up to a depth of 8).
-fn beneath_fuse(mounts: &[u8], path: &Path) -> PathBuf {
+fn beneath_fuse(mounts: &[Mount], path: &Path) -> PathBuf {
     let mut at = path.to_path_buf();
     for _ in 0..8 {
         match through_fuse(mounts, &at) {
@@ -524,34 +605,22 @@ fn beneath_fuse(mounts: &[u8], path: &Path) -> PathBuf {
 /// or in a bind mount of a directory of one (mountinfo's root field): that directory's path
 /// (canonical) joined with `path`'s place in the mount; `None` otherwise, and when that path
 /// does not exist.
-fn through_fuse(mounts: &[u8], path: &Path) -> Option<PathBuf> {
+fn through_fuse(mounts: &[Mount], path: &Path) -> Option<PathBuf> {
     let mut best: Option<(usize, PathBuf)> = None;
-    for line in mounts.split(|&b| b == b'\n') {
-        let f: Vec<&[u8]> = line.split(|&b| b == b' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == b"-") else {
+    for m in mounts {
+        let Some(source) = &m.fuse_source else {
             continue;
         };
-        let (Some(root), Some(point), Some(kind), Some(source)) =
-            (f.get(3), f.get(4), f.get(sep + 1), f.get(sep + 2))
-        else {
+        let Ok(rest) = path.strip_prefix(&m.point) else {
             continue;
         };
-        let root = unescape(root);
-        let root = Path::new(OsStr::from_bytes(&root));
-        let root = root.strip_prefix("/").unwrap_or(root);
-        let point = unescape(point);
-        let Ok(rest) = path.strip_prefix(Path::new(OsStr::from_bytes(&point))) else {
-            continue;
-        };
-        let depth = Path::new(OsStr::from_bytes(&point)).components().count();
-        if best.as_ref().is_some_and(|b| depth < b.0) {
+        if best.as_ref().is_some_and(|b| m.depth < b.0) {
             continue;
         }
-        let source = unescape(source);
-        let fuse_dir = (kind.starts_with(b"fuse") && source.starts_with(b"/"))
-            .then(|| Path::new(OsStr::from_bytes(&source)).join(root).join(rest));
+        let root = m.root.strip_prefix("/").unwrap_or(&m.root);
+        let fuse_dir = source.as_ref().map(|s| s.join(root).join(rest));
         // A deeper mount hides the ones it lies in, FUSE or not.
-        best = Some((depth, fuse_dir.unwrap_or_default()));
+        best = Some((m.depth, fuse_dir.unwrap_or_default()));
     }
     let (_, at) = best?;
     if at.as_os_str().is_empty() {

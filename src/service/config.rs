@@ -7,8 +7,11 @@
 //! the rules a worker's are (`secret::open_checked`). No error quotes a line of the file: it
 //! may hold a password.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -17,6 +20,7 @@ use toml::Spanned;
 
 use crate::cli::{OpSpec, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_SETTLE_MS};
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
+use crate::fsio::aside;
 use crate::fsio::output::Durability;
 use crate::secret::{self, FileAccess, FileRule};
 
@@ -468,6 +472,7 @@ pub(crate) fn load(
         .or(file.failure_log.as_deref().map(resolve));
     let mut roots: Vec<(PathBuf, Range<usize>)> = Vec::new();
     let mut pipelines = Vec::new();
+    let places = Places::default();
     for (i, w) in file.watch.iter().enumerate() {
         let key = |k: &str| format!("watch[{i}].{k}");
         // An empty path joins to the config file's own directory: never what was meant.
@@ -495,8 +500,8 @@ pub(crate) fn load(
             let msg = format!("{} is not a directory", root.display());
             return Err(at(w.path.span(), &key("path"), msg));
         }
-        // Looked up afresh for each table: the directories a table makes are made below.
-        let places = Places::default();
+        // The directories the tables before made are made by now.
+        places.made();
         for (other, span) in &roots {
             if let Some((_, note)) = places.overlap(other, &root) {
                 let line = text[..span.start].matches('\n').count() + 1;
@@ -734,7 +739,7 @@ pub(crate) fn load(
     // An output root or a move directory inside a watch root listed later is just as bad; a
     // move directory that encloses another pipeline's watched tree hands it the moved files
     // to process again, and one that holds another pipeline's outputs mixes the two.
-    let places = Places::default();
+    places.made();
     let outs: Vec<Option<&Path>> = pipelines.iter().map(|c| c.out.as_deref()).collect();
     let states: Vec<&Path> = pipelines
         .iter()
@@ -876,13 +881,18 @@ pub(crate) fn load(
 }
 
 /// Where the directories compared between pipelines lie, each looked up once: a config's
-/// directories are compared pairwise, and a look up each `..` chain for every pair took
-/// seconds for 40 pipelines.
+/// directories are compared pairwise, and looking up each `..` chain and the mount table for
+/// every pair took over a minute for 60 pipelines over a thousand mounts. One for a load: the
+/// mount table is read once, and each directory's identity found once (`aside::Identity`).
 #[derive(Default)]
-struct Places(std::cell::RefCell<std::collections::HashMap<PathBuf, Place>>);
+struct Places {
+    places: RefCell<HashMap<PathBuf, Place>>,
+    identities: RefCell<HashMap<PathBuf, Option<Rc<aside::Identity>>>>,
+    mounts: std::cell::OnceCell<aside::Mounts>,
+}
 
-/// Where a directory lies: the deepest of its ancestors that exists (itself, once made), the
-/// rest of its path below that (from `/`), and the mount that ancestor is on.
+/// Where a directory lies: the deepest of its ancestors that exists (itself, once made;
+/// canonical), the rest of its path below that (from `/`), and the mount that ancestor is on.
 #[derive(Clone)]
 struct Place {
     at: PathBuf,
@@ -891,33 +901,59 @@ struct Place {
 }
 
 impl Places {
+    /// Forgets where directories lie (the deepest ancestor that exists changes as a table's
+    /// directories are made), keeping the identities of those that exist.
+    fn made(&self) {
+        self.places.borrow_mut().clear();
+    }
+
     fn of(&self, p: &Path) -> Place {
-        if let Some(place) = self.0.borrow().get(p) {
+        if let Some(place) = self.places.borrow().get(p) {
             return place.clone();
         }
         use rustix::fs::{AtFlags, StatxFlags};
-        let at = p
-            .ancestors()
-            .find(|a| a.exists())
-            .unwrap_or(p)
-            .to_path_buf();
-        let below = Path::new("/").join(p.strip_prefix(&at).unwrap_or(Path::new("")));
+        let existing = p.ancestors().find(|a| a.exists()).unwrap_or(p);
+        let rest = p.strip_prefix(existing).unwrap_or(Path::new(""));
+        let at = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+        let below = Path::new("/").join(rest);
         let flags = AtFlags::SYMLINK_NOFOLLOW;
         let mount = rustix::fs::statx(rustix::fs::CWD, &at, flags, StatxFlags::MNT_ID)
             .ok()
             .filter(|st| st.stx_mask & StatxFlags::MNT_ID.bits() != 0)
             .map(|st| st.stx_mnt_id);
         let place = Place { at, below, mount };
-        self.0.borrow_mut().insert(p.to_path_buf(), place.clone());
+        self.places
+            .borrow_mut()
+            .insert(p.to_path_buf(), place.clone());
         place
     }
 
+    /// The identity of the existing directory at the canonical path `p`, looked up once;
+    /// `None` when it cannot be opened. Opened without following a link at its last
+    /// component: a link put there since is not taken for the directory.
+    fn identity(&self, p: &Path) -> Option<Rc<aside::Identity>> {
+        if let Some(known) = self.identities.borrow().get(p) {
+            return known.clone();
+        }
+        use rustix::fs::{Mode, OFlags};
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mounts = self.mounts.get_or_init(aside::Mounts::read);
+        let found = rustix::fs::open(p, flags, Mode::empty())
+            .ok()
+            .and_then(|fd| aside::Identity::of(mounts, &fd, p).ok())
+            .map(Rc::new);
+        self.identities
+            .borrow_mut()
+            .insert(p.to_path_buf(), found.clone());
+        found
+    }
+
     /// How the directory `dir` lies to the directory `tree`: "is the", "is inside the" or
-    /// "encloses the", and how that was found: by path (""), or by identity (`identity`),
-    /// for the same directory reached by another path (a bind mount, a FUSE view), which a
-    /// comparison of canonical paths passes over. One not made yet (`check-config` makes
-    /// nothing) is compared through the deepest of its ancestors that exists. `None` when
-    /// apart.
+    /// "encloses the", and how that was found: by path (""), or by identity
+    /// (`aside::Identity`), for the same directory reached by another path (a bind mount, a
+    /// FUSE view), which a comparison of canonical paths passes over. One not made yet
+    /// (`check-config` makes nothing) is compared through the deepest of its ancestors that
+    /// exists. `None` when apart.
     fn overlap(&self, tree: &Path, dir: &Path) -> Option<(&'static str, &'static str)> {
         const BY_IDENTITY: &str = " (by a bind mount, a FUSE view or another path to it)";
         if let Some(how) = by_path(tree, dir) {
@@ -929,13 +965,16 @@ impl Places {
         if t.mount.is_some() && t.mount == d.mount {
             return None;
         }
-        if (t.at.as_path(), d.at.as_path()) == (tree, dir) {
-            return identity(tree, dir).map(|how| (how, BY_IDENTITY));
-        }
-        if identity(&t.at, &d.at) != Some("is the") {
-            return None;
-        }
-        by_path(&t.below, &d.below).map(|how| (how, BY_IDENTITY))
+        let (ti, di) = (self.identity(&t.at)?, self.identity(&d.at)?);
+        let how = match ti.overlap(&di).ok()? {
+            // The same directory: the parts not made yet tell.
+            Some("is the") => by_path(&t.below, &d.below),
+            how if (t.below.as_path(), d.below.as_path()) == (Path::new("/"), Path::new("/")) => {
+                how
+            }
+            _ => None,
+        };
+        how.map(|how| (how, BY_IDENTITY))
     }
 
     /// Whether `dir`, or the deepest of its ancestors that exists (it may be made only
@@ -980,17 +1019,6 @@ fn by_path(tree: &Path, dir: &Path) -> Option<&'static str> {
     } else {
         None
     }
-}
-
-/// `Places::overlap` of two existing directories by identity (`aside::overlap_at`: device and
-/// inode up each one's `..` chain, and where each lies in its file system); `None` when apart
-/// or when either cannot be opened. Canonical paths, `dir` opened without following a link at
-/// its last component: a link put there since is not taken for the directory.
-fn identity(tree: &Path, dir: &Path) -> Option<&'static str> {
-    use rustix::fs::{Mode, OFlags};
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = rustix::fs::open(dir, flags, Mode::empty()).ok()?;
-    crate::fsio::aside::overlap_at(tree, &fd, dir).ok()?
 }
 
 /// Refuses files filepipe writes that another of its writers would overwrite or read: a
