@@ -941,6 +941,58 @@ fn one_directory_reached_by_two_paths_is_refused_where_two_pipelines_meet() {
     assert_reload_refused(&t, &good, &bad, "watch[2].path: ");
 }
 
+/// Asserts that `refused.toml` in `t` (written by `assert_refused`) left none of `made` behind:
+/// start refuses before it makes a directory.
+fn assert_not_made(t: &TestTree, made: &[&str]) {
+    for m in made {
+        assert!(!t.side(m).exists(), "{m} was made by a refused start");
+    }
+}
+
+/// Review finding (LOW-MEDIUM, svc37b): a directory not made yet whose deepest existing
+/// ancestor lies inside another pipeline's directory by identity (a bind mount of its `sub`)
+/// passed `check-config`, and start refused it only after making it. Start also made the
+/// directories of the tables before the one refused.
+#[test]
+fn a_directory_not_made_yet_inside_another_pipelines_is_refused_before_anything_is_made() {
+    let t = TestTree::new();
+    for d in ["o/sub", "b", "state"] {
+        fs::create_dir_all(t.side(d)).unwrap();
+    }
+    let Some(_bound) = BindMount::new(&t.side("o/sub"), &t.side("bm")) else {
+        return;
+    };
+    let two = |a: &str, b: &str| {
+        format!(
+            "state_dir = \"state\"\nsettle_ms = 100\n[[watch]]\npath = \"in\"\nop = \"gzip\"\n{a}\n[[watch]]\npath = \"b\"\nop = \"zstd\"\n{b}\n"
+        )
+    };
+    let cases = [
+        (
+            "an out not made yet in a bind mount of another's out",
+            two("out = \"o\"", "out = \"bm/new\""),
+            ":10: watch[1].out: ",
+        ),
+        (
+            "the same, the other way round",
+            two("out = \"bm/new\"", "out = \"o\"").replace("bm/new", "bm/new2"),
+            ":10: watch[1].out: ",
+        ),
+        (
+            "a move directory not made yet in a bind mount of another's out",
+            two("out = \"o\"", "move_source = \"bm/moved\""),
+            ":10: watch[1].move_source: ",
+        ),
+        (
+            "an out made by an earlier table, refused at a later one",
+            two("out = \"p/a\"", "out = \"p\""),
+            ":10: watch[1].out: ",
+        ),
+    ];
+    assert_refused(&t, &cases);
+    assert_not_made(&t, &["o/sub/new", "o/sub/new2", "o/sub/moved", "p"]);
+}
+
 /// Review finding (MEDIUM, svc37b): the cross-pipeline checks read /proc/self/mountinfo and
 /// walked both `..` chains again for every pair of directories on two mounts: 60 pipelines
 /// over a thousand mounts took 84 s to check, at every start and reload. The mount table is

@@ -399,6 +399,13 @@ pub(crate) fn load(
     quiet: bool,
     create: bool,
 ) -> Result<Service> {
+    // The whole file checked first as `check-config` checks it, making nothing: start then
+    // refuses what check-config refuses, and a refusal leaves no directory or lock behind
+    // (found by a review: an output directory inside another pipeline's, by a bind mount,
+    // was made, and a state directory there given its lock, before the refusal).
+    if create {
+        load(path, overrides, quiet, false)?;
+    }
     let (text, access, file) = parse(path)?;
     let located = Located {
         path,
@@ -969,9 +976,12 @@ impl Places {
         let how = match ti.overlap(&di).ok()? {
             // The same directory: the parts not made yet tell.
             Some("is the") => by_path(&t.below, &d.below),
-            how if (t.below.as_path(), d.below.as_path()) == (Path::new("/"), Path::new("/")) => {
-                how
-            }
+            // `dir`'s existing ancestor is inside `tree` (found by a review: `out =
+            // "/m/new"`, /m a bind mount of another pipeline's output directory, passed
+            // check-config, and start made the directory before refusing it). When `tree`
+            // is not made yet, a directory that exists cannot lie in it: apart.
+            Some("is inside the") if t.below == Path::new("/") => Some("is inside the"),
+            Some("encloses the") if d.below == Path::new("/") => Some("encloses the"),
             _ => None,
         };
         how.map(|how| (how, BY_IDENTITY))
