@@ -774,8 +774,10 @@ fn pipelines_sharing_or_enclosing_a_move_directory_are_refused() {
     assert_reload_refused(&t, &good, &bad, "watch[1].move_source: ");
 }
 
-/// Review finding (LOW, svc37): an `out` that was the state directory (or inside it, or around
-/// it) was accepted, and outputs were written beside filepipe.sqlite.
+/// Review finding (LOW, svc37): an `out` that was the state directory (or inside it) was
+/// accepted, and outputs were written beside filepipe.sqlite. A move directory is refused in
+/// all three relations (a moved input keeps its name); an `out` around the state directory is
+/// accepted (`an_output_directory_around_the_state_directory_is_accepted`).
 #[test]
 fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     let t = TestTree::new().dir("b");
@@ -797,9 +799,14 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
             ":6: watch[0].out: ",
         ),
         (
-            "out around the state directory",
-            pair("o/state", "out = \"o\"", ""),
-            ":6: watch[0].out: ",
+            "a move directory around the state directory",
+            pair("o/state", "", "move_source = \"o\""),
+            ":10: watch[1].move_source: ",
+        ),
+        (
+            "a move directory that is the state directory",
+            pair("state", "", "move_failed = \"state\""),
+            ":10: watch[1].move_failed: ",
         ),
         (
             "another pipeline's out in the state directory",
@@ -939,6 +946,31 @@ fn one_directory_reached_by_two_paths_is_refused_where_two_pipelines_meet() {
     );
     let bad = format!("{good}[[watch]]\npath = \"bm/x\"\nop = \"blake3\"\n");
     assert_reload_refused(&t, &good, &bad, "watch[2].path: ");
+}
+
+/// Review finding (LOW, svc37b): `state_dir = "arch/.filepipe"` with `out = "arch"` ran before
+/// the state directory was kept apart from outputs, and was refused since ("encloses the state
+/// directory"), which broke an upgrade. An output's name ends in .gz or .zst, so it can never
+/// be one of the state's files: an `out` around the state directory is accepted again.
+#[test]
+fn an_output_directory_around_the_state_directory_is_accepted() {
+    let t = TestTree::new().file("x.log", b"kept\n");
+    fs::create_dir_all(t.side("arch")).unwrap();
+    let config = t.side("arch.toml");
+    write_config(
+        &config,
+        "state_dir = \"arch/.filepipe\"\nsettle_ms = 100\n[[watch]]\npath = \"in\"\nop = \"gzip\"\nout = \"arch\"\n",
+    );
+    let mut cmd = filepipe(&[OsStr::new("check-config"), config.as_os_str()]);
+    cmd.current_dir(t.dir.path());
+    run(cmd).success();
+    let child = start(&t, &config, &[]);
+    wait_for("x.log gzipped into arch", || {
+        t.side("arch/x.log.gz").exists() || exited(child.id())
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    child.finish(Duration::from_secs(30)).success();
+    assert!(t.side("arch/.filepipe/filepipe.sqlite").exists());
 }
 
 /// Asserts that `refused.toml` in `t` (written by `assert_refused`) left none of `made` behind:

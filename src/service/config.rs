@@ -820,10 +820,14 @@ pub(crate) fn load(
             }
             // The state directory (the pipelines share one) is the state's own: outputs or
             // moved inputs written there (or in a tree around it) sit beside filepipe.sqlite,
-            // where a file of the tree named so would meet it.
-            let state = states
-                .iter()
-                .find_map(|s| places.overlap(s, dir).map(|how| (s, how)));
+            // where a file of the tree named so would meet it. An output root around it is
+            // fine: an output's name ends in .gz or .zst, never one of the state's files
+            // (`state_dir = "arch/.filepipe"` with `out = "arch"` ran before, and a review
+            // found an upgrade refusing it); a moved input keeps its name.
+            let state = states.iter().find_map(|s| match places.overlap(s, dir) {
+                Some(("encloses the", _)) if k == "out" => None,
+                how => how.map(|how| (s, how)),
+            });
             if let Some((s, (how, note))) = state {
                 let what = match k {
                     "out" => "outputs",
