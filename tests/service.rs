@@ -825,42 +825,6 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     assert_reload_refused(&t, &good, &bad, "watch[1].out: ");
 }
 
-/// A bind mount made for a test, unmounted when dropped (before its directory is removed).
-struct BindMount(std::path::PathBuf);
-
-impl BindMount {
-    /// Binds `from` at `at` (made if missing), or `None`, saying why, where mount(2) is not
-    /// permitted.
-    fn new(from: &Path, at: &Path) -> Option<BindMount> {
-        fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount")
-            .arg("--bind")
-            .arg(from)
-            .arg(at)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Some(BindMount(at.to_path_buf())),
-            Ok(o) => {
-                eprintln!(
-                    "SKIPPED: mount --bind not permitted: {}",
-                    String::from_utf8_lossy(&o.stderr).trim()
-                );
-                None
-            }
-            Err(e) => {
-                eprintln!("SKIPPED: no mount(8): {e}");
-                None
-            }
-        }
-    }
-}
-
-impl Drop for BindMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// Review finding (LOW, svc37): the cross-pipeline checks compared canonical paths only, so
 /// one directory reached by two paths (a bind mount) was taken for two: two roots, two
 /// manifests or an output inside another's root passed. A symlinked parent was refused
