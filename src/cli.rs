@@ -687,9 +687,11 @@ pub(crate) struct VerifyArgs {
     /// failure log in the tree are reported unless named (--state, --exclude).
     #[arg(long, value_name = "GLOB")]
     pub(crate) exclude: Vec<String>,
-    /// A filepipe state directory (batch's or watch's --state DIR) never reported `added`,
-    /// with all it holds, if it lies under the root: told by its identity, not by its name or
-    /// content (repeatable). One that does not exist or is not a directory is an error.
+    /// A filepipe state directory (batch's or watch's --state DIR) whose state files
+    /// (filepipe.sqlite, its -wal, -shm and -journal, filepipe.lock) are never reported
+    /// `added`, if it lies under the root: told by its identity, not by its name or content
+    /// (repeatable); anything else in it is. One that does not exist or is not a directory is
+    /// an error.
     #[arg(long, value_name = "DIR")]
     pub(crate) state: Vec<PathBuf>,
     /// Print one JSON object per line: one per file ("status": ok, failed, unreadable, missing

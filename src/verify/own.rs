@@ -73,7 +73,7 @@ impl OwnFiles {
     }
 
     /// Whether the directory the walk found with identity `id` is a state directory named
-    /// with `--state`: it and all it holds are left out.
+    /// with `--state`: its state files are left out (`is_state_file_name`).
     pub(super) fn is_state_dir(&self, id: FileId) -> bool {
         self.state_dirs.contains(&id)
     }
@@ -118,6 +118,18 @@ impl OwnFiles {
                 .any(|&a| lists_exactly(&text, a, listed, under)),
         }
     }
+}
+
+/// Whether `name`, directly in a state directory named with `--state`, is one of the files a
+/// state keeps there: its database (and SQLite's files beside it) and its lock. Anything else
+/// there is reported like any file (found by a review: under umask 002 a group member's
+/// files in the state directory were hidden with it).
+pub(super) fn is_state_file_name(name: &str) -> bool {
+    use crate::state::{DB_NAME, LOCK_NAME};
+    name == LOCK_NAME
+        || name
+            .strip_prefix(DB_NAME)
+            .is_some_and(|rest| ["", "-wal", "-shm", "-journal"].contains(&rest))
 }
 
 /// The identities of the directories named with `--state`, each opened (a symlink to one
@@ -181,7 +193,14 @@ fn lists_exactly(text: &[u8], algo: HashAlgo, listed: &HashSet<PathBuf>, under: 
         {
             return false;
         }
-        let Some(rel) = super::relative_to(under, &entry.name) else {
+        // As filepipe writes names: no `.`, `..` or empty component, which would let a name
+        // be padded to carry anything (found by a review: `./` 3,000 times over).
+        let plain = !entry.name.is_empty()
+            && entry
+                .name
+                .split(|&b| b == b'/')
+                .all(|c| !c.is_empty() && c != b"." && c != b"..");
+        let Some(rel) = super::relative_to(under, &entry.name).filter(|_| plain) else {
             return false;
         };
         if !listed.contains(&rel) || !named.insert(rel) {
