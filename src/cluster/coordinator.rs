@@ -792,12 +792,13 @@ fn gather(
                 let stop = || over.load(Ordering::Acquire) || shutdown.requested();
                 let mut lost = LostJobs::new();
                 let mut last_consumer_look = Instant::now();
+                let mut tampered_said = false;
                 while !stop() {
                     let outstanding = ledger.expected.lock().map_or(0, |e| e.len());
                     if outstanding > 0 {
                         lost.tend(conn, outcomes, (head, ledger, events), &stop);
                         if last_consumer_look.elapsed() >= CONSUMER_LOOK {
-                            remake_workers_consumer(conn, head.root);
+                            remake_workers_consumer(conn, head.root, &mut tampered_said);
                             last_consumer_look = Instant::now();
                         }
                     }
@@ -827,15 +828,29 @@ const CONSUMER_LOOK: Duration = Duration::from_secs(5);
 /// server that lost its store): workers whose user may not make it wait for a coordinator
 /// to, and before, one that had made it at its start never did again, so its run waited for
 /// ever (the jobs stay in the work-queue stream meanwhile). One request when it is there.
-fn remake_workers_consumer(conn: &Conn, root: &str) {
-    let gone = conn.rt.block_on(async {
+/// One there but not as filepipe makes it (deleted and made again with other settings) is
+/// said once (`said`): the workers take nothing from it, and the run waits for it to be put
+/// right (found by a review: the run waited, its log silent).
+fn remake_workers_consumer(conn: &Conn, root: &str, said: &mut bool) {
+    let found = conn.rt.block_on(async {
         let stream = conn.js.get_stream(JOBS_STREAM).await?;
-        let found = stream.consumer_info(crate::cluster::workers(root)).await;
-        anyhow::Ok(found.is_err_and(|e| crate::cluster::consumer_not_found(&e)))
+        anyhow::Ok(stream.consumer_info(crate::cluster::workers(root)).await)
     });
-    if !matches!(gone, Ok(true)) {
-        // There, or the server not reachable now: the outcomes' reader says so.
-        return;
+    match found {
+        Ok(Ok(info)) => {
+            match crate::cluster::check_workers_consumer(root, &info) {
+                Err(t) if !*said => {
+                    tracing::warn!(root, "{t}: the run's jobs wait until it is");
+                    *said = true;
+                }
+                Err(_) => {}
+                Ok(()) => *said = false,
+            }
+            return;
+        }
+        Ok(Err(e)) if crate::cluster::consumer_not_found(&e) => {}
+        // The server not reachable now: the outcomes' reader says so.
+        _ => return,
     }
     match conn.start(workers_consumer(&conn.js, root)) {
         Ok(_) => tracing::warn!(
