@@ -653,6 +653,7 @@ impl Config {
         cfg.force = args.force;
         cfg.remove_source = args.remove_source;
         if let Some(dir) = &args.state {
+            state_before_making(&cfg, dir)?;
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create state directory {}", dir.display()))?;
             let state_dir = fs::canonicalize(dir)
@@ -917,6 +918,7 @@ impl Config {
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
         #[allow(unused_mut)]
+        state_before_making(&cfg, &state_dir)?;
         let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
         if let Some(w) = &cfg.watch {
             // (The service checks this itself, naming the config's line and key.)
@@ -1090,6 +1092,26 @@ fn check_own_files_apart(own: &[PathBuf], dir: &Path) -> Result<()> {
         ),
         None => Ok(()),
     }
+}
+
+/// The state directory's checks (`check_state`, `check_dirs_apart`) made on the path `given`
+/// will have, before it is made: a refused run leaves no directory behind (found by a review:
+/// one inside the tree by another path was made, then refused; a watch locked the output
+/// directory it then refused as its state). A directory made since is checked again once
+/// made, by identity too.
+fn state_before_making(cfg: &Config, given: &Path) -> Result<()> {
+    let to_be = absolute(given);
+    check_state(&cfg.root, given, &to_be)?;
+    check_dirs_apart(cfg, &to_be)?;
+    if !to_be.starts_with(&cfg.root) {
+        refuse_inside_before_making(
+            &cfg.root,
+            given,
+            "--state",
+            "the walk would take the state's files for inputs",
+        )?;
+    }
+    Ok(())
 }
 
 /// Refuses `--out` that is or lies in the state directory `dir`, or a move directory that is,
