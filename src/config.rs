@@ -1083,15 +1083,39 @@ fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
 /// Refuses a manifest or failure log (`own`) inside the state directory `dir`: written there,
 /// one replaced the state's database (found by a review), and the state's files are its own.
 fn check_own_files_apart(own: &[PathBuf], dir: &Path) -> Result<()> {
-    match own.iter().find(|f| f.starts_with(dir)) {
-        Some(f) => bail!(
-            "{} is inside the state directory {}: the state keeps its own files there; write \
-             manifests and failure logs elsewhere",
+    let refuse = |f: &Path, how: &str| {
+        bail!(
+            "{} is inside the state directory {}{how}: the state keeps its own files there; \
+             write manifests and failure logs elsewhere",
             f.display(),
             dir.display()
-        ),
-        None => Ok(()),
+        )
+    };
+    if let Some(f) = own.iter().find(|f| f.starts_with(dir)) {
+        return refuse(f, "");
     }
+    // By identity too: a manifest named through a bind mount of the state directory
+    // replaced its database (found by a review).
+    for f in own {
+        let Some(parent) = f.parent() else { continue };
+        if let Some(fd) = open_dir(parent) {
+            if let Ok(Some("is the" | "is inside the")) = aside::overlap_at(dir, &fd, parent) {
+                return refuse(
+                    f,
+                    " (by a bind mount, a FUSE view or a hard-linked directory)",
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The directory at `path`, opened to be compared by identity (`aside::overlap_at`); `None`
+/// if it cannot be (not there: nothing can be inside another by identity then).
+fn open_dir(path: &Path) -> Option<std::os::fd::OwnedFd> {
+    let flags =
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+    rustix::fs::open(path, flags, rustix::fs::Mode::empty()).ok()
 }
 
 /// The state directory's checks (`check_state`, `check_dirs_apart`) made on the path `given`
@@ -1133,6 +1157,28 @@ fn check_dirs_apart(cfg: &Config, dir: &Path) -> Result<()> {
     ];
     for (flag, d) in dirs {
         let Some(d) = d else { continue };
+        // By identity first (a bind mount of the state directory named as the output; found
+        // by a review): the paths' relation is what the message says otherwise.
+        let by_identity = open_dir(d).and_then(|fd| aside::overlap_at(dir, &fd, d).ok().flatten());
+        match by_identity {
+            Some(how @ ("is the" | "is inside the")) if !(d == dir || d.starts_with(dir)) => {
+                bail!(
+                    "{flag} {} {how} state directory {} (by a bind mount, a FUSE view or a \
+                     hard-linked directory): the state keeps its own files there; choose \
+                     directories apart",
+                    d.display(),
+                    dir.display()
+                )
+            }
+            Some("encloses the") if flag != "--out" && !dir.starts_with(d) => bail!(
+                "{flag} {} encloses the state directory {} (by a bind mount, a FUSE view or a \
+                 hard-linked directory): moved inputs keep their names; choose directories \
+                 apart",
+                d.display(),
+                dir.display()
+            ),
+            _ => {}
+        }
         // An output directory may hold the state (`--out arch --state arch/.filepipe`, as ran
         // before): outputs are named `.gz` or `.zst`, never as the state's files. A move
         // directory may not: moved inputs keep their names.

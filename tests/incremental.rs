@@ -454,6 +454,49 @@ fn a_state_directory_inside_the_tree_by_another_path_is_refused() {
     );
 }
 
+/// A manifest, `--out` or a move directory named through a bind mount of the state directory
+/// is refused like one named by the state's own path (found by a review: a manifest named
+/// `m/filepipe.sqlite`, `m` a view of the state directory, replaced the state's database;
+/// outputs and moved inputs landed beside it). An `--out` around it stays allowed.
+#[test]
+fn files_and_directories_in_the_state_directory_by_another_path_are_refused() {
+    let t = TestTree::new().file("a", b"a\n");
+    let state = t.side("st");
+    fs::create_dir(&state).unwrap();
+    let Some(_bound) = BindMount::new(&state, &t.side("view")) else {
+        return;
+    };
+    let view = t.side("view");
+    let cases: [(&str, &[&str], std::path::PathBuf); 4] = [
+        ("sha256", &["--manifest"], view.join("filepipe.sqlite")),
+        ("gzip", &["--out"], view.clone()),
+        ("gzip", &["--out"], view.join("sub")),
+        ("gzip", &["--move-source"], view.clone()),
+    ];
+    let root = t.root();
+    for (op, flag, path) in cases {
+        let mut args = vec![
+            OsStr::new("batch"),
+            root.as_os_str(),
+            OsStr::new("--op"),
+            OsStr::new(op),
+            OsStr::new("--state"),
+            state.as_os_str(),
+        ];
+        args.extend(flag.iter().map(OsStr::new));
+        args.push(path.as_os_str());
+        let r = run(filepipe(&args));
+        let said = r.code(2).stderr();
+        assert!(
+            said.contains("state directory"),
+            "{flag:?} {path:?}: {said}"
+        );
+        assert!(!state.join("filepipe.sqlite").exists(), "{flag:?}");
+        assert!(!t.path("a.gz").exists());
+        let _ = fs::remove_dir_all(view.join("sub"));
+    }
+}
+
 #[test]
 fn a_state_is_used_by_one_process_at_a_time_and_not_with_a_queue() {
     let t = tree(3);

@@ -458,7 +458,10 @@ pub(crate) struct Identity {
 impl Identity {
     /// The identity of the directory open at `fd`, whose canonical path is `path`.
     pub(crate) fn of(mounts: &Mounts, fd: &OwnedFd, path: &Path) -> std::io::Result<Identity> {
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        // `O_PATH`: the chain needs only the right to pass through each directory, not to
+        // read it (found by a review: a 0711 ancestor owned by another user made every check
+        // beneath it fail, or count as apart).
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
         let id = |st: &rfs::Stat| (st.st_dev, st.st_ino);
         let own = id(&rfs::fstat(fd)?);
         // The ancestors by `..` (which a bind mount does not hide), up to `/`.
