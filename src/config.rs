@@ -654,9 +654,10 @@ impl Config {
         cfg.remove_source = args.remove_source;
         if let Some(dir) = &args.state {
             state_before_making(&cfg, dir)?;
-            std::fs::create_dir_all(dir)
+            let to_be = absolute(dir);
+            std::fs::create_dir_all(&to_be)
                 .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-            let state_dir = fs::canonicalize(dir)
+            let state_dir = fs::canonicalize(&to_be)
                 .with_context(|| format!("cannot open state directory {}", dir.display()))?;
             check_state(&cfg.root, dir, &state_dir)?;
             check_own_files_apart(&cfg.own_files, &state_dir)?;
@@ -732,10 +733,14 @@ impl Config {
                         "--out",
                         "outputs would be mixed with the inputs",
                     )?;
-                    fs::create_dir_all(out).with_context(|| {
+                    // Made at the path the checks judged: a `..` after a name not made yet
+                    // climbs from that name, not from a directory made for it (found by a
+                    // review: `--out A/junk/../../o` made `A/junk` in the tree).
+                    let to_be = absolute(out);
+                    fs::create_dir_all(&to_be).with_context(|| {
                         format!("cannot create output directory {}", out.display())
                     })?;
-                    let made = fs::canonicalize(out).with_context(|| {
+                    let made = fs::canonicalize(&to_be).with_context(|| {
                         format!("cannot open output directory {}", out.display())
                     })?;
                     // Again, resolved now that it exists (a symlink may have appeared).
@@ -799,9 +804,11 @@ impl Config {
                 return Ok(Some(Arc::new(Aside::unopened(&absolute(given)))));
             }
             refuse_inside_before_making(&root, given, flag, "moved files would be seen again")?;
-            create_synced(given)
+            // At the path the checks judged (as `--out`).
+            let to_be = absolute(given);
+            create_synced(&to_be)
                 .with_context(|| format!("cannot create {flag} directory {}", given.display()))?;
-            let made = fs::canonicalize(given)
+            let made = fs::canonicalize(&to_be)
                 .with_context(|| format!("cannot open {flag} directory {}", given.display()))?;
             check_aside(&root, out.as_deref(), flag, given, &made)?;
             // Opened once, here: every move goes beneath this descriptor.
@@ -959,10 +966,11 @@ impl Config {
         create: bool,
     ) -> Result<Config> {
         let (state_dir, lock) = if create {
-            std::fs::create_dir_all(&state_dir).with_context(|| {
+            let to_be = absolute(&state_dir);
+            std::fs::create_dir_all(&to_be).with_context(|| {
                 format!("cannot create state directory {}", state_dir.display())
             })?;
-            let dir = fs::canonicalize(&state_dir)?;
+            let dir = fs::canonicalize(&to_be)?;
             check_state(&self.root, &state_dir, &dir)?;
             check_own_files_apart(&self.own_files, &dir)?;
             let lock = crate::state::lock_dir(&dir)?;

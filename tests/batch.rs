@@ -1492,3 +1492,23 @@ fn verbosity_selects_which_per_file_lines_reach_stderr() {
     // -q: nothing at all on stderr for a run without failures.
     assert!(stderr(&[s("-q")], None).is_empty());
 }
+
+/// An output directory named with `..` after a name not made yet is made where the name leads
+/// as the checks judged it: the name is not made on the way (found by a review:
+/// `--out A/junk/../../o` made `A/junk`, an empty directory in the input tree).
+#[test]
+fn an_output_path_climbing_out_of_a_name_not_made_makes_nothing_on_the_way() {
+    let t = TestTree::new().file("f", b"f\n");
+    let out = t.root().join("junk/../../o2");
+    run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("gzip"),
+        OsStr::new("--out"),
+        out.as_os_str(),
+    ]))
+    .success();
+    assert!(!t.path("junk").exists());
+    assert!(t.side("o2/f.gz").is_file());
+}
