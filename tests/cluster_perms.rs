@@ -831,3 +831,78 @@ fn a_coordinator_makes_again_a_workers_consumer_deleted_mid_run() {
     );
     assert_results(&t, 5);
 }
+
+/// The same, the consumer made again by someone else with other settings (a 5 s ack wait):
+/// the coordinator says so, once, instead of waiting in silence; once it is removed, the
+/// coordinator makes it as filepipe does and the run ends with every file done.
+#[test]
+fn a_coordinator_says_when_the_workers_consumer_is_made_again_otherwise() {
+    let Some(nats) = server(&with_admin()) else {
+        return;
+    };
+    let t = tree(3, 0);
+    let log = t.side("coordinator.log");
+    let mut c = coordinator_cmd(&nats, &t);
+    c.stdout(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap());
+    let coordinator = Started::new(c);
+    let info = || {
+        ask_as(
+            &nats,
+            ADMIN,
+            "$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.workers-tree",
+            b"",
+        )
+    };
+    wait_until(Duration::from_secs(30), "the run's jobs queued", || {
+        info()["num_pending"].as_u64().unwrap_or(0) > 0
+    });
+    let mut changed = info()["config"].clone();
+    changed["ack_wait"] = serde_json::json!(5_000_000_000u64);
+    let delete = || {
+        let gone = ask_as(
+            &nats,
+            ADMIN,
+            "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-tree",
+            b"",
+        );
+        assert_eq!(gone["success"], true, "{gone}");
+    };
+    delete();
+    let body = serde_json::json!({"stream_name": "FILEPIPE_JOBS", "config": changed});
+    let made = ask_as(
+        &nats,
+        ADMIN,
+        "$JS.API.CONSUMER.CREATE.FILEPIPE_JOBS.workers-tree",
+        body.to_string().as_bytes(),
+    );
+    assert!(made.get("error").is_none(), "{made}");
+    let said = |what: &str| fs::read_to_string(&log).unwrap_or_default().contains(what);
+    wait_until(
+        Duration::from_secs(30),
+        "the coordinator to say the consumer is not as filepipe makes it",
+        || said("is not as filepipe makes it (ack wait 5s"),
+    );
+    delete();
+    let mut w = worker_cmd(&nats, &t.root());
+    w.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let worker = Started::new(w);
+    let r = coordinator.finish(Duration::from_secs(60));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&worker),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    worker.finish(Duration::from_secs(30)).success();
+    assert_eq!(r.success().summary()["done"], 3);
+    let text = fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        text.matches("is not as filepipe makes it").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("was gone: made again"), "{text}");
+    assert_results(&t, 3);
+}
