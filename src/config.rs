@@ -655,6 +655,7 @@ impl Config {
         if let Some(dir) = &args.state {
             state_before_making(&cfg, dir)?;
             let to_be = absolute(dir);
+            check_dirs_apart(&cfg, &to_be)?;
             std::fs::create_dir_all(&to_be)
                 .with_context(|| format!("cannot create state directory {}", dir.display()))?;
             let state_dir = fs::canonicalize(&to_be)
@@ -748,7 +749,9 @@ impl Config {
                     // What the paths do not show: a bind mount of (or into) the tree, or a
                     // FUSE view of it (found by a review: outputs written among the inputs,
                     // and with --force over them).
-                    let flags = rustix::fs::OFlags::RDONLY
+                    // (`O_PATH`: a directory one may write and pass through, not read, is
+                    // compared too; found by a review.)
+                    let flags = rustix::fs::OFlags::PATH
                         | rustix::fs::OFlags::DIRECTORY
                         | rustix::fs::OFlags::CLOEXEC;
                     let how = rustix::fs::open(&made, flags, rustix::fs::Mode::empty())
@@ -924,8 +927,9 @@ impl Config {
         let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
+        // Before the state directory is made and locked (`watching` checks the rest).
+        check_dirs_apart(&cfg, &absolute(&state_dir))?;
         #[allow(unused_mut)]
-        state_before_making(&cfg, &state_dir)?;
         let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
         if let Some(w) = &cfg.watch {
             // (The service checks this itself, naming the config's line and key.)
@@ -965,6 +969,7 @@ impl Config {
         poll: Option<Duration>,
         create: bool,
     ) -> Result<Config> {
+        state_before_making(&self, &state_dir)?;
         let (state_dir, lock) = if create {
             let to_be = absolute(&state_dir);
             std::fs::create_dir_all(&to_be).with_context(|| {
@@ -1060,10 +1065,7 @@ fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
         // Apart by path; by identity too? A bind mount or FUSE view of a directory of the
         // tree is walked as the tree, and the state's files in it, not known by that path,
         // were taken as inputs (found by a review: failed `in-use` each run).
-        let flags = rustix::fs::OFlags::RDONLY
-            | rustix::fs::OFlags::DIRECTORY
-            | rustix::fs::OFlags::CLOEXEC;
-        let Ok(fd) = rustix::fs::open(dir, flags, rustix::fs::Mode::empty()) else {
+        let Some(fd) = open_dir(dir) else {
             return Ok(());
         };
         match aside::overlap_at(root, &fd, dir) {
@@ -1126,15 +1128,15 @@ fn open_dir(path: &Path) -> Option<std::os::fd::OwnedFd> {
     rustix::fs::open(path, flags, rustix::fs::Mode::empty()).ok()
 }
 
-/// The state directory's checks (`check_state`, `check_dirs_apart`) made on the path `given`
-/// will have, before it is made: a refused run leaves no directory behind (found by a review:
-/// one inside the tree by another path was made, then refused; a watch locked the output
-/// directory it then refused as its state). A directory made since is checked again once
-/// made, by identity too.
+/// The state directory's checks (`check_state`) made on the path `given` will have, before it
+/// is made: a refused run leaves no directory behind (found by a review: one inside the tree
+/// by another path was made, then refused, by batch, watch and the service, whose
+/// `check-config` passed it). A directory made since is checked again once made, by
+/// identity too. (`check_dirs_apart` is the command line's: the service names the config's
+/// line and key itself.)
 fn state_before_making(cfg: &Config, given: &Path) -> Result<()> {
     let to_be = absolute(given);
     check_state(&cfg.root, given, &to_be)?;
-    check_dirs_apart(cfg, &to_be)?;
     if !to_be.starts_with(&cfg.root) {
         refuse_inside_before_making(
             &cfg.root,
@@ -1224,9 +1226,7 @@ fn refuse_inside_before_making(root: &Path, given: &Path, flag: &str, why: &str)
     let Ok(real) = fs::canonicalize(existing) else {
         return Ok(());
     };
-    let flags =
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
-    let Ok(fd) = rustix::fs::open(&real, flags, rustix::fs::Mode::empty()) else {
+    let Some(fd) = open_dir(&real) else {
         return Ok(());
     };
     match aside::overlap_at(root, &fd, &real) {

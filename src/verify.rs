@@ -815,6 +815,11 @@ fn added(
         {
             continue;
         }
+        if state_file() {
+            // By name, before any look: a live state's files come and go (found by a review:
+            // its -wal and -shm replaced as the walk passed failed the run).
+            continue;
+        }
         let id = entry.metadata().ok().map(|m| (m.dev(), m.ino()));
         let here = beneath.lstat(rel).ok().map(|st| (st.st_dev, st.st_ino));
         if here.is_some() && here != id {
@@ -831,10 +836,7 @@ fn added(
             ));
             continue;
         }
-        if here.is_none()
-            || state_file()
-            || id.is_some_and(|id| own.holds(beneath, rel, id, listed, under))
-        {
+        if here.is_none() || id.is_some_and(|id| own.holds(beneath, rel, id, listed, under)) {
             continue;
         }
         found.push((rel.to_path_buf(), Check::Added));

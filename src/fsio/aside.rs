@@ -423,7 +423,8 @@ pub(crate) fn overlap_at(
     dir: &Path,
 ) -> std::io::Result<Option<&'static str>> {
     let mounts = Mounts::read();
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    // `O_PATH`, as for the `..` chain: only the right to pass through is needed.
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
     let tree_fd = rfs::open(tree, flags, Mode::empty())?;
     let tree = Identity::of(&mounts, &tree_fd, tree)?;
     let dir = Identity::of(&mounts, dir_fd, dir)?;
