@@ -1136,6 +1136,25 @@ fn open_dir(path: &Path) -> Option<std::os::fd::OwnedFd> {
 /// line and key itself.)
 fn state_before_making(cfg: &Config, given: &Path) -> Result<()> {
     let to_be = absolute(given);
+    // Named inside the tree, led out of it by a symlink there: whoever may write to the tree
+    // chose where the state is written (found by a review: a link planted at the `--state`
+    // path the user named put filepipe.sqlite and its lock outside the roots).
+    if let Ok(named) = std::path::absolute(given) {
+        let plain = named
+            .components()
+            .all(|c| !matches!(c, std::path::Component::ParentDir));
+        let in_tree = named.starts_with(&cfg.root) || named.starts_with(&cfg.root_named);
+        if plain && in_tree && !to_be.starts_with(&cfg.root) {
+            bail!(
+                "--state {} is named inside the input directory {} but a symlink there leads \
+                 to {}, outside it: whoever may write to the tree would choose where the state \
+                 is written; name that directory itself, or one inside the tree",
+                given.display(),
+                cfg.root.display(),
+                to_be.display()
+            );
+        }
+    }
     check_state(&cfg.root, given, &to_be)?;
     if !to_be.starts_with(&cfg.root) {
         refuse_inside_before_making(

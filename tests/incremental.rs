@@ -497,6 +497,42 @@ fn files_and_directories_in_the_state_directory_by_another_path_are_refused() {
     }
 }
 
+/// A `--state` named inside the tree that a symlink there leads out of (planted by whoever may
+/// write to the tree) is refused, batch and watch: nothing is written where it leads (found
+/// by a review). Named by the directory it leads to, it is fine.
+#[test]
+fn a_state_path_in_the_tree_that_a_symlink_leads_out_of_is_refused() {
+    let t = TestTree::new().file("a", b"a\n");
+    let elsewhere = t.side("elsewhere");
+    fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, t.path(".st")).unwrap();
+    let root = t.root();
+    for mode in ["batch", "watch"] {
+        let r = run(filepipe(&[
+            OsStr::new(mode),
+            root.as_os_str(),
+            OsStr::new("--op"),
+            OsStr::new("sha256"),
+            OsStr::new("--state"),
+            t.path(".st").as_os_str(),
+        ]));
+        let said = r.code(2).stderr();
+        assert!(said.contains("a symlink there leads"), "{mode}: {said}");
+        assert_eq!(fs::read_dir(&elsewhere).unwrap().count(), 0, "{mode}");
+    }
+    let r = run(filepipe(&[
+        OsStr::new("batch"),
+        root.as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--manifest"),
+        t.side("SUMS").as_os_str(),
+        OsStr::new("--state"),
+        elsewhere.as_os_str(),
+    ]));
+    r.success();
+}
+
 #[test]
 fn a_state_is_used_by_one_process_at_a_time_and_not_with_a_queue() {
     let t = tree(3);
