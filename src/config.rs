@@ -1186,42 +1186,37 @@ fn check_dirs_apart(cfg: &Config, dir: &Path) -> Result<()> {
     ];
     for (flag, d) in dirs {
         let Some(d) = d else { continue };
-        // By identity first (a bind mount of the state directory named as the output; found
-        // by a review): the paths' relation is what the message says otherwise.
-        let by_identity = open_dir(d).and_then(|fd| aside::overlap_at(dir, &fd, d).ok().flatten());
-        match by_identity {
-            Some(how @ ("is the" | "is inside the")) if !(d == dir || d.starts_with(dir)) => {
-                bail!(
-                    "{flag} {} {how} state directory {} (by a bind mount, a FUSE view or a \
-                     hard-linked directory): the state keeps its own files there; choose \
-                     directories apart",
-                    d.display(),
-                    dir.display()
-                )
+        let by_path = if d == dir {
+            Some("is the")
+        } else if d.starts_with(dir) {
+            Some("is inside the")
+        } else if dir.starts_with(d) {
+            Some("encloses the")
+        } else {
+            None
+        };
+        // By identity where the paths show nothing (a bind mount of the state directory
+        // named as the output; found by a review).
+        let (how, via) = match by_path {
+            Some(how) => (how, ""),
+            None => {
+                match open_dir(d).and_then(|fd| aside::overlap_at(dir, &fd, d).ok().flatten()) {
+                    Some(how) => (
+                        how,
+                        " (by a bind mount, a FUSE view or a hard-linked directory)",
+                    ),
+                    None => continue,
+                }
             }
-            Some("encloses the") if flag != "--out" && !dir.starts_with(d) => bail!(
-                "{flag} {} encloses the state directory {} (by a bind mount, a FUSE view or a \
-                 hard-linked directory): moved inputs keep their names; choose directories \
-                 apart",
-                d.display(),
-                dir.display()
-            ),
-            _ => {}
-        }
+        };
         // An output directory may hold the state (`--out arch --state arch/.filepipe`, as ran
         // before): outputs are named `.gz` or `.zst`, never as the state's files. A move
         // directory may not: moved inputs keep their names.
-        let how = if d == dir {
-            "is"
-        } else if d.starts_with(dir) {
-            "is inside"
-        } else if dir.starts_with(d) && flag != "--out" {
-            "encloses"
-        } else {
+        if how == "encloses the" && flag == "--out" {
             continue;
-        };
+        }
         bail!(
-            "{flag} {} {how} the state directory {}: the state keeps its own files there; \
+            "{flag} {} {how} state directory {}{via}: the state keeps its own files there; \
              choose directories apart",
             d.display(),
             dir.display()
