@@ -53,6 +53,13 @@ fn with_admin() -> String {
     config
 }
 
+/// Deletes the workers' consumer of `root` as `ADMIN` (a server started `with_admin`).
+fn delete_workers_consumer(nats: &Nats, root: &str) {
+    let subject = format!("$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-{root}");
+    let gone = ask_as(nats, ADMIN, &subject, b"");
+    assert_eq!(gone["success"], true, "{gone}");
+}
+
 /// A server with `config` (the example, or a variant of it), its placeholder passwords
 /// replaced by the test's.
 fn server(config: &str) -> Option<Nats> {
@@ -723,13 +730,7 @@ fn a_deleted_consumer_the_worker_may_not_make_again_does_not_slow_its_other_root
         .arg(format!("other={}", other.root().display()));
     let w = Worker::ready(cmd, &t.side(""));
     let log = || fs::read_to_string(&w.log).unwrap_or_default();
-    let gone = ask_as(
-        &nats,
-        ADMIN,
-        "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-other",
-        b"",
-    );
-    assert_eq!(gone["success"], true, "{gone}");
+    delete_workers_consumer(&nats, "other");
     wait_until(
         Duration::from_secs(30),
         "the worker to find the consumer gone",
@@ -802,13 +803,7 @@ fn a_coordinator_makes_again_a_workers_consumer_deleted_mid_run() {
     wait_until(Duration::from_secs(30), "the run's jobs queued", || {
         pending() > 0
     });
-    let gone = ask_as(
-        &nats,
-        ADMIN,
-        "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-tree",
-        b"",
-    );
-    assert_eq!(gone["success"], true, "{gone}");
+    delete_workers_consumer(&nats, "tree");
     let log = t.side("worker.log");
     let mut w = worker_cmd(&nats, &t.root());
     w.stdin(Stdio::null())
@@ -859,15 +854,7 @@ fn a_coordinator_says_when_the_workers_consumer_is_made_again_otherwise() {
     });
     let mut changed = info()["config"].clone();
     changed["ack_wait"] = serde_json::json!(5_000_000_000u64);
-    let delete = || {
-        let gone = ask_as(
-            &nats,
-            ADMIN,
-            "$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-tree",
-            b"",
-        );
-        assert_eq!(gone["success"], true, "{gone}");
-    };
+    let delete = || delete_workers_consumer(&nats, "tree");
     delete();
     let body = serde_json::json!({"stream_name": "FILEPIPE_JOBS", "config": changed});
     let made = ask_as(
