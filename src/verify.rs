@@ -47,7 +47,7 @@ pub(crate) struct Options {
     pub(crate) root: Option<PathBuf>,
     /// Never reported added.
     pub(crate) exclude: Vec<String>,
-    /// State directories (`--state`): left out of the added check, with all they hold.
+    /// State directories (`--state`): their state's own files are left out of the added check.
     pub(crate) state: Vec<PathBuf>,
     /// JSON lines instead of text.
     pub(crate) json: bool,
@@ -746,8 +746,8 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
 /// bytes): what a batch run would hash now and the manifest lacks, each `Check::Added`.
 /// Symlinks are not followed (batch does not hash them by default); excluded names,
 /// filepipe's temps (named so and marked: a name alone hides nothing) and filepipe's `own`
-/// files (the manifest, the other manifests of its run, the state directories named with
-/// `--state`: none of which the batch that wrote the manifest lists) are left out. A
+/// files (the manifest, the other manifests of its run, the state's files in the directories
+/// named with `--state`: none of which the batch that wrote the manifest lists) are left out. A
 /// directory that cannot be read (no permission, a path too long) leaves its files unknown: a
 /// line of its own that fails the run, since the report of added files is then incomplete.
 fn added(
