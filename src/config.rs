@@ -19,6 +19,7 @@ use crate::cli::{BatchArgs, OpKind, OpSpec, PipelineArgs, WatchArgs};
 use crate::digest::HashAlgo;
 use crate::fsio::aside::{self, Aside};
 use crate::fsio::output::{Dir, Durability};
+use crate::fsio::own::OwnIds;
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
@@ -75,6 +76,9 @@ pub(crate) struct Config {
     pub(crate) progress: bool,
     /// Paths inside the root that filepipe writes itself and must never read as inputs.
     pub(crate) own_files: Vec<PathBuf>,
+    /// filepipe's own directories and files by identity, whatever path leads to them (see
+    /// `own_ids`).
+    pub(crate) own_ids: std::sync::OnceLock<OwnIds>,
     /// Inputs must be opened beneath the root or not at all (cluster workers, whose job paths
     /// come from a queue): never by full path when the root cannot be opened.
     pub(crate) confined: bool,
@@ -910,6 +914,7 @@ impl Config {
             quiet,
             progress: !quiet && std::io::stderr().is_terminal(),
             own_files,
+            own_ids: Default::default(),
             confined: false,
             watch: None,
             incremental: None,
@@ -1003,6 +1008,33 @@ impl Config {
     /// `--manifest`, or for a hash the run does not compute.
     pub(crate) fn manifest_for(&self, algo: HashAlgo) -> Option<PathBuf> {
         manifest_path(self.manifest.as_deref(), &self.spec, algo)
+    }
+
+    /// filepipe's own directories (the state's, the output root, the move directories) and
+    /// files (the manifests, the failure log, the state's files), by identity: what the walk
+    /// and the watcher leave out whatever path reaches them, a bind mount in the tree or a
+    /// followed symlink (see `fsio::own`). Looked up at the first call, once every one of
+    /// them has been made.
+    pub(crate) fn own_ids(&self) -> &OwnIds {
+        self.own_ids.get_or_init(|| {
+            let state = (self.incremental.as_ref().map(|i| &i.state_dir))
+                .or(self.watch.as_ref().map(|w| &w.state_dir));
+            let dirs = (state.iter().copied())
+                .chain(&self.out)
+                .chain(self.move_source.iter().map(|a| &a.root))
+                .chain(self.move_failed.iter().map(|a| &a.root));
+            let mut files: Vec<PathBuf> = (self.spec.hashes().iter())
+                .filter_map(|&algo| self.manifest_for(algo))
+                .chain(self.failure_log.clone())
+                .collect();
+            if let Some(state) = state {
+                files.extend(crate::state::FILE_NAMES.iter().map(|n| state.join(n)));
+            }
+            OwnIds::of(
+                dirs.map(PathBuf::as_path),
+                files.iter().map(PathBuf::as_path),
+            )
+        })
     }
 
     /// The directory outputs for `rel` (a path relative to the root) are written under.

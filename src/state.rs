@@ -45,6 +45,16 @@ pub(crate) const DB_NAME: &str = "filepipe.sqlite";
 /// The file in the state directory that its owner holds locked (see `lock_dir`).
 pub(crate) const LOCK_NAME: &str = "filepipe.lock";
 
+/// Every file the state keeps in its directory: the lock, the database and SQLite's files
+/// beside it.
+pub(crate) const FILE_NAMES: [&str; 5] = [
+    LOCK_NAME,
+    DB_NAME,
+    "filepipe.sqlite-wal",
+    "filepipe.sqlite-shm",
+    "filepipe.sqlite-journal",
+];
+
 /// A state directory owned by this process. Two daemons writing one state would each process
 /// files the other already did (and fail on the other's outputs), so the directory belongs to
 /// the one process that holds `LOCK_NAME` locked; the file also says who that is. The pipelines

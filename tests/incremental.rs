@@ -1475,3 +1475,96 @@ fn a_watch_restarted_with_an_exclude_lists_what_an_incremental_batch_lists() {
     );
     sha256sum_check(&t, &sums);
 }
+
+/// The state's directory and the manifest's, reached through bind mounts in the tree (the
+/// state outside the tree, or inside it by its own path), or through symlinks followed with
+/// `--follow-symlinks`, are left out as they are by their own paths: before, the state's
+/// database was hashed as an input (its digest torn by the run's own writes), a `.gz` of each
+/// of its files was written into the state directory, and the previous manifest was listed in
+/// the next (found by a review).
+#[test]
+fn the_state_and_the_manifest_reached_by_another_path_in_the_tree_are_left_out() {
+    for inside in [false, true] {
+        let t = TestTree::new().file("a/x", b"x\n").file("a/y", b"y\n");
+        let (state, sums) = match inside {
+            false => (t.side("st"), t.side("sums")),
+            true => (t.path("own-st"), t.side("sums")),
+        };
+        for d in [&state, &sums] {
+            fs::create_dir(d).unwrap();
+        }
+        let Some(_views) = [(&state, t.path("a/view-st")), (&sums, t.path("view-sums"))]
+            .into_iter()
+            .map(|(from, at)| BindMount::new(from, &at))
+            .collect::<Option<Vec<_>>>()
+        else {
+            return;
+        };
+        let manifest = sums.join("SUMS");
+        let root = t.root();
+        let batch = |op: &str, extra: &[&OsStr]| {
+            let mut args = vec![
+                OsStr::new("batch"),
+                root.as_os_str(),
+                OsStr::new("--op"),
+                OsStr::new(op),
+                OsStr::new("--state"),
+                state.as_os_str(),
+                OsStr::new("--json"),
+            ];
+            args.extend(extra);
+            run(filepipe(&args))
+        };
+        for round in 0..2 {
+            let r = batch("sha256", &[OsStr::new("--manifest"), manifest.as_os_str()]);
+            let listed = fs::read_to_string(&manifest).unwrap();
+            let names: Vec<&str> = (listed.lines())
+                .filter_map(|l| l.split_once("  "))
+                .map(|(_, n)| n)
+                .collect();
+            let case = format!("inside {inside}, round {round}");
+            assert_eq!(names, ["a/x", "a/y"], "{case}");
+            assert_eq!(r.success().summary()["files"], 2, "{case}");
+        }
+        // A compressing op writes nothing into the state directory.
+        batch("gzip", &[]).success();
+        assert!(t.path("a/x.gz").exists() && t.path("a/y.gz").exists());
+        for entry in fs::read_dir(&state).unwrap() {
+            let name = entry.unwrap().file_name();
+            let name = name.to_string_lossy();
+            assert!(!name.ends_with(".gz"), "inside {inside}: {name}");
+        }
+        // Symlinks followed to the state's directory or its database: skipped as links, and
+        // said why.
+        // (The state's own path leads out of the tree when it is outside: its view does not.)
+        std::os::unix::fs::symlink("a/view-st", t.path("to-state")).unwrap();
+        std::os::unix::fs::symlink("view-st/filepipe.sqlite", t.path("a/to-db")).unwrap();
+        let log = t.side("failures.jsonl");
+        let r = batch(
+            "sha256",
+            &[
+                OsStr::new("--manifest"),
+                manifest.as_os_str(),
+                OsStr::new("--follow-symlinks"),
+                OsStr::new("--failure-log"),
+                log.as_os_str(),
+            ],
+        );
+        let s = r.success().summary();
+        // The gzip run's outputs are files of the tree now, `SUMS.gz` among them (`SUMS` was
+        // no manifest of that run's).
+        let counts = (s["done"].as_u64(), s["skipped"].as_u64());
+        assert_eq!(counts, (Some(5), Some(2)), "inside {inside}: {s}");
+        let records = failure_log(&log);
+        let mut skipped: Vec<&str> = records_of(&records, "symlink")
+            .iter()
+            .map(|r| {
+                let msg = r["message"].as_str().unwrap();
+                assert!(msg.contains("filepipe's own files"), "{r}");
+                r["path"].as_str().unwrap()
+            })
+            .collect();
+        skipped.sort();
+        assert_eq!(skipped, ["a/to-db", "to-state"], "inside {inside}");
+    }
+}

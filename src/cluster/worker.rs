@@ -876,6 +876,7 @@ impl Router<'_> {
             quiet: true,
             progress: false,
             own_files: Vec::new(),
+            own_ids: Default::default(),
             confined: true,
             watch: None,
             incremental: None,

@@ -187,6 +187,7 @@ fn for_summary(cfg: &Config) -> Arc<Config> {
         quiet: cfg.quiet,
         progress: cfg.progress,
         own_files: Vec::new(),
+        own_ids: Default::default(),
         confined: cfg.confined,
         watch: cfg.watch.as_ref().map(|w| crate::config::WatchSettings {
             lock: None,

@@ -64,6 +64,11 @@ impl DirId {
             ino: st.st_ino,
         }
     }
+
+    /// Its device and inode, as `fsio::own` knows filepipe's own directories.
+    pub(crate) fn key(self) -> crate::fsio::own::Id {
+        (self.dev, self.ino)
+    }
 }
 
 /// A directory opened for listing, and which it is.
@@ -77,6 +82,11 @@ impl OpenDir {
     fn new(fd: OwnedFd) -> Result<OpenDir, Errno> {
         let id = DirId::of(&fd)?;
         Ok(OpenDir { fd, id })
+    }
+
+    /// Which directory it is.
+    pub(crate) fn id(&self) -> DirId {
+        self.id
     }
 
     /// A directory the caller resolved to an `O_PATH` descriptor (`RootDir::beneath`), opened
@@ -413,6 +423,11 @@ impl Dirs {
     /// The deepest directory, the entry's: open while its entries are handed out.
     pub(crate) fn dir_fd(&self) -> Option<BorrowedFd<'_>> {
         self.levels.last()?.fd.as_ref().map(AsFd::as_fd)
+    }
+
+    /// Which directory the deepest is: the entry's.
+    pub(crate) fn dir_id(&self) -> Option<DirId> {
+        self.levels.last().map(|l| l.id)
     }
 
     /// The deepest directory's path (the top's as given, joined with names).

@@ -442,6 +442,9 @@ fn scan_tree(
                 Err(_) => Err(Errno::XDEV),
             };
             match opened {
+                // A watcher's new directory that is one of filepipe's own by identity (the
+                // walk never hands one over).
+                Ok(opened) if cfg.own_ids().is_dir(opened.id().key()) => return,
                 Ok(opened) => (opened, dir.to_path_buf()),
                 Err(e) => {
                     visit(dir_failed(cfg, dir, e));
@@ -502,6 +505,9 @@ fn scan_tree(
         let found = match classify(cfg, root, &mut dirs, kind, &own, stats) {
             Classified::Nothing => continue,
             Classified::Found(found) => found,
+            // A directory of filepipe's own reached by another path (a bind mount of the
+            // state's, say, or a followed link to it): left out whole, as by its own path.
+            Classified::Dir(dir, ..) if cfg.own_ids().is_dir(dir.id().key()) => continue,
             Classified::Dir(dir, path, via_link) => {
                 let mut dir = Some(dir);
                 if let (Some(split), Some(went_in)) = (split, dirs.went_in()) {
@@ -778,6 +784,13 @@ fn classify(
     if cfg.filter.excluded(&rel) || own.iter().any(|f| path.starts_with(f)) {
         return Classified::Nothing;
     }
+    // By identity too: the manifest's or the state's directory reached through a bind mount in
+    // the tree, its files by their names there (found by a review: the state's database was
+    // hashed, and a `.gz` of it written into it).
+    let own_ids = cfg.own_ids();
+    if (dirs.dir_id()).is_some_and(|d| own_ids.is_named(d.key(), name)) {
+        return Classified::Nothing;
+    }
     match kind {
         FileType::Directory if too_long(&path) => report(too_long_dir(rel)),
         FileType::Directory => match dirs.open_child() {
@@ -851,6 +864,9 @@ fn follow_link(
     };
     let (fd, st) = target;
     match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory if cfg.own_ids().is_dir(DirId::from_stat(&st).key()) => {
+            report(own_link(rel))
+        }
         FileType::Directory => {
             if let Some(ancestor) = dirs.ancestor(DirId::from_stat(&st)) {
                 let to = relative(cfg, ancestor);
@@ -879,10 +895,25 @@ fn follow_link(
                 }),
             }
         }
+        // One of filepipe's own files (the state's database, a manifest) by another path.
+        FileType::RegularFile if crate::fsio::own::is_own_file(cfg.own_ids(), &fd, &st) => {
+            report(own_link(rel))
+        }
         // Stat'ed through the link, beneath the root: the file the worker's open will find.
         FileType::RegularFile => file(cfg, dir, name, path, rel, Some(st), stats),
         other => report(special(rel, other)),
     }
+}
+
+/// A symlink followed to one of filepipe's own directories or files (see `fsio::own`): skipped,
+/// as the user's link it is.
+fn own_link(rel: PathBuf) -> Outcome {
+    let reason = FileError::new(
+        Kind::Symlink,
+        "symlink to filepipe's own files (the state directory, an output or move directory, a \
+         manifest or the failure log); not followed",
+    );
+    Outcome::Skipped { rel, reason }
 }
 
 /// A FIFO, socket or device: skipped without ever being opened.
@@ -992,9 +1023,11 @@ fn rel_under<'p>(root: &Path, path: &'p Path) -> &'p Path {
 }
 
 /// The manifest, the failure log and the state directory (and everything under them) are
-/// filepipe's. (An output root is never inside the input root: `config::check_out`.)
+/// filepipe's. (An output root is never inside the input root: `config::check_out`.) A file
+/// of theirs is known by its directory's identity too, whatever path leads there (a bind
+/// mount of the manifest's directory in the tree: see `fsio::own`).
 pub(crate) fn is_own(cfg: &Config, path: &Path) -> bool {
-    cfg.own_files.iter().any(|f| path.starts_with(f))
+    cfg.own_files.iter().any(|f| path.starts_with(f)) || cfg.own_ids().is_named_at(path)
 }
 
 /// Explains why the symlink `rel` is not followed, looking at what it leads to beneath the

@@ -125,11 +125,7 @@ impl OwnFiles {
 /// there is reported like any file (found by a review: under umask 002 a group member's
 /// files in the state directory were hidden with it).
 pub(super) fn is_state_file_name(name: &str) -> bool {
-    use crate::state::{DB_NAME, LOCK_NAME};
-    name == LOCK_NAME
-        || name
-            .strip_prefix(DB_NAME)
-            .is_some_and(|rest| ["", "-wal", "-shm", "-journal"].contains(&rest))
+    crate::state::FILE_NAMES.contains(&name)
 }
 
 /// The identities of the directories named with `--state`, each opened (a symlink to one
