@@ -647,6 +647,14 @@ impl Config {
                  here; run it without --queue"
             );
         }
+        if let Some(dir) = args.state.as_ref().filter(|_| makes_dirs(&args.common)) {
+            // The state's checks against `--out` and the move directories, before any of them
+            // is made: a refused run leaves no directory behind (found by a review:
+            // `--out st/o --state st` made `st/o`, then refused it).
+            let dry = Config::from_common(&args.dir, &args.op, &args.common, quiet, false)?;
+            state_before_making(&dry, dir)?;
+            check_dirs_apart(&dry, &absolute(dir))?;
+        }
         let mut cfg = Config::from_common(&args.dir, &args.op, &args.common, quiet, true)?;
         for &algo in cfg.spec.hashes() {
             if let Some(m) = cfg.manifest_for(algo) {
@@ -929,11 +937,15 @@ impl Config {
         // Before anything is created: `--queue` alone with no URL in the environment.
         #[cfg(feature = "cluster")]
         let url = queue_url(args.queue.as_ref())?;
-        let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
+        // Before `--out`, the move directories and the state directory are made, the state
+        // locked (`watching` checks the rest): a refused run leaves none of them behind.
+        if makes_dirs(&args.common) {
+            let dry = Config::from_common(dir, op, &args.common, quiet, false)?;
+            check_dirs_apart(&dry, &absolute(&state_dir))?;
+        }
+        let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
-        // Before the state directory is made and locked (`watching` checks the rest).
-        check_dirs_apart(&cfg, &absolute(&state_dir))?;
         #[allow(unused_mut)]
         let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
         if let Some(w) = &cfg.watch {
@@ -1199,6 +1211,12 @@ fn state_before_making(cfg: &Config, given: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `Config::from_common` makes directories for `args` (`--out`, the move
+/// directories): only then is a dry pass needed to check them against the state first.
+fn makes_dirs(args: &PipelineArgs) -> bool {
+    args.out.is_some() || args.move_source.is_some() || args.move_failed.is_some()
+}
+
 /// Refuses `--out` that is or lies in the state directory `dir`, or a move directory that is,
 /// lies in or encloses it: outputs or moved inputs would land beside the state's database,
 /// where a moved input's name could replace it, and the state directory is left out of every
@@ -1228,11 +1246,23 @@ fn check_dirs_apart(cfg: &Config, dir: &Path) -> Result<()> {
             None
         };
         // By identity where the paths show nothing (a bind mount of the state directory
-        // named as the output; found by a review).
+        // named as the output; found by a review). A state directory not made yet is judged
+        // by the deepest of its ancestors that exists: a directory that is it or holds it
+        // will hold the state (`--move-source m --state view/st`, `view` a bind mount of `m`:
+        // found by a review, the state was made and locked in `m` before the refusal).
         let (how, via) = match by_path {
             Some(how) => (how, ""),
             None => {
-                match open_dir(d).and_then(|fd| aside::overlap_at(dir, &fd, d).ok().flatten()) {
+                let existing = dir.ancestors().find(|a| a.exists());
+                let judged = existing.zip(open_dir(d)).and_then(|(a, fd)| {
+                    let how = aside::overlap_at(a, &fd, d).ok().flatten()?;
+                    match how {
+                        _ if a == dir => Some(how),
+                        "is the" | "encloses the" => Some("encloses the"),
+                        _ => None,
+                    }
+                });
+                match judged {
                     Some(how) => (
                         how,
                         " (by a bind mount, a FUSE view or a hard-linked directory)",

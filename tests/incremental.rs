@@ -376,8 +376,14 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
                 "{mode} {flag}: {said}"
             );
             assert!(!t.path("a.txt.gz").exists());
-            // Refused before the state directory was made or locked.
+            // Refused before the state directory was made or locked, and before the output
+            // or move directory was made (found by a review: batch made `st/out`, then
+            // refused it).
             assert!(!state.join("filepipe.lock").exists(), "{mode} {flag}");
+            assert!(
+                !side.join("st").exists() && !side.join("o").exists(),
+                "{mode} {flag}"
+            );
             let stray: Vec<_> = walkdir::WalkDir::new(&side)
                 .into_iter()
                 .filter_map(|e| e.ok())
@@ -387,6 +393,28 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
             for d in ["st", "o"] {
                 let _ = fs::remove_dir_all(side.join(d));
             }
+        }
+    }
+    // A move directory that will hold the state by another path (`view` a bind mount of it):
+    // refused before the state is made in it.
+    let moved = side.join("m");
+    fs::create_dir(&moved).unwrap();
+    if let Some(_view) = BindMount::new(&moved, &side.join("view")) {
+        let state = side.join("view/st");
+        for mode in ["batch", "watch"] {
+            let r = run(filepipe(&[
+                OsStr::new(mode),
+                t.root().as_os_str(),
+                OsStr::new("--op"),
+                OsStr::new("gzip"),
+                OsStr::new("--move-source"),
+                moved.as_os_str(),
+                OsStr::new("--state"),
+                state.as_os_str(),
+            ]));
+            let said = r.code(2).stderr();
+            assert!(said.contains("by a bind mount"), "{mode}: {said}");
+            assert_eq!(fs::read_dir(&moved).unwrap().count(), 0, "{mode}");
         }
     }
     let (out, state) = (side.join("arch"), side.join("arch/.filepipe"));
