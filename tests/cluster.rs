@@ -508,6 +508,39 @@ fn a_wrong_root_mapping_or_an_unreachable_server_is_a_clear_error_at_start() {
     assert!(out.stderr().contains("--root-name"), "{}", out.stderr());
 }
 
+/// A worker's output roots nested in each other through a bind mount are refused at start, as
+/// by their paths: jobs of two coordinators, `sub/x` to one and `x` to the other, would write
+/// the same output. Checked before it connects (nothing listens on port 1).
+#[test]
+fn output_roots_nested_through_a_bind_mount_are_refused_at_start() {
+    let t = TestTree::new().file("a", b"a");
+    let (outer, view) = (t.side("outer"), t.side("view"));
+    fs::create_dir_all(outer.join("sub")).unwrap();
+    let Some(_view) = BindMount::new(&outer.join("sub"), &view) else {
+        return;
+    };
+    let root = format!("tree={}", t.root().display());
+    for (a, b) in [(&outer, &view), (&view, &outer)] {
+        let out = run(filepipe(&[
+            s("worker"),
+            s("--queue"),
+            s("nats://127.0.0.1:1"),
+            s("--root"),
+            s(&root),
+            s("--out-root"),
+            s(&format!("a={}", a.display())),
+            s("--out-root"),
+            s(&format!("b={}", b.display())),
+        ]));
+        let said = out.code(2).stderr();
+        assert!(
+            said.contains("output root") && said.contains("by a bind mount"),
+            "{said}"
+        );
+        assert!(!said.contains("cannot connect"), "{said}");
+    }
+}
+
 #[test]
 fn a_server_restarted_mid_run_is_waited_for_and_the_run_completes() {
     let Some(mut nats) = Nats::start() else {

@@ -132,7 +132,8 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
     }
     // Output roots likewise, against the input roots: a bind mount (or FUSE view) of an
     // input tree's directory given as an output root got outputs written among the inputs
-    // (found by a review), which `WorkerConfig::resolve`'s paths do not show.
+    // (found by a review), which `WorkerConfig::resolve`'s paths do not show; and against
+    // each other.
     let flags =
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
     for (name, out) in &out_roots {
@@ -140,15 +141,25 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
             .map_err(std::io::Error::from)
             .with_context(|| format!("cannot open --out-root {name}={}", out.display()))
             .map_err(Unreachable)?;
-        for (other, path) in &roots {
+        // And against the other output roots: jobs of two coordinators, `sub/x` to one and
+        // `x` to the other nested in it through a bind mount, would write the same output
+        // (`WorkerConfig::resolve` refuses that by path).
+        let others = (roots.iter().map(|(n, p)| (n, p, "input root"))).chain(
+            (out_roots.iter().filter(|(n, _)| *n != name)).map(|(n, p)| (n, p, "output root")),
+        );
+        for (other, path, what) in others {
             let how = aside::overlap_at(path, &fd, out)
                 .with_context(|| format!("cannot examine --out-root {name}"))
                 .map_err(Unreachable)?;
             if let Some(how) = how {
+                let why = if what == "input root" {
+                    "outputs would be mixed with the inputs"
+                } else {
+                    "two runs could write the same output"
+                };
                 return Err(Unreachable(anyhow::anyhow!(
-                    "--out-root {name}={} {how} input root {other} ({}) (by a bind mount, a \
-                     FUSE view or a hard-linked directory): outputs would be mixed with the \
-                     inputs; choose a directory apart from it",
+                    "--out-root {name}={} {how} {what} {other} ({}) (by a bind mount, a FUSE \
+                     view or a hard-linked directory): {why}; choose a directory apart from it",
                     out.display(),
                     path.display()
                 ))
