@@ -664,6 +664,14 @@ impl Config {
         cfg.follow_symlinks = args.follow_symlinks;
         cfg.force = args.force;
         cfg.remove_source = args.remove_source;
+        // A coordinator's run files (`cluster::resume`) are its own, under the default state
+        // directory: never inputs of a tree that holds it (`batch ~ --queue ...`).
+        #[cfg(feature = "cluster")]
+        if args.queue.is_some() {
+            let dir = crate::state::default_dir();
+            let dir = fs::canonicalize(&dir).unwrap_or_else(|_| absolute(&dir));
+            cfg.own_files.push(dir.join("coordinator"));
+        }
         if let Some(dir) = &args.state {
             state_before_making(&cfg, dir)?;
             let to_be = absolute(dir);
@@ -1022,23 +1030,23 @@ impl Config {
         manifest_path(self.manifest.as_deref(), &self.spec, algo)
     }
 
-    /// filepipe's own directories (the state's, the output root, the move directories) and
-    /// files (the manifests, the failure log, the state's files), by identity: what the walk
-    /// and the watcher leave out whatever path reaches them, a bind mount in the tree or a
-    /// followed symlink (see `fsio::own`). Looked up at the first call, once every one of
-    /// them has been made.
+    /// filepipe's own directories (the state's, the output root, the move directories, a
+    /// coordinator's run files') and files (the manifests, the failure log, the state's
+    /// files), by identity: what the walk and the watcher leave out whatever path reaches
+    /// them, a bind mount in the tree or a followed symlink (see `fsio::own`). Looked up at
+    /// the first call, once every one of them has been made.
     pub(crate) fn own_ids(&self) -> &OwnIds {
         self.own_ids.get_or_init(|| {
-            let state = (self.incremental.as_ref().map(|i| &i.state_dir))
-                .or(self.watch.as_ref().map(|w| &w.state_dir));
-            let dirs = (state.iter().copied())
+            // The manifests and the failure log, the state directory and a coordinator's
+            // run files' directory: each a directory or a file, as made by now.
+            let (dirs, mut files): (Vec<PathBuf>, Vec<PathBuf>) =
+                self.own_files.iter().cloned().partition(|p| p.is_dir());
+            let dirs = (dirs.iter())
                 .chain(&self.out)
                 .chain(self.move_source.iter().map(|a| &a.root))
                 .chain(self.move_failed.iter().map(|a| &a.root));
-            let mut files: Vec<PathBuf> = (self.spec.hashes().iter())
-                .filter_map(|&algo| self.manifest_for(algo))
-                .chain(self.failure_log.clone())
-                .collect();
+            let state = (self.incremental.as_ref().map(|i| &i.state_dir))
+                .or(self.watch.as_ref().map(|w| &w.state_dir));
             if let Some(state) = state {
                 files.extend(crate::state::FILE_NAMES.iter().map(|n| state.join(n)));
             }

@@ -508,6 +508,42 @@ fn a_wrong_root_mapping_or_an_unreachable_server_is_a_clear_error_at_start() {
     assert!(out.stderr().contains("--root-name"), "{}", out.stderr());
 }
 
+/// A coordinator's run files are its own: a tree that holds its state directory (`batch ~
+/// --queue`, the default `~/.local/state/filepipe`) does not take them as inputs, by that path
+/// or through a bind mount of it in the tree. Before, the run file, written as the walk went,
+/// was hashed and listed in the manifest.
+#[test]
+fn a_coordinators_run_files_in_its_tree_are_not_taken() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new().file("a", b"a\n").file("b/c", b"c\n");
+    let state_home = t.path(".local/state");
+    fs::create_dir_all(&state_home).unwrap();
+    let bound = BindMount::new(&state_home, &t.path("view"));
+    let root = format!("tree={}", t.root().display());
+    let _w = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
+    let manifest = t.side("SUMS");
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args([
+        "--root-name",
+        "tree",
+        "--json",
+        "--op",
+        "sha256",
+        "--manifest",
+    ])
+    .arg(&manifest)
+    .env("XDG_STATE_HOME", &state_home);
+    let out = run(cmd);
+    assert_eq!(out.success().summary()["files"], 2, "{}", out.stderr());
+    let listed = fs::read_to_string(&manifest).unwrap();
+    let names: Vec<&str> = (listed.lines())
+        .filter_map(|l| l.split_once("  "))
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(names, ["a", "b/c"]);
+    drop(bound);
+}
+
 /// A worker's output roots nested in each other through a bind mount are refused at start, as
 /// by their paths: jobs of two coordinators, `sub/x` to one and `x` to the other, would write
 /// the same output. Checked before it connects (nothing listens on port 1).
