@@ -607,6 +607,11 @@ fn map_roots(given: &[RootGiven]) -> Result<std::collections::HashMap<String, Pa
 impl Config {
     /// Resolves and validates the `batch` arguments.
     pub(crate) fn from_batch(args: &BatchArgs, quiet: bool) -> Result<Config> {
+        // Every check by identity compares with the mount table as it was read once.
+        aside::with_mount_table(|| Config::from_batch_checked(args, quiet))
+    }
+
+    fn from_batch_checked(args: &BatchArgs, quiet: bool) -> Result<Config> {
         let compress_only = [
             ("--force", args.force),
             ("--remove-source", args.remove_source),
@@ -939,6 +944,11 @@ impl Config {
 
     /// Resolves and validates the `watch` arguments for one tree (not `--config`).
     pub(crate) fn from_watch(args: &WatchArgs, quiet: bool) -> Result<Config> {
+        // Every check by identity compares with the mount table as it was read once.
+        aside::with_mount_table(|| Config::from_watch_checked(args, quiet))
+    }
+
+    fn from_watch_checked(args: &WatchArgs, quiet: bool) -> Result<Config> {
         let (Some(dir), Some(op)) = (&args.dir, &args.op) else {
             bail!("watch needs DIR and --op, or --config FILE");
         };

@@ -992,9 +992,8 @@ fn a_directory_not_made_yet_inside_another_pipelines_is_refused_before_anything_
 /// Review finding (MEDIUM, svc37b): the cross-pipeline checks read /proc/self/mountinfo and
 /// walked both `..` chains again for every pair of directories on two mounts: 60 pipelines
 /// over a thousand mounts took 84 s to check, at every start and reload (315 reads here). The
-/// mount table is read once for all the pairs, and once per pipeline for its state
-/// directory's own check against its root: linear, not per pair (a count of reads, not a
-/// time: speed lives in benchmarks).
+/// mount table is read once for the whole file: all the pairs, and each pipeline's own checks
+/// (a count of reads, not a time: speed lives in benchmarks).
 #[test]
 fn the_mount_table_is_read_once_per_check() {
     let t = TestTree::new();
@@ -1034,7 +1033,9 @@ fn the_mount_table_is_read_once_per_check() {
         .unwrap()
         .matches("/proc/self/mountinfo")
         .count();
-    assert!(reads <= 1 + 6, "mountinfo read {reads} times");
+    // Once for the whole file since (each pipeline's own checks read it again: 2.4 s to start
+    // 100 pipelines over a thousand mounts).
+    assert!(reads <= 1, "mountinfo read {reads} times");
 }
 
 /// Review finding (MEDIUM, rv37d): a `state_dir` inside a watched tree by another path (a bind
