@@ -19,7 +19,7 @@ use crate::cli::{BatchArgs, OpKind, OpSpec, PipelineArgs, WatchArgs};
 use crate::digest::HashAlgo;
 use crate::fsio::aside::{self, Aside};
 use crate::fsio::output::{Dir, Durability};
-use crate::fsio::own::OwnIds;
+use crate::fsio::own::{self, OwnIds, OwnPaths};
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
@@ -79,6 +79,9 @@ pub(crate) struct Config {
     /// filepipe's own directories and files by identity, whatever path leads to them (see
     /// `own_ids`).
     pub(crate) own_ids: std::sync::OnceLock<OwnIds>,
+    /// A service's pipeline: every pipeline's own directories and files, which each leaves
+    /// out too (`None` outside a service).
+    pub(crate) service_own: Option<Arc<own::Shared>>,
     /// Inputs must be opened beneath the root or not at all (cluster workers, whose job paths
     /// come from a queue): never by full path when the root cannot be opened.
     pub(crate) confined: bool,
@@ -936,6 +939,7 @@ impl Config {
             progress: !quiet && std::io::stderr().is_terminal(),
             own_files,
             own_ids: Default::default(),
+            service_own: None,
             confined: false,
             watch: None,
             incremental: None,
@@ -960,9 +964,13 @@ impl Config {
         // locked (`watching` checks the rest): a refused run leaves none of them behind.
         if makes_dirs(&args.common) {
             let dry = Config::from_common(dir, op, &args.common, quiet, false)?;
+            state_before_making(&dry, &state_dir)?;
             check_dirs_apart(&dry, &absolute(&state_dir))?;
         }
         let cfg = Config::from_common(dir, op, &args.common, quiet, true)?;
+        // Again with `--out` and the move directories made, before the state directory is
+        // made and locked (`watching` checks the rest).
+        check_dirs_apart(&cfg, &absolute(&state_dir))?;
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
         #[allow(unused_mut)]
         let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
@@ -1040,31 +1048,70 @@ impl Config {
         manifest_path(self.manifest.as_deref(), &self.spec, algo)
     }
 
-    /// filepipe's own directories (the state's, the output root, the move directories, a
-    /// coordinator's run files') and files (the manifests, the failure log, the state's
-    /// files), by identity: what the walk and the watcher leave out whatever path reaches
-    /// them, a bind mount in the tree or a followed symlink (see `fsio::own`). Looked up at
+    /// What this run keeps as its own, by path: the state's, output and move directories
+    /// (and a coordinator's run files'), the manifests, the failure log and the state's files.
+    pub(crate) fn own_paths(&self) -> OwnPaths {
+        // The manifests and the failure log, the state directory and a coordinator's run
+        // files' directory: each a directory or a file, as made by now.
+        let (mut dirs, files): (Vec<PathBuf>, Vec<PathBuf>) =
+            self.own_files.iter().cloned().partition(|p| p.is_dir());
+        dirs.extend(self.out.iter().cloned());
+        dirs.extend(self.move_source.iter().map(|a| a.root.clone()));
+        dirs.extend(self.move_failed.iter().map(|a| a.root.clone()));
+        let (mut lasting, replaced): (Vec<PathBuf>, Vec<PathBuf>) = files
+            .into_iter()
+            .partition(|f| Some(f) == self.failure_log.as_ref());
+        let state = (self.incremental.as_ref().map(|i| &i.state_dir))
+            .or(self.watch.as_ref().map(|w| &w.state_dir));
+        if let Some(state) = state {
+            lasting.extend(crate::state::FILE_NAMES.iter().map(|n| state.join(n)));
+        }
+        OwnPaths {
+            dirs,
+            replaced,
+            lasting,
+        }
+    }
+
+    /// filepipe's own directories and files by identity (`own_paths`), and in a service every
+    /// pipeline's: what the walk and the watcher leave out whatever path reaches them, a bind
+    /// mount in the tree or a followed symlink (see `fsio::own`). This run's are looked up at
     /// the first call, once every one of them has been made.
-    pub(crate) fn own_ids(&self) -> &OwnIds {
-        self.own_ids.get_or_init(|| {
-            // The manifests and the failure log, the state directory and a coordinator's
-            // run files' directory: each a directory or a file, as made by now.
-            let (dirs, mut files): (Vec<PathBuf>, Vec<PathBuf>) =
-                self.own_files.iter().cloned().partition(|p| p.is_dir());
-            let dirs = (dirs.iter())
-                .chain(&self.out)
-                .chain(self.move_source.iter().map(|a| &a.root))
-                .chain(self.move_failed.iter().map(|a| &a.root));
-            let state = (self.incremental.as_ref().map(|i| &i.state_dir))
-                .or(self.watch.as_ref().map(|w| &w.state_dir));
-            if let Some(state) = state {
-                files.extend(crate::state::FILE_NAMES.iter().map(|n| state.join(n)));
-            }
-            OwnIds::of(
-                dirs.map(PathBuf::as_path),
-                files.iter().map(PathBuf::as_path),
-            )
-        })
+    fn own_ids(&self) -> &OwnIds {
+        self.own_ids.get_or_init(|| OwnIds::of(&self.own_paths()))
+    }
+
+    /// Whether `ask` says so of this run's own (`own_ids`) or, in a service, of another
+    /// pipeline's.
+    fn own_by(&self, ask: impl Fn(&OwnIds) -> bool) -> bool {
+        ask(self.own_ids()) || self.service_own.as_ref().is_some_and(|s| ask(&s.get()))
+    }
+
+    /// Whether the directory `id` is one of filepipe's own.
+    pub(crate) fn is_own_dir(&self, id: own::Id) -> bool {
+        self.own_by(|o| o.is_dir(id))
+    }
+
+    /// Whether `name` in the directory `dir` is one of filepipe's own files.
+    pub(crate) fn is_own_named(&self, dir: own::Id, name: &OsStr) -> bool {
+        self.own_by(|o| o.is_named(dir, name))
+    }
+
+    /// Whether `path` is one of filepipe's own files by its directory's identity and name.
+    pub(crate) fn is_own_named_at(&self, path: &Path) -> bool {
+        self.own_by(|o| o.is_named_at(path))
+    }
+
+    /// Whether the file `id` is one of filepipe's own that stay the same file (a hard link
+    /// to the state's database).
+    pub(crate) fn is_own_file(&self, id: own::Id) -> bool {
+        self.own_by(|o| o.is_file(id))
+    }
+
+    /// Whether the file a followed symlink led to (open at `fd`, stat'ed as `st`) is one of
+    /// filepipe's own.
+    pub(crate) fn is_own_followed(&self, fd: &std::os::fd::OwnedFd, st: &rustix::fs::Stat) -> bool {
+        self.own_by(|o| o.is_followed_file(fd, st))
     }
 
     /// The directory outputs for `rel` (a path relative to the root) are written under.
@@ -1217,6 +1264,17 @@ fn state_before_making(cfg: &Config, given: &Path) -> Result<()> {
             );
         }
     }
+    // Where it is to be made, something that is not a directory: the making would fail, after
+    // `--out` or a move directory had been made (found by a review).
+    if let Some(a) = to_be.ancestors().find(|a| a.symlink_metadata().is_ok()) {
+        if !a.is_dir() {
+            bail!(
+                "--state {}: cannot create the state directory: {} is not a directory",
+                given.display(),
+                a.display()
+            );
+        }
+    }
     check_state(&cfg.root, given, &to_be)?;
     if !to_be.starts_with(&cfg.root) {
         refuse_inside_before_making(
@@ -1227,6 +1285,30 @@ fn state_before_making(cfg: &Config, given: &Path) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// How the directory `d` is or will be placed against the directory `dir` by identity, each
+/// judged by the deepest of its ancestors that exists and the names below it (`None` where
+/// that cannot tell: two directories made apart under different existing ones).
+fn overlap_to_be(d: &Path, dir: &Path) -> Option<&'static str> {
+    let existing = |p: &Path| -> Option<(PathBuf, PathBuf)> {
+        let a = p.ancestors().find(|a| a.exists())?;
+        Some((a.to_path_buf(), p.strip_prefix(a).ok()?.to_path_buf()))
+    };
+    let ((da, d_rest), (sa, s_rest)) = (existing(d)?, existing(dir)?);
+    let fd = open_dir(&da)?;
+    let how = aside::overlap_at(&sa, &fd, &da).ok().flatten()?;
+    let (d_made, s_made) = (d_rest.as_os_str().is_empty(), s_rest.as_os_str().is_empty());
+    match how {
+        "is the" if d_rest == s_rest => Some("is the"),
+        "is the" if s_rest.starts_with(&d_rest) => Some("encloses the"),
+        "is the" if d_rest.starts_with(&s_rest) => Some("is inside the"),
+        // `d` holds the state's existing ancestor: it holds the state.
+        "encloses the" if d_made => Some("encloses the"),
+        // `d` lies inside the state directory itself (made already).
+        "is inside the" if s_made => Some("is inside the"),
+        _ => None,
+    }
 }
 
 /// Whether `Config::from_common` makes directories for `args` (`--out`, the move
@@ -1264,30 +1346,18 @@ fn check_dirs_apart(cfg: &Config, dir: &Path) -> Result<()> {
             None
         };
         // By identity where the paths show nothing (a bind mount of the state directory
-        // named as the output; found by a review). A state directory not made yet is judged
-        // by the deepest of its ancestors that exists: a directory that is it or holds it
-        // will hold the state (`--move-source m --state view/st`, `view` a bind mount of `m`:
-        // found by a review, the state was made and locked in `m` before the refusal).
-        let (how, via) = match by_path {
-            Some(how) => (how, ""),
-            None => {
-                let existing = dir.ancestors().find(|a| a.exists());
-                let judged = existing.zip(open_dir(d)).and_then(|(a, fd)| {
-                    let how = aside::overlap_at(a, &fd, d).ok().flatten()?;
-                    match how {
-                        _ if a == dir => Some(how),
-                        "is the" | "encloses the" => Some("encloses the"),
-                        _ => None,
-                    }
-                });
-                match judged {
-                    Some(how) => (
-                        how,
-                        " (by a bind mount, a FUSE view or a hard-linked directory)",
-                    ),
-                    None => continue,
-                }
-            }
+        // named as the output; found by a review). A directory not made yet is judged by the
+        // deepest of its ancestors that exists and the names below it: `--move-source m
+        // --state view/st`, `view` a bind mount of `m`, had the state made and locked in `m`
+        // before the refusal (found by a review), and `--move-failed m/new --state
+        // view/new/st` too.
+        let (how, via) = match by_path.or_else(|| overlap_to_be(d, dir)) {
+            Some(how) if by_path.is_some() => (how, ""),
+            Some(how) => (
+                how,
+                " (by a bind mount, a FUSE view or a hard-linked directory)",
+            ),
+            None => continue,
         };
         // An output directory may hold the state (`--out arch --state arch/.filepipe`, as ran
         // before): outputs are named `.gz` or `.zst`, never as the state's files. A move

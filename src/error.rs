@@ -40,7 +40,8 @@ pub(crate) enum Kind {
     /// Not started because a shutdown signal arrived first, or abandoned mid-way by a second
     /// one (nothing was published).
     Interrupted,
-    /// `--remove-source` refused: the input has more than one hard link.
+    /// `--remove-source` refused: the input has more than one hard link. Or the file is a
+    /// hard link to one of filepipe's own (the state's database, the failure log): not read.
     HardLinked,
     /// A corrupt gzip or zstd stream, or a digest mismatch, found by `verify`.
     Corrupt,

@@ -395,26 +395,52 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
             }
         }
     }
-    // A move directory that will hold the state by another path (`view` a bind mount of it):
-    // refused before the state is made in it.
+    // Through a bind mount (`view` of `m`), with the directories not made yet: refused before
+    // anything is made (found by reviews: the state was made and locked in `m`, or `m/new`
+    // and `m/st/o` were made, before the refusal).
     let moved = side.join("m");
     fs::create_dir(&moved).unwrap();
     if let Some(_view) = BindMount::new(&moved, &side.join("view")) {
-        let state = side.join("view/st");
+        for (flag, dir, state) in [
+            ("--move-source", "m", "view/st"),
+            ("--move-failed", "m/new", "view/new/st"),
+            ("--out", "view/st/o", "m/st"),
+        ] {
+            for mode in ["batch", "watch"] {
+                let r = run(filepipe(&[
+                    OsStr::new(mode),
+                    t.root().as_os_str(),
+                    OsStr::new("--op"),
+                    OsStr::new("gzip"),
+                    OsStr::new(flag),
+                    side.join(dir).as_os_str(),
+                    OsStr::new("--state"),
+                    side.join(state).as_os_str(),
+                ]));
+                let said = r.code(2).stderr();
+                assert!(said.contains("by a bind mount"), "{mode} {flag}: {said}");
+                assert_eq!(fs::read_dir(&moved).unwrap().count(), 0, "{mode} {flag}");
+            }
+        }
+    }
+    // The state where it cannot be made (under a file), or the tree itself: refused before
+    // `--out` is made, in both modes.
+    fs::write(side.join("afile"), b"").unwrap();
+    for state in [side.join("afile/st"), t.root()] {
         for mode in ["batch", "watch"] {
+            let out = side.join("o");
             let r = run(filepipe(&[
                 OsStr::new(mode),
                 t.root().as_os_str(),
                 OsStr::new("--op"),
                 OsStr::new("gzip"),
-                OsStr::new("--move-source"),
-                moved.as_os_str(),
+                OsStr::new("--out"),
+                out.as_os_str(),
                 OsStr::new("--state"),
                 state.as_os_str(),
             ]));
-            let said = r.code(2).stderr();
-            assert!(said.contains("by a bind mount"), "{mode}: {said}");
-            assert_eq!(fs::read_dir(&moved).unwrap().count(), 0, "{mode}");
+            r.code(2);
+            assert!(!out.exists(), "{mode} {state:?}: {}", r.stderr());
         }
     }
     let (out, state) = (side.join("arch"), side.join("arch/.filepipe"));
@@ -1595,4 +1621,57 @@ fn the_state_and_the_manifest_reached_by_another_path_in_the_tree_are_left_out()
         skipped.sort();
         assert_eq!(skipped, ["a/to-db", "to-state"], "inside {inside}");
     }
+}
+
+/// Review findings (LOW, rev38a): a failure log named through a symlink into the tree was
+/// hashed while it was written (its identity was the link's, its name the link's directory's);
+/// a hard link in the tree to the state's database was read as an input while the run wrote
+/// the database; and a symlink followed to a user's hard link of the previous manifest was
+/// skipped as filepipe's (the manifest is replaced at each run: that file is the user's now).
+#[test]
+fn own_files_by_a_symlink_or_a_hard_link_are_told_from_the_users() {
+    let t = TestTree::new().file("a", b"a\n").file("real.log", b"");
+    let (state, sums) = (t.side("st"), t.side("sums"));
+    fs::create_dir(&sums).unwrap();
+    let manifest = sums.join("SUMS");
+    let log = t.side("fail.log");
+    std::os::unix::fs::symlink(t.path("real.log"), &log).unwrap();
+    let root = t.root();
+    let batch = |extra: &[&OsStr]| {
+        let mut args = vec![
+            OsStr::new("batch"),
+            root.as_os_str(),
+            OsStr::new("--op"),
+            OsStr::new("sha256"),
+            OsStr::new("--state"),
+            state.as_os_str(),
+            OsStr::new("--manifest"),
+            manifest.as_os_str(),
+            OsStr::new("--failure-log"),
+            log.as_os_str(),
+            OsStr::new("--json"),
+        ];
+        args.extend(extra);
+        run(filepipe(&args))
+    };
+    let names = || -> Vec<String> {
+        let listed = fs::read_to_string(&manifest).unwrap();
+        (listed.lines())
+            .filter_map(|l| l.split_once("  "))
+            .map(|(_, n)| n.to_string())
+            .collect()
+    };
+    batch(&[]).success();
+    assert_eq!(names(), ["a"]);
+    fs::hard_link(state.join("filepipe.sqlite"), t.path("db")).unwrap();
+    fs::hard_link(&manifest, t.path("keep")).unwrap();
+    std::os::unix::fs::symlink("keep", t.path("lk")).unwrap();
+    let r = batch(&[OsStr::new("--follow-symlinks")]);
+    let s = r.success().summary();
+    assert_eq!(names(), ["a", "keep", "lk"], "{s}");
+    assert_eq!(s["skipped_by_reason"]["hard-linked"], 1, "{s}");
+    let records = failure_log_all(&t.path("real.log"));
+    let skipped: Vec<_> = records_of(&records, "hard-linked");
+    assert_eq!(skipped.len(), 1, "{records:?}");
+    assert_eq!(skipped[0]["path"], "db");
 }

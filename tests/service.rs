@@ -1055,3 +1055,52 @@ fn a_state_directory_inside_a_root_by_another_path_is_refused_before_it_is_made(
     assert_refused(&t, &cases);
     assert!(!t.path("st").exists(), "made in the watched tree");
 }
+
+/// Review finding (MEDIUM, rev38a): a bind mount in one pipeline's tree of another pipeline's
+/// move directory had the first compress the second's moved inputs and move them into its
+/// own move directory. Every pipeline's own directories are left out by every pipeline.
+#[test]
+fn a_pipeline_never_takes_another_pipelines_move_directory_through_a_bind_mount() {
+    let t = TestTree::new();
+    let side = |n: &str| t.side(n);
+    for d in ["t1/v", "t2", "o1", "o2", "ma", "mb"] {
+        fs::create_dir_all(side(d)).unwrap();
+    }
+    fs::write(side("mb/prior"), b"moved before the start\n").unwrap();
+    let Some(_view) = BindMount::new(&side("mb"), &side("t1/v")) else {
+        return;
+    };
+    let config = side("svc.toml");
+    write_config(
+        &config,
+        &format!(
+            "state_dir = {:?}\nsettle_ms = 100\n\
+             [[watch]]\npath = {:?}\nop = \"gzip\"\nout = {:?}\nmove_source = {:?}\n\
+             [[watch]]\npath = {:?}\nop = \"gzip\"\nout = {:?}\nmove_source = {:?}\n",
+            side("state"),
+            side("t1"),
+            side("o1"),
+            side("ma"),
+            side("t2"),
+            side("o2"),
+            side("mb"),
+        ),
+    );
+    let socket = side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    fs::write(side("t2/c"), b"the second pipeline's\n").unwrap();
+    wait_for("c moved aside", || side("mb/c").exists());
+    // Written once `c` is in the view: its event comes after, and settles after.
+    fs::write(side("t1/d"), b"the first pipeline's\n").unwrap();
+    wait_for("d moved aside", || side("ma/d").exists());
+    signal(&child, rustix::process::Signal::TERM);
+    child.finish(Duration::from_secs(30)).success();
+    assert!(side("mb/c").exists() && side("mb/prior").exists());
+    assert!(!side("o1/v").exists() && !side("ma/v").exists());
+}

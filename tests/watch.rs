@@ -1350,3 +1350,26 @@ fn the_state_and_the_manifest_reached_through_bind_mounts_in_the_tree_are_not_ta
     assert_eq!((s.skipped, s.failed), (0, 0), "{s:?}");
     d.stop().success();
 }
+
+/// Review finding (MEDIUM, rev38a): the move directory renamed into the watched tree was
+/// watched as a new directory; each file moved into it was taken again and moved one level
+/// deeper, for ever (19 times in 4 s). One of filepipe's own directories coming into the tree
+/// is never watched.
+#[test]
+fn a_move_directory_renamed_into_the_tree_is_not_watched() {
+    let t = TestTree::new().file("a", b"a\n");
+    let (out, moved) = (t.side("o"), t.side("ms"));
+    let (o, m) = (out.to_str().unwrap(), moved.to_str().unwrap());
+    let d = Daemon::ready(&t, &["--op", "gzip", "--out", o, "--move-source", m]);
+    wait_for("a moved aside", || moved.join("a").exists());
+    fs::rename(&moved, t.path("ms")).unwrap();
+    fs::write(t.path("b"), b"b\n").unwrap();
+    wait_for("b moved aside", || t.path("ms/b").exists());
+    // Written once `b` is in the renamed directory: were it watched, `b` would settle first.
+    fs::write(t.path("c"), b"c\n").unwrap();
+    wait_for("c moved aside", || t.path("ms/c").exists());
+    assert!(!out.join("ms").exists() && !t.path("ms/ms").exists());
+    let s = d.wait_idle(3);
+    assert_eq!((s.skipped, s.failed), (0, 0), "{s:?}");
+    d.stop().success();
+}

@@ -888,6 +888,7 @@ impl Router<'_> {
             progress: false,
             own_files: Vec::new(),
             own_ids: Default::default(),
+            service_own: None,
             confined: true,
             watch: None,
             incremental: None,

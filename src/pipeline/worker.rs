@@ -209,6 +209,20 @@ pub(crate) fn prepare<O: Op>(
         }
         Err(OpenError::Failed(e)) => return Err(failed(job, e)),
     };
+    // A hard link to one of filepipe's own files that stay the same file (the state's
+    // database, read while this run writes it; found by a review): whatever led here, a
+    // link in the tree or a followed symlink, not read.
+    if cfg.is_own_file((input.stat.st_dev, input.stat.st_ino)) {
+        let reason = FileError::new(
+            Kind::HardLinked,
+            "a hard link to filepipe's own file (the state's database or lock, or the failure \
+             log); not read",
+        );
+        return Err(Outcome::Skipped {
+            rel: job.rel,
+            reason,
+        });
+    }
     if job
         .expect
         .is_some_and(|e| !e.same_file(&Stamp::from_stat(&input.stat)))

@@ -404,12 +404,7 @@ pub(crate) fn load(
     aside::with_mount_table(|| load_checked(path, overrides, quiet, create))
 }
 
-fn load_checked(
-    path: &Path,
-    overrides: &Overrides,
-    quiet: bool,
-    create: bool,
-) -> Result<Service> {
+fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -> Result<Service> {
     // The whole file checked first as `check-config` checks it, making nothing: start then
     // refuses what check-config refuses, and a refusal leaves no directory or lock behind
     // (found by a review: an output directory inside another pipeline's, by a bind mount,

@@ -27,6 +27,7 @@ use sd_notify::NotifyState;
 use crate::cli::OpSpec;
 use crate::config::Config;
 use crate::fsio::output::Durability;
+use crate::fsio::own;
 use crate::report::Summary;
 use crate::signals::Shutdown;
 use crate::travel::Stats;
@@ -188,6 +189,7 @@ fn for_summary(cfg: &Config) -> Arc<Config> {
         progress: cfg.progress,
         own_files: Vec::new(),
         own_ids: Default::default(),
+        service_own: None,
         confined: cfg.confined,
         watch: cfg.watch.as_ref().map(|w| crate::config::WatchSettings {
             lock: None,
@@ -215,7 +217,12 @@ pub(crate) fn run(
 ) -> Result<Vec<(Arc<Config>, Summary)>> {
     let mut running = Vec::new();
     crate::pipeline::share_descriptors(service.pipelines.len());
-    for cfg in service.pipelines {
+    // Every pipeline's own directories and files, which each leaves out too: set before the
+    // pipelines start, again whenever the set running changes.
+    let own = Arc::new(own::Shared::default());
+    own.set(service.pipelines.iter().map(Config::own_paths));
+    for mut cfg in service.pipelines {
+        cfg.service_own = Some(Arc::clone(&own));
         running.push(start(Arc::new(cfg))?);
     }
     let watched: Arc<Mutex<Vec<Watched>>> = Arc::new(Mutex::new(Vec::new()));
@@ -275,6 +282,10 @@ pub(crate) fn run(
                     }
                 }
                 let mut failed = None;
+                own.set(
+                    (running.iter().map(|r| r.cfg.own_paths()))
+                        .chain(p.previous.iter().map(|c| c.own_paths())),
+                );
                 for cfg in p.previous {
                     match start(cfg) {
                         Ok(r) => running.push(r),
@@ -351,8 +362,11 @@ pub(crate) fn run(
                     let mut started = Vec::new();
                     let have: HashSet<Identity> =
                         running.iter().map(|r| r.identity.clone()).collect();
-                    for cfg in new.pipelines {
+                    // Those kept and those about to start: the new set's, before any starts.
+                    own.set(new.pipelines.iter().map(Config::own_paths));
+                    for mut cfg in new.pipelines {
                         if failed.is_none() && !have.contains(&Identity::of(&cfg)) {
+                            cfg.service_own = Some(Arc::clone(&own));
                             match start(Arc::new(cfg)) {
                                 Ok(r) => {
                                     started.push(r.id);

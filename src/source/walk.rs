@@ -444,7 +444,7 @@ fn scan_tree(
             match opened {
                 // A watcher's new directory that is one of filepipe's own by identity (the
                 // walk never hands one over).
-                Ok(opened) if cfg.own_ids().is_dir(opened.id().key()) => return,
+                Ok(opened) if cfg.is_own_dir(opened.id().key()) => return,
                 Ok(opened) => (opened, dir.to_path_buf()),
                 Err(e) => {
                     visit(dir_failed(cfg, dir, e));
@@ -507,7 +507,7 @@ fn scan_tree(
             Classified::Found(found) => found,
             // A directory of filepipe's own reached by another path (a bind mount of the
             // state's, say, or a followed link to it): left out whole, as by its own path.
-            Classified::Dir(dir, ..) if cfg.own_ids().is_dir(dir.id().key()) => continue,
+            Classified::Dir(dir, ..) if cfg.is_own_dir(dir.id().key()) => continue,
             Classified::Dir(dir, path, via_link) => {
                 let mut dir = Some(dir);
                 if let (Some(split), Some(went_in)) = (split, dirs.went_in()) {
@@ -787,8 +787,7 @@ fn classify(
     // By identity too: the manifest's or the state's directory reached through a bind mount in
     // the tree, its files by their names there (found by a review: the state's database was
     // hashed, and a `.gz` of it written into it).
-    let own_ids = cfg.own_ids();
-    if (dirs.dir_id()).is_some_and(|d| own_ids.is_named(d.key(), name)) {
+    if (dirs.dir_id()).is_some_and(|d| cfg.is_own_named(d.key(), name)) {
         return Classified::Nothing;
     }
     match kind {
@@ -864,9 +863,7 @@ fn follow_link(
     };
     let (fd, st) = target;
     match FileType::from_raw_mode(st.st_mode) {
-        FileType::Directory if cfg.own_ids().is_dir(DirId::from_stat(&st).key()) => {
-            report(own_link(rel))
-        }
+        FileType::Directory if cfg.is_own_dir(DirId::from_stat(&st).key()) => report(own_link(rel)),
         FileType::Directory => {
             if let Some(ancestor) = dirs.ancestor(DirId::from_stat(&st)) {
                 let to = relative(cfg, ancestor);
@@ -896,9 +893,7 @@ fn follow_link(
             }
         }
         // One of filepipe's own files (the state's database, a manifest) by another path.
-        FileType::RegularFile if crate::fsio::own::is_own_file(cfg.own_ids(), &fd, &st) => {
-            report(own_link(rel))
-        }
+        FileType::RegularFile if cfg.is_own_followed(&fd, &st) => report(own_link(rel)),
         // Stat'ed through the link, beneath the root: the file the worker's open will find.
         FileType::RegularFile => file(cfg, dir, name, path, rel, Some(st), stats),
         other => report(special(rel, other)),
@@ -1027,7 +1022,7 @@ fn rel_under<'p>(root: &Path, path: &'p Path) -> &'p Path {
 /// of theirs is known by its directory's identity too, whatever path leads there (a bind
 /// mount of the manifest's directory in the tree: see `fsio::own`).
 pub(crate) fn is_own(cfg: &Config, path: &Path) -> bool {
-    cfg.own_files.iter().any(|f| path.starts_with(f)) || cfg.own_ids().is_named_at(path)
+    cfg.own_files.iter().any(|f| path.starts_with(f)) || cfg.is_own_named_at(path)
 }
 
 /// Explains why the symlink `rel` is not followed, looking at what it leads to beneath the

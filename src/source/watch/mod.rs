@@ -599,6 +599,11 @@ impl Watcher<'_> {
             };
             let now = Instant::now();
             match change {
+                // One of filepipe's own directories (a move or output directory) renamed or
+                // mounted into the tree: never watched, or each moved file or output made in
+                // it would be taken again, for ever (found by a review). The walk's scans
+                // leave such a directory out too.
+                Change::NewDir if own_dir(self.cfg, path) => {}
                 Change::NewDir => {
                     self.watch(path)?;
                     self.scan(path, Lost::Nothing)?
@@ -960,6 +965,11 @@ impl Watcher<'_> {
             || !self.cfg.filter.included(rel) && !abs.is_dir()
             || anonymous(abs)
     }
+}
+
+/// Whether the directory `path` leads to is one of filepipe's own, by identity.
+fn own_dir(cfg: &Config, path: &Path) -> bool {
+    rustix::fs::stat(path).is_ok_and(|st| cfg.is_own_dir((st.st_dev, st.st_ino)))
 }
 
 /// Whether `path` is a directory itself (a symlink to one is not).
