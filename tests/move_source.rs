@@ -394,9 +394,10 @@ fn sigkill_after_a_copy_across_file_systems_is_named_then_the_rerun_only_unlinks
         s("--move-source"),
         p(&done),
     ];
-    // The first unlink is the input's, once its copy has its name in DIR (the rename that
-    // was refused, EXDEV, and the copy's rename came before it).
-    let Some(killed) = killed_at("unlink,unlinkat", 1, &args) else {
+    // Killed once the copy has its name in DIR, as the input's name is taken aside to be
+    // removed: the fourth rename (the output's publish, the move's, refused with EXDEV, and
+    // the copy's named temp to its name in DIR came before it).
+    let Some(killed) = killed_at("renameat,renameat2", 4, &args) else {
         eprintln!("SKIPPED: no strace to kill the run at its unlink");
         return;
     };
@@ -835,9 +836,10 @@ fn a_move_by_link_killed_before_its_unlink_is_finished_by_the_rerun() {
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-o", "/dev/null"])
         // The output's publish is the first renameat2; the move's is refused as where the
-        // file system has no RENAME_NOREPLACE, so it links, then is killed at its unlink.
-        .args(["-e", "inject=renameat2:error=EINVAL:when=2"])
-        .args(["-e", "inject=unlinkat:signal=SIGKILL:when=1"])
+        // file system has no RENAME_NOREPLACE, so it links, then is killed as it takes the
+        // input's name aside to remove it (a plain rename, RENAME_NOREPLACE refused too).
+        .args(["-e", "inject=renameat2:error=EINVAL:when=2+"])
+        .args(["-e", "inject=renameat:signal=SIGKILL:when=1"])
         .arg(bin())
         .args([s("batch"), p(&root), s("--op"), s("gzip")])
         .args([s("--move-source"), p(&done)])
