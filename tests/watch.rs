@@ -1373,3 +1373,50 @@ fn a_move_directory_renamed_into_the_tree_is_not_watched() {
     assert_eq!((s.skipped, s.failed), (0, 0), "{s:?}");
     d.stop().success();
 }
+
+/// Review finding (MEDIUM, rev38b): a new file put at an input's name right after
+/// `--move-source` moved the input was taken for a new version of the moved file, and its
+/// output replaced the moved file's only output (10 of 10 in the reviewer's run). It fails
+/// `output-exists` and stays in the tree, as README says.
+#[test]
+fn a_file_put_at_a_moved_inputs_name_does_not_replace_its_output() {
+    let t = TestTree::new();
+    let moved = t.side("done");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--move-source",
+            moved.to_str().unwrap(),
+            "-j",
+            "1",
+        ],
+    );
+    let n = 10;
+    for i in 0..n {
+        let name = t.path(format!("f{i}"));
+        let mut first = noise_bytes(1 << 20, i);
+        first.extend_from_slice(format!("FIRST {i}\n").as_bytes());
+        fs::write(t.path(format!(".t{i}")), &first).unwrap();
+        fs::write(t.side(&format!("n{i}")), format!("SECOND {i}\n")).unwrap();
+        fs::rename(t.path(format!(".t{i}")), &name).unwrap();
+        wait_until(Duration::from_secs(60), "the input moved", || {
+            !name.exists()
+        });
+        fs::rename(t.side(&format!("n{i}")), &name).unwrap();
+    }
+    wait_for("every second file failed", || {
+        d.notes
+            .last_status()
+            .is_some_and(|s| s.idle() && s.failed == n)
+    });
+    for i in 0..n {
+        let gz = t.path(format!("f{i}.gz"));
+        let out = tool("gzip", &[OsStr::new("-dc"), gz.as_os_str()], t.dir.path()).stdout;
+        assert!(out.ends_with(format!("FIRST {i}\n").as_bytes()), "f{i}.gz");
+        let now = fs::read(t.path(format!("f{i}"))).unwrap();
+        assert_eq!(now, format!("SECOND {i}\n").as_bytes());
+    }
+    d.stop();
+}

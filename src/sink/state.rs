@@ -200,6 +200,11 @@ fn moved_aside(cfg: &Config, rel: &Path) -> bool {
         .is_some_and(|aside| aside.root.join(rel).symlink_metadata().is_ok())
 }
 
+/// Whether a file done leaves the tree: `--remove-source`, `--move-source`.
+fn disposes(cfg: &Config) -> bool {
+    cfg.remove_source || cfg.move_source.is_some()
+}
+
 impl Sink for StateSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
         self.begin()?;
@@ -211,6 +216,17 @@ impl Sink for StateSink<'_> {
             Outcome::Failed { rel, error: e } | Outcome::Skipped { rel, reason: e }
                 if e.kind == Kind::Vanished =>
             {
+                self.state.remove(rel)?;
+                self.changed();
+                None
+            }
+            // Its input removed or moved away once its output was made (no note says it was
+            // kept): no longer a file of the tree. Its row goes now, not when the watcher
+            // hears of the move: a file made at the name meanwhile is another file, whose
+            // output name holds this one's output (`output-exists`), not a new version of
+            // this one, whose output is filepipe's to replace (found by a review: the moved
+            // file's only output was replaced by the newcomer's).
+            Outcome::Done { rel, done } if disposes(self.cfg) && done.note.is_none() => {
                 self.state.remove(rel)?;
                 self.changed();
                 None
