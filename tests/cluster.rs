@@ -535,12 +535,7 @@ fn a_coordinators_run_files_in_its_tree_are_not_taken() {
     .env("XDG_STATE_HOME", &state_home);
     let out = run(cmd);
     assert_eq!(out.success().summary()["files"], 2, "{}", out.stderr());
-    let listed = fs::read_to_string(&manifest).unwrap();
-    let names: Vec<&str> = (listed.lines())
-        .filter_map(|l| l.split_once("  "))
-        .map(|(_, n)| n)
-        .collect();
-    assert_eq!(names, ["a", "b/c"]);
+    assert_eq!(manifest_names(&manifest), ["a", "b/c"]);
     drop(bound);
 }
 

@@ -1547,11 +1547,8 @@ fn the_state_and_the_manifest_reached_by_another_path_in_the_tree_are_left_out()
         for d in [&state, &sums] {
             fs::create_dir(d).unwrap();
         }
-        let Some(_views) = [(&state, t.path("a/view-st")), (&sums, t.path("view-sums"))]
-            .into_iter()
-            .map(|(from, at)| BindMount::new(from, &at))
-            .collect::<Option<Vec<_>>>()
-        else {
+        let (view_st, view_sums) = (t.path("a/view-st"), t.path("view-sums"));
+        let Some(_views) = BindMount::all(&[(&state, &view_st), (&sums, &view_sums)]) else {
             return;
         };
         let manifest = sums.join("SUMS");
@@ -1571,13 +1568,8 @@ fn the_state_and_the_manifest_reached_by_another_path_in_the_tree_are_left_out()
         };
         for round in 0..2 {
             let r = batch("sha256", &[OsStr::new("--manifest"), manifest.as_os_str()]);
-            let listed = fs::read_to_string(&manifest).unwrap();
-            let names: Vec<&str> = (listed.lines())
-                .filter_map(|l| l.split_once("  "))
-                .map(|(_, n)| n)
-                .collect();
             let case = format!("inside {inside}, round {round}");
-            assert_eq!(names, ["a/x", "a/y"], "{case}");
+            assert_eq!(manifest_names(&manifest), ["a/x", "a/y"], "{case}");
             assert_eq!(r.success().summary()["files"], 2, "{case}");
         }
         // A compressing op writes nothing into the state directory.
@@ -1654,13 +1646,7 @@ fn own_files_by_a_symlink_or_a_hard_link_are_told_from_the_users() {
         args.extend(extra);
         run(filepipe(&args))
     };
-    let names = || -> Vec<String> {
-        let listed = fs::read_to_string(&manifest).unwrap();
-        (listed.lines())
-            .filter_map(|l| l.split_once("  "))
-            .map(|(_, n)| n.to_string())
-            .collect()
-    };
+    let names = || manifest_names(&manifest);
     batch(&[]).success();
     assert_eq!(names(), ["a"]);
     fs::hard_link(state.join("filepipe.sqlite"), t.path("db")).unwrap();

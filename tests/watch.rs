@@ -1322,11 +1322,8 @@ fn the_state_and_the_manifest_reached_through_bind_mounts_in_the_tree_are_not_ta
     for d in [&state, &sums] {
         fs::create_dir(d).unwrap();
     }
-    let Some(_views) = [(&state, t.path("view-st")), (&sums, t.path("a/view-sums"))]
-        .into_iter()
-        .map(|(from, at)| BindMount::new(from, &at))
-        .collect::<Option<Vec<_>>>()
-    else {
+    let (view_st, view_sums) = (t.path("view-st"), t.path("a/view-sums"));
+    let Some(_views) = BindMount::all(&[(&state, &view_st), (&sums, &view_sums)]) else {
         return;
     };
     let manifest = sums.join("SUMS");
@@ -1337,13 +1334,7 @@ fn the_state_and_the_manifest_reached_through_bind_mounts_in_the_tree_are_not_ta
     wait_for("the initial scan", || manifest_lines(&manifest) >= 1);
     // Written once the manifest is: its view's event comes first, and settles first.
     fs::write(t.path("a/y"), b"y\n").unwrap();
-    let names = || -> Vec<String> {
-        let listed = fs::read_to_string(&manifest).unwrap_or_default();
-        (listed.lines())
-            .filter_map(|l| l.split_once("  "))
-            .map(|(_, n)| n.to_string())
-            .collect()
-    };
+    let names = || manifest_names(&manifest);
     wait_for("a/y in the manifest", || names().iter().any(|n| n == "a/y"));
     assert_eq!(names(), ["a/x", "a/y"]);
     let s = d.wait_idle(2);

@@ -790,6 +790,14 @@ pub fn assert_check(checker: &str, manifest: &Path, dir: &Path, n: usize) {
 pub struct BindMount(PathBuf);
 
 impl BindMount {
+    /// Each `(from, at)` bound, or `None` (saying why) if one cannot be.
+    pub fn all(pairs: &[(&Path, &Path)]) -> Option<Vec<BindMount>> {
+        pairs
+            .iter()
+            .map(|(from, at)| BindMount::new(from, at))
+            .collect()
+    }
+
     /// Binds `from` at `at` (made if missing), or `None`, saying why, where mount(2) is not
     /// permitted.
     pub fn new(from: &Path, at: &Path) -> Option<BindMount> {
@@ -820,4 +828,14 @@ impl Drop for BindMount {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.0).status();
     }
+}
+
+/// The names a manifest at `path` lists (its lines' names as written, escapes and all), in
+/// its order; none if it does not exist.
+pub fn manifest_names(path: &Path) -> Vec<String> {
+    let listed = fs::read_to_string(path).unwrap_or_default();
+    (listed.lines())
+        .filter_map(|l| l.split_once("  "))
+        .map(|(_, n)| n.to_string())
+        .collect()
 }
