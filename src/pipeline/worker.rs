@@ -20,7 +20,7 @@ use crate::fsio::output::Dir;
 use crate::ops::Op;
 use crate::pipeline::publish::{guarded, not_done, publish_guarded, Ready};
 use crate::signals::Shutdown;
-use crate::travel::{Event, Job, Msg, Outcome, Stamp};
+use crate::travel::{Event, Job, Msg, Outcome, Stamp, INODE_UNKNOWN};
 
 /// How many times a file that changed while being read is attempted in all.
 const ATTEMPTS: u32 = 3;
@@ -223,15 +223,18 @@ pub(crate) fn prepare<O: Op>(
             reason,
         });
     }
-    if job
-        .expect
-        .is_some_and(|e| !e.same_file(&Stamp::from_stat(&input.stat)))
-    {
-        let e = FileError::new(
-            Kind::Changed,
-            "changed after it settled, with no event telling of it (a write through mmap?)",
-        );
-        return Err(failed(job, e));
+    let now = Stamp::from_stat(&input.stat);
+    if let Some(expected) = job.expect.filter(|e| !e.same_file(&now)) {
+        // Another file under the name (renamed over it) has its own events and settles in
+        // its turn; the same file changed with none is what a write through a shared mapping
+        // does (found by a review: a rename was reported as such a write).
+        let message = if expected.inode != now.inode && expected.inode != INODE_UNKNOWN {
+            "replaced after it settled (another file renamed over it): that file is taken in \
+             its turn"
+        } else {
+            "changed after it settled, with no event telling of it (a write through mmap?)"
+        };
+        return Err(failed(job, FileError::new(Kind::Changed, message)));
     }
     // Results recorded for a stamp the file no longer has describe another version: every
     // result is computed from this read instead. (The walk's stamp was taken a moment ago;
