@@ -742,14 +742,18 @@ fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Resul
 /// gained a link" (found by a review). Where the count cannot be trusted, the link in DIR
 /// being this file is all there is to go by.
 fn fuse_link_unseen(src: &Dir, dest: &Dir, to: &OsStr, now: &rfs::Stat) -> bool {
+    now.st_nlink == 1
+        && on_fuse(src)
+        && rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW)
+            .is_ok_and(|l| (l.st_dev, l.st_ino) == (now.st_dev, now.st_ino))
+}
+
+/// Whether `dir` is on a FUSE file system, whose link counts may lag (see `fuse_link_unseen`).
+fn on_fuse(dir: &Dir) -> bool {
     const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
     // f_type's integer type differs between architectures.
     #[allow(clippy::unnecessary_cast)]
-    let fuse = rfs::fstatfs(&src.fd).is_ok_and(|fs| fs.f_type as i64 == FUSE_SUPER_MAGIC);
-    now.st_nlink == 1
-        && fuse
-        && rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW)
-            .is_ok_and(|l| (l.st_dev, l.st_ino) == (now.st_dev, now.st_ino))
+    rfs::fstatfs(&dir.fd).is_ok_and(|fs| fs.f_type as i64 == FUSE_SUPER_MAGIC)
 }
 
 /// How a move made the input's second name, before the first goes.
@@ -860,8 +864,10 @@ fn finish_by_unlink(
     }
     let took = rfs::statat(&src.fd, &temp, AtFlags::SYMLINK_NOFOLLOW).ok();
     let file = |t: &rfs::Stat| (t.st_dev, t.st_ino) == (now.st_dev, now.st_ino);
-    // (Its links were counted in the look: FUSE may not show the count a rename leaves.)
-    let same = took.is_some_and(|t| file(&t) && same_version(&t, read));
+    // Its links counted again too (one added in the tree since the look would have DIR share
+    // the file with the tree), but not on FUSE, which may not show the count a rename leaves.
+    let links = |t: &rfs::Stat| t.st_nlink == now.st_nlink || on_fuse(src);
+    let same = took.is_some_and(|t| file(&t) && same_version(&t, read) && links(&t));
     if !same && took.is_some_and(|t| file(&t)) {
         // The very file, changed (or linked) since the look: back under its name, not moved.
         let back = rename_back(src, &temp, name);
@@ -895,7 +901,8 @@ fn finish_by_unlink(
     }
     // Another file took the name since the look: the file read lost it to that one, and
     // lives on under DIR only (the link or the verified copy made there), moved all the same.
-    // The other file goes back under the name, for its own turn.
+    // The other file goes back under the name, untouched (watch mode takes it in its turn,
+    // where it fails `output-exists`: its output's name holds the moved file's output).
     let back = rename_back(src, &temp, name);
     output::sync_dir(src)?;
     if let Err(e) = back {
@@ -913,10 +920,17 @@ fn finish_by_unlink(
 /// refused (some NFS, FUSE), by a link (which never replaces) and the temp's removal.
 fn rename_back(dir: &Dir, temp: &OsStr, name: &OsStr) -> Result<(), Errno> {
     match rfs::renameat_with(&dir.fd, temp, &dir.fd, name, RenameFlags::NOREPLACE) {
-        Err(Errno::INVAL) => {
-            rfs::linkat(&dir.fd, temp, &dir.fd, name, AtFlags::empty())?;
-            rfs::unlinkat(&dir.fd, temp, AtFlags::empty())
-        }
+        Err(Errno::INVAL) => match rfs::linkat(&dir.fd, temp, &dir.fd, name, AtFlags::empty()) {
+            Ok(()) => rfs::unlinkat(&dir.fd, temp, AtFlags::empty()),
+            // A directory made at the name (which takes no link): renamed back if the name
+            // is still free, the look and the rename a moment apart (found by a review).
+            Err(Errno::PERM) => match rfs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Err(Errno::NOENT) => rfs::renameat(&dir.fd, temp, &dir.fd, name),
+                Ok(_) => Err(Errno::EXIST),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        },
         r => r,
     }
 }
