@@ -351,6 +351,19 @@ fn a_state_directory_that_is_or_encloses_the_tree_is_refused() {
 fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     let t = TestTree::new().file("a.txt", b"a\n");
     let side = t.side("");
+    // `MODE TREE --op gzip FLAG DIR --state STATE`.
+    let gzip = |mode: &str, flag: &str, dir: &Path, state: &Path| {
+        run(filepipe(&[
+            OsStr::new(mode),
+            t.root().as_os_str(),
+            OsStr::new("--op"),
+            OsStr::new("gzip"),
+            OsStr::new(flag),
+            dir.as_os_str(),
+            OsStr::new("--state"),
+            state.as_os_str(),
+        ]))
+    };
     for (flag, dir, state) in [
         ("--out", "st", "st"),
         ("--out", "st/out", "st"),
@@ -360,16 +373,7 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     ] {
         for mode in ["batch", "watch"] {
             let (dir, state) = (side.join(dir), side.join(state));
-            let r = run(filepipe(&[
-                OsStr::new(mode),
-                t.root().as_os_str(),
-                OsStr::new("--op"),
-                OsStr::new("gzip"),
-                OsStr::new(flag),
-                dir.as_os_str(),
-                OsStr::new("--state"),
-                state.as_os_str(),
-            ]));
+            let r = gzip(mode, flag, &dir, &state);
             let said = r.code(2).stderr();
             assert!(
                 said.contains(flag) && said.contains("the state directory"),
@@ -407,16 +411,7 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
             ("--out", "view/st/o", "m/st"),
         ] {
             for mode in ["batch", "watch"] {
-                let r = run(filepipe(&[
-                    OsStr::new(mode),
-                    t.root().as_os_str(),
-                    OsStr::new("--op"),
-                    OsStr::new("gzip"),
-                    OsStr::new(flag),
-                    side.join(dir).as_os_str(),
-                    OsStr::new("--state"),
-                    side.join(state).as_os_str(),
-                ]));
+                let r = gzip(mode, flag, &side.join(dir), &side.join(state));
                 let said = r.code(2).stderr();
                 assert!(said.contains("by a bind mount"), "{mode} {flag}: {said}");
                 assert_eq!(fs::read_dir(&moved).unwrap().count(), 0, "{mode} {flag}");
@@ -429,32 +424,13 @@ fn an_output_or_move_directory_overlapping_the_state_directory_is_refused() {
     for state in [side.join("afile/st"), t.root()] {
         for mode in ["batch", "watch"] {
             let out = side.join("o");
-            let r = run(filepipe(&[
-                OsStr::new(mode),
-                t.root().as_os_str(),
-                OsStr::new("--op"),
-                OsStr::new("gzip"),
-                OsStr::new("--out"),
-                out.as_os_str(),
-                OsStr::new("--state"),
-                state.as_os_str(),
-            ]));
+            let r = gzip(mode, "--out", &out, &state);
             r.code(2);
             assert!(!out.exists(), "{mode} {state:?}: {}", r.stderr());
         }
     }
     let (out, state) = (side.join("arch"), side.join("arch/.filepipe"));
-    let r = run(filepipe(&[
-        OsStr::new("batch"),
-        t.root().as_os_str(),
-        OsStr::new("--op"),
-        OsStr::new("gzip"),
-        OsStr::new("--out"),
-        out.as_os_str(),
-        OsStr::new("--state"),
-        state.as_os_str(),
-    ]));
-    r.success();
+    gzip("batch", "--out", &out, &state).success();
     assert!(out.join("a.txt.gz").is_file());
 }
 
