@@ -1084,7 +1084,7 @@ impl Config {
     /// Whether `ask` says so of this run's own (`own_ids`) or, in a service, of another
     /// pipeline's.
     fn own_by(&self, ask: impl Fn(&OwnIds) -> bool) -> bool {
-        ask(self.own_ids()) || self.service_own.as_ref().is_some_and(|s| ask(&s.get()))
+        ask(self.own_ids()) || self.service_own.as_ref().is_some_and(|s| s.ask(&ask))
     }
 
     /// Whether the directory `id` is one of filepipe's own.

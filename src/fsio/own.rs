@@ -14,7 +14,7 @@
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 
 use rustix::fs::{self as rfs, Mode, OFlags};
 
@@ -135,7 +135,7 @@ impl OwnIds {
 /// had the first compress the second's moved inputs and move them away). Replaced whole when
 /// the pipelines running change (a reload), and read by every pipeline's walk and watcher.
 #[derive(Debug, Default)]
-pub(crate) struct Shared(RwLock<Arc<OwnIds>>);
+pub(crate) struct Shared(RwLock<OwnIds>);
 
 impl Shared {
     /// The identities of what `paths` name, for every pipeline from now on.
@@ -145,12 +145,13 @@ impl Shared {
             own.add(&p);
         }
         // A poisoned lock held what a panicking reader saw: replaced all the same.
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(own);
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = own;
     }
 
-    /// What every pipeline keeps as its own, now.
-    pub(crate) fn get(&self) -> Arc<OwnIds> {
-        Arc::clone(&self.0.read().unwrap_or_else(|e| e.into_inner()))
+    /// What `ask` says of every pipeline's own, now: under the read lock, nothing copied (it
+    /// is asked for every entry a walk meets).
+    pub(crate) fn ask(&self, ask: impl Fn(&OwnIds) -> bool) -> bool {
+        ask(&self.0.read().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
