@@ -842,15 +842,8 @@ fn finish_by_unlink(
     // put back, never deleted unread (found by a review: removed by name, such replacements
     // were lost, 5 of 300 with DIR on another file system). As `remove_checked` removes an
     // input.
-    let temp = output::temp_name();
-    let taken = match rfs::renameat_with(&src.fd, name, &src.fd, &temp, RenameFlags::NOREPLACE) {
-        // No RENAME_NOREPLACE here (some NFS, FUSE): the temp name is this process's own and
-        // fresh, so a plain rename clobbers nothing.
-        Err(Errno::INVAL) => rfs::renameat(&src.fd, name, &src.fd, &temp),
-        r => r,
-    };
-    match taken {
-        Ok(()) => {}
+    let temp = match take_aside(src, name) {
+        Ok(temp) => temp,
         Err(Errno::NOENT) => {
             return Ok(kept(
                 Kind::Vanished,
@@ -861,7 +854,7 @@ fn finish_by_unlink(
             let e = FileError::errno("removing its old name", e);
             return Ok(kept(e.kind, e.message));
         }
-    }
+    };
     let took = rfs::statat(&src.fd, &temp, AtFlags::SYMLINK_NOFOLLOW).ok();
     let file = |t: &rfs::Stat| (t.st_dev, t.st_ino) == (now.st_dev, now.st_ino);
     // Its links counted again too (one added in the tree since the look would have DIR share
@@ -916,9 +909,23 @@ fn finish_by_unlink(
     Ok(Ok(path))
 }
 
+/// Renames `name` in `dir` to a fresh temp name of this process's, returned: what is then
+/// checked before it is removed (`finish_by_unlink`, `--remove-source`'s `remove_checked`), so
+/// that only the file checked goes, never one renamed over the name in between.
+pub(crate) fn take_aside(dir: &Dir, name: &OsStr) -> Result<OsString, Errno> {
+    let temp = output::temp_name();
+    match rfs::renameat_with(&dir.fd, name, &dir.fd, &temp, RenameFlags::NOREPLACE) {
+        // No RENAME_NOREPLACE here (some NFS, FUSE): the temp name is this process's own and
+        // fresh, so a plain rename clobbers nothing.
+        Err(Errno::INVAL) => rfs::renameat(&dir.fd, name, &dir.fd, &temp)?,
+        r => r?,
+    }
+    Ok(temp)
+}
+
 /// Renames `temp` in `dir` back to `name`, clobbering nothing: where `RENAME_NOREPLACE` is
 /// refused (some NFS, FUSE), by a link (which never replaces) and the temp's removal.
-fn rename_back(dir: &Dir, temp: &OsStr, name: &OsStr) -> Result<(), Errno> {
+pub(crate) fn rename_back(dir: &Dir, temp: &OsStr, name: &OsStr) -> Result<(), Errno> {
     match rfs::renameat_with(&dir.fd, temp, &dir.fd, name, RenameFlags::NOREPLACE) {
         Err(Errno::INVAL) => match rfs::linkat(&dir.fd, temp, &dir.fd, name, AtFlags::empty()) {
             Ok(()) => rfs::unlinkat(&dir.fd, temp, AtFlags::empty()),
@@ -937,7 +944,7 @@ fn rename_back(dir: &Dir, temp: &OsStr, name: &OsStr) -> Result<(), Errno> {
 
 /// Whether `now` is still the version of the file `read` was taken of: the same file, size
 /// and mtime. (The ctime is compared where the move made no link, which would move it.)
-fn same_version(now: &rfs::Stat, read: &rfs::Stat) -> bool {
+pub(crate) fn same_version(now: &rfs::Stat, read: &rfs::Stat) -> bool {
     now.st_dev == read.st_dev
         && now.st_ino == read.st_ino
         && now.st_size == read.st_size

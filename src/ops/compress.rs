@@ -23,13 +23,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
+use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use rustix::io::Errno;
 
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
-use crate::fsio::aside::Aside;
+use crate::fsio::aside::{self, Aside};
 use crate::fsio::input::{InputFile, Root};
 use crate::fsio::output::{
     self, Attrs, Dir, DirCache, Durability, FileId, TempOutput, WriteBehind,
@@ -532,30 +532,16 @@ fn remove_checked(
     moved_away: impl Fn() -> FileError,
     kept: impl Fn(FileError) -> FileError,
 ) -> Result<Option<FileError>, FileError> {
-    let temp = output::temp_name();
-    match rfs::renameat_with(&dir.fd, name, &dir.fd, &temp, RenameFlags::NOREPLACE) {
-        Ok(()) => {}
-        // No RENAME_NOREPLACE here (some NFS, FUSE): the temp name is this process's own and
-        // fresh, so a plain rename clobbers nothing.
-        Err(Errno::INVAL) => match rfs::renameat(&dir.fd, name, &dir.fd, &temp) {
-            Ok(()) => {}
-            Err(Errno::NOENT) => return Ok(Some(moved_away())),
-            Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
-        },
+    let temp = match aside::take_aside(dir, name) {
+        Ok(temp) => temp,
         Err(Errno::NOENT) => return Ok(Some(moved_away())),
         Err(e) => return Ok(Some(kept(FileError::errno("removing it", e)))),
-    }
+    };
     // The rename itself moves the ctime: the file, size and mtime say it is the one read.
-    let same = rfs::statat(&dir.fd, &temp, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|now| {
-        now.st_dev == st.st_dev
-            && now.st_ino == st.st_ino
-            && now.st_size == st.st_size
-            && now.st_mtime == st.st_mtime
-            && now.st_mtime_nsec == st.st_mtime_nsec
-            && now.st_nlink == 1
-    });
+    let same = rfs::statat(&dir.fd, &temp, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|now| aside::same_version(&now, st) && now.st_nlink == 1);
     if !same {
-        let back = rfs::renameat_with(&dir.fd, &temp, &dir.fd, name, RenameFlags::NOREPLACE);
+        let back = aside::rename_back(dir, &temp, name);
         let message = match back {
             Ok(()) => "input kept: another file was renamed over its name as it was removed; \
                        that file was put back, unprocessed"
@@ -572,7 +558,7 @@ fn remove_checked(
     match rfs::unlinkat(&dir.fd, &temp, AtFlags::empty()) {
         Ok(()) => {}
         Err(e) => {
-            let _ = rfs::renameat_with(&dir.fd, &temp, &dir.fd, name, RenameFlags::NOREPLACE);
+            let _ = aside::rename_back(dir, &temp, name);
             return Ok(Some(kept(FileError::errno("removing it", e))));
         }
     }
