@@ -186,6 +186,57 @@ fn overflow_while_stopped_rescans_and_processes_every_file_exactly_once() {
     assert_sha256sum_c(&manifest, &t.root());
 }
 
+#[test]
+fn repeated_overflows_are_rescanned_at_most_every_few_seconds() {
+    // A rescan reads the whole tree, and the files in flight again: a process that overflows
+    // the kernel's queue over and over must not have the daemon rescan back to back.
+    let Some(queue) = overflowable_queue() else {
+        return;
+    };
+    let t = TestTree::new().file("marker", b"ready").dir("churn");
+    let manifest = t.side("SHA256SUMS");
+    let d = Daemon::ready(
+        &t,
+        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
+    );
+    wait_for("the initial scan", || manifest_lines(&manifest) == 1);
+    // Names made and removed while the daemon is frozen (three events each, nothing left to
+    // process): each round overflows the queue once the daemon reads it again. The last
+    // round writes a file once the queue is full: only a rescan after it can find it.
+    let rounds = 6;
+    for round in 1..=rounds {
+        d.signal(rustix::process::Signal::STOP);
+        for i in 0..queue / 3 + 2_000 {
+            let p = t.path(format!("churn/x{i}"));
+            fs::File::create(&p).unwrap();
+            fs::remove_file(&p).unwrap();
+        }
+        if round == rounds {
+            fs::write(t.path("churn/lost"), b"its events were lost\n").unwrap();
+        }
+        d.signal(rustix::process::Signal::CONT);
+        // Time for it to read its queue (the overflow is queued at its end) before the next.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for("the file whose events were lost", || {
+        manifest_lines(&manifest) == 2
+    });
+    let out = d.stop();
+    let s = out.success().summary();
+    let err = out.stderr();
+    let rescans = err.matches("rescanning the whole tree").count();
+    assert!(
+        err.contains("overflowed"),
+        "{rounds} rounds did not overflow the queue, so this test proved nothing"
+    );
+    assert!(
+        (1..=2).contains(&rescans),
+        "{rescans} rescans for {rounds} rounds of overflows in 2-3 s: {err}"
+    );
+    assert_eq!(s["done"], 2, "{s}");
+    assert_sha256sum_c(&manifest, &t.root());
+}
+
 /// The descriptors `pid` has open on `path`.
 fn opens(pid: u32, path: &Path) -> bool {
     fs::read_dir(format!("/proc/{pid}/fd"))
@@ -618,6 +669,64 @@ fn a_root_swapped_for_a_symlink_is_reported_and_exits_nonzero() {
     let listed = fs::read_to_string(&manifest).unwrap();
     assert_eq!(listed.lines().count(), 2, "{listed}");
     assert!(!run.stderr().contains("secret"), "{}", run.stderr());
+}
+
+/// A file named with the op's suffix is filepipe's output only where its input is beside it.
+/// One alone (a user's `x.gz`, there at the start or dropped in later) is a file of the tree:
+/// skipped with the reason, as a batch skips it, and not reported again at the next start;
+/// the outputs filepipe makes are never reported.
+#[test]
+fn a_gz_whose_input_is_not_beside_it_is_skipped_with_the_reason() {
+    let t = TestTree::new().file("a.txt", &text_bytes(5_000, 1));
+    let plain = t.side("plain");
+    fs::write(&plain, b"a user's file\n").unwrap();
+    let gz = tool("gzip", &[OsStr::new("-c"), plain.as_os_str()], &t.root()).stdout;
+    let t = t.file("old.gz", &gz).file("sub/.gz", &gz);
+    let log = t.side("failures.jsonl");
+    let args = ["--op", "gzip", "--failure-log", log.to_str().unwrap()];
+    let d = Daemon::ready(&t, &args);
+    // Dropped in as writers do (a temp renamed), and beside a directory of the input's name:
+    // a directory is no input of filepipe's.
+    fs::write(t.path("dropped.part"), &gz).unwrap();
+    fs::rename(t.path("dropped.part"), t.path("dropped.gz")).unwrap();
+    fs::create_dir(t.path("backup")).unwrap();
+    fs::write(t.path("backup.gz"), &gz).unwrap();
+    fs::write(t.path("b.txt"), text_bytes(5_000, 2)).unwrap();
+    let skipped = || {
+        let mut names: Vec<String> = records_of(&failure_log(&log), "already-compressed")
+            .iter()
+            .map(|r| r["path"].as_str().unwrap_or_default().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    wait_for("the four files alone reported", || skipped().len() == 4);
+    let s = d.wait_idle(2);
+    assert_eq!((s.skipped, s.failed), (4, 0), "{s:?}");
+    let out = d.stop();
+    out.success();
+    assert_eq!(
+        skipped(),
+        ["backup.gz", "dropped.gz", "old.gz", "sub/.gz"],
+        "{}",
+        out.stderr()
+    );
+    for f in ["a.txt.gz", "b.txt.gz"] {
+        let test = tool(
+            "gzip",
+            &[OsStr::new("-t"), t.path(f).as_os_str()],
+            &t.root(),
+        );
+        assert!(test.status.success(), "{f}: {test:?}");
+    }
+    assert_eq!(fs::read(t.path("old.gz")).unwrap(), gz, "never written to");
+    // Recorded skipped with their stamps: the next start does not report them again.
+    let d = Daemon::ready(&t, &args);
+    fs::write(t.path("c.txt"), b"after the restart\n").unwrap();
+    let s = d.wait_idle(1);
+    assert_eq!((s.skipped, s.failed), (0, 0), "{s:?}");
+    d.stop().success();
+    assert_eq!(skipped().len(), 4);
 }
 
 /// A file whose output name another hand's file holds fails `output-exists`, the message

@@ -10,7 +10,7 @@
 //! state says filepipe made for an earlier version of a file that changed, and that is still the
 //! one it made, is replaced, as watch mode replaces it (`replaces`).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::state::{Known, Lacks};
@@ -138,27 +138,32 @@ pub(crate) fn unchanged(digests: Vec<crate::travel::Digest>, stamp: Option<Stamp
     }
 }
 
+/// The input `rel` is named as the compressor's output of, outputs beside their inputs (no
+/// `--out`): `x` for `x.gz`. `None` for a name without the suffix, or one that names no file
+/// (`.gz`, `dir/.gz`).
+pub(crate) fn input_of_output(cfg: &Config, rel: &Path) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let suffix = cfg.spec.compressor().and_then(|c| c.suffix())?;
+    if cfg.out.is_some() {
+        return None;
+    }
+    let stem = rel.as_os_str().as_bytes().strip_suffix(suffix.as_bytes())?;
+    if stem.is_empty() || stem.ends_with(b"/") {
+        return None;
+    }
+    Some(PathBuf::from(std::ffi::OsStr::from_bytes(stem)))
+}
+
 /// Whether `rel` is named as one of the compressor's own outputs next to its input (outputs
 /// beside their inputs, no `--out`), and that input is there: a regular file, or with
 /// `--follow-symlinks` a link (not followed here: nothing outside the root is looked at). The
 /// op's own rule (`CompressOp::input_beside`, beneath the root's descriptor) decides; this
 /// one only sends such a file to it rather than take the state's word, and errs that way.
-fn own_output_beside(cfg: &Config, rel: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Some(suffix) = cfg.spec.compressor().and_then(|c| c.suffix()) else {
+pub(crate) fn own_output_beside(cfg: &Config, rel: &Path) -> bool {
+    let Some(input) = input_of_output(cfg, rel) else {
         return false;
     };
-    if cfg.out.is_some() {
-        return false;
-    }
-    let Some(stem) = rel.as_os_str().as_bytes().strip_suffix(suffix.as_bytes()) else {
-        return false;
-    };
-    if stem.is_empty() || stem.ends_with(b"/") {
-        return false;
-    }
-    let input = cfg.root.join(std::ffi::OsStr::from_bytes(stem));
-    std::fs::symlink_metadata(input)
+    std::fs::symlink_metadata(cfg.root.join(input))
         .is_ok_and(|m| m.is_file() || cfg.follow_symlinks && m.file_type().is_symlink())
 }
 

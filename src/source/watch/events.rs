@@ -164,23 +164,32 @@ pub(crate) fn watch_dir(
     }
 }
 
-/// Names never taken whatever the filters say: writers' temp files and the op's own outputs
-/// (`.gz` for gzip, `.zst` for zstd). Other compressed names are taken, and skipped by the op
-/// with their reason.
-pub(crate) fn ignored_name(cfg: &Config, rel: &Path) -> bool {
+/// Writers' temp names (filepipe's own temps among them): never taken, whatever the filters
+/// say.
+pub(crate) fn temp_like(rel: &Path) -> bool {
     let name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
-    let temp_like = [&b".part"[..], b".tmp", b".crdownload", b"~"]
+    [&b".part"[..], b".tmp", b".crdownload", b"~"]
         .iter()
         .any(|s| name.ends_with(s))
-        || name.starts_with(b".#");
-    // Outputs next to their inputs are the op's own; with --out, a name with the suffix in
-    // the tree is a user's file like any other (reported already compressed, or hashed).
-    temp_like
-        || cfg.out.is_none()
-            && cfg
-                .op
-                .suffix()
-                .is_some_and(|s| name.ends_with(s.as_bytes()))
+        || name.starts_with(b".#")
+}
+
+/// Whether `rel` is named as one of the op's outputs next to its input (`.gz` for gzip,
+/// `.zst` for zstd, no `--out`). With `--out`, a name with the suffix in the tree is a user's
+/// file like any other (reported already compressed, or hashed).
+pub(crate) fn output_named(cfg: &Config, rel: &Path) -> bool {
+    let name = rel.file_name().unwrap_or(OsStr::new("")).as_bytes();
+    cfg.out.is_none()
+        && cfg
+            .op
+            .suffix()
+            .is_some_and(|s| name.ends_with(s.as_bytes()))
+}
+
+/// Whether `rel` is a writer's temp name or named as an output next to its input: names a
+/// file of which may be filepipe's, never taken as such (see `Watcher::not_taken`).
+pub(crate) fn ignored_name(cfg: &Config, rel: &Path) -> bool {
+    temp_like(rel) || output_named(cfg, rel)
 }
 
 /// Whether an event's path is an anonymous file's (`O_TMPFILE`, filepipe's own temps among

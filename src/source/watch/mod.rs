@@ -37,7 +37,7 @@ use crate::source::{Outlet, Source};
 use crate::state::{FileStatus, Lacks, Reader};
 use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
 
-use events::{anonymous, ignored_name, watch_dir, watch_error, Change};
+use events::{anonymous, ignored_name, output_named, temp_like, watch_dir, watch_error, Change};
 use flight::Flight;
 use settle::{Look, Lost, Settle};
 
@@ -134,6 +134,7 @@ impl Source for Watch<'_> {
             poll: self.poll,
             unwatched: Default::default(),
             dropped,
+            overflowed: false,
             blocked: BTreeSet::new(),
             out_root: None,
         };
@@ -177,6 +178,8 @@ struct Watcher<'a> {
     unwatched: std::collections::BTreeSet<PathBuf>,
     /// Events were dropped, the channel from notify full (see `Handler`).
     dropped: Arc<AtomicBool>,
+    /// The kernel's event queue overflowed since the last rescan for lost events.
+    overflowed: bool,
     /// With `--out`: files that failed because another file holds their output's name,
     /// looked at every `BLOCKED_EVERY` (see `outputs_freed`).
     blocked: BTreeSet<PathBuf>,
@@ -327,12 +330,15 @@ impl Watcher<'_> {
                 if taken > 0 {
                     self.quiet_until = Instant::now() + COALESCE;
                 }
-                // Events dropped, our channel full: once what it holds is applied (it came
-                // before the drop), the tree is rescanned. Not more often than every few
-                // seconds (a rescan costs the whole tree, and each one reads the files in
-                // flight again): a process touching names in a loop filled it every 0.2 s
-                // and the daemon rescanned without end (found by a review).
-                if self.dropped.load(Ordering::Relaxed) && Instant::now() >= next_drop_rescan {
+                // Events lost, our channel full or the kernel's queue overflowed: once what
+                // the channel holds is applied (it came before the loss), the tree is
+                // rescanned. Not more often than every few seconds (a rescan costs the whole
+                // tree, and each one reads the files in flight again): a process touching
+                // names in a loop filled it every 0.2 s and the daemon rescanned without end
+                // (found by a review); the kernel's overflows, each one queued after a
+                // rescan's own reads, are held to the same pace.
+                let lost = self.dropped.load(Ordering::Relaxed) || self.overflowed;
+                if lost && Instant::now() >= next_drop_rescan {
                     // What it holds now: a flood still under way would keep it full.
                     for _ in 0..notify_rx.len() {
                         match notify_rx.try_recv() {
@@ -340,11 +346,17 @@ impl Watcher<'_> {
                             Err(_) => break,
                         }
                     }
-                    self.dropped.store(false, Ordering::Relaxed);
-                    tracing::warn!(
-                        "events came faster than they were read and some were dropped: \
-                         rescanning the whole tree"
-                    );
+                    if std::mem::take(&mut self.overflowed) {
+                        tracing::warn!(
+                            "the kernel's event queue overflowed: rescanning the whole tree"
+                        );
+                    }
+                    if self.dropped.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "events came faster than they were read and some were dropped: \
+                             rescanning the whole tree"
+                        );
+                    }
                     let started = Instant::now();
                     self.rescan_lost()?;
                     next_drop_rescan =
@@ -482,7 +494,7 @@ impl Watcher<'_> {
                                 || !recorded::output_gone(cfg, &k, &job.rel, stamp))
                     });
                     // The walk applied the filters and skipped filepipe's own files.
-                    if ignored_name(cfg, &job.rel) || settled {
+                    if settled || self.not_taken(&job.rel) {
                         continue;
                     }
                     self.found(job.rel, stamp, lost, now);
@@ -495,7 +507,7 @@ impl Watcher<'_> {
                     };
                     let was = known.remove(&rel);
                     // Temp-like names (filepipe's own among them) are never taken here.
-                    if ignored_name(cfg, &rel) {
+                    if self.not_taken(&rel) {
                         continue;
                     }
                     // Report a symlink, a special file or an unreadable directory once, not at
@@ -568,8 +580,9 @@ impl Watcher<'_> {
 
     fn on_event(&mut self, event: notify::Event) -> Result<()> {
         if event.need_rescan() {
-            tracing::warn!("the kernel's event queue overflowed: rescanning the whole tree");
-            return self.rescan_lost();
+            // Rescanned by the loop, at most every few seconds (see `run`).
+            self.overflowed = true;
+            return Ok(());
         }
         for path in &event.paths {
             if path == &self.cfg.root {
@@ -959,11 +972,31 @@ impl Watcher<'_> {
     fn ignored(&self, rel: &Path, abs: &Path) -> bool {
         // Temp-like names are files' (a directory `data.tmp` or `x.gz` holds files to take, as
         // the walk takes them: it was never watched; found by a review).
-        ignored_name(self.cfg, rel) && !is_real_dir(abs)
+        self.not_taken(rel) && !is_real_dir(abs)
             || walk::is_own(self.cfg, abs)
             || self.cfg.filter.excluded(rel)
             || !self.cfg.filter.included(rel) && !abs.is_dir()
             || anonymous(abs)
+    }
+
+    /// Whether the file `rel` is never taken by its name: a writer's temp, or filepipe's own
+    /// output next to its input. A name with the op's suffix whose input is neither beside it
+    /// nor on its way is a user's file (an `x.gz` dropped in, or left by `gzip x`), taken as a
+    /// batch takes it: the op skips it (`already-compressed`) or, with hashes, lists it.
+    /// Where inputs leave once done (`--remove-source`, `--move-source`), every output stands
+    /// alone, so no such name is taken.
+    fn not_taken(&self, rel: &Path) -> bool {
+        if temp_like(rel) {
+            return true;
+        }
+        if !output_named(self.cfg, rel) {
+            return false;
+        }
+        let cfg = self.cfg;
+        cfg.remove_source
+            || cfg.move_source.is_some()
+            || recorded::own_output_beside(cfg, rel)
+            || recorded::input_of_output(cfg, rel).is_some_and(|i| self.flight.contains(&i))
     }
 }
 
