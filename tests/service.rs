@@ -532,6 +532,65 @@ fn a_reload_whose_pipeline_cannot_start_keeps_the_previous_configuration() {
     );
 }
 
+/// Review finding (MEDIUM): a second SIGHUP while a reload was still pending (its new
+/// pipelines waiting on a state database another process holds locked) dropped the undo; when
+/// those pipelines then failed, the whole service ended. The second reload changes nothing, so
+/// the first is still undone as a failed reload is.
+#[test]
+fn a_second_sighup_while_a_reload_is_pending_keeps_its_undo() {
+    let other = tempfile::tempdir().unwrap();
+    let t = TestTree::new();
+    let config = t.side("filepipe.toml");
+    let body = |state: &str| {
+        format!(
+            "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+            t.root(),
+            other.path()
+        )
+    };
+    write_config(&config, &body("state"));
+    // Held locked (an exclusive transaction) for the whole test: the new pipelines wait on it
+    // for SQLite's busy timeout, then cannot start.
+    fs::create_dir(t.side("locked-state")).unwrap();
+    let holder = rusqlite::Connection::open(t.side("locked-state/filepipe.sqlite")).unwrap();
+    holder
+        .execute_batch("CREATE TABLE t(x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
+        .unwrap();
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    write_config(&config, &body("locked-state"));
+    let readies = n.count("READY=1");
+    let reloads = n.count("RELOADING=1");
+    signal(&child, rustix::process::Signal::HUP);
+    wait_for("the first reload", || n.count("RELOADING=1") > reloads);
+    // The second SIGHUP, the file unchanged, while the first reload's pipelines wait.
+    signal(&child, rustix::process::Signal::HUP);
+    wait_for("READY=1 after the failed reload", || {
+        n.count("READY=1") > readies || exited(child.id())
+    });
+    assert!(!exited(child.id()), "the service stopped");
+    fs::write(t.path("after.txt"), b"still watched\n").unwrap();
+    fs::write(other.path().join("other.txt"), b"still hashed\n").unwrap();
+    wait_for("both roots still processed", || {
+        exited(child.id())
+            || t.path("after.txt.gz").exists()
+                && fs::read_to_string(t.side("SUMS")).is_ok_and(|m| m.contains("other.txt"))
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
+    assert!(
+        stderr.contains("reload failed, restoring the previous configuration"),
+        "{stderr}"
+    );
+    drop(holder);
+}
+
 /// Review finding (LOW): `path = ""` silently watched the config file's own directory (and
 /// an empty out, manifest or move directory meant it too).
 #[test]

@@ -343,10 +343,29 @@ pub(crate) fn run(
                     let (kept, gone): (Vec<_>, Vec<_>) =
                         running.drain(..).partition(|r| keep.contains(&r.identity));
                     running = kept;
-                    // A reload before the last one's pipelines were all ready: that one is
-                    // taken as it stands, and the configs it stopped are dropped now, before
-                    // the new pipelines open theirs.
-                    drop(pending.take());
+                    let have: HashSet<Identity> =
+                        running.iter().map(|r| r.identity.clone()).collect();
+                    if gone.is_empty() && keep.is_subset(&have) {
+                        // Nothing to stop or start (the file unchanged, or a second SIGHUP
+                        // for the same change): a reload still pending stays so, and is
+                        // undone if one of its pipelines cannot start (found by a review: the
+                        // second SIGHUP dropped the undo, and that failure then ended the
+                        // whole service).
+                        tracing::info!("reload: the configuration is unchanged");
+                        ready_sent = false;
+                        continue;
+                    }
+                    // A reload before the last one's pipelines were all ready: the configs it
+                    // stopped are dropped now, before the new pipelines open theirs. Those it
+                    // started and this one keeps are still on trial: one that cannot start
+                    // fails this reload, not the service.
+                    let on_trial: Vec<u64> = pending
+                        .take()
+                        .map(|p| p.started)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|id| running.iter().any(|r| r.id == *id))
+                        .collect();
                     let mut failed = None;
                     let mut previous = Vec::new();
                     for r in gone {
@@ -359,9 +378,7 @@ pub(crate) fn run(
                             Err(e) => failed = failed.or(Some(e)),
                         }
                     }
-                    let mut started = Vec::new();
-                    let have: HashSet<Identity> =
-                        running.iter().map(|r| r.identity.clone()).collect();
+                    let mut started = on_trial;
                     // Those kept and those about to start: the new set's, before any starts.
                     own.set(new.pipelines.iter().map(Config::own_paths));
                     for mut cfg in new.pipelines {
