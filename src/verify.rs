@@ -811,7 +811,9 @@ fn added(
         };
         if !entry.file_type().is_file()
             || listed.contains(rel)
-            || output::is_temp_name(entry.file_name()) && output::carries_temp_mark(entry.path())
+            || output::is_temp_name(entry.file_name())
+                && (rel.parent().and_then(|p| beneath.open_dir(p).ok()))
+                    .is_some_and(|dir| output::temp_being_written(&dir, entry.file_name()))
         {
             continue;
         }

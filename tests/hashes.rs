@@ -310,6 +310,19 @@ fn with_status(lines: &[serde_json::Value], status: &str) -> Vec<Vec<u8>> {
     out
 }
 
+/// Takes an open file description lock for writing on all of `file`, as filepipe's writers
+/// lock their temps (`F_OFD_SETLK`): held until `file` is closed.
+fn ofd_write_lock(file: &fs::File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: an all-zero `flock` is valid (plain integers); OFD locks require l_pid 0.
+    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = libc::F_WRLCK as _;
+    lock.l_whence = libc::SEEK_SET as _;
+    // SAFETY: a valid descriptor and a valid `flock` for the call's duration.
+    let r = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+}
+
 #[test]
 fn verify_reports_added_and_missing_files_with_their_own_exit_bits() {
     for (op, algo) in [("sha512", "sha512"), ("blake3", "blake3")] {
@@ -327,8 +340,11 @@ fn verify_reports_added_and_missing_files_with_their_own_exit_bits() {
         let a: &[&OsStr] = &[m, s("--algo"), s(algo)];
         let json: &[&OsStr] = &[m, s("--algo"), s(algo), s("--json")];
         verify(a, Path::new("/")).context(op).success();
-        // A filepipe temp (named and marked so) is not an added file; a file merely named
-        // like one is (or anyone could hide a file from the report by its name).
+        // A filepipe temp being written (named and marked so, its writer holding its lock)
+        // is not an added file; one merely named like one is (or anyone could hide a file
+        // from the report by its name), and so is one also marked whose lock nobody holds: a
+        // stopped run's leftover, or a payload marked by whoever may write the tree (the mark
+        // is an extended attribute the file's owner sets: found by a review).
         let temp = t.path(".filepipe.1-x.0.tmp");
         fs::write(&temp, b"temp").unwrap();
         rustix::fs::setxattr(
@@ -338,7 +354,17 @@ fn verify_reports_added_and_missing_files_with_their_own_exit_bits() {
             rustix::fs::XattrFlags::empty(),
         )
         .unwrap();
+        let r = verify(a, Path::new("/"));
+        assert!(
+            r.code(8).stdout().contains(".filepipe.1-x.0.tmp: ADDED"),
+            "{op}: {}",
+            r.stdout()
+        );
+        let writer = fs::OpenOptions::new().write(true).open(&temp).unwrap();
+        ofd_write_lock(&writer);
         verify(a, Path::new("/")).context(op).success();
+        drop(writer);
+        fs::remove_file(&temp).unwrap();
         fs::write(t.path(".filepipe.2-y.0.tmp"), b"hidden?").unwrap();
         let r = verify(a, Path::new("/"));
         assert!(

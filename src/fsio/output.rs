@@ -2042,14 +2042,27 @@ pub(crate) fn is_temp_name(name: &OsStr) -> bool {
     b.starts_with(TEMP_PREFIX.as_bytes()) && b.ends_with(TEMP_SUFFIX.as_bytes())
 }
 
-/// Whether `path` (not followed if a symlink) carries the mark of a filepipe temp, any host's:
-/// a file merely named like one does not.
-pub(crate) fn carries_temp_mark(path: &Path) -> bool {
+/// Whether `name` in `dir` is a filepipe temp being written now: a regular file carrying the
+/// mark of one (any host's) whose lock a live process holds, as every writer of a named temp
+/// does from before the name exists until the rename. Neither alone will do: the mark is an
+/// extended attribute any writer of the file may set (found by a review: a payload named and
+/// marked as a temp was hidden from `verify`'s added check), and any process may lock a
+/// file it can read. A temp a stopped run left is not being written.
+pub(crate) fn temp_being_written(dir: &impl AsFd, name: &OsStr) -> bool {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let Ok(fd) = rfs::openat(dir, name, flags, Mode::empty()) else {
+        return false;
+    };
+    let regular = rfs::fstat(&fd)
+        .is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::RegularFile);
     let mut value = [0u8; 32];
-    match rfs::lgetxattr(path, TEMP_MARK, &mut value[..]) {
+    let marked = match rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]) {
         Ok(n) => value[..n] == *TEMP_MARK_V1 || value[..n].starts_with(b"2:"),
         Err(_) => false,
-    }
+    };
+    // A read lock is refused only while someone holds a write lock: the writer's. Taken, it
+    // goes with this descriptor.
+    regular && marked && matches!(fslock::lock(&fd, LockKind::Read, false), Err(Errno::AGAIN))
 }
 
 #[cfg(test)]
