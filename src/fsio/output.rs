@@ -473,9 +473,18 @@ pub(crate) struct TempOutput {
 /// (of 10 ms for the coarsest, whose ctimes are kept finer): on a file system with nanosecond
 /// times, only the same time counts, and a file dated by hand to a whole second is not taken
 /// for an output of an input changed within that second.
+///
+/// A time nanoseconds since the epoch cannot hold (before 1678, after 2262) saturates, so
+/// every such time looks the same: an input dated 2400 would find its output of the version
+/// dated 2300 up to date (found by a review). Such a date tells nothing, and is never an
+/// output's: the input is made again (or its output, not provably filepipe's, is reported).
 pub(crate) fn dated_as(out: (i64, i64), input_ns: i64) -> bool {
     const UNITS: [i64; 5] = [100, 1_000, 10_000_000, 1_000_000_000, 2_000_000_000];
     let (mtime, ctime) = out;
+    let saturated = |t: i64| t == i64::MAX || t == i64::MIN;
+    if saturated(input_ns) || saturated(mtime) {
+        return false;
+    }
     mtime == input_ns
         || UNITS.iter().any(|&unit| {
             ctime.rem_euclid(unit.min(10_000_000)) == 0
@@ -2101,6 +2110,10 @@ mod tests {
         }
         // Before 1970 too (the kernel rounds toward the past).
         assert!(dated_as((-2_000_000_000, -3_000_000_000), -1_500_000_000));
+        // Past 2262 (or before 1678) every time saturates alike: none is an output's date.
+        for far in [i64::MAX, i64::MIN] {
+            assert!(!dated_as((far, 1_700_000_005_000_000_000), far));
+        }
     }
 
     #[test]
