@@ -591,6 +591,79 @@ fn a_second_sighup_while_a_reload_is_pending_keeps_its_undo() {
     drop(holder);
 }
 
+/// Review finding (MEDIUM): one watched directory deleted or moved ended the whole service, and
+/// under the shipped unit for good (the restart refuses a config whose directory is missing,
+/// exit 2, which the unit does not restart on). Now that pipeline alone stops; the others go
+/// on, and it starts again once a directory is back at its path.
+#[test]
+fn a_watched_directory_moved_away_stops_its_pipeline_alone_until_it_is_back() {
+    let t = TestTree::new().dir("a").dir("b");
+    let config = t.side("filepipe.toml");
+    write_config(
+        &config,
+        &format!(
+            "state_dir = \"state\"\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+            t.path("a"),
+            t.path("b")
+        ),
+    );
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    fs::rename(t.path("a"), t.side("a.old")).unwrap();
+    let waiting = |n: &Notifications| {
+        n.lines()
+            .last_status_line()
+            .is_some_and(|l| l.contains("1 pipeline, 1 waiting for its directory: "))
+    };
+    wait_for("STATUS saying a pipeline waits", || {
+        waiting(&n) || exited(child.id())
+    });
+    assert!(!exited(child.id()), "the service stopped");
+    fs::write(t.path("b/one.txt"), b"the other pipeline goes on\n").unwrap();
+    wait_for("b's file", || t.path("b/one.txt.gz").exists());
+    // Back: a new directory at the path, with a file in it already.
+    fs::create_dir(t.path("a")).unwrap();
+    fs::write(t.path("a/back.txt"), b"taken by the new pipeline's scan\n").unwrap();
+    wait_for("a's file, once a is back", || {
+        t.path("a/back.txt.gz").exists() || exited(child.id())
+    });
+    wait_for("STATUS with both pipelines", || {
+        n.lines()
+            .last_status_line()
+            .is_some_and(|l| l.contains("2 pipelines: "))
+    });
+    fs::write(t.path("a/after.txt"), b"watched again\n").unwrap();
+    wait_for("a's file written after", || {
+        t.path("a/after.txt.gz").exists()
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(30)).success().stderr();
+    assert!(
+        stderr.contains("its pipeline stopped; the other pipelines go on")
+            && stderr.contains("its pipeline starts again"),
+        "{stderr}"
+    );
+}
+
+/// The last STATUS= line of notifications.
+trait LastStatus {
+    fn last_status_line(&self) -> Option<String>;
+}
+
+impl LastStatus for Vec<(std::time::Instant, String)> {
+    fn last_status_line(&self) -> Option<String> {
+        self.iter()
+            .rev()
+            .find_map(|(_, l)| l.strip_prefix("STATUS=").map(str::to_string))
+    }
+}
+
 /// Review finding (LOW): `path = ""` silently watched the config file's own directory (and
 /// an empty out, manifest or move directory meant it too).
 #[test]

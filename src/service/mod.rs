@@ -30,6 +30,7 @@ use crate::fsio::output::Durability;
 use crate::fsio::own;
 use crate::report::Summary;
 use crate::signals::Shutdown;
+use crate::source::watch::RootGone;
 use crate::travel::Stats;
 
 #[cfg(feature = "cluster")]
@@ -108,6 +109,19 @@ struct Running {
     stats: Arc<Stats>,
     handle: JoinHandle<Result<Summary>>,
 }
+
+/// A pipeline whose watched directory went (`RootGone`): the others go on, and it starts
+/// again, with the same config (its descriptors and state lock kept), once a directory is
+/// back at that path. Under the shipped units, ending the service instead stopped every
+/// pipeline for good: the restart refuses a config whose directory is missing, and is not
+/// restarted (found by a review).
+struct Waiting {
+    identity: Identity,
+    cfg: Arc<Config>,
+}
+
+/// How often a waiting pipeline's directory is looked for.
+const ROOT_LOOK_EVERY: Duration = Duration::from_secs(1);
 
 fn start(cfg: Arc<Config>) -> Result<Running> {
     let stop = Arc::new(Shutdown::default());
@@ -243,6 +257,8 @@ pub(crate) fn run(
     let mut last_line = String::new();
     let mut done: Vec<(Arc<Config>, Summary)> = Vec::new();
     let mut pending: Option<Pending> = None;
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let mut last_root_look = Instant::now();
     loop {
         std::thread::sleep(Duration::from_millis(50));
         if let Some(sig) = signals.signal() {
@@ -250,6 +266,12 @@ pub(crate) fn run(
                 NotifyState::Stopping,
                 NotifyState::Status("stopping: draining"),
             ]);
+            for w in &waiting {
+                tracing::warn!(
+                    root = %w.cfg.root.display(),
+                    "stopped while its pipeline waited for the watched directory to be back"
+                );
+            }
             let mut first_err = None;
             for r in running.drain(..) {
                 match stop(r, sig) {
@@ -284,7 +306,8 @@ pub(crate) fn run(
                 let mut failed = None;
                 own.set(
                     (running.iter().map(|r| r.cfg.own_paths()))
-                        .chain(p.previous.iter().map(|c| c.own_paths())),
+                        .chain(p.previous.iter().map(|c| c.own_paths()))
+                        .chain(waiting.iter().map(|w| w.cfg.own_paths())),
                 );
                 for cfg in p.previous {
                     match start(cfg) {
@@ -300,12 +323,44 @@ pub(crate) fn run(
                 ready_sent = false;
                 continue;
             }
-            let root = r.cfg.root.clone();
+            let (identity, cfg) = (r.identity.clone(), Arc::clone(&r.cfg));
             let err = match stop(r, libc::SIGTERM) {
                 Err(e) => e,
-                Ok(_) => anyhow!("the pipeline for {} stopped by itself", root.display()),
+                Ok(_) => anyhow!("the pipeline for {} stopped by itself", cfg.root.display()),
             };
+            // A service's pipeline whose directory went waits for it; `watch DIR` alone ends,
+            // as it always did (exit 1).
+            if path.is_some() && err.chain().any(|e| e.is::<RootGone>()) {
+                tracing::error!(
+                    "{err:#}: its pipeline stopped; the other pipelines go on, and it starts \
+                     again once a directory is back at {}",
+                    cfg.root.display()
+                );
+                waiting.push(Waiting { identity, cfg });
+                set_watched(&running);
+                continue;
+            }
             return Err(stop_all(&mut running, err));
+        }
+        if !waiting.is_empty() && last_root_look.elapsed() >= ROOT_LOOK_EVERY {
+            last_root_look = Instant::now();
+            let (back, still): (Vec<_>, Vec<_>) = waiting
+                .drain(..)
+                .partition(|w| std::fs::symlink_metadata(&w.cfg.root).is_ok_and(|m| m.is_dir()));
+            waiting = still;
+            for w in back {
+                // At warn, as the error it answers: the default log level shows both.
+                tracing::warn!(
+                    root = %w.cfg.root.display(),
+                    "the watched directory is back: its pipeline starts again"
+                );
+                match start(w.cfg) {
+                    Ok(r) => running.push(r),
+                    Err(e) => return Err(stop_all(&mut running, e)),
+                }
+                set_watched(&running);
+                ready_sent = false;
+            }
         }
         let reload = signals.take_reload();
         if reload && path.is_none() {
@@ -343,6 +398,17 @@ pub(crate) fn run(
                     let (kept, gone): (Vec<_>, Vec<_>) =
                         running.drain(..).partition(|r| keep.contains(&r.identity));
                     running = kept;
+                    // Waiting pipelines the new file still has are started by it below (its
+                    // check found their directories back), those it lacks are removed: either
+                    // way, their configs and what they hold go first.
+                    for w in waiting.drain(..) {
+                        if !keep.contains(&w.identity) {
+                            tracing::info!(
+                                root = %w.cfg.root.display(),
+                                "waiting pipeline removed by reload"
+                            );
+                        }
+                    }
                     let have: HashSet<Identity> =
                         running.iter().map(|r| r.identity.clone()).collect();
                     if gone.is_empty() && keep.is_subset(&have) {
@@ -424,7 +490,7 @@ pub(crate) fn run(
         }
         // At every change (a few times a second at most), and every STATUS_INTERVAL: a
         // STATUS with nothing queued, in flight or waiting to retry says the daemon is idle.
-        let status = status_line(&running);
+        let status = status_line(&running, waiting.len());
         let since = last_status.elapsed();
         if since >= STATUS_INTERVAL || status != last_line && since >= STATUS_MIN_INTERVAL {
             last_status = Instant::now();
@@ -434,13 +500,19 @@ pub(crate) fn run(
     }
 }
 
-/// "2 pipelines: queued 0, in flight 0, retrying 0, done 12, skipped 0, failed 1".
-fn status_line(running: &[Running]) -> String {
+/// "2 pipelines: queued 0, in flight 0, retrying 0, done 12, skipped 0, failed 1", with
+/// ", 1 waiting for its directory" after the pipelines when one is (`Waiting`).
+fn status_line(running: &[Running], waiting: usize) -> String {
     let sum = |f: fn(&Stats) -> u64| running.iter().map(|r| f(&r.stats)).sum::<u64>();
     let mut s = String::new();
+    let waiting = match waiting {
+        0 => String::new(),
+        1 => ", 1 waiting for its directory".to_string(),
+        n => format!(", {n} waiting for their directories"),
+    };
     let _ = write!(
         s,
-        "{} {}: queued {}, in flight {}, retrying {}, done {}, skipped {}, failed {}",
+        "{} {}{waiting}: queued {}, in flight {}, retrying {}, done {}, skipped {}, failed {}",
         running.len(),
         if running.len() == 1 {
             "pipeline"

@@ -142,6 +142,13 @@ impl Source for Watch<'_> {
     }
 }
 
+/// Why a watch ended: the watched directory is no longer at its path (deleted, moved, or
+/// replaced by another directory or a symlink). A service waits for a directory to be back
+/// there and starts the pipeline again; its other pipelines go on meanwhile.
+#[derive(Debug, thiserror::Error)]
+#[error("the watched directory {} was deleted or moved", .0.display())]
+pub(crate) struct RootGone(pub(crate) PathBuf);
+
 /// The device and inode of the directory at `root` itself (a symlink there is not followed).
 fn root_id(root: &Path) -> std::io::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -257,10 +264,7 @@ impl Watcher<'_> {
     fn root_in_place(&self) -> Result<()> {
         match root_id(&self.cfg.root) {
             Ok(id) if id == self.root_id => Ok(()),
-            _ => bail!(
-                "the watched directory {} was deleted or moved",
-                self.cfg.root.display()
-            ),
+            _ => Err(RootGone(self.cfg.root.clone()).into()),
         }
     }
 
