@@ -358,6 +358,8 @@ fn ops_of(spec: &OpSpec) -> Vec<OpKind> {
 /// The writer side, owned by the reporter.
 pub(crate) struct State {
     conn: Connection,
+    /// The database file, for messages.
+    path: PathBuf,
     root: Vec<u8>,
     /// The run's ops (`ops_of`): each file's outcome is recorded under each.
     ops: Vec<OpKind>,
@@ -431,6 +433,42 @@ impl State {
         let mut conn = Connection::open(&path)
             .with_context(|| format!("cannot open state database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // SQLite opens a file it may not write read-only, without a word: the run then failed
+        // at its first file's outcome, every pipeline of a service with it, and under the
+        // shipped units again at each restart (found by a review).
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            bail!(
+                "the state database {} cannot be written by this user: give it (and its \
+                 directory) write permission, or another --state",
+                path.display()
+            );
+        }
+        // Refused before anything is written to it: a newer layout, or some other program's
+        // database of that name (found by a review: it was turned to WAL and given columns,
+        // then refused).
+        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if version > SCHEMA {
+            bail!(
+                "the state database {} was written by a newer filepipe (layout {version}, this \
+                 one knows up to {SCHEMA}): run that one, or give this one another --state",
+                path.display()
+            );
+        }
+        let columns: Vec<String> = conn
+            .prepare("SELECT name FROM pragma_table_info('files')")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        if !columns.is_empty()
+            && !["root", "op", "path"]
+                .iter()
+                .all(|c| columns.iter().any(|n| n == c))
+        {
+            bail!(
+                "{} is not a filepipe state database (its `files` table is another program's): \
+                 give filepipe another --state",
+                path.display()
+            );
+        }
         // Another process (`filepipe status`, an administrator's `sqlite3`) can meet this one
         // in the same deadlock: it is waited out, as the busy timeout would be.
         retry_busy(|| {
@@ -467,20 +505,13 @@ impl State {
             retry_busy(|| add_column(&mut conn, column))
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if version > SCHEMA {
-            bail!(
-                "the state database {} was written by a newer filepipe (layout {version}, this \
-                 one knows up to {SCHEMA}): run that one, or give this one another --state",
-                path.display()
-            );
-        }
         if version < SCHEMA {
             retry_busy(|| upgrade(&mut conn))
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
         Ok(State {
             conn,
+            path,
             root: root.as_os_str().as_bytes().to_vec(),
             ops: ops_of(spec),
             done: Vec::new(),
@@ -506,15 +537,17 @@ impl State {
     /// Starts a transaction; `commit` ends it. Batching rows per transaction keeps the cost
     /// of durability to one WAL append per batch.
     pub(crate) fn begin(&mut self) -> Result<()> {
-        self.conn.execute_batch("BEGIN IMMEDIATE")?;
-        Ok(())
+        self.conn
+            .execute_batch("BEGIN IMMEDIATE")
+            .with_context(|| format!("cannot write the state database {}", self.path.display()))
     }
 
     /// Commits the open transaction.
     pub(crate) fn commit(&mut self) -> Result<()> {
-        self.write_done()?;
-        self.conn.execute_batch("COMMIT")?;
-        Ok(())
+        let written = self
+            .write_done()
+            .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?));
+        written.with_context(|| format!("cannot write the state database {}", self.path.display()))
     }
 
     /// Records `op`'s result of a file as done, in the transaction `begin` opened. The row
@@ -1167,11 +1200,17 @@ pub(crate) fn failed(dir: &Path) -> Result<Vec<Row>> {
 
 fn open_read_only(dir: &Path) -> Result<Connection> {
     let path = db_path(dir);
-    if !path.exists() {
-        anyhow::bail!(
+    // Only a file not there is "no state": a directory this user may not search is said as
+    // such (`exists` is false for both: found by a review).
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
             "no state database at {} (has filepipe watch run with this --state?)",
             path.display()
-        );
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot open state database {}", path.display()))
+        }
+        Ok(_) => {}
     }
     Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("cannot open state database {}", path.display()))
