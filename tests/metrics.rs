@@ -199,3 +199,76 @@ fn clients_that_never_finish_a_request_hold_no_more_than_a_few_descriptors() {
     assert_eq!(status("POST", "/metrics"), "405");
     d.stop().success();
 }
+
+/// Review finding (LOW): a pipeline a reload removed kept its queue gauges at what they last
+/// held, so an alert on files queued while commits stop fired for a pipeline no longer there.
+/// Its queues read 0 once it stops.
+#[test]
+fn a_pipeline_a_reload_removes_has_its_queues_read_zero() {
+    let t = TestTree::new().dir("a").dir("b");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = t.side("filepipe.toml");
+    let table = |dir: &str, settle: u32| {
+        format!(
+            "[[watch]]\npath = {:?}\nop = \"gzip\"\nsettle_ms = {settle}\n",
+            t.path(dir)
+        )
+    };
+    let head = format!("state_dir = \"state\"\nmetrics = \"{addr}\"\n");
+    let both = format!("{head}{}{}", table("a", 100), table("b", 3_600_000));
+    fs::write(&config, &both).unwrap();
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[
+        OsStr::new("watch"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+    ]);
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    wait_until(std::time::Duration::from_secs(60), "READY=1", || {
+        n.has("READY=1")
+    });
+    // Waiting an hour to settle: queued.
+    for i in 0..3 {
+        fs::write(t.path(format!("b/{i}.txt")), b"waits\n").unwrap();
+    }
+    let b = format!("pipeline=\"{}\"", t.path("b").display());
+    let queued = || {
+        let scraped = Command::new("curl")
+            .args(["-sSf", &format!("http://{addr}/metrics")])
+            .output()
+            .expect("curl");
+        let text = String::from_utf8(scraped.stdout).unwrap_or_default();
+        sample(&text, "filepipe_queued_files", &[&b])
+    };
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "b's 3 files queued",
+        || queued() == Some(3.0),
+    );
+    let readies = n.count("READY=1");
+    fs::write(&config, format!("{head}{}", table("a", 100))).unwrap();
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::HUP,
+    )
+    .unwrap();
+    wait_until(
+        std::time::Duration::from_secs(60),
+        "READY=1 after the reload",
+        || n.count("READY=1") > readies,
+    );
+    assert_eq!(queued(), Some(0.0));
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    child.finish(std::time::Duration::from_secs(30)).success();
+}

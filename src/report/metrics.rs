@@ -311,6 +311,20 @@ impl Meter {
     }
 }
 
+/// A pipeline stopped (a service's reload removed or restarted it, or its directory went): its
+/// queues read 0, not what they held last. The series stay (the exporter cannot drop one),
+/// and an alert on files queued while commits stop would fire for a pipeline no longer there
+/// (found by a review).
+impl Drop for Meter {
+    fn drop(&mut self) {
+        if ON.load(Ordering::Relaxed) {
+            self.queued.set(0.0);
+            self.in_flight.set(0.0);
+            self.retrying.set(0.0);
+        }
+    }
+}
+
 /// A whole-tree rescan of `cfg`'s root, and why.
 pub(crate) fn rescan(cfg: &Config, cause: &'static str) {
     if !ON.load(Ordering::Relaxed) {
