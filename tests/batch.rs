@@ -896,7 +896,18 @@ fn file_appended_while_read_is_never_published() {
     }
     let log = t.side("f.jsonl");
     let manifest = t.side("m");
-    let out = sha256_batch(&t, &manifest, &log);
+    let out = batch(
+        &t,
+        &[
+            s("--op"),
+            s("sha256"),
+            s("--manifest"),
+            p(&manifest),
+            s("--failure-log"),
+            p(&log),
+            s("-v"),
+        ],
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
     out.code(1);
@@ -905,6 +916,13 @@ fn file_appended_while_read_is_never_published() {
         records_of(&records, "changed-while-read").len(),
         1,
         "{records:?}"
+    );
+    // Each read again said at -v (a review found none said, the summary counting one read).
+    assert_eq!(
+        out.stderr().matches("reading it again").count(),
+        2,
+        "{}",
+        out.stderr()
     );
     let m = fs::read_to_string(&manifest).unwrap();
     assert!(!m.contains("growing.log") && m.contains("stable"), "{m}");

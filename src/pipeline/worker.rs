@@ -303,8 +303,16 @@ pub(crate) fn prepare<O: Op>(
                 e.message = format!("{} (gave up after {ATTEMPTS} attempts)", e.message);
                 return Err(failed(job, e));
             }
-            Err(_) => {
+            Err(e) => {
                 drop(pending);
+                // Said, at -v: the summary counts the file once, by how it ended, and its
+                // bytes once (found by a review: a file read twice left no trace).
+                tracing::info!(
+                    path = %job.rel.display(),
+                    attempt,
+                    "{}: reading it again",
+                    e.message
+                );
                 // Give a writer that is mid-way a moment to finish before looking again.
                 std::thread::sleep(Duration::from_millis(100 << attempt));
                 attempt += 1;
