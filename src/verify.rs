@@ -118,6 +118,7 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
     let mut printer = Printer {
         out,
         json: opts.json,
+        quiet: opts.quiet,
         closed: false,
     };
     let output = |e: io::Error| Error::Output(e);
@@ -233,11 +234,16 @@ struct Line {
 struct Printer<'a, W: Write> {
     out: &'a mut W,
     json: bool,
+    /// `-q`: no `OK` lines in text (as `sha256sum -c --quiet`); `--json` records them all.
+    quiet: bool,
     closed: bool,
 }
 
 impl<W: Write> Printer<'_, W> {
     fn line(&mut self, l: &Line) -> io::Result<()> {
+        if self.quiet && !self.json && matches!(l.check, Check::Ok) {
+            return Ok(());
+        }
         let written = if self.json {
             let mut obj = serde_json::json!({
                 "path": String::from_utf8_lossy(&l.path),

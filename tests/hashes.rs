@@ -380,6 +380,9 @@ fn verify_reports_added_and_missing_files_with_their_own_exit_bits() {
             r.code(4).stdout().contains("\\nl\\nname: MISSING\n"),
             "{op}"
         );
+        // -q: what failed only, as `sha256sum -c --quiet` (found by review: OK lines too).
+        let r = verify(&[a, &[s("-q")]].concat(), &root);
+        assert_eq!(r.code(4).stdout(), "\\nl\\nname: MISSING\n", "{op}");
 
         fs::write(t.path("new\nfile"), b"added\n").unwrap();
         fs::write(t.path(b"sub/add\xfe"), b"added too\n").unwrap();
