@@ -664,6 +664,54 @@ impl LastStatus for Vec<(std::time::Instant, String)> {
     }
 }
 
+/// Review finding (LOW): files a reload's stop left unstarted got a `skipped`/`interrupted`
+/// line in the failure log, and nothing said the new pipeline then did them. They are now
+/// counted but not recorded, where a pipeline replaces the stopped one; where none does (its
+/// table removed), they are recorded as before.
+#[test]
+fn files_a_reload_hands_to_the_new_pipeline_get_no_interrupted_record() {
+    let t = TestTree::new().file("big.txt", &text_bytes(48 << 20, 1));
+    let config = t.side("filepipe.toml");
+    let log = t.side("fail.jsonl");
+    let body = |settle: u32| {
+        format!(
+            "state_dir = \"state\"\njobs = 1\nfailure_log = {:?}\n[[watch]]\npath = {:?}\nop = \"gzip\"\nlevel = 9\nsettle_ms = {settle}\n",
+            log,
+            t.root()
+        )
+    };
+    write_config(&config, &body(100));
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        &t,
+        &config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    // The one worker busy with big.txt, the small ones queued behind it.
+    for i in 0..5 {
+        fs::write(t.path(format!("small{i}.txt")), b"queued\n").unwrap();
+    }
+    wait_for("the small files queued behind big.txt", || {
+        n.last_status().is_some_and(|s| s.queued + s.in_flight >= 6)
+    });
+    write_config(&config, &body(200));
+    signal(&child, rustix::process::Signal::HUP);
+    wait_for("every output", || {
+        exited(child.id())
+            || (0..5).all(|i| t.path(format!("small{i}.txt.gz")).exists())
+                && t.path("big.txt.gz").exists()
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    let stderr = child.finish(Duration::from_secs(60)).success().stderr();
+    let records = failure_log(&log);
+    assert!(
+        records_of(&records, "interrupted").is_empty(),
+        "{records:?}\n{stderr}"
+    );
+}
+
 /// Review finding (LOW): `path = ""` silently watched the config file's own directory (and
 /// an empty out, manifest or move directory meant it too).
 #[test]

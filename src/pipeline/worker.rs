@@ -101,9 +101,14 @@ fn run_job<O: Op>(
 ) -> Option<Outcome> {
     if shutdown.requested() {
         // Queued but not started: account for it, but do not start new work.
+        let why = if shutdown.signal() == Some(libc::SIGHUP) {
+            "not started: its pipeline restarts for a reload, and the new one takes it up"
+        } else {
+            "not started: shutting down"
+        };
         return Some(Outcome::Skipped {
             rel: job.rel,
-            reason: FileError::new(Kind::Interrupted, "not started: shutting down"),
+            reason: FileError::new(Kind::Interrupted, why),
         });
     }
     if cfg.progress {

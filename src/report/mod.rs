@@ -127,7 +127,11 @@ pub(crate) fn run(
                         });
                     }
                     meter.outcome(&outcome, &disposition);
-                    summary.count(outcome, disposition, &mut progress);
+                    // Files a reload's stop left unstarted are taken up by the pipeline that
+                    // replaces this one: counted here, but no failure-log record, which told
+                    // an operator they were skipped (found by a review).
+                    let handed_over = shutdown.signal() == Some(libc::SIGHUP);
+                    summary.count(outcome, disposition, handed_over, &mut progress);
                 }
                 unflushed = true;
                 stats.done.store(summary.done, Ordering::Relaxed);
@@ -227,7 +231,13 @@ fn flush(
 impl Summary {
     /// Accounts for one outcome: counts, progress, the per-file record. A failure the sink
     /// will try again is an attempt, not a file: it is logged, and counted when the file ends.
-    fn count(&mut self, outcome: Outcome, disposition: Disposition, progress: &mut Progress) {
+    fn count(
+        &mut self,
+        outcome: Outcome,
+        disposition: Disposition,
+        handed_over: bool,
+        progress: &mut Progress,
+    ) {
         let op = self.op;
         if let (Disposition::Retry(_), Outcome::Failed { rel, error }) = (&disposition, &outcome) {
             self.retries += 1;
@@ -278,9 +288,11 @@ impl Summary {
                     .skipped_by_reason
                     .entry(reason.kind.as_str())
                     .or_default() += 1;
-                progress
-                    .multi
-                    .suspend(|| record("skipped", op, &rel, &reason));
+                if !(handed_over && reason.kind == Kind::Interrupted) {
+                    progress
+                        .multi
+                        .suspend(|| record("skipped", op, &rel, &reason));
+                }
             }
             Outcome::Failed { rel, error } => {
                 self.failed += 1;

@@ -434,9 +434,20 @@ pub(crate) fn run(
                         .collect();
                     let mut failed = None;
                     let mut previous = Vec::new();
+                    let roots: HashSet<&Path> =
+                        new.pipelines.iter().map(|c| c.root.as_path()).collect();
                     for r in gone {
                         tracing::info!(root = %r.cfg.root.display(), "pipeline removed by reload");
-                        match stop(r, libc::SIGHUP) {
+                        // SIGHUP where a new pipeline watches the same directory and takes up
+                        // what this one leaves unstarted (not recorded as skipped: see
+                        // `report::run`); SIGTERM where none will.
+                        let replaced = roots.contains(r.cfg.root.as_path());
+                        let signal = if replaced {
+                            libc::SIGHUP
+                        } else {
+                            libc::SIGTERM
+                        };
+                        match stop(r, signal) {
                             Ok((cfg, summary)) => {
                                 done.push((for_summary(&cfg), summary));
                                 previous.push(cfg);
