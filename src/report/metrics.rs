@@ -6,9 +6,12 @@
 //! The exporter's own listener is not used: it serves any number of connections and never
 //! times one out, so a local client holding a thousand half-sent requests took every
 //! descriptor the process had (inputs then failed for good with EMFILE) and its accept loop
-//! spun a core logging hundreds of MB (found by a review). Here `CONNECTIONS` threads each
-//! accept and answer one connection at a time, with a deadline for the whole exchange: more
-//! clients wait in the kernel's backlog, on none of filepipe's descriptors.
+//! spun a core logging hundreds of MB (found by a review). Here one thread accepts every
+//! connection and waits (`poll`) for at most `PENDING` requests at once, each with a deadline;
+//! a connection beyond that makes room by closing the one waiting longest, so idle clients
+//! hold a few descriptors and never a scrape (when threads answered one connection each, 100
+//! idle clients kept a scrape waiting 11.5 s, past Prometheus's 10 s timeout: found by a
+//! review). `CONNECTIONS` threads write the answers.
 //!
 //! Every series carries the pipeline's root (`pipeline`): a service runs one per `[[watch]]`.
 
@@ -47,16 +50,23 @@ pub(crate) fn serve(addr: SocketAddr) -> Result<()> {
         )
         .and_then(|b| b.install_recorder())
         .map_err(|e| anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    listener.set_nonblocking(true).context("serving metrics")?;
+    let (requests, to_answer) = crossbeam_channel::bounded::<Request>(CONNECTIONS);
     for i in 0..CONNECTIONS {
-        let (listener, handle) = (
-            listener.try_clone().context("serving metrics")?,
-            handle.clone(),
-        );
+        let (to_answer, handle) = (to_answer.clone(), handle.clone());
         std::thread::Builder::new()
             .name(format!("filepipe-metrics-{i}"))
-            .spawn(move || answer_each(&listener, &handle))
+            .spawn(move || {
+                for r in to_answer {
+                    answer(r, &handle);
+                }
+            })
             .context("starting the metrics threads")?;
     }
+    std::thread::Builder::new()
+        .name("filepipe-metrics-accept".into())
+        .spawn(move || gather(&listener, &requests))
+        .context("starting the metrics threads")?;
     // What the exporter's own task did: histograms are drained into their buckets here.
     std::thread::Builder::new()
         .name("filepipe-metrics-upkeep".into())
@@ -74,12 +84,14 @@ pub(crate) fn serve(addr: SocketAddr) -> Result<()> {
 
 const DELAY: &str = "filepipe_publish_delay_seconds";
 
-/// Connections answered at once (a thread each).
+/// Answers written at once (a thread each).
 const CONNECTIONS: usize = 8;
 
-/// How long a client has to send its request: a scraper sends it at once, and a client that
-/// sends nothing holds a thread no longer than this (held for 5 s, a dozen such clients kept
-/// every scrape waiting past Prometheus's 10 s timeout: found by a review).
+/// Connections waiting for their request at once, at most: a new one closes the one that has
+/// waited longest (a scraper sends its request as it connects, so only idle ones are closed).
+const PENDING: usize = 8;
+
+/// How long a client has to send its request: a scraper sends it at once.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(1);
 
 /// How long a client has to take the answer, once its request is in.
@@ -91,51 +103,159 @@ const REQUEST_MAX: usize = 8192;
 /// How often the recorder's histograms are drained (the exporter's own default).
 const UPKEEP: Duration = Duration::from_secs(5);
 
-/// One metrics thread: accepts and answers connections one at a time, for good. A failure to
-/// accept (no descriptor left, say) waits a moment: never a busy loop, and said once a minute
-/// at most.
-fn answer_each(listener: &TcpListener, handle: &PrometheusHandle) {
+/// A request read: its connection, its head, and whether the head ended (not cut at
+/// `REQUEST_MAX`).
+struct Request {
+    stream: TcpStream,
+    head: Vec<u8>,
+    complete: bool,
+}
+
+/// A connection waiting for the rest of its request.
+struct Waiting {
+    stream: TcpStream,
+    head: Vec<u8>,
+    until: Instant,
+}
+
+/// What a read of a waiting connection found.
+enum Heard {
+    /// Not all of the request yet.
+    More,
+    /// Closed, or failed: dropped.
+    Gone,
+    /// The head, whole (`true`) or cut at `REQUEST_MAX`.
+    Head(bool),
+}
+
+/// The accepting thread, for good: accepts every connection, reads requests as they come on
+/// all of them, and hands each whole request to the answering threads. A failure to accept
+/// or to poll (no descriptor left, say) waits a moment: never a busy loop, and said once a
+/// minute at most.
+fn gather(listener: &TcpListener, requests: &crossbeam_channel::Sender<Request>) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use std::collections::VecDeque;
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut warned: Option<Instant> = None;
+    let mut warn = |what: &str, e: &std::io::Error| {
+        if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
+            tracing::warn!(error = %e, "{what} failed");
+            warned = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     loop {
-        match listener.accept() {
-            Ok((stream, _)) => answer(stream, handle),
-            Err(e) => {
-                if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(60)) {
-                    tracing::warn!(error = %e, "accepting a metrics connection failed");
-                    warned = Some(Instant::now());
+        let now = Instant::now();
+        waiting.retain(|w| w.until > now);
+        let wait = (waiting.iter().map(|w| w.until).min())
+            .map_or(Duration::from_secs(60), |until| until - now);
+        let timeout = Timespec::try_from(wait).unwrap_or(Timespec {
+            tv_sec: 60,
+            tv_nsec: 0,
+        });
+        let (accept, ready) = {
+            let mut fds: Vec<PollFd<'_>> = std::iter::once(PollFd::new(listener, PollFlags::IN))
+                .chain(
+                    waiting
+                        .iter()
+                        .map(|w| PollFd::new(&w.stream, PollFlags::IN)),
+                )
+                .collect();
+            match poll(&mut fds, Some(&timeout)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    warn("waiting for metrics connections", &e.into());
+                    continue;
                 }
-                std::thread::sleep(Duration::from_millis(100));
+            }
+            let ready: Vec<bool> = fds[1..].iter().map(|f| !f.revents().is_empty()).collect();
+            (!fds[0].revents().is_empty(), ready)
+        };
+        for i in (0..ready.len()).rev() {
+            if !ready[i] {
+                continue;
+            }
+            match read_more(&mut waiting[i]) {
+                Heard::More => {}
+                Heard::Gone => drop(waiting.remove(i)),
+                Heard::Head(complete) => {
+                    if let Some(w) = waiting.remove(i) {
+                        // Answered by a thread that writes with a deadline: blocking again.
+                        if w.stream.set_nonblocking(false).is_ok() {
+                            let request = Request {
+                                stream: w.stream,
+                                head: w.head,
+                                complete,
+                            };
+                            if requests.send(request).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if !accept {
+            continue;
+        }
+        loop {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    if waiting.len() >= PENDING {
+                        waiting.pop_front();
+                    }
+                    waiting.push_back(Waiting {
+                        stream,
+                        head: Vec::with_capacity(1024),
+                        until: Instant::now() + REQUEST_DEADLINE,
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn("accepting a metrics connection", &e);
+                    break;
+                }
             }
         }
     }
 }
 
-/// Answers one HTTP/1 request on `stream`, then closes it: `GET` or `HEAD /metrics` gets the
-/// metrics, anything else its error status. A client that is slow (all it sends, and all it
-/// takes, within `CLIENT_DEADLINE`) or says too much is dropped.
-fn answer(mut stream: TcpStream, handle: &PrometheusHandle) {
-    let deadline = Instant::now() + REQUEST_DEADLINE;
-    let mut head = Vec::with_capacity(1024);
+/// Reads what `w`'s client sent since, without waiting.
+fn read_more(w: &mut Waiting) -> Heard {
     let mut buf = [0u8; 1024];
-    let complete = loop {
+    loop {
         // A bare LF ends lines too (RFC 9112 allows a server to take it).
+        let head = &w.head;
         if head.windows(4).any(|w| w == b"\r\n\r\n") || head.windows(2).any(|w| w == b"\n\n") {
-            break true;
+            return Heard::Head(true);
         }
         if head.len() >= REQUEST_MAX {
-            break false;
+            return Heard::Head(false);
         }
-        let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-            return;
-        };
-        if stream.set_read_timeout(Some(left)).is_err() {
-            return;
+        match w.stream.read(&mut buf) {
+            Ok(0) => return Heard::Gone,
+            Ok(n) => w.head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Heard::More,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Heard::Gone,
         }
-        match stream.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
-        }
-    };
+    }
+}
+
+/// Answers one HTTP/1 request, then closes its connection: `GET` or `HEAD /metrics` gets the
+/// metrics, anything else its error status. A client that does not take the answer within
+/// `CLIENT_DEADLINE` is dropped.
+fn answer(request: Request, handle: &PrometheusHandle) {
+    let Request {
+        mut stream,
+        head,
+        complete,
+    } = request;
     let first = head.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = first.strip_suffix(b"\r").unwrap_or(first);
     let mut words = line.split(|&b| b == b' ');
