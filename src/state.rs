@@ -436,7 +436,11 @@ impl State {
         // SQLite opens a file it may not write read-only, without a word: the run then failed
         // at its first file's outcome, every pipeline of a service with it, and under the
         // shipped units again at each restart (found by a review).
-        if conn.is_readonly(rusqlite::MAIN_DB)? {
+        let not_a_state = || format!("cannot open state database {}", path.display());
+        if conn
+            .is_readonly(rusqlite::MAIN_DB)
+            .with_context(not_a_state)?
+        {
             bail!(
                 "the state database {} cannot be written by this user: give it (and its \
                  directory) write permission, or another --state",
@@ -446,7 +450,9 @@ impl State {
         // Refused before anything is written to it: a newer layout, or some other program's
         // database of that name (found by a review: it was turned to WAL and given columns,
         // then refused).
-        let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .with_context(not_a_state)?;
         if version > SCHEMA {
             bail!(
                 "the state database {} was written by a newer filepipe (layout {version}, this \
@@ -454,10 +460,9 @@ impl State {
                 path.display()
             );
         }
-        let columns: Vec<String> = conn
-            .prepare("SELECT name FROM pragma_table_info('files')")?
-            .query_map([], |r| r.get(0))?
-            .collect::<rusqlite::Result<_>>()?;
+        let columns: Vec<String> = (conn.prepare("SELECT name FROM pragma_table_info('files')"))
+            .and_then(|mut q| q.query_map([], |r| r.get(0))?.collect())
+            .with_context(not_a_state)?;
         if !columns.is_empty()
             && !["root", "op", "path"]
                 .iter()
