@@ -20,6 +20,7 @@ use crate::digest::HashAlgo;
 use crate::fsio::aside::{self, Aside};
 use crate::fsio::output::{Dir, Durability};
 use crate::fsio::own::{self, OwnIds, OwnPaths};
+use crate::fsio::rootdirs::NewDir;
 
 /// Everything a batch run needs to know, resolved and validated.
 #[derive(Debug)]
@@ -684,7 +685,9 @@ impl Config {
             state_before_making(&cfg, dir)?;
             let to_be = absolute(dir);
             check_dirs_apart(&cfg, &to_be)?;
-            std::fs::create_dir_all(&to_be)
+            // Open to no one the tree is closed to: it names every file and its digest.
+            NewDir::state_for([cfg.root.as_path()])
+                .create_all(&to_be, false)
                 .with_context(|| format!("cannot create state directory {}", dir.display()))?;
             let state_dir = fs::canonicalize(&to_be)
                 .with_context(|| format!("cannot open state directory {}", dir.display()))?;
@@ -717,6 +720,12 @@ impl Config {
         if !root.is_dir() {
             bail!("{} is not a directory", dir.display());
         }
+        // What `--out` and the move directories are made as, where they are missing: never
+        // more open than the tree (the directories beneath mirror theirs, `output::mirrored`).
+        let new_dir = create
+            .then(|| NewDir::like_input_at(&root))
+            .transpose()
+            .with_context(|| format!("cannot examine input directory {}", root.display()))?;
         let op = spec.primary();
         if !spec.compresses() && args.out.is_some() {
             bail!("--out only applies to --op gzip or zstd");
@@ -753,9 +762,7 @@ impl Config {
             Some(out) => {
                 // Checked before anything is created: a refused --out leaves no directory.
                 check_out(&root, out, &absolute(out))?;
-                if !create {
-                    Some(absolute(out))
-                } else {
+                if let Some(new_dir) = new_dir {
                     refuse_inside_before_making(
                         &root,
                         out,
@@ -766,7 +773,7 @@ impl Config {
                     // climbs from that name, not from a directory made for it (found by a
                     // review: `--out A/junk/../../o` made `A/junk` in the tree).
                     let to_be = absolute(out);
-                    fs::create_dir_all(&to_be).with_context(|| {
+                    new_dir.create_all(&to_be, false).with_context(|| {
                         format!("cannot create output directory {}", out.display())
                     })?;
                     let made = fs::canonicalize(&to_be).with_context(|| {
@@ -799,6 +806,8 @@ impl Config {
                         );
                     }
                     Some(made)
+                } else {
+                    Some(absolute(out))
                 }
             }
             None => None,
@@ -831,13 +840,16 @@ impl Config {
         let move_dir = |given: &Option<PathBuf>, flag: &str| -> Result<Option<Arc<Aside>>> {
             let Some(given) = given else { return Ok(None) };
             // Checked again once it exists (a symlink may have appeared).
-            if !create {
+            let Some(new_dir) = new_dir else {
                 return Ok(Some(Arc::new(Aside::unopened(&absolute(given)))));
-            }
+            };
             refuse_inside_before_making(&root, given, flag, "moved files would be seen again")?;
             // At the path the checks judged (as `--out`).
             let to_be = absolute(given);
-            create_synced(&to_be)
+            // Each directory made synced into its parent: a move directory made at start must
+            // still be there after a power cut that keeps what was moved into it.
+            new_dir
+                .create_all(&to_be, true)
                 .with_context(|| format!("cannot create {flag} directory {}", given.display()))?;
             let made = fs::canonicalize(&to_be)
                 .with_context(|| format!("cannot open {flag} directory {}", given.display()))?;
@@ -972,8 +984,15 @@ impl Config {
         // made and locked (`watching` checks the rest).
         check_dirs_apart(&cfg, &absolute(&state_dir))?;
         let settle = Duration::from_millis(args.settle.unwrap_or(DEFAULT_SETTLE_MS));
+        // Open to no one the tree is closed to: it names every file and its digest.
+        let new_state = NewDir::state_for([cfg.root.as_path()]);
         #[allow(unused_mut)]
-        let mut cfg = cfg.watching(state_dir, settle, args.poll.map(Duration::from_secs), true)?;
+        let mut cfg = cfg.watching(
+            state_dir,
+            settle,
+            args.poll.map(Duration::from_secs),
+            Some(new_state),
+        )?;
         if let Some(w) = &cfg.watch {
             // (The service checks this itself, naming the config's line and key.)
             check_dirs_apart(&cfg, &w.state_dir)?;
@@ -1004,18 +1023,19 @@ impl Config {
     }
 
     /// Turns a resolved config into a watch config with its state directory, settle time and
-    /// rescan interval.
+    /// rescan interval. With `make`, the state directory is made as it says if missing
+    /// (`NewDir::state_for` the roots it serves) and locked; without, nothing is written.
     pub(crate) fn watching(
         mut self,
         state_dir: PathBuf,
         settle: Duration,
         poll: Option<Duration>,
-        create: bool,
+        make: Option<NewDir>,
     ) -> Result<Config> {
         state_before_making(&self, &state_dir)?;
-        let (state_dir, lock) = if create {
+        let (state_dir, lock) = if let Some(new_dir) = make {
             let to_be = absolute(&state_dir);
-            std::fs::create_dir_all(&to_be).with_context(|| {
+            new_dir.create_all(&to_be, false).with_context(|| {
                 format!("cannot create state directory {}", state_dir.display())
             })?;
             let dir = fs::canonicalize(&to_be)?;
@@ -1432,29 +1452,6 @@ pub(crate) fn check_aside(
             given.display(),
             tree.display()
         );
-    }
-    Ok(())
-}
-
-/// `fs::create_dir_all`, each directory made then synced into its parent, so a move
-/// directory made at start is still there after a power cut that keeps what was moved into it.
-fn create_synced(dir: &Path) -> std::io::Result<()> {
-    let mut missing = Vec::new();
-    let mut at = dir;
-    while fs::symlink_metadata(at).is_err() {
-        missing.push(at.to_path_buf());
-        match at.parent() {
-            Some(p) if !p.as_os_str().is_empty() => at = p,
-            _ => break,
-        }
-    }
-    fs::create_dir_all(dir)?;
-    for made in missing.iter().rev() {
-        let parent = match made.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
 }

@@ -427,6 +427,9 @@ impl State {
         // (seen in a test of a service over an old state, about one start in four).
         static OPENING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one = OPENING.lock().unwrap_or_else(|e| e.into_inner());
+        // Made already, as `NewDir::state_for` says, by `Config`. The database and its WAL
+        // files take SQLite's `0644` less the umask: the directory, open to no one the trees
+        // are closed to, is what keeps their names and digests from other users.
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create state directory {}", dir.display()))?;
         let path = db_path(dir);

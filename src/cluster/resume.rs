@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::cluster::wire;
 use crate::config::Config;
 use crate::fsio::lock::{self as fslock, LockKind};
+use crate::fsio::rootdirs::NewDir;
 
 /// A batch's run file, locked by this process.
 pub(crate) struct RunFile {
@@ -38,7 +39,10 @@ impl RunFile {
         out: Option<&str>,
     ) -> Result<RunFile> {
         let dir = dir.join("coordinator");
-        std::fs::create_dir_all(&dir)
+        // Made, the state directory too where missing, as a state directory is: open to no
+        // one the tree is closed to.
+        NewDir::state_for([cfg.root.as_path()])
+            .create_all(&crate::config::absolute(&dir), false)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         // What makes two commands the same batch: a change to any of it starts a new run.
         let mut h = Sha256::new();

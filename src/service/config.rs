@@ -22,6 +22,7 @@ use crate::cli::{OpSpec, PipelineArgs, WatchArgs, MAX_JOBS, MAX_POLL_SECS, MAX_S
 use crate::config::{absolute, Config, DEFAULT_SETTLE_MS};
 use crate::fsio::aside;
 use crate::fsio::output::Durability;
+use crate::fsio::rootdirs::NewDir;
 use crate::secret::{self, FileAccess, FileRule};
 
 use super::worker_table::WorkerTable;
@@ -483,6 +484,16 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
         .failure_log
         .clone()
         .or(file.failure_log.as_deref().map(resolve));
+    // The state directory, where the first pipeline makes it, is open to no one any of the
+    // trees is closed to: it names every file of each and its digest.
+    let new_state = create.then(|| {
+        let paths: Vec<PathBuf> = file
+            .watch
+            .iter()
+            .map(|w| resolve(w.path.get_ref()))
+            .collect();
+        NewDir::state_for(paths.iter().map(PathBuf::as_path))
+    });
     let mut roots: Vec<(PathBuf, Range<usize>)> = Vec::new();
     let mut pipelines = Vec::new();
     let places = Places::default();
@@ -607,7 +618,7 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
         let mut cfg = Config::from_common(&root, &w.op, &args, quiet, create)
             .and_then(|c| {
                 let settle = Duration::from_millis(settle);
-                c.watching(state_dir.clone(), settle, poll, create)
+                c.watching(state_dir.clone(), settle, poll, new_state)
             })
             .map_err(|e| at(w.path.span(), &format!("watch[{i}]"), format!("{e:#}")))?;
         let url = queue_of(&located, w.queue.as_ref(), w.queue_file.as_ref(), &key(""))?;
