@@ -217,6 +217,144 @@ fn as_root_directories_made_under_out_and_move_dirs_take_their_inputs_owner() {
     assert_eq!(as_owner(&["cat", input.to_str().unwrap()]), b"theirs\n");
 }
 
+/// The user who owns the trees of the privacy tests: not the one who tries to read them.
+const OWNER: u32 = 1234;
+
+/// Gives `t`'s tree to `OWNER` (its group too), its root `mode`, its files `0644`: who may
+/// read them is the root's to say. The temp directory around it is opened for others to pass
+/// through.
+fn give_tree_away(t: &TestTree, mode: u32) {
+    let id = (
+        Some(rustix::process::Uid::from_raw(OWNER)),
+        Some(rustix::process::Gid::from_raw(OWNER)),
+    );
+    fs::set_permissions(t.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    for e in walkdir::WalkDir::new(t.root()) {
+        let e = e.unwrap();
+        rustix::fs::chown(e.path(), id.0, id.1).unwrap();
+        let m = if e.file_type().is_dir() { 0o755 } else { 0o644 };
+        fs::set_permissions(e.path(), fs::Permissions::from_mode(m)).unwrap();
+    }
+    fs::set_permissions(t.root(), fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// `batch --op gzip` of `t` with `--out`, `--move-source` and `--state` to paths that do
+/// not exist yet (`archive/2024`, `done/x`, `st`; `done` may).
+fn batch_out_move_state(t: &TestTree) {
+    let (out, done, st) = (t.side("archive/2024"), t.side("done/x"), t.side("st"));
+    let args = [
+        s("--op"),
+        s("gzip"),
+        s("--out"),
+        p(&out),
+        s("--move-source"),
+        p(&done),
+        s("--state"),
+        p(&st),
+    ];
+    batch(t, &args).success();
+}
+
+/// Whether the user `uid` in the group `gid` alone can read the file `path`.
+fn can_read(uid: u32, gid: u32, path: &Path) -> bool {
+    as_user(uid, gid, &[s("cat"), p(path)]).status.success()
+}
+
+/// A private tree (`0700`, another user's) stays private in what filepipe makes for it: the
+/// directories made for `--out`, `--move-source` and `--state`, their missing ancestors too,
+/// are closed to other users, so none reads an output, a moved input or the state's names and
+/// digests, while the tree's owner reaches the first two (found by a review: all were made
+/// `0755` by the umask). A directory that exists already is left as it is.
+#[test]
+fn directories_made_for_a_private_tree_keep_other_users_out() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to make a tree another user owns");
+        return;
+    }
+    let t = TestTree::new()
+        .file("g", b"secret 2\n")
+        .file("sub/f", b"secret report\n");
+    give_tree_away(&t, 0o700);
+    fs::create_dir(t.side("done")).unwrap();
+    fs::set_permissions(t.side("done"), fs::Permissions::from_mode(0o751)).unwrap();
+    batch_out_move_state(&t);
+    for made in ["archive", "archive/2024", "done/x"] {
+        assert_eq!(
+            owner_and_mode(&t.side(made)),
+            (OWNER, OWNER, 0o700),
+            "{made}"
+        );
+    }
+    let (uid, _, mode) = owner_and_mode(&t.side("st"));
+    assert_eq!(
+        (uid, mode),
+        (0, 0o700),
+        "st: filepipe's own, closed to others"
+    );
+    assert_eq!(
+        owner_and_mode(&t.side("done")).2,
+        0o751,
+        "an existing one is kept"
+    );
+    let made = [
+        "archive/2024/g.gz",
+        "archive/2024/sub/f.gz",
+        "done/x/g",
+        "done/x/sub/f",
+        "st/filepipe.sqlite",
+    ];
+    for rel in made {
+        let f = t.side(rel);
+        assert!(f.exists(), "{rel}");
+        assert!(!can_read(65534, 65534, &f), "another user read {rel}");
+    }
+    for rel in &made[..4] {
+        assert!(
+            can_read(OWNER, OWNER, &t.side(rel)),
+            "the owner cannot read {rel}"
+        );
+    }
+}
+
+/// What filepipe makes for a tree is as open as the tree, less the umask, no more: a `0750`
+/// tree's group (and no one else) reads its outputs, moved inputs and state; a `0755` tree's
+/// outputs are everyone's, as before.
+#[test]
+fn directories_made_for_a_tree_take_its_mode_and_group() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to make a tree another user owns");
+        return;
+    }
+    for mode in [0o750, 0o755] {
+        let t = TestTree::new().file("g", b"theirs\n");
+        give_tree_away(&t, mode);
+        batch_out_move_state(&t);
+        let want = mode & !umask();
+        for made in ["archive", "archive/2024", "done", "done/x"] {
+            let got = owner_and_mode(&t.side(made));
+            assert_eq!(got, (OWNER, OWNER, want), "{mode:o}: {made}");
+        }
+        let (uid, gid, got) = owner_and_mode(&t.side("st"));
+        assert_eq!((uid, got), (0, want), "{mode:o}: st");
+        if mode == 0o750 {
+            assert_eq!(gid, OWNER, "st: the group its group bits are for");
+        }
+        let everyone = mode & 0o005 == 0o005;
+        for rel in ["archive/2024/g.gz", "done/x/g", "st/filepipe.sqlite"] {
+            let f = t.side(rel);
+            assert!(
+                can_read(65534, OWNER, &f),
+                "{mode:o}: the group cannot read {rel}"
+            );
+            let read = can_read(65534, 65534, &f);
+            assert_eq!(
+                read, everyone,
+                "{mode:o}: {rel} read by another user: {read}"
+            );
+        }
+    }
+}
+
 #[test]
 fn gzip_to_out_dir_mirrors_tree_and_stays_within_4_percent_of_gzip() {
     let t = TestTree::new()

@@ -1117,6 +1117,45 @@ fn an_output_directory_around_the_state_directory_is_accepted() {
     assert!(t.side("arch/.filepipe/filepipe.sqlite").exists());
 }
 
+/// A state directory several pipelines share, made by the service (its missing parent too),
+/// is open to no one any of their trees is closed to: it names the files of each, with their
+/// digests (found by a review: made `0755` by the umask, whatever the trees were).
+#[test]
+fn a_shared_state_directory_made_for_several_trees_grants_only_what_every_tree_grants() {
+    for (modes, want) in [([0o755, 0o750], 0o750), ([0o755, 0o700], 0o700)] {
+        let t = TestTree::new();
+        fs::create_dir(t.side("b")).unwrap();
+        for (root, mode) in [t.root(), t.side("b")].iter().zip(modes) {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(root, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let config = t.side("shared.toml");
+        write_config(
+            &config,
+            "state_dir = \"state/st\"\nsettle_ms = 100\n[[watch]]\npath = \"in\"\nop = \"sha256\"\n[[watch]]\npath = \"b\"\nop = \"sha256\"\n",
+        );
+        let socket = t.side("notify.sock");
+        let n = Notifications::listen(&socket);
+        let child = start(
+            &t,
+            &config,
+            &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+        );
+        wait_for("READY=1", || n.has("READY=1") || exited(child.id()));
+        let want = want & !umask();
+        for made in ["state", "state/st"] {
+            let (_, _, mode) = owner_and_mode(&t.side(made));
+            assert_eq!(
+                mode, want,
+                "{:o} and {:o}: {made}: {mode:o}, not {want:o}",
+                modes[0], modes[1]
+            );
+        }
+        signal(&child, rustix::process::Signal::TERM);
+        child.finish(Duration::from_secs(30)).success();
+    }
+}
+
 /// Asserts that `refused.toml` in `t` (written by `assert_refused`) left none of `made` behind:
 /// start refuses before it makes a directory.
 fn assert_not_made(t: &TestTree, made: &[&str]) {

@@ -1520,3 +1520,34 @@ fn a_file_put_at_a_moved_inputs_name_does_not_replace_its_output() {
     }
     d.stop();
 }
+
+/// The directories `watch` makes for a private tree (`0700`): `--out`, `--move-source` and
+/// `--state`, their missing ancestors too, are `0700`, closed to everyone the tree is closed
+/// to (found by a review: made `0755` by the umask, the state naming every file and its
+/// digest to every user).
+#[test]
+fn directories_made_for_a_private_tree_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestTree::new().file("a.log", b"mine\n");
+    fs::set_permissions(t.root(), fs::Permissions::from_mode(0o700)).unwrap();
+    let (out, done, st) = (t.side("arch/o"), t.side("moved/x"), t.side("priv/st"));
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--out",
+            out.to_str().unwrap(),
+            "--move-source",
+            done.to_str().unwrap(),
+            "--state",
+            st.to_str().unwrap(),
+        ],
+    );
+    for made in ["arch", "arch/o", "moved", "moved/x", "priv", "priv/st"] {
+        let (_, _, mode) = owner_and_mode(&t.side(made));
+        assert_eq!(mode, 0o700, "{made}: {mode:o}");
+    }
+    wait_for("a.log moved", || t.side("moved/x/a.log").exists());
+    d.stop().success();
+}

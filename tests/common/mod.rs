@@ -354,6 +354,39 @@ pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
 
+/// This process's umask (the binary it starts inherits it), read from /proc without changing
+/// it; `0` where /proc does not say, as filepipe takes it.
+pub fn umask() -> u32 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// `args` run as the user `uid` with the group `gid` and no other (`setpriv`, as root): what
+/// another user may do.
+pub fn as_user(uid: u32, gid: u32, args: &[&OsStr]) -> Output {
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("setpriv {args:?}: {e}"))
+}
+
+/// Owner, group and mode (with the sticky, set-user-ID and set-group-ID bits) of `path`.
+pub fn owner_and_mode(path: &Path) -> (u32, u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    (m.uid(), m.gid(), m.mode() & 0o7777)
+}
+
 /// Deterministic, moderately compressible bytes (text-like with varying numbers).
 pub fn text_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 100);
