@@ -264,7 +264,9 @@ fn can_read(uid: u32, gid: u32, path: &Path) -> bool {
 /// directories made for `--out`, `--move-source` and `--state`, their missing ancestors too,
 /// are closed to other users, so none reads an output, a moved input or the state's names and
 /// digests, while the tree's owner reaches the first two (found by a review: all were made
-/// `0755` by the umask). A directory that exists already is left as it is.
+/// `0755` by the umask). An ancestor stays root's, with search alone for the tree's group:
+/// the tree's owner passes through it but cannot swap the root beneath for a symlink that
+/// the next run would follow. A directory that exists already is left as it is.
 #[test]
 fn directories_made_for_a_private_tree_keep_other_users_out() {
     if !is_root() {
@@ -278,13 +280,17 @@ fn directories_made_for_a_private_tree_keep_other_users_out() {
     fs::create_dir(t.side("done")).unwrap();
     fs::set_permissions(t.side("done"), fs::Permissions::from_mode(0o751)).unwrap();
     batch_out_move_state(&t);
-    for made in ["archive", "archive/2024", "done/x"] {
-        assert_eq!(
-            owner_and_mode(&t.side(made)),
-            (OWNER, OWNER, 0o700),
-            "{made}"
-        );
+    for made in ["archive/2024", "done/x"] {
+        let got = owner_and_mode(&t.side(made));
+        assert_eq!(got, (OWNER, OWNER, 0o700), "{made}");
     }
+    assert_eq!(owner_and_mode(&t.side("archive")), (0, OWNER, 0o710));
+    let (root, away) = (t.side("archive/2024"), t.side("archive/x"));
+    let swap = as_user(OWNER, OWNER, &[s("mv"), p(&root), p(&away)]);
+    assert!(
+        !swap.status.success(),
+        "the tree's owner moved the root away"
+    );
     let (uid, _, mode) = owner_and_mode(&t.side("st"));
     assert_eq!(
         (uid, mode),
@@ -330,14 +336,17 @@ fn directories_made_for_a_tree_take_its_mode_and_group() {
         give_tree_away(&t, mode);
         batch_out_move_state(&t);
         let want = mode & !umask();
-        for made in ["archive", "archive/2024", "done", "done/x"] {
+        for made in ["archive/2024", "done/x"] {
             let got = owner_and_mode(&t.side(made));
             assert_eq!(got, (OWNER, OWNER, want), "{mode:o}: {made}");
         }
-        let (uid, gid, got) = owner_and_mode(&t.side("st"));
-        assert_eq!((uid, got), (0, want), "{mode:o}: st");
-        if mode == 0o750 {
-            assert_eq!(gid, OWNER, "st: the group its group bits are for");
+        // Root's own; a 0750 one with the tree's group, the group its group bits are for.
+        for made in ["archive", "done", "st"] {
+            let (uid, gid, got) = owner_and_mode(&t.side(made));
+            assert_eq!((uid, got), (0, want), "{mode:o}: {made}");
+            if mode == 0o750 {
+                assert_eq!(gid, OWNER, "{mode:o}: {made}");
+            }
         }
         let everyone = mode & 0o005 == 0o005;
         for rel in ["archive/2024/g.gz", "done/x/g", "st/filepipe.sqlite"] {

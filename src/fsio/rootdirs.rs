@@ -76,6 +76,30 @@ impl NewDir {
         }
     }
 
+    /// What a missing directory above the one asked for is made as: never given away. Owned
+    /// by another user (the tree's), it could be renamed by them and a symlink put in place
+    /// of the root beneath it, which the next run follows by its path: outputs and moved
+    /// inputs, written as root, would go wherever that user chose (`/etc/profile.d`). So it
+    /// stays the process's, with the root's mode and group; where the tree's owner is
+    /// another user, the group also gets search, never read, so that owner (in the tree's
+    /// group) passes through to the root, the only thing beneath, whose own mode decides the
+    /// rest.
+    fn above(&self) -> NewDir {
+        let Some((uid, _)) = self.owner else {
+            return *self;
+        };
+        let search = if uid == rustix::process::geteuid().as_raw() {
+            0
+        } else {
+            0o010
+        };
+        NewDir {
+            mode: (self.mode & 0o777) | search,
+            owner: None,
+            group: self.group,
+        }
+    }
+
     /// Open to the process's user alone.
     fn private() -> NewDir {
         NewDir {
@@ -85,8 +109,8 @@ impl NewDir {
         }
     }
 
-    /// Makes the directory `path` and whichever of its ancestors are missing, each as this
-    /// says (`fs::create_dir_all` otherwise: what exists is passed through, symlinks
+    /// Makes the directory `path` as this says, and whichever of its ancestors are missing as
+    /// `above` says (`fs::create_dir_all` otherwise: what exists is passed through, symlinks
     /// followed, and left as it is). With `sync`, each one made is synced into its parent
     /// before the next: a move directory must still be there after a power cut that keeps
     /// what was moved into it.
@@ -118,7 +142,9 @@ impl NewDir {
             at = parent;
         };
         let umask = umask();
-        for name in missing.iter().rev() {
+        let above = self.above();
+        for (i, name) in missing.iter().enumerate().rev() {
+            let how = if i == 0 { self } else { &above };
             let made = match rfs::mkdirat(&fd, name, Mode::RWXU) {
                 Ok(()) => true,
                 // Made meanwhile (another run): someone else's, left as it is.
@@ -129,7 +155,7 @@ impl NewDir {
                 // Read-only, not `O_PATH`: `fchmod` and `fchown` need a real descriptor.
                 let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
                 let dir = rfs::openat(&fd, name, flags, Mode::empty())?;
-                self.give(&dir, umask);
+                how.give(&dir, umask);
                 if sync {
                     let parent = rfs::openat(
                         &fd,
@@ -204,8 +230,8 @@ mod tests {
         std::fs::metadata(p).unwrap().mode() & 0o7777
     }
 
-    /// Every directory made, ancestors too, takes the root's mode (less the umask); one that
-    /// exists is left as it is.
+    /// Every directory made takes the root's mode (less the umask), an ancestor without its
+    /// sticky bit (the process owns root and tree here); one that exists is left as it is.
     #[test]
     fn made_directories_take_the_roots_mode_and_existing_ones_are_kept() {
         let tmp = tempfile::tempdir().unwrap();
@@ -221,9 +247,8 @@ mod tests {
             let new = NewDir::like_input_at(&root).unwrap();
             new.create_all(&kept.join("x/y"), true).unwrap();
             assert_eq!(mode_of(&kept), 0o711, "{name}: an existing one is kept");
-            for made in [kept.join("x"), kept.join("x/y")] {
-                assert_eq!(mode_of(&made), mode & !umask, "{}", made.display());
-            }
+            assert_eq!(mode_of(&kept.join("x")), mode & 0o777 & !umask, "{name}: x");
+            assert_eq!(mode_of(&kept.join("x/y")), mode & !umask, "{name}: x/y");
         }
     }
 
