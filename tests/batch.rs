@@ -263,10 +263,11 @@ fn can_read(uid: u32, gid: u32, path: &Path) -> bool {
 /// A private tree (`0700`, another user's) stays private in what filepipe makes for it: the
 /// directories made for `--out`, `--move-source` and `--state`, their missing ancestors too,
 /// are closed to other users, so none reads an output, a moved input or the state's names and
-/// digests, while the tree's owner reaches the first two (found by a review: all were made
-/// `0755` by the umask). An ancestor stays root's, with search alone for the tree's group:
-/// the tree's owner passes through it but cannot swap the root beneath for a symlink that
-/// the next run would follow. A directory that exists already is left as it is.
+/// digests (found by a review: all were made `0755` by the umask). The tree's owner lists and
+/// reads the first two (an ACL entry, or search through its group where there are no ACLs)
+/// but may change nothing in them: they stay root's, so that owner can swap nothing root
+/// opens there by path at the next run for a symlink. A directory that exists is left as it
+/// is.
 #[test]
 fn directories_made_for_a_private_tree_keep_other_users_out() {
     if !is_root() {
@@ -280,28 +281,37 @@ fn directories_made_for_a_private_tree_keep_other_users_out() {
     fs::create_dir(t.side("done")).unwrap();
     fs::set_permissions(t.side("done"), fs::Permissions::from_mode(0o751)).unwrap();
     batch_out_move_state(&t);
-    for made in ["archive/2024", "done/x"] {
-        let got = owner_and_mode(&t.side(made));
-        assert_eq!(got, (OWNER, OWNER, 0o700), "{made}");
+    let run = |uid: u32, args: &[&OsStr]| as_user(uid, uid, args).status.success();
+    for made in ["archive", "archive/2024", "done/x", "st"] {
+        let (uid, _, mode) = owner_and_mode(&t.side(made));
+        assert_eq!(
+            (uid, mode & 0o007),
+            (0, 0),
+            "{made}: root's, nothing for others"
+        );
+        assert!(
+            !run(65534, &[s("ls"), p(&t.side(made))]),
+            "another user listed {made}"
+        );
     }
-    assert_eq!(owner_and_mode(&t.side("archive")), (0, OWNER, 0o710));
-    let (root, away) = (t.side("archive/2024"), t.side("archive/x"));
-    let swap = as_user(OWNER, OWNER, &[s("mv"), p(&root), p(&away)]);
-    assert!(
-        !swap.status.success(),
-        "the tree's owner moved the root away"
-    );
-    let (uid, _, mode) = owner_and_mode(&t.side("st"));
-    assert_eq!(
-        (uid, mode),
-        (0, 0o700),
-        "st: filepipe's own, closed to others"
-    );
+    assert_eq!(owner_and_mode(&t.side("st")).2, 0o700, "st: filepipe's own");
     assert_eq!(
         owner_and_mode(&t.side("done")).2,
         0o751,
         "an existing one is kept"
     );
+    for made in ["archive/2024", "done/x"] {
+        let dir = t.side(made);
+        assert!(
+            run(OWNER, &[s("ls"), p(&dir)]),
+            "the owner cannot list {made}"
+        );
+        let planted = dir.join("planted");
+        assert!(
+            !run(OWNER, &[s("touch"), p(&planted)]),
+            "the owner wrote in {made}"
+        );
+    }
     let made = [
         "archive/2024/g.gz",
         "archive/2024/sub/f.gz",
@@ -315,16 +325,74 @@ fn directories_made_for_a_private_tree_keep_other_users_out() {
         assert!(!can_read(65534, 65534, &f), "another user read {rel}");
     }
     for rel in &made[..4] {
-        assert!(
-            can_read(OWNER, OWNER, &t.side(rel)),
-            "the owner cannot read {rel}"
-        );
+        let f = t.side(rel);
+        assert!(can_read(OWNER, OWNER, &f), "the owner cannot read {rel}");
     }
 }
 
+/// Review finding, found again in the fix: made the tree owner's (as `cp -a` makes a copy's
+/// top directory), `--out arch` let that owner swap the state directory in it (README's own
+/// `--state arch/.filepipe`) and plant a failure log there as symlinks: the next run, as
+/// root, wrote the state and its lock elsewhere and appended to a root file. The roots stay
+/// root's.
+#[test]
+fn the_trees_owner_cannot_redirect_what_a_root_run_opens_in_its_out_directory() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to make a tree another user owns");
+        return;
+    }
+    let t = TestTree::new().file("a", b"data\n");
+    give_tree_away(&t, 0o700);
+    let (arch, st, log) = (
+        t.side("arch"),
+        t.side("arch/.filepipe"),
+        t.side("arch/fail.log"),
+    );
+    let args = |with_log: bool| {
+        let mut a = vec![
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&arch),
+            s("--state"),
+            p(&st),
+        ];
+        if with_log {
+            a.extend([s("--failure-log"), p(&log)]);
+        }
+        a
+    };
+    batch(&t, &args(false)).success();
+    let (elsewhere, victim) = (t.side("elsewhere"), t.side("victim"));
+    fs::create_dir(&elsewhere).unwrap();
+    fs::write(&victim, b"root's\n").unwrap();
+    let script = format!(
+        "mv {st} {st}.old; ln -s {elsewhere} {st}; ln -s {victim} {log}",
+        st = st.display(),
+        elsewhere = elsewhere.display(),
+        victim = victim.display(),
+        log = log.display()
+    );
+    // What the owner may try; whatever it manages, root's next run must stay in the roots.
+    let _ = as_user(OWNER, OWNER, &[s("sh"), s("-c"), s(&script)]);
+    fs::write(t.path("b"), b"more\n").unwrap();
+    batch(&t, &args(true)).success();
+    assert_eq!(
+        fs::read_dir(&elsewhere).unwrap().count(),
+        0,
+        "state written elsewhere"
+    );
+    assert_eq!(
+        fs::read(&victim).unwrap(),
+        b"root's\n",
+        "the failure log went elsewhere"
+    );
+    assert!(st.join("filepipe.sqlite").is_file() && !st.is_symlink());
+}
+
 /// What filepipe makes for a tree is as open as the tree, less the umask, no more: a `0750`
-/// tree's group (and no one else) reads its outputs, moved inputs and state; a `0755` tree's
-/// outputs are everyone's, as before.
+/// tree's group (and no one else) reads its outputs, moved inputs and state, through
+/// directories of root's given that group; a `0755` tree's are everyone's, as before.
 #[test]
 fn directories_made_for_a_tree_take_its_mode_and_group() {
     if !is_root() {
@@ -336,12 +404,8 @@ fn directories_made_for_a_tree_take_its_mode_and_group() {
         give_tree_away(&t, mode);
         batch_out_move_state(&t);
         let want = mode & !umask();
-        for made in ["archive/2024", "done/x"] {
-            let got = owner_and_mode(&t.side(made));
-            assert_eq!(got, (OWNER, OWNER, want), "{mode:o}: {made}");
-        }
         // Root's own; a 0750 one with the tree's group, the group its group bits are for.
-        for made in ["archive", "done", "st"] {
+        for made in ["archive", "archive/2024", "done", "done/x", "st"] {
             let (uid, gid, got) = owner_and_mode(&t.side(made));
             assert_eq!((uid, got), (0, want), "{mode:o}: {made}");
             if mode == 0o750 {

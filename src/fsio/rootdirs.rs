@@ -2,11 +2,13 @@
 //! the state directory) and for the missing ancestors on their way.
 //!
 //! Invariants: none is ever more open than the input root it serves, not even for a moment:
-//! each is made `0700`, then given its owner and its mode through a descriptor opened
+//! each is made `0700`, then given its group and mode through a descriptor opened
 //! `O_DIRECTORY | O_NOFOLLOW`, never by path, so a directory put at its path meanwhile is left
-//! alone. A directory that exists already is never changed. (Found by a review: made by
-//! `create_dir_all` with the umask's `0755`, `--out`, a move directory and the state of a
-//! private tree let every user read its outputs, its moved inputs and its names and digests.)
+//! alone. None is given away: each stays the process's, so no other user may rename what
+//! filepipe reaches by path at its next run. A directory that exists already is never
+//! changed. (Found by a review: made by `create_dir_all` with the umask's `0755`, `--out`, a
+//! move directory and the state of a private tree let every user read its outputs, its moved
+//! inputs and its names and digests.)
 
 use std::ffi::OsString;
 use std::io;
@@ -15,31 +17,39 @@ use std::path::{Component, Path};
 
 use rustix::fs::{self as rfs, Mode, OFlags, Stat};
 use rustix::io::Errno;
-use rustix::process::{Gid, Uid};
+use rustix::process::Gid;
 
-/// How a directory filepipe makes for one of its roots is to be: its mode and its owner.
+/// How a directory filepipe makes for one of its roots is to be: its mode, its group and who
+/// else may reach it. Its owner is always the process, which writes there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct NewDir {
     /// Permissions, sticky and set-group-ID bits, before the umask.
     mode: u32,
-    /// Owner and group to give it, where permitted (as root; a user may give a group it is
-    /// in); `None`: the process's, who must write there.
-    owner: Option<(u32, u32)>,
     /// The group its group bits are meant for: where the directory's group is another (it
     /// could not be given this one, or the roots it serves have different groups), the group
     /// gets no more than others do.
     group: Option<u32>,
+    /// The tree's owner, and what it is granted (`r-x` or `--x`, as other-class bits) where
+    /// the mode does not grant it already: by an ACL entry, the one way to name a user who
+    /// does not own the directory.
+    tree_owner: Option<(u32, u32)>,
 }
 
 impl NewDir {
-    /// As `cp -a` makes the top directory of a copy of the input root (`root`, its stat): its
-    /// permissions, sticky and set-group-ID bits, owner and group; always the owner's `rwx`,
-    /// as the directories mirrored beneath (`output::mirrored`): filepipe writes there.
+    /// What an output or move root is made as, from the input root's stat (`root`): its
+    /// permissions, sticky and set-group-ID bits and its group, as `cp -a` makes the top
+    /// directory of a copy; always the owner's `rwx`, as the directories mirrored beneath
+    /// (`output::mirrored`). Not its owner: given to the tree's owner, a root would let them
+    /// rename what lies in it, and swap what filepipe opens there by path at its next run (a
+    /// state directory, `--out arch --state arch/.filepipe`; a failure log) for a symlink, to
+    /// be written as root wherever they chose; an ancestor given away, the root itself. That
+    /// owner is granted read and search instead (`tree_owner`): it reaches every output, and
+    /// the directories mirrored beneath are its own.
     pub(crate) fn like_input(root: &Stat) -> NewDir {
         NewDir {
             mode: (root.st_mode & 0o3777) | 0o700,
-            owner: Some((root.st_uid, root.st_gid)),
             group: Some(root.st_gid),
+            tree_owner: Some((root.st_uid, 0o5)),
         }
     }
 
@@ -71,32 +81,19 @@ impl NewDir {
         }
         NewDir {
             mode: 0o700 | grant,
-            owner: None,
             group: group.filter(|_| groups_agree),
+            tree_owner: None,
         }
     }
 
-    /// What a missing directory above the one asked for is made as: never given away. Owned
-    /// by another user (the tree's), it could be renamed by them and a symlink put in place
-    /// of the root beneath it, which the next run follows by its path: outputs and moved
-    /// inputs, written as root, would go wherever that user chose (`/etc/profile.d`). So it
-    /// stays the process's, with the root's mode and group; where the tree's owner is
-    /// another user, the group also gets search, never read, so that owner (in the tree's
-    /// group) passes through to the root, the only thing beneath, whose own mode decides the
-    /// rest.
+    /// What a missing directory above the one asked for is made as: the root's mode and group
+    /// (no sticky or set-group-ID bit: nothing but the root goes there), and search alone for
+    /// the tree's owner, to pass through to the root, whose own mode decides the rest.
     fn above(&self) -> NewDir {
-        let Some((uid, _)) = self.owner else {
-            return *self;
-        };
-        let search = if uid == rustix::process::geteuid().as_raw() {
-            0
-        } else {
-            0o010
-        };
         NewDir {
-            mode: (self.mode & 0o777) | search,
-            owner: None,
+            mode: self.mode & 0o777,
             group: self.group,
+            tree_owner: self.tree_owner.map(|(uid, _)| (uid, 0o1)),
         }
     }
 
@@ -104,8 +101,8 @@ impl NewDir {
     fn private() -> NewDir {
         NewDir {
             mode: 0o700,
-            owner: None,
             group: None,
+            tree_owner: None,
         }
     }
 
@@ -174,23 +171,17 @@ impl NewDir {
         Ok(())
     }
 
-    /// Gives the directory just made (`dir`, `0700` less the umask) its owner, group and mode.
-    /// Only the very directory made here: one put in its place meanwhile (its parent's
-    /// owner can) is not owned by this process, and is left as it is. A failure leaves it
-    /// closer than asked, never more open.
+    /// Gives the directory just made (`dir`, `0700` less the umask) its group and mode, and the
+    /// tree's owner its entry. Only the very directory made here: one put in its place
+    /// meanwhile (its parent's owner can) is not owned by this process, and is left as it is.
+    /// A failure leaves it closer than asked, never more open.
     fn give(&self, dir: &OwnedFd, umask: u32) {
         let Ok(st) = rfs::fstat(dir) else { return };
         if st.st_uid != rustix::process::geteuid().as_raw() {
             return;
         }
-        if let Some((uid, gid)) = self.owner.filter(|&o| o != (st.st_uid, st.st_gid)) {
-            let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
-            if rfs::fchown(dir, Some(u), Some(g)) == Err(Errno::PERM) {
-                // Not root: the group alone, if this user is in it.
-                let _ = rfs::fchown(dir, None, Some(g));
-            }
-        } else if let Some(g) = self.group.filter(|&g| g != st.st_gid) {
-            // Its group must be the root's only where that group gets more than others do.
+        // Its group must be the root's only where that group gets more than others do.
+        if let Some(g) = self.group.filter(|&g| g != st.st_gid) {
             if self.mode & 0o070 & !((self.mode & 0o007) << 3) != 0 {
                 let _ = rfs::fchown(dir, None, Some(Gid::from_raw(g)));
             }
@@ -198,13 +189,68 @@ impl NewDir {
         let Ok(now) = rfs::fstat(dir) else { return };
         // The umask applies, as to every directory filepipe makes (`mkdir` applies it to those
         // mirrored beneath): never more open than the user asked for either.
-        let mut bits = self.mode & !(umask & 0o777);
+        let full = self.mode & !(umask & 0o777);
+        let mut bits = full;
         if self.group != Some(now.st_gid) {
-            // Another group than the one meant: it gets what others get, at most.
-            bits &= !0o070 | ((bits & 0o007) << 3);
+            // Another group than the one meant: it gets what others get, at most, and passes
+            // on nothing (no set-group-ID bit).
+            bits &= !0o2070 | ((bits & 0o007) << 3);
         }
-        let _ = rfs::fchmod(dir, Mode::from_raw_mode(bits));
+        if rfs::fchmod(dir, Mode::from_raw_mode(bits)).is_err() {
+            return;
+        }
+        let Some((uid, perm)) = self
+            .tree_owner
+            .filter(|&(uid, perm)| uid != now.st_uid && bits & perm != perm)
+        else {
+            return;
+        };
+        if grant_by_acl(dir, bits, uid, perm).is_ok() {
+            return;
+        }
+        // No ACLs on this file system: search for the tree's group, which its owner is
+        // usually in (never read: the group may hold others).
+        let Some(g) = self.group else { return };
+        if now.st_gid == g || rfs::fchown(dir, None, Some(Gid::from_raw(g))).is_ok() {
+            let _ = rfs::fchmod(dir, Mode::from_raw_mode(full | 0o010));
+        }
     }
+}
+
+/// Grants the user `uid` the permissions `perm` (`rwx` as other-class bits) on `dir`, whose
+/// mode is `bits`, by its access ACL: the owner, its group and others keep what `bits` gives
+/// them (the mask, shown as the group bits, is the group's bits and `perm`).
+fn grant_by_acl(dir: &OwnedFd, bits: u32, uid: u32, perm: u32) -> Result<(), Errno> {
+    // `system.posix_acl_access` as the kernel takes it (linux/posix_acl_xattr.h): a version,
+    // then entries sorted by tag, each a tag, its permissions and an id, little-endian.
+    const VERSION: u32 = 2;
+    const USER_OBJ: u16 = 0x01;
+    const USER: u16 = 0x02;
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const NO_ID: u32 = u32::MAX;
+    let group = (bits >> 3) & 0o7;
+    let entries = [
+        (USER_OBJ, (bits >> 6) & 0o7, NO_ID),
+        (USER, perm, uid),
+        (GROUP_OBJ, group, NO_ID),
+        (MASK, group | perm, NO_ID),
+        (OTHER, bits & 0o7, NO_ID),
+    ];
+    let mut value = VERSION.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        value.extend_from_slice(&tag.to_le_bytes());
+        // At most 0o7: fits.
+        value.extend_from_slice(&(perm as u16).to_le_bytes());
+        value.extend_from_slice(&id.to_le_bytes());
+    }
+    rfs::fsetxattr(
+        dir,
+        "system.posix_acl_access",
+        &value,
+        rfs::XattrFlags::empty(),
+    )
 }
 
 /// The process's umask, read without changing it (`umask(2)` can only set it, and another
@@ -231,7 +277,8 @@ mod tests {
     }
 
     /// Every directory made takes the root's mode (less the umask), an ancestor without its
-    /// sticky bit (the process owns root and tree here); one that exists is left as it is.
+    /// sticky bit (the process owns the tree here: nothing to grant); one that exists is left
+    /// as it is.
     #[test]
     fn made_directories_take_the_roots_mode_and_existing_ones_are_kept() {
         let tmp = tempfile::tempdir().unwrap();
