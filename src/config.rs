@@ -120,8 +120,8 @@ pub(crate) struct WatchSettings {
     pub(crate) queue: Option<QueueTarget>,
     /// Where the SQLite state lives.
     pub(crate) state_dir: PathBuf,
-    /// The state directory, held for this process (`None` when only validating a config).
-    #[expect(dead_code, reason = "held, never read: dropping it releases the lock")]
+    /// The state directory, held for this process (`None` when only validating a config):
+    /// dropping it releases the lock.
     pub(crate) lock: Option<std::sync::Arc<crate::state::DirLock>>,
 }
 

@@ -61,8 +61,23 @@ pub(crate) const FILE_NAMES: [&str; 5] = [
 /// of one process (a service's) share it; the lock goes when the last of them drops it.
 #[derive(Debug)]
 pub(crate) struct DirLock {
-    _file: std::fs::File,
+    file: std::fs::File,
     dir: PathBuf,
+}
+
+impl DirLock {
+    /// Whether the lock file held is still the one at its path: not when the state directory
+    /// was deleted or replaced since (a database opened there now is another, unlocked).
+    pub(crate) fn in_place(&self) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let (Ok(held), Ok(there)) = (
+            self.file.metadata(),
+            std::fs::symlink_metadata(self.dir.join(LOCK_NAME)),
+        ) else {
+            return false;
+        };
+        held.nlink() > 0 && (held.dev(), held.ino()) == (there.dev(), there.ino())
+    }
 }
 
 /// Takes the state directory `dir` (an existing, canonical path) for this process, or says
@@ -123,7 +138,7 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
         .and_then(|()| file.write_all(who.as_bytes()))
         .with_context(|| format!("cannot write {}", path.display()))?;
     let lock = Arc::new(DirLock {
-        _file: file,
+        file,
         dir: dir.to_path_buf(),
     });
     held.push(Arc::downgrade(&lock));

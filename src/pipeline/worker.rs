@@ -102,7 +102,8 @@ fn run_job<O: Op>(
     if shutdown.requested() {
         // Queued but not started: account for it, but do not start new work.
         let why = if shutdown.signal() == Some(libc::SIGHUP) {
-            "not started: its pipeline restarts for a reload, and the new one takes it up"
+            "not started: a reload stopped its pipeline (one the new configuration runs on \
+             this directory takes it up at its scan)"
         } else {
             "not started: shutting down"
         };

@@ -127,11 +127,7 @@ pub(crate) fn run(
                         });
                     }
                     meter.outcome(&outcome, &disposition);
-                    // Files a reload's stop left unstarted are taken up by the pipeline that
-                    // replaces this one: counted here, but no failure-log record, which told
-                    // an operator they were skipped (found by a review).
-                    let handed_over = shutdown.signal() == Some(libc::SIGHUP);
-                    summary.count(outcome, disposition, handed_over, &mut progress);
+                    summary.count(outcome, disposition, &mut progress);
                 }
                 unflushed = true;
                 stats.done.store(summary.done, Ordering::Relaxed);
@@ -231,13 +227,7 @@ fn flush(
 impl Summary {
     /// Accounts for one outcome: counts, progress, the per-file record. A failure the sink
     /// will try again is an attempt, not a file: it is logged, and counted when the file ends.
-    fn count(
-        &mut self,
-        outcome: Outcome,
-        disposition: Disposition,
-        handed_over: bool,
-        progress: &mut Progress,
-    ) {
+    fn count(&mut self, outcome: Outcome, disposition: Disposition, progress: &mut Progress) {
         let op = self.op;
         if let (Disposition::Retry(_), Outcome::Failed { rel, error }) = (&disposition, &outcome) {
             self.retries += 1;
@@ -288,11 +278,9 @@ impl Summary {
                     .skipped_by_reason
                     .entry(reason.kind.as_str())
                     .or_default() += 1;
-                if !(handed_over && reason.kind == Kind::Interrupted) {
-                    progress
-                        .multi
-                        .suspend(|| record("skipped", op, &rel, &reason));
-                }
+                progress
+                    .multi
+                    .suspend(|| record("skipped", op, &rel, &reason));
             }
             Outcome::Failed { rel, error } => {
                 self.failed += 1;

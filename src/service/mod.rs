@@ -118,6 +118,25 @@ struct Running {
 struct Waiting {
     identity: Identity,
     cfg: Arc<Config>,
+    /// Whether it was said that it is not started again by itself (`path_held`).
+    said: bool,
+}
+
+/// Whether nobody but this process's user and root may rename what lies at `root`: every
+/// directory above it is theirs and writable by no one else, or sticky (where only an entry's
+/// owner renames it). A pipeline whose root another user could swap is not started again by
+/// itself: that user could race its start, a symlink swapped in between its opens of the root,
+/// and have outputs written outside every root (found by a review). A reload starts it.
+fn path_held(root: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    root.ancestors().skip(1).all(|dir| {
+        std::fs::symlink_metadata(dir).is_ok_and(|m| {
+            m.is_dir()
+                && (m.uid() == 0 || m.uid() == me)
+                && (m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0)
+        })
+    })
 }
 
 /// How often a waiting pipeline's directory is looked for.
@@ -336,7 +355,11 @@ pub(crate) fn run(
                      again once a directory is back at {}",
                     cfg.root.display()
                 );
-                waiting.push(Waiting { identity, cfg });
+                waiting.push(Waiting {
+                    identity,
+                    cfg,
+                    said: false,
+                });
                 set_watched(&running);
                 continue;
             }
@@ -344,11 +367,35 @@ pub(crate) fn run(
         }
         if !waiting.is_empty() && last_root_look.elapsed() >= ROOT_LOOK_EVERY {
             last_root_look = Instant::now();
-            let (back, still): (Vec<_>, Vec<_>) = waiting
-                .drain(..)
-                .partition(|w| std::fs::symlink_metadata(&w.cfg.root).is_ok_and(|m| m.is_dir()));
+            for w in waiting
+                .iter_mut()
+                .filter(|w| !w.said && !path_held(&w.cfg.root))
+            {
+                w.said = true;
+                tracing::error!(
+                    root = %w.cfg.root.display(),
+                    "another user may rename the directories above the watched directory: \
+                     its pipeline is not started again by itself (send SIGHUP once the \
+                     directory is back)"
+                );
+            }
+            let (back, still): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|w| {
+                !w.said && std::fs::symlink_metadata(&w.cfg.root).is_ok_and(|m| m.is_dir())
+            });
             waiting = still;
             for w in back {
+                // Its state directory went with the root (it lay inside) or was replaced: a
+                // database opened at its path now would be another, unlocked, without what
+                // the pipelines recorded (found by a review). The service ends, saying so.
+                let lock = w.cfg.watch.as_ref().and_then(|s| s.lock.as_ref());
+                if lock.is_some_and(|l| !l.in_place()) {
+                    let e = anyhow!(
+                        "the state directory of the pipeline for {} was deleted or replaced \
+                         while the service ran; restart the service",
+                        w.cfg.root.display()
+                    );
+                    return Err(stop_all(&mut running, e));
+                }
                 // At warn, as the error it answers: the default log level shows both.
                 tracing::warn!(
                     root = %w.cfg.root.display(),
@@ -425,11 +472,8 @@ pub(crate) fn run(
                     // stopped are dropped now, before the new pipelines open theirs. Those it
                     // started and this one keeps are still on trial: one that cannot start
                     // fails this reload, not the service.
-                    let on_trial: Vec<u64> = pending
-                        .take()
-                        .map(|p| p.started)
-                        .unwrap_or_default()
-                        .into_iter()
+                    let trial: Vec<u64> = pending.take().map(|p| p.started).unwrap_or_default();
+                    let on_trial: Vec<u64> = (trial.iter().copied())
                         .filter(|id| running.iter().any(|r| r.id == *id))
                         .collect();
                     let mut failed = None;
@@ -439,19 +483,27 @@ pub(crate) fn run(
                     for r in gone {
                         tracing::info!(root = %r.cfg.root.display(), "pipeline removed by reload");
                         // SIGHUP where a new pipeline watches the same directory and takes up
-                        // what this one leaves unstarted (not recorded as skipped: see
-                        // `report::run`); SIGTERM where none will.
+                        // what this one leaves unstarted (its failure-log lines say so);
+                        // SIGTERM where none will.
                         let replaced = roots.contains(r.cfg.root.as_path());
                         let signal = if replaced {
                             libc::SIGHUP
                         } else {
                             libc::SIGTERM
                         };
+                        let was_on_trial = trial.contains(&r.id);
                         match stop(r, signal) {
                             Ok((cfg, summary)) => {
                                 done.push((for_summary(&cfg), summary));
                                 previous.push(cfg);
                             }
+                            // One the last reload started, still on trial, that could not
+                            // start: that reload failed, and this one removes it anyway. Not
+                            // the end of the service (found by a review).
+                            Err(e) if was_on_trial => tracing::error!(
+                                "a pipeline the previous reload started could not start, and \
+                                 this reload stops it: {e:#}"
+                            ),
                             Err(e) => failed = failed.or(Some(e)),
                         }
                     }

@@ -113,11 +113,21 @@ impl Source for Watch<'_> {
         }
         let mut watcher = notify::RecommendedWatcher::new(notify_tx, events::watcher_config())
             .context("starting the file system watcher")?;
-        watcher
-            .watch(&self.cfg.root, RecursiveMode::NonRecursive)
-            .map_err(|e| watch_error(&self.cfg.root, e))?;
-        let root_id = root_id(&self.cfg.root)
-            .with_context(|| format!("cannot examine {}", self.cfg.root.display()))?;
+        // The directory at the root's path first, then its watch, then the same directory
+        // still: a root going or swapped as the pipeline starts is `RootGone`, as it is once
+        // running (a service waits for it: a root made and removed in a loop ended the whole
+        // service with "No path was found", found by a review).
+        let gone = || anyhow::Error::from(RootGone(self.cfg.root.clone()));
+        let root_id = root_id(&self.cfg.root).map_err(|_| gone())?;
+        if let Err(e) = watcher.watch(&self.cfg.root, RecursiveMode::NonRecursive) {
+            return Err(match self::root_id(&self.cfg.root) {
+                Ok(id) if id == root_id => watch_error(&self.cfg.root, e),
+                _ => gone(),
+            });
+        }
+        if self::root_id(&self.cfg.root).ok() != Some(root_id) {
+            return Err(gone());
+        }
         let mut w = Watcher {
             root_id,
             cfg: self.cfg,
