@@ -1071,8 +1071,9 @@ fn a_state_write_failure_stops_the_daemon_instead_of_hanging() {
     }
     let stderr = d.wait().code(1).stderr();
     assert!(
-        stderr.contains("stopping: disk I/O error"),
-        "the error says why: {stderr}"
+        stderr.contains("stopping: cannot write the state database")
+            && stderr.contains("filepipe.sqlite: disk I/O error"),
+        "the error says why, naming the database: {stderr}"
     );
 }
 
