@@ -31,6 +31,20 @@ fn start(t: &TestTree, config: &Path, env: &[(&str, String)]) -> Started {
     Started::new(cmd)
 }
 
+/// `watch --config CONFIG` started as systemd would (`NOTIFY_SOCKET`), once it said READY=1;
+/// with what it says on its socket.
+fn serve(t: &TestTree, config: &Path) -> (Started, Notifications) {
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let child = start(
+        t,
+        config,
+        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
+    );
+    wait_for("READY=1", || n.has("READY=1"));
+    (child, n)
+}
+
 fn signal(child: &Child, sig: rustix::process::Signal) {
     rustix::process::kill_process(rustix::process::Pid::from_child(child), sig).unwrap();
 }
@@ -97,14 +111,7 @@ fn sighup_keeps_old_config_when_broken_and_applies_a_good_one() {
         t.root()
     );
     write_config(&config, &one);
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
 
     // A broken config: logged, old one kept.
     write_config(&config, "[[watch]]\npath = 42\n");
@@ -322,14 +329,7 @@ fn a_reload_that_changes_move_source_takes_effect() {
     );
     let moving = format!("{head}move_source = \"moved\"\n");
     write_config(&config, &moving);
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     let reload = |body: &str| {
         let readies = n.count("READY=1");
         write_config(&config, body);
@@ -431,14 +431,7 @@ fn reloads_that_restart_a_pipeline_leak_no_descriptor() {
     };
     fs::create_dir(t.side("sums")).unwrap();
     write_config(&config, &with_settle(100));
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     let fds = || {
         fs::read_dir(format!("/proc/{}/fd", child.id()))
             .unwrap()
@@ -498,14 +491,7 @@ fn a_reload_whose_pipeline_cannot_start_keeps_the_previous_configuration() {
         b"not a database\n".repeat(100),
     )
     .unwrap();
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     let mut check = filepipe(&[OsStr::new("check-config"), config.as_os_str()]);
     write_config(&config, &body("bad-state"));
     check.current_dir(t.dir.path());
@@ -556,14 +542,7 @@ fn a_second_sighup_while_a_reload_is_pending_keeps_its_undo() {
     holder
         .execute_batch("CREATE TABLE t(x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
         .unwrap();
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     write_config(&config, &body("locked-state"));
     let readies = n.count("READY=1");
     let reloads = n.count("RELOADING=1");
@@ -607,14 +586,7 @@ fn a_watched_directory_moved_away_stops_its_pipeline_alone_until_it_is_back() {
             t.path("b")
         ),
     );
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     fs::rename(t.path("a"), t.side("a.old")).unwrap();
     let waiting = |n: &Notifications| {
         n.lines()
@@ -672,14 +644,7 @@ fn a_waiting_pipeline_survives_a_flapping_root_and_is_not_restarted_where_it_is_
             table(&parent.join("c"))
         ),
     );
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     // Made and removed in a loop while the pipeline waits and starts again.
     let started = std::time::Instant::now();
     while started.elapsed() < Duration::from_secs(3) {
@@ -757,14 +722,7 @@ fn a_state_directory_deleted_with_its_root_ends_the_service_at_the_roots_return(
             t.path("b")
         ),
     );
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, _n) = serve(&t, &config);
     fs::remove_dir_all(t.path("a")).unwrap();
     fs::create_dir(t.path("a")).unwrap();
     wait_for("the service to end", || exited(child.id()));
@@ -818,14 +776,7 @@ fn a_second_reload_removing_a_pipeline_still_on_trial_does_not_end_the_service()
     holder
         .execute_batch("CREATE TABLE t(x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
         .unwrap();
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     write_config(&config, &format!("{}{sha}", gz("locked-state")));
     let reloads = n.count("RELOADING=1");
     signal(&child, rustix::process::Signal::HUP);
@@ -864,14 +815,7 @@ fn files_a_reload_leaves_unstarted_are_recorded_as_taken_up_by_the_new_pipeline(
         )
     };
     write_config(&config, &body(100));
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     // The one worker busy with big.txt, the small ones queued behind it.
     for i in 0..5 {
         fs::write(t.path(format!("small{i}.txt")), b"queued\n").unwrap();
@@ -1018,14 +962,7 @@ fn failed_reloads_between_good_ones_leak_no_descriptor() {
         )
     };
     write_config(&config, &body("state", 100));
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let child = start(
-        &t,
-        &config,
-        &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
-    );
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, n) = serve(&t, &config);
     let fds = || {
         fs::read_dir(format!("/proc/{}/fd", child.id()))
             .unwrap()

@@ -199,20 +199,41 @@ fn gather(listener: &TcpListener, requests: &crossbeam_channel::Sender<Request>)
         if !accept {
             continue;
         }
-        loop {
+        // A few at a time, each read at once: a scraper's request is in by then, and goes to
+        // be answered before a burst of idle connects can push it out (found by a review:
+        // one accept loop draining the backlog closed scrapes it had not read yet).
+        for _ in 0..PENDING {
             match listener.accept() {
                 Ok((stream, _)) => {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
-                    if waiting.len() >= PENDING {
-                        waiting.pop_front();
-                    }
-                    waiting.push_back(Waiting {
+                    let mut w = Waiting {
                         stream,
                         head: Vec::with_capacity(1024),
                         until: Instant::now() + REQUEST_DEADLINE,
-                    });
+                    };
+                    match read_more(&mut w) {
+                        Heard::More => {}
+                        Heard::Gone => continue,
+                        Heard::Head(complete) => {
+                            if w.stream.set_nonblocking(false).is_ok() {
+                                let request = Request {
+                                    stream: w.stream,
+                                    head: w.head,
+                                    complete,
+                                };
+                                if requests.send(request).is_err() {
+                                    return;
+                                }
+                            }
+                            continue;
+                        }
+                    }
+                    if waiting.len() >= PENDING {
+                        waiting.pop_front();
+                    }
+                    waiting.push_back(w);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -292,10 +313,24 @@ fn answer(request: Request, handle: &PrometheusHandle) {
     }
     // A client that does not take the answer holds this thread `CLIENT_DEADLINE` per write
     // that blocks (the kernel's socket buffer takes a page of metrics in one).
-    if stream.set_write_timeout(Some(CLIENT_DEADLINE)).is_ok() {
-        let _ = stream.write_all(reply.as_bytes());
+    if stream.set_write_timeout(Some(CLIENT_DEADLINE)).is_ok()
+        && stream.write_all(reply.as_bytes()).is_ok()
+    {
+        // What the client sent past the head (pipelined requests), unread, would have the
+        // close reset the connection, and a client reading to the end lose the answer (found
+        // by a review): the answer's end is said, then what comes is read and dropped, for a
+        // moment.
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+        if stream.set_read_timeout(Some(LINGER)).is_ok() {
+            let until = Instant::now() + LINGER;
+            let mut sink = [0u8; 4096];
+            while Instant::now() < until && matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+        }
     }
 }
+
+/// How long an answered connection's late bytes are read and dropped before it is closed.
+const LINGER: Duration = Duration::from_millis(200);
 
 /// HELP and unit lines for every series.
 fn describe() {

@@ -118,25 +118,40 @@ struct Running {
 struct Waiting {
     identity: Identity,
     cfg: Arc<Config>,
-    /// Whether it was said that it is not started again by itself (`path_held`).
+    /// Whether it was said that it is not started again by itself (`path_held`): once.
     said: bool,
 }
 
-/// Whether nobody but this process's user and root may rename what lies at `root`: every
-/// directory above it is theirs and writable by no one else, or sticky (where only an entry's
-/// owner renames it). A pipeline whose root another user could swap is not started again by
+/// Whether nobody but this process's user and root may rename what lies at `root`, a
+/// directory there now: every directory above it is theirs and writable by no one else, or
+/// sticky, where only an entry's owner renames it, so the entry below (the root included)
+/// must be theirs too. A pipeline whose root another user could swap is not started again by
 /// itself: that user could race its start, a symlink swapped in between its opens of the root,
 /// and have outputs written outside every root (found by a review). A reload starts it.
 fn path_held(root: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     let me = rustix::process::geteuid().as_raw();
-    root.ancestors().skip(1).all(|dir| {
-        std::fs::symlink_metadata(dir).is_ok_and(|m| {
-            m.is_dir()
-                && (m.uid() == 0 || m.uid() == me)
-                && (m.mode() & 0o022 == 0 || m.mode() & 0o1000 != 0)
-        })
-    })
+    let ours = |m: &std::fs::Metadata| m.uid() == 0 || m.uid() == me;
+    let mut parent_sticky = false;
+    let mut path: Vec<&Path> = root.ancestors().collect();
+    path.reverse();
+    for (i, dir) in path.iter().enumerate() {
+        let Ok(m) = std::fs::symlink_metadata(dir) else {
+            return false;
+        };
+        if !m.is_dir() {
+            return false;
+        }
+        if i + 1 == path.len() {
+            return !parent_sticky || ours(&m);
+        }
+        let others_write = m.mode() & 0o022 != 0;
+        if !ours(&m) || others_write && m.mode() & 0o1000 == 0 {
+            return false;
+        }
+        parent_sticky = others_write;
+    }
+    false
 }
 
 /// How often a waiting pipeline's directory is looked for.
@@ -367,21 +382,25 @@ pub(crate) fn run(
         }
         if !waiting.is_empty() && last_root_look.elapsed() >= ROOT_LOOK_EVERY {
             last_root_look = Instant::now();
-            for w in waiting
-                .iter_mut()
-                .filter(|w| !w.said && !path_held(&w.cfg.root))
-            {
-                w.said = true;
-                tracing::error!(
-                    root = %w.cfg.root.display(),
-                    "another user may rename the directories above the watched directory: \
-                     its pipeline is not started again by itself (send SIGHUP once the \
-                     directory is back)"
-                );
+            // Judged once the directory is back (a directory above it may be missing until
+            // then: found by a review, which then waited for ever), and at each look (only
+            // the owners of what is above it can make it held).
+            let is_back =
+                |w: &Waiting| std::fs::symlink_metadata(&w.cfg.root).is_ok_and(|m| m.is_dir());
+            for w in waiting.iter_mut().filter(|w| is_back(w)) {
+                if !path_held(&w.cfg.root) && !w.said {
+                    w.said = true;
+                    tracing::error!(
+                        root = %w.cfg.root.display(),
+                        "the watched directory is back, but another user may rename it or a \
+                         directory above it: its pipeline is not started again by itself \
+                         (send SIGHUP)"
+                    );
+                }
             }
-            let (back, still): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|w| {
-                !w.said && std::fs::symlink_metadata(&w.cfg.root).is_ok_and(|m| m.is_dir())
-            });
+            let (back, still): (Vec<_>, Vec<_>) = waiting
+                .drain(..)
+                .partition(|w| is_back(w) && path_held(&w.cfg.root));
             waiting = still;
             for w in back {
                 // Its state directory went with the root (it lay inside) or was replaced: a
@@ -605,6 +624,44 @@ mod tests {
         std::fs::write(&file, text).unwrap();
         let service = load(&file, &Overrides::default(), true, false).unwrap();
         Identity::of(&service.pipelines[0])
+    }
+
+    /// A root is held where nobody else may rename it or what is above it: a directory
+    /// writable by others only if sticky, and then the entry below it ours (a review had
+    /// another user's root, made in a sticky directory, started again by itself).
+    #[test]
+    fn a_root_is_held_only_where_no_other_user_may_rename_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let set = |p: &Path, mode: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let top = tmp.path().join("top");
+        let root = top.join("in");
+        std::fs::create_dir_all(&root).unwrap();
+        set(tmp.path(), 0o755);
+        set(&top, 0o755);
+        let held_above = path_held(tmp.path());
+        assert_eq!(path_held(&root), held_above);
+        if !held_above {
+            eprintln!("SKIPPED: the temp directory's own parents are not held here");
+            return;
+        }
+        set(&top, 0o777);
+        assert!(!path_held(&root), "a parent others may write");
+        set(&top, 0o1777);
+        assert!(path_held(&root), "sticky, and the root ours");
+        if rustix::process::geteuid().is_root() {
+            let nobody = Some(rustix::process::Uid::from_raw(65534));
+            rustix::fs::chown(&root, nobody, None).unwrap();
+            assert!(!path_held(&root), "sticky, and the root another user's");
+            set(&top, 0o755);
+            assert!(
+                path_held(&root),
+                "another user's root in a parent only we may write"
+            );
+        }
+        assert!(!path_held(&top.join("missing")));
     }
 
     #[test]
