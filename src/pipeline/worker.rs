@@ -45,10 +45,12 @@ pub(crate) fn worker_loop<O: Op>(
     shutdown: &Shutdown,
 ) {
     let mut scratch = op.scratch();
-    // Inputs are opened beneath the root; by full path only if the root cannot be opened now
-    // (the walk found it a moment ago).
+    // Inputs are opened beneath the root, or not at all: the root's path is canonical, so one
+    // that cannot be opened now was deleted, moved or replaced (by a symlink, say) since the
+    // walk or the watcher found it, and opening inputs by full path read through whatever
+    // was put there (found by a review of a service's restarts).
     let root = input::Root::named(&cfg.root, &cfg.root_named)
-        .map_err(|e| tracing::warn!("opening the root: {e}; inputs are opened by full path"))
+        .map_err(|e| tracing::warn!("opening the root: {e}; its files are not read"))
         .ok();
     let me = Worker {
         index,
@@ -59,13 +61,24 @@ pub(crate) fn worker_loop<O: Op>(
         stage.unstarted.fetch_add(batch.len(), Ordering::Relaxed);
         for job in batch {
             stage.unstarted.fetch_sub(1, Ordering::Relaxed);
-            if cfg.confined && me.root.is_none() {
-                // Paths from a queue are opened beneath the root or not at all.
+            if me.root.is_none() {
+                // A queue's job fails (its worker's root is missing: said, and the job
+                // redelivered elsewhere is done there). A local file is as if deleted: a
+                // watch's state keeps no row for it, so its scan once the root is back (a
+                // service's restart) takes it.
+                let kind = if cfg.confined {
+                    Kind::Io
+                } else {
+                    Kind::Vanished
+                };
                 outcomes.push(Outcome::Failed {
                     rel: job.rel,
                     error: FileError::new(
-                        Kind::Io,
-                        format!("cannot open the root {}", cfg.root.display()),
+                        kind,
+                        format!(
+                            "cannot open the root {} (deleted, moved or replaced): not read",
+                            cfg.root.display()
+                        ),
                     ),
                 });
                 continue;
