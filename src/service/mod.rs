@@ -154,6 +154,17 @@ fn path_held(root: &Path) -> bool {
     false
 }
 
+/// The directory at `path` itself (not through a symlink), if one is: its device, inode and
+/// birth time (where the file system keeps one: a directory removed and made again at once
+/// often gets the same inode number).
+fn dir_id(path: &Path) -> Option<(u64, u64, Option<std::time::SystemTime>)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(std::fs::Metadata::is_dir)
+        .map(|m| (m.dev(), m.ino(), m.created().ok()))
+}
+
 /// How often a waiting pipeline's directory is looked for.
 const ROOT_LOOK_EVERY: Duration = Duration::from_secs(1);
 
@@ -163,7 +174,21 @@ fn start(cfg: Arc<Config>) -> Result<Running> {
     let (c, s, st) = (Arc::clone(&cfg), Arc::clone(&stop), Arc::clone(&stats));
     let handle = std::thread::Builder::new()
         .name("filepipe-pipeline".into())
-        .spawn(move || crate::run::watch(&c, &s, &st))
+        .spawn(move || {
+            // Whatever ended it, while its directory went or was replaced (as it started: an
+            // output root that could not be opened, say), it ended because the directory went:
+            // it waits for it (a root made and removed in a loop ended the service with
+            // "opening ...: No such file or directory", found by CI).
+            let before = dir_id(&c.root);
+            crate::run::watch(&c, &s, &st).map_err(|e| {
+                let gone = e.chain().any(|e| e.is::<RootGone>());
+                if !gone && (before.is_none() || dir_id(&c.root) != before) {
+                    anyhow::Error::new(RootGone(c.root.clone())).context(format!("{e:#}"))
+                } else {
+                    e
+                }
+            })
+        })
         .context("starting a pipeline thread")?;
     tracing::info!(root = %cfg.root.display(), op = cfg.spec.canonical(), "pipeline started");
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
