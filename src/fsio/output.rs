@@ -263,14 +263,63 @@ impl DirCache {
     }
 }
 
-/// Opens the root of a tree of outputs, as the user named it (a symlink to it is followed,
-/// this once): every directory beneath it is then reached from this descriptor
-/// (`DirCache::over`).
+/// Opens the root of a tree of outputs, `root` a canonical path (as every caller's is: the
+/// config resolved the user's symlinks), with no symlink on the way: one there now was swapped
+/// in since, by whoever may rename a directory on the path, and followed it would have every
+/// output written where it leads (found by a review, racing a service's restart). Every
+/// directory beneath it is then reached from this descriptor (`DirCache::over`).
 pub(crate) fn open_root(root: &Path) -> Result<Dir, FileError> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    rfs::open(root, flags, Mode::empty())
+    let opened = match rfs::openat2(
+        rfs::CWD,
+        root,
+        flags,
+        Mode::empty(),
+        rfs::ResolveFlags::NO_SYMLINKS,
+    ) {
+        // Without openat2 (before Linux 5.6, or filtered): one component at a time.
+        Err(Errno::NOSYS | Errno::PERM) => open_without_symlinks(root, flags),
+        r => r,
+    };
+    opened
         .map(|fd| Dir::new(fd, root.to_path_buf()))
-        .map_err(|e| FileError::errno(&format!("opening {}", root.display()), e))
+        .map_err(|e| match e {
+            Errno::LOOP | Errno::XDEV => FileError::new(
+                Kind::UnsafeOutputPath,
+                format!(
+                    "refusing to write under {}: a symlink is on its path now",
+                    root.display()
+                ),
+            ),
+            e => FileError::errno(&format!("opening {}", root.display()), e),
+        })
+}
+
+/// `path` (absolute) opened with `flags`, each directory on the way opened `O_NOFOLLOW` from
+/// its parent: `ELOOP` where one is a symlink.
+fn open_without_symlinks(path: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
+    let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut fd = rfs::open("/", dir_flags, Mode::empty())?;
+    let names: Vec<&OsStr> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    for (i, name) in names.iter().enumerate() {
+        let last = i + 1 == names.len();
+        let how = if last {
+            flags | OFlags::NOFOLLOW
+        } else {
+            dir_flags
+        };
+        fd = rfs::openat(&fd, *name, how, Mode::empty())?;
+    }
+    if names.is_empty() {
+        return rfs::open("/", flags, Mode::empty());
+    }
+    Ok(fd)
 }
 
 /// What a directory made to mirror an input directory takes from it (`mirrored`).
@@ -2114,6 +2163,26 @@ mod tests {
         for far in [i64::MAX, i64::MIN] {
             assert!(!dated_as((far, 1_700_000_005_000_000_000), far));
         }
+    }
+
+    /// An output root is opened with no symlink on its path: one there was swapped in after
+    /// the config resolved the path (a review raced a service's restart so).
+    #[test]
+    fn an_output_root_is_never_opened_through_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir_all(real.join("a/out")).unwrap();
+        std::os::unix::fs::symlink(real.join("a"), real.join("link")).unwrap();
+        assert!(open_root(&real.join("a/out")).is_ok());
+        for through in [real.join("link/out"), real.join("link")] {
+            let e = open_root(&through).err().expect("opened through a symlink");
+            assert_eq!(e.kind, Kind::UnsafeOutputPath, "{}", e.message);
+        }
+        // The fallback without openat2 refuses it too.
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        assert!(open_without_symlinks(&real.join("a/out"), flags).is_ok());
+        assert!(open_without_symlinks(&real.join("link/out"), flags).is_err());
+        assert!(open_without_symlinks(&real.join("link"), flags).is_err());
     }
 
     #[test]
