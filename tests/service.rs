@@ -469,6 +469,46 @@ fn exited(pid: u32) -> bool {
     })
 }
 
+/// A service's config of two pipelines with their state in `state`: gzip over `t`'s tree,
+/// sha256 over `other` (manifest `SUMS`).
+fn gzip_and_sha256(t: &TestTree, other: &Path, state: &str) -> String {
+    format!(
+        "{}[[watch]]\npath = {other:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+        gzip_only(t, state)
+    )
+}
+
+/// The gzip pipeline of `gzip_and_sha256` alone.
+fn gzip_only(t: &TestTree, state: &str) -> String {
+    format!(
+        "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+        t.root()
+    )
+}
+
+/// A state database at `t`'s side `dir`, held locked (an exclusive transaction) while the
+/// connection lives: pipelines given it wait on it for SQLite's busy timeout, then cannot
+/// start.
+fn locked_state(t: &TestTree, dir: &str) -> rusqlite::Connection {
+    fs::create_dir(t.side(dir)).unwrap();
+    let holder = rusqlite::Connection::open(t.side(dir).join("filepipe.sqlite")).unwrap();
+    holder
+        .execute_batch("CREATE TABLE t(x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
+        .unwrap();
+    holder
+}
+
+/// Both pipelines of `gzip_and_sha256` still take new files (or the service ended).
+fn both_roots_still_processed(t: &TestTree, other: &Path, child: &Child) {
+    fs::write(t.path("after.txt"), b"still watched\n").unwrap();
+    fs::write(other.join("other.txt"), b"still hashed\n").unwrap();
+    wait_for("both roots still processed", || {
+        exited(child.id())
+            || t.path("after.txt.gz").exists()
+                && fs::read_to_string(t.side("SUMS")).is_ok_and(|m| m.contains("other.txt"))
+    });
+}
+
 /// Review finding M4: a reload that check-config accepts but whose new pipeline cannot start
 /// (a state directory holding something that is not a database) stopped the whole service,
 /// every other pipeline with it. A failed reload keeps the running configuration.
@@ -477,13 +517,7 @@ fn a_reload_whose_pipeline_cannot_start_keeps_the_previous_configuration() {
     let other = tempfile::tempdir().unwrap();
     let t = TestTree::new();
     let config = t.side("filepipe.toml");
-    let body = |state: &str| {
-        format!(
-            "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
-            t.root(),
-            other.path()
-        )
-    };
+    let body = |state: &str| gzip_and_sha256(&t, other.path(), state);
     write_config(&config, &body("state"));
     fs::create_dir(t.side("bad-state")).unwrap();
     fs::write(
@@ -502,13 +536,7 @@ fn a_reload_whose_pipeline_cannot_start_keeps_the_previous_configuration() {
         n.count("READY=1") > readies || exited(child.id())
     });
     assert!(!exited(child.id()), "the service stopped");
-    fs::write(t.path("after.txt"), b"still watched\n").unwrap();
-    fs::write(other.path().join("other.txt"), b"still hashed\n").unwrap();
-    wait_for("both roots still processed", || {
-        exited(child.id())
-            || t.path("after.txt.gz").exists()
-                && fs::read_to_string(t.side("SUMS")).is_ok_and(|m| m.contains("other.txt"))
-    });
+    both_roots_still_processed(&t, other.path(), &child);
     signal(&child, rustix::process::Signal::TERM);
     let stderr = child.finish(Duration::from_secs(30)).success().stderr();
     assert!(
@@ -527,21 +555,10 @@ fn a_second_sighup_while_a_reload_is_pending_keeps_its_undo() {
     let other = tempfile::tempdir().unwrap();
     let t = TestTree::new();
     let config = t.side("filepipe.toml");
-    let body = |state: &str| {
-        format!(
-            "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
-            t.root(),
-            other.path()
-        )
-    };
+    let body = |state: &str| gzip_and_sha256(&t, other.path(), state);
     write_config(&config, &body("state"));
-    // Held locked (an exclusive transaction) for the whole test: the new pipelines wait on it
-    // for SQLite's busy timeout, then cannot start.
-    fs::create_dir(t.side("locked-state")).unwrap();
-    let holder = rusqlite::Connection::open(t.side("locked-state/filepipe.sqlite")).unwrap();
-    holder
-        .execute_batch("CREATE TABLE t(x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
-        .unwrap();
+    // Held locked for the whole test: the new pipelines cannot start.
+    let holder = locked_state(&t, "locked-state");
     let (child, n) = serve(&t, &config);
     write_config(&config, &body("locked-state"));
     let readies = n.count("READY=1");
@@ -554,13 +571,7 @@ fn a_second_sighup_while_a_reload_is_pending_keeps_its_undo() {
         n.count("READY=1") > readies || exited(child.id())
     });
     assert!(!exited(child.id()), "the service stopped");
-    fs::write(t.path("after.txt"), b"still watched\n").unwrap();
-    fs::write(other.path().join("other.txt"), b"still hashed\n").unwrap();
-    wait_for("both roots still processed", || {
-        exited(child.id())
-            || t.path("after.txt.gz").exists()
-                && fs::read_to_string(t.side("SUMS")).is_ok_and(|m| m.contains("other.txt"))
-    });
+    both_roots_still_processed(&t, other.path(), &child);
     signal(&child, rustix::process::Signal::TERM);
     let stderr = child.finish(Duration::from_secs(30)).success().stderr();
     assert!(
@@ -760,29 +771,15 @@ fn a_second_reload_removing_a_pipeline_still_on_trial_does_not_end_the_service()
     let other = tempfile::tempdir().unwrap();
     let t = TestTree::new();
     let config = t.side("filepipe.toml");
-    let gz = |state: &str| {
-        format!(
-            "state_dir = {state:?}\nsettle_ms = 100\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
-            t.root()
-        )
-    };
-    let sha = format!(
-        "[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
-        other.path()
-    );
-    write_config(&config, &format!("{}{sha}", gz("state")));
-    fs::create_dir(t.side("locked-state")).unwrap();
-    let holder = rusqlite::Connection::open(t.side("locked-state/filepipe.sqlite")).unwrap();
-    holder
-        .execute_batch("CREATE TABLE t(x); BEGIN EXCLUSIVE; INSERT INTO t VALUES (1);")
-        .unwrap();
+    write_config(&config, &gzip_and_sha256(&t, other.path(), "state"));
+    let holder = locked_state(&t, "locked-state");
     let (child, n) = serve(&t, &config);
-    write_config(&config, &format!("{}{sha}", gz("locked-state")));
+    write_config(&config, &gzip_and_sha256(&t, other.path(), "locked-state"));
     let reloads = n.count("RELOADING=1");
     signal(&child, rustix::process::Signal::HUP);
     wait_for("the first reload", || n.count("RELOADING=1") > reloads);
     // The second: the sha256 table removed, the gzip one (on trial, waiting) kept.
-    write_config(&config, &gz("locked-state"));
+    write_config(&config, &gzip_only(&t, "locked-state"));
     signal(&child, rustix::process::Signal::HUP);
     wait_for("the failure of the pipeline on trial", || {
         exited(child.id())

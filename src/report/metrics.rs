@@ -181,16 +181,8 @@ fn gather(listener: &TcpListener, requests: &crossbeam_channel::Sender<Request>)
                 Heard::Gone => drop(waiting.remove(i)),
                 Heard::Head(complete) => {
                     if let Some(w) = waiting.remove(i) {
-                        // Answered by a thread that writes with a deadline: blocking again.
-                        if w.stream.set_nonblocking(false).is_ok() {
-                            let request = Request {
-                                stream: w.stream,
-                                head: w.head,
-                                complete,
-                            };
-                            if requests.send(request).is_err() {
-                                return;
-                            }
+                        if !hand_over(w, complete, requests) {
+                            return;
                         }
                     }
                 }
@@ -217,15 +209,8 @@ fn gather(listener: &TcpListener, requests: &crossbeam_channel::Sender<Request>)
                         Heard::More => {}
                         Heard::Gone => continue,
                         Heard::Head(complete) => {
-                            if w.stream.set_nonblocking(false).is_ok() {
-                                let request = Request {
-                                    stream: w.stream,
-                                    head: w.head,
-                                    complete,
-                                };
-                                if requests.send(request).is_err() {
-                                    return;
-                                }
+                            if !hand_over(w, complete, requests) {
+                                return;
                             }
                             continue;
                         }
@@ -244,6 +229,21 @@ fn gather(listener: &TcpListener, requests: &crossbeam_channel::Sender<Request>)
             }
         }
     }
+}
+
+/// Hands `w`'s request, its head read, to the answering threads; `false` once they are gone.
+fn hand_over(w: Waiting, complete: bool, requests: &crossbeam_channel::Sender<Request>) -> bool {
+    // Answered by a thread that writes with a deadline: blocking again (a connection that
+    // cannot be is dropped).
+    if w.stream.set_nonblocking(false).is_err() {
+        return true;
+    }
+    let request = Request {
+        stream: w.stream,
+        head: w.head,
+        complete,
+    };
+    requests.send(request).is_ok()
 }
 
 /// Reads what `w`'s client sent since, without waiting.

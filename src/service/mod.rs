@@ -410,23 +410,25 @@ pub(crate) fn run(
             // Judged once the directory is back (a directory above it may be missing until
             // then: found by a review, which then waited for ever), and at each look (only
             // the owners of what is above it can make it held).
-            let is_back =
-                |w: &Waiting| std::fs::symlink_metadata(&w.cfg.root).is_ok_and(|m| m.is_dir());
-            for w in waiting.iter_mut().filter(|w| is_back(w)) {
-                if !path_held(&w.cfg.root) && !w.said {
-                    w.said = true;
-                    tracing::error!(
-                        root = %w.cfg.root.display(),
-                        "the watched directory is back, but another user may rename it or a \
-                         directory above it: its pipeline is not started again by itself \
-                         (send SIGHUP)"
-                    );
+            let mut back = Vec::new();
+            for mut w in std::mem::take(&mut waiting) {
+                if dir_id(&w.cfg.root).is_some() {
+                    if path_held(&w.cfg.root) {
+                        back.push(w);
+                        continue;
+                    }
+                    if !w.said {
+                        w.said = true;
+                        tracing::error!(
+                            root = %w.cfg.root.display(),
+                            "the watched directory is back, but another user may rename it or \
+                             a directory above it: its pipeline is not started again by itself \
+                             (send SIGHUP)"
+                        );
+                    }
                 }
+                waiting.push(w);
             }
-            let (back, still): (Vec<_>, Vec<_>) = waiting
-                .drain(..)
-                .partition(|w| is_back(w) && path_held(&w.cfg.root));
-            waiting = still;
             for w in back {
                 // Its state directory went with the root (it lay inside) or was replaced: a
                 // database opened at its path now would be another, unlocked, without what

@@ -160,9 +160,12 @@ pub(crate) fn input_of_output(cfg: &Config, rel: &Path) -> Option<PathBuf> {
 /// op's own rule (`CompressOp::input_beside`, beneath the root's descriptor) decides; this
 /// one only sends such a file to it rather than take the state's word, and errs that way.
 pub(crate) fn own_output_beside(cfg: &Config, rel: &Path) -> bool {
-    let Some(input) = input_of_output(cfg, rel) else {
-        return false;
-    };
+    input_of_output(cfg, rel).is_some_and(|input| input_beside(cfg, &input))
+}
+
+/// Whether `input` (relative to the root) is there as an input of the compressor's: a regular
+/// file, or with `--follow-symlinks` a link (see `own_output_beside`).
+pub(crate) fn input_beside(cfg: &Config, input: &Path) -> bool {
     std::fs::symlink_metadata(cfg.root.join(input))
         .is_ok_and(|m| m.is_file() || cfg.follow_symlinks && m.file_type().is_symlink())
 }

@@ -1009,8 +1009,8 @@ impl Watcher<'_> {
         let cfg = self.cfg;
         cfg.remove_source
             || cfg.move_source.is_some()
-            || recorded::own_output_beside(cfg, rel)
-            || recorded::input_of_output(cfg, rel).is_some_and(|i| self.flight.contains(&i))
+            || recorded::input_of_output(cfg, rel)
+                .is_some_and(|i| self.flight.contains(&i) || recorded::input_beside(cfg, &i))
     }
 }
 
