@@ -46,7 +46,9 @@ impl Aside {
     /// Opens `root` (canonical: no symlink in it) once, refusing a symlink in its place.
     pub(crate) fn open(root: &Path) -> std::io::Result<Aside> {
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-        let fd = rfs::open(root, flags, Mode::empty())?;
+        // No symlink on the path (`fsio::canonical`): the path is canonical, so one there now
+        // was put there since, and moves must not go where it leads.
+        let fd = crate::fsio::canonical::open(root, flags)?;
         Ok(Aside {
             root: root.to_path_buf(),
             dir: Some(Arc::new(Dir::new(fd, root.to_path_buf()))),

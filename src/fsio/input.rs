@@ -285,15 +285,18 @@ fn real_path(fd: &OwnedFd) -> Option<PathBuf> {
 }
 
 impl Root {
-    /// Opens `root` (`O_PATH`) and finds out whether `openat2` works here.
+    /// Opens `root` (`O_PATH`, not followed if it is itself a symlink) and finds out whether
+    /// `openat2` works here.
     pub(crate) fn new(root: &Path) -> rustix::io::Result<Root> {
-        Self::named(root, root)
+        Self::owning(rfs::open(root, Self::DIR, Mode::empty())?, Some(root))
     }
 
-    /// Opens `root` (`O_PATH`; its canonical path, say), which the user named `named` (through
-    /// a symlink, say): an absolute link into the tree may spell it either way (`follow`).
+    /// Opens `root` (`O_PATH`), a canonical path, with no symlink on it (`fsio::canonical`:
+    /// one there now was swapped in since the config resolved it), which the user named
+    /// `named` (through a symlink, say): an absolute link into the tree may spell it either
+    /// way (`follow`).
     pub(crate) fn named(root: &Path, named: &Path) -> rustix::io::Result<Root> {
-        Self::owning(rfs::open(root, Self::DIR, Mode::empty())?, Some(named))
+        Self::owning(crate::fsio::canonical::open(root, Self::DIR)?, Some(named))
     }
 
     /// A root already open (`fd`, a directory opened without following a symlink, such as a

@@ -270,56 +270,21 @@ impl DirCache {
 /// directory beneath it is then reached from this descriptor (`DirCache::over`).
 pub(crate) fn open_root(root: &Path) -> Result<Dir, FileError> {
     let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-    let opened = match rfs::openat2(
-        rfs::CWD,
-        root,
-        flags,
-        Mode::empty(),
-        rfs::ResolveFlags::NO_SYMLINKS,
-    ) {
-        // Without openat2 (before Linux 5.6, or filtered): one component at a time.
-        Err(Errno::NOSYS | Errno::PERM) => open_without_symlinks(root, flags),
-        r => r,
-    };
-    opened
+    crate::fsio::canonical::open(root, flags)
         .map(|fd| Dir::new(fd, root.to_path_buf()))
-        .map_err(|e| match e {
-            Errno::LOOP | Errno::XDEV => FileError::new(
-                Kind::UnsafeOutputPath,
-                format!(
-                    "refusing to write under {}: a symlink is on its path now",
-                    root.display()
-                ),
-            ),
-            e => FileError::errno(&format!("opening {}", root.display()), e),
+        .map_err(|e| {
+            if crate::fsio::canonical::is_symlink_on_path(e) {
+                FileError::new(
+                    Kind::UnsafeOutputPath,
+                    format!(
+                        "refusing to write under {}: a symlink is on its path now",
+                        root.display()
+                    ),
+                )
+            } else {
+                FileError::errno(&format!("opening {}", root.display()), e)
+            }
         })
-}
-
-/// `path` (absolute) opened with `flags`, each directory on the way opened `O_NOFOLLOW` from
-/// its parent: `ELOOP` where one is a symlink.
-fn open_without_symlinks(path: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
-    let dir_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut fd = rfs::open("/", dir_flags, Mode::empty())?;
-    let names: Vec<&OsStr> = path
-        .components()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n),
-            _ => None,
-        })
-        .collect();
-    for (i, name) in names.iter().enumerate() {
-        let last = i + 1 == names.len();
-        let how = if last {
-            flags | OFlags::NOFOLLOW
-        } else {
-            dir_flags
-        };
-        fd = rfs::openat(&fd, *name, how, Mode::empty())?;
-    }
-    if names.is_empty() {
-        return rfs::open("/", flags, Mode::empty());
-    }
-    Ok(fd)
 }
 
 /// What a directory made to mirror an input directory takes from it (`mirrored`).
@@ -2180,11 +2145,6 @@ mod tests {
             };
             assert_eq!(e.kind, Kind::UnsafeOutputPath, "{}", e.message);
         }
-        // The fallback without openat2 refuses it too.
-        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        assert!(open_without_symlinks(&real.join("a/out"), flags).is_ok());
-        assert!(open_without_symlinks(&real.join("link/out"), flags).is_err());
-        assert!(open_without_symlinks(&real.join("link"), flags).is_err());
     }
 
     #[test]

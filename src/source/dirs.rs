@@ -109,10 +109,12 @@ pub(crate) struct RootDir {
 }
 
 impl RootDir {
-    /// Opens `root` (the canonical root: no link to follow).
+    /// Opens `root` (the canonical root), no symlink followed on its path: one there now was
+    /// swapped in since the config resolved it (`fsio::canonical`), and would make the tree
+    /// whatever it leads to.
     pub(crate) fn open(root: &Path) -> Result<RootDir, Errno> {
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let fd = rfs::open(root, flags, Mode::empty())?;
+        let fd = crate::fsio::canonical::open(root, flags)?;
         let openat2 = rfs::openat2(&fd, ".", flags, Mode::empty(), ResolveFlags::BENEATH).is_ok();
         Ok(RootDir {
             fd,
