@@ -540,23 +540,13 @@ impl WorkerConfig {
 /// the credentials file is one only its owner may read and change (it holds an nkey seed).
 /// Here, in `resolve`, so `check-config` refuses what the worker would.
 fn check_worker_files(s: &WorkerSettings) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let nonblocking = libc::O_NONBLOCK | libc::O_NOCTTY;
     if let Some(log) = &s.failure_log {
         let ctx = || format!("cannot open failure log {}", log.display());
-        match fs::metadata(log) {
-            Ok(meta) if !meta.is_file() => {
-                bail!("failure log {}: not a regular file", log.display())
-            }
-            // Opened for appending without O_CREAT: nothing is written or made.
-            Ok(_) => {
-                fs::File::options()
-                    .append(true)
-                    .custom_flags(nonblocking)
-                    .open(log)
-                    .with_context(ctx)?;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        // Opened for appending without O_CREAT, as the worker will open it: nothing is
+        // written or made.
+        match crate::logging::open_failure_log(log, false).with_context(ctx)? {
+            Some(_) => {}
+            None => {
                 let abs = absolute_file(log).with_context(ctx)?;
                 let dir = abs.parent().unwrap_or(Path::new("/"));
                 rustix::fs::access(dir, rustix::fs::Access::WRITE_OK)
@@ -569,7 +559,6 @@ fn check_worker_files(s: &WorkerSettings) -> Result<()> {
                         )
                     })?;
             }
-            Err(e) => return Err(e).with_context(ctx),
         }
     }
     if let Some(ca) = &s.tls_ca {

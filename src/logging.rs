@@ -9,6 +9,7 @@
 //! record; `run` tells the runs apart.
 
 use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -45,13 +46,9 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
         .with_filter(env);
     let failures = match failure_log {
         Some(path) => {
-            // O_APPEND: whole lines land at the end whoever else writes the file, even another
-            // filepipe sharing it.
-            let file = File::options()
-                .append(true)
-                .create(true)
-                .open(path)
-                .with_context(|| format!("cannot open failure log {}", path.display()))?;
+            let file = open_failure_log(path, true)
+                .with_context(|| format!("cannot open failure log {}", path.display()))?
+                .context("the failure log is not there")?;
             // Each event is formatted whole, then written with one write(2) to an unbuffered
             // file: lines never tear, and nothing is left in a buffer if the process dies.
             Some(
@@ -86,6 +83,113 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
         "run started"
     );
     Ok(())
+}
+
+/// Opens the failure log `path` for appending, made (`0600`, less the umask) if `create` and
+/// missing: `None` if it is not there and not to be made (`check-config`).
+///
+/// The log is often kept where others may write (the tree, `/tmp`): one who put a symlink or
+/// a hard link at its name would have had filepipe, as root, append to any file they chose,
+/// and a file of their own there would have them read every record (the names in a tree they
+/// may not list). So it is opened beneath its directory, reached by its canonical path with
+/// no symlink on it (`fsio::canonical`); a symlink at its name is followed only if it is
+/// filepipe's user's (or root's), as `fs.protected_symlinks` follows one in a sticky
+/// directory; and it must be a regular file of filepipe's user with one link. Made `0600`:
+/// the records name files in trees others may not list; an operator may open an existing
+/// log to others with `chmod`, which is kept.
+pub(crate) fn open_failure_log(path: &Path, create: bool) -> Result<Option<File>> {
+    use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+    use rustix::io::Errno;
+    // O_APPEND: whole lines land at the end whoever else writes the file, even another
+    // filepipe sharing it. O_NONBLOCK: a FIFO put there fails at once (ENXIO, no reader)
+    // rather than blocking the start; it is cleared below for the file.
+    let flags = OFlags::WRONLY
+        | OFlags::APPEND
+        | OFlags::NOFOLLOW
+        | OFlags::CLOEXEC
+        | OFlags::NOCTTY
+        | OFlags::NONBLOCK;
+    let me = rustix::process::geteuid().as_raw();
+    let mut path = path.to_path_buf();
+    let mut hops = 0;
+    let fd = loop {
+        let name = path
+            .file_name()
+            .with_context(|| format!("{} is not a file name", path.display()))?
+            .to_owned();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir_path = std::fs::canonicalize(parent)
+            .with_context(|| format!("cannot open directory {}", parent.display()))?;
+        let dir = crate::fsio::canonical::open(
+            &dir_path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        )
+        .map_err(|e| {
+            if crate::fsio::canonical::is_symlink_on_path(e) {
+                anyhow::anyhow!(
+                    "a symlink was put on the path of {} while it was opened",
+                    dir_path.display()
+                )
+            } else {
+                anyhow::Error::new(std::io::Error::from(e))
+                    .context(format!("cannot open directory {}", dir_path.display()))
+            }
+        })?;
+        let opened = if create {
+            rfs::openat(
+                &dir,
+                &name,
+                flags | OFlags::CREATE,
+                Mode::from_raw_mode(0o600),
+            )
+        } else {
+            rfs::openat(&dir, &name, flags, Mode::empty())
+        };
+        match opened {
+            Err(Errno::NOENT) if !create => return Ok(None),
+            Err(Errno::LOOP) => {
+                let link = rfs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)?;
+                if link.st_uid != me && link.st_uid != 0 {
+                    anyhow::bail!(
+                        "{} is a symlink of uid {}: filepipe follows only its own user's or root's to its failure log",
+                        dir_path.join(&name).display(),
+                        link.st_uid
+                    );
+                }
+                hops += 1;
+                if hops > 8 {
+                    anyhow::bail!("too many levels of symbolic links");
+                }
+                let to = rfs::readlinkat(&dir, &name, Vec::new())?;
+                path = dir_path.join(std::ffi::OsStr::from_bytes(to.as_bytes()));
+            }
+            Err(Errno::NXIO) => anyhow::bail!("not a regular file"),
+            Err(e) => return Err(std::io::Error::from(e).into()),
+            Ok(fd) => break fd,
+        }
+    };
+    let st = rfs::fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+        anyhow::bail!("not a regular file");
+    }
+    if st.st_uid != me {
+        anyhow::bail!(
+            "it belongs to uid {}, not to filepipe's user (uid {me}): whoever owns it would read every record, and may have linked it to another file",
+            st.st_uid
+        );
+    }
+    if st.st_nlink != 1 {
+        anyhow::bail!(
+            "it has {} hard links: it may be another file under a second name",
+            st.st_nlink
+        );
+    }
+    let flags = rfs::fcntl_getfl(&fd)?;
+    rfs::fcntl_setfl(&fd, flags - OFlags::NONBLOCK)?;
+    Ok(Some(File::from(fd)))
 }
 
 /// This run's identity in the failure log: its start time and process id, as

@@ -1834,3 +1834,65 @@ fn a_name_with_a_newline_cannot_forge_a_log_line() {
     assert!(paths.contains(&name.into()), "{records:?}");
     assert!(paths.contains(&fields.into()), "{records:?}");
 }
+
+/// The failure log is often kept where others may write. Root's run must not append to a
+/// file another user chose (a symlink or a hard link at its name), to a file of theirs (they
+/// would read every record), or block on a FIFO; a log it makes is `0600`. Its own user's
+/// symlink is followed. Before, the log was opened by its path, following anything.
+#[test]
+fn a_failure_log_where_others_may_write_is_never_theirs_to_redirect() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to act as another user in the log's directory");
+        return;
+    }
+    let t = TestTree::new().file("a", b"data\n");
+    let dropdir = t.side("dropdir");
+    fs::create_dir(&dropdir).unwrap();
+    rustix::fs::chown(
+        &dropdir,
+        Some(rustix::fs::Uid::from_raw(65534)),
+        Some(rustix::fs::Gid::from_raw(65534)),
+    )
+    .unwrap();
+    let victim = t.side("victim");
+    fs::write(&victim, b"root's\n").unwrap();
+    let log = dropdir.join("fail.log");
+    let with_log = || batch(&t, &[s("--op"), s("sha256"), s("--failure-log"), p(&log)]);
+    // The other user's symlink, their own file, a hard link to root's file, a FIFO.
+    let plants = ["uid 65534", "uid 65534", "hard links", "not a regular file"];
+    for (i, said) in plants.into_iter().enumerate() {
+        let _ = fs::remove_file(&log);
+        match i {
+            0 => drop(as_user(
+                65534,
+                65534,
+                &[s("ln"), s("-s"), p(&victim), p(&log)],
+            )),
+            1 => drop(as_user(65534, 65534, &[s("touch"), p(&log)])),
+            2 => fs::hard_link(&victim, &log).unwrap(),
+            _ => mkfifo(&log),
+        }
+        assert!(
+            fs::symlink_metadata(&log).is_ok(),
+            "{said}: nothing planted"
+        );
+        let started = std::time::Instant::now();
+        let out = with_log();
+        out.code(2);
+        assert!(out.stderr().contains(said), "{said}: {}", out.stderr());
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{said}: blocked"
+        );
+        assert_eq!(fs::read(&victim).unwrap(), b"root's\n", "{said}");
+    }
+    // Root's own log, made 0600; root's symlink to it followed.
+    let _ = fs::remove_file(&log);
+    with_log().success();
+    assert_eq!(owner_and_mode(&log), (0, 0, 0o600));
+    let link = t.side("root-link.log");
+    std::os::unix::fs::symlink(&log, &link).unwrap();
+    let before = failure_log_all(&log).len();
+    batch(&t, &[s("--op"), s("sha256"), s("--failure-log"), p(&link)]).success();
+    assert!(failure_log_all(&log).len() > before);
+}
