@@ -1896,3 +1896,76 @@ fn a_failure_log_where_others_may_write_is_never_theirs_to_redirect() {
     batch(&t, &[s("--op"), s("sha256"), s("--failure-log"), p(&link)]).success();
     assert!(failure_log_all(&log).len() > before);
 }
+
+/// A mirror directory (under `--out`, or a move directory) another user kept after their own
+/// input directory of that name went is not written into: the next owner's `reports/` was
+/// mirrored into it, where the squatter read and deleted the output and, with
+/// `--remove-source`, the only copy (found by a review). The file fails (or, with
+/// `--move-source`, is kept) with `unsafe-output-path`; its input stays.
+#[test]
+fn a_mirror_directory_another_user_kept_is_never_written_into() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to act as two users in a drop directory");
+        return;
+    }
+    for how in ["--out", "--move-source"] {
+        let t = TestTree::new();
+        fs::set_permissions(t.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(t.root(), fs::Permissions::from_mode(0o1777)).unwrap();
+        let (dest, log) = (t.side("dest"), t.side("fail.log"));
+        let run_as_root = || {
+            let mut args = vec![s("--op"), s("gzip"), s(how), p(&dest)];
+            if how == "--out" {
+                args.push(s("--remove-source"));
+            }
+            args.extend([s("--failure-log"), p(&log)]);
+            batch(&t, &args)
+        };
+        let (reports, mirror) = (t.path("reports"), dest.join("reports"));
+        let sh = |uid: u32, script: String| {
+            let out = as_user(uid, uid, &[s("sh"), s("-c"), s(&script)]);
+            assert!(out.status.success(), "{script}: {out:?}");
+        };
+        sh(
+            65534,
+            format!("mkdir {0} && echo x > {0}/dummy", reports.display()),
+        );
+        run_as_root().success();
+        assert_eq!(owner_and_mode(&mirror).0, 65534, "{how}: mirrored as cp -a");
+        let script = format!(
+            "rm -rf {r}; chmod 777 {m}; rm -f {m}/*",
+            r = reports.display(),
+            m = mirror.display()
+        );
+        sh(65534, script);
+        let q3 = reports.join("q3.txt");
+        sh(
+            1500,
+            format!(
+                "mkdir -m 700 {} && echo private > {}",
+                reports.display(),
+                q3.display()
+            ),
+        );
+        let out = run_as_root();
+        if how == "--out" {
+            out.code(1);
+        } else {
+            out.success();
+        }
+        assert_eq!(fs::read(&q3).unwrap(), b"private\n", "{how}: input gone");
+        let left: Vec<_> = fs::read_dir(&mirror).unwrap().collect();
+        assert!(left.is_empty(), "{how}: written into it: {left:?}");
+        let records = failure_log(&log);
+        let refused = records_of(&records, "unsafe-output-path");
+        assert_eq!(refused.len(), 1, "{how}: {records:?}");
+        assert_eq!(refused[0]["path"], "reports/q3.txt", "{how}");
+        assert!(
+            refused[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("uid 65534"),
+            "{how}: {refused:?}"
+        );
+    }
+}

@@ -245,7 +245,20 @@ impl DirCache {
                     }
                     opened
                 }
-                other => other,
+                other => {
+                    // Found, not made: in a mirror tree, it must be filepipe's user's or the
+                    // owner's of the directory it mirrors (as made). Another user's is one
+                    // they kept after their own input directory of that name went (a drop
+                    // directory's `reports/`, removed and made again by someone else): the
+                    // next owner's outputs and moved inputs would go where they read and
+                    // delete them (found by a review).
+                    if self.create {
+                        if let Ok(dir) = &other {
+                            self.check_owner(dir, &rel, &path, mode_of)?;
+                        }
+                    }
+                    other
+                }
             };
             fd = next.map_err(|e| match e {
                 Errno::LOOP | Errno::NOTDIR => FileError {
@@ -260,6 +273,39 @@ impl DirCache {
             })?;
         }
         Ok(Dir::new(fd, path))
+    }
+
+    /// Refuses the existing mirror directory `dir` (`rel` beneath the root, at `path`) unless
+    /// filepipe's user or the owner of the input directory it mirrors owns it (`mode_of`
+    /// tells that owner, as for a directory made).
+    fn check_owner(
+        &self,
+        dir: &OwnedFd,
+        rel: &Path,
+        path: &Path,
+        mode_of: &dyn Fn(&Path) -> Mirror,
+    ) -> Result<(), FileError> {
+        let st = rfs::fstat(dir)
+            .map_err(|e| FileError::errno(&format!("opening directory {}", path.display()), e))?;
+        if st.st_uid == rustix::process::geteuid().as_raw() {
+            return Ok(());
+        }
+        let mirrors = mode_of(rel).owner.map(|(uid, _)| uid);
+        if mirrors == Some(st.st_uid) {
+            return Ok(());
+        }
+        let of = match mirrors {
+            Some(uid) => format!("uid {uid}"),
+            None => "not known: it changed since the input was read".to_string(),
+        };
+        Err(FileError::new(
+            Kind::UnsafeOutputPath,
+            format!(
+                "refusing to write into {}: it belongs to uid {}, neither filepipe's user nor the owner of the directory it mirrors ({of}); move it away to have it made anew",
+                path.display(),
+                st.st_uid
+            ),
+        ))
     }
 }
 
