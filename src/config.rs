@@ -585,7 +585,7 @@ fn map_roots(given: &[RootGiven]) -> Result<std::collections::HashMap<String, Pa
         }
         // Shown redacted: a path is where a misplaced queue URL would end up.
         let shown = |p: &Path| crate::secret::redact(&p.display().to_string());
-        let path = fs::canonicalize(&r.path)
+        let path = crate::fsio::canonical::resolve(&r.path)
             .with_context(|| format!("{}: {} is not reachable", r.given, shown(&r.path)))?;
         if !path.is_dir() {
             bail!("{}: {} is not a directory", r.given, shown(&path));
@@ -678,7 +678,7 @@ impl Config {
             NewDir::state_for([cfg.root.as_path()])
                 .create_all(&to_be, false)
                 .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-            let state_dir = fs::canonicalize(&to_be)
+            let state_dir = crate::fsio::canonical::resolve(&to_be)
                 .with_context(|| format!("cannot open state directory {}", dir.display()))?;
             check_state(&cfg.root, dir, &state_dir)?;
             check_own_files_apart(&cfg.own_files, &state_dir)?;
@@ -704,7 +704,7 @@ impl Config {
         quiet: bool,
         create: bool,
     ) -> Result<Config> {
-        let root = fs::canonicalize(dir)
+        let root = crate::fsio::canonical::resolve(dir)
             .with_context(|| format!("cannot open input directory {}", dir.display()))?;
         if !root.is_dir() {
             bail!("{} is not a directory", dir.display());
@@ -765,7 +765,7 @@ impl Config {
                     new_dir.create_all(&to_be, false).with_context(|| {
                         format!("cannot create output directory {}", out.display())
                     })?;
-                    let made = fs::canonicalize(&to_be).with_context(|| {
+                    let made = crate::fsio::canonical::resolve(&to_be).with_context(|| {
                         format!("cannot open output directory {}", out.display())
                     })?;
                     // Again, resolved now that it exists (a symlink may have appeared).
@@ -840,7 +840,7 @@ impl Config {
             new_dir
                 .create_all(&to_be, true)
                 .with_context(|| format!("cannot create {flag} directory {}", given.display()))?;
-            let made = fs::canonicalize(&to_be)
+            let made = crate::fsio::canonical::resolve(&to_be)
                 .with_context(|| format!("cannot open {flag} directory {}", given.display()))?;
             check_aside(&root, out.as_deref(), flag, given, &made)?;
             // Opened once, here: every move goes beneath this descriptor.
@@ -1027,7 +1027,7 @@ impl Config {
             new_dir.create_all(&to_be, false).with_context(|| {
                 format!("cannot create state directory {}", state_dir.display())
             })?;
-            let dir = fs::canonicalize(&to_be)?;
+            let dir = crate::fsio::canonical::resolve(&to_be)?;
             check_state(&self.root, &state_dir, &dir)?;
             check_own_files_apart(&self.own_files, &dir)?;
             let lock = crate::state::lock_dir(&dir)?;
@@ -1460,8 +1460,10 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
         return path.to_path_buf();
     };
     // One component at a time, as the kernel resolves it: whatever exists is resolved (its
-    // symlinks followed), `..` climbs from there, and only what does not exist (which holds no
-    // symlink) is taken by name, even after a `..` leads back into what does.
+    // symlinks followed: its own user's and root's only, `fsio::canonical`; another's is
+    // left in the path, to be refused where the path is made or opened), `..` climbs from
+    // there, and only what does not exist (which holds no symlink) is taken by name, even
+    // after a `..` leads back into what does.
     let mut resolved = PathBuf::from("/");
     for part in full.components() {
         match part {
@@ -1471,7 +1473,7 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
             Component::Normal(name) => resolved.push(name),
             _ => continue,
         }
-        if let Ok(real) = fs::canonicalize(&resolved) {
+        if let Ok(real) = crate::fsio::canonical::resolve(&resolved) {
             resolved = real;
         }
     }
@@ -1488,7 +1490,7 @@ fn absolute_file(path: &Path) -> Result<PathBuf> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    let parent = fs::canonicalize(parent)
+    let parent = crate::fsio::canonical::resolve(parent)
         .with_context(|| format!("cannot open directory {}", parent.display()))?;
     Ok(parent.join(name))
 }
@@ -1525,7 +1527,9 @@ fn open_manifest_dir(path: &Path) -> Result<Dir> {
     rustix::fs::access(dir, rustix::fs::Access::WRITE_OK).map_err(cannot)?;
     let flags =
         rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
-    rustix::fs::open(dir, flags, rustix::fs::Mode::empty())
+    // Its path is resolved (`absolute_file`): a symlink on it now was swapped in since, and
+    // the manifest would be written where it leads (found by a review).
+    crate::fsio::canonical::open(dir, flags)
         .map(|fd| Dir::new(fd, dir.to_path_buf()))
         .map_err(cannot)
 }
@@ -1539,12 +1543,21 @@ fn open_manifest_dir(path: &Path) -> Result<Dir> {
 /// name held by anything but a regular file to `check_manifest_name`.
 fn check_existing_manifest(path: &Path, algo: HashAlgo, typed: bool) -> Result<()> {
     use std::io::{BufRead, Read};
+    use std::os::unix::fs::OpenOptionsExt;
     let Some(meta) = fs::symlink_metadata(path).ok().filter(|m| m.is_file()) else {
         return Ok(());
     };
-    let Ok(file) = fs::File::open(path) else {
+    // Not through a symlink, and never waiting on a FIFO swapped in since the look above.
+    let Ok(file) = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    else {
         return Ok(());
     };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Ok(());
+    }
     let cut = meta.len() > MANIFEST_LOOK;
     let lengths: Vec<usize> = if typed {
         HashAlgo::ALL.iter().map(|a| a.len() * 2).collect()

@@ -121,7 +121,7 @@ pub(crate) fn open_failure_log(path: &Path, create: bool) -> Result<Option<File>
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let dir_path = std::fs::canonicalize(parent)
+        let dir_path = crate::fsio::canonical::resolve(parent)
             .with_context(|| format!("cannot open directory {}", parent.display()))?;
         let dir = crate::fsio::canonical::open(
             &dir_path,

@@ -1969,3 +1969,71 @@ fn a_mirror_directory_another_user_kept_is_never_written_into() {
         );
     }
 }
+
+/// A path given to a root run (the tree, `--out`, the manifest's directory) is resolved
+/// following only root's symlinks: another user's link on it chooses where root reads and
+/// writes (a user who swapped their `sums/` for a link had the manifest written in a
+/// root-only directory; found by a review). Refused at start, naming the link; root's own
+/// links are followed as before.
+#[test]
+fn another_users_symlink_on_a_given_path_is_not_followed() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to make another user's symlink");
+        return;
+    }
+    let t = TestTree::new().file("a", b"data\n");
+    let (theirs, secret) = (t.side("theirs"), t.side("rootonly"));
+    fs::create_dir(&theirs).unwrap();
+    fs::create_dir(&secret).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o700)).unwrap();
+    fs::set_permissions(t.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    rustix::fs::chown(&theirs, Some(rustix::fs::Uid::from_raw(65534)), None).unwrap();
+    let link = |name: &str, to: &Path| {
+        let at = theirs.join(name);
+        let out = as_user(65534, 65534, &[s("ln"), s("-s"), p(to), p(&at)]);
+        assert!(out.status.success(), "{out:?}");
+        at
+    };
+    let (tree, sums, out) = (
+        link("tree", &t.root()),
+        link("sums", &secret),
+        link("out", &secret),
+    );
+    let manifest = sums.join("SUMS");
+    let root = t.root();
+    let cases: [Vec<&OsStr>; 3] = [
+        vec![s("batch"), p(&tree), s("--op"), s("sha256")],
+        vec![
+            s("batch"),
+            p(&root),
+            s("--op"),
+            s("sha256"),
+            s("--manifest"),
+            p(&manifest),
+        ],
+        vec![
+            s("batch"),
+            p(&root),
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out),
+        ],
+    ];
+    for args in cases {
+        let r = run(filepipe(&args));
+        r.code(2);
+        assert!(
+            r.stderr().contains("is a symlink of uid 65534"),
+            "{}",
+            r.stderr()
+        );
+        assert_eq!(fs::read_dir(&secret).unwrap().count(), 0, "{args:?}");
+    }
+    // Root's own link is followed, as before.
+    let roots = t.side("roots-link");
+    std::os::unix::fs::symlink(&secret, &roots).unwrap();
+    let out = roots.join("out");
+    batch(&t, &[s("--op"), s("gzip"), s("--out"), p(&out)]).success();
+    assert!(secret.join("out/a.gz").is_file());
+}

@@ -1,13 +1,21 @@
-//! Opening a root by its canonical path with no symlink anywhere on it. The config resolves
-//! each root once (`canonicalize`); a symlink found on that path later was put there since,
-//! by someone who may write a directory above the root (a user's drop directory, say), and
-//! following it would make the tree somewhere else: `/srv/in/alice/data` read as
-//! `/root/data` once `alice` is swapped for a link to `/root`. Every root (input, output,
-//! state) is opened here, and from then on reached only through its descriptor.
+//! The paths filepipe is given, resolved once, and opened by that resolution with no symlink
+//! anywhere on them.
+//!
+//! `resolve` is `canonicalize` that follows only the symlinks of filepipe's user or root
+//! (`fs.protected_symlinks`' rule, applied on every directory, not just sticky ones): a link
+//! another user made on a path given to filepipe chooses where it reads and writes (a user
+//! who swapped `/srv/in/alice` for a link to `/etc` had a root run list `/etc/shadow`'s digest,
+//! and write outputs and manifests there). `open` then opens the resolved path with no
+//! symlink on it: one there now was put there since, by someone who may write a directory
+//! above it. Every root (input, output, move, state), manifest directory and failure log is
+//! reached so, and from then on only through its descriptor.
 
-use std::ffi::OsStr;
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::io;
 use std::os::fd::OwnedFd;
-use std::path::{Component, Path};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
 
 use rustix::fs::{self as rfs, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -32,6 +40,105 @@ pub(crate) fn open(path: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
 /// Whether `e`, from `open`, says a symlink is on the path.
 pub(crate) fn is_symlink_on_path(e: Errno) -> bool {
     matches!(e, Errno::LOOP | Errno::XDEV)
+}
+
+/// The longest symlink chain followed, as the kernel's.
+const MAX_LINKS: usize = 40;
+
+/// `path` made absolute and free of symlinks, `.` and `..`, as `canonicalize` makes it, but
+/// following only symlinks owned by filepipe's user or root: another's is an error naming it.
+/// Every component must exist.
+pub(crate) fn resolve(path: &Path) -> io::Result<PathBuf> {
+    let (resolved, missing) = resolve_existing(path)?;
+    match missing.first() {
+        None => Ok(resolved),
+        Some(_) => Err(io::Error::from(io::ErrorKind::NotFound)),
+    }
+}
+
+/// `resolve` of the longest part of `path` that exists, and the plain names below it that do
+/// not (yet), in order: for a directory to be made. A `..` after a missing name is an error
+/// (the caller makes such paths absolute first, `..` taken lexically).
+pub(crate) fn resolve_existing(path: &Path) -> io::Result<(PathBuf, Vec<OsString>)> {
+    enum Step {
+        Top,
+        Up,
+        Name(OsString),
+    }
+    fn steps(path: &Path, into: &mut VecDeque<Step>) {
+        for c in path.components().rev() {
+            match c {
+                Component::RootDir => into.push_front(Step::Top),
+                Component::ParentDir => into.push_front(Step::Up),
+                Component::Normal(n) => into.push_front(Step::Name(n.to_owned())),
+                Component::CurDir | Component::Prefix(_) => {}
+            }
+        }
+    }
+    let me = rustix::process::geteuid().as_raw();
+    let mut todo = VecDeque::new();
+    steps(path, &mut todo);
+    let mut at = if path.is_absolute() {
+        PathBuf::from("/")
+    } else {
+        std::env::current_dir()?
+    };
+    let mut links = 0;
+    let mut missing: Vec<OsString> = Vec::new();
+    while let Some(step) = todo.pop_front() {
+        let name = match step {
+            Step::Top => {
+                at = PathBuf::from("/");
+                continue;
+            }
+            Step::Up => {
+                if !missing.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{}: `..` after a missing directory", path.display()),
+                    ));
+                }
+                at.pop();
+                continue;
+            }
+            Step::Name(name) => name,
+        };
+        if !missing.is_empty() {
+            missing.push(name);
+            continue;
+        }
+        let here = at.join(&name);
+        let st = match rfs::lstat(&here) {
+            Ok(st) => st,
+            Err(Errno::NOENT) => {
+                missing.push(name);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if rfs::FileType::from_raw_mode(st.st_mode) != rfs::FileType::Symlink {
+            at = here;
+            continue;
+        }
+        if st.st_uid != me && st.st_uid != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} is a symlink of uid {}: filepipe follows only its own user's and root's \
+                     on the paths it is given (give the path it leads to, if that is meant)",
+                    here.display(),
+                    st.st_uid
+                ),
+            ));
+        }
+        links += 1;
+        if links > MAX_LINKS {
+            return Err(Errno::LOOP.into());
+        }
+        let target = rfs::readlink(&here, Vec::new())?;
+        steps(Path::new(OsStr::from_bytes(target.as_bytes())), &mut todo);
+    }
+    Ok((at, missing))
 }
 
 /// `path` opened with `flags`, each directory on the way opened `O_NOFOLLOW` from its
@@ -75,6 +182,67 @@ fn one_at_a_time(path: &Path, flags: OFlags) -> rustix::io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Resolved as `canonicalize` resolves, this user's links followed, `..` after them too.
+    #[test]
+    fn resolve_agrees_with_canonicalize_on_this_users_links() {
+        let tmp = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir_all(real.join("a/b/c")).unwrap();
+        std::os::unix::fs::symlink("a/b", real.join("rel")).unwrap();
+        std::os::unix::fs::symlink(real.join("a"), real.join("abs")).unwrap();
+        std::os::unix::fs::symlink("../../../a", real.join("a/b/c/up")).unwrap();
+        for p in [
+            "a/b/c",
+            "rel/c",
+            "abs/b/../b/c",
+            "rel/c/up/b",
+            "a/./b//c/",
+            "rel/..",
+        ] {
+            let path = real.join(p);
+            assert_eq!(
+                resolve(&path).unwrap(),
+                std::fs::canonicalize(&path).unwrap(),
+                "{p}"
+            );
+        }
+        let (at, missing) = resolve_existing(&real.join("rel/new/er")).unwrap();
+        assert_eq!(at, real.join("a/b"));
+        assert_eq!(missing, ["new", "er"]);
+        assert!(resolve(&real.join("rel/new")).is_err());
+        assert!(resolve_existing(&real.join("new/../a")).is_err());
+        std::os::unix::fs::symlink("loop", real.join("loop")).unwrap();
+        assert!(resolve(&real.join("loop")).is_err());
+    }
+
+    /// Another user's symlink on the way is refused, named; root's is followed.
+    #[test]
+    fn another_users_symlink_is_not_followed() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root to make another user's symlink");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let real = std::fs::canonicalize(tmp.path()).unwrap();
+        std::fs::create_dir_all(real.join("a/b")).unwrap();
+        let theirs = real.join("theirs");
+        std::os::unix::fs::symlink(real.join("a"), &theirs).unwrap();
+        let nobody = Some(rustix::process::Uid::from_raw(65534));
+        rfs::chownat(
+            rfs::CWD,
+            &theirs,
+            nobody,
+            None,
+            rfs::AtFlags::SYMLINK_NOFOLLOW,
+        )
+        .unwrap();
+        let e = resolve(&theirs.join("b")).unwrap_err();
+        assert!(e.to_string().contains("symlink of uid 65534"), "{e}");
+        assert!(resolve_existing(&theirs.join("new")).is_err());
+        std::os::unix::fs::symlink(real.join("a"), real.join("roots")).unwrap();
+        assert_eq!(resolve(&real.join("roots/b")).unwrap(), real.join("a/b"));
+    }
 
     /// A root is never opened through a symlink on its path, whichever way it is opened.
     #[test]

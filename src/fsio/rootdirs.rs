@@ -10,10 +10,9 @@
 //! move directory and the state of a private tree let every user read its outputs, its moved
 //! inputs and its names and digests.)
 
-use std::ffi::OsString;
 use std::io;
 use std::os::fd::OwnedFd;
-use std::path::{Component, Path};
+use std::path::Path;
 
 use rustix::fs::{self as rfs, Mode, OFlags, Stat};
 use rustix::io::Errno;
@@ -107,37 +106,18 @@ impl NewDir {
     }
 
     /// Makes the directory `path` as this says, and whichever of its ancestors are missing as
-    /// `above` says (`fs::create_dir_all` otherwise: what exists is passed through, symlinks
-    /// followed, and left as it is). With `sync`, each one made is synced into its parent
+    /// `above` says (`fs::create_dir_all` otherwise: what exists is passed through, its own user's
+    /// and root's symlinks followed, and left as it is). With `sync`, each one made is synced into its parent
     /// before the next: a move directory must still be there after a power cut that keeps
     /// what was moved into it.
     pub(crate) fn create_all(&self, path: &Path, sync: bool) -> io::Result<()> {
         let path_flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        // The deepest ancestor that exists, and the names below it, deepest first.
-        let mut missing: Vec<OsString> = Vec::new();
-        let mut at = path;
-        let mut fd = loop {
-            let here = if at.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                at
-            };
-            match rfs::open(here, path_flags, Mode::empty()) {
-                Ok(fd) => break fd,
-                Err(Errno::NOENT) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let (Some(Component::Normal(name)), Some(parent)) =
-                (at.components().next_back(), at.parent())
-            else {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("{}: not a plain directory name", at.display()),
-                ));
-            };
-            missing.push(name.to_os_string());
-            at = parent;
-        };
+        // The deepest ancestor that exists, resolved following only trusted symlinks and
+        // opened with none on its path (`fsio::canonical`), and the names below it, deepest
+        // first.
+        let (at, mut missing) = crate::fsio::canonical::resolve_existing(path)?;
+        missing.reverse();
+        let mut fd = crate::fsio::canonical::open(&at, path_flags)?;
         let umask = umask();
         let above = self.above();
         for (i, name) in missing.iter().enumerate().rev() {

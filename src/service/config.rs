@@ -513,7 +513,7 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
                 return Err(at(p.span(), &key(k), msg));
             }
         }
-        let root = std::fs::canonicalize(resolve(w.path.get_ref())).map_err(|e| {
+        let root = crate::fsio::canonical::resolve(&resolve(w.path.get_ref())).map_err(|e| {
             at(
                 w.path.span(),
                 &key("path"),
