@@ -59,6 +59,10 @@ pub(crate) enum Kind {
     /// Named like a filepipe temp file, but nothing proves filepipe made it: neither read nor
     /// removed.
     TempName,
+    /// Watch mode: named like a writer's temp file (`*.tmp`, `*.part`, ...), which its writer
+    /// renames when done, and left unchanged long enough to be a file of the tree: never
+    /// taken by that name.
+    WriterTemp,
     /// Cluster mode: the job's output root is not mapped on the worker that took it (its
     /// `--out-root NAME=PATH`).
     UnmappedRoot,
@@ -97,6 +101,7 @@ impl Kind {
             Kind::InUse => "in-use",
             Kind::StaleTemp => "stale-temp",
             Kind::TempName => "temp-name",
+            Kind::WriterTemp => "writer-temp",
             Kind::UnmappedRoot => "unmapped-root",
             Kind::RemoveRefused => "remove-refused",
             Kind::UnreadableOutcome => "unreadable-outcome",
@@ -106,7 +111,7 @@ impl Kind {
 
 impl Kind {
     /// Every kind, for `parse`.
-    const ALL: [Kind; 24] = [
+    const ALL: [Kind; 25] = [
         Kind::Vanished,
         Kind::PermissionDenied,
         Kind::Changed,
@@ -128,6 +133,7 @@ impl Kind {
         Kind::InUse,
         Kind::StaleTemp,
         Kind::TempName,
+        Kind::WriterTemp,
         Kind::UnmappedRoot,
         Kind::RemoveRefused,
         Kind::UnreadableOutcome,

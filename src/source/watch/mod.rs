@@ -15,6 +15,7 @@
 mod events;
 mod flight;
 mod settle;
+mod temps;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -40,6 +41,7 @@ use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats}
 use events::{anonymous, ignored_name, output_named, temp_like, watch_dir, watch_error, Change};
 use flight::Flight;
 use settle::{Look, Lost, Settle};
+use temps::Temps;
 
 /// After taking events, how long the watcher lets the next ones gather (see `Watch::run`).
 const COALESCE: Duration = Duration::from_millis(1);
@@ -147,6 +149,8 @@ impl Source for Watch<'_> {
             overflowed: false,
             blocked: BTreeSet::new(),
             out_root: None,
+            temps: Temps::default(),
+            temps_quiet: temps::quiet_for(self.settle),
         };
         w.run(&notify_rx, &recorded)
     }
@@ -202,7 +206,14 @@ struct Watcher<'a> {
     blocked: BTreeSet<PathBuf>,
     /// The output root, opened at the first look for freed names.
     out_root: Option<Root>,
+    /// Files named like a writer's temp, never taken, reported once left unchanged for
+    /// `temps_quiet` (see `temps`).
+    temps: Temps,
+    temps_quiet: Duration,
 }
+
+/// How often the writers' temps followed (`Watcher::temps`) are looked at.
+const TEMPS_EVERY: Duration = Duration::from_secs(1);
 
 /// How often the output names of files another file blocked (`Watcher::blocked`) are looked
 /// at: a stat each, for what is usually a handful of files.
@@ -288,6 +299,7 @@ impl Watcher<'_> {
         self.stats.ready.store(true, Ordering::Relaxed);
         let mut last_root_check = Instant::now();
         let mut last_blocked_check = Instant::now();
+        let mut last_temps_check = Instant::now();
         let mut next_drop_rescan = Instant::now();
         let mut last_poll = Instant::now();
         loop {
@@ -406,6 +418,10 @@ impl Watcher<'_> {
                 last_blocked_check = Instant::now();
                 self.outputs_freed();
             }
+            if !self.temps.is_empty() && last_temps_check.elapsed() >= TEMPS_EVERY {
+                last_temps_check = Instant::now();
+                self.temps_left()?;
+            }
             let stats = self.stats;
             stats
                 .queued
@@ -509,6 +525,9 @@ impl Watcher<'_> {
                     });
                     // The walk applied the filters and skipped filepipe's own files.
                     if settled || self.not_taken(&job.rel) {
+                        if !settled && self.writer_temp(&job.rel) {
+                            self.temps.found(&job.rel, stamp, now);
+                        }
                         continue;
                     }
                     self.found(job.rel, stamp, lost, now);
@@ -610,7 +629,11 @@ impl Watcher<'_> {
             };
             let rel = rel.to_path_buf();
             if self.ignored(&rel, path) {
-                if events::change(&event.kind, || false) == Some(Change::Gone) {
+                let change = events::change(&event.kind, || false);
+                if change.is_some() && change != Some(Change::Gone) && self.writer_temp(&rel) {
+                    self.temps.changed(&rel, Instant::now());
+                }
+                if change == Some(Change::Gone) {
                     self.output_freed(&rel)?;
                     // What went may have been a directory of that name, whose files were
                     // taken: forgotten with it (nothing to forget for a file of that name).
@@ -842,6 +865,9 @@ impl Watcher<'_> {
 
     fn forget(&mut self, rel: PathBuf) -> Result<()> {
         self.settle.forget(&rel);
+        if !self.temps.is_empty() {
+            self.temps.gone(&rel);
+        }
         if !self.blocked.is_empty() {
             self.blocked.retain(|p| !p.starts_with(&rel));
         }
@@ -991,6 +1017,55 @@ impl Watcher<'_> {
             || self.cfg.filter.excluded(rel)
             || !self.cfg.filter.included(rel) && !abs.is_dir()
             || anonymous(abs)
+    }
+
+    /// Whether `rel` is a file named like a writer's temp that is to be reported once left
+    /// (`temps`): not filepipe's own temp (the walk reports one a stopped run left), nor a
+    /// name the filters leave out. Its path is `rel` under the root.
+    fn writer_temp(&self, rel: &Path) -> bool {
+        let name = rel.file_name().unwrap_or_default();
+        temp_like(rel)
+            && !crate::fsio::output::is_temp_name(name)
+            && !self.cfg.filter.excluded(rel)
+            && self.cfg.filter.included(rel)
+            && !walk::is_own(self.cfg, &self.cfg.root.join(rel))
+    }
+
+    /// Reports the writers' temps left unchanged for `temps_quiet` (`temps`): skipped, with
+    /// the reason, once per version (the sink records the stamp, so a scan that finds it
+    /// again says nothing).
+    fn temps_left(&mut self) -> Result<()> {
+        let now = Instant::now();
+        for (rel, seen) in self.temps.due(now, self.temps_quiet) {
+            let Ok(st) = rustix::fs::lstat(self.cfg.root.join(&rel)) else {
+                continue;
+            };
+            if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile
+            {
+                continue;
+            }
+            let stamp = Some(Stamp::from_stat(&st));
+            if seen.is_some() && seen != stamp {
+                // A poll saw it change since: its clock starts again.
+                self.temps.found(&rel, stamp, now);
+                continue;
+            }
+            if self.reader.lookup(&rel)?.is_some_and(|k| k.settled(stamp)) {
+                continue;
+            }
+            let reason = crate::error::FileError::new(
+                crate::error::Kind::WriterTemp,
+                format!(
+                    "named like a writer's temp file (*.tmp, *.part, *.crdownload, *~, .#*) and \
+                     left unchanged for {} s: watch never takes such a name, which its writer \
+                     renames when done; rename it to have it processed",
+                    self.temps_quiet.as_secs()
+                ),
+            );
+            self.stats.reported.fetch_add(1, Ordering::Relaxed);
+            self.send(Event::Finished(vec![Outcome::Skipped { rel, reason }]))?;
+        }
+        Ok(())
     }
 
     /// Whether the file `rel` is never taken by its name: a writer's temp, or filepipe's own
