@@ -2037,3 +2037,21 @@ fn another_users_symlink_on_a_given_path_is_not_followed() {
     batch(&t, &[s("--op"), s("gzip"), s("--out"), p(&out)]).success();
     assert!(secret.join("out/a.gz").is_file());
 }
+
+/// A manifest names every file and its digest: made `0600`, not `0644` (a review read a
+/// private file's short content back from its digest); one its owner opened with `chmod`
+/// keeps that mode when the next run replaces it.
+#[test]
+fn a_manifest_is_private_until_its_owner_shares_it() {
+    let t = TestTree::new().file("pin.txt", b"4711\n");
+    let sums = t.side("SHA256SUMS");
+    let hash = || batch(&t, &[s("--op"), s("sha256"), s("--manifest"), p(&sums)]);
+    hash().success();
+    let mode = || owner_and_mode(&sums).2;
+    assert_eq!(mode(), 0o600 & !umask());
+    fs::set_permissions(&sums, fs::Permissions::from_mode(0o640)).unwrap();
+    fs::write(t.path("more.txt"), b"more\n").unwrap();
+    hash().success();
+    assert_eq!(mode(), 0o640);
+    assert_eq!(manifest_names(&sums), ["more.txt", "pin.txt"]);
+}

@@ -121,16 +121,38 @@ pub(crate) fn write_manifest<'d>(
             path.display()
         );
     };
-    let mut temp = TempOutput::create(dir)
+    let mut temp = TempOutput::create(Arc::clone(&dir))
         .map_err(anyhow::Error::new)
         .with_context(|| format!("writing the manifest {}", path.display()))?;
     write_all(temp.file()).with_context(|| format!("writing {}", path.display()))?;
-    // A manifest is meant to be read by others: the usual 0644, less what the umask removes.
-    let mode = 0o644 & !umask();
-    let attrs = None;
+    let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
+    // A manifest names every file of the tree and its digest, the names of directories others
+    // may not list and the digests of files they may not read among them (a short secret's
+    // digest gives it away): made `0600`, less the umask, as the state and the failure log
+    // are (found by a review: `0644`). One replaced keeps the mode and group its owner gave
+    // it (`chmod`, `chgrp` to share it), as an editor keeps them: only one of filepipe's
+    // user's (another's `0666` file put at the name would have them rewrite the manifest).
+    let me = rustix::process::geteuid().as_raw();
+    let before = rustix::fs::statat(&dir.fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+        .ok()
+        .filter(|st| {
+            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                && st.st_uid == me
+        });
+    let mut mode = before.map_or(0o600 & !umask(), |st| st.st_mode & 0o666);
+    if let Some(st) = before {
+        let gid = rustix::fs::Gid::from_raw(st.st_gid);
+        // Not ours to give (not root, and not in that group): the group stays ours, and
+        // the group bits would serve a group the owner did not choose: dropped.
+        if rustix::fs::fchown(&*temp.file(), None, Some(gid)).is_err()
+            && rustix::fs::fstat(&*temp.file()).is_ok_and(|now| now.st_gid != st.st_gid)
+        {
+            mode &= !0o070;
+        }
+    }
     rustix::fs::fchmod(&*temp.file(), rustix::fs::Mode::from_raw_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
-    let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
+    let attrs = None;
     temp.publish(name, attrs, true, cfg.durability)
         .map_err(|e| {
             // Its errors mostly name the manifest already ("publishing FILE: ..."): said once.
