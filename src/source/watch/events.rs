@@ -119,47 +119,59 @@ pub(crate) fn root_gone(kind: &EventKind) -> bool {
 
 /// A clear, actionable message for watch failures.
 pub(crate) fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
-    if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) {
-        let read = |p: &str| {
-            std::fs::read_to_string(p)
-                .map(|s| s.trim().to_string())
-                .unwrap_or_else(|_| "unreadable here".into())
-        };
-        // Since Linux 5.11 the user namespace's own limit applies too, whichever is lower.
-        let global = read("/proc/sys/fs/inotify/max_user_watches");
-        let userns = read("/proc/sys/user/max_inotify_watches");
-        return anyhow::anyhow!(
-            "cannot watch every directory under {}: the inotify watch limit is exhausted \
-             (fs.inotify.max_user_watches = {global}, user.max_inotify_watches = {userns}); \
-             raise it, e.g. 'sysctl fs.inotify.max_user_watches=1048576' (and in /etc/sysctl.d/ \
-             to keep it)",
-            root.display()
-        );
-    }
     anyhow::Error::new(e).context(format!("cannot watch {}", root.display()))
+}
+
+/// What to say when the inotify watch limit is reached under `root`: the limits, and how to
+/// raise them.
+pub(crate) fn limit_reached(root: &Path) -> String {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unreadable here".into())
+    };
+    // Since Linux 5.11 the user namespace's own limit applies too, whichever is lower.
+    let global = read("/proc/sys/fs/inotify/max_user_watches");
+    let userns = read("/proc/sys/user/max_inotify_watches");
+    format!(
+        "cannot watch every directory under {}: the inotify watch limit is exhausted \
+         (fs.inotify.max_user_watches = {global}, user.max_inotify_watches = {userns}); the \
+         directories past it are scanned on an interval instead, which is slower and costlier; \
+         raise the limit, e.g. 'sysctl fs.inotify.max_user_watches=1048576' (and in \
+         /etc/sysctl.d/ to keep it)",
+        root.display()
+    )
+}
+
+/// Whether a directory is watched (`watch_dir`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Watched {
+    Yes,
+    /// Gone again already (its removal event follows) or not to be read (tried again when
+    /// its attributes change: `Watcher::unwatched`).
+    No,
+    /// The inotify watch limit is reached: scanned on an interval (`Watcher::limited`).
+    Limit,
 }
 
 /// Watches `dir` alone (a scan watches its subdirectories); harmless if it already is watched.
 /// A symlink is not followed (`IN_DONT_FOLLOW`) unless `follow_symlinks`: a link made to a
 /// directory outside the tree, or swapped in for one of its directories, would otherwise have
-/// the kernel report the outside directory's names as the tree's. Whether it is watched now:
-/// not if it is gone again already (its removal event follows) or may not be read (it is
-/// tried again when its attributes change: `Watcher::unwatched`).
+/// the kernel report the outside directory's names as the tree's.
 pub(crate) fn watch_dir(
     watcher: &mut notify::RecommendedWatcher,
-    root: &Path,
     dir: &Path,
     follow_symlinks: bool,
-) -> anyhow::Result<bool> {
+) -> Watched {
     use notify::Watcher as _;
     let how = notify::WatchPathConfig::new(RecursiveMode::NonRecursive)
         .with_dereference_symlinks(follow_symlinks);
     match watcher.watch_with(dir, how) {
-        Ok(()) => Ok(true),
-        Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => Err(watch_error(root, e)),
+        Ok(()) => Watched::Yes,
+        Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => Watched::Limit,
         Err(e) => {
             tracing::debug!(dir = %dir.display(), error = %e, "cannot watch");
-            Ok(false)
+            Watched::No
         }
     }
 }

@@ -38,7 +38,9 @@ use crate::source::{Outlet, Source};
 use crate::state::{FileStatus, Lacks, Reader};
 use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Recorded, Stamp, Stats};
 
-use events::{anonymous, ignored_name, output_named, temp_like, watch_dir, watch_error, Change};
+use events::{
+    anonymous, ignored_name, output_named, temp_like, watch_dir, watch_error, Change, Watched,
+};
 use flight::Flight;
 use settle::{Look, Lost, Settle};
 use temps::Temps;
@@ -121,11 +123,19 @@ impl Source for Watch<'_> {
         // service with "No path was found", found by a review).
         let gone = || anyhow::Error::from(RootGone(self.cfg.root.clone()));
         let root_id = root_id(&self.cfg.root).map_err(|_| gone())?;
-        if let Err(e) = watcher.watch(&self.cfg.root, RecursiveMode::NonRecursive) {
-            return Err(match self::root_id(&self.cfg.root) {
-                Ok(id) if id == root_id => watch_error(&self.cfg.root, e),
-                _ => gone(),
-            });
+        let mut limited = BTreeSet::new();
+        match watcher.watch(&self.cfg.root, RecursiveMode::NonRecursive) {
+            Ok(()) => {}
+            // Even the root past the limit: the whole tree is scanned on an interval.
+            Err(e) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
+                limited.insert(self.cfg.root.clone());
+            }
+            Err(e) => {
+                return Err(match self::root_id(&self.cfg.root) {
+                    Ok(id) if id == root_id => watch_error(&self.cfg.root, e),
+                    _ => gone(),
+                })
+            }
         }
         if self::root_id(&self.cfg.root).ok() != Some(root_id) {
             return Err(gone());
@@ -151,6 +161,10 @@ impl Source for Watch<'_> {
             out_root: None,
             temps: Temps::default(),
             temps_quiet: temps::quiet_for(self.settle),
+            limited,
+            limit_said: false,
+            limited_every: (self.settle * 100)
+                .clamp(Duration::from_secs(1), Duration::from_secs(60)),
         };
         w.run(&notify_rx, &recorded)
     }
@@ -210,6 +224,15 @@ struct Watcher<'a> {
     /// `temps_quiet` (see `temps`).
     temps: Temps,
     temps_quiet: Duration,
+    /// Directories not watched because the inotify watch limit is reached: each scanned
+    /// (and tried again) every `limited_every` at most, or four times the last such scan's
+    /// duration if longer (found by a review: anyone who may make directories in the tree
+    /// could exhaust the limit, which ended the daemon, and under the shipped units restarted
+    /// it into the same end over and over).
+    limited: BTreeSet<PathBuf>,
+    /// The limit was said to be reached (once, until every directory is watched again).
+    limit_said: bool,
+    limited_every: Duration,
 }
 
 /// How often the writers' temps followed (`Watcher::temps`) are looked at.
@@ -300,6 +323,7 @@ impl Watcher<'_> {
         let mut last_root_check = Instant::now();
         let mut last_blocked_check = Instant::now();
         let mut last_temps_check = Instant::now();
+        let mut next_limited_scan = Instant::now() + self.limited_every;
         let mut next_drop_rescan = Instant::now();
         let mut last_poll = Instant::now();
         loop {
@@ -402,7 +426,7 @@ impl Watcher<'_> {
                 // back.
                 let root = self.cfg.root.clone();
                 let started = Instant::now();
-                self.watch(&root)?;
+                self.watch(&root);
                 self.scan(&root, Lost::Unseen)?;
                 crate::report::metrics::rescan(self.cfg, "poll");
                 tracing::debug!(scans = self.scans, took = ?started.elapsed(), "polled");
@@ -417,6 +441,12 @@ impl Watcher<'_> {
             if !self.blocked.is_empty() && last_blocked_check.elapsed() >= BLOCKED_EVERY {
                 last_blocked_check = Instant::now();
                 self.outputs_freed();
+            }
+            if !self.limited.is_empty() && Instant::now() >= next_limited_scan {
+                let started = Instant::now();
+                self.scan_limited()?;
+                next_limited_scan =
+                    Instant::now() + (started.elapsed() * 4).max(self.limited_every);
             }
             if !self.temps.is_empty() && last_temps_check.elapsed() >= TEMPS_EVERY {
                 last_temps_check = Instant::now();
@@ -441,9 +471,6 @@ impl Watcher<'_> {
     ) -> Result<()> {
         match ev {
             Ok(Ok(event)) => self.on_event(event),
-            Ok(Err(e)) if matches!(e.kind, notify::ErrorKind::MaxFilesWatch) => {
-                Err(watch_error(&self.cfg.root, e))
-            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "file system watcher error");
                 Ok(())
@@ -460,18 +487,55 @@ impl Watcher<'_> {
 
     /// Watches `dir` (not its subdirectories: a scan of it watches those); harmless if it
     /// already is watched.
-    /// Whether it is watched now (see `watch_dir`); one that is not is in `unwatched`.
-    fn watch(&mut self, dir: &Path) -> Result<bool> {
-        let watched = watch_dir(
-            &mut self.watcher,
-            &self.cfg.root,
-            dir,
-            self.cfg.follow_symlinks,
-        )?;
-        if !watched {
-            self.unwatched.insert(dir.to_path_buf());
+    /// Whether it is watched now (see `watch_dir`); one that is not is in `unwatched`, or in
+    /// `limited` past the inotify watch limit.
+    fn watch(&mut self, dir: &Path) -> bool {
+        match watch_dir(&mut self.watcher, dir, self.cfg.follow_symlinks) {
+            Watched::Yes => true,
+            Watched::No => {
+                self.unwatched.insert(dir.to_path_buf());
+                false
+            }
+            Watched::Limit => {
+                self.limited.insert(dir.to_path_buf());
+                self.limit_reached();
+                false
+            }
         }
-        Ok(watched)
+    }
+
+    /// Says, once, that the inotify watch limit is reached.
+    fn limit_reached(&mut self) {
+        if !std::mem::replace(&mut self.limit_said, true) {
+            tracing::warn!("{}", events::limit_reached(&self.cfg.root));
+        }
+    }
+
+    /// Scans the directories past the inotify watch limit (`limited`), each tried again first
+    /// (watches freed since by deleted directories are taken), as a poll scans the tree:
+    /// reconciled against the state.
+    fn scan_limited(&mut self) -> Result<()> {
+        let all = std::mem::take(&mut self.limited);
+        // A directory's scan covers those under it.
+        let mut tops: Vec<PathBuf> = Vec::new();
+        for d in all {
+            if !tops.last().is_some_and(|t| d.starts_with(t)) {
+                tops.push(d);
+            }
+        }
+        for d in tops {
+            if !is_real_dir(&d) {
+                continue;
+            }
+            self.watch(&d);
+            self.scan(&d, Lost::Unseen)?;
+        }
+        crate::report::metrics::rescan(self.cfg, "watch-limit");
+        if self.limited.is_empty() && self.limit_said {
+            self.limit_said = false;
+            tracing::info!(root = %self.cfg.root.display(), "every directory is watched again");
+        }
+        Ok(())
     }
 
     /// Scans `dir` (already watched by the caller), watching each directory under it before
@@ -487,19 +551,19 @@ impl Watcher<'_> {
         let mut known = self.reader.known_under(under)?;
         let (cfg, stats, shutdown) = (self.cfg, self.stats, self.shutdown);
         let watcher = &mut self.watcher;
-        let unwatched = &mut self.unwatched;
+        let (unwatched, limited) = (&mut self.unwatched, &mut self.limited);
         let mut found = Vec::new();
-        let mut watch_failed = None;
+        let mut at_limit = false;
         walk::scan(cfg, dir, stats, shutdown, &mut |f| {
             if let Found::Dir(d) = &f {
-                match watch_dir(watcher, &cfg.root, d, cfg.follow_symlinks) {
-                    Ok(true) => {}
-                    Ok(false) => {
+                match watch_dir(watcher, d, cfg.follow_symlinks) {
+                    Watched::Yes => {}
+                    Watched::No => {
                         unwatched.insert(d.clone());
                     }
-                    Err(e) => {
-                        watch_failed = Some(e);
-                        return false;
+                    Watched::Limit => {
+                        limited.insert(d.clone());
+                        at_limit = true;
                     }
                 }
             } else {
@@ -507,8 +571,8 @@ impl Watcher<'_> {
             }
             true
         });
-        if let Some(e) = watch_failed {
-            return Err(e);
+        if at_limit {
+            self.limit_reached();
         }
         let now = Instant::now();
         for f in found {
@@ -594,7 +658,7 @@ impl Watcher<'_> {
         // Directories created during the overflow lost their IN_CREATE, so notify never
         // watched them: watch the whole tree again first.
         let root = self.cfg.root.clone();
-        self.watch(&root)?;
+        self.watch(&root);
         let before = self.flight.redo_count();
         self.scan(&root, Lost::Events)?;
         // Said, with how many, so that a count of done files one more than the files for
@@ -655,7 +719,7 @@ impl Watcher<'_> {
                 // leave such a directory out too.
                 Change::NewDir if own_dir(self.cfg, path) => {}
                 Change::NewDir => {
-                    self.watch(path)?;
+                    self.watch(path);
                     self.scan(path, Lost::Nothing)?
                 }
                 Change::RenamedIn => self.settle.touch(rel, true, Stamp::of(path), now),
@@ -671,7 +735,7 @@ impl Watcher<'_> {
                     // Scanned only once watched: each failed try would report the directory
                     // again, and anyone who may touch it could fill the failure log (found
                     // by a review).
-                    if self.unwatched.remove(path) && self.watch(path)? {
+                    if self.unwatched.remove(path) && self.watch(path) {
                         self.scan(path, Lost::Nothing)?;
                     }
                 }
@@ -681,6 +745,9 @@ impl Watcher<'_> {
                 Change::Gone => {
                     // Ordered: what is under `path` is one range (a retain over all of them
                     // at each deletion was quadratic: found by a review).
+                    if !self.limited.is_empty() {
+                        self.limited.retain(|d| !d.starts_with(path));
+                    }
                     if !self.unwatched.is_empty() {
                         let under: Vec<PathBuf> = self
                             .unwatched
