@@ -2055,3 +2055,45 @@ fn a_manifest_is_private_until_its_owner_shares_it() {
     assert_eq!(mode(), 0o640);
     assert_eq!(manifest_names(&sums), ["more.txt", "pin.txt"]);
 }
+
+/// A file another process holds a write lease on (`fcntl(F_SETLEASE)`) is in use, not broken:
+/// its open is refused (never waited for), and it fails `in-use` saying why, where it failed
+/// `io` "Resource temporarily unavailable" (found by a review).
+#[test]
+fn a_leased_file_is_in_use_not_an_io_error() {
+    if Command::new("perl").arg("-e1").status().is_err() {
+        eprintln!("SKIPPED: needs perl to hold a lease");
+        return;
+    }
+    let t = TestTree::new().file("leased", b"x\n").file("other", b"y\n");
+    let ready = t.side("ready");
+    let script = r#"use Fcntl; my ($p, $ready) = @ARGV; $SIG{IO} = 'IGNORE';
+sysopen(my $fh, $p, O_RDONLY) or die "open: $!"; fcntl($fh, 1024, F_WRLCK) or die "lease: $!";
+open(my $r, '>', $ready) or die; close $r; sleep 30;"#;
+    let mut holder = Command::new("perl")
+        .args(["-e", script])
+        .arg(t.path("leased"))
+        .arg(&ready)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(10), "the lease", || {
+        if let Ok(Some(_)) = holder.try_wait() {
+            panic!("perl could not take the lease");
+        }
+        ready.exists()
+    });
+    let log = t.side("failures.jsonl");
+    let out = batch(&t, &[s("--op"), s("sha256"), s("--failure-log"), p(&log)]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    out.code(1);
+    let records = failure_log(&log);
+    let in_use = records_of(&records, "in-use");
+    assert_eq!(in_use.len(), 1, "{records:?}");
+    assert_eq!(in_use[0]["path"], "leased");
+    assert!(
+        in_use[0]["message"].as_str().unwrap().contains("lease"),
+        "{in_use:?}"
+    );
+}

@@ -122,6 +122,17 @@ impl InputFile {
                 None => OpenError::Failed(FileError::errno("opening input", e)),
             },
             (Errno::LOOP, None) if !follow_symlinks => OpenError::NotRegular(NotRegular::Symlink),
+            // A write lease another process holds (`fcntl(F_SETLEASE)`): the open, never
+            // blocking, is refused until its holder gives it up. The file is in use, not
+            // broken: said so, and a watch tries it again as it tries a file open for writing
+            // (found by a review: `io`, "Resource temporarily unavailable").
+            (Errno::AGAIN, _) => OpenError::Failed(FileError {
+                kind: Kind::InUse,
+                errno: Some(e.raw_os_error()),
+                message: "opening input: another process holds a lease on it (fcntl F_SETLEASE); \
+                          it is taken once the lease is given up"
+                    .to_string(),
+            }),
             (e, _) => OpenError::Failed(FileError::errno("opening input", e)),
         })?;
         let stat =
