@@ -425,6 +425,37 @@ pub(crate) struct PipelineArgs {
     /// an I/O error) stay to be tried again. DIR must be outside the tree.
     #[arg(long, value_name = "DIR")]
     pub(crate) move_failed: Option<PathBuf>,
+    /// Skip files larger than SIZE (bytes, or with a K, M, G or T suffix: powers of 1024),
+    /// reported `over-max-size` and never read: where others may write the tree, a sparse
+    /// file of terabytes costs them no disk, but hours of reading and gigabytes of output.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub(crate) max_size: Option<u64>,
+}
+
+/// A size as `--max-size` takes it: a number of bytes, or with a K, M, G or T suffix (KiB,
+/// MiB, ... too, any case): powers of 1024.
+pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| {
+        format!("{text:?}: a size is a whole number of bytes, or with K, M, G or T")
+    })?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(format!(
+                "{text:?}: the unit is one of K, M, G, T (powers of 1024)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?}: too large"))
 }
 
 /// Arguments of `filepipe batch`.

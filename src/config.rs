@@ -69,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) move_failed: Option<Arc<Aside>>,
     /// How outputs (and the manifest) are flushed before they count as published.
     pub(crate) durability: Durability,
+    /// `--max-size`: larger files are skipped unread.
+    pub(crate) max_size: Option<u64>,
     /// Print the summary as JSON.
     pub(crate) json: bool,
     /// No progress and no human summary.
@@ -105,6 +107,12 @@ pub(crate) struct Incremental {
     #[expect(dead_code, reason = "held, never read: dropping it releases the lock")]
     pub(crate) lock: std::sync::Arc<crate::state::DirLock>,
 }
+
+/// Why `--max-size` is refused with `--queue`: a job carries no size limit, and the workers
+/// read what they are sent.
+#[cfg(feature = "cluster")]
+pub(crate) const MAX_SIZE_QUEUE: &str =
+    "--max-size does not combine with --queue yet: the workers read every file they are sent";
 
 /// The settle time when none is given.
 pub(crate) const DEFAULT_SETTLE_MS: u64 = 300;
@@ -645,6 +653,10 @@ impl Config {
                  here; run it without --queue"
             );
         }
+        #[cfg(feature = "cluster")]
+        if args.common.max_size.is_some() && args.queue.is_some() {
+            bail!("{MAX_SIZE_QUEUE}");
+        }
         if let Some(dir) = args.state.as_ref().filter(|_| makes_dirs(&args.common)) {
             // The state's checks against `--out` and the move directories, before any of them
             // is made: a refused run leaves no directory behind (found by a review:
@@ -935,6 +947,7 @@ impl Config {
             move_source,
             move_failed,
             durability: args.durability.unwrap_or_default(),
+            max_size: args.max_size,
             json: args.json,
             quiet,
             progress: !quiet && std::io::stderr().is_terminal(),
@@ -960,6 +973,10 @@ impl Config {
         // Before anything is created: `--queue` alone with no URL in the environment.
         #[cfg(feature = "cluster")]
         let url = queue_url(args.queue.as_ref())?;
+        #[cfg(feature = "cluster")]
+        if args.common.max_size.is_some() && url.is_some() {
+            bail!("{MAX_SIZE_QUEUE}");
+        }
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         // Before `--out`, the move directories and the state directory are made, the state
         // locked (`watching` checks the rest): a refused run leaves none of them behind.

@@ -63,6 +63,8 @@ pub(crate) enum Kind {
     /// renames when done, and left unchanged long enough to be a file of the tree: never
     /// taken by that name.
     WriterTemp,
+    /// Larger than `--max-size`: never read.
+    OverMaxSize,
     /// Cluster mode: the job's output root is not mapped on the worker that took it (its
     /// `--out-root NAME=PATH`).
     UnmappedRoot,
@@ -102,6 +104,7 @@ impl Kind {
             Kind::StaleTemp => "stale-temp",
             Kind::TempName => "temp-name",
             Kind::WriterTemp => "writer-temp",
+            Kind::OverMaxSize => "over-max-size",
             Kind::UnmappedRoot => "unmapped-root",
             Kind::RemoveRefused => "remove-refused",
             Kind::UnreadableOutcome => "unreadable-outcome",
@@ -111,7 +114,7 @@ impl Kind {
 
 impl Kind {
     /// Every kind, for `parse`.
-    const ALL: [Kind; 25] = [
+    const ALL: [Kind; 26] = [
         Kind::Vanished,
         Kind::PermissionDenied,
         Kind::Changed,
@@ -134,6 +137,7 @@ impl Kind {
         Kind::StaleTemp,
         Kind::TempName,
         Kind::WriterTemp,
+        Kind::OverMaxSize,
         Kind::UnmappedRoot,
         Kind::RemoveRefused,
         Kind::UnreadableOutcome,

@@ -2097,3 +2097,52 @@ open(my $r, '>', $ready) or die; close $r; sleep 30;"#;
         "{in_use:?}"
     );
 }
+
+/// `--max-size`: a larger file is skipped unread, with its reason; a sparse file of a
+/// terabyte (no disk, hours to read) among them. The watch takes the same limit.
+#[test]
+fn files_over_max_size_are_skipped_unread() {
+    let t = TestTree::new()
+        .file("small", &[7u8; 100])
+        .file("big", &[7u8; 2048]);
+    let huge = fs::File::create(t.path("sparse")).unwrap();
+    huge.set_len(1 << 40).unwrap();
+    let log = t.side("failures.jsonl");
+    let started = std::time::Instant::now();
+    let r = batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--max-size"),
+            s("1K"),
+            s("--failure-log"),
+            p(&log),
+            s("--json"),
+        ],
+    );
+    let summary = r.success().summary();
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the sparse file was read"
+    );
+    assert_eq!(
+        summary["skipped_by_reason"]["over-max-size"], 2,
+        "{summary}"
+    );
+    assert!(t.path("small.gz").is_file());
+    assert!(!t.path("big.gz").exists() && !t.path("sparse.gz").exists());
+    let records = failure_log(&log);
+    let skipped = records_of(&records, "over-max-size");
+    assert!(
+        skipped.iter().any(|r| r["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("1099511627776 bytes, over --max-size (1024 bytes)")),
+        "{skipped:?}"
+    );
+    // A size that does not parse is a usage error.
+    for bad in ["1X", "-1", "K", "99999999T"] {
+        batch(&t, &[s("--op"), s("gzip"), s("--max-size"), s(bad)]).code(2);
+    }
+}

@@ -188,6 +188,8 @@ fn check_config_names_file_line_and_key() {
         ("no pipelines", "jobs = 2\n", "no [[watch]]"),
         ("poll of 0 s", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\npoll_secs = 0\n", ":4: watch[0].poll_secs"),
         ("poll over a day", "poll_secs = 86401\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n", ":1: poll_secs"),
+        ("max_size unit", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nmax_size = \"10X\"\n", ":4: watch[0].max_size: \"10X\": the unit"),
+        ("max_size negative", "max_size = -1\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n", "line 1"),
     ];
     for (what, body, expect) in cases {
         let file = t.side("c.toml");
@@ -204,7 +206,7 @@ fn check_config_names_file_line_and_key() {
     write_config(
         &good,
         &format!(
-            "state_dir = {:?}\n[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 19\nout = \"archive\"\n[[watch]]\npath = \"in/b\"\nop = \"sha256\"\nmanifest = \"in/b/SUMS\"\n[[watch]]\npath = \"in/c\"\nop = \"sha512\"\nmanifest = \"in/c/SHA512SUMS\"\n[[watch]]\npath = \"in/d\"\nop = \"blake3\"\nmanifest = \"B3SUMS\"\n",
+            "state_dir = {:?}\nmax_size = 1048576\n[[watch]]\npath = \"in/a\"\nop = \"zstd\"\nlevel = 19\nout = \"archive\"\nmax_size = \"2G\"\n[[watch]]\npath = \"in/b\"\nop = \"sha256\"\nmanifest = \"in/b/SUMS\"\n[[watch]]\npath = \"in/c\"\nop = \"sha512\"\nmanifest = \"in/c/SHA512SUMS\"\n[[watch]]\npath = \"in/d\"\nop = \"blake3\"\nmanifest = \"B3SUMS\"\n",
             t.side("state")
         ),
     );

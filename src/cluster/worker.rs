@@ -883,6 +883,8 @@ impl Router<'_> {
                 .as_ref()
                 .and_then(|n| self.move_roots.get(n).cloned()),
             durability: self.durability,
+            // A job carries no size limit (a coordinator's `--max-size` skips at its walk).
+            max_size: None,
             json: false,
             quiet: true,
             progress: false,

@@ -242,6 +242,18 @@ pub(crate) fn prepare<O: Op>(
             reason,
         });
     }
+    // Never read past `--max-size` (a sparse file of terabytes costs whoever made it no disk).
+    let size = u64::try_from(input.stat.st_size).unwrap_or(0);
+    if let Some(max) = cfg.max_size.filter(|&max| size > max) {
+        let reason = FileError::new(
+            Kind::OverMaxSize,
+            format!("{size} bytes, over --max-size ({max} bytes); not read"),
+        );
+        return Err(Outcome::Skipped {
+            rel: job.rel,
+            reason,
+        });
+    }
     let now = Stamp::from_stat(&input.stat);
     if let Some(expected) = job.expect.filter(|e| !e.same_file(&now)) {
         // Another file under the name (renamed over it) has its own events and settles in

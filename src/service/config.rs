@@ -38,6 +38,7 @@ struct FileConfig {
     poll_secs: Option<Spanned<u64>>,
     durability: Option<Durability>,
     metrics: Option<std::net::SocketAddr>,
+    max_size: Option<Spanned<SizeValue>>,
     #[serde(default)]
     watch: Vec<WatchEntry>,
     /// `filepipe worker --config`'s settings: a worker's own, apart from the keys above
@@ -60,6 +61,8 @@ struct WatchEntry {
     exclude: Vec<String>,
     settle_ms: Option<Spanned<u64>>,
     poll_secs: Option<Spanned<u64>>,
+    /// Larger files are skipped unread (`--max-size`).
+    max_size: Option<Spanned<SizeValue>>,
     /// gzip, zstd: move each input here once its output is durable and verified.
     move_source: Option<Spanned<PathBuf>>,
     /// Move each input that failed for good here.
@@ -80,6 +83,24 @@ struct WatchEntry {
     creds: Option<Spanned<PathBuf>>,
     /// CA certificates to trust for a tls:// `queue`.
     tls_ca: Option<Spanned<PathBuf>>,
+}
+
+/// `max_size` as written: a number of bytes, or a string with a unit (`"10G"`, as
+/// `--max-size` takes it).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeValue {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeValue::Bytes(n) => Ok(*n),
+            SizeValue::Text(t) => crate::cli::parse_size(t),
+        }
+    }
 }
 
 /// A loaded, validated config: one resolved `Config` per pipeline.
@@ -366,6 +387,7 @@ pub(crate) fn load_worker(path: &Path) -> Result<crate::config::WorkerSettings> 
             ("poll_secs", file.poll_secs.is_some()),
             ("durability", file.durability.is_some()),
             ("metrics", file.metrics.is_some()),
+            ("max_size", file.max_size.is_some()),
         ];
         if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
             bail!(
@@ -465,6 +487,15 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
         _ => Ok(()),
     };
     poll_ok(&file.poll_secs, "poll_secs")?;
+    let size_of = |s: &Option<Spanned<SizeValue>>, key: &str| match s {
+        Some(s) => s
+            .get_ref()
+            .bytes()
+            .map(Some)
+            .map_err(|e| at(s.span(), key, e)),
+        None => Ok(None),
+    };
+    let max_size = size_of(&file.max_size, "max_size")?;
     let empty = [
         ("state_dir", file.state_dir.as_deref()),
         ("failure_log", file.failure_log.as_deref()),
@@ -604,6 +635,7 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
             durability: overrides.durability.or(file.durability),
             move_source: w.move_source.as_ref().map(|m| resolve(m.get_ref())),
             move_failed: w.move_failed.as_ref().map(|m| resolve(m.get_ref())),
+            max_size: size_of(&w.max_size, &key("max_size"))?.or(max_size),
         };
         let settle = overrides
             .settle
@@ -622,6 +654,14 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
             })
             .map_err(|e| at(w.path.span(), &format!("watch[{i}]"), format!("{e:#}")))?;
         let url = queue_of(&located, w.queue.as_ref(), w.queue_file.as_ref(), &key(""))?;
+        #[cfg(feature = "cluster")]
+        if let (Some(_), Some(size)) = (&url, w.max_size.as_ref().or(file.max_size.as_ref())) {
+            return Err(at(
+                size.span(),
+                &key("max_size"),
+                crate::config::MAX_SIZE_QUEUE.to_string(),
+            ));
+        }
         let queue_span = w
             .queue
             .as_ref()
