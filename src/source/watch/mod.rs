@@ -694,8 +694,13 @@ impl Watcher<'_> {
             let rel = rel.to_path_buf();
             if self.ignored(&rel, path) {
                 let change = events::change(&event.kind, || false);
-                if change.is_some() && change != Some(Change::Gone) && self.writer_temp(&rel) {
-                    self.temps.changed(&rel, Instant::now());
+                // A writer's stream of events on its temp costs a map update each, not a
+                // look at what the name is (`writer_temp` stats it) each.
+                if change.is_some() && change != Some(Change::Gone) {
+                    let now = Instant::now();
+                    if !self.temps.touched(&rel, now) && self.writer_temp(&rel) {
+                        self.temps.changed(&rel, now);
+                    }
                 }
                 if change == Some(Change::Gone) {
                     self.output_freed(&rel)?;

@@ -30,6 +30,17 @@ pub(crate) struct Temps {
 }
 
 impl Temps {
+    /// An event on `rel`, if it is followed already: it changed now. Whether it was.
+    pub(crate) fn touched(&mut self, rel: &Path, now: Instant) -> bool {
+        match self.seen.get_mut(rel) {
+            Some(at) => {
+                *at = (now, None);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// An event on `rel`: it changed now.
     pub(crate) fn changed(&mut self, rel: &Path, now: Instant) {
         if let Some(at) = self.seen.get_mut(rel) {
