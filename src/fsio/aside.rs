@@ -330,7 +330,9 @@ impl Aside {
             if n != size {
                 return Err(changed());
             }
-            temp.set_attrs(name, &Attrs::from_stat(read))?;
+            // Its access ACL with its mode, or a copy open to its owner alone (`Attrs`).
+            let acl = crate::fsio::acl::Acl::of(&input, crate::fsio::acl::ACCESS);
+            temp.set_attrs(name, &Attrs::from_stat(read, acl))?;
             keep_more(&input, temp.file(), read, name)
         })();
         if let Err(e) = copied {
@@ -693,14 +695,18 @@ fn unescape(field: &[u8]) -> Vec<u8> {
 /// What a rename keeps and `Attrs` leaves out, given to a copy on another file system: the
 /// set-user-ID, set-group-ID and sticky bits, only where the copy did get the input's owner
 /// and group (else a set-ID program would run as whoever filepipe is), and the extended
-/// attributes (ACLs, labels, `user.*`). An attribute the other file system or filepipe's
+/// attributes (labels, `user.*`). An attribute the other file system or filepipe's
 /// privileges refuse is said in the log, and the move goes on: the copy's bytes are the input's.
+/// Not the ACLs: `set_attrs` gave the access ACL already, or made the copy open to its owner
+/// alone where it could not (a warning would leave the copy more open than its input: a
+/// `0640` mode whose group bits were a mask, the group itself kept out by the ACL).
 fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Result<(), FileError> {
     let special = read.st_mode & 0o7000;
     if special != 0 {
         let st = rfs::fstat(copy).map_err(|e| FileError::errno("stat of the copy", e))?;
         if st.st_uid == read.st_uid && st.st_gid == read.st_gid {
-            rfs::fchmod(copy, Mode::from_raw_mode(read.st_mode & 0o7777))
+            // Onto the permissions `set_attrs` gave (owner-only where the ACL could not go).
+            rfs::fchmod(copy, Mode::from_raw_mode((st.st_mode & 0o777) | special))
                 .map_err(|e| FileError::errno("setting the mode of the copy", e))?;
         } else {
             tracing::warn!(file = %name.to_string_lossy(), "copied without its set-ID bits: it could not be given the input's owner");
@@ -721,7 +727,11 @@ fn keep_more(input: &File, copy: &File, read: &rfs::Stat, name: &OsStr) -> Resul
         }
     };
     let mut value = vec![0u8; 4096];
-    for attr in names[..len].split(|&b| b == 0).filter(|a| !a.is_empty()) {
+    let acl = |a: &[u8]| a.starts_with(b"system.posix_acl_");
+    for attr in names[..len]
+        .split(|&b| b == 0)
+        .filter(|a| !a.is_empty() && !acl(a))
+    {
         let attr = OsStr::from_bytes(attr);
         let n = loop {
             match rfs::fgetxattr(input, attr, &mut value[..]) {

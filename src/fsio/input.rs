@@ -148,6 +148,12 @@ impl InputFile {
         })
     }
 
+    /// The input's access ACL (`fsio::acl`), read from its descriptor: what its output must
+    /// take with its mode.
+    pub(crate) fn acl(&self) -> crate::fsio::acl::Acl {
+        crate::fsio::acl::Acl::of(&self.file, crate::fsio::acl::ACCESS)
+    }
+
     /// The input's size when it was opened.
     pub(crate) fn size(&self) -> u64 {
         self.stat.st_size as u64

@@ -2,12 +2,12 @@
 //!
 //! Invariants: an output directory is reached from its root one component at a time with
 //! `O_NOFOLLOW`, so a planted symlink can never lead a write outside the output root; an output
-//! is written to a mode-0600 temp file in its final directory, given the input's owner, mode and
-//! times, synced, and only then given its final name (linked, or renamed, refusing an existing
-//! name unless `--force`), and the directory is synced. The steps are separate (`set_attrs`,
-//! `sync` into a `SyncedTemp`, `rename`, `sync_dirs`) so a caller can take each for a group of
-//! files before the next; the types only allow a rename after the sync. A temp file that is not
-//! published is removed when dropped.
+//! is written to a mode-0600 temp file in its final directory, given the input's owner, ACL,
+//! mode and times, synced, and only then given its final name (linked, or renamed, refusing an
+//! existing name unless `--force`), and the directory is synced. The steps are separate
+//! (`set_attrs`, `sync` into a `SyncedTemp`, `rename`, `sync_dirs`) so a caller can take each
+//! for a group of files before the next; the types only allow a rename after the sync. A temp
+//! file that is not published is removed when dropped.
 //!
 //! Where the file system allows it and a link needs no flush of its own (a journal commits it:
 //! ext4 with a journal, XFS; or tmpfs), a temp is anonymous (`O_TMPFILE`): it has no name until
@@ -32,6 +32,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags, Stat, Timestam
 use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
+use crate::fsio::acl::{self, Acl};
 use crate::fsio::lock::{self as fslock, LockKind};
 use crate::signals;
 
@@ -475,11 +476,14 @@ pub(crate) struct Attrs {
     pub(crate) gid: u32,
     /// Access and modification times.
     pub(crate) times: Timestamps,
+    /// The input's access ACL (see `fsio::acl`): with one, the group bits of `mode` are its
+    /// mask, and the mode alone would let in whom the ACL keeps out.
+    pub(crate) acl: Acl,
 }
 
 impl Attrs {
-    /// Attributes copied from an input's stat.
-    pub(crate) fn from_stat(st: &rfs::Stat) -> Self {
+    /// Attributes copied from an input's stat and its access ACL (`Acl::of` its descriptor).
+    pub(crate) fn from_stat(st: &rfs::Stat, acl: Acl) -> Self {
         use rustix::fs::Timespec;
         Attrs {
             mode: st.st_mode & 0o777,
@@ -495,6 +499,7 @@ impl Attrs {
                     tv_nsec: st.st_mtime_nsec as _,
                 },
             },
+            acl,
         }
     }
 }
@@ -765,8 +770,8 @@ impl TempOutput {
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a directory was lost")))
     }
 
-    /// Gives the temp the input's owner, mode and times. Done before the data is flushed, so
-    /// they are durable with it; `final_name` is for messages.
+    /// Gives the temp the input's owner, ACL, mode and times. Done before the data is flushed,
+    /// so they are durable with it; `final_name` is for messages.
     pub(crate) fn set_attrs(&mut self, final_name: &OsStr, a: &Attrs) -> Result<(), FileError> {
         let ctx = |what: &str| format!("{what} {}", self.dir.path.join(final_name).display());
         let file = self.file.as_ref().expect("temp file is open until synced");
@@ -779,7 +784,19 @@ impl TempOutput {
             Some(rustix::fs::Uid::from_raw(a.uid)),
             Some(rustix::fs::Gid::from_raw(a.gid)),
         );
-        rfs::fchmod(file, Mode::from_raw_mode(a.mode))
+        // The ACL before the mode, while the temp is still `0600` (a named temp can be opened
+        // by its name until it is published): the mode then sets the ACL's mask to the input's
+        // mask, its group bits, so the two agree. Where the input has none, one the temp
+        // inherited from its directory's default ACL goes, as `cp -a` removes it: its mask
+        // would be the mode's group bits, letting in whom the directory names.
+        let mode = match acl::give(file, acl::ACCESS, &a.acl) {
+            Ok(()) => a.mode,
+            Err(e) => {
+                acl::fell_back(file, e);
+                a.mode & 0o700
+            }
+        };
+        rfs::fchmod(file, Mode::from_raw_mode(mode))
             .map_err(|e| FileError::errno(&ctx("setting mode of"), e))?;
         rfs::futimens(file, &a.times).map_err(|e| FileError::errno(&ctx("setting times of"), e))
     }
@@ -2553,8 +2570,9 @@ mod tests {
                 uid: 0,
                 gid: 0,
                 times: rfs::fstat(temp.contents())
-                    .map(|st| Attrs::from_stat(&st).times)
+                    .map(|st| Attrs::from_stat(&st, Acl::None).times)
                     .unwrap(),
+                acl: Acl::None,
             },
         )
         .unwrap();
@@ -2668,6 +2686,87 @@ mod tests {
         }
         std::io::Write::flush(&mut w).unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), data);
+    }
+
+    /// Whether this file system keeps ACLs (`path`, a directory, given one and back).
+    fn acls_at(path: &Path) -> bool {
+        let dir = rfs::open(path, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        acl::give(
+            &dir,
+            acl::ACCESS,
+            &Acl::Some(acl::tests::named_reader(4321)),
+        )
+        .is_ok()
+            && acl::give(&dir, acl::ACCESS, &Acl::None).is_ok()
+    }
+
+    /// A directory's ACL for the tests: user::rwx, user:4321:`named`, group::---, mask, other::---.
+    fn dir_acl(named: u16) -> Vec<u8> {
+        const NO_ID: u32 = u32::MAX;
+        acl::tests::value(&[
+            (0x01, 7, NO_ID),
+            (0x02, named, 4321),
+            (0x04, 0, NO_ID),
+            (0x10, named, NO_ID),
+            (0x20, 0, NO_ID),
+        ])
+    }
+
+    /// An output takes its input's access ACL (its mode's group bits being that ACL's mask);
+    /// where the input has none, the ACL it inherited from its directory's default one goes (the
+    /// mode would have opened it to whom the directory names); and where the ACL cannot be given
+    /// or was not read, it is its owner's alone (found by a review: outputs took the mode only,
+    /// and the group the ACL kept out read them).
+    #[test]
+    fn an_output_takes_its_inputs_acl_or_is_its_owners_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        if !acls_at(tmp.path()) {
+            eprintln!("SKIPPED: no ACLs on this file system");
+            return;
+        }
+        let d = rfs::open(
+            tmp.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY,
+            Mode::empty(),
+        )
+        .unwrap();
+        rfs::fsetxattr(
+            &d,
+            "system.posix_acl_default",
+            &dir_acl(6),
+            rfs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let dir = DirCache::new(tmp.path(), false)
+            .open(Path::new(""), &|_| Mirror::plain(Mode::empty()))
+            .unwrap();
+        let attrs_with = |acl: Acl, temp: &TempOutput| {
+            let st = rfs::fstat(temp.contents()).unwrap();
+            Attrs {
+                mode: 0o640,
+                ..Attrs::from_stat(&st, acl)
+            }
+        };
+        let given = |acl: Acl| {
+            let mut temp = TempOutput::create(Arc::clone(&dir)).unwrap();
+            std::io::Write::write_all(temp.file(), b"data").unwrap();
+            let attrs = attrs_with(acl, &temp);
+            temp.set_attrs(OsStr::new("out"), &attrs).unwrap();
+            let st = rfs::fstat(temp.contents()).unwrap();
+            (st.st_mode & 0o7777, Acl::of(temp.contents(), acl::ACCESS))
+        };
+        let input = acl::tests::named_reader(1700);
+        assert_eq!(
+            given(Acl::Some(input.clone())),
+            (0o640, Acl::Some(input.clone()))
+        );
+        // The directory's default ACL named 4321: gone with an input that has none.
+        assert_eq!(given(Acl::None), (0o640, Acl::None));
+        // Not read: its owner's alone.
+        assert_eq!(given(Acl::Unknown(Errno::IO)).0, 0o600);
+        // Not given (a file system without ACLs): its owner's alone.
+        let (mode, _) = acl::tests::failing(Errno::OPNOTSUPP, || given(Acl::Some(input)));
+        assert_eq!(mode, 0o600);
     }
 
     #[test]

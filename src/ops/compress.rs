@@ -622,7 +622,7 @@ impl<C: Codec> CompressOp<C> {
         if self.disposes() {
             self.verify_output(temp.contents(), &pending.totals)?;
         }
-        temp.set_attrs(&name, &Attrs::from_stat(&input.stat))?;
+        temp.set_attrs(&name, &Attrs::from_stat(&input.stat, input.acl()))?;
         // Flushed file by file: start every temp's write-back now, so each fsync mostly waits
         // for I/O already under way. A group's syncfs starts it for all at once by itself.
         if self.durability == Durability::File {
@@ -697,12 +697,14 @@ impl<C: Codec> CompressOp<C> {
             trusted(&file, input, &dir, name)?;
         } else {
             // A redelivered job's: filepipe gives its outputs the input's mode and owner (or
-            // its own user): one with another is another hand's (a user's `gzip -k`, say),
-            // whatever it holds, and is not counted as filepipe's work.
+            // its own user), or the owner's bits alone where the input's ACL could not go: one
+            // with another is another hand's (a user's `gzip -k`, say), whatever it holds, and
+            // is not counted as filepipe's work.
             let st = rfs::fstat(&file).map_err(|e| FileError::errno("stat of the output", e))?;
             let me = rustix::process::geteuid().as_raw();
+            let (mode, given) = (st.st_mode & 0o777, input.stat.st_mode & 0o777);
             if (st.st_uid != input.stat.st_uid && st.st_uid != me)
-                || st.st_mode & 0o777 != input.stat.st_mode & 0o777
+                || (mode != given && mode != given & 0o700)
             {
                 return Err(refuse(
                     "has another owner or mode than filepipe gives its outputs".into(),

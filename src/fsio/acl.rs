@@ -1,0 +1,201 @@
+//! POSIX ACLs carried from an input to what filepipe makes for it, as `cp -a` carries them: an
+//! output (`.gz`, `.zst`, next to its input or under `--out`) and a copy moved to another file
+//! system take the input's access ACL.
+//!
+//! Why: with an ACL, a file's group bits are the ACL's mask, not its group's permissions, and
+//! a named entry may deny a user what others get. A mode copied without its ACL says something
+//! else: `-rw-r-----+` whose group is `---` and whose one named user may read became a `0640`
+//! output every member of the group read; a `0644` file denying one user by name, a `0644`
+//! output that user read (found by a review).
+//!
+//! Invariants: nothing made is ever more open than its input. Where an input has no ACL (the
+//! common case: one `fgetxattr`, `ENODATA`), anything the new file or directory inherited from
+//! its directory's default ACL is removed, as `cp -a` removes it: it was not the input's. Where
+//! the ACL cannot be read or written (a file system without ACLs, any error), what is made is
+//! open to its owner alone, and the log says so once.
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use rustix::fs as rfs;
+use rustix::io::Errno;
+
+/// The access ACL: who may do what to the file or directory itself.
+pub(crate) const ACCESS: &str = "system.posix_acl_access";
+
+/// One of an input's ACLs, as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Acl {
+    /// None: its mode says everything (no such attribute, or a file system without ACLs).
+    None,
+    /// The attribute's value as the kernel gives it, and takes it back, entries and ids alike.
+    Some(Vec<u8>),
+    /// It could not be read (this error): what is made from it is made open to its owner
+    /// alone, since who else its input lets in is not known.
+    Unknown(Errno),
+}
+
+impl Acl {
+    /// The ACL `name` of the file or directory open at `fd`. One call where there is none or a
+    /// small one, the common cases.
+    pub(crate) fn of(fd: impl AsFd, name: &str) -> Acl {
+        read(|buf| match buf {
+            Some(buf) => rfs::fgetxattr(&fd, name, buf),
+            None => rfs::fgetxattr_query(&fd, name),
+        })
+    }
+}
+
+/// An ACL read by `get` (an `fgetxattr` or a `getxattr` into a buffer, or of its size alone).
+fn read(get: impl Fn(Option<&mut [u8]>) -> Result<usize, Errno>) -> Acl {
+    // Room for 30 entries (8 bytes each, after a 4-byte header): any ACL set by hand.
+    let mut small = [0u8; 244];
+    match get(Some(&mut small)) {
+        Ok(n) => return Acl::Some(small[..n].to_vec()),
+        Err(Errno::NODATA) | Err(Errno::NOTSUP) => return Acl::None,
+        Err(Errno::RANGE) => {}
+        Err(e) => return Acl::Unknown(e),
+    }
+    // A larger one: its size, then it (again if it grew in between, a few times).
+    for _ in 0..4 {
+        let len = match get(None) {
+            Ok(len) => len,
+            Err(Errno::NODATA) => return Acl::None,
+            Err(e) => return Acl::Unknown(e),
+        };
+        let mut value = vec![0u8; len];
+        match get(Some(&mut value)) {
+            Ok(n) => {
+                value.truncate(n);
+                return Acl::Some(value);
+            }
+            Err(Errno::RANGE) => continue,
+            Err(Errno::NODATA) => return Acl::None,
+            Err(e) => return Acl::Unknown(e),
+        }
+    }
+    Acl::Unknown(Errno::RANGE)
+}
+
+/// Gives the file or directory open at `fd`, which filepipe just made (its owner, or root),
+/// the ACL `name` its input has: that very one, or none (one it inherited from its directory's
+/// default ACL is removed). An error where it cannot: the caller then opens it to its owner
+/// alone (see `fell_back`).
+pub(crate) fn give(fd: impl AsFd, name: &str, acl: &Acl) -> Result<(), Errno> {
+    #[cfg(test)]
+    if let Some(e) = tests::FAIL.with(|f| f.get()) {
+        return Err(e);
+    }
+    match acl {
+        Acl::Some(value) => rfs::fsetxattr(&fd, name, value, rfs::XattrFlags::empty()),
+        Acl::None => match rfs::fremovexattr(&fd, name) {
+            // Nothing inherited, or no ACLs at all here: nothing to remove.
+            Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) => Ok(()),
+            Err(e) => Err(e),
+        },
+        Acl::Unknown(e) => Err(*e),
+    }
+}
+
+/// Says, once per run, that an input's ACL could not be given to what was made for it (`fd`),
+/// which is then open to its owner alone; each time at debug level.
+pub(crate) fn fell_back(fd: impl AsFd, e: Errno) {
+    static SAID: AtomicBool = AtomicBool::new(false);
+    let path = || {
+        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
+            .map_or_else(|_| "?".to_string(), |p| p.display().to_string())
+    };
+    if !SAID.swap(true, Ordering::Relaxed) {
+        tracing::warn!(path = %path(), error = %e, "an input's ACL could not be read or given to what filepipe made for it (a file system without ACLs?): outputs and directories made without their input's ACL are open to their owner only");
+    } else {
+        tracing::debug!(path = %path(), error = %e, "ACL not given: open to its owner only");
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::os::unix::fs::PermissionsExt;
+
+    thread_local! {
+        /// An error `give` fails with in this thread, for the fallbacks' tests.
+        pub(crate) static FAIL: Cell<Option<Errno>> = const { Cell::new(None) };
+    }
+
+    /// Runs `f` with every `give` of this thread failing with `e`.
+    pub(crate) fn failing<T>(e: Errno, f: impl FnOnce() -> T) -> T {
+        struct Reset;
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                FAIL.with(|f| f.set(None));
+            }
+        }
+        FAIL.with(|f| f.set(Some(e)));
+        let _reset = Reset;
+        f()
+    }
+
+    /// An ACL as the kernel takes it, of `entries` (tag, permissions, id), sorted by tag.
+    pub(crate) fn value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+        let mut v = 2u32.to_le_bytes().to_vec();
+        for (tag, perm, id) in entries {
+            v.extend_from_slice(&tag.to_le_bytes());
+            v.extend_from_slice(&perm.to_le_bytes());
+            v.extend_from_slice(&id.to_le_bytes());
+        }
+        v
+    }
+
+    /// An access ACL: user::rw-, user:`uid`:r--, group::---, mask::r--, other::---.
+    pub(crate) fn named_reader(uid: u32) -> Vec<u8> {
+        const NO_ID: u32 = u32::MAX;
+        value(&[
+            (0x01, 6, NO_ID),
+            (0x02, 4, uid),
+            (0x04, 0, NO_ID),
+            (0x10, 4, NO_ID),
+            (0x20, 0, NO_ID),
+        ])
+    }
+
+    /// Whether this file system keeps ACLs (a tmpfs or ext4 does; a test is skipped elsewhere).
+    fn acls_here(file: &std::fs::File) -> bool {
+        rfs::fsetxattr(file, ACCESS, &named_reader(4321), rfs::XattrFlags::empty()).is_ok()
+    }
+
+    #[test]
+    fn an_acl_is_read_as_the_kernel_gives_it_and_none_is_none() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let file = std::fs::File::create(&path).unwrap();
+        assert_eq!(Acl::of(&file, ACCESS), Acl::None);
+        if !acls_here(&file) {
+            eprintln!("SKIPPED: no ACLs on this file system");
+            return;
+        }
+        assert_eq!(Acl::of(&file, ACCESS), Acl::Some(named_reader(4321)));
+        // The mask is the group bits.
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640);
+        // A large one (more entries than the first read's buffer holds): read whole.
+        let mut entries = vec![(0x01, 6, u32::MAX)];
+        entries.extend((5000..5040).map(|uid| (0x02, 4, uid)));
+        entries.extend([
+            (0x04, 0, u32::MAX),
+            (0x10, 4, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        let big = value(&entries);
+        give(&file, ACCESS, &Acl::Some(big.clone())).unwrap();
+        assert_eq!(Acl::of(&file, ACCESS), Acl::Some(big));
+        // None given: removed, and the mode's group bits are the group's again.
+        give(&file, ACCESS, &Acl::None).unwrap();
+        assert_eq!(Acl::of(&file, ACCESS), Acl::None);
+        give(&file, ACCESS, &Acl::None).unwrap();
+        assert_eq!(
+            give(&file, ACCESS, &Acl::Unknown(Errno::IO)),
+            Err(Errno::IO)
+        );
+    }
+}
