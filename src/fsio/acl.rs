@@ -1,6 +1,7 @@
 //! POSIX ACLs carried from an input to what filepipe makes for it, as `cp -a` carries them: an
 //! output (`.gz`, `.zst`, next to its input or under `--out`) and a copy moved to another file
-//! system take the input's access ACL.
+//! system take the input's access ACL, and a directory mirrored under `--out` or a move
+//! directory takes its input directory's access and default ACLs.
 //!
 //! Why: with an ACL, a file's group bits are the ACL's mask, not its group's permissions, and
 //! a named entry may deny a user what others get. A mode copied without its ACL says something
@@ -9,8 +10,8 @@
 //! output that user read (found by a review).
 //!
 //! Invariants: nothing made is ever more open than its input. Where an input has no ACL (the
-//! common case: one `fgetxattr`, `ENODATA`), anything the new file or directory inherited from
-//! its directory's default ACL is removed, as `cp -a` removes it: it was not the input's. Where
+//! common case: one `fgetxattr`, `ENODATA`), what the new file or directory inherited from its
+//! directory's default ACL is removed, as `cp -a` removes it: it was not the input's. Where
 //! the ACL cannot be read or written (a file system without ACLs, any error), what is made is
 //! open to its owner alone, and the log says so once.
 
@@ -22,6 +23,8 @@ use rustix::io::Errno;
 
 /// The access ACL: who may do what to the file or directory itself.
 pub(crate) const ACCESS: &str = "system.posix_acl_access";
+/// A directory's default ACL: what is made in it inherits it.
+pub(crate) const DEFAULT: &str = "system.posix_acl_default";
 
 /// One of an input's ACLs, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +46,31 @@ impl Acl {
             Some(buf) => rfs::fgetxattr(&fd, name, buf),
             None => rfs::fgetxattr_query(&fd, name),
         })
+    }
+
+    /// The ACL `name` of the directory `fd` reaches, `O_PATH` (which `fgetxattr` may refuse,
+    /// `EBADF`): then read through `/proc/self/fd`, which leads to that very directory without
+    /// its path being looked up again and needs no permission on it; where there is no /proc,
+    /// through the directory opened for reading from that descriptor (as root; a user may lack
+    /// the right, and what is made from it is then its owner's alone).
+    pub(crate) fn of_reached(fd: impl AsFd, name: &str) -> Acl {
+        match Acl::of(&fd, name) {
+            Acl::Unknown(Errno::BADF) => {}
+            other => return other,
+        }
+        let proc = format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd());
+        match read(|buf| match buf {
+            Some(buf) => rfs::getxattr(&proc, name, buf),
+            None => rfs::getxattr_query(&proc, name),
+        }) {
+            Acl::Unknown(Errno::NOENT) => {}
+            other => return other,
+        }
+        let flags = rfs::OFlags::RDONLY | rfs::OFlags::DIRECTORY | rfs::OFlags::CLOEXEC;
+        match rfs::openat(&fd, ".", flags, rfs::Mode::empty()) {
+            Ok(dir) => Acl::of(&dir, name),
+            Err(e) => Acl::Unknown(e),
+        }
     }
 }
 
@@ -178,6 +206,17 @@ pub(crate) mod tests {
         // The mask is the group bits.
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o640);
+        // Reached O_PATH, as the directories mirrored are.
+        let reached = rfs::open(
+            &path,
+            rfs::OFlags::PATH | rfs::OFlags::CLOEXEC,
+            rfs::Mode::empty(),
+        )
+        .unwrap();
+        assert_eq!(
+            Acl::of_reached(&reached, ACCESS),
+            Acl::Some(named_reader(4321))
+        );
         // A large one (more entries than the first read's buffer holds): read whole.
         let mut entries = vec![(0x01, 6, u32::MAX)];
         entries.extend((5000..5040).map(|uid| (0x02, 4, uid)));

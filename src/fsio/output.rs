@@ -335,15 +335,20 @@ pub(crate) fn open_root(root: &Path) -> Result<Dir, FileError> {
 }
 
 /// What a directory made to mirror an input directory takes from it (`mirrored`).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(crate) struct Mirror {
-    /// Permissions and sticky bit, as `mkdir` takes them (the umask applies).
+    /// What `mkdir` makes it with (the umask applies): `0700` for a mirrored directory, open
+    /// to no one else until `apply` has given it its owner, its ACLs and then its mode.
     mode: Mode,
-    /// The set-group-ID bit, which `mkdir` leaves to the parent: its files take the
-    /// directory's group, as the input's do.
-    setgid: bool,
+    /// The mode `apply` then gives it, less the umask: its input directory's permissions,
+    /// sticky and set-group-ID bits (which `mkdir` leaves to the parent: its files take the
+    /// directory's group, as the input's do). `None`: left as made (`plain`).
+    full: Option<u32>,
     /// Owner and group, given when permitted (as root; a user may give its own groups).
     owner: Option<(u32, u32)>,
+    /// Its input directory's access and default ACLs, given before its mode is opened; `None`
+    /// with `full`.
+    acls: Option<(Acl, Acl)>,
 }
 
 impl Mirror {
@@ -352,16 +357,18 @@ impl Mirror {
     pub(crate) fn plain(mode: Mode) -> Self {
         Mirror {
             mode,
-            setgid: false,
+            full: None,
             owner: None,
+            acls: None,
         }
     }
 
-    /// Gives the directory just made (`dir`) its owner and group, then the set-group-ID bit.
-    /// Only the very directory made here: one put in its place meanwhile (its parent's owner
-    /// can) is not owned by this process, and is left as it is. Failures leave it as `mkdir`
-    /// made it, still private to this process's user at worst, as outputs keep their
-    /// owner when they cannot be given the input's.
+    /// Gives the directory just made (`dir`, `0700`) its owner and group, its input
+    /// directory's ACLs, and then its mode. Only the very directory made here: one put in its
+    /// place meanwhile (its parent's owner can) is not owned by this process, and is left as
+    /// it is. A failure leaves it closer than its input, never more open: as `mkdir` made it
+    /// if its owner or mode cannot be given (outputs keep their owner when they cannot be
+    /// given the input's), open to its owner alone if its ACLs cannot.
     fn apply(&self, dir: &OwnedFd) {
         let Ok(st) = rfs::fstat(dir) else { return };
         if st.st_uid != rustix::process::geteuid().as_raw() {
@@ -377,21 +384,35 @@ impl Mirror {
                 let _ = rfs::fchown(dir, None, Some(g));
             }
         }
-        // Set when the input has it, cleared when it has not (`mkdir` gives it from the parent).
-        if let Ok(now) = rfs::fstat(dir) {
-            let has = now.st_mode & 0o2000 != 0;
-            if has != self.setgid {
-                let bits = (now.st_mode & 0o5777) | if self.setgid { 0o2000 } else { 0 };
-                let _ = rfs::fchmod(dir, Mode::from_raw_mode(bits));
+        let Some(full) = self.full else { return };
+        // The umask applies, as to every directory filepipe makes (`rootdirs`). Read once:
+        // filepipe never changes it, and a tree of many directories would read /proc for each.
+        static UMASK: OnceLock<u32> = OnceLock::new();
+        let umask = *UMASK.get_or_init(crate::fsio::rootdirs::umask);
+        let mut bits = full & !(umask & 0o777);
+        // The ACLs first, while it is still `0700`: the mode then given sets their mask to its
+        // group bits, the input's mask (less the umask), so the two agree. The default ACL
+        // too, as `cp -a` gives it: what is made inside inherits what the input's would.
+        if let Some((access, default)) = &self.acls {
+            let given = acl::give(dir, acl::ACCESS, access)
+                .and_then(|()| acl::give(dir, acl::DEFAULT, default));
+            if let Err(e) = given {
+                acl::fell_back(dir, e);
+                bits &= 0o700;
             }
         }
+        // Set-group-ID set when the input has it, cleared when it has not (`mkdir` gives it
+        // from the parent).
+        let _ = rfs::fchmod(dir, Mode::from_raw_mode(bits));
     }
 }
 
 /// What a directory made to mirror the input directory `rel` (under `--out` or a move
 /// directory) takes from it: its permissions and sticky bit (a shared `1777` inbox mirrored
 /// without it would let anyone remove another's outputs, or the moved input that is now its
-/// only copy), always the owner's `rwx`, and its owner, group and set-group-ID bit, so that
+/// only copy), always the owner's `rwx`, its access and default ACLs (with an ACL, the group
+/// bits are its mask: without it, the group would reach what the ACL keeps from it, and a user
+/// it names and denies what others reach), and its owner, group and set-group-ID bit, so that
 /// those who may read the inputs may reach their outputs (as root, the outputs took their
 /// inputs' owners inside directories only root could enter; mirrored like `cp -a`, the
 /// output tree gives each owner what the input tree gives).
@@ -404,28 +425,42 @@ impl Mirror {
 /// is mirrored is the directories the input was read through, not whatever is at their
 /// paths by now: a user who swapped their own open directory for another's private one
 /// (`RENAME_EXCHANGE`) between the read and the mirror was given the private one's outputs
-/// in a directory they owned (found by a review). Anything not as expected: `0700`, no owner.
+/// in a directory they owned (found by a review). Anything not as expected: `0700`, no owner,
+/// no ACL.
 pub(crate) fn mirrored(
     input_root: Option<&crate::fsio::input::Root>,
     rel: &Path,
     input_dir: &Path,
     input: Option<(&OsStr, &Stat)>,
 ) -> Mirror {
-    let st = input_root.and_then(|root| ancestor_of_input(root, rel, input_dir, input));
+    let found = input_root.and_then(|root| ancestor_of_input(root, rel, input_dir, input));
+    let Some((st, fd)) = found else {
+        return Mirror {
+            mode: Mode::RWXU,
+            full: Some(0o700),
+            owner: None,
+            acls: Some((Acl::None, Acl::None)),
+        };
+    };
     Mirror {
-        mode: Mode::from_raw_mode(st.map_or(0o700, |st| (st.st_mode & 0o1777) | 0o700)),
-        setgid: st.is_some_and(|st| st.st_mode & 0o2000 != 0),
-        owner: st.map(|st| (st.st_uid, st.st_gid)),
+        mode: Mode::RWXU,
+        full: Some((st.st_mode & 0o3777) | 0o700),
+        owner: Some((st.st_uid, st.st_gid)),
+        acls: Some((
+            Acl::of_reached(&fd, acl::ACCESS),
+            Acl::of_reached(&fd, acl::DEFAULT),
+        )),
     }
 }
 
-/// See `mirrored`: the stat of `rel`, reached up from the directory holding the input.
+/// See `mirrored`: the stat of `rel`, reached up from the directory holding the input, and
+/// the descriptor it was reached by (`O_PATH`).
 fn ancestor_of_input(
     root: &crate::fsio::input::Root,
     rel: &Path,
     input_dir: &Path,
     input: Option<(&OsStr, &Stat)>,
-) -> Option<Stat> {
+) -> Option<(Stat, OwnedFd)> {
     let depth = |p: &Path| p.components().count();
     let up = depth(input_dir).checked_sub(depth(rel))?;
     if !input_dir.starts_with(rel) {
@@ -434,7 +469,8 @@ fn ancestor_of_input(
     let same = |a: &Stat, b: &Stat| (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino);
     if input_dir.as_os_str().is_empty() {
         // The root itself, which is never made.
-        return root.stat_root().ok();
+        let fd = root.reach_following(input_dir).ok()?;
+        return Some((rfs::fstat(&fd).ok()?, fd));
     }
     let mut fd = root.reach_following(input_dir).ok()?;
     if let Some((name, read)) = input {
@@ -447,7 +483,8 @@ fn ancestor_of_input(
     for level in 0..=depth(input_dir) {
         let st = rfs::fstat(&fd).ok()?;
         if level == up {
-            found = Some(st);
+            let dup = rustix::io::fcntl_dupfd_cloexec(&fd, 0).ok()?;
+            found = Some((st, dup));
         }
         if level == depth(input_dir) {
             // The top of the way up must be the root itself: a directory moved out of the
@@ -2451,12 +2488,9 @@ mod tests {
         let dir = Path::new("top/private");
         let input = Some((OsStr::new("f"), &read));
         // As read: the directory and its parent, reached from it.
-        assert_eq!(
-            mirrored(Some(&root), dir, dir, input).mode.as_raw_mode(),
-            0o700
-        );
+        assert_eq!(mirrored(Some(&root), dir, dir, input).full, Some(0o700));
         let top = mirrored(Some(&root), Path::new("top"), dir, input);
-        assert_eq!(top.mode.as_raw_mode(), 0o750);
+        assert_eq!(top.full, Some(0o750));
         assert!(top.owner.is_some());
         rfs::renameat_with(
             rfs::CWD,
@@ -2469,8 +2503,8 @@ mod tests {
         for rel in [dir, Path::new("top")] {
             let m = mirrored(Some(&root), rel, dir, input);
             assert_eq!(
-                (m.mode.as_raw_mode(), m.owner, m.setgid),
-                (0o700, None, false),
+                (m.full, m.owner, m.acls),
+                (Some(0o700), None, Some((Acl::None, Acl::None))),
                 "{rel:?}"
             );
         }
@@ -2489,25 +2523,21 @@ mod tests {
             let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
             let rel = Path::new(d.file_name().unwrap());
             assert_eq!(
-                mirrored(Some(&root), rel, rel, None).mode.as_raw_mode(),
-                want,
+                mirrored(Some(&root), rel, rel, None).full,
+                Some(want),
                 "{mode:o}"
             );
         }
         assert_eq!(
-            mirrored(None, Path::new("x"), Path::new("x"), None)
-                .mode
-                .as_raw_mode(),
-            0o700
+            mirrored(None, Path::new("x"), Path::new("x"), None).full,
+            Some(0o700)
         );
         // Reached through a link (`--follow-symlinks`): the directory's mode, not the link's.
         std::os::unix::fs::symlink("d750", tmp.path().join("link")).unwrap();
         let root = crate::fsio::input::Root::new(tmp.path()).unwrap();
         assert_eq!(
-            mirrored(Some(&root), Path::new("link"), Path::new("link"), None)
-                .mode
-                .as_raw_mode(),
-            0o750
+            mirrored(Some(&root), Path::new("link"), Path::new("link"), None).full,
+            Some(0o750)
         );
     }
 
@@ -2730,13 +2760,7 @@ mod tests {
             Mode::empty(),
         )
         .unwrap();
-        rfs::fsetxattr(
-            &d,
-            "system.posix_acl_default",
-            &dir_acl(6),
-            rfs::XattrFlags::empty(),
-        )
-        .unwrap();
+        rfs::fsetxattr(&d, acl::DEFAULT, &dir_acl(6), rfs::XattrFlags::empty()).unwrap();
         let dir = DirCache::new(tmp.path(), false)
             .open(Path::new(""), &|_| Mirror::plain(Mode::empty()))
             .unwrap();
@@ -2767,6 +2791,59 @@ mod tests {
         // Not given (a file system without ACLs): its owner's alone.
         let (mode, _) = acl::tests::failing(Errno::OPNOTSUPP, || given(Acl::Some(input)));
         assert_eq!(mode, 0o600);
+    }
+
+    /// A mirrored directory takes its input directory's access and default ACLs, given while it
+    /// is `0700`, then its mode; one whose input has none keeps none of what the output tree's
+    /// default ACL gave it; where they cannot be given, it is its owner's alone.
+    #[test]
+    fn a_mirrored_directory_takes_its_inputs_acls_or_is_its_owners_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let (input, out) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        if !acls_at(input.path()) || !acls_at(out.path()) {
+            eprintln!("SKIPPED: no ACLs on this file system");
+            return;
+        }
+        let umask = crate::fsio::rootdirs::umask();
+        let set = |p: &Path, name: &str, value: &[u8]| {
+            let d = rfs::open(p, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+            rfs::fsetxattr(&d, name, value, rfs::XattrFlags::empty()).unwrap();
+        };
+        for d in ["acl", "plain", "failing"] {
+            std::fs::create_dir(input.path().join(d)).unwrap();
+            let m = if d == "plain" { 0o755 } else { 0o750 };
+            std::fs::set_permissions(input.path().join(d), std::fs::Permissions::from_mode(m))
+                .unwrap();
+        }
+        for d in ["acl", "failing"] {
+            set(&input.path().join(d), acl::ACCESS, &dir_acl(5));
+            set(&input.path().join(d), acl::DEFAULT, &dir_acl(4));
+        }
+        // The output tree's own default ACL, which every directory made in it inherits.
+        set(out.path(), acl::DEFAULT, &dir_acl(7));
+        let root = crate::fsio::input::Root::new(input.path()).unwrap();
+        let made = |rel: &str| {
+            let rel = Path::new(rel);
+            let mut cache = DirCache::new(out.path(), true);
+            let dir = cache
+                .open(rel, &|r| mirrored(Some(&root), r, rel, None))
+                .unwrap();
+            let st = rfs::fstat(&dir.fd).unwrap();
+            (
+                st.st_mode & 0o7777,
+                Acl::of(&dir.fd, acl::ACCESS),
+                Acl::of(&dir.fd, acl::DEFAULT),
+            )
+        };
+        let (mode, access, default) = made("acl");
+        assert_eq!(mode, 0o750 & !umask);
+        if umask & 0o050 == 0 {
+            assert_eq!(access, Acl::Some(dir_acl(5)));
+        }
+        assert_eq!(default, Acl::Some(dir_acl(4)));
+        assert_eq!(made("plain"), (0o755 & !umask, Acl::None, Acl::None));
+        let (mode, _, _) = acl::tests::failing(Errno::OPNOTSUPP, || made("failing"));
+        assert_eq!(mode, 0o700 & !umask);
     }
 
     #[test]

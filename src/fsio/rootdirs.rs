@@ -236,7 +236,7 @@ fn grant_by_acl(dir: &OwnedFd, bits: u32, uid: u32, perm: u32) -> Result<(), Err
 /// The process's umask, read without changing it (`umask(2)` can only set it, and another
 /// thread could make a file meanwhile); `0` where /proc does not say, which takes the input
 /// root's mode as it is, as `cp -a` does.
-fn umask() -> u32 {
+pub(crate) fn umask() -> u32 {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
         return 0;
     };
