@@ -1,0 +1,480 @@
+//! POSIX ACLs end to end, as root with `setfacl`, `getfacl` and `setpriv`: an output (next to
+//! its input or under `--out`), a directory mirrored under `--out` or a move directory, and a
+//! copy moved to another file system carry their input's ACLs as `cp -a` does, take nothing
+//! from the output tree's default ACL that their input does not have, and are their owner's
+//! alone where ACLs cannot go (README: "whoever may reach an input may reach its output, and no
+//! one more"). Found by a review: outputs and mirrored directories took the mode alone, whose
+//! group bits are an ACL's mask, and the group the ACL kept out read them.
+
+mod common;
+
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// The inputs' owner and group.
+const OWNER: u32 = 1500;
+const GROUP: u32 = 1600;
+/// A user the inputs' ACLs name and let read.
+const NAMED: u32 = 1700;
+/// A member of `GROUP`, whom the inputs' ACLs keep out (and one names and denies).
+const MEMBER: u32 = 65534;
+
+fn s(x: &str) -> &OsStr {
+    OsStr::new(x)
+}
+
+fn p(x: &Path) -> &OsStr {
+    x.as_os_str()
+}
+
+/// Whether the tests can run here: as root, with `setfacl` on a file system with ACLs.
+fn ready(t: &TestTree) -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to make files other users own");
+        return false;
+    }
+    let probe = t.side("probe");
+    fs::write(&probe, b"").unwrap();
+    match Command::new("setfacl")
+        .arg("-m")
+        .arg("u:1700:r")
+        .arg(&probe)
+        .output()
+    {
+        Ok(out) if out.status.success() => true,
+        Ok(out) => {
+            eprintln!("SKIPPED: no POSIX ACLs here: {out:?}");
+            false
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: no setfacl (Debian's acl package): {e}");
+            false
+        }
+    }
+}
+
+/// A tree whose temp directory and input root any user may pass through.
+fn tree() -> TestTree {
+    let t = TestTree::new();
+    fs::set_permissions(t.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(t.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    t
+}
+
+/// Makes `rel` under `t`'s root, a directory (`None`) or a file of `content`, owned by
+/// `OWNER:GROUP` with `mode`, then given the ACL entries `acl` (`setfacl -m`; none if empty).
+fn make(t: &TestTree, rel: &str, content: Option<&[u8]>, mode: u32, acl: &str) -> PathBuf {
+    let path = t.path(rel);
+    match content {
+        Some(c) => fs::write(&path, c).unwrap(),
+        None => fs::create_dir(&path).unwrap(),
+    }
+    rustix::fs::chown(
+        &path,
+        Some(rustix::process::Uid::from_raw(OWNER)),
+        Some(rustix::process::Gid::from_raw(GROUP)),
+    )
+    .unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+    if !acl.is_empty() {
+        setfacl(&path, &["-m", acl]);
+    }
+    path
+}
+
+fn setfacl(path: &Path, args: &[&str]) {
+    let out = Command::new("setfacl")
+        .args(args)
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "setfacl {args:?} {}: {out:?}",
+        path.display()
+    );
+}
+
+/// `getfacl` of `path`, numeric, without its header: the access ACL, then the default one.
+fn getfacl(path: &Path) -> String {
+    let out = Command::new("getfacl")
+        .args(["-c", "-n", "-p"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "getfacl {}: {out:?}", path.display());
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Whether the user `uid` (group `gid`, and `groups`) may read the file or list the
+/// directory `path`.
+fn may_read(uid: u32, gid: u32, groups: &str, path: &Path) -> bool {
+    let tool = if path.is_dir() { "ls" } else { "cat" };
+    let groups = if groups.is_empty() {
+        "--clear-groups".to_string()
+    } else {
+        format!("--groups={groups}")
+    };
+    Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg(groups)
+        .arg(tool)
+        .arg(path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap()
+        .success()
+}
+
+/// The member of `GROUP` whom the ACLs keep out.
+fn member_reads(path: &Path) -> bool {
+    may_read(MEMBER, MEMBER, &GROUP.to_string(), path)
+}
+
+/// The user the ACLs name.
+fn named_reads(path: &Path) -> bool {
+    may_read(NAMED, NAMED, "", path)
+}
+
+/// `filepipe batch <t's root> ARGS` under `umask 022` (what the mirrored directories' modes,
+/// and so their ACLs' masks, are compared with).
+fn batch(t: &TestTree, args: &[&OsStr]) -> Run {
+    let mut cmd = Command::new("sh");
+    cmd.args([s("-c"), s("umask 022; exec \"$0\" \"$@\""), s(&bin())])
+        .args([s("batch"), p(&t.root())])
+        .args(args)
+        .env_remove("RUST_LOG");
+    run(cmd)
+}
+
+/// A file system mounted on a fresh directory, unmounted when dropped.
+struct Mount(tempfile::TempDir);
+
+impl Mount {
+    /// `mount -t KIND`: `Err` with the reason where it cannot be mounted.
+    fn new(kind: &str) -> Result<Mount, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = Command::new("mount")
+            .args(["-t", kind, kind])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t {kind}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        let m = Mount(dir);
+        fs::set_permissions(m.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        Ok(m)
+    }
+
+    fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// An output, next to its input or under `--out`, of every compressing op, carries its input's
+/// access ACL: `memo.txt` (`0600`, ACL `u:1700:r, g::-, o::-`, shown `-rw-r-----+`: the group
+/// bits are the mask) was compressed to a `0640` output every member of its group read, and
+/// `deny.txt` (`0644` denying user 65534 by name) to a `0644` one that user read.
+#[test]
+fn an_output_carries_its_inputs_acl_next_to_it_and_under_out() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let memo = make(
+        &t,
+        "memo.txt",
+        Some(b"for 1700 only\n"),
+        0o600,
+        "u:1700:r,g::-,o::-",
+    );
+    let deny = make(&t, "deny.txt", Some(b"not for 65534\n"), 0o644, "u:65534:-");
+    assert!(!member_reads(&memo) && named_reads(&memo));
+    assert!(!member_reads(&deny) && may_read(1800, 1800, "", &deny));
+    let (out, multi) = (t.side("out"), t.side("multi"));
+    batch(&t, &[s("--op"), s("gzip")]).success();
+    batch(&t, &[s("--op"), s("zstd"), s("--out"), p(&out)]).success();
+    batch(&t, &[s("--op"), s("sha256,gzip"), s("--out"), p(&multi)]).success();
+    for (input, name) in [(&memo, "memo.txt"), (&deny, "deny.txt")] {
+        let outputs = [
+            t.path(format!("{name}.gz")),
+            out.join(format!("{name}.zst")),
+            multi.join(format!("{name}.gz")),
+        ];
+        for output in &outputs {
+            let (i, o) = (fs::metadata(input).unwrap(), fs::metadata(output).unwrap());
+            assert_eq!(
+                (o.uid(), o.gid(), o.mode() & 0o7777),
+                (i.uid(), i.gid(), i.mode() & 0o7777),
+                "{}",
+                output.display()
+            );
+            assert_eq!(getfacl(output), getfacl(input), "{}", output.display());
+            assert!(
+                !member_reads(output),
+                "user 65534 read {}",
+                output.display()
+            );
+        }
+        if name == "memo.txt" {
+            assert!(outputs.iter().all(|o| named_reads(o)), "1700 cannot read");
+        } else {
+            assert!(
+                outputs.iter().all(|o| may_read(1800, 1800, "", o)),
+                "1800 cannot read"
+            );
+        }
+    }
+}
+
+/// A directory mirrored under `--out` and under a move directory carries its input
+/// directory's access and default ACLs: `private` (`0750` to its group, an ACL keeping that
+/// group out and letting user 1700 in) was mirrored `0750` with no ACL, and every member of
+/// the group listed it.
+#[test]
+fn a_mirrored_directory_carries_its_inputs_acls_under_out_and_a_move_directory() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let private = make(&t, "private", None, 0o750, "u:1700:rx,g::-,o::-");
+    setfacl(&private, &["-d", "-m", "u:1700:rx,g::-,o::-"]);
+    make(
+        &t,
+        "private/f.txt",
+        Some(b"for 1700 only\n"),
+        0o600,
+        "u:1700:r,g::-,o::-",
+    );
+    assert!(!member_reads(&private) && named_reads(&private));
+    let (out, moved) = (t.side("out"), t.side("moved"));
+    batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out),
+            s("--move-source"),
+            p(&moved),
+        ],
+    )
+    .success();
+    let want = getfacl(&private);
+    assert!(want.contains("default:user:1700:r-x"), "{want}");
+    for top in [&out, &moved] {
+        let dir = top.join("private");
+        assert_eq!(getfacl(&dir), want, "{}", dir.display());
+        let m = fs::metadata(&dir).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (OWNER, GROUP, 0o750));
+        assert!(!member_reads(&dir), "user 65534 listed {}", dir.display());
+        assert!(named_reads(&dir), "1700 cannot list {}", dir.display());
+    }
+    let gz = out.join("private/f.txt.gz");
+    assert!(!member_reads(&gz) && named_reads(&gz));
+    assert!(named_reads(&moved.join("private/f.txt")));
+}
+
+/// An output tree's default ACL (`--out` given to an operator's directory with
+/// `setfacl -d -m u:65534:rwx`; an input's directory another user keeps one on) gives nothing
+/// to what filepipe makes there that its input does not give: the ACL a new file or
+/// directory inherits from it goes, as `cp -a` removes it. Kept, its mask was the group bits
+/// of the input's mode, and the user it names read outputs of inputs it could not read.
+#[test]
+fn an_output_trees_default_acl_gives_nothing_its_inputs_do_not() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    make(&t, "sub", None, 0o750, "");
+    let input = make(&t, "sub/a.txt", Some(b"group only\n"), 0o640, "");
+    // A directory of the tree whose default ACL lets 65534 in, and an input in it without one
+    // (moved in, or its ACL removed since).
+    let shared = make(&t, "shared", None, 0o755, "");
+    setfacl(&shared, &["-d", "-m", "u:65534:rwx"]);
+    let moved_in = make(&t, "shared/b.txt", Some(b"group only\n"), 0o640, "");
+    setfacl(&moved_in, &["-b"]);
+    let out = t.side("out");
+    fs::create_dir(&out).unwrap();
+    setfacl(&out, &["-m", "u:65534:rwx"]);
+    setfacl(&out, &["-d", "-m", "u:65534:rwx"]);
+    assert!(!may_read(MEMBER, MEMBER, "", &input) && !may_read(MEMBER, MEMBER, "", &moved_in));
+    batch(&t, &[s("--op"), s("gzip"), s("--out"), p(&out)]).success();
+    batch(&t, &[s("--op"), s("gzip"), s("--include"), s("shared/**")]).success();
+    let outputs = [out.join("sub/a.txt.gz"), t.path("shared/b.txt.gz")];
+    for made in [out.join("sub"), outputs[0].clone(), outputs[1].clone()] {
+        let acl = getfacl(&made);
+        assert!(!acl.contains("65534"), "{}: {acl}", made.display());
+        assert!(
+            !may_read(MEMBER, MEMBER, "", &made),
+            "65534 read {}",
+            made.display()
+        );
+    }
+    for o in &outputs {
+        assert_eq!(
+            fs::metadata(o).unwrap().mode() & 0o7777,
+            0o640,
+            "{}",
+            o.display()
+        );
+        assert!(
+            may_read(MEMBER, GROUP, "", o),
+            "the group cannot read {}",
+            o.display()
+        );
+    }
+}
+
+/// Where an ACL cannot go (`--out` and the move directory on a ramfs, which keeps none), what
+/// is made from an input with one is its owner's alone, and the run says so once; an input
+/// without one is made as before. The move there is a copy (another file system), which
+/// `keep_more` gave the ACL with a warning only when it failed, leaving the copy `0640` to a
+/// group the input kept out. On a tmpfs, which keeps ACLs, the moved copy has its input's.
+#[test]
+fn where_acls_cannot_go_what_is_made_is_its_owners_alone() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let ram = match Mount::new("ramfs") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let private = make(&t, "private", None, 0o750, "u:1700:rx,g::-,o::-");
+    let memo = make(
+        &t,
+        "private/memo.txt",
+        Some(b"for 1700\n"),
+        0o640,
+        "u:1700:r,g::-",
+    );
+    make(&t, "plain.txt", Some(b"for all\n"), 0o644, "");
+    let (memo_acl, private_acl) = (getfacl(&memo), getfacl(&private));
+    let (out, moved) = (ram.path().join("out"), ram.path().join("moved"));
+    let r = batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out),
+            s("--move-source"),
+            p(&moved),
+        ],
+    );
+    r.success();
+    let mode = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    for dir in [out.join("private"), moved.join("private")] {
+        assert_eq!(mode(&dir), (OWNER, GROUP, 0o700), "{}", dir.display());
+        assert!(!member_reads(&dir));
+    }
+    for file in [
+        out.join("private/memo.txt.gz"),
+        moved.join("private/memo.txt"),
+    ] {
+        assert_eq!(mode(&file), (OWNER, GROUP, 0o600), "{}", file.display());
+    }
+    assert_eq!(mode(&out.join("plain.txt.gz")), (OWNER, GROUP, 0o644));
+    assert_eq!(mode(&moved.join("plain.txt")), (OWNER, GROUP, 0o644));
+    let said = r.stderr().matches("ACL could not be read or given").count();
+    assert_eq!(said, 1, "{}", r.stderr());
+    // A file system with ACLs: the copy, and the directory made for it, carry the input's.
+    let tmpfs = match Mount::new("tmpfs") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED (the tmpfs part): {why}");
+            return;
+        }
+    };
+    let memo = make(
+        &t,
+        "private/memo2.txt",
+        Some(b"for 1700\n"),
+        0o640,
+        "u:1700:r,g::-",
+    );
+    let moved = tmpfs.path().join("moved");
+    batch(&t, &[s("--op"), s("gzip"), s("--move-source"), p(&moved)]).success();
+    assert!(!memo.exists());
+    assert_eq!(getfacl(&moved.join("private/memo2.txt")), memo_acl);
+    assert_eq!(getfacl(&moved.join("private")), private_acl);
+    assert!(!member_reads(&moved.join("private/memo2.txt")));
+}
+
+/// A cluster worker runs the same ops: its outputs, next to the inputs and under an output
+/// root, and the directories it mirrors there carry the inputs' ACLs too.
+#[cfg(feature = "cluster")]
+#[test]
+fn a_cluster_workers_outputs_carry_their_inputs_acls() {
+    use common::nats::{Nats, Worker};
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let Some(nats) = Nats::start() else { return };
+    let private = make(&t, "private", None, 0o750, "u:1700:rx,g::-,o::-");
+    let memo = make(
+        &t,
+        "private/memo.txt",
+        Some(b"for 1700\n"),
+        0o640,
+        "u:1700:r,g::-",
+    );
+    let out = t.side("out");
+    fs::create_dir(&out).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let out_root = format!("out={}", out.display());
+    let _worker = Worker::start_with(&nats, t.dir.path(), &roots, "1", &["--out-root", &out_root]);
+    let coordinate = |extra: &[&OsStr]| {
+        let mut cmd = filepipe(&[s("batch"), p(&t.root()), s("--queue"), s(&nats.url)]);
+        cmd.args([s("--root-name"), s("tree")])
+            .args(extra)
+            .env("XDG_STATE_HOME", t.side("xdg"));
+        run(cmd).success();
+    };
+    coordinate(&[s("--op"), s("gzip")]);
+    coordinate(&[s("--op"), s("zstd"), s("--out"), p(&out)]);
+    for output in [
+        t.path("private/memo.txt.gz"),
+        out.join("private/memo.txt.zst"),
+    ] {
+        assert_eq!(getfacl(&output), getfacl(&memo), "{}", output.display());
+        assert!(
+            !member_reads(&output),
+            "user 65534 read {}",
+            output.display()
+        );
+    }
+    let dir = out.join("private");
+    assert_eq!(
+        getfacl(&dir).lines().count(),
+        getfacl(&private).lines().count()
+    );
+    assert!(getfacl(&dir).contains("user:1700:r-x"), "{}", getfacl(&dir));
+    assert!(!member_reads(&dir), "user 65534 listed {}", dir.display());
+}
