@@ -426,6 +426,52 @@ fn where_acls_cannot_go_what_is_made_is_its_owners_alone() {
     assert!(!member_reads(&moved.join("private/memo2.txt")));
 }
 
+/// A FUSE view whose extended attributes are read-only (`bindfs --xattr-ro`) refuses both the
+/// ACL given to an output and the removal of one it never had: an output of an input with an
+/// ACL is its owner's alone there, and one of an input without keeps its mode (the refused
+/// removal is looked past once nothing is found to remove).
+#[test]
+fn where_acls_are_refused_an_output_of_an_input_without_one_keeps_its_mode() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    if Command::new("bindfs").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no bindfs");
+        return;
+    }
+    let (back, view) = (t.side("back"), t.side("view"));
+    fs::create_dir(&back).unwrap();
+    fs::create_dir(&view).unwrap();
+    let st = Command::new("bindfs")
+        .arg("--xattr-ro")
+        .arg(&back)
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(view.clone());
+    make(
+        &t,
+        "memo.txt",
+        Some(b"for 1700\n"),
+        0o600,
+        "u:1700:r,g::-,o::-",
+    );
+    make(&t, "plain.txt", Some(b"for all\n"), 0o644, "");
+    let out = view.join("out");
+    batch(&t, &[s("--op"), s("gzip"), s("--out"), p(&out)]).success();
+    let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&out.join("memo.txt.gz")), 0o600);
+    assert_eq!(mode(&out.join("plain.txt.gz")), 0o644);
+}
+
 /// A cluster worker runs the same ops: its outputs, next to the inputs and under an output
 /// root, and the directories it mirrors there carry the inputs' ACLs too.
 #[cfg(feature = "cluster")]

@@ -119,24 +119,26 @@ pub(crate) fn give(fd: impl AsFd, name: &str, acl: &Acl) -> Result<(), Errno> {
         Acl::None => match rfs::fremovexattr(&fd, name) {
             // Nothing inherited, or no ACLs at all here: nothing to remove.
             Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) => Ok(()),
-            Err(e) => Err(e),
+            // Refused by a file system's own rule (a FUSE one may refuse any removal): nothing
+            // lost if there is nothing to remove, which one more look tells.
+            Err(e) => match Acl::of(&fd, name) {
+                Acl::None => Ok(()),
+                _ => Err(e),
+            },
         },
         Acl::Unknown(e) => Err(*e),
     }
 }
 
-/// Says, once per run, that an input's ACL could not be given to what was made for it (`fd`),
-/// which is then open to its owner alone; each time at debug level.
-pub(crate) fn fell_back(fd: impl AsFd, e: Errno) {
+/// Says, once per run, that an input's ACL could not be read or given to what was made for it
+/// (`path`, the output or directory), which is then open to its owner alone; each time at debug
+/// level.
+pub(crate) fn fell_back(path: &std::path::Path, e: Errno) {
     static SAID: AtomicBool = AtomicBool::new(false);
-    let path = || {
-        std::fs::read_link(format!("/proc/self/fd/{}", fd.as_fd().as_raw_fd()))
-            .map_or_else(|_| "?".to_string(), |p| p.display().to_string())
-    };
     if !SAID.swap(true, Ordering::Relaxed) {
-        tracing::warn!(path = %path(), error = %e, "an input's ACL could not be read or given to what filepipe made for it (a file system without ACLs?): outputs and directories made without their input's ACL are open to their owner only");
+        tracing::warn!(path = %path.display(), error = %e, "an input's ACL could not be read or given to what filepipe made for it (a file system without ACLs?): outputs and directories made without their input's ACL are open to their owner only");
     } else {
-        tracing::debug!(path = %path(), error = %e, "ACL not given: open to its owner only");
+        tracing::debug!(path = %path.display(), error = %e, "ACL not given: open to its owner only");
     }
 }
 

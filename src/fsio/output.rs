@@ -22,7 +22,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -397,7 +397,9 @@ impl Mirror {
             let given = acl::give(dir, acl::ACCESS, access)
                 .and_then(|()| acl::give(dir, acl::DEFAULT, default));
             if let Err(e) = given {
-                acl::fell_back(dir, e);
+                // Its path, for the message only (as the kernel names it).
+                let path = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+                acl::fell_back(&path.unwrap_or_default(), e);
                 bits &= 0o700;
             }
         }
@@ -829,7 +831,7 @@ impl TempOutput {
         let mode = match acl::give(file, acl::ACCESS, &a.acl) {
             Ok(()) => a.mode,
             Err(e) => {
-                acl::fell_back(file, e);
+                acl::fell_back(&self.dir.path.join(final_name), e);
                 a.mode & 0o700
             }
         };
