@@ -472,6 +472,38 @@ fn where_acls_are_refused_an_output_of_an_input_without_one_keeps_its_mode() {
     assert_eq!(mode(&out.join("plain.txt.gz")), 0o644);
 }
 
+/// With `--remove-source`, an output already in place stands for its input only if it lets in
+/// no one the input keeps out, by its ACL as by its mode: one without the input's ACL (made by
+/// an earlier build, or its ACL removed since) was trusted, and the input removed, leaving the
+/// only copy readable by the group the input's ACL kept out.
+#[test]
+fn an_output_in_place_without_its_inputs_acl_does_not_stand_for_it() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let memo = make(
+        &t,
+        "memo.txt",
+        Some(b"for 1700 only\n"),
+        0o600,
+        "u:1700:r,g::-,o::-",
+    );
+    batch(&t, &[s("--op"), s("gzip")]).success();
+    let gz = t.path("memo.txt.gz");
+    // As an earlier build made it: the mode alone, its group bits the mask.
+    setfacl(&gz, &["-b"]);
+    fs::set_permissions(&gz, fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(member_reads(&gz));
+    let r = batch(&t, &[s("--op"), s("gzip"), s("--remove-source")]);
+    assert!(memo.exists(), "the input went: {}", r.stderr());
+    assert!(
+        r.stderr().contains("has another ACL than its input"),
+        "{}",
+        r.stderr()
+    );
+}
+
 /// A cluster worker runs the same ops: its outputs, next to the inputs and under an output
 /// root, and the directories it mirrors there carry the inputs' ACLs too.
 #[cfg(feature = "cluster")]

@@ -29,6 +29,7 @@ use rustix::io::Errno;
 use crate::cli::OpKind;
 use crate::config::Config;
 use crate::error::{FileError, Kind};
+use crate::fsio::acl::{self, Acl};
 use crate::fsio::aside::{self, Aside};
 use crate::fsio::input::{InputFile, Root};
 use crate::fsio::output::{
@@ -868,7 +869,8 @@ fn same_content(dir: &Dir, ours: &File, theirs: &OsStr) -> Result<Option<File>, 
 }
 
 /// Refuses an existing output that someone other than the input's owner (or filepipe) could
-/// change, or that is more open than its input: the input must not go on its strength.
+/// change, or that is more open than its input, by its mode or its ACL: the input must not go
+/// on its strength.
 fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<(), FileError> {
     let st = rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
     let me = rustix::process::geteuid().as_raw();
@@ -881,6 +883,24 @@ fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<()
             .map_err(|e| FileError::errno("narrowing the mode of the existing output", e))?;
         return trusted(file, input, dir, name);
     }
+    // Its ACL must be the input's, as filepipe gives it, or none on an output open to its owner
+    // alone (where the ACL could not go): one made before outputs carried ACLs, or whose
+    // input's ACL changed since, lets in whom the input's keeps out, and its mode cannot tell.
+    // filepipe's own is given the input's, as a fresh output would be (once: a file system
+    // that keeps another than it is given is refused).
+    let acl_of = |f: &File| Acl::of(f, acl::ACCESS);
+    let wanted = input.acl();
+    let acl_ok = |st: &rfs::Stat| {
+        let now = acl_of(file);
+        !matches!(now, Acl::Unknown(_))
+            && (now == wanted || (now == Acl::None && st.st_mode & 0o077 == 0))
+    };
+    let mut acl_fits = acl_ok(&st);
+    if !acl_fits && st.st_uid == me && acl::give(file, acl::ACCESS, &wanted).is_ok() {
+        let st =
+            rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
+        acl_fits = acl_ok(&st);
+    }
     let why = if st.st_uid != input.stat.st_uid && st.st_uid != me {
         format!("is owned by uid {}, not by the input's owner", st.st_uid)
     } else if extra != 0 {
@@ -889,6 +909,8 @@ fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<()
             st.st_mode & 0o777,
             input.stat.st_mode & 0o777
         )
+    } else if !acl_fits {
+        "has another ACL than its input".to_string()
     } else {
         return Ok(());
     };
