@@ -504,6 +504,53 @@ fn an_output_in_place_without_its_inputs_acl_does_not_stand_for_it() {
     );
 }
 
+/// A move across file systems finishes an earlier one (a copy named, the input not yet
+/// unlinked) only with a copy no more open than the input, by its ACL as by its mode: a copy
+/// without the input's ACL was taken, and the input unlinked, leaving the only copy open to
+/// the group the ACL kept out. Now the input is copied again beside it, with its ACL.
+#[test]
+fn a_copy_in_the_move_directory_without_the_inputs_acl_does_not_stand_for_it() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let tmpfs = match Mount::new("tmpfs") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let memo = make(
+        &t,
+        "memo.txt",
+        Some(b"for 1700 only\n"),
+        0o640,
+        "u:1700:r,g::-",
+    );
+    let moved = tmpfs.path().join("moved");
+    fs::create_dir(&moved).unwrap();
+    // What an earlier build's copy would be where its ACL failed: the same bytes, date, owner
+    // and mode, no ACL (`cp -p` keeps no ACL).
+    let planted = moved.join("memo.txt");
+    let st = Command::new("cp")
+        .arg("-p")
+        .arg(&memo)
+        .arg(&planted)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    setfacl(&planted, &["-b"]);
+    fs::set_permissions(&planted, fs::Permissions::from_mode(0o640)).unwrap();
+    assert!(member_reads(&planted));
+    let want = getfacl(&memo);
+    batch(&t, &[s("--op"), s("gzip"), s("--move-source"), p(&moved)]).success();
+    assert!(!memo.exists());
+    let copy = moved.join("memo.1.txt");
+    assert_eq!(getfacl(&copy), want, "{}", copy.display());
+    assert!(!member_reads(&copy));
+}
+
 /// A cluster worker runs the same ops: its outputs, next to the inputs and under an output
 /// root, and the directories it mirrors there carry the inputs' ACLs too.
 #[cfg(feature = "cluster")]

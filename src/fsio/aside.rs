@@ -21,6 +21,7 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::error::{FileError, Kind};
+use crate::fsio::acl::{self, Acl};
 use crate::fsio::output::{self, Attrs, Dir, DirCache, TempOutput, NAME_MAX};
 
 /// Most numbered names tried for one file before the move is given up (the input kept): a
@@ -273,6 +274,14 @@ impl Aside {
                 && (st.st_uid == read.st_uid || st.st_uid == me)
                 && st.st_mode & 0o7777 & !(read.st_mode & 0o7777) == 0
         };
+        // Nor more open by its ACL: the input's, or none on a copy open to its owner alone (as
+        // a copy is made where the ACL cannot go).
+        let wanted = Acl::of(&input, acl::ACCESS);
+        let acl_fits = |copy: &File, st: &rfs::Stat| match Acl::of(copy, acl::ACCESS) {
+            Acl::Unknown(_) => false,
+            Acl::None if st.st_mode & 0o077 == 0 => true,
+            now => now == wanted,
+        };
         let mut at = 0;
         let mut earlier = None;
         while let Some(to) = numbered(name, at) {
@@ -289,7 +298,9 @@ impl Aside {
                     if let Ok(copy) = output_file(dest, &to) {
                         // Judged again on what was opened: the name may have been swapped.
                         let opened = rfs::fstat(&copy).is_ok_and(|o| {
-                            trusted(&o) && (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)
+                            trusted(&o)
+                                && (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino)
+                                && acl_fits(&copy, &o)
                         });
                         if opened && same_bytes(&input, &copy, size).unwrap_or(false) {
                             earlier = Some((to, copy));
@@ -331,8 +342,7 @@ impl Aside {
                 return Err(changed());
             }
             // Its access ACL with its mode, or a copy open to its owner alone (`Attrs`).
-            let acl = crate::fsio::acl::Acl::of(&input, crate::fsio::acl::ACCESS);
-            temp.set_attrs(name, &Attrs::from_stat(read, acl))?;
+            temp.set_attrs(name, &Attrs::from_stat(read, wanted.clone()))?;
             keep_more(&input, temp.file(), read, name)
         })();
         if let Err(e) = copied {
