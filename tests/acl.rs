@@ -603,3 +603,54 @@ fn a_cluster_workers_outputs_carry_their_inputs_acls() {
     assert!(getfacl(&dir).contains("user:1700:r-x"), "{}", getfacl(&dir));
     assert!(!member_reads(&dir), "user 65534 listed {}", dir.display());
 }
+
+/// The `--out` and move roots filepipe makes take the input root's mode and group, less what
+/// its ACL keeps from them: a root whose ACL gives its group nothing (`g::-`, the mode's
+/// group bits being the mask a named user's `r-x` needs) made an `--out` root its whole
+/// group could list (found by a review). Named entries are not carried; the tree's owner is
+/// let in as before.
+#[test]
+fn an_out_root_made_for_a_root_with_an_acl_is_no_more_open_than_its_entries() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let root = t.root();
+    rustix::fs::chown(
+        &root,
+        Some(rustix::process::Uid::from_raw(OWNER)),
+        Some(rustix::process::Gid::from_raw(GROUP)),
+    )
+    .unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o750)).unwrap();
+    setfacl(&root, &["-m", "u:1700:rx,g::-,o::-"]);
+    make(
+        &t,
+        "salaries.txt",
+        Some(b"secret\n"),
+        0o600,
+        "u:1700:r,g::-",
+    );
+    assert!(!member_reads(&root));
+    let (out, moved) = (t.side("out"), t.side("moved"));
+    batch(
+        &t,
+        &[
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out),
+            s("--move-source"),
+            p(&moved),
+        ],
+    )
+    .success();
+    for made in [&out, &moved] {
+        assert!(!member_reads(made), "the group lists {}", made.display());
+        assert!(
+            may_read(OWNER, OWNER, "", made),
+            "the tree's owner cannot list {}",
+            made.display()
+        );
+    }
+}

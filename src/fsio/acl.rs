@@ -26,6 +26,31 @@ pub(crate) const ACCESS: &str = "system.posix_acl_access";
 /// A directory's default ACL: what is made in it inherits it.
 pub(crate) const DEFAULT: &str = "system.posix_acl_default";
 
+/// The permissions an access ACL (`value`, as the kernel gives it) grants the owning group,
+/// limited by its mask (what a group member gets through that entry), and others: `None` if
+/// it does not read as one.
+pub(crate) fn group_and_other(value: &[u8]) -> Option<(u32, u32)> {
+    const GROUP_OBJ: u16 = 0x04;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    let (version, entries) = value.split_first_chunk::<4>()?;
+    if u32::from_le_bytes(*version) != 2 || entries.len() % 8 != 0 {
+        return None;
+    }
+    let (mut group, mut mask, mut other) = (None, 0o7, None);
+    for e in entries.chunks_exact(8) {
+        let tag = u16::from_le_bytes([e[0], e[1]]);
+        let perm = u32::from(u16::from_le_bytes([e[2], e[3]]) & 0o7);
+        match tag {
+            GROUP_OBJ => group = Some(perm),
+            MASK => mask = perm,
+            OTHER => other = Some(perm),
+            _ => {}
+        }
+    }
+    Some((group? & mask, other?))
+}
+
 /// One of an input's ACLs, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Acl {
@@ -190,6 +215,28 @@ pub(crate) mod tests {
     }
 
     /// Whether this file system keeps ACLs (a tmpfs or ext4 does; a test is skipped elsewhere).
+    #[test]
+    fn the_owning_groups_permissions_are_its_entrys_within_the_mask() {
+        // user::rwx, user:1700:r-x, group::---, mask::r-x, other::---
+        let v = value(&[
+            (1, 7, u32::MAX),
+            (2, 5, 1700),
+            (4, 0, u32::MAX),
+            (0x10, 5, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        assert_eq!(group_and_other(&v), Some((0, 0)));
+        // group::rwx, mask::r-x, other::r--
+        let v = value(&[
+            (1, 7, u32::MAX),
+            (4, 7, u32::MAX),
+            (0x10, 5, u32::MAX),
+            (0x20, 4, u32::MAX),
+        ]);
+        assert_eq!(group_and_other(&v), Some((5, 4)));
+        assert_eq!(group_and_other(b"\x02\0\0\0\x01"), None);
+    }
+
     fn acls_here(file: &std::fs::File) -> bool {
         rfs::fsetxattr(file, ACCESS, &named_reader(4321), rfs::XattrFlags::empty()).is_ok()
     }

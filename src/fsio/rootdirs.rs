@@ -52,9 +52,32 @@ impl NewDir {
         }
     }
 
-    /// The input root at `root` as `like_input` takes it.
+    /// The input root at `root` as `like_input` takes it. With an access ACL on the root, its
+    /// mode's group bits are the ACL's mask, not what its group gets, and its named entries
+    /// are not carried: the group and others get what their own entries give them, no more
+    /// (found by a review: a `0750` root whose ACL gave its group nothing and one user `r-x`
+    /// made an `--out` root its whole group could list). Where the ACL cannot be read, they
+    /// get nothing.
     pub(crate) fn like_input_at(root: &Path) -> io::Result<NewDir> {
-        Ok(NewDir::like_input(&rfs::stat(root)?))
+        let st = rfs::stat(root)?;
+        let mut made = NewDir::like_input(&st);
+        let fd = rfs::open(
+            root,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        let granted = match crate::fsio::acl::Acl::of_reached(&fd, crate::fsio::acl::ACCESS) {
+            crate::fsio::acl::Acl::None => None,
+            crate::fsio::acl::Acl::Some(v) => {
+                Some(crate::fsio::acl::group_and_other(&v).unwrap_or((0, 0)))
+            }
+            crate::fsio::acl::Acl::Unknown(_) => Some((0, 0)),
+        };
+        if let Some((group, other)) = granted {
+            let bits = made.mode & 0o077;
+            made.mode = (made.mode & !0o077) | (bits & ((group << 3) | other));
+        }
+        Ok(made)
     }
 
     /// A state directory serving the input roots `roots`: owned by the process, which writes
