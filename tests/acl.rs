@@ -607,7 +607,7 @@ fn a_cluster_workers_outputs_carry_their_inputs_acls() {
 /// The `--out` and move roots filepipe makes take the input root's mode and group, less what
 /// its ACL keeps from them: a root whose ACL gives its group nothing (`g::-`, the mode's
 /// group bits being the mask a named user's `r-x` needs) made an `--out` root its whole
-/// group could list (found by a review). Named entries are not carried; the tree's owner is
+/// group could list (found by a review), and a state directory too. Named entries are not carried; the tree's owner is
 /// let in as before.
 #[test]
 fn an_out_root_made_for_a_root_with_an_acl_is_no_more_open_than_its_entries() {
@@ -632,7 +632,7 @@ fn an_out_root_made_for_a_root_with_an_acl_is_no_more_open_than_its_entries() {
         "u:1700:r,g::-",
     );
     assert!(!member_reads(&root));
-    let (out, moved) = (t.side("out"), t.side("moved"));
+    let (out, moved, state) = (t.side("out"), t.side("moved"), t.side("state"));
     batch(
         &t,
         &[
@@ -642,9 +642,12 @@ fn an_out_root_made_for_a_root_with_an_acl_is_no_more_open_than_its_entries() {
             p(&out),
             s("--move-source"),
             p(&moved),
+            s("--state"),
+            p(&state),
         ],
     )
     .success();
+    assert!(!member_reads(&state), "the group lists the state");
     for made in [&out, &moved] {
         assert!(!member_reads(made), "the group lists {}", made.display());
         assert!(

@@ -59,25 +59,9 @@ impl NewDir {
     /// made an `--out` root its whole group could list). Where the ACL cannot be read, they
     /// get nothing.
     pub(crate) fn like_input_at(root: &Path) -> io::Result<NewDir> {
-        let st = rfs::stat(root)?;
-        let mut made = NewDir::like_input(&st);
-        let fd = rfs::open(
-            root,
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        let granted = match crate::fsio::acl::Acl::of_reached(&fd, crate::fsio::acl::ACCESS) {
-            crate::fsio::acl::Acl::None => None,
-            crate::fsio::acl::Acl::Some(v) => {
-                Some(crate::fsio::acl::group_and_other(&v).unwrap_or((0, 0)))
-            }
-            crate::fsio::acl::Acl::Unknown(_) => Some((0, 0)),
-        };
-        if let Some((group, other)) = granted {
-            let bits = made.mode & 0o077;
-            made.mode = (made.mode & !0o077) | (bits & ((group << 3) | other));
-        }
-        Ok(made)
+        let mut st = rfs::stat(root)?;
+        st.st_mode = granted(root, &st)?;
+        Ok(NewDir::like_input(&st))
     }
 
     /// A state directory serving the input roots `roots`: owned by the process, which writes
@@ -94,7 +78,10 @@ impl NewDir {
             let Ok(st) = rfs::stat(root) else {
                 return NewDir::private();
             };
-            grant &= st.st_mode & 0o055;
+            let Ok(mode) = granted(root, &st) else {
+                return NewDir::private();
+            };
+            grant &= mode & 0o055;
             match group {
                 None => group = Some(st.st_gid),
                 Some(g) if g != st.st_gid => groups_agree = false,
@@ -254,6 +241,27 @@ fn grant_by_acl(dir: &OwnedFd, bits: u32, uid: u32, perm: u32) -> Result<(), Err
         &value,
         rfs::XattrFlags::empty(),
     )
+}
+
+/// The mode of the directory `root` (whose stat is `st`) with its group and other bits
+/// limited to what its access ACL grants them: with an ACL, the mode's group bits are the
+/// ACL's mask, not what its group gets, and its named entries are not carried by what is
+/// made from the mode (found by a review: a `0750` root whose ACL gave its group nothing and
+/// one user `r-x` made an `--out` root, and a state directory, its whole group could list).
+/// Where the ACL cannot be read, they get nothing.
+fn granted(root: &Path, st: &Stat) -> io::Result<u32> {
+    use crate::fsio::acl::{self, Acl};
+    let fd = rfs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let (group, other) = match Acl::of_reached(&fd, acl::ACCESS) {
+        Acl::None => return Ok(st.st_mode),
+        Acl::Some(v) => acl::group_and_other(&v).unwrap_or((0, 0)),
+        Acl::Unknown(_) => (0, 0),
+    };
+    Ok(st.st_mode & !0o077 | (st.st_mode & ((group << 3) | other)))
 }
 
 /// The process's umask, read without changing it (`umask(2)` can only set it, and another
