@@ -438,6 +438,11 @@ pub(crate) fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(digits);
+    if unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "{text:?}: a size is a whole number (1536M, not 1.5G)"
+        ));
+    }
     let number: u64 = number.parse().map_err(|_| {
         format!("{text:?}: a size is a whole number of bytes, or with K, M, G or T")
     })?;

@@ -647,7 +647,28 @@ impl Read for InputFile {
         if crate::signals::aborted() {
             return Err(io::Error::other(crate::error::Abandoned));
         }
-        let n = self.file.read(buf)?;
+        // Never past the size the file had when opened (or last restarted): one that grew
+        // meanwhile is changed whatever follows (`finish` says so and the read is done again),
+        // and reading on to its new end read whatever it grew to, a terabyte of holes made
+        // after `--max-size` let it in (found by a review).
+        let left = u64::try_from(self.stat.st_size)
+            .unwrap_or(0)
+            .saturating_sub(self.read);
+        let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if take == 0 {
+            // At its size as opened: a byte more, if there is one, is read only to tell
+            // `finish` it is not what its size said (a read of 1, not of the rest): a file
+            // whose size says nothing of its content (`/proc`, `/sys`) must not pass as
+            // empty.
+            let mut probe = [0u8; 1];
+            let n = self.file.read(&mut probe)?;
+            self.read += n as u64;
+            return Ok(0);
+        }
+        let n = self.file.read(&mut buf[..take])?;
         self.read += n as u64;
         BYTES_READ.fetch_add(n as u64, Ordering::Relaxed);
         Ok(n)
@@ -671,6 +692,33 @@ pub(crate) fn describe(ft: FileType) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A file that grows while read is read to its size as opened, and one byte more to
+    /// tell it grew, never to its new end (a terabyte of holes made after `--max-size` let
+    /// it in was read for hours: found by a review); it is then changed.
+    #[test]
+    fn a_file_is_never_read_past_its_size_as_opened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        std::fs::write(&path, vec![7u8; 5000]).unwrap();
+        let Ok(mut input) = InputFile::open(&path, false) else {
+            panic!("cannot open {}", path.display())
+        };
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(1 << 30)
+            .unwrap();
+        let mut got = Vec::new();
+        input.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), 5000);
+        assert_eq!(input.read, 5001);
+        assert_eq!(input.finish().unwrap_err().kind, Kind::Changed);
+        // Restarted, it is read to its new size, as it is now.
+        input.restart().unwrap();
+        assert_eq!(input.stat.st_size, 1 << 30);
+    }
     use std::io::Write;
 
     #[test]

@@ -237,6 +237,13 @@ impl DirCache {
                     if let (true, Ok(dir)) = (made, &opened) {
                         mirror.apply(dir);
                     }
+                    // Whoever's it is now: one another user made in the moment between our
+                    // look and our `mkdir` (EEXIST), or put in place of ours before we opened
+                    // it, is judged as one found (found by a review, racing `mkdir` in a
+                    // loop: the check was made only of directories found at the first look).
+                    if let Ok(dir) = &opened {
+                        self.check_owner(dir, &rel, &path, mode_of)?;
+                    }
                     // Its entry in its parent must survive a crash before anything's only
                     // name goes into it.
                     if made && self.sync_made {
@@ -2230,6 +2237,41 @@ mod tests {
         for far in [i64::MAX, i64::MIN] {
             assert!(!dated_as((far, 1_700_000_005_000_000_000), far));
         }
+    }
+
+    /// A mirror directory another user made in the moment between the look for it and the
+    /// `mkdir` (`EEXIST`) is judged as one found there: refused unless it is ours or the
+    /// mirrored directory's owner's (found by a review racing `mkdir` in a loop). The race
+    /// is made certain here: `mode_of`, called between the two, makes it.
+    #[test]
+    fn a_mirror_directory_another_user_makes_at_the_mkdir_is_refused() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root to make another user's directory");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let theirs = tmp.path().join("d");
+        let squat = |rel: &Path| {
+            if std::fs::create_dir(&theirs).is_ok() {
+                let nobody = Some(rustix::process::Uid::from_raw(65534));
+                rfs::chown(&theirs, nobody, None).unwrap();
+            }
+            assert_eq!(rel, Path::new("d"));
+            Mirror {
+                owner: Some((1500, 1500)),
+                ..Mirror::plain(Mode::from_raw_mode(0o700))
+            }
+        };
+        let Err(e) = DirCache::new(tmp.path(), true).open(Path::new("d"), &squat) else {
+            panic!("another user's directory was used");
+        };
+        assert_eq!(e.kind, Kind::UnsafeOutputPath, "{}", e.message);
+        assert!(e.message.contains("uid 65534"), "{}", e.message);
+        // Its mirrored directory's owner's is used, as is ours.
+        rfs::chown(&theirs, Some(rustix::process::Uid::from_raw(1500)), None).unwrap();
+        assert!(DirCache::new(tmp.path(), true)
+            .open(Path::new("d"), &squat)
+            .is_ok());
     }
 
     /// An output root is opened with no symlink on its path: one there was swapped in after

@@ -243,12 +243,7 @@ pub(crate) fn prepare<O: Op>(
         });
     }
     // Never read past `--max-size` (a sparse file of terabytes costs whoever made it no disk).
-    let size = u64::try_from(input.stat.st_size).unwrap_or(0);
-    if let Some(max) = cfg.max_size.filter(|&max| size > max) {
-        let reason = FileError::new(
-            Kind::OverMaxSize,
-            format!("{size} bytes, over --max-size ({max} bytes); not read"),
-        );
+    if let Some(reason) = over_max_size(cfg, &input) {
         return Err(Outcome::Skipped {
             rel: job.rel,
             reason,
@@ -350,6 +345,13 @@ pub(crate) fn prepare<O: Op>(
                 if let Err(e) = input.restart() {
                     return Err(failed(job, e));
                 }
+                // It may have grown past `--max-size` since it was let in.
+                if let Some(reason) = over_max_size(cfg, &input) {
+                    return Err(Outcome::Skipped {
+                        rel: job.rel,
+                        reason,
+                    });
+                }
                 // A file that changed has none of its recorded results any more.
                 outdated(&mut job, &input);
                 // Decided again of the file as it is now: an output up to date with the
@@ -367,6 +369,17 @@ pub(crate) fn prepare<O: Op>(
             }
         }
     }
+}
+
+/// Why `input` is not read, if it is larger than `--max-size` (as opened: its reads stop at
+/// that size, `InputFile::read`).
+fn over_max_size(cfg: &Config, input: &InputFile) -> Option<FileError> {
+    let size = u64::try_from(input.stat.st_size).unwrap_or(0);
+    let max = cfg.max_size.filter(|&max| size > max)?;
+    Some(FileError::new(
+        Kind::OverMaxSize,
+        format!("{size} bytes, over --max-size ({max} bytes); not read"),
+    ))
 }
 
 /// A job for some results only (`Job::only`) of a file found changed since they were recorded

@@ -27,6 +27,8 @@ pub(crate) fn quiet_for(settle: Duration) -> Duration {
 #[derive(Debug, Default)]
 pub(crate) struct Temps {
     seen: BTreeMap<PathBuf, (Instant, Option<Stamp>)>,
+    /// Names were left unfollowed, the map full, since it was said.
+    full_said: bool,
 }
 
 impl Temps {
@@ -45,14 +47,30 @@ impl Temps {
     pub(crate) fn changed(&mut self, rel: &Path, now: Instant) {
         if let Some(at) = self.seen.get_mut(rel) {
             *at = (now, None);
-        } else if self.seen.len() < MAX_FOLLOWED {
+        } else if self.room() {
             self.seen.insert(rel.to_path_buf(), (now, None));
         }
     }
 
+    /// Whether one more name may be followed; said once if not, until there is room again.
+    fn room(&mut self) -> bool {
+        if self.seen.len() < MAX_FOLLOWED {
+            self.full_said = false;
+            return true;
+        }
+        if !std::mem::replace(&mut self.full_said, true) {
+            tracing::warn!(
+                followed = MAX_FOLLOWED,
+                "too many files named like writers' temps to follow: those past them are \
+                 reported at the next scan that finds them (a start, an overflow, a poll)"
+            );
+        }
+        false
+    }
+
     /// A scan found `rel` with `stamp`: it changed now unless it has that stamp already.
     pub(crate) fn found(&mut self, rel: &Path, stamp: Option<Stamp>, now: Instant) {
-        let room = self.seen.len() < MAX_FOLLOWED;
+        let room = self.seen.contains_key(rel) || self.room();
         match self.seen.get_mut(rel) {
             Some((_, Some(was))) if Some(*was) == stamp => {}
             Some(at) => *at = (now, stamp),
