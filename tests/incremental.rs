@@ -982,13 +982,15 @@ fn an_unchanged_rerun_over_a_deep_chain_looks_up_no_more_paths_than_a_full_run()
     let full_lookups = chain_dir_lookups(&calls, &root);
     // The walk opens each level from its parent's descriptor, by its name alone: the trace
     // sees those opens (so the count below is of a trace that works), and no lookup of a
-    // level by full path (walkdir made one or two per level: 60 and more here).
+    // level by full path (walkdir made one or two per level: 60 and more here). The root
+    // itself is looked up a few times at the start, whatever the depth (resolved, opened with
+    // no symlink on its path by the walk and each worker, its ACL read).
     assert!(
         chain_opens_by_name(&calls) >= 59,
         "the walk's opens of the chain by name are not in the trace"
     );
     assert!(
-        full_lookups < 10,
+        full_lookups < 20,
         "a full run looked the chain's directories up by full path {full_lookups} times"
     );
 
