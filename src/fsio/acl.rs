@@ -51,6 +51,27 @@ pub(crate) fn group_and_other(value: &[u8]) -> Option<(u32, u32)> {
     Some((group? & mask, other?))
 }
 
+/// `acl` for a file whose owning group is not its input's (a run without the right to give it
+/// that group): the owning group's entry gives nothing, since it would give it to another
+/// group than the input's; named entries and the mask stay.
+pub(crate) fn without_owning_group(acl: &Acl) -> Acl {
+    const GROUP_OBJ: u16 = 0x04;
+    match acl {
+        Acl::Some(value) if value.len() >= 4 && (value.len() - 4) % 8 == 0 => {
+            let mut v = value.clone();
+            for e in v[4..].chunks_exact_mut(8) {
+                if u16::from_le_bytes([e[0], e[1]]) == GROUP_OBJ {
+                    e[2..4].copy_from_slice(&0u16.to_le_bytes());
+                }
+            }
+            Acl::Some(v)
+        }
+        // Not one read as one: nothing to narrow by entry (the caller opens it to its owner
+        // alone where it cannot be given).
+        other => other.clone(),
+    }
+}
+
 /// One of an input's ACLs, as read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Acl {

@@ -335,7 +335,10 @@ impl Aside {
             Err(e) => return Ok(Err(kept(e))),
         };
         let copied = (|| {
-            let mut from = &input;
+            // Never past its size as read, and a byte more to tell it grew: one grown to a
+            // terabyte of holes as the copy began filled the move directory's file system
+            // (found by a review).
+            let mut from = std::io::Read::take(&input, size + 1);
             let n = std::io::copy(&mut from, temp.file())
                 .map_err(|e| FileError::io("copying it to another file system", &e))?;
             if n != size {

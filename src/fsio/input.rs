@@ -27,6 +27,12 @@ pub(crate) struct InputFile {
     /// The stat taken right after opening (refreshed by `restart`).
     pub(crate) stat: Stat,
     read: u64,
+    /// The access ACL, as read during this attempt's read (`keep_acl`): before `finish`
+    /// compares the ctime, which a change of the ACL moves, so the ACL an output takes is the
+    /// one the file had with the mode it was opened with. Read after, at the publish, it could
+    /// be a new ACL over the old mode (found by a review: a `setfacl -m u:X:r,m::---` made
+    /// after the read gave X and the group an output the input never let them read).
+    acl: Option<crate::fsio::acl::Acl>,
 }
 
 /// Why an input could not be opened as a regular file.
@@ -145,13 +151,26 @@ impl InputFile {
             file: File::from(fd),
             stat,
             read: 0,
+            acl: None,
         })
     }
 
-    /// The input's access ACL (`fsio::acl`), read from its descriptor: what its output must
-    /// take with its mode.
+    /// Reads the input's access ACL (`fsio::acl`) for this attempt: to be called before its
+    /// read ends (`finish` then holds it to the mode it was opened with).
+    pub(crate) fn keep_acl(&mut self) {
+        self.acl = Some(crate::fsio::acl::Acl::of(
+            &self.file,
+            crate::fsio::acl::ACCESS,
+        ));
+    }
+
+    /// The input's access ACL, as `keep_acl` read it (read now if it was not: a caller that
+    /// then compares the ctime again).
     pub(crate) fn acl(&self) -> crate::fsio::acl::Acl {
-        crate::fsio::acl::Acl::of(&self.file, crate::fsio::acl::ACCESS)
+        match &self.acl {
+            Some(acl) => acl.clone(),
+            None => crate::fsio::acl::Acl::of(&self.file, crate::fsio::acl::ACCESS),
+        }
     }
 
     /// The input's size when it was opened.
@@ -166,6 +185,7 @@ impl InputFile {
             .map_err(|e| FileError::io("rewinding input", &e))?;
         self.stat = rfs::fstat(&self.file).map_err(|e| FileError::errno("stat of input", e))?;
         self.read = 0;
+        self.acl = None;
         Ok(())
     }
 
@@ -692,6 +712,40 @@ pub(crate) fn describe(ft: FileType) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ACL an output takes is the one read during the read, which `finish` holds to the
+    /// mode the file was opened with: an ACL changed after it (`setfacl`, which moves the
+    /// ctime) makes the read changed, never a new ACL over the old mode (found by a review).
+    #[test]
+    fn the_acl_an_output_takes_is_read_with_the_mode_it_goes_with() {
+        use crate::fsio::acl::{self, Acl};
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        std::fs::write(&path, b"x\n").unwrap();
+        let Ok(mut input) = InputFile::open(&path, false) else {
+            panic!("cannot open {}", path.display())
+        };
+        input.keep_acl();
+        let mut got = Vec::new();
+        input.read_to_end(&mut got).unwrap();
+        // user::rw-, user:1700:r--, group::r--, mask::---, other::---
+        let narrowed = acl::tests::value(&[
+            (1, 6, u32::MAX),
+            (2, 4, 1700),
+            (4, 4, u32::MAX),
+            (0x10, 0, u32::MAX),
+            (0x20, 0, u32::MAX),
+        ]);
+        if rfs::setxattr(&path, acl::ACCESS, &narrowed, rfs::XattrFlags::empty()).is_err() {
+            eprintln!("SKIPPED: no ACLs here");
+            return;
+        }
+        assert_eq!(input.acl(), Acl::None, "the ACL read with the mode");
+        assert_eq!(input.finish().unwrap_err().kind, Kind::Changed);
+        input.restart().unwrap();
+        input.keep_acl();
+        assert_eq!(input.acl(), Acl::Some(narrowed));
+    }
 
     /// A file that grows while read is read to its size as opened, and one byte more to
     /// tell it grew, never to its new end (a terabyte of holes made after `--max-size` let

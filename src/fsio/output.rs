@@ -392,6 +392,23 @@ impl Mirror {
             }
         }
         let Some(full) = self.full else { return };
+        // Not given its input directory's group: its group bits (or its ACL's owning-group
+        // entry) would apply to another group, which may hold users the input's keeps out.
+        let other_group = self
+            .owner
+            .is_some_and(|(_, gid)| rfs::fstat(dir).map_or(true, |now| now.st_gid != gid));
+        let full = match &self.acls {
+            Some((Acl::Some(_), _)) => full,
+            _ if other_group => full & !0o2070,
+            _ => full,
+        };
+        let acls = self.acls.as_ref().map(|(access, default)| {
+            if other_group {
+                (acl::without_owning_group(access), default.clone())
+            } else {
+                (access.clone(), default.clone())
+            }
+        });
         // The umask applies, as to every directory filepipe makes (`rootdirs`). Read once:
         // filepipe never changes it, and a tree of many directories would read /proc for each.
         static UMASK: OnceLock<u32> = OnceLock::new();
@@ -400,7 +417,7 @@ impl Mirror {
         // The ACLs first, while it is still `0700`: the mode then given sets their mask to its
         // group bits, the input's mask (less the umask), so the two agree. The default ACL
         // too, as `cp -a` gives it: what is made inside inherits what the input's would.
-        if let Some((access, default)) = &self.acls {
+        if let Some((access, default)) = &acls {
             let given = acl::give(dir, acl::ACCESS, access)
                 .and_then(|()| acl::give(dir, acl::DEFAULT, default));
             if let Err(e) = given {
@@ -825,11 +842,31 @@ impl TempOutput {
         // when the owner looks right already: which group a new file gets depends on the mount
         // (grpid) and on its directory's set-group-ID bit at that instant, so only this call
         // makes sure the output is never readable by a group its input was not.
-        let _ = rfs::fchown(
+        let chowned = rfs::fchown(
             file,
             Some(rustix::fs::Uid::from_raw(a.uid)),
             Some(rustix::fs::Gid::from_raw(a.gid)),
         );
+        // Not given the input's group (a run without the right to: the shipped units' user),
+        // its group bits, or its ACL's owning-group entry, would apply to another group than
+        // the input's, which may hold users the input's keeps out (found by a review): they
+        // give nothing then. Named entries and others stay.
+        let other_group =
+            chowned.is_err() && rfs::fstat(file).map_or(true, |st| st.st_gid != a.gid);
+        let narrowed;
+        let a = if other_group {
+            narrowed = Attrs {
+                mode: match a.acl {
+                    Acl::Some(_) => a.mode,
+                    _ => a.mode & !0o070,
+                },
+                acl: acl::without_owning_group(&a.acl),
+                ..a.clone()
+            };
+            &narrowed
+        } else {
+            a
+        };
         // The ACL before the mode, while the temp is still `0600` (a named temp can be opened
         // by its name until it is published): the mode then sets the ACL's mask to the input's
         // mask, its group bits, so the two agree. Where the input has none, one the temp

@@ -186,6 +186,20 @@ impl NewDir {
             // on nothing (no set-group-ID bit).
             bits &= !0o2070 | ((bits & 0o007) << 3);
         }
+        // What it inherited from its parent's default ACL goes before its mode is opened: the
+        // mode's group bits become that ACL's mask, and a user a parent's `setfacl -d -m
+        // u:X:rwx` names could list an `--out` root or a state directory of a tree X may not
+        // (found by a review). Where it cannot go, the directory stays `0700`, which leaves
+        // the inherited entries nothing (their mask is `---`).
+        {
+            use crate::fsio::acl::{self, Acl};
+            for name in [acl::DEFAULT, acl::ACCESS] {
+                if let Err(e) = acl::give(dir, name, &Acl::None) {
+                    tracing::warn!(error = %e, "a directory filepipe made keeps an ACL it inherited and could not remove: left open to its owner only");
+                    return;
+                }
+            }
+        }
         if rfs::fchmod(dir, Mode::from_raw_mode(bits)).is_err() {
             return;
         }

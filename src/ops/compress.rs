@@ -868,6 +868,33 @@ fn same_content(dir: &Dir, ours: &File, theirs: &OsStr) -> Result<Option<File>, 
     }
 }
 
+/// Whether the output `name` in `dir` lets in someone its input does not: more mode bits, an
+/// ACL other than the input's (none is fine on an output open to its owner alone, as one made
+/// where the ACL could not go), or, as root, another owner or group than the input's. Any
+/// doubt (it cannot be opened or its ACL read) is taken for more open.
+fn more_open(dir: &Dir, name: &OsStr, input: &InputFile) -> bool {
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+    let Ok(fd) = rfs::openat(&dir.fd, name, flags, Mode::empty()) else {
+        return true;
+    };
+    let Ok(st) = rfs::fstat(&fd) else {
+        return true;
+    };
+    let want = &input.stat;
+    if st.st_mode & 0o7777 & !(want.st_mode & 0o7777) != 0 {
+        return true;
+    }
+    if rustix::process::geteuid().is_root() && (st.st_uid, st.st_gid) != (want.st_uid, want.st_gid)
+    {
+        return true;
+    }
+    match Acl::of(&fd, acl::ACCESS) {
+        Acl::Unknown(_) => true,
+        Acl::None if st.st_mode & 0o077 == 0 => false,
+        now => now != input.acl(),
+    }
+}
+
 /// Refuses an existing output that someone other than the input's owner (or filepipe) could
 /// change, or that is more open than its input, by its mode or its ACL: the input must not go
 /// on its strength.
@@ -991,6 +1018,14 @@ impl<C: Codec> Op for CompressOp<C> {
             // input removed (moved), as for a fresh one: a run stopped between the publish
             // and the unlink (the move) is finished.
             Existing::UpToDate(..) if self.disposes() => Ok(None),
+            // Up to date by its bytes, but more open than the input is now (a `chmod`, a
+            // `setfacl` or a `chown` of the input since, which leave the mtime alone): redone,
+            // replacing it, as a fresh output takes the input's attributes (found by a review:
+            // a user an ACL entry let in kept reading the output after it was taken away).
+            Existing::UpToDate(_, found) if more_open(&dir, &name, input) => {
+                scratch.replacing = Some(found);
+                Ok(None)
+            }
             Existing::UpToDate(..) => {
                 Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
             }

@@ -298,6 +298,11 @@ pub(crate) fn prepare<O: Op>(
     }
     let mut attempt = 1;
     loop {
+        // Its ACL, for its output, read before `finish` holds it to the mode it was opened
+        // with (`InputFile::keep_acl`); only an output takes it.
+        if cfg.spec.compressor().is_some() {
+            input.keep_acl();
+        }
         let pending = match op.read(&job, &mut input, scratch) {
             Ok(p) => p,
             Err(e) if confirming && e.kind == Kind::OutputExists => {
