@@ -1022,7 +1022,11 @@ impl<C: Codec> Op for CompressOp<C> {
             // `setfacl` or a `chown` of the input since, which leave the mtime alone): redone,
             // replacing it, as a fresh output takes the input's attributes (found by a review:
             // a user an ACL entry let in kept reading the output after it was taken away).
-            Existing::UpToDate(_, found) if more_open(&dir, &name, input) => {
+            // (Not a redelivered cluster job's: that one is judged as the earlier delivery's
+            // work or another hand's, `adopt`.)
+            Existing::UpToDate(_, found)
+                if job.redelivered.is_none() && more_open(&dir, &name, input) =>
+            {
                 scratch.replacing = Some(found);
                 Ok(None)
             }
