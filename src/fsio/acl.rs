@@ -162,6 +162,11 @@ pub(crate) fn give(fd: impl AsFd, name: &str, acl: &Acl) -> Result<(), Errno> {
     }
     match acl {
         Acl::Some(value) => rfs::fsetxattr(&fd, name, value, rfs::XattrFlags::empty()),
+        // Looked for first: on ext4 a removal starts a journal handle even of one that is
+        // not there (and may wait out a commit of the group flush under way), where a look
+        // is a read. What was made carries only what it inherited when made, which the look
+        // sees.
+        Acl::None if Acl::of(&fd, name) == Acl::None => Ok(()),
         Acl::None => match rfs::fremovexattr(&fd, name) {
             // Nothing inherited, or no ACLs at all here: nothing to remove.
             Ok(()) | Err(Errno::NODATA) | Err(Errno::NOTSUP) => Ok(()),
