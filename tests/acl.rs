@@ -155,6 +155,17 @@ fn batch(t: &TestTree, args: &[&OsStr]) -> Run {
     run(cmd)
 }
 
+/// A `kind` file system mounted for a test, or `None`, said skipped, where it cannot be.
+fn mounted(kind: &str) -> Option<Mount> {
+    match Mount::new(kind) {
+        Ok(m) => Some(m),
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            None
+        }
+    }
+}
+
 /// A file system mounted on a fresh directory, unmounted when dropped.
 struct Mount(tempfile::TempDir);
 
@@ -355,12 +366,8 @@ fn where_acls_cannot_go_what_is_made_is_its_owners_alone() {
     if !ready(&t) {
         return;
     }
-    let ram = match Mount::new("ramfs") {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
+    let Some(ram) = mounted("ramfs") else {
+        return;
     };
     let private = make(&t, "private", None, 0o750, "u:1700:rx,g::-,o::-");
     let memo = make(
@@ -514,12 +521,8 @@ fn a_copy_in_the_move_directory_without_the_inputs_acl_does_not_stand_for_it() {
     if !ready(&t) {
         return;
     }
-    let tmpfs = match Mount::new("tmpfs") {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED: {why}");
-            return;
-        }
+    let Some(tmpfs) = mounted("tmpfs") else {
+        return;
     };
     let memo = make(
         &t,
