@@ -703,11 +703,11 @@ fn roots_made_under_a_default_acl_keep_none_of_it() {
 
 /// A run that cannot give an output its input's group (not root: the shipped units' user)
 /// leaves the output in its own group, to which the input's group bits, or its ACL's
-/// owning-group entry, do not belong: they give nothing then. Before, a member of the
-/// runner's group read outputs of inputs it could not read (found by a review; so in
-/// releases before ACLs too).
+/// owning-group entry, do not belong: that group gets no more than others do then. Before,
+/// a member of the runner's group read outputs of inputs it could not read (found by a
+/// review; so in releases before ACLs too); then, read no longer what others read.
 #[test]
-fn an_output_left_in_another_group_gives_that_group_nothing() {
+fn an_output_left_in_another_group_gives_that_group_what_others_get() {
     let t = tree();
     if !ready(&t) {
         return;
@@ -750,7 +750,25 @@ fn an_output_left_in_another_group_gives_that_group_nothing() {
     assert!(!runners_group(&t.path("named")));
     assert!(!runners_group(&named), "{}", getfacl(&named));
     let plain = out.join("plain.gz");
-    assert_eq!(fs::metadata(&plain).unwrap().mode() & 0o777, 0o604);
+    assert_eq!(fs::metadata(&plain).unwrap().mode() & 0o777, 0o644);
+    assert!(runners_group(&plain), "what others read");
+    // Made once: the next run finds it up to date, as it would give it (no redo each run).
+    let mut again = Command::new("setpriv");
+    again
+        .args(["--reuid=1500", "--regid=1500", "--clear-groups"])
+        .arg(bin())
+        .args([
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(&out),
+        ])
+        .args([s("--json")])
+        .env_remove("RUST_LOG");
+    let summary = run(again).success().summary();
+    assert_eq!(summary["skipped_by_reason"]["up-to-date"], 2, "{summary}");
 }
 
 /// An output up to date by its bytes but more open than its input is now (an ACL entry taken
@@ -781,4 +799,43 @@ fn an_output_more_open_than_its_input_now_is_redone() {
     // Then up to date again.
     let again = gzip().success().summary();
     assert_eq!(again["skipped_by_reason"]["up-to-date"], 2, "{again}");
+}
+
+/// `--remove-source` takes an output already in place for its input only once it is what
+/// filepipe gives it: in another group than the input's (a run that cannot give the input's),
+/// with the owning-group entry narrowed as a fresh output's is. It was given the input's ACL
+/// as it is, and the only copy left read by the runner's group (found by a review).
+#[test]
+fn an_output_taken_for_its_input_in_another_group_is_narrowed_as_a_fresh_one() {
+    let t = tree();
+    if !ready(&t) {
+        return;
+    }
+    let out = t.side("out");
+    fs::create_dir(&out).unwrap();
+    rustix::fs::chown(&out, Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
+    rustix::fs::chown(&t.root(), Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
+    let a = make(&t, "a.txt", Some(b"group 1600's\n"), 0o640, "u:1700:r");
+    let as_owner = |extra: &[&OsStr]| {
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--reuid=1500", "--regid=1500", "--clear-groups"])
+            .arg(bin())
+            .args([
+                s("batch"),
+                p(&t.root()),
+                s("--op"),
+                s("gzip"),
+                s("--out"),
+                p(&out),
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG");
+        run(cmd).success();
+    };
+    as_owner(&[]);
+    as_owner(&[s("--remove-source")]);
+    assert!(!a.exists(), "the input was not removed");
+    let gz = out.join("a.txt.gz");
+    assert!(!may_read(1800, OWNER, "", &gz), "{}", getfacl(&gz));
+    assert!(named_reads(&gz));
 }

@@ -52,16 +52,23 @@ pub(crate) fn group_and_other(value: &[u8]) -> Option<(u32, u32)> {
 }
 
 /// `acl` for a file whose owning group is not its input's (a run without the right to give it
-/// that group): the owning group's entry gives nothing, since it would give it to another
-/// group than the input's; named entries and the mask stay.
+/// that group): the owning group's entry gives no more than others get, since it would give
+/// it to another group than the input's, which may hold users the input keeps out (and
+/// those users are others to the input); named entries and the mask stay.
 pub(crate) fn without_owning_group(acl: &Acl) -> Acl {
     const GROUP_OBJ: u16 = 0x04;
+    const OTHER: u16 = 0x20;
     match acl {
         Acl::Some(value) if value.len() >= 4 && (value.len() - 4) % 8 == 0 => {
             let mut v = value.clone();
+            let other = v[4..]
+                .chunks_exact(8)
+                .find(|e| u16::from_le_bytes([e[0], e[1]]) == OTHER)
+                .map_or(0, |e| u16::from_le_bytes([e[2], e[3]]));
             for e in v[4..].chunks_exact_mut(8) {
                 if u16::from_le_bytes([e[0], e[1]]) == GROUP_OBJ {
-                    e[2..4].copy_from_slice(&0u16.to_le_bytes());
+                    let group = u16::from_le_bytes([e[2], e[3]]) & other;
+                    e[2..4].copy_from_slice(&group.to_le_bytes());
                 }
             }
             Acl::Some(v)

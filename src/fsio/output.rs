@@ -398,13 +398,16 @@ impl Mirror {
             .owner
             .is_some_and(|(_, gid)| rfs::fstat(dir).map_or(true, |now| now.st_gid != gid));
         let full = match &self.acls {
-            Some((Acl::Some(_), _)) => full,
-            _ if other_group => full & !0o2070,
-            _ => full,
+            _ if !other_group => full,
+            Some((Acl::Some(_), _)) => full & !0o2000,
+            _ => in_other_group(full),
         };
         let acls = self.acls.as_ref().map(|(access, default)| {
             if other_group {
-                (acl::without_owning_group(access), default.clone())
+                (
+                    acl::without_owning_group(access),
+                    acl::without_owning_group(default),
+                )
             } else {
                 (access.clone(), default.clone())
             }
@@ -544,7 +547,31 @@ pub(crate) struct Attrs {
     pub(crate) acl: Acl,
 }
 
+/// `mode`'s group bits in a group other than the one meant: no more than others get (that
+/// group may hold users the input keeps out, who are others to it), and no set-group-ID bit.
+pub(crate) fn in_other_group(mode: u32) -> u32 {
+    mode & !0o2070 | (mode & ((mode & 0o007) << 3))
+}
+
 impl Attrs {
+    /// What an output of these attributes is given in the group `gid`: these where it is the
+    /// input's; where it is another (a run without the right to give the input's), its group
+    /// class gives no more than others get, by the mode or by the ACL's owning-group entry
+    /// (with an ACL the group bits are its mask, which named entries need).
+    pub(crate) fn in_group(&self, gid: u32) -> Attrs {
+        if gid == self.gid {
+            return self.clone();
+        }
+        Attrs {
+            mode: match self.acl {
+                Acl::Some(_) => self.mode,
+                _ => in_other_group(self.mode),
+            },
+            acl: acl::without_owning_group(&self.acl),
+            ..self.clone()
+        }
+    }
+
     /// Attributes copied from an input's stat and its access ACL (`Acl::of` its descriptor).
     pub(crate) fn from_stat(st: &rfs::Stat, acl: Acl) -> Self {
         use rustix::fs::Timespec;
@@ -850,19 +877,12 @@ impl TempOutput {
         // Not given the input's group (a run without the right to: the shipped units' user),
         // its group bits, or its ACL's owning-group entry, would apply to another group than
         // the input's, which may hold users the input's keeps out (found by a review): they
-        // give nothing then. Named entries and others stay.
-        let other_group =
-            chowned.is_err() && rfs::fstat(file).map_or(true, |st| st.st_gid != a.gid);
+        // give no more than others get then (`Attrs::in_group`). Named entries stay.
         let narrowed;
-        let a = if other_group {
-            narrowed = Attrs {
-                mode: match a.acl {
-                    Acl::Some(_) => a.mode,
-                    _ => a.mode & !0o070,
-                },
-                acl: acl::without_owning_group(&a.acl),
-                ..a.clone()
-            };
+        let a = if chowned.is_err() {
+            // u32::MAX, no group, where the stat fails: the group class is narrowed then.
+            let gid = rfs::fstat(file).map_or(u32::MAX, |st| st.st_gid);
+            narrowed = a.in_group(gid);
             &narrowed
         } else {
             a

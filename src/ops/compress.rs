@@ -703,7 +703,12 @@ impl<C: Codec> CompressOp<C> {
             // is not counted as filepipe's work.
             let st = rfs::fstat(&file).map_err(|e| FileError::errno("stat of the output", e))?;
             let me = rustix::process::geteuid().as_raw();
-            let (mode, given) = (st.st_mode & 0o777, input.stat.st_mode & 0o777);
+            // (In another group than the input's, as a run that cannot give it makes it:
+            // `Attrs::in_group`.)
+            let given = Attrs::from_stat(&input.stat, input.acl())
+                .in_group(st.st_gid)
+                .mode;
+            let mode = st.st_mode & 0o777;
             if (st.st_uid != input.stat.st_uid && st.st_uid != me)
                 || (mode != given && mode != given & 0o700)
             {
@@ -868,10 +873,12 @@ fn same_content(dir: &Dir, ours: &File, theirs: &OsStr) -> Result<Option<File>, 
     }
 }
 
-/// Whether the output `name` in `dir` lets in someone its input does not: more mode bits, an
-/// ACL other than the input's (none is fine on an output open to its owner alone, as one made
-/// where the ACL could not go), or, as root, another owner or group than the input's. Any
-/// doubt (it cannot be opened or its ACL read) is taken for more open.
+/// Whether the output `name` in `dir` lets in someone its input does not, as filepipe would
+/// give it its input's attributes in its group (`Attrs::in_group`): more mode bits, or an ACL
+/// other than that (none is fine on an output open to its owner alone, as one made where the
+/// ACL could not go). Another user's output is left to a run as root (a user's run could not
+/// replace it in a sticky directory, and failed at every run). Any doubt (it cannot be opened
+/// or its ACL read) is taken for more open.
 fn more_open(dir: &Dir, name: &OsStr, input: &InputFile) -> bool {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
     let Ok(fd) = rfs::openat(&dir.fd, name, flags, Mode::empty()) else {
@@ -880,18 +887,21 @@ fn more_open(dir: &Dir, name: &OsStr, input: &InputFile) -> bool {
     let Ok(st) = rfs::fstat(&fd) else {
         return true;
     };
-    let want = &input.stat;
-    if st.st_mode & 0o7777 & !(want.st_mode & 0o7777) != 0 {
-        return true;
+    // Its owner's alone (with an ACL, a mask of `---`): no more than any input gives.
+    if st.st_mode & 0o077 == 0 {
+        return false;
     }
-    if rustix::process::geteuid().is_root() && (st.st_uid, st.st_gid) != (want.st_uid, want.st_gid)
-    {
+    let me = rustix::process::geteuid();
+    if !me.is_root() && st.st_uid != me.as_raw() {
+        return false;
+    }
+    let want = Attrs::from_stat(&input.stat, input.acl()).in_group(st.st_gid);
+    if st.st_mode & 0o777 & !want.mode != 0 {
         return true;
     }
     match Acl::of(&fd, acl::ACCESS) {
         Acl::Unknown(_) => true,
-        Acl::None if st.st_mode & 0o077 == 0 => false,
-        now => now != input.acl(),
+        now => now != want.acl,
     }
 }
 
@@ -901,7 +911,10 @@ fn more_open(dir: &Dir, name: &OsStr, input: &InputFile) -> bool {
 fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<(), FileError> {
     let st = rfs::fstat(file).map_err(|e| FileError::errno("stat of the existing output", e))?;
     let me = rustix::process::geteuid().as_raw();
-    let extra = st.st_mode & 0o777 & !(input.stat.st_mode & 0o777);
+    // What filepipe gives an output of this input in the output's group (`Attrs::in_group`:
+    // in another group than the input's, its group class no more than others get).
+    let given = Attrs::from_stat(&input.stat, input.acl()).in_group(st.st_gid);
+    let extra = st.st_mode & 0o777 & !given.mode;
     // filepipe's own (its user's) output of an input whose mode was narrowed since: narrowed
     // too, as a fresh output would be, then trusted.
     if extra != 0 && st.st_uid == me {
@@ -916,7 +929,7 @@ fn trusted(file: &File, input: &InputFile, dir: &Dir, name: &OsStr) -> Result<()
     // filepipe's own is given the input's, as a fresh output would be (once: a file system
     // that keeps another than it is given is refused).
     let acl_of = |f: &File| Acl::of(f, acl::ACCESS);
-    let wanted = input.acl();
+    let wanted = given.acl;
     let acl_ok = |st: &rfs::Stat| {
         let now = acl_of(file);
         !matches!(now, Acl::Unknown(_))
