@@ -814,7 +814,7 @@ fn an_output_taken_for_its_input_in_another_group_is_narrowed_as_a_fresh_one() {
     let out = t.side("out");
     fs::create_dir(&out).unwrap();
     rustix::fs::chown(&out, Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
-    rustix::fs::chown(&t.root(), Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
+    rustix::fs::chown(t.root(), Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
     let a = make(&t, "a.txt", Some(b"group 1600's\n"), 0o640, "u:1700:r");
     let as_owner = |extra: &[&OsStr]| {
         let mut cmd = Command::new("setpriv");
