@@ -66,6 +66,31 @@ fn tree() -> TestTree {
     t
 }
 
+/// `tree()`, where ACLs can be tested (`ready`); `None`, said skipped, elsewhere.
+fn acl_tree() -> Option<TestTree> {
+    let t = tree();
+    ready(&t).then_some(t)
+}
+
+/// `filepipe batch <t's root> --op gzip --out OUT EXTRA` run as uid 1500 (group 1500 alone),
+/// who may not give outputs another group.
+fn gzip_as_1500(t: &TestTree, out: &Path, extra: &[&OsStr]) -> Run {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--reuid=1500", "--regid=1500", "--clear-groups"])
+        .arg(bin())
+        .args([
+            s("batch"),
+            p(&t.root()),
+            s("--op"),
+            s("gzip"),
+            s("--out"),
+            p(out),
+        ])
+        .args(extra)
+        .env_remove("RUST_LOG");
+    run(cmd)
+}
+
 /// Makes `rel` under `t`'s root, a directory (`None`) or a file of `content`, owned by
 /// `OWNER:GROUP` with `mode`, then given the ACL entries `acl` (`setfacl -m`; none if empty).
 fn make(t: &TestTree, rel: &str, content: Option<&[u8]>, mode: u32, acl: &str) -> PathBuf {
@@ -206,10 +231,9 @@ impl Drop for Mount {
 /// `deny.txt` (`0644` denying user 65534 by name) to a `0644` one that user read.
 #[test]
 fn an_output_carries_its_inputs_acl_next_to_it_and_under_out() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let memo = make(
         &t,
         "memo.txt",
@@ -262,10 +286,9 @@ fn an_output_carries_its_inputs_acl_next_to_it_and_under_out() {
 /// the group listed it.
 #[test]
 fn a_mirrored_directory_carries_its_inputs_acls_under_out_and_a_move_directory() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let private = make(&t, "private", None, 0o750, "u:1700:rx,g::-,o::-");
     setfacl(&private, &["-d", "-m", "u:1700:rx,g::-,o::-"]);
     make(
@@ -311,10 +334,9 @@ fn a_mirrored_directory_carries_its_inputs_acls_under_out_and_a_move_directory()
 /// of the input's mode, and the user it names read outputs of inputs it could not read.
 #[test]
 fn an_output_trees_default_acl_gives_nothing_its_inputs_do_not() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     make(&t, "sub", None, 0o750, "");
     let input = make(&t, "sub/a.txt", Some(b"group only\n"), 0o640, "");
     // A directory of the tree whose default ACL lets 65534 in, and an input in it without one
@@ -362,10 +384,9 @@ fn an_output_trees_default_acl_gives_nothing_its_inputs_do_not() {
 /// group the input kept out. On a tmpfs, which keeps ACLs, the moved copy has its input's.
 #[test]
 fn where_acls_cannot_go_what_is_made_is_its_owners_alone() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let Some(ram) = mounted("ramfs") else {
         return;
     };
@@ -439,10 +460,9 @@ fn where_acls_cannot_go_what_is_made_is_its_owners_alone() {
 /// removal is looked past once nothing is found to remove).
 #[test]
 fn where_acls_are_refused_an_output_of_an_input_without_one_keeps_its_mode() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     if Command::new("bindfs").arg("--version").output().is_err() {
         eprintln!("SKIPPED: no bindfs");
         return;
@@ -485,10 +505,9 @@ fn where_acls_are_refused_an_output_of_an_input_without_one_keeps_its_mode() {
 /// only copy readable by the group the input's ACL kept out.
 #[test]
 fn an_output_in_place_without_its_inputs_acl_does_not_stand_for_it() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let memo = make(
         &t,
         "memo.txt",
@@ -517,10 +536,9 @@ fn an_output_in_place_without_its_inputs_acl_does_not_stand_for_it() {
 /// the group the ACL kept out. Now the input is copied again beside it, with its ACL.
 #[test]
 fn a_copy_in_the_move_directory_without_the_inputs_acl_does_not_stand_for_it() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let Some(tmpfs) = mounted("tmpfs") else {
         return;
     };
@@ -560,10 +578,9 @@ fn a_copy_in_the_move_directory_without_the_inputs_acl_does_not_stand_for_it() {
 #[test]
 fn a_cluster_workers_outputs_carry_their_inputs_acls() {
     use common::nats::{Nats, Worker};
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let Some(nats) = Nats::start() else { return };
     let private = make(&t, "private", None, 0o750, "u:1700:rx,g::-,o::-");
     let memo = make(
@@ -614,10 +631,9 @@ fn a_cluster_workers_outputs_carry_their_inputs_acls() {
 /// let in as before.
 #[test]
 fn an_out_root_made_for_a_root_with_an_acl_is_no_more_open_than_its_entries() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let root = t.root();
     rustix::fs::chown(
         &root,
@@ -667,10 +683,9 @@ fn an_out_root_made_for_a_root_with_an_acl_is_no_more_open_than_its_entries() {
 /// digests of a tree it may not list (found by a review).
 #[test]
 fn roots_made_under_a_default_acl_keep_none_of_it() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     fs::set_permissions(t.root(), fs::Permissions::from_mode(0o750)).unwrap();
     fs::write(t.path("f"), b"private\n").unwrap();
     let parent = t.side("p");
@@ -708,10 +723,9 @@ fn roots_made_under_a_default_acl_keep_none_of_it() {
 /// review; so in releases before ACLs too); then, read no longer what others read.
 #[test]
 fn an_output_left_in_another_group_gives_that_group_what_others_get() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let out = t.side("out");
     fs::create_dir(&out).unwrap();
     rustix::fs::chown(&out, Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
@@ -731,19 +745,7 @@ fn an_output_left_in_another_group_gives_that_group_what_others_get() {
             setfacl(&f, &["-m", acl]);
         }
     }
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid=1500", "--regid=1500", "--clear-groups"])
-        .arg(bin())
-        .args([
-            s("batch"),
-            p(&t.root()),
-            s("--op"),
-            s("gzip"),
-            s("--out"),
-            p(&out),
-        ])
-        .env_remove("RUST_LOG");
-    run(cmd).success();
+    gzip_as_1500(&t, &out, &[]).success();
     // A member of the runner's group, 1500, whom the inputs keep out (others read `plain`).
     let runners_group = |path: &Path| may_read(1800, OWNER, "", path);
     let named = out.join("named.gz");
@@ -753,21 +755,7 @@ fn an_output_left_in_another_group_gives_that_group_what_others_get() {
     assert_eq!(fs::metadata(&plain).unwrap().mode() & 0o777, 0o644);
     assert!(runners_group(&plain), "what others read");
     // Made once: the next run finds it up to date, as it would give it (no redo each run).
-    let mut again = Command::new("setpriv");
-    again
-        .args(["--reuid=1500", "--regid=1500", "--clear-groups"])
-        .arg(bin())
-        .args([
-            s("batch"),
-            p(&t.root()),
-            s("--op"),
-            s("gzip"),
-            s("--out"),
-            p(&out),
-        ])
-        .args([s("--json")])
-        .env_remove("RUST_LOG");
-    let summary = run(again).success().summary();
+    let summary = gzip_as_1500(&t, &out, &[s("--json")]).success().summary();
     assert_eq!(summary["skipped_by_reason"]["up-to-date"], 2, "{summary}");
 }
 
@@ -776,10 +764,9 @@ fn an_output_left_in_another_group_gives_that_group_what_others_get() {
 /// not left as it was (found by a review: the user the entry named kept reading the output).
 #[test]
 fn an_output_more_open_than_its_input_now_is_redone() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let f = make(&t, "f", Some(b"for 1700, once\n"), 0o640, "u:1700:r");
     let g = make(&t, "g", Some(b"for everyone, once\n"), 0o644, "");
     let gzip = || batch(&t, &[s("--op"), s("gzip"), s("--json")]);
@@ -807,30 +794,16 @@ fn an_output_more_open_than_its_input_now_is_redone() {
 /// as it is, and the only copy left read by the runner's group (found by a review).
 #[test]
 fn an_output_taken_for_its_input_in_another_group_is_narrowed_as_a_fresh_one() {
-    let t = tree();
-    if !ready(&t) {
+    let Some(t) = acl_tree() else {
         return;
-    }
+    };
     let out = t.side("out");
     fs::create_dir(&out).unwrap();
     rustix::fs::chown(&out, Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
     rustix::fs::chown(t.root(), Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
     let a = make(&t, "a.txt", Some(b"group 1600's\n"), 0o640, "u:1700:r");
     let as_owner = |extra: &[&OsStr]| {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=1500", "--regid=1500", "--clear-groups"])
-            .arg(bin())
-            .args([
-                s("batch"),
-                p(&t.root()),
-                s("--op"),
-                s("gzip"),
-                s("--out"),
-                p(&out),
-            ])
-            .args(extra)
-            .env_remove("RUST_LOG");
-        run(cmd).success();
+        gzip_as_1500(&t, &out, extra).success();
     };
     as_owner(&[]);
     as_owner(&[s("--remove-source")]);

@@ -241,8 +241,9 @@ impl DirCache {
                     // look and our `mkdir` (EEXIST), or put in place of ours before we opened
                     // it, is judged as one found (found by a review, racing `mkdir` in a
                     // loop: the check was made only of directories found at the first look).
+                    // (Judged by the mirror already worked out for the `mkdir`.)
                     if let Ok(dir) = &opened {
-                        self.check_owner(dir, &rel, &path, mode_of)?;
+                        self.check_owner(dir, &path, || mirror.owner.map(|(uid, _)| uid))?;
                     }
                     // Its entry in its parent must survive a crash before anything's only
                     // name goes into it.
@@ -262,7 +263,9 @@ impl DirCache {
                     // delete them (found by a review).
                     if self.create {
                         if let Ok(dir) = &other {
-                            self.check_owner(dir, &rel, &path, mode_of)?;
+                            self.check_owner(dir, &path, || {
+                                mode_of(&rel).owner.map(|(uid, _)| uid)
+                            })?;
                         }
                     }
                     other
@@ -283,22 +286,21 @@ impl DirCache {
         Ok(Dir::new(fd, path))
     }
 
-    /// Refuses the existing mirror directory `dir` (`rel` beneath the root, at `path`) unless
-    /// filepipe's user or the owner of the input directory it mirrors owns it (`mode_of`
-    /// tells that owner, as for a directory made).
+    /// Refuses the existing mirror directory `dir` (at `path`) unless filepipe's user or the
+    /// owner of the input directory it mirrors owns it (`mirrors` tells that owner's uid, as
+    /// `Mirror::owner` of a directory made; asked only of one not filepipe's user's).
     fn check_owner(
         &self,
         dir: &OwnedFd,
-        rel: &Path,
         path: &Path,
-        mode_of: &dyn Fn(&Path) -> Mirror,
+        mirrors: impl FnOnce() -> Option<u32>,
     ) -> Result<(), FileError> {
         let st = rfs::fstat(dir)
             .map_err(|e| FileError::errno(&format!("opening directory {}", path.display()), e))?;
         if st.st_uid == rustix::process::geteuid().as_raw() {
             return Ok(());
         }
-        let mirrors = mode_of(rel).owner.map(|(uid, _)| uid);
+        let mirrors = mirrors();
         if mirrors == Some(st.st_uid) {
             return Ok(());
         }

@@ -59,9 +59,7 @@ impl NewDir {
     /// made an `--out` root its whole group could list). Where the ACL cannot be read, they
     /// get nothing.
     pub(crate) fn like_input_at(root: &Path) -> io::Result<NewDir> {
-        let mut st = rfs::stat(root)?;
-        st.st_mode = granted(root, &st)?;
-        Ok(NewDir::like_input(&st))
+        Ok(NewDir::like_input(&granted(root)?))
     }
 
     /// A state directory serving the input roots `roots`: owned by the process, which writes
@@ -75,13 +73,10 @@ impl NewDir {
         let mut group = None;
         let mut groups_agree = true;
         for root in roots {
-            let Ok(st) = rfs::stat(root) else {
+            let Ok(st) = granted(root) else {
                 return NewDir::private();
             };
-            let Ok(mode) = granted(root, &st) else {
-                return NewDir::private();
-            };
-            grant &= mode & 0o055;
+            grant &= st.st_mode & 0o055;
             match group {
                 None => group = Some(st.st_gid),
                 Some(g) if g != st.st_gid => groups_agree = false,
@@ -257,25 +252,27 @@ fn grant_by_acl(dir: &OwnedFd, bits: u32, uid: u32, perm: u32) -> Result<(), Err
     )
 }
 
-/// The mode of the directory `root` (whose stat is `st`) with its group and other bits
+/// The stat of the directory `root` (opened once), its mode's group and other bits
 /// limited to what its access ACL grants them: with an ACL, the mode's group bits are the
 /// ACL's mask, not what its group gets, and its named entries are not carried by what is
 /// made from the mode (found by a review: a `0750` root whose ACL gave its group nothing and
 /// one user `r-x` made an `--out` root, and a state directory, its whole group could list).
 /// Where the ACL cannot be read, they get nothing.
-fn granted(root: &Path, st: &Stat) -> io::Result<u32> {
+fn granted(root: &Path) -> io::Result<Stat> {
     use crate::fsio::acl::{self, Acl};
     let fd = rfs::open(
         root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
+    let mut st = rfs::fstat(&fd)?;
     let (group, other) = match Acl::of_reached(&fd, acl::ACCESS) {
-        Acl::None => return Ok(st.st_mode),
+        Acl::None => return Ok(st),
         Acl::Some(v) => acl::group_and_other(&v).unwrap_or((0, 0)),
         Acl::Unknown(_) => (0, 0),
     };
-    Ok(st.st_mode & !0o077 | (st.st_mode & ((group << 3) | other)))
+    st.st_mode = st.st_mode & !0o077 | (st.st_mode & ((group << 3) | other));
+    Ok(st)
 }
 
 /// The process's umask, read without changing it (`umask(2)` can only set it, and another

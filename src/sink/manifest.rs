@@ -139,7 +139,9 @@ pub(crate) fn write_manifest<'d>(
             rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
                 && st.st_uid == me
         });
-    let mut mode = before.map_or(0o600 & !umask(), |st| st.st_mode & 0o666);
+    let mut mode = before.map_or(0o600 & !crate::fsio::rootdirs::umask(), |st| {
+        st.st_mode & 0o666
+    });
     if let Some(st) = before {
         let gid = rustix::fs::Gid::from_raw(st.st_gid);
         // Not ours to give (not root, and not in that group): the group stays ours, and
@@ -164,17 +166,4 @@ pub(crate) fn write_manifest<'d>(
                 e.context(format!("publishing {}", path.display()))
             }
         })
-}
-
-/// The process umask, read from /proc: calling umask(2) to read it would change it, for an
-/// instant, under the workers' feet.
-fn umask() -> u32 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Umask:"))
-                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-        })
-        .unwrap_or(0o022)
 }

@@ -490,18 +490,12 @@ impl Watcher<'_> {
     /// Whether it is watched now (see `watch_dir`); one that is not is in `unwatched`, or in
     /// `limited` past the inotify watch limit.
     fn watch(&mut self, dir: &Path) -> bool {
-        match watch_dir(&mut self.watcher, dir, self.cfg.follow_symlinks) {
-            Watched::Yes => true,
-            Watched::No => {
-                self.unwatched.insert(dir.to_path_buf());
-                false
-            }
-            Watched::Limit => {
-                self.limited.insert(dir.to_path_buf());
-                self.limit_reached();
-                false
-            }
+        let watched = watch_dir(&mut self.watcher, dir, self.cfg.follow_symlinks);
+        set_aside(watched, dir, &mut self.unwatched, &mut self.limited);
+        if watched == Watched::Limit {
+            self.limit_reached();
         }
+        watched == Watched::Yes
     }
 
     /// Says, once, that the inotify watch limit is reached.
@@ -556,16 +550,9 @@ impl Watcher<'_> {
         let mut at_limit = false;
         walk::scan(cfg, dir, stats, shutdown, &mut |f| {
             if let Found::Dir(d) = &f {
-                match watch_dir(watcher, d, cfg.follow_symlinks) {
-                    Watched::Yes => {}
-                    Watched::No => {
-                        unwatched.insert(d.clone());
-                    }
-                    Watched::Limit => {
-                        limited.insert(d.clone());
-                        at_limit = true;
-                    }
-                }
+                let watched = watch_dir(watcher, d, cfg.follow_symlinks);
+                set_aside(watched, d, unwatched, limited);
+                at_limit |= watched == Watched::Limit;
             } else {
                 found.push(f);
             }
@@ -1158,6 +1145,26 @@ impl Watcher<'_> {
             || cfg.move_source.is_some()
             || recorded::input_of_output(cfg, rel)
                 .is_some_and(|i| self.flight.contains(&i) || recorded::input_beside(cfg, &i))
+    }
+}
+
+/// Keeps a directory not watched where it is looked at again: one that may not be read in
+/// `unwatched` (tried when its attributes change), one past the inotify watch limit in
+/// `limited` (scanned on an interval).
+fn set_aside(
+    watched: Watched,
+    dir: &Path,
+    unwatched: &mut BTreeSet<PathBuf>,
+    limited: &mut BTreeSet<PathBuf>,
+) {
+    match watched {
+        Watched::Yes => {}
+        Watched::No => {
+            unwatched.insert(dir.to_path_buf());
+        }
+        Watched::Limit => {
+            limited.insert(dir.to_path_buf());
+        }
     }
 }
 
