@@ -108,12 +108,6 @@ pub(crate) struct Incremental {
     pub(crate) lock: std::sync::Arc<crate::state::DirLock>,
 }
 
-/// Why `--max-size` is refused with `--queue`: a job carries no size limit, and the workers
-/// read what they are sent.
-#[cfg(feature = "cluster")]
-pub(crate) const MAX_SIZE_QUEUE: &str =
-    "--max-size does not combine with --queue yet: the workers read every file they are sent";
-
 /// The settle time when none is given.
 pub(crate) const DEFAULT_SETTLE_MS: u64 = 300;
 
@@ -653,10 +647,6 @@ impl Config {
                  here; run it without --queue"
             );
         }
-        #[cfg(feature = "cluster")]
-        if args.common.max_size.is_some() && args.queue.is_some() {
-            bail!("{MAX_SIZE_QUEUE}");
-        }
         if let Some(dir) = args.state.as_ref().filter(|_| makes_dirs(&args.common)) {
             // The state's checks against `--out` and the move directories, before any of them
             // is made: a refused run leaves no directory behind (found by a review:
@@ -973,10 +963,6 @@ impl Config {
         // Before anything is created: `--queue` alone with no URL in the environment.
         #[cfg(feature = "cluster")]
         let url = queue_url(args.queue.as_ref())?;
-        #[cfg(feature = "cluster")]
-        if args.common.max_size.is_some() && url.is_some() {
-            bail!("{MAX_SIZE_QUEUE}");
-        }
         let state_dir = args.state.clone().unwrap_or_else(crate::state::default_dir);
         // Before `--out`, the move directories and the state directory are made, the state
         // locked (`watching` checks the rest): a refused run leaves none of them behind.

@@ -2190,3 +2190,67 @@ fn a_worker_whose_waiting_requests_are_refused_pauses_instead_of_spinning() {
         "two idle workers used {used} ticks of CPU in 5 s"
     );
 }
+
+/// `--max-size` through the queue: each worker skips a larger file unread, as a local run
+/// does (a sparse file of a terabyte among them: hours of reading), with the same reasons and
+/// counts; the coordinator's failure log says why. It was refused with `--queue`.
+#[test]
+fn a_size_limit_travels_with_the_jobs_and_each_worker_skips_larger_files_unread() {
+    let Some(nats) = Nats::start() else { return };
+    let made = || {
+        let t = TestTree::new()
+            .file("small", &text_bytes(900, 1))
+            .file("sub/edge", &text_bytes(1024, 2))
+            .file("sub/big", &text_bytes(2048, 3));
+        fs::File::create(t.path("sparse"))
+            .unwrap()
+            .set_len(1 << 40)
+            .unwrap();
+        t
+    };
+    let args = ["--op", "gzip", "--max-size", "1K"];
+    let local = made();
+    let local_root = local.root();
+    let mut here = vec![s("batch"), local_root.as_os_str(), s("--json")];
+    here.extend(args.iter().map(|a| s(a)));
+    let here = run(filepipe(&here));
+    let queued = made();
+    let log = queued.side("failures.jsonl");
+    let root = format!("tree={}", queued.root().display());
+    let w = Worker::start(&nats, queued.dir.path(), &[root], "2");
+    let started = std::time::Instant::now();
+    let mut extra = vec!["--root-name", "tree", "--failure-log"];
+    let log_arg = log.to_str().unwrap();
+    extra.push(log_arg);
+    extra.extend(args);
+    let there = coordinate(&nats, &queued.root(), &extra);
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the sparse file was read"
+    );
+    let (here_sum, there_sum) = (here.success().summary(), there.success().summary());
+    assert_eq!(
+        here_sum["skipped_by_reason"]["over-max-size"], 2,
+        "{here_sum}"
+    );
+    for k in ["done", "skipped", "failed", "skipped_by_reason"] {
+        assert_eq!(
+            there_sum[k],
+            here_sum[k],
+            "{k}: {there_sum}\n{}\n{}",
+            there.stderr(),
+            w.log()
+        );
+    }
+    for t in [&local, &queued] {
+        assert!(t.path("small.gz").is_file() && t.path("sub/edge.gz").is_file());
+        assert!(!t.path("sub/big.gz").exists() && !t.path("sparse.gz").exists());
+    }
+    assert_outputs_whole(&queued.root());
+    let records = fs::read_to_string(&log).unwrap();
+    assert!(
+        records.lines().any(|l| l.contains("\"over-max-size\"")
+            && l.contains("1099511627776 bytes, over --max-size (1024 bytes)")),
+        "{records}"
+    );
+}

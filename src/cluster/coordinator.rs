@@ -204,6 +204,7 @@ impl<'a> Head<'a> {
             force: cfg.force,
             files,
             follow_symlinks: cfg.follow_symlinks,
+            max_size: cfg.max_size,
         }
     }
 }
@@ -215,6 +216,7 @@ fn asks(cfg: &Config, out: Option<&str>) -> wire::Asks {
         multi: cfg.spec.is_multi(),
         moves: cfg.move_source.is_some() || cfg.move_failed.is_some(),
         follow: cfg.follow_symlinks,
+        limit: cfg.max_size.is_some(),
     }
 }
 

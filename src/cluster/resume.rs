@@ -78,6 +78,15 @@ impl RunFile {
         if cfg.remove_source {
             h.update(b"remove-source");
         }
+        // Links followed, and a size limit: either changes which files are done (a batch
+        // without them keeps the key it had before they travelled).
+        if cfg.follow_symlinks {
+            h.update(b"follow-symlinks");
+        }
+        if let Some(max) = cfg.max_size {
+            h.update(b"max-size");
+            h.update(max.to_le_bytes());
+        }
         // Where inputs are moved: another directory is another batch.
         for (aside, tag) in [
             (&cfg.move_source, &b"move-source"[..]),

@@ -336,6 +336,11 @@ pub(crate) struct JobBatch {
     /// would skip every such file as a symlink.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) follow_symlinks: bool,
+    /// Files larger than this many bytes are skipped unread, `over-max-size`
+    /// (`--max-size`), checked by the worker on what it opens, as a local run checks it. A
+    /// message with it is `VERSION_LIMIT`: a worker from before it would read every file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) max_size: Option<u64>,
 }
 
 /// A job message as it is written: `JobBatch`'s fields, borrowed, so that encoding a batch
@@ -361,6 +366,8 @@ pub(crate) struct JobBatchOut<'a> {
     pub(crate) move_failed: Option<&'a str>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub(crate) follow_symlinks: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) max_size: Option<u64>,
 }
 
 /// The version of a job message that names an output root or asks for its inputs removed:
@@ -378,6 +385,9 @@ pub(crate) const VERSION_MOVE: u32 = 5;
 /// The version of a JSON job message whose symlinks are followed (`follow_symlinks`).
 pub(crate) const VERSION_FOLLOW: u32 = 6;
 
+/// The version of a JSON job message with a size limit (`max_size`).
+pub(crate) const VERSION_LIMIT: u32 = 7;
+
 /// What a job message asks beyond a file's op and level, each of which needs a worker that
 /// knows it (`JobBatch::version`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -390,10 +400,13 @@ pub(crate) struct Asks {
     pub(crate) moves: bool,
     /// Symlinks followed.
     pub(crate) follow: bool,
+    /// A size limit.
+    pub(crate) limit: bool,
 }
 
 impl JobBatch {
-    /// The version a batch is sent as: `VERSION_FOLLOW` with symlinks followed, else
+    /// The version a batch is sent as: `VERSION_LIMIT` with a size limit, else
+    /// `VERSION_FOLLOW` with symlinks followed, else
     /// `VERSION_MOVE` with a directory inputs are moved to (which several ops never have), else
     /// `VERSION_MULTI` with several ops, else `VERSION_OUT` with an output root or inputs
     /// removed, else `VERSION`. A single op keeps the version
@@ -404,8 +417,11 @@ impl JobBatch {
             multi,
             moves,
             follow,
+            limit,
         } = asks;
-        if follow {
+        if limit {
+            VERSION_LIMIT
+        } else if follow {
             VERSION_FOLLOW
         } else if moves {
             VERSION_MOVE
@@ -466,8 +482,8 @@ impl JobBatch {
             return Err(format!(
                 "version {}, this worker reads {VERSION}, {VERSION_OUT} with an output root \
                  or --remove-source, {VERSION_MULTI} with several ops, {VERSION_MOVE} with \
-                 --move-source or --move-failed, {VERSION_FOLLOW} with --follow-symlinks, and \
-                 binary messages of version 4",
+                 --move-source or --move-failed, {VERSION_FOLLOW} with --follow-symlinks, \
+                 {VERSION_LIMIT} with --max-size, and binary messages of version 4",
                 b.v
             ));
         }
@@ -481,6 +497,7 @@ impl JobBatch {
             multi: !self.ops.is_empty(),
             moves: self.move_source.is_some() || self.move_failed.is_some(),
             follow: self.follow_symlinks,
+            limit: self.max_size.is_some(),
         })
     }
 
@@ -976,6 +993,7 @@ mod tests {
             move_source: None,
             move_failed: None,
             follow_symlinks: false,
+            max_size: None,
         })
         .unwrap();
         let b = JobBatch::parse(&json).unwrap();
@@ -1003,6 +1021,7 @@ mod tests {
             move_source: None,
             move_failed: None,
             follow_symlinks: false,
+            max_size: None,
         })
         .unwrap();
         assert!(JobBatch::parse(plain.as_bytes()).is_ok(), "{plain}");
@@ -1110,6 +1129,7 @@ mod tests {
                 move_source: None,
                 move_failed: None,
                 follow_symlinks: false,
+                max_size: None,
             };
             let read = JobBatch::parse(&serde_json::to_vec(&b).unwrap()).unwrap();
             assert_eq!(read.spec().unwrap(), spec);

@@ -15,8 +15,8 @@
 //! ```text
 //! jobs:      04 'J' run:s8 root:s8 out:s8 (empty: none) op:u8 n_ops:u8 ops:u8*n_ops level:u8
 //!            flags:u8 (1 force, 2 remove_source, 4 move_source, 8 move_failed,
-//!            16 follow_symlinks)
-//!            [move_source:s8] [move_failed:s8] n_files:u16, then per file:
+//!            16 follow_symlinks, 32 max_size)
+//!            [move_source:s8] [move_failed:s8] [max_size:u64] n_files:u16, then per file:
 //!            path:s32 flags:u8 (1 replace, 2 stamp, 4 size) [size:u64] [stamp size:u64 mtime_ns:i64]
 //! outcomes:  04 'O' run:s8 worker:s16 n:u16, then per outcome:
 //!            path:s32 status:u8 (0 done, 1 skipped, 2 failed) flags:u8 (1 kind, 2 message,
@@ -163,10 +163,14 @@ pub(crate) fn encode_jobs(j: &JobBatchOut) -> Result<Vec<u8>, String> {
             | u8::from(j.remove_source) << 1
             | u8::from(j.move_source.is_some()) << 2
             | u8::from(j.move_failed.is_some()) << 3
-            | u8::from(j.follow_symlinks) << 4,
+            | u8::from(j.follow_symlinks) << 4
+            | u8::from(j.max_size.is_some()) << 5,
     );
     for name in j.move_source.iter().chain(&j.move_failed) {
         put_s8(&mut buf, name.as_bytes(), "move root")?;
+    }
+    if let Some(max) = j.max_size {
+        buf.extend_from_slice(&max.to_le_bytes());
     }
     let n = u16::try_from(j.files.len()).map_err(|_| "too many files".to_owned())?;
     buf.extend_from_slice(&n.to_le_bytes());
@@ -219,13 +223,14 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         .map(|&c| op_of(c))
         .collect::<Result<Vec<_>, _>>()?;
     let level = u32::from(r.u8("level")?);
-    let flags = r.flags(0b1_1111, "job flags")?;
+    let flags = r.flags(0b11_1111, "job flags")?;
     let move_source = (flags & 4 != 0)
         .then(|| r.name("move_source"))
         .transpose()?;
     let move_failed = (flags & 8 != 0)
         .then(|| r.name("move_failed"))
         .transpose()?;
+    let max_size = (flags & 32 != 0).then(|| r.u64("max_size")).transpose()?;
     let n = r.count(MAX_FILES, MIN_JOB_FILE, "files")?;
     let mut files = Vec::with_capacity(n);
     for _ in 0..n {
@@ -255,6 +260,7 @@ pub(crate) fn decode_jobs(payload: &[u8]) -> Result<JobBatch, String> {
         move_source,
         move_failed,
         follow_symlinks: flags & 16 != 0,
+        max_size,
     })
 }
 
@@ -692,6 +698,7 @@ mod tests {
             move_source: None,
             move_failed: None,
             follow_symlinks: false,
+            max_size: None,
         }
     }
 
@@ -745,6 +752,44 @@ mod tests {
         let json = serde_json::to_vec(&j).unwrap();
         assert!(JobBatch::parse(&json).unwrap().follow_symlinks);
         j.v = 3;
+        assert!(JobBatch::parse(&serde_json::to_vec(&j).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_size_limit_travels_after_a_flag_bit_and_in_a_json_version_older_readers_refuse() {
+        let files = [file(b"a/b.log", None, false)];
+        let mut j = job(&files, &[]);
+        j.move_failed = Some("bad");
+        for max in [0, 1, 10 << 30, u64::MAX] {
+            j.max_size = Some(max);
+            let payload = encode_jobs(&j).unwrap();
+            let b = JobBatch::parse(&payload).unwrap();
+            assert_eq!(
+                (b.max_size, b.move_failed.as_deref()),
+                (Some(max), Some("bad"))
+            );
+            // A reader from before it knew the bits up to 16: it refuses the message.
+            let flags_at = 2 + 3 + 3 + 2 + 3;
+            assert_eq!(payload[flags_at], 0b10_1001);
+            let mut older = Reader {
+                left: &payload[flags_at..],
+            };
+            assert!(older.flags(0b1_1111, "job flags").is_err());
+            // The limit's bytes cut short: refused, never read as a file count.
+            let mut cut = payload.clone();
+            cut.truncate(flags_at + 1 + 4 + 3);
+            assert!(JobBatch::parse(&cut).is_err());
+        }
+        // Without the limit, the bit is clear and no bytes are spent.
+        j.max_size = None;
+        let without = encode_jobs(&j).unwrap();
+        j.max_size = Some(7);
+        assert_eq!(encode_jobs(&j).unwrap().len(), without.len() + 8);
+        // In JSON, a version of its own, and one that says it must be that version.
+        j.v = crate::cluster::wire::VERSION_LIMIT;
+        let json = serde_json::to_vec(&j).unwrap();
+        assert_eq!(JobBatch::parse(&json).unwrap().max_size, Some(7));
+        j.v = crate::cluster::wire::VERSION_MOVE;
         assert!(JobBatch::parse(&serde_json::to_vec(&j).unwrap()).is_err());
     }
 

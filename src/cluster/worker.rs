@@ -69,6 +69,8 @@ struct Key {
     move_failed: Option<String>,
     /// Symlinks followed, to what lies beneath the root only.
     follow_symlinks: bool,
+    /// Files larger are skipped unread (`--max-size` of the coordinator).
+    max_size: Option<u64>,
     /// The jobs' format, which their outcomes take (a coordinator may send both: JSON for
     /// the jobs a worker from before version 4 refused).
     format: Format,
@@ -741,6 +743,7 @@ impl Router<'_> {
             move_source: batch.move_source.clone(),
             move_failed: batch.move_failed.clone(),
             follow_symlinks: batch.follow_symlinks,
+            max_size: batch.max_size,
             format: batch.format(),
         };
         if !self.pipelines.contains_key(&key) {
@@ -883,8 +886,8 @@ impl Router<'_> {
                 .as_ref()
                 .and_then(|n| self.move_roots.get(n).cloned()),
             durability: self.durability,
-            // A job carries no size limit (a coordinator's `--max-size` skips at its walk).
-            max_size: None,
+            // Checked on what is opened, as a local run checks it.
+            max_size: key.max_size,
             json: false,
             quiet: true,
             progress: false,

@@ -654,14 +654,6 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
             })
             .map_err(|e| at(w.path.span(), &format!("watch[{i}]"), format!("{e:#}")))?;
         let url = queue_of(&located, w.queue.as_ref(), w.queue_file.as_ref(), &key(""))?;
-        #[cfg(feature = "cluster")]
-        if let (Some(_), Some(size)) = (&url, w.max_size.as_ref().or(file.max_size.as_ref())) {
-            return Err(at(
-                size.span(),
-                &key("max_size"),
-                crate::config::MAX_SIZE_QUEUE.to_string(),
-            ));
-        }
         let queue_span = w
             .queue
             .as_ref()
