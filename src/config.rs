@@ -88,6 +88,9 @@ pub(crate) struct Config {
     /// Inputs must be opened beneath the root or not at all (cluster workers, whose job paths
     /// come from a queue): never by full path when the root cannot be opened.
     pub(crate) confined: bool,
+    /// Each output directory is swept of this host's dead temps the first time it is written
+    /// into (cluster workers, which walk no tree: see `output::Sweeper`).
+    pub(crate) sweep_out_dirs: bool,
     /// Watch mode settings; `None` for a one-shot batch.
     pub(crate) watch: Option<WatchSettings>,
     /// Batch mode with `--state`: the state that spares unchanged files a read; `None`
@@ -945,6 +948,7 @@ impl Config {
             own_ids: Default::default(),
             service_own: None,
             confined: false,
+            sweep_out_dirs: false,
             watch: None,
             incremental: None,
         })

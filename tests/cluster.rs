@@ -2254,3 +2254,62 @@ fn a_size_limit_travels_with_the_jobs_and_each_worker_skips_larger_files_unread(
         "{records}"
     );
 }
+
+/// A worker removes the temps a killed worker of its host left in the directories it writes
+/// into (named temps: shared storage has no `O_TMPFILE`), as a local run's walk does in its
+/// tree; another host's temp, a live writer's and a file only named like one stay. Workers
+/// walk no tree, and such a temp (a whole file's bytes) stayed for ever where only workers
+/// run (found by a review). The coordinator names the output root by another path here, so
+/// that its own sweep of `--out` at its start cannot be what removed it.
+#[test]
+fn a_worker_sweeps_its_hosts_dead_temps_from_the_directories_it_writes_into() {
+    let Some(nats) = Nats::start() else { return };
+    let t = TestTree::new()
+        .file("d0/a.log", &text_bytes(5_000, 1))
+        .file("d0/b.log", &text_bytes(6_000, 2));
+    let archive = t.side("archive");
+    let seen_by_coordinator = t.side("coordinator-view");
+    fs::create_dir_all(archive.join("d0")).unwrap();
+    fs::create_dir(&seen_by_coordinator).unwrap();
+    let mark = |path: &Path, mark: &[u8]| {
+        rustix::fs::setxattr(
+            path,
+            "user.filepipe.temp",
+            mark,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap()
+    };
+    // A pid above the kernel's largest (4194304): its writer is gone.
+    let dead = archive.join("d0/.filepipe.4194305-0.0.tmp");
+    let other_host = archive.join("d0/.filepipe.4194305-0.1.tmp");
+    let live = archive.join(format!("d0/.filepipe.{}-0.2.tmp", std::process::id()));
+    let lookalike = archive.join("d0/.filepipe.4194305.9.tmp");
+    for path in [&dead, &other_host, &live, &lookalike] {
+        fs::write(path, b"torn").unwrap();
+    }
+    mark(&dead, &temp_mark());
+    mark(&live, &temp_mark());
+    mark(&other_host, b"2:0123456789abcdef");
+    let roots = [format!("tree={}", t.root().display())];
+    let out_root = format!("arch={}", archive.display());
+    let w = Worker::start_with(&nats, t.dir.path(), &roots, "2", &["--out-root", &out_root]);
+    let args = [
+        "--op",
+        "gzip",
+        "--root-name",
+        "tree",
+        "--out",
+        seen_by_coordinator.to_str().unwrap(),
+        "--out-root-name",
+        "arch",
+    ];
+    let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
+    assert_eq!(sum["done"], 2, "{sum}");
+    assert!(archive.join("d0/a.log.gz").is_file());
+    assert!(!dead.exists(), "the dead temp stayed\n{}", w.log());
+    for kept in [&other_host, &live, &lookalike] {
+        assert!(kept.exists(), "{} was removed", kept.display());
+    }
+    assert!(w.log().contains("removed stale temp files"), "{}", w.log());
+}

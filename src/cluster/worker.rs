@@ -895,6 +895,7 @@ impl Router<'_> {
             own_ids: Default::default(),
             service_own: None,
             confined: true,
+            sweep_out_dirs: true,
             watch: None,
             incremental: None,
         };

@@ -147,6 +147,9 @@ pub(crate) struct DirCache {
     /// the input's only name is about to go into it).
     sync_made: bool,
     last: Option<(PathBuf, Arc<Dir>)>,
+    /// Each directory opened is swept of this host's dead temps the first time (cluster
+    /// workers: see `Sweeper`).
+    sweeper: Option<Arc<Sweeper>>,
 }
 
 impl DirCache {
@@ -158,7 +161,14 @@ impl DirCache {
             create,
             sync_made: false,
             last: None,
+            sweeper: None,
         }
+    }
+
+    /// The same cache, sweeping each directory it opens of stale temps the first time one of
+    /// `sweeper`'s caches opens it.
+    pub(crate) fn sweeping(self, sweeper: Option<Arc<Sweeper>>) -> Self {
+        DirCache { sweeper, ..self }
     }
 
     /// A cache for directories under `root`, opened now (following it if it is a symlink:
@@ -190,6 +200,9 @@ impl DirCache {
             }
         }
         let dir = Arc::new(self.open_uncached(rel_dir, mode_of)?);
+        if let Some(sweeper) = &self.sweeper {
+            sweeper.sweep(&dir);
+        }
         self.last = Some((rel_dir.to_path_buf(), Arc::clone(&dir)));
         Ok(dir)
     }
@@ -1340,6 +1353,86 @@ pub(crate) fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempF
         },
         other => other,
     }
+}
+
+/// Removes this host's dead temps from each directory a cluster worker writes into, the first
+/// time it does. A local run's walk sweeps its tree as it lists it (and `--out`, the move
+/// directories and the manifest's directory at its start), but a worker walks nothing: the
+/// temps a killed worker left (named ones, where the file system has no `O_TMPFILE`: NFS and
+/// others shared storage is made of) stayed for ever on a host that runs only workers (found
+/// by a review). Only what `examine_temp` proves dead is removed: marked by this host, its
+/// lock free and its writer's pid gone; a live writer's temp, or another host's, is left.
+/// The directories swept are remembered by identity for the pipeline's life, up to `MOST`
+/// of them, then forgotten and swept again as they come: one listing of a directory each time.
+#[derive(Debug, Default)]
+pub(crate) struct Sweeper {
+    swept: std::sync::Mutex<std::collections::HashSet<(u64, u64)>>,
+}
+
+impl Sweeper {
+    /// The most directories remembered (16 bytes each).
+    const MOST: usize = 1 << 20;
+
+    /// Sweeps `dir` unless it was swept already.
+    pub(crate) fn sweep(&self, dir: &Dir) {
+        let Some(id) = dir.id() else {
+            return;
+        };
+        {
+            let mut swept = self
+                .swept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if swept.len() >= Self::MOST {
+                swept.clear();
+            }
+            if !swept.insert(id) {
+                return;
+            }
+        }
+        let removed = sweep_dir(dir);
+        if removed > 0 {
+            tracing::info!(
+                dir = %dir.path.display(),
+                removed,
+                "removed stale temp files a stopped filepipe of this host left"
+            );
+        }
+    }
+}
+
+/// Removes the dead temps of this host in `dir` (its own entries only); returns how many.
+fn sweep_dir(dir: &Dir) -> u64 {
+    // A descriptor of its own to list with: `dir.fd` is shared, and listing moves its offset.
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let Ok(fd) = rfs::openat(&dir.fd, ".", flags, Mode::empty()) else {
+        return 0;
+    };
+    let mut temps = Vec::new();
+    let mut buf = vec![std::mem::MaybeUninit::<u8>::uninit(); 32 * 1024];
+    let mut entries = rfs::RawDir::new(&fd, &mut buf);
+    while let Some(Ok(e)) = entries.next() {
+        let name = OsStr::from_bytes(e.file_name().to_bytes());
+        if matches!(
+            e.file_type(),
+            rfs::FileType::RegularFile | rfs::FileType::Unknown
+        ) && is_temp_name(name)
+        {
+            temps.push(name.to_owned());
+        }
+    }
+    let mut removed = 0;
+    for name in temps {
+        match examine_temp(&dir.fd, &name, true) {
+            TempFound::Removed => removed += 1,
+            TempFound::Unmarked(_) => tracing::warn!(
+                path = %dir.path.join(&name).display(),
+                "named like a filepipe temp file but not marked as one: left alone"
+            ),
+            TempFound::Ignore | TempFound::InUse | TempFound::Stale | TempFound::Foreign => {}
+        }
+    }
+    removed
 }
 
 /// Whether the process whose pid a temp's name carries (`.filepipe.<pid>-...`) exists here.

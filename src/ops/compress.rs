@@ -33,7 +33,7 @@ use crate::fsio::acl::{self, Acl};
 use crate::fsio::aside::{self, Aside};
 use crate::fsio::input::{InputFile, Root};
 use crate::fsio::output::{
-    self, Attrs, Dir, DirCache, Durability, FileId, TempOutput, WriteBehind,
+    self, Attrs, Dir, DirCache, Durability, FileId, Sweeper, TempOutput, WriteBehind,
 };
 use crate::ops::hash::{Hasher, Tee};
 use crate::ops::{Done, Op};
@@ -158,6 +158,8 @@ pub(crate) struct CompressOp<C: Codec> {
     /// descriptor only, whatever its path leads to later (see `DirCache`).
     out_root_dir: Arc<Dir>,
     mirrored: bool,
+    /// Cluster workers: output directories swept of this host's dead temps (see `Sweeper`).
+    sweeper: Option<Arc<Sweeper>>,
     /// `--follow-symlinks`: a link to a regular file beneath the root is an input.
     follow_symlinks: bool,
     /// The input root, for `--remove-source` and `--move-source` to reach an input's directory
@@ -275,6 +277,7 @@ impl<C: Codec> CompressOp<C> {
                 output::open_root(cfg.out_root()).map_err(|e| anyhow::anyhow!(e.message))?,
             ),
             mirrored: cfg.out.is_some(),
+            sweeper: cfg.sweep_out_dirs.then(Arc::default),
             follow_symlinks: cfg.follow_symlinks,
             #[cfg(test)]
             panic_on: None,
@@ -989,7 +992,8 @@ impl<C: Codec> Op for CompressOp<C> {
 
     fn scratch(&self) -> Self::Scratch {
         Scratch {
-            out_dirs: DirCache::over(Arc::clone(&self.out_root_dir), self.mirrored),
+            out_dirs: DirCache::over(Arc::clone(&self.out_root_dir), self.mirrored)
+                .sweeping(self.sweeper.clone()),
             codec: self.codec.scratch(),
             compare: Vec::new(),
             replacing: None,
@@ -1339,6 +1343,7 @@ mod tests {
             out_root: tmp.path().join("out"),
             out_root_dir: Arc::new(output::open_root(&tmp.path().join("out")).unwrap()),
             mirrored: true,
+            sweeper: None,
             follow_symlinks: false,
             root_fd: remove_source.then(|| Root::new(&root).unwrap()),
             in_root: Root::new(&root).ok(),

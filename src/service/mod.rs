@@ -267,6 +267,7 @@ fn for_summary(cfg: &Config) -> Arc<Config> {
         own_ids: Default::default(),
         service_own: None,
         confined: cfg.confined,
+        sweep_out_dirs: cfg.sweep_out_dirs,
         watch: cfg.watch.as_ref().map(|w| crate::config::WatchSettings {
             lock: None,
             ..w.clone()
