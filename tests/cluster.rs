@@ -2313,3 +2313,54 @@ fn a_worker_sweeps_its_hosts_dead_temps_from_the_directories_it_writes_into() {
     }
     assert!(w.log().contains("removed stale temp files"), "{}", w.log());
 }
+
+/// A worker whose root cannot be opened mid-run (unmounted, moved away) leaves that root
+/// alone for a while, longer each time, its jobs handed back for other workers: it spent a
+/// job's deliveries in seconds (6 in 8.5 s), and the files then failed `internal`, "each
+/// worker that took it stopped", the real reason nowhere (found by a review). Here the root
+/// comes back after 12 s, and the job is done.
+#[test]
+fn a_worker_whose_root_went_away_rests_it_and_spends_no_deliveries_meanwhile() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(3, 0);
+    // The worker's view of the tree: a copy of its own, which goes away while the
+    // coordinator's stays.
+    let mount = t.side("mnt");
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(t.root())
+        .arg(&mount)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let away = t.side("mnt.away");
+    let root = format!("tree={}", mount.display());
+    let w = Worker::start(&nats, t.dir.path(), &[root], "2");
+    fs::rename(&mount, &away).unwrap();
+    let started = start_coordinator(&nats, &t.root(), &["--op", "gzip"]);
+    wait_until(Duration::from_secs(30), "the pipeline stopped", || {
+        w.log().contains("pipeline stopped")
+    });
+    let stopped = Instant::now();
+    // Longer than the six deliveries took before: no file may have failed meanwhile.
+    while stopped.elapsed() < Duration::from_secs(12) {
+        assert!(
+            !w.log().contains("without an outcome"),
+            "the job's deliveries were spent\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let stops = w.log().matches("pipeline stopped").count();
+    assert!(stops <= 3, "{stops} stops in 12 s\n{}", w.log());
+    fs::rename(&away, &mount).unwrap();
+    let out = started.finish(Duration::from_secs(90));
+    let sum = out.code(0).summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(3), Some(0)),
+        "{sum}\n{}",
+        w.log()
+    );
+    assert_outputs_whole(&mount);
+}

@@ -36,6 +36,13 @@ use crate::travel::{Stamp, Stats};
 /// How long a job handed back waits before it is delivered again: never a busy loop.
 const NAK_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a root whose pipeline stopped with an error is first left alone (see `Rest`);
+/// each stop in a row doubles it, up to `REST_MOST`.
+const REST_FIRST: Duration = Duration::from_secs(5);
+
+/// The longest a root is left alone after its pipelines stopped.
+const REST_MOST: Duration = Duration::from_secs(60);
+
 /// A pipeline with no message for this long stops (a finished run's).
 const IDLE: Duration = Duration::from_secs(30);
 
@@ -227,6 +234,7 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         next_consumer: 0,
         tampered: HashSet::new(),
         missing: HashSet::new(),
+        resting: HashMap::new(),
         cancels,
         cancelled: HashSet::new(),
         checked: HashSet::new(),
@@ -263,6 +271,9 @@ struct Router<'a> {
     /// missing consumer gets no answer from the server, so each fetch waited out the
     /// client's 5 s for it, and the other roots' jobs with it.
     missing: HashSet<String>,
+    /// Roots whose last pipeline stopped with an error (its root, or its output root,
+    /// could not be opened: unmounted, replaced by a link): not fetched from for a while.
+    resting: HashMap<String, Rest>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -293,6 +304,21 @@ struct Router<'a> {
     /// pause on) when no job came: a refusal only such a request meets (a consumer's limit
     /// on waiting requests) must not have it ask again at once, for ever.
     refused: Option<anyhow::Error>,
+}
+
+/// A root left alone after its pipeline stopped with an error. Its jobs went back at once, to
+/// be taken by other workers; taken here again at once, each would have stopped the next
+/// pipeline the same way, and a job's deliveries were spent in seconds on this one worker
+/// (found by a review: 6 in 8.5 s, then its files failed as if every worker had died on
+/// them, the real reason nowhere).
+struct Rest {
+    /// Not fetched from until then.
+    until: Instant,
+    /// How long this rest was: the next one, if the next pipeline stops too, is twice that.
+    pause: Duration,
+    /// Why the pipeline stopped, said in the files' failure should their job run out of
+    /// deliveries.
+    why: String,
 }
 
 /// What the reader of a pull request left waiting hears. Each such request is read to its end
@@ -374,6 +400,14 @@ impl Router<'_> {
         Ok(())
     }
 
+    /// Whether `root`'s jobs are left alone now: its consumer changed or missing, or its
+    /// pipelines stopping (`Rest`).
+    fn skips(&self, root: &str, now: Instant) -> bool {
+        self.tampered.contains(root)
+            || self.missing.contains(root)
+            || self.resting.get(root).is_some_and(|r| now < r.until)
+    }
+
     /// Up to `n` messages from the roots' consumers: first what any of them has now, in turn;
     /// if none has any, one request for a job left waiting on each root, all at once, and at
     /// most `WAIT_FOR_JOBS` for the first answer. (Waiting on each root in turn, a quarter of
@@ -382,8 +416,8 @@ impl Router<'_> {
     /// 6.8 s instead of 2.5 s.) A request left waiting is answered later, into `answers`.
     fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
         let k = self.consumers.len().max(1);
-        let skipped = |root: &String| self.tampered.contains(root) || self.missing.contains(root);
-        if self.consumers.iter().all(|(root, _)| skipped(root)) {
+        let now = Instant::now();
+        if self.consumers.iter().all(|(root, _)| self.skips(root, now)) {
             // Nothing to fetch from: wait as a fetch would, never spin.
             std::thread::sleep(WAIT_FOR_JOBS);
             return Ok(Vec::new());
@@ -392,7 +426,7 @@ impl Router<'_> {
         for i in 0..k {
             let at = (self.next_consumer + i) % k;
             let (root, c) = &self.consumers[at];
-            if self.tampered.contains(root) || self.missing.contains(root) {
+            if self.skips(root, now) {
                 continue;
             }
             match self.conn.rt.block_on(take(c, n, Duration::ZERO)) {
@@ -427,10 +461,7 @@ impl Router<'_> {
             return Err(e);
         }
         for (root, c) in &self.consumers {
-            if self.tampered.contains(root)
-                || self.missing.contains(root)
-                || self.waiting.contains(root)
-            {
+            if self.skips(root, now) || self.waiting.contains(root) {
                 continue;
             }
             let asked = self.conn.rt.block_on(async {
@@ -679,10 +710,16 @@ impl Router<'_> {
         }
         if delivered > MAX_DELIVER {
             // Every worker that took it died or hung on it: its files fail, for good.
-            let message = format!(
-                "delivered {delivered} times without an outcome: each worker that took it \
+            let mut message = format!(
+                "delivered {MAX_DELIVER} times without an outcome: each worker that took it \
                  stopped before finishing it"
             );
+            if let Some(rest) = self.resting.get(&batch.root) {
+                message += &format!(
+                    " (this worker's last pipeline of root {:?} stopped: {})",
+                    batch.root, rest.why
+                );
+            }
             let failed: Vec<_> = batch
                 .files
                 .iter()
@@ -730,6 +767,15 @@ impl Router<'_> {
         }
         if files.is_empty() {
             self.ack(&m, AckKind::Ack);
+            return Ok(());
+        }
+        if self
+            .resting
+            .get(&batch.root)
+            .is_some_and(|r| Instant::now() < r.until)
+        {
+            // A request left waiting got it as the root's rest began: back for another worker.
+            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
             return Ok(());
         }
         let key = Key {
@@ -1011,19 +1057,44 @@ impl Router<'_> {
                     self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
                 }
             }
-            match p.thread.join() {
-                Ok(Ok(summary)) => tracing::info!(
-                    run = %key.run,
-                    done = summary.done,
-                    skipped = summary.skipped,
-                    failed = summary.failed,
-                    "pipeline finished"
-                ),
-                Ok(Err(e)) => {
-                    tracing::error!(run = %key.run, error = %format!("{e:#}"), "pipeline stopped")
+            let stopped = match p.thread.join() {
+                Ok(Ok(summary)) => {
+                    tracing::info!(
+                        run = %key.run,
+                        done = summary.done,
+                        skipped = summary.skipped,
+                        failed = summary.failed,
+                        "pipeline finished"
+                    );
+                    // The root works: a rest it had is over.
+                    self.resting.remove(&key.root);
+                    continue;
                 }
-                Err(_) => tracing::error!(run = %key.run, "pipeline panicked"),
-            }
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(_) => "it panicked".to_owned(),
+            };
+            // Its jobs went back (above) for other workers to take; this one leaves the root
+            // alone for a while, longer each time in a row, rather than stop the next
+            // pipeline the same way at once and spend their deliveries.
+            let pause = self
+                .resting
+                .get(&key.root)
+                .map_or(REST_FIRST, |r| (r.pause * 2).min(REST_MOST));
+            tracing::error!(
+                run = %key.run,
+                root = %key.root,
+                error = %stopped,
+                retry_in = ?pause,
+                "pipeline stopped: this worker takes no job of its root until then"
+            );
+            self.resting.insert(
+                key.root.clone(),
+                Rest {
+                    until: Instant::now() + pause,
+                    pause,
+                    why: stopped,
+                },
+            );
         }
         Ok(())
     }
