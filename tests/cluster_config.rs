@@ -1187,3 +1187,34 @@ fn a_coordinator_opens_its_creds_and_ca_files_once_and_reads_what_it_checked() {
         );
     }
 }
+
+/// A config file named through another user's symlink is refused, as every path given to
+/// filepipe is: that user could point it at any config the rules let through (another
+/// worker's roots, `--allow-remove-source`). Root's and filepipe's user's own links are
+/// followed. Before, the link was followed, and only the file it led to was judged.
+#[test]
+fn a_config_file_named_through_another_users_symlink_is_refused() {
+    if !is_root() {
+        eprintln!("skipped: needs root to give a symlink another owner");
+        return;
+    }
+    let body = "[worker]\nqueue = \"nats://127.0.0.1:1\"\n[worker.roots]\nin = \"{in}\"\n";
+    let (t, path) = worker_file(body, 0o600);
+    let theirs = t.side("theirs.toml");
+    let mine = t.side("mine.toml");
+    std::os::unix::fs::symlink(&path, &theirs).unwrap();
+    std::os::unix::fs::symlink(&path, &mine).unwrap();
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        &theirs,
+        Some(rustix::process::Uid::from_raw(65534)),
+        None,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+    check_config(&mine).success();
+    for r in [check_config(&theirs), worker_config(&theirs)] {
+        let err = r.code(2).stderr();
+        assert!(err.contains("is a symlink of uid 65534"), "{err}");
+    }
+}

@@ -168,14 +168,20 @@ pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// most `MAX_CONFIG_BYTES`, in UTF-8; with who may reach it (owner, mode, ACL), as read
 /// through the same descriptor.
 pub(super) fn read_config(path: &Path) -> Result<(String, FileAccess)> {
+    use rustix::fs::OFlags;
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let ctx = || format!("cannot read config file {}", path.display());
-    let file = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .with_context(ctx)?;
+    // As every path given to filepipe: through its own user's and root's symlinks only, and
+    // opened with none on the way. Another user's link to a config file chose which of the
+    // files the rules let through a worker ran by (found by a review: a link in /tmp to one
+    // of root's private configs, re-pointed at will).
+    let resolved = crate::fsio::canonical::resolve(path).with_context(ctx)?;
+    let flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let file = std::fs::File::from(
+        crate::fsio::canonical::open(&resolved, flags)
+            .map_err(std::io::Error::from)
+            .with_context(ctx)?,
+    );
     let access = FileAccess::of(&file).with_context(ctx)?;
     if !access.meta.is_file() {
         bail!("{}: not a regular file", path.display());
