@@ -525,7 +525,9 @@ pub(crate) struct WatchArgs {
     )]
     pub(crate) op: Option<OpSpec>,
     /// Run the pipelines described by this TOML file (see systemd/filepipe.toml). Flags given
-    /// as well override the file's global settings and every pipeline's level and globs.
+    /// as well override the file's global settings and every pipeline's settle, poll,
+    /// max_size and (compressing pipelines') level; --include and --exclude add to every
+    /// pipeline's globs.
     #[arg(long, value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     /// What to process and how.

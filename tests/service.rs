@@ -1446,3 +1446,102 @@ fn a_pipeline_never_takes_another_pipelines_move_directory_through_a_bind_mount(
     assert!(side("mb/c").exists() && side("mb/prior").exists());
     assert!(!side("o1/v").exists() && !side("ma/v").exists());
 }
+
+/// `watch --config FILE --max-size SIZE --level N`: the flags override every pipeline's, as
+/// the help says (`--level` the compressing pipelines' only, checked against each one's op).
+/// Both were ignored without a word: an operator who put `--max-size` on the service's
+/// command line to guard a shared tree was not guarded (found by a review).
+#[test]
+fn max_size_and_level_given_with_a_config_override_every_pipeline() {
+    let t = TestTree::new()
+        .file("in/a/small.log", &text_bytes(900, 1))
+        .file("in/a/big.log", &text_bytes(4_000, 2))
+        .file("in/b/big.txt", &text_bytes(4_000, 3))
+        .file("in/b/small.txt", &text_bytes(900, 4));
+    let config = t.side("c.toml");
+    write_config(
+        &config,
+        &format!(
+            "state_dir = {:?}\n[[watch]]\npath = {:?}\nop = \"gzip\"\nlevel = 9\n[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+            t.side("state"),
+            t.path("in/a"),
+            t.path("in/b"),
+        ),
+    );
+    let socket = t.side("notify.sock");
+    let n = Notifications::listen(&socket);
+    let mut cmd = filepipe(&[
+        OsStr::new("watch"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--max-size"),
+        OsStr::new("1K"),
+        OsStr::new("--level"),
+        OsStr::new("2"),
+        OsStr::new("--json"),
+    ]);
+    cmd.env("NOTIFY_SOCKET", &socket)
+        .env_remove("WATCHDOG_PID")
+        .current_dir(t.dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    wait_for("READY=1", || n.has("READY=1"));
+    let sums = t.side("SUMS");
+    wait_for("both small files done", || {
+        t.path("in/a/small.log.gz").is_file()
+            && fs::read_to_string(&sums).is_ok_and(|s| s.contains("small.txt"))
+    });
+    signal(&child, rustix::process::Signal::TERM);
+    let out = child.finish(Duration::from_secs(30));
+    // One summary a pipeline, a line each.
+    let skipped: u64 = out
+        .success()
+        .stdout()
+        .lines()
+        .map(|l| {
+            let sum: serde_json::Value = serde_json::from_str(l).unwrap();
+            sum["skipped_by_reason"]["over-max-size"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert_eq!(skipped, 2, "{}", out.stdout());
+    assert!(!t.path("in/a/big.log.gz").exists());
+    assert!(!fs::read_to_string(&sums).unwrap().contains("big.txt"));
+    // Level 2's bytes, not the file's 9: as a batch at --level 2 writes them.
+    let other = TestTree::new();
+    fs::create_dir_all(other.path("x")).unwrap();
+    let copied = Command::new("cp")
+        .args(["-p"])
+        .arg(t.path("in/a/small.log"))
+        .arg(other.path("x/small.log"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    run(filepipe(&[
+        OsStr::new("batch"),
+        other.path("x").as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("gzip"),
+        OsStr::new("--level"),
+        OsStr::new("2"),
+    ]))
+    .success();
+    assert_eq!(
+        fs::read(t.path("in/a/small.log.gz")).unwrap(),
+        fs::read(other.path("x/small.log.gz")).unwrap(),
+        "not compressed at --level 2"
+    );
+    // A level out of a compressing pipeline's range is refused, naming it.
+    let mut cmd = filepipe(&[
+        OsStr::new("watch"),
+        OsStr::new("--config"),
+        config.as_os_str(),
+        OsStr::new("--level"),
+        OsStr::new("12"),
+    ]);
+    cmd.current_dir(t.dir.path());
+    let err = run(cmd).code(2).stderr();
+    assert!(err.contains("--level 12 for watch[0]"), "{err}");
+}

@@ -114,11 +114,14 @@ pub(crate) struct Service {
     pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
-/// Command-line flags that override the file: its global settings, plus globs added to every
-/// pipeline.
+/// Command-line flags that override the file: its global settings and every pipeline's
+/// (`--level` every compressing pipeline's, `--max-size` every pipeline's), plus globs added
+/// to every pipeline.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Overrides {
     jobs: Option<u16>,
+    level: Option<u32>,
+    max_size: Option<u64>,
     state: Option<PathBuf>,
     settle: Option<u64>,
     poll: Option<u64>,
@@ -147,6 +150,8 @@ impl Overrides {
         }
         Ok(Overrides {
             jobs: args.common.jobs,
+            level: args.common.level,
+            max_size: args.common.max_size,
             state: args.state.clone(),
             settle: args.settle,
             poll: args.poll,
@@ -608,7 +613,17 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
                 .level(Some(*l.get_ref()))
                 .map_err(|e| at(l.span(), &key("level"), e))?;
         }
-        let level = w.level.as_ref().map(|l| *l.get_ref());
+        let level = match overrides.level {
+            // As --level is checked on the command line, for each pipeline it applies to;
+            // a hashing pipeline has none to take.
+            Some(l) if w.op.compresses() => {
+                w.op.primary()
+                    .level(Some(l))
+                    .map_err(|e| anyhow!("--level {l} for watch[{i}] (op = \"{}\"): {e}", w.op))?;
+                Some(l)
+            }
+            _ => w.level.as_ref().map(|l| *l.get_ref()),
+        };
         for (k, dir) in [
             ("out", &w.out),
             ("move_source", &w.move_source),
@@ -641,7 +656,9 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
             durability: overrides.durability.or(file.durability),
             move_source: w.move_source.as_ref().map(|m| resolve(m.get_ref())),
             move_failed: w.move_failed.as_ref().map(|m| resolve(m.get_ref())),
-            max_size: size_of(&w.max_size, &key("max_size"))?.or(max_size),
+            max_size: overrides
+                .max_size
+                .or(size_of(&w.max_size, &key("max_size"))?.or(max_size)),
         };
         let settle = overrides
             .settle
