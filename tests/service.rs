@@ -1544,4 +1544,24 @@ fn max_size_and_level_given_with_a_config_override_every_pipeline() {
     cmd.current_dir(t.dir.path());
     let err = run(cmd).code(2).stderr();
     assert!(err.contains("--level 12 for watch[0]"), "{err}");
+    // And one no pipeline takes, as --level with a hash op is on the command line.
+    let hashes = t.side("hashes.toml");
+    write_config(
+        &hashes,
+        &format!(
+            "state_dir = {:?}\n[[watch]]\npath = {:?}\nop = \"sha256\"\nmanifest = \"SUMS\"\n",
+            t.side("state"),
+            t.path("in/b"),
+        ),
+    );
+    let mut cmd = filepipe(&[
+        OsStr::new("watch"),
+        OsStr::new("--config"),
+        hashes.as_os_str(),
+        OsStr::new("--level"),
+        OsStr::new("2"),
+    ]);
+    cmd.current_dir(t.dir.path());
+    let err = run(cmd).code(2).stderr();
+    assert!(err.contains("no pipeline of"), "{err}");
 }

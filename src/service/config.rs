@@ -815,6 +815,16 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
         }
         pipelines.push(cfg);
     }
+    // As `--level` with a hash op is refused on the command line: a flag that applies to
+    // nothing is a mistake to say, not to ignore.
+    if let Some(l) = overrides.level {
+        if !file.watch.iter().any(|w| w.op.compresses()) {
+            bail!(
+                "--level {l}: no pipeline of {} compresses (--level is gzip's and zstd's)",
+                path.display()
+            );
+        }
+    }
     // An output root or a move directory inside a watch root listed later is just as bad; a
     // move directory that encloses another pipeline's watched tree hands it the moved files
     // to process again, and one that holds another pipeline's outputs mixes the two.
