@@ -145,6 +145,18 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
     Ok(lock)
 }
 
+/// Whether `e` says a state database is damaged (not a database, or corrupt), for the hint
+/// of what to do about it.
+pub(crate) fn damaged(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<rusqlite::Error>()
+                .and_then(rusqlite::Error::sqlite_error_code),
+            Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+        )
+    })
+}
+
 /// How many attempts a transient failure gets before it is kept as failed.
 pub(crate) const MAX_ATTEMPTS: u32 = 5;
 

@@ -1710,3 +1710,22 @@ fn own_files_by_a_symlink_or_a_hard_link_are_told_from_the_users() {
     assert_eq!(skipped.len(), 1, "{records:?}");
     assert_eq!(skipped[0]["path"], "db");
 }
+
+/// A state file that is no database at all is left as it is (it may be the only record of
+/// what was done), and the user is told what to do: move it aside. The README said it was
+/// moved aside; nothing did, and every run failed the same way without saying how to go on.
+#[test]
+fn a_state_that_is_no_database_is_left_and_the_error_says_to_move_it_aside() {
+    let t = TestTree::new().file("a.txt", b"a\n");
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    let junk = [b"not SQLite at all\n".repeat(300)].concat();
+    fs::write(state.join("filepipe.sqlite"), &junk).unwrap();
+    let failed = run(batch(&t, "sha256", &[]));
+    let err = failed.code(1).stderr();
+    assert!(
+        err.contains("not a database") && err.contains("move filepipe.sqlite"),
+        "{err}"
+    );
+    assert_eq!(fs::read(state.join("filepipe.sqlite")).unwrap(), junk);
+}
