@@ -1076,10 +1076,14 @@ impl Router<'_> {
             // Its jobs went back (above) for other workers to take; this one leaves the root
             // alone for a while, longer each time in a row, rather than stop the next
             // pipeline the same way at once and spend their deliveries.
-            let pause = self
-                .resting
-                .get(&key.root)
-                .map_or(REST_FIRST, |r| (r.pause * 2).min(REST_MOST));
+            // Twice the last rest if it ended lately (the root still failing), else the first.
+            let now = Instant::now();
+            let pause = match self.resting.get(&key.root) {
+                Some(r) if now.saturating_duration_since(r.until) < REST_MOST * 2 => {
+                    (r.pause * 2).min(REST_MOST)
+                }
+                _ => REST_FIRST,
+            };
             tracing::error!(
                 run = %key.run,
                 root = %key.root,
@@ -1090,7 +1094,7 @@ impl Router<'_> {
             self.resting.insert(
                 key.root.clone(),
                 Rest {
-                    until: Instant::now() + pause,
+                    until: now + pause,
                     pause,
                     why: stopped,
                 },
