@@ -271,9 +271,9 @@ struct Router<'a> {
     /// missing consumer gets no answer from the server, so each fetch waited out the
     /// client's 5 s for it, and the other roots' jobs with it.
     missing: HashSet<String>,
-    /// Roots whose last pipeline stopped with an error (its root, or its output root,
-    /// could not be opened: unmounted, replaced by a link): not fetched from for a while.
-    resting: HashMap<String, Rest>,
+    /// What this worker leaves alone for a while because its last pipeline stopped with an
+    /// error (see `Resting`).
+    resting: HashMap<Resting, Rest>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -306,11 +306,55 @@ struct Router<'a> {
     refused: Option<anyhow::Error>,
 }
 
-/// A root left alone after its pipeline stopped with an error. Its jobs went back at once, to
+/// What is left alone after a pipeline stopped with an error. Its jobs went back at once, to
 /// be taken by other workers; taken here again at once, each would have stopped the next
 /// pipeline the same way, and a job's deliveries were spent in seconds on this one worker
 /// (found by a review: 6 in 8.5 s, then its files failed as if every worker had died on
 /// them, the real reason nowhere).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Resting {
+    /// The input root cannot be opened: no job of it can be done here, and none is fetched.
+    Root(String),
+    /// The root opens, so what failed is the job's output or move root (or the queue): only
+    /// jobs naming the same directories are handed back, each for the rest of the rest.
+    /// Resting the whole root for it let anyone who may publish a job naming a broken output
+    /// root hold up every other run of the root (found by a review).
+    Dirs {
+        root: String,
+        out: Option<String>,
+        move_source: Option<String>,
+        move_failed: Option<String>,
+    },
+}
+
+impl Resting {
+    /// The directories a job of `root` names.
+    fn dirs(
+        root: &str,
+        out: Option<&str>,
+        move_source: Option<&str>,
+        move_failed: Option<&str>,
+    ) -> Resting {
+        Resting::Dirs {
+            root: root.to_owned(),
+            out: out.map(str::to_owned),
+            move_source: move_source.map(str::to_owned),
+            move_failed: move_failed.map(str::to_owned),
+        }
+    }
+
+    /// The directories a pipeline's jobs name.
+    fn of(key: &Key) -> Resting {
+        Resting::dirs(
+            &key.root,
+            key.out.as_ref().map(|(name, _)| name.as_str()),
+            key.move_source.as_deref(),
+            key.move_failed.as_deref(),
+        )
+    }
+}
+
+/// How long something is left alone (`Resting`).
 struct Rest {
     /// Not fetched from until then.
     until: Instant,
@@ -405,7 +449,10 @@ impl Router<'_> {
     fn skips(&self, root: &str, now: Instant) -> bool {
         self.tampered.contains(root)
             || self.missing.contains(root)
-            || self.resting.get(root).is_some_and(|r| now < r.until)
+            || self
+                .resting
+                .get(&Resting::Root(root.to_owned()))
+                .is_some_and(|r| now < r.until)
     }
 
     /// Up to `n` messages from the roots' consumers: first what any of them has now, in turn;
@@ -714,7 +761,17 @@ impl Router<'_> {
                 "delivered {MAX_DELIVER} times without an outcome: each worker that took it \
                  stopped before finishing it"
             );
-            if let Some(rest) = self.resting.get(&batch.root) {
+            let dirs = Resting::dirs(
+                &batch.root,
+                batch.out.as_deref(),
+                batch.move_source.as_deref(),
+                batch.move_failed.as_deref(),
+            );
+            let rest = self
+                .resting
+                .get(&dirs)
+                .or_else(|| self.resting.get(&Resting::Root(batch.root.clone())));
+            if let Some(rest) = rest {
                 message += &format!(
                     " (this worker's last pipeline of root {:?} stopped: {})",
                     batch.root, rest.why
@@ -769,13 +826,25 @@ impl Router<'_> {
             self.ack(&m, AckKind::Ack);
             return Ok(());
         }
-        if self
-            .resting
-            .get(&batch.root)
-            .is_some_and(|r| Instant::now() < r.until)
-        {
+        let now = Instant::now();
+        let resting = |what: &Resting| self.resting.get(what).filter(|r| now < r.until);
+        if resting(&Resting::Root(batch.root.clone())).is_some() {
             // A request left waiting got it as the root's rest began: back for another worker.
             self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+            return Ok(());
+        }
+        let dirs = Resting::dirs(
+            &batch.root,
+            batch.out.as_deref(),
+            batch.move_source.as_deref(),
+            batch.move_failed.as_deref(),
+        );
+        if let Some(rest) = resting(&dirs) {
+            // Its output or move root failed here lately: back, not to be offered again until
+            // the rest is over (other workers too wait that long; this one would otherwise
+            // take it again at once, and spend its deliveries).
+            let left = rest.until.saturating_duration_since(now).max(NAK_DELAY);
+            self.ack(&m, AckKind::Nak(Some(left)));
             return Ok(());
         }
         let key = Key {
@@ -1066,19 +1135,31 @@ impl Router<'_> {
                         failed = summary.failed,
                         "pipeline finished"
                     );
-                    // The root works: a rest it had is over.
-                    self.resting.remove(&key.root);
+                    // The root and the job's directories work: their rests are over.
+                    self.resting.remove(&Resting::Root(key.root.clone()));
+                    self.resting.remove(&Resting::of(&key));
                     continue;
                 }
                 Ok(Err(e)) => format!("{e:#}"),
                 Err(_) => "it panicked".to_owned(),
             };
-            // Its jobs went back (above) for other workers to take; this one leaves the root
-            // alone for a while, longer each time in a row, rather than stop the next
-            // pipeline the same way at once and spend their deliveries.
-            // Twice the last rest if it ended lately (the root still failing), else the first.
+            // Its jobs went back (above) for other workers to take; this one leaves them alone
+            // for a while, longer each time in a row, rather than stop the next pipeline the
+            // same way at once and spend their deliveries: the whole root if it cannot be
+            // opened now, else only the jobs naming the same output and move roots.
+            let root_opens = self.roots.get(&key.root).is_some_and(|path| {
+                use rustix::fs::OFlags;
+                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                crate::fsio::canonical::open(path, flags).is_ok()
+            });
+            let what = if root_opens {
+                Resting::of(&key)
+            } else {
+                Resting::Root(key.root.clone())
+            };
+            // Twice the last rest if it ended lately (still failing), else the first.
             let now = Instant::now();
-            let pause = match self.resting.get(&key.root) {
+            let pause = match self.resting.get(&what) {
                 Some(r) if now.saturating_duration_since(r.until) < REST_MOST * 2 => {
                     (r.pause * 2).min(REST_MOST)
                 }
@@ -1089,10 +1170,17 @@ impl Router<'_> {
                 root = %key.root,
                 error = %stopped,
                 retry_in = ?pause,
-                "pipeline stopped: this worker takes no job of its root until then"
+                "{}",
+                if root_opens {
+                    "pipeline stopped: this worker takes no job naming its output and move \
+                     roots until then"
+                } else {
+                    "pipeline stopped: its root cannot be opened; this worker takes no job of \
+                     it until then"
+                }
             );
             self.resting.insert(
-                key.root.clone(),
+                what,
                 Rest {
                     until: now + pause,
                     pause,
