@@ -243,7 +243,7 @@ fn durability_none_flushes_nothing_and_still_publishes_whole_outputs() {
 /// Whether a temp left by a killed run carries filepipe's mark (a kill between a named temp's
 /// creation and its marking leaves it unmarked: reported, never removed).
 fn marked(path: &Path) -> bool {
-    let mut buf = [0u8; 64];
+    let mut buf = [0u8; 128];
     rustix::fs::getxattr(path, "user.filepipe.temp", &mut buf[..]).is_ok()
 }
 

@@ -47,14 +47,88 @@ const TEMP_MARK: &str = "user.filepipe.temp";
 /// host's, and is never removed.
 const TEMP_MARK_V1: &[u8] = b"1";
 
-/// This host's mark: `2:` and a hash of the machine id and host name, so a sweep tells its own
-/// host's temps from other hosts' on shared storage. Only its own host's are removed: whether
+/// The most bytes of a mark read: a version 3 mark is at most 55.
+const MARK_MAX: usize = 128;
+
+/// The longest a temp of this host whose writer's pids cannot be looked up here (another PID
+/// namespace) may go untouched while its writer may still be alive (see `examine_temp`).
+const UNTOUCHED_DEAD: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// This process's mark: `3:`, this host's id (`own_host`), the boot id and this process's PID
+/// namespace (its inode), `:` between them. A sweep tells its own host's temps from other
+/// hosts' on shared storage by the host: only its own host's are removed, since whether
 /// another host's writer is alive its lock shows only where the mount carries locks between
-/// hosts (not FUSE, not NFS mounted `nolock`). The machine id is hashed, as systemd asks of
-/// anything that shows it; the host name tells apart containers made from one image.
+/// hosts (not FUSE, not NFS mounted `nolock`). The boot says a temp of an earlier boot is dead
+/// whatever its pid; the PID namespace says whether the pid in its name may be looked up here
+/// (a writer in another container of this host, seen through a mount that does not carry its
+/// lock, was taken for dead when its pid was not found here: found by a review). Version 2
+/// marks (`2:` and the host) of earlier releases are still read.
 fn own_mark() -> &'static [u8] {
     static MARK: OnceLock<Vec<u8>> = OnceLock::new();
     MARK.get_or_init(|| {
+        // The boot id's first 16 hex digits: enough to tell boots apart, and the mark short.
+        let boot: String = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .unwrap_or_default()
+            .chars()
+            .filter(char::is_ascii_hexdigit)
+            .take(16)
+            .collect();
+        let pidns = own_pidns().map_or(String::new(), |ns| ns.to_string());
+        format!("3:{}:{boot}:{pidns}", own_host()).into_bytes()
+    })
+}
+
+/// This process's PID namespace, by its inode; `None` without /proc.
+fn own_pidns() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self/ns/pid").ok().map(|m| m.ino())
+}
+
+/// What a temp's mark says of its writer.
+#[derive(Debug, PartialEq, Eq)]
+struct MarkOf<'a> {
+    /// Its host (`own_host`); `None` for a version 1 mark, which may be any host's.
+    host: Option<&'a [u8]>,
+    /// Its boot id; `None` where unknown (version 2, or no /proc).
+    boot: Option<&'a [u8]>,
+    /// Its PID namespace; `None` where unknown.
+    pidns: Option<&'a [u8]>,
+}
+
+impl<'a> MarkOf<'a> {
+    /// `None` for a value that is no mark of filepipe's.
+    fn parse(mark: &'a [u8]) -> Option<MarkOf<'a>> {
+        let known = |b: &'a [u8]| Some(b).filter(|b| !b.is_empty());
+        if mark == TEMP_MARK_V1 {
+            return Some(MarkOf {
+                host: None,
+                boot: None,
+                pidns: None,
+            });
+        }
+        if let Some(host) = mark.strip_prefix(b"2:") {
+            return Some(MarkOf {
+                host: Some(host),
+                boot: None,
+                pidns: None,
+            });
+        }
+        let mut parts = mark.strip_prefix(b"3:")?.splitn(3, |&b| b == b':');
+        let (host, boot, pidns) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(MarkOf {
+            host: Some(host),
+            boot: known(boot),
+            pidns: known(pidns),
+        })
+    }
+}
+
+/// This host's id: a hash of the machine id and host name. The machine id is hashed, as
+/// systemd asks of anything that shows it; the host name tells apart containers made from one
+/// image.
+fn own_host() -> &'static str {
+    static HOST: OnceLock<String> = OnceLock::new();
+    HOST.get_or_init(|| {
         use sha2::Digest as _;
         let machine = ["/etc/machine-id", "/var/lib/dbus/machine-id"]
             .iter()
@@ -66,11 +140,10 @@ fn own_mark() -> &'static [u8] {
         h.update(machine.trim_ascii());
         h.update(b"\0");
         h.update(host.nodename().to_bytes());
-        let id: String = h.finalize()[..8]
+        h.finalize()[..8]
             .iter()
             .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("2:{id}").into_bytes()
+            .collect()
     })
 }
 
@@ -1324,22 +1397,36 @@ pub(crate) fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempF
         Err(Errno::AGAIN | Errno::ACCESS) => return still_there(TempFound::InUse),
         Err(e) => return still_there(TempFound::Unmarked(Some(e))),
     }
-    let mut value = [0u8; 32];
-    let mark = match rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]) {
+    let mut value = [0u8; MARK_MAX];
+    let value = match rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]) {
         Ok(n) => &value[..n],
         Err(_) => &[][..],
     };
-    if mark != TEMP_MARK_V1 && !mark.starts_with(b"2:") {
+    let Some(mark) = MarkOf::parse(value) else {
         return still_there(TempFound::Unmarked(None));
-    }
-    if mark != own_mark() {
+    };
+    let own = MarkOf::parse(own_mark());
+    let own = own.as_ref();
+    if mark.host.is_none() || mark.host != own.and_then(|o| o.host) {
         return still_there(TempFound::Foreign);
     }
-    // This host's, unlocked, and its writer (the pid in its name) still runs: the lock may
-    // have been taken through another mount of the same files (a FUSE view of a directory
-    // written directly), which does not show it here. Kept; a reused pid only keeps a dead
-    // temp for longer.
-    if writer_alive(name) {
+    // This host's and unlocked. Its lock may have been taken through another mount of the same
+    // files (a FUSE view of a directory written directly), which does not show it here, so the
+    // writer is looked for too: of an earlier boot, it is dead; in this PID namespace, by the
+    // pid in the temp's name (kept while it runs; a reused pid only keeps a dead temp for
+    // longer); in another one, where its pids mean nothing here, it is taken for alive until
+    // the temp has gone untouched for `UNTOUCHED_DEAD` (a container restarted leaves such
+    // temps: removed then).
+    let earlier_boot = mark.boot.is_some() && mark.boot != own.and_then(|o| o.boot);
+    let elsewhere = mark.pidns.is_some() && mark.pidns != own.and_then(|o| o.pidns);
+    let alive = if earlier_boot {
+        false
+    } else if elsewhere {
+        untouched(&st) < UNTOUCHED_DEAD
+    } else {
+        writer_alive(name)
+    };
+    if alive {
         return still_there(TempFound::InUse);
     }
     if !remove {
@@ -1425,7 +1512,10 @@ fn sweep_dir(dir: &Dir) -> u64 {
     for name in temps {
         match examine_temp(&dir.fd, &name, true) {
             TempFound::Removed => removed += 1,
-            TempFound::Unmarked(_) => tracing::warn!(
+            // At debug: each run's first write into the directory would say it again, and
+            // anyone may name files so (a review filled a log that way). A coordinator's walk
+            // reports such names in the tree.
+            TempFound::Unmarked(_) => tracing::debug!(
                 path = %dir.path.join(&name).display(),
                 "named like a filepipe temp file but not marked as one: left alone"
             ),
@@ -1433,6 +1523,16 @@ fn sweep_dir(dir: &Dir) -> u64 {
         }
     }
     removed
+}
+
+/// How long ago `st`'s file was last written or changed (zero if in the future).
+fn untouched(st: &Stat) -> std::time::Duration {
+    let (mtime, ctime) = times_of(st);
+    let last = mtime.max(ctime);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    std::time::Duration::from_nanos(now.saturating_sub(last).max(0) as u64)
 }
 
 /// Whether the process whose pid a temp's name carries (`.filepipe.<pid>-...`) exists here.
@@ -2339,9 +2439,9 @@ pub(crate) fn temp_being_written(dir: &impl AsFd, name: &OsStr) -> bool {
     };
     let regular = rfs::fstat(&fd)
         .is_ok_and(|st| rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::RegularFile);
-    let mut value = [0u8; 32];
+    let mut value = [0u8; MARK_MAX];
     let marked = match rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]) {
-        Ok(n) => value[..n] == *TEMP_MARK_V1 || value[..n].starts_with(b"2:"),
+        Ok(n) => MarkOf::parse(&value[..n]).is_some(),
         Err(_) => false,
     };
     // A read lock is refused only while someone holds a write lock: the writer's. Taken, it
@@ -2649,6 +2749,60 @@ mod tests {
         assert_eq!(examine(mine.to_str().unwrap(), true), TempFound::Ignore);
     }
 
+    /// A temp of this host whose writer is in another PID namespace (its pid means nothing
+    /// here) is kept while it was touched lately, even with no lock seen (a writer through a
+    /// FUSE view); of an earlier boot, it is dead. A version 2 mark
+    /// (no boot, no namespace) is judged by its pid, as before.
+    #[test]
+    fn a_temp_of_another_pid_namespace_is_judged_by_its_age_and_boot() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = rfs::open(tmp.path(), OFlags::PATH | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        let own = std::str::from_utf8(own_mark()).unwrap().to_owned();
+        let boot = own.split(':').nth(2).unwrap().to_owned();
+        let put = |name: &str, mark: &str, age_secs: u64| {
+            let path = tmp.path().join(name);
+            std::fs::write(&path, b"torn").unwrap();
+            rfs::setxattr(&path, TEMP_MARK, mark.as_bytes(), rfs::XattrFlags::empty()).unwrap();
+            let then = std::time::SystemTime::now() - std::time::Duration::from_secs(age_secs);
+            std::fs::File::options()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_modified(then)
+                .unwrap();
+        };
+        let host = own_host();
+        // Pid 4194305 exists nowhere: only the namespace and the age keep these.
+        let other_ns = format!("3:{host}:{boot}:1");
+        put(".filepipe.4194305-0.0.tmp", &other_ns, 5);
+        put(
+            ".filepipe.4194305-0.2.tmp",
+            &format!("3:{host}:another-boot:1"),
+            5,
+        );
+        put(".filepipe.4194305-0.3.tmp", &format!("2:{host}"), 5);
+        put(
+            ".filepipe.4194305-0.4.tmp",
+            &format!("3:0123456789abcdef:{boot}:1"),
+            3600,
+        );
+        let examine = |name: &str| examine_temp(&dir, OsStr::new(name), true);
+        // (An old one cannot be made here: the mark sets its ctime to now, and the ctime
+        // counts, since a writer's last steps set its mtime back to its input's.)
+        assert_eq!(examine(".filepipe.4194305-0.0.tmp"), TempFound::InUse);
+        assert_eq!(examine(".filepipe.4194305-0.2.tmp"), TempFound::Removed);
+        assert_eq!(examine(".filepipe.4194305-0.3.tmp"), TempFound::Removed);
+        assert_eq!(examine(".filepipe.4194305-0.4.tmp"), TempFound::Foreign);
+        // Parsed as written, and every version read.
+        assert_eq!(
+            MarkOf::parse(own_mark()).unwrap().host,
+            Some(host.as_bytes())
+        );
+        assert!(MarkOf::parse(b"1").is_some_and(|m| m.host.is_none()));
+        assert!(MarkOf::parse(b"3:abc").is_none());
+        assert!(MarkOf::parse(b"4:abc:def:1").is_none());
+    }
+
     #[test]
     fn a_temp_s_writer_is_alive_if_its_pid_runs_and_is_not_this_process() {
         let name = |pid: u32| OsString::from(format!("{TEMP_PREFIX}{pid}-0000beef.0{TEMP_SUFFIX}"));
@@ -2747,7 +2901,7 @@ mod tests {
         let name = OsStr::new(".filepipe.t.2.tmp");
         let (fd, marked) = create_named(&dir, name).unwrap();
         assert!(marked);
-        let mut value = [0u8; 32];
+        let mut value = [0u8; MARK_MAX];
         let n = rfs::fgetxattr(&fd, TEMP_MARK, &mut value[..]).unwrap();
         assert_eq!(&value[..n], own_mark());
         assert_eq!(examine_temp(&dir.fd, name, true), TempFound::InUse);
