@@ -554,13 +554,7 @@ fn a_copy_in_the_move_directory_without_the_inputs_acl_does_not_stand_for_it() {
     // What an earlier build's copy would be where its ACL failed: the same bytes, date, owner
     // and mode, no ACL (`cp -p` keeps no ACL).
     let planted = moved.join("memo.txt");
-    let st = Command::new("cp")
-        .arg("-p")
-        .arg(&memo)
-        .arg(&planted)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    cp("-p", &memo, &planted);
     setfacl(&planted, &["-b"]);
     fs::set_permissions(&planted, fs::Permissions::from_mode(0o640)).unwrap();
     assert!(member_reads(&planted));

@@ -1441,13 +1441,7 @@ fn remove_source_through_the_queue_removes_each_input_once_its_output_is_whole()
     let t = tree(60, 0);
     // A copy to compare the outputs with, and an input with a second link, which is kept.
     let copy = t.side("copy");
-    let cp = Command::new("cp")
-        .arg("-a")
-        .arg(t.root())
-        .arg(&copy)
-        .status()
-        .unwrap();
-    assert!(cp.success());
+    cp("-a", &t.root(), &copy);
     fs::hard_link(t.root().join("d0/e0/f0.log"), t.side("second-link")).unwrap();
     let roots = [format!("tree={}", t.root().display())];
     // A worker not allowed to remove inputs fails the files, keeping every input.
@@ -2326,13 +2320,7 @@ fn a_worker_whose_root_went_away_rests_it_and_spends_no_deliveries_meanwhile() {
     // The worker's view of the tree: a copy of its own, which goes away while the
     // coordinator's stays.
     let mount = t.side("mnt");
-    let copied = Command::new("cp")
-        .arg("-a")
-        .arg(t.root())
-        .arg(&mount)
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    cp("-a", &t.root(), &mount);
     let away = t.side("mnt.away");
     let root = format!("tree={}", mount.display());
     let w = Worker::start(&nats, t.dir.path(), &[root], "2");

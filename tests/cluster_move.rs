@@ -58,13 +58,7 @@ fn mover(nats: &Nats, t: &TestTree, moves: (&str, &Path), jobs: &str) -> Worker 
 /// A copy of `t`'s tree beside it, to compare moved inputs and outputs with.
 fn copy_of(t: &TestTree) -> PathBuf {
     let copy = t.side("copy");
-    let cp = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(t.root())
-        .arg(&copy)
-        .status()
-        .unwrap();
-    assert!(cp.success());
+    cp("-a", &t.root(), &copy);
     copy
 }
 

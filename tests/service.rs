@@ -16,11 +16,17 @@ fn write_config(path: &Path, body: &str) {
 }
 
 fn start(t: &TestTree, config: &Path, env: &[(&str, String)]) -> Started {
+    start_with(t, config, &[], env)
+}
+
+/// `watch --config CONFIG ARGS`, started in `t`'s directory with `env`, its output piped.
+fn start_with(t: &TestTree, config: &Path, args: &[&str], env: &[(&str, String)]) -> Started {
     let mut cmd = filepipe(&[
         OsStr::new("watch"),
         OsStr::new("--config"),
         config.as_os_str(),
     ]);
+    cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -34,11 +40,17 @@ fn start(t: &TestTree, config: &Path, env: &[(&str, String)]) -> Started {
 /// `watch --config CONFIG` started as systemd would (`NOTIFY_SOCKET`), once it said READY=1;
 /// with what it says on its socket.
 fn serve(t: &TestTree, config: &Path) -> (Started, Notifications) {
+    serve_with(t, config, &[])
+}
+
+/// `serve`, with `args` after the config file.
+fn serve_with(t: &TestTree, config: &Path, args: &[&str]) -> (Started, Notifications) {
     let socket = t.side("notify.sock");
     let n = Notifications::listen(&socket);
-    let child = start(
+    let child = start_with(
         t,
         config,
+        args,
         &[("NOTIFY_SOCKET", socket.to_str().unwrap().to_string())],
     );
     wait_for("READY=1", || n.has("READY=1"));
@@ -1468,25 +1480,7 @@ fn max_size_and_level_given_with_a_config_override_every_pipeline() {
             t.path("in/b"),
         ),
     );
-    let socket = t.side("notify.sock");
-    let n = Notifications::listen(&socket);
-    let mut cmd = filepipe(&[
-        OsStr::new("watch"),
-        OsStr::new("--config"),
-        config.as_os_str(),
-        OsStr::new("--max-size"),
-        OsStr::new("1K"),
-        OsStr::new("--level"),
-        OsStr::new("2"),
-        OsStr::new("--json"),
-    ]);
-    cmd.env("NOTIFY_SOCKET", &socket)
-        .env_remove("WATCHDOG_PID")
-        .current_dir(t.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let child = Started::new(cmd);
-    wait_for("READY=1", || n.has("READY=1"));
+    let (child, _n) = serve_with(&t, &config, &["--max-size", "1K", "--level", "2", "--json"]);
     let sums = t.side("SUMS");
     wait_for("both small files done", || {
         t.path("in/a/small.log.gz").is_file()
@@ -1512,13 +1506,7 @@ fn max_size_and_level_given_with_a_config_override_every_pipeline() {
     // Level 2's bytes, not the file's 9: as a batch at --level 2 writes them.
     let other = TestTree::new();
     fs::create_dir_all(other.path("x")).unwrap();
-    let copied = Command::new("cp")
-        .args(["-p"])
-        .arg(t.path("in/a/small.log"))
-        .arg(other.path("x/small.log"))
-        .status()
-        .unwrap();
-    assert!(copied.success());
+    cp("-p", &t.path("in/a/small.log"), &other.path("x/small.log"));
     run(filepipe(&[
         OsStr::new("batch"),
         other.path("x").as_os_str(),
@@ -1533,16 +1521,14 @@ fn max_size_and_level_given_with_a_config_override_every_pipeline() {
         fs::read(other.path("x/small.log.gz")).unwrap(),
         "not compressed at --level 2"
     );
+    let refused = |config: &Path, level: &str| {
+        start_with(&t, config, &["--level", level], &[])
+            .finish(Duration::from_secs(30))
+            .code(2)
+            .stderr()
+    };
     // A level out of a compressing pipeline's range is refused, naming it.
-    let mut cmd = filepipe(&[
-        OsStr::new("watch"),
-        OsStr::new("--config"),
-        config.as_os_str(),
-        OsStr::new("--level"),
-        OsStr::new("12"),
-    ]);
-    cmd.current_dir(t.dir.path());
-    let err = run(cmd).code(2).stderr();
+    let err = refused(&config, "12");
     assert!(err.contains("--level 12 for watch[0]"), "{err}");
     // And one no pipeline takes, as --level with a hash op is on the command line.
     let hashes = t.side("hashes.toml");
@@ -1554,14 +1540,6 @@ fn max_size_and_level_given_with_a_config_override_every_pipeline() {
             t.path("in/b"),
         ),
     );
-    let mut cmd = filepipe(&[
-        OsStr::new("watch"),
-        OsStr::new("--config"),
-        hashes.as_os_str(),
-        OsStr::new("--level"),
-        OsStr::new("2"),
-    ]);
-    cmd.current_dir(t.dir.path());
-    let err = run(cmd).code(2).stderr();
+    let err = refused(&hashes, "2");
     assert!(err.contains("no pipeline of"), "{err}");
 }

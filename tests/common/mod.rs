@@ -337,6 +337,22 @@ pub fn records_of<'a>(log: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde
     log.iter().filter(|r| r["error"] == kind).collect()
 }
 
+/// `cp FLAG FROM TO` (`-a` a tree, `-p` a file with its mode and dates), which must succeed.
+pub fn cp(flag: &str, from: &Path, to: &Path) {
+    let st = Command::new("cp")
+        .arg(flag)
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "cp {flag} {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
 /// Every file under `dir` whose name is a filepipe temp.
 pub fn temps_under(dir: &Path) -> Vec<PathBuf> {
     walkdir::WalkDir::new(dir)
