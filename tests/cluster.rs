@@ -2415,3 +2415,46 @@ fn jobs_naming_a_broken_output_root_do_not_hold_up_the_roots_other_runs() {
         w.log()
     );
 }
+
+/// A job handed back untried while its output root rests is not an attempt: it spent one of
+/// its 5 deliveries each time, and failed for good within 18 s while its output root was away
+/// for a moment, or while another worker could have done it (found by a review). Here the
+/// output root is away for three of the worker's attempts, and the job is done at the fourth.
+#[test]
+fn jobs_handed_back_for_a_rest_keep_their_deliveries_for_attempts() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(2, 0);
+    let out = t.side("archive");
+    let away = t.side("archive.away");
+    fs::create_dir(&out).unwrap();
+    let roots = [format!("tree={}", t.root().display())];
+    let w = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &roots,
+        "2",
+        &["--out-root", &format!("arch={}", out.display())],
+    );
+    fs::rename(&out, &away).unwrap();
+    let args = [
+        "--op",
+        "gzip",
+        "--out",
+        away.to_str().unwrap(),
+        "--out-root-name",
+        "arch",
+    ];
+    let started = start_coordinator(&nats, &t.root(), &args);
+    let stops = || w.log().matches("pipeline stopped").count();
+    wait_until(Duration::from_secs(60), "three stops", || stops() >= 3);
+    fs::rename(&away, &out).unwrap();
+    let done = started.finish(Duration::from_secs(120));
+    let sum = done.code(0).summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{sum}\n{}",
+        w.log()
+    );
+    assert_eq!(assert_outputs_of(&out, &t.root()), 2);
+}

@@ -43,6 +43,13 @@ const REST_FIRST: Duration = Duration::from_secs(5);
 /// The longest a root is left alone after its pipelines stopped.
 const REST_MOST: Duration = Duration::from_secs(60);
 
+/// The longest a job naming resting output or move roots waits before it is offered again
+/// (to any worker: another may have those roots).
+const HAND_BACK_MOST: Duration = Duration::from_secs(10);
+
+/// The most jobs whose hand-backs are remembered (`Router::handed_back`).
+const HANDED_BACK_MOST: usize = 1 << 16;
+
 /// A pipeline with no message for this long stops (a finished run's).
 const IDLE: Duration = Duration::from_secs(30);
 
@@ -235,6 +242,7 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         tampered: HashSet::new(),
         missing: HashSet::new(),
         resting: HashMap::new(),
+        handed_back: HashMap::new(),
         cancels,
         cancelled: HashSet::new(),
         checked: HashSet::new(),
@@ -274,6 +282,11 @@ struct Router<'a> {
     /// What this worker leaves alone for a while because its last pipeline stopped with an
     /// error (see `Resting`).
     resting: HashMap<Resting, Rest>,
+    /// The jobs (by stream sequence) this worker handed back untried for a rest, and how
+    /// often: the server counts those deliveries too, and a job's `MAX_DELIVER` is of
+    /// attempts. Counted, they failed a job for good in seconds while its output root was
+    /// away for a moment (found by a review). Forgotten past `HANDED_BACK_MOST`.
+    handed_back: HashMap<u64, i64>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -442,6 +455,15 @@ impl Router<'_> {
             self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
         }
         Ok(())
+    }
+
+    /// Hands back a job untried, for a rest: not an attempt (`handed_back`).
+    fn hand_back(&mut self, m: &jetstream::Message, seq: u64, delay: Duration) {
+        if self.handed_back.len() >= HANDED_BACK_MOST {
+            self.handed_back.clear();
+        }
+        *self.handed_back.entry(seq).or_default() += 1;
+        self.ack(m, AckKind::Nak(Some(delay)));
     }
 
     /// Whether `root`'s jobs are left alone now: its consumer changed or missing, or its
@@ -667,7 +689,10 @@ impl Router<'_> {
     /// Routes one message to its pipeline (starting it if need be), or settles it at once
     /// when it cannot be run here.
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
-        let delivered = m.info().map_or(1, |i| i.delivered);
+        let seq = m.info().map_or(0, |i| i.stream_sequence);
+        // Attempts: deliveries less the hand-backs of this worker's rests.
+        let delivered =
+            m.info().map_or(1, |i| i.delivered) - self.handed_back.get(&seq).copied().unwrap_or(0);
         // When the message was stored, for a redelivery: an earlier delivery acted after it.
         let stored = m.info().ok().map(|i| {
             let ns = i.published.unix_timestamp_nanos().max(0);
@@ -830,7 +855,7 @@ impl Router<'_> {
         let resting = |what: &Resting| self.resting.get(what).filter(|r| now < r.until);
         if resting(&Resting::Root(batch.root.clone())).is_some() {
             // A request left waiting got it as the root's rest began: back for another worker.
-            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+            self.hand_back(&m, seq, NAK_DELAY);
             return Ok(());
         }
         let dirs = Resting::dirs(
@@ -840,11 +865,11 @@ impl Router<'_> {
             batch.move_failed.as_deref(),
         );
         if let Some(rest) = resting(&dirs) {
-            // Its output or move root failed here lately: back, not to be offered again until
-            // the rest is over (other workers too wait that long; this one would otherwise
-            // take it again at once, and spend its deliveries).
-            let left = rest.until.saturating_duration_since(now).max(NAK_DELAY);
-            self.ack(&m, AckKind::Nak(Some(left)));
+            // Its output or move root failed here lately: back, offered again once the rest is
+            // over or after `HAND_BACK_MOST` (to any worker: another may have those roots),
+            // not at once (this one would take it again, over and over).
+            let left = rest.until.saturating_duration_since(now);
+            self.hand_back(&m, seq, left.clamp(NAK_DELAY, HAND_BACK_MOST));
             return Ok(());
         }
         let key = Key {

@@ -1412,20 +1412,8 @@ pub(crate) fn examine_temp(dir: &impl AsFd, name: &OsStr, remove: bool) -> TempF
     }
     // This host's and unlocked. Its lock may have been taken through another mount of the same
     // files (a FUSE view of a directory written directly), which does not show it here, so the
-    // writer is looked for too: of an earlier boot, it is dead; in this PID namespace, by the
-    // pid in the temp's name (kept while it runs; a reused pid only keeps a dead temp for
-    // longer); in another one, where its pids mean nothing here, it is taken for alive until
-    // the temp has gone untouched for `UNTOUCHED_DEAD` (a container restarted leaves such
-    // temps: removed then).
-    let earlier_boot = mark.boot.is_some() && mark.boot != own.and_then(|o| o.boot);
-    let elsewhere = mark.pidns.is_some() && mark.pidns != own.and_then(|o| o.pidns);
-    let alive = if earlier_boot {
-        false
-    } else if elsewhere {
-        untouched(&st) < UNTOUCHED_DEAD
-    } else {
-        writer_alive(name)
-    };
+    // writer is looked for too.
+    let alive = writer_may_live(&mark, own, || untouched(&st), || writer_alive(name));
     if alive {
         return still_there(TempFound::InUse);
     }
@@ -1525,10 +1513,38 @@ fn sweep_dir(dir: &Dir) -> u64 {
     removed
 }
 
-/// How long ago `st`'s file was last written or changed (zero if in the future).
+/// Whether the writer of an unlocked temp of this host, marked `mark`, may still be alive, as
+/// far as this process (marked `own`) can tell: of an earlier boot, it is dead; in this PID
+/// namespace, it lives while the pid in the temp's name runs (`pid_runs`: a reused pid only
+/// keeps a dead temp for longer); in another one, where its pids mean nothing here, it is
+/// taken for alive until the temp has gone untouched (`untouched`) for `UNTOUCHED_DEAD` (a
+/// container restarted leaves such temps: removed then). A boot is compared only where both
+/// are known: a process that cannot read the boot id (the shipped units' `ProcSubset=pid`
+/// hides /proc/sys) took every temp naming one for an earlier boot's, a live one too (found by
+/// a review).
+fn writer_may_live(
+    mark: &MarkOf,
+    own: Option<&MarkOf>,
+    untouched: impl FnOnce() -> std::time::Duration,
+    pid_runs: impl FnOnce() -> bool,
+) -> bool {
+    let earlier_boot =
+        matches!((mark.boot, own.and_then(|o| o.boot)), (Some(a), Some(b)) if a != b);
+    let elsewhere = mark.pidns.is_some() && mark.pidns != own.and_then(|o| o.pidns);
+    if earlier_boot {
+        false
+    } else if elsewhere {
+        untouched() < UNTOUCHED_DEAD
+    } else {
+        pid_runs()
+    }
+}
+
+/// How long ago `st`'s file was last written or changed (zero if in the future), by its ctime
+/// alone: a writer's last steps set its mtime to its input's, which may be any date (one in
+/// 2100 kept a dead temp until then: found by a review), and nobody can set a ctime.
 fn untouched(st: &Stat) -> std::time::Duration {
-    let (mtime, ctime) = times_of(st);
-    let last = mtime.max(ctime);
+    let (_, last) = times_of(st);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as i64);
@@ -2801,6 +2817,32 @@ mod tests {
         assert!(MarkOf::parse(b"1").is_some_and(|m| m.host.is_none()));
         assert!(MarkOf::parse(b"3:abc").is_none());
         assert!(MarkOf::parse(b"4:abc:def:1").is_none());
+    }
+
+    /// The rules of `writer_may_live`, each case by itself.
+    #[test]
+    fn a_writer_is_judged_by_boot_then_namespace_then_pid() {
+        let m = |mark: &'static str| MarkOf::parse(mark.as_bytes()).unwrap();
+        let minute = std::time::Duration::from_secs(60);
+        let live = |mark: &MarkOf, own: &MarkOf, idle: u64, runs: bool| {
+            writer_may_live(mark, Some(own), || minute * idle as u32, || runs)
+        };
+        let own = m("3:h:b1:7");
+        // Another boot: dead, whatever the pid or namespace say.
+        assert!(!live(&m("3:h:b0:7"), &own, 0, true));
+        // This boot, this namespace: by the pid.
+        assert!(live(&m("3:h:b1:7"), &own, 60, true));
+        assert!(!live(&m("3:h:b1:7"), &own, 0, false));
+        // Another namespace: by the age, the pid meaning nothing here.
+        assert!(live(&m("3:h:b1:8"), &own, 9, false));
+        assert!(!live(&m("3:h:b1:8"), &own, 11, true));
+        // This process cannot read the boot id (`ProcSubset=pid`): a mark naming one is not
+        // of an earlier boot for that; nor is one that names none.
+        let blind = m("3:h::7");
+        assert!(live(&m("3:h:b1:7"), &blind, 0, true));
+        assert!(live(&m("3:h:b1:8"), &blind, 1, false));
+        assert!(live(&m("2:h"), &own, 0, true));
+        assert!(!live(&m("2:h"), &own, 0, false));
     }
 
     #[test]
