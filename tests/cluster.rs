@@ -2416,10 +2416,11 @@ fn jobs_naming_a_broken_output_root_do_not_hold_up_the_roots_other_runs() {
     );
 }
 
-/// A job handed back untried while its output root rests is not an attempt: it spent one of
-/// its 5 deliveries each time, and failed for good within 18 s while its output root was away
-/// for a moment, or while another worker could have done it (found by a review). Here the
-/// output root is away for three of the worker's attempts, and the job is done at the fourth.
+/// A job a worker hands back untried while its output root rests is not an attempt there: it
+/// spent one of its 5 deliveries each time, and failed for good within 18 s while its output
+/// root was away for a moment (found by a review). Here, with one worker, the output root is
+/// away for three attempts, and the job is done at the fourth. (Another worker cannot tell a
+/// hand-back from an attempt: with several, the limit can still come sooner.)
 #[test]
 fn jobs_handed_back_for_a_rest_keep_their_deliveries_for_attempts() {
     let Some(nats) = Nats::start() else { return };

@@ -460,7 +460,13 @@ impl Router<'_> {
     /// Hands back a job untried, for a rest: not an attempt (`handed_back`).
     fn hand_back(&mut self, m: &jetstream::Message, seq: u64, delay: Duration) {
         if self.handed_back.len() >= HANDED_BACK_MOST {
-            self.handed_back.clear();
+            // Half forgotten, not all: those then count their hand-backs as attempts, which
+            // only fails them sooner.
+            let mut i = 0;
+            self.handed_back.retain(|_, _| {
+                i += 1;
+                i % 2 == 0
+            });
         }
         *self.handed_back.entry(seq).or_default() += 1;
         self.ack(m, AckKind::Nak(Some(delay)));
@@ -514,6 +520,9 @@ impl Router<'_> {
                         self.conn.setup().await?;
                         workers_consumer(&self.conn.js, root).await
                     });
+                    // A stream made again numbers its messages from 1: the hand-backs counted
+                    // by sequence would be taken off other jobs' deliveries.
+                    self.handed_back.clear();
                     failed = Some(e.context(format!("root {root}")));
                     match again {
                         Ok(c) => self.consumers[at].1 = c,
@@ -691,8 +700,9 @@ impl Router<'_> {
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
         let seq = m.info().map_or(0, |i| i.stream_sequence);
         // Attempts: deliveries less the hand-backs of this worker's rests.
-        let delivered =
-            m.info().map_or(1, |i| i.delivered) - self.handed_back.get(&seq).copied().unwrap_or(0);
+        let delivered = (m.info().map_or(1, |i| i.delivered)
+            - self.handed_back.get(&seq).copied().unwrap_or(0))
+        .max(1);
         // When the message was stored, for a redelivery: an earlier delivery acted after it.
         let stored = m.info().ok().map(|i| {
             let ns = i.published.unix_timestamp_nanos().max(0);
@@ -1085,6 +1095,11 @@ impl Router<'_> {
         };
         if let Some(p) = self.pipelines.get_mut(&key) {
             p.held -= 1;
+        }
+        if s.done {
+            if let Ok(info) = m.info() {
+                self.handed_back.remove(&info.stream_sequence);
+            }
         }
         // Unacknowledged (the ack lost), it is delivered again after the ack wait: its files
         // are then found up to date, and the coordinator counts each file once.
