@@ -36,6 +36,26 @@ use crate::travel::{Stamp, Stats};
 /// How long a job handed back waits before it is delivered again: never a busy loop.
 const NAK_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a job that goes back because its pipeline failed here (or that is handed back for
+/// a rest) waits before it is delivered again, by the server's count of its deliveries, which
+/// is every worker's: 1 s after the first (another worker may do it), then 5, 10, 20 and 40 s.
+/// A job's `MAX_DELIVER` deliveries then span at least 76 s however many workers fail on it
+/// in turn. Each worker's rests (`Rest`) are its own and each worker counts only its own
+/// hand-backs: with two workers, a job whose shared output root was away for a moment failed
+/// for good in about 15 s (found by a review), each taking it as soon as the other gave it up.
+fn back_off(delivered: i64) -> Duration {
+    if delivered <= 1 {
+        return NAK_DELAY;
+    }
+    let doublings = u32::try_from(delivered - 2).unwrap_or(u32::MAX).min(4);
+    (REST_FIRST * (1 << doublings)).min(REST_MOST)
+}
+
+/// The server's count of `m`'s deliveries (this one included).
+fn deliveries(m: &jetstream::Message) -> i64 {
+    m.info().map_or(1, |i| i.delivered)
+}
+
 /// How long a root whose pipeline stopped with an error is first left alone (see `Rest`);
 /// each stop in a row doubles it, up to `REST_MOST`.
 const REST_FIRST: Duration = Duration::from_secs(5);
@@ -457,7 +477,8 @@ impl Router<'_> {
         Ok(())
     }
 
-    /// Hands back a job untried, for a rest: not an attempt (`handed_back`).
+    /// Hands back a job untried, for a rest: not an attempt (`handed_back`). It waits `delay`,
+    /// or longer as its deliveries mount up (`back_off`).
     fn hand_back(&mut self, m: &jetstream::Message, seq: u64, delay: Duration) {
         if self.handed_back.len() >= HANDED_BACK_MOST {
             // Half forgotten, not all: those then count their hand-backs as attempts, which
@@ -469,7 +490,7 @@ impl Router<'_> {
             });
         }
         *self.handed_back.entry(seq).or_default() += 1;
-        self.ack(m, AckKind::Nak(Some(delay)));
+        self.ack(m, AckKind::Nak(Some(delay.max(back_off(deliveries(m))))));
     }
 
     /// Whether `root`'s jobs are left alone now: its consumer changed or missing, or its
@@ -700,9 +721,7 @@ impl Router<'_> {
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
         let seq = m.info().map_or(0, |i| i.stream_sequence);
         // Attempts: deliveries less the hand-backs of this worker's rests.
-        let delivered = (m.info().map_or(1, |i| i.delivered)
-            - self.handed_back.get(&seq).copied().unwrap_or(0))
-        .max(1);
+        let delivered = (deliveries(&m) - self.handed_back.get(&seq).copied().unwrap_or(0)).max(1);
         // When the message was stored, for a redelivery: an earlier delivery acted after it.
         let stored = m.info().ok().map(|i| {
             let ns = i.published.unix_timestamp_nanos().max(0);
@@ -907,7 +926,7 @@ impl Router<'_> {
         };
         if p.stop.requested() || p.deliveries.send(Delivery { id, files }).is_err() {
             // It stopped (its sink failed): back to the queue, for later or another worker.
-            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+            self.ack(&m, AckKind::Nak(Some(back_off(deliveries(&m)))));
             return Ok(());
         }
         p.held += 1;
@@ -1154,7 +1173,8 @@ impl Router<'_> {
                 }
             }
             self.settle_ready();
-            // What it still holds (it stopped early: its sink failed) goes back to the queue.
+            // What it still holds (it stopped early: its sink failed, or its directories) goes
+            // back to the queue, later each time it comes back (`back_off`).
             let orphans: Vec<u64> = self
                 .held
                 .iter()
@@ -1163,7 +1183,7 @@ impl Router<'_> {
                 .collect();
             for id in orphans {
                 if let Some((m, _)) = self.held.remove(&id) {
-                    self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+                    self.ack(&m, AckKind::Nak(Some(back_off(deliveries(&m)))));
                 }
             }
             let stopped = match p.thread.join() {
@@ -1229,5 +1249,20 @@ impl Router<'_> {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_jobs_deliveries_after_failures_span_more_than_a_minute() {
+        assert_eq!(back_off(1), NAK_DELAY);
+        let waits: Vec<u64> = (1..=MAX_DELIVER).map(|d| back_off(d).as_secs()).collect();
+        assert_eq!(waits, [1, 5, 10, 20, 40]);
+        assert_eq!(back_off(6), REST_MOST);
+        assert_eq!(back_off(i64::MAX), REST_MOST);
+        assert_eq!(back_off(0), NAK_DELAY);
     }
 }
