@@ -809,17 +809,18 @@ impl Router<'_> {
                 return Ok(());
             }
         }
+        // The directories it names, which may be resting here.
+        let dirs = Resting::dirs(
+            &batch.root,
+            batch.out.as_deref(),
+            batch.move_source.as_deref(),
+            batch.move_failed.as_deref(),
+        );
         if delivered > MAX_DELIVER {
             // Every worker that took it died or hung on it: its files fail, for good.
             let mut message = format!(
                 "delivered {MAX_DELIVER} times without an outcome: each worker that took it \
                  stopped before finishing it"
-            );
-            let dirs = Resting::dirs(
-                &batch.root,
-                batch.out.as_deref(),
-                batch.move_source.as_deref(),
-                batch.move_failed.as_deref(),
             );
             let rest = self
                 .resting
@@ -887,12 +888,6 @@ impl Router<'_> {
             self.hand_back(&m, seq, NAK_DELAY);
             return Ok(());
         }
-        let dirs = Resting::dirs(
-            &batch.root,
-            batch.out.as_deref(),
-            batch.move_source.as_deref(),
-            batch.move_failed.as_deref(),
-        );
         if let Some(rest) = resting(&dirs) {
             // Its output or move root failed here lately: back, offered again once the rest is
             // over or after `HAND_BACK_MOST` (to any worker: another may have those roots),
