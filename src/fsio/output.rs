@@ -1234,18 +1234,33 @@ impl SyncedTemp {
                 } else {
                     RenameFlags::NOREPLACE
                 };
+                // Its temp gone from a directory still there: removed under the writer (by
+                // hand, or by a sweep of another host that took it for dead), which says
+                // nothing of the input. As `vanished`, the input was taken for deleted: a
+                // watch forgot the file until its next scan.
+                let dir_there = || rfs::fstat(&temp.dir.fd).is_ok_and(|st| st.st_nlink > 0);
+                let failed = |e: Errno| match e {
+                    Errno::EXIST => exists(e),
+                    Errno::NOENT if dir_there() => FileError {
+                        kind: Kind::Io,
+                        errno: Some(e.raw_os_error()),
+                        message: format!(
+                            "{}: its temp file {} was removed while the output was written; \
+                             not published",
+                            ctx("publishing"),
+                            name.to_string_lossy()
+                        ),
+                    },
+                    e => FileError::errno(&ctx("publishing"), e),
+                };
                 match rfs::renameat_with(&temp.dir.fd, name, &temp.dir.fd, final_name, flags) {
                     Ok(()) => {}
-                    Err(e @ Errno::EXIST) => return Err(exists(e)),
                     // A file system that cannot rename without replacing (FUSE ones such as
                     // exfat-fuse and fusefat refuse the flag).
                     Err(Errno::INVAL) if !replace => {
-                        no_clobber_elsewise(&temp.dir, name, final_name).map_err(|e| match e {
-                            Errno::EXIST => exists(e),
-                            e => FileError::errno(&ctx("publishing"), e),
-                        })?
+                        no_clobber_elsewise(&temp.dir, name, final_name).map_err(failed)?
                     }
-                    Err(e) => return Err(FileError::errno(&ctx("publishing"), e)),
+                    Err(e) => return Err(failed(e)),
                 }
                 if temp.marked {
                     let _ = rfs::fremovexattr(file, TEMP_MARK);
@@ -2949,6 +2964,35 @@ mod tests {
         assert_eq!(examine_temp(&dir.fd, name, true), TempFound::InUse);
         drop(fd);
         assert_eq!(examine_temp(&dir.fd, name, true), TempFound::Removed);
+    }
+
+    #[test]
+    fn a_named_temp_removed_under_its_writer_fails_its_publish_as_io_not_vanished() {
+        // `vanished` says the input was deleted: a watch then forgot the file.
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = DirCache::new(tmp.path(), false)
+            .open(Path::new(""), &|_| Mirror::plain(Mode::empty()))
+            .unwrap();
+        let name = OsString::from(".filepipe.t.3.tmp");
+        let (fd, marked) = create_named(&dir, &name).unwrap();
+        let mut temp = TempOutput {
+            dir: Arc::clone(&dir),
+            name: Some(name.clone()),
+            file: Some(File::from(fd)),
+            registry_id: None,
+            marked,
+            published: false,
+            born: flush_mark(),
+            may_replace: None,
+        };
+        std::io::Write::write_all(temp.file(), b"data").unwrap();
+        std::fs::remove_file(tmp.path().join(&name)).unwrap();
+        let err = temp
+            .publish(OsStr::new("out"), None, false, Durability::File)
+            .unwrap_err();
+        assert_eq!(err.kind, Kind::Io, "{err:?}");
+        assert!(err.message.contains("was removed while"), "{err:?}");
+        assert!(!tmp.path().join("out").exists());
     }
 
     #[test]
