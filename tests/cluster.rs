@@ -2311,8 +2311,10 @@ fn a_worker_sweeps_its_hosts_dead_temps_from_the_directories_it_writes_into() {
 /// A worker whose root cannot be opened mid-run (unmounted, moved away) leaves that root
 /// alone for a while, longer each time, its jobs handed back for other workers: it spent a
 /// job's deliveries in seconds (6 in 8.5 s), and the files then failed `internal`, "each
-/// worker that took it stopped", the real reason nowhere (found by a review). Here the root
-/// comes back after 12 s, and the job is done.
+/// worker that took it stopped", the real reason nowhere (found by a review). With the
+/// outputs under an output root, the pipeline did not even stop: each file failed at once,
+/// for good (found by the next review). Here the root comes back after 12 s, and the job is
+/// done.
 #[test]
 fn a_worker_whose_root_went_away_rests_it_and_spends_no_deliveries_meanwhile() {
     let Some(nats) = Nats::start() else { return };
@@ -2322,10 +2324,27 @@ fn a_worker_whose_root_went_away_rests_it_and_spends_no_deliveries_meanwhile() {
     let mount = t.side("mnt");
     cp("-a", &t.root(), &mount);
     let away = t.side("mnt.away");
+    let archive = t.side("archive");
+    fs::create_dir(&archive).unwrap();
     let root = format!("tree={}", mount.display());
-    let w = Worker::start(&nats, t.dir.path(), &[root], "2");
+    let out_root = format!("arch={}", archive.display());
+    let w = Worker::start_with(
+        &nats,
+        t.dir.path(),
+        &[root],
+        "2",
+        &["--out-root", &out_root],
+    );
     fs::rename(&mount, &away).unwrap();
-    let started = start_coordinator(&nats, &t.root(), &["--op", "gzip"]);
+    let args = [
+        "--op",
+        "gzip",
+        "--out",
+        archive.to_str().unwrap(),
+        "--out-root-name",
+        "arch",
+    ];
+    let started = start_coordinator(&nats, &t.root(), &args);
     wait_until(Duration::from_secs(30), "the pipeline stopped", || {
         w.log().contains("pipeline stopped")
     });
@@ -2350,7 +2369,49 @@ fn a_worker_whose_root_went_away_rests_it_and_spends_no_deliveries_meanwhile() {
         "{sum}\n{}",
         w.log()
     );
-    assert_outputs_whole(&mount);
+    assert_eq!(assert_outputs_of(&archive, &t.root()), 3);
+}
+
+/// A job whose last attempt stops its worker's pipeline fails at once, with the reason: it
+/// went back, waited 40 s more for nothing, and its next delivery failed it untried, with no
+/// reason (found by a review). Here a client that is no worker hands the job back three times
+/// while the worker rests its root, so the worker's second take is the fifth delivery.
+#[test]
+fn a_jobs_last_attempt_failing_fails_its_files_at_once_with_the_reason() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(1, 0);
+    let mount = t.side("mnt");
+    cp("-a", &t.root(), &mount);
+    let root = format!("tree={}", mount.display());
+    let w = Worker::start(&nats, t.dir.path(), &[root], "1");
+    fs::rename(&mount, t.side("mnt.away")).unwrap();
+    let started = start_coordinator(&nats, &t.root(), &["--op", "gzip"]);
+    wait_until(Duration::from_secs(30), "the pipeline stopped", || {
+        w.log().contains("pipeline stopped")
+    });
+    let stopped = Instant::now();
+    // The worker's request left waiting expires meanwhile: during its rest it asks for none.
+    std::thread::sleep(Duration::from_secs(1));
+    for n in 2..=4 {
+        assert!(nats.nak_next("workers-tree"), "delivery {n} not taken");
+    }
+    assert!(
+        stopped.elapsed() < Duration::from_secs(4),
+        "the handing back took {:?}: the worker's rest may be over",
+        stopped.elapsed()
+    );
+    let done = started.finish(Duration::from_secs(60));
+    let took = stopped.elapsed();
+    let sum = done.code(1).summary();
+    assert_eq!(sum["failed_by_reason"]["io"], 1, "{sum}\n{}", w.log());
+    let err = done.stderr();
+    assert!(
+        err.contains("tried 5 times") && err.contains("mnt: No such file or directory"),
+        "{err}\n{}",
+        w.log()
+    );
+    // Its rest (5 s), not a last wait (40 s) and a delivery more.
+    assert!(took < Duration::from_secs(20), "took {took:?}\n{}", w.log());
 }
 
 /// A pipeline stopped by an output root that cannot be opened rests only the jobs naming that

@@ -1027,9 +1027,10 @@ fn gather_outcomes(
             last_warning = Instant::now();
             let info = consumer_info(conn, workers).ok();
             let waiting = info.as_ref().map_or(0, |i| i.num_waiting);
-            // Delivered and not yet acknowledged: a worker still at them, or one that stopped
-            // without a word, whose jobs come back after the ack wait. Said before any blame
-            // on old workers, which would be wrong then.
+            // Delivered and not yet acknowledged: a worker still at them, one that gave them
+            // back to be offered again later (the server counts those too), or one that
+            // stopped without a word, whose jobs come back after the ack wait. Said before any
+            // blame on old workers, which would be wrong then.
             let held = info.as_ref().map_or(0, |i| i.num_ack_pending);
             if waiting == 0 {
                 tracing::warn!(
@@ -1041,7 +1042,7 @@ fn gather_outcomes(
                     outstanding,
                     workers_waiting = waiting,
                     held,
-                    "no outcome for {STALLED:?}: {held} job messages are held by workers (a worker that stopped without acknowledging them has them delivered again once the ack wait is over)"
+                    "no outcome for {STALLED:?}: {held} job messages are held by workers, or given back by one that could not do them and waiting to be offered again (its log says why; each wait is longer, up to 40 s), or held by a worker that stopped without acknowledging them (delivered again once the ack wait is over)"
                 );
             } else if (ledger.version > wire::VERSION || !ledger.json.load(Ordering::Acquire))
                 // Not at the first warning: jobs a killed worker held come back once the ack

@@ -37,18 +37,22 @@ use crate::travel::{Stamp, Stats};
 const NAK_DELAY: Duration = Duration::from_secs(1);
 
 /// How long a job that goes back because its pipeline failed here (or that is handed back for
-/// a rest) waits before it is delivered again, by the server's count of its deliveries, which
-/// is every worker's: 1 s after the first (another worker may do it), then 5, 10, 20 and 40 s.
-/// A job's `MAX_DELIVER` deliveries then span at least 76 s however many workers fail on it
-/// in turn. Each worker's rests (`Rest`) are its own and each worker counts only its own
-/// hand-backs: with two workers, a job whose shared output root was away for a moment failed
-/// for good in about 15 s (found by a review), each taking it as soon as the other gave it up.
+/// a rest) waits before it is delivered again, by the server's count of its deliveries so far,
+/// which is every worker's: 1 s after the first (another worker may do it), then 10, 20 and
+/// 40 s. Its last attempt (the `MAX_DELIVER`th delivery) then comes at least 71 s after its
+/// first however many workers fail on it in turn, and a worker whose pipeline stops on that
+/// attempt fails its files with the reason (`Router::after_stop`). Each worker's rests
+/// (`Rest`) are its own and each worker counts only its own hand-backs: with two workers, a
+/// job whose shared output root was away for a moment failed for good in about 15 s (found by
+/// a review), each taking it as soon as the other gave it up; with waits of 1, 5, 10 and 20 s
+/// before its attempts, in 36 s (found by the next review).
 fn back_off(delivered: i64) -> Duration {
-    if delivered <= 1 {
-        return NAK_DELAY;
+    match delivered {
+        ..=1 => NAK_DELAY,
+        2 => Duration::from_secs(10),
+        3 => Duration::from_secs(20),
+        _ => Duration::from_secs(40),
     }
-    let doublings = u32::try_from(delivered - 2).unwrap_or(u32::MAX).min(4);
-    (REST_FIRST * (1 << doublings)).min(REST_MOST)
 }
 
 /// The server's count of `m`'s deliveries (this one included).
@@ -477,6 +481,52 @@ impl Router<'_> {
         Ok(())
     }
 
+    /// The attempts at `m` so far, this one included: its deliveries less the hand-backs of
+    /// this worker's rests (never below 1).
+    fn attempts(&self, m: &jetstream::Message) -> i64 {
+        let seq = m.info().map_or(0, |i| i.stream_sequence);
+        (deliveries(m) - self.handed_back.get(&seq).copied().unwrap_or(0)).max(1)
+    }
+
+    /// Settles `m`, held by a pipeline that ended before its files did (`stopped` says why, if
+    /// it failed): back to the queue for a later attempt (`back_off`), or, when this was its
+    /// last, its files fail with that reason, for good. Left to the next delivery, they failed
+    /// there with none (the worker that took it may never have tried it), after a last wait
+    /// for nothing (found by a review).
+    fn after_stop(&mut self, m: &jetstream::Message, stopped: Option<&str>) {
+        let last = self.attempts(m) >= MAX_DELIVER;
+        let batch = match stopped {
+            Some(_) if last => JobBatch::parse(&m.payload).ok(),
+            _ => None,
+        };
+        let (Some(why), Some(batch)) = (stopped, batch) else {
+            self.ack(m, AckKind::Nak(Some(back_off(deliveries(m)))));
+            return;
+        };
+        let message = format!(
+            "tried {MAX_DELIVER} times, and each worker that took it stopped before finishing \
+             it; on this worker ({}): {why}",
+            self.me
+        );
+        let failed: Vec<_> = batch
+            .files
+            .iter()
+            .map(|f| (f.rel.clone(), FileError::new(Kind::Io, message.clone())))
+            .collect();
+        match self.fail(&batch, failed) {
+            Ok(()) => {
+                if let Ok(info) = m.info() {
+                    self.handed_back.remove(&info.stream_sequence);
+                }
+                self.ack(m, AckKind::Term);
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "could not fail a job at its last attempt");
+                self.ack(m, AckKind::Nak(Some(NAK_DELAY)));
+            }
+        }
+    }
+
     /// Hands back a job untried, for a rest: not an attempt (`handed_back`). It waits `delay`,
     /// or longer as its deliveries mount up (`back_off`).
     fn hand_back(&mut self, m: &jetstream::Message, seq: u64, delay: Duration) {
@@ -720,8 +770,7 @@ impl Router<'_> {
     /// when it cannot be run here.
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
         let seq = m.info().map_or(0, |i| i.stream_sequence);
-        // Attempts: deliveries less the hand-backs of this worker's rests.
-        let delivered = (deliveries(&m) - self.handed_back.get(&seq).copied().unwrap_or(0)).max(1);
+        let delivered = self.attempts(&m);
         // When the message was stored, for a redelivery: an earlier delivery acted after it.
         let stored = m.info().ok().map(|i| {
             let ns = i.published.unix_timestamp_nanos().max(0);
@@ -1122,7 +1171,7 @@ impl Router<'_> {
             if s.done {
                 AckKind::Ack
             } else {
-                AckKind::Nak(Some(NAK_DELAY))
+                AckKind::Nak(Some(back_off(deliveries(&m))))
             },
         );
     }
@@ -1168,19 +1217,6 @@ impl Router<'_> {
                 }
             }
             self.settle_ready();
-            // What it still holds (it stopped early: its sink failed, or its directories) goes
-            // back to the queue, later each time it comes back (`back_off`).
-            let orphans: Vec<u64> = self
-                .held
-                .iter()
-                .filter(|(_, (_, k))| *k == key)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in orphans {
-                if let Some((m, _)) = self.held.remove(&id) {
-                    self.ack(&m, AckKind::Nak(Some(back_off(deliveries(&m)))));
-                }
-            }
             let stopped = match p.thread.join() {
                 Ok(Ok(summary)) => {
                     tracing::info!(
@@ -1190,13 +1226,30 @@ impl Router<'_> {
                         failed = summary.failed,
                         "pipeline finished"
                     );
-                    // The root and the job's directories work: their rests are over.
-                    self.resting.remove(&Resting::Root(key.root.clone()));
-                    self.resting.remove(&Resting::of(&key));
-                    continue;
+                    None
                 }
-                Ok(Err(e)) => format!("{e:#}"),
-                Err(_) => "it panicked".to_owned(),
+                Ok(Err(e)) => Some(format!("{e:#}")),
+                Err(_) => Some("it panicked".to_owned()),
+            };
+            // What it still holds (it stopped early: its sink failed, or its directories) goes
+            // back to the queue, later each time it comes back (`back_off`), or, at its last
+            // attempt, fails with the reason.
+            let orphans: Vec<u64> = self
+                .held
+                .iter()
+                .filter(|(_, (_, k))| *k == key)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in orphans {
+                if let Some((m, _)) = self.held.remove(&id) {
+                    self.after_stop(&m, stopped.as_deref());
+                }
+            }
+            let Some(stopped) = stopped else {
+                // The root and the job's directories work: their rests are over.
+                self.resting.remove(&Resting::Root(key.root.clone()));
+                self.resting.remove(&Resting::of(&key));
+                continue;
             };
             // Its jobs went back (above) for other workers to take; this one leaves them alone
             // for a while, longer each time in a row, rather than stop the next pipeline the
@@ -1252,12 +1305,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_jobs_deliveries_after_failures_span_more_than_a_minute() {
-        assert_eq!(back_off(1), NAK_DELAY);
-        let waits: Vec<u64> = (1..=MAX_DELIVER).map(|d| back_off(d).as_secs()).collect();
-        assert_eq!(waits, [1, 5, 10, 20, 40]);
-        assert_eq!(back_off(6), REST_MOST);
-        assert_eq!(back_off(i64::MAX), REST_MOST);
+    fn a_jobs_last_attempt_comes_more_than_a_minute_after_its_first() {
         assert_eq!(back_off(0), NAK_DELAY);
+        assert_eq!(back_off(1), NAK_DELAY);
+        // The waits before each attempt after the first.
+        let waits: Duration = (1..MAX_DELIVER).map(back_off).sum();
+        assert_eq!(waits, Duration::from_secs(71));
+        assert_eq!(back_off(i64::MAX), Duration::from_secs(40));
     }
 }

@@ -62,24 +62,24 @@ pub(crate) fn worker_loop<O: Op>(
         for job in batch {
             stage.unstarted.fetch_sub(1, Ordering::Relaxed);
             if me.root.is_none() {
-                // A queue's job fails (its worker's root is missing: said, and the job
-                // redelivered elsewhere is done there). A local file is as if deleted: a
-                // watch's state keeps no row for it, so its scan once the root is back (a
-                // service's restart) takes it.
-                let kind = if cfg.confined {
-                    Kind::Io
+                let message = format!(
+                    "cannot open the root {} (deleted, moved or replaced): not read",
+                    cfg.root.display()
+                );
+                // A queue's job goes back, to be done elsewhere or later (its source stops the
+                // pipeline on such a root before taking a job: this is a root gone between the
+                // two looks). A local file is as if deleted: a watch's state keeps no row for
+                // it, so its scan once the root is back (a service's restart) takes it.
+                outcomes.push(if cfg.confined {
+                    Outcome::Skipped {
+                        rel: job.rel,
+                        reason: FileError::new(Kind::Interrupted, message),
+                    }
                 } else {
-                    Kind::Vanished
-                };
-                outcomes.push(Outcome::Failed {
-                    rel: job.rel,
-                    error: FileError::new(
-                        kind,
-                        format!(
-                            "cannot open the root {} (deleted, moved or replaced): not read",
-                            cfg.root.display()
-                        ),
-                    ),
+                    Outcome::Failed {
+                        rel: job.rel,
+                        error: FileError::new(Kind::Vanished, message),
+                    }
                 });
                 continue;
             }

@@ -144,6 +144,14 @@ impl Source for QueueSource {
             .recorded
             .as_ref()
             .context("a queue source must hear of recorded outcomes")?;
+        // A root that cannot be opened (unmounted, moved away, swapped for a link) stops the
+        // pipeline before any file is taken: its jobs go back, and the worker rests the root.
+        // Taken, each file failed for good at once, though another worker (or this one, once
+        // the root is back) could do it (found by a review, with outputs under an output
+        // root: next to the inputs, opening their directory stopped the pipeline already).
+        crate::fsio::input::Root::named(&self.root, &self.root)
+            .map_err(std::io::Error::from)
+            .with_context(|| format!("cannot open the root {}", self.root.display()))?;
         let mut books = Books::default();
         let mut open = true;
         loop {
