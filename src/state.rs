@@ -577,11 +577,20 @@ impl State {
             .with_context(|| format!("cannot write the state database {}", self.path.display()))
     }
 
-    /// Commits the open transaction.
+    /// Commits the open transaction; on failure, rolls it back (SQLite may have already: a
+    /// full disk ends it, a busy database does not), so none is left open either way.
     pub(crate) fn commit(&mut self) -> Result<()> {
         let written = self
             .write_done()
             .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?));
+        if written.is_err() {
+            // Its rows are lost with it: the run stops on this error, and the next one finds
+            // their outputs up to date or computes them again.
+            self.done.clear();
+            if !self.conn.is_autocommit() {
+                let _ = self.conn.execute_batch("ROLLBACK");
+            }
+        }
         written.with_context(|| format!("cannot write the state database {}", self.path.display()))
     }
 

@@ -1729,3 +1729,42 @@ fn a_state_that_is_no_database_is_left_and_the_error_says_to_move_it_aside() {
     );
     assert_eq!(fs::read(state.join("filepipe.sqlite")).unwrap(), junk);
 }
+
+/// A state database that fills its disk mid-run stops the run with that error and the
+/// summary: the failed commit left the sink's transaction taken for open, the next outcomes
+/// were written outside any, and the reporter panicked (found by a review), no summary.
+#[test]
+fn a_state_database_that_fills_its_disk_stops_the_run_with_the_error_not_a_panic() {
+    let mut t = TestTree::new();
+    for d in 0..20 {
+        for i in 0..100 {
+            t = t.file(format!("d{d}/a-file-with-a-longish-name-{i}.txt"), b"x");
+        }
+    }
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    // A 150 KiB tmpfs for the state, in a private user and mount namespace.
+    let script = r#"mount -t tmpfs -o size=150k none "$1" || exit 99
+exec "$2" batch "$3" --op sha256,gzip --out "$5" --jobs 2 --state "$1" --json --manifest "$4""#;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-rm", "sh", "-c", script, "sh"])
+        .arg(&state)
+        .arg(bin())
+        .arg(t.root())
+        .arg(t.side("SUMS"))
+        .arg(t.side("out"));
+    let out = run(cmd);
+    if out.output().status.code() == Some(99) {
+        eprintln!("SKIPPED: could not mount a tmpfs: {}", out.stderr());
+        return;
+    }
+    let err = out.stderr();
+    assert!(!err.contains("panicked"), "{err}");
+    let sum = out.code(1).summary();
+    assert!(
+        sum["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot write the state database")),
+        "{sum}\n{err}"
+    );
+}

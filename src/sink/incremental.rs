@@ -120,8 +120,11 @@ impl Sink for IncrementalSink<'_> {
 
     fn flush(&mut self) -> Result<()> {
         if self.in_transaction {
-            self.state.commit()?;
+            // Over either way: a commit that fails is rolled back (`State::commit`), and the
+            // next outcome begins anew. Left open on a failure (a full disk), the next
+            // outcomes were written outside any transaction (found by a review).
             self.in_transaction = false;
+            self.state.commit()?;
         }
         Ok(())
     }
