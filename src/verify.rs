@@ -861,13 +861,23 @@ fn is_beneath(beneath: &Root, rel: &Path, id: Option<(u64, u64)>) -> bool {
     here.is_some() && here == id
 }
 
-/// Whether `rel` is a directory beneath the root, reached without following any link (see
-/// `is_beneath`): a directory the walk could not read is reported only then.
+/// Whether `rel`, which the walk could not read, may be a directory beneath the root and is
+/// to be reported (see `is_beneath`): unless it is found to be something else, to be gone, or
+/// to lie past a symlink or outside the root. One that cannot even be looked at (out of
+/// descriptors, say) is reported: taken for absent, its files went unchecked and the run
+/// passed (found by a review, under `ulimit -n 12`).
 fn is_dir_beneath(beneath: &Root, rel: &Path) -> bool {
-    rel.as_os_str().is_empty()
-        || beneath.lstat(rel).is_ok_and(|st| {
+    if rel.as_os_str().is_empty() {
+        return true;
+    }
+    use rustix::io::Errno;
+    match beneath.lstat(rel) {
+        Ok(st) => {
             rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Directory
-        })
+        }
+        Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => false,
+        Err(_) => true,
+    }
 }
 
 /// Opens the listed file `rel` for reading, beneath the root whatever the manifest or the tree

@@ -777,3 +777,46 @@ fn a_file_named_as_another_manifest_hides_no_payload() {
     fs::write(&sha512, &good).unwrap();
     assert_eq!(added_paths(verify().success()), Vec::<String>::new());
 }
+
+/// A directory the walk cannot read is reported whatever stops a second look at it: under a
+/// low open-file limit, that look failed too, the directory was taken for absent, and verify
+/// passed (exit 0) with its files never checked (found by a review, under `ulimit -n 12`).
+#[test]
+fn a_directory_unreadable_for_want_of_descriptors_is_reported_not_passed() {
+    if std::process::Command::new("prlimit")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no prlimit to lower the open-file limit");
+        return;
+    }
+    let deep = "x/".repeat(18);
+    let mut t = TestTree::new();
+    for d in 1..=3 {
+        t = t
+            .file(format!("d{d}/{deep}f"), b"deep")
+            .file(format!("d{d}/g"), b"top");
+    }
+    run(filepipe(&[
+        s("batch"),
+        t.root().as_os_str(),
+        s("--op"),
+        s("gzip"),
+    ]))
+    .success();
+    // Without the limit, all six pass.
+    let all = run(filepipe(&[s("verify"), t.root().as_os_str()]));
+    assert_eq!(all.code(0).stdout().matches(": OK").count(), 6);
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=12", "--"]).arg(bin()).args([
+        s("verify"),
+        s("--jobs"),
+        s("2"),
+        t.root().as_os_str(),
+    ]);
+    let out = run(cmd);
+    let text = format!("{}{}", out.stdout(), out.stderr());
+    assert!(text.contains("cannot read this directory"), "{text}");
+    out.code(1);
+}
