@@ -7,7 +7,7 @@ use std::ffi::OsStr;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use sha2::Digest as _;
@@ -1655,4 +1655,60 @@ fn directories_made_for_a_private_tree_are_private() {
     }
     wait_for("a.log moved", || t.side("moved/x/a.log").exists());
     d.stop().success();
+}
+
+/// A directory a scan cannot read (out of descriptors) is read again later, never taken as a
+/// file: taken as one, it was skipped `special-file` and its files were never listed, none of
+/// them done or failed until a restart (found by a review, under `ulimit -n 32`: 30 files of
+/// 400 unaccounted for, the summary saying nothing failed). Which directory runs out of
+/// descriptors is a matter of timing: the build before the fix failed this test in one run of
+/// two or three here, never the build after it in 8.
+#[test]
+fn a_directory_unreadable_for_want_of_descriptors_is_read_again_not_taken_as_a_file() {
+    if std::process::Command::new("prlimit")
+        .arg("-V")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: no prlimit to lower the open-file limit");
+        return;
+    }
+    let mut t = TestTree::new();
+    for d in 0..10 {
+        for i in 0..10 {
+            t = t.file(format!("d{d}/f{i}"), format!("{d} {i}\n").as_bytes());
+        }
+    }
+    let mut prlimit = std::process::Command::new("prlimit");
+    prlimit.args(["--nofile=32:32", "--"]).arg(common::bin());
+    let daemon = Daemon::ready_through(
+        prlimit,
+        &t,
+        &["--op", "gzip", "--jobs", "2", "--settle", "100"],
+    );
+    // Each file ends done or failed (out of descriptors, five times), and nothing waits.
+    let ended = |n: u64| {
+        let limit = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < limit {
+            let status = daemon.notes.last_status().filter(Status::idle);
+            if status.is_some_and(|s| s.done + s.failed >= n) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    ended(100);
+    for d in 10..40 {
+        for i in 0..10 {
+            let path = t.path(format!("d{d}/f{i}"));
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(path, format!("{d} {i}\n")).unwrap();
+        }
+    }
+    ended(400);
+    let sum = daemon.stop().code(0).summary();
+    assert_eq!(sum["files"], 400, "{sum}");
+    assert_eq!(sum["skipped"], 0, "{sum}");
+    let (done, failed) = (sum["done"].as_u64(), sum["failed"].as_u64());
+    assert_eq!(done.zip(failed).map(|(d, f)| d + f), Some(400), "{sum}");
 }

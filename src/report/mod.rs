@@ -138,6 +138,13 @@ pub(crate) fn run(
             }
             Event::Unlisted(rels) => {
                 guard(sink.unlisted(&rels));
+                // No longer files: none of them waits for another attempt (a directory read
+                // at last, whose failure to be read was one), nor ends failed at the end.
+                if !summary.waiting.is_empty() {
+                    for rel in &rels {
+                        summary.waiting.remove(rel);
+                    }
+                }
                 unflushed = true;
             }
             Event::Removed(rel) => {

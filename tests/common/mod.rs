@@ -500,6 +500,15 @@ impl Daemon {
         d
     }
 
+    /// As `ready`, run through `cmd`: a command line that ends with filepipe's binary (under
+    /// `prlimit`, say).
+    pub fn ready_through(mut cmd: Command, t: &TestTree, extra: &[&str]) -> Daemon {
+        cmd.env_remove("RUST_LOG");
+        let mut d = Daemon::spawn_with(cmd, t, extra, Stdio::piped());
+        d.wait_ready();
+        d
+    }
+
     fn spawn(t: &TestTree, extra: &[&str], stderr: Stdio) -> Daemon {
         Daemon::spawn_with(filepipe(&[]), t, extra, stderr)
     }

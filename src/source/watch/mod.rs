@@ -165,6 +165,7 @@ impl Source for Watch<'_> {
             limit_said: false,
             limited_every: (self.settle * 100)
                 .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+            unread: Default::default(),
         };
         w.run(&notify_rx, &recorded)
     }
@@ -233,6 +234,9 @@ struct Watcher<'a> {
     /// The limit was said to be reached (once, until every directory is watched again).
     limit_said: bool,
     limited_every: Duration,
+    /// The paths a scan reported failed (directories it could not read among them), for
+    /// `read_again` to tell whether it read the one it scanned.
+    unread: std::collections::HashSet<PathBuf>,
 }
 
 /// How often the writers' temps followed (`Watcher::temps`) are looked at.
@@ -589,6 +593,9 @@ impl Watcher<'_> {
                         | Outcome::Failed { rel, .. }
                         | Outcome::Done { rel, .. } => rel.clone(),
                     };
+                    if matches!(outcome, Outcome::Failed { .. }) {
+                        self.unread.insert(rel.clone());
+                    }
                     let was = known.remove(&rel);
                     // Temp-like names (filepipe's own among them) are never taken here.
                     if self.not_taken(&rel) {
@@ -944,11 +951,37 @@ impl Watcher<'_> {
             reader: self.reader,
         };
         self.settle.promote(now, &disk)?;
+        let mut unread = Vec::new();
         for rel in self.flight.due_retries(now) {
-            let stamp = Stamp::of(&self.cfg.root.join(&rel));
+            let path = self.cfg.root.join(&rel);
+            if is_real_dir(&path) {
+                unread.push(rel);
+                continue;
+            }
+            let stamp = Stamp::of(&path);
             if stamp.is_some() {
                 self.settle.touch(rel, true, stamp, now);
             }
+        }
+        for rel in unread {
+            self.read_again(rel)?;
+        }
+        Ok(())
+    }
+
+    /// A directory a scan could not read (out of descriptors, an I/O error), due for another
+    /// try: scanned again, never taken as a file. Taken as one, it was skipped `special-file`
+    /// and its files were never listed, none of them done or failed, until a restart (found by
+    /// a review, under `ulimit -n 32`). Read this time, the failure recorded under its path
+    /// goes; not, that failure counts one more attempt, as a file's does.
+    fn read_again(&mut self, rel: PathBuf) -> Result<()> {
+        let path = self.cfg.root.join(&rel);
+        self.unread.clear();
+        self.watch(&path);
+        self.scan(&path, Lost::Unseen)?;
+        if !self.unread.contains(&rel) {
+            tracing::info!(dir = %rel.display(), "a directory that could not be read was read");
+            self.send(Event::Unlisted(vec![rel]))?;
         }
         Ok(())
     }
