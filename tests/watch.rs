@@ -1712,3 +1712,27 @@ fn a_directory_unreadable_for_want_of_descriptors_is_read_again_not_taken_as_a_f
     let (done, failed) = (sum["done"].as_u64(), sum["failed"].as_u64());
     assert_eq!(done.zip(failed).map(|(d, f)| d + f), Some(400), "{sum}");
 }
+
+/// Out of inotify instances, the error names the limit: it said only "Too many open files"
+/// (found by a review).
+#[test]
+fn out_of_inotify_instances_the_error_names_the_limit() {
+    let t = TestTree::new().file("a", b"a");
+    // This user namespace's own limit (Linux 5.11+), not the machine's.
+    let script = r#"echo 0 > /proc/sys/user/max_inotify_instances || exit 99
+exec "$@""#;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-r", "sh", "-c", script, "sh"])
+        .arg(common::bin())
+        .arg("watch")
+        .arg(t.root())
+        .args(["--op", "sha256", "--state"])
+        .arg(t.side("state"));
+    let out = run(cmd);
+    if out.output().status.code() == Some(99) {
+        eprintln!("SKIPPED: cannot lower the limit here: {}", out.stderr());
+        return;
+    }
+    let err = out.code(1).stderr();
+    assert!(err.contains("max_user_instances"), "{err}");
+}
