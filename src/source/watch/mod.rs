@@ -187,7 +187,7 @@ impl Source for Watch<'_> {
             limit_said: false,
             limited_every: (self.settle * 100)
                 .clamp(Duration::from_secs(1), Duration::from_secs(60)),
-            unread: Default::default(),
+            unread: None,
         };
         w.run(&notify_rx, &recorded)
     }
@@ -256,9 +256,9 @@ struct Watcher<'a> {
     /// The limit was said to be reached (once, until every directory is watched again).
     limit_said: bool,
     limited_every: Duration,
-    /// The paths a scan reported failed (directories it could not read among them), for
-    /// `read_again` to tell whether it read the one it scanned.
-    unread: std::collections::HashSet<PathBuf>,
+    /// While `read_again` scans a directory: the paths the scan reported failed, to tell
+    /// whether it read that one.
+    unread: Option<std::collections::HashSet<PathBuf>>,
 }
 
 /// How often the writers' temps followed (`Watcher::temps`) are looked at.
@@ -615,8 +615,8 @@ impl Watcher<'_> {
                         | Outcome::Failed { rel, .. }
                         | Outcome::Done { rel, .. } => rel.clone(),
                     };
-                    if matches!(outcome, Outcome::Failed { .. }) {
-                        self.unread.insert(rel.clone());
+                    if let (Some(unread), Outcome::Failed { .. }) = (&mut self.unread, &outcome) {
+                        unread.insert(rel.clone());
                     }
                     let was = known.remove(&rel);
                     // Temp-like names (filepipe's own among them) are never taken here.
@@ -998,10 +998,12 @@ impl Watcher<'_> {
     /// goes; not, that failure counts one more attempt, as a file's does.
     fn read_again(&mut self, rel: PathBuf) -> Result<()> {
         let path = self.cfg.root.join(&rel);
-        self.unread.clear();
+        self.unread = Some(Default::default());
         self.watch(&path);
-        self.scan(&path, Lost::Unseen)?;
-        if !self.unread.contains(&rel) {
+        let scanned = self.scan(&path, Lost::Unseen);
+        let unread = self.unread.take().unwrap_or_default();
+        scanned?;
+        if !unread.contains(&rel) {
             tracing::info!(dir = %rel.display(), "a directory that could not be read was read");
             self.send(Event::Unlisted(vec![rel]))?;
         }
