@@ -387,12 +387,7 @@ fn the_config_file_sets_durability_and_rejects_a_bad_value_with_its_line() {
 
 #[test]
 fn with_few_descriptors_allowed_groups_shrink_and_every_file_is_done() {
-    if std::process::Command::new("prlimit")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: no prlimit to lower the open-file limit");
+    if !have_prlimit() {
         return;
     }
     // 320 descriptors, soft and hard: groups of (320 - 256) / 9 = 7 files, where 256 would

@@ -783,12 +783,7 @@ fn a_file_named_as_another_manifest_hides_no_payload() {
 /// passed (exit 0) with its files never checked (found by a review, under `ulimit -n 12`).
 #[test]
 fn a_directory_unreadable_for_want_of_descriptors_is_reported_not_passed() {
-    if std::process::Command::new("prlimit")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: no prlimit to lower the open-file limit");
+    if !have_prlimit() {
         return;
     }
     let deep = "x/".repeat(18);

@@ -1665,12 +1665,7 @@ fn directories_made_for_a_private_tree_are_private() {
 /// two or three here, never the build after it in 8.
 #[test]
 fn a_directory_unreadable_for_want_of_descriptors_is_read_again_not_taken_as_a_file() {
-    if std::process::Command::new("prlimit")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: no prlimit to lower the open-file limit");
+    if !have_prlimit() {
         return;
     }
     let mut t = TestTree::new();

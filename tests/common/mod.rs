@@ -269,6 +269,15 @@ pub fn spawn(args: &[&OsStr]) -> Started {
     Started::new(cmd)
 }
 
+/// Whether `prlimit` is there to lower a limit; if not, says the test skipped.
+pub fn have_prlimit() -> bool {
+    let there = Command::new("prlimit").arg("-V").output().is_ok();
+    if !there {
+        eprintln!("SKIPPED: no prlimit to lower the open-file limit");
+    }
+    there
+}
+
 /// Runs to completion with no input, within `TIMEOUT`.
 #[track_caller]
 pub fn run(mut cmd: Command) -> Run {
