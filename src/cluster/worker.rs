@@ -36,16 +36,15 @@ use crate::travel::{Stamp, Stats};
 /// How long a job handed back waits before it is delivered again: never a busy loop.
 const NAK_DELAY: Duration = Duration::from_secs(1);
 
-/// How long a job that goes back because its pipeline failed here (or that is handed back for
-/// a rest) waits before it is delivered again, by the server's count of its deliveries so far,
-/// which is every worker's: 1 s after the first (another worker may do it), then 10, 20 and
-/// 40 s. Its last attempt (the `MAX_DELIVER`th delivery) then comes at least 71 s after its
-/// first however many workers fail on it in turn, and a worker whose pipeline stops on that
-/// attempt fails its files with the reason (`Router::after_stop`). Each worker's rests
-/// (`Rest`) are its own and each worker counts only its own hand-backs: with two workers, a
-/// job whose shared output root was away for a moment failed for good in about 15 s (found by
-/// a review), each taking it as soon as the other gave it up; with waits of 1, 5, 10 and 20 s
-/// before its attempts, in 36 s (found by the next review).
+/// How long a job that goes back because its pipeline failed here (or because what it names
+/// rests here) waits before it is delivered again, by the server's count of its deliveries so
+/// far, which is every worker's: 1 s after the first (another worker may do it), then 10, 20
+/// and 40 s. Its last attempt (the `MAX_DELIVER`th delivery) then comes at least 71 s after
+/// its first however many workers fail on it in turn, and the worker that has it then fails
+/// its files with the reason (`Router::after_stop`). With waits of 1 to 10 s, a job whose
+/// shared output root was away for a moment failed for good in about 15 s with two workers
+/// (found by a review); with 1, 5, 10 and 20 s before its attempts, in 36 s (found by the
+/// next review).
 fn back_off(delivered: i64) -> Duration {
     match delivered {
         ..=1 => NAK_DELAY,
@@ -66,13 +65,6 @@ const REST_FIRST: Duration = Duration::from_secs(5);
 
 /// The longest a root is left alone after its pipelines stopped.
 const REST_MOST: Duration = Duration::from_secs(60);
-
-/// The longest a job naming resting output or move roots waits before it is offered again
-/// (to any worker: another may have those roots).
-const HAND_BACK_MOST: Duration = Duration::from_secs(10);
-
-/// The most jobs whose hand-backs are remembered (`Router::handed_back`).
-const HANDED_BACK_MOST: usize = 1 << 16;
 
 /// A pipeline with no message for this long stops (a finished run's).
 const IDLE: Duration = Duration::from_secs(30);
@@ -266,7 +258,6 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         tampered: HashSet::new(),
         missing: HashSet::new(),
         resting: HashMap::new(),
-        handed_back: HashMap::new(),
         cancels,
         cancelled: HashSet::new(),
         checked: HashSet::new(),
@@ -306,11 +297,6 @@ struct Router<'a> {
     /// What this worker leaves alone for a while because its last pipeline stopped with an
     /// error (see `Resting`).
     resting: HashMap<Resting, Rest>,
-    /// The jobs (by stream sequence) this worker handed back untried for a rest, and how
-    /// often: the server counts those deliveries too, and a job's `MAX_DELIVER` is of
-    /// attempts. Counted, they failed a job for good in seconds while its output root was
-    /// away for a moment (found by a review). Forgotten past `HANDED_BACK_MOST`.
-    handed_back: HashMap<u64, i64>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -353,7 +339,8 @@ enum Resting {
     /// The input root cannot be opened: no job of it can be done here, and none is fetched.
     Root(String),
     /// The root opens, so what failed is the job's output or move root (or the queue): only
-    /// jobs naming the same directories are handed back, each for the rest of the rest.
+    /// jobs naming the same directories go back untried, each as an attempt that failed the
+    /// same way, until the rest is over.
     /// Resting the whole root for it let anyone who may publish a job naming a broken output
     /// root hold up every other run of the root (found by a review).
     Dirs {
@@ -481,20 +468,13 @@ impl Router<'_> {
         Ok(())
     }
 
-    /// The attempts at `m` so far, this one included: its deliveries less the hand-backs of
-    /// this worker's rests (never below 1).
-    fn attempts(&self, m: &jetstream::Message) -> i64 {
-        let seq = m.info().map_or(0, |i| i.stream_sequence);
-        (deliveries(m) - self.handed_back.get(&seq).copied().unwrap_or(0)).max(1)
-    }
-
     /// Settles `m`, held by a pipeline that ended before its files did (`stopped` says why, if
     /// it failed): back to the queue for a later attempt (`back_off`), or, when this was its
     /// last, its files fail with that reason, for good. Left to the next delivery, they failed
     /// there with none (the worker that took it may never have tried it), after a last wait
     /// for nothing (found by a review).
     fn after_stop(&mut self, m: &jetstream::Message, stopped: Option<&str>) {
-        let last = self.attempts(m) >= MAX_DELIVER;
+        let last = deliveries(m) >= MAX_DELIVER;
         let batch = match stopped {
             Some(_) if last => JobBatch::parse(&m.payload).ok(),
             _ => None,
@@ -514,33 +494,12 @@ impl Router<'_> {
             .map(|f| (f.rel.clone(), FileError::new(Kind::Io, message.clone())))
             .collect();
         match self.fail(&batch, failed) {
-            Ok(()) => {
-                if let Ok(info) = m.info() {
-                    self.handed_back.remove(&info.stream_sequence);
-                }
-                self.ack(m, AckKind::Term);
-            }
+            Ok(()) => self.ack(m, AckKind::Term),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "could not fail a job at its last attempt");
                 self.ack(m, AckKind::Nak(Some(NAK_DELAY)));
             }
         }
-    }
-
-    /// Hands back a job untried, for a rest: not an attempt (`handed_back`). It waits `delay`,
-    /// or longer as its deliveries mount up (`back_off`).
-    fn hand_back(&mut self, m: &jetstream::Message, seq: u64, delay: Duration) {
-        if self.handed_back.len() >= HANDED_BACK_MOST {
-            // Half forgotten, not all: those then count their hand-backs as attempts, which
-            // only fails them sooner.
-            let mut i = 0;
-            self.handed_back.retain(|_, _| {
-                i += 1;
-                i % 2 == 0
-            });
-        }
-        *self.handed_back.entry(seq).or_default() += 1;
-        self.ack(m, AckKind::Nak(Some(delay.max(back_off(deliveries(m))))));
     }
 
     /// Whether `root`'s jobs are left alone now: its consumer changed or missing, or its
@@ -591,9 +550,6 @@ impl Router<'_> {
                         self.conn.setup().await?;
                         workers_consumer(&self.conn.js, root).await
                     });
-                    // A stream made again numbers its messages from 1: the hand-backs counted
-                    // by sequence would be taken off other jobs' deliveries.
-                    self.handed_back.clear();
                     failed = Some(e.context(format!("root {root}")));
                     match again {
                         Ok(c) => self.consumers[at].1 = c,
@@ -769,8 +725,7 @@ impl Router<'_> {
     /// Routes one message to its pipeline (starting it if need be), or settles it at once
     /// when it cannot be run here.
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
-        let seq = m.info().map_or(0, |i| i.stream_sequence);
-        let delivered = self.attempts(&m);
+        let delivered = deliveries(&m).max(1);
         // When the message was stored, for a redelivery: an earlier delivery acted after it.
         let stored = m.info().ok().map(|i| {
             let ns = i.published.unix_timestamp_nanos().max(0);
@@ -930,21 +885,6 @@ impl Router<'_> {
             self.ack(&m, AckKind::Ack);
             return Ok(());
         }
-        let now = Instant::now();
-        let resting = |what: &Resting| self.resting.get(what).filter(|r| now < r.until);
-        if resting(&Resting::Root(batch.root.clone())).is_some() {
-            // A request left waiting got it as the root's rest began: back for another worker.
-            self.hand_back(&m, seq, NAK_DELAY);
-            return Ok(());
-        }
-        if let Some(rest) = resting(&dirs) {
-            // Its output or move root failed here lately: back, offered again once the rest is
-            // over or after `HAND_BACK_MOST` (to any worker: another may have those roots),
-            // not at once (this one would take it again, over and over).
-            let left = rest.until.saturating_duration_since(now);
-            self.hand_back(&m, seq, left.clamp(NAK_DELAY, HAND_BACK_MOST));
-            return Ok(());
-        }
         let key = Key {
             run: batch.run.clone(),
             root: batch.root.clone(),
@@ -959,6 +899,40 @@ impl Router<'_> {
             max_size: batch.max_size,
             format: batch.format(),
         };
+        // A pipeline of this key that ended or is ending (its root, its directories or its
+        // sink failed) is reaped first, and the job goes back as one it held would: an attempt,
+        // failed at its last with that reason. Sent to it, the job went back as an attempt
+        // too, but at its last the worker that took it next failed it untried, with no reason,
+        // 40 s later (found by a review).
+        if self
+            .pipelines
+            .get(&key)
+            .is_some_and(|p| p.stop.requested() || p.thread.is_finished())
+        {
+            if let Some(why) = self.reap_one(key.clone())? {
+                self.after_stop(&m, Some(&why));
+                return Ok(());
+            }
+        }
+        let now = Instant::now();
+        let resting = |what: &Resting| self.resting.get(what).filter(|r| now < r.until);
+        // Its root (a request left waiting got it as the root's rest began), or its output or
+        // move root, failed here lately: no pipeline is started for it during the rest (jobs
+        // anyone may publish, naming a broken output root over and over, held up every other
+        // run of the root: found by a review). It goes back as if tried and failed the same
+        // way: an attempt, offered again later each time (`back_off`), at its last failed
+        // with that reason. Every delivery is an attempt, whichever worker has it: handed
+        // back untried and not counted, a job was counted by the next worker anyway, which
+        // cannot tell, and with several workers failed for good untried, with no reason
+        // (found by a review); with one worker, jobs met rest after rest and took minutes to
+        // fail.
+        let why = resting(&Resting::Root(batch.root.clone()))
+            .or_else(|| resting(&dirs))
+            .map(|r| r.why.clone());
+        if let Some(why) = why {
+            self.after_stop(&m, Some(&why));
+            return Ok(());
+        }
         if !self.pipelines.contains_key(&key) {
             let running = self.start(&key, root)?;
             self.pipelines.insert(key.clone(), running);
@@ -969,7 +943,8 @@ impl Router<'_> {
             bail!("a pipeline vanished");
         };
         if p.stop.requested() || p.deliveries.send(Delivery { id, files }).is_err() {
-            // It stopped (its sink failed): back to the queue, for later or another worker.
+            // It stopped since (its sink failed just now): back to the queue, for later or
+            // another worker.
             self.ack(&m, AckKind::Nak(Some(back_off(deliveries(&m)))));
             return Ok(());
         }
@@ -1159,11 +1134,6 @@ impl Router<'_> {
         if let Some(p) = self.pipelines.get_mut(&key) {
             p.held -= 1;
         }
-        if s.done {
-            if let Ok(info) = m.info() {
-                self.handed_back.remove(&info.stream_sequence);
-            }
-        }
         // Unacknowledged (the ack lost), it is delivered again after the ack wait: its files
         // are then found up to date, and the coordinator counts each file once.
         self.ack(
@@ -1201,102 +1171,109 @@ impl Router<'_> {
             .map(|(k, _)| k.clone())
             .collect();
         for key in idle {
-            let Some(p) = self.pipelines.remove(&key) else {
-                continue;
-            };
-            drop(p.deliveries);
-            // Its last messages settle while it drains; the server hears they are worked on.
-            let mut last_progress = Instant::now();
-            while !p.thread.is_finished() {
-                if let Ok(s) = self.settled.1.recv_timeout(Duration::from_millis(100)) {
-                    self.settle(s);
-                }
-                if last_progress.elapsed() >= PROGRESS_EVERY {
-                    self.progress();
-                    last_progress = Instant::now();
-                }
-            }
-            self.settle_ready();
-            let stopped = match p.thread.join() {
-                Ok(Ok(summary)) => {
-                    tracing::info!(
-                        run = %key.run,
-                        done = summary.done,
-                        skipped = summary.skipped,
-                        failed = summary.failed,
-                        "pipeline finished"
-                    );
-                    None
-                }
-                Ok(Err(e)) => Some(format!("{e:#}")),
-                Err(_) => Some("it panicked".to_owned()),
-            };
-            // What it still holds (it stopped early: its sink failed, or its directories) goes
-            // back to the queue, later each time it comes back (`back_off`), or, at its last
-            // attempt, fails with the reason.
-            let orphans: Vec<u64> = self
-                .held
-                .iter()
-                .filter(|(_, (_, k))| *k == key)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in orphans {
-                if let Some((m, _)) = self.held.remove(&id) {
-                    self.after_stop(&m, stopped.as_deref());
-                }
-            }
-            let Some(stopped) = stopped else {
-                // The root and the job's directories work: their rests are over.
-                self.resting.remove(&Resting::Root(key.root.clone()));
-                self.resting.remove(&Resting::of(&key));
-                continue;
-            };
-            // Its jobs went back (above) for other workers to take; this one leaves them alone
-            // for a while, longer each time in a row, rather than stop the next pipeline the
-            // same way at once and spend their deliveries: the whole root if it cannot be
-            // opened now, else only the jobs naming the same output and move roots.
-            let root_opens = self.roots.get(&key.root).is_some_and(|path| {
-                use rustix::fs::OFlags;
-                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-                crate::fsio::canonical::open(path, flags).is_ok()
-            });
-            let what = if root_opens {
-                Resting::of(&key)
-            } else {
-                Resting::Root(key.root.clone())
-            };
-            // Twice the last rest if it ended lately (still failing), else the first.
-            let now = Instant::now();
-            let pause = match self.resting.get(&what) {
-                Some(r) if now.saturating_duration_since(r.until) < REST_MOST * 2 => {
-                    (r.pause * 2).min(REST_MOST)
-                }
-                _ => REST_FIRST,
-            };
-            tracing::error!(
-                run = %key.run,
-                root = %key.root,
-                error = %stopped,
-                retry_in = ?pause,
-                "{}",
-                if root_opens {
-                    "pipeline stopped: this worker takes no job naming its output and move \
-                     roots until then"
-                } else {
-                    "pipeline stopped: its root cannot be opened; this worker takes no job of \
-                     it until then"
-                }
-            );
-            self.resting.insert(
-                what,
-                Rest {
-                    until: now + pause,
-                    pause,
-                    why: stopped,
-                },
-            );
+            self.reap_one(key)?;
         }
         Ok(())
+    }
+
+    /// Stops the pipeline of `key` once it has finished what it holds (at once if it ended),
+    /// settles what it left, and rests what made it stop, if anything did: returns why.
+    fn reap_one(&mut self, key: Key) -> Result<Option<String>> {
+        let Some(p) = self.pipelines.remove(&key) else {
+            return Ok(None);
+        };
+        drop(p.deliveries);
+        // Its last messages settle while it drains; the server hears they are worked on.
+        let mut last_progress = Instant::now();
+        while !p.thread.is_finished() {
+            if let Ok(s) = self.settled.1.recv_timeout(Duration::from_millis(100)) {
+                self.settle(s);
+            }
+            if last_progress.elapsed() >= PROGRESS_EVERY {
+                self.progress();
+                last_progress = Instant::now();
+            }
+        }
+        self.settle_ready();
+        let stopped = match p.thread.join() {
+            Ok(Ok(summary)) => {
+                tracing::info!(
+                    run = %key.run,
+                    done = summary.done,
+                    skipped = summary.skipped,
+                    failed = summary.failed,
+                    "pipeline finished"
+                );
+                None
+            }
+            Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(_) => Some("it panicked".to_owned()),
+        };
+        // What it still holds (it stopped early: its sink failed, or its directories) goes
+        // back to the queue, later each time it comes back (`back_off`), or, at its last
+        // attempt, fails with the reason.
+        let orphans: Vec<u64> = self
+            .held
+            .iter()
+            .filter(|(_, (_, k))| *k == key)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            if let Some((m, _)) = self.held.remove(&id) {
+                self.after_stop(&m, stopped.as_deref());
+            }
+        }
+        let Some(stopped) = stopped else {
+            // The root and the job's directories work: their rests are over.
+            self.resting.remove(&Resting::Root(key.root.clone()));
+            self.resting.remove(&Resting::of(&key));
+            return Ok(None);
+        };
+        // Its jobs went back (above) for other workers to take; this one leaves them alone
+        // for a while, longer each time in a row, rather than stop the next pipeline the
+        // same way at once and spend their deliveries: the whole root if it cannot be
+        // opened now, else only the jobs naming the same output and move roots.
+        let root_opens = self.roots.get(&key.root).is_some_and(|path| {
+            use rustix::fs::OFlags;
+            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+            crate::fsio::canonical::open(path, flags).is_ok()
+        });
+        let what = if root_opens {
+            Resting::of(&key)
+        } else {
+            Resting::Root(key.root.clone())
+        };
+        // Twice the last rest if it ended lately (still failing), else the first.
+        let now = Instant::now();
+        let pause = match self.resting.get(&what) {
+            Some(r) if now.saturating_duration_since(r.until) < REST_MOST * 2 => {
+                (r.pause * 2).min(REST_MOST)
+            }
+            _ => REST_FIRST,
+        };
+        tracing::error!(
+            run = %key.run,
+            root = %key.root,
+            error = %stopped,
+            retry_in = ?pause,
+            "{}",
+            if root_opens {
+                "pipeline stopped: this worker takes no job naming its output and move \
+                 roots until then"
+            } else {
+                "pipeline stopped: its root cannot be opened; this worker takes no job of \
+                 it until then"
+            }
+        );
+        self.resting.insert(
+            what,
+            Rest {
+                until: now + pause,
+                pause,
+                why: stopped.clone(),
+            },
+        );
+        Ok(Some(stopped))
     }
 }
 
