@@ -577,21 +577,18 @@ impl State {
             .with_context(|| format!("cannot write the state database {}", self.path.display()))
     }
 
-    /// Commits the open transaction; on failure, rolls it back (SQLite may have already: a
-    /// full disk ends it, a busy database does not), so none is left open either way.
+    /// Commits the open transaction. On failure the rows stay for another commit, if the
+    /// transaction is still open (`in_transaction`): a full disk ends it in SQLite.
     pub(crate) fn commit(&mut self) -> Result<()> {
         let written = self
             .write_done()
             .and_then(|()| Ok(self.conn.execute_batch("COMMIT")?));
-        if written.is_err() {
-            // Its rows are lost with it: the run stops on this error, and the next one finds
-            // their outputs up to date or computes them again.
-            self.done.clear();
-            if !self.conn.is_autocommit() {
-                let _ = self.conn.execute_batch("ROLLBACK");
-            }
-        }
         written.with_context(|| format!("cannot write the state database {}", self.path.display()))
+    }
+
+    /// Whether a transaction is open (`begin`, not yet ended by a commit or by SQLite itself).
+    pub(crate) fn in_transaction(&self) -> bool {
+        !self.conn.is_autocommit()
     }
 
     /// Records `op`'s result of a file as done, in the transaction `begin` opened. The row

@@ -307,11 +307,12 @@ impl Sink for StateSink<'_> {
 
     fn flush(&mut self) -> Result<()> {
         if self.in_transaction {
-            // Over either way: a commit that fails is rolled back (`State::commit`), and the
-            // next outcome begins anew. Left open on a failure (a full disk), the next
-            // outcomes were written outside any transaction (found by a review).
-            self.in_transaction = false;
-            self.state.commit()?;
+            let committed = self.state.commit();
+            // As SQLite has it: a failed commit may have ended the transaction (a full disk
+            // does), and the next outcome must then begin one. Taken for open, the next
+            // outcomes were written outside any (found by a review).
+            self.in_transaction = self.state.in_transaction();
+            committed?;
         }
         Ok(())
     }
