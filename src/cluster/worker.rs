@@ -930,8 +930,23 @@ impl Router<'_> {
             .or_else(|| resting(&dirs))
             .map(|r| r.why.clone());
         if let Some(why) = why {
-            self.after_stop(&m, Some(&why));
-            return Ok(());
+            // Unless what it names opens again: the rest is over then, whatever its length
+            // (rests grow to a minute, and one begun just before the root came back failed
+            // jobs for good with the old reason, untried: found by a review). And a job's
+            // last attempt is always made for real.
+            let opens = |path: &std::path::Path| {
+                use rustix::fs::OFlags;
+                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+                crate::fsio::canonical::open(path, flags).is_ok()
+            };
+            let back = opens(&root) && key.out.as_ref().is_none_or(|(_, dir)| opens(dir));
+            if back {
+                self.resting.remove(&Resting::Root(batch.root.clone()));
+                self.resting.remove(&dirs);
+            } else if delivered < MAX_DELIVER {
+                self.after_stop(&m, Some(&why));
+                return Ok(());
+            }
         }
         if !self.pipelines.contains_key(&key) {
             let running = self.start(&key, root)?;
