@@ -775,7 +775,7 @@ fn added(
             Err(e) => {
                 let path = e.path().unwrap_or(root);
                 let rel = path.strip_prefix(root).unwrap_or(path).to_path_buf();
-                if !is_dir_beneath(beneath, &rel) {
+                if !may_be_dir_beneath(beneath, &rel) {
                     continue;
                 }
                 let why = match e.io_error() {
@@ -866,7 +866,7 @@ fn is_beneath(beneath: &Root, rel: &Path, id: Option<(u64, u64)>) -> bool {
 /// to lie past a symlink or outside the root. One that cannot even be looked at (out of
 /// descriptors, say) is reported: taken for absent, its files went unchecked and the run
 /// passed (found by a review, under `ulimit -n 12`).
-fn is_dir_beneath(beneath: &Root, rel: &Path) -> bool {
+fn may_be_dir_beneath(beneath: &Root, rel: &Path) -> bool {
     if rel.as_os_str().is_empty() {
         return true;
     }
@@ -956,7 +956,7 @@ fn verify_compressed_tree(root: &Path, pool: &ThreadPool) -> Result<(Report, Vec
             Err(e) => {
                 // A directory (or entry) the walk could not read: its files went unchecked.
                 let path = e.path().unwrap_or(root).to_path_buf();
-                if !is_dir_beneath(&beneath, path.strip_prefix(root).unwrap_or(&path)) {
+                if !may_be_dir_beneath(&beneath, path.strip_prefix(root).unwrap_or(&path)) {
                     continue;
                 }
                 let why = match e.io_error() {
@@ -1240,14 +1240,14 @@ mod tests {
             Path::new("z/f"),
             id(&root.join("z/f"))
         ));
-        assert!(is_dir_beneath(&beneath, Path::new("z")));
+        assert!(may_be_dir_beneath(&beneath, Path::new("z")));
         // The walk, by path, after `z` became a link out: it finds outside/f as z/f.
         std::fs::rename(root.join("z"), tmp.path().join("z-away")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("z")).unwrap();
         let found = id(&root.join("z").join("f"));
         assert_eq!(found, id(&outside.join("f")));
         assert!(!is_beneath(&beneath, Path::new("z/f"), found));
-        assert!(!is_dir_beneath(&beneath, Path::new("z")));
+        assert!(!may_be_dir_beneath(&beneath, Path::new("z")));
     }
 
     #[test]

@@ -54,6 +54,14 @@ fn back_off(delivered: i64) -> Duration {
     }
 }
 
+/// Whether the directory at `path` (a root, or an output root) opens now, through none but
+/// filepipe's user's symlinks, as a pipeline opens it: what rests decide on.
+fn dir_opens(path: &std::path::Path) -> bool {
+    use rustix::fs::OFlags;
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    crate::fsio::canonical::open(path, flags).is_ok()
+}
+
 /// The server's count of `m`'s deliveries (this one included).
 fn deliveries(m: &jetstream::Message) -> i64 {
     m.info().map_or(1, |i| i.delivered)
@@ -934,12 +942,7 @@ impl Router<'_> {
             // (rests grow to a minute, and one begun just before the root came back failed
             // jobs for good with the old reason, untried: found by a review). And a job's
             // last attempt is always made for real.
-            let opens = |path: &std::path::Path| {
-                use rustix::fs::OFlags;
-                let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-                crate::fsio::canonical::open(path, flags).is_ok()
-            };
-            let back = opens(&root) && key.out.as_ref().is_none_or(|(_, dir)| opens(dir));
+            let back = dir_opens(&root) && key.out.as_ref().is_none_or(|(_, dir)| dir_opens(dir));
             if back {
                 self.resting.remove(&Resting::Root(batch.root.clone()));
                 self.resting.remove(&dirs);
@@ -1248,11 +1251,10 @@ impl Router<'_> {
         // for a while, longer each time in a row, rather than stop the next pipeline the
         // same way at once and spend their deliveries: the whole root if it cannot be
         // opened now, else only the jobs naming the same output and move roots.
-        let root_opens = self.roots.get(&key.root).is_some_and(|path| {
-            use rustix::fs::OFlags;
-            let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
-            crate::fsio::canonical::open(path, flags).is_ok()
-        });
+        let root_opens = self
+            .roots
+            .get(&key.root)
+            .is_some_and(|path| dir_opens(path));
         let what = if root_opens {
             Resting::of(&key)
         } else {

@@ -122,17 +122,40 @@ pub(crate) fn watch_error(root: &Path, e: notify::Error) -> anyhow::Error {
     anyhow::Error::new(e).context(format!("cannot watch {}", root.display()))
 }
 
+/// A kernel setting under /proc/sys, as shown in a message.
+fn sysctl(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unreadable here".into())
+}
+
+/// The watcher could not be made (`inotify_init1` failed). Its `EMFILE` is the inotify
+/// instance limit as often as the descriptor limit: the bare "Too many open files" named
+/// neither (found by a review).
+pub(crate) fn watcher_error(e: notify::Error) -> anyhow::Error {
+    let emfile =
+        matches!(&e.kind, notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::EMFILE));
+    let e = anyhow::Error::new(e);
+    if !emfile {
+        return e.context("starting the file system watcher");
+    }
+    // Since Linux 5.11 the user namespace's own limit applies too, whichever is lower.
+    let global = sysctl("/proc/sys/fs/inotify/max_user_instances");
+    let userns = sysctl("/proc/sys/user/max_inotify_instances");
+    e.context(format!(
+        "starting the file system watcher: either this user's inotify instances are all in use \
+         (fs.inotify.max_user_instances = {global}, user.max_inotify_instances = {userns}: \
+         raise them, e.g. 'sysctl fs.inotify.max_user_instances=1024') or this process is out \
+         of file descriptors (ulimit -n)"
+    ))
+}
+
 /// What to say when the inotify watch limit is reached under `root`: the limits, and how to
 /// raise them.
 pub(crate) fn limit_reached(root: &Path) -> String {
-    let read = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unreadable here".into())
-    };
     // Since Linux 5.11 the user namespace's own limit applies too, whichever is lower.
-    let global = read("/proc/sys/fs/inotify/max_user_watches");
-    let userns = read("/proc/sys/user/max_inotify_watches");
+    let global = sysctl("/proc/sys/fs/inotify/max_user_watches");
+    let userns = sysctl("/proc/sys/user/max_inotify_watches");
     format!(
         "cannot watch every directory under {}: the inotify watch limit is exhausted \
          (fs.inotify.max_user_watches = {global}, user.max_inotify_watches = {userns}); the \

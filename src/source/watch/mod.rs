@@ -116,29 +116,7 @@ impl Source for Watch<'_> {
             (None, _) => {}
         }
         let mut watcher = notify::RecommendedWatcher::new(notify_tx, events::watcher_config())
-            .map_err(|e| {
-                let emfile = matches!(&e.kind, notify::ErrorKind::Io(io) if io.raw_os_error() == Some(libc::EMFILE));
-                let e = anyhow::Error::from(e);
-                if emfile {
-                    // inotify_init1's EMFILE is the inotify instance limit as often as the
-                    // descriptor limit: the bare "Too many open files" named neither.
-                    let read = |p: &str| {
-                        std::fs::read_to_string(p)
-                            .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
-                    };
-                    let global = read("/proc/sys/fs/inotify/max_user_instances");
-                    let userns = read("/proc/sys/user/max_inotify_instances");
-                    e.context(format!(
-                        "either this user's inotify instances are all in use \
-                         (fs.inotify.max_user_instances = {global}, user.max_inotify_instances = \
-                         {userns}: raise them, e.g. 'sysctl fs.inotify.max_user_instances=1024') \
-                         or this process is out of file descriptors (ulimit -n)"
-                    ))
-                } else {
-                    e
-                }
-            })
-            .context("starting the file system watcher")?;
+            .map_err(events::watcher_error)?;
         // The directory at the root's path first, then its watch, then the same directory
         // still: a root going or swapped as the pipeline starts is `RootGone`, as it is once
         // running (a service waits for it: a root made and removed in a loop ended the whole
