@@ -55,8 +55,10 @@ pub(crate) const OUTCOMES_STREAM: &str = "FILEPIPE_OUTCOMES";
 pub(crate) const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How often a worker tells the server it is still working on the jobs it holds.
 pub(crate) const PROGRESS_EVERY: Duration = Duration::from_secs(10);
-/// A job delivered this many times without an outcome (each worker that took it died or hung
-/// on it) is failed and terminated rather than delivered again.
+/// A job's attempts: at its last, a worker that cannot finish it fails its files with the
+/// reason. One delivered more than once more without an outcome (each worker that took it died
+/// or hung on it; one more, as a server from before 2.11 may count a delivery it never made)
+/// is failed and terminated rather than delivered again.
 pub(crate) const MAX_DELIVER: i64 = 5;
 
 /// The subject of a run's jobs, under its root's: each root has its own consumer, so a worker

@@ -77,8 +77,23 @@ const REST_MOST: Duration = Duration::from_secs(60);
 /// A pipeline with no message for this long stops (a finished run's).
 const IDLE: Duration = Duration::from_secs(30);
 
-/// How long a request for jobs waits on a root that has none (see `Router::fetch`).
+/// How long the router waits for a job, when no root has one now, before it looks again
+/// (see `Router::fetch`).
 const WAIT_FOR_JOBS: Duration = Duration::from_millis(500);
+
+/// How long a pull request left waiting for a job lasts on the server. The next one is asked
+/// for while the last still has `RENEW_WITHIN` to go, so each root always has one that has not
+/// expired: nats-server before 2.11 (Debian's 2.9.10) counts a delivery it never makes when a
+/// job handed back with a delay comes due just as the only request left waiting has expired
+/// (its "redo" path, fixed upstream in nats-server PR 5305), and the job then waits out the
+/// ack wait, an attempt spent for nothing. With one request of half a second at a time, about
+/// one job in a hundred handed back lost an attempt that way: the last one's files failed
+/// `internal`, untried, 101 s after their first delivery, and others failed for good sooner
+/// than the 71 s promised (found by a review; the server's trace showed the deliveries).
+const REQUEST_LIFE: Duration = Duration::from_secs(2);
+
+/// See `REQUEST_LIFE`: more than the router's longest wait between looks (`WAIT_FOR_JOBS`).
+const RENEW_WITHIN: Duration = Duration::from_secs(1);
 
 /// How often a worker looks for a missing consumer made again (`Router::missing`), as it
 /// waits for one at its start.
@@ -281,7 +296,8 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         pipelines: HashMap::new(),
         warned: HashSet::new(),
         settled: crossbeam_channel::unbounded(),
-        waiting: HashSet::new(),
+        waiting: HashMap::new(),
+        next_request: 0,
         answers: crossbeam_channel::unbounded(),
         refused: None,
     };
@@ -327,8 +343,9 @@ struct Router<'a> {
     /// Root names already warned about (jobs for roots this worker does not map).
     warned: HashSet<String>,
     settled: (Sender<Settled>, Receiver<Settled>),
-    /// The roots with a pull request left waiting for a job, one each at most (see `fetch`).
-    waiting: HashSet<String>,
+    /// The pull requests left waiting for a job, by id: one or two a root (see `fetch`).
+    waiting: HashMap<u64, Waiting>,
+    next_request: u64,
     /// What the waiting requests' readers hear (see `Answer`).
     answers: (Sender<Answer>, Receiver<Answer>),
     /// The error a waiting request last ended with, for `fetch` to return (and the worker to
@@ -405,8 +422,17 @@ struct Rest {
 enum Answer {
     /// A job: this worker's, its ack wait running.
     Job(Box<jetstream::Message>),
-    /// The request of `root` ended: answered, expired, or refused (`error`).
-    Ended { root: String, error: Option<String> },
+    /// Request `id` ended: answered, expired, or refused (`error`).
+    Ended { id: u64, error: Option<String> },
+}
+
+/// A pull request left waiting for a job.
+struct Waiting {
+    root: String,
+    /// When the server lets it go (by this worker's clock: the server's starts a little later).
+    expires: Instant,
+    /// Its reader, stopped when the worker stops.
+    reader: tokio::task::JoinHandle<()>,
 }
 
 impl Router<'_> {
@@ -456,17 +482,19 @@ impl Router<'_> {
             }
         }
         tracing::info!(held = self.held.len(), "stopping: finishing the jobs held");
-        // Requests still waiting expire within `WAIT_FOR_JOBS` (the server says so): a job
-        // one gets meanwhile goes back at once, not started. Bounded: a server gone away
-        // answers nothing, and its jobs are delivered again anyway.
-        let until = Instant::now() + WAIT_FOR_JOBS * 2;
-        while !self.waiting.is_empty() {
-            let Some(left) = until.checked_duration_since(Instant::now()) else {
-                break;
-            };
-            for m in self.answers(left) {
-                self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+        // The requests still waiting are let go (their readers stop, and the server gives
+        // what it would have sent them to other workers' requests), and a job one got before
+        // goes back at once, not started. A reader stops only where it waits for the server,
+        // never between taking a job and passing it on.
+        let readers: Vec<_> = self.waiting.drain().map(|(_, w)| w.reader).collect();
+        self.conn.rt.block_on(async {
+            for r in readers {
+                r.abort();
+                let _ = r.await;
             }
+        });
+        for m in self.answers(Duration::ZERO) {
+            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
         }
         self.reap(true)?;
         // What no pipeline settled (it stopped early) goes back at once.
@@ -492,8 +520,9 @@ impl Router<'_> {
             return;
         };
         let message = format!(
-            "tried {MAX_DELIVER} times, and each worker that took it stopped before finishing \
-             it; on this worker ({}): {why}",
+            "tried {} times, and each worker that took it stopped before finishing it; on this \
+             worker ({}): {why}",
+            deliveries(m),
             self.me
         );
         let failed: Vec<_> = batch
@@ -522,11 +551,12 @@ impl Router<'_> {
     }
 
     /// Up to `n` messages from the roots' consumers: first what any of them has now, in turn;
-    /// if none has any, one request for a job left waiting on each root, all at once, and at
-    /// most `WAIT_FOR_JOBS` for the first answer. (Waiting on each root in turn, a quarter of
-    /// a second each for two roots, a run's first jobs waited out the idle root's quarter:
-    /// 0.1 s of a 1.2 s run on average. Waiting on each for longer, 50,000 small files took
-    /// 6.8 s instead of 2.5 s.) A request left waiting is answered later, into `answers`.
+    /// if none has any, a request for a job left waiting on each root, all at once (a new one
+    /// where the last is about to expire: `REQUEST_LIFE`), and at most `WAIT_FOR_JOBS` for the
+    /// first answer. (Waiting on each root in turn, a quarter of a second each for two roots, a
+    /// run's first jobs waited out the idle root's quarter: 0.1 s of a 1.2 s run on average.
+    /// Waiting on each for longer, 50,000 small files took 6.8 s instead of 2.5 s.) A request
+    /// left waiting is answered later, into `answers`.
     fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
         let k = self.consumers.len().max(1);
         let now = Instant::now();
@@ -574,11 +604,12 @@ impl Router<'_> {
             return Err(e);
         }
         for (root, c) in &self.consumers {
-            if self.skips(root, now) || self.waiting.contains(root) {
+            let lasts = |w: &Waiting| w.root == *root && w.expires > now + RENEW_WITHIN;
+            if self.skips(root, now) || self.waiting.values().any(lasts) {
                 continue;
             }
             let asked = self.conn.rt.block_on(async {
-                let ask = c.batch().max_messages(1).expires(WAIT_FOR_JOBS).messages();
+                let ask = c.batch().max_messages(1).expires(REQUEST_LIFE).messages();
                 tokio::time::timeout(Duration::from_secs(5), ask).await
             });
             let mut batch = match asked {
@@ -586,9 +617,9 @@ impl Router<'_> {
                 Ok(Err(e)) => return Err(anyhow::anyhow!("root {root}: {e}")),
                 Err(_) => return Err(anyhow::anyhow!("root {root}: no answer from the server")),
             };
-            self.waiting.insert(root.clone());
-            let (tx, root) = (self.answers.0.clone(), root.clone());
-            self.conn.rt.spawn(async move {
+            let (id, tx) = (self.next_request, self.answers.0.clone());
+            self.next_request += 1;
+            let reader = self.conn.rt.spawn(async move {
                 use futures_util::StreamExt;
                 let mut error = None;
                 while let Some(answer) = batch.next().await {
@@ -602,8 +633,18 @@ impl Router<'_> {
                         }
                     }
                 }
-                let _ = tx.send(Answer::Ended { root, error });
+                let _ = tx.send(Answer::Ended { id, error });
             });
+            let expires = now + REQUEST_LIFE;
+            let root = root.clone();
+            self.waiting.insert(
+                id,
+                Waiting {
+                    root,
+                    expires,
+                    reader,
+                },
+            );
         }
         let got = self.answers(WAIT_FOR_JOBS);
         match self.refused.take() {
@@ -627,8 +668,8 @@ impl Router<'_> {
             };
             match heard {
                 Some(Answer::Job(m)) => got.push(*m),
-                Some(Answer::Ended { root, error }) => {
-                    self.waiting.remove(&root);
+                Some(Answer::Ended { id, error }) => {
+                    let root = self.waiting.remove(&id).map(|w| w.root).unwrap_or_default();
                     if let Some(e) = error {
                         tracing::debug!(%root, error = %e, "a waiting request for a job failed");
                         self.refused = Some(anyhow::anyhow!("root {root}: {e}"));
@@ -828,11 +869,15 @@ impl Router<'_> {
             batch.move_source.as_deref(),
             batch.move_failed.as_deref(),
         );
-        if delivered > MAX_DELIVER {
+        // One delivery past the last is still an attempt, made for real: a server from before
+        // 2.11 may have counted one it never made (see `REQUEST_LIFE`), and the job's files
+        // then failed here untried.
+        if delivered > MAX_DELIVER + 1 {
             // Every worker that took it died or hung on it: its files fail, for good.
             let mut message = format!(
-                "delivered {MAX_DELIVER} times without an outcome: each worker that took it \
-                 stopped before finishing it"
+                "delivered {} times without an outcome: each worker that took it stopped \
+                 before finishing it",
+                delivered - 1
             );
             let rest = self
                 .resting

@@ -232,6 +232,15 @@ impl Nats {
     /// out the ack wait, delivered twice, as it would a job whose worker died. `false` if none
     /// was there within a second.
     pub fn nak_next(&self, consumer: &str) -> bool {
+        self.nak_next_after(consumer, Duration::ZERO)
+    }
+
+    /// `nak_next`, delivered again only after `delay` (a NAK with a delay, as a worker's).
+    pub fn nak_next_after(&self, consumer: &str, delay: Duration) -> bool {
+        let nak = match delay.as_nanos() {
+            0 => "-NAK".to_owned(),
+            ns => format!("-NAK {{\"delay\":{ns}}}"),
+        };
         let (mut stream, mut reader) = self.raw_connection(Duration::from_secs(5));
         let req = br#"{"batch":1,"expires":1000000000}"#;
         write!(
@@ -266,7 +275,7 @@ impl Nats {
             let with_reply = if is_msg { 4 } else { 5 };
             match parts.get(2).filter(|_| parts.len() == with_reply) {
                 Some(reply) if reply.starts_with("$JS.ACK") => {
-                    write!(stream, "PUB {reply} 4\r\n-NAK\r\nPING\r\n").unwrap();
+                    write!(stream, "PUB {reply} {}\r\n{nak}\r\nPING\r\n", nak.len()).unwrap();
                     loop {
                         line.clear();
                         reader.read_line(&mut line).unwrap();
