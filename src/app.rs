@@ -259,7 +259,16 @@ fn run_watch(args: &crate::cli::WatchArgs, quiet: bool, verbosity: i8) -> ExitCo
         {
             fail(exit::USAGE, &e)
         }
-        Err(e) => fail(exit::FAILURES, &e),
+        Err(e) => {
+            // Stopped by a failed state or manifest write: the account of what was done is
+            // still given, as `batch` gives it.
+            if let Some(stopped) = e.downcast_ref::<crate::report::Stopped>() {
+                if let Some(cfg) = &stopped.cfg {
+                    let _ = stopped.summary.print(cfg);
+                }
+            }
+            fail(exit::FAILURES, &e)
+        }
     }
 }
 

@@ -1731,3 +1731,38 @@ exec "$@""#;
     let err = out.code(1).stderr();
     assert!(err.contains("max_user_instances"), "{err}");
 }
+
+/// A watch stopped by a state database that fills its disk still prints its summary with
+/// `--json`, as `batch` does, the error in it: it printed none (found by a review).
+#[test]
+fn a_watch_stopped_by_a_full_state_disk_prints_its_json_summary() {
+    let mut t = TestTree::new();
+    for d in 0..20 {
+        for i in 0..100 {
+            t = t.file(format!("d{d}/a-file-with-a-longish-name-{i}.txt"), b"x");
+        }
+    }
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    // A 150 KiB tmpfs for the state, in a private user and mount namespace.
+    let script = r#"mount -t tmpfs -o size=150k none "$1" || exit 99
+exec "$2" watch "$3" --op sha256 --state "$1" --json"#;
+    let mut cmd = std::process::Command::new("unshare");
+    cmd.args(["-rm", "sh", "-c", script, "sh"])
+        .arg(&state)
+        .arg(bin())
+        .arg(t.root());
+    let out = run(cmd);
+    if out.output().status.code() == Some(99) {
+        eprintln!("SKIPPED: could not mount a tmpfs: {}", out.stderr());
+        return;
+    }
+    let sum = out.code(1).summary();
+    assert!(
+        sum["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot write the state database")),
+        "{sum}\n{}",
+        out.stderr()
+    );
+}

@@ -300,6 +300,7 @@ fn run_with<O: Op>(
                 Err(report::Stopped {
                     error: e,
                     summary: Box::new(summary),
+                    cfg: None,
                 }
                 .into())
             }

@@ -192,6 +192,7 @@ pub(crate) fn run(
         return Err(Stopped {
             error,
             summary: Box::new(summary),
+            cfg: None,
         }
         .into());
     }

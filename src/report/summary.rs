@@ -124,4 +124,7 @@ pub(crate) struct Stopped {
     pub(crate) error: anyhow::Error,
     /// The summary up to then (its `error` says the same).
     pub(crate) summary: Box<Summary>,
+    /// The run's configuration, which the summary is printed by, where the caller that prints
+    /// it has no other (a watch's pipeline, under the service's supervisor).
+    pub(crate) cfg: Option<std::sync::Arc<Config>>,
 }

@@ -387,10 +387,15 @@ pub(crate) fn run(
                 continue;
             }
             let (identity, cfg) = (r.identity.clone(), Arc::clone(&r.cfg));
-            let err = match stop(r, libc::SIGTERM) {
+            let mut err = match stop(r, libc::SIGTERM) {
                 Err(e) => e,
                 Ok(_) => anyhow!("the pipeline for {} stopped by itself", cfg.root.display()),
             };
+            // Stopped by a failed state or manifest write: the account of what it did is
+            // still given (`watch --json` printed none).
+            if let Some(stopped) = err.downcast_mut::<crate::report::Stopped>() {
+                stopped.cfg = Some(for_summary(&cfg));
+            }
             // A service's pipeline whose directory went waits for it; `watch DIR` alone ends,
             // as it always did (exit 1).
             if path.is_some() && err.chain().any(|e| e.is::<RootGone>()) {
