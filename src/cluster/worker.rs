@@ -36,10 +36,19 @@ use crate::travel::{Stamp, Stats};
 /// How long a job handed back waits before it is delivered again: never a busy loop.
 const NAK_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a job handed back as this worker stops asking for jobs of its root (the root
+/// rests, or the worker stops) waits before it is delivered again: longer than a request of
+/// this worker's left waiting lasts (`REQUEST_LIFE`), so that when the job comes due none of
+/// them is still on the server, expired or let go, which nats-server 2.9 loses a delivery to
+/// (see `REQUEST_LIFE`), and another worker's request has the job, not one of this worker's
+/// left from before it stopped asking.
+const HAND_BACK: Duration = Duration::from_secs(3);
+
 /// How long a job that goes back because its pipeline failed here (or because what it names
 /// rests here) waits before it is delivered again, by the server's count of its deliveries so
-/// far, which is every worker's: 1 s after the first (another worker may do it), then 10, 20
-/// and 40 s. Its last attempt (the `MAX_DELIVER`th delivery) then comes at least 71 s after
+/// far, which is every worker's: 3 s after the first (another worker may do it: `HAND_BACK`),
+/// then 10, 20 and 40 s. Its last attempt (the `MAX_DELIVER`th delivery) then comes at least
+/// 73 s after
 /// its first however many workers fail on it in turn, and the worker that has it then fails
 /// its files with the reason (`Router::after_stop`). With waits of 1 to 10 s, a job whose
 /// shared output root was away for a moment failed for good in about 15 s with two workers
@@ -47,7 +56,7 @@ const NAK_DELAY: Duration = Duration::from_secs(1);
 /// next review).
 fn back_off(delivered: i64) -> Duration {
     match delivered {
-        ..=1 => NAK_DELAY,
+        ..=1 => HAND_BACK,
         2 => Duration::from_secs(10),
         3 => Duration::from_secs(20),
         _ => Duration::from_secs(40),
@@ -89,11 +98,17 @@ const WAIT_FOR_JOBS: Duration = Duration::from_millis(500);
 /// ack wait, an attempt spent for nothing. With one request of half a second at a time, about
 /// one job in a hundred handed back lost an attempt that way: the last one's files failed
 /// `internal`, untried, 101 s after their first delivery, and others failed for good sooner
-/// than the 71 s promised (found by a review; the server's trace showed the deliveries).
+/// than the 71 s then promised (found by a review; the server's trace showed the deliveries).
 const REQUEST_LIFE: Duration = Duration::from_secs(2);
 
 /// See `REQUEST_LIFE`: more than the router's longest wait between looks (`WAIT_FOR_JOBS`).
 const RENEW_WITHIN: Duration = Duration::from_secs(1);
+
+// A job handed back comes due a second after the requests of the worker that let it go are
+// gone; a request is renewed before the router's next look finds it expired.
+const _: () = assert!(HAND_BACK.as_millis() >= REQUEST_LIFE.as_millis() + 1000);
+const _: () = assert!(RENEW_WITHIN.as_millis() > WAIT_FOR_JOBS.as_millis());
+const _: () = assert!(RENEW_WITHIN.as_millis() < REQUEST_LIFE.as_millis());
 
 /// How often a worker looks for a missing consumer made again (`Router::missing`), as it
 /// waits for one at its start.
@@ -494,12 +509,12 @@ impl Router<'_> {
             }
         });
         for m in self.answers(Duration::ZERO) {
-            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+            self.ack(&m, AckKind::Nak(Some(HAND_BACK)));
         }
         self.reap(true)?;
         // What no pipeline settled (it stopped early) goes back at once.
         for (_, (m, _)) in std::mem::take(&mut self.held) {
-            self.ack(&m, AckKind::Nak(Some(NAK_DELAY)));
+            self.ack(&m, AckKind::Nak(Some(HAND_BACK)));
         }
         Ok(())
     }
@@ -1345,11 +1360,11 @@ mod tests {
 
     #[test]
     fn a_jobs_last_attempt_comes_more_than_a_minute_after_its_first() {
-        assert_eq!(back_off(0), NAK_DELAY);
-        assert_eq!(back_off(1), NAK_DELAY);
+        assert_eq!(back_off(0), HAND_BACK);
+        assert_eq!(back_off(1), HAND_BACK);
         // The waits before each attempt after the first.
         let waits: Duration = (1..MAX_DELIVER).map(back_off).sum();
-        assert_eq!(waits, Duration::from_secs(71));
+        assert_eq!(waits, Duration::from_secs(73));
         assert_eq!(back_off(i64::MAX), Duration::from_secs(40));
     }
 }
