@@ -233,7 +233,12 @@ impl Record {
         match self.status {
             FileStatus::Done => same,
             FileStatus::Skipped => same || self.stamp.is_none() && now.is_none(),
-            FileStatus::Failed => same && self.attempts >= MAX_ATTEMPTS && !self.in_use,
+            // Unknown both times: a file its directory lets be listed, not looked at.
+            FileStatus::Failed => {
+                (same || self.stamp.is_none() && now.is_none())
+                    && self.attempts >= MAX_ATTEMPTS
+                    && !self.in_use
+            }
         }
     }
 
@@ -1307,6 +1312,29 @@ mod tests {
         let st = State::open(dir.path(), root, &spec("sha256")).unwrap();
         let reader = State::reader(dir.path(), root, &spec("sha256")).unwrap();
         (dir, st, reader)
+    }
+
+    #[test]
+    fn a_failure_for_good_with_no_stamp_either_time_is_settled() {
+        let r = Record {
+            status: FileStatus::Failed,
+            stamp: None,
+            attempts: MAX_ATTEMPTS,
+            in_use: false,
+            made_output: false,
+            made_mtime: None,
+            digest: None,
+        };
+        // A file its directory lets be listed, not looked at: reported 5 times, then quiet.
+        assert!(r.settled(None));
+        assert!(!Record {
+            attempts: 1,
+            ..r.clone()
+        }
+        .settled(None));
+        // Looked at now: taken again.
+        let now = Stamp::of(Path::new("/")).unwrap();
+        assert!(!r.settled(Some(now)));
     }
 
     #[test]

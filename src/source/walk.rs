@@ -944,7 +944,23 @@ fn file(
     // this thread: the size balances batches and feeds progress, and an incremental run or
     // watch mode compares the stamp with its state. An lstat: a file swapped for a link
     // after the listing is not taken for the link's target.
-    let st = st.or_else(|| rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).ok());
+    let st = match st {
+        Some(st) => Some(st),
+        None => match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => Some(st),
+            // Gone since the listing: the worker says so (`vanished`), and a watch hears of it.
+            Err(Errno::NOENT) => None,
+            // Listed but not to be looked at: a directory its user may read but not search
+            // (mode 0744 to others). A watch took the missing stamp for a file gone, and never
+            // reported it, nor took it once the directory was opened up (found by a review).
+            Err(e) => {
+                return Classified::Found(Found::Report(Outcome::Failed {
+                    rel,
+                    error: FileError::errno("examining the file", e),
+                }))
+            }
+        },
+    };
     let stamp = st.map(|st| Stamp::from_stat(&st));
     stats
         .bytes

@@ -155,6 +155,7 @@ impl Source for Watch<'_> {
             quiet_until: Instant::now(),
             poll: self.poll,
             unwatched: Default::default(),
+            denied: Default::default(),
             dropped,
             overflowed: false,
             blocked: BTreeSet::new(),
@@ -212,6 +213,11 @@ struct Watcher<'a> {
     /// Directories found that could not be watched (no permission to read them): tried again
     /// when their attributes change.
     unwatched: std::collections::BTreeSet<PathBuf>,
+    /// Watched directories a scan could not wholly read for want of permission (one its user
+    /// may list but not search: its files cannot be looked at), with their mode and owner
+    /// then: scanned again when those change (a `chmod`, a `chown`), not at a mere `touch`,
+    /// which anyone who may touch it could repeat to fill the failure log.
+    denied: std::collections::BTreeMap<PathBuf, (u32, u32, u32)>,
     /// Events were dropped, the channel from notify full (see `Handler`).
     dropped: Arc<AtomicBool>,
     /// The kernel's event queue overflowed since the last rescan for lost events.
@@ -596,6 +602,19 @@ impl Watcher<'_> {
                     if let (Some(unread), Outcome::Failed { .. }) = (&mut self.unread, &outcome) {
                         unread.insert(rel.clone());
                     }
+                    if let Outcome::Failed { error, .. } = &outcome {
+                        if error.kind == crate::error::Kind::PermissionDenied {
+                            // The directory itself, or the one a file of it is in.
+                            let path = self.cfg.root.join(&rel);
+                            let dir = match is_real_dir(&path) {
+                                true => Some(path.as_path()),
+                                false => path.parent(),
+                            };
+                            if let Some((dir, access)) = dir.and_then(|d| Some((d, access(d)?))) {
+                                self.denied.insert(dir.to_path_buf(), access);
+                            }
+                        }
+                    }
                     let was = known.remove(&rel);
                     // Temp-like names (filepipe's own among them) are never taken here.
                     if self.not_taken(&rel) {
@@ -734,7 +753,17 @@ impl Watcher<'_> {
                     // Scanned only once watched: each failed try would report the directory
                     // again, and anyone who may touch it could fill the failure log (found
                     // by a review).
-                    if self.unwatched.remove(path) && self.watch(path) {
+                    // So is one a scan could not wholly read: the same guard holds, as a scan
+                    // reports a file it still cannot read once only (below).
+                    let watched = self.unwatched.remove(path) && self.watch(path);
+                    let opened = self
+                        .denied
+                        .get(path)
+                        .is_some_and(|was| access(path) != Some(*was));
+                    if opened {
+                        self.denied.remove(path);
+                    }
+                    if watched || opened {
                         self.scan(path, Lost::Nothing)?;
                     }
                 }
@@ -1206,6 +1235,14 @@ fn set_aside(
 /// Whether the directory `path` leads to is one of filepipe's own, by identity.
 fn own_dir(cfg: &Config, path: &Path) -> bool {
     rustix::fs::stat(path).is_ok_and(|st| cfg.is_own_dir((st.st_dev, st.st_ino)))
+}
+
+/// The mode and owner of what `path` names (not through a final symlink): who may read it.
+fn access(path: &Path) -> Option<(u32, u32, u32)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.mode(), m.uid(), m.gid()))
 }
 
 /// Whether `path` is a directory itself (a symlink to one is not).
