@@ -455,16 +455,12 @@ fn directories_named_like_temps_are_watched_and_their_chmod_is_no_file() {
     assert_eq!(sum["skipped"], 0, "{sum}");
 }
 
-/// A directory made unreadable to the daemon (`umask 077` by its writer) and opened up later
-/// (`chmod 755`) is watched and scanned then: the watch that failed at its creation was never
-/// tried again, and no file in it was ever taken, not even one written after the chmod (found
-/// by a review). Run as `nobody` when the tests run as root, as CI does; the writer is
-/// another user.
-#[test]
-fn a_directory_opened_up_after_it_came_is_watched_then() {
+/// An empty tree and a daemon hashing it into a manifest as `nobody`, for another user to
+/// write in (`as_writer`); `None` (said: skipped) unless the tests run as root.
+fn unprivileged_daemon() -> Option<(TestTree, PathBuf, Daemon)> {
     if !is_root() {
         eprintln!("SKIPPED: needs root, to write as one user what the daemon reads as another");
-        return;
+        return None;
     }
     let t = TestTree::new();
     let manifest = t.side("SUMS");
@@ -472,16 +468,32 @@ fn a_directory_opened_up_after_it_came_is_watched_then() {
         &t,
         &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
     );
-    let up = t.path("up");
-    let as_writer = |script: &str| {
-        let st = std::process::Command::new("setpriv")
-            .args(["--reuid=1234", "--regid=1234", "--clear-groups", "sh", "-c"])
-            .arg(script)
-            .current_dir(t.root())
-            .status()
-            .unwrap();
-        assert!(st.success(), "{script}");
+    Some((t, manifest, d))
+}
+
+/// Runs `script` in `t`'s tree as another user than the daemon's (uid 1234).
+fn as_writer(t: &TestTree, script: &str) {
+    let st = std::process::Command::new("setpriv")
+        .args(["--reuid=1234", "--regid=1234", "--clear-groups", "sh", "-c"])
+        .arg(script)
+        .current_dir(t.root())
+        .status()
+        .unwrap();
+    assert!(st.success(), "{script}");
+}
+
+/// A directory made unreadable to the daemon (`umask 077` by its writer) and opened up later
+/// (`chmod 755`) is watched and scanned then: the watch that failed at its creation was never
+/// tried again, and no file in it was ever taken, not even one written after the chmod (found
+/// by a review). Run as `nobody` when the tests run as root, as CI does; the writer is
+/// another user.
+#[test]
+fn a_directory_opened_up_after_it_came_is_watched_then() {
+    let Some((t, manifest, d)) = unprivileged_daemon() else {
+        return;
     };
+    let up = t.path("up");
+    let as_writer = |script: &str| as_writer(&t, script);
     as_writer("umask 077; mkdir up; echo one > up/f1");
     // Touched again and again while still closed: each touch retries the watch, and fails,
     // but reports nothing more (a touch in a loop filled the failure log at 3 MB/s: found by
@@ -509,25 +521,10 @@ fn a_directory_opened_up_after_it_came_is_watched_then() {
 /// Run as `nobody` when the tests run as root, as CI does; the writer is another user.
 #[test]
 fn a_file_in_a_directory_listed_but_not_searchable_is_reported_then_taken_once_opened_up() {
-    if !is_root() {
-        eprintln!("SKIPPED: needs root, to write as one user what the daemon reads as another");
+    let Some((t, manifest, d)) = unprivileged_daemon() else {
         return;
-    }
-    let t = TestTree::new();
-    let manifest = t.side("SUMS");
-    let d = Daemon::ready_unprivileged(
-        &t,
-        &["--op", "sha256", "--manifest", manifest.to_str().unwrap()],
-    );
-    let as_writer = |script: &str| {
-        let st = std::process::Command::new("setpriv")
-            .args(["--reuid=1234", "--regid=1234", "--clear-groups", "sh", "-c"])
-            .arg(script)
-            .current_dir(t.root())
-            .status()
-            .unwrap();
-        assert!(st.success(), "{script}");
     };
+    let as_writer = |script: &str| as_writer(&t, script);
     // Closed while it is written, then listable only.
     as_writer("umask 077; mkdir half; echo one > half/f1; chmod 644 half/f1; chmod 744 half");
     wait_until(Duration::from_secs(30), "the file reported", || {
@@ -1786,21 +1783,9 @@ fn a_watch_stopped_by_a_full_state_disk_prints_its_json_summary() {
             t = t.file(format!("d{d}/a-file-with-a-longish-name-{i}.txt"), b"x");
         }
     }
-    let state = t.side("state");
-    fs::create_dir(&state).unwrap();
-    // A 150 KiB tmpfs for the state, in a private user and mount namespace.
-    let script = r#"mount -t tmpfs -o size=150k none "$1" || exit 99
-exec "$2" watch "$3" --op sha256 --state "$1" --json"#;
-    let mut cmd = std::process::Command::new("unshare");
-    cmd.args(["-rm", "sh", "-c", script, "sh"])
-        .arg(&state)
-        .arg(bin())
-        .arg(t.root());
-    let out = run(cmd);
-    if out.output().status.code() == Some(99) {
-        eprintln!("SKIPPED: could not mount a tmpfs: {}", out.stderr());
+    let Some(out) = on_a_small_tmpfs_state(&t, &["watch", "--op", "sha256", "--json"]) else {
         return;
-    }
+    };
     let sum = out.code(1).summary();
     assert!(
         sum["error"]

@@ -906,3 +906,28 @@ pub fn manifest_names(path: &Path) -> Vec<String> {
         .map(|(_, n)| n.to_string())
         .collect()
 }
+
+/// `filepipe COMMAND ROOT ARGS... --state STATE` (`args`: the command, then the rest), with
+/// the state on a 150 KiB tmpfs mounted in a private user and mount namespace, to completion;
+/// `None` (said: skipped) where no tmpfs can be mounted so.
+#[allow(dead_code)]
+pub fn on_a_small_tmpfs_state(t: &TestTree, args: &[&str]) -> Option<Run> {
+    let state = t.side("state");
+    fs::create_dir(&state).unwrap();
+    let script = r#"mount -t tmpfs -o size=150k none "$1" || exit 99
+state=$1 bin=$2 command=$3 root=$4; shift 4
+exec "$bin" "$command" "$root" --state "$state" "$@""#;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-rm", "sh", "-c", script, "sh"])
+        .arg(&state)
+        .arg(bin())
+        .arg(args[0])
+        .arg(t.root())
+        .args(&args[1..]);
+    let out = run(cmd);
+    if out.output().status.code() == Some(99) {
+        eprintln!("SKIPPED: could not mount a tmpfs: {}", out.stderr());
+        return None;
+    }
+    Some(out)
+}
