@@ -80,6 +80,7 @@ pub(crate) fn install() -> Result<Arc<Shutdown>> {
                         tracing::debug!(signal = sig, "the same signal again at once: counted once")
                     }
                     Request::Drain => {
+                        SIGNALLED.store(true, Ordering::Relaxed);
                         flag.request(sig);
                         tracing::warn!(
                             signal = sig,
@@ -147,6 +148,15 @@ impl Requests {
             _ => Request::Exit,
         }
     }
+}
+
+/// Raised by the first shutdown request (see the module comment).
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+/// True once a signal asked the process to stop (and drain): what waits on others (a queue
+/// server away) then waits less, within a service manager's stop timeout.
+pub(crate) fn signalled() -> bool {
+    SIGNALLED.load(Ordering::Relaxed)
 }
 
 /// Raised by the second shutdown request (see the module comment).

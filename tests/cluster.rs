@@ -2164,6 +2164,11 @@ fn a_worker_whose_waiting_requests_are_refused_pauses_instead_of_spinning() {
     );
     assert!(r.get("error").is_none(), "{r}");
     let w1 = Worker::start(&nats, t.dir.path(), &roots, "1");
+    // Alone, it asks for one at a time, and neither pauses nor warns: its second request,
+    // asked for while the first still waited, was refused, and it warned every second and a
+    // half (found by a review).
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!w1.log().contains("fetching jobs failed"), "{}", w1.log());
     let w2 = Worker::start(&nats, t.dir.path(), &roots, "1");
     let ticks = |w: &Worker| -> u64 {
         let stat = fs::read_to_string(format!("/proc/{}/stat", w.pid())).unwrap();

@@ -71,6 +71,13 @@ fn dir_opens(path: &std::path::Path) -> bool {
     crate::fsio::canonical::open(path, flags).is_ok()
 }
 
+/// Whether `e` says the server did not answer (away, restarting), as the client words it,
+/// rather than that it answered no.
+fn no_answer(e: &anyhow::Error) -> bool {
+    let said = format!("{e:#}");
+    said.contains("timed out") || said.contains("no responders")
+}
+
 /// The server's count of `m`'s deliveries (this one included).
 fn deliveries(m: &jetstream::Message) -> i64 {
     m.info().map_or(1, |i| i.delivered)
@@ -313,6 +320,7 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         settled: crossbeam_channel::unbounded(),
         waiting: HashMap::new(),
         next_request: 0,
+        one_at_a_time: HashSet::new(),
         answers: crossbeam_channel::unbounded(),
         refused: None,
     };
@@ -361,6 +369,8 @@ struct Router<'a> {
     /// The pull requests left waiting for a job, by id: one or two a root (see `fetch`).
     waiting: HashMap<u64, Waiting>,
     next_request: u64,
+    /// Roots whose consumer refused a second request waiting (see `answers`).
+    one_at_a_time: HashSet<String>,
     /// What the waiting requests' readers hear (see `Answer`).
     answers: (Sender<Answer>, Receiver<Answer>),
     /// The error a waiting request last ended with, for `fetch` to return (and the worker to
@@ -629,13 +639,31 @@ impl Router<'_> {
                     // (A server that lost its store has no streams either: made again.)
                     // (Bounded by the server's refusal: a worker user that may not
                     // make it gets no answer, and retries once a coordinator has.)
+                    // Bounded as a fetch is: each request of it waits up to 30 s for an
+                    // answer, and a worker told to stop during an outage waited them out
+                    // (found by a review: 159 s to exit, past its unit's 2 minutes).
                     let again = self.conn.start(async {
-                        self.conn.setup().await?;
-                        workers_consumer(&self.conn.js, root).await
+                        let made = async {
+                            self.conn.setup().await?;
+                            workers_consumer(&self.conn.js, root).await
+                        };
+                        tokio::time::timeout(Duration::from_secs(5), made)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(anyhow::anyhow!(
+                                    "no answer from the server within 5s: timed out"
+                                ))
+                            })
                     });
                     failed = Some(e.context(format!("root {root}")));
                     match again {
                         Ok(c) => self.consumers[at].1 = c,
+                        // No answer (the server away, restarting): looked up again at the next
+                        // fetch. Taken for a consumer gone, the log said so through every
+                        // outage (found by a review).
+                        Err(why) if no_answer(&why) => {
+                            tracing::debug!(%root, error = %format!("{why:#}"), "the workers' consumer could not be looked up");
+                        }
                         Err(why) => {
                             tracing::warn!(%root, error = %format!("{why:#}"), "the workers' consumer of this root is gone and could not be made again: its jobs are not taken until a coordinator makes it");
                             self.missing.insert(root.clone());
@@ -649,7 +677,8 @@ impl Router<'_> {
             return Err(e);
         }
         for (root, c) in &self.consumers {
-            let lasts = |w: &Waiting| w.root == *root && w.expires > now + RENEW_WITHIN;
+            let single = self.one_at_a_time.contains(root);
+            let lasts = |w: &Waiting| w.root == *root && (single || w.expires > now + RENEW_WITHIN);
             if self.skips(root, now)
                 || self.rests_dirs(root, now)
                 || self.waiting.values().any(lasts)
@@ -722,6 +751,21 @@ impl Router<'_> {
                 Some(Answer::Job(m)) => got.push(*m),
                 Some(Answer::Ended { id, error }) => {
                     let root = self.waiting.remove(&id).map(|w| w.root).unwrap_or_default();
+                    // The next request refused while the last still waits: the consumer allows
+                    // no more waiting requests (`max_waiting`, made so by hand). The root then
+                    // has one at a time, renewed once it ends, as before overlapping ones; a
+                    // refusal of this worker's own overlap is no failure to pause on (found by
+                    // a review: a lone worker warned every second and a half).
+                    let overlap_refused = error
+                        .as_deref()
+                        .is_some_and(|e| e.contains("Exceeded MaxWaiting"))
+                        && self.waiting.values().any(|w| w.root == root);
+                    if overlap_refused {
+                        if self.one_at_a_time.insert(root.clone()) {
+                            tracing::info!(%root, "the workers' consumer allows no more requests waiting: one at a time on this root");
+                        }
+                        continue;
+                    }
                     if let Some(e) = error {
                         tracing::debug!(%root, error = %e, "a waiting request for a job failed");
                         self.refused = Some(anyhow::anyhow!("root {root}: {e}"));
