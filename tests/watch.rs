@@ -527,20 +527,43 @@ fn a_file_in_a_directory_listed_but_not_searchable_is_reported_then_taken_once_o
     let as_writer = |script: &str| as_writer(&t, script);
     // Closed while it is written, then listable only.
     as_writer("umask 077; mkdir half; echo one > half/f1; chmod 644 half/f1; chmod 744 half");
+    let failed = || d.notes.last_status().map_or(0, |s| s.failed);
     wait_until(Duration::from_secs(30), "the file reported", || {
-        d.notes.last_status().is_some_and(|s| s.failed >= 1)
+        failed() >= 1
     });
     // Touched, its mode unchanged: no scan, no report more.
     as_writer("for i in $(seq 20); do touch half; done");
-    as_writer("chmod 755 half");
-    wait_until(Duration::from_secs(30), "the file in the manifest", || {
-        fs::read_to_string(&manifest).is_ok_and(|m| m.contains("  half/f1\n"))
+    // A file written there now is reported too, from its events: taken for a file gone, it
+    // was not (found by a review).
+    let before = failed();
+    as_writer("echo two > half/f2; chmod 644 half/f2");
+    wait_until(Duration::from_secs(30), "the new file reported", || {
+        failed() > before
     });
-    let sum = d.stop().success().summary();
-    assert_eq!(sum["done"], 1, "{sum}");
-    // The file; and the directory, if the daemon saw it while it was still closed (0700).
+    // Its mode changed back and forth, never so the daemon may enter it: no scan, no report
+    // more (a scan at each change reported the directory each time: found by a review).
+    as_writer("for i in 1 2 3 4 5; do chmod 740 half; chmod 744 half; done");
+    as_writer("chmod 755 half");
+    wait_until(
+        Duration::from_secs(30),
+        "both files in the manifest",
+        || {
+            fs::read_to_string(&manifest)
+                .is_ok_and(|m| m.contains("  half/f1\n") && m.contains("  half/f2\n"))
+        },
+    );
+    let out = d.stop();
+    let sum = out.success().summary();
+    assert_eq!(sum["done"], 2, "{sum}");
+    // The files; and the directory, if the daemon saw it while it was still closed (0700).
     let denied = sum["failed_by_reason"]["permission-denied"].as_u64();
-    assert!(matches!(denied, Some(1 | 2)), "{sum}");
+    assert!(matches!(denied, Some(2 | 3)), "{sum}");
+    let err = out.stderr();
+    assert!(
+        err.lines()
+            .any(|l| l.contains("path=half/f2") && l.contains("Permission denied")),
+        "{err}"
+    );
 }
 
 /// A tree of `n` small files `d/f{i}` and a daemon compressing with zstd -19 (slow enough, in

@@ -213,11 +213,12 @@ struct Watcher<'a> {
     /// Directories found that could not be watched (no permission to read them): tried again
     /// when their attributes change.
     unwatched: std::collections::BTreeSet<PathBuf>,
-    /// Watched directories a scan could not wholly read for want of permission (one its user
-    /// may list but not search: its files cannot be looked at), with their mode and owner
-    /// then: scanned again when those change (a `chmod`, a `chown`), not at a mere `touch`,
-    /// which anyone who may touch it could repeat to fill the failure log.
-    denied: std::collections::BTreeMap<PathBuf, (u32, u32, u32)>,
+    /// Watched directories that could not be wholly read for want of permission (one its user
+    /// may list but not search: its files cannot be looked at): scanned again when a change
+    /// of their attributes (a `chmod`, a `chown`, an ACL) lets the daemon read and search
+    /// them, not at a mere `touch`, nor at a change that still does not, which anyone who
+    /// may change it could repeat to fill the failure log (found by a review).
+    denied: BTreeSet<PathBuf>,
     /// Events were dropped, the channel from notify full (see `Handler`).
     dropped: Arc<AtomicBool>,
     /// The kernel's event queue overflowed since the last rescan for lost events.
@@ -274,6 +275,8 @@ impl notify::EventHandler for Handler {
 struct Disk<'a> {
     root: &'a Path,
     reader: &'a Reader,
+    /// The files found `hidden`, for the watcher to look at their directories again later.
+    hidden: std::cell::RefCell<Vec<PathBuf>>,
 }
 
 impl Look for Disk<'_> {
@@ -300,6 +303,15 @@ impl Look for Disk<'_> {
         Ok(self.reader.lookup(rel)?.is_some_and(|k| k.settled(stamp)))
     }
 
+    fn hidden(&self, rel: &Path) -> bool {
+        let hidden =
+            rustix::fs::lstat(self.root.join(rel)).is_err_and(|e| e != rustix::io::Errno::NOENT);
+        if hidden {
+            self.hidden.borrow_mut().push(rel.to_path_buf());
+        }
+        hidden
+    }
+
     fn special(&self, rel: &Path) -> bool {
         rustix::fs::lstat(self.root.join(rel)).is_ok_and(|st| {
             !matches!(
@@ -311,6 +323,19 @@ impl Look for Disk<'_> {
 }
 
 impl Watcher<'_> {
+    /// Notes that `rel` (a directory, or a file in one) could not be read for want of
+    /// permission: its directory is scanned again once the daemon may enter it (`denied`).
+    fn denied_at(&mut self, rel: &Path) {
+        let path = self.cfg.root.join(rel);
+        let dir = match is_real_dir(&path) {
+            true => Some(path.as_path()),
+            false => path.parent(),
+        };
+        if let Some(dir) = dir {
+            self.denied.insert(dir.to_path_buf());
+        }
+    }
+
     /// Fails the run if the watched directory is no longer at its path: deleted, moved, or
     /// replaced (by a symlink to elsewhere, say: found by a review, where `is_dir`, which
     /// follows it, saw nothing wrong, and the rescans scanned the link's target outside the
@@ -605,14 +630,7 @@ impl Watcher<'_> {
                     if let Outcome::Failed { error, .. } = &outcome {
                         if error.kind == crate::error::Kind::PermissionDenied {
                             // The directory itself, or the one a file of it is in.
-                            let path = self.cfg.root.join(&rel);
-                            let dir = match is_real_dir(&path) {
-                                true => Some(path.as_path()),
-                                false => path.parent(),
-                            };
-                            if let Some((dir, access)) = dir.and_then(|d| Some((d, access(d)?))) {
-                                self.denied.insert(dir.to_path_buf(), access);
-                            }
+                            self.denied_at(&rel);
                         }
                     }
                     let was = known.remove(&rel);
@@ -641,7 +659,10 @@ impl Watcher<'_> {
             gone.extend(self.flight.under(under).cloned());
         }
         for rel in gone {
-            if std::fs::symlink_metadata(self.cfg.root.join(&rel)).is_err() {
+            // Gone, not merely hidden: a file whose directory lets it be listed but not
+            // looked at was forgotten, and reported again from scratch (found by a review).
+            let there = std::fs::symlink_metadata(self.cfg.root.join(&rel));
+            if there.is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
                 self.forget(rel)?;
             }
         }
@@ -756,10 +777,7 @@ impl Watcher<'_> {
                     // So is one a scan could not wholly read: the same guard holds, as a scan
                     // reports a file it still cannot read once only (below).
                     let watched = self.unwatched.remove(path) && self.watch(path);
-                    let opened = self
-                        .denied
-                        .get(path)
-                        .is_some_and(|was| access(path) != Some(*was));
+                    let opened = self.denied.contains(path) && may_enter(path);
                     if opened {
                         self.denied.remove(path);
                     }
@@ -775,6 +793,9 @@ impl Watcher<'_> {
                     // at each deletion was quadratic: found by a review).
                     if !self.limited.is_empty() {
                         self.limited.retain(|d| !d.starts_with(path));
+                    }
+                    if !self.denied.is_empty() {
+                        self.denied.retain(|d| !d.starts_with(path));
                     }
                     if !self.unwatched.is_empty() {
                         let under: Vec<PathBuf> = self
@@ -978,8 +999,12 @@ impl Watcher<'_> {
         let disk = Disk {
             root: &self.cfg.root,
             reader: self.reader,
+            hidden: Default::default(),
         };
         self.settle.promote(now, &disk)?;
+        for rel in disk.hidden.into_inner() {
+            self.denied_at(&rel);
+        }
         let mut unread = Vec::new();
         for rel in self.flight.due_retries(now) {
             let path = self.cfg.root.join(&rel);
@@ -1237,12 +1262,17 @@ fn own_dir(cfg: &Config, path: &Path) -> bool {
     rustix::fs::stat(path).is_ok_and(|st| cfg.is_own_dir((st.st_dev, st.st_ino)))
 }
 
-/// The mode and owner of what `path` names (not through a final symlink): who may read it.
-fn access(path: &Path) -> Option<(u32, u32, u32)> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.mode(), m.uid(), m.gid()))
+/// Whether this process may read and search the directory `path` (by its effective ids, its
+/// mode and any ACL).
+fn may_enter(path: &Path) -> bool {
+    use rustix::fs::{Access, AtFlags, CWD};
+    rustix::fs::accessat(
+        CWD,
+        path,
+        Access::READ_OK | Access::EXEC_OK,
+        AtFlags::EACCESS,
+    )
+    .is_ok()
 }
 
 /// Whether `path` is a directory itself (a symlink to one is not).

@@ -57,6 +57,9 @@ pub(crate) trait Look {
     fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool>;
     /// Whether `rel` is there and is neither a regular file nor a directory.
     fn special(&self, rel: &Path) -> bool;
+    /// Whether `rel` cannot be looked at, though it may be there: its directory lets it be
+    /// listed but not searched (a stamp taken then is `None`, as a file gone has).
+    fn hidden(&self, rel: &Path) -> bool;
 }
 
 /// A path waiting for its writer to finish.
@@ -348,7 +351,7 @@ impl Settle {
                     // Not a regular file (a symlink, a FIFO, a socket made in the tree): no
                     // event will come for it, and it is to be reported, as a scan reports it
                     // (it waited for ever: found by a review). The worker says what it is.
-                    (_, None) if look.special(&rel) => {
+                    (_, None) if look.special(&rel) || look.hidden(&rel) => {
                         self.pending.remove(&rel);
                         self.make_ready(rel, None);
                         continue;
@@ -367,7 +370,12 @@ impl Settle {
                 continue;
             };
             if p.stamp.is_none() {
-                // Vanished before its stamp was taken: its removal event follows.
+                // Vanished before its stamp was taken: its removal event follows. Unless it
+                // cannot be looked at: the worker then says why (`permission-denied`); taken
+                // for gone, it was never reported (found by a review).
+                if look.hidden(&rel) {
+                    self.make_ready(rel, None);
+                }
                 continue;
             }
             if p.closed {
@@ -475,6 +483,9 @@ mod tests {
         }
         fn special(&self, rel: &Path) -> bool {
             self.special.contains(rel)
+        }
+        fn hidden(&self, _: &Path) -> bool {
+            false
         }
     }
 
