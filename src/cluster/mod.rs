@@ -784,6 +784,9 @@ pub(crate) fn consumer_not_found(e: &jetstream::context::ConsumerInfoError) -> b
     )
 }
 
+/// How a request not waited for longer is worded (a worker tells it from a refusal by it).
+pub(crate) const NO_ANSWER: &str = "no answer from the server";
+
 /// Up to `n` messages from `consumer`: those available now, or else the first to arrive
 /// within `wait` (none if none does). Never returns at once empty-handed while the server
 /// answers, so a caller looping on it does not spin.
@@ -797,7 +800,7 @@ pub(crate) async fn take(
     let limit = wait + Duration::from_secs(5);
     tokio::time::timeout(limit, take_now_or_first(consumer, n, wait))
         .await
-        .map_err(|_| anyhow::anyhow!("no answer from the server within {limit:?}"))?
+        .map_err(|_| anyhow::anyhow!("{NO_ANSWER} within {limit:?}"))?
 }
 
 async fn take_now_or_first(

@@ -21,7 +21,7 @@ use crate::cluster::wire::{self, Format, JobBatch, OutcomeBatchOut, WireOutcome,
 use crate::cluster::wire4::Records;
 use crate::cluster::{
     await_workers_consumer, connect_or_await, may_publish, outcomes_subject, take, whoami,
-    workers_consumer, Conn, Missing, Queue, Unreachable, MAX_DELIVER, PROGRESS_EVERY,
+    workers_consumer, Conn, Missing, Queue, Unreachable, MAX_DELIVER, NO_ANSWER, PROGRESS_EVERY,
 };
 use crate::config::{Config, Filter, WorkerConfig};
 use crate::error::{FileError, Kind};
@@ -48,9 +48,8 @@ const HAND_BACK: Duration = Duration::from_secs(3);
 /// rests here) waits before it is delivered again, by the server's count of its deliveries so
 /// far, which is every worker's: 3 s after the first (another worker may do it: `HAND_BACK`),
 /// then 10, 20 and 40 s. Its last attempt (the `MAX_DELIVER`th delivery) then comes at least
-/// 73 s after
-/// its first however many workers fail on it in turn, and the worker that has it then fails
-/// its files with the reason (`Router::after_stop`). With waits of 1 to 10 s, a job whose
+/// 73 s after its first however many workers fail on it in turn, and the worker that has it
+/// then fails its files with the reason (`Router::after_stop`). With waits of 1 to 10 s, a job whose
 /// shared output root was away for a moment failed for good in about 15 s with two workers
 /// (found by a review); with 1, 5, 10 and 20 s before its attempts, in 36 s (found by the
 /// next review).
@@ -71,11 +70,13 @@ fn dir_opens(path: &std::path::Path) -> bool {
     crate::fsio::canonical::open(path, flags).is_ok()
 }
 
-/// Whether `e` says the server did not answer (away, restarting), as the client words it,
-/// rather than that it answered no.
+/// Whether `e` says the server did not answer (away, restarting), as the client or our own
+/// bounds (`take`, `NO_ANSWER`) word it, rather than that it answered no.
 fn no_answer(e: &anyhow::Error) -> bool {
     let said = format!("{e:#}");
-    said.contains("timed out") || said.contains("no responders")
+    [NO_ANSWER, "timed out", "no responders"]
+        .iter()
+        .any(|w| said.contains(w))
 }
 
 /// The server's count of `m`'s deliveries (this one included).
@@ -649,11 +650,7 @@ impl Router<'_> {
                         };
                         tokio::time::timeout(Duration::from_secs(5), made)
                             .await
-                            .unwrap_or_else(|_| {
-                                Err(anyhow::anyhow!(
-                                    "no answer from the server within 5s: timed out"
-                                ))
-                            })
+                            .unwrap_or_else(|_| Err(anyhow::anyhow!("{NO_ANSWER} within 5s")))
                     });
                     failed = Some(e.context(format!("root {root}")));
                     match again {

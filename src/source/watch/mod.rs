@@ -275,7 +275,8 @@ impl notify::EventHandler for Handler {
 struct Disk<'a> {
     root: &'a Path,
     reader: &'a Reader,
-    /// The files found `hidden`, for the watcher to look at their directories again later.
+    /// The files found that cannot be looked at (see `stampless`), for the watcher to look
+    /// at their directories again later.
     hidden: std::cell::RefCell<Vec<PathBuf>>,
 }
 
@@ -303,22 +304,18 @@ impl Look for Disk<'_> {
         Ok(self.reader.lookup(rel)?.is_some_and(|k| k.settled(stamp)))
     }
 
-    fn hidden(&self, rel: &Path) -> bool {
-        let hidden =
-            rustix::fs::lstat(self.root.join(rel)).is_err_and(|e| e != rustix::io::Errno::NOENT);
-        if hidden {
-            self.hidden.borrow_mut().push(rel.to_path_buf());
-        }
-        hidden
-    }
-
-    fn special(&self, rel: &Path) -> bool {
-        rustix::fs::lstat(self.root.join(rel)).is_ok_and(|st| {
-            !matches!(
+    fn stampless(&self, rel: &Path) -> bool {
+        match rustix::fs::lstat(self.root.join(rel)) {
+            Ok(st) => !matches!(
                 rustix::fs::FileType::from_raw_mode(st.st_mode),
                 rustix::fs::FileType::RegularFile | rustix::fs::FileType::Directory
-            )
-        })
+            ),
+            Err(rustix::io::Errno::NOENT) => false,
+            Err(_) => {
+                self.hidden.borrow_mut().push(rel.to_path_buf());
+                true
+            }
+        }
     }
 }
 
@@ -774,8 +771,8 @@ impl Watcher<'_> {
                     // Scanned only once watched: each failed try would report the directory
                     // again, and anyone who may touch it could fill the failure log (found
                     // by a review).
-                    // So is one a scan could not wholly read: the same guard holds, as a scan
-                    // reports a file it still cannot read once only (below).
+                    // So is one that could not be wholly read (`denied`), once the daemon may
+                    // enter it: not at a change that still keeps it out.
                     let watched = self.unwatched.remove(path) && self.watch(path);
                     let opened = self.denied.contains(path) && may_enter(path);
                     if opened {

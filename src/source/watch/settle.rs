@@ -55,11 +55,11 @@ pub(crate) trait Look {
     fn stamp(&self, rel: &Path) -> Option<Stamp>;
     /// Whether the state has `rel` recorded (done, skipped or failed for good) with `stamp`.
     fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool>;
-    /// Whether `rel` is there and is neither a regular file nor a directory.
-    fn special(&self, rel: &Path) -> bool;
-    /// Whether `rel` cannot be looked at, though it may be there: its directory lets it be
-    /// listed but not searched (a stamp taken then is `None`, as a file gone has).
-    fn hidden(&self, rel: &Path) -> bool;
+    /// Whether `rel` is there but will never have a stamp to settle on: it is neither a
+    /// regular file nor a directory, or it cannot be looked at (its directory lets it be
+    /// listed but not searched: a stamp taken then is `None`, as a file gone has). The worker
+    /// says which.
+    fn stampless(&self, rel: &Path) -> bool;
 }
 
 /// A path waiting for its writer to finish.
@@ -351,7 +351,7 @@ impl Settle {
                     // Not a regular file (a symlink, a FIFO, a socket made in the tree): no
                     // event will come for it, and it is to be reported, as a scan reports it
                     // (it waited for ever: found by a review). The worker says what it is.
-                    (_, None) if look.special(&rel) || look.hidden(&rel) => {
+                    (_, None) if look.stampless(&rel) => {
                         self.pending.remove(&rel);
                         self.make_ready(rel, None);
                         continue;
@@ -373,7 +373,7 @@ impl Settle {
                 // Vanished before its stamp was taken: its removal event follows. Unless it
                 // cannot be looked at: the worker then says why (`permission-denied`); taken
                 // for gone, it was never reported (found by a review).
-                if look.hidden(&rel) {
+                if look.stampless(&rel) {
                     self.make_ready(rel, None);
                 }
                 continue;
@@ -481,11 +481,8 @@ mod tests {
         fn settled(&self, rel: &Path, stamp: Option<Stamp>) -> Result<bool> {
             Ok(stamp.is_some() && self.settled.get(rel).copied() == stamp)
         }
-        fn special(&self, rel: &Path) -> bool {
+        fn stampless(&self, rel: &Path) -> bool {
             self.special.contains(rel)
-        }
-        fn hidden(&self, _: &Path) -> bool {
-            false
         }
     }
 
