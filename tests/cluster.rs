@@ -1380,7 +1380,7 @@ fn outputs_go_to_an_output_root_each_worker_maps_by_name() {
     assert!(out.join("d0/e0/f0.log.gz").is_file());
     // A worker that does not map the output root fails the files, saying why; none is
     // written beside its input.
-    drop(_worker);
+    _worker.stop();
     let only_input = [format!("tree={}", t.root().display())];
     let _worker = Worker::start(&nats, t.dir.path(), &only_input, "1");
     let other = t.side("archive2");
@@ -1456,7 +1456,7 @@ fn remove_source_through_the_queue_removes_each_input_once_its_output_is_whole()
         refused.stderr()
     );
     assert_eq!(listing(&t.root()), before);
-    drop(worker);
+    worker.stop();
     let _worker = Worker::start_with(&nats, t.dir.path(), &roots, "2", &["--allow-remove-source"]);
     let run = coordinate(&nats, &t.root(), &args);
     let sum = run.code(0).summary();
@@ -1470,7 +1470,7 @@ fn remove_source_through_the_queue_removes_each_input_once_its_output_is_whole()
         .collect();
     assert_eq!(left, vec![t.root().join("d0/e0/f0.log")]);
     // A worker told not to flush refuses to remove inputs: the files fail, all kept.
-    drop(_worker);
+    _worker.stop();
     let t2 = tree(10, 0);
     let roots = [format!("tree2={}", t2.root().display())];
     let _worker = Worker::start_with(
@@ -2155,7 +2155,7 @@ fn a_worker_whose_waiting_requests_are_refused_pauses_instead_of_spinning() {
     let roots = [format!("a={}", dir.display())];
     // The first worker makes the streams and the consumer; remade with max_waiting 1, every
     // setting filepipe checks as it makes it.
-    drop(Worker::start(&nats, t.dir.path(), &roots, "1"));
+    Worker::start(&nats, t.dir.path(), &roots, "1").stop();
     let r = nats.ask("$JS.API.CONSUMER.DELETE.FILEPIPE_JOBS.workers-a", b"");
     assert_eq!(r["success"], true, "{r}");
     let r = nats.ask(

@@ -158,7 +158,7 @@ fn a_worker_not_allowed_to_remove_inputs_fails_move_jobs_and_moves_nothing() {
     assert_eq!(files_under(&t.root()), before, "the tree changed");
     assert!(files_under(&done).is_empty(), "an input was moved");
     // A worker that does not map the move directory fails the jobs too, naming it.
-    drop(_w);
+    _w.stop();
     let _w = Worker::start_with(&nats, t.dir.path(), &roots, "1", &["--allow-remove-source"]);
     let run = coordinate(&nats, &t.root(), &args);
     assert_eq!(run.code(1).summary()["failed"], 20, "{}", run.stderr());

@@ -214,8 +214,9 @@ fn describe(command: &str, out: &Output) -> String {
 
 /// A process still running, started from a command that is remembered for failure messages.
 /// Derefs to its `Child` (its id and stdin, for signals and input); `finish` waits for it.
+/// One dropped unfinished (a test that panicked) is killed, so it does not outlive the test.
 pub struct Started {
-    child: Child,
+    child: Option<Child>,
     command: String,
 }
 
@@ -226,17 +227,18 @@ impl Started {
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         Started {
-            child,
+            child: Some(child),
             command: format!("{cmd:?}"),
         }
     }
 
     /// Waits for it to exit (see `wait_output`); kills it and panics after `limit`.
     #[track_caller]
-    pub fn finish(self, limit: Duration) -> Run {
-        match wait_or_kill(self.child, limit) {
+    pub fn finish(mut self, limit: Duration) -> Run {
+        let child = self.child.take().expect("finished once");
+        match wait_or_kill(child, limit) {
             Ok(output) => Run {
-                command: self.command,
+                command: std::mem::take(&mut self.command),
                 context: String::new(),
                 output,
             },
@@ -252,13 +254,22 @@ impl std::ops::Deref for Started {
     type Target = Child;
 
     fn deref(&self) -> &Child {
-        &self.child
+        self.child.as_ref().expect("not finished")
     }
 }
 
 impl std::ops::DerefMut for Started {
     fn deref_mut(&mut self) -> &mut Child {
-        &mut self.child
+        self.child.as_mut().expect("not finished")
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
@@ -585,7 +596,7 @@ impl Daemon {
     pub fn running(&mut self) -> bool {
         self.child
             .as_mut()
-            .is_some_and(|c| c.child.try_wait().is_ok_and(|s| s.is_none()))
+            .is_some_and(|c| c.try_wait().is_ok_and(|s| s.is_none()))
     }
 
     /// The daemon's process id.
@@ -594,7 +605,7 @@ impl Daemon {
     }
 
     pub fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_child(&self.child.as_ref().unwrap().child);
+        let pid = rustix::process::Pid::from_child(self.child.as_ref().unwrap());
         rustix::process::kill_process(pid, sig).unwrap();
     }
 
@@ -617,10 +628,8 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if let Some(Started { child: c, .. }) = &mut self.child {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        // Started's own drop kills it.
+        self.child.take();
     }
 }
 

@@ -412,15 +412,16 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(c) = &self.child {
+impl Worker {
+    /// Stops the worker as systemd would (SIGTERM), and waits for it: it hands back what it
+    /// holds and lets its waiting requests end (up to 2.5 s). For a worker a test goes on
+    /// without; one left to the end of a test is killed (`Drop`), since the server goes too.
+    pub fn stop(mut self) {
+        if let Some(mut c) = self.child.take() {
             let _ = rustix::process::kill_process(
-                rustix::process::Pid::from_child(c),
+                rustix::process::Pid::from_child(&c),
                 rustix::process::Signal::TERM,
             );
-        }
-        if let Some(mut c) = self.child.take() {
             let limit = Instant::now() + Duration::from_secs(10);
             while c.try_wait().ok().flatten().is_none() && Instant::now() < limit {
                 std::thread::sleep(Duration::from_millis(10));
@@ -428,5 +429,13 @@ impl Drop for Worker {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Kills the worker: a graceful stop costs up to 2.5 s a worker (its waiting requests end),
+/// which a test ending with its server does not need; `stop` is the graceful one.
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
