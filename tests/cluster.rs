@@ -2554,7 +2554,10 @@ fn a_job_that_reaches_a_stopping_worker_is_handed_back_before_it_exits() {
 /// those of the healthy worker, busy with the last run: it took first almost every job, each
 /// handed back, an attempt spent and a second lost (found by a review: 19 runs of 20 took a
 /// second or more, against 0.03 s). Here, once it rests them, five runs in a row are done at
-/// once by the healthy worker.
+/// once by the healthy worker. And once its rest is over, with its output root still gone, it
+/// rests again without taking a job to find out: it took the next job it was offered, which
+/// stopped its next pipeline the same way, an attempt spent at the end of each rest (found
+/// by a review). Runs go on past the end of the first rest (5 s): its pipeline stopped once.
 #[test]
 fn a_worker_resting_a_broken_output_root_leaves_its_jobs_to_a_healthy_one() {
     let Some(nats) = Nats::start() else { return };
@@ -2595,12 +2598,25 @@ fn a_worker_resting_a_broken_output_root_leaves_its_jobs_to_a_healthy_one() {
             2
         );
     }
+    let rest_over = Instant::now() + Duration::from_secs(5);
     for n in 1..=5 {
         let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
         assert_eq!(sum["done"], 2, "{sum}");
         let took = sum["seconds"].as_f64().unwrap();
         assert!(took < 0.9, "run {n} took {took} s\n{}", sick.log());
     }
+    // Runs for 5 s past the end of the rest: before, the broken worker took one of them (the
+    // server gives a job to the oldest request waiting, either worker's) nearly every time.
+    while Instant::now() < rest_over + Duration::from_secs(5) {
+        let sum = coordinate(&nats, &t.root(), &args).code(0).summary();
+        assert_eq!(sum["done"], 2, "{sum}");
+    }
+    let log = sick.log();
+    assert_eq!(log.matches("pipeline stopped").count(), 1, "{log}");
+    assert!(
+        log.contains("the output root still cannot be opened"),
+        "{log}"
+    );
 }
 
 /// A pipeline stopped by an output root that cannot be opened rests only the jobs naming that

@@ -438,6 +438,9 @@ struct Rest {
     /// Why the pipeline stopped, said in the files' failure should their job run out of
     /// deliveries.
     why: String,
+    /// Over, and what it rests found to open since (`Router::renew_rests`): the next job
+    /// tries it.
+    over: bool,
 }
 
 /// What the reader of a pull request left waiting hears. Each such request is read to its end
@@ -594,6 +597,45 @@ impl Router<'_> {
                 .is_some_and(|r| now < r.until)
     }
 
+    /// Rests just over whose directories still do not open are begun again, twice as long (up
+    /// to `REST_MOST`), without taking a job: a job taken to find out stopped the next
+    /// pipeline the same way, an attempt spent each time a rest ended, while a healthy worker
+    /// beside this one could have done it (found by a review). What opens again is left to
+    /// the next job to try: a directory that opens may still refuse writes, which only a
+    /// pipeline finds out.
+    fn renew_rests(&mut self, now: Instant) {
+        let opens = |path: Option<&PathBuf>| path.is_none_or(|p| dir_opens(p));
+        for (what, rest) in &mut self.resting {
+            if rest.over || now < rest.until {
+                continue;
+            }
+            let (root, out) = match what {
+                Resting::Root(root) => (root, None),
+                Resting::Dirs { root, out, .. } => (root, out.as_ref()),
+            };
+            // Move roots are held open since the worker started: they cannot stop opening.
+            let root_opens = opens(self.roots.get(root));
+            if root_opens && opens(out.and_then(|o| self.out_roots.get(o))) {
+                rest.over = true;
+                continue;
+            }
+            rest.pause = (rest.pause * 2).min(REST_MOST);
+            rest.until = now + rest.pause;
+            tracing::info!(
+                %root,
+                out = out.map(String::as_str).unwrap_or_default(),
+                retry_in = ?rest.pause,
+                "{}",
+                if root_opens {
+                    "the output root still cannot be opened: this worker takes no job naming it \
+                     until then"
+                } else {
+                    "the root still cannot be opened: this worker takes no job of it until then"
+                }
+            );
+        }
+    }
+
     /// Whether jobs of `root` naming some output or move root rest here (`Resting::Dirs`): the
     /// root then gets no request left waiting, only looks for what is there now. The server
     /// gives a job to the oldest request waiting, and this idle worker's were older than
@@ -616,6 +658,7 @@ impl Router<'_> {
     fn fetch(&mut self, n: usize) -> Result<Vec<jetstream::Message>> {
         let k = self.consumers.len().max(1);
         let now = Instant::now();
+        self.renew_rests(now);
         if self.consumers.iter().all(|(root, _)| self.skips(root, now)) {
             // Nothing to fetch from: wait as a fetch would, never spin.
             std::thread::sleep(WAIT_FOR_JOBS);
@@ -1426,6 +1469,7 @@ impl Router<'_> {
                 until: now + pause,
                 pause,
                 why: stopped.clone(),
+                over: false,
             },
         );
         Ok(Some(stopped))
