@@ -20,9 +20,9 @@ use std::io::{self, Write};
 use crate::digest::{Digest, HashAlgo};
 
 /// What `sha256sum -c` and `b3sum -c` read as stdin rather than as a file of that name.
-const STDIN: &[u8] = b"-";
+pub(crate) const STDIN: &[u8] = b"-";
 /// The file named `-`, as a manifest lists it (see the module's comment).
-const STDIN_NAMED: &[u8] = b"./-";
+pub(crate) const STDIN_NAMED: &[u8] = b"./-";
 
 /// Writes one manifest line for `name` (the path's raw bytes).
 pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io::Result<()> {

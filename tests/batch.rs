@@ -1773,3 +1773,42 @@ fn an_output_path_climbing_out_of_a_name_not_made_makes_nothing_on_the_way() {
     assert!(!t.path("junk").exists());
     assert!(t.side("o2/f.gz").is_file());
 }
+
+/// A directory at an output's name is no output anyone made: `--force` does not replace it,
+/// and the file fails `output-exists`, saying so, for gzip and zstd alike; the directory and
+/// what it holds are kept (found by a review: a rename over it failed `io`, "Is a directory").
+#[test]
+fn force_does_not_replace_a_directory_at_the_output_name() {
+    for (op, ext) in [("gzip", "gz"), ("zstd", "zst")] {
+        let t = TestTree::new()
+            .file("x", b"x\n")
+            .file(format!("x.{ext}/kept"), b"kept\n")
+            .file("y", b"y\n");
+        let log = t.side("failures.jsonl");
+        let args = [
+            s("--op"),
+            s(op),
+            s("--force"),
+            s("--json"),
+            s("--failure-log"),
+            p(&log),
+        ];
+        let sum = batch(&t, &args).code(1).summary();
+        // `y`, and what the directory holds.
+        assert_eq!(
+            (sum["done"].as_u64(), sum["failed"].as_u64()),
+            (Some(2), Some(1)),
+            "{sum}"
+        );
+        let log = failure_log(&log);
+        let exists = records_of(&log, "output-exists");
+        assert_eq!((exists.len(), log.len()), (1, 1), "{log:?}");
+        let message = exists[0]["message"].as_str().unwrap();
+        assert!(message.contains("is a directory"), "{message}");
+        assert_eq!(
+            fs::read(t.path(format!("x.{ext}/kept"))).unwrap(),
+            b"kept\n"
+        );
+        assert!(t.path(format!("y.{ext}")).is_file());
+    }
+}

@@ -1163,6 +1163,16 @@ impl SyncedTemp {
             errno: Some(e.raw_os_error()),
             message: format!("{} already exists; not overwritten", ctx("output")),
         };
+        // A directory at the name, which `--force` does not replace (a rename over one says
+        // EISDIR; it failed `io`, "Is a directory": found by a review).
+        let a_dir = |e: Errno| FileError {
+            kind: Kind::OutputExists,
+            errno: Some(e.raw_os_error()),
+            message: format!(
+                "{} is a directory; not replaced, even with --force",
+                ctx("output")
+            ),
+        };
         // A file judged replaceable when the output was found (filepipe's own, of an earlier
         // version) is replaced only if it is still that very file: one moved to the name since
         // (while the input was read, or the group flushed) is another's. Looked at just before
@@ -1221,7 +1231,10 @@ impl SyncedTemp {
                 if let Err(e) = renamed {
                     let _ = rfs::unlinkat(&temp.dir.fd, &name, AtFlags::empty());
                     signals::unregister_temp(id);
-                    return Err(FileError::errno(&ctx("publishing"), e));
+                    return Err(match e {
+                        Errno::ISDIR => a_dir(e),
+                        e => FileError::errno(&ctx("publishing"), e),
+                    });
                 }
                 signals::unregister_temp(id);
                 if marked {
@@ -1241,6 +1254,7 @@ impl SyncedTemp {
                 let dir_there = || rfs::fstat(&temp.dir.fd).is_ok_and(|st| st.st_nlink > 0);
                 let failed = |e: Errno| match e {
                     Errno::EXIST => exists(e),
+                    Errno::ISDIR => a_dir(e),
                     Errno::NOENT if dir_there() => FileError {
                         kind: Kind::Io,
                         errno: Some(e.raw_os_error()),

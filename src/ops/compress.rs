@@ -648,6 +648,8 @@ impl<C: Codec> CompressOp<C> {
         // Without --force, only the file `check` found and judged replaceable, if still there.
         match synced.rename(&name, self.force) {
             Ok(named) => Ok(Step::Renamed(named)),
+            // A directory there is no output of anyone's to compare with.
+            Err(e) if e.errno == Some(rustix::io::Errno::ISDIR.raw_os_error()) => Err(e),
             Err(e) if e.kind == Kind::OutputExists => {
                 match same_content(synced.dir(), synced.file(), &name) {
                     // Its input may go only if nobody else can change it afterwards.

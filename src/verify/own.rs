@@ -190,13 +190,18 @@ fn lists_exactly(text: &[u8], algo: HashAlgo, listed: &HashSet<PathBuf>, under: 
             return false;
         }
         // As filepipe writes names: no `.`, `..` or empty component, which would let a name
-        // be padded to carry anything (found by a review: `./` 3,000 times over).
-        let plain = !entry.name.is_empty()
-            && entry
-                .name
+        // be padded to carry anything (found by a review: `./` 3,000 times over); but for the
+        // file named `-`, which it lists as `./-`, as GNU does, or `sha256sum -c` reads stdin
+        // (its companions were reported added: found by a review).
+        let name = match entry.name.as_slice() {
+            manifest::STDIN_NAMED => manifest::STDIN,
+            name => name,
+        };
+        let plain = !name.is_empty()
+            && name
                 .split(|&b| b == b'/')
                 .all(|c| !c.is_empty() && c != b"." && c != b"..");
-        let Some(rel) = super::relative_to(under, &entry.name).filter(|_| plain) else {
+        let Some(rel) = super::relative_to(under, name).filter(|_| plain) else {
             return false;
         };
         if !listed.contains(&rel) || !named.insert(rel) {
