@@ -2619,6 +2619,30 @@ fn a_worker_resting_a_broken_output_root_leaves_its_jobs_to_a_healthy_one() {
     );
 }
 
+/// A lone worker whose own root is away rests it, and takes the root's next job once the rest
+/// is over (5 s): that job's attempts go on, so its files fail for good with the reason at
+/// the last one, at least 73 s after the first, or are done once the root is back. A rest of
+/// the root begun again while it stayed away (as the rests of jobs naming a broken output
+/// root are) fetched nothing more: the job waited for ever, never failed (found by a review).
+#[test]
+fn a_lone_worker_whose_root_is_away_takes_its_jobs_again_after_each_rest() {
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(2, 0);
+    let mapped = t.side("mapped");
+    cp("-a", &t.root(), &mapped);
+    let roots = [format!("tree={}", mapped.display())];
+    let w = Worker::start(&nats, t.dir.path(), &roots, "1");
+    fs::rename(&mapped, t.side("away")).unwrap();
+    let _coordinator = start_coordinator(&nats, &t.root(), &["--op", "gzip", "--force"]);
+    let stops = || w.log().matches("pipeline stopped").count();
+    wait_until(Duration::from_secs(20), "the first stop", || stops() >= 1);
+    // The job back after 3 s, the rest over after 5: taken, and the pipeline stops again.
+    wait_until(Duration::from_secs(20), "the job taken again", || {
+        stops() >= 2
+    });
+    assert!(w.log().contains("its root cannot be opened"), "{}", w.log());
+}
+
 /// A pipeline stopped by an output root that cannot be opened rests only the jobs naming that
 /// output root: jobs anyone may publish, naming a broken one over and over, held up every
 /// other run of the input root for up to a minute at a time (found by a review: a 0.09 s run

@@ -62,12 +62,19 @@ fn back_off(delivered: i64) -> Duration {
     }
 }
 
-/// Whether the directory at `path` (a root, or an output root) opens now, through none but
-/// filepipe's user's symlinks, as a pipeline opens it: what rests decide on.
+/// Whether the directory at `path` (a root) opens now, through none but filepipe's user's
+/// symlinks, as a pipeline opens it: what rests decide on.
 fn dir_opens(path: &std::path::Path) -> bool {
     use rustix::fs::OFlags;
     let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
     crate::fsio::canonical::open(path, flags).is_ok()
+}
+
+/// Whether the output root at `path` opens now as a pipeline opens it (for reading: a
+/// directory of mode 000 opens by `O_PATH` only, and was taken for working; found by a
+/// review).
+fn out_root_opens(path: &std::path::Path) -> bool {
+    crate::fsio::output::open_root(path).is_ok()
 }
 
 /// Whether `e` says the server did not answer (away, restarting), as the client or our own
@@ -597,25 +604,30 @@ impl Router<'_> {
                 .is_some_and(|r| now < r.until)
     }
 
-    /// Rests just over whose directories still do not open are begun again, twice as long (up
-    /// to `REST_MOST`), without taking a job: a job taken to find out stopped the next
-    /// pipeline the same way, an attempt spent each time a rest ended, while a healthy worker
-    /// beside this one could have done it (found by a review). What opens again is left to
-    /// the next job to try: a directory that opens may still refuse writes, which only a
-    /// pipeline finds out.
+    /// Rests of the jobs naming some output root (`Resting::Dirs`) just over, whose
+    /// directories still do not open, are begun again, twice as long (up to `REST_MOST`),
+    /// without a pipeline started to find out: the next job offered stopped it the same way,
+    /// an attempt spent at the end of each rest, while a healthy worker beside this one could
+    /// have done the job (found by a review). Such jobs it meets meanwhile still go back as
+    /// attempts, the last made for real (`take`). Not a root's rest: nothing of the root is
+    /// fetched then, and a lone worker whose root stays away never met its jobs again, which
+    /// waited for ever, never failed (found by the next review); it takes the next job when
+    /// the rest ends. What opens again is left to the next job to try: a directory that opens
+    /// may still refuse writes, which only a pipeline finds out.
     fn renew_rests(&mut self, now: Instant) {
-        let opens = |path: Option<&PathBuf>| path.is_none_or(|p| dir_opens(p));
         for (what, rest) in &mut self.resting {
+            let Resting::Dirs { root, out, .. } = what else {
+                continue;
+            };
             if rest.over || now < rest.until {
                 continue;
             }
-            let (root, out) = match what {
-                Resting::Root(root) => (root, None),
-                Resting::Dirs { root, out, .. } => (root, out.as_ref()),
-            };
             // Move roots are held open since the worker started: they cannot stop opening.
-            let root_opens = opens(self.roots.get(root));
-            if root_opens && opens(out.and_then(|o| self.out_roots.get(o))) {
+            let root_opens = self.roots.get(root).is_none_or(|p| dir_opens(p));
+            let out_opens = || {
+                (out.as_ref().and_then(|o| self.out_roots.get(o))).is_none_or(|p| out_root_opens(p))
+            };
+            if root_opens && out_opens() {
                 rest.over = true;
                 continue;
             }
@@ -623,15 +635,11 @@ impl Router<'_> {
             rest.until = now + rest.pause;
             tracing::info!(
                 %root,
-                out = out.map(String::as_str).unwrap_or_default(),
+                out = out.as_deref().unwrap_or_default(),
                 retry_in = ?rest.pause,
-                "{}",
-                if root_opens {
-                    "the output root still cannot be opened: this worker takes no job naming it \
-                     until then"
-                } else {
-                    "the root still cannot be opened: this worker takes no job of it until then"
-                }
+                "the {} still cannot be opened: this worker starts no pipeline for the jobs \
+                 naming these directories until then (each it meets goes back as an attempt)",
+                if root_opens { "output root" } else { "root" }
             );
         }
     }
@@ -1123,7 +1131,8 @@ impl Router<'_> {
             // (rests grow to a minute, and one begun just before the root came back failed
             // jobs for good with the old reason, untried: found by a review). And a job's
             // last attempt is always made for real.
-            let back = dir_opens(&root) && key.out.as_ref().is_none_or(|(_, dir)| dir_opens(dir));
+            let back =
+                dir_opens(&root) && key.out.as_ref().is_none_or(|(_, dir)| out_root_opens(dir));
             if back {
                 self.resting.remove(&Resting::Root(batch.root.clone()));
                 self.resting.remove(&dirs);
@@ -1456,8 +1465,8 @@ impl Router<'_> {
             retry_in = ?pause,
             "{}",
             if root_opens {
-                "pipeline stopped: this worker takes no job naming its output and move \
-                 roots until then"
+                "pipeline stopped: this worker starts no pipeline for the jobs naming its \
+                 output and move roots until then (each it meets goes back as an attempt)"
             } else {
                 "pipeline stopped: its root cannot be opened; this worker takes no job of \
                  it until then"
