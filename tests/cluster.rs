@@ -2555,23 +2555,43 @@ fn a_job_that_reaches_a_stopping_worker_is_handed_back_before_it_exits() {
 /// handed back, an attempt spent and a second lost (found by a review: 19 runs of 20 took a
 /// second or more, against 0.03 s). Here, once it rests them, five runs in a row are done at
 /// once by the healthy worker. And once its rest is over, with its output root still gone, it
-/// rests again without taking a job to find out: it took the next job it was offered, which
-/// stopped its next pipeline the same way, an attempt spent at the end of each rest (found
+/// rests again without starting a pipeline to find out: it started one for the next job it
+/// was offered, which stopped the same way, an attempt spent at the end of each rest (found
 /// by a review). Runs go on past the end of the first rest (5 s): its pipeline stopped once.
 #[test]
 fn a_worker_resting_a_broken_output_root_leaves_its_jobs_to_a_healthy_one() {
+    broken_beside_a_healthy_one(false);
+}
+
+/// As above, with the broken worker's own input root away: the same, for a rest of the whole
+/// root (found by the next review: a root's rest ended on time, and its next job was taken
+/// for a pipeline, an attempt spent, each time).
+#[test]
+fn a_worker_resting_its_own_root_leaves_its_jobs_to_a_healthy_one() {
+    broken_beside_a_healthy_one(true);
+}
+
+/// Two workers of root `tree`, the first with its input root (`root_away`) or its output
+/// root away; runs one after another until 5 s past the end of its first rest.
+fn broken_beside_a_healthy_one(root_away: bool) {
     let Some(nats) = Nats::start() else { return };
     let t = tree(2, 0);
     let (broken, good) = (t.side("arch1"), t.side("arch2"));
     fs::create_dir(&broken).unwrap();
     fs::create_dir(&good).unwrap();
-    let roots = [format!("tree={}", t.root().display())];
-    let start = |arch: &Path| {
+    let mapped = t.side("mapped");
+    cp("-a", &t.root(), &mapped);
+    let start = |root: &Path, arch: &Path| {
+        let roots = [format!("tree={}", root.display())];
         let out_root = format!("arch={}", arch.display());
         Worker::start_with(&nats, t.dir.path(), &roots, "1", &["--out-root", &out_root])
     };
-    let (sick, _well) = (start(&broken), start(&good));
-    fs::remove_dir(&broken).unwrap();
+    let (sick, _well) = (start(&mapped, &broken), start(&t.root(), &good));
+    if root_away {
+        fs::rename(&mapped, t.side("away")).unwrap();
+    } else {
+        fs::remove_dir(&broken).unwrap();
+    }
     let coord_out = t.side("coord-out");
     fs::create_dir(&coord_out).unwrap();
     let args = [
@@ -2585,7 +2605,7 @@ fn a_worker_resting_a_broken_output_root_leaves_its_jobs_to_a_healthy_one() {
         "--out-root-name",
         "arch",
     ];
-    // Runs until the broken worker has taken a job and rests its output root (5 s).
+    // Runs until the broken worker has taken a job and rests (5 s).
     let limit = Instant::now() + Duration::from_secs(60);
     while !sick.log().contains("pipeline stopped") {
         assert!(
@@ -2613,19 +2633,19 @@ fn a_worker_resting_a_broken_output_root_leaves_its_jobs_to_a_healthy_one() {
     }
     let log = sick.log();
     assert_eq!(log.matches("pipeline stopped").count(), 1, "{log}");
-    assert!(
-        log.contains("the output root still cannot be opened"),
-        "{log}"
-    );
+    let what = if root_away { "root" } else { "output root" };
+    let renewed = format!("the {what} still cannot be opened");
+    assert!(log.contains(&renewed), "{log}");
 }
 
-/// A lone worker whose own root is away rests it, and takes the root's next job once the rest
-/// is over (5 s): that job's attempts go on, so its files fail for good with the reason at
-/// the last one, at least 73 s after the first, or are done once the root is back. A rest of
-/// the root begun again while it stayed away (as the rests of jobs naming a broken output
-/// root are) fetched nothing more: the job waited for ever, never failed (found by a review).
+/// A lone worker whose own root is away rests it, and still looks for the root's jobs: each
+/// it meets goes back as an attempt, so that its files fail for good with the reason at the
+/// last one, at least 73 s after the first, or are done once the root is back. A rest of the
+/// root begun again while nothing of the root was fetched left the job waiting for ever,
+/// never failed (found by a review). Here the server delivers the job a second time (3 s
+/// after the first) and a third (10 s after that).
 #[test]
-fn a_lone_worker_whose_root_is_away_takes_its_jobs_again_after_each_rest() {
+fn a_lone_worker_whose_root_is_away_still_spends_its_jobs_attempts() {
     let Some(nats) = Nats::start() else { return };
     let t = tree(2, 0);
     let mapped = t.side("mapped");
@@ -2634,13 +2654,16 @@ fn a_lone_worker_whose_root_is_away_takes_its_jobs_again_after_each_rest() {
     let w = Worker::start(&nats, t.dir.path(), &roots, "1");
     fs::rename(&mapped, t.side("away")).unwrap();
     let _coordinator = start_coordinator(&nats, &t.root(), &["--op", "gzip", "--force"]);
-    let stops = || w.log().matches("pipeline stopped").count();
-    wait_until(Duration::from_secs(20), "the first stop", || stops() >= 1);
-    // The job back after 3 s, the rest over after 5: taken, and the pipeline stops again.
-    wait_until(Duration::from_secs(20), "the job taken again", || {
-        stops() >= 2
+    let delivered = || {
+        let info = nats.ask("$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.workers-tree", b"");
+        info["delivered"]["consumer_seq"].as_u64().unwrap_or(0)
+    };
+    wait_until(Duration::from_secs(30), "a third delivery", || {
+        delivered() >= 3
     });
-    assert!(w.log().contains("its root cannot be opened"), "{}", w.log());
+    let log = w.log();
+    assert!(log.contains("its root cannot be opened"), "{log}");
+    assert!(log.contains("the root still cannot be opened"), "{log}");
 }
 
 /// A pipeline stopped by an output root that cannot be opened rests only the jobs naming that
@@ -2671,11 +2694,13 @@ fn jobs_naming_a_broken_output_root_do_not_hold_up_the_roots_other_runs() {
     fs::remove_dir(&broken).unwrap();
     let hostile = br#"{"v":2,"run":"hostile","root":"tree","op":"gzip","level":6,"force":false,"out":"o2","files":[{"rel":"d0/e0/f0.log","size":1}]}"#;
     let stops = || w.log().matches("pipeline stopped").count();
-    // Two stops, the second once the first rest is over: a whole root rested then for 10 s.
-    for n in 1..=2 {
-        nats.publish_raw("filepipe.jobs.tree.hostile", hostile);
-        wait_until(Duration::from_secs(30), "a stop", || stops() >= n);
-    }
+    // A stop, and its rest begun again once over (5 s), the output root still away: a whole
+    // root was rested for 10 s at the second stop before.
+    nats.publish_raw("filepipe.jobs.tree.hostile", hostile);
+    wait_until(Duration::from_secs(30), "a stop", || stops() >= 1);
+    wait_until(Duration::from_secs(30), "the rest begun again", || {
+        w.log().contains("the output root still cannot be opened")
+    });
     // More of them while the healthy run goes: each is handed back, none starts a pipeline.
     let done = std::sync::atomic::AtomicBool::new(false);
     let (out, took) = std::thread::scope(|scope| {
@@ -2699,6 +2724,7 @@ fn jobs_naming_a_broken_output_root_do_not_hold_up_the_roots_other_runs() {
         w.log()
     );
     // The root rested 10 s at the second stop before: the run waited it out.
+    assert_eq!(stops(), 1, "{}", w.log());
     assert!(
         took < Duration::from_secs(8),
         "the run took {took:?}\n{}",

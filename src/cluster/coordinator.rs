@@ -1032,17 +1032,19 @@ fn gather_outcomes(
             // stopped without a word, whose jobs come back after the ack wait. Said before any
             // blame on old workers, which would be wrong then.
             let held = info.as_ref().map_or(0, |i| i.num_ack_pending);
-            if waiting == 0 {
-                tracing::warn!(
-                    outstanding,
-                    "no outcome for {STALLED:?} and no worker is asking for jobs: start `filepipe worker --queue ... --root NAME=PATH`"
-                );
-            } else if held > 0 {
+            // Held first: a worker resting what its jobs name leaves no request waiting, and
+            // was told to be started (found by a review).
+            if held > 0 {
                 tracing::warn!(
                     outstanding,
                     workers_waiting = waiting,
                     held,
                     "no outcome for {STALLED:?}: {held} job messages are held by workers, or given back by one that could not do them and waiting to be offered again (its log says why; each wait is longer, up to 40 s), or held by a worker that stopped without acknowledging them (delivered again once the ack wait is over)"
+                );
+            } else if waiting == 0 {
+                tracing::warn!(
+                    outstanding,
+                    "no outcome for {STALLED:?} and no worker is asking for jobs: start `filepipe worker --queue ... --root NAME=PATH`"
                 );
             } else if (ledger.version > wire::VERSION || !ledger.json.load(Ordering::Acquire))
                 // Not at the first warning: jobs a killed worker held come back once the ack

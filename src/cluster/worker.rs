@@ -311,6 +311,7 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         tampered: HashSet::new(),
         missing: HashSet::new(),
         resting: HashMap::new(),
+        met_rest: HashMap::new(),
         cancels,
         cancelled: HashSet::new(),
         checked: HashSet::new(),
@@ -352,6 +353,9 @@ struct Router<'a> {
     /// What this worker leaves alone for a while because its last pipeline stopped with an
     /// error (see `Resting`).
     resting: HashMap<Resting, Rest>,
+    /// When a job that rests here was last met, by root: a resting root is not looked at
+    /// again before `WAIT_FOR_JOBS` has passed (see `fetch`).
+    met_rest: HashMap<String, Instant>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -394,7 +398,7 @@ struct Router<'a> {
 /// them, the real reason nowhere).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Resting {
-    /// The input root cannot be opened: no job of it can be done here, and none is fetched.
+    /// The input root cannot be opened: no job of it can be done here; those met go back.
     Root(String),
     /// The root opens, so what failed is the job's output or move root (or the queue): only
     /// jobs naming the same directories go back untried, each as an attempt that failed the
@@ -438,7 +442,7 @@ impl Resting {
 
 /// How long something is left alone (`Resting`).
 struct Rest {
-    /// Not fetched from until then.
+    /// What it rests starts no pipeline until then (unless it opens again).
     until: Instant,
     /// How long this rest was: the next one, if the next pipeline stops too, is twice that.
     pause: Duration,
@@ -593,40 +597,34 @@ impl Router<'_> {
         }
     }
 
-    /// Whether `root`'s jobs are left alone now: its consumer changed or missing, or its
-    /// pipelines stopping (`Rest`).
-    fn skips(&self, root: &str, now: Instant) -> bool {
-        self.tampered.contains(root)
-            || self.missing.contains(root)
-            || self
-                .resting
-                .get(&Resting::Root(root.to_owned()))
-                .is_some_and(|r| now < r.until)
+    /// Whether `root`'s jobs are left alone now: its consumer changed or missing. (A root that
+    /// rests is still looked at: `rests`.)
+    fn skips(&self, root: &str) -> bool {
+        self.tampered.contains(root) || self.missing.contains(root)
     }
 
-    /// Rests of the jobs naming some output root (`Resting::Dirs`) just over, whose
-    /// directories still do not open, are begun again, twice as long (up to `REST_MOST`),
-    /// without a pipeline started to find out: the next job offered stopped it the same way,
-    /// an attempt spent at the end of each rest, while a healthy worker beside this one could
-    /// have done the job (found by a review). Such jobs it meets meanwhile still go back as
-    /// attempts, the last made for real (`take`). Not a root's rest: nothing of the root is
-    /// fetched then, and a lone worker whose root stays away never met its jobs again, which
-    /// waited for ever, never failed (found by the next review); it takes the next job when
-    /// the rest ends. What opens again is left to the next job to try: a directory that opens
-    /// may still refuse writes, which only a pipeline finds out.
+    /// Rests just over whose directories still do not open are begun again, twice as long
+    /// (up to `REST_MOST`), without a pipeline started to find out: the next job offered
+    /// stopped it the same way, an attempt spent at the end of each rest, while a healthy
+    /// worker beside this one could have done the job (found by a review). A resting root is
+    /// still looked at (`rests`), and the jobs it meets go back as attempts, the last made
+    /// for real (`take`): begun again while nothing of the root was fetched, a root's rest
+    /// left a lone worker's jobs waiting for ever, never failed (found by the next review).
+    /// What opens again is left to the next job to try: a directory that opens may still
+    /// refuse writes, which only a pipeline finds out.
     fn renew_rests(&mut self, now: Instant) {
         for (what, rest) in &mut self.resting {
-            let Resting::Dirs { root, out, .. } = what else {
-                continue;
+            let (root, out) = match what {
+                Resting::Root(root) => (root, None),
+                Resting::Dirs { root, out, .. } => (root, out.as_ref()),
             };
             if rest.over || now < rest.until {
                 continue;
             }
             // Move roots are held open since the worker started: they cannot stop opening.
             let root_opens = self.roots.get(root).is_none_or(|p| dir_opens(p));
-            let out_opens = || {
-                (out.as_ref().and_then(|o| self.out_roots.get(o))).is_none_or(|p| out_root_opens(p))
-            };
+            let out_opens =
+                || (out.and_then(|o| self.out_roots.get(o))).is_none_or(|p| out_root_opens(p));
             if root_opens && out_opens() {
                 rest.over = true;
                 continue;
@@ -635,24 +633,34 @@ impl Router<'_> {
             rest.until = now + rest.pause;
             tracing::info!(
                 %root,
-                out = out.as_deref().unwrap_or_default(),
+                out = out.map(String::as_str).unwrap_or_default(),
                 retry_in = ?rest.pause,
-                "the {} still cannot be opened: this worker starts no pipeline for the jobs \
-                 naming these directories until then (each it meets goes back as an attempt)",
-                if root_opens { "output root" } else { "root" }
+                "the {} still cannot be opened: this worker starts no pipeline for {} until \
+                 then, unless it opens again (each job it meets goes back as an attempt)",
+                if root_opens { "output root" } else { "root" },
+                if matches!(what, Resting::Root(_)) {
+                    "the root's jobs"
+                } else {
+                    "the jobs naming these directories"
+                }
             );
         }
     }
 
-    /// Whether jobs of `root` naming some output or move root rest here (`Resting::Dirs`): the
-    /// root then gets no request left waiting, only looks for what is there now. The server
-    /// gives a job to the oldest request waiting, and this idle worker's were older than
-    /// those of a busy healthy one: it took first almost every job naming its broken output
-    /// root, each handed back, an attempt spent and a second lost (found by a review). Its
-    /// looks still take other runs' jobs of the root, at most `WAIT_FOR_JOBS` late.
-    fn rests_dirs(&self, root: &str, now: Instant) -> bool {
+    /// Whether `root`, or the jobs of `root` naming some output or move root, rest here: the
+    /// root then gets no request left waiting, only looks for what is there now, one job at a
+    /// time (see `fetch`). The server gives a job to the oldest request waiting, and this idle
+    /// worker's were older than those of a busy healthy one: it took first almost every job
+    /// naming its broken output root, each handed back, an attempt spent and a second lost
+    /// (found by a review). Its looks still take other runs' jobs of the root, at most
+    /// `WAIT_FOR_JOBS` late.
+    fn rests(&self, root: &str, now: Instant) -> bool {
         self.resting.iter().any(|(what, rest)| {
-            matches!(what, Resting::Dirs { root: r, .. } if r == root) && now < rest.until
+            let of_root = match what {
+                Resting::Root(r) => r == root,
+                Resting::Dirs { root: r, .. } => r == root,
+            };
+            of_root && now < rest.until
         })
     }
 
@@ -667,7 +675,7 @@ impl Router<'_> {
         let k = self.consumers.len().max(1);
         let now = Instant::now();
         self.renew_rests(now);
-        if self.consumers.iter().all(|(root, _)| self.skips(root, now)) {
+        if self.consumers.iter().all(|(root, _)| self.skips(root)) {
             // Nothing to fetch from: wait as a fetch would, never spin.
             std::thread::sleep(WAIT_FOR_JOBS);
             return Ok(Vec::new());
@@ -676,10 +684,20 @@ impl Router<'_> {
         for i in 0..k {
             let at = (self.next_consumer + i) % k;
             let (root, c) = &self.consumers[at];
-            if self.skips(root, now) {
+            if self.skips(root) {
                 continue;
             }
-            match self.conn.rt.block_on(take(c, n, Duration::ZERO)) {
+            // A resting root is looked at one job at a time, and not again for
+            // `WAIT_FOR_JOBS` once a look met a job that rests: with a backlog, looks of as
+            // many jobs as there was room for, one after another, could take most jobs a busy
+            // healthy worker beside this one had not yet taken, each handed back, an attempt
+            // spent, and the last made for real here, failing it for good.
+            let resting = self.rests(root, now);
+            if resting && (self.met_rest.get(root)).is_some_and(|t| now < *t + WAIT_FOR_JOBS) {
+                continue;
+            }
+            let want = if resting { 1 } else { n };
+            match self.conn.rt.block_on(take(c, want, Duration::ZERO)) {
                 Ok(msgs) if msgs.is_empty() => {}
                 Ok(msgs) => {
                     self.next_consumer = (at + 1) % k;
@@ -727,10 +745,7 @@ impl Router<'_> {
         for (root, c) in &self.consumers {
             let single = self.one_at_a_time.contains(root);
             let lasts = |w: &Waiting| w.root == *root && (single || w.expires > now + RENEW_WITHIN);
-            if self.skips(root, now)
-                || self.rests_dirs(root, now)
-                || self.waiting.values().any(lasts)
-            {
+            if self.skips(root) || self.rests(root, now) || self.waiting.values().any(lasts) {
                 continue;
             }
             let asked = self.conn.rt.block_on(async {
@@ -1137,6 +1152,7 @@ impl Router<'_> {
                 self.resting.remove(&Resting::Root(batch.root.clone()));
                 self.resting.remove(&dirs);
             } else if delivered < MAX_DELIVER {
+                self.met_rest.insert(batch.root.clone(), Instant::now());
                 self.after_stop(&m, Some(&why));
                 return Ok(());
             }
@@ -1468,8 +1484,8 @@ impl Router<'_> {
                 "pipeline stopped: this worker starts no pipeline for the jobs naming its \
                  output and move roots until then (each it meets goes back as an attempt)"
             } else {
-                "pipeline stopped: its root cannot be opened; this worker takes no job of \
-                 it until then"
+                "pipeline stopped: its root cannot be opened; this worker starts no pipeline \
+                 for its jobs until then (each it meets goes back as an attempt)"
             }
         );
         self.resting.insert(
