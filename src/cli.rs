@@ -412,7 +412,7 @@ pub(crate) struct PipelineArgs {
     /// group].
     #[arg(long, value_enum, value_name = "MODE")]
     pub(crate) durability: Option<crate::fsio::output::Durability>,
-    /// gzip, zstd: move each input, once its output is synced and verified (as --remove-source
+    /// gzip, zstd: move each input, once its output is synced and verified (as removing an input
     /// requires), to the same relative path under DIR; never over a file there: a clash takes
     /// a numbered name (a.log -> a.1.log). Across file systems it is copied, synced and
     /// compared before the input goes. Hard-linked or changed inputs are kept. DIR must be

@@ -201,7 +201,8 @@ pub(crate) enum Durability {
     File,
     /// Nothing is flushed, as gzip, pigz and zstd do: outputs are still written to temps and
     /// published atomically, but a crash of the machine (not of filepipe) can leave an output
-    /// empty or incomplete under its final name. Refused with --remove-source.
+    /// empty or incomplete under its final name. Refused with --move-source (and batch's
+    /// --remove-source).
     None,
 }
 

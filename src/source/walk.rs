@@ -446,6 +446,9 @@ fn scan_tree(
                 // walk never hands one over).
                 Ok(opened) if cfg.is_own_dir(opened.id().key()) => return,
                 Ok(opened) => (opened, dir.to_path_buf()),
+                // A watch's new directory gone by the time it is scanned (made and renamed at
+                // once): where it went is heard and scanned on its own.
+                Err(Errno::NOENT) if dir != cfg.root => return,
                 Err(e) => {
                     visit(dir_failed(cfg, dir, e));
                     return;
@@ -794,6 +797,10 @@ fn classify(
         FileType::Directory if too_long(&path) => report(too_long_dir(rel)),
         FileType::Directory => match dirs.open_child() {
             Ok(opened) => Classified::Dir(opened, path, false),
+            // Gone since it was listed, as a file found gone is: nothing of it was seen (a
+            // watch hears where it went). It was counted a failed file, `vanished` (found by
+            // a review: directories made and renamed at once under a watch).
+            Err(Errno::NOENT) => Classified::Nothing,
             Err(e) => report(not_opened(cfg, root, dirs, rel, e)),
         },
         FileType::Symlink if cfg.follow_symlinks => follow_link(cfg, root, dirs, path, rel, stats),
