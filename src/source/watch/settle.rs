@@ -62,6 +62,10 @@ pub(crate) trait Look {
     fn stampless(&self, rel: &Path) -> bool;
 }
 
+/// How often a file waiting for its writer's close is looked at, to forget it if its name
+/// went with no event said so at that name.
+const GONE_LOOK: Duration = Duration::from_secs(5);
+
 /// A path waiting for its writer to finish.
 #[derive(Debug)]
 struct Pending {
@@ -148,6 +152,9 @@ impl Settle {
     ) {
         if complete {
             self.schedule(&rel, now + self.settle);
+        } else {
+            // Waits for its close; looked at now and then in case its name went (`promote`).
+            self.schedule(&rel, now + GONE_LOOK);
         }
         let p = self.pending.entry(rel).or_insert(Pending {
             since: now,
@@ -325,7 +332,16 @@ impl Settle {
                 continue;
             };
             if !(p.complete || p.linked) {
-                // Reopened: its close puts it back.
+                // Reopened: its close puts it back. Unless its name has gone since: events
+                // heard at a path under a directory renamed or removed at once (a removal
+                // forgets only the directory's own name) waited here for a close that never
+                // comes at that path, counted queued until the daemon stopped (found while
+                // testing a burst of directories made and renamed at once).
+                if look.stamp(&rel).is_none() && !look.stampless(&rel) {
+                    self.pending.remove(&rel);
+                } else {
+                    self.schedule(&rel, now + GONE_LOOK);
+                }
                 continue;
             }
             if p.since + settle > at {
@@ -357,9 +373,12 @@ impl Settle {
                         continue;
                     }
                     // Empty with one name (a writer that has not written yet) or gone:
-                    // events decide from here.
+                    // events decide from here, and a look now and then whether it is gone
+                    // (a directory made and renamed at once, its creation heard as a file's
+                    // when it was no longer there to be told a directory, waited for ever).
                     (_, None) => {
                         p.linked = false;
+                        self.schedule(&rel, now + GONE_LOOK);
                         continue;
                     }
                 }
@@ -572,7 +591,8 @@ mod tests {
     #[test]
     fn a_file_written_and_not_closed_is_never_taken_until_its_close() {
         let t0 = Instant::now();
-        let look = Fake::default();
+        let mut look = Fake::default();
+        look.files.insert("f".into(), stamp(1).unwrap());
         let mut q = Settle::new(SETTLE);
         q.touch("f".into(), true, stamp(1), t0);
         // Written after its close: a writer is back at work.
@@ -581,6 +601,31 @@ mod tests {
         assert_eq!(q.queued(), 1, "still waiting for its writer");
         q.touch("f".into(), true, stamp(2), ms(t0, 20_000));
         assert_eq!(ready_at(&mut q, ms(t0, 20_100), &look), ["f"]);
+    }
+
+    /// A file waiting for its writer's close (or heard appear, and found neither with content
+    /// nor gone) whose name went with no event at that name (its directory renamed away: the
+    /// removal forgets only the directory's name) is forgotten at the next look, not counted
+    /// queued for ever.
+    #[test]
+    fn a_file_waiting_for_its_close_is_forgotten_once_its_name_is_gone() {
+        let t0 = Instant::now();
+        let mut look = Fake::default();
+        look.files.insert("d/f".into(), stamp(1).unwrap());
+        let mut q = Settle::new(SETTLE);
+        q.touch("d/f".into(), false, None, t0);
+        assert!(ready_at(&mut q, t0 + GONE_LOOK, &look).is_empty());
+        assert_eq!(q.queued(), 1, "there: still waiting for its writer");
+        look.files.clear();
+        assert!(ready_at(&mut q, t0 + GONE_LOOK * 2, &look).is_empty());
+        assert_eq!(q.queued(), 0, "gone: forgotten");
+        // Heard appear, and gone when its settle time is up (a directory made and renamed
+        // at once, its creation taken for a file's): forgotten at the next look.
+        q.appeared("d/sub".into(), t0);
+        assert!(ready_at(&mut q, ms(t0, 100), &look).is_empty());
+        assert_eq!(q.queued(), 1);
+        assert!(ready_at(&mut q, ms(t0, 100) + GONE_LOOK, &look).is_empty());
+        assert_eq!(q.queued(), 0, "gone: forgotten");
     }
 
     #[test]
