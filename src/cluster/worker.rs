@@ -312,6 +312,8 @@ pub(crate) fn run(cfg: &WorkerConfig, shutdown: &Shutdown) -> Result<()> {
         missing: HashSet::new(),
         resting: HashMap::new(),
         met_rest: HashMap::new(),
+        taken: HashMap::new(),
+        seen: HashMap::new(),
         cancels,
         cancelled: HashSet::new(),
         checked: HashSet::new(),
@@ -356,6 +358,10 @@ struct Router<'a> {
     /// When a job that rests here was last met, by root: a resting root is not looked at
     /// again before `WAIT_FOR_JOBS` has passed (see `fetch`).
     met_rest: HashMap<String, Instant>,
+    /// The jobs this worker took, by consumer name (`take`), and what it last saw of each
+    /// resting root's consumer (`others_take`).
+    taken: HashMap<String, u64>,
+    seen: HashMap<String, Seen>,
     cancels: async_nats::Subscriber,
     /// Runs whose coordinator said they are cancelled.
     cancelled: HashSet<String>,
@@ -439,6 +445,21 @@ impl Resting {
         )
     }
 }
+
+/// What a worker last saw of a root's consumer while it rested (`Router::others_take`).
+struct Seen {
+    at: Instant,
+    /// The deliveries the server had counted, and those this worker had taken, then.
+    seq: u64,
+    taken: u64,
+    /// Until when another worker counts as taking the root's jobs.
+    others_until: Instant,
+}
+
+/// How long after another worker was last seen taking a root's jobs a worker resting that
+/// root still leaves its jobs to it: about the time a busy healthy
+/// worker, holding its share of jobs, may go without taking a new one.
+const OTHERS_QUIET: Duration = Duration::from_secs(30);
 
 /// How long something is left alone (`Resting`).
 struct Rest {
@@ -664,6 +685,53 @@ impl Router<'_> {
         })
     }
 
+    /// Whether another worker took jobs of `root` lately (within `OTHERS_QUIET`): the
+    /// deliveries the server counts on the root's consumer grew by more than this worker
+    /// took. (Not the requests waiting on it: this worker's own, from before its rest, count
+    /// there too, and a lone worker left its jobs alone.) Asked of the server at most every
+    /// `WAIT_FOR_JOBS`; a server that does not answer counts as someone else's (nothing is
+    /// looked at then).
+    fn others_take(&mut self, root: &str, now: Instant) -> bool {
+        if let Some(seen) = self.seen.get(root) {
+            if now < seen.at + WAIT_FOR_JOBS {
+                return now < seen.others_until;
+            }
+        }
+        let Some((_, c)) = self.consumers.iter_mut().find(|(r, _)| r == root) else {
+            return true;
+        };
+        let asked = self.conn.rt.block_on(async {
+            let info = tokio::time::timeout(Duration::from_secs(2), c.info()).await;
+            info.ok()?.ok().map(|i| i.delivered.consumer_sequence)
+        });
+        let taken = (self.taken.get(&format!("workers-{root}")).copied()).unwrap_or(0);
+        let last = self.seen.get(root);
+        let others_until = match (asked, last) {
+            (None, _) => now + WAIT_FOR_JOBS,
+            // The first look: the next tells.
+            (Some(_), None) => now + WAIT_FOR_JOBS,
+            (Some(seq), Some(last)) => {
+                let others = (seq.saturating_sub(last.seq)).saturating_sub(taken - last.taken);
+                if others > 0 {
+                    now + OTHERS_QUIET
+                } else {
+                    last.others_until
+                }
+            }
+        };
+        let seq = asked.unwrap_or(last.map_or(0, |l| l.seq));
+        self.seen.insert(
+            root.to_owned(),
+            Seen {
+                at: now,
+                seq,
+                taken,
+                others_until,
+            },
+        );
+        now < others_until
+    }
+
     /// Up to `n` messages from the roots' consumers: first what any of them has now, in turn;
     /// if none has any, a request for a job left waiting on each root, all at once (a new one
     /// where the last is about to expire: `REQUEST_LIFE`), and at most `WAIT_FOR_JOBS` for the
@@ -683,19 +751,27 @@ impl Router<'_> {
         let mut failed = None;
         for i in 0..k {
             let at = (self.next_consumer + i) % k;
-            let (root, c) = &self.consumers[at];
+            let root = &self.consumers[at].0;
             if self.skips(root) {
                 continue;
             }
             // A resting root is looked at one job at a time, and not again for
-            // `WAIT_FOR_JOBS` once a look met a job that rests: with a backlog, looks of as
-            // many jobs as there was room for, one after another, could take most jobs a busy
-            // healthy worker beside this one had not yet taken, each handed back, an attempt
-            // spent, and the last made for real here, failing it for good.
+            // `WAIT_FOR_JOBS` once a look met a job that rests (looks of as many jobs as there
+            // was room for, one after another, gave back a job a look).
             let resting = self.rests(root, now);
             if resting && (self.met_rest.get(root)).is_some_and(|t| now < *t + WAIT_FOR_JOBS) {
                 continue;
             }
+            // Nor at all while another worker takes the root's jobs: even one job a look,
+            // a busy healthy worker beside this one left most jobs of a backlog to it as they
+            // came due again, each given back, and many had their last attempt here, failed
+            // for good (found by a review: 176 files of 3,000). Only a worker alone on the
+            // root needs to meet its jobs, for them to reach their last attempt.
+            let root = root.clone();
+            if resting && self.others_take(&root, now) {
+                continue;
+            }
+            let (root, c) = &self.consumers[at];
             let want = if resting { 1 } else { n };
             match self.conn.rt.block_on(take(c, want, Duration::ZERO)) {
                 Ok(msgs) if msgs.is_empty() => {}
@@ -934,6 +1010,9 @@ impl Router<'_> {
     /// when it cannot be run here.
     fn take(&mut self, m: jetstream::Message) -> Result<()> {
         let delivered = deliveries(&m).max(1);
+        if let Ok(info) = m.info() {
+            *self.taken.entry(info.consumer.to_owned()).or_default() += 1;
+        }
         // When the message was stored, for a redelivery: an earlier delivery acted after it.
         let stored = m.info().ok().map(|i| {
             let ns = i.published.unix_timestamp_nanos().max(0);
