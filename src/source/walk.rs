@@ -797,10 +797,11 @@ fn classify(
         FileType::Directory if too_long(&path) => report(too_long_dir(rel)),
         FileType::Directory => match dirs.open_child() {
             Ok(opened) => Classified::Dir(opened, path, false),
-            // Gone since it was listed, as a file found gone is: nothing of it was seen (a
-            // watch hears where it went). It was counted a failed file, `vanished` (found by
-            // a review: directories made and renamed at once under a watch).
-            Err(Errno::NOENT) => Classified::Nothing,
+            // In a watch, gone since it was listed: where it went is heard and scanned. It
+            // was counted a failed file, `vanished` (found by a review: directories made and
+            // renamed at once). A batch says so: the files it held go uncounted (and a file
+            // system may answer ENOENT for a directory that is there: found by the next).
+            Err(Errno::NOENT) if cfg.watch.is_some() => Classified::Nothing,
             Err(e) => report(not_opened(cfg, root, dirs, rel, e)),
         },
         FileType::Symlink if cfg.follow_symlinks => follow_link(cfg, root, dirs, path, rel, stats),
