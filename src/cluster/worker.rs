@@ -1027,8 +1027,17 @@ impl Router<'_> {
     /// Settles `m` with `kind`; a failure only means the server delivers it again later.
     fn ack(&self, m: &jetstream::Message, kind: AckKind) {
         if let (AckKind::Nak(Some(delay)), Ok(info)) = (&kind, m.info()) {
-            let due = Instant::now() + *delay + Duration::from_secs(5);
-            (self.given_back.borrow_mut()).push((info.consumer.to_owned(), due));
+            let now = Instant::now();
+            let mut given_back = self.given_back.borrow_mut();
+            // Pruned when a resting root is looked at, and here: a worker that never rests
+            // must not keep one for every job it ever gave back.
+            if given_back.len() >= 1024 {
+                given_back.retain(|(_, due)| now < *due);
+            }
+            given_back.push((
+                info.consumer.to_owned(),
+                now + *delay + Duration::from_secs(5),
+            ));
         }
         if let Err(e) = self.conn.rt.block_on(m.ack_with(kind)) {
             tracing::warn!(error = %e, "acknowledging a job failed");
