@@ -695,15 +695,7 @@ fn directories_made_and_renamed_at_once_are_no_failures() {
     // And idle: a file's events heard at its first path after its directory was renamed left
     // it queued there, waiting for a close, until the daemon stopped (forgotten now within a
     // few seconds of its name going).
-    let limit = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = d.notes.last_status();
-        if status.is_some_and(|s| s.idle() && s.done >= 500) {
-            break;
-        }
-        assert!(Instant::now() < limit, "not 500 done: {status:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    d.wait_idle_where("500 done at least", |s| s.done >= 500);
     // The manifest is rewritten at most once a second after a change.
     wait_until(Duration::from_secs(30), "500 files in the manifest", || {
         manifest_lines(&manifest) == 500

@@ -439,6 +439,13 @@ impl Resting {
         }
     }
 
+    /// The input root it is of.
+    fn root(&self) -> &str {
+        match self {
+            Resting::Root(root) | Resting::Dirs { root, .. } => root,
+        }
+    }
+
     /// The directories a pipeline's jobs name.
     fn of(key: &Key) -> Resting {
         Resting::dirs(
@@ -645,8 +652,8 @@ impl Router<'_> {
     fn renew_rests(&mut self, now: Instant) {
         for (what, rest) in &mut self.resting {
             let (root, out) = match what {
-                Resting::Root(root) => (root, None),
-                Resting::Dirs { root, out, .. } => (root, out.as_ref()),
+                Resting::Root(_) => (what.root(), None),
+                Resting::Dirs { out, .. } => (what.root(), out.as_ref()),
             };
             if rest.over || now < rest.until {
                 continue;
@@ -685,17 +692,11 @@ impl Router<'_> {
     /// (found by a review). Its looks still take other runs' jobs of the root, at most
     /// `WAIT_FOR_JOBS` late.
     fn rests(&self, root: &str, now: Instant) -> bool {
-        self.resting.iter().any(|(what, rest)| {
-            let of_root = match what {
-                Resting::Root(r) => r == root,
-                Resting::Dirs { root: r, .. } => r == root,
-            };
-            of_root && now < rest.until
-        })
+        (self.resting.iter()).any(|(what, rest)| what.root() == root && now < rest.until)
     }
 
-    /// Whether another worker takes jobs of `root`: the deliveries the server counts on the
-    /// root's consumer grew by more than this worker took within `OTHERS_QUIET`, or within
+    /// Whether another worker takes jobs of the root at `at` in `consumers`: the deliveries
+    /// the server counts on the root's consumer grew by more than this worker took within `OTHERS_QUIET`, or within
     /// `OTHERS_LONG` while the consumer has more jobs out (delivered, not yet settled) than
     /// this worker holds or gave back lately. A healthy worker slow enough to take no new job
     /// for 30 s, holding its share of a backlog, counted as gone, and the jobs past its share
@@ -706,15 +707,14 @@ impl Router<'_> {
     /// count there too, and a lone worker left its jobs alone.) Asked of the server at most
     /// every `WAIT_FOR_JOBS`; a server that does not answer counts as someone else's (nothing
     /// is looked at then).
-    fn others_take(&mut self, root: &str, now: Instant) -> bool {
-        if let Some(seen) = self.seen.get(root) {
+    fn others_take(&mut self, at: usize, now: Instant) -> bool {
+        let (root, c) = &mut self.consumers[at];
+        if let Some(seen) = self.seen.get(root.as_str()) {
             if now < seen.at + WAIT_FOR_JOBS {
                 return seen.others;
             }
         }
-        let Some((_, c)) = self.consumers.iter_mut().find(|(r, _)| r == root) else {
-            return true;
-        };
+        let root = root.clone();
         let asked = self.conn.rt.block_on(async {
             let info = tokio::time::timeout(Duration::from_secs(2), c.info()).await;
             info.ok()?
@@ -730,7 +730,7 @@ impl Router<'_> {
         drop(given_back);
         // A sample from an earlier rest, long over, says nothing of now: taken for a first
         // look (others' deliveries since would count as taken now).
-        let last = (self.seen.get(root)).filter(|l| now < l.at + OTHERS_QUIET);
+        let last = (self.seen.get(&root)).filter(|l| now < l.at + OTHERS_QUIET);
         let mut others_at = last.and_then(|l| l.others_at);
         let others = match (asked, last) {
             (None, _) | (Some(_), None) => true,
@@ -745,7 +745,7 @@ impl Router<'_> {
         };
         let seq = asked.map_or(last.map_or(0, |l| l.seq), |(seq, _)| seq);
         self.seen.insert(
-            root.to_owned(),
+            root,
             Seen {
                 at: now,
                 seq,
@@ -792,8 +792,7 @@ impl Router<'_> {
             // came due again, each given back, and many had their last attempt here, failed
             // for good (found by a review: 176 files of 3,000). Only a worker alone on the
             // root needs to meet its jobs, for them to reach their last attempt.
-            let root = root.clone();
-            if resting && self.others_take(&root, now) {
+            if resting && self.others_take(at, now) {
                 continue;
             }
             let (root, c) = &self.consumers[at];

@@ -578,15 +578,20 @@ impl Daemon {
     /// Waits until the daemon says it is idle (nothing queued, in flight or waiting to retry)
     /// with `done` files done, and returns that STATUS line's counts.
     pub fn wait_idle(&self, done: u64) -> Status {
+        self.wait_idle_where(&format!("{done} done"), |s| s.done == done)
+    }
+
+    /// Waits for an idle STATUS that `wanted` (`what` says what, in the failure message).
+    pub fn wait_idle_where(&self, what: &str, wanted: impl Fn(&Status) -> bool) -> Status {
         let limit = Instant::now() + Duration::from_secs(90);
         loop {
             let last = self.notes.last_status();
-            if let Some(s) = last.filter(|s| s.idle() && s.done == done) {
+            if let Some(s) = last.filter(|s| s.idle() && wanted(s)) {
                 return s;
             }
             assert!(
                 Instant::now() < limit,
-                "timed out waiting for an idle STATUS with {done} done; last: {last:?}"
+                "timed out waiting for an idle STATUS with {what}; last: {last:?}"
             );
             std::thread::sleep(Duration::from_millis(5));
         }
