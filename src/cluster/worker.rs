@@ -469,6 +469,44 @@ struct Seen {
     others: bool,
 }
 
+impl Seen {
+    /// What is seen of a root's consumer at `now` (`Router::others_take`): `asked` is what the
+    /// server answered (the deliveries it counted, the jobs out), `None` if it did not;
+    /// `taken` the jobs this worker took of it since it started, `own` those it holds or gave
+    /// back lately; `last` the sample before.
+    fn judge(
+        last: Option<&Seen>,
+        asked: Option<(u64, usize)>,
+        taken: u64,
+        own: usize,
+        now: Instant,
+    ) -> Seen {
+        // A sample from an earlier rest, long over, says nothing of now: taken for a first
+        // look (others' deliveries since would count as taken now).
+        let last = last.filter(|l| now < l.at + OTHERS_QUIET);
+        let mut others_at = last.and_then(|l| l.others_at);
+        let others = match (asked, last) {
+            // No answer, or nothing to compare with yet: someone else's, nothing looked at.
+            (None, _) | (Some(_), None) => true,
+            (Some((seq, out)), Some(last)) => {
+                let grew = (seq.saturating_sub(last.seq)).saturating_sub(taken - last.taken);
+                if grew > 0 {
+                    others_at = Some(now);
+                }
+                others_at
+                    .is_some_and(|t| now < t + OTHERS_QUIET || (out > own && now < t + OTHERS_LONG))
+            }
+        };
+        Seen {
+            at: now,
+            seq: asked.map_or(last.map_or(0, |l| l.seq), |(seq, _)| seq),
+            taken,
+            others_at,
+            others,
+        }
+    }
+}
+
 /// How long after another worker was last seen taking a root's jobs a worker resting that
 /// root still leaves its jobs to it, whatever it holds.
 const OTHERS_QUIET: Duration = Duration::from_secs(30);
@@ -696,8 +734,8 @@ impl Router<'_> {
     }
 
     /// Whether another worker takes jobs of the root at `at` in `consumers`: the deliveries
-    /// the server counts on the root's consumer grew by more than this worker took within `OTHERS_QUIET`, or within
-    /// `OTHERS_LONG` while the consumer has more jobs out (delivered, not yet settled) than
+    /// the server counts on the root's consumer grew by more than this worker took within
+    /// `OTHERS_QUIET`, or within `OTHERS_LONG` while the consumer has more jobs out (delivered, not yet settled) than
     /// this worker holds or gave back lately. A healthy worker slow enough to take no new job
     /// for 30 s, holding its share of a backlog, counted as gone, and the jobs past its share
     /// had their last attempt here (found by a review: 352 files of 2,400); its share is what
@@ -728,32 +766,9 @@ impl Router<'_> {
         let own = (self.held.values().filter(|(_, k)| k.root == root).count())
             + (given_back.iter().filter(|(c, _)| *c == consumer).count());
         drop(given_back);
-        // A sample from an earlier rest, long over, says nothing of now: taken for a first
-        // look (others' deliveries since would count as taken now).
-        let last = (self.seen.get(&root)).filter(|l| now < l.at + OTHERS_QUIET);
-        let mut others_at = last.and_then(|l| l.others_at);
-        let others = match (asked, last) {
-            (None, _) | (Some(_), None) => true,
-            (Some((seq, out)), Some(last)) => {
-                let grew = (seq.saturating_sub(last.seq)).saturating_sub(taken - last.taken);
-                if grew > 0 {
-                    others_at = Some(now);
-                }
-                others_at
-                    .is_some_and(|t| now < t + OTHERS_QUIET || (out > own && now < t + OTHERS_LONG))
-            }
-        };
-        let seq = asked.map_or(last.map_or(0, |l| l.seq), |(seq, _)| seq);
-        self.seen.insert(
-            root,
-            Seen {
-                at: now,
-                seq,
-                taken,
-                others_at,
-                others,
-            },
-        );
+        let seen = Seen::judge(self.seen.get(&root), asked, taken, own, now);
+        let others = seen.others;
+        self.seen.insert(root, seen);
         others
     }
 
@@ -1629,5 +1644,78 @@ mod tests {
         let waits: Duration = (1..MAX_DELIVER).map(back_off).sum();
         assert_eq!(waits, Duration::from_secs(73));
         assert_eq!(back_off(i64::MAX), Duration::from_secs(40));
+    }
+    /// `Seen::judge` after `last`, `secs` later.
+    fn next(last: &Seen, secs: u64, seq: u64, out: usize, taken: u64, own: usize) -> Seen {
+        let now = last.at + Duration::from_secs(secs);
+        Seen::judge(Some(last), Some((seq, out)), taken, own, now)
+    }
+
+    #[test]
+    fn a_resting_worker_leaves_a_root_to_others_taking_its_jobs() {
+        let start = Instant::now();
+        // The first look compares with nothing: taken for someone else's.
+        let first = Seen::judge(None, Some((100, 10)), 5, 0, start);
+        assert!(first.others);
+        // Nothing delivered since but what it took itself: alone, it looks.
+        let alone = next(&first, 1, 102, 10, 7, 0);
+        assert!(!alone.others, "its own takes are not another's");
+        // Another worker took 3: the root is left to it.
+        let busy = next(&alone, 1, 105, 10, 7, 0);
+        assert!(busy.others);
+        // ... for 30 s after its last take, whatever is out.
+        let quiet = next(&busy, 29, 105, 0, 7, 0);
+        assert!(quiet.others);
+        let past = next(&quiet, 2, 105, 0, 7, 0);
+        assert!(!past.others, "nobody took any in 30 s and nothing is out");
+    }
+
+    #[test]
+    fn a_slow_healthy_worker_holding_jobs_keeps_them_from_a_resting_one_for_minutes() {
+        let start = Instant::now();
+        let first = Seen::judge(None, Some((100, 32)), 0, 0, start);
+        let busy = next(&first, 1, 101, 32, 0, 0);
+        assert!(busy.others);
+        let took_last = busy.at;
+        // No new take for 4 minutes, but 32 jobs are out and this worker holds 2 of them.
+        let mut seen = busy;
+        for _ in 0..24 {
+            seen = next(&seen, 10, 101, 32, 0, 2);
+            assert!(
+                seen.others,
+                "jobs out beyond its own: another worker holds them"
+            );
+        }
+        // Only its own out: the other worker is gone.
+        let own = next(&seen, 10, 101, 2, 0, 2);
+        assert!(!own.others);
+        // Jobs out for more than 5 minutes with nobody taking any: looked at again.
+        let mut seen = next(&own, 0, 101, 32, 0, 2);
+        assert!(seen.others);
+        while seen.at < took_last + OTHERS_LONG {
+            seen = next(&seen, 10, 101, 32, 0, 2);
+        }
+        assert!(
+            !seen.others,
+            "a lone worker must still meet the jobs given back to it"
+        );
+    }
+
+    #[test]
+    fn a_stale_sample_or_no_answer_is_no_reason_to_look() {
+        let start = Instant::now();
+        let first = Seen::judge(None, Some((100, 0)), 0, 0, start);
+        // The server does not answer: nothing looked at, the sample kept.
+        let silent = Seen::judge(Some(&first), None, 0, 0, start + Duration::from_secs(1));
+        assert!(silent.others);
+        assert_eq!(silent.seq, 100);
+        // A sample older than 30 s (an earlier rest): others' deliveries since are not
+        // compared with it, and the look after it counts them from now.
+        let later = start + OTHERS_QUIET + Duration::from_secs(1);
+        let fresh = Seen::judge(Some(&first), Some((500, 0)), 0, 0, later);
+        assert!(fresh.others);
+        assert_eq!(fresh.seq, 500);
+        let alone = next(&fresh, 1, 500, 0, 0, 0);
+        assert!(!alone.others);
     }
 }
