@@ -1829,7 +1829,9 @@ exec "$@""#;
 }
 
 /// A watch stopped by a state database that fills its disk still prints its summary with
-/// `--json`, as `batch` does, the error in it: it printed none (found by a review).
+/// `--json`, as `batch` does, the error in it: it printed none (found by a review). The
+/// summary says how many of its files the state does not record: it counted them done, and
+/// the state and manifest missed them with nothing said (found by a review).
 #[test]
 fn a_watch_stopped_by_a_full_state_disk_prints_its_json_summary() {
     let mut t = TestTree::new();
@@ -1849,4 +1851,19 @@ fn a_watch_stopped_by_a_full_state_disk_prints_its_json_summary() {
         "{sum}\n{}",
         out.stderr()
     );
+    let conn = rusqlite::Connection::open(t.side("state-after").join("filepipe.sqlite")).unwrap();
+    let recorded: u64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM files WHERE status = 'done'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let done = sum["done"].as_u64().unwrap();
+    let unrecorded = sum["unrecorded"].as_u64().unwrap_or(0);
+    assert!(
+        recorded < done,
+        "the disk filled before every file was recorded: {sum}"
+    );
+    assert_eq!(recorded, done - unrecorded, "{sum}");
 }

@@ -75,6 +75,11 @@ pub(crate) fn run(
     // Outcomes recorded by the sink and not yet flushed, for a listening source.
     let mut unreported: Vec<Recorded> = Vec::new();
     let mut unflushed = false;
+    // Outcomes the sink took since its last good flush, and whether a flush failed: once one
+    // has, nothing after it is known recorded (a failed commit may have rolled back; see
+    // `Summary::unrecorded`).
+    let mut since_flush: u64 = 0;
+    let mut flush_failed = false;
     let flush_due = |last: Option<Instant>| last.is_none_or(|t| t.elapsed() >= FLUSH_WITHIN);
     let idle_flush = sink.flush_when_idle();
     loop {
@@ -86,7 +91,9 @@ pub(crate) fn run(
             Ok(e) => e,
             Err(RecvTimeoutError::Timeout) => {
                 if unflushed {
-                    guard(flush(cfg, sink, &mut unreported, recorded.as_ref()));
+                    let r = flush(cfg, sink, &mut unreported, recorded.as_ref());
+                    flushed(&r, &mut since_flush, &mut flush_failed);
+                    guard(r);
                     last_flush = Some(Instant::now());
                     unflushed = false;
                 }
@@ -126,6 +133,10 @@ pub(crate) fn run(
                             ),
                         });
                     }
+                    if !matches!(&outcome, Outcome::Skipped { reason, .. } if reason.kind == Kind::Interrupted)
+                    {
+                        since_flush += 1;
+                    }
                     meter.outcome(&outcome, &disposition);
                     summary.count(outcome, disposition, &mut progress);
                 }
@@ -157,7 +168,9 @@ pub(crate) fn run(
             }
         }
         if unflushed && (flush_due(last_flush) || idle_flush && idle(stats)) {
-            guard(flush(cfg, sink, &mut unreported, recorded.as_ref()));
+            let r = flush(cfg, sink, &mut unreported, recorded.as_ref());
+            flushed(&r, &mut since_flush, &mut flush_failed);
+            guard(r);
             last_flush = Some(Instant::now());
             unflushed = false;
         }
@@ -169,11 +182,14 @@ pub(crate) fn run(
     }
     progress.overall.finish_and_clear();
     // Read once every sender is gone, the source's among them: it raised the flag before.
-    if source_failed.load(Ordering::SeqCst) {
-        guard(sink.abandon());
+    // Both end with a flush.
+    let r = if source_failed.load(Ordering::SeqCst) {
+        sink.abandon()
     } else {
-        guard(sink.finish());
-    }
+        sink.finish()
+    };
+    flushed(&r, &mut since_flush, &mut flush_failed);
+    guard(r);
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
     summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
@@ -189,6 +205,9 @@ pub(crate) fn run(
     }
     if let Some(error) = failure {
         summary.error = Some(format!("{error:#}"));
+        if flush_failed {
+            summary.unrecorded = since_flush;
+        }
         return Err(Stopped {
             error,
             summary: Box::new(summary),
@@ -208,6 +227,16 @@ fn idle(stats: &Stats) -> bool {
         + stats.skipped.load(Ordering::Relaxed)
         + stats.failed.load(Ordering::Relaxed);
     counted >= sent
+}
+
+/// Accounts for a flush's result `r`: a good one leaves no outcome unrecorded, unless one
+/// failed before it (see `Summary::unrecorded`).
+fn flushed(r: &Result<()>, since_flush: &mut u64, flush_failed: &mut bool) {
+    if r.is_err() {
+        *flush_failed = true;
+    } else if !*flush_failed {
+        *since_flush = 0;
+    }
 }
 
 /// Flushes the sink and then, if it succeeded, tells a listening source which files it

@@ -50,6 +50,14 @@ pub(crate) struct Summary {
     pub(crate) retries: u64,
     /// What stopped the run early (a manifest or state write that failed), if anything.
     pub(crate) error: Option<String>,
+    /// Of the files counted above, those whose outcome the sink may not have recorded: the
+    /// outcomes since its last good flush, when a flush (a state commit, an outcome publish)
+    /// failed and stopped the run. Their outputs are as counted; the state (or the
+    /// coordinator) does not know it, so they are taken again at the next start, where a
+    /// file done is found done. (Counted done here and missing from the state and the
+    /// manifest, with nothing said, they looked lost: found by a review.)
+    #[serde(skip_serializing_if = "is_zero")]
+    pub(crate) unrecorded: u64,
     /// Files waiting to be tried again, with the reason of their last failure: counted as
     /// failed (for that reason) if the run ends first.
     #[serde(skip)]
@@ -108,11 +116,23 @@ impl Summary {
             line += &format!("; removed {} stale temp files", self.stale_temps_removed);
         }
         eprintln!("{line}");
+        if self.unrecorded > 0 {
+            eprintln!(
+                "  {} of these files are not recorded (the run stopped on the error above): \
+                 they are taken again at the next run",
+                self.unrecorded
+            );
+        }
         if let Some(sig) = self.interrupted_by {
             eprintln!("  interrupted by signal {sig}: results cover the files done before it");
         }
         Ok(())
     }
+}
+
+/// `serde`'s test for a count left out of the JSON when it is nothing to say.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A run stopped by a failed manifest or state write: the error, and the account of what was

@@ -928,12 +928,20 @@ pub fn manifest_names(path: &Path) -> Vec<String> {
 pub fn on_a_small_tmpfs_state(t: &TestTree, args: &[&str]) -> Option<Run> {
     let state = t.side("state");
     fs::create_dir(&state).unwrap();
+    // The tmpfs lives in the namespace only: what the state holds at the end is copied to
+    // `state-after` beside it, for the test to read.
+    let after = t.side("state-after");
+    fs::create_dir(&after).unwrap();
     let script = r#"mount -t tmpfs -o size=150k none "$1" || exit 99
-state=$1 bin=$2 command=$3 root=$4; shift 4
-exec "$bin" "$command" "$root" --state "$state" "$@""#;
+state=$1 after=$2 bin=$3 command=$4 root=$5; shift 5
+"$bin" "$command" "$root" --state "$state" "$@"
+rc=$?
+cp -r "$state"/. "$after"/ || exit 98
+exit $rc"#;
     let mut cmd = Command::new("unshare");
     cmd.args(["-rm", "sh", "-c", script, "sh"])
         .arg(&state)
+        .arg(&after)
         .arg(bin())
         .arg(args[0])
         .arg(t.root())
