@@ -923,12 +923,19 @@ fn a_file_blocked_at_its_output_name_is_done_once_the_other_file_is_moved_away()
     );
     assert_eq!(out.stdout, b"mine\n");
     assert_eq!(fs::read(t.side("moved.gz")).unwrap(), b"someone else's\n");
+    // Counted by how it ended: done, not also failed (found by a review); the other file
+    // is skipped, already compressed.
     let s = d.stop().success().summary();
     assert_eq!(
-        (s["done"].as_u64(), s["failed"].as_u64()),
-        (Some(1), Some(1)),
+        (
+            s["files"].as_u64(),
+            s["done"].as_u64(),
+            s["failed"].as_u64()
+        ),
+        (Some(2), Some(1), Some(0)),
         "{s}"
     );
+    assert_eq!(s["failed_by_reason"], serde_json::json!({}), "{s}");
 }
 
 /// Many such files, their other files moved away at the first failure recorded in the log:
@@ -969,7 +976,15 @@ fn files_whose_output_names_are_freed_while_their_failures_are_recorded_are_done
         assert_eq!(out.stdout, format!("mine {i}\n").as_bytes());
     }
     let s = d.stop().success().summary();
-    assert_eq!(s["done"].as_u64(), Some(N as u64), "{s}");
+    assert_eq!(
+        (
+            s["files"].as_u64(),
+            s["done"].as_u64(),
+            s["failed"].as_u64()
+        ),
+        (Some(2 * N as u64), Some(N as u64), Some(0)),
+        "{s}"
+    );
 }
 
 /// The same with `--out`: the output tree makes no events for the watch, so it looks at the
@@ -1004,12 +1019,18 @@ fn with_out_a_file_blocked_at_its_output_name_is_done_once_the_other_file_is_mov
     let unzipped = tool("gzip", &[OsStr::new("-dc"), OsStr::new("d/a.txt.gz")], &out);
     assert_eq!(unzipped.stdout, b"mine\n");
     assert_eq!(fs::read(t.side("moved.gz")).unwrap(), b"someone else's\n");
+    // Counted by how it ended: done, not also failed (found by a review).
     let s = d.stop().success().summary();
     assert_eq!(
-        (s["done"].as_u64(), s["failed"].as_u64()),
-        (Some(1), Some(1)),
+        (
+            s["files"].as_u64(),
+            s["done"].as_u64(),
+            s["failed"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0)),
         "{s}"
     );
+    assert_eq!(s["failed_by_reason"], serde_json::json!({}), "{s}");
 }
 
 #[test]

@@ -286,6 +286,29 @@ impl Summary {
         if !self.waiting.is_empty() {
             self.waiting.remove(rel);
         }
+        if !self.blocked.is_empty() && self.blocked.contains(rel) {
+            if matches!(&outcome, Outcome::Failed { error, .. } if error.kind == Kind::OutputExists)
+            {
+                // Still blocked: counted already, logged again (the failure log is a record
+                // of attempts).
+                if let Outcome::Failed { rel, error } = &outcome {
+                    progress.multi.suspend(|| record("failed", op, rel, error));
+                }
+                return;
+            }
+            // Taken again once its output name was freed: counted by how it ends now.
+            self.blocked.remove(rel);
+            self.files -= 1;
+            self.failed -= 1;
+            let reason = Kind::OutputExists.as_str();
+            if let Some(n) = self.failed_by_reason.get_mut(reason) {
+                *n -= 1;
+                if *n == 0 {
+                    self.failed_by_reason.remove(reason);
+                }
+            }
+            progress.overall.dec(1);
+        }
         self.files += 1;
         progress.overall.inc(1);
         match outcome {
@@ -321,6 +344,9 @@ impl Summary {
             }
             Outcome::Failed { rel, error } => {
                 self.failed += 1;
+                if error.kind == Kind::OutputExists {
+                    self.blocked.insert(rel.clone());
+                }
                 *self
                     .failed_by_reason
                     .entry(error.kind.as_str())
