@@ -161,3 +161,42 @@ fn poll_takes_a_file_truncated_by_path() {
     );
     d.stop().success();
 }
+
+/// A file blocked at its output name is taken again at each poll (up to five times): the
+/// summary counted each attempt a failed file, five files for one (found by a review). It
+/// counts one; the failure log keeps each attempt.
+#[test]
+fn a_file_blocked_at_its_output_name_counts_once_however_many_polls_try_it() {
+    let t = TestTree::new();
+    let log = t.side("failures.jsonl");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--poll",
+            "1",
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    // The foreign output first: a file at an input's output name is an output, not an input.
+    fs::write(t.path("a.txt.gz"), b"someone else's\n").unwrap();
+    d.wait_idle_where("a.txt.gz skipped", |s| s.skipped == 1);
+    fs::write(t.path("a.txt"), b"mine\n").unwrap();
+    wait_until(Duration::from_secs(30), "three attempts", || {
+        records_of(&failure_log(&log), "output-exists").len() >= 3
+    });
+    let s = d.stop().success().summary();
+    assert_eq!(
+        (
+            s["files"].as_u64(),
+            s["failed"].as_u64(),
+            s["skipped"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(s["failed_by_reason"]["output-exists"], 1, "{s}");
+    assert_eq!(fs::read(t.path("a.txt.gz")).unwrap(), b"someone else's\n");
+}
