@@ -178,6 +178,8 @@ fn check_config_names_file_line_and_key() {
     let t = TestTree::new().dir("a").dir("b").dir("c").dir("d");
     let cases = [
         ("unknown key", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\ncolour = \"blue\"\n", "line 4"),
+        // Every key the table takes, the last one too (the list was cut at 200 characters).
+        ("unknown key's list", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\ncolour = \"blue\"\n", "`creds`, `tls_ca`"),
         ("wrong type", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nlevel = \"high\"\n", "line 4"),
         ("missing path", "[[watch]]\npath = \"in/nope\"\nop = \"sha256\"\n", ":2: watch[0].path"),
         (

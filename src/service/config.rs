@@ -412,9 +412,10 @@ pub(crate) fn load_worker(path: &Path) -> Result<crate::config::WorkerSettings> 
 }
 
 /// A message about the file with every line cut to a readable length: a parse error may quote
-/// a value, which may be megabytes long.
+/// a value, which may be megabytes long. (600: the list of the keys a table takes, which an
+/// unknown key's error gives, fits; at 200 it was cut.)
 fn cut_lines(msg: &str) -> String {
-    const MAX_LINE: usize = 200;
+    const MAX_LINE: usize = 600;
     msg.trim_end()
         .lines()
         .map(|l| match l.char_indices().nth(MAX_LINE) {
