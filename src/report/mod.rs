@@ -164,6 +164,11 @@ pub(crate) fn run(
                 if !summary.waiting.is_empty() {
                     summary.waiting.retain(|p, _| !p.starts_with(&rel));
                 }
+                // One blocked at its output name ended failed: a file made at the name later
+                // is another, counted on its own.
+                if !summary.blocked.is_empty() {
+                    summary.blocked.retain(|p| !p.starts_with(&rel));
+                }
                 unflushed = true;
             }
         }
