@@ -187,14 +187,19 @@ pub(crate) fn run(
     }
     progress.overall.finish_and_clear();
     // Read once every sender is gone, the source's among them: it raised the flag before.
-    // Both end with a flush.
-    let r = if source_failed.load(Ordering::SeqCst) {
-        sink.abandon()
+    // The last outcomes recorded first, on their own: a failure of what comes after (a
+    // batch's manifest) says nothing of the record. (`finish` and `abandon` begin with a flush,
+    // then find nothing to do.)
+    if unflushed {
+        let r = flush(cfg, sink, &mut unreported, recorded.as_ref());
+        flushed(&r, &mut since_flush, &mut flush_failed);
+        guard(r);
+    }
+    if source_failed.load(Ordering::SeqCst) {
+        guard(sink.abandon());
     } else {
-        sink.finish()
-    };
-    flushed(&r, &mut since_flush, &mut flush_failed);
-    guard(r);
+        guard(sink.finish());
+    }
     let secs = started.elapsed().as_secs_f64();
     summary.seconds = secs;
     summary.bytes_per_second = summary.bytes_in as f64 / secs.max(1e-9);
