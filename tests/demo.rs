@@ -311,8 +311,49 @@ fn scraper_reads_a_url_file_and_records_failures() {
     ]);
     assert!(out.contains("2 URLs from the --urls file"));
     assert_eq!(lines_with(&out, "FAILED").len(), 2);
+    // The unreachable URL was tried twice, the https one not at all: one retry (it said 0,
+    // requests less pages).
+    assert_eq!(lines_with(&out, "[2 attempts]").len(), 1, "{out}");
+    assert!(out.contains("2 requests (1 retries)"), "{out}");
     let text = std::fs::read_to_string(&jsonl).expect("reading the JSON lines");
     assert_eq!(text.lines().count(), 2);
+}
+
+/// Without `--out`, the results go to a new file of the run's own in the temp directory:
+/// the fixed name it had there followed another user's symlink (root's demo wrote over any
+/// file) and could be made first by another user to read the results (found by a review).
+#[test]
+fn scraper_results_go_to_a_new_private_file_never_through_a_planted_link() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let victim = tmp.path().join("victim");
+    std::fs::write(&victim, b"precious\n").expect("victim");
+    std::os::unix::fs::symlink(&victim, tmp.path().join("filepipe-demo-scrape.jsonl"))
+        .expect("planted link");
+    let mut results = Vec::new();
+    for _ in 0..2 {
+        let mut cmd = common::filepipe(&[]);
+        cmd.args(["demo", "scraper", "--pages", "2", "--latency-ms", "1"]);
+        cmd.env("TMPDIR", tmp.path());
+        let out = common::run(cmd).success().stdout();
+        let line = lines_with(&out, "results: ");
+        let path = line[0].split("results: ").nth(1).expect("a path");
+        let path = std::path::PathBuf::from(path.split(" (").next().expect("a path"));
+        assert_eq!(path.parent(), Some(tmp.path()), "{out}");
+        let meta = std::fs::symlink_metadata(&path).expect("the results file");
+        assert!(meta.is_file() && meta.nlink() == 1, "{meta:?}");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&path)
+                .expect("results")
+                .lines()
+                .count(),
+            3
+        );
+        results.push(path);
+    }
+    assert_ne!(results[0], results[1], "each run its own file");
+    assert_eq!(std::fs::read(&victim).expect("victim"), b"precious\n");
 }
 
 #[test]

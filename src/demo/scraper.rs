@@ -58,7 +58,8 @@ pub(crate) struct Args {
     /// Per-attempt timeout, in milliseconds
     #[arg(long, default_value_t = 5_000)]
     pub(crate) timeout_ms: u64,
-    /// Where to write the JSON lines [default: filepipe-demo-scrape.jsonl in the temp dir]
+    /// Where to write the JSON lines [default: a new filepipe-demo-scrape-*.jsonl in the temp
+    /// dir]
     #[arg(long)]
     pub(crate) out: Option<PathBuf>,
 }
@@ -378,9 +379,48 @@ pub(crate) fn scrape_blocking(urls: &[String], cfg: &ScrapeConfig) -> anyhow::Re
         .block_on(scrape(urls, cfg))
 }
 
-/// Writes one JSON object per page, one per line.
+/// Writes one JSON object per page, one per line, to `path` (made or truncated, as a tool's
+/// `-o` is).
 pub(crate) fn write_json_lines(path: &Path, pages: &[Page]) -> anyhow::Result<()> {
     let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    write_pages(file, path, pages)
+}
+
+/// A new file of this process's own in the temp directory, for the results when `--out` does
+/// not name one: never a name found there (`O_EXCL`, which no symlink passes). A fixed name
+/// there followed another user's symlink, so root's demo wrote over any file, and another user
+/// could make the file first to read each run's results (found by a review).
+fn own_temp_file() -> anyhow::Result<(PathBuf, File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    let mut last = None;
+    for n in 0..100u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = dir.join(format!(
+            "filepipe-demo-scrape-{}-{nanos:08x}{n}.jsonl",
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(file) => return Ok((path, file)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+        }
+    }
+    Err(
+        anyhow::Error::from(last.unwrap_or_else(|| std::io::Error::other("no name")))
+            .context(format!("creating a results file in {}", dir.display())),
+    )
+}
+
+/// Writes one JSON object per page, one per line, to `file` (at `path`, for messages).
+fn write_pages(file: File, path: &Path, pages: &[Page]) -> anyhow::Result<()> {
     let mut out = BufWriter::new(file);
     for page in pages {
         serde_json::to_writer(&mut out, page).context("encoding a page as JSON")?;
@@ -770,11 +810,17 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
             format!("{} -> {what}{tries}", p.url),
         );
     }
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| std::env::temp_dir().join("filepipe-demo-scrape.jsonl"));
-    write_json_lines(&out, &run.pages)?;
+    let out = match &args.out {
+        Some(out) => {
+            write_json_lines(out, &run.pages)?;
+            out.clone()
+        }
+        None => {
+            let (out, file) = own_temp_file()?;
+            write_pages(file, &out, &run.pages)?;
+            out
+        }
+    };
     let requests = run.request_times.len();
     let span = match (run.request_times.first(), run.request_times.last()) {
         (Some(a), Some(b)) => b.saturating_sub(*a),
@@ -786,13 +832,17 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
         (requests - 1) as f64 / span.as_secs_f64()
     };
     let ok = run.pages.iter().filter(|p| p.error.is_none()).count();
+    // Each page's attempts after its first: a page with a bad URL made none, and the requests
+    // less the pages undercounted by one for each (found by a review).
+    let retries: u32 = (run.pages.iter())
+        .map(|p| p.attempts.saturating_sub(1))
+        .sum();
     report::timing(
         "scrape",
         run.elapsed,
         format!(
-            "{ok}/{} pages, {requests} requests ({} retries)",
+            "{ok}/{} pages, {requests} requests ({retries} retries)",
             run.pages.len(),
-            requests.saturating_sub(run.pages.len())
         ),
     );
     if requests < 2 {
