@@ -89,6 +89,18 @@ fn list_prints_one_line_per_demo_name_first() {
     // Bare `demo` shows the same list plus how to run one.
     let bare = demo(&[]);
     assert!(bare.starts_with(&out));
+    // A list that cannot be written is an error, as for every other printer (it exited 0).
+    let full = std::fs::File::options()
+        .write(true)
+        .open("/dev/full")
+        .expect("/dev/full");
+    let mut cmd = common::filepipe(&[]);
+    cmd.args(["demo", "--list"])
+        .stdin(Stdio::null())
+        .stdout(full)
+        .stderr(Stdio::piped());
+    let err = Started::new(cmd).finish(TIMEOUT).code(1).stderr();
+    assert!(err.contains("No space left on device"), "{err}");
 }
 
 #[test]

@@ -69,14 +69,14 @@ pub(crate) enum DemoCommand {
 /// demo's own check of its claim did not hold.
 pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let Some(demo) = args.demo.as_ref().filter(|_| !args.list) else {
-        print_list();
-        if !args.list {
-            report::line("");
-            report::line(
-                "Run one with `filepipe demo <name>`; `filepipe demo <name> --help` shows its sizes.",
-            );
-        }
-        return Ok(ExitCode::SUCCESS);
+        // What `--list` prints is for scripts too: a write that fails is an error (exit 1),
+        // as for every other printer; a reader gone (`| head`) is not.
+        return match print_list(!args.list) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                Err(anyhow::Error::new(e).context("writing to stdout"))
+            }
+            _ => Ok(ExitCode::SUCCESS),
+        };
     };
     match demo {
         DemoCommand::Threads(a) => threads::main(a),
@@ -125,12 +125,23 @@ pub(crate) fn positive(s: &str) -> Result<usize, String> {
     }
 }
 
-fn print_list() {
+/// Prints the list of demos, and with `hint` how to run one.
+fn print_list(hint: bool) -> std::io::Result<()> {
+    use std::io::Write;
     let list = demo_list();
     let width = list.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    let mut out = std::io::stdout().lock();
     for (name, about) in list {
-        report::line(format!("{name:<width$}  {about}"));
+        writeln!(out, "{name:<width$}  {about}")?;
     }
+    if hint {
+        writeln!(out)?;
+        writeln!(
+            out,
+            "Run one with `filepipe demo <name>`; `filepipe demo <name> --help` shows its sizes."
+        )?;
+    }
+    out.flush()
 }
 
 #[cfg(test)]

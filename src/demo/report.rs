@@ -15,11 +15,6 @@ macro_rules! say {
     }};
 }
 
-/// Prints one plain line, unindented (used by `--list`).
-pub(crate) fn line(text: impl Display) {
-    say!("{text}");
-}
-
 /// Prints the demo's banner: its name and, from `--list`, what it shows.
 pub(crate) fn header(name: &str) {
     let about = super::demo_list()
