@@ -583,7 +583,8 @@ pub(crate) struct CoordinatorArgs {
     /// --move-root NAME=PATH) [default: that directory's own name].
     #[arg(long, value_name = "NAME", requires_all = ["queue", "move_failed"])]
     pub(crate) move_failed_name: Option<String>,
-    /// Cluster mode: a NATS credentials file (.creds).
+    /// Cluster mode: a NATS credentials file (.creds), or a file holding a user's nkey seed
+    /// (SU...) alone.
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
     /// Cluster mode: trust the CA certificates in this PEM file for a tls:// queue (a private
@@ -621,7 +622,8 @@ pub(crate) struct StatusArgs {
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "URL", conflicts_with_all = ["state", "failed"])]
     pub(crate) queue: Option<Option<String>>,
-    /// A NATS credentials file (.creds) for --queue.
+    /// A NATS credentials file (.creds), or a file holding a user's nkey seed (SU...) alone,
+    /// for --queue.
     #[cfg(feature = "cluster")]
     #[arg(long, value_name = "FILE", requires = "queue")]
     pub(crate) creds: Option<PathBuf>,
@@ -684,7 +686,7 @@ pub(crate) struct WorkerArgs {
     /// Write one JSON line per failed or skipped file to FILE.
     #[arg(long, value_name = "FILE")]
     pub(crate) failure_log: Option<PathBuf>,
-    /// A NATS credentials file (.creds).
+    /// A NATS credentials file (.creds), or a file holding a user's nkey seed (SU...) alone.
     #[arg(long, value_name = "FILE")]
     pub(crate) creds: Option<PathBuf>,
     /// Trust the CA certificates in this PEM file for a tls:// queue (a private CA), in place

@@ -267,3 +267,67 @@ fn creds_the_server_does_not_accept_are_refused_at_start() {
     );
     worker.kill();
 }
+
+/// A server whose users are named by their public nkeys (`nkey: U...` in its `authorization`,
+/// as systemd/nats-server.conf suggests instead of passwords), with JetStream.
+fn nkey_server(users: &[&KeyPair]) -> Option<Nats> {
+    let users: Vec<String> = (users.iter())
+        .map(|u| format!("{{ nkey: {} }}", u.public_key()))
+        .collect();
+    let config = format!(
+        "authorization {{ users = [ {} ] }}\njetstream: {{ store_dir: \"STORE\" }}\n",
+        users.join(", ")
+    );
+    Nats::start_config(&config, "STORE")
+}
+
+/// A user nkey seed alone in the `--creds` file (as `nk -gen user` prints it), for a server
+/// that names its users by nkey: a `.creds` file (with a JWT) was all `--creds` took, and
+/// such a user could not connect at all (found by a review). The coordinator's seed file as
+/// printed, the worker's with the seed markers of a `.creds` file and no JWT; a seed the
+/// server does not know, or an account's seed, is refused at start, exit 2.
+#[test]
+fn a_bare_user_nkey_seed_serves_as_creds() {
+    let (coordinator_user, worker_user) = (KeyPair::new_user(), KeyPair::new_user());
+    let Some(nats) = nkey_server(&[&coordinator_user, &worker_user]) else {
+        return;
+    };
+    let t = tree(40, 0);
+    let seed_file = |name: &str, text: String| {
+        let path = t.side(name);
+        fs::write(&path, text).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        path
+    };
+    let coordinator_seed = seed_file(
+        "coordinator.nk",
+        format!("{}\n", coordinator_user.seed().unwrap()),
+    );
+    let worker_seed = seed_file(
+        "worker.nk",
+        format!(
+            "-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            worker_user.seed().unwrap()
+        ),
+    );
+    // Refused first, so that no stream is there to be found.
+    let stranger = seed_file("stranger.nk", KeyPair::new_user().seed().unwrap());
+    let err = coordinator(&t, &nats, Some(&stranger)).code(2).stderr();
+    assert!(err.contains("authorization"), "{err}");
+    let account = seed_file("account.nk", KeyPair::new_account().seed().unwrap());
+    let err = coordinator(&t, &nats, Some(&account)).code(2).stderr();
+    assert!(err.contains("nor a user nkey seed"), "{err}");
+    let config = worker_config(&t, &nats, &worker_seed);
+    let mut worker = start_worker(&t, &config);
+    let sum = coordinator(&t, &nats, Some(&coordinator_seed))
+        .success()
+        .summary();
+    assert_eq!(
+        (sum["done"].as_u64(), sum["failed"].as_u64()),
+        (Some(40), Some(0)),
+        "{sum}"
+    );
+    assert_results(&t, 40);
+    worker.kill();
+    assert!(!worker.log().contains("authorization"), "{}", worker.log());
+}

@@ -340,6 +340,36 @@ pub(crate) fn connect(q: &Queue, name: &str) -> Result<Conn, Unreachable> {
         .ok_or_else(|| Unreachable(anyhow!("the streams are missing")))
 }
 
+/// What a `--creds` file holds.
+#[derive(Debug, PartialEq)]
+enum Creds {
+    /// A user JWT and its seed (a `.creds` file, the server in operator mode).
+    Jwt,
+    /// A user nkey seed alone: the server's config names the user by its public key (`nkey:
+    /// U...`), as systemd/nats-server.conf suggests. A `.creds` file only was taken, so such a
+    /// user could not connect at all (found by a review).
+    Seed(String),
+    /// Neither.
+    Neither,
+}
+
+impl Creds {
+    /// What `text` holds: a JWT, or else the one user seed in it (alone, as `nk -gen user`
+    /// prints it, or between the seed markers of a `.creds` file).
+    fn of(text: &str) -> Creds {
+        if text.contains("-----BEGIN NATS USER JWT-----") {
+            return Creds::Jwt;
+        }
+        let mut seeds = (text.lines())
+            .map(str::trim)
+            .filter(|l| l.starts_with("SU") && nkeys::KeyPair::from_seed(l).is_ok());
+        match (seeds.next(), seeds.next()) {
+            (Some(seed), None) => Creds::Seed(seed.to_string()),
+            _ => Creds::Neither,
+        }
+    }
+}
+
 /// `connect`; `None` if a shutdown came while it waited for the streams (`Missing::Await`).
 pub(crate) fn connect_or_await(
     q: &Queue,
@@ -382,9 +412,18 @@ pub(crate) fn connect_or_await(
                 let read = crate::secret::read_checked(creds, rule).map_err(|e| anyhow!(e))?;
                 let text = String::from_utf8(read)
                     .map_err(|_| anyhow!("{}: not UTF-8 text", creds.display()))?;
-                opts = opts
-                    .credentials(&text)
-                    .with_context(|| format!("reading the credentials {}", creds.display()))?;
+                opts = match Creds::of(&text) {
+                    Creds::Jwt => opts
+                        .credentials(&text)
+                        .with_context(|| format!("reading the credentials {}", creds.display()))?,
+                    Creds::Seed(seed) => opts.nkey(seed),
+                    Creds::Neither => bail!(
+                        "{}: neither a credentials file (a user JWT and its nkey seed, as `nsc \
+                         generate creds` writes it) nor a user nkey seed (SU..., for a server \
+                         whose user is `nkey: U...`)",
+                        creds.display()
+                    ),
+                };
             }
             // The credentials went in as options: the addresses the client keeps (and logs,
             // at debug) hold none.
@@ -851,6 +890,31 @@ pub(crate) fn whoami() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_creds_file_holds_a_jwt_or_one_user_seed() {
+        let user = nkeys::KeyPair::new_user().seed().unwrap();
+        let other = nkeys::KeyPair::new_user().seed().unwrap();
+        let creds = format!(
+            "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{user}\n------END USER NKEY SEED------\n"
+        );
+        assert_eq!(Creds::of(&creds), Creds::Jwt);
+        assert_eq!(Creds::of(&user), Creds::Seed(user.clone()));
+        assert_eq!(
+            Creds::of(&format!("  {user}  \n")),
+            Creds::Seed(user.clone())
+        );
+        let marked =
+            format!("-----BEGIN USER NKEY SEED-----\n{user}\n------END USER NKEY SEED------\n");
+        assert_eq!(Creds::of(&marked), Creds::Seed(user.clone()));
+        // Which of two would be a guess; an account's or operator's seed is no user's.
+        assert_eq!(Creds::of(&format!("{user}\n{other}\n")), Creds::Neither);
+        let account = nkeys::KeyPair::new_account().seed().unwrap();
+        assert_eq!(Creds::of(&account), Creds::Neither);
+        assert_eq!(Creds::of("SUNOTASEED"), Creds::Neither);
+        assert_eq!(Creds::of(""), Creds::Neither);
+    }
 
     #[test]
     fn a_refusal_names_its_subject_and_a_stream_creation_is_told_apart() {
