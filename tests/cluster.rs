@@ -70,6 +70,39 @@ fn three_workers_process_a_tree_once_and_each_result_checks_with_the_real_tools(
         let text = status.success().stdout();
         text.contains("jobs\t0 messages") && text.contains("in flight\t0")
     });
+    // The workers seen, from their outcomes: the three, with every file of both runs (their
+    // outcome messages are fewer than 500, all read).
+    let status = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
+    let text = status.success().stdout();
+    assert!(
+        text.contains("workers seen\t3 (outcomes stored in the last 15 min)"),
+        "{text}"
+    );
+    let files: Vec<u64> = (text.lines())
+        .filter(|l| l.starts_with("worker "))
+        .map(|l| {
+            let counts = l.split('\t').nth(1).unwrap();
+            counts.split(' ').next().unwrap().parse().unwrap()
+        })
+        .collect();
+    assert_eq!(files.len(), 3, "{text}");
+    assert_eq!(files.iter().sum::<u64>(), 1502 + 3004, "{text}");
+}
+
+/// `status` only looks: on a server filepipe never ran on it says so, and makes nothing (it
+/// made both streams, so a look at a mistyped server left them there, and a user who may not
+/// make streams got a permission error: found by a review).
+#[test]
+fn status_on_a_server_without_filepipes_streams_says_so_and_makes_none() {
+    let Some(nats) = Nats::start() else { return };
+    for _ in 0..2 {
+        let out = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]));
+        let text = out.success().stdout();
+        assert!(
+            text.contains("no filepipe streams on this server"),
+            "{text}"
+        );
+    }
 }
 
 #[test]

@@ -172,6 +172,8 @@ fn a_batch_runs_with_the_example_configs_coordinator_and_worker_users() {
         },
     );
     assert!(last.contains("root tree\t"), "{last}");
+    // The worker seen, from its outcomes, which the coordinator user may read.
+    assert!(last.contains("workers seen\t1 "), "{last}");
     let err = run(filepipe(&[
         s("status"),
         s("--queue"),

@@ -326,8 +326,12 @@ pub(crate) async fn may_publish(conn: &Conn, subject: &str) -> Result<()> {
 /// What a client does when the streams are missing and its user may not make them.
 #[derive(Clone, Copy)]
 pub(crate) enum Missing<'a> {
-    /// An error (a coordinator, `status`: they make the streams).
+    /// An error (a coordinator: it makes the streams).
     Fail,
+    /// Nothing made: `None` (`status`, a look, which left both streams on a server that had
+    /// none, a mistyped one say, and failed where its user may not make them: found by a
+    /// review).
+    Look,
     /// Wait for a coordinator to make them, until `shutdown` (a worker, which may be started
     /// before any coordinator ever ran and need not be allowed to make streams).
     Await(&'a Shutdown),
@@ -436,6 +440,18 @@ pub(crate) fn connect_or_await(
             // client's default 5 s to answer an API request or store a message: a slow answer
             // must not fail a run or a start.
             js.set_timeout(Duration::from_secs(30));
+            if let Missing::Look = missing {
+                let there = refusals
+                    .unless_refused(streams_there(&js), Duration::ZERO)
+                    .await
+                    .map_err(|e| {
+                        e.context(format!(
+                            "looking at JetStream at {} (is it -js?)",
+                            q.shown()
+                        ))
+                    })?;
+                return anyhow::Ok(there.then_some((client, js, trust)));
+            }
             let made = match (setup(&js, &refusals).await, missing) {
                 (Ok(()), _) => true,
                 (Err(e), Missing::Await(shutdown)) if e.is::<MayNotMake>() => {
@@ -461,6 +477,25 @@ pub(crate) fn connect_or_await(
         refusals,
         _trust: trust,
     }))
+}
+
+/// Whether both streams are there (made by a coordinator); any trouble but a stream not found
+/// is an error.
+async fn streams_there(js: &jetstream::Context) -> Result<bool> {
+    use jetstream::context::GetStreamErrorKind;
+    for name in [JOBS_STREAM, OUTCOMES_STREAM] {
+        match js.get_stream(name).await {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                return Ok(false)
+            }
+            Err(e) => return Err(anyhow!(e).context(format!("looking for {name}"))),
+        }
+    }
+    Ok(true)
 }
 
 /// Waits for a coordinator to make the streams this user may not make, looking every second

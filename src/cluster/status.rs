@@ -1,17 +1,48 @@
 //! `filepipe status --queue URL`: the cluster as JetStream sees it, from the streams' and the
-//! workers' consumers' own counters (one consumer per root).
+//! workers' consumers' own counters (one consumer per root), and the workers seen lately from
+//! the outcomes they stored. It only looks: a server without filepipe's streams gets none.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 use futures_util::StreamExt;
 
-use crate::cluster::{connect, Queue, JOBS_STREAM, OUTCOMES_STREAM};
+use crate::cluster::wire::OutcomeBatch;
+use crate::cluster::{connect_or_await, Missing, Queue, JOBS_STREAM, OUTCOMES_STREAM};
 
-/// Prints the queue's state: totals, then one line per root.
+/// How far back a worker's outcomes make it one seen.
+const SEEN_WITHIN: Duration = Duration::from_secs(15 * 60);
+
+/// The outcome messages read back at most, newest first, to find the workers seen: each is a
+/// request to the server, and a message holds up to a job message's outcomes.
+const SEEN_LOOKUPS: u64 = 500;
+
+/// A worker seen in the outcome stream.
+#[derive(Debug, Default, PartialEq)]
+struct Seen {
+    /// Files it stored outcomes of, within `SEEN_WITHIN` (in the messages read).
+    files: u64,
+    /// Its newest outcome message, seconds since the epoch.
+    last: i64,
+}
+
+/// Prints the queue's state: totals, then one line per root, then the workers seen.
 pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
-    let conn = connect(queue, "filepipe-status")?;
-    let (jobs, outcomes, consumers) = conn
+    let Some(conn) = connect_or_await(queue, "filepipe-status", Missing::Look)? else {
+        writeln!(out, "queue\t{}", queue.shown())?;
+        writeln!(
+            out,
+            "no filepipe streams on this server: no coordinator has run on it (is it the \
+             right server?)"
+        )?;
+        return Ok(());
+    };
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (jobs, outcomes, consumers, (workers, complete)) = conn
         .start(async {
             let mut jobs = conn.js.get_stream(JOBS_STREAM).await?;
             let jobs_info = jobs.info().await?.clone();
@@ -22,7 +53,9 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
             while let Some(c) = list.next().await {
                 consumers.push(c.map_err(|e| anyhow::anyhow!("{e}"))?);
             }
-            anyhow::Ok((jobs_info, outcomes_info, consumers))
+            let since = now - SEEN_WITHIN.as_secs() as i64;
+            let seen = workers_seen(&outcomes, &outcomes_info.state, since).await?;
+            anyhow::Ok((jobs_info, outcomes_info, consumers, seen))
         })
         .context("reading the queue's state")?;
     let sum = |f: fn(&async_nats::jetstream::consumer::Info) -> u64| -> u64 {
@@ -41,7 +74,10 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
     writeln!(out, "pending\t{}", sum(|c| c.num_pending))?;
     writeln!(out, "in flight\t{}", sum(|c| c.num_ack_pending as u64))?;
     writeln!(out, "redelivered\t{}", sum(|c| c.num_redelivered as u64))?;
-    writeln!(out, "workers waiting\t{}", sum(|c| c.num_waiting as u64))?;
+    // Pull requests, not workers: an idle worker keeps up to two waiting on each root, the
+    // next asked for before the last expires ("workers waiting" counted each: found by a
+    // review).
+    writeln!(out, "requests waiting\t{}", sum(|c| c.num_waiting as u64))?;
     writeln!(
         out,
         "outcomes\t{} messages kept ({} bytes)",
@@ -50,7 +86,7 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
     for c in consumers.iter().filter(|c| c.name.starts_with("workers-")) {
         writeln!(
             out,
-            "root {}\tpending {}, in flight {}, redelivered {}, workers waiting {}",
+            "root {}\tpending {}, in flight {}, redelivered {}, requests waiting {}",
             &c.name["workers-".len()..],
             c.num_pending,
             c.num_ack_pending,
@@ -58,5 +94,73 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
             c.num_waiting
         )?;
     }
+    let within = if complete {
+        String::new()
+    } else {
+        format!(", in the last {SEEN_LOOKUPS} outcome messages")
+    };
+    writeln!(
+        out,
+        "workers seen\t{} (outcomes stored in the last {} min{within})",
+        workers.len(),
+        SEEN_WITHIN.as_secs() / 60
+    )?;
+    let mut workers: Vec<_> = workers.into_iter().collect();
+    workers.sort_by(|a, b| b.1.last.cmp(&a.1.last).then_with(|| a.0.cmp(&b.0)));
+    for (name, seen) in workers {
+        writeln!(
+            out,
+            "worker {}\t{} files, last {} s ago",
+            crate::logging::shown(&name),
+            seen.files,
+            (now - seen.last).max(0)
+        )?;
+    }
     Ok(())
+}
+
+/// The workers that stored outcomes since `since` (seconds since the epoch), by name (host
+/// and pid, as each says: a name in a message is what its publisher wrote, shown escaped),
+/// from the outcome stream's messages read back from its newest, at most `SEEN_LOOKUPS`; and
+/// whether every message since `since` was read.
+async fn workers_seen(
+    stream: &async_nats::jetstream::stream::Stream,
+    state: &async_nats::jetstream::stream::State,
+    since: i64,
+) -> Result<(BTreeMap<String, Seen>, bool)> {
+    use async_nats::jetstream::stream::RawMessageErrorKind;
+    let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+    if state.messages == 0 {
+        return Ok((seen, true));
+    }
+    let mut seq = state.last_sequence;
+    for _ in 0..SEEN_LOOKUPS {
+        if seq < state.first_sequence || seq == 0 {
+            return Ok((seen, true));
+        }
+        let m = match stream.get_raw_message(seq).await {
+            Ok(m) => m,
+            // Removed (a limit, a deletion): the one before.
+            Err(e) if matches!(e.kind(), RawMessageErrorKind::NoMessageFound) => {
+                seq -= 1;
+                continue;
+            }
+            Err(e) => return Err(anyhow::anyhow!("reading outcome message {seq}: {e}")),
+        };
+        let at = m.time.unix_timestamp();
+        if at < since {
+            return Ok((seen, true));
+        }
+        seq -= 1;
+        // Cancellations are stored there too; a message that does not read says nothing.
+        if !m.subject.starts_with("filepipe.outcomes.") {
+            continue;
+        }
+        if let Ok(batch) = OutcomeBatch::parse(&m.payload) {
+            let s = seen.entry(batch.worker).or_default();
+            s.files += batch.outcomes.len() as u64;
+            s.last = s.last.max(at);
+        }
+    }
+    Ok((seen, seq < state.first_sequence))
 }
