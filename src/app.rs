@@ -285,7 +285,7 @@ fn written(result: std::io::Result<()>, code: u8) -> ExitCode {
 }
 
 fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
-    eprintln!("filepipe: error: {e:#}");
+    eprintln!("filepipe: error: {}", crate::error::chain(e));
     if crate::state::damaged(e) {
         eprintln!(
             "filepipe: the state database is damaged; filepipe leaves it as it is (it may hold \

@@ -571,8 +571,8 @@ pub(crate) struct CoordinatorArgs {
     /// own name].
     #[arg(long, value_name = "NAME", requires = "queue")]
     pub(crate) root_name: Option<String>,
-    /// Cluster mode: the name the workers know --out's directory by (their --root NAME=PATH)
-    /// [default: that directory's own name].
+    /// Cluster mode: the name the workers know --out's directory by (their --out-root
+    /// NAME=PATH) [default: that directory's own name].
     #[arg(long, value_name = "NAME", requires_all = ["queue", "out"])]
     pub(crate) out_root_name: Option<String>,
     /// Cluster mode: the name the workers know --move-source's directory by (their

@@ -244,9 +244,50 @@ impl fmt::Display for FileError {
 
 impl std::error::Error for FileError {}
 
+/// `e` with its causes, as `{:#}` has it, but without a cause that the one before already
+/// says: some libraries' errors show their source in their own text too, and the chain then
+/// said it twice or three times ("authorization violation: nats: authorization violation:
+/// nats: authorization violation", found by a review).
+pub(crate) fn chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if !last.is_empty() && last.contains(&said) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&said);
+        last = said;
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_already_said_is_not_said_again() {
+        let inner = anyhow::anyhow!("nats: authorization violation");
+        let lib = inner.context("authorization violation: nats: authorization violation");
+        let e = lib.context("cannot connect to NATS at nats://q1:4222");
+        assert_eq!(
+            chain(&e),
+            "cannot connect to NATS at nats://q1:4222: authorization violation: nats: \
+             authorization violation"
+        );
+        // Causes that say something new are all kept, in order.
+        let e = anyhow::anyhow!("No such file or directory (os error 2)")
+            .context("reading /etc/x")
+            .context("loading the config");
+        assert_eq!(
+            chain(&e),
+            "loading the config: reading /etc/x: No such file or directory (os error 2)"
+        );
+    }
 
     #[test]
     fn every_kind_reads_back_from_its_name() {

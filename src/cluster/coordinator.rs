@@ -246,7 +246,7 @@ struct Names {
 fn check(cfg: &Config, (root, out): (&str, Option<&str>), moves: &MoveNames) -> Result<Names> {
     if !wire::valid_name(root) {
         return Err(Unreachable(anyhow!(
-            "--root-name {root:?}: a root's name is 1 to 64 of A-Z a-z 0-9 _ - (the workers map it with --root {root}=PATH)"
+            "--root-name {root:?}: a root's name is 1 to 64 of A-Z a-z 0-9 _ - (the workers map it with --root NAME=PATH)"
         ))
         .into());
     }

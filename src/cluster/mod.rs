@@ -172,7 +172,7 @@ impl Queue {
 /// message is the whole chain of its cause, which is therefore not its `source` too (a chain
 /// printed with `{:#}` would say each cause twice).
 #[derive(Debug, thiserror::Error)]
-#[error("{0:#}")]
+#[error("{}", crate::error::chain(.0))]
 pub(crate) struct Unreachable(pub(crate) anyhow::Error);
 
 /// A connection to JetStream, with the runtime its client runs on. Threads that are not the

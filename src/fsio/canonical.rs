@@ -52,7 +52,9 @@ pub(crate) fn resolve(path: &Path) -> io::Result<PathBuf> {
     let (resolved, missing) = resolve_existing(path)?;
     match missing.first() {
         None => Ok(resolved),
-        Some(_) => Err(io::Error::from(io::ErrorKind::NotFound)),
+        // ENOENT's own words ("No such file or directory"), not the kind's ("entity not
+        // found"), which every message about a missing path said (found by a review).
+        Some(_) => Err(io::Error::from_raw_os_error(libc::ENOENT)),
     }
 }
 
