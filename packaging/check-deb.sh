@@ -15,8 +15,15 @@ for f in usr/bin/filepipe etc/filepipe/filepipe.toml usr/share/man/man1/filepipe
   usr/share/bash-completion/completions/filepipe usr/share/zsh/vendor-completions/_filepipe \
   usr/share/fish/vendor_completions.d/filepipe.fish usr/share/doc/filepipe/copyright \
   lib/systemd/system/filepipe.service lib/systemd/system/filepipe@.service \
-  lib/systemd/system/filepipe-worker@.service usr/share/doc/filepipe/examples/worker.toml; do
+  lib/systemd/system/filepipe-worker@.service usr/share/doc/filepipe/examples/worker.toml \
+  usr/share/doc/filepipe/examples/nats-server.conf usr/share/doc/filepipe/README.systemd.md; do
   [ -s "$root/$f" ] || fail "missing or empty: /$f"
+done
+# The installed guide names the package's paths: every /usr/... path it gives is there.
+readme="$root/usr/share/doc/filepipe/README.systemd.md"
+! grep -q '/usr/local/' "$readme" || fail "README.systemd.md names /usr/local paths: $(grep -n /usr/local/ "$readme")"
+for f in $(grep -o '/usr/share/doc/filepipe/[A-Za-z0-9_./-]*[A-Za-z0-9]' "$readme" | sort -u); do
+  [ -e "$root$f" ] || fail "README.systemd.md names $f, which the package does not install"
 done
 "$root/usr/bin/filepipe" --version
 zcat "$root/usr/share/man/man1/filepipe.1.gz" | groff -man -Tutf8 -ww >/dev/null

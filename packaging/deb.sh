@@ -4,8 +4,8 @@
 # The binary is a lean release build (no demos, as install.sh builds it) unless --binary names
 # one (CI packages the build its tests used, to check the package without a release build).
 # What is generated from it goes to target/deb-assets: the man page and the shell completions
-# (from the clap definitions), the units with the packaged binary's path (/usr/bin, not
-# install.sh's /usr/local/bin), and a Debian changelog entry.
+# (from the clap definitions), the units and systemd/README.md with the package's paths
+# (/usr/bin, not install.sh's /usr/local/bin), and a Debian changelog entry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,6 +40,13 @@ strip --strip-unneeded -o "$assets/filepipe" "$binary"
 for unit in filepipe.service filepipe@.service filepipe-worker@.service; do
   sed 's#/usr/local/bin/filepipe#/usr/bin/filepipe#g' "systemd/$unit" > "$assets/$unit"
 done
+# systemd/README.md, as installed: with the package's paths, not install.sh's (it told a
+# packaged install to copy /usr/local/share/doc/filepipe/worker.toml, which is not there:
+# found by a review).
+sed -e 's#/usr/local/share/doc/filepipe/\(worker\.toml\|nats-server\.conf\)#/usr/share/doc/filepipe/examples/\1#g' \
+  -e 's#/usr/local/bin/filepipe#/usr/bin/filepipe#g' \
+  -e 's#/usr/local/lib/systemd/system/#/lib/systemd/system/#g' \
+  systemd/README.md > "$assets/README.systemd.md"
 gzip -9n < CHANGELOG.md > "$assets/changelog.gz"
 # A Debian changelog entry for this version (the project's own, CHANGELOG.md, is changelog.gz),
 # dated by the last commit, so the same tree makes the same package.

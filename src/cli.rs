@@ -54,7 +54,8 @@ pub(crate) enum Command {
     /// Process what is new or changed under a directory, then every file completed there
     /// until SIGINT/SIGTERM.
     Watch(WatchArgs),
-    /// Show what watch mode's state knows: counts per root, and failed files.
+    /// Show what watch mode's state knows: counts per root, and failed files; with --queue, a
+    /// cluster's queue and the workers seen.
     Status(StatusArgs),
     /// Validate a config file, its [[watch]] tables and its [worker] table, without running
     /// it (exit 0 if valid, 2 if not).

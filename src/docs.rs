@@ -22,7 +22,20 @@ pub(crate) fn man(out: &mut impl Write) -> io::Result<()> {
     page.render_synopsis_section(out)?;
     page.render_description_section(out)?;
     page.render_options_section(out)?;
-    page.render_subcommands_section(out)?;
+    // Not clap_mangen's section, which names a page per subcommand (filepipe-batch(1)...):
+    // every subcommand is on this page, in a section of its own below.
+    writeln!(out, ".SH SUBCOMMANDS")?;
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let about = sub.get_about().map(|a| a.to_string()).unwrap_or_default();
+        writeln!(
+            out,
+            ".TP
+\\fBfilepipe {}\\fR
+{}",
+            escape(sub.get_name()),
+            escape(&about)
+        )?;
+    }
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
         let name = sub.get_name();
         writeln!(out, ".SH \"{}\"", format!("FILEPIPE {name}").to_uppercase())?;
@@ -110,8 +123,12 @@ Where watch mode keeps its SQLite state when \-\-state is not given (systemd set
 The service's configuration (\fBfilepipe watch \-\-config\fR); /etc/filepipe/NAME.toml for
 filepipe@NAME.service.
 .TP
+/etc/filepipe/worker\-NAME.toml
+A cluster worker's [worker] table (its queue or queue_file, roots, jobs), for
+filepipe\-worker@NAME.service.
+.TP
 /etc/filepipe/worker\-NAME.env
-A cluster worker's queue and roots, for filepipe\-worker@NAME.service.
+Optional, for the same unit: FILEPIPE_QUEUE, the queue's URL, which overrides the table's.
 .TP
 /var/lib/filepipe/filepipe.sqlite
 Watch mode's state (one row per file: its stamp, status and digest).
