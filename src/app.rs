@@ -105,13 +105,19 @@ pub fn main() -> ExitCode {
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             match status::print(&dir, args.failed, &mut out) {
                 Ok(()) => written(out.flush(), exit::SUCCESS),
-                Err(e) => match e.root_cause().downcast_ref::<std::io::Error>() {
-                    Some(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
-                        ExitCode::from(exit::SUCCESS)
+                // What could not be written: a reader gone (`| head`) is no error.
+                Err(e) if e.downcast_ref::<status::Writing>().is_some() => {
+                    match e.root_cause().downcast_ref::<std::io::Error>() {
+                        Some(io) if io.kind() == std::io::ErrorKind::BrokenPipe => {
+                            ExitCode::from(exit::SUCCESS)
+                        }
+                        _ => fail(exit::FAILURES, &e),
                     }
-                    Some(_) => fail(exit::FAILURES, &e),
-                    None => fail(exit::USAGE, &e),
-                },
+                }
+                // A state missing, unreadable or not filepipe's: nothing to show, whatever the
+                // reason (a state this user may not read said 1, a missing one 2: found by a
+                // review).
+                Err(e) => fail(exit::USAGE, &e),
             }
         }
         Command::Verify(args) => {

@@ -1258,8 +1258,26 @@ fn open_read_only(dir: &Path) -> Result<Connection> {
         }
         Ok(_) => {}
     }
-    Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("cannot open state database {}", path.display()))
+    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("cannot open state database {}", path.display()))?;
+    // An empty file, or another program's database, is no state: said so, not as SQL's "no
+    // such table" (found by a review). (A file that is not a database at all fails here too,
+    // and `damaged` gives its advice.)
+    let tables: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'files'",
+            [],
+            |r| r.get(0),
+        )
+        .with_context(|| format!("cannot read state database {}", path.display()))?;
+    if tables == 0 {
+        anyhow::bail!(
+            "{} is not a filepipe state (it has no files table): empty, or another program's \
+             database",
+            path.display()
+        );
+    }
+    Ok(conn)
 }
 
 fn bytes_path(b: Vec<u8>) -> PathBuf {

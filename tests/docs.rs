@@ -74,7 +74,10 @@ fn the_manual_page_renders_without_warnings_and_documents_every_subcommand_and_e
     // Every subcommand is on this page: none is named as a page of its own, which is not
     // shipped (found by a review).
     assert!(!page.contains("filepipe\\-batch(1)") && !page.contains("filepipe-batch(1)"));
-    assert!(page.contains("\\fBfilepipe batch\\fR"), "no SUBCOMMANDS entry");
+    assert!(
+        page.contains("\\fBfilepipe batch\\fR"),
+        "no SUBCOMMANDS entry"
+    );
     // The worker unit's files, each as it is.
     assert!(page.contains("/etc/filepipe/worker\\-NAME.toml"));
     if Command::new("groff").arg("-v").output().is_err() {

@@ -350,8 +350,17 @@ fn a_state_database_that_cannot_be_written_or_is_another_programs_is_refused_unt
         "{}",
         r.stderr()
     );
+    // An empty database file, or another program's, is said to be no state, exit 2 as a
+    // missing one (it said "no such table: files").
+    let empty = t.side("empty-state");
+    fs::create_dir(&empty).unwrap();
+    fs::write(empty.join("filepipe.sqlite"), b"").unwrap();
+    let mut cmd = filepipe(&[OsStr::new("status"), OsStr::new("--state")]);
+    cmd.arg(&empty);
+    let err = run(cmd).code(2).stderr();
+    assert!(err.contains("is not a filepipe state"), "{err}");
     // `status` on a state directory this user may not enter says so, not that it holds no
-    // state.
+    // state, exit 2 as for any state it cannot read (it said 1).
     if !is_root() {
         eprintln!("SKIPPED: status on a closed state directory needs root to drop to nobody");
         return;
@@ -360,7 +369,7 @@ fn a_state_database_that_cannot_be_written_or_is_another_programs_is_refused_unt
     let mut cmd = unprivileged();
     cmd.args(["status", "--state"]).arg(&mine);
     let r = run(cmd);
-    let err = r.failure().stderr();
+    let err = r.code(2).stderr();
     assert!(
         err.contains("Permission denied") && !err.contains("no state database"),
         "{err}"
