@@ -987,6 +987,55 @@ fn files_whose_output_names_are_freed_while_their_failures_are_recorded_are_done
     );
 }
 
+/// A blocked file taken again once its output name is freed, while a writer holds it open
+/// (`in-use`, an attempt to be made again), and the watch stopped then: one file, failed
+/// `in-use`, as it last ended (it counted twice: `output-exists` and `in-use`; found by a
+/// review).
+#[test]
+fn a_blocked_file_taken_again_and_found_in_use_counts_once() {
+    let t = TestTree::new().file("a.txt", b"mine\n");
+    let out = t.side("out");
+    fs::create_dir_all(&out).unwrap();
+    fs::write(out.join("a.txt.gz"), b"someone else's\n").unwrap();
+    let log = t.side("failures.jsonl");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--out",
+            out.to_str().unwrap(),
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    wait_for("the output-exists failure", || {
+        !records_of(&failure_log(&log), "output-exists").is_empty()
+    });
+    // Open for writing, nothing written: the next attempt finds it in use.
+    let _writer = fs::OpenOptions::new()
+        .append(true)
+        .open(t.path("a.txt"))
+        .unwrap();
+    fs::remove_file(out.join("a.txt.gz")).unwrap();
+    wait_for("the in-use attempt", || {
+        failure_log(&log)
+            .iter()
+            .any(|r| r["status"] == "retrying" && r["error"] == "in-use")
+    });
+    let s = d.stop().success().summary();
+    assert_eq!(
+        (s["files"].as_u64(), s["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
+    assert_eq!(
+        s["failed_by_reason"],
+        serde_json::json!({"in-use": 1}),
+        "{s}"
+    );
+}
+
 /// The same with `--out`: the output tree makes no events for the watch, so it looks at the
 /// blocked names itself (before, the file waited for a restart or a change of its own).
 #[test]

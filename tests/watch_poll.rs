@@ -169,6 +169,12 @@ fn poll_takes_a_file_truncated_by_path() {
 fn a_file_blocked_at_its_output_name_counts_once_however_many_polls_try_it() {
     let t = TestTree::new();
     let log = t.side("failures.jsonl");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
     let d = Daemon::ready(
         &t,
         &[
@@ -178,6 +184,8 @@ fn a_file_blocked_at_its_output_name_counts_once_however_many_polls_try_it() {
             "1",
             "--failure-log",
             log.to_str().unwrap(),
+            "--metrics",
+            &addr,
         ],
     );
     // The foreign output first: a file at an input's output name is an output, not an input.
@@ -187,6 +195,21 @@ fn a_file_blocked_at_its_output_name_counts_once_however_many_polls_try_it() {
     wait_until(Duration::from_secs(30), "three attempts", || {
         records_of(&failure_log(&log), "output-exists").len() >= 3
     });
+    // The metrics count the file once too (files ended; they counted each attempt).
+    let scrape = Command::new("curl")
+        .args(["-sSf", &format!("http://{addr}/metrics")])
+        .output()
+        .expect("curl");
+    let text = String::from_utf8(scrape.stdout).unwrap();
+    let failed: Vec<&str> = (text.lines())
+        .filter(|l| {
+            l.starts_with("filepipe_files_total{")
+                && l.contains("outcome=\"failed\"")
+                && l.contains("reason=\"output-exists\"")
+        })
+        .collect();
+    assert_eq!(failed.len(), 1, "{text}");
+    assert!(failed[0].ends_with(" 1"), "{}", failed[0]);
     let s = d.stop().success().summary();
     assert_eq!(
         (

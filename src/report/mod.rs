@@ -10,8 +10,9 @@ pub(crate) mod metrics;
 mod progress;
 mod summary;
 
+use std::collections::HashSet;
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -78,7 +79,7 @@ pub(crate) fn run(
     // Outcomes the sink took since its last good flush, and whether a flush failed: once one
     // has, nothing after it is known recorded (a failed commit may have rolled back; see
     // `Summary::unrecorded`).
-    let mut since_flush: u64 = 0;
+    let mut since_flush: HashSet<PathBuf> = HashSet::new();
     let mut flush_failed = false;
     let flush_due = |last: Option<Instant>| last.is_none_or(|t| t.elapsed() >= FLUSH_WITHIN);
     let idle_flush = sink.flush_when_idle();
@@ -133,11 +134,16 @@ pub(crate) fn run(
                             ),
                         });
                     }
+                    // Files, not attempts: a file tried again within a flush is one file.
                     if !matches!(&outcome, Outcome::Skipped { reason, .. } if reason.kind == Kind::Interrupted)
                     {
-                        since_flush += 1;
+                        since_flush.insert(outcome.rel().to_path_buf());
                     }
-                    meter.outcome(&outcome, &disposition);
+                    // A file still blocked at its output name, tried again (at a poll), has
+                    // ended so already: counted once, here as in the summary.
+                    if !summary.blocked_again(&outcome) {
+                        meter.outcome(&outcome, &disposition);
+                    }
                     summary.count(outcome, disposition, &mut progress);
                 }
                 unflushed = true;
@@ -216,7 +222,7 @@ pub(crate) fn run(
     if let Some(error) = failure {
         summary.error = Some(format!("{error:#}"));
         if flush_failed {
-            summary.unrecorded = since_flush;
+            summary.unrecorded = since_flush.len() as u64;
         }
         return Err(Stopped {
             error,
@@ -241,11 +247,11 @@ fn idle(stats: &Stats) -> bool {
 
 /// Accounts for a flush's result `r`: a good one leaves no outcome unrecorded, unless one
 /// failed before it (see `Summary::unrecorded`).
-fn flushed(r: &Result<()>, since_flush: &mut u64, flush_failed: &mut bool) {
+fn flushed(r: &Result<()>, since_flush: &mut HashSet<PathBuf>, flush_failed: &mut bool) {
     if r.is_err() {
         *flush_failed = true;
     } else if !*flush_failed {
-        *since_flush = 0;
+        since_flush.clear();
     }
 }
 
@@ -272,10 +278,42 @@ fn flush(
 }
 
 impl Summary {
+    /// Whether `outcome` is a file counted failed `output-exists` failing so again: counted
+    /// once (`blocked`).
+    fn blocked_again(&self, outcome: &Outcome) -> bool {
+        matches!(outcome, Outcome::Failed { rel, error }
+            if error.kind == Kind::OutputExists
+                && !self.blocked.is_empty()
+                && self.blocked.contains(rel))
+    }
+
     /// Accounts for one outcome: counts, progress, the per-file record. A failure the sink
     /// will try again is an attempt, not a file: it is logged, and counted when the file ends.
     fn count(&mut self, outcome: Outcome, disposition: Disposition, progress: &mut Progress) {
         let op = self.op;
+        if self.blocked_again(&outcome) {
+            // Still blocked: counted already, logged again (the failure log is a record of
+            // attempts). The progress bar counts the attempt, as it counted it sent.
+            if let Outcome::Failed { rel, error } = &outcome {
+                progress.multi.suspend(|| record("failed", op, rel, error));
+            }
+            progress.overall.inc(1);
+            return;
+        }
+        if !self.blocked.is_empty() && self.blocked.remove(outcome.rel()) {
+            // Taken again once its output name was freed: counted by how it ends now, an
+            // attempt to be made again included (it was counted twice at the end: found by
+            // a review).
+            self.files -= 1;
+            self.failed -= 1;
+            let reason = Kind::OutputExists.as_str();
+            if let Some(n) = self.failed_by_reason.get_mut(reason) {
+                *n -= 1;
+                if *n == 0 {
+                    self.failed_by_reason.remove(reason);
+                }
+            }
+        }
         if let (Disposition::Retry(_), Outcome::Failed { rel, error }) = (&disposition, &outcome) {
             self.retries += 1;
             let kind = error.kind.as_str();
@@ -295,29 +333,6 @@ impl Summary {
         };
         if !self.waiting.is_empty() {
             self.waiting.remove(rel);
-        }
-        if !self.blocked.is_empty() && self.blocked.contains(rel) {
-            if matches!(&outcome, Outcome::Failed { error, .. } if error.kind == Kind::OutputExists)
-            {
-                // Still blocked: counted already, logged again (the failure log is a record
-                // of attempts).
-                if let Outcome::Failed { rel, error } = &outcome {
-                    progress.multi.suspend(|| record("failed", op, rel, error));
-                }
-                return;
-            }
-            // Taken again once its output name was freed: counted by how it ends now.
-            self.blocked.remove(rel);
-            self.files -= 1;
-            self.failed -= 1;
-            let reason = Kind::OutputExists.as_str();
-            if let Some(n) = self.failed_by_reason.get_mut(reason) {
-                *n -= 1;
-                if *n == 0 {
-                    self.failed_by_reason.remove(reason);
-                }
-            }
-            progress.overall.dec(1);
         }
         self.files += 1;
         progress.overall.inc(1);
