@@ -895,3 +895,49 @@ fn a_coordinator_says_when_the_workers_consumer_is_made_again_otherwise() {
     assert!(text.contains("was gone: made again"), "{text}");
     assert_results(&t, 3);
 }
+
+/// A user who may read the streams' and consumers' counters but not the stored outcomes.
+const LOOKER: (&str, &str) = ("looker", "l00ker-Pa55-for-test");
+
+/// `status --queue` as a user who may not read the stored outcomes still prints the counters,
+/// and says the workers seen are not known (it printed nothing, exit 2: found by a review).
+#[test]
+fn status_without_leave_to_read_outcomes_still_prints_the_counters() {
+    let config = example().replacen(
+        "  users = [\n",
+        &format!(
+            "  users = [\n    {{ user: {}, password: \"{}\", permissions: {{ publish = {{ allow = [\
+             \"$JS.API.STREAM.INFO.>\", \"$JS.API.CONSUMER.LIST.FILEPIPE_JOBS\", \
+             \"$JS.API.CONSUMER.INFO.FILEPIPE_JOBS.*\" ] }}, subscribe = {{ allow = [\"_INBOX.>\"] }} }} }}\n",
+            LOOKER.0, LOOKER.1
+        ),
+        1,
+    );
+    let Some(nats) = server(&config) else {
+        return;
+    };
+    make_streams(&nats, "tree").success();
+    // An outcome stored, for the workers seen to be looked for.
+    nats.publish_as(
+        WORKER,
+        "filepipe.outcomes.r1",
+        br#"{"v":3,"run":"r1","worker":"w:1","outcomes":[]}"#,
+    )
+    .expect("the worker user may publish outcomes");
+    let text = run(filepipe(&[
+        s("status"),
+        s("--queue"),
+        s(&url_as(&nats, COORDINATOR)),
+    ]))
+    .success()
+    .stdout();
+    assert!(text.contains("workers seen\t1 "), "{text}");
+    let out = run(filepipe(&[
+        s("status"),
+        s("--queue"),
+        s(&url_as(&nats, LOOKER)),
+    ]));
+    let text = out.success().stdout();
+    assert!(text.contains("root tree\tpending 0"), "{text}");
+    assert!(text.contains("workers seen\tnot known: "), "{text}");
+}

@@ -42,7 +42,7 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
-    let (jobs, outcomes, consumers, (workers, complete)) = conn
+    let (jobs, outcomes_stream, outcomes, consumers) = conn
         .start(async {
             let mut jobs = conn.js.get_stream(JOBS_STREAM).await?;
             let jobs_info = jobs.info().await?.clone();
@@ -53,11 +53,13 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
             while let Some(c) = list.next().await {
                 consumers.push(c.map_err(|e| anyhow::anyhow!("{e}"))?);
             }
-            let since = now - SEEN_WITHIN.as_secs() as i64;
-            let seen = workers_seen(&outcomes, &outcomes_info.state, since).await?;
-            anyhow::Ok((jobs_info, outcomes_info, consumers, seen))
+            anyhow::Ok((jobs_info, outcomes, outcomes_info, consumers))
         })
         .context("reading the queue's state")?;
+    // On its own: a user who may read the counters but not the stored outcomes still gets
+    // the counters (it got nothing: found by a review).
+    let since = now - SEEN_WITHIN.as_secs() as i64;
+    let seen = conn.start(workers_seen(&outcomes_stream, &outcomes.state, since));
     let sum = |f: fn(&async_nats::jetstream::consumer::Info) -> u64| -> u64 {
         consumers
             .iter()
@@ -94,6 +96,17 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
             c.num_waiting
         )?;
     }
+    let (workers, complete) = match seen {
+        Ok(seen) => seen,
+        Err(e) => {
+            writeln!(
+                out,
+                "workers seen\tnot known: {}",
+                crate::logging::shown(&crate::error::chain(&e))
+            )?;
+            return Ok(());
+        }
+    };
     let within = if complete {
         String::new()
     } else {
@@ -111,12 +124,47 @@ pub(crate) fn print(queue: &Queue, out: &mut impl Write) -> Result<()> {
         writeln!(
             out,
             "worker {}\t{} files, last {} s ago",
-            crate::logging::shown(&name),
+            field(&name),
             seen.files,
             (now - seen.last).max(0)
         )?;
     }
     Ok(())
+}
+
+/// The longest worker name shown: a real one is a host name and a pid.
+const NAME_MAX: usize = 100;
+
+/// A worker's name as a field of a tab-separated line: what its message says, which anyone
+/// allowed to publish outcomes wrote, so with every control character (a tab too: it forged
+/// a field), and the characters that reorder or hide text on a terminal (bidi controls,
+/// zero-width ones), shown escaped, and cut at `NAME_MAX` characters (found by a review).
+fn field(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if i == NAME_MAX {
+            out.push_str(&format!(
+                "... ({} more bytes)",
+                name.len() - out_len(name, i)
+            ));
+            break;
+        }
+        let hidden = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{180e}' | '\u{feff}');
+        if c.is_control() || hidden {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The bytes of `name`'s first `chars` characters.
+fn out_len(name: &str, chars: usize) -> usize {
+    name.char_indices()
+        .nth(chars)
+        .map_or(name.len(), |(i, _)| i)
 }
 
 /// The workers that stored outcomes since `since` (seconds since the epoch), by name (host
@@ -163,4 +211,24 @@ async fn workers_seen(
         }
     }
     Ok((seen, seq < state.first_sequence))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_name_is_one_field_on_a_line_and_hides_nothing() {
+        assert_eq!(field("host-a:1234"), "host-a:1234");
+        assert_eq!(
+            field("x\nworker fake\t999 files"),
+            "x\\u{a}worker fake\\u{9}999 files"
+        );
+        assert_eq!(field("ab\u{202e}cd\u{200b}"), "ab\\u{202e}cd\\u{200b}");
+        assert_eq!(field("\u{1b}[31m"), "\\u{1b}[31m");
+        let long = "é".repeat(300);
+        let shown = field(&long);
+        assert!(shown.starts_with(&"é".repeat(NAME_MAX)), "{shown}");
+        assert!(shown.ends_with("... (400 more bytes)"), "{shown}");
+    }
 }
