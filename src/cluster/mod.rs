@@ -353,23 +353,35 @@ enum Creds {
     /// U...`), as systemd/nats-server.conf suggests. A `.creds` file only was taken, so such a
     /// user could not connect at all (found by a review).
     Seed(String),
-    /// Neither.
-    Neither,
 }
 
 impl Creds {
     /// What `text` holds: a JWT, or else the one user seed in it (alone, as `nk -gen user`
-    /// prints it, or between the seed markers of a `.creds` file).
-    fn of(text: &str) -> Creds {
+    /// prints it, or between the seed markers of a `.creds` file; the same seed twice is one).
+    /// Anything else is refused with what was found.
+    fn of(text: &str) -> Result<Creds, &'static str> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         if text.contains("-----BEGIN NATS USER JWT-----") {
-            return Creds::Jwt;
+            return Ok(Creds::Jwt);
         }
-        let mut seeds = (text.lines())
+        let mut seeds: Vec<&str> = (text.lines())
             .map(str::trim)
-            .filter(|l| l.starts_with("SU") && nkeys::KeyPair::from_seed(l).is_ok());
-        match (seeds.next(), seeds.next()) {
-            (Some(seed), None) => Creds::Seed(seed.to_string()),
-            _ => Creds::Neither,
+            .filter(|l| l.starts_with("SU") && nkeys::KeyPair::from_seed(l).is_ok())
+            .collect();
+        seeds.sort_unstable();
+        seeds.dedup();
+        match seeds[..] {
+            [seed] => Ok(Creds::Seed(seed.to_string())),
+            [] if (text.lines()).any(|l| nkeys::KeyPair::from_seed(l.trim()).is_ok()) => Err(
+                "its seed is not a user's (an account's or operator's seed is not for \
+                     connecting)",
+            ),
+            [] => Err(
+                "neither a credentials file (a user JWT and its nkey seed, as `nsc \
+                       generate creds` writes it) nor a user nkey seed (SU..., for a server \
+                       whose user is `nkey: U...`)",
+            ),
+            _ => Err("it holds more than one user seed: which one to use is not known"),
         }
     }
 }
@@ -417,16 +429,11 @@ pub(crate) fn connect_or_await(
                 let text = String::from_utf8(read)
                     .map_err(|_| anyhow!("{}: not UTF-8 text", creds.display()))?;
                 opts = match Creds::of(&text) {
-                    Creds::Jwt => opts
+                    Ok(Creds::Jwt) => opts
                         .credentials(&text)
                         .with_context(|| format!("reading the credentials {}", creds.display()))?,
-                    Creds::Seed(seed) => opts.nkey(seed),
-                    Creds::Neither => bail!(
-                        "{}: neither a credentials file (a user JWT and its nkey seed, as `nsc \
-                         generate creds` writes it) nor a user nkey seed (SU..., for a server \
-                         whose user is `nkey: U...`)",
-                        creds.display()
-                    ),
+                    Ok(Creds::Seed(seed)) => opts.nkey(seed),
+                    Err(why) => bail!("{}: {why}", creds.display()),
                 };
             }
             // The credentials went in as options: the addresses the client keeps (and logs,
@@ -934,21 +941,24 @@ mod tests {
             "-----BEGIN NATS USER JWT-----\neyJ0\n------END NATS USER JWT------\n\n\
              -----BEGIN USER NKEY SEED-----\n{user}\n------END USER NKEY SEED------\n"
         );
-        assert_eq!(Creds::of(&creds), Creds::Jwt);
-        assert_eq!(Creds::of(&user), Creds::Seed(user.clone()));
-        assert_eq!(
-            Creds::of(&format!("  {user}  \n")),
-            Creds::Seed(user.clone())
-        );
+        let seed = Ok(Creds::Seed(user.clone()));
+        assert_eq!(Creds::of(&creds), Ok(Creds::Jwt));
+        assert_eq!(Creds::of(&user), seed);
+        assert_eq!(Creds::of(&format!("  {user}  \r\n")), seed);
+        assert_eq!(Creds::of(&format!("\u{feff}{user}\n")), seed);
+        assert_eq!(Creds::of(&format!("{user}\n{user}\n")), seed);
+        assert_eq!(Creds::of(&format!("# mine\n{user}\n")), seed);
         let marked =
             format!("-----BEGIN USER NKEY SEED-----\n{user}\n------END USER NKEY SEED------\n");
-        assert_eq!(Creds::of(&marked), Creds::Seed(user.clone()));
+        assert_eq!(Creds::of(&marked), seed);
         // Which of two would be a guess; an account's or operator's seed is no user's.
-        assert_eq!(Creds::of(&format!("{user}\n{other}\n")), Creds::Neither);
+        let two = Creds::of(&format!("{user}\n{other}\n")).unwrap_err();
+        assert!(two.contains("more than one"), "{two}");
         let account = nkeys::KeyPair::new_account().seed().unwrap();
-        assert_eq!(Creds::of(&account), Creds::Neither);
-        assert_eq!(Creds::of("SUNOTASEED"), Creds::Neither);
-        assert_eq!(Creds::of(""), Creds::Neither);
+        let not_a_user = Creds::of(&account).unwrap_err();
+        assert!(not_a_user.contains("not a user's"), "{not_a_user}");
+        assert!(Creds::of("SUNOTASEED").unwrap_err().contains("neither"));
+        assert!(Creds::of("").unwrap_err().contains("neither"));
     }
 
     #[test]
