@@ -1261,8 +1261,8 @@ fn open_read_only(dir: &Path) -> Result<Connection> {
     let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
         .with_context(|| format!("cannot open state database {}", path.display()))?;
     // An empty file, or another program's database, is no state: said so, not as SQL's "no
-    // such table" (found by a review). (A file that is not a database at all fails here too,
-    // and `damaged` gives its advice.)
+    // such table" or "no such column" (found by reviews). (A file that is not a database at
+    // all fails here too, and `damaged` gives its advice.)
     let tables: i64 = conn
         .query_row(
             "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'files'",
@@ -1270,10 +1270,14 @@ fn open_read_only(dir: &Path) -> Result<Connection> {
             |r| r.get(0),
         )
         .with_context(|| format!("cannot read state database {}", path.display()))?;
-    if tables == 0 {
+    let ours = tables > 0
+        && conn
+            .prepare("SELECT root, op, path, status FROM files LIMIT 0")
+            .is_ok();
+    if !ours {
         anyhow::bail!(
-            "{} is not a filepipe state (it has no files table): empty, or another program's \
-             database",
+            "{} is not a filepipe state (no files table as filepipe makes it): empty, or \
+             another program's database",
             path.display()
         );
     }

@@ -359,6 +359,16 @@ fn a_state_database_that_cannot_be_written_or_is_another_programs_is_refused_unt
     cmd.arg(&empty);
     let err = run(cmd).code(2).stderr();
     assert!(err.contains("is not a filepipe state"), "{err}");
+    // Another program's, with a table of that name (it said "no such column: root").
+    let other = rusqlite::Connection::open(empty.join("filepipe.sqlite")).unwrap();
+    other
+        .execute_batch("CREATE TABLE files (name TEXT, size INTEGER)")
+        .unwrap();
+    drop(other);
+    let mut cmd = filepipe(&[OsStr::new("status"), OsStr::new("--state")]);
+    cmd.arg(&empty);
+    let err = run(cmd).code(2).stderr();
+    assert!(err.contains("is not a filepipe state"), "{err}");
     // `status` on a state directory this user may not enter says so, not that it holds no
     // state, exit 2 as for any state it cannot read (it said 1).
     if !is_root() {
