@@ -379,13 +379,6 @@ pub(crate) fn scrape_blocking(urls: &[String], cfg: &ScrapeConfig) -> anyhow::Re
         .block_on(scrape(urls, cfg))
 }
 
-/// Writes one JSON object per page, one per line, to `path` (made or truncated, as a tool's
-/// `-o` is).
-pub(crate) fn write_json_lines(path: &Path, pages: &[Page]) -> anyhow::Result<()> {
-    let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    write_pages(file, path, pages)
-}
-
 /// A new file of this process's own in the temp directory, for the results when `--out` does
 /// not name one: never a name found there (`O_EXCL`, which no symlink passes). A fixed name
 /// there followed another user's symlink, so root's demo wrote over any file, and another user
@@ -788,6 +781,15 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
         "limits: {} in flight, {} requests/s with bursts of {}, {} retries",
         cfg.concurrency, cfg.rate, cfg.burst, cfg.retries
     ));
+    // Where the results go, made first: a temp directory that cannot take them fails the
+    // demo before the scrape, not after it (found by a review).
+    let (out, file) = match &args.out {
+        Some(out) => {
+            let file = File::create(out).with_context(|| format!("creating {}", out.display()))?;
+            (out.clone(), file)
+        }
+        None => own_temp_file()?,
+    };
     let run = scrape_blocking(&urls, &cfg)?;
     let mut by_time: Vec<&Page> = run.pages.iter().collect();
     by_time.sort_by_key(|p| p.done_ms);
@@ -810,17 +812,7 @@ pub(crate) fn main(args: &Args) -> anyhow::Result<ExitCode> {
             format!("{} -> {what}{tries}", p.url),
         );
     }
-    let out = match &args.out {
-        Some(out) => {
-            write_json_lines(out, &run.pages)?;
-            out.clone()
-        }
-        None => {
-            let (out, file) = own_temp_file()?;
-            write_pages(file, &out, &run.pages)?;
-            out
-        }
-    };
+    write_pages(file, &out, &run.pages)?;
     let requests = run.request_times.len();
     let span = match (run.request_times.first(), run.request_times.last()) {
         (Some(a), Some(b)) => b.saturating_sub(*a),
@@ -1064,7 +1056,8 @@ mod tests {
             error: None,
             done_ms: 3,
         };
-        write_json_lines(&path, &[page.clone(), page]).expect("write");
+        let file = File::create(&path).expect("create");
+        write_pages(file, &path, &[page.clone(), page]).expect("write");
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text.lines().count(), 2);
         let v: serde_json::Value =
