@@ -22,6 +22,8 @@ done
 # The installed guide names the package's paths: every /usr/... path it gives is there.
 readme="$root/usr/share/doc/filepipe/README.systemd.md"
 ! grep -q '/usr/local/' "$readme" || fail "README.systemd.md names /usr/local paths: $(grep -n /usr/local/ "$readme")"
+! grep -q 'sudo systemd/install\.sh\|`install\.sh` creates\|^| `install\.sh`' "$readme" ||
+  fail "README.systemd.md tells a packaged install to run install.sh: $(grep -n install.sh "$readme")"
 for f in $(grep -o '/usr/share/doc/filepipe/[A-Za-z0-9_./-]*[A-Za-z0-9]' "$readme" | sort -u); do
   [ -e "$root$f" ] || fail "README.systemd.md names $f, which the package does not install"
 done

@@ -43,10 +43,25 @@ done
 # systemd/README.md, as installed: with the package's paths, not install.sh's (it told a
 # packaged install to copy /usr/local/share/doc/filepipe/worker.toml, which is not there:
 # found by a review).
-sed -e 's#/usr/local/share/doc/filepipe/\(worker\.toml\|nats-server\.conf\)#/usr/share/doc/filepipe/examples/\1#g' \
+# Its Install section is for a source tree: the package has done that (found by a review).
+{
+  sed -n '1,/^## Install$/p' systemd/README.md | sed '$d'
+  cat <<'PACKAGED'
+## Installed by the package
+
+The filepipe package has installed what `systemd/install.sh` installs from a source tree:
+`/usr/bin/filepipe`, the units in `/lib/systemd/system/`, the example config as
+`/etc/filepipe/filepipe.toml`, the examples in `/usr/share/doc/filepipe/examples/`, and the
+system user `filepipe` (made by the package's postinst). It started nothing: go on below.
+
+PACKAGED
+  sed -n '/^## Configure/,$p' systemd/README.md
+} | sed -e 's#/usr/local/share/doc/filepipe/\(worker\.toml\|nats-server\.conf\)#/usr/share/doc/filepipe/examples/\1#g' \
   -e 's#/usr/local/bin/filepipe#/usr/bin/filepipe#g' \
   -e 's#/usr/local/lib/systemd/system/#/lib/systemd/system/#g' \
-  systemd/README.md > "$assets/README.systemd.md"
+  -e 's#static system user `filepipe` that `install.sh` creates#static system user `filepipe` that the package creates#' \
+  -e '/^| `install.sh` |/d' -e '/^| `check.sh` |/d' \
+  > "$assets/README.systemd.md"
 gzip -9n < CHANGELOG.md > "$assets/changelog.gz"
 # A Debian changelog entry for this version (the project's own, CHANGELOG.md, is changelog.gz),
 # dated by the last commit, so the same tree makes the same package.
