@@ -929,7 +929,7 @@ fn a_directory_above_a_worker_file_queue_file_or_creds_others_may_change_is_refu
     check_config(&with_queue_file).success();
     // (The seed here is no real one: taken, the client then fails to parse it.)
     let err = coordinator_with_creds(&t, &creds).code(2).stderr();
-    assert!(err.contains("cannot parse user JWT"), "{err}");
+    assert!(err.contains("neither a credentials file"), "{err}");
     chmod(&etc, 0o755);
     // An ACL entry granting another user write, the mode showing only its mask (g+w).
     match Command::new("setfacl")
@@ -1134,9 +1134,9 @@ fn a_creds_file_given_as_a_symlink_is_checked_as_its_file_and_named_with_it() {
     std::os::unix::fs::symlink("w.creds", &link).unwrap();
     let root = t.root();
     let batch = [s("batch"), root.as_os_str(), s("--op"), s("sha256")];
-    // Read, and its contents given to the client (which cannot parse this seed).
+    // Read, and its contents judged (neither a JWT nor a user seed).
     let err = queue_client(&batch, "--creds", &link).code(2).stderr();
-    assert!(err.contains("cannot parse user JWT"), "{err}");
+    assert!(err.contains("neither a credentials file"), "{err}");
     chmod(&real, 0o644);
     let err = queue_client(&batch, "--creds", &link).code(2).stderr();
     let named = format!("{} (a symlink to {})", link.display(), real.display());
@@ -1159,7 +1159,7 @@ fn a_coordinator_opens_its_creds_and_ca_files_once_and_reads_what_it_checked() {
     let t = TestTree::new().file("a.txt", b"hello\n");
     let dir = etc_with_ca_and_creds(&t);
     for (flag, file, says) in [
-        ("--creds", dir.join("w.creds"), "cannot parse user JWT"),
+        ("--creds", dir.join("w.creds"), "neither a credentials file"),
         ("--tls-ca", dir.join("tls/ca.pem"), "no certificate in it"),
     ] {
         let trace = t.side("strace.log");

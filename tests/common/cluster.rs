@@ -156,6 +156,10 @@ pub fn queue_counts(nats: &Nats) -> (u64, u64) {
     let text = run(filepipe(&[s("status"), s("--queue"), s(&nats.url)]))
         .success()
         .stdout();
+    // Before any coordinator made the streams: none queued (status only looks).
+    if text.contains("no filepipe streams on this server") {
+        return (0, 0);
+    }
     let number = |prefix: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(prefix))
