@@ -24,7 +24,7 @@ use crate::error::{FileError, Kind};
 use crate::logging::FAILURES;
 use crate::signals::Shutdown;
 use crate::sink::{Disposition, Sink};
-use crate::travel::{Event, Outcome, Recorded, Stats};
+use crate::travel::{Event, Outcome, Recorded, Stamp, Stats};
 
 use progress::Progress;
 pub(crate) use summary::{Stopped, Summary};
@@ -139,12 +139,17 @@ pub(crate) fn run(
                     {
                         since_flush.insert(outcome.rel().to_path_buf());
                     }
-                    // A file still blocked at its output name, tried again (at a poll), has
-                    // ended so already: counted once, here as in the summary.
-                    if !summary.blocked_again(&outcome) {
+                    // A file blocked at its output name: which version it is (one lstat, for
+                    // such files only).
+                    let stamp = (blocks(&outcome) || summary.blocked.contains_key(outcome.rel()))
+                        .then(|| Stamp::of(&cfg.root.join(outcome.rel())))
+                        .flatten();
+                    // One still blocked, tried again (at a poll), has ended so already:
+                    // counted once, here as in the summary.
+                    if !summary.blocked_again(&outcome, stamp) {
                         meter.outcome(&outcome, &disposition);
                     }
-                    summary.count(outcome, disposition, &mut progress);
+                    summary.count(outcome, disposition, stamp, &mut progress);
                 }
                 unflushed = true;
                 stats.done.store(summary.done, Ordering::Relaxed);
@@ -173,7 +178,7 @@ pub(crate) fn run(
                 // One blocked at its output name ended failed: a file made at the name later
                 // is another, counted on its own.
                 if !summary.blocked.is_empty() {
-                    summary.blocked.retain(|p| !p.starts_with(&rel));
+                    summary.blocked.retain(|p, _| !p.starts_with(&rel));
                 }
                 unflushed = true;
             }
@@ -245,6 +250,11 @@ fn idle(stats: &Stats) -> bool {
     counted >= sent
 }
 
+/// Whether `outcome` is a failure for an output name taken by another's file.
+fn blocks(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Failed { error, .. } if error.kind == Kind::OutputExists)
+}
+
 /// Accounts for a flush's result `r`: a good one leaves no outcome unrecorded, unless one
 /// failed before it (see `Summary::unrecorded`).
 fn flushed(r: &Result<()>, since_flush: &mut HashSet<PathBuf>, flush_failed: &mut bool) {
@@ -278,20 +288,25 @@ fn flush(
 }
 
 impl Summary {
-    /// Whether `outcome` is a file counted failed `output-exists` failing so again: counted
-    /// once (`blocked`).
-    fn blocked_again(&self, outcome: &Outcome) -> bool {
-        matches!(outcome, Outcome::Failed { rel, error }
-            if error.kind == Kind::OutputExists
-                && !self.blocked.is_empty()
-                && self.blocked.contains(rel))
+    /// Whether `outcome` is a file counted failed `output-exists` failing so again, the same
+    /// version (`stamp`, its stamp now): counted once (`blocked`).
+    fn blocked_again(&self, outcome: &Outcome, stamp: Option<Stamp>) -> bool {
+        blocks(outcome)
+            && !self.blocked.is_empty()
+            && self.blocked.get(outcome.rel()) == Some(&stamp)
     }
 
     /// Accounts for one outcome: counts, progress, the per-file record. A failure the sink
     /// will try again is an attempt, not a file: it is logged, and counted when the file ends.
-    fn count(&mut self, outcome: Outcome, disposition: Disposition, progress: &mut Progress) {
+    fn count(
+        &mut self,
+        outcome: Outcome,
+        disposition: Disposition,
+        stamp: Option<Stamp>,
+        progress: &mut Progress,
+    ) {
         let op = self.op;
-        if self.blocked_again(&outcome) {
+        if self.blocked_again(&outcome, stamp) {
             // Still blocked: counted already, logged again (the failure log is a record of
             // attempts). The progress bar counts the attempt, as it counted it sent.
             if let Outcome::Failed { rel, error } = &outcome {
@@ -300,10 +315,14 @@ impl Summary {
             progress.overall.inc(1);
             return;
         }
-        if !self.blocked.is_empty() && self.blocked.remove(outcome.rel()) {
-            // Taken again once its output name was freed: counted by how it ends now, an
-            // attempt to be made again included (it was counted twice at the end: found by
-            // a review).
+        let was = (!self.blocked.is_empty())
+            .then(|| self.blocked.remove(outcome.rel()))
+            .flatten();
+        if was.is_some_and(|was| was == stamp) {
+            // Taken again once its output name was freed, the same version: counted by how
+            // it ends now, an attempt to be made again included (it was counted twice at the
+            // end: found by a review). A version changed since is another file's outcome, and
+            // the blocked one stays counted as it ended.
             self.files -= 1;
             self.failed -= 1;
             let reason = Kind::OutputExists.as_str();
@@ -370,7 +389,7 @@ impl Summary {
             Outcome::Failed { rel, error } => {
                 self.failed += 1;
                 if error.kind == Kind::OutputExists {
-                    self.blocked.insert(rel.clone());
+                    self.blocked.insert(rel.clone(), stamp);
                 }
                 *self
                     .failed_by_reason

@@ -63,11 +63,12 @@ pub(crate) struct Summary {
     #[serde(skip)]
     pub(super) waiting: std::collections::HashMap<std::path::PathBuf, &'static str>,
     /// Files counted failed `output-exists` (watch mode takes one again when its output name
-    /// is freed, and `--poll` at each rescan): counted by how they end, once. (Counted again
-    /// each time, a file blocked then done was both failed and done, and a polled one failed
-    /// up to five times: found by a review.)
+    /// is freed, and `--poll` at each rescan), with the stamp each had then: the same version
+    /// is counted by how it ends, once. (Counted again each time, a file blocked then done was
+    /// both failed and done, and a polled one failed up to five times: found by a review.) A
+    /// version changed since is another, counted on its own.
     #[serde(skip)]
-    pub(super) blocked: std::collections::HashSet<std::path::PathBuf>,
+    pub(super) blocked: std::collections::HashMap<std::path::PathBuf, Option<crate::travel::Stamp>>,
 }
 
 impl Summary {
