@@ -204,6 +204,7 @@ fn check_config_names_file_line_and_key() {
         ("poll over a day", "poll_secs = 86401\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n", ":1: poll_secs"),
         ("max_size unit", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nmax_size = \"10X\"\n", ":4: watch[0].max_size: \"10X\": the unit"),
         ("max_size negative", "max_size = -1\n[[watch]]\npath = \"in/a\"\nop = \"gzip\"\n", "line 1"),
+        ("a ~ path", "[[watch]]\npath = \"in/a\"\nop = \"gzip\"\nout = \"~/archive\"\n", ":4: watch[0].out: ~/archive: a leading ~ is not expanded"),
     ];
     for (what, body, expect) in cases {
         let file = t.side("c.toml");

@@ -555,6 +555,20 @@ fn load_checked(path: &Path, overrides: &Overrides, quiet: bool, create: bool) -
                 let msg = "an empty path: give the directory or file".to_string();
                 return Err(at(p.span(), &key(k), msg));
             }
+            // A `~` is the shell's: here it is a directory of that name beside the config,
+            // which is never what was meant when it is not there (the error said only "No
+            // such file or directory": found by a review).
+            if let Some(p) = p.filter(|p| {
+                std::os::unix::ffi::OsStrExt::as_bytes(p.get_ref().as_os_str()).starts_with(b"~")
+                    && std::fs::symlink_metadata(resolve(p.get_ref())).is_err()
+            }) {
+                let msg = format!(
+                    "{}: a leading ~ is not expanded in a config file (only a shell expands \
+                     it): give the full path",
+                    p.get_ref().display()
+                );
+                return Err(at(p.span(), &key(k), msg));
+            }
         }
         let root = crate::fsio::canonical::resolve(&resolve(w.path.get_ref())).map_err(|e| {
             at(
