@@ -1561,7 +1561,16 @@ impl Router<'_> {
                 );
                 None
             }
-            Ok(Err(e)) => Some(format!("{e:#}")),
+            Ok(Err(e)) => {
+                // How many files' outcomes its sink could not publish, where it says (found by
+                // a review: the count was dropped here). Their jobs go back below.
+                let lost = (e.downcast_ref::<crate::report::Stopped>())
+                    .map_or(0, |s| s.summary.unrecorded);
+                Some(match lost {
+                    0 => format!("{e:#}"),
+                    n => format!("{e:#} ({n} files' outcomes not published: their jobs go back)"),
+                })
+            }
             Err(_) => Some("it panicked".to_owned()),
         };
         // What it still holds (it stopped early: its sink failed, or its directories) goes

@@ -51,8 +51,8 @@ pub(crate) struct Summary {
     /// What stopped the run early (a manifest or state write that failed), if anything.
     pub(crate) error: Option<String>,
     /// Of the files counted above, those whose outcome the sink may not have recorded: the
-    /// files with outcomes since its last good flush, when a flush (a state commit) failed
-    /// and stopped the run. Their outputs are as counted; the state (or the
+    /// files with outcomes since its last good flush, when a flush (a state commit, a cluster
+    /// worker's outcome publish, whose log says it) failed and stopped the run. Their outputs are as counted; the state (or the
     /// coordinator) does not know it, so they are taken again at the next start, where a
     /// file done is found done. (Counted done here and missing from the state and the
     /// manifest, with nothing said, they looked lost: found by a review.)
