@@ -993,6 +993,18 @@ fn files_whose_output_names_are_freed_while_their_failures_are_recorded_are_done
 /// review).
 #[test]
 fn a_blocked_file_taken_again_and_found_in_use_counts_once() {
+    blocked_then_in_use(false);
+}
+
+/// The same, the file then deleted while it waits for its next attempt: it ended failed
+/// `output-exists`, and stays counted so (it went uncounted: found by a review).
+#[test]
+fn a_blocked_file_taken_again_in_use_and_deleted_stays_counted() {
+    blocked_then_in_use(true);
+}
+
+/// A blocked file's output name freed while a writer holds it open; deleted then if `delete`.
+fn blocked_then_in_use(delete: bool) {
     let t = TestTree::new().file("a.txt", b"mine\n");
     let out = t.side("out");
     fs::create_dir_all(&out).unwrap();
@@ -1023,17 +1035,20 @@ fn a_blocked_file_taken_again_and_found_in_use_counts_once() {
             .iter()
             .any(|r| r["status"] == "retrying" && r["error"] == "in-use")
     });
+    let last = if delete {
+        fs::remove_file(t.path("a.txt")).unwrap();
+        d.wait_idle_where("the deletion heard", |s| s.retrying == 0);
+        "output-exists"
+    } else {
+        "in-use"
+    };
     let s = d.stop().success().summary();
     assert_eq!(
         (s["files"].as_u64(), s["failed"].as_u64()),
         (Some(1), Some(1)),
         "{s}"
     );
-    assert_eq!(
-        s["failed_by_reason"],
-        serde_json::json!({"in-use": 1}),
-        "{s}"
-    );
+    assert_eq!(s["failed_by_reason"], serde_json::json!({ last: 1 }), "{s}");
 }
 
 /// The same with `--out`: the output tree makes no events for the watch, so it looks at the

@@ -219,7 +219,12 @@ pub(crate) fn run(
     }
     summary.stale_temps_removed = stats.stale_temps_removed.load(Ordering::Relaxed);
     // Files still waiting for another attempt end as their last attempt did.
-    for (_, kind) in std::mem::take(&mut summary.waiting) {
+    for (rel, kind) in std::mem::take(&mut summary.waiting) {
+        // Blocked at its output name before, then taken again: it ends as this attempt did,
+        // once (it counted twice: found by a review).
+        if !summary.blocked.is_empty() && summary.blocked.remove(&rel).is_some() {
+            summary.uncount_blocked();
+        }
         summary.files += 1;
         summary.failed += 1;
         *summary.failed_by_reason.entry(kind).or_default() += 1;
@@ -248,6 +253,21 @@ fn idle(stats: &Stats) -> bool {
         + stats.skipped.load(Ordering::Relaxed)
         + stats.failed.load(Ordering::Relaxed);
     counted >= sent
+}
+
+impl Summary {
+    /// Takes back the count of a file that failed `output-exists` (see `blocked`).
+    fn uncount_blocked(&mut self) {
+        self.files -= 1;
+        self.failed -= 1;
+        let reason = Kind::OutputExists.as_str();
+        if let Some(n) = self.failed_by_reason.get_mut(reason) {
+            *n -= 1;
+            if *n == 0 {
+                self.failed_by_reason.remove(reason);
+            }
+        }
+    }
 }
 
 /// Whether `outcome` is a failure for an output name taken by another's file.
@@ -315,25 +335,11 @@ impl Summary {
             progress.overall.inc(1);
             return;
         }
-        let was = (!self.blocked.is_empty())
-            .then(|| self.blocked.remove(outcome.rel()))
-            .flatten();
-        if was.is_some_and(|was| was == stamp) {
-            // Taken again once its output name was freed, the same version: counted by how
-            // it ends now, an attempt to be made again included (it was counted twice at the
-            // end: found by a review). A version changed since is another file's outcome, and
-            // the blocked one stays counted as it ended.
-            self.files -= 1;
-            self.failed -= 1;
-            let reason = Kind::OutputExists.as_str();
-            if let Some(n) = self.failed_by_reason.get_mut(reason) {
-                *n -= 1;
-                if *n == 0 {
-                    self.failed_by_reason.remove(reason);
-                }
-            }
-        }
         if let (Disposition::Retry(_), Outcome::Failed { rel, error }) = (&disposition, &outcome) {
+            // Blocked before as another version: that one stays counted as it ended.
+            if (self.blocked.get(rel)).is_some_and(|was| *was != stamp) {
+                self.blocked.remove(rel);
+            }
             self.retries += 1;
             let kind = error.kind.as_str();
             // Logged once per reason: a file held open for hours is tried every minute, and
@@ -344,6 +350,15 @@ impl Summary {
                     .suspend(|| record("retrying", op, rel, error));
             }
             return;
+        }
+        let was = (!self.blocked.is_empty())
+            .then(|| self.blocked.remove(outcome.rel()))
+            .flatten();
+        if was.is_some_and(|was| was == stamp) {
+            // Taken again once its output name was freed, the same version: counted by how
+            // it ends now. A version changed since is another file's outcome, and the
+            // blocked one stays counted as it ended.
+            self.uncount_blocked();
         }
         let rel = match &outcome {
             Outcome::Done { rel, .. }
