@@ -137,8 +137,9 @@ const NAME_MAX: usize = 100;
 
 /// A worker's name as a field of a tab-separated line: what its message says, which anyone
 /// allowed to publish outcomes wrote, so with every control character (a tab too: it forged
-/// a field), and the characters that reorder or hide text on a terminal (bidi controls,
-/// zero-width ones), shown escaped, and cut at `NAME_MAX` characters (found by a review).
+/// a field), the characters that reorder or hide text on a terminal (bidi controls,
+/// zero-width and invisible ones, tags) and backslashes shown escaped, and cut at `NAME_MAX`
+/// characters (found by reviews).
 fn field(name: &str) -> String {
     let mut out = String::new();
     for (i, c) in name.chars().enumerate() {
@@ -149,9 +150,14 @@ fn field(name: &str) -> String {
             ));
             break;
         }
-        let hidden = matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
-            | '\u{2060}'..='\u{2069}' | '\u{061c}' | '\u{180e}' | '\u{feff}');
-        if c.is_control() || hidden {
+        let hidden = matches!(c, '\u{00ad}' | '\u{034f}' | '\u{061c}' | '\u{115f}' | '\u{1160}'
+            | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{206f}' | '\u{3164}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0000}'..='\u{e007f}');
+        if c == '\\' {
+            // Else a name holding the text `\u{9}` reads as one holding a tab.
+            out.push_str("\\\\");
+        } else if c.is_control() || hidden {
             out.push_str(&format!("\\u{{{:x}}}", c as u32));
         } else {
             out.push(c);
@@ -226,6 +232,10 @@ mod tests {
         );
         assert_eq!(field("ab\u{202e}cd\u{200b}"), "ab\\u{202e}cd\\u{200b}");
         assert_eq!(field("\u{1b}[31m"), "\\u{1b}[31m");
+        // Told apart from a name holding the escape's text, and no look-alike of another.
+        assert_eq!(field("a\\u{9}b"), "a\\\\u{9}b");
+        assert_eq!(field("host:1\u{ad}"), "host:1\\u{ad}");
+        assert_eq!(field("h\u{e0041}"), "h\\u{e0041}");
         let long = "é".repeat(300);
         let shown = field(&long);
         assert!(shown.starts_with(&"é".repeat(NAME_MAX)), "{shown}");
