@@ -223,3 +223,45 @@ fn a_file_blocked_at_its_output_name_counts_once_however_many_polls_try_it() {
     assert_eq!(s["failed_by_reason"]["output-exists"], 1, "{s}");
     assert_eq!(fs::read(t.path("a.txt.gz")).unwrap(), b"someone else's\n");
 }
+
+/// A file blocked at its output name until the polls have used up its attempts is still
+/// taken once the name is freed: the state then counted it failed for good with its stamp,
+/// and it was never taken again (found by a review).
+#[test]
+fn a_file_whose_polls_used_up_its_attempts_is_done_once_its_output_name_is_freed() {
+    let t = TestTree::new();
+    let log = t.side("failures.jsonl");
+    let d = Daemon::ready(
+        &t,
+        &[
+            "--op",
+            "gzip",
+            "--poll",
+            "1",
+            "--failure-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    fs::write(t.path("a.txt.gz"), b"someone else's\n").unwrap();
+    d.wait_idle_where("a.txt.gz skipped", |s| s.skipped == 1);
+    fs::write(t.path("a.txt"), b"mine\n").unwrap();
+    // Five attempts: the first, then one at each poll until they run out.
+    wait_until(Duration::from_secs(60), "five attempts", || {
+        records_of(&failure_log(&log), "output-exists").len() >= 5
+    });
+    d.wait_idle_where("the attempts over", |s| s.failed == 1);
+    fs::rename(t.path("a.txt.gz"), t.side("moved.gz")).unwrap();
+    d.wait_idle(1);
+    let out = tool(
+        "gzip",
+        &[OsStr::new("-dc"), OsStr::new("a.txt.gz")],
+        &t.root(),
+    );
+    assert_eq!(out.stdout, b"mine\n");
+    let s = d.stop().success().summary();
+    assert_eq!(
+        (s["done"].as_u64(), s["failed"].as_u64()),
+        (Some(1), Some(0)),
+        "{s}"
+    );
+}

@@ -864,9 +864,18 @@ impl Watcher<'_> {
             // As a touch of it (`touched_metadata`): a file its writer is still writing (a
             // write since, no close yet) keeps waiting for the close; another settles now.
             self.settle
-                .touched_metadata(input, Stamp::of(&abs), Instant::now());
+                .touched_metadata(input.clone(), Stamp::of(&abs), Instant::now());
+            self.take_again(&input);
         }
         Ok(())
+    }
+
+    /// A file whose output's name was freed (`touched_metadata` just now) is taken once it
+    /// settles whatever the state says: its failures for the name may have used up its
+    /// attempts (`--poll` tries it at each rescan), and the state then counts it settled for
+    /// good, so it was never taken again (found by a review).
+    fn take_again(&mut self, rel: &Path) {
+        self.settle.closed(rel);
     }
 
     /// `rel` failed because another file held its output's name next to it, and that name
@@ -888,6 +897,7 @@ impl Watcher<'_> {
             let stamp = Stamp::of(&abs);
             // As in `output_freed`: a file still being written keeps waiting for its close.
             self.settle.touched_metadata(rel.to_path_buf(), stamp, now);
+            self.take_again(rel);
         }
     }
 
@@ -934,7 +944,8 @@ impl Watcher<'_> {
             }
             tracing::debug!(path = %rel.display(), "its output's name was freed: taken again");
             // As in `output_freed`: a file still being written keeps waiting for its close.
-            self.settle.touched_metadata(rel, stamp, now);
+            self.settle.touched_metadata(rel.clone(), stamp, now);
+            self.take_again(&rel);
         }
     }
 
