@@ -953,3 +953,24 @@ exit $rc"#;
     }
     Some(out)
 }
+
+/// After a run stopped by a full state disk (`on_a_small_tmpfs_state`): the summary's
+/// `unrecorded` is exactly what the state copied to `state-after` lacks of its `done` files,
+/// and the disk did fill before every file was recorded.
+pub fn assert_unrecorded_is_what_the_state_lacks(t: &TestTree, sum: &serde_json::Value) {
+    let conn = rusqlite::Connection::open(t.side("state-after").join("filepipe.sqlite")).unwrap();
+    let recorded: u64 = conn
+        .query_row(
+            "SELECT COUNT(DISTINCT path) FROM files WHERE status = 'done'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let done = sum["done"].as_u64().unwrap();
+    let unrecorded = sum["unrecorded"].as_u64().unwrap_or(0);
+    assert!(
+        recorded < done,
+        "the disk filled before every file was recorded: {sum}"
+    );
+    assert_eq!(recorded, done - unrecorded, "{sum}");
+}
