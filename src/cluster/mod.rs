@@ -376,6 +376,19 @@ impl Creds {
                 "its seed is not a user's (an account's or operator's seed is not for \
                      connecting)",
             ),
+            // The public key is what the server's config holds: an easy file to give by
+            // mistake, and it signs nothing (found by a review).
+            [] if (text.lines()).any(|l| {
+                let l = l.trim();
+                l.starts_with('U') && nkeys::KeyPair::from_public_key(l).is_ok()
+            }) =>
+            {
+                Err(
+                    "it holds a user's public key (U...), not its seed: give the seed \
+                     (SU..., the first line `nk -gen user -pubout` prints), and the server \
+                     the public key",
+                )
+            }
             [] => Err(
                 "neither a credentials file (a user JWT and its nkey seed, as `nsc \
                        generate creds` writes it) nor a user nkey seed (SU..., for a server \
@@ -426,8 +439,16 @@ pub(crate) fn connect_or_await(
             if let Some(creds) = &q.creds {
                 let rule = crate::secret::FileRule::Secret(crate::secret::CREDS_SECRET);
                 let read = crate::secret::read_checked(creds, rule).map_err(|e| anyhow!(e))?;
-                let text = String::from_utf8(read)
-                    .map_err(|_| anyhow!("{}: not UTF-8 text", creds.display()))?;
+                let text = String::from_utf8(read).map_err(|e| {
+                    let utf16 = e.as_bytes().starts_with(&[0xff, 0xfe])
+                        || e.as_bytes().starts_with(&[0xfe, 0xff]);
+                    let hint = if utf16 {
+                        " (UTF-16: save it as UTF-8)"
+                    } else {
+                        ""
+                    };
+                    anyhow!("{}: not UTF-8 text{hint}", creds.display())
+                })?;
                 opts = match Creds::of(&text) {
                     Ok(Creds::Jwt) => opts
                         .credentials(&text)
@@ -957,6 +978,9 @@ mod tests {
         let account = nkeys::KeyPair::new_account().seed().unwrap();
         let not_a_user = Creds::of(&account).unwrap_err();
         assert!(not_a_user.contains("not a user's"), "{not_a_user}");
+        let public = nkeys::KeyPair::new_user().public_key();
+        let public_only = Creds::of(&format!("{public}\n")).unwrap_err();
+        assert!(public_only.contains("public key"), "{public_only}");
         assert!(Creds::of("SUNOTASEED").unwrap_err().contains("neither"));
         assert!(Creds::of("").unwrap_err().contains("neither"));
     }
