@@ -27,6 +27,15 @@ readme="$root/usr/share/doc/filepipe/README.systemd.md"
 for f in $(grep -o '/usr/share/doc/filepipe/[A-Za-z0-9_./-]*[A-Za-z0-9]' "$readme" | sort -u); do
   [ -e "$root$f" ] || fail "README.systemd.md names $f, which the package does not install"
 done
+# The installed README.md sends a reader to the installed files, not to the source tree's.
+main="$root/usr/share/doc/filepipe/README.md"
+[ -s "$main" ] || fail "missing or empty: /usr/share/doc/filepipe/README.md"
+grep -q '^> Installed by the Debian package' "$main" || fail "README.md lacks its note on the installed paths"
+! grep -q '`systemd/[A-Za-z@.-]*\.\(md\|toml\|conf\|service\)`' "$main" ||
+  fail "README.md names source-tree files the package installs elsewhere: $(grep -no '`systemd/[A-Za-z@.-]*`' "$main")"
+for f in $(grep -o '/usr/share/doc/filepipe/[A-Za-z0-9_./-]*[A-Za-z0-9]\|/lib/systemd/system/[A-Za-z0-9_.@-]*[a-z]\|/etc/filepipe/filepipe\.toml' "$main" | sort -u); do
+  [ -e "$root$f" ] || fail "README.md names $f, which the package does not install"
+done
 "$root/usr/bin/filepipe" --version
 zcat "$root/usr/share/man/man1/filepipe.1.gz" | groff -man -Tutf8 -ww >/dev/null
 bash -n "$root/usr/share/bash-completion/completions/filepipe"

@@ -62,6 +62,26 @@ PACKAGED
   -e 's#static system user `filepipe` that `install.sh` creates#static system user `filepipe` that the package creates#' \
   -e '/^| `install.sh` |/d' -e '/^| `check.sh` |/d' \
   > "$assets/README.systemd.md"
+# README.md, as installed: the source tree's names of the files the package installs become the
+# installed paths, and a note at the top says so (it sent a packaged install to
+# `systemd/README.md`, which is README.systemd.md here: found by a review).
+{
+  sed -n '1p' README.md
+  cat <<'PACKAGED'
+
+> Installed by the Debian package: the package has done what this README's install steps do
+> from a source tree (`systemd/install.sh`, `packaging/deb.sh`). filepipe is `/usr/bin/filepipe`,
+> its units are in `/lib/systemd/system/`, the service guide is `README.systemd.md` beside this
+> file, and the example configs are `/etc/filepipe/filepipe.toml` and `examples/` here. Paths
+> such as `tests/` and `bench/` are in the source tree.
+PACKAGED
+  sed '1d' README.md
+} | sed -e 's#`systemd/README\.md`#`README.systemd.md`#g' \
+  -e 's#`systemd/\(worker\.toml\|nats-server\.conf\)`#`/usr/share/doc/filepipe/examples/\1`#g' \
+  -e 's#`systemd/filepipe\.toml`#`/etc/filepipe/filepipe.toml`#g' \
+  -e 's#`systemd/\(filepipe[a-z@-]*\.service\)`#`/lib/systemd/system/\1`#g' \
+  -e 's#/usr/local/share/doc/filepipe/\(worker\.toml\|nats-server\.conf\)#/usr/share/doc/filepipe/examples/\1#g' \
+  > "$assets/README.md"
 gzip -9n < CHANGELOG.md > "$assets/changelog.gz"
 # A Debian changelog entry for this version (the project's own, CHANGELOG.md, is changelog.gz),
 # dated by the last commit, so the same tree makes the same package.
