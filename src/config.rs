@@ -688,6 +688,7 @@ impl Config {
             check_state(&cfg.root, dir, &state_dir)?;
             check_own_files_apart(&cfg.own_files, &state_dir)?;
             check_dirs_apart(&cfg, &state_dir)?;
+            check_state_kept(dir, &state_dir)?;
             let lock = crate::state::lock_dir(&state_dir)?;
             // A state directory inside the tree is filepipe's, never an input.
             cfg.own_files.push(state_dir.clone());
@@ -1037,12 +1038,16 @@ impl Config {
             let dir = crate::fsio::canonical::resolve(&to_be)?;
             check_state(&self.root, &state_dir, &dir)?;
             check_own_files_apart(&self.own_files, &dir)?;
+            check_state_kept(&state_dir, &dir)?;
             let lock = crate::state::lock_dir(&dir)?;
             (dir, Some(lock))
         } else {
             let dir = absolute(&state_dir);
             check_state(&self.root, &state_dir, &dir)?;
             check_own_files_apart(&self.own_files, &dir)?;
+            if dir.is_dir() {
+                check_state_kept(&state_dir, &crate::fsio::canonical::resolve(&dir)?)?;
+            }
             (dir, None)
         };
         // A state directory inside the watched tree must not be watched itself.
@@ -1213,6 +1218,19 @@ fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
         given.display(),
         root.display()
     )
+}
+
+/// Refuses a state directory (`dir`, resolved; `given` as the user named it) that another
+/// user may change, or swap by renaming a directory above it (`secret::check_state_dir`).
+fn check_state_kept(given: &Path, dir: &Path) -> Result<()> {
+    crate::secret::check_state_dir(dir).map_err(|why| {
+        anyhow::anyhow!(
+            "--state {} ({}): {why}: another user could choose what filepipe writes there \
+             (keep the state outside trees others write to)",
+            given.display(),
+            dir.display()
+        )
+    })
 }
 
 /// Refuses a manifest or failure log (`own`) inside the state directory `dir`: written there,

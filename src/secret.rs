@@ -249,7 +249,7 @@ impl FileAccess {
             Some(p) => p.clone(),
             None => std::fs::canonicalize(path).map_err(|e| format!("cannot resolve it: {e}"))?,
         };
-        check_dirs_above(&resolved)
+        check_dirs_above(&resolved, "the file")
     }
 
     /// `check_not_writable` for the file itself.
@@ -286,7 +286,7 @@ impl FileAccess {
 /// the file's owner and the directory's are held to the rule. The directories of the path
 /// as given are not checked, only those of the file it resolved to: a symlink there that
 /// someone may change can only lead to another file that passes the same rules.
-fn check_dirs_above(resolved: &Path) -> Result<(), String> {
+fn check_dirs_above(resolved: &Path, what: &str) -> Result<(), String> {
     let me = rustix::process::geteuid().as_raw();
     for dir in resolved.ancestors().skip(1) {
         let access = FileAccess::of_dir(dir)
@@ -295,8 +295,8 @@ fn check_dirs_above(resolved: &Path) -> Result<(), String> {
         let above = format!("the directory {} above it", dir.display());
         if uid != 0 && uid != me {
             return Err(format!(
-                "{above} is owned by user {uid}, who may replace the file in it, not by root or \
-                 the user filepipe runs as ({me}): chown it, or move the file"
+                "{above} is owned by user {uid}, who may replace {what} in it, not by root or \
+                 the user filepipe runs as ({me}): chown it, or move {what}"
             ));
         }
         if mode & 0o1000 != 0 {
@@ -306,7 +306,7 @@ fn check_dirs_above(resolved: &Path) -> Result<(), String> {
         if let Some(e) = access.named.iter().find(|e| e.perm & 2 != 0) {
             return Err(format!(
                 "{above} has an ACL entry that lets {} add, rename or remove files in it: \
-                 remove the entry (setfacl -x {} {}), or move the file",
+                 remove the entry (setfacl -x {} {}), or move {what}",
                 e.who(),
                 e.spec(),
                 dir.display()
@@ -315,12 +315,27 @@ fn check_dirs_above(resolved: &Path) -> Result<(), String> {
         if mode & 0o022 != 0 {
             return Err(format!(
                 "users other than its owner may add, rename or remove files in {above} (mode \
-                 {mode:04o}): chmod go-w {} (or +t), or move the file",
+                 {mode:04o}): chmod go-w {} (or +t), or move {what}",
                 dir.display()
             ));
         }
     }
     Ok(())
+}
+
+/// Refuses a state directory (`dir`, an absolute path without symlinks) that someone else
+/// than root or the user filepipe runs as may change: SQLite opens the database and its WAL
+/// files in it by path, following symlinks, so whoever may add a file there, or rename the
+/// directory or one above it, chooses what filepipe writes to (found by a review: the owner
+/// of a tree holding `--state tree/.st` swapped the directory for one holding a symlink, and
+/// root's run wrote its state into a database of theirs outside every root). The directory is
+/// held to `check_not_writable`'s rule for a file, without a sticky exception (in a sticky
+/// directory anyone may still add a name), and the directories above it to
+/// `check_dirs_above`'s.
+pub(crate) fn check_state_dir(dir: &Path) -> Result<(), String> {
+    let access = FileAccess::of_dir(dir).map_err(|e| format!("cannot read it: {e}"))?;
+    access.check_file_not_writable()?;
+    check_dirs_above(dir, "the state directory")
 }
 
 /// The named entries of an access ACL as `fgetxattr`/`lgetxattr` read it: none on a file

@@ -320,6 +320,11 @@ impl Known {
         self.count() == self.wanted && self.records().all(|(_, r)| r.settled(now))
     }
 
+    /// True if some op of the run recorded the file done (with whatever stamp).
+    pub(crate) fn any_done(&self) -> bool {
+        self.records().any(|(_, r)| r.status == FileStatus::Done)
+    }
+
     /// True if every op of the run was done with the stamp `now` (`Record::done_as`).
     #[cfg(test)]
     pub(crate) fn done_as(&self, now: Option<Stamp>) -> bool {

@@ -224,8 +224,8 @@ fn a_file_that_failed_is_tried_again_by_the_next_run() {
     let t = TestTree::new()
         .file("ok", b"readable\n")
         .file("locked", b"not yet\n");
+    // Made by the user who runs filepipe: one another user may change is refused.
     let state = t.side("state");
-    fs::create_dir(&state).unwrap();
     t.open_to_all();
     let locked = t.path("locked");
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
@@ -653,6 +653,150 @@ fn a_state_path_in_the_tree_that_a_symlink_leads_out_of_is_refused() {
     r.success();
 }
 
+/// A state directory another user may change, or swap by renaming it in a directory of
+/// theirs, is refused, batch and watch: SQLite opens its files by path (found by a review: the
+/// owner of a tree holding `--state tree/.st` swapped in a directory of theirs whose
+/// `filepipe.sqlite` was a symlink, and root's run wrote its state into a database outside
+/// every root). A state of one's own beside the tree, in a sticky directory, is fine.
+#[test]
+fn a_state_directory_another_user_may_change_is_refused_and_nothing_written_through_it() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root, to own files as another user");
+        return;
+    }
+    let t = TestTree::new().file("a", b"a\n");
+    t.open_to_all();
+    let nobody = |args: &[&OsStr]| {
+        let out = as_user(65534, 65534, args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    std::os::unix::fs::chown(t.root(), Some(65534), Some(65534)).unwrap();
+    // Someone else's database, outside every root, which a link in their directory names.
+    let victim = t.side("victim.sqlite");
+    fs::write(&victim, b"not to be written\n").unwrap();
+    let theirs = t.side("theirs");
+    nobody(&[OsStr::new("mkdir"), theirs.as_os_str()]);
+    nobody(&[
+        OsStr::new("ln"),
+        OsStr::new("-s"),
+        victim.as_os_str(),
+        theirs.join("filepipe.sqlite").as_os_str(),
+    ]);
+    let in_tree = t.path(".st");
+    for mode in ["batch", "watch"] {
+        // In a tree another user owns: they may rename it and put theirs in its place.
+        for (state, why) in [
+            (
+                &in_tree,
+                "is owned by user 65534, who may replace the state directory",
+            ),
+            (&theirs, "it is owned by user 65534, who may change it"),
+        ] {
+            let r = run(filepipe(&[
+                OsStr::new(mode),
+                t.root().as_os_str(),
+                OsStr::new("--op"),
+                OsStr::new("sha256"),
+                OsStr::new("--state"),
+                state.as_os_str(),
+            ]));
+            let said = r.code(2).stderr();
+            assert!(said.contains(why), "{mode} {}: {said}", state.display());
+        }
+    }
+    assert_eq!(fs::read(&victim).unwrap(), b"not to be written\n");
+    assert!(!in_tree.join("filepipe.sqlite").exists());
+    // One's own, beside the tree in the sticky directory that holds both: used.
+    let mine = t.side("mine");
+    let r = run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--manifest"),
+        t.side("SUMS").as_os_str(),
+        OsStr::new("--state"),
+        mine.as_os_str(),
+    ]));
+    r.success();
+    assert!(mine.join("filepipe.sqlite").exists());
+}
+
+/// A `--max-size` given since the files were recorded applies to them: those over it are
+/// skipped unread, and the manifest is a stateless run's (found by a review: their recorded
+/// results stood, and the manifest listed them).
+#[test]
+fn a_max_size_given_later_skips_the_recorded_files_over_it() {
+    let t = TestTree::new()
+        .file("small", b"small\n")
+        .file("big", &[b'b'; 5000])
+        .file("d/big", &[b'c'; 6000]);
+    let sums = t.side("SUMS");
+    let manifest = [OsStr::new("--manifest"), sums.as_os_str()];
+    run(batch(&t, "sha256", &manifest)).success();
+    let limit = [
+        &manifest[..],
+        &[OsStr::new("--max-size"), OsStr::new("1000")],
+    ]
+    .concat();
+    let s = run(batch(&t, "sha256", &limit)).success().summary();
+    assert_eq!(s["done"], 1, "{s}");
+    assert_eq!(s["skipped_by_reason"]["over-max-size"], 2, "{s}");
+    let fresh = t.side("fresh.sums");
+    run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--max-size"),
+        OsStr::new("1000"),
+        OsStr::new("--manifest"),
+        fresh.as_os_str(),
+    ]))
+    .success();
+    let listed = fs::read(&sums).unwrap();
+    assert_eq!(listed, fs::read(&fresh).unwrap());
+    assert!(listed.ends_with(b"  small\n") && listed.iter().filter(|&&b| b == b'\n').count() == 1);
+    // Not read again at the next run: recorded as skipped for that size.
+    let s = run(batch(&t, "sha256", &limit)).success().summary();
+    assert_eq!(s["skipped_by_reason"]["over-max-size"], 2, "{s}");
+    assert_eq!(fs::read(&sums).unwrap(), listed);
+}
+
+/// With `--follow-symlinks`, a link retargeted since the last run is done again, its output
+/// replaced (found by a review: the publish compared the link's own stamp with the file read,
+/// and the file failed `changed-while-read` at every run, its old output left in place).
+#[test]
+fn a_followed_link_retargeted_since_is_done_again_and_its_output_replaced() {
+    let t = TestTree::new()
+        .file("v1", b"version one\n")
+        .file("v2", b"version two, longer\n");
+    std::os::unix::fs::symlink("v1", t.path("current")).unwrap();
+    let (sums, out) = (t.side("SUMS"), t.side("out"));
+    let args = [
+        OsStr::new("--follow-symlinks"),
+        OsStr::new("--out"),
+        out.as_os_str(),
+        OsStr::new("--manifest"),
+        sums.as_os_str(),
+    ];
+    run(batch(&t, "sha256,gzip", &args)).success();
+    fs::remove_file(t.path("current")).unwrap();
+    std::os::unix::fs::symlink("v2", t.path("current")).unwrap();
+    for round in 0..2 {
+        let s = run(batch(&t, "sha256,gzip", &args)).success().summary();
+        assert_eq!(s["done"], 3, "round {round}: {s}");
+        assert_eq!(s["failed"], 0, "round {round}: {s}");
+        let unzipped = tool(
+            "gzip",
+            &[OsStr::new("-dc"), out.join("current.gz").as_os_str()],
+            &out,
+        );
+        assert_eq!(unzipped.stdout, b"version two, longer\n", "round {round}");
+        sha256sum_check(&t, &sums);
+    }
+}
+
 #[test]
 fn a_state_is_used_by_one_process_at_a_time_and_not_with_a_queue() {
     let t = tree(3);
@@ -847,8 +991,8 @@ fn a_root_that_cannot_be_listed_leaves_the_manifest_as_it_was() {
     let t = TestTree::new()
         .file("a.txt", b"a\n")
         .file("sub/b.txt", b"b\n");
+    // Made by the user who runs filepipe: one another user may change is refused.
     let state = t.side("state");
-    fs::create_dir(&state).unwrap();
     t.open_to_all();
     for incremental in [false, true] {
         let sums = t.side(&format!("SUMS-{incremental}"));
@@ -893,8 +1037,8 @@ fn a_directory_that_cannot_be_listed_does_not_make_the_state_forget_its_files() 
         .file("open/a.txt", b"a\n")
         .file("locked/b.txt", b"b\n")
         .file("locked/sub/c.txt", b"c\n");
+    // Made by the user who runs filepipe: one another user may change is refused.
     let state = t.side("state");
-    fs::create_dir(&state).unwrap();
     t.open_to_all();
     let sums = t.side("SUMS");
     let as_nobody = || {

@@ -1266,6 +1266,58 @@ fn deletions_leave_the_manifest_while_running_and_across_restarts() {
     assert_sha256sum_c(&manifest, &t.root());
 }
 
+/// Changed while the daemon was down: a file that became a directory, a directory that became
+/// a file, a file a new `--exclude` leaves out and one over a new `--max-size`. The start-up
+/// scan leaves the state and the manifest as a fresh start would have them (found by a
+/// review: the rows stayed, the manifest listed a directory and failed `sha256sum -c`, and
+/// `status` counted files no longer there or no longer selected).
+#[test]
+fn files_whose_kind_or_selection_changed_while_down_leave_the_state_and_manifest() {
+    let t = TestTree::new()
+        .file("keep", b"k\n")
+        .file("f", b"a file, then a directory\n")
+        .file("sub/s1", b"1\n")
+        .file("sub/s2", b"2\n")
+        .file("x.dat", b"excluded later\n")
+        .file("big", &[b'b'; 5000]);
+    let manifest = t.side("SUMS");
+    let args = ["--op", "sha256", "--manifest", manifest.to_str().unwrap()];
+    let d = Daemon::ready(&t, &args);
+    d.wait_idle(6);
+    d.stop().success();
+    fs::remove_file(t.path("f")).unwrap();
+    fs::create_dir(t.path("f")).unwrap();
+    fs::write(t.path("f/x"), b"x\n").unwrap();
+    fs::remove_dir_all(t.path("sub")).unwrap();
+    fs::write(t.path("sub"), b"a directory, then a file\n").unwrap();
+    let mut again = args.to_vec();
+    again.extend(["--exclude", "*.dat", "--max-size", "1000"]);
+    let d = Daemon::ready(&t, &again);
+    let names = || -> Vec<String> {
+        let text = fs::read_to_string(&manifest).unwrap_or_default();
+        let mut names: Vec<String> = text.lines().map(|l| l[66..].to_string()).collect();
+        names.sort();
+        names
+    };
+    wait_for("the manifest of the tree as it is", || {
+        names() == ["f/x", "keep", "sub"]
+    });
+    d.wait_idle(2);
+    let s = d.stop().success().summary();
+    assert_eq!(s["skipped_by_reason"]["over-max-size"], 1, "{s}");
+    assert_sha256sum_c(&manifest, &t.root());
+    let status = run(filepipe(&[
+        OsStr::new("status"),
+        OsStr::new("--state"),
+        t.side("state").as_os_str(),
+    ]))
+    .success()
+    .stdout();
+    assert!(status.contains("\tdone\t3\n"), "{status}");
+    assert!(status.contains("\tskipped\t1\n"), "{status}");
+    assert!(!status.contains("failed"), "{status}");
+}
+
 #[test]
 fn manifest_is_kept_current_during_a_steady_stream() {
     let t = TestTree::new();

@@ -146,7 +146,16 @@ fn superseded(job: &Job, input: &InputFile) -> Option<FileError> {
         return None;
     }
     let read = Stamp::from_stat(&input.stat);
-    match Stamp::of(&job.abs) {
+    // A symlink at the name was followed to what was read (`--follow-symlinks`): what it
+    // leads to now is compared, not the link (found by a review: a link's own stamp never
+    // matched, and its file failed `changed-while-read` at every run).
+    let now = match rustix::fs::lstat(&job.abs) {
+        Ok(st) if rustix::fs::FileType::from_raw_mode(st.st_mode).is_symlink() => {
+            rustix::fs::stat(&job.abs).ok()
+        }
+        other => other.ok(),
+    };
+    match now.map(|st| Stamp::from_stat(&st)) {
         Some(now) if now.same_file(&read) => None,
         _ => Some(FileError::new(
             Kind::Changed,

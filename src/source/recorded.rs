@@ -29,12 +29,25 @@ pub(crate) fn lacks(cfg: &Config, known: &Known, rel: &Path, stamp: Option<Stamp
     if incremental.rehash || own_output_beside(cfg, rel) {
         return Lacks::All;
     }
+    // Over a `--max-size` given since it was recorded: the workers skip it unread, as a run
+    // without the state does (found by a review: its recorded result stood, and the manifest
+    // listed it).
+    if over_max_size(cfg, stamp) {
+        return Lacks::All;
+    }
     let lacks = known.lacks(&cfg.spec, stamp, |made_output| {
         // A compressor's row without an output is a file it left alone (already compressed,
         // only hashed): nothing of its own to check.
         !made_output || output_in_place(cfg, rel, stamp)
     });
     judged(cfg, known, rel, lacks)
+}
+
+/// Whether a file found with `stamp` is larger than `--max-size` (`max_size`): the workers
+/// skip it unread (`over-max-size`), whatever the state recorded for it.
+pub(crate) fn over_max_size(cfg: &Config, stamp: Option<Stamp>) -> bool {
+    cfg.max_size
+        .is_some_and(|max| stamp.is_some_and(|s| s.size > max))
 }
 
 /// `lacks` with a partial job's `replaces` set, for batch and watch alike: a file read for some

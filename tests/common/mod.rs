@@ -77,7 +77,6 @@ impl TestTree {
 
     /// Makes the whole temp dir reachable by an unprivileged user (tempdirs are 0700).
     pub fn open_to_all(&self) {
-        fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
         for e in walkdir::WalkDir::new(self.dir.path()).follow_links(false) {
             let e = e.unwrap();
             if e.file_type().is_symlink() {
@@ -86,6 +85,9 @@ impl TestTree {
             let mode = if e.file_type().is_dir() { 0o777 } else { 0o666 };
             fs::set_permissions(e.path(), fs::Permissions::from_mode(mode)).unwrap();
         }
+        // The top one sticky, as /tmp: it holds the state directories beside the tree, and a
+        // state directory another user may rename is refused.
+        fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
     }
 }
 
@@ -932,7 +934,7 @@ pub fn on_a_small_tmpfs_state(t: &TestTree, args: &[&str]) -> Option<Run> {
     // `state-after` beside it, for the test to read.
     let after = t.side("state-after");
     fs::create_dir(&after).unwrap();
-    let script = r#"mount -t tmpfs -o size=150k none "$1" || exit 99
+    let script = r#"mount -t tmpfs -o size=150k,mode=0700 none "$1" || exit 99
 state=$1 after=$2 bin=$3 command=$4 root=$5; shift 5
 "$bin" "$command" "$root" --state "$state" "$@"
 rc=$?

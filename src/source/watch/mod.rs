@@ -601,10 +601,13 @@ impl Watcher<'_> {
                     // A settled file whose output went while nobody watched (filepipe down,
                     // or events lost) is taken, to make it again as a batch would. Not at a
                     // poll: it would look for every output every few seconds.
+                    // Nor a file done before a `max_size` it is over was set: the workers
+                    // skip it, and it leaves the manifest, as a fresh start would have it.
                     let settled = was.is_some_and(|k| {
                         k.settled(stamp)
                             && (lost == Lost::Unseen
                                 || !recorded::output_gone(cfg, &k, &job.rel, stamp))
+                            && !(k.any_done() && recorded::over_max_size(cfg, stamp))
                     });
                     // The walk applied the filters and skipped filepipe's own files.
                     if settled || self.not_taken(&job.rel) {
@@ -655,13 +658,34 @@ impl Watcher<'_> {
             // (or never made) events.
             gone.extend(self.flight.under(under).cloned());
         }
+        let mut unlisted = Vec::new();
         for rel in gone {
             // Gone, not merely hidden: a file whose directory lets it be listed but not
             // looked at was forgotten, and reported again from scratch (found by a review).
-            let there = std::fs::symlink_metadata(self.cfg.root.join(&rel));
-            if there.is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
-                self.forget(rel)?;
+            match std::fs::symlink_metadata(self.cfg.root.join(&rel)) {
+                // No longer there, or a directory above it is a file now.
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::NotFound
+                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
+                {
+                    self.forget(rel)?;
+                }
+                // A directory now, or no longer selected (the filters changed since): no
+                // longer a file of the tree, as an incremental batch has it. Its row alone
+                // goes, by its exact path: the files in a directory that took its name are
+                // rows of their own, found by this scan (found by a review: the rows stayed,
+                // and the manifest listed a directory). One in flight ends first.
+                Ok(m)
+                    if (m.is_dir() || !selected(self.cfg, &rel)) && !self.flight.contains(&rel) =>
+                {
+                    self.settle.forget(&rel);
+                    unlisted.push(rel);
+                }
+                _ => {}
             }
+        }
+        if !unlisted.is_empty() {
+            self.send(Event::Unlisted(unlisted))?;
         }
         Ok(())
     }
@@ -1286,4 +1310,15 @@ fn may_enter(path: &Path) -> bool {
 /// Whether `path` is a directory itself (a symlink to one is not).
 fn is_real_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// Whether the filters select the file at `rel` (relative to the root): it passes the include
+/// globs, and neither it nor a directory above it is excluded (the walk does not descend into
+/// an excluded directory).
+fn selected(cfg: &Config, rel: &Path) -> bool {
+    cfg.filter.included(rel)
+        && !rel
+            .ancestors()
+            .filter(|a| !a.as_os_str().is_empty())
+            .any(|a| cfg.filter.excluded(a))
 }
