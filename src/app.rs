@@ -145,7 +145,7 @@ pub fn main() -> ExitCode {
             }
         }
         #[cfg(feature = "demos")]
-        Command::Demo(args) => match crate::demo::run(&args) {
+        Command::Demo(args) => match crate::demo::run(&args, cli.quiet) {
             Ok(code) => code,
             Err(e) => fail(exit::FAILURES, &e),
         },

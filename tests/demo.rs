@@ -464,6 +464,38 @@ fn fizzbuzz_output_is_exactly_the_sequence() {
     assert_checks_ok(&out, 1);
 }
 
+/// `-q` keeps a demo's report off stdout, as it keeps a batch's summary; its checks still
+/// decide the exit code. The cpu demo's worker processes run under it too.
+#[test]
+fn quiet_demos_print_nothing_and_still_succeed() {
+    for args in [
+        &["-q", "demo", "fizzbuzz", "--n", "15"][..],
+        &["-q", "demo", "barrier", "--threads", "3", "--work-ms", "5"],
+        &[
+            "demo",
+            "cpu",
+            "--quiet",
+            "--tasks",
+            "3",
+            "--base",
+            "1000",
+            "--step",
+            "700",
+            "--scale",
+            "1",
+            "--workers",
+            "2",
+        ],
+    ] {
+        let r = filepipe(args);
+        r.success();
+        assert_eq!(r.stdout(), "", "{args:?}");
+        assert_eq!(r.stderr(), "", "{args:?}");
+    }
+    // Without it, the same demo reports.
+    assert!(demo(&["fizzbuzz", "--n", "3"]).contains("check "));
+}
+
 #[test]
 fn as_completed_returns_every_task_in_finishing_order() {
     let out = demo(&["as-completed", "--tasks", "5", "--step-ms", "5"]);

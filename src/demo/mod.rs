@@ -66,8 +66,10 @@ pub(crate) enum DemoCommand {
 }
 
 /// Runs the demo named in `args`, or prints the list. The exit code is failure when a
-/// demo's own check of its claim did not hold.
-pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
+/// demo's own check of its claim did not hold. `quiet` (`-q`) keeps a demo's report off
+/// stdout, a failed check excepted (on stderr); `--list`, asked for, is printed all the same.
+pub(crate) fn run(args: &DemoArgs, quiet: bool) -> anyhow::Result<ExitCode> {
+    report::set_quiet(quiet);
     let Some(demo) = args.demo.as_ref().filter(|_| !args.list) else {
         // What `--list` prints is for scripts too: a write that fails is an error (exit 1),
         // as for every other printer; a reader gone (`| head`) is not.

@@ -5,13 +5,24 @@
 use std::fmt::Display;
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// Writes one line to stdout. Unlike `println!` it does not panic when stdout is gone
-/// (`filepipe demo ... | head`): the demo still runs to its end, just unheard.
+/// `-q`: nothing on stdout; a failed check alone is said, on stderr, as errors are.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Makes every demo quiet from now on (`filepipe -q demo ...`).
+pub(crate) fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Writes one line to stdout, unless `-q` was given. Unlike `println!` it does not panic when
+/// stdout is gone (`filepipe demo ... | head`): the demo still runs to its end, just unheard.
 macro_rules! say {
     ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+        if !QUIET.load(Ordering::Relaxed) {
+            let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+        }
     }};
 }
 
@@ -103,9 +114,16 @@ impl Default for Checks {
 }
 
 impl Checks {
-    /// Prints `check <claim>: ok` or `: FAILED` and remembers a failure.
+    /// Prints `check <claim>: ok` or `: FAILED` and remembers a failure. Under `-q` a failure
+    /// is still said, on stderr: the exit code alone would not tell which claim failed.
     pub(crate) fn check(&mut self, claim: impl Display, ok: bool) {
         say!("  check {claim}: {}", if ok { "ok" } else { "FAILED" });
+        if !ok && QUIET.load(Ordering::Relaxed) {
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "filepipe: demo check {claim}: FAILED"
+            );
+        }
         self.all_ok &= ok;
     }
 
