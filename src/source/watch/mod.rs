@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use crossbeam_channel::{Receiver, Select, Sender, TryRecvError, TrySendError};
 use notify::{RecursiveMode, Watcher as _};
+use rustix::fs::{FileType, OFlags};
+use rustix::io::Errno;
 
 use crate::config::Config;
 use crate::fsio::input::Root;
@@ -662,21 +664,28 @@ impl Watcher<'_> {
         for rel in gone {
             // Gone, not merely hidden: a file whose directory lets it be listed but not
             // looked at was forgotten, and reported again from scratch (found by a review).
-            match std::fs::symlink_metadata(self.cfg.root.join(&rel)) {
+            // Looked at beneath the root, no symlink followed: a directory above it swapped
+            // for a link leads out of the tree (found by a review: its row stayed, and whether
+            // it did told the tree's owner what was there outside).
+            match lstat_in_tree(&self.cfg.root.join(&rel)) {
                 // No longer there, or a directory above it is a file now.
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::NotFound
-                        || e.raw_os_error() == Some(libc::ENOTDIR) =>
-                {
+                Err(Errno::NOENT | Errno::NOTDIR) => {
                     self.forget(rel)?;
                 }
-                // A directory now, or no longer selected (the filters changed since): no
-                // longer a file of the tree, as an incremental batch has it. Its row alone
-                // goes, by its exact path: the files in a directory that took its name are
-                // rows of their own, found by this scan (found by a review: the rows stayed,
-                // and the manifest listed a directory). One in flight ends first.
-                Ok(m)
-                    if (m.is_dir() || !selected(self.cfg, &rel)) && !self.flight.contains(&rel) =>
+                // A directory now, reached only through a symlink now, or no longer selected
+                // (the filters changed since): no longer a file of the tree, as an
+                // incremental batch has it. Its row alone goes, by its exact path: the files
+                // in a directory that took its name are rows of their own, found by this scan
+                // (found by a review: the rows stayed, and the manifest listed a directory).
+                // One in flight ends first.
+                r if !self.flight.contains(&rel)
+                    && match r {
+                        Ok(st) => {
+                            FileType::from_raw_mode(st.st_mode).is_dir()
+                                || !selected(self.cfg, &rel)
+                        }
+                        Err(e) => crate::fsio::canonical::is_symlink_on_path(e),
+                    } =>
                 {
                     self.settle.forget(&rel);
                     unlisted.push(rel);
@@ -1310,6 +1319,13 @@ fn may_enter(path: &Path) -> bool {
 /// Whether `path` is a directory itself (a symlink to one is not).
 fn is_real_dir(path: &Path) -> bool {
     std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
+/// `lstat` of `path` (beneath the canonical root), following no symlink on the way or at its
+/// end: `ELOOP` or `EXDEV` where one is there now.
+fn lstat_in_tree(path: &Path) -> rustix::io::Result<rustix::fs::Stat> {
+    let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    rustix::fs::fstat(crate::fsio::canonical::open(path, flags)?)
 }
 
 /// Whether the filters select the file at `rel` (relative to the root): it passes the include
