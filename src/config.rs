@@ -1047,6 +1047,12 @@ impl Config {
             check_own_files_apart(&self.own_files, &dir)?;
             if dir.is_dir() {
                 check_state_kept(&state_dir, &crate::fsio::canonical::resolve(&dir)?)?;
+            } else {
+                // Not made yet (`check-config`): judged as the run that makes it would judge
+                // it (found by a review: passed here, refused at the service's start).
+                let (existing, _) = crate::fsio::canonical::resolve_existing(&dir)?;
+                crate::secret::check_state_dir_to_be(&existing)
+                    .map_err(|why| state_not_kept(&state_dir, &existing, &why))?;
             }
             (dir, None)
         };
@@ -1223,14 +1229,21 @@ fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
 /// Refuses a state directory (`dir`, resolved; `given` as the user named it) that another
 /// user may change, or swap by renaming a directory above it (`secret::check_state_dir`).
 fn check_state_kept(given: &Path, dir: &Path) -> Result<()> {
-    crate::secret::check_state_dir(dir).map_err(|why| {
-        anyhow::anyhow!(
-            "--state {} ({}): {why}: another user could choose what filepipe writes there \
-             (keep the state outside trees others write to)",
-            given.display(),
-            dir.display()
-        )
-    })
+    crate::secret::check_state_dir(dir, &crate::state::FILE_NAMES)
+        .map_err(|why| state_not_kept(given, dir, &why))
+}
+
+/// The refusal of a state directory (`given`; `dir`, resolved, or where it would be made)
+/// for `why`.
+fn state_not_kept(given: &Path, dir: &Path, why: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "state directory {} ({}): {why}: another user could choose what filepipe writes there \
+         (give a directory only root or this user may change: not one inside a tree others \
+         write to, nor another user's, such as the packaged service's /var/lib/filepipe for a \
+         root run)",
+        given.display(),
+        dir.display()
+    )
 }
 
 /// Refuses a manifest or failure log (`own`) inside the state directory `dir`: written there,

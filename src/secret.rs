@@ -287,8 +287,16 @@ impl FileAccess {
 /// as given are not checked, only those of the file it resolved to: a symlink there that
 /// someone may change can only lead to another file that passes the same rules.
 fn check_dirs_above(resolved: &Path, what: &str) -> Result<(), String> {
+    match resolved.parent() {
+        Some(dir) => check_dir_and_above(dir, what),
+        None => Ok(()),
+    }
+}
+
+/// `check_dirs_above`'s rule for `dir` (resolved) and every directory above it.
+fn check_dir_and_above(dir: &Path, what: &str) -> Result<(), String> {
     let me = rustix::process::geteuid().as_raw();
-    for dir in resolved.ancestors().skip(1) {
+    for dir in dir.ancestors() {
         let access = FileAccess::of_dir(dir)
             .map_err(|e| format!("cannot read the directory {} above it: {e}", dir.display()))?;
         let (uid, mode) = (access.meta.uid(), access.meta.mode() & 0o7777);
@@ -331,11 +339,39 @@ fn check_dirs_above(resolved: &Path, what: &str) -> Result<(), String> {
 /// root's run wrote its state into a database of theirs outside every root). The directory is
 /// held to `check_not_writable`'s rule for a file, without a sticky exception (in a sticky
 /// directory anyone may still add a name), and the directories above it to
-/// `check_dirs_above`'s.
-pub(crate) fn check_state_dir(dir: &Path) -> Result<(), String> {
+/// `check_dirs_above`'s. So are the state's own `files` already in it: one another user put
+/// there while they could (a symlink to a database of theirs, or a file they own and may
+/// rewrite) would still choose what filepipe writes, and what its next manifest says, once the
+/// directory was made safe (found by a review). The directory passed, so none can be put there
+/// after this check.
+pub(crate) fn check_state_dir(dir: &Path, files: &[&str]) -> Result<(), String> {
     let access = FileAccess::of_dir(dir).map_err(|e| format!("cannot read it: {e}"))?;
     access.check_file_not_writable()?;
-    check_dirs_above(dir, "the state directory")
+    check_dirs_above(dir, "the state directory")?;
+    for name in files {
+        let access = match FileAccess::of_dir(&dir.join(name)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(format!("cannot read {name} in it: {e}")),
+            Ok(access) => access,
+        };
+        if !access.meta.file_type().is_file() {
+            return Err(format!(
+                "{name} in it is not a regular file (a symlink, or another kind): filepipe makes \
+                 only files there, so someone else put it there: remove it"
+            ));
+        }
+        access
+            .check_file_not_writable()
+            .map_err(|why| format!("{name} in it: {why}: remove it if filepipe did not make it"))?;
+    }
+    Ok(())
+}
+
+/// `check_state_dir` for a state directory not made yet, to be made below `existing` (the
+/// deepest directory of its path that exists, resolved), as `check-config` judges one: the
+/// directories filepipe will make are its own, so `existing` and those above it decide.
+pub(crate) fn check_state_dir_to_be(existing: &Path) -> Result<(), String> {
+    check_dir_and_above(existing, "the state directory")
 }
 
 /// The named entries of an access ACL as `fgetxattr`/`lgetxattr` read it: none on a file

@@ -470,8 +470,13 @@ impl State {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create state directory {}", dir.display()))?;
         let path = db_path(dir);
-        let mut conn = Connection::open(&path)
-            .with_context(|| format!("cannot open state database {}", path.display()))?;
+        // No symlink on the way (`dir` is resolved): what `secret::check_state_dir` asks of the
+        // state's files, held again where SQLite opens them.
+        let mut conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+        )
+        .with_context(|| format!("cannot open state database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;
         // SQLite opens a file it may not write read-only, without a word: the run then failed
         // at its first file's outcome, every pipeline of a service with it, and under the
@@ -568,7 +573,9 @@ impl State {
         let path = db_path(dir);
         let conn = Connection::open_with_flags(
             &path,
-            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
         )
         .with_context(|| format!("cannot open state database {}", path.display()))?;
         conn.busy_timeout(Duration::from_secs(10))?;

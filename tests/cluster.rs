@@ -570,6 +570,29 @@ fn a_coordinators_run_files_in_its_tree_are_not_taken() {
     assert_eq!(out.success().summary()["files"], 2, "{}", out.stderr());
     assert_eq!(manifest_names(&manifest), ["a", "b/c"]);
     drop(bound);
+    // In a directory others may write to, no run file is kept (they could choose the run a
+    // coordinator resumes): the batch runs, not resumably, and says so.
+    let open = t.side("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+    cmd.args([
+        "--root-name",
+        "tree",
+        "--json",
+        "--op",
+        "sha256",
+        "--manifest",
+    ])
+    .arg(t.side("SUMS2"))
+    .env("XDG_STATE_HOME", &open);
+    let out = run(cmd);
+    assert_eq!(out.success().summary()["files"], 2, "{}", out.stderr());
+    let said = out.stderr();
+    assert!(
+        said.contains("no run file") && said.contains("may add, rename or remove files in"),
+        "{said}"
+    );
 }
 
 /// A worker's output roots nested in each other through a bind mount are refused at start, as

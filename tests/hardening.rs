@@ -1994,14 +1994,15 @@ fn another_users_symlink_on_a_given_path_is_not_followed() {
         assert!(out.status.success(), "{out:?}");
         at
     };
-    let (tree, sums, out) = (
+    let (tree, sums, out, state) = (
         link("tree", &t.root()),
         link("sums", &secret),
         link("out", &secret),
+        link("state", &secret),
     );
     let manifest = sums.join("SUMS");
     let root = t.root();
-    let cases: [Vec<&OsStr>; 3] = [
+    let cases: [Vec<&OsStr>; 4] = [
         vec![s("batch"), p(&tree), s("--op"), s("sha256")],
         vec![
             s("batch"),
@@ -2019,6 +2020,15 @@ fn another_users_symlink_on_a_given_path_is_not_followed() {
             s("--out"),
             p(&out),
         ],
+        // The state directory too: the database would be written where they chose.
+        vec![
+            s("batch"),
+            p(&root),
+            s("--op"),
+            s("sha256"),
+            s("--state"),
+            p(&state),
+        ],
     ];
     for args in cases {
         let r = run(filepipe(&args));
@@ -2030,6 +2040,25 @@ fn another_users_symlink_on_a_given_path_is_not_followed() {
         );
         assert_eq!(fs::read_dir(&secret).unwrap().count(), 0, "{args:?}");
     }
+    // Watch mode's state directory alike; under `timeout`, so that a watch that took it
+    // fails the test (exit 124) instead of running on.
+    let mut watch = Command::new("timeout");
+    watch.arg("20").arg(bin()).args([
+        s("watch"),
+        p(&root),
+        s("--op"),
+        s("sha256"),
+        s("--state"),
+        p(&state),
+    ]);
+    let r = run(watch);
+    r.code(2);
+    assert!(
+        r.stderr().contains("is a symlink of uid 65534"),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(fs::read_dir(&secret).unwrap().count(), 0);
     // Root's own link is followed, as before.
     let roots = t.side("roots-link");
     std::os::unix::fs::symlink(&secret, &roots).unwrap();

@@ -334,9 +334,17 @@ fn a_state_database_that_cannot_be_written_or_is_another_programs_is_refused_unt
     cmd.args(["--op", "sha256", "--state"]).arg(&mine);
     run(cmd).success();
     t.open_to_all();
+    // The directory and its lock this user's (a state file others may write is refused), the
+    // database root's, read-only.
     fs::set_permissions(&mine, fs::Permissions::from_mode(0o755)).unwrap();
     let db = mine.join("filepipe.sqlite");
     fs::set_permissions(&db, fs::Permissions::from_mode(0o444)).unwrap();
+    if is_root() {
+        for own in [mine.clone(), mine.join("filepipe.lock")] {
+            std::os::unix::fs::chown(&own, Some(65534), Some(65534)).unwrap();
+            fs::set_permissions(&own, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
     let mut cmd = unprivileged();
     cmd.arg("batch")
         .arg(t.root())
@@ -375,6 +383,7 @@ fn a_state_database_that_cannot_be_written_or_is_another_programs_is_refused_unt
         eprintln!("SKIPPED: status on a closed state directory needs root to drop to nobody");
         return;
     }
+    std::os::unix::fs::chown(&mine, Some(0), Some(0)).unwrap();
     fs::set_permissions(&mine, fs::Permissions::from_mode(0o700)).unwrap();
     let mut cmd = unprivileged();
     cmd.args(["status", "--state"]).arg(&mine);
@@ -720,6 +729,96 @@ fn a_state_directory_another_user_may_change_is_refused_and_nothing_written_thro
     ]));
     r.success();
     assert!(mine.join("filepipe.sqlite").exists());
+}
+
+/// The state's own files already in a state directory are held to the directory's rule: one
+/// another user put there while they could (a symlink to a database of theirs, a database they
+/// own and may rewrite) is refused once the directory itself was made safe (found by a review:
+/// the operator chowned the refused directory to root, as told, and root's run wrote into the
+/// planted database outside every root, whose forged digests the next manifest printed).
+#[test]
+fn state_files_another_user_planted_are_refused_after_the_directory_is_made_safe() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root, to own files as another user");
+        return;
+    }
+    let t = TestTree::new().file("a", b"a\n");
+    t.open_to_all();
+    let nobody = |args: &[&OsStr]| {
+        let out = as_user(65534, 65534, args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    };
+    let victim = t.side("victim.sqlite");
+    fs::write(&victim, b"not to be written\n").unwrap();
+    let planted = |name: &str, link: bool, file: &str| {
+        let dir = t.side(name);
+        nobody(&[OsStr::new("mkdir"), dir.as_os_str()]);
+        let at = dir.join(file);
+        if link {
+            nobody(&[
+                OsStr::new("ln"),
+                OsStr::new("-s"),
+                victim.as_os_str(),
+                at.as_os_str(),
+            ]);
+        } else {
+            nobody(&[OsStr::new("touch"), at.as_os_str()]);
+        }
+        // The operator's fix for the directory alone.
+        std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
+        fs::set_permissions(&dir, mode).unwrap();
+        (dir, at)
+    };
+    let cases = [
+        (
+            planted("link", true, "filepipe.sqlite"),
+            "is not a regular file",
+        ),
+        (
+            planted("wal", true, "filepipe.sqlite-wal"),
+            "is not a regular file",
+        ),
+        (
+            planted("owned", false, "filepipe.sqlite"),
+            "owned by user 65534",
+        ),
+    ];
+    for ((dir, at), why) in &cases {
+        for mode in ["batch", "watch"] {
+            let r = run(filepipe(&[
+                OsStr::new(mode),
+                t.root().as_os_str(),
+                OsStr::new("--op"),
+                OsStr::new("sha256"),
+                OsStr::new("--state"),
+                dir.as_os_str(),
+            ]));
+            let said = r.code(2).stderr();
+            let name = at.file_name().unwrap().to_str().unwrap();
+            assert!(
+                said.contains(why) && said.contains(name),
+                "{mode} {}: {said}",
+                at.display()
+            );
+        }
+        // Neither followed nor written.
+        assert!(at.is_symlink() || fs::metadata(at).unwrap().len() == 0);
+    }
+    assert_eq!(fs::read(&victim).unwrap(), b"not to be written\n");
+    // Once removed, the directory is used.
+    let ((dir, at), _) = &cases[0];
+    fs::remove_file(at).unwrap();
+    let r = run(filepipe(&[
+        OsStr::new("batch"),
+        t.root().as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--state"),
+        dir.as_os_str(),
+    ]));
+    r.success();
+    assert!(dir.join("filepipe.sqlite").is_file());
 }
 
 /// A `--max-size` given since the files were recorded applies to them: those over it are

@@ -1346,6 +1346,27 @@ fn a_directory_not_made_yet_inside_another_pipelines_is_refused_before_anything_
     assert_not_made(&t, &["o/sub/new", "o/sub/new2", "o/sub/moved", "p"]);
 }
 
+/// A `state_dir` not made yet below a directory others may write to: refused by `check-config`
+/// as at start (found by a review: `check-config` passed it, and the service then exited 2,
+/// which its units do not restart).
+#[test]
+fn a_state_directory_to_be_made_where_others_may_write_is_refused_by_check_config_too() {
+    let t = TestTree::new();
+    let open = t.side("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let body = format!(
+        "state_dir = \"open/st/ate\"\n[[watch]]\npath = {:?}\nop = \"gzip\"\n",
+        t.root()
+    );
+    let why = format!(
+        "users other than its owner may add, rename or remove files in the directory {} above it",
+        open.display()
+    );
+    assert_refused(&t, &[("a state below a 0777 directory", body, &why)]);
+    assert_not_made(&t, &["open/st"]);
+}
+
 /// Review finding (MEDIUM, svc37b): the cross-pipeline checks read /proc/self/mountinfo and
 /// walked both `..` chains again for every pair of directories on two mounts: 60 pipelines
 /// over a thousand mounts took 84 s to check, at every start and reload (315 reads here). The

@@ -44,6 +44,18 @@ impl RunFile {
         NewDir::state_for([cfg.root.as_path()])
             .create_all(&crate::config::absolute(&dir), false)
             .with_context(|| format!("cannot create {}", dir.display()))?;
+        // Held to a state directory's rule: whoever may change it, or a directory above it,
+        // could choose the run a coordinator resumes, and where its run file is written.
+        let dir = crate::fsio::canonical::resolve(&crate::config::absolute(&dir))
+            .with_context(|| format!("cannot open {}", dir.display()))?;
+        crate::secret::check_state_dir(&dir, &[]).map_err(|why| {
+            anyhow::anyhow!(
+                "the coordinators' directory {}: {why}: another user could choose the run a \
+                 coordinator resumes (set STATE_DIRECTORY or HOME to a directory only root or \
+                 this user may change)",
+                dir.display()
+            )
+        })?;
         // What makes two commands the same batch: a change to any of it starts a new run.
         let mut h = Sha256::new();
         let manifest = cfg.manifest.as_deref().unwrap_or("-".as_ref());
@@ -113,6 +125,11 @@ impl RunFile {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
+        // One put there while the directory was open to others is theirs still.
+        crate::secret::FileAccess::of(&file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?
+            .check_not_writable(&path)
+            .map_err(|why| anyhow::anyhow!("{}: {why}", path.display()))?;
         match fslock::lock(&file, LockKind::Write, false) {
             Ok(()) => {}
             Err(Errno::AGAIN) => bail!(
