@@ -257,6 +257,61 @@ fn where_rename_noreplace_is_refused_the_move_is_a_link_then_an_unlink() {
     assert_gz(&t.path("a.log.gz"), b"moved by a link\n");
 }
 
+/// An input another process holds open for writing (a live log) keeps its name: removed, or
+/// moved to another file system, what its writer writes next would go to a file no name leads
+/// to (found by a review: `--remove-source` removed it, and the writer's next line was lost).
+/// A move by rename on the same file system takes the writer's file along, and is done.
+#[test]
+fn an_input_still_open_for_writing_is_not_removed_or_copied_away() {
+    use std::io::Write;
+    let tmpfs = Tmpfs::new();
+    let mut cases = vec![
+        ("remove", vec![s("--remove-source")]),
+        ("move here", vec![s("--move-source")]),
+    ];
+    match &tmpfs {
+        Ok(_) => cases.push(("move across", vec![s("--move-source")])),
+        Err(why) => eprintln!("SKIPPED (the move across file systems): {why}"),
+    }
+    for (what, mut args) in cases {
+        let t = TestTree::new().file("live.log", b"line 1\n");
+        let dest = match (what, &tmpfs) {
+            ("move across", Ok(fs)) => fs.path().join("done"),
+            _ => t.side("done"),
+        };
+        if what != "remove" {
+            args.push(p(&dest));
+        }
+        let log = t.side("failures.jsonl");
+        args.extend([s("--failure-log"), p(&log)]);
+        let mut writer = fs::File::options()
+            .append(true)
+            .open(t.path("live.log"))
+            .unwrap();
+        let sum = gzip_batch(&t, &args).code(0).summary();
+        assert_eq!(sum["done"], 1, "{what}: {sum}");
+        assert_gz(&t.path("live.log.gz"), b"line 1\n");
+        writer.write_all(b"line 2\n").unwrap();
+        drop(writer);
+        if what == "move here" {
+            assert_eq!(
+                fs::read(dest.join("live.log")).unwrap(),
+                b"line 1\nline 2\n"
+            );
+            continue;
+        }
+        assert_eq!(
+            fs::read(t.path("live.log")).unwrap(),
+            b"line 1\nline 2\n",
+            "{what}: the writer's line is lost"
+        );
+        let records = failure_log(&log);
+        let kept = records_of(&records, "in-use");
+        assert_eq!(kept.len(), 1, "{what}: {records:?}");
+        assert_eq!(kept[0]["status"], "kept", "{what}");
+    }
+}
+
 #[test]
 fn across_file_systems_the_input_is_copied_synced_and_verified_before_it_goes() {
     let fs = match Tmpfs::new() {

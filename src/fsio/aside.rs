@@ -900,6 +900,23 @@ fn finish_by_unlink(
         };
         return Ok(kept(Kind::Changed, why));
     }
+    // A copy's input loses its last name with this unlink; a link's lives on in DIR.
+    let writers = match second {
+        Second::Copy if same => Writers::of(src, &temp),
+        _ => Writers::Unknown,
+    };
+    if same && writers.in_use() {
+        let back = rename_back(src, &temp, name);
+        output::sync_dir(src)?;
+        let why = match back {
+            Ok(()) => STILL_WRITTEN.to_string(),
+            Err(e) => format!(
+                "{STILL_WRITTEN}, and it could not be put back under its name ({e}): it is at {}",
+                src.path.join(&temp).display()
+            ),
+        };
+        return Ok(kept(Kind::InUse, why));
+    }
     if same {
         if let Err(e) = rfs::unlinkat(&src.fd, &temp, AtFlags::empty()) {
             let back = rename_back(src, &temp, name);
@@ -947,6 +964,67 @@ pub(crate) fn take_aside(dir: &Dir, name: &OsStr) -> Result<OsString, Errno> {
     }
     Ok(temp)
 }
+
+/// Whether a file about to lose its last name (`--remove-source`'s unlink, a move's unlink
+/// after its copy to another file system) is open for writing by another process: its writes
+/// from then on would go to a file no name leads to, lost (found by a review: a log whose
+/// writer kept it open was removed, and its next lines with it). Asked of the file under its
+/// private name (`take_aside`), which no writer can open anew, with a read lease taken on it
+/// (`fcntl(F_SETLEASE)`, the file's owner's or `CAP_LEASE`'s): refused while anyone has it
+/// open for writing, and held until the unlink, so that a writer that looked the name up
+/// before it was taken aside, and opens it meanwhile, waits on the lease and shows as its
+/// break. Where no lease can be had (another's file without `CAP_LEASE`, a file system
+/// without leases) nothing is known, and the file goes as before.
+pub(crate) enum Writers {
+    /// None; the lease is held until this is dropped.
+    Held(OwnedFd),
+    /// Open for writing by another process.
+    Open,
+    /// Cannot tell.
+    Unknown,
+}
+
+impl Writers {
+    /// Takes the lease on `temp` in `dir`. (rustix does not wrap `F_SETLEASE`.)
+    #[allow(unsafe_code)]
+    pub(crate) fn of(dir: &Dir, temp: &OsStr) -> Writers {
+        use std::os::fd::AsRawFd;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = match rfs::openat(&dir.fd, temp, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            // A write lease another process holds: in use.
+            Err(Errno::AGAIN) => return Writers::Open,
+            Err(_) => return Writers::Unknown,
+        };
+        // SAFETY: fcntl on a descriptor owned here; F_SETLEASE takes an int argument.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
+            return Writers::Held(fd);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN | libc::EBUSY) => Writers::Open,
+            _ => Writers::Unknown,
+        }
+    }
+
+    /// Whether the file must keep its name: open for writing when the lease was asked for, or
+    /// a writer's open waiting on it now (the lease is breaking). Asked just before the unlink.
+    #[allow(unsafe_code)]
+    pub(crate) fn in_use(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        match self {
+            Writers::Open => true,
+            // SAFETY: fcntl on a descriptor owned here.
+            Writers::Held(fd) => unsafe {
+                libc::fcntl(fd.as_raw_fd(), libc::F_GETLEASE) != libc::F_RDLCK
+            },
+            Writers::Unknown => false,
+        }
+    }
+}
+
+/// Why a file open for writing by another process keeps its name (`Writers`).
+pub(crate) const STILL_WRITTEN: &str =
+    "another process still has it open for writing (what it writes next would be lost with it)";
 
 /// Renames `temp` in `dir` back to `name`, clobbering nothing: where `RENAME_NOREPLACE` is
 /// refused (some NFS, FUSE), by a link (which never replaces) and the temp's removal.

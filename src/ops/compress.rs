@@ -437,10 +437,28 @@ impl<C: Codec> CompressOp<C> {
         // without following any symlink: a directory swapped for a link to elsewhere after the
         // input was read fails here, and nothing outside the tree is ever unlinked.
         let parent = job.abs.parent().unwrap_or(Path::new("/"));
+        let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
         let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
-        let opened = match &self.root_fd {
-            Some(root) => root.open_dir(job.rel.parent().unwrap_or(Path::new(""))),
-            None => rfs::open(parent, flags, Mode::empty()),
+        let opened = match (&self.root_fd, self.follow_symlinks, &self.in_root) {
+            (Some(root), _, _) => root.open_dir(rel_dir),
+            // With `--follow-symlinks`, links on the way are followed as the input was, to what
+            // lies beneath the root only: a directory swapped for a link out of the tree after
+            // the read is not where anything is unlinked or moved from (found by a review: the
+            // very file read, moved outside, was removed through the link).
+            (None, true, Some(root)) => match root.reach_following(rel_dir) {
+                Ok(place) => reopen_dir(&place, flags),
+                Err(Errno::XDEV) => {
+                    return Ok(Some(FileError::new(
+                        Kind::Symlink,
+                        format!(
+                            "input not {verb}: a symlink on its way leads out of the tree now \
+                             (not followed)"
+                        ),
+                    )))
+                }
+                Err(e) => Err(e),
+            },
+            (None, _, _) => rfs::open(parent, flags, Mode::empty()),
         };
         let dir_fd = match (opened, &self.root_fd) {
             (Ok(fd), _) => fd,
@@ -523,6 +541,20 @@ impl<C: Codec> CompressOp<C> {
     }
 }
 
+/// The directory `place` (reached with `O_PATH`, for nothing) opened with `flags`, through
+/// `/proc/self/fd`, which reopens that very directory without looking its path up again.
+fn reopen_dir(
+    place: &std::os::fd::OwnedFd,
+    flags: OFlags,
+) -> rustix::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    rfs::open(
+        format!("/proc/self/fd/{}", place.as_raw_fd()),
+        flags,
+        Mode::empty(),
+    )
+}
+
 /// `--remove-source`'s unlink of `name` in `dir`, of the file `st` was taken of only. An
 /// unlink by name after a check could delete another file renamed over the name in between,
 /// unprocessed: so the name is first renamed to a private temp name, the file under it
@@ -559,6 +591,20 @@ fn remove_checked(
         output::sync_dir(dir)?;
         return Ok(Some(FileError::new(Kind::Changed, message)));
     }
+    // Not while another process writes to it: its next writes would go nowhere.
+    let writers = aside::Writers::of(dir, &temp);
+    if writers.in_use() {
+        let message = match aside::rename_back(dir, &temp, name) {
+            Ok(()) => format!("input kept: {}", aside::STILL_WRITTEN),
+            Err(e) => format!(
+                "input kept: {}, and it could not be put back under its name ({e}): it is at {}",
+                aside::STILL_WRITTEN,
+                dir.path.join(&temp).display()
+            ),
+        };
+        output::sync_dir(dir)?;
+        return Ok(Some(FileError::new(Kind::InUse, message)));
+    }
     match rfs::unlinkat(&dir.fd, &temp, AtFlags::empty()) {
         Ok(()) => {}
         Err(e) => {
@@ -566,6 +612,7 @@ fn remove_checked(
             return Ok(Some(kept(FileError::errno("removing it", e))));
         }
     }
+    drop(writers);
     output::sync_dir(dir)?;
     Ok(None)
 }
@@ -1599,6 +1646,38 @@ mod tests {
                 assert!(!inp.join(rel).exists(), "{rel} must be removed");
             }
         }
+    }
+
+    /// With `--follow-symlinks`, an input is removed through links that stay beneath the root,
+    /// as it was read, and never through one that leads out of it (found by a review: the
+    /// directory of the file read, moved outside and linked back, had the file removed).
+    #[test]
+    fn with_links_followed_an_input_is_never_removed_through_a_link_out_of_the_tree() {
+        let files = files();
+        let mut g = group(&files, true, &[]);
+        g.op.follow_symlinks = true;
+        g.op.root_fd = None;
+        let inp = g.tmp.path().join("in");
+        let outside = g.tmp.path().join("outside");
+        std::fs::rename(inp.join("x"), &outside).unwrap();
+        std::os::unix::fs::symlink("../outside", inp.join("x")).unwrap();
+        std::fs::rename(inp.join("y"), inp.join("moved")).unwrap();
+        std::os::unix::fs::symlink("moved", inp.join("y")).unwrap();
+        let results = g.publish();
+        for ((rel, data), result) in files.iter().zip(&results) {
+            let done = result.as_ref().unwrap_or_else(|e| panic!("{rel}: {e:?}"));
+            assert_eq!(&g.gunzip(&format!("{rel}.gz")), data, "{rel}");
+            if let Some(name) = rel.strip_prefix("x/") {
+                let note = done.note.as_ref().expect("kept with a reason");
+                assert_eq!(note.kind, Kind::Symlink, "{rel}: {note:?}");
+                assert!(note.message.contains("leads out of the tree"), "{note:?}");
+                assert!(outside.join(name).exists(), "{rel} must be kept");
+            } else {
+                assert_eq!(done.note, None, "{rel}");
+                assert!(!inp.join(rel).exists(), "{rel} must be removed");
+            }
+        }
+        assert!(!inp.join("moved/c.log").exists());
     }
 
     #[test]
