@@ -257,16 +257,6 @@ fn repeated_overflows_are_rescanned_at_most_every_few_seconds() {
     assert_sha256sum_c(&manifest, &t.root());
 }
 
-/// The descriptors `pid` has open on `path`.
-fn opens(pid: u32, path: &Path) -> bool {
-    fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|fds| {
-            fds.flatten()
-                .any(|fd| fs::read_link(fd.path()).is_ok_and(|p| p == path))
-        })
-        .unwrap_or(false)
-}
-
 #[test]
 fn a_file_in_flight_at_an_overflow_is_read_again_and_said_so() {
     // The overflow's rescan finds a file a worker is still compressing. It may have changed

@@ -303,8 +303,12 @@ pub(crate) fn prepare<O: Op>(
         if cfg.spec.compressor().is_some() {
             input.keep_acl();
         }
-        let pending = match op.read(&job, &mut input, scratch) {
-            Ok(p) => p,
+        let read = match op.read(&job, &mut input, scratch) {
+            Ok(p) => input.finish().map(|()| p),
+            // The op saw it change under it (zstd's frame, pledged to the size found, cannot
+            // end short of it): read again, as a change `finish` finds is (found by a review:
+            // zstd failed a file that shrank, which gzip read again).
+            Err(e) if e.kind == Kind::Changed => Err(e),
             Err(e) if confirming && e.kind == Kind::OutputExists => {
                 return Err(Outcome::Skipped {
                     rel: job.rel,
@@ -319,11 +323,11 @@ pub(crate) fn prepare<O: Op>(
             }
             Err(e) => return Err(failed(job, e)),
         };
-        match input.finish() {
-            Ok(()) if watched && open_for_writing(&input, &job.rel) => {
+        match read {
+            Ok(_) if watched && open_for_writing(&input, &job.rel) => {
                 return Err(failed(job, still_open()))
             }
-            Ok(()) => {
+            Ok(pending) => {
                 return Ok(Ready {
                     job,
                     input,
@@ -335,7 +339,6 @@ pub(crate) fn prepare<O: Op>(
                 return Err(failed(job, e));
             }
             Err(e) => {
-                drop(pending);
                 // Said, at -v: the summary counts the file once, by how it ended, and its
                 // bytes once (found by a review: a file read twice left no trace).
                 tracing::info!(

@@ -478,6 +478,17 @@ pub fn mkfifo(path: &Path) {
     .unwrap();
 }
 
+/// Whether `pid` has a descriptor open on `path`.
+#[allow(dead_code)]
+pub fn opens(pid: u32, path: &Path) -> bool {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.flatten()
+                .any(|fd| fs::read_link(fd.path()).is_ok_and(|p| p == path))
+        })
+        .unwrap_or(false)
+}
+
 /// Waits until `cond` holds, polling; panics after `limit`.
 pub fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
