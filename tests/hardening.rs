@@ -1970,6 +1970,54 @@ fn a_mirror_directory_another_user_kept_is_never_written_into() {
     }
 }
 
+/// A mirror directory already there that is more open than the input directory it mirrors is
+/// not written into: a private `0700` directory's files went into a `0755` one, readable by
+/// every user (found by a review). The file fails (or, with `--move-source`, is kept) with
+/// `unsafe-output-path`; its input stays, and no output or moved input is left readable. One
+/// no more open (the same mode, or narrower) is used as before.
+#[test]
+fn a_mirror_directory_more_open_than_its_input_directory_is_not_written_into() {
+    for how in ["--out", "--move-source"] {
+        let t = TestTree::new().file("priv/secret.txt", b"private\n");
+        fs::set_permissions(t.path("priv"), fs::Permissions::from_mode(0o700)).unwrap();
+        let (dest, log) = (t.side("dest"), t.side("fail.log"));
+        let mirror = dest.join("priv");
+        fs::create_dir_all(&mirror).unwrap();
+        fs::set_permissions(&mirror, fs::Permissions::from_mode(0o755)).unwrap();
+        let args = [
+            s("--op"),
+            s("gzip"),
+            s(how),
+            p(&dest),
+            s("--failure-log"),
+            p(&log),
+        ];
+        let out = batch(&t, &args);
+        if how == "--out" {
+            out.code(1);
+        } else {
+            out.success();
+        }
+        assert_eq!(fs::read(t.path("priv/secret.txt")).unwrap(), b"private\n");
+        let left: Vec<_> = fs::read_dir(&mirror).unwrap().collect();
+        assert!(left.is_empty(), "{how}: written into it: {left:?}");
+        let records = failure_log(&log);
+        let refused = records_of(&records, "unsafe-output-path");
+        assert_eq!(refused.len(), 1, "{how}: {records:?}");
+        assert!(
+            refused[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("more open (mode 0755"),
+            "{how}: {refused:?}"
+        );
+        // Narrowed as the input's: used.
+        fs::set_permissions(&mirror, fs::Permissions::from_mode(0o700)).unwrap();
+        batch(&t, &args).success();
+        assert_eq!(fs::read_dir(&mirror).unwrap().count(), 1, "{how}");
+    }
+}
+
 /// A path given to a root run (the tree, `--out`, the manifest's directory) is resolved
 /// following only root's symlinks: another user's link on it chooses where root reads and
 /// writes (a user who swapped their `sums/` for a link had the manifest written in a

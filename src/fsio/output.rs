@@ -330,7 +330,7 @@ impl DirCache {
                     // loop: the check was made only of directories found at the first look).
                     // (Judged by the mirror already worked out for the `mkdir`.)
                     if let Ok(dir) = &opened {
-                        self.check_owner(dir, &path, || mirror.owner.map(|(uid, _)| uid))?;
+                        self.check_found(dir, &path, || (mirror.owner, mirror.full))?;
                     }
                     // Its entry in its parent must survive a crash before anything's only
                     // name goes into it.
@@ -350,8 +350,9 @@ impl DirCache {
                     // delete them (found by a review).
                     if self.create {
                         if let Ok(dir) = &other {
-                            self.check_owner(dir, &path, || {
-                                mode_of(&rel).owner.map(|(uid, _)| uid)
+                            self.check_found(dir, &path, || {
+                                let mirror = mode_of(&rel);
+                                (mirror.owner, mirror.full)
                             })?;
                         }
                     }
@@ -374,35 +375,64 @@ impl DirCache {
     }
 
     /// Refuses the existing mirror directory `dir` (at `path`) unless filepipe's user or the
-    /// owner of the input directory it mirrors owns it (`mirrors` tells that owner's uid, as
-    /// `Mirror::owner` of a directory made; asked only of one not filepipe's user's).
-    fn check_owner(
+    /// owner of the input directory it mirrors owns it, and unless it is no more open than that
+    /// directory: with more mode bits for others (or for its group, or another group), the
+    /// outputs and moved inputs put in it are read, or changed, by users the input's directory
+    /// kept out (found by a review: a private `0700` directory's files went into a `0755`
+    /// one). `mirrors` tells that directory's owner and group and its mode (as `Mirror` has
+    /// them for a directory made); asked only of a directory open to anyone but its owner, or
+    /// not filepipe's user's. Its ACL is not compared (a named entry on it is left alone).
+    fn check_found(
         &self,
         dir: &OwnedFd,
         path: &Path,
-        mirrors: impl FnOnce() -> Option<u32>,
+        mirrors: impl FnOnce() -> (Option<(u32, u32)>, Option<u32>),
     ) -> Result<(), FileError> {
         let st = rfs::fstat(dir)
             .map_err(|e| FileError::errno(&format!("opening directory {}", path.display()), e))?;
-        if st.st_uid == rustix::process::geteuid().as_raw() {
+        let mine = st.st_uid == rustix::process::geteuid().as_raw();
+        let mode = st.st_mode & 0o777;
+        if mine && mode & 0o077 == 0 {
             return Ok(());
         }
-        let mirrors = mirrors();
-        if mirrors == Some(st.st_uid) {
-            return Ok(());
+        let (owner, full) = mirrors();
+        if !mine && owner.map(|(uid, _)| uid) != Some(st.st_uid) {
+            let of = match owner {
+                Some((uid, _)) => format!("uid {uid}"),
+                None => "not known: it changed since the input was read".to_string(),
+            };
+            return Err(FileError::new(
+                Kind::UnsafeOutputPath,
+                format!(
+                    "refusing to write into {}: it belongs to uid {}, neither filepipe's user nor the owner of the directory it mirrors ({of}); move it away to have it made anew",
+                    path.display(),
+                    st.st_uid
+                ),
+            ));
         }
-        let of = match mirrors {
-            Some(uid) => format!("uid {uid}"),
-            None => "not known: it changed since the input was read".to_string(),
+        let (Some((_, gid)), Some(full)) = (owner, full) else {
+            return Ok(());
         };
-        Err(FileError::new(
-            Kind::UnsafeOutputPath,
-            format!(
-                "refusing to write into {}: it belongs to uid {}, neither filepipe's user nor the owner of the directory it mirrors ({of}); move it away to have it made anew",
-                path.display(),
-                st.st_uid
-            ),
-        ))
+        let others = full & 0o007;
+        // Its group's bits stand for the mirrored directory's group alone; members of another
+        // group are only let in as far as others are.
+        let group = if st.st_gid == gid {
+            full & 0o070 | others << 3
+        } else {
+            others << 3
+        };
+        if mode & 0o077 & !(group | others) != 0 {
+            return Err(FileError::new(
+                Kind::UnsafeOutputPath,
+                format!(
+                    "refusing to write into {}: it is more open (mode {mode:04o}, group {}) than the directory it mirrors (mode {:04o}, group {gid}), so users that directory keeps out could read or change what goes into it; chmod it, or move it away to have it made anew",
+                    path.display(),
+                    st.st_gid,
+                    full & 0o777
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
