@@ -555,19 +555,17 @@ fn a_coordinators_run_files_in_its_tree_are_not_taken() {
     let root = format!("tree={}", t.root().display());
     let _w = Worker::start(&nats, t.dir.path(), std::slice::from_ref(&root), "1");
     let manifest = t.side("SUMS");
-    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args([
-        "--root-name",
-        "tree",
-        "--json",
-        "--op",
-        "sha256",
-        "--manifest",
-    ])
-    .arg(&manifest)
-    .env("XDG_STATE_HOME", &state_home);
-    let out = run(cmd);
-    assert_eq!(out.success().summary()["files"], 2, "{}", out.stderr());
+    let coordinate = |manifest: &Path, state_home: &Path| {
+        let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
+        cmd.args(["--root-name", "tree", "--json", "--op", "sha256"])
+            .arg("--manifest")
+            .arg(manifest)
+            .env("XDG_STATE_HOME", state_home);
+        let out = run(cmd);
+        assert_eq!(out.success().summary()["files"], 2, "{}", out.stderr());
+        out
+    };
+    coordinate(&manifest, &state_home);
     assert_eq!(manifest_names(&manifest), ["a", "b/c"]);
     drop(bound);
     // In a directory others may write to, no run file is kept (they could choose the run a
@@ -575,19 +573,7 @@ fn a_coordinators_run_files_in_its_tree_are_not_taken() {
     let open = t.side("open");
     fs::create_dir(&open).unwrap();
     fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    let mut cmd = filepipe(&[s("batch"), t.root().as_os_str(), s("--queue"), s(&nats.url)]);
-    cmd.args([
-        "--root-name",
-        "tree",
-        "--json",
-        "--op",
-        "sha256",
-        "--manifest",
-    ])
-    .arg(t.side("SUMS2"))
-    .env("XDG_STATE_HOME", &open);
-    let out = run(cmd);
-    assert_eq!(out.success().summary()["files"], 2, "{}", out.stderr());
+    let out = coordinate(&t.side("SUMS2"), &open);
     let said = out.stderr();
     assert!(
         said.contains("no run file") && said.contains("may add, rename or remove files in"),

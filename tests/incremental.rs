@@ -662,6 +662,25 @@ fn a_state_path_in_the_tree_that_a_symlink_leads_out_of_is_refused() {
     r.success();
 }
 
+/// Runs `args` as user nobody; it must succeed.
+fn nobody_runs(args: &[&OsStr]) {
+    let out = as_user(65534, 65534, args);
+    assert!(out.status.success(), "{args:?}: {out:?}");
+}
+
+/// `filepipe MODE ROOT --op sha256 --state STATE`, to its end (a watch given a state it
+/// refuses exits at once).
+fn sha256_with_state(mode: &str, root: &Path, state: &Path) -> Run {
+    run(filepipe(&[
+        OsStr::new(mode),
+        root.as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--state"),
+        state.as_os_str(),
+    ]))
+}
+
 /// A state directory another user may change, or swap by renaming it in a directory of
 /// theirs, is refused, batch and watch: SQLite opens its files by path (found by a review: the
 /// owner of a tree holding `--state tree/.st` swapped in a directory of theirs whose
@@ -675,17 +694,13 @@ fn a_state_directory_another_user_may_change_is_refused_and_nothing_written_thro
     }
     let t = TestTree::new().file("a", b"a\n");
     t.open_to_all();
-    let nobody = |args: &[&OsStr]| {
-        let out = as_user(65534, 65534, args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    };
     std::os::unix::fs::chown(t.root(), Some(65534), Some(65534)).unwrap();
     // Someone else's database, outside every root, which a link in their directory names.
     let victim = t.side("victim.sqlite");
     fs::write(&victim, b"not to be written\n").unwrap();
     let theirs = t.side("theirs");
-    nobody(&[OsStr::new("mkdir"), theirs.as_os_str()]);
-    nobody(&[
+    nobody_runs(&[OsStr::new("mkdir"), theirs.as_os_str()]);
+    nobody_runs(&[
         OsStr::new("ln"),
         OsStr::new("-s"),
         victim.as_os_str(),
@@ -701,14 +716,7 @@ fn a_state_directory_another_user_may_change_is_refused_and_nothing_written_thro
             ),
             (&theirs, "it is owned by user 65534, who may change it"),
         ] {
-            let r = run(filepipe(&[
-                OsStr::new(mode),
-                t.root().as_os_str(),
-                OsStr::new("--op"),
-                OsStr::new("sha256"),
-                OsStr::new("--state"),
-                state.as_os_str(),
-            ]));
+            let r = sha256_with_state(mode, &t.root(), state);
             let said = r.code(2).stderr();
             assert!(said.contains(why), "{mode} {}: {said}", state.display());
         }
@@ -744,25 +752,21 @@ fn state_files_another_user_planted_are_refused_after_the_directory_is_made_safe
     }
     let t = TestTree::new().file("a", b"a\n");
     t.open_to_all();
-    let nobody = |args: &[&OsStr]| {
-        let out = as_user(65534, 65534, args);
-        assert!(out.status.success(), "{args:?}: {out:?}");
-    };
     let victim = t.side("victim.sqlite");
     fs::write(&victim, b"not to be written\n").unwrap();
     let planted = |name: &str, link: bool, file: &str| {
         let dir = t.side(name);
-        nobody(&[OsStr::new("mkdir"), dir.as_os_str()]);
+        nobody_runs(&[OsStr::new("mkdir"), dir.as_os_str()]);
         let at = dir.join(file);
         if link {
-            nobody(&[
+            nobody_runs(&[
                 OsStr::new("ln"),
                 OsStr::new("-s"),
                 victim.as_os_str(),
                 at.as_os_str(),
             ]);
         } else {
-            nobody(&[OsStr::new("touch"), at.as_os_str()]);
+            nobody_runs(&[OsStr::new("touch"), at.as_os_str()]);
         }
         // The operator's fix for the directory alone.
         std::os::unix::fs::chown(&dir, Some(0), Some(0)).unwrap();
@@ -786,14 +790,7 @@ fn state_files_another_user_planted_are_refused_after_the_directory_is_made_safe
     ];
     for ((dir, at), why) in &cases {
         for mode in ["batch", "watch"] {
-            let r = run(filepipe(&[
-                OsStr::new(mode),
-                t.root().as_os_str(),
-                OsStr::new("--op"),
-                OsStr::new("sha256"),
-                OsStr::new("--state"),
-                dir.as_os_str(),
-            ]));
+            let r = sha256_with_state(mode, &t.root(), dir);
             let said = r.code(2).stderr();
             let name = at.file_name().unwrap().to_str().unwrap();
             assert!(
@@ -809,15 +806,7 @@ fn state_files_another_user_planted_are_refused_after_the_directory_is_made_safe
     // Once removed, the directory is used.
     let ((dir, at), _) = &cases[0];
     fs::remove_file(at).unwrap();
-    let r = run(filepipe(&[
-        OsStr::new("batch"),
-        t.root().as_os_str(),
-        OsStr::new("--op"),
-        OsStr::new("sha256"),
-        OsStr::new("--state"),
-        dir.as_os_str(),
-    ]));
-    r.success();
+    sha256_with_state("batch", &t.root(), dir).success();
     assert!(dir.join("filepipe.sqlite").is_file());
 }
 
