@@ -679,6 +679,7 @@ impl Config {
             state_before_making(&cfg, dir)?;
             let to_be = absolute(dir);
             check_dirs_apart(&cfg, &to_be)?;
+            check_state_to_be(dir, &to_be)?;
             // Open to no one the tree is closed to: it names every file and its digest.
             NewDir::state_for([cfg.root.as_path()])
                 .create_all(&to_be, false)
@@ -1032,6 +1033,7 @@ impl Config {
         state_before_making(&self, &state_dir)?;
         let (state_dir, lock) = if let Some(new_dir) = make {
             let to_be = absolute(&state_dir);
+            check_state_to_be(&state_dir, &to_be)?;
             new_dir.create_all(&to_be, false).with_context(|| {
                 format!("cannot create state directory {}", state_dir.display())
             })?;
@@ -1050,9 +1052,7 @@ impl Config {
             } else {
                 // Not made yet (`check-config`): judged as the run that makes it would judge
                 // it (found by a review: passed here, refused at the service's start).
-                let (existing, _) = crate::fsio::canonical::resolve_existing(&dir)?;
-                crate::secret::check_state_dir_to_be(&existing)
-                    .map_err(|why| state_not_kept(&state_dir, &existing, &why))?;
+                check_state_to_be(&state_dir, &dir)?;
             }
             (dir, None)
         };
@@ -1231,6 +1231,20 @@ fn check_state(root: &Path, given: &Path, dir: &Path) -> Result<()> {
 fn check_state_kept(given: &Path, dir: &Path) -> Result<()> {
     crate::secret::check_state_dir(dir, &crate::state::FILE_NAMES)
         .map_err(|why| state_not_kept(given, dir, &why))
+}
+
+/// Refuses a state directory not made yet (`to_be`, absolute; `given` as the user named it)
+/// that would be made where another user may change it, before anything is made (a refused
+/// one was left behind, empty: found by a review). One that exists is judged once resolved
+/// (`check_state_kept`).
+fn check_state_to_be(given: &Path, to_be: &Path) -> Result<()> {
+    if to_be.is_dir() {
+        return Ok(());
+    }
+    let (existing, _) = crate::fsio::canonical::resolve_existing(to_be)
+        .with_context(|| format!("cannot create state directory {}", given.display()))?;
+    crate::secret::check_state_dir_to_be(&existing)
+        .map_err(|why| state_not_kept(given, &existing, &why))
 }
 
 /// The refusal of a state directory (`given`; `dir`, resolved, or where it would be made)
