@@ -413,6 +413,23 @@ fn deleted_root_is_reported_and_exits_nonzero() {
     assert!(d.wait().code(1).stderr().contains("deleted or moved"));
 }
 
+/// A state directory deleted while the daemon runs: it stops, saying so, at the next commit,
+/// rather than go on recording into a database no name leads to (everything done since would be
+/// done again at the next start, with nothing said).
+#[test]
+fn a_state_directory_deleted_while_running_stops_the_daemon_saying_so() {
+    let t = TestTree::new().file("f", b"x");
+    let d = Daemon::ready(&t, &["--op", "sha256"]);
+    d.wait_idle(1);
+    fs::remove_dir_all(t.side("state")).unwrap();
+    fs::write(t.path("g"), b"y").unwrap();
+    let said = d.wait().code(1).stderr();
+    assert!(
+        said.contains("was deleted or replaced while filepipe ran"),
+        "{said}"
+    );
+}
+
 /// A directory made while the daemon runs with a name like a writer's temp file (`data.tmp`,
 /// `old~`) is watched and scanned, as the walk at the start takes the files in it: the name
 /// rule, meant for files, was applied to it, and its files were never taken (found by a

@@ -313,6 +313,23 @@ impl Sink for StateSink<'_> {
             // outcomes were written outside any (found by a review).
             self.in_transaction = self.state.in_transaction();
             committed?;
+            // Committed to the file the daemon opened: one no longer at its path (the state
+            // directory deleted or replaced while it ran) takes every record with it, and the
+            // next start would do every file since again. Said, and the daemon stops (systemd
+            // starts it again, on a new state), rather than go on recording into nothing.
+            let lock = self.cfg.watch.as_ref().and_then(|w| w.lock.as_ref());
+            if lock.is_some_and(|l| !l.in_place()) {
+                anyhow::bail!(
+                    "the state directory {} was deleted or replaced while filepipe ran: what it \
+                     recorded since it was opened is gone with it; stopping (started again, it \
+                     makes a new state, and takes again the files done since)",
+                    self.cfg
+                        .watch
+                        .as_ref()
+                        .map_or(Path::new(""), |w| &w.state_dir)
+                        .display()
+                );
+            }
         }
         Ok(())
     }
