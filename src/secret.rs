@@ -254,27 +254,42 @@ impl FileAccess {
 
     /// `check_not_writable` for the file itself.
     fn check_file_not_writable(&self) -> Result<(), String> {
+        match self.changeable_by_others() {
+            Some(Changeable::Owner(why)) => Err(format!("{why}: chown it")),
+            Some(Changeable::Mode(why)) => Err(format!("{why}: chmod go-w it")),
+            Some(Changeable::Acl(why)) => Err(format!("{why}: remove the entry (setfacl -x)")),
+            None => Ok(()),
+        }
+    }
+
+    /// Who else than root or filepipe's user may change it, if anyone: its owner, its group or
+    /// others by its mode, or a named entry of its ACL; said without what to do about it.
+    fn changeable_by_others(&self) -> Option<Changeable> {
         let (uid, mode) = (self.meta.uid(), self.meta.mode() & 0o777);
         let me = rustix::process::geteuid().as_raw();
         if uid != 0 && uid != me {
-            return Err(format!(
+            return Some(Changeable::Owner(format!(
                 "it is owned by user {uid}, who may change it, not by root or the user filepipe \
-                 runs as ({me}): chown it"
-            ));
+                 runs as ({me})"
+            )));
         }
         if mode & 0o022 != 0 {
-            return Err(format!(
-                "users other than its owner may change it (mode {mode:04o}): chmod go-w it"
-            ));
+            return Some(Changeable::Mode(format!(
+                "users other than its owner may change it (mode {mode:04o})"
+            )));
         }
-        if let Some(e) = self.named.iter().find(|e| e.perm & 2 != 0) {
-            return Err(format!(
-                "its ACL lets {} change it: remove the entry (setfacl -x)",
-                e.who()
-            ));
-        }
-        Ok(())
+        self.named
+            .iter()
+            .find(|e| e.perm & 2 != 0)
+            .map(|e| Changeable::Acl(format!("its ACL lets {} change it", e.who())))
     }
+}
+
+/// Why a file or directory may be changed by others than root or filepipe's user.
+enum Changeable {
+    Owner(String),
+    Mode(String),
+    Acl(String),
 }
 
 /// Refuses a file at `resolved` (an absolute path without symlinks) that someone else than
@@ -302,9 +317,15 @@ fn check_dir_and_above(dir: &Path, what: &str) -> Result<(), String> {
         let (uid, mode) = (access.meta.uid(), access.meta.mode() & 0o7777);
         let above = format!("the directory {} above it", dir.display());
         if uid != 0 && uid != me {
+            // A state directory is moved, never its place chowned: that is often the other
+            // user's own tree, and what they put in the state directory stays theirs.
+            let fix = match what {
+                "the state directory" => format!("move {what} out of it"),
+                _ => format!("chown it, or move {what}"),
+            };
             return Err(format!(
                 "{above} is owned by user {uid}, who may replace {what} in it, not by root or \
-                 the user filepipe runs as ({me}): chown it, or move {what}"
+                 the user filepipe runs as ({me}): {fix}"
             ));
         }
         if mode & 0o1000 != 0 {
@@ -346,6 +367,15 @@ fn check_dir_and_above(dir: &Path, what: &str) -> Result<(), String> {
 /// after this check.
 pub(crate) fn check_state_dir(dir: &Path, files: &[&str]) -> Result<(), String> {
     let access = FileAccess::of_dir(dir).map_err(|e| format!("cannot read it: {e}"))?;
+    // Another user's is never made safe by a chown: what is in it may be theirs (found by a
+    // review: a database they made, chowned as a refusal told, was trusted with its forged
+    // digests).
+    if let Some(Changeable::Owner(why)) = access.changeable_by_others() {
+        return Err(format!(
+            "{why}, and what is in it may be theirs: use a new directory of root's or this \
+             user's instead (a chown would not make what they put there filepipe's)"
+        ));
+    }
     access.check_file_not_writable()?;
     check_dirs_above(dir, "the state directory")?;
     for name in files {
@@ -360,9 +390,13 @@ pub(crate) fn check_state_dir(dir: &Path, files: &[&str]) -> Result<(), String> 
                  only files there, so someone else put it there: remove it"
             ));
         }
-        access
-            .check_file_not_writable()
-            .map_err(|why| format!("{name} in it: {why}: remove it if filepipe did not make it"))?;
+        if let Some(why) = access.changeable_by_others() {
+            let (Changeable::Owner(why) | Changeable::Mode(why) | Changeable::Acl(why)) = why;
+            return Err(format!(
+                "{name} in it: {why}, so what it holds may be another user's: remove it (filepipe \
+                 makes it anew, and takes every file again)"
+            ));
+        }
     }
     Ok(())
 }

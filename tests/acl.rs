@@ -710,6 +710,49 @@ fn roots_made_under_a_default_acl_keep_none_of_it() {
     }
 }
 
+/// A user let in to another user's tree by an ACL (the systemd README's setup for the
+/// service's user) mirrors its directories into its own `--out`, run after run: a directory it
+/// made, for another group (a mask, no group entry), is not taken for one more open than the
+/// directory it mirrors (found by a review: the mask was read as the group's rights, and every
+/// file below failed `unsafe-output-path`, at every run).
+#[test]
+fn a_mirror_made_for_another_users_acl_tree_is_used_run_after_run() {
+    let Some(t) = acl_tree() else {
+        return;
+    };
+    let chown = |path: &Path| {
+        rustix::fs::chown(
+            path,
+            Some(rustix::process::Uid::from_raw(NAMED)),
+            Some(rustix::process::Gid::from_raw(GROUP)),
+        )
+        .unwrap();
+    };
+    for (rel, content, mode) in [
+        ("app", None, 0o750),
+        ("app/2024", None, 0o750),
+        ("app/a.log", Some(&b"a\n"[..]), 0o640),
+        ("app/2024/b.log", Some(&b"b\n"[..]), 0o640),
+    ] {
+        let path = t.path(rel);
+        match content {
+            Some(c) => fs::write(&path, c).unwrap(),
+            None => fs::create_dir(&path).unwrap(),
+        }
+        chown(&path);
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        setfacl(&path, &["-m", "u:1500:rX"]);
+    }
+    let out = t.side("out");
+    fs::create_dir(&out).unwrap();
+    rustix::fs::chown(&out, Some(rustix::process::Uid::from_raw(OWNER)), None).unwrap();
+    let first = gzip_as_1500(&t, &out, &[s("--json")]).success().summary();
+    assert_eq!(first["done"], 2, "{first}");
+    let again = gzip_as_1500(&t, &out, &[s("--json")]).success().summary();
+    assert_eq!(again["failed"], 0, "{again}");
+    assert_eq!(again["skipped_by_reason"]["up-to-date"], 2, "{again}");
+}
+
 /// A run that cannot give an output its input's group (not root: the shipped units' user)
 /// leaves the output in its own group, to which the input's group bits, or its ACL's
 /// owning-group entry, do not belong: that group gets no more than others do then. Before,

@@ -719,6 +719,12 @@ fn a_state_directory_another_user_may_change_is_refused_and_nothing_written_thro
             let r = sha256_with_state(mode, &t.root(), state);
             let said = r.code(2).stderr();
             assert!(said.contains(why), "{mode} {}: {said}", state.display());
+            // Never told to chown another user's: what is in it would be trusted then.
+            assert!(
+                !said.contains("chown it"),
+                "{mode} {}: {said}",
+                state.display()
+            );
         }
     }
     assert_eq!(fs::read(&victim).unwrap(), b"not to be written\n");
@@ -795,10 +801,11 @@ fn state_files_another_user_planted_are_refused_after_the_directory_is_made_safe
             let said = r.code(2).stderr();
             let name = at.file_name().unwrap().to_str().unwrap();
             assert!(
-                said.contains(why) && said.contains(name),
+                said.contains(why) && said.contains(name) && said.contains("remove it"),
                 "{mode} {}: {said}",
                 at.display()
             );
+            assert!(!said.contains("chown"), "{mode} {}: {said}", at.display());
         }
         // Neither followed nor written.
         assert!(at.is_symlink() || fs::metadata(at).unwrap().len() == 0);

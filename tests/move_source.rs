@@ -312,6 +312,38 @@ fn an_input_still_open_for_writing_is_not_removed_or_copied_away() {
     }
 }
 
+/// Where the kernel cannot tell whether an input is still written (another user's file, no
+/// `CAP_LEASE`), the input goes as before, and the run says once that it cannot tell.
+#[test]
+fn where_writers_cannot_be_seen_the_run_says_so_once() {
+    if !is_root() {
+        eprintln!("SKIPPED: needs root to run as another user than the files' owner");
+        return;
+    }
+    let t = TestTree::new()
+        .file("a.log", b"root's\n")
+        .file("b.log", b"root's too\n");
+    t.open_to_all();
+    let mut cmd = unprivileged();
+    cmd.args([
+        s("batch"),
+        p(&t.root()),
+        s("--op"),
+        s("gzip"),
+        s("--remove-source"),
+    ]);
+    let out = run(cmd);
+    out.success();
+    assert!(!t.path("a.log").exists() && !t.path("b.log").exists());
+    let said = out.stderr();
+    assert_eq!(
+        said.matches("cannot tell whether inputs are still open for writing")
+            .count(),
+        1,
+        "{said}"
+    );
+}
+
 #[test]
 fn across_file_systems_the_input_is_copied_synced_and_verified_before_it_goes() {
     let fs = match Tmpfs::new() {

@@ -989,12 +989,17 @@ impl Writers {
     #[allow(unsafe_code)]
     pub(crate) fn of(dir: &Dir, temp: &OsStr) -> Writers {
         use std::os::fd::AsRawFd;
+        // FUSE grants leases, but sees only the writers that go through it: one writing to
+        // the file system beneath (a bindfs's source) is not seen (found by a review).
+        if on_fuse(dir) {
+            return unknown(&dir.path);
+        }
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let fd = match rfs::openat(&dir.fd, temp, flags, Mode::empty()) {
             Ok(fd) => fd,
             // A write lease another process holds: in use.
             Err(Errno::AGAIN) => return Writers::Open,
-            Err(_) => return Writers::Unknown,
+            Err(_) => return unknown(&dir.path),
         };
         // SAFETY: fcntl on a descriptor owned here; F_SETLEASE takes an int argument.
         if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
@@ -1002,7 +1007,7 @@ impl Writers {
         }
         match std::io::Error::last_os_error().raw_os_error() {
             Some(libc::EAGAIN | libc::EBUSY) => Writers::Open,
-            _ => Writers::Unknown,
+            _ => unknown(&dir.path),
         }
     }
 
@@ -1020,6 +1025,22 @@ impl Writers {
             Writers::Unknown => false,
         }
     }
+}
+
+/// `Writers::Unknown`, said once a run (as watch mode says that it cannot tell whether a file is
+/// still written): the files go as before, and one still written may lose what comes next.
+fn unknown(dir: &Path) -> Writers {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(
+            dir = %dir.display(),
+            "cannot tell whether inputs are still open for writing before they are removed or \
+             moved to another file system (filepipe is not their owner and lacks CAP_LEASE, or \
+             the file system has no leases, or is FUSE): one another process still writes to \
+             loses what it writes next (see README, --remove-source)"
+        );
+    }
+    Writers::Unknown
 }
 
 /// Why a file open for writing by another process keeps its name (`Writers`).

@@ -330,7 +330,10 @@ impl DirCache {
                     // loop: the check was made only of directories found at the first look).
                     // (Judged by the mirror already worked out for the `mkdir`.)
                     if let Ok(dir) = &opened {
-                        self.check_found(dir, &path, || (mirror.owner, mirror.full))?;
+                        // One made here has the mirrored directory's permissions (`apply`):
+                        // only whose it is now is asked.
+                        let full = if made { None } else { mirror.full };
+                        self.check_found(dir, &path, || (mirror.owner, full))?;
                     }
                     // Its entry in its parent must survive a crash before anything's only
                     // name goes into it.
@@ -415,8 +418,12 @@ impl DirCache {
         };
         let others = full & 0o007;
         // Its group's bits stand for the mirrored directory's group alone; members of another
-        // group are only let in as far as others are.
-        let group = if st.st_gid == gid {
+        // group are only let in as far as others are. With an access ACL they are its mask,
+        // not a group's rights (a directory mirrored for another group keeps a mask and no
+        // group entry: found by a review), and are not compared.
+        let group = if Acl::of_reached(dir, acl::ACCESS) != Acl::None {
+            0o070
+        } else if st.st_gid == gid {
             full & 0o070 | others << 3
         } else {
             others << 3
