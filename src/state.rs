@@ -397,6 +397,8 @@ pub(crate) struct State {
     conn: Connection,
     /// The database file, for messages.
     path: PathBuf,
+    /// Its device and inode when opened (`in_place`).
+    file: (u64, u64),
     root: Vec<u8>,
     /// The run's ops (`ops_of`): each file's outcome is recorded under each.
     ops: Vec<OpKind>,
@@ -440,6 +442,12 @@ pub(crate) struct Reader {
     /// The run's ops (`ops_of`): a file's `Known` has a record for each the state has a row
     /// for.
     ops: Vec<OpKind>,
+}
+
+/// The device and inode of the file at `path` (not followed if a symlink).
+fn file_id(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).map(|m| (m.dev(), m.ino()))
 }
 
 fn db_path(dir: &Path) -> PathBuf {
@@ -559,13 +567,22 @@ impl State {
             retry_busy(|| upgrade(&mut conn))
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
+        // The file SQLite has open: after the statements above, it exists.
+        let file = file_id(&path).with_context(not_a_state)?;
         Ok(State {
             conn,
             path,
+            file,
             root: root.as_os_str().as_bytes().to_vec(),
             ops: ops_of(spec),
             done: Vec::new(),
         })
+    }
+
+    /// Whether the database file opened is still the one at its path: not once it was
+    /// deleted or replaced (what is committed then goes to a file no name leads to).
+    pub(crate) fn in_place(&self) -> bool {
+        file_id(&self.path).is_ok_and(|id| id == self.file)
     }
 
     /// A second, read-only connection for lookups from another thread.

@@ -753,6 +753,58 @@ fn a_mirror_made_for_another_users_acl_tree_is_used_run_after_run() {
     assert_eq!(again["skipped_by_reason"]["up-to-date"], 2, "{again}");
 }
 
+/// A mirror directory already there whose ACL lets in a user (or group) the input directory it
+/// mirrors keeps out is not written into, whatever its mode (found by a review: the first
+/// version of the rule left out every directory with an ACL, and a private directory's output
+/// and moved input were read by the user its mirror's ACL named).
+#[test]
+fn a_mirror_directory_whose_acl_lets_others_in_is_not_written_into() {
+    let Some(t) = acl_tree() else {
+        return;
+    };
+    make(&t, "priv", None, 0o700, "");
+    make(&t, "priv/s.log", Some(b"private\n"), 0o644, "");
+    for (how, entry) in [("--out", "u:65534:rx"), ("--move-source", "g:65534:rx")] {
+        let dest = t.side(&format!("dest{how}"));
+        let mirror = dest.join("priv");
+        fs::create_dir_all(&mirror).unwrap();
+        fs::set_permissions(&mirror, fs::Permissions::from_mode(0o700)).unwrap();
+        setfacl(&mirror, &["-m", entry]);
+        let log = t.side(&format!("fail{how}.log"));
+        let out = batch(
+            &t,
+            &[
+                s("--op"),
+                s("gzip"),
+                s(how),
+                p(&dest),
+                s("--failure-log"),
+                p(&log),
+            ],
+        );
+        if how == "--out" {
+            out.code(1);
+        } else {
+            out.success();
+        }
+        assert_eq!(
+            fs::read_dir(&mirror).unwrap().count(),
+            0,
+            "{how}: written into it"
+        );
+        let records = failure_log(&log);
+        let refused = records_of(&records, "unsafe-output-path");
+        assert_eq!(refused.len(), 1, "{how}: {records:?}");
+        assert!(
+            refused[0]["message"]
+                .as_str()
+                .unwrap()
+                .contains("its ACL lets in"),
+            "{how}: {refused:?}"
+        );
+    }
+}
+
 /// A run that cannot give an output its input's group (not root: the shipped units' user)
 /// leaves the output in its own group, to which the input's group bits, or its ACL's
 /// owning-group entry, do not belong: that group gets no more than others do then. Before,

@@ -413,21 +413,39 @@ fn deleted_root_is_reported_and_exits_nonzero() {
     assert!(d.wait().code(1).stderr().contains("deleted or moved"));
 }
 
-/// A state directory deleted while the daemon runs: it stops, saying so, at the next commit,
-/// rather than go on recording into a database no name leads to (everything done since would be
-/// done again at the next start, with nothing said).
+/// A state directory, or its database, deleted while the daemon runs: it stops, saying so, at
+/// the next commit, rather than go on recording into a database no name leads to (everything
+/// done since would be done again at the next start, with nothing said). Its lock file removed
+/// (another daemon could take the directory too): it stops, saying that.
 #[test]
 fn a_state_directory_deleted_while_running_stops_the_daemon_saying_so() {
-    let t = TestTree::new().file("f", b"x");
-    let d = Daemon::ready(&t, &["--op", "sha256"]);
-    d.wait_idle(1);
-    fs::remove_dir_all(t.side("state")).unwrap();
-    fs::write(t.path("g"), b"y").unwrap();
-    let said = d.wait().code(1).stderr();
-    assert!(
-        said.contains("was deleted or replaced while filepipe ran"),
-        "{said}"
-    );
+    for gone in ["the directory", "the database", "the lock"] {
+        let t = TestTree::new().file("f", b"x");
+        let d = Daemon::ready(&t, &["--op", "sha256"]);
+        d.wait_idle(1);
+        let state = t.side("state");
+        let (names, says): (&[&str], _) = match gone {
+            "the directory" => (&[], "was deleted or replaced while filepipe ran"),
+            "the database" => (
+                &[
+                    "filepipe.sqlite",
+                    "filepipe.sqlite-wal",
+                    "filepipe.sqlite-shm",
+                ],
+                "state database in",
+            ),
+            _ => (&["filepipe.lock"], "lock file of the state directory"),
+        };
+        if names.is_empty() {
+            fs::remove_dir_all(&state).unwrap();
+        }
+        for name in names {
+            let _ = fs::remove_file(state.join(name));
+        }
+        fs::write(t.path("g"), b"y").unwrap();
+        let said = d.wait().code(1).stderr();
+        assert!(said.contains(says), "{gone}: {said}");
+    }
 }
 
 /// A directory made while the daemon runs with a name like a writer's temp file (`data.tmp`,

@@ -51,6 +51,91 @@ pub(crate) fn group_and_other(value: &[u8]) -> Option<(u32, u32)> {
     Some((group? & mask, other?))
 }
 
+/// Whether the access ACL `found` (of a directory already there) lets no one further in than
+/// `expected` does, which is the ACL of the directory it stands for, or, `Acl::None`, its mode
+/// (`mode`, whose group bits are its group's when `same_group`): each named user's or group's
+/// entry, and the owning group's, with the mask applied, gives no more than the same entry of
+/// `expected` with its mask (one `expected` lacks: no more than its others get), and others
+/// get no more. The owning user's entry is left out (it is its owner's own). An ACL that
+/// cannot be read as one is not judged so.
+pub(crate) fn no_more_open(found: &Acl, expected: &Acl, mode: u32, same_group: bool) -> bool {
+    let Some(found) = Entries::of(found) else {
+        return false;
+    };
+    let expected = match expected {
+        Acl::None => Entries {
+            named: Vec::new(),
+            group: if same_group {
+                (mode >> 3) as u16 & 0o7
+            } else {
+                mode as u16 & 0o7
+            },
+            other: mode as u16 & 0o7,
+            mask: 0o7,
+        },
+        acl => match Entries::of(acl) {
+            Some(e) => e,
+            None => return false,
+        },
+    };
+    let within = |have: u16, may: u16| have & !may == 0;
+    within(found.group & found.mask, expected.group & expected.mask)
+        && within(found.other, expected.other)
+        && found.named.iter().all(|&(tag, id, perm)| {
+            let may = expected
+                .named
+                .iter()
+                .find(|&&(t, i, _)| (t, i) == (tag, id))
+                .map_or(expected.other, |&(_, _, p)| p & expected.mask);
+            within(perm & found.mask, may)
+        })
+}
+
+/// An access ACL's entries, as `no_more_open` compares them.
+struct Entries {
+    /// Named users' and groups' entries: tag, id, permissions.
+    named: Vec<(u16, u32, u16)>,
+    group: u16,
+    other: u16,
+    mask: u16,
+}
+
+impl Entries {
+    fn of(acl: &Acl) -> Option<Entries> {
+        const USER: u16 = 0x02;
+        const GROUP_OBJ: u16 = 0x04;
+        const GROUP: u16 = 0x08;
+        const MASK: u16 = 0x10;
+        const OTHER: u16 = 0x20;
+        let Acl::Some(value) = acl else {
+            return None;
+        };
+        let (version, entries) = value.split_first_chunk::<4>()?;
+        if u32::from_le_bytes(*version) != 2 || entries.len() % 8 != 0 {
+            return None;
+        }
+        let mut out = Entries {
+            named: Vec::new(),
+            group: 0,
+            other: 0,
+            mask: 0o7,
+        };
+        for e in entries.chunks_exact(8) {
+            let tag = u16::from_le_bytes([e[0], e[1]]);
+            let perm = u16::from_le_bytes([e[2], e[3]]) & 0o7;
+            let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            match tag {
+                USER | GROUP => out.named.push((tag, id, perm)),
+                GROUP_OBJ => out.group = perm,
+                MASK => out.mask = perm,
+                OTHER => out.other = perm,
+                _ => {}
+            }
+        }
+        Some(out)
+    }
+}
+
 /// `acl` for a file whose owning group is not its input's (a run without the right to give it
 /// that group): the owning group's entry gives no more than others get, since it would give
 /// it to another group than the input's, which may hold users the input keeps out (and

@@ -992,22 +992,29 @@ impl Writers {
         // FUSE grants leases, but sees only the writers that go through it: one writing to
         // the file system beneath (a bindfs's source) is not seen (found by a review).
         if on_fuse(dir) {
-            return unknown(&dir.path);
+            return unknown(
+                &dir.path,
+                "it is on FUSE, which does not see writers beneath it",
+            );
         }
         let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
         let fd = match rfs::openat(&dir.fd, temp, flags, Mode::empty()) {
             Ok(fd) => fd,
             // A write lease another process holds: in use.
             Err(Errno::AGAIN) => return Writers::Open,
-            Err(_) => return unknown(&dir.path),
+            Err(e) => return unknown(&dir.path, &format!("it could not be opened: {e}")),
         };
         // SAFETY: fcntl on a descriptor owned here; F_SETLEASE takes an int argument.
         if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETLEASE, libc::F_RDLCK) } == 0 {
             return Writers::Held(fd);
         }
-        match std::io::Error::last_os_error().raw_os_error() {
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
             Some(libc::EAGAIN | libc::EBUSY) => Writers::Open,
-            _ => unknown(&dir.path),
+            Some(libc::EACCES) => {
+                unknown(&dir.path, "filepipe is not its owner, and lacks CAP_LEASE")
+            }
+            _ => unknown(&dir.path, &format!("its file system gives no lease: {e}")),
         }
     }
 
@@ -1029,15 +1036,15 @@ impl Writers {
 
 /// `Writers::Unknown`, said once a run (as watch mode says that it cannot tell whether a file is
 /// still written): the files go as before, and one still written may lose what comes next.
-fn unknown(dir: &Path) -> Writers {
+fn unknown(dir: &Path, why: &str) -> Writers {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         tracing::warn!(
             dir = %dir.display(),
-            "cannot tell whether inputs are still open for writing before they are removed or \
-             moved to another file system (filepipe is not their owner and lacks CAP_LEASE, or \
-             the file system has no leases, or is FUSE): one another process still writes to \
-             loses what it writes next (see README, --remove-source)"
+            "cannot tell whether an input is still open for writing before it is removed or \
+             moved to another file system ({why}); inputs go as before, and if another process \
+             is still writing to one, what it writes next is lost (said once; see README, \
+             --remove-source)"
         );
     }
     Writers::Unknown

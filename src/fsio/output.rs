@@ -333,7 +333,8 @@ impl DirCache {
                         // One made here has the mirrored directory's permissions (`apply`):
                         // only whose it is now is asked.
                         let full = if made { None } else { mirror.full };
-                        self.check_found(dir, &path, || (mirror.owner, full))?;
+                        let access = mirror.acls.as_ref().map(|(a, _)| a.clone());
+                        self.check_found(dir, &path, || (mirror.owner, full, access))?;
                     }
                     // Its entry in its parent must survive a crash before anything's only
                     // name goes into it.
@@ -355,7 +356,8 @@ impl DirCache {
                         if let Ok(dir) = &other {
                             self.check_found(dir, &path, || {
                                 let mirror = mode_of(&rel);
-                                (mirror.owner, mirror.full)
+                                let access = mirror.acls.map(|(a, _)| a);
+                                (mirror.owner, mirror.full, access)
                             })?;
                         }
                     }
@@ -382,14 +384,16 @@ impl DirCache {
     /// directory: with more mode bits for others (or for its group, or another group), the
     /// outputs and moved inputs put in it are read, or changed, by users the input's directory
     /// kept out (found by a review: a private `0700` directory's files went into a `0755`
-    /// one). `mirrors` tells that directory's owner and group and its mode (as `Mirror` has
-    /// them for a directory made); asked only of a directory open to anyone but its owner, or
-    /// not filepipe's user's. Its ACL is not compared (a named entry on it is left alone).
+    /// one). `mirrors` tells that directory's owner and group, its mode and its access ACL (as
+    /// `Mirror` has them for a directory made); asked only of a directory open to anyone but
+    /// its owner, or not filepipe's user's. One with an access ACL must have the one `apply`
+    /// would give it (the mirrored directory's, less its owning-group entry in another group),
+    /// its group bits being that ACL's mask.
     fn check_found(
         &self,
         dir: &OwnedFd,
         path: &Path,
-        mirrors: impl FnOnce() -> (Option<(u32, u32)>, Option<u32>),
+        mirrors: impl FnOnce() -> (Option<(u32, u32)>, Option<u32>, Option<Acl>),
     ) -> Result<(), FileError> {
         let st = rfs::fstat(dir)
             .map_err(|e| FileError::errno(&format!("opening directory {}", path.display()), e))?;
@@ -398,7 +402,7 @@ impl DirCache {
         if mine && mode & 0o077 == 0 {
             return Ok(());
         }
-        let (owner, full) = mirrors();
+        let (owner, full, input_acl) = mirrors();
         if !mine && owner.map(|(uid, _)| uid) != Some(st.st_uid) {
             let of = match owner {
                 Some((uid, _)) => format!("uid {uid}"),
@@ -418,15 +422,34 @@ impl DirCache {
         };
         let others = full & 0o007;
         // Its group's bits stand for the mirrored directory's group alone; members of another
-        // group are only let in as far as others are. With an access ACL they are its mask,
-        // not a group's rights (a directory mirrored for another group keeps a mask and no
-        // group entry: found by a review), and are not compared.
-        let group = if Acl::of_reached(dir, acl::ACCESS) != Acl::None {
-            0o070
-        } else if st.st_gid == gid {
-            full & 0o070 | others << 3
-        } else {
-            others << 3
+        // group are only let in as far as others are. With an access ACL they are its mask, not
+        // a group's rights (a directory mirrored for another group keeps a mask and no group
+        // entry: found by a review), and the ACL itself is compared: it must be the one a
+        // directory made for this input's would have (any other entry, a named user's say, lets
+        // someone in whom the input's keeps out: found by a review of the first version, which
+        // let any ACL pass).
+        let group = match Acl::of_reached(dir, acl::ACCESS) {
+            Acl::None if st.st_gid == gid => full & 0o070 | others << 3,
+            Acl::None => others << 3,
+            found => {
+                let input = input_acl.unwrap_or(Acl::None);
+                let same_group = st.st_gid == gid;
+                let expected = if same_group {
+                    input
+                } else {
+                    acl::without_owning_group(&input)
+                };
+                if !acl::no_more_open(&found, &expected, full, same_group) {
+                    return Err(FileError::new(
+                        Kind::UnsafeOutputPath,
+                        format!(
+                            "refusing to write into {}: its ACL lets in users the directory it mirrors keeps out, who could read or change what goes into it; narrow it (setfacl), or move the directory away to have it made anew",
+                            path.display()
+                        ),
+                    ));
+                }
+                full & 0o070
+            }
         };
         if mode & 0o077 & !(group | others) != 0 {
             return Err(FileError::new(

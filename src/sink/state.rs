@@ -314,20 +314,31 @@ impl Sink for StateSink<'_> {
             self.in_transaction = self.state.in_transaction();
             committed?;
             // Committed to the file the daemon opened: one no longer at its path (the state
-            // directory deleted or replaced while it ran) takes every record with it, and the
-            // next start would do every file since again. Said, and the daemon stops (systemd
+            // directory, or the database, deleted or replaced while it ran) takes every record
+            // with it, and the next start would do every file since again. Said, and the daemon stops (systemd
             // starts it again, on a new state), rather than go on recording into nothing.
+            let dir = self
+                .cfg
+                .watch
+                .as_ref()
+                .map_or(Path::new(""), |w| &w.state_dir);
+            if !self.state.in_place() {
+                anyhow::bail!(
+                    "the state database in {} was deleted or replaced while filepipe ran: what \
+                     it recorded since it was opened is gone with it; stopping (started again, \
+                     it makes a new state, and takes again the files done since)",
+                    dir.display()
+                );
+            }
+            // Its lock file gone (a cleaner, a rename): another daemon could take the state
+            // directory alongside this one, each doing what the other did.
             let lock = self.cfg.watch.as_ref().and_then(|w| w.lock.as_ref());
             if lock.is_some_and(|l| !l.in_place()) {
                 anyhow::bail!(
-                    "the state directory {} was deleted or replaced while filepipe ran: what it \
-                     recorded since it was opened is gone with it; stopping (started again, it \
-                     makes a new state, and takes again the files done since)",
-                    self.cfg
-                        .watch
-                        .as_ref()
-                        .map_or(Path::new(""), |w| &w.state_dir)
-                        .display()
+                    "the lock file of the state directory {} was removed or replaced while \
+                     filepipe ran, so another daemon could take the directory too; stopping \
+                     (what was recorded is kept: started again, it goes on from there)",
+                    dir.display()
                 );
             }
         }
