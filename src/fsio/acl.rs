@@ -355,6 +355,60 @@ pub(crate) mod tests {
         assert_eq!(group_and_other(b"\x02\0\0\0\x01"), None);
     }
 
+    /// `no_more_open`: named entries and the owning group's within the mask, against the same
+    /// entries of the ACL expected (or its others, for an entry it lacks); the owner's left out.
+    #[test]
+    fn an_acl_is_no_more_open_only_when_no_entry_gives_more() {
+        const NO_ID: u32 = u32::MAX;
+        let acl = |entries: &[(u16, u16, u32)]| Acl::Some(value(entries));
+        // The input's: user::rwx, user:1700:r-x, group::---, mask::r-x, other::---.
+        let input = acl(&[
+            (1, 7, NO_ID),
+            (2, 5, 1700),
+            (4, 0, NO_ID),
+            (0x10, 5, NO_ID),
+            (0x20, 0, NO_ID),
+        ]);
+        assert!(no_more_open(&input, &input, 0o750, true));
+        // The same with a narrower mask (a umask), or a narrower owner: still no more open.
+        let narrower = acl(&[
+            (1, 5, NO_ID),
+            (2, 7, 1700),
+            (4, 0, NO_ID),
+            (0x10, 1, NO_ID),
+            (0x20, 0, NO_ID),
+        ]);
+        assert!(no_more_open(&narrower, &input, 0o750, true));
+        // Another user named, or others let in: more open.
+        let stranger = acl(&[
+            (1, 7, NO_ID),
+            (2, 5, 1800),
+            (4, 0, NO_ID),
+            (0x10, 5, NO_ID),
+            (0x20, 0, NO_ID),
+        ]);
+        assert!(!no_more_open(&stranger, &input, 0o750, true));
+        let others = acl(&[
+            (1, 7, NO_ID),
+            (4, 0, NO_ID),
+            (0x10, 0, NO_ID),
+            (0x20, 5, NO_ID),
+        ]);
+        assert!(!no_more_open(&others, &input, 0o750, true));
+        // Against a mode alone: its group for the same group, others otherwise.
+        let group = acl(&[
+            (1, 7, NO_ID),
+            (4, 5, NO_ID),
+            (0x10, 5, NO_ID),
+            (0x20, 0, NO_ID),
+        ]);
+        assert!(no_more_open(&group, &Acl::None, 0o750, true));
+        assert!(!no_more_open(&group, &Acl::None, 0o750, false));
+        assert!(!no_more_open(&group, &Acl::None, 0o700, true));
+        // Unreadable: not judged no more open.
+        assert!(!no_more_open(&Acl::Unknown(Errno::IO), &input, 0o750, true));
+    }
+
     fn acls_here(file: &std::fs::File) -> bool {
         rfs::fsetxattr(file, ACCESS, &named_reader(4321), rfs::XattrFlags::empty()).is_ok()
     }
