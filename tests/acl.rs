@@ -782,26 +782,7 @@ fn a_mirror_directory_whose_acl_lets_others_in_is_not_written_into() {
                 p(&log),
             ],
         );
-        if how == "--out" {
-            out.code(1);
-        } else {
-            out.success();
-        }
-        assert_eq!(
-            fs::read_dir(&mirror).unwrap().count(),
-            0,
-            "{how}: written into it"
-        );
-        let records = failure_log(&log);
-        let refused = records_of(&records, "unsafe-output-path");
-        assert_eq!(refused.len(), 1, "{how}: {records:?}");
-        assert!(
-            refused[0]["message"]
-                .as_str()
-                .unwrap()
-                .contains("its ACL lets in"),
-            "{how}: {refused:?}"
-        );
+        assert_mirror_refused(&out, how, &mirror, &log, "its ACL lets in");
     }
 }
 

@@ -30,25 +30,8 @@ pub(crate) const DEFAULT: &str = "system.posix_acl_default";
 /// limited by its mask (what a group member gets through that entry), and others: `None` if
 /// it does not read as one.
 pub(crate) fn group_and_other(value: &[u8]) -> Option<(u32, u32)> {
-    const GROUP_OBJ: u16 = 0x04;
-    const MASK: u16 = 0x10;
-    const OTHER: u16 = 0x20;
-    let (version, entries) = value.split_first_chunk::<4>()?;
-    if u32::from_le_bytes(*version) != 2 || entries.len() % 8 != 0 {
-        return None;
-    }
-    let (mut group, mut mask, mut other) = (None, 0o7, None);
-    for e in entries.chunks_exact(8) {
-        let tag = u16::from_le_bytes([e[0], e[1]]);
-        let perm = u32::from(u16::from_le_bytes([e[2], e[3]]) & 0o7);
-        match tag {
-            GROUP_OBJ => group = Some(perm),
-            MASK => mask = perm,
-            OTHER => other = Some(perm),
-            _ => {}
-        }
-    }
-    Some((group? & mask, other?))
+    let e = Entries::of_value(value)?;
+    Some((u32::from(e.group? & e.mask), u32::from(e.other?)))
 }
 
 /// Whether the access ACL `found` (of a directory already there) lets no one further in than
@@ -65,12 +48,12 @@ pub(crate) fn no_more_open(found: &Acl, expected: &Acl, mode: u32, same_group: b
     let expected = match expected {
         Acl::None => Entries {
             named: Vec::new(),
-            group: if same_group {
+            group: Some(if same_group {
                 (mode >> 3) as u16 & 0o7
             } else {
                 mode as u16 & 0o7
-            },
-            other: mode as u16 & 0o7,
+            }),
+            other: Some(mode as u16 & 0o7),
             mask: 0o7,
         },
         acl => match Entries::of(acl) {
@@ -79,45 +62,54 @@ pub(crate) fn no_more_open(found: &Acl, expected: &Acl, mode: u32, same_group: b
         },
     };
     let within = |have: u16, may: u16| have & !may == 0;
-    within(found.group & found.mask, expected.group & expected.mask)
-        && within(found.other, expected.other)
+    let group = |e: &Entries| e.group.unwrap_or(0) & e.mask;
+    let other = |e: &Entries| e.other.unwrap_or(0);
+    within(group(&found), group(&expected))
+        && within(other(&found), other(&expected))
         && found.named.iter().all(|&(tag, id, perm)| {
             let may = expected
                 .named
                 .iter()
                 .find(|&&(t, i, _)| (t, i) == (tag, id))
-                .map_or(expected.other, |&(_, _, p)| p & expected.mask);
+                .map_or(other(&expected), |&(_, _, p)| p & expected.mask);
             within(perm & found.mask, may)
         })
 }
 
-/// An access ACL's entries, as `no_more_open` compares them.
+/// An access ACL's entries, as `no_more_open` and `group_and_other` read them.
 struct Entries {
     /// Named users' and groups' entries: tag, id, permissions.
     named: Vec<(u16, u32, u16)>,
-    group: u16,
-    other: u16,
+    /// The owning group's and others' (`None` where the value lacks them).
+    group: Option<u16>,
+    other: Option<u16>,
+    /// `rwx` without a mask entry.
     mask: u16,
 }
 
 impl Entries {
     fn of(acl: &Acl) -> Option<Entries> {
+        match acl {
+            Acl::Some(value) => Entries::of_value(value),
+            _ => None,
+        }
+    }
+
+    /// The entries of `value`, as the kernel gives it: `None` if it does not read as an ACL.
+    fn of_value(value: &[u8]) -> Option<Entries> {
         const USER: u16 = 0x02;
         const GROUP_OBJ: u16 = 0x04;
         const GROUP: u16 = 0x08;
         const MASK: u16 = 0x10;
         const OTHER: u16 = 0x20;
-        let Acl::Some(value) = acl else {
-            return None;
-        };
         let (version, entries) = value.split_first_chunk::<4>()?;
         if u32::from_le_bytes(*version) != 2 || entries.len() % 8 != 0 {
             return None;
         }
         let mut out = Entries {
             named: Vec::new(),
-            group: 0,
-            other: 0,
+            group: None,
+            other: None,
             mask: 0o7,
         };
         for e in entries.chunks_exact(8) {
@@ -126,9 +118,9 @@ impl Entries {
             let id = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
             match tag {
                 USER | GROUP => out.named.push((tag, id, perm)),
-                GROUP_OBJ => out.group = perm,
+                GROUP_OBJ => out.group = Some(perm),
                 MASK => out.mask = perm,
-                OTHER => out.other = perm,
+                OTHER => out.other = Some(perm),
                 _ => {}
             }
         }

@@ -332,8 +332,10 @@ impl DirCache {
                     if let Ok(dir) = &opened {
                         // One made here has the mirrored directory's permissions (`apply`):
                         // only whose it is now is asked.
-                        let full = if made { None } else { mirror.full };
-                        let access = mirror.acls.as_ref().map(|(a, _)| a.clone());
+                        let (full, access) = match made {
+                            true => (None, None),
+                            false => (mirror.full, mirror.acls.as_ref().map(|(a, _)| a.clone())),
+                        };
                         self.check_found(dir, &path, || (mirror.owner, full, access))?;
                     }
                     // Its entry in its parent must survive a crash before anything's only

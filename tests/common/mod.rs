@@ -359,6 +359,26 @@ pub fn records_of<'a>(log: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde
     log.iter().filter(|r| r["error"] == kind).collect()
 }
 
+/// A run with `--out` or `--move-source` (`how`) that refused to write into an existing mirror
+/// directory `mirror`: the file failed (`--out`: exit 1) or its input was kept (exit 0),
+/// nothing went into `mirror`, and the failure log at `log` holds one `unsafe-output-path`
+/// record whose message says `says`.
+#[allow(dead_code)]
+pub fn assert_mirror_refused(out: &Run, how: &str, mirror: &Path, log: &Path, says: &str) {
+    if how == "--out" {
+        out.code(1);
+    } else {
+        out.success();
+    }
+    let left: Vec<_> = fs::read_dir(mirror).unwrap().collect();
+    assert!(left.is_empty(), "{how}: written into it: {left:?}");
+    let records = failure_log(log);
+    let refused = records_of(&records, "unsafe-output-path");
+    assert_eq!(refused.len(), 1, "{how}: {records:?}");
+    let message = refused[0]["message"].as_str().unwrap();
+    assert!(message.contains(says), "{how}: {refused:?}");
+}
+
 /// `cp FLAG FROM TO` (`-a` a tree, `-p` a file with its mode and dates), which must succeed.
 pub fn cp(flag: &str, from: &Path, to: &Path) {
     let st = Command::new("cp")
