@@ -5,7 +5,7 @@
 //! is written to a mode-0600 temp file in its final directory, given the input's owner, ACL,
 //! mode and times, synced, and only then given its final name (linked, or renamed, refusing an
 //! existing name unless `--force`), and the directory is synced. The steps are separate
-//! (`set_attrs`, `sync` into a `SyncedTemp`, `rename`, `sync_dirs`) so a caller can take each
+//! (`set_attrs`, `sync` into a `SyncedTemp`, `rename`, `sync_names`) so a caller can take each
 //! for a group of files before the next; the types only allow a rename after the sync. A temp
 //! file that is not published is removed when dropped.
 //!
@@ -916,15 +916,22 @@ fn tmpfile_unsupported(e: Errno) -> bool {
 }
 
 impl TempOutput {
-    /// Creates a fresh temp in `dir`: anonymous where it can be, else named, locked and
-    /// marked as this process's.
+    /// Creates a fresh temp in `dir` for an output made durable file by file (`File`): see
+    /// `create_for`.
     pub(crate) fn create(dir: Arc<Dir>) -> Result<Self, FileError> {
+        Self::create_for(dir, Durability::File)
+    }
+
+    /// Creates a fresh temp in `dir` for an output to be published with `durability`:
+    /// anonymous where it can be and its link will be made durable without a flush of its own
+    /// (`anonymous_suits`), else named, locked and marked as this process's.
+    pub(crate) fn create_for(dir: Arc<Dir>, durability: Durability) -> Result<Self, FileError> {
         let failed =
             |e| FileError::errno(&format!("creating temp file in {}", dir.path.display()), e);
-        // Anonymous only where its link needs no flush of its own: elsewhere a named temp costs
-        // a few calls and no flush (its own fsync writes its link count, and the directory's
-        // fsync its rename), where an anonymous one would need a second flush once linked.
-        if temps_knob() == TempsKnob::Auto && tmpfile_tried(&dir) && !link_needs_fsync(&dir) {
+        if temps_knob() == TempsKnob::Auto
+            && tmpfile_tried(&dir)
+            && anonymous_suits(&dir, durability)
+        {
             match create_anonymous(&dir) {
                 Ok(fd) => {
                     return Ok(TempOutput {
@@ -1006,9 +1013,49 @@ impl TempOutput {
             .pop()
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a temp was lost")))?
             .rename(final_name, replace)?;
-        sync_dirs(&[named.dir()], durability, mark)
+        sync_names(&[named.new_name()], durability, mark)
             .pop()
             .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a directory was lost")))
+    }
+
+    /// Gives an anonymous temp a temp name, as a named temp is made (see `create_named`):
+    /// locked, marked and registered first, so a crash at any instant leaves nothing a sweep
+    /// cannot prove to be filepipe's. `EXIST` takes the next name.
+    fn give_name(&mut self) -> Result<(), Errno> {
+        let file = self.file.as_ref().expect("open until published");
+        fslock::lock(file, LockKind::Write, false)?;
+        let marked = mark(file.as_fd(), &self.dir.path);
+        let name = loop {
+            let name = temp_name();
+            match link_anonymous(file, &self.dir, &name) {
+                Ok(()) => break name,
+                Err(Errno::EXIST) => continue,
+                Err(e) => {
+                    no_anonymous_temps(e);
+                    return Err(e);
+                }
+            }
+        };
+        self.registry_id = Some(signals::register_temp(self.dir.path.join(&name)));
+        self.name = Some(name);
+        self.marked = marked;
+        Ok(())
+    }
+
+    /// The temp, just given `final_name`, as published: nothing of it left to remove.
+    fn published(&mut self, final_name: &OsStr) -> Named {
+        self.published = true;
+        if let Some(id) = self.registry_id.take() {
+            signals::unregister_temp(id);
+        }
+        Named {
+            dir: Arc::clone(&self.dir),
+            name: final_name.to_os_string(),
+            // Linked while anonymous where a link needs a flush of its own (see
+            // `anonymous_suits`).
+            link_unflushed: self.name.is_none() && link_needs_fsync(&self.dir),
+            file: self.file.take().expect("open until published"),
+        }
     }
 
     /// Gives the temp the input's owner, ACL, mode and times. Done before the data is flushed,
@@ -1220,7 +1267,8 @@ impl SyncedTemp {
     /// to be looked at, until this is dropped.
     pub(crate) fn rename(&mut self, final_name: &OsStr, replace: bool) -> Result<Named, FileError> {
         let temp = &mut self.0;
-        let ctx = |what: &str| format!("{what} {}", temp.dir.path.join(final_name).display());
+        let path = temp.dir.path.join(final_name);
+        let ctx = |what: &str| format!("{what} {}", path.display());
         let exists = |e: Errno| FileError {
             kind: Kind::OutputExists,
             errno: Some(e.raw_os_error()),
@@ -1260,99 +1308,69 @@ impl SyncedTemp {
                 }
             }
         };
-        let file = temp.file.as_ref().expect("open until renamed");
-        match &temp.name {
-            None if !replace => match link_anonymous(file, &temp.dir, final_name) {
-                Ok(()) => {}
-                Err(e @ Errno::EXIST) => return Err(exists(e)),
+        if temp.name.is_none() {
+            let file = temp.file.as_ref().expect("open until renamed");
+            // The link never replaces, so it is all a publish takes where nothing may be
+            // replaced, and where something may but the name is free (as it mostly is: `--force`
+            // over a tree without outputs yet). A name taken (`EXIST`) is replaced by a rename
+            // over it, the only way to replace a file by another atomically, from a temp name.
+            match link_anonymous(file, &temp.dir, final_name) {
+                Ok(()) => return Ok(temp.published(final_name)),
+                Err(e @ Errno::EXIST) if !replace => return Err(exists(e)),
+                Err(Errno::EXIST) => temp
+                    .give_name()
+                    .map_err(|e| FileError::errno(&ctx("publishing"), e))?,
                 Err(e) => {
                     no_anonymous_temps(e);
                     return Err(FileError::errno(&ctx("publishing"), e));
                 }
+            }
+        }
+        let file = temp.file.as_ref().expect("open until renamed");
+        let Some(name) = &temp.name else {
+            return Err(FileError::new(
+                Kind::Internal,
+                "an anonymous temp was neither linked nor named",
+            ));
+        };
+        let flags = if replace {
+            RenameFlags::empty()
+        } else {
+            RenameFlags::NOREPLACE
+        };
+        // Its temp gone from a directory still there: removed under the writer (by
+        // hand, or by a sweep of another host that took it for dead), which says
+        // nothing of the input. As `vanished`, the input was taken for deleted: a
+        // watch forgot the file until its next scan.
+        let dir_there = || rfs::fstat(&temp.dir.fd).is_ok_and(|st| st.st_nlink > 0);
+        let failed = |e: Errno| match e {
+            Errno::EXIST => exists(e),
+            Errno::ISDIR => a_dir(e),
+            Errno::NOENT if dir_there() => FileError {
+                kind: Kind::Io,
+                errno: Some(e.raw_os_error()),
+                message: format!(
+                    "{}: its temp file {} was removed while the output was written; \
+                     not published",
+                    ctx("publishing"),
+                    name.to_string_lossy()
+                ),
             },
-            None => {
-                // Replacing goes through a name to rename over the final one with (the only
-                // way to replace a file by another atomically). For that instant the temp has a
-                // name, so it is a named temp like any other: locked and marked first (a crash
-                // then leaves it for the next run's sweep), registered for an abrupt exit.
-                fslock::lock(file, LockKind::Write, false)
-                    .map_err(|e| FileError::errno(&ctx("locking the temp of"), e))?;
-                let marked = mark(file.as_fd(), &temp.dir.path);
-                let name = loop {
-                    let name = temp_name();
-                    match link_anonymous(file, &temp.dir, &name) {
-                        Ok(()) => break name,
-                        Err(Errno::EXIST) => continue,
-                        Err(e) => {
-                            no_anonymous_temps(e);
-                            return Err(FileError::errno(&ctx("publishing"), e));
-                        }
-                    }
-                };
-                let id = signals::register_temp(temp.dir.path.join(&name));
-                let renamed = rfs::renameat(&temp.dir.fd, &name, &temp.dir.fd, final_name);
-                if let Err(e) = renamed {
-                    let _ = rfs::unlinkat(&temp.dir.fd, &name, AtFlags::empty());
-                    signals::unregister_temp(id);
-                    return Err(match e {
-                        Errno::ISDIR => a_dir(e),
-                        e => FileError::errno(&ctx("publishing"), e),
-                    });
-                }
-                signals::unregister_temp(id);
-                if marked {
-                    let _ = rfs::fremovexattr(file, TEMP_MARK);
-                }
+            e => FileError::errno(&ctx("publishing"), e),
+        };
+        match rfs::renameat_with(&temp.dir.fd, name, &temp.dir.fd, final_name, flags) {
+            Ok(()) => {}
+            // A file system that cannot rename without replacing (FUSE ones such as
+            // exfat-fuse and fusefat refuse the flag).
+            Err(Errno::INVAL) if !replace => {
+                no_clobber_elsewise(&temp.dir, name, final_name).map_err(failed)?
             }
-            Some(name) => {
-                let flags = if replace {
-                    RenameFlags::empty()
-                } else {
-                    RenameFlags::NOREPLACE
-                };
-                // Its temp gone from a directory still there: removed under the writer (by
-                // hand, or by a sweep of another host that took it for dead), which says
-                // nothing of the input. As `vanished`, the input was taken for deleted: a
-                // watch forgot the file until its next scan.
-                let dir_there = || rfs::fstat(&temp.dir.fd).is_ok_and(|st| st.st_nlink > 0);
-                let failed = |e: Errno| match e {
-                    Errno::EXIST => exists(e),
-                    Errno::ISDIR => a_dir(e),
-                    Errno::NOENT if dir_there() => FileError {
-                        kind: Kind::Io,
-                        errno: Some(e.raw_os_error()),
-                        message: format!(
-                            "{}: its temp file {} was removed while the output was written; \
-                             not published",
-                            ctx("publishing"),
-                            name.to_string_lossy()
-                        ),
-                    },
-                    e => FileError::errno(&ctx("publishing"), e),
-                };
-                match rfs::renameat_with(&temp.dir.fd, name, &temp.dir.fd, final_name, flags) {
-                    Ok(()) => {}
-                    // A file system that cannot rename without replacing (FUSE ones such as
-                    // exfat-fuse and fusefat refuse the flag).
-                    Err(Errno::INVAL) if !replace => {
-                        no_clobber_elsewise(&temp.dir, name, final_name).map_err(failed)?
-                    }
-                    Err(e) => return Err(failed(e)),
-                }
-                if temp.marked {
-                    let _ = rfs::fremovexattr(file, TEMP_MARK);
-                }
-            }
+            Err(e) => return Err(failed(e)),
         }
-        temp.published = true;
-        if let Some(id) = temp.registry_id.take() {
-            signals::unregister_temp(id);
+        if temp.marked {
+            let _ = rfs::fremovexattr(file, TEMP_MARK);
         }
-        Ok(Named {
-            dir: Arc::clone(&temp.dir),
-            name: final_name.to_os_string(),
-            file: temp.file.take().expect("open until renamed"),
-        })
+        Ok(temp.published(final_name))
     }
 }
 
@@ -1393,12 +1411,19 @@ pub(crate) struct Named {
     /// The output, still open: it tells it from whatever may take its name later (while it is
     /// open its inode number cannot go to another file).
     file: File,
+    /// Linked while anonymous on a file system where the new link count reaches the disk with
+    /// no directory's `fsync` (no journal): it needs a flush of its own, or its file system's
+    /// whole (see `sync_names`).
+    link_unflushed: bool,
 }
 
 impl Named {
-    /// The directory to flush for the name to be durable.
-    pub(crate) fn dir(&self) -> &Arc<Dir> {
-        &self.dir
+    /// Its name, for `sync_names`.
+    pub(crate) fn new_name(&self) -> NewName<'_> {
+        NewName {
+            dir: &self.dir,
+            link: self.link_unflushed.then_some((&self.file, &*self.name)),
+        }
     }
 
     /// Takes the name back after its directory's flush failed: the file is reported failed,
@@ -1835,7 +1860,7 @@ enum Flushed {
 /// group for which a journaled `syncfs` fails, or would wait for more than
 /// `SYNCFS_MAX_FOREIGN` of other programs' data.
 pub(crate) fn sync_group(
-    temps: Vec<(TempOutput, OsString)>,
+    mut temps: Vec<(TempOutput, OsString)>,
     bytes: u64,
     durability: Durability,
 ) -> Vec<Result<SyncedTemp, FileError>> {
@@ -1882,12 +1907,30 @@ pub(crate) fn sync_group(
             .and_then(|(dev, _)| how.get(&dev).copied())
             .unwrap_or(Flushed::Alone)
     };
+    // Anonymous temps flushed on their own where a link needs a flush of its own (ext4
+    // without a journal, a group not flushed whole: see `anonymous_suits`) are named first,
+    // so that their own `fsync` writes their link count and their directory's their name, as
+    // for any named temp: two flushes each, not three.
+    let mut unnamed: Vec<Option<FileError>> = temps
+        .iter_mut()
+        .map(|(t, name)| {
+            let anonymous = t.name.is_none() && link_needs_fsync(&t.dir);
+            if !anonymous || how_of(t) != Flushed::Alone {
+                return None;
+            }
+            t.give_name().err().map(|e| {
+                let path = t.dir.path.join(&*name);
+                FileError::errno(&format!("naming the temp of {}", path.display()), e)
+            })
+        })
+        .collect();
     // Flushed one by one: their write-back started together first, then their fsyncs issued
     // together with a journal, one after another without (see `flush_on`).
     let alone: Vec<(&File, &Dir)> = temps
         .iter()
-        .filter(|(t, _)| how_of(t) == Flushed::Alone)
-        .map(|(t, _)| (t.file.as_ref().expect("open until synced"), &*t.dir))
+        .zip(&unnamed)
+        .filter(|((t, _), failed)| how_of(t) == Flushed::Alone && failed.is_none())
+        .map(|((t, _), _)| (t.file.as_ref().expect("open until synced"), &*t.dir))
         .collect();
     // (Starting the write-back first still pays with the fsyncs together: in a probe writing
     // 4,000 files in groups of 256, 0.64-1.25 s against 1.02-1.28 s without.)
@@ -1904,7 +1947,11 @@ pub(crate) fn sync_group(
     let mut flushed = flushed.into_iter();
     temps
         .into_iter()
-        .map(|(t, name)| {
+        .zip(unnamed.iter_mut())
+        .map(|((t, name), failed)| {
+            if let Some(e) = failed.take() {
+                return Err(e);
+            }
             let how = how_of(&t);
             let path = t.dir.path.join(&name);
             let (dir, born) = (Arc::clone(&t.dir), t.born);
@@ -2426,24 +2473,64 @@ fn link_needs_fsync(dir: &Dir) -> bool {
     )
 }
 
-/// Makes the names just given in `dirs` durable, as `durability` says, and returns, for each
-/// of `dirs` in order, its directory's result. `since` is the `flush_mark` taken before the
-/// names were given. Each distinct directory is fsynced once (the same directory may come
-/// through several handles; on a journaling file system the first commits the names of all).
+/// Whether a temp in `dir` for an output published with `durability` may be anonymous: where
+/// its link needs no flush of its own (`link_needs_fsync`); with `none`, which flushes nothing;
+/// and with `group` on ext4 without a journal, where a group is flushed whole after its names
+/// are given (`sync_whole` writes every inode's new link count with the directories), a temp
+/// of a group flushed otherwise is named before its flush (`SyncedTemp` never holds an
+/// anonymous temp there that `sync_group` flushed on its own), and one linked by a group whose
+/// names are then not flushed whole has its own `fsync` (`sync_names`). Elsewhere a named temp
+/// costs a few calls and no flush (its own fsync writes its link count, and the directory's
+/// fsync its rename), where an anonymous one would need a second flush once linked. Anonymous
+/// there, a publish costs four calls fewer (no lock, mark, or rename, nor the mark's removal)
+/// and one change of the directory instead of two: about 7% of a gzip run's CPU over a tree of
+/// small files (BENCHMARKS.md, session 48).
+fn anonymous_suits(dir: &Dir, durability: Durability) -> bool {
+    match durability {
+        Durability::None => true,
+        Durability::File => !link_needs_fsync(dir),
+        Durability::Group => {
+            !link_needs_fsync(dir) || (fs_kind(dir) == FsKind::Ext4NoJournal && !is_degraded(dir))
+        }
+    }
+}
+
+/// A name just given, for `sync_names`: its directory, and, where its link count reaches the
+/// disk with no directory's `fsync` (`Named::link_unflushed`), its file and name.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewName<'a> {
+    dir: &'a Arc<Dir>,
+    link: Option<(&'a File, &'a OsStr)>,
+}
+
+impl<'a> NewName<'a> {
+    /// A name in `dir` that its directory's flush makes durable.
+    pub(crate) fn in_dir(dir: &'a Arc<Dir>) -> Self {
+        NewName { dir, link: None }
+    }
+}
+
+/// Makes the names just given (`names`) durable, as `durability` says, and returns, for each
+/// in order, its result. `since` is the `flush_mark` taken before the names were given. Each
+/// distinct directory is fsynced once (the same directory may come through several handles;
+/// on a journaling file system the first commits the names of all).
 /// With `group` and no journal, the directories are fsynced together (see `flush_together`:
 /// each is a flush of the disk's cache), or, on ext4 without a journal and for at least
 /// `WHOLE_MIN_GROUP` names there, their file system is flushed whole (`sync_whole`); a
 /// directory there then fails if any whole flush reported an error since `since`. An ext4
 /// without a journal that is not flushed whole here is checked once after its directories'
-/// `fsync`s (`check_written`), with the same effect. `None`: nothing.
-pub(crate) fn sync_dirs(
-    dirs: &[&Arc<Dir>],
+/// `fsync`s (`check_written`), with the same effect. A file linked while anonymous there
+/// (`Named::link_unflushed`: only a whole flush writes its link count with its name) is
+/// `fsync`ed too when its file system is not flushed whole. `None`: nothing.
+pub(crate) fn sync_names(
+    names: &[NewName<'_>],
     durability: Durability,
     since: FlushMark,
 ) -> Vec<Result<(), FileError>> {
     if durability == Durability::None {
-        return dirs.iter().map(|_| Ok(())).collect();
+        return names.iter().map(|_| Ok(())).collect();
     }
+    let dirs: Vec<&Arc<Dir>> = names.iter().map(|n| n.dir).collect();
     // Each directory's place in `distinct`; one that cannot be told apart (no id) is its own.
     let mut distinct: Vec<&Arc<Dir>> = Vec::new();
     let mut first: HashMap<(u64, u64), usize> = HashMap::new();
@@ -2493,6 +2580,32 @@ pub(crate) fn sync_dirs(
         !together,
     )
     .into_iter();
+    // Each file linked while anonymous whose file system was not flushed whole: its own
+    // `fsync` writes its new link count (its name is its directory's).
+    let links: Vec<(usize, &File, &OsStr, &Dir)> = names
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            let (file, name) = n.link?;
+            whole_of(n.dir)
+                .is_none()
+                .then_some((i, file, name, &**n.dir))
+        })
+        .collect();
+    let mut linked: HashMap<usize, Result<(), FileError>> = links
+        .iter()
+        .zip(flush_each(
+            &links,
+            |(_, file, name, dir)| {
+                flush_on(dir, || file.sync_all()).map_err(|e| {
+                    FileError::io(&format!("syncing {}", dir.path.join(name).display()), &e)
+                })
+            },
+            |(_, _, _, dir)| dir,
+            !together,
+        ))
+        .map(|((i, ..), result)| (*i, result))
+        .collect();
     // Checked: each ext4 without a journal not flushed whole here (too few names, too much
     // other data waiting, or a flush error met there before), once (see `check_written`); its
     // error fails every directory on such a file system below (`unharmed`).
@@ -2525,7 +2638,11 @@ pub(crate) fn sync_dirs(
             unharmed(dir, since, &dir.path)
         })
         .collect();
-    slots.into_iter().map(|i| synced[i].clone()).collect()
+    slots
+        .into_iter()
+        .enumerate()
+        .map(|(k, i)| synced[i].clone().and(linked.remove(&k).unwrap_or(Ok(()))))
+        .collect()
 }
 
 /// True for names of filepipe's own temp files: they are never inputs.
@@ -3183,10 +3300,50 @@ mod tests {
             .unwrap()
             .rename(OsStr::new("y"), false)
             .unwrap();
-        assert!(Arc::ptr_eq(named.dir(), &b));
+        assert!(Arc::ptr_eq(&named.dir, &b));
         assert_eq!(std::fs::read(tmp.path().join("b/y")).unwrap(), b"data");
-        let results = sync_dirs(&[&a, &b, &a_again, &b], Durability::File, flush_mark());
+        let names = [&a, &b, &a_again, &b].map(NewName::in_dir);
+        let results = sync_names(&names, Durability::File, flush_mark());
         assert_eq!(results, vec![Ok(()), Ok(()), Ok(()), Ok(())]);
+    }
+
+    /// A name linked from an anonymous temp where no directory's flush writes its link count
+    /// (`Named::link_unflushed`) has its file flushed too when its file system is not flushed
+    /// whole: its result is that flush's. Seen through a descriptor whose `fsync` fails (a
+    /// pipe's: `EINVAL`), on tmpfs: a failed flush on a file system without a journal would
+    /// fail every output in the making in this process (`flush_failed`), other tests' too.
+    #[test]
+    fn a_link_not_flushed_whole_has_its_own_flush() {
+        let Ok(tmp) = tempfile::tempdir_in("/dev/shm") else {
+            eprintln!("SKIPPED: no /dev/shm");
+            return;
+        };
+        let dir = DirCache::new(tmp.path(), true)
+            .open(Path::new("d"), &|_| {
+                Mirror::plain(Mode::from_raw_mode(0o755))
+            })
+            .unwrap();
+        if fs_kind(&dir) != FsKind::Memory {
+            eprintln!("SKIPPED: /dev/shm is not a tmpfs");
+            return;
+        }
+        let (pipe, _writer) = std::io::pipe().unwrap();
+        let pipe = File::from(OwnedFd::from(pipe));
+        let plain = NewName::in_dir(&dir);
+        let linked = NewName {
+            dir: &dir,
+            link: Some((&pipe, OsStr::new("x.gz"))),
+        };
+        for durability in [Durability::Group, Durability::File] {
+            let results = sync_names(&[plain, linked, plain], durability, flush_mark());
+            assert_eq!(results[0], Ok(()), "{durability:?}");
+            assert_eq!(results[2], Ok(()), "{durability:?}");
+            let err = results[1].clone().unwrap_err();
+            assert_eq!(err.errno, Some(libc::EINVAL), "{durability:?}: {err:?}");
+            assert!(err.message.contains("x.gz"), "{durability:?}: {err:?}");
+        }
+        let none = sync_names(&[linked], Durability::None, flush_mark());
+        assert_eq!(none, vec![Ok(())]);
     }
 
     #[test]

@@ -847,13 +847,13 @@ impl<C: Codec> CompressOp<C> {
                 return self.adopt(input, dir, &name, scratch);
             }
         }
-        let (dir, mut temp) = match TempOutput::create(Arc::clone(&dir)) {
+        let (dir, mut temp) = match TempOutput::create_for(Arc::clone(&dir), self.durability) {
             // The remembered output directory was deleted (rm -r of part of the archive while
             // a daemon runs): made again.
             Err(_) if output::deleted(&dir) => {
                 scratch.out_dirs.forget();
                 let dir = self.out_dir(job, Some(&input.stat), scratch)?;
-                let temp = TempOutput::create(Arc::clone(&dir))?;
+                let temp = TempOutput::create_for(Arc::clone(&dir), self.durability)?;
                 (dir, temp)
             }
             created => (dir, created?),
@@ -1283,12 +1283,16 @@ impl<C: Codec> Op for CompressOp<C> {
             })
             .collect();
         // 4. fsync each distinct directory once: one commit makes every new name durable.
-        let dirs: Vec<&Arc<Dir>> = renamed
+        let names: Vec<output::NewName<'_>> = renamed
             .iter()
             .zip(&heads)
-            .filter_map(|(r, (_, _, dir))| r.as_ref().ok().map(|_| dir))
+            .filter_map(|(r, (_, _, dir))| match r {
+                Ok(Step::Renamed(named)) => Some(named.new_name()),
+                Ok(_) => Some(output::NewName::in_dir(dir)),
+                Err(_) => None,
+            })
             .collect();
-        let mut dirs_synced = output::sync_dirs(&dirs, self.durability, mark).into_iter();
+        let mut dirs_synced = output::sync_names(&names, self.durability, mark).into_iter();
         // 5. Only now is each file published; only now may its input go.
         renamed
             .into_iter()

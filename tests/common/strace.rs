@@ -282,6 +282,8 @@ pub struct Publish {
     pub call: Call,
     pub fd: String,
     pub dir: String,
+    /// A link of an anonymous temp, not a named temp's rename.
+    pub linked: bool,
 }
 
 pub fn is_temp_name(arg: &str) -> bool {
@@ -299,7 +301,9 @@ pub fn publishes(calls: &[Call]) -> Vec<Publish> {
             "openat" if c.ok() && is_temp_name(&c.arg(1)) && c.arg(2).contains("O_CREAT") => {
                 named_fd.insert(c.arg(1), fd_num(&c.ret).to_string());
             }
-            "linkat" if !is_temp_name(&c.arg(3)) => {
+            // Failed (`EXIST`: `--force` tries the link first, then replaces by a rename):
+            // not a publish.
+            "linkat" if c.ok() && !is_temp_name(&c.arg(3)) => {
                 let from = c.arg(1);
                 let fd = from
                     .trim_matches('"')
@@ -310,6 +314,7 @@ pub fn publishes(calls: &[Call]) -> Vec<Publish> {
                     call: c.clone(),
                     fd,
                     dir: fd_path(&c.arg(2)).to_string(),
+                    linked: true,
                 });
             }
             // A named temp born anonymous (locked and marked first), then given its temp name.
@@ -326,6 +331,7 @@ pub fn publishes(calls: &[Call]) -> Vec<Publish> {
                     call: c.clone(),
                     fd,
                     dir: fd_path(&c.arg(2)).to_string(),
+                    linked: false,
                 });
             }
             _ => {}
@@ -404,11 +410,36 @@ fn two_syncfs_between(calls: &[Call], after: usize, before: usize) -> bool {
 /// by the temp's own `fsync` had it flushed by two `syncfs` in a row after its last write and
 /// before its name, its own write error taken after them (a waiting `sync_file_range` on its
 /// own descriptor), and that its name was then flushed by its directory's `fsync` or by two
-/// `syncfs` in a row. Returns how many publishes were flushed by `syncfs`.
+/// `syncfs` in a row. A link of an anonymous temp changes its inode's link count, which no
+/// directory's `fsync` writes there: two `syncfs` in a row after it, or the file's own `fsync`,
+/// must. Returns how many publishes were flushed by `syncfs`.
 pub fn check_whole_flushes(calls: &[Call]) -> usize {
     let mut whole = 0;
     for pb in publishes(calls) {
         let at = pb.call.start;
+        if pb.linked {
+            // Before the descriptor is closed: its number may be another file's afterwards.
+            let closed = calls
+                .iter()
+                .filter(|c| c.name == "close" && fd_num(&c.arg(0)) == pb.fd)
+                .map(|c| c.start)
+                .filter(|&start| start > pb.call.end)
+                .min()
+                .unwrap_or(usize::MAX);
+            let own_after = calls.iter().any(|c| {
+                c.name == "fsync"
+                    && fd_num(&c.arg(0)) == pb.fd
+                    && c.ok()
+                    && c.start > pb.call.end
+                    && c.end < closed
+            });
+            assert!(
+                own_after || two_syncfs_between(calls, pb.call.end, usize::MAX),
+                "{:?}: linked, and its link count was flushed neither by its own fsync nor by \
+                 two syncfs in a row",
+                pb.call
+            );
+        }
         let last_write = last_write(calls, &pb);
         let own = calls.iter().any(|c| {
             c.name == "fsync"
