@@ -17,6 +17,8 @@
 #                 make the exit status non-zero)
 #   COLD=1        also run the incremental scenario with the page cache dropped
 #                 before every run (needs root; drops the whole machine's cache)
+#   ONLY=ID[,ID]  run only these scenarios (the IDs in the report's first column,
+#                 e.g. ONLY=gzip_src); the corpora are still all made and warmed
 #
 # See bench/README.md for what is measured and how to read the report.
 set -euo pipefail
@@ -24,7 +26,7 @@ set -euo pipefail
 die() { echo "compare.sh: $*" >&2; exit 2; }
 log() { printf '\n==> %s\n' "$*" >&2; }
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$SCRIPT_DIR")
@@ -150,6 +152,9 @@ fact() { printf '%s\t%s\n' "$1" "$2" >>"$FACTS"; }
 bench() {
     local id=$1 title=$2
     shift 2
+    if [[ -n ${ONLY:-} && ",$ONLY," != *",$id,"* ]]; then
+        return 0
+    fi
     local common=(--warmup 1 --runs "$RUNS" --style basic)
     local prepares=() names=() cmds=()
     while [[ $1 != -- ]]; do

@@ -1043,7 +1043,9 @@ impl TempOutput {
     }
 
     /// The temp, just given `final_name`, as published: nothing of it left to remove.
-    fn published(&mut self, final_name: &OsStr) -> Named {
+    /// `flushed_anonymous`: it was still anonymous when its data was flushed, so its first link
+    /// (to `final_name`, or to a temp name to rename over it from) came after the flush.
+    fn published(&mut self, final_name: &OsStr, flushed_anonymous: bool) -> Named {
         self.published = true;
         if let Some(id) = self.registry_id.take() {
             signals::unregister_temp(id);
@@ -1051,9 +1053,11 @@ impl TempOutput {
         Named {
             dir: Arc::clone(&self.dir),
             name: final_name.to_os_string(),
-            // Linked while anonymous where a link needs a flush of its own (see
-            // `anonymous_suits`).
-            link_unflushed: self.name.is_none() && link_needs_fsync(&self.dir),
+            // Linked after its flush where a link needs a flush of its own (see
+            // `anonymous_suits`): a replacing publish's temp name too (found by a review: its
+            // link count was left to a single `syncfs`, whose cache flush comes before it
+            // writes the inode tables).
+            link_unflushed: flushed_anonymous && link_needs_fsync(&self.dir),
             file: self.file.take().expect("open until published"),
         }
     }
@@ -1308,14 +1312,16 @@ impl SyncedTemp {
                 }
             }
         };
-        if temp.name.is_none() {
+        // Anonymous still: flushed before it had any name (see `published`).
+        let flushed_anonymous = temp.name.is_none();
+        if flushed_anonymous {
             let file = temp.file.as_ref().expect("open until renamed");
             // The link never replaces, so it is all a publish takes where nothing may be
             // replaced, and where something may but the name is free (as it mostly is: `--force`
             // over a tree without outputs yet). A name taken (`EXIST`) is replaced by a rename
             // over it, the only way to replace a file by another atomically, from a temp name.
             match link_anonymous(file, &temp.dir, final_name) {
-                Ok(()) => return Ok(temp.published(final_name)),
+                Ok(()) => return Ok(temp.published(final_name, true)),
                 Err(e @ Errno::EXIST) if !replace => return Err(exists(e)),
                 Err(Errno::EXIST) => temp
                     .give_name()
@@ -1370,7 +1376,7 @@ impl SyncedTemp {
         if temp.marked {
             let _ = rfs::fremovexattr(file, TEMP_MARK);
         }
-        Ok(temp.published(final_name))
+        Ok(temp.published(final_name, flushed_anonymous))
     }
 }
 

@@ -284,6 +284,9 @@ pub struct Publish {
     pub dir: String,
     /// A link of an anonymous temp, not a named temp's rename.
     pub linked: bool,
+    /// The line where the file got its first name: this link, or the link that gave a temp
+    /// born anonymous its temp name (`None` for a temp created by name, linked at birth).
+    pub first_link: Option<usize>,
 }
 
 pub fn is_temp_name(arg: &str) -> bool {
@@ -294,12 +297,13 @@ pub fn is_temp_name(arg: &str) -> bool {
 /// final name, or the rename of a named temp to one. Links to temp names (the probe, a named
 /// temp's birth, and the first step of a replacing publish) are not publishes.
 pub fn publishes(calls: &[Call]) -> Vec<Publish> {
-    let mut named_fd: HashMap<String, String> = HashMap::new();
+    // A temp's name: its descriptor, and the line of the link that gave it (if it had one).
+    let mut named_fd: HashMap<String, (String, Option<usize>)> = HashMap::new();
     let mut out = Vec::new();
     for c in calls {
         match c.name.as_str() {
             "openat" if c.ok() && is_temp_name(&c.arg(1)) && c.arg(2).contains("O_CREAT") => {
-                named_fd.insert(c.arg(1), fd_num(&c.ret).to_string());
+                named_fd.insert(c.arg(1), (fd_num(&c.ret).to_string(), None));
             }
             // Failed (`EXIST`: `--force` tries the link first, then replaces by a rename):
             // not a publish.
@@ -315,15 +319,18 @@ pub fn publishes(calls: &[Call]) -> Vec<Publish> {
                     fd,
                     dir: fd_path(&c.arg(2)).to_string(),
                     linked: true,
+                    first_link: Some(c.end),
                 });
             }
             // A named temp born anonymous (locked and marked first), then given its temp name.
             "linkat" if c.ok() && c.arg(1).starts_with("\"/proc/self/fd/") => {
                 let fd = c.arg(1).trim_matches('"')["/proc/self/fd/".len()..].to_string();
-                named_fd.insert(c.arg(3), fd);
+                named_fd.insert(c.arg(3), (fd, Some(c.end)));
             }
-            "renameat2" | "renameat" if is_temp_name(&c.arg(1)) && !is_temp_name(&c.arg(3)) => {
-                let fd = named_fd
+            "renameat2" | "renameat"
+                if c.ok() && is_temp_name(&c.arg(1)) && !is_temp_name(&c.arg(3)) =>
+            {
+                let (fd, first_link) = named_fd
                     .get(&c.arg(1))
                     .cloned()
                     .expect("the temp was created");
@@ -332,6 +339,7 @@ pub fn publishes(calls: &[Call]) -> Vec<Publish> {
                     fd,
                     dir: fd_path(&c.arg(2)).to_string(),
                     linked: false,
+                    first_link,
                 });
             }
             _ => {}
@@ -410,14 +418,15 @@ fn two_syncfs_between(calls: &[Call], after: usize, before: usize) -> bool {
 /// by the temp's own `fsync` had it flushed by two `syncfs` in a row after its last write and
 /// before its name, its own write error taken after them (a waiting `sync_file_range` on its
 /// own descriptor), and that its name was then flushed by its directory's `fsync` or by two
-/// `syncfs` in a row. A link of an anonymous temp changes its inode's link count, which no
-/// directory's `fsync` writes there: two `syncfs` in a row after it, or the file's own `fsync`,
-/// must. Returns how many publishes were flushed by `syncfs`.
+/// `syncfs` in a row. The link that gave a file born anonymous its first name (the final one,
+/// or a temp name) changed its inode's link count, which no directory's `fsync` writes there:
+/// two `syncfs` in a row after it, or the file's own `fsync`, must, before the file is closed.
+/// Returns how many publishes were flushed by `syncfs`.
 pub fn check_whole_flushes(calls: &[Call]) -> usize {
     let mut whole = 0;
     for pb in publishes(calls) {
         let at = pb.call.start;
-        if pb.linked {
+        if let Some(link) = pb.first_link {
             // Before the descriptor is closed: its number may be another file's afterwards.
             let closed = calls
                 .iter()
@@ -430,13 +439,15 @@ pub fn check_whole_flushes(calls: &[Call]) -> usize {
                 c.name == "fsync"
                     && fd_num(&c.arg(0)) == pb.fd
                     && c.ok()
-                    && c.start > pb.call.end
+                    && c.start > link
                     && c.end < closed
             });
+            // Before it is closed too: filepipe holds each output open until it has reported
+            // it, and later groups' flushes do not count.
             assert!(
-                own_after || two_syncfs_between(calls, pb.call.end, usize::MAX),
-                "{:?}: linked, and its link count was flushed neither by its own fsync nor by \
-                 two syncfs in a row",
+                own_after || two_syncfs_between(calls, link, closed),
+                "{:?}: its link count (first link at line {link}) was flushed neither by its \
+                 own fsync nor by two syncfs in a row before it was closed",
                 pb.call
             );
         }
