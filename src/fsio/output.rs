@@ -2489,8 +2489,8 @@ fn link_needs_fsync(dir: &Dir) -> bool {
 /// costs a few calls and no flush (its own fsync writes its link count, and the directory's
 /// fsync its rename), where an anonymous one would need a second flush once linked. Anonymous
 /// there, a publish costs four calls fewer (no lock, mark, or rename, nor the mark's removal)
-/// and one change of the directory instead of two: about 7% of a gzip run's CPU over a tree of
-/// small files (BENCHMARKS.md, session 48).
+/// and one change of the directory instead of two: 7-11% of the time of a gzip run over a tree
+/// of small files (BENCHMARKS.md, session 48).
 fn anonymous_suits(dir: &Dir, durability: Durability) -> bool {
     match durability {
         Durability::None => true,
