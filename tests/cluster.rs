@@ -579,6 +579,13 @@ fn a_coordinators_run_files_in_its_tree_are_not_taken() {
         said.contains("no run file") && said.contains("may add, rename or remove files in"),
         "{said}"
     );
+    // Refused before anything was made there (an empty directory was left: found by a
+    // review).
+    let made: Vec<_> = fs::read_dir(&open)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(made.is_empty(), "{made:?}");
 }
 
 /// A worker's output roots nested in each other through a bind mount are refused at start, as

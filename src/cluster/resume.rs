@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use rustix::io::Errno;
@@ -39,6 +39,24 @@ impl RunFile {
         out: Option<&str>,
     ) -> Result<RunFile> {
         let dir = dir.join("coordinator");
+        let refused = |dir: &Path, why: &str| {
+            anyhow::anyhow!(
+                "the coordinators' directory {}: {why}: another user could choose the run a \
+                 coordinator resumes (set STATE_DIRECTORY or HOME to a directory only root or \
+                 this user may change)",
+                dir.display()
+            )
+        };
+        // One to be made is judged by the directories it would be made in, before anything is
+        // made (a refused one was left behind, empty: found by a review), as a state directory
+        // is (`config::check_state_to_be`).
+        let absolute = crate::config::absolute(&dir);
+        if !absolute.is_dir() {
+            let (existing, _) = crate::fsio::canonical::resolve_existing(&absolute)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            crate::secret::check_state_dir_to_be(&existing)
+                .map_err(|why| refused(&existing, &why))?;
+        }
         // Made, the state directory too where missing, as a state directory is: open to no
         // one the tree is closed to.
         NewDir::state_for([cfg.root.as_path()])
@@ -48,14 +66,7 @@ impl RunFile {
         // could choose the run a coordinator resumes, and where its run file is written.
         let dir = crate::fsio::canonical::resolve(&crate::config::absolute(&dir))
             .with_context(|| format!("cannot open {}", dir.display()))?;
-        crate::secret::check_state_dir(&dir, &[]).map_err(|why| {
-            anyhow::anyhow!(
-                "the coordinators' directory {}: {why}: another user could choose the run a \
-                 coordinator resumes (set STATE_DIRECTORY or HOME to a directory only root or \
-                 this user may change)",
-                dir.display()
-            )
-        })?;
+        crate::secret::check_state_dir(&dir, &[]).map_err(|why| refused(&dir, &why))?;
         // What makes two commands the same batch: a change to any of it starts a new run.
         let mut h = Sha256::new();
         let manifest = cfg.manifest.as_deref().unwrap_or("-".as_ref());
