@@ -10,12 +10,12 @@
 # The two runs' manifests must be equal, and they are checked with sha256sum -c.
 #
 # usage: bench/callgrind.sh [FILEPIPE_BIN]      (needs nats-server, valgrind; a release build)
-# Environment: BENCH_DIR (default /tmp/filepipe-bench, shared with cluster.sh), N (default 4000)
+# Environment: BENCH_DIR (default /var/tmp/filepipe-bench, shared with cluster.sh), N (default 4000)
 set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$SCRIPT_DIR")
 BIN=${1:-$REPO_ROOT/target/release/filepipe}
-BASE=${BENCH_DIR:-/tmp/filepipe-bench}
+BASE=${BENCH_DIR:-/var/tmp/filepipe-bench}
 N=${N:-4000}
 for t in nats-server valgrind callgrind_control callgrind_annotate sha256sum; do
     command -v "$t" >/dev/null || { echo "callgrind.sh: needs $t" >&2; exit 2; }

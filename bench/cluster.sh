@@ -9,7 +9,7 @@
 #               worker has finished them (the ack wait is 30 s)
 #
 # usage: bench/cluster.sh [--quick] [FILEPIPE_BIN]      (needs nats-server, hyperfine, taskset)
-# Environment: BENCH_DIR (default /tmp/filepipe-bench, shared with compare.sh), RUNS (default 5)
+# Environment: BENCH_DIR (default /var/tmp/filepipe-bench, shared with compare.sh), RUNS (default 5)
 set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(dirname "$SCRIPT_DIR")
@@ -22,7 +22,7 @@ for a in "$@"; do
     esac
 done
 BIN=${BIN:-$REPO_ROOT/target/release/filepipe}
-BASE=${BENCH_DIR:-/tmp/filepipe-bench}
+BASE=${BENCH_DIR:-/var/tmp/filepipe-bench}
 RUNS=${RUNS:-5}
 ((QUICK)) && RUNS=2
 for t in nats-server hyperfine taskset; do

@@ -9,7 +9,7 @@
 #
 # Environment:
 #   BENCH_DIR     where corpora, outputs and results live
-#                 (default /tmp/filepipe-bench; needs ~4 GB free for the full run)
+#                 (default /var/tmp/filepipe-bench; needs ~4 GB free for the full run)
 #   RUNS          timed runs per command (default 5; --quick: 2)
 #   FP_ARGS       extra arguments appended to every filepipe invocation
 #                 (e.g. FP_ARGS="--jobs 2")
@@ -46,7 +46,12 @@ BIN=${BIN:-$REPO_ROOT/target/release/filepipe}
 [[ -x $BIN && -f $BIN ]] || die "filepipe binary not found or not executable: $BIN (build it with 'cargo build --release' or pass its path)"
 BIN=$(realpath -- "$BIN")
 
-BENCH_DIR=${BENCH_DIR:-/tmp/filepipe-bench}
+# /var/tmp, not /tmp: /tmp is a tmpfs on many systems (flushes are free there, so the durable
+# scenarios would measure nothing of a disk), and where it is not, it is where test suites make
+# and remove their trees: on ext4 without a journal, file creation there is slower for minutes
+# after (the inode allocator skips inodes freed lately), by the same time per file for every
+# tool, which lowers the ratio of the faster one (BENCHMARKS.md, session 48).
+BENCH_DIR=${BENCH_DIR:-/var/tmp/filepipe-bench}
 if ((QUICK)); then
     BASE=$BENCH_DIR/quick
     RUNS=${RUNS:-2}
@@ -103,6 +108,9 @@ gen_args=("$CORPUS")
 ((QUICK)) && gen_args+=(--quick)
 python3 "$SCRIPT_DIR/gen_corpus.py" "${gen_args[@]}"
 
+if [[ $(df --output=fstype "$CORPUS" | tail -1) == tmpfs ]]; then
+    echo "warning: $BASE is on a tmpfs: flushes cost nothing there, so the gzip_src scenario measures no disk (set BENCH_DIR)" >&2
+fi
 need_kb=$(du -sk "$CORPUS" | cut -f1)
 mem_kb=$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo)
 if ((need_kb * 2 > mem_kb)); then

@@ -9,7 +9,7 @@
 #                 the harness (well under a minute); its numbers mean little.
 #
 # Environment:
-#   BENCH_DIR     work dir root (default /tmp/filepipe-bench; this uses BENCH_DIR/watch,
+#   BENCH_DIR     work dir root (default /var/tmp/filepipe-bench; this uses BENCH_DIR/watch,
 #                 ~0.5 GB for the full run)
 #   LOAD_MAX      wait before each scenario until the 1-minute load is below this (default 0.7)
 #   LOAD_WAIT     ... but at most this many seconds (default 180; --quick: 0)
@@ -49,7 +49,7 @@ for tool in cp tar sha256sum; do
     command -v "$tool" >/dev/null || die "$tool is required"
 done
 
-BENCH_DIR=${BENCH_DIR:-/tmp/filepipe-bench}
+BENCH_DIR=${BENCH_DIR:-/var/tmp/filepipe-bench}
 BASE=$BENCH_DIR/watch
 if ((QUICK)); then
     WORK=$BASE/quick
