@@ -253,6 +253,66 @@ fn without_a_journal_a_replaced_output_has_its_link_count_flushed() {
     }
 }
 
+/// An output found up to date by a run that records its file done (`batch --state` here, and
+/// watch mode) is flushed first, its own `fsync` and its directory's: it may be the work of a
+/// run killed before its flush (found by a review: a watch restarted after a kill -9 recorded
+/// such outputs done, and a crash copy of the disk then had none of them).
+#[test]
+fn an_output_found_up_to_date_is_flushed_before_a_state_records_it_done() {
+    if !strace_or_skip("watch the flushes of outputs found up to date") {
+        return;
+    }
+    let t = tree(12);
+    let root = t.root();
+    // Outputs made and never flushed, as a killed run leaves them.
+    let made = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--durability"),
+        s("none"),
+    ];
+    run(filepipe(&made)).code(0);
+    let state = t.side("state");
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("gzip"),
+        s("--state"),
+        p(&state),
+        s("--json"),
+    ];
+    let (out, calls) = traced(&args, &[], None);
+    let summary = out.code(0).summary();
+    assert_eq!(summary["failed"], 0, "{summary}");
+    // Each output is opened (to be judged, then flushed) and flushed through one of its
+    // descriptors before that one is closed.
+    let flushed: HashSet<String> = calls
+        .iter()
+        .filter(|c| c.name == "openat" && c.ok() && c.arg(1).ends_with(".h.gz\""))
+        .filter(|open| {
+            let fd = fd_num(&open.ret);
+            let closed = calls
+                .iter()
+                .filter(|c| c.name == "close" && fd_num(&c.arg(0)) == fd && c.start > open.end)
+                .map(|c| c.start)
+                .min()
+                .unwrap_or(usize::MAX);
+            calls.iter().any(|c| {
+                c.name == "fsync"
+                    && fd_num(&c.arg(0)) == fd
+                    && c.ok()
+                    && c.start > open.end
+                    && c.end < closed
+            })
+        })
+        .map(|open| open.ret.clone())
+        .collect();
+    assert_eq!(flushed.len(), 12, "outputs flushed: {flushed:?}");
+}
+
 #[test]
 fn zstd_outputs_take_the_same_durable_publish() {
     if !strace_or_skip("watch the order of flushes and names") {

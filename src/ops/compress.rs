@@ -153,6 +153,9 @@ pub(crate) struct CompressOp<C: Codec> {
     dispose: Option<Dispose>,
     /// How outputs are flushed before they are reported published.
     durability: Durability,
+    /// The run records an output found up to date as its file done (watch mode, a batch with
+    /// `--state`): it is flushed first (see `check`).
+    records_up_to_date: bool,
     out_root: PathBuf,
     /// The output root, opened once at the start: outputs are written beneath this
     /// descriptor only, whatever its path leads to later (see `DirCache`).
@@ -272,6 +275,7 @@ impl<C: Codec> CompressOp<C> {
             in_root: Root::named(&cfg.root, &cfg.root_named).ok(),
             dispose,
             durability: cfg.durability,
+            records_up_to_date: cfg.watch.is_some() || cfg.incremental.is_some(),
             out_root: cfg.out_root().to_path_buf(),
             out_root_dir: Arc::new(
                 output::open_root(cfg.out_root()).map_err(|e| anyhow::anyhow!(e.message))?,
@@ -878,6 +882,30 @@ impl<C: Codec> CompressOp<C> {
 }
 
 /// Opens an output by name in its directory (never through a symlink), to read or sync it.
+impl<C: Codec> CompressOp<C> {
+    /// Makes an output found up to date durable before its file is recorded done: it may be
+    /// the work of a run killed before its flush (found by a review: a watch restarted after a
+    /// kill -9 recorded such outputs done, and a power cut then took them, the state still
+    /// saying done). Its own `fsync` writes its data and inode (its link count, if it was
+    /// linked after its data's flush), its directory's its name. An output long on the disk
+    /// costs the two calls and no write; a tree of outputs a state adopts at its first run
+    /// costs two flushes each, once. A batch without a state records nothing of it (a skip),
+    /// and a cluster worker cannot tell whether its coordinator will.
+    fn flush_found(&self, dir: &Dir, name: &OsStr) -> Result<(), FileError> {
+        let file = open_output(dir, name)?;
+        output::sync_file_on(dir, &file).map_err(|e| {
+            FileError::io(
+                &format!(
+                    "syncing the existing output {}",
+                    dir.path.join(name).display()
+                ),
+                &e,
+            )
+        })?;
+        output::sync_dir(dir)
+    }
+}
+
 pub(crate) fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
     let fd = rfs::openat(&dir.fd, name, flags, Mode::empty())
@@ -1097,6 +1125,9 @@ impl<C: Codec> Op for CompressOp<C> {
                 Ok(None)
             }
             Existing::UpToDate(..) => {
+                if self.records_up_to_date && self.durability != Durability::None {
+                    self.flush_found(&dir, &name)?;
+                }
                 Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
             }
             // Our own output of an earlier version of this file: redo it.
@@ -1393,6 +1424,7 @@ mod tests {
             redo_hint: "use --force",
             dispose: remove_source.then_some(Dispose::Remove),
             durability: Durability::Group,
+            records_up_to_date: false,
             out_root: tmp.path().join("out"),
             out_root_dir: Arc::new(output::open_root(&tmp.path().join("out")).unwrap()),
             mirrored: true,
