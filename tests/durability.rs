@@ -294,19 +294,7 @@ fn an_output_found_up_to_date_is_flushed_before_a_state_records_it_done() {
         .filter(|c| c.name == "openat" && c.ok() && c.arg(1).ends_with(".h.gz\""))
         .filter(|open| {
             let fd = fd_num(&open.ret);
-            let closed = calls
-                .iter()
-                .filter(|c| c.name == "close" && fd_num(&c.arg(0)) == fd && c.start > open.end)
-                .map(|c| c.start)
-                .min()
-                .unwrap_or(usize::MAX);
-            calls.iter().any(|c| {
-                c.name == "fsync"
-                    && fd_num(&c.arg(0)) == fd
-                    && c.ok()
-                    && c.start > open.end
-                    && c.end < closed
-            })
+            fsynced_between(&calls, fd, open.end, closed_after(&calls, fd, open.end))
         })
         .map(|open| open.ret.clone())
         .collect();

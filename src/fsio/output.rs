@@ -1417,8 +1417,9 @@ pub(crate) struct Named {
     /// The output, still open: it tells it from whatever may take its name later (while it is
     /// open its inode number cannot go to another file).
     file: File,
-    /// Linked while anonymous on a file system where the new link count reaches the disk with
-    /// no directory's `fsync` (no journal): it needs a flush of its own, or its file system's
+    /// First linked (under this name, or under a temp name renamed over an old output) after
+    /// its data's flush, on a file system where the new link count reaches the disk with no
+    /// directory's `fsync` (no journal): it needs a flush of its own, or its file system's
     /// whole (see `sync_names`).
     link_unflushed: bool,
 }

@@ -882,30 +882,6 @@ impl<C: Codec> CompressOp<C> {
 }
 
 /// Opens an output by name in its directory (never through a symlink), to read or sync it.
-impl<C: Codec> CompressOp<C> {
-    /// Makes an output found up to date durable before its file is recorded done: it may be
-    /// the work of a run killed before its flush (found by a review: a watch restarted after a
-    /// kill -9 recorded such outputs done, and a power cut then took them, the state still
-    /// saying done). Its own `fsync` writes its data and inode (its link count, if it was
-    /// linked after its data's flush), its directory's its name. An output long on the disk
-    /// costs the two calls and no write; a tree of outputs a state adopts at its first run
-    /// costs two flushes each, once. A batch without a state records nothing of it (a skip),
-    /// and a cluster worker cannot tell whether its coordinator will.
-    fn flush_found(&self, dir: &Dir, name: &OsStr) -> Result<(), FileError> {
-        let file = open_output(dir, name)?;
-        output::sync_file_on(dir, &file).map_err(|e| {
-            FileError::io(
-                &format!(
-                    "syncing the existing output {}",
-                    dir.path.join(name).display()
-                ),
-                &e,
-            )
-        })?;
-        output::sync_dir(dir)
-    }
-}
-
 pub(crate) fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
     let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
     let fd = rfs::openat(&dir.fd, name, flags, Mode::empty())
@@ -919,6 +895,28 @@ pub(crate) fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
         ));
     }
     Ok(file)
+}
+
+/// Makes an output found up to date durable before its file is recorded done: it may be
+/// the work of a run killed before its flush (found by a review: a watch restarted after a
+/// kill -9 recorded such outputs done, and a power cut then took them, the state still
+/// saying done). Its own `fsync` writes its data and inode (its link count, if it was
+/// linked after its data's flush), its directory's its name. An output long on the disk
+/// costs the two calls and no write; a tree of outputs a state adopts at its first run
+/// costs two flushes each, once. A batch without a state records nothing of it (a skip),
+/// and a cluster worker cannot tell whether its coordinator will.
+fn flush_found(dir: &Dir, name: &OsStr) -> Result<(), FileError> {
+    let file = open_output(dir, name)?;
+    output::sync_file_on(dir, &file).map_err(|e| {
+        FileError::io(
+            &format!(
+                "syncing the existing output {}",
+                dir.path.join(name).display()
+            ),
+            &e,
+        )
+    })?;
+    output::sync_dir(dir)
 }
 
 /// Whether `theirs` (a name in `dir`) holds exactly the bytes of `ours` (our synced temp, read
@@ -1126,7 +1124,7 @@ impl<C: Codec> Op for CompressOp<C> {
             }
             Existing::UpToDate(..) => {
                 if self.records_up_to_date && self.durability != Durability::None {
-                    self.flush_found(&dir, &name)?;
+                    flush_found(&dir, &name)?;
                 }
                 Ok(Some(FileError::new(Kind::UpToDate, "output is up to date")))
             }

@@ -397,6 +397,24 @@ fn last_write(calls: &[Call], pb: &Publish) -> usize {
         .unwrap_or_else(|| panic!("no write to the temp before {:?}", pb.call))
 }
 
+/// The line where descriptor `fd` is next closed after line `after` (`usize::MAX` if never):
+/// past it, its number may be another file's.
+pub fn closed_after(calls: &[Call], fd: &str, after: usize) -> usize {
+    calls
+        .iter()
+        .filter(|c| c.name == "close" && fd_num(&c.arg(0)) == fd && c.start > after)
+        .map(|c| c.start)
+        .min()
+        .unwrap_or(usize::MAX)
+}
+
+/// Whether descriptor `fd` was `fsync`ed successfully between lines `after` and `before`.
+pub fn fsynced_between(calls: &[Call], fd: &str, after: usize, before: usize) -> bool {
+    calls.iter().any(|c| {
+        c.name == "fsync" && fd_num(&c.arg(0)) == fd && c.ok() && c.start > after && c.end < before
+    })
+}
+
 /// Whether two successful `syncfs` in a row (the second begun after the first returned) ran
 /// between lines `after` and `before`: on a file system without a journal, the second one's
 /// flush is the one that makes the first's metadata writes durable.
@@ -427,21 +445,8 @@ pub fn check_whole_flushes(calls: &[Call]) -> usize {
     for pb in publishes(calls) {
         let at = pb.call.start;
         if let Some(link) = pb.first_link {
-            // Before the descriptor is closed: its number may be another file's afterwards.
-            let closed = calls
-                .iter()
-                .filter(|c| c.name == "close" && fd_num(&c.arg(0)) == pb.fd)
-                .map(|c| c.start)
-                .filter(|&start| start > pb.call.end)
-                .min()
-                .unwrap_or(usize::MAX);
-            let own_after = calls.iter().any(|c| {
-                c.name == "fsync"
-                    && fd_num(&c.arg(0)) == pb.fd
-                    && c.ok()
-                    && c.start > link
-                    && c.end < closed
-            });
+            let closed = closed_after(calls, &pb.fd, pb.call.end);
+            let own_after = fsynced_between(calls, &pb.fd, link, closed);
             // Before it is closed too: filepipe holds each output open until it has reported
             // it, and later groups' flushes do not count.
             assert!(
