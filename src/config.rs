@@ -91,6 +91,10 @@ pub(crate) struct Config {
     /// Each output directory is swept of this host's dead temps the first time it is written
     /// into (cluster workers, which walk no tree: see `output::Sweeper`).
     pub(crate) sweep_out_dirs: bool,
+    /// Outcomes go to a coordinator over the queue (cluster workers), which may record them in
+    /// a state (watch mode, `--state`): the worker cannot tell, so it treats an output found up
+    /// to date as a run with a state does (flushed before it is reported).
+    pub(crate) coordinated: bool,
     /// Watch mode settings; `None` for a one-shot batch.
     pub(crate) watch: Option<WatchSettings>,
     /// Batch mode with `--state`: the state that spares unchanged files a read; `None`
@@ -951,6 +955,7 @@ impl Config {
             service_own: None,
             confined: false,
             sweep_out_dirs: false,
+            coordinated: false,
             watch: None,
             incremental: None,
         })

@@ -697,6 +697,57 @@ fn an_interrupted_coordinator_cancels_its_jobs_and_accounts_for_every_file() {
     );
 }
 
+/// A worker flushes an output it finds up to date before it reports the file: its coordinator
+/// may record it done in a state (watch mode, `--state`), and the output may be a killed run's,
+/// named but never flushed, which a power cut would then take with the state saying done (as a
+/// review found of watch mode). The worker cannot tell whether its coordinator records, so it
+/// always flushes. Seen with the real strace: before, no output was flushed.
+#[test]
+fn a_worker_flushes_an_output_it_finds_up_to_date_before_it_reports_the_file() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to see the flushes");
+        return;
+    }
+    let Some(nats) = Nats::start() else { return };
+    let t = tree(12, 0);
+    // Outputs made and never flushed, as a killed run leaves them.
+    let mut made = filepipe(&[s("batch"), t.root().as_os_str(), s("--op"), s("gzip")]);
+    made.args(["--durability", "none"]);
+    run(made).code(0);
+    let log = t.side("worker.strace");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-y", "-s", "300", "-e", "trace=fsync", "-o"])
+        .arg(&log)
+        .arg(bin())
+        .args(["worker", "--queue", &nats.url, "--jobs", "1", "--root"])
+        .arg(format!("tree={}", t.root().display()));
+    let worker = Worker::ready(cmd, t.dir.path());
+    let sum = coordinate(&nats, &t.root(), &["--op", "gzip", "--root-name", "tree"])
+        .code(0)
+        .summary();
+    assert_eq!(sum["skipped_by_reason"]["up-to-date"], 12, "{sum}");
+    // Each outcome was published after its flush, and the coordinator has read them all.
+    let calls = common::strace::parse_strace(&fs::read_to_string(&log).unwrap());
+    let flushed: std::collections::HashSet<&str> = calls
+        .iter()
+        .filter(|c| c.ok())
+        .map(|c| common::strace::fd_path(&c.args))
+        .filter(|p| p.ends_with(".log.gz"))
+        .collect();
+    assert_eq!(flushed.len(), 12, "outputs flushed: {flushed:?}");
+    // strace passes a SIGTERM of its own on to nobody: the worker is stopped by its pid.
+    let traced = fs::read_to_string(&log).unwrap();
+    let pid = traced
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok());
+    signal_pid(
+        pid.expect("the worker's pid"),
+        rustix::process::Signal::TERM,
+    );
+    worker.stop();
+}
+
 /// The worker that maps the run's root maps a second, idle one too: it waits for jobs on
 /// both at once (`Router::fetch`), and a job the server sends to a request left waiting must
 /// be taken from it (one nobody read would be delivered again only after the ack wait:

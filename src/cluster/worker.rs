@@ -1454,6 +1454,7 @@ impl Router<'_> {
             service_own: None,
             confined: true,
             sweep_out_dirs: true,
+            coordinated: true,
             watch: None,
             incremental: None,
         };

@@ -154,7 +154,7 @@ pub(crate) struct CompressOp<C: Codec> {
     /// How outputs are flushed before they are reported published.
     durability: Durability,
     /// The run records an output found up to date as its file done (watch mode, a batch with
-    /// `--state`): it is flushed first (see `check`).
+    /// `--state`), or may (a cluster worker's coordinator): it is flushed first (see `check`).
     records_up_to_date: bool,
     out_root: PathBuf,
     /// The output root, opened once at the start: outputs are written beneath this
@@ -275,7 +275,7 @@ impl<C: Codec> CompressOp<C> {
             in_root: Root::named(&cfg.root, &cfg.root_named).ok(),
             dispose,
             durability: cfg.durability,
-            records_up_to_date: cfg.watch.is_some() || cfg.incremental.is_some(),
+            records_up_to_date: cfg.watch.is_some() || cfg.incremental.is_some() || cfg.coordinated,
             out_root: cfg.out_root().to_path_buf(),
             out_root_dir: Arc::new(
                 output::open_root(cfg.out_root()).map_err(|e| anyhow::anyhow!(e.message))?,
@@ -903,8 +903,8 @@ pub(crate) fn open_output(dir: &Dir, name: &OsStr) -> Result<File, FileError> {
 /// saying done). Its own `fsync` writes its data and inode (its link count, if it was
 /// linked after its data's flush), its directory's its name. An output long on the disk
 /// costs the two calls and no write; a tree of outputs a state adopts at its first run
-/// costs two flushes each, once. A batch without a state records nothing of it (a skip),
-/// and a cluster worker cannot tell whether its coordinator will.
+/// costs two flushes each, once. A batch without a state records nothing of it (a skip); a
+/// cluster worker cannot tell whether its coordinator will, so it flushes as if it did.
 fn flush_found(dir: &Dir, name: &OsStr) -> Result<(), FileError> {
     let file = open_output(dir, name)?;
     output::sync_file_on(dir, &file).map_err(|e| {

@@ -268,6 +268,7 @@ fn for_summary(cfg: &Config) -> Arc<Config> {
         service_own: None,
         confined: cfg.confined,
         sweep_out_dirs: cfg.sweep_out_dirs,
+        coordinated: cfg.coordinated,
         watch: cfg.watch.as_ref().map(|w| crate::config::WatchSettings {
             lock: None,
             ..w.clone()
