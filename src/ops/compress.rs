@@ -93,8 +93,9 @@ pub(crate) trait Codec: Sync + Sized + std::fmt::Debug {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Totals {
     /// CRC-32 of the uncompressed data: what an output is checked against when it is
-    /// decompressed back (`--remove-source`).
-    pub(crate) crc: u32,
+    /// decompressed back (`--remove-source`, `--move-source`). gzip has it anyway (its
+    /// trailer); zstd computes it only for a run that checks (`Zstd::crc`).
+    pub(crate) crc: Option<u32>,
     /// Uncompressed bytes.
     pub(crate) bytes_in: u64,
     /// Bytes of the whole compressed file, headers and trailers included.
@@ -390,7 +391,7 @@ impl<C: Codec> CompressOp<C> {
                 Err(e) => return Err(undecodable(e)),
             }
         }
-        if len != totals.bytes_in || crc.finalize() != totals.crc {
+        if len != totals.bytes_in || Some(crc.finalize()) != totals.crc {
             return Err(FileError::new(
                 Kind::Corrupt,
                 "published output does not match the input",
@@ -810,7 +811,7 @@ impl<C: Codec> CompressOp<C> {
             output: Output::InPlace(file),
             dir,
             totals: Totals {
-                crc: crc.finalize(),
+                crc: Some(crc.finalize()),
                 bytes_in: len,
                 bytes_out: out_size,
             },

@@ -255,7 +255,7 @@ pub(crate) fn compress(
     out.write_all(&trailer(crc, body.bytes_in))
         .map_err(|e| FileError::io("writing output", &e))?;
     Ok(Totals {
-        crc,
+        crc: Some(crc),
         bytes_in: body.bytes_in,
         bytes_out: body.bytes_out + 8,
     })
@@ -328,7 +328,7 @@ fn compress_whole(
     out.write_all(&bufs.output[..end])
         .map_err(|e| FileError::io("writing output", &e))?;
     Ok(Totals {
-        crc,
+        crc: Some(crc),
         bytes_in: n as u64,
         bytes_out: end as u64,
     })
@@ -523,7 +523,7 @@ mod tests {
         .unwrap();
         assert_eq!(t.bytes_in, data.len() as u64);
         assert_eq!(t.bytes_out, out.len() as u64);
-        assert_eq!(t.crc, crc32fast::hash(data));
+        assert_eq!(t.crc, Some(crc32fast::hash(data)));
         out
     }
 
