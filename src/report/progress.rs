@@ -15,6 +15,10 @@ pub(super) struct Progress {
     pub(super) multi: MultiProgress,
     pub(super) overall: ProgressBar,
     pub(super) workers: Vec<ProgressBar>,
+    /// Files counted: the bar is moved to it at each `refresh` (once per batch of outcomes),
+    /// not per file, since each move of an indicatif bar reads the clock and takes a lock
+    /// (a tenth of the reporter's time in an unchanged rerun of 50,000 files).
+    pub(super) files_done: u64,
     pub(super) bytes_done: u64,
     started: Instant,
     watching: bool,
@@ -57,6 +61,7 @@ impl Progress {
             multi,
             overall,
             workers,
+            files_done: 0,
             bytes_done: 0,
             started: Instant::now(),
             watching: cfg.watch.is_some(),
@@ -64,6 +69,7 @@ impl Progress {
     }
 
     pub(super) fn refresh(&self, stats: &Stats, summary: &Summary) {
+        self.overall.set_position(self.files_done);
         let secs = self.started.elapsed().as_secs_f64().max(0.001);
         if self.watching {
             self.overall.set_message(format!(
