@@ -16,7 +16,6 @@
 //! `synchronous=NORMAL`: a SIGKILL loses nothing committed; a power cut may lose the last
 //! batches, which are then redone (gzip outputs are skipped as up to date).
 
-use std::collections::HashMap;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -33,6 +32,9 @@ use crate::digest::{Digest, HashAlgo};
 use crate::error::{FileError, Kind};
 use crate::fsio::lock::{self as fslock, LockKind};
 use crate::travel::{Done, Only, Stamp, CTIME_UNKNOWN};
+
+mod known;
+pub(crate) use known::KnownMap;
 
 /// The layout of the database this filepipe writes, kept in SQLite's `user_version`: 0 is
 /// before rows were per result (a pipeline of several results filed under their joined
@@ -1090,30 +1092,24 @@ impl Reader {
                 stmt.query(params![self.root, op.as_str(), lo, hi])?
             };
             if i == 0 {
-                // Collected first, so the map is made once at its size: growing it row by row
-                // would hash every path again at each doubling (a fifth of the cost of reading
-                // the rows).
-                let mut first = Vec::new();
+                // Pushed as read and indexed once at the end, at its size (see `known`).
+                let mut first = known::Builder::default();
                 while let Some(r) = rows.next()? {
-                    first.push((bytes_path(r.get(0)?), record_from_row(r, 1)?));
+                    first.push(
+                        r.get_ref(0)?.as_blob()?,
+                        Known::of(op, record_from_row(r, 1)?, wanted),
+                    );
                 }
-                out.reserve(first.len());
-                for (path, record) in first {
-                    out.insert(path, Known::of(op, record, wanted));
-                }
+                out = first.build();
                 continue;
             }
-            // The other ops' rows mostly join a file already in the map: found by the row's
-            // own bytes, without a path made for each.
+            // The other ops' rows mostly join a file already in the map.
             while let Some(r) = rows.next()? {
                 let bytes = r.get_ref(0)?.as_blob()?;
                 let record = record_from_row(r, 1)?;
-                let path = Path::new(std::ffi::OsStr::from_bytes(bytes));
-                match out.get_mut(path) {
+                match out.get_mut_bytes(bytes) {
                     Some(known) => known.add(op, record),
-                    None => {
-                        out.insert(path.to_path_buf(), Known::of(op, record, wanted));
-                    }
+                    None => out.insert(bytes, Known::of(op, record, wanted)),
                 }
             }
         }
@@ -1171,9 +1167,6 @@ impl DoneRow {
         stmt.raw_bind_parameter(10, self.stamp.map(|s| s.ctime_ns))
     }
 }
-
-/// What the state knows, by path relative to the root.
-pub(crate) type KnownMap = HashMap<PathBuf, Known, foldhash::fast::RandomState>;
 
 /// A `Record` from the columns status, size, mtime_ns, inode, attempts, ctime_ns, error,
 /// output IS NOT NULL, digest, `MADE_MTIME` starting at `first`.
