@@ -1658,8 +1658,11 @@ fn check_existing_manifest(path: &Path, algo: HashAlgo, typed: bool) -> Result<(
     Ok(())
 }
 
-/// How much of an existing file at a manifest's name `check_existing_manifest` reads.
-const MANIFEST_LOOK: u64 = 1 << 20;
+/// How much of an existing file at a manifest's name `check_existing_manifest` reads: some
+/// 700 lines of a manifest, which tell it from anything else. (It was 1 MiB: the check of an
+/// earlier run's manifest then took 3 ms before anything else could start, 2% of an unchanged
+/// rerun of 50,000 files.)
+const MANIFEST_LOOK: u64 = 64 << 10;
 
 /// Include/exclude globs. A pattern without '/' matches the file name anywhere in the tree
 /// (like fd and .gitignore); one with '/' matches the whole path relative to the root.

@@ -564,6 +564,20 @@ fn the_typed_manifest_name_replaces_only_a_manifest() {
     let listed = fs::read_to_string(&m).unwrap();
     assert_eq!(listed.lines().count(), 2, "{listed}");
     assert!(listed.lines().all(|l| l.find(' ') == Some(64)), "{listed}");
+    // Longer than what is read of it (64 KiB): a manifest cut in a line is still one, and a
+    // file with no whole line in what is read (an image, a one-line JSON) is not.
+    let long: String = (0..3000).map(|i| format!("{i:064x}  f{i}\n")).collect();
+    fs::write(&m, &long).unwrap();
+    batch(&t.root(), "sha256", &[s("--manifest"), p(&m)]).success();
+    assert_eq!(fs::read_to_string(&m).unwrap().lines().count(), 2);
+    let one_line = t.side("one-line.json");
+    fs::write(&one_line, vec![b'7'; 200 << 10]).unwrap();
+    let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&one_line)]);
+    assert!(
+        r.code(2).stderr().contains("exists and is not a manifest"),
+        "{}",
+        r.stderr()
+    );
     let state = t.side("state");
     fs::create_dir_all(&state).unwrap();
     let inside = state.join("filepipe.sqlite");
