@@ -566,10 +566,25 @@ fn the_typed_manifest_name_replaces_only_a_manifest() {
     assert!(listed.lines().all(|l| l.find(' ') == Some(64)), "{listed}");
     // Longer than what is read of it (64 KiB): a manifest cut in a line is still one, and a
     // file with no whole line in what is read (an image, a one-line JSON) is not.
-    let long: String = (0..3000).map(|i| format!("{i:064x}  f{i}\n")).collect();
+    let long: String = (0..4000).map(|i| format!("{i:064x}  f{i}\n")).collect();
     fs::write(&m, &long).unwrap();
     batch(&t.root(), "sha256", &[s("--manifest"), p(&m)]).success();
     assert_eq!(fs::read_to_string(&m).unwrap().lines().count(), 2);
+    // Nor notes kept after a manifest's lines, in a file read whole (up to 128 KiB) or by its
+    // ends (found by a review: only the first 64 KiB were read, and such a file was replaced).
+    for lines in [1200, 4000] {
+        let mut notes = long.lines().take(lines).collect::<Vec<_>>().join("\n");
+        notes.push_str("\n# NOTES (do not lose)\nthe server room key is under the mat\n");
+        let kept = t.side(&format!("notes-{lines}.txt"));
+        fs::write(&kept, &notes).unwrap();
+        let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&kept)]);
+        assert!(
+            r.code(2).stderr().contains("exists and is not a manifest"),
+            "{lines} lines: {}",
+            r.stderr()
+        );
+        assert_eq!(fs::read_to_string(&kept).unwrap(), notes);
+    }
     let one_line = t.side("one-line.json");
     fs::write(&one_line, vec![b'7'; 200 << 10]).unwrap();
     let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&one_line)]);
