@@ -39,8 +39,8 @@ const FLUSH_WITHIN: Duration = Duration::from_millis(50);
 /// outcomes are not the whole tree: the sink is then abandoned, not finished (`Sink::abandon`).
 /// The files the sink took since its last good flush: how many a failed flush may have left
 /// unrecorded (`Summary::unrecorded`). Files, not attempts: watch mode tries a file again,
-/// within one flush too, so it keeps their names (hashed with foldhash, not SipHash); a batch
-/// has one outcome per file, and counts them (keeping every name cost an unchanged rerun of
+/// within one flush too, and a cluster worker takes a job delivered again, so they keep their
+/// names (hashed with foldhash, not SipHash); a batch has one outcome per file, and counts them (keeping every name cost an unchanged rerun of
 /// 50,000 files a tenth of its reporter's time).
 enum SinceFlush {
     Counted(u64),
@@ -49,7 +49,9 @@ enum SinceFlush {
 
 impl SinceFlush {
     fn new(cfg: &Config) -> Self {
-        if cfg.watch.is_some() {
+        // A cluster worker's pipeline lives on too, and takes a job again when it is delivered
+        // again (found by a review).
+        if cfg.watch.is_some() || cfg.coordinated {
             SinceFlush::Named(HashSet::default())
         } else {
             SinceFlush::Counted(0)
