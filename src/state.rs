@@ -222,9 +222,10 @@ pub(crate) struct Record {
     /// through later failures and skips: what tells that output from a file another hand put
     /// at its name. `None` where unknown (a failure recorded before filepipe kept it).
     pub(crate) made_mtime: Option<i64>,
-    /// The digest as stored (a hash op's done file), only read by `Reader::recorded_under`
-    /// and `Reader::lookup`: an incremental batch lists it for a file it does not read again.
-    pub(crate) digest: Option<Box<[u8]>>,
+    /// The digest stored (a hash op's done file, of that op's length), only read by
+    /// `Reader::recorded_under` and `Reader::lookup`: an incremental batch lists it for a file
+    /// it does not read again. Kept inline: read as a byte vector, it was an allocation per row.
+    pub(crate) digest: Option<Digest>,
 }
 
 impl Record {
@@ -358,7 +359,7 @@ impl Known {
             let digest = self
                 .record(OpKind::from(algo))
                 .filter(|r| r.done_as(now))
-                .and_then(|r| Digest::new(algo, r.digest.as_deref()?));
+                .and_then(|r| r.digest.filter(|d| d.algo() == algo));
             match digest {
                 Some(d) => recorded.push(d),
                 None => hashes.push(algo),
@@ -1097,7 +1098,7 @@ impl Reader {
                 while let Some(r) = rows.next()? {
                     first.push(
                         r.get_ref(0)?.as_blob()?,
-                        Known::of(op, record_from_row(r, 1)?, wanted),
+                        Known::of(op, record_from_row(r, 1, op)?, wanted),
                     );
                 }
                 out = first.build();
@@ -1106,7 +1107,7 @@ impl Reader {
             // The other ops' rows mostly join a file already in the map.
             while let Some(r) = rows.next()? {
                 let bytes = r.get_ref(0)?.as_blob()?;
-                let record = record_from_row(r, 1)?;
+                let record = record_from_row(r, 1, op)?;
                 match out.get_mut_bytes(bytes) {
                     Some(known) => known.add(op, record),
                     None => out.insert(bytes, Known::of(op, record, wanted)),
@@ -1135,12 +1136,16 @@ impl Reader {
                 op(2),
                 op(3)
             ],
-            |r| Ok((r.get::<_, String>(0)?, record_from_row(r, 1)?)),
+            |r| {
+                let name = r.get_ref(0)?.as_str()?;
+                let op = self.ops.iter().find(|k| k.as_str() == name).copied();
+                op.map(|op| Ok((op, record_from_row(r, 1, op)?)))
+                    .transpose()
+            },
         )?;
         let mut known: Option<Known> = None;
         for row in rows {
-            let (name, record) = row?;
-            let Some(&op) = self.ops.iter().find(|k| k.as_str() == name) else {
+            let Some((op, record)) = row? else {
                 continue;
             };
             match &mut known {
@@ -1168,9 +1173,9 @@ impl DoneRow {
     }
 }
 
-/// A `Record` from the columns status, size, mtime_ns, inode, attempts, ctime_ns, error,
-/// output IS NOT NULL, digest, `MADE_MTIME` starting at `first`.
-fn record_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Record> {
+/// A `Record` of `op` from the columns status, size, mtime_ns, inode, attempts, ctime_ns,
+/// error, output IS NOT NULL, digest, `MADE_MTIME` starting at `first`.
+fn record_from_row(r: &rusqlite::Row<'_>, first: usize, op: OpKind) -> rusqlite::Result<Record> {
     let size: Option<i64> = r.get(first + 1)?;
     let mtime: Option<i64> = r.get(first + 2)?;
     let inode: Option<i64> = r.get(first + 3)?;
@@ -1191,9 +1196,10 @@ fn record_from_row(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Reco
         attempts: r.get(first + 4)?,
         in_use: error.as_deref() == Some(Kind::InUse.as_str()),
         made_output: r.get(first + 7)?,
-        digest: r
-            .get::<_, Option<Vec<u8>>>(first + 8)?
-            .map(Vec::into_boxed_slice),
+        // Not of the op's length (a row written by something else): none, to be computed.
+        digest: (r.get_ref(first + 8)?.as_blob_or_null()?)
+            .zip(op.hash())
+            .and_then(|(bytes, algo)| Digest::new(algo, bytes)),
         made_mtime: r.get(first + 9)?,
     })
 }
@@ -1462,7 +1468,10 @@ mod tests {
         st.commit().unwrap();
         let known = reader.recorded_under(Path::new("")).unwrap();
         let a = &known[Path::new("a")];
-        assert_eq!(rec(a).digest.as_deref(), Some(&[1u8; 32][..]));
+        assert_eq!(
+            rec(a).digest.as_ref().map(Digest::as_bytes),
+            Some(&[1u8; 32][..])
+        );
         assert!(a.done_as(Some(s)));
         assert!(
             !a.done_as(Some(Stamp { ctime_ns: 12, ..s })),

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use rayon::slice::ParallelSliceMut;
 
 use crate::config::Config;
 use crate::digest::HashAlgo;
@@ -75,7 +76,9 @@ impl Sink for ManifestSink<'_> {
 
     fn finish(&mut self) -> Result<()> {
         let mut files = std::mem::take(&mut self.files);
-        files.sort_unstable_by(|a, b| self.name(a).cmp(self.name(b)));
+        // On every core: nothing else is left to do, and the sort is most of what is left of an
+        // unchanged rerun once its walk is done (50,000 names: 5 ms on one core).
+        files.par_sort_unstable_by(|a, b| self.name(a).cmp(self.name(b)));
         for &algo in self.cfg.spec.hashes() {
             // Every done file has every digest (`ops::multi`), found by its algorithm: a file
             // read for some hashes only (`travel::Only`) has the others' after them. One

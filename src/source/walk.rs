@@ -1231,7 +1231,7 @@ mod tests {
                 attempts: 0,
                 in_use: false,
                 made_output: false,
-                digest: Some(vec![7; 32].into_boxed_slice()),
+                digest: crate::digest::Digest::new(crate::digest::HashAlgo::Sha256, &[7; 32]),
                 made_mtime: None,
             };
             let known = Known::of(crate::cli::OpKind::Sha256, record, 1);
