@@ -33,15 +33,12 @@ pub(crate) use summary::{Stopped, Summary};
 /// longest an outcome waits for one.
 const FLUSH_WITHIN: Duration = Duration::from_millis(50);
 
-/// Receives events until every sender is gone, then finishes the sink and returns the counts.
-/// `recorded`, if given, hears of each file once the sink has flushed its outcome.
-/// `source_failed`, raised by the source's thread before it lets go of its sender, says its
-/// outcomes are not the whole tree: the sink is then abandoned, not finished (`Sink::abandon`).
 /// The files the sink took since its last good flush: how many a failed flush may have left
 /// unrecorded (`Summary::unrecorded`). Files, not attempts: watch mode tries a file again,
 /// within one flush too, and a cluster worker takes a job delivered again, so they keep their
-/// names (hashed with foldhash, not SipHash); a batch has one outcome per file, and counts them (keeping every name cost an unchanged rerun of
-/// 50,000 files a tenth of its reporter's time).
+/// names (hashed with foldhash, not SipHash); a batch has one outcome per file, and counts
+/// them (keeping every name cost an unchanged rerun of 50,000 files a tenth of its reporter's
+/// time).
 enum SinceFlush {
     Counted(u64),
     Named(HashSet<PathBuf, foldhash::fast::RandomState>),
@@ -82,6 +79,10 @@ impl SinceFlush {
     }
 }
 
+/// Receives events until every sender is gone, then finishes the sink and returns the counts.
+/// `recorded`, if given, hears of each file once the sink has flushed its outcome.
+/// `source_failed`, raised by the source's thread before it lets go of its sender, says its
+/// outcomes are not the whole tree: the sink is then abandoned, not finished (`Sink::abandon`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     cfg: &Config,
