@@ -222,9 +222,10 @@ pub(crate) struct Record {
     /// through later failures and skips: what tells that output from a file another hand put
     /// at its name. `None` where unknown (a failure recorded before filepipe kept it).
     pub(crate) made_mtime: Option<i64>,
-    /// The digest stored (a hash op's done file, of that op's length), only read by
-    /// `Reader::recorded_under` and `Reader::lookup`: an incremental batch lists it for a file
-    /// it does not read again. Kept inline: read as a byte vector, it was an allocation per row.
+    /// The digest stored (a hash op's done file, of that op's length and a blob; `None`
+    /// otherwise): an incremental batch lists it for a file it does not read again, and a done
+    /// hash without one is read again (`Known::settled`). Kept inline: read as a byte vector,
+    /// it was an allocation per row.
     pub(crate) digest: Option<Digest>,
 }
 
@@ -243,6 +244,14 @@ impl Record {
                     && !self.in_use
             }
         }
+    }
+
+    /// False for a done hash whose digest is not at hand: its row was damaged or written by
+    /// something else (a digest of another length or type, or none). Taken for settled, the
+    /// file was left out of watch mode's manifest for good (found by a review); so it is read
+    /// again, as an incremental batch reads it.
+    fn whole(&self, op: OpKind) -> bool {
+        self.status != FileStatus::Done || op.hash().is_none() || self.digest.is_some()
     }
 
     /// True if the file was done and `now` is the stamp it was done with: an incremental batch
@@ -320,7 +329,7 @@ impl Known {
     /// True if `now` needs no processing: every op of the run settled with it
     /// (`Record::settled`).
     pub(crate) fn settled(&self, now: Option<Stamp>) -> bool {
-        self.count() == self.wanted && self.records().all(|(_, r)| r.settled(now))
+        self.count() == self.wanted && self.records().all(|(op, r)| r.settled(now) && r.whole(*op))
     }
 
     /// True if some op of the run recorded the file done (with whatever stamp).
@@ -876,7 +885,7 @@ impl State {
     }
 
     /// `algo`'s digests of done files, sorted by path bytes, for its manifest. A digest of
-    /// another length, which filepipe never wrote, is left out.
+    /// another length or type, which filepipe never wrote, is left out.
     pub(crate) fn digests(&mut self, algo: HashAlgo) -> Result<Vec<(Vec<u8>, Digest)>> {
         self.write_done()?;
         let mut stmt = self.conn.prepare_cached(
@@ -885,13 +894,17 @@ impl State {
         )?;
         let rows = stmt.query_map(params![self.root, OpKind::from(algo).as_str()], |r| {
             let path: Vec<u8> = r.get(0)?;
-            let digest: Vec<u8> = r.get(1)?;
+            // A digest that is not a blob is left out too (and its file read again: see
+            // `Record::whole`), not an error that stops the run.
+            let digest = match r.get_ref(1)? {
+                rusqlite::types::ValueRef::Blob(b) => Digest::new(algo, b),
+                _ => None,
+            };
             Ok((path, digest))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (path, digest) = row?;
-            if let Some(d) = Digest::new(algo, &digest) {
+            if let (path, Some(d)) = row? {
                 out.push((path, d));
             }
         }
@@ -1053,23 +1066,11 @@ fn upgrade(conn: &mut Connection) -> Result<()> {
 impl Reader {
     /// Everything the state knows under `dir` (relative to the root; "" for the whole tree),
     /// in one query per op: a scan checks each file it finds against this map instead of
-    /// asking SQLite per file, and what is left in it afterwards was not found.
+    /// asking SQLite per file, and what is left in it afterwards was not found. Each done
+    /// hash's digest comes with it (`Record::digest`): what an incremental batch lists for the
+    /// files it does not read, and what tells watch mode a done row is whole (`Known::settled`).
     pub(crate) fn known_under(&self, dir: &Path) -> Result<KnownMap> {
-        self.known(dir, false)
-    }
-
-    /// `known_under` with each done hash's digest (`Record::digest`): what an incremental
-    /// batch lists for the files it does not read.
-    pub(crate) fn recorded_under(&self, dir: &Path) -> Result<KnownMap> {
-        self.known(dir, true)
-    }
-
-    fn known(&self, dir: &Path, digests: bool) -> Result<KnownMap> {
-        let digest = if digests {
-            "CASE WHEN status = 'done' THEN digest END"
-        } else {
-            "NULL"
-        };
+        let digest = "CASE WHEN status = 'done' THEN digest END";
         let columns = format!(
             "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns, error,
              output IS NOT NULL, {digest}, {MADE_MTIME} FROM files WHERE root=?1 AND op=?2"
@@ -1197,9 +1198,12 @@ fn record_from_row(r: &rusqlite::Row<'_>, first: usize, op: OpKind) -> rusqlite:
         in_use: error.as_deref() == Some(Kind::InUse.as_str()),
         made_output: r.get(first + 7)?,
         // Not of the op's length (a row written by something else): none, to be computed.
-        digest: (r.get_ref(first + 8)?.as_blob_or_null()?)
-            .zip(op.hash())
-            .and_then(|(bytes, algo)| Digest::new(algo, bytes)),
+        // Not a blob, or not of the op's length (a row written by something else): none, to
+        // be computed (a TEXT digest failed the whole run: found by a review).
+        digest: match (r.get_ref(first + 8)?, op.hash()) {
+            (rusqlite::types::ValueRef::Blob(bytes), Some(algo)) => Digest::new(algo, bytes),
+            _ => None,
+        },
         made_mtime: r.get(first + 9)?,
     })
 }
@@ -1448,6 +1452,55 @@ mod tests {
             .is_some_and(|k| k.made_output()));
     }
 
+    /// A done hash row whose digest is not one this op could have (another length, NULL, a
+    /// TEXT or INTEGER value: a damaged state, or one edited by hand) is not settled, so watch
+    /// mode reads the file again instead of leaving it out of its manifest for good; and it
+    /// fails neither a scan nor the manifest's query (found by a review: a TEXT digest stopped
+    /// the run).
+    #[test]
+    fn a_done_hash_whose_stored_digest_is_damaged_is_read_again_and_fails_nothing() {
+        let (_dir, mut st, reader) = open_state();
+        let s = Stamp {
+            size: 3,
+            mtime_ns: 10,
+            ctime_ns: 11,
+            inode: 7,
+        };
+        let names = ["good", "short", "null", "text", "int"];
+        st.begin().unwrap();
+        for name in names {
+            st.done(Path::new(name), S, Some(s), None, Some(&d(1)))
+                .unwrap();
+        }
+        st.commit().unwrap();
+        for (name, value) in [
+            ("short", "X'0102'"),
+            ("null", "NULL"),
+            (
+                "text",
+                "'0101010101010101010101010101010101010101010101010101010101010101'",
+            ),
+            ("int", "42"),
+        ] {
+            st.conn
+                .execute(
+                    &format!("UPDATE files SET digest = {value} WHERE path = ?1"),
+                    [name.as_bytes()],
+                )
+                .unwrap();
+        }
+        let known = reader.known_under(Path::new("")).unwrap();
+        for name in names {
+            let k = &known[Path::new(name)];
+            assert_eq!(k.settled(Some(s)), name == "good", "{name}");
+            let looked = reader.lookup(Path::new(name)).unwrap().unwrap();
+            assert_eq!(looked.settled(Some(s)), name == "good", "{name}");
+        }
+        let listed = st.digests(HashAlgo::Sha256).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, b"good");
+    }
+
     #[test]
     fn a_batch_reads_digests_back_and_forgets_exactly_the_files_it_did_not_find() {
         let (_dir, mut st, reader) = open_state();
@@ -1466,7 +1519,7 @@ mod tests {
         st.not_done(Path::new("b"), FileStatus::Failed, Some(s), &e)
             .unwrap();
         st.commit().unwrap();
-        let known = reader.recorded_under(Path::new("")).unwrap();
+        let known = reader.known_under(Path::new("")).unwrap();
         let a = &known[Path::new("a")];
         assert_eq!(
             rec(a).digest.as_ref().map(Digest::as_bytes),
@@ -1483,9 +1536,6 @@ mod tests {
             !b.done_as(Some(s)) && rec(b).digest.is_none(),
             "failed: tried again"
         );
-        // Watch mode's scans do not carry digests.
-        let known = reader.known_under(Path::new("")).unwrap();
-        assert!(rec(&known[Path::new("a")]).digest.is_none());
         // "a" is gone (a directory now, say): its row goes, the rows beneath it stay.
         st.begin().unwrap();
         st.remove_files(&[PathBuf::from("a")]).unwrap();
@@ -1680,8 +1730,8 @@ mod tests {
         let s2 = Stamp { ctime_ns: 12, ..s1 };
         assert_eq!(k.lacks(&wider, Some(s2), |made| made), Lacks::All);
         assert_eq!(k.lacks(&wider, None, |made| made), Lacks::All);
-        // The scan's map merges the rows of every op of the run, without digests: a done hash
-        // whose digest was not read is computed again rather than listed blank.
+        // The scan's map merges the rows of every op of the run, digests included: only the
+        // hash without a row is computed.
         let map = reader.known_under(Path::new("")).unwrap();
         assert!(map[Path::new("f")]
             .record(OpKind::Zstd)
@@ -1689,7 +1739,7 @@ mod tests {
         let Lacks::Part(only) = map[Path::new("f")].lacks(&wider, Some(s1), |m| m) else {
             panic!("a part")
         };
-        assert_eq!(only.hashes, [HashAlgo::Blake3, HashAlgo::Sha256]);
+        assert_eq!(only.hashes, [HashAlgo::Blake3]);
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl Source for Walk<'_> {
             let loading = std::thread::Builder::new()
                 .name("filepipe-state".into())
                 .spawn_scoped(s, move || {
-                    reader.recorded_under(Path::new("")).with_context(|| {
+                    reader.known_under(Path::new("")).with_context(|| {
                         let dir = cfg.incremental.as_ref().map(|i| i.state_dir.as_path());
                         let dir = dir.unwrap_or(Path::new("?")).display();
                         // Only a state that cannot be read at all gets here: a damaged one
