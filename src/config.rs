@@ -1594,15 +1594,16 @@ fn open_manifest_dir(path: &Path) -> Result<Dir> {
 /// Refuses a manifest name held by a file that is not a manifest: every line a digest in hex,
 /// two spaces or a space and a star, a name (GNU's escaped form starts with a backslash). A
 /// derived name (`FILE.<hash>`, which the user did not type) must hold `algo`'s digests; the
-/// name the user typed, any hash's (the op may have changed since the last run). A file of up
-/// to twice `MANIFEST_LOOK` is read whole; of a longer one, its first and its last
-/// `MANIFEST_LOOK` bytes: a file that starts and ends as a manifest is one (notes added before
-/// or after a manifest's lines are found; found by a review, when only its start was read). An
-/// empty file passes; a file that cannot be read is left to the write at the end to fail on,
-/// and a name held by anything but a regular file to `check_manifest_name`.
+/// name the user typed, any hash's (the op may have changed since the last run). The whole
+/// file is read, a line at a time: notes kept among a manifest's lines anywhere are found
+/// (found by reviews: reading only its first 1 MiB, then its ends, replaced such a file).
+/// Blank lines (an editor's last newline) say nothing, and an empty file passes; a file that
+/// cannot be read is left to the write at the end to fail on, and a name held by anything but
+/// a regular file to `check_manifest_name`.
 fn check_existing_manifest(path: &Path, algo: HashAlgo, typed: bool) -> Result<()> {
-    use std::os::unix::fs::{FileExt, OpenOptionsExt};
-    let Some(meta) = fs::symlink_metadata(path).ok().filter(|m| m.is_file()) else {
+    use std::io::BufRead;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(_) = fs::symlink_metadata(path).ok().filter(|m| m.is_file()) else {
         return Ok(());
     };
     // Not through a symlink, and never waiting on a FIFO swapped in since the look above.
@@ -1621,32 +1622,52 @@ fn check_existing_manifest(path: &Path, algo: HashAlgo, typed: bool) -> Result<(
     } else {
         vec![algo.len() * 2]
     };
-    let read = |at: u64, len: u64| -> Result<Vec<u8>> {
-        let mut buf = vec![0; usize::try_from(len).unwrap_or(0)];
-        let mut got = 0;
-        while got < buf.len() {
-            match file.read_at(&mut buf[got..], at + got as u64) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-            }
+    let manifest_line = |line: &[u8]| {
+        let line = line.strip_prefix(b"\\").unwrap_or(line);
+        lengths.iter().any(|&hex| {
+            line.len() > hex + 2
+                && (line[hex..].starts_with(b"  ") || line[hex..].starts_with(b" *"))
+                // Without an early exit, so it runs as a few vector instructions.
+                && line[..hex].iter().fold(true, |ok, b| ok & b.is_ascii_hexdigit())
+        })
+    };
+    let line_ok = |line: &[u8]| manifest_line(line) || line.iter().all(u8::is_ascii_whitespace);
+    // Lines judged where they lie in the reader's buffer; only one cut by the buffer's end is
+    // copied. (Read a line at a time into a vector, a 4 MB manifest took 10 ms, before an
+    // unchanged rerun of 120 ms could start.)
+    let mut reader = std::io::BufReader::with_capacity(256 << 10, file);
+    let mut partial = Vec::new();
+    let manifest = loop {
+        let buf = reader
+            .fill_buf()
+            .with_context(|| format!("reading {}", path.display()))?;
+        if buf.is_empty() {
+            break partial.is_empty() || line_ok(&partial);
         }
-        buf.truncate(got);
-        Ok(buf)
+        let mut start = 0;
+        let mut good = true;
+        for end in memchr::memchr_iter(b'\n', buf) {
+            good = if partial.is_empty() {
+                line_ok(&buf[start..end])
+            } else {
+                partial.extend_from_slice(&buf[start..end]);
+                let ok = line_ok(&partial);
+                partial.clear();
+                ok
+            };
+            if !good {
+                break;
+            }
+            start = end + 1;
+        }
+        // A line no manifest has (an image, a one-line JSON) is not held whole.
+        partial.extend_from_slice(&buf[start..]);
+        if !good || partial.len() as u64 > MANIFEST_LINE_MAX {
+            break false;
+        }
+        let n = buf.len();
+        reader.consume(n);
     };
-    let len = meta.len();
-    let parts = if len <= 2 * MANIFEST_LOOK {
-        vec![(read(0, len)?, false, false)]
-    } else {
-        vec![
-            (read(0, MANIFEST_LOOK)?, false, true),
-            (read(len - MANIFEST_LOOK, MANIFEST_LOOK)?, true, false),
-        ]
-    };
-    let manifest = parts.iter().all(|(bytes, starts_cut, ends_cut)| {
-        manifest_lines(bytes, *starts_cut, *ends_cut, &lengths)
-    });
     if !manifest {
         let (what, name) = if typed {
             ("a manifest".to_owned(), "--manifest")
@@ -1662,39 +1683,10 @@ fn check_existing_manifest(path: &Path, algo: HashAlgo, typed: bool) -> Result<(
     Ok(())
 }
 
-/// Whether `bytes`, part of a file, are manifest lines (`check_existing_manifest`) with digests
-/// of one of `lengths` hex digits: its first line is not judged when the part starts inside
-/// one (`starts_cut`), nor its last when it ends inside one (`ends_cut`). A part cut at either
-/// end must hold a whole line: one that does not (an image, a one-line JSON) is no manifest
-/// (found by a review: it was replaced). Blank lines (an editor's last newline) say nothing.
-fn manifest_lines(bytes: &[u8], starts_cut: bool, ends_cut: bool, lengths: &[usize]) -> bool {
-    let manifest_line = |line: &[u8]| {
-        let line = line.strip_prefix(b"\\").unwrap_or(line);
-        lengths.iter().any(|&hex| {
-            line.len() > hex + 2
-                && line[..hex].iter().all(u8::is_ascii_hexdigit)
-                && (line[hex..].starts_with(b"  ") || line[hex..].starts_with(b" *"))
-        })
-    };
-    let mut lines: Vec<&[u8]> = bytes.split(|&b| b == b'\n').collect();
-    if ends_cut {
-        lines.pop();
-    }
-    if starts_cut && !lines.is_empty() {
-        lines.remove(0);
-    }
-    let whole: Vec<&[u8]> = lines
-        .into_iter()
-        .filter(|l| !l.iter().all(u8::is_ascii_whitespace))
-        .collect();
-    (!(starts_cut || ends_cut) || !whole.is_empty()) && whole.into_iter().all(manifest_line)
-}
-
-/// How much of each end of an existing file at a manifest's name `check_existing_manifest`
-/// reads: some 700 lines of a manifest, which tell it from anything else. (It read the first
-/// 1 MiB: the check of an earlier run's manifest then took 3 ms before the run could start,
-/// 2% of an unchanged rerun of 50,000 files.)
-const MANIFEST_LOOK: u64 = 64 << 10;
+/// The longest line read whole from a file at a manifest's name: longer than any manifest's
+/// (a digest of 128 hex digits and a name, escaped, of a path thousands of directories deep),
+/// and a bound on what is held of a file that is no manifest.
+const MANIFEST_LINE_MAX: u64 = 1 << 20;
 
 /// Include/exclude globs. A pattern without '/' matches the file name anywhere in the tree
 /// (like fd and .gitignore); one with '/' matches the whole path relative to the root.

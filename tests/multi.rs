@@ -585,6 +585,24 @@ fn the_typed_manifest_name_replaces_only_a_manifest() {
         );
         assert_eq!(fs::read_to_string(&kept).unwrap(), notes);
     }
+    // Nor notes kept in the middle of a long one: the whole file is read (found by a review,
+    // when only its ends were).
+    let head: String = long.lines().take(2000).collect::<Vec<_>>().join("\n");
+    for middle in [
+        "# NOTES keep these\n".to_owned(),
+        format!("{}\n", "x".repeat(100 << 10)),
+    ] {
+        let notes = format!("{head}\n{middle}{head}\n");
+        let kept = t.side("notes-middle.txt");
+        fs::write(&kept, &notes).unwrap();
+        let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&kept)]);
+        assert!(
+            r.code(2).stderr().contains("exists and is not a manifest"),
+            "{}",
+            r.stderr()
+        );
+        assert_eq!(fs::read_to_string(&kept).unwrap(), notes);
+    }
     let one_line = t.side("one-line.json");
     fs::write(&one_line, vec![b'7'; 200 << 10]).unwrap();
     let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&one_line)]);
