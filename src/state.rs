@@ -1452,6 +1452,16 @@ mod tests {
             .is_some_and(|k| k.made_output()));
     }
 
+    /// The stamp the digest tests record their files with.
+    fn stamp_a() -> Stamp {
+        Stamp {
+            size: 3,
+            mtime_ns: 10,
+            ctime_ns: 11,
+            inode: 7,
+        }
+    }
+
     /// A done hash row whose digest is not one this op could have (another length, NULL, a
     /// TEXT or INTEGER value: a damaged state, or one edited by hand) is not settled, so watch
     /// mode reads the file again instead of leaving it out of its manifest for good; and it
@@ -1460,12 +1470,7 @@ mod tests {
     #[test]
     fn a_done_hash_whose_stored_digest_is_damaged_is_read_again_and_fails_nothing() {
         let (_dir, mut st, reader) = open_state();
-        let s = Stamp {
-            size: 3,
-            mtime_ns: 10,
-            ctime_ns: 11,
-            inode: 7,
-        };
+        let s = stamp_a();
         let names = ["good", "short", "null", "text", "int"];
         st.begin().unwrap();
         for name in names {
@@ -1504,12 +1509,7 @@ mod tests {
     #[test]
     fn a_batch_reads_digests_back_and_forgets_exactly_the_files_it_did_not_find() {
         let (_dir, mut st, reader) = open_state();
-        let s = Stamp {
-            size: 3,
-            mtime_ns: 10,
-            ctime_ns: 11,
-            inode: 7,
-        };
+        let s = stamp_a();
         st.begin().unwrap();
         st.done(Path::new("a"), S, Some(s), None, Some(&d(1)))
             .unwrap();

@@ -572,36 +572,37 @@ fn the_typed_manifest_name_replaces_only_a_manifest() {
     assert_eq!(fs::read_to_string(&m).unwrap().lines().count(), 2);
     // Nor notes kept after a manifest's lines, in a file read whole (up to 128 KiB) or by its
     // ends (found by a review: only the first 64 KiB were read, and such a file was replaced).
-    for lines in [1200, 4000] {
-        let mut notes = long.lines().take(lines).collect::<Vec<_>>().join("\n");
-        notes.push_str("\n# NOTES (do not lose)\nthe server room key is under the mat\n");
-        let kept = t.side(&format!("notes-{lines}.txt"));
-        fs::write(&kept, &notes).unwrap();
+    // Each kept, unchanged, with the reason.
+    let refused = |name: &str, notes: &str| {
+        let kept = t.side(name);
+        fs::write(&kept, notes).unwrap();
         let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&kept)]);
         assert!(
             r.code(2).stderr().contains("exists and is not a manifest"),
-            "{lines} lines: {}",
+            "{name}: {}",
             r.stderr()
         );
-        assert_eq!(fs::read_to_string(&kept).unwrap(), notes);
+        assert_eq!(fs::read_to_string(&kept).unwrap(), notes, "{name}");
+    };
+    for lines in [1200, 4000] {
+        let mut notes = long.lines().take(lines).collect::<Vec<_>>().join("\n");
+        notes.push_str("\n# NOTES (do not lose)\nthe server room key is under the mat\n");
+        refused(&format!("notes-{lines}.txt"), &notes);
     }
     // Nor notes kept in the middle of a long one: the whole file is read (found by a review,
     // when only its ends were).
     let head: String = long.lines().take(2000).collect::<Vec<_>>().join("\n");
-    for middle in [
+    for (i, middle) in [
         "# NOTES keep these\n".to_owned(),
         format!("{}\n", "x".repeat(100 << 10)),
-    ] {
-        let notes = format!("{head}\n{middle}{head}\n");
-        let kept = t.side("notes-middle.txt");
-        fs::write(&kept, &notes).unwrap();
-        let r = batch(&t.root(), "sha256", &[s("--manifest"), p(&kept)]);
-        assert!(
-            r.code(2).stderr().contains("exists and is not a manifest"),
-            "{}",
-            r.stderr()
+    ]
+    .iter()
+    .enumerate()
+    {
+        refused(
+            &format!("notes-middle-{i}.txt"),
+            &format!("{head}\n{middle}{head}\n"),
         );
-        assert_eq!(fs::read_to_string(&kept).unwrap(), notes);
     }
     let one_line = t.side("one-line.json");
     fs::write(&one_line, vec![b'7'; 200 << 10]).unwrap();
