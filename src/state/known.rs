@@ -31,8 +31,6 @@ pub(crate) struct KnownMap {
     /// Positions in `entries`, by the hash of their path.
     index: HashTable<u32>,
     hasher: foldhash::fast::RandomState,
-    /// How many records are still in.
-    len: usize,
 }
 
 struct Entry {
@@ -53,37 +51,46 @@ fn bytes(rel: &Path) -> &[u8] {
 impl KnownMap {
     /// A map of the paths and records pushed into `builder`, indexed at once.
     fn build(mut self) -> Self {
+        self.index = HashTable::with_capacity(self.entries.len());
+        for i in 0..self.entries.len() {
+            self.index_entry(i);
+        }
+        self
+    }
+
+    /// Indexes entry `i`; if its path is in already (pushed twice, not from one query), the
+    /// later record goes to the earlier entry instead.
+    fn index_entry(&mut self, i: usize) {
         let KnownMap {
             names,
             entries,
             index,
             hasher,
-            len,
-        } = &mut self;
-        *index = HashTable::with_capacity(entries.len());
-        *len = 0;
-        for i in 0..entries.len() {
-            let at = u32::try_from(i).unwrap_or(u32::MAX);
-            let key = &names[entries[i].name.clone()];
-            let hash = hasher.hash_one(key);
-            let found = index
-                .find(hash, |&j| &names[entries[j as usize].name.clone()] == key)
-                .copied();
-            match found {
-                // The same path twice (not from one query): the later record stands.
-                Some(j) => {
-                    let later = entries[i].known.take();
-                    entries[j as usize].known = later;
-                }
-                None => {
-                    index.insert_unique(hash, at, |&j| {
-                        hasher.hash_one(&names[entries[j as usize].name.clone()])
-                    });
-                    *len += 1;
-                }
+        } = self;
+        let name = |j: u32| &names[entries[j as usize].name.clone()];
+        let key = &names[entries[i].name.clone()];
+        let hash = hasher.hash_one(key);
+        match index.find(hash, |&j| name(j) == key).copied() {
+            Some(j) => {
+                let later = entries[i].known.take();
+                entries[j as usize].known = later;
+            }
+            None => {
+                // Four billion paths would not fit in memory first.
+                let at = u32::try_from(i).unwrap_or(u32::MAX);
+                index.insert_unique(hash, at, |&j| hasher.hash_one(name(j)));
             }
         }
-        self
+    }
+
+    /// Adds the path `key` and its record to the entries, not indexed (`index_entry`).
+    fn push_unindexed(&mut self, key: &[u8], known: Known) {
+        let start = self.names.len();
+        self.names.extend_from_slice(key);
+        self.entries.push(Entry {
+            name: start..self.names.len(),
+            known: Some(known),
+        });
     }
 
     /// The position of `key`'s entry, if it was ever put in.
@@ -98,29 +105,13 @@ impl KnownMap {
 
     /// Puts in what is known of the path `key` (its bytes), replacing what was.
     pub(crate) fn insert(&mut self, key: &[u8], known: Known) {
-        if let Some(i) = self.find(key) {
-            let was = self.entries[i].known.replace(known);
-            self.len += usize::from(was.is_none());
-            return;
+        match self.find(key) {
+            Some(i) => self.entries[i].known = Some(known),
+            None => {
+                self.push_unindexed(key, known);
+                self.index_entry(self.entries.len() - 1);
+            }
         }
-        let start = self.names.len();
-        self.names.extend_from_slice(key);
-        let at = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
-        self.entries.push(Entry {
-            name: start..self.names.len(),
-            known: Some(known),
-        });
-        let KnownMap {
-            names,
-            entries,
-            index,
-            hasher,
-            ..
-        } = self;
-        index.insert_unique(hasher.hash_one(key), at, |&j| {
-            hasher.hash_one(&names[entries[j as usize].name.clone()])
-        });
-        self.len += 1;
     }
 
     /// What is known of `rel`.
@@ -137,15 +128,13 @@ impl KnownMap {
     /// Takes what is known of `rel` out: it is no longer among what is left.
     pub(crate) fn remove(&mut self, rel: &Path) -> Option<Known> {
         let i = self.find(bytes(rel))?;
-        let known = self.entries[i].known.take();
-        self.len -= usize::from(known.is_some());
-        known
+        self.entries[i].known.take()
     }
 
     /// How many paths are still in.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.len
+        self.iter().count()
     }
 
     /// The paths and records still in, in the order they came.
@@ -176,13 +165,7 @@ pub(crate) struct Builder(KnownMap);
 impl Builder {
     /// Adds the path `key` (its bytes) and what is known of it.
     pub(crate) fn push(&mut self, key: &[u8], known: Known) {
-        let map = &mut self.0;
-        let start = map.names.len();
-        map.names.extend_from_slice(key);
-        map.entries.push(Entry {
-            name: start..map.names.len(),
-            known: Some(known),
-        });
+        self.0.push_unindexed(key, known);
     }
 
     /// The map of what was pushed.
