@@ -531,6 +531,22 @@ impl Meter {
         .increment(1);
     }
 
+    /// Counts `n` files an incremental batch found unchanged: done, nothing published (so no
+    /// publish delay is recorded for them: their age is not one).
+    pub(crate) fn unchanged(&self, n: usize) {
+        if !ON.load(Ordering::Relaxed) || n == 0 {
+            return;
+        }
+        counter!(
+            "filepipe_files_total",
+            "pipeline" => self.pipeline.clone(),
+            "op" => self.op,
+            "outcome" => "done",
+            "reason" => ""
+        )
+        .increment(n as u64);
+    }
+
     /// The queue lengths the source keeps in `stats`.
     pub(crate) fn gauges(&self, stats: &Stats) {
         use std::sync::atomic::Ordering::Relaxed;

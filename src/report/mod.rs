@@ -24,7 +24,7 @@ use crate::error::{FileError, Kind};
 use crate::logging::FAILURES;
 use crate::signals::Shutdown;
 use crate::sink::{Disposition, Sink};
-use crate::travel::{Event, Outcome, Recorded, Stamp, Stats};
+use crate::travel::{Event, Outcome, Recorded, Stamp, Stats, Unchanged};
 
 use progress::Progress;
 pub(crate) use summary::{Stopped, Summary};
@@ -60,6 +60,18 @@ impl SinceFlush {
             SinceFlush::Counted(n) => *n += 1,
             SinceFlush::Named(set) => {
                 set.insert(rel.to_path_buf());
+            }
+        }
+    }
+
+    /// Adds the files of an unchanged batch.
+    fn add_all(&mut self, files: &Unchanged) {
+        match self {
+            SinceFlush::Counted(n) => *n += files.len() as u64,
+            SinceFlush::Named(_) => {
+                for (name, _) in files.iter() {
+                    self.add(Path::new(std::ffi::OsStr::from_bytes(name)));
+                }
             }
         }
     }
@@ -203,6 +215,23 @@ pub(crate) fn run(
                 stats.failed.store(summary.failed, Ordering::Relaxed);
                 progress.refresh(stats, &summary);
                 meter.gauges(stats);
+            }
+            Event::Unchanged(files) => {
+                let taken = sink.unchanged(&files);
+                if taken.is_ok() && recorded.is_some() {
+                    unreported.extend(files.iter().map(|(name, _)| Recorded {
+                        rel: PathBuf::from(std::ffi::OsStr::from_bytes(name)),
+                        retry_after: None,
+                        output_blocked: false,
+                    }));
+                }
+                guard(taken);
+                since_flush.add_all(&files);
+                meter.unchanged(files.len());
+                summary.count_unchanged(files.len() as u64, &mut progress);
+                unflushed = true;
+                stats.done.store(summary.done, Ordering::Relaxed);
+                progress.refresh(stats, &summary);
             }
             Event::Unlisted(rels) => {
                 guard(sink.unlisted(&rels));
@@ -360,6 +389,15 @@ impl Summary {
         blocks(outcome)
             && !self.blocked.is_empty()
             && self.blocked.get(outcome.rel()) == Some(&stamp)
+    }
+
+    /// Accounts for `n` files done from the state, unread (`Event::Unchanged`): as many
+    /// `Outcome::Done`s would be, that have nothing to log.
+    fn count_unchanged(&mut self, n: u64, progress: &mut Progress) {
+        self.files += n;
+        self.done += n;
+        self.unchanged += n;
+        progress.files_done += n;
     }
 
     /// Accounts for one outcome: counts, progress, the per-file record. A failure the sink

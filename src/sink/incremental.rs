@@ -17,7 +17,7 @@ use crate::error::Kind;
 use crate::sink::manifest::ManifestSink;
 use crate::sink::{output_of, Disposition, Sink};
 use crate::state::{FileStatus, State};
-use crate::travel::{Outcome, Stamp};
+use crate::travel::{Outcome, Stamp, Unchanged};
 
 /// Records outcomes in the state and collects the manifest.
 pub(crate) struct IncrementalSink<'a> {
@@ -111,6 +111,11 @@ impl Sink for IncrementalSink<'_> {
         self.begin()?;
         self.record(outcome)?;
         self.manifest.outcome(outcome)
+    }
+
+    /// Their rows already say all there is (see `record`): listed in the manifest only.
+    fn unchanged(&mut self, files: &Unchanged) -> Result<()> {
+        self.manifest.unchanged(files)
     }
 
     fn unlisted(&mut self, rels: &[PathBuf]) -> Result<()> {

@@ -19,7 +19,7 @@ use crate::digest::HashAlgo;
 use crate::fsio::output::TempOutput;
 use crate::manifest;
 use crate::sink::{Disposition, Sink};
-use crate::travel::{Digest, Outcome};
+use crate::travel::{Digest, Outcome, Unchanged};
 
 /// Batch mode: collect each done file's path and digests, write the sorted manifests at the
 /// end. Kept end to end in three vectors, not an allocation or two per file: an unchanged
@@ -52,6 +52,20 @@ impl<'a> ManifestSink<'a> {
         }
     }
 
+    /// Lists the file `name` (its path bytes) with its `digests` (none: not listed).
+    fn push(&mut self, name: &[u8], digests: &[Digest]) {
+        if digests.is_empty() {
+            return;
+        }
+        let (n, d) = (self.names.len(), self.digests.len());
+        self.names.extend_from_slice(name);
+        self.digests.extend_from_slice(digests);
+        self.files.push(Listed {
+            name: n..self.names.len(),
+            digests: d..self.digests.len(),
+        });
+    }
+
     fn name(&self, file: &Listed) -> &[u8] {
         &self.names[file.name.clone()]
     }
@@ -60,18 +74,17 @@ impl<'a> ManifestSink<'a> {
 impl Sink for ManifestSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
         if let Outcome::Done { rel, done } = outcome {
-            if !done.digests.is_empty() {
-                let name = rel.as_os_str().as_bytes();
-                let (n, d) = (self.names.len(), self.digests.len());
-                self.names.extend_from_slice(name);
-                self.digests.extend_from_slice(&done.digests);
-                self.files.push(Listed {
-                    name: n..self.names.len(),
-                    digests: d..self.digests.len(),
-                });
-            }
+            self.push(rel.as_os_str().as_bytes(), &done.digests);
         }
         Ok(Disposition::Final)
+    }
+
+    fn unchanged(&mut self, files: &Unchanged) -> Result<()> {
+        self.files.reserve(files.len());
+        for (name, digests) in files.iter() {
+            self.push(name, digests);
+        }
+        Ok(())
     }
 
     fn finish(&mut self) -> Result<()> {

@@ -18,6 +18,7 @@ pub(crate) mod manifest;
 pub(crate) mod queue;
 pub(crate) mod state;
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use anyhow::Result;
 
 use crate::config::Config;
 use crate::error::Kind;
-use crate::travel::{Done, Outcome};
+use crate::travel::{Done, Outcome, Unchanged};
 
 /// Whether an outcome ends its file, or is an attempt that will be made again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +44,24 @@ pub(crate) enum Disposition {
 pub(crate) trait Sink {
     /// Records one outcome (before it is counted); says whether it ends its file.
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition>;
+    /// Records files an incremental batch found unchanged, done from the state: as many
+    /// `Outcome::Done`s, unread (`Done::unchanged`), each with the state's digests. A sink
+    /// that keeps them some cheaper way says so.
+    fn unchanged(&mut self, files: &Unchanged) -> Result<()> {
+        for (name, digests) in files.iter() {
+            let done = Done {
+                digests: digests.to_vec(),
+                unchanged: true,
+                ..Done::default()
+            };
+            let rel = PathBuf::from(std::ffi::OsStr::from_bytes(name));
+            self.outcome(&Outcome::Done {
+                rel,
+                done: Box::new(done),
+            })?;
+        }
+        Ok(())
+    }
     /// A file, or a directory and everything under it, was deleted or moved out of the tree
     /// (watch mode).
     fn removed(&mut self, _rel: &Path) -> Result<()> {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::state::{Known, Lacks};
-use crate::travel::{Done, Stamp};
+use crate::travel::Stamp;
 
 /// What the run does with a file the state knew as `known`, found now with `stamp`:
 /// `Lacks::Nothing` gives the outcome without a read (`unchanged`), the others a job whole or
@@ -139,16 +139,6 @@ pub(crate) fn output_gone(cfg: &Config, known: &Known, rel: &Path, stamp: Option
 /// batch's is `output_in_place`.
 pub(crate) fn output_stands(cfg: &Config, rel: &Path, stamp: Option<Stamp>) -> bool {
     stamp.is_some_and(|stamp| output_dated(cfg, rel, stamp.mtime_ns))
-}
-
-/// The outcome of a file none of whose results is missing: done from the state, unread.
-pub(crate) fn unchanged(digests: Vec<crate::travel::Digest>, stamp: Option<Stamp>) -> Done {
-    Done {
-        digests,
-        stamp,
-        unchanged: true,
-        ..Done::default()
-    }
 }
 
 /// The input `rel` is named as the compressor's output of, outputs beside their inputs (no

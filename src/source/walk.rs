@@ -50,7 +50,7 @@ use crate::source::dirs::{DirId, Dirs, Failure, OpenDir, RootDir, Step};
 use crate::source::recorded;
 use crate::source::{Outlet, Source};
 use crate::state::{KnownMap, Lacks, Reader};
-use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stamp, Stats};
+use crate::travel::{BatchFill, Event, Job, Msg, Outcome, Stamp, Stats, Unchanged};
 
 /// At most this many directories are held open by a walk (see `dirs`): each both listed and
 /// used to stat and open its entries by name. A deeper tree is still walked: the shallowest
@@ -170,7 +170,7 @@ struct Feed<'c, 'o> {
     cfg: &'c Config,
     out: &'c Outlet<'o>,
     batch: Batch,
-    unchanged: Vec<Outcome>,
+    unchanged: Unchanged,
 }
 
 impl Feed<'_, '_> {
@@ -187,8 +187,8 @@ impl Feed<'_, '_> {
         job.replace = was
             .as_ref()
             .is_some_and(|k| recorded::replaces(self.cfg, k, &job.rel, stamp));
-        let done = match was.map(|k| recorded::lacks(self.cfg, &k, &job.rel, stamp)) {
-            Some(Lacks::Nothing(digests)) => recorded::unchanged(digests, stamp),
+        let digests = match was.map(|k| recorded::lacks(self.cfg, &k, &job.rel, stamp)) {
+            Some(Lacks::Nothing(digests)) => digests,
             Some(Lacks::Part(only)) => {
                 job.only = Some(Box::new(only));
                 return self.work(job, stamp);
@@ -198,17 +198,14 @@ impl Feed<'_, '_> {
         // Not read: its bytes are no part of this run's work.
         let size = stamp.map_or(0, |s| s.size);
         self.out.stats.bytes.fetch_sub(size, Ordering::Relaxed);
-        self.unchanged.push(Outcome::Done {
-            rel: job.rel,
-            done: Box::new(done),
-        });
+        self.unchanged.push(&job.rel, &digests);
         self.unchanged.len() < UNCHANGED_BATCH || self.send_unchanged()
     }
 
-    /// Sends the unchanged files' outcomes waiting. False if the reporter is gone.
+    /// Sends the unchanged files waiting. False if the reporter is gone.
     fn send_unchanged(&mut self) -> bool {
-        let list = std::mem::take(&mut self.unchanged);
-        list.is_empty() || self.out.events.send(Event::Finished(list)).is_ok()
+        let files = std::mem::take(&mut self.unchanged);
+        files.is_empty() || self.out.events.send(Event::Unchanged(files)).is_ok()
     }
 
     /// Sends everything waiting.
@@ -275,7 +272,7 @@ fn walk<'s>(
         cfg,
         out,
         batch: Batch::default(),
-        unchanged: Vec::new(),
+        unchanged: Unchanged::default(),
     };
     let mut failed = None;
     // The root itself could not be opened or listed (to its end): the walk saw none of the
@@ -1183,8 +1180,10 @@ fn temp_reason(
 mod tests {
     use super::*;
     use crate::cli::{Cli, Command};
-    use crate::travel::Done;
+    use crate::travel::Digest;
     use clap::Parser as _;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::symlink;
 
     fn config(root: &Path, extra: &[&str]) -> Config {
@@ -1207,7 +1206,8 @@ mod tests {
     /// files for the workers, the unchanged files' outcomes, and the files it found gone. With
     /// `late`, the state is read only once the walk has found every file, so they all wait for
     /// it; without, it is read before the walk starts.
-    fn incremental_walk(late: bool) -> (Vec<PathBuf>, Vec<(PathBuf, Done)>, Vec<PathBuf>) {
+    #[allow(clippy::type_complexity)]
+    fn incremental_walk(late: bool) -> (Vec<PathBuf>, Vec<(PathBuf, Vec<Digest>)>, Vec<PathBuf>) {
         use crate::state::{FileStatus, Known, Record};
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().join("root");
@@ -1280,14 +1280,11 @@ mod tests {
         let (mut unchanged, mut gone) = (Vec::new(), Vec::new());
         for event in events_rx {
             match event {
-                Event::Finished(outcomes) => {
-                    for o in outcomes {
-                        match o {
-                            Outcome::Done { rel, done } => unchanged.push((rel, *done)),
-                            other => panic!("unexpected {other:?}"),
-                        }
-                    }
-                }
+                Event::Unchanged(files) => unchanged.extend(
+                    files
+                        .iter()
+                        .map(|(name, d)| (PathBuf::from(OsStr::from_bytes(name)), d.to_vec())),
+                ),
                 Event::Unlisted(rels) => gone.extend(rels),
                 other => panic!("unexpected {other:?}"),
             }
@@ -1302,11 +1299,10 @@ mod tests {
             let names = |v: &[&str]| v.iter().map(PathBuf::from).collect::<Vec<_>>();
             assert_eq!(sent, names(&["changed", "new"]), "late: {late}");
             assert_eq!(unchanged.len(), 1, "late: {late}");
-            let (rel, done) = &unchanged[0];
+            let (rel, digests) = &unchanged[0];
             assert_eq!(rel, Path::new("same"));
-            assert!(done.unchanged && done.bytes_in == 0);
             assert_eq!(
-                done.digests.first().map(|d| d.as_bytes().to_vec()),
+                digests.first().map(|d| d.as_bytes().to_vec()),
                 Some(vec![7; 32])
             );
             assert_eq!(gone, names(&["gone"]), "late: {late}");
