@@ -441,11 +441,12 @@ const INSERT_DONE: &str = "INSERT OR REPLACE INTO files
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'done', 0, ?9, ?10,
              CASE WHEN ?7 IS NOT NULL THEN ?5 END)";
 
-/// `Record::made_mtime` as a column: a done row's own mtime when it names an output (whatever
-/// `made_mtime_ns` holds: a filepipe from before the column rewrote the row without it), else
-/// what failures and skips kept.
-const MADE_MTIME: &str = "CASE WHEN status = 'done' THEN (CASE WHEN output IS NOT NULL \
-                          THEN mtime_ns END) ELSE made_mtime_ns END";
+/// The columns a `Record` is read from (`record_from_row`), as they are stored: what a row
+/// means is worked out in Rust, once per row, not by `CASE` expressions SQLite evaluates
+/// (comparing the status as text) for every row of a tree's.
+const RECORD_COLUMNS: &str =
+    "status, size, mtime_ns, inode, attempts, ctime_ns, error, output IS NOT NULL, digest, \
+     made_mtime_ns";
 
 /// A read-only view for the watcher's lookups.
 pub(crate) struct Reader {
@@ -1070,11 +1071,7 @@ impl Reader {
     /// hash's digest comes with it (`Record::digest`): what an incremental batch lists for the
     /// files it does not read, and what tells watch mode a done row is whole (`Known::settled`).
     pub(crate) fn known_under(&self, dir: &Path) -> Result<KnownMap> {
-        let digest = "CASE WHEN status = 'done' THEN digest END";
-        let columns = format!(
-            "SELECT path, status, size, mtime_ns, inode, attempts, ctime_ns, error,
-             output IS NOT NULL, {digest}, {MADE_MTIME} FROM files WHERE root=?1 AND op=?2"
-        );
+        let columns = format!("SELECT path, {RECORD_COLUMNS} FROM files WHERE root=?1 AND op=?2");
         let d = dir.as_os_str().as_bytes();
         // Rows under "dir/": byte strings from "dir/" up to (not including) "dir0", since '0'
         // follows '/' in ASCII; the primary key makes this a range scan.
@@ -1122,8 +1119,7 @@ impl Reader {
     /// whatever the number of ops (watch mode asks it of every file it hands a worker).
     pub(crate) fn lookup(&self, rel: &Path) -> Result<Option<Known>> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT op, status, size, mtime_ns, inode, attempts, ctime_ns, error,
-                    output IS NOT NULL, CASE WHEN status = 'done' THEN digest END, {MADE_MTIME}
+            "SELECT op, {RECORD_COLUMNS}
              FROM files WHERE root=?1 AND path=?2 AND op IN (?3, ?4, ?5, ?6)"
         ))?;
         // A run has at most four ops (three hashes and a compressor): the others repeat one.
@@ -1174,13 +1170,28 @@ impl DoneRow {
     }
 }
 
-/// A `Record` of `op` from the columns status, size, mtime_ns, inode, attempts, ctime_ns,
-/// error, output IS NOT NULL, digest, `MADE_MTIME` starting at `first`.
+/// A `Record` of `op` from the columns `RECORD_COLUMNS`, starting at `first`. Each column is
+/// read once as it is stored (a rerun reads a row per file of the tree: rusqlite's typed
+/// `get` asked SQLite for each column's type and count again, and the error as a `String`).
 fn record_from_row(r: &rusqlite::Row<'_>, first: usize, op: OpKind) -> rusqlite::Result<Record> {
-    let size: Option<i64> = r.get(first + 1)?;
-    let mtime: Option<i64> = r.get(first + 2)?;
-    let inode: Option<i64> = r.get(first + 3)?;
-    let ctime: Option<i64> = r.get(first + 5)?;
+    use rusqlite::types::{FromSql, ValueRef};
+    let col = |i: usize| r.get_ref(first + i);
+    let int = |i: usize| -> rusqlite::Result<Option<i64>> {
+        match col(i)? {
+            ValueRef::Null => Ok(None),
+            ValueRef::Integer(n) => Ok(Some(n)),
+            other => Err(rusqlite::Error::FromSqlConversionFailure(
+                first + i,
+                other.data_type(),
+                "not an integer".into(),
+            )),
+        }
+    };
+    let status = col(0)?;
+    let status = FileStatus::column_result(status).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(first, status.data_type(), Box::new(e))
+    })?;
+    let (size, mtime, inode, ctime) = (int(1)?, int(2)?, int(3)?, int(5)?);
     let stamp = match (size, mtime, inode) {
         (Some(size), Some(mtime_ns), Some(inode)) => Some(Stamp {
             size: size as u64,
@@ -1190,21 +1201,29 @@ fn record_from_row(r: &rusqlite::Row<'_>, first: usize, op: OpKind) -> rusqlite:
         }),
         _ => None,
     };
-    let error: Option<String> = r.get(first + 6)?;
+    let done = status == FileStatus::Done;
+    let made_output = int(7)?.is_some_and(|n| n != 0);
     Ok(Record {
-        status: r.get(first)?,
+        status,
         stamp,
-        attempts: r.get(first + 4)?,
-        in_use: error.as_deref() == Some(Kind::InUse.as_str()),
-        made_output: r.get(first + 7)?,
-        // Not of the op's length (a row written by something else): none, to be computed.
-        // Not a blob, or not of the op's length (a row written by something else): none, to
-        // be computed (a TEXT digest failed the whole run: found by a review).
-        digest: match (r.get_ref(first + 8)?, op.hash()) {
-            (rusqlite::types::ValueRef::Blob(bytes), Some(algo)) => Digest::new(algo, bytes),
+        attempts: u32::try_from(int(4)?.unwrap_or(0)).unwrap_or(u32::MAX),
+        in_use: matches!(col(6)?, ValueRef::Text(e) if e == Kind::InUse.as_str().as_bytes()),
+        made_output,
+        // A done hash's digest, a blob of the op's length; any other (a row written by
+        // something else, or damaged) is none, and the file is read again (a TEXT digest
+        // failed the whole run: found by a review).
+        digest: match (col(8)?, op.hash()) {
+            (ValueRef::Blob(bytes), Some(algo)) if done => Digest::new(algo, bytes),
             _ => None,
         },
-        made_mtime: r.get(first + 9)?,
+        // The mtime of the version whose output filepipe made: a done row's own when it names
+        // an output (whatever `made_mtime_ns` holds: a filepipe from before the column
+        // rewrote the row without it), else what failures and skips kept.
+        made_mtime: if done {
+            mtime.filter(|_| made_output)
+        } else {
+            int(9)?
+        },
     })
 }
 

@@ -140,7 +140,14 @@ impl Source for Walk<'_> {
             let loading = std::thread::Builder::new()
                 .name("filepipe-state".into())
                 .spawn_scoped(s, move || {
-                    reader.known_under(Path::new("")).with_context(|| {
+                    let started = std::time::Instant::now();
+                    let known = reader.known_under(Path::new(""));
+                    tracing::debug!(
+                        files = known.as_ref().map_or(0, KnownMap::len),
+                        ms = started.elapsed().as_secs_f64() * 1e3,
+                        "state read"
+                    );
+                    known.with_context(|| {
                         let dir = cfg.incremental.as_ref().map(|i| i.state_dir.as_path());
                         let dir = dir.unwrap_or(Path::new("?")).display();
                         // Only a state that cannot be read at all gets here: a damaged one

@@ -132,8 +132,7 @@ impl KnownMap {
     }
 
     /// How many paths are still in.
-    #[cfg(test)]
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.iter().count()
     }
 
