@@ -357,3 +357,41 @@ impl Stamp {
         rustix::fs::lstat(path).ok().map(|st| Stamp::from_stat(&st))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    fn d(byte: u8) -> Digest {
+        Digest::new(HashAlgo::Sha256, &[byte; 32]).unwrap()
+    }
+
+    #[test]
+    fn an_unchanged_batch_gives_back_each_file_with_its_own_digests_in_order() {
+        let mut files = Unchanged::default();
+        assert!(files.is_empty() && files.iter().next().is_none());
+        files.push(Path::new("a/b"), &[d(1), d(2)]);
+        // A compressor alone lists no digest; a name that is not UTF-8 is bytes as ever.
+        files.push(Path::new("c"), &[]);
+        files.push(Path::new(OsStr::from_bytes(b"d/\xff\n")), &[d(3)]);
+        let got: Vec<(&[u8], Vec<u8>)> = files
+            .iter()
+            .map(|(name, ds)| {
+                (
+                    name,
+                    ds.iter().flat_map(|d| d.as_bytes()[..1].to_vec()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (&b"a/b"[..], vec![1, 2]),
+                (&b"c"[..], vec![]),
+                (&b"d/\xff\n"[..], vec![3]),
+            ]
+        );
+        assert_eq!(files.len(), 3);
+    }
+}

@@ -108,3 +108,44 @@ pub(crate) fn output_of(cfg: &Config, rel: &Path, done: &Done) -> Option<PathBuf
         .is_some_and(|n| n.kind == Kind::AlreadyCompressed);
     cfg.op.output_name(rel).filter(|_| !hashed_only)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::{Digest, HashAlgo};
+
+    /// A sink that keeps what it is given, as outcomes.
+    #[derive(Default)]
+    struct Kept(Vec<(PathBuf, Vec<Digest>, bool)>);
+
+    impl Sink for Kept {
+        fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
+            if let Outcome::Done { rel, done } = outcome {
+                self.0
+                    .push((rel.clone(), done.digests.clone(), done.unchanged));
+            }
+            Ok(Disposition::Final)
+        }
+
+        fn finish(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_sink_without_its_own_way_gets_unchanged_files_as_outcomes_done_unread() {
+        let d = Digest::new(HashAlgo::Sha256, &[7; 32]).unwrap();
+        let mut files = Unchanged::default();
+        files.push(Path::new("x/y"), &[d]);
+        files.push(Path::new("z"), &[]);
+        let mut sink = Kept::default();
+        sink.unchanged(&files).unwrap();
+        assert_eq!(
+            sink.0,
+            [
+                (PathBuf::from("x/y"), vec![d], true),
+                (PathBuf::from("z"), vec![], true)
+            ]
+        );
+    }
+}
