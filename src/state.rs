@@ -24,6 +24,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{bail, Context, Result};
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use rustix::io::Errno;
 
@@ -756,30 +757,32 @@ impl State {
     ) -> Result<u32> {
         self.write_done()?;
         let path = rel.as_os_str().as_bytes();
-        let op = op.as_str();
-        type Previous = (u32, Option<i64>, Option<i64>, Option<String>);
-        let previous: Option<Previous> = self
+        // Read as the reader reads rows (`record_from_row`): one with a cell of the wrong
+        // type is as good as none, and is rewritten whole here. Read strictly, it stopped the
+        // run at the first failure of a file whose row the reader had taken for none (found
+        // by a review).
+        let previous = self
             .conn
-            .prepare_cached(
-                "SELECT attempts, size, mtime_ns, error FROM files
-                 WHERE root=?1 AND op=?2 AND path=?3",
-            )?
-            .query_row(params![self.root, op, path], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM files WHERE root=?1 AND op=?2 AND path=?3"
+            ))?
+            .query_row(params![self.root, op.as_str(), path], |r| {
+                record_from_row(r, 0, op)
             })
-            .optional()?;
-        let same_file = previous.as_ref().is_some_and(|(_, size, mtime, _)| {
-            stamp.is_some_and(|s| Some(s.size as i64) == *size && Some(s.mtime_ns) == *mtime)
+            .optional()?
+            .flatten();
+        let op = op.as_str();
+        let same_file = previous.as_ref().and_then(|p| p.stamp).is_some_and(|was| {
+            stamp.is_some_and(|s| s.size == was.size && s.mtime_ns == was.mtime_ns)
         });
-        let in_use = Some(Kind::InUse.as_str());
         // Waiting for a file in use goes on counting (its backoff grows) even as the file
         // changes; it does not spend the attempts of another failure after it.
         let attempts = match previous {
-            Some((a, _, _, err))
-                if (e.kind == Kind::InUse) == (err.as_deref() == in_use)
+            Some(p)
+                if (e.kind == Kind::InUse) == p.in_use
                     && (same_file || stamp.is_none() || e.kind == Kind::InUse) =>
             {
-                a + 1
+                p.attempts.saturating_add(1)
             }
             _ => 1,
         };
@@ -801,8 +804,9 @@ impl State {
                message = excluded.message, attempts = excluded.attempts,
                updated = excluded.updated, ctime_ns = excluded.ctime_ns,
                made_mtime_ns = CASE WHEN files.status = 'done' THEN
-                   (CASE WHEN files.output IS NOT NULL THEN files.mtime_ns END)
-                   ELSE files.made_mtime_ns END",
+                   (CASE WHEN files.output IS NOT NULL
+                              AND typeof(files.mtime_ns) = 'integer' THEN files.mtime_ns END)
+                   WHEN typeof(files.made_mtime_ns) = 'integer' THEN files.made_mtime_ns END",
         )?;
         stmt.execute(params![
             self.root,
@@ -1094,10 +1098,11 @@ impl Reader {
                 // Pushed as read and indexed once at the end, at its size (see `known`).
                 let mut first = known::Builder::default();
                 while let Some(r) = rows.next()? {
-                    first.push(
-                        r.get_ref(0)?.as_blob()?,
-                        Known::of(op, record_from_row(r, 1, op)?, wanted),
-                    );
+                    let path = r.get_ref(0)?.as_blob()?;
+                    match record_from_row(r, 1, op)? {
+                        Some(record) => first.push(path, Known::of(op, record, wanted)),
+                        None => damaged_row(path, op),
+                    }
                 }
                 out = first.build();
                 continue;
@@ -1105,7 +1110,10 @@ impl Reader {
             // The other ops' rows mostly join a file already in the map.
             while let Some(r) = rows.next()? {
                 let bytes = r.get_ref(0)?.as_blob()?;
-                let record = record_from_row(r, 1, op)?;
+                let Some(record) = record_from_row(r, 1, op)? else {
+                    damaged_row(bytes, op);
+                    continue;
+                };
                 match out.get_mut_bytes(bytes) {
                     Some(known) => known.add(op, record),
                     None => out.insert(bytes, Known::of(op, record, wanted)),
@@ -1135,9 +1143,14 @@ impl Reader {
             ],
             |r| {
                 let name = r.get_ref(0)?.as_str()?;
-                let op = self.ops.iter().find(|k| k.as_str() == name).copied();
-                op.map(|op| Ok((op, record_from_row(r, 1, op)?)))
-                    .transpose()
+                let Some(op) = self.ops.iter().find(|k| k.as_str() == name).copied() else {
+                    return Ok(None);
+                };
+                let record = record_from_row(r, 1, op)?;
+                if record.is_none() {
+                    damaged_row(rel.as_os_str().as_bytes(), op);
+                }
+                Ok(record.map(|record| (op, record)))
             },
         )?;
         let mut known: Option<Known> = None;
@@ -1170,27 +1183,42 @@ impl DoneRow {
     }
 }
 
-/// A `Record` of `op` from the columns `RECORD_COLUMNS`, starting at `first`. Each column is
-/// read once as it is stored (a rerun reads a row per file of the tree: rusqlite's typed
-/// `get` asked SQLite for each column's type and count again, and the error as a `String`).
-fn record_from_row(r: &rusqlite::Row<'_>, first: usize, op: OpKind) -> rusqlite::Result<Record> {
-    use rusqlite::types::{FromSql, ValueRef};
-    let col = |i: usize| r.get_ref(first + i);
-    let int = |i: usize| -> rusqlite::Result<Option<i64>> {
-        match col(i)? {
-            ValueRef::Null => Ok(None),
-            ValueRef::Integer(n) => Ok(Some(n)),
-            other => Err(rusqlite::Error::FromSqlConversionFailure(
-                first + i,
-                other.data_type(),
-                "not an integer".into(),
-            )),
-        }
+/// A `Record` of `op` from the columns `RECORD_COLUMNS`, starting at `first`; `None` for a
+/// row with a cell of another type than its column's, or out of its range (written by hand,
+/// or damaged). Such a row is as good as none: its file is read again and the row rewritten
+/// whole, where one such cell stopped the whole run (found by a review), as a damaged digest
+/// already did not. Each cell is read once, as stored (a rerun reads a row per file of the
+/// tree: rusqlite's typed `get` asked SQLite for each column's type and count again).
+fn record_from_row(
+    r: &rusqlite::Row<'_>,
+    first: usize,
+    op: OpKind,
+) -> rusqlite::Result<Option<Record>> {
+    let mut cells = [ValueRef::Null; 10];
+    for (i, cell) in cells.iter_mut().enumerate() {
+        *cell = r.get_ref(first + i)?;
+    }
+    Ok(decode_record(&cells, op))
+}
+
+/// An integer cell: `Some(None)` if NULL, `None` if of another type.
+fn int_cell(cell: ValueRef<'_>) -> Option<Option<i64>> {
+    match cell {
+        ValueRef::Null => Some(None),
+        ValueRef::Integer(n) => Some(Some(n)),
+        _ => None,
+    }
+}
+
+/// See `record_from_row`.
+fn decode_record(cells: &[ValueRef<'_>; 10], op: OpKind) -> Option<Record> {
+    let int = |i: usize| int_cell(cells[i]);
+    let status = match cells[0] {
+        ValueRef::Text(b"done") => FileStatus::Done,
+        ValueRef::Text(b"skipped") => FileStatus::Skipped,
+        ValueRef::Text(b"failed") => FileStatus::Failed,
+        _ => return None,
     };
-    let status = col(0)?;
-    let status = FileStatus::column_result(status).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(first, status.data_type(), Box::new(e))
-    })?;
     let (size, mtime, inode, ctime) = (int(1)?, int(2)?, int(3)?, int(5)?);
     let stamp = match (size, mtime, inode) {
         (Some(size), Some(mtime_ns), Some(inode)) => Some(Stamp {
@@ -1203,16 +1231,21 @@ fn record_from_row(r: &rusqlite::Row<'_>, first: usize, op: OpKind) -> rusqlite:
     };
     let done = status == FileStatus::Done;
     let made_output = int(7)?.is_some_and(|n| n != 0);
-    Ok(Record {
+    let in_use = match cells[6] {
+        ValueRef::Null => false,
+        ValueRef::Text(e) => e == Kind::InUse.as_str().as_bytes(),
+        _ => return None,
+    };
+    Some(Record {
         status,
         stamp,
-        attempts: u32::try_from(int(4)?.unwrap_or(0)).unwrap_or(u32::MAX),
-        in_use: matches!(col(6)?, ValueRef::Text(e) if e == Kind::InUse.as_str().as_bytes()),
+        // As the writer counts them (`State::not_done_as`): from 0, within a u32.
+        attempts: u32::try_from(int(4)?.unwrap_or(0)).ok()?,
+        in_use,
         made_output,
         // A done hash's digest, a blob of the op's length; any other (a row written by
-        // something else, or damaged) is none, and the file is read again (a TEXT digest
-        // failed the whole run: found by a review).
-        digest: match (col(8)?, op.hash()) {
+        // something else, or damaged) is none, and the file is read again (`Record::whole`).
+        digest: match (cells[8], op.hash()) {
             (ValueRef::Blob(bytes), Some(algo)) if done => Digest::new(algo, bytes),
             _ => None,
         },
@@ -1225,6 +1258,21 @@ fn record_from_row(r: &rusqlite::Row<'_>, first: usize, op: OpKind) -> rusqlite:
             int(9)?
         },
     })
+}
+
+/// Says, once a run, that the state has a row it cannot use (`record_from_row`), naming the
+/// first: its file is read again, and the row rewritten once it is.
+fn damaged_row(path: &[u8], op: OpKind) {
+    static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        let path = String::from_utf8_lossy(path);
+        tracing::warn!(
+            path = %path,
+            op = op.as_str(),
+            "the state has a row with a value of the wrong type (written by hand, or damaged): \
+             its file is read again and the row rewritten (said once a run)"
+        );
+    }
 }
 
 /// True for failures worth retrying later: the file was busy or the disk was full.
@@ -1523,6 +1571,60 @@ mod tests {
         let listed = st.digests(HashAlgo::Sha256).unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].0, b"good");
+    }
+
+    /// A row with a cell of the wrong type, or out of its range, is as good as none: its file
+    /// is read again (not settled, not in the map) and its row rewritten whole by the writer,
+    /// not the whole run stopped, by the reader or by the writer's read of it on the file's
+    /// next failure (both found by a review).
+    #[test]
+    fn a_row_with_a_cell_of_the_wrong_type_is_as_good_as_none_to_the_reader_and_the_writer() {
+        let (_dir, mut st, reader) = open_state();
+        let s = stamp_a();
+        let damage = [
+            ("status", "'finished'"),
+            ("status", "X'646f6e65'"),
+            ("size", "'abc'"),
+            ("mtime_ns", "1.5"),
+            ("inode", "X'00'"),
+            ("ctime_ns", "'x'"),
+            ("attempts", "-1"),
+            ("attempts", "1099511627776"),
+            ("error", "X'696e2d757365'"),
+            ("made_mtime_ns", "'yesterday'"),
+        ];
+        let name = |i: usize| format!("f{i}");
+        st.begin().unwrap();
+        st.done(Path::new("good"), S, Some(s), None, Some(&d(1)))
+            .unwrap();
+        let e = FileError::new(Kind::PermissionDenied, "no");
+        for i in 0..damage.len() {
+            st.not_done(Path::new(&name(i)), FileStatus::Failed, Some(s), &e)
+                .unwrap();
+        }
+        st.commit().unwrap();
+        for (i, (column, value)) in damage.iter().enumerate() {
+            st.conn
+                .execute(
+                    &format!("UPDATE files SET {column} = {value} WHERE path = ?1"),
+                    [name(i).as_bytes()],
+                )
+                .unwrap();
+        }
+        let known = reader.known_under(Path::new("")).unwrap();
+        assert!(known[Path::new("good")].settled(Some(s)));
+        for (i, damaged) in damage.iter().enumerate() {
+            let rel = PathBuf::from(name(i));
+            assert!(known.get(&rel).is_none(), "{damaged:?}");
+            assert!(reader.lookup(&rel).unwrap().is_none(), "{damaged:?}");
+            // Failing again, it is counted from the start and its row rewritten whole.
+            st.begin().unwrap();
+            let attempts = st.not_done(&rel, FileStatus::Failed, Some(s), &e).unwrap();
+            st.commit().unwrap();
+            assert_eq!(attempts, 1, "{damaged:?}");
+            let again = reader.lookup(&rel).unwrap().unwrap();
+            assert_eq!(again.record(S).map(|r| r.attempts), Some(1), "{damaged:?}");
+        }
     }
 
     #[test]
