@@ -214,9 +214,9 @@ pub(crate) fn run(
                     }));
                 }
                 guard(taken);
-                // Not among the files since a flush: their rows are left as they are, and a
-                // failed flush loses nothing of theirs (they were counted as unrecorded: found
-                // by a review).
+                // Not added to `since_flush`: their rows are left as they are, and a failed
+                // flush loses nothing of theirs (they were counted as unrecorded: found by a
+                // review).
                 meter.unchanged(files.len());
                 summary.count_unchanged(files.len() as u64, &mut progress);
                 unflushed = true;

@@ -86,10 +86,11 @@ const SPLIT_SPARE: usize = 32;
 /// A split walk's walkers hand what they find to the walk's thread this many entries at a time.
 const FOUND_CHUNK: usize = 256;
 
-/// How many chunks each walker may have waiting for the walk's thread (4,096 entries of 160
-/// bytes and their paths: under a megabyte a walker). When the state is read, the walk's thread takes every file found
-/// before then (`settle`), on its own: with one chunk each, the walkers then all waited on it
-/// (about 25 ms each, of an unchanged rerun's 120), and the two cores had one thread to run.
+/// How many chunks each walker may have waiting for the walk's thread: 4,096 entries of 160
+/// bytes and their two paths, about a megabyte a walker. When the state is read, the walk's
+/// thread takes every file found before then (`settle`) on its own: with one chunk each, the
+/// walkers then all waited on it (about 25 ms each, of an unchanged rerun's 120), and the two
+/// cores had one thread to run.
 const FOUND_CHUNKS_PER_WALKER: usize = 16;
 
 /// What a scan finds.
