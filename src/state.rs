@@ -857,9 +857,17 @@ impl State {
             let status = stmt
                 .query_row(
                     params![self.root, op.as_str(), rel.as_os_str().as_bytes()],
-                    |r| r.get::<_, FileStatus>(0),
+                    // A status that is none of filepipe's (a damaged row) is none, as the
+                    // reader has it (`record_from_row`).
+                    |r| {
+                        Ok(
+                            <FileStatus as rusqlite::types::FromSql>::column_result(r.get_ref(0)?)
+                                .ok(),
+                        )
+                    },
                 )
-                .optional()?;
+                .optional()?
+                .flatten();
             worst = match (worst, status) {
                 (Some(FileStatus::Failed), _) | (_, Some(FileStatus::Failed)) => {
                     Some(FileStatus::Failed)
