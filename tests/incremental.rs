@@ -1989,6 +1989,17 @@ fn a_state_that_is_no_database_is_left_and_the_error_says_to_move_it_aside() {
     assert_eq!(fs::read(state.join("filepipe.sqlite")).unwrap(), junk);
 }
 
+/// The summary of a run the state's full disk stopped says so (`err`: its stderr, for the
+/// message should it not).
+fn assert_stopped_by_a_full_state(sum: &serde_json::Value, err: &str) {
+    assert!(
+        sum["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot write the state database")),
+        "{sum}\n{err}"
+    );
+}
+
 /// A rerun whose state's disk fills counts as not recorded only the files it had to record:
 /// the unchanged ones' rows stand as they were, and it counted them too (1,976 "not recorded"
 /// of a rerun that changed 10 files: found by a review).
@@ -2026,12 +2037,7 @@ dd if=/dev/zero of="$mnt/fill" bs=4096 count=$((avail - 12)) 2>/dev/null
         _ => {}
     }
     let sum = out.code(1).summary();
-    assert!(
-        sum["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("cannot write the state database")),
-        "{sum}"
-    );
+    assert_stopped_by_a_full_state(&sum, "");
     assert_eq!(
         (sum["done"].as_u64(), sum["unchanged"].as_u64()),
         (Some(2000), Some(1990)),
@@ -2071,12 +2077,7 @@ fn a_state_database_that_fills_its_disk_stops_the_run_with_the_error_not_a_panic
     let err = out.stderr();
     assert!(!err.contains("panicked"), "{err}");
     let sum = out.code(1).summary();
-    assert!(
-        sum["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("cannot write the state database")),
-        "{sum}\n{err}"
-    );
+    assert_stopped_by_a_full_state(&sum, &err);
     // What the state lacks is said: taken again at the next run.
     assert_unrecorded_is_what_the_state_lacks(&t, &sum);
 }

@@ -131,7 +131,8 @@ impl KnownMap {
         self.entries[i].known.take()
     }
 
-    /// How many paths are still in.
+    /// How many paths are still in, counted (a pass over the entries: for the tests and the
+    /// debug log, not the hot path).
     pub(crate) fn len(&self) -> usize {
         self.iter().count()
     }
