@@ -1690,9 +1690,19 @@ mod tests {
     #[test]
     fn a_split_walk_stops_when_its_thread_stops_taking_entries_or_on_shutdown() {
         let tmp = tempfile::tempdir().unwrap();
-        for i in 0..40 {
-            for k in 0..250 {
-                std::fs::write(root_file(tmp.path(), &format!("d{i}/f{k}")), b"x").unwrap();
+        // More files than can be in flight when the walkers see the shutdown (below), so a walk
+        // that went on regardless would be caught.
+        let in_flight = (1 + WALKERS * (FOUND_CHUNKS_PER_WALKER + 1)) * FOUND_CHUNK;
+        let (dirs, per_dir) = (64, 400);
+        assert!(dirs * per_dir > 10 + in_flight);
+        // Links to one file: as many regular files to the walk, at a fraction of the cost.
+        let one = tmp.path().join("one");
+        std::fs::write(&one, b"x").unwrap();
+        for i in 0..dirs {
+            let dir = tmp.path().join(format!("d{i}"));
+            std::fs::create_dir(&dir).unwrap();
+            for k in 0..per_dir {
+                std::fs::hard_link(&one, dir.join(format!("f{k}"))).unwrap();
             }
         }
         let cfg = config(tmp.path(), &[]);
@@ -1712,9 +1722,9 @@ mod tests {
             }
             true
         });
-        // What was found before the walkers saw the shutdown, not the 10,000 files: no more
-        // than the chunk being taken, those in the channel, and one more from each walker.
-        let in_flight = (1 + 2 * WALKERS) * FOUND_CHUNK;
+        // What was found before the walkers saw the shutdown, not the whole tree: no more than
+        // the chunk being taken, those in the channel (`FOUND_CHUNKS_PER_WALKER` a walker), and
+        // one more from each walker.
         assert!((10..=10 + in_flight).contains(&files), "{files} files");
     }
 
