@@ -26,23 +26,33 @@ pub(crate) const STDIN_NAMED: &[u8] = b"./-";
 
 /// Writes one manifest line for `name` (the path's raw bytes).
 pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io::Result<()> {
+    let mut line = Vec::with_capacity(LINE_ROOM + name.len());
+    push_line(&mut line, digest, name);
+    w.write_all(&line)
+}
+
+/// Room for a line's digest (128 hex digits at most), separator, escape and newline.
+const LINE_ROOM: usize = 136;
+
+/// Appends one manifest line for `name` (the path's raw bytes) to `out`: what `write_line`
+/// writes, for a writer that formats many lines at once and in parallel.
+pub(crate) fn push_line(out: &mut Vec<u8>, digest: &Digest, name: &[u8]) {
     // Needs no escape either way.
     let name = if name == STDIN { STDIN_NAMED } else { name };
-    // Most names need no escape: written as they are, without a copy.
-    let shown;
     // An escaped name is longer than the name; its leading backslash goes before the digest,
-    // where GNU and b3sum look for it.
-    let name = if needs_escape(name) {
-        shown = shown_name(name);
-        w.write_all(b"\\")?;
-        &shown[1..]
+    // where GNU and b3sum look for it. Most names need none: copied as they are.
+    if needs_escape(name) {
+        let shown = shown_name(name);
+        out.push(b'\\');
+        out.extend_from_slice(digest.hex_into(&mut [0; 128]));
+        out.extend_from_slice(b"  ");
+        out.extend_from_slice(&shown[1..]);
     } else {
-        name
-    };
-    w.write_all(digest.hex_into(&mut [0; 128]))?;
-    w.write_all(b"  ")?;
-    w.write_all(name)?;
-    w.write_all(b"\n")
+        out.extend_from_slice(digest.hex_into(&mut [0; 128]));
+        out.extend_from_slice(b"  ");
+        out.extend_from_slice(name);
+    }
+    out.push(b'\n');
 }
 
 /// `name` as a manifest line shows it (and sha256sum -c its result): escaped, with a leading

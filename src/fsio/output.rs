@@ -1759,7 +1759,7 @@ impl std::io::Write for WriteBehind<'_> {
 /// Asks the kernel to start writing `file`'s dirty pages back. Only a hint
 /// (SYNC_FILE_RANGE_WRITE does not wait and promises nothing): durability still comes from an
 /// fsync. Errors are ignored for the same reason; the fsync reports them.
-fn start_writeback(file: &File) {
+pub(crate) fn start_writeback(file: &File) {
     let _ = sync_file_range(file, libc::SYNC_FILE_RANGE_WRITE);
 }
 

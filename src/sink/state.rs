@@ -126,11 +126,10 @@ impl<'a> StateSink<'a> {
         let cfg = self.cfg;
         for &algo in cfg.spec.hashes() {
             let digests = self.state.digests(algo)?;
-            let lines = digests
-                .iter()
-                .filter(|(p, _)| selected(cfg, p))
-                .map(|(p, d)| (p.as_slice(), d));
-            if let Err(e) = manifest::write_manifest(self.cfg, algo, lines) {
+            let written = manifest::write_manifest(self.cfg, algo, &digests, |(p, d)| {
+                selected(cfg, p).then_some((p.as_slice(), d))
+            });
+            if let Err(e) = written {
                 self.manifest_failed(&e);
                 return Ok(());
             }
