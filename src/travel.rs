@@ -99,6 +99,20 @@ pub(crate) struct Job {
     pub(crate) only: Option<Box<Only>>,
 }
 
+impl Job {
+    /// The job of the file at `abs`, `rel` beneath the root: all of it, nothing expected of it.
+    pub(crate) fn new(abs: PathBuf, rel: PathBuf) -> Job {
+        Job {
+            abs,
+            rel,
+            replace: false,
+            expect: None,
+            redelivered: None,
+            only: None,
+        }
+    }
+}
+
 /// Most jobs in one message.
 pub(crate) const BATCH_FILES: usize = 64;
 /// Most input bytes in one message; a larger file is sent on its own.

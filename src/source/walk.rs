@@ -95,9 +95,11 @@ const FOUND_CHUNKS_PER_WALKER: usize = 16;
 
 /// What a scan finds.
 pub(crate) enum Found {
-    /// A regular file to process, with its size, mtime and inode from the walk's lstat (absent
-    /// if it vanished in between).
-    File(Job, Option<Stamp>),
+    /// A regular file to process, by its path relative to the root, with its size, mtime and
+    /// inode from the walk's lstat (absent if it vanished in between). Its `Job` is made only
+    /// if it goes to a worker: an unchanged file of an incremental walk never needs its
+    /// absolute path, and 50,000 of them waited for the state twice as large with one.
+    File(PathBuf, Option<Stamp>),
     /// A directory, handed on after it was opened and before it is listed: a watcher that
     /// watches it here sees every entry either in the listing or as an event. (Not so from a
     /// split walk, whose entries arrive in chunks: no watcher uses one.)
@@ -194,26 +196,35 @@ impl Feed<'_, '_> {
             .add(job, stamp.map_or(0, |s| s.size), self.out.jobs)
     }
 
+    /// The job of the file at `rel`.
+    fn job(&self, rel: PathBuf) -> Job {
+        Job::new(self.cfg.root.join(&rel), rel)
+    }
+
     /// A file the state may know (`map`): reported from the state if unchanged, else sent to
     /// the workers. False if the run is stopping.
-    fn take(&mut self, map: &mut KnownMap, mut job: Job, stamp: Option<Stamp>) -> bool {
-        let was = map.remove(&job.rel);
-        job.replace = was
+    fn take(&mut self, map: &mut KnownMap, rel: PathBuf, stamp: Option<Stamp>) -> bool {
+        let was = map.remove(&rel);
+        let replace = was
             .as_ref()
-            .is_some_and(|k| recorded::replaces(self.cfg, k, &job.rel, stamp));
-        let digests = match was.map(|k| recorded::lacks(self.cfg, &k, &job.rel, stamp)) {
-            Some(Lacks::Nothing(digests)) => digests,
-            Some(Lacks::Part(only)) => {
-                job.only = Some(Box::new(only));
-                return self.work(job, stamp);
+            .is_some_and(|k| recorded::replaces(self.cfg, k, &rel, stamp));
+        let only = match was.map(|k| recorded::lacks(self.cfg, &k, &rel, stamp)) {
+            Some(Lacks::Nothing(digests)) => {
+                // Not read: its bytes are no part of this run's work.
+                let size = stamp.map_or(0, |s| s.size);
+                self.out.stats.bytes.fetch_sub(size, Ordering::Relaxed);
+                self.unchanged.push(&rel, &digests);
+                return self.unchanged.len() < UNCHANGED_BATCH || self.send_unchanged();
             }
-            Some(Lacks::All) | None => return self.work(job, stamp),
+            Some(Lacks::Part(only)) => Some(Box::new(only)),
+            Some(Lacks::All) | None => None,
         };
-        // Not read: its bytes are no part of this run's work.
-        let size = stamp.map_or(0, |s| s.size);
-        self.out.stats.bytes.fetch_sub(size, Ordering::Relaxed);
-        self.unchanged.push(&job.rel, &digests);
-        self.unchanged.len() < UNCHANGED_BATCH || self.send_unchanged()
+        let job = Job {
+            replace,
+            only,
+            ..self.job(rel)
+        };
+        self.work(job, stamp)
     }
 
     /// Sends the unchanged files waiting. False if the reporter is gone.
@@ -232,7 +243,7 @@ impl Feed<'_, '_> {
 /// Files an incremental walk found before the state was read: they wait for it.
 #[derive(Default)]
 struct Waiting {
-    files: Vec<(Job, Option<Stamp>)>,
+    files: Vec<(PathBuf, Option<Stamp>)>,
     /// Entries reported by the walk itself: out of the map, so they are not taken as gone.
     reported: Vec<PathBuf>,
 }
@@ -259,8 +270,8 @@ fn settle(
         map.remove(&rel);
     }
     let mut going = true;
-    for (job, stamp) in waiting.files.drain(..) {
-        going = going && feed.take(&mut map, job, stamp);
+    for (rel, stamp) in waiting.files.drain(..) {
+        going = going && feed.take(&mut map, rel, stamp);
     }
     *known = Some(Recorded::Ready(map));
     Ok(going)
@@ -314,10 +325,13 @@ fn walk<'s>(
             return false;
         }
         let sent = match (found, &mut known) {
-            (Found::File(job, stamp), None) => feed.work(job, stamp),
-            (Found::File(job, stamp), Some(Recorded::Ready(map))) => feed.take(map, job, stamp),
-            (Found::File(job, stamp), Some(Recorded::Loading(_))) => {
-                waiting.files.push((job, stamp));
+            (Found::File(rel, stamp), None) => {
+                let job = feed.job(rel);
+                feed.work(job, stamp)
+            }
+            (Found::File(rel, stamp), Some(Recorded::Ready(map))) => feed.take(map, rel, stamp),
+            (Found::File(rel, stamp), Some(Recorded::Loading(_))) => {
+                waiting.files.push((rel, stamp));
                 true
             }
             (Found::Dir(_), _) => true,
@@ -821,7 +835,7 @@ fn classify(
             let reason = link_reason(cfg, root, &rel);
             report(Outcome::Skipped { rel, reason })
         }
-        FileType::RegularFile => file(cfg, dir, name, path, rel, lstat, stats),
+        FileType::RegularFile => file(cfg, dir, name, rel, lstat, stats),
         other => report(special(rel, other)),
     }
 }
@@ -915,7 +929,7 @@ fn follow_link(
         // One of filepipe's own files (the state's database, a manifest) by another path.
         FileType::RegularFile if cfg.is_own_followed(&fd, &st) => report(own_link(rel)),
         // Stat'ed through the link, beneath the root: the file the worker's open will find.
-        FileType::RegularFile => file(cfg, dir, name, path, rel, Some(st), stats),
+        FileType::RegularFile => file(cfg, dir, name, rel, Some(st), stats),
         other => report(special(rel, other)),
     }
 }
@@ -946,7 +960,6 @@ fn file(
     cfg: &Config,
     dir: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
-    path: PathBuf,
     rel: PathBuf,
     st: Option<rfs::Stat>,
     stats: &Stats,
@@ -986,15 +999,7 @@ fn file(
         .bytes
         .fetch_add(stamp.map_or(0, |s| s.size), Ordering::Relaxed);
     stats.files.fetch_add(1, Ordering::Relaxed);
-    let job = Job {
-        abs: path,
-        rel,
-        replace: false,
-        expect: None,
-        redelivered: None,
-        only: None,
-    };
-    Classified::Found(Found::File(job, stamp))
+    Classified::Found(Found::File(rel, stamp))
 }
 
 /// Jobs waiting to be sent together (filled by `BatchFill`'s rule).
@@ -1354,8 +1359,8 @@ mod tests {
         let mut out = Vec::new();
         let (stats, shutdown) = (Stats::default(), Shutdown::default());
         scan(cfg, &cfg.root, &stats, &shutdown, &mut |f| {
-            if let Found::File(job, stamp) = f {
-                out.push((job.rel, stamp));
+            if let Found::File(rel, stamp) = f {
+                out.push((rel, stamp));
             }
             true
         });
@@ -1431,7 +1436,7 @@ mod tests {
         scan(&cfg, &cfg.root, &stats, &shutdown, &mut |f| {
             match f {
                 Found::Dir(d) => dirs_seen.push(d),
-                Found::File(job, _) => {
+                Found::File(rel, _) => {
                     if files.is_empty() {
                         // The root is listed already: every directory not walked yet becomes
                         // a link to a directory outside the tree.
@@ -1444,7 +1449,7 @@ mod tests {
                             }
                         }
                     }
-                    files.push(job.rel);
+                    files.push(rel);
                 }
                 Found::Report(Outcome::Skipped { rel, reason }) => {
                     assert_eq!(reason.kind, Kind::Symlink, "{rel:?}: {reason:?}");
@@ -1487,18 +1492,18 @@ mod tests {
         let (stats, shutdown) = (Stats::default(), Shutdown::default());
         let mut seen = Vec::new();
         scan(&cfg, &cfg.root, &stats, &shutdown, &mut |f| {
-            if let Found::File(job, stamp) = f {
+            if let Found::File(rel, stamp) = f {
                 if seen.is_empty() {
                     // The directory is listed already: swap every other file for a link.
                     for i in 0..10 {
                         let p = cfg.root.join(format!("f{i}"));
-                        if p != job.abs {
+                        if p != cfg.root.join(&rel) {
                             std::fs::remove_file(&p).unwrap();
                             symlink(&outside, &p).unwrap();
                         }
                     }
                 }
-                seen.push((job.abs, stamp));
+                seen.push((cfg.root.join(rel), stamp));
             }
             true
         });
@@ -1513,7 +1518,7 @@ mod tests {
     /// What a walk hands on, as comparable lines: the path relative to the root, and what it is.
     fn found_line(found: Found, root: &Path) -> (PathBuf, String) {
         match found {
-            Found::File(job, stamp) => (job.rel, format!("file {stamp:?}")),
+            Found::File(rel, stamp) => (rel, format!("file {stamp:?}")),
             Found::Dir(dir) => (rel_under(root, &dir).to_path_buf(), "dir".into()),
             Found::Report(Outcome::Skipped { rel, reason }) => (rel, format!("skipped {reason:?}")),
             Found::Report(Outcome::Failed { rel, error }) => (rel, format!("failed {error:?}")),

@@ -598,8 +598,8 @@ impl Watcher<'_> {
         let now = Instant::now();
         for f in found {
             match f {
-                Found::File(job, stamp) => {
-                    let was = known.remove(&job.rel);
+                Found::File(rel, stamp) => {
+                    let was = known.remove(&rel);
                     // A settled file whose output went while nobody watched (filepipe down,
                     // or events lost) is taken, to make it again as a batch would. Not at a
                     // poll: it would look for every output every few seconds.
@@ -608,17 +608,17 @@ impl Watcher<'_> {
                     let settled = was.is_some_and(|k| {
                         k.settled(stamp)
                             && (lost == Lost::Unseen
-                                || !recorded::output_gone(cfg, &k, &job.rel, stamp))
+                                || !recorded::output_gone(cfg, &k, &rel, stamp))
                             && !(k.any_done() && recorded::over_max_size(cfg, stamp))
                     });
                     // The walk applied the filters and skipped filepipe's own files.
-                    if settled || self.not_taken(&job.rel) {
-                        if !settled && self.writer_temp(&job.rel) {
-                            self.temps.found(&job.rel, stamp, now);
+                    if settled || self.not_taken(&rel) {
+                        if !settled && self.writer_temp(&rel) {
+                            self.temps.found(&rel, stamp, now);
                         }
                         continue;
                     }
-                    self.found(job.rel, stamp, lost, now);
+                    self.found(rel, stamp, lost, now);
                 }
                 Found::Report(outcome) => {
                     let rel = match &outcome {
