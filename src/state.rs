@@ -86,7 +86,7 @@ impl DirLock {
 /// Takes the state directory `dir` (an existing, canonical path) for this process, or says
 /// which process holds it.
 pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
-    use std::io::{Read, Seek, Write};
+    use std::io::Read;
     static HELD: Mutex<Vec<Weak<DirLock>>> = Mutex::new(Vec::new());
     let mut held = HELD
         .lock()
@@ -96,7 +96,7 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
         return Ok(mine);
     }
     let path = dir.join(LOCK_NAME);
-    let mut file = std::fs::File::options()
+    let file = std::fs::File::options()
         .read(true)
         .write(true)
         .create(true)
@@ -136,9 +136,11 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
         host.nodename().to_string_lossy(),
         crate::logging::utc_now()
     );
-    file.set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| file.write_all(who.as_bytes()))
+    // Written over what was there, then cut to its length: emptied first, the file gave its
+    // block back and took one again at every start, and where the file system discards freed
+    // blocks (`-o discard`) the truncate waited for the device.
+    std::os::unix::fs::FileExt::write_all_at(&file, who.as_bytes(), 0)
+        .and_then(|()| file.set_len(who.len() as u64))
         .with_context(|| format!("cannot write {}", path.display()))?;
     let lock = Arc::new(DirLock {
         file,
