@@ -898,6 +898,13 @@ impl Config {
                 );
             }
         }
+        if args.manifest.as_deref() == Some(Path::new("-")) {
+            // sha256sum's and tar's users read `-` as stdout; filepipe wrote a file named `-`.
+            bail!(
+                "--manifest -: a batch prints its manifest on stdout when --manifest is left out; \
+                 to write a file named -, give ./-"
+            );
+        }
         let manifest = args.manifest.as_deref().map(absolute_file).transpose()?;
         let manifests: Vec<PathBuf> = spec
             .hashes()

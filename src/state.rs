@@ -110,7 +110,9 @@ pub(crate) fn lock_dir(dir: &Path) -> Result<Arc<DirLock>> {
         Err(Errno::AGAIN) => {
             let mut holder = String::new();
             let _ = (&file).take(4096).read_to_string(&mut holder);
-            let holder = holder.trim();
+            // Its first line: a holder writes its line over the last one's, then cuts the
+            // file, and between the two the last one's end still follows it.
+            let holder = holder.lines().next().unwrap_or("").trim();
             bail!(
                 "the state directory {} is in use by {}: one state belongs to one process (a \
                  watch daemon or an incremental batch); stop that one first, or give this one \
@@ -1487,6 +1489,22 @@ mod tests {
         );
         drop((a, b));
         fslock::lock(&other, LockKind::Read, false).unwrap();
+    }
+
+    #[test]
+    fn a_holder_caught_between_its_write_and_its_cut_is_named_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        // Another process's lock, its line written over a longer one and not cut yet.
+        std::fs::write(&path, "filepipe pid 7 on b (started T)\nname (started U)\n").unwrap();
+        let other = std::fs::File::options().write(true).open(&path).unwrap();
+        fslock::lock(&other, LockKind::Write, false).unwrap();
+        let e = format!("{:#}", lock_dir(dir.path()).err().unwrap());
+        assert!(
+            e.contains("in use by filepipe pid 7 on b (started T): one state"),
+            "{e}"
+        );
+        assert!(!e.contains("(started U)"), "{e}");
     }
 
     #[test]

@@ -107,6 +107,28 @@ fn sha256_manifest_on_stdout_matches_file_manifest() {
     );
 }
 
+/// `--manifest -` is refused, not taken for a file named `-` in the working directory (found
+/// by a review: the manifest a pipe waited for went there, exit 0); `./-` is that file.
+#[test]
+fn a_manifest_named_dash_is_refused_and_dot_slash_dash_is_a_file() {
+    let t = TestTree::new().file("a", b"x");
+    let cwd = t.side("cwd");
+    fs::create_dir(&cwd).unwrap();
+    let mut cmd = filepipe(&[s("batch"), p(&t.root()), s("--op"), s("sha256")]);
+    cmd.args(["--manifest", "-"]).current_dir(&cwd);
+    let out = run(cmd);
+    out.code(2);
+    assert!(out.stderr().contains("--manifest -"), "{}", out.stderr());
+    assert!(out.output().stdout.is_empty());
+    assert!(!cwd.join("-").exists(), "a file named - was written");
+    let mut cmd = filepipe(&[s("batch"), p(&t.root()), s("--op"), s("sha256")]);
+    cmd.args(["--manifest", "./-", "-q"]).current_dir(&cwd);
+    run(cmd).success();
+    assert!(fs::read_to_string(cwd.join("-"))
+        .unwrap()
+        .ends_with("  a\n"));
+}
+
 #[test]
 fn gzip_outputs_pass_gzip_t_and_gunzip_to_identical_bytes() {
     let t = awkward_tree().file("big/multi-block.log", &text_bytes(6_000_000, 2));
