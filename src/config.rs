@@ -1765,6 +1765,19 @@ fn compile(globs: &[String]) -> Result<(GlobSet, GlobSet)> {
     Ok((by_name.build()?, by_path.build()?))
 }
 
+/// A batch's `Config` from its command line after `filepipe batch` (unit tests' runs).
+#[cfg(test)]
+pub(crate) fn batch_config(args: &[&str]) -> Config {
+    use clap::Parser as _;
+    let line = ["filepipe", "batch"]
+        .into_iter()
+        .chain(args.iter().copied());
+    match crate::cli::Cli::parse_from(line).command {
+        crate::cli::Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
+        _ => unreachable!("a batch's command line"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

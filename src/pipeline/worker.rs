@@ -520,21 +520,15 @@ mod tests {
         assert!(fill(&[BATCH_BYTES * 10]).full());
         assert!(BatchFill::alone(BATCH_BYTES) && !BatchFill::alone(BATCH_BYTES - 1));
     }
-    use crate::cli::{Cli, Command};
     use crate::digest::HashAlgo;
     use crate::ops::hash::HashOp;
-    use clap::Parser as _;
 
     fn config(root: &Path) -> Config {
         config_op(root, "sha256")
     }
 
     fn config_op(root: &Path, op: &str) -> Config {
-        let args = ["filepipe", "batch", root.to_str().unwrap(), "--op", op];
-        match Cli::parse_from(args).command {
-            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
-            _ => unreachable!(),
-        }
+        crate::config::batch_config(&[root.to_str().unwrap(), "--op", op])
     }
 
     /// A job for `rel` under `cfg`'s root, delivered once, for every result.
@@ -628,19 +622,13 @@ mod tests {
         std::fs::create_dir_all(tree.join("sub")).unwrap();
         std::fs::create_dir(&aside).unwrap();
         std::fs::write(tree.join("sub/f"), b"moved once").unwrap();
-        let args = [
-            "filepipe",
-            "batch",
+        let cfg = crate::config::batch_config(&[
             tree.to_str().unwrap(),
             "--op",
             "zstd",
             "--move-source",
             aside.to_str().unwrap(),
-        ];
-        let cfg = match Cli::parse_from(args).command {
-            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
-            _ => unreachable!(),
-        };
+        ]);
         let op = CompressOp::<Zstd>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
         // The job's message, stored before its first delivery.
@@ -705,9 +693,7 @@ mod tests {
         for d in [&tree, &aside, &out] {
             std::fs::create_dir(d).unwrap();
         }
-        let args = [
-            "filepipe",
-            "batch",
+        let cfg = crate::config::batch_config(&[
             tree.to_str().unwrap(),
             "--op",
             "gzip",
@@ -715,11 +701,7 @@ mod tests {
             out.to_str().unwrap(),
             "--move-source",
             aside.to_str().unwrap(),
-        ];
-        let cfg = match Cli::parse_from(args).command {
-            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
-            _ => unreachable!(),
-        };
+        ]);
         let op = crate::ops::compress::CompressOp::<crate::ops::gzip::Gzip>::new(&cfg).unwrap();
         let mut scratch = op.scratch();
         let job = Job {

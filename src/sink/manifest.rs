@@ -281,8 +281,6 @@ pub(crate) fn write_manifest<'d, T: Sync>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
     use proptest::prelude::*;
 
     /// A SHA-256 digest made of `seed`.
@@ -294,19 +292,8 @@ mod tests {
     }
 
     fn config(root: &Path, manifest: &Path) -> Config {
-        let args = [
-            "filepipe",
-            "batch",
-            root.to_str().unwrap(),
-            "--op",
-            "sha256",
-            "--manifest",
-            manifest.to_str().unwrap(),
-        ];
-        match Cli::parse_from(args).command {
-            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
-            _ => unreachable!(),
-        }
+        let (root, manifest) = (root.to_str().unwrap(), manifest.to_str().unwrap());
+        crate::config::batch_config(&[root, "--op", "sha256", "--manifest", manifest])
     }
 
     proptest! {

@@ -1199,26 +1199,15 @@ fn temp_reason(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
     use crate::travel::Digest;
-    use clap::Parser as _;
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::symlink;
 
     fn config(root: &Path, extra: &[&str]) -> Config {
-        let mut args = vec![
-            "filepipe",
-            "batch",
-            root.to_str().unwrap(),
-            "--op",
-            "sha256",
-        ];
+        let mut args = vec![root.to_str().unwrap(), "--op", "sha256"];
         args.extend_from_slice(extra);
-        match Cli::parse_from(args).command {
-            Command::Batch(a) => Config::from_batch(&a, true).unwrap(),
-            _ => unreachable!(),
-        }
+        crate::config::batch_config(&args)
     }
 
     /// What an incremental walk of a tree with files `same` (recorded with its stamp),
