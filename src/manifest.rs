@@ -15,8 +15,6 @@
 //! The BSD form the GNU tools write with `--tag` (`SHA256 (NAME) = DIGEST`, escaped the same
 //! way) is read too, never written.
 
-use std::io::{self, Write};
-
 use crate::digest::{Digest, HashAlgo};
 
 /// What `sha256sum -c` and `b3sum -c` read as stdin rather than as a file of that name.
@@ -24,18 +22,7 @@ pub(crate) const STDIN: &[u8] = b"-";
 /// The file named `-`, as a manifest lists it (see the module's comment).
 pub(crate) const STDIN_NAMED: &[u8] = b"./-";
 
-/// Writes one manifest line for `name` (the path's raw bytes).
-pub(crate) fn write_line(w: &mut impl Write, digest: &Digest, name: &[u8]) -> io::Result<()> {
-    let mut line = Vec::with_capacity(LINE_ROOM + name.len());
-    push_line(&mut line, digest, name);
-    w.write_all(&line)
-}
-
-/// Room for a line's digest (128 hex digits at most), separator, escape and newline.
-const LINE_ROOM: usize = 136;
-
-/// Appends one manifest line for `name` (the path's raw bytes) to `out`: what `write_line`
-/// writes, for a writer that formats many lines at once and in parallel.
+/// Appends one manifest line for `name` (the path's raw bytes) to `out`.
 pub(crate) fn push_line(out: &mut Vec<u8>, digest: &Digest, name: &[u8]) {
     // Needs no escape either way.
     let name = if name == STDIN { STDIN_NAMED } else { name };
@@ -246,7 +233,7 @@ mod tests {
         {
             let d = Digest::new(algo, &vec![0xab; algo.len()]).unwrap();
             let mut line = Vec::new();
-            write_line(&mut line, &d, name).unwrap();
+            push_line(&mut line, &d, name);
             assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
             assert_eq!(hex_len(&line), Some(algo.hex_len()));
             let e = parse_line(line.strip_suffix(b"\n").unwrap(), algo).unwrap();
@@ -267,7 +254,7 @@ mod tests {
     fn matches_gnu_escaping() {
         let mut line = Vec::new();
         let zero = Digest::new(HashAlgo::Sha256, &[0; 32]).unwrap();
-        write_line(&mut line, &zero, b"a\\b\nc").unwrap();
+        push_line(&mut line, &zero, b"a\\b\nc");
         let expected = format!("\\{}  a\\\\b\\nc\n", "0".repeat(64));
         assert_eq!(line, expected.as_bytes());
     }
@@ -279,7 +266,7 @@ mod tests {
         for algo in HashAlgo::ALL {
             let d = Digest::new(algo, &vec![0x0f; algo.len()]).unwrap();
             let mut line = Vec::new();
-            write_line(&mut line, &d, b"-").unwrap();
+            push_line(&mut line, &d, b"-");
             let hex = "0f".repeat(algo.len());
             assert_eq!(line, format!("{hex}  ./-\n").as_bytes());
             let e = parse_line(line.strip_suffix(b"\n").unwrap(), algo).unwrap();
@@ -288,7 +275,7 @@ mod tests {
             // Only the whole name: `-x`, `a/-` and `./-` itself are files to the tools.
             for name in [&b"-x"[..], b"a/-", b"./-", b"--"] {
                 line.clear();
-                write_line(&mut line, &d, name).unwrap();
+                push_line(&mut line, &d, name);
                 assert!(line.ends_with(&[b"  ", name, b"\n"].concat()));
             }
         }

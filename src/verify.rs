@@ -1369,7 +1369,7 @@ mod tests {
         ) {
             let digest = crate::digest::Digest::new(algo, &vec![fill; algo.len()]).unwrap();
             let mut line = Vec::new();
-            crate::manifest::write_line(&mut line, &digest, &name).unwrap();
+            crate::manifest::push_line(&mut line, &digest, &name);
             prop_assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
             let line = line.strip_suffix(b"\n").unwrap();
             let e = crate::manifest::parse_line(line, algo).unwrap();

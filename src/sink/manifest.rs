@@ -328,7 +328,7 @@ mod tests {
     }
 
     /// More files than one group of formatting tasks holds, given in no order, names to escape
-    /// among them: the manifest is every line, sorted, as `write_line` writes each.
+    /// among them: the manifest is every line, sorted, as `push_line` writes each.
     #[test]
     fn a_manifest_of_many_groups_is_every_line_in_order() {
         let tmp = tempfile::tempdir().unwrap();
@@ -352,7 +352,7 @@ mod tests {
         want.sort_by(|a, b| a.0.cmp(&b.0));
         let mut lines = Vec::new();
         for (name, d) in &want {
-            manifest::write_line(&mut lines, d, name).unwrap();
+            manifest::push_line(&mut lines, d, name);
         }
         assert_eq!(std::fs::read(&manifest).unwrap(), lines);
     }

@@ -170,7 +170,7 @@ fn read_whole(
 }
 
 /// Whether `text` is, byte for byte, a manifest of `algo` as filepipe writes it (each line
-/// as `manifest::write_line` writes it: no comment, blank line, indentation or other layout,
+/// as `manifest::push_line` writes it: no comment, blank line, indentation or other layout,
 /// where anything could be kept), naming each file of `listed` once and nothing else.
 fn lists_exactly(text: &[u8], algo: HashAlgo, listed: &HashSet<PathBuf>, under: &Under) -> bool {
     let mut named = HashSet::with_capacity(listed.len());
@@ -184,9 +184,8 @@ fn lists_exactly(text: &[u8], algo: HashAlgo, listed: &HashSet<PathBuf>, under: 
             return false;
         };
         written.clear();
-        if manifest::write_line(&mut written, &entry.digest, &entry.name).is_err()
-            || written != line
-        {
+        manifest::push_line(&mut written, &entry.digest, &entry.name);
+        if written != line {
             return false;
         }
         // As filepipe writes names: no `.`, `..` or empty component, which would let a name
@@ -291,7 +290,7 @@ mod tests {
     fn line(algo: HashAlgo, fill: u8, name: &[u8]) -> Vec<u8> {
         let digest = crate::digest::Digest::new(algo, &vec![fill; algo.len()]).unwrap();
         let mut l = Vec::new();
-        manifest::write_line(&mut l, &digest, name).unwrap();
+        manifest::push_line(&mut l, &digest, name);
         l
     }
 
