@@ -1126,10 +1126,7 @@ impl Reader {
                     damaged_row(bytes, op);
                     continue;
                 };
-                match out.get_mut_bytes(bytes) {
-                    Some(known) => known.add(op, record),
-                    None => out.insert(bytes, Known::of(op, record, wanted)),
-                }
+                out.add(bytes, op, record, wanted);
             }
         }
         Ok(out)
@@ -1591,7 +1588,7 @@ mod tests {
         }
         let known = reader.known_under(Path::new("")).unwrap();
         for name in names {
-            let k = &known[Path::new(name)];
+            let k = known.get(Path::new(name)).unwrap();
             assert_eq!(k.settled(Some(s)), name == "good", "{name}");
             let looked = reader.lookup(Path::new(name)).unwrap().unwrap();
             assert_eq!(looked.settled(Some(s)), name == "good", "{name}");
@@ -1640,7 +1637,7 @@ mod tests {
                 .unwrap();
         }
         let known = reader.known_under(Path::new("")).unwrap();
-        assert!(known[Path::new("good")].settled(Some(s)));
+        assert!(known.get(Path::new("good")).unwrap().settled(Some(s)));
         for (i, damaged) in damage.iter().enumerate() {
             let rel = PathBuf::from(name(i));
             assert!(known.get(&rel).is_none(), "{damaged:?}");
@@ -1669,9 +1666,9 @@ mod tests {
             .unwrap();
         st.commit().unwrap();
         let known = reader.known_under(Path::new("")).unwrap();
-        let a = &known[Path::new("a")];
+        let a = known.get(Path::new("a")).unwrap();
         assert_eq!(
-            rec(a).digest.as_ref().map(Digest::as_bytes),
+            rec(&a).digest.as_ref().map(Digest::as_bytes),
             Some(&[1u8; 32][..])
         );
         assert!(a.done_as(Some(s)));
@@ -1680,9 +1677,9 @@ mod tests {
             "ctime counts"
         );
         assert!(!a.done_as(Some(Stamp { inode: 8, ..s })), "inode counts");
-        let b = &known[Path::new("b")];
+        let b = known.get(Path::new("b")).unwrap();
         assert!(
-            !b.done_as(Some(s)) && rec(b).digest.is_none(),
+            !b.done_as(Some(s)) && rec(&b).digest.is_none(),
             "failed: tried again"
         );
         // "a" is gone (a directory now, say): its row goes, the rows beneath it stay.
@@ -1882,10 +1879,16 @@ mod tests {
         // The scan's map merges the rows of every op of the run, digests included: only the
         // hash without a row is computed.
         let map = reader.known_under(Path::new("")).unwrap();
-        assert!(map[Path::new("f")]
+        assert!(map
+            .get(Path::new("f"))
+            .unwrap()
             .record(OpKind::Zstd)
             .is_some_and(|r| r.made_output));
-        let Lacks::Part(only) = map[Path::new("f")].lacks(&wider, Some(s1), |m| m) else {
+        let Lacks::Part(only) = map
+            .get(Path::new("f"))
+            .unwrap()
+            .lacks(&wider, Some(s1), |m| m)
+        else {
             panic!("a part")
         };
         assert_eq!(only.hashes, [HashAlgo::Blake3]);
