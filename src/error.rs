@@ -76,6 +76,10 @@ pub(crate) enum Kind {
     /// the job has left the queue): the job was taken and settled, how it ended is unknown
     /// here, and it is not published again.
     UnreadableOutcome,
+    /// Cluster mode: a job message names a path no job may (empty, absolute, with a `.`, `..`
+    /// or empty part, a NUL, over PATH_MAX, or hex that does not decode): that file fails at
+    /// the worker before anything is opened. An input's name, not an output's.
+    UnsafeJobPath,
 }
 
 impl Kind {
@@ -108,13 +112,14 @@ impl Kind {
             Kind::UnmappedRoot => "unmapped-root",
             Kind::RemoveRefused => "remove-refused",
             Kind::UnreadableOutcome => "unreadable-outcome",
+            Kind::UnsafeJobPath => "unsafe-job-path",
         }
     }
 }
 
 impl Kind {
     /// Every kind, for `parse`.
-    const ALL: [Kind; 26] = [
+    const ALL: [Kind; 27] = [
         Kind::Vanished,
         Kind::PermissionDenied,
         Kind::Changed,
@@ -141,6 +146,7 @@ impl Kind {
         Kind::UnmappedRoot,
         Kind::RemoveRefused,
         Kind::UnreadableOutcome,
+        Kind::UnsafeJobPath,
     ];
 
     /// The kind named `name` (as `as_str` writes it), for outcomes read back from a queue.

@@ -275,7 +275,7 @@ fn hostile_job_messages_fail_cleanly_and_nothing_is_written_outside_the_root() {
         whole
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|r| r["error"] == "unsafe-output-path")
+            .filter(|r| r["error"] == "unsafe-job-path")
             .count()
     };
     wait_until(Duration::from_secs(30), "1,006 refused paths", || {
@@ -373,7 +373,7 @@ fn hostile_binary_job_messages_fail_cleanly_and_nothing_is_written_outside_the_r
         whole
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|r| r["error"] == "unsafe-output-path")
+            .filter(|r| r["error"] == "unsafe-job-path")
             .count()
     };
     wait_until(Duration::from_secs(30), "4 refused paths", || {

@@ -223,7 +223,7 @@ impl WirePath {
     pub(crate) fn rel(&self) -> Result<PathBuf, FileError> {
         let refuse = |why: &str| {
             Err(FileError::new(
-                Kind::UnsafeOutputPath,
+                Kind::UnsafeJobPath,
                 format!("refused job path: {why}"),
             ))
         };
@@ -919,7 +919,9 @@ mod tests {
             "a/.",
         ] {
             let p = WirePath::Text(bad.into());
-            assert!(p.rel().is_err(), "{bad:?} accepted");
+            let refused = p.rel().expect_err(bad);
+            // An input's name, refused as such: never an output's reason.
+            assert_eq!(refused.kind, Kind::UnsafeJobPath, "{bad:?}");
         }
         let long = WirePath::Text("a/".repeat(3000));
         assert!(long.rel().is_err());

@@ -1034,7 +1034,7 @@ mod tests {
         }
         r.push_failed(
             &WirePath::Text("../x".into()),
-            &FileError::new(Kind::UnsafeOutputPath, "refused"),
+            &FileError::new(Kind::UnsafeJobPath, "refused"),
         )
         .unwrap();
         let (n, payload) = r.message("r1", "host:1", 500).unwrap();
