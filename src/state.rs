@@ -910,19 +910,19 @@ impl State {
              WHERE root=?1 AND op=?2 AND status='done' AND digest IS NOT NULL ORDER BY path",
         )?;
         let rows = stmt.query_map(params![self.root, OpKind::from(algo).as_str()], |r| {
-            let path: Vec<u8> = r.get(0)?;
-            // A digest that is not a blob is left out too (and its file read again: see
-            // `Record::whole`), not an error that stops the run.
+            // A path or digest that is not a blob is left out too (and its file read again:
+            // see `Record::whole`), not an error that stops the run.
+            let path = path_cell(r.get_ref(0)?, OpKind::from(algo)).map(<[u8]>::to_vec);
             let digest = match r.get_ref(1)? {
                 rusqlite::types::ValueRef::Blob(b) => Digest::new(algo, b),
                 _ => None,
             };
-            Ok((path, digest))
+            Ok(path.zip(digest))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            if let (path, Some(d)) = row? {
-                out.push((path, d));
+            if let Some(listed) = row? {
+                out.push(listed);
             }
         }
         Ok(out)
@@ -1110,7 +1110,9 @@ impl Reader {
                 // Pushed as read and indexed once at the end, at its size (see `known`).
                 let mut first = known::Builder::default();
                 while let Some(r) = rows.next()? {
-                    let path = r.get_ref(0)?.as_blob()?;
+                    let Some(path) = path_cell(r.get_ref(0)?, op) else {
+                        continue;
+                    };
                     match record_from_row(r, 1, op)? {
                         Some(record) => first.push(path, Known::of(op, record, wanted)),
                         None => damaged_row(path, op),
@@ -1121,7 +1123,9 @@ impl Reader {
             }
             // The other ops' rows mostly join a file already in the map.
             while let Some(r) = rows.next()? {
-                let bytes = r.get_ref(0)?.as_blob()?;
+                let Some(bytes) = path_cell(r.get_ref(0)?, op) else {
+                    continue;
+                };
                 let Some(record) = record_from_row(r, 1, op)? else {
                     damaged_row(bytes, op);
                     continue;
@@ -1271,6 +1275,37 @@ fn decode_record(cells: &[ValueRef<'_>; 10], op: OpKind) -> Option<Record> {
 
 /// Says, once a run, that the state has a row it cannot use (`record_from_row`), naming the
 /// first: its file is read again, and the row rewritten once it is.
+/// A row's path: a blob, as filepipe writes every path. Any other value (text or a number:
+/// written by hand, or damaged) names no file filepipe filed: the row is passed over as damaged
+/// (`damaged_row`), as good as none, and the walk finds its file and gives it a row of its own.
+/// (Taken as the same name, a text path would sort apart from the blob one and list its file
+/// twice in a manifest made from the state.)
+fn path_cell(cell: ValueRef<'_>, op: OpKind) -> Option<&[u8]> {
+    match cell {
+        ValueRef::Blob(path) => Some(path),
+        other => {
+            damaged_row(&shown_cell(other), op);
+            None
+        }
+    }
+}
+
+/// A cell's value as `filepipe status` and warnings show it: a path's or a root's bytes, whatever
+/// type it was stored as.
+fn shown_cell(cell: ValueRef<'_>) -> Vec<u8> {
+    match cell {
+        ValueRef::Blob(b) | ValueRef::Text(b) => b.to_vec(),
+        ValueRef::Integer(n) => n.to_string().into_bytes(),
+        ValueRef::Real(x) => x.to_string().into_bytes(),
+        ValueRef::Null => b"NULL".to_vec(),
+    }
+}
+
+/// `shown_cell` as text (not UTF-8: replaced, as the status shows names).
+fn shown_text(cell: ValueRef<'_>) -> String {
+    String::from_utf8_lossy(&shown_cell(cell)).into_owned()
+}
+
 fn damaged_row(path: &[u8], op: OpKind) {
     static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
     if !SAID.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -1320,12 +1355,12 @@ pub(crate) fn counts(dir: &Path) -> Result<Vec<(PathBuf, String, String, u64)>> 
     let mut stmt = conn.prepare(
         "SELECT root, op, status, COUNT(*) FROM files GROUP BY root, op, status ORDER BY 1, 2, 3",
     )?;
+    // Each cell shown whatever it holds: a damaged row is shown, not a reason to show nothing.
     let rows = stmt.query_map([], |r| {
-        let root: Vec<u8> = r.get(0)?;
         Ok((
-            bytes_path(root),
-            r.get(1)?,
-            r.get(2)?,
+            bytes_path(shown_cell(r.get_ref(0)?)),
+            shown_text(r.get_ref(1)?),
+            shown_text(r.get_ref(2)?),
             r.get::<_, i64>(3)? as u64,
         ))
     })?;
@@ -1340,13 +1375,20 @@ pub(crate) fn failed(dir: &Path) -> Result<Vec<Row>> {
          WHERE status='failed' ORDER BY root, op, path",
     )?;
     let rows = stmt.query_map([], |r| {
+        let text = |i: usize| -> rusqlite::Result<Option<String>> {
+            let cell = r.get_ref(i)?;
+            Ok((cell != ValueRef::Null).then(|| shown_text(cell)))
+        };
         Ok(Row {
-            root: bytes_path(r.get(0)?),
-            op: r.get(1)?,
-            path: bytes_path(r.get(2)?),
-            error: r.get(3)?,
-            message: r.get(4)?,
-            attempts: r.get(5)?,
+            root: bytes_path(shown_cell(r.get_ref(0)?)),
+            op: shown_text(r.get_ref(1)?),
+            path: bytes_path(shown_cell(r.get_ref(2)?)),
+            error: text(3)?,
+            message: text(4)?,
+            attempts: match r.get_ref(5)? {
+                ValueRef::Integer(n) => u32::try_from(n).unwrap_or(0),
+                _ => 0,
+            },
         })
     })?;
     rows.map(|r| r.map_err(Into::into)).collect()
@@ -1650,6 +1692,49 @@ mod tests {
             let again = reader.lookup(&rel).unwrap().unwrap();
             assert_eq!(again.record(S).map(|r| r.attempts), Some(1), "{damaged:?}");
         }
+    }
+
+    /// A row whose path is not a blob (text, a number: written by hand) names no file: the
+    /// reader, the manifest's digests and `status` pass it over or show it, where the whole
+    /// read failed, an incremental batch with no manifest and a watch at its start (found by a
+    /// review).
+    #[test]
+    fn a_row_whose_path_is_not_a_blob_stops_no_reader() {
+        let (dir, mut st, reader) = open_state();
+        let s = stamp_a();
+        st.begin().unwrap();
+        for name in ["good", "text", "number"] {
+            st.done(Path::new(name), S, Some(s), None, Some(&d(1)))
+                .unwrap();
+        }
+        let e = FileError::new(Kind::PermissionDenied, "no");
+        st.not_done(Path::new("failed"), FileStatus::Failed, Some(s), &e)
+            .unwrap();
+        st.commit().unwrap();
+        for (name, value) in [
+            ("text", "CAST(path AS TEXT)"),
+            ("number", "12"),
+            ("failed", "'f'"),
+        ] {
+            st.conn
+                .execute(
+                    &format!("UPDATE files SET path = {value} WHERE path = ?1"),
+                    [name.as_bytes()],
+                )
+                .unwrap();
+        }
+        let known = reader.known_under(Path::new("")).unwrap();
+        let left: Vec<PathBuf> = known.into_keys().collect();
+        assert_eq!(left, [PathBuf::from("good")]);
+        let listed = st.digests(HashAlgo::Sha256).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].0, b"good");
+        let counted: u64 = counts(dir.path()).unwrap().iter().map(|c| c.3).sum();
+        assert_eq!(counted, 4);
+        let failed = failed(dir.path()).unwrap();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].path, Path::new("f"));
+        assert_eq!(failed[0].error.as_deref(), Some("permission-denied"));
     }
 
     #[test]

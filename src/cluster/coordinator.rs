@@ -987,7 +987,13 @@ fn gather_outcomes(
                                         unread.insert(o.rel().to_path_buf(), o);
                                     }
                                 }
-                                tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
+                                if w.rel.rel().is_err() {
+                                    // This run publishes plain relative paths only: the job
+                                    // was put on the run's subject by another hand.
+                                    tracing::warn!(worker = %batch.worker, error = %e, "an outcome for a path no job of this run names (a job message from another client, refused by the worker): ignored");
+                                } else {
+                                    tracing::warn!(worker = %batch.worker, error = %e, "an outcome that does not read: ignored");
+                                }
                                 continue;
                             }
                         }
