@@ -1408,8 +1408,21 @@ fn open_read_only(dir: &Path) -> Result<Connection> {
         }
         Ok(_) => {}
     }
-    let conn = Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .with_context(|| format!("cannot open state database {}", path.display()))?;
+    let conn = if idle_wal(&path) {
+        // In WAL mode and open nowhere: its writers keep its `-wal` and `-shm` beside it while
+        // they run. Read as it lies on disk (`immutable`), for a read-only connection would
+        // make those two files beside it and leave them there (next to a copy of a state: found
+        // by a review), and fails where it may not make them (a user who may read the state but
+        // not write its directory: SQLITE_READONLY_DIRECTORY). A writer that starts meanwhile
+        // writes to its WAL, not to the file read here.
+        Connection::open_with_flags(
+            immutable_uri(&path),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+        )
+    } else {
+        Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+    }
+    .with_context(|| format!("cannot open state database {}", path.display()))?;
     // An empty file, or another program's database, is no state: said so, not as SQL's "no
     // such table" or "no such column" (found by reviews). (A file that is not a database at
     // all fails here too, and `damaged` gives its advice.)
@@ -1432,6 +1445,38 @@ fn open_read_only(dir: &Path) -> Result<Connection> {
         );
     }
     Ok(conn)
+}
+
+/// Whether the database at `path` is in WAL mode (its header's read and write versions are 2)
+/// with no `-wal` or `-shm` file beside it: no process has it open.
+fn idle_wal(path: &Path) -> bool {
+    use std::io::Read;
+    let mut header = [0u8; 20];
+    let wal = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .is_ok_and(|()| header.starts_with(b"SQLite format 3\0") && header[18..20] == [2, 2]);
+    let beside = |suffix: &str| {
+        let mut name = path.as_os_str().to_os_string();
+        name.push(suffix);
+        std::fs::symlink_metadata(name).is_ok()
+    };
+    wal && !beside("-wal") && !beside("-shm")
+}
+
+/// `path` as an SQLite URI that opens it immutable: every byte but unreserved ones and `/`
+/// percent-encoded, so no name (a `?`, a `#`, a `%`, bytes that are not UTF-8) reads as
+/// anything but the path.
+fn immutable_uri(path: &Path) -> String {
+    let mut uri = String::from("file:");
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
+        }
+    }
+    uri.push_str("?immutable=1");
+    uri
 }
 
 fn bytes_path(b: Vec<u8>) -> PathBuf {

@@ -2081,3 +2081,64 @@ fn a_state_database_that_fills_its_disk_stops_the_run_with_the_error_not_a_panic
     // What the state lacks is said: taken again at the next run.
     assert_unrecorded_is_what_the_state_lacks(&t, &sum);
 }
+
+/// `status` on a state no filepipe has open reads it as it lies on disk: it makes nothing beside
+/// it (a read-only connection left `-wal` and `-shm` there, next to a copy of a state: found by
+/// a review), and a user who may read the state but not write its directory reads it too
+/// (SQLite refused that user: SQLITE_READONLY_DIRECTORY).
+#[test]
+fn status_of_a_state_open_nowhere_makes_nothing_beside_it_and_needs_no_write_permission() {
+    use std::os::unix::fs::PermissionsExt;
+    let t = TestTree::new().file("a.txt", b"a").file("b.txt", b"b");
+    let state = t.side("state");
+    let (root, manifest) = (t.root(), t.side("SHA256SUMS"));
+    let args = [
+        OsStr::new("batch"),
+        root.as_os_str(),
+        OsStr::new("--op"),
+        OsStr::new("sha256"),
+        OsStr::new("--quiet"),
+        OsStr::new("--state"),
+        state.as_os_str(),
+        OsStr::new("--manifest"),
+        manifest.as_os_str(),
+    ];
+    run(filepipe(&args)).success();
+    let beside = || {
+        let mut names: Vec<String> = (fs::read_dir(&state).unwrap())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = beside();
+    assert!(before.iter().any(|n| n == "filepipe.sqlite"), "{before:?}");
+    assert!(
+        !before
+            .iter()
+            .any(|n| n.ends_with("-wal") || n.ends_with("-shm")),
+        "{before:?}"
+    );
+    let status = [
+        OsStr::new("status"),
+        OsStr::new("--state"),
+        state.as_os_str(),
+    ];
+    let text = run(filepipe(&status)).success().stdout();
+    assert!(text.contains("\tsha256\tdone\t2"), "{text}");
+    assert_eq!(beside(), before);
+    if !is_root() {
+        eprintln!("SKIPPED: another user's read needs root (setpriv)");
+        return;
+    }
+    t.open_to_all();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
+    for name in &before {
+        fs::set_permissions(state.join(name), fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let mut cmd = unprivileged();
+    cmd.args(status);
+    let text = run(cmd).success().stdout();
+    assert!(text.contains("\tsha256\tdone\t2"), "{text}");
+    assert_eq!(beside(), before);
+}
