@@ -1351,7 +1351,10 @@ pub(crate) struct Row {
 
 /// Counts per (root, op, status), for `filepipe status`.
 pub(crate) fn counts(dir: &Path) -> Result<Vec<(PathBuf, String, String, u64)>> {
-    let conn = open_read_only(dir)?;
+    read_state(dir, counts_in)
+}
+
+fn counts_in(conn: &Connection) -> Result<Vec<(PathBuf, String, String, u64)>> {
     let mut stmt = conn.prepare(
         "SELECT root, op, status, COUNT(*) FROM files GROUP BY root, op, status ORDER BY 1, 2, 3",
     )?;
@@ -1369,7 +1372,10 @@ pub(crate) fn counts(dir: &Path) -> Result<Vec<(PathBuf, String, String, u64)>> 
 
 /// Every failed file, for `filepipe status --failed`.
 pub(crate) fn failed(dir: &Path) -> Result<Vec<Row>> {
-    let conn = open_read_only(dir)?;
+    read_state(dir, failed_in)
+}
+
+fn failed_in(conn: &Connection) -> Result<Vec<Row>> {
     let mut stmt = conn.prepare(
         "SELECT root, op, path, error, message, attempts FROM files
          WHERE status='failed' ORDER BY root, op, path",
@@ -1394,7 +1400,26 @@ pub(crate) fn failed(dir: &Path) -> Result<Vec<Row>> {
     rows.map(|r| r.map_err(Into::into)).collect()
 }
 
-fn open_read_only(dir: &Path) -> Result<Connection> {
+/// Reads the state in `dir` with `read`. One in WAL mode that no process has open (`idle_wal`)
+/// is read as it lies on disk (`immutable`): a read-only connection would make its `-wal` and
+/// `-shm` beside it and leave them there (next to a copy of a state: found by a review), and
+/// fails where it may not make them (a user who may read the state but not write its
+/// directory: SQLITE_READONLY_DIRECTORY). Should a writer have come meanwhile (the file changed,
+/// or its `-wal` or `-shm` appeared: its checkpoint may have written the file under the read),
+/// it is read again the usual way, with it.
+fn read_state<T>(dir: &Path, read: impl Fn(&Connection) -> Result<T>) -> Result<T> {
+    let path = db_path(dir);
+    if let Some(before) = idle_wal(&path) {
+        let result = open_read_only(dir, true).and_then(|conn| read(&conn));
+        if idle_wal(&path) == Some(before) {
+            return result;
+        }
+    }
+    read(&open_read_only(dir, false)?)
+}
+
+/// A connection that only reads the state in `dir`, `immutable` or not (see `read_state`).
+fn open_read_only(dir: &Path, immutable: bool) -> Result<Connection> {
     let path = db_path(dir);
     // Only a file not there is "no state": a directory this user may not search is said as
     // such (`exists` is false for both: found by a review).
@@ -1408,13 +1433,7 @@ fn open_read_only(dir: &Path) -> Result<Connection> {
         }
         Ok(_) => {}
     }
-    let conn = if idle_wal(&path) {
-        // In WAL mode and open nowhere: its writers keep its `-wal` and `-shm` beside it while
-        // they run. Read as it lies on disk (`immutable`), for a read-only connection would
-        // make those two files beside it and leave them there (next to a copy of a state: found
-        // by a review), and fails where it may not make them (a user who may read the state but
-        // not write its directory: SQLITE_READONLY_DIRECTORY). A writer that starts meanwhile
-        // writes to its WAL, not to the file read here.
+    let conn = if immutable {
         Connection::open_with_flags(
             immutable_uri(&path),
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
@@ -1447,20 +1466,34 @@ fn open_read_only(dir: &Path) -> Result<Connection> {
     Ok(conn)
 }
 
-/// Whether the database at `path` is in WAL mode (its header's read and write versions are 2)
-/// with no `-wal` or `-shm` file beside it: no process has it open.
-fn idle_wal(path: &Path) -> bool {
+/// If the database at `path` is in WAL mode (its header's read and write versions are 2) with
+/// no `-wal` or `-shm` file beside it (its writers keep both while they have it open: no
+/// process has it open), which file it is and when it last changed.
+fn idle_wal(path: &Path) -> Option<(u64, u64, i64, i64)> {
     use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut file = std::fs::File::open(path).ok()?;
     let mut header = [0u8; 20];
-    let wal = std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut header))
-        .is_ok_and(|()| header.starts_with(b"SQLite format 3\0") && header[18..20] == [2, 2]);
+    file.read_exact(&mut header).ok()?;
+    if !header.starts_with(b"SQLite format 3\0") || header[18..20] != [2, 2] {
+        return None;
+    }
     let beside = |suffix: &str| {
         let mut name = path.as_os_str().to_os_string();
         name.push(suffix);
         std::fs::symlink_metadata(name).is_ok()
     };
-    wal && !beside("-wal") && !beside("-shm")
+    if beside("-wal") || beside("-shm") {
+        return None;
+    }
+    let m = file.metadata().ok()?;
+    let ns = |s: i64, n: i64| s * 1_000_000_000 + n;
+    Some((
+        m.ino(),
+        m.size(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec()),
+    ))
 }
 
 /// `path` as an SQLite URI that opens it immutable: every byte but unreserved ones and `/`
@@ -1780,6 +1813,48 @@ mod tests {
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].path, Path::new("f"));
         assert_eq!(failed[0].error.as_deref(), Some("permission-denied"));
+    }
+
+    /// `status` reads a state no process has open as it lies on disk, and reads it again the
+    /// usual way should it change under that read (a writer that came meanwhile).
+    #[test]
+    fn a_state_open_nowhere_is_read_as_it_lies_and_again_if_it_changed_meanwhile() {
+        let (dir, mut st, reader) = open_state();
+        st.begin().unwrap();
+        st.done(Path::new("a"), S, Some(stamp_a()), None, Some(&d(1)))
+            .unwrap();
+        st.commit().unwrap();
+        drop((st, reader));
+        let path = db_path(dir.path());
+        assert!(idle_wal(&path).is_some(), "closed, its -wal and -shm went");
+        let reads = std::cell::Cell::new(0);
+        let counted = read_state(dir.path(), |conn| {
+            reads.set(reads.get() + 1);
+            counts_in(conn)
+        })
+        .unwrap();
+        assert_eq!((counted.len(), reads.get()), (1, 1));
+        let beside = || {
+            let mut names: Vec<_> = (std::fs::read_dir(dir.path()).unwrap())
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(beside(), ["filepipe.sqlite"], "nothing made beside it");
+        let changed = read_state(dir.path(), |conn| {
+            reads.set(reads.get() + 1);
+            if reads.get() == 2 {
+                let then = SystemTime::now() - Duration::from_secs(3600);
+                let file = std::fs::File::options().write(true).open(&path).unwrap();
+                file.set_modified(then).unwrap();
+            }
+            counts_in(conn)
+        })
+        .unwrap();
+        // Read again the usual way (whose connection makes the -wal and -shm, as a writer's
+        // coming meanwhile would have).
+        assert_eq!((changed, reads.get()), (counted, 3));
     }
 
     #[test]
