@@ -1433,6 +1433,13 @@ fn open_read_only(dir: &Path, immutable: bool) -> Result<Connection> {
         }
         Ok(_) => {}
     }
+    // SQLite would open a FIFO put at its name and wait on it for good.
+    if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+        anyhow::bail!(
+            "{} is not a filepipe state: not a regular file",
+            path.display()
+        );
+    }
     let conn = if immutable {
         Connection::open_with_flags(
             immutable_uri(&path),
@@ -1472,7 +1479,13 @@ fn open_read_only(dir: &Path, immutable: bool) -> Result<Connection> {
 fn idle_wal(path: &Path) -> Option<(u64, u64, i64, i64)> {
     use std::io::Read;
     use std::os::unix::fs::MetadataExt;
-    let mut file = std::fs::File::open(path).ok()?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Never waiting on a FIFO put at its name: a regular file only.
+    let mut file = (std::fs::File::options().read(true))
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))?;
     let mut header = [0u8; 20];
     file.read_exact(&mut header).ok()?;
     if !header.starts_with(b"SQLite format 3\0") || header[18..20] != [2, 2] {

@@ -2141,4 +2141,10 @@ fn status_of_a_state_open_nowhere_makes_nothing_beside_it_and_needs_no_write_per
     let text = run(cmd).success().stdout();
     assert!(text.contains("\tsha256\tdone\t2"), "{text}");
     assert_eq!(beside(), before);
+    // A FIFO at the database's name is said to be no state, not waited on for good.
+    let db = state.join("filepipe.sqlite");
+    fs::remove_file(&db).unwrap();
+    tool("mkfifo", &[db.as_os_str()], t.dir.path());
+    let said = run(filepipe(&status)).code(2).stderr();
+    assert!(said.contains("not a regular file"), "{said}");
 }
