@@ -1513,16 +1513,15 @@ fn idle_wal(path: &Path) -> Option<(u64, u64, i64, i64)> {
 /// percent-encoded, so no name (a `?`, a `#`, a `%`, bytes that are not UTF-8) reads as
 /// anything but the path.
 fn immutable_uri(path: &Path) -> String {
-    let mut uri = String::from("file:");
-    for &b in path.as_os_str().as_bytes() {
-        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
-            uri.push(char::from(b));
-        } else {
-            uri.push_str(&format!("%{b:02X}"));
-        }
-    }
-    uri.push_str("?immutable=1");
-    uri
+    use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
+    const KEPT: &AsciiSet = &NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let encoded = percent_encode(path.as_os_str().as_bytes(), KEPT);
+    format!("file:{encoded}?immutable=1")
 }
 
 fn bytes_path(b: Vec<u8>) -> PathBuf {
@@ -1826,6 +1825,15 @@ mod tests {
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].path, Path::new("f"));
         assert_eq!(failed[0].error.as_deref(), Some("permission-denied"));
+    }
+
+    #[test]
+    fn a_state_s_path_reads_as_nothing_else_in_its_uri() {
+        let odd = Path::new(std::ffi::OsStr::from_bytes(b"/s t/a?b#c%d/caf\xe9/x-y._~z"));
+        assert_eq!(
+            immutable_uri(odd),
+            "file:/s%20t/a%3Fb%23c%25d/caf%E9/x-y._~z?immutable=1"
+        );
     }
 
     /// `status` reads a state no process has open as it lies on disk, and reads it again the
