@@ -1102,6 +1102,67 @@ exit $code"#;
 }
 
 #[test]
+fn a_disk_full_for_one_manifest_of_several_leaves_them_all_as_they_were() {
+    // The manifests of `sha256,blake3` on a 160 KiB tmpfs: a first run of 500 files leaves
+    // two of 36 KiB. The second, over 1,000 files, writes two of 72 KiB: the first beside the
+    // old ones fits (144 KiB), the second does not. Published one by one, the first replaced
+    // its old one (the tmpfs then 108 KiB full), and the second, failing at 180 KiB, left the
+    // old blake3 manifest beside a new sha256 one: two different trees.
+    let mut t = TestTree::new();
+    for i in 0..500 {
+        t = t.file(format!("f{i:04}"), format!("{i}").as_bytes());
+    }
+    let mnt = t.side("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let script = r#"mount -t tmpfs -o size=160k none "$1" || exit 99
+"$2" batch "$3" --op sha256,blake3 --manifest "$1/SUMS" --quiet || exit 98
+cp "$1/SUMS" "$1/SUMS.blake3" "$4" || exit 97
+for i in $(seq 500 999); do echo "$i" > "$3/f$(printf %04d "$i")"; done
+"$2" batch "$3" --op sha256,blake3 --manifest "$1/SUMS" --quiet; code=$?
+cmp "$1/SUMS" "$4/SUMS" && cmp "$1/SUMS.blake3" "$4/SUMS.blake3" && echo "as they were"
+echo "left: $(ls -A "$1" | tr '\n' ' ')"
+exit $code"#;
+    let kept = t.side("kept");
+    fs::create_dir(&kept).unwrap();
+    let out = run({
+        let mut c = Command::new("unshare");
+        c.args([
+            s("-rm"),
+            s("sh"),
+            s("-c"),
+            s(script),
+            s("sh"),
+            p(&mnt),
+            s(&bin()),
+            p(&t.root()),
+            p(&kept),
+        ]);
+        c
+    });
+    let code = out.output().status.code();
+    assert_ne!(code, Some(99), "could not mount a tmpfs: {}", out.stderr());
+    assert!(
+        code != Some(98) && code != Some(97),
+        "the first run failed: {}",
+        out.stderr()
+    );
+    let stdout = out.code(1).stdout();
+    // The failure is the second manifest's, said as such.
+    assert!(out.stderr().contains("No space left"), "{}", out.stderr());
+    assert!(
+        stdout.contains("as they were"),
+        "{stdout}\n{}",
+        out.stderr()
+    );
+    assert!(stdout.contains("left: SUMS SUMS.blake3 \n"), "{stdout}");
+    // They were the first run's: 500 lines each.
+    for name in ["SUMS", "SUMS.blake3"] {
+        let lines = fs::read(kept.join(name)).unwrap();
+        assert_eq!(lines.iter().filter(|&&b| b == b'\n').count(), 500, "{name}");
+    }
+}
+
+#[test]
 fn file_appended_while_read_is_never_published() {
     // Each of the ATTEMPTS reads must overlap an append, or the file is hashed (and rightly
     // so) and the test fails. So the file takes tens of ms to read, and the writer never

@@ -991,33 +991,6 @@ impl TempOutput {
         self.may_replace = Some(found);
     }
 
-    /// Applies `attrs`, makes data and attributes durable as `durability` says, gives the
-    /// temp its final name (refusing to replace an existing file unless `replace`), and makes
-    /// the name durable.
-    pub(crate) fn publish(
-        mut self,
-        final_name: &OsStr,
-        attrs: Option<&Attrs>,
-        replace: bool,
-        durability: Durability,
-    ) -> Result<(), FileError> {
-        if let Some(a) = attrs {
-            self.set_attrs(final_name, a)?;
-        }
-        let name = final_name.to_os_string();
-        // Before the flush, as in `CompressOp::publish_group`: a mark taken after it could
-        // miss an error another thread counted in between.
-        let mark = flush_mark();
-        let mut synced = sync_group(vec![(self, name)], 0, durability);
-        let named = synced
-            .pop()
-            .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a temp was lost")))?
-            .rename(final_name, replace)?;
-        sync_names(&[named.new_name()], durability, mark)
-            .pop()
-            .unwrap_or_else(|| Err(FileError::new(Kind::Internal, "a directory was lost")))
-    }
-
     /// Gives an anonymous temp a temp name, as a named temp is made (see `create_named`):
     /// locked, marked and registered first, so a crash at any instant leaves nothing a sweep
     /// cannot prove to be filepipe's. `EXIST` takes the next name.
@@ -1848,6 +1821,34 @@ enum Flushed {
     WholeFailed(Errno),
     /// Each temp by its own `fsync`.
     Alone,
+}
+
+/// Publishes `temps` together, each under its name (replacing what is there if `replace`): all of them
+/// made durable as `durability` says before any is renamed, so a failure to write them (a
+/// full disk) leaves every name as it was, then every name made durable. A run's manifests of
+/// several hashes go this way: published one by one, a disk that filled in between left one
+/// manifest new and the other old, describing two different trees. A rename that fails once
+/// another was done (an I/O error; a directory with no room for a name not there before) fails
+/// the lot with the names done so far in place.
+pub(crate) fn publish_together(
+    temps: Vec<(TempOutput, OsString)>,
+    replace: bool,
+    durability: Durability,
+) -> Result<(), FileError> {
+    let names: Vec<OsString> = temps.iter().map(|(_, n)| n.clone()).collect();
+    // Before the flush, as in `CompressOp::publish_group`: a mark taken after it could miss an
+    // error another thread counted in between.
+    let mark = flush_mark();
+    let synced = sync_group(temps, 0, durability);
+    // Every temp's error first: dropped unrenamed, each one's temp is removed.
+    let synced = synced.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let named = (synced.into_iter().zip(&names))
+        .map(|(mut temp, name)| temp.rename(name, replace))
+        .collect::<Result<Vec<_>, _>>()?;
+    let new_names: Vec<NewName<'_>> = named.iter().map(Named::new_name).collect();
+    sync_names(&new_names, durability, mark)
+        .into_iter()
+        .collect()
 }
 
 /// Makes every temp's data, mode and times durable before any of them is given its final
@@ -2685,6 +2686,16 @@ pub(crate) fn temp_being_written(dir: &impl AsFd, name: &OsStr) -> bool {
 mod tests {
     use super::*;
 
+    /// Publishes one temp as `name`.
+    fn publish(
+        temp: TempOutput,
+        name: &str,
+        replace: bool,
+        durability: Durability,
+    ) -> Result<(), FileError> {
+        publish_together(vec![(temp, name.into())], replace, durability)
+    }
+
     /// Callers who ask while a flush is under way are served together by the next one, which
     /// starts after every one of them asked, and each is given that flush's result.
     #[test]
@@ -3188,9 +3199,7 @@ mod tests {
         };
         std::io::Write::write_all(temp.file(), b"data").unwrap();
         std::fs::remove_file(tmp.path().join(&name)).unwrap();
-        let err = temp
-            .publish(OsStr::new("out"), None, false, Durability::File)
-            .unwrap_err();
+        let err = publish(temp, "out", false, Durability::File).unwrap_err();
         assert_eq!(err.kind, Kind::Io, "{err:?}");
         assert!(err.message.contains("was removed while"), "{err:?}");
         assert!(!tmp.path().join("out").exists());
@@ -3218,17 +3227,14 @@ mod tests {
         assert!(temp.name.is_none(), "O_TMPFILE and /proc here");
         std::io::Write::write_all(temp.file(), b"data").unwrap();
         assert!(names().is_empty(), "{:?}", names());
-        temp.publish(OsStr::new("out"), None, false, Durability::File)
-            .unwrap();
+        publish(temp, "out", false, Durability::File).unwrap();
         assert_eq!(names(), ["out"]);
         assert_eq!(std::fs::read(tmp.path().join("out")).unwrap(), b"data");
         // Replacing (--force, a manifest) goes through a temp name, and leaves only the output.
         let mut temp = TempOutput::create(Arc::clone(&dir)).unwrap();
         std::io::Write::write_all(temp.file(), b"new").unwrap();
-        let err = TempOutput::create(Arc::clone(&dir))
-            .unwrap()
-            .publish(OsStr::new("out"), None, false, Durability::File)
-            .unwrap_err();
+        let other = TempOutput::create(Arc::clone(&dir)).unwrap();
+        let err = publish(other, "out", false, Durability::File).unwrap_err();
         assert_eq!(err.kind, Kind::OutputExists);
         temp.set_attrs(
             OsStr::new("out"),
@@ -3243,8 +3249,7 @@ mod tests {
             },
         )
         .unwrap();
-        temp.publish(OsStr::new("out"), None, true, Durability::Group)
-            .unwrap();
+        publish(temp, "out", true, Durability::Group).unwrap();
         assert_eq!(names(), ["out"]);
         assert_eq!(std::fs::read(tmp.path().join("out")).unwrap(), b"new");
     }
@@ -3269,9 +3274,7 @@ mod tests {
         std::fs::write(tmp.path().join("a/b/x"), b"old").unwrap();
         let mut t = TempOutput::create(dir).unwrap();
         std::io::Write::write_all(t.file(), b"new").unwrap();
-        let err = t
-            .publish(OsStr::new("x"), None, false, Durability::Group)
-            .unwrap_err();
+        let err = publish(t, "x", false, Durability::Group).unwrap_err();
         assert_eq!(err.kind, Kind::OutputExists);
         assert_eq!(std::fs::read(tmp.path().join("a/b/x")).unwrap(), b"old");
         assert_eq!(

@@ -1,6 +1,6 @@
 //! Batch mode's sink: every done file's digests, kept until the end, then the manifests (one
 //! per hash: `sha256sum -c`, `sha512sum -c` and `b3sum -c` each read one algorithm), sorted by
-//! raw path bytes, each written once and published atomically (or printed on stdout). The same
+//! raw path bytes, each written once to its temp, then all published together (or printed on stdout). The same
 //! writer serves watch mode's state sink, which rewrites its manifests from the state.
 
 use std::collections::HashMap;
@@ -113,6 +113,7 @@ impl Sink for ManifestSink<'_> {
         let started = std::time::Instant::now();
         let ManifestSink { names, files, .. } = self;
         files.par_sort_unstable_by(|a, b| by_name(names, a, b));
+        let mut manifests = Manifests::new(self.cfg);
         for &algo in self.cfg.spec.hashes() {
             // Every done file has every digest (`ops::multi`), found by its algorithm: a file
             // read for some hashes only (`travel::Only`) has the others' after them. One
@@ -123,8 +124,9 @@ impl Sink for ManifestSink<'_> {
                     .find(|d| d.algo() == algo)
                     .map(|d| (self.name(f), d))
             };
-            write_manifest(self.cfg, algo, &self.files, line)?;
+            manifests.write(algo, &self.files, line)?;
         }
+        manifests.publish()?;
         tracing::debug!(
             files = self.files.len(),
             ms = started.elapsed().as_secs_f64() * 1e3,
@@ -143,139 +145,180 @@ fn by_name(names: &[u8], a: &Listed, b: &Listed) -> std::cmp::Ordering {
 /// Lines a manifest writer formats as one task (see `write_manifest`).
 const FORMAT_CHUNK: usize = 4096;
 
-/// Writes `algo`'s manifest to its manifest file (atomically, see `Config::manifest_for`) or
-/// stdout: a line for each of `files`, already sorted, that `line` gives a name and digest.
-pub(crate) fn write_manifest<'d, T: Sync>(
-    cfg: &Config,
-    algo: HashAlgo,
-    files: &'d [T],
-    line: impl Fn(&'d T) -> Option<(&'d [u8], &'d Digest)> + Sync,
-) -> Result<()> {
-    if algo == HashAlgo::Blake3 {
-        // Not an error: filepipe verify checks them, and b3sum could not have listed them.
-        let non_utf8 = (files.iter().filter_map(&line))
-            .filter(|(rel, _)| std::str::from_utf8(rel).is_err())
-            .count();
-        // Said again for a manifest only when it has more: a watch rewrites its manifest up to
-        // once a second, and the same warning each time only buries the log.
-        static SAID: std::sync::Mutex<Option<HashMap<Option<PathBuf>, usize>>> =
-            std::sync::Mutex::new(None);
-        let more = SAID.lock().map_or(true, |mut said| {
-            let said = said
-                .get_or_insert_with(HashMap::new)
-                .entry(cfg.manifest_for(algo))
-                .or_insert(0);
-            let more = non_utf8 > *said;
-            *said = (*said).max(non_utf8);
-            more
-        });
-        if non_utf8 > 0 && more {
-            tracing::warn!(
-                files = non_utf8,
-                "names that are not UTF-8 are in the manifest: b3sum -c stops at the first \
-                 (it reads UTF-8 only); filepipe verify checks them"
-            );
+/// A run's manifests, one per hash, written one after the other (each to its temp, or to
+/// stdout) and then published together (`output::publish_together`): a full disk leaves all of
+/// them as they were, not some new and some old.
+pub(crate) struct Manifests<'c> {
+    cfg: &'c Config,
+    /// The manifests written so far, each in its temp, and their names and paths.
+    written: Vec<(TempOutput, std::ffi::OsString)>,
+    paths: Vec<PathBuf>,
+}
+
+impl<'c> Manifests<'c> {
+    /// None written yet.
+    pub(crate) fn new(cfg: &'c Config) -> Self {
+        Manifests {
+            cfg,
+            written: Vec::new(),
+            paths: Vec::new(),
         }
     }
-    // `file`: the file `w` writes, whose write-back starts after each group, so the flush at
-    // the end waits for less.
-    let write_all = |w: &mut dyn Write, file: Option<&fs::File>| -> io::Result<()> {
-        // Formatted on every core, `FORMAT_CHUNK` lines to a task and a group of tasks at a
-        // time (so a huge manifest is never held whole twice), and written in order: on one
-        // core, 50,000 lines took 8 ms of an unchanged rerun's 120, with nothing else to do.
-        let group = FORMAT_CHUNK * rayon::current_num_threads().max(1);
-        for files in files.chunks(group) {
-            let texts: Vec<Vec<u8>> = files
-                .par_chunks(FORMAT_CHUNK)
-                .map(|chunk| {
-                    // The names and digests copied out first, then formatted: sorted, the files
-                    // lie all over memory, and a loop this short has many of their cache misses
-                    // under way at once, where formatting each line as it is reached waited for
-                    // them one by one (most of the formatting's time).
-                    let mut names = Vec::with_capacity(chunk.len() * 32);
-                    let mut lines = Vec::with_capacity(chunk.len());
-                    for (rel, d) in chunk.iter().filter_map(&line) {
-                        names.extend_from_slice(rel);
-                        lines.push((names.len(), *d));
-                    }
-                    let mut text = Vec::with_capacity(chunk.len() * 128);
-                    let mut start = 0;
-                    for (end, d) in &lines {
-                        manifest::push_line(&mut text, d, &names[start..*end]);
-                        start = *end;
-                    }
-                    text
-                })
-                .collect();
-            for text in &texts {
-                w.write_all(text)?;
-            }
-            if let Some(file) = file {
-                output::start_writeback(file);
-            }
+
+    /// Gives every manifest written its name. A temp not published (this failed, or was never
+    /// called) is removed when dropped.
+    pub(crate) fn publish(self) -> Result<()> {
+        let Manifests {
+            cfg,
+            written,
+            paths,
+        } = self;
+        if written.is_empty() {
+            return Ok(());
         }
-        w.flush()
-    };
-    let Some(path) = &cfg.manifest_for(algo) else {
-        return match write_all(&mut io::stdout().lock(), None) {
-            // A closed pipe (`| head`) is the reader's choice, not our failure.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
-            other => other.context("writing the manifest to stdout"),
-        };
-    };
-    // Beneath the directory opened at the start, never its path again (`Config::manifest_dir`).
-    let Some(dir) = cfg.manifest_dir.as_ref().map(Arc::clone) else {
-        anyhow::bail!(
-            "writing the manifest {}: its directory was not opened at the start",
-            path.display()
-        );
-    };
-    let mut temp = TempOutput::create(Arc::clone(&dir))
-        .map_err(anyhow::Error::new)
-        .with_context(|| format!("writing the manifest {}", path.display()))?;
-    let file = temp.contents();
-    write_all(&mut &*file, Some(file)).with_context(|| format!("writing {}", path.display()))?;
-    let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
-    // A manifest names every file of the tree and its digest, the names of directories others
-    // may not list and the digests of files they may not read among them (a short secret's
-    // digest gives it away): made `0600`, less the umask, as the state and the failure log
-    // are (found by a review: `0644`). One replaced keeps the mode and group its owner gave
-    // it (`chmod`, `chgrp` to share it), as an editor keeps them: only one of filepipe's
-    // user's (another's `0666` file put at the name would have them rewrite the manifest).
-    let me = rustix::process::geteuid().as_raw();
-    let before = rustix::fs::statat(&dir.fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
-        .ok()
-        .filter(|st| {
-            rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
-                && st.st_uid == me
-        });
-    let mut mode = before.map_or(0o600 & !crate::fsio::rootdirs::umask(), |st| {
-        st.st_mode & 0o666
-    });
-    if let Some(st) = before {
-        let gid = rustix::fs::Gid::from_raw(st.st_gid);
-        // Not ours to give (not root, and not in that group): the group stays ours, and
-        // the group bits would serve a group the owner did not choose: dropped.
-        if rustix::fs::fchown(&*temp.file(), None, Some(gid)).is_err()
-            && rustix::fs::fstat(&*temp.file()).is_ok_and(|now| now.st_gid != st.st_gid)
-        {
-            mode &= !0o070;
-        }
-    }
-    rustix::fs::fchmod(&*temp.file(), rustix::fs::Mode::from_raw_mode(mode))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    let attrs = None;
-    temp.publish(name, attrs, true, cfg.durability)
-        .map_err(|e| {
-            // Its errors mostly name the manifest already ("publishing FILE: ..."): said once.
-            let named = e.message.contains(&*path.to_string_lossy());
+        output::publish_together(written, true, cfg.durability).map_err(|e| {
+            // Its errors mostly name a manifest already ("syncing FILE: ..."): said once.
+            let named = paths
+                .iter()
+                .any(|p| e.message.contains(&*p.to_string_lossy()));
             let e = anyhow::Error::new(e);
             if named {
                 e
             } else {
-                e.context(format!("publishing {}", path.display()))
+                let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+                e.context(format!("publishing {}", paths.join(" and ")))
             }
         })
+    }
+
+    /// Writes `algo`'s manifest to a temp beside its manifest file (see
+    /// `Config::manifest_for`), to be published with the others, or to stdout: a line for each
+    /// of `files`, already sorted, that `line` gives a name and digest.
+    pub(crate) fn write<'d, T: Sync>(
+        &mut self,
+        algo: HashAlgo,
+        files: &'d [T],
+        line: impl Fn(&'d T) -> Option<(&'d [u8], &'d Digest)> + Sync,
+    ) -> Result<()> {
+        let cfg = self.cfg;
+        if algo == HashAlgo::Blake3 {
+            // Not an error: filepipe verify checks them, and b3sum could not have listed them.
+            let non_utf8 = (files.iter().filter_map(&line))
+                .filter(|(rel, _)| std::str::from_utf8(rel).is_err())
+                .count();
+            // Said again for a manifest only when it has more: a watch rewrites its manifest up to
+            // once a second, and the same warning each time only buries the log.
+            static SAID: std::sync::Mutex<Option<HashMap<Option<PathBuf>, usize>>> =
+                std::sync::Mutex::new(None);
+            let more = SAID.lock().map_or(true, |mut said| {
+                let said = said
+                    .get_or_insert_with(HashMap::new)
+                    .entry(cfg.manifest_for(algo))
+                    .or_insert(0);
+                let more = non_utf8 > *said;
+                *said = (*said).max(non_utf8);
+                more
+            });
+            if non_utf8 > 0 && more {
+                tracing::warn!(
+                    files = non_utf8,
+                    "names that are not UTF-8 are in the manifest: b3sum -c stops at the first \
+                 (it reads UTF-8 only); filepipe verify checks them"
+                );
+            }
+        }
+        // `file`: the file `w` writes, whose write-back starts after each group, so the flush at
+        // the end waits for less.
+        let write_all = |w: &mut dyn Write, file: Option<&fs::File>| -> io::Result<()> {
+            // Formatted on every core, `FORMAT_CHUNK` lines to a task and a group of tasks at a
+            // time (so a huge manifest is never held whole twice), and written in order: on one
+            // core, 50,000 lines took 8 ms of an unchanged rerun's 120, with nothing else to do.
+            let group = FORMAT_CHUNK * rayon::current_num_threads().max(1);
+            for files in files.chunks(group) {
+                let texts: Vec<Vec<u8>> = files
+                    .par_chunks(FORMAT_CHUNK)
+                    .map(|chunk| {
+                        // The names and digests copied out first, then formatted: sorted, the files
+                        // lie all over memory, and a loop this short has many of their cache misses
+                        // under way at once, where formatting each line as it is reached waited for
+                        // them one by one (most of the formatting's time).
+                        let mut names = Vec::with_capacity(chunk.len() * 32);
+                        let mut lines = Vec::with_capacity(chunk.len());
+                        for (rel, d) in chunk.iter().filter_map(&line) {
+                            names.extend_from_slice(rel);
+                            lines.push((names.len(), *d));
+                        }
+                        let mut text = Vec::with_capacity(chunk.len() * 128);
+                        let mut start = 0;
+                        for (end, d) in &lines {
+                            manifest::push_line(&mut text, d, &names[start..*end]);
+                            start = *end;
+                        }
+                        text
+                    })
+                    .collect();
+                for text in &texts {
+                    w.write_all(text)?;
+                }
+                if let Some(file) = file {
+                    output::start_writeback(file);
+                }
+            }
+            w.flush()
+        };
+        let Some(path) = &cfg.manifest_for(algo) else {
+            return match write_all(&mut io::stdout().lock(), None) {
+                // A closed pipe (`| head`) is the reader's choice, not our failure.
+                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+                other => other.context("writing the manifest to stdout"),
+            };
+        };
+        // Beneath the directory opened at the start, never its path again (`Config::manifest_dir`).
+        let Some(dir) = cfg.manifest_dir.as_ref().map(Arc::clone) else {
+            anyhow::bail!(
+                "writing the manifest {}: its directory was not opened at the start",
+                path.display()
+            );
+        };
+        let mut temp = TempOutput::create(Arc::clone(&dir))
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("writing the manifest {}", path.display()))?;
+        let file = temp.contents();
+        write_all(&mut &*file, Some(file))
+            .with_context(|| format!("writing {}", path.display()))?;
+        let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
+        // A manifest names every file of the tree and its digest, the names of directories others
+        // may not list and the digests of files they may not read among them (a short secret's
+        // digest gives it away): made `0600`, less the umask, as the state and the failure log
+        // are (found by a review: `0644`). One replaced keeps the mode and group its owner gave
+        // it (`chmod`, `chgrp` to share it), as an editor keeps them: only one of filepipe's
+        // user's (another's `0666` file put at the name would have them rewrite the manifest).
+        let me = rustix::process::geteuid().as_raw();
+        let before = rustix::fs::statat(&dir.fd, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW)
+            .ok()
+            .filter(|st| {
+                rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile
+                    && st.st_uid == me
+            });
+        let mut mode = before.map_or(0o600 & !crate::fsio::rootdirs::umask(), |st| {
+            st.st_mode & 0o666
+        });
+        if let Some(st) = before {
+            let gid = rustix::fs::Gid::from_raw(st.st_gid);
+            // Not ours to give (not root, and not in that group): the group stays ours, and
+            // the group bits would serve a group the owner did not choose: dropped.
+            if rustix::fs::fchown(&*temp.file(), None, Some(gid)).is_err()
+                && rustix::fs::fstat(&*temp.file()).is_ok_and(|now| now.st_gid != st.st_gid)
+            {
+                mode &= !0o070;
+            }
+        }
+        rustix::fs::fchmod(&*temp.file(), rustix::fs::Mode::from_raw_mode(mode))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        self.written.push((temp, name.to_os_string()));
+        self.paths.push(path.clone());
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -124,15 +124,20 @@ impl<'a> StateSink<'a> {
         }
         let started = Instant::now();
         let cfg = self.cfg;
+        let mut manifests = manifest::Manifests::new(cfg);
         for &algo in cfg.spec.hashes() {
             let digests = self.state.digests(algo)?;
-            let written = manifest::write_manifest(self.cfg, algo, &digests, |(p, d)| {
+            let written = manifests.write(algo, &digests, |(p, d)| {
                 selected(cfg, p).then_some((p.as_slice(), d))
             });
             if let Err(e) = written {
                 self.manifest_failed(&e);
                 return Ok(());
             }
+        }
+        if let Err(e) = manifests.publish() {
+            self.manifest_failed(&e);
+            return Ok(());
         }
         if let Some(failing) = self.manifest_failing.take() {
             tracing::warn!(
