@@ -311,7 +311,7 @@ pub(crate) fn run(
         }
     };
     let stats = Stats::default();
-    let mut source = Walk::new(cfg, shutdown);
+    let mut source = Walk::for_queue(cfg, shutdown);
     let mut sink = ManifestSink::new(cfg);
     coordinate(
         cfg,

@@ -15,8 +15,10 @@
 //! Jobs and outcomes travel in small batches: with one message per file, channel hand-offs
 //! (futex wake-ups and crossbeam's yielding back-off) cost more CPU than hashing 16 KiB files.
 //! A batch is capped in files and bytes, and a large file travels alone, so workers stay
-//! evenly loaded to the end of the run.
+//! evenly loaded to the end of the run; a walk that takes no stamps fills its batches by count,
+//! and the worker that opens a large file in one gives up the jobs after it (`intake`).
 
+mod intake;
 mod publish;
 mod worker;
 
@@ -40,6 +42,7 @@ use crate::sink::Sink;
 use crate::source::{Outlet, Source};
 use crate::travel::{Event, Msg, Recorded, Stats};
 
+use intake::Intake;
 use publish::{publisher_loop, Ready};
 use worker::{worker_loop, Stage};
 
@@ -276,10 +279,10 @@ fn run_with<O: Op>(
         let stage = Stage {
             publishers: O::DEFER_PUBLISH.then_some(&ready_tx),
             events: &event_tx,
-            unstarted,
         };
-        // One long-lived loop per pool thread, each stopping at its own sentinel.
-        workers.broadcast(|ctx| worker_loop(ctx.index(), cfg, op, &job_rx, &stage, shutdown));
+        let intake = Intake::new(&job_rx, unstarted, cfg.jobs);
+        // One long-lived loop per pool thread, each stopping after its own sentinel.
+        workers.broadcast(|ctx| worker_loop(ctx.index(), cfg, op, &intake, &stage, shutdown));
         // Every worker is done: publishers drain what is left, then see the channel close.
         drop(ready_tx);
         let published = publishers.into_iter().map(|p| p.join()).all(|r| r.is_ok());

@@ -6,10 +6,9 @@
 //! first, and its outcome says where it went.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 
 use crate::config::Config;
 use crate::error::{FileError, Kind};
@@ -18,9 +17,10 @@ use rustix::fs::{self as rfs, AtFlags, Mode, OFlags};
 use crate::fsio::input::{self, InputFile, NotRegular, OpenError};
 use crate::fsio::output::Dir;
 use crate::ops::Op;
+use crate::pipeline::intake::{Intake, Place, Rest};
 use crate::pipeline::publish::{guarded, not_done, publish_guarded, Ready};
 use crate::signals::Shutdown;
-use crate::travel::{Event, Job, Msg, Outcome, Stamp, INODE_UNKNOWN};
+use crate::travel::{Event, Job, Outcome, Stamp, INODE_UNKNOWN};
 
 /// How many times a file that changed while being read is attempted in all.
 const ATTEMPTS: u32 = 3;
@@ -30,17 +30,15 @@ pub(crate) struct Stage<'a, P> {
     /// Publisher threads (ops whose publish waits on the disk), or `None` to publish inline.
     pub(crate) publishers: Option<&'a Sender<Ready<P>>>,
     pub(crate) events: &'a Sender<Event>,
-    /// Jobs taken from the channel and not yet started.
-    pub(crate) unstarted: &'a AtomicUsize,
 }
 
-/// A worker: takes jobs until its sentinel, sends one outcome per job (or hands the job to a
-/// publisher, which sends it).
+/// A worker: takes jobs until its sentinel (and until no other worker can give any up, see
+/// `intake`), sends one outcome per job (or hands the job to a publisher, which sends it).
 pub(crate) fn worker_loop<O: Op>(
     index: usize,
     cfg: &Config,
     op: &O,
-    jobs: &Receiver<Msg>,
+    intake: &Intake<'_>,
     stage: &Stage<'_, O::Pending>,
     shutdown: &Shutdown,
 ) {
@@ -56,11 +54,10 @@ pub(crate) fn worker_loop<O: Op>(
         index,
         root: root.as_ref(),
     };
-    while let Ok(Msg::Jobs(batch)) = jobs.recv() {
-        let mut outcomes = Vec::with_capacity(batch.len());
-        stage.unstarted.fetch_add(batch.len(), Ordering::Relaxed);
-        for job in batch {
-            stage.unstarted.fetch_sub(1, Ordering::Relaxed);
+    let mut place = Place::default();
+    while let Some(mut rest) = intake.next(&mut place) {
+        let mut outcomes = Vec::new();
+        while let Some(job) = rest.pop() {
             if me.root.is_none() {
                 let message = format!(
                     "cannot open the root {} (deleted, moved or replaced): not read",
@@ -83,10 +80,12 @@ pub(crate) fn worker_loop<O: Op>(
                 });
                 continue;
             }
-            if let Some(outcome) = run_job(cfg, op, me, job, stage, shutdown, &mut scratch) {
+            let ran = run_job(cfg, op, me, job, stage, shutdown, &mut scratch, &mut rest);
+            if let Some(outcome) = ran {
                 outcomes.push(outcome);
             }
         }
+        drop(rest);
         if !outcomes.is_empty() && stage.events.send(Event::Finished(outcomes)).is_err() {
             return;
         }
@@ -102,7 +101,9 @@ struct Worker<'a> {
     root: Option<&'a input::Root>,
 }
 
-/// Runs one job; `None` when it was handed to a publisher, which reports it.
+/// Runs one job of a batch (`rest`, the jobs after it); `None` when it was handed to a
+/// publisher, which reports it.
+#[allow(clippy::too_many_arguments)]
 fn run_job<O: Op>(
     cfg: &Config,
     op: &O,
@@ -111,6 +112,7 @@ fn run_job<O: Op>(
     stage: &Stage<'_, O::Pending>,
     shutdown: &Shutdown,
     scratch: &mut O::Scratch,
+    rest: &mut Rest<'_, '_>,
 ) -> Option<Outcome> {
     if shutdown.requested() {
         // Queued but not started: account for it, but do not start new work.
@@ -133,7 +135,7 @@ fn run_job<O: Op>(
     }
     let rel = job.rel.clone();
     // A bug in an op must cost one file, not the run.
-    let prepared = guarded(&rel, || prepare(cfg, op, job, me.root, scratch));
+    let prepared = guarded(&rel, || prepare(cfg, op, job, me.root, scratch, Some(rest)));
     match (prepared, stage.publishers) {
         (Err(outcome), _) => Some(outcome),
         (Ok(ready), None) => Some(publish_guarded(op, ready)),
@@ -149,13 +151,15 @@ fn run_job<O: Op>(
 
 /// Opens safely (beneath `root`, see `input::Root`), checks, reads, and verifies the input
 /// did not change while read (retrying if it did). `Err` is a final outcome (skipped or
-/// failed, or done by an earlier delivery of a cluster job); `Ok` is ready to publish.
+/// failed, or done by an earlier delivery of a cluster job); `Ok` is ready to publish. The jobs
+/// after it in its batch (`rest`) are given up to the other workers if it is large.
 pub(crate) fn prepare<O: Op>(
     cfg: &Config,
     op: &O,
     job: Job,
     root: Option<&input::Root>,
     scratch: &mut O::Scratch,
+    rest: Option<&mut Rest<'_, '_>>,
 ) -> Result<Ready<O::Pending>, Outcome> {
     let failed = |job: Job, error| not_done(job.rel, error);
     if let Some(reason) = op.skipped_by_name(&job) {
@@ -250,6 +254,9 @@ pub(crate) fn prepare<O: Op>(
         });
     }
     let now = Stamp::from_stat(&input.stat);
+    if let Some(rest) = rest {
+        rest.reading(now.size);
+    }
     if let Some(expected) = job.expect.filter(|e| !e.same_file(&now)) {
         // Another file under the name (renamed over it) has its own events and settles in
         // its turn; the same file changed with none is what a write through a shared mapping
@@ -556,19 +563,19 @@ mod tests {
             redelivered: redelivered.then(std::time::SystemTime::now),
             ..job_of(&cfg, "f")
         };
-        let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
         let gz = tmp.path().join("f.gz");
         let made = std::fs::read(&gz).unwrap();
         let inode = std::fs::metadata(&gz).unwrap().ino();
         // Delivered once: up to date, skipped, as a batch finds it.
-        match prepare(&cfg, &op, job(false), None, &mut scratch) {
+        match prepare(&cfg, &op, job(false), None, &mut scratch, None) {
             Err(Outcome::Skipped { reason, .. }) => assert_eq!(reason.kind, Kind::UpToDate),
             other => panic!("{:?}", other.err()),
         }
         // Delivered again: the output holds exactly the input, so it is the earlier
         // delivery's work, done, and left as it is.
-        let ready = prepare(&cfg, &op, job(true), None, &mut scratch).unwrap();
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None).unwrap();
         match publish_guarded(&op, ready) {
             Outcome::Done { done, .. } => assert_eq!(done.bytes_in, 9),
             other => panic!("{other:?}"),
@@ -600,7 +607,7 @@ mod tests {
                 .unwrap()
                 .set_modified(mtime)
                 .unwrap();
-            match prepare(&cfg, &op, job(true), None, &mut scratch) {
+            match prepare(&cfg, &op, job(true), None, &mut scratch, None) {
                 Err(Outcome::Skipped { reason, .. }) => {
                     assert_eq!(reason.kind, Kind::UpToDate);
                     assert!(reason.message.contains("not counted done"), "{reason:?}");
@@ -638,12 +645,12 @@ mod tests {
             ..job_of(&cfg, "sub/f")
         };
         let settled = Stamp::of(&tree.join("sub/f")).unwrap();
-        let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
         assert!(!tree.join("sub/f").exists() && aside.join("sub/f").exists());
         // The same job delivered again: its output in place, made of the file moved aside;
         // the version read is the one moved (a watching coordinator checks it).
-        match prepare(&cfg, &op, job(true), None, &mut scratch) {
+        match prepare(&cfg, &op, job(true), None, &mut scratch, None) {
             Err(Outcome::Done { done, .. }) => {
                 assert_eq!(done.bytes_in, 10);
                 let read = done.stamp.unwrap();
@@ -657,7 +664,7 @@ mod tests {
             redelivered: Some(stored + std::time::Duration::from_secs(60)),
             ..job_of(&cfg, "sub/f")
         };
-        match prepare(&cfg, &op, later, None, &mut scratch) {
+        match prepare(&cfg, &op, later, None, &mut scratch, None) {
             Err(Outcome::Failed { error, .. }) => assert_eq!(error.kind, Kind::Vanished),
             other => panic!("{:?}", other.err()),
         }
@@ -666,7 +673,14 @@ mod tests {
             Err(Outcome::Failed { error, .. }) => error.kind == Kind::Vanished,
             _ => false,
         };
-        assert!(vanished(prepare(&cfg, &op, job(false), None, &mut scratch)));
+        assert!(vanished(prepare(
+            &cfg,
+            &op,
+            job(false),
+            None,
+            &mut scratch,
+            None
+        )));
         // What is under the move directory is not what the output was made of (another
         // mtime): nothing shows the job was done.
         let moved = std::fs::File::options()
@@ -676,7 +690,14 @@ mod tests {
         moved
             .set_modified(std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(9))
             .unwrap();
-        assert!(vanished(prepare(&cfg, &op, job(true), None, &mut scratch)));
+        assert!(vanished(prepare(
+            &cfg,
+            &op,
+            job(true),
+            None,
+            &mut scratch,
+            None
+        )));
     }
 
     /// A redelivered job (a hostile message left unacknowledged is one) naming a file that
@@ -708,7 +729,7 @@ mod tests {
             redelivered: Some(std::time::SystemTime::now()),
             ..job_of(&cfg, "x/y/never")
         };
-        match prepare(&cfg, &op, job, None, &mut scratch) {
+        match prepare(&cfg, &op, job, None, &mut scratch, None) {
             Err(Outcome::Failed { error, .. }) => assert_eq!(error.kind, Kind::Vanished),
             other => panic!("{:?}", other.err()),
         }
@@ -728,12 +749,12 @@ mod tests {
             replace,
             ..job_of(&cfg, "f")
         };
-        let ready = prepare(&cfg, &op, job(false), None, &mut scratch).unwrap();
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
         // Version two is read; before its result is published, version three takes its name
         // (and a newer job, elsewhere, its output).
         std::fs::write(&f, b"version two, longer").unwrap();
-        let ready = prepare(&cfg, &op, job(true), None, &mut scratch).unwrap();
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None).unwrap();
         std::fs::write(tmp.path().join("f.new"), b"version three").unwrap();
         std::fs::rename(tmp.path().join("f.new"), &f).unwrap();
         match publish_guarded(&op, ready) {
@@ -749,7 +770,7 @@ mod tests {
             "the output was replaced by a superseded version"
         );
         // The same through a publisher's group.
-        let ready = prepare(&cfg, &op, job(true), None, &mut scratch).unwrap();
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None).unwrap();
         std::fs::write(&f, b"version four!").unwrap();
         let outcomes = crate::pipeline::publish::publish_group(&op, vec![ready]);
         assert!(
@@ -774,13 +795,13 @@ mod tests {
             [root, input::Root::new(&cfg.root).unwrap().without_openat2()]
         };
         for root in roots() {
-            assert!(prepare(&cfg, &op, job(), Some(&root), &mut scratch).is_ok());
+            assert!(prepare(&cfg, &op, job(), Some(&root), &mut scratch, None).is_ok());
         }
         // Listed, queued, and then the directory's name leads outside the tree.
         std::fs::rename(root.join("d"), root.join("moved")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
         for root in roots() {
-            match prepare(&cfg, &op, job(), Some(&root), &mut scratch) {
+            match prepare(&cfg, &op, job(), Some(&root), &mut scratch, None) {
                 Err(Outcome::Skipped { rel, reason }) => {
                     assert_eq!(rel, Path::new("d/f"));
                     assert_eq!(reason.kind, Kind::Symlink);

@@ -96,7 +96,8 @@ const FOUND_CHUNKS_PER_WALKER: usize = 16;
 /// What a scan finds.
 pub(crate) enum Found {
     /// A regular file to process, by its path relative to the root, with its size, mtime and
-    /// inode from the walk's lstat (absent if it vanished in between). Its `Job` is made only
+    /// inode from the walk's lstat (absent if it vanished in between, or if the walk takes no
+    /// stamps: see `How`). Its `Job` is made only
     /// if it goes to a worker: an unchanged file of an incremental walk never needs its
     /// absolute path, and 50,000 of them waited for the state twice as large with one.
     File(PathBuf, Option<Stamp>),
@@ -114,6 +115,9 @@ pub(crate) struct Walk<'a> {
     shutdown: &'a Shutdown,
     /// An incremental batch's state, read (the sink writes it through its own connection).
     state: Option<Reader>,
+    /// Whoever takes the jobs needs each file's size before it is read (a coordinator's
+    /// batches go to other hosts, whose workers cannot share a batch out).
+    sized: bool,
 }
 
 impl<'a> Walk<'a> {
@@ -123,6 +127,16 @@ impl<'a> Walk<'a> {
             cfg,
             shutdown,
             state: None,
+            sized: false,
+        }
+    }
+
+    /// The same walk for a coordinator, whose batches a large file travels in alone (see
+    /// `sized`).
+    pub(crate) fn for_queue(cfg: &'a Config, shutdown: &'a Shutdown) -> Self {
+        Walk {
+            sized: true,
+            ..Walk::new(cfg, shutdown)
         }
     }
 
@@ -140,7 +154,12 @@ impl Source for Walk<'_> {
     fn run(&mut self, out: Outlet<'_>) -> anyhow::Result<()> {
         let (cfg, shutdown) = (self.cfg, self.shutdown);
         let Some(reader) = self.state.take() else {
-            return walk(cfg, &out, shutdown, None);
+            // A file's stamp serves a sized batch and the progress bar's byte count, and
+            // nothing else without a state: without them, no file is stat'ed (the worker's
+            // `fstat` of what it opens is what counts), one system call of the six a small
+            // file costs, and batches are filled by count (see `pipeline::intake`).
+            let stamps = self.sized || cfg.progress;
+            return walk(cfg, &out, shutdown, None, stamps);
         };
         // The state is read on a thread of its own while the walk starts: reading 50,000 rows
         // takes about half as long as stat'ing as many files, and the two are all an unchanged
@@ -167,7 +186,7 @@ impl Source for Walk<'_> {
                         )
                     })
                 })?;
-            walk(cfg, &out, shutdown, Some(loading))
+            walk(cfg, &out, shutdown, Some(loading), true)
         })
     }
 }
@@ -281,7 +300,7 @@ fn settle(
 /// until the tree is exhausted or a shutdown is requested. With the state (`loading`, being
 /// read), a file recorded done with the stamp it has now is reported done at once, from the
 /// state (its digest, or its output in place), and never opened; files found before the state
-/// is read wait for it. Once the whole tree is walked, the files the state knew and the walk did
+/// is read wait for it. Without `stamps` (and then without the state), files are not stat'ed. Once the whole tree is walked, the files the state knew and the walk did
 /// not find leave it (`Event::Unlisted`), as watch mode's scan forgets them. Fails only if the
 /// state cannot be read.
 fn walk<'s>(
@@ -289,6 +308,7 @@ fn walk<'s>(
     out: &Outlet<'_>,
     shutdown: &Shutdown,
     loading: Option<std::thread::ScopedJoinHandle<'s, anyhow::Result<KnownMap>>>,
+    stamps: bool,
 ) -> anyhow::Result<()> {
     clean_own_dirs(cfg, out.stats);
     let mut known = loading.map(Recorded::Loading);
@@ -361,7 +381,11 @@ fn walk<'s>(
         let handed = scan_split(cfg, out.stats, shutdown, &mut visit);
         tracing::debug!(subtrees = handed, "walked on several threads");
     } else {
-        scan(cfg, &cfg.root, out.stats, shutdown, &mut visit);
+        let how = How {
+            split: None,
+            stamps,
+        };
+        scan_with(cfg, &cfg.root, how, out.stats, shutdown, &mut visit);
     }
     if failed.is_none() {
         match settle(&mut known, true, &mut waiting, &mut feed) {
@@ -414,7 +438,7 @@ pub(crate) fn clean_own_dirs(cfg: &Config, stats: &Stats) {
 }
 
 /// Walks `dir` (the root or a directory under it), classifying every entry and handing it to
-/// `visit`, until done, a shutdown, or `visit` returns false.
+/// `visit`, until done, a shutdown, or `visit` returns false. Every file comes with its stamp.
 pub(crate) fn scan(
     cfg: &Config,
     dir: &Path,
@@ -422,12 +446,37 @@ pub(crate) fn scan(
     shutdown: &Shutdown,
     visit: &mut dyn FnMut(Found) -> bool,
 ) {
+    let how = How {
+        split: None,
+        stamps: true,
+    };
+    scan_with(cfg, dir, how, stats, shutdown, visit);
+}
+
+/// `scan`, as `how` says.
+fn scan_with(
+    cfg: &Config,
+    dir: &Path,
+    how: How<'_>,
+    stats: &Stats,
+    shutdown: &Shutdown,
+    visit: &mut dyn FnMut(Found) -> bool,
+) {
     match RootDir::open(&cfg.root) {
-        Ok(root) => scan_tree(cfg, &root, Top::Path(dir), None, stats, shutdown, visit),
+        Ok(root) => scan_tree(cfg, &root, Top::Path(dir), how, stats, shutdown, visit),
         Err(e) => {
             visit(dir_failed(cfg, dir, e));
         }
     }
+}
+
+/// How a scan goes.
+#[derive(Clone, Copy)]
+struct How<'s> {
+    /// The walker of a split walk this scan is (see `scan_tree`), if it is one.
+    split: Option<&'s Split>,
+    /// Whether every file is lstat'ed for its stamp (see `file`).
+    stamps: bool,
 }
 
 /// Where a scan starts.
@@ -447,18 +496,19 @@ fn dir_failed(cfg: &Config, dir: &Path, e: Errno) -> Found {
     })
 }
 
-/// `scan` from `top`, or with `split` a walker's scan of the root or of a subdirectory handed
-/// to it, which hands the subdirectories it comes to over to idle walkers (each opened first:
-/// the other walker lists the very directory this one found, never looks it up again).
+/// `scan` from `top`, or with `how.split` a walker's scan of the root or of a subdirectory
+/// handed to it, which hands the subdirectories it comes to over to idle walkers (each opened
+/// first: the other walker lists the very directory this one found, never looks it up again).
 fn scan_tree(
     cfg: &Config,
     root: &RootDir,
     top: Top<'_>,
-    split: Option<&Split>,
+    how: How<'_>,
     stats: &Stats,
     shutdown: &Shutdown,
     visit: &mut dyn FnMut(Found) -> bool,
 ) {
+    let split = how.split;
     let (top, path) = match top {
         Top::Opened(dir, path) => (dir, path),
         Top::Path(dir) => {
@@ -530,7 +580,7 @@ fn scan_tree(
                 continue;
             }
         };
-        let found = match classify(cfg, root, &mut dirs, kind, &own, stats) {
+        let found = match classify(cfg, root, &mut dirs, kind, &own, how.stamps, stats) {
             Classified::Nothing => continue,
             Classified::Found(found) => found,
             // A directory of filepipe's own reached by another path (a bind mount of the
@@ -757,7 +807,11 @@ fn walker(
         if split.stop.load(Ordering::Relaxed) || shutdown.requested() {
             continue;
         }
-        scan_tree(cfg, root, top, Some(split), stats, shutdown, &mut |f| {
+        let how = How {
+            split: Some(split),
+            stamps: true,
+        };
+        scan_tree(cfg, root, top, how, stats, shutdown, &mut |f| {
             chunk.push(f);
             if chunk.len() >= FOUND_CHUNK {
                 send(&mut chunk);
@@ -780,13 +834,15 @@ enum Classified {
     Dir(OpenDir, PathBuf, bool),
 }
 
-/// Classifies the entry `dirs` is at, whose `d_type` is `kind`.
+/// Classifies the entry `dirs` is at, whose `d_type` is `kind` (a file with its stamp if
+/// `stamps`).
 fn classify(
     cfg: &Config,
     root: &RootDir,
     dirs: &mut Dirs,
     kind: FileType,
     own: &[&Path],
+    stamps: bool,
     stats: &Stats,
 ) -> Classified {
     let report = |o| Classified::Found(Found::Report(o));
@@ -835,7 +891,7 @@ fn classify(
             let reason = link_reason(cfg, root, &rel);
             report(Outcome::Skipped { rel, reason })
         }
-        FileType::RegularFile => file(cfg, dir, name, rel, lstat, stats),
+        FileType::RegularFile => file(cfg, dir, name, rel, lstat, stamps, stats),
         other => report(special(rel, other)),
     }
 }
@@ -929,7 +985,7 @@ fn follow_link(
         // One of filepipe's own files (the state's database, a manifest) by another path.
         FileType::RegularFile if cfg.is_own_followed(&fd, &st) => report(own_link(rel)),
         // Stat'ed through the link, beneath the root: the file the worker's open will find.
-        FileType::RegularFile => file(cfg, dir, name, rel, Some(st), stats),
+        FileType::RegularFile => file(cfg, dir, name, rel, Some(st), true, stats),
         other => report(special(rel, other)),
     }
 }
@@ -954,14 +1010,16 @@ fn special(rel: PathBuf, kind: FileType) -> Outcome {
     Outcome::Skipped { rel, reason }
 }
 
-/// A regular file, `name` in `dir` (`st`: its stat, if the walk has it already): a job, or
-/// nothing (filtered out, filepipe's own temp), or a report (a temp-like name).
+/// A regular file, `name` in `dir` (`st`: its stat, if the walk has it already; looked up if
+/// not and `stamps`): a job, or nothing (filtered out, filepipe's own temp), or a report (a
+/// temp-like name).
 fn file(
     cfg: &Config,
     dir: BorrowedFd<'_>,
     name: &std::ffi::OsStr,
     rel: PathBuf,
     st: Option<rfs::Stat>,
+    stamps: bool,
     stats: &Stats,
 ) -> Classified {
     if output::is_temp_name(name) {
@@ -976,9 +1034,12 @@ fn file(
     // One lstat per file, by name in its directory (the kernel looks up one component), on
     // this thread: the size balances batches and feeds progress, and an incremental run or
     // watch mode compares the stamp with its state. An lstat: a file swapped for a link
-    // after the listing is not taken for the link's target.
+    // after the listing is not taken for the link's target. A walk with no use for stamps
+    // takes none: the worker opens the file by name as it would anyway, and what it opened
+    // is what it checks (a link, a FIFO, a directory it may not search, a file gone).
     let st = match st {
         Some(st) => Some(st),
+        None if !stamps => None,
         None => match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st) => Some(st),
             // Gone since the listing: the worker says so (`vanished`), and a watch hears of it.
@@ -1275,7 +1336,7 @@ mod tests {
             while !late && !loading.is_finished() {
                 std::thread::yield_now();
             }
-            walk(&cfg, &out, &shutdown, Some(loading)).unwrap();
+            walk(&cfg, &out, &shutdown, Some(loading), true).unwrap();
         });
         drop((jobs_tx, events_tx));
         let mut sent: Vec<PathBuf> = jobs_rx
@@ -1744,7 +1805,10 @@ mod tests {
             &cfg,
             &rootdir,
             top,
-            Some(&split),
+            How {
+                split: Some(&split),
+                stamps: true,
+            },
             &stats,
             &shutdown,
             &mut |f| {
