@@ -1163,6 +1163,71 @@ exit $code"#;
 }
 
 #[test]
+fn a_manifest_that_cannot_be_replaced_leaves_the_others_as_they_were_too() {
+    // SUMS.blake3 immutable (`chattr +i`; root only): its rename fails after SUMS's could have
+    // been done. Renamed one by one, SUMS was new beside an old SUMS.blake3 (found by a
+    // review); swapped in all or none, SUMS is put back.
+    let t = TestTree::new().file("a", b"one").file("b", b"two");
+    let dir = t.side("sums");
+    fs::create_dir(&dir).unwrap();
+    let sums = dir.join("SUMS");
+    let args = |extra: &[&OsStr]| {
+        let mut a = vec![
+            p(&t.root()).to_owned(),
+            s("--op").to_owned(),
+            s("sha256,blake3").to_owned(),
+            s("--manifest").to_owned(),
+            p(&sums).to_owned(),
+        ];
+        a.extend(extra.iter().map(|x| x.to_os_string()));
+        a
+    };
+    let run_with = |extra: &[&OsStr]| {
+        let mut c = Command::new(bin());
+        c.arg("batch").args(args(extra));
+        run(c)
+    };
+    run_with(&[]).success();
+    let before = (
+        fs::read(&sums).unwrap(),
+        fs::read(dir.join("SUMS.blake3")).unwrap(),
+    );
+    let immutable = |on: bool| {
+        Command::new("chattr")
+            .arg(if on { "+i" } else { "-i" })
+            .arg(dir.join("SUMS.blake3"))
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !immutable(true) {
+        eprintln!("SKIPPED: chattr +i is not possible here (not root, or the file system has no such flag)");
+        return;
+    }
+    fs::write(t.path("c"), b"three").unwrap();
+    let out = run_with(&[]);
+    immutable(false);
+    let err = out.code(1).stderr();
+    assert!(
+        err.contains("nor was SUMS beside it replaced: each is as it was"),
+        "{err}"
+    );
+    let after = (
+        fs::read(&sums).unwrap(),
+        fs::read(dir.join("SUMS.blake3")).unwrap(),
+    );
+    assert_eq!(after, before, "both manifests are the first run's");
+    let left: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "no temp left: {left:?}");
+    // Replaceable again: both are the new run's.
+    run_with(&[]).success();
+    let lines = |p: &Path| fs::read_to_string(p).unwrap().lines().count();
+    assert_eq!((lines(&sums), lines(&dir.join("SUMS.blake3"))), (3, 3));
+}
+
+#[test]
 fn file_appended_while_read_is_never_published() {
     // Each of the ATTEMPTS reads must overlap an append, or the file is hashed (and rightly
     // so) and the test fails. So the file takes tens of ms to read, and the writer never

@@ -1823,13 +1823,13 @@ enum Flushed {
     Alone,
 }
 
-/// Publishes `temps` together, each under its name (replacing what is there if `replace`): all of them
-/// made durable as `durability` says before any is renamed, so a failure to write them (a
-/// full disk) leaves every name as it was, then every name made durable. A run's manifests of
-/// several hashes go this way: published one by one, a disk that filled in between left one
-/// manifest new and the other old, describing two different trees. A rename that fails once
-/// another was done (an I/O error; a directory with no room for a name not there before) fails
-/// the lot with the names done so far in place.
+/// Publishes `temps` together, each under its name (replacing what is there if `replace`): all
+/// of them made durable as `durability` says before any is named, so a failure to write them (a
+/// full disk) leaves every name as it was; then several replacing ones are swapped in all or
+/// none (`swap_in`); then every name is made durable. A run's manifests of several hashes go
+/// this way: published one by one, a disk that filled in between, or a name that could not be
+/// replaced (another user's file in a sticky directory, an immutable one: found by a review),
+/// left one manifest new and another old, describing two different trees.
 pub(crate) fn publish_together(
     temps: Vec<(TempOutput, OsString)>,
     replace: bool,
@@ -1842,13 +1842,178 @@ pub(crate) fn publish_together(
     let synced = sync_group(temps, 0, durability);
     // Every temp's error first: dropped unrenamed, each one's temp is removed.
     let synced = synced.into_iter().collect::<Result<Vec<_>, _>>()?;
-    let named = (synced.into_iter().zip(&names))
-        .map(|(mut temp, name)| temp.rename(name, replace))
-        .collect::<Result<Vec<_>, _>>()?;
+    let named = if replace && synced.len() > 1 {
+        swap_in(synced, &names)?
+    } else {
+        (synced.into_iter().zip(&names))
+            .map(|(mut temp, name)| temp.rename(name, replace))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     let new_names: Vec<NewName<'_>> = named.iter().map(Named::new_name).collect();
     sync_names(&new_names, durability, mark)
         .into_iter()
         .collect()
+}
+
+/// How `swap_in` put a temp under its final name.
+#[derive(Clone, Copy)]
+enum Swapped {
+    /// Exchanged with the regular file there (`RENAME_EXCHANGE`), now under the temp's name:
+    /// its device and inode (its ctime moves with the exchange; it is not freed meanwhile).
+    Exchanged((u64, u64)),
+    /// Renamed to a name that was free.
+    Renamed,
+}
+
+/// Gives each of `temps` its name in `names`, replacing the regular file there, all or none:
+/// each is given a temp name (if anonymous), then exchanged with the file under its name
+/// (`RENAME_EXCHANGE`) or renamed to the name if it is free; if one cannot be, those done are
+/// exchanged or renamed back, and every name holds what it held. Once all are in, the old
+/// files, now under the temps' names, are removed. A name held by anything but a regular file
+/// fails them all before any is touched. (A crash between the exchanges and the removals
+/// leaves an old file under a temp name, unmarked: no sweep removes it, as none can prove it
+/// filepipe's.)
+fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>, FileError> {
+    let path = |i: usize, t: &SyncedTemp| t.0.dir.path.join(&names[i]);
+    // Said of the `i`th, and of the others, left as they were too.
+    let failed = |i: usize, t: &SyncedTemp, e: Errno| {
+        let mut e = match e {
+            Errno::ISDIR => FileError {
+                kind: Kind::OutputExists,
+                errno: Some(e.raw_os_error()),
+                message: format!("{} is a directory; not replaced", path(i, t).display()),
+            },
+            Errno::AGAIN => FileError {
+                kind: Kind::OutputExists,
+                errno: None,
+                message: format!(
+                    "{} was replaced by another file while it was published; not replaced",
+                    path(i, t).display()
+                ),
+            },
+            e => FileError::errno(&format!("publishing {}", path(i, t).display()), e),
+        };
+        let others: Vec<String> = (names.iter().enumerate())
+            .filter(|&(j, _)| j != i)
+            .map(|(_, n)| n.to_string_lossy().into_owned())
+            .collect();
+        e.message = format!(
+            "{}; nor was {} beside it replaced: each is as it was",
+            e.message,
+            others.join(" or ")
+        );
+        e
+    };
+    // Anonymous still: flushed before it had any name (see `published`).
+    let mut anonymous = Vec::with_capacity(temps.len());
+    for (i, t) in temps.iter_mut().enumerate() {
+        anonymous.push(t.0.name.is_none());
+        if t.0.name.is_none() {
+            t.0.give_name().map_err(|e| failed(i, t, e))?;
+        }
+    }
+    // What each name holds: a regular file is exchanged, a free name taken, anything else
+    // refused before any name is touched.
+    let mut found = Vec::with_capacity(temps.len());
+    for (i, t) in temps.iter().enumerate() {
+        match rfs::statat(&t.0.dir.fd, &names[i], AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::RegularFile => {
+                found.push(Some((st.st_dev, st.st_ino)));
+            }
+            Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory => {
+                return Err(failed(i, t, Errno::ISDIR))
+            }
+            Ok(_) => return Err(failed(i, t, Errno::EXIST)),
+            Err(Errno::NOENT) => found.push(None),
+            Err(e) => return Err(failed(i, t, e)),
+        }
+    }
+    let mut done: Vec<Swapped> = Vec::with_capacity(temps.len());
+    let back = |done: &[Swapped], temps: &[SyncedTemp]| {
+        for (j, how) in done.iter().enumerate().rev() {
+            let (dir, temp_name) = (&temps[j].0.dir, temps[j].0.name.as_deref());
+            let Some(temp_name) = temp_name else { continue };
+            let undone = match how {
+                Swapped::Exchanged(_) => rfs::renameat_with(
+                    &dir.fd,
+                    temp_name,
+                    &dir.fd,
+                    &names[j],
+                    RenameFlags::EXCHANGE,
+                ),
+                Swapped::Renamed => rfs::renameat_with(
+                    &dir.fd,
+                    &names[j],
+                    &dir.fd,
+                    temp_name,
+                    RenameFlags::NOREPLACE,
+                ),
+            };
+            if let Err(e) = undone {
+                tracing::error!(
+                    path = %dir.path.join(&names[j]).display(),
+                    error = %std::io::Error::from(e),
+                    "could not put the file back after another failed to be published beside it: it is the new one"
+                );
+            }
+        }
+    };
+    for (i, t) in temps.iter().enumerate() {
+        let (dir, temp_name) = (&t.0.dir, t.0.name.as_deref().unwrap_or_default());
+        let swapped = match found[i] {
+            Some(old) => rfs::renameat_with(
+                &dir.fd,
+                temp_name,
+                &dir.fd,
+                &names[i],
+                RenameFlags::EXCHANGE,
+            )
+            .map(|()| Swapped::Exchanged(old)),
+            None => rfs::renameat_with(
+                &dir.fd,
+                temp_name,
+                &dir.fd,
+                &names[i],
+                RenameFlags::NOREPLACE,
+            )
+            .map(|()| Swapped::Renamed),
+        };
+        match swapped {
+            Ok(how) => done.push(how),
+            Err(e) => {
+                back(&done, &temps);
+                return Err(failed(i, t, e));
+            }
+        }
+    }
+    // What each exchange put under the temp's name must be what was looked at: a file put at
+    // the name in between (a directory, another's file) is put back, and nothing is published.
+    for (i, (t, how)) in temps.iter().zip(&done).enumerate() {
+        let Swapped::Exchanged(old) = how else {
+            continue;
+        };
+        let temp_name = t.0.name.as_deref().unwrap_or_default();
+        let now = rfs::statat(&t.0.dir.fd, temp_name, AtFlags::SYMLINK_NOFOLLOW);
+        if !now.is_ok_and(|st| (st.st_dev, st.st_ino) == *old) {
+            back(&done, &temps);
+            return Err(failed(i, t, Errno::AGAIN));
+        }
+    }
+    let mut named = Vec::with_capacity(temps.len());
+    for (((t, how), name), anonymous) in temps.into_iter().zip(done).zip(names).zip(anonymous) {
+        let mut temp = t.0;
+        if let (Swapped::Exchanged(_), Some(temp_name)) = (how, &temp.name) {
+            // The old file, under the temp's name now.
+            let _ = rfs::unlinkat(&temp.dir.fd, temp_name, AtFlags::empty());
+        }
+        if temp.marked {
+            if let Some(file) = &temp.file {
+                let _ = rfs::fremovexattr(file, TEMP_MARK);
+            }
+        }
+        named.push(temp.published(name, anonymous));
+    }
+    Ok(named)
 }
 
 /// Makes every temp's data, mode and times durable before any of them is given its final
