@@ -1208,7 +1208,7 @@ fn a_manifest_that_cannot_be_replaced_leaves_the_others_as_they_were_too() {
     immutable(false);
     let err = out.code(1).stderr();
     assert!(
-        err.contains("nor was SUMS beside it replaced: each is as it was"),
+        err.contains("nor was SUMS beside it replaced: it is as it was"),
         "{err}"
     );
     let after = (

@@ -1843,7 +1843,17 @@ pub(crate) fn publish_together(
     // Every temp's error first: dropped unrenamed, each one's temp is removed.
     let synced = synced.into_iter().collect::<Result<Vec<_>, _>>()?;
     let named = if replace && synced.len() > 1 {
-        swap_in(synced, &names)?
+        match swap_in(synced, &names)? {
+            SwapIn::Done(named) => named,
+            // Renamed one after the other, as one is (see `swap_in`).
+            SwapIn::Unsupported(synced) => (synced.into_iter().zip(&names))
+                .map(|((mut temp, anonymous), name)| {
+                    let mut named = temp.rename(name, replace)?;
+                    named.link_unflushed |= anonymous && link_needs_fsync(&named.dir);
+                    Ok(named)
+                })
+                .collect::<Result<Vec<_>, FileError>>()?,
+        }
     } else {
         (synced.into_iter().zip(&names))
             .map(|(mut temp, name)| temp.rename(name, replace))
@@ -1858,25 +1868,36 @@ pub(crate) fn publish_together(
 /// How `swap_in` put a temp under its final name.
 #[derive(Clone, Copy)]
 enum Swapped {
-    /// Exchanged with the regular file there (`RENAME_EXCHANGE`), now under the temp's name:
-    /// its device and inode (its ctime moves with the exchange; it is not freed meanwhile).
+    /// Exchanged with the file there (`RENAME_EXCHANGE`), now under the temp's name: its
+    /// device and inode (its ctime moves with the exchange; it is not freed meanwhile).
     Exchanged((u64, u64)),
     /// Renamed to a name that was free.
     Renamed,
 }
 
-/// Gives each of `temps` its name in `names`, replacing the regular file there, all or none:
-/// each is given a temp name (if anonymous), then exchanged with the file under its name
-/// (`RENAME_EXCHANGE`) or renamed to the name if it is free; if one cannot be, those done are
-/// exchanged or renamed back, and every name holds what it held. Once all are in, the old
-/// files, now under the temps' names, are removed. A name held by anything but a regular file
-/// fails them all before any is touched. (A crash between the exchanges and the removals
-/// leaves an old file under a temp name, unmarked: no sweep removes it, as none can prove it
-/// filepipe's.)
-fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>, FileError> {
+/// How `swap_in` ended, when it did not fail.
+enum SwapIn {
+    /// Every temp under its name.
+    Done(Vec<Named>),
+    /// The file system refuses `RENAME_EXCHANGE` or `RENAME_NOREPLACE` (NFS, CIFS, exFAT, many
+    /// FUSE ones): nothing done, every temp named, with whether it was flushed anonymous.
+    Unsupported(Vec<(SyncedTemp, bool)>),
+}
+
+/// Gives each of `temps` its name in `names`, replacing what is there (anything but a
+/// directory), all or none: each is given a temp name (if anonymous), then exchanged with the
+/// file under its name (`RENAME_EXCHANGE`) or renamed to the name if it is free; if one cannot
+/// be, those done are exchanged or renamed back, and every name holds what it held. Once all
+/// are in, the old files, now under the temps' names, are removed. A directory at a name fails
+/// them all before any is touched. Where the file system refuses the flags, nothing is done
+/// (`SwapIn::Unsupported`): the caller renames them one by one. (A crash, or a third signal,
+/// which exits at once, between two exchanges leaves the names done new and the others old;
+/// between the exchanges and the removals, an old file under a temp name, unmarked, which no
+/// sweep removes, as none can prove it filepipe's.)
+fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<SwapIn, FileError> {
     let path = |i: usize, t: &SyncedTemp| t.0.dir.path.join(&names[i]);
-    // Said of the `i`th, and of the others, left as they were too.
-    let failed = |i: usize, t: &SyncedTemp, e: Errno| {
+    // Said of the `i`th, and of the others: as they were, but for any not put back.
+    let failed = |i: usize, t: &SyncedTemp, e: Errno, stuck: &[usize]| {
         let mut e = match e {
             Errno::ISDIR => FileError {
                 kind: Kind::OutputExists,
@@ -1893,15 +1914,31 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>,
             },
             e => FileError::errno(&format!("publishing {}", path(i, t).display()), e),
         };
-        let others: Vec<String> = (names.iter().enumerate())
-            .filter(|&(j, _)| j != i)
-            .map(|(_, n)| n.to_string_lossy().into_owned())
-            .collect();
-        e.message = format!(
-            "{}; nor was {} beside it replaced: each is as it was",
-            e.message,
-            others.join(" or ")
+        let named = |f: &dyn Fn(usize) -> bool| {
+            (names.iter().enumerate())
+                .filter(|&(j, _)| j != i && f(j))
+                .map(|(_, n)| n.to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        let (kept, new) = (
+            named(&|j| !stuck.contains(&j)),
+            named(&|j| stuck.contains(&j)),
         );
+        if !kept.is_empty() {
+            e.message = format!(
+                "{}; nor was {} beside it replaced: {} as it was",
+                e.message,
+                kept.join(" or "),
+                if kept.len() == 1 { "it is" } else { "each is" }
+            );
+        }
+        if !new.is_empty() {
+            e.message = format!(
+                "{}; {} could not be put back, and is the new one",
+                e.message,
+                new.join(" and ")
+            );
+        }
         e
     };
     // Anonymous still: flushed before it had any name (see `published`).
@@ -1909,27 +1946,25 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>,
     for (i, t) in temps.iter_mut().enumerate() {
         anonymous.push(t.0.name.is_none());
         if t.0.name.is_none() {
-            t.0.give_name().map_err(|e| failed(i, t, e))?;
+            t.0.give_name().map_err(|e| failed(i, t, e, &[]))?;
         }
     }
-    // What each name holds: a regular file is exchanged, a free name taken, anything else
-    // refused before any name is touched.
+    // What each name holds: anything but a directory is exchanged (a symlink itself, never
+    // followed, as a rename over it replaces it), a free name taken.
     let mut found = Vec::with_capacity(temps.len());
     for (i, t) in temps.iter().enumerate() {
         match rfs::statat(&t.0.dir.fd, &names[i], AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::RegularFile => {
-                found.push(Some((st.st_dev, st.st_ino)));
-            }
             Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory => {
-                return Err(failed(i, t, Errno::ISDIR))
+                return Err(failed(i, t, Errno::ISDIR, &[]))
             }
-            Ok(_) => return Err(failed(i, t, Errno::EXIST)),
+            Ok(st) => found.push(Some((st.st_dev, st.st_ino))),
             Err(Errno::NOENT) => found.push(None),
-            Err(e) => return Err(failed(i, t, e)),
+            Err(e) => return Err(failed(i, t, e, &[])),
         }
     }
-    let mut done: Vec<Swapped> = Vec::with_capacity(temps.len());
-    let back = |done: &[Swapped], temps: &[SyncedTemp]| {
+    // Undoes `done`, last first; the ones that could not be undone.
+    let back = |done: &[Swapped], temps: &[SyncedTemp]| -> Vec<usize> {
+        let mut stuck = Vec::new();
         for (j, how) in done.iter().enumerate().rev() {
             let (dir, temp_name) = (&temps[j].0.dir, temps[j].0.name.as_deref());
             let Some(temp_name) = temp_name else { continue };
@@ -1955,9 +1990,12 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>,
                     error = %std::io::Error::from(e),
                     "could not put the file back after another failed to be published beside it: it is the new one"
                 );
+                stuck.push(j);
             }
         }
+        stuck
     };
+    let mut done: Vec<Swapped> = Vec::with_capacity(temps.len());
     for (i, t) in temps.iter().enumerate() {
         let (dir, temp_name) = (&t.0.dir, t.0.name.as_deref().unwrap_or_default());
         let swapped = match found[i] {
@@ -1981,8 +2019,19 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>,
         match swapped {
             Ok(how) => done.push(how),
             Err(e) => {
-                back(&done, &temps);
-                return Err(failed(i, t, e));
+                let stuck = back(&done, &temps);
+                // The flag refused (found by a review: no manifest of several hashes could be
+                // written on NFS or a FUSE file system): undone, and left to plain renames.
+                if e == Errno::INVAL && stuck.is_empty() {
+                    static SAID: AtomicBool = AtomicBool::new(false);
+                    if !SAID.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(dir = %t.0.dir.path.display(), "this file system cannot exchange two files' names (RENAME_EXCHANGE): the manifests of several hashes are published one after the other, and a failure between two leaves one new beside one old");
+                    }
+                    return Ok(SwapIn::Unsupported(
+                        temps.into_iter().zip(anonymous).collect(),
+                    ));
+                }
+                return Err(failed(i, t, e, &stuck));
             }
         }
     }
@@ -1995,8 +2044,8 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>,
         let temp_name = t.0.name.as_deref().unwrap_or_default();
         let now = rfs::statat(&t.0.dir.fd, temp_name, AtFlags::SYMLINK_NOFOLLOW);
         if !now.is_ok_and(|st| (st.st_dev, st.st_ino) == *old) {
-            back(&done, &temps);
-            return Err(failed(i, t, Errno::AGAIN));
+            let stuck = back(&done, &temps);
+            return Err(failed(i, t, Errno::AGAIN, &stuck));
         }
     }
     let mut named = Vec::with_capacity(temps.len());
@@ -2013,7 +2062,7 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<Vec<Named>,
         }
         named.push(temp.published(name, anonymous));
     }
-    Ok(named)
+    Ok(SwapIn::Done(named))
 }
 
 /// Makes every temp's data, mode and times durable before any of them is given its final
