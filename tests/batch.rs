@@ -1227,6 +1227,61 @@ fn a_manifest_that_cannot_be_replaced_leaves_the_others_as_they_were_too() {
     assert_eq!((lines(&sums), lines(&dir.join("SUMS.blake3"))), (3, 3));
 }
 
+/// A file system that refuses `renameat2`'s flags (bindfs here, as NFS, CIFS, exFAT and other
+/// FUSE ones do): the manifests of several hashes are renamed one by one there. Swapped in all
+/// or none only, none could ever be written (found by a review).
+#[test]
+fn where_names_cannot_be_exchanged_the_manifests_of_several_hashes_are_still_written() {
+    if Command::new("bindfs").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no bindfs");
+        return;
+    }
+    let t = TestTree::new().file("a", b"one").file("b", b"two");
+    let (back, view) = (t.side("back"), t.side("view"));
+    fs::create_dir(&back).unwrap();
+    fs::create_dir(&view).unwrap();
+    let st = Command::new("bindfs")
+        .arg(&back)
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(view.clone());
+    let sums = view.join("SUMS");
+    for (round, extra) in [("first", None), ("again", Some("c"))] {
+        if let Some(name) = extra {
+            fs::write(t.path(name), b"three").unwrap();
+        }
+        let mut c = Command::new(bin());
+        c.args([s("batch"), p(&t.root()), s("--op"), s("sha256,blake3")])
+            .args([s("--manifest"), p(&sums)]);
+        let out = run(c);
+        let err = out.success().stderr();
+        assert!(
+            err.contains("cannot exchange two files' names"),
+            "{round}: {err}"
+        );
+        let files = 2 + usize::from(extra.is_some());
+        for name in ["SUMS", "SUMS.blake3"] {
+            let text = fs::read_to_string(view.join(name)).unwrap();
+            assert_eq!(text.lines().count(), files, "{round}: {name}");
+        }
+        let check = tool("sha256sum", &[s("-c"), p(&sums)], &t.root());
+        assert!(check.status.success(), "{round}: {check:?}");
+        let left: Vec<_> = fs::read_dir(&back)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "{round}: no temp left: {left:?}");
+    }
+}
+
 #[test]
 fn file_appended_while_read_is_never_published() {
     // Each of the ATTEMPTS reads must overlap an append, or the file is hashed (and rightly
