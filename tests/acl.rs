@@ -463,27 +463,10 @@ fn where_acls_are_refused_an_output_of_an_input_without_one_keeps_its_mode() {
     let Some(t) = acl_tree() else {
         return;
     };
-    if Command::new("bindfs").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: no bindfs");
-        return;
-    }
     let (back, view) = (t.side("back"), t.side("view"));
-    fs::create_dir(&back).unwrap();
-    fs::create_dir(&view).unwrap();
-    let st = Command::new("bindfs")
-        .arg("--xattr-ro")
-        .arg(&back)
-        .arg(&view)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bindfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(view.clone());
+    let Some(_unmount) = bindfs(&back, &view, &["--xattr-ro"]) else {
+        return;
+    };
     make(
         &t,
         "memo.txt",

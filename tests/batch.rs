@@ -1057,6 +1057,15 @@ fn rlimit_fsize_is_a_per_file_efbig_and_later_files_still_done() {
     assert!(temps_under(t.dir.path()).is_empty());
 }
 
+/// Runs the shell `script` with `args` ($1...) as root of a private user and mount namespace,
+/// where it may mount a small tmpfs that goes with it.
+fn in_mount_namespace(script: &str, args: &[&OsStr]) -> Run {
+    let mut c = Command::new("unshare");
+    c.args([s("-rm"), s("sh"), s("-c"), s(script), s("sh")])
+        .args(args);
+    run(c)
+}
+
 #[test]
 fn disk_full_is_a_per_file_enospc_with_temp_removed() {
     // A 256 KiB tmpfs as the output root, mounted in a private user+mount namespace.
@@ -1071,21 +1080,7 @@ fn disk_full_is_a_per_file_enospc_with_temp_removed() {
 "$2" batch "$3" --op gzip --jobs 2 --out "$1" --failure-log "$4"; code=$?
 echo "temps=$(find "$1" -name '.filepipe.*' | wc -l) small=$(ls "$1" | grep -c small)"
 exit $code"#;
-    let out = run({
-        let mut c = std::process::Command::new("unshare");
-        c.args([
-            s("-rm"),
-            s("sh"),
-            s("-c"),
-            s(script),
-            s("sh"),
-            p(&out_dir),
-            s(&bin()),
-            p(&t.root()),
-            p(&log),
-        ]);
-        c
-    });
+    let out = in_mount_namespace(script, &[p(&out_dir), s(&bin()), p(&t.root()), p(&log)]);
     assert_ne!(
         out.output().status.code(),
         Some(99),
@@ -1124,21 +1119,7 @@ echo "left: $(ls -A "$1" | tr '\n' ' ')"
 exit $code"#;
     let kept = t.side("kept");
     fs::create_dir(&kept).unwrap();
-    let out = run({
-        let mut c = Command::new("unshare");
-        c.args([
-            s("-rm"),
-            s("sh"),
-            s("-c"),
-            s(script),
-            s("sh"),
-            p(&mnt),
-            s(&bin()),
-            p(&t.root()),
-            p(&kept),
-        ]);
-        c
-    });
+    let out = in_mount_namespace(script, &[p(&mnt), s(&bin()), p(&t.root()), p(&kept)]);
     let code = out.output().status.code();
     assert_ne!(code, Some(99), "could not mount a tmpfs: {}", out.stderr());
     assert!(
@@ -1232,27 +1213,11 @@ fn a_manifest_that_cannot_be_replaced_leaves_the_others_as_they_were_too() {
 /// or none only, none could ever be written (found by a review).
 #[test]
 fn where_names_cannot_be_exchanged_the_manifests_of_several_hashes_are_still_written() {
-    if Command::new("bindfs").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: no bindfs");
-        return;
-    }
     let t = TestTree::new().file("a", b"one").file("b", b"two");
     let (back, view) = (t.side("back"), t.side("view"));
-    fs::create_dir(&back).unwrap();
-    fs::create_dir(&view).unwrap();
-    let st = Command::new("bindfs")
-        .arg(&back)
-        .arg(&view)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bindfs");
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(view.clone());
+    let Some(_unmount) = bindfs(&back, &view, &[]) else {
+        return;
+    };
     let sums = view.join("SUMS");
     for (round, extra) in [("first", None), ("again", Some("c"))] {
         if let Some(name) = extra {

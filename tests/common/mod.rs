@@ -1007,3 +1007,31 @@ pub fn assert_unrecorded_is_what_the_state_lacks(t: &TestTree, sum: &serde_json:
     );
     assert_eq!(recorded, done - unrecorded, "{sum}");
 }
+
+/// A bindfs (FUSE) view of `back` at `view` (both made here), with bindfs's `options`,
+/// unmounted when the guard is dropped; `None`, said, where there is no bindfs.
+pub fn bindfs(back: &Path, view: &Path, options: &[&str]) -> Option<Unmount> {
+    if Command::new("bindfs").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: no bindfs");
+        return None;
+    }
+    fs::create_dir(back).unwrap();
+    fs::create_dir(view).unwrap();
+    let st = Command::new("bindfs")
+        .args(options)
+        .arg(back)
+        .arg(view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    Some(Unmount(view.to_path_buf()))
+}
+
+/// A mount point, unmounted (lazily) when dropped.
+pub struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
