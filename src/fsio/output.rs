@@ -1968,21 +1968,12 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<SwapIn, Fil
         for (j, how) in done.iter().enumerate().rev() {
             let (dir, temp_name) = (&temps[j].0.dir, temps[j].0.name.as_deref());
             let Some(temp_name) = temp_name else { continue };
+            // An exchange is undone by the same exchange; a rename by its reverse.
             let undone = match how {
-                Swapped::Exchanged(_) => rfs::renameat_with(
-                    &dir.fd,
-                    temp_name,
-                    &dir.fd,
-                    &names[j],
-                    RenameFlags::EXCHANGE,
-                ),
-                Swapped::Renamed => rfs::renameat_with(
-                    &dir.fd,
-                    &names[j],
-                    &dir.fd,
-                    temp_name,
-                    RenameFlags::NOREPLACE,
-                ),
+                Swapped::Exchanged(_) => {
+                    rename_in(dir, temp_name, &names[j], RenameFlags::EXCHANGE)
+                }
+                Swapped::Renamed => rename_in(dir, &names[j], temp_name, RenameFlags::NOREPLACE),
             };
             if let Err(e) = undone {
                 tracing::error!(
@@ -1999,22 +1990,10 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<SwapIn, Fil
     for (i, t) in temps.iter().enumerate() {
         let (dir, temp_name) = (&t.0.dir, t.0.name.as_deref().unwrap_or_default());
         let swapped = match found[i] {
-            Some(old) => rfs::renameat_with(
-                &dir.fd,
-                temp_name,
-                &dir.fd,
-                &names[i],
-                RenameFlags::EXCHANGE,
-            )
-            .map(|()| Swapped::Exchanged(old)),
-            None => rfs::renameat_with(
-                &dir.fd,
-                temp_name,
-                &dir.fd,
-                &names[i],
-                RenameFlags::NOREPLACE,
-            )
-            .map(|()| Swapped::Renamed),
+            Some(old) => rename_in(dir, temp_name, &names[i], RenameFlags::EXCHANGE)
+                .map(|()| Swapped::Exchanged(old)),
+            None => rename_in(dir, temp_name, &names[i], RenameFlags::NOREPLACE)
+                .map(|()| Swapped::Renamed),
         };
         match swapped {
             Ok(how) => done.push(how),
@@ -2063,6 +2042,11 @@ fn swap_in(mut temps: Vec<SyncedTemp>, names: &[OsString]) -> Result<SwapIn, Fil
         named.push(temp.published(name, anonymous));
     }
     Ok(SwapIn::Done(named))
+}
+
+/// `from` renamed to `to` in `dir`, as `flags` say.
+fn rename_in(dir: &Dir, from: &OsStr, to: &OsStr, flags: RenameFlags) -> Result<(), Errno> {
+    rfs::renameat_with(&dir.fd, from, &dir.fd, to, flags)
 }
 
 /// Makes every temp's data, mode and times durable before any of them is given its final

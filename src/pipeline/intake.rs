@@ -118,6 +118,11 @@ pub(crate) struct Rest<'i, 'a> {
 }
 
 impl Rest<'_, '_> {
+    /// How many jobs are left to start.
+    pub(crate) fn left(&self) -> usize {
+        self.jobs.len()
+    }
+
     /// The next job to start.
     pub(crate) fn pop(&mut self) -> Option<Job> {
         let job = self.jobs.pop_front()?;
@@ -170,6 +175,16 @@ mod tests {
         Job::new(PathBuf::from("/r").join(name), PathBuf::from(name))
     }
 
+    /// Whether a worker other than `worker` has started a job (waited for, up to 10 s).
+    fn another_started(ran: &Mutex<Vec<(usize, String)>>, worker: usize) -> bool {
+        let others = || ran.lock().unwrap().iter().any(|(w, _)| *w != worker);
+        let started = std::time::Instant::now();
+        while !others() && started.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        others()
+    }
+
     /// Takes batches at `intake` until told to stop, recording each job started under
     /// `worker`; `big` is read as a large file, which waits (up to 10 s) until another worker
     /// has started a job.
@@ -181,11 +196,7 @@ mod tests {
                 ran.lock().unwrap().push((worker, name.clone()));
                 if name == "big" {
                     rest.reading(BATCH_BYTES);
-                    let others = || ran.lock().unwrap().iter().any(|(w, _)| *w != worker);
-                    let started = std::time::Instant::now();
-                    while !others() && started.elapsed() < Duration::from_secs(10) {
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
+                    another_started(ran, worker);
                 }
             }
         }
@@ -218,12 +229,10 @@ mod tests {
                     .unwrap()
                     .push((0, job.rel.to_string_lossy().into_owned()));
                 rest.reading(BATCH_BYTES);
-                let others = || ran.lock().unwrap().iter().any(|(w, _)| *w != 0);
-                let started = std::time::Instant::now();
-                while !others() && started.elapsed() < Duration::from_secs(10) {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                assert!(others(), "no worker took the rest of the batch");
+                assert!(
+                    another_started(&ran, 0),
+                    "no worker took the rest of the batch"
+                );
                 drop(rest);
                 // Its own sentinel, and nothing left to give up: it stops.
                 assert!(intake.next(&mut place).is_none());

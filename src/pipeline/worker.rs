@@ -56,7 +56,7 @@ pub(crate) fn worker_loop<O: Op>(
     };
     let mut place = Place::default();
     while let Some(mut rest) = intake.next(&mut place) {
-        let mut outcomes = Vec::new();
+        let mut outcomes = Vec::with_capacity(rest.left());
         while let Some(job) = rest.pop() {
             if me.root.is_none() {
                 let message = format!(
