@@ -1334,6 +1334,11 @@ fn look_for_lost(
     if !any {
         return Ok(None);
     }
+    // Said as it begins: a long look is then seen for what it is (and waited on by a test).
+    tracing::debug!(
+        stored_batches = stored,
+        "looking for jobs lost from the queue"
+    );
     let queued = queued(conn, head.root, head.run, Some(stop))?;
     // Read after: a job gone from the stream was acknowledged (or terminated) before, and
     // its outcomes were stored before that.
