@@ -90,6 +90,100 @@ fn sha256_manifest_passes_sha256sum_c_with_awkward_names() {
     .success();
 }
 
+/// A rerun over an unchanged tree finds its manifest already saying what it would write: kept,
+/// not written and flushed again (the same inode), its mtime the run's as a rewrite's would be.
+/// Any difference (at the start, in the middle past the first chunk of lines compared, at the
+/// end, a line more or less), or a manifest that is another user's, has it written whole again.
+#[test]
+fn an_unchanged_manifest_is_kept_and_any_other_is_written_whole_again() {
+    let mut t = TestTree::new();
+    for i in 0..5000 {
+        t = t.file(format!("d{}/f{i:04}", i % 7), format!("{i}").as_bytes());
+    }
+    let manifest = t.side("SHA256SUMS");
+    let log = t.side("failures.jsonl");
+    sha256_batch(&t, &manifest, &log).success();
+    let want = fs::read(&manifest).unwrap();
+    assert_eq!(want.iter().filter(|&&b| b == b'\n').count(), 5000);
+    let long_ago = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+    let age = |when| {
+        fs::File::options()
+            .write(true)
+            .open(&manifest)
+            .unwrap()
+            .set_modified(when)
+            .unwrap()
+    };
+    age(long_ago);
+    let ino = fs::metadata(&manifest).unwrap().ino();
+    sha256_batch(&t, &manifest, &log).success();
+    let kept = fs::metadata(&manifest).unwrap();
+    assert_eq!(kept.ino(), ino, "the unchanged manifest was written again");
+    assert!(
+        kept.modified().unwrap() > long_ago,
+        "its mtime is the run's"
+    );
+    assert_eq!(fs::read(&manifest).unwrap(), want);
+    // A hex digit of a line's digest changed (to another): the line starts at `at`.
+    let flip = |text: &mut Vec<u8>, at: usize| {
+        text[at] = if text[at] == b'0' { b'1' } else { b'0' };
+    };
+    let line_start = |text: &[u8], n: usize| {
+        if n == 0 {
+            0
+        } else {
+            (text.iter().enumerate())
+                .filter(|(_, &b)| b == b'\n')
+                .nth(n - 1)
+                .unwrap()
+                .0
+                + 1
+        }
+    };
+    type Edit<'a> = &'a dyn Fn(&mut Vec<u8>);
+    let edits: [(&str, Edit); 5] = [
+        ("first line", &|t| flip(t, 0)),
+        ("line 4500", &|t| flip(t, line_start(t, 4500) + 10)),
+        ("last line", &|t| flip(t, line_start(t, 4999) + 63)),
+        ("last line gone", &|t| t.truncate(line_start(t, 4999))),
+        ("a line more", &|t| {
+            t.extend_from_slice(format!("{}  d0/zzz\n", "ab".repeat(32)).as_bytes())
+        }),
+    ];
+    for (what, edit) in edits {
+        let mut text = want.clone();
+        edit(&mut text);
+        assert_ne!(text, want, "{what}");
+        fs::write(&manifest, &text).unwrap();
+        let ino = fs::metadata(&manifest).unwrap().ino();
+        sha256_batch(&t, &manifest, &log).success();
+        assert!(
+            fs::read(&manifest).unwrap() == want,
+            "{what}: not written whole again"
+        );
+        assert_ne!(fs::metadata(&manifest).unwrap().ino(), ino, "{what}: kept");
+    }
+    assert!(tool(
+        "sha256sum",
+        &[s("-c"), s("--quiet"), p(&manifest)],
+        &t.root()
+    )
+    .status
+    .success());
+    // The same text, but another user's: replaced by a manifest of ours.
+    if !is_root() {
+        eprintln!("SKIPPED (another user's manifest): not root, cannot give a file away");
+        return;
+    }
+    std::os::unix::fs::chown(&manifest, Some(65534), Some(65534)).unwrap();
+    sha256_batch(&t, &manifest, &log).success();
+    let ours = fs::metadata(&manifest).unwrap();
+    assert_eq!(
+        (ours.uid(), fs::read(&manifest).unwrap() == want),
+        (0, true)
+    );
+}
+
 #[test]
 fn sha256_manifest_on_stdout_matches_file_manifest() {
     let t = awkward_tree();
