@@ -73,19 +73,6 @@ impl InputFile {
         follow_symlinks: bool,
         unvouched: bool,
     ) -> Result<InputFile, OpenError> {
-        Self::open_beneath_near(root, None, rel, abs, follow_symlinks, unvouched)
-    }
-
-    /// `open_beneath`, a walked file's open going through `near` (`Root::open_near`): a
-    /// worker's directory kept from the input before.
-    pub(crate) fn open_beneath_near(
-        root: Option<&Root>,
-        near: Option<&Near>,
-        rel: &Path,
-        abs: &Path,
-        follow_symlinks: bool,
-        unvouched: bool,
-    ) -> Result<InputFile, OpenError> {
         let mut flags = OFlags::RDONLY | OFlags::NONBLOCK | OFlags::CLOEXEC | OFlags::NOCTTY;
         if !follow_symlinks {
             flags |= OFlags::NOFOLLOW;
@@ -100,10 +87,7 @@ impl InputFile {
         let judge = root.filter(|_| follow_symlinks);
         let refused = std::cell::Cell::new(None);
         let reach = |flags| match (beneath, confined, judge) {
-            (Some(root), _, _) => match near {
-                Some(near) if !unvouched => root.open_near(near, rel, flags),
-                _ => root.open(rel, flags),
-            },
+            (Some(root), _, _) => root.open(rel, flags),
             (None, Some(root), _) => {
                 match rfs::openat2(&root.fd, rel, flags, Mode::empty(), ResolveFlags::BENEATH) {
                     // A link that steps out (it may come back), or a rename anywhere on the
@@ -325,15 +309,6 @@ pub(crate) struct Root {
     given: Option<PathBuf>,
 }
 
-/// The directory of the last input a worker opened beneath the root, kept open for the next
-/// ones in it (`Root::open_near`). Kept for one batch of jobs only: listed together a moment
-/// ago, they are opened within it, and a directory renamed away and made again under its name
-/// since is never looked in for long.
-#[derive(Debug, Default)]
-pub(crate) struct Near {
-    dir: std::cell::RefCell<Option<(PathBuf, OwnedFd)>>,
-}
-
 /// Whether `/proc/self/fd` is there to reopen a descriptor through (`Root::reopen_regular`).
 fn proc_fds() -> bool {
     static THERE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -416,50 +391,6 @@ impl Root {
         let name = rel.file_name().ok_or(Errno::INVAL)?;
         let dir = self.dir(rel.parent().unwrap_or(Path::new("")))?;
         rfs::openat(dir.as_ref().unwrap_or(&self.fd), name, flags, Mode::empty())
-    }
-
-    /// Opens `rel` as `open` does, but through `near`'s directory where `rel` is in the one
-    /// opened for the input before it: the kernel then looks up one name, not every directory
-    /// on the way (an open of a small file spent a third of its time there). The directory
-    /// was reached beneath the root as `open` reaches it, and the name, one component with
-    /// `O_NOFOLLOW`, cannot lead out of it. Whatever fails this way (but `O_NOATIME` refused,
-    /// which the caller handles) is tried again as `open` tries it, which says why in its own
-    /// words: a directory removed or replaced since `near` opened it costs a second look,
-    /// never a file that is there now.
-    pub(crate) fn open_near(
-        &self,
-        near: &Near,
-        rel: &Path,
-        flags: OFlags,
-    ) -> rustix::io::Result<OwnedFd> {
-        let (Some(name), Some(parent)) = (rel.file_name(), rel.parent()) else {
-            return self.open(rel, flags);
-        };
-        if parent.as_os_str().is_empty() {
-            return self.open(rel, flags);
-        }
-        let mut kept = near.dir.borrow_mut();
-        if kept.as_ref().is_none_or(|(at, _)| at != parent) {
-            *kept = None;
-            let dir = if self.openat2 {
-                rfs::openat2(&self.fd, parent, Self::DIR, Mode::empty(), Self::RESOLVE)
-            } else {
-                self.dir(parent)?.ok_or(Errno::NOTDIR)
-            };
-            match dir {
-                Ok(dir) => *kept = Some((parent.to_path_buf(), dir)),
-                Err(_) => return self.open(rel, flags),
-            }
-        }
-        let Some((_, dir)) = kept.as_ref() else {
-            return self.open(rel, flags);
-        };
-        match rfs::openat(dir, name, flags, Mode::empty()) {
-            // `O_NOATIME` on another's file: the caller asks again without it.
-            Err(Errno::PERM) => Err(Errno::PERM),
-            Err(_) => self.open(rel, flags),
-            opened => opened,
-        }
     }
 
     /// Opens the directory `rel_dir` for reading (and syncing): `""` is the root itself.
@@ -907,68 +838,6 @@ mod tests {
         let mut got = Vec::new();
         input.read_to_end(&mut got).unwrap();
         got
-    }
-
-    #[test]
-    fn a_kept_directory_opens_what_is_in_it_and_never_leads_out() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (root, outside) = (tmp.path().join("root"), tmp.path().join("outside"));
-        std::fs::create_dir(&outside).unwrap();
-        for name in ["b", "c", "e"] {
-            std::fs::write(outside.join(name), b"outside").unwrap();
-        }
-        let with_openat2 = Root::new(tmp.path()).unwrap().openat2;
-        for openat2 in [false, true] {
-            if openat2 && !with_openat2 {
-                eprintln!(
-                    "SKIPPED (openat2 half): openat2 is refused here; the fallback is tested"
-                );
-                continue;
-            }
-            let _ = std::fs::remove_dir_all(&root);
-            std::fs::create_dir_all(root.join("d")).unwrap();
-            for name in ["a", "b", "c"] {
-                std::fs::write(root.join("d").join(name), format!("in d: {name}")).unwrap();
-            }
-            let r = Root::new(&root).unwrap();
-            let r = if openat2 { r } else { r.without_openat2() };
-            let near = Near::default();
-            let open = |rel: &str| {
-                let (rel, abs) = (Path::new(rel), root.join(rel));
-                InputFile::open_beneath_near(Some(&r), Some(&near), rel, &abs, false, false)
-            };
-            assert_eq!(read_all(open("d/a").unwrap()), b"in d: a");
-            // `d` moved away and a link to outside put at its name: the next file of the
-            // batch is read from the directory its walk listed it in, never through the link.
-            std::fs::rename(root.join("d"), root.join("d.old")).unwrap();
-            std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
-            assert_eq!(
-                read_all(open("d/b").unwrap()),
-                b"in d: b",
-                "openat2 {openat2}"
-            );
-            // Gone from the kept directory: looked up again by its path, which the link on
-            // it refuses.
-            std::fs::remove_file(root.join("d.old/c")).unwrap();
-            assert!(
-                matches!(
-                    open("d/c"),
-                    Err(OpenError::NotRegular(NotRegular::SymlinkOnPath))
-                ),
-                "openat2 {openat2}"
-            );
-            // A directory made again at the name: a file only it has is found there.
-            std::fs::remove_file(root.join("d")).unwrap();
-            std::fs::create_dir(root.join("d")).unwrap();
-            std::fs::write(root.join("d/e"), b"in the new d").unwrap();
-            assert_eq!(read_all(open("d/e").unwrap()), b"in the new d");
-            // A link at a name in the kept directory is a link, not what it leads to.
-            std::os::unix::fs::symlink(outside.join("b"), root.join("d/l")).unwrap();
-            assert!(
-                matches!(open("d/l"), Err(OpenError::NotRegular(NotRegular::Symlink))),
-                "openat2 {openat2}"
-            );
-        }
     }
 
     #[test]

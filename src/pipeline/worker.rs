@@ -57,8 +57,6 @@ pub(crate) fn worker_loop<O: Op>(
     let mut place = Place::default();
     while let Some(mut rest) = intake.next(&mut place) {
         let mut outcomes = Vec::with_capacity(rest.left());
-        // A batch's files were listed together, most of them in one directory or a few.
-        let near = input::Near::default();
         while let Some(job) = rest.pop() {
             if me.root.is_none() {
                 let message = format!(
@@ -82,17 +80,7 @@ pub(crate) fn worker_loop<O: Op>(
                 });
                 continue;
             }
-            let ran = run_job(
-                cfg,
-                op,
-                me,
-                job,
-                stage,
-                shutdown,
-                &mut scratch,
-                &mut rest,
-                &near,
-            );
+            let ran = run_job(cfg, op, me, job, stage, shutdown, &mut scratch, &mut rest);
             if let Some(outcome) = ran {
                 outcomes.push(outcome);
             }
@@ -125,7 +113,6 @@ fn run_job<O: Op>(
     shutdown: &Shutdown,
     scratch: &mut O::Scratch,
     rest: &mut Rest<'_, '_>,
-    near: &input::Near,
 ) -> Option<Outcome> {
     if shutdown.requested() {
         // Queued but not started: account for it, but do not start new work.
@@ -148,9 +135,7 @@ fn run_job<O: Op>(
     }
     let rel = job.rel.clone();
     // A bug in an op must cost one file, not the run.
-    let prepared = guarded(&rel, || {
-        prepare(cfg, op, job, me.root, scratch, Some(rest), Some(near))
-    });
+    let prepared = guarded(&rel, || prepare(cfg, op, job, me.root, scratch, Some(rest)));
     match (prepared, stage.publishers) {
         (Err(outcome), _) => Some(outcome),
         (Ok(ready), None) => Some(publish_guarded(op, ready)),
@@ -167,8 +152,7 @@ fn run_job<O: Op>(
 /// Opens safely (beneath `root`, see `input::Root`), checks, reads, and verifies the input
 /// did not change while read (retrying if it did). `Err` is a final outcome (skipped or
 /// failed, or done by an earlier delivery of a cluster job); `Ok` is ready to publish. The jobs
-/// after it in its batch (`rest`) are given up to the other workers if it is large. `near`:
-/// the directory of the batch's input before, kept open (`input::Root::open_near`).
+/// after it in its batch (`rest`) are given up to the other workers if it is large.
 pub(crate) fn prepare<O: Op>(
     cfg: &Config,
     op: &O,
@@ -176,7 +160,6 @@ pub(crate) fn prepare<O: Op>(
     root: Option<&input::Root>,
     scratch: &mut O::Scratch,
     rest: Option<&mut Rest<'_, '_>>,
-    near: Option<&input::Near>,
 ) -> Result<Ready<O::Pending>, Outcome> {
     let failed = |job: Job, error| not_done(job.rel, error);
     if let Some(reason) = op.skipped_by_name(&job) {
@@ -188,14 +171,8 @@ pub(crate) fn prepare<O: Op>(
     let mut job = job;
     // A cluster job's path was walked by its coordinator, not here: what it names now is
     // reached before it is opened (`InputFile::open_beneath`).
-    let opened = InputFile::open_beneath_near(
-        root,
-        near,
-        &job.rel,
-        &job.abs,
-        cfg.follow_symlinks,
-        cfg.confined,
-    );
+    let opened =
+        InputFile::open_beneath(root, &job.rel, &job.abs, cfg.follow_symlinks, cfg.confined);
     // Gone, its job delivered before: that delivery may have finished it and disposed of it.
     if job.redelivered.is_some()
         && matches!(&opened, Err(OpenError::Failed(e)) if e.kind == Kind::Vanished)
@@ -586,19 +563,19 @@ mod tests {
             redelivered: redelivered.then(std::time::SystemTime::now),
             ..job_of(&cfg, "f")
         };
-        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None, None).unwrap();
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
         let gz = tmp.path().join("f.gz");
         let made = std::fs::read(&gz).unwrap();
         let inode = std::fs::metadata(&gz).unwrap().ino();
         // Delivered once: up to date, skipped, as a batch finds it.
-        match prepare(&cfg, &op, job(false), None, &mut scratch, None, None) {
+        match prepare(&cfg, &op, job(false), None, &mut scratch, None) {
             Err(Outcome::Skipped { reason, .. }) => assert_eq!(reason.kind, Kind::UpToDate),
             other => panic!("{:?}", other.err()),
         }
         // Delivered again: the output holds exactly the input, so it is the earlier
         // delivery's work, done, and left as it is.
-        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None, None).unwrap();
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None).unwrap();
         match publish_guarded(&op, ready) {
             Outcome::Done { done, .. } => assert_eq!(done.bytes_in, 9),
             other => panic!("{other:?}"),
@@ -630,7 +607,7 @@ mod tests {
                 .unwrap()
                 .set_modified(mtime)
                 .unwrap();
-            match prepare(&cfg, &op, job(true), None, &mut scratch, None, None) {
+            match prepare(&cfg, &op, job(true), None, &mut scratch, None) {
                 Err(Outcome::Skipped { reason, .. }) => {
                     assert_eq!(reason.kind, Kind::UpToDate);
                     assert!(reason.message.contains("not counted done"), "{reason:?}");
@@ -668,12 +645,12 @@ mod tests {
             ..job_of(&cfg, "sub/f")
         };
         let settled = Stamp::of(&tree.join("sub/f")).unwrap();
-        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None, None).unwrap();
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
         assert!(!tree.join("sub/f").exists() && aside.join("sub/f").exists());
         // The same job delivered again: its output in place, made of the file moved aside;
         // the version read is the one moved (a watching coordinator checks it).
-        match prepare(&cfg, &op, job(true), None, &mut scratch, None, None) {
+        match prepare(&cfg, &op, job(true), None, &mut scratch, None) {
             Err(Outcome::Done { done, .. }) => {
                 assert_eq!(done.bytes_in, 10);
                 let read = done.stamp.unwrap();
@@ -687,7 +664,7 @@ mod tests {
             redelivered: Some(stored + std::time::Duration::from_secs(60)),
             ..job_of(&cfg, "sub/f")
         };
-        match prepare(&cfg, &op, later, None, &mut scratch, None, None) {
+        match prepare(&cfg, &op, later, None, &mut scratch, None) {
             Err(Outcome::Failed { error, .. }) => assert_eq!(error.kind, Kind::Vanished),
             other => panic!("{:?}", other.err()),
         }
@@ -702,7 +679,6 @@ mod tests {
             job(false),
             None,
             &mut scratch,
-            None,
             None
         )));
         // What is under the move directory is not what the output was made of (another
@@ -720,7 +696,6 @@ mod tests {
             job(true),
             None,
             &mut scratch,
-            None,
             None
         )));
     }
@@ -754,7 +729,7 @@ mod tests {
             redelivered: Some(std::time::SystemTime::now()),
             ..job_of(&cfg, "x/y/never")
         };
-        match prepare(&cfg, &op, job, None, &mut scratch, None, None) {
+        match prepare(&cfg, &op, job, None, &mut scratch, None) {
             Err(Outcome::Failed { error, .. }) => assert_eq!(error.kind, Kind::Vanished),
             other => panic!("{:?}", other.err()),
         }
@@ -774,12 +749,12 @@ mod tests {
             replace,
             ..job_of(&cfg, "f")
         };
-        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None, None).unwrap();
+        let ready = prepare(&cfg, &op, job(false), None, &mut scratch, None).unwrap();
         assert!(matches!(publish_guarded(&op, ready), Outcome::Done { .. }));
         // Version two is read; before its result is published, version three takes its name
         // (and a newer job, elsewhere, its output).
         std::fs::write(&f, b"version two, longer").unwrap();
-        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None, None).unwrap();
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None).unwrap();
         std::fs::write(tmp.path().join("f.new"), b"version three").unwrap();
         std::fs::rename(tmp.path().join("f.new"), &f).unwrap();
         match publish_guarded(&op, ready) {
@@ -795,7 +770,7 @@ mod tests {
             "the output was replaced by a superseded version"
         );
         // The same through a publisher's group.
-        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None, None).unwrap();
+        let ready = prepare(&cfg, &op, job(true), None, &mut scratch, None).unwrap();
         std::fs::write(&f, b"version four!").unwrap();
         let outcomes = crate::pipeline::publish::publish_group(&op, vec![ready]);
         assert!(
@@ -820,13 +795,13 @@ mod tests {
             [root, input::Root::new(&cfg.root).unwrap().without_openat2()]
         };
         for root in roots() {
-            assert!(prepare(&cfg, &op, job(), Some(&root), &mut scratch, None, None).is_ok());
+            assert!(prepare(&cfg, &op, job(), Some(&root), &mut scratch, None).is_ok());
         }
         // Listed, queued, and then the directory's name leads outside the tree.
         std::fs::rename(root.join("d"), root.join("moved")).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("d")).unwrap();
         for root in roots() {
-            match prepare(&cfg, &op, job(), Some(&root), &mut scratch, None, None) {
+            match prepare(&cfg, &op, job(), Some(&root), &mut scratch, None) {
                 Err(Outcome::Skipped { rel, reason }) => {
                     assert_eq!(rel, Path::new("d/f"));
                     assert_eq!(reason.kind, Kind::Symlink);
