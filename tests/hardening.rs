@@ -2246,3 +2246,179 @@ fn a_batch_reports_a_listed_directory_that_would_not_open() {
     assert_eq!(sum["failed_by_reason"]["vanished"], 1, "{sum}");
     assert!(out.stderr().contains("path=d2"), "{}", out.stderr());
 }
+
+/// The pids of `pid`'s children (every thread's).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// The name of a file process `pid` has open in `dir` whose name starts with `f`.
+fn open_in(pid: u32, dir: &Path) -> Option<String> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .filter(|to| to.parent() == Some(dir))
+        .filter_map(|to| Some(to.file_name()?.to_string_lossy().into_owned()))
+        .find(|name| name.starts_with('f'))
+}
+
+/// `mv d d.old; mkdir d` with new files under the same names, while a run beside the inputs is
+/// in `d`: each later file is read from the new `d` (by its path), and its output must be made
+/// there, beside it. The output directory remembered from the file before was the old one,
+/// now `d.old`: the new `d/f07`'s output went to `d.old/f07.gz`, beside the old `d.old/f07`
+/// it does not hold, which a rerun then takes for up to date (and with `--remove-source` the
+/// new `d/f07` was removed, its only copy in `d.old`). Found by review r54. The worker is held
+/// in its first read (strace delays it) while the directory is swapped.
+#[test]
+fn a_directory_swapped_during_a_run_beside_the_inputs_gets_no_output_of_another_file() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the worker in a read");
+        return;
+    }
+    let mut t = TestTree::new();
+    for i in 0..20 {
+        t = t.file(format!("d/f{i:02}"), format!("old {i}\n").as_bytes());
+    }
+    let d = t.path("d");
+    let paths: Vec<String> = (0..20)
+        .flat_map(|i| {
+            [
+                "-P".to_string(),
+                d.join(format!("f{i:02}")).display().to_string(),
+            ]
+        })
+        .collect();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null"])
+        .args(&paths)
+        .args([
+            "-e",
+            "trace=read",
+            "-e",
+            "inject=read:delay_enter=2000000:when=1",
+        ])
+        .arg(bin())
+        .args(["batch", "-j1", "--op", "gzip", "--quiet"])
+        .arg(t.root())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    // The worker has its first file open (and waits in its read).
+    let strace = child.id();
+    let mut held = None;
+    wait_until(Duration::from_secs(30), "the first input opened", || {
+        held = children(strace)
+            .into_iter()
+            .find_map(|pid| open_in(pid, &d));
+        held.is_some()
+    });
+    let held = held.unwrap();
+    // The new `d` made aside, whole, then swapped in.
+    let new = t.path("d.new");
+    fs::create_dir(&new).unwrap();
+    for i in 0..20 {
+        fs::write(new.join(format!("f{i:02}")), format!("new {i}\n")).unwrap();
+    }
+    fs::rename(&d, t.path("d.old")).unwrap();
+    fs::rename(&new, &d).unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    out.success();
+    // Every output holds exactly the file beside it under its name.
+    let mut outputs = 0;
+    for dir in [t.path("d"), t.path("d.old")] {
+        for e in fs::read_dir(&dir).unwrap().flatten() {
+            let name = e.file_name().into_string().unwrap();
+            let Some(input) = name.strip_suffix(".gz") else {
+                continue;
+            };
+            outputs += 1;
+            let back = tool("gzip", &[s("-dc"), e.path().as_os_str()], &dir);
+            assert!(back.status.success(), "{}", e.path().display());
+            assert_eq!(
+                String::from_utf8_lossy(&back.stdout),
+                fs::read_to_string(dir.join(input)).unwrap(),
+                "{} does not hold the file beside it",
+                e.path().display()
+            );
+        }
+    }
+    assert_eq!(outputs, 20, "one output for each file listed");
+    // The file held in its read is read and published in the directory it was opened in.
+    assert!(
+        t.path("d.old").join(format!("{held}.gz")).exists(),
+        "{held}"
+    );
+}
+
+/// The directory of a file being published moved away (`mv d d.old`) and the file removed
+/// from it before its output is given a name (strace holds the publish in the temp's flush): the
+/// output is not published where no input is beside it, nor was its directory at its path,
+/// and the file fails, saying why. Before, `d.old/f.gz` appeared beside nothing.
+#[test]
+fn an_output_is_not_published_in_a_directory_moved_away_from_its_input() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the publish in its flush");
+        return;
+    }
+    let t = TestTree::new().file("d/f", b"data\n");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null"])
+        .args(["-e", "trace=fsync,syncfs"])
+        .args(["-e", "inject=fsync,syncfs:delay_enter=2000000:when=1"])
+        .arg(bin())
+        .args(["batch", "-j1", "--op", "gzip"])
+        .arg(t.root())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    let strace = child.id();
+    // A thread of filepipe's in its first flush, `fsync` or `syncfs` (the temp's, before its
+    // name: which one depends on the file system and the group's size).
+    let in_flush = |pid: u32| {
+        fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|task| {
+                fs::read_to_string(task.path().join("syscall")).is_ok_and(|c| {
+                    c.split_whitespace()
+                        .next()
+                        .is_some_and(|n| FLUSHES.contains(&n))
+                })
+            })
+        })
+    };
+    wait_until(Duration::from_secs(30), "the publish's flush", || {
+        children(strace).into_iter().any(in_flush)
+    });
+    fs::rename(t.path("d"), t.path("d.old")).unwrap();
+    fs::remove_file(t.path("d.old/f")).unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.code(1).stderr();
+    assert!(
+        err.contains("its directory was moved or replaced while it was read"),
+        "{err}"
+    );
+    let left: Vec<_> = fs::read_dir(t.path("d.old"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "published beside nothing: {left:?}");
+}
+
+/// `fsync`'s and `syncfs`'s numbers, as /proc/PID/task/TID/syscall gives them.
+#[cfg(target_arch = "x86_64")]
+const FLUSHES: [&str; 2] = ["74", "306"];
+#[cfg(target_arch = "aarch64")]
+const FLUSHES: [&str; 2] = ["82", "267"];

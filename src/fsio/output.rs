@@ -1758,6 +1758,37 @@ pub(crate) fn deleted(dir: &Dir) -> bool {
     rfs::fstat(&dir.fd).is_ok_and(|st| st.st_nlink == 0)
 }
 
+/// Whether `name` in `dir` is the file `st` describes (the same file system and inode), not
+/// following a symlink at the name.
+pub(crate) fn holds(dir: &Dir, name: &OsStr, st: &rfs::Stat) -> bool {
+    rfs::statat(&dir.fd, name, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|now| now.st_dev == st.st_dev && now.st_ino == st.st_ino)
+}
+
+/// Whether `rel_dir` beneath `root` leads, now, to `dir` itself: looked up again one
+/// component at a time with no symlink followed, never remembered (`DirCache` remembers).
+/// False if it leads nowhere, or to another directory (`dir` was moved or replaced since).
+pub(crate) fn is_at(root: &Dir, rel_dir: &Path, dir: &Dir) -> bool {
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut at: Option<OwnedFd> = None;
+    for comp in rel_dir.components() {
+        let Component::Normal(name) = comp else {
+            return false;
+        };
+        match rfs::openat(at.as_ref().unwrap_or(&root.fd), name, flags, Mode::empty()) {
+            Ok(next) => at = Some(next),
+            Err(_) => return false,
+        }
+    }
+    let (Ok(here), Ok(there)) = (
+        rfs::fstat(at.as_ref().unwrap_or(&root.fd)),
+        rfs::fstat(&dir.fd),
+    ) else {
+        return false;
+    };
+    here.st_dev == there.st_dev && here.st_ino == there.st_ino
+}
+
 /// fsyncs a directory so a rename or unlink in it survives a crash, as any flush on its file
 /// system is (`flush_on`: one at a time without a journal, its error counted).
 pub(crate) fn sync_dir(dir: &Dir) -> Result<(), FileError> {

@@ -358,9 +358,43 @@ impl<C: Codec> CompressOp<C> {
         // never more open than the tree it mirrors.
         let root = self.in_root.as_ref();
         let input = input.and_then(|st| Some((job.rel.file_name()?, st)));
-        scratch.out_dirs.open(rel_dir, &|rel: &Path| {
-            output::mirrored(root, rel, rel_dir, input)
-        })
+        let mode_of = |rel: &Path| output::mirrored(root, rel, rel_dir, input);
+        let dir = scratch.out_dirs.open(rel_dir, &mode_of)?;
+        // Beside the inputs, the directory remembered from the file before must be the one
+        // this input was read from: a directory renamed away (`mv d d.old; mkdir d`) while the
+        // run was in it put the new `d/a`'s output in `d.old`, and with `--remove-source`
+        // removed `d/a` (found by review r54). Remembered no longer, then: looked up again.
+        match input {
+            Some((name, st)) if !self.mirrored && !output::holds(&dir, name, st) => {
+                if output::is_at(&self.out_root_dir, rel_dir, &dir) {
+                    return Ok(dir);
+                }
+                scratch.out_dirs.forget();
+                scratch.out_dirs.open(rel_dir, &mode_of)
+            }
+            _ => Ok(dir),
+        }
+    }
+
+    /// Beside the inputs, whether `dir` (where `job`'s output was made) is still where its
+    /// input was read from: the input's name there still leads to it, or `dir` is still the
+    /// directory at its path (the input itself deleted or replaced there, which its own
+    /// checks see). Otherwise the directory was moved or replaced while the input was read,
+    /// and the output must not be published in it.
+    fn still_beside(&self, job: &Job, input: &InputFile, dir: &Dir) -> Result<(), FileError> {
+        let (Some(name), false) = (job.rel.file_name(), self.mirrored) else {
+            return Ok(());
+        };
+        let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
+        if output::holds(dir, name, &input.stat) || output::is_at(&self.out_root_dir, rel_dir, dir)
+        {
+            return Ok(());
+        }
+        Err(FileError::new(
+            Kind::Changed,
+            "its directory was moved or replaced while it was read: its output is not published \
+             there",
+        ))
     }
 
     /// Decompresses the written output (through its own descriptor) and compares it with what
@@ -697,6 +731,7 @@ impl<C: Codec> CompressOp<C> {
         mut synced: output::SyncedTemp,
     ) -> Result<Step, FileError> {
         let name = Self::out_name(job)?;
+        self.still_beside(job, input, synced.dir())?;
         // Without --force, only the file `check` found and judged replaceable, if still there.
         match synced.rename(&name, self.force) {
             Ok(named) => Ok(Step::Renamed(named)),
