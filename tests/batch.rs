@@ -184,6 +184,88 @@ fn an_unchanged_manifest_is_kept_and_any_other_is_written_whole_again() {
     );
 }
 
+/// The manifest there is cut short (`: > SUMS`, a log rotation's copytruncate) while a run
+/// that changed one file compares its text with it: the new manifest is still the run's whole
+/// text. The start of the old one, copied into the new one after the comparison, took in
+/// whatever it had become (found by review r54b: 11,808 lines of 20,000 published, exit 0).
+/// strace holds the comparison's third read of the old manifest while it is truncated.
+#[test]
+fn a_manifest_cut_short_during_the_comparison_is_still_written_whole() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the comparison");
+        return;
+    }
+    let mut t = TestTree::new();
+    for i in 0..20_000 {
+        t = t.file(format!("f{i:05}"), format!("{i}").as_bytes());
+    }
+    let manifest = t.side("SUMS");
+    let args = |cmd: &mut Command| {
+        cmd.args(["batch", "-q", "--op", "sha256", "--manifest"])
+            .arg(&manifest)
+            .arg(t.root());
+    };
+    let mut first = Command::new(bin());
+    args(&mut first);
+    run(first).success();
+    fs::write(t.path("f19999"), b"changed").unwrap();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null", "-P"])
+        .arg(&manifest)
+        .args(["-e", "trace=pread64"])
+        .args(["-e", "inject=pread64:delay_enter=1500000:when=3"])
+        .arg(bin())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    args(&mut cmd);
+    let child = Started::new(cmd);
+    let strace = child.id();
+    // A thread of filepipe's in that read (pread64: 17 on x86-64, 67 on aarch64).
+    let reading = if cfg!(target_arch = "aarch64") {
+        "67"
+    } else {
+        "17"
+    };
+    let in_read = |pid: u32| {
+        fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+            tasks.flatten().any(|task| {
+                fs::read_to_string(task.path().join("syscall"))
+                    .is_ok_and(|c| c.split_whitespace().next() == Some(reading))
+            })
+        })
+    };
+    wait_until(Duration::from_secs(60), "the held read", || {
+        children(strace).into_iter().any(in_read)
+    });
+    fs::File::create(&manifest).unwrap();
+    child.finish(Duration::from_secs(60)).success();
+    let text = fs::read_to_string(&manifest).unwrap();
+    assert_eq!(text.lines().count(), 20_000);
+    assert!(tool(
+        "sha256sum",
+        &[s("-c"), s("--quiet"), p(&manifest)],
+        &t.root()
+    )
+    .status
+    .success());
+}
+
+/// The pids of `pid`'s children (every thread's).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 #[test]
 fn sha256_manifest_on_stdout_matches_file_manifest() {
     let t = awkward_tree();

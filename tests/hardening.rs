@@ -2363,6 +2363,76 @@ fn a_directory_swapped_during_a_run_beside_the_inputs_gets_no_output_of_another_
     );
 }
 
+/// An rsnapshot-style rotation while a run beside the inputs is in `d`: `mv d d.old` and a new
+/// `d` of hard links to the same files (`cp -al`). The files opened after it are opened
+/// through the new `d`, and their outputs belong there: the old directory "holds" each of them
+/// too under its name (the same inode), which is no proof (found by review r54b: all the
+/// outputs went to `d.old`, which the rotation then removes).
+#[test]
+fn a_hard_link_rotation_during_a_run_gets_the_new_directory_its_outputs() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the worker in a read");
+        return;
+    }
+    let mut t = TestTree::new();
+    for i in 0..20 {
+        t = t.file(format!("d/f{i:02}"), format!("{i}\n").as_bytes());
+    }
+    let d = t.path("d");
+    let paths: Vec<String> = (0..20)
+        .flat_map(|i| {
+            [
+                "-P".to_string(),
+                d.join(format!("f{i:02}")).display().to_string(),
+            ]
+        })
+        .collect();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null"])
+        .args(&paths)
+        .args([
+            "-e",
+            "trace=read",
+            "-e",
+            "inject=read:delay_enter=2000000:when=1",
+        ])
+        .arg(bin())
+        .args(["batch", "-j1", "--op", "gzip", "--quiet"])
+        .arg(t.root())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    let strace = child.id();
+    wait_until(Duration::from_secs(30), "the first input opened", || {
+        children(strace)
+            .into_iter()
+            .any(|pid| open_in(pid, &d).is_some())
+    });
+    let new = t.path("d.new");
+    fs::create_dir(&new).unwrap();
+    for i in 0..20 {
+        let name = format!("f{i:02}");
+        fs::hard_link(d.join(&name), new.join(&name)).unwrap();
+    }
+    fs::rename(&d, t.path("d.old")).unwrap();
+    fs::rename(&new, &d).unwrap();
+    child.finish(Duration::from_secs(60)).success();
+    let outputs = |dir: &Path| {
+        fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".gz"))
+            .count()
+    };
+    // The file read at the rotation may have its output in either; every other one is new.
+    let (new_d, old_d) = (outputs(&d), outputs(&t.path("d.old")));
+    assert!(
+        new_d >= 19 && old_d <= 1 && new_d + old_d == 20,
+        "{new_d} outputs in d, {old_d} in d.old"
+    );
+}
+
 /// The directory of a file being published moved away (`mv d d.old`) and the file removed
 /// from it before its output is given a name (strace holds the publish in the temp's flush): the
 /// output is not published where no input is beside it, nor was its directory at its path,

@@ -364,8 +364,13 @@ impl<C: Codec> CompressOp<C> {
         // this input was read from: a directory renamed away (`mv d d.old; mkdir d`) while the
         // run was in it put the new `d/a`'s output in `d.old`, and with `--remove-source`
         // removed `d/a` (found by review r54). Remembered no longer, then: looked up again.
+        // A file of several links is in every directory that holds one of them (`cp -al`
+        // made the new directory of an rsnapshot-style rotation, found by review r54b): its
+        // name leading to it there proves nothing, and the path is looked up.
         match input {
-            Some((name, st)) if !self.mirrored && !output::holds(&dir, name, st) => {
+            Some((name, st))
+                if !self.mirrored && (st.st_nlink > 1 || !output::holds(&dir, name, st)) =>
+            {
                 if output::is_at(&self.out_root_dir, rel_dir, &dir) {
                     return Ok(dir);
                 }
@@ -386,7 +391,9 @@ impl<C: Codec> CompressOp<C> {
             return Ok(());
         };
         let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
-        if output::holds(dir, name, &input.stat) || output::is_at(&self.out_root_dir, rel_dir, dir)
+        let st = &input.stat;
+        if (st.st_nlink == 1 && output::holds(dir, name, st))
+            || output::is_at(&self.out_root_dir, rel_dir, dir)
         {
             return Ok(());
         }

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::ops::Range;
 use std::os::unix::ffi::OsStrExt;
 #[cfg(test)]
@@ -145,118 +145,96 @@ fn by_name(names: &[u8], a: &Listed, b: &Listed) -> std::cmp::Ordering {
 /// Lines a manifest writer formats as one task (see `write_manifest`).
 const FORMAT_CHUNK: usize = 4096;
 
-/// Where a manifest's text goes: while it is the same as the start of the manifest already at
-/// its name (one of filepipe's user's, as `Manifests::write` would keep its mode and group),
-/// nowhere but a comparison; from the first byte that differs, into a temp, which takes the
-/// same text before it from the old file. An unchanged tree's rerun (a cron job's, a watch's
-/// rewrite after a change that left its manifests as they were) then rewrites and flushes
-/// nothing: an unchanged 50,000-file rerun spent a tenth of its time writing and flushing the
-/// same 3.5 MB again.
-struct Text {
-    dir: Arc<output::Dir>,
-    /// The manifest at the name, while the text so far is the same as its start.
-    old: Option<fs::File>,
-    /// How many bytes of text have been written (all of them equal to `old`'s so far, while it
-    /// is kept).
+/// The manifest already at a manifest's name, compared with the new text as it is formatted
+/// (one of filepipe's user's, as `Manifests::write` would keep its mode and group). If every
+/// byte is the same, it is kept: an unchanged tree's rerun (a cron job's, a watch's rewrite
+/// after a change that left its manifests as they were) then writes and flushes nothing again
+/// (an unchanged 50,000-file rerun spent a tenth of its time writing and flushing the same
+/// 3.5 MB). At the first byte that differs the comparison stops, and the text is formatted
+/// again, whole, into a temp: nothing of the old file's is ever copied into the new one (a
+/// copy of its start, read again after the comparison, took in whatever another process had
+/// made of it meanwhile: found by review r54b, a truncation published a manifest short of
+/// 8,000 lines).
+struct Same {
+    old: fs::File,
+    /// How many bytes of text have been compared (all equal so far).
     at: u64,
     /// Where `old`'s bytes are read into to be compared.
     theirs: Vec<u8>,
-    /// Whether outputs are flushed (not `--durability none`): a kept manifest's data too.
-    flush: bool,
-    /// The text from where it differs (and all of it before, copied).
-    temp: Option<TempOutput>,
 }
 
-impl Text {
-    /// The text of the manifest to be named `name` in `dir`.
-    fn new(dir: Arc<output::Dir>, name: &OsStr, durability: output::Durability) -> Text {
-        let old = same_candidate(&dir, name);
-        Text {
-            dir,
-            old,
-            at: 0,
-            theirs: Vec::new(),
-            flush: durability != output::Durability::None,
-            temp: None,
-        }
+impl Same {
+    /// Whether the old file is the whole text compared: no more bytes than it.
+    fn whole(&self) -> io::Result<bool> {
+        Ok(self.old.metadata()?.len() == self.at)
     }
 
-    /// The temp, made now if the text has matched the old file so far: the matching text is
-    /// copied from it.
-    fn diverge(&mut self) -> io::Result<&mut TempOutput> {
-        if self.temp.is_none() {
-            let mut temp = TempOutput::create(Arc::clone(&self.dir)).map_err(io::Error::other)?;
-            if let Some(old) = self.old.take() {
-                io::copy(&mut (&old).take(self.at), temp.file())?;
-            }
-            self.temp = Some(temp);
+    /// Keeps the old file as the manifest: its data and its directory are flushed (who wrote
+    /// it may not have; a run stopped between its rename and its directory's flush left both
+    /// to whoever comes next), and its mtime made now, as a rewrite would have (what a cron
+    /// job's run is seen by).
+    fn keep(&self, dir: &output::Dir, flush: bool) -> io::Result<()> {
+        if flush {
+            self.old.sync_data()?;
+            output::sync_dir(dir).map_err(io::Error::other)?;
         }
-        Ok(self.temp.as_mut().expect("made above"))
-    }
-
-    /// The temp holding the whole text, or `None` if the old file holds exactly this text:
-    /// its data is then flushed (who wrote it may not have), and its mtime made now, as a
-    /// rewrite would have (what a cron job's run is seen by).
-    fn finish(mut self) -> io::Result<Option<TempOutput>> {
-        if let Some(old) = &self.old {
-            if old.metadata()?.len() == self.at {
-                if self.flush {
-                    old.sync_data()?;
-                }
-                let now = rustix::fs::Timestamps {
-                    last_access: rustix::fs::Timespec {
-                        tv_sec: 0,
-                        tv_nsec: rustix::fs::UTIME_OMIT,
-                    },
-                    last_modification: rustix::fs::Timespec {
-                        tv_sec: 0,
-                        tv_nsec: rustix::fs::UTIME_NOW,
-                    },
-                };
-                if let Err(e) = rustix::fs::futimens(old, &now) {
-                    tracing::debug!(error = %e, "cannot set an unchanged manifest's mtime");
-                }
-                return Ok(None);
-            }
-            // Longer than this text: a temp, with all of the text.
-            self.diverge()?;
+        let now = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+        };
+        if let Err(e) = rustix::fs::futimens(&self.old, &now) {
+            tracing::debug!(error = %e, "cannot set an unchanged manifest's mtime");
         }
-        if self.temp.is_none() {
-            self.diverge()?;
-        }
-        Ok(self.temp)
+        Ok(())
     }
 }
 
-impl Write for Text {
+impl Write for Same {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(old) = &self.old {
-            use std::os::unix::fs::FileExt;
-            self.theirs.resize(buf.len(), 0);
-            let mut got = 0;
-            while got < buf.len() {
-                match old.read_at(&mut self.theirs[got..], self.at + got as u64) {
-                    Ok(0) => break,
-                    Ok(n) => got += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(e),
-                }
-            }
-            if self.theirs[..got] == *buf {
-                self.at += buf.len() as u64;
-                return Ok(buf.len());
+        use std::os::unix::fs::FileExt;
+        self.theirs.resize(buf.len(), 0);
+        let mut got = 0;
+        while got < buf.len() {
+            match self
+                .old
+                .read_at(&mut self.theirs[got..], self.at + got as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
-        self.diverge()?.file().write_all(buf)?;
+        if self.theirs[..got] != *buf {
+            // Not a failure: the end of the comparison.
+            return Err(io::Error::other("the manifest differs"));
+        }
         self.at += buf.len() as u64;
         Ok(buf.len())
     }
 
-    /// A group's end: the temp's write-back starts.
     fn flush(&mut self) -> io::Result<()> {
-        if let Some(temp) = &self.temp {
-            output::start_writeback(temp.contents());
-        }
+        Ok(())
+    }
+}
+
+/// A temp being written: its write-back starts at the end of each group (`flush`), so the
+/// flush at the end waits for less.
+struct Writing<'t>(&'t fs::File);
+
+impl Write for Writing<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&mut &*self.0).write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        output::start_writeback(self.0);
         Ok(())
     }
 }
@@ -413,17 +391,27 @@ impl<'c> Manifests<'c> {
             );
         };
         let name: &OsStr = path.file_name().unwrap_or(OsStr::new("SHA256SUMS"));
-        let mut text = Text::new(Arc::clone(&dir), name, cfg.durability);
-        write_all(&mut text).with_context(|| format!("writing {}", path.display()))?;
-        let mut temp = match text.finish() {
-            Ok(Some(temp)) => temp,
-            // The manifest there already says just this: kept, not written again.
-            Ok(None) => {
+        if let Some(old) = same_candidate(&dir, name) {
+            let mut same = Same {
+                old,
+                at: 0,
+                theirs: Vec::new(),
+            };
+            // Differing, or unreadable (a failing disk, another's change): written anew, as
+            // it always was.
+            let whole = write_all(&mut same).is_ok() && same.whole().unwrap_or(false);
+            if whole {
+                same.keep(&dir, cfg.durability != output::Durability::None)
+                    .with_context(|| format!("flushing {}", path.display()))?;
                 tracing::debug!(manifest = %path.display(), "manifest unchanged: kept as it is");
                 return Ok(());
             }
-            Err(e) => return Err(e).with_context(|| format!("writing {}", path.display())),
-        };
+        }
+        let mut temp = TempOutput::create(Arc::clone(&dir))
+            .map_err(anyhow::Error::new)
+            .with_context(|| format!("writing the manifest {}", path.display()))?;
+        write_all(&mut Writing(temp.contents()))
+            .with_context(|| format!("writing {}", path.display()))?;
         // A manifest names every file of the tree and its digest, the names of directories others
         // may not list and the digests of files they may not read among them (a short secret's
         // digest gives it away): made `0600`, less the umask, as the state and the failure log
