@@ -163,13 +163,7 @@ fn an_unchanged_manifest_is_kept_and_any_other_is_written_whole_again() {
         );
         assert_ne!(fs::metadata(&manifest).unwrap().ino(), ino, "{what}: kept");
     }
-    assert!(tool(
-        "sha256sum",
-        &[s("-c"), s("--quiet"), p(&manifest)],
-        &t.root()
-    )
-    .status
-    .success());
+    assert!(sha256sum_c(&manifest, &t.root()));
     // The same text, but another user's: replaced by a manifest of ours.
     if !is_root() {
         eprintln!("SKIPPED (another user's manifest): not root, cannot give a file away");
@@ -226,44 +220,22 @@ fn a_manifest_cut_short_during_the_comparison_is_still_written_whole() {
     } else {
         "17"
     };
-    let in_read = |pid: u32| {
-        fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
-            tasks.flatten().any(|task| {
-                fs::read_to_string(task.path().join("syscall"))
-                    .is_ok_and(|c| c.split_whitespace().next() == Some(reading))
-            })
-        })
-    };
     wait_until(Duration::from_secs(60), "the held read", || {
-        children(strace).into_iter().any(in_read)
+        (common::strace::children(strace).into_iter())
+            .any(|pid| common::strace::in_call(pid, &[reading]))
     });
     fs::File::create(&manifest).unwrap();
     child.finish(Duration::from_secs(60)).success();
     let text = fs::read_to_string(&manifest).unwrap();
     assert_eq!(text.lines().count(), 20_000);
-    assert!(tool(
-        "sha256sum",
-        &[s("-c"), s("--quiet"), p(&manifest)],
-        &t.root()
-    )
-    .status
-    .success());
+    assert!(sha256sum_c(&manifest, &t.root()));
 }
 
-/// The pids of `pid`'s children (every thread's).
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
+/// Whether `sha256sum -c --quiet MANIFEST` passes, run in `root`.
+fn sha256sum_c(manifest: &Path, root: &Path) -> bool {
+    tool("sha256sum", &[s("-c"), s("--quiet"), p(manifest)], root)
+        .status
+        .success()
 }
 
 #[test]

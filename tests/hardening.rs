@@ -2247,22 +2247,6 @@ fn a_batch_reports_a_listed_directory_that_would_not_open() {
     assert!(out.stderr().contains("path=d2"), "{}", out.stderr());
 }
 
-/// The pids of `pid`'s children (every thread's).
-fn children(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|n| n.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
 /// The name of a file process `pid` has open in `dir` whose name starts with `f`.
 fn open_in(pid: u32, dir: &Path) -> Option<String> {
     fs::read_dir(format!("/proc/{pid}/fd"))
@@ -2272,6 +2256,43 @@ fn open_in(pid: u32, dir: &Path) -> Option<String> {
         .filter(|to| to.parent() == Some(dir))
         .filter_map(|to| Some(to.file_name()?.to_string_lossy().into_owned()))
         .find(|name| name.starts_with('f'))
+}
+
+/// `batch -j1 --op gzip --quiet` over a tree of 20 files `d/f00`..`d/f19` (holding
+/// `"{prefix} {i}\n"`), with its worker held by strace in its first read (2 s): returned once
+/// that file is open, with its name.
+fn gzip_held_in_d(prefix: &str) -> (TestTree, Started, String) {
+    let mut t = TestTree::new();
+    for i in 0..20 {
+        t = t.file(
+            format!("d/f{i:02}"),
+            format!("{prefix} {i}\n").trim_start().as_bytes(),
+        );
+    }
+    let d = t.path("d");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null"]);
+    for i in 0..20 {
+        cmd.arg("-P").arg(d.join(format!("f{i:02}")));
+    }
+    cmd.args(["-e", "trace=read"])
+        .args(["-e", "inject=read:delay_enter=2000000:when=1"])
+        .arg(bin())
+        .args(["batch", "-j1", "--op", "gzip", "--quiet"])
+        .arg(t.root())
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    let strace = child.id();
+    let mut held = None;
+    wait_until(Duration::from_secs(30), "the first input opened", || {
+        held = common::strace::children(strace)
+            .into_iter()
+            .find_map(|pid| open_in(pid, &d));
+        held.is_some()
+    });
+    (t, child, held.expect("waited for"))
 }
 
 /// `mv d d.old; mkdir d` with new files under the same names, while a run beside the inputs is
@@ -2287,45 +2308,8 @@ fn a_directory_swapped_during_a_run_beside_the_inputs_gets_no_output_of_another_
         eprintln!("SKIPPED: no strace to hold the worker in a read");
         return;
     }
-    let mut t = TestTree::new();
-    for i in 0..20 {
-        t = t.file(format!("d/f{i:02}"), format!("old {i}\n").as_bytes());
-    }
+    let (t, child, held) = gzip_held_in_d("old");
     let d = t.path("d");
-    let paths: Vec<String> = (0..20)
-        .flat_map(|i| {
-            [
-                "-P".to_string(),
-                d.join(format!("f{i:02}")).display().to_string(),
-            ]
-        })
-        .collect();
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null"])
-        .args(&paths)
-        .args([
-            "-e",
-            "trace=read",
-            "-e",
-            "inject=read:delay_enter=2000000:when=1",
-        ])
-        .arg(bin())
-        .args(["batch", "-j1", "--op", "gzip", "--quiet"])
-        .arg(t.root())
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = Started::new(cmd);
-    // The worker has its first file open (and waits in its read).
-    let strace = child.id();
-    let mut held = None;
-    wait_until(Duration::from_secs(30), "the first input opened", || {
-        held = children(strace)
-            .into_iter()
-            .find_map(|pid| open_in(pid, &d));
-        held.is_some()
-    });
-    let held = held.unwrap();
     // The new `d` made aside, whole, then swapped in.
     let new = t.path("d.new");
     fs::create_dir(&new).unwrap();
@@ -2374,41 +2358,8 @@ fn a_hard_link_rotation_during_a_run_gets_the_new_directory_its_outputs() {
         eprintln!("SKIPPED: no strace to hold the worker in a read");
         return;
     }
-    let mut t = TestTree::new();
-    for i in 0..20 {
-        t = t.file(format!("d/f{i:02}"), format!("{i}\n").as_bytes());
-    }
+    let (t, child, _) = gzip_held_in_d("");
     let d = t.path("d");
-    let paths: Vec<String> = (0..20)
-        .flat_map(|i| {
-            [
-                "-P".to_string(),
-                d.join(format!("f{i:02}")).display().to_string(),
-            ]
-        })
-        .collect();
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null"])
-        .args(&paths)
-        .args([
-            "-e",
-            "trace=read",
-            "-e",
-            "inject=read:delay_enter=2000000:when=1",
-        ])
-        .arg(bin())
-        .args(["batch", "-j1", "--op", "gzip", "--quiet"])
-        .arg(t.root())
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = Started::new(cmd);
-    let strace = child.id();
-    wait_until(Duration::from_secs(30), "the first input opened", || {
-        children(strace)
-            .into_iter()
-            .any(|pid| open_in(pid, &d).is_some())
-    });
     let new = t.path("d.new");
     fs::create_dir(&new).unwrap();
     for i in 0..20 {
@@ -2458,19 +2409,10 @@ fn an_output_is_not_published_in_a_directory_moved_away_from_its_input() {
     let strace = child.id();
     // A thread of filepipe's in its first flush, `fsync` or `syncfs` (the temp's, before its
     // name: which one depends on the file system and the group's size).
-    let in_flush = |pid: u32| {
-        fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
-            tasks.flatten().any(|task| {
-                fs::read_to_string(task.path().join("syscall")).is_ok_and(|c| {
-                    c.split_whitespace()
-                        .next()
-                        .is_some_and(|n| FLUSHES.contains(&n))
-                })
-            })
-        })
-    };
     wait_until(Duration::from_secs(30), "the publish's flush", || {
-        children(strace).into_iter().any(in_flush)
+        common::strace::children(strace)
+            .into_iter()
+            .any(|pid| common::strace::in_call(pid, &FLUSHES))
     });
     fs::rename(t.path("d"), t.path("d.old")).unwrap();
     fs::remove_file(t.path("d.old/f")).unwrap();

@@ -12,6 +12,36 @@ pub fn have_strace() -> bool {
     Command::new("strace").arg("-V").output().is_ok()
 }
 
+/// The pids of `pid`'s children (every thread's): the program a `strace` runs.
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+/// Whether a thread of process `pid` is in one of the system calls `numbers` (as
+/// /proc/PID/task/TID/syscall gives them): one strace holds there (`delay_enter`) is.
+pub fn in_call(pid: u32, numbers: &[&str]) -> bool {
+    fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.flatten().any(|task| {
+            fs::read_to_string(task.path().join("syscall")).is_ok_and(|c| {
+                c.split_whitespace()
+                    .next()
+                    .is_some_and(|n| numbers.contains(&n))
+            })
+        })
+    })
+}
+
 /// Writes out what the machine has waiting to be written (`sync`): with much of it (the test
 /// binaries cargo just linked), `--durability group` flushes each file on its own rather than
 /// wait for it all, and a test of how groups are flushed must see groups. False (the test
