@@ -2295,6 +2295,19 @@ fn gzip_held_in_d(prefix: &str) -> (TestTree, Started, String) {
     (t, child, held.expect("waited for"))
 }
 
+/// Swaps a new `d` in for `gzip_held_in_d`'s: made aside, whole (`make(i, old file, new
+/// file)` for each of its 20 names), then `mv d d.old; mv d.new d`.
+fn swap_d(t: &TestTree, make: impl Fn(usize, &Path, &Path) -> std::io::Result<()>) {
+    let (d, new) = (t.path("d"), t.path("d.new"));
+    fs::create_dir(&new).unwrap();
+    for i in 0..20 {
+        let name = format!("f{i:02}");
+        make(i, &d.join(&name), &new.join(&name)).unwrap();
+    }
+    fs::rename(&d, t.path("d.old")).unwrap();
+    fs::rename(&new, &d).unwrap();
+}
+
 /// `mv d d.old; mkdir d` with new files under the same names, while a run beside the inputs is
 /// in `d`: each later file is read from the new `d` (by its path), and its output must be made
 /// there, beside it. The output directory remembered from the file before was the old one,
@@ -2309,15 +2322,7 @@ fn a_directory_swapped_during_a_run_beside_the_inputs_gets_no_output_of_another_
         return;
     }
     let (t, child, held) = gzip_held_in_d("old");
-    let d = t.path("d");
-    // The new `d` made aside, whole, then swapped in.
-    let new = t.path("d.new");
-    fs::create_dir(&new).unwrap();
-    for i in 0..20 {
-        fs::write(new.join(format!("f{i:02}")), format!("new {i}\n")).unwrap();
-    }
-    fs::rename(&d, t.path("d.old")).unwrap();
-    fs::rename(&new, &d).unwrap();
+    swap_d(&t, |i, _, at| fs::write(at, format!("new {i}\n")));
     let out = child.finish(Duration::from_secs(60));
     out.success();
     // Every output holds exactly the file beside it under its name.
@@ -2359,15 +2364,8 @@ fn a_hard_link_rotation_during_a_run_gets_the_new_directory_its_outputs() {
         return;
     }
     let (t, child, _) = gzip_held_in_d("");
+    swap_d(&t, |_, old, at| fs::hard_link(old, at));
     let d = t.path("d");
-    let new = t.path("d.new");
-    fs::create_dir(&new).unwrap();
-    for i in 0..20 {
-        let name = format!("f{i:02}");
-        fs::hard_link(d.join(&name), new.join(&name)).unwrap();
-    }
-    fs::rename(&d, t.path("d.old")).unwrap();
-    fs::rename(&new, &d).unwrap();
     child.finish(Duration::from_secs(60)).success();
     let outputs = |dir: &Path| {
         fs::read_dir(dir)

@@ -268,10 +268,8 @@ impl DirCache {
         rel_dir: &Path,
         mode_of: &dyn Fn(&Path) -> Mirror,
     ) -> Result<Arc<Dir>, FileError> {
-        if let Some((p, dir)) = &self.last {
-            if p == rel_dir {
-                return Ok(Arc::clone(dir));
-            }
+        if let Some((_, dir)) = self.last.as_ref().filter(|(p, _)| p == rel_dir) {
+            return Ok(Arc::clone(dir));
         }
         let dir = Arc::new(self.open_uncached(rel_dir, mode_of)?);
         if let Some(sweeper) = &self.sweeper {
@@ -279,6 +277,11 @@ impl DirCache {
         }
         self.last = Some((rel_dir.to_path_buf(), Arc::clone(&dir)));
         Ok(dir)
+    }
+
+    /// Whether `open(rel_dir)` would give the directory remembered, not one looked up now.
+    pub(crate) fn remembers(&self, rel_dir: &Path) -> bool {
+        self.last.as_ref().is_some_and(|(p, _)| p == rel_dir)
     }
 
     /// Forgets the directory it remembers (it was deleted: the next `open` makes it again).

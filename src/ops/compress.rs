@@ -359,6 +359,7 @@ impl<C: Codec> CompressOp<C> {
         let root = self.in_root.as_ref();
         let input = input.and_then(|st| Some((job.rel.file_name()?, st)));
         let mode_of = |rel: &Path| output::mirrored(root, rel, rel_dir, input);
+        let remembered = scratch.out_dirs.remembers(rel_dir);
         let dir = scratch.out_dirs.open(rel_dir, &mode_of)?;
         // Beside the inputs, the directory remembered from the file before must be the one
         // this input was read from: a directory renamed away (`mv d d.old; mkdir d`) while the
@@ -366,10 +367,13 @@ impl<C: Codec> CompressOp<C> {
         // removed `d/a` (found by review r54). Remembered no longer, then: looked up again.
         // A file of several links is in every directory that holds one of them (`cp -al`
         // made the new directory of an rsnapshot-style rotation, found by review r54b): its
-        // name leading to it there proves nothing, and the path is looked up.
+        // name leading to it there proves nothing, and the path is looked up. (One looked up
+        // just now is the one at the path.)
         match input {
             Some((name, st))
-                if !self.mirrored && (st.st_nlink > 1 || !output::holds(&dir, name, st)) =>
+                if remembered
+                    && !self.mirrored
+                    && (st.st_nlink > 1 || !output::holds(&dir, name, st)) =>
             {
                 if output::is_at(&self.out_root_dir, rel_dir, &dir) {
                     return Ok(dir);
