@@ -2128,3 +2128,49 @@ fn force_does_not_replace_a_directory_at_the_output_name() {
         assert!(t.path(format!("y.{ext}")).is_file());
     }
 }
+
+/// A kept manifest is as durable as a rewritten one: its data and its directory are flushed
+/// (a run stopped between its rename and its directory's flush, or a manifest last written
+/// with `--durability none`, leaves both to the next run), and it is neither renamed nor
+/// linked (found by review r54b: only its data was flushed).
+#[test]
+fn a_kept_manifest_is_flushed_with_its_directory() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to see the flushes");
+        return;
+    }
+    let t = TestTree::new().file("a", b"one").file("b", b"two");
+    let dir = t.side("sums");
+    fs::create_dir(&dir).unwrap();
+    let manifest = dir.join("SUMS");
+    let root = t.root();
+    let args = [
+        s("batch"),
+        p(&root),
+        s("--op"),
+        s("sha256"),
+        s("--manifest"),
+        p(&manifest),
+    ];
+    let (first, _) = common::strace::traced(&args, &[], None);
+    first.success();
+    let (again, calls) = common::strace::traced(&args, &[], None);
+    again.success();
+    let on = |name: &str, path: &Path| {
+        calls.iter().any(|c| {
+            c.name == name && c.ok() && common::strace::fd_path(&c.arg(0)) == path.to_str().unwrap()
+        })
+    };
+    assert!(
+        on("fdatasync", &manifest),
+        "the kept manifest's data is not flushed"
+    );
+    assert!(
+        on("fsync", &dir),
+        "the kept manifest's directory is not flushed"
+    );
+    let named = calls.iter().any(|c| {
+        matches!(&*c.name, "renameat2" | "renameat" | "linkat") && c.args.contains("SUMS")
+    });
+    assert!(!named, "the unchanged manifest was written again");
+}
