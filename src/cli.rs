@@ -35,7 +35,7 @@ pub(crate) struct Cli {
     /// More log output on stderr (-v: info, -vv: debug). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub(crate) verbose: u8,
-    /// No progress bars and no summary; only errors on stderr.
+    /// No progress bars and no summary; only errors on stderr (each failed file's among them).
     #[arg(short, long, global = true)]
     pub(crate) quiet: bool,
     /// What to run.

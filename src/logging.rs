@@ -32,9 +32,17 @@ pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
         2 => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
+    // Quiet still says which files failed, and why (as `gzip -q` and `sha256sum -c --quiet`
+    // do): only their `warn` records, not the skipped files' `info` ones. Before, `-q` left a
+    // failed run's stderr empty, its exit status the only word of it.
+    let var = std::env::var(EnvFilter::DEFAULT_ENV).unwrap_or_default();
+    let directives = match (var.is_empty(), verbosity < 0) {
+        (true, true) => format!("error,{FAILURES}=warn"),
+        _ => var,
+    };
     let env = EnvFilter::builder()
         .with_default_directive(default.into())
-        .from_env_lossy();
+        .parse_lossy(directives);
     // No colours: with them, the escapes on a line would be tracing's own and a name's
     // alike, and a name's could drive the terminal (set its title, say: found by a review).
     let stderr = tracing_subscriber::fmt::layer()

@@ -277,6 +277,31 @@ fn a_manifest_named_dash_is_refused_and_dot_slash_dash_is_a_file() {
         .ends_with("  a\n"));
 }
 
+/// `-q` leaves out the summary and the skipped files, never a failed one: its line is on
+/// stderr, and it is the only line there. Before, a failed quiet run said nothing but its
+/// exit status.
+#[test]
+fn a_quiet_run_still_says_which_file_failed_and_why() {
+    let t = TestTree::new()
+        .file("ok.txt", b"fine\n")
+        .file("skipped.gz", b"not compressed again\n")
+        .file(LONG_NAME, b"its output name is too long\n");
+    let err = batch(&t, &[s("--op"), s("gzip"), s("-q")]).code(1).stderr();
+    let lines: Vec<_> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("255-byte limit") && lines[0].contains("status=\"failed\""),
+        "{err}"
+    );
+    // Without -q, the summary too.
+    let t = t.file("another.txt", b"more\n");
+    let err = batch(&t, &[s("--op"), s("gzip")]).code(1).stderr();
+    assert!(
+        err.contains("255-byte limit") && err.contains("1 failed"),
+        "{err}"
+    );
+}
+
 #[test]
 fn gzip_outputs_pass_gzip_t_and_gunzip_to_identical_bytes() {
     let t = awkward_tree().file("big/multi-block.log", &text_bytes(6_000_000, 2));
