@@ -2247,21 +2247,35 @@ fn a_batch_reports_a_listed_directory_that_would_not_open() {
     assert!(out.stderr().contains("path=d2"), "{}", out.stderr());
 }
 
-/// The name of a file process `pid` has open in `dir` whose name starts with `f`.
-fn open_in(pid: u32, dir: &Path) -> Option<String> {
-    fs::read_dir(format!("/proc/{pid}/fd"))
+/// The name of the file in `dir` a thread of process `pid` is reading (in `read` on it, as
+/// /proc/PID/task/TID/syscall gives the call and its descriptor): where strace holds it.
+fn reading_in(pid: u32, dir: &Path) -> Option<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
         .ok()?
         .flatten()
-        .filter_map(|fd| fs::read_link(fd.path()).ok())
-        .filter(|to| to.parent() == Some(dir))
-        .filter_map(|to| Some(to.file_name()?.to_string_lossy().into_owned()))
-        .find(|name| name.starts_with('f'))
+        .find_map(|task| {
+            let call = fs::read_to_string(task.path().join("syscall")).ok()?;
+            let mut words = call.split_whitespace();
+            (words.next()? == READ).then_some(())?;
+            let fd = u64::from_str_radix(words.next()?.trim_start_matches("0x"), 16).ok()?;
+            let to = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            (to.parent() == Some(dir)).then_some(())?;
+            Some(to.file_name()?.to_string_lossy().into_owned())
+        })
 }
 
 /// `batch -j1 --op gzip --quiet` over a tree of 20 files `d/f00`..`d/f19` (holding
 /// `"{prefix} {i}\n"`), with its worker held by strace in its first read (2 s): returned once
-/// that file is open, with its name.
+/// it is in that read, with the file's name.
 fn gzip_held_in_d(prefix: &str) -> (TestTree, Started, String) {
+    gzip_held_in_d_with(prefix, |_| Vec::new())
+}
+
+/// `gzip_held_in_d`, with more arguments for the run (given the tree).
+fn gzip_held_in_d_with(
+    prefix: &str,
+    more: impl Fn(&TestTree) -> Vec<std::ffi::OsString>,
+) -> (TestTree, Started, String) {
     let mut t = TestTree::new();
     for i in 0..20 {
         t = t.file(
@@ -2280,16 +2294,19 @@ fn gzip_held_in_d(prefix: &str) -> (TestTree, Started, String) {
         .arg(bin())
         .args(["batch", "-j1", "--op", "gzip", "--quiet"])
         .arg(t.root())
+        .args(more(&t))
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let child = Started::new(cmd);
     let strace = child.id();
     let mut held = None;
-    wait_until(Duration::from_secs(30), "the first input opened", || {
+    // In the read itself: an input opened is checked (and its output directory looked at)
+    // before it is read.
+    wait_until(Duration::from_secs(30), "the held read", || {
         held = common::strace::children(strace)
             .into_iter()
-            .find_map(|pid| open_in(pid, &d));
+            .find_map(|pid| reading_in(pid, &d));
         held.is_some()
     });
     (t, child, held.expect("waited for"))
@@ -2426,6 +2443,109 @@ fn an_output_is_not_published_in_a_directory_moved_away_from_its_input() {
         .collect();
     assert!(left.is_empty(), "published beside nothing: {left:?}");
 }
+
+/// A directory moved out of the tree by its owner while one of its files is worked on (strace
+/// holds the publish in the temp's flush): the output is not published there, outside the
+/// root, and the file fails saying why. Beside the inputs the input's own ancestor is moved
+/// (the file is still beside its output, in a tree no longer filepipe's); with `--out`, the
+/// output tree's directory. Before, `outside/d/f.gz` (or `away/d/f.gz`) appeared there.
+#[test]
+fn an_output_is_not_published_in_a_directory_moved_out_of_the_tree() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the publish in its flush");
+        return;
+    }
+    for mirrored in [false, true] {
+        let t = TestTree::new().file("a/d/f", b"data\n");
+        let mut cmd = Command::new("strace");
+        cmd.args(["-f", "-qq", "-o", "/dev/null"])
+            .args(["-e", "trace=fsync,syncfs"])
+            .args(["-e", "inject=fsync,syncfs:delay_enter=2000000:when=1"])
+            .arg(bin())
+            .args(["batch", "-j1", "--op", "gzip"])
+            .arg(t.root())
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if mirrored {
+            cmd.arg("--out").arg(t.side("out"));
+        }
+        let child = Started::new(cmd);
+        let strace = child.id();
+        wait_until(Duration::from_secs(30), "the publish's flush", || {
+            common::strace::children(strace)
+                .into_iter()
+                .any(|pid| common::strace::in_call(pid, &FLUSHES))
+        });
+        let (moved, to) = if mirrored {
+            (t.side("out/a"), t.side("away"))
+        } else {
+            (t.path("a"), t.side("outside"))
+        };
+        fs::rename(&moved, &to).unwrap();
+        let out = child.finish(Duration::from_secs(60));
+        let err = out.code(1).stderr();
+        assert!(
+            err.contains("moved out of the tree while the file was worked on"),
+            "mirrored {mirrored}: {err}"
+        );
+        let left: Vec<_> = fs::read_dir(to.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let expected: Vec<std::ffi::OsString> = if mirrored { vec![] } else { vec!["f".into()] };
+        assert_eq!(
+            left, expected,
+            "mirrored {mirrored}: published outside the tree"
+        );
+    }
+}
+
+/// Under `--out`, the output directory `out/d` moved out of the output tree by its owner
+/// (`mv out/d away`) while the run is in it (its worker held in a read): no output is ever
+/// published in `away` after the move, the file then in hand fails saying why, and every
+/// later file's output is made in a new `out/d`. Before, each later output went to `away/d`,
+/// outside the tree, however long the run went on.
+#[test]
+fn an_output_directory_moved_out_of_the_output_tree_is_made_again_and_not_written_to() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the worker in a read");
+        return;
+    }
+    let (t, child, held) = gzip_held_in_d_with("", |t| vec!["--out".into(), t.side("out").into()]);
+    let before: Vec<_> = fs::read_dir(t.side("out/d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    fs::rename(t.side("out/d"), t.side("away")).unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.code(1).stderr();
+    assert!(
+        err.contains(&format!("path=d/{held} ")) && err.contains("moved out of the tree"),
+        "{err}"
+    );
+    assert_eq!(err.matches("moved out of the tree").count(), 1, "{err}");
+    let mut away: Vec<_> = fs::read_dir(t.side("away"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    away.sort();
+    assert_eq!(away, before, "published in away after the move");
+    for i in 0..20 {
+        let name = format!("f{i:02}");
+        if name == held || before.contains(&format!("{name}.gz").into()) {
+            continue;
+        }
+        let gz = t.side("out/d").join(format!("{name}.gz"));
+        assert!(gz.is_file(), "{} not made in the new out/d", gz.display());
+    }
+}
+
+/// `read`'s number, as /proc/PID/task/TID/syscall gives it.
+#[cfg(target_arch = "x86_64")]
+const READ: &str = "0";
+#[cfg(target_arch = "aarch64")]
+const READ: &str = "63";
 
 /// `fsync`'s and `syncfs`'s numbers, as /proc/PID/task/TID/syscall gives them.
 #[cfg(target_arch = "x86_64")]

@@ -1792,6 +1792,39 @@ pub(crate) fn is_at(root: &Dir, rel_dir: &Path, dir: &Dir) -> bool {
     here.st_dev == there.st_dev && here.st_ino == there.st_ino
 }
 
+/// Whether `dir`, opened `depth` directories beneath `root`, is beneath it still: the
+/// directory `depth` levels above it (`../..`, as the kernel looks `..` up, across mounts) is
+/// `root` itself. One lookup, no descriptor, whatever the depth (a walk down from the root, as
+/// `is_at`, costs one `openat` per level): what a publish beside inputs checks at every file.
+/// A directory moved elsewhere within the root at the same depth is still beneath it; one
+/// moved out, or with an ancestor moved out, is not. (A deleted one still has the `..` it had:
+/// nothing can be made in it anyway.) An error is the lookup's: a directory on the way up that
+/// can no longer be searched, say.
+pub(crate) fn beneath(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno> {
+    // A path is at most PATH_MAX bytes: deeper trees go up in steps of this many `..`.
+    const STEP: usize = 1000;
+    let Some(root_id) = root.id() else {
+        return Err(Errno::BADF);
+    };
+    static UP: OnceLock<String> = OnceLock::new();
+    let ups = UP.get_or_init(|| "../".repeat(STEP));
+    let mut at: Option<OwnedFd> = None;
+    let mut left = depth;
+    loop {
+        let from = at.as_ref().map_or(dir.fd.as_fd(), |fd| fd.as_fd());
+        let n = left.min(STEP);
+        // `..` n times, without the last slash; `.` for the root itself.
+        let up = if n == 0 { "." } else { &ups[..3 * n - 1] };
+        left -= n;
+        if left == 0 {
+            let st = rfs::statat(from, up, AtFlags::empty())?;
+            return Ok((st.st_dev, st.st_ino) == root_id);
+        }
+        let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        at = Some(rfs::openat(from, up, flags, Mode::empty())?);
+    }
+}
+
 /// fsyncs a directory so a rename or unlink in it survives a crash, as any flush on its file
 /// system is (`flush_on`: one at a time without a journal, its error counted).
 pub(crate) fn sync_dir(dir: &Dir) -> Result<(), FileError> {
@@ -2917,6 +2950,7 @@ pub(crate) fn temp_being_written(dir: &impl AsFd, name: &OsStr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// Publishes one temp as `name`.
     fn publish(
@@ -2926,6 +2960,47 @@ mod tests {
         durability: Durability,
     ) -> Result<(), FileError> {
         publish_together(vec![(temp, name.into())], replace, durability)
+    }
+
+    /// `beneath` sees a directory moved out of the root, or with an ancestor moved out; one
+    /// moved within the root at its depth is still beneath it; a tree deeper than one path's worth of `..` is gone up in steps.
+    #[test]
+    fn a_directory_is_beneath_the_root_until_it_or_an_ancestor_is_moved_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root_path = tmp.path().join("root");
+        fs::create_dir_all(root_path.join("a/b/c")).unwrap();
+        fs::create_dir_all(root_path.join("x/y")).unwrap();
+        let root = open_root(&root_path).unwrap();
+        let open = |p: &Path| open_root(p).unwrap();
+        assert_eq!(beneath(&root, 0, &root), Ok(true));
+        let c = open(&root_path.join("a/b/c"));
+        assert_eq!(beneath(&root, 3, &c), Ok(true));
+        // Told the wrong depth, it is not.
+        assert_eq!(beneath(&root, 2, &c), Ok(false));
+        fs::rename(root_path.join("a/b"), root_path.join("x/y/b")).unwrap();
+        assert_eq!(
+            beneath(&root, 3, &c),
+            Ok(false),
+            "deeper now: not where it was"
+        );
+        fs::rename(root_path.join("x/y/b"), root_path.join("x/b")).unwrap();
+        assert_eq!(
+            beneath(&root, 3, &c),
+            Ok(true),
+            "moved within, at its depth"
+        );
+        fs::rename(root_path.join("x"), tmp.path().join("x")).unwrap();
+        assert_eq!(beneath(&root, 3, &c), Ok(false), "its ancestor moved out");
+        fs::rename(tmp.path().join("x"), root_path.join("x")).unwrap();
+        assert_eq!(beneath(&root, 3, &c), Ok(true), "moved back");
+
+        let deep: PathBuf = std::iter::repeat_n("d", 1200).collect();
+        fs::create_dir_all(root_path.join(&deep)).unwrap();
+        let bottom = open(&root_path.join(&deep));
+        assert_eq!(beneath(&root, 1200, &bottom), Ok(true));
+        assert_eq!(beneath(&root, 1199, &bottom), Ok(false));
+        fs::rename(root_path.join("d"), tmp.path().join("d")).unwrap();
+        assert_eq!(beneath(&root, 1200, &bottom), Ok(false));
     }
 
     /// Callers who ask while a flush is under way are served together by the next one, which

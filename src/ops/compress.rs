@@ -381,24 +381,52 @@ impl<C: Codec> CompressOp<C> {
                 scratch.out_dirs.forget();
                 scratch.out_dirs.open(rel_dir, &mode_of)
             }
+            // Under `--out`, a remembered directory moved out of the output tree (its owner,
+            // the input directory's, may move it) is looked up again: at the publish it would
+            // be refused (`still_beside`), and every later file of the directory with it.
+            _ if remembered
+                && self.mirrored
+                && output::beneath(&self.out_root_dir, depth(rel_dir), &dir) != Ok(true) =>
+            {
+                scratch.out_dirs.forget();
+                scratch.out_dirs.open(rel_dir, &mode_of)
+            }
             _ => Ok(dir),
         }
     }
 
-    /// Beside the inputs, whether `dir` (where `job`'s output was made) is still where its
-    /// input was read from: the input's name there still leads to it, or `dir` is still the
-    /// directory at its path (the input itself deleted or replaced there, which its own
-    /// checks see). Otherwise the directory was moved or replaced while the input was read,
-    /// and the output must not be published in it.
+    /// Whether `dir`, where `job`'s output was made, may have it published in it now, just
+    /// before the link. It must still be beneath the output root (the input root beside the
+    /// inputs): a directory its owner moved out of the tree while the input was read is
+    /// outside filepipe's roots, and nothing is written there (found by review r54b; the
+    /// window left is this check's instant before the link). Beside the inputs it must also
+    /// still be where its input was read from: the input's name there still leads to it, or
+    /// `dir` is still the directory at its path (the input itself deleted or replaced there,
+    /// which its own checks see). Otherwise the directory was moved or replaced while the
+    /// input was read, and the output is not published in it.
     fn still_beside(&self, job: &Job, input: &InputFile, dir: &Dir) -> Result<(), FileError> {
-        let (Some(name), false) = (job.rel.file_name(), self.mirrored) else {
-            return Ok(());
-        };
         let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
+        let beneath = || match output::beneath(&self.out_root_dir, depth(rel_dir), dir) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(FileError::new(
+                Kind::UnsafeOutputPath,
+                "its output directory was moved out of the tree while the file was worked on: \
+                 nothing is published outside it",
+            )),
+            Err(e) => Err(FileError::errno(
+                "looking its output directory up beneath the root again",
+                e,
+            )),
+        };
+        let (Some(name), false) = (job.rel.file_name(), self.mirrored) else {
+            return beneath();
+        };
         let st = &input.stat;
-        if (st.st_nlink == 1 && output::holds(dir, name, st))
-            || output::is_at(&self.out_root_dir, rel_dir, dir)
-        {
+        if st.st_nlink == 1 && output::holds(dir, name, st) {
+            return beneath();
+        }
+        // At its path beneath the root: beneath it, then.
+        if output::is_at(&self.out_root_dir, rel_dir, dir) {
             return Ok(());
         }
         Err(FileError::new(
@@ -589,6 +617,11 @@ impl<C: Codec> CompressOp<C> {
             }
         }
     }
+}
+
+/// How many directories `rel_dir` (relative, normal: as a job's) is beneath its root.
+fn depth(rel_dir: &Path) -> usize {
+    rel_dir.components().count()
 }
 
 /// The directory `place` (reached with `O_PATH`, for nothing) opened with `flags`, through
