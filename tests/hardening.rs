@@ -2448,15 +2448,19 @@ fn an_output_is_not_published_in_a_directory_moved_away_from_its_input() {
 /// holds the publish in the temp's flush): the output is not published there, outside the
 /// root, and the file fails saying why. Beside the inputs the input's own ancestor is moved
 /// (the file is still beside its output, in a tree no longer filepipe's); with `--out`, the
-/// output tree's directory. Before, `outside/d/f.gz` (or `away/d/f.gz`) appeared there.
+/// output tree's directory. Before, `outside/d/f.gz` (or `away/d/f.gz`) appeared there. One
+/// moved within the tree to another depth (a reorganisation) is no such thing: its output is
+/// published beside it (found by review r55: it failed, "moved out of the tree").
 #[test]
 fn an_output_is_not_published_in_a_directory_moved_out_of_the_tree() {
     if !common::strace::have_strace() {
         eprintln!("SKIPPED: no strace to hold the publish in its flush");
         return;
     }
-    for mirrored in [false, true] {
+    for (mirrored, within) in [(false, false), (true, false), (false, true)] {
+        let case = format!("mirrored {mirrored}, within {within}");
         let t = TestTree::new().file("a/d/f", b"data\n");
+        fs::create_dir_all(t.path("z/y")).unwrap();
         let mut cmd = Command::new("strace");
         cmd.args(["-f", "-qq", "-o", "/dev/null"])
             .args(["-e", "trace=fsync,syncfs"])
@@ -2477,27 +2481,30 @@ fn an_output_is_not_published_in_a_directory_moved_out_of_the_tree() {
                 .into_iter()
                 .any(|pid| common::strace::in_call(pid, &FLUSHES))
         });
-        let (moved, to) = if mirrored {
-            (t.side("out/a"), t.side("away"))
-        } else {
-            (t.path("a"), t.side("outside"))
+        let (moved, to) = match (mirrored, within) {
+            (true, _) => (t.side("out/a"), t.side("away")),
+            (false, false) => (t.path("a"), t.side("outside")),
+            (false, true) => (t.path("a"), t.path("z/y/a")),
         };
         fs::rename(&moved, &to).unwrap();
         let out = child.finish(Duration::from_secs(60));
-        let err = out.code(1).stderr();
-        assert!(
-            err.contains("moved out of the tree while the file was worked on"),
-            "mirrored {mirrored}: {err}"
-        );
-        let left: Vec<_> = fs::read_dir(to.join("d"))
+        let mut left: Vec<_> = fs::read_dir(to.join("d"))
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
-        let expected: Vec<std::ffi::OsString> = if mirrored { vec![] } else { vec!["f".into()] };
-        assert_eq!(
-            left, expected,
-            "mirrored {mirrored}: published outside the tree"
+        left.sort();
+        if within {
+            out.success();
+            assert_eq!(left, ["f", "f.gz"], "{case}: published beside its input");
+            continue;
+        }
+        let err = out.code(1).stderr();
+        assert!(
+            err.contains("moved out of the tree while the file was worked on"),
+            "{case}: {err}"
         );
+        let expected: Vec<std::ffi::OsString> = if mirrored { vec![] } else { vec!["f".into()] };
+        assert_eq!(left, expected, "{case}: published outside the tree");
     }
 }
 

@@ -1792,15 +1792,44 @@ pub(crate) fn is_at(root: &Dir, rel_dir: &Path, dir: &Dir) -> bool {
     here.st_dev == there.st_dev && here.st_ino == there.st_ino
 }
 
-/// Whether `dir`, opened `depth` directories beneath `root`, is beneath it still: the
-/// directory `depth` levels above it (`../..`, as the kernel looks `..` up, across mounts) is
-/// `root` itself. One lookup, no descriptor, whatever the depth (a walk down from the root, as
-/// `is_at`, costs one `openat` per level): what a publish beside inputs checks at every file.
-/// A directory moved elsewhere within the root at the same depth is still beneath it; one
-/// moved out, or with an ancestor moved out, is not. (A deleted one still has the `..` it had:
-/// nothing can be made in it anyway.) An error is the lookup's: a directory on the way up that
-/// can no longer be searched, say.
+/// Whether `dir`, opened `depth` directories beneath `root`, is beneath it still, at whatever
+/// depth: what a publish checks at every file, so nothing is written in a directory moved
+/// out of the tree. Looked at with one lookup where it stays at its depth (`at_depth`), and
+/// gone up one level at a time only where that fails (a directory moved within the tree to
+/// another depth, a reorganisation, or out of it). (A deleted directory still has the `..` it
+/// had: nothing can be made in it anyway.) An error is a lookup's: a directory on the way up
+/// that can no longer be searched, say.
 pub(crate) fn beneath(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno> {
+    if at_depth(root, depth, dir)? {
+        return Ok(true);
+    }
+    let Some(root_id) = root.id() else {
+        return Err(Errno::BADF);
+    };
+    let id = |st: Stat| (st.st_dev, st.st_ino);
+    let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mut at = rfs::openat(&dir.fd, ".", flags, Mode::empty())?;
+    let mut here = id(rfs::fstat(&at)?);
+    // Bounded, should directories be moved under the walk up for ever.
+    for _ in 0..1 << 16 {
+        if here == root_id {
+            return Ok(true);
+        }
+        let up = rfs::openat(&at, "..", flags, Mode::empty())?;
+        let above = id(rfs::fstat(&up)?);
+        // The top: `..` of the process's root is itself.
+        if above == here {
+            return Ok(false);
+        }
+        (at, here) = (up, above);
+    }
+    Ok(false)
+}
+
+/// Whether the directory `depth` levels above `dir` (`../..`, as the kernel looks `..` up,
+/// across mounts) is `root` itself: one lookup, no descriptor, whatever the depth (a walk
+/// down from the root, as `is_at`, costs one `openat` per level).
+pub(crate) fn at_depth(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno> {
     // A path is at most PATH_MAX bytes: deeper trees go up in steps of this many `..`.
     const STEP: usize = 1000;
     let Some(root_id) = root.id() else {
@@ -2963,7 +2992,8 @@ mod tests {
     }
 
     /// `beneath` sees a directory moved out of the root, or with an ancestor moved out; one
-    /// moved within the root at its depth is still beneath it; a tree deeper than one path's worth of `..` is gone up in steps.
+    /// moved within the root, at its depth or another, is still beneath it; a tree deeper
+    /// than one path's worth of `..` is gone up in steps.
     #[test]
     fn a_directory_is_beneath_the_root_until_it_or_an_ancestor_is_moved_out() {
         let tmp = tempfile::tempdir().unwrap();
@@ -2974,15 +3004,14 @@ mod tests {
         let open = |p: &Path| open_root(p).unwrap();
         assert_eq!(beneath(&root, 0, &root), Ok(true));
         let c = open(&root_path.join("a/b/c"));
+        assert_eq!(at_depth(&root, 3, &c), Ok(true));
         assert_eq!(beneath(&root, 3, &c), Ok(true));
-        // Told the wrong depth, it is not.
-        assert_eq!(beneath(&root, 2, &c), Ok(false));
+        // Not at the depth told, but beneath.
+        assert_eq!(at_depth(&root, 2, &c), Ok(false));
+        assert_eq!(beneath(&root, 2, &c), Ok(true));
         fs::rename(root_path.join("a/b"), root_path.join("x/y/b")).unwrap();
-        assert_eq!(
-            beneath(&root, 3, &c),
-            Ok(false),
-            "deeper now: not where it was"
-        );
+        assert_eq!(at_depth(&root, 3, &c), Ok(false));
+        assert_eq!(beneath(&root, 3, &c), Ok(true), "moved deeper, within");
         fs::rename(root_path.join("x/y/b"), root_path.join("x/b")).unwrap();
         assert_eq!(
             beneath(&root, 3, &c),
@@ -2991,14 +3020,17 @@ mod tests {
         );
         fs::rename(root_path.join("x"), tmp.path().join("x")).unwrap();
         assert_eq!(beneath(&root, 3, &c), Ok(false), "its ancestor moved out");
-        fs::rename(tmp.path().join("x"), root_path.join("x")).unwrap();
+        fs::rename(tmp.path().join("x/b"), tmp.path().join("b")).unwrap();
+        assert_eq!(beneath(&root, 3, &c), Ok(false), "moved out, shallower");
+        fs::rename(tmp.path().join("b"), root_path.join("b")).unwrap();
         assert_eq!(beneath(&root, 3, &c), Ok(true), "moved back");
 
         let deep: PathBuf = std::iter::repeat_n("d", 1200).collect();
         fs::create_dir_all(root_path.join(&deep)).unwrap();
         let bottom = open(&root_path.join(&deep));
-        assert_eq!(beneath(&root, 1200, &bottom), Ok(true));
-        assert_eq!(beneath(&root, 1199, &bottom), Ok(false));
+        assert_eq!(at_depth(&root, 1200, &bottom), Ok(true));
+        assert_eq!(at_depth(&root, 1199, &bottom), Ok(false));
+        assert_eq!(beneath(&root, 1199, &bottom), Ok(true));
         fs::rename(root_path.join("d"), tmp.path().join("d")).unwrap();
         assert_eq!(beneath(&root, 1200, &bottom), Ok(false));
     }

@@ -381,12 +381,13 @@ impl<C: Codec> CompressOp<C> {
                 scratch.out_dirs.forget();
                 scratch.out_dirs.open(rel_dir, &mode_of)
             }
-            // Under `--out`, a remembered directory moved out of the output tree (its owner,
-            // the input directory's, may move it) is looked up again: at the publish it would
-            // be refused (`still_beside`), and every later file of the directory with it.
+            // Under `--out`, a remembered directory moved from its place (its owner, the input
+            // directory's, may move it) is looked up again: moved out of the output tree, at
+            // the publish it would be refused (`still_beside`), and every later file of the
+            // directory with it. (Moved elsewhere at its depth, it is still taken.)
             _ if remembered
                 && self.mirrored
-                && output::beneath(&self.out_root_dir, depth(rel_dir), &dir) != Ok(true) =>
+                && output::at_depth(&self.out_root_dir, depth(rel_dir), &dir) != Ok(true) =>
             {
                 scratch.out_dirs.forget();
                 scratch.out_dirs.open(rel_dir, &mode_of)
