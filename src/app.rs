@@ -321,7 +321,14 @@ fn run_worker(args: &crate::cli::WorkerArgs, verbosity: i8) -> ExitCode {
         Ok(cfg) => cfg,
         Err(e) => return fail(exit::USAGE, &e),
     };
-    if let Err(e) = logging::init(verbosity.max(1), cfg.failure_log.as_deref()) {
+    // A worker is a service: what it does (connected, each pipeline) is said at info by
+    // default. -q still means errors only (found by review r55: it was ignored).
+    let verbosity = if verbosity < 0 {
+        verbosity
+    } else {
+        verbosity.max(1)
+    };
+    if let Err(e) = logging::init(verbosity, cfg.failure_log.as_deref()) {
         return fail(exit::USAGE, &e);
     }
     if url_overridden {

@@ -142,17 +142,20 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
         (report, Some(algo))
     };
     printer.summary(&report, algo).map_err(output)?;
+    let warn = |n: u64, one: &str, many: &str| match n {
+        0 => {}
+        1 => eprintln!("filepipe: WARNING: 1 {one}"),
+        n => eprintln!("filepipe: WARNING: {n} {many}"),
+    };
+    // With -q too: a malformed line has no line of its own in the report, so this is its only
+    // word (as `sha256sum -c --quiet` still warns). Found by review r55: `verify -q` exited 1
+    // saying nothing.
+    warn(
+        report.malformed,
+        "line is improperly formatted",
+        "lines are improperly formatted",
+    );
     if !opts.quiet {
-        let warn = |n: u64, one: &str, many: &str| match n {
-            0 => {}
-            1 => eprintln!("filepipe: WARNING: 1 {one}"),
-            n => eprintln!("filepipe: WARNING: {n} {many}"),
-        };
-        warn(
-            report.malformed,
-            "line is improperly formatted",
-            "lines are improperly formatted",
-        );
         warn(
             report.unreadable,
             "file could not be read or checked",

@@ -2885,3 +2885,54 @@ fn a_job_outlives_its_shared_output_root_away_for_20_s_with_two_workers() {
     );
     assert_eq!(assert_outputs_of(&out, &t.root()), 2);
 }
+
+/// A worker says what it does at info by default (a service's log), and `-q` still means
+/// errors only: the failed file's line, nothing of its connection or its pipelines (found by
+/// review r55: `-q` was ignored).
+#[test]
+fn a_quiet_worker_says_only_what_failed() {
+    let Some(nats) = Nats::start() else { return };
+    let long = "n".repeat(253);
+    let t = TestTree::new()
+        .file("fine.txt", b"fine\n")
+        .file(&long, b"its output name is too long\n");
+    let root = format!("tree={}", t.root().display());
+    for quiet in [false, true] {
+        let socket = t.side(&format!("w{quiet}.sock"));
+        let notes = Notifications::listen(&socket);
+        let stderr = t.side(&format!("worker-{quiet}.log"));
+        let mut cmd = filepipe(&[
+            s("worker"),
+            s("--queue"),
+            s(&nats.url),
+            s("--root"),
+            s(&root),
+        ]);
+        if quiet {
+            cmd.arg("-q");
+        }
+        cmd.env("NOTIFY_SOCKET", &socket)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).unwrap());
+        let worker = Started::new(cmd);
+        wait_until(Duration::from_secs(30), "READY=1", || notes.has("READY=1"));
+        let args = ["--op", "gzip", "--root-name", "tree", "--force"];
+        let sum = coordinate(&nats, &t.root(), &args).code(1).summary();
+        assert_eq!(sum["failed_by_reason"]["name-too-long"], 1, "{sum}");
+        signal_pid(worker.id(), rustix::process::Signal::TERM);
+        worker.finish(Duration::from_secs(60)).success();
+        let log = fs::read_to_string(&stderr).unwrap();
+        let failed: Vec<_> = log
+            .lines()
+            .filter(|l| l.contains("name-too-long"))
+            .collect();
+        assert_eq!(failed.len(), 1, "quiet {quiet}: {log}");
+        let info = log.lines().filter(|l| l.contains(" INFO ")).count();
+        if quiet {
+            assert_eq!(log.lines().count(), 1, "{log}");
+        } else {
+            assert!(info > 0, "{log}");
+        }
+    }
+}

@@ -108,6 +108,26 @@ fn manifest_reports_mismatch_missing_and_malformed_lines() {
     assert!(text.starts_with("a: OK\nb: FAILED"), "{text}");
     assert!(text.contains("c: MISSING"), "{text}");
     assert!(bad.stderr().contains("2 lines are improperly formatted"));
+    // With -q, the failures and the malformed lines' count alone (they have no line of their
+    // own; found by review r55: nothing at all was said of them).
+    let root = t.root();
+    let quiet = run(filepipe(&[
+        s("verify"),
+        manifest.as_os_str(),
+        s("--root"),
+        root.as_os_str(),
+        s("-q"),
+    ]));
+    let text = quiet.code(5).stdout();
+    assert!(!text.contains("OK"), "{text}");
+    assert!(
+        text.contains("b: FAILED") && text.contains("c: MISSING"),
+        "{text}"
+    );
+    assert_eq!(
+        quiet.stderr(),
+        "filepipe: WARNING: 2 lines are improperly formatted\n"
+    );
     // Pure garbage and a binary file as a manifest: errors, no panic.
     fs::write(
         &manifest,
