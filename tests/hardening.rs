@@ -2410,25 +2410,7 @@ fn an_output_is_not_published_in_a_directory_moved_away_from_its_input() {
         return;
     }
     let t = TestTree::new().file("d/f", b"data\n");
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null"])
-        .args(["-e", "trace=fsync,syncfs"])
-        .args(["-e", "inject=fsync,syncfs:delay_enter=2000000:when=1"])
-        .arg(bin())
-        .args(["batch", "-j1", "--op", "gzip"])
-        .arg(t.root())
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = Started::new(cmd);
-    let strace = child.id();
-    // A thread of filepipe's in its first flush, `fsync` or `syncfs` (the temp's, before its
-    // name: which one depends on the file system and the group's size).
-    wait_until(Duration::from_secs(30), "the publish's flush", || {
-        common::strace::children(strace)
-            .into_iter()
-            .any(|pid| common::strace::in_call(pid, &FLUSHES))
-    });
+    let child = gzip_held_in_first_flush(&t, &[]);
     fs::rename(t.path("d"), t.path("d.old")).unwrap();
     fs::remove_file(t.path("d.old/f")).unwrap();
     let out = child.finish(Duration::from_secs(60));
@@ -2461,26 +2443,13 @@ fn an_output_is_not_published_in_a_directory_moved_out_of_the_tree() {
         let case = format!("mirrored {mirrored}, within {within}");
         let t = TestTree::new().file("a/d/f", b"data\n");
         fs::create_dir_all(t.path("z/y")).unwrap();
-        let mut cmd = Command::new("strace");
-        cmd.args(["-f", "-qq", "-o", "/dev/null"])
-            .args(["-e", "trace=fsync,syncfs"])
-            .args(["-e", "inject=fsync,syncfs:delay_enter=2000000:when=1"])
-            .arg(bin())
-            .args(["batch", "-j1", "--op", "gzip"])
-            .arg(t.root())
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        if mirrored {
-            cmd.arg("--out").arg(t.side("out"));
-        }
-        let child = Started::new(cmd);
-        let strace = child.id();
-        wait_until(Duration::from_secs(30), "the publish's flush", || {
-            common::strace::children(strace)
-                .into_iter()
-                .any(|pid| common::strace::in_call(pid, &FLUSHES))
-        });
+        let out_root = t.side("out");
+        let out: &[&OsStr] = if mirrored {
+            &[OsStr::new("--out"), out_root.as_os_str()]
+        } else {
+            &[]
+        };
+        let child = gzip_held_in_first_flush(&t, out);
         let (moved, to) = match (mirrored, within) {
             (true, _) => (t.side("out/a"), t.side("away")),
             (false, false) => (t.path("a"), t.side("outside")),
@@ -2546,6 +2515,31 @@ fn an_output_directory_moved_out_of_the_output_tree_is_made_again_and_not_writte
         let gz = t.side("out/d").join(format!("{name}.gz"));
         assert!(gz.is_file(), "{} not made in the new out/d", gz.display());
     }
+}
+
+/// `batch -j1 --op gzip` over `t` (and `more` arguments), its first flush held 2 s by strace
+/// (`fsync` or `syncfs`, the temp's before its name: which one depends on the file system and
+/// the group's size): returned once a thread of filepipe's is in it.
+fn gzip_held_in_first_flush(t: &TestTree, more: &[&OsStr]) -> Started {
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null"])
+        .args(["-e", "trace=fsync,syncfs"])
+        .args(["-e", "inject=fsync,syncfs:delay_enter=2000000:when=1"])
+        .arg(bin())
+        .args(["batch", "-j1", "--op", "gzip"])
+        .arg(t.root())
+        .args(more)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    let strace = child.id();
+    wait_until(Duration::from_secs(30), "the publish's flush", || {
+        common::strace::children(strace)
+            .into_iter()
+            .any(|pid| common::strace::in_call(pid, &FLUSHES))
+    });
+    child
 }
 
 /// `read`'s number, as /proc/PID/task/TID/syscall gives it.

@@ -419,6 +419,18 @@ mod tests {
         );
     }
 
+    /// A plain job for the file at `path`, named `f`.
+    fn job_of(path: &std::path::Path) -> Job {
+        Job {
+            abs: path.to_path_buf(),
+            rel: "f".into(),
+            replace: false,
+            expect: None,
+            redelivered: None,
+            only: None,
+        }
+    }
+
     /// Files up to the buffer's size are read whole and hashed in one call (BLAKE3), larger
     /// ones streamed: either way each digest is the file's, at the edges of BLAKE3's chunks
     /// and of the buffer, and for a file that shrank after its size was taken (the caller's
@@ -427,14 +439,7 @@ mod tests {
     fn files_around_the_buffers_size_hash_as_themselves() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("f");
-        let job = Job {
-            abs: path.clone(),
-            rel: "f".into(),
-            replace: false,
-            expect: None,
-            redelivered: None,
-            only: None,
-        };
+        let job = job_of(&path);
         for size in [0, 1, 1023, 1024, 1025, BUF_SIZE - 1, BUF_SIZE, BUF_SIZE + 1] {
             let data: Vec<u8> = (0..size).map(|i| (i * 13 % 249) as u8).collect();
             std::fs::write(&path, &data).unwrap();
@@ -474,14 +479,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("f");
         std::fs::write(&path, &data).unwrap();
-        let job = Job {
-            abs: path.clone(),
-            rel: "f".into(),
-            replace: false,
-            expect: None,
-            redelivered: None,
-            only: None,
-        };
+        let job = job_of(&path);
         for algo in HashAlgo::ALL {
             for (jobs, others) in [(1, 0), (3, 0), (3, 1)] {
                 let mut input = InputFile::open(&path, false).unwrap();
