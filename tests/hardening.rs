@@ -2247,21 +2247,12 @@ fn a_batch_reports_a_listed_directory_that_would_not_open() {
     assert!(out.stderr().contains("path=d2"), "{}", out.stderr());
 }
 
-/// The name of the file in `dir` a thread of process `pid` is reading (in `read` on it, as
-/// /proc/PID/task/TID/syscall gives the call and its descriptor): where strace holds it.
+/// The name of the file in `dir` a thread of process `pid` is reading (in `read` on it):
+/// where strace holds it.
 fn reading_in(pid: u32, dir: &Path) -> Option<String> {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-        .find_map(|task| {
-            let call = fs::read_to_string(task.path().join("syscall")).ok()?;
-            let mut words = call.split_whitespace();
-            (words.next()? == READ).then_some(())?;
-            let fd = u64::from_str_radix(words.next()?.trim_start_matches("0x"), 16).ok()?;
-            let to = fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
-            (to.parent() == Some(dir)).then_some(())?;
-            Some(to.file_name()?.to_string_lossy().into_owned())
-        })
+    let file = common::strace::call_on(pid, READ)?;
+    (file.parent() == Some(dir)).then_some(())?;
+    Some(file.file_name()?.to_string_lossy().into_owned())
 }
 
 /// `batch -j1 --op gzip --quiet` over a tree of 20 files `d/f00`..`d/f19` (holding
@@ -2481,39 +2472,59 @@ fn an_output_is_not_published_in_a_directory_moved_out_of_the_tree() {
 /// (`mv out/d away`) while the run is in it (its worker held in a read): no output is ever
 /// published in `away` after the move, the file then in hand fails saying why, and every
 /// later file's output is made in a new `out/d`. Before, each later output went to `away/d`,
-/// outside the tree, however long the run went on.
+/// outside the tree, however long the run went on. Renamed within the tree (`mv out/d
+/// out/d.old`), the file in hand is published there, inside, and the later ones in a new
+/// `out/d` too (found by review r55b: they all went to `out/d.old`, and a rerun made them
+/// again).
 #[test]
 fn an_output_directory_moved_out_of_the_output_tree_is_made_again_and_not_written_to() {
     if !common::strace::have_strace() {
         eprintln!("SKIPPED: no strace to hold the worker in a read");
         return;
     }
-    let (t, child, held) = gzip_held_in_d_with("", |t| vec!["--out".into(), t.side("out").into()]);
-    let before: Vec<_> = fs::read_dir(t.side("out/d"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    fs::rename(t.side("out/d"), t.side("away")).unwrap();
-    let out = child.finish(Duration::from_secs(60));
-    let err = out.code(1).stderr();
-    assert!(
-        err.contains(&format!("path=d/{held} ")) && err.contains("moved out of the tree"),
-        "{err}"
-    );
-    assert_eq!(err.matches("moved out of the tree").count(), 1, "{err}");
-    let mut away: Vec<_> = fs::read_dir(t.side("away"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    away.sort();
-    assert_eq!(away, before, "published in away after the move");
-    for i in 0..20 {
-        let name = format!("f{i:02}");
-        if name == held || before.contains(&format!("{name}.gz").into()) {
-            continue;
+    for within in [false, true] {
+        let (t, child, held) =
+            gzip_held_in_d_with("", |t| vec!["--out".into(), t.side("out").into()]);
+        let mut before: Vec<_> = fs::read_dir(t.side("out/d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        let to = if within {
+            t.side("out/d.old")
+        } else {
+            t.side("away")
+        };
+        fs::rename(t.side("out/d"), &to).unwrap();
+        let out = child.finish(Duration::from_secs(60));
+        if within {
+            out.success();
+            before.push(format!("{held}.gz").into());
+        } else {
+            let err = out.code(1).stderr();
+            assert!(
+                err.contains(&format!("path=d/{held} ")) && err.contains("moved out of the tree"),
+                "{err}"
+            );
+            assert_eq!(err.matches("moved out of the tree").count(), 1, "{err}");
         }
-        let gz = t.side("out/d").join(format!("{name}.gz"));
-        assert!(gz.is_file(), "{} not made in the new out/d", gz.display());
+        before.sort();
+        let mut moved: Vec<_> = fs::read_dir(&to)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        moved.sort();
+        assert_eq!(
+            moved, before,
+            "within {within}: published there after the move"
+        );
+        for i in 0..20 {
+            let name = format!("f{i:02}");
+            if name == held || before.contains(&format!("{name}.gz").into()) {
+                continue;
+            }
+            let gz = t.side("out/d").join(format!("{name}.gz"));
+            assert!(gz.is_file(), "{} not made in the new out/d", gz.display());
+        }
     }
 }
 
@@ -2553,3 +2564,61 @@ const READ: &str = "63";
 const FLUSHES: [&str; 2] = ["74", "306"];
 #[cfg(target_arch = "aarch64")]
 const FLUSHES: [&str; 2] = ["82", "267"];
+
+/// A file whose size says nothing of its content (`/proc/version`, bind-mounted into the
+/// tree: its size is 0) is not hashed or compressed as empty: it fails `special-file`, at
+/// once (read again, it would say the same), and the run goes on. Found by review r55b: the
+/// empty file's digest was listed for it, and an empty `.gz` made.
+#[test]
+fn a_file_holding_more_than_its_size_says_is_not_taken_for_empty() {
+    if !common::is_root() {
+        eprintln!("SKIPPED: not root: cannot bind mount");
+        return;
+    }
+    let t = TestTree::new()
+        .file("plain.txt", b"plain\n")
+        .file("version", b"");
+    let at = t.path("version");
+    let st = Command::new("mount")
+        .arg("--bind")
+        .arg("/proc/version")
+        .arg(&at)
+        .output()
+        .unwrap();
+    if !st.status.success() {
+        eprintln!(
+            "SKIPPED: mount --bind not permitted: {}",
+            String::from_utf8_lossy(&st.stderr).trim()
+        );
+        return;
+    }
+    let _bound = common::BindMount::existing(&at);
+    for op in ["sha256", "blake3", "gzip", "sha256,zstd"] {
+        let mut cmd = filepipe(&[
+            s("batch"),
+            t.root().as_os_str(),
+            s("--op"),
+            s(op),
+            s("--json"),
+        ]);
+        if op.contains("sha") || op.contains("blake") {
+            cmd.arg("--manifest").arg(t.side("SUMS"));
+        }
+        let out = run(cmd);
+        let sum = out.code(1).summary();
+        // Failed as such (a retried read would end `changed-while-read`).
+        assert_eq!(sum["failed_by_reason"]["special-file"], 1, "{op}: {sum}");
+        assert_eq!(sum["failed"], 1, "{op}: {sum}");
+        assert!(
+            out.stderr()
+                .contains("its size says nothing of its content"),
+            "{op}: {}",
+            out.stderr()
+        );
+        assert!(!t.path("version.gz").exists() && !t.path("version.zst").exists());
+        if op.contains("sha") || op.contains("blake") {
+            let listed = fs::read_to_string(t.side("SUMS")).unwrap();
+            assert!(!listed.contains("version"), "{op}: {listed}");
+        }
+    }
+}

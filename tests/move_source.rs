@@ -1500,3 +1500,57 @@ fn move_failed_overlapping_move_source_is_refused() {
         assert!(!done.exists() && t.path("a.log").exists());
     }
 }
+
+/// The directory under DIR a move is about to go into, moved out of DIR by its owner meanwhile
+/// (strace holds the sync of its parent, as `d` is made in `DIR/u`, while `DIR/u` is moved
+/// away): the input is not moved where the directory went, outside DIR, but kept, and the
+/// note says why. Found by review r55b: the input went to `away/u/d/a`, and `-v` said it was
+/// moved to `DIR/u/d/a`.
+#[test]
+fn an_input_is_not_moved_into_a_directory_moved_out_of_dir() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the move");
+        return;
+    }
+    let t = TestTree::new().file("u/d/a", b"moved or kept\n");
+    let (done, away) = (t.side("done"), t.side("away"));
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&away).unwrap();
+    let held = done.join("u");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null", "-P"])
+        .arg(&held)
+        .args(["-e", "trace=fsync"])
+        .args(["-e", "inject=fsync:delay_enter=2000000:when=1"])
+        .arg(bin())
+        .args(["batch", "-j1", "--op", "gzip"])
+        .arg(t.root())
+        .arg("--move-source")
+        .arg(&done)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    let strace = child.id();
+    // fsync: 74 on x86-64, 82 on aarch64.
+    let fsync = if cfg!(target_arch = "aarch64") {
+        "82"
+    } else {
+        "74"
+    };
+    wait_until(Duration::from_secs(30), "the held sync of DIR/u", || {
+        common::strace::children(strace)
+            .into_iter()
+            .any(|pid| common::strace::call_on(pid, fsync).as_deref() == Some(held.as_path()))
+    });
+    fs::rename(&held, away.join("u")).unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.success().stderr();
+    assert!(
+        err.contains("input not moved") && err.contains("was moved out of"),
+        "{err}"
+    );
+    assert_eq!(fs::read(t.path("u/d/a")).unwrap(), b"moved or kept\n");
+    assert!(t.path("u/d/a.gz").is_file());
+    assert!(!away.join("u/d/a").exists(), "moved outside DIR");
+}

@@ -121,6 +121,30 @@ impl Aside {
             Ok(d) => d,
             Err(e) => return Ok(Err(not_moved(e))),
         };
+        // Still beneath DIR, just before the move: made and synced, it may have been moved
+        // out meanwhile by whoever owns it (the input directory's owner: found by review
+        // r55b, the input went where the directory went, and the log said DIR).
+        match output::beneath(top, rel_dir.components().count(), &dest) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Ok(Err(FileError::new(
+                    Kind::UnsafeOutputPath,
+                    format!(
+                        "input not moved: {} was moved out of {} meanwhile",
+                        dest.path.display(),
+                        self.root.display()
+                    ),
+                )))
+            }
+            Err(e) => {
+                let what = format!(
+                    "looking {} up beneath {}",
+                    dest.path.display(),
+                    self.root.display()
+                );
+                return Ok(Err(not_moved(FileError::errno(&what, e))));
+            }
+        }
         for n in 0..=MAX_NUMBERED {
             let Some(to) = numbered(name, n) else {
                 return Ok(Err(name_too_long(name, n)));

@@ -1796,9 +1796,10 @@ pub(crate) fn is_at(root: &Dir, rel_dir: &Path, dir: &Dir) -> bool {
 /// depth: what a publish checks at every file, so nothing is written in a directory moved
 /// out of the tree. Looked at with one lookup where it stays at its depth (`at_depth`), and
 /// gone up one level at a time only where that fails (a directory moved within the tree to
-/// another depth, a reorganisation, or out of it). (A deleted directory still has the `..` it
-/// had: nothing can be made in it anyway.) An error is a lookup's: a directory on the way up
-/// that can no longer be searched, say.
+/// another depth, a reorganisation, or out of it), the chain found then looked at again in
+/// one lookup. (A deleted directory still has the `..` it had: nothing can be made in it
+/// anyway.) An error is a lookup's: a directory on the way up that can no longer be
+/// searched, say.
 pub(crate) fn beneath(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno> {
     if at_depth(root, depth, dir)? {
         return Ok(true);
@@ -1811,9 +1812,13 @@ pub(crate) fn beneath(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno
     let mut at = rfs::openat(&dir.fd, ".", flags, Mode::empty())?;
     let mut here = id(rfs::fstat(&at)?);
     // Bounded, should directories be moved under the walk up for ever.
-    for _ in 0..1 << 16 {
+    for levels in 0..1 << 16 {
         if here == root_id {
-            return Ok(true);
+            // Each step looked only above itself: the levels passed may have left the tree
+            // since (found by review r55b: a directory moved 20,000 levels down, then the
+            // last of them moved out while the walk went up, got its output). The chain the
+            // walk found is looked at again in one lookup, as at the directory's own depth.
+            return at_depth(root, levels, dir);
         }
         let up = rfs::openat(&at, "..", flags, Mode::empty())?;
         let above = id(rfs::fstat(&up)?);
@@ -1824,6 +1829,17 @@ pub(crate) fn beneath(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno
         (at, here) = (up, above);
     }
     Ok(false)
+}
+
+/// Whether `rel_dir` beneath `root` leads to `dir` itself, by one lookup of its path (the
+/// last component not followed if a symlink; any before it are, so with `at_depth` to keep to
+/// the tree): a directory renamed away since it was opened (`mv out/d out/d.old`) does not.
+pub(crate) fn leads_to(root: &Dir, rel_dir: &Path, dir: &Dir) -> bool {
+    if rel_dir.as_os_str().is_empty() {
+        return root.id().is_some() && root.id() == dir.id();
+    }
+    rfs::statat(&root.fd, rel_dir, AtFlags::SYMLINK_NOFOLLOW)
+        .is_ok_and(|st| Some((st.st_dev, st.st_ino)) == dir.id())
 }
 
 /// Whether the directory `depth` levels above `dir` (`../..`, as the kernel looks `..` up,

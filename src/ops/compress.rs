@@ -382,12 +382,15 @@ impl<C: Codec> CompressOp<C> {
                 scratch.out_dirs.open(rel_dir, &mode_of)
             }
             // Under `--out`, a remembered directory moved from its place (its owner, the input
-            // directory's, may move it) is looked up again: moved out of the output tree, at
-            // the publish it would be refused (`still_beside`), and every later file of the
-            // directory with it. (Moved elsewhere at its depth, it is still taken.)
+            // directory's, may move it) is looked up again: its path must still lead to it,
+            // through the tree. Moved out of the output tree, at the publish it would be
+            // refused (`still_beside`), and every later file of the directory with it; renamed
+            // within it (`mv out/d out/d.old`, found by review r55b), it got every later output
+            // of `d`, which a rerun then made again in a new `out/d`.
             _ if remembered
                 && self.mirrored
-                && output::at_depth(&self.out_root_dir, depth(rel_dir), &dir) != Ok(true) =>
+                && !(output::leads_to(&self.out_root_dir, rel_dir, &dir)
+                    && output::at_depth(&self.out_root_dir, depth(rel_dir), &dir) == Ok(true)) =>
             {
                 scratch.out_dirs.forget();
                 scratch.out_dirs.open(rel_dir, &mode_of)

@@ -311,7 +311,11 @@ pub(crate) fn prepare<O: Op>(
             input.keep_acl();
         }
         let read = match op.read(&job, &mut input, scratch) {
-            Ok(p) => input.finish().map(|()| p),
+            Ok(p) => match input.finish() {
+                // Its size says nothing of its content: read again, it would say the same.
+                Err(e) if e.kind == Kind::SpecialFile => return Err(failed(job, e)),
+                finished => finished.map(|()| p),
+            },
             // The op saw it change under it (zstd's frame, pledged to the size found, cannot
             // end short of it): read again, as a change `finish` finds is (found by a review:
             // zstd failed a file that shrank, which gzip read again).

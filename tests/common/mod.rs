@@ -912,6 +912,11 @@ impl BindMount {
             .collect()
     }
 
+    /// A bind mount the test made itself at `at`, to be unmounted when dropped.
+    pub fn existing(at: &Path) -> BindMount {
+        BindMount(at.to_path_buf())
+    }
+
     /// Binds `from` at `at` (made if missing), or `None`, saying why, where mount(2) is not
     /// permitted.
     pub fn new(from: &Path, at: &Path) -> Option<BindMount> {

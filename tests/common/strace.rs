@@ -42,6 +42,22 @@ pub fn in_call(pid: u32, numbers: &[&str]) -> bool {
     })
 }
 
+/// What the descriptor leads to that a thread of process `pid` is in system call `number`
+/// on (its first argument, as /proc/PID/task/TID/syscall gives the call): the file or
+/// directory a call strace holds is about.
+pub fn call_on(pid: u32, number: &str) -> Option<std::path::PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .find_map(|task| {
+            let call = fs::read_to_string(task.path().join("syscall")).ok()?;
+            let mut words = call.split_whitespace();
+            (words.next()? == number).then_some(())?;
+            let fd = u64::from_str_radix(words.next()?.trim_start_matches("0x"), 16).ok()?;
+            fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()
+        })
+}
+
 /// Writes out what the machine has waiting to be written (`sync`): with much of it (the test
 /// binaries cargo just linked), `--durability group` flushes each file on its own rather than
 /// wait for it all, and a test of how groups are flushed must see groups. False (the test
