@@ -347,11 +347,15 @@ impl<C: Codec> CompressOp<C> {
 
     /// The output directory of `job`, made if need be. `input` is the input as opened (its
     /// stat): new directories mirror the ones it was read through (`output::mirrored`).
+    /// `Look::Again`: a directory remembered from an earlier file is looked at before it is
+    /// taken for this one (see below); `Look::Done` where this file's `check` just did (the
+    /// publish looks at it again in any case, `still_beside`).
     fn out_dir(
         &self,
         job: &Job,
         input: Option<&rustix::fs::Stat>,
         scratch: &mut Scratch<C::Scratch>,
+        look: Look,
     ) -> Result<Arc<Dir>, FileError> {
         let rel_dir = job.rel.parent().unwrap_or(Path::new(""));
         // New output directories take their input directory's permissions: an archive tree is
@@ -359,7 +363,7 @@ impl<C: Codec> CompressOp<C> {
         let root = self.in_root.as_ref();
         let input = input.and_then(|st| Some((job.rel.file_name()?, st)));
         let mode_of = |rel: &Path| output::mirrored(root, rel, rel_dir, input);
-        let remembered = scratch.out_dirs.remembers(rel_dir);
+        let remembered = look == Look::Again && scratch.out_dirs.remembers(rel_dir);
         let dir = scratch.out_dirs.open(rel_dir, &mode_of)?;
         // Beside the inputs, the directory remembered from the file before must be the one
         // this input was read from: a directory renamed away (`mv d d.old; mkdir d`) while the
@@ -382,15 +386,16 @@ impl<C: Codec> CompressOp<C> {
                 scratch.out_dirs.open(rel_dir, &mode_of)
             }
             // Under `--out`, a remembered directory moved from its place (its owner, the input
-            // directory's, may move it) is looked up again: its path must still lead to it,
-            // through the tree. Moved out of the output tree, at the publish it would be
-            // refused (`still_beside`), and every later file of the directory with it; renamed
-            // within it (`mv out/d out/d.old`, found by review r55b), it got every later output
-            // of `d`, which a rerun then made again in a new `out/d`.
+            // directory's, may move it) is looked up again: its path must still lead to it.
+            // Moved out of the output tree, at the publish it would be refused (`still_beside`),
+            // and every later file of the directory with it; renamed within it (`mv out/d
+            // out/d.old`, found by review r55b), it got every later output of `d`, which a
+            // rerun then made again in a new `out/d`. (One stat of the path: a symlink its
+            // owner put on the way to where the directory went outside leads to it, and the
+            // publish refuses it, the files of that owner's own directory alone.)
             _ if remembered
                 && self.mirrored
-                && !(output::leads_to(&self.out_root_dir, rel_dir, &dir)
-                    && output::at_depth(&self.out_root_dir, depth(rel_dir), &dir) == Ok(true)) =>
+                && !output::leads_to(&self.out_root_dir, rel_dir, &dir) =>
             {
                 scratch.out_dirs.forget();
                 scratch.out_dirs.open(rel_dir, &mode_of)
@@ -621,6 +626,15 @@ impl<C: Codec> CompressOp<C> {
             }
         }
     }
+}
+
+/// Whether `CompressOp::out_dir` looks again at a directory remembered from an earlier file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Look {
+    /// This file's first call (`check`): looked at.
+    Again,
+    /// Its calls after `check`, which looked: taken as it is.
+    Done,
 }
 
 /// How many directories `rel_dir` (relative, normal: as a job's) is beneath its root.
@@ -921,7 +935,7 @@ impl<C: Codec> CompressOp<C> {
         scratch: &mut Scratch<C::Scratch>,
         hashers: &mut [Hasher],
     ) -> Result<Pending, FileError> {
-        let dir = self.out_dir(job, Some(&input.stat), scratch)?;
+        let dir = self.out_dir(job, Some(&input.stat), scratch, Look::Done)?;
         // Adopting an output in place reads the input only to compare it (--remove-source or
         // --move-source, which several results never have, or a redelivered job: see
         // `adopt`).
@@ -940,7 +954,7 @@ impl<C: Codec> CompressOp<C> {
             // a daemon runs): made again.
             Err(_) if output::deleted(&dir) => {
                 scratch.out_dirs.forget();
-                let dir = self.out_dir(job, Some(&input.stat), scratch)?;
+                let dir = self.out_dir(job, Some(&input.stat), scratch, Look::Done)?;
                 let temp = TempOutput::create_for(Arc::clone(&dir), self.durability)?;
                 (dir, temp)
             }
@@ -1175,7 +1189,7 @@ impl<C: Codec> Op for CompressOp<C> {
             return Ok(Some(reason));
         }
         let name = Self::out_name(job)?;
-        let dir = self.out_dir(job, Some(&input.stat), scratch)?;
+        let dir = self.out_dir(job, Some(&input.stat), scratch, Look::Again)?;
         scratch.replacing = None;
         // Whatever is there is replaced: not even looked at (a stamped codec would read it).
         if self.force {
