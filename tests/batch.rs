@@ -214,12 +214,8 @@ fn a_manifest_cut_short_during_the_comparison_is_still_written_whole() {
     args(&mut cmd);
     let child = Started::new(cmd);
     let strace = child.id();
-    // A thread of filepipe's in that read (pread64: 17 on x86-64, 67 on aarch64).
-    let reading = if cfg!(target_arch = "aarch64") {
-        "67"
-    } else {
-        "17"
-    };
+    // A thread of filepipe's in that read.
+    let reading = common::strace::nr::PREAD64;
     wait_until(Duration::from_secs(60), "the held read", || {
         (common::strace::children(strace).into_iter())
             .any(|pid| common::strace::in_call(pid, &[reading]))

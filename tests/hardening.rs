@@ -2250,7 +2250,7 @@ fn a_batch_reports_a_listed_directory_that_would_not_open() {
 /// The name of the file in `dir` a thread of process `pid` is reading (in `read` on it):
 /// where strace holds it.
 fn reading_in(pid: u32, dir: &Path) -> Option<String> {
-    let file = common::strace::call_on(pid, READ)?;
+    let file = common::strace::call_on(pid, common::strace::nr::READ)?;
     (file.parent() == Some(dir)).then_some(())?;
     Some(file.file_name()?.to_string_lossy().into_owned())
 }
@@ -2553,17 +2553,8 @@ fn gzip_held_in_first_flush(t: &TestTree, more: &[&OsStr]) -> Started {
     child
 }
 
-/// `read`'s number, as /proc/PID/task/TID/syscall gives it.
-#[cfg(target_arch = "x86_64")]
-const READ: &str = "0";
-#[cfg(target_arch = "aarch64")]
-const READ: &str = "63";
-
-/// `fsync`'s and `syncfs`'s numbers, as /proc/PID/task/TID/syscall gives them.
-#[cfg(target_arch = "x86_64")]
-const FLUSHES: [&str; 2] = ["74", "306"];
-#[cfg(target_arch = "aarch64")]
-const FLUSHES: [&str; 2] = ["82", "267"];
+/// `fsync`'s and `syncfs`'s numbers.
+const FLUSHES: [&str; 2] = [common::strace::nr::FSYNC, common::strace::nr::SYNCFS];
 
 /// A file whose size says nothing of its content (`/proc/version`, bind-mounted into the
 /// tree: its size is 0) is not hashed or compressed as empty: it fails `special-file`, at

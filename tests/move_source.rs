@@ -1532,12 +1532,7 @@ fn an_input_is_not_moved_into_a_directory_moved_out_of_dir() {
         .stderr(Stdio::piped());
     let child = Started::new(cmd);
     let strace = child.id();
-    // fsync: 74 on x86-64, 82 on aarch64.
-    let fsync = if cfg!(target_arch = "aarch64") {
-        "82"
-    } else {
-        "74"
-    };
+    let fsync = common::strace::nr::FSYNC;
     wait_until(Duration::from_secs(30), "the held sync of DIR/u", || {
         common::strace::children(strace)
             .into_iter()

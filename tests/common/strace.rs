@@ -42,6 +42,24 @@ pub fn in_call(pid: u32, numbers: &[&str]) -> bool {
     })
 }
 
+/// System call numbers, as /proc/PID/task/TID/syscall gives them (`in_call`, `call_on`).
+#[cfg(target_arch = "x86_64")]
+pub mod nr {
+    pub const READ: &str = "0";
+    pub const PREAD64: &str = "17";
+    pub const FSYNC: &str = "74";
+    pub const SYNCFS: &str = "306";
+}
+
+/// System call numbers, as /proc/PID/task/TID/syscall gives them (`in_call`, `call_on`).
+#[cfg(target_arch = "aarch64")]
+pub mod nr {
+    pub const READ: &str = "63";
+    pub const PREAD64: &str = "67";
+    pub const FSYNC: &str = "82";
+    pub const SYNCFS: &str = "267";
+}
+
 /// What the descriptor leads to that a thread of process `pid` is in system call `number`
 /// on (its first argument, as /proc/PID/task/TID/syscall gives the call): the file or
 /// directory a call strace holds is about.
