@@ -2613,3 +2613,63 @@ fn a_file_holding_more_than_its_size_says_is_not_taken_for_empty() {
         }
     }
 }
+
+/// `--out` with `--remove-source`, outputs up to date from an earlier run: while the run is in
+/// `u/d` (its worker held in a read), the owner of `out/u` moves it out of the output tree and
+/// puts a symlink to it in its place. No output out there stands for its input: the file in
+/// hand and every later one fail `unsafe-output-path`, and every input is kept. Found by
+/// review r55c: the outputs, reached through the link, were adopted and another user's
+/// inputs removed.
+#[test]
+fn outputs_found_through_a_link_out_of_the_tree_never_stand_for_their_inputs() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the worker in a read");
+        return;
+    }
+    let mut t = TestTree::new();
+    for i in 0..20 {
+        t = t.file(format!("u/d/f{i:02}"), format!("{i}\n").as_bytes());
+    }
+    let out = t.side("out");
+    let gzip = |cmd: &mut Command| {
+        cmd.args(["batch", "-j1", "--op", "gzip", "--quiet"])
+            .arg(t.root())
+            .arg("--out")
+            .arg(&out)
+            .env_remove("RUST_LOG");
+    };
+    let mut first = Command::new(bin());
+    gzip(&mut first);
+    run(first).success();
+    let d = t.path("u/d");
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null"]);
+    for i in 0..20 {
+        cmd.arg("-P").arg(d.join(format!("f{i:02}")));
+    }
+    cmd.args(["-e", "trace=read"])
+        .args(["-e", "inject=read:delay_enter=2000000:when=1"])
+        .arg(bin());
+    gzip(&mut cmd);
+    cmd.arg("--remove-source")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    let strace = child.id();
+    wait_until(Duration::from_secs(30), "the held read", || {
+        common::strace::children(strace)
+            .into_iter()
+            .any(|pid| reading_in(pid, &d).is_some())
+    });
+    let away = t.side("away");
+    fs::rename(out.join("u"), &away).unwrap();
+    std::os::unix::fs::symlink(&away, out.join("u")).unwrap();
+    let err = child.finish(Duration::from_secs(60)).code(1).stderr();
+    assert_eq!(err.matches("unsafe-output-path").count(), 20, "{err}");
+    for i in 0..20 {
+        assert!(
+            d.join(format!("f{i:02}")).is_file(),
+            "f{i:02} removed: {err}"
+        );
+    }
+}

@@ -1832,9 +1832,8 @@ pub(crate) fn beneath(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno
 }
 
 /// Whether `rel_dir` beneath `root` leads to `dir` itself, by one lookup of its path (the
-/// last component not followed if a symlink; any before it are: whether `dir` is still in the
-/// tree is `beneath`'s to say): a directory renamed away since it was opened (`mv out/d
-/// out/d.old`) does not.
+/// last component not followed if a symlink; any before it are, so with `at_depth` to keep
+/// to the tree): a directory renamed away since it was opened (`mv out/d out/d.old`) does not.
 pub(crate) fn leads_to(root: &Dir, rel_dir: &Path, dir: &Dir) -> bool {
     if rel_dir.as_os_str().is_empty() {
         return root.id().is_some() && root.id() == dir.id();
@@ -1846,7 +1845,7 @@ pub(crate) fn leads_to(root: &Dir, rel_dir: &Path, dir: &Dir) -> bool {
 /// Whether the directory `depth` levels above `dir` (`../..`, as the kernel looks `..` up,
 /// across mounts) is `root` itself: one lookup, no descriptor, whatever the depth (a walk
 /// down from the root, as `is_at`, costs one `openat` per level).
-fn at_depth(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno> {
+pub(crate) fn at_depth(root: &Dir, depth: usize, dir: &Dir) -> Result<bool, Errno> {
     // A path is at most PATH_MAX bytes: deeper trees go up in steps of this many `..`.
     const STEP: usize = 1000;
     let Some(root_id) = root.id() else {

@@ -386,16 +386,18 @@ impl<C: Codec> CompressOp<C> {
                 scratch.out_dirs.open(rel_dir, &mode_of)
             }
             // Under `--out`, a remembered directory moved from its place (its owner, the input
-            // directory's, may move it) is looked up again: its path must still lead to it.
-            // Moved out of the output tree, at the publish it would be refused (`still_beside`),
-            // and every later file of the directory with it; renamed within it (`mv out/d
-            // out/d.old`, found by review r55b), it got every later output of `d`, which a
-            // rerun then made again in a new `out/d`. (One stat of the path: a symlink its
-            // owner put on the way to where the directory went outside leads to it, and the
-            // publish refuses it, the files of that owner's own directory alone.)
+            // directory's, may move it) is looked up again: its path must still lead to it,
+            // and it must still be at its depth beneath the output root. Moved out of the
+            // output tree, at the publish it would be refused (`still_beside`), and every
+            // later file of the directory with it; renamed within it (`mv out/d out/d.old`,
+            // found by review r55b), it got every later output of `d`, which a rerun then
+            // made again in a new `out/d`. The path's stat follows a symlink on the way: moved
+            // out and a link to it put in its place, the directory is not at its depth (found
+            // by review r55c: temps were written there, outside the tree).
             _ if remembered
                 && self.mirrored
-                && !output::leads_to(&self.out_root_dir, rel_dir, &dir) =>
+                && !(output::leads_to(&self.out_root_dir, rel_dir, &dir)
+                    && output::at_depth(&self.out_root_dir, depth(rel_dir), &dir) == Ok(true)) =>
             {
                 scratch.out_dirs.forget();
                 scratch.out_dirs.open(rel_dir, &mode_of)
@@ -766,6 +768,11 @@ impl<C: Codec> CompressOp<C> {
             // Adopted (inputs go): still the very file that was compared, under the name.
             Output::InPlace(file) => {
                 still_named(&pending.dir, &name, &file)?;
+                // Only an output beneath its root stands for its input (and lets it go): one
+                // found in a directory moved out meanwhile, or reached through a symlink its
+                // owner put on the way, had another user's inputs removed for outputs outside
+                // the tree (found by review r55c).
+                self.still_beside(job, input, &pending.dir)?;
                 return Ok(Step::InPlace(file));
             }
         };
