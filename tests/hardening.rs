@@ -2262,6 +2262,20 @@ fn gzip_held_in_d(prefix: &str) -> (TestTree, Started, String) {
     gzip_held_in_d_with(prefix, |_| Vec::new())
 }
 
+/// `strace` running the binary (its arguments to follow) with the first read of any of
+/// `d/f00`..`d/f19` held 2 s.
+fn strace_holding_first_read(d: &Path) -> Command {
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null"]);
+    for i in 0..20 {
+        cmd.arg("-P").arg(d.join(format!("f{i:02}")));
+    }
+    cmd.args(["-e", "trace=read"])
+        .args(["-e", "inject=read:delay_enter=2000000:when=1"])
+        .arg(bin());
+    cmd
+}
+
 /// `gzip_held_in_d`, with more arguments for the run (given the tree).
 fn gzip_held_in_d_with(
     prefix: &str,
@@ -2275,15 +2289,8 @@ fn gzip_held_in_d_with(
         );
     }
     let d = t.path("d");
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null"]);
-    for i in 0..20 {
-        cmd.arg("-P").arg(d.join(format!("f{i:02}")));
-    }
-    cmd.args(["-e", "trace=read"])
-        .args(["-e", "inject=read:delay_enter=2000000:when=1"])
-        .arg(bin())
-        .args(["batch", "-j1", "--op", "gzip", "--quiet"])
+    let mut cmd = strace_holding_first_read(&d);
+    cmd.args(["batch", "-j1", "--op", "gzip", "--quiet"])
         .arg(t.root())
         .args(more(&t))
         .env_remove("RUST_LOG")
@@ -2642,14 +2649,7 @@ fn outputs_found_through_a_link_out_of_the_tree_never_stand_for_their_inputs() {
     gzip(&mut first);
     run(first).success();
     let d = t.path("u/d");
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null"]);
-    for i in 0..20 {
-        cmd.arg("-P").arg(d.join(format!("f{i:02}")));
-    }
-    cmd.args(["-e", "trace=read"])
-        .args(["-e", "inject=read:delay_enter=2000000:when=1"])
-        .arg(bin());
+    let mut cmd = strace_holding_first_read(&d);
     gzip(&mut cmd);
     cmd.arg("--remove-source")
         .stdout(Stdio::null())
