@@ -2563,34 +2563,49 @@ fn gzip_held_in_first_flush(t: &TestTree, more: &[&OsStr]) -> Started {
 /// `fsync`'s and `syncfs`'s numbers.
 const FLUSHES: [&str; 2] = [common::strace::nr::FSYNC, common::strace::nr::SYNCFS];
 
-/// A file whose size says nothing of its content (`/proc/version`, bind-mounted into the
-/// tree: its size is 0) is not hashed or compressed as empty: it fails `special-file`, at
-/// once (read again, it would say the same), and the run goes on. Found by review r55b: the
-/// empty file's digest was listed for it, and an empty `.gz` made.
+/// A file whose size says nothing of its content is not hashed or compressed as what its
+/// size says: it fails `special-file`, at once (read again, it would say the same), and the
+/// run goes on. `/proc/version`, bind-mounted into the tree, says 0 bytes and holds more:
+/// found by review r55b, the empty file's digest was listed for it, and an empty `.gz` made. A
+/// `/sys` file says 4096 and holds less: found by review r55c, it was read three times and
+/// failed `changed-while-read`, as if a writer were at it.
 #[test]
-fn a_file_holding_more_than_its_size_says_is_not_taken_for_empty() {
+fn a_file_whose_size_says_nothing_of_its_content_fails_as_such() {
     if !common::is_root() {
         eprintln!("SKIPPED: not root: cannot bind mount");
         return;
     }
+    // A /sys file that holds a few bytes on any Linux machine.
+    let sys = [
+        "/sys/kernel/uevent_seqnum",
+        "/sys/devices/system/cpu/online",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("no /sys/kernel/uevent_seqnum nor /sys/devices/system/cpu/online");
     let t = TestTree::new()
         .file("plain.txt", b"plain\n")
-        .file("version", b"");
-    let at = t.path("version");
-    let st = Command::new("mount")
-        .arg("--bind")
-        .arg("/proc/version")
-        .arg(&at)
-        .output()
-        .unwrap();
-    if !st.status.success() {
-        eprintln!(
-            "SKIPPED: mount --bind not permitted: {}",
-            String::from_utf8_lossy(&st.stderr).trim()
-        );
-        return;
+        .file("version", b"")
+        .file("seqnum", b"");
+    let mut bound = Vec::new();
+    for (from, to) in [("/proc/version", "version"), (sys, "seqnum")] {
+        let at = t.path(to);
+        let st = Command::new("mount")
+            .arg("--bind")
+            .arg(from)
+            .arg(&at)
+            .output()
+            .unwrap();
+        if !st.status.success() {
+            eprintln!(
+                "SKIPPED: mount --bind not permitted: {}",
+                String::from_utf8_lossy(&st.stderr).trim()
+            );
+            return;
+        }
+        bound.push(common::BindMount::existing(&at));
     }
-    let _bound = common::BindMount::existing(&at);
+    assert_eq!(fs::metadata(t.path("seqnum")).unwrap().len(), 4096);
     for op in ["sha256", "blake3", "gzip", "sha256,zstd"] {
         let mut cmd = filepipe(&[
             s("batch"),
@@ -2605,18 +2620,31 @@ fn a_file_holding_more_than_its_size_says_is_not_taken_for_empty() {
         let out = run(cmd);
         let sum = out.code(1).summary();
         // Failed as such (a retried read would end `changed-while-read`).
-        assert_eq!(sum["failed_by_reason"]["special-file"], 1, "{op}: {sum}");
-        assert_eq!(sum["failed"], 1, "{op}: {sum}");
-        assert!(
-            out.stderr()
-                .contains("its size says nothing of its content"),
-            "{op}: {}",
-            out.stderr()
-        );
-        assert!(!t.path("version.gz").exists() && !t.path("version.zst").exists());
+        assert_eq!(sum["failed_by_reason"]["special-file"], 2, "{op}: {sum}");
+        assert_eq!(sum["failed"], 2, "{op}: {sum}");
+        assert_eq!(sum["done"], 1, "{op}: {sum}");
+        let err = out.stderr();
+        assert!(err.contains("holds more than its size says"), "{op}: {err}");
+        assert!(err.contains("holds less than its size says"), "{op}: {err}");
+        assert!(!err.contains("changed while being read"), "{op}: {err}");
+        for name in ["version", "seqnum"] {
+            for ext in ["gz", "zst"] {
+                assert!(
+                    !t.path(format!("{name}.{ext}")).exists(),
+                    "{op}: {name}.{ext}"
+                );
+            }
+        }
         if op.contains("sha") || op.contains("blake") {
             let listed = fs::read_to_string(t.side("SUMS")).unwrap();
-            assert!(!listed.contains("version"), "{op}: {listed}");
+            assert!(
+                !listed.contains("version") && !listed.contains("seqnum"),
+                "{op}: {listed}"
+            );
+        }
+        // The next op finds the tree as it was.
+        for ext in ["gz", "zst"] {
+            let _ = fs::remove_file(t.path(format!("plain.txt.{ext}")));
         }
     }
 }

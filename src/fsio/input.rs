@@ -246,6 +246,22 @@ impl InputFile {
                 ),
             ));
         }
+        // Less than its size, with nothing changed, is what a `/sys` file gives (each says
+        // 4096): on a file system whose sizes are made up, that is the file, not a writer
+        // (found by review r55c: three attempts, then `changed-while-read`). Elsewhere a
+        // regular file truncated and filled again within one timestamp tick looks the same,
+        // and is tried again.
+        if unchanged && self.read < size && made_up_sizes(&self.file) {
+            return Err(FileError::new(
+                Kind::SpecialFile,
+                format!(
+                    "it holds less than its size says ({} of {size} bytes), with nothing changed, \
+                     on a kernel file system (/proc, /sys) whose sizes say nothing of content; \
+                     not read",
+                    self.read
+                ),
+            ));
+        }
         if unchanged && self.read == size {
             Ok(())
         } else {
@@ -258,6 +274,30 @@ impl InputFile {
             ))
         }
     }
+}
+
+/// Whether `file` is on one of the kernel's file systems whose files' sizes say nothing of
+/// what a read gives (`/proc`, `/sys`, `debugfs`, `tracefs`, `securityfs`, cgroups, `configfs`,
+/// `efivarfs`): asked only of a read that ended short of the size.
+fn made_up_sizes(file: &File) -> bool {
+    let Ok(st) = rfs::fstatfs(file) else {
+        return false;
+    };
+    // f_type's integer type differs between architectures.
+    #[allow(clippy::unnecessary_cast)]
+    let kind = st.f_type as i64 & 0xffff_ffff;
+    const KINDS: [i64; 9] = [
+        0x9fa0,      // proc
+        0x6265_6572, // sysfs
+        0x6462_6720, // debugfs
+        0x7472_6163, // tracefs
+        0x7363_6673, // securityfs
+        0x6367_7270, // cgroup2
+        0x0027_e0eb, // cgroup
+        0x6265_6570, // configfs
+        0xde5e_81e4, // efivarfs
+    ];
+    KINDS.contains(&kind)
 }
 
 /// What an input turned out to be instead of a regular file to read.
