@@ -1549,3 +1549,61 @@ fn an_input_is_not_moved_into_a_directory_moved_out_of_dir() {
     assert!(t.path("u/d/a.gz").is_file());
     assert!(!away.join("u/d/a").exists(), "moved outside DIR");
 }
+
+/// As above, with the directory moved out of DIR at the last moment: after the look that it
+/// is still beneath DIR, while strace holds the rename of the input into it. The input is put
+/// back where it was, and the note says why. Found by review r55c (its script m5): the input
+/// went where the directory went.
+#[test]
+fn an_input_renamed_into_a_directory_just_moved_out_of_dir_is_put_back() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the move");
+        return;
+    }
+    let t = TestTree::new().file("u/d/a", b"moved or kept\n");
+    let (done, away) = (t.side("done"), t.side("away"));
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&away).unwrap();
+    let mut cmd = Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null", "-P"])
+        .arg(done.join("u/d"))
+        .args(["-e", "trace=renameat2"])
+        .args(["-e", "inject=renameat2:delay_enter=2000000:when=1"])
+        .arg(bin())
+        .args(["batch", "-j1", "--op", "gzip"])
+        .arg(t.root())
+        .arg("--move-source")
+        .arg(&done)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let child = Started::new(cmd);
+    let strace = child.id();
+    let rename = common::strace::nr::RENAMEAT2;
+    // The output's publish, a rename too, comes before `DIR/u/d` is made: a rename seen once
+    // it is there is the move's.
+    let moving = || {
+        done.join("u/d").is_dir()
+            && common::strace::children(strace)
+                .into_iter()
+                .any(|pid| common::strace::in_call(pid, &[rename]))
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "the held rename into DIR/u/d",
+        moving,
+    );
+    fs::rename(done.join("u"), away.join("u")).unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.success().stderr();
+    assert!(
+        err.contains("input not moved")
+            && err.contains("was moved out of")
+            && err.contains("put back"),
+        "{err}"
+    );
+    assert_eq!(fs::read(t.path("u/d/a")).unwrap(), b"moved or kept\n");
+    assert!(t.path("u/d/a.gz").is_file());
+    assert!(!away.join("u/d/a").exists(), "left outside DIR");
+    assert_eq!(fs::read_dir(away.join("u/d")).unwrap().count(), 0);
+}

@@ -121,29 +121,17 @@ impl Aside {
             Ok(d) => d,
             Err(e) => return Ok(Err(not_moved(e))),
         };
+        let within = Within {
+            top,
+            root: &self.root,
+            depth: rel_dir.components().count(),
+        };
         // Still beneath DIR, just before the move: made and synced, it may have been moved
         // out meanwhile by whoever owns it (the input directory's owner: found by review
-        // r55b, the input went where the directory went, and the log said DIR).
-        match output::beneath(top, rel_dir.components().count(), &dest) {
-            Ok(true) => {}
-            Ok(false) => {
-                return Ok(Err(FileError::new(
-                    Kind::UnsafeOutputPath,
-                    format!(
-                        "input not moved: {} was moved out of {} meanwhile",
-                        dest.path.display(),
-                        self.root.display()
-                    ),
-                )))
-            }
-            Err(e) => {
-                let what = format!(
-                    "looking {} up beneath {}",
-                    dest.path.display(),
-                    self.root.display()
-                );
-                return Ok(Err(not_moved(FileError::errno(&what, e))));
-            }
+        // r55b, the input went where the directory went, and the log said DIR). Looked at
+        // again once the input is there (below), since it may go in between.
+        if let Some(e) = within.left(&dest) {
+            return Ok(Err(not_moved(e)));
         }
         for n in 0..=MAX_NUMBERED {
             let Some(to) = numbered(name, n) else {
@@ -154,8 +142,8 @@ impl Aside {
                 Err(Errno::EXIST) => continue,
                 // The file system has no RENAME_NOREPLACE (some NFS and FUSE file systems):
                 // a link is no-clobber by nature, and the input's name goes once it stands.
-                Err(Errno::INVAL) => return self.move_by_link(src, name, &dest, read),
-                Err(Errno::XDEV) => return self.copy_across(src, name, &dest, read),
+                Err(Errno::INVAL) => return self.move_by_link(src, name, &dest, read, within),
+                Err(Errno::XDEV) => return self.copy_across(src, name, &dest, read, within),
                 Err(Errno::NOENT) => return Ok(Err(enoent(src, name, &dest, &to))),
                 Err(e) => {
                     let what = format!("moving it to {}", dest.path.join(&to).display());
@@ -168,7 +156,16 @@ impl Aside {
             // other goes back where it was, unprocessed.
             match rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(now) if same_version(&now, read) && now.st_nlink == 1 => {}
-                _ => return Ok(Err(put_back(src, name, &dest, &to))),
+                _ => {
+                    let why = "another file was renamed over its name as it was moved";
+                    return Ok(Err(put_back(src, name, &dest, &to, Kind::Changed, why)));
+                }
+            }
+            // Moved out of DIR between the look above and the rename (review r55c's m5 held
+            // the rename itself): the input goes back. Once this look has passed, a move of the
+            // directory is its owner's, after the input was moved.
+            if let Some(e) = within.left(&dest) {
+                return Ok(Err(put_back(src, name, &dest, &to, e.kind, &e.message)));
             }
             output::sync_dir(&dest)?;
             output::sync_dir(src)?;
@@ -184,6 +181,7 @@ impl Aside {
         name: &OsStr,
         dest: &Arc<Dir>,
         read: &rfs::Stat,
+        within: Within<'_>,
     ) -> Result<Moved, FileError> {
         for n in 0..=MAX_NUMBERED {
             let Some(to) = numbered(name, n) else {
@@ -192,7 +190,7 @@ impl Aside {
             match rfs::linkat(&src.fd, name, &dest.fd, &to, AtFlags::empty()) {
                 Ok(()) => {}
                 Err(Errno::EXIST) => continue,
-                Err(Errno::XDEV) => return self.copy_across(src, name, dest, read),
+                Err(Errno::XDEV) => return self.copy_across(src, name, dest, read, within),
                 Err(Errno::NOENT) => return Ok(Err(enoent(src, name, dest, &to))),
                 Err(e) => {
                     let what = format!("linking it as {}", dest.path.join(&to).display());
@@ -214,7 +212,7 @@ impl Aside {
                     ..e
                 }));
             }
-            return finish_by_unlink(src, name, read, Second::Link, dest, &to);
+            return finish_by_unlink(src, name, read, Second::Link, dest, &to, Some(within));
         }
         Ok(Err(too_many(dest, name)))
     }
@@ -242,11 +240,25 @@ impl Aside {
             path.push(c);
         }
         let dest = Dir::new(fd, path);
+        let within = Within {
+            top,
+            root: &self.root,
+            depth: rel.parent().map_or(0, |d| d.components().count()),
+        };
         for n in 0..=MAX_NUMBERED {
             let to = numbered(name, n)?;
             let st = rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW).ok()?;
             if st.st_dev == read.st_dev && st.st_ino == read.st_ino {
-                return Some(finish_by_unlink(src, name, read, Second::Link, &dest, &to));
+                let within = Some(within);
+                return Some(finish_by_unlink(
+                    src,
+                    name,
+                    read,
+                    Second::Link,
+                    &dest,
+                    &to,
+                    within,
+                ));
             }
         }
         None
@@ -259,6 +271,7 @@ impl Aside {
         name: &OsStr,
         dest: &Arc<Dir>,
         read: &rfs::Stat,
+        within: Within<'_>,
     ) -> Result<Moved, FileError> {
         let kept = |e: FileError| FileError {
             message: format!("input not moved: {}", e.message),
@@ -348,7 +361,7 @@ impl Aside {
             if let Err(e) = output::confirm_written(dest, since) {
                 return Ok(Err(kept(e)));
             }
-            return finish_by_unlink(src, name, read, Second::Copy, dest, &to);
+            return finish_by_unlink(src, name, read, Second::Copy, dest, &to, Some(within));
         }
         // Taken before the copy is made: without a journal, any flush error counted from
         // then on may be a failed write of its inode's block (see `output::FlushMark`), and
@@ -409,7 +422,15 @@ impl Aside {
                         named.withdraw();
                         return Ok(Err(kept(e)));
                     }
-                    return finish_by_unlink(src, name, read, Second::Copy, dest, &to);
+                    return finish_by_unlink(
+                        src,
+                        name,
+                        read,
+                        Second::Copy,
+                        dest,
+                        &to,
+                        Some(within),
+                    );
                 }
                 Err(e) if e.kind == Kind::OutputExists => continue,
                 Err(e) => return Ok(Err(kept(e))),
@@ -422,7 +443,7 @@ impl Aside {
 
 /// Renames `to` in `dest` back to `name` in `src` (never over a file): a move took a file
 /// that was not the one read, renamed over the input's name between its check and the move.
-fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
+fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr, kind: Kind, why: &str) -> FileError {
     let back = match rfs::renameat_with(&dest.fd, to, &src.fd, name, RenameFlags::NOREPLACE) {
         Ok(()) => output::sync_dir(src)
             .and(output::sync_dir(dest))
@@ -430,16 +451,48 @@ fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
         Err(e) => Err(e.to_string()),
     };
     let message = match back {
-        Ok(()) => "input not moved: another file was renamed over its name as it was moved; \
-                   that file was put back, unprocessed"
-            .to_string(),
+        Ok(()) => format!("input not moved: {why}; it was put back, unprocessed"),
         Err(e) => format!(
-            "input not moved: another file was renamed over its name as it was moved, and \
-             could not be put back ({e}): it is at {}",
+            "input not moved: {why}, and it could not be put back ({e}): it is at {}",
             dest.path.join(to).display()
         ),
     };
-    FileError::new(Kind::Changed, message)
+    FileError::new(kind, message)
+}
+
+/// Where a move's directory must still be when the input goes there: `depth` levels beneath
+/// `top`, the move directory as opened at start (`root`, its path).
+#[derive(Clone, Copy)]
+struct Within<'a> {
+    top: &'a Dir,
+    root: &'a Path,
+    depth: usize,
+}
+
+impl Within<'_> {
+    /// Why `dest` is no longer beneath the move directory (its owner moved it, or an ancestor,
+    /// out), or `None` while it is.
+    fn left(&self, dest: &Dir) -> Option<FileError> {
+        match output::beneath(self.top, self.depth, dest) {
+            Ok(true) => None,
+            Ok(false) => Some(FileError::new(
+                Kind::UnsafeOutputPath,
+                format!(
+                    "{} was moved out of {} meanwhile",
+                    dest.path.display(),
+                    self.root.display()
+                ),
+            )),
+            Err(e) => {
+                let what = format!(
+                    "looking {} up beneath {}",
+                    dest.path.display(),
+                    self.root.display()
+                );
+                Some(FileError::errno(&what, e))
+            }
+        }
+    }
 }
 
 /// How a move directory overlaps a tree by identity, where their paths do not show it: a
@@ -818,7 +871,8 @@ enum Second {
 /// input's name goes, if it still leads to the file that was read, unchanged, with no other
 /// link than one the move made. Otherwise the input stays: a link made in DIR is taken back
 /// (the file is not moved, and DIR never shares a file with the tree); a copy stays, a copy of
-/// the input as it was read, and the note says where.
+/// the input as it was read, and the note says where. So too where `dest` is no longer
+/// `within` the move directory.
 fn finish_by_unlink(
     src: &Dir,
     name: &OsStr,
@@ -826,6 +880,7 @@ fn finish_by_unlink(
     second: Second,
     dest: &Dir,
     to: &OsStr,
+    within: Option<Within<'_>>,
 ) -> Result<Moved, FileError> {
     let path = dest.path.join(to);
     let kept = |kind: Kind, why: String| -> Moved {
@@ -884,6 +939,11 @@ fn finish_by_unlink(
         }
         let why = "it changed or gained a link while it was moved".into();
         return Ok(kept(Kind::Changed, why));
+    }
+    // The second name's directory moved out of DIR while it was made (by its owner): the
+    // input stays, and is not left named out there.
+    if let Some(e) = within.and_then(|w| w.left(dest)) {
+        return Ok(kept(e.kind, e.message));
     }
     // Taken from its name by a rename to a fresh name of this process's, and only then
     // removed, once that is seen to be the file just examined: a file a writer renamed over
@@ -1238,7 +1298,7 @@ mod tests {
         std::fs::write(tree.join(".new"), b"new\n").unwrap();
         std::fs::rename(tree.join(".new"), tree.join("a")).unwrap();
         let name = OsStr::new("a");
-        let r = finish_by_unlink(&src, name, &read, Second::Link, &dest, name).unwrap();
+        let r = finish_by_unlink(&src, name, &read, Second::Link, &dest, name, None).unwrap();
         assert_eq!(r.unwrap(), moved.join("a"));
         assert_eq!(std::fs::read(moved.join("a")).unwrap(), b"read\n");
         assert_eq!(std::fs::read(tree.join("a")).unwrap(), b"new\n");
@@ -1248,7 +1308,7 @@ mod tests {
         rfs::linkat(&src.fd, "b", &dest.fd, "b", AtFlags::empty()).unwrap();
         std::fs::write(tree.join("b"), b"appended, longer\n").unwrap();
         let name = OsStr::new("b");
-        let r = finish_by_unlink(&src, name, &read, Second::Link, &dest, name).unwrap();
+        let r = finish_by_unlink(&src, name, &read, Second::Link, &dest, name, None).unwrap();
         assert_eq!(r.unwrap_err().kind, Kind::Changed);
         assert!(!moved.join("b").exists());
         assert_eq!(

@@ -49,6 +49,7 @@ pub mod nr {
     pub const PREAD64: &str = "17";
     pub const FSYNC: &str = "74";
     pub const SYNCFS: &str = "306";
+    pub const RENAMEAT2: &str = "316";
 }
 
 /// System call numbers, as /proc/PID/task/TID/syscall gives them (`in_call`, `call_on`).
@@ -58,6 +59,7 @@ pub mod nr {
     pub const PREAD64: &str = "67";
     pub const FSYNC: &str = "82";
     pub const SYNCFS: &str = "267";
+    pub const RENAMEAT2: &str = "276";
 }
 
 /// What the descriptor leads to that a thread of process `pid` is in system call `number`
