@@ -124,7 +124,8 @@ impl Aside {
         let within = Within {
             top,
             root: &self.root,
-            depth: rel_dir.components().count(),
+            rel_dir,
+            mode_of: &mode_of,
         };
         // Still beneath DIR, just before the move: made and synced, it may have been moved
         // out meanwhile by whoever owns it (the input directory's owner: found by review
@@ -156,16 +157,13 @@ impl Aside {
             // other goes back where it was, unprocessed.
             match rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(now) if same_version(&now, read) && now.st_nlink == 1 => {}
-                _ => {
-                    let why = "another file was renamed over its name as it was moved";
-                    return Ok(Err(put_back(src, name, &dest, &to, Kind::Changed, why)));
-                }
+                _ => return Ok(Err(put_back(src, name, &dest, &to))),
             }
             // Moved out of DIR between the look above and the rename (review r55c's m5 held
-            // the rename itself): the input goes back. Once this look has passed, a move of the
-            // directory is its owner's, after the input was moved.
+            // the rename itself): the input goes back, or on into DIR. Once this look has
+            // passed, a move of the directory is its owner's, after the input was moved.
             if let Some(e) = within.left(&dest) {
-                return Ok(Err(put_back(src, name, &dest, &to, e.kind, &e.message)));
+                return within.bring_back(src, name, &dest, &to, read, e);
             }
             output::sync_dir(&dest)?;
             output::sync_dir(src)?;
@@ -240,10 +238,15 @@ impl Aside {
             path.push(c);
         }
         let dest = Dir::new(fd, path);
+        let rel_dir = rel.parent().unwrap_or(Path::new(""));
+        // Directories made again (`Within::move_on`) as under --out, without the input's
+        // tree at hand: filepipe's user's, 0700.
+        let mode_of = |r: &Path| output::mirrored(None, r, rel_dir, None);
         let within = Within {
             top,
             root: &self.root,
-            depth: rel.parent().map_or(0, |d| d.components().count()),
+            rel_dir,
+            mode_of: &mode_of,
         };
         for n in 0..=MAX_NUMBERED {
             let to = numbered(name, n)?;
@@ -443,37 +446,59 @@ impl Aside {
 
 /// Renames `to` in `dest` back to `name` in `src` (never over a file): a move took a file
 /// that was not the one read, renamed over the input's name between its check and the move.
-fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr, kind: Kind, why: &str) -> FileError {
-    let back = match rfs::renameat_with(&dest.fd, to, &src.fd, name, RenameFlags::NOREPLACE) {
-        Ok(()) => output::sync_dir(src)
-            .and(output::sync_dir(dest))
-            .map_err(|e| e.message),
-        Err(e) => Err(e.to_string()),
-    };
-    let message = match back {
-        Ok(()) => format!("input not moved: {why}; it was put back, unprocessed"),
+fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
+    let message = match move_back(src, name, dest, to) {
+        Ok(()) => "input not moved: another file was renamed over its name as it was moved; \
+                   that file was put back, unprocessed"
+            .to_string(),
         Err(e) => format!(
-            "input not moved: {why}, and it could not be put back ({e}): it is at {}",
+            "input not moved: another file was renamed over its name as it was moved, and \
+             could not be put back ({e}): it is at {}",
             dest.path.join(to).display()
         ),
     };
-    FileError::new(kind, message)
+    FileError::new(Kind::Changed, message)
 }
 
-/// Where a move's directory must still be when the input goes there: `depth` levels beneath
-/// `top`, the move directory as opened at start (`root`, its path).
+/// Renames `to` in `dest` back to `name` in `src`, never over a file there, and syncs both.
+fn move_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> Result<(), String> {
+    rfs::renameat_with(&dest.fd, to, &src.fd, name, RenameFlags::NOREPLACE)
+        .map_err(|e| e.to_string())?;
+    output::sync_dir(src)
+        .and(output::sync_dir(dest))
+        .map_err(|e| e.message)
+}
+
+/// Where the kernel says `name` in `dir` is now (`/proc/self/fd`): `dir` may have been moved
+/// since it was opened. Its path as opened where /proc cannot say.
+fn now_at(dir: &Dir, name: &OsStr) -> String {
+    use std::os::fd::AsRawFd;
+    match std::fs::read_link(format!("/proc/self/fd/{}", dir.fd.as_raw_fd())) {
+        Ok(at) => at.join(name).display().to_string(),
+        Err(_) => format!(
+            "{} (where its directory was before it moved)",
+            dir.path.join(name).display()
+        ),
+    }
+}
+
+/// Where a move's directory must still be when the input goes there: `rel_dir` beneath `top`,
+/// the move directory as opened at start (`root`, its path); `mode_of` gives a directory made
+/// again there its mode, as `DirCache::open` takes it.
 #[derive(Clone, Copy)]
 struct Within<'a> {
-    top: &'a Dir,
+    top: &'a Arc<Dir>,
     root: &'a Path,
-    depth: usize,
+    rel_dir: &'a Path,
+    mode_of: &'a dyn Fn(&Path) -> output::Mirror,
 }
 
 impl Within<'_> {
     /// Why `dest` is no longer beneath the move directory (its owner moved it, or an ancestor,
     /// out), or `None` while it is.
     fn left(&self, dest: &Dir) -> Option<FileError> {
-        match output::beneath(self.top, self.depth, dest) {
+        let depth = self.rel_dir.components().count();
+        match output::beneath(self.top, depth, dest) {
             Ok(true) => None,
             Ok(false) => Some(FileError::new(
                 Kind::UnsafeOutputPath,
@@ -492,6 +517,111 @@ impl Within<'_> {
                 Some(FileError::errno(&what, e))
             }
         }
+    }
+
+    /// The input, just renamed to `to` in `dest`, which had left the move directory (`left`
+    /// says why): put back under its name in the tree; where that cannot be (a writer put a
+    /// new file at the name, or its directory went), moved on into its directory beneath the
+    /// move directory, made again (`move_on`). Never left out there unsaid (found by review
+    /// r56: a failed put-back left the input outside both, and the note named a path in DIR).
+    fn bring_back(
+        &self,
+        src: &Dir,
+        name: &OsStr,
+        dest: &Dir,
+        to: &OsStr,
+        read: &rfs::Stat,
+        left: FileError,
+    ) -> Result<Moved, FileError> {
+        match move_back(src, name, dest, to) {
+            Ok(()) => Ok(Err(FileError::new(
+                left.kind,
+                format!(
+                    "input not moved: {}; it was put back in the tree",
+                    left.message
+                ),
+            ))),
+            Err(e) => {
+                let why = format!("{}, and it could not be put back ({e})", left.message);
+                self.move_on(dest, to, name, (read.st_dev, read.st_ino), read, &why)
+            }
+        }
+    }
+
+    /// Moves `to` in `dest` (a directory that left the move directory; the file `file`, by
+    /// device and inode, which holds the input as `read`) into `rel_dir` beneath the move
+    /// directory, made again, under `name` or a numbered name: where the move meant it to be.
+    /// `Ok(Ok(path))` there. `Err` (the file fails) where that cannot be done, saying where the
+    /// input is now.
+    fn move_on(
+        &self,
+        dest: &Dir,
+        to: &OsStr,
+        name: &OsStr,
+        file: (u64, u64),
+        read: &rfs::Stat,
+        why: &str,
+    ) -> Result<Moved, FileError> {
+        let stuck = |at: String, e: String| {
+            FileError::new(
+                Kind::UnsafeOutputPath,
+                format!(
+                    "input moved, but {why}; it could not be moved into {} again ({e}): it is \
+                     at {at}",
+                    self.root.display()
+                ),
+            )
+        };
+        // Still the file moved there: the directory is its owner's, who may have put another
+        // at its name.
+        match rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if (st.st_dev, st.st_ino) == file && st.st_size == read.st_size => {}
+            Ok(_) => {
+                let e = "another file is at its name there now".to_string();
+                return Err(stuck(now_at(dest, to), e));
+            }
+            Err(e) => return Err(stuck(now_at(dest, to), e.to_string())),
+        }
+        let again = DirCache::beneath(Arc::clone(self.top))
+            .open(self.rel_dir, self.mode_of)
+            .map_err(|e| stuck(now_at(dest, to), e.message))?;
+        if let Some(e) = self.left(&again) {
+            return Err(stuck(now_at(dest, to), e.message));
+        }
+        // There under `next`: still beneath the move directory, and made durable.
+        let landed = |next: &OsStr| -> Result<Moved, FileError> {
+            if let Some(e) = self.left(&again) {
+                return Err(stuck(now_at(&again, next), e.message));
+            }
+            output::sync_dir(&again)?;
+            output::sync_dir(dest)?;
+            Ok(Ok(again.path.join(next)))
+        };
+        for n in 0..=MAX_NUMBERED {
+            let Some(next) = numbered(name, n) else { break };
+            let renamed =
+                rfs::renameat_with(&dest.fd, to, &again.fd, &next, RenameFlags::NOREPLACE);
+            let linked = match renamed {
+                Ok(()) => return landed(&next),
+                // No RENAME_NOREPLACE (FUSE, some NFS): a link, then the name out there goes.
+                Err(Errno::INVAL) => rfs::linkat(&dest.fd, to, &again.fd, &next, AtFlags::empty()),
+                Err(e) => Err(e),
+            };
+            match linked {
+                Ok(()) => {
+                    if let Err(e) = rfs::unlinkat(&dest.fd, to, AtFlags::empty()) {
+                        let at = format!("{} and {}", now_at(&again, &next), now_at(dest, to));
+                        let e = format!("its name out there could not be removed: {e}");
+                        return Err(stuck(at, e));
+                    }
+                    return landed(&next);
+                }
+                Err(Errno::EXIST) => continue,
+                Err(e) => return Err(stuck(now_at(dest, to), e.to_string())),
+            }
+        }
+        let e = "every numbered name there is taken".to_string();
+        Err(stuck(now_at(dest, to), e))
     }
 }
 
@@ -872,8 +1002,41 @@ enum Second {
 /// link than one the move made. Otherwise the input stays: a link made in DIR is taken back
 /// (the file is not moved, and DIR never shares a file with the tree); a copy stays, a copy of
 /// the input as it was read, and the note says where. So too where `dest` is no longer
-/// `within` the move directory.
+/// `within` the move directory before the input's name goes; where it left after, the input
+/// is moved on into the move directory (`Within::move_on`).
 fn finish_by_unlink(
+    src: &Dir,
+    name: &OsStr,
+    read: &rfs::Stat,
+    second: Second,
+    dest: &Dir,
+    to: &OsStr,
+    within: Option<Within<'_>>,
+) -> Result<Moved, FileError> {
+    // The second name's file, as it is before the input's name goes (a copy is another file).
+    let file = rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW)
+        .ok()
+        .map(|st| (st.st_dev, st.st_ino));
+    let moved = unlink_input(src, name, read, second, dest, to, within)?;
+    let (Ok(path), Some(within)) = (&moved, within) else {
+        return Ok(moved);
+    };
+    match (within.left(dest), file) {
+        (None, _) => Ok(Ok(path.clone())),
+        (Some(e), Some(file)) => within.move_on(dest, to, name, file, read, &e.message),
+        (Some(e), None) => Err(FileError::new(
+            e.kind,
+            format!(
+                "input moved, but {}: it is at {}",
+                e.message,
+                now_at(dest, to)
+            ),
+        )),
+    }
+}
+
+/// `finish_by_unlink`, up to the input's name going.
+fn unlink_input(
     src: &Dir,
     name: &OsStr,
     read: &rfs::Stat,
@@ -927,11 +1090,15 @@ fn finish_by_unlink(
         // Another file took the name since the link was made (a writer's new version renamed
         // into place): the file read lost its name to it and lives on as the link in DIR
         // alone, moved all the same. Taking the link back there would delete the file read,
-        // whose only name it is (found by a review).
+        // whose only name it is (found by a review). On FUSE its count says 2 still: libfuse
+        // keeps a file replaced while open (this process has it open) as `.fuse_hidden*`,
+        // deleted at its close, so the link in DIR is its only name all the same (found by
+        // review r56 on bindfs: the link was taken back, and the input lost).
         let replaced = (now.st_dev, now.st_ino) != (read.st_dev, read.st_ino);
         if second == Second::Link && replaced {
             let moved = rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|l| {
-                (l.st_dev, l.st_ino) == (read.st_dev, read.st_ino) && l.st_nlink == 1
+                (l.st_dev, l.st_ino) == (read.st_dev, read.st_ino)
+                    && (l.st_nlink == 1 || on_fuse(dest))
             });
             if moved {
                 return Ok(Ok(path));
@@ -941,8 +1108,21 @@ fn finish_by_unlink(
         return Ok(kept(Kind::Changed, why));
     }
     // The second name's directory moved out of DIR while it was made (by its owner): the
-    // input stays, and is not left named out there.
+    // input stays, and is not left named out there, not even as a copy (found by review r56:
+    // the copy stayed, and the note named a path in DIR).
     if let Some(e) = within.and_then(|w| w.left(dest)) {
+        if second == Second::Copy {
+            let message = match rfs::unlinkat(&dest.fd, to, AtFlags::empty()) {
+                Ok(()) => format!("input kept: {}; the copy made there was removed", e.message),
+                Err(u) => format!(
+                    "input kept: {}; a copy of it as it was read is at {} (it could not be \
+                     removed: {u})",
+                    e.message,
+                    now_at(dest, to)
+                ),
+            };
+            return Ok(Err(FileError::new(e.kind, message)));
+        }
         return Ok(kept(e.kind, e.message));
     }
     // Taken from its name by a rename to a fresh name of this process's, and only then

@@ -466,6 +466,8 @@ fn set_aside(cfg: &Config, root: Option<&input::Root>, job: &Job, error: FileErr
     match moved {
         Ok(Ok(to)) => note(format!("input moved to {}", to.display())),
         Ok(Err(why)) => note(why.message),
+        // Says itself where the input is (`aside::Within::move_on`).
+        Err(e) if e.kind == Kind::UnsafeOutputPath => note(e.message),
         Err(e) => note(format!(
             "input moved under {}, but {} (the move may not survive a crash)",
             dir.root.display(),
