@@ -123,6 +123,11 @@ impl Sink for IncrementalSink<'_> {
         self.state.remove_files(rels)
     }
 
+    fn still_held(&self) -> bool {
+        // A failed commit that left the transaction open keeps every row: `State::commit`.
+        self.in_transaction
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.in_transaction {
             let committed = self.state.commit();

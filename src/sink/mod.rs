@@ -77,6 +77,12 @@ pub(crate) trait Sink {
     fn flush(&mut self) -> Result<()> {
         Ok(())
     }
+    /// After a failed `flush`: whether what it did not make durable is still held for the
+    /// next one (a state's transaction still open, its rows kept), so that a later good flush
+    /// records it after all. `false`: it may be lost (a transaction SQLite rolled back).
+    fn still_held(&self) -> bool {
+        false
+    }
     /// Whether a flush costs so little (a publish, not a commit) that outcomes go out as soon
     /// as the pipeline has nothing left in hand, not up to `FLUSH_WITHIN` later.
     fn flush_when_idle(&self) -> bool {

@@ -309,6 +309,11 @@ impl Sink for StateSink<'_> {
         Ok(())
     }
 
+    fn still_held(&self) -> bool {
+        // A failed commit that left the transaction open keeps every row: `State::commit`.
+        self.in_transaction
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.in_transaction {
             let committed = self.state.commit();
