@@ -125,10 +125,11 @@ pub(crate) fn run(
     // Outcomes the sink took since its last good flush, and whether a flush failed: once one
     // has, nothing after it is known recorded (a failed commit may have rolled back; see
     // `Summary::unrecorded`).
-    let mut since_flush = SinceFlush::new(cfg);
-    let mut flush_failed = false;
-    // The last flush failed, with what it did not make durable held for the next one.
-    let mut held = false;
+    let mut flushes = Flushes {
+        since: SinceFlush::new(cfg),
+        failed: false,
+        held: false,
+    };
     let flush_due = |last: Option<Instant>| last.is_none_or(|t| t.elapsed() >= FLUSH_WITHIN);
     let idle_flush = sink.flush_when_idle();
     loop {
@@ -141,7 +142,7 @@ pub(crate) fn run(
             Err(RecvTimeoutError::Timeout) => {
                 if unflushed {
                     let r = flush(cfg, sink, &mut unreported, recorded.as_ref());
-                    flushed(&r, sink.still_held(), &mut since_flush, &mut flush_failed, &mut held);
+                    flushes.after(&r, sink.still_held());
                     guard(r);
                     last_flush = Some(Instant::now());
                     unflushed = false;
@@ -185,7 +186,7 @@ pub(crate) fn run(
                     // Files, not attempts: a file tried again within a flush is one file.
                     if !matches!(&outcome, Outcome::Skipped { reason, .. } if reason.kind == Kind::Interrupted)
                     {
-                        since_flush.add(outcome.rel());
+                        flushes.since.add(outcome.rel());
                     }
                     // A file blocked at its output name: which version it is (one lstat, for
                     // such files only).
@@ -216,7 +217,7 @@ pub(crate) fn run(
                     }));
                 }
                 guard(taken);
-                // Not added to `since_flush`: their rows are left as they are, and a failed
+                // Not added to `flushes.since`: their rows are left as they are, and a failed
                 // flush loses nothing of theirs (they were counted as unrecorded: found by a
                 // review).
                 meter.unchanged(files.len());
@@ -252,7 +253,7 @@ pub(crate) fn run(
         }
         if unflushed && (flush_due(last_flush) || idle_flush && idle(stats)) {
             let r = flush(cfg, sink, &mut unreported, recorded.as_ref());
-            flushed(&r, sink.still_held(), &mut since_flush, &mut flush_failed, &mut held);
+            flushes.after(&r, sink.still_held());
             guard(r);
             last_flush = Some(Instant::now());
             unflushed = false;
@@ -270,7 +271,7 @@ pub(crate) fn run(
     // then find nothing to do.)
     if unflushed {
         let r = flush(cfg, sink, &mut unreported, recorded.as_ref());
-        flushed(&r, sink.still_held(), &mut since_flush, &mut flush_failed, &mut held);
+        flushes.after(&r, sink.still_held());
         guard(r);
     }
     if source_failed.load(Ordering::SeqCst) {
@@ -298,8 +299,8 @@ pub(crate) fn run(
     }
     if let Some(error) = failure {
         summary.error = Some(format!("{error:#}"));
-        if flush_failed || held {
-            summary.unrecorded = since_flush.len();
+        if flushes.failed || flushes.held {
+            summary.unrecorded = flushes.since.len();
         }
         return Err(Stopped {
             error,
@@ -342,25 +343,32 @@ fn blocks(outcome: &Outcome) -> bool {
     matches!(outcome, Outcome::Failed { error, .. } if error.kind == Kind::OutputExists)
 }
 
-/// Accounts for a flush's result `r`: a good one leaves no outcome unrecorded, unless one
-/// failed before it and may have lost what it held (see `Summary::unrecorded`). One that
-/// failed with all it did not make durable `still_held` (a transaction left open) lost
-/// nothing yet: a good one after it records that too (a watch stopped by a full state disk
-/// said 1,936 files unrecorded of which 208 were in the state: found by CI).
-fn flushed(
-    r: &Result<()>,
-    still_held: bool,
-    since_flush: &mut SinceFlush,
-    flush_failed: &mut bool,
-    held: &mut bool,
-) {
-    match r {
-        Err(_) if still_held => *held = true,
-        Err(_) => *flush_failed = true,
-        Ok(()) => {
-            *held = false;
-            if !*flush_failed {
-                since_flush.clear();
+/// What the flushes so far leave unrecorded (see `Summary::unrecorded`).
+struct Flushes {
+    /// Outcomes the sink took since its last good flush.
+    since: SinceFlush,
+    /// A flush failed that may have lost what it held (a transaction SQLite rolled back):
+    /// nothing after it is known recorded.
+    failed: bool,
+    /// The last flush failed with all it did not make durable held for the next one.
+    held: bool,
+}
+
+impl Flushes {
+    /// Accounts for a flush's result `r`: a good one leaves no outcome unrecorded, unless one
+    /// failed before it and may have lost what it held. One that failed with everything it did
+    /// not make durable `still_held` (a transaction left open) lost nothing yet: a good one
+    /// after it records that too (a watch stopped by a full state disk said 1,936 files
+    /// unrecorded of which 208 were in the state: found by CI).
+    fn after(&mut self, r: &Result<()>, still_held: bool) {
+        match r {
+            Err(_) if still_held => self.held = true,
+            Err(_) => self.failed = true,
+            Ok(()) => {
+                self.held = false;
+                if !self.failed {
+                    self.since.clear();
+                }
             }
         }
     }
