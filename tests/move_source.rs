@@ -1517,20 +1517,7 @@ fn an_input_is_not_moved_into_a_directory_moved_out_of_dir() {
     fs::create_dir(&done).unwrap();
     fs::create_dir(&away).unwrap();
     let held = done.join("u");
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null", "-P"])
-        .arg(&held)
-        .args(["-e", "trace=fsync"])
-        .args(["-e", "inject=fsync:delay_enter=2000000:when=1"])
-        .arg(bin())
-        .args(["batch", "-j1", "--op", "gzip"])
-        .arg(t.root())
-        .arg("--move-source")
-        .arg(&done)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = Started::new(cmd);
+    let child = strace_move("fsync", "delay_enter", &held, &t.root(), &done);
     let strace = child.id();
     let fsync = common::strace::nr::FSYNC;
     wait_until(Duration::from_secs(30), "the held sync of DIR/u", || {
@@ -1564,20 +1551,13 @@ fn an_input_renamed_into_a_directory_just_moved_out_of_dir_is_put_back() {
     let (done, away) = (t.side("done"), t.side("away"));
     fs::create_dir(&done).unwrap();
     fs::create_dir(&away).unwrap();
-    let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null", "-P"])
-        .arg(done.join("u/d"))
-        .args(["-e", "trace=renameat2"])
-        .args(["-e", "inject=renameat2:delay_enter=2000000:when=1"])
-        .arg(bin())
-        .args(["batch", "-j1", "--op", "gzip"])
-        .arg(t.root())
-        .arg("--move-source")
-        .arg(&done)
-        .env_remove("RUST_LOG")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let child = Started::new(cmd);
+    let child = strace_move(
+        "renameat2",
+        "delay_enter",
+        &done.join("u/d"),
+        &t.root(),
+        &done,
+    );
     let strace = child.id();
     let rename = common::strace::nr::RENAMEAT2;
     // The output's publish, a rename too, comes before `DIR/u/d` is made: a rename seen once
@@ -1609,14 +1589,14 @@ fn an_input_renamed_into_a_directory_just_moved_out_of_dir_is_put_back() {
 }
 
 /// `batch -j1 --op gzip TREE --move-source DONE` under strace, which holds the first `call`
-/// (`renameat2`, `linkat`) on `held` (a directory under DONE) for two seconds once it is made
-/// (`delay_exit`), and the process; returned once `held/a` is there (the call made).
-fn held_after(call: &str, held: &Path, tree: &Path, done: &Path) -> Started {
+/// (`fsync`, `renameat2`, `linkat`) on `held` (a directory under DONE) for two seconds, as it
+/// enters the call or once it is made (`when`: `delay_enter`, `delay_exit`).
+fn strace_move(call: &str, when: &str, held: &Path, tree: &Path, done: &Path) -> Started {
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-qq", "-o", "/dev/null", "-P"])
         .arg(held)
         .args(["-e", &format!("trace={call}")])
-        .args(["-e", &format!("inject={call}:delay_exit=2000000:when=1")])
+        .args(["-e", &format!("inject={call}:{when}=2000000:when=1")])
         .arg(bin())
         .args(["batch", "-j1", "--op", "gzip"])
         .arg(tree)
@@ -1625,7 +1605,12 @@ fn held_after(call: &str, held: &Path, tree: &Path, done: &Path) -> Started {
         .env_remove("RUST_LOG")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    let child = Started::new(cmd);
+    Started::new(cmd)
+}
+
+/// `strace_move` holding `call` once it is made, returned once `held/a` is there.
+fn held_after(call: &str, held: &Path, tree: &Path, done: &Path) -> Started {
+    let child = strace_move(call, "delay_exit", held, tree, done);
     wait_until(
         Duration::from_secs(30),
         "the held call's name in DIR",

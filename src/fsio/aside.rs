@@ -157,7 +157,7 @@ impl Aside {
             // other goes back where it was, unprocessed.
             match rfs::statat(&dest.fd, &to, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(now) if same_version(&now, read) && now.st_nlink == 1 => {}
-                _ => return Ok(Err(put_back(src, name, &dest, &to))),
+                _ => return put_back(src, name, &dest, &to, within),
             }
             // Moved out of DIR between the look above and the rename (review r55c's m5 held
             // the rename itself): the input goes back, or on into DIR. Once this look has
@@ -446,18 +446,41 @@ impl Aside {
 
 /// Renames `to` in `dest` back to `name` in `src` (never over a file): a move took a file
 /// that was not the one read, renamed over the input's name between its check and the move.
-fn put_back(src: &Dir, name: &OsStr, dest: &Dir, to: &OsStr) -> FileError {
-    let message = match move_back(src, name, dest, to) {
-        Ok(()) => "input not moved: another file was renamed over its name as it was moved; \
-                   that file was put back, unprocessed"
-            .to_string(),
-        Err(e) => format!(
-            "input not moved: another file was renamed over its name as it was moved, and \
-             could not be put back ({e}): it is at {}",
-            dest.path.join(to).display()
+fn put_back(
+    src: &Dir,
+    name: &OsStr,
+    dest: &Dir,
+    to: &OsStr,
+    within: Within<'_>,
+) -> Result<Moved, FileError> {
+    let Err(e) = move_back(src, name, dest, to) else {
+        return Ok(Err(FileError::new(
+            Kind::Changed,
+            "input not moved: another file was renamed over its name as it was moved; that \
+             file was put back, unprocessed",
+        )));
+    };
+    // Where it is now, as the kernel says (its directory may have moved since: found by
+    // review r56b, the note named the path in DIR it had left).
+    let at = match rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => format!("it is at {}", now_at(dest, to)),
+        Err(_) => format!(
+            "it is no longer at {}, where it was moved (renamed or removed there since)",
+            now_at(dest, to)
         ),
     };
-    FileError::new(Kind::Changed, message)
+    let message = format!(
+        "input not moved: another file was renamed over its name as it was moved, and could \
+         not be put back ({e}): {at}"
+    );
+    match within.left(dest) {
+        // Outside DIR and the tree: the file fails, saying so, rather than end done.
+        Some(left) => Err(FileError::new(
+            left.kind,
+            format!("{message} ({})", left.message),
+        )),
+        None => Ok(Err(FileError::new(Kind::Changed, message))),
+    }
 }
 
 /// Renames `to` in `dest` back to `name` in `src`, never over a file there, and syncs both.
@@ -567,7 +590,7 @@ impl Within<'_> {
                 Kind::UnsafeOutputPath,
                 format!(
                     "input moved, but {why}; it could not be moved into {} again ({e}): it is \
-                     at {at}",
+                     {at}",
                     self.root.display()
                 ),
             )
@@ -578,20 +601,36 @@ impl Within<'_> {
             Ok(st) if (st.st_dev, st.st_ino) == file && st.st_size == read.st_size => {}
             Ok(_) => {
                 let e = "another file is at its name there now".to_string();
-                return Err(stuck(now_at(dest, to), e));
+                return Err(stuck(format!("at {}", now_at(dest, to)), e));
             }
-            Err(e) => return Err(stuck(now_at(dest, to), e.to_string())),
+            Err(e) => return Err(stuck(format!("at {}", now_at(dest, to)), e.to_string())),
         }
         let again = DirCache::beneath(Arc::clone(self.top))
             .open(self.rel_dir, self.mode_of)
-            .map_err(|e| stuck(now_at(dest, to), e.message))?;
+            .map_err(|e| stuck(format!("at {}", now_at(dest, to)), e.message))?;
         if let Some(e) = self.left(&again) {
-            return Err(stuck(now_at(dest, to), e.message));
+            return Err(stuck(format!("at {}", now_at(dest, to)), e.message));
         }
-        // There under `next`: still beneath the move directory, and made durable.
+        // There under `next`: the very file (the directory out there is its owner's, who may
+        // have put another at its name since the look above: found by review r56b, an
+        // impostor was moved into DIR and the input left out there), still beneath the move
+        // directory, and made durable.
         let landed = |next: &OsStr| -> Result<Moved, FileError> {
+            let there = rfs::statat(&again.fd, next, AtFlags::SYMLINK_NOFOLLOW);
+            if !there.is_ok_and(|st| (st.st_dev, st.st_ino) == file) {
+                let back = match move_back(dest, to, &again, next) {
+                    Ok(()) => String::new(),
+                    Err(e) => format!(
+                        ", and could not be taken back from {} ({e})",
+                        now_at(&again, next)
+                    ),
+                };
+                let e = format!("another file was put at its name there{back}");
+                let at = format!("somewhere in {}", now_at(dest, OsStr::new("")));
+                return Err(stuck(at, e));
+            }
             if let Some(e) = self.left(&again) {
-                return Err(stuck(now_at(&again, next), e.message));
+                return Err(stuck(format!("at {}", now_at(&again, next)), e.message));
             }
             output::sync_dir(&again)?;
             output::sync_dir(dest)?;
@@ -610,18 +649,18 @@ impl Within<'_> {
             match linked {
                 Ok(()) => {
                     if let Err(e) = rfs::unlinkat(&dest.fd, to, AtFlags::empty()) {
-                        let at = format!("{} and {}", now_at(&again, &next), now_at(dest, to));
+                        let at = format!("at {} and {}", now_at(&again, &next), now_at(dest, to));
                         let e = format!("its name out there could not be removed: {e}");
                         return Err(stuck(at, e));
                     }
                     return landed(&next);
                 }
                 Err(Errno::EXIST) => continue,
-                Err(e) => return Err(stuck(now_at(dest, to), e.to_string())),
+                Err(e) => return Err(stuck(format!("at {}", now_at(dest, to)), e.to_string())),
             }
         }
         let e = "every numbered name there is taken".to_string();
-        Err(stuck(now_at(dest, to), e))
+        Err(stuck(format!("at {}", now_at(dest, to)), e))
     }
 }
 
@@ -980,6 +1019,30 @@ fn fuse_link_unseen(src: &Dir, dest: &Dir, to: &OsStr, now: &rfs::Stat) -> bool 
             .is_ok_and(|l| (l.st_dev, l.st_ino) == (now.st_dev, now.st_ino))
 }
 
+/// Whether libfuse keeps the file `read` in `src` as `.fuse_hidden*` (replaced while this
+/// process has it open, deleted at its close): its other link is that, not a real one (found
+/// by review r56b: a real second link in the tree, `ln a b`, was taken for it).
+fn fuse_hidden(src: &Dir, read: &rfs::Stat) -> bool {
+    if !on_fuse(src) {
+        return false;
+    }
+    let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", {
+        use std::os::fd::AsRawFd;
+        src.fd.as_raw_fd()
+    })) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        e.file_name().as_bytes().starts_with(b".fuse_hidden")
+            && rfs::statat(
+                &src.fd,
+                e.file_name().as_os_str(),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .is_ok_and(|st| (st.st_dev, st.st_ino) == (read.st_dev, read.st_ino))
+    })
+}
+
 /// Whether `dir` is on a FUSE file system, whose link counts may lag (see `fuse_link_unseen`).
 fn on_fuse(dir: &Dir) -> bool {
     const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
@@ -1098,7 +1161,7 @@ fn unlink_input(
         if second == Second::Link && replaced {
             let moved = rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|l| {
                 (l.st_dev, l.st_ino) == (read.st_dev, read.st_ino)
-                    && (l.st_nlink == 1 || on_fuse(dest))
+                    && (l.st_nlink == 1 || l.st_nlink == 2 && fuse_hidden(src, read))
             });
             if moved {
                 return Ok(Ok(path));
