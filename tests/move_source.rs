@@ -1512,10 +1512,7 @@ fn an_input_is_not_moved_into_a_directory_moved_out_of_dir() {
         eprintln!("SKIPPED: no strace to hold the move");
         return;
     }
-    let t = TestTree::new().file("u/d/a", b"moved or kept\n");
-    let (done, away) = (t.side("done"), t.side("away"));
-    fs::create_dir(&done).unwrap();
-    fs::create_dir(&away).unwrap();
+    let (t, done, away) = tree_done_away();
     let held = done.join("u");
     let child = strace_move("fsync", "delay_enter", &held, &t.root(), &done);
     let strace = child.id();
@@ -1547,10 +1544,7 @@ fn an_input_renamed_into_a_directory_just_moved_out_of_dir_is_put_back() {
         eprintln!("SKIPPED: no strace to hold the move");
         return;
     }
-    let t = TestTree::new().file("u/d/a", b"moved or kept\n");
-    let (done, away) = (t.side("done"), t.side("away"));
-    fs::create_dir(&done).unwrap();
-    fs::create_dir(&away).unwrap();
+    let (t, done, away) = tree_done_away();
     let child = strace_move(
         "renameat2",
         "delay_enter",
@@ -1586,6 +1580,16 @@ fn an_input_renamed_into_a_directory_just_moved_out_of_dir_is_put_back() {
     assert!(t.path("u/d/a.gz").is_file());
     assert!(!away.join("u/d/a").exists(), "left outside DIR");
     assert_eq!(fs::read_dir(away.join("u/d")).unwrap().count(), 0);
+}
+
+/// A tree holding `u/d/a` ("moved or kept"), and beside it an empty `done` (DIR) and `away`
+/// (where an owner moves a directory out of DIR to).
+fn tree_done_away() -> (TestTree, PathBuf, PathBuf) {
+    let t = TestTree::new().file("u/d/a", b"moved or kept\n");
+    let (done, away) = (t.side("done"), t.side("away"));
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&away).unwrap();
+    (t, done, away)
 }
 
 /// `batch -j1 --op gzip TREE --move-source DONE` under strace, which holds the first `call`

@@ -1076,10 +1076,14 @@ fn finish_by_unlink(
     to: &OsStr,
     within: Option<Within<'_>>,
 ) -> Result<Moved, FileError> {
-    // The second name's file, as it is before the input's name goes (a copy is another file).
-    let file = rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW)
-        .ok()
-        .map(|st| (st.st_dev, st.st_ino));
+    // The second name's file: the input itself for a link; a copy is another file, looked at
+    // before the input's name goes.
+    let file = match second {
+        Second::Link => Some((read.st_dev, read.st_ino)),
+        Second::Copy => rfs::statat(&dest.fd, to, AtFlags::SYMLINK_NOFOLLOW)
+            .ok()
+            .map(|st| (st.st_dev, st.st_ino)),
+    };
     let moved = unlink_input(src, name, read, second, dest, to, within)?;
     let (Ok(path), Some(within)) = (&moved, within) else {
         return Ok(moved);
