@@ -1596,12 +1596,23 @@ fn tree_done_away() -> (TestTree, PathBuf, PathBuf) {
 /// (`fsync`, `renameat2`, `linkat`) on `held` (a directory under DONE) for two seconds, as it
 /// enters the call or once it is made (`when`: `delay_enter`, `delay_exit`).
 fn strace_move(call: &str, when: &str, held: &Path, tree: &Path, done: &Path) -> Started {
+    let inject = format!("{call}:{when}=2000000:when=1");
+    strace_moves(&[held], call, &[&inject], tree, done)
+}
+
+/// `strace_move` with more holds: strace traces the calls `trace` (`renameat2,mkdirat`) on any
+/// of the paths `on`, and holds them as each of `injects` (strace's `-e inject=` values) says.
+fn strace_moves(on: &[&Path], trace: &str, injects: &[&str], tree: &Path, done: &Path) -> Started {
     let mut cmd = Command::new("strace");
-    cmd.args(["-f", "-qq", "-o", "/dev/null", "-P"])
-        .arg(held)
-        .args(["-e", &format!("trace={call}")])
-        .args(["-e", &format!("inject={call}:{when}=2000000:when=1")])
-        .arg(bin())
+    cmd.args(["-f", "-qq", "-o", "/dev/null"]);
+    for path in on {
+        cmd.arg("-P").arg(path);
+    }
+    cmd.args(["-e", &format!("trace={trace}")]);
+    for inject in injects {
+        cmd.args(["-e", &format!("inject={inject}")]);
+    }
+    cmd.arg(bin())
         .args(["batch", "-j1", "--op", "gzip"])
         .arg(tree)
         .arg("--move-source")
@@ -1726,6 +1737,169 @@ fn on_bindfs_an_input_replaced_while_its_link_is_made_is_not_lost() {
         b"the input\n",
         "{err}"
     );
+    assert_eq!(
+        fs::read(t.path("t/u/d/a")).unwrap(),
+        b"a writer's new version\n"
+    );
+}
+
+/// A writer's new version renamed over the input while the input's rename into DIR is held
+/// (so the rename moves the writer's file, not the one read: it goes back), then, while that
+/// rename is held once made, DIR/u moved out of DIR and a third file put at the input's name
+/// (so it cannot go back). The writer's file is out there, with its directory: the file fails,
+/// and the message says where it is. Found by review r56b (its n1): it ended done, the note
+/// naming a path in DIR where nothing was.
+#[test]
+fn a_writers_file_that_cannot_be_put_back_fails_and_says_where_it_is() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the move");
+        return;
+    }
+    let t = TestTree::new().file("t/u/d/a", b"the input\n");
+    let (done, away) = (t.path("done"), t.path("away"));
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&away).unwrap();
+    let held = done.join("u/d");
+    let inject = "renameat2:delay_enter=2000000:delay_exit=2000000:when=1";
+    let child = strace_moves(&[&held], "renameat2", &[inject], &t.path("t"), &done);
+    let strace = child.id();
+    let rename = common::strace::nr::RENAMEAT2;
+    wait_until(
+        Duration::from_secs(30),
+        "the held rename into DIR/u/d",
+        || {
+            held.is_dir()
+                && common::strace::children(strace)
+                    .into_iter()
+                    .any(|pid| common::strace::in_call(pid, &[rename]))
+        },
+    );
+    let new = t.path("t/u/d/.a.new");
+    fs::write(&new, b"a writer's new version\n").unwrap();
+    fs::rename(&new, t.path("t/u/d/a")).unwrap();
+    wait_until(Duration::from_secs(30), "the rename made", || {
+        held.join("a").exists()
+    });
+    fs::rename(done.join("u"), away.join("u")).unwrap();
+    fs::write(t.path("t/u/d/a"), b"a third file\n").unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.failure().stderr();
+    let there = away.join("u/d/a");
+    assert!(
+        err.contains("could not be put back")
+            && err.contains(&format!("it is at {}", there.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("1 failed (failed: 1 unsafe-output-path)"),
+        "{err}"
+    );
+    assert_eq!(fs::read(&there).unwrap(), b"a writer's new version\n");
+    assert_eq!(fs::read(t.path("t/u/d/a")).unwrap(), b"a third file\n");
+    assert!(!done.join("u").exists(), "{err}");
+    assert_gz(&t.path("t/u/d/a.gz"), b"the input\n");
+}
+
+/// As in `an_input_that_cannot_be_put_back_is_moved_on_into_dir`, and, while the move on
+/// makes DIR/u again, the owner of the directory out there swaps another file in at the
+/// input's name. The impostor is not taken into DIR (it goes back), and the file fails, its
+/// message saying where the input is. Found by review r56b (its n2): the move on renamed by
+/// name, and the impostor was taken for the input.
+#[test]
+fn a_file_swapped_in_for_the_input_outside_dir_is_not_moved_into_dir() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the move");
+        return;
+    }
+    let t = TestTree::new().file("t/u/d/a", b"the input\n");
+    let (done, away) = (t.path("done"), t.path("away"));
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&away).unwrap();
+    // The first `mkdirat` in DIR makes DIR/u for the move, the second is the move on's.
+    let child = strace_moves(
+        &[&done.join("u/d"), &done],
+        "renameat2,mkdirat",
+        &[
+            "renameat2:delay_exit=2000000:when=1",
+            "mkdirat:delay_exit=2000000:when=2",
+        ],
+        &t.path("t"),
+        &done,
+    );
+    wait_until(Duration::from_secs(30), "the rename into DIR made", || {
+        done.join("u/d/a").exists()
+    });
+    fs::rename(done.join("u"), away.join("u")).unwrap();
+    fs::write(t.path("t/u/d/a"), b"a writer's new file\n").unwrap();
+    // Held once made, so DIR/u there again means the move on is in its `mkdirat`.
+    wait_until(Duration::from_secs(30), "the move on's DIR/u", || {
+        done.join("u").is_dir()
+    });
+    fs::rename(away.join("u/d/a"), away.join("u/d/a.real")).unwrap();
+    fs::write(away.join("u/d/a"), b"an impostor\n").unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.failure().stderr();
+    assert!(
+        err.contains("could not be moved into")
+            && err.contains(&format!(
+                "it is somewhere in {}/",
+                away.join("u/d").display()
+            )),
+        "{err}"
+    );
+    assert!(
+        !done.join("u/d/a").exists(),
+        "the impostor moved into DIR: {err}"
+    );
+    assert_eq!(fs::read(away.join("u/d/a")).unwrap(), b"an impostor\n");
+    assert_eq!(fs::read(away.join("u/d/a.real")).unwrap(), b"the input\n");
+    assert_eq!(
+        fs::read(t.path("t/u/d/a")).unwrap(),
+        b"a writer's new file\n"
+    );
+    assert_gz(&t.path("t/u/d/a.gz"), b"the input\n");
+}
+
+/// On bindfs, while the move's link into DIR is made, someone links the input to a second
+/// name in the tree, and a writer renames a new version over its first. The input has a real
+/// second link (not libfuse's `.fuse_hidden*` of `on_bindfs_an_input_replaced_..._not_lost`):
+/// the link in DIR is taken back, the input kept at its other name. Found by review r56b (its
+/// n6): any FUSE file with two links was taken as moved.
+#[test]
+fn on_bindfs_an_input_given_a_second_name_as_it_is_moved_is_kept() {
+    if !is_root() || Command::new("bindfs").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs root and bindfs");
+        return;
+    }
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the move");
+        return;
+    }
+    let t = TestTree::new().file("t/u/d/a", b"the input\n");
+    fs::create_dir(t.path("done")).unwrap();
+    let view = t.side("view");
+    fs::create_dir(&view).unwrap();
+    let st = Command::new("bindfs")
+        .arg(t.root())
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    let _view = Bind(view.clone());
+    let done = view.join("done");
+    let child = held_after("linkat", &done.join("u/d"), &view.join("t"), &done);
+    fs::hard_link(view.join("t/u/d/a"), view.join("t/u/d/b")).unwrap();
+    let new = view.join("t/u/d/.a.new");
+    fs::write(&new, b"a writer's new version\n").unwrap();
+    fs::rename(&new, view.join("t/u/d/a")).unwrap();
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.success().stderr();
+    assert!(
+        err.contains("input not moved") && err.contains("gained a link"),
+        "{err}"
+    );
+    assert!(!t.path("done/u/d/a").exists(), "{err}");
+    assert_eq!(fs::read(t.path("t/u/d/b")).unwrap(), b"the input\n");
     assert_eq!(
         fs::read(t.path("t/u/d/a")).unwrap(),
         b"a writer's new version\n"
