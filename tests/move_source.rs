@@ -1597,12 +1597,20 @@ fn tree_done_away() -> (TestTree, PathBuf, PathBuf) {
 /// enters the call or once it is made (`when`: `delay_enter`, `delay_exit`).
 fn strace_move(call: &str, when: &str, held: &Path, tree: &Path, done: &Path) -> Started {
     let inject = format!("{call}:{when}=2000000:when=1");
-    strace_moves(&[held], call, &[&inject], tree, done)
+    strace_moves(&[held], call, &[&inject], "gzip", tree, done)
 }
 
 /// `strace_move` with more holds: strace traces the calls `trace` (`renameat2,mkdirat`) on any
-/// of the paths `on`, and holds them as each of `injects` (strace's `-e inject=` values) says.
-fn strace_moves(on: &[&Path], trace: &str, injects: &[&str], tree: &Path, done: &Path) -> Started {
+/// of the paths `on`, and holds them as each of `injects` (strace's `-e inject=` values) says;
+/// `op` is `--op`'s value.
+fn strace_moves(
+    on: &[&Path],
+    trace: &str,
+    injects: &[&str],
+    op: &str,
+    tree: &Path,
+    done: &Path,
+) -> Started {
     let mut cmd = Command::new("strace");
     cmd.args(["-f", "-qq", "-o", "/dev/null"]);
     for path in on {
@@ -1613,7 +1621,7 @@ fn strace_moves(on: &[&Path], trace: &str, injects: &[&str], tree: &Path, done: 
         cmd.args(["-e", &format!("inject={inject}")]);
     }
     cmd.arg(bin())
-        .args(["batch", "-j1", "--op", "gzip"])
+        .args(["batch", "-j1", "--op", op])
         .arg(tree)
         .arg("--move-source")
         .arg(done)
@@ -1761,7 +1769,14 @@ fn a_writers_file_that_cannot_be_put_back_fails_and_says_where_it_is() {
     fs::create_dir(&away).unwrap();
     let held = done.join("u/d");
     let inject = "renameat2:delay_enter=2000000:delay_exit=2000000:when=1";
-    let child = strace_moves(&[&held], "renameat2", &[inject], &t.path("t"), &done);
+    let child = strace_moves(
+        &[&held],
+        "renameat2",
+        &[inject],
+        "gzip",
+        &t.path("t"),
+        &done,
+    );
     let strace = child.id();
     let rename = common::strace::nr::RENAMEAT2;
     wait_until(
@@ -1823,6 +1838,7 @@ fn a_file_swapped_in_for_the_input_outside_dir_is_not_moved_into_dir() {
             "renameat2:delay_exit=2000000:when=1",
             "mkdirat:delay_exit=2000000:when=2",
         ],
+        "gzip",
         &t.path("t"),
         &done,
     );
@@ -1904,4 +1920,52 @@ fn on_bindfs_an_input_given_a_second_name_as_it_is_moved_is_kept() {
         fs::read(t.path("t/u/d/a")).unwrap(),
         b"a writer's new version\n"
     );
+}
+
+/// As in `an_input_that_cannot_be_put_back_is_moved_on_into_dir`, with a name of 251 bytes
+/// (the longest a `.gz` fits), and DIR/u/d made again by someone, with files at that name and
+/// the names numbered 1 to 999: numbered 1000 is over 255 bytes. The file fails, and the
+/// message says so and where the input is. It said "every numbered name there is taken"
+/// (review r56b).
+#[test]
+fn an_input_whose_name_has_no_room_for_a_number_fails_its_move_on_saying_so() {
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the move");
+        return;
+    }
+    let name = "n".repeat(251);
+    let t = TestTree::new().file(format!("t/u/d/{name}"), b"the input\n");
+    let (done, away) = (t.path("done"), t.path("away"));
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&away).unwrap();
+    let held = done.join("u/d");
+    let inject = "renameat2:delay_exit=2000000:when=1";
+    let child = strace_moves(
+        &[&held],
+        "renameat2",
+        &[inject],
+        "gzip",
+        &t.path("t"),
+        &done,
+    );
+    wait_until(Duration::from_secs(30), "the rename into DIR made", || {
+        held.join(&name).exists()
+    });
+    fs::rename(done.join("u"), away.join("u")).unwrap();
+    fs::write(t.path(format!("t/u/d/{name}")), b"a writer's new file\n").unwrap();
+    fs::create_dir_all(&held).unwrap();
+    fs::write(held.join(&name), b"someone else's\n").unwrap();
+    for n in 1..1000 {
+        fs::write(held.join(format!("{name}.{n}")), b"someone else's\n").unwrap();
+    }
+    let out = child.finish(Duration::from_secs(60));
+    let err = out.failure().stderr();
+    let there = away.join("u/d").join(&name);
+    assert!(
+        err.contains("numbered 1000 would be over 255 bytes")
+            && err.contains(&format!("it is at {}", there.display())),
+        "{err}"
+    );
+    assert_eq!(fs::read(&there).unwrap(), b"the input\n");
+    assert_eq!(fs::read_dir(&held).unwrap().count(), 1000);
 }

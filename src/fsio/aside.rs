@@ -636,8 +636,14 @@ impl Within<'_> {
             output::sync_dir(dest)?;
             Ok(Ok(again.path.join(next)))
         };
+        let mut e = "every numbered name there is taken".to_string();
         for n in 0..=MAX_NUMBERED {
-            let Some(next) = numbered(name, n) else { break };
+            let Some(next) = numbered(name, n) else {
+                e = format!(
+                    "its name there is taken, and numbered {n} would be over {NAME_MAX} bytes"
+                );
+                break;
+            };
             let renamed =
                 rfs::renameat_with(&dest.fd, to, &again.fd, &next, RenameFlags::NOREPLACE);
             let linked = match renamed {
@@ -659,7 +665,6 @@ impl Within<'_> {
                 Err(e) => return Err(stuck(format!("at {}", now_at(dest, to)), e.to_string())),
             }
         }
-        let e = "every numbered name there is taken".to_string();
         Err(stuck(format!("at {}", now_at(dest, to)), e))
     }
 }
