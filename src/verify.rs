@@ -544,17 +544,31 @@ fn verify_manifest(
         let _stop = stop_tx;
         let mut printed = 0usize;
         let mut ahead: std::collections::BTreeMap<usize, (Entry, Check)> = Default::default();
-        let mut end_rx = end_rx;
+        let (mut end_rx, mut done_rx) = (end_rx, done_rx);
         let mut fed: Option<Fed> = None;
+        let mut checkers_gone = false;
         loop {
-            if fed.as_ref().is_some_and(|f| f.taken == printed) || printer.closed {
+            if fed
+                .as_ref()
+                .is_some_and(|f| f.taken == printed || checkers_gone)
+                || printer.closed
+            {
                 break;
             }
             crossbeam_channel::select! {
-                recv(done_rx) -> next => {
-                    let Ok((seq, entry, check)) = next else { break };
-                    ahead.insert(seq, (entry, check));
-                }
+                recv(done_rx) -> next => match next {
+                    Ok((seq, entry, check)) => {
+                        ahead.insert(seq, (entry, check));
+                    }
+                    // Every checker is done, as they are once the reader has fed its last
+                    // line: the reader's end (its count of malformed lines, or why it
+                    // stopped) is still to be heard. Breaking here lost it whenever the
+                    // checkers' ends came first (CI, under load: "malformed":0).
+                    Err(_) => {
+                        done_rx = crossbeam_channel::never();
+                        checkers_gone = true;
+                    }
+                },
                 recv(end_rx) -> end => {
                     // Heard once: the reader is done (or gone, having said nothing).
                     end_rx = crossbeam_channel::never();
@@ -686,6 +700,8 @@ fn feed(
         fed.taken += 1;
     }
     drop(work);
+    #[cfg(test)]
+    std::thread::sleep(tests::held_end());
     let _ = end.send(fed);
 }
 
@@ -1145,6 +1161,44 @@ mod tests {
 
     fn verdict(bytes: &[u8]) -> Check {
         test_gz_stream(bytes, &mut [0; 4096])
+    }
+
+    /// How long the manifest's reader waits between its last line fed and its end said (the
+    /// tests below that set it are the only ones to hear it late).
+    static HOLD_END_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+    pub(super) fn held_end() -> std::time::Duration {
+        let ms = HOLD_END_MS.load(std::sync::atomic::Ordering::Relaxed);
+        std::time::Duration::from_millis(ms)
+    }
+
+    /// The reader's end heard after every checker is done (as a loaded machine may have it):
+    /// its count of malformed lines still counts. It was lost: the printing stopped when the
+    /// checkers did (CI: a summary with "malformed":0 and exit 0 where `sha256sum -c` warned).
+    #[test]
+    fn malformed_lines_count_when_the_readers_end_comes_last() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), b"alpha\n").unwrap();
+        let mut hasher = Hasher::new(HashAlgo::Sha256);
+        hasher.update(b"alpha\n");
+        let digest = hasher.finalize().to_hex();
+        let manifest = dir.path().join("SHA256SUMS");
+        std::fs::write(&manifest, format!("{digest}  a\nnot a manifest line\n")).unwrap();
+        HOLD_END_MS.store(300, std::sync::atomic::Ordering::Relaxed);
+        let opts = Options {
+            target: manifest,
+            jobs: 2,
+            algo: None,
+            root: None,
+            exclude: Vec::new(),
+            state: Vec::new(),
+            json: true,
+            quiet: true,
+        };
+        let report = run(&opts, &mut Vec::new());
+        HOLD_END_MS.store(0, std::sync::atomic::Ordering::Relaxed);
+        let report = report.unwrap();
+        assert_eq!((report.ok, report.malformed), (1, 1), "{report:?}");
     }
 
     #[test]
