@@ -2000,11 +2000,8 @@ fn assert_stopped_by_a_full_state(sum: &serde_json::Value, err: &str) {
     );
 }
 
-/// A rerun whose state's disk fills counts as not recorded only the files it had to record:
-/// the unchanged ones' rows stand as they were, and it counted them too (1,976 "not recorded"
-/// of a rerun that changed 10 files: found by a review).
-#[test]
-fn a_rerun_whose_state_disk_fills_counts_only_its_changed_files_as_not_recorded() {
+/// A tree of 2,000 files in 20 directories, `file {i}`.
+fn two_thousand_files() -> TestTree {
     let mut t = TestTree::new();
     for i in 0..2000 {
         t = t.file(
@@ -2012,17 +2009,27 @@ fn a_rerun_whose_state_disk_fills_counts_only_its_changed_files_as_not_recorded(
             format!("file {i}\n").as_bytes(),
         );
     }
+    t
+}
+
+/// A `--state` batch of `t` with the manifest `SUMS` (kept as `SUMS.first`), then `change`
+/// (shell, `$root` the tree), then a rerun (`--json`) whose state's disk (a small tmpfs) is
+/// full but for a few blocks. `None` where no tmpfs can be mounted (skipped, said).
+fn rerun_on_a_full_state(t: &TestTree, change: &str) -> Option<Run> {
     let state = t.side("state");
     fs::create_dir(&state).unwrap();
-    let script = r#"mount -t tmpfs -o size=4m,mode=0700 none "$1" || exit 99
+    let script = format!(
+        r#"mount -t tmpfs -o size=4m,mode=0700 none "$1" || exit 99
 mnt=$1 bin=$2 root=$3 sums=$4
 "$bin" batch "$root" --op sha256 --state "$mnt/st" --manifest "$sums" -q || exit 97
-for i in 0 1 2 3 4 5 6 7 8 9; do echo more >> "$root/d$i/f$i"; done
+cp "$sums" "$sums.first"
+{change}
 avail=$(df -B4096 --output=avail "$mnt" | tail -1)
 dd if=/dev/zero of="$mnt/fill" bs=4096 count=$((avail - 12)) 2>/dev/null
-"$bin" batch "$root" --op sha256 --state "$mnt/st" --manifest "$sums" --json"#;
+"$bin" batch "$root" --op sha256 --state "$mnt/st" --manifest "$sums" --json"#
+    );
     let mut cmd = Command::new("unshare");
-    cmd.args(["-rm", "sh", "-c", script, "sh"])
+    cmd.args(["-rm", "sh", "-c", &script, "sh"])
         .arg(&state)
         .arg(bin())
         .arg(t.root())
@@ -2031,11 +2038,24 @@ dd if=/dev/zero of="$mnt/fill" bs=4096 count=$((avail - 12)) 2>/dev/null
     match out.output().status.code() {
         Some(99) => {
             eprintln!("SKIPPED: could not mount a tmpfs: {}", out.stderr());
-            return;
+            None
         }
         Some(97) => panic!("the first run failed: {}", out.stderr()),
-        _ => {}
+        _ => Some(out),
     }
+}
+
+/// A rerun whose state's disk fills counts as not recorded only the files it had to record:
+/// the unchanged ones' rows stand as they were, and it counted them too (1,976 "not recorded"
+/// of a rerun that changed 10 files: found by a review). Every file had its outcome: the
+/// manifest is written, whole.
+#[test]
+fn a_rerun_whose_state_disk_fills_counts_only_its_changed_files_as_not_recorded() {
+    let t = two_thousand_files();
+    let change = r#"for i in 0 1 2 3 4 5 6 7 8 9; do echo more >> "$root/d$i/f$i"; done"#;
+    let Some(out) = rerun_on_a_full_state(&t, change) else {
+        return;
+    };
     let sum = out.code(1).summary();
     assert_stopped_by_a_full_state(&sum, "");
     assert_eq!(
@@ -2045,6 +2065,39 @@ dd if=/dev/zero of="$mnt/fill" bs=4096 count=$((avail - 12)) 2>/dev/null
     );
     let unrecorded = sum["unrecorded"].as_u64().unwrap_or(0);
     assert!((1..=10).contains(&unrecorded), "{sum}");
+    let check = tool(
+        "sha256sum",
+        &[OsStr::new("-c"), t.side("SUMS").as_os_str()],
+        &t.root(),
+    );
+    assert!(check.status.success(), "{check:?}");
+    assert_eq!(manifest_names(&t.side("SUMS")).len(), 2000);
+}
+
+/// A rerun stopped short by its state's full disk (most files still to do) leaves the manifest
+/// there as it was, and says so: it replaced a manifest of 2,000 files with one of the few
+/// hundred done before the error, the rest skipped `interrupted` (found by review r57).
+#[test]
+fn a_rerun_stopped_short_by_a_full_state_disk_leaves_the_manifest_as_it_was() {
+    let t = two_thousand_files();
+    let change = r#"for f in "$root"/d*/f*; do echo "changed, and longer" >> "$f"; done"#;
+    let Some(out) = rerun_on_a_full_state(&t, change) else {
+        return;
+    };
+    let sum = out.code(1).summary();
+    assert_stopped_by_a_full_state(&sum, "");
+    assert!(
+        sum["error"].as_str().is_some_and(
+            |e| e.contains("no manifest written (one already there is left as it was)")
+        ),
+        "{sum}"
+    );
+    assert!(sum["done"].as_u64().unwrap() < 2000, "not short: {sum}");
+    assert_eq!(
+        fs::read(t.side("SUMS")).unwrap(),
+        fs::read(t.side("SUMS.first")).unwrap(),
+        "{sum}"
+    );
 }
 
 /// A state database that fills its disk mid-run stops the run with that error and the

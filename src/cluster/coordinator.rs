@@ -432,7 +432,7 @@ fn coordinate(
     // Set once the resumed run's outcomes are read, before the source starts.
     let accounted = std::sync::OnceLock::new();
     // Raised when the source fails: the reporter then abandons the sink (`Sink::abandon`).
-    let source_failed = &AtomicBool::new(false);
+    let source_end = &report::SourceEnd::default();
     std::thread::scope(|s| {
         let reporter = std::thread::Builder::new()
             .name("filepipe-reporter".into())
@@ -445,7 +445,7 @@ fn coordinate(
                     sink,
                     recorded_tx,
                     shutdown,
-                    source_failed,
+                    source_end,
                 )
             })
             .context("starting the reporter")?;
@@ -487,8 +487,11 @@ fn coordinate(
                         recorded: recorded_rx,
                     };
                     let ran = source.run(out);
+                    if ran.is_ok() && shutdown.requested() {
+                        source_end.cut.store(true, Ordering::SeqCst);
+                    }
                     if ran.is_err() {
-                        source_failed.store(true, Ordering::SeqCst);
+                        source_end.failed.store(true, Ordering::SeqCst);
                         // A watched root deleted or moved: the coordinator stops as after a
                         // signal (its jobs cancelled, those in flight waited for), then fails.
                         shutdown.request(0);

@@ -23,7 +23,7 @@ mod publish;
 mod worker;
 
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 use crossbeam_channel::bounded;
@@ -208,10 +208,11 @@ fn run_with<O: Op>(
     } else {
         (None, None)
     };
-    // Raised by the source's thread when the source fails (or panics), before its sender of
-    // events goes: the reporter, which finishes the sink only once every sender is gone, then
-    // abandons it instead, so that part of a tree never stands for the whole of it.
-    let source_failed = &AtomicBool::new(false);
+    // Raised by the source's thread when the source fails (or panics), or stops on a request,
+    // before its sender of events goes: the reporter, which finishes the sink only once every
+    // sender is gone, then abandons it instead where the run saw part of the tree (a failure;
+    // a sink's failure that cut it short), so that part never stands for the whole of it.
+    let source_end = &report::SourceEnd::default();
     // A batch's walk: its failure is told with the account of what was done, and of the
     // manifest. (A watcher's or a queue's error goes up as it is: callers match on it.)
     let walks_tree = cfg.watch.is_none() && !source.listens();
@@ -227,7 +228,7 @@ fn run_with<O: Op>(
                     sink,
                     recorded_tx,
                     shutdown,
-                    source_failed,
+                    source_end,
                 )
             })
             .context("starting the reporter")?;
@@ -244,7 +245,11 @@ fn run_with<O: Op>(
                     };
                     let walked = panic::catch_unwind(AssertUnwindSafe(|| source.run(out)));
                     if !matches!(walked, Ok(Ok(()))) {
-                        source_failed.store(true, Ordering::SeqCst);
+                        source_end.failed.store(true, Ordering::SeqCst);
+                    } else if shutdown.requested() {
+                        // Stopped, maybe before the end of the tree (or just after it: taken
+                        // for short, which only costs a manifest left as it was).
+                        source_end.cut.store(true, Ordering::SeqCst);
                     }
                     // Sentinels go out even if the walk panicked, or the workers would wait
                     // forever. Sending cannot fail: workers hold the receiver until their own.

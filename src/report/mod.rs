@@ -79,10 +79,20 @@ impl SinceFlush {
     }
 }
 
+/// How the source's thread ended: raised by it before it lets go of its sender of events.
+#[derive(Debug, Default)]
+pub(crate) struct SourceEnd {
+    /// It failed (or panicked): what it sent is not the whole tree.
+    pub(crate) failed: AtomicBool,
+    /// It stopped because the run was asked to (a signal, a sink's failure), maybe before it
+    /// had sent every file.
+    pub(crate) cut: AtomicBool,
+}
+
 /// Receives events until every sender is gone, then finishes the sink and returns the counts.
 /// `recorded`, if given, hears of each file once the sink has flushed its outcome.
-/// `source_failed`, raised by the source's thread before it lets go of its sender, says its
-/// outcomes are not the whole tree: the sink is then abandoned, not finished (`Sink::abandon`).
+/// Where `source` failed, its outcomes are not the whole tree: the sink is then abandoned, not
+/// finished (`Sink::abandon`); so too where a sink's failure stopped the run short.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn run(
     cfg: &Config,
@@ -92,7 +102,7 @@ pub(crate) fn run(
     sink: &mut dyn Sink,
     recorded: Option<Sender<Vec<Recorded>>>,
     shutdown: &Shutdown,
-    source_failed: &AtomicBool,
+    source: &SourceEnd,
 ) -> Result<Summary> {
     let started = Instant::now();
     let mut progress = Progress::new(cfg);
@@ -105,9 +115,12 @@ pub(crate) fn run(
     // down, but events are still drained, so no worker or sentinel ever blocks on a full
     // channel and every outcome is still counted.
     let mut failure: Option<anyhow::Error> = None;
+    // Whether `failure` is set, for the end (`guard` holds `failure` until then).
+    let failed = std::cell::Cell::new(false);
     let mut guard = |r: Result<()>| {
         if let Err(e) = r {
             if failure.is_none() {
+                failed.set(true);
                 tracing::error!("stopping: {e:#}");
                 shutdown.request(0);
                 failure = Some(e);
@@ -274,7 +287,17 @@ pub(crate) fn run(
         flushes.after(&r, sink.still_held());
         guard(r);
     }
-    if source_failed.load(Ordering::SeqCst) {
+    // A run stopped short by a sink's failure (a state that cannot be written: a full disk)
+    // saw part of the tree, as one whose source failed did: a batch's manifest written from it
+    // would replace a whole one with a short one (found by review r57), so neither publishes
+    // one. Short: its source cut off, or a file left unprocessed; a failure once every file had
+    // its outcome (the last commit) leaves a whole manifest to write. (A signal's stop is the
+    // user's, and writes the manifest for what was done: README.)
+    let short = source.cut.load(Ordering::SeqCst)
+        || summary
+            .skipped_by_reason
+            .contains_key(Kind::Interrupted.as_str());
+    if source.failed.load(Ordering::SeqCst) || failed.get() && short {
         guard(sink.abandon());
     } else {
         guard(sink.finish());
@@ -298,6 +321,11 @@ pub(crate) fn run(
         *summary.failed_by_reason.entry(kind).or_default() += 1;
     }
     if let Some(error) = failure {
+        let error = if short && cfg.watch.is_none() && !cfg.spec.hashes().is_empty() {
+            error.context("no manifest written (one already there is left as it was)")
+        } else {
+            error
+        };
         summary.error = Some(format!("{error:#}"));
         if flushes.failed || flushes.held {
             summary.unrecorded = flushes.since.len();
