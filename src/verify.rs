@@ -933,6 +933,12 @@ fn check_digest(
         Err(OpenError::Failed(e)) if e.kind == Kind::Vanished => return Check::Missing,
         Err(OpenError::Failed(e)) => return Check::Unreadable(e.message),
     };
+    // `f/` or `f/.` names a directory: the file `f` is not read as if named `f` (GNU's open
+    // fails it "Not a directory"; the path's components had lost the slash: review r57).
+    let name = entry.name.as_slice();
+    if name.ends_with(b"/") || name.ends_with(b"/.") {
+        return Check::Unreadable("not a directory, which its name ends as (`/`)".into());
+    }
     match hash_reader(algo, &mut input, buf) {
         Ok(d) if d == entry.digest => Check::Ok,
         Ok(_) => Check::Failed("checksum mismatch".into()),

@@ -840,3 +840,42 @@ fn a_directory_unreadable_for_want_of_descriptors_is_reported_not_passed() {
     assert!(text.contains("cannot read this directory"), "{text}");
     out.code(1);
 }
+
+/// A name that ends as a directory's (`f/`, `f//.`) naming a regular file is not that file:
+/// `sha256sum -c` fails it ("Not a directory"), and so does verify. It passed, read as `f`
+/// (the path's components drop the slash: found by review r57).
+#[test]
+fn a_name_ending_in_a_slash_is_not_the_file_before_it() {
+    let t = TestTree::new().file("f", b"the file\n");
+    let root = t.root();
+    let sums = run(filepipe(&[
+        s("batch"),
+        root.as_os_str(),
+        s("--op"),
+        s("sha256"),
+    ]));
+    let line = String::from_utf8(sums.success().output().stdout.clone()).unwrap();
+    let digest = line.split_whitespace().next().unwrap();
+    for name in ["f/", "f//.", "./f/"] {
+        fs::write(t.side("m"), format!("{digest}  {name}\n")).unwrap();
+        let gnu = tool("sha256sum", &[s("-c"), t.side("m").as_os_str()], &root);
+        assert!(!gnu.status.success(), "{name}: {gnu:?}");
+        let ours = run(filepipe(&[
+            s("verify"),
+            t.side("m").as_os_str(),
+            s("--root"),
+            root.as_os_str(),
+            s("--json"),
+        ]));
+        let out = ours.code(1).stdout();
+        assert!(out.contains("not a directory"), "{name}: {out}");
+    }
+    fs::write(t.side("m"), format!("{digest}  ./f\n")).unwrap();
+    run(filepipe(&[
+        s("verify"),
+        t.side("m").as_os_str(),
+        s("--root"),
+        root.as_os_str(),
+    ]))
+    .success();
+}
