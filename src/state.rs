@@ -472,6 +472,60 @@ fn db_path(dir: &Path) -> PathBuf {
     dir.join(DB_NAME)
 }
 
+/// The room `reserve_wal_index` makes ahead, where the disk has room: 8 of SQLite's 32 KiB
+/// WAL-index regions, enough for a WAL of 32,768 pages (128 MiB), far beyond what filepipe's
+/// commits and SQLite's checkpoints at 1,000 pages let it reach.
+const WAL_INDEX_AHEAD: u64 = 256 * 1024;
+
+/// Blocks on disk for the WAL index SQLite maps into memory (`filepipe.sqlite-shm`), where the
+/// file system's blocks are smaller than a page (ext4 below 512 MiB: 1 KiB). SQLite grows the
+/// file by writing the last byte of each page it adds, which there allocates one block of the
+/// page's four: its first store into another on a full disk raises SIGBUS, and the run died
+/// with no summary and no word (exit 135: found by review r57b). With the blocks allocated
+/// here, a full disk is an error SQLite reports. The index as it is now must have its blocks
+/// (a disk too full for them, a few KiB, is said at start); the room ahead only where the
+/// WAL could grow to need it. A file system that cannot
+/// allocate ahead (`EOPNOTSUPP`) is left as it was.
+fn reserve_wal_index(db: &Path) -> Result<()> {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-shm");
+    let shm = PathBuf::from(name);
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&shm)
+    {
+        Ok(f) => f,
+        // None (another mode than WAL, a VFS without one): nothing is mapped.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot open {}", shm.display())),
+    };
+    let block = rustix::fs::fstatvfs(&file).map_or(0, |v| v.f_bsize);
+    if block == 0 || block >= rustix::param::page_size() as u64 {
+        return Ok(());
+    }
+    let size = file.metadata().map_or(0, |m| m.len());
+    let keep = rustix::fs::FallocateFlags::KEEP_SIZE;
+    match rustix::fs::fallocate(&file, keep, 0, size) {
+        Ok(()) => {}
+        Err(e @ (Errno::NOSPC | Errno::DQUOT)) => bail!(
+            "no room on the state's disk for its WAL index ({} KiB, {}): free some space \
+             there, or give another --state ({e})",
+            size.div_ceil(1024),
+            shm.display()
+        ),
+        Err(_) => return Ok(()),
+    }
+    // A second region is needed only once the WAL holds 4,096 pages (16 MiB): where the disk
+    // has not that much room, it never will, and what is left is the WAL's (taking it here
+    // failed commits that had fitted).
+    let free = rustix::fs::fstatvfs(&file).map_or(0, |v| v.f_bavail.saturating_mul(v.f_frsize));
+    if size < WAL_INDEX_AHEAD && free > 16 * 1024 * 1024 + WAL_INDEX_AHEAD {
+        let _ = rustix::fs::fallocate(&file, keep, size, WAL_INDEX_AHEAD - size);
+    }
+    Ok(())
+}
+
 fn now_secs() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -585,6 +639,7 @@ impl State {
             retry_busy(|| upgrade(&mut conn))
                 .with_context(|| format!("cannot upgrade state database {}", path.display()))?;
         }
+        reserve_wal_index(&path)?;
         // The file SQLite has open: after the statements above, it exists.
         let file = file_id(&path).with_context(not_a_state)?;
         Ok(State {
