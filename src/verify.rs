@@ -582,7 +582,9 @@ fn verify_manifest(
             while let Some((entry, check)) = ahead.remove(&printed) {
                 printed += 1;
                 let _ = credit_tx.try_send(());
-                if let Some(rel) = relative_to(under, &entry.name) {
+                // `f/` does not list `f` (it fails "not a directory"): `f` is still added.
+                if let Some(rel) = relative_to(under, &entry.name).filter(|_| !as_dir(&entry.name))
+                {
                     listed.insert(rel);
                 }
                 tally(&mut report, &check);
@@ -935,8 +937,7 @@ fn check_digest(
     };
     // `f/` or `f/.` names a directory: the file `f` is not read as if named `f` (GNU's open
     // fails it "Not a directory"; the path's components had lost the slash: review r57).
-    let name = entry.name.as_slice();
-    if name.ends_with(b"/") || name.ends_with(b"/.") {
+    if as_dir(&entry.name) {
         return Check::Unreadable("not a directory, which its name ends as (`/`)".into());
     }
     match hash_reader(algo, &mut input, buf) {
@@ -944,6 +945,11 @@ fn check_digest(
         Ok(_) => Check::Failed("checksum mismatch".into()),
         Err(e) => Check::Unreadable(format!("reading: {e}")),
     }
+}
+
+/// Whether a listed name ends as a directory's does (`d/`, `d/.`).
+fn as_dir(name: &[u8]) -> bool {
+    name.ends_with(b"/") || name.ends_with(b"/.")
 }
 
 fn tally(report: &mut Report, check: &Check) {

@@ -2164,10 +2164,12 @@ fn a_rerun_stopped_short_by_a_full_state_disk_leaves_the_manifest_as_it_was() {
     };
     let sum = out.code(1).summary();
     assert_stopped_by_a_full_state(&sum, "");
+    let said = format!(
+        "no manifest written ({} left as it was)",
+        t.side("SUMS").display()
+    );
     assert!(
-        sum["error"].as_str().is_some_and(
-            |e| e.contains("no manifest written (one already there is left as it was)")
-        ),
+        sum["error"].as_str().is_some_and(|e| e.contains(&said)),
         "{sum}"
     );
     assert!(sum["done"].as_u64().unwrap() < 2000, "not short: {sum}");

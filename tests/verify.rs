@@ -867,8 +867,10 @@ fn a_name_ending_in_a_slash_is_not_the_file_before_it() {
             root.as_os_str(),
             s("--json"),
         ]));
-        let out = ours.code(1).stdout();
+        // And `f`, listed by no name of its own, is added (exit 1 + 8).
+        let out = ours.code(9).stdout();
         assert!(out.contains("not a directory"), "{name}: {out}");
+        assert!(out.contains(r#""added":1"#), "{name}: {out}");
     }
     fs::write(t.side("m"), format!("{digest}  ./f\n")).unwrap();
     run(filepipe(&[

@@ -151,13 +151,11 @@ pub(crate) fn run(
 /// What a batch whose walk failed says of its manifest: none is written from part of the
 /// tree (`Sink::abandon`).
 fn with_what_was_left(cfg: &Config, e: anyhow::Error) -> anyhow::Error {
-    if cfg.spec.hashes().is_empty() {
-        e.context("the run stopped before it saw the whole tree")
-    } else {
-        e.context(
-            "the run stopped before it saw the whole tree: no manifest written (one already \
-             there is left as it was)",
-        )
+    match report::no_manifest(cfg) {
+        None => e.context("the run stopped before it saw the whole tree"),
+        Some(said) => e.context(format!(
+            "the run stopped before it saw the whole tree: {said}"
+        )),
     }
 }
 

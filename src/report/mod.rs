@@ -321,8 +321,11 @@ pub(crate) fn run(
         *summary.failed_by_reason.entry(kind).or_default() += 1;
     }
     if let Some(error) = failure {
-        let error = if short && cfg.watch.is_none() && !cfg.spec.hashes().is_empty() {
-            error.context("no manifest written (one already there is left as it was)")
+        let error = if short && cfg.watch.is_none() {
+            match no_manifest(cfg) {
+                Some(said) => error.context(said),
+                None => error,
+            }
         } else {
             error
         };
@@ -338,6 +341,25 @@ pub(crate) fn run(
         .into());
     }
     Ok(summary)
+}
+
+/// What a batch that publishes no manifest from part of its tree (`Sink::abandon`) says of
+/// it: the manifests already at the paths are left as they were, and none is printed to
+/// stdout; `None` for a run without a manifest (no hash).
+pub(crate) fn no_manifest(cfg: &Config) -> Option<String> {
+    if cfg.spec.hashes().is_empty() {
+        return None;
+    }
+    let there: Vec<String> = (cfg.spec.hashes().iter())
+        .filter_map(|&algo| cfg.manifest_for(algo))
+        .filter(|p| p.symlink_metadata().is_ok())
+        .map(|p| p.display().to_string())
+        .collect();
+    Some(match (&cfg.manifest, there.as_slice()) {
+        (None, _) => "no manifest printed".to_string(),
+        (Some(_), []) => "no manifest written".to_string(),
+        (Some(_), there) => format!("no manifest written ({} left as it was)", there.join(", ")),
+    })
 }
 
 /// Whether every file sent to the workers has its outcome counted: the pipeline has nothing
