@@ -732,9 +732,16 @@ fn open_manifest(opts: &Options) -> Result<Opened> {
     let mut manifest = Lines::new(BufReader::new(file));
     let mut report = Report::default();
     let mut first: Vec<Vec<u8>> = Vec::new();
-    while first.len() < DETECT_LINES {
+    // Only as many as the algorithm needs (none with --algo; one that names it or has 128
+    // digits): a manifest from a slow pipe has its first results printed as they come, as
+    // `sha256sum -c` prints them (it waited for 64 lines or the pipe's end: review r57b).
+    let mut known = opts.algo.is_some();
+    while !known && first.len() < DETECT_LINES {
         match manifest.next_line() {
-            Ok(Some(ManifestLine::Whole(line))) => first.push(line.to_vec()),
+            Ok(Some(ManifestLine::Whole(line))) => {
+                known = manifest::tagged(line).is_some() || manifest::hex_len(line) == Some(128);
+                first.push(line.to_vec());
+            }
             Ok(Some(ManifestLine::TooLong)) => report.malformed += 1,
             Ok(None) => break,
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),

@@ -73,6 +73,14 @@ fn temps_env(temps: &str) -> &'static [(&'static str, &'static str)] {
 }
 
 /// Whether a test that needs strace can run; says it skipped if not.
+/// The tests that count flushes and groups take turns: a group is what the workers finish
+/// while the last one flushes, and with four tests at once on two cores (CI) the workers of
+/// one fell behind its publisher, every group one file (66 flushes for 60 files, none whole).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn strace_or_skip(what: &str) -> bool {
     let have = have_strace();
     if !have {
@@ -83,6 +91,7 @@ fn strace_or_skip(what: &str) -> bool {
 
 #[test]
 fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_after() {
+    let _one = one_at_a_time();
     if !strace_or_skip("watch the order of flushes and names") {
         return;
     }
@@ -180,6 +189,7 @@ fn every_output_is_named_only_after_its_data_is_flushed_and_its_name_is_flushed_
 /// flush (found by a review: only a directory's `fsync` and one `syncfs` came after it).
 #[test]
 fn without_a_journal_a_replaced_output_has_its_link_count_flushed() {
+    let _one = one_at_a_time();
     if !strace_or_skip("watch the flushes of replaced outputs") {
         return;
     }
@@ -387,6 +397,7 @@ fn marked(path: &Path) -> bool {
 
 #[test]
 fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_finishes() {
+    let _one = one_at_a_time();
     if !strace_or_skip("kill the run between its flush and its names") {
         return;
     }
@@ -631,6 +642,7 @@ fn without_a_journal_every_file_reported_done_is_on_the_disk_under_its_name() {
 
 #[test]
 fn without_a_journal_a_failed_whole_flush_fails_its_files_and_names_none_of_them() {
+    let _one = one_at_a_time();
     if !strace_or_skip("make a syncfs fail") {
         return;
     }
@@ -707,6 +719,7 @@ fn without_a_journal_a_failed_whole_flush_fails_its_files_and_names_none_of_them
 
 #[test]
 fn without_a_journal_a_file_failed_by_a_whole_flush_after_its_name_is_redone_by_a_rerun() {
+    let _one = one_at_a_time();
     // README: when a syncfs without a journal reports an error, "it fails every output still
     // in the making there (created, or named and not yet flushed ...)... A rerun does those
     // files again." A file failed by the flush after the names already has its output under
@@ -796,6 +809,7 @@ fn without_a_journal_a_file_failed_by_a_whole_flush_after_its_name_is_redone_by_
 
 #[test]
 fn without_a_journal_a_watched_file_failed_after_its_name_is_not_recorded_done_unflushed() {
+    let _one = one_at_a_time();
     // Watch mode retries a failed file. One failed by the whole flush after its name (a syncfs
     // error there fails every output named and not yet flushed) still has its output under
     // its final name: the retry must make it durable, not take it for up to date and record

@@ -371,6 +371,20 @@ fn verify_reads_the_looser_forms_gnu_reads_as_gnu_reads_them() {
 /// nothing for as long as it took.
 #[test]
 fn results_are_printed_while_the_manifest_is_still_being_read() {
+    // More than the lines read to tell the algorithm.
+    printed_while_read(&[], 80);
+}
+
+/// With `--algo`, no line is read ahead to tell it: the first verdict comes out after the
+/// first line. It waited for 64 lines or the manifest's end (review r57b).
+#[test]
+fn with_algo_the_first_result_is_printed_after_the_first_line() {
+    printed_while_read(&[s("--algo"), s("sha256")], 1);
+}
+
+/// `verify` (with `extra` arguments) of a 100-file manifest written into a FIFO: `ahead`
+/// lines, then a pause until the first verdict is out, then the rest.
+fn printed_while_read(extra: &[&OsStr], ahead: usize) {
     use std::io::{BufRead, Write};
     let mut t = TestTree::new();
     for i in 0..100 {
@@ -384,7 +398,9 @@ fn results_are_printed_while_the_manifest_is_still_being_read() {
     let fifo = t.side("SUMS.sha256");
     mkfifo(&fifo);
     let root = t.root();
-    let mut child = filepipe(&[s("verify"), fifo.as_os_str(), s("--root"), root.as_os_str()])
+    let mut cmd = filepipe(&[s("verify"), fifo.as_os_str(), s("--root"), root.as_os_str()]);
+    let mut child = cmd
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -396,9 +412,8 @@ fn results_are_printed_while_the_manifest_is_still_being_read() {
         }
     });
     let mut writer = fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-    // More than the lines read to tell the algorithm, then a pause: the first verdict must
-    // come out while the manifest is not at its end.
-    for line in &lines[..80] {
+    // Then a pause: the first verdict must come out while the manifest is not at its end.
+    for line in &lines[..ahead] {
         writeln!(writer, "{line}").unwrap();
     }
     writer.flush().unwrap();
@@ -408,7 +423,7 @@ fn results_are_printed_while_the_manifest_is_still_being_read() {
         Ok("f000: OK"),
         "no result before the manifest's end"
     );
-    for line in &lines[80..] {
+    for line in &lines[ahead..] {
         writeln!(writer, "{line}").unwrap();
     }
     drop(writer);

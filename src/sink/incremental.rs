@@ -107,10 +107,14 @@ impl<'a> IncrementalSink<'a> {
 }
 
 impl Sink for IncrementalSink<'_> {
+    /// Listed in the manifest even where its row cannot be written (a full disk): the run
+    /// stops then, and where every file still had its outcome the manifest is written whole
+    /// (`report::run`); a file left out of it would make it short without a word.
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
-        self.begin()?;
-        self.record(outcome)?;
-        self.manifest.outcome(outcome)
+        let recorded = self.begin().and_then(|()| self.record(outcome));
+        let listed = self.manifest.outcome(outcome);
+        recorded?;
+        listed
     }
 
     /// Their rows already say all there is (see `record`): listed in the manifest only.
@@ -140,8 +144,12 @@ impl Sink for IncrementalSink<'_> {
         Ok(())
     }
 
+    /// The manifest is written even where the last commit fails: every file had its outcome
+    /// (`report::run` abandons the sink otherwise), so it is whole; the commit's error is
+    /// still the run's.
     fn finish(&mut self) -> Result<()> {
-        self.flush()?;
-        self.manifest.finish()
+        let flushed = self.flush();
+        let written = self.manifest.finish();
+        flushed.and(written)
     }
 }
