@@ -1714,27 +1714,9 @@ fn a_copy_made_in_a_directory_moved_out_of_dir_is_removed_and_the_input_kept() {
 /// input lost at the close.
 #[test]
 fn on_bindfs_an_input_replaced_while_its_link_is_made_is_not_lost() {
-    if !is_root() || Command::new("bindfs").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: needs root and bindfs");
+    let Some((t, _view, view, child)) = bindfs_link_held() else {
         return;
-    }
-    if !common::strace::have_strace() {
-        eprintln!("SKIPPED: no strace to hold the move");
-        return;
-    }
-    let t = TestTree::new().file("t/u/d/a", b"the input\n");
-    fs::create_dir(t.path("done")).unwrap();
-    let view = t.side("view");
-    fs::create_dir(&view).unwrap();
-    let st = Command::new("bindfs")
-        .arg(t.root())
-        .arg(&view)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bindfs");
-    let _view = Bind(view.clone());
-    let done = view.join("done");
-    let child = held_after("linkat", &done.join("u/d"), &view.join("t"), &done);
+    };
     let new = view.join("t/u/d/.a.new");
     fs::write(&new, b"a writer's new version\n").unwrap();
     fs::rename(&new, view.join("t/u/d/a")).unwrap();
@@ -1883,27 +1865,9 @@ fn a_file_swapped_in_for_the_input_outside_dir_is_not_moved_into_dir() {
 /// n6): any FUSE file with two links was taken as moved.
 #[test]
 fn on_bindfs_an_input_given_a_second_name_as_it_is_moved_is_kept() {
-    if !is_root() || Command::new("bindfs").arg("--version").output().is_err() {
-        eprintln!("SKIPPED: needs root and bindfs");
+    let Some((t, _view, view, child)) = bindfs_link_held() else {
         return;
-    }
-    if !common::strace::have_strace() {
-        eprintln!("SKIPPED: no strace to hold the move");
-        return;
-    }
-    let t = TestTree::new().file("t/u/d/a", b"the input\n");
-    fs::create_dir(t.path("done")).unwrap();
-    let view = t.side("view");
-    fs::create_dir(&view).unwrap();
-    let st = Command::new("bindfs")
-        .arg(t.root())
-        .arg(&view)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bindfs");
-    let _view = Bind(view.clone());
-    let done = view.join("done");
-    let child = held_after("linkat", &done.join("u/d"), &view.join("t"), &done);
+    };
     fs::hard_link(view.join("t/u/d/a"), view.join("t/u/d/b")).unwrap();
     let new = view.join("t/u/d/.a.new");
     fs::write(&new, b"a writer's new version\n").unwrap();
@@ -1968,4 +1932,33 @@ fn an_input_whose_name_has_no_room_for_a_number_fails_its_move_on_saying_so() {
     );
     assert_eq!(fs::read(&there).unwrap(), b"the input\n");
     assert_eq!(fs::read_dir(&held).unwrap().count(), 1000);
+}
+
+/// A tree holding `t/u/d/a` ("the input") and `done` beside `t`, seen through a bindfs view
+/// (`view`, unmounted when the `Bind` drops), and `batch` of `view/t` with `--move-source
+/// view/done` held once the move's link into `done/u/d` is made. `None` (said) without root,
+/// bindfs or strace.
+fn bindfs_link_held() -> Option<(TestTree, Bind, PathBuf, Started)> {
+    if !is_root() || Command::new("bindfs").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: needs root and bindfs");
+        return None;
+    }
+    if !common::strace::have_strace() {
+        eprintln!("SKIPPED: no strace to hold the move");
+        return None;
+    }
+    let t = TestTree::new().file("t/u/d/a", b"the input\n");
+    fs::create_dir(t.path("done")).unwrap();
+    let view = t.side("view");
+    fs::create_dir(&view).unwrap();
+    let st = Command::new("bindfs")
+        .arg(t.root())
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    let _view = Bind(view.clone());
+    let done = view.join("done");
+    let child = held_after("linkat", &done.join("u/d"), &view.join("t"), &done);
+    Some((t, _view, view, child))
 }
