@@ -358,7 +358,11 @@ pub(crate) fn no_manifest(cfg: &Config) -> Option<String> {
     Some(match (&cfg.manifest, there.as_slice()) {
         (None, _) => "no manifest printed".to_string(),
         (Some(_), []) => "no manifest written".to_string(),
-        (Some(_), there) => format!("no manifest written ({} left as it was)", there.join(", ")),
+        (Some(_), [one]) => format!("no manifest written ({one} left as it was)"),
+        (Some(_), there) => format!(
+            "no manifest written ({} left as they were)",
+            there.join(", ")
+        ),
     })
 }
 
