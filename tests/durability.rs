@@ -73,9 +73,10 @@ fn temps_env(temps: &str) -> &'static [(&'static str, &'static str)] {
 }
 
 /// Whether a test that needs strace can run; says it skipped if not.
-/// The tests that count flushes and groups take turns: a group is what the workers finish
-/// while the last one flushes, and with four tests at once on two cores (CI) the workers of
-/// one fell behind its publisher, every group one file (66 flushes for 60 files, none whole).
+/// The tests here take turns: those that count flushes and groups see a group as what the
+/// workers finish while the last one flushes, and with four tests at once on two cores (CI)
+/// the workers of one fell behind its publisher, every group one file (66 flushes for 60
+/// files, none whole), or no thread made the syncfs a test fails.
 fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
     ONE.lock().unwrap_or_else(|e| e.into_inner())
@@ -269,6 +270,7 @@ fn without_a_journal_a_replaced_output_has_its_link_count_flushed() {
 /// such outputs done, and a crash copy of the disk then had none of them).
 #[test]
 fn an_output_found_up_to_date_is_flushed_before_a_state_records_it_done() {
+    let _one = one_at_a_time();
     if !strace_or_skip("watch the flushes of outputs found up to date") {
         return;
     }
@@ -314,6 +316,7 @@ fn an_output_found_up_to_date_is_flushed_before_a_state_records_it_done() {
 
 #[test]
 fn zstd_outputs_take_the_same_durable_publish() {
+    let _one = one_at_a_time();
     if !strace_or_skip("watch the order of flushes and names") {
         return;
     }
@@ -355,6 +358,7 @@ fn zstd_outputs_take_the_same_durable_publish() {
 
 #[test]
 fn durability_none_flushes_nothing_and_still_publishes_whole_outputs() {
+    let _one = one_at_a_time();
     if !strace_or_skip("count the flushes") {
         return;
     }
@@ -491,6 +495,7 @@ fn a_kill_between_the_data_flush_and_the_names_leaves_no_output_and_a_rerun_fini
 
 #[test]
 fn remove_source_with_durability_none_is_refused_before_anything_is_touched() {
+    let _one = one_at_a_time();
     let t = tree(3);
     let root = t.root();
     let err = run(filepipe(&[
@@ -514,6 +519,7 @@ fn remove_source_with_durability_none_is_refused_before_anything_is_touched() {
 
 #[test]
 fn the_config_file_sets_durability_and_rejects_a_bad_value_with_its_line() {
+    let _one = one_at_a_time();
     let t = tree(1);
     let conf = t.side("filepipe.toml");
     let write = |durability: &str| {
@@ -541,6 +547,7 @@ fn the_config_file_sets_durability_and_rejects_a_bad_value_with_its_line() {
 
 #[test]
 fn with_few_descriptors_allowed_groups_shrink_and_every_file_is_done() {
+    let _one = one_at_a_time();
     if !have_prlimit() {
         return;
     }
@@ -572,6 +579,7 @@ fn with_few_descriptors_allowed_groups_shrink_and_every_file_is_done() {
 
 #[test]
 fn without_a_journal_every_file_reported_done_is_on_the_disk_under_its_name() {
+    let _one = one_at_a_time();
     // An ext4 made without a journal, on a loop image. Right after filepipe exits, the image
     // file holds what the file system wrote to its disk: a copy of it, repaired by e2fsck and
     // mounted, is the disk after a power cut at that instant. With anonymous temps synced
@@ -753,12 +761,17 @@ fn without_a_journal_a_file_failed_by_a_whole_flush_after_its_name_is_redone_by_
         // Each thread's third syncfs fails: a publisher's first group of four or more files is
         // flushed by two before its names and two after, so this is the first after the names.
         let (out, calls) = traced(&args, &[], Some("inject=syncfs:error=EIO:when=3"));
+        if !calls.iter().any(|c| c.name == "syncfs" && !c.ok()) {
+            // No thread made three: its groups were flushed file by file (a loaded machine),
+            // and nothing failed. As below: try again on a fresh tree.
+            eprintln!(
+                "attempt {attempt}: no third syncfs to fail: {}",
+                out.stderr()
+            );
+            continue;
+        }
         let summary = out.code(1).summary();
         let failed = summary["failed"].as_u64().unwrap();
-        assert!(
-            calls.iter().any(|c| c.name == "syncfs" && !c.ok()),
-            "a syncfs was made to fail"
-        );
         let records = failure_log(&log);
         assert_eq!(records.len() as u64, failed);
         let failed_paths: HashSet<String> = records
