@@ -500,8 +500,10 @@ fn reserve_wal_index(db: &Path) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e).with_context(|| format!("cannot open {}", shm.display())),
     };
-    let block = rustix::fs::fstatvfs(&file).map_or(0, |v| v.f_bsize);
-    if block == 0 || block >= rustix::param::page_size() as u64 {
+    let Ok(vfs) = rustix::fs::fstatvfs(&file) else {
+        return Ok(());
+    };
+    if vfs.f_bsize == 0 || vfs.f_bsize >= rustix::param::page_size() as u64 {
         return Ok(());
     }
     let size = file.metadata().map_or(0, |m| m.len());
@@ -519,7 +521,7 @@ fn reserve_wal_index(db: &Path) -> Result<()> {
     // A second region is needed only once the WAL holds 4,096 pages (16 MiB): where the disk
     // has not that much room, it never will, and what is left is the WAL's (taking it here
     // failed commits that had fitted).
-    let free = rustix::fs::fstatvfs(&file).map_or(0, |v| v.f_bavail.saturating_mul(v.f_frsize));
+    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
     if size < WAL_INDEX_AHEAD && free > 16 * 1024 * 1024 + WAL_INDEX_AHEAD {
         let _ = rustix::fs::fallocate(&file, keep, size, WAL_INDEX_AHEAD - size);
     }

@@ -1631,6 +1631,16 @@ fn strace_moves(
     Started::new(cmd)
 }
 
+/// A tree holding `t/u/d/NAME` ("the input"), with `done` (DIR) and `away` (where an owner
+/// moves a directory out of DIR to) beside `t`, all three under the tree's root.
+fn t_done_away(name: &str) -> (TestTree, PathBuf, PathBuf) {
+    let t = TestTree::new().file(format!("t/u/d/{name}"), b"the input\n");
+    let (done, away) = (t.path("done"), t.path("away"));
+    fs::create_dir(&done).unwrap();
+    fs::create_dir(&away).unwrap();
+    (t, done, away)
+}
+
 /// `strace_move` holding `call` once it is made, returned once `held/a` is there.
 fn held_after(call: &str, held: &Path, tree: &Path, done: &Path) -> Started {
     let child = strace_move(call, "delay_exit", held, tree, done);
@@ -1653,10 +1663,7 @@ fn an_input_that_cannot_be_put_back_is_moved_on_into_dir() {
         eprintln!("SKIPPED: no strace to hold the move");
         return;
     }
-    let t = TestTree::new().file("t/u/d/a", b"the input\n");
-    let (done, away) = (t.path("done"), t.path("away"));
-    fs::create_dir(&done).unwrap();
-    fs::create_dir(&away).unwrap();
+    let (t, done, away) = t_done_away("a");
     let child = held_after("renameat2", &done.join("u/d"), &t.path("t"), &done);
     fs::rename(done.join("u"), away.join("u")).unwrap();
     fs::write(t.path("t/u/d/a"), b"a writer's new file\n").unwrap();
@@ -1745,10 +1752,7 @@ fn a_writers_file_that_cannot_be_put_back_fails_and_says_where_it_is() {
         eprintln!("SKIPPED: no strace to hold the move");
         return;
     }
-    let t = TestTree::new().file("t/u/d/a", b"the input\n");
-    let (done, away) = (t.path("done"), t.path("away"));
-    fs::create_dir(&done).unwrap();
-    fs::create_dir(&away).unwrap();
+    let (t, done, away) = t_done_away("a");
     let held = done.join("u/d");
     let inject = "renameat2:delay_enter=2000000:delay_exit=2000000:when=1";
     let child = strace_moves(
@@ -1808,10 +1812,7 @@ fn a_file_swapped_in_for_the_input_outside_dir_is_not_moved_into_dir() {
         eprintln!("SKIPPED: no strace to hold the move");
         return;
     }
-    let t = TestTree::new().file("t/u/d/a", b"the input\n");
-    let (done, away) = (t.path("done"), t.path("away"));
-    fs::create_dir(&done).unwrap();
-    fs::create_dir(&away).unwrap();
+    let (t, done, away) = t_done_away("a");
     // The first `mkdirat` in DIR makes DIR/u for the move, the second is the move on's.
     let child = strace_moves(
         &[&done.join("u/d"), &done],
@@ -1898,10 +1899,7 @@ fn an_input_whose_name_has_no_room_for_a_number_fails_its_move_on_saying_so() {
         return;
     }
     let name = "n".repeat(251);
-    let t = TestTree::new().file(format!("t/u/d/{name}"), b"the input\n");
-    let (done, away) = (t.path("done"), t.path("away"));
-    fs::create_dir(&done).unwrap();
-    fs::create_dir(&away).unwrap();
+    let (t, done, away) = t_done_away(&name);
     let held = done.join("u/d");
     let inject = "renameat2:delay_exit=2000000:when=1";
     let child = strace_moves(
