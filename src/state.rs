@@ -486,29 +486,32 @@ const WAL_INDEX_AHEAD: u64 = 256 * 1024;
 /// (a disk too full for them, a few KiB, is said at start); the room ahead only where the
 /// WAL could grow to need it. A file system that cannot
 /// allocate ahead (`EOPNOTSUPP`) is left as it was.
+///
+/// The file is opened only there, and never closed (`HeldIndexes`): SQLite's locks on it are
+/// POSIX record locks, which the kernel drops, every one this process holds on the file, when
+/// any descriptor of it is closed. Closed after its `fallocate`, the daemon held no lock on
+/// its index; the next `filepipe status` then took it for the first to open the state and cut
+/// the index to 3 bytes under the daemon's mapping: SIGBUS, in one run of `status` in a few
+/// hundred while files came (found in CI, where a test read the state the same way).
 fn reserve_wal_index(db: &Path) -> Result<()> {
-    let mut name = db.as_os_str().to_owned();
-    name.push("-shm");
-    let shm = PathBuf::from(name);
-    let file = match std::fs::OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(&shm)
-    {
-        Ok(f) => f,
-        // None (another mode than WAL, a VFS without one): nothing is mapped.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e).with_context(|| format!("cannot open {}", shm.display())),
-    };
-    let Ok(vfs) = rustix::fs::fstatvfs(&file) else {
+    let dir = db.parent().unwrap_or(Path::new("."));
+    // The directory's file system, asked without opening anything.
+    let Ok(vfs) = rustix::fs::statvfs(dir) else {
         return Ok(());
     };
     if vfs.f_bsize == 0 || vfs.f_bsize >= rustix::param::page_size() as u64 {
         return Ok(());
     }
+    let mut name = db.as_os_str().to_owned();
+    name.push("-shm");
+    let shm = PathBuf::from(name);
+    let mut held = HELD_INDEXES.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(file) = held.file(&shm)? else {
+        return Ok(());
+    };
     let size = file.metadata().map_or(0, |m| m.len());
     let keep = rustix::fs::FallocateFlags::KEEP_SIZE;
-    match rustix::fs::fallocate(&file, keep, 0, size) {
+    match rustix::fs::fallocate(file, keep, 0, size) {
         Ok(()) => {}
         Err(e @ (Errno::NOSPC | Errno::DQUOT)) => bail!(
             "no room on the state's disk for its WAL index ({} KiB, {}): free some space \
@@ -523,9 +526,53 @@ fn reserve_wal_index(db: &Path) -> Result<()> {
     // failed commits that had fitted).
     let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
     if size < WAL_INDEX_AHEAD && free > 16 * 1024 * 1024 + WAL_INDEX_AHEAD {
-        let _ = rustix::fs::fallocate(&file, keep, size, WAL_INDEX_AHEAD - size);
+        let _ = rustix::fs::fallocate(file, keep, size, WAL_INDEX_AHEAD - size);
     }
     Ok(())
+}
+
+/// The WAL indexes `reserve_wal_index` opened, held open for as long as SQLite may hold locks
+/// on them (see there).
+static HELD_INDEXES: Mutex<HeldIndexes> = Mutex::new(HeldIndexes(Vec::new()));
+
+struct HeldIndexes(Vec<std::fs::File>);
+
+impl HeldIndexes {
+    /// The index at `shm` (`None`: there is none, SQLite keeps it in memory), opened once per
+    /// file. One whose name has gone (SQLite removes the index when the last connection of
+    /// every process closes) is closed here: no connection of this process has it any more.
+    fn file(&mut self, shm: &Path) -> Result<Option<&std::fs::File>> {
+        use std::os::unix::fs::MetadataExt;
+        self.0.retain(|f| f.metadata().is_ok_and(|m| m.nlink() > 0));
+        let id = match file_id(shm) {
+            Ok(id) => id,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e).with_context(|| format!("cannot open {}", shm.display())),
+        };
+        let at = self
+            .0
+            .iter()
+            .position(|f| f.metadata().is_ok_and(|m| (m.dev(), m.ino()) == id));
+        let at = match at {
+            Some(at) => at,
+            None => {
+                let file = match std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(shm)
+                {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("cannot open {}", shm.display()))
+                    }
+                };
+                self.0.push(file);
+                self.0.len() - 1
+            }
+        };
+        Ok(Some(&self.0[at]))
+    }
 }
 
 fn now_secs() -> i64 {

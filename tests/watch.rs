@@ -1165,6 +1165,73 @@ fn status_lists_failed_files_from_the_state() {
     );
 }
 
+/// `filepipe status`, run again and again while the daemon records a stream of files, never
+/// stops the daemon; and the daemon holds SQLite's lock on its WAL index (`-shm`) all along.
+/// The state's open had opened that file itself and closed it, and a close drops every POSIX
+/// lock the process holds on the file: each `status` then took itself for the first to open
+/// the state and cut the index under the daemon's mapping (SIGBUS, exit 135, within a few
+/// hundred runs of `status`; seen in CI as a daemon killed at its stop in another test).
+///
+/// Both where the state's blocks are pages (the temp directory's file system: the index is not
+/// opened by filepipe) and where they are 1 KiB (an ext4 below 512 MiB, root only: the index is
+/// opened, to allocate its blocks, and held open).
+#[test]
+fn status_run_while_files_come_never_stops_the_daemon() {
+    let small_blocks = match common::strace::JournaledFs::with(&["-b", "1024"]) {
+        Ok(fs) => Some(fs),
+        Err(why) => {
+            eprintln!("SKIPPED a state on 1 KiB blocks: {why}");
+            None
+        }
+    };
+    let t = TestTree::new();
+    status_while_files_come(&t, &t.side("state"));
+    if let Some(fs) = &small_blocks {
+        let t = TestTree::new();
+        status_while_files_come(&t, &fs.path().join("state"));
+    }
+}
+
+fn status_while_files_come(t: &TestTree, state: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    fs::write(t.path("first"), b"1\n").unwrap();
+    let d = Daemon::ready(t, &["--op", "sha256", "--state", state.to_str().unwrap()]);
+    d.wait_idle(1);
+    let shm = state.join("filepipe.sqlite-shm");
+    let ino = fs::metadata(&shm).unwrap().ino();
+    let locks = fs::read_to_string("/proc/locks").unwrap();
+    let held = locks.lines().any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.get(4) == Some(&d.pid().to_string().as_str())
+            && f.get(5).is_some_and(|id| id.ends_with(&format!(":{ino}")))
+    });
+    assert!(
+        held,
+        "the daemon holds no lock on {}:\n{locks}",
+        shm.display()
+    );
+    let root = t.root();
+    let writer = std::thread::spawn(move || {
+        for i in 0..2000 {
+            fs::write(root.join(format!("f{i}")), format!("{i}\n")).unwrap();
+        }
+    });
+    let mut runs = 0;
+    while !writer.is_finished() || runs < 50 {
+        run(filepipe(&[
+            OsStr::new("status"),
+            OsStr::new("--state"),
+            state.as_os_str(),
+        ]))
+        .success();
+        runs += 1;
+    }
+    writer.join().unwrap();
+    d.wait_idle(2001);
+    let s = d.stop().success().summary();
+    assert_eq!(s["done"], 2001, "{}: {s}", state.display());
+}
+
 /// Past the inotify watch limit, the directories that could not be watched are scanned on an
 /// interval (100 settle times: 1 s here) and their files taken; the daemon goes on and says
 /// once which sysctl to raise. Before, the daemon ended (exit 1), and anyone who may make

@@ -626,6 +626,16 @@ impl Daemon {
                 Instant::now() < limit,
                 "timed out waiting for an idle STATUS with {what}; last: {last:?}"
             );
+            // A daemon that died (its process a zombie, not yet waited for) never gets there:
+            // said at once, not after the time limit.
+            let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+            let state = stat
+                .rsplit_once(") ")
+                .and_then(|(_, rest)| rest.chars().next());
+            assert!(
+                state != Some('Z'),
+                "the daemon exited while waiting for an idle STATUS with {what}; last: {last:?}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
