@@ -24,7 +24,6 @@ pub(crate) struct IncrementalSink<'a> {
     cfg: &'a Config,
     state: State,
     manifest: ManifestSink<'a>,
-    in_transaction: bool,
 }
 
 impl<'a> IncrementalSink<'a> {
@@ -34,16 +33,7 @@ impl<'a> IncrementalSink<'a> {
             cfg,
             state,
             manifest: ManifestSink::new(cfg),
-            in_transaction: false,
         }
-    }
-
-    fn begin(&mut self) -> Result<()> {
-        if !self.in_transaction {
-            self.state.begin()?;
-            self.in_transaction = true;
-        }
-        Ok(())
     }
 
     /// Whether a file done has its input removed or moved (unless kept, with a note why).
@@ -111,7 +101,7 @@ impl Sink for IncrementalSink<'_> {
     /// stops then, and where every file still had its outcome the manifest is written whole
     /// (`report::run`); a file left out of it would make it short without a word.
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
-        let recorded = self.begin().and_then(|()| self.record(outcome));
+        let recorded = self.state.begin().and_then(|()| self.record(outcome));
         let listed = self.manifest.outcome(outcome);
         recorded?;
         listed
@@ -123,23 +113,17 @@ impl Sink for IncrementalSink<'_> {
     }
 
     fn unlisted(&mut self, rels: &[PathBuf]) -> Result<()> {
-        self.begin()?;
+        self.state.begin()?;
         self.state.remove_files(rels)
     }
 
     fn still_held(&self) -> bool {
-        // A failed commit that left the transaction open keeps every row: `State::commit`.
-        self.in_transaction
+        self.state.holds_all()
     }
 
     fn flush(&mut self) -> Result<()> {
-        if self.in_transaction {
-            let committed = self.state.commit();
-            // As SQLite has it: a failed commit may have ended the transaction (a full disk
-            // does), and the next outcome must then begin one. Taken for open, the next
-            // outcomes were written outside any (found by a review).
-            self.in_transaction = self.state.in_transaction();
-            committed?;
+        if self.state.unsettled() {
+            self.state.commit()?;
         }
         Ok(())
     }

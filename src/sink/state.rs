@@ -28,7 +28,6 @@ fn keeps_manifest(cfg: &Config) -> bool {
 pub(crate) struct StateSink<'a> {
     cfg: &'a Config,
     state: State,
-    in_transaction: bool,
     /// When the manifest first differed from the state since it was last written.
     dirty_since: Option<Instant>,
     manifest_written: Option<Instant>,
@@ -90,7 +89,6 @@ impl<'a> StateSink<'a> {
         StateSink {
             cfg,
             state,
-            in_transaction: false,
             // Written at start, so it exists (and is current) before the first change.
             dirty_since: keeps_manifest(cfg).then(Instant::now),
             manifest_written: None,
@@ -98,14 +96,6 @@ impl<'a> StateSink<'a> {
             last_outcome: None,
             manifest_failing: None,
         }
-    }
-
-    fn begin(&mut self) -> Result<()> {
-        if !self.in_transaction {
-            self.state.begin()?;
-            self.in_transaction = true;
-        }
-        Ok(())
     }
 
     /// The manifest no longer matches the state.
@@ -211,7 +201,7 @@ fn disposes(cfg: &Config) -> bool {
 
 impl Sink for StateSink<'_> {
     fn outcome(&mut self, outcome: &Outcome) -> Result<Disposition> {
-        self.begin()?;
+        self.state.begin()?;
         self.last_outcome = Some(Instant::now());
         let retry_after = match outcome {
             // Deleted before it could be read: gone, like a deletion seen as an event (a file
@@ -285,7 +275,7 @@ impl Sink for StateSink<'_> {
     /// Exactly these paths are no longer files (watch mode: one is a directory now, or its
     /// directory a file; see `Watcher::there_again`).
     fn unlisted(&mut self, rels: &[std::path::PathBuf]) -> Result<()> {
-        self.begin()?;
+        self.state.begin()?;
         self.last_outcome = Some(Instant::now());
         self.state.remove_files(rels)?;
         self.changed();
@@ -293,7 +283,7 @@ impl Sink for StateSink<'_> {
     }
 
     fn removed(&mut self, rel: &Path) -> Result<()> {
-        self.begin()?;
+        self.state.begin()?;
         // A deletion burst (rm -r) is a burst too: the rewrite waits for its end.
         self.last_outcome = Some(Instant::now());
         // A file that failed for good and was moved aside (`--move-failed`) left the tree by
@@ -310,18 +300,15 @@ impl Sink for StateSink<'_> {
     }
 
     fn still_held(&self) -> bool {
-        // A failed commit that left the transaction open keeps every row: `State::commit`.
-        self.in_transaction
+        self.state.holds_all()
     }
 
     fn flush(&mut self) -> Result<()> {
-        if self.in_transaction {
-            let committed = self.state.commit();
-            // As SQLite has it: a failed commit may have ended the transaction (a full disk
-            // does), and the next outcome must then begin one. Taken for open, the next
-            // outcomes were written outside any (found by a review).
-            self.in_transaction = self.state.in_transaction();
-            committed?;
+        // As SQLite has it: a failed commit may have ended the transaction (a full disk does),
+        // and the next outcome begins one (`State::begin`); its done rows are committed with
+        // the next, or on their own (`State::unsettled`).
+        if self.state.unsettled() {
+            self.state.commit()?;
             // Committed to the file the daemon opened: one no longer at its path (the state
             // directory, or the database, deleted or replaced while it ran) takes every record
             // with it, and the next start would do every file since again. Said, and the daemon stops (systemd
