@@ -820,13 +820,16 @@ impl State {
 
     /// Runs a write other than a done row's (`lossy`): a failure loses it.
     fn write_other<T>(&mut self, write: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
-        self.write_done()?;
-        self.lossy = true;
-        let r = write(self);
-        if r.is_err() {
-            self.lost = true;
-            self.after_failure();
-        }
+        let r = self.write_done().and_then(|()| {
+            self.lossy = true;
+            let r = write(self);
+            if r.is_err() {
+                self.after_failure();
+            }
+            r
+        });
+        // Not written, whichever write failed.
+        self.lost |= r.is_err();
         r
     }
 
