@@ -291,9 +291,9 @@ fn written(result: std::io::Result<()>, code: u8) -> ExitCode {
 }
 
 fn fail(code: u8, e: &anyhow::Error) -> ExitCode {
-    eprintln!("filepipe: error: {}", crate::error::chain(e));
+    crate::logging::say!("filepipe: error: {}", crate::error::chain(e));
     if crate::state::damaged(e) {
-        eprintln!(
+        crate::logging::say!(
             "filepipe: the state database is damaged; filepipe leaves it as it is (it may hold \
              the only record of what was done): move filepipe.sqlite (and any \
              filepipe.sqlite-wal, -shm) aside, or give another --state, and the next run reads \

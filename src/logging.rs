@@ -23,6 +23,17 @@ use tracing_subscriber::prelude::*;
 /// The target of per-file records.
 pub(crate) const FAILURES: &str = "filepipe::failures";
 
+/// `eprintln!` that never panics: a line for a stderr that cannot take it (a log on a full
+/// disk, `2>/dev/full`) is lost, and the run keeps its exit status. `eprintln!` panicked, and
+/// an error exit (1 or 2) became 101 (review r58).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use say;
+
 /// Installs the global subscriber. `verbosity`: -1 quiet, 0 default, 1+ verbose.
 pub(crate) fn init(verbosity: i8, failure_log: Option<&Path>) -> Result<()> {
     let default = match verbosity {

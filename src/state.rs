@@ -545,6 +545,38 @@ fn reserve_wal_index(db: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The free space a state needs to be opened where the file system's blocks are smaller than
+/// a page: SQLite's WAL index maps its first region (32 KiB) at once, allocating one block of
+/// each page's four as it grows the file and the others as it stores into them, with no way
+/// to fail but SIGBUS (`reserve_wal_index` comes after); the rest is for the WAL's first pages.
+const ROOM_TO_OPEN: u64 = 64 * 1024;
+
+/// Refuses to open the state at `db` in `dir` where blocks are smaller than a page and less
+/// than `ROOM_TO_OPEN` is free: with 9 to 11 KiB free the start died of SIGBUS, with no word,
+/// and again at each restart; with less, SQLite said "disk I/O error" (review r58).
+fn room_to_open(dir: &Path, db: &Path) -> Result<()> {
+    let Ok(vfs) = rustix::fs::statvfs(dir) else {
+        return Ok(());
+    };
+    if vfs.f_bsize == 0 || vfs.f_bsize >= rustix::param::page_size() as u64 {
+        return Ok(());
+    }
+    // What `df` says is available, for root too: ext4's free blocks include its own reserve,
+    // which no one may take (a root run died of SIGBUS with 4 MiB "free" and 9 KiB available).
+    // Root's 5 % would do, but a disk filled to it is full.
+    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+    if free < ROOM_TO_OPEN {
+        bail!(
+            "no room on the state's disk for its WAL index ({} KiB available, {} KiB needed to \
+             open {}): free some space there, or give another --state",
+            free / 1024,
+            ROOM_TO_OPEN / 1024,
+            db.display()
+        );
+    }
+    Ok(())
+}
+
 /// The WAL indexes `reserve_wal_index` opened, held open for as long as SQLite may hold locks
 /// on them (see there).
 static HELD_INDEXES: Mutex<HeldIndexes> = Mutex::new(HeldIndexes(Vec::new()));
@@ -613,6 +645,7 @@ impl State {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create state directory {}", dir.display()))?;
         let path = db_path(dir);
+        room_to_open(dir, &path)?;
         // No symlink on the way (`dir` is resolved): what `secret::check_state_dir` asks of the
         // state's files, held again where SQLite opens them.
         let mut conn = Connection::open_with_flags(

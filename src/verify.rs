@@ -144,8 +144,8 @@ pub(crate) fn run(opts: &Options, out: &mut impl Write) -> std::result::Result<R
     printer.summary(&report, algo).map_err(output)?;
     let warn = |n: u64, one: &str, many: &str| match n {
         0 => {}
-        1 => eprintln!("filepipe: WARNING: 1 {one}"),
-        n => eprintln!("filepipe: WARNING: {n} {many}"),
+        1 => crate::logging::say!("filepipe: WARNING: 1 {one}"),
+        n => crate::logging::say!("filepipe: WARNING: {n} {many}"),
     };
     // With -q too: a malformed line has no line of its own in the report, so this is its only
     // word (as `sha256sum -c --quiet` still warns). Found by review r55: `verify -q` exited 1
@@ -638,7 +638,7 @@ fn verify_manifest(
     // hint, never a verdict, on stderr.
     if !opts.quiet {
         for dir in state_like {
-            eprintln!(
+            crate::logging::say!(
                 "filepipe: {}: looks like a filepipe state directory: pass --state DIR (or \
                  --exclude) if it is yours",
                 String::from_utf8_lossy(&dir)

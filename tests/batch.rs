@@ -2195,3 +2195,32 @@ fn a_kept_manifest_is_flushed_with_its_directory() {
     });
     assert!(!named, "the unchanged manifest was written again");
 }
+
+/// A stderr that cannot be written (a log on a full disk; `/dev/full` here) costs the lines,
+/// never the exit status: the summary and an error's message went through `eprintln!`, which
+/// panicked, and exit 0, 1 or 2 became 101 (review r58).
+#[test]
+fn a_stderr_that_cannot_be_written_keeps_the_exit_status() {
+    let t = TestTree::new().file("a", b"a\n");
+    let code = |args: &[&OsStr]| {
+        let mut sh = Command::new("sh");
+        sh.args(["-c", "exec \"$0\" \"$@\" 2>/dev/full"])
+            .arg(bin())
+            .args(args)
+            .env_remove("RUST_LOG");
+        run(sh).output().status.code()
+    };
+    // The summary, on stderr.
+    let done = code(&[s("batch"), p(&t.root()), s("--op"), s("gzip")]);
+    assert_eq!(done, Some(0));
+    // A run's own error (the root is not there), and a verify's warning of a malformed line.
+    let failed = code(&[s("batch"), p(&t.path("none")), s("--op"), s("gzip")]);
+    assert!(matches!(failed, Some(1 | 2)), "{failed:?}");
+    let sums = t.side("SUMS");
+    fs::write(&sums, "not a line of a manifest\n").unwrap();
+    let verified = code(&[s("verify"), p(&sums)]);
+    assert!(
+        verified.is_some_and(|c| c != 101 && c & 1 == 1),
+        "{verified:?}"
+    );
+}

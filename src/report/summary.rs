@@ -79,7 +79,7 @@ impl Summary {
             let json = serde_json::to_string(self).map_err(io::Error::other)?;
             // A batch hash without --manifest prints the manifest on stdout.
             if !cfg.spec.hashes().is_empty() && cfg.manifest.is_none() && cfg.watch.is_none() {
-                eprintln!("{json}");
+                crate::logging::say!("{json}");
             } else {
                 writeln!(io::stdout().lock(), "{json}")?;
             }
@@ -109,7 +109,7 @@ impl Summary {
         if self.failed > 0 {
             line += &format!(" (failed: {})", reasons(&self.failed_by_reason));
         }
-        eprintln!("{line}");
+        crate::logging::say!("{line}");
         let mut line = format!("  read {}", HumanBytes(self.bytes_in));
         if let Some(r) = self.ratio {
             line += &format!(", wrote {} (ratio {r:.3})", HumanBytes(self.bytes_out));
@@ -122,16 +122,18 @@ impl Summary {
         if self.stale_temps_removed > 0 {
             line += &format!("; removed {} stale temp files", self.stale_temps_removed);
         }
-        eprintln!("{line}");
+        crate::logging::say!("{line}");
         if self.unrecorded > 0 {
-            eprintln!(
+            crate::logging::say!(
                 "  {} of these files are not recorded (the run stopped on the error above): \
                  they are taken again at the next run",
                 self.unrecorded
             );
         }
         if let Some(sig) = self.interrupted_by {
-            eprintln!("  interrupted by signal {sig}: results cover the files done before it");
+            crate::logging::say!(
+                "  interrupted by signal {sig}: results cover the files done before it"
+            );
         }
         Ok(())
     }
