@@ -779,7 +779,16 @@ impl State {
     /// Starts a transaction unless one is open (`commit` ends it; so may SQLite, rolling
     /// back after a full disk). Batching rows per transaction keeps the cost of durability to
     /// one WAL append per batch.
+    /// A write that cannot begin (another process holding the state's write lock past the
+    /// busy timeout, a full disk) is lost: said by the next `commit` (review r58b: a watch
+    /// stopped so said nothing of a file it had not recorded, nor of a removal it had lost).
     pub(crate) fn begin(&mut self) -> Result<()> {
+        let begun = self.begin_transaction();
+        self.lost |= begun.is_err();
+        begun
+    }
+
+    fn begin_transaction(&mut self) -> Result<()> {
         if !self.conn.is_autocommit() {
             return Ok(());
         }
@@ -801,7 +810,7 @@ impl State {
     /// other statements) is an error here even where the commit itself succeeds, once.
     pub(crate) fn commit(&mut self) -> Result<()> {
         let committed = (|| -> Result<()> {
-            self.begin()?;
+            self.begin_transaction()?;
             self.write_done()?;
             Ok(self.conn.execute_batch("COMMIT")?)
         })();
@@ -2290,6 +2299,26 @@ mod tests {
         st.commit().unwrap();
         let failed = reader.lookup(&name(0)).unwrap().unwrap();
         assert_eq!(rec(&failed).status == FileStatus::Failed, !rolled_back);
+    }
+
+    /// A transaction that cannot begin (another process holds the write lock past the busy
+    /// timeout) loses the write the sink was about to make: the next commit says so, even
+    /// once the lock is free, and does not say it holds everything (review r58b).
+    #[test]
+    fn a_write_that_cannot_begin_is_said_lost() {
+        let (dir, mut st, _reader) = open_state();
+        st.conn.busy_timeout(Duration::from_millis(20)).unwrap();
+        let other = Connection::open(dir.path().join(DB_NAME)).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(st.begin().is_err(), "locked");
+        other.execute_batch("COMMIT").unwrap();
+        assert!(st.unsettled());
+        assert!(st.commit().is_err(), "the loss is said");
+        assert!(!st.holds_all());
+        // Said once: the next commit is a good one.
+        st.begin().unwrap();
+        st.commit().unwrap();
+        assert!(st.holds_all());
     }
 
     #[test]
