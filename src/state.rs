@@ -977,24 +977,14 @@ impl State {
         let mut most = 0;
         for i in 0..self.ops.len() {
             let op = self.ops[i];
-            most = most.max(self.not_done_as(rel, op, status, stamp, e)?);
+            let attempts = self.write_other(|st| st.not_done_as(rel, op, status, stamp, e))?;
+            most = most.max(attempts);
         }
         Ok(most)
     }
 
     /// `not_done` for one op's row.
     fn not_done_as(
-        &mut self,
-        rel: &Path,
-        op: OpKind,
-        status: FileStatus,
-        stamp: Option<Stamp>,
-        e: &FileError,
-    ) -> Result<u32> {
-        self.write_other(|st| st.not_done_row(rel, op, status, stamp, e))
-    }
-
-    fn not_done_row(
         &mut self,
         rel: &Path,
         op: OpKind,
