@@ -545,6 +545,29 @@ fn reserve_wal_index(db: &Path) -> Result<()> {
     Ok(())
 }
 
+/// "cannot open state database PATH", saying so where its disk is full: SQLite's own words
+/// for a WAL index it cannot map there are "disk I/O error ... xShmMap" (review r58b).
+fn opening(db: &Path) -> String {
+    format!(
+        "cannot open state database {}{}",
+        db.display(),
+        disk_full(db)
+    )
+}
+
+/// ", its disk is full (N KiB available)" where the file system of `db` has under 1 MiB
+/// available; else nothing.
+fn disk_full(db: &Path) -> String {
+    let dir = db.parent().unwrap_or(Path::new("."));
+    match rustix::fs::statvfs(dir) {
+        Ok(vfs) if vfs.f_bavail.saturating_mul(vfs.f_frsize) < 1 << 20 => format!(
+            ", its disk is full ({} KiB available)",
+            vfs.f_bavail.saturating_mul(vfs.f_frsize) / 1024
+        ),
+        _ => String::new(),
+    }
+}
+
 /// The free space a state needs to be opened where the file system's blocks are smaller than
 /// a page: SQLite's WAL index maps its first region (32 KiB) at once, allocating one block of
 /// each page's four as it grows the file and the others as it stores into them, with no way
@@ -652,12 +675,12 @@ impl State {
             &path,
             OpenFlags::default() | OpenFlags::SQLITE_OPEN_NOFOLLOW,
         )
-        .with_context(|| format!("cannot open state database {}", path.display()))?;
+        .with_context(|| opening(&path))?;
         conn.busy_timeout(Duration::from_secs(10))?;
         // SQLite opens a file it may not write read-only, without a word: the run then failed
         // at its first file's outcome, every pipeline of a service with it, and under the
         // shipped units again at each restart (found by a review).
-        let not_a_state = || format!("cannot open state database {}", path.display());
+        let not_a_state = || opening(&path);
         if conn
             .is_readonly(rusqlite::MAIN_DB)
             .with_context(not_a_state)?
@@ -722,7 +745,13 @@ impl State {
              ) WITHOUT ROWID;",
             )
         })
-        .with_context(|| format!("cannot initialise state database {}", path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot initialise state database {}{}",
+                path.display(),
+                disk_full(&path)
+            )
+        })?;
         // A state from before ctimes were recorded: the column is added, its rows keep NULL
         // (CTIME_UNKNOWN) until each file is next done. One from before the made output's
         // version was kept through failures: added too, NULL (`Record::made_mtime` then falls
@@ -1686,7 +1715,7 @@ fn open_read_only(dir: &Path, immutable: bool) -> Result<Connection> {
     } else {
         Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY)
     }
-    .with_context(|| format!("cannot open state database {}", path.display()))?;
+    .with_context(|| opening(&path))?;
     // An empty file, or another program's database, is no state: said so, not as SQL's "no
     // such table" or "no such column" (found by reviews). (A file that is not a database at
     // all fails here too, and `damaged` gives its advice.)
@@ -1696,7 +1725,13 @@ fn open_read_only(dir: &Path, immutable: bool) -> Result<Connection> {
             [],
             |r| r.get(0),
         )
-        .with_context(|| format!("cannot read state database {}", path.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot read state database {}{}",
+                path.display(),
+                disk_full(&path)
+            )
+        })?;
     let ours = tables > 0
         && conn
             .prepare("SELECT root, op, path, status FROM files LIMIT 0")

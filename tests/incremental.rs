@@ -2284,3 +2284,26 @@ fn status_of_a_state_open_nowhere_makes_nothing_beside_it_and_needs_no_write_per
     let said = run(filepipe(&status)).code(2).stderr();
     assert!(said.contains("not a regular file"), "{said}");
 }
+
+/// A state whose disk (4 KiB blocks: a tmpfs) is full to the last block cannot be opened, and
+/// the error says the disk is full: SQLite's own words were "disk I/O error ... xShmMap"
+/// (review r58b). The manifest is left as it was.
+#[test]
+fn a_state_on_a_disk_full_to_the_last_block_says_the_disk_is_full() {
+    let t = two_thousand_files();
+    let tmpfs = r#"mount -t tmpfs -o size=4m,mode=0700 none "$1" || exit 99"#;
+    let fill = r#"dd if=/dev/zero of="$mnt/fill" bs=4096 2>/dev/null; sync"#;
+    let change = r#"echo "changed" >> "$root/f0""#;
+    let Some(out) = rerun_on_a_full(&t, &["-rm"], tmpfs, change, fill) else {
+        return;
+    };
+    let err = out.code(1).stderr();
+    assert!(
+        err.contains("cannot open state database") && err.contains("its disk is full"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read(t.side("SUMS")).unwrap(),
+        fs::read(t.side("SUMS.first")).unwrap()
+    );
+}
