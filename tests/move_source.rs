@@ -903,6 +903,19 @@ impl Drop for Bind {
     }
 }
 
+/// A bindfs view of `back` at `t`'s side `view` (made here), unmounted when the guard drops.
+fn bindfs_view(t: &TestTree, back: &Path) -> (PathBuf, Bind) {
+    let view = t.side("view");
+    fs::create_dir(&view).unwrap();
+    let st = Command::new("bindfs")
+        .arg(back)
+        .arg(&view)
+        .status()
+        .unwrap();
+    assert!(st.success(), "bindfs");
+    (view.clone(), Bind(view))
+}
+
 /// Found by a review (fixed): A crash between the link and the unlink of a move by link (file systems without
 /// RENAME_NOREPLACE) leaves the input with a second link in DIR. The rerun then calls it
 /// "hard-linked" and keeps it for ever, and DIR shares the inode with the tree (an edit of the
@@ -1054,15 +1067,7 @@ fn a_move_directory_that_is_a_bindfs_view_of_the_tree_is_refused() {
         return;
     }
     let t = TestTree::new().file("a.log", b"a\n").dir("sub");
-    let view = t.side("view");
-    fs::create_dir(&view).unwrap();
-    let st = Command::new("bindfs")
-        .arg(t.path("sub"))
-        .arg(&view)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bindfs");
-    let _view = Bind(view.clone());
+    let (view, _view) = bindfs_view(&t, &t.path("sub"));
     let root = t.root();
     let mut cmd = filepipe(&[s("batch"), p(&root), s("--op"), s("gzip")]);
     cmd.args([s("--move-source"), p(&view)]);
@@ -1088,15 +1093,7 @@ fn on_bindfs_inputs_move_by_link() {
         .file("t/a.log", b"a\n")
         .file("t/b.log", b"b\n");
     fs::create_dir(t.path("done")).unwrap();
-    let view = t.side("view");
-    fs::create_dir(&view).unwrap();
-    let st = Command::new("bindfs")
-        .arg(t.root())
-        .arg(&view)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bindfs");
-    let _view = Bind(view.clone());
+    let (view, _view) = bindfs_view(&t, &t.root());
     let mut cmd = filepipe(&[
         s("batch"),
         p(&view.join("t")),
@@ -1947,15 +1944,7 @@ fn bindfs_link_held() -> Option<(TestTree, Bind, PathBuf, Started)> {
     }
     let t = TestTree::new().file("t/u/d/a", b"the input\n");
     fs::create_dir(t.path("done")).unwrap();
-    let view = t.side("view");
-    fs::create_dir(&view).unwrap();
-    let st = Command::new("bindfs")
-        .arg(t.root())
-        .arg(&view)
-        .status()
-        .unwrap();
-    assert!(st.success(), "bindfs");
-    let _view = Bind(view.clone());
+    let (view, _view) = bindfs_view(&t, &t.root());
     let done = view.join("done");
     let child = held_after("linkat", &done.join("u/d"), &view.join("t"), &done);
     Some((t, _view, view, child))
