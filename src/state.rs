@@ -508,14 +508,9 @@ const WAL_INDEX_AHEAD: u64 = 256 * 1024;
 /// the index to 3 bytes under the daemon's mapping: SIGBUS, in one run of `status` in a few
 /// hundred while files came (found in CI, where a test read the state the same way).
 fn reserve_wal_index(db: &Path) -> Result<()> {
-    let dir = db.parent().unwrap_or(Path::new("."));
-    // The directory's file system, asked without opening anything.
-    let Ok(vfs) = rustix::fs::statvfs(dir) else {
+    let Some(vfs) = small_blocks(db.parent().unwrap_or(Path::new("."))) else {
         return Ok(());
     };
-    if vfs.f_bsize == 0 || vfs.f_bsize >= rustix::param::page_size() as u64 {
-        return Ok(());
-    }
     let mut name = db.as_os_str().to_owned();
     name.push("-shm");
     let shm = PathBuf::from(name);
@@ -538,11 +533,24 @@ fn reserve_wal_index(db: &Path) -> Result<()> {
     // A second region is needed only once the WAL holds 4,096 pages (16 MiB): where the disk
     // has not that much room, it never will, and what is left is the WAL's (taking it here
     // failed commits that had fitted).
-    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
-    if size < WAL_INDEX_AHEAD && free > 16 * 1024 * 1024 + WAL_INDEX_AHEAD {
+    if size < WAL_INDEX_AHEAD && available(&vfs) > 16 * 1024 * 1024 + WAL_INDEX_AHEAD {
         let _ = rustix::fs::fallocate(file, keep, size, WAL_INDEX_AHEAD - size);
     }
     Ok(())
+}
+
+/// The file system of `dir` (asked without opening anything) where its blocks are smaller
+/// than a page, as SQLite's WAL index needs them allocated (`reserve_wal_index`,
+/// `room_to_open`); `None` elsewhere, or where it cannot be told.
+fn small_blocks(dir: &Path) -> Option<rustix::fs::StatVfs> {
+    let vfs = rustix::fs::statvfs(dir).ok()?;
+    (vfs.f_bsize != 0 && vfs.f_bsize < rustix::param::page_size() as u64).then_some(vfs)
+}
+
+/// What `df` says is available: for root too, as ext4's free blocks include its own reserve,
+/// which no one may take (a root run died of SIGBUS with 4 MiB "free" and 9 KiB available).
+fn available(vfs: &rustix::fs::StatVfs) -> u64 {
+    vfs.f_bavail.saturating_mul(vfs.f_frsize)
 }
 
 /// "cannot open state database PATH", saying so where its disk is full: SQLite's own words
@@ -559,11 +567,8 @@ fn opening(db: &Path) -> String {
 /// available; else nothing.
 fn disk_full(db: &Path) -> String {
     let dir = db.parent().unwrap_or(Path::new("."));
-    match rustix::fs::statvfs(dir) {
-        Ok(vfs) if vfs.f_bavail.saturating_mul(vfs.f_frsize) < 1 << 20 => format!(
-            ", its disk is full ({} KiB available)",
-            vfs.f_bavail.saturating_mul(vfs.f_frsize) / 1024
-        ),
+    match rustix::fs::statvfs(dir).map(|vfs| available(&vfs)) {
+        Ok(free) if free < 1 << 20 => format!(", its disk is full ({} KiB available)", free / 1024),
         _ => String::new(),
     }
 }
@@ -578,16 +583,11 @@ const ROOM_TO_OPEN: u64 = 64 * 1024;
 /// than `ROOM_TO_OPEN` is free: with 9 to 11 KiB free the start died of SIGBUS, with no word,
 /// and again at each restart; with less, SQLite said "disk I/O error" (review r58).
 fn room_to_open(dir: &Path, db: &Path) -> Result<()> {
-    let Ok(vfs) = rustix::fs::statvfs(dir) else {
+    let Some(vfs) = small_blocks(dir) else {
         return Ok(());
     };
-    if vfs.f_bsize == 0 || vfs.f_bsize >= rustix::param::page_size() as u64 {
-        return Ok(());
-    }
-    // What `df` says is available, for root too: ext4's free blocks include its own reserve,
-    // which no one may take (a root run died of SIGBUS with 4 MiB "free" and 9 KiB available).
-    // Root's 5 % would do, but a disk filled to it is full.
-    let free = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+    // Root's 5 % would do too, but a disk filled to it is full.
+    let free = available(&vfs);
     if free < ROOM_TO_OPEN {
         bail!(
             "no room on the state's disk for its WAL index ({} KiB available, {} KiB needed to \
