@@ -808,6 +808,7 @@ impl State {
     /// Starts a transaction unless one is open (`commit` ends it; so may SQLite, rolling
     /// back after a full disk). Batching rows per transaction keeps the cost of durability to
     /// one WAL append per batch.
+    ///
     /// A write that cannot begin (another process holding the state's write lock past the
     /// busy timeout, a full disk) is lost: said by the next `commit` (review r58b: a watch
     /// stopped so said nothing of a file it had not recorded, nor of a removal it had lost).
@@ -843,28 +844,23 @@ impl State {
             self.write_done()?;
             Ok(self.conn.execute_batch("COMMIT")?)
         })();
-        let path = self.path.clone();
-        let context = || format!("cannot write the state database {}", path.display());
-        match committed {
-            Ok(()) => {
-                self.done.clear();
-                self.written = 0;
-                self.lossy = false;
-            }
-            Err(e) => {
-                self.after_failure();
-                self.held_all = !std::mem::take(&mut self.lost);
-                return Err(e).with_context(context);
-            }
+        if committed.is_ok() {
+            self.done.clear();
+            self.written = 0;
+            self.lossy = false;
+        } else {
+            self.after_failure();
         }
-        if std::mem::take(&mut self.lost) {
-            self.held_all = false;
+        let lost = std::mem::take(&mut self.lost);
+        self.held_all = !lost;
+        let context = || format!("cannot write the state database {}", self.path.display());
+        committed.with_context(context)?;
+        if lost {
             bail!(
                 "{}: an earlier write failed, and what it held is not recorded",
                 context()
             );
         }
-        self.held_all = true;
         Ok(())
     }
 
